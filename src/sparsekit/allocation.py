@@ -1,0 +1,130 @@
+"""How much per layer: turn one overall sparsity into a number of weights kept per layer.
+
+An allocation is ``fn(scores, sparsity) -> {name: keep}``. ``scores`` holds the
+criterion's scores, with ``-inf`` marking weights that are already pruned (they are
+never counted as kept). The counts always add up to ``round(total · (1 - sparsity))``
+when the layers have room for it: fractional counts are rounded by largest remainder,
+so each layer is within one element of its exact share.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparsekit.registry import Registry
+
+ALLOCATIONS: Registry = Registry("allocation")
+
+Scores = dict[str, torch.Tensor]
+
+
+@ALLOCATIONS.register("uniform")
+def uniform(scores: Scores, sparsity: float) -> dict[str, int]:
+    """Every layer gets the same sparsity ("class-uniform" in Han et al. / See et al.)."""
+    return _round({n: s.numel() * (1.0 - sparsity) for n, s in scores.items()}, scores)
+
+
+@ALLOCATIONS.register("global")
+def global_(scores: Scores, sparsity: float) -> dict[str, int]:
+    """One ranking across all layers ("class-blinded"): keep the top scores anywhere."""
+    return _top_k_counts(scores, sparsity)
+
+
+@ALLOCATIONS.register("lamp")
+def lamp(scores: Scores, sparsity: float) -> dict[str, int]:
+    """Layer-adaptive magnitude pruning (Lee et al. 2021), global over LAMP scores.
+
+    LAMP(u) = s_u² / Σ_{v ⪰ u} s_v², the share of a weight in the squared score mass of
+    all weights at least as important in its layer.
+    """
+    return _top_k_counts({n: lamp_scores(s) for n, s in scores.items()}, sparsity)
+
+
+def lamp_scores(s: torch.Tensor) -> torch.Tensor:
+    """LAMP score of every entry of one layer's scores (``-inf`` entries stay ``-inf``)."""
+    flat = s.flatten().float()
+    dead = torch.isneginf(flat)
+    sq = torch.where(dead, torch.zeros_like(flat), flat) ** 2
+    order = torch.argsort(sq, stable=True)
+    sorted_sq = sq[order]
+    # Suffix sums: mass of this weight and every weight ranked above it.
+    suffix = sorted_sq.flip(0).cumsum(0).flip(0).clamp_min(torch.finfo(torch.float32).tiny)
+    out = torch.empty_like(flat)
+    out[order] = sorted_sq / suffix
+    out[dead] = float("-inf")
+    return out.reshape(s.shape)
+
+
+@ALLOCATIONS.register("erk")
+def erk(scores: Scores, sparsity: float) -> dict[str, int]:
+    """Erdős–Rényi-Kernel (Evci et al. 2020): density ∝ Σ dims / Π dims, kernel included."""
+    return _erdos_renyi(scores, sparsity, kernel=True)
+
+
+@ALLOCATIONS.register("er")
+def er(scores: Scores, sparsity: float) -> dict[str, int]:
+    """Erdős–Rényi (Mocanu et al. 2018): density ∝ (n_in + n_out) / (n_in · n_out)."""
+    return _erdos_renyi(scores, sparsity, kernel=False)
+
+
+def erdos_renyi_densities(
+    shapes: dict[str, torch.Size], sparsity: float, *, kernel: bool = True
+) -> dict[str, float]:
+    """Per-layer densities of the (kernel) Erdős–Rényi distribution.
+
+    Solves ε in density_l = ε · raw_l so that the kept total equals (1 - sparsity) · N;
+    a layer whose density would exceed 1 is made dense and the rest renormalised,
+    repeatedly, as in the RigL reference implementation.
+    """
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    raw = {n: _er_raw(s, kernel) for n, s in shapes.items()}
+    budget = (1.0 - sparsity) * sum(numel.values())
+    dense: set[str] = set()
+    while True:
+        free = [n for n in shapes if n not in dense]
+        rest = budget - sum(numel[n] for n in dense)
+        denom = sum(raw[n] * numel[n] for n in free)
+        eps = rest / denom if denom > 0 else 0.0
+        over = [n for n in free if eps * raw[n] > 1.0]
+        if not over:
+            break
+        dense.add(max(over, key=lambda n: raw[n]))
+    return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
+
+
+def _er_raw(shape: torch.Size, kernel: bool) -> float:
+    dims = list(shape) if kernel or len(shape) <= 2 else list(shape[:2])
+    return sum(dims) / math.prod(dims)
+
+
+def _erdos_renyi(scores: Scores, sparsity: float, *, kernel: bool) -> dict[str, int]:
+    dens = erdos_renyi_densities({n: s.shape for n, s in scores.items()}, sparsity, kernel=kernel)
+    return _round({n: dens[n] * s.numel() for n, s in scores.items()}, scores)
+
+
+def _top_k_counts(scores: Scores, sparsity: float) -> dict[str, int]:
+    names = list(scores)
+    flat = torch.cat([scores[n].flatten().float().cpu() for n in names])
+    k = round(flat.numel() * (1.0 - sparsity))
+    k = min(k, int(torch.isfinite(flat).sum()))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.topk(flat, k, sorted=False).indices] = True
+    counts, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        counts[n] = int(keep[start:start + size].sum())
+        start += size
+    return counts
+
+
+def _round(real: dict[str, float], scores: Scores) -> dict[str, int]:
+    """Round per-layer counts by largest remainder so the total is exact."""
+    target = round(sum(real.values()))
+    counts = {n: math.floor(v) for n, v in real.items()}
+    by_remainder = sorted(real, key=lambda n: real[n] - counts[n], reverse=True)
+    for n in by_remainder[: target - sum(counts.values())]:
+        counts[n] += 1
+    alive = {n: int(torch.isfinite(s).sum()) for n, s in scores.items()}
+    return {n: min(c, alive[n]) for n, c in counts.items()}

@@ -1,0 +1,1 @@
+"""The ``sparsekit`` command line: one module per command."""

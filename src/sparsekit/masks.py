@@ -1,0 +1,175 @@
+"""MaskSet: the sparsity state of a model, and the only code that mutates weights for it.
+
+A ``MaskSet`` holds one boolean mask per target parameter. It zeroes the masked
+weights, and once attached to an optimizer it keeps them at exactly zero through every
+``optimizer.step()`` — whatever the optimizer does with momentum, adaptive moments or
+weight decay — by masking gradients before the step and weights plus optimizer state
+after it. Masks live outside the model, so ``model.state_dict()`` keeps its usual keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+class MaskSet:
+    """Boolean masks for named parameters of ``model``; ``True`` means the weight is kept."""
+
+    def __init__(
+        self, model: nn.Module, masks: Mapping[str, torch.Tensor], *, pattern: str = "unstructured"
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        params = dict(model.named_parameters())
+        self._check(masks, params)
+        self.model = model
+        self.pattern = str(pattern)
+        self.masks: dict[str, torch.Tensor] = {
+            n: m.to(device=params[n].device, dtype=torch.bool) for n, m in masks.items()
+        }
+        self.params: dict[str, nn.Parameter] = {n: params[n] for n in masks}
+        self._hooks: dict[int, list[RemovableHandle]] = {}
+        self._optimizers: dict[int, torch.optim.Optimizer] = {}
+
+    # -- state ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def apply(self) -> MaskSet:
+        """Zero every masked weight in place."""
+        for n, p in self.params.items():
+            p.masked_fill_(~self.masks[n], 0)
+        return self
+
+    def update(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Replace some or all masks (e.g. a prune or regrow step) and re-apply them.
+
+        Weights that become kept again ("regrown") start from zero, and their optimizer
+        state in every attached optimizer is zero, so nothing from before the drop
+        leaks back.
+        """
+        self._check(masks, self.params, subset=True)
+        with torch.no_grad():
+            for n, new in masks.items():
+                new = new.to(device=self.masks[n].device, dtype=torch.bool)
+                grown = new & ~self.masks[n]
+                self.params[n].masked_fill_(grown, 0)
+                for opt in self._optimizers.values():
+                    _fill_state(opt, self.params[n], grown)
+                self.masks[n] = new
+        self.apply()
+
+    def sparsity(self) -> float:
+        """Fraction of masked entries over all masked parameters."""
+        total = sum(m.numel() for m in self.masks.values())
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        return 1.0 - kept / total if total else 0.0
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Sparsity of each masked parameter, by parameter name."""
+        return {n: 1.0 - int(m.sum()) / m.numel() for n, m in self.masks.items()}
+
+    def state_dict(self) -> dict[str, object]:
+        return {"pattern": self.pattern, "masks": {n: m.clone() for n, m in self.masks.items()}}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Load masks saved by :meth:`state_dict` (names and shapes must match) and apply them."""
+        if not isinstance(state, Mapping) or "masks" not in state:
+            raise ValueError("state must be a dict from MaskSet.state_dict() with a 'masks' entry")
+        masks = state["masks"]
+        self._check(masks, dict(self.model.named_parameters()))
+        self.params = {n: dict(self.model.named_parameters())[n] for n in masks}
+        self.masks = {n: m.to(self.params[n].device, torch.bool) for n, m in masks.items()}
+        self.pattern = str(state.get("pattern", self.pattern))
+        for opt in self._optimizers.values():  # masked entries of the state start clean
+            for n, p in self.params.items():
+                _fill_state(opt, p, ~self.masks[n])
+        self.apply()
+
+    # -- training ---------------------------------------------------------------------
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> MaskSet:
+        """Keep masked weights at zero through every ``optimizer.step()``.
+
+        Before the step, gradients of masked weights are zeroed (so adaptive moments
+        never see them); after it, masked weights and their optimizer state are zeroed
+        (so weight decay, momentum and fused or foreach kernels cannot revive them).
+        Steps skipped by ``torch.amp.GradScaler`` run no hooks and change nothing.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        key = id(optimizer)
+        if key in self._hooks:
+            return self
+        self._optimizers[key] = optimizer
+        self._hooks[key] = [
+            optimizer.register_step_pre_hook(lambda *_: self._mask_grads()),
+            optimizer.register_step_post_hook(lambda opt, *_: self._after_step(opt)),
+        ]
+        self.apply()
+        return self
+
+    def detach(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Stop enforcing masks on ``optimizer`` (default: on every attached optimizer)."""
+        keys = [id(optimizer)] if optimizer is not None else list(self._hooks)
+        for key in keys:
+            for h in self._hooks.pop(key, []):
+                h.remove()
+            self._optimizers.pop(key, None)
+
+    def remove(self) -> None:
+        """Bake the zeros into the weights and drop the masks (the model stays sparse)."""
+        self.apply()
+        self.detach()
+        self.masks.clear()
+        self.params.clear()
+
+    @torch.no_grad()
+    def _mask_grads(self) -> None:
+        for n, p in self.params.items():
+            if p.grad is not None:
+                p.grad.masked_fill_(~self.masks[n], 0)
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for n, p in self.params.items():
+            p.masked_fill_(~self.masks[n], 0)
+            _fill_state(optimizer, p, ~self.masks[n])
+
+    # -- validation -------------------------------------------------------------------
+
+    @staticmethod
+    def _check(masks: Mapping[str, torch.Tensor], params: Mapping, *, subset: bool = False) -> None:
+        if not isinstance(masks, Mapping):
+            raise TypeError(
+                f"masks must be a dict of name -> bool tensor, got {type(masks).__name__}"
+            )
+        for n, m in masks.items():
+            if n not in params:
+                raise ValueError(
+                    f"masks has an entry {n!r} that is not a parameter of the model"
+                    + ("" if subset else f"; parameters: {', '.join(params)}")
+                )
+            if not isinstance(m, torch.Tensor) or m.shape != params[n].shape:
+                got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+                raise ValueError(
+                    f"mask for {n!r} has shape {got}, expected {tuple(params[n].shape)}"
+                )
+
+    def __repr__(self) -> str:
+        return (
+            f"MaskSet({len(self.masks)} tensors, sparsity={self.sparsity():.4f}, "
+            f"pattern={self.pattern!r})"
+        )
+
+
+def _fill_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: torch.Tensor) -> None:
+    """Zero the per-element optimizer state of ``param`` (momenta, moments) at ``where``."""
+    for value in optimizer.state.get(param, {}).values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value.masked_fill_(where, 0)

@@ -1,0 +1,189 @@
+"""Which shapes a mask may take: unstructured, N:M, blocks and whole rows.
+
+A pattern turns a layer's scores and a number of weights to keep into a boolean mask
+of that shape. Every pattern works on the weight's 2-D view ``(out, in · kernel)``: the
+input dimension is the flattened (input channel × kernel position) axis, which is the
+axis sparse kernels and N:M hardware compress along.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from sparsekit.registry import Registry
+
+PATTERNS: Registry = Registry("pattern")
+
+_ACCEPTED = "'unstructured', 'N:M' (e.g. '2:4'), 'block:RxC' (e.g. 'block:4x4') or 'row'"
+
+
+class Pattern:
+    """Base class: ``mask(scores, keep)`` plus shape checks and the highest density."""
+
+    spec: str
+
+    def check(self, shape: torch.Size, name: str) -> None:
+        """Raise ``ValueError`` when ``shape`` cannot carry this pattern."""
+
+    def max_density(self) -> float:
+        return 1.0
+
+    def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def is_valid(self, mask: torch.Tensor) -> bool:
+        """Whether ``mask`` obeys the pattern."""
+        return True
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def parse_pattern(spec: str | Pattern) -> Pattern:
+    """Resolve ``"unstructured"``, ``"2:4"``, ``"block:4x4"`` or ``"row"`` to a :class:`Pattern`."""
+    if isinstance(spec, Pattern):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"pattern must be a string ({_ACCEPTED}), got {type(spec).__name__}")
+    family = "nm" if ":" in spec and not spec.startswith("block:") else spec.split(":")[0]
+    if family not in PATTERNS:
+        raise ValueError(f"unknown pattern {spec!r}; accepted: {_ACCEPTED}")
+    return PATTERNS.get(family)(spec)
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` highest entries (ties broken by position, deterministically)."""
+    flat = scores.flatten()
+    out = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        order = torch.argsort(flat, descending=True, stable=True)
+        out[order[:k]] = True
+    return out.reshape(scores.shape)
+
+
+@dataclass(frozen=True)
+class Unstructured(Pattern):
+    spec: str = "unstructured"
+
+    def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        return _top(scores, keep)
+
+
+@PATTERNS.register("unstructured")
+def _unstructured(spec: str) -> Pattern:
+    return Unstructured()
+
+
+@dataclass(frozen=True)
+class NM(Pattern):
+    """At most ``n`` nonzeros in every ``m`` consecutive weights along the input dimension."""
+
+    n: int
+    m: int
+
+    @property
+    def spec(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def check(self, shape: torch.Size, name: str) -> None:
+        cols = math.prod(shape[1:])
+        if len(shape) < 2 or cols % self.m:
+            raise ValueError(
+                f"pattern {self.spec!r} needs the input dimension of {name!r} to be a multiple "
+                f"of {self.m}; its weight has shape {tuple(shape)} ({cols} inputs)"
+            )
+
+    def max_density(self) -> float:
+        return self.n / self.m
+
+    def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        groups = scores.reshape(-1, self.m)
+        top = torch.topk(groups, self.n, dim=1).indices
+        nm = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top, True)
+        if keep < int(nm.sum()):  # sparser than N:M: thin out within the N:M mask
+            nm = _top(groups.masked_fill(~nm, float("-inf")), keep)
+        return nm.reshape(scores.shape)
+
+    def is_valid(self, mask: torch.Tensor) -> bool:
+        return bool((mask.reshape(-1, self.m).sum(1) <= self.n).all())
+
+
+@PATTERNS.register("nm")
+def _nm(spec: str) -> Pattern:
+    match = re.fullmatch(r"(\d+):(\d+)", spec)
+    if not match:
+        raise ValueError(f"malformed N:M pattern {spec!r}; expected integers like '2:4'")
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        raise ValueError(f"pattern {spec!r} needs 0 < N < M (e.g. '2:4', '1:4', '4:8')")
+    return NM(n, m)
+
+
+@dataclass(frozen=True)
+class Block(Pattern):
+    """Whole ``r × c`` tiles of the 2-D weight view are kept or pruned together."""
+
+    r: int
+    c: int
+
+    @property
+    def spec(self) -> str:
+        return f"block:{self.r}x{self.c}"
+
+    def check(self, shape: torch.Size, name: str) -> None:
+        rows, cols = shape[0], math.prod(shape[1:])
+        if rows % self.r or cols % self.c:
+            raise ValueError(
+                f"pattern {self.spec!r} does not divide {name!r}: its 2-D view is "
+                f"{rows}x{cols}; use a block shape whose sides divide it"
+            )
+
+    def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        tiles = self._tiles(scores.reshape(scores.shape[0], -1))
+        kept = _top(tiles.sum((1, 3)), round(keep / (self.r * self.c)))
+        rows, cols = kept.shape
+        full = kept[:, None, :, None].expand(rows, self.r, cols, self.c)
+        return full.reshape(scores.shape)
+
+    def is_valid(self, mask: torch.Tensor) -> bool:
+        tiles = self._tiles(mask.reshape(mask.shape[0], -1)).sum((1, 3))
+        return bool(((tiles == 0) | (tiles == self.r * self.c)).all())
+
+    def _tiles(self, w2d: torch.Tensor) -> torch.Tensor:
+        rows, cols = w2d.shape
+        return w2d.reshape(rows // self.r, self.r, cols // self.c, self.c)
+
+
+@PATTERNS.register("block")
+def _block(spec: str) -> Pattern:
+    match = re.fullmatch(r"block:(\d+)x(\d+)", spec)
+    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+        raise ValueError(f"malformed block pattern {spec!r}; expected 'block:RxC' like 'block:4x4'")
+    return Block(int(match[1]), int(match[2]))
+
+
+@dataclass(frozen=True)
+class Row(Pattern):
+    """Whole output neurons (or conv filters) are kept or pruned."""
+
+    spec: str = "row"
+
+    def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        rows = scores.reshape(scores.shape[0], -1)
+        kept = _top(rows.sum(1), round(keep / rows.shape[1]))
+        return kept[:, None].expand_as(rows).reshape(scores.shape)
+
+    def is_valid(self, mask: torch.Tensor) -> bool:
+        rows = mask.reshape(mask.shape[0], -1)
+        return bool((rows.all(1) | ~rows.any(1)).all())
+
+
+@PATTERNS.register("row")
+def _row(spec: str) -> Pattern:
+    if spec != "row":
+        raise ValueError(f"unknown pattern {spec!r}; accepted: {_ACCEPTED}")
+    return Row()

@@ -1,0 +1,68 @@
+"""prune(): one pass of the pipeline — targets → scores → allocation → pattern → MaskSet."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit.allocation import ALLOCATIONS
+from sparsekit.masks import MaskSet
+from sparsekit.patterns import parse_pattern
+from sparsekit.scores import CRITERIA, ScoreContext
+from sparsekit.targets import TargetSpec, resolve_targets
+
+
+def prune(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    criterion: str = "magnitude",
+    pattern: str = "unstructured",
+    allocation: str = "uniform",
+    targets: TargetSpec | Sequence[TargetSpec] | None = None,
+    exclude: Iterable[str] = (),
+    data: Any = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    seed: int = 0,
+) -> MaskSet:
+    """Prune ``model`` one-shot to ``sparsity`` and return the applied :class:`MaskSet`.
+
+    Every argument is validated before anything is changed. Weights that are already
+    exactly zero count as pruned, so pruning a pruned model never revives a weight.
+    For N:M patterns the pattern caps the density at N/M; a higher ``sparsity``
+    thins the N:M mask further.
+    """
+    check_sparsity(sparsity)
+    score_fn = CRITERIA.get(criterion)
+    allocate = ALLOCATIONS.get(allocation)
+    pat = parse_pattern(pattern)
+    chosen = resolve_targets(model, targets, exclude)
+    for t in chosen:
+        pat.check(t.param.shape, t.name)
+    if not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+
+    ctx = ScoreContext(model, chosen, data, loss_fn, torch.Generator().manual_seed(seed))
+    scores = score_fn(ctx)
+    scores = {
+        t.name: scores[t.name].masked_fill(t.param.detach() == 0, float("-inf")) for t in chosen
+    }
+    keep = allocate(scores, float(sparsity))
+    masks = {}
+    for t in chosen:
+        cap = math.floor(pat.max_density() * t.param.numel())
+        mask = pat.mask(scores[t.name], min(keep[t.name], cap))
+        masks[t.name] = mask & (t.param.detach() != 0)
+    return MaskSet(model, masks, pattern=str(pat)).apply()
+
+
+def check_sparsity(sparsity: Any, param: str = "sparsity") -> None:
+    """Raise unless ``sparsity`` is a real number in [0, 1)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"{param} must be a float in [0, 1), got {sparsity!r}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"{param} must be in [0, 1), got {sparsity!r}")

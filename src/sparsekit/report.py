@@ -1,0 +1,313 @@
+"""Per-layer parameter, sparsity and FLOP accounting.
+
+:func:`report` lists every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of a model with its
+weight count, nonzeros and the FLOPs of one forward pass, dense and sparse, so the effect
+of a sparsification can be read layer by layer.
+
+FLOP convention: 2 FLOPs per multiply-accumulate (MAC), weights only (bias, activations
+and normalisation are not counted), for one forward pass of ``example_inputs`` (the whole
+batch). A layer does ``output.numel() * prod(weight.shape[1:])`` MACs per call, that is
+``rows * in_features * out_features`` for ``Linear`` and
+``output.numel() * in_channels / groups * prod(kernel_size)`` for convolutions; a layer
+called several times counts every call. Sparse FLOPs are ``dense * nonzeros / params``:
+the work of an ideal unstructured-sparse kernel, not what any particular kernel achieves.
+Without ``example_inputs``, ``Linear`` FLOPs are for a single input row and convolution
+FLOPs are unknown (``None``), as are those of a layer the forward pass never called;
+totals then sum the known values and set ``flops_complete`` to ``False``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypedDict
+
+import torch
+from rich.table import Table
+from rich.text import Text
+from torch import nn
+
+__all__ = ["HasMasks", "LayerRow", "Report", "Totals", "report"]
+
+_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_FIELDS = ("name", "kind", "shape", "params", "nonzeros", "sparsity", "dense_flops", "sparse_flops")
+_HEADERS = ("layer", *_FIELDS[1:6], "dense FLOPs", "sparse FLOPs")
+_RIGHT_ALIGNED = (False, False, False, True, True, True, True, True)
+
+
+class HasMasks(Protocol):
+    """Anything holding masks keyed by parameter name, e.g. ``"fc1.weight"``."""
+
+    @property
+    def masks(self) -> Mapping[str, torch.Tensor]: ...
+
+
+class Totals(TypedDict):
+    """Whole-model sums; ``flops_complete`` is ``False`` when some layer's FLOPs are unknown."""
+
+    params: int
+    nonzeros: int
+    sparsity: float
+    dense_flops: int
+    sparse_flops: int
+    flops_complete: bool
+
+
+@dataclass
+class LayerRow:
+    """One layer of a :class:`Report`.
+
+    ``extra`` holds further columns (kernel format, measured time …) that later stages
+    attach; every output format shows them after the built-in columns.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    params: int
+    nonzeros: int
+    dense_flops: int | None
+    sparse_flops: int | None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zero weights."""
+        return _sparsity(self.nonzeros, self.params)
+
+
+@dataclass
+class Report:
+    """Per-layer accounting of a model, printable as markdown or a rich table."""
+
+    rows: list[LayerRow]
+
+    @property
+    def totals(self) -> Totals:
+        """Sums over all rows; FLOPs sum only the known values."""
+        params = sum(r.params for r in self.rows)
+        nonzeros = sum(r.nonzeros for r in self.rows)
+        return Totals(
+            params=params,
+            nonzeros=nonzeros,
+            sparsity=_sparsity(nonzeros, params),
+            dense_flops=sum(r.dense_flops or 0 for r in self.rows),
+            sparse_flops=sum(r.sparse_flops or 0 for r in self.rows),
+            flops_complete=all(r.dense_flops is not None for r in self.rows),
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """Rows and totals as plain JSON types; every row carries every extra column."""
+        extra = self._extra_columns()
+        rows = [
+            {
+                "name": r.name,
+                "kind": r.kind,
+                "shape": list(r.shape),
+                "params": r.params,
+                "nonzeros": r.nonzeros,
+                "sparsity": r.sparsity,
+                "dense_flops": r.dense_flops,
+                "sparse_flops": r.sparse_flops,
+                **{k: r.extra.get(k) for k in extra},
+            }
+            for r in self.rows
+        ]
+        return {"rows": rows, "totals": dict(self.totals)}
+
+    def to_markdown(self) -> str:
+        """A GitHub-flavoured markdown table with a bold total row."""
+        headers, right, body, total = self._grid()
+        lines = [_md_line(headers), _md_line(["---:" if r else ":---" for r in right])]
+        lines += [_md_line(cells) for cells in body]
+        lines.append(_md_line([f"**{c}**" if c else "" for c in total]))
+        return "\n".join(lines)
+
+    def to_rich(self) -> Table:
+        """The markdown table's content as a ``rich.table.Table``."""
+        headers, right, body, total = self._grid()
+        table = Table()
+        for header, r in zip(headers, right, strict=True):
+            table.add_column(header, justify="right" if r else "left")
+        for cells in body:
+            table.add_row(*map(Text, cells))  # Text, not str: names are not rich markup
+        table.add_section()
+        table.add_row(*map(Text, total), style="bold")
+        return table
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+    def _extra_columns(self) -> list[str]:
+        """Extra keys of all rows in first-seen order."""
+        columns = list(dict.fromkeys(k for r in self.rows for k in r.extra))
+        clash = [k for k in columns if k in _FIELDS]
+        if clash:
+            raise ValueError(f"extra columns {clash} shadow built-in columns {list(_FIELDS)}")
+        return columns
+
+    def _grid(self) -> tuple[list[str], list[bool], list[list[str]], list[str]]:
+        """Headers, right-alignment flags, body cells and total cells, all formatted."""
+        extra = self._extra_columns()
+        right = [all(_is_number(r.extra[k]) for r in self.rows if k in r.extra) for k in extra]
+        body = [
+            [
+                r.name,
+                r.kind,
+                "x".join(map(str, r.shape)),
+                f"{r.params:,}",
+                f"{r.nonzeros:,}",
+                f"{r.sparsity:.1%}",
+                _si(r.dense_flops),
+                _si(r.sparse_flops),
+                *(_cell(r.extra[k]) if k in r.extra else "" for k in extra),
+            ]
+            for r in self.rows
+        ]
+        t = self.totals
+        bound = "" if t["flops_complete"] else "≥"  # unknown FLOPs make the sum a lower bound
+        total = [
+            "total",
+            "",
+            "",
+            f"{t['params']:,}",
+            f"{t['nonzeros']:,}",
+            f"{t['sparsity']:.1%}",
+            bound + _si(t["dense_flops"]),
+            bound + _si(t["sparse_flops"]),
+            *[""] * len(extra),
+        ]
+        return [*_HEADERS, *extra], [*_RIGHT_ALIGNED, *right], body, total
+
+
+def report(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple[object, ...] | None = None,
+    *,
+    masks: HasMasks | None = None,
+) -> Report:
+    """Count weights, nonzeros and FLOPs of every Linear/Conv layer of ``model``.
+
+    ``example_inputs`` (a tensor, or a tuple passed as ``model(*example_inputs)``) is run
+    once in eval mode under ``torch.no_grad()`` to measure FLOPs; the model's hooks and
+    train/eval modes are left as they were, also when the forward pass raises. With
+    ``masks``, nonzeros of the masked weights are counted from their masks, so the report
+    is correct before the masks are applied to the weights.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    elif example_inputs is not None and not isinstance(example_inputs, tuple):
+        raise TypeError(
+            "example_inputs must be a tensor, a tuple of model inputs or None, "
+            f"got {type(example_inputs).__name__}"
+        )
+    mask_table = _mask_table(masks)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES)]
+    macs = (
+        None
+        if example_inputs is None
+        else _count_macs(model, [m for _, m in layers], example_inputs)
+    )
+
+    rows = []
+    for name, module in layers:
+        weight = module.weight
+        param_name = f"{name}.weight" if name else "weight"
+        mask = mask_table.get(param_name)
+        if mask is not None and mask.shape != weight.shape:
+            raise ValueError(
+                f"masks[{param_name!r}] has shape {tuple(mask.shape)}, "
+                f"expected the weight's shape {tuple(weight.shape)}"
+            )
+        nonzeros = int(torch.count_nonzero(weight if mask is None else mask))
+        if macs is not None:
+            layer_macs = macs.get(module)  # None: not called by the forward pass
+        elif isinstance(module, nn.Linear):
+            layer_macs = weight.numel()  # one input row
+        else:
+            layer_macs = None  # spatial size unknown
+        dense = None if layer_macs is None else 2 * layer_macs
+        rows.append(
+            LayerRow(
+                name=name,
+                kind=next(t.__name__ for t in _LAYER_TYPES if isinstance(module, t)),
+                shape=tuple(weight.shape),
+                params=weight.numel(),
+                nonzeros=nonzeros,
+                dense_flops=dense,
+                # exact: dense is 2 * params * (positions the weight is applied at)
+                sparse_flops=None if dense is None else dense * nonzeros // max(weight.numel(), 1),
+            )
+        )
+    return Report(rows)
+
+
+def _count_macs(
+    model: nn.Module, layers: Sequence[nn.Module], inputs: tuple[object, ...]
+) -> dict[nn.Module, int]:
+    """Run ``model(*inputs)`` once and return the MACs of every layer it called."""
+    macs: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+        per_output = math.prod(module.weight.shape[1:])  # in_features or in/groups * kernel
+        macs[module] = macs.get(module, 0) + output.numel() * per_output
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():  # per module: submodules may differ from the root
+            m.training = training
+    return macs
+
+
+def _mask_table(masks: HasMasks | None) -> Mapping[str, torch.Tensor]:
+    if masks is None:
+        return {}
+    table = getattr(masks, "masks", None)
+    if not isinstance(table, Mapping):
+        raise TypeError(
+            "masks must have a `masks` mapping of parameter name to tensor, "
+            f"got {type(masks).__name__}"
+        )
+    return table
+
+
+def _sparsity(nonzeros: int, params: int) -> float:
+    return 1.0 - nonzeros / params if params else 0.0
+
+
+def _si(n: int | None) -> str:
+    """``1234567`` → ``"1.2M"``; ``None`` (unknown) → ``"-"``."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if abs(value) < 999.95 or unit == "P":
+            break
+        value /= 1000
+    return f"{n}" if unit == "" else f"{value:.1f}{unit}"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _md_line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"

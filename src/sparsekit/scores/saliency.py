@@ -1,0 +1,109 @@
+"""Gradient-based criteria: SNIP, Taylor, GraSP and SynFlow.
+
+All of them differentiate with ``torch.autograd.grad`` (never ``.backward()``), so the
+model's ``.grad`` fields are untouched, and run inside :func:`preserved` so batch-norm
+statistics are not updated by the scoring passes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from sparsekit.scores import CRITERIA
+from sparsekit.scores._context import ScoreContext, preserved
+
+
+def _grads(ctx: ScoreContext, batch, *, create_graph: bool = False) -> list[torch.Tensor]:
+    x, y = batch
+    loss = ctx.loss(ctx.model(x), y)
+    params = [t.param for t in ctx.targets]
+    return list(torch.autograd.grad(loss, params, create_graph=create_graph))
+
+
+@CRITERIA.register("snip")
+def snip(ctx: ScoreContext) -> dict[str, torch.Tensor]:
+    """Connection sensitivity |∂L/∂c| = |w·g| at c = 1 (Lee et al. 2019).
+
+    The gradient is averaged over all calibration batches before taking the product;
+    scores are normalised to sum to one, as in the paper.
+    """
+    data = ctx.require_data("snip", labels=True)
+    with preserved(ctx.model):
+        total = [torch.zeros_like(t.param, dtype=torch.float32) for t in ctx.targets]
+        for batch in data:
+            for acc, g in zip(total, _grads(ctx, batch)):
+                acc += g.float()
+    scores = [(t.param.detach().float() * g / len(data)).abs() for t, g in zip(ctx.targets, total)]
+    norm = sum(s.sum() for s in scores).clamp_min(torch.finfo(torch.float32).tiny)
+    return {t.name: s / norm for t, s in zip(ctx.targets, scores)}
+
+
+@CRITERIA.register("taylor")
+def taylor(ctx: ScoreContext) -> dict[str, torch.Tensor]:
+    """First-order Taylor estimate of the loss change, |w·∂L/∂w|, averaged per batch.
+
+    Unlike SNIP, the absolute value is taken per batch (Molchanov et al. 2019), so
+    weights whose gradient flips sign between batches still count as important.
+    """
+    data = ctx.require_data("taylor", labels=True)
+    scores = [torch.zeros_like(t.param, dtype=torch.float32) for t in ctx.targets]
+    with preserved(ctx.model):
+        for batch in data:
+            for s, t, g in zip(scores, ctx.targets, _grads(ctx, batch)):
+                s += (t.param.detach().float() * g.float()).abs()
+    return {t.name: s / len(data) for t, s in zip(ctx.targets, scores)}
+
+
+@CRITERIA.register("grasp")
+def grasp(ctx: ScoreContext, temperature: float = 200.0) -> dict[str, torch.Tensor]:
+    """Gradient Signal Preservation (Wang et al. 2020): score = w ⊙ Hg.
+
+    GraSP removes the weights with the largest ``-w ⊙ Hg``; as a keep-score that is the
+    largest ``w ⊙ Hg``. Logits are divided by ``temperature`` as in the reference code.
+    """
+    data = ctx.require_data("grasp", labels=True)
+    params = [t.param for t in ctx.targets]
+
+    def loss(batch) -> torch.Tensor:
+        x, y = batch
+        return ctx.loss(ctx.model(x) / temperature, y)
+
+    with preserved(ctx.model):
+        g = [torch.zeros_like(p) for p in params]
+        for batch in data:
+            for acc, gi in zip(g, torch.autograd.grad(loss(batch), params)):
+                acc += gi
+        hg = [torch.zeros_like(p) for p in params]
+        for batch in data:
+            gb = torch.autograd.grad(loss(batch), params, create_graph=True)
+            z = sum((gi * acc).sum() for gi, acc in zip(gb, g))
+            for acc, h in zip(hg, torch.autograd.grad(z, params)):
+                acc += h
+    return {t.name: (t.param.detach() * h).float() for t, h in zip(ctx.targets, hg)}
+
+
+@CRITERIA.register("synflow")
+def synflow(ctx: ScoreContext) -> dict[str, torch.Tensor]:
+    """Iterative-Synaptic-Flow score |θ ⊙ ∂R/∂θ| with R = 1ᵀ(∏|θ|)1 (Tanaka et al. 2020).
+
+    Data-free apart from the input shape, taken from ``data``. The network is
+    linearised by taking |θ| of every parameter and evaluated in float64 in eval mode,
+    through ``functional_call`` so the model's own tensors are never modified.
+    (This is one SynFlow iteration; the paper's iterative schedule is a sequence of
+    ``prune`` calls with increasing sparsity.)
+    """
+    x, _ = ctx.require_data("synflow", labels=False)[0]
+    model = ctx.model
+    abs_params = {
+        n: p.detach().abs().double().requires_grad_(True) for n, p in model.named_parameters()
+    }
+    buffers = {
+        n: (b.double() if torch.is_floating_point(b) else b) for n, b in model.named_buffers()
+    }
+    ones = torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=x.device)
+    with preserved(model, train=False):
+        out = functional_call(model, {**abs_params, **buffers}, (ones,))
+        leaves = [abs_params[t.name] for t in ctx.targets]
+        grads = torch.autograd.grad(out.sum(), leaves)
+    return {t.name: (p * g).float() for t, p, g in zip(ctx.targets, leaves, grads)}

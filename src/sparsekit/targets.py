@@ -1,0 +1,133 @@
+"""Which parameters are sparsified.
+
+A target is one weight tensor of one module. The default is every ``weight`` of
+``nn.Linear`` and ``nn.Conv1d/2d/3d``; users narrow or widen that with module types,
+module/parameter names and glob patterns, and remove entries with ``exclude``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+TargetSpec = type[nn.Module] | str
+"""One entry of ``targets``: a module type, a module or parameter name, or a glob."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One parameter to sparsify, with the module that owns it."""
+
+    name: str  # parameter name as in ``model.named_parameters()``, e.g. ``"fc1.weight"``
+    module_name: str
+    module: nn.Module
+    param: nn.Parameter
+
+
+def resolve_targets(
+    model: nn.Module,
+    targets: TargetSpec | Sequence[TargetSpec] | None = None,
+    exclude: Iterable[str] = (),
+) -> list[Target]:
+    """Return the targeted parameters of ``model`` in definition order.
+
+    Strings match module names (meaning that module's ``weight``) or parameter names,
+    exactly or as ``fnmatch`` globs. Every ``targets`` string and every ``exclude``
+    entry must match something, so typos surface as errors instead of silently dense
+    layers.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    specs = _as_list(targets, "targets")
+    excludes = _as_list(exclude, "exclude")
+    for e in excludes:
+        if not isinstance(e, str):
+            raise TypeError(f"exclude entries must be names or globs (str), got {e!r}")
+
+    candidates = _weights(model)  # module-owned weights, the default universe
+    chosen: dict[str, Target] = {}
+    if specs is None:
+        for t in candidates.values():
+            if isinstance(t.module, DEFAULT_TYPES) and _is_weight(t):
+                chosen[t.name] = t
+    else:
+        for spec in specs:
+            matched = _match(spec, candidates)
+            if not matched:
+                raise ValueError(
+                    f"targets entry {_show(spec)} matches no module or parameter of the model"
+                )
+            for t in matched:
+                chosen.setdefault(t.name, t)
+
+    for pattern in excludes:
+        hits = [n for n, t in chosen.items() if _name_match(pattern, t.module_name, n)]
+        if not hits:
+            raise ValueError(
+                f"exclude entry {pattern!r} matches none of the targeted parameters: "
+                f"{', '.join(chosen) or '(none)'}"
+            )
+        for n in hits:
+            del chosen[n]
+
+    if not chosen:
+        raise ValueError("targets: no parameters left to sparsify (check targets and exclude)")
+    for t in chosen.values():
+        if not torch.is_floating_point(t.param):
+            raise TypeError(
+                f"target {t.name!r} has dtype {t.param.dtype}; only floating-point weights "
+                "can be sparsified"
+            )
+    order = {n: i for i, n in enumerate(candidates)}
+    return sorted(chosen.values(), key=lambda t: order[t.name])
+
+
+def _as_list(value, param: str) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, type)):
+        return [value]
+    if isinstance(value, Iterable):
+        return list(value)
+    raise TypeError(f"{param} must be a module type, a name/glob or a sequence of them")
+
+
+def _weights(model: nn.Module) -> dict[str, Target]:
+    """Every module's directly owned parameters, keyed by full parameter name."""
+    out: dict[str, Target] = {}
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{module_name}.{pname}" if module_name else pname
+            out.setdefault(full, Target(full, module_name, module, p))
+    return out
+
+
+def _match(spec: TargetSpec, candidates: dict[str, Target]) -> list[Target]:
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        return [t for t in candidates.values() if isinstance(t.module, spec) and _is_weight(t)]
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"targets entries must be nn.Module subclasses or names/globs (str), got {spec!r}"
+        )
+    return [
+        t for t in candidates.values()
+        if _name_match(spec, t.name) or (_is_weight(t) and _name_match(spec, t.module_name))
+    ]
+
+
+def _is_weight(t: Target) -> bool:
+    return t.name.rsplit(".", 1)[-1] == "weight"
+
+
+def _name_match(pattern: str, *names: str) -> bool:
+    return any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+def _show(spec) -> str:
+    return spec.__name__ if isinstance(spec, type) else repr(spec)
