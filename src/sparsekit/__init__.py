@@ -6,6 +6,7 @@ from sparsekit.masks import MaskSet
 from sparsekit.patterns import PATTERNS, parse_pattern
 from sparsekit.prune import prune
 from sparsekit.report import Report, report
+from sparsekit.schedules import DynamicSparsity, GradualPruner, IterativePruning, soup
 from sparsekit.scores import CRITERIA
 from sparsekit.targets import resolve_targets
 
@@ -15,12 +16,16 @@ __all__ = [
     "ALLOCATIONS",
     "CRITERIA",
     "PATTERNS",
+    "DynamicSparsity",
+    "GradualPruner",
+    "IterativePruning",
     "MaskSet",
     "Report",
-    "parse_pattern",
     "load",
+    "parse_pattern",
     "prune",
     "report",
-    "save",
     "resolve_targets",
+    "save",
+    "soup",
 ]

@@ -126,5 +126,23 @@ def _round(real: dict[str, float], scores: Scores) -> dict[str, int]:
     by_remainder = sorted(real, key=lambda n: real[n] - counts[n], reverse=True)
     for n in by_remainder[: target - sum(counts.values())]:
         counts[n] += 1
-    alive = {n: int(torch.isfinite(s).sum()) for n, s in scores.items()}
-    return {n: min(c, alive[n]) for n, c in counts.items()}
+    return fit_to_capacity(counts, {n: int(torch.isfinite(s).sum()) for n, s in scores.items()})
+
+
+def fit_to_capacity(keep: dict[str, int], caps: dict[str, int]) -> dict[str, int]:
+    """Cap per-layer counts at ``caps``, moving the excess to layers with room.
+
+    Keeps the total whenever the layers can hold it (already-pruned weights, N:M caps).
+    """
+    fitted = {n: min(k, caps[n]) for n, k in keep.items()}
+    excess = sum(keep.values()) - sum(fitted.values())
+    while excess > 0:
+        room = {n: caps[n] - k for n, k in fitted.items() if caps[n] > k}
+        if not room:
+            break
+        total_room = sum(room.values())
+        for n, r in room.items():
+            add = min(r, excess, -(-excess * r // total_room))
+            fitted[n] += add
+            excess -= add
+    return fitted

@@ -65,15 +65,23 @@ def save(
     if masks is not None and not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
     mask_of = masks.masks if masks is not None else {}
+    state = model.state_dict()
+    for key, m in mask_of.items():
+        if key not in state or state[key].shape != m.shape:
+            raise ValueError(
+                f"masks: entry {key!r} {tuple(m.shape)} matches no tensor of the model's "
+                "state_dict (were the masks made for another model?)"
+            )
     tensors: dict[str, torch.Tensor] = {}
     infos: dict[str, dict] = {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         value = value.detach().cpu().contiguous()
         if key in mask_of:
             keep = mask_of[key].cpu()
-            if bool(value[~keep].ne(0).any()):
+            dropped = value[~keep]
+            if bool((dropped.ne(0) | dropped.signbit()).any()):
                 raise ValueError(
-                    f"masks: weights of {key!r} are nonzero where masked; call masks.apply() "
+                    f"masks: weights of {key!r} are not +0.0 where masked; call masks.apply() "
                     "(or attach the masks to the optimizer) before saving"
                 )
         elif value.is_floating_point() and value.dim() >= 2:
@@ -104,7 +112,7 @@ def save(
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
-    """Load a checkpoint into ``model`` and return the MaskSet of its sparse parameters.
+    """Load a checkpoint into ``model`` and return the MaskSet that was saved with it.
 
     Everything is decoded and checked against the model (names, shapes, dtypes)
     before the model is touched: a file for another architecture, a truncated file or
@@ -130,7 +138,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
             )
     model.load_state_dict(state, strict=True)
     params = dict(model.named_parameters())
-    masks = {k: m for k, m in ckpt.kept.items() if k in params}
+    masks = {k: m for k, m in ckpt.kept.items() if k in params and ckpt.infos[k].masked}
     pattern = ckpt.meta.get("pattern", "unstructured")
     return MaskSet(model, masks, pattern="unstructured" if pattern == "none" else pattern)
 
@@ -270,6 +278,9 @@ def _atomic_write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

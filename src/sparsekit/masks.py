@@ -70,13 +70,18 @@ class MaskSet:
 
     def layer_sparsity(self) -> dict[str, float]:
         """Sparsity of each masked parameter, by parameter name."""
-        return {n: 1.0 - int(m.sum()) / m.numel() for n, m in self.masks.items()}
+        return {n: 1.0 - int(m.sum()) / m.numel() if m.numel() else 0.0
+                for n, m in self.masks.items()}
 
     def state_dict(self) -> dict[str, object]:
         return {"pattern": self.pattern, "masks": {n: m.clone() for n, m in self.masks.items()}}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Load masks saved by :meth:`state_dict` (names and shapes must match) and apply them."""
+        """Load masks saved by :meth:`state_dict` (names and shapes must match) and apply them.
+
+        Meant for resuming: the optimizer state of kept weights is left as loaded, only
+        masked entries are zeroed. To change masks during training use :meth:`update`.
+        """
         if not isinstance(state, Mapping) or "masks" not in state:
             raise ValueError("state must be a dict from MaskSet.state_dict() with a 'masks' entry")
         masks = state["masks"]
@@ -111,7 +116,7 @@ class MaskSet:
             optimizer.register_step_pre_hook(lambda *_: self._mask_grads()),
             optimizer.register_step_post_hook(lambda opt, *_: self._after_step(opt)),
         ]
-        self.apply()
+        self._after_step(optimizer)  # weights and any existing state start clean
         return self
 
     def detach(self, optimizer: torch.optim.Optimizer | None = None) -> None:

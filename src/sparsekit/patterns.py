@@ -50,7 +50,7 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
     if not isinstance(spec, str):
         raise TypeError(f"pattern must be a string ({_ACCEPTED}), got {type(spec).__name__}")
     family = "nm" if ":" in spec and not spec.startswith("block:") else spec.split(":")[0]
-    if family not in PATTERNS:
+    if family not in PATTERNS or spec == "nm":
         raise ValueError(f"unknown pattern {spec!r}; accepted: {_ACCEPTED}")
     return PATTERNS.get(family)(spec)
 

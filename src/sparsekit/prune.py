@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit.allocation import ALLOCATIONS
+from sparsekit.allocation import ALLOCATIONS, fit_to_capacity
 from sparsekit.masks import MaskSet
-from sparsekit.patterns import parse_pattern
+from sparsekit.patterns import Pattern, parse_pattern
 from sparsekit.scores import CRITERIA, ScoreContext
 from sparsekit.targets import TargetSpec, resolve_targets
 
@@ -36,6 +36,27 @@ def prune(
     For N:M patterns the pattern caps the density at N/M; a higher ``sparsity``
     thins the N:M mask further.
     """
+    masks, pat = compute_masks(
+        model, sparsity, criterion=criterion, pattern=pattern, allocation=allocation,
+        targets=targets, exclude=exclude, data=data, loss_fn=loss_fn, seed=seed,
+    )
+    return MaskSet(model, masks, pattern=str(pat)).apply()
+
+
+def compute_masks(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    criterion: str = "magnitude",
+    pattern: str | Pattern = "unstructured",
+    allocation: str = "uniform",
+    targets: TargetSpec | Sequence[TargetSpec] | None = None,
+    exclude: Iterable[str] = (),
+    data: Any = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], Pattern]:
+    """The masks :func:`prune` would apply, without changing the model (schedules use this)."""
     check_sparsity(sparsity)
     score_fn = CRITERIA.get(criterion)
     allocate = ALLOCATIONS.get(allocation)
@@ -51,13 +72,12 @@ def prune(
     scores = {
         t.name: scores[t.name].masked_fill(t.param.detach() == 0, float("-inf")) for t in chosen
     }
-    keep = allocate(scores, float(sparsity))
-    masks = {}
-    for t in chosen:
-        cap = math.floor(pat.max_density() * t.param.numel())
-        mask = pat.mask(scores[t.name], min(keep[t.name], cap))
-        masks[t.name] = mask & (t.param.detach() != 0)
-    return MaskSet(model, masks, pattern=str(pat)).apply()
+    caps = {t.name: math.floor(pat.max_density() * t.param.numel()) for t in chosen}
+    keep = fit_to_capacity(allocate(scores, float(sparsity)), caps)
+    masks = {
+        t.name: pat.mask(scores[t.name], keep[t.name]) & (t.param.detach() != 0) for t in chosen
+    }
+    return masks, pat
 
 
 def check_sparsity(sparsity: Any, param: str = "sparsity") -> None:

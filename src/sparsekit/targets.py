@@ -37,15 +37,15 @@ def resolve_targets(
 ) -> list[Target]:
     """Return the targeted parameters of ``model`` in definition order.
 
-    Strings match module names (meaning that module's ``weight``) or parameter names,
-    exactly or as ``fnmatch`` globs. Every ``targets`` string and every ``exclude``
-    entry must match something, so typos surface as errors instead of silently dense
-    layers.
+    Strings match module names (meaning that module's ``weight``), exactly or as
+    ``fnmatch`` globs, or parameter names (``"fc.bias"``, ``"blocks.*.bias"``). Every
+    ``targets`` string and every ``exclude`` entry must match something, so typos surface
+    as errors instead of silently dense layers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     specs = _as_list(targets, "targets")
-    excludes = _as_list(exclude, "exclude")
+    excludes = _as_list(exclude, "exclude") or []
     for e in excludes:
         if not isinstance(e, str):
             raise TypeError(f"exclude entries must be names or globs (str), got {e!r}")
@@ -99,12 +99,17 @@ def _as_list(value, param: str) -> list | None:
 
 
 def _weights(model: nn.Module) -> dict[str, Target]:
-    """Every module's directly owned parameters, keyed by full parameter name."""
+    """Every module's directly owned parameters, keyed by full parameter name.
+
+    A tied parameter appears under each owner, but its target always carries the name
+    ``named_parameters()`` gives it (the first owner's), so masks stay addressable.
+    """
+    canonical = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, Target] = {}
-    for module_name, module in model.named_modules():
+    for module_name, module in model.named_modules(remove_duplicate=False):
         for pname, p in module.named_parameters(recurse=False):
             full = f"{module_name}.{pname}" if module_name else pname
-            out.setdefault(full, Target(full, module_name, module, p))
+            out.setdefault(full, Target(canonical.get(id(p), full), module_name, module, p))
     return out
 
 
@@ -115,9 +120,13 @@ def _match(spec: TargetSpec, candidates: dict[str, Target]) -> list[Target]:
         raise TypeError(
             f"targets entries must be nn.Module subclasses or names/globs (str), got {spec!r}"
         )
+    # A glob selects modules (their weight); a parameter is selected by its own name, or
+    # by a glob whose last component names the parameter literally ("blocks.*.bias").
+    by_param = not any(c in spec.rsplit(".", 1)[-1] for c in "*?[")
     return [
         t for t in candidates.values()
-        if _name_match(spec, t.name) or (_is_weight(t) and _name_match(spec, t.module_name))
+        if (by_param and _name_match(spec, t.name))
+        or (_is_weight(t) and _name_match(spec, t.module_name))
     ]
 
 

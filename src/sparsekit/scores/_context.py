@@ -67,6 +67,8 @@ def batches(data: Any) -> Iterator[Batch]:
     for item in data:
         if isinstance(item, torch.Tensor):
             yield item, None
+        elif isinstance(item, (tuple, list)) and len(item) == 1:  # DataLoader(TensorDataset(x))
+            yield item[0], None
         elif _is_pair(item):
             yield item[0], item[1]
         else:
@@ -83,7 +85,7 @@ def _is_pair(x: Any) -> bool:
 @contextlib.contextmanager
 def preserved(model: nn.Module, *, train: bool | None = None) -> Iterator[None]:
     """Run a block against ``model`` and restore its mode, buffers and ``.grad`` fields."""
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     grads = {n: p.grad for n, p in model.named_parameters()}
     if train is not None:
@@ -91,7 +93,8 @@ def preserved(model: nn.Module, *, train: bool | None = None) -> Iterator[None]:
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
         with torch.no_grad():
             for n, b in model.named_buffers():
                 b.copy_(buffers[n])

@@ -17,6 +17,13 @@ def wanda(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     For convolutions the input features are the unfolded patches (channel × kernel
     position), matching the flattened weight layout.
     """
+    for t in ctx.targets:
+        if not isinstance(t.module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (
+            t.param is not t.module.weight
+        ):
+            raise ValueError(
+                f"criterion 'wanda' scores Linear/Conv weights only; target {t.name!r} is not one"
+            )
     data = ctx.require_data("wanda", labels=False)
     norms = input_sq_norms(ctx.model, ctx.targets, [x for x, _ in data])
     return {
