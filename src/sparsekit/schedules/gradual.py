@@ -1,0 +1,99 @@
+"""Gradual magnitude pruning with the cubic schedule of Zhu & Gupta (2017)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit.masks import MaskSet
+from sparsekit.prune import check_sparsity, compute_masks
+from sparsekit.targets import resolve_targets
+
+
+def cubic_sparsity(step: int, *, initial: float, final: float, start: int, end: int) -> float:
+    """s(t) = s_f + (s_i − s_f)(1 − (t − t₀)/(t_end − t₀))³, clamped to [t₀, t_end]."""
+    if step <= start:
+        return initial
+    if step >= end:
+        return final
+    return final + (initial - final) * (1.0 - (step - start) / (end - start)) ** 3
+
+
+class GradualPruner:
+    """Raise sparsity from ``initial_sparsity`` to ``final_sparsity`` while training.
+
+    Call :meth:`step` after every ``optimizer.step()``. Every ``every`` steps between
+    ``start_step`` and ``end_step`` the model is re-pruned to the cubic schedule's
+    sparsity; masks only shrink, and with ``optimizer`` they are kept through its steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        final_sparsity: float,
+        *,
+        start_step: int,
+        end_step: int,
+        every: int,
+        initial_sparsity: float = 0.0,
+        criterion: str = "magnitude",
+        allocation: str = "uniform",
+        pattern: str = "unstructured",
+        optimizer: torch.optim.Optimizer | None = None,
+        **prune_kwargs: Any,
+    ) -> None:
+        check_sparsity(final_sparsity, "final_sparsity")
+        check_sparsity(initial_sparsity, "initial_sparsity")
+        if initial_sparsity > final_sparsity:
+            raise ValueError(
+                f"initial_sparsity ({initial_sparsity}) must not exceed final_sparsity "
+                f"({final_sparsity})"
+            )
+        if not 0 <= start_step < end_step:
+            raise ValueError(f"need 0 ≤ start_step < end_step, got {start_step}, {end_step}")
+        if every < 1:
+            raise ValueError(f"every must be a positive number of steps, got {every}")
+        self.model = model
+        self.final_sparsity, self.initial_sparsity = final_sparsity, initial_sparsity
+        self.start_step, self.end_step, self.every = start_step, end_step, every
+        self._prune = dict(criterion=criterion, allocation=allocation, pattern=pattern,
+                           **prune_kwargs)
+        # Validate the whole configuration now (a dry run), before anything is mutated.
+        compute_masks(model, final_sparsity, **self._prune)
+        chosen = resolve_targets(
+            model, prune_kwargs.get("targets"), prune_kwargs.get("exclude", ())
+        )
+        self.masks = MaskSet(model, {t.name: t.param.detach() != 0 for t in chosen},
+                             pattern=pattern)
+        if optimizer is not None:
+            self.masks.attach(optimizer)
+        self.step_count = 0
+        if start_step == 0:
+            self._update(0)
+
+    def sparsity_at(self, step: int) -> float:
+        return cubic_sparsity(step, initial=self.initial_sparsity, final=self.final_sparsity,
+                              start=self.start_step, end=self.end_step)
+
+    def step(self) -> bool:
+        """Advance one training step; returns whether the masks changed."""
+        self.step_count += 1
+        t = self.step_count
+        on_grid = (t - self.start_step) % self.every == 0 or t == self.end_step
+        if self.start_step <= t <= self.end_step and on_grid:
+            self._update(t)
+            return True
+        return False
+
+    def _update(self, t: int) -> None:
+        new, _ = compute_masks(self.model, self.sparsity_at(t), **self._prune)
+        self.masks.update({n: m & self.masks.masks[n] for n, m in new.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step_count, "masks": self.masks.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks.load_state_dict(state["masks"])
+        self.step_count = int(state["step"])
