@@ -112,7 +112,10 @@ def save(
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
-    """Load a checkpoint into ``model`` and return the MaskSet that was saved with it.
+    """Load a checkpoint into ``model`` and return its masks as an applied MaskSet.
+
+    A file saved with ``masks`` gives back exactly those masks; a file saved without
+    gives masks for the parameters that were stored compressed.
 
     Everything is decoded and checked against the model (names, shapes, dtypes)
     before the model is touched: a file for another architecture, a truncated file or
@@ -138,7 +141,10 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
             )
     model.load_state_dict(state, strict=True)
     params = dict(model.named_parameters())
-    masks = {k: m for k, m in ckpt.kept.items() if k in params and ckpt.infos[k].masked}
+    # Saved with a MaskSet: exactly its masks. Saved without: every compressed parameter.
+    with_masks = any(info.masked for info in ckpt.infos.values())
+    masks = {k: m for k, m in ckpt.kept.items()
+             if k in params and (ckpt.infos[k].masked or not with_masks)}
     pattern = ckpt.meta.get("pattern", "unstructured")
     return MaskSet(model, masks, pattern="unstructured" if pattern == "none" else pattern)
 

@@ -29,7 +29,7 @@ class MaskSet:
         self.model = model
         self.pattern = str(pattern)
         self.masks: dict[str, torch.Tensor] = {
-            n: m.to(device=params[n].device, dtype=torch.bool) for n, m in masks.items()
+            n: m.to(device=params[n].device, dtype=torch.bool, copy=True) for n, m in masks.items()
         }
         self.params: dict[str, nn.Parameter] = {n: params[n] for n in masks}
         self._hooks: dict[int, list[RemovableHandle]] = {}
@@ -54,7 +54,7 @@ class MaskSet:
         self._check(masks, self.params, subset=True)
         with torch.no_grad():
             for n, new in masks.items():
-                new = new.to(device=self.masks[n].device, dtype=torch.bool)
+                new = new.to(device=self.masks[n].device, dtype=torch.bool, copy=True)
                 grown = new & ~self.masks[n]
                 self.params[n].masked_fill_(grown, 0)
                 for opt in self._optimizers.values():

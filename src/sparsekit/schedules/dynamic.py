@@ -86,7 +86,9 @@ class DynamicSparsity:
         self.model, self.optimizer, self.method = model, optimizer, method
         self.update_every, self.end_step = update_every, end_step
         self.drop_fraction, self.drop_schedule, self.beta = drop_fraction, drop_schedule, momentum
-        self.generator = torch.Generator().manual_seed(seed)
+        # A stream of its own: reusing the initial mask's stream would regrow the very
+        # positions that scored highest at initialisation.
+        self.generator = torch.Generator().manual_seed(seed + 1_000_003)
         self.step_count = 0
         self.masks = MaskSet(model, masks)
         self._grads: dict[str, torch.Tensor] = {}

@@ -1,0 +1,37 @@
+"""Run under torchrun --nproc_per_node=2: DynamicSparsity under DDP, masks written per rank."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from sparsekit import DynamicSparsity
+
+
+def main(method: str, out: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # identical initial weights on every rank
+    model = DDP(nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    dst = DynamicSparsity(model, opt, 0.8, method=method, update_every=10, end_step=180,
+                          seed=7)
+    gen = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+    history = []
+    for _ in range(200):
+        x = torch.randn(16, 12, generator=gen)
+        y = (x[:, :4]).argmax(1)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if dst.step():
+            history.append({n: m.clone() for n, m in dst.masks.masks.items()})
+    torch.save({"history": history, "weights": model.state_dict()}, f"{out}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

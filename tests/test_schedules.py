@@ -1,0 +1,309 @@
+"""Sparse-training schedules: gradual, iterative with rewinding, dynamic (SET/RigL/SNFS), soup."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekit
+from sparsekit import DynamicSparsity, GradualPruner, IterativePruning, soup
+from sparsekit.schedules import cubic_sparsity
+from sparsekit.schedules.dynamic import drop_fraction_at
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(32, 12, generator=torch.Generator().manual_seed(step))
+    return x, x[:, :4].argmax(1)
+
+
+def train(model, opt, schedule, steps: int, start: int = 0) -> None:
+    for t in range(start, start + steps):
+        x, y = batch(t)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        schedule.step()
+
+
+def counts(masks) -> dict[str, int]:
+    return {n: int(m.sum()) for n, m in masks.masks.items()}
+
+
+# -- gradual ------------------------------------------------------------------------------
+
+def test_cubic_schedule_values():
+    kw = dict(initial=0.0, final=0.9, start=10, end=110)
+    assert cubic_sparsity(0, **kw) == 0.0
+    assert cubic_sparsity(10, **kw) == 0.0
+    assert cubic_sparsity(60, **kw) == pytest.approx(0.9 + (0.0 - 0.9) * 0.5**3)
+    assert cubic_sparsity(110, **kw) == 0.9
+    assert cubic_sparsity(500, **kw) == 0.9
+
+
+def test_gradual_pruner_follows_the_schedule_and_masks_only_shrink():
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gp = GradualPruner(model, 0.9, start_step=10, end_step=100, every=10, optimizer=opt)
+    previous = {n: m.clone() for n, m in gp.masks.masks.items()}
+    for t in range(120):
+        x, y = batch(t)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if gp.step():
+            for n, m in gp.masks.masks.items():
+                assert not (m & ~previous[n]).any()  # never revives
+                expected = gp.sparsity_at(gp.step_count)
+                assert 1 - int(m.sum()) / m.numel() == pytest.approx(expected, abs=1 / m.numel())
+            previous = {n: m.clone() for n, m in gp.masks.masks.items()}
+        for n, p in gp.masks.params.items():
+            assert (p[~gp.masks.masks[n]] == 0).all()
+    assert gp.masks.sparsity() == pytest.approx(0.9, abs=1e-3)
+
+
+def test_gradual_pruner_rejects_bad_arguments_without_touching_the_model():
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="initial_sparsity"):
+        GradualPruner(model, 0.5, start_step=0, end_step=10, every=1, initial_sparsity=0.8)
+    with pytest.raises(ValueError, match="start_step"):
+        GradualPruner(model, 0.5, start_step=10, end_step=10, every=1)
+    with pytest.raises(ValueError, match="criterion"):
+        GradualPruner(model, 0.5, start_step=0, end_step=10, every=1, criterion="nope")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# -- iterative magnitude pruning with rewinding ---------------------------------------------
+
+def test_imp_rewinds_survivors_to_step_k():
+    model = mlp()
+    imp = IterativePruning(model, rounds=3, rate_per_round=0.2, rewind_step=5)
+    snapshot = None
+    for r in range(3):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        imp.masks.attach(opt)
+        for t in range(20):
+            x, y = batch(t)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            imp.step()
+            if r == 0 and t == 4:
+                snapshot = copy.deepcopy(model.state_dict())
+        imp.masks.detach(opt)
+        more = imp.next_round(metrics={"round": r})
+        assert more == (r < 2)
+        for n, m in imp.masks.masks.items():
+            w = dict(model.named_parameters())[n]
+            assert torch.equal(w[m], snapshot[n][m])  # survivors rewound to step k
+            assert (w[~m] == 0).all()
+        assert imp.masks.sparsity() == pytest.approx(1 - 0.8 ** (r + 1), abs=1e-3)
+    assert [h["round"] for h in imp.history] == [0, 1, 2]
+    assert imp.history[2]["metrics"] == {"round": 2}
+    # masks are nested across rounds
+    for n in imp.history[0]["masks"]:
+        assert not (imp.history[2]["masks"][n] & ~imp.history[1]["masks"][n]).any()
+
+
+# -- dynamic sparse training ----------------------------------------------------------------
+
+def test_drop_fraction_schedules():
+    assert drop_fraction_at(0, initial=0.3, end_step=100, schedule="cosine") == pytest.approx(0.3)
+    assert drop_fraction_at(50, initial=0.3, end_step=100, schedule="cosine") == pytest.approx(0.15)
+    assert drop_fraction_at(25, initial=0.3, end_step=100, schedule="cosine") == pytest.approx(
+        0.15 * (1 + math.cos(math.pi / 4)))
+    assert drop_fraction_at(50, initial=0.3, end_step=100, schedule="linear") == pytest.approx(0.15)
+    assert drop_fraction_at(50, initial=0.3, end_step=100, schedule="constant") == 0.3
+    assert drop_fraction_at(100, initial=0.3, end_step=100, schedule="constant") == 0.0
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_dst_preserves_layer_counts_and_resets_regrown(method, optimizer):
+    model = mlp()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=1e-2))
+    dst = DynamicSparsity(model, opt, 0.8, method=method, update_every=10, end_step=200)
+    initial = counts(dst.masks)
+    assert dst.masks.sparsity() == pytest.approx(0.8, abs=1e-3)
+    for t in range(100):
+        old = {n: m.clone() for n, m in dst.masks.masks.items()}
+        train(model, opt, dst, 1, start=t)
+        assert counts(dst.masks) == initial
+        for n, m in dst.masks.masks.items():
+            grown = m & ~old[n]
+            p = dst.masks.params[n]
+            assert (p[~m] == 0).all()
+            if grown.any() and (t + 1) % 10 == 0:
+                assert (p[grown] == 0).all()  # regrown weights start at zero
+                for v in opt.state[p].values():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                        assert (v[grown] == 0).all()  # and with a fresh optimizer state
+
+
+def test_rigl_grows_exactly_where_the_dense_gradient_is_largest():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: isolate the grow rule
+    dst = DynamicSparsity(model, opt, 0.8, method="rigl", update_every=1, end_step=10,
+                          drop_fraction=0.25, drop_schedule="constant")
+    old = {n: m.clone() for n, m in dst.masks.masks.items()}
+    x, y = batch(0)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    dense = {n: p.grad.clone() for n, p in dst.masks.params.items()}
+    opt.step()
+    dst.step()
+    for n, new in dst.masks.masks.items():
+        w = dst.masks.params[n]
+        k = round(0.25 * int(old[n].sum()))
+        kept_scores = w.detach().abs().masked_fill(~old[n], float("inf"))
+        dropped_expected = torch.zeros_like(old[n]).flatten()
+        dropped_expected[torch.argsort(kept_scores.flatten(), stable=True)[:k]] = True
+        after_drop = old[n] & ~dropped_expected.reshape(old[n].shape)
+        g = dense[n].abs().masked_fill(after_drop, float("-inf")).flatten()
+        grown_expected = torch.zeros_like(g, dtype=torch.bool)
+        grown_expected[torch.argsort(g, descending=True, stable=True)[:k]] = True
+        assert torch.equal(new, after_drop | grown_expected.reshape(new.shape))
+
+
+def test_set_grows_uniformly_among_inactive_weights():
+    hits = torch.zeros(32, 12)
+    inactive_total = torch.zeros(32, 12)
+    for seed in range(40):
+        model = mlp(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        dst = DynamicSparsity(model, opt, 0.8, method="set", update_every=1, end_step=10,
+                              drop_fraction=0.3, drop_schedule="constant", seed=seed)
+        old = dst.masks.masks["0.weight"].clone()
+        train(model, opt, dst, 1)
+        new = dst.masks.masks["0.weight"]
+        hits += (new & ~old).float()
+        inactive_total += (~old).float()
+    rate = hits.sum() / inactive_total.sum()
+    # Grown counts per position are Binomial; a chi-square-like check on row totals.
+    rows_expected = inactive_total.sum(1) * rate
+    rows_observed = hits.sum(1)
+    chi2 = float(((rows_observed - rows_expected) ** 2 / rows_expected).sum())
+    assert chi2 < 70  # 31 dof: p ≈ 1e-4 bound; a magnitude-biased grow fails this by far
+
+
+def test_snfs_keeps_the_total_and_moves_weights_between_layers():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    dst = DynamicSparsity(model, opt, 0.8, method="snfs", update_every=10, end_step=200)
+    total = sum(counts(dst.masks).values())
+    train(model, opt, dst, 100)
+    assert sum(counts(dst.masks).values()) == total
+
+
+def test_dst_bad_arguments():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="accepted: set, rigl, snfs"):
+        DynamicSparsity(model, opt, 0.8, method="nope", end_step=10)
+    with pytest.raises(ValueError, match="drop_schedule"):
+        DynamicSparsity(model, opt, 0.8, drop_schedule="nope", end_step=10)
+    with pytest.raises(ValueError, match="sparsity"):
+        DynamicSparsity(model, opt, 1.2, end_step=10)
+
+
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
+def test_resume_reaches_the_same_masks_and_weights(tmp_path, method):
+    def run(stop_at: int | None):
+        model = mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        dst = DynamicSparsity(model, opt, 0.8, method=method, update_every=10, end_step=150,
+                              seed=3)
+        if stop_at is None:
+            train(model, opt, dst, 100)
+            return model, dst
+        train(model, opt, dst, stop_at)
+        sparsekit.save(model, tmp_path / "ckpt.safetensors", dst.masks)
+        torch.save({"opt": opt.state_dict(), "dst": dst.state_dict()}, tmp_path / "state.pt")
+        # a new process would rebuild everything from scratch:
+        model2 = mlp(seed=99)
+        opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+        dst2 = DynamicSparsity(model2, opt2, 0.8, method=method, update_every=10,
+                               end_step=150, seed=3)
+        sparsekit.load(model2, tmp_path / "ckpt.safetensors")
+        state = torch.load(tmp_path / "state.pt", weights_only=False)
+        opt2.load_state_dict(state["opt"])
+        dst2.load_state_dict(state["dst"])
+        train(model2, opt2, dst2, 100 - stop_at, start=stop_at)
+        return model2, dst2
+
+    a, dst_a = run(None)
+    b, dst_b = run(45)
+    for n in dst_a.masks.masks:
+        assert torch.equal(dst_a.masks.masks[n], dst_b.masks.masks[n])
+    for (na, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), na
+
+
+@pytest.mark.parametrize("method", ["set", "rigl", "snfs"])
+def test_ddp_masks_identical_on_two_ranks(tmp_path, method):
+    worker = Path(__file__).parent / "ddp" / "dst_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--standalone", str(worker), method, str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    r0 = torch.load(tmp_path / "out.rank0.pt")
+    r1 = torch.load(tmp_path / "out.rank1.pt")
+    assert len(r0["history"]) == 17  # updates at steps 10, 20, …, 170
+    for h0, h1 in zip(r0["history"], r1["history"]):
+        for n in h0:
+            assert torch.equal(h0[n], h1[n])
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k])
+
+
+# -- soup -----------------------------------------------------------------------------------
+
+def test_soup_averages_and_keeps_the_mask():
+    base = mlp()
+    masks = sparsekit.prune(base, 0.7)
+    models = []
+    for seed in range(3):
+        m = copy.deepcopy(base)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        sparsekit.MaskSet(m, masks.masks).attach(opt)
+        for t in range(5):
+            x, y = batch(seed * 100 + t)
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        models.append(m)
+    s = soup(models)
+    for n, mask in masks.masks.items():
+        w = dict(s.named_parameters())[n]
+        assert (w[~mask] == 0).all()
+        expected = torch.stack([dict(m.named_parameters())[n] for m in models]).mean(0)
+        assert torch.allclose(w, expected)
+    assert s is not models[0]
+
+
+def test_soup_rejects_mismatched_masks():
+    a, b = mlp(), mlp()
+    sparsekit.prune(a, 0.5)
+    sparsekit.prune(b, 0.5, criterion="random")
+    with pytest.raises(ValueError, match="different mask"):
+        soup([a, b])
+    with pytest.raises(ValueError, match="architecture"):
+        soup([a, nn.Sequential(nn.Linear(12, 8))])
