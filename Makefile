@@ -18,11 +18,11 @@ demo: $(STAMP)
 	$(VENV)/bin/sparsekit demo --out demo_out
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks experiments)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks experiments)
 
 clean:
 	rm -rf $(VENV) demo_out
