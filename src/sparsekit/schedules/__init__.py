@@ -1,8 +1,15 @@
 """When the pipeline runs again: gradual, iterative and dynamic sparsity schedules."""
 
-from sparsekit.schedules.dynamic import DynamicSparsity
+from sparsekit.schedules.dynamic import METHODS, DynamicSparsity
 from sparsekit.schedules.gradual import GradualPruner, cubic_sparsity
 from sparsekit.schedules.iterative import IterativePruning
 from sparsekit.schedules.soup import soup
 
-__all__ = ["DynamicSparsity", "GradualPruner", "IterativePruning", "cubic_sparsity", "soup"]
+__all__ = [
+    "METHODS",
+    "DynamicSparsity",
+    "GradualPruner",
+    "IterativePruning",
+    "cubic_sparsity",
+    "soup",
+]

@@ -1,21 +1,29 @@
-"""Dynamic sparse training: drop and regrow connections at a fixed sparsity.
+"""Dynamic sparse training: drop and regrow connections while training.
 
 Every method is the same loop — every ``update_every`` steps, drop the weakest active
-weights of each layer and grow as many inactive ones — with its own rules:
+weights of each layer and grow as many inactive ones — and differs only in its rules,
+so each is a small :class:`DropGrow` subclass (as in jaxpruner):
 
-=========  ======================================  =========================================
-method     drop                                    grow
-=========  ======================================  =========================================
-set        smallest |w| (Mocanu et al. 2018)       uniformly at random
-rigl       smallest |w| (Evci et al. 2020)         largest |dense gradient|
-snfs       smallest |w|; the total regrowth is     largest |momentum of dense gradients|
-           redistributed over layers by their      (Dettmers & Zettlemoyer 2019)
-           mean momentum magnitude
-=========  ======================================  =========================================
+=========  ==========================================  ==================================
+method     drop                                        grow
+=========  ==========================================  ==================================
+set        smallest |w| (Mocanu et al. 2018)           uniformly at random
+rigl       smallest |w| (Evci et al. 2020)             largest |dense gradient|
+snfs       smallest |w|; the regrowth is shared over   largest |momentum of the dense
+           layers by mean momentum (Dettmers &         gradient|
+           Zettlemoyer 2019)
+granet     global magnitude pruning on a cubic         largest |dense gradient|
+           schedule from ``initial_sparsity``, then
+           RigL's drop (Liu et al. 2021)
+srigl      smallest |w| per neuron: constant fan-in;   largest |dense gradient| per
+           neurons with too few salient weights are    neuron (Lasby et al. 2023)
+           ablated (Lasby et al. 2023)
+=========  ==========================================  ==================================
 
 Decisions depend only on weights, gradients and a seeded generator. Under
-``DistributedDataParallel`` gradients are all-reduced before the step, so every rank
-computes bitwise the same masks; the random stream is seeded identically on all ranks.
+``DistributedDataParallel`` gradients are all-reduced before the optimizer step, so every
+rank computes bitwise the same masks; the random stream is seeded identically on all
+ranks.
 """
 
 from __future__ import annotations
@@ -26,11 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit.allocation import ALLOCATIONS
 from sparsekit.masks import MaskSet
 from sparsekit.prune import check_sparsity, compute_masks
+from sparsekit.registry import Registry
+from sparsekit.schedules.gradual import cubic_sparsity
 
-METHODS = ("set", "rigl", "snfs")
+METHODS: Registry = Registry("method")
 DROP_SCHEDULES = ("cosine", "linear", "constant")
+Masks = dict[str, torch.Tensor]
 
 
 def drop_fraction_at(step: int, *, initial: float, end_step: int, schedule: str) -> float:
@@ -45,12 +57,14 @@ def drop_fraction_at(step: int, *, initial: float, end_step: int, schedule: str)
 
 
 class DynamicSparsity:
-    """Keep ``model`` at ``sparsity`` while moving its connections (SET, RigL, SNFS).
+    """Train ``model`` sparse while moving its connections (SET, RigL, SNFS, GraNet, SRigL).
 
-    Starts from a random mask with the given ``allocation`` (ERK by default). Call
-    :meth:`step` after every ``optimizer.step()``. Regrown weights start at zero and their
-    optimizer state is reset; each layer's number of active weights is preserved exactly
-    (for ``snfs`` the total is preserved and layers trade weights by momentum).
+    Starts from a random mask with the given ``allocation`` (ERK by default; GraNet starts
+    at ``initial_sparsity``). Call :meth:`step` after every ``optimizer.step()``. Regrown
+    weights start at zero and their optimizer state is reset. SET and RigL keep each
+    layer's number of active weights exactly; SNFS keeps the total while layers trade
+    weights; GraNet follows its pruning schedule; SRigL keeps a constant fan-in per
+    surviving neuron.
     """
 
     def __init__(
@@ -67,10 +81,12 @@ class DynamicSparsity:
         end_step: int,
         seed: int = 0,
         momentum: float = 0.9,
+        initial_sparsity: float = 0.5,
+        salient_fraction: float = 0.3,
     ) -> None:
         check_sparsity(sparsity)
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
+        rule = METHODS.get(method)
+        ALLOCATIONS.get(allocation)
         if drop_schedule not in DROP_SCHEDULES:
             raise ValueError(
                 f"unknown drop_schedule {drop_schedule!r}; accepted: {', '.join(DROP_SCHEDULES)}"
@@ -81,23 +97,24 @@ class DynamicSparsity:
             raise ValueError(
                 f"update_every and end_step must be ≥ 1, got {update_every}, {end_step}"
             )
-        masks, _ = compute_masks(model, sparsity, criterion="random", allocation=allocation,
-                                 seed=seed)
+        check_sparsity(initial_sparsity, "initial_sparsity")
         self.model, self.optimizer, self.method = model, optimizer, method
-        self.update_every, self.end_step = update_every, end_step
+        self.sparsity, self.initial_sparsity = sparsity, initial_sparsity
+        self.allocation, self.update_every, self.end_step = allocation, update_every, end_step
         self.drop_fraction, self.drop_schedule, self.beta = drop_fraction, drop_schedule, momentum
+        self.salient_fraction = salient_fraction
+        self.seed = seed
         # A stream of its own: reusing the initial mask's stream would regrow the very
         # positions that scored highest at initialisation.
         self.generator = torch.Generator().manual_seed(seed + 1_000_003)
+        self.rule: DropGrow = rule(self)
         self.step_count = 0
-        self.masks = MaskSet(model, masks)
-        self._grads: dict[str, torch.Tensor] = {}
+        self.masks = MaskSet(model, self.rule.initial_masks())
+        self._grads: Masks = {}
         self._momenta = {n: torch.zeros_like(p) for n, p in self.masks.params.items()}
         # Registered before the MaskSet's hooks, so it sees the dense gradients.
         self._hook = optimizer.register_step_pre_hook(lambda *_: self._capture())
         self.masks.attach(optimizer)
-
-    # -- the schedule -----------------------------------------------------------------
 
     def is_update_step(self, step: int) -> bool:
         return step % self.update_every == 0 and 0 < step < self.end_step
@@ -109,9 +126,18 @@ class DynamicSparsity:
             return False
         fraction = drop_fraction_at(self.step_count, initial=self.drop_fraction,
                                     end_step=self.end_step, schedule=self.drop_schedule)
-        self.masks.update(self._new_masks(fraction))
+        self.masks.update(self.rule.update(fraction))
         self._grads.clear()
         return True
+
+    def dense_grad(self, name: str) -> torch.Tensor:
+        """The dense (unmasked) gradient of ``name`` captured before this update's step."""
+        if name not in self._grads:
+            raise RuntimeError(
+                f"{self.method} needs the dense gradient at update steps: call step() after "
+                "every optimizer.step() of the optimizer given to DynamicSparsity"
+            )
+        return self._grads[name]
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -119,56 +145,10 @@ class DynamicSparsity:
         for n, p in self.masks.params.items():
             if p.grad is None:
                 continue
-            if self.method == "snfs":
+            if self.rule.needs_momenta:
                 self._momenta[n].mul_(self.beta).add_(p.grad, alpha=1 - self.beta)
-            elif self.method == "rigl" and self.is_update_step(upcoming):
+            if self.rule.needs_grads and self.is_update_step(upcoming):
                 self._grads[n] = p.grad.detach().clone()
-
-    @torch.no_grad()
-    def _new_masks(self, fraction: float) -> dict[str, torch.Tensor]:
-        masks = self.masks.masks
-        drops = {n: round(fraction * int(m.sum())) for n, m in masks.items()}
-        grows = self._redistribute(drops) if self.method == "snfs" else drops
-        new = {}
-        for n, mask in masks.items():
-            w = self.masks.params[n].detach()
-            kept = _keep_top(w.abs().float(), mask, int(mask.sum()) - drops[n])
-            score = self._grow_scores(n, w)
-            candidates = ~kept
-            grow = _keep_top(score, candidates, min(grows[n], int(candidates.sum())))
-            new[n] = kept | grow
-        return new
-
-    def _grow_scores(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        if self.method == "set":
-            return torch.rand(w.shape, generator=self.generator).to(w.device)
-        if self.method == "rigl":
-            if name not in self._grads:
-                raise RuntimeError(
-                    "rigl needs the dense gradient at update steps: call step() after every "
-                    "optimizer.step() of the optimizer given to DynamicSparsity"
-                )
-            return self._grads[name].abs().float()
-        return self._momenta[name].abs().float()
-
-    def _redistribute(self, drops: dict[str, int]) -> dict[str, int]:
-        """SNFS: share the total regrowth by each layer's mean momentum over active weights."""
-        masks = self.masks.masks
-        contrib = {n: float(self._momenta[n].abs()[m].mean()) if m.any() else 0.0
-                   for n, m in masks.items()}
-        total, norm = sum(drops.values()), sum(contrib.values())
-        if norm == 0:
-            return drops
-        room = {n: m.numel() - int(m.sum()) + drops[n] for n, m in masks.items()}
-        share = {n: min(room[n], math.floor(total * c / norm)) for n, c in contrib.items()}
-        left = total - sum(share.values())
-        for n in sorted(masks, key=lambda n: contrib[n], reverse=True):  # rounding remainder
-            extra = min(left, room[n] - share[n])
-            share[n] += extra
-            left -= extra
-        return share
-
-    # -- persistence ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count, "masks": self.masks.state_dict(),
@@ -187,10 +167,165 @@ class DynamicSparsity:
         self.masks.remove()
 
 
+class DropGrow:
+    """SET: drop the smallest |w| of each layer, grow as many uniformly at random."""
+
+    needs_grads = False
+    needs_momenta = False
+
+    def __init__(self, ds: DynamicSparsity) -> None:
+        self.ds = ds
+
+    def initial_masks(self) -> Masks:
+        masks, _ = compute_masks(self.ds.model, self.ds.sparsity, criterion="random",
+                                 allocation=self.ds.allocation, seed=self.ds.seed)
+        return masks
+
+    def grow_scores(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        return torch.rand(w.shape, generator=self.ds.generator).to(w.device)
+
+    def grow_counts(self, drops: dict[str, int]) -> dict[str, int]:
+        return drops
+
+    @torch.no_grad()
+    def update(self, fraction: float) -> Masks:
+        masks = self.ds.masks.masks
+        drops = {n: round(fraction * int(m.sum())) for n, m in masks.items()}
+        grows = self.grow_counts(drops)
+        new = {}
+        for n, mask in masks.items():
+            w = self.ds.masks.params[n].detach()
+            kept = _keep_top(w.abs().float(), mask, int(mask.sum()) - drops[n])
+            new[n] = kept | _keep_top(self.grow_scores(n, w), ~kept, grows[n])
+        return new
+
+
+@METHODS.register("set")
+class SET(DropGrow):
+    pass
+
+
+@METHODS.register("rigl")
+class RigL(DropGrow):
+    """Grow where the dense gradient is largest."""
+
+    needs_grads = True
+
+    def grow_scores(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        return self.ds.dense_grad(name).abs().float()
+
+
+@METHODS.register("snfs")
+class SNFS(DropGrow):
+    """Grow by momentum; share the regrowth over layers by their mean momentum."""
+
+    needs_momenta = True
+
+    def grow_scores(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        return self.ds._momenta[name].abs().float()
+
+    def grow_counts(self, drops: dict[str, int]) -> dict[str, int]:
+        masks = self.ds.masks.masks
+        contrib = {n: float(self.ds._momenta[n].abs()[m].mean()) if m.any() else 0.0
+                   for n, m in masks.items()}
+        total, norm = sum(drops.values()), sum(contrib.values())
+        if norm == 0:
+            return drops
+        room = {n: m.numel() - int(m.sum()) + drops[n] for n, m in masks.items()}
+        share = {n: min(room[n], math.floor(total * c / norm)) for n, c in contrib.items()}
+        left = total - sum(share.values())
+        for n in sorted(masks, key=lambda n: contrib[n], reverse=True):  # rounding remainder
+            extra = min(left, room[n] - share[n])
+            share[n] += extra
+            left -= extra
+        return share
+
+
+@METHODS.register("granet")
+class GraNet(RigL):
+    """Prune gradually (global magnitude, cubic schedule), then RigL's drop and grow."""
+
+    def initial_masks(self) -> Masks:
+        masks, _ = compute_masks(self.ds.model, self.ds.initial_sparsity, criterion="random",
+                                 allocation=self.ds.allocation, seed=self.ds.seed)
+        return masks
+
+    @torch.no_grad()
+    def update(self, fraction: float) -> Masks:
+        ds = self.ds
+        target = cubic_sparsity(ds.step_count, initial=ds.initial_sparsity, final=ds.sparsity,
+                                start=0, end=ds.end_step)
+        pruned, _ = compute_masks(ds.model, target, criterion="magnitude", allocation="global",
+                                  targets=list(ds.masks.masks))
+        ds.masks.update({n: m & ds.masks.masks[n] for n, m in pruned.items()})
+        return super().update(fraction)
+
+
+@METHODS.register("srigl")
+class SRigL(RigL):
+    """Constant fan-in RigL: every surviving neuron keeps the same number of inputs.
+
+    A neuron whose salient weights (kept after the drop, or among the layer's top
+    gradients) number fewer than ``salient_fraction`` of its fan-in is ablated, and its
+    budget shared by the remaining neurons (fan-in = budget // neurons); the most salient
+    neurons always survive in the number the budget needs.
+    """
+
+    def initial_masks(self) -> Masks:
+        base = super().initial_masks()
+        return {n: self._constant_fan_in(torch.rand(m.shape, generator=self.ds.generator),
+                                         torch.ones(m.shape[0], dtype=torch.bool),
+                                         int(m.sum()))
+                for n, m in base.items()}
+
+    @torch.no_grad()
+    def update(self, fraction: float) -> Masks:
+        new = {}
+        for n, mask in self.ds.masks.masks.items():
+            w = self.ds.masks.params[n].detach().abs().float().flatten(1)
+            m2 = mask.flatten(1)
+            alive = m2.any(1)
+            budget = int(mask.sum())
+            fan_in = budget // max(int(alive.sum()), 1)
+            drop = round(fraction * fan_in)
+            kept = _keep_top_rows(w, m2, fan_in - drop)
+            grad = self.ds.dense_grad(n).abs().float().flatten(1)
+            top_grad = _keep_top(grad, ~kept, drop * int(alive.sum()))
+            salient = (kept | top_grad).sum(1).masked_fill(~alive, -1)
+            passing = alive & (salient >= self.ds.salient_fraction * fan_in)
+            # Never ablate so many neurons that the budget no longer fits in the rest.
+            needed = min(-(-budget // m2.shape[1]), int(alive.sum()))
+            if int(passing.sum()) < needed:
+                passing = _keep_top(salient.float(), alive, needed)
+            alive = passing
+            score = torch.where(kept, torch.inf, grad)  # keep survivors, then best gradients
+            new[n] = self._constant_fan_in(score, alive, budget).reshape(mask.shape)
+        return new
+
+    @staticmethod
+    def _constant_fan_in(score: torch.Tensor, alive: torch.Tensor, budget: int) -> torch.Tensor:
+        rows = score.flatten(1)
+        fan_in = min(budget // max(int(alive.sum()), 1), rows.shape[1])
+        mask = _keep_top_rows(rows, torch.ones_like(rows, dtype=torch.bool), fan_in)
+        return (mask & alive[:, None]).reshape(score.shape)
+
+
 def _keep_top(score: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` highest-scoring entries among ``allowed`` (ties broken by position)."""
     flat = score.flatten().masked_fill(~allowed.flatten(), float("-inf"))
     out = torch.zeros_like(allowed.flatten())
+    k = min(k, int(allowed.sum()))
     if k > 0:
         out[torch.argsort(flat, descending=True, stable=True)[:k]] = True
     return out.reshape(allowed.shape)
+
+
+def _keep_top_rows(score: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the ``k`` highest-scoring allowed entries of a 2-D score."""
+    out = torch.zeros_like(allowed)
+    if k > 0:
+        ranked = torch.argsort(score.masked_fill(~allowed, float("-inf")), dim=1,
+                               descending=True, stable=True)[:, :k]
+        out.scatter_(1, ranked, True)
+        out &= allowed
+    return out
