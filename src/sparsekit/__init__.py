@@ -2,6 +2,7 @@
 
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.checkpoint import load, save
+from sparsekit.engine import compile
 from sparsekit.masks import MaskSet
 from sparsekit.patterns import PATTERNS, parse_pattern
 from sparsekit.prune import prune
@@ -21,6 +22,7 @@ __all__ = [
     "IterativePruning",
     "MaskSet",
     "Report",
+    "compile",
     "load",
     "parse_pattern",
     "prune",

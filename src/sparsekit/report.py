@@ -28,9 +28,11 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
+from sparsekit.targets import DEFAULT_TYPES
+
 __all__ = ["HasMasks", "LayerRow", "Report", "Totals", "report"]
 
-_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYER_TYPES = DEFAULT_TYPES
 _FIELDS = ("name", "kind", "shape", "params", "nonzeros", "sparsity", "dense_flops", "sparse_flops")
 _HEADERS = ("layer", *_FIELDS[1:6], "dense FLOPs", "sparse FLOPs")
 _RIGHT_ALIGNED = (False, False, False, True, True, True, True, True)
