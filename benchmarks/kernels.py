@@ -1,0 +1,331 @@
+"""Sparse linear kernels vs dense, side by side in one run.
+
+For each weight shape, batch size and unstructured sparsity this times dense ``F.linear``
+(the baseline), the best dense call (``torch.mv`` too at batch 1), a masked dense weight,
+torch CSR with int32 indices in its fastest call form, sparsekit's CSR16 kernel and the
+format sparsekit's autotuner picks, next to the bandwidth floor of CSR16 (its bytes over
+the stream bandwidth measured in the same run). Writes ``results/kernels.json`` and
+``results/kernels.md`` and exits non-zero when a target is missed.
+
+    python benchmarks/kernels.py            # 4096x4096 and 11008x4096
+    python benchmarks/kernels.py --quick    # 1024x1024 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsekit.engine import kernels
+from sparsekit.engine.compile import _autotune
+from sparsekit.engine.formats import CSR16, DenseFormat, Format, TorchCSR
+
+RESULTS = Path(__file__).parent / "results"
+BATCHES = (1, 8, 64)
+SPARSITIES = (0.5, 0.9, 0.95, 0.99)
+NOISE = 0.95  # "never slower than dense" allows 5% timing noise
+# The issue's goals (speedup of CSR16 over dense F.linear); reported, asserted with --strict.
+GOALS = {(1, 0.9): 8.0, (1, 0.95): 14.0, (64, 0.9): 3.0}
+
+
+def time_ms(fns: dict[str, Callable[[], object]], budget_s: float) -> dict[str, float]:
+    """Best milliseconds per call of each function, timed round-robin in ~20 ms blocks."""
+    reps = {}
+    for name, fn in fns.items():
+        fn()
+        start = time.perf_counter()
+        fn()
+        reps[name] = max(1, min(2000, int(0.02 / max(time.perf_counter() - start, 1e-7))))
+    best = dict.fromkeys(fns, float("inf"))
+    start = time.perf_counter()
+    for rnd in range(20):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / reps[name])
+        if rnd >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {k: v * 1e3 for k, v in best.items()}
+
+
+def time_cold_ms(
+    fns: dict[str, Callable[[], object]], flush: Callable[[], object], calls: int = 7
+) -> dict[str, float]:
+    """Best milliseconds of single calls, each after ``flush`` evicted the caches."""
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns.values():
+        fn()
+    for _ in range(calls):
+        for name, fn in fns.items():
+            flush()
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {k: v * 1e3 for k, v in best.items()}
+
+
+class QuietGuard:
+    """Detects other processes competing for the cores (this machine may be shared).
+
+    The probe is a small ``F.linear`` timed with one thread and with all threads: on an
+    otherwise idle machine all threads are clearly faster; when another process holds a
+    core, OpenMP barriers wait for descheduled threads, every multi-threaded measurement
+    is inflated and the all-thread probe is no faster than the one-thread probe.
+    """
+
+    def __init__(self, ratio: float = 0.8, slack: float = 1.3) -> None:
+        self.w, self.x = torch.randn(1024, 1024), torch.randn(64, 1024)
+        self.ratio, self.slack = ratio, slack
+        self.threads = torch.get_num_threads()
+        self.best = float("inf")
+        self.waited_s = 0.0
+
+    def _probe(self, threads: int) -> float:
+        torch.set_num_threads(threads)
+        try:
+            return min(time_one(partial(F.linear, self.x, self.w)) for _ in range(10))
+        finally:
+            torch.set_num_threads(self.threads)
+
+    def quiet(self) -> bool:
+        many = self._probe(self.threads)
+        self.best = min(self.best, many)
+        if self.threads > 1 and many > self.ratio * self._probe(1):
+            return False
+        return many <= self.slack * self.best
+
+    def wait(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the machine is quiet; ``False`` if it never was within the timeout."""
+        start = time.perf_counter()
+        while not self.quiet():
+            if time.perf_counter() - start > timeout_s:
+                self.waited_s += time.perf_counter() - start
+                return False
+            time.sleep(0.5)
+        self.waited_s += time.perf_counter() - start
+        return True
+
+
+def time_one(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def stream_bandwidth(mib: int = 1024) -> float:
+    """Bytes per second: the better of a read-only ``sum`` and a ``copy_`` over ``mib`` MiB."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    t = time_ms({"sum": lambda: src.sum(), "copy": lambda: dst.copy_(src)}, 1.0)
+    nbytes = src.numel() * 4
+    return max(nbytes / (t["sum"] * 1e-3), 2 * nbytes / (t["copy"] * 1e-3))
+
+
+def csr16_bytes(fmt: CSR16, batch: int) -> int:
+    """Bytes CSR16 must move: values, indices, row pointers, input and output."""
+    tensors = (fmt.values, fmt.col_indices, fmt.rowptr)
+    return sum(t.numel() * t.element_size() for t in tensors) + 4 * batch * (
+        fmt.in_features + fmt.out_features
+    )
+
+
+def run_shape(
+    out_f: int,
+    in_f: int,
+    bandwidth: float,
+    budget_s: float,
+    flush: Callable[[], object] | None,
+    guard: QuietGuard,
+) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_f, in_f, generator=g)
+    rows = []
+    for sparsity in SPARSITIES:
+        mask = torch.rand(out_f, in_f, generator=g) >= sparsity
+        formats: dict[str, Format] = {
+            "dense": DenseFormat.from_dense(weight, mask),
+            "torch_csr": TorchCSR.from_dense(weight, mask),
+        }
+        if CSR16.supports(weight):
+            formats["csr16"] = CSR16.from_dense(weight, mask)
+        for batch in BATCHES:
+            x = torch.randn(batch, in_f, generator=g)
+            fns: dict[str, Callable[[], object]] = {
+                "dense": partial(F.linear, x, weight),
+                "masked": partial(F.linear, x, formats["dense"].weight),
+                "torch_csr": partial(formats["torch_csr"].matmul, x),
+            }
+            if batch == 1:
+                fns["mv"] = partial(torch.mv, weight, x[0])
+            if "csr16" in formats:
+                fns["csr16"] = partial(formats["csr16"].matmul, x)
+            for _ in range(4):  # measure again when another process disturbed the case
+                waited = guard.wait()
+                tuned = _autotune(formats, None, [batch], torch.float32, torch.device("cpu"))
+                chosen = min(tuned, key=lambda n, tuned=tuned: tuned[n][batch])
+                ms = time_ms(fns, budget_s) if flush is None else time_cold_ms(fns, flush)
+                quiet = guard.quiet()
+                if quiet or not waited:  # quiet, or the machine stays busy: keep this one
+                    break
+            ms["best_dense"] = min(ms["dense"], ms.get("mv", float("inf")))
+            # a layer compiled to "dense" runs F.linear on the masked weight
+            ms["chosen"] = ms["masked" if chosen == "dense" else chosen]
+            floor = csr16_bytes(CSR16.from_dense(weight, mask), batch) / bandwidth * 1e3
+            row = {
+                "shape": f"{out_f}x{in_f}",
+                "batch": batch,
+                "sparsity": sparsity,
+                "quiet": quiet,
+                "chosen_format": chosen,
+                "autotune_ms": {k: round(v[batch], 4) for k, v in tuned.items()},
+                "ms": {k: round(v, 4) for k, v in ms.items()},
+                "csr16_floor_ms": round(floor, 4),
+                "speedup_vs_dense": {k: round(ms["dense"] / v, 3) for k, v in ms.items()},
+            }
+            if "csr16" in ms:
+                row["csr16_pct_of_floor"] = round(100 * floor / ms["csr16"], 1)
+            rows.append(row)
+            print(table_line(row), flush=True)
+        del formats
+    return rows
+
+
+HEADER = (
+    "| shape | batch | sparsity | dense ms | best dense ms | masked ms | torch CSR ms | CSR16 ms "
+    "| floor ms | CSR16 % floor | torch CSR × | CSR16 × | chosen | chosen × | chosen × masked |"
+)
+
+
+def table_line(r: dict) -> str:
+    ms, sp = r["ms"], r["speedup_vs_dense"]
+    csr16 = ms.get("csr16")
+    cells = [
+        r["shape"] + ("" if r.get("quiet", True) else " (noisy)"),
+        r["batch"], f"{r['sparsity']:.0%}", f"{ms['dense']:.3f}",
+        f"{ms['best_dense']:.3f}", f"{ms['masked']:.3f}", f"{ms['torch_csr']:.3f}",
+        "-" if csr16 is None else f"{csr16:.3f}", f"{r['csr16_floor_ms']:.3f}",
+        f"{r.get('csr16_pct_of_floor', '-')}", f"{sp['torch_csr']:.2f}",
+        "-" if csr16 is None else f"{sp['csr16']:.2f}", r["chosen_format"], f"{sp['chosen']:.2f}",
+        f"{ms['masked'] / ms['chosen']:.2f}",
+    ]
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def check(rows: list[dict], strict: bool) -> tuple[list[str], list[str]]:
+    """Misses of the asserted targets, and a status line per issue goal."""
+    misses, goals = [], []
+    for r in rows:
+        where = f"{r['shape']} batch {r['batch']} sparsity {r['sparsity']:.0%}"
+        if not r["quiet"]:
+            where += " (measured while other processes competed for the cores)"
+        # the pruned model runs F.linear on its masked weight: that is what compile replaces
+        vs_masked = r["ms"]["masked"] / r["ms"]["chosen"]
+        if vs_masked < NOISE:
+            misses.append(
+                f"{where}: chosen {r['chosen_format']} is {vs_masked:.2f}x masked dense (< {NOISE})"
+            )
+        faster = r["ms"].get("csr16", 0.0) < r["ms"]["torch_csr"]
+        if r["batch"] == 1 and r["sparsity"] == 0.9 and "csr16" in r["ms"] and not faster:
+            misses.append(
+                f"{where}: CSR16 {r['ms']['csr16']:.3f} ms not faster than "
+                f"torch CSR {r['ms']['torch_csr']:.3f} ms"
+            )
+        goal = GOALS.get((r["batch"], r["sparsity"]))
+        if goal is not None and "csr16" in r["ms"]:
+            got = r["speedup_vs_dense"]["csr16"]
+            status = "met" if got >= goal else "MISSED"
+            line = f"{where}: CSR16 {got:.2f}x dense (goal ≥ {goal}x) {status}"
+            goals.append(line)
+            if strict and got < goal:
+                misses.append(line)
+    return misses, goals
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1024x1024 only")
+    parser.add_argument("--strict", action="store_true", help="also assert the issue's goals")
+    parser.add_argument("--budget", type=float, default=0.4, help="seconds of timing per case")
+    parser.add_argument(
+        "--cold", action="store_true", help="evict caches (read 1 GiB) before every timed call"
+    )
+    args = parser.parse_args()
+
+    shapes = [(1024, 1024)] if args.quick else [(4096, 4096), (11008, 4096)]
+    if not kernels.available():
+        print(f"compiled kernels unavailable: {kernels.unavailable_reason()}", file=sys.stderr)
+    bandwidth = stream_bandwidth()
+    print(f"stream bandwidth {bandwidth / 1e9:.1f} GB/s, torch threads {torch.get_num_threads()}")
+    print(HEADER)
+    print("|" + "---|" * HEADER.count(" | ") + "---|")
+    flush = None
+    if args.cold:
+        junk = torch.ones(2**28)  # 1 GiB, twice the L3 of the largest current CPUs
+        flush = junk.sum
+    guard = QuietGuard()
+    rows = [
+        r for shape in shapes for r in run_shape(*shape, bandwidth, args.budget, flush, guard)
+    ]
+    misses, goals = check(rows, args.strict)
+
+    env = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "bandwidth_gbs": round(bandwidth / 1e9, 2),
+        "kernels": kernels.available(),
+        "cold": args.cold,
+        "waited_for_quiet_s": round(guard.waited_s, 1),
+        "noisy_cases": sum(not r["quiet"] for r in rows),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    name = "kernels" + ("_quick" if args.quick else "") + ("_cold" if args.cold else "")
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps({"env": env, "rows": rows, "goals": goals, "misses": misses}, indent=2) + "\n"
+    )
+    timing = (
+        "Times are the best single call after evicting the caches."
+        if args.cold
+        else "Times are the best ~20 ms block (warm caches), formats interleaved."
+    )
+    md = [
+        f"# Sparse linear kernels ({name})",
+        "",
+        f"torch {env['torch']}, {env['threads']} threads, stream bandwidth "
+        f"{env['bandwidth_gbs']} GB/s. {timing} × is speedup over dense `F.linear`; "
+        "floor is CSR16's bytes over the bandwidth; chosen is the format sparsekit's "
+        "autotuner picks (timed warm, as `compile` does); 'chosen × masked' compares it with "
+        "`F.linear` on the masked weight, which is what the pruned model runs before `compile` "
+        "(on this CPU MKL is up to ~20% slower on a weight full of zeros than on a random one).",
+        "",
+        HEADER,
+        "|" + "---|" * (HEADER.count(" | ") + 1),
+        *map(table_line, rows),
+        "",
+        "Goals: " if goals else "",
+        *[f"- {g}" for g in goals],
+        "",
+        "Misses: " + ("none" if not misses else ""),
+        *[f"- {m}" for m in misses],
+    ]
+    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(f"goal: {g}" for g in goals))
+    if misses:
+        print("MISSED TARGETS:\n" + "\n".join(f"  {m}" for m in misses), file=sys.stderr)
+        return 1
+    print("all asserted targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""compile(): replace every ``nn.Linear`` by the fastest measured format for its shape.
+
+Each layer's candidate formats are timed side by side at the layer's real shape for every
+batch size the model will serve, and the one with the lowest summed time wins. The dense
+format (``F.linear``) is always a candidate, so a compiled layer is never slower than the
+dense one as measured. The input model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from sparsekit.engine.formats import FORMATS, Format, available_formats
+from sparsekit.engine.sparse_linear import CompiledLinear
+from sparsekit.report import LayerRow, Report
+from sparsekit.report import report as _base_report
+
+__all__ = ["compile", "report"]
+
+_BLOCK_S = 2e-3  # one timed block: enough calls to make timer resolution negligible
+_ROUND_BUDGET_S = 0.04  # per format and batch size; big layers still get _MIN_ROUNDS
+_MIN_ROUNDS, _MAX_ROUNDS = 5, 15
+_CHECK_RTOL = 1e-4
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple[object, ...] | None = None,
+    *,
+    formats: str | Iterable[str] = "auto",
+    batch_sizes: Sequence[int] = (1,),
+    threads: int | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with each ``nn.Linear`` replaced by a :class:`CompiledLinear`.
+
+    Zero weights are the pruned ones (apply the masks first, e.g. with
+    :func:`sparsekit.prune`). ``batch_sizes`` are the numbers of input rows a layer is
+    timed with; ``formats`` ("auto" or names from :data:`~sparsekit.engine.formats.FORMATS`)
+    restricts the sparse candidates (``"dense"`` is always one). ``threads`` fixes the
+    thread count of the compiled kernels (default: ``torch.get_num_threads()``). With
+    ``example_inputs`` (a tensor or a tuple for ``model(*example_inputs)``) the compiled
+    model's output is checked against the original's. The choices, with measured times,
+    are stored in ``compiled.sparsekit_choices``; :func:`report` shows them per layer.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    names = _check_formats(formats)
+    sizes = _check_batch_sizes(batch_sizes)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    inputs = _as_tuple(example_inputs)
+
+    compiled = copy.deepcopy(model)
+    first_name = {id(m): n for n, m in compiled.named_modules()}
+    choices: dict[str, dict[str, object]] = {}
+    done: dict[int, CompiledLinear] = {}  # a shared Linear is compiled once
+    with torch.no_grad():
+        for parent in list(compiled.modules()):
+            for child_name, child in list(parent._modules.items()):
+                if type(child) is not nn.Linear:  # subclasses (e.g. in attention) are left
+                    continue
+                if id(child) not in done:
+                    name = first_name[id(child)]
+                    done[id(child)], choices[name] = _compile_linear(child, names, sizes, threads)
+                setattr(parent, child_name, done[id(child)])
+    compiled.sparsekit_choices = choices
+    if inputs is not None:
+        _check_outputs(model, compiled, inputs)
+    return compiled
+
+
+def report(
+    model: nn.Module, example_inputs: torch.Tensor | tuple[object, ...] | None = None
+) -> Report:
+    """:func:`sparsekit.report` that also lists :class:`CompiledLinear` layers.
+
+    Compiled layers appear as ``Linear`` rows with the extra columns ``format``,
+    ``ms dense``, ``ms sparse`` and ``speedup`` from ``model.sparsekit_choices``.
+    """
+    inputs = _as_tuple(example_inputs)
+    compiled = {n: m for n, m in model.named_modules() if isinstance(m, CompiledLinear)}
+    macs: dict[str, int] = {}
+    handles = [
+        m.register_forward_hook(_mac_counter(macs, n, m.in_features)) for n, m in compiled.items()
+    ]
+    try:
+        base = {r.name: r for r in _base_report(model, inputs).rows}
+    finally:
+        for h in handles:
+            h.remove()
+    choices = getattr(model, "sparsekit_choices", {})
+    rows = []
+    for name, module in model.named_modules():
+        if name in base:
+            rows.append(base[name])
+        elif name in compiled:
+            rows.append(_compiled_row(name, module, macs, inputs is None, choices.get(name)))
+    return Report(rows)
+
+
+# -- per layer -------------------------------------------------------------------------
+
+
+def _compile_linear(
+    linear: nn.Linear, names: list[str] | None, sizes: list[int], threads: int | None
+) -> tuple[CompiledLinear, dict[str, object]]:
+    weight, bias = linear.weight.detach(), linear.bias
+    candidates = [n for n in available_formats(weight) if names is None or n in names]
+    built: dict[str, Format] = {}
+    for n in ["dense", *candidates]:
+        kwargs = {"threads": threads} if n == "csr16" else {}
+        built[n] = FORMATS[n].from_dense(weight, None, **kwargs)
+    times = _autotune(built, bias, sizes, weight.dtype, weight.device)
+    total = {n: sum(t.values()) for n, t in times.items()}
+    best = min(total, key=total.__getitem__)
+    choice = {
+        "format": best,
+        "ms_dense": total["dense"],
+        "ms_chosen": total[best],
+        "speedup": total["dense"] / total[best] if total[best] > 0 else 1.0,
+        "times_ms": times,
+    }
+    return CompiledLinear(built[best], bias), choice
+
+
+def _autotune(
+    built: dict[str, Format],
+    bias: torch.Tensor | None,
+    sizes: list[int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, dict[int, float]]:
+    """Milliseconds per call of every format and batch size.
+
+    Formats take turns (so a change in machine load hits all of them alike), and each
+    block of calls starts warm, as in steady-state serving of a layer.
+    """
+    in_features = next(iter(built.values())).in_features
+    times: dict[str, dict[int, float]] = {n: {} for n in built}
+    for b in sizes:
+        x = torch.randn(b, in_features, dtype=dtype, device=device)
+        calls = {n: (lambda f=f, x=x: f.matmul(x, bias)) for n, f in built.items()}
+        reps = {n: _calls_per_block(fn) for n, fn in calls.items()}
+        best = {n: float("inf") for n in built}
+        start = time.perf_counter()
+        for r in range(_MAX_ROUNDS):  # round-robin, so load changes hit all formats alike
+            for n, fn in calls.items():
+                fn()  # bring this format's weight back into cache: the others evicted it
+                best[n] = min(best[n], _time_block(fn, reps[n]))
+            if r + 1 >= _MIN_ROUNDS and time.perf_counter() - start > _ROUND_BUDGET_S * len(built):
+                break
+        for n in built:
+            times[n][b] = best[n] * 1e3
+    return times
+
+
+def _calls_per_block(fn: Callable[[], object]) -> int:
+    fn()  # warm-up: first-call allocations, lazy CSR construction, kernel workspace
+    once = _time_block(fn, 1)
+    return max(1, min(1000, int(_BLOCK_S / max(once, 1e-7))))
+
+
+def _time_block(fn: Callable[[], object], reps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
+
+
+# -- reporting ---------------------------------------------------------------------------
+
+
+def _mac_counter(macs: dict[str, int], name: str, in_features: int) -> Callable[..., None]:
+    def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+        macs[name] = macs.get(name, 0) + output.numel() * in_features
+
+    return hook
+
+
+def _compiled_row(
+    name: str,
+    module: CompiledLinear,
+    macs: dict[str, int],
+    one_row: bool,
+    choice: dict[str, object] | None,
+) -> LayerRow:
+    params = module.in_features * module.out_features
+    nonzeros = module.format.nnz
+    layer_macs = params if one_row else macs.get(name)
+    dense = None if layer_macs is None else 2 * layer_macs
+    extra: dict[str, object] = {"format": module.format.name}
+    if choice is not None:
+        extra.update(
+            {"ms dense": choice["ms_dense"], "ms sparse": choice["ms_chosen"],
+             "speedup": choice["speedup"]}
+        )
+    return LayerRow(
+        name=name,
+        kind="Linear",
+        shape=(module.out_features, module.in_features),
+        params=params,
+        nonzeros=nonzeros,
+        dense_flops=dense,
+        sparse_flops=None if dense is None else dense * nonzeros // max(params, 1),
+        extra=extra,
+    )
+
+
+# -- validation --------------------------------------------------------------------------
+
+
+def _check_formats(formats: str | Iterable[str]) -> list[str] | None:
+    """``None`` for "auto", else the validated list of names."""
+    if isinstance(formats, str):
+        if formats == "auto":
+            return None
+        formats = [formats]
+    names = list(formats)
+    bad = [n for n in names if n not in FORMATS]
+    if bad or not names:
+        raise ValueError(
+            f"formats must be 'auto' or names from {sorted(FORMATS)}, got {bad or names!r}"
+        )
+    return names
+
+
+def _check_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
+    sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
+    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+        raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+    return sizes
+
+
+def _as_tuple(example_inputs: object) -> tuple[object, ...] | None:
+    if example_inputs is None or isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    raise TypeError(
+        "example_inputs must be a tensor, a tuple of model inputs or None, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def _check_outputs(model: nn.Module, compiled: nn.Module, inputs: tuple[object, ...]) -> None:
+    """Raise if the compiled model's output differs from the original's (eval mode)."""
+    modes = {m: m.training for m in [*model.modules(), *compiled.modules()]}
+    try:
+        model.eval()
+        compiled.eval()
+        with torch.no_grad():
+            ref, out = model(*inputs), compiled(*inputs)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor):
+        scale = ref.abs().max().clamp_min(1e-12)
+        err = float((out - ref).abs().max() / scale) if ref.numel() else 0.0
+        if err > _CHECK_RTOL:
+            raise RuntimeError(f"compiled model output differs from the original by {err:.2e}")

@@ -1,0 +1,249 @@
+"""Compressed weight formats: how a sparse ``nn.Linear`` weight is stored and multiplied.
+
+Each format is built from a dense 2-D weight and a boolean mask (``True`` = kept), keeps
+only its compressed tensors as buffers (no dense copy), and computes ``x @ W.T`` for ``x``
+of shape ``(..., in_features)`` with :meth:`Format.matmul`. :data:`FORMATS` maps the names
+accepted by :func:`sparsekit.engine.compile` to the classes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit.engine import kernels
+
+__all__ = ["FORMATS", "CSR16", "DenseFormat", "Format", "TorchCSR", "available_formats"]
+
+
+class Format(nn.Module):
+    """Base class: a compressed ``(out_features, in_features)`` weight."""
+
+    name: str = ""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.in_features = in_features
+
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> bool:
+        """Whether this format can hold ``weight`` on this machine."""
+        return True
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> Format:
+        """Compress ``weight * mask`` (``mask=None``: keep the nonzeros of ``weight``)."""
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``."""
+        lead = x.shape[:-1]
+        y = self._mm(x.reshape(-1, self.in_features), bias)
+        return y.reshape(*lead, self.out_features)
+
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight, zeros where pruned."""
+        raise NotImplementedError
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored weights."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}x{self.in_features}, nnz={self.nnz}"
+
+
+class DenseFormat(Format):
+    """The dense baseline (``F.linear``); always a candidate."""
+
+    name = "dense"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(*weight.shape)
+        self.register_buffer("weight", weight.detach().clone().contiguous())
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> DenseFormat:
+        return cls(_masked(weight, mask))
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.weight.clone()
+
+    @property
+    def nnz(self) -> int:
+        return int(torch.count_nonzero(self.weight))
+
+
+class TorchCSR(Format):
+    """``torch.sparse_csr_tensor`` with int32 indices, called in its fastest form.
+
+    Batch 1 runs ``W_csr @ x`` on a 1-D vector and larger batches ``(W_csr @ x.T).T``
+    (sparse operand on the left); int64 indices would be converted on every call.
+    """
+
+    name = "torch_csr"
+
+    def __init__(
+        self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+    ) -> None:
+        super().__init__(*shape)
+        self.register_buffer("crow_indices", crow)
+        self.register_buffer("col_indices", col)
+        self.register_buffer("values", values)
+        self._csr: torch.Tensor | None = None
+        self._key: tuple[int, ...] = ()
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> TorchCSR:
+        crow, col, values = _csr_parts(_masked(weight, mask))
+        return cls(crow, col, values, tuple(weight.shape))
+
+    def csr(self) -> torch.Tensor:
+        """The sparse CSR tensor, rebuilt only when the buffers moved (``.to()``, load)."""
+        key = tuple(t.data_ptr() for t in (self.crow_indices, self.col_indices, self.values))
+        if self._csr is None or key != self._key:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                self._csr = torch.sparse_csr_tensor(
+                    self.crow_indices, self.col_indices, self.values,
+                    (self.out_features, self.in_features), check_invariants=False,
+                )
+            self._key = key
+        return self._csr
+
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        w = self.csr()
+        y = (w @ x[0]).unsqueeze(0) if x.shape[0] == 1 else (w @ x.T).T  # fastest call forms
+        return y if bias is None else y + bias
+
+    def to_dense(self) -> torch.Tensor:
+        return self.csr().to_dense()
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()  # a sparse tensor cannot be deep-copied or pickled
+        state["_csr"], state["_key"] = None, ()
+        return state
+
+
+class CSR16(Format):
+    """CSR with 16-bit column indices run by the compiled OpenMP kernels.
+
+    fp32 values + uint16 column indices move 6 bytes per nonzero instead of torch CSR's 8;
+    layers wider than 65535 inputs fall back to int32 indices. Needs float32 weights and the
+    compiled kernels (see :mod:`sparsekit.engine.kernels`). ``threads=None`` follows
+    ``torch.get_num_threads()`` (one thread for layers too small to split).
+    """
+
+    name = "csr16"
+
+    def __init__(
+        self,
+        rowptr: torch.Tensor,
+        col: torch.Tensor,
+        values: torch.Tensor,
+        shape: tuple[int, int],
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(*shape)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.register_buffer("rowptr", rowptr)
+        self.register_buffer("col_indices", col)
+        self.register_buffer("values", values)
+        self.threads = threads
+
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> bool:
+        return weight.dtype == torch.float32 and weight.device.type == "cpu" and kernels.available()
+
+    @classmethod
+    def from_dense(
+        cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
+    ) -> CSR16:
+        if weight.dtype != torch.float32:
+            raise TypeError(f"CSR16 needs a float32 weight, got {weight.dtype}")
+        crow, col, values = _csr_parts(_masked(weight, mask))
+        if weight.shape[1] <= 65536:  # stored as int16, read back as uint16
+            col = torch.where(col >= 32768, col - 65536, col).to(torch.int16)
+        return cls(crow, col, values, tuple(weight.shape), threads)
+
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ops = kernels.load()
+        if ops is None:
+            raise RuntimeError(f"CSR16 needs the compiled kernels: {kernels.unavailable_reason()}")
+        x = x.to(torch.float32).contiguous()
+        if bias is not None:
+            bias = bias.to(torch.float32).contiguous()
+        return ops.csr_linear(
+            self.values, self.col_indices, self.rowptr, x, bias, self._threads(x.shape[0])
+        )
+
+    def _threads(self, batch: int) -> int:
+        if self.threads is not None:
+            return self.threads
+        work = (self.nnz + self.out_features) * batch
+        return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
+
+    def to_dense(self) -> torch.Tensor:
+        col = self.col_indices.to(torch.int64)
+        if self.col_indices.dtype == torch.int16:
+            col = col & 0xFFFF
+        rows = torch.repeat_interleave(
+            torch.arange(self.out_features), torch.diff(self.rowptr.to(torch.int64))
+        )
+        dense = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype)
+        dense[rows, col] = self.values
+        return dense
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def extra_repr(self) -> str:
+        bits = 16 if self.col_indices.dtype == torch.int16 else 32
+        return f"{super().extra_repr()}, index_bits={bits}, threads={self.threads}"
+
+
+FORMATS: dict[str, type[Format]] = {f.name: f for f in (DenseFormat, TorchCSR, CSR16)}
+
+
+def available_formats(weight: torch.Tensor) -> list[str]:
+    """Names of the formats that can hold ``weight`` here (``"dense"`` always first)."""
+    return [name for name, fmt in FORMATS.items() if fmt.supports(weight)]
+
+
+def _masked(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    weight = weight.detach()
+    if mask is None:
+        return weight
+    if mask.shape != weight.shape:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected the weight's {tuple(weight.shape)}"
+        )
+    return weight.masked_fill(~mask.to(device=weight.device, dtype=torch.bool), 0)  # +0, not -0
+
+
+def _csr_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int32 row pointers, int32 column indices and values of the nonzeros of ``weight``."""
+    keep = weight != 0
+    rowptr = torch.zeros(weight.shape[0] + 1, dtype=torch.int64, device=weight.device)
+    rowptr[1:] = keep.sum(dim=1).cumsum(0)
+    col = keep.nonzero()[:, 1]
+    return rowptr.to(torch.int32), col.to(torch.int32), weight[keep].contiguous()

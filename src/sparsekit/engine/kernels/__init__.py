@@ -1,0 +1,108 @@
+"""JIT-built C++ kernels, loaded on first use and cached on disk.
+
+The sources are compiled once per (torch version, Python, CPU, sources) by
+``torch.utils.cpp_extension.load`` into ``~/.cache/sparsekit/`` (``$SPARSEKIT_CACHE_DIR`` or
+``$XDG_CACHE_HOME`` move it); later imports load the built library without rebuilding.
+Nothing is built at install time. If the build fails, or ``SPARSEKIT_NO_KERNELS=1`` is set,
+:func:`load` returns ``None`` and warns once why; formats that need the kernels are then
+simply not candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["available", "load", "unavailable_reason"]
+
+_SOURCES = [Path(__file__).with_name("csr16.cpp")]
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+_module: ModuleType | None = None
+_reason: str | None = None
+_tried = False
+
+
+def load() -> ModuleType | None:
+    """The compiled kernel module, building it on first call; ``None`` if unavailable."""
+    global _module, _reason, _tried
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("SPARSEKIT_NO_KERNELS", "") not in ("", "0"):
+        _reason = "SPARSEKIT_NO_KERNELS is set"
+    else:
+        try:
+            _module = _build()
+        except Exception as exc:  # a failed build must never break the package
+            _reason = f"build failed: {type(exc).__name__}: {str(exc).strip()[-500:]}"
+    if _module is None:
+        warnings.warn(
+            f"sparsekit compiled kernels are unavailable ({_reason}); "
+            "using PyTorch formats only",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _module
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used (builds them on first call)."""
+    return load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`load` returned ``None``, or ``None`` when the kernels are available."""
+    load()
+    return _reason
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPARSEKIT_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "sparsekit"
+
+
+def _build_key() -> str:
+    """Hash of everything the built library depends on (sources, flags, CPU, Python)."""
+    h = hashlib.sha256()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
+    h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
+    h.update(f"{sys.version_info[:2]} {platform.machine()} {_cpu_flags()}".encode())
+    return h.hexdigest()[:12]
+
+
+def _cpu_flags() -> str:
+    """CPU feature flags: ``-march=native`` code must not run on a different CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load as jit_load
+
+    key = _build_key()
+    build_dir = _cache_dir() / f"kernels-{torch.__version__}-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return jit_load(
+        name=f"sparsekit_kernels_{key}",
+        sources=[str(s) for s in _SOURCES],
+        extra_cflags=_CFLAGS,
+        extra_ldflags=_LDFLAGS,
+        build_directory=str(build_dir),
+        verbose=False,
+    )

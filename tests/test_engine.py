@@ -1,0 +1,220 @@
+"""Compressed formats, the compiled CSR16 kernels and compile()."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit
+from sparsekit.engine import CompiledLinear, compile, kernels, report
+from sparsekit.engine.formats import CSR16, FORMATS, DenseFormat, TorchCSR
+from sparsekit.models import lenet_300_100
+
+
+def _kernels_ok() -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return kernels.available()
+
+
+needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
+
+SHAPES = [(1, 7), (5, 7), (33, 70), (300, 784)]
+SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
+
+
+def _weight(shape: tuple[int, int], sparsity: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    w = w * (torch.rand(shape, generator=g) >= sparsity)
+    if shape[0] > 2:
+        w[1] = 0  # an empty row in every case
+    return w
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> bool:
+    scale = ref.abs().max().clamp_min(1.0)
+    return bool((y - ref).abs().max() <= rtol * scale)
+
+
+def _build(name: str, w: torch.Tensor, threads: int | None):
+    if name == "csr16":
+        return CSR16.from_dense(w, threads=threads)
+    return FORMATS[name].from_dense(w)
+
+
+def _format_cases():
+    for name in FORMATS:
+        marks = [needs_kernels] if name == "csr16" else []
+        for threads in (1, 2) if name == "csr16" else (None,):
+            yield pytest.param(name, threads, marks=marks, id=f"{name}-t{threads}")
+
+
+@pytest.mark.parametrize(("name", "threads"), list(_format_cases()))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_format_matches_dense(name: str, threads: int | None, shape: tuple[int, int]) -> None:
+    bias = torch.randn(shape[0])
+    for sparsity in SPARSITIES:
+        w = _weight(shape, sparsity)
+        fmt = _build(name, w, threads)
+        assert torch.equal(fmt.to_dense(), w)
+        assert fmt.nnz == int(torch.count_nonzero(w))
+        for batch in (1, 3, 64):
+            x = torch.randn(batch, shape[1])
+            assert _close(fmt.matmul(x), x @ w.T), (sparsity, batch)
+            assert _close(fmt.matmul(x, bias), x @ w.T + bias), (sparsity, batch)
+
+
+@pytest.mark.parametrize(("name", "threads"), list(_format_cases()))
+def test_format_leading_dims(name: str, threads: int | None) -> None:
+    w = _weight((9, 13), 0.7)
+    fmt = _build(name, w, threads)
+    x = torch.randn(2, 3, 13)
+    y = fmt.matmul(x)
+    assert y.shape == (2, 3, 9)
+    assert _close(y, x @ w.T)
+
+
+@needs_kernels
+def test_csr16_index_width() -> None:
+    narrow = CSR16.from_dense(_weight((3, 40000), 0.99))
+    assert narrow.col_indices.dtype == torch.int16  # read as uint16 beyond 32767
+    w = _weight((2, 70000), 0.999)
+    wide = CSR16.from_dense(w)
+    assert wide.col_indices.dtype == torch.int32
+    x = torch.randn(1, 70000)
+    assert _close(wide.matmul(x), x @ w.T)
+    x = torch.randn(1, 40000)
+    assert _close(narrow.matmul(x), x @ narrow.to_dense().T)
+
+
+def test_formats_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        DenseFormat.from_dense(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="mask has shape"):
+        TorchCSR.from_dense(torch.zeros(2, 3), torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="threads"):
+        CSR16.from_dense(torch.zeros(2, 3), threads=0)
+
+
+def test_torch_csr_survives_deepcopy_and_state_dict() -> None:
+    w = _weight((6, 5), 0.5)
+    layer = CompiledLinear(TorchCSR.from_dense(w), torch.zeros(6))
+    layer(torch.randn(1, 5))  # builds the cached sparse tensor
+    clone = copy.deepcopy(layer)
+    assert torch.equal(clone.to_dense(), w)
+    fresh = CompiledLinear(TorchCSR.from_dense(torch.zeros(6, 5) + w), torch.ones(6))
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.to_linear().weight, w)
+
+
+def _pruned_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = lenet_300_100()
+    sparsekit.prune(model, 0.9)
+    return model.eval()
+
+
+def test_compile_matches_masked_model() -> None:
+    model = _pruned_mlp()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(3, 784)
+    compiled = compile(model, x, batch_sizes=(1, 64), threads=2)
+    for batch in (1, 3, 64):
+        xb = torch.randn(batch, 784)
+        with torch.no_grad():
+            assert _close(compiled(xb), model(xb))
+    # the input model is untouched
+    assert all(type(m) is not CompiledLinear for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # every layer is compiled, choices and report agree
+    names = [n for n, m in compiled.named_modules() if isinstance(m, CompiledLinear)]
+    assert names == ["fc1", "fc2", "fc3"] == list(compiled.sparsekit_choices)
+    for n in names:
+        c = compiled.sparsekit_choices[n]
+        assert c["format"] == compiled.get_submodule(n).format.name
+        assert c["ms_chosen"] <= c["ms_dense"]
+        assert torch.equal(compiled.get_submodule(n).to_dense(), model.get_submodule(n).weight)
+    rep = report(compiled, x)
+    assert [r.name for r in rep.rows] == names
+    assert rep.totals["nonzeros"] == sparsekit.report(model).totals["nonzeros"]
+    assert {"format", "ms dense", "ms sparse", "speedup"} <= set(rep.rows[0].extra)
+    assert "speedup" in rep.to_markdown()
+
+
+def test_compile_dense_model_and_restriction() -> None:
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    compiled = compile(model, torch.randn(2, 8), formats=["torch_csr"])
+    for n, c in compiled.sparsekit_choices.items():
+        assert c["format"] in ("dense", "torch_csr")
+        assert set(c["times_ms"]) == {"dense", "torch_csr"}, n
+    compiled = compile(model, formats="dense")
+    assert all(c["format"] == "dense" for c in compiled.sparsekit_choices.values())
+
+
+def test_compile_shared_layer_compiled_once() -> None:
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    compiled = compile(model, torch.randn(1, 4))
+    assert compiled[0] is compiled[2] and isinstance(compiled[0], CompiledLinear)
+    assert list(compiled.sparsekit_choices) == ["0"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"formats": ["csr32"]}, "formats must be 'auto' or names from"),
+        ({"formats": []}, "formats must be"),
+        ({"batch_sizes": (0,)}, "batch_sizes"),
+        ({"threads": 0}, "threads"),
+    ],
+)
+def test_compile_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        compile(nn.Linear(3, 3), **kwargs)
+
+
+def test_compile_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_reason", "disabled by test")
+    monkeypatch.setattr(kernels, "_tried", True)
+    model = _pruned_mlp()
+    x = torch.randn(4, 784)
+    compiled = compile(model, x, batch_sizes=(1, 8))
+    for c in compiled.sparsekit_choices.values():
+        assert "csr16" not in c["times_ms"]
+    with torch.no_grad():
+        assert _close(compiled(x), model(x))
+
+
+def test_kernels_env_switch_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEKIT_NO_KERNELS", "1")
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_reason", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    with pytest.warns(RuntimeWarning, match="SPARSEKIT_NO_KERNELS") as record:
+        assert kernels.load() is None
+        assert not kernels.available()
+    assert len(record) == 1
+    assert kernels.unavailable_reason() == "SPARSEKIT_NO_KERNELS is set"
+    assert not CSR16.supports(torch.zeros(2, 2))
+
+
+def test_compiled_linear_module() -> None:
+    linear = nn.Linear(13, 9)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand(9, 13) > 0.6)
+    layer = CompiledLinear.from_linear(linear, "torch_csr")
+    x = torch.randn(2, 3, 13)
+    with torch.no_grad():
+        assert _close(layer(x), linear(x))
+    assert "format='torch_csr'" in repr(layer)
+    back = layer.to_linear()
+    assert torch.equal(back.weight, linear.weight) and torch.equal(back.bias, linear.bias)
+    with pytest.raises(ValueError, match="format must be one of"):
+        CompiledLinear.from_linear(linear, "bsr")
