@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run for CI")
     parser.add_argument("--no-check", action="store_true", help="report trends, never fail")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--models", default="lenet_300_100,lenet5",
+                        help="comma-separated subset of lenet_300_100,lenet5")
     args = parser.parse_args(argv)
 
     data = load_image_dataset()
@@ -80,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         config = {"models": {"lenet_300_100": (lenet_300_100, None, 6),
                              "lenet5": (lenet5, None, 4)},
                   "sparsities": (0.9, 0.95, 0.98), "seeds": (0, 1)}
+        wanted = args.models.split(",")
+        unknown = set(wanted) - set(config["models"])
+        if unknown:
+            parser.error(f"--models: unknown {sorted(unknown)}; accepted: lenet_300_100, lenet5")
+        config["models"] = {k: v for k, v in config["models"].items() if k in wanted}
     rows = []
     for name, (factory, limit, epochs) in config["models"].items():
         train = TensorDataset(*(t[:limit] for t in data.train.tensors))
