@@ -69,7 +69,7 @@ def test_prune_with_pattern_and_data_driven_criterion(dense_ckpt, tmp_path):
     ("args", "needle"),
     [
         (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
-        (["--criterion", "nope"], "accepted: grasp, magnitude"),
+        (["--criterion", "nope"], "graph:watts_strogatz, grasp, magnitude"),
         (["--allocation", "nope"], "accepted: er, erk, global, lamp, uniform"),
         (["--pattern", "5:4"], "0 < N < M"),
         (["--exclude", "nothing*"], "exclude entry 'nothing*'"),

@@ -16,6 +16,7 @@ DATA_DRIVEN = frozenset({"snip", "taylor", "grasp", "synflow", "wanda"})
 """Criteria that need calibration data (``data=``) to compute their scores."""
 
 # Registration happens on import of the modules below (kept after the registry).
+from sparsekit.graph import priors  # noqa: E402,F401  (the graph:* criteria)
 from sparsekit.scores import magnitude, saliency, wanda  # noqa: E402,F401
 
 __all__ = ["CRITERIA", "DATA_DRIVEN", "ScoreContext", "batches", "preserved"]

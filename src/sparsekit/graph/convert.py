@@ -1,0 +1,190 @@
+"""Masks as graphs: neurons are nodes, surviving weights are edges.
+
+The weighted layers of a model are read in definition order as a chain: each layer's
+outputs are the next layer's inputs. Node ``(l, i)`` is neuron ``i`` of node layer ``l``
+(layer 0 holds the network inputs). ``nn.Linear`` and ``nn.Conv*`` weights connect layer
+``l`` to ``l + 1`` (convolutions at channel level; a linear layer after a flatten sees
+each channel as one input); a recurrent ``weight_ih`` does the same and ``weight_hh``
+connects a layer to itself. Skip connections are not represented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import nn
+
+from sparsekit.masks import MaskSet
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One weight tensor as a connection matrix between node layers ``source → target``."""
+
+    name: str
+    source: int
+    target: int
+    edges: torch.Tensor  # bool (n_target, n_source): the connection survives
+    weights: torch.Tensor  # float64 (n_target, n_source): see ``to_graph``
+
+
+def to_graph(model_or_masks: nn.Module | MaskSet) -> nx.DiGraph:
+    """The connectivity of a model (nonzero weights) or of a ``MaskSet`` (kept entries;
+    weights it does not mask count where nonzero).
+
+    Nodes carry ``layer`` and ``index``; edges carry ``weight``: the weight for a single
+    connection, the L1 norm of the weights it stands for when it merges several (a conv
+    kernel, the gate blocks of a GRU/LSTM, the positions of a flattened channel).
+    ``graph.graph["layers"]`` lists the weight tensors with their node layers and shapes,
+    and ``graph.graph["widths"]`` the number of neurons per node layer.
+    """
+    layers, widths = _chain(model_or_masks)
+    g = nx.DiGraph(
+        layers=[
+            {"name": ly.name, "source": ly.source, "target": ly.target,
+             "shape": tuple(ly.edges.shape)}
+            for ly in layers
+        ],
+        widths=widths,
+    )
+    for layer, width in enumerate(widths):
+        g.add_nodes_from(((layer, i), {"layer": layer, "index": i}) for i in range(width))
+    for ly in layers:
+        out, inp = ly.edges.nonzero(as_tuple=True)
+        g.add_weighted_edges_from(
+            ((ly.source, i), (ly.target, o), w)
+            for o, i, w in zip(out.tolist(), inp.tolist(), ly.weights[out, inp].tolist())
+        )
+    return g
+
+
+def masks_from_graph(graph: nx.DiGraph, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rebuild the boolean masks of ``model``'s weights from a graph made by :func:`to_graph`.
+
+    Exact for ``nn.Linear`` layers and plain ``nn.RNN`` matrices, where each edge is one
+    weight; for GRU/LSTM matrices every gate block gets the graph.
+    """
+    params = dict(model.named_parameters())
+    masks = {}
+    for spec, mask in layer_matrices(graph):
+        name, (n_out, n_in) = spec["name"], spec["shape"]
+        if name not in params:
+            raise ValueError(f"graph layer {name!r} is not a parameter of the model")
+        shape = params[name].shape
+        if mask.shape == shape:
+            masks[name] = mask
+        elif len(shape) == 2 and shape[1] == n_in and shape[0] % n_out == 0:  # gate blocks
+            masks[name] = mask.repeat(shape[0] // n_out, 1)
+        else:
+            raise ValueError(
+                f"{name}: a graph of {n_out}x{n_in} connections cannot rebuild a weight of "
+                f"shape {tuple(shape)} (conv kernels and flattened inputs are merged in the graph)"
+            )
+    return masks
+
+
+def layer_matrices(graph: nx.DiGraph) -> list[tuple[dict, torch.Tensor]]:
+    """Each entry of ``graph.graph["layers"]`` with its bool (n_target, n_source) edge matrix."""
+    if "layers" not in graph.graph:
+        raise ValueError("graph must come from sparsekit.graph.to_graph (it lacks 'layers')")
+    by_layers: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for (source, i), (target, o) in graph.edges:
+        by_layers.setdefault((source, target), []).append((o, i))
+    out = []
+    for spec in graph.graph["layers"]:
+        mask = torch.zeros(spec["shape"], dtype=torch.bool)
+        edges = by_layers.get((spec["source"], spec["target"]))
+        if edges:
+            mask[tuple(torch.tensor(edges).T)] = True
+        out.append((spec, mask))
+    return out
+
+
+def _chain(model_or_masks: nn.Module | MaskSet) -> tuple[list[Layer], list[int]]:
+    """The chain of connection matrices and the node-layer widths (see the module docstring)."""
+    if isinstance(model_or_masks, MaskSet):
+        model = model_or_masks.model
+        kept = {n: m.cpu() for n, m in model_or_masks.masks.items()}
+    elif isinstance(model_or_masks, nn.Module):
+        model, kept = model_or_masks, {}
+    else:
+        raise TypeError(
+            f"model_or_masks must be an nn.Module or a MaskSet, got {type(model_or_masks).__name__}"
+        )
+    layers: list[Layer] = []
+    widths: list[int] = []
+    for name, module, param, recurrent in _weights(model):
+        w = param.detach().cpu().double()
+        alive = kept.get(name, w != 0)
+        edges, weights = _connections(module, w * alive, alive)
+        n_out, n_in = edges.shape
+        if not widths:
+            widths.append(n_in)
+        elif widths[-1] != n_in:
+            edges, weights = _unflatten(name, edges, weights, widths[-1])
+        if not recurrent:
+            widths.append(n_out)
+        layer = len(widths) - 1
+        layers.append(Layer(name, layer if recurrent else layer - 1, layer, edges, weights))
+    if not layers:
+        raise ValueError("no Linear, Conv or recurrent weights to build a graph from")
+    return layers, widths
+
+
+def _weights(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor, bool]]:
+    """``(name, module, weight, is hidden-to-hidden)`` of every weight in the chain."""
+    out = []
+    for mname, module in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        if isinstance(module, (nn.Linear, *_CONV)):
+            out.append((f"{prefix}weight", module, module.weight, False))
+        elif isinstance(module, nn.RNNBase):
+            if module.bidirectional or module.proj_size:
+                raise ValueError(f"{mname}: bidirectional or projected RNNs are not supported")
+            for k in range(module.num_layers):
+                for kind in ("ih", "hh"):
+                    pname = f"weight_{kind}_l{k}"
+                    out.append((f"{prefix}{pname}", module, getattr(module, pname), kind == "hh"))
+    return out
+
+
+def _connections(
+    module: nn.Module, w: torch.Tensor, alive: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(edges, weights)`` of one weight tensor as (n_out, n_in) matrices."""
+    if isinstance(module, nn.Linear):
+        return alive, w
+    if isinstance(module, nn.RNNBase):
+        hidden = module.hidden_size
+        gates = w.shape[0] // hidden
+        edges = alive.view(gates, hidden, -1).any(0)
+        return edges, w.view(gates, hidden, -1).abs().sum(0) if gates > 1 else w
+    # Convolution: channel to channel, block-diagonal over groups.
+    out_ch, in_per = w.shape[:2]
+    groups = module.groups
+    edges = torch.zeros(out_ch, in_per * groups, dtype=torch.bool)
+    weights = torch.zeros(out_ch, in_per * groups, dtype=torch.float64)
+    out_per = out_ch // groups
+    for g in range(groups):
+        rows, cols = slice(g * out_per, (g + 1) * out_per), slice(g * in_per, (g + 1) * in_per)
+        edges[rows, cols] = alive[rows].flatten(2).any(2)
+        weights[rows, cols] = w[rows].flatten(2).abs().sum(2)
+    return edges, weights
+
+
+def _unflatten(
+    name: str, edges: torch.Tensor, weights: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the inputs of a layer that follows a flatten into the ``width`` channels."""
+    n_out, n_in = edges.shape
+    if n_in % width:
+        raise ValueError(
+            f"{name} has {n_in} inputs but the previous layer has {width} outputs; to_graph "
+            "needs the weighted layers to form a chain (a flatten of whole channels is fine)"
+        )
+    per = n_in // width
+    return edges.view(n_out, width, per).any(2), weights.view(n_out, width, per).abs().sum(2)

@@ -1,0 +1,97 @@
+"""Dead-neuron removal: a real structural reduction of a pruned MLP, outputs unchanged.
+
+A hidden neuron without outgoing weights cannot affect the output; one without incoming
+weights emits the constant ``act(bias)``, which the next layer can absorb into its bias.
+Both kinds are dropped, which can leave more neurons dead, so this runs to a fixed point.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit.models import LeNet300100
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def remove_dead_neurons(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with smaller ``nn.Linear`` layers and identical outputs.
+
+    Supports ``nn.Sequential`` MLPs (``nn.Linear`` layers separated by parameter-free
+    elementwise activations; anything before the first and after the last linear layer
+    is kept) and :class:`~sparsekit.models.LeNet300100`. Inputs and outputs are never
+    dropped. Masks of the original model do not carry over.
+    """
+    model = copy.deepcopy(model)
+    names, acts = _chain(model)
+    linears = [model.get_submodule(n) for n in names]
+    with torch.no_grad():
+        while True:
+            changed = False
+            for k in range(len(linears) - 1):
+                new = _drop_dead(linears[k], linears[k + 1], acts[k])
+                if new is not None:
+                    linears[k], linears[k + 1] = new
+                    changed = True
+            if not changed:
+                break
+    for name, linear in zip(names, linears):
+        model.set_submodule(name, linear)
+    return model
+
+
+def _chain(model: nn.Module) -> tuple[list[str], list[Activation]]:
+    """Names of the linear layers and the activation between each consecutive pair."""
+    if isinstance(model, LeNet300100):
+        return ["fc1", "fc2", "fc3"], [F.relu, F.relu]
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(
+            f"remove_dead_neurons supports nn.Sequential MLPs and LeNet300100, "
+            f"got {type(model).__name__}"
+        )
+    where = [i for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+    if len(where) < 2:
+        raise ValueError("model has fewer than two nn.Linear layers: no hidden neurons to drop")
+    acts: list[Activation] = []
+    for a, b in zip(where, where[1:]):
+        between = nn.Sequential(*model[a + 1:b])
+        if any(True for _ in between.parameters()):
+            raise ValueError(
+                f"layers {a + 1}..{b - 1} between linear layers hold parameters; only "
+                "parameter-free elementwise activations are supported"
+            )
+        acts.append(copy.deepcopy(between).eval())  # e.g. dropout acts as identity
+    return [str(i) for i in where], acts
+
+
+def _drop_dead(
+    first: nn.Linear, second: nn.Linear, act: Activation
+) -> tuple[nn.Linear, nn.Linear] | None:
+    """Drop the dead neurons between ``first`` and ``second``; ``None`` when there are none."""
+    no_in = (first.weight == 0).all(1)
+    no_out = (second.weight == 0).all(0)
+    keep = ~(no_in | no_out)
+    if bool(keep.all()):
+        return None
+    bias = first.bias if first.bias is not None else first.weight.new_zeros(len(no_in))
+    constant = act(bias.unsqueeze(0)).squeeze(0) * no_in  # what input-less neurons emit
+    folded = second.weight @ constant
+    new_first = _linear(first.weight[keep], None if first.bias is None else first.bias[keep])
+    second_bias = second.bias
+    if second_bias is not None or bool(folded.any()):
+        second_bias = folded if second_bias is None else second_bias + folded
+    return new_first, _linear(second.weight[:, keep], second_bias)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    layer.weight.copy_(weight)
+    if bias is not None:
+        layer.bias.copy_(bias)
+    return layer
