@@ -11,14 +11,19 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.formats import FORMATS, Format, available_formats
 from sparsekit.engine.sparse_linear import CompiledLinear
 from sparsekit.report import LayerRow, Report
 from sparsekit.report import report as _base_report
+
+if TYPE_CHECKING:
+    from sparsekit.activation import ActivationSparsity
 
 __all__ = ["compile", "report"]
 
@@ -35,6 +40,7 @@ def compile(
     formats: str | Iterable[str] = "auto",
     batch_sizes: Sequence[int] = (1,),
     threads: int | None = None,
+    activation_sparsity: ActivationSparsity | None = None,
 ) -> nn.Module:
     """A copy of ``model`` with each ``nn.Linear`` replaced by a :class:`CompiledLinear`.
 
@@ -46,6 +52,9 @@ def compile(
     ``example_inputs`` (a tensor or a tuple for ``model(*example_inputs)``) the compiled
     model's output is checked against the original's. The choices, with measured times,
     are stored in ``compiled.sparsekit_choices``; :func:`report` shows them per layer.
+    Layers calibrated in ``activation_sparsity`` (:func:`sparsekit.activation.calibrate`)
+    become :class:`ActivationSparseLinear` instead, and the output check runs against
+    ``model`` with those thresholds applied.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -59,7 +68,8 @@ def compile(
     compiled = copy.deepcopy(model)
     first_name = {id(m): n for n, m in compiled.named_modules()}
     choices: dict[str, dict[str, object]] = {}
-    done: dict[int, CompiledLinear] = {}  # a shared Linear is compiled once
+    done: dict[int, nn.Module] = {}  # a shared Linear is compiled once
+    act = activation_sparsity.thresholds if activation_sparsity is not None else {}
     with torch.no_grad():
         for parent in list(compiled.modules()):
             for child_name, child in list(parent._modules.items()):
@@ -67,10 +77,23 @@ def compile(
                     continue
                 if id(child) not in done:
                     name = first_name[id(child)]
-                    done[id(child)], choices[name] = _compile_linear(child, names, sizes, threads)
+                    if name in act:
+                        done[id(child)] = ActivationSparseLinear.from_linear(
+                            child, act[name], threads=threads
+                        )
+                    else:
+                        done[id(child)], choices[name] = _compile_linear(
+                            child, names, sizes, threads
+                        )
                 setattr(parent, child_name, done[id(child)])
     compiled.sparsekit_choices = choices
-    if inputs is not None:
+    if inputs is not None and activation_sparsity is not None:
+        activation_sparsity.apply(model)
+        try:
+            _check_outputs(model, compiled, inputs)
+        finally:
+            activation_sparsity.remove()
+    elif inputs is not None:
         _check_outputs(model, compiled, inputs)
     return compiled
 

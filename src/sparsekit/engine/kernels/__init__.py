@@ -22,7 +22,7 @@ import torch
 
 __all__ = ["available", "load", "unavailable_reason"]
 
-_SOURCES = [Path(__file__).with_name("csr16.cpp")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("csr16.cpp", "act_gemv.cpp")]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 

@@ -1,0 +1,99 @@
+"""calibrate(): per-layer activation thresholds that hit a sparsity target on calibration data."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit.activation.allocation import ALLOCATIONS, GREEDY_STEP, greedy, output_error, uniform
+from sparsekit.activation.layers import find_layers
+from sparsekit.activation.record import record_inputs
+from sparsekit.activation.scores import METHODS, feature_threshold, score
+from sparsekit.activation.sparsity import ActivationSparsity
+from sparsekit.engine.activation_linear import sparsify_input
+from sparsekit.targets import TargetSpec
+
+__all__ = ["calibrate"]
+
+_ERROR_ROWS = 256  # rows per layer on which greedy measures output error
+
+
+def calibrate(
+    model: nn.Module,
+    calibration: Any,
+    *,
+    sparsity: float = 0.5,
+    method: str = "teal",
+    allocation: str = "uniform",
+    targets: TargetSpec | Sequence[TargetSpec] | None = None,
+    max_rows: int = 2048,
+    seed: int = 0,
+) -> ActivationSparsity:
+    """Thresholds that zero a ``sparsity`` fraction of layer inputs on ``calibration``.
+
+    ``calibration`` is a tensor of model inputs (token ids for Hugging Face models: the model
+    is called as ``model(inputs)``) or a list of them. ``method`` picks the score
+    (``"teal"``: ``|x|``; ``"wina"``: ``|x_j| * ||W[:, j]||``; ``"cats"``: ``|x|`` on
+    down-projection inputs only) and ``allocation`` the per-layer split of the model-wide
+    target (``"uniform"`` or ``"greedy"``). ``targets`` overrides the default layers (see
+    :func:`~sparsekit.activation.layers.find_layers`). At most ``max_rows`` input rows per
+    layer, sampled with ``seed``, are kept to bound memory.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
+            or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
+    if calibration is None:
+        raise ValueError("calibration must be a tensor of inputs or a list of them, got None")
+
+    layers = find_layers(model, method, targets)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = record_inputs(model, layers, calibration, max_rows=max_rows, generator=generator)
+    unused = [n for n in layers if n not in inputs]
+    if unused:
+        raise ValueError(f"targets: layers {unused} never ran on the calibration data")
+
+    weights = {n: m.weight.detach() for n, m in layers.items()}
+    sorted_scores = {n: score(method, x, weights[n]).flatten().sort().values
+                     for n, x in inputs.items()}
+
+    def thresholds(name: str, s: float) -> torch.Tensor:
+        return feature_threshold(method, _quantile(sorted_scores[name], s), weights[name])
+
+    sizes = {n: w.numel() for n, w in weights.items()}
+    if allocation == "uniform":
+        sparsities = uniform(sizes, float(sparsity))
+    else:
+        grid = [k * GREEDY_STEP for k in range(math.ceil(1 / GREEDY_STEP))]
+        errors = {}
+        for n, x in inputs.items():
+            x = x[:: max(1, x.shape[0] // _ERROR_ROWS)]
+            errors[n] = [output_error(x, sparsify_input(x, thresholds(n, s)), weights[n])
+                         for s in grid]
+        sparsities = greedy(errors, sizes, float(sparsity))
+    return ActivationSparsity(
+        method=method,
+        allocation=allocation,
+        target=float(sparsity),
+        sparsities=sparsities,
+        thresholds={n: thresholds(n, s) for n, s in sparsities.items()},
+        sizes=sizes,
+    )
+
+
+def _quantile(sorted_values: torch.Tensor, q: float) -> float:
+    """The smallest value with at least a ``q`` fraction of ``sorted_values`` below it."""
+    if q <= 0:
+        return 0.0
+    return float(sorted_values[min(int(q * sorted_values.numel()), sorted_values.numel() - 1)])

@@ -1,0 +1,50 @@
+"""Which ``nn.Linear`` layers get their inputs thresholded.
+
+By default every ``nn.Linear`` except the output head (a module named ``lm_head``): its input
+is the final hidden state, which every token's logits depend on. ``cats`` thresholds only the
+input of a gated MLP's down projection, ``act(gate(x)) * up(x)``; those layers are found by
+name, as the ``nn.Linear`` modules whose name ends in ``down_proj`` (LLaMA, Mistral, Qwen,
+Gemma and most Hugging Face decoders).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from sparsekit.targets import TargetSpec, resolve_targets
+
+__all__ = ["find_layers"]
+
+_HEAD = "lm_head"
+_DOWN_PROJ = "down_proj"
+
+
+def find_layers(
+    model: nn.Module, method: str, targets: TargetSpec | Sequence[TargetSpec] | None = None
+) -> dict[str, nn.Linear]:
+    """The targeted ``nn.Linear`` modules of ``model`` by name, in definition order.
+
+    ``targets`` (module types, names or globs, as in :func:`sparsekit.resolve_targets`)
+    replaces the default selection of ``method``.
+    """
+    if targets is not None:
+        chosen = {t.module_name for t in resolve_targets(model, targets)}
+        layers = {n: m for n, m in model.named_modules() if n in chosen}
+    else:
+        layers = {n: m for n, m in model.named_modules() if _default(n, method)}
+    layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
+    if not layers:
+        wanted = (
+            f"nn.Linear modules named '*{_DOWN_PROJ}' (the input of a gated MLP's down "
+            "projection)" if method == "cats" and targets is None
+            else f"nn.Linear modules among targets={targets!r}"
+        )
+        raise ValueError(f"targets: the model has no {wanted} for method={method!r}")
+    return layers
+
+
+def _default(name: str, method: str) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return last == _DOWN_PROJ if method == "cats" else last != _HEAD

@@ -1,0 +1,108 @@
+"""profile(): how sparse the inputs of each ``nn.Linear`` already are, and could be.
+
+ReLU transformers show "lazy neurons" (Li et al. 2023): only a few percent of MLP
+activations are nonzero, and some features are never active at all. SiLU/GELU models have
+almost no exact zeros but many tiny values, which is what thresholding exploits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit.activation.layers import find_layers
+from sparsekit.activation.record import forward_all, observe
+from sparsekit.activation.sparsity import ActivationSparsity
+
+__all__ = ["LayerProfile", "profile"]
+
+_PLOT_VALUES = 20_000  # |x| samples per layer kept for the histogram
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """Input statistics of one layer over the profiled data."""
+
+    zeros: float  # fraction of exactly zero inputs
+    below_threshold: float | None  # fraction with |x| under the calibrated threshold
+    dead: int  # input features that were zero on every row
+    features: int
+
+
+def profile(
+    model: nn.Module,
+    data: Any,
+    *,
+    sparsity: ActivationSparsity | None = None,
+    plot: str | PathLike[str] | None = None,
+    seed: int = 0,
+) -> dict[str, LayerProfile]:
+    """Profile the inputs of every ``nn.Linear`` (except ``lm_head``) of ``model`` on ``data``.
+
+    With ``sparsity`` the layers are those it was calibrated for and ``below_threshold`` is
+    filled in. With ``plot`` a histogram of ``log10 |x|`` per layer type (the last part of
+    the module name, e.g. ``down_proj``) is saved there.
+    """
+    if sparsity is None:
+        layers = find_layers(model, "teal")
+    else:
+        modules = dict(model.named_modules())
+        layers = {n: modules[n] for n in sparsity.thresholds}
+    counts = {n: torch.zeros(3, dtype=torch.long) for n in layers}  # zeros, below, rows
+    alive = {n: torch.zeros(m.in_features, dtype=torch.bool) for n, m in layers.items()}
+    samples: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    generator = torch.Generator().manual_seed(seed)
+
+    def see(name: str, x: torch.Tensor) -> None:
+        x = x.float().cpu()
+        counts[name][0] += int((x == 0).sum())
+        if sparsity is not None:
+            counts[name][1] += int((x.abs() < sparsity.thresholds[name]).sum())
+        counts[name][2] += x.shape[0]
+        alive[name] |= (x != 0).any(0)
+        flat = x.abs().flatten()
+        pick = torch.randint(flat.numel(), (_PLOT_VALUES,), generator=generator)
+        samples[name].append(flat[pick])
+
+    with observe(layers, see):
+        forward_all(model, data, "data")
+    result = {}
+    for n, (zeros, below, rows) in ((n, c.tolist()) for n, c in counts.items()):
+        total = max(rows * alive[n].numel(), 1)
+        result[n] = LayerProfile(
+            zeros=zeros / total,
+            below_threshold=None if sparsity is None else below / total,
+            dead=int((~alive[n]).sum()),
+            features=alive[n].numel(),
+        )
+    if plot is not None:
+        _plot(samples, plot)
+    return result
+
+
+def _plot(samples: dict[str, list[torch.Tensor]], path: str | PathLike[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_type: dict[str, list[torch.Tensor]] = {}
+    for name, values in samples.items():
+        by_type.setdefault(name.rsplit(".", 1)[-1], []).extend(values)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, values in by_type.items():
+        v = torch.cat(values)
+        zeros = float((v == 0).float().mean())
+        ax.hist(torch.log10(v[v > 0]).numpy(), bins=100, histtype="step", density=True,
+                label=f"{kind} ({zeros:.0%} exact zeros)")
+    ax.set_xlabel("log10 |x| (nonzero inputs)")
+    ax.set_ylabel("density")
+    ax.set_title("Linear-layer input magnitudes by layer type")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,45 @@
+"""How important each input activation is: the score that is compared with a threshold.
+
+``teal`` (Liu et al. 2024) and ``cats`` (Lee et al. 2024) use ``|x_j|``; ``wina`` (2025)
+weighs it by the norm of the weight column it multiplies, ``|x_j| * ||W[:, j]||_2``, i.e. by
+how much dropping it can change the output. A threshold ``t`` on the score is the same as the
+per-feature threshold ``t / ||W[:, j]||`` on ``|x_j|``, which is what is installed, so that
+applying any method is one comparison per input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["METHODS", "feature_threshold", "score"]
+
+Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _magnitude(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ones(weight.shape[1], dtype=x.dtype, device=x.device)
+
+
+def _column_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(weight.to(torch.float32), dim=0).to(x.dtype)
+
+
+_SCALES: dict[str, Score] = {"teal": _magnitude, "wina": _column_norm, "cats": _magnitude}
+METHODS = tuple(_SCALES)
+
+
+def score(method: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Importance of each input activation in ``x`` ``(..., in)`` for ``weight`` ``(out, in)``."""
+    return x.abs() * _SCALES[method](x, weight)
+
+
+def feature_threshold(method: str, threshold: float, weight: torch.Tensor) -> torch.Tensor:
+    """The per-feature threshold on ``|x_j|`` equivalent to ``score >= threshold``.
+
+    Float32, one value per input feature; ``inf`` where a column is all zero (such inputs
+    never matter).
+    """
+    scale = _SCALES[method](weight.new_empty(0, dtype=torch.float32), weight)
+    return torch.full_like(scale, threshold) / scale if threshold > 0 else torch.zeros_like(scale)

@@ -1,0 +1,98 @@
+"""ActivationSparseLinear: an ``nn.Linear`` that skips the weight columns of small inputs.
+
+At batch 1 a linear layer is memory-bound: every weight is read once for one multiply-add.
+If input feature ``j`` is zero, column ``W[:, j]`` need not be read at all. This module keeps
+``W.T`` (so each column is one contiguous row), zeroes inputs with ``|x_j| < threshold_j``
+and, for a single input row, reads only the columns of the inputs that are left (the
+``act_gemv`` kernel, or an ``index_select`` + ``mv`` fallback in PyTorch). Several rows are
+multiplied densely: their union of nonzero inputs is rarely sparse.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsekit.engine import kernels
+
+__all__ = ["ActivationSparseLinear", "sparsify_input"]
+
+
+def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``x`` with the entries ``|x_j| < threshold_j`` set to zero (compared in ``x.dtype``).
+
+    Each row is decided on its own, so the result does not depend on the batch.
+    """
+    return x.masked_fill(x.abs() < threshold.to(x.dtype), 0)
+
+
+class ActivationSparseLinear(nn.Module):
+    """``y = sparsify_input(x, threshold) @ W.T + bias``, reading only the columns it needs.
+
+    ``threshold`` is a scalar or one value per input feature (``in_features``). Inputs have
+    shape ``(..., in_features)``; a single float32 row runs the compiled kernel with
+    ``threads`` OpenMP threads (default ``torch.get_num_threads()``). Inference only: the
+    weight is a buffer.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        threshold: torch.Tensor | float,
+        *,
+        threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        threshold = torch.as_tensor(threshold, dtype=torch.float32).detach()
+        if threshold.numel() not in (1, self.in_features):
+            raise ValueError(
+                f"threshold must be a scalar or have in_features={self.in_features} values, "
+                f"got shape {tuple(threshold.shape)}"
+            )
+        if threads is not None and (isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.threads = threads
+        self.register_buffer("weight_t", weight.detach().t().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer(
+            "threshold", threshold.expand(self.in_features).to(weight.dtype).contiguous()
+        )
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, threshold: torch.Tensor | float, *, threads: int | None = None
+    ) -> ActivationSparseLinear:
+        """The activation-sparse equivalent of ``linear`` with the given input threshold."""
+        return cls(linear.weight, linear.bias, threshold, threads=threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}"
+            )
+        if x.numel() != self.in_features:  # several rows: dense product of the sparsified rows
+            y = sparsify_input(x, self.threshold) @ self.weight_t.to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        return self._gemv(x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """One row: only the weight rows of kept inputs are read."""
+        if x.dtype == torch.float32 == self.weight_t.dtype and kernels.available():
+            threads = self.threads or torch.get_num_threads()
+            return torch.ops.sparsekit.act_gemv(
+                self.weight_t, x.contiguous(), self.threshold, self.bias, threads
+            )
+        kept = (sparsify_input(x, self.threshold) != 0).nonzero().squeeze(1)
+        weight = self.weight_t.index_select(0, kept).to(x.dtype)
+        y = weight.t().mv(x.index_select(0, kept))
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
