@@ -1,4 +1,4 @@
-"""Entry point: ``sparsekit {prune,report,demo} ...``.
+"""Entry point: ``sparsekit {prune,report,demo,llm-prune} ...``.
 
 User mistakes (bad values, missing files) print one readable line and exit with
 status 2; only genuine bugs show a traceback.
@@ -10,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sparsekit.cli import demo, prune, report
+from sparsekit.cli import demo, llm_prune, prune, report
 
-COMMANDS = {"prune": prune, "report": report, "demo": demo}
+COMMANDS = {"prune": prune, "report": report, "demo": demo, "llm-prune": llm_prune}
 
 
 def build_parser() -> argparse.ArgumentParser:

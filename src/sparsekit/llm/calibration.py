@@ -1,0 +1,100 @@
+"""Calibration data: token ids, texts or a text file → ``(nsamples, seqlen)`` token windows."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Calibration = torch.Tensor | list[str] | str | os.PathLike
+
+
+def calibration_tokens(
+    calibration: Calibration,
+    *,
+    tokenizer: Any = None,
+    nsamples: int = 128,
+    seqlen: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Token windows to calibrate on, shape ``(n, L)``.
+
+    A 2-D tensor is used as given (its first ``nsamples`` rows, first ``seqlen`` columns).
+    A 1-D tensor, a list of strings or the path of a text file (tokenised with
+    ``tokenizer``) is one token stream, from which ``nsamples`` random windows of ``seqlen``
+    tokens are drawn with ``seed`` (the whole stream when it is shorter than ``seqlen``).
+    """
+    if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
+        raise ValueError(f"nsamples must be a positive int, got {nsamples!r}")
+    if seqlen is not None and (isinstance(seqlen, bool) or not isinstance(seqlen, int)
+                               or seqlen < 1):
+        raise ValueError(f"seqlen must be a positive int or None, got {seqlen!r}")
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dtype.is_floating_point or calibration.dim() not in (1, 2):
+            raise ValueError(
+                "calibration tensor must hold token ids, shape (N, L) or (L,), got "
+                f"{calibration.dtype} {tuple(calibration.shape)}"
+            )
+        if calibration.dim() == 2:
+            if calibration.numel() == 0:
+                raise ValueError("calibration: the token tensor is empty")
+            return calibration[:nsamples, :seqlen].long()
+        stream = calibration.long()
+    else:
+        stream = tokenize(calibration, tokenizer)
+    if stream.numel() < 2:
+        raise ValueError(f"calibration holds {stream.numel()} tokens; it needs at least 2")
+    seqlen = min(seqlen or stream.numel(), stream.numel())
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seqlen + 1, (nsamples,), generator=gen)
+    return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
+
+
+def tokenize(
+    text: list[str] | str | os.PathLike, tokenizer: Any, param: str = "calibration"
+) -> torch.Tensor:
+    """Token ids of a list of texts (concatenated) or of a text file, as one 1-D tensor.
+
+    ``param`` names the argument in error messages.
+    """
+    if isinstance(text, (str, os.PathLike)):
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"{param}: no such text file {str(path)!r}")
+        text = [path.read_text(encoding="utf-8")]
+    if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
+        raise TypeError(
+            f"{param} must be a token tensor, a list of strings or a text file path, "
+            f"got {type(text).__name__}"
+        )
+    if not any(t.strip() for t in text):
+        raise ValueError(f"{param}: the text is empty")
+    if tokenizer is None:
+        raise ValueError(f"tokenizer is required when {param} is text (pass tokenizer=)")
+    ids = tokenizer(text)["input_ids"]
+    return torch.tensor([i for seq in ids for i in seq], dtype=torch.long)
+
+
+def byte_tokenizer() -> Any:
+    """A 256-token byte-level tokenizer (token id = byte value), built locally.
+
+    For models trained from scratch on raw bytes; needs ``transformers``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: b for b, char in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 30)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character map used by byte-level BPE."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in printable else next(extra)) for b in range(256)}

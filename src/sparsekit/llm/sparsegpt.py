@@ -1,0 +1,69 @@
+"""SparseGPT (Frantar & Alistarh 2023): one-shot pruning with optimal-brain-surgeon updates.
+
+Columns are visited left to right in blocks; each pruned weight's error is compensated by
+updating the not-yet-visited weights of its row through the Cholesky factor of H⁻¹, so the
+layer's output ‖WX − ŴX‖ stays small. The mask is chosen adaptively per block of columns
+(unstructured) or per group of M columns (N:M), as in the authors' reference code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
+
+
+def sparsegpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    pattern: str | Pattern = "unstructured",
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``W`` (out, in) given the Hessian ``H = 2XXᵀ`` (in, in) of its inputs.
+
+    Returns the updated weights (zero where pruned) and the mask (``True`` = kept). With an
+    N:M pattern exactly N of every M consecutive inputs are kept and ``sparsity`` is unused.
+    ``percdamp`` adds that fraction of the mean diagonal to H for numerical stability.
+    """
+    pat = parse_pattern(pattern)
+    if not isinstance(pat, (Unstructured, NM)):
+        raise ValueError(f"pattern {pat.spec!r}: SparseGPT supports 'unstructured' and N:M")
+    W = W.detach().float().clone(memory_format=torch.contiguous_format)
+    H = H.detach().float().clone(memory_format=torch.contiguous_format)
+    rows, cols = W.shape
+
+    dead = torch.diag(H) == 0  # inputs that are always zero: their weights are free to prune
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.diag(H).mean() * torch.eye(cols, device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        err = torch.zeros_like(W1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if isinstance(pat, Unstructured):  # the lowest OBS saliencies w² / [H⁻¹]²_jj of the block
+            saliency = (W1 / d) ** 2
+            k = round(saliency.numel() * sparsity)
+            mask1.view(-1)[torch.topk(saliency.flatten(), k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            if isinstance(pat, NM) and i % pat.m == 0:
+                saliency = (W1[:, i:i + pat.m] / d[i:i + pat.m]) ** 2
+                drop = torch.topk(saliency, pat.m - pat.n, dim=1, largest=False).indices
+                mask1[:, i:i + pat.m].scatter_(1, drop, True)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0)
+            e = (w - q) / d[i]
+            W1[:, i:] -= e.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            err[:, i] = e
+        W[:, i1:i2] = W1
+        pruned[:, i1:i2] = mask1
+        W[:, i2:] -= err @ Hinv[i1:i2, i2:]
+    return W.masked_fill(pruned, 0), ~pruned
