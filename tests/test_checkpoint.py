@@ -27,13 +27,7 @@ LENET_WEIGHTS = ("0.weight", "2.weight", "4.weight")
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lenet(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
