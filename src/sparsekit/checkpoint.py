@@ -123,9 +123,14 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from sparsekit.engine.persist import expected_state  # compiled layers: shapes from file
+
     ckpt = read(path)
     state = ckpt.state
-    own = model.state_dict()
+    try:
+        own = expected_state(model, state)
+    except ValueError as err:
+        raise ValueError(f"{path} does not match this model: {err}") from None
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(

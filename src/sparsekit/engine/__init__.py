@@ -2,10 +2,13 @@
 
 :func:`compile` turns a pruned model into one whose ``nn.Linear`` layers run in the
 fastest measured format (dense included); :func:`report` lists the choices per layer.
+Compiled models save and load like any model (:mod:`sparsekit.engine.persist`);
+:func:`decompile` turns one back into ``nn.Linear`` layers.
 """
 
 from sparsekit.engine.compile import compile, report
 from sparsekit.engine.formats import CSR16, FORMATS, DenseFormat, Format, TorchCSR
+from sparsekit.engine.persist import decompile
 from sparsekit.engine.sparse_linear import CompiledLinear
 
 __all__ = [
@@ -16,5 +19,6 @@ __all__ = [
     "Format",
     "TorchCSR",
     "compile",
+    "decompile",
     "report",
 ]

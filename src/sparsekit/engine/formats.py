@@ -4,6 +4,10 @@ Each format is built from a dense 2-D weight and a boolean mask (``True`` = kept
 only its compressed tensors as buffers (no dense copy), and computes ``x @ W.T`` for ``x``
 of shape ``(..., in_features)`` with :meth:`Format.matmul`. :data:`FORMATS` maps the names
 accepted by :func:`sparsekit.engine.compile` to the classes.
+
+The buffers are plain dense tensors (values, indices, row pointers), so a format's
+``state_dict`` is its compressed weight; :func:`format_from_state` rebuilds a format from
+one, recognising it by its buffer names (:attr:`Format.buffer_names`).
 """
 
 from __future__ import annotations
@@ -16,13 +20,17 @@ from torch import nn
 
 from sparsekit.engine import kernels
 
-__all__ = ["FORMATS", "CSR16", "DenseFormat", "Format", "TorchCSR", "available_formats"]
+__all__ = [
+    "FORMATS", "CSR16", "DenseFormat", "Format", "TorchCSR", "available_formats",
+    "format_from_state",
+]
 
 
 class Format(nn.Module):
     """Base class: a compressed ``(out_features, in_features)`` weight."""
 
     name: str = ""
+    buffer_names: tuple[str, ...] = ()  # its state_dict keys, which identify the format
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__()
@@ -37,6 +45,16 @@ class Format(nn.Module):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> Format:
         """Compress ``weight * mask`` (``mask=None``: keep the nonzeros of ``weight``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
+    ) -> Format:
+        """Rebuild from the tensors of a ``state_dict`` (keys :attr:`buffer_names`).
+
+        Raises ``ValueError`` if the tensors do not form a valid ``shape`` weight.
+        """
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,6 +83,7 @@ class DenseFormat(Format):
     """The dense baseline (``F.linear``); always a candidate."""
 
     name = "dense"
+    buffer_names = ("weight",)
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__(*weight.shape)
@@ -73,6 +92,18 @@ class DenseFormat(Format):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> DenseFormat:
         return cls(_masked(weight, mask))
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
+    ) -> DenseFormat:
+        weight = state["weight"]
+        if tuple(weight.shape) != tuple(shape) or not weight.is_floating_point():
+            raise ValueError(
+                f"dense weight must be a floating {tuple(shape)} tensor, got "
+                f"{tuple(weight.shape)} {weight.dtype}"
+            )
+        return cls(weight)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, self.weight, bias)
@@ -93,6 +124,7 @@ class TorchCSR(Format):
     """
 
     name = "torch_csr"
+    buffer_names = ("crow_indices", "col_indices", "values")
 
     def __init__(
         self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
@@ -109,23 +141,24 @@ class TorchCSR(Format):
         crow, col, values = _csr_parts(_masked(weight, mask))
         return cls(crow, col, values, tuple(weight.shape))
 
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
+    ) -> TorchCSR:
+        crow, col, values = (state[k] for k in cls.buffer_names)
+        _check_csr(crow, col, values, shape, (torch.int32,))
+        return cls(crow.clone(), col.clone(), values.clone(), shape)
+
     def csr(self) -> torch.Tensor:
         """The sparse CSR tensor, rebuilt only when the buffers moved (``.to()``, load)."""
         key = tuple(t.data_ptr() for t in (self.crow_indices, self.col_indices, self.values))
         if self._csr is None or key != self._key:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                self._csr = torch.sparse_csr_tensor(
-                    self.crow_indices, self.col_indices, self.values,
-                    (self.out_features, self.in_features), check_invariants=False,
-                )
+            self._csr = _sparse_csr(self.crow_indices, self.col_indices, self.values, self)
             self._key = key
         return self._csr
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        w = self.csr()
-        y = (w @ x[0]).unsqueeze(0) if x.shape[0] == 1 else (w @ x.T).T  # fastest call forms
-        return y if bias is None else y + bias
+        return _csr_mm(self.csr(), x, bias)
 
     def to_dense(self) -> torch.Tensor:
         return self.csr().to_dense()
@@ -145,11 +178,13 @@ class CSR16(Format):
 
     fp32 values + uint16 column indices move 6 bytes per nonzero instead of torch CSR's 8;
     layers wider than 65535 inputs fall back to int32 indices. Needs float32 weights and the
-    compiled kernels (see :mod:`sparsekit.engine.kernels`). ``threads=None`` follows
-    ``torch.get_num_threads()`` (one thread for layers too small to split).
+    compiled kernels (see :mod:`sparsekit.engine.kernels`); where they are missing (a model
+    loaded on another machine) it multiplies with torch CSR instead. ``threads=None``
+    follows ``torch.get_num_threads()`` (one thread for layers too small to split).
     """
 
     name = "csr16"
+    buffer_names = ("rowptr", "col_indices", "values")
 
     def __init__(
         self,
@@ -182,16 +217,48 @@ class CSR16(Format):
             col = torch.where(col >= 32768, col - 65536, col).to(torch.int16)
         return cls(crow, col, values, tuple(weight.shape), threads)
 
+    @classmethod
+    def from_state(
+        cls,
+        state: dict[str, torch.Tensor],
+        shape: tuple[int, int],
+        threads: int | None = None,
+        **kwargs: object,
+    ) -> CSR16:
+        rowptr, col, values = (state[k] for k in cls.buffer_names)
+        _check_csr(rowptr, col, values, shape, (torch.int16, torch.int32))
+        if values.dtype != torch.float32:
+            raise ValueError(f"CSR16 values must be float32, got {values.dtype}")
+        if col.dtype == torch.int16 and shape[1] > 65536:
+            raise ValueError(f"16-bit column indices cannot address {shape[1]} inputs")
+        return cls(rowptr.clone(), col.clone(), values.clone(), shape, threads)
+
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ops = kernels.load()
-        if ops is None:
-            raise RuntimeError(f"CSR16 needs the compiled kernels: {kernels.unavailable_reason()}")
+        if ops is None:  # e.g. a checkpoint loaded where the kernels cannot be built
+            return _csr_mm(self._torch_csr(), x.to(torch.float32), bias)
         x = x.to(torch.float32).contiguous()
         if bias is not None:
             bias = bias.to(torch.float32).contiguous()
         return ops.csr_linear(
             self.values, self.col_indices, self.rowptr, x, bias, self._threads(x.shape[0])
         )
+
+    def _torch_csr(self) -> torch.Tensor:
+        """The weight as a torch sparse CSR tensor, rebuilt only when the buffers moved."""
+        key = tuple(t.data_ptr() for t in (self.rowptr, self.col_indices, self.values))
+        if self.__dict__.get("_csr") is None or key != self._key:
+            col = self.col_indices.to(torch.int32)
+            if self.col_indices.dtype == torch.int16:
+                col = col & 0xFFFF
+            self._csr = _sparse_csr(self.rowptr, col, self.values, self)
+            self._key = key
+        return self._csr
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()  # a sparse tensor cannot be deep-copied or pickled
+        state["_csr"], state["_key"] = None, ()
+        return state
 
     def _threads(self, batch: int) -> int:
         if self.threads is not None:
@@ -225,6 +292,67 @@ FORMATS: dict[str, type[Format]] = {f.name: f for f in (DenseFormat, TorchCSR, C
 def available_formats(weight: torch.Tensor) -> list[str]:
     """Names of the formats that can hold ``weight`` here (``"dense"`` always first)."""
     return [name for name, fmt in FORMATS.items() if fmt.supports(weight)]
+
+
+def format_from_state(
+    state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
+) -> Format:
+    """The format whose :attr:`~Format.buffer_names` are exactly the keys of ``state``.
+
+    ``kwargs`` (e.g. ``threads``) go to :class:`CSR16`. Raises ``ValueError`` for keys of
+    no format or tensors that do not form a ``shape`` weight.
+    """
+    keys = set(state)
+    for fmt in FORMATS.values():
+        if keys == set(fmt.buffer_names):
+            return fmt.from_state(state, shape, **(kwargs if fmt is CSR16 else {}))
+    accepted = {n: list(f.buffer_names) for n, f in FORMATS.items()}
+    raise ValueError(f"state keys {sorted(keys)} match no format; accepted: {accepted}")
+
+
+def _sparse_csr(
+    rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, fmt: Format
+) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(
+            rowptr, col, values, (fmt.out_features, fmt.in_features), check_invariants=False
+        )
+
+
+def _csr_mm(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w.T (+ bias)`` for a sparse CSR ``w``, in the fastest call form per batch."""
+    y = (w @ x[0]).unsqueeze(0) if x.shape[0] == 1 else (w @ x.T).T
+    return y if bias is None else y + bias
+
+
+def _check_csr(
+    rowptr: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    shape: tuple[int, int],
+    col_dtypes: tuple[torch.dtype, ...],
+) -> None:
+    """Raise ``ValueError`` unless the three tensors form a valid CSR ``shape`` weight."""
+    out_features, in_features = shape
+    if rowptr.dtype != torch.int32 or tuple(rowptr.shape) != (out_features + 1,):
+        raise ValueError(
+            f"row pointers must be int32 of shape ({out_features + 1},), got "
+            f"{rowptr.dtype} {tuple(rowptr.shape)}"
+        )
+    if col.dtype not in col_dtypes or col.dim() != 1:
+        raise ValueError(f"column indices must be 1-D {col_dtypes}, got {col.dtype} {col.dim()}-D")
+    if values.dim() != 1 or values.numel() != col.numel() or not values.is_floating_point():
+        raise ValueError(
+            f"values must be 1-D floating with one entry per column index ({col.numel()}), "
+            f"got {values.dtype} {tuple(values.shape)}"
+        )
+    steps = torch.diff(rowptr.to(torch.int64))
+    if int(rowptr[0]) != 0 or int(rowptr[-1]) != values.numel() or bool((steps < 0).any()):
+        raise ValueError("row pointers must rise from 0 to the number of values")
+    cols = col.to(torch.int64) & 0xFFFF if col.dtype == torch.int16 else col.to(torch.int64)
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= in_features):
+        raise ValueError(f"column indices must lie in [0, {in_features})")
 
 
 def _masked(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsekit.engine.formats import FORMATS, Format
+from sparsekit.engine.formats import CSR16, FORMATS, Format, format_from_state
 
 __all__ = ["CompiledLinear"]
 
@@ -17,6 +17,10 @@ class CompiledLinear(nn.Module):
     like ``nn.Linear``. It is for inference: the compressed weight is a buffer, not a
     parameter. :meth:`to_dense` recovers the (masked) dense weight, :meth:`to_linear` an
     equivalent ``nn.Linear``.
+
+    Its ``state_dict`` holds the format's compressed tensors (``format.<buffer>``) and the
+    bias. Loading one rebuilds the format from the loaded tensors, so a layer takes the
+    format and number of nonzeros of the saved layer, not its own.
     """
 
     def __init__(self, fmt: Format, bias: torch.Tensor | None = None) -> None:
@@ -45,9 +49,57 @@ class CompiledLinear(nn.Module):
         """The dense ``(out_features, in_features)`` weight, zeros where pruned."""
         return self.format.to_dense()
 
+    def format_from_state(self, state: dict[str, torch.Tensor], prefix: str = "") -> Format:
+        """The format stored under ``prefix + "format."`` in ``state`` (not installed).
+
+        Raises ``ValueError`` naming the layer if the entries form no valid format of
+        this layer's shape, or the bias entry does not match.
+        """
+        head = f"{prefix}format."
+        own = {k[len(head):]: v for k, v in state.items() if k.startswith(head)}
+        bias = state.get(f"{prefix}bias")
+        if (bias is None) != (self.bias is None) or (
+            bias is not None and tuple(bias.shape) != (self.out_features,)
+        ):
+            raise ValueError(
+                f"{prefix or 'layer'}: bias entry does not match a layer with "
+                f"bias={self.bias is not None} and out_features={self.out_features}"
+            )
+        threads = self.format.threads if isinstance(self.format, CSR16) else None
+        try:
+            return format_from_state(own, (self.out_features, self.in_features), threads=threads)
+        except ValueError as err:
+            raise ValueError(f"{head}*: {err}") from None
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        prefix: str,
+        local_metadata: dict[str, object],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Install the saved layer's format first; load_state_dict then fills it as usual.
+        try:
+            fmt = self.format_from_state(state_dict, prefix)
+        except ValueError as err:
+            error_msgs.append(str(err))
+        else:
+            old = next(iter(self.format.buffers()), None)
+            self.format = fmt if old is None else fmt.to(old.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the same weight and bias (e.g. to fine-tune again)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        weight = self.to_dense()
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None,
+            device=weight.device, dtype=weight.dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(self.to_dense())
             if self.bias is not None:

@@ -1,0 +1,84 @@
+"""Persistence of compiled models: checkpoints, and the way back to ``nn.Linear``.
+
+A :class:`~sparsekit.engine.sparse_linear.CompiledLinear` stores its weight as the plain
+tensors of its format (values, column indices, row pointers), so ``state_dict()``,
+:func:`sparsekit.save` and :func:`sparsekit.load` work on compiled models as on any other.
+Because the number of nonzeros and the chosen format differ from model to model, a compiled
+layer takes both from what is loaded; :func:`expected_state` tells
+:func:`sparsekit.load` which shapes to accept. :func:`decompile` turns a compiled model
+back into one with ``nn.Linear`` layers (to train again, or to save a dense checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from sparsekit.engine.activation_linear import ActivationSparseLinear
+from sparsekit.engine.sparse_linear import CompiledLinear
+
+__all__ = ["decompile", "expected_state"]
+
+
+def decompile(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every compiled layer replaced by an equivalent ``nn.Linear``.
+
+    Weights are dense with zeros where pruned, as trainable parameters on the layer's
+    device and dtype. An :class:`ActivationSparseLinear` loses its input thresholds (its
+    ``nn.Linear`` is the dense layer it was built from). ``model`` is not modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (CompiledLinear, ActivationSparseLinear)):
+        return _to_linear(model)
+    out = copy.deepcopy(model)
+    done: dict[int, nn.Linear] = {}  # a shared layer stays shared
+    for parent in list(out.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, (CompiledLinear, ActivationSparseLinear)):
+                if id(child) not in done:
+                    done[id(child)] = _to_linear(child)
+                setattr(parent, name, done[id(child)])
+    out.__dict__.pop("sparsekit_choices", None)
+    return out
+
+
+def expected_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each compiled layer's format entries taken from ``state``.
+
+    A compiled layer accepts any valid format of its shape (see
+    :meth:`CompiledLinear.format_from_state`), so its entries are checked here, before
+    anything is loaded, and raise ``ValueError`` naming the layer if they are invalid.
+    Missing or extra keys elsewhere are left for the caller to report.
+    """
+    own = model.state_dict()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not isinstance(module, CompiledLinear):
+            continue
+        head = f"{name}.format." if name else "format."
+        if not any(k.startswith(head) for k in state):
+            continue  # reported as missing keys by the caller
+        module.format_from_state(state, head[: -len("format.")])
+        for key in [k for k in own if k.startswith(head)]:
+            del own[key]
+        own.update({k: v for k, v in state.items() if k.startswith(head)})
+    return own
+
+
+def _to_linear(layer: CompiledLinear | ActivationSparseLinear) -> nn.Linear:
+    if isinstance(layer, CompiledLinear):
+        linear = layer.to_linear()
+    else:
+        weight = layer.weight_t.t()
+        linear = nn.Linear(
+            layer.in_features, layer.out_features, bias=layer.bias is not None,
+            device=weight.device, dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias)
+    linear.train(layer.training)
+    return linear
