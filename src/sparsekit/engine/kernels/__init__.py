@@ -22,7 +22,9 @@ import torch
 
 __all__ = ["available", "load", "unavailable_reason"]
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("csr16.cpp", "act_gemv.cpp")]
+_SOURCES = [
+    Path(__file__).with_name(n) for n in ("csr16.cpp", "act_gemv.cpp", "spmm_train.cpp")
+]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 

@@ -1,0 +1,313 @@
+"""SparseLinear: an ``nn.Linear`` that trains with sparse forward and backward products.
+
+The weight is a dense 1-D ``nn.Parameter`` of its nonzero values (row-major order), so any
+optimizer — Adam and AdamW included — updates only the kept weights and keeps state only
+for them. The structure is two int32 index vectors plus its transpose: a row pointer into
+the values for ``y = x Wᵀ`` and a column-major permutation of the same values for
+``dx = dy W``. ``dW`` is computed only at the nonzeros (a sampled dense-dense product), so a
+step costs time proportional to the number of nonzeros, not to ``in × out``.
+
+The products run in the compiled ``spmm_train`` kernels on CPU (float32/float64), or in
+chunked PyTorch ops (``index_add_`` and gathers) anywhere else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sparsekit.engine import kernels
+
+__all__ = ["SparseLinear"]
+
+_CHUNK_ELEMENTS = 1 << 22  # fallback gathers materialise at most this many elements at once
+
+
+class _Structure:
+    """Index tensors of one sparsity pattern, row-major and column-major."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        out_features, in_features = mask.shape
+        row, col = mask.nonzero(as_tuple=True)  # row-major: the order of the values
+        counts = torch.bincount(row, minlength=out_features)
+        self.row = row.to(torch.int32)
+        self.col = col.to(torch.int32)
+        self.rowptr = _rowptr(counts)
+        t_perm = torch.argsort(col * out_features + row)  # column-major order of the values
+        self.t_perm = t_perm
+        self.t_col = self.row[t_perm].contiguous()  # columns of Wᵀ are rows of W
+        self.t_rowptr = _rowptr(torch.bincount(col, minlength=in_features))
+
+
+def _rowptr(counts: torch.Tensor) -> torch.Tensor:
+    ptr = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    return ptr
+
+
+def _use_kernels(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and (
+        kernels.available()
+    )
+
+
+def _spmm(
+    rowptr: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    perm: torch.Tensor | None,
+    xt: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``yᵀ = W xᵀ (+ bias)`` for ``W`` in CSR whose values are ``values[perm]``."""
+    if _use_kernels(xt):
+        return torch.ops.sparsekit.spmm_rows(
+            rowptr, col, values, perm, xt, bias, torch.get_num_threads()
+        )
+    rows, batch = rowptr.numel() - 1, xt.shape[1]
+    v = values if perm is None else values[perm]
+    row = torch.repeat_interleave(
+        torch.arange(rows, device=xt.device), (rowptr[1:] - rowptr[:-1]).long()
+    )
+    yt = xt.new_zeros(rows, batch) if bias is None else bias[:, None].expand(rows, batch).clone()
+    step = max(1, _CHUNK_ELEMENTS // max(1, batch))
+    for start in range(0, v.numel(), step):
+        sl = slice(start, start + step)
+        yt.index_add_(0, row[sl], v[sl, None] * xt[col[sl].long()])
+    return yt
+
+
+def _sddmm(s: _Structure, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out[k] = <a[row[k]], b[col[k]]>``: the product ``a bᵀ`` sampled at the nonzeros."""
+    row, col = s.row, s.col
+    if _use_kernels(a):
+        return torch.ops.sparsekit.sddmm(s.rowptr, col, a, b, torch.get_num_threads())
+    out = a.new_empty(row.numel())
+    step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[1]))
+    for start in range(0, row.numel(), step):
+        sl = slice(start, start + step)
+        out[sl] = (a[row[sl].long()] * b[col[sl].long()]).sum(1)
+    return out
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + bias`` with ``W`` given by its nonzero ``values`` and a ``_Structure``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor | None,
+        s: _Structure,
+    ) -> torch.Tensor:
+        xt = x.t().contiguous()  # free when x is the transposed output of another SparseLinear
+        yt = _spmm(s.rowptr, s.col, values, None, xt, bias)
+        ctx.save_for_backward(xt, values)
+        ctx.structure = s
+        ctx.has_bias = bias is not None
+        return yt.t()  # (batch, out) view of the (out, batch) result: no copy
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        xt, values = ctx.saved_tensors
+        s: _Structure = ctx.structure
+        gt = grad.t().contiguous()
+        dx = dv = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _spmm(s.t_rowptr, s.t_col, values, s.t_perm, gt, None).t()
+        if ctx.needs_input_grad[1]:
+            dv = _sddmm(s, gt, xt)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = gt.sum(1)
+        return dx, dv, db, None
+
+
+class SparseLinear(nn.Module):
+    """``y = x Wᵀ + bias`` where only the nonzeros of ``W`` are stored, computed and trained.
+
+    ``values`` is a 1-D ``nn.Parameter`` holding the kept weights in row-major order, so any
+    ``torch.optim`` optimizer trains the layer directly. Build one with :meth:`from_linear`
+    (or from a ``mask``), change its pattern between steps with :meth:`set_structure`, and
+    get a dense layer back with :meth:`to_linear`. Inputs have shape ``(..., in_features)``.
+    The output of a 2-D input is a transposed (non-contiguous) view: the next
+    ``SparseLinear`` then reads it without a copy.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        mask: torch.Tensor,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        mask = self._check_mask(mask).to(device)
+        self._structure = _Structure(mask)
+        # Same initialisation as nn.Linear, restricted to the kept weights.
+        bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+        nnz = self._structure.row.numel()
+        self.values = nn.Parameter(
+            torch.empty(nnz, device=device, dtype=dtype).uniform_(-bound, bound)
+        )
+        self.bias: nn.Parameter | None
+        if bias:
+            b = torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound)
+            self.bias = nn.Parameter(b)
+        else:
+            self.register_parameter("bias", None)
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> SparseLinear:
+        """The sparse layer keeping ``linear``'s weights where ``mask`` is True.
+
+        ``mask`` defaults to the nonzero weights of ``linear`` (e.g. after ``MaskSet.apply``).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        mask = weight != 0 if mask is None else mask
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            mask,
+            bias=linear.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            s = layer._structure
+            layer.values.copy_(weight[s.row.long(), s.col.long()])
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with the same (dense, zero-filled) weight and bias."""
+        v = self.values.detach()
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=v.device,
+            dtype=v.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # -- structure ----------------------------------------------------------------------
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored (trainable) weights."""
+        return self.values.numel()
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The boolean ``(out_features, in_features)`` pattern; True where a weight is kept."""
+        s = self._structure
+        m = torch.zeros(
+            self.out_features, self.in_features, dtype=torch.bool, device=self.values.device
+        )
+        m[s.row.long(), s.col.long()] = True
+        return m
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight, zeros where pruned."""
+        s = self._structure
+        v = self.values.detach()
+        w = v.new_zeros(self.out_features, self.in_features)
+        w[s.row.long(), s.col.long()] = v
+        return w
+
+    @torch.no_grad()
+    def set_structure(
+        self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Change the pattern to ``mask`` in place (a prune/regrow step).
+
+        Weights kept by both patterns keep their values; new ones start at zero. The same
+        ``values`` parameter object is resized, so an optimizer holding it keeps working;
+        pass that ``optimizer`` to carry its per-weight state (momenta, Adam moments) over
+        the same way — surviving entries keep theirs, new ones start at zero. Without it,
+        per-weight state whose shape no longer matches must be reset by the caller.
+        """
+        mask = self._check_mask(mask).to(self.values.device)
+        old, new = self._structure, _Structure(mask)
+        old_key = old.row.long() * self.in_features + old.col.long()
+        new_key = new.row.long() * self.in_features + new.col.long()
+        pos = torch.searchsorted(old_key, new_key).clamp_(max=max(old_key.numel() - 1, 0))
+        kept = (
+            old_key[pos] == new_key if old_key.numel() else torch.zeros_like(new_key, dtype=bool)
+        )
+        src, dst = pos[kept], kept.nonzero(as_tuple=True)[0]
+
+        def remap(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(new_key.numel())
+            out[dst] = t[src]
+            return out
+
+        p = self.values
+        if optimizer is not None:
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() == 1:
+                    state[k] = remap(v)
+        p.data = remap(p.data)
+        if p.grad is not None:
+            p.grad = None
+        self._structure = new
+
+    def _check_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        shape = (self.out_features, self.in_features)
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a tensor of shape {shape}, got {got}")
+        return mask.detach().to(torch.bool)
+
+    # -- compute ------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have last dimension in_features={self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.dim() == 2:
+            return _SparseLinearFunction.apply(x, self.values, self.bias, self._structure)
+        y = _SparseLinearFunction.apply(
+            x.reshape(-1, self.in_features), self.values, self.bias, self._structure
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Move the index tensors along with the parameters (``.to``, ``.cuda``, ...)."""
+        super()._apply(fn, recurse)
+        dev = self.values.device
+        s = self._structure
+        for name, t in vars(s).items():
+            setattr(s, name, t.to(dev))
+        return self
+
+    def extra_repr(self) -> str:
+        total = self.in_features * self.out_features
+        density = self.nnz / total if total else 0.0
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, nnz={self.nnz}, density={density:.4f}"
+        )
+
