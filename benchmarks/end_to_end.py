@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import _timing
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,25 +74,9 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def time_ms(fns: dict[str, Callable[[], object]], budget_s: float) -> dict[str, float]:
-    """Best milliseconds per call of each function, timed round-robin in ~10 ms blocks."""
-    reps = {}
-    for name, fn in fns.items():
-        fn()
-        start = time.perf_counter()
-        fn()
-        reps[name] = max(1, min(1000, int(0.01 / max(time.perf_counter() - start, 1e-7))))
-    best = dict.fromkeys(fns, math.inf)
-    start = time.perf_counter()
-    for rnd in range(200):
-        for name, fn in fns.items():
-            fn()  # warm this model's weights back into cache
-            t0 = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / reps[name])
-        if rnd >= 4 and time.perf_counter() - start > budget_s:
-            break
-    return {k: v * 1e3 for k, v in best.items()}
+    """Best ms per call, ~10 ms blocks each started warm (this model's weights in cache)."""
+    return _timing.time_ms(fns, budget_s, block_s=0.01, max_reps=1000, min_rounds=5,
+                           max_rounds=200, rewarm=True)
 
 
 def cases(quick: bool) -> list[tuple[str, str, nn.Module, dict[int, torch.Tensor]]]:

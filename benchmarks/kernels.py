@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import time_ms
 
 from sparsekit.engine import kernels
 from sparsekit.engine.compile import _autotune
@@ -35,27 +36,6 @@ SPARSITIES = (0.5, 0.9, 0.95, 0.99)
 NOISE = 0.95  # "never slower than dense" allows 5% timing noise
 # The issue's goals (speedup of CSR16 over dense F.linear); reported, asserted with --strict.
 GOALS = {(1, 0.9): 8.0, (1, 0.95): 14.0, (64, 0.9): 3.0}
-
-
-def time_ms(fns: dict[str, Callable[[], object]], budget_s: float) -> dict[str, float]:
-    """Best milliseconds per call of each function, timed round-robin in ~20 ms blocks."""
-    reps = {}
-    for name, fn in fns.items():
-        fn()
-        start = time.perf_counter()
-        fn()
-        reps[name] = max(1, min(2000, int(0.02 / max(time.perf_counter() - start, 1e-7))))
-    best = dict.fromkeys(fns, float("inf"))
-    start = time.perf_counter()
-    for rnd in range(20):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / reps[name])
-        if rnd >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return {k: v * 1e3 for k, v in best.items()}
 
 
 def time_cold_ms(
