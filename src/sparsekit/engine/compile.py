@@ -137,7 +137,7 @@ def _compile_linear(
     candidates = [n for n in available_formats(weight) if names is None or n in names]
     built: dict[str, Format] = {}
     for n in ["dense", *candidates]:
-        kwargs = {"threads": threads} if n == "csr16" else {}
+        kwargs = {"threads": threads} if FORMATS[n].threaded else {}
         built[n] = FORMATS[n].from_dense(weight, None, **kwargs)
     times = _autotune(built, bias, sizes, weight.dtype, weight.device)
     total = {n: sum(t.values()) for n, t in times.items()}

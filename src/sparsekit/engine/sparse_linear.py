@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsekit.engine.formats import CSR16, FORMATS, Format, format_from_state
+from sparsekit.engine.formats import FORMATS, Format, format_from_state
 
 __all__ = ["CompiledLinear"]
 
@@ -65,7 +65,7 @@ class CompiledLinear(nn.Module):
                 f"{prefix or 'layer'}: bias entry does not match a layer with "
                 f"bias={self.bias is not None} and out_features={self.out_features}"
             )
-        threads = self.format.threads if isinstance(self.format, CSR16) else None
+        threads = self.format.threads if self.format.threaded else None
         try:
             return format_from_state(own, (self.out_features, self.in_features), threads=threads)
         except ValueError as err:

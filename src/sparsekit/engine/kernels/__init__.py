@@ -22,9 +22,7 @@ import torch
 
 __all__ = ["available", "load", "unavailable_reason"]
 
-_SOURCES = [
-    Path(__file__).with_name(n) for n in ("csr16.cpp", "act_gemv.cpp", "spmm_train.cpp")
-]
+_SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))  # one file per kernel family
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 

@@ -1,119 +1,15 @@
-"""Compressed weight formats: how a sparse ``nn.Linear`` weight is stored and multiplied.
-
-Each format is built from a dense 2-D weight and a boolean mask (``True`` = kept), keeps
-only its compressed tensors as buffers (no dense copy), and computes ``x @ W.T`` for ``x``
-of shape ``(..., in_features)`` with :meth:`Format.matmul`. :data:`FORMATS` maps the names
-accepted by :func:`sparsekit.engine.compile` to the classes.
-
-The buffers are plain dense tensors (values, indices, row pointers), so a format's
-``state_dict`` is its compressed weight; :func:`format_from_state` rebuilds a format from
-one, recognising it by its buffer names (:attr:`Format.buffer_names`).
-"""
+"""CSR formats: torch's sparse CSR (int32 indices) and CSR16 (16-bit indices, own kernels)."""
 
 from __future__ import annotations
 
 import warnings
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from sparsekit.engine import kernels
+from sparsekit.engine.formats.base import Format, masked
 
-__all__ = [
-    "FORMATS", "CSR16", "DenseFormat", "Format", "TorchCSR", "available_formats",
-    "format_from_state",
-]
-
-
-class Format(nn.Module):
-    """Base class: a compressed ``(out_features, in_features)`` weight."""
-
-    name: str = ""
-    buffer_names: tuple[str, ...] = ()  # its state_dict keys, which identify the format
-
-    def __init__(self, out_features: int, in_features: int) -> None:
-        super().__init__()
-        self.out_features = out_features
-        self.in_features = in_features
-
-    @classmethod
-    def supports(cls, weight: torch.Tensor) -> bool:
-        """Whether this format can hold ``weight`` on this machine."""
-        return True
-
-    @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> Format:
-        """Compress ``weight * mask`` (``mask=None``: keep the nonzeros of ``weight``)."""
-        raise NotImplementedError
-
-    @classmethod
-    def from_state(
-        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
-    ) -> Format:
-        """Rebuild from the tensors of a ``state_dict`` (keys :attr:`buffer_names`).
-
-        Raises ``ValueError`` if the tensors do not form a valid ``shape`` weight.
-        """
-        raise NotImplementedError
-
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``."""
-        lead = x.shape[:-1]
-        y = self._mm(x.reshape(-1, self.in_features), bias)
-        return y.reshape(*lead, self.out_features)
-
-    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def to_dense(self) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` weight, zeros where pruned."""
-        raise NotImplementedError
-
-    @property
-    def nnz(self) -> int:
-        """Number of stored weights."""
-        raise NotImplementedError
-
-    def extra_repr(self) -> str:
-        return f"{self.out_features}x{self.in_features}, nnz={self.nnz}"
-
-
-class DenseFormat(Format):
-    """The dense baseline (``F.linear``); always a candidate."""
-
-    name = "dense"
-    buffer_names = ("weight",)
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__(*weight.shape)
-        self.register_buffer("weight", weight.detach().clone().contiguous())
-
-    @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> DenseFormat:
-        return cls(_masked(weight, mask))
-
-    @classmethod
-    def from_state(
-        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
-    ) -> DenseFormat:
-        weight = state["weight"]
-        if tuple(weight.shape) != tuple(shape) or not weight.is_floating_point():
-            raise ValueError(
-                f"dense weight must be a floating {tuple(shape)} tensor, got "
-                f"{tuple(weight.shape)} {weight.dtype}"
-            )
-        return cls(weight)
-
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, self.weight, bias)
-
-    def to_dense(self) -> torch.Tensor:
-        return self.weight.clone()
-
-    @property
-    def nnz(self) -> int:
-        return int(torch.count_nonzero(self.weight))
+__all__ = ["CSR16", "TorchCSR", "check_csr", "csr_parts"]
 
 
 class TorchCSR(Format):
@@ -138,7 +34,7 @@ class TorchCSR(Format):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> TorchCSR:
-        crow, col, values = _csr_parts(_masked(weight, mask))
+        crow, col, values = csr_parts(masked(weight, mask))
         return cls(crow, col, values, tuple(weight.shape))
 
     @classmethod
@@ -146,7 +42,7 @@ class TorchCSR(Format):
         cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
     ) -> TorchCSR:
         crow, col, values = (state[k] for k in cls.buffer_names)
-        _check_csr(crow, col, values, shape, (torch.int32,))
+        check_csr(crow, col, values, shape, (torch.int32,))
         return cls(crow.clone(), col.clone(), values.clone(), shape)
 
     def csr(self) -> torch.Tensor:
@@ -185,6 +81,7 @@ class CSR16(Format):
 
     name = "csr16"
     buffer_names = ("rowptr", "col_indices", "values")
+    threaded = True
 
     def __init__(
         self,
@@ -212,7 +109,7 @@ class CSR16(Format):
     ) -> CSR16:
         if weight.dtype != torch.float32:
             raise TypeError(f"CSR16 needs a float32 weight, got {weight.dtype}")
-        crow, col, values = _csr_parts(_masked(weight, mask))
+        crow, col, values = csr_parts(masked(weight, mask))
         if weight.shape[1] <= 65536:  # stored as int16, read back as uint16
             col = torch.where(col >= 32768, col - 65536, col).to(torch.int16)
         return cls(crow, col, values, tuple(weight.shape), threads)
@@ -226,7 +123,7 @@ class CSR16(Format):
         **kwargs: object,
     ) -> CSR16:
         rowptr, col, values = (state[k] for k in cls.buffer_names)
-        _check_csr(rowptr, col, values, shape, (torch.int16, torch.int32))
+        check_csr(rowptr, col, values, shape, (torch.int16, torch.int32))
         if values.dtype != torch.float32:
             raise ValueError(f"CSR16 values must be float32, got {values.dtype}")
         if col.dtype == torch.int16 and shape[1] > 65536:
@@ -286,30 +183,6 @@ class CSR16(Format):
         return f"{super().extra_repr()}, index_bits={bits}, threads={self.threads}"
 
 
-FORMATS: dict[str, type[Format]] = {f.name: f for f in (DenseFormat, TorchCSR, CSR16)}
-
-
-def available_formats(weight: torch.Tensor) -> list[str]:
-    """Names of the formats that can hold ``weight`` here (``"dense"`` always first)."""
-    return [name for name, fmt in FORMATS.items() if fmt.supports(weight)]
-
-
-def format_from_state(
-    state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
-) -> Format:
-    """The format whose :attr:`~Format.buffer_names` are exactly the keys of ``state``.
-
-    ``kwargs`` (e.g. ``threads``) go to :class:`CSR16`. Raises ``ValueError`` for keys of
-    no format or tensors that do not form a ``shape`` weight.
-    """
-    keys = set(state)
-    for fmt in FORMATS.values():
-        if keys == set(fmt.buffer_names):
-            return fmt.from_state(state, shape, **(kwargs if fmt is CSR16 else {}))
-    accepted = {n: list(f.buffer_names) for n, f in FORMATS.items()}
-    raise ValueError(f"state keys {sorted(keys)} match no format; accepted: {accepted}")
-
-
 def _sparse_csr(
     rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, fmt: Format
 ) -> torch.Tensor:
@@ -326,7 +199,7 @@ def _csr_mm(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torc
     return y if bias is None else y + bias
 
 
-def _check_csr(
+def check_csr(
     rowptr: torch.Tensor,
     col: torch.Tensor,
     values: torch.Tensor,
@@ -355,20 +228,7 @@ def _check_csr(
         raise ValueError(f"column indices must lie in [0, {in_features})")
 
 
-def _masked(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-    weight = weight.detach()
-    if mask is None:
-        return weight
-    if mask.shape != weight.shape:
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected the weight's {tuple(weight.shape)}"
-        )
-    return weight.masked_fill(~mask.to(device=weight.device, dtype=torch.bool), 0)  # +0, not -0
-
-
-def _csr_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def csr_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """int32 row pointers, int32 column indices and values of the nonzeros of ``weight``."""
     keep = weight != 0
     rowptr = torch.zeros(weight.shape[0] + 1, dtype=torch.int64, device=weight.device)

@@ -1,0 +1,77 @@
+"""The :class:`Format` interface every compressed weight format implements."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Format", "masked"]
+
+
+class Format(nn.Module):
+    """Base class: a compressed ``(out_features, in_features)`` weight."""
+
+    name: str = ""
+    buffer_names: tuple[str, ...] = ()  # its state_dict keys, which identify the format
+    threaded: bool = False  # from_dense/from_state take ``threads`` (compiled kernels)
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.in_features = in_features
+
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> bool:
+        """Whether this format can hold ``weight`` on this machine."""
+        return True
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> Format:
+        """Compress ``weight * mask`` (``mask=None``: keep the nonzeros of ``weight``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
+    ) -> Format:
+        """Rebuild from the tensors of a ``state_dict`` (keys :attr:`buffer_names`).
+
+        Raises ``ValueError`` if the tensors do not form a valid ``shape`` weight.
+        """
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``."""
+        lead = x.shape[:-1]
+        y = self._mm(x.reshape(-1, self.in_features), bias)
+        return y.reshape(*lead, self.out_features)
+
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight, zeros where pruned."""
+        raise NotImplementedError
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored weights."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}x{self.in_features}, nnz={self.nnz}"
+
+
+
+def masked(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``weight`` (detached) with zeros where ``mask`` is False; checks both shapes."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    weight = weight.detach()
+    if mask is None:
+        return weight
+    if mask.shape != weight.shape:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected the weight's {tuple(weight.shape)}"
+        )
+    return weight.masked_fill(~mask.to(device=weight.device, dtype=torch.bool), 0)  # +0, not -0

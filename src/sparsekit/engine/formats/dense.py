@@ -1,0 +1,47 @@
+"""The dense baseline format: ``F.linear`` on the (masked) weight."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparsekit.engine.formats.base import Format, masked
+
+__all__ = ["DenseFormat"]
+
+
+class DenseFormat(Format):
+    """The dense baseline (``F.linear``); always a candidate."""
+
+    name = "dense"
+    buffer_names = ("weight",)
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(*weight.shape)
+        self.register_buffer("weight", weight.detach().clone().contiguous())
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> DenseFormat:
+        return cls(masked(weight, mask))
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
+    ) -> DenseFormat:
+        weight = state["weight"]
+        if tuple(weight.shape) != tuple(shape) or not weight.is_floating_point():
+            raise ValueError(
+                f"dense weight must be a floating {tuple(shape)} tensor, got "
+                f"{tuple(weight.shape)} {weight.dtype}"
+            )
+        return cls(weight)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.weight.clone()
+
+    @property
+    def nnz(self) -> int:
+        return int(torch.count_nonzero(self.weight))
