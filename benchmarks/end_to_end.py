@@ -1,6 +1,7 @@
 """Whole models, dense vs ``sparsekit.compile``: latency and memory side by side in one run.
 
-LeNet-300-100 pruned to 90% (global magnitude) at batch 1 and 64, and a stack of
+LeNet-300-100 and the convolutional LeNet-5 pruned to 90% (global magnitude) at batch 1
+and 64, and a stack of
 transformer blocks (d_model 512, FFN 2048, attention built from ``nn.Linear``) pruned to
 50% 2:4 and to 90% unstructured, run on 1 and 64 tokens. Latency is the best of many
 blocks of calls, dense and compiled taking turns so machine load hits both alike; memory is
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekit
-from sparsekit.models import lenet_300_100
+from sparsekit.models import lenet5, lenet_300_100
 
 RESULTS = Path(__file__).parent / "results"
 NOISE = 0.95  # "never slower than dense" allows 5% timing noise
@@ -85,6 +86,9 @@ def cases(quick: bool) -> list[tuple[str, str, nn.Module, dict[int, torch.Tensor
     lenet = lenet_300_100().eval()
     sparsekit.prune(lenet, 0.9, allocation="global")
     out = [("lenet_300_100", "90% global", lenet, {b: torch.randn(b, 784) for b in (1, 64)})]
+    cnn = lenet5().eval()
+    sparsekit.prune(cnn, 0.9, allocation="global")
+    out.append(("lenet5", "90% global", cnn, {b: torch.randn(b, 1, 28, 28) for b in (1, 64)}))
     depth = 2 if quick else 4
     for label, kwargs in (("50% 2:4", {"pattern": "2:4"}), ("90% unstructured", {})):
         stack = Stack(depth).eval()

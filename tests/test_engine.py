@@ -218,3 +218,33 @@ def test_compiled_linear_module() -> None:
     assert torch.equal(back.weight, linear.weight) and torch.equal(back.bias, linear.bias)
     with pytest.raises(ValueError, match="format must be one of"):
         CompiledLinear.from_linear(linear, "bsr")
+
+
+def test_compiled_linear_hot_path_follows_to_load_and_assignment() -> None:
+    linear = nn.Linear(6, 4)
+    layer = CompiledLinear.from_linear(linear, "dense")
+    layer.to(torch.float64)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    ref = x @ linear.weight.double().T + linear.bias.double()
+    torch.testing.assert_close(layer(x), ref)
+    layer.bias = torch.zeros(4, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ linear.weight.double().T)
+    other = CompiledLinear.from_linear(nn.Linear(6, 4).double(), "torch_csr")
+    layer.load_state_dict(other.state_dict())
+    assert layer.format.name == "torch_csr"
+    torch.testing.assert_close(layer(x), other(x))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        CompiledLinear(layer.format, torch.zeros(3))
+
+
+def test_report_lists_activation_sparse_layers() -> None:
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    linear = nn.Linear(8, 5)
+    with torch.no_grad():
+        linear.weight[:, :3] = 0
+    model = nn.Sequential(ActivationSparseLinear.from_linear(linear, 0.1), nn.ReLU())
+    (row,) = report(model, torch.randn(4, 8)).rows
+    got = (row.name, row.kind, row.shape, row.params, row.nonzeros)
+    assert got == ("0", "Linear", (5, 8), 40, 25)
+    assert row.extra == {"format": "activation"} and row.dense_flops == 2 * 4 * 40

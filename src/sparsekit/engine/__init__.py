@@ -1,19 +1,23 @@
 """Execution: compressed weight formats, compiled kernels and per-layer autotuning.
 
-:func:`compile` turns a pruned model into one whose ``nn.Linear`` layers run in the
-fastest measured format (dense included); :func:`report` lists the choices per layer.
+:func:`compile` turns a pruned model into one whose ``nn.Linear`` and ``nn.Conv2d``
+layers run in the fastest measured format (dense included); :func:`report` lists the
+choices per layer.
 Compiled models save and load like any model (:mod:`sparsekit.engine.persist`);
-:func:`decompile` turns one back into ``nn.Linear`` layers.
+:func:`decompile` turns one back into ``nn.Linear``/``nn.Conv2d`` layers.
 """
 
 from sparsekit.engine.compile import compile, report
 from sparsekit.engine.formats import CSR16, FORMATS, DenseFormat, Format, TorchCSR
 from sparsekit.engine.persist import decompile
-from sparsekit.engine.sparse_linear import CompiledLinear
+from sparsekit.engine.sparse_conv import CompiledConv2d
+from sparsekit.engine.sparse_linear import CompiledLayer, CompiledLinear
 
 __all__ = [
     "CSR16",
     "FORMATS",
+    "CompiledConv2d",
+    "CompiledLayer",
     "CompiledLinear",
     "DenseFormat",
     "Format",

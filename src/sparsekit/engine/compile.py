@@ -1,9 +1,10 @@
-"""compile(): replace every ``nn.Linear`` by the fastest measured format for its shape.
+"""compile(): give every ``nn.Linear`` and ``nn.Conv2d`` its fastest measured format.
 
 Each layer's candidate formats are timed side by side at the layer's real shape for every
 batch size the model will serve, and the one with the lowest summed time wins. The dense
-format (``F.linear``) is always a candidate, so a compiled layer is never slower than the
-dense one as measured. The input model is never modified.
+format (PyTorch's own ``F.linear`` / ``F.conv2d``) is always a candidate and its wrapper
+adds no measurable cost, so a compiled layer is never slower than the dense one as
+measured. The input model is never modified.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 from torch import nn
 
 from sparsekit.engine.activation_linear import ActivationSparseLinear
-from sparsekit.engine.formats import FORMATS, Format, available_formats
-from sparsekit.engine.sparse_linear import CompiledLinear
+from sparsekit.engine.formats import FORMATS, available_formats
+from sparsekit.engine.sparse_conv import CompiledConv2d, convertible
+from sparsekit.engine.sparse_linear import CompiledLayer, CompiledLinear
 from sparsekit.report import LayerRow, Report
 from sparsekit.report import report as _base_report
 
@@ -42,19 +44,24 @@ def compile(
     threads: int | None = None,
     activation_sparsity: ActivationSparsity | None = None,
 ) -> nn.Module:
-    """A copy of ``model`` with each ``nn.Linear`` replaced by a :class:`CompiledLinear`.
+    """A copy of ``model`` with its layers replaced by :class:`CompiledLinear` and
+    :class:`~sparsekit.engine.sparse_conv.CompiledConv2d` modules.
 
     Zero weights are the pruned ones (apply the masks first, e.g. with
-    :func:`sparsekit.prune`). ``batch_sizes`` are the numbers of input rows a layer is
-    timed with; ``formats`` ("auto" or names from :data:`~sparsekit.engine.formats.FORMATS`)
-    restricts the sparse candidates (``"dense"`` is always one). ``threads`` fixes the
-    thread count of the compiled kernels (default: ``torch.get_num_threads()``). With
-    ``example_inputs`` (a tensor or a tuple for ``model(*example_inputs)``) the compiled
-    model's output is checked against the original's. The choices, with measured times,
-    are stored in ``compiled.sparsekit_choices``; :func:`report` shows them per layer.
-    Layers calibrated in ``activation_sparsity`` (:func:`sparsekit.activation.calibrate`)
-    become :class:`ActivationSparseLinear` instead, and the output check runs against
-    ``model`` with those thresholds applied.
+    :func:`sparsekit.prune`). ``formats`` ("auto" or names from
+    :data:`~sparsekit.engine.formats.FORMATS`) restricts the sparse candidates (``"dense"``
+    is always one). ``threads`` fixes the thread count of the compiled kernels (default:
+    ``torch.get_num_threads()``). ``batch_sizes`` are the numbers of input rows a linear
+    layer is timed with, and of images for a convolution. Convolutions (groups 1, zero
+    padding) are compiled only with ``example_inputs``, whose forward pass gives each its
+    input size; without them they stay ``nn.Conv2d``.
+
+    With ``example_inputs`` (a tensor or a tuple for ``model(*example_inputs)``) the
+    compiled model's output is checked against the original's. The choices, with measured
+    times, are stored in ``compiled.sparsekit_choices``; :func:`report` shows them per
+    layer. Linear layers calibrated in ``activation_sparsity``
+    (:func:`sparsekit.activation.calibrate`) become :class:`ActivationSparseLinear`
+    instead, and the output check runs against ``model`` with those thresholds applied.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -64,27 +71,34 @@ def compile(
                                 or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     inputs = _as_tuple(example_inputs)
+    conv_shapes = {} if inputs is None else _conv_input_shapes(model, inputs)
 
     compiled = copy.deepcopy(model)
     first_name = {id(m): n for n, m in compiled.named_modules()}
     choices: dict[str, dict[str, object]] = {}
-    done: dict[int, nn.Module] = {}  # a shared Linear is compiled once
+    done: dict[int, nn.Module] = {}  # a shared layer is compiled once
     act = activation_sparsity.thresholds if activation_sparsity is not None else {}
     with torch.no_grad():
         for parent in list(compiled.modules()):
             for child_name, child in list(parent._modules.items()):
-                if type(child) is not nn.Linear:  # subclasses (e.g. in attention) are left
+                if type(child) not in (nn.Linear, nn.Conv2d):  # subclasses are left alone
                     continue
                 if id(child) not in done:
                     name = first_name[id(child)]
-                    if name in act:
+                    if name in act and type(child) is nn.Linear:
                         done[id(child)] = ActivationSparseLinear.from_linear(
                             child, act[name], threads=threads
                         )
-                    else:
-                        done[id(child)], choices[name] = _compile_linear(
-                            child, names, sizes, threads
+                    elif type(child) is nn.Linear:
+                        done[id(child)], choices[name] = _compile_layer(
+                            child, (child.in_features,), names, sizes, threads
                         )
+                    elif name in conv_shapes and convertible(child) is None:
+                        done[id(child)], choices[name] = _compile_layer(
+                            child, conv_shapes[name], names, sizes, threads
+                        )
+                    else:
+                        done[id(child)] = child
                 setattr(parent, child_name, done[id(child)])
     compiled.sparsekit_choices = choices
     if inputs is not None and activation_sparsity is not None:
@@ -101,16 +115,21 @@ def compile(
 def report(
     model: nn.Module, example_inputs: torch.Tensor | tuple[object, ...] | None = None
 ) -> Report:
-    """:func:`sparsekit.report` that also lists :class:`CompiledLinear` layers.
+    """:func:`sparsekit.report` that also lists compiled and activation-sparse layers.
 
-    Compiled layers appear as ``Linear`` rows with the extra columns ``format``,
-    ``ms dense``, ``ms sparse`` and ``speedup`` from ``model.sparsekit_choices``.
+    Compiled layers appear as ``Linear``/``Conv2d`` rows with the extra columns
+    ``format``, ``ms dense``, ``ms sparse`` and ``speedup`` from
+    ``model.sparsekit_choices``; :class:`ActivationSparseLinear` layers as ``Linear`` rows
+    of format ``"activation"``.
     """
     inputs = _as_tuple(example_inputs)
-    compiled = {n: m for n, m in model.named_modules() if isinstance(m, CompiledLinear)}
+    special = {
+        n: m for n, m in model.named_modules()
+        if isinstance(m, (CompiledLayer, ActivationSparseLinear))
+    }
     macs: dict[str, int] = {}
     handles = [
-        m.register_forward_hook(_mac_counter(macs, n, m.in_features)) for n, m in compiled.items()
+        m.register_forward_hook(_mac_counter(macs, n, m.in_features)) for n, m in special.items()
     ]
     try:
         base = {r.name: r for r in _base_report(model, inputs).rows}
@@ -122,24 +141,32 @@ def report(
     for name, module in model.named_modules():
         if name in base:
             rows.append(base[name])
-        elif name in compiled:
-            rows.append(_compiled_row(name, module, macs, inputs is None, choices.get(name)))
+        elif name in special:
+            rows.append(_special_row(name, module, macs, inputs is None, choices.get(name)))
     return Report(rows)
 
 
 # -- per layer -------------------------------------------------------------------------
 
 
-def _compile_linear(
-    linear: nn.Linear, names: list[str] | None, sizes: list[int], threads: int | None
-) -> tuple[CompiledLinear, dict[str, object]]:
-    weight, bias = linear.weight.detach(), linear.bias
-    candidates = [n for n in available_formats(weight) if names is None or n in names]
-    built: dict[str, Format] = {}
-    for n in ["dense", *candidates]:
-        kwargs = {"threads": threads} if FORMATS[n].threaded else {}
-        built[n] = FORMATS[n].from_dense(weight, None, **kwargs)
-    times = _autotune(built, bias, sizes, weight.dtype, weight.device)
+def _compile_layer(
+    layer: nn.Linear | nn.Conv2d,
+    in_shape: tuple[int, ...],
+    names: list[str] | None,
+    sizes: list[int],
+    threads: int | None,
+) -> tuple[CompiledLayer, dict[str, object]]:
+    """The fastest compiled version of ``layer`` and the measurements behind the choice."""
+    weight = layer.weight.detach()
+    matrix = weight.reshape(weight.shape[0], -1)
+    build = CompiledLinear.from_linear if type(layer) is nn.Linear else CompiledConv2d.from_conv2d
+    candidates = [n for n in available_formats(matrix) if n == "dense" or names is None
+                  or n in names]
+    built = {
+        n: build(layer, n, **({"threads": threads} if FORMATS[n].threaded else {}))
+        for n in candidates
+    }
+    times = _autotune(built, in_shape, sizes, weight.dtype, weight.device)
     total = {n: sum(t.values()) for n, t in times.items()}
     best = min(total, key=total.__getitem__)
     choice = {
@@ -149,26 +176,26 @@ def _compile_linear(
         "speedup": total["dense"] / total[best] if total[best] > 0 else 1.0,
         "times_ms": times,
     }
-    return CompiledLinear(built[best], bias), choice
+    return built[best], choice
 
 
 def _autotune(
-    built: dict[str, Format],
-    bias: torch.Tensor | None,
+    built: dict[str, nn.Module],
+    in_shape: tuple[int, ...],
     sizes: list[int],
     dtype: torch.dtype,
     device: torch.device,
 ) -> dict[str, dict[int, float]]:
-    """Milliseconds per call of every format and batch size.
+    """Milliseconds per call of every compiled candidate and batch size.
 
-    Formats take turns (so a change in machine load hits all of them alike), and each
-    block of calls starts warm, as in steady-state serving of a layer.
+    The modules themselves are called, so wrapper and kernel-launch costs count. Formats
+    take turns (so a change in machine load hits all of them alike), and each block of
+    calls starts warm, as in steady-state serving of a layer.
     """
-    in_features = next(iter(built.values())).in_features
     times: dict[str, dict[int, float]] = {n: {} for n in built}
     for b in sizes:
-        x = torch.randn(b, in_features, dtype=dtype, device=device)
-        calls = {n: (lambda f=f, x=x: f.matmul(x, bias)) for n, f in built.items()}
+        x = torch.randn(b, *in_shape, dtype=dtype, device=device)
+        calls = {n: (lambda m=m, x=x: m(x)) for n, m in built.items()}
         reps = {n: _calls_per_block(fn) for n, fn in calls.items()}
         best = {n: float("inf") for n in built}
         start = time.perf_counter()
@@ -181,6 +208,32 @@ def _autotune(
         for n in built:
             times[n][b] = best[n] * 1e3
     return times
+
+
+def _conv_input_shapes(model: nn.Module, inputs: tuple[object, ...]) -> dict[str, tuple[int, ...]]:
+    """``(C, H, W)`` of the first input each ``nn.Conv2d`` of ``model`` sees."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            shapes.setdefault(name, tuple(args[0].shape[-3:]))
+        return fn
+
+    if not convs:
+        return shapes
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in convs.items()]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return shapes
 
 
 def _calls_per_block(fn: Callable[[], object]) -> int:
@@ -206,27 +259,34 @@ def _mac_counter(macs: dict[str, int], name: str, in_features: int) -> Callable[
     return hook
 
 
-def _compiled_row(
+def _special_row(
     name: str,
-    module: CompiledLinear,
+    module: CompiledLayer | ActivationSparseLinear,
     macs: dict[str, int],
     one_row: bool,
     choice: dict[str, object] | None,
 ) -> LayerRow:
     params = module.in_features * module.out_features
-    nonzeros = module.format.nnz
-    layer_macs = params if one_row else macs.get(name)
+    if isinstance(module, CompiledLayer):
+        nonzeros, extra = module.format.nnz, {"format": module.format.name}
+        kind = "Conv2d" if isinstance(module, CompiledConv2d) else "Linear"
+    else:
+        nonzeros, extra = int(torch.count_nonzero(module.weight_t)), {"format": "activation"}
+        kind = "Linear"
+    layer_macs = params if one_row and kind == "Linear" else macs.get(name)
     dense = None if layer_macs is None else 2 * layer_macs
-    extra: dict[str, object] = {"format": module.format.name}
     if choice is not None:
         extra.update(
             {"ms dense": choice["ms_dense"], "ms sparse": choice["ms_chosen"],
              "speedup": choice["speedup"]}
         )
+    shape = (module.out_features, module.in_features)
+    if isinstance(module, CompiledConv2d):
+        shape = (module.out_channels, module.in_channels, *module.kernel_size)
     return LayerRow(
         name=name,
-        kind="Linear",
-        shape=(module.out_features, module.in_features),
+        kind=kind,
+        shape=shape,
         params=params,
         nonzeros=nonzeros,
         dense_flops=dense,

@@ -1,12 +1,14 @@
 """Persistence of compiled models: checkpoints, and the way back to ``nn.Linear``.
 
-A :class:`~sparsekit.engine.sparse_linear.CompiledLinear` stores its weight as the plain
+A compiled layer (:class:`~sparsekit.engine.sparse_linear.CompiledLayer`) stores its weight
+as the plain
 tensors of its format (values, column indices, row pointers), so ``state_dict()``,
 :func:`sparsekit.save` and :func:`sparsekit.load` work on compiled models as on any other.
 Because the number of nonzeros and the chosen format differ from model to model, a compiled
 layer takes both from what is loaded; :func:`expected_state` tells
 :func:`sparsekit.load` which shapes to accept. :func:`decompile` turns a compiled model
-back into one with ``nn.Linear`` layers (to train again, or to save a dense checkpoint).
+back into one with ``nn.Linear`` and ``nn.Conv2d`` layers (to train again, or to save a
+dense checkpoint).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import torch
 from torch import nn
 
 from sparsekit.engine.activation_linear import ActivationSparseLinear
-from sparsekit.engine.sparse_linear import CompiledLinear
+from sparsekit.engine.sparse_conv import CompiledConv2d
+from sparsekit.engine.sparse_linear import CompiledLayer, CompiledLinear
 
 __all__ = ["decompile", "expected_state"]
 
 
 def decompile(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every compiled layer replaced by an equivalent ``nn.Linear``.
+    """A copy of ``model`` with every compiled layer replaced by its ``nn.Linear``/``nn.Conv2d``.
 
     Weights are dense with zeros where pruned, as trainable parameters on the layer's
     device and dtype. An :class:`ActivationSparseLinear` loses its input thresholds (its
@@ -31,15 +34,15 @@ def decompile(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, (CompiledLinear, ActivationSparseLinear)):
-        return _to_linear(model)
+    if isinstance(model, (CompiledLayer, ActivationSparseLinear)):
+        return _to_module(model)
     out = copy.deepcopy(model)
-    done: dict[int, nn.Linear] = {}  # a shared layer stays shared
+    done: dict[int, nn.Module] = {}  # a shared layer stays shared
     for parent in list(out.modules()):
         for name, child in list(parent._modules.items()):
-            if isinstance(child, (CompiledLinear, ActivationSparseLinear)):
+            if isinstance(child, (CompiledLayer, ActivationSparseLinear)):
                 if id(child) not in done:
-                    done[id(child)] = _to_linear(child)
+                    done[id(child)] = _to_module(child)
                 setattr(parent, name, done[id(child)])
     out.__dict__.pop("sparsekit_choices", None)
     return out
@@ -55,7 +58,7 @@ def expected_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     """
     own = model.state_dict()
     for name, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, CompiledLinear):
+        if not isinstance(module, CompiledLayer):
             continue
         head = f"{name}.format." if name else "format."
         if not any(k.startswith(head) for k in state):
@@ -67,8 +70,10 @@ def expected_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     return own
 
 
-def _to_linear(layer: CompiledLinear | ActivationSparseLinear) -> nn.Linear:
-    if isinstance(layer, CompiledLinear):
+def _to_module(layer: CompiledLayer | ActivationSparseLinear) -> nn.Module:
+    if isinstance(layer, CompiledConv2d):
+        linear: nn.Module = layer.to_conv2d()
+    elif isinstance(layer, CompiledLinear):
         linear = layer.to_linear()
     else:
         weight = layer.weight_t.t()

@@ -42,6 +42,8 @@ class Format(nn.Module):
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``."""
+        if x.dim() == 2:  # the common case, without the reshapes (µs count at batch 1)
+            return self._mm(x, bias)
         lead = x.shape[:-1]
         y = self._mm(x.reshape(-1, self.in_features), bias)
         return y.reshape(*lead, self.out_features)

@@ -134,11 +134,13 @@ class CSR16(Format):
         ops = kernels.load()
         if ops is None:  # e.g. a checkpoint loaded where the kernels cannot be built
             return _csr_mm(self._torch_csr(), x.to(torch.float32), bias)
-        x = x.to(torch.float32).contiguous()
-        if bias is not None:
-            bias = bias.to(torch.float32).contiguous()
+        if x.dtype != torch.float32:
+            x = x.float()
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
+        b = self._buffers  # direct: nn.Module.__getattr__ costs ~0.2 µs per buffer
         return ops.csr_linear(
-            self.values, self.col_indices, self.rowptr, x, bias, self._threads(x.shape[0])
+            b["values"], b["col_indices"], b["rowptr"], x, bias, self._threads(x.shape[0])
         )
 
     def _torch_csr(self) -> torch.Tensor:
@@ -160,7 +162,7 @@ class CSR16(Format):
     def _threads(self, batch: int) -> int:
         if self.threads is not None:
             return self.threads
-        work = (self.nnz + self.out_features) * batch
+        work = (self._buffers["values"].numel() + self.out_features) * batch
         return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
 
     def to_dense(self) -> torch.Tensor:

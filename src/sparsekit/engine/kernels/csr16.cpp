@@ -259,11 +259,13 @@ void dispatch(const at::Tensor& values, const at::Tensor& cols_t, const at::Tens
 
 // y = x @ W.T (+ bias) for x of shape (batch, cols); W in CSR with int16/int32 column indices.
 at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,
-                         const at::Tensor& rowptr, const at::Tensor& x,
-                         const std::optional<at::Tensor>& bias, int64_t threads) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+                         const at::Tensor& rowptr, const at::Tensor& x_in,
+                         const std::optional<at::Tensor>& bias_in, int64_t threads) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
               "x must be a 2-D float32 CPU tensor");
-  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  const at::Tensor x = x_in.contiguous();  // no copy when it already is
+  std::optional<at::Tensor> bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(),
               "values must be contiguous float32");
   TORCH_CHECK(rowptr.scalar_type() == at::kInt && rowptr.is_contiguous() && rowptr.dim() == 1,
