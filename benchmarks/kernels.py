@@ -1,9 +1,10 @@
 """Sparse linear kernels vs dense, side by side in one run.
 
-For each weight shape, batch size and unstructured sparsity this times dense ``F.linear``
-(the baseline), the best dense call (``torch.mv`` too at batch 1), a masked dense weight,
-torch CSR with int32 indices in its fastest call form, sparsekit's CSR16 kernel and the
-format sparsekit's autotuner picks, next to the bandwidth floor of CSR16 (its bytes over
+For each weight shape, pattern (unstructured at 50-99%, 2:4, 16x16 blocks, constant
+fan-in), and batch size this times dense ``F.linear`` (the baseline), the best dense call
+(``torch.mv`` too at batch 1), a masked dense weight, torch CSR with int32 indices in its
+fastest call form, every sparsekit format that can hold the weight and the format
+``sparsekit.compile`` picks, next to the bandwidth floor of that format (its bytes over
 the stream bandwidth measured in the same run). Writes ``results/kernels.json`` and
 ``results/kernels.md`` and exits non-zero when a target is missed.
 
@@ -25,14 +26,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _timing import time_ms
+from torch import nn
 
+import sparsekit
 from sparsekit.engine import kernels
-from sparsekit.engine.compile import _autotune
-from sparsekit.engine.formats import CSR16, DenseFormat, Format, TorchCSR
+from sparsekit.engine.formats import FORMATS, DenseFormat, Format, available_formats
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 8, 64)
-SPARSITIES = (0.5, 0.9, 0.95, 0.99)
+# (pattern, sparsity): unstructured over the range, and each structured pattern once
+CASES = [
+    *(("unstructured", s) for s in (0.5, 0.7, 0.9, 0.95, 0.99)),
+    ("2:4", 0.5), ("block16", 0.9), ("fanin", 0.9),
+]
 NOISE = 0.95  # "never slower than dense" allows 5% timing noise
 # The issue's goals (speedup of CSR16 over dense F.linear); reported, asserted with --strict.
 GOALS = {(1, 0.9): 8.0, (1, 0.95): 14.0, (64, 0.9): 3.0}
@@ -111,12 +117,44 @@ def stream_bandwidth(mib: int = 1024) -> float:
     return max(nbytes / (t["sum"] * 1e-3), 2 * nbytes / (t["copy"] * 1e-3))
 
 
-def csr16_bytes(fmt: CSR16, batch: int) -> int:
-    """Bytes CSR16 must move: values, indices, row pointers, input and output."""
-    tensors = (fmt.values, fmt.col_indices, fmt.rowptr)
-    return sum(t.numel() * t.element_size() for t in tensors) + 4 * batch * (
-        fmt.in_features + fmt.out_features
-    )
+def format_bytes(fmt: Format, batch: int) -> int:
+    """Bytes a format must move per call: its buffers, the input and the output."""
+    own = sum(t.numel() * t.element_size() for t in fmt.buffers())
+    return own + 4 * batch * (fmt.in_features + fmt.out_features)
+
+
+def pattern_mask(pattern: str, sparsity: float, shape: tuple[int, int], g: torch.Generator):
+    """A random mask of ``pattern`` ("unstructured", "2:4", "block16", "fanin")."""
+    out_f, in_f = shape
+    if pattern == "unstructured":
+        return torch.rand(shape, generator=g) >= sparsity
+    if pattern == "2:4":
+        groups = torch.rand(out_f, in_f // 4, 4, generator=g)
+        keep = groups.argsort(dim=-1, descending=True)[..., :2]
+        return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True).view(shape)
+    if pattern == "block16":
+        blocks = torch.rand(out_f // 16, in_f // 16, generator=g) >= sparsity
+        return blocks.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    if pattern == "fanin":  # every row keeps the same number of inputs (SRigL)
+        k = round(in_f * (1 - sparsity))
+        keep = torch.rand(shape, generator=g).argsort(dim=1)[:, :k]
+        return torch.zeros(shape, dtype=torch.bool).scatter_(1, keep, True)
+    raise ValueError(f"pattern must be one of {[p for p, _ in CASES]}, got {pattern!r}")
+
+
+def chosen_by_compile(masked: torch.Tensor) -> dict[int, tuple[str, dict[str, float]]]:
+    """Per batch size: the format ``sparsekit.compile`` picks when serving only that batch
+    size, and the times it measured (ms per format)."""
+    out_f, in_f = masked.shape
+    layer = nn.Sequential(nn.Linear(in_f, out_f, bias=False))
+    with torch.no_grad():
+        layer[0].weight.copy_(masked)
+    times = sparsekit.compile(layer, batch_sizes=BATCHES).sparsekit_choices["0"]["times_ms"]
+    out = {}
+    for b in BATCHES:
+        at_b = {n: t[b] for n, t in times.items()}
+        out[b] = (min(at_b, key=at_b.__getitem__), at_b)
+    return out
 
 
 def run_shape(
@@ -130,29 +168,24 @@ def run_shape(
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(out_f, in_f, generator=g)
     rows = []
-    for sparsity in SPARSITIES:
-        mask = torch.rand(out_f, in_f, generator=g) >= sparsity
+    for pattern, sparsity in CASES:
+        mask = pattern_mask(pattern, sparsity, (out_f, in_f), g)
+        masked = DenseFormat.from_dense(weight, mask).weight
         formats: dict[str, Format] = {
-            "dense": DenseFormat.from_dense(weight, mask),
-            "torch_csr": TorchCSR.from_dense(weight, mask),
+            n: FORMATS[n].from_dense(masked) for n in available_formats(masked) if n != "dense"
         }
-        if CSR16.supports(weight):
-            formats["csr16"] = CSR16.from_dense(weight, mask)
         for batch in BATCHES:
             x = torch.randn(batch, in_f, generator=g)
             fns: dict[str, Callable[[], object]] = {
                 "dense": partial(F.linear, x, weight),
-                "masked": partial(F.linear, x, formats["dense"].weight),
-                "torch_csr": partial(formats["torch_csr"].matmul, x),
+                "masked": partial(F.linear, x, masked),
+                **{n: partial(f.matmul, x) for n, f in formats.items()},
             }
             if batch == 1:
                 fns["mv"] = partial(torch.mv, weight, x[0])
-            if "csr16" in formats:
-                fns["csr16"] = partial(formats["csr16"].matmul, x)
             for _ in range(4):  # measure again when another process disturbed the case
                 waited = guard.wait()
-                tuned = _autotune(formats, None, [batch], torch.float32, torch.device("cpu"))
-                chosen = min(tuned, key=lambda n, tuned=tuned: tuned[n][batch])
+                chosen, tuned = chosen_by_compile(masked)[batch]
                 ms = time_ms(fns, budget_s) if flush is None else time_cold_ms(fns, flush)
                 quiet = guard.quiet()
                 if quiet or not waited:  # quiet, or the machine stays busy: keep this one
@@ -160,42 +193,45 @@ def run_shape(
             ms["best_dense"] = min(ms["dense"], ms.get("mv", float("inf")))
             # a layer compiled to "dense" runs F.linear on the masked weight
             ms["chosen"] = ms["masked" if chosen == "dense" else chosen]
-            floor = csr16_bytes(CSR16.from_dense(weight, mask), batch) / bandwidth * 1e3
+            floors = {n: format_bytes(f, batch) / bandwidth * 1e3 for n, f in formats.items()}
             row = {
                 "shape": f"{out_f}x{in_f}",
+                "pattern": pattern,
                 "batch": batch,
                 "sparsity": sparsity,
                 "quiet": quiet,
                 "chosen_format": chosen,
-                "autotune_ms": {k: round(v[batch], 4) for k, v in tuned.items()},
+                "autotune_ms": {k: round(v, 4) for k, v in tuned.items()},
                 "ms": {k: round(v, 4) for k, v in ms.items()},
-                "csr16_floor_ms": round(floor, 4),
+                "floor_ms": {k: round(v, 4) for k, v in floors.items()},
                 "speedup_vs_dense": {k: round(ms["dense"] / v, 3) for k, v in ms.items()},
             }
-            if "csr16" in ms:
-                row["csr16_pct_of_floor"] = round(100 * floor / ms["csr16"], 1)
+            if chosen in floors:
+                row["chosen_pct_of_floor"] = round(100 * floors[chosen] / ms["chosen"], 1)
             rows.append(row)
             print(table_line(row), flush=True)
         del formats
     return rows
 
 
+SPARSE = [n for n in FORMATS if n not in ("dense", "torch_csr")]  # sparsekit's own formats
 HEADER = (
-    "| shape | batch | sparsity | dense ms | best dense ms | masked ms | torch CSR ms | CSR16 ms "
-    "| floor ms | CSR16 % floor | torch CSR × | CSR16 × | chosen | chosen × | chosen × masked |"
+    "| shape | pattern | batch | sparsity | dense ms | best dense ms | masked ms | torch CSR ms | "
+    + " | ".join(f"{n} ms" for n in SPARSE)
+    + " | chosen | chosen ms | floor ms | % floor | chosen × | chosen × masked |"
 )
 
 
 def table_line(r: dict) -> str:
     ms, sp = r["ms"], r["speedup_vs_dense"]
-    csr16 = ms.get("csr16")
+    floor = r["floor_ms"].get(r["chosen_format"])
     cells = [
-        r["shape"] + ("" if r.get("quiet", True) else " (noisy)"),
+        r["shape"] + ("" if r.get("quiet", True) else " (noisy)"), r["pattern"],
         r["batch"], f"{r['sparsity']:.0%}", f"{ms['dense']:.3f}",
         f"{ms['best_dense']:.3f}", f"{ms['masked']:.3f}", f"{ms['torch_csr']:.3f}",
-        "-" if csr16 is None else f"{csr16:.3f}", f"{r['csr16_floor_ms']:.3f}",
-        f"{r.get('csr16_pct_of_floor', '-')}", f"{sp['torch_csr']:.2f}",
-        "-" if csr16 is None else f"{sp['csr16']:.2f}", r["chosen_format"], f"{sp['chosen']:.2f}",
+        *("-" if n not in ms else f"{ms[n]:.3f}" for n in SPARSE),
+        r["chosen_format"], f"{ms['chosen']:.3f}", "-" if floor is None else f"{floor:.3f}",
+        f"{r.get('chosen_pct_of_floor', '-')}", f"{sp['chosen']:.2f}",
         f"{ms['masked'] / ms['chosen']:.2f}",
     ]
     return "| " + " | ".join(map(str, cells)) + " |"
@@ -205,7 +241,7 @@ def check(rows: list[dict], strict: bool) -> tuple[list[str], list[str]]:
     """Misses of the asserted targets, and a status line per issue goal."""
     misses, goals = [], []
     for r in rows:
-        where = f"{r['shape']} batch {r['batch']} sparsity {r['sparsity']:.0%}"
+        where = f"{r['shape']} {r['pattern']} batch {r['batch']} sparsity {r['sparsity']:.0%}"
         if not r["quiet"]:
             where += " (measured while other processes competed for the cores)"
         # the pruned model runs F.linear on its masked weight: that is what compile replaces
@@ -214,6 +250,8 @@ def check(rows: list[dict], strict: bool) -> tuple[list[str], list[str]]:
             misses.append(
                 f"{where}: chosen {r['chosen_format']} is {vs_masked:.2f}x masked dense (< {NOISE})"
             )
+        if r["pattern"] != "unstructured":
+            continue
         faster = r["ms"].get("csr16", 0.0) < r["ms"]["torch_csr"]
         if r["batch"] == 1 and r["sparsity"] == 0.9 and "csr16" in r["ms"] and not faster:
             misses.append(
@@ -283,8 +321,8 @@ def main() -> int:
         "",
         f"torch {env['torch']}, {env['threads']} threads, stream bandwidth "
         f"{env['bandwidth_gbs']} GB/s. {timing} × is speedup over dense `F.linear`; "
-        "floor is CSR16's bytes over the bandwidth; chosen is the format sparsekit's "
-        "autotuner picks (timed warm, as `compile` does); 'chosen × masked' compares it with "
+        "chosen is the format `sparsekit.compile` picks for that batch size (timed warm), "
+        "floor its bytes over the bandwidth; 'chosen × masked' compares it with "
         "`F.linear` on the masked weight, which is what the pruned model runs before `compile` "
         "(on this CPU MKL is up to ~20% slower on a weight full of zeros than on a random one).",
         "",
