@@ -248,3 +248,18 @@ def test_report_lists_activation_sparse_layers() -> None:
     got = (row.name, row.kind, row.shape, row.params, row.nonzeros)
     assert got == ("0", "Linear", (5, 8), 40, 25)
     assert row.extra == {"format": "activation"} and row.dense_flops == 2 * 4 * 40
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_compile_other_dtypes_uses_the_formats_that_support_them(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).to(dtype).eval()
+    sparsekit.prune(model, 0.8)
+    x = torch.randn(5, 64, dtype=dtype)
+    compiled = compile(model, x, batch_sizes=(1, 5))
+    for choice in compiled.sparsekit_choices.values():
+        assert all(FORMATS[n].supports(torch.zeros(1, 1, dtype=dtype)) for n in choice["times_ms"])
+    assert ("torch_csr" in compiled.sparsekit_choices["0"]["times_ms"]) == (dtype == torch.float64)
+    with torch.no_grad():
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-10
+        torch.testing.assert_close(compiled(x), model(x), rtol=tol, atol=tol)

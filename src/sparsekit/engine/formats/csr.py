@@ -33,6 +33,11 @@ class TorchCSR(Format):
         self._key: tuple[int, ...] = ()
 
     @classmethod
+    def supports(cls, weight: torch.Tensor) -> bool:
+        # MKL's CPU kernels take float32/float64 only (no bf16/fp16 addmv or addmm)
+        return weight.device.type != "cpu" or weight.dtype in (torch.float32, torch.float64)
+
+    @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> TorchCSR:
         crow, col, values = csr_parts(masked(weight, mask))
         return cls(crow, col, values, tuple(weight.shape))
