@@ -23,6 +23,7 @@ import torch
 __all__ = ["available", "load", "unavailable_reason"]
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))  # one file per kernel family
+_HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 
@@ -76,7 +77,7 @@ def _cache_dir() -> Path:
 def _build_key() -> str:
     """Hash of everything the built library depends on (sources, flags, CPU, Python)."""
     h = hashlib.sha256()
-    for src in _SOURCES:
+    for src in [*_SOURCES, *_HEADERS]:
         h.update(src.read_bytes())
     h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     h.update(f"{sys.version_info[:2]} {platform.machine()} {_cpu_flags()}".encode())

@@ -2,8 +2,9 @@
 //
 // W is stored row-major as CSR: fp32 values, uint16 column indices (int32 when a layer
 // is wider than 65535) and int32 row pointers, i.e. 6 bytes per nonzero instead of 8.
-// Batch 1 (up to 3) is a gather-based GEMV per input; batch > 1 transposes x once into a padded per-thread
-// workspace (reused across calls) and streams each row of W once per chunk of 64/128 inputs.
+// Batch 1 (up to 3) is a gather-based GEMV per input; larger batches transpose x once into a
+// padded per-thread workspace (reused across calls) and stream each row of W once per chunk
+// of 64/128 inputs.
 // Rows are split across OpenMP threads so that each thread gets a similar share of
 // nonzeros + rows.
 
@@ -19,6 +20,8 @@
 #include <optional>
 #include <vector>
 
+#include "common.h"
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -30,21 +33,7 @@ constexpr int64_t kPrefetch = 512;  // nonzeros (2 KiB of values) prefetched ahe
 typedef float vec16 __attribute__((vector_size(64)));  // batched-kernel vectors
 typedef float vec8 __attribute__((vector_size(32)));
 
-// First row index i with rowptr[i] + i >= target (work = nonzeros + rows).
-int64_t row_bound(const int32_t* rowptr, int64_t rows, int64_t target) {
-  int64_t lo = 0, hi = rows;
-  while (lo < hi) {
-    int64_t mid = (lo + hi) / 2;
-    if (static_cast<int64_t>(rowptr[mid]) + mid < target) lo = mid + 1; else hi = mid;
-  }
-  return lo;
-}
-
-void thread_rows(const int32_t* rowptr, int64_t rows, int t, int T, int64_t* r0, int64_t* r1) {
-  int64_t work = static_cast<int64_t>(rowptr[rows]) + rows;
-  *r0 = t == 0 ? 0 : row_bound(rowptr, rows, work * t / T);
-  *r1 = t == T - 1 ? rows : row_bound(rowptr, rows, work * (t + 1) / T);
-}
+using sparsekit::thread_rows;
 
 #if defined(__AVX512F__)
 inline __m512i load_idx(const uint16_t* p) {
