@@ -26,3 +26,27 @@ def test_sparse_training_quick(tmp_path):
         "RigL ≥ SET ≥ static", "gradual ≥ one-shot"}
     assert (tmp_path / "sparse_training.md").read_text().count("\n| ") > 9
     assert (tmp_path / "sparse_training.png").exists()
+
+
+def _run(script: str, *args: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-check"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_kernels_small_shape():
+    _run("kernels.py", "--quick", "--shapes", "128x256", "--budget", "0.02", "--wait", "0")
+    data = json.loads((ROOT / "benchmarks" / "results" / "kernels_quick.json").read_text())
+    patterns = {(r["pattern"], r["sparsity"]) for r in data["rows"]}
+    assert {("unstructured", 0.9), ("2:4", 0.5), ("block16", 0.9), ("fanin", 0.9)} <= patterns
+    for r in data["rows"]:
+        assert r["chosen_format"] in r["autotune_ms"] and r["ms"]["chosen"] > 0
+
+
+def test_end_to_end_quick():
+    _run("end_to_end.py", "--quick", "--budget", "0.05")
+    data = json.loads((ROOT / "benchmarks" / "results" / "end_to_end_quick.json").read_text())
+    assert {r["model"] for r in data["rows"]} == {"lenet_300_100", "lenet5", "transformer_2x512"}
+    assert all(r["speedup"] > 0 and 0 < r["memory_ratio"] <= 1.0 for r in data["rows"])
