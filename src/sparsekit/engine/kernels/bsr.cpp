@@ -85,7 +85,6 @@ void gemv(const Bsr& w, const I* c, const float* x, const float* bias, float* y,
       for (int64_t k = w.rowptr[br]; k < w.rowptr[br + 1]; ++k) {
         const float* vb = w.v + k * RC;
         const float* xb = x + static_cast<int64_t>(c[k]) * w.C;
-        __builtin_prefetch(vb + 4 * RC, 0, 0);
         for (int64_t j = 0; j < w.C; j += L) {
           const V xv = loadv<V>(xb + j);
           for (int64_t i = 0; i < w.R; ++i) acc[i] += loadv<V>(vb + i * w.C + j) * xv;

@@ -29,6 +29,7 @@
 namespace {
 
 constexpr int64_t kGemvMaxBatch = 3;
+constexpr int64_t kRowTile = 16;  // rows per batched tile
 typedef float vec16 __attribute__((vector_size(64)));
 
 struct FanIn {
@@ -74,9 +75,9 @@ void gemv(const FanIn& w, const I* c, const float* x, float* y, int T) {
   for (int64_t r = 0; r < w.n; ++r) {
     const float* vr = w.v + r * w.k;
     const I* cr = c + r * w.k;
-    for (int64_t j = 0; j < w.k; j += 16) {  // the row after next: hides the DRAM latency
-      __builtin_prefetch(vr + 2 * w.k + j, 0, 0);
-      if (j % 32 == 0) __builtin_prefetch(cr + 2 * w.k + j, 0, 0);
+    if (r + 2 < w.n) {  // the row after next: the gathers fill the out-of-order window
+      for (int64_t j = 0; j < w.k; j += 16) __builtin_prefetch(vr + 2 * w.k + j, 0, 3);
+      for (int64_t j = 0; j < w.k; j += 32) __builtin_prefetch(cr + 2 * w.k + j, 0, 3);
     }
     y[w.rows[r]] += row_dot(vr, cr, w.k, x);
   }
@@ -133,22 +134,27 @@ void spmm(const FanIn& w, const I* c, int64_t cols, const float* x, int64_t batc
         for (int64_t i = i0; i < i1; ++i) xt[i * ld + b] = b < batch ? x[b * cols + i] : 0.f;
       }
     }  // implicit barrier: xt is complete
-    alignas(64) vec16 tile[4];
+    alignas(64) vec16 tile[kRowTile][4];
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < w.n; ++r) {
-      const float* vr = w.v + r * w.k;
-      const I* cr = c + r * w.k;
+    for (int64_t t0 = 0; t0 < w.n; t0 += kRowTile) {  // tiles: contiguous runs of y
+      const int64_t t1 = std::min(w.n, t0 + kRowTile);
       for (int64_t b0 = 0; b0 < ld; b0 += kChunk) {
         const int nv = static_cast<int>(std::min<int64_t>(4, (ld - b0) / L));
-        switch (nv) {
-          case 4: row_chunk<4>(vr, cr, w.k, xt + b0, ld, tile); break;
-          case 3: row_chunk<3>(vr, cr, w.k, xt + b0, ld, tile); break;
-          case 2: row_chunk<2>(vr, cr, w.k, xt + b0, ld, tile); break;
-          default: row_chunk<1>(vr, cr, w.k, xt + b0, ld, tile); break;
+        for (int64_t r = t0; r < t1; ++r) {
+          const float* vr = w.v + r * w.k;
+          const I* cr = c + r * w.k;
+          switch (nv) {
+            case 4: row_chunk<4>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
+            case 3: row_chunk<3>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
+            case 2: row_chunk<2>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
+            default: row_chunk<1>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
+          }
         }
-        const float* t = reinterpret_cast<const float*>(tile);
         for (int64_t b = b0; b < std::min<int64_t>(batch, b0 + nv * L); ++b) {
-          y[b * w.out_rows + w.rows[r]] += t[b - b0];
+          float* yb = y + b * w.out_rows;
+          for (int64_t r = t0; r < t1; ++r) {
+            yb[w.rows[r]] += reinterpret_cast<const float*>(tile[r - t0])[b - b0];
+          }
         }
       }
     }
