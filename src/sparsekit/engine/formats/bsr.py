@@ -11,6 +11,7 @@ from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 
 __all__ = ["BSR", "BLOCK_SIZES", "MIN_FILL", "choose_block"]
 
+# Largest first; each a multiple of the last (4x4), so their block grids nest.
 BLOCK_SIZES: tuple[tuple[int, int], ...] = ((32, 32), (16, 16), (8, 8), (4, 4))
 MIN_FILL = 0.9  # a block size fits when >= 90% of the weights in its stored blocks are nonzero
 
@@ -55,8 +56,7 @@ class BSR(Format):
         """float32 CPU weights with a block structure (see :func:`choose_block`)."""
         if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
             return False
-        _, fill = choose_block(weight != 0)
-        return fill >= MIN_FILL and kernels.available()
+        return choose_block(weight != 0)[1] >= MIN_FILL and kernels.available()
 
     @classmethod
     def from_dense(
@@ -127,34 +127,49 @@ def choose_block(nonzero: torch.Tensor) -> tuple[tuple[int, int], float]:
 
     The fill of a block size is the fraction of nonzeros among the (in-bounds) weights of
     the blocks it must store. The rule: the largest of :data:`BLOCK_SIZES` whose fill is at
-    least :data:`MIN_FILL`; if none is, the one with the highest fill. A pattern without
-    nonzeros has fill 1 for every size. Dense patterns qualify as well (fill 1) but then
-    nothing is skipped and the dense format wins the autotuning.
+    least :data:`MIN_FILL`; if none is, the smallest (the grids are nested, so it has the
+    highest fill). A pattern without nonzeros has fill 1 for every size. Dense patterns
+    qualify as well (fill 1) but then nothing is skipped and the dense format wins the
+    autotuning. Costs one pass over ``nonzero``; the larger sizes work on the small grid.
     """
-    nnz = int(nonzero.sum())
-    best: tuple[tuple[int, int], float] = (BLOCK_SIZES[-1], -1.0)
-    for block in BLOCK_SIZES:
-        stored = _stored_weights(nonzero, block)
-        fill = nnz / stored if stored else 1.0
-        if fill >= MIN_FILL:
-            return block, fill
-        if fill > best[1]:
-            best = (block, fill)
-    return best
+    nnz = int(torch.count_nonzero(nonzero))
+    base = BLOCK_SIZES[-1]
+    grid = _occupancy4(nonzero)
+
+    def fill(block: tuple[int, int]) -> float:
+        occupied = _occupancy(grid, (block[0] // base[0], block[1] // base[1]))
+        stored = _stored_weights(occupied, block, tuple(nonzero.shape))
+        return nnz / stored if stored else 1.0
+
+    smallest = fill(base)
+    if smallest >= MIN_FILL:  # else no larger block qualifies either
+        for block in BLOCK_SIZES[:-1]:
+            if (f := fill(block)) >= MIN_FILL:
+                return block, f
+    return base, smallest
 
 
-def _stored_weights(nonzero: torch.Tensor, block: tuple[int, int]) -> int:
-    """In-bounds weights of the blocks holding at least one nonzero."""
-    (r, c), (rows, cols) = block, nonzero.shape
-    pad = (0, -cols % c, 0, -rows % r)
-    blocks = _block_sum(F.pad(nonzero.to(torch.int32), pad), block) > 0
-    sizes = _block_sum(F.pad(torch.ones_like(nonzero, dtype=torch.int32), pad), block)
-    return int(sizes[blocks].sum())
+def _occupancy4(nonzero: torch.Tensor) -> torch.Tensor:
+    """:func:`_occupancy` for 4x4 blocks, reading 4 booleans at a time as one int32."""
+    rows, cols = nonzero.shape
+    t = F.pad(nonzero, (0, -cols % 4, 0, -rows % 4)).contiguous().view(torch.int32)
+    return t.reshape(t.shape[0] // 4, 4, t.shape[1]).amax(dim=1) != 0
 
 
-def _block_sum(t: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def _occupancy(t: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Boolean grid: which ``block`` blocks of the boolean ``t`` hold a True (edges padded)."""
     (r, c), (rows, cols) = block, t.shape
-    return t.reshape(rows // r, r, cols // c, c).sum(dim=(1, 3))
+    t = F.pad(t, (0, -cols % c, 0, -rows % r))
+    return t.reshape(t.shape[0] // r, r, t.shape[1] // c, c).any(dim=3).any(dim=1)
+
+
+def _stored_weights(
+    occupied: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]
+) -> int:
+    """In-bounds weights of the occupied blocks (edge blocks are cropped)."""
+    heights = (shape[0] - torch.arange(occupied.shape[0]) * block[0]).clamp(max=block[0])
+    widths = (shape[1] - torch.arange(occupied.shape[1]) * block[1]).clamp(max=block[1])
+    return int((occupied * heights[:, None] * widths[None, :]).sum())
 
 
 def _bsr_parts(

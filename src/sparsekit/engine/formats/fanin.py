@@ -125,7 +125,7 @@ class ConstantFanIn(Format):
 def fan_in(nonzero: torch.Tensor) -> int | None:
     """The common nonzero count of the nonempty rows of ``nonzero`` (0 if all are empty),
     or ``None`` when two nonempty rows differ."""
-    counts = nonzero.sum(dim=1)
+    counts = torch.count_nonzero(nonzero, dim=1)
     counts = counts[counts > 0]
     if counts.numel() == 0:
         return 0
