@@ -10,6 +10,8 @@ from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 
 __all__ = ["ConstantFanIn", "fan_in"]
 
+_GATHER_ELEMENTS = 1 << 22  # largest gathered input block of the torch fallback (16 MiB)
+
 
 class ConstantFanIn(Format):
     """Dense ``(rows, k)`` values and column indices for SRigL-style constant fan-in masks.
@@ -96,9 +98,11 @@ class ConstantFanIn(Format):
     def _torch_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The same product with torch ops: gather the inputs of each stored row."""
         y = x.new_zeros(x.shape[0], self.out_features)
-        if self.fanin_values.numel():
-            gathered = x[:, unsigned_index(self.fanin_col_indices)]  # (batch, rows, k)
-            y[:, self.fanin_rows.long()] = (gathered * self.fanin_values).sum(dim=-1)
+        cols, rows = unsigned_index(self.fanin_col_indices), self.fanin_rows.long()
+        step = max(1, _GATHER_ELEMENTS // max(1, x.shape[0] * cols.shape[1]))
+        for start in range(0, rows.numel(), step):  # bounded (batch, rows, k) temporaries
+            sl = slice(start, start + step)
+            y[:, rows[sl]] = (x[:, cols[sl]] * self.fanin_values[sl]).sum(dim=-1)
         return y if bias is None else y + bias
 
     def _threads(self, batch: int) -> int:
