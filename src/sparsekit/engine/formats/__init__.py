@@ -18,16 +18,20 @@ from __future__ import annotations
 import torch
 
 from sparsekit.engine.formats.base import Format
+from sparsekit.engine.formats.bsr import BSR
 from sparsekit.engine.formats.csr import CSR16, TorchCSR
 from sparsekit.engine.formats.dense import DenseFormat
+from sparsekit.engine.formats.fanin import ConstantFanIn
 
 __all__ = [
-    "FORMATS", "CSR16", "DenseFormat", "Format", "TorchCSR", "available_formats",
-    "format_from_state",
+    "BSR", "FORMATS", "CSR16", "ConstantFanIn", "DenseFormat", "Format", "TorchCSR",
+    "available_formats", "format_from_state",
 ]
 
 
-FORMATS: dict[str, type[Format]] = {f.name: f for f in (DenseFormat, TorchCSR, CSR16)}
+FORMATS: dict[str, type[Format]] = {
+    f.name: f for f in (DenseFormat, TorchCSR, CSR16, BSR, ConstantFanIn)
+}
 
 
 def available_formats(weight: torch.Tensor) -> list[str]:

@@ -1,0 +1,231 @@
+"""BSR: block compressed sparse rows for block-pruned weights (``block:RxC`` patterns)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparsekit.engine import kernels
+from sparsekit.engine.formats.base import Format, masked
+from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
+
+__all__ = ["BSR", "BLOCK_SIZES", "MIN_FILL", "choose_block"]
+
+# Largest first; each a multiple of the last (4x4), so their block grids nest.
+BLOCK_SIZES: tuple[tuple[int, int], ...] = ((32, 32), (16, 16), (8, 8), (4, 4))
+MIN_FILL = 0.9  # a block size fits when >= 90% of the weights in its stored blocks are nonzero
+
+
+class BSR(Format):
+    """Dense ``R x C`` blocks of fp32 values, one 16-bit column index per block.
+
+    Buffers: ``bsr_values`` ``(nblocks, R, C)``, ``bsr_col_indices`` (block column of each
+    block; int16 read as uint16, int32 beyond 65536 block columns) and ``bsr_rowptr`` (int32,
+    one entry per block row + 1). Edge blocks of weights whose sides are not multiples of
+    the block are zero-padded. Runs on the compiled kernels, else on torch (same numbers).
+    ``threads=None`` follows ``torch.get_num_threads()``.
+    """
+
+    name = "bsr"
+    buffer_names = ("bsr_values", "bsr_col_indices", "bsr_rowptr")
+    threaded = True
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        col: torch.Tensor,
+        rowptr: torch.Tensor,
+        shape: tuple[int, int],
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(*shape)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.register_buffer("bsr_values", values)
+        self.register_buffer("bsr_col_indices", col)
+        self.register_buffer("bsr_rowptr", rowptr)
+        self.threads = threads
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """The block shape ``(R, C)``."""
+        return tuple(self.bsr_values.shape[1:])
+
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> bool:
+        """float32 CPU weights with a block structure (see :func:`choose_block`)."""
+        if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return False
+        return choose_block(weight != 0)[1] >= MIN_FILL and kernels.available()
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        threads: int | None = None,
+        block: tuple[int, int] | None = None,
+    ) -> BSR:
+        """Compress ``weight * mask`` into ``block`` blocks (default: :func:`choose_block`)."""
+        if weight.dtype != torch.float32:
+            raise TypeError(f"BSR needs a float32 weight, got {weight.dtype}")
+        w = masked(weight, mask)
+        block = _check_block(block) if block is not None else choose_block(w != 0)[0]
+        values, col, rowptr = _bsr_parts(w, block)
+        return cls(values, col, rowptr, tuple(w.shape), threads)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: dict[str, torch.Tensor],
+        shape: tuple[int, int],
+        threads: int | None = None,
+        **kwargs: object,
+    ) -> BSR:
+        values, col, rowptr = (state[k] for k in cls.buffer_names)
+        _check_bsr(values, col, rowptr, shape)
+        return cls(values.clone(), col.clone(), rowptr.clone(), shape, threads)
+
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x = x.to(torch.float32).contiguous()
+        if bias is not None:
+            bias = bias.to(torch.float32).contiguous()
+        ops = kernels.load()
+        if ops is None:  # e.g. a checkpoint loaded where the kernels cannot be built
+            return F.linear(x, self.to_dense(), bias)
+        return torch.ops.sparsekit.bsr_linear(
+            self.bsr_values, self.bsr_col_indices, self.bsr_rowptr, x, bias,
+            self.out_features, self._threads(x.shape[0]),
+        )
+
+    def _threads(self, batch: int) -> int:
+        if self.threads is not None:
+            return self.threads
+        work = self.bsr_values.numel() * batch
+        return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
+
+    def to_dense(self) -> torch.Tensor:
+        (r, c), (rows, cols) = self.block, (self.out_features, self.in_features)
+        brows, bcols = -(-rows // r), -(-cols // c)
+        counts = torch.diff(self.bsr_rowptr.to(torch.int64))
+        block_row = torch.repeat_interleave(torch.arange(brows), counts)
+        grid = torch.zeros(brows, bcols, r, c, dtype=self.bsr_values.dtype)
+        grid[block_row, unsigned_index(self.bsr_col_indices)] = self.bsr_values
+        return grid.permute(0, 2, 1, 3).reshape(brows * r, bcols * c)[:rows, :cols].clone()
+
+    @property
+    def nnz(self) -> int:
+        return int(torch.count_nonzero(self.bsr_values))
+
+    def extra_repr(self) -> str:
+        r, c = self.block
+        return f"{super().extra_repr()}, block={r}x{c}, threads={self.threads}"
+
+
+def choose_block(nonzero: torch.Tensor) -> tuple[tuple[int, int], float]:
+    """The block size for a boolean nonzero pattern, and its fill.
+
+    The fill of a block size is the fraction of nonzeros among the (in-bounds) weights of
+    the blocks it must store. The rule: the largest of :data:`BLOCK_SIZES` whose fill is at
+    least :data:`MIN_FILL`; if none is, the smallest (the grids are nested, so it has the
+    highest fill). A pattern without nonzeros has fill 1 for every size. Dense patterns
+    qualify as well (fill 1) but then nothing is skipped and the dense format wins the
+    autotuning. Costs one pass over ``nonzero``; the larger sizes work on the small grid.
+    """
+    nnz = int(torch.count_nonzero(nonzero))
+    base = BLOCK_SIZES[-1]
+    grid = _occupancy4(nonzero)
+
+    def fill(block: tuple[int, int]) -> float:
+        occupied = _occupancy(grid, (block[0] // base[0], block[1] // base[1]))
+        stored = _stored_weights(occupied, block, tuple(nonzero.shape))
+        return nnz / stored if stored else 1.0
+
+    smallest = fill(base)
+    if smallest >= MIN_FILL:  # else no larger block qualifies either
+        for block in BLOCK_SIZES[:-1]:
+            if (f := fill(block)) >= MIN_FILL:
+                return block, f
+    return base, smallest
+
+
+def _occupancy4(nonzero: torch.Tensor) -> torch.Tensor:
+    """:func:`_occupancy` for 4x4 blocks, reading 4 booleans at a time as one int32."""
+    rows, cols = nonzero.shape
+    t = F.pad(nonzero, (0, -cols % 4, 0, -rows % 4)).contiguous().view(torch.int32)
+    return t.reshape(t.shape[0] // 4, 4, t.shape[1]).amax(dim=1) != 0
+
+
+def _occupancy(t: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Boolean grid: which ``block`` blocks of the boolean ``t`` hold a True (edges padded)."""
+    (r, c), (rows, cols) = block, t.shape
+    t = F.pad(t, (0, -cols % c, 0, -rows % r))
+    return t.reshape(t.shape[0] // r, r, t.shape[1] // c, c).any(dim=3).any(dim=1)
+
+
+def _stored_weights(
+    occupied: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]
+) -> int:
+    """In-bounds weights of the occupied blocks (edge blocks are cropped)."""
+    heights = (shape[0] - torch.arange(occupied.shape[0]) * block[0]).clamp(max=block[0])
+    widths = (shape[1] - torch.arange(occupied.shape[1]) * block[1]).clamp(max=block[1])
+    return int((occupied * heights[:, None] * widths[None, :]).sum())
+
+
+def _bsr_parts(
+    weight: torch.Tensor, block: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block values, 16/32-bit block column indices and int32 block row pointers."""
+    (r, c), (rows, cols) = block, weight.shape
+    padded = F.pad(weight, (0, -cols % c, 0, -rows % r))
+    grid = padded.reshape(padded.shape[0] // r, r, padded.shape[1] // c, c).permute(0, 2, 1, 3)
+    keep = (grid != 0).any(dim=(2, 3))
+    rowptr = torch.zeros(keep.shape[0] + 1, dtype=torch.int64)
+    rowptr[1:] = keep.sum(dim=1).cumsum(0)
+    col = keep.nonzero()[:, 1]
+    return grid[keep].contiguous(), narrow_index(col, keep.shape[1]), rowptr.to(torch.int32)
+
+
+def _check_block(block: object) -> tuple[int, int]:
+    ok = (
+        isinstance(block, tuple) and len(block) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) for b in block)
+        and 1 <= block[0] <= 64 and block[1] >= 4 and block[1] % 4 == 0
+    )
+    if not ok:
+        raise ValueError(
+            f"block must be a tuple (R, C) with 1 <= R <= 64 and C a positive multiple of 4, "
+            f"got {block!r}"
+        )
+    return block
+
+
+def _check_bsr(
+    values: torch.Tensor, col: torch.Tensor, rowptr: torch.Tensor, shape: tuple[int, int]
+) -> None:
+    """Raise ``ValueError`` unless the three tensors form a valid BSR ``shape`` weight."""
+    if values.dtype != torch.float32 or values.dim() != 3:
+        raise ValueError(
+            f"bsr_values must be float32 (nblocks, R, C), got {values.dtype} "
+            f"{tuple(values.shape)}"
+        )
+    r, c = _check_block(tuple(values.shape[1:]))
+    brows, bcols = -(-shape[0] // r), -(-shape[1] // c)
+    if col.dtype not in (torch.int16, torch.int32) or tuple(col.shape) != (values.shape[0],):
+        raise ValueError(
+            f"bsr_col_indices must be int16 or int32 of shape ({values.shape[0]},), got "
+            f"{col.dtype} {tuple(col.shape)}"
+        )
+    if col.dtype == torch.int16 and bcols > 65536:
+        raise ValueError(f"16-bit bsr_col_indices cannot address {bcols} block columns")
+    if rowptr.dtype != torch.int32 or tuple(rowptr.shape) != (brows + 1,):
+        raise ValueError(
+            f"bsr_rowptr must be int32 of shape ({brows + 1},), got {rowptr.dtype} "
+            f"{tuple(rowptr.shape)}"
+        )
+    steps = torch.diff(rowptr.to(torch.int64))
+    if int(rowptr[0]) != 0 or int(rowptr[-1]) != values.shape[0] or bool((steps < 0).any()):
+        raise ValueError("bsr_rowptr must rise from 0 to the number of blocks")
+    cols = unsigned_index(col)
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= bcols):
+        raise ValueError(f"bsr_col_indices must lie in [0, {bcols})")

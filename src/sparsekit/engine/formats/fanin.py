@@ -1,0 +1,167 @@
+"""Condensed constant fan-in: every stored row keeps the same number k of weights."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsekit.engine import kernels
+from sparsekit.engine.formats.base import Format, masked
+from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
+
+__all__ = ["ConstantFanIn", "fan_in"]
+
+_GATHER_ELEMENTS = 1 << 22  # largest gathered input block of the torch fallback (16 MiB)
+
+
+class ConstantFanIn(Format):
+    """Dense ``(rows, k)`` values and column indices for SRigL-style constant fan-in masks.
+
+    Buffers: ``fanin_values`` (fp32), ``fanin_col_indices`` (int16 read as uint16, int32 for
+    layers wider than 65536 inputs) and ``fanin_rows`` (int32 output row of each stored
+    row). Rows without nonzeros (ablated neurons) are not stored, so they cost nothing but
+    their bias. Runs on the compiled kernels, else on torch (same numbers).
+    ``threads=None`` follows ``torch.get_num_threads()``.
+    """
+
+    name = "fanin"
+    buffer_names = ("fanin_values", "fanin_col_indices", "fanin_rows")
+    threaded = True
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        col: torch.Tensor,
+        rows: torch.Tensor,
+        shape: tuple[int, int],
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(*shape)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.register_buffer("fanin_values", values)
+        self.register_buffer("fanin_col_indices", col)
+        self.register_buffer("fanin_rows", rows)
+        self.threads = threads
+
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> bool:
+        """float32 CPU weights whose nonempty rows share one fan-in below ``in_features``."""
+        if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return False
+        k = fan_in(weight != 0)
+        return k is not None and k < weight.shape[1] and kernels.available()
+
+    @classmethod
+    def from_dense(
+        cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
+    ) -> ConstantFanIn:
+        if weight.dtype != torch.float32:
+            raise TypeError(f"ConstantFanIn needs a float32 weight, got {weight.dtype}")
+        w = masked(weight, mask)
+        keep = w != 0
+        k = fan_in(keep)
+        if k is None:
+            counts = sorted(set(keep.sum(dim=1).tolist()))
+            raise ValueError(
+                f"weight must have the same number of nonzeros in every nonempty row, got "
+                f"row counts {counts[:8]}"
+            )
+        rows = keep.any(dim=1).nonzero()[:, 0]
+        col = keep[rows].nonzero()[:, 1].reshape(rows.numel(), k)
+        values = w[rows].gather(1, col).contiguous()
+        col = narrow_index(col, w.shape[1])
+        return cls(values, col, rows.to(torch.int32), tuple(w.shape), threads)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: dict[str, torch.Tensor],
+        shape: tuple[int, int],
+        threads: int | None = None,
+        **kwargs: object,
+    ) -> ConstantFanIn:
+        values, col, rows = (state[k] for k in cls.buffer_names)
+        _check_fanin(values, col, rows, shape)
+        return cls(values.clone(), col.clone(), rows.clone(), shape, threads)
+
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x = x.to(torch.float32).contiguous()
+        if bias is not None:
+            bias = bias.to(torch.float32).contiguous()
+        if kernels.load() is None:  # e.g. a checkpoint loaded where the kernels cannot be built
+            return self._torch_mm(x, bias)
+        return torch.ops.sparsekit.fanin_linear(
+            self.fanin_values, self.fanin_col_indices, self.fanin_rows, x, bias,
+            self.out_features, self._threads(x.shape[0]),
+        )
+
+    def _torch_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The same product with torch ops: gather the inputs of each stored row."""
+        y = x.new_zeros(x.shape[0], self.out_features)
+        cols, rows = unsigned_index(self.fanin_col_indices), self.fanin_rows.long()
+        step = max(1, _GATHER_ELEMENTS // max(1, x.shape[0] * cols.shape[1]))
+        for start in range(0, rows.numel(), step):  # bounded (batch, rows, k) temporaries
+            sl = slice(start, start + step)
+            y[:, rows[sl]] = (x[:, cols[sl]] * self.fanin_values[sl]).sum(dim=-1)
+        return y if bias is None else y + bias
+
+    def _threads(self, batch: int) -> int:
+        if self.threads is not None:
+            return self.threads
+        work = self.fanin_values.numel() * batch
+        return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
+
+    def to_dense(self) -> torch.Tensor:
+        dense = torch.zeros(self.out_features, self.in_features, dtype=self.fanin_values.dtype)
+        rows = self.fanin_rows.long()[:, None].expand_as(self.fanin_values)
+        dense[rows, unsigned_index(self.fanin_col_indices)] = self.fanin_values
+        return dense
+
+    @property
+    def nnz(self) -> int:
+        return self.fanin_values.numel()
+
+    def extra_repr(self) -> str:
+        k, rows = self.fanin_values.shape[1], self.fanin_rows.numel()
+        return f"{super().extra_repr()}, k={k}, rows={rows}, threads={self.threads}"
+
+
+def fan_in(nonzero: torch.Tensor) -> int | None:
+    """The common nonzero count of the nonempty rows of ``nonzero`` (0 if all are empty),
+    or ``None`` when two nonempty rows differ."""
+    counts = torch.count_nonzero(nonzero, dim=1)
+    counts = counts[counts > 0]
+    if counts.numel() == 0:
+        return 0
+    k = int(counts[0])
+    return k if bool((counts == k).all()) else None
+
+
+def _check_fanin(
+    values: torch.Tensor, col: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int]
+) -> None:
+    """Raise ``ValueError`` unless the three tensors form a valid fan-in ``shape`` weight."""
+    out_features, in_features = shape
+    if values.dtype != torch.float32 or values.dim() != 2:
+        raise ValueError(
+            f"fanin_values must be float32 (rows, k), got {values.dtype} {tuple(values.shape)}"
+        )
+    if col.dtype not in (torch.int16, torch.int32) or col.shape != values.shape:
+        raise ValueError(
+            f"fanin_col_indices must be int16 or int32 of shape {tuple(values.shape)}, got "
+            f"{col.dtype} {tuple(col.shape)}"
+        )
+    if col.dtype == torch.int16 and in_features > 65536:
+        raise ValueError(f"16-bit fanin_col_indices cannot address {in_features} inputs")
+    if rows.dtype != torch.int32 or tuple(rows.shape) != (values.shape[0],):
+        raise ValueError(
+            f"fanin_rows must be int32 of shape ({values.shape[0]},), got {rows.dtype} "
+            f"{tuple(rows.shape)}"
+        )
+    r = rows.to(torch.int64)
+    if r.numel() and (int(r.min()) < 0 or int(r.max()) >= out_features
+                      or r.unique().numel() != r.numel()):
+        raise ValueError(f"fanin_rows must be distinct and lie in [0, {out_features})")
+    cols = unsigned_index(col)
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= in_features):
+        raise ValueError(f"fanin_col_indices must lie in [0, {in_features})")
