@@ -8,6 +8,7 @@ import torch
 
 from sparsekit.engine import kernels
 from sparsekit.engine.formats.base import Format, masked
+from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 
 __all__ = ["CSR16", "TorchCSR", "check_csr", "csr_parts"]
 
@@ -115,8 +116,7 @@ class CSR16(Format):
         if weight.dtype != torch.float32:
             raise TypeError(f"CSR16 needs a float32 weight, got {weight.dtype}")
         crow, col, values = csr_parts(masked(weight, mask))
-        if weight.shape[1] <= 65536:  # stored as int16, read back as uint16
-            col = torch.where(col >= 32768, col - 65536, col).to(torch.int16)
+        col = narrow_index(col, weight.shape[1])
         return cls(crow, col, values, tuple(weight.shape), threads)
 
     @classmethod
@@ -152,9 +152,7 @@ class CSR16(Format):
         """The weight as a torch sparse CSR tensor, rebuilt only when the buffers moved."""
         key = tuple(t.data_ptr() for t in (self.rowptr, self.col_indices, self.values))
         if self.__dict__.get("_csr") is None or key != self._key:
-            col = self.col_indices.to(torch.int32)
-            if self.col_indices.dtype == torch.int16:
-                col = col & 0xFFFF
+            col = unsigned_index(self.col_indices).to(torch.int32)
             self._csr = _sparse_csr(self.rowptr, col, self.values, self)
             self._key = key
         return self._csr
@@ -171,9 +169,7 @@ class CSR16(Format):
         return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
 
     def to_dense(self) -> torch.Tensor:
-        col = self.col_indices.to(torch.int64)
-        if self.col_indices.dtype == torch.int16:
-            col = col & 0xFFFF
+        col = unsigned_index(self.col_indices)
         rows = torch.repeat_interleave(
             torch.arange(self.out_features), torch.diff(self.rowptr.to(torch.int64))
         )
@@ -230,7 +226,7 @@ def check_csr(
     steps = torch.diff(rowptr.to(torch.int64))
     if int(rowptr[0]) != 0 or int(rowptr[-1]) != values.numel() or bool((steps < 0).any()):
         raise ValueError("row pointers must rise from 0 to the number of values")
-    cols = col.to(torch.int64) & 0xFFFF if col.dtype == torch.int16 else col.to(torch.int64)
+    cols = unsigned_index(col)
     if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= in_features):
         raise ValueError(f"column indices must lie in [0, {in_features})")
 
