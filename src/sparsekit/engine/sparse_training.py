@@ -113,12 +113,14 @@ class _SparseLinearFunction(torch.autograd.Function):
         values: torch.Tensor,
         bias: torch.Tensor | None,
         s: _Structure,
+        sink: SparseLinear | None,
     ) -> torch.Tensor:
         xt = x.t().contiguous()  # free when x is the transposed output of another SparseLinear
         yt = _spmm(s.rowptr, s.col, values, None, xt, bias)
         ctx.save_for_backward(xt, values)
         ctx.structure = s
         ctx.has_bias = bias is not None
+        ctx.sink = sink
         return yt.t()  # (batch, out) view of the (out, batch) result: no copy
 
     @staticmethod
@@ -135,7 +137,9 @@ class _SparseLinearFunction(torch.autograd.Function):
             dv = _sddmm(s, gt, xt)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gt.sum(1)
-        return dx, dv, db, None
+        if ctx.sink is not None:
+            ctx.sink._accumulate_dense_grad(gt @ xt.t())
+        return dx, dv, db, None, None
 
 
 class SparseLinear(nn.Module):
@@ -146,7 +150,12 @@ class SparseLinear(nn.Module):
     (or from a ``mask``), change its pattern between steps with :meth:`set_structure`, and
     get a dense layer back with :meth:`to_linear`. Inputs have shape ``(..., in_features)``.
     The output of a 2-D input is a transposed (non-contiguous) view: the next
-    ``SparseLinear`` then reads it without a copy.
+    ``SparseLinear`` then reads it without a copy. With ``capture_dense_grad`` set, backward
+    also accumulates the dense ``dL/dW = dyᵀ x`` (what RigL-style regrowth scores) into
+    ``dense_grad``: a dense product, so :class:`~sparsekit.DynamicSparsity` sets it only
+    for the steps that need it. The structure is saved in ``state_dict()`` as int32 buffers
+    ``rowptr`` and ``col``; loading installs the saved structure (and its number of
+    nonzeros), resizing ``values`` in place.
     """
 
     def __init__(
@@ -170,6 +179,8 @@ class SparseLinear(nn.Module):
         self.values = nn.Parameter(
             torch.empty(nnz, device=device, dtype=dtype).uniform_(-bound, bound)
         )
+        self.capture_dense_grad = False
+        self.dense_grad: torch.Tensor | None = None
         self.bias: nn.Parameter | None
         if bias:
             b = torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound)
@@ -358,12 +369,16 @@ class SparseLinear(nn.Module):
                 f"x must have last dimension in_features={self.in_features}, "
                 f"got shape {tuple(x.shape)}"
             )
+        sink = self if self.capture_dense_grad else None
         if x.dim() == 2:
-            return _SparseLinearFunction.apply(x, self.values, self.bias, self._structure)
+            return _SparseLinearFunction.apply(x, self.values, self.bias, self._structure, sink)
         y = _SparseLinearFunction.apply(
-            x.reshape(-1, self.in_features), self.values, self.bias, self._structure
+            x.reshape(-1, self.in_features), self.values, self.bias, self._structure, sink
         )
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:
+        self.dense_grad = grad if self.dense_grad is None else self.dense_grad + grad
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """Move the index tensors along with the parameters (``.to``, ``.cuda``, ...)."""
