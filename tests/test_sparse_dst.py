@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +244,26 @@ def test_errors_name_the_parameter() -> None:
         StructureSet(nn.Linear(3, 4))
     with pytest.raises(TypeError, match="optimizer must be"):
         s.attach(object())  # type: ignore[arg-type]
+
+
+def test_ddp_rigl_sparse_layers_stay_identical_on_two_ranks(tmp_path) -> None:
+    worker = Path(__file__).parent / "ddp" / "dst_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _attempt in range(2):  # one retry: a rendezvous port race is not what is tested
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+             "--standalone", str(worker), "rigl", str(tmp_path / "out"), "sparse"],
+            capture_output=True, text=True, timeout=120, env=env,
+        )
+        if result.returncode == 0:
+            break
+    assert result.returncode == 0, result.stderr[-2000:]
+    r0, r1 = (torch.load(tmp_path / f"out.rank{r}.pt") for r in (0, 1))
+    assert len(r0["history"]) == 17
+    first, last = r0["history"][0], r0["history"][-1]
+    assert not torch.equal(first["module.0.weight"], last["module.0.weight"])
+    for h0, h1 in zip(r0["history"], r1["history"]):
+        for n in h0:
+            assert torch.equal(h0[n], h1[n])
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k

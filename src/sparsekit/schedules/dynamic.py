@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.engine.structure_set import StructureSet, sparse_layers
@@ -116,6 +117,13 @@ class DynamicSparsity:
             raise ValueError(
                 "method 'granet' does not support SparseLinear layers; accepted for them: "
                 + ", ".join(m for m in METHODS.names() if m != "granet")
+            )
+        if sparse and isinstance(model, DistributedDataParallel) and not rule.keeps_layer_nnz:
+            # DDP keeps each parameter's gradient accumulator, and with it its size.
+            raise ValueError(
+                f"method {method!r} changes the number of weights of a layer, which "
+                "DistributedDataParallel cannot follow on SparseLinear layers; accepted: "
+                + ", ".join(m for m in METHODS.names() if METHODS.get(m).keeps_layer_nnz)
             )
         self.model, self.optimizer, self.method = model, optimizer, method
         self.sparsity, self.initial_sparsity = sparsity, initial_sparsity
@@ -206,6 +214,7 @@ class DropGrow:
 
     needs_grads = False
     needs_momenta = False
+    keeps_layer_nnz = True  # every layer keeps its number of active weights
 
     def __init__(self, ds: DynamicSparsity) -> None:
         self.ds = ds
@@ -254,6 +263,7 @@ class SNFS(DropGrow):
     """Grow by momentum; share the regrowth over layers by their mean momentum."""
 
     needs_momenta = True
+    keeps_layer_nnz = False
 
     def grow_scores(self, name: str, w: torch.Tensor) -> torch.Tensor:
         return self.ds._momenta[name].abs().float()
@@ -278,6 +288,8 @@ class SNFS(DropGrow):
 @METHODS.register("granet")
 class GraNet(RigL):
     """Prune gradually (global magnitude, cubic schedule), then RigL's drop and grow."""
+
+    keeps_layer_nnz = False
 
     def initial_masks(self) -> Masks:
         masks, _ = compute_masks(self.ds.model, self.ds.initial_sparsity, criterion="random",
@@ -304,6 +316,8 @@ class SRigL(RigL):
     budget shared by the remaining neurons (fan-in = budget // neurons); the most salient
     neurons always survive in the number the budget needs.
     """
+
+    keeps_layer_nnz = False  # fan-in × surviving neurons can fall short of the budget
 
     def initial_masks(self) -> Masks:
         base = super().initial_masks()
