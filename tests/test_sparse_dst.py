@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsekit
 from sparsekit import DynamicSparsity, SparseLinear
@@ -267,3 +269,16 @@ def test_ddp_rigl_sparse_layers_stay_identical_on_two_ranks(tmp_path) -> None:
             assert torch.equal(h0[n], h1[n])
     for k in r0["weights"]:
         assert torch.equal(r0["weights"][k], r1["weights"][k]), k
+
+
+def test_ddp_refuses_methods_that_resize_layers(tmp_path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        model = DDP(_sparse_mlp())
+        opt = torch.optim.Adam(model.parameters())
+        with pytest.raises(ValueError, match="'snfs' changes the number of weights"):
+            DynamicSparsity(model, opt, 0.8, method="snfs", end_step=10)
+        DynamicSparsity(model, opt, 0.8, method="rigl", end_step=10)  # keeps nnz: accepted
+    finally:
+        dist.destroy_process_group()
