@@ -359,12 +359,21 @@ class SRigL(RigL):
 
 
 def _keep_top(score: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` highest-scoring entries among ``allowed`` (ties broken by position)."""
-    flat = score.flatten().masked_fill(~allowed.flatten(), float("-inf"))
+    """The ``k`` highest-scoring entries among ``allowed`` (ties broken by position).
+
+    A selection, not a sort: everything above the k-th largest score, then the first
+    entries equal to it, so a layer of n weights costs O(n) however large it is.
+    """
+    idx = allowed.flatten().nonzero().flatten()
     out = torch.zeros_like(allowed.flatten())
-    k = min(k, int(allowed.sum()))
+    k = min(k, idx.numel())
     if k > 0:
-        out[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+        values = score.flatten()[idx]
+        kth = torch.topk(values, k, sorted=False).values.min()
+        above = values > kth
+        ties = (values == kth).nonzero().flatten()[: k - int(above.sum())]
+        out[idx[above]] = True
+        out[idx[ties]] = True
     return out.reshape(allowed.shape)
 
 
