@@ -8,9 +8,13 @@ training step (forward + backward + ``optimizer.step()``) of
   user trains with today,
 * ``sparse``: ``sparsekit.SparseLinear`` layers with the same masks,
 
-round-robin in the same run, best of N. Writes ``results/sparse_linear_training.json`` and
+round-robin in the same run, best of N. Then, with RigL (``sparsekit.DynamicSparsity``,
+an update every ``--update-every`` steps) on the masked dense model and on the SparseLinear
+model started from the same masks, it times whole update periods, so each step's time
+includes its share of the update (dense-gradient capture, drop/grow, ``set_structure``).
+Writes ``results/sparse_linear_training.json`` and
 ``.md`` and exits non-zero listing the missed targets (``sparse`` vs ``masked`` speedup)
-unless ``--no-check``.
+(both tables) unless ``--no-check``.
 
     python benchmarks/sparse_linear_training.py            # 90%, 95%, 99%
     python benchmarks/sparse_linear_training.py --quick    # fewer repetitions (CI)
@@ -24,15 +28,15 @@ import json
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import time_ms
 from torch import nn
 
-from sparsekit import MaskSet
+from sparsekit import DynamicSparsity, MaskSet
 from sparsekit.engine import kernels
 from sparsekit.engine.sparse_training import SparseLinear
 
@@ -41,6 +45,7 @@ SIZES = (784, 1024, 1024, 10)
 BATCH = 128
 SPARSITIES = (0.9, 0.95, 0.99)
 TARGETS = {0.9: 1.5, 0.99: 8.0}  # required speedup of sparse over masked dense
+DST_SPARSITIES = (0.9, 0.99)
 
 
 def mlp(layers: list[nn.Module]) -> nn.Sequential:
@@ -63,12 +68,17 @@ def make_step(
     return step
 
 
-def build(sparsity: float, seed: int = 0) -> dict[str, Callable[[], None]]:
-    """The three training steps for one sparsity, on the same data and masks."""
+def _data(seed: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(BATCH, SIZES[0], generator=g)
     y = torch.randint(0, SIZES[-1], (BATCH,), generator=g)
     torch.manual_seed(seed)
+    return g, x, y
+
+
+def build(sparsity: float, seed: int = 0) -> dict[str, Callable[[], None]]:
+    """The three training steps for one sparsity, on the same data and masks."""
+    g, x, y = _data(seed)
     linears = [nn.Linear(i, o) for i, o in zip(SIZES[:-1], SIZES[1:])]
     masks = [torch.rand(lin.weight.shape, generator=g) >= sparsity for lin in linears]
 
@@ -88,25 +98,40 @@ def build(sparsity: float, seed: int = 0) -> dict[str, Callable[[], None]]:
     }
 
 
+def build_rigl(sparsity: float, update_every: int, seed: int = 0) -> dict[str, Callable[[], None]]:
+    """One RigL update period (``update_every`` steps, the last one updating), masked vs sparse.
+
+    The SparseLinear model starts from the masked model's initial RigL masks and weights.
+    ``end_step`` is far away, so every period drops and regrows about 30% of each layer.
+    """
+    _, x, y = _data(seed)
+    masked = mlp([nn.Linear(i, o) for i, o in zip(SIZES[:-1], SIZES[1:])])
+    periods = {}
+
+    def rigl(model: nn.Module) -> tuple[Callable[[], None], DynamicSparsity]:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        ds = DynamicSparsity(model, opt, sparsity, method="rigl", update_every=update_every,
+                             end_step=10**9, seed=seed)
+        step = make_step(model, opt, x, y)
+
+        def period() -> None:
+            for _ in range(update_every):
+                step()
+                ds.step()
+
+        return period, ds
+
+    periods["masked"], ds = rigl(masked)
+    sparse = mlp([SparseLinear.from_linear(m, ds.masks.masks[f"{i}.weight"])
+                  for i, m in enumerate(masked) if isinstance(m, nn.Linear)])
+    periods["sparse"], _ = rigl(sparse)
+    return periods
+
+
 def _copy(lin: nn.Linear) -> nn.Linear:
     new = nn.Linear(lin.in_features, lin.out_features)
     new.load_state_dict(lin.state_dict())
     return new
-
-
-def time_ms(fns: dict[str, Callable[[], None]], rounds: int, reps: int) -> dict[str, float]:
-    """Best milliseconds per call of each function, interleaved round-robin."""
-    for fn in fns.values():  # warm up (kernel build, allocator, optimizer state)
-        for _ in range(3):
-            fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / reps)
-    return {k: v * 1e3 for k, v in best.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,30 +142,44 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0,
         help="torch/OpenMP threads (default: torch's); 1 is steadier on a loaded machine",
     )
+    ap.add_argument("--update-every", type=int, default=0,
+                    help="RigL update period in steps (default 100, 10 with --quick)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and MD")
     args = ap.parse_args(argv)
 
     if args.threads < 0:
         ap.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.update_every < 0:
+        ap.error(f"--update-every must be >= 1 (0: the default), got {args.update_every}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounds, reps = (5, 3) if args.quick else (15, 5)
+    budget_s, rounds = (1.0, 2) if args.quick else (6.0, 4)
+    update_every = args.update_every or (10 if args.quick else 100)
     load_before = os.getloadavg()
     rows = []
     for sp in SPARSITIES:
-        ms = time_ms(build(sp), rounds, reps)
+        ms = time_ms(build(sp), budget_s, min_rounds=rounds)
         rows.append({
             "sparsity": sp,
             **{f"{k}_ms": round(v, 3) for k, v in ms.items()},
             "sparse_vs_masked": round(ms["masked"] / ms["sparse"], 2),
             "sparse_vs_dense": round(ms["dense"] / ms["sparse"], 2),
         })
+    rigl_rows = []
+    for sp in DST_SPARSITIES:  # whole periods: one call is update_every steps
+        ms = time_ms(build_rigl(sp, update_every), 0.0, block_s=0.0, min_rounds=rounds)
+        rigl_rows.append({
+            "sparsity": sp,
+            **{f"{k}_ms": round(v / update_every, 3) for k, v in ms.items()},
+            "sparse_vs_masked": round(ms["masked"] / ms["sparse"], 2),
+        })
     load_after = os.getloadavg()
 
     misses = [
-        f"sparsity {r['sparsity']}: sparse is {r['sparse_vs_masked']}x masked dense, "
+        f"{what}sparsity {r['sparsity']}: sparse is {r['sparse_vs_masked']}x masked dense, "
         f"target >= {TARGETS[r['sparsity']]}x"
-        for r in rows
+        for what, table in (("", rows), ("RigL, ", rigl_rows))
+        for r in table
         if r["sparsity"] in TARGETS and r["sparse_vs_masked"] < TARGETS[r["sparsity"]]
     ]
     meta = {
@@ -155,15 +194,17 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": [round(v, 2) for v in load_before],
         "loadavg_after": [round(v, 2) for v in load_after],
         "quick": args.quick,
-        "rounds x reps": f"{rounds} x {reps}",
+        "rounds": f">= {rounds}",
+        "rigl_update_every": update_every,
     }
-    md = _markdown(rows, meta, misses)
+    md = _markdown(rows, rigl_rows, meta, misses)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "sparse_linear_training" + ("_quick" if args.quick else "")
     stem += f"_threads{args.threads}" if args.threads else ""
     (args.out / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "misses": misses}, indent=2) + "\n"
+        json.dumps({"meta": meta, "rows": rows, "rigl_rows": rigl_rows, "misses": misses},
+                   indent=2) + "\n"
     )
     (args.out / f"{stem}.md").write_text(md)
     if misses and not args.no_check:
@@ -172,14 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _markdown(rows: list[dict], meta: dict, misses: list[str]) -> str:
+def _markdown(rows: list[dict], rigl_rows: list[dict], meta: dict, misses: list[str]) -> str:
     lines = [
         f"# SparseLinear training step: {meta['model']}, batch {meta['batch']}, Adam",
         "",
         f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpus']} CPUs, "
         f"compiled kernels: {meta['kernels']}; load average before "
         f"{meta['loadavg_before']}, after {meta['loadavg_after']}; best of "
-        f"{meta['rounds x reps']} interleaved.",
+        f"{meta['rounds']} interleaved rounds.",
         "",
         "| sparsity | dense ms | masked dense ms | SparseLinear ms | vs masked | vs dense |"
         " target vs masked |",
@@ -191,6 +232,21 @@ def _markdown(rows: list[dict], meta: dict, misses: list[str]) -> str:
             f"| {r['sparsity']:.0%} | {r['dense_ms']:.2f} | {r['masked_ms']:.2f} | "
             f"{r['sparse_ms']:.2f} | {r['sparse_vs_masked']:.2f}x | {r['sparse_vs_dense']:.2f}x | "
             + (f">= {target}x |" if target else "— |")
+        )
+    lines += [
+        "",
+        f"## RigL, an update every {meta['rigl_update_every']} steps "
+        "(time per step over whole update periods)",
+        "",
+        "| sparsity | masked dense + RigL ms | SparseLinear + RigL ms | vs masked |"
+        " target vs masked |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in rigl_rows:
+        target = TARGETS.get(r["sparsity"])
+        lines.append(
+            f"| {r['sparsity']:.0%} | {r['masked_ms']:.2f} | {r['sparse_ms']:.2f} | "
+            f"{r['sparse_vs_masked']:.2f}x | " + (f">= {target}x |" if target else "— |")
         )
     lines += ["", "Missed targets: " + ("; ".join(misses) if misses else "none"), ""]
     return "\n".join(lines)

@@ -69,8 +69,8 @@ def test_gradcheck_float64(backend) -> None:
     v = layer.values.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()
     fn = st._SparseLinearFunction.apply
-    assert torch.autograd.gradcheck(lambda x, v, b: fn(x, v, b, s), (x, v, b))
-    assert torch.autograd.gradcheck(lambda x, v: fn(x, v, None, s), (x, v))
+    assert torch.autograd.gradcheck(lambda x, v, b: fn(x, v, b, s, None), (x, v, b))
+    assert torch.autograd.gradcheck(lambda x, v: fn(x, v, None, s, None), (x, v))
 
 
 def test_batched_input_and_no_bias(backend) -> None:

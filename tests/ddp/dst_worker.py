@@ -1,4 +1,7 @@
-"""Run under torchrun --nproc_per_node=2: DynamicSparsity under DDP, masks written per rank."""
+"""Run under torchrun --nproc_per_node=2: DynamicSparsity under DDP, masks written per rank.
+
+Arguments: method, output stem, and optionally ``sparse`` to train SparseLinear layers.
+"""
 
 import sys
 
@@ -8,14 +11,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sparsekit import DynamicSparsity
+from sparsekit import DynamicSparsity, SparseLinear
 
 
-def main(method: str, out: str) -> None:
+def _net(sparse: bool) -> nn.Module:
+    if not sparse:
+        return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
+    g = torch.Generator().manual_seed(1)
+    return nn.Sequential(SparseLinear(12, 32, torch.rand(32, 12, generator=g) < 0.2), nn.ReLU(),
+                         SparseLinear(32, 4, torch.rand(4, 32, generator=g) < 0.2))
+
+
+def main(method: str, out: str, sparse: bool = False) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)  # identical initial weights on every rank
-    model = DDP(nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4)))
+    model = DDP(_net(sparse))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     dst = DynamicSparsity(model, opt, 0.8, method=method, update_every=10, end_step=180,
                           seed=7)
@@ -34,4 +45,4 @@ def main(method: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sparse=sys.argv[3:] == ["sparse"])

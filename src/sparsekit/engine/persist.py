@@ -1,12 +1,12 @@
-"""Persistence of compiled models: checkpoints, and the way back to ``nn.Linear``.
+"""Persistence of compiled and sparse-trained models, and the way back to dense layers.
 
 A compiled layer (:class:`~sparsekit.engine.sparse_linear.CompiledLayer`) stores its weight
-as the plain
-tensors of its format (values, column indices, row pointers), so ``state_dict()``,
-:func:`sparsekit.save` and :func:`sparsekit.load` work on compiled models as on any other.
-Because the number of nonzeros and the chosen format differ from model to model, a compiled
-layer takes both from what is loaded; :func:`expected_state` tells
-:func:`sparsekit.load` which shapes to accept. :func:`decompile` turns a compiled model
+as the plain tensors of its format (values, column indices, row pointers), and a
+:class:`~sparsekit.engine.sparse_training.SparseLinear` its values and structure, so
+``state_dict()``, :func:`sparsekit.save` and :func:`sparsekit.load` work on them as on any
+model. Because the number of nonzeros (and the format) differ from model to model, such a
+layer takes them from what is loaded; :func:`expected_state` tells :func:`sparsekit.load`
+which shapes to accept. :func:`decompile` turns a compiled model
 back into one with ``nn.Linear`` and ``nn.Conv2d`` layers (to train again, or to save a
 dense checkpoint).
 """
@@ -21,6 +21,7 @@ from torch import nn
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.sparse_conv import CompiledConv2d
 from sparsekit.engine.sparse_linear import CompiledLayer, CompiledLinear
+from sparsekit.engine.sparse_training import SparseLinear
 
 __all__ = ["decompile", "expected_state"]
 
@@ -49,24 +50,30 @@ def decompile(model: nn.Module) -> nn.Module:
 
 
 def expected_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with each compiled layer's format entries taken from ``state``.
+    """``model.state_dict()`` with the size-dependent entries of some layers taken from ``state``.
 
     A compiled layer accepts any valid format of its shape (see
-    :meth:`CompiledLinear.format_from_state`), so its entries are checked here, before
-    anything is loaded, and raise ``ValueError`` naming the layer if they are invalid.
+    :meth:`CompiledLinear.format_from_state`) and a :class:`SparseLinear` any valid
+    structure (see :meth:`SparseLinear.structure_from_state`), so their entries are checked
+    here, before anything is loaded, and raise ``ValueError`` naming the layer if invalid.
     Missing or extra keys elsewhere are left for the caller to report.
     """
     own = model.state_dict()
     for name, module in model.named_modules(remove_duplicate=False):
-        if not isinstance(module, CompiledLayer):
-            continue
-        head = f"{name}.format." if name else "format."
-        if not any(k.startswith(head) for k in state):
-            continue  # reported as missing keys by the caller
-        module.format_from_state(state, head[: -len("format.")])
-        for key in [k for k in own if k.startswith(head)]:
-            del own[key]
-        own.update({k: v for k, v in state.items() if k.startswith(head)})
+        prefix = f"{name}." if name else ""
+        if isinstance(module, CompiledLayer):
+            head = f"{prefix}format."
+            if not any(k.startswith(head) for k in state):
+                continue  # reported as missing keys by the caller
+            module.format_from_state(state, prefix)
+            for key in [k for k in own if k.startswith(head)]:
+                del own[key]
+            own.update({k: v for k, v in state.items() if k.startswith(head)})
+        elif isinstance(module, SparseLinear):
+            keys = [f"{prefix}{k}" for k in ("values", "rowptr", "col")]
+            if all(k in state for k in keys):  # else: reported as missing keys by the caller
+                module.structure_from_state(state, prefix)
+                own.update({k: state[k] for k in keys})
     return own
 
 

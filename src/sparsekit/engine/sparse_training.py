@@ -28,17 +28,28 @@ _CHUNK_ELEMENTS = 1 << 22  # fallback gathers materialise at most this many elem
 class _Structure:
     """Index tensors of one sparsity pattern, row-major and column-major."""
 
-    def __init__(self, mask: torch.Tensor) -> None:
-        out_features, in_features = mask.shape
-        row, col = mask.nonzero(as_tuple=True)  # row-major: the order of the values
-        counts = torch.bincount(row, minlength=out_features)
+    def __init__(self, row: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]) -> None:
+        out_features, in_features = self.shape = shape
+        row, col = row.long(), col.long()  # row-major: the order of the values
         self.row = row.to(torch.int32)
         self.col = col.to(torch.int32)
-        self.rowptr = _rowptr(counts)
+        self.rowptr = _rowptr(torch.bincount(row, minlength=out_features))
         t_perm = torch.argsort(col * out_features + row)  # column-major order of the values
         self.t_perm = t_perm
         self.t_col = self.row[t_perm].contiguous()  # columns of Wᵀ are rows of W
         self.t_rowptr = _rowptr(torch.bincount(col, minlength=in_features))
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> _Structure:
+        row, col = mask.nonzero(as_tuple=True)
+        return cls(row, col, tuple(mask.shape))
+
+    def to(self, device: torch.device) -> _Structure:
+        """Move every index tensor to ``device`` in place; returns ``self``."""
+        for name, t in vars(self).items():
+            if isinstance(t, torch.Tensor):
+                setattr(self, name, t.to(device))
+        return self
 
 
 def _rowptr(counts: torch.Tensor) -> torch.Tensor:
@@ -102,12 +113,14 @@ class _SparseLinearFunction(torch.autograd.Function):
         values: torch.Tensor,
         bias: torch.Tensor | None,
         s: _Structure,
+        sink: SparseLinear | None,
     ) -> torch.Tensor:
         xt = x.t().contiguous()  # free when x is the transposed output of another SparseLinear
         yt = _spmm(s.rowptr, s.col, values, None, xt, bias)
         ctx.save_for_backward(xt, values)
         ctx.structure = s
         ctx.has_bias = bias is not None
+        ctx.sink = sink
         return yt.t()  # (batch, out) view of the (out, batch) result: no copy
 
     @staticmethod
@@ -124,7 +137,9 @@ class _SparseLinearFunction(torch.autograd.Function):
             dv = _sddmm(s, gt, xt)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gt.sum(1)
-        return dx, dv, db, None
+        if ctx.sink is not None:
+            ctx.sink._accumulate_dense_grad(gt @ xt.t())
+        return dx, dv, db, None, None
 
 
 class SparseLinear(nn.Module):
@@ -135,7 +150,12 @@ class SparseLinear(nn.Module):
     (or from a ``mask``), change its pattern between steps with :meth:`set_structure`, and
     get a dense layer back with :meth:`to_linear`. Inputs have shape ``(..., in_features)``.
     The output of a 2-D input is a transposed (non-contiguous) view: the next
-    ``SparseLinear`` then reads it without a copy.
+    ``SparseLinear`` then reads it without a copy. With ``capture_dense_grad`` set, backward
+    also accumulates the dense ``dL/dW = dyᵀ x`` (what RigL-style regrowth scores) into
+    ``dense_grad``: a dense product, so :class:`~sparsekit.DynamicSparsity` sets it only
+    for the steps that need it. The structure is saved in ``state_dict()`` as int32 buffers
+    ``rowptr`` and ``col``; loading installs the saved structure (and its number of
+    nonzeros), resizing ``values`` in place.
     """
 
     def __init__(
@@ -152,13 +172,15 @@ class SparseLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         mask = self._check_mask(mask).to(device)
-        self._structure = _Structure(mask)
+        self._install(_Structure.from_mask(mask))
         # Same initialisation as nn.Linear, restricted to the kept weights.
         bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
         nnz = self._structure.row.numel()
         self.values = nn.Parameter(
             torch.empty(nnz, device=device, dtype=dtype).uniform_(-bound, bound)
         )
+        self.capture_dense_grad = False
+        self.dense_grad: torch.Tensor | None = None
         self.bias: nn.Parameter | None
         if bias:
             b = torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound)
@@ -247,7 +269,7 @@ class SparseLinear(nn.Module):
         per-weight state whose shape no longer matches must be reset by the caller.
         """
         mask = self._check_mask(mask).to(self.values.device)
-        old, new = self._structure, _Structure(mask)
+        old, new = self._structure, _Structure.from_mask(mask)
         old_key = old.row.long() * self.in_features + old.col.long()
         new_key = new.row.long() * self.in_features + new.col.long()
         pos = torch.searchsorted(old_key, new_key).clamp_(max=max(old_key.numel() - 1, 0))
@@ -268,9 +290,69 @@ class SparseLinear(nn.Module):
                 if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() == 1:
                     state[k] = remap(v)
         p.data = remap(p.data)
-        if p.grad is not None:
-            p.grad = None
-        self._structure = new
+        p.grad = None
+        self._install(new)
+
+    def _install(self, s: _Structure) -> None:
+        """Make ``s`` the structure; ``rowptr`` and ``col`` are its persistent buffers."""
+        self._structure = s
+        self.register_buffer("rowptr", s.rowptr)
+        self.register_buffer("col", s.col)
+
+    # -- persistence --------------------------------------------------------------------
+
+    def structure_from_state(self, state: dict[str, torch.Tensor], prefix: str = "") -> _Structure:
+        """The index structure stored under ``prefix`` in ``state``, checked for this shape.
+
+        Raises ``ValueError`` naming the entry if ``rowptr``/``col``/``values`` do not
+        describe a valid row-major pattern of ``(out_features, in_features)``.
+        """
+        rowptr, col = state[f"{prefix}rowptr"], state[f"{prefix}col"]
+        where = f"SparseLinear {prefix.rstrip('.') or '(root)'}"
+        if rowptr.dtype != torch.int32 or tuple(rowptr.shape) != (self.out_features + 1,):
+            raise ValueError(
+                f"{where}: rowptr must be int32 of shape ({self.out_features + 1},), got "
+                f"{rowptr.dtype} {tuple(rowptr.shape)}"
+            )
+        if col.dtype != torch.int32 or col.dim() != 1:
+            raise ValueError(f"{where}: col must be a 1-D int32 tensor, got {col.dtype} "
+                             f"{tuple(col.shape)}")
+        nnz = col.numel()
+        counts = (rowptr[1:] - rowptr[:-1]).long()
+        if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((counts < 0).any()):
+            raise ValueError(f"{where}: rowptr must rise from 0 to len(col)={nnz}")
+        row = torch.repeat_interleave(torch.arange(self.out_features), counts.cpu())
+        key = row * self.in_features + col.cpu().long()
+        if nnz and (int(col.min()) < 0 or int(col.max()) >= self.in_features
+                    or bool((key[1:] <= key[:-1]).any())):
+            raise ValueError(
+                f"{where}: col must hold increasing column indices in [0, {self.in_features}) "
+                "within each row"
+            )
+        values = state.get(f"{prefix}values")
+        if values is not None and tuple(values.shape) != (nnz,):
+            raise ValueError(f"{where}: values has shape {tuple(values.shape)}, the structure "
+                             f"has {nnz} nonzeros")
+        return _Structure(row, col.cpu(), (self.out_features, self.in_features))
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        # Install the saved structure first (resizing ``values`` in place, so an optimizer
+        # holding it keeps working); load_state_dict then fills it as usual.
+        if f"{prefix}rowptr" in state_dict and f"{prefix}col" in state_dict:
+            try:
+                s = self.structure_from_state(state_dict, prefix)
+            except ValueError as err:
+                error_msgs.append(str(err))
+            else:
+                self.values.data = self.values.data.new_zeros(s.row.numel())
+                self.values.grad = None
+                self._install(s.to(self.values.device))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _check_mask(self, mask: torch.Tensor) -> torch.Tensor:
         shape = (self.out_features, self.in_features)
@@ -287,20 +369,22 @@ class SparseLinear(nn.Module):
                 f"x must have last dimension in_features={self.in_features}, "
                 f"got shape {tuple(x.shape)}"
             )
+        sink = self if self.capture_dense_grad else None
         if x.dim() == 2:
-            return _SparseLinearFunction.apply(x, self.values, self.bias, self._structure)
+            return _SparseLinearFunction.apply(x, self.values, self.bias, self._structure, sink)
         y = _SparseLinearFunction.apply(
-            x.reshape(-1, self.in_features), self.values, self.bias, self._structure
+            x.reshape(-1, self.in_features), self.values, self.bias, self._structure, sink
         )
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:
+        self.dense_grad = grad if self.dense_grad is None else self.dense_grad + grad
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """Move the index tensors along with the parameters (``.to``, ``.cuda``, ...)."""
         super()._apply(fn, recurse)
-        dev = self.values.device
-        s = self._structure
-        for name, t in vars(s).items():
-            setattr(s, name, t.to(dev))
+        s = self._structure.to(self.values.device)
+        s.rowptr, s.col = self.rowptr, self.col  # the buffers, moved by super()._apply
         return self
 
     def extra_repr(self) -> str:

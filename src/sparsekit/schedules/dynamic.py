@@ -20,6 +20,11 @@ srigl      smallest |w| per neuron: constant fan-in;   largest |dense gradient| 
            ablated (Lasby et al. 2023)
 =========  ==========================================  ==================================
 
+On a model with :class:`~sparsekit.SparseLinear` layers the same rules change those layers'
+stored structure instead of a mask (truly sparse training): each layer is seen as a dense
+weight view and a mask, and the dense gradient the grow rules score is computed by the
+layer only for the backward passes that need it (every step for SNFS's momentum).
+
 Decisions depend only on weights, gradients and a seeded generator. Under
 ``DistributedDataParallel`` gradients are all-reduced before the optimizer step, so every
 rank computes bitwise the same masks; the random stream is seeded identically on all
@@ -33,8 +38,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from sparsekit.allocation import ALLOCATIONS
+from sparsekit.engine.structure_set import StructureSet, sparse_layers
 from sparsekit.masks import MaskSet
 from sparsekit.prune import check_sparsity, compute_masks
 from sparsekit.registry import Registry
@@ -65,6 +72,13 @@ class DynamicSparsity:
     layer's number of active weights exactly; SNFS keeps the total while layers trade
     weights; GraNet follows its pruning schedule; SRigL keeps a constant fan-in per
     surviving neuron.
+
+    If ``model`` has :class:`~sparsekit.SparseLinear` layers, those are the targets (other
+    layers stay dense) and their current structures are the starting masks; updates go
+    through :meth:`SparseLinear.set_structure` with ``optimizer``, so surviving weights
+    keep their optimizer state. ``sparsity`` and ``allocation`` then only describe the
+    layers as built. GraNet, which prunes with :func:`sparsekit.prune`'s global magnitude
+    pass over module weights, is not available for them.
     """
 
     def __init__(
@@ -98,6 +112,19 @@ class DynamicSparsity:
                 f"update_every and end_step must be ≥ 1, got {update_every}, {end_step}"
             )
         check_sparsity(initial_sparsity, "initial_sparsity")
+        sparse = bool(sparse_layers(model))
+        if sparse and method == "granet":
+            raise ValueError(
+                "method 'granet' does not support SparseLinear layers; accepted for them: "
+                + ", ".join(m for m in METHODS.names() if m != "granet")
+            )
+        if sparse and isinstance(model, DistributedDataParallel) and not rule.keeps_layer_nnz:
+            # DDP keeps each parameter's gradient accumulator, and with it its size.
+            raise ValueError(
+                f"method {method!r} changes the number of weights of a layer, which "
+                "DistributedDataParallel cannot follow on SparseLinear layers; accepted: "
+                + ", ".join(m for m in METHODS.names() if METHODS.get(m).keeps_layer_nnz)
+            )
         self.model, self.optimizer, self.method = model, optimizer, method
         self.sparsity, self.initial_sparsity = sparsity, initial_sparsity
         self.allocation, self.update_every, self.end_step = allocation, update_every, end_step
@@ -109,12 +136,15 @@ class DynamicSparsity:
         self.generator = torch.Generator().manual_seed(seed + 1_000_003)
         self.rule: DropGrow = rule(self)
         self.step_count = 0
-        self.masks = MaskSet(model, self.rule.initial_masks())
+        self.masks: MaskSet | StructureSet = (
+            StructureSet(model) if sparse else MaskSet(model, self.rule.initial_masks())
+        )
         self._grads: Masks = {}
         self._momenta = {n: torch.zeros_like(p) for n, p in self.masks.params.items()}
         # Registered before the MaskSet's hooks, so it sees the dense gradients.
         self._hook = optimizer.register_step_pre_hook(lambda *_: self._capture())
         self.masks.attach(optimizer)
+        self._arm_capture()
 
     def is_update_step(self, step: int) -> bool:
         return step % self.update_every == 0 and 0 < step < self.end_step
@@ -122,6 +152,7 @@ class DynamicSparsity:
     def step(self) -> bool:
         """Advance one step; at update steps drop and regrow. Returns whether it updated."""
         self.step_count += 1
+        self._arm_capture()
         if not self.is_update_step(self.step_count):
             return False
         fraction = drop_fraction_at(self.step_count, initial=self.drop_fraction,
@@ -129,6 +160,12 @@ class DynamicSparsity:
         self.masks.update(self.rule.update(fraction))
         self._grads.clear()
         return True
+
+    def _arm_capture(self) -> None:
+        """SparseLinear layers compute dense gradients only for steps whose rule reads them."""
+        if isinstance(self.masks, StructureSet):
+            upcoming = self.is_update_step(self.step_count + 1)
+            self.masks.capture(self.rule.needs_momenta or (self.rule.needs_grads and upcoming))
 
     def dense_grad(self, name: str) -> torch.Tensor:
         """The dense (unmasked) gradient of ``name`` captured before this update's step."""
@@ -142,13 +179,17 @@ class DynamicSparsity:
     @torch.no_grad()
     def _capture(self) -> None:
         upcoming = self.step_count + 1
-        for n, p in self.masks.params.items():
-            if p.grad is None:
+        if isinstance(self.masks, StructureSet):
+            grads = self.masks.dense_grads()
+        else:
+            grads = {n: p.grad for n, p in self.masks.params.items()}
+        for n, g in grads.items():
+            if g is None:
                 continue
             if self.rule.needs_momenta:
-                self._momenta[n].mul_(self.beta).add_(p.grad, alpha=1 - self.beta)
+                self._momenta[n].mul_(self.beta).add_(g, alpha=1 - self.beta)
             if self.rule.needs_grads and self.is_update_step(upcoming):
-                self._grads[n] = p.grad.detach().clone()
+                self._grads[n] = g.detach().clone()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count, "masks": self.masks.state_dict(),
@@ -160,6 +201,7 @@ class DynamicSparsity:
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])
         self._momenta = {n: m.clone() for n, m in state["momenta"].items()}
+        self._arm_capture()
 
     def remove(self) -> None:
         """Stop updating and stop enforcing the masks (the weights stay sparse)."""
@@ -172,6 +214,7 @@ class DropGrow:
 
     needs_grads = False
     needs_momenta = False
+    keeps_layer_nnz = True  # every layer keeps its number of active weights
 
     def __init__(self, ds: DynamicSparsity) -> None:
         self.ds = ds
@@ -220,6 +263,7 @@ class SNFS(DropGrow):
     """Grow by momentum; share the regrowth over layers by their mean momentum."""
 
     needs_momenta = True
+    keeps_layer_nnz = False
 
     def grow_scores(self, name: str, w: torch.Tensor) -> torch.Tensor:
         return self.ds._momenta[name].abs().float()
@@ -244,6 +288,8 @@ class SNFS(DropGrow):
 @METHODS.register("granet")
 class GraNet(RigL):
     """Prune gradually (global magnitude, cubic schedule), then RigL's drop and grow."""
+
+    keeps_layer_nnz = False
 
     def initial_masks(self) -> Masks:
         masks, _ = compute_masks(self.ds.model, self.ds.initial_sparsity, criterion="random",
@@ -270,6 +316,8 @@ class SRigL(RigL):
     budget shared by the remaining neurons (fan-in = budget // neurons); the most salient
     neurons always survive in the number the budget needs.
     """
+
+    keeps_layer_nnz = False  # fan-in × surviving neurons can fall short of the budget
 
     def initial_masks(self) -> Masks:
         base = super().initial_masks()
@@ -311,12 +359,21 @@ class SRigL(RigL):
 
 
 def _keep_top(score: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` highest-scoring entries among ``allowed`` (ties broken by position)."""
-    flat = score.flatten().masked_fill(~allowed.flatten(), float("-inf"))
+    """The ``k`` highest-scoring entries among ``allowed`` (ties broken by position).
+
+    A selection, not a sort: everything above the k-th largest score, then the first
+    entries equal to it, so a layer of n weights costs O(n) however large it is.
+    """
+    idx = allowed.flatten().nonzero().flatten()
     out = torch.zeros_like(allowed.flatten())
-    k = min(k, int(allowed.sum()))
+    k = min(k, idx.numel())
     if k > 0:
-        out[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+        values = score.flatten()[idx]
+        kth = torch.topk(values, k, sorted=False).values.min()
+        above = values > kth
+        ties = (values == kth).nonzero().flatten()[: k - int(above.sum())]
+        out[idx[above]] = True
+        out[idx[ties]] = True
     return out.reshape(allowed.shape)
 
 
