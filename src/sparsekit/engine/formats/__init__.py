@@ -18,16 +18,21 @@ from __future__ import annotations
 import torch
 
 from sparsekit.engine.formats.base import Format
+from sparsekit.engine.formats.bitmap import Bitmap
 from sparsekit.engine.formats.csr import CSR16, TorchCSR
 from sparsekit.engine.formats.dense import DenseFormat
+from sparsekit.engine.formats.nm import PackedNM
 
 __all__ = [
-    "FORMATS", "CSR16", "DenseFormat", "Format", "TorchCSR", "available_formats",
+    "FORMATS", "Bitmap", "CSR16", "DenseFormat", "Format", "PackedNM", "TorchCSR",
+    "available_formats",
     "format_from_state",
 ]
 
 
-FORMATS: dict[str, type[Format]] = {f.name: f for f in (DenseFormat, TorchCSR, CSR16)}
+FORMATS: dict[str, type[Format]] = {
+    f.name: f for f in (DenseFormat, TorchCSR, CSR16, Bitmap, PackedNM)
+}
 
 
 def available_formats(weight: torch.Tensor) -> list[str]:
