@@ -35,7 +35,13 @@ constexpr int64_t kRowTile = 16;      // rows whose outputs are written back tog
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec8 __attribute__((vector_size(32)));
 
-// A bitmap-row weight. x passed to dot() is zero-padded to words * 16 inputs.
+#if defined(__AVX512F__)
+inline __m512i lanes() {
+  return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#endif
+
+// A bitmap-row weight. x passed to dot() is zero-padded to at least words * 16 inputs.
 struct Bitmap {
   const float* v;
   const uint16_t* bits;
@@ -71,17 +77,21 @@ struct Bitmap {
     return acc;
   }
 
-  int64_t decode(int64_t r, int32_t* c, float* w) const {
-    const float* p = v + rowptr[r];
+  // Columns of row r's nonzeros into c (room for cols + 32); returns the packed values.
+  const float* decode(int64_t r, int32_t* c, int64_t* count) const {
     const uint16_t* b = bits + r * words;
     int64_t n = 0;
     for (int64_t k = 0; k < words; ++k) {
-      for (unsigned m = b[k]; m; m &= m - 1, ++n) {
-        c[n] = static_cast<int32_t>(16 * k + __builtin_ctz(m));
-        w[n] = p[n];
-      }
+#if defined(__AVX512F__)
+      const __m512i col = _mm512_add_epi32(lanes(), _mm512_set1_epi32(static_cast<int>(16 * k)));
+      _mm512_storeu_si512(c + n, _mm512_maskz_compress_epi32(b[k], col));
+      n += __builtin_popcount(b[k]);
+#else
+      for (unsigned m = b[k]; m; m &= m - 1) c[n++] = static_cast<int32_t>(16 * k + __builtin_ctz(m));
+#endif
     }
-    return n;
+    *count = n;
+    return v + rowptr[r];
   }
 };
 
@@ -98,48 +108,71 @@ struct PackedNM {
     return k / n * m + ((q[bit / 32] >> (bit % 32)) & (m - 1));
   }
 
+#if defined(__AVX512F__)
+  // Inputs of values k..k+15 relative to input k / n * m (0 .. 16 / n * m - 1).
+  struct Fields {
+    __m512i sel, shift, field, base;
+    __mmask16 words16;
+    explicit Fields(const PackedNM& w) {
+      const __m512i bitpos = _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(static_cast<int>(w.fbits)));
+      sel = _mm512_srli_epi32(bitpos, 5);  // which 32-bit word holds a lane's field
+      shift = _mm512_and_si512(bitpos, _mm512_set1_epi32(31));
+      field = _mm512_set1_epi32(static_cast<int>(w.m - 1));
+      base = _mm512_sllv_epi32(_mm512_srlv_epi32(lanes(), _mm512_set1_epi32(__builtin_ctzll(w.n))),
+                               _mm512_set1_epi32(__builtin_ctzll(w.m)));  // lane / n * m
+      words16 = w.fbits == 2 ? 0x1 : 0x3;  // words of fields per 16 values
+    }
+    __m512i at(const uint32_t* q, int64_t k, int64_t fbits) const {
+      const __m512i f = _mm512_maskz_loadu_epi32(words16, q + k * fbits / 32);
+      return _mm512_add_epi32(
+          base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(sel, f), shift), field));
+    }
+  };
+#endif
+
+  // x is zero-padded by at least 64 inputs beyond the last group.
   float dot(int64_t r, const float* x) const {
     const float* p = v + r * width;
     const uint32_t* q = idx + r * words;
     int64_t k = 0;
     float acc = 0.f;
 #if defined(__AVX512F__)
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i bitpos = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(fbits)));
-    const __m512i sel = _mm512_srli_epi32(bitpos, 5);  // which 32-bit word holds the field
-    const __m512i shift = _mm512_and_si512(bitpos, _mm512_set1_epi32(31));
-    const __m512i field = _mm512_set1_epi32(static_cast<int>(m - 1));
-    const __m512i base = _mm512_sllv_epi32(  // first input of each lane's group: lane / n * m
-        _mm512_srlv_epi32(lane, _mm512_set1_epi32(__builtin_ctzll(n))),
-        _mm512_set1_epi32(__builtin_ctzll(m)));
-    const __mmask16 words16 = fbits == 2 ? 0x1 : 0x3;  // words of fields per 16 values
-    __m512 acc0 = _mm512_setzero_ps();
+    const Fields fields(*this);
+    const bool wide = 16 / n * m > 32;  // 16 values span 64 inputs: two permutes and a blend
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (; k < width; k += 16) {
       const __mmask16 valid = width - k >= 16 ? 0xFFFF : (1u << (width - k)) - 1u;
-      const __m512i f = _mm512_maskz_loadu_epi32(words16, q + k * fbits / 32);
-      const __m512i c = _mm512_add_epi32(
-          _mm512_add_epi32(base, _mm512_set1_epi32(static_cast<int>(k / n * m))),
-          _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(sel, f), shift), field));
-      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, c, x, 4);
-      acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, p + k), xv, acc0);
+      const __m512i c = fields.at(q, k, fbits);
+      const float* xs = x + k / n * m;
+      __m512 xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xs), c, _mm512_loadu_ps(xs + 16));
+      if (wide) {
+        const __m512 hi =
+            _mm512_permutex2var_ps(_mm512_loadu_ps(xs + 32), c, _mm512_loadu_ps(xs + 48));
+        xv = _mm512_mask_mov_ps(xv, _mm512_test_epi32_mask(c, _mm512_set1_epi32(32)), hi);
+      }
+      const __m512 pv = _mm512_maskz_loadu_ps(valid, p + k);
+      if ((k / 16) & 1) a1 = _mm512_fmadd_ps(pv, xv, a1); else a0 = _mm512_fmadd_ps(pv, xv, a0);
     }
-    acc = _mm512_reduce_add_ps(acc0);
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #endif
     for (; k < width; ++k) acc += p[k] * x[col(q, k)];
     return acc;
   }
 
-  int64_t decode(int64_t r, int32_t* c, float* w) const {
-    const float* p = v + r * width;
+  // Columns of row r's values into c (room for cols + 32); returns its packed values.
+  const float* decode(int64_t r, int32_t* c, int64_t* count) const {
     const uint32_t* q = idx + r * words;
-    int64_t count = 0;
-    for (int64_t k = 0; k < width; ++k) {
-      if (p[k] != 0.f) {
-        c[count] = static_cast<int32_t>(col(q, k));
-        w[count++] = p[k];
-      }
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    const Fields fields(*this);
+    for (; k < width; k += 16) {
+      const __m512i first = _mm512_set1_epi32(static_cast<int>(k / n * m));
+      _mm512_storeu_si512(c + k, _mm512_add_epi32(first, fields.at(q, k, fbits)));
     }
-    return count;
+#endif
+    for (; k < width; ++k) c[k] = static_cast<int32_t>(col(q, k));
+    *count = width;
+    return v + r * width;
   }
 };
 
@@ -161,8 +194,8 @@ void thread_rows(const W& w, int t, int T, int64_t* r0, int64_t* r1) {
 
 template <typename W>
 void gemv(const W& w, const float* x, const float* bias, float* y, int T) {
-  thread_local std::vector<float> xpad;  // x zero-padded to whole 16-input words
-  const int64_t padded = (w.cols + 15) / 16 * 16;
+  thread_local std::vector<float> xpad;  // x zero-padded: whole vectors never read past it
+  const int64_t padded = (w.cols + 63) / 64 * 64 + 128;
   xpad.assign(padded, 0.f);
   std::memcpy(xpad.data(), x, w.cols * sizeof(float));
   const float* xp = xpad.data();
@@ -251,15 +284,16 @@ void spmm(const W& w, const float* x, int64_t batch, const float* bias, float* y
     }  // implicit barrier: xt is complete
     int64_t r0, r1;
     thread_rows(w, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-    std::vector<int32_t> c(cols);
-    std::vector<float> v(cols), tile(kRowTile * ld);
+    std::vector<int32_t> c(cols + 32);  // N:M rows may name a few padded inputs
+    std::vector<float> tile(kRowTile * ld);
     for (int64_t t0 = r0; t0 < r1; t0 += kRowTile) {
       const int64_t t1 = std::min(r1, t0 + kRowTile);
       for (int64_t r = t0; r < t1; ++r) {
-        const int64_t count = w.decode(r, c.data(), v.data());
+        int64_t count;
+        const float* v = w.decode(r, c.data(), &count);
         for (int64_t b0 = 0; b0 < ld; b0 += kChunk) {
           const int nv = static_cast<int>(std::min<int64_t>(kMaxVec, (ld - b0) / L));
-          row_chunk_n<V>(nv, c.data(), v.data(), count, xt + b0, ld, &tile[(r - t0) * ld + b0]);
+          row_chunk_n<V>(nv, c.data(), v, count, xt + b0, ld, &tile[(r - t0) * ld + b0]);
         }
       }
       for (int64_t b = 0; b < batch; ++b) {
