@@ -87,7 +87,9 @@ struct Bitmap {
       _mm512_storeu_si512(c + n, _mm512_maskz_compress_epi32(b[k], col));
       n += __builtin_popcount(b[k]);
 #else
-      for (unsigned m = b[k]; m; m &= m - 1) c[n++] = static_cast<int32_t>(16 * k + __builtin_ctz(m));
+      for (unsigned m = b[k]; m; m &= m - 1) {
+        c[n++] = static_cast<int32_t>(16 * k + __builtin_ctz(m));
+      }
 #endif
     }
     *count = n;
@@ -114,7 +116,8 @@ struct PackedNM {
     __m512i sel, shift, field, base;
     __mmask16 words16;
     explicit Fields(const PackedNM& w) {
-      const __m512i bitpos = _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(static_cast<int>(w.fbits)));
+      const __m512i bitpos =
+          _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(static_cast<int>(w.fbits)));
       sel = _mm512_srli_epi32(bitpos, 5);  // which 32-bit word holds a lane's field
       shift = _mm512_and_si512(bitpos, _mm512_set1_epi32(31));
       field = _mm512_set1_epi32(static_cast<int>(w.m - 1));
@@ -124,8 +127,8 @@ struct PackedNM {
     }
     __m512i at(const uint32_t* q, int64_t k, int64_t fbits) const {
       const __m512i f = _mm512_maskz_loadu_epi32(words16, q + k * fbits / 32);
-      return _mm512_add_epi32(
-          base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(sel, f), shift), field));
+      const __m512i shifted = _mm512_srlv_epi32(_mm512_permutexvar_epi32(sel, f), shift);
+      return _mm512_add_epi32(base, _mm512_and_si512(shifted, field));
     }
   };
 #endif
@@ -333,7 +336,8 @@ at::Tensor run(const W& w, const at::Tensor& x, const std::optional<at::Tensor>&
 }
 
 void check_values(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "values must be contiguous float32");
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "values must be contiguous float32");
 }
 
 // y = x @ W.T (+ bias); W as (values, int16 bitmap (rows, words), int32 row pointers).
