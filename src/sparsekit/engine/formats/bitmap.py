@@ -77,7 +77,7 @@ class Bitmap(NativeFormat):
             raise ValueError(f"bitmap_mask has bits set beyond the {cols} inputs")
         counts = torch.zeros(rows + 1, dtype=torch.int64)
         counts[1:] = keep.sum(1).cumsum(0)
-        if not torch.equal(counts, rowptr.to(torch.int64)) or counts[-1] != values.numel():
+        if not torch.equal(counts, rowptr.to(torch.int64)) or int(counts[-1]) != values.numel():
             raise ValueError("bitmap_rowptr must count the set bits of bitmap_mask up to the "
                              f"{values.numel()} bitmap_values")
         return cls(values.clone(), bitmap.clone(), rowptr.clone(), shape, threads)

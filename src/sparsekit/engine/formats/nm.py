@@ -113,7 +113,8 @@ class PackedNM(NativeFormat):
         width = self.nm_values.shape[1]
         col = _columns(_unpack(self.nm_indices, _FIELD_BITS[self.m], width), self.n, self.m)
         rows = torch.arange(self.out_features).unsqueeze(1).expand_as(col)
-        dense = torch.zeros(self.out_features, -(-self.in_features // self.m) * self.m)
+        padded = -(-self.in_features // self.m) * self.m
+        dense = torch.zeros(self.out_features, padded, dtype=self.nm_values.dtype)
         dense.index_put_((rows, col), self.nm_values, accumulate=True)  # padding adds zeros
         return dense[:, : self.in_features].contiguous()
 
