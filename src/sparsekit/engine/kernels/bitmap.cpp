@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -125,8 +126,8 @@ struct PackedNM {
                                _mm512_set1_epi32(__builtin_ctzll(w.m)));  // lane / n * m
       words16 = w.fbits == 2 ? 0x1 : 0x3;  // words of fields per 16 values
     }
-    __m512i at(const uint32_t* q, int64_t k, int64_t fbits) const {
-      const __m512i f = _mm512_maskz_loadu_epi32(words16, q + k * fbits / 32);
+    __m512i at(const uint32_t* q) const {  // q: the fields of the 16 values
+      const __m512i f = _mm512_maskz_loadu_epi32(words16, q);
       const __m512i shifted = _mm512_srlv_epi32(_mm512_permutexvar_epi32(sel, f), shift);
       return _mm512_add_epi32(base, _mm512_and_si512(shifted, field));
     }
@@ -141,20 +142,22 @@ struct PackedNM {
     float acc = 0.f;
 #if defined(__AVX512F__)
     const Fields fields(*this);
-    const bool wide = 16 / n * m > 32;  // 16 values span 64 inputs: two permutes and a blend
+    const int64_t span = 16 / n * m, step = fbits / 2;  // inputs and field words per 16 values
+    const bool wide = span > 32;  // 16 values span 64 inputs: two permutes and a blend
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (; k < width; k += 16) {
+    const float* xs = x;
+    const uint32_t* qs = q;
+    for (; k < width; k += 16, xs += span, qs += step) {
       const __mmask16 valid = width - k >= 16 ? 0xFFFF : (1u << (width - k)) - 1u;
-      const __m512i c = fields.at(q, k, fbits);
-      const float* xs = x + k / n * m;
+      const __m512i c = fields.at(qs);
       __m512 xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xs), c, _mm512_loadu_ps(xs + 16));
       if (wide) {
         const __m512 hi =
             _mm512_permutex2var_ps(_mm512_loadu_ps(xs + 32), c, _mm512_loadu_ps(xs + 48));
         xv = _mm512_mask_mov_ps(xv, _mm512_test_epi32_mask(c, _mm512_set1_epi32(32)), hi);
       }
-      const __m512 pv = _mm512_maskz_loadu_ps(valid, p + k);
-      if ((k / 16) & 1) a1 = _mm512_fmadd_ps(pv, xv, a1); else a0 = _mm512_fmadd_ps(pv, xv, a0);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, p + k), xv, a0);
+      std::swap(a0, a1);  // two independent sums hide the FMA latency
     }
     acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #endif
@@ -168,9 +171,10 @@ struct PackedNM {
     int64_t k = 0;
 #if defined(__AVX512F__)
     const Fields fields(*this);
-    for (; k < width; k += 16) {
-      const __m512i first = _mm512_set1_epi32(static_cast<int>(k / n * m));
-      _mm512_storeu_si512(c + k, _mm512_add_epi32(first, fields.at(q, k, fbits)));
+    const int64_t span = 16 / n * m, step = fbits / 2;
+    for (int64_t first = 0; k < width; k += 16, first += span) {
+      const __m512i c0 = _mm512_set1_epi32(static_cast<int>(first));
+      _mm512_storeu_si512(c + k, _mm512_add_epi32(c0, fields.at(q + k / 16 * step)));
     }
 #endif
     for (; k < width; ++k) c[k] = static_cast<int32_t>(col(q, k));
