@@ -1,0 +1,113 @@
+"""Bitmap rows: one bit per weight plus the packed fp32 values of the kept ones."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsekit.engine import kernels
+from sparsekit.engine.formats.base import masked
+from sparsekit.engine.formats.csr import csr_parts
+from sparsekit.engine.formats.native import NativeFormat
+
+__all__ = ["Bitmap"]
+
+_WORD = 16  # bits per bitmap word: one AVX-512 expand-load of 16 values
+
+
+class Bitmap(NativeFormat):
+    """Per row a bitmap of ``in_features`` bits (int16 words, zero-padded per row), the kept
+    fp32 values packed row by row and int32 row pointers into them.
+
+    It moves 4 bytes per nonzero + 1 bit per weight (2.125 B/weight at 50% sparsity, vs 3 for
+    CSR16 and 4 for dense), and the kernel streams it like a dense row: the sweet spot is
+    moderate sparsity. Any mask fits; :func:`~sparsekit.engine.compile` decides by timing.
+    """
+
+    name = "bitmap"
+    buffer_names = ("bitmap_values", "bitmap_mask", "bitmap_rowptr")
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        bitmap: torch.Tensor,
+        rowptr: torch.Tensor,
+        shape: tuple[int, int],
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(*shape, threads)
+        self.register_buffer("bitmap_values", values)
+        self.register_buffer("bitmap_mask", bitmap)
+        self.register_buffer("bitmap_rowptr", rowptr)
+
+    @classmethod
+    def from_dense(
+        cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
+    ) -> Bitmap:
+        cls._check_float32(weight, "Bitmap")
+        weight = masked(weight, mask)
+        rows, cols = weight.shape
+        keep = torch.zeros(rows, _words(cols) * _WORD, dtype=torch.int32)
+        keep[:, :cols] = weight != 0
+        bits = (keep.view(rows, -1, _WORD) << torch.arange(_WORD, dtype=torch.int32)).sum(-1)
+        bitmap = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16)
+        rowptr, _, values = csr_parts(weight)
+        return cls(values, bitmap, rowptr, (rows, cols), threads)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: dict[str, torch.Tensor],
+        shape: tuple[int, int],
+        threads: int | None = None,
+        **kwargs: object,
+    ) -> Bitmap:
+        values, bitmap, rowptr = (state[k] for k in cls.buffer_names)
+        rows, cols = shape
+        if values.dtype != torch.float32 or values.dim() != 1:
+            raise ValueError(f"bitmap_values must be 1-D float32, got {values.dtype} "
+                             f"{tuple(values.shape)}")
+        if bitmap.dtype != torch.int16 or tuple(bitmap.shape) != (rows, _words(cols)):
+            raise ValueError(f"bitmap_mask must be int16 of shape {(rows, _words(cols))}, got "
+                             f"{bitmap.dtype} {tuple(bitmap.shape)}")
+        if rowptr.dtype != torch.int32 or tuple(rowptr.shape) != (rows + 1,):
+            raise ValueError(f"bitmap_rowptr must be int32 of shape ({rows + 1},), got "
+                             f"{rowptr.dtype} {tuple(rowptr.shape)}")
+        keep = _unpack(bitmap)
+        if bool(keep[:, cols:].any()):
+            raise ValueError(f"bitmap_mask has bits set beyond the {cols} inputs")
+        counts = torch.zeros(rows + 1, dtype=torch.int64)
+        counts[1:] = keep.sum(1).cumsum(0)
+        if not torch.equal(counts, rowptr.to(torch.int64)) or int(counts[-1]) != values.numel():
+            raise ValueError("bitmap_rowptr must count the set bits of bitmap_mask up to the "
+                             f"{values.numel()} bitmap_values")
+        return cls(values.clone(), bitmap.clone(), rowptr.clone(), shape, threads)
+
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if kernels.load() is None:
+            return self._fallback_mm(x, bias)
+        x = x.to(torch.float32).contiguous()
+        if bias is not None:
+            bias = bias.to(torch.float32).contiguous()
+        return torch.ops.sparsekit.bitmap_linear(
+            self.bitmap_values, self.bitmap_mask, self.bitmap_rowptr, x, bias,
+            self._threads(x.shape[0]),
+        )
+
+    def to_dense(self) -> torch.Tensor:
+        dense = torch.zeros(self.out_features, self.in_features, dtype=self.bitmap_values.dtype)
+        dense[_unpack(self.bitmap_mask)[:, : self.in_features]] = self.bitmap_values
+        return dense
+
+    @property
+    def nnz(self) -> int:
+        return self.bitmap_values.numel()
+
+
+def _words(cols: int) -> int:
+    return -(-cols // _WORD)
+
+
+def _unpack(bitmap: torch.Tensor) -> torch.Tensor:
+    """The ``(rows, words * 16)`` bool mask of an int16 ``(rows, words)`` bitmap."""
+    bits = bitmap.to(torch.int32).unsqueeze(-1) >> torch.arange(_WORD, dtype=torch.int32)
+    return (bits & 1).bool().reshape(bitmap.shape[0], -1)

@@ -1,0 +1,61 @@
+"""Shared base of the formats run by sparsekit's own compiled kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparsekit.engine import kernels
+from sparsekit.engine.formats.base import Format
+
+__all__ = ["NativeFormat"]
+
+
+class NativeFormat(Format):
+    """A float32 CPU format multiplied by a compiled kernel over ``threads`` OpenMP threads.
+
+    Where the kernels are missing (a model loaded on another machine) :meth:`_fallback_mm`
+    multiplies with the dense weight, rebuilt once and kept until the buffers move.
+    ``threads=None`` follows ``torch.get_num_threads()`` (one thread for small layers).
+    """
+
+    threaded = True
+
+    def __init__(self, out_features: int, in_features: int, threads: int | None) -> None:
+        super().__init__(out_features, in_features)
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+        ):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.threads = threads
+
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> bool:
+        return weight.dtype == torch.float32 and weight.device.type == "cpu" and kernels.available()
+
+    @staticmethod
+    def _check_float32(weight: torch.Tensor, name: str) -> None:
+        if weight.dtype != torch.float32:
+            raise TypeError(f"{name} needs a float32 weight, got {weight.dtype}")
+
+    def _threads(self, batch: int) -> int:
+        if self.threads is not None:
+            return self.threads
+        work = (self.nnz + self.out_features) * batch
+        return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
+
+    def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear`` with the dense weight, rebuilt only when the buffers moved."""
+        key = tuple(t.data_ptr() for t in self.buffers())
+        if self.__dict__.get("_dense") is None or key != self._dense_key:
+            self._dense = self.to_dense()
+            self._dense_key = key
+        return F.linear(x.to(torch.float32), self._dense, bias)
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()  # copies and pickles carry the compressed buffers only
+        state["_dense"], state["_dense_key"] = None, ()
+        return state
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, threads={self.threads}"
