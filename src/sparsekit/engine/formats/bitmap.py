@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from sparsekit.engine import kernels
@@ -34,10 +36,7 @@ class Bitmap(NativeFormat):
         shape: tuple[int, int],
         threads: int | None = None,
     ) -> None:
-        super().__init__(*shape, threads)
-        self.register_buffer("bitmap_values", values)
-        self.register_buffer("bitmap_mask", bitmap)
-        self.register_buffer("bitmap_rowptr", rowptr)
+        super().__init__((values, bitmap, rowptr), shape, threads)
 
     @classmethod
     def from_dense(
@@ -54,14 +53,8 @@ class Bitmap(NativeFormat):
         return cls(values, bitmap, rowptr, (rows, cols), threads)
 
     @classmethod
-    def from_state(
-        cls,
-        state: dict[str, torch.Tensor],
-        shape: tuple[int, int],
-        threads: int | None = None,
-        **kwargs: object,
-    ) -> Bitmap:
-        values, bitmap, rowptr = (state[k] for k in cls.buffer_names)
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        values, bitmap, rowptr = tensors
         rows, cols = shape
         if values.dtype != torch.float32 or values.dim() != 1:
             raise ValueError(f"bitmap_values must be 1-D float32, got {values.dtype} "
@@ -80,7 +73,6 @@ class Bitmap(NativeFormat):
         if not torch.equal(counts, rowptr.to(torch.int64)) or int(counts[-1]) != values.numel():
             raise ValueError("bitmap_rowptr must count the set bits of bitmap_mask up to the "
                              f"{values.numel()} bitmap_values")
-        return cls(values.clone(), bitmap.clone(), rowptr.clone(), shape, threads)
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if kernels.load() is None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from sparsekit.engine import kernels
-from sparsekit.engine.formats.base import Format, masked
+from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
+from sparsekit.engine.formats.native import NativeFormat
 
 __all__ = ["BSR", "BLOCK_SIZES", "MIN_FILL", "choose_block"]
 
@@ -16,7 +19,7 @@ BLOCK_SIZES: tuple[tuple[int, int], ...] = ((32, 32), (16, 16), (8, 8), (4, 4))
 MIN_FILL = 0.9  # a block size fits when >= 90% of the weights in its stored blocks are nonzero
 
 
-class BSR(Format):
+class BSR(NativeFormat):
     """Dense ``R x C`` blocks of fp32 values, one 16-bit column index per block.
 
     Buffers: ``bsr_values`` ``(nblocks, R, C)``, ``bsr_col_indices`` (block column of each
@@ -28,7 +31,6 @@ class BSR(Format):
 
     name = "bsr"
     buffer_names = ("bsr_values", "bsr_col_indices", "bsr_rowptr")
-    threaded = True
 
     def __init__(
         self,
@@ -38,13 +40,7 @@ class BSR(Format):
         shape: tuple[int, int],
         threads: int | None = None,
     ) -> None:
-        super().__init__(*shape)
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-        self.register_buffer("bsr_values", values)
-        self.register_buffer("bsr_col_indices", col)
-        self.register_buffer("bsr_rowptr", rowptr)
-        self.threads = threads
+        super().__init__((values, col, rowptr), shape, threads)
 
     @property
     def block(self) -> tuple[int, int]:
@@ -54,9 +50,9 @@ class BSR(Format):
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
         """float32 CPU weights with a block structure (see :func:`choose_block`)."""
-        if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        if weight.dim() != 2 or not super().supports(weight):
             return False
-        return choose_block(weight != 0)[1] >= MIN_FILL and kernels.available()
+        return choose_block(weight != 0)[1] >= MIN_FILL
 
     @classmethod
     def from_dense(
@@ -67,24 +63,15 @@ class BSR(Format):
         block: tuple[int, int] | None = None,
     ) -> BSR:
         """Compress ``weight * mask`` into ``block`` blocks (default: :func:`choose_block`)."""
-        if weight.dtype != torch.float32:
-            raise TypeError(f"BSR needs a float32 weight, got {weight.dtype}")
+        cls._check_float32(weight, "BSR")
         w = masked(weight, mask)
         block = _check_block(block) if block is not None else choose_block(w != 0)[0]
         values, col, rowptr = _bsr_parts(w, block)
         return cls(values, col, rowptr, tuple(w.shape), threads)
 
     @classmethod
-    def from_state(
-        cls,
-        state: dict[str, torch.Tensor],
-        shape: tuple[int, int],
-        threads: int | None = None,
-        **kwargs: object,
-    ) -> BSR:
-        values, col, rowptr = (state[k] for k in cls.buffer_names)
-        _check_bsr(values, col, rowptr, shape)
-        return cls(values.clone(), col.clone(), rowptr.clone(), shape, threads)
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        _check_bsr(*tensors, shape)
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x = x.to(torch.float32).contiguous()

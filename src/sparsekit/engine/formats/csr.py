@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 
 from sparsekit.engine import kernels
 from sparsekit.engine.formats.base import Format, masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
+from sparsekit.engine.formats.native import NativeFormat
 
 __all__ = ["CSR16", "TorchCSR", "check_csr", "csr_parts"]
 
@@ -75,7 +77,7 @@ class TorchCSR(Format):
         return state
 
 
-class CSR16(Format):
+class CSR16(NativeFormat):
     """CSR with 16-bit column indices run by the compiled OpenMP kernels.
 
     fp32 values + uint16 column indices move 6 bytes per nonzero instead of torch CSR's 8;
@@ -87,7 +89,6 @@ class CSR16(Format):
 
     name = "csr16"
     buffer_names = ("rowptr", "col_indices", "values")
-    threaded = True
 
     def __init__(
         self,
@@ -97,43 +98,25 @@ class CSR16(Format):
         shape: tuple[int, int],
         threads: int | None = None,
     ) -> None:
-        super().__init__(*shape)
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-        self.register_buffer("rowptr", rowptr)
-        self.register_buffer("col_indices", col)
-        self.register_buffer("values", values)
-        self.threads = threads
-
-    @classmethod
-    def supports(cls, weight: torch.Tensor) -> bool:
-        return weight.dtype == torch.float32 and weight.device.type == "cpu" and kernels.available()
+        super().__init__((rowptr, col, values), shape, threads)
 
     @classmethod
     def from_dense(
         cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
     ) -> CSR16:
-        if weight.dtype != torch.float32:
-            raise TypeError(f"CSR16 needs a float32 weight, got {weight.dtype}")
+        cls._check_float32(weight, "CSR16")
         crow, col, values = csr_parts(masked(weight, mask))
         col = narrow_index(col, weight.shape[1])
         return cls(crow, col, values, tuple(weight.shape), threads)
 
     @classmethod
-    def from_state(
-        cls,
-        state: dict[str, torch.Tensor],
-        shape: tuple[int, int],
-        threads: int | None = None,
-        **kwargs: object,
-    ) -> CSR16:
-        rowptr, col, values = (state[k] for k in cls.buffer_names)
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        rowptr, col, values = tensors
         check_csr(rowptr, col, values, shape, (torch.int16, torch.int32))
         if values.dtype != torch.float32:
             raise ValueError(f"CSR16 values must be float32, got {values.dtype}")
         if col.dtype == torch.int16 and shape[1] > 65536:
             raise ValueError(f"16-bit column indices cannot address {shape[1]} inputs")
-        return cls(rowptr.clone(), col.clone(), values.clone(), shape, threads)
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ops = kernels.load()
@@ -161,12 +144,6 @@ class CSR16(Format):
         state = self.__dict__.copy()  # a sparse tensor cannot be deep-copied or pickled
         state["_csr"], state["_key"] = None, ()
         return state
-
-    def _threads(self, batch: int) -> int:
-        if self.threads is not None:
-            return self.threads
-        work = (self._buffers["values"].numel() + self.out_features) * batch
-        return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
 
     def to_dense(self) -> torch.Tensor:
         col = unsigned_index(self.col_indices)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from sparsekit.engine import kernels
-from sparsekit.engine.formats.base import Format, masked
+from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
+from sparsekit.engine.formats.native import NativeFormat
 
 __all__ = ["ConstantFanIn", "fan_in"]
 
 _GATHER_ELEMENTS = 1 << 22  # largest gathered input block of the torch fallback (16 MiB)
 
 
-class ConstantFanIn(Format):
+class ConstantFanIn(NativeFormat):
     """Dense ``(rows, k)`` values and column indices for SRigL-style constant fan-in masks.
 
     Buffers: ``fanin_values`` (fp32), ``fanin_col_indices`` (int16 read as uint16, int32 for
@@ -25,7 +28,6 @@ class ConstantFanIn(Format):
 
     name = "fanin"
     buffer_names = ("fanin_values", "fanin_col_indices", "fanin_rows")
-    threaded = True
 
     def __init__(
         self,
@@ -35,13 +37,7 @@ class ConstantFanIn(Format):
         shape: tuple[int, int],
         threads: int | None = None,
     ) -> None:
-        super().__init__(*shape)
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-        self.register_buffer("fanin_values", values)
-        self.register_buffer("fanin_col_indices", col)
-        self.register_buffer("fanin_rows", rows)
-        self.threads = threads
+        super().__init__((values, col, rows), shape, threads)
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
@@ -73,16 +69,8 @@ class ConstantFanIn(Format):
         return cls(values, col, rows.to(torch.int32), tuple(w.shape), threads)
 
     @classmethod
-    def from_state(
-        cls,
-        state: dict[str, torch.Tensor],
-        shape: tuple[int, int],
-        threads: int | None = None,
-        **kwargs: object,
-    ) -> ConstantFanIn:
-        values, col, rows = (state[k] for k in cls.buffer_names)
-        _check_fanin(values, col, rows, shape)
-        return cls(values.clone(), col.clone(), rows.clone(), shape, threads)
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        _check_fanin(*tensors, shape)
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x = x.to(torch.float32).contiguous()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -21,13 +23,35 @@ class NativeFormat(Format):
 
     threaded = True
 
-    def __init__(self, out_features: int, in_features: int, threads: int | None) -> None:
-        super().__init__(out_features, in_features)
+    def __init__(
+        self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None
+    ) -> None:
+        super().__init__(*shape)
         if threads is not None and (
             isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
         ):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        for name, tensor in zip(self.buffer_names, tensors, strict=True):
+            self.register_buffer(name, tensor)
         self.threads = threads
+
+    @classmethod
+    def from_state(
+        cls,
+        state: dict[str, torch.Tensor],
+        shape: tuple[int, int],
+        threads: int | None = None,
+        **kwargs: object,
+    ) -> NativeFormat:
+        tensors = [state[k] for k in cls.buffer_names]
+        cls.check_state(tensors, shape)
+        return cls(*(t.clone() for t in tensors), shape, threads)
+
+    @classmethod
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        """Raise ``ValueError`` unless ``tensors`` (in :attr:`buffer_names` order) form a
+        valid ``shape`` weight of this format."""
+        raise NotImplementedError
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from sparsekit.engine import kernels
@@ -38,11 +40,9 @@ class PackedNM(NativeFormat):
         shape: tuple[int, int],
         threads: int | None = None,
     ) -> None:
-        super().__init__(*shape, threads)
+        nm = torch.tensor(pattern, dtype=torch.int32)
+        super().__init__((values, indices, nm), shape, threads)
         self.n, self.m = pattern
-        self.register_buffer("nm_values", values)
-        self.register_buffer("nm_indices", indices)
-        self.register_buffer("nm_pattern", torch.tensor(pattern, dtype=torch.int32))
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
@@ -79,6 +79,13 @@ class PackedNM(NativeFormat):
         **kwargs: object,
     ) -> PackedNM:
         values, indices, pattern = (state[k] for k in cls.buffer_names)
+        cls.check_state((values, indices, pattern), shape)
+        n, m = pattern.tolist()
+        return cls(values.clone(), indices.clone(), (n, m), shape, threads)
+
+    @classmethod
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        values, indices, pattern = tensors
         rows, cols = shape
         if pattern.dtype != torch.int32 or tuple(pattern.tolist()) not in NM_PATTERNS:
             raise ValueError(f"nm_pattern must be int32 [N, M] with (N, M) in {NM_PATTERNS}, "
@@ -97,7 +104,6 @@ class PackedNM(NativeFormat):
         if bool((slot >= m).any()) or bool((col >= cols).any()):
             raise ValueError(f"nm_indices must name inputs within their group of {m} and "
                              f"below {cols}")
-        return cls(values.clone(), indices.clone(), (n, m), shape, threads)
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if kernels.load() is None:
