@@ -24,6 +24,7 @@ namespace {
 
 constexpr int64_t kAlign = 16;  // floats per 64-byte cache line: slices start on a line
 constexpr int64_t kTile = 2048;  // outputs per tile: 8 KiB of y stays in L1 while rows stream
+constexpr int64_t kWorkPerThread = 16384;  // multiply-adds that pay for one more thread
 
 // y[0:n] += sum over k < 4 of a[k] * w[k][0:n] (four rows at once: fewer passes over y).
 inline void axpy4(float* __restrict y, const float* __restrict w0, const float* __restrict w1,
@@ -85,8 +86,12 @@ at::Tensor act_gemv(const at::Tensor& wt, const at::Tensor& x, const at::Tensor&
   auto y = at::empty({out}, x.options());
   float* yp = y.data_ptr<float>();
   const float* w = wt.data_ptr<float>();
-  const int T = static_cast<int>(std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, out / 64)));
-#pragma omp parallel num_threads(T)
+  // A fork costs a few microseconds: small products (the GEMVs of a narrow model) run on one
+  // thread, as CSR16 does; larger ones get at most one thread per kWorkPerThread multiply-adds.
+  const int64_t work = static_cast<int64_t>(idx.size()) * out;
+  const int T = static_cast<int>(std::clamp<int64_t>(
+      std::min<int64_t>(threads, work / kWorkPerThread), 1, std::max<int64_t>(1, out / 64)));
+#pragma omp parallel num_threads(T) if (T > 1)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t lines = (out + kAlign - 1) / kAlign;
