@@ -166,6 +166,25 @@ def test_activation_sparse_linear_equals_dense_product(use_kernel, bias, monkeyp
     torch.testing.assert_close(empty[0], linear.bias if bias else torch.zeros(70))
 
 
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_bfloat16_rows_match_float32_and_the_batch(use_kernel, monkeypatch):
+    if use_kernel and not _kernels_ok():
+        pytest.skip("compiled kernels unavailable")
+    if not use_kernel:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    g = torch.Generator().manual_seed(1)
+    linear = nn.Linear(300, 70).to(torch.bfloat16)
+    threshold = torch.rand(300, generator=g)
+    layer = ActivationSparseLinear.from_linear(linear, threshold)
+    x = torch.randn(4, 300, generator=g).to(torch.bfloat16)
+    rows = torch.cat([layer(row[None]) for row in x])
+    assert rows.dtype == torch.bfloat16
+    ref = F.linear(x.float().masked_fill(x.abs() < threshold.to(x.dtype), 0),
+                   linear.weight.float(), linear.bias.float())  # exact product of bf16 values
+    torch.testing.assert_close(rows.float(), ref, rtol=1e-2, atol=1e-2)  # one bf16 rounding
+    torch.testing.assert_close(layer(x), rows, rtol=1e-2, atol=2e-2)
+
+
 def test_compile_with_activation_sparsity(model):
     data = _tokens(2, 8, 0)
     act = activation.calibrate(model, data, sparsity=0.4)

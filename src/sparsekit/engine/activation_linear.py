@@ -17,6 +17,8 @@ from sparsekit.engine import kernels
 
 __all__ = ["ActivationSparseLinear", "sparsify_input"]
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # act_gemv accumulates both in float32
+
 
 def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """``x`` with the entries ``|x_j| < threshold_j`` set to zero (compared in ``x.dtype``).
@@ -30,9 +32,9 @@ class ActivationSparseLinear(nn.Module):
     """``y = sparsify_input(x, threshold) @ W.T + bias``, reading only the columns it needs.
 
     ``threshold`` is a scalar or one value per input feature (``in_features``). Inputs have
-    shape ``(..., in_features)``; a single float32 row runs the compiled kernel with
-    ``threads`` OpenMP threads (default ``torch.get_num_threads()``). Inference only: the
-    weight is a buffer.
+    shape ``(..., in_features)``; a single row of the weight's dtype (float32 or bfloat16,
+    summed in float32) runs the compiled kernel with ``threads`` OpenMP threads (default
+    ``torch.get_num_threads()``). Inference only: the weight is a buffer.
     """
 
     def __init__(
@@ -84,7 +86,8 @@ class ActivationSparseLinear(nn.Module):
 
         The hot path of batch-1 decoding: no allocation or validation before the op.
         """
-        if x.dtype is self.weight_t.dtype is torch.float32 and x.is_cpu and kernels.available():
+        if x.dtype is self.weight_t.dtype and x.dtype in _KERNEL_DTYPES and x.is_cpu \
+                and kernels.available():
             return torch.ops.sparsekit.act_gemv(
                 self.weight_t, x.contiguous(), self.threshold, self.bias,
                 self.threads or torch.get_num_threads(),
