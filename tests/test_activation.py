@@ -15,6 +15,7 @@ from sparsekit.engine import kernels
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def _kernels_ok() -> bool:
@@ -73,6 +74,37 @@ def test_greedy_reaches_the_same_model_wide_sparsity(model):
         model(_tokens(8, 32, 1))
     assert greedy.model_sparsity(greedy.stats()) == pytest.approx(0.5, abs=0.03)
     greedy.remove()
+
+
+def test_teal_greedy_raises_the_group_with_the_least_block_error():
+    from sparsekit.activation.allocation import greedy
+
+    cost = {"qkv": 3.0, "o": 1.0, "down": 2.0}  # error per unit sparsity of each group
+    groups = [["q", "k", "v"], ["o"], ["down"]]
+    group_of = {n: g[0] if len(g) == 1 else "qkv" for g in groups for n in g}
+    seen = []
+
+    def error(levels: dict[str, float]) -> float:
+        seen.append(dict(levels))
+        return sum(cost[group_of[n]] * s for n, s in levels.items()) / len(levels)
+
+    sizes = dict.fromkeys(["q", "k", "v", "o", "down"], 100)
+    result = greedy(groups, sizes, 0.1, error)
+    assert seen[0] == {"q": 0.05, "k": 0.05, "v": 0.05, "o": 0.0, "down": 0.0}  # qkv: one step
+    assert seen[1]["o"] == seen[2]["down"] == 0.05 and len(seen) == 3 * 10  # 10 steps of o
+    assert result == {"q": 0.0, "k": 0.0, "v": 0.0, "o": pytest.approx(0.5), "down": 0.0}
+
+
+def test_block_groups_share_levels_of_shared_inputs():
+    from sparsekit.activation.blocks import block_groups
+
+    names = [f"model.layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    groups = block_groups(names)
+    assert list(groups) == ["model.layers.0", "model.layers.1"]
+    assert [len(g) for g in groups["model.layers.1"]] == [3, 1, 2, 1]
+    assert block_groups(["fc1", "fc2"]) == {"": [["fc1"], ["fc2"]]}
 
 
 def test_wina_score_is_magnitude_times_column_norm():
