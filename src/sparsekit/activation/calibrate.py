@@ -36,7 +36,8 @@ def calibrate(
     is called as ``model(inputs)``) or a list of them. ``method`` picks the score
     (``"teal"``: ``|x|``; ``"wina"``: ``|x_j| * ||W[:, j]||``; ``"cats"``: ``|x|`` on
     down-projection inputs only) and ``allocation`` the per-layer split of the model-wide
-    target (``"uniform"`` or ``"greedy"``). ``targets`` overrides the default layers (see
+    target (``"uniform"`` or ``"greedy"``: TEAL's block-wise search, which measures block
+    output errors on the first calibration batch). ``targets`` overrides the default layers (see
     :func:`~sparsekit.activation.layers.find_layers`). At most ``max_rows`` input rows per
     layer, sampled with ``seed``, are kept to bound memory.
     """
