@@ -15,6 +15,7 @@ from sparsekit.engine import kernels
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def _kernels_ok() -> bool:
@@ -73,6 +74,37 @@ def test_greedy_reaches_the_same_model_wide_sparsity(model):
         model(_tokens(8, 32, 1))
     assert greedy.model_sparsity(greedy.stats()) == pytest.approx(0.5, abs=0.03)
     greedy.remove()
+
+
+def test_teal_greedy_raises_the_group_with_the_least_block_error():
+    from sparsekit.activation.allocation import greedy
+
+    cost = {"qkv": 3.0, "o": 1.0, "down": 2.0}  # error per unit sparsity of each group
+    groups = [["q", "k", "v"], ["o"], ["down"]]
+    group_of = {n: g[0] if len(g) == 1 else "qkv" for g in groups for n in g}
+    seen = []
+
+    def error(levels: dict[str, float]) -> float:
+        seen.append(dict(levels))
+        return sum(cost[group_of[n]] * s for n, s in levels.items()) / len(levels)
+
+    sizes = dict.fromkeys(["q", "k", "v", "o", "down"], 100)
+    result = greedy(groups, sizes, 0.1, error)
+    assert seen[0] == {"q": 0.05, "k": 0.05, "v": 0.05, "o": 0.0, "down": 0.0}  # qkv: one step
+    assert seen[1]["o"] == seen[2]["down"] == 0.05 and len(seen) == 3 * 10  # 10 steps of o
+    assert result == {"q": 0.0, "k": 0.0, "v": 0.0, "o": pytest.approx(0.5), "down": 0.0}
+
+
+def test_block_groups_share_levels_of_shared_inputs():
+    from sparsekit.activation.blocks import block_groups
+
+    names = [f"model.layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    groups = block_groups(names)
+    assert list(groups) == ["model.layers.0", "model.layers.1"]
+    assert [len(g) for g in groups["model.layers.1"]] == [3, 1, 2, 1]
+    assert block_groups(["fc1", "fc2"]) == {"": [["fc1"], ["fc2"]]}
 
 
 def test_wina_score_is_magnitude_times_column_norm():
@@ -164,6 +196,25 @@ def test_activation_sparse_linear_equals_dense_product(use_kernel, bias, monkeyp
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
     empty = layer(torch.zeros(1, 300))  # no input survives: only the bias is left
     torch.testing.assert_close(empty[0], linear.bias if bias else torch.zeros(70))
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_bfloat16_rows_match_float32_and_the_batch(use_kernel, monkeypatch):
+    if use_kernel and not _kernels_ok():
+        pytest.skip("compiled kernels unavailable")
+    if not use_kernel:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    g = torch.Generator().manual_seed(1)
+    linear = nn.Linear(300, 70).to(torch.bfloat16)
+    threshold = torch.rand(300, generator=g)
+    layer = ActivationSparseLinear.from_linear(linear, threshold)
+    x = torch.randn(4, 300, generator=g).to(torch.bfloat16)
+    rows = torch.cat([layer(row[None]) for row in x])
+    assert rows.dtype == torch.bfloat16
+    ref = F.linear(x.float().masked_fill(x.abs() < threshold.to(x.dtype), 0),
+                   linear.weight.float(), linear.bias.float())  # exact product of bf16 values
+    torch.testing.assert_close(rows.float(), ref, rtol=1e-2, atol=1e-2)  # one bf16 rounding
+    torch.testing.assert_close(layer(x), rows, rtol=1e-2, atol=2e-2)
 
 
 def test_compile_with_activation_sparsity(model):

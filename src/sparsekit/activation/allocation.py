@@ -2,19 +2,23 @@
 
 Model-wide sparsity is the mean of the layer sparsities weighted by layer size
 (``in * out``): the fraction of weight reads a batch-1 decode skips. ``uniform`` gives every
-layer the target. ``greedy`` (TEAL's search) starts from dense and repeatedly raises, by one
-grid step, the layer whose step costs the least output error per unit of model-wide sparsity
-gained, until the target is reached; the last step is cut short to land on it exactly.
+layer the target. ``greedy`` is TEAL's block-wise search (Liu et al. 2024, section 4.2):
+within each transformer block, start from dense and repeatedly raise by one step the group of
+layers (layers reading the same input, e.g. q/k/v, share one level) whose step raises the
+block's output error least, until the block reaches the target; the last step is cut short
+to land on it exactly.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable, Sequence
 
-__all__ = ["ALLOCATIONS", "GREEDY_STEP", "greedy", "output_error", "uniform"]
+__all__ = ["ALLOCATIONS", "GREEDY_STEP", "greedy", "uniform"]
 
 GREEDY_STEP = 0.05
 ALLOCATIONS = ("uniform", "greedy")
+
+BlockError = Callable[[dict[str, float]], float]
 
 
 def uniform(sizes: dict[str, int], target: float) -> dict[str, float]:
@@ -23,36 +27,32 @@ def uniform(sizes: dict[str, int], target: float) -> dict[str, float]:
 
 
 def greedy(
-    errors: dict[str, list[float]], sizes: dict[str, int], target: float
+    groups: Sequence[Sequence[str]], sizes: dict[str, int], target: float, error: BlockError
 ) -> dict[str, float]:
-    """Per-layer sparsities reaching ``target`` at the least summed output error.
+    """Per-layer sparsities of one block reaching ``target`` (size-weighted), chosen greedily.
 
-    ``errors[name][k]`` is the layer's relative output error at sparsity ``k * GREEDY_STEP``.
+    ``groups`` partitions the block's layers into sets that share a sparsity level;
+    ``error(sparsities)`` is the block's output error with those layer sparsities.
     """
     total = sum(sizes.values())
-    weight = {n: s / total for n, s in sizes.items()}
-    level = dict.fromkeys(sizes, 0)
+    weight = [sum(sizes[n] for n in g) / total for g in groups]
+    level = [0.0] * len(groups)
+
+    def spread(levels: list[float]) -> dict[str, float]:
+        return {n: s for g, s in zip(groups, levels) for n in g}
+
     reached = 0.0
     while target - reached > 1e-9:
-        open_ = [n for n in sizes if level[n] + 1 < len(errors[n])]
-        if not open_:
+        steps = {}
+        for i, s in enumerate(level):
+            if s + GREEDY_STEP < 1:
+                step = min(GREEDY_STEP, (target - reached) / weight[i])  # land on the target
+                trial = level.copy()
+                trial[i] = s + step
+                steps[i] = (error(spread(trial)), step)
+        if not steps:
             raise ValueError(f"sparsity={target} is above what greedy can reach ({reached:.3f})")
-        best = min(
-            open_, key=lambda n: (errors[n][level[n] + 1] - errors[n][level[n]]) / weight[n]
-        )
-        gain = GREEDY_STEP * weight[best]
-        if gain >= target - reached:  # last step: only as far as the target
-            return {
-                n: level[n] * GREEDY_STEP + ((target - reached) / weight[n] if n == best else 0.0)
-                for n in sizes
-            }
-        level[best] += 1
-        reached += gain
-    return {n: level[n] * GREEDY_STEP for n in sizes}
-
-
-def output_error(x: torch.Tensor, sparse_x: torch.Tensor, weight: torch.Tensor) -> float:
-    """``||(x - sparse_x) W^T||^2 / ||x W^T||^2``: the layer's relative output error."""
-    w = weight.detach().float()
-    ref = torch.linalg.vector_norm(x @ w.t()).square()
-    return float(torch.linalg.vector_norm((x - sparse_x) @ w.t()).square() / ref.clamp_min(1e-30))
+        best = min(steps, key=lambda i: steps[i][0])
+        level[best] += steps[best][1]
+        reached += steps[best][1] * weight[best]
+    return spread(level)

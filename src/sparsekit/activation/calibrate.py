@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsekit.activation.allocation import ALLOCATIONS, GREEDY_STEP, greedy, output_error, uniform
+from sparsekit.activation.allocation import ALLOCATIONS, greedy, uniform
+from sparsekit.activation.blocks import BlockReplay, block_groups
 from sparsekit.activation.layers import find_layers
 from sparsekit.activation.record import record_inputs
 from sparsekit.activation.scores import METHODS, feature_threshold, score
 from sparsekit.activation.sparsity import ActivationSparsity
-from sparsekit.engine.activation_linear import sparsify_input
 from sparsekit.targets import TargetSpec
 
 __all__ = ["calibrate"]
-
-_ERROR_ROWS = 256  # rows per layer on which greedy measures output error
 
 
 def calibrate(
@@ -39,7 +36,8 @@ def calibrate(
     is called as ``model(inputs)``) or a list of them. ``method`` picks the score
     (``"teal"``: ``|x|``; ``"wina"``: ``|x_j| * ||W[:, j]||``; ``"cats"``: ``|x|`` on
     down-projection inputs only) and ``allocation`` the per-layer split of the model-wide
-    target (``"uniform"`` or ``"greedy"``). ``targets`` overrides the default layers (see
+    target (``"uniform"`` or ``"greedy"``: TEAL's block-wise search, which measures block
+    output errors on the first calibration batch). ``targets`` overrides the default layers (see
     :func:`~sparsekit.activation.layers.find_layers`). At most ``max_rows`` input rows per
     layer, sampled with ``seed``, are kept to bound memory.
     """
@@ -75,13 +73,7 @@ def calibrate(
     if allocation == "uniform":
         sparsities = uniform(sizes, float(sparsity))
     else:
-        grid = [k * GREEDY_STEP for k in range(math.ceil(1 / GREEDY_STEP))]
-        errors = {}
-        for n, x in inputs.items():
-            x = x[:: max(1, x.shape[0] // _ERROR_ROWS)]
-            errors[n] = [output_error(x, sparsify_input(x, thresholds(n, s)), weights[n])
-                         for s in grid]
-        sparsities = greedy(errors, sizes, float(sparsity))
+        sparsities = _teal_greedy(model, calibration, sizes, float(sparsity), thresholds)
     return ActivationSparsity(
         method=method,
         allocation=allocation,
@@ -97,3 +89,23 @@ def _quantile(sorted_values: torch.Tensor, q: float) -> float:
     if q <= 0:
         return 0.0
     return float(sorted_values[min(int(q * sorted_values.numel()), sorted_values.numel() - 1)])
+
+
+def _teal_greedy(
+    model: nn.Module,
+    calibration: Any,
+    sizes: dict[str, int],
+    target: float,
+    thresholds: Callable[[str, float], torch.Tensor],
+) -> dict[str, float]:
+    """TEAL's greedy allocation, block by block, on the block outputs of ``calibration``."""
+    groups = block_groups(list(sizes))
+    replay = BlockReplay(model, list(groups), calibration)
+    sparsities: dict[str, float] = {}
+    for block, block_layers in groups.items():
+        def error(levels: dict[str, float], block: str = block) -> float:
+            return replay.error(block, {n: thresholds(n, s) for n, s in levels.items() if s > 0})
+
+        names = [n for g in block_layers for n in g]
+        sparsities |= greedy(block_layers, {n: sizes[n] for n in names}, target, error)
+    return sparsities

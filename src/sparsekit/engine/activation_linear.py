@@ -17,6 +17,8 @@ from sparsekit.engine import kernels
 
 __all__ = ["ActivationSparseLinear", "sparsify_input"]
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # act_gemv accumulates both in float32
+
 
 def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """``x`` with the entries ``|x_j| < threshold_j`` set to zero (compared in ``x.dtype``).
@@ -30,9 +32,9 @@ class ActivationSparseLinear(nn.Module):
     """``y = sparsify_input(x, threshold) @ W.T + bias``, reading only the columns it needs.
 
     ``threshold`` is a scalar or one value per input feature (``in_features``). Inputs have
-    shape ``(..., in_features)``; a single float32 row runs the compiled kernel with
-    ``threads`` OpenMP threads (default ``torch.get_num_threads()``). Inference only: the
-    weight is a buffer.
+    shape ``(..., in_features)``; a single row of the weight's dtype (float32 or bfloat16,
+    summed in float32) runs the compiled kernel with ``threads`` OpenMP threads (default
+    ``torch.get_num_threads()``). Inference only: the weight is a buffer.
     """
 
     def __init__(
@@ -70,21 +72,25 @@ class ActivationSparseLinear(nn.Module):
         return cls(linear.weight, linear.bias, threshold, threads=threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.shape[-1] == self.in_features:  # decode step
+            return self._gemv(x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}"
             )
-        if x.numel() != self.in_features:  # several rows: dense product of the sparsified rows
-            y = sparsify_input(x, self.threshold) @ self.weight_t.to(x.dtype)
-            return y if self.bias is None else y + self.bias.to(x.dtype)
-        return self._gemv(x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        y = sparsify_input(x, self.threshold) @ self.weight_t.to(x.dtype)  # several rows: dense
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
-        """One row: only the weight rows of kept inputs are read."""
-        if x.dtype == torch.float32 == self.weight_t.dtype and kernels.available():
-            threads = self.threads or torch.get_num_threads()
+        """One row: only the weight rows of kept inputs are read.
+
+        The hot path of batch-1 decoding: no allocation or validation before the op.
+        """
+        if x.dtype is self.weight_t.dtype and x.dtype in _KERNEL_DTYPES and x.is_cpu \
+                and kernels.available():
             return torch.ops.sparsekit.act_gemv(
-                self.weight_t, x.contiguous(), self.threshold, self.bias, threads
+                self.weight_t, x.contiguous(), self.threshold, self.bias,
+                self.threads or torch.get_num_threads(),
             )
         kept = (sparsify_input(x, self.threshold) != 0).nonzero().squeeze(1)
         weight = self.weight_t.index_select(0, kept).to(x.dtype)
