@@ -34,6 +34,7 @@ class NativeFormat(Format):
         for name, tensor in zip(self.buffer_names, tensors, strict=True):
             self.register_buffer(name, tensor)
         self.threads = threads
+        self._stored = max(t.numel() for t in tensors)  # work per input row, for _threads
 
     @classmethod
     def from_state(
@@ -65,7 +66,7 @@ class NativeFormat(Format):
     def _threads(self, batch: int) -> int:
         if self.threads is not None:
             return self.threads
-        work = (self.nnz + self.out_features) * batch
+        work = (self._stored + self.out_features) * batch  # nnz may cost a pass
         return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
