@@ -214,7 +214,8 @@ def run_shape(
     return rows
 
 
-SPARSE = [n for n in FORMATS if n not in ("dense", "torch_csr")]  # sparsekit's own formats
+# sparsekit's own CPU formats (the CUDA ones hold GPU weights only)
+SPARSE = [n for n in FORMATS if n not in ("dense", "torch_csr") and not n.startswith("cuda")]
 HEADER = (
     "| shape | pattern | batch | sparsity | dense ms | best dense ms | masked ms | torch CSR ms | "
     + " | ".join(f"{n} ms" for n in SPARSE)

@@ -1,10 +1,11 @@
 """compile(): give every ``nn.Linear`` and ``nn.Conv2d`` its fastest measured format.
 
 Each layer's candidate formats are timed side by side at the layer's real shape for every
-batch size the model will serve, and the one with the lowest summed time wins. The dense
-format (PyTorch's own ``F.linear`` / ``F.conv2d``) is always a candidate and its wrapper
-adds no measurable cost, so a compiled layer is never slower than the dense one as
-measured. The input model is never modified.
+batch size the model will serve; among those no slower than dense at any of them, the
+one with the lowest summed time wins. The dense format (PyTorch's own ``F.linear`` /
+``F.conv2d``) is always a candidate and its wrapper adds no measurable cost, so a
+compiled layer is never slower than the dense one as measured. The input model is never
+modified.
 """
 
 from __future__ import annotations
@@ -168,7 +169,9 @@ def _compile_layer(
     }
     times = _autotune(built, in_shape, sizes, weight.dtype, weight.device)
     total = {n: sum(t.values()) for n, t in times.items()}
-    best = min(total, key=total.__getitem__)
+    # never slower than dense at any served batch size; then the least total time
+    safe = [n for n, t in times.items() if all(t[b] <= times["dense"][b] for b in t)]
+    best = min(safe, key=total.__getitem__)
     choice = {
         "format": best,
         "ms_dense": total["dense"],

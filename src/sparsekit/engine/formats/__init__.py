@@ -21,18 +21,22 @@ from sparsekit.engine.formats.base import Format
 from sparsekit.engine.formats.bitmap import Bitmap
 from sparsekit.engine.formats.bsr import BSR
 from sparsekit.engine.formats.csr import CSR16, TorchCSR
+from sparsekit.engine.formats.cuda import CudaBSR, CudaSemiStructured
 from sparsekit.engine.formats.dense import DenseFormat
 from sparsekit.engine.formats.fanin import ConstantFanIn
 from sparsekit.engine.formats.nm import PackedNM
 
 __all__ = [
-    "BSR", "FORMATS", "CSR16", "Bitmap", "ConstantFanIn", "DenseFormat", "Format", "PackedNM",
-    "TorchCSR", "available_formats", "format_from_state",
+    "BSR", "FORMATS", "CSR16", "Bitmap", "ConstantFanIn", "CudaBSR", "CudaSemiStructured",
+    "DenseFormat", "Format", "PackedNM", "TorchCSR", "available_formats", "format_from_state",
 ]
 
 
 FORMATS: dict[str, type[Format]] = {
-    f.name: f for f in (DenseFormat, TorchCSR, CSR16, Bitmap, PackedNM, BSR, ConstantFanIn)
+    f.name: f for f in (
+        DenseFormat, TorchCSR, CSR16, Bitmap, PackedNM, BSR, ConstantFanIn, CudaSemiStructured,
+        CudaBSR,
+    )
 }
 
 

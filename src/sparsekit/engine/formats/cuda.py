@@ -1,0 +1,209 @@
+"""CUDA formats: torch's semi-structured 2:4 and block-sparse (BSR) GPU kernels.
+
+On a GPU the fastest sparse kernels are torch's own: cuSPARSELt/CUTLASS for 2:4 weights
+(``to_sparse_semi_structured``, fp16/bf16, compute capability >= 8.0) and BSR matrix
+products. These formats keep plain tensors as buffers, like every format (so
+``state_dict`` and :func:`sparsekit.save` work), and build torch's sparse weight from them
+once per placement. They are candidates only for weights on a CUDA device that runs them;
+elsewhere (a model loaded on a CPU) they multiply with the dense weight. CI has no GPU: the
+packing and the CPU paths are tested everywhere, the device kernels only where CUDA exists.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sparsekit.engine.formats.base import Format, masked
+from sparsekit.engine.formats.bsr import MIN_FILL, choose_block
+
+__all__ = ["CudaBSR", "CudaSemiStructured"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class _Cached(Format):
+    """A format that multiplies with a torch tensor built from its buffers, rebuilt only
+    when the buffers move (``.to()``, ``load_state_dict``)."""
+
+    def _weight(self, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = tuple(t.data_ptr() for t in self.buffers())
+        if self.__dict__.get("_built") is None or key != self._built_key:
+            self._built, self._built_key = build(), key
+        return self._built
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()  # sparse tensors cannot be deep-copied or pickled
+        state["_built"], state["_built_key"] = None, ()
+        return state
+
+
+class CudaSemiStructured(_Cached):
+    """2:4 weights for torch's semi-structured GPU kernels.
+
+    Buffers: ``cuda24_values`` ``(rows, in/2)`` (the two kept values of each group of four
+    inputs, zero-padded) and ``cuda24_index`` ``(rows, in/2)`` uint8 (their positions in the
+    group, 0-3).
+    """
+
+    name = "cuda_24"
+    buffer_names = ("cuda24_values", "cuda24_index")
+
+    def __init__(self, values: torch.Tensor, index: torch.Tensor, shape: tuple[int, int]) -> None:
+        super().__init__(*shape)
+        self.register_buffer("cuda24_values", values)
+        self.register_buffer("cuda24_index", index)
+
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> bool:
+        """fp16/bf16 2:4 weights on an Ampere or newer GPU, both sides multiples of 64."""
+        if weight.dim() != 2 or not weight.is_cuda or weight.dtype not in _HALF:
+            return False
+        rows, cols = weight.shape
+        if rows % 64 or cols % 64 or torch.cuda.get_device_capability(weight.device) < (8, 0):
+            return False
+        return bool(((weight.view(rows, -1, 4) != 0).sum(-1) <= 2).all())
+
+    @classmethod
+    def from_dense(
+        cls, weight: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> CudaSemiStructured:
+        w = masked(weight, mask)
+        rows, cols = w.shape
+        if cols % 4:
+            raise ValueError(f"cuda_24 needs in_features divisible by 4, got {cols}")
+        groups = w.reshape(rows, -1, 4)
+        if bool(((groups != 0).sum(-1) > 2).any()):
+            raise ValueError("cuda_24 needs a 2:4 weight: at most 2 nonzeros per group of 4")
+        # per group the nonzero positions first (stable), then the two kept in order
+        order = torch.argsort((groups == 0).to(torch.int8), dim=-1, stable=True)[..., :2]
+        index = order.sort(dim=-1).values
+        values = groups.gather(-1, index)
+        return cls(values.reshape(rows, -1), index.reshape(rows, -1).to(torch.uint8), (rows, cols))
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
+    ) -> CudaSemiStructured:
+        values, index = state["cuda24_values"], state["cuda24_index"]
+        rows, cols = shape
+        if cols % 4 or tuple(values.shape) != (rows, cols // 2) or not values.is_floating_point():
+            raise ValueError(
+                f"cuda24_values must be floating of shape ({rows}, {cols // 2}) with "
+                f"in_features divisible by 4, got {values.dtype} {tuple(values.shape)}"
+            )
+        if index.dtype != torch.uint8 or index.shape != values.shape or bool((index > 3).any()):
+            raise ValueError("cuda24_index must be uint8 in-group positions 0-3, one per value")
+        pairs = index.view(rows, -1, 2)
+        if bool((pairs[..., 0] >= pairs[..., 1]).any()):
+            raise ValueError("cuda24_index must hold two rising positions per group")
+        return cls(values.clone(), index.clone(), shape)
+
+    def to_dense(self) -> torch.Tensor:
+        rows, cols = self.out_features, self.in_features
+        dense = self.cuda24_values.new_zeros(rows, cols // 4, 4)
+        dense.scatter_(-1, self.cuda24_index.view(rows, -1, 2).long(),
+                       self.cuda24_values.view(rows, -1, 2))
+        return dense.view(rows, cols)
+
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.cuda24_values.is_cuda:
+            weight = self._weight(lambda: torch.sparse.to_sparse_semi_structured(self.to_dense()))
+        else:
+            weight = self._weight(self.to_dense)
+        return F.linear(x.to(self.cuda24_values.dtype), weight, bias)
+
+    @property
+    def nnz(self) -> int:
+        return int(torch.count_nonzero(self.cuda24_values))
+
+
+class CudaBSR(_Cached):
+    """Block-sparse weights for torch's BSR GPU kernels (blocks of 16 or 32).
+
+    Buffers: ``cudabsr_values`` ``(nblocks, R, C)``, ``cudabsr_col`` and ``cudabsr_rowptr``
+    (int32 block column indices and block row pointers), torch's own BSR layout.
+    """
+
+    name = "cuda_bsr"
+    buffer_names = ("cudabsr_values", "cudabsr_col", "cudabsr_rowptr")
+
+    def __init__(
+        self, values: torch.Tensor, col: torch.Tensor, rowptr: torch.Tensor,
+        shape: tuple[int, int],
+    ) -> None:
+        super().__init__(*shape)
+        self.register_buffer("cudabsr_values", values)
+        self.register_buffer("cudabsr_col", col)
+        self.register_buffer("cudabsr_rowptr", rowptr)
+
+    @classmethod
+    def supports(cls, weight: torch.Tensor) -> bool:
+        """Floating CUDA weights made of (nearly full) 16x16 or 32x32 blocks that tile them."""
+        if weight.dim() != 2 or not weight.is_cuda or not weight.is_floating_point():
+            return False
+        (r, c), fill = choose_block(weight != 0)
+        rows, cols = weight.shape
+        return r >= 16 and fill >= MIN_FILL and rows % r == 0 and cols % c == 0
+
+    @classmethod
+    def from_dense(
+        cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
+        block: tuple[int, int] | None = None,
+    ) -> CudaBSR:
+        w = masked(weight, mask)
+        block = block or choose_block(w != 0)[0]
+        if w.shape[0] % block[0] or w.shape[1] % block[1]:
+            raise ValueError(f"cuda_bsr needs blocks {block} that tile the {tuple(w.shape)} weight")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse BSR support is in beta"
+            bsr = w.to_sparse_bsr(block)
+        return cls(bsr.values().contiguous(), bsr.col_indices().to(torch.int32),
+                   bsr.crow_indices().to(torch.int32), tuple(w.shape))
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
+    ) -> CudaBSR:
+        values, col, rowptr = (state[k] for k in cls.buffer_names)
+        if values.dim() != 3 or not values.is_floating_point():
+            raise ValueError(f"cudabsr_values must be floating (nblocks, R, C), got "
+                             f"{values.dtype} {tuple(values.shape)}")
+        r, c = values.shape[1:]
+        if shape[0] % r or shape[1] % c:
+            raise ValueError(f"blocks {(r, c)} do not tile a {tuple(shape)} weight")
+        if col.dtype != torch.int32 or rowptr.dtype != torch.int32:
+            raise ValueError("cudabsr_col and cudabsr_rowptr must be int32")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.sparse_bsr_tensor(rowptr, col, values, tuple(shape), check_invariants=True)
+        except RuntimeError as err:
+            raise ValueError(
+                f"cudabsr tensors do not form a BSR {tuple(shape)} weight: {err}"
+            ) from None
+        return cls(values.clone(), col.clone(), rowptr.clone(), shape)
+
+    def _bsr(self) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.sparse_bsr_tensor(
+                self.cudabsr_rowptr, self.cudabsr_col, self.cudabsr_values,
+                (self.out_features, self.in_features),
+            )
+
+    def to_dense(self) -> torch.Tensor:
+        return self._bsr().to_dense()
+
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not self.cudabsr_values.is_cuda:  # e.g. a model loaded on a CPU
+            return F.linear(x, self._weight(self.to_dense), bias)
+        y = (self._weight(self._bsr) @ x.to(self.cudabsr_values.dtype).T).T
+        return y if bias is None else y + bias
+
+    @property
+    def nnz(self) -> int:
+        return int(torch.count_nonzero(self.cudabsr_values))
