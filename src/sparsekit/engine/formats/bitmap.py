@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsekit.engine import kernels
 from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.csr import csr_parts
 from sparsekit.engine.formats.native import NativeFormat
@@ -74,15 +73,9 @@ class Bitmap(NativeFormat):
             raise ValueError("bitmap_rowptr must count the set bits of bitmap_mask up to the "
                              f"{values.numel()} bitmap_values")
 
-    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if kernels.load() is None:
-            return self._fallback_mm(x, bias)
-        x = x.to(torch.float32).contiguous()
-        if bias is not None:
-            bias = bias.to(torch.float32).contiguous()
+    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         return torch.ops.sparsekit.bitmap_linear(
-            self.bitmap_values, self.bitmap_mask, self.bitmap_rowptr, x, bias,
-            self._threads(x.shape[0]),
+            self.bitmap_values, self.bitmap_mask, self.bitmap_rowptr, x, bias, threads
         )
 
     def to_dense(self) -> torch.Tensor:

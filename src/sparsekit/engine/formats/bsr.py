@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from sparsekit.engine import kernels
 from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 from sparsekit.engine.formats.native import NativeFormat
@@ -73,23 +72,11 @@ class BSR(NativeFormat):
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         _check_bsr(*tensors, shape)
 
-    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x = x.to(torch.float32).contiguous()
-        if bias is not None:
-            bias = bias.to(torch.float32).contiguous()
-        ops = kernels.load()
-        if ops is None:  # e.g. a checkpoint loaded where the kernels cannot be built
-            return F.linear(x, self.to_dense(), bias)
+    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         return torch.ops.sparsekit.bsr_linear(
             self.bsr_values, self.bsr_col_indices, self.bsr_rowptr, x, bias,
-            self.out_features, self._threads(x.shape[0]),
+            self.out_features, threads,
         )
-
-    def _threads(self, batch: int) -> int:
-        if self.threads is not None:
-            return self.threads
-        work = self.bsr_values.numel() * batch
-        return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
 
     def to_dense(self) -> torch.Tensor:
         (r, c), (rows, cols) = self.block, (self.out_features, self.in_features)

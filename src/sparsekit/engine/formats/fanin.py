@@ -72,19 +72,15 @@ class ConstantFanIn(NativeFormat):
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         _check_fanin(*tensors, shape)
 
-    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x = x.to(torch.float32).contiguous()
-        if bias is not None:
-            bias = bias.to(torch.float32).contiguous()
-        if kernels.load() is None:  # e.g. a checkpoint loaded where the kernels cannot be built
-            return self._torch_mm(x, bias)
+    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         return torch.ops.sparsekit.fanin_linear(
             self.fanin_values, self.fanin_col_indices, self.fanin_rows, x, bias,
-            self.out_features, self._threads(x.shape[0]),
+            self.out_features, threads,
         )
 
-    def _torch_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The same product with torch ops: gather the inputs of each stored row."""
+        x = x.to(torch.float32)
         y = x.new_zeros(x.shape[0], self.out_features)
         cols, rows = unsigned_index(self.fanin_col_indices), self.fanin_rows.long()
         step = max(1, _GATHER_ELEMENTS // max(1, x.shape[0] * cols.shape[1]))
@@ -92,12 +88,6 @@ class ConstantFanIn(NativeFormat):
             sl = slice(start, start + step)
             y[:, rows[sl]] = (x[:, cols[sl]] * self.fanin_values[sl]).sum(dim=-1)
         return y if bias is None else y + bias
-
-    def _threads(self, batch: int) -> int:
-        if self.threads is not None:
-            return self.threads
-        work = self.fanin_values.numel() * batch
-        return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
 
     def to_dense(self) -> torch.Tensor:
         dense = torch.zeros(self.out_features, self.in_features, dtype=self.fanin_values.dtype)

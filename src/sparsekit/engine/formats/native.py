@@ -69,6 +69,18 @@ class NativeFormat(Format):
         work = (self._stored + self.out_features) * batch  # nnz may cost a pass
         return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
 
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if kernels.load() is None:  # e.g. a checkpoint loaded where the kernels cannot be built
+            return self._fallback_mm(x, bias)
+        x = x.to(torch.float32).contiguous()
+        if bias is not None:
+            bias = bias.to(torch.float32).contiguous()
+        return self._kernel(x, bias, self._threads(x.shape[0]))
+
+    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+        """The compiled product for a contiguous float32 ``x`` (and ``bias``)."""
+        raise NotImplementedError
+
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear`` with the dense weight, rebuilt only when the buffers moved."""
         key = tuple(t.data_ptr() for t in self.buffers())

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsekit.engine import kernels
 from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.native import NativeFormat
 
@@ -105,14 +104,9 @@ class PackedNM(NativeFormat):
             raise ValueError(f"nm_indices must name inputs within their group of {m} and "
                              f"below {cols}")
 
-    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if kernels.load() is None:
-            return self._fallback_mm(x, bias)
-        x = x.to(torch.float32).contiguous()
-        if bias is not None:
-            bias = bias.to(torch.float32).contiguous()
+    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         return torch.ops.sparsekit.nm_linear(
-            self.nm_values, self.nm_indices, x, bias, self.n, self.m, self._threads(x.shape[0])
+            self.nm_values, self.nm_indices, x, bias, self.n, self.m, threads
         )
 
     def to_dense(self) -> torch.Tensor:
