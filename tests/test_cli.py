@@ -104,3 +104,4 @@ def test_demo_quick_run(tmp_path):
         expected = 1 - run["sparsity"]
         assert run["nonzeros"] == pytest.approx(expected * 266_200, abs=3)
         assert run["size_ratio"] < expected + 0.05
+        assert abs(run["acc_compiled"] - run["acc_after"]) <= 0.001 and run["speedup"] > 0
