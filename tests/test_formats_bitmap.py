@@ -122,6 +122,9 @@ def test_supports():
     assert PackedNM.supports(nm_weight) == _kernels_ok()
     assert ("nm" in available_formats(nm_weight)) == _kernels_ok()
     assert "nm" not in available_formats(torch.ones(8, 12))
+    very_sparse = torch.zeros(8, 12)
+    very_sparse[0, 0] = 1.0  # fits 1:4, but 23 of its 24 slots would be padding
+    assert fitting_pattern(very_sparse) == (1, 4) and not PackedNM.supports(very_sparse)
 
 
 def test_from_dense_rejects_bad_input():

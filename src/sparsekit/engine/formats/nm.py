@@ -45,9 +45,16 @@ class PackedNM(NativeFormat):
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
-        return (
-            weight.dim() == 2 and super().supports(weight) and fitting_pattern(weight) is not None
-        )
+        """float32 CPU weights that fit an N:M pattern and fill at least half its slots
+        (a 99%-sparse weight fits 1:4 but would store mostly padding)."""
+        if weight.dim() != 2 or not super().supports(weight):
+            return False
+        pattern = fitting_pattern(weight)
+        if pattern is None:
+            return False
+        n, m = pattern
+        slots = weight.shape[0] * -(-weight.shape[1] // m) * n
+        return 2 * int(torch.count_nonzero(weight)) >= slots
 
     @classmethod
     def from_dense(
