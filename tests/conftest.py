@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+from sparsekit.engine import kernels
+from sparsekit.engine import sparse_training as st
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -11,3 +14,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on the compiled kernels and on the PyTorch fallback."""
+    if request.param == "kernels":
+        if not kernels.available():
+            pytest.skip(f"compiled kernels unavailable: {kernels.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(st, "_use_kernels", lambda t: False)
+    return request.param

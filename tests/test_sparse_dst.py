@@ -17,24 +17,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsekit
 from sparsekit import DynamicSparsity, SparseLinear
-from sparsekit.engine import kernels
-from sparsekit.engine import sparse_training as st
 from sparsekit.engine.persist import expected_state
 from sparsekit.engine.structure_set import StructureSet, sparse_layers
 from sparsekit.prune import compute_masks
 
 UPDATE_EVERY, END_STEP, STEPS = 5, 40, 30
-
-
-@pytest.fixture(params=["kernels", "torch"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test on the compiled kernels and on the PyTorch fallback."""
-    if request.param == "kernels":
-        if not kernels.available():
-            pytest.skip(f"compiled kernels unavailable: {kernels.unavailable_reason()}")
-    else:
-        monkeypatch.setattr(st, "_use_kernels", lambda t: False)
-    return request.param
 
 
 def _dense_mlp() -> nn.Sequential:

@@ -8,20 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekit
-from sparsekit.engine import kernels
 from sparsekit.engine import sparse_training as st
 from sparsekit.engine.sparse_training import SparseLinear
-
-
-@pytest.fixture(params=["kernels", "torch"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test on the compiled kernels and on the PyTorch fallback."""
-    if request.param == "kernels":
-        if not kernels.available():
-            pytest.skip(f"compiled kernels unavailable: {kernels.unavailable_reason()}")
-    else:
-        monkeypatch.setattr(st, "_use_kernels", lambda t: False)
-    return request.param
 
 
 def _layer(
