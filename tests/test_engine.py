@@ -263,3 +263,13 @@ def test_compile_other_dtypes_uses_the_formats_that_support_them(dtype: torch.dt
     with torch.no_grad():
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-10
         torch.testing.assert_close(compiled(x), model(x), rtol=tol, atol=tol)
+
+
+def test_derived_tensor_is_kept_until_the_buffers_move() -> None:
+    fmt = TorchCSR.from_dense(_weight((6, 5), 0.5))
+    csr = fmt.csr()
+    assert fmt.csr() is csr
+    fmt.to(torch.float64)
+    moved = fmt.csr()
+    assert moved is not csr and moved.dtype == torch.float64
+    assert "_derived" not in copy.deepcopy(fmt).__dict__  # sparse tensors are not copied

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -60,9 +62,22 @@ class Format(nn.Module):
         """Number of stored weights."""
         raise NotImplementedError
 
+    def derived(self, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A tensor built from the buffers (a torch sparse tensor, the dense weight), kept
+        until the buffers move (``.to()``, ``load_state_dict``) and then rebuilt."""
+        key = tuple(t.data_ptr() for t in self._buffers.values() if t is not None)
+        cached = self.__dict__.get("_derived")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_derived"] = (key, build())
+        return cached[1]
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()  # copies and pickles carry the compressed buffers only
+        state.pop("_derived", None)  # (sparse tensors can be neither deep-copied nor pickled)
+        return state
+
     def extra_repr(self) -> str:
         return f"{self.out_features}x{self.in_features}, nnz={self.nnz}"
-
 
 
 def masked(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -32,8 +32,6 @@ class TorchCSR(Format):
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
         self.register_buffer("values", values)
-        self._csr: torch.Tensor | None = None
-        self._key: tuple[int, ...] = ()
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
@@ -55,11 +53,9 @@ class TorchCSR(Format):
 
     def csr(self) -> torch.Tensor:
         """The sparse CSR tensor, rebuilt only when the buffers moved (``.to()``, load)."""
-        key = tuple(t.data_ptr() for t in (self.crow_indices, self.col_indices, self.values))
-        if self._csr is None or key != self._key:
-            self._csr = _sparse_csr(self.crow_indices, self.col_indices, self.values, self)
-            self._key = key
-        return self._csr
+        return self.derived(
+            lambda: _sparse_csr(self.crow_indices, self.col_indices, self.values, self)
+        )
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _csr_mm(self.csr(), x, bias)
@@ -70,11 +66,6 @@ class TorchCSR(Format):
     @property
     def nnz(self) -> int:
         return self.values.numel()
-
-    def __getstate__(self) -> dict[str, object]:
-        state = self.__dict__.copy()  # a sparse tensor cannot be deep-copied or pickled
-        state["_csr"], state["_key"] = None, ()
-        return state
 
 
 class CSR16(NativeFormat):
@@ -118,32 +109,19 @@ class CSR16(NativeFormat):
         if col.dtype == torch.int16 and shape[1] > 65536:
             raise ValueError(f"16-bit column indices cannot address {shape[1]} inputs")
 
-    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ops = kernels.load()
-        if ops is None:  # e.g. a checkpoint loaded where the kernels cannot be built
-            return _csr_mm(self._torch_csr(), x.to(torch.float32), bias)
-        if x.dtype != torch.float32:
-            x = x.float()
-        if bias is not None and bias.dtype != torch.float32:
-            bias = bias.float()
+    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         b = self._buffers  # direct: nn.Module.__getattr__ costs ~0.2 µs per buffer
-        return ops.csr_linear(
-            b["values"], b["col_indices"], b["rowptr"], x, bias, self._threads(x.shape[0])
+        return kernels.load().csr_linear(
+            b["values"], b["col_indices"], b["rowptr"], x, bias, threads
         )
 
-    def _torch_csr(self) -> torch.Tensor:
-        """The weight as a torch sparse CSR tensor, rebuilt only when the buffers moved."""
-        key = tuple(t.data_ptr() for t in (self.rowptr, self.col_indices, self.values))
-        if self.__dict__.get("_csr") is None or key != self._key:
-            col = unsigned_index(self.col_indices).to(torch.int32)
-            self._csr = _sparse_csr(self.rowptr, col, self.values, self)
-            self._key = key
-        return self._csr
-
-    def __getstate__(self) -> dict[str, object]:
-        state = self.__dict__.copy()  # a sparse tensor cannot be deep-copied or pickled
-        state["_csr"], state["_key"] = None, ()
-        return state
+    def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Torch CSR on the same buffers (e.g. a checkpoint loaded where the kernels cannot
+        be built)."""
+        csr = self.derived(lambda: _sparse_csr(
+            self.rowptr, unsigned_index(self.col_indices).to(torch.int32), self.values, self
+        ))
+        return _csr_mm(csr, x.to(torch.float32), bias)
 
     def to_dense(self) -> torch.Tensor:
         col = unsigned_index(self.col_indices)
@@ -160,7 +138,7 @@ class CSR16(NativeFormat):
 
     def extra_repr(self) -> str:
         bits = 16 if self.col_indices.dtype == torch.int16 else 32
-        return f"{super().extra_repr()}, index_bits={bits}, threads={self.threads}"
+        return f"{super().extra_repr()}, index_bits={bits}"
 
 
 def _sparse_csr(

@@ -12,7 +12,6 @@ packing and the CPU paths are tested everywhere, the device kernels only where C
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,23 +24,7 @@ __all__ = ["CudaBSR", "CudaSemiStructured"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class _Cached(Format):
-    """A format that multiplies with a torch tensor built from its buffers, rebuilt only
-    when the buffers move (``.to()``, ``load_state_dict``)."""
-
-    def _weight(self, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        key = tuple(t.data_ptr() for t in self.buffers())
-        if self.__dict__.get("_built") is None or key != self._built_key:
-            self._built, self._built_key = build(), key
-        return self._built
-
-    def __getstate__(self) -> dict[str, object]:
-        state = self.__dict__.copy()  # sparse tensors cannot be deep-copied or pickled
-        state["_built"], state["_built_key"] = None, ()
-        return state
-
-
-class CudaSemiStructured(_Cached):
+class CudaSemiStructured(Format):
     """2:4 weights for torch's semi-structured GPU kernels.
 
     Buffers: ``cuda24_values`` ``(rows, in/2)`` (the two kept values of each group of four
@@ -111,9 +94,9 @@ class CudaSemiStructured(_Cached):
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.cuda24_values.is_cuda:
-            weight = self._weight(lambda: torch.sparse.to_sparse_semi_structured(self.to_dense()))
+            weight = self.derived(lambda: torch.sparse.to_sparse_semi_structured(self.to_dense()))
         else:
-            weight = self._weight(self.to_dense)
+            weight = self.derived(self.to_dense)
         return F.linear(x.to(self.cuda24_values.dtype), weight, bias)
 
     @property
@@ -121,7 +104,7 @@ class CudaSemiStructured(_Cached):
         return int(torch.count_nonzero(self.cuda24_values))
 
 
-class CudaBSR(_Cached):
+class CudaBSR(Format):
     """Block-sparse weights for torch's BSR GPU kernels (blocks of 16 or 32).
 
     Buffers: ``cudabsr_values`` ``(nblocks, R, C)``, ``cudabsr_col`` and ``cudabsr_rowptr``
@@ -200,8 +183,8 @@ class CudaBSR(_Cached):
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not self.cudabsr_values.is_cuda:  # e.g. a model loaded on a CPU
-            return F.linear(x, self._weight(self.to_dense), bias)
-        y = (self._weight(self._bsr) @ x.to(self.cudabsr_values.dtype).T).T
+            return F.linear(x, self.derived(self.to_dense), bias)
+        y = (self.derived(self._bsr) @ x.to(self.cudabsr_values.dtype).T).T
         return y if bias is None else y + bias
 
     @property

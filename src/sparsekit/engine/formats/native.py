@@ -72,8 +72,9 @@ class NativeFormat(Format):
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if kernels.load() is None:  # e.g. a checkpoint loaded where the kernels cannot be built
             return self._fallback_mm(x, bias)
-        x = x.to(torch.float32).contiguous()
-        if bias is not None:
+        if x.dtype != torch.float32 or not x.is_contiguous():  # µs count at batch 1
+            x = x.to(torch.float32).contiguous()
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
             bias = bias.to(torch.float32).contiguous()
         return self._kernel(x, bias, self._threads(x.shape[0]))
 
@@ -83,16 +84,7 @@ class NativeFormat(Format):
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear`` with the dense weight, rebuilt only when the buffers moved."""
-        key = tuple(t.data_ptr() for t in self.buffers())
-        if self.__dict__.get("_dense") is None or key != self._dense_key:
-            self._dense = self.to_dense()
-            self._dense_key = key
-        return F.linear(x.to(torch.float32), self._dense, bias)
-
-    def __getstate__(self) -> dict[str, object]:
-        state = self.__dict__.copy()  # copies and pickles carry the compressed buffers only
-        state["_dense"], state["_dense_key"] = None, ()
-        return state
+        return F.linear(x.to(torch.float32), self.derived(self.to_dense), bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threads={self.threads}"
