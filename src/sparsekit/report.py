@@ -29,6 +29,7 @@ from rich.text import Text
 from torch import nn
 
 from sparsekit.targets import DEFAULT_TYPES
+from sparsekit.training import inference
 
 __all__ = ["HasMasks", "LayerRow", "Report", "Totals", "report"]
 
@@ -257,17 +258,13 @@ def _count_macs(
         per_output = math.prod(module.weight.shape[1:])  # in_features or in/groups * kernel
         macs[module] = macs.get(module, 0) + output.numel() * per_output
 
-    modes = {m: m.training for m in model.modules()}
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
-        model.eval()
-        with torch.no_grad():
+        with inference(model):
             model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():  # per module: submodules may differ from the root
-            m.training = training
     return macs
 
 

@@ -7,11 +7,27 @@ the only sparsity-specific line is ``masks.attach(optimizer)``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
+
+
+@contextmanager
+def inference(*models: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for ``models``; every module's own mode is restored after
+    (submodules may differ from their root)."""
+    modes = {m: m.training for model in models for m in model.modules()}
+    try:
+        for model in models:
+            model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def batches(

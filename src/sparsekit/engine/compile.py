@@ -24,6 +24,7 @@ from sparsekit.engine.sparse_conv import CompiledConv2d, convertible
 from sparsekit.engine.sparse_linear import CompiledLayer, CompiledLinear
 from sparsekit.report import LayerRow, Report
 from sparsekit.report import report as _base_report
+from sparsekit.training import inference
 
 if TYPE_CHECKING:
     from sparsekit.activation import ActivationSparsity
@@ -226,16 +227,12 @@ def _conv_input_shapes(model: nn.Module, inputs: tuple[object, ...]) -> dict[str
     if not convs:
         return shapes
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in convs.items()]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with inference(model):
             model(*inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     return shapes
 
 
@@ -336,15 +333,8 @@ def _as_tuple(example_inputs: object) -> tuple[object, ...] | None:
 
 def _check_outputs(model: nn.Module, compiled: nn.Module, inputs: tuple[object, ...]) -> None:
     """Raise if the compiled model's output differs from the original's (eval mode)."""
-    modes = {m: m.training for m in [*model.modules(), *compiled.modules()]}
-    try:
-        model.eval()
-        compiled.eval()
-        with torch.no_grad():
-            ref, out = model(*inputs), compiled(*inputs)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with inference(model, compiled):
+        ref, out = model(*inputs), compiled(*inputs)
     if isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor):
         scale = ref.abs().max().clamp_min(1e-12)
         err = float((out - ref).abs().max() / scale) if ref.numel() else 0.0
