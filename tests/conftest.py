@@ -7,6 +7,12 @@ from sparsekit.engine import kernels
 from sparsekit.engine import sparse_training as st
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build (or load) the native kernels once, before any test: the first build takes
+    minutes on a busy machine and must not count against a subprocess test's timeout."""
+    kernels.load()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""

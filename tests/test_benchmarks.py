@@ -14,7 +14,7 @@ def test_sparse_training_quick(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "sparse_training.py"), "--quick",
          "--no-check", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads((tmp_path / "sparse_training.json").read_text())
@@ -31,7 +31,7 @@ def test_sparse_training_quick(tmp_path):
 def _run(script: str, *args: str) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-check"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-2000:]
 

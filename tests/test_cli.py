@@ -17,7 +17,7 @@ from sparsekit.models import lenet_300_100
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "sparsekit.cli.main", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True, text=True, cwd=cwd, timeout=900,
     )
 
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_quick(script: str, out: Path) -> dict:
     result = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / script), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=240,
+        capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     stem = script.removesuffix(".py")

@@ -473,9 +473,17 @@ class Tied(nn.Module):
         return self.out(self.hidden(self.emb(x)))
 
 
-def test_tied_weights_can_be_pruned():
+def test_tied_embedding_is_left_dense_by_default():
     model = Tied()
     masks = prune(model, 0.5)
+    assert set(masks.masks) == {"hidden.weight"}
+    assert (model.emb.weight == 0).sum() == 0
+    assert (model.hidden.weight == 0).sum() == 8
+
+
+def test_tied_weights_can_be_pruned_when_named():
+    model = Tied()
+    masks = prune(model, 0.5, targets=["out", "hidden"])
     assert set(masks.masks) <= {n for n, _ in model.named_parameters()}
     assert (model.emb.weight == 0).sum() == 16
     assert (model.hidden.weight == 0).sum() == 8

@@ -307,7 +307,7 @@ def test_ddp_masks_identical_on_two_ranks(tmp_path, method):
         result = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
              "--standalone", str(worker), method, str(tmp_path / "out")],
-            capture_output=True, text=True, timeout=120, env=env,
+            capture_output=True, text=True, timeout=900, env=env,
         )
         if result.returncode == 0:
             break

@@ -242,7 +242,7 @@ def test_ddp_rigl_sparse_layers_stay_identical_on_two_ranks(tmp_path) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
              "--standalone", str(worker), "rigl", str(tmp_path / "out"), "sparse"],
-            capture_output=True, text=True, timeout=120, env=env,
+            capture_output=True, text=True, timeout=900, env=env,
         )
         if result.returncode == 0:
             break

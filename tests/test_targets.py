@@ -206,10 +206,33 @@ class Tied(nn.Module):
         self.out.weight = self.emb.weight
 
 
-def test_tied_weight_uses_named_parameters_name():
+def test_tied_embedding_is_not_a_default_target():
+    # issue 17.13: the default targets reached the embedding through the tied output Linear
     model = Tied()
-    got = names(resolve_targets(model))
-    assert got == ["emb.weight", "hidden.weight"]
+    assert names(resolve_targets(model)) == ["hidden.weight"]
+
+
+def test_tied_weight_named_explicitly_is_listed_once_under_its_owner():
+    model = Tied()
+    assert names(resolve_targets(model, ["out"])) == ["emb.weight"]
+    assert names(resolve_targets(model, ["out", "emb.weight"])) == ["emb.weight"]
+
+
+def test_gpt2_default_pruning_leaves_the_tied_embedding_dense():
+    transformers = pytest.importorskip("transformers")
+    import sparsekit
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64,
+                                     n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # GPT-2's blocks are Conv1D and lm_head is tied: nothing is a default target, and the
+    # error says so instead of zeroing half the embedding
+    with pytest.raises(ValueError, match="no parameters left"):
+        resolve_targets(model)
+    with pytest.raises(ValueError, match="no parameters left"):
+        sparsekit.prune(model, 0.5)
+    assert (model.transformer.wte.weight != 0).all()
 
 
 def test_exclude_none_means_nothing_excluded():

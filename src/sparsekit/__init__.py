@@ -1,4 +1,13 @@
-"""sparsekit: choose a mask, keep it through training, and make it real."""
+"""sparsekit: choose a mask, keep it through training, and make it real.
+
+The pipeline and its state are imported here; the domain subpackages (``sparsekit.llm``,
+``.activation``, ``.data``, ``.graph``, ``.models`` …) load on first attribute access
+(PEP 562), so ``import sparsekit`` never imports ``transformers``, ``networkx`` or
+``matplotlib``.
+"""
+
+import importlib
+from typing import Any
 
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.checkpoint import load, save
@@ -33,3 +42,18 @@ __all__ = [
     "save",
     "soup",
 ]
+
+_SUBPACKAGES = frozenset({
+    "activation", "allocation", "checkpoint", "cli", "data", "engine", "graph", "llm", "masks",
+    "models", "patterns", "registry", "report", "schedules", "scores", "targets", "training",
+})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"sparsekit.{name}")
+    raise AttributeError(f"module 'sparsekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBPACKAGES})

@@ -1,7 +1,8 @@
 """Which parameters are sparsified.
 
 A target is one weight tensor of one module. The default is every ``weight`` of
-``nn.Linear`` and ``nn.Conv1d/2d/3d``; users narrow or widen that with module types,
+``nn.Linear`` and ``nn.Conv1d/2d/3d`` that no other kind of module shares (a tied
+embedding is never pruned by default); users narrow or widen that with module types,
 module/parameter names and glob patterns, and remove entries with ``exclude``.
 """
 
@@ -53,8 +54,10 @@ def resolve_targets(
     candidates = _weights(model)  # module-owned weights, the default universe
     chosen: dict[str, Target] = {}
     if specs is None:
+        tied_elsewhere = _held_by_other_types(candidates)
         for t in candidates.values():
-            if isinstance(t.module, DEFAULT_TYPES) and _is_weight(t):
+            if isinstance(t.module, DEFAULT_TYPES) and _is_weight(t) \
+                    and id(t.param) not in tied_elsewhere:
                 chosen[t.name] = t
     else:
         for spec in specs:
@@ -111,6 +114,16 @@ def _weights(model: nn.Module) -> dict[str, Target]:
             full = f"{module_name}.{pname}" if module_name else pname
             out.setdefault(full, Target(canonical.get(id(p), full), module_name, module, p))
     return out
+
+
+def _held_by_other_types(candidates: dict[str, Target]) -> set[int]:
+    """Ids of parameters that a module outside ``DEFAULT_TYPES`` also holds.
+
+    Weight tying (GPT-2's ``lm_head`` shares the token embedding) must never let the
+    default targets prune an embedding through the ``nn.Linear`` that borrows it; a user
+    who wants that names the module explicitly.
+    """
+    return {id(t.param) for t in candidates.values() if not isinstance(t.module, DEFAULT_TYPES)}
 
 
 def _match(spec: TargetSpec, candidates: dict[str, Target]) -> list[Target]:

@@ -194,7 +194,12 @@ def _write(out: Path, dense_acc: float, rows: list[Row], dataset: str) -> None:
               "runs": [asdict(r) for r in rows]}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(_markdown(dense_acc, rows, dataset))
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        print("matplotlib is not installed (pip install 'sparsekit[plot]'): "
+              "accuracy_vs_sparsity.png not written", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

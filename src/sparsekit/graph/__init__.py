@@ -29,5 +29,12 @@ __all__ = ["FEATURES", "KINDS", "masks_from_graph", "prior_masks", "remove_dead_
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f"sparsekit.graph.{_LAZY[name]}"), name)
+        try:
+            module = importlib.import_module(f"sparsekit.graph.{_LAZY[name]}")
+        except ModuleNotFoundError as exc:
+            if exc.name != "networkx":
+                raise
+            raise ImportError(f"sparsekit.graph.{name} needs networkx: "
+                              "pip install 'sparsekit[graph]'") from exc
+        return getattr(module, name)
     raise AttributeError(f"module 'sparsekit.graph' has no attribute {name!r}")
