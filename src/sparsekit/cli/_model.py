@@ -134,7 +134,10 @@ def _recorded_model(path: Path, header: Header) -> nn.Module:
         with torch.device("meta"):  # shapes only: nothing is allocated
             skeleton = create_model(name, **kwargs)
     except (TypeError, ValueError) as err:
-        raise UsageError(f"{path}: the recorded model {recorded} cannot be built ({err})") from None
+        raise UsageError(
+            f"{path}: the recorded model {recorded} cannot be built ({err}); "
+            "pass --model to choose the architecture"
+        ) from None
     own = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if own != header.shapes:
         raise UsageError(
