@@ -330,6 +330,12 @@ def test_llm_prune_bad_out(tmp_path, calib, capsys, out):
     assert sorted(p.name for p in model_dir.iterdir()) == before
 
 
+def test_demo_out_an_existing_file(ckpt, capsys):
+    before = ckpt.read_bytes()
+    assert "not a directory" in user_error(capsys, "demo", "--out", str(ckpt), "--epochs", "1")
+    assert ckpt.read_bytes() == before
+
+
 # -- bugs are not user errors ---------------------------------------------------------------
 
 
