@@ -135,13 +135,13 @@ def _recorded_model(path: Path, header: Header) -> nn.Module:
             skeleton = create_model(name, **kwargs)
     except (TypeError, ValueError) as err:
         raise UsageError(
-            f"{path}: the recorded model {recorded} cannot be built ({err}); "
+            f"{path}: the recorded model {_clip(recorded)} cannot be built ({err}); "
             "pass --model to choose the architecture"
         ) from None
     own = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if own != header.shapes:
         raise UsageError(
-            f"{path}: the recorded model {recorded} does not match the checkpoint's tensors "
+            f"{path}: the recorded model {_clip(recorded)} does not match the checkpoint's tensors "
             f"({_first_difference(own, header.shapes)}); pass --model to choose the architecture"
         )
     return create_model(name, **kwargs)
@@ -158,7 +158,7 @@ def _parse_record(path: Path, recorded: str) -> tuple[str, dict[str, int]]:
     ) - {"name", "kwargs"}:
         raise UsageError(
             f"{path}: header entry 'model' must be {{\"name\": NAME, \"kwargs\": {{...}}}}, "
-            f"got {recorded[:80]!r}; pass --model to choose the architecture"
+            f"got {_clip(recorded)!r}; pass --model to choose the architecture"
         )
     name, kwargs = record["name"], record.get("kwargs", {})
     if name not in MODELS:
@@ -172,9 +172,14 @@ def _parse_record(path: Path, recorded: str) -> tuple[str, dict[str, int]]:
     ):
         raise UsageError(
             f"{path}: recorded model arguments must be integers in [1, {MAX_ARCH_ARG}], "
-            f"got {json.dumps(kwargs)[:80]}; pass --model to choose the architecture"
+            f"got {_clip(json.dumps(kwargs))}; pass --model to choose the architecture"
         )
     return name, kwargs
+
+
+def _clip(text: str, width: int = 100) -> str:
+    """``text`` cut to ``width`` characters for an error message (headers can be long)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _first_difference(own: dict[str, tuple[int, ...]], declared: dict[str, tuple[int, ...]]) -> str:
