@@ -336,6 +336,16 @@ def test_demo_out_an_existing_file(ckpt, capsys):
     assert ckpt.read_bytes() == before
 
 
+def test_llm_prune_out_directory_not_writable(tmp_path, calib, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+        False if Path(p) == out else real_access(p, mode, **kw)))
+    err = user_error(capsys, "llm-prune", str(tmp_path), "--calib", str(calib),
+                     "--out", str(out))
+    assert "not writable" in err
+
 # -- bugs are not user errors ---------------------------------------------------------------
 
 

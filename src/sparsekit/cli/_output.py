@@ -31,7 +31,8 @@ def check_output(
     ``out`` is a file (or a directory with ``directory=True``); an existing ``out`` must be
     of that kind, since replacing a directory, device or pipe is never what was meant. An
     ``out`` that is the same file as one of ``inputs`` (also through a symlink or hard link)
-    is refused unless ``overwrite``. The nearest existing parent must be a writable directory.
+    is refused unless ``overwrite``; an output directory is never an input. The directory
+    written into (or its nearest existing ancestor, created on write) must be writable.
     """
     path = Path(out)
     if path.exists():
@@ -48,7 +49,7 @@ def check_output(
                 f"{flag} {str(path)!r} is the input {str(same[0])!r}; "
                 + ("write to another directory" if directory else "pass --overwrite to replace it")
             )
-    parent = path.absolute().parent
+    parent = path.absolute() if directory and path.is_dir() else path.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
