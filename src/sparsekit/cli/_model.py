@@ -1,38 +1,267 @@
-"""Rebuild the model a checkpoint belongs to (shared by the commands)."""
+"""The model a checkpoint belongs to, and the example input it is measured with.
+
+Shared by ``prune`` and ``report``. ``--model`` resolves, in order of preference:
+
+* a registered name (``sparsekit.models``), built with its default arguments;
+* nothing: the architecture recorded in the checkpoint's ``model`` header entry. That entry
+  is untrusted data: it resolves only through the registry (never an import), its keyword
+  arguments must be integers in ``[1, 2**31)``, and the model is first built on the meta
+  device and compared, name by name and shape by shape, with the tensors the file declares
+  — so a crafted entry cannot make the command allocate more than the file itself declares;
+* ``module:factory``, trusted code: ``module`` is imported and ``factory()`` is called, as
+  ``python -c`` would. The directory the command runs in is not searched for ``module``
+  (unless it is on ``PYTHONPATH``), so a file lying in the current directory is never run
+  by accident.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
+import math
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+import sparsekit
 from sparsekit import checkpoint
+from sparsekit.cli._errors import UsageError
+from sparsekit.masks import MaskSet
 from sparsekit.models import MODELS, create_model
+from sparsekit.training import inference
+
+MAX_ARCH_ARG = 2**31 - 1  # an architecture argument (a width, a class count) above this is no model
+MAX_INPUT_ELEMENTS = 2**24  # the example input only measures FLOPs: 64 MiB of float32 is plenty
+
+MODEL_HELP = (
+    f"registered model name ({', '.join(MODELS.names())}; default: the one recorded in "
+    "CKPT) or module:factory — TRUSTED CODE: imports module and calls factory(), which must "
+    "return an nn.Module; the current directory is not searched unless it is on PYTHONPATH"
+)
 
 
-def model_for(ckpt: str | Path, spec: str | None) -> nn.Module:
-    """The architecture for ``ckpt``: ``spec`` if given, else the one recorded in its header.
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, ckpt_help: str) -> None:
+    """The arguments of a command that reads one checkpoint and reports on its model."""
+    parser.add_argument("ckpt", help=ckpt_help)
+    parser.add_argument("--model", help=MODEL_HELP)
+    parser.add_argument("--input-shape", default="1,1,28,28",
+                        help="example input shape for the FLOPs report (default: 1,1,28,28)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print Markdown instead of a table")
 
-    ``spec`` is a registered model name (``lenet_300_100``) or ``module:factory``.
-    """
+
+def load_checkpoint(path: str | os.PathLike, spec: str | None) -> tuple[nn.Module, MaskSet]:
+    """The model for ``path`` (see :func:`model_for`) with the checkpoint loaded into it."""
+    model = model_for(path, spec)
+    return model, sparsekit.load(model, path)
+
+
+def model_for(path: str | os.PathLike, spec: str | None) -> nn.Module:
+    """The architecture for checkpoint ``path``: ``spec`` if given, else the recorded one."""
+    header = read_header(path)
     if spec is None:
-        recorded = checkpoint.read(ckpt).meta.get("model")
-        if recorded is None:
-            raise ValueError(
-                f"{ckpt} does not record its architecture; pass --model NAME or module:factory "
-                f"(registered names: {', '.join(MODELS.names())})"
-            )
-        cfg = json.loads(recorded)
-        return create_model(cfg["name"], **cfg.get("kwargs", {}))
+        return _recorded_model(Path(path), header)
     if ":" not in spec:
         return create_model(spec)
+    return _trusted_factory(spec)
+
+
+# -- the checkpoint's header ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Header:
+    """What a checkpoint declares before any tensor is read: metadata and tensor shapes."""
+
+    meta: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Read and check the header of checkpoint ``path`` without reading its tensors."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_file():
+        raise UsageError(f"checkpoint {str(path)!r} is not a regular file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UsageError(f"{path} is not a readable safetensors checkpoint ({err})") from None
+    if meta.get("format") != checkpoint.FORMAT:
+        return Header(meta, stored)  # a plain safetensors file: every tensor as it is stored
+    try:
+        entries = json.loads(meta.get("tensors", ""))
+    except json.JSONDecodeError:
+        raise UsageError(f"{path}: header entry 'tensors' is not JSON") from None
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+        raise UsageError(
+            f"{path}: header entry 'tensors' must be a JSON object of per-tensor objects, "
+            f"got {type(entries).__name__}"
+        )
+    shapes = {}
+    for name, entry in entries.items():
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise UsageError(f"{path}: tensor {name!r} has no valid shape in the header")
+        shapes[name] = tuple(shape)
+    return Header(meta, shapes)
+
+
+# -- the three ways to name a model ---------------------------------------------------------
+
+def _recorded_model(path: Path, header: Header) -> nn.Module:
+    """Build the architecture recorded in ``header``, checked against the declared tensors."""
+    recorded = header.meta.get("model")
+    if recorded is None:
+        raise UsageError(
+            f"{path} does not record its architecture; pass --model NAME "
+            f"(registered: {', '.join(MODELS.names())}) or a trusted module:factory"
+        )
+    name, kwargs = _parse_record(path, recorded)
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            skeleton = create_model(name, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise UsageError(
+            f"{path}: the recorded model {_clip(recorded)} cannot be built ({err}); "
+            "pass --model to choose the architecture"
+        ) from None
+    own = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if own != header.shapes:
+        raise UsageError(
+            f"{path}: the recorded model {_clip(recorded)} does not match the checkpoint's tensors "
+            f"({_first_difference(own, header.shapes)}); pass --model to choose the architecture"
+        )
+    return create_model(name, **kwargs)
+
+
+def _parse_record(path: Path, recorded: str) -> tuple[str, dict[str, int]]:
+    """``(name, kwargs)`` from a ``model`` header entry ``{"name": ..., "kwargs": {...}}``."""
+    try:
+        record = json.loads(recorded)
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str) or set(
+        record
+    ) - {"name", "kwargs"}:
+        raise UsageError(
+            f"{path}: header entry 'model' must be {{\"name\": NAME, \"kwargs\": {{...}}}}, "
+            f"got {_clip(recorded)!r}; pass --model to choose the architecture"
+        )
+    name, kwargs = record["name"], record.get("kwargs", {})
+    if name not in MODELS:
+        raise UsageError(
+            f"{path}: recorded model {name!r} is not registered "
+            f"(registered: {', '.join(MODELS.names())}); pass --model"
+        )
+    if not isinstance(kwargs, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_ARCH_ARG
+        for v in kwargs.values()
+    ):
+        raise UsageError(
+            f"{path}: recorded model arguments must be integers in [1, {MAX_ARCH_ARG}], "
+            f"got {_clip(json.dumps(kwargs))}; pass --model to choose the architecture"
+        )
+    return name, kwargs
+
+
+def _clip(text: str, width: int = 100) -> str:
+    """``text`` cut to ``width`` characters for an error message (headers can be long)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _first_difference(own: dict[str, tuple[int, ...]], declared: dict[str, tuple[int, ...]]) -> str:
+    """The first tensor (by name) whose shape differs, for the error message."""
+    key = min(k for k in own.keys() | declared.keys() if own.get(k) != declared.get(k))
+    return f"{key}: model {own.get(key, 'absent')}, file {declared.get(key, 'absent')}"
+
+
+def _trusted_factory(spec: str) -> nn.Module:
+    """Import ``module`` and call ``factory()`` for ``--model module:factory``."""
     module_name, _, attr = spec.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr, None)
+    try:
+        with _without_implicit_cwd():
+            module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UsageError(
+            f"--model {spec!r}: cannot import {module_name!r} ({err}); the current directory "
+            "is not searched — put the module's directory on PYTHONPATH to trust it"
+        ) from None
+    except Exception as err:  # the user's module failed while importing
+        raise UsageError(f"--model {spec!r}: importing {module_name!r} raised "
+                         f"{type(err).__name__}: {err}") from None
+    factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ValueError(f"--model {spec!r}: {module_name} has no callable {attr!r}")
-    model = factory()
+        raise UsageError(f"--model {spec!r}: {module_name} has no callable {attr!r}")
+    try:
+        model = factory()
+    except SystemExit as stop:
+        raise UsageError(
+            f"--model {spec!r}: {attr}() exited (SystemExit {stop.code!r}) instead of "
+            "returning an nn.Module"
+        ) from None
+    except Exception as err:  # the user's factory failed
+        raise UsageError(f"--model {spec!r}: {attr}() raised {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
-        raise TypeError(f"--model {spec!r} returned {type(model).__name__}, not an nn.Module")
+        raise UsageError(f"--model {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+@contextmanager
+def _without_implicit_cwd() -> Iterator[None]:
+    """``sys.path`` without the current directory that ``python -m``/``-c`` put first.
+
+    An entry the user added on purpose (``PYTHONPATH``, ``sys.path.insert``) stays; with
+    ``python -P`` (``sys.flags.safe_path``) Python added nothing and nothing is removed.
+    """
+    first = sys.path[0] if sys.path else None
+    implicit = not sys.flags.safe_path and first is not None and (
+        first == "" or os.path.abspath(first) == os.getcwd()
+    )
+    if not implicit:
+        yield
+        return
+    del sys.path[0]
+    try:
+        yield
+    finally:
+        sys.path.insert(0, first)
+
+
+# -- the example input -----------------------------------------------------------------------
+
+def example_inputs(shape: str, model: nn.Module) -> torch.Tensor:
+    """A zero tensor of ``--input-shape`` ``shape``, checked by running ``model`` on it."""
+    try:
+        dims = tuple(int(d) for d in shape.split(","))
+    except ValueError:
+        raise UsageError(
+            f"--input-shape must be comma-separated integers like 1,1,28,28, got {shape!r}"
+        ) from None
+    if any(d < 1 for d in dims):
+        raise UsageError(f"--input-shape dimensions must be ≥ 1, got {shape!r}")
+    if math.prod(dims) > MAX_INPUT_ELEMENTS:
+        raise UsageError(
+            f"--input-shape {shape!r} has {math.prod(dims):,} elements; at most "
+            f"{MAX_INPUT_ELEMENTS:,} are accepted (the input only measures FLOPs)"
+        )
+    x = torch.zeros(dims)
+    try:
+        with inference(model):
+            model(x)
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--input-shape {shape!r} does not fit the model ({reason})") from None
+    return x

@@ -27,6 +27,7 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 import sparsekit
+from sparsekit.cli._output import check_output
 from sparsekit.data import load_image_dataset
 from sparsekit.models import lenet_300_100
 from sparsekit.training import accuracy, train_epoch
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     sparsities = _parse_sparsities(args.sparsities)
     if args.epochs < 1 or args.finetune_epochs < 0:
         raise ValueError("--epochs must be ≥ 1 and --finetune-epochs ≥ 0")
+    out = check_output(args.out, inputs=[], directory=True)
     console = Console(width=None if sys.stdout.isatty() else 130)
     torch.manual_seed(args.seed)
     data = load_image_dataset(args.data_dir)
@@ -77,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
         train = torch.utils.data.TensorDataset(*(t[: args.train_limit] for t in train.tensors))
     console.print(f"[bold]dataset[/]: {data.name}, {len(train):,} train / "
                   f"{len(data.test):,} test images; {torch.get_num_threads()} threads")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     dense = lenet_300_100(in_features=data.image_shape[-1] * data.image_shape[-2],

@@ -1,4 +1,8 @@
-"""``sparsekit llm-prune MODEL_DIR --calib FILE --out OUT_DIR``: prune a transformers model."""
+"""``sparsekit llm-prune MODEL_DIR --calib FILE --out OUT_DIR``: prune a transformers model.
+
+Every check runs before the work and the outputs are written last; ``OUT_DIR`` is never
+``MODEL_DIR`` (the model may still be memory-mapped from there).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import sparsekit
+from sparsekit.cli._errors import UsageError
+from sparsekit.cli._output import check_output, write_output
 from sparsekit.cli.report import show
 
 EVAL_SENTENCES = 64
@@ -45,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in (("--calib", args.calib), ("--eval", args.eval)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: no such text file {path!r}")
+    out = check_output(args.out, inputs=[args.model_dir], directory=True)
     model, tokenizer, causal = _load(args.model_dir)
     text = Path(args.eval or args.calib)
     quality = _quality(model, tokenizer, causal, text, args)
@@ -62,17 +69,23 @@ def run(args: argparse.Namespace) -> int:
         )
     after = quality(dense)
 
-    out = Path(args.out)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    ckpt = sparsekit.save(model, out / "sparsekit.safetensors", masks)
     example = torch.zeros(1, 8, dtype=torch.long, device=next(model.parameters()).device)
-    show(sparsekit.report(model, example, masks=masks), markdown=args.markdown)
+    rep = sparsekit.report(model, example, masks=masks)
+    ckpt = write_output(out, lambda path: _write(path, model, tokenizer, masks))
+    show(rep, markdown=args.markdown)
     metric = "perplexity" if causal else "embedding similarity to dense"
     print(f"{metric}: {before:.4f} dense -> {after:.4f} pruned "
           f"({args.method}, {args.pattern}, sparsity {masks.sparsity():.2%})")
     print(f"wrote {out}/ (save_pretrained) and {ckpt} ({ckpt.stat().st_size:,} bytes)")
     return 0
+
+
+def _write(out: Path, model, tokenizer, masks: sparsekit.MaskSet) -> Path:
+    """The sparsekit checkpoint first (it checks the masks), then ``save_pretrained``."""
+    ckpt = sparsekit.save(model, out / "sparsekit.safetensors", masks)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return ckpt
 
 
 def _load(model_dir: str):
@@ -86,10 +99,14 @@ def _load(model_dir: str):
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a save_pretrained directory (no config.json)")
-    config = AutoConfig.from_pretrained(path)
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
-    auto = AutoModelForCausalLM if causal else AutoModel
-    return auto.from_pretrained(path), AutoTokenizer.from_pretrained(path), causal
+    try:
+        config = AutoConfig.from_pretrained(path)
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel"))
+                     for a in config.architectures or [])
+        auto = AutoModelForCausalLM if causal else AutoModel
+        return auto.from_pretrained(path), AutoTokenizer.from_pretrained(path), causal
+    except (OSError, ValueError, KeyError, TypeError) as err:  # transformers' "cannot load"
+        raise UsageError(f"{model_dir}: cannot load the model or tokenizer ({err})") from None
 
 
 def _quality(model, tokenizer, causal: bool, text: Path, args: argparse.Namespace):

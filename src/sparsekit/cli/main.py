@@ -1,7 +1,9 @@
 """Entry point: ``sparsekit {prune,report,demo,llm-prune} ...``.
 
-User mistakes (bad values, missing files) print one readable line and exit with
-status 2; only genuine bugs show a traceback.
+User mistakes print one line, ``sparsekit COMMAND: error: ...``, and exit with status 2:
+a :class:`~sparsekit.cli._errors.UsageError` raised by a command, a ``ValueError`` or
+``TypeError`` from the library's argument checks, and file-system or missing-package
+errors. Anything else is a bug in sparsekit and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from sparsekit.cli import demo, llm_prune, prune, report
+from sparsekit.cli._errors import UsageError
 
 COMMANDS = {"prune": prune, "report": report, "demo": demo, "llm-prune": llm_prune}
+USER_ERRORS = (UsageError, ValueError, TypeError, OSError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,12 +35,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        print(f"sparsekit {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"sparsekit {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (some libraries' messages span several)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -1,43 +1,46 @@
-"""``sparsekit prune CKPT --out OUT``: one-shot pruning of a saved model."""
+"""``sparsekit prune CKPT --out OUT``: one-shot pruning of a saved model.
+
+Every check runs before the work and the output is written last, so a mistake anywhere
+leaves no output; ``OUT`` never replaces ``CKPT`` unless ``--overwrite`` is given.
+"""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import sparsekit
 from sparsekit.allocation import ALLOCATIONS
-from sparsekit.cli._model import model_for
-from sparsekit.cli.report import example_inputs, show
+from sparsekit.cli._model import add_checkpoint_arguments, example_inputs, load_checkpoint
+from sparsekit.cli._output import check_output, write_output
+from sparsekit.cli.report import show
 from sparsekit.scores import CRITERIA, DATA_DRIVEN
 from sparsekit.training import batches
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune a checkpoint one-shot and save it compressed")
-    p.add_argument("ckpt", help="input checkpoint (sparsekit or plain safetensors)")
+    add_checkpoint_arguments(p, "input checkpoint (sparsekit or plain safetensors)")
     p.add_argument("--out", required=True, help="output checkpoint path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow --out to be CKPT itself (replaced atomically, at the end)")
     p.add_argument("--sparsity", type=float, required=True, help="target sparsity in [0, 1)")
     p.add_argument("--criterion", default="magnitude", help=f"one of {', '.join(CRITERIA)}")
     p.add_argument("--allocation", default="uniform", help=f"one of {', '.join(ALLOCATIONS)}")
     p.add_argument("--pattern", default="unstructured",
                    help="unstructured, N:M (e.g. 2:4), block:RxC or row")
     p.add_argument("--exclude", action="append", default=[], help="name/glob to leave dense")
-    p.add_argument("--model", help="registered model name or module:factory (default: from CKPT)")
     p.add_argument("--data-dir", help="image dataset for data-driven criteria "
                    "(default: Fashion-MNIST, else digits)")
     p.add_argument("--calib-batches", type=int, default=4,
                    help="calibration batches of 128 for data-driven criteria")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--input-shape", default="1,1,28,28",
-                   help="example input shape for the FLOPs report (default: 1,1,28,28)")
-    p.add_argument("--markdown", action="store_true", help="print Markdown instead of a table")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    model = model_for(args.ckpt, args.model)
-    sparsekit.load(model, args.ckpt)
+    out = check_output(args.out, inputs=[args.ckpt], overwrite=args.overwrite)
+    model, _ = load_checkpoint(args.ckpt, args.model)
+    example = example_inputs(args.input_shape, model)
     data = None
     if args.criterion in DATA_DRIVEN:
         from sparsekit.data import load_image_dataset
@@ -48,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
         model, args.sparsity, criterion=args.criterion, allocation=args.allocation,
         pattern=args.pattern, exclude=args.exclude, data=data, seed=args.seed,
     )
-    out = sparsekit.save(model, args.out, masks)
-    rep = sparsekit.report(model, example_inputs(args.input_shape), masks=masks)
+    rep = sparsekit.report(model, example, masks=masks)
+    out = write_output(out, lambda path: sparsekit.save(model, path, masks))
     show(rep, markdown=args.markdown)
-    print(f"wrote {out} ({Path(out).stat().st_size:,} bytes, sparsity {masks.sparsity():.2%})")
+    print(f"wrote {out} ({out.stat().st_size:,} bytes, sparsity {masks.sparsity():.2%})")
     return 0

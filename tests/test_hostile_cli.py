@@ -1,0 +1,359 @@
+"""Hostile command lines (issue 17, items 4, 5 and 10): the CLI never loses its input,
+never allocates what a crafted header asks for, never runs code from the current directory
+by accident, and answers every user mistake with one line on stderr and exit status 2.
+
+Commands run in-process through ``sparsekit.cli.main.main``; one test needs a real
+``python -m`` subprocess, since that is what puts the current directory on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sparsekit
+from sparsekit.checkpoint import read
+from sparsekit.cli.main import main
+from sparsekit.models import lenet_300_100
+
+
+@pytest.fixture(scope="module")
+def dense_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dense") / "dense.safetensors"
+    sparsekit.save(lenet_300_100(), path)
+    return path
+
+
+@pytest.fixture
+def ckpt(dense_file, tmp_path) -> Path:
+    """A private copy of a dense LeNet-300-100 checkpoint (tests may try to destroy it)."""
+    path = tmp_path / "model.safetensors"
+    shutil.copyfile(dense_file, path)
+    return path
+
+
+def user_error(capsys, *argv: str) -> str:
+    """Run the CLI, assert a one-line user error with status 2, and return that line."""
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    assert err.startswith("sparsekit ") and ": error: " in err
+    return err
+
+
+def with_metadata(src: Path, dst: Path, **entries: str) -> Path:
+    """``src`` rewritten with some header entries replaced (tensor data unchanged)."""
+    tensors = load_file(src)
+    meta = read(src).meta
+    meta.update(entries)
+    save_file(tensors, dst, metadata=meta)
+    return dst
+
+
+# -- the input is never lost ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("link", ["same path", "symlink", "hard link"])
+def test_prune_refuses_to_write_over_its_input(ckpt, tmp_path, capsys, link):
+    before = ckpt.read_bytes()
+    out = ckpt
+    if link == "symlink":
+        out = tmp_path / "alias.safetensors"
+        out.symlink_to(ckpt)
+    elif link == "hard link":
+        out = tmp_path / "alias.safetensors"
+        os.link(ckpt, out)
+    # the original report: --out = input, then a failing report step replaced the input
+    err = user_error(capsys, "prune", str(ckpt), "--out", str(out), "--sparsity", "0.5",
+                     "--input-shape", "1,5")
+    assert "--overwrite" in err
+    assert ckpt.read_bytes() == before
+
+
+def test_overwrite_replaces_the_input_only_at_the_end(ckpt, capsys):
+    before = ckpt.read_bytes()
+    user_error(capsys, "prune", str(ckpt), "--out", str(ckpt), "--overwrite",
+               "--sparsity", "0.5", "--input-shape", "1,5")
+    assert ckpt.read_bytes() == before  # the failing step came first: nothing written
+
+    assert main(["prune", str(ckpt), "--out", str(ckpt), "--overwrite", "--sparsity", "0.5",
+                 "--markdown"]) == 0
+    masks = sparsekit.load(lenet_300_100(), ckpt)
+    assert masks.sparsity() == pytest.approx(0.5)
+
+
+def test_nothing_is_written_when_a_later_step_fails(ckpt, tmp_path, capsys):
+    out = tmp_path / "new" / "pruned.safetensors"
+    user_error(capsys, "prune", str(ckpt), "--out", str(out), "--sparsity", "0.5",
+               "--input-shape", "1,1,28,29")
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_out_an_existing_directory(ckpt, tmp_path, capsys):
+    out = tmp_path / "somedir"
+    out.mkdir()
+    err = user_error(capsys, "prune", str(ckpt), "--out", str(out), "--sparsity", "0.5")
+    assert "is a directory" in err
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_out_not_a_regular_file(ckpt, tmp_path, capsys):
+    # A device or pipe is never replaced (as root, --out /dev/full used to replace the device).
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    err = user_error(capsys, "prune", str(ckpt), "--out", str(fifo), "--sparsity", "0.5")
+    assert "not a regular file" in err
+    assert fifo.exists() and not fifo.is_file()
+
+
+def test_out_in_a_directory_that_is_not_writable(ckpt, tmp_path, capsys, monkeypatch):
+    # access(2) answers EROFS / EACCES the same way; as root only a read-only mount says no.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+        False if Path(p) == locked else real_access(p, mode, **kw)))
+    err = user_error(capsys, "prune", str(ckpt), "--out", str(locked / "x.safetensors"),
+                     "--sparsity", "0.5")
+    assert "not writable" in err
+
+
+def test_out_under_a_file(ckpt, tmp_path, capsys):
+    err = user_error(capsys, "prune", str(ckpt), "--out", str(ckpt / "x.safetensors"),
+                     "--sparsity", "0.5")
+    assert "not a directory" in err
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EIO])
+def test_write_failures_are_one_line(ckpt, tmp_path, capsys, monkeypatch, code):
+    before = ckpt.read_bytes()
+
+    def failing_fsync(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    out = tmp_path / "pruned.safetensors"
+    err = user_error(capsys, "prune", str(ckpt), "--out", str(out), "--sparsity", "0.5")
+    assert os.strerror(code) in err and str(out) in err
+    assert not out.exists()
+    assert ckpt.read_bytes() == before
+
+
+# -- --input-shape --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "needle"), [
+    ("0,0", "≥ 1"),
+    ("-1", "≥ 1"),
+    ("1,5", "does not fit the model"),
+    ("1,1,28,29", "does not fit the model"),
+    ("100000,100000,100000", "at most"),
+    ("1,,28", "comma-separated integers"),
+])
+@pytest.mark.parametrize("command", ["report", "prune"])
+def test_bad_input_shapes(ckpt, tmp_path, capsys, shape, needle, command):
+    extra = ["--out", str(tmp_path / "o.safetensors"), "--sparsity", "0.5"] * (command == "prune")
+    err = user_error(capsys, command, str(ckpt), f"--input-shape={shape}", *extra)
+    assert needle in err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+# -- crafted headers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("record", "needle"), [
+    ("{}", "header entry 'model'"),
+    ("[1]", "header entry 'model'"),
+    ("not json", "header entry 'model'"),
+    ('{"name": 3}', "header entry 'model'"),
+    ('{"name": "lenet_300_100", "extra": 1}', "header entry 'model'"),
+    ('{"name": "builtins:exit"}', "not registered"),
+    ('{"name": "lenet_300_100", "kwargs": []}', "integers in [1,"),
+    ('{"name": "lenet_300_100", "kwargs": {"in_features": 1000000000000}}', "integers in [1,"),
+    ('{"name": "lenet_300_100", "kwargs": {"in_features": true}}', "integers in [1,"),
+    ('{"name": "lenet_300_100", "kwargs": {"in_features": 0}}', "integers in [1,"),
+    ('{"name": "lenet_300_100", "kwargs": {"depth": 3}}', "cannot be built"),
+    # in range, but 2.5 TB if built: compared with the declared tensors on the meta device
+    ('{"name": "lenet_300_100", "kwargs": {"in_features": 2147483647}}', "does not match"),
+    ('{"name": "lenet5"}', "does not match"),
+])
+def test_malformed_model_record(ckpt, tmp_path, capsys, record, needle):
+    path = with_metadata(ckpt, tmp_path / "crafted.safetensors", model=record)
+    err = user_error(capsys, "report", str(path))
+    assert needle in err
+    assert "--model" in err or "not registered" in err
+
+
+def test_missing_model_record_asks_for_model(tmp_path, capsys):
+    path = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in lenet_300_100().state_dict().items()}, path)
+    assert "--model" in user_error(capsys, "report", str(path))
+    assert main(["report", str(path), "--model", "lenet_300_100", "--markdown"]) == 0
+
+
+@pytest.mark.parametrize("model", [[], ["--model", "lenet_300_100"]])
+def test_tensors_entry_as_a_list(ckpt, tmp_path, capsys, model):
+    entries = json.loads(read(ckpt).meta["tensors"])
+    listed = json.dumps(list(entries.items()))
+    path = with_metadata(ckpt, tmp_path / "crafted.safetensors", tensors=listed,
+                         digest=hashlib.sha256(listed.encode()).hexdigest())
+    assert "'tensors'" in user_error(capsys, "report", str(path), *model)
+
+
+@pytest.mark.parametrize("kind", ["directory", "device"])
+def test_checkpoint_that_is_not_a_file(tmp_path, capsys, kind):
+    path = tmp_path if kind == "directory" else Path(os.devnull)
+    assert "not a regular file" in user_error(capsys, "report", str(path))
+
+
+# -- --model module:factory -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    ("builtins:exit", "SystemExit"),
+    ("builtins:int", "returned int, not an nn.Module"),
+    ("builtins:len", "raised TypeError"),
+    ("os:sep", "no callable 'sep'"),
+    ("no_such_module_for_sparsekit:f", "cannot import"),
+    ("no_such_model", "accepted: lenet5, lenet_300_100"),
+])
+def test_bad_model_factories(ckpt, capsys, spec, needle):
+    assert needle in user_error(capsys, "report", str(ckpt), "--model", spec)
+
+
+@pytest.fixture
+def planted_module(tmp_path, monkeypatch):
+    """A module in the current directory that leaves a marker when imported."""
+    name = f"planted_{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "imported"
+    (tmp_path / f"{name}.py").write_text(
+        "import pathlib\n"
+        f"pathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from sparsekit.models import lenet_300_100 as make\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    yield name, marker
+    sys.modules.pop(name, None)
+
+
+def test_model_factory_ignores_the_current_directory(ckpt, capsys, monkeypatch, planted_module):
+    name, marker = planted_module
+    monkeypatch.setattr(sys, "path", [os.getcwd(), *sys.path])  # as `python -m` puts it
+    err = user_error(capsys, "report", str(ckpt), "--model", f"{name}:make")
+    assert "current directory is not searched" in err
+    assert not marker.exists()
+    assert sys.path[0] == os.getcwd()  # restored
+
+
+def test_model_factory_from_an_explicit_path(ckpt, capsys, monkeypatch, planted_module):
+    name, marker = planted_module
+    # as `PYTHONPATH=. python -m ...` puts it: the second entry is the user's choice
+    monkeypatch.setattr(sys, "path", [os.getcwd(), os.getcwd(), *sys.path])
+    assert main(["report", str(ckpt), "--model", f"{name}:make", "--markdown"]) == 0
+    assert marker.read_text() == "ran"
+
+
+def test_python_m_does_not_import_from_the_current_directory(ckpt, planted_module):
+    name, marker = planted_module
+    done = subprocess.run(
+        [sys.executable, "-m", "sparsekit.cli.main", "report", str(ckpt), "--model",
+         f"{name}:make"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "current directory is not searched" in done.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["prune", "report"])
+def test_help_says_module_factory_is_trusted_code(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "TRUSTED CODE" in " ".join(capsys.readouterr().out.split())
+
+
+# -- llm-prune ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def calib(tmp_path) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text("some calibration text\n")
+    return path
+
+
+def test_llm_prune_invalid_config(tmp_path, calib, capsys):
+    pytest.importorskip("transformers")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{not json")
+    err = user_error(capsys, "llm-prune", str(model_dir), "--calib", str(calib),
+                     "--out", str(tmp_path / "out"))
+    assert "cannot load" in err and not (tmp_path / "out").exists()
+
+
+def test_llm_prune_directory_without_weights(tmp_path, calib, capsys):
+    transformers = pytest.importorskip("transformers")
+    model_dir = tmp_path / "model"
+    transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                             num_hidden_layers=1, num_attention_heads=2, bos_token_id=1,
+                             eos_token_id=2).save_pretrained(model_dir)
+    err = user_error(capsys, "llm-prune", str(model_dir), "--calib", str(calib),
+                     "--out", str(tmp_path / "out"))
+    assert "cannot load" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out", ["model dir", "a file"])
+def test_llm_prune_bad_out(tmp_path, calib, capsys, out):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    target = model_dir if out == "model dir" else calib
+    before = sorted(p.name for p in model_dir.iterdir())
+    err = user_error(capsys, "llm-prune", str(model_dir), "--calib", str(calib),
+                     "--out", str(target))
+    assert ("another directory" if out == "model dir" else "not a directory") in err
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def test_demo_out_an_existing_file(ckpt, capsys):
+    before = ckpt.read_bytes()
+    assert "not a directory" in user_error(capsys, "demo", "--out", str(ckpt), "--epochs", "1")
+    assert ckpt.read_bytes() == before
+
+
+def test_llm_prune_out_directory_not_writable(tmp_path, calib, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+        False if Path(p) == out else real_access(p, mode, **kw)))
+    err = user_error(capsys, "llm-prune", str(tmp_path), "--calib", str(calib),
+                     "--out", str(out))
+    assert "not writable" in err
+
+# -- bugs are not user errors ---------------------------------------------------------------
+
+
+def test_internal_errors_keep_their_traceback(ckpt, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in sparsekit")
+
+    monkeypatch.setattr(sparsekit, "prune", broken)
+    with pytest.raises(RuntimeError, match="a bug in sparsekit"):
+        main(["prune", str(ckpt), "--out", str(tmp_path / "o.safetensors"), "--sparsity", "0.5"])
+    assert not (tmp_path / "o.safetensors").exists()
