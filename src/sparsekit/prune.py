@@ -69,6 +69,7 @@ def compute_masks(
 
     ctx = ScoreContext(model, chosen, data, loss_fn, torch.Generator().manual_seed(seed))
     scores = score_fn(ctx)
+    check_scores(scores, criterion)
     scores = {
         t.name: scores[t.name].masked_fill(t.param.detach() == 0, float("-inf")) for t in chosen
     }
@@ -78,6 +79,19 @@ def compute_masks(
         t.name: pat.mask(scores[t.name], keep[t.name]) & (t.param.detach() != 0) for t in chosen
     }
     return masks, pat
+
+
+def check_scores(scores: dict[str, torch.Tensor], criterion: str) -> None:
+    """Raise if a layer's scores hold NaN or +inf: ranked, they would prune arbitrarily
+    (one NaN in calibration data made SNIP prune every weight)."""
+    for name, s in scores.items():
+        bad = int((torch.isnan(s) | torch.isposinf(s)).sum())
+        if bad:
+            raise ValueError(
+                f"criterion {criterion!r} gave {bad} non-finite score(s) (NaN or +inf) of "
+                f"{s.numel()} for {name!r}: check data and the layer's weights for NaN/inf; "
+                "the model was not changed"
+            )
 
 
 def check_sparsity(sparsity: Any, param: str = "sparsity") -> None:

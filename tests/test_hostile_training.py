@@ -1,5 +1,5 @@
-"""Hostile cases for MaskSet (issue 17, items 6 and 7): replaced parameters, the sign of
-zero after coordinate-mixing optimizers, and closure-based optimizers."""
+"""Hostile cases for pruning and MaskSet (issue 17, items 3, 6 and 7): NaN scores, replaced
+parameters, the sign of zero after coordinate-mixing optimizers, closure-based optimizers."""
 
 import pytest
 import torch
@@ -121,3 +121,19 @@ def test_lbfgs_with_masks_converges_like_dense():
             assert not masks._grad_hooks
     assert losses[False] < 1e-3
     assert losses[True] < 1e-3, losses
+
+
+@pytest.mark.parametrize("criterion", ["snip", "taylor", "grasp", "wanda", "magnitude"])
+def test_nan_calibration_data_is_refused_and_model_untouched(criterion):
+    # issue 17.3: one NaN in x made snip/taylor/grasp prune every weight
+    model = _model()
+    x, y = _data()
+    x[3, 5] = float("nan")
+    if criterion == "magnitude":
+        with torch.no_grad():
+            model[0].weight[2, 2] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"criterion '{criterion}' gave \d+ non-finite score"):
+        sparsekit.prune(model, 0.5, criterion=criterion, data=(x, y))
+    after = model.state_dict()
+    assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)
