@@ -14,6 +14,7 @@ import math
 import torch
 
 from sparsekit.registry import Registry
+from sparsekit.select import top_k
 
 ALLOCATIONS: Registry = Registry("allocation")
 
@@ -109,8 +110,7 @@ def _top_k_counts(scores: Scores, sparsity: float) -> dict[str, int]:
     flat = torch.cat([scores[n].flatten().float().cpu() for n in names])
     k = round(flat.numel() * (1.0 - sparsity))
     k = min(k, int(torch.isfinite(flat).sum()))
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    keep[torch.topk(flat, k, sorted=False).indices] = True
+    keep = top_k(flat, k)
     counts, start = {}, 0
     for n in names:
         size = scores[n].numel()

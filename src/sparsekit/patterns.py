@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsekit.registry import Registry
+from sparsekit.select import top_k
 
 PATTERNS: Registry = Registry("pattern")
 
@@ -55,22 +56,12 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
     return PATTERNS.get(family)(spec)
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` highest entries (ties broken by position, deterministically)."""
-    flat = scores.flatten()
-    out = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.argsort(flat, descending=True, stable=True)
-        out[order[:k]] = True
-    return out.reshape(scores.shape)
-
-
 @dataclass(frozen=True)
 class Unstructured(Pattern):
     spec: str = "unstructured"
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        return _top(scores, keep)
+        return top_k(scores, keep)
 
 
 @PATTERNS.register("unstructured")
@@ -105,7 +96,7 @@ class NM(Pattern):
         top = torch.topk(groups, self.n, dim=1).indices
         nm = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top, True)
         if keep < int(nm.sum()):  # sparser than N:M: thin out within the N:M mask
-            nm = _top(groups.masked_fill(~nm, float("-inf")), keep)
+            nm = top_k(groups.masked_fill(~nm, float("-inf")), keep)
         return nm.reshape(scores.shape)
 
     def is_valid(self, mask: torch.Tensor) -> bool:
@@ -144,7 +135,7 @@ class Block(Pattern):
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         tiles = self._tiles(scores.reshape(scores.shape[0], -1))
-        kept = _top(tiles.sum((1, 3)), round(keep / (self.r * self.c)))
+        kept = top_k(tiles.sum((1, 3)), round(keep / (self.r * self.c)))
         rows, cols = kept.shape
         full = kept[:, None, :, None].expand(rows, self.r, cols, self.c)
         return full.reshape(scores.shape)
@@ -174,7 +165,7 @@ class Row(Pattern):
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         rows = scores.reshape(scores.shape[0], -1)
-        kept = _top(rows.sum(1), round(keep / rows.shape[1]))
+        kept = top_k(rows.sum(1), round(keep / rows.shape[1]))
         return kept[:, None].expand_as(rows).reshape(scores.shape)
 
     def is_valid(self, mask: torch.Tensor) -> bool:
