@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.engine.structure_set import StructureSet, sparse_layers
 from sparsekit.masks import MaskSet
+from sparsekit.patterns import FanIn
 from sparsekit.prune import check_sparsity, compute_masks
 from sparsekit.registry import Registry
 from sparsekit.schedules.gradual import cubic_sparsity
@@ -314,17 +315,15 @@ class SRigL(RigL):
 
     A neuron whose salient weights (kept after the drop, or among the layer's top
     gradients) number fewer than ``salient_fraction`` of its fan-in is ablated, and its
-    budget shared by the remaining neurons (fan-in = budget // neurons); the most salient
-    neurons always survive in the number the budget needs.
+    budget shared by the remaining neurons through the ``fanin`` pattern (fan-in = budget //
+    neurons); the most salient neurons always survive in the number the budget needs.
     """
 
     keeps_layer_nnz = False  # fan-in × surviving neurons can fall short of the budget
 
     def initial_masks(self) -> Masks:
         base = super().initial_masks()
-        return {n: self._constant_fan_in(torch.rand(m.shape, generator=self.ds.generator),
-                                         torch.ones(m.shape[0], dtype=torch.bool),
-                                         int(m.sum()))
+        return {n: FanIn().mask(torch.rand(m.shape, generator=self.ds.generator), int(m.sum()))
                 for n, m in base.items()}
 
     @torch.no_grad()
@@ -348,12 +347,6 @@ class SRigL(RigL):
                 passing = top_k(salient.float(), needed, allowed=alive)
             alive = passing
             score = torch.where(kept, torch.inf, grad)  # keep survivors, then best gradients
-            new[n] = self._constant_fan_in(score, alive, budget).reshape(mask.shape)
+            ablated = score.masked_fill(~alive[:, None], float("-inf"))
+            new[n] = FanIn().mask(ablated, budget).reshape(mask.shape)
         return new
-
-    @staticmethod
-    def _constant_fan_in(score: torch.Tensor, alive: torch.Tensor, budget: int) -> torch.Tensor:
-        rows = score.flatten(1)
-        fan_in = min(budget // max(int(alive.sum()), 1), rows.shape[1])
-        mask = top_k(rows, fan_in, dim=1)
-        return (mask & alive[:, None]).reshape(score.shape)
