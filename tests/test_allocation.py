@@ -32,6 +32,7 @@ def random_scores(seed: int = 0) -> dict[str, torch.Tensor]:
 def test_registry_names():
     assert ALLOCATIONS.names() == ALL
     assert ALLOCATIONS.get("global") is global_
+    assert ALLOCATIONS.names(uses_scores=True) == ["global", "lamp", "owl"]
 
 
 # -- Erdős–Rényi (kernel) -----------------------------------------------------------------

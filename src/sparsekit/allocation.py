@@ -17,7 +17,8 @@ import torch
 from sparsekit.registry import Registry
 from sparsekit.select import top_k
 
-ALLOCATIONS: Registry = Registry("allocation")
+ALLOCATIONS: Registry = Registry("allocation", meta={"uses_scores": False})
+"""``uses_scores``: the split depends on the score values, not only on the layer shapes."""
 
 Scores = dict[str, torch.Tensor]
 
@@ -28,13 +29,13 @@ def uniform(scores: Scores, sparsity: float) -> dict[str, int]:
     return _round({n: s.numel() * (1.0 - sparsity) for n, s in scores.items()}, scores)
 
 
-@ALLOCATIONS.register("global")
+@ALLOCATIONS.register("global", uses_scores=True)
 def global_(scores: Scores, sparsity: float) -> dict[str, int]:
     """One ranking across all layers ("class-blinded"): keep the top scores anywhere."""
     return _top_k_counts(scores, sparsity)
 
 
-@ALLOCATIONS.register("lamp")
+@ALLOCATIONS.register("lamp", uses_scores=True)
 def lamp(scores: Scores, sparsity: float) -> dict[str, int]:
     """Layer-adaptive magnitude pruning (Lee et al. 2021), global over LAMP scores.
 
@@ -71,7 +72,7 @@ def er(scores: Scores, sparsity: float) -> dict[str, int]:
     return _erdos_renyi(scores, sparsity, kernel=False)
 
 
-@ALLOCATIONS.register("owl")
+@ALLOCATIONS.register("owl", uses_scores=True)
 def owl(scores: Scores, sparsity: float) -> dict[str, int]:
     """OWL, outlier-weighted layerwise sparsity (Yin et al. 2023): outlier-rich layers keep more.
 
