@@ -59,6 +59,8 @@ def top_k(
         budget = ok.sum(-1, keepdim=True).clamp(max=k)
     else:
         budget = min(k, size)
-    ties = equal & (equal.cumsum(-1) <= budget - above.sum(-1, keepdim=True))
-    kept = above | ties
+    need = budget - above.sum(-1, keepdim=True)
+    if bool((equal.sum(-1, keepdim=True) > need).any()):  # more ties than room: first ones
+        equal &= equal.cumsum(-1) <= need
+    kept = above | equal
     return kept.reshape(scores.shape) if dim is None else kept.movedim(-1, dim)
