@@ -244,3 +244,14 @@ def test_profile_shows_lazy_neurons_of_relu_models(tmp_path):
         else:
             assert p.zeros < 0.01 and p.dead == 0
         assert p.zeros <= p.below_threshold <= max(p.zeros, 0.5) + 0.1
+
+
+def test_methods_and_allocations_are_registries():
+    from sparsekit.activation.allocation import ALLOCATIONS, greedy, uniform
+
+    assert list(activation.METHODS) == ["teal", "wina", "cats"]
+    w = torch.tensor([[3.0, 0.0], [4.0, 1.0]])
+    assert activation.METHODS.get("wina")(torch.ones(2), w).tolist() == [5.0, 1.0]
+    assert list(ALLOCATIONS) == ["uniform", "greedy"]
+    assert ALLOCATIONS.get("uniform") is uniform and ALLOCATIONS.get("greedy") is greedy
+    assert ALLOCATIONS.names(blockwise=True) == ["greedy"]

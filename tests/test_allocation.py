@@ -9,6 +9,8 @@ from sparsekit.allocation import (
     global_,
     lamp,
     lamp_scores,
+    outlier_ratio,
+    owl_sparsities,
     uniform,
 )
 
@@ -19,7 +21,7 @@ SHAPES = {
 }
 NUMEL = {"a": 5000, "b": 1000, "c": 1152}
 N = 7152
-ALL = ["er", "erk", "global", "lamp", "uniform"]
+ALL = ["er", "erk", "global", "lamp", "owl", "uniform"]
 
 
 def random_scores(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -30,6 +32,7 @@ def random_scores(seed: int = 0) -> dict[str, torch.Tensor]:
 def test_registry_names():
     assert ALLOCATIONS.names() == ALL
     assert ALLOCATIONS.get("global") is global_
+    assert ALLOCATIONS.names(uses_scores=True) == ["global", "lamp", "owl"]
 
 
 # -- Erdős–Rényi (kernel) -----------------------------------------------------------------
@@ -220,3 +223,36 @@ def test_total_is_kept_when_layers_have_room(allocation):
     counts = ALLOCATIONS.get(allocation)({"a": a, "b": b}, 0.5)
     assert counts["a"] <= 10
     assert sum(counts.values()) == 100  # 110 live weights, room for round(200 · 0.5)
+
+
+# -- OWL ----------------------------------------------------------------------------------
+
+
+def test_owl_gives_outlier_rich_layers_less_sparsity():
+    g = torch.Generator().manual_seed(0)
+    plain = torch.rand(64, 64, generator=g)
+    heavy = torch.rand(64, 64, generator=g)
+    heavy[:, :3] *= 40  # a few outlier input features, as in LLM activations
+    counts = ALLOCATIONS.get("owl")({"plain": plain, "heavy": heavy}, 0.7)
+    assert sum(counts.values()) == round(2 * 4096 * 0.3)
+    assert 1 - counts["heavy"] / 4096 == pytest.approx(0.62, abs=1e-3)  # target − λ
+    assert 1 - counts["plain"] / 4096 == pytest.approx(0.78, abs=1e-3)  # target + λ
+
+
+def test_owl_without_outlier_differences_is_uniform():
+    scores = {"a": torch.ones(10, 10), "b": torch.ones(20, 10)}
+    assert ALLOCATIONS.get("owl")(scores, 0.5) == uniform(scores, 0.5)
+
+
+def test_owl_centres_the_band_by_layer_size():
+    # Unequal layers: the size-weighted mean of the sparsities is the target.
+    s = owl_sparsities([0.0, 1.0], 0.5, weights=[3, 1])
+    assert s == pytest.approx([0.54, 0.38])
+    assert (3 * s[0] + s[1]) / 4 == pytest.approx(0.5)
+    assert owl_sparsities([0.0, 1.0], 0.5) == pytest.approx([0.58, 0.42])
+
+
+def test_outlier_ratio_ignores_pruned_entries():
+    s = torch.tensor([1.0] * 9 + [100.0, float("-inf")])  # mean 10.9 over the 10 finite
+    assert outlier_ratio([s]) == pytest.approx(1 / 10)
+    assert outlier_ratio([torch.full((3,), float("-inf"))]) == 0.0

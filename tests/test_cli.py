@@ -70,7 +70,7 @@ def test_prune_with_pattern_and_data_driven_criterion(dense_ckpt, tmp_path):
     [
         (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
         (["--criterion", "nope"], "graph:watts_strogatz, grasp, magnitude"),
-        (["--allocation", "nope"], "accepted: er, erk, global, lamp, uniform"),
+        (["--allocation", "nope"], "accepted: er, erk, global, lamp, owl, uniform"),
         (["--pattern", "5:4"], "0 < N < M"),
         (["--exclude", "nothing*"], "exclude entry 'nothing*'"),
     ],

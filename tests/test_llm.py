@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 
 import sparsekit  # noqa: E402
 from sparsekit import llm  # noqa: E402
+from sparsekit.allocation import owl_sparsities  # noqa: E402
 from sparsekit.llm.blocks import block_layers, find_blocks  # noqa: E402
 from sparsekit.llm.methods import keep_mask, wanda_scores  # noqa: E402
-from sparsekit.llm.owl import owl_sparsities  # noqa: E402
 from sparsekit.llm.stats import InputStats  # noqa: E402
 from sparsekit.patterns import parse_pattern  # noqa: E402
 from sparsekit.scores.wanda import input_sq_norms  # noqa: E402
@@ -389,3 +389,21 @@ def test_minilm_keeps_its_embeddings_at_half_sparsity(monkeypatch):
                       nsamples=8, seqlen=64)
     assert masks.sparsity() == pytest.approx(0.5, abs=0.01)
     assert llm.embedding_similarity(model, tok, sentences, dense) > 0.8
+
+
+def test_llm_owl_names_moved_to_allocation_with_a_warning():
+    from sparsekit import allocation
+    from sparsekit.llm import owl
+
+    with pytest.warns(DeprecationWarning, match="sparsekit.allocation.owl_sparsities"):
+        assert owl.owl_sparsities is allocation.owl_sparsities
+    with pytest.warns(DeprecationWarning, match="sparsekit.allocation.outlier_ratio"):
+        assert owl.outlier_ratio is allocation.outlier_ratio
+
+
+def test_llm_allocations_are_a_registry_with_metadata():
+    from sparsekit.llm.prune import ALLOCATIONS
+
+    assert list(ALLOCATIONS) == ["uniform", "owl"]
+    assert ALLOCATIONS.names(outliers=True) == ["owl"]
+    assert ALLOCATIONS.get("uniform")([0.1, 0.9], 0.5) == [0.5, 0.5]

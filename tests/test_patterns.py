@@ -1,7 +1,21 @@
+import math
+
 import pytest
 import torch
+from torch import nn
 
-from sparsekit.patterns import NM, PATTERNS, Block, Pattern, Row, Unstructured, parse_pattern
+import sparsekit
+from sparsekit.patterns import (
+    NM,
+    PATTERNS,
+    Block,
+    FanIn,
+    Pattern,
+    Row,
+    Unstructured,
+    fan_in,
+    parse_pattern,
+)
 
 # -- parse_pattern ------------------------------------------------------------------------
 
@@ -19,6 +33,7 @@ from sparsekit.patterns import NM, PATTERNS, Block, Pattern, Row, Unstructured, 
         ("block:2x8", Block(2, 8)),
         ("block:1x1", Block(1, 1)),
         ("row", Row()),
+        ("fanin", FanIn()),
     ],
 )
 def test_parse_pattern_accepted(spec, expected):
@@ -285,3 +300,33 @@ def test_unstructured_is_always_valid():
 def test_pattern_base_is_abstract():
     with pytest.raises(NotImplementedError):
         Pattern().mask(torch.zeros(2), 1)
+
+
+# -- constant fan-in -----------------------------------------------------------------------
+
+
+def test_fanin_pattern_through_prune_keeps_equal_rows_and_the_exact_sparsity():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Conv2d(2, 10, 5))
+    masks = sparsekit.prune(model, 0.9, pattern="fanin")  # 4 and 5 inputs per row
+    assert masks.pattern == "fanin"
+    for name, mask in masks.masks.items():
+        counts = mask.flatten(1).sum(1)
+        assert (counts == counts[0]).all(), name
+        assert 1 - int(mask.sum()) / mask.numel() == pytest.approx(0.9), name
+    assert masks.sparsity() == pytest.approx(0.9)
+    assert parse_pattern("fanin").is_valid(masks.masks["0.weight"])
+
+
+def test_fanin_keeps_the_top_of_each_row_and_skips_dead_rows():
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [-math.inf] * 4])
+    mask = FanIn().mask(scores, 5)  # two live rows share 5: two inputs each
+    assert mask.tolist() == [[True, True, False, False], [False, False, True, True],
+                             [False] * 4]
+
+
+def test_fanin_validity_and_common_fan_in():
+    assert fan_in(torch.tensor([[1, 1, 0], [0, 0, 0], [0, 1, 1]])) == 2
+    assert fan_in(torch.tensor([[1, 1, 0], [0, 0, 1]])) is None
+    assert fan_in(torch.zeros(2, 3)) == 0
+    assert not FanIn().is_valid(torch.tensor([[True, True], [True, False]]))

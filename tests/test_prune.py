@@ -9,7 +9,7 @@ from sparsekit import MaskSet, parse_pattern, prune
 from sparsekit.scores import CRITERIA, ScoreContext
 from sparsekit.targets import resolve_targets
 
-ALLOCATIONS = ["uniform", "global", "erk", "er", "lamp"]
+ALLOCATIONS = ["uniform", "global", "erk", "er", "lamp", "owl"]
 SHAPED = ["unstructured", "block:4x4", "row"]
 NM_SPARSITY = {  # pattern -> (below 1 - N/M, exactly 1 - N/M, above)
     "2:4": (0.3, 0.5, 0.6),
@@ -487,3 +487,18 @@ def test_tied_weights_can_be_pruned_when_named():
     assert set(masks.masks) <= {n for n, _ in model.named_parameters()}
     assert (model.emb.weight == 0).sum() == 16
     assert (model.hidden.weight == 0).sum() == 8
+
+
+def test_owl_through_prune_spares_the_outlier_rich_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 64))
+    with torch.no_grad():
+        model[4].weight[:, :3] *= 40  # a few outlier features in the last layer
+    data = torch.randn(32, 16)
+    uniform = prune(copy.deepcopy(model), 0.7, criterion="wanda", data=data)
+    assert uniform.layer_sparsity()["4.weight"] == pytest.approx(0.7, abs=1e-3)
+    masks = prune(model, 0.7, criterion="wanda", allocation="owl", data=data)
+    per_layer = masks.layer_sparsity()
+    assert per_layer["4.weight"] < 0.7 < min(per_layer["0.weight"], per_layer["2.weight"])
+    assert masks.sparsity() == pytest.approx(0.7, abs=1 / 9216)

@@ -17,7 +17,7 @@ from torch import nn
 import sparsekit
 from sparsekit import DynamicSparsity, GradualPruner, IterativePruning, soup
 from sparsekit.schedules import cubic_sparsity
-from sparsekit.schedules.dynamic import _keep_top, drop_fraction_at
+from sparsekit.schedules.dynamic import drop_fraction_at
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -355,17 +355,3 @@ def test_soup_rejects_mismatched_masks():
         soup([a, b])
     with pytest.raises(ValueError, match="architecture"):
         soup([a, nn.Sequential(nn.Linear(12, 8))])
-
-
-def test_keep_top_picks_like_a_stable_descending_sort():
-    g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        n = int(torch.randint(1, 200, (1,), generator=g))
-        score = torch.randint(0, 5, (n,), generator=g).float()  # many ties
-        allowed = torch.rand(n, generator=g) < 0.6
-        k = int(torch.randint(0, n + 3, (1,), generator=g))
-        ranked = torch.argsort(score.masked_fill(~allowed, -math.inf), descending=True,
-                               stable=True)[: min(k, int(allowed.sum()))]
-        expected = torch.zeros(n, dtype=torch.bool)
-        expected[ranked] = True
-        assert torch.equal(_keep_top(score, allowed, k), expected)

@@ -10,12 +10,15 @@ so each layer is within one element of its exact share.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from sparsekit.registry import Registry
+from sparsekit.select import top_k
 
-ALLOCATIONS: Registry = Registry("allocation")
+ALLOCATIONS: Registry = Registry("allocation", meta={"uses_scores": False})
+"""``uses_scores``: the split depends on the score values, not only on the layer shapes."""
 
 Scores = dict[str, torch.Tensor]
 
@@ -26,13 +29,13 @@ def uniform(scores: Scores, sparsity: float) -> dict[str, int]:
     return _round({n: s.numel() * (1.0 - sparsity) for n, s in scores.items()}, scores)
 
 
-@ALLOCATIONS.register("global")
+@ALLOCATIONS.register("global", uses_scores=True)
 def global_(scores: Scores, sparsity: float) -> dict[str, int]:
     """One ranking across all layers ("class-blinded"): keep the top scores anywhere."""
     return _top_k_counts(scores, sparsity)
 
 
-@ALLOCATIONS.register("lamp")
+@ALLOCATIONS.register("lamp", uses_scores=True)
 def lamp(scores: Scores, sparsity: float) -> dict[str, int]:
     """Layer-adaptive magnitude pruning (Lee et al. 2021), global over LAMP scores.
 
@@ -67,6 +70,71 @@ def erk(scores: Scores, sparsity: float) -> dict[str, int]:
 def er(scores: Scores, sparsity: float) -> dict[str, int]:
     """Erdős–Rényi (Mocanu et al. 2018): density ∝ (n_in + n_out) / (n_in · n_out)."""
     return _erdos_renyi(scores, sparsity, kernel=False)
+
+
+@ALLOCATIONS.register("owl", uses_scores=True)
+def owl(scores: Scores, sparsity: float) -> dict[str, int]:
+    """OWL, outlier-weighted layerwise sparsity (Yin et al. 2023): outlier-rich layers keep more.
+
+    A layer's outlier ratio is the fraction of its scores above ``OUTLIER_M`` times their
+    mean; the per-layer sparsities follow :func:`owl_sparsities` (a ``±OWL_LAMBDA`` band
+    around the target, centred by layer size) and are scaled so that the total is exact.
+    With ``criterion="wanda"`` and ``data=`` the scores are the paper's |W|·‖X‖; with other
+    nonnegative criteria (magnitude …) OWL measures the outliers of their scores.
+    """
+    sizes = {n: s.numel() for n, s in scores.items()}
+    ratios = [outlier_ratio([s]) for s in scores.values()]
+    per_layer = owl_sparsities(ratios, sparsity, weights=list(sizes.values()))
+    real = {n: sizes[n] * (1.0 - sp) for n, sp in zip(scores, per_layer)}
+    total = sum(real.values())
+    scale = (1.0 - sparsity) * sum(sizes.values()) / total if total > 0 else 0.0
+    return _round({n: v * scale for n, v in real.items()}, scores)
+
+
+OUTLIER_M = 5.0
+"""OWL's outlier threshold: a score is an outlier above ``M`` times its layer's mean."""
+OWL_LAMBDA = 0.08
+"""OWL's band: per-layer sparsities span ``target ± λ``."""
+
+
+def outlier_ratio(scores: Sequence[torch.Tensor], m: float = OUTLIER_M) -> float:
+    """Fraction of the finite ``scores`` (all tensors together) above ``m`` × their mean.
+
+    ``-inf`` (already pruned) entries are left out; no finite entry gives 0.
+    """
+    flat = torch.cat([s.flatten().float() for s in scores])
+    finite = torch.isfinite(flat)
+    if not finite.all():
+        flat = flat[finite]
+    if flat.numel() == 0:
+        return 0.0
+    return float((flat > m * flat.mean()).float().mean())
+
+
+def owl_sparsities(
+    ratios: Sequence[float],
+    sparsity: float,
+    lam: float = OWL_LAMBDA,
+    *,
+    weights: Sequence[float] | None = None,
+) -> list[float]:
+    """Per-group sparsity from outlier ratios: ``sparsity − lam · (2·r̂ − 1)``.
+
+    r̂ is the min-max normalised outlier ratio; the shifts are centred so that their mean
+    (weighted by ``weights``, e.g. layer sizes; plain otherwise) is zero, and the result is
+    clipped to [0, 0.99]. Equal ratios give ``sparsity`` everywhere.
+    """
+    r = torch.tensor(ratios, dtype=torch.float64)
+    span = float(r.max() - r.min()) if len(ratios) else 0.0
+    if span == 0:
+        return [float(sparsity)] * len(ratios)
+    shift = (r - r.min()) / span * (2 * lam)
+    if weights is None:
+        shift -= shift.mean()
+    else:
+        w = torch.tensor(weights, dtype=torch.float64)
+        shift -= (shift * w).sum() / w.sum()
+    return [min(max(sparsity - float(s), 0.0), 0.99) for s in shift]
 
 
 def erdos_renyi_densities(
@@ -109,8 +177,7 @@ def _top_k_counts(scores: Scores, sparsity: float) -> dict[str, int]:
     flat = torch.cat([scores[n].flatten().float().cpu() for n in names])
     k = round(flat.numel() * (1.0 - sparsity))
     k = min(k, int(torch.isfinite(flat).sum()))
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    keep[torch.topk(flat, k, sorted=False).indices] = True
+    keep = top_k(flat, k)
     counts, start = {}, 0
     for n in names:
         size = scores[n].numel()

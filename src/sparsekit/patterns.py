@@ -1,4 +1,4 @@
-"""Which shapes a mask may take: unstructured, N:M, blocks and whole rows.
+"""Which shapes a mask may take: unstructured, N:M, blocks, whole rows and constant fan-in.
 
 A pattern turns a layer's scores and a number of weights to keep into a boolean mask
 of that shape. Every pattern works on the weight's 2-D view ``(out, in · kernel)``: the
@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from sparsekit.registry import Registry
+from sparsekit.select import top_k
 
 PATTERNS: Registry = Registry("pattern")
 
-_ACCEPTED = "'unstructured', 'N:M' (e.g. '2:4'), 'block:RxC' (e.g. 'block:4x4') or 'row'"
+_ACCEPTED = ("'unstructured', 'N:M' (e.g. '2:4'), 'block:RxC' (e.g. 'block:4x4'), 'row' "
+             "or 'fanin'")
 
 
 class Pattern:
@@ -44,7 +46,8 @@ class Pattern:
 
 
 def parse_pattern(spec: str | Pattern) -> Pattern:
-    """Resolve ``"unstructured"``, ``"2:4"``, ``"block:4x4"`` or ``"row"`` to a :class:`Pattern`."""
+    """Resolve ``"unstructured"``, ``"2:4"``, ``"block:4x4"``, ``"row"`` or ``"fanin"`` to a
+    :class:`Pattern`."""
     if isinstance(spec, Pattern):
         return spec
     if not isinstance(spec, str):
@@ -55,22 +58,12 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
     return PATTERNS.get(family)(spec)
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` highest entries (ties broken by position, deterministically)."""
-    flat = scores.flatten()
-    out = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.argsort(flat, descending=True, stable=True)
-        out[order[:k]] = True
-    return out.reshape(scores.shape)
-
-
 @dataclass(frozen=True)
 class Unstructured(Pattern):
     spec: str = "unstructured"
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        return _top(scores, keep)
+        return top_k(scores, keep)
 
 
 @PATTERNS.register("unstructured")
@@ -105,7 +98,7 @@ class NM(Pattern):
         top = torch.topk(groups, self.n, dim=1).indices
         nm = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top, True)
         if keep < int(nm.sum()):  # sparser than N:M: thin out within the N:M mask
-            nm = _top(groups.masked_fill(~nm, float("-inf")), keep)
+            nm = top_k(groups.masked_fill(~nm, float("-inf")), keep)
         return nm.reshape(scores.shape)
 
     def is_valid(self, mask: torch.Tensor) -> bool:
@@ -144,7 +137,7 @@ class Block(Pattern):
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         tiles = self._tiles(scores.reshape(scores.shape[0], -1))
-        kept = _top(tiles.sum((1, 3)), round(keep / (self.r * self.c)))
+        kept = top_k(tiles.sum((1, 3)), round(keep / (self.r * self.c)))
         rows, cols = kept.shape
         full = kept[:, None, :, None].expand(rows, self.r, cols, self.c)
         return full.reshape(scores.shape)
@@ -174,7 +167,7 @@ class Row(Pattern):
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         rows = scores.reshape(scores.shape[0], -1)
-        kept = _top(rows.sum(1), round(keep / rows.shape[1]))
+        kept = top_k(rows.sum(1), round(keep / rows.shape[1]))
         return kept[:, None].expand_as(rows).reshape(scores.shape)
 
     def is_valid(self, mask: torch.Tensor) -> bool:
@@ -187,3 +180,42 @@ def _row(spec: str) -> Pattern:
     if spec != "row":
         raise ValueError(f"unknown pattern {spec!r}; accepted: {_ACCEPTED}")
     return Row()
+
+
+@dataclass(frozen=True)
+class FanIn(Pattern):
+    """Constant fan-in: every output neuron keeps the same number of inputs (SRigL's shape).
+
+    The live rows share ``keep`` equally, ``keep // rows`` inputs each (at most the row
+    width), so the mask never holds more than ``keep``; it holds exactly ``keep`` when the
+    rows divide it. A row with no finite score (a dead neuron: every weight already pruned,
+    or ablated by SRigL) keeps nothing and its share goes to the others. Stored condensed by
+    the ``fanin`` execution format.
+    """
+
+    spec: str = "fanin"
+
+    def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        rows = scores.reshape(scores.shape[0], -1)
+        live = ~torch.isneginf(rows).all(1)
+        per_row = min(keep // max(int(live.sum()), 1), rows.shape[1])
+        return (top_k(rows, per_row, dim=1) & live[:, None]).reshape(scores.shape)
+
+    def is_valid(self, mask: torch.Tensor) -> bool:
+        return fan_in(mask.reshape(mask.shape[0], -1)) is not None
+
+
+def fan_in(mask: torch.Tensor) -> int | None:
+    """The common nonzero count of the nonempty rows of a 2-D ``mask`` (0 if all are empty),
+    or ``None`` when two nonempty rows differ."""
+    counts = torch.count_nonzero(mask, dim=1)
+    counts = counts[counts > 0]
+    if counts.numel() == 0:
+        return 0
+    k = int(counts[0])
+    return k if bool((counts == k).all()) else None
+
+
+@PATTERNS.register("fanin")
+def _fanin(spec: str) -> Pattern:
+    return FanIn()

@@ -1,56 +1,98 @@
-"""Name → function tables shared by the Python API, the CLI and recipes.
+"""Name → entry tables shared by the Python API, the CLI and recipes.
 
 Every pipeline stage (criteria, allocations, patterns, models …) registers its
 implementations here, so ``"magnitude"``, ``"erk"`` or ``"lamp"`` resolve the same way
 everywhere and an unknown name always produces the same helpful error.
+
+A table declares the metadata its entries carry, with defaults, and every entry states
+its own values when it registers (``CRITERIA.register("snip", data_driven=True,
+labels=True)``), so facts about an algorithm live next to it rather than in a separate
+list; ``CRITERIA.meta("snip")`` reads them and ``CRITERIA.names(data_driven=True)`` selects
+by them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
 
-F = TypeVar("F", bound=Callable)
+F = TypeVar("F")
 
 
 class Registry(Generic[F]):
-    """A named table of functions for one pipeline stage.
+    """A named table of entries (functions, classes or specs) for one pipeline stage.
 
     ``param`` is the user-facing argument name the table resolves (``"criterion"``,
-    ``"allocation"`` …); it appears in error messages.
+    ``"allocation"`` …); it appears in error messages. ``meta`` declares the metadata
+    fields every entry has and their defaults; registering an undeclared field is a
+    ``TypeError``, so a misspelt field cannot pass unnoticed. Names are listed sorted,
+    or in registration order with ``ordered=True`` (for tables whose order means
+    something, such as a preferred default first).
     """
 
-    def __init__(self, param: str) -> None:
+    def __init__(
+        self, param: str, *, meta: Mapping[str, Any] | None = None, ordered: bool = False
+    ) -> None:
         self.param = param
+        self._defaults = dict(meta or {})
+        self._ordered = ordered
         self._table: dict[str, F] = {}
+        self._meta: dict[str, Mapping[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
-        """Decorator that adds a function to the table under ``name``."""
+    def register(self, name: str, **meta: Any) -> Callable[[F], F]:
+        """Decorator that adds an entry under ``name`` with metadata ``meta``."""
+        unknown = sorted(set(meta) - set(self._defaults))
+        if unknown:
+            accepted = ", ".join(sorted(self._defaults)) or "none"
+            raise TypeError(
+                f"unknown metadata {unknown} for {self.param} {name!r}; accepted: {accepted}"
+            )
 
-        def add(fn: F) -> F:
+        def add(entry: F) -> F:
             if name in self._table:
                 raise ValueError(f"{self.param} {name!r} is already registered")
-            self._table[name] = fn
-            return fn
+            self._table[name] = entry
+            self._meta[name] = MappingProxyType({**self._defaults, **meta})
+            return entry
 
         return add
 
     def get(self, name: str) -> F:
-        """Return the function called ``name``, or raise a ``ValueError`` listing all names."""
+        """Return the entry called ``name``, or raise a ``ValueError`` listing all names."""
+        self._check(name)
+        return self._table[name]
+
+    def meta(self, name: str) -> Mapping[str, Any]:
+        """The metadata of ``name`` (read-only; every declared field, defaults filled in)."""
+        self._check(name)
+        return self._meta[name]
+
+    def names(self, **where: Any) -> list[str]:
+        """All names, or those whose metadata equals every ``field=value`` in ``where``."""
+        unknown = sorted(set(where) - set(self._defaults))
+        if unknown:
+            accepted = ", ".join(sorted(self._defaults)) or "none"
+            raise TypeError(f"unknown metadata {unknown} of {self.param}; accepted: {accepted}")
+        names = list(self._table) if self._ordered else sorted(self._table)
+        return [n for n in names if all(self._meta[n][k] == v for k, v in where.items())]
+
+    def _check(self, name: object) -> None:
         if not isinstance(name, str):
             raise TypeError(f"{self.param} must be a string, got {type(name).__name__}")
-        try:
-            return self._table[name]
-        except KeyError:
+        if name not in self._table:
             raise ValueError(
                 f"unknown {self.param} {name!r}; accepted: {', '.join(self.names())}"
-            ) from None
-
-    def names(self) -> list[str]:
-        return sorted(self._table)
+            )
 
     def __contains__(self, name: object) -> bool:
         return name in self._table
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.param!r}: {', '.join(self.names())})"

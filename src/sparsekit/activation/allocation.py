@@ -13,19 +13,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from sparsekit.registry import Registry
+
 __all__ = ["ALLOCATIONS", "GREEDY_STEP", "greedy", "uniform"]
 
 GREEDY_STEP = 0.05
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS: Registry = Registry("allocation", meta={"blockwise": False}, ordered=True)
+"""``uniform(sizes, target)``; ``blockwise`` entries take ``(groups, sizes, target, error)``
+per transformer block and need the block outputs replayed."""
 
 BlockError = Callable[[dict[str, float]], float]
 
 
+@ALLOCATIONS.register("uniform")
 def uniform(sizes: dict[str, int], target: float) -> dict[str, float]:
     """Every layer at ``target``."""
     return {n: target for n in sizes}
 
 
+@ALLOCATIONS.register("greedy", blockwise=True)
 def greedy(
     groups: Sequence[Sequence[str]], sizes: dict[str, int], target: float, error: BlockError
 ) -> dict[str, float]:

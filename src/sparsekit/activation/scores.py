@@ -13,9 +13,14 @@ from collections.abc import Callable
 
 import torch
 
+from sparsekit.registry import Registry
+
 __all__ = ["METHODS", "feature_threshold", "score"]
 
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+METHODS: Registry[Score] = Registry("method", ordered=True)
+"""Each method's per-feature scale ``fn(x, weight)``; the score is ``|x| * scale``."""
 
 
 def _magnitude(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -26,13 +31,14 @@ def _column_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(weight.to(torch.float32), dim=0).to(x.dtype)
 
 
-_SCALES: dict[str, Score] = {"teal": _magnitude, "wina": _column_norm, "cats": _magnitude}
-METHODS = tuple(_SCALES)
+METHODS.register("teal")(_magnitude)
+METHODS.register("wina")(_column_norm)
+METHODS.register("cats")(_magnitude)  # |x| too; find_layers picks the down projections
 
 
 def score(method: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Importance of each input activation in ``x`` ``(..., in)`` for ``weight`` ``(out, in)``."""
-    return x.abs() * _SCALES[method](x, weight)
+    return x.abs() * METHODS.get(method)(x, weight)
 
 
 def feature_threshold(method: str, threshold: float, weight: torch.Tensor) -> torch.Tensor:
@@ -41,5 +47,5 @@ def feature_threshold(method: str, threshold: float, weight: torch.Tensor) -> to
     Float32, one value per input feature; ``inf`` where a column is all zero (such inputs
     never matter).
     """
-    scale = _SCALES[method](weight.new_empty(0, dtype=torch.float32), weight)
+    scale = METHODS.get(method)(weight.new_empty(0, dtype=torch.float32), weight)
     return torch.full_like(scale, threshold) / scale if threshold > 0 else torch.zeros_like(scale)

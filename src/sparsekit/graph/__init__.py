@@ -3,8 +3,9 @@
 ``to_graph`` turns a pruned model (or a ``MaskSet``) into a ``networkx.DiGraph`` of
 neurons and surviving connections; ``structure_features`` summarises it in numbers that
 predict how well the network trains; ``remove_dead_neurons`` makes the structure real by
-dropping neurons that cannot affect the output; the ``graph:*`` criteria build masks from
-random-graph families (Stier et al. 2021).
+dropping neurons that cannot affect the output; ``prior_masks`` builds masks from
+random-graph families (Stier et al. 2021) through the ``graph:*`` criteria of
+:mod:`sparsekit.scores.graph`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from sparsekit.graph.priors import KINDS, prior_masks
 
-# networkx is imported on first use only: the priors register with `import sparsekit`.
+# networkx is imported on first use only.
 _LAZY = {
     "to_graph": "convert",
     "masks_from_graph": "convert",

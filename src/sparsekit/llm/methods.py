@@ -15,6 +15,7 @@ from sparsekit.llm.sparsegpt import sparsegpt_prune
 from sparsekit.llm.stats import InputStats
 from sparsekit.patterns import NM, Pattern
 from sparsekit.registry import Registry
+from sparsekit.select import top_k
 
 LayerPrune = Callable[[torch.Tensor, "InputStats | None", float, Pattern],
                       tuple[torch.Tensor, torch.Tensor]]
@@ -41,9 +42,7 @@ def keep_mask(
         return pattern.mask(scores, scores.numel())
     if not per_row:
         return pattern.mask(scores, round(scores.numel() * (1.0 - sparsity)))
-    k = round(scores.shape[1] * (1.0 - sparsity))
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+    return top_k(scores, round(scores.shape[1] * (1.0 - sparsity)), dim=1)
 
 
 def magnitude(W: torch.Tensor, _stats: InputStats | None, sparsity: float, pattern: Pattern):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit.allocation import outlier_ratio, owl_sparsities
 from sparsekit.llm.blocks import (
     DEFAULT_EXCLUDE,
     BlockCall,
@@ -24,15 +25,19 @@ from sparsekit.llm.blocks import (
 )
 from sparsekit.llm.calibration import Calibration, calibration_tokens
 from sparsekit.llm.methods import METHODS, Method, wanda_scores
-from sparsekit.llm.owl import outlier_ratio, owl_sparsities
 from sparsekit.llm.stats import InputStats, record
 from sparsekit.masks import MaskSet
 from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from sparsekit.prune import check_sparsity
+from sparsekit.registry import Registry
 from sparsekit.scores import preserved
 from sparsekit.targets import TargetSpec
 
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS: Registry = Registry("allocation", meta={"outliers": False}, ordered=True)
+"""Per-block sparsities ``fn(outlier_ratios, sparsity) -> [sparsity of each block]``;
+``outliers=True`` entries need the blocks' outlier ratios (a dense Wanda pass first)."""
+ALLOCATIONS.register("uniform")(lambda ratios, sparsity: [float(sparsity)] * len(ratios))
+ALLOCATIONS.register("owl", outliers=True)(owl_sparsities)
 Progress = Callable[[int, int], None]
 
 
@@ -84,11 +89,11 @@ def prune(
 
     masks: dict[str, torch.Tensor] = {}
     with preserved(model, train=False), torch.no_grad():
-        sparsities = [float(sparsity)] * len(blocks)
-        if allocation == "owl":  # a dense pass first: outlier ratios of the unpruned model
+        ratios = [0.0] * len(blocks)
+        if ALLOCATIONS.meta(allocation)["outliers"]:  # from a dense pass of the unpruned model
             ratios = [outlier_ratio([wanda_scores(x.weight(), stats[x.name]) for x in layers[i]])
                       for i, stats in run(METHODS.get("wanda"))]
-            sparsities = owl_sparsities(ratios, sparsity)
+        sparsities = ALLOCATIONS.get(allocation)(ratios, sparsity)
         for i, stats in run(spec, progress):
             for layer in layers[i]:
                 w, keep = spec.prune(layer.weight(), stats.get(layer.name), sparsities[i], pat)

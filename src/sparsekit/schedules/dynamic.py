@@ -43,9 +43,11 @@ from torch.nn.parallel import DistributedDataParallel
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.engine.structure_set import StructureSet, sparse_layers
 from sparsekit.masks import MaskSet
+from sparsekit.patterns import FanIn
 from sparsekit.prune import check_sparsity, compute_masks
 from sparsekit.registry import Registry
 from sparsekit.schedules.gradual import cubic_sparsity
+from sparsekit.select import top_k
 
 METHODS: Registry = Registry("method")
 DROP_SCHEDULES = ("cosine", "linear", "constant")
@@ -238,8 +240,8 @@ class DropGrow:
         new = {}
         for n, mask in masks.items():
             w = self.ds.masks.params[n].detach()
-            kept = _keep_top(w.abs().float(), mask, int(mask.sum()) - drops[n])
-            new[n] = kept | _keep_top(self.grow_scores(n, w), ~kept, grows[n])
+            kept = top_k(w.abs().float(), int(mask.sum()) - drops[n], allowed=mask)
+            new[n] = kept | top_k(self.grow_scores(n, w), grows[n], allowed=~kept)
         return new
 
 
@@ -313,17 +315,15 @@ class SRigL(RigL):
 
     A neuron whose salient weights (kept after the drop, or among the layer's top
     gradients) number fewer than ``salient_fraction`` of its fan-in is ablated, and its
-    budget shared by the remaining neurons (fan-in = budget // neurons); the most salient
-    neurons always survive in the number the budget needs.
+    budget shared by the remaining neurons through the ``fanin`` pattern (fan-in = budget //
+    neurons); the most salient neurons always survive in the number the budget needs.
     """
 
     keeps_layer_nnz = False  # fan-in × surviving neurons can fall short of the budget
 
     def initial_masks(self) -> Masks:
         base = super().initial_masks()
-        return {n: self._constant_fan_in(torch.rand(m.shape, generator=self.ds.generator),
-                                         torch.ones(m.shape[0], dtype=torch.bool),
-                                         int(m.sum()))
+        return {n: FanIn().mask(torch.rand(m.shape, generator=self.ds.generator), int(m.sum()))
                 for n, m in base.items()}
 
     @torch.no_grad()
@@ -336,53 +336,17 @@ class SRigL(RigL):
             budget = int(mask.sum())
             fan_in = budget // max(int(alive.sum()), 1)
             drop = round(fraction * fan_in)
-            kept = _keep_top_rows(w, m2, fan_in - drop)
+            kept = top_k(w, fan_in - drop, allowed=m2, dim=1)
             grad = self.ds.dense_grad(n).abs().float().flatten(1)
-            top_grad = _keep_top(grad, ~kept, drop * int(alive.sum()))
+            top_grad = top_k(grad, drop * int(alive.sum()), allowed=~kept)
             salient = (kept | top_grad).sum(1).masked_fill(~alive, -1)
             passing = alive & (salient >= self.ds.salient_fraction * fan_in)
             # Never ablate so many neurons that the budget no longer fits in the rest.
             needed = min(-(-budget // m2.shape[1]), int(alive.sum()))
             if int(passing.sum()) < needed:
-                passing = _keep_top(salient.float(), alive, needed)
+                passing = top_k(salient.float(), needed, allowed=alive)
             alive = passing
             score = torch.where(kept, torch.inf, grad)  # keep survivors, then best gradients
-            new[n] = self._constant_fan_in(score, alive, budget).reshape(mask.shape)
+            ablated = score.masked_fill(~alive[:, None], float("-inf"))
+            new[n] = FanIn().mask(ablated, budget).reshape(mask.shape)
         return new
-
-    @staticmethod
-    def _constant_fan_in(score: torch.Tensor, alive: torch.Tensor, budget: int) -> torch.Tensor:
-        rows = score.flatten(1)
-        fan_in = min(budget // max(int(alive.sum()), 1), rows.shape[1])
-        mask = _keep_top_rows(rows, torch.ones_like(rows, dtype=torch.bool), fan_in)
-        return (mask & alive[:, None]).reshape(score.shape)
-
-
-def _keep_top(score: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` highest-scoring entries among ``allowed`` (ties broken by position).
-
-    A selection, not a sort: everything above the k-th largest score, then the first
-    entries equal to it, so a layer of n weights costs O(n) however large it is.
-    """
-    idx = allowed.flatten().nonzero().flatten()
-    out = torch.zeros_like(allowed.flatten())
-    k = min(k, idx.numel())
-    if k > 0:
-        values = score.flatten()[idx]
-        kth = torch.topk(values, k, sorted=False).values.min()
-        above = values > kth
-        ties = (values == kth).nonzero().flatten()[: k - int(above.sum())]
-        out[idx[above]] = True
-        out[idx[ties]] = True
-    return out.reshape(allowed.shape)
-
-
-def _keep_top_rows(score: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row, the ``k`` highest-scoring allowed entries of a 2-D score."""
-    out = torch.zeros_like(allowed)
-    if k > 0:
-        ranked = torch.argsort(score.masked_fill(~allowed, float("-inf")), dim=1,
-                               descending=True, stable=True)[:, :k]
-        out.scatter_(1, ranked, True)
-        out &= allowed
-    return out

@@ -4,19 +4,34 @@ A criterion is a function ``fn(ctx: ScoreContext) -> dict[str, Tensor]`` returni
 float score per weight of each target (same shape as the weight; higher means keep).
 Criteria are pure: they may run the model, but leave its parameters, gradients,
 buffers and train/eval mode exactly as they found them.
+
+Each criterion registers with its metadata: ``data_driven`` (it needs calibration data,
+``data=``) and ``needs_labels`` (that data must be ``(inputs, labels)`` batches), read with
+``CRITERIA.meta(name)`` or selected with ``CRITERIA.names(data_driven=True)``.
 """
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 from sparsekit.registry import Registry
 from sparsekit.scores._context import ScoreContext, batches, preserved
 
-CRITERIA: Registry = Registry("criterion")
-DATA_DRIVEN = frozenset({"snip", "taylor", "grasp", "synflow", "wanda"})
-"""Criteria that need calibration data (``data=``) to compute their scores."""
+CRITERIA: Registry = Registry("criterion", meta={"data_driven": False, "needs_labels": False})
 
 # Registration happens on import of the modules below (kept after the registry).
-from sparsekit.graph import priors  # noqa: E402,F401  (the graph:* criteria)
-from sparsekit.scores import magnitude, saliency, wanda  # noqa: E402,F401
+from sparsekit.scores import graph, magnitude, saliency, wanda  # noqa: E402,F401
 
-__all__ = ["CRITERIA", "DATA_DRIVEN", "ScoreContext", "batches", "preserved"]
+__all__ = ["CRITERIA", "ScoreContext", "batches", "preserved"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DATA_DRIVEN":
+        warnings.warn(
+            "sparsekit.scores.DATA_DRIVEN is deprecated; use "
+            "CRITERIA.names(data_driven=True) or CRITERIA.meta(name)['data_driven']",
+            DeprecationWarning, stacklevel=2,
+        )
+        return frozenset(CRITERIA.names(data_driven=True))
+    raise AttributeError(f"module 'sparsekit.scores' has no attribute {name!r}")

@@ -21,7 +21,7 @@ def _grads(ctx: ScoreContext, batch, *, create_graph: bool = False) -> list[torc
     return list(torch.autograd.grad(loss, params, create_graph=create_graph))
 
 
-@CRITERIA.register("snip")
+@CRITERIA.register("snip", data_driven=True, needs_labels=True)
 def snip(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Connection sensitivity |∂L/∂c| = |w·g| at c = 1 (Lee et al. 2019).
 
@@ -39,7 +39,7 @@ def snip(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     return {t.name: s / norm for t, s in zip(ctx.targets, scores)}
 
 
-@CRITERIA.register("taylor")
+@CRITERIA.register("taylor", data_driven=True, needs_labels=True)
 def taylor(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """First-order Taylor estimate of the loss change, |w·∂L/∂w|, averaged per batch.
 
@@ -55,7 +55,7 @@ def taylor(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     return {t.name: s / len(data) for t, s in zip(ctx.targets, scores)}
 
 
-@CRITERIA.register("grasp")
+@CRITERIA.register("grasp", data_driven=True, needs_labels=True)
 def grasp(ctx: ScoreContext, temperature: float = 200.0) -> dict[str, torch.Tensor]:
     """Gradient Signal Preservation (Wang et al. 2020): score = w ⊙ Hg.
 
@@ -83,7 +83,7 @@ def grasp(ctx: ScoreContext, temperature: float = 200.0) -> dict[str, torch.Tens
     return {t.name: (t.param.detach() * h).float() for t, h in zip(ctx.targets, hg)}
 
 
-@CRITERIA.register("synflow")
+@CRITERIA.register("synflow", data_driven=True)
 def synflow(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Iterative-Synaptic-Flow score |θ ⊙ ∂R/∂θ| with R = 1ᵀ(∏|θ|)1 (Tanaka et al. 2020).
 

@@ -10,7 +10,7 @@ from sparsekit.scores import CRITERIA
 from sparsekit.scores._context import ScoreContext, preserved
 
 
-@CRITERIA.register("wanda")
+@CRITERIA.register("wanda", data_driven=True)
 def wanda(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """|W_ij| · ‖X_j‖₂, where X_j is input feature j of the layer over all calibration data.
 
