@@ -13,7 +13,7 @@ from sparsekit.allocation import ALLOCATIONS
 from sparsekit.cli._model import add_checkpoint_arguments, example_inputs, load_checkpoint
 from sparsekit.cli._output import check_output, write_output
 from sparsekit.cli.report import show
-from sparsekit.scores import CRITERIA, DATA_DRIVEN
+from sparsekit.scores import CRITERIA
 from sparsekit.training import batches
 
 
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     model, _ = load_checkpoint(args.ckpt, args.model)
     example = example_inputs(args.input_shape, model)
     data = None
-    if args.criterion in DATA_DRIVEN:
+    if CRITERIA.meta(args.criterion)["data_driven"]:
         from sparsekit.data import load_image_dataset
 
         train = load_image_dataset(args.data_dir).train
