@@ -20,8 +20,8 @@ from torch import nn
 
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.formats import FORMATS, available_formats
-from sparsekit.engine.sparse_conv import CompiledConv2d, convertible
-from sparsekit.engine.sparse_linear import CompiledLayer, CompiledLinear
+from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
+from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.report import LayerRow, Report
 from sparsekit.report import report as _base_report
 from sparsekit.training import inference
@@ -47,7 +47,7 @@ def compile(
     activation_sparsity: ActivationSparsity | None = None,
 ) -> nn.Module:
     """A copy of ``model`` with its layers replaced by :class:`CompiledLinear` and
-    :class:`~sparsekit.engine.sparse_conv.CompiledConv2d` modules.
+    :class:`~sparsekit.engine.compiled_conv.CompiledConv2d` modules.
 
     Zero weights are the pruned ones (apply the masks first, e.g. with
     :func:`sparsekit.prune`). ``formats`` ("auto" or names from

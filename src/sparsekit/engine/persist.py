@@ -1,8 +1,8 @@
 """Persistence of compiled and sparse-trained models, and the way back to dense layers.
 
-A compiled layer (:class:`~sparsekit.engine.sparse_linear.CompiledLayer`) stores its weight
+A compiled layer (:class:`~sparsekit.engine.compiled_linear.CompiledLayer`) stores its weight
 as the plain tensors of its format (values, column indices, row pointers), and a
-:class:`~sparsekit.engine.sparse_training.SparseLinear` its values and structure, so
+:class:`~sparsekit.engine.sparse_linear.SparseLinear` its values and structure, so
 ``state_dict()``, :func:`sparsekit.save` and :func:`sparsekit.load` work on them as on any
 model. Because the number of nonzeros (and the format) differ from model to model, such a
 layer takes them from what is loaded; :func:`expected_state` tells :func:`sparsekit.load`
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from sparsekit.engine.activation_linear import ActivationSparseLinear
-from sparsekit.engine.sparse_conv import CompiledConv2d
-from sparsekit.engine.sparse_linear import CompiledLayer, CompiledLinear
-from sparsekit.engine.sparse_training import SparseLinear
+from sparsekit.engine.compiled_conv import CompiledConv2d
+from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
+from sparsekit.engine.sparse_linear import SparseLinear
 
 __all__ = ["decompile", "expected_state"]
 
