@@ -8,10 +8,10 @@ Compiled models save and load like any model (:mod:`sparsekit.engine.persist`);
 """
 
 from sparsekit.engine.compile import compile, report
-from sparsekit.engine.formats import CSR16, FORMATS, DenseFormat, Format, TorchCSR
-from sparsekit.engine.persist import decompile
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
+from sparsekit.engine.formats import CSR16, FORMATS, DenseFormat, Format, TorchCSR
+from sparsekit.engine.persist import decompile
 
 __all__ = [
     "CSR16",

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from sparsekit.engine.activation_linear import ActivationSparseLinear
-from sparsekit.engine.formats import FORMATS, available_formats
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
+from sparsekit.engine.formats import FORMATS, available_formats
 from sparsekit.report import LayerRow, Report
 from sparsekit.report import report as _base_report
 from sparsekit.training import inference

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit.engine.formats import FORMATS, DenseFormat, Format
 from sparsekit.engine.compiled_linear import CompiledLayer
+from sparsekit.engine.formats import FORMATS, DenseFormat, Format
 
 __all__ = ["CompiledConv2d", "convertible"]
 
@@ -107,6 +107,8 @@ class CompiledConv2d(CompiledLayer):
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv
+
+    to_module = to_conv2d
 
     def extra_repr(self) -> str:
         return (

@@ -14,7 +14,21 @@ from torch import nn
 
 from sparsekit.engine.formats import FORMATS, Format, format_from_state
 
-__all__ = ["CompiledLayer", "CompiledLinear"]
+__all__ = ["CompiledLayer", "CompiledLinear", "dense_linear"]
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A trainable ``nn.Linear`` holding copies of ``weight`` and ``bias``, on their device
+    and in their dtype: the way back from every sparse or compiled linear layer."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(
+        in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
 
 
 class CompiledLayer(nn.Module):
@@ -90,6 +104,28 @@ class CompiledLayer(nn.Module):
         except ValueError as err:
             raise ValueError(f"{head}*: {err}") from None
 
+    def expected_state(
+        self, state: dict[str, torch.Tensor], prefix: str = ""
+    ) -> dict[str, torch.Tensor] | None:
+        """This layer's ``state_dict`` entries (under ``prefix``) as they will be after
+        loading ``state``: its format and number of nonzeros are those in ``state``.
+
+        ``None`` if ``state`` holds no format for this layer (the caller reports the missing
+        keys); ``ValueError`` naming the layer if the entries form no valid format (see
+        :meth:`format_from_state`). Used by :func:`sparsekit.load` to check a file before
+        loading it.
+        """
+        head = f"{prefix}format."
+        if not any(k.startswith(head) for k in state):
+            return None
+        self.format_from_state(state, prefix)
+        own = {k: v for k, v in self.state_dict(prefix=prefix).items() if not k.startswith(head)}
+        return own | {k: v for k, v in state.items() if k.startswith(head)}
+
+    def to_module(self) -> nn.Module:
+        """The equivalent plain PyTorch layer, with the dense (zero-filled) weight."""
+        raise NotImplementedError
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, torch.Tensor],
@@ -136,16 +172,9 @@ class CompiledLinear(CompiledLayer):
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the same weight and bias (e.g. to fine-tune again)."""
-        weight = self.to_dense()
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None,
-            device=weight.device, dtype=weight.dtype,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return dense_linear(self.to_dense(), self.bias)
+
+    to_module = to_linear
 
     def extra_repr(self) -> str:
         return (

@@ -20,6 +20,7 @@ from torch import nn
 
 from sparsekit.engine import kernels
 from sparsekit.engine._moved import moved
+from sparsekit.engine.compiled_linear import dense_linear
 
 __all__ = ["SparseLinear"]
 
@@ -224,19 +225,7 @@ class SparseLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the same (dense, zero-filled) weight and bias."""
-        v = self.values.detach()
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=v.device,
-            dtype=v.dtype,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(self.to_dense())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return dense_linear(self.to_dense(), self.bias)
 
     # -- structure ----------------------------------------------------------------------
 
@@ -341,6 +330,23 @@ class SparseLinear(nn.Module):
             raise ValueError(f"{where}: values has shape {tuple(values.shape)}, the structure "
                              f"has {nnz} nonzeros")
         return _Structure(row, col.cpu(), (self.out_features, self.in_features))
+
+    def expected_state(
+        self, state: dict[str, torch.Tensor], prefix: str = ""
+    ) -> dict[str, torch.Tensor] | None:
+        """This layer's ``state_dict`` entries (under ``prefix``) as they will be after
+        loading ``state``: its structure and number of nonzeros are those in ``state``.
+
+        ``None`` unless ``state`` holds all of ``values``, ``rowptr`` and ``col`` (the caller
+        reports the missing keys); ``ValueError`` naming the layer if they form no valid
+        structure (see :meth:`structure_from_state`). Used by :func:`sparsekit.load` to check
+        a file before loading it.
+        """
+        keys = [f"{prefix}{k}" for k in ("values", "rowptr", "col")]
+        if not all(k in state for k in keys):
+            return None
+        self.structure_from_state(state, prefix)
+        return self.state_dict(prefix=prefix) | {k: state[k] for k in keys}
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
