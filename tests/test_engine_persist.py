@@ -13,7 +13,7 @@ from torch import nn
 import sparsekit
 from sparsekit.engine import CompiledLinear, compile, decompile, kernels
 from sparsekit.engine.formats import CSR16, FORMATS, TorchCSR, format_from_state
-from sparsekit.engine.formats import csr as formats_mod
+from sparsekit.engine.formats import native as formats_mod
 from sparsekit.models import lenet_300_100
 
 

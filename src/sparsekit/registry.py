@@ -23,14 +23,17 @@ class Registry(Generic[F]):
     def __init__(self, param: str) -> None:
         self.param = param
         self._table: dict[str, F] = {}
+        self._meta: dict[str, dict[str, object]] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
-        """Decorator that adds a function to the table under ``name``."""
+    def register(self, name: str, **meta: object) -> Callable[[F], F]:
+        """Decorator that adds a function to the table under ``name``, with optional
+        metadata ``meta`` (read back with :meth:`meta`)."""
 
         def add(fn: F) -> F:
             if name in self._table:
                 raise ValueError(f"{self.param} {name!r} is already registered")
             self._table[name] = fn
+            self._meta[name] = meta
             return fn
 
         return add
@@ -45,6 +48,11 @@ class Registry(Generic[F]):
             raise ValueError(
                 f"unknown {self.param} {name!r}; accepted: {', '.join(self.names())}"
             ) from None
+
+    def meta(self, name: str) -> dict[str, object]:
+        """The metadata registered with ``name`` (a copy; empty if none was given)."""
+        self.get(name)
+        return dict(self._meta[name])
 
     def names(self) -> list[str]:
         return sorted(self._table)

@@ -165,7 +165,7 @@ def _compile_layer(
     candidates = [n for n in available_formats(matrix) if n == "dense" or names is None
                   or n in names]
     built = {
-        n: build(layer, n, **({"threads": threads} if FORMATS[n].threaded else {}))
+        n: build(layer, n, **({"threads": threads} if FORMATS.meta(n)["threaded"] else {}))
         for n in candidates
     }
     times = _autotune(built, in_shape, sizes, weight.dtype, weight.device)
@@ -308,7 +308,7 @@ def _check_formats(formats: str | Iterable[str]) -> list[str] | None:
     bad = [n for n in names if n not in FORMATS]
     if bad or not names:
         raise ValueError(
-            f"formats must be 'auto' or names from {sorted(FORMATS)}, got {bad or names!r}"
+            f"formats must be 'auto' or names from {FORMATS.names()}, got {bad or names!r}"
         )
     return names
 

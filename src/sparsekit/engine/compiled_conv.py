@@ -65,7 +65,7 @@ class CompiledConv2d(CompiledLayer):
     ) -> CompiledConv2d:
         """Compress ``conv`` (its zero weights are the pruned ones) into ``format``."""
         if format not in FORMATS:
-            raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+            raise ValueError(f"format must be one of {FORMATS.names()}, got {format!r}")
         reason = convertible(conv)
         if reason is not None:
             raise ValueError(f"cannot compile this Conv2d: {reason}")

@@ -163,7 +163,7 @@ class CompiledLinear(CompiledLayer):
     ) -> CompiledLinear:
         """Compress ``linear`` (its zero weights are the pruned ones) into ``format``."""
         if format not in FORMATS:
-            raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+            raise ValueError(f"format must be one of {FORMATS.names()}, got {format!r}")
         fmt = FORMATS[format].from_dense(linear.weight.detach(), None, **kwargs)
         return cls(fmt, linear.bias)
 

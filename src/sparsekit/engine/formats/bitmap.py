@@ -27,16 +27,6 @@ class Bitmap(NativeFormat):
     name = "bitmap"
     buffer_names = ("bitmap_values", "bitmap_mask", "bitmap_rowptr")
 
-    def __init__(
-        self,
-        values: torch.Tensor,
-        bitmap: torch.Tensor,
-        rowptr: torch.Tensor,
-        shape: tuple[int, int],
-        threads: int | None = None,
-    ) -> None:
-        super().__init__((values, bitmap, rowptr), shape, threads)
-
     @classmethod
     def from_dense(
         cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
@@ -49,7 +39,7 @@ class Bitmap(NativeFormat):
         bits = (keep.view(rows, -1, _WORD) << torch.arange(_WORD, dtype=torch.int32)).sum(-1)
         bitmap = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16)
         rowptr, _, values = csr_parts(weight)
-        return cls(values, bitmap, rowptr, (rows, cols), threads)
+        return cls((values, bitmap, rowptr), (rows, cols), threads)
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:

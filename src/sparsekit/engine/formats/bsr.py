@@ -31,16 +31,6 @@ class BSR(NativeFormat):
     name = "bsr"
     buffer_names = ("bsr_values", "bsr_col_indices", "bsr_rowptr")
 
-    def __init__(
-        self,
-        values: torch.Tensor,
-        col: torch.Tensor,
-        rowptr: torch.Tensor,
-        shape: tuple[int, int],
-        threads: int | None = None,
-    ) -> None:
-        super().__init__((values, col, rowptr), shape, threads)
-
     @property
     def block(self) -> tuple[int, int]:
         """The block shape ``(R, C)``."""
@@ -65,8 +55,7 @@ class BSR(NativeFormat):
         cls._check_float32(weight, "BSR")
         w = masked(weight, mask)
         block = _check_block(block) if block is not None else choose_block(w != 0)[0]
-        values, col, rowptr = _bsr_parts(w, block)
-        return cls(values, col, rowptr, tuple(w.shape), threads)
+        return cls(_bsr_parts(w, block), tuple(w.shape), threads)
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:

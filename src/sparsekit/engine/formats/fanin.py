@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsekit.engine import kernels
 from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 from sparsekit.engine.formats.native import NativeFormat
@@ -29,30 +28,19 @@ class ConstantFanIn(NativeFormat):
     name = "fanin"
     buffer_names = ("fanin_values", "fanin_col_indices", "fanin_rows")
 
-    def __init__(
-        self,
-        values: torch.Tensor,
-        col: torch.Tensor,
-        rows: torch.Tensor,
-        shape: tuple[int, int],
-        threads: int | None = None,
-    ) -> None:
-        super().__init__((values, col, rows), shape, threads)
-
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
         """float32 CPU weights whose nonempty rows share one fan-in below ``in_features``."""
-        if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        if weight.dim() != 2 or not super().supports(weight):
             return False
         k = fan_in(weight != 0)
-        return k is not None and k < weight.shape[1] and kernels.available()
+        return k is not None and k < weight.shape[1]
 
     @classmethod
     def from_dense(
         cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
     ) -> ConstantFanIn:
-        if weight.dtype != torch.float32:
-            raise TypeError(f"ConstantFanIn needs a float32 weight, got {weight.dtype}")
+        cls._check_float32(weight, "ConstantFanIn")
         w = masked(weight, mask)
         keep = w != 0
         k = fan_in(keep)
@@ -66,7 +54,7 @@ class ConstantFanIn(NativeFormat):
         col = keep[rows].nonzero()[:, 1].reshape(rows.numel(), k)
         values = w[rows].gather(1, col).contiguous()
         col = narrow_index(col, w.shape[1])
-        return cls(values, col, rows.to(torch.int32), tuple(w.shape), threads)
+        return cls((values, col, rows.to(torch.int32)), tuple(w.shape), threads)
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:

@@ -22,41 +22,24 @@ class NativeFormat(Format):
     """
 
     threaded = True
+    dtypes = (torch.float32,)
+    device = "cpu"
 
     def __init__(
-        self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None
+        self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None = None
     ) -> None:
-        super().__init__(*shape)
         if threads is not None and (
             isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
         ):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-        for name, tensor in zip(self.buffer_names, tensors, strict=True):
-            self.register_buffer(name, tensor)
+        super().__init__(tensors, shape)
         self.threads = threads
         self._stored = max(t.numel() for t in tensors)  # work per input row, for _threads
 
     @classmethod
-    def from_state(
-        cls,
-        state: dict[str, torch.Tensor],
-        shape: tuple[int, int],
-        threads: int | None = None,
-        **kwargs: object,
-    ) -> NativeFormat:
-        tensors = [state[k] for k in cls.buffer_names]
-        cls.check_state(tensors, shape)
-        return cls(*(t.clone() for t in tensors), shape, threads)
-
-    @classmethod
-    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
-        """Raise ``ValueError`` unless ``tensors`` (in :attr:`buffer_names` order) form a
-        valid ``shape`` weight of this format."""
-        raise NotImplementedError
-
-    @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
-        return weight.dtype == torch.float32 and weight.device.type == "cpu" and kernels.available()
+        """float32 CPU weights, where the compiled kernels are available."""
+        return super().supports(weight) and kernels.available()
 
     @staticmethod
     def _check_float32(weight: torch.Tensor, name: str) -> None:

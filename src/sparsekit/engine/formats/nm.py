@@ -32,16 +32,10 @@ class PackedNM(NativeFormat):
     buffer_names = ("nm_values", "nm_indices", "nm_pattern")
 
     def __init__(
-        self,
-        values: torch.Tensor,
-        indices: torch.Tensor,
-        pattern: tuple[int, int],
-        shape: tuple[int, int],
-        threads: int | None = None,
+        self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None = None
     ) -> None:
-        nm = torch.tensor(pattern, dtype=torch.int32)
-        super().__init__((values, indices, nm), shape, threads)
-        self.n, self.m = pattern
+        super().__init__(tensors, shape, threads)
+        self.n, self.m = (int(v) for v in self.nm_pattern.tolist())
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
@@ -73,21 +67,9 @@ class PackedNM(NativeFormat):
         values = groups.gather(-1, slot)
         slot = torch.where(values != 0, slot, 0)  # padding names the group's first input
         rows = weight.shape[0]
-        return cls(values.reshape(rows, -1), _pack(slot.reshape(rows, -1), _FIELD_BITS[m]),
-                   pattern, tuple(weight.shape), threads)
-
-    @classmethod
-    def from_state(
-        cls,
-        state: dict[str, torch.Tensor],
-        shape: tuple[int, int],
-        threads: int | None = None,
-        **kwargs: object,
-    ) -> PackedNM:
-        values, indices, pattern = (state[k] for k in cls.buffer_names)
-        cls.check_state((values, indices, pattern), shape)
-        n, m = pattern.tolist()
-        return cls(values.clone(), indices.clone(), (n, m), shape, threads)
+        tensors = (values.reshape(rows, -1), _pack(slot.reshape(rows, -1), _FIELD_BITS[m]),
+                   torch.tensor(pattern, dtype=torch.int32))
+        return cls(tensors, tuple(weight.shape), threads)
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
