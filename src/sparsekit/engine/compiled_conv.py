@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekit.engine.compiled_linear import CompiledLayer
-from sparsekit.engine.formats import FORMATS, DenseFormat, Format
+from sparsekit.engine.formats import DenseFormat, Format
 
 __all__ = ["CompiledConv2d", "convertible"]
 
@@ -64,14 +64,12 @@ class CompiledConv2d(CompiledLayer):
         cls, conv: nn.Conv2d, format: str = "dense", **kwargs: object
     ) -> CompiledConv2d:
         """Compress ``conv`` (its zero weights are the pruned ones) into ``format``."""
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS.names()}, got {format!r}")
         reason = convertible(conv)
         if reason is not None:
             raise ValueError(f"cannot compile this Conv2d: {reason}")
         matrix = conv.weight.detach().reshape(conv.out_channels, -1)
         return cls(
-            FORMATS[format].from_dense(matrix, None, **kwargs), conv.bias,
+            cls._compress(matrix, format, **kwargs), conv.bias,
             kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
             dilation=conv.dilation,
         )

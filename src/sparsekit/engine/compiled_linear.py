@@ -122,6 +122,13 @@ class CompiledLayer(nn.Module):
         own = {k: v for k, v in self.state_dict(prefix=prefix).items() if not k.startswith(head)}
         return own | {k: v for k, v in state.items() if k.startswith(head)}
 
+    @staticmethod
+    def _compress(matrix: torch.Tensor, format: str, **kwargs: object) -> Format:
+        """``matrix`` (zeros are the pruned weights) in the format called ``format``."""
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS.names()}, got {format!r}")
+        return FORMATS[format].from_dense(matrix, None, **kwargs)
+
     def to_module(self) -> nn.Module:
         """The equivalent plain PyTorch layer, with the dense (zero-filled) weight."""
         raise NotImplementedError
@@ -162,10 +169,7 @@ class CompiledLinear(CompiledLayer):
         cls, linear: nn.Linear, format: str = "dense", **kwargs: object
     ) -> CompiledLinear:
         """Compress ``linear`` (its zero weights are the pruned ones) into ``format``."""
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS.names()}, got {format!r}")
-        fmt = FORMATS[format].from_dense(linear.weight.detach(), None, **kwargs)
-        return cls(fmt, linear.bias)
+        return cls(cls._compress(linear.weight.detach(), format, **kwargs), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self._bias)

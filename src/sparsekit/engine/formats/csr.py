@@ -69,13 +69,9 @@ class CSR16(NativeFormat):
     buffer_names = ("rowptr", "col_indices", "values")
 
     @classmethod
-    def from_dense(
-        cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
-    ) -> CSR16:
-        cls._check_float32(weight, "CSR16")
-        crow, col, values = csr_parts(masked(weight, mask))
-        col = narrow_index(col, weight.shape[1])
-        return cls((crow, col, values), tuple(weight.shape), threads)
+    def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        crow, col, values = csr_parts(weight)
+        return crow, narrow_index(col, weight.shape[1]), values
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 from sparsekit.engine.formats.native import NativeFormat
 
@@ -37,12 +36,8 @@ class ConstantFanIn(NativeFormat):
         return k is not None and k < weight.shape[1]
 
     @classmethod
-    def from_dense(
-        cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
-    ) -> ConstantFanIn:
-        cls._check_float32(weight, "ConstantFanIn")
-        w = masked(weight, mask)
-        keep = w != 0
+    def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        keep = weight != 0
         k = fan_in(keep)
         if k is None:
             counts = sorted(set(keep.sum(dim=1).tolist()))
@@ -52,9 +47,8 @@ class ConstantFanIn(NativeFormat):
             )
         rows = keep.any(dim=1).nonzero()[:, 0]
         col = keep[rows].nonzero()[:, 1].reshape(rows.numel(), k)
-        values = w[rows].gather(1, col).contiguous()
-        col = narrow_index(col, w.shape[1])
-        return cls((values, col, rows.to(torch.int32)), tuple(w.shape), threads)
+        values = weight[rows].gather(1, col).contiguous()
+        return values, narrow_index(col, weight.shape[1]), rows.to(torch.int32)
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:

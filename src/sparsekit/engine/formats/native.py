@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekit.engine import kernels
-from sparsekit.engine.formats.base import Format
+from sparsekit.engine.formats.base import Format, masked
 
 __all__ = ["NativeFormat"]
 
@@ -40,6 +40,25 @@ class NativeFormat(Format):
     def supports(cls, weight: torch.Tensor) -> bool:
         """float32 CPU weights, where the compiled kernels are available."""
         return super().supports(weight) and kernels.available()
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        threads: int | None = None,
+        **options: object,
+    ) -> NativeFormat:
+        """Compress the float32 ``weight * mask`` (see :meth:`compress` for ``options``)."""
+        cls._check_float32(weight, cls.__name__)
+        weight = masked(weight, mask)
+        return cls(cls.compress(weight, **options), tuple(weight.shape), threads)
+
+    @classmethod
+    def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The format's tensors (in :attr:`buffer_names` order) for a float32 ``weight``
+        whose zeros are the pruned weights."""
+        raise NotImplementedError
 
     @staticmethod
     def _check_float32(weight: torch.Tensor, name: str) -> None:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.native import NativeFormat
 
 __all__ = ["NM_PATTERNS", "PackedNM", "fitting_pattern"]
@@ -51,11 +50,7 @@ class PackedNM(NativeFormat):
         return 2 * int(torch.count_nonzero(weight)) >= slots
 
     @classmethod
-    def from_dense(
-        cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
-    ) -> PackedNM:
-        cls._check_float32(weight, "PackedNM")
-        weight = masked(weight, mask)
+    def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pattern = fitting_pattern(weight)
         if pattern is None:
             raise ValueError(f"weight has more than N nonzeros in some group of M inputs for "
@@ -67,9 +62,8 @@ class PackedNM(NativeFormat):
         values = groups.gather(-1, slot)
         slot = torch.where(values != 0, slot, 0)  # padding names the group's first input
         rows = weight.shape[0]
-        tensors = (values.reshape(rows, -1), _pack(slot.reshape(rows, -1), _FIELD_BITS[m]),
-                   torch.tensor(pattern, dtype=torch.int32))
-        return cls(tensors, tuple(weight.shape), threads)
+        return (values.reshape(rows, -1), _pack(slot.reshape(rows, -1), _FIELD_BITS[m]),
+                torch.tensor(pattern, dtype=torch.int32))
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
