@@ -318,3 +318,33 @@ def test_kernel_ops_have_fake_implementations() -> None:
     x = torch.randn(5, 40)
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_compile_takes_any_input_thresholds() -> None:
+    """compile() depends on the InputThresholds interface, not on the activation package."""
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    class Thresholds:
+        thresholds = {"0": torch.full((8,), 0.5)}
+        applied: list[nn.Module] = []
+
+        def apply(self, model: nn.Module) -> None:
+            self.applied.append(model)
+
+        def remove(self) -> None:
+            self.applied.pop()
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    compiled = compile(model, activation_sparsity=Thresholds())
+    assert isinstance(compiled[0], ActivationSparseLinear)
+    assert not isinstance(compiled[2], ActivationSparseLinear)
+
+
+def test_engine_report_moved_out_of_compile() -> None:
+    import importlib
+
+    from sparsekit.engine import report as engine_report
+
+    module = importlib.import_module("sparsekit.engine.compile")
+    with pytest.warns(DeprecationWarning, match="sparsekit.engine.report.report"):
+        assert module.report is engine_report

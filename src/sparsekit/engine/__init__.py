@@ -7,11 +7,12 @@ Compiled models save and load like any model (:mod:`sparsekit.engine.persist`);
 :func:`decompile` turns one back into ``nn.Linear``/``nn.Conv2d`` layers.
 """
 
-from sparsekit.engine.compile import compile, report
+from sparsekit.engine.compile import compile
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import CSR16, FORMATS, DenseFormat, Format, TorchCSR
 from sparsekit.engine.persist import decompile
+from sparsekit.engine.report import report
 
 __all__ = [
     "CSR16",

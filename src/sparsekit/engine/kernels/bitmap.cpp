@@ -6,18 +6,9 @@
 // so the GEMV is a dense-like streaming loop over the row. The GEMV/SpMM drivers are
 // shared with packed N:M (decoded_rows.h).
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <cstdint>
-#include <optional>
-
-#include "decoded_rows.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "decoded_rows.h"  // tensors, checks, AVX-512 intrinsics and the drivers
 
 namespace {
 

@@ -5,19 +5,11 @@
 // fill one (M=4) or two (M=8) 32-bit words. The GEMV/SpMM drivers are shared with the
 // bitmap rows (decoded_rows.h).
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <cstdint>
-#include <optional>
 #include <utility>
 
-#include "decoded_rows.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "decoded_rows.h"  // tensors, checks, AVX-512 intrinsics and the drivers
 
 namespace {
 
