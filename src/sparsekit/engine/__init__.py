@@ -3,8 +3,10 @@
 :func:`compile` turns a pruned model into one whose ``nn.Linear`` and ``nn.Conv2d``
 layers run in the fastest measured format (dense included); :func:`report` lists the
 choices per layer.
-Compiled models save and load like any model (:mod:`sparsekit.engine.persist`);
-:func:`decompile` turns one back into ``nn.Linear``/``nn.Conv2d`` layers.
+Compiled models save and load like any model (each layer states its own entries,
+``expected_state``); :func:`decompile` turns one back into ``nn.Linear``/``nn.Conv2d``
+layers (``to_module``). Kernels are ``torch.ops.sparsekit`` custom ops
+(:mod:`sparsekit.engine.kernels`).
 """
 
 from sparsekit.engine.compile import compile
