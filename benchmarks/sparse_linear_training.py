@@ -39,7 +39,7 @@ from torch import nn
 
 from sparsekit import DynamicSparsity, MaskSet
 from sparsekit.engine import kernels
-from sparsekit.engine.sparse_training import SparseLinear
+from sparsekit.engine.sparse_linear import SparseLinear
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = (784, 1024, 1024, 10)

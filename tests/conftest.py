@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsekit.engine import kernels
-from sparsekit.engine import sparse_training as st
+from sparsekit.engine import sparse_linear as st
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -273,3 +273,78 @@ def test_derived_tensor_is_kept_until_the_buffers_move() -> None:
     moved = fmt.csr()
     assert moved is not csr and moved.dtype == torch.float64
     assert "_derived" not in copy.deepcopy(fmt).__dict__  # sparse tensors are not copied
+
+
+def test_formats_registry_carries_metadata() -> None:
+    from sparsekit.registry import Registry
+
+    assert isinstance(FORMATS, Registry)
+    assert FORMATS.meta("csr16") == {"dtypes": (torch.float32,), "device": "cpu", "threaded": True}
+    assert FORMATS.meta("dense") == {"dtypes": None, "device": None, "threaded": False}
+    assert FORMATS["dense"] is DenseFormat and DenseFormat in FORMATS.values()
+    with pytest.raises(ValueError, match="unknown format 'csr32'"):
+        FORMATS.meta("csr32")
+
+
+def test_registry_meta_defaults_to_empty() -> None:
+    from sparsekit.registry import Registry
+
+    table: Registry = Registry("thing")
+    table.register("a")(len)
+    table.register("b", fast=True)(abs)
+    assert table.meta("a") == {} and table.meta("b") == {"fast": True}
+    table.meta("b")["fast"] = False  # a copy
+    assert table.meta("b") == {"fast": True}
+
+
+def test_kernel_ops_have_fake_implementations() -> None:
+    """torch.compile/export see the ops' output shapes without running them."""
+    if not kernels.available():
+        pytest.skip(f"compiled kernels unavailable: {kernels.unavailable_reason()}")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 40)
+    w[:, 1::2] = 0  # 2:4, so every format holds it
+    formats = [FORMATS[n].from_dense(w) for n in ("csr16", "bitmap", "nm", "bsr", "fanin")]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for fmt in formats:
+            out = fmt._kernel(torch.empty(5, 40), None, 1)
+            assert out.shape == (5, 6) and out.dtype == torch.float32
+        wt = torch.empty(40, 6, dtype=torch.bfloat16)
+        y = torch.ops.sparsekit.act_gemv(wt, wt.new_empty(40), wt.new_empty(40), None, 1)
+        assert y.shape == (6,) and y.dtype == torch.bfloat16
+    layer = CompiledLinear(FORMATS["csr16"].from_dense(w, threads=1), torch.randn(6))
+    x = torch.randn(5, 40)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_compile_takes_any_input_thresholds() -> None:
+    """compile() depends on the InputThresholds interface, not on the activation package."""
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    class Thresholds:
+        thresholds = {"0": torch.full((8,), 0.5)}
+        applied: list[nn.Module] = []
+
+        def apply(self, model: nn.Module) -> None:
+            self.applied.append(model)
+
+        def remove(self) -> None:
+            self.applied.pop()
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    compiled = compile(model, activation_sparsity=Thresholds())
+    assert isinstance(compiled[0], ActivationSparseLinear)
+    assert not isinstance(compiled[2], ActivationSparseLinear)
+
+
+def test_engine_report_moved_out_of_compile() -> None:
+    import importlib
+
+    from sparsekit.engine import report as engine_report
+
+    module = importlib.import_module("sparsekit.engine.compile")
+    with pytest.warns(DeprecationWarning, match="sparsekit.engine.report.report"):
+        assert module.report is engine_report

@@ -11,7 +11,7 @@ from torch import nn
 
 import sparsekit
 from sparsekit.engine import CompiledConv2d, compile, decompile, kernels, report
-from sparsekit.engine.sparse_conv import convertible
+from sparsekit.engine.compiled_conv import convertible
 from sparsekit.models import lenet5, resnet_small
 
 

@@ -13,7 +13,7 @@ from torch import nn
 import sparsekit
 from sparsekit.engine import CompiledLinear, compile, decompile, kernels
 from sparsekit.engine.formats import CSR16, FORMATS, TorchCSR, format_from_state
-from sparsekit.engine.formats import csr as formats_mod
+from sparsekit.engine.formats import native as formats_mod
 from sparsekit.models import lenet_300_100
 
 
@@ -146,3 +146,59 @@ def test_torch_compile_runs(backend, one_thread):
         warnings.simplefilter("ignore")
         for x in _inputs():
             torch.testing.assert_close(fast(x), compiled(x), rtol=0, atol=0)
+
+
+def test_layers_state_their_own_expected_entries(one_thread):
+    """Each engine layer answers for its own entries; checkpoint.py knows no engine type."""
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+    from sparsekit.engine.sparse_linear import SparseLinear
+
+    layer = CompiledLinear.from_linear(_pruned(0).fc1, "dense")
+    saved = CompiledLinear.from_linear(_pruned(1).fc1, "torch_csr").state_dict(prefix="fc1.")
+    entries = layer.expected_state(saved, "fc1.")
+    assert set(entries) == set(saved)
+    assert all(entries[k] is saved[k] for k in saved if k.startswith("fc1.format."))
+    assert layer.expected_state({}, "fc1.") is None
+    with pytest.raises(ValueError, match="fc1.format"):
+        layer.expected_state({**saved, "fc1.format.values": saved["fc1.format.values"][:-1]},
+                             "fc1.")
+    sparse = SparseLinear.from_linear(_pruned(0).fc1)
+    other = SparseLinear.from_linear(_pruned(1).fc1).state_dict()
+    assert {k: v.shape for k, v in sparse.expected_state(other).items()} == {
+        k: v.shape for k, v in other.items()}
+    assert sparse.expected_state({"values": other["values"]}) is None
+    linear = _pruned(0).fc1
+    for module in (CompiledLinear.from_linear(linear, "torch_csr"),
+                   ActivationSparseLinear.from_linear(linear, 0.1)):
+        back = module.to_module()
+        assert type(back) is nn.Linear and torch.equal(back.weight, linear.weight)
+
+
+def test_dense_linear_copies_weight_and_bias():
+    from sparsekit.engine.compiled_linear import dense_linear
+
+    weight, bias = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    linear = dense_linear(weight, bias)
+    assert linear.weight.dtype == torch.float64 and linear.weight.requires_grad
+    assert torch.equal(linear.weight, weight) and torch.equal(linear.bias, bias)
+    assert linear.weight.data_ptr() != weight.data_ptr()
+    assert dense_linear(weight, None).bias is None
+
+
+def test_old_engine_paths_warn_and_forward():
+    from sparsekit.checkpoint import expected_state
+    from sparsekit.engine import compiled_conv, persist, sparse_linear
+    from sparsekit.engine.sparse_linear import SparseLinear
+
+    with pytest.warns(DeprecationWarning, match="compiled_linear.CompiledLinear"):
+        assert sparse_linear.CompiledLinear is CompiledLinear
+    with pytest.warns(DeprecationWarning, match="checkpoint.expected_state"):
+        assert persist.expected_state is expected_state
+    with pytest.warns(DeprecationWarning):
+        from sparsekit.engine.sparse_training import SparseLinear as old
+    assert old is SparseLinear
+    with pytest.warns(DeprecationWarning):
+        from sparsekit.engine.sparse_conv import convertible
+    assert convertible is compiled_conv.convertible
+    with pytest.raises(AttributeError):
+        sparse_linear.nothing  # noqa: B018

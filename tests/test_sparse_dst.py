@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsekit
 from sparsekit import DynamicSparsity, SparseLinear
-from sparsekit.engine.persist import expected_state
+from sparsekit.checkpoint import expected_state
 from sparsekit.engine.structure_set import StructureSet, sparse_layers
 from sparsekit.prune import compute_masks
 

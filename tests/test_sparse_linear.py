@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekit
-from sparsekit.engine import sparse_training as st
-from sparsekit.engine.sparse_training import SparseLinear
+from sparsekit.engine import sparse_linear as st
+from sparsekit.engine.sparse_linear import SparseLinear
 
 
 def _layer(

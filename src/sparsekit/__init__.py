@@ -12,7 +12,7 @@ from typing import Any
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.checkpoint import load, save
 from sparsekit.engine import compile
-from sparsekit.engine.sparse_training import SparseLinear
+from sparsekit.engine.sparse_linear import SparseLinear
 from sparsekit.masks import MaskSet
 from sparsekit.patterns import PATTERNS, parse_pattern
 from sparsekit.prune import prune

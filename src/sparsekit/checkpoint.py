@@ -123,8 +123,6 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    from sparsekit.engine.persist import expected_state  # compiled layers: shapes from file
-
     ckpt = read(path)
     state = ckpt.state
     try:
@@ -200,6 +198,26 @@ def read(path: str | os.PathLike) -> Checkpoint:
     state = {k: v for k, (v, _) in decoded.items()}
     kept = {k: m for k, (_, m) in decoded.items() if m is not None}
     return Checkpoint(state, kept, infos, meta)
+
+
+def expected_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with the entries of its size-dependent layers taken from ``state``.
+
+    A layer whose stored tensors depend on what is loaded (a compiled layer's format and
+    number of nonzeros, a ``SparseLinear``'s structure) defines
+    ``expected_state(state, prefix)``: its own entries as they will be after loading
+    ``state`` (``None`` when ``state`` has none of them), checked before anything is loaded
+    and raising ``ValueError`` naming the layer if invalid. Missing or extra keys elsewhere
+    are left for the caller to report.
+    """
+    own = model.state_dict()
+    for name, module in model.named_modules(remove_duplicate=False):
+        layer_state = getattr(module, "expected_state", None)
+        prefix = f"{name}." if name else ""
+        entries = layer_state(state, prefix) if callable(layer_state) else None
+        if entries is not None:
+            own = {k: v for k, v in own.items() if not k.startswith(prefix)} | entries
+    return own
 
 
 # -- encoding -------------------------------------------------------------------------

@@ -3,15 +3,18 @@
 :func:`compile` turns a pruned model into one whose ``nn.Linear`` and ``nn.Conv2d``
 layers run in the fastest measured format (dense included); :func:`report` lists the
 choices per layer.
-Compiled models save and load like any model (:mod:`sparsekit.engine.persist`);
-:func:`decompile` turns one back into ``nn.Linear``/``nn.Conv2d`` layers.
+Compiled models save and load like any model (each layer states its own entries,
+``expected_state``); :func:`decompile` turns one back into ``nn.Linear``/``nn.Conv2d``
+layers (``to_module``). Kernels are ``torch.ops.sparsekit`` custom ops
+(:mod:`sparsekit.engine.kernels`).
 """
 
-from sparsekit.engine.compile import compile, report
+from sparsekit.engine.compile import compile
+from sparsekit.engine.compiled_conv import CompiledConv2d
+from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import CSR16, FORMATS, DenseFormat, Format, TorchCSR
 from sparsekit.engine.persist import decompile
-from sparsekit.engine.sparse_conv import CompiledConv2d
-from sparsekit.engine.sparse_linear import CompiledLayer, CompiledLinear
+from sparsekit.engine.report import report
 
 __all__ = [
     "CSR16",

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sparsekit.engine import kernels
+from sparsekit.engine.compiled_linear import dense_linear
 
 __all__ = ["ActivationSparseLinear", "sparsify_input"]
 
@@ -96,6 +97,10 @@ class ActivationSparseLinear(nn.Module):
         weight = self.weight_t.index_select(0, kept).to(x.dtype)
         y = weight.t().mv(x.index_select(0, kept))
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def to_module(self) -> nn.Linear:
+        """The ``nn.Linear`` this layer was built from (without the input thresholds)."""
+        return dense_linear(self.weight_t.t(), self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -12,29 +12,40 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear
+from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
+from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, available_formats
-from sparsekit.engine.sparse_conv import CompiledConv2d, convertible
-from sparsekit.engine.sparse_linear import CompiledLayer, CompiledLinear
-from sparsekit.report import LayerRow, Report
-from sparsekit.report import report as _base_report
 from sparsekit.training import inference
 
-if TYPE_CHECKING:
-    from sparsekit.activation import ActivationSparsity
+__all__ = ["InputThresholds", "compile"]
 
-__all__ = ["compile", "report"]
+__getattr__ = moved(__name__, {"report": "sparsekit.engine.report"})
 
 _BLOCK_S = 2e-3  # one timed block: enough calls to make timer resolution negligible
 _ROUND_BUDGET_S = 0.04  # per format and batch size; big layers still get _MIN_ROUNDS
 _MIN_ROUNDS, _MAX_ROUNDS = 5, 15
 _CHECK_RTOL = 1e-4
+
+
+class InputThresholds(Protocol):
+    """Per-layer thresholds on the inputs of ``nn.Linear`` layers, by module name, that can
+    be applied to a model as hooks and removed again; what
+    :func:`sparsekit.activation.calibrate` returns (:class:`ActivationSparsity`)."""
+
+    @property
+    def thresholds(self) -> Mapping[str, torch.Tensor]: ...
+
+    def apply(self, model: nn.Module) -> object: ...
+
+    def remove(self) -> None: ...
 
 
 def compile(
@@ -44,10 +55,10 @@ def compile(
     formats: str | Iterable[str] = "auto",
     batch_sizes: Sequence[int] = (1,),
     threads: int | None = None,
-    activation_sparsity: ActivationSparsity | None = None,
+    activation_sparsity: InputThresholds | None = None,
 ) -> nn.Module:
     """A copy of ``model`` with its layers replaced by :class:`CompiledLinear` and
-    :class:`~sparsekit.engine.sparse_conv.CompiledConv2d` modules.
+    :class:`~sparsekit.engine.compiled_conv.CompiledConv2d` modules.
 
     Zero weights are the pruned ones (apply the masks first, e.g. with
     :func:`sparsekit.prune`). ``formats`` ("auto" or names from
@@ -60,8 +71,8 @@ def compile(
 
     With ``example_inputs`` (a tensor or a tuple for ``model(*example_inputs)``) the
     compiled model's output is checked against the original's. The choices, with measured
-    times, are stored in ``compiled.sparsekit_choices``; :func:`report` shows them per
-    layer. Linear layers calibrated in ``activation_sparsity``
+    times, are stored in ``compiled.sparsekit_choices``; :func:`sparsekit.engine.report`
+    shows them per layer. Linear layers calibrated in ``activation_sparsity``
     (:func:`sparsekit.activation.calibrate`) become :class:`ActivationSparseLinear`
     instead, and the output check runs against ``model`` with those thresholds applied.
     """
@@ -114,40 +125,6 @@ def compile(
     return compiled
 
 
-def report(
-    model: nn.Module, example_inputs: torch.Tensor | tuple[object, ...] | None = None
-) -> Report:
-    """:func:`sparsekit.report` that also lists compiled and activation-sparse layers.
-
-    Compiled layers appear as ``Linear``/``Conv2d`` rows with the extra columns
-    ``format``, ``ms dense``, ``ms sparse`` and ``speedup`` from
-    ``model.sparsekit_choices``; :class:`ActivationSparseLinear` layers as ``Linear`` rows
-    of format ``"activation"``.
-    """
-    inputs = _as_tuple(example_inputs)
-    special = {
-        n: m for n, m in model.named_modules()
-        if isinstance(m, (CompiledLayer, ActivationSparseLinear))
-    }
-    macs: dict[str, int] = {}
-    handles = [
-        m.register_forward_hook(_mac_counter(macs, n, m.in_features)) for n, m in special.items()
-    ]
-    try:
-        base = {r.name: r for r in _base_report(model, inputs).rows}
-    finally:
-        for h in handles:
-            h.remove()
-    choices = getattr(model, "sparsekit_choices", {})
-    rows = []
-    for name, module in model.named_modules():
-        if name in base:
-            rows.append(base[name])
-        elif name in special:
-            rows.append(_special_row(name, module, macs, inputs is None, choices.get(name)))
-    return Report(rows)
-
-
 # -- per layer -------------------------------------------------------------------------
 
 
@@ -165,7 +142,7 @@ def _compile_layer(
     candidates = [n for n in available_formats(matrix) if n == "dense" or names is None
                   or n in names]
     built = {
-        n: build(layer, n, **({"threads": threads} if FORMATS[n].threaded else {}))
+        n: build(layer, n, **({"threads": threads} if FORMATS.meta(n)["threaded"] else {}))
         for n in candidates
     }
     times = _autotune(built, in_shape, sizes, weight.dtype, weight.device)
@@ -249,52 +226,6 @@ def _time_block(fn: Callable[[], object], reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
-# -- reporting ---------------------------------------------------------------------------
-
-
-def _mac_counter(macs: dict[str, int], name: str, in_features: int) -> Callable[..., None]:
-    def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
-        macs[name] = macs.get(name, 0) + output.numel() * in_features
-
-    return hook
-
-
-def _special_row(
-    name: str,
-    module: CompiledLayer | ActivationSparseLinear,
-    macs: dict[str, int],
-    one_row: bool,
-    choice: dict[str, object] | None,
-) -> LayerRow:
-    params = module.in_features * module.out_features
-    if isinstance(module, CompiledLayer):
-        nonzeros, extra = module.format.nnz, {"format": module.format.name}
-        kind = "Conv2d" if isinstance(module, CompiledConv2d) else "Linear"
-    else:
-        nonzeros, extra = int(torch.count_nonzero(module.weight_t)), {"format": "activation"}
-        kind = "Linear"
-    layer_macs = params if one_row and kind == "Linear" else macs.get(name)
-    dense = None if layer_macs is None else 2 * layer_macs
-    if choice is not None:
-        extra.update(
-            {"ms dense": choice["ms_dense"], "ms sparse": choice["ms_chosen"],
-             "speedup": choice["speedup"]}
-        )
-    shape = (module.out_features, module.in_features)
-    if isinstance(module, CompiledConv2d):
-        shape = (module.out_channels, module.in_channels, *module.kernel_size)
-    return LayerRow(
-        name=name,
-        kind=kind,
-        shape=shape,
-        params=params,
-        nonzeros=nonzeros,
-        dense_flops=dense,
-        sparse_flops=None if dense is None else dense * nonzeros // max(params, 1),
-        extra=extra,
-    )
-
-
 # -- validation --------------------------------------------------------------------------
 
 
@@ -308,7 +239,7 @@ def _check_formats(formats: str | Iterable[str]) -> list[str] | None:
     bad = [n for n in names if n not in FORMATS]
     if bad or not names:
         raise ValueError(
-            f"formats must be 'auto' or names from {sorted(FORMATS)}, got {bad or names!r}"
+            f"formats must be 'auto' or names from {FORMATS.names()}, got {bad or names!r}"
         )
     return names
 

@@ -1,154 +1,410 @@
-"""CompiledLinear: an inference-only ``nn.Linear`` whose weight lives in a compressed format.
+"""SparseLinear: an ``nn.Linear`` that trains with sparse forward and backward products.
 
-:class:`CompiledLayer` is the part shared with the compiled convolution
-(:mod:`sparsekit.engine.sparse_conv`): the format and bias buffers, and loading a
-``state_dict`` whose format differs from the layer's own.
+The weight is a dense 1-D ``nn.Parameter`` of its nonzero values (row-major order), so any
+optimizer — Adam and AdamW included — updates only the kept weights and keeps state only
+for them. The structure is two int32 index vectors plus its transpose: a row pointer into
+the values for ``y = x Wᵀ`` and a column-major permutation of the same values for
+``dx = dy W``. ``dW`` is computed only at the nonzeros (a sampled dense-dense product), so a
+step costs time proportional to the number of nonzeros, not to ``in × out``.
+
+The products run in the compiled ``spmm_train`` kernels on CPU (float32/float64), or in
+chunked PyTorch ops (``index_add_`` and gathers) anywhere else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 
 import torch
 from torch import nn
 
-from sparsekit.engine.formats import FORMATS, Format, format_from_state
+from sparsekit.engine import kernels
+from sparsekit.engine._moved import moved
+from sparsekit.engine.compiled_linear import dense_linear
 
-__all__ = ["CompiledLayer", "CompiledLinear"]
+__all__ = ["SparseLinear"]
+
+# CompiledLayer/CompiledLinear lived here before SparseLinear did.
+__getattr__ = moved(
+    __name__,
+    {n: "sparsekit.engine.compiled_linear" for n in ("CompiledLayer", "CompiledLinear")},
+)
+
+_CHUNK_ELEMENTS = 1 << 22  # fallback gathers materialise at most this many elements at once
 
 
-class CompiledLayer(nn.Module):
-    """A layer whose ``(out, in)`` weight matrix is held in one :class:`Format`.
+class _Structure:
+    """Index tensors of one sparsity pattern, row-major and column-major."""
 
-    Its ``state_dict`` holds the format's compressed tensors (``format.<buffer>``) and the
-    bias. Loading one rebuilds the format from the loaded tensors, so a layer takes the
-    format and number of nonzeros of the saved layer, not its own. Inference only: the
-    compressed weight is a buffer, not a parameter.
+    def __init__(self, row: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]) -> None:
+        out_features, in_features = self.shape = shape
+        row, col = row.long(), col.long()  # row-major: the order of the values
+        self.row = row.to(torch.int32)
+        self.col = col.to(torch.int32)
+        self.rowptr = _rowptr(torch.bincount(row, minlength=out_features))
+        t_perm = torch.argsort(col * out_features + row)  # column-major order of the values
+        self.t_perm = t_perm
+        self.t_col = self.row[t_perm].contiguous()  # columns of Wᵀ are rows of W
+        self.t_rowptr = _rowptr(torch.bincount(col, minlength=in_features))
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> _Structure:
+        row, col = mask.nonzero(as_tuple=True)
+        return cls(row, col, tuple(mask.shape))
+
+    def to(self, device: torch.device) -> _Structure:
+        """Move every index tensor to ``device`` in place; returns ``self``."""
+        for name, t in vars(self).items():
+            if isinstance(t, torch.Tensor):
+                setattr(self, name, t.to(device))
+        return self
+
+
+def _rowptr(counts: torch.Tensor) -> torch.Tensor:
+    ptr = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    return ptr
+
+
+def _use_kernels(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and (
+        kernels.available()
+    )
+
+
+def _spmm(
+    rowptr: torch.Tensor,
+    col: torch.Tensor,
+    values: torch.Tensor,
+    perm: torch.Tensor | None,
+    xt: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``yᵀ = W xᵀ (+ bias)`` for ``W`` in CSR whose values are ``values[perm]``."""
+    if _use_kernels(xt):
+        return torch.ops.sparsekit.spmm_rows(
+            rowptr, col, values, perm, xt, bias, torch.get_num_threads()
+        )
+    rows, batch = rowptr.numel() - 1, xt.shape[1]
+    v = values if perm is None else values[perm]
+    row = torch.repeat_interleave(
+        torch.arange(rows, device=xt.device), (rowptr[1:] - rowptr[:-1]).long()
+    )
+    yt = xt.new_zeros(rows, batch) if bias is None else bias[:, None].expand(rows, batch).clone()
+    step = max(1, _CHUNK_ELEMENTS // max(1, batch))
+    for start in range(0, v.numel(), step):
+        sl = slice(start, start + step)
+        yt.index_add_(0, row[sl], v[sl, None] * xt[col[sl].long()])
+    return yt
+
+
+def _sddmm(s: _Structure, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out[k] = <a[row[k]], b[col[k]]>``: the product ``a bᵀ`` sampled at the nonzeros."""
+    row, col = s.row, s.col
+    if _use_kernels(a):
+        return torch.ops.sparsekit.sddmm(s.rowptr, col, a, b, torch.get_num_threads())
+    out = a.new_empty(row.numel())
+    step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[1]))
+    for start in range(0, row.numel(), step):
+        sl = slice(start, start + step)
+        out[sl] = (a[row[sl].long()] * b[col[sl].long()]).sum(1)
+    return out
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + bias`` with ``W`` given by its nonzero ``values`` and a ``_Structure``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor | None,
+        s: _Structure,
+        sink: SparseLinear | None,
+    ) -> torch.Tensor:
+        xt = x.t().contiguous()  # free when x is the transposed output of another SparseLinear
+        yt = _spmm(s.rowptr, s.col, values, None, xt, bias)
+        ctx.save_for_backward(xt, values)
+        ctx.structure = s
+        ctx.has_bias = bias is not None
+        ctx.sink = sink
+        return yt.t()  # (batch, out) view of the (out, batch) result: no copy
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        xt, values = ctx.saved_tensors
+        s: _Structure = ctx.structure
+        gt = grad.t().contiguous()
+        dx = dv = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _spmm(s.t_rowptr, s.t_col, values, s.t_perm, gt, None).t()
+        if ctx.needs_input_grad[1]:
+            dv = _sddmm(s, gt, xt)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = gt.sum(1)
+        if ctx.sink is not None:
+            ctx.sink._accumulate_dense_grad(gt @ xt.t())
+        return dx, dv, db, None, None
+
+
+class SparseLinear(nn.Module):
+    """``y = x Wᵀ + bias`` where only the nonzeros of ``W`` are stored, computed and trained.
+
+    ``values`` is a 1-D ``nn.Parameter`` holding the kept weights in row-major order, so any
+    ``torch.optim`` optimizer trains the layer directly. Build one with :meth:`from_linear`
+    (or from a ``mask``), change its pattern between steps with :meth:`set_structure`, and
+    get a dense layer back with :meth:`to_linear`. Inputs have shape ``(..., in_features)``.
+    The output of a 2-D input is a transposed (non-contiguous) view: the next
+    ``SparseLinear`` then reads it without a copy. With ``capture_dense_grad`` set, backward
+    also accumulates the dense ``dL/dW = dyᵀ x`` (what RigL-style regrowth scores) into
+    ``dense_grad``: a dense product, so :class:`~sparsekit.DynamicSparsity` sets it only
+    for the steps that need it. The structure is saved in ``state_dict()`` as int32 buffers
+    ``rowptr`` and ``col``; loading installs the saved structure (and its number of
+    nonzeros), resizing ``values`` in place.
     """
 
-    def __init__(self, fmt: Format, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        mask: torch.Tensor,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        if not isinstance(fmt, Format):
-            raise TypeError(f"fmt must be a sparsekit Format, got {type(fmt).__name__}")
-        if bias is not None and tuple(bias.shape) != (fmt.out_features,):
-            raise ValueError(
-                f"bias must have shape ({fmt.out_features},), got {tuple(bias.shape)}"
-            )
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.format = fmt
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        mask = self._check_mask(mask).to(device)
+        self._install(_Structure.from_mask(mask))
+        # Same initialisation as nn.Linear, restricted to the kept weights.
+        bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+        nnz = self._structure.row.numel()
+        self.values = nn.Parameter(
+            torch.empty(nnz, device=device, dtype=dtype).uniform_(-bound, bound)
+        )
+        self.capture_dense_grad = False
+        self.dense_grad: torch.Tensor | None = None
+        self.bias: nn.Parameter | None
+        if bias:
+            b = torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound)
+            self.bias = nn.Parameter(b)
+        else:
+            self.register_parameter("bias", None)
 
-    # The hot path reads the format's matmul and the bias from the instance __dict__ rather
-    # than through nn.Module.__getattr__: at batch 1 a small layer takes a few µs, and the
-    # two lookups cost a fifth of that. They are refreshed whenever either is replaced.
-    def __setattr__(self, name: str, value: object) -> None:
-        super().__setattr__(name, value)
-        if name in ("format", "bias") and "format" in self._modules:
-            self._cache()
+    # -- construction -------------------------------------------------------------------
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[no-untyped-def]
-        out = super()._apply(fn, recurse)
-        self._cache()  # .to() may have replaced the bias tensor
-        return out
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> SparseLinear:
+        """The sparse layer keeping ``linear``'s weights where ``mask`` is True.
 
-    def _cache(self) -> None:
-        self.__dict__["_matmul"] = self._modules["format"].matmul
-        self.__dict__["_bias"] = self._buffers["bias"]
+        ``mask`` defaults to the nonzero weights of ``linear`` (e.g. after ``MaskSet.apply``).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        mask = weight != 0 if mask is None else mask
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            mask,
+            bias=linear.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            s = layer._structure
+            layer.values.copy_(weight[s.row.long(), s.col.long()])
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with the same (dense, zero-filled) weight and bias."""
+        return dense_linear(self.to_dense(), self.bias)
+
+    # -- structure ----------------------------------------------------------------------
 
     @property
-    def in_features(self) -> int:
-        """Columns of the weight matrix."""
-        return self.format.in_features
+    def nnz(self) -> int:
+        """Number of stored (trainable) weights."""
+        return self.values.numel()
 
     @property
-    def out_features(self) -> int:
-        """Rows of the weight matrix (output features or channels)."""
-        return self.format.out_features
+    def mask(self) -> torch.Tensor:
+        """The boolean ``(out_features, in_features)`` pattern; True where a weight is kept."""
+        s = self._structure
+        m = torch.zeros(
+            self.out_features, self.in_features, dtype=torch.bool, device=self.values.device
+        )
+        m[s.row.long(), s.col.long()] = True
+        return m
 
     def to_dense(self) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` weight matrix, zeros where pruned."""
-        return self.format.to_dense()
+        """The dense ``(out_features, in_features)`` weight, zeros where pruned."""
+        s = self._structure
+        v = self.values.detach()
+        w = v.new_zeros(self.out_features, self.in_features)
+        w[s.row.long(), s.col.long()] = v
+        return w
 
-    def format_from_state(self, state: dict[str, torch.Tensor], prefix: str = "") -> Format:
-        """The format stored under ``prefix + "format."`` in ``state`` (not installed).
-
-        Raises ``ValueError`` naming the layer if the entries form no valid format of
-        this layer's shape, or the bias entry does not match.
-        """
-        head = f"{prefix}format."
-        own = {k[len(head):]: v for k, v in state.items() if k.startswith(head)}
-        bias = state.get(f"{prefix}bias")
-        if (bias is None) != (self.bias is None) or (
-            bias is not None and tuple(bias.shape) != (self.out_features,)
-        ):
-            raise ValueError(
-                f"{prefix or 'layer'}: bias entry does not match a layer with "
-                f"bias={self.bias is not None} and out_features={self.out_features}"
-            )
-        threads = self.format.threads if self.format.threaded else None
-        try:
-            return format_from_state(own, (self.out_features, self.in_features), threads=threads)
-        except ValueError as err:
-            raise ValueError(f"{head}*: {err}") from None
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, torch.Tensor],
-        prefix: str,
-        local_metadata: dict[str, object],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
+    @torch.no_grad()
+    def set_structure(
+        self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
     ) -> None:
-        # Install the saved layer's format first; load_state_dict then fills it as usual.
-        try:
-            fmt = self.format_from_state(state_dict, prefix)
-        except ValueError as err:
-            error_msgs.append(str(err))
-        else:
-            old = next(iter(self.format.buffers()), None)
-            self.format = fmt if old is None else fmt.to(old.device)
+        """Change the pattern to ``mask`` in place (a prune/regrow step).
+
+        Weights kept by both patterns keep their values; new ones start at zero. The same
+        ``values`` parameter object is resized, so an optimizer holding it keeps working;
+        pass that ``optimizer`` to carry its per-weight state (momenta, Adam moments) over
+        the same way — surviving entries keep theirs, new ones start at zero. Without it,
+        per-weight state whose shape no longer matches must be reset by the caller.
+        """
+        mask = self._check_mask(mask).to(self.values.device)
+        old, new = self._structure, _Structure.from_mask(mask)
+        old_key = old.row.long() * self.in_features + old.col.long()
+        new_key = new.row.long() * self.in_features + new.col.long()
+        pos = torch.searchsorted(old_key, new_key).clamp_(max=max(old_key.numel() - 1, 0))
+        kept = (
+            old_key[pos] == new_key if old_key.numel() else torch.zeros_like(new_key, dtype=bool)
+        )
+        src, dst = pos[kept], kept.nonzero(as_tuple=True)[0]
+
+        def remap(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(new_key.numel())
+            out[dst] = t[src]
+            return out
+
+        p = self.values
+        if optimizer is not None:
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() == 1:
+                    state[k] = remap(v)
+        p.data = remap(p.data)
+        p.grad = None
+        self._install(new)
+
+    def _install(self, s: _Structure) -> None:
+        """Make ``s`` the structure; ``rowptr`` and ``col`` are its persistent buffers."""
+        self._structure = s
+        self.register_buffer("rowptr", s.rowptr)
+        self.register_buffer("col", s.col)
+
+    # -- persistence --------------------------------------------------------------------
+
+    def structure_from_state(self, state: dict[str, torch.Tensor], prefix: str = "") -> _Structure:
+        """The index structure stored under ``prefix`` in ``state``, checked for this shape.
+
+        Raises ``ValueError`` naming the entry if ``rowptr``/``col``/``values`` do not
+        describe a valid row-major pattern of ``(out_features, in_features)``.
+        """
+        rowptr, col = state[f"{prefix}rowptr"], state[f"{prefix}col"]
+        where = f"SparseLinear {prefix.rstrip('.') or '(root)'}"
+        if rowptr.dtype != torch.int32 or tuple(rowptr.shape) != (self.out_features + 1,):
+            raise ValueError(
+                f"{where}: rowptr must be int32 of shape ({self.out_features + 1},), got "
+                f"{rowptr.dtype} {tuple(rowptr.shape)}"
+            )
+        if col.dtype != torch.int32 or col.dim() != 1:
+            raise ValueError(f"{where}: col must be a 1-D int32 tensor, got {col.dtype} "
+                             f"{tuple(col.shape)}")
+        nnz = col.numel()
+        counts = (rowptr[1:] - rowptr[:-1]).long()
+        if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((counts < 0).any()):
+            raise ValueError(f"{where}: rowptr must rise from 0 to len(col)={nnz}")
+        row = torch.repeat_interleave(torch.arange(self.out_features), counts.cpu())
+        key = row * self.in_features + col.cpu().long()
+        if nnz and (int(col.min()) < 0 or int(col.max()) >= self.in_features
+                    or bool((key[1:] <= key[:-1]).any())):
+            raise ValueError(
+                f"{where}: col must hold increasing column indices in [0, {self.in_features}) "
+                "within each row"
+            )
+        values = state.get(f"{prefix}values")
+        if values is not None and tuple(values.shape) != (nnz,):
+            raise ValueError(f"{where}: values has shape {tuple(values.shape)}, the structure "
+                             f"has {nnz} nonzeros")
+        return _Structure(row, col.cpu(), (self.out_features, self.in_features))
+
+    def expected_state(
+        self, state: dict[str, torch.Tensor], prefix: str = ""
+    ) -> dict[str, torch.Tensor] | None:
+        """This layer's ``state_dict`` entries (under ``prefix``) as they will be after
+        loading ``state``: its structure and number of nonzeros are those in ``state``.
+
+        ``None`` unless ``state`` holds all of ``values``, ``rowptr`` and ``col`` (the caller
+        reports the missing keys); ``ValueError`` naming the layer if they form no valid
+        structure (see :meth:`structure_from_state`). Used by :func:`sparsekit.load` to check
+        a file before loading it.
+        """
+        keys = [f"{prefix}{k}" for k in ("values", "rowptr", "col")]
+        if not all(k in state for k in keys):
+            return None
+        self.structure_from_state(state, prefix)
+        return self.state_dict(prefix=prefix) | {k: state[k] for k in keys}
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        # Install the saved structure first (resizing ``values`` in place, so an optimizer
+        # holding it keeps working); load_state_dict then fills it as usual.
+        if f"{prefix}rowptr" in state_dict and f"{prefix}col" in state_dict:
+            try:
+                s = self.structure_from_state(state_dict, prefix)
+            except ValueError as err:
+                error_msgs.append(str(err))
+            else:
+                self.values.data = self.values.data.new_zeros(s.row.numel())
+                self.values.grad = None
+                self._install(s.to(self.values.device))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _check_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        shape = (self.out_features, self.in_features)
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a tensor of shape {shape}, got {got}")
+        return mask.detach().to(torch.bool)
 
-class CompiledLinear(CompiledLayer):
-    """``y = x @ W.T + bias`` with ``W`` held in one :class:`~sparsekit.engine.formats.Format`.
-
-    Built by :func:`sparsekit.engine.compile`; accepts inputs of shape ``(..., in_features)``
-    like ``nn.Linear``. :meth:`to_dense` recovers the (masked) dense weight,
-    :meth:`to_linear` an equivalent ``nn.Linear``.
-    """
-
-    @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, format: str = "dense", **kwargs: object
-    ) -> CompiledLinear:
-        """Compress ``linear`` (its zero weights are the pruned ones) into ``format``."""
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
-        fmt = FORMATS[format].from_dense(linear.weight.detach(), None, **kwargs)
-        return cls(fmt, linear.bias)
+    # -- compute ------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._matmul(x, self._bias)
-
-    def to_linear(self) -> nn.Linear:
-        """An ``nn.Linear`` with the same weight and bias (e.g. to fine-tune again)."""
-        weight = self.to_dense()
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None,
-            device=weight.device, dtype=weight.dtype,
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have last dimension in_features={self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        sink = self if self.capture_dense_grad else None
+        if x.dim() == 2:
+            return _SparseLinearFunction.apply(x, self.values, self.bias, self._structure, sink)
+        y = _SparseLinearFunction.apply(
+            x.reshape(-1, self.in_features), self.values, self.bias, self._structure, sink
         )
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:
+        self.dense_grad = grad if self.dense_grad is None else self.dense_grad + grad
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Move the index tensors along with the parameters (``.to``, ``.cuda``, ...)."""
+        super()._apply(fn, recurse)
+        s = self._structure.to(self.values.device)
+        s.rowptr, s.col = self.rowptr, self.col  # the buffers, moved by super()._apply
+        return self
 
     def extra_repr(self) -> str:
+        total = self.in_features * self.out_features
+        density = self.nnz / total if total else 0.0
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, format={self.format.name!r}"
+            f"bias={self.bias is not None}, nnz={self.nnz}, density={density:.4f}"
         )
+

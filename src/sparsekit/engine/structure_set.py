@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparsekit.engine.sparse_training import SparseLinear
+from sparsekit.engine.sparse_linear import SparseLinear
 
 __all__ = ["StructureSet", "sparse_layers"]
 

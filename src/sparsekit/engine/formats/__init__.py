@@ -2,14 +2,15 @@
 
 Each format is built from a dense 2-D weight and a boolean mask (``True`` = kept), keeps
 only its compressed tensors as buffers (no dense copy), and computes ``x @ W.T`` for ``x``
-of shape ``(..., in_features)`` with :meth:`Format.matmul`. :data:`FORMATS` maps the names
-accepted by :func:`sparsekit.engine.compile` to the classes.
+of shape ``(..., in_features)`` with :meth:`Format.matmul`. :data:`FORMATS` is the registry
+of the names accepted by :func:`sparsekit.engine.compile`, with each format's metadata
+(``dtypes`` it holds, ``device`` it runs on, ``threaded``).
 
 The buffers are plain dense tensors (values, indices, row pointers), so a format's
 ``state_dict`` is its compressed weight; :func:`format_from_state` rebuilds a format from
 one, recognising it by its buffer names (:attr:`Format.buffer_names`).
 
-One file per format family; a new format is a :class:`Format` subclass added to
+One file per format family; a new format is a :class:`Format` subclass registered in
 :data:`FORMATS` (and, if it needs native code, a ``.cpp`` file in ``engine/kernels``).
 """
 
@@ -25,24 +26,43 @@ from sparsekit.engine.formats.cuda import CudaBSR, CudaSemiStructured
 from sparsekit.engine.formats.dense import DenseFormat
 from sparsekit.engine.formats.fanin import ConstantFanIn
 from sparsekit.engine.formats.nm import PackedNM
+from sparsekit.registry import Registry
 
 __all__ = [
     "BSR", "FORMATS", "CSR16", "Bitmap", "ConstantFanIn", "CudaBSR", "CudaSemiStructured",
-    "DenseFormat", "Format", "PackedNM", "TorchCSR", "available_formats", "format_from_state",
+    "DenseFormat", "Format", "FormatRegistry", "PackedNM", "TorchCSR", "available_formats",
+    "format_from_state",
 ]
 
 
-FORMATS: dict[str, type[Format]] = {
-    f.name: f for f in (
-        DenseFormat, TorchCSR, CSR16, Bitmap, PackedNM, BSR, ConstantFanIn, CudaSemiStructured,
-        CudaBSR,
-    )
-}
+class FormatRegistry(Registry[type[Format]]):
+    """The :class:`~sparsekit.registry.Registry` of formats, also read like the ``dict`` it
+    once was: ``FORMATS[name]`` and ``FORMATS.values()``."""
+
+    def __getitem__(self, name: str) -> type[Format]:
+        return self.get(name)
+
+    def values(self) -> list[type[Format]]:
+        """The format classes, by name."""
+        return [self.get(n) for n in self.names()]
+
+
+FORMATS = FormatRegistry(
+    "format", meta={"dtypes": (), "device": "cpu", "threaded": False}, ordered=True
+)
+for _format in (
+    DenseFormat, TorchCSR, CSR16, Bitmap, PackedNM, BSR, ConstantFanIn, CudaSemiStructured,
+    CudaBSR,
+):
+    FORMATS.register(
+        _format.name, dtypes=_format.dtypes, device=_format.device, threaded=_format.threaded
+    )(_format)
 
 
 def available_formats(weight: torch.Tensor) -> list[str]:
     """Names of the formats that can hold ``weight`` here (``"dense"`` always first)."""
-    return [name for name, fmt in FORMATS.items() if fmt.supports(weight)]
+    others = [n for n in FORMATS.names() if n != "dense" and FORMATS.get(n).supports(weight)]
+    return ["dense", *others]
 
 
 def format_from_state(
@@ -57,5 +77,5 @@ def format_from_state(
     for fmt in FORMATS.values():
         if keys == set(fmt.buffer_names):
             return fmt.from_state(state, shape, **(kwargs if fmt.threaded else {}))
-    accepted = {n: list(f.buffer_names) for n, f in FORMATS.items()}
+    accepted = {n: list(FORMATS.get(n).buffer_names) for n in FORMATS.names()}
     raise ValueError(f"state keys {sorted(keys)} match no format; accepted: {accepted}")

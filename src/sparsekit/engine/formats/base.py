@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -11,21 +11,32 @@ __all__ = ["Format", "masked"]
 
 
 class Format(nn.Module):
-    """Base class: a compressed ``(out_features, in_features)`` weight."""
+    """Base class: a compressed ``(out_features, in_features)`` weight.
+
+    A format's buffers are its compressed tensors, named :attr:`buffer_names`; building one
+    from them (``cls(tensors, shape)``) is all :meth:`from_state` needs beyond the format's
+    own :meth:`check_state`.
+    """
 
     name: str = ""
     buffer_names: tuple[str, ...] = ()  # its state_dict keys, which identify the format
     threaded: bool = False  # from_dense/from_state take ``threads`` (compiled kernels)
+    dtypes: tuple[torch.dtype, ...] | None = None  # weight dtypes it holds (None: any)
+    device: str | None = None  # the device type it runs on (None: any)
 
-    def __init__(self, out_features: int, in_features: int) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         super().__init__()
-        self.out_features = out_features
-        self.in_features = in_features
+        self.out_features, self.in_features = shape
+        for name, tensor in zip(self.buffer_names, tensors, strict=True):
+            self.register_buffer(name, tensor)
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
-        """Whether this format can hold ``weight`` on this machine."""
-        return True
+        """Whether this format can hold ``weight`` on this machine (its :attr:`dtypes` and
+        :attr:`device`; formats add their structural conditions)."""
+        return (cls.dtypes is None or weight.dtype in cls.dtypes) and (
+            cls.device is None or weight.device.type == cls.device
+        )
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> Format:
@@ -36,10 +47,20 @@ class Format(nn.Module):
     def from_state(
         cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
     ) -> Format:
-        """Rebuild from the tensors of a ``state_dict`` (keys :attr:`buffer_names`).
+        """Rebuild from the tensors of a ``state_dict`` (keys :attr:`buffer_names`), copied.
 
-        Raises ``ValueError`` if the tensors do not form a valid ``shape`` weight.
+        ``kwargs`` (``threads``) go to the constructor. Raises ``ValueError`` if the
+        tensors do not form a valid ``shape`` weight (see :meth:`check_state`).
         """
+        tensors = [state[k] for k in cls.buffer_names]
+        cls.check_state(tensors, shape)
+        return cls([t.clone(memory_format=torch.contiguous_format) for t in tensors], shape,
+                   **kwargs)
+
+    @classmethod
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        """Raise ``ValueError`` unless ``tensors`` (in :attr:`buffer_names` order) form a
+        valid ``shape`` weight of this format."""
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.csr import csr_parts
 from sparsekit.engine.formats.native import NativeFormat
 
@@ -27,29 +26,15 @@ class Bitmap(NativeFormat):
     name = "bitmap"
     buffer_names = ("bitmap_values", "bitmap_mask", "bitmap_rowptr")
 
-    def __init__(
-        self,
-        values: torch.Tensor,
-        bitmap: torch.Tensor,
-        rowptr: torch.Tensor,
-        shape: tuple[int, int],
-        threads: int | None = None,
-    ) -> None:
-        super().__init__((values, bitmap, rowptr), shape, threads)
-
     @classmethod
-    def from_dense(
-        cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
-    ) -> Bitmap:
-        cls._check_float32(weight, "Bitmap")
-        weight = masked(weight, mask)
+    def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         rows, cols = weight.shape
         keep = torch.zeros(rows, _words(cols) * _WORD, dtype=torch.int32)
         keep[:, :cols] = weight != 0
         bits = (keep.view(rows, -1, _WORD) << torch.arange(_WORD, dtype=torch.int32)).sum(-1)
         bitmap = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16)
         rowptr, _, values = csr_parts(weight)
-        return cls(values, bitmap, rowptr, (rows, cols), threads)
+        return values, bitmap, rowptr
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 from sparsekit.engine.formats.native import NativeFormat
 
@@ -31,16 +30,6 @@ class BSR(NativeFormat):
     name = "bsr"
     buffer_names = ("bsr_values", "bsr_col_indices", "bsr_rowptr")
 
-    def __init__(
-        self,
-        values: torch.Tensor,
-        col: torch.Tensor,
-        rowptr: torch.Tensor,
-        shape: tuple[int, int],
-        threads: int | None = None,
-    ) -> None:
-        super().__init__((values, col, rowptr), shape, threads)
-
     @property
     def block(self) -> tuple[int, int]:
         """The block shape ``(R, C)``."""
@@ -54,19 +43,12 @@ class BSR(NativeFormat):
         return choose_block(weight != 0)[1] >= MIN_FILL
 
     @classmethod
-    def from_dense(
-        cls,
-        weight: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        threads: int | None = None,
-        block: tuple[int, int] | None = None,
-    ) -> BSR:
-        """Compress ``weight * mask`` into ``block`` blocks (default: :func:`choose_block`)."""
-        cls._check_float32(weight, "BSR")
-        w = masked(weight, mask)
-        block = _check_block(block) if block is not None else choose_block(w != 0)[0]
-        values, col, rowptr = _bsr_parts(w, block)
-        return cls(values, col, rowptr, tuple(w.shape), threads)
+    def compress(
+        cls, weight: torch.Tensor, block: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """``weight`` in ``block`` blocks (default: :func:`choose_block`)."""
+        block = _check_block(block) if block is not None else choose_block(weight != 0)[0]
+        return _bsr_parts(weight, block)
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:

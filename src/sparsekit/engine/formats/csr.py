@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsekit.engine import kernels
 from sparsekit.engine.formats.base import Format, masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 from sparsekit.engine.formats.native import NativeFormat
@@ -24,32 +23,20 @@ class TorchCSR(Format):
 
     name = "torch_csr"
     buffer_names = ("crow_indices", "col_indices", "values")
-
-    def __init__(
-        self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
-    ) -> None:
-        super().__init__(*shape)
-        self.register_buffer("crow_indices", crow)
-        self.register_buffer("col_indices", col)
-        self.register_buffer("values", values)
+    dtypes = (torch.float32, torch.float64)  # on CPU (MKL has no bf16/fp16 addmv or addmm)
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
-        # MKL's CPU kernels take float32/float64 only (no bf16/fp16 addmv or addmm)
-        return weight.device.type != "cpu" or weight.dtype in (torch.float32, torch.float64)
+        """Any weight on a GPU; float32/float64 ones on the CPU."""
+        return weight.device.type != "cpu" or super().supports(weight)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> TorchCSR:
-        crow, col, values = csr_parts(masked(weight, mask))
-        return cls(crow, col, values, tuple(weight.shape))
+        return cls(csr_parts(masked(weight, mask)), tuple(weight.shape))
 
     @classmethod
-    def from_state(
-        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
-    ) -> TorchCSR:
-        crow, col, values = (state[k] for k in cls.buffer_names)
-        check_csr(crow, col, values, shape, (torch.int32,))
-        return cls(crow.clone(), col.clone(), values.clone(), shape)
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        check_csr(*tensors, shape, (torch.int32,))
 
     def csr(self) -> torch.Tensor:
         """The sparse CSR tensor, rebuilt only when the buffers moved (``.to()``, load)."""
@@ -81,24 +68,10 @@ class CSR16(NativeFormat):
     name = "csr16"
     buffer_names = ("rowptr", "col_indices", "values")
 
-    def __init__(
-        self,
-        rowptr: torch.Tensor,
-        col: torch.Tensor,
-        values: torch.Tensor,
-        shape: tuple[int, int],
-        threads: int | None = None,
-    ) -> None:
-        super().__init__((rowptr, col, values), shape, threads)
-
     @classmethod
-    def from_dense(
-        cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
-    ) -> CSR16:
-        cls._check_float32(weight, "CSR16")
-        crow, col, values = csr_parts(masked(weight, mask))
-        col = narrow_index(col, weight.shape[1])
-        return cls(crow, col, values, tuple(weight.shape), threads)
+    def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        crow, col, values = csr_parts(weight)
+        return crow, narrow_index(col, weight.shape[1]), values
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
@@ -111,7 +84,7 @@ class CSR16(NativeFormat):
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         b = self._buffers  # direct: nn.Module.__getattr__ costs ~0.2 µs per buffer
-        return kernels.load().csr_linear(
+        return torch.ops.sparsekit.csr_linear(
             b["values"], b["col_indices"], b["rowptr"], x, bias, threads
         )
 

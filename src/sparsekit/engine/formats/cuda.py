@@ -12,6 +12,7 @@ packing and the CPU paths are tested everywhere, the device kernels only where C
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,16 +35,13 @@ class CudaSemiStructured(Format):
 
     name = "cuda_24"
     buffer_names = ("cuda24_values", "cuda24_index")
-
-    def __init__(self, values: torch.Tensor, index: torch.Tensor, shape: tuple[int, int]) -> None:
-        super().__init__(*shape)
-        self.register_buffer("cuda24_values", values)
-        self.register_buffer("cuda24_index", index)
+    dtypes = _HALF
+    device = "cuda"
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
         """fp16/bf16 2:4 weights on an Ampere or newer GPU, both sides multiples of 64."""
-        if weight.dim() != 2 or not weight.is_cuda or weight.dtype not in _HALF:
+        if weight.dim() != 2 or not super().supports(weight):
             return False
         rows, cols = weight.shape
         if rows % 64 or cols % 64 or torch.cuda.get_device_capability(weight.device) < (8, 0):
@@ -65,13 +63,12 @@ class CudaSemiStructured(Format):
         order = torch.argsort((groups == 0).to(torch.int8), dim=-1, stable=True)[..., :2]
         index = order.sort(dim=-1).values
         values = groups.gather(-1, index)
-        return cls(values.reshape(rows, -1), index.reshape(rows, -1).to(torch.uint8), (rows, cols))
+        tensors = (values.reshape(rows, -1), index.reshape(rows, -1).to(torch.uint8))
+        return cls(tensors, (rows, cols))
 
     @classmethod
-    def from_state(
-        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
-    ) -> CudaSemiStructured:
-        values, index = state["cuda24_values"], state["cuda24_index"]
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        values, index = tensors
         rows, cols = shape
         if cols % 4 or tuple(values.shape) != (rows, cols // 2) or not values.is_floating_point():
             raise ValueError(
@@ -83,7 +80,6 @@ class CudaSemiStructured(Format):
         pairs = index.view(rows, -1, 2)
         if bool((pairs[..., 0] >= pairs[..., 1]).any()):
             raise ValueError("cuda24_index must hold two rising positions per group")
-        return cls(values.clone(), index.clone(), shape)
 
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.out_features, self.in_features
@@ -113,20 +109,12 @@ class CudaBSR(Format):
 
     name = "cuda_bsr"
     buffer_names = ("cudabsr_values", "cudabsr_col", "cudabsr_rowptr")
-
-    def __init__(
-        self, values: torch.Tensor, col: torch.Tensor, rowptr: torch.Tensor,
-        shape: tuple[int, int],
-    ) -> None:
-        super().__init__(*shape)
-        self.register_buffer("cudabsr_values", values)
-        self.register_buffer("cudabsr_col", col)
-        self.register_buffer("cudabsr_rowptr", rowptr)
+    device = "cuda"
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
         """Floating CUDA weights made of (nearly full) 16x16 or 32x32 blocks that tile them."""
-        if weight.dim() != 2 or not weight.is_cuda or not weight.is_floating_point():
+        if weight.dim() != 2 or not super().supports(weight) or not weight.is_floating_point():
             return False
         (r, c), fill = choose_block(weight != 0)
         rows, cols = weight.shape
@@ -144,14 +132,13 @@ class CudaBSR(Format):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse BSR support is in beta"
             bsr = w.to_sparse_bsr(block)
-        return cls(bsr.values().contiguous(), bsr.col_indices().to(torch.int32),
-                   bsr.crow_indices().to(torch.int32), tuple(w.shape))
+        tensors = (bsr.values().contiguous(), bsr.col_indices().to(torch.int32),
+                   bsr.crow_indices().to(torch.int32))
+        return cls(tensors, tuple(w.shape))
 
     @classmethod
-    def from_state(
-        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
-    ) -> CudaBSR:
-        values, col, rowptr = (state[k] for k in cls.buffer_names)
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        values, col, rowptr = tensors
         if values.dim() != 3 or not values.is_floating_point():
             raise ValueError(f"cudabsr_values must be floating (nblocks, R, C), got "
                              f"{values.dtype} {tuple(values.shape)}")
@@ -168,7 +155,6 @@ class CudaBSR(Format):
             raise ValueError(
                 f"cudabsr tensors do not form a BSR {tuple(shape)} weight: {err}"
             ) from None
-        return cls(values.clone(), col.clone(), rowptr.clone(), shape)
 
     def _bsr(self) -> torch.Tensor:
         with warnings.catch_warnings():

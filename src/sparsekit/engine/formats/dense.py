@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -16,25 +18,19 @@ class DenseFormat(Format):
     name = "dense"
     buffer_names = ("weight",)
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__(*weight.shape)
-        self.register_buffer("weight", weight.detach().clone().contiguous())
-
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> DenseFormat:
-        return cls(masked(weight, mask))
+        weight = masked(weight, mask)
+        return cls([weight.clone(memory_format=torch.contiguous_format)], tuple(weight.shape))
 
     @classmethod
-    def from_state(
-        cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
-    ) -> DenseFormat:
-        weight = state["weight"]
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        (weight,) = tensors
         if tuple(weight.shape) != tuple(shape) or not weight.is_floating_point():
             raise ValueError(
                 f"dense weight must be a floating {tuple(shape)} tensor, got "
                 f"{tuple(weight.shape)} {weight.dtype}"
             )
-        return cls(weight)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, self.weight, bias)

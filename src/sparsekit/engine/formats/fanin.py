@@ -6,8 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsekit.engine import kernels
-from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 from sparsekit.engine.formats.native import NativeFormat
 
@@ -29,32 +27,17 @@ class ConstantFanIn(NativeFormat):
     name = "fanin"
     buffer_names = ("fanin_values", "fanin_col_indices", "fanin_rows")
 
-    def __init__(
-        self,
-        values: torch.Tensor,
-        col: torch.Tensor,
-        rows: torch.Tensor,
-        shape: tuple[int, int],
-        threads: int | None = None,
-    ) -> None:
-        super().__init__((values, col, rows), shape, threads)
-
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
         """float32 CPU weights whose nonempty rows share one fan-in below ``in_features``."""
-        if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        if weight.dim() != 2 or not super().supports(weight):
             return False
         k = fan_in(weight != 0)
-        return k is not None and k < weight.shape[1] and kernels.available()
+        return k is not None and k < weight.shape[1]
 
     @classmethod
-    def from_dense(
-        cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
-    ) -> ConstantFanIn:
-        if weight.dtype != torch.float32:
-            raise TypeError(f"ConstantFanIn needs a float32 weight, got {weight.dtype}")
-        w = masked(weight, mask)
-        keep = w != 0
+    def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        keep = weight != 0
         k = fan_in(keep)
         if k is None:
             counts = sorted(set(keep.sum(dim=1).tolist()))
@@ -64,9 +47,8 @@ class ConstantFanIn(NativeFormat):
             )
         rows = keep.any(dim=1).nonzero()[:, 0]
         col = keep[rows].nonzero()[:, 1].reshape(rows.numel(), k)
-        values = w[rows].gather(1, col).contiguous()
-        col = narrow_index(col, w.shape[1])
-        return cls(values, col, rows.to(torch.int32), tuple(w.shape), threads)
+        values = weight[rows].gather(1, col).contiguous()
+        return values, narrow_index(col, weight.shape[1]), rows.to(torch.int32)
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekit.engine import kernels
-from sparsekit.engine.formats.base import Format
+from sparsekit.engine.formats.base import Format, masked
 
 __all__ = ["NativeFormat"]
 
@@ -22,41 +22,43 @@ class NativeFormat(Format):
     """
 
     threaded = True
+    dtypes = (torch.float32,)
+    device = "cpu"
 
     def __init__(
-        self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None
+        self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None = None
     ) -> None:
-        super().__init__(*shape)
         if threads is not None and (
             isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
         ):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-        for name, tensor in zip(self.buffer_names, tensors, strict=True):
-            self.register_buffer(name, tensor)
+        super().__init__(tensors, shape)
         self.threads = threads
         self._stored = max(t.numel() for t in tensors)  # work per input row, for _threads
 
     @classmethod
-    def from_state(
-        cls,
-        state: dict[str, torch.Tensor],
-        shape: tuple[int, int],
-        threads: int | None = None,
-        **kwargs: object,
-    ) -> NativeFormat:
-        tensors = [state[k] for k in cls.buffer_names]
-        cls.check_state(tensors, shape)
-        return cls(*(t.clone() for t in tensors), shape, threads)
-
-    @classmethod
-    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
-        """Raise ``ValueError`` unless ``tensors`` (in :attr:`buffer_names` order) form a
-        valid ``shape`` weight of this format."""
-        raise NotImplementedError
-
-    @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
-        return weight.dtype == torch.float32 and weight.device.type == "cpu" and kernels.available()
+        """float32 CPU weights, where the compiled kernels are available."""
+        return super().supports(weight) and kernels.available()
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        threads: int | None = None,
+        **options: object,
+    ) -> NativeFormat:
+        """Compress the float32 ``weight * mask`` (see :meth:`compress` for ``options``)."""
+        cls._check_float32(weight, cls.__name__)
+        weight = masked(weight, mask)
+        return cls(cls.compress(weight, **options), tuple(weight.shape), threads)
+
+    @classmethod
+    def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The format's tensors (in :attr:`buffer_names` order) for a float32 ``weight``
+        whose zeros are the pruned weights."""
+        raise NotImplementedError
 
     @staticmethod
     def _check_float32(weight: torch.Tensor, name: str) -> None:

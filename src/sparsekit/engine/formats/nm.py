@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.native import NativeFormat
 
 __all__ = ["NM_PATTERNS", "PackedNM", "fitting_pattern"]
@@ -32,16 +31,10 @@ class PackedNM(NativeFormat):
     buffer_names = ("nm_values", "nm_indices", "nm_pattern")
 
     def __init__(
-        self,
-        values: torch.Tensor,
-        indices: torch.Tensor,
-        pattern: tuple[int, int],
-        shape: tuple[int, int],
-        threads: int | None = None,
+        self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None = None
     ) -> None:
-        nm = torch.tensor(pattern, dtype=torch.int32)
-        super().__init__((values, indices, nm), shape, threads)
-        self.n, self.m = pattern
+        super().__init__(tensors, shape, threads)
+        self.n, self.m = (int(v) for v in self.nm_pattern.tolist())
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
@@ -57,11 +50,7 @@ class PackedNM(NativeFormat):
         return 2 * int(torch.count_nonzero(weight)) >= slots
 
     @classmethod
-    def from_dense(
-        cls, weight: torch.Tensor, mask: torch.Tensor | None = None, threads: int | None = None
-    ) -> PackedNM:
-        cls._check_float32(weight, "PackedNM")
-        weight = masked(weight, mask)
+    def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pattern = fitting_pattern(weight)
         if pattern is None:
             raise ValueError(f"weight has more than N nonzeros in some group of M inputs for "
@@ -73,21 +62,8 @@ class PackedNM(NativeFormat):
         values = groups.gather(-1, slot)
         slot = torch.where(values != 0, slot, 0)  # padding names the group's first input
         rows = weight.shape[0]
-        return cls(values.reshape(rows, -1), _pack(slot.reshape(rows, -1), _FIELD_BITS[m]),
-                   pattern, tuple(weight.shape), threads)
-
-    @classmethod
-    def from_state(
-        cls,
-        state: dict[str, torch.Tensor],
-        shape: tuple[int, int],
-        threads: int | None = None,
-        **kwargs: object,
-    ) -> PackedNM:
-        values, indices, pattern = (state[k] for k in cls.buffer_names)
-        cls.check_state((values, indices, pattern), shape)
-        n, m = pattern.tolist()
-        return cls(values.clone(), indices.clone(), (n, m), shape, threads)
+        return (values.reshape(rows, -1), _pack(slot.reshape(rows, -1), _FIELD_BITS[m]),
+                torch.tensor(pattern, dtype=torch.int32))
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:

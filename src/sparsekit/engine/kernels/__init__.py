@@ -1,5 +1,9 @@
 """JIT-built C++ kernels, loaded on first use and cached on disk.
 
+The kernels are custom operators, ``torch.ops.sparsekit.<name>``: ``library.cpp`` defines
+their schemas, one ``.cpp`` file per kernel family registers its CPU implementation, and
+:mod:`~sparsekit.engine.kernels.fake` their shapes for ``torch.compile``/``torch.export``.
+
 The sources are compiled once per (torch version, Python, CPU, sources) by
 ``torch.utils.cpp_extension.load`` into ``~/.cache/sparsekit/`` (``$SPARSEKIT_CACHE_DIR`` or
 ``$XDG_CACHE_HOME`` move it); later imports load the built library without rebuilding.
@@ -33,7 +37,8 @@ _tried = False
 
 
 def load() -> ModuleType | None:
-    """The compiled kernel module, building it on first call; ``None`` if unavailable."""
+    """The ``torch.ops.sparsekit`` namespace, building the kernels on first call; ``None``
+    if unavailable."""
     global _module, _reason, _tried
     if _tried:
         return _module
@@ -96,14 +101,19 @@ def _cpu_flags() -> str:
 def _build() -> ModuleType:
     from torch.utils.cpp_extension import load as jit_load
 
+    from sparsekit.engine.kernels import fake
+
     key = _build_key()
     build_dir = _cache_dir() / f"kernels-{torch.__version__}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    return jit_load(
+    jit_load(  # loads the operator library into the process
         name=f"sparsekit_kernels_{key}",
         sources=[str(s) for s in _SOURCES],
         extra_cflags=_CFLAGS,
         extra_ldflags=_LDFLAGS,
         build_directory=str(build_dir),
+        is_python_module=False,
         verbose=False,
     )
+    fake.register()
+    return torch.ops.sparsekit

@@ -7,7 +7,7 @@
 // Each OpenMP thread owns a slice of y and walks all kept inputs, so no atomics are needed.
 // Weights, inputs, thresholds and bias are all float32 or all bfloat16; bfloat16 weights are
 // widened to float32 as they stream (a 16-bit shift) and every sum is accumulated in float32.
-// Registered as the TorchScript operator torch.ops.sparsekit.act_gemv.
+// Registered as torch.ops.sparsekit.act_gemv (schema in library.cpp).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -136,7 +136,4 @@ at::Tensor act_gemv(const at::Tensor& wt, const at::Tensor& x, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY(sparsekit, m) {
-  m.def("act_gemv(Tensor wt, Tensor x, Tensor threshold, Tensor? bias, int threads) -> Tensor",
-        &act_gemv);
-}
+TORCH_LIBRARY_IMPL(sparsekit, CPU, m) { m.impl("act_gemv", &act_gemv); }

@@ -136,22 +136,11 @@ void spmm(const Bsr& w, const I* c, int64_t cols, const float* x, int64_t batch,
   constexpr int64_t L = 16, kChunk = 4 * L;
   const int64_t brows = (w.out_rows + w.R - 1) / w.R;
   const int64_t cols_pad = (cols + w.C - 1) / w.C * w.C, ld = (batch + L - 1) / L * L;
-  thread_local std::vector<float> workspace;  // grows only: no large allocation per call
-  if (workspace.size() < static_cast<size_t>(cols_pad * ld)) workspace.resize(cols_pad * ld);
-  float* xt = workspace.data();
+  float* xt = sparsekit::workspace(cols_pad * ld);
   const int RB = w.R % 4 == 0 ? 4 : 1;
 #pragma omp parallel num_threads(T)
   {
-#pragma omp for schedule(static)
-    for (int64_t i0 = 0; i0 < cols_pad; i0 += 16) {  // blocked transpose, zero padding
-      const int64_t i1 = std::min(cols_pad, i0 + 16);
-      for (int64_t b = 0; b < ld; ++b) {
-        const float* src = x + b * cols;
-        for (int64_t i = i0; i < i1; ++i) {
-          xt[i * ld + b] = b < batch && i < cols ? src[i] : 0.f;
-        }
-      }
-    }  // implicit barrier: xt is complete
+    sparsekit::transpose_into(x, batch, cols, cols_pad, ld, xt);
     int64_t r0, r1;
     thread_rows(w.rowptr, brows, &r0, &r1);
     alignas(64) float tile[4][kChunk];
@@ -206,8 +195,7 @@ at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
                       const at::Tensor& rowptr, const at::Tensor& x,
                       const std::optional<at::Tensor>& bias, int64_t out_features,
                       int64_t threads) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
-                  x.is_contiguous(), "x must be a contiguous 2-D float32 CPU tensor");
+  sparsekit::check_input(x);
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous() && values.dim() == 3,
               "values must be contiguous float32 (nblocks, R, C)");
   const int64_t R = values.size(1), C = values.size(2);
@@ -219,14 +207,8 @@ at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
               "ceil(out_features / R) + 1");
   TORCH_CHECK(col_indices.is_contiguous() && col_indices.numel() == values.size(0),
               "col_indices must be contiguous with one entry per block");
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                    bias->numel() == out_features, "bias must be contiguous float32 of length "
-                "out_features");
-    b = bias->data_ptr<float>();
-  }
-  const int T = static_cast<int>(std::max<int64_t>(1, threads));
+  const float* b = sparsekit::bias_data(bias, out_features);
+  const int T = sparsekit::num_threads(threads);
   auto y = at::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0 || out_features == 0) return y;
   const Bsr w{values.data_ptr<float>(), rowptr.data_ptr<int32_t>(), R, C, out_features};
@@ -241,7 +223,4 @@ at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(sparsekit, m) {
-  m.def("bsr_linear(Tensor values, Tensor col_indices, Tensor rowptr, Tensor x, Tensor? bias, "
-        "int out_features, int threads) -> Tensor", &bsr_linear);
-}
+TORCH_LIBRARY_IMPL(sparsekit, CPU, m) { m.impl("bsr_linear", &bsr_linear); }

@@ -1,9 +1,37 @@
-// Helpers shared by the CPU kernels: splitting rows across OpenMP threads by work.
+// Helpers shared by the CPU kernels: argument checks, splitting rows across OpenMP threads
+// by work, and the transposed input workspace of the batched (SpMM) paths.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <vector>
 
 namespace sparsekit {
+
+// -- argument checks ------------------------------------------------------------------------
+
+// x of a linear kernel: a contiguous 2-D float32 CPU tensor.
+inline void check_input(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
+                  x.is_contiguous(), "x must be a contiguous 2-D float32 CPU tensor");
+}
+
+// The bias of `rows` outputs (nullptr without one), checked to be contiguous float32.
+inline const float* bias_data(const std::optional<at::Tensor>& bias, int64_t rows) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == rows,
+              "bias must be contiguous float32 of length ", rows);
+  return bias->data_ptr<float>();
+}
+
+// The OpenMP thread count of a `threads` argument (at least one).
+inline int num_threads(int64_t threads) { return static_cast<int>(std::max<int64_t>(1, threads)); }
+
+// -- work split -----------------------------------------------------------------------------
 
 // Rows [*r0, *r1) of thread t out of T, each thread getting a 1/T share of the work, where
 // work(i) is the (non-decreasing) work of rows [0, i).
@@ -28,6 +56,33 @@ inline void thread_rows(const int32_t* rowptr, int64_t rows, int t, int T, int64
                         int64_t* r1) {
   thread_rows_by([rowptr](int64_t i) { return static_cast<int64_t>(rowptr[i]) + i; }, rows, t,
                  T, r0, r1);
+}
+
+// -- transposed inputs ----------------------------------------------------------------------
+
+// This thread's workspace of at least n floats; it grows only, so there is no large
+// allocation per call.
+inline float* workspace(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < static_cast<size_t>(n)) buffer.resize(n);
+  return buffer.data();
+}
+
+// xt (padded_cols, ld) = x (batch, cols) transposed, zero beyond `batch` and `cols`: each
+// input column becomes one contiguous row, so a nonzero is one broadcast-FMA over it. A
+// blocked transpose shared by the threads of the enclosing parallel region (it ends with
+// the implicit barrier of `omp for`: xt is then complete).
+inline void transpose_into(const float* x, int64_t batch, int64_t cols, int64_t padded_cols,
+                           int64_t ld, float* xt) {
+  constexpr int64_t kBlock = 16;
+#pragma omp for schedule(static)
+  for (int64_t i0 = 0; i0 < padded_cols; i0 += kBlock) {
+    const int64_t i1 = std::min(padded_cols, i0 + kBlock);
+    for (int64_t b = 0; b < ld; ++b) {
+      const float* src = x + b * cols;
+      for (int64_t i = i0; i < i1; ++i) xt[i * ld + b] = b < batch && i < cols ? src[i] : 0.f;
+    }
+  }
 }
 
 }  // namespace sparsekit

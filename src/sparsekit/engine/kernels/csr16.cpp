@@ -11,7 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
-#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
 #include <omp.h>
 
@@ -192,19 +192,10 @@ void spmm(const float* v, const I* c, const int32_t* rowptr, int64_t rows, int64
   constexpr int64_t kChunk = kMaxVec * L;  // batch columns per pass over a row
   constexpr int64_t kRowTile = 16;
   const int64_t ld = (batch + L - 1) / L * L;
-  thread_local std::vector<float> workspace;  // grows only: no large allocation per call
-  if (workspace.size() < static_cast<size_t>(cols * ld)) workspace.resize(cols * ld);
-  float* xt = workspace.data();
+  float* xt = sparsekit::workspace(cols * ld);
 #pragma omp parallel num_threads(T)
   {
-#pragma omp for schedule(static)
-    for (int64_t i0 = 0; i0 < cols; i0 += kRowTile) {  // blocked transpose
-      const int64_t i1 = std::min(cols, i0 + kRowTile);
-      for (int64_t b = 0; b < ld; ++b) {
-        const float* src = x + b * cols;
-        for (int64_t i = i0; i < i1; ++i) xt[i * ld + b] = b < batch ? src[i] : 0.f;
-      }
-    }  // implicit barrier: xt is complete
+    sparsekit::transpose_into(x, batch, cols, cols, ld, xt);
     int64_t r0, r1;
     thread_rows(rowptr, rows, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
     alignas(64) float tile[kRowTile][kChunk];
@@ -244,17 +235,11 @@ void dispatch(const at::Tensor& values, const at::Tensor& cols_t, const at::Tens
   }
 }
 
-}  // namespace
-
 // y = x @ W.T (+ bias) for x of shape (batch, cols); W in CSR with int16/int32 column indices.
 at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,
-                         const at::Tensor& rowptr, const at::Tensor& x_in,
-                         const std::optional<at::Tensor>& bias_in, int64_t threads) {
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
-              "x must be a 2-D float32 CPU tensor");
-  const at::Tensor x = x_in.contiguous();  // no copy when it already is
-  std::optional<at::Tensor> bias;
-  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
+                      const at::Tensor& rowptr, const at::Tensor& x,
+                      const std::optional<at::Tensor>& bias, int64_t threads) {
+  sparsekit::check_input(x);
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(),
               "values must be contiguous float32");
   TORCH_CHECK(rowptr.scalar_type() == at::kInt && rowptr.is_contiguous() && rowptr.dim() == 1,
@@ -262,13 +247,8 @@ at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,
   TORCH_CHECK(col_indices.is_contiguous(), "col_indices must be contiguous");
   TORCH_CHECK(col_indices.numel() == values.numel(), "col_indices and values differ in length");
   const int64_t rows = rowptr.size(0) - 1;
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                    bias->numel() == rows, "bias must be contiguous float32 of length rows");
-    b = bias->data_ptr<float>();
-  }
-  const int T = static_cast<int>(std::max<int64_t>(1, threads));
+  const float* b = sparsekit::bias_data(bias, rows);
+  const int T = sparsekit::num_threads(threads);
   auto y = at::empty({x.size(0), rows}, x.options());
   if (x.size(0) == 0 || rows == 0) return y;
   if (col_indices.scalar_type() == at::kShort) {
@@ -280,9 +260,6 @@ at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("csr_linear", &csr_linear, "y = x @ W.T + bias for W in CSR with 16/32-bit columns",
-        py::arg("values"), py::arg("col_indices"), py::arg("rowptr"), py::arg("x"),
-        py::arg("bias") = py::none(), py::arg("threads") = 1,
-        py::call_guard<py::gil_scoped_release>());
-}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekit, CPU, m) { m.impl("csr_linear", &csr_linear); }

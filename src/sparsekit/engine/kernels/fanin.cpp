@@ -22,6 +22,8 @@
 #include <optional>
 #include <vector>
 
+#include "common.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -122,18 +124,10 @@ void spmm(const FanIn& w, const I* c, int64_t cols, const float* x, int64_t batc
           int T) {
   constexpr int64_t L = 16, kChunk = 4 * L;
   const int64_t ld = (batch + L - 1) / L * L;
-  thread_local std::vector<float> workspace;  // grows only: no large allocation per call
-  if (workspace.size() < static_cast<size_t>(cols * ld)) workspace.resize(cols * ld);
-  float* xt = workspace.data();
+  float* xt = sparsekit::workspace(cols * ld);
 #pragma omp parallel num_threads(T)
   {
-#pragma omp for schedule(static)
-    for (int64_t i0 = 0; i0 < cols; i0 += 16) {  // blocked transpose
-      const int64_t i1 = std::min(cols, i0 + 16);
-      for (int64_t b = 0; b < ld; ++b) {
-        for (int64_t i = i0; i < i1; ++i) xt[i * ld + b] = b < batch ? x[b * cols + i] : 0.f;
-      }
-    }  // implicit barrier: xt is complete
+    sparsekit::transpose_into(x, batch, cols, cols, ld, xt);
     alignas(64) vec16 tile[kRowTile][4];
 #pragma omp for schedule(static)
     for (int64_t t0 = 0; t0 < w.n; t0 += kRowTile) {  // tiles: contiguous runs of y
@@ -178,8 +172,7 @@ at::Tensor fanin_linear(const at::Tensor& values, const at::Tensor& col_indices,
                         const at::Tensor& rows, const at::Tensor& x,
                         const std::optional<at::Tensor>& bias, int64_t out_features,
                         int64_t threads) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
-                  x.is_contiguous(), "x must be a contiguous 2-D float32 CPU tensor");
+  sparsekit::check_input(x);
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous() && values.dim() == 2,
               "values must be contiguous float32 (rows, k)");
   TORCH_CHECK(col_indices.is_contiguous() && col_indices.sizes() == values.sizes(),
@@ -195,7 +188,7 @@ at::Tensor fanin_linear(const at::Tensor& values, const at::Tensor& col_indices,
   if (x.size(0) == 0 || values.numel() == 0) return y;
   const FanIn w{values.data_ptr<float>(), rows.data_ptr<int32_t>(), values.size(0),
                 values.size(1), out_features};
-  const int T = static_cast<int>(std::max<int64_t>(1, threads));
+  const int T = sparsekit::num_threads(threads);
   if (col_indices.scalar_type() == at::kShort) {
     run(w, reinterpret_cast<const uint16_t*>(col_indices.data_ptr()), x, y, T);
   } else {
@@ -207,7 +200,4 @@ at::Tensor fanin_linear(const at::Tensor& values, const at::Tensor& col_indices,
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(sparsekit, m) {
-  m.def("fanin_linear(Tensor values, Tensor col_indices, Tensor rows, Tensor x, Tensor? bias, "
-        "int out_features, int threads) -> Tensor", &fanin_linear);
-}
+TORCH_LIBRARY_IMPL(sparsekit, CPU, m) { m.impl("fanin_linear", &fanin_linear); }

@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <optional>
 
+#include "common.h"
+
 namespace {
 
 constexpr int64_t kTile = 64;  // batch entries accumulated in registers per row pass
@@ -143,8 +145,6 @@ void check_dense(const at::Tensor& t, const char* name) {
               name, " must be a contiguous 2-D float32/float64 CPU tensor");
 }
 
-int clamp_threads(int64_t threads) { return static_cast<int>(std::max<int64_t>(1, threads)); }
-
 // y^T (rows, batch) for W in CSR (rowptr, col) with values v (read through perm if given).
 at::Tensor spmm_rows(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
                      const std::optional<at::Tensor>& perm, const at::Tensor& xt,
@@ -172,7 +172,7 @@ at::Tensor spmm_rows(const at::Tensor& rowptr, const at::Tensor& col, const at::
     spmm_rows_impl<scalar_t>(rowptr.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
                              values.data_ptr<scalar_t>(), pp, xt.data_ptr<scalar_t>(),
                              has_bias ? bias->data_ptr<scalar_t>() : nullptr,
-                             y.data_ptr<scalar_t>(), rows, batch, clamp_threads(threads));
+                             y.data_ptr<scalar_t>(), rows, batch, sparsekit::num_threads(threads));
   });
   return y;
 }
@@ -193,15 +193,14 @@ at::Tensor sddmm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tens
     sddmm_impl<scalar_t>(rowptr.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
                          a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                          a.size(0),
-                         a.size(1), clamp_threads(threads));
+                         a.size(1), sparsekit::num_threads(threads));
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(sparsekit, m) {
-  m.def("spmm_rows(Tensor rowptr, Tensor col, Tensor values, Tensor? perm, Tensor xt, "
-        "Tensor? bias, int threads) -> Tensor", &spmm_rows);
-  m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b, int threads) -> Tensor", &sddmm);
+TORCH_LIBRARY_IMPL(sparsekit, CPU, m) {
+  m.impl("spmm_rows", &spmm_rows);
+  m.impl("sddmm", &sddmm);
 }

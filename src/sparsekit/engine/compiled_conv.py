@@ -1,0 +1,116 @@
+"""CompiledConv2d: an inference-only ``nn.Conv2d`` whose weight lives in a compressed format.
+
+A convolution is a matrix product of its ``(out_channels, in_channels * kh * kw)`` weight
+matrix with the unfolded input patches (im2col). The dense format keeps PyTorch's own
+convolution (``F.conv2d`` on a view of the stored matrix, so oneDNN still runs it); the
+sparse formats multiply the patches, which pays only when the weight is sparse enough to
+make up for building them. :func:`sparsekit.engine.compile` times both per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit.engine.compiled_linear import CompiledLayer
+from sparsekit.engine.formats import DenseFormat, Format
+
+__all__ = ["CompiledConv2d", "convertible"]
+
+
+def convertible(conv: nn.Conv2d) -> str | None:
+    """``None`` if ``conv`` can be compiled, else the reason why not."""
+    if conv.groups != 1:
+        return f"groups={conv.groups} (only 1 is supported)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r} (only explicit integers are supported)"
+    return None
+
+
+class CompiledConv2d(CompiledLayer):
+    """``nn.Conv2d`` (groups 1, zero padding) with its weight matrix in one ``Format``.
+
+    Accepts ``(N, C, H, W)`` and unbatched ``(C, H, W)`` inputs like ``nn.Conv2d``.
+    :meth:`to_conv2d` gives back an equivalent ``nn.Conv2d``.
+    """
+
+    def __init__(
+        self,
+        fmt: Format,
+        bias: torch.Tensor | None,
+        *,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+    ) -> None:
+        super().__init__(fmt, bias)
+        kh, kw = kernel_size
+        if fmt.in_features % (kh * kw):
+            raise ValueError(
+                f"a {fmt.out_features}x{fmt.in_features} weight matrix does not fit "
+                f"kernel_size={kernel_size}"
+            )
+        self.in_channels = fmt.in_features // (kh * kw)
+        self.out_channels = fmt.out_features
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+
+    @classmethod
+    def from_conv2d(
+        cls, conv: nn.Conv2d, format: str = "dense", **kwargs: object
+    ) -> CompiledConv2d:
+        """Compress ``conv`` (its zero weights are the pruned ones) into ``format``."""
+        reason = convertible(conv)
+        if reason is not None:
+            raise ValueError(f"cannot compile this Conv2d: {reason}")
+        matrix = conv.weight.detach().reshape(conv.out_channels, -1)
+        return cls(
+            cls._compress(matrix, format, **kwargs), conv.bias,
+            kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.format, DenseFormat):
+            weight = self.format.weight.view(self.out_channels, self.in_channels, *self.kernel_size)
+            return F.conv2d(x, weight, self._bias, self.stride, self.padding, self.dilation)
+        batched = x.dim() == 4
+        if not batched:
+            x = x.unsqueeze(0)
+        n, _, h, w = x.shape
+        patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        y = self._matmul(patches.transpose(1, 2), self._bias)  # (N, L, out)
+        out_h, out_w = (
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(
+                (h, w), self.padding, self.dilation, self.kernel_size, self.stride, strict=True
+            )
+        )
+        y = y.transpose(1, 2).reshape(n, self.out_channels, out_h, out_w)
+        return y if batched else y.squeeze(0)
+
+    def to_conv2d(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with the same weight and bias (e.g. to fine-tune again)."""
+        weight = self.to_dense()
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, bias=self.bias is not None, device=weight.device, dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(weight.view_as(conv.weight))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    to_module = to_conv2d
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"bias={self.bias is not None}, format={self.format.name!r}"
+        )

@@ -1,0 +1,180 @@
+// GEMV and SpMM drivers for the formats decoded one row at a time (bitmap rows, packed N:M).
+//
+// A format is a struct W with `rows`, `cols`, `work(r)` (non-decreasing work of rows [0, r)),
+// `dot(r, x)` (row r times an input zero-padded by at least 128 floats) and `decode(r, c,
+// &count)` (row r's columns into c, room for cols + 32, returning its packed values).
+// Batch 1 (up to 3) runs one GEMV per input; larger batches transpose x once into a
+// per-thread workspace and decode each weight row once into (column, value) pairs that are
+// applied to chunks of 64/128 inputs. Rows are split across OpenMP threads by work.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "common.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace sparsekit::rows {
+
+constexpr int64_t kGemvMaxBatch = 3;  // batches up to this size run one GEMV per row of x
+constexpr int64_t kRowTile = 16;      // rows whose outputs are written back together
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec8 __attribute__((vector_size(32)));
+
+#if defined(__AVX512F__)
+// 0, 1, ..., 15: the lane numbers.
+inline __m512i lanes() {
+  return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#endif
+
+// Rows [r0, r1) of thread t: a 1/T share of the work.
+template <typename W>
+void thread_rows_of(const W& w, int t, int T, int64_t* r0, int64_t* r1) {
+  thread_rows_by([&w](int64_t i) { return w.work(i); }, w.rows, t, T, r0, r1);
+}
+
+template <typename W>
+void gemv(const W& w, const float* x, const float* bias, float* y, int T) {
+  thread_local std::vector<float> xpad;  // x zero-padded: whole vectors never read past it
+  const int64_t padded = (w.cols + 63) / 64 * 64 + 128;
+  xpad.assign(padded, 0.f);
+  std::memcpy(xpad.data(), x, w.cols * sizeof(float));
+  const float* xp = xpad.data();
+#pragma omp parallel num_threads(T)
+  {
+    int64_t r0, r1;
+    thread_rows_of(w, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float acc = w.dot(r, xp);
+      y[r] = bias ? acc + bias[r] : acc;
+    }
+  }
+}
+
+// out[0:NV*L] = sum_k w[k] * xt[c[k], 0:NV*L] for one decoded row (xt leading dimension ld).
+template <typename V, int NV>
+inline void row_chunk(const int32_t* c, const float* w, int64_t count, const float* xt,
+                      int64_t ld, float* out) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  constexpr int U = NV >= 6 ? 1 : NV >= 3 ? 2 : 4;  // independent sums hide FMA latency
+  V acc[U][NV];
+  for (int u = 0; u < U; ++u)
+    for (int j = 0; j < NV; ++j) acc[u][j] = V{};
+  int64_t k = 0;
+  for (; k + U <= count; k += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const float* xr = xt + static_cast<int64_t>(c[k + u]) * ld;
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) {
+        V xv;
+        __builtin_memcpy(&xv, xr + j * L, sizeof(V));
+        acc[u][j] += w[k + u] * xv;
+      }
+    }
+  }
+  for (; k < count; ++k) {
+    const float* xr = xt + static_cast<int64_t>(c[k]) * ld;
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      V xv;
+      __builtin_memcpy(&xv, xr + j * L, sizeof(V));
+      acc[0][j] += w[k] * xv;
+    }
+  }
+  for (int u = 1; u < U; ++u)
+    for (int j = 0; j < NV; ++j) acc[0][j] += acc[u][j];
+  __builtin_memcpy(out, acc[0], sizeof(acc[0]));
+}
+
+template <typename V>
+inline void row_chunk_n(int nv, const int32_t* c, const float* w, int64_t count,
+                        const float* xt, int64_t ld, float* out) {
+  switch (nv) {
+    case 8: row_chunk<V, 8>(c, w, count, xt, ld, out); break;
+    case 7: row_chunk<V, 7>(c, w, count, xt, ld, out); break;
+    case 6: row_chunk<V, 6>(c, w, count, xt, ld, out); break;
+    case 5: row_chunk<V, 5>(c, w, count, xt, ld, out); break;
+    case 4: row_chunk<V, 4>(c, w, count, xt, ld, out); break;
+    case 3: row_chunk<V, 3>(c, w, count, xt, ld, out); break;
+    case 2: row_chunk<V, 2>(c, w, count, xt, ld, out); break;
+    default: row_chunk<V, 1>(c, w, count, xt, ld, out); break;
+  }
+}
+
+// Y (batch, rows) = X (batch, cols) @ W.T via xt = X.T (cols, ld): each decoded nonzero is
+// one broadcast-FMA over a contiguous row of xt. Outputs of kRowTile rows are buffered so
+// that Y is written in contiguous runs.
+template <typename V, typename W>
+void spmm(const W& w, const float* x, int64_t batch, const float* bias, float* y, int T) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  constexpr int kMaxVec = 8;
+  constexpr int64_t kChunk = kMaxVec * L;  // batch columns per pass over a decoded row
+  const int64_t cols = w.cols, ld = (batch + L - 1) / L * L;
+  float* xt = workspace(cols * ld);
+#pragma omp parallel num_threads(T)
+  {
+    transpose_into(x, batch, cols, cols, ld, xt);
+    int64_t r0, r1;
+    thread_rows_of(w, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+    std::vector<int32_t> c(cols + 32);  // N:M rows may name a few padded inputs
+    std::vector<float> tile(kRowTile * ld);
+    for (int64_t t0 = r0; t0 < r1; t0 += kRowTile) {
+      const int64_t t1 = std::min(r1, t0 + kRowTile);
+      for (int64_t r = t0; r < t1; ++r) {
+        int64_t count;
+        const float* v = w.decode(r, c.data(), &count);
+        for (int64_t b0 = 0; b0 < ld; b0 += kChunk) {
+          const int nv = static_cast<int>(std::min<int64_t>(kMaxVec, (ld - b0) / L));
+          row_chunk_n<V>(nv, c.data(), v, count, xt + b0, ld, &tile[(r - t0) * ld + b0]);
+        }
+      }
+      for (int64_t b = 0; b < batch; ++b) {
+        float* yb = y + b * w.rows;
+        for (int64_t r = t0; r < t1; ++r) yb[r] = tile[(r - t0) * ld + b] + (bias ? bias[r] : 0.f);
+      }
+    }
+  }
+}
+
+template <typename W>
+at::Tensor run(const W& w, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+               int64_t threads) {
+  check_input(x);
+  TORCH_CHECK(x.size(1) == w.cols, "x must have ", w.cols, " columns");
+  const float* b = bias_data(bias, w.rows);
+  const int T = num_threads(threads);
+  const int64_t batch = x.size(0);
+  at::Tensor y = at::empty({batch, w.rows}, x.options());
+  if (batch == 0 || w.rows == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (batch <= kGemvMaxBatch) {
+    for (int64_t i = 0; i < batch; ++i) gemv(w, xp + i * w.cols, b, yp + i * w.rows, T);
+  } else if (batch <= 8) {
+    spmm<vec8>(w, xp, batch, b, yp, T);  // 8 lanes: no idle half
+  } else {
+    spmm<vec16>(w, xp, batch, b, yp, T);
+  }
+  return y;
+}
+
+inline void check_values(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "values must be contiguous float32");
+}
+
+}  // namespace sparsekit::rows

@@ -1,0 +1,59 @@
+"""Fake (meta) implementations of the ``torch.ops.sparsekit`` kernels.
+
+They give each op's output shape and dtype without computing it, so that
+``torch.compile`` and ``torch.export`` can trace models that call the kernels (the ops are
+opaque to the tracer; only these shapes are seen). The schemas are in ``library.cpp``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["register"]
+
+_registered = False
+
+
+def _linear(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+def register() -> None:
+    """Register every fake implementation (once per process; the ops must be loaded)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    fake = torch.library.register_fake
+
+    @fake("sparsekit::csr_linear")
+    def _(values, col_indices, rowptr, x, bias, threads):  # type: ignore[no-untyped-def]
+        return _linear(x, rowptr.shape[0] - 1)
+
+    @fake("sparsekit::bitmap_linear")
+    def _(values, bitmap, rowptr, x, bias, threads):  # type: ignore[no-untyped-def]
+        return _linear(x, bitmap.shape[0])
+
+    @fake("sparsekit::nm_linear")
+    def _(values, indices, x, bias, n, m, threads):  # type: ignore[no-untyped-def]
+        return _linear(x, values.shape[0])
+
+    @fake("sparsekit::bsr_linear")
+    def _(values, col_indices, rowptr, x, bias, out_features, threads):  # type: ignore[no-untyped-def]
+        return _linear(x, out_features)
+
+    @fake("sparsekit::fanin_linear")
+    def _(values, col_indices, rows, x, bias, out_features, threads):  # type: ignore[no-untyped-def]
+        return _linear(x, out_features)
+
+    @fake("sparsekit::act_gemv")
+    def _(wt, x, threshold, bias, threads):  # type: ignore[no-untyped-def]
+        return wt.new_empty(wt.shape[1])
+
+    @fake("sparsekit::spmm_rows")
+    def _(rowptr, col, values, perm, xt, bias, threads):  # type: ignore[no-untyped-def]
+        return xt.new_empty(rowptr.shape[0] - 1, xt.shape[1])
+
+    @fake("sparsekit::sddmm")
+    def _(rowptr, col, a, b, threads):  # type: ignore[no-untyped-def]
+        return a.new_empty(col.shape[0])

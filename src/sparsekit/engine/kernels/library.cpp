@@ -1,0 +1,27 @@
+// The sparsekit operator library: the schema of every kernel, called from Python as
+// torch.ops.sparsekit.<name>. Each kernel family registers its CPU implementation in its
+// own file (TORCH_LIBRARY_IMPL); the shape-only fake implementations that let
+// torch.compile and torch.export trace the ops are registered from Python
+// (sparsekit/engine/kernels/fake.py).
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(sparsekit, m) {
+  // Inference: y = x @ W.T (+ bias) for x (batch, in) and W in one compressed format.
+  m.def("csr_linear(Tensor values, Tensor col_indices, Tensor rowptr, Tensor x, Tensor? bias, "
+        "int threads) -> Tensor");
+  m.def("bitmap_linear(Tensor values, Tensor bitmap, Tensor rowptr, Tensor x, Tensor? bias, "
+        "int threads) -> Tensor");
+  m.def("nm_linear(Tensor values, Tensor indices, Tensor x, Tensor? bias, int n, int m, "
+        "int threads) -> Tensor");
+  m.def("bsr_linear(Tensor values, Tensor col_indices, Tensor rowptr, Tensor x, Tensor? bias, "
+        "int out_features, int threads) -> Tensor");
+  m.def("fanin_linear(Tensor values, Tensor col_indices, Tensor rows, Tensor x, Tensor? bias, "
+        "int out_features, int threads) -> Tensor");
+  // Activation sparsity: one input row, skipping the weight rows of small inputs.
+  m.def("act_gemv(Tensor wt, Tensor x, Tensor threshold, Tensor? bias, int threads) -> Tensor");
+  // Training (SparseLinear): row-sparse times dense, and dense-dense sampled at the nonzeros.
+  m.def("spmm_rows(Tensor rowptr, Tensor col, Tensor values, Tensor? perm, Tensor xt, "
+        "Tensor? bias, int threads) -> Tensor");
+  m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b, int threads) -> Tensor");
+}

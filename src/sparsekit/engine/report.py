@@ -1,0 +1,101 @@
+"""report(): :func:`sparsekit.report` with the layers the engine installed.
+
+Compiled layers appear as ``Linear``/``Conv2d`` rows of their format, with the times
+:func:`~sparsekit.engine.compile` measured for them; activation-sparse layers as ``Linear``
+rows of format ``"activation"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from sparsekit.engine.activation_linear import ActivationSparseLinear
+from sparsekit.engine.compiled_conv import CompiledConv2d
+from sparsekit.engine.compiled_linear import CompiledLayer
+from sparsekit.report import LayerRow, Report
+from sparsekit.report import report as _base_report
+
+__all__ = ["report"]
+
+
+def report(
+    model: nn.Module, example_inputs: torch.Tensor | tuple[object, ...] | None = None
+) -> Report:
+    """:func:`sparsekit.report` that also lists compiled and activation-sparse layers.
+
+    Compiled layers appear as ``Linear``/``Conv2d`` rows with the extra columns
+    ``format``, ``ms dense``, ``ms sparse`` and ``speedup`` from
+    ``model.sparsekit_choices``; :class:`ActivationSparseLinear` layers as ``Linear`` rows
+    of format ``"activation"``.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    inputs = example_inputs
+    special = {
+        n: m for n, m in model.named_modules()
+        if isinstance(m, (CompiledLayer, ActivationSparseLinear))
+    }
+    macs: dict[str, int] = {}
+    handles = [
+        m.register_forward_hook(_mac_counter(macs, n, m.in_features)) for n, m in special.items()
+    ]
+    try:
+        base = {r.name: r for r in _base_report(model, inputs).rows}
+    finally:
+        for h in handles:
+            h.remove()
+    choices = getattr(model, "sparsekit_choices", {})
+    rows = []
+    for name, module in model.named_modules():
+        if name in base:
+            rows.append(base[name])
+        elif name in special:
+            rows.append(_special_row(name, module, macs, inputs is None, choices.get(name)))
+    return Report(rows)
+
+
+
+def _mac_counter(macs: dict[str, int], name: str, in_features: int) -> Callable[..., None]:
+    def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+        macs[name] = macs.get(name, 0) + output.numel() * in_features
+
+    return hook
+
+
+def _special_row(
+    name: str,
+    module: CompiledLayer | ActivationSparseLinear,
+    macs: dict[str, int],
+    one_row: bool,
+    choice: dict[str, object] | None,
+) -> LayerRow:
+    params = module.in_features * module.out_features
+    if isinstance(module, CompiledLayer):
+        nonzeros, extra = module.format.nnz, {"format": module.format.name}
+        kind = "Conv2d" if isinstance(module, CompiledConv2d) else "Linear"
+    else:
+        nonzeros, extra = int(torch.count_nonzero(module.weight_t)), {"format": "activation"}
+        kind = "Linear"
+    layer_macs = params if one_row and kind == "Linear" else macs.get(name)
+    dense = None if layer_macs is None else 2 * layer_macs
+    if choice is not None:
+        extra.update(
+            {"ms dense": choice["ms_dense"], "ms sparse": choice["ms_chosen"],
+             "speedup": choice["speedup"]}
+        )
+    shape = (module.out_features, module.in_features)
+    if isinstance(module, CompiledConv2d):
+        shape = (module.out_channels, module.in_channels, *module.kernel_size)
+    return LayerRow(
+        name=name,
+        kind=kind,
+        shape=shape,
+        params=params,
+        nonzeros=nonzeros,
+        dense_flops=dense,
+        sparse_flops=None if dense is None else dense * nonzeros // max(params, 1),
+        extra=extra,
+    )
