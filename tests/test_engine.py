@@ -286,17 +286,6 @@ def test_formats_registry_carries_metadata() -> None:
         FORMATS.meta("csr32")
 
 
-def test_registry_meta_defaults_to_empty() -> None:
-    from sparsekit.registry import Registry
-
-    table: Registry = Registry("thing")
-    table.register("a")(len)
-    table.register("b", fast=True)(abs)
-    assert table.meta("a") == {} and table.meta("b") == {"fast": True}
-    table.meta("b")["fast"] = False  # a copy
-    assert table.meta("b") == {"fast": True}
-
-
 def test_kernel_ops_have_fake_implementations() -> None:
     """torch.compile/export see the ops' output shapes without running them."""
     if not kernels.available():

@@ -48,7 +48,7 @@ class FormatRegistry(Registry[type[Format]]):
 
 
 FORMATS = FormatRegistry(
-    "format", meta={"dtypes": (), "device": "cpu", "threaded": False}, ordered=True
+    "format", meta={"dtypes": None, "device": None, "threaded": False}, ordered=True
 )
 for _format in (
     DenseFormat, TorchCSR, CSR16, Bitmap, PackedNM, BSR, ConstantFanIn, CudaSemiStructured,
