@@ -27,7 +27,8 @@ __all__ = ["BlockCall", "BlockReplay", "capture_inputs", "find_blocks", "layer_t
            "to_device"]
 
 _HIDDEN = "hidden_states"
-_NO_CACHE = {"past_key_values": None, "past_key_value": None, "use_cache": False}
+# A replayed call must not grow a key-value cache: every replay would attend to the last.
+_NO_CACHE = {"past_key_values": None, "past_key_value": None, "cache": None, "use_cache": False}
 
 
 def layer_types() -> tuple[type[nn.Module], ...]:

@@ -95,7 +95,9 @@ def preserved(
     *models: nn.Module, train: bool | None = None, buffers: bool = True
 ) -> Iterator[None]:
     """Run a block against ``models``; restore every module's own train/eval mode, the
-    parameters' ``.grad`` fields and (with ``buffers``) the buffer values afterwards.
+    parameters' ``.grad`` fields (the tensors they held: differentiate with
+    ``torch.autograd.grad`` inside, as ``.backward()`` accumulates into those tensors) and
+    (with ``buffers``) the buffer values afterwards.
 
     ``train`` sets the mode of every module while inside (``None``: leave it). Pass
     ``buffers=False`` when nothing inside can change them (eval mode without autograd) to
