@@ -35,7 +35,8 @@ def test_batches_accepts_its_own_output():
     for data in (x, (x, y), [x, x], DataLoader(TensorDataset(x, y), batch_size=3)):
         once = list(batches(data))
         again = list(batches(once))
-        assert [(a is b, c is d) for (a, c), (b, d) in zip(once, again)] == [(True, True)] * len(once)
+        same = [(a is b, c is d) for (a, c), (b, d) in zip(once, again)]
+        assert same == [(True, True)] * len(once)
 
 
 def test_batches_rejects_other_items():
