@@ -15,12 +15,12 @@ transformers = pytest.importorskip("transformers")
 import sparsekit  # noqa: E402
 from sparsekit import llm  # noqa: E402
 from sparsekit.allocation import owl_sparsities  # noqa: E402
-from sparsekit.llm.blocks import block_layers, find_blocks  # noqa: E402
-from sparsekit.llm.methods import keep_mask, wanda_scores  # noqa: E402
-from sparsekit.llm.stats import InputStats  # noqa: E402
+from sparsekit.blocks import find_blocks  # noqa: E402
+from sparsekit.llm.blocks import block_layers  # noqa: E402
+from sparsekit.llm.methods import keep_mask  # noqa: E402
+from sparsekit.observe import InputStats, input_stats  # noqa: E402
 from sparsekit.patterns import parse_pattern  # noqa: E402
-from sparsekit.scores.wanda import input_sq_norms  # noqa: E402
-from sparsekit.targets import Target  # noqa: E402
+from sparsekit.scores.wanda import wanda_scores  # noqa: E402
 
 VOCAB = 256  # byte-level, so the byte tokenizer fits
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -173,15 +173,12 @@ def test_wanda_sparsity_is_exact_per_output_row():
 
 
 def _wanda_reference(model: nn.Module, layers, calib: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-row Wanda masks from statistics of ``model`` run whole (sparsekit.scores.wanda)."""
-    targets = [Target(x.name, "", x.module, x.module.weight) for x in layers]
-    norms = input_sq_norms(model, targets, [calib])
+    """Per-row Wanda masks from statistics of ``model`` run whole (sparsekit.observe)."""
+    stats = input_stats(model, {x.name: x.module for x in layers}, [calib])
     pat = parse_pattern("unstructured")
     out = {}
     for x in layers:
-        s = InputStats(x.shape[1], gram=False, device=torch.device("cpu"))
-        s.sq = norms[x.name]
-        out[x.name] = keep_mask(wanda_scores(x.weight(), s), 0.5, pat, per_row=True)
+        out[x.name] = keep_mask(wanda_scores(x.weight(), stats[x.name]), 0.5, pat, per_row=True)
     return out
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from sparsekit.training import inference
+from sparsekit.training import accuracy, inference, minibatches
 
 
 def test_inference_restores_every_modules_own_mode() -> None:
@@ -21,3 +22,21 @@ def test_inference_restores_every_modules_own_mode() -> None:
     with pytest.raises(RuntimeError), inference(model):
         raise RuntimeError("restored on errors too")
     assert model.training and not model[1].training
+
+
+def test_accuracy_restores_every_modules_own_mode() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5))
+    model[1].eval()  # accuracy used to put every submodule back into the root's mode
+    data = TensorDataset(torch.randn(5, 3), torch.zeros(5, dtype=torch.long))
+    accuracy(model, data, batch_size=2)
+    assert [m.training for m in model.modules()] == [True, True, False]
+
+
+def test_minibatches_and_the_deprecated_name() -> None:
+    data = TensorDataset(torch.arange(5.0), torch.arange(5))
+    assert [x.tolist() for x, _ in minibatches(data, 2)] == [[0.0, 1.0], [2.0, 3.0], [4.0]]
+    shuffled = torch.cat([x for x, _ in minibatches(data, 2, shuffle=True, seed=1)])
+    assert sorted(shuffled.tolist()) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    with pytest.warns(DeprecationWarning, match="minibatches"):
+        from sparsekit.training import batches
+    assert batches is minibatches

@@ -18,7 +18,6 @@ totals then sum the known values and set ``flops_complete`` to ``False``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypedDict
@@ -28,8 +27,8 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
+from sparsekit.observe import macs
 from sparsekit.targets import DEFAULT_TYPES
-from sparsekit.training import inference
 
 __all__ = ["HasMasks", "LayerRow", "Report", "Totals", "report"]
 
@@ -209,11 +208,7 @@ def report(
         )
     mask_table = _mask_table(masks)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES)]
-    macs = (
-        None
-        if example_inputs is None
-        else _count_macs(model, [m for _, m in layers], example_inputs)
-    )
+    counted = None if example_inputs is None else macs(model, dict(layers), *example_inputs)
 
     rows = []
     for name, module in layers:
@@ -226,8 +221,8 @@ def report(
                 f"expected the weight's shape {tuple(weight.shape)}"
             )
         nonzeros = int(torch.count_nonzero(weight if mask is None else mask))
-        if macs is not None:
-            layer_macs = macs.get(module)  # None: not called by the forward pass
+        if counted is not None:
+            layer_macs = counted.get(name)  # None: not called by the forward pass
         elif isinstance(module, nn.Linear):
             layer_macs = weight.numel()  # one input row
         else:
@@ -246,26 +241,6 @@ def report(
             )
         )
     return Report(rows)
-
-
-def _count_macs(
-    model: nn.Module, layers: Sequence[nn.Module], inputs: tuple[object, ...]
-) -> dict[nn.Module, int]:
-    """Run ``model(*inputs)`` once and return the MACs of every layer it called."""
-    macs: dict[nn.Module, int] = {}
-
-    def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
-        per_output = math.prod(module.weight.shape[1:])  # in_features or in/groups * kernel
-        macs[module] = macs.get(module, 0) + output.numel() * per_output
-
-    handles = [layer.register_forward_hook(hook) for layer in layers]
-    try:
-        with inference(model):
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return macs
 
 
 def _mask_table(masks: HasMasks | None) -> Mapping[str, torch.Tensor]:

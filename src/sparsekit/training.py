@@ -6,34 +6,28 @@ the only sparsity-specific line is ``masks.attach(optimizer)``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from sparsekit.observe import inference
 
-@contextmanager
-def inference(*models: nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd for ``models``; every module's own mode is restored after
-    (submodules may differ from their root)."""
-    modes = {m: m.training for model in models for m in model.modules()}
-    try:
-        for model in models:
-            model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
+__all__ = ["accuracy", "inference", "minibatches", "train_epoch"]
 
 
-def batches(
+def minibatches(
     data: TensorDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Slice a TensorDataset into batches without per-sample collation (fast on CPU)."""
+    """Slice a TensorDataset into minibatches without per-sample collation (fast on CPU).
+
+    (Not to be confused with :func:`sparsekit.observe.batches`, which normalises the
+    accepted ``data`` forms.)
+    """
     x, y = data.tensors
     order = (
         torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
@@ -56,7 +50,7 @@ def train_epoch(
     """One epoch of cross-entropy training; returns the mean loss."""
     model.train()
     total, count = 0.0, 0
-    for x, y in batches(data, batch_size, shuffle=True, seed=seed):
+    for x, y in minibatches(data, batch_size, shuffle=True, seed=seed):
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -68,13 +62,18 @@ def train_epoch(
     return total / max(count, 1)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, data: TensorDataset, *, batch_size: int = 1000) -> float:
     """Top-1 accuracy of ``model`` on ``data`` (eval mode, restored afterwards)."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    for x, y in batches(data, batch_size):
-        correct += int((model(x).argmax(1) == y).sum())
-    model.train(was_training)
+    with inference(model):
+        for x, y in minibatches(data, batch_size):
+            correct += int((model(x).argmax(1) == y).sum())
     return correct / len(data)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "batches":  # renamed: two unrelated functions were both called ``batches``
+        warnings.warn("sparsekit.training.batches is deprecated; use "
+                      "sparsekit.training.minibatches", DeprecationWarning, stacklevel=2)
+        return minibatches
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

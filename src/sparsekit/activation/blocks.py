@@ -3,9 +3,9 @@
 A layer's block is the module named by its name up to the first numeric part
 (``model.layers.3.mlp.up_proj`` -> ``model.layers.3``; the whole model when there is none).
 Layers of one block that read the same input (Hugging Face ``q/k/v_proj``, ``gate/up_proj``)
-share one sparsity level. :class:`BlockReplay` records one call of each block on the
-calibration data and re-runs it with chosen layer thresholds to measure the block's relative
-output error.
+share one sparsity level. :class:`BlockError` re-runs one recorded call of each block
+(:class:`sparsekit.blocks.BlockReplay`) with chosen layer thresholds to measure the block's
+relative output error.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit.activation.record import forward_all
+from sparsekit.blocks import BlockReplay
 from sparsekit.engine.activation_linear import sparsify_input
 
-__all__ = ["BlockReplay", "block_groups"]
+__all__ = ["BlockError", "block_groups"]
 
 _SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv",
                  "gate_proj": "gate_up", "up_proj": "gate_up"}
-_NO_CACHE = {"past_key_values": None, "past_key_value": None, "use_cache": False}
 
 
 def block_groups(names: list[str]) -> dict[str, list[list[str]]]:
@@ -40,41 +39,25 @@ def block_groups(names: list[str]) -> dict[str, list[list[str]]]:
     return {b: list(g.values()) for b, g in blocks.items()}
 
 
-class BlockReplay:
-    """One recorded call of each block, re-run with thresholded layer inputs."""
+class BlockError:
+    """Relative output error of each block when chosen layers' inputs are thresholded.
+
+    Each block's call is recorded once (:class:`sparsekit.blocks.BlockReplay`) and its dense
+    output kept as the reference.
+    """
 
     def __init__(self, model: nn.Module, blocks: list[str], calibration: Any) -> None:
         self.modules = dict(model.named_modules())
-        self.calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        handles = [self.modules[b].register_forward_pre_hook(self._keep(b), with_kwargs=True)
-                   for b in blocks]
-        try:
-            forward_all(model, calibration, "calibration")
-        finally:
-            for h in handles:
-                h.remove()
-        self.reference = {b: self._run(b, {}) for b in blocks}
+        self.replay = BlockReplay(model, blocks, calibration, "calibration")
+        self.reference = {b: self.replay(b) for b in blocks}
 
-    def error(self, block: str, thresholds: dict[str, torch.Tensor]) -> float:
+    def __call__(self, block: str, thresholds: dict[str, torch.Tensor]) -> float:
         """``||y_sparse - y||^2 / ||y||^2`` of ``block``'s output ``y``."""
         ref = self.reference[block]
-        diff = torch.linalg.vector_norm(self._run(block, thresholds) - ref).square()
+        with _thresholded(self.modules, thresholds):
+            out = self.replay(block)
+        diff = torch.linalg.vector_norm(out - ref).square()
         return float(diff / torch.linalg.vector_norm(ref).square().clamp_min(1e-30))
-
-    def _keep(self, block: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if block not in self.calls:  # the first batch is enough to compare settings
-                kwargs = {k: _NO_CACHE.get(k, v) for k, v in kwargs.items()}
-                self.calls[block] = (args, kwargs)
-
-        return hook
-
-    def _run(self, block: str, thresholds: dict[str, torch.Tensor]) -> torch.Tensor:
-        args, kwargs = self.calls[block]
-        with _thresholded(self.modules, thresholds), torch.no_grad():
-            out = self.modules[block](*args, **kwargs)
-        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
-        return out.float()
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sparsekit.activation.allocation import ALLOCATIONS, greedy, uniform
-from sparsekit.activation.blocks import BlockReplay, block_groups
+from sparsekit.activation.blocks import BlockError, block_groups
 from sparsekit.activation.layers import find_layers
 from sparsekit.activation.record import record_inputs
 from sparsekit.activation.scores import METHODS, feature_threshold, score
@@ -100,11 +100,11 @@ def _teal_greedy(
 ) -> dict[str, float]:
     """TEAL's greedy allocation, block by block, on the block outputs of ``calibration``."""
     groups = block_groups(list(sizes))
-    replay = BlockReplay(model, list(groups), calibration)
+    block_error = BlockError(model, list(groups), calibration)
     sparsities: dict[str, float] = {}
     for block, block_layers in groups.items():
         def error(levels: dict[str, float], block: str = block) -> float:
-            return replay.error(block, {n: thresholds(n, s) for n, s in levels.items() if s > 0})
+            return block_error(block, {n: thresholds(n, s) for n, s in levels.items() if s > 0})
 
         names = [n for g in block_layers for n in g]
         sparsities |= greedy(block_layers, {n: sizes[n] for n in names}, target, error)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from sparsekit.activation.layers import find_layers
-from sparsekit.activation.record import forward_all, observe
 from sparsekit.activation.sparsity import ActivationSparsity
+from sparsekit.observe import run, watch
 
 __all__ = ["LayerProfile", "profile"]
 
@@ -57,8 +57,8 @@ def profile(
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     generator = torch.Generator().manual_seed(seed)
 
-    def see(name: str, x: torch.Tensor) -> None:
-        x = x.float().cpu()
+    def see(name: str, x: torch.Tensor, _out: Any) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
         counts[name][0] += int((x == 0).sum())
         if sparsity is not None:
             counts[name][1] += int((x.abs() < sparsity.thresholds[name]).sum())
@@ -68,8 +68,8 @@ def profile(
         pick = torch.randint(flat.numel(), (_PLOT_VALUES,), generator=generator)
         samples[name].append(flat[pick])
 
-    with observe(layers, see):
-        forward_all(model, data, "data")
+    with watch(layers, see):
+        run(model, data)
     result = {}
     for n, (zeros, below, rows) in ((n, c.tolist()) for n, c in counts.items()):
         total = max(rows * alive[n].numel(), 1)

@@ -14,7 +14,7 @@ from sparsekit.cli._model import add_checkpoint_arguments, example_inputs, load_
 from sparsekit.cli._output import check_output, write_output
 from sparsekit.cli.report import show
 from sparsekit.scores import CRITERIA
-from sparsekit.training import batches
+from sparsekit.training import minibatches
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         from sparsekit.data import load_image_dataset
 
         train = load_image_dataset(args.data_dir).train
-        data = [b for _, b in zip(range(args.calib_batches), batches(train, 128))]
+        data = [b for _, b in zip(range(args.calib_batches), minibatches(train, 128))]
     masks = sparsekit.prune(
         model, args.sparsity, criterion=args.criterion, allocation=args.allocation,
         pattern=args.pattern, exclude=args.exclude, data=data, seed=args.seed,

@@ -23,7 +23,7 @@ from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, available_formats
-from sparsekit.training import inference
+from sparsekit.observe import inference, input_shapes
 
 __all__ = ["InputThresholds", "compile"]
 
@@ -193,24 +193,10 @@ def _autotune(
 
 def _conv_input_shapes(model: nn.Module, inputs: tuple[object, ...]) -> dict[str, tuple[int, ...]]:
     """``(C, H, W)`` of the first input each ``nn.Conv2d`` of ``model`` sees."""
-    shapes: dict[str, tuple[int, ...]] = {}
     convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
-
-    def hook(name: str) -> Callable[..., None]:
-        def fn(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            shapes.setdefault(name, tuple(args[0].shape[-3:]))
-        return fn
-
     if not convs:
-        return shapes
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in convs.items()]
-    try:
-        with inference(model):
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
+        return {}
+    return {n: tuple(s[-3:]) for n, s in input_shapes(model, convs, *inputs).items()}
 
 
 def _calls_per_block(fn: Callable[[], object]) -> int:

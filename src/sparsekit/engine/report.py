@@ -7,11 +7,10 @@ rows of format ``"activation"``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
+from sparsekit import observe
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLayer
@@ -38,15 +37,8 @@ def report(
         n: m for n, m in model.named_modules()
         if isinstance(m, (CompiledLayer, ActivationSparseLinear))
     }
-    macs: dict[str, int] = {}
-    handles = [
-        m.register_forward_hook(_mac_counter(macs, n, m.in_features)) for n, m in special.items()
-    ]
-    try:
-        base = {r.name: r for r in _base_report(model, inputs).rows}
-    finally:
-        for h in handles:
-            h.remove()
+    macs = {} if inputs is None else observe.macs(model, special, *inputs)
+    base = {r.name: r for r in _base_report(model, inputs).rows}
     choices = getattr(model, "sparsekit_choices", {})
     rows = []
     for name, module in model.named_modules():
@@ -56,13 +48,6 @@ def report(
             rows.append(_special_row(name, module, macs, inputs is None, choices.get(name)))
     return Report(rows)
 
-
-
-def _mac_counter(macs: dict[str, int], name: str, in_features: int) -> Callable[..., None]:
-    def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
-        macs[name] = macs.get(name, 0) + output.numel() * in_features
-
-    return hook
 
 
 def _special_row(

@@ -1,35 +1,23 @@
-"""Transformer blocks: find them, list their prunable layers, capture and replay their inputs.
+"""The prunable linear layers of each transformer block, seen in ``(out, in)`` layout.
 
-Pruning runs block by block, so all this module needs from an architecture is the list of
-its repeated blocks (``model.layers`` in LLaMA/Mistral/Qwen2, ``decoder.layers`` in OPT,
-``transformer.h`` in GPT-2, ``encoder.layer`` in BERT) and the arguments block 0 is called
-with, which are the same for every block and are replayed on new hidden states.
+Finding the blocks, capturing their inputs and replaying them is :mod:`sparsekit.blocks`;
+this module adds what LLM pruning needs on top: which linear layers of each block are
+targeted, and a view of each weight that hides GPT-2's transposed ``Conv1D`` storage.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from sparsekit.blocks import layer_types
 from sparsekit.targets import TargetSpec, resolve_targets
 
 DEFAULT_EXCLUDE = ("lm_head",)
-
-
-def layer_types() -> tuple[type[nn.Module], ...]:
-    """``nn.Linear``, plus GPT-2's ``Conv1D`` (a linear layer storing its weight as (in, out))."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
 
 
 @dataclass(frozen=True)
@@ -62,29 +50,6 @@ class Layer:
     @torch.no_grad()
     def set_weight(self, w: torch.Tensor) -> None:
         self.module.weight.copy_(self.to_storage(w))
-
-
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's transformer blocks: its largest ``nn.ModuleList`` of same-type blocks
-    holding linear layers."""
-    types = layer_types()
-    best: tuple[int, nn.ModuleList] | None = None
-    for module in model.modules():
-        if (
-            isinstance(module, nn.ModuleList) and len(module) > 0
-            and len({type(b) for b in module}) == 1
-            and any(isinstance(m, types) for m in module[0].modules())
-        ):
-            size = sum(p.numel() for p in module.parameters())
-            if best is None or size > best[0]:
-                best = (size, module)
-    if best is None:
-        raise ValueError(
-            f"model: {type(model).__name__} has no list of transformer blocks (an nn.ModuleList "
-            "of identical blocks with Linear layers); accepted: decoder and encoder models such "
-            "as LLaMA, Mistral, Qwen2, GPT-2, OPT and BERT"
-        )
-    return best[1]
 
 
 def block_layers(
@@ -132,71 +97,3 @@ def block_layers(
             f"(targets={targets!r}, exclude={list(exclude)!r})"
         )
     return per_block
-
-
-class _Captured(Exception):
-    """Raised by the block-0 hook to stop the forward pass once the inputs are captured."""
-
-
-@dataclass(frozen=True)
-class BlockCall:
-    """The arguments of one call to block 0, without its hidden states, to replay on any block."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    hidden_key: str | None  # None: the hidden states were the first positional argument
-
-    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Run ``block`` on ``hidden`` and return its output hidden states."""
-        if self.hidden_key is None:
-            out = block(hidden, *self.args, **self.kwargs)
-        else:
-            out = block(*self.args, **{self.hidden_key: hidden}, **self.kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def capture_inputs(
-    model: nn.Module,
-    first_block: nn.Module,
-    batches: Iterable[torch.Tensor],
-    device: torch.device | None,
-) -> tuple[list[torch.Tensor], list[BlockCall]]:
-    """Hidden states and call arguments of ``first_block`` for each batch of token ids.
-
-    Runs only the embeddings: a hook on block 0 records its inputs and raises to stop.
-    """
-    hidden: list[torch.Tensor] = []
-    calls: list[BlockCall] = []
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        key = None if args else "hidden_states"
-        kwargs = dict(kwargs)
-        h = args[0] if key is None else kwargs.pop(key)
-        hidden.append(to_device(h.detach(), device))
-        calls.append(BlockCall(to_device(args[1:], device), to_device(kwargs, device), key))
-        raise _Captured
-
-    takes_cache = "use_cache" in inspect.signature(model.forward).parameters
-    extra = {"use_cache": False} if takes_cache else {}
-    embed_device = next(model.parameters()).device
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for tokens in batches:
-            with contextlib.suppress(_Captured):
-                model(tokens.to(embed_device), **extra)
-    finally:
-        handle.remove()
-    return hidden, calls
-
-
-def to_device(obj: Any, device: torch.device | None) -> Any:
-    """Move the tensors in nested tuples, lists and dicts to ``device`` (None: leave them)."""
-    if device is None:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj

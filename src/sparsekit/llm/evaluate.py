@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekit.llm.calibration import tokenize
-from sparsekit.scores import preserved
+from sparsekit.observe import preserved
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Layer-wise pruning methods: ``fn(W, stats, sparsity, pattern) -> (W_new, kept_mask)``.
 
 ``W`` is the layer's weight in ``(out, in)`` layout; ``stats`` the statistics of its
-inputs over the calibration data (``None`` for data-free methods).
+inputs over the calibration data (:class:`sparsekit.observe.InputStats`; ``None`` for
+data-free methods). The Wanda score is the one of :mod:`sparsekit.scores.wanda`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from sparsekit.llm.sparsegpt import sparsegpt_prune
-from sparsekit.llm.stats import InputStats
+from sparsekit.observe import InputStats
 from sparsekit.patterns import NM, Pattern
 from sparsekit.registry import Registry
+from sparsekit.scores.wanda import wanda_scores
 from sparsekit.select import top_k
 
 LayerPrune = Callable[[torch.Tensor, "InputStats | None", float, Pattern],
@@ -49,11 +51,6 @@ def magnitude(W: torch.Tensor, _stats: InputStats | None, sparsity: float, patte
     """Keep the largest |W| of the layer."""
     mask = keep_mask(W.abs(), sparsity, pattern, per_row=False)
     return W * mask, mask
-
-
-def wanda_scores(W: torch.Tensor, stats: InputStats) -> torch.Tensor:
-    """|W_ij| · ‖X_j‖₂ (Sun et al. 2023)."""
-    return W.abs() * stats.norms()
 
 
 def wanda(W: torch.Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern):

@@ -15,22 +15,16 @@ import torch
 from torch import nn
 
 from sparsekit.allocation import outlier_ratio, owl_sparsities
-from sparsekit.llm.blocks import (
-    DEFAULT_EXCLUDE,
-    BlockCall,
-    Layer,
-    block_layers,
-    capture_inputs,
-    find_blocks,
-)
+from sparsekit.blocks import BlockCall, capture_inputs, find_blocks
+from sparsekit.llm.blocks import DEFAULT_EXCLUDE, Layer, block_layers
 from sparsekit.llm.calibration import Calibration, calibration_tokens
-from sparsekit.llm.methods import METHODS, Method, wanda_scores
-from sparsekit.llm.stats import InputStats, record
+from sparsekit.llm.methods import METHODS, Method
 from sparsekit.masks import MaskSet
+from sparsekit.observe import InputStats, preserved, record
 from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from sparsekit.prune import check_sparsity
 from sparsekit.registry import Registry
-from sparsekit.scores import preserved
+from sparsekit.scores.wanda import wanda_scores
 from sparsekit.targets import TargetSpec
 
 ALLOCATIONS: Registry = Registry("allocation", meta={"outliers": False}, ordered=True)
@@ -132,13 +126,13 @@ def _sequential(
 ) -> Iterator[tuple[int, dict[str, InputStats]]]:
     """Yield ``(i, stats)`` for each block; the caller prunes block ``i`` before resuming,
     and the block's outputs, recomputed after that, feed block ``i + 1``."""
-    hidden, calls = capture_inputs(model, blocks[0], tokens.split(batch_size), device)
+    ((hidden, calls),) = capture_inputs(model, [blocks[0]], tokens.split(batch_size), device)
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
         block.to(device or home)
         stats: dict[str, InputStats] = {}
         if need.stats and layers[i]:
-            with record(layers[i], gram=need.gram) as stats:
+            with record({x.name: x.module for x in layers[i]}, gram=need.gram) as stats:
                 _forward(block, hidden, calls)
         yield i, stats
         del stats

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
+from sparsekit.observe import preserved
 from sparsekit.scores import CRITERIA
-from sparsekit.scores._context import ScoreContext, preserved
+from sparsekit.scores._context import ScoreContext
 
 
 def _grads(ctx: ScoreContext, batch, *, create_graph: bool = False) -> list[torch.Tensor]:

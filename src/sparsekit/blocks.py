@@ -1,0 +1,188 @@
+"""Transformer blocks: find them, capture the calls they receive, replay those calls.
+
+Block-wise algorithms (pruning an LLM one block at a time, TEAL's greedy allocation of
+activation sparsity) need three things from an architecture: its repeated blocks
+(``model.layers`` in LLaMA/Mistral/Qwen2, ``decoder.layers`` in OPT, ``transformer.h`` in
+GPT-2, ``encoder.layer`` in BERT), the arguments a block is called with, and a way to call
+a block again on chosen hidden states. :func:`find_blocks` finds them,
+:func:`capture_inputs` records the calls with a forward pre-hook (stopping the forward
+pass as soon as every block was reached), :class:`BlockCall` replays one call on any block
+and :class:`BlockReplay` keeps one call per block to re-run on demand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit.observe import batches, preserved
+
+__all__ = ["BlockCall", "BlockReplay", "capture_inputs", "find_blocks", "layer_types",
+           "to_device"]
+
+_HIDDEN = "hidden_states"
+# A replayed call must not grow a key-value cache: every replay would attend to the last.
+_NO_CACHE = {"past_key_values": None, "past_key_value": None, "cache": None, "use_cache": False}
+
+
+def layer_types() -> tuple[type[nn.Module], ...]:
+    """``nn.Linear``, plus GPT-2's ``Conv1D`` (a linear layer storing its weight as (in, out))."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's transformer blocks: its largest ``nn.ModuleList`` of same-type blocks
+    holding linear layers."""
+    types = layer_types()
+    best: tuple[int, nn.ModuleList] | None = None
+    for module in model.modules():
+        if (
+            isinstance(module, nn.ModuleList) and len(module) > 0
+            and len({type(b) for b in module}) == 1
+            and any(isinstance(m, types) for m in module[0].modules())
+        ):
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, module)
+    if best is None:
+        raise ValueError(
+            f"model: {type(model).__name__} has no list of transformer blocks (an nn.ModuleList "
+            "of identical blocks with Linear layers); accepted: decoder and encoder models such "
+            "as LLaMA, Mistral, Qwen2, GPT-2, OPT and BERT"
+        )
+    return best[1]
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """The arguments of one call to a block, without its hidden states, to replay on any
+    block of the same kind. Key-value caches are dropped (``use_cache=False``)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    hidden_key: str | None  # None: the hidden states were the first positional argument
+
+    def __call__(self, block: nn.Module, hidden: Any) -> torch.Tensor:
+        """Run ``block`` on ``hidden`` and return its output hidden states (or logits)."""
+        if self.hidden_key is None:
+            out = block(hidden, *self.args, **self.kwargs)
+        else:
+            out = block(*self.args, **{self.hidden_key: hidden}, **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+
+
+class _Captured(Exception):
+    """Raised by the last block's pre-hook to stop the forward pass once all are captured."""
+
+
+def capture_inputs(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    inputs: Iterable[Any],
+    device: torch.device | None = None,
+) -> list[tuple[list[Any], list[BlockCall]]]:
+    """For each block, its hidden states and call arguments on each of ``inputs``.
+
+    ``model(x)`` runs on each ``x`` of ``inputs`` (moved to the device of the model's first
+    parameter, with ``use_cache=False`` where ``model.forward`` takes it), in eval mode
+    without autograd, and stops as soon as every block has been called; a block called
+    several times keeps its first call. With ``device`` the captured tensors are moved
+    there. Raises ``ValueError`` if an input never reaches a block.
+    """
+    captured: list[tuple[list[Any], list[BlockCall]]] = [([], []) for _ in blocks]
+    pending: set[int] = set()
+
+    def hook(i: int):
+        def fn(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if i not in pending:
+                return
+            pending.discard(i)
+            kwargs = {k: _NO_CACHE.get(k, v) for k, v in kwargs.items()}
+            if args:
+                key, hidden = None, args[0]
+            elif _HIDDEN in kwargs:
+                key, hidden = _HIDDEN, kwargs.pop(_HIDDEN)
+            else:
+                raise ValueError(f"blocks[{i}] was called without a positional input or "
+                                 f"{_HIDDEN}=; got keyword arguments {sorted(kwargs)}")
+            captured[i][0].append(to_device(hidden, device))
+            captured[i][1].append(BlockCall(to_device(args[1:], device),
+                                            to_device(kwargs, device), key))
+            if not pending:
+                raise _Captured
+
+        return fn
+
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
+        else {}
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else None
+    handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, b in enumerate(blocks)]
+    try:
+        with preserved(model, train=False), torch.no_grad():
+            for x in inputs:
+                pending.update(range(len(blocks)))
+                with contextlib.suppress(_Captured):
+                    model(to_device(x, home), **extra)
+                if pending:
+                    raise ValueError(f"inputs: the forward pass never reached blocks "
+                                     f"{sorted(pending)}")
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+class BlockReplay:
+    """One recorded call of each named block, re-run on demand.
+
+    The calls are captured on the first non-empty batch of ``data`` (any form accepted by
+    :func:`sparsekit.observe.batches`). Calling the replay runs the block again on its
+    recorded inputs, so forward hooks installed in between (thresholds, masks) show in the
+    output while the rest of the model does not run.
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[str], data: Any,
+                 param: str = "data") -> None:
+        modules = dict(model.named_modules())
+        unknown = [b for b in blocks if b not in modules]
+        if unknown:
+            raise ValueError(f"blocks: {unknown} are not modules of the model")
+        first = next((x for x, _ in batches(data)
+                      if not (isinstance(x, torch.Tensor) and x.numel() == 0)), None)
+        if first is None:
+            raise ValueError(f"{param} holds no (non-empty) batches; pass a tensor of inputs "
+                             "or a list of them")
+        self.modules = {b: modules[b] for b in blocks}
+        captured = capture_inputs(model, list(self.modules.values()), [first])
+        self.calls = {b: (hidden[0], call[0]) for b, (hidden, call) in zip(blocks, captured)}
+
+    def __call__(self, block: str) -> torch.Tensor:
+        """``block``'s output (float32) on its recorded input, without autograd."""
+        hidden, call = self.calls[block]
+        with torch.no_grad():
+            return call(self.modules[block], hidden).float()
+
+
+def to_device(obj: Any, device: torch.device | None) -> Any:
+    """Move the tensors in nested tuples, lists and dicts to ``device`` (None: leave them)."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj

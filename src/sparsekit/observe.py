@@ -1,0 +1,327 @@
+"""Observe what flows into a model's layers, and leave the model as it was found.
+
+Every domain needs to look at layer inputs: the Wanda score (‖X_j‖²), SparseGPT (XᵀX),
+activation-sparsity calibration (the input rows themselves), ``compile`` (convolution input
+shapes) and ``report`` (multiply-accumulates). This module is the one place that does it:
+
+- :func:`batches` turns the accepted ``data`` forms into ``(inputs, labels)`` batches;
+- :func:`preserved` and :func:`inference` run code against a model and restore its
+  train/eval modes (and buffers and ``.grad`` fields) afterwards, also on errors;
+- :func:`run` calls the model on every batch of ``data`` in eval mode without autograd;
+- :func:`watch` hands each input (and output) of chosen layers to an observer;
+- :class:`InputStats`, :func:`record` and :func:`input_stats` keep the sums Wanda and
+  SparseGPT need, never the activations themselves;
+- :func:`input_shapes` and :func:`macs` are what ``compile`` and ``report`` measure.
+
+Layers are passed as ``{name: module}``; the caller picks the names (module or parameter
+names) and every result is keyed by them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Batch",
+    "InputStats",
+    "batches",
+    "inference",
+    "input_shapes",
+    "input_stats",
+    "macs",
+    "preserved",
+    "record",
+    "run",
+    "watch",
+]
+
+Batch = tuple[Any, torch.Tensor | None]
+Observer = Callable[[str, torch.Tensor, Any], None]
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+def batches(data: Any) -> Iterator[Batch]:
+    """Normalise the accepted ``data`` forms into ``(inputs, labels_or_None)`` batches.
+
+    ``data`` is a tensor of inputs, an ``(inputs, labels)`` tuple, or an iterable of
+    batches (a list, a ``DataLoader``), each a tensor, an ``(inputs, labels)`` pair, a
+    1-tuple ``(inputs,)`` or an ``(inputs, None)`` pair, so the output of ``batches`` is
+    itself accepted. A list is always a list of batches, never a pair.
+    """
+    if isinstance(data, torch.Tensor):
+        yield data, None
+        return
+    if isinstance(data, tuple) and _is_pair(data):
+        yield data[0], data[1]
+        return
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            "data must be a tensor, an (inputs, labels) pair or an iterable of batches, "
+            f"got {type(data).__name__}"
+        )
+    for item in data:
+        if isinstance(item, torch.Tensor):
+            yield item, None
+        elif isinstance(item, (tuple, list)) and len(item) == 1:  # DataLoader(TensorDataset(x))
+            yield item[0], None
+        elif _is_pair(item) or (isinstance(item, (tuple, list)) and len(item) == 2
+                                and item[1] is None):
+            yield item[0], item[1]
+        else:
+            raise TypeError(
+                f"each batch in data must be a tensor or an (inputs, labels) pair, got "
+                f"{type(item).__name__}"
+            )
+
+
+def _is_pair(x: Any) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[1], torch.Tensor)
+
+
+# -- leaving the model as it was ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def preserved(
+    *models: nn.Module, train: bool | None = None, buffers: bool = True
+) -> Iterator[None]:
+    """Run a block against ``models``; restore every module's own train/eval mode, the
+    parameters' ``.grad`` fields (the tensors they held: differentiate with
+    ``torch.autograd.grad`` inside, as ``.backward()`` accumulates into those tensors) and
+    (with ``buffers``) the buffer values afterwards.
+
+    ``train`` sets the mode of every module while inside (``None``: leave it). Pass
+    ``buffers=False`` when nothing inside can change them (eval mode without autograd) to
+    skip copying them.
+    """
+    modes = {m: m.training for model in models for m in model.modules()}
+    grads = [{n: p.grad for n, p in model.named_parameters()} for model in models]
+    saved = [{n: b.detach().clone() for n, b in model.named_buffers()} if buffers else {}
+             for model in models]
+    if train is not None:
+        for model in models:
+            model.train(train)
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        with torch.no_grad():
+            for model, values in zip(models, saved, strict=True):
+                for n, b in model.named_buffers():
+                    if n in values:
+                        b.copy_(values[n])
+        for model, before in zip(models, grads, strict=True):
+            for n, p in model.named_parameters():
+                p.grad = before.get(n)
+
+
+@contextlib.contextmanager
+def inference(*models: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for ``models``; every module's own mode is restored after
+    (submodules may differ from their root)."""
+    with preserved(*models, train=False, buffers=False), torch.no_grad():
+        yield
+
+
+def run(model: nn.Module, data: Any, param: str = "data") -> int:
+    """Call ``model(inputs)`` for every non-empty batch of ``data`` (see :func:`batches`), in
+    eval mode without autograd, leaving the model as found; return the number of calls.
+
+    Raises ``ValueError`` naming ``param`` when ``data`` holds no non-empty batch.
+    """
+    calls = 0
+    with preserved(model, train=False), torch.no_grad():
+        for inputs, _ in batches(data):
+            if isinstance(inputs, torch.Tensor) and inputs.numel() == 0:
+                continue
+            model(inputs)
+            calls += 1
+    if calls == 0:
+        raise ValueError(f"{param} holds no (non-empty) batches; pass a tensor of inputs "
+                         "or a list of them")
+    return calls
+
+
+# -- observing layers ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def watch(layers: Mapping[str, nn.Module], observer: Observer) -> Iterator[None]:
+    """Call ``observer(name, inputs, output)`` after every call of each layer while inside.
+
+    ``inputs`` is the layer's first positional argument as the layer received it (after
+    any forward pre-hooks); nothing is detached or copied.
+    """
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def fn(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            observer(name, args[0], output)
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def input_shapes(model: nn.Module, layers: Mapping[str, nn.Module], *inputs: Any
+                 ) -> dict[str, torch.Size]:
+    """The shape of the first input each layer sees during ``model(*inputs)`` (eval mode,
+    no autograd); layers the forward pass never called are absent."""
+    shapes: dict[str, torch.Size] = {}
+
+    def keep(name: str, x: torch.Tensor, _out: Any) -> None:
+        shapes.setdefault(name, x.shape)
+
+    with watch(layers, keep), inference(model):
+        model(*inputs)
+    return shapes
+
+
+def macs(model: nn.Module, layers: Mapping[str, nn.Module], *inputs: Any) -> dict[str, int]:
+    """Multiply-accumulates of each weighted layer during ``model(*inputs)`` (eval mode, no
+    autograd): ``output.numel() * prod(weight.shape[1:])`` summed over every call (layers
+    that store no dense ``weight``, such as compiled ones, use their ``in_features``).
+    Layers the forward pass never called are absent."""
+    counts: dict[str, int] = {}
+    per_output = {n: math.prod(w.shape[1:]) if isinstance(w := getattr(m, "weight", None),
+                                                          torch.Tensor) else m.in_features
+                  for n, m in layers.items()}  # in_features or in/groups * kernel
+
+    def count(name: str, _x: torch.Tensor, out: torch.Tensor) -> None:
+        counts[name] = counts.get(name, 0) + out.numel() * per_output[name]
+
+    with watch(layers, count), inference(model):
+        model(*inputs)
+    return counts
+
+
+class InputStats:
+    """Sums over every input a layer has seen: per-feature squares and, optionally, the Gram
+    matrix XᵀX. Only these sums are kept, never the activations themselves.
+
+    A feature is what one weight column multiplies: an input feature of a linear layer, a
+    (channel, kernel position) patch entry of a convolution.
+    """
+
+    def __init__(self, features: int, *, gram: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        self.sq = torch.zeros(features, device=device)
+        self.gram = torch.zeros(features, features, device=device) if gram else None
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add input rows: any tensor whose last dimension holds the features."""
+        x = x.detach().reshape(-1, self.sq.shape[-1]).float()
+        self.sq += (x * x).sum(0)
+        if self.gram is not None:
+            self.gram.addmm_(x.t(), x)
+        self.rows += x.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        """‖X_j‖₂ of every input feature j over all rows seen (Wanda's activation norm)."""
+        return self.sq.sqrt()
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2XᵀX / rows, the Hessian of the layer-wise reconstruction error."""
+        if self.gram is None:
+            raise RuntimeError("InputStats was created with gram=False")
+        return self.gram * (2.0 / max(self.rows, 1))
+
+    def observe(self, module: nn.Module, x: torch.Tensor) -> None:
+        """Add one raw input ``x`` of ``module`` (a linear layer, GPT-2's ``Conv1D`` or a
+        convolution; see :func:`record`)."""
+        x = x.detach().float()
+        if not isinstance(module, nn.modules.conv._ConvNd):
+            self.add(x)
+        elif _unfoldable(module):
+            self.add(_patches(module, x))
+        else:  # only the squares: each channel's sum, shared by all its kernel positions
+            w = module.weight
+            per_channel = (x * x).transpose(0, 1).reshape(x.shape[1], -1).sum(1)
+            cols = per_channel.reshape(module.groups, w.shape[1])
+            cols = cols.repeat_interleave(w[0, 0].numel(), dim=1)
+            if module.groups > 1:  # (out, in/groups * k): each output sees its own group
+                cols = cols.repeat_interleave(w.shape[0] // module.groups, dim=0)
+            self.sq = self.sq + (cols if module.groups > 1 else cols[0])  # may broadcast
+            self.rows += x.shape[0]
+
+
+@contextlib.contextmanager
+def record(layers: Mapping[str, nn.Module], *, gram: bool = False
+           ) -> Iterator[dict[str, InputStats]]:
+    """Accumulate the :class:`InputStats` of each layer's inputs while inside.
+
+    Accepted layers: ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored ``(in, out)``) and
+    ``nn.Conv1d/2d/3d``. Each ``stats.sq`` broadcasts against ``weight.flatten(1)`` (the
+    transposed weight for ``Conv1D``): shape ``(features,)``, or ``(out, in/groups · k)``
+    for grouped convolutions. Convolutions are exact (unfolded patches) for ``Conv1d``/
+    ``Conv2d`` with one group and zero padding; other convolutions share each channel's
+    norm between its kernel positions and cannot give the Gram matrix.
+    """
+    for name, m in layers.items():
+        weight = getattr(m, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+            raise TypeError(f"layers[{name!r}] must be a Linear, Conv1D or Conv layer with a "
+                            f"weight, got {type(m).__name__}")
+        if gram and isinstance(m, nn.modules.conv._ConvNd) and not _unfoldable(m):
+            raise ValueError(f"layers[{name!r}]: the Gram matrix needs a Conv1d/Conv2d with "
+                             f"groups=1 and zero padding, got {m!r}")
+    stats = {n: InputStats(_width(m), gram=gram, device=m.weight.device)
+             for n, m in layers.items()}
+    with watch(layers, lambda n, x, _out: stats[n].observe(layers[n], x)):
+        yield stats
+
+
+def input_stats(
+    model: nn.Module, layers: Mapping[str, nn.Module], data: Any, *, gram: bool = False
+) -> dict[str, InputStats]:
+    """The :class:`InputStats` of each layer over ``model`` run on ``data`` (see :func:`run`
+    and :func:`record`). Raises ``ValueError`` naming the layers ``data`` never reached."""
+    with record(layers, gram=gram) as stats:
+        run(model, data)
+    missing = [n for n, s in stats.items() if s.rows == 0]
+    if missing:
+        raise ValueError(f"data never reached these layers during the forward pass: {missing}")
+    return stats
+
+
+def _width(module: nn.Module) -> int:
+    """How many input features the layer's weight multiplies (its columns, flattened)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.weight[0].numel()
+    return module.weight.shape[0]  # GPT-2's Conv1D stores its weight as (in, out)
+
+
+def _unfoldable(module: nn.modules.conv._ConvNd) -> bool:
+    return (
+        isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
+        and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    )
+
+
+def _patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution's input as rows of unfolded patches, ``(N · positions, C · k)``."""
+    if isinstance(module, nn.Conv1d):  # a height-1 image
+        x = x.unsqueeze(2)
+        ks, dil, pad, st = ((1, *module.kernel_size), (1, *module.dilation),
+                            (0, *module.padding), (1, *module.stride))
+    else:
+        ks, dil, pad, st = module.kernel_size, module.dilation, module.padding, module.stride
+    cols = F.unfold(x, ks, dilation=dil, padding=pad, stride=st)  # (N, C·k, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
