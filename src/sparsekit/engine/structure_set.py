@@ -1,6 +1,7 @@
 """StructureSet: the masks of a model's SparseLinear layers, changed through set_structure.
 
-It is :class:`~sparsekit.MaskSet`'s counterpart for truly sparse layers, and presents each
+It is :class:`~sparsekit.MaskSet`'s counterpart for truly sparse layers (both are
+:class:`~sparsekit.masks.Masks`), and presents each
 :class:`SparseLinear` to mask-based code (the drop/grow rules of
 :class:`~sparsekit.DynamicSparsity`) as a dense weight view, a boolean mask and — when
 captured — a dense gradient, under the name its ``nn.Linear`` weight would have
