@@ -83,7 +83,7 @@ def test_gradual_pruner_rejects_bad_arguments_without_touching_the_model():
     with pytest.raises(ValueError, match="start_step"):
         GradualPruner(model, 0.5, start_step=10, end_step=10, every=1)
     with pytest.raises(ValueError, match="criterion"):
-        GradualPruner(model, 0.5, start_step=0, end_step=10, every=1, criterion="nope")
+        GradualPruner(model, 0.5, start_step=0, end_step=10, every=1, method="nope")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -91,7 +91,7 @@ def test_gradual_pruner_rejects_bad_arguments_without_touching_the_model():
 
 def test_imp_rewinds_survivors_to_step_k():
     model = mlp()
-    imp = IterativePruning(model, rounds=3, rate_per_round=0.2, rewind_step=5)
+    imp = IterativePruning(model, rounds=3, sparsity=1 - 0.8**3, rewind_step=5)
     snapshot = None
     for r in range(3):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -137,7 +137,7 @@ def test_dst_preserves_layer_counts_and_resets_regrown(method, optimizer):
     model = mlp()
     opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if optimizer == "sgd"
            else torch.optim.Adam(model.parameters(), lr=1e-2))
-    dst = DynamicSparsity(model, opt, 0.8, method=method, update_every=10, end_step=200)
+    dst = DynamicSparsity(model, opt, 0.8, method=method, every=10, end_step=200)
     initial = counts(dst.masks)
     assert dst.masks.sparsity() == pytest.approx(0.8, abs=1e-3)
     for t in range(100):
@@ -158,7 +158,7 @@ def test_dst_preserves_layer_counts_and_resets_regrown(method, optimizer):
 def test_rigl_grows_exactly_where_the_dense_gradient_is_largest():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: isolate the grow rule
-    dst = DynamicSparsity(model, opt, 0.8, method="rigl", update_every=1, end_step=10,
+    dst = DynamicSparsity(model, opt, 0.8, method="rigl", every=1, end_step=10,
                           drop_fraction=0.25, drop_schedule="constant")
     old = {n: m.clone() for n, m in dst.masks.masks.items()}
     x, y = batch(0)
@@ -186,7 +186,7 @@ def test_set_grows_uniformly_among_inactive_weights():
     for seed in range(40):
         model = mlp(seed)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        dst = DynamicSparsity(model, opt, 0.8, method="set", update_every=1, end_step=10,
+        dst = DynamicSparsity(model, opt, 0.8, method="set", every=1, end_step=10,
                               drop_fraction=0.3, drop_schedule="constant", seed=seed)
         old = dst.masks.masks["0.weight"].clone()
         train(model, opt, dst, 1)
@@ -204,7 +204,7 @@ def test_set_grows_uniformly_among_inactive_weights():
 def test_snfs_keeps_the_total_and_moves_weights_between_layers():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    dst = DynamicSparsity(model, opt, 0.8, method="snfs", update_every=10, end_step=200)
+    dst = DynamicSparsity(model, opt, 0.8, method="snfs", every=10, end_step=200)
     total = sum(counts(dst.masks).values())
     train(model, opt, dst, 100)
     assert sum(counts(dst.masks).values()) == total
@@ -214,7 +214,7 @@ def test_granet_prunes_on_the_cubic_schedule_then_drops_and_grows():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     dst = DynamicSparsity(model, opt, 0.9, method="granet", initial_sparsity=0.5,
-                          update_every=10, end_step=100)
+                          every=10, end_step=100)
     assert dst.masks.sparsity() == pytest.approx(0.5, abs=1e-3)
     for t in range(120):
         train(model, opt, dst, 1, start=t)
@@ -233,7 +233,7 @@ def fan_ins(mask: torch.Tensor) -> set[int]:
 def test_srigl_keeps_constant_fan_in_and_ablates_weak_neurons():
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    dst = DynamicSparsity(model, opt, 0.8, method="srigl", update_every=10, end_step=200)
+    dst = DynamicSparsity(model, opt, 0.8, method="srigl", every=10, end_step=200)
     budgets = counts(dst.masks)
     for m in dst.masks.masks.values():
         assert len(fan_ins(m)) == 1  # one fan-in per layer from the start
@@ -245,7 +245,7 @@ def test_srigl_keeps_constant_fan_in_and_ablates_weak_neurons():
     # With a demanding saliency threshold neurons get ablated and the rest widen.
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    dst = DynamicSparsity(model, opt, 0.8, method="srigl", update_every=10, end_step=200,
+    dst = DynamicSparsity(model, opt, 0.8, method="srigl", every=10, end_step=200,
                           salient_fraction=0.95, drop_fraction=0.5)
     before = {n: int(m.flatten(1).any(1).sum()) for n, m in dst.masks.masks.items()}
     train(model, opt, dst, 50)
@@ -271,7 +271,7 @@ def test_resume_reaches_the_same_masks_and_weights(tmp_path, method):
     def run(stop_at: int | None):
         model = mlp()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        dst = DynamicSparsity(model, opt, 0.8, method=method, update_every=10, end_step=150,
+        dst = DynamicSparsity(model, opt, 0.8, method=method, every=10, end_step=150,
                               seed=3)
         if stop_at is None:
             train(model, opt, dst, 100)
@@ -282,7 +282,7 @@ def test_resume_reaches_the_same_masks_and_weights(tmp_path, method):
         # a new process would rebuild everything from scratch:
         model2 = mlp(seed=99)
         opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
-        dst2 = DynamicSparsity(model2, opt2, 0.8, method=method, update_every=10,
+        dst2 = DynamicSparsity(model2, opt2, 0.8, method=method, every=10,
                                end_step=150, seed=3)
         sparsekit.load(model2, tmp_path / "ckpt.safetensors")
         state = torch.load(tmp_path / "state.pt", weights_only=False)
@@ -350,7 +350,7 @@ def test_soup_averages_and_keeps_the_mask():
 def test_soup_rejects_mismatched_masks():
     a, b = mlp(), mlp()
     sparsekit.prune(a, 0.5)
-    sparsekit.prune(b, 0.5, criterion="random")
+    sparsekit.prune(b, 0.5, method="random")
     with pytest.raises(ValueError, match="different mask"):
         soup([a, b])
     with pytest.raises(ValueError, match="architecture"):

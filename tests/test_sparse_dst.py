@@ -42,7 +42,7 @@ def _sparse_copy(dense: nn.Sequential, masks: dict[str, torch.Tensor]) -> nn.Seq
 
 def _sparse_mlp(sparsity: float = 0.8) -> nn.Sequential:
     dense = _dense_mlp()
-    masks, _ = compute_masks(dense, sparsity, criterion="random", allocation="erk")
+    masks, _ = compute_masks(dense, sparsity, method="random", allocation="erk")
     return _sparse_copy(dense, masks)
 
 
@@ -53,7 +53,7 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _dst(model: nn.Module, method: str) -> tuple[torch.optim.Optimizer, DynamicSparsity]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    ds = DynamicSparsity(model, opt, 0.8, method=method, update_every=UPDATE_EVERY,
+    ds = DynamicSparsity(model, opt, 0.8, method=method, every=UPDATE_EVERY,
                          end_step=END_STEP, seed=3)
     return opt, ds
 
@@ -121,7 +121,7 @@ def test_rigl_regrows_where_the_dense_gradient_is_largest(one_thread) -> None:
     layer = SparseLinear(30, 12, torch.rand(12, 30) < 0.3).double()
     model = nn.Sequential(layer)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay: drops are by |w|
-    ds = DynamicSparsity(model, opt, 0.7, method="rigl", update_every=1, end_step=5)
+    ds = DynamicSparsity(model, opt, 0.7, method="rigl", every=1, end_step=5)
     before, w = layer.mask, layer.to_dense()
     x, g = torch.randn(9, 30, dtype=torch.float64), torch.randn(9, 12, dtype=torch.float64)
     layer(x).backward(g)

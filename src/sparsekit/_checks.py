@@ -2,11 +2,12 @@
 
 Every bad value fails the same way, and every old spelling warns the same way.
 
-Callers run them before anything is changed. Each raises ``TypeError`` when the value is
-not of the accepted type — a ``bool`` is never a number here, and a float is not an int
-(``every=1.5``), as for ``range(1.5)`` — and ``ValueError`` when it is but lies outside the
-accepted range (NaN lies outside every range); both name the parameter, the value and
-what is accepted.
+Callers run them before anything is changed. A value of the wrong type — a ``bool`` is
+never a number here, and a float is not an int (``every=1.5``) — raises
+:class:`ArgumentTypeError`, both a ``TypeError`` and a ``ValueError`` (as scikit-learn's
+``InvalidParameterError`` is), so callers that caught either before still do; a value of
+the right type outside the accepted range (NaN is outside every range) raises
+``ValueError``. Every message names the parameter, the value and what is accepted.
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from typing import Any, TypeVar
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (a ``TypeError`` that ``except ValueError`` also catches)."""
+
+
 def check_int(name: str, value: Any, *, minimum: int | None = None) -> None:
     """Raise unless ``value`` is an integer (not a bool), at least ``minimum`` if given."""
     accepted = "an int" if minimum is None else f"an int ≥ {minimum}"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be {accepted}, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be {accepted}, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
@@ -37,7 +42,7 @@ def check_fraction(name: str, value: Any, *, zero: bool = True, one: bool = Fals
     """
     interval = f"{'[' if zero else '('}0, 1{']' if one else ')'}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in {interval}, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be a float in {interval}, got {value!r}")
     inside = (value >= 0 if zero else value > 0) and (value <= 1 if one else value < 1)
     if not inside:  # also NaN, for which every comparison is False
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
