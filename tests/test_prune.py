@@ -479,3 +479,17 @@ def test_tied_weights_can_be_pruned():
     assert set(masks.masks) <= {n for n, _ in model.named_parameters()}
     assert (model.emb.weight == 0).sum() == 16
     assert (model.hidden.weight == 0).sum() == 8
+
+
+def test_criterion_is_the_deprecated_spelling_of_method():
+    with pytest.warns(DeprecationWarning, match=r"criterion= is deprecated, use method="):
+        old = prune(mlp(), 0.5, criterion="random", seed=4)
+    new = prune(mlp(), 0.5, method="random", seed=4)
+    assert all(torch.equal(old.masks[n], m) for n, m in new.masks.items())
+    with pytest.raises(TypeError, match=r"both criterion= and method="):
+        prune(mlp(), 0.5, method="random", criterion="random")
+    model = mlp()
+    before = state(model)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="criterion 'snip'"):
+        prune(model, 0.5, criterion="snip")  # the old spelling keeps its error messages
+    assert_bit_identical(before, state(model))

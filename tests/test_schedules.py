@@ -16,7 +16,8 @@ from torch import nn
 
 import sparsekit
 from sparsekit import DynamicSparsity, GradualPruner, IterativePruning, soup
-from sparsekit.schedules import cubic_sparsity
+from sparsekit.masks import Masks
+from sparsekit.schedules import Schedule, cubic_sparsity
 from sparsekit.schedules.dynamic import _keep_top, drop_fraction_at
 
 
@@ -369,3 +370,137 @@ def test_keep_top_picks_like_a_stable_descending_sort():
         expected = torch.zeros(n, dtype=torch.bool)
         expected[ranked] = True
         assert torch.equal(_keep_top(score, allowed, k), expected)
+
+
+# -- one protocol, one vocabulary -----------------------------------------------------------
+
+def _gradual(model, opt):
+    return GradualPruner(model, 0.8, start_step=10, end_step=80, every=10, optimizer=opt)
+
+
+def _iterative(model, opt):
+    return IterativePruning(model, rounds=4, sparsity=0.8, rewind_step=5, optimizer=opt)
+
+
+def _dynamic(model, opt):
+    return DynamicSparsity(model, optimizer=opt, sparsity=0.8, method="rigl", every=10,
+                           end_step=80, seed=3)
+
+
+SCHEDULES = {"gradual": _gradual, "iterative": _iterative, "dynamic": _dynamic}
+
+
+def _run(build, model, opt, schedule, steps, start=0):
+    """Train; IterativePruning ends a round every 20 steps."""
+    for t in range(start, start + steps):
+        train(model, opt, schedule, 1, start=t)
+        if build is _iterative and (t + 1) % 20 == 0:
+            schedule.next_round()
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_schedule_implements_the_protocol(name):
+    model = mlp()
+    schedule = SCHEDULES[name](model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert isinstance(schedule, Schedule)
+    assert isinstance(schedule.masks, Masks)
+    assert schedule.step() in (True, False)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_state_dict_round_trips_mid_run_exactly(name):
+    build = SCHEDULES[name]
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    schedule = build(model, opt)
+    _run(build, model, opt, schedule, 45)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                           "schedule": schedule.state_dict()})
+    _run(build, model, opt, schedule, 45, start=45)
+
+    model2 = mlp(seed=99)  # a fresh process rebuilds everything, then loads
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+    schedule2 = build(model2, opt2)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    schedule2.load_state_dict(saved["schedule"])
+    _run(build, model2, opt2, schedule2, 45, start=45)
+
+    assert schedule2.masks.sparsity() > 0
+    for n, m in schedule.masks.masks.items():
+        assert torch.equal(m, schedule2.masks.masks[n]), n
+    for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert schedule.state_dict()["step"] == schedule2.state_dict()["step"]
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_optimizer_keyword_keeps_masked_weights_at_zero(name):
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    schedule = SCHEDULES[name](model, opt)
+    schedule.masks.update({n: torch.rand(m.shape) > 0.5 for n, m in schedule.masks.masks.items()})
+    train(model, opt, schedule, 3)
+    for n, p in schedule.masks.params.items():
+        assert (p[~schedule.masks.masks[n]] == 0).all(), n
+
+
+def test_iterative_sparsity_is_the_final_target():
+    model = mlp()
+    imp = IterativePruning(model, rounds=3, sparsity=0.9, rewind_step=0)
+    assert imp.rate_per_round == pytest.approx(1 - 0.1 ** (1 / 3))
+    assert imp.target_sparsity(0) == pytest.approx(imp.rate_per_round)
+    assert imp.target_sparsity(2) == 0.9
+    while imp.next_round():
+        pass
+    assert imp.masks.sparsity() == pytest.approx(0.9, abs=1e-3)
+
+
+def test_old_spellings_warn_and_mean_the_same():
+    with pytest.warns(DeprecationWarning) as record:
+        old = GradualPruner(mlp(), final_sparsity=0.6, start_step=0, end_step=10, every=1,
+                            criterion="random")
+    assert [str(w.message) for w in record] == [
+        "GradualPruner(): final_sparsity= is deprecated, use sparsity=",
+        "GradualPruner(): criterion= is deprecated, use method=",
+    ]
+    assert all(w.filename == __file__ for w in record)  # points at the caller
+    new = GradualPruner(mlp(), 0.6, start_step=0, end_step=10, every=1, method="random")
+    assert counts(old.masks) == counts(new.masks)
+    with pytest.warns(DeprecationWarning, match=r"GradualPruner.final_sparsity is deprecated"):
+        assert old.final_sparsity == 0.6
+
+    with pytest.warns(DeprecationWarning) as record:
+        old = IterativePruning(mlp(), rounds=3, rate_per_round=0.2, rewind_step=0,
+                               criterion="magnitude")
+    assert sorted(str(w.message).split(" is ")[0] for w in record) == [
+        "IterativePruning(): criterion=", "IterativePruning(): rate_per_round="]
+    assert all(w.filename == __file__ for w in record)
+    assert old.sparsity == pytest.approx(1 - 0.8**3)
+    assert [old.target_sparsity(r) for r in range(3)] == pytest.approx([0.2, 0.36, 0.488])
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(DeprecationWarning, match=r"update_every= is deprecated, use every="):
+        dst = DynamicSparsity(model, opt, 0.8, update_every=7, end_step=50)
+    assert dst.every == 7
+    with pytest.warns(DeprecationWarning, match=r"DynamicSparsity.update_every is deprecated"):
+        assert dst.update_every == 7
+
+
+def test_both_spellings_are_a_type_error():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = dict(start_step=0, end_step=10, every=1)
+    with pytest.raises(TypeError, match=r"both final_sparsity= and sparsity="):
+        GradualPruner(model, 0.5, final_sparsity=0.5, **kw)
+    with pytest.raises(TypeError, match=r"both final_sparsity= and sparsity="):
+        GradualPruner(model, sparsity=0.5, final_sparsity=0.5, **kw)
+    with pytest.raises(TypeError, match=r"both criterion= and method="):
+        GradualPruner(model, 0.5, method="random", criterion="random", **kw)
+    with pytest.raises(TypeError, match=r"both rate_per_round= and sparsity="):
+        IterativePruning(model, rounds=2, sparsity=0.5, rate_per_round=0.3, rewind_step=0)
+    with pytest.raises(TypeError, match=r"'sparsity'"):
+        IterativePruning(model, rounds=2, rewind_step=0)
+    with pytest.raises(TypeError, match=r"both update_every= and every="):
+        DynamicSparsity(model, opt, 0.8, every=5, update_every=5, end_step=10)

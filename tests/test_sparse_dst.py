@@ -269,3 +269,23 @@ def test_ddp_refuses_methods_that_resize_layers(tmp_path) -> None:
         DynamicSparsity(model, opt, 0.8, method="rigl", end_step=10)  # keeps nnz: accepted
     finally:
         dist.destroy_process_group()
+
+
+def test_structure_set_and_mask_set_are_both_masks(one_thread) -> None:
+    from sparsekit.masks import Masks
+
+    sparse = _sparse_mlp()
+    structures = StructureSet(sparse)
+    dense = _dense_mlp()
+    masked = sparsekit.prune(dense, 0.8, method="random")
+    assert isinstance(structures, Masks) and isinstance(masked, Masks)
+    # The same call path reads dense gradients from either (no isinstance in DynamicSparsity).
+    for masks, model in ((structures, sparse), (masked, dense)):
+        masks.capture(True)
+        x, y = _batch(0)
+        F.cross_entropy(model(x), y).backward()
+        grads = masks.dense_grads()
+        assert set(grads) == set(masks.masks)
+        for n, g in grads.items():
+            assert g.shape == masks.masks[n].shape and (g[~masks.masks[n]] != 0).any(), n
+        masks.capture(False)
