@@ -19,6 +19,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -46,6 +48,15 @@ def check_fraction(name: str, value: Any, *, zero: bool = True, one: bool = Fals
     inside = (value >= 0 if zero else value > 0) and (value <= 1 if one else value < 1)
     if not inside:  # also NaN, for which every comparison is False
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_optimizer(optimizer: Any, *, optional: bool = False) -> None:
+    """Raise unless ``optimizer`` is a ``torch.optim.Optimizer`` (or, if ``optional``, None)."""
+    if optional and optimizer is None:
+        return
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        accepted = "a torch.optim.Optimizer" + (" or None" if optional else "")
+        raise ArgumentTypeError(f"optimizer must be {accepted}, got {type(optimizer).__name__}")
 
 
 def check_sparsity(sparsity: Any, param: str = "sparsity") -> None:

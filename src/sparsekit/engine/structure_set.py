@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sparsekit._checks import check_optimizer
 from sparsekit.engine.sparse_training import SparseLinear
 
 __all__ = ["StructureSet", "sparse_layers"]
@@ -59,10 +60,7 @@ class StructureSet:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> StructureSet:
         """Carry ``optimizer``'s per-weight state through every structure change."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+        check_optimizer(optimizer)
         self._optimizer = optimizer
         return self
 

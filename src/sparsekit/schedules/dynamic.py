@@ -41,7 +41,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparsekit._checks import check_fraction, check_int, check_sparsity, renamed, renamed_attribute
+from sparsekit._checks import (
+    check_fraction,
+    check_int,
+    check_optimizer,
+    check_sparsity,
+    renamed,
+    renamed_attribute,
+)
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.engine.structure_set import StructureSet, sparse_layers
 from sparsekit.masks import Masks, MaskSet
@@ -109,10 +116,7 @@ class DynamicSparsity:
                 "DynamicSparsity needs the training optimizer (optimizer=): it reads the "
                 "gradients before each step and keeps the masks through it"
             )
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+        check_optimizer(optimizer)
         check_sparsity(sparsity)
         rule = METHODS.get(method)
         ALLOCATIONS.get(allocation)

@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int, check_sparsity, renamed, renamed_attribute
+from sparsekit._checks import (
+    check_int,
+    check_optimizer,
+    check_sparsity,
+    renamed,
+    renamed_attribute,
+)
 from sparsekit.masks import MaskSet
 from sparsekit.prune import compute_masks
 from sparsekit.targets import resolve_targets
@@ -61,10 +67,7 @@ class GradualPruner:
         check_int("every", every, minimum=1)
         if start_step >= end_step:
             raise ValueError(f"need 0 ≤ start_step < end_step, got {start_step}, {end_step}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
-            )
+        check_optimizer(optimizer, optional=True)
         self.model = model
         self.sparsity, self.initial_sparsity = sparsity, initial_sparsity
         self.start_step, self.end_step, self.every = start_step, end_step, every

@@ -14,7 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_int, check_sparsity, renamed
+from sparsekit._checks import (
+    check_fraction,
+    check_int,
+    check_optimizer,
+    check_sparsity,
+    renamed,
+)
 from sparsekit.masks import MaskSet
 from sparsekit.prune import compute_masks
 from sparsekit.targets import resolve_targets
@@ -63,10 +69,7 @@ class IterativePruning:
             check_sparsity(sparsity)
             rate_per_round = 1.0 - (1.0 - sparsity) ** (1.0 / rounds)
         check_int("rewind_step", rewind_step, minimum=0)
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
-            )
+        check_optimizer(optimizer, optional=True)
         compute_masks(model, rate_per_round, method=method, allocation=allocation)
         self.model = model
         self.rounds, self.sparsity, self.rewind_step = rounds, sparsity, rewind_step
