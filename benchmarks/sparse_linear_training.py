@@ -111,7 +111,7 @@ def build_rigl(sparsity: float, update_every: int, seed: int = 0) -> dict[str, C
 
     def rigl(model: nn.Module) -> tuple[Callable[[], None], DynamicSparsity]:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-        ds = DynamicSparsity(model, opt, sparsity, method="rigl", update_every=update_every,
+        ds = DynamicSparsity(model, opt, sparsity, method="rigl", every=update_every,
                              end_step=10**9, seed=seed)
         step = make_step(model, opt, x, y)
 

@@ -45,7 +45,7 @@ def run(method: str, factory: Callable, train: TensorDataset, test: TensorDatase
     schedule = None
     start = time.perf_counter()
     if method == "static":
-        masks = sparsekit.prune(model, sparsity, criterion="random", allocation="erk", seed=seed)
+        masks = sparsekit.prune(model, sparsity, method="random", allocation="erk", seed=seed)
         masks.attach(opt)
     elif method == "gradual":
         schedule = sparsekit.GradualPruner(model, sparsity, start_step=steps // epochs,
@@ -53,7 +53,7 @@ def run(method: str, factory: Callable, train: TensorDataset, test: TensorDatase
                                            optimizer=opt)
     elif method in DST:
         schedule = sparsekit.DynamicSparsity(model, opt, sparsity, method=method,
-                                             update_every=max(1, end // 15), end_step=end,
+                                             every=max(1, end // 15), end_step=end,
                                              seed=seed)
     on_step = schedule.step if schedule is not None else None
     for epoch in range(epochs):

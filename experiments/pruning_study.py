@@ -49,7 +49,7 @@ def study(train: TensorDataset, test: TensorDataset, shape: tuple[int, ...], cla
         for method, (criterion, allocation) in METHODS.items():
             for s in sparsities:
                 model = copy.deepcopy(dense)
-                masks = sparsekit.prune(model, s, criterion=criterion, allocation=allocation,
+                masks = sparsekit.prune(model, s, method=criterion, allocation=allocation,
                                         seed=seed)
                 opt = torch.optim.Adam(model.parameters(), lr=5e-4)
                 masks.attach(opt)

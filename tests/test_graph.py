@@ -65,7 +65,7 @@ def test_path_count_in_log_space():
 
 def test_mask_round_trip():
     model = LeNet300100()
-    masks = sparsekit.prune(model, 0.9, criterion="random")
+    masks = sparsekit.prune(model, 0.9, method="random")
     back = masks_from_graph(to_graph(masks), model)
     assert back.keys() == masks.masks.keys()
     assert all(torch.equal(back[n], masks.masks[n]) for n in back)
@@ -133,7 +133,7 @@ def test_remove_dead_neurons_folds_constants_and_shrinks():
 def test_remove_dead_neurons_lenet():
     torch.manual_seed(0)
     model = LeNet300100()
-    sparsekit.prune(model, 0.985, criterion="random")
+    sparsekit.prune(model, 0.985, method="random")
     small = remove_dead_neurons(model)
     assert small.fc1.out_features < 300 and small.fc2.out_features < 100
     assert small.fc1.in_features == 784 and small.fc3.out_features == 10

@@ -12,7 +12,7 @@ N = 120  # hidden units of the recurrent test graphs
 def recurrent_graph(kind: str, density: float, seed: int = 0) -> nx.Graph:
     """The undirected hidden-to-hidden graph a prior gives an RNN."""
     rnn = nn.RNN(3, N)
-    masks = sparsekit.prune(rnn, 1 - density, criterion=f"graph:{kind}",
+    masks = sparsekit.prune(rnn, 1 - density, method=f"graph:{kind}",
                             targets=["weight_hh_l0"], seed=seed)
     adjacency = masks.masks["weight_hh_l0"]
     return nx.from_numpy_array((adjacency | adjacency.T).numpy().astype(int))
@@ -21,7 +21,7 @@ def recurrent_graph(kind: str, density: float, seed: int = 0) -> nx.Graph:
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_density_is_exact_in_every_layer(kind):
     model = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 10))
-    masks = sparsekit.prune(model, 0.75, criterion=f"graph:{kind}")
+    masks = sparsekit.prune(model, 0.75, method=f"graph:{kind}")
     assert masks.layer_sparsity() == {"0.weight": 0.75, "2.weight": 0.75}
 
 
@@ -67,7 +67,7 @@ def test_seeds_reproduce(kind):
 def test_errors():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))
     with pytest.raises(ValueError, match="neither"):
-        sparsekit.prune(model, 0.5, criterion="graph:erdos_renyi")
+        sparsekit.prune(model, 0.5, method="graph:erdos_renyi")
     with pytest.raises(ValueError, match="unknown kind"):
         prior_masks(nn.Linear(3, 3), 0.5, "small_world")
     with pytest.raises(ValueError, match="density"):

@@ -134,6 +134,6 @@ def test_nan_calibration_data_is_refused_and_model_untouched(criterion):
             model[0].weight[2, 2] = float("nan")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=rf"criterion '{criterion}' gave \d+ non-finite score"):
-        sparsekit.prune(model, 0.5, criterion=criterion, data=(x, y))
+        sparsekit.prune(model, 0.5, method=criterion, data=(x, y))
     after = model.state_dict()
     assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)

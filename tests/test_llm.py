@@ -205,7 +205,7 @@ def test_sequential_pass_matches_whole_model_statistics_as_documented():
     assert any(not torch.equal(expect1[n], dense1[n]) for n in expect1)  # the order matters
 
     by_magnitude = llm.prune(copy.deepcopy(dense), calib, method="magnitude")
-    reference = sparsekit.prune(copy.deepcopy(dense), 0.5, criterion="magnitude",
+    reference = sparsekit.prune(copy.deepcopy(dense), 0.5, method="magnitude",
                                 targets=list(by_magnitude.masks))
     for name, keep in reference.masks.items():
         assert torch.equal(by_magnitude.masks[name], keep), name

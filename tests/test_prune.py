@@ -227,13 +227,13 @@ def test_uniform_gives_equal_layer_sparsity():
 @pytest.mark.parametrize("second", [0.3, 0.8])
 @pytest.mark.parametrize("pattern", ["unstructured", "row", "block:4x4", "2:4"])
 @pytest.mark.parametrize("allocation", ALLOCATIONS)
-@pytest.mark.parametrize("criterion", ["magnitude", "random"])
-def test_repruning_never_revives(criterion, allocation, pattern, second):
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_repruning_never_revives(method, allocation, pattern, second):
     model = mlp()
-    first = prune(model, 0.5, criterion=criterion, allocation=allocation, pattern=pattern, seed=1)
+    first = prune(model, 0.5, method=method, allocation=allocation, pattern=pattern, seed=1)
     old = {n: m.clone() for n, m in first.masks.items()}
     old_sparsity = first.sparsity()
-    new = prune(model, second, criterion=criterion, allocation=allocation, pattern=pattern, seed=2)
+    new = prune(model, second, method=method, allocation=allocation, pattern=pattern, seed=2)
     pat = parse_pattern(pattern)
     for n, m in new.masks.items():
         assert not (m & ~old[n]).any(), n  # new ⊆ old
@@ -252,8 +252,8 @@ def test_repruning_never_revives(criterion, allocation, pattern, second):
 
 def test_repruning_with_random_scores_keeps_exact_uniform_sparsity():
     model = mlp()
-    a = prune(model, 0.5, criterion="random", seed=1)
-    b = prune(model, 0.8, criterion="random", seed=2)
+    a = prune(model, 0.5, method="random", seed=1)
+    b = prune(model, 0.8, method="random", seed=2)
     assert b.layer_sparsity() == pytest.approx({"0.weight": 0.8, "2.weight": 0.8}, abs=1 / 1024)
     assert all(not (b.masks[n] & ~a.masks[n]).any() for n in a.masks)
 
@@ -262,7 +262,7 @@ def test_existing_zeros_count_as_pruned():
     model = mlp()
     with torch.no_grad():
         model[0].weight[:, :3] = 0.0
-    masks = prune(model, 0.0, criterion="random")
+    masks = prune(model, 0.0, method="random")
     assert not masks.masks["0.weight"][:, :3].any()
     assert masks.masks["0.weight"][:, 3:].all()
     assert masks.masks["2.weight"].all()
@@ -278,7 +278,7 @@ def test_existing_zeros_count_as_pruned():
         {"pattern": "2:4"},
         {"pattern": "block:4x4", "allocation": "global"},
         {"pattern": "row", "allocation": "erk"},
-        {"criterion": "random", "allocation": "lamp"},
+        {"method": "random", "allocation": "lamp"},
     ],
 )
 @pytest.mark.parametrize("model_name", list(MODELS))
@@ -310,7 +310,7 @@ def test_masks_match_criterion_top_k():
     x = torch.randn(20, 32)
     ctx = ScoreContext(model, resolve_targets(model), x)
     expected_scores = CRITERIA.get("wanda")(ctx)
-    masks = prune(model, 0.75, criterion="wanda", data=x)
+    masks = prune(model, 0.75, method="wanda", data=x)
     for n, s in expected_scores.items():
         k = round(s.numel() * 0.25)
         top = torch.zeros(s.numel(), dtype=torch.bool)
@@ -318,12 +318,12 @@ def test_masks_match_criterion_top_k():
         assert torch.equal(masks.masks[n], top.reshape(s.shape)), n
 
 
-@pytest.mark.parametrize("criterion", ["snip", "taylor", "grasp", "synflow", "wanda"])
-def test_data_criteria_prune_exactly(criterion):
+@pytest.mark.parametrize("method", ["snip", "taylor", "grasp", "synflow", "wanda"])
+def test_data_criteria_prune_exactly(method):
     model = mlp()
     torch.manual_seed(2)
     data = (torch.randn(12, 32), torch.randint(0, 16, (12,)))
-    masks = prune(model, 0.5, criterion=criterion, data=data)
+    masks = prune(model, 0.5, method=method, data=data)
     assert masks.layer_sparsity() == {"0.weight": 0.5, "2.weight": 0.5}
 
 
@@ -343,18 +343,18 @@ def test_targets_and_exclude_are_honoured():
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "row"])
 def test_random_criterion_is_seeded(pattern):
-    a = prune(mlp(), 0.5, criterion="random", pattern=pattern, seed=1)
-    b = prune(mlp(), 0.5, criterion="random", pattern=pattern, seed=1)
-    c = prune(mlp(), 0.5, criterion="random", pattern=pattern, seed=2)
+    a = prune(mlp(), 0.5, method="random", pattern=pattern, seed=1)
+    b = prune(mlp(), 0.5, method="random", pattern=pattern, seed=1)
+    c = prune(mlp(), 0.5, method="random", pattern=pattern, seed=2)
     assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
     assert any(not torch.equal(a.masks[n], c.masks[n]) for n in a.masks)
 
 
 def test_random_criterion_ignores_global_rng():
     torch.manual_seed(5)
-    a = prune(mlp(), 0.5, criterion="random", seed=3)
+    a = prune(mlp(), 0.5, method="random", seed=3)
     torch.manual_seed(6)
-    b = prune(mlp(), 0.5, criterion="random", seed=3)
+    b = prune(mlp(), 0.5, method="random", seed=3)
     assert all(torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
 
 
@@ -382,14 +382,14 @@ BAD = [
     ({"pattern": "diagonal"}, ValueError,
      ["pattern", "'diagonal'", "unstructured", "N:M", "block:RxC", "row"]),
     ({"pattern": 4}, TypeError, ["pattern", "unstructured"]),
-    ({"criterion": "mag"}, ValueError,
+    ({"method": "mag"}, ValueError,
      ["criterion", "'mag'", "magnitude", "random", "wanda", "snip", "taylor", "grasp", "synflow"]),
-    ({"criterion": None}, TypeError, ["criterion"]),
+    ({"method": None}, TypeError, ["criterion"]),
     ({"allocation": "erk2"}, ValueError,
      ["allocation", "'erk2'", "erk", "er,", "uniform", "global", "lamp"]),
-    ({"criterion": "wanda"}, ValueError, ["criterion", "'wanda'", "data"]),
-    ({"criterion": "snip"}, ValueError, ["criterion", "'snip'", "data"]),
-    ({"criterion": "snip", "data": X}, ValueError, ["'snip'", "labels"]),
+    ({"method": "wanda"}, ValueError, ["criterion", "'wanda'", "data"]),
+    ({"method": "snip"}, ValueError, ["criterion", "'snip'", "data"]),
+    ({"method": "snip", "data": X}, ValueError, ["'snip'", "labels"]),
     ({"exclude": ["fc9"]}, ValueError, ["exclude", "'fc9'", "0.weight, 2.weight"]),
     ({"exclude": "fc9"}, ValueError, ["exclude", "'fc9'"]),
     ({"targets": ["2", "fc9"]}, ValueError, ["targets", "'fc9'"]),
@@ -496,9 +496,23 @@ def test_owl_through_prune_spares_the_outlier_rich_layer():
     with torch.no_grad():
         model[4].weight[:, :3] *= 40  # a few outlier features in the last layer
     data = torch.randn(32, 16)
-    uniform = prune(copy.deepcopy(model), 0.7, criterion="wanda", data=data)
+    uniform = prune(copy.deepcopy(model), 0.7, method="wanda", data=data)
     assert uniform.layer_sparsity()["4.weight"] == pytest.approx(0.7, abs=1e-3)
-    masks = prune(model, 0.7, criterion="wanda", allocation="owl", data=data)
+    masks = prune(model, 0.7, method="wanda", allocation="owl", data=data)
     per_layer = masks.layer_sparsity()
     assert per_layer["4.weight"] < 0.7 < min(per_layer["0.weight"], per_layer["2.weight"])
     assert masks.sparsity() == pytest.approx(0.7, abs=1 / 9216)
+
+
+def test_criterion_is_the_deprecated_spelling_of_method():
+    with pytest.warns(DeprecationWarning, match=r"criterion= is deprecated, use method="):
+        old = prune(mlp(), 0.5, criterion="random", seed=4)
+    new = prune(mlp(), 0.5, method="random", seed=4)
+    assert all(torch.equal(old.masks[n], m) for n, m in new.masks.items())
+    with pytest.raises(TypeError, match=r"both criterion= and method="):
+        prune(mlp(), 0.5, method="random", criterion="random")
+    model = mlp()
+    before = state(model)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="criterion 'snip'"):
+        prune(model, 0.5, criterion="snip")  # the old spelling keeps its error messages
+    assert_bit_identical(before, state(model))

@@ -16,7 +16,8 @@ from torch import nn
 
 import sparsekit
 from sparsekit import DynamicSparsity, GradualPruner, IterativePruning, soup
-from sparsekit.schedules import cubic_sparsity
+from sparsekit.masks import Masks
+from sparsekit.schedules import Schedule, cubic_sparsity
 from sparsekit.schedules.dynamic import drop_fraction_at
 
 
@@ -83,7 +84,7 @@ def test_gradual_pruner_rejects_bad_arguments_without_touching_the_model():
     with pytest.raises(ValueError, match="start_step"):
         GradualPruner(model, 0.5, start_step=10, end_step=10, every=1)
     with pytest.raises(ValueError, match="criterion"):
-        GradualPruner(model, 0.5, start_step=0, end_step=10, every=1, criterion="nope")
+        GradualPruner(model, 0.5, start_step=0, end_step=10, every=1, method="nope")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -91,7 +92,7 @@ def test_gradual_pruner_rejects_bad_arguments_without_touching_the_model():
 
 def test_imp_rewinds_survivors_to_step_k():
     model = mlp()
-    imp = IterativePruning(model, rounds=3, rate_per_round=0.2, rewind_step=5)
+    imp = IterativePruning(model, rounds=3, sparsity=1 - 0.8**3, rewind_step=5)
     snapshot = None
     for r in range(3):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -137,7 +138,7 @@ def test_dst_preserves_layer_counts_and_resets_regrown(method, optimizer):
     model = mlp()
     opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if optimizer == "sgd"
            else torch.optim.Adam(model.parameters(), lr=1e-2))
-    dst = DynamicSparsity(model, opt, 0.8, method=method, update_every=10, end_step=200)
+    dst = DynamicSparsity(model, opt, 0.8, method=method, every=10, end_step=200)
     initial = counts(dst.masks)
     assert dst.masks.sparsity() == pytest.approx(0.8, abs=1e-3)
     for t in range(100):
@@ -158,7 +159,7 @@ def test_dst_preserves_layer_counts_and_resets_regrown(method, optimizer):
 def test_rigl_grows_exactly_where_the_dense_gradient_is_largest():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: isolate the grow rule
-    dst = DynamicSparsity(model, opt, 0.8, method="rigl", update_every=1, end_step=10,
+    dst = DynamicSparsity(model, opt, 0.8, method="rigl", every=1, end_step=10,
                           drop_fraction=0.25, drop_schedule="constant")
     old = {n: m.clone() for n, m in dst.masks.masks.items()}
     x, y = batch(0)
@@ -186,7 +187,7 @@ def test_set_grows_uniformly_among_inactive_weights():
     for seed in range(40):
         model = mlp(seed)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        dst = DynamicSparsity(model, opt, 0.8, method="set", update_every=1, end_step=10,
+        dst = DynamicSparsity(model, opt, 0.8, method="set", every=1, end_step=10,
                               drop_fraction=0.3, drop_schedule="constant", seed=seed)
         old = dst.masks.masks["0.weight"].clone()
         train(model, opt, dst, 1)
@@ -204,7 +205,7 @@ def test_set_grows_uniformly_among_inactive_weights():
 def test_snfs_keeps_the_total_and_moves_weights_between_layers():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    dst = DynamicSparsity(model, opt, 0.8, method="snfs", update_every=10, end_step=200)
+    dst = DynamicSparsity(model, opt, 0.8, method="snfs", every=10, end_step=200)
     total = sum(counts(dst.masks).values())
     train(model, opt, dst, 100)
     assert sum(counts(dst.masks).values()) == total
@@ -214,7 +215,7 @@ def test_granet_prunes_on_the_cubic_schedule_then_drops_and_grows():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     dst = DynamicSparsity(model, opt, 0.9, method="granet", initial_sparsity=0.5,
-                          update_every=10, end_step=100)
+                          every=10, end_step=100)
     assert dst.masks.sparsity() == pytest.approx(0.5, abs=1e-3)
     for t in range(120):
         train(model, opt, dst, 1, start=t)
@@ -233,7 +234,7 @@ def fan_ins(mask: torch.Tensor) -> set[int]:
 def test_srigl_keeps_constant_fan_in_and_ablates_weak_neurons():
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    dst = DynamicSparsity(model, opt, 0.8, method="srigl", update_every=10, end_step=200)
+    dst = DynamicSparsity(model, opt, 0.8, method="srigl", every=10, end_step=200)
     budgets = counts(dst.masks)
     for m in dst.masks.masks.values():
         assert len(fan_ins(m)) == 1  # one fan-in per layer from the start
@@ -245,7 +246,7 @@ def test_srigl_keeps_constant_fan_in_and_ablates_weak_neurons():
     # With a demanding saliency threshold neurons get ablated and the rest widen.
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    dst = DynamicSparsity(model, opt, 0.8, method="srigl", update_every=10, end_step=200,
+    dst = DynamicSparsity(model, opt, 0.8, method="srigl", every=10, end_step=200,
                           salient_fraction=0.95, drop_fraction=0.5)
     before = {n: int(m.flatten(1).any(1).sum()) for n, m in dst.masks.masks.items()}
     train(model, opt, dst, 50)
@@ -271,7 +272,7 @@ def test_resume_reaches_the_same_masks_and_weights(tmp_path, method):
     def run(stop_at: int | None):
         model = mlp()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        dst = DynamicSparsity(model, opt, 0.8, method=method, update_every=10, end_step=150,
+        dst = DynamicSparsity(model, opt, 0.8, method=method, every=10, end_step=150,
                               seed=3)
         if stop_at is None:
             train(model, opt, dst, 100)
@@ -282,7 +283,7 @@ def test_resume_reaches_the_same_masks_and_weights(tmp_path, method):
         # a new process would rebuild everything from scratch:
         model2 = mlp(seed=99)
         opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
-        dst2 = DynamicSparsity(model2, opt2, 0.8, method=method, update_every=10,
+        dst2 = DynamicSparsity(model2, opt2, 0.8, method=method, every=10,
                                end_step=150, seed=3)
         sparsekit.load(model2, tmp_path / "ckpt.safetensors")
         state = torch.load(tmp_path / "state.pt", weights_only=False)
@@ -350,8 +351,142 @@ def test_soup_averages_and_keeps_the_mask():
 def test_soup_rejects_mismatched_masks():
     a, b = mlp(), mlp()
     sparsekit.prune(a, 0.5)
-    sparsekit.prune(b, 0.5, criterion="random")
+    sparsekit.prune(b, 0.5, method="random")
     with pytest.raises(ValueError, match="different mask"):
         soup([a, b])
     with pytest.raises(ValueError, match="architecture"):
         soup([a, nn.Sequential(nn.Linear(12, 8))])
+
+
+# -- one protocol, one vocabulary -----------------------------------------------------------
+
+def _gradual(model, opt):
+    return GradualPruner(model, 0.8, start_step=10, end_step=80, every=10, optimizer=opt)
+
+
+def _iterative(model, opt):
+    return IterativePruning(model, rounds=4, sparsity=0.8, rewind_step=5, optimizer=opt)
+
+
+def _dynamic(model, opt):
+    return DynamicSparsity(model, optimizer=opt, sparsity=0.8, method="rigl", every=10,
+                           end_step=80, seed=3)
+
+
+SCHEDULES = {"gradual": _gradual, "iterative": _iterative, "dynamic": _dynamic}
+
+
+def _run(build, model, opt, schedule, steps, start=0):
+    """Train; IterativePruning ends a round every 20 steps."""
+    for t in range(start, start + steps):
+        train(model, opt, schedule, 1, start=t)
+        if build is _iterative and (t + 1) % 20 == 0:
+            schedule.next_round()
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_schedule_implements_the_protocol(name):
+    model = mlp()
+    schedule = SCHEDULES[name](model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert isinstance(schedule, Schedule)
+    assert isinstance(schedule.masks, Masks)
+    assert schedule.step() in (True, False)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_state_dict_round_trips_mid_run_exactly(name):
+    build = SCHEDULES[name]
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    schedule = build(model, opt)
+    _run(build, model, opt, schedule, 45)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                           "schedule": schedule.state_dict()})
+    _run(build, model, opt, schedule, 45, start=45)
+
+    model2 = mlp(seed=99)  # a fresh process rebuilds everything, then loads
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+    schedule2 = build(model2, opt2)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    schedule2.load_state_dict(saved["schedule"])
+    _run(build, model2, opt2, schedule2, 45, start=45)
+
+    assert schedule2.masks.sparsity() > 0
+    for n, m in schedule.masks.masks.items():
+        assert torch.equal(m, schedule2.masks.masks[n]), n
+    for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert schedule.state_dict()["step"] == schedule2.state_dict()["step"]
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_optimizer_keyword_keeps_masked_weights_at_zero(name):
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    schedule = SCHEDULES[name](model, opt)
+    schedule.masks.update({n: torch.rand(m.shape) > 0.5 for n, m in schedule.masks.masks.items()})
+    train(model, opt, schedule, 3)
+    for n, p in schedule.masks.params.items():
+        assert (p[~schedule.masks.masks[n]] == 0).all(), n
+
+
+def test_iterative_sparsity_is_the_final_target():
+    model = mlp()
+    imp = IterativePruning(model, rounds=3, sparsity=0.9, rewind_step=0)
+    assert imp.rate_per_round == pytest.approx(1 - 0.1 ** (1 / 3))
+    assert imp.target_sparsity(0) == pytest.approx(imp.rate_per_round)
+    assert imp.target_sparsity(2) == 0.9
+    while imp.next_round():
+        pass
+    assert imp.masks.sparsity() == pytest.approx(0.9, abs=1e-3)
+
+
+def test_old_spellings_warn_and_mean_the_same():
+    with pytest.warns(DeprecationWarning) as record:
+        old = GradualPruner(mlp(), final_sparsity=0.6, start_step=0, end_step=10, every=1,
+                            criterion="random")
+    assert [str(w.message) for w in record] == [
+        "GradualPruner(): final_sparsity= is deprecated, use sparsity=",
+        "GradualPruner(): criterion= is deprecated, use method=",
+    ]
+    assert all(w.filename == __file__ for w in record)  # points at the caller
+    new = GradualPruner(mlp(), 0.6, start_step=0, end_step=10, every=1, method="random")
+    assert counts(old.masks) == counts(new.masks)
+    with pytest.warns(DeprecationWarning, match=r"GradualPruner.final_sparsity is deprecated"):
+        assert old.final_sparsity == 0.6
+
+    with pytest.warns(DeprecationWarning) as record:
+        old = IterativePruning(mlp(), rounds=3, rate_per_round=0.2, rewind_step=0,
+                               criterion="magnitude")
+    assert sorted(str(w.message).split(" is ")[0] for w in record) == [
+        "IterativePruning(): criterion=", "IterativePruning(): rate_per_round="]
+    assert all(w.filename == __file__ for w in record)
+    assert old.sparsity == pytest.approx(1 - 0.8**3)
+    assert [old.target_sparsity(r) for r in range(3)] == pytest.approx([0.2, 0.36, 0.488])
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(DeprecationWarning, match=r"update_every= is deprecated, use every="):
+        dst = DynamicSparsity(model, opt, 0.8, update_every=7, end_step=50)
+    assert dst.every == 7
+    with pytest.warns(DeprecationWarning, match=r"DynamicSparsity.update_every is deprecated"):
+        assert dst.update_every == 7
+
+
+def test_both_spellings_are_a_type_error():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = dict(start_step=0, end_step=10, every=1)
+    with pytest.raises(TypeError, match=r"both final_sparsity= and sparsity="):
+        GradualPruner(model, 0.5, final_sparsity=0.5, **kw)
+    with pytest.raises(TypeError, match=r"both final_sparsity= and sparsity="):
+        GradualPruner(model, sparsity=0.5, final_sparsity=0.5, **kw)
+    with pytest.raises(TypeError, match=r"both criterion= and method="):
+        GradualPruner(model, 0.5, method="random", criterion="random", **kw)
+    with pytest.raises(TypeError, match=r"both rate_per_round= and sparsity="):
+        IterativePruning(model, rounds=2, sparsity=0.5, rate_per_round=0.3, rewind_step=0)
+    with pytest.raises(TypeError, match=r"'sparsity'"):
+        IterativePruning(model, rounds=2, rewind_step=0)
+    with pytest.raises(TypeError, match=r"both update_every= and every="):
+        DynamicSparsity(model, opt, 0.8, every=5, update_every=5, end_step=10)

@@ -42,7 +42,7 @@ def _sparse_copy(dense: nn.Sequential, masks: dict[str, torch.Tensor]) -> nn.Seq
 
 def _sparse_mlp(sparsity: float = 0.8) -> nn.Sequential:
     dense = _dense_mlp()
-    masks, _ = compute_masks(dense, sparsity, criterion="random", allocation="erk")
+    masks, _ = compute_masks(dense, sparsity, method="random", allocation="erk")
     return _sparse_copy(dense, masks)
 
 
@@ -53,7 +53,7 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _dst(model: nn.Module, method: str) -> tuple[torch.optim.Optimizer, DynamicSparsity]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    ds = DynamicSparsity(model, opt, 0.8, method=method, update_every=UPDATE_EVERY,
+    ds = DynamicSparsity(model, opt, 0.8, method=method, every=UPDATE_EVERY,
                          end_step=END_STEP, seed=3)
     return opt, ds
 
@@ -121,7 +121,7 @@ def test_rigl_regrows_where_the_dense_gradient_is_largest(one_thread) -> None:
     layer = SparseLinear(30, 12, torch.rand(12, 30) < 0.3).double()
     model = nn.Sequential(layer)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay: drops are by |w|
-    ds = DynamicSparsity(model, opt, 0.7, method="rigl", update_every=1, end_step=5)
+    ds = DynamicSparsity(model, opt, 0.7, method="rigl", every=1, end_step=5)
     before, w = layer.mask, layer.to_dense()
     x, g = torch.randn(9, 30, dtype=torch.float64), torch.randn(9, 12, dtype=torch.float64)
     layer(x).backward(g)
@@ -269,3 +269,23 @@ def test_ddp_refuses_methods_that_resize_layers(tmp_path) -> None:
         DynamicSparsity(model, opt, 0.8, method="rigl", end_step=10)  # keeps nnz: accepted
     finally:
         dist.destroy_process_group()
+
+
+def test_structure_set_and_mask_set_are_both_masks(one_thread) -> None:
+    from sparsekit.masks import Masks
+
+    sparse = _sparse_mlp()
+    structures = StructureSet(sparse)
+    dense = _dense_mlp()
+    masked = sparsekit.prune(dense, 0.8, method="random")
+    assert isinstance(structures, Masks) and isinstance(masked, Masks)
+    # The same call path reads dense gradients from either (no isinstance in DynamicSparsity).
+    for masks, model in ((structures, sparse), (masked, dense)):
+        masks.capture(True)
+        x, y = _batch(0)
+        F.cross_entropy(model(x), y).backward()
+        grads = masks.dense_grads()
+        assert set(grads) == set(masks.masks)
+        for n, g in grads.items():
+            assert g.shape == masks.masks[n].shape and (g[~masks.masks[n]] != 0).any(), n
+        masks.capture(False)

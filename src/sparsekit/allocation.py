@@ -79,7 +79,7 @@ def owl(scores: Scores, sparsity: float) -> dict[str, int]:
     A layer's outlier ratio is the fraction of its scores above ``OUTLIER_M`` times their
     mean; the per-layer sparsities follow :func:`owl_sparsities` (a ``±OWL_LAMBDA`` band
     around the target, centred by layer size) and are scaled so that the total is exact.
-    With ``criterion="wanda"`` and ``data=`` the scores are the paper's |W|·‖X‖; with other
+    With ``method="wanda"`` and ``data=`` the scores are the paper's |W|·‖X‖; with other
     nonnegative criteria (magnitude …) OWL measures the outliers of their scores.
     """
     sizes = {n: s.numel() for n, s in scores.items()}

@@ -5,15 +5,64 @@ weights, and once attached to an optimizer it keeps them at exactly zero through
 ``optimizer.step()`` — whatever the optimizer does with momentum, adaptive moments or
 weight decay — by masking gradients before the step and weights plus optimizer state
 after it. Masks live outside the model, so ``model.state_dict()`` keeps its usual keys.
+
+:class:`Masks` is what schedules need of such a state; ``MaskSet`` is one,
+:class:`~sparsekit.engine.structure_set.StructureSet` (the masks of truly sparse
+``SparseLinear`` layers) the other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from sparsekit._checks import check_optimizer
+
+
+@runtime_checkable
+class Masks(Protocol):
+    """The sparsity state a schedule drives: one boolean mask per named weight.
+
+    Schedules read ``masks`` and ``params`` and the dense gradients, and change the state
+    only through :meth:`update`, so the same drop/grow rule works on masked dense weights
+    (:class:`MaskSet`) and on truly sparse layers (``StructureSet``).
+    """
+
+    pattern: str
+    masks: dict[str, torch.Tensor]
+
+    @property
+    def params(self) -> Mapping[str, torch.Tensor]:
+        """The weights, dense, by the name their mask has (read only)."""
+        ...
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Masks:
+        """Keep the state through every ``optimizer.step()``."""
+        ...
+
+    def update(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Replace some or all masks; regrown weights and their optimizer state start at 0."""
+        ...
+
+    def capture(self, on: bool) -> None:
+        """Ask for (or stop asking for) dense gradients of the next backward passes."""
+        ...
+
+    def dense_grads(self) -> Mapping[str, torch.Tensor | None]:
+        """The gradients of every weight, masked entries included, before the step masks them."""
+        ...
+
+    def sparsity(self) -> float: ...
+
+    def state_dict(self) -> dict[str, object]: ...
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None: ...
+
+    def remove(self) -> None: ...
 
 
 class MaskSet:
@@ -128,10 +177,7 @@ class MaskSet:
         masked coordinate. Parameters replaced since the masks were made (for example by
         ``load_state_dict(..., assign=True)``) are followed, not left unmasked.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+        check_optimizer(optimizer)
         self._follow_replaced_params()
         key = id(optimizer)
         if key in self._hooks:
@@ -171,6 +217,13 @@ class MaskSet:
         self.detach()
         self.masks.clear()
         self.params.clear()
+
+    def capture(self, on: bool) -> None:
+        """Nothing to switch: a masked weight's gradient is dense until the step masks it."""
+
+    def dense_grads(self) -> dict[str, torch.Tensor | None]:
+        """Each weight's ``.grad``; dense when read before the step (an optimizer pre-hook)."""
+        return {n: p.grad for n, p in self.params.items()}
 
     def _refresh_factors(self) -> None:
         self._factors = (

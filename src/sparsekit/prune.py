@@ -9,18 +9,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit._checks import check_int, check_sparsity, renamed
 from sparsekit.allocation import ALLOCATIONS, fit_to_capacity
 from sparsekit.masks import MaskSet
 from sparsekit.patterns import Pattern, parse_pattern
 from sparsekit.scores import CRITERIA, ScoreContext
 from sparsekit.targets import TargetSpec, resolve_targets
 
+__all__ = ["check_sparsity", "compute_masks", "prune"]
 
+
+@renamed(criterion="method")
 def prune(
     model: nn.Module,
     sparsity: float,
     *,
-    criterion: str = "magnitude",
+    method: str = "magnitude",
     pattern: str = "unstructured",
     allocation: str = "uniform",
     targets: TargetSpec | Sequence[TargetSpec] | None = None,
@@ -31,23 +35,26 @@ def prune(
 ) -> MaskSet:
     """Prune ``model`` one-shot to ``sparsity`` and return the applied :class:`MaskSet`.
 
-    Every argument is validated before anything is changed. Weights that are already
-    exactly zero count as pruned, so pruning a pruned model never revives a weight.
+    ``method`` names the score that ranks the weights, an entry of
+    :data:`~sparsekit.CRITERIA` (``criterion=`` is its deprecated spelling). Every
+    argument is validated before anything is changed. Weights that are already exactly
+    zero count as pruned, so pruning a pruned model never revives a weight.
     For N:M patterns the pattern caps the density at N/M; a higher ``sparsity``
     thins the N:M mask further.
     """
     masks, pat = compute_masks(
-        model, sparsity, criterion=criterion, pattern=pattern, allocation=allocation,
+        model, sparsity, method=method, pattern=pattern, allocation=allocation,
         targets=targets, exclude=exclude, data=data, loss_fn=loss_fn, seed=seed,
     )
     return MaskSet(model, masks, pattern=str(pat)).apply()
 
 
+@renamed(criterion="method")
 def compute_masks(
     model: nn.Module,
     sparsity: float,
     *,
-    criterion: str = "magnitude",
+    method: str = "magnitude",
     pattern: str | Pattern = "unstructured",
     allocation: str = "uniform",
     targets: TargetSpec | Sequence[TargetSpec] | None = None,
@@ -58,18 +65,17 @@ def compute_masks(
 ) -> tuple[dict[str, torch.Tensor], Pattern]:
     """The masks :func:`prune` would apply, without changing the model (schedules use this)."""
     check_sparsity(sparsity)
-    score_fn = CRITERIA.get(criterion)
+    score_fn = CRITERIA.get(method)
     allocate = ALLOCATIONS.get(allocation)
     pat = parse_pattern(pattern)
     chosen = resolve_targets(model, targets, exclude)
     for t in chosen:
         pat.check(t.param.shape, t.name)
-    if not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_int("seed", seed)
 
     ctx = ScoreContext(model, chosen, data, loss_fn, torch.Generator().manual_seed(seed))
     scores = score_fn(ctx)
-    check_scores(scores, criterion)
+    check_scores(scores, method)
     scores = {
         t.name: scores[t.name].masked_fill(t.param.detach() == 0, float("-inf")) for t in chosen
     }
@@ -93,10 +99,3 @@ def check_scores(scores: dict[str, torch.Tensor], criterion: str) -> None:
                 "the model was not changed"
             )
 
-
-def check_sparsity(sparsity: Any, param: str = "sparsity") -> None:
-    """Raise unless ``sparsity`` is a real number in [0, 1)."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"{param} must be a float in [0, 1), got {sparsity!r}")
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"{param} must be in [0, 1), got {sparsity!r}")

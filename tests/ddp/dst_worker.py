@@ -28,7 +28,7 @@ def main(method: str, out: str, sparse: bool = False) -> None:
     torch.manual_seed(0)  # identical initial weights on every rank
     model = DDP(_net(sparse))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    dst = DynamicSparsity(model, opt, 0.8, method=method, update_every=10, end_step=180,
+    dst = DynamicSparsity(model, opt, 0.8, method=method, every=10, end_step=180,
                           seed=7)
     gen = torch.Generator().manual_seed(100 + rank)  # different data on each rank
     history = []

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _one_run(dense, data, train, label, criterion, allocation, s, args, out, dense_size) -> Row:
     model = copy.deepcopy(dense)
-    masks = sparsekit.prune(model, s, criterion=criterion, allocation=allocation, seed=args.seed)
+    masks = sparsekit.prune(model, s, method=criterion, allocation=allocation, seed=args.seed)
     before = accuracy(model, data.test)
     opt = torch.optim.Adam(model.parameters(), lr=5e-4)
     masks.attach(opt)

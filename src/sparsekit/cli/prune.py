@@ -24,7 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="allow --out to be CKPT itself (replaced atomically, at the end)")
     p.add_argument("--sparsity", type=float, required=True, help="target sparsity in [0, 1)")
-    p.add_argument("--criterion", default="magnitude", help=f"one of {', '.join(CRITERIA)}")
+    p.add_argument("--method", "--criterion", dest="method", default="magnitude",
+                   help=f"the scoring method, one of {', '.join(CRITERIA)} "
+                   "(--criterion is its older spelling)")
     p.add_argument("--allocation", default="uniform", help=f"one of {', '.join(ALLOCATIONS)}")
     p.add_argument("--pattern", default="unstructured",
                    help="unstructured, N:M (e.g. 2:4), block:RxC or row")
@@ -42,13 +44,13 @@ def run(args: argparse.Namespace) -> int:
     model, _ = load_checkpoint(args.ckpt, args.model)
     example = example_inputs(args.input_shape, model)
     data = None
-    if CRITERIA.meta(args.criterion)["data_driven"]:
+    if CRITERIA.meta(args.method)["data_driven"]:
         from sparsekit.data import load_image_dataset
 
         train = load_image_dataset(args.data_dir).train
         data = [b for _, b in zip(range(args.calib_batches), minibatches(train, 128))]
     masks = sparsekit.prune(
-        model, args.sparsity, criterion=args.criterion, allocation=args.allocation,
+        model, args.sparsity, method=args.method, allocation=args.allocation,
         pattern=args.pattern, exclude=args.exclude, data=data, seed=args.seed,
     )
     rep = sparsekit.report(model, example, masks=masks)

@@ -1,6 +1,7 @@
 """StructureSet: the masks of a model's SparseLinear layers, changed through set_structure.
 
-It is :class:`~sparsekit.MaskSet`'s counterpart for truly sparse layers, and presents each
+It is :class:`~sparsekit.MaskSet`'s counterpart for truly sparse layers (both are
+:class:`~sparsekit.masks.Masks`), and presents each
 :class:`SparseLinear` to mask-based code (the drop/grow rules of
 :class:`~sparsekit.DynamicSparsity`) as a dense weight view, a boolean mask and — when
 captured — a dense gradient, under the name its ``nn.Linear`` weight would have
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sparsekit._checks import check_optimizer
 from sparsekit.engine.sparse_linear import SparseLinear
 
 __all__ = ["StructureSet", "sparse_layers"]
@@ -58,10 +60,7 @@ class StructureSet:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> StructureSet:
         """Carry ``optimizer``'s per-weight state through every structure change."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+        check_optimizer(optimizer)
         self._optimizer = optimizer
         return self
 

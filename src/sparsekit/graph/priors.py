@@ -37,14 +37,14 @@ def prior_masks(
     """Make ``model`` a ``kind`` random graph at ``density`` in every target; returns the masks.
 
     ``targets`` defaults to every ``nn.Linear`` weight and every recurrent hidden-to-hidden
-    matrix. Same as ``sparsekit.prune(model, 1 - density, criterion=f"graph:{kind}")``.
+    matrix. Same as ``sparsekit.prune(model, 1 - density, method=f"graph:{kind}")``.
     """
     KINDS.get(kind)
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise ValueError(f"density must be a float in (0, 1], got {density!r}")
     if targets is None:
         targets = [n for n, _ in model.named_parameters() if _is_default_target(model, n)]
-    return prune(model, 1.0 - density, criterion=f"graph:{kind}", targets=targets, seed=seed)
+    return prune(model, 1.0 - density, method=f"graph:{kind}", targets=targets, seed=seed)
 
 
 def _is_default_target(model: nn.Module, name: str) -> bool:

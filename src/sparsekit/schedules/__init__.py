@@ -1,5 +1,9 @@
-"""When the pipeline runs again: gradual, iterative and dynamic sparsity schedules."""
+"""When the pipeline runs again: gradual, iterative and dynamic sparsity schedules.
 
+Each implements the :class:`Schedule` protocol.
+"""
+
+from sparsekit.schedules.base import Schedule
 from sparsekit.schedules.dynamic import METHODS, DynamicSparsity
 from sparsekit.schedules.gradual import GradualPruner, cubic_sparsity
 from sparsekit.schedules.iterative import IterativePruning
@@ -10,6 +14,7 @@ __all__ = [
     "DynamicSparsity",
     "GradualPruner",
     "IterativePruning",
+    "Schedule",
     "cubic_sparsity",
     "soup",
 ]

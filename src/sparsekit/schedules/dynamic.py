@@ -1,6 +1,6 @@
 """Dynamic sparse training: drop and regrow connections while training.
 
-Every method is the same loop — every ``update_every`` steps, drop the weakest active
+Every method is the same loop — every ``every`` steps, drop the weakest active
 weights of each layer and grow as many inactive ones — and differs only in its rules,
 so each is a small :class:`DropGrow` subclass (as in jaxpruner):
 
@@ -34,24 +34,33 @@ ranks.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sparsekit._checks import (
+    check_fraction,
+    check_int,
+    check_optimizer,
+    check_sparsity,
+    renamed,
+    renamed_attribute,
+)
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.engine.structure_set import StructureSet, sparse_layers
-from sparsekit.masks import MaskSet
+from sparsekit.masks import Masks, MaskSet
 from sparsekit.patterns import FanIn
-from sparsekit.prune import check_sparsity, compute_masks
+from sparsekit.prune import compute_masks
 from sparsekit.registry import Registry
 from sparsekit.schedules.gradual import cubic_sparsity
 from sparsekit.select import top_k
 
 METHODS: Registry = Registry("method")
 DROP_SCHEDULES = ("cosine", "linear", "constant")
-Masks = dict[str, torch.Tensor]
+MaskDict = dict[str, torch.Tensor]
 
 
 def drop_fraction_at(step: int, *, initial: float, end_step: int, schedule: str) -> float:
@@ -69,7 +78,10 @@ class DynamicSparsity:
     """Train ``model`` sparse while moving its connections (SET, RigL, SNFS, GraNet, SRigL).
 
     Starts from a random mask with the given ``allocation`` (ERK by default; GraNet starts
-    at ``initial_sparsity``). Call :meth:`step` after every ``optimizer.step()``. Regrown
+    at ``initial_sparsity``). ``optimizer`` (positional or ``optimizer=``) is required: the
+    dense gradients are read just before its steps and the masks kept through them. Call
+    :meth:`step` after every ``optimizer.step()``; every ``every`` steps until ``end_step``
+    (``update_every=`` is its deprecated spelling) ``method`` drops and regrows. Regrown
     weights start at zero and their optimizer state is reset. SET and RigL keep each
     layer's number of active weights exactly; SNFS keeps the total while layers trade
     weights; GraNet follows its pruning schedule; SRigL keeps a constant fan-in per
@@ -83,6 +95,7 @@ class DynamicSparsity:
     pass over module weights, is not available for them.
     """
 
+    @renamed(update_every="every")
     def __init__(
         self,
         model: nn.Module,
@@ -91,7 +104,7 @@ class DynamicSparsity:
         *,
         method: str = "rigl",
         allocation: str = "erk",
-        update_every: int = 100,
+        every: int = 100,
         drop_fraction: float = 0.3,
         drop_schedule: str = "cosine",
         end_step: int,
@@ -100,6 +113,12 @@ class DynamicSparsity:
         initial_sparsity: float = 0.5,
         salient_fraction: float = 0.3,
     ) -> None:
+        if optimizer is None:
+            raise ValueError(
+                "DynamicSparsity needs the training optimizer (optimizer=): it reads the "
+                "gradients before each step and keeps the masks through it"
+            )
+        check_optimizer(optimizer)
         check_sparsity(sparsity)
         rule = METHODS.get(method)
         ALLOCATIONS.get(allocation)
@@ -107,13 +126,13 @@ class DynamicSparsity:
             raise ValueError(
                 f"unknown drop_schedule {drop_schedule!r}; accepted: {', '.join(DROP_SCHEDULES)}"
             )
-        if not 0 < drop_fraction < 1:
-            raise ValueError(f"drop_fraction must be in (0, 1), got {drop_fraction}")
-        if update_every < 1 or end_step < 1:
-            raise ValueError(
-                f"update_every and end_step must be ≥ 1, got {update_every}, {end_step}"
-            )
+        check_fraction("drop_fraction", drop_fraction, zero=False)
+        check_int("every", every, minimum=1)
+        check_int("end_step", end_step, minimum=1)
+        check_int("seed", seed)
+        check_fraction("momentum", momentum)
         check_sparsity(initial_sparsity, "initial_sparsity")
+        check_fraction("salient_fraction", salient_fraction, one=True)
         sparse = bool(sparse_layers(model))
         if sparse and method == "granet":
             raise ValueError(
@@ -129,7 +148,7 @@ class DynamicSparsity:
             )
         self.model, self.optimizer, self.method = model, optimizer, method
         self.sparsity, self.initial_sparsity = sparsity, initial_sparsity
-        self.allocation, self.update_every, self.end_step = allocation, update_every, end_step
+        self.allocation, self.every, self.end_step = allocation, every, end_step
         self.drop_fraction, self.drop_schedule, self.beta = drop_fraction, drop_schedule, momentum
         self.salient_fraction = salient_fraction
         self.seed = seed
@@ -138,18 +157,20 @@ class DynamicSparsity:
         self.generator = torch.Generator().manual_seed(seed + 1_000_003)
         self.rule: DropGrow = rule(self)
         self.step_count = 0
-        self.masks: MaskSet | StructureSet = (
+        self.masks: Masks = (
             StructureSet(model) if sparse else MaskSet(model, self.rule.initial_masks())
         )
-        self._grads: Masks = {}
+        self._grads: MaskDict = {}
         self._momenta = {n: torch.zeros_like(p) for n, p in self.masks.params.items()}
         # Registered before the MaskSet's hooks, so it sees the dense gradients.
         self._hook = optimizer.register_step_pre_hook(lambda *_: self._capture())
         self.masks.attach(optimizer)
         self._arm_capture()
 
+    update_every = renamed_attribute("update_every", "every")
+
     def is_update_step(self, step: int) -> bool:
-        return step % self.update_every == 0 and 0 < step < self.end_step
+        return step % self.every == 0 and 0 < step < self.end_step
 
     def step(self) -> bool:
         """Advance one step; at update steps drop and regrow. Returns whether it updated."""
@@ -164,10 +185,9 @@ class DynamicSparsity:
         return True
 
     def _arm_capture(self) -> None:
-        """SparseLinear layers compute dense gradients only for steps whose rule reads them."""
-        if isinstance(self.masks, StructureSet):
-            upcoming = self.is_update_step(self.step_count + 1)
-            self.masks.capture(self.rule.needs_momenta or (self.rule.needs_grads and upcoming))
+        """Ask the masks for dense gradients only for the steps whose rule reads them."""
+        upcoming = self.is_update_step(self.step_count + 1)
+        self.masks.capture(self.rule.needs_momenta or (self.rule.needs_grads and upcoming))
 
     def dense_grad(self, name: str) -> torch.Tensor:
         """The dense (unmasked) gradient of ``name`` captured before this update's step."""
@@ -181,11 +201,7 @@ class DynamicSparsity:
     @torch.no_grad()
     def _capture(self) -> None:
         upcoming = self.step_count + 1
-        if isinstance(self.masks, StructureSet):
-            grads = self.masks.dense_grads()
-        else:
-            grads = {n: p.grad for n, p in self.masks.params.items()}
-        for n, g in grads.items():
+        for n, g in self.masks.dense_grads().items():
             if g is None:
                 continue
             if self.rule.needs_momenta:
@@ -198,7 +214,7 @@ class DynamicSparsity:
                 "generator": self.generator.get_state(),
                 "momenta": {n: m.clone() for n, m in self._momenta.items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.masks.load_state_dict(state["masks"])
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])
@@ -221,8 +237,8 @@ class DropGrow:
     def __init__(self, ds: DynamicSparsity) -> None:
         self.ds = ds
 
-    def initial_masks(self) -> Masks:
-        masks, _ = compute_masks(self.ds.model, self.ds.sparsity, criterion="random",
+    def initial_masks(self) -> MaskDict:
+        masks, _ = compute_masks(self.ds.model, self.ds.sparsity, method="random",
                                  allocation=self.ds.allocation, seed=self.ds.seed)
         return masks
 
@@ -233,7 +249,7 @@ class DropGrow:
         return drops
 
     @torch.no_grad()
-    def update(self, fraction: float) -> Masks:
+    def update(self, fraction: float) -> MaskDict:
         masks = self.ds.masks.masks
         drops = {n: round(fraction * int(m.sum())) for n, m in masks.items()}
         grows = self.grow_counts(drops)
@@ -293,17 +309,17 @@ class GraNet(RigL):
 
     keeps_layer_nnz = False
 
-    def initial_masks(self) -> Masks:
-        masks, _ = compute_masks(self.ds.model, self.ds.initial_sparsity, criterion="random",
+    def initial_masks(self) -> MaskDict:
+        masks, _ = compute_masks(self.ds.model, self.ds.initial_sparsity, method="random",
                                  allocation=self.ds.allocation, seed=self.ds.seed)
         return masks
 
     @torch.no_grad()
-    def update(self, fraction: float) -> Masks:
+    def update(self, fraction: float) -> MaskDict:
         ds = self.ds
         target = cubic_sparsity(ds.step_count, initial=ds.initial_sparsity, final=ds.sparsity,
                                 start=0, end=ds.end_step)
-        pruned, _ = compute_masks(ds.model, target, criterion="magnitude", allocation="global",
+        pruned, _ = compute_masks(ds.model, target, method="magnitude", allocation="global",
                                   targets=list(ds.masks.masks))
         ds.masks.update({n: m & ds.masks.masks[n] for n, m in pruned.items()})
         return super().update(fraction)
@@ -321,13 +337,13 @@ class SRigL(RigL):
 
     keeps_layer_nnz = False  # fan-in × surviving neurons can fall short of the budget
 
-    def initial_masks(self) -> Masks:
+    def initial_masks(self) -> MaskDict:
         base = super().initial_masks()
         return {n: FanIn().mask(torch.rand(m.shape, generator=self.ds.generator), int(m.sum()))
                 for n, m in base.items()}
 
     @torch.no_grad()
-    def update(self, fraction: float) -> Masks:
+    def update(self, fraction: float) -> MaskDict:
         new = {}
         for n, mask in self.ds.masks.masks.items():
             w = self.ds.masks.params[n].detach().abs().float().flatten(1)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from sparsekit._checks import (
+    check_int,
+    check_optimizer,
+    check_sparsity,
+    renamed,
+    renamed_attribute,
+)
 from sparsekit.masks import MaskSet
-from sparsekit.prune import check_sparsity, compute_masks
+from sparsekit.prune import compute_masks
 from sparsekit.targets import resolve_targets
 
 
@@ -22,46 +30,50 @@ def cubic_sparsity(step: int, *, initial: float, final: float, start: int, end: 
 
 
 class GradualPruner:
-    """Raise sparsity from ``initial_sparsity`` to ``final_sparsity`` while training.
+    """Raise sparsity from ``initial_sparsity`` to ``sparsity`` while training.
 
     Call :meth:`step` after every ``optimizer.step()``. Every ``every`` steps between
-    ``start_step`` and ``end_step`` the model is re-pruned to the cubic schedule's
-    sparsity; masks only shrink, and with ``optimizer`` they are kept through its steps.
+    ``start_step`` and ``end_step`` the model is re-pruned by ``method`` to the cubic
+    schedule's sparsity; masks only shrink, and with ``optimizer`` they are kept through
+    its steps. The remaining keywords (``targets``, ``exclude``, ``data`` …) go to
+    :func:`~sparsekit.prune`. ``final_sparsity=`` and ``criterion=`` are deprecated
+    spellings of ``sparsity=`` and ``method=``.
     """
 
+    @renamed(final_sparsity="sparsity", criterion="method")
     def __init__(
         self,
         model: nn.Module,
-        final_sparsity: float,
+        sparsity: float,
         *,
         start_step: int,
         end_step: int,
         every: int,
         initial_sparsity: float = 0.0,
-        criterion: str = "magnitude",
+        method: str = "magnitude",
         allocation: str = "uniform",
         pattern: str = "unstructured",
         optimizer: torch.optim.Optimizer | None = None,
         **prune_kwargs: Any,
     ) -> None:
-        check_sparsity(final_sparsity, "final_sparsity")
+        check_sparsity(sparsity)
         check_sparsity(initial_sparsity, "initial_sparsity")
-        if initial_sparsity > final_sparsity:
+        if initial_sparsity > sparsity:
             raise ValueError(
-                f"initial_sparsity ({initial_sparsity}) must not exceed final_sparsity "
-                f"({final_sparsity})"
+                f"initial_sparsity ({initial_sparsity}) must not exceed sparsity ({sparsity})"
             )
-        if not 0 <= start_step < end_step:
+        check_int("start_step", start_step, minimum=0)
+        check_int("end_step", end_step, minimum=1)
+        check_int("every", every, minimum=1)
+        if start_step >= end_step:
             raise ValueError(f"need 0 ≤ start_step < end_step, got {start_step}, {end_step}")
-        if every < 1:
-            raise ValueError(f"every must be a positive number of steps, got {every}")
+        check_optimizer(optimizer, optional=True)
         self.model = model
-        self.final_sparsity, self.initial_sparsity = final_sparsity, initial_sparsity
+        self.sparsity, self.initial_sparsity = sparsity, initial_sparsity
         self.start_step, self.end_step, self.every = start_step, end_step, every
-        self._prune = dict(criterion=criterion, allocation=allocation, pattern=pattern,
-                           **prune_kwargs)
+        self._prune = dict(method=method, allocation=allocation, pattern=pattern, **prune_kwargs)
         # Validate the whole configuration now (a dry run), before anything is mutated.
-        compute_masks(model, final_sparsity, **self._prune)
+        compute_masks(model, sparsity, **self._prune)
         chosen = resolve_targets(
             model, prune_kwargs.get("targets"), prune_kwargs.get("exclude", ())
         )
@@ -73,8 +85,10 @@ class GradualPruner:
         if start_step == 0:
             self._update(0)
 
+    final_sparsity = renamed_attribute("final_sparsity", "sparsity")
+
     def sparsity_at(self, step: int) -> float:
-        return cubic_sparsity(step, initial=self.initial_sparsity, final=self.final_sparsity,
+        return cubic_sparsity(step, initial=self.initial_sparsity, final=self.sparsity,
                               start=self.start_step, end=self.end_step)
 
     def step(self) -> bool:
@@ -94,6 +108,6 @@ class GradualPruner:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count, "masks": self.masks.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.masks.load_state_dict(state["masks"])
         self.step_count = int(state["step"])

@@ -7,60 +7,95 @@ initialisation.
 from __future__ import annotations
 
 import copy
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from sparsekit._checks import (
+    check_fraction,
+    check_int,
+    check_optimizer,
+    check_sparsity,
+    renamed,
+)
 from sparsekit.masks import MaskSet
 from sparsekit.prune import compute_masks
 from sparsekit.targets import resolve_targets
 
 
 class IterativePruning:
-    """Train → prune ``rate_per_round`` of the survivors → rewind to step k → repeat.
+    """Train → prune → rewind to step k, ``rounds`` times, reaching ``sparsity`` at the end.
 
-    Your loop trains each round and calls :meth:`step` after every optimizer step (the
-    weights at step ``rewind_step`` of the first round are remembered), then
-    :meth:`next_round` to prune, record the round and rewind. Attach ``masks`` to each
-    round's (fresh) optimizer.
+    Each round prunes the same fraction of the survivors, ``rate_per_round`` =
+    1 − (1 − ``sparsity``)^(1/``rounds``). Your loop trains each round and calls
+    :meth:`step` after every optimizer step (the weights at step ``rewind_step`` of the
+    first round are remembered), then :meth:`next_round` to prune, record the round and
+    rewind. ``optimizer`` is the first round's; attach ``masks`` to each later round's
+    (fresh) optimizer. ``rate_per_round=`` (instead of ``sparsity=``) and ``criterion=``
+    are deprecated.
     """
 
+    @renamed(criterion="method")
     def __init__(
         self,
         model: nn.Module,
         *,
         rounds: int,
-        rate_per_round: float,
+        sparsity: float | None = None,
         rewind_step: int,
-        criterion: str = "magnitude",
+        method: str = "magnitude",
         allocation: str = "global",
+        optimizer: torch.optim.Optimizer | None = None,
+        rate_per_round: float | None = None,
     ) -> None:
-        if rounds < 1:
-            raise ValueError(f"rounds must be ≥ 1, got {rounds}")
-        if not 0 < rate_per_round < 1:
-            raise ValueError(f"rate_per_round must be in (0, 1), got {rate_per_round}")
-        if rewind_step < 0:
-            raise ValueError(f"rewind_step must be ≥ 0, got {rewind_step}")
-        compute_masks(model, rate_per_round, criterion=criterion, allocation=allocation)
+        check_int("rounds", rounds, minimum=1)
+        if rate_per_round is not None:
+            if sparsity is not None:
+                raise TypeError(
+                    "IterativePruning() got both rate_per_round= and sparsity=; pass only sparsity="
+                )
+            warnings.warn(
+                "IterativePruning(): rate_per_round= is deprecated, use sparsity= (the final "
+                "sparsity after all rounds)", DeprecationWarning, stacklevel=3,
+            )
+            check_fraction("rate_per_round", rate_per_round, zero=False)
+            sparsity = 1.0 - (1.0 - rate_per_round) ** rounds
+        elif sparsity is None:
+            raise TypeError("IterativePruning() missing required keyword argument: 'sparsity'")
+        else:
+            check_sparsity(sparsity)
+            rate_per_round = 1.0 - (1.0 - sparsity) ** (1.0 / rounds)
+        check_int("rewind_step", rewind_step, minimum=0)
+        check_optimizer(optimizer, optional=True)
+        compute_masks(model, rate_per_round, method=method, allocation=allocation)
         self.model = model
-        self.rounds, self.rate_per_round, self.rewind_step = rounds, rate_per_round, rewind_step
-        self._prune = dict(criterion=criterion, allocation=allocation)
+        self.rounds, self.sparsity, self.rewind_step = rounds, sparsity, rewind_step
+        self.rate_per_round = rate_per_round
+        self._prune = dict(method=method, allocation=allocation)
         self.masks = MaskSet(model, {t.name: torch.ones_like(t.param, dtype=torch.bool)
                                      for t in resolve_targets(model)})
+        if optimizer is not None:
+            self.masks.attach(optimizer)
         self.round = 0
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
         self._rewind_state = copy.deepcopy(model.state_dict()) if rewind_step == 0 else None
 
     def target_sparsity(self, round_index: int) -> float:
-        """Sparsity after ``round_index + 1`` prunings: 1 − (1 − rate)^(r+1)."""
+        """Sparsity after ``round_index + 1`` prunings: 1 − (1 − rate)^(r+1), ``sparsity`` last."""
+        if round_index + 1 == self.rounds:
+            return self.sparsity
         return 1.0 - (1.0 - self.rate_per_round) ** (round_index + 1)
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Advance one training step; masks change only in :meth:`next_round`, so ``False``."""
         self.step_count += 1
         if self._rewind_state is None and self.step_count == self.rewind_step:
             self._rewind_state = copy.deepcopy(self.model.state_dict())
+        return False
 
     def next_round(self, metrics: dict[str, float] | None = None) -> bool:
         """Prune, record this round, rewind survivors to step k; False once all rounds ran."""
@@ -84,7 +119,7 @@ class IterativePruning:
         return {"round": self.round, "step": self.step_count, "masks": self.masks.state_dict(),
                 "rewind_state": self._rewind_state, "history": self.history}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.masks.load_state_dict(state["masks"])
         self.round, self.step_count = int(state["round"]), int(state["step"])
         self._rewind_state, self.history = state["rewind_state"], list(state["history"])

@@ -1,0 +1,107 @@
+"""Argument checks and renamed arguments, shared by the public API.
+
+Every bad value fails the same way, and every old spelling warns the same way.
+
+Callers run them before anything is changed. A value of the wrong type — a ``bool`` is
+never a number here, and a float is not an int (``every=1.5``) — raises
+:class:`ArgumentTypeError`, both a ``TypeError`` and a ``ValueError`` (as scikit-learn's
+``InvalidParameterError`` is), so callers that caught either before still do; a value of
+the right type outside the accepted range (NaN is outside every range) raises
+``ValueError``. Every message names the parameter, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import numbers
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (a ``TypeError`` that ``except ValueError`` also catches)."""
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None) -> None:
+    """Raise unless ``value`` is an integer (not a bool), at least ``minimum`` if given."""
+    accepted = "an int" if minimum is None else f"an int ≥ {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be {accepted}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+
+
+def check_fraction(name: str, value: Any, *, zero: bool = True, one: bool = False) -> None:
+    """Raise unless ``value`` is a real number in the unit interval (NaN never is).
+
+    ``zero`` and ``one`` say whether the interval includes its ends; the default is [0, 1).
+    """
+    interval = f"{'[' if zero else '('}0, 1{']' if one else ')'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a float in {interval}, got {value!r}")
+    inside = (value >= 0 if zero else value > 0) and (value <= 1 if one else value < 1)
+    if not inside:  # also NaN, for which every comparison is False
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_optimizer(optimizer: Any, *, optional: bool = False) -> None:
+    """Raise unless ``optimizer`` is a ``torch.optim.Optimizer`` (or, if ``optional``, None)."""
+    if optional and optimizer is None:
+        return
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        accepted = "a torch.optim.Optimizer" + (" or None" if optional else "")
+        raise ArgumentTypeError(f"optimizer must be {accepted}, got {type(optimizer).__name__}")
+
+
+def check_sparsity(sparsity: Any, param: str = "sparsity") -> None:
+    """Raise unless ``sparsity`` is a real number in [0, 1)."""
+    check_fraction(param, sparsity)
+
+
+def renamed(**old_to_new: str) -> Callable[[F], F]:
+    """Keep old keyword spellings of ``fn``'s arguments working, with a ``DeprecationWarning``.
+
+    ``@renamed(criterion="method")`` passes ``criterion=x`` on as ``method=x``; giving
+    both spellings (the new one by keyword or position) is a ``TypeError``.
+    """
+
+    def wrap(fn: F) -> F:
+        positional = list(inspect.signature(fn).parameters)
+        where = fn.__qualname__.removesuffix(".__init__")
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for old, new in old_to_new.items():
+                if old not in kwargs:
+                    continue
+                if new in kwargs or new in positional[: len(args)]:
+                    raise TypeError(f"{where}() got both {old}= and {new}=; pass only {new}=")
+                warnings.warn(
+                    f"{where}(): {old}= is deprecated, use {new}=", DeprecationWarning,
+                    stacklevel=2,
+                )
+                kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+def renamed_attribute(old: str, new: str) -> property:
+    """A read-only alias ``old`` of attribute ``new`` that warns with a ``DeprecationWarning``."""
+
+    def get(self: Any) -> Any:
+        warnings.warn(
+            f"{type(self).__name__}.{old} is deprecated, use .{new}", DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(self, new)
+
+    return property(get, doc=f"Deprecated name of ``{new}``.")

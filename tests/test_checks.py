@@ -1,0 +1,90 @@
+"""The shared argument checks: one message shape, bools never numbers, NaN never in range."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_fraction,
+    check_int,
+    check_sparsity,
+    renamed,
+    renamed_attribute,
+)
+from sparsekit.prune import check_sparsity as check_sparsity_from_prune
+
+
+def test_check_int():
+    check_int("n", 3)
+    check_int("n", np.int64(3), minimum=1)
+    check_int("n", -7)
+    for bad in (1.5, 2.0, True, "3", None):
+        with pytest.raises(ArgumentTypeError, match=r"^n must be an int ≥ 1, got "):
+            check_int("n", bad, minimum=1)
+    with pytest.raises(ValueError, match=r"^n must be an int ≥ 1, got 0$") as err:
+        check_int("n", 0, minimum=1)
+    assert not isinstance(err.value, TypeError)
+
+
+def test_argument_type_error_is_caught_as_either():
+    assert issubclass(ArgumentTypeError, TypeError) and issubclass(ArgumentTypeError, ValueError)
+
+
+@pytest.mark.parametrize("value, zero, one, ok", [
+    (0.0, True, False, True), (0.0, False, False, False), (1.0, True, False, False),
+    (1.0, True, True, True), (0.5, False, False, True), (float("nan"), True, True, False),
+    (float("inf"), True, True, False), (-0.1, True, True, False), (1, True, True, True),
+])
+def test_check_fraction(value, zero, one, ok):
+    if ok:
+        check_fraction("f", value, zero=zero, one=one)
+    else:
+        interval = f"{'[' if zero else '('}0, 1{']' if one else ')'}"
+        with pytest.raises(ValueError, match=rf"^f must be in \{interval[0]}0, 1\{interval[-1]}"):
+            check_fraction("f", value, zero=zero, one=one)
+
+
+def test_check_fraction_rejects_non_numbers():
+    for bad in (True, "0.5", None):
+        with pytest.raises(TypeError, match=r"f must be a float in \[0, 1\)"):
+            check_fraction("f", bad)
+
+
+def test_check_sparsity_stays_importable_from_prune():
+    assert check_sparsity_from_prune is check_sparsity
+    with pytest.raises(ValueError, match=r"initial_sparsity must be in \[0, 1\), got 1.0"):
+        check_sparsity(1.0, "initial_sparsity")
+
+
+@renamed(old="new")
+def _f(a, new=0):
+    return a, new
+
+
+class _C:
+    old = renamed_attribute("old", "new")
+
+    def __init__(self) -> None:
+        self.new = 5
+
+
+def test_renamed_passes_the_old_keyword_on_with_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _f(1, new=2) == (1, 2)
+    with pytest.warns(DeprecationWarning, match=r"_f\(\): old= is deprecated, use new=") as rec:
+        assert _f(1, old=2) == (1, 2)
+    assert rec[0].filename == __file__
+    with pytest.raises(TypeError, match=r"_f\(\) got both old= and new="):
+        _f(1, 3, old=2)
+    with pytest.raises(TypeError, match=r"_f\(\) got both old= and new="):
+        _f(1, new=3, old=2)
+
+
+def test_renamed_attribute_warns_and_reads_the_new_one():
+    with pytest.warns(DeprecationWarning, match=r"_C.old is deprecated, use .new"):
+        assert _C().old == 5
