@@ -5,11 +5,15 @@ fan-in), and batch size this times dense ``F.linear`` (the baseline), the best d
 (``torch.mv`` too at batch 1), a masked dense weight, torch CSR with int32 indices in its
 fastest call form, every sparsekit format that can hold the weight and the format
 ``sparsekit.compile`` picks, next to the bandwidth floor of that format (its bytes over
-the stream bandwidth measured in the same run). Writes ``results/kernels.json`` and
-``results/kernels.md`` and exits non-zero when a target is missed.
+the stream bandwidth measured in the same run). bf16 rows (50%, 70% and 2:4 at batch 1,
+weights and inputs in bf16) compare each sparsekit format holding bf16 values with dense
+bf16 ``F.linear`` and with the format's own floor. Writes ``results/kernels.json`` and
+``results/kernels.md`` (with the CPU model and its ISA) and exits non-zero when a target is
+missed.
 
-    python benchmarks/kernels.py            # 4096x4096 and 11008x4096
-    python benchmarks/kernels.py --quick    # 1024x1024 only
+    python benchmarks/kernels.py                  # 4096x4096 and 11008x4096
+    python benchmarks/kernels.py --quick          # 1024x1024 only
+    python benchmarks/kernels.py --dtypes bf16 --shapes 11008x4096   # bf16 rows only
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ CASES = [
 NOISE = 0.95  # "never slower than dense" allows 5% timing noise
 # The issue's goals (speedup of CSR16 over dense F.linear); reported, asserted with --strict.
 GOALS = {(1, 0.9): 8.0, (1, 0.95): 14.0, (64, 0.9): 3.0}
+# bf16 rows: memory-bound LLM decode (batch 1) at the sparsities pruned LLMs use
+BF16_CASES = [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5)]
+FLOOR_GOAL = 0.75  # a format should reach this share of the floor its own bytes give
+ISA_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx2", "fma")
 
 
 def time_cold_ms(
@@ -117,10 +125,29 @@ def stream_bandwidth(mib: int = 1024) -> float:
     return max(nbytes / (t["sum"] * 1e-3), 2 * nbytes / (t["copy"] * 1e-3))
 
 
-def format_bytes(fmt: Format, batch: int) -> int:
-    """Bytes a format must move per call: its buffers, the input and the output."""
+def format_bytes(fmt: Format, batch: int, element_size: int = 4) -> int:
+    """Bytes a format must move per call: its buffers, the input and the output (of
+    ``element_size`` bytes per element)."""
     own = sum(t.numel() * t.element_size() for t in fmt.buffers())
-    return own + 4 * batch * (fmt.in_features + fmt.out_features)
+    return own + element_size * batch * (fmt.in_features + fmt.out_features)
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU model name and which of :data:`ISA_FLAGS` it has (the kernels are built with
+    ``-march=native``, so these are the vector paths they run)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == platform.machine():
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return model, [f for f in ISA_FLAGS if f in flags]
 
 
 def pattern_mask(pattern: str, sparsity: float, shape: tuple[int, int], g: torch.Generator):
@@ -214,6 +241,71 @@ def run_shape(
     return rows
 
 
+def run_bf16(out_f: int, in_f: int, bandwidth: float, budget_s: float) -> list[dict]:
+    """bf16 rows at batch 1: every format holding the bf16 weight vs dense bf16 ``F.linear``
+    (and dense fp32) and vs its own bytes at ``bandwidth``."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_f, in_f, generator=g)
+    x = torch.randn(1, in_f, generator=g)
+    xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+    rows = []
+    for pattern, sparsity in BF16_CASES:
+        masked = DenseFormat.from_dense(wb, pattern_mask(pattern, sparsity, (out_f, in_f), g))
+        formats = {n: FORMATS[n].from_dense(masked.weight)
+                   for n in available_formats(masked.weight) if n != "dense"}
+        fns: dict[str, Callable[[], object]] = {
+            "dense_fp32": partial(F.linear, x, weight),
+            "dense_bf16": partial(F.linear, xb, wb),
+            **{n: partial(f.matmul, xb) for n, f in formats.items()},
+        }
+        ms = time_ms(fns, budget_s)
+        floors = {n: format_bytes(f, 1, 2) / bandwidth * 1e3 for n, f in formats.items()}
+        floors["dense_bf16"] = format_bytes(masked, 1, 2) / bandwidth * 1e3
+        row = {
+            "shape": f"{out_f}x{in_f}", "pattern": pattern, "sparsity": sparsity, "batch": 1,
+            "ms": {k: round(v, 4) for k, v in ms.items()},
+            "floor_ms": {k: round(v, 4) for k, v in floors.items()},
+            "pct_of_floor": {k: round(100 * floors[k] / ms[k], 1) for k in floors},
+            "speedup_vs_dense_bf16": {k: round(ms["dense_bf16"] / v, 3) for k, v in ms.items()},
+        }
+        rows.append(row)
+        print(bf16_line(row), flush=True)
+    return rows
+
+
+BF16_FORMATS = ("csr16", "bitmap", "nm")
+BF16_HEADER = (
+    "| shape | pattern | sparsity | dense fp32 ms | dense bf16 ms | "
+    + " | ".join(f"{n} ms | {n} × bf16 | {n} % floor" for n in BF16_FORMATS) + " |"
+)
+
+
+def bf16_line(r: dict) -> str:
+    ms, sp, pct = r["ms"], r["speedup_vs_dense_bf16"], r["pct_of_floor"]
+    cells = [r["shape"], r["pattern"], f"{r['sparsity']:.0%}", f"{ms['dense_fp32']:.3f}",
+             f"{ms['dense_bf16']:.3f}"]
+    for n in BF16_FORMATS:
+        cells += ["-"] * 3 if n not in ms else [f"{ms[n]:.3f}", f"{sp[n]:.2f}", f"{pct[n]}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def bf16_goals(rows: list[dict]) -> list[str]:
+    """A status line per bf16 row: its best format against dense bf16 and its floor."""
+    lines = []
+    for r in rows:
+        sparse = {n: t for n, t in r["ms"].items() if n in BF16_FORMATS}
+        if not sparse:
+            continue
+        best = min(sparse, key=sparse.__getitem__)
+        share = r["pct_of_floor"][best] / 100
+        lines.append(
+            f"bf16 {r['shape']} {r['pattern']} {r['sparsity']:.0%} batch 1: {best} "
+            f"{r['speedup_vs_dense_bf16'][best]:.2f}x dense bf16, {share:.0%} of its floor "
+            f"(goal ≥ {FLOOR_GOAL:.0%}) {'met' if share >= FLOOR_GOAL else 'MISSED'}"
+        )
+    return lines
+
+
 # sparsekit's own CPU formats (the CUDA ones hold GPU weights only)
 SPARSE = [n for n in FORMATS if n not in ("dense", "torch_csr") and not n.startswith("cuda")]
 HEADER = (
@@ -283,6 +375,8 @@ def main() -> int:
     parser.add_argument("--no-check", action="store_true", help="report misses, exit 0")
     parser.add_argument("--wait", type=float, default=30.0,
                         help="seconds to wait for a quiet machine before each case")
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                        help="value dtypes to measure (bf16: batch-1 rows)")
     args = parser.parse_args()
 
     shapes = [(1024, 1024)] if args.quick else [(4096, 4096), (11008, 4096)]
@@ -293,24 +387,35 @@ def main() -> int:
             parser.error(f"--shapes must look like 256x512, got {args.shapes}")
     if not kernels.available():
         print(f"compiled kernels unavailable: {kernels.unavailable_reason()}", file=sys.stderr)
+    cpu, isa = cpu_info()
     bandwidth = stream_bandwidth()
-    print(f"stream bandwidth {bandwidth / 1e9:.1f} GB/s, torch threads {torch.get_num_threads()}")
-    print(HEADER)
-    print("|" + "---|" * HEADER.count(" | ") + "---|")
+    print(f"{cpu} ({' '.join(isa) or 'no AVX2'}); stream bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"torch threads {torch.get_num_threads()}")
     flush = None
     if args.cold:
         junk = torch.ones(2**28)  # 1 GiB, twice the L3 of the largest current CPUs
         flush = junk.sum
     guard = QuietGuard(timeout_s=args.wait)
-    rows = [
-        r for shape in shapes for r in run_shape(*shape, bandwidth, args.budget, flush, guard)
-    ]
+    rows, bf16_rows = [], []
+    if "fp32" in args.dtypes:
+        print(HEADER)
+        print("|" + "---|" * HEADER.count(" | ") + "---|")
+        for shape in shapes:
+            rows += run_shape(*shape, bandwidth, args.budget, flush, guard)
+    if "bf16" in args.dtypes:
+        print(BF16_HEADER)
+        print("|" + "---|" * BF16_HEADER.count(" | ") + "---|")
+        for shape in shapes:
+            bf16_rows += run_bf16(*shape, bandwidth, args.budget)
     misses, goals = check(rows, args.strict)
+    goals += bf16_goals(bf16_rows)
 
     env = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "cpu": cpu,
+        "isa": isa,
         "bandwidth_gbs": round(bandwidth / 1e9, 2),
         "kernels": kernels.available(),
         "cold": args.cold,
@@ -320,7 +425,8 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     name = "kernels" + ("_quick" if args.quick else "") + ("_cold" if args.cold else "")
     (RESULTS / f"{name}.json").write_text(
-        json.dumps({"env": env, "rows": rows, "goals": goals, "misses": misses}, indent=2) + "\n"
+        json.dumps({"env": env, "rows": rows, "bf16_rows": bf16_rows, "goals": goals,
+                    "misses": misses}, indent=2) + "\n"
     )
     timing = (
         "Times are the best single call after evicting the caches."
@@ -330,6 +436,7 @@ def main() -> int:
     md = [
         f"# Sparse linear kernels ({name})",
         "",
+        f"{cpu} ({' '.join(isa) or 'no AVX2'}), "
         f"torch {env['torch']}, {env['threads']} threads, stream bandwidth "
         f"{env['bandwidth_gbs']} GB/s. {timing} × is speedup over dense `F.linear`; "
         "chosen is the format `sparsekit.compile` picks for that batch size (timed warm), "
@@ -340,6 +447,13 @@ def main() -> int:
         HEADER,
         "|" + "---|" * (HEADER.count(" | ") + 1),
         *map(table_line, rows),
+        "",
+        "bf16 at batch 1 (weights and inputs bf16; × is speedup over dense bf16 `F.linear`, "
+        "% floor the share of the format's own bytes at the stream bandwidth):",
+        "",
+        BF16_HEADER,
+        "|" + "---|" * (BF16_HEADER.count(" | ") + 1),
+        *map(bf16_line, bf16_rows),
         "",
         "Goals: " if goals else "",
         *[f"- {g}" for g in goals],

@@ -56,6 +56,7 @@ def compile(
     batch_sizes: Sequence[int] = (1,),
     threads: int | None = None,
     activation_sparsity: InputThresholds | None = None,
+    weight_dtype: str | None = None,
 ) -> nn.Module:
     """A copy of ``model`` with its layers replaced by :class:`CompiledLinear` and
     :class:`~sparsekit.engine.compiled_conv.CompiledConv2d` modules.
@@ -75,6 +76,12 @@ def compile(
     shows them per layer. Linear layers calibrated in ``activation_sparsity``
     (:func:`sparsekit.activation.calibrate`) become :class:`ActivationSparseLinear`
     instead, and the output check runs against ``model`` with those thresholds applied.
+
+    ``weight_dtype`` is the dtype of the stored values: ``None`` keeps each layer's own
+    (a bfloat16 model gets bfloat16 sparse formats); ``"bf16"`` rounds the kept weights of
+    float32 layers to bfloat16 in the formats that hold them (sums stay float32, inputs and
+    outputs keep the layer's dtype; the dense candidate stays the float32 layer), and the
+    output check then allows bfloat16 rounding.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -83,6 +90,7 @@ def compile(
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    value_dtype = _check_weight_dtype(weight_dtype)
     inputs = _as_tuple(example_inputs)
     conv_shapes = {} if inputs is None else _conv_input_shapes(model, inputs)
 
@@ -104,24 +112,25 @@ def compile(
                         )
                     elif type(child) is nn.Linear:
                         done[id(child)], choices[name] = _compile_layer(
-                            child, (child.in_features,), names, sizes, threads
+                            child, (child.in_features,), names, sizes, threads, value_dtype
                         )
                     elif name in conv_shapes and convertible(child) is None:
                         done[id(child)], choices[name] = _compile_layer(
-                            child, conv_shapes[name], names, sizes, threads
+                            child, conv_shapes[name], names, sizes, threads, value_dtype
                         )
                     else:
                         done[id(child)] = child
                 setattr(parent, child_name, done[id(child)])
     compiled.sparsekit_choices = choices
+    rtol = _CHECK_RTOL if value_dtype is None else _rtol(value_dtype)
     if inputs is not None and activation_sparsity is not None:
         activation_sparsity.apply(model)
         try:
-            _check_outputs(model, compiled, inputs)
+            _check_outputs(model, compiled, inputs, rtol)
         finally:
             activation_sparsity.remove()
     elif inputs is not None:
-        _check_outputs(model, compiled, inputs)
+        _check_outputs(model, compiled, inputs, rtol)
     return compiled
 
 
@@ -134,15 +143,19 @@ def _compile_layer(
     names: list[str] | None,
     sizes: list[int],
     threads: int | None,
+    value_dtype: torch.dtype | None = None,
 ) -> tuple[CompiledLayer, dict[str, object]]:
-    """The fastest compiled version of ``layer`` and the measurements behind the choice."""
+    """The fastest compiled version of ``layer`` and the measurements behind the choice;
+    the sparse candidates hold values of ``value_dtype`` (``None``: the layer's dtype)."""
     weight = layer.weight.detach()
-    matrix = weight.reshape(weight.shape[0], -1)
+    stored = _with_value_dtype(layer, value_dtype)
+    matrix = stored.weight.detach().reshape(weight.shape[0], -1)
     build = CompiledLinear.from_linear if type(layer) is nn.Linear else CompiledConv2d.from_conv2d
     candidates = [n for n in available_formats(matrix) if n == "dense" or names is None
                   or n in names]
     built = {
-        n: build(layer, n, **({"threads": threads} if FORMATS.meta(n)["threaded"] else {}))
+        n: build(layer if n == "dense" else stored, n,
+                 **({"threads": threads} if FORMATS.meta(n)["threaded"] else {}))
         for n in candidates
     }
     times = _autotune(built, in_shape, sizes, weight.dtype, weight.device)
@@ -191,6 +204,17 @@ def _autotune(
     return times
 
 
+def _with_value_dtype(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """``layer``, or a shallow copy whose float32 weight is rounded to ``dtype`` (the bias
+    and everything else shared)."""
+    if dtype is None or layer.weight.dtype != torch.float32:
+        return layer
+    stored = copy.copy(layer)
+    stored._parameters = dict(layer._parameters)
+    stored._parameters["weight"] = nn.Parameter(layer.weight.detach().to(dtype), False)
+    return stored
+
+
 def _conv_input_shapes(model: nn.Module, inputs: tuple[object, ...]) -> dict[str, tuple[int, ...]]:
     """``(C, H, W)`` of the first input each ``nn.Conv2d`` of ``model`` sees."""
     convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
@@ -237,6 +261,24 @@ def _check_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
     return sizes
 
 
+_WEIGHT_DTYPES = {"bf16": torch.bfloat16}
+
+
+def _check_weight_dtype(weight_dtype: str | None) -> torch.dtype | None:
+    if weight_dtype is None:
+        return None
+    if not isinstance(weight_dtype, str) or weight_dtype not in _WEIGHT_DTYPES:
+        raise ValueError(
+            f"weight_dtype must be None or one of {list(_WEIGHT_DTYPES)}, got {weight_dtype!r}"
+        )
+    return _WEIGHT_DTYPES[weight_dtype]
+
+
+def _rtol(dtype: torch.dtype) -> float:
+    """Relative output tolerance of the compile check for values or outputs of ``dtype``."""
+    return max(_CHECK_RTOL, 4 * torch.finfo(dtype).eps)
+
+
 def _as_tuple(example_inputs: object) -> tuple[object, ...] | None:
     if example_inputs is None or isinstance(example_inputs, tuple):
         return example_inputs
@@ -248,12 +290,16 @@ def _as_tuple(example_inputs: object) -> tuple[object, ...] | None:
     )
 
 
-def _check_outputs(model: nn.Module, compiled: nn.Module, inputs: tuple[object, ...]) -> None:
-    """Raise if the compiled model's output differs from the original's (eval mode)."""
+def _check_outputs(
+    model: nn.Module, compiled: nn.Module, inputs: tuple[object, ...], rtol: float = _CHECK_RTOL
+) -> None:
+    """Raise if the compiled model's output differs from the original's (eval mode) by more
+    than ``rtol`` of its largest magnitude (more for a low-precision output)."""
     with inference(model, compiled):
         ref, out = model(*inputs), compiled(*inputs)
     if isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor):
-        scale = ref.abs().max().clamp_min(1e-12)
-        err = float((out - ref).abs().max() / scale) if ref.numel() else 0.0
-        if err > _CHECK_RTOL:
+        rtol = max(rtol, _rtol(ref.dtype)) if ref.is_floating_point() else rtol
+        scale = ref.abs().max().float().clamp_min(1e-12)
+        err = float((out - ref).abs().max().float() / scale) if ref.numel() else 0.0
+        if err > rtol:
             raise RuntimeError(f"compiled model output differs from the original by {err:.2e}")

@@ -1,4 +1,4 @@
-"""Bitmap rows: one bit per weight plus the packed fp32 values of the kept ones."""
+"""Bitmap rows: one bit per weight plus the packed fp32 or bf16 values of the kept ones."""
 
 from __future__ import annotations
 
@@ -16,15 +16,18 @@ _WORD = 16  # bits per bitmap word: one AVX-512 expand-load of 16 values
 
 class Bitmap(NativeFormat):
     """Per row a bitmap of ``in_features`` bits (int16 words, zero-padded per row), the kept
-    fp32 values packed row by row and int32 row pointers into them.
+    values packed row by row (fp32 or bf16, the weight's dtype) and int32 row pointers into
+    them.
 
     It moves 4 bytes per nonzero + 1 bit per weight (2.125 B/weight at 50% sparsity, vs 3 for
-    CSR16 and 4 for dense), and the kernel streams it like a dense row: the sweet spot is
-    moderate sparsity. Any mask fits; :func:`~sparsekit.engine.compile` decides by timing.
+    CSR16 and 4 for dense; in bf16 1.125 vs 2 for dense), and the kernel streams it like a
+    dense row: the sweet spot is moderate sparsity. Any mask fits;
+    :func:`~sparsekit.engine.compile` decides by timing.
     """
 
     name = "bitmap"
     buffer_names = ("bitmap_values", "bitmap_mask", "bitmap_rowptr")
+    dtypes = (torch.float32, torch.bfloat16)
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -40,9 +43,9 @@ class Bitmap(NativeFormat):
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         values, bitmap, rowptr = tensors
         rows, cols = shape
-        if values.dtype != torch.float32 or values.dim() != 1:
-            raise ValueError(f"bitmap_values must be 1-D float32, got {values.dtype} "
-                             f"{tuple(values.shape)}")
+        cls.check_values("bitmap_values", values)
+        if values.dim() != 1:
+            raise ValueError(f"bitmap_values must be 1-D, got shape {tuple(values.shape)}")
         if bitmap.dtype != torch.int16 or tuple(bitmap.shape) != (rows, _words(cols)):
             raise ValueError(f"bitmap_mask must be int16 of shape {(rows, _words(cols))}, got "
                              f"{bitmap.dtype} {tuple(bitmap.shape)}")

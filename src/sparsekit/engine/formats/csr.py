@@ -58,15 +58,17 @@ class TorchCSR(Format):
 class CSR16(NativeFormat):
     """CSR with 16-bit column indices run by the compiled OpenMP kernels.
 
-    fp32 values + uint16 column indices move 6 bytes per nonzero instead of torch CSR's 8;
-    layers wider than 65535 inputs fall back to int32 indices. Needs float32 weights and the
-    compiled kernels (see :mod:`sparsekit.engine.kernels`); where they are missing (a model
-    loaded on another machine) it multiplies with torch CSR instead. ``threads=None``
+    fp32 values + uint16 column indices move 6 bytes per nonzero instead of torch CSR's 8
+    (bf16 values: 4); layers wider than 65535 inputs fall back to int32 indices. Needs
+    float32 or bfloat16 weights (values keep that dtype, sums are fp32) and the compiled
+    kernels (see :mod:`sparsekit.engine.kernels`); where they are missing (a model loaded on
+    another machine) it multiplies with torch CSR in float32 instead. ``threads=None``
     follows ``torch.get_num_threads()`` (one thread for layers too small to split).
     """
 
     name = "csr16"
     buffer_names = ("rowptr", "col_indices", "values")
+    dtypes = (torch.float32, torch.bfloat16)
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -77,8 +79,7 @@ class CSR16(NativeFormat):
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         rowptr, col, values = tensors
         check_csr(rowptr, col, values, shape, (torch.int16, torch.int32))
-        if values.dtype != torch.float32:
-            raise ValueError(f"CSR16 values must be float32, got {values.dtype}")
+        cls.check_values("values", values)
         if col.dtype == torch.int16 and shape[1] > 65536:
             raise ValueError(f"16-bit column indices cannot address {shape[1]} inputs")
 
@@ -89,12 +90,13 @@ class CSR16(NativeFormat):
         )
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Torch CSR on the same buffers (e.g. a checkpoint loaded where the kernels cannot
-        be built)."""
+        """Torch CSR in float32 on the same indices (e.g. a checkpoint loaded where the
+        kernels cannot be built)."""
         csr = self.derived(lambda: _sparse_csr(
-            self.rowptr, unsigned_index(self.col_indices).to(torch.int32), self.values, self
+            self.rowptr, unsigned_index(self.col_indices).to(torch.int32),
+            self.values.to(torch.float32), self,
         ))
-        return _csr_mm(csr, x.to(torch.float32), bias)
+        return _csr_mm(csr, x, bias)
 
     def to_dense(self) -> torch.Tensor:
         col = unsigned_index(self.col_indices)

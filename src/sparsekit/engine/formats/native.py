@@ -14,7 +14,12 @@ __all__ = ["NativeFormat"]
 
 
 class NativeFormat(Format):
-    """A float32 CPU format multiplied by a compiled kernel over ``threads`` OpenMP threads.
+    """A CPU format multiplied by a compiled kernel over ``threads`` OpenMP threads.
+
+    Its values keep the weight's dtype, one of :attr:`dtypes` (float32; formats whose
+    kernels also read bfloat16 values add it): products and sums are float32 either way.
+    Inputs in one of :attr:`dtypes` are passed as they are and the output takes their
+    dtype; other inputs are computed in float32.
 
     Where the kernels are missing (a model loaded on another machine) :meth:`_fallback_mm`
     multiplies with the dense weight, rebuilt once and kept until the buffers move.
@@ -38,7 +43,7 @@ class NativeFormat(Format):
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
-        """float32 CPU weights, where the compiled kernels are available."""
+        """CPU weights of one of :attr:`dtypes`, where the compiled kernels are available."""
         return super().supports(weight) and kernels.available()
 
     @classmethod
@@ -49,21 +54,30 @@ class NativeFormat(Format):
         threads: int | None = None,
         **options: object,
     ) -> NativeFormat:
-        """Compress the float32 ``weight * mask`` (see :meth:`compress` for ``options``)."""
-        cls._check_float32(weight, cls.__name__)
+        """Compress ``weight * mask``, values in ``weight``'s dtype (one of :attr:`dtypes`;
+        see :meth:`compress` for ``options``)."""
+        cls._check_dtype(weight)
         weight = masked(weight, mask)
         return cls(cls.compress(weight, **options), tuple(weight.shape), threads)
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The format's tensors (in :attr:`buffer_names` order) for a float32 ``weight``
-        whose zeros are the pruned weights."""
+        """The format's tensors (in :attr:`buffer_names` order) for a ``weight`` (of one of
+        :attr:`dtypes`) whose zeros are the pruned weights."""
         raise NotImplementedError
 
-    @staticmethod
-    def _check_float32(weight: torch.Tensor, name: str) -> None:
-        if weight.dtype != torch.float32:
-            raise TypeError(f"{name} needs a float32 weight, got {weight.dtype}")
+    @classmethod
+    def _check_dtype(cls, weight: torch.Tensor) -> None:
+        if weight.dtype not in cls.dtypes:
+            raise TypeError(f"{cls.__name__} needs a weight of dtype {cls.dtypes}, "
+                            f"got {weight.dtype}")
+
+    @classmethod
+    def check_values(cls, name: str, values: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless the stored ``values`` (buffer ``name``) have one of
+        :attr:`dtypes`."""
+        if values.dtype not in cls.dtypes:
+            raise ValueError(f"{name} must have a dtype in {cls.dtypes}, got {values.dtype}")
 
     def _threads(self, batch: int) -> int:
         if self.threads is not None:
@@ -72,21 +86,25 @@ class NativeFormat(Format):
         return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if kernels.load() is None:  # e.g. a checkpoint loaded where the kernels cannot be built
-            return self._fallback_mm(x, bias)
-        if x.dtype != torch.float32 or not x.is_contiguous():  # µs count at batch 1
-            x = x.to(torch.float32).contiguous()
+        if x.dtype not in self.dtypes:  # µs count at batch 1: convert only what must be
+            x = x.to(torch.float32)
+        if not x.is_contiguous():
+            x = x.contiguous()
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
             bias = bias.to(torch.float32).contiguous()
+        if kernels.load() is None:  # e.g. a checkpoint loaded where the kernels cannot be built
+            return self._fallback_mm(x.to(torch.float32), bias).to(x.dtype)
         return self._kernel(x, bias, self._threads(x.shape[0]))
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-        """The compiled product for a contiguous float32 ``x`` (and ``bias``)."""
+        """The compiled product for a contiguous ``x`` of one of :attr:`dtypes` (and a
+        float32 ``bias``), in ``x``'s dtype."""
         raise NotImplementedError
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``F.linear`` with the dense weight, rebuilt only when the buffers moved."""
-        return F.linear(x.to(torch.float32), self.derived(self.to_dense), bias)
+        """``F.linear`` in float32 for a float32 ``x`` with the dense weight, rebuilt only
+        when the buffers moved."""
+        return F.linear(x, self.derived(lambda: self.to_dense().to(torch.float32)), bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threads={self.threads}"

@@ -1,4 +1,5 @@
-"""Packed N:M: N fp32 values per group of M inputs plus a few bits naming each one's input."""
+"""Packed N:M: N values (fp32 or bf16) per group of M inputs plus a few bits naming each
+one's input."""
 
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ class PackedNM(NativeFormat):
     ``nm_values`` is ``(rows, ceil(in/M) * N)`` (groups with fewer than N nonzeros are
     zero-padded), ``nm_indices`` the int32 words holding each value's input within its group
     (2 bits for M=4, 4 bits for M=8; rows padded to 16 values) and ``nm_pattern`` ``[N, M]``:
-    at 2:4 that is 2.25 bytes per weight against dense's 4, with no row pointers.
+    at 2:4 that is 2.25 bytes per weight against dense's 4, with no row pointers (bf16 values:
+    1.25 against 2).
     ``from_dense`` picks the first of :data:`NM_PATTERNS` the weight fits.
     """
 
     name = "nm"
     buffer_names = ("nm_values", "nm_indices", "nm_pattern")
+    dtypes = (torch.float32, torch.bfloat16)
 
     def __init__(
         self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None = None
@@ -38,8 +41,8 @@ class PackedNM(NativeFormat):
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
-        """float32 CPU weights that fit an N:M pattern and fill at least half its slots
-        (a 99%-sparse weight fits 1:4 but would store mostly padding)."""
+        """CPU weights of one of :attr:`dtypes` that fit an N:M pattern and fill at least
+        half its slots (a 99%-sparse weight fits 1:4 but would store mostly padding)."""
         if weight.dim() != 2 or not super().supports(weight):
             return False
         pattern = fitting_pattern(weight)
@@ -74,9 +77,10 @@ class PackedNM(NativeFormat):
                              f"got {pattern.dtype} {pattern.tolist()}")
         n, m = pattern.tolist()
         width = -(-cols // m) * n
-        if values.dtype != torch.float32 or tuple(values.shape) != (rows, width):
-            raise ValueError(f"nm_values must be float32 of shape {(rows, width)}, got "
-                             f"{values.dtype} {tuple(values.shape)}")
+        cls.check_values("nm_values", values)
+        if tuple(values.shape) != (rows, width):
+            raise ValueError(f"nm_values must have shape {(rows, width)}, got "
+                             f"{tuple(values.shape)}")
         words = _index_words(width, _FIELD_BITS[m])
         if indices.dtype != torch.int32 or tuple(indices.shape) != (rows, words):
             raise ValueError(f"nm_indices must be int32 of shape {(rows, words)}, got "

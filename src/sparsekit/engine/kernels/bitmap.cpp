@@ -1,10 +1,10 @@
 // Bitmap-row kernels for y = x @ W.T + bias on CPU.
 //
-// Per row one bit per input (16-bit words, zero-padded per row), the fp32 values of the set
-// bits packed row by row and int32 row pointers into them: 4 bytes per nonzero plus 1 bit
-// per weight. With AVX-512 one `vexpandps` puts the values of 16 inputs into their lanes,
-// so the GEMV is a dense-like streaming loop over the row. The GEMV/SpMM drivers are
-// shared with packed N:M (decoded_rows.h).
+// Per row one bit per input (16-bit words, zero-padded per row), the fp32 or bf16 values of
+// the set bits packed row by row and int32 row pointers into them: 4 (bf16: 2) bytes per
+// nonzero plus 1 bit per weight. With AVX-512 one expand puts the values of 16 inputs into
+// their lanes, so the GEMV is a dense-like streaming loop over the row. The GEMV/SpMM
+// drivers are shared with packed N:M (decoded_rows.h).
 
 #include <torch/library.h>
 
@@ -14,9 +14,11 @@ namespace {
 
 using namespace sparsekit::rows;
 
-// A bitmap-row weight. x passed to dot() is zero-padded to at least words * 16 inputs.
+// A bitmap-row weight with values of type T (float or bf16). x passed to dot() is
+// zero-padded to at least words * 16 inputs.
+template <typename T>
 struct Bitmap {
-  const float* v;
+  const T* v;
   const uint16_t* bits;
   const int32_t* rowptr;
   int64_t rows, cols, words;
@@ -24,7 +26,7 @@ struct Bitmap {
   int64_t work(int64_t r) const { return rowptr[r] + r * words; }
 
   float dot(int64_t r, const float* x) const {
-    const float* p = v + rowptr[r];
+    const T* p = v + rowptr[r];
     const uint16_t* b = bits + r * words;
     int64_t k = 0;
     float acc = 0.f;
@@ -32,26 +34,27 @@ struct Bitmap {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (; k + 2 <= words; k += 2) {
       const __mmask16 m0 = b[k], m1 = b[k + 1];
-      a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m0, p), _mm512_loadu_ps(x + 16 * k), a0);
+      a0 = _mm512_fmadd_ps(sparsekit::expand16(m0, p), _mm512_loadu_ps(x + 16 * k), a0);
       p += __builtin_popcount(m0);
-      a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m1, p),
-                           _mm512_loadu_ps(x + 16 * k + 16), a1);
+      a1 = _mm512_fmadd_ps(sparsekit::expand16(m1, p), _mm512_loadu_ps(x + 16 * k + 16), a1);
       p += __builtin_popcount(m1);
     }
     if (k < words) {
-      a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(b[k], p), _mm512_loadu_ps(x + 16 * k), a0);
+      a0 = _mm512_fmadd_ps(sparsekit::expand16(b[k], p), _mm512_loadu_ps(x + 16 * k), a0);
       k = words;
     }
     acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #endif
     for (; k < words; ++k) {
-      for (unsigned m = b[k]; m; m &= m - 1) acc += *p++ * x[16 * k + __builtin_ctz(m)];
+      for (unsigned m = b[k]; m; m &= m - 1) {
+        acc += static_cast<float>(*p++) * x[16 * k + __builtin_ctz(m)];
+      }
     }
     return acc;
   }
 
   // Columns of row r's nonzeros into c (room for cols + 32); returns the packed values.
-  const float* decode(int64_t r, int32_t* c, int64_t* count) const {
+  const T* decode(int64_t r, int32_t* c, int64_t* count) const {
     const uint16_t* b = bits + r * words;
     int64_t n = 0;
     for (int64_t k = 0; k < words; ++k) {
@@ -70,7 +73,8 @@ struct Bitmap {
   }
 };
 
-// y = x @ W.T (+ bias); W as (values, int16 bitmap (rows, words), int32 row pointers).
+// y = x @ W.T (+ bias); W as (fp32/bf16 values, int16 bitmap (rows, words), int32 row
+// pointers); x fp32 or bf16, y in its dtype.
 at::Tensor bitmap_linear(const at::Tensor& values, const at::Tensor& bitmap,
                          const at::Tensor& rowptr, const at::Tensor& x,
                          const std::optional<at::Tensor>& bias, int64_t threads) {
@@ -81,9 +85,13 @@ at::Tensor bitmap_linear(const at::Tensor& values, const at::Tensor& bitmap,
                   rowptr.numel() == bitmap.size(0) + 1, "rowptr must be int32 of length rows + 1");
   TORCH_CHECK(x.dim() == 2 && (x.size(1) + 15) / 16 == bitmap.size(1),
               "x must have 16 * words - 15 .. 16 * words columns");
-  const Bitmap w{values.data_ptr<float>(), reinterpret_cast<const uint16_t*>(bitmap.data_ptr()),
-                 rowptr.data_ptr<int32_t>(), bitmap.size(0), x.size(1), bitmap.size(1)};
-  return run(w, x, bias, threads);
+  return sparsekit::with_values(values, [&](auto value) {
+    using T = decltype(value);
+    const Bitmap<T> w{reinterpret_cast<const T*>(values.data_ptr()),
+                      reinterpret_cast<const uint16_t*>(bitmap.data_ptr()),
+                      rowptr.data_ptr<int32_t>(), bitmap.size(0), x.size(1), bitmap.size(1)};
+    return run(w, x, bias, threads);
+  });
 }
 
 }  // namespace

@@ -1,14 +1,21 @@
 // Helpers shared by the CPU kernels: argument checks, splitting rows across OpenMP threads
-// by work, and the transposed input workspace of the batched (SpMM) paths.
+// by work, the transposed input workspace of the batched (SpMM) paths, and the bf16 value
+// type (stored weights and inputs widened to fp32 for the arithmetic).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/to.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace sparsekit {
 
@@ -18,6 +25,15 @@ namespace sparsekit {
 inline void check_input(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
                   x.is_contiguous(), "x must be a contiguous 2-D float32 CPU tensor");
+}
+
+// x of a kernel that also takes bfloat16 inputs: a contiguous 2-D float32 or bfloat16 CPU
+// tensor (see as_float32 and like_input).
+inline void check_input_or_bf16(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous 2-D float32 or bfloat16 CPU tensor");
 }
 
 // The bias of `rows` outputs (nullptr without one), checked to be contiguous float32.
@@ -84,5 +100,70 @@ inline void transpose_into(const float* x, int64_t batch, int64_t cols, int64_t 
     }
   }
 }
+
+// -- value types ------------------------------------------------------------------------------
+// Stored values are float or bf16 (c10::BFloat16: the upper 16 bits of a float32); every
+// product and sum is fp32. Kernels are templates on the value type T; scalar code converts
+// with static_cast<float>, vector code loads through the overloads below.
+
+using bf16 = c10::BFloat16;
+
+// x as float32: a bf16 input is widened once per call (the kernels read fp32 inputs).
+inline at::Tensor as_float32(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+}
+
+// The float32 result y in the dtype of the input x.
+inline at::Tensor like_input(const at::Tensor& y, const at::Tensor& x) {
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+}
+
+// Calls body(T{}) with T = float or bf16, the value type of `values` (checked contiguous).
+template <typename Body>
+inline decltype(auto) with_values(const at::Tensor& values, Body&& body) {
+  TORCH_CHECK(values.is_contiguous() &&
+                  (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+              "values must be contiguous float32 or bfloat16, got ", values.scalar_type());
+  if (values.scalar_type() == at::kBFloat16) return body(bf16{});
+  return body(float{});
+}
+
+#if defined(__AVX512F__)
+// 16 bf16 (in the 16-bit lanes of h) as 16 floats: shift each into the upper half.
+inline __m512 widen16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  return widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// Lanes of m loaded, the others zero; nothing outside them is read.
+inline __m512 load16_masked(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16_masked(__mmask16 m, const bf16* p) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  return widen16(_mm256_maskz_loadu_epi16(m, p));
+#else
+  alignas(32) uint16_t lanes[16] = {};
+  for (int i = 0; i < 16; ++i) {
+    if ((m >> i) & 1) lanes[i] = p[i].x;
+  }
+  return widen16(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)));
+#endif
+}
+// The popcount(m) consecutive values at p, placed in the lanes of m's set bits (others zero).
+inline __m512 expand16(__mmask16 m, const float* p) { return _mm512_maskz_expandloadu_ps(m, p); }
+inline __m512 expand16(__mmask16 m, const bf16* p) {
+  const auto first = static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1u);
+  return _mm512_maskz_expand_ps(m, load16_masked(first, p));
+}
+#endif
+
+#if defined(__AVX2__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
 
 }  // namespace sparsekit

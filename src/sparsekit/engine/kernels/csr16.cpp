@@ -1,7 +1,8 @@
 // CSR kernels with 16-bit (or 32-bit) column indices for y = x @ W.T + bias on CPU.
 //
-// W is stored row-major as CSR: fp32 values, uint16 column indices (int32 when a layer
-// is wider than 65535) and int32 row pointers, i.e. 6 bytes per nonzero instead of 8.
+// W is stored row-major as CSR: fp32 or bf16 values, uint16 column indices (int32 when a
+// layer is wider than 65535) and int32 row pointers, i.e. 6 (bf16: 4) bytes per nonzero
+// instead of torch CSR's 8. Products and sums are fp32; x is fp32 or bf16, y in x's dtype.
 // Batch 1 (up to 3) is a gather-based GEMV per input; larger batches transpose x once into a
 // padded per-thread workspace (reused across calls) and stream each row of W once per chunk
 // of 64/128 inputs.
@@ -33,6 +34,7 @@ constexpr int64_t kPrefetch = 512;  // nonzeros (2 KiB of values) prefetched ahe
 typedef float vec16 __attribute__((vector_size(64)));  // batched-kernel vectors
 typedef float vec8 __attribute__((vector_size(32)));
 
+using sparsekit::bf16;
 using sparsekit::thread_rows;
 
 #if defined(__AVX512F__)
@@ -57,26 +59,27 @@ inline __m256i load_idx(const int32_t* p) {
 }
 #endif
 
-// Sum of v[k] * x[c[k]] over one row of n nonzeros.
-template <typename I>
-inline float row_dot(const float* v, const I* c, int64_t n, const float* x) {
+// Sum of v[k] * x[c[k]] over one row of n nonzeros (values of type Value: float or bf16).
+template <typename Value, typename I>
+inline float row_dot(const Value* v, const I* c, int64_t n, const float* x) {
+  using namespace sparsekit;
   int64_t k = 0;
   float tail = 0.f;
 #if defined(__AVX512F__)
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   for (; k + 32 <= n; k += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + k), _mm512_i32gather_ps(load_idx(c + k), x, 4), a0);
+    a0 = _mm512_fmadd_ps(load16(v + k), _mm512_i32gather_ps(load_idx(c + k), x, 4), a0);
     a1 = _mm512_fmadd_ps(
-        _mm512_loadu_ps(v + k + 16), _mm512_i32gather_ps(load_idx(c + k + 16), x, 4), a1);
+        load16(v + k + 16), _mm512_i32gather_ps(load_idx(c + k + 16), x, 4), a1);
   }
   for (; k + 16 <= n; k += 16) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + k), _mm512_i32gather_ps(load_idx(c + k), x, 4), a0);
+    a0 = _mm512_fmadd_ps(load16(v + k), _mm512_i32gather_ps(load_idx(c + k), x, 4), a0);
   }
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
   if (k < n) {
     __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1u);
     __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, load_idx_masked(c + k, m), x, 4);
-    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, v + k), g, a1);
+    a1 = _mm512_fmadd_ps(load16_masked(m, v + k), g, a1);
     k = n;
   }
 #endif
@@ -84,23 +87,22 @@ inline float row_dot(const float* v, const I* c, int64_t n, const float* x) {
 #elif defined(__AVX2__)
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   for (; k + 16 <= n; k += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + k), _mm256_i32gather_ps(x, load_idx(c + k), 4), a0);
-    a1 = _mm256_fmadd_ps(
-        _mm256_loadu_ps(v + k + 8), _mm256_i32gather_ps(x, load_idx(c + k + 8), 4), a1);
+    a0 = _mm256_fmadd_ps(load8(v + k), _mm256_i32gather_ps(x, load_idx(c + k), 4), a0);
+    a1 = _mm256_fmadd_ps(load8(v + k + 8), _mm256_i32gather_ps(x, load_idx(c + k + 8), 4), a1);
   }
   for (; k + 8 <= n; k += 8) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + k), _mm256_i32gather_ps(x, load_idx(c + k), 4), a0);
+    a0 = _mm256_fmadd_ps(load8(v + k), _mm256_i32gather_ps(x, load_idx(c + k), 4), a0);
   }
   alignas(32) float buf[8];
   _mm256_store_ps(buf, _mm256_add_ps(a0, a1));
   for (float b : buf) tail += b;
 #endif
-  for (; k < n; ++k) tail += v[k] * x[c[k]];
+  for (; k < n; ++k) tail += static_cast<float>(v[k]) * x[c[k]];
   return tail;
 }
 
-template <typename I>
-void gemv(const float* v, const I* c, const int32_t* rowptr, int64_t rows, const float* x,
+template <typename Value, typename I>
+void gemv(const Value* v, const I* c, const int32_t* rowptr, int64_t rows, const float* x,
           const float* bias, float* y, int T) {
 #pragma omp parallel num_threads(T)
   {
@@ -113,7 +115,7 @@ void gemv(const float* v, const I* c, const int32_t* rowptr, int64_t rows, const
       const int64_t s = rowptr[r], e = rowptr[r + 1];
       for (const int64_t stop = std::min<int64_t>(e + kPrefetch, rowptr[r1]); ahead < stop;
            ahead += 32) {
-        __builtin_prefetch(v + ahead, 0, 3);
+        __builtin_prefetch(v + ahead, 0, 3);  // 32 values: 128 (bf16: 64) bytes
         __builtin_prefetch(v + ahead + 16, 0, 3);
         __builtin_prefetch(c + ahead, 0, 3);
       }
@@ -125,8 +127,8 @@ void gemv(const float* v, const I* c, const int32_t* rowptr, int64_t rows, const
 
 // One row of W times NV vectors of transposed inputs starting at xt (leading dimension ld).
 // U independent accumulator sets hide the FMA latency when NV is small.
-template <typename V, int NV, typename I>
-inline void row_chunk(const float* v, const I* c, int64_t s, int64_t e, const float* xt,
+template <typename V, int NV, typename Value, typename I>
+inline void row_chunk(const Value* v, const I* c, int64_t s, int64_t e, const float* xt,
                       int64_t ld, float* out) {
   constexpr int64_t L = sizeof(V) / sizeof(float);
   constexpr int U = NV >= 6 ? 1 : NV >= 3 ? 2 : 4;
@@ -139,7 +141,7 @@ inline void row_chunk(const float* v, const I* c, int64_t s, int64_t e, const fl
   for (; k + U <= e; k += U) {
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
-      const float w = v[k + u];
+      const float w = static_cast<float>(v[k + u]);
       const float* xr = xt + static_cast<int64_t>(c[k + u]) * ld;
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) {
@@ -150,7 +152,7 @@ inline void row_chunk(const float* v, const I* c, int64_t s, int64_t e, const fl
     }
   }
   for (; k < e; ++k) {
-    const float w = v[k];
+    const float w = static_cast<float>(v[k]);
     const float* xr = xt + static_cast<int64_t>(c[k]) * ld;
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) {
@@ -166,8 +168,8 @@ inline void row_chunk(const float* v, const I* c, int64_t s, int64_t e, const fl
   __builtin_memcpy(out, acc[0], sizeof(acc[0]));
 }
 
-template <typename V, typename I>
-inline void row_chunk_n(int nv, const float* v, const I* c, int64_t s, int64_t e,
+template <typename V, typename Value, typename I>
+inline void row_chunk_n(int nv, const Value* v, const I* c, int64_t s, int64_t e,
                         const float* xt, int64_t ld, float* out) {
   switch (nv) {
     case 8: row_chunk<V, 8>(v, c, s, e, xt, ld, out); break;
@@ -184,8 +186,8 @@ inline void row_chunk_n(int nv, const float* v, const I* c, int64_t s, int64_t e
 // Y (batch, rows) = X (batch, cols) @ W.T. X is transposed into xt (cols, ld) so that each
 // nonzero w[r, c] is one broadcast-FMA over a contiguous row xt[c, :]. Rows are computed in
 // tiles of kRowTile so that results are written to Y as contiguous runs, not 4 KiB strides.
-template <typename V, typename I>
-void spmm(const float* v, const I* c, const int32_t* rowptr, int64_t rows, int64_t cols,
+template <typename V, typename Value, typename I>
+void spmm(const Value* v, const I* c, const int32_t* rowptr, int64_t rows, int64_t cols,
           const float* x, int64_t batch, const float* bias, float* y, int T) {
   constexpr int64_t L = sizeof(V) / sizeof(float);
   constexpr int kMaxVec = 8;
@@ -218,30 +220,32 @@ void spmm(const float* v, const I* c, const int32_t* rowptr, int64_t rows, int64
   }
 }
 
-template <typename I>
+template <typename Value, typename I>
 void dispatch(const at::Tensor& values, const at::Tensor& cols_t, const at::Tensor& rowptr,
               const at::Tensor& x, const float* bias, at::Tensor& y, int64_t cols, int T) {
+  const Value* v = reinterpret_cast<const Value*>(values.data_ptr());
   const I* c = reinterpret_cast<const I*>(cols_t.data_ptr());
   const int64_t rows = rowptr.size(0) - 1, batch = x.size(0);
   if (batch <= kGemvMaxBatch) {  // a few GEMVs beat a half-empty 16-lane SpMM
     for (int64_t b = 0; b < batch; ++b) {
-      gemv(values.data_ptr<float>(), c, rowptr.data_ptr<int32_t>(), rows,
-           x.data_ptr<float>() + b * cols, bias, y.data_ptr<float>() + b * rows, T);
+      gemv(v, c, rowptr.data_ptr<int32_t>(), rows, x.data_ptr<float>() + b * cols, bias,
+           y.data_ptr<float>() + b * rows, T);
     }
   } else {
-    auto run = batch <= 8 ? spmm<vec8, I> : spmm<vec16, I>;  // 8 lanes: no idle half
-    run(values.data_ptr<float>(), c, rowptr.data_ptr<int32_t>(), rows, cols, x.data_ptr<float>(),
-        batch, bias, y.data_ptr<float>(), T);
+    // 8 lanes up to batch 8: no idle half
+    auto run = batch <= 8 ? spmm<vec8, Value, I> : spmm<vec16, Value, I>;
+    run(v, c, rowptr.data_ptr<int32_t>(), rows, cols, x.data_ptr<float>(), batch, bias,
+        y.data_ptr<float>(), T);
   }
 }
 
-// y = x @ W.T (+ bias) for x of shape (batch, cols); W in CSR with int16/int32 column indices.
+// y = x @ W.T (+ bias) for x of shape (batch, cols) (fp32 or bf16; y in its dtype); W in CSR
+// with fp32/bf16 values and int16/int32 column indices.
 at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,
-                      const at::Tensor& rowptr, const at::Tensor& x,
+                      const at::Tensor& rowptr, const at::Tensor& x_in,
                       const std::optional<at::Tensor>& bias, int64_t threads) {
-  sparsekit::check_input(x);
-  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(),
-              "values must be contiguous float32");
+  sparsekit::check_input_or_bf16(x_in);
+  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
   TORCH_CHECK(rowptr.scalar_type() == at::kInt && rowptr.is_contiguous() && rowptr.dim() == 1,
               "rowptr must be contiguous 1-D int32");
   TORCH_CHECK(col_indices.is_contiguous(), "col_indices must be contiguous");
@@ -249,15 +253,21 @@ at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,
   const int64_t rows = rowptr.size(0) - 1;
   const float* b = sparsekit::bias_data(bias, rows);
   const int T = sparsekit::num_threads(threads);
+  const at::Tensor x = sparsekit::as_float32(x_in);
   auto y = at::empty({x.size(0), rows}, x.options());
-  if (x.size(0) == 0 || rows == 0) return y;
-  if (col_indices.scalar_type() == at::kShort) {
-    dispatch<uint16_t>(values, col_indices, rowptr, x, b, y, x.size(1), T);
-  } else {
-    TORCH_CHECK(col_indices.scalar_type() == at::kInt, "col_indices must be int16 or int32");
-    dispatch<int32_t>(values, col_indices, rowptr, x, b, y, x.size(1), T);
-  }
-  return y;
+  if (x.size(0) == 0 || rows == 0) return sparsekit::like_input(y, x_in);
+  TORCH_CHECK(col_indices.scalar_type() == at::kShort || col_indices.scalar_type() == at::kInt,
+              "col_indices must be int16 or int32");
+  const bool narrow = col_indices.scalar_type() == at::kShort;
+  sparsekit::with_values(values, [&](auto value) {
+    using V = decltype(value);
+    if (narrow) {
+      dispatch<V, uint16_t>(values, col_indices, rowptr, x, b, y, x.size(1), T);
+    } else {
+      dispatch<V, int32_t>(values, col_indices, rowptr, x, b, y, x.size(1), T);
+    }
+  });
+  return sparsekit::like_input(y, x_in);
 }
 
 }  // namespace

@@ -2,7 +2,9 @@
 //
 // A format is a struct W with `rows`, `cols`, `work(r)` (non-decreasing work of rows [0, r)),
 // `dot(r, x)` (row r times an input zero-padded by at least 128 floats) and `decode(r, c,
-// &count)` (row r's columns into c, room for cols + 32, returning its packed values).
+// &count)` (row r's columns into c, room for cols + 32, returning its packed values, of
+// the format's value type: float or bf16). Inputs are widened to fp32 once per call (bf16
+// x), sums are fp32, the output takes x's dtype.
 // Batch 1 (up to 3) runs one GEMV per input; larger batches transpose x once into a
 // per-thread workspace and decode each weight row once into (column, value) pairs that are
 // applied to chunks of 64/128 inputs. Rows are split across OpenMP threads by work.
@@ -21,10 +23,6 @@
 #include <vector>
 
 #include "common.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 namespace sparsekit::rows {
 
@@ -65,8 +63,8 @@ void gemv(const W& w, const float* x, const float* bias, float* y, int T) {
 }
 
 // out[0:NV*L] = sum_k w[k] * xt[c[k], 0:NV*L] for one decoded row (xt leading dimension ld).
-template <typename V, int NV>
-inline void row_chunk(const int32_t* c, const float* w, int64_t count, const float* xt,
+template <typename V, int NV, typename T>
+inline void row_chunk(const int32_t* c, const T* w, int64_t count, const float* xt,
                       int64_t ld, float* out) {
   constexpr int64_t L = sizeof(V) / sizeof(float);
   constexpr int U = NV >= 6 ? 1 : NV >= 3 ? 2 : 4;  // independent sums hide FMA latency
@@ -82,7 +80,7 @@ inline void row_chunk(const int32_t* c, const float* w, int64_t count, const flo
       for (int j = 0; j < NV; ++j) {
         V xv;
         __builtin_memcpy(&xv, xr + j * L, sizeof(V));
-        acc[u][j] += w[k + u] * xv;
+        acc[u][j] += static_cast<float>(w[k + u]) * xv;
       }
     }
   }
@@ -92,7 +90,7 @@ inline void row_chunk(const int32_t* c, const float* w, int64_t count, const flo
     for (int j = 0; j < NV; ++j) {
       V xv;
       __builtin_memcpy(&xv, xr + j * L, sizeof(V));
-      acc[0][j] += w[k] * xv;
+      acc[0][j] += static_cast<float>(w[k]) * xv;
     }
   }
   for (int u = 1; u < U; ++u)
@@ -100,8 +98,8 @@ inline void row_chunk(const int32_t* c, const float* w, int64_t count, const flo
   __builtin_memcpy(out, acc[0], sizeof(acc[0]));
 }
 
-template <typename V>
-inline void row_chunk_n(int nv, const int32_t* c, const float* w, int64_t count,
+template <typename V, typename T>
+inline void row_chunk_n(int nv, const int32_t* c, const T* w, int64_t count,
                         const float* xt, int64_t ld, float* out) {
   switch (nv) {
     case 8: row_chunk<V, 8>(c, w, count, xt, ld, out); break;
@@ -136,7 +134,7 @@ void spmm(const W& w, const float* x, int64_t batch, const float* bias, float* y
       const int64_t t1 = std::min(r1, t0 + kRowTile);
       for (int64_t r = t0; r < t1; ++r) {
         int64_t count;
-        const float* v = w.decode(r, c.data(), &count);
+        const auto* v = w.decode(r, c.data(), &count);
         for (int64_t b0 = 0; b0 < ld; b0 += kChunk) {
           const int nv = static_cast<int>(std::min<int64_t>(kMaxVec, (ld - b0) / L));
           row_chunk_n<V>(nv, c.data(), v, count, xt + b0, ld, &tile[(r - t0) * ld + b0]);
@@ -151,15 +149,16 @@ void spmm(const W& w, const float* x, int64_t batch, const float* bias, float* y
 }
 
 template <typename W>
-at::Tensor run(const W& w, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+at::Tensor run(const W& w, const at::Tensor& x_in, const std::optional<at::Tensor>& bias,
                int64_t threads) {
-  check_input(x);
-  TORCH_CHECK(x.size(1) == w.cols, "x must have ", w.cols, " columns");
+  check_input_or_bf16(x_in);
+  TORCH_CHECK(x_in.size(1) == w.cols, "x must have ", w.cols, " columns");
+  const at::Tensor x = as_float32(x_in);
   const float* b = bias_data(bias, w.rows);
   const int T = num_threads(threads);
   const int64_t batch = x.size(0);
   at::Tensor y = at::empty({batch, w.rows}, x.options());
-  if (batch == 0 || w.rows == 0) return y;
+  if (batch == 0 || w.rows == 0) return like_input(y, x_in);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (batch <= kGemvMaxBatch) {
@@ -169,12 +168,12 @@ at::Tensor run(const W& w, const at::Tensor& x, const std::optional<at::Tensor>&
   } else {
     spmm<vec16>(w, xp, batch, b, yp, T);
   }
-  return y;
+  return like_input(y, x_in);
 }
 
 inline void check_values(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(),
-              "values must be contiguous float32");
+  TORCH_CHECK((t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16) &&
+                  t.is_contiguous(), "values must be contiguous float32 or bfloat16");
 }
 
 }  // namespace sparsekit::rows

@@ -2,7 +2,8 @@
 
 They give each op's output shape and dtype without computing it, so that
 ``torch.compile`` and ``torch.export`` can trace models that call the kernels (the ops are
-opaque to the tracer; only these shapes are seen). The schemas are in ``library.cpp``.
+opaque to the tracer; only these shapes are seen). A linear kernel's output has the
+dtype of its input ``x``. The schemas are in ``library.cpp``.
 """
 
 from __future__ import annotations

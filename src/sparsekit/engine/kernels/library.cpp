@@ -8,6 +8,8 @@
 
 TORCH_LIBRARY(sparsekit, m) {
   // Inference: y = x @ W.T (+ bias) for x (batch, in) and W in one compressed format.
+  // csr/bitmap/nm take fp32 or bf16 values and x (sums in fp32, y in x's dtype); the others
+  // fp32 only.
   m.def("csr_linear(Tensor values, Tensor col_indices, Tensor rowptr, Tensor x, Tensor? bias, "
         "int threads) -> Tensor");
   m.def("bitmap_linear(Tensor values, Tensor bitmap, Tensor rowptr, Tensor x, Tensor? bias, "

@@ -1,9 +1,9 @@
 // Packed N:M kernels for y = x @ W.T + bias on CPU.
 //
-// Per row ceil(cols / M) groups of N fp32 values (zero-padded) and one log2(M)-bit field per
-// value (M=8 uses 4 bits) giving its input within the group; the fields of every 16 values
-// fill one (M=4) or two (M=8) 32-bit words. The GEMV/SpMM drivers are shared with the
-// bitmap rows (decoded_rows.h).
+// Per row ceil(cols / M) groups of N fp32 or bf16 values (zero-padded) and one log2(M)-bit
+// field per value (M=8 uses 4 bits) giving its input within the group; the fields of every
+// 16 values fill one (M=4) or two (M=8) 32-bit words. The GEMV/SpMM drivers are shared with
+// the bitmap rows (decoded_rows.h).
 
 #include <torch/library.h>
 
@@ -15,9 +15,11 @@ namespace {
 
 using namespace sparsekit::rows;
 
-// A packed N:M weight: `width` values per row, fields packed 16 values per 32 * fbits / 2 bits.
+// A packed N:M weight: `width` values of type T (float or bf16) per row, fields packed 16
+// values per 32 * fbits / 2 bits.
+template <typename T>
 struct PackedNM {
-  const float* v;
+  const T* v;
   const uint32_t* idx;
   int64_t rows, cols, n, m, fbits, width, words;
 
@@ -53,7 +55,7 @@ struct PackedNM {
 
   // x is zero-padded by at least 64 inputs beyond the last group.
   float dot(int64_t r, const float* x) const {
-    const float* p = v + r * width;
+    const T* p = v + r * width;
     const uint32_t* q = idx + r * words;
     int64_t k = 0;
     float acc = 0.f;
@@ -73,17 +75,17 @@ struct PackedNM {
             _mm512_permutex2var_ps(_mm512_loadu_ps(xs + 32), c, _mm512_loadu_ps(xs + 48));
         xv = _mm512_mask_mov_ps(xv, _mm512_test_epi32_mask(c, _mm512_set1_epi32(32)), hi);
       }
-      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, p + k), xv, a0);
+      a0 = _mm512_fmadd_ps(sparsekit::load16_masked(valid, p + k), xv, a0);
       std::swap(a0, a1);  // two independent sums hide the FMA latency
     }
     acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #endif
-    for (; k < width; ++k) acc += p[k] * x[col(q, k)];
+    for (; k < width; ++k) acc += static_cast<float>(p[k]) * x[col(q, k)];
     return acc;
   }
 
   // Columns of row r's values into c (room for cols + 32); returns its packed values.
-  const float* decode(int64_t r, int32_t* c, int64_t* count) const {
+  const T* decode(int64_t r, int32_t* c, int64_t* count) const {
     const uint32_t* q = idx + r * words;
     int64_t k = 0;
 #if defined(__AVX512F__)
@@ -100,7 +102,8 @@ struct PackedNM {
   }
 };
 
-// y = x @ W.T (+ bias); W as packed N:M values (rows, width) and int32 fields (rows, words).
+// y = x @ W.T (+ bias); W as packed N:M fp32/bf16 values (rows, width) and int32 fields
+// (rows, words); x fp32 or bf16, y in its dtype.
 at::Tensor nm_linear(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& x,
                      const std::optional<at::Tensor>& bias, int64_t n, int64_t m,
                      int64_t threads) {
@@ -113,9 +116,13 @@ at::Tensor nm_linear(const at::Tensor& values, const at::Tensor& indices, const 
   TORCH_CHECK(x.dim() == 2 && (x.size(1) + m - 1) / m * n == width,
               "values must hold ceil(cols / M) * N entries per row");
   TORCH_CHECK(indices.size(1) == (width + 15) / 16 * fbits / 2, "indices have the wrong width");
-  const PackedNM w{values.data_ptr<float>(), reinterpret_cast<const uint32_t*>(indices.data_ptr()),
-                   values.size(0), x.size(1), n, m, fbits, width, indices.size(1)};
-  return run(w, x, bias, threads);
+  return sparsekit::with_values(values, [&](auto value) {
+    using T = decltype(value);
+    const PackedNM<T> w{reinterpret_cast<const T*>(values.data_ptr()),
+                        reinterpret_cast<const uint32_t*>(indices.data_ptr()), values.size(0),
+                        x.size(1), n, m, fbits, width, indices.size(1)};
+    return run(w, x, bias, threads);
+  });
 }
 
 }  // namespace
