@@ -77,7 +77,7 @@ class NativeFormat(Format):
         """Raise ``ValueError`` unless the stored ``values`` (buffer ``name``) have one of
         :attr:`dtypes`."""
         if values.dtype not in cls.dtypes:
-            raise ValueError(f"{name} must have a dtype in {cls.dtypes}, got {values.dtype}")
+            raise ValueError(f"{name} must be of a dtype in {cls.dtypes}, got {values.dtype}")
 
     def _threads(self, batch: int) -> int:
         if self.threads is not None:

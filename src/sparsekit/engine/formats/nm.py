@@ -79,7 +79,7 @@ class PackedNM(NativeFormat):
         width = -(-cols // m) * n
         cls.check_values("nm_values", values)
         if tuple(values.shape) != (rows, width):
-            raise ValueError(f"nm_values must have shape {(rows, width)}, got "
+            raise ValueError(f"nm_values must be of shape {(rows, width)}, got "
                              f"{tuple(values.shape)}")
         words = _index_words(width, _FIELD_BITS[m])
         if indices.dtype != torch.int32 or tuple(indices.shape) != (rows, words):
