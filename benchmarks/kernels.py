@@ -424,6 +424,7 @@ def main() -> int:
     }
     RESULTS.mkdir(exist_ok=True)
     name = "kernels" + ("_quick" if args.quick else "") + ("_cold" if args.cold else "")
+    name += "" if "fp32" in args.dtypes else "_bf16"  # a bf16-only run keeps the full table
     (RESULTS / f"{name}.json").write_text(
         json.dumps({"env": env, "rows": rows, "bf16_rows": bf16_rows, "goals": goals,
                     "misses": misses}, indent=2) + "\n"
