@@ -239,6 +239,38 @@ def test_compressed_entry_of_another_shape_is_never_decoded(sealed, no_decode):
     assert_rejected(sealed, r"tensor '2.weight' is \(16, 64\)")
 
 
+def test_compressed_compiled_entry_is_decoded_only_where_the_model_fixes_it(tmp_path):
+    """A compiled layer's size comes from the file; stored compressed (version 1, or crafted)
+    it is decoded only into a model whose tensor of that name has the declared shape."""
+    from sparsekit.engine import CompiledLinear, compile
+
+    def model(fmt: str) -> nn.Module:
+        torch.manual_seed(0)
+        dense = lenet_300_100().eval()
+        sparsekit.prune(dense, 0.5)
+        compiled = compile(dense, formats="dense")
+        compiled.fc1 = CompiledLinear.from_linear(dense.fc1, fmt)
+        return compiled
+
+    path = sparsekit.save(model("dense"), tmp_path / "c.sk")
+    assert read(path).infos["fc1.format.weight"].encoding == "dense"  # a buffer: as it is
+
+    def compress(parts):
+        w = parts.pop("fc1.format.weight")
+        keep = w.ne(0)
+        encoding, own = checkpoint._encode(w, keep, int(keep.sum()), force=True)
+        assert encoding == "bitmap"  # half dense
+        parts.update({f"fc1.format.weight{suffix}": t for suffix, t in own.items()})
+
+    rewrite(path, parts=compress, entries=lambda e: {**e, "fc1.format.weight": {
+        **e["fc1.format.weight"], "encoding": "bitmap"}})
+    same_formats = model("dense")
+    sparsekit.load(same_formats, path)
+    assert torch.equal(same_formats.fc1.format.weight, model("dense").fc1.format.weight)
+    assert_rejected(path, "'fc1.format.weight' is stored compressed as \\(300, 784\\)",
+                    model("torch_csr"))
+
+
 def _gaps(values: list[int], dtype=torch.int32):
     def edit(parts):
         parts["0.weight::gaps"] = torch.tensor(values, dtype=dtype)

@@ -435,8 +435,9 @@ def _check_decodable(own: dict[str, torch.Tensor], stored: _Stored) -> None:
         ):
             raise ValueError(
                 f"{stored.path}: tensor {key!r} is stored compressed as {info.shape} "
-                f"{info.dtype}, which the model does not fix (its size comes from the file); "
-                "only tensors of fixed shape are stored compressed — save the model again"
+                f"{info.dtype}, a size this model takes from the file (a compiled layer of "
+                "another format); since format version 2 such tensors are stored as they are: "
+                "load the file into a model of the same formats and save it again"
             )
 
 
