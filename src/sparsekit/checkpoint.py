@@ -51,6 +51,7 @@ _ST_DTYPES = {  # safetensors' dtype codes
     torch.bool: "BOOL",
 }
 _DTYPES = {str(d): d for d in _ST_DTYPES}
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 STALE_TEMP_AGE_S = 60.0  # a save's temp file unmodified this long, whose writer is gone
 
 
@@ -116,11 +117,14 @@ def save(
         if key in mask_of:
             keep = mask_of[key].cpu()
             _check_masked_zero(key, value[~keep])
+            nnz = int(torch.count_nonzero(keep))
         elif key in params and value.is_floating_point() and value.dim() >= 2:
-            keep = value.ne(0) | value.signbit()  # bitwise nonzero, so -0.0 round-trips
+            bitwise = value.view(_SAME_WIDTH_INT[value.element_size()])
+            nnz = int(torch.count_nonzero(bitwise))  # bitwise nonzero, so -0.0 round-trips
+            keep = bitwise.ne(0) if _sparse_may_win(value.numel(), nnz, value.element_size()) \
+                else None
         else:
-            keep = None
-        nnz = int(keep.sum()) if keep is not None else int(value.ne(0).sum())
+            keep, nnz = None, int(torch.count_nonzero(value))
         encoding, own = _encode(value, keep, nnz, force=key in mask_of)
         own = {f"{key}{suffix}": t for suffix, t in own.items()}
         parts.update(own)
@@ -461,14 +465,13 @@ def _encode(
     """Smallest of dense / bitmap / gaps for ``value`` with ``nnz`` kept positions ``keep``.
 
     Sizes are compared from ``nnz`` first: an encoding that cannot win is never built (a
-    dense tensor costs one count, not an index of every entry). ``force`` excludes dense.
+    dense tensor costs one count, not an index of every entry). ``force`` excludes dense;
+    ``keep`` is None for a tensor that is always stored dense.
     """
-    if keep is None:
-        return "dense", {"": value}
     n, item = value.numel(), value.element_size()
-    bitmap_size, gaps_floor = nnz * item + -(-n // 8), nnz * (item + 1)  # gaps ≥ 1 byte each
-    if not force and n * item < min(bitmap_size, gaps_floor):
+    if keep is None or not (force or _sparse_may_win(n, nnz, item)):
         return "dense", {"": value}
+    bitmap_size, gaps_floor = nnz * item + -(-n // 8), nnz * (item + 1)
     flat = keep.flatten()
     values = value.flatten()[flat]
     options = [("bitmap", {"::values": values, "::bitmap": _pack(flat)})]
@@ -479,6 +482,12 @@ def _encode(
     if not force:
         options.append(("dense", {"": value}))
     return min(options, key=lambda o: sum(t.numel() * t.element_size() for t in o[1].values()))
+
+
+def _sparse_may_win(n: int, nnz: int, item: int) -> bool:
+    """Whether bitmap or gaps can be smaller than ``n`` dense entries of ``item`` bytes
+    (gaps take at least one byte each)."""
+    return n * item >= nnz * item + min(-(-n // 8), nnz)
 
 
 def _gap_dtype(gaps: torch.Tensor) -> torch.dtype:
