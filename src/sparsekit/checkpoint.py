@@ -121,8 +121,8 @@ def save(
         elif key in params and value.is_floating_point() and value.dim() >= 2:
             bitwise = value.view(_SAME_WIDTH_INT[value.element_size()])
             nnz = int(torch.count_nonzero(bitwise))  # bitwise nonzero, so -0.0 round-trips
-            keep = bitwise.ne(0) if _sparse_may_win(value.numel(), nnz, value.element_size()) \
-                else None
+            may_win = _sparse_may_win(value.numel(), nnz, value.element_size())
+            keep = bitwise.ne(0) if may_win else None  # a dense tensor builds no index
         else:
             keep, nnz = None, int(torch.count_nonzero(value))
         encoding, own = _encode(value, keep, nnz, force=key in mask_of)
@@ -167,7 +167,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
     state = _declared_state(stored)  # nothing decoded yet
     try:
         own = expected_state(model, state)
-    except (ValueError, RuntimeError, NotImplementedError) as err:  # placeholders: see below
+    # RuntimeError/NotImplementedError: a compiled layer's entry stored compressed reaches
+    # its format checks as a meta placeholder (version 1 or crafted files; see below)
+    except (ValueError, RuntimeError, NotImplementedError) as err:
         raise ValueError(f"{path} does not match this model: {err}") from None
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
@@ -462,15 +464,13 @@ def _check_masked_zero(key: str, dropped: torch.Tensor) -> None:
 def _encode(
     value: torch.Tensor, keep: torch.Tensor | None, nnz: int, *, force: bool = False
 ) -> tuple[str, dict[str, torch.Tensor]]:
-    """Smallest of dense / bitmap / gaps for ``value`` with ``nnz`` kept positions ``keep``.
-
-    Sizes are compared from ``nnz`` first: an encoding that cannot win is never built (a
-    dense tensor costs one count, not an index of every entry). ``force`` excludes dense;
-    ``keep`` is None for a tensor that is always stored dense.
+    """Smallest of dense / bitmap / gaps for ``value`` with ``nnz`` kept positions ``keep``
+    (None: store dense). ``force`` excludes dense. Gaps, whose size needs the index of every
+    kept entry, are built only when their lower bound (1 byte each) beats the bitmap.
     """
-    n, item = value.numel(), value.element_size()
-    if keep is None or not (force or _sparse_may_win(n, nnz, item)):
+    if keep is None:
         return "dense", {"": value}
+    n, item = value.numel(), value.element_size()
     bitmap_size, gaps_floor = nnz * item + -(-n // 8), nnz * (item + 1)
     flat = keep.flatten()
     values = value.flatten()[flat]
@@ -555,14 +555,15 @@ def _decode(
 
 def _check_pattern(spec: str, infos: dict[str, TensorInfo],
                    decoded: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-    """Every saved mask follows the pattern the header declares."""
-    if spec == "none":
+    """Every saved mask follows the pattern the header declares (a known pattern)."""
+    masked = [key for key, info in infos.items() if info.masked]
+    if not masked:
         return
     pattern = parse_pattern(spec)
-    for key, info in infos.items():
+    for key in masked:
         mask = decoded[key][1]
-        if info.masked and mask is not None:
-            pattern.check(torch.Size(info.shape), key)
+        if mask is not None:
+            pattern.check(torch.Size(infos[key].shape), key)
             if not pattern.is_valid(mask):
                 raise ValueError(f"the mask of {key!r} does not follow the declared pattern "
                                  f"{spec!r}")
