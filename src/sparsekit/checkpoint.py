@@ -247,7 +247,8 @@ def _open(path: str | os.PathLike) -> _Stored:
         raise ValueError(f"{path} is not a readable safetensors checkpoint ({err})") from None
     if meta.get("format") != FORMAT:  # a plain safetensors file: every tensor dense, no seal
         infos = {
-            k: TensorInfo("dense", tuple(v.shape), str(v.dtype), int(v.ne(0).sum()), False)
+            k: TensorInfo("dense", tuple(v.shape), str(v.dtype), int(torch.count_nonzero(v)),
+                          False)
             for k, v in parts.items()
         }
         return _Stored(parts, infos, meta, path)
@@ -284,9 +285,9 @@ def _checked_path(path: str | os.PathLike) -> Path:
     if stat.S_ISDIR(mode):
         raise ValueError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
     if not stat.S_ISREG(mode):
-        kind = ("character device" if stat.S_ISCHR(mode) else "block device"
-                if stat.S_ISBLK(mode) else "FIFO" if stat.S_ISFIFO(mode) else
-                "socket" if stat.S_ISSOCK(mode) else "special file")
+        kinds = {stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
+                 stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket"}
+        kind = next((name for test, name in kinds.items() if test(mode)), "special file")
         raise ValueError(f"checkpoint {str(path)!r} is a {kind}, not a regular file")
     return path
 
