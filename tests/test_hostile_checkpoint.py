@@ -389,6 +389,7 @@ def test_save_removes_stale_temp_files_of_its_target_only(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(["m.sk", *(p.name for p in kept)])
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 def test_a_save_killed_before_its_rename_is_cleaned_up_by_the_next(tmp_path):
     target = tmp_path / "k.sk"
     script = (
