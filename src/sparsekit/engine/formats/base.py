@@ -64,14 +64,29 @@ class Format(nn.Module):
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``."""
-        if x.dim() == 2:  # the common case, without the reshapes (µs count at batch 1)
-            return self._mm(x, bias)
+        """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``.
+
+        Raises ``ValueError`` for any other shape (see :meth:`check_input`): no kernel ever
+        reads past the end of ``x``.
+        """
+        if x.dim() == 2 and x.shape[1] == self.in_features:  # the common case: one compare
+            return self._mm(x, bias)  # and no reshapes (µs count at batch 1)
+        self.check_input(x)
         lead = x.shape[:-1]
         y = self._mm(x.reshape(-1, self.in_features), bias)
         return y.reshape(*lead, self.out_features)
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` has shape ``(..., in_features)``."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have shape (..., in_features={self.in_features}) for this "
+                f"{self.out_features}x{self.in_features} {self.name} weight, got shape "
+                f"{tuple(x.shape)}"
+            )
+
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The product for a 2-D ``x`` of ``in_features`` columns."""
         raise NotImplementedError
 
     def to_dense(self) -> torch.Tensor:

@@ -33,6 +33,8 @@ class DenseFormat(Format):
             )
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:  # F.linear takes any (..., in)
+            self.check_input(x)
         return F.linear(x, self.weight, bias)
 
     def to_dense(self) -> torch.Tensor:
