@@ -69,12 +69,12 @@ class Format(nn.Module):
         Raises ``ValueError`` for any other shape (see :meth:`check_input`): no kernel ever
         reads past the end of ``x``.
         """
-        if x.dim() == 2 and x.shape[1] == self.in_features:  # the common case: one compare
-            return self._mm(x, bias)  # and no reshapes (µs count at batch 1)
+        shape = x.shape  # read once: each read builds a torch.Size (µs count at batch 1)
+        if len(shape) == 2 and shape[1] == self.in_features:  # the common case, no reshapes
+            return self._mm(x, bias)
         self.check_input(x)
-        lead = x.shape[:-1]
         y = self._mm(x.reshape(-1, self.in_features), bias)
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` has shape ``(..., in_features)``."""

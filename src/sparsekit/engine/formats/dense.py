@@ -33,7 +33,8 @@ class DenseFormat(Format):
             )
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() == 0 or x.shape[-1] != self.in_features:  # F.linear takes any (..., in)
+        shape = x.shape  # F.linear takes any (..., in_features)
+        if not shape or shape[-1] != self.in_features:
             self.check_input(x)
         return F.linear(x, self.weight, bias)
 
