@@ -352,3 +352,24 @@ def test_training_ops_reject_mismatched_tensors() -> None:
     ]:
         with pytest.raises(RuntimeError):
             torch.ops.sparsekit.sddmm(**(sddmm | case))
+
+
+# an index buffer of each format and a value that is out of range in its first entry
+_BAD_INDEX = {"torch_csr": ("col_indices", IN), "csr16": ("col_indices", -1),
+              "bitmap": ("bitmap_mask", -1), "nm": ("nm_pattern", 3),
+              "bsr": ("bsr_col_indices", -1), "fanin": ("fanin_col_indices", -1)}
+
+
+@pytest.mark.parametrize("name", [_format_param(n) for n in _BAD_INDEX])
+def test_format_load_state_dict_checks_index_contents(name: str) -> None:
+    """The kernels trust the indices: a format's own load_state_dict checks them first."""
+    fmt = FORMATS[name].from_dense(_weight(name))
+    before = {k: v.clone() for k, v in fmt.state_dict().items()}
+    key, value = _BAD_INDEX[name]
+    state = before | {key: before[key].clone()}
+    state[key].view(-1)[0] = value
+    with pytest.raises(RuntimeError, match=f"{name}: "):
+        fmt.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in fmt.state_dict().items())
+    x = torch.randn(3, IN)
+    torch.testing.assert_close(fmt.matmul(x), x @ fmt.to_dense().T)

@@ -15,7 +15,9 @@ class Format(nn.Module):
 
     A format's buffers are its compressed tensors, named :attr:`buffer_names`; building one
     from them (``cls(tensors, shape)``) is all :meth:`from_state` needs beyond the format's
-    own :meth:`check_state`.
+    own :meth:`check_state`. The constructor trusts its tensors (the kernels read the
+    indices unchecked); tensors from elsewhere come in through :meth:`from_state` or
+    ``load_state_dict``, which both run :meth:`check_state` first.
     """
 
     name: str = ""
@@ -106,6 +108,22 @@ class Format(nn.Module):
         if cached is None or cached[0] != key:
             cached = self.__dict__["_derived"] = (key, build())
         return cached[1]
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        # The kernels trust the index contents: loaded tensors are checked like from_state's.
+        tensors = [state_dict.get(prefix + k) for k in self.buffer_names]
+        if all(isinstance(t, torch.Tensor) for t in tensors):
+            try:
+                self.check_state(tensors, (self.out_features, self.in_features))
+            except ValueError as err:
+                error_msgs.append(f"{prefix or self.name}: {err}")
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()  # copies and pickles carry the compressed buffers only
