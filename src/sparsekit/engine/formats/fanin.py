@@ -58,7 +58,7 @@ class ConstantFanIn(NativeFormat):
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         return torch.ops.sparsekit.fanin_linear(
             self.fanin_values, self.fanin_col_indices, self.fanin_rows, x, bias,
-            self.out_features, threads,
+            self.out_features, self.in_features, threads,
         )
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

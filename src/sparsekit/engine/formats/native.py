@@ -72,16 +72,21 @@ class NativeFormat(Format):
         return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous():  # µs count at batch 1
+            if not x.is_floating_point():
+                raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+            x = x.to(torch.float32).contiguous()
         if kernels.load() is None:  # e.g. a checkpoint loaded where the kernels cannot be built
             return self._fallback_mm(x, bias)
-        if x.dtype != torch.float32 or not x.is_contiguous():  # µs count at batch 1
-            x = x.to(torch.float32).contiguous()
+        if not x.is_cpu:
+            raise ValueError(f"x must be on the CPU for the {self.name} kernel, got {x.device}")
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
             bias = bias.to(torch.float32).contiguous()
         return self._kernel(x, bias, self._threads(x.shape[0]))
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-        """The compiled product for a contiguous float32 ``x`` (and ``bias``)."""
+        """The compiled product for a contiguous float32 CPU ``x`` of ``in_features``
+        columns (and ``bias``); the op checks every size again."""
         raise NotImplementedError
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

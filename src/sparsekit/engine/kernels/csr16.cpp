@@ -235,27 +235,28 @@ void dispatch(const at::Tensor& values, const at::Tensor& cols_t, const at::Tens
   }
 }
 
-// y = x @ W.T (+ bias) for x of shape (batch, cols); W in CSR with int16/int32 column indices.
+// y = x @ W.T (+ bias) for x of shape (batch, in_features); W in CSR with int16/int32 column
+// indices (each below in_features: checked where the format is built).
 at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,
                       const at::Tensor& rowptr, const at::Tensor& x,
-                      const std::optional<at::Tensor>& bias, int64_t threads) {
-  sparsekit::check_input(x);
-  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous(),
-              "values must be contiguous float32");
-  TORCH_CHECK(rowptr.scalar_type() == at::kInt && rowptr.is_contiguous() && rowptr.dim() == 1,
-              "rowptr must be contiguous 1-D int32");
-  TORCH_CHECK(col_indices.is_contiguous(), "col_indices must be contiguous");
-  TORCH_CHECK(col_indices.numel() == values.numel(), "col_indices and values differ in length");
+                      const std::optional<at::Tensor>& bias, int64_t in_features,
+                      int64_t threads) {
+  sparsekit::check_input(x, in_features);
+  sparsekit::check_tensor(values, "values", 1, at::kFloat);
+  sparsekit::check_index(col_indices, "col_indices", 1);
+  sparsekit::check_size(col_indices, "col_indices", 0, values.numel());
+  TORCH_CHECK(rowptr.dim() == 1 && rowptr.numel() >= 1, "rowptr must be 1-D with rows + 1 >= 1 "
+              "entries, got shape ", rowptr.sizes());
   const int64_t rows = rowptr.size(0) - 1;
+  sparsekit::check_rowptr(rowptr, "rowptr", rows, values.numel());
   const float* b = sparsekit::bias_data(bias, rows);
   const int T = sparsekit::num_threads(threads);
   auto y = at::empty({x.size(0), rows}, x.options());
   if (x.size(0) == 0 || rows == 0) return y;
   if (col_indices.scalar_type() == at::kShort) {
-    dispatch<uint16_t>(values, col_indices, rowptr, x, b, y, x.size(1), T);
+    dispatch<uint16_t>(values, col_indices, rowptr, x, b, y, in_features, T);
   } else {
-    TORCH_CHECK(col_indices.scalar_type() == at::kInt, "col_indices must be int16 or int32");
-    dispatch<int32_t>(values, col_indices, rowptr, x, b, y, x.size(1), T);
+    dispatch<int32_t>(values, col_indices, rowptr, x, b, y, in_features, T);
   }
   return y;
 }

@@ -150,11 +150,10 @@ void spmm(const W& w, const float* x, int64_t batch, const float* bias, float* y
   }
 }
 
+// The product for a weight w whose tensors and x (w.cols columns) the op has checked.
 template <typename W>
 at::Tensor run(const W& w, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                int64_t threads) {
-  check_input(x);
-  TORCH_CHECK(x.size(1) == w.cols, "x must have ", w.cols, " columns");
   const float* b = bias_data(bias, w.rows);
   const int T = num_threads(threads);
   const int64_t batch = x.size(0);
@@ -170,11 +169,6 @@ at::Tensor run(const W& w, const at::Tensor& x, const std::optional<at::Tensor>&
     spmm<vec16>(w, xp, batch, b, yp, T);
   }
   return y;
-}
-
-inline void check_values(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(),
-              "values must be contiguous float32");
 }
 
 }  // namespace sparsekit::rows
