@@ -446,11 +446,12 @@ def test_tampered_header_with_forged_digest_is_rejected(saved):
 
 def test_unsupported_format_version_is_rejected(tmp_path):
     model = small()
+    future = str(int(FORMAT_VERSION) + 1)  # version 2 is the current one since issue 17
     save_file(
-        model.state_dict(), str(tmp_path / "v2.sk"),
-        metadata={"format": FORMAT, "format_version": "2"},
+        model.state_dict(), str(tmp_path / "v3.sk"),
+        metadata={"format": FORMAT, "format_version": future},
     )
-    _assert_load_fails(small(seed=1), tmp_path / "v2.sk", ValueError, "format version '2'")
+    _assert_load_fails(small(seed=1), tmp_path / "v3.sk", ValueError, f"format version '{future}'")
 
 
 def test_missing_file(tmp_path):

@@ -78,6 +78,22 @@ def test_bf16_values_equal_fp32_reference(name, batch, threads, x_dtype):
 
 
 @pytest.mark.parametrize("name", BF16_FORMATS)
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_ops_check_the_input_width_and_dtype(name, x_dtype):
+    """The ops themselves (past Format.matmul's check) refuse an x of another width than
+    in_features, or of another dtype, for bf16 values too: no read past x."""
+    w = _weight((24, 40), _pattern(name))
+    fmt = FORMATS[name].from_dense(w)
+    x = torch.randn(3, 40).to(x_dtype)
+    _assert_matches(fmt._kernel(x, None, 1), _reference(w, x, None))
+    for cols in (39, 56, 1):
+        with pytest.raises(RuntimeError, match="in_features=40"):
+            fmt._kernel(torch.randn(3, cols).to(x_dtype), None, 1)
+    with pytest.raises(RuntimeError, match="x must be Float or BFloat16"):
+        fmt._kernel(x.half(), None, 1)
+
+
+@pytest.mark.parametrize("name", BF16_FORMATS)
 def test_bf16_weight_gets_the_native_formats(name):
     w = _weight((32, 64), _pattern(name))
     assert name in available_formats(w)

@@ -9,7 +9,6 @@ Commands run in-process through ``sparsekit.cli.main.main``; one test needs a re
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsekit
+from sparsekit import checkpoint
 from sparsekit.checkpoint import read
 from sparsekit.cli.main import main
 from sparsekit.models import lenet_300_100
@@ -54,11 +54,15 @@ def user_error(capsys, *argv: str) -> str:
     return err
 
 
-def with_metadata(src: Path, dst: Path, **entries: str) -> Path:
-    """``src`` rewritten with some header entries replaced (tensor data unchanged)."""
+def with_metadata(src: Path, dst: Path, *, seal: bool = True, **entries: str) -> Path:
+    """``src`` rewritten with some header entries replaced (tensor data unchanged) and,
+    unless ``seal=False``, sealed again: an attacker can re-seal, so the checks behind the
+    seal must hold on their own."""
     tensors = load_file(src)
     meta = read(src).meta
     meta.update(entries)
+    if seal:
+        meta["digest"] = checkpoint._header_digest(meta)
     save_file(tensors, dst, metadata=meta)
     return dst
 
@@ -198,6 +202,12 @@ def test_malformed_model_record(ckpt, tmp_path, capsys, record, needle):
     assert "--model" in err or "not registered" in err
 
 
+def test_unsealed_model_record_edit_is_refused_before_it_is_read(ckpt, tmp_path, capsys):
+    record = '{"name": "lenet_300_100", "kwargs": {"in_features": 1000000000000}}'
+    path = with_metadata(ckpt, tmp_path / "edited.safetensors", seal=False, model=record)
+    assert "digest mismatch" in user_error(capsys, "report", str(path))
+
+
 def test_missing_model_record_asks_for_model(tmp_path, capsys):
     path = tmp_path / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in lenet_300_100().state_dict().items()}, path)
@@ -209,8 +219,7 @@ def test_missing_model_record_asks_for_model(tmp_path, capsys):
 def test_tensors_entry_as_a_list(ckpt, tmp_path, capsys, model):
     entries = json.loads(read(ckpt).meta["tensors"])
     listed = json.dumps(list(entries.items()))
-    path = with_metadata(ckpt, tmp_path / "crafted.safetensors", tensors=listed,
-                         digest=hashlib.sha256(listed.encode()).hexdigest())
+    path = with_metadata(ckpt, tmp_path / "crafted.safetensors", tensors=listed)
     assert "'tensors'" in user_error(capsys, "report", str(path), *model)
 
 

@@ -1,33 +1,58 @@
-"""Compressed, atomic, pickle-free checkpoints: ``save`` / ``load``.
+"""Compressed, sealed, atomic, pickle-free checkpoints: ``save`` / ``load``.
 
-A checkpoint is a safetensors file. Sparse tensors are stored as their kept values
-plus the kept positions, as a bitmap (1 bit per entry) or as gaps between successive
-flat indices in the narrowest unsigned integer type — whichever is smaller. The
-header holds a format version and, per tensor, its encoding, shape, dtype and
-sparsity, sealed with a SHA-256 digest so a tampered header is detected. Files are
-written to a temporary file and renamed, so a crash never leaves half a checkpoint.
+A checkpoint is a safetensors file. A sparse parameter is stored as its kept values plus
+the kept positions, as a bitmap (1 bit per entry) or as gaps between successive flat
+indices in the narrowest unsigned integer type — whichever is smaller. The header holds
+a format version, the mask pattern and, per tensor, its encoding, shape, dtype, count of
+nonzeros and a SHA-256 digest of its stored bytes bound to its name; a SHA-256 digest
+over the whole header seals every metadata field. ``load`` checks the structure, the
+digests, the model's shapes and the masks' pattern before it decodes anything large or
+touches the model. Files are written deterministically (the same model gives the same
+bytes) to a temporary file that is fsynced and renamed, and the directory is fsynced, so
+a crash never leaves half a checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+import stat
 import tempfile
+import time
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from sparsekit.masks import MaskSet
+from sparsekit.patterns import parse_pattern
 
 FORMAT = "sparsekit"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+_READABLE_VERSIONS = ("1", "2")  # version 1 sealed the header only; read with a warning
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_ENCODINGS = {"dense": ("",), "bitmap": ("::values", "::bitmap"), "gaps": ("::values", "::gaps")}
+_FIELDS = {"encoding", "shape", "dtype", "nnz", "masked"}  # of a header entry; version 2 adds:
+_DIGEST_FIELD = "sha256"
+_GAP_DTYPES = (torch.uint8, torch.uint16, torch.int32)
+_ST_DTYPES = {  # safetensors' dtype codes
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.complex64: "C64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_DTYPES = {str(d): d for d in _ST_DTYPES}
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+STALE_TEMP_AGE_S = 60.0  # a save's temp file unmodified this long, whose writer is gone
 
 
 @dataclass(frozen=True)
@@ -42,7 +67,7 @@ class TensorInfo:
 
     @property
     def sparsity(self) -> float:
-        numel = _numel(self.shape)
+        numel = math.prod(self.shape)
         return 1.0 - self.nnz / numel if numel else 0.0
 
 
@@ -55,15 +80,24 @@ def save(
 ) -> Path:
     """Write ``model.state_dict()`` compressed to ``path`` (atomically) and return the path.
 
-    With ``masks``, their parameters are stored by mask (masked entries must be zero);
-    otherwise any floating tensor of rank ≥ 2 is stored compressed whenever that is
-    smaller. ``metadata`` adds free-form string entries to the header; a model built
-    by :mod:`sparsekit.models` also records how to rebuild it (``"model"``).
+    With ``masks``, their parameters are stored by mask (masked entries must be +0.0);
+    otherwise any floating parameter of rank ≥ 2 is stored compressed whenever that is
+    smaller. Buffers are stored as they are: their size may come from the file (compiled
+    layers), and only a tensor whose shape the model fixes can be checked before it is
+    decoded. ``metadata`` adds free-form string entries to the header; a model built by
+    :mod:`sparsekit.models` also records how to rebuild it (``"model"``). The same model
+    always gives the same bytes. Stale temporary files of earlier, killed saves to the
+    same path are removed (see :func:`_remove_stale_temps`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if masks is not None and not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
+    if metadata is not None and not (
+        isinstance(metadata, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise TypeError(f"metadata must be a dict of str to str, got {metadata!r:.100}")
     mask_of = masks.masks if masks is not None else {}
     state = model.state_dict()
     for key, m in mask_of.items():
@@ -72,43 +106,43 @@ def save(
                 f"masks: entry {key!r} {tuple(m.shape)} matches no tensor of the model's "
                 "state_dict (were the masks made for another model?)"
             )
-    tensors: dict[str, torch.Tensor] = {}
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    parts: dict[str, torch.Tensor] = {}
     infos: dict[str, dict] = {}
     for key, value in state.items():
         value = value.detach().cpu().contiguous()
+        if value.dtype not in _ST_DTYPES:
+            raise TypeError(f"state_dict entry {key!r} has dtype {value.dtype}, which "
+                            f"safetensors cannot store")
         if key in mask_of:
             keep = mask_of[key].cpu()
-            dropped = value[~keep]
-            if bool((dropped.ne(0) | dropped.signbit()).any()):
-                raise ValueError(
-                    f"masks: weights of {key!r} are not +0.0 where masked; call masks.apply() "
-                    "(or attach the masks to the optimizer) before saving"
-                )
-        elif value.is_floating_point() and value.dim() >= 2:
-            keep = value.ne(0) | value.signbit()  # bitwise nonzero, so -0.0 round-trips
+            _check_masked_zero(key, value[~keep])
+            nnz = int(torch.count_nonzero(keep))
+        elif key in params and value.is_floating_point() and value.dim() >= 2:
+            bitwise = value.view(_SAME_WIDTH_INT[value.element_size()])
+            nnz = int(torch.count_nonzero(bitwise))  # bitwise nonzero, so -0.0 round-trips
+            may_win = _sparse_may_win(value.numel(), nnz, value.element_size())
+            keep = bitwise.ne(0) if may_win else None  # a dense tensor builds no index
         else:
-            keep = None
-        encoding, parts = _encode(value, keep)
-        if encoding == "dense" and key in mask_of:
-            encoding, parts = _encode(value, keep, force=True)
-        tensors.update({f"{key}{suffix}": t for suffix, t in parts.items()})
+            keep, nnz = None, int(torch.count_nonzero(value))
+        encoding, own = _encode(value, keep, nnz, force=key in mask_of)
+        own = {f"{key}{suffix}": t for suffix, t in own.items()}
+        parts.update(own)
         infos[key] = {
             "encoding": encoding, "shape": list(value.shape), "dtype": str(value.dtype),
-            "nnz": int(keep.sum()) if keep is not None else int(value.ne(0).sum()),
-            "masked": key in mask_of,
+            "nnz": nnz, "masked": key in mask_of, _DIGEST_FIELD: _tensor_digest(own),
         }
-    header = json.dumps(infos, sort_keys=True)
     meta = {
-        **({"model": json.dumps(model.sparsekit_config)} if hasattr(model, "sparsekit_config")
-           else {}),
+        **({"model": json.dumps(model.sparsekit_config, sort_keys=True)}
+           if hasattr(model, "sparsekit_config") else {}),
         **(metadata or {}),
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "pattern": masks.pattern if masks is not None else "none",
-        "tensors": header,
-        "digest": hashlib.sha256(header.encode()).hexdigest(),
+        "tensors": json.dumps(infos, sort_keys=True),
     }
-    return _atomic_write(Path(path), st_save(tensors, metadata=meta))
+    meta["digest"] = _header_digest(meta)
+    return _atomic_write(Path(path), parts, meta)
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
@@ -117,17 +151,23 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
     A file saved with ``masks`` gives back exactly those masks; a file saved without
     gives masks for the parameters that were stored compressed.
 
-    Everything is decoded and checked against the model (names, shapes, dtypes)
-    before the model is touched: a file for another architecture, a truncated file or
-    a tampered header raises ``ValueError`` and leaves the model unchanged.
+    Before the model is touched, and before anything is decoded, the file's structure
+    and seal are checked (any changed byte of a version-2 file is detected), and every
+    declared name, shape and dtype is compared with the model; then the tensors are
+    decoded and checked (index ranges, counts, the masks' pattern). Any failure raises
+    ``ValueError`` and leaves the model unchanged. Files of format version 1 (whose
+    digest covers the header only) load with a warning.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    ckpt = read(path)
-    state = ckpt.state
+    _check_materialized(model)
+    stored = _open(path)
+    state = _declared_state(stored)  # nothing decoded yet
     try:
         own = expected_state(model, state)
-    except ValueError as err:
+    # RuntimeError/NotImplementedError: a compiled layer's entry stored compressed reaches
+    # its format checks as a meta placeholder (version 1 or crafted files; see below)
+    except (ValueError, RuntimeError, NotImplementedError) as err:
         raise ValueError(f"{path} does not match this model: {err}") from None
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
@@ -142,7 +182,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
                 f"{path}: tensor {key!r} is {tuple(value.shape)} {value.dtype}, the model "
                 f"has {tuple(own[key].shape)} {own[key].dtype}"
             )
-    model.load_state_dict(state, strict=True)
+    _check_decodable(model.state_dict(), stored)
+    ckpt = _decode_all(stored)
+    model.load_state_dict(ckpt.state, strict=True)
     params = dict(model.named_parameters())
     # Saved with a MaskSet: exactly its masks. Saved without: every compressed parameter.
     with_masks = any(info.masked for info in ckpt.infos.values())
@@ -163,41 +205,245 @@ class Checkpoint:
 
 
 def read(path: str | os.PathLike) -> Checkpoint:
-    """Decode a checkpoint without a model. Plain safetensors files read as all-dense."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    """Decode a checkpoint without a model. Plain safetensors files read as all-dense.
+
+    The file is checked as by :func:`load` (structure, seal, indices, pattern), except
+    against a model: a sparse tensor is decoded to the full shape its header declares.
+    """
+    return _decode_all(_open(path))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header's string entries (``format``, ``pattern``, ``model``, user metadata).
+
+    Checked as by :func:`read` (structure and seal) but without decoding any tensor, so
+    it costs no more memory than the file.
+    """
+    return dict(_open(path).meta)
+
+
+# -- the file: structure and seal -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Stored:
+    """A checked file: its tensors as stored (values, bitmaps, gaps), header and path."""
+
+    parts: dict[str, torch.Tensor]
+    infos: dict[str, TensorInfo]
+    meta: dict[str, str]
+    path: Path
+
+
+def _open(path: str | os.PathLike) -> _Stored:
+    """Read ``path`` once and check its structure and seal; decode nothing."""
+    path = _checked_path(path)
     raw = path.read_bytes()
     try:
-        stored = st_load(raw)
+        parts = st_load(raw)
         meta = _metadata(raw)
-    except (SafetensorError, ValueError, json.JSONDecodeError) as err:
+    except (SafetensorError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors checkpoint ({err})") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") != FORMAT:  # a plain safetensors file: every tensor dense, no seal
         infos = {
-            k: TensorInfo("dense", tuple(v.shape), str(v.dtype), int(v.ne(0).sum()), False)
-            for k, v in stored.items()
+            k: TensorInfo("dense", tuple(v.shape), str(v.dtype), int(torch.count_nonzero(v)),
+                          False)
+            for k, v in parts.items()
         }
-        return Checkpoint(stored, {}, infos, meta)
-    if meta.get("format_version") != FORMAT_VERSION:
+        return _Stored(parts, infos, meta, path)
+    version = meta.get("format_version")
+    if version not in _READABLE_VERSIONS:
         raise ValueError(
-            f"{path}: format version {meta.get('format_version')!r} is not supported "
-            f"(this sparsekit reads version {FORMAT_VERSION})"
+            f"{path}: format version {version!r} is not supported (this sparsekit reads "
+            f"versions {', '.join(_READABLE_VERSIONS)} and writes {FORMAT_VERSION})"
         )
-    header = meta.get("tensors", "")
-    if hashlib.sha256(header.encode()).hexdigest() != meta.get("digest"):
-        raise ValueError(f"{path}: header digest mismatch — the header was modified or damaged")
     try:
-        infos = {
-            k: TensorInfo(v["encoding"], tuple(v["shape"]), v["dtype"], v["nnz"], v["masked"])
-            for k, v in json.loads(header).items()
-        }
-        decoded = {k: _decode(k, info, stored) for k, info in infos.items()}
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path}: inconsistent checkpoint ({err})") from None
-    state = {k: v for k, (v, _) in decoded.items()}
-    kept = {k: m for k, (_, m) in decoded.items() if m is not None}
-    return Checkpoint(state, kept, infos, meta)
+        entries = _header_entries(meta.get("tensors"), sealed=version != "1")
+        infos = {k: _tensor_info(k, e) for k, e in entries.items()}
+        _check_parts(infos, parts)
+        if version == "1":
+            _check_v1_digest(meta)
+            warnings.warn(
+                f"{path} has format version 1, whose digest covers the header only: its "
+                "tensor data is not integrity-checked; save it again to seal it",
+                UserWarning, stacklevel=3,
+            )
+        else:
+            _check_seal(meta, entries, parts)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return _Stored(parts, infos, meta, path)
+
+
+def _checked_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
+                 stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket"}
+        kind = next((name for test, name in kinds.items() if test(mode)), "special file")
+        raise ValueError(f"checkpoint {str(path)!r} is a {kind}, not a regular file")
+    return path
+
+
+def _metadata(raw: bytes) -> dict[str, str]:
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict | None) or not all(
+        isinstance(v, str) for v in (meta or {}).values()
+    ):
+        raise ValueError("__metadata__ must map strings to strings")
+    return meta or {}
+
+
+def _header_entries(text: object, *, sealed: bool) -> dict[str, dict]:
+    """The ``tensors`` metadata as ``{name: entry}``, checked for its structure."""
+    if not isinstance(text, str):
+        raise ValueError("the header has no 'tensors' entry")
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"'tensors' in the header is not valid JSON ({err})") from None
+    if not isinstance(entries, dict):
+        raise ValueError(
+            f"'tensors' in the header must be a JSON object of tensor entries, got a JSON "
+            f"{type(entries).__name__}"
+        )
+    fields = _FIELDS | {_DIGEST_FIELD} if sealed else _FIELDS
+    for key, entry in entries.items():
+        if not isinstance(entry, dict) or set(entry) != fields:
+            raise ValueError(
+                f"header entry {key!r} must be an object with the fields {sorted(fields)}, "
+                f"got {entry!r:.120}"
+            )
+    return entries
+
+
+def _tensor_info(key: str, entry: dict) -> TensorInfo:
+    """``entry`` as a TensorInfo, every field checked for its type and range."""
+    encoding, shape, dtype = entry["encoding"], entry["shape"], entry["dtype"]
+    nnz, masked = entry["nnz"], entry["masked"]
+    if encoding not in _ENCODINGS:
+        raise ValueError(f"header entry {key!r}: encoding {encoding!r} is not one of "
+                         f"{sorted(_ENCODINGS)}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise ValueError(f"header entry {key!r}: shape must be a list of non-negative "
+                         f"integers, got {shape!r:.80}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"header entry {key!r}: dtype {dtype!r:.40} is not a storable dtype")
+    if not _is_count(nnz) or nnz > math.prod(shape):
+        raise ValueError(f"header entry {key!r}: nnz must be an integer in [0, "
+                         f"{math.prod(shape)}], got {nnz!r:.40}")
+    if not isinstance(masked, bool) or (masked and encoding == "dense"):
+        raise ValueError(f"header entry {key!r}: masked must be a boolean, and a masked "
+                         f"tensor is stored by position, got {masked!r:.20} with {encoding!r}")
+    return TensorInfo(encoding, tuple(shape), dtype, nnz, masked)
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_parts(infos: dict[str, TensorInfo], parts: dict[str, torch.Tensor]) -> None:
+    """The stored tensors are exactly those the header describes, of consistent sizes."""
+    expected = [f"{k}{suffix}" for k, info in infos.items() for suffix in _ENCODINGS[info.encoding]]
+    if len(set(expected)) != len(expected) or set(expected) != set(parts):
+        extra, absent = sorted(set(parts) - set(expected)), sorted(set(expected) - set(parts))
+        raise ValueError(f"the stored tensors do not match the header: not described "
+                         f"{extra[:5]}, absent {absent[:5]}")
+    for key, info in infos.items():
+        if info.encoding == "dense":
+            value = parts[key]
+            if tuple(value.shape) != info.shape or str(value.dtype) != info.dtype:
+                raise ValueError(f"tensor {key!r} does not match its header entry")
+            continue
+        values, index = parts[f"{key}::values"], parts[f"{key}::{info.encoding}"]
+        if values.dim() != 1 or str(values.dtype) != info.dtype or values.numel() != info.nnz:
+            raise ValueError(f"values of {key!r} do not match the header ({info.nnz} "
+                             f"{info.dtype} expected)")
+        n = math.prod(info.shape)
+        if info.encoding == "bitmap" and (
+            index.dtype != torch.uint8 or index.dim() != 1 or index.numel() != -(-n // 8)
+        ):
+            raise ValueError(f"bitmap of {key!r} must be {-(-n // 8)} uint8 bytes")
+        if info.encoding == "gaps" and (
+            index.dtype not in _GAP_DTYPES or index.dim() != 1 or index.numel() != info.nnz
+        ):
+            raise ValueError(f"gaps of {key!r} must be {info.nnz} uint8, uint16 or int32")
+
+
+def _tensor_digest(parts: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of one tensor's stored parts: each part's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(parts):
+        t = parts[name]
+        h.update(json.dumps([name, _ST_DTYPES[t.dtype], list(t.shape)]).encode())
+        h.update(_bytes(t))
+    return h.hexdigest()
+
+
+def _header_digest(meta: dict[str, str]) -> str:
+    """SHA-256 of every metadata entry but the digest itself, in canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_seal(meta: dict[str, str], entries: dict[str, dict],
+                parts: dict[str, torch.Tensor]) -> None:
+    if _header_digest(meta) != meta.get("digest"):
+        raise ValueError("header digest mismatch — the header was modified or damaged")
+    for key, entry in entries.items():
+        own = {n: parts[n] for n in (f"{key}{s}" for s in _ENCODINGS[entry["encoding"]])}
+        if _tensor_digest(own) != entry[_DIGEST_FIELD]:
+            raise ValueError(f"tensor {key!r} does not match its header entry (SHA-256 "
+                             "mismatch) — its data was modified or damaged")
+
+
+def _check_v1_digest(meta: dict[str, str]) -> None:
+    if hashlib.sha256(meta["tensors"].encode()).hexdigest() != meta.get("digest"):
+        raise ValueError("header digest mismatch — the header was modified or damaged")
+
+
+# -- the model: checks before decoding ------------------------------------------------------
+
+def _check_materialized(model: nn.Module) -> None:
+    meta = [k for k, v in model.state_dict().items() if v.is_meta]
+    if meta:
+        raise ValueError(
+            f"model has tensors on the meta device ({meta[:3]}), so nothing can be loaded into "
+            "it; materialize it first, e.g. model.to_empty(device='cpu')"
+        )
+
+
+def _declared_state(stored: _Stored) -> dict[str, torch.Tensor]:
+    """What the file declares, decoding nothing: dense tensors as stored (their bytes are
+    in the file), compressed ones as meta-device placeholders of their declared shape."""
+    return {
+        key: stored.parts[key] if info.encoding == "dense"
+        else torch.empty(info.shape, dtype=_DTYPES[info.dtype], device="meta")
+        for key, info in stored.infos.items()
+    }
+
+
+def _check_decodable(own: dict[str, torch.Tensor], stored: _Stored) -> None:
+    """A compressed entry decodes to its declared shape, which the file's size does not
+    bound, so it must be one of the model's own tensors with that shape and dtype."""
+    for key, info in stored.infos.items():
+        mine = own.get(key)
+        if info.encoding != "dense" and (
+            mine is None or tuple(mine.shape) != info.shape or str(mine.dtype) != info.dtype
+        ):
+            raise ValueError(
+                f"{stored.path}: tensor {key!r} is stored compressed as {info.shape} "
+                f"{info.dtype}, a size this model takes from the file (a compiled layer of "
+                "another format); since format version 2 such tensors are stored as they are: "
+                "load the file into a model of the same formats and save it again"
+            )
 
 
 def expected_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -222,24 +468,45 @@ def expected_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
 
 # -- encoding -------------------------------------------------------------------------
 
+def _check_masked_zero(key: str, dropped: torch.Tensor) -> None:
+    """Masked weights are stored as +0.0 and not at all: anything else would be lost."""
+    nonzero = int(dropped.ne(0).sum())
+    negative = int((dropped.eq(0) & dropped.signbit()).sum())
+    if nonzero or negative:
+        raise ValueError(
+            f"masks: weights of {key!r} are not +0.0 where masked: {nonzero} nonzero and "
+            f"{negative} -0.0 of {dropped.numel()} masked entries, which a checkpoint cannot "
+            "store; call masks.apply() (it writes +0.0) before saving"
+        )
+
+
 def _encode(
-    value: torch.Tensor, keep: torch.Tensor | None, *, force: bool = False
+    value: torch.Tensor, keep: torch.Tensor | None, nnz: int, *, force: bool = False
 ) -> tuple[str, dict[str, torch.Tensor]]:
-    """Smallest of dense / bitmap / gaps for ``value`` with kept positions ``keep``."""
-    dense = ("dense", {"": value})
+    """Smallest of dense / bitmap / gaps for ``value`` with ``nnz`` kept positions ``keep``
+    (None: store dense). ``force`` excludes dense. Gaps, whose size needs the index of every
+    kept entry, are built only when their lower bound (1 byte each) beats the bitmap.
+    """
     if keep is None:
-        return dense
+        return "dense", {"": value}
+    n, item = value.numel(), value.element_size()
+    bitmap_size, gaps_floor = nnz * item + -(-n // 8), nnz * (item + 1)
     flat = keep.flatten()
     values = value.flatten()[flat]
-    idx = torch.nonzero(flat).flatten()
-    gaps = torch.diff(idx, prepend=idx.new_zeros(1)) if idx.numel() else idx
-    options = [
-        ("bitmap", {"::values": values, "::bitmap": _pack(flat)}),
-        ("gaps", {"::values": values, "::gaps": gaps.to(_gap_dtype(gaps))}),
-    ]
+    options = [("bitmap", {"::values": values, "::bitmap": _pack(flat)})]
+    if gaps_floor < bitmap_size:
+        idx = torch.nonzero(flat).flatten()
+        gaps = torch.diff(idx, prepend=idx.new_zeros(1)) if idx.numel() else idx
+        options.append(("gaps", {"::values": values, "::gaps": gaps.to(_gap_dtype(gaps))}))
     if not force:
-        options.append(dense)
+        options.append(("dense", {"": value}))
     return min(options, key=lambda o: sum(t.numel() * t.element_size() for t in o[1].values()))
+
+
+def _sparse_may_win(n: int, nnz: int, item: int) -> bool:
+    """Whether bitmap or gaps can be smaller than ``n`` dense entries of ``item`` bytes
+    (gaps take at least one byte each)."""
+    return n * item >= nnz * item + min(-(-n // 8), nnz)
 
 
 def _gap_dtype(gaps: torch.Tensor) -> torch.dtype:
@@ -253,69 +520,180 @@ def _pack(flat: torch.Tensor) -> torch.Tensor:
     return (padded.reshape(-1, 8) * _BITS).sum(1, dtype=torch.uint8)
 
 
-def _unpack(bits: torch.Tensor, n: int) -> torch.Tensor:
-    return (bits.reshape(-1, 1) & _BITS).ne(0).flatten()[:n]
+def _unpack(bits: torch.Tensor) -> torch.Tensor:
+    return (bits.reshape(-1, 1) & _BITS).ne(0).flatten()
+
+
+def _decode_all(stored: _Stored) -> Checkpoint:
+    """Decode every tensor of a checked file; raise ``ValueError`` on bad indices or masks
+    that do not follow the declared pattern."""
+    try:
+        decoded = {k: _decode(k, info, stored.parts) for k, info in stored.infos.items()}
+        _check_pattern(stored.meta.get("pattern", "none"), stored.infos, decoded)
+    except ValueError as err:
+        raise ValueError(f"{stored.path}: {err}") from None
+    state = {k: v for k, (v, _) in decoded.items()}
+    kept = {k: m for k, (_, m) in decoded.items() if m is not None}
+    return Checkpoint(state, kept, dict(stored.infos), dict(stored.meta))
 
 
 def _decode(
-    key: str, info: TensorInfo, stored: dict[str, torch.Tensor]
+    key: str, info: TensorInfo, parts: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The dense tensor and, for sparse encodings, the boolean mask of stored positions."""
+    """The dense tensor and, for sparse encodings, the boolean mask of stored positions.
+
+    Sizes were checked against the header (:func:`_check_parts`); here the positions are:
+    gaps non-negative (strictly positive after the first) and in range, bitmap padding
+    clear, one position per value.
+    """
     if info.encoding == "dense":
-        value = stored[key]
-        if tuple(value.shape) != info.shape or str(value.dtype) != info.dtype:
-            raise ValueError(f"tensor {key!r} does not match its header entry")
-        return value, None
-    values, n = stored[f"{key}::values"], _numel(info.shape)
-    if str(values.dtype) != info.dtype or values.numel() != info.nnz:
-        raise ValueError(f"values of {key!r} do not match the header ({info.nnz} expected)")
+        return parts[key], None
+    values, n = parts[f"{key}::values"], math.prod(info.shape)
     if info.encoding == "bitmap":
-        bits = stored[f"{key}::bitmap"]
-        if bits.numel() != -(-n // 8):
-            raise ValueError(f"bitmap of {key!r} has the wrong length")
-        flat = _unpack(bits, n)
-        idx = torch.nonzero(flat).flatten()
-    elif info.encoding == "gaps":
-        gaps = stored[f"{key}::gaps"].to(torch.int64)
-        idx = gaps.cumsum(0)
-        if idx.numel() and (int(idx[-1]) >= n or bool((gaps[1:] <= 0).any())):
-            raise ValueError(f"indices of {key!r} are out of range or not increasing")
+        flat = _unpack(parts[f"{key}::bitmap"])
+        if bool(flat[n:].any()):
+            raise ValueError(f"bitmap of {key!r} has bits set past its {n} entries")
+        kept = flat[:n]
+        if int(kept.sum()) != values.numel():
+            raise ValueError(f"{key!r}: {int(kept.sum())} positions for {values.numel()} values")
     else:
-        raise ValueError(f"unknown encoding {info.encoding!r} for {key!r}")
-    if idx.numel() != values.numel():
-        raise ValueError(f"{key!r}: {idx.numel()} positions for {values.numel()} values")
+        gaps = parts[f"{key}::gaps"].to(torch.int64)
+        idx = gaps.cumsum(0)
+        if idx.numel() and (int(gaps[0]) < 0 or bool((gaps[1:] <= 0).any())
+                            or int(idx[-1]) >= n):
+            raise ValueError(
+                f"gaps of {key!r} must be non-negative, positive after the first, and stay "
+                f"below its {n} entries"
+            )
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[idx] = True
     out = torch.zeros(n, dtype=values.dtype)
-    out[idx] = values
-    kept = torch.zeros(n, dtype=torch.bool)
-    kept[idx] = True
+    out[kept] = values
     return out.reshape(info.shape), kept.reshape(info.shape)
 
 
-def _metadata(raw: bytes) -> dict[str, str]:
-    size = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + size]).get("__metadata__") or {}
+def _check_pattern(spec: str, infos: dict[str, TensorInfo],
+                   decoded: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """Every saved mask follows the pattern the header declares (a known pattern)."""
+    masked = [key for key, info in infos.items() if info.masked]
+    if not masked:
+        return
+    pattern = parse_pattern(spec)
+    for key in masked:
+        mask = decoded[key][1]
+        if mask is not None:
+            pattern.check(torch.Size(infos[key].shape), key)
+            if not pattern.is_valid(mask):
+                raise ValueError(f"the mask of {key!r} does not follow the declared pattern "
+                                 f"{spec!r}")
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+# -- writing: deterministic bytes, atomic and durable ----------------------------------------
 
+def _atomic_write(path: Path, parts: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """Write a safetensors file of ``parts`` and ``meta`` to ``path`` atomically.
 
-def _atomic_write(path: Path, data: bytes) -> Path:
+    The bytes depend only on the inputs (sorted metadata and tensors), the file goes to a
+    temporary ``.NAME.PID-XXXXXXXX.tmp`` beside ``path``, is fsynced and renamed over
+    ``path``, and the directory is fsynced so the rename itself survives a power loss.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    header, ordered = _layout(parts, meta)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
+                               dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(header)
+            for t in ordered:
+                f.write(_bytes(t))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
+
+
+def _layout(parts: dict[str, torch.Tensor],
+            meta: dict[str, str]) -> tuple[bytes, list[torch.Tensor]]:
+    """The safetensors header and the tensors in file order: widest dtype first (so every
+    tensor is aligned), then by name; metadata sorted; header padded to 8 bytes."""
+    ordered = sorted(parts, key=lambda k: (-parts[k].element_size(), k))
+    entries: dict[str, object] = {"__metadata__": dict(sorted(meta.items()))}
+    offset = 0
+    for name in ordered:
+        t = parts[name]
+        size = t.numel() * t.element_size()
+        entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, [parts[n] for n in ordered]
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temporary files that killed saves to ``path`` left behind.
+
+    Only files named like this module's temporaries for ``path`` (``.NAME.PID-XXXXXXXX.tmp``,
+    or ``.NAME.XXXXXXXX.tmp`` from format version 1) are candidates, and only those no live
+    writer can own: unmodified for :data:`STALE_TEMP_AGE_S` seconds and, where the name
+    carries a process id, that process is not running on this machine. A writer on another
+    machine sharing the directory is protected by the age alone. Failures are ignored.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)-)?[a-z0-9_]{{8}}\.tmp")
+    now = time.time()
+    for candidate in _listdir(path.parent):
+        match = pattern.fullmatch(candidate)
+        if match is None:
+            continue
+        stale = path.parent / candidate
+        try:
+            if now - stale.stat().st_mtime < STALE_TEMP_AGE_S:
+                continue
+            if match[1] is not None and _process_alive(int(match[1])):
+                continue
+            stale.unlink()
+        except OSError:
+            continue
+
+
+def _listdir(directory: Path) -> Iterable[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return ()
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt" or pid == os.getpid():  # on Windows os.kill would terminate it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OverflowError, OSError):  # e.g. another user's process
+        return True
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; Windows cannot open directories)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

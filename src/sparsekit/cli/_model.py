@@ -99,6 +99,7 @@ def read_header(path: str | os.PathLike) -> Header:
         raise UsageError(f"{path} is not a readable safetensors checkpoint ({err})") from None
     if meta.get("format") != checkpoint.FORMAT:
         return Header(meta, stored)  # a plain safetensors file: every tensor as it is stored
+    checkpoint.read_metadata(path)  # the seal covers `model` and `tensors`: check it first
     try:
         entries = json.loads(meta.get("tensors", ""))
     except json.JSONDecodeError:

@@ -73,12 +73,14 @@ class ActivationSparseLinear(nn.Module):
         return cls(linear.weight, linear.bias, threshold, threads=threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and x.shape[-1] == self.in_features:  # decode step
-            return self._gemv(x.reshape(-1)).view(*x.shape[:-1], self.out_features)
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
-                f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}"
+                f"x must have shape (..., in_features={self.in_features}), got shape "
+                f"{tuple(x.shape)}"
             )
+        if x.numel() == self.in_features:  # decode step
+            return self._gemv(x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        self._check_torch_input(x)
         y = sparsify_input(x, self.threshold) @ self.weight_t.to(x.dtype)  # several rows: dense
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -93,10 +95,21 @@ class ActivationSparseLinear(nn.Module):
                 self.weight_t, x.contiguous(), self.threshold, self.bias,
                 self.threads or torch.get_num_threads(),
             )
+        self._check_torch_input(x)
         kept = (sparsify_input(x, self.threshold) != 0).nonzero().squeeze(1)
         weight = self.weight_t.index_select(0, kept).to(x.dtype)
         y = weight.t().mv(x.index_select(0, kept))
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _check_torch_input(self, x: torch.Tensor) -> None:
+        """Before the PyTorch path (the weight converted to ``x.dtype``): ``TypeError``
+        unless ``x`` is floating, ``ValueError`` unless it is on the weight's device."""
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.device != self.weight_t.device:
+            raise ValueError(
+                f"x must be on the weight's device {self.weight_t.device}, got {x.device}"
+            )
 
     def to_module(self) -> nn.Linear:
         """The ``nn.Linear`` this layer was built from (without the input thresholds)."""

@@ -75,6 +75,11 @@ class CompiledConv2d(CompiledLayer):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"x must have shape (N, in_channels={self.in_channels}, H, W) or "
+                f"(in_channels, H, W), got shape {tuple(x.shape)}"
+            )
         if isinstance(self.format, DenseFormat):
             weight = self.format.weight.view(self.out_channels, self.in_channels, *self.kernel_size)
             return F.conv2d(x, weight, self._bias, self.stride, self.padding, self.dilation)

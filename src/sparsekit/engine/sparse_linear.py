@@ -79,11 +79,13 @@ def _spmm(
     perm: torch.Tensor | None,
     xt: torch.Tensor,
     bias: torch.Tensor | None,
+    cols: int,
 ) -> torch.Tensor:
-    """``yᵀ = W xᵀ (+ bias)`` for ``W`` in CSR whose values are ``values[perm]``."""
+    """``yᵀ = W xᵀ (+ bias)`` for ``W`` (``cols`` columns, the rows of ``xt``) in CSR whose
+    values are ``values[perm]``."""
     if _use_kernels(xt):
         return torch.ops.sparsekit.spmm_rows(
-            rowptr, col, values, perm, xt, bias, torch.get_num_threads()
+            rowptr, col, values, perm, xt, bias, cols, torch.get_num_threads()
         )
     rows, batch = rowptr.numel() - 1, xt.shape[1]
     v = values if perm is None else values[perm]
@@ -102,7 +104,7 @@ def _sddmm(s: _Structure, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``out[k] = <a[row[k]], b[col[k]]>``: the product ``a bᵀ`` sampled at the nonzeros."""
     row, col = s.row, s.col
     if _use_kernels(a):
-        return torch.ops.sparsekit.sddmm(s.rowptr, col, a, b, torch.get_num_threads())
+        return torch.ops.sparsekit.sddmm(s.rowptr, col, a, b, s.shape[1], torch.get_num_threads())
     out = a.new_empty(row.numel())
     step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[1]))
     for start in range(0, row.numel(), step):
@@ -124,7 +126,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         sink: SparseLinear | None,
     ) -> torch.Tensor:
         xt = x.t().contiguous()  # free when x is the transposed output of another SparseLinear
-        yt = _spmm(s.rowptr, s.col, values, None, xt, bias)
+        yt = _spmm(s.rowptr, s.col, values, None, xt, bias, s.shape[1])
         ctx.save_for_backward(xt, values)
         ctx.structure = s
         ctx.has_bias = bias is not None
@@ -140,7 +142,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         gt = grad.t().contiguous()
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
-            dx = _spmm(s.t_rowptr, s.t_col, values, s.t_perm, gt, None).t()
+            dx = _spmm(s.t_rowptr, s.t_col, values, s.t_perm, gt, None, s.shape[0]).t()
         if ctx.needs_input_grad[1]:
             dv = _sddmm(s, gt, xt)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -377,11 +379,7 @@ class SparseLinear(nn.Module):
     # -- compute ------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x must have last dimension in_features={self.in_features}, "
-                f"got shape {tuple(x.shape)}"
-            )
+        self._check_input(x)
         sink = self if self.capture_dense_grad else None
         if x.dim() == 2:
             return _SparseLinearFunction.apply(x, self.values, self.bias, self._structure, sink)
@@ -389,6 +387,21 @@ class SparseLinear(nn.Module):
             x.reshape(-1, self.in_features), self.values, self.bias, self._structure, sink
         )
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Raise unless ``x`` is ``(..., in_features)`` of the weight's dtype and device."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have last dimension in_features={self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        values = self.values
+        if x.dtype != values.dtype:
+            raise TypeError(f"x must have the weight's dtype {values.dtype}, got {x.dtype}")
+        if x.device != values.device:
+            raise ValueError(f"x must be on the weight's device {values.device}, got {x.device}")
 
     def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:
         self.dense_grad = grad if self.dense_grad is None else self.dense_grad + grad

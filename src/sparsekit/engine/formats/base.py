@@ -15,7 +15,9 @@ class Format(nn.Module):
 
     A format's buffers are its compressed tensors, named :attr:`buffer_names`; building one
     from them (``cls(tensors, shape)``) is all :meth:`from_state` needs beyond the format's
-    own :meth:`check_state`.
+    own :meth:`check_state`. The constructor trusts its tensors (the kernels read the
+    indices unchecked); tensors from elsewhere come in through :meth:`from_state` or
+    ``load_state_dict``, which both run :meth:`check_state` first.
     """
 
     name: str = ""
@@ -64,14 +66,29 @@ class Format(nn.Module):
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``."""
-        if x.dim() == 2:  # the common case, without the reshapes (µs count at batch 1)
+        """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``.
+
+        Raises ``ValueError`` for any other shape (see :meth:`check_input`): no kernel ever
+        reads past the end of ``x``.
+        """
+        shape = x.shape  # read once: each read builds a torch.Size (µs count at batch 1)
+        if len(shape) == 2 and shape[1] == self.in_features:  # the common case, no reshapes
             return self._mm(x, bias)
-        lead = x.shape[:-1]
+        self.check_input(x)
         y = self._mm(x.reshape(-1, self.in_features), bias)
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` has shape ``(..., in_features)``."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have shape (..., in_features={self.in_features}) for this "
+                f"{self.out_features}x{self.in_features} {self.name} weight, got shape "
+                f"{tuple(x.shape)}"
+            )
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The product for a 2-D ``x`` of ``in_features`` columns."""
         raise NotImplementedError
 
     def to_dense(self) -> torch.Tensor:
@@ -91,6 +108,22 @@ class Format(nn.Module):
         if cached is None or cached[0] != key:
             cached = self.__dict__["_derived"] = (key, build())
         return cached[1]
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        # The kernels trust the index contents: loaded tensors are checked like from_state's.
+        tensors = [state_dict.get(prefix + k) for k in self.buffer_names]
+        if all(isinstance(t, torch.Tensor) for t in tensors):
+            try:
+                self.check_state(tensors, (self.out_features, self.in_features))
+            except ValueError as err:
+                error_msgs.append(f"{prefix or self.name}: {err}")
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()  # copies and pickles carry the compressed buffers only

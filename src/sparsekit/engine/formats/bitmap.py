@@ -63,7 +63,8 @@ class Bitmap(NativeFormat):
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         return torch.ops.sparsekit.bitmap_linear(
-            self.bitmap_values, self.bitmap_mask, self.bitmap_rowptr, x, bias, threads
+            self.bitmap_values, self.bitmap_mask, self.bitmap_rowptr, x, bias, self.in_features,
+            threads,
         )
 
     def to_dense(self) -> torch.Tensor:

@@ -57,7 +57,7 @@ class BSR(NativeFormat):
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         return torch.ops.sparsekit.bsr_linear(
             self.bsr_values, self.bsr_col_indices, self.bsr_rowptr, x, bias,
-            self.out_features, threads,
+            self.out_features, self.in_features, threads,
         )
 
     def to_dense(self) -> torch.Tensor:

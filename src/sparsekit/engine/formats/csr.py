@@ -86,7 +86,7 @@ class CSR16(NativeFormat):
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         b = self._buffers  # direct: nn.Module.__getattr__ costs ~0.2 µs per buffer
         return torch.ops.sparsekit.csr_linear(
-            b["values"], b["col_indices"], b["rowptr"], x, bias, threads
+            b["values"], b["col_indices"], b["rowptr"], x, bias, self.in_features, threads
         )
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

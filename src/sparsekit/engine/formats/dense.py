@@ -33,6 +33,9 @@ class DenseFormat(Format):
             )
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape  # F.linear takes any (..., in_features)
+        if not shape or shape[-1] != self.in_features:
+            self.check_input(x)
         return F.linear(x, self.weight, bias)
 
     def to_dense(self) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 from sparsekit.engine.formats.native import NativeFormat
+from sparsekit.patterns import fan_in
 
 __all__ = ["ConstantFanIn", "fan_in"]
 
@@ -57,7 +58,7 @@ class ConstantFanIn(NativeFormat):
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         return torch.ops.sparsekit.fanin_linear(
             self.fanin_values, self.fanin_col_indices, self.fanin_rows, x, bias,
-            self.out_features, threads,
+            self.out_features, self.in_features, threads,
         )
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -84,17 +85,6 @@ class ConstantFanIn(NativeFormat):
     def extra_repr(self) -> str:
         k, rows = self.fanin_values.shape[1], self.fanin_rows.numel()
         return f"{super().extra_repr()}, k={k}, rows={rows}, threads={self.threads}"
-
-
-def fan_in(nonzero: torch.Tensor) -> int | None:
-    """The common nonzero count of the nonempty rows of ``nonzero`` (0 if all are empty),
-    or ``None`` when two nonempty rows differ."""
-    counts = torch.count_nonzero(nonzero, dim=1)
-    counts = counts[counts > 0]
-    if counts.numel() == 0:
-        return 0
-    k = int(counts[0])
-    return k if bool((counts == k).all()) else None
 
 
 def _check_fanin(

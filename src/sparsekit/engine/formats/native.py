@@ -87,6 +87,8 @@ class NativeFormat(Format):
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.dtype not in self.dtypes:  # µs count at batch 1: convert only what must be
+            if not x.is_floating_point():
+                raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
             x = x.to(torch.float32)
         if not x.is_contiguous():
             x = x.contiguous()
@@ -94,11 +96,14 @@ class NativeFormat(Format):
             bias = bias.to(torch.float32).contiguous()
         if kernels.load() is None:  # e.g. a checkpoint loaded where the kernels cannot be built
             return self._fallback_mm(x.to(torch.float32), bias).to(x.dtype)
+        if not x.is_cpu:
+            raise ValueError(f"x must be on the CPU for the {self.name} kernel, got {x.device}")
         return self._kernel(x, bias, self._threads(x.shape[0]))
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-        """The compiled product for a contiguous ``x`` of one of :attr:`dtypes` (and a
-        float32 ``bias``), in ``x``'s dtype."""
+        """The compiled product for a contiguous CPU ``x`` of one of :attr:`dtypes` and
+        ``in_features`` columns (and a float32 ``bias``), in ``x``'s dtype; the op checks
+        every size again."""
         raise NotImplementedError
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -93,7 +93,7 @@ class PackedNM(NativeFormat):
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         return torch.ops.sparsekit.nm_linear(
-            self.nm_values, self.nm_indices, x, bias, self.n, self.m, threads
+            self.nm_values, self.nm_indices, x, bias, self.n, self.m, self.in_features, threads
         )
 
     def to_dense(self) -> torch.Tensor:

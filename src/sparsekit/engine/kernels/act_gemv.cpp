@@ -23,6 +23,8 @@
 #include <optional>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
 constexpr int64_t kAlign = 16;  // floats per 64-byte cache line: slices start on a line
@@ -114,22 +116,22 @@ at::Tensor gemv(const at::Tensor& wt, const at::Tensor& x, const at::Tensor& thr
 
 at::Tensor act_gemv(const at::Tensor& wt, const at::Tensor& x, const at::Tensor& threshold,
                     const std::optional<at::Tensor>& bias, int64_t threads) {
+  sparsekit::check_tensor(wt, "wt", 2);
   const auto dtype = wt.scalar_type();
-  TORCH_CHECK(wt.device().is_cpu() && (dtype == at::kFloat || dtype == at::kBFloat16) &&
-                  wt.dim() == 2 && wt.is_contiguous(),
-              "wt must be a contiguous 2-D float32 or bfloat16 CPU tensor (in, out)");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "wt must be float32 or bfloat16 (in, out), got ", dtype);
   const int64_t in = wt.size(0), out = wt.size(1);
-  TORCH_CHECK(x.scalar_type() == dtype && x.is_contiguous() && x.numel() == in,
-              "x must be contiguous, of wt's dtype, with in_features = ", in, " elements");
-  TORCH_CHECK(threshold.scalar_type() == dtype && threshold.is_contiguous() &&
-                  threshold.numel() == in,
-              "threshold must be contiguous, of wt's dtype, of length ", in);
+  sparsekit::check_tensor(x, "x", 1, dtype);
+  sparsekit::check_size(x, "x", 0, in);
+  sparsekit::check_tensor(threshold, "threshold", 1, dtype);
+  sparsekit::check_size(threshold, "threshold", 0, in);
   const at::Tensor* b = nullptr;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == dtype && bias->is_contiguous() && bias->numel() == out,
-                "bias must be contiguous, of wt's dtype, of length ", out);
+    sparsekit::check_tensor(*bias, "bias", 1, dtype);
+    sparsekit::check_size(*bias, "bias", 0, out);
     b = &*bias;
   }
+  sparsekit::num_threads(threads);
   if (dtype == at::kFloat) return gemv<float>(wt, x, threshold, b, threads);
   return gemv<uint16_t>(wt, x, threshold, b, threads).to(at::kBFloat16);
 }

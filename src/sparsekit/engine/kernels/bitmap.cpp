@@ -73,23 +73,23 @@ struct Bitmap {
   }
 };
 
-// y = x @ W.T (+ bias); W as (fp32/bf16 values, int16 bitmap (rows, words), int32 row
-// pointers); x fp32 or bf16, y in its dtype.
+// y = x @ W.T (+ bias); W as (fp32/bf16 values, int16 bitmap (rows, ceil(in_features / 16)),
+// int32 row pointers), with no bit set at or beyond in_features (checked where the format is
+// built); x fp32 or bf16, y in its dtype.
 at::Tensor bitmap_linear(const at::Tensor& values, const at::Tensor& bitmap,
                          const at::Tensor& rowptr, const at::Tensor& x,
-                         const std::optional<at::Tensor>& bias, int64_t threads) {
-  check_values(values);
-  TORCH_CHECK(bitmap.scalar_type() == at::kShort && bitmap.is_contiguous() && bitmap.dim() == 2,
-              "bitmap must be contiguous 2-D int16");
-  TORCH_CHECK(rowptr.scalar_type() == at::kInt && rowptr.is_contiguous() &&
-                  rowptr.numel() == bitmap.size(0) + 1, "rowptr must be int32 of length rows + 1");
-  TORCH_CHECK(x.dim() == 2 && (x.size(1) + 15) / 16 == bitmap.size(1),
-              "x must have 16 * words - 15 .. 16 * words columns");
+                         const std::optional<at::Tensor>& bias, int64_t in_features,
+                         int64_t threads) {
+  sparsekit::check_input_or_bf16(x, in_features);
+  sparsekit::check_values(values, 1);
+  sparsekit::check_tensor(bitmap, "bitmap", 2, at::kShort);
+  sparsekit::check_size(bitmap, "bitmap", 1, (in_features + 15) / 16);
+  sparsekit::check_rowptr(rowptr, "rowptr", bitmap.size(0), values.numel());
   return sparsekit::with_values(values, [&](auto value) {
     using T = decltype(value);
     const Bitmap<T> w{reinterpret_cast<const T*>(values.data_ptr()),
                       reinterpret_cast<const uint16_t*>(bitmap.data_ptr()),
-                      rowptr.data_ptr<int32_t>(), bitmap.size(0), x.size(1), bitmap.size(1)};
+                      rowptr.data_ptr<int32_t>(), bitmap.size(0), in_features, bitmap.size(1)};
     return run(w, x, bias, threads);
   });
 }

@@ -190,23 +190,22 @@ void run(const Bsr& w, const I* c, const at::Tensor& x, const float* bias, at::T
   }
 }
 
-// y = x @ W.T (+ bias) for x (batch, cols) and W (out_features, cols) in BSR.
+// y = x @ W.T (+ bias) for x (batch, in_features) and W (out_features, in_features) in BSR,
+// each block column index below ceil(in_features / C) (checked where the format is built).
 at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
                       const at::Tensor& rowptr, const at::Tensor& x,
                       const std::optional<at::Tensor>& bias, int64_t out_features,
-                      int64_t threads) {
-  sparsekit::check_input(x);
-  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous() && values.dim() == 3,
-              "values must be contiguous float32 (nblocks, R, C)");
+                      int64_t in_features, int64_t threads) {
+  sparsekit::check_input(x, in_features);
+  sparsekit::check_tensor(values, "values", 3, at::kFloat);
   const int64_t R = values.size(1), C = values.size(2);
   TORCH_CHECK(R >= 1 && R <= kMaxR && C >= 4 && C % 4 == 0,
-              "block rows must lie in [1, 64] and block columns be a multiple of 4");
-  const int64_t brows = (out_features + R - 1) / R;
-  TORCH_CHECK(rowptr.scalar_type() == at::kInt && rowptr.is_contiguous() &&
-                  rowptr.numel() == brows + 1, "rowptr must be contiguous int32 of length "
-              "ceil(out_features / R) + 1");
-  TORCH_CHECK(col_indices.is_contiguous() && col_indices.numel() == values.size(0),
-              "col_indices must be contiguous with one entry per block");
+              "block rows must lie in [1, 64] and block columns be a multiple of 4, got ", R,
+              "x", C);
+  TORCH_CHECK(out_features >= 0, "out_features must be non-negative, got ", out_features);
+  sparsekit::check_index(col_indices, "col_indices", 1);
+  sparsekit::check_size(col_indices, "col_indices", 0, values.size(0));
+  sparsekit::check_rowptr(rowptr, "rowptr", (out_features + R - 1) / R, values.size(0));
   const float* b = sparsekit::bias_data(bias, out_features);
   const int T = sparsekit::num_threads(threads);
   auto y = at::empty({x.size(0), out_features}, x.options());
@@ -215,7 +214,6 @@ at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
   if (col_indices.scalar_type() == at::kShort) {
     run(w, reinterpret_cast<const uint16_t*>(col_indices.data_ptr()), x, b, y, T);
   } else {
-    TORCH_CHECK(col_indices.scalar_type() == at::kInt, "col_indices must be int16 or int32");
     run(w, col_indices.data_ptr<int32_t>(), x, b, y, T);
   }
   return y;

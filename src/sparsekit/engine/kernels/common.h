@@ -20,32 +20,92 @@
 namespace sparsekit {
 
 // -- argument checks ------------------------------------------------------------------------
+// Every op validates all of its arguments with these before it allocates or writes anything,
+// so a direct torch.ops.sparsekit call with mismatched tensors raises instead of reading out
+// of bounds. They cost O(1): sizes, dtypes, devices, the first and last row pointer. Index
+// contents (column < in_features, rising row pointers) are checked once, where a format is
+// built from untrusted tensors (Format.from_state), never per call.
 
-// x of a linear kernel: a contiguous 2-D float32 CPU tensor.
-inline void check_input(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
-                  x.is_contiguous(), "x must be a contiguous 2-D float32 CPU tensor");
+// A tensor argument: a contiguous CPU tensor with `dim` dimensions.
+inline void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == dim && t.is_contiguous(), name,
+              " must be a contiguous ", dim, "-D CPU tensor, got shape ", t.sizes(), " on ",
+              t.device(), t.is_contiguous() ? "" : " (not contiguous)");
 }
 
-// x of a kernel that also takes bfloat16 inputs: a contiguous 2-D float32 or bfloat16 CPU
-// tensor (see as_float32 and like_input).
-inline void check_input_or_bf16(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
-                  x.dim() == 2 && x.is_contiguous(),
-              "x must be a contiguous 2-D float32 or bfloat16 CPU tensor");
+// The same, of element type `dtype`.
+inline void check_tensor(const at::Tensor& t, const char* name, int64_t dim,
+                         at::ScalarType dtype) {
+  check_tensor(t, name, dim);
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+// Column indices: int16 (read as uint16) or int32.
+inline void check_index(const at::Tensor& t, const char* name, int64_t dim) {
+  check_tensor(t, name, dim);
+  TORCH_CHECK(t.scalar_type() == at::kShort || t.scalar_type() == at::kInt, name,
+              " must be int16 or int32, got ", t.scalar_type());
+}
+
+// Size `d` of `t` must be `expected`.
+inline void check_size(const at::Tensor& t, const char* name, int64_t d, int64_t expected) {
+  TORCH_CHECK(t.size(d) == expected, name, ".size(", d, ") must be ", expected, ", got ",
+              t.size(d), " (", name, " has shape ", t.sizes(), ")");
+}
+
+// Row pointers of `rows` rows into `stored` entries: int32 of length rows + 1, from 0 to
+// `stored` (the O(1) part of their validity).
+inline void check_rowptr(const at::Tensor& rowptr, const char* name, int64_t rows,
+                         int64_t stored) {
+  check_tensor(rowptr, name, 1, at::kInt);
+  TORCH_CHECK(rows >= 0, "the number of rows must be non-negative, got ", rows);
+  check_size(rowptr, name, 0, rows + 1);
+  const int32_t* p = rowptr.data_ptr<int32_t>();
+  TORCH_CHECK(p[0] == 0 && p[rows] == stored, name, " must rise from 0 to ", stored,
+              ", got ", p[0], " .. ", p[rows]);
+}
+
+// x of a linear kernel: a contiguous 2-D CPU tensor of `dtype` with in_features columns.
+inline void check_input(const at::Tensor& x, int64_t in_features,
+                        at::ScalarType dtype = at::kFloat) {
+  check_tensor(x, "x", 2, dtype);
+  TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
+  TORCH_CHECK(x.size(1) == in_features, "x must have in_features=", in_features,
+              " columns, got shape ", x.sizes());
+}
+
+// t's element type is float32 or bfloat16: the value types of the csr, bitmap and N:M ops.
+inline void check_float_or_bf16(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+              " must be ", at::kFloat, " or ", at::kBFloat16, ", got ", t.scalar_type());
+}
+
+// x of a kernel that also takes bfloat16 inputs (see as_float32 and like_input): as
+// check_input, of either dtype.
+inline void check_input_or_bf16(const at::Tensor& x, int64_t in_features) {
+  check_float_or_bf16(x, "x");
+  check_input(x, in_features, x.scalar_type());
+}
+
+// Stored values of those ops: a contiguous `dim`-D CPU tensor of float32 or bfloat16.
+inline void check_values(const at::Tensor& values, int64_t dim) {
+  check_tensor(values, "values", dim);
+  check_float_or_bf16(values, "values");
 }
 
 // The bias of `rows` outputs (nullptr without one), checked to be contiguous float32.
 inline const float* bias_data(const std::optional<at::Tensor>& bias, int64_t rows) {
   if (!bias.has_value() || !bias->defined()) return nullptr;
-  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == rows,
-              "bias must be contiguous float32 of length ", rows);
+  check_tensor(*bias, "bias", 1, at::kFloat);
+  check_size(*bias, "bias", 0, rows);
   return bias->data_ptr<float>();
 }
 
 // The OpenMP thread count of a `threads` argument (at least one).
-inline int num_threads(int64_t threads) { return static_cast<int>(std::max<int64_t>(1, threads)); }
+inline int num_threads(int64_t threads) {
+  TORCH_CHECK(threads >= 1 && threads <= 65536, "threads must be in [1, 65536], got ", threads);
+  return static_cast<int>(threads);
+}
 
 // -- work split -----------------------------------------------------------------------------
 
@@ -118,12 +178,9 @@ inline at::Tensor like_input(const at::Tensor& y, const at::Tensor& x) {
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
-// Calls body(T{}) with T = float or bf16, the value type of `values` (checked contiguous).
+// Calls body(T{}) with T = float or bf16, the value type of `values` (see check_values).
 template <typename Body>
 inline decltype(auto) with_values(const at::Tensor& values, Body&& body) {
-  TORCH_CHECK(values.is_contiguous() &&
-                  (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
-              "values must be contiguous float32 or bfloat16, got ", values.scalar_type());
   if (values.scalar_type() == at::kBFloat16) return body(bf16{});
   return body(float{});
 }

@@ -239,32 +239,33 @@ void dispatch(const at::Tensor& values, const at::Tensor& cols_t, const at::Tens
   }
 }
 
-// y = x @ W.T (+ bias) for x of shape (batch, cols) (fp32 or bf16; y in its dtype); W in CSR
-// with fp32/bf16 values and int16/int32 column indices.
+// y = x @ W.T (+ bias) for x of shape (batch, in_features) (fp32 or bf16; y in its dtype);
+// W in CSR with fp32/bf16 values and int16/int32 column indices (each below in_features:
+// checked where the format is built).
 at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,
                       const at::Tensor& rowptr, const at::Tensor& x_in,
-                      const std::optional<at::Tensor>& bias, int64_t threads) {
-  sparsekit::check_input_or_bf16(x_in);
-  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
-  TORCH_CHECK(rowptr.scalar_type() == at::kInt && rowptr.is_contiguous() && rowptr.dim() == 1,
-              "rowptr must be contiguous 1-D int32");
-  TORCH_CHECK(col_indices.is_contiguous(), "col_indices must be contiguous");
-  TORCH_CHECK(col_indices.numel() == values.numel(), "col_indices and values differ in length");
+                      const std::optional<at::Tensor>& bias, int64_t in_features,
+                      int64_t threads) {
+  sparsekit::check_input_or_bf16(x_in, in_features);
+  sparsekit::check_values(values, 1);
+  sparsekit::check_index(col_indices, "col_indices", 1);
+  sparsekit::check_size(col_indices, "col_indices", 0, values.numel());
+  TORCH_CHECK(rowptr.dim() == 1 && rowptr.numel() >= 1, "rowptr must be 1-D with rows + 1 >= 1 "
+              "entries, got shape ", rowptr.sizes());
   const int64_t rows = rowptr.size(0) - 1;
+  sparsekit::check_rowptr(rowptr, "rowptr", rows, values.numel());
   const float* b = sparsekit::bias_data(bias, rows);
   const int T = sparsekit::num_threads(threads);
   const at::Tensor x = sparsekit::as_float32(x_in);
   auto y = at::empty({x.size(0), rows}, x.options());
   if (x.size(0) == 0 || rows == 0) return sparsekit::like_input(y, x_in);
-  TORCH_CHECK(col_indices.scalar_type() == at::kShort || col_indices.scalar_type() == at::kInt,
-              "col_indices must be int16 or int32");
   const bool narrow = col_indices.scalar_type() == at::kShort;
   sparsekit::with_values(values, [&](auto value) {
     using V = decltype(value);
     if (narrow) {
-      dispatch<V, uint16_t>(values, col_indices, rowptr, x, b, y, x.size(1), T);
+      dispatch<V, uint16_t>(values, col_indices, rowptr, x, b, y, in_features, T);
     } else {
-      dispatch<V, int32_t>(values, col_indices, rowptr, x, b, y, x.size(1), T);
+      dispatch<V, int32_t>(values, col_indices, rowptr, x, b, y, in_features, T);
     }
   });
   return sparsekit::like_input(y, x_in);

@@ -148,14 +148,13 @@ void spmm(const W& w, const float* x, int64_t batch, const float* bias, float* y
   }
 }
 
+// The product for a weight w whose tensors and x (w.cols columns) the op has checked.
 template <typename W>
 at::Tensor run(const W& w, const at::Tensor& x_in, const std::optional<at::Tensor>& bias,
                int64_t threads) {
-  check_input_or_bf16(x_in);
-  TORCH_CHECK(x_in.size(1) == w.cols, "x must have ", w.cols, " columns");
-  const at::Tensor x = as_float32(x_in);
   const float* b = bias_data(bias, w.rows);
   const int T = num_threads(threads);
+  const at::Tensor x = as_float32(x_in);
   const int64_t batch = x.size(0);
   at::Tensor y = at::empty({batch, w.rows}, x.options());
   if (batch == 0 || w.rows == 0) return like_input(y, x_in);
@@ -169,11 +168,6 @@ at::Tensor run(const W& w, const at::Tensor& x_in, const std::optional<at::Tenso
     spmm<vec16>(w, xp, batch, b, yp, T);
   }
   return like_input(y, x_in);
-}
-
-inline void check_values(const at::Tensor& t) {
-  TORCH_CHECK((t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16) &&
-                  t.is_contiguous(), "values must be contiguous float32 or bfloat16");
 }
 
 }  // namespace sparsekit::rows

@@ -15,7 +15,9 @@ __all__ = ["register"]
 _registered = False
 
 
-def _linear(x: torch.Tensor, out_features: int) -> torch.Tensor:
+def _linear(x: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    torch._check(x.dim() == 2 and x.shape[1] == in_features,
+                 lambda: f"x must have in_features={in_features} columns, got {tuple(x.shape)}")
     return x.new_empty(x.shape[0], out_features)
 
 
@@ -28,33 +30,33 @@ def register() -> None:
     fake = torch.library.register_fake
 
     @fake("sparsekit::csr_linear")
-    def _(values, col_indices, rowptr, x, bias, threads):  # type: ignore[no-untyped-def]
-        return _linear(x, rowptr.shape[0] - 1)
+    def _(values, col_indices, rowptr, x, bias, in_features, threads):  # type: ignore[no-untyped-def]
+        return _linear(x, in_features, rowptr.shape[0] - 1)
 
     @fake("sparsekit::bitmap_linear")
-    def _(values, bitmap, rowptr, x, bias, threads):  # type: ignore[no-untyped-def]
-        return _linear(x, bitmap.shape[0])
+    def _(values, bitmap, rowptr, x, bias, in_features, threads):  # type: ignore[no-untyped-def]
+        return _linear(x, in_features, bitmap.shape[0])
 
     @fake("sparsekit::nm_linear")
-    def _(values, indices, x, bias, n, m, threads):  # type: ignore[no-untyped-def]
-        return _linear(x, values.shape[0])
+    def _(values, indices, x, bias, n, m, in_features, threads):  # type: ignore[no-untyped-def]
+        return _linear(x, in_features, values.shape[0])
 
     @fake("sparsekit::bsr_linear")
-    def _(values, col_indices, rowptr, x, bias, out_features, threads):  # type: ignore[no-untyped-def]
-        return _linear(x, out_features)
+    def _(values, col_indices, rowptr, x, bias, out_features, in_features, threads):  # type: ignore[no-untyped-def]
+        return _linear(x, in_features, out_features)
 
     @fake("sparsekit::fanin_linear")
-    def _(values, col_indices, rows, x, bias, out_features, threads):  # type: ignore[no-untyped-def]
-        return _linear(x, out_features)
+    def _(values, col_indices, rows, x, bias, out_features, in_features, threads):  # type: ignore[no-untyped-def]
+        return _linear(x, in_features, out_features)
 
     @fake("sparsekit::act_gemv")
     def _(wt, x, threshold, bias, threads):  # type: ignore[no-untyped-def]
         return wt.new_empty(wt.shape[1])
 
     @fake("sparsekit::spmm_rows")
-    def _(rowptr, col, values, perm, xt, bias, threads):  # type: ignore[no-untyped-def]
+    def _(rowptr, col, values, perm, xt, bias, in_features, threads):  # type: ignore[no-untyped-def]
         return xt.new_empty(rowptr.shape[0] - 1, xt.shape[1])
 
     @fake("sparsekit::sddmm")
-    def _(rowptr, col, a, b, threads):  # type: ignore[no-untyped-def]
+    def _(rowptr, col, a, b, in_features, threads):  # type: ignore[no-untyped-def]
         return a.new_empty(col.shape[0])

@@ -167,32 +167,32 @@ void run(const FanIn& w, const I* c, const at::Tensor& x, at::Tensor& y, int T) 
   }
 }
 
-// y = x @ W.T (+ bias) for x (batch, cols), W given by its stored rows' values and columns.
+// y = x @ W.T (+ bias) for x (batch, in_features), W given by its stored rows' values and
+// columns (each below in_features) and their distinct output rows (each below out_features;
+// both checked where the format is built).
 at::Tensor fanin_linear(const at::Tensor& values, const at::Tensor& col_indices,
                         const at::Tensor& rows, const at::Tensor& x,
                         const std::optional<at::Tensor>& bias, int64_t out_features,
-                        int64_t threads) {
-  sparsekit::check_input(x);
-  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous() && values.dim() == 2,
-              "values must be contiguous float32 (rows, k)");
-  TORCH_CHECK(col_indices.is_contiguous() && col_indices.sizes() == values.sizes(),
-              "col_indices must be contiguous with the shape of values");
-  TORCH_CHECK(rows.scalar_type() == at::kInt && rows.is_contiguous() &&
-                  rows.numel() == values.size(0), "rows must be contiguous int32, one per row");
+                        int64_t in_features, int64_t threads) {
+  sparsekit::check_input(x, in_features);
+  sparsekit::check_tensor(values, "values", 2, at::kFloat);
+  sparsekit::check_index(col_indices, "col_indices", 2);
+  TORCH_CHECK(col_indices.sizes() == values.sizes(), "col_indices must have the shape of values ",
+              values.sizes(), ", got ", col_indices.sizes());
+  sparsekit::check_tensor(rows, "rows", 1, at::kInt);
+  sparsekit::check_size(rows, "rows", 0, values.size(0));
+  TORCH_CHECK(out_features >= values.size(0), "out_features must be at least the ",
+              values.size(0), " stored rows, got ", out_features);
+  sparsekit::bias_data(bias, out_features);
+  const int T = sparsekit::num_threads(threads);
   auto y = at::zeros({x.size(0), out_features}, x.options());
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == out_features,
-                "bias must be float32 of length out_features");
-    y.add_(*bias);
-  }
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
   if (x.size(0) == 0 || values.numel() == 0) return y;
   const FanIn w{values.data_ptr<float>(), rows.data_ptr<int32_t>(), values.size(0),
                 values.size(1), out_features};
-  const int T = sparsekit::num_threads(threads);
   if (col_indices.scalar_type() == at::kShort) {
     run(w, reinterpret_cast<const uint16_t*>(col_indices.data_ptr()), x, y, T);
   } else {
-    TORCH_CHECK(col_indices.scalar_type() == at::kInt, "col_indices must be int16 or int32");
     run(w, col_indices.data_ptr<int32_t>(), x, y, T);
   }
   return y;

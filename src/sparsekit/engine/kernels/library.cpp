@@ -7,23 +7,28 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(sparsekit, m) {
-  // Inference: y = x @ W.T (+ bias) for x (batch, in) and W in one compressed format.
+  // Every op checks the sizes, dtypes and devices of its arguments (common.h) and raises
+  // before it writes anything; index contents are trusted, as checked where a format or
+  // structure is built from untrusted tensors.
+  // Inference: y = x @ W.T (+ bias) for x (batch, in_features) and W in one compressed format.
   // csr/bitmap/nm take fp32 or bf16 values and x (sums in fp32, y in x's dtype); the others
   // fp32 only.
   m.def("csr_linear(Tensor values, Tensor col_indices, Tensor rowptr, Tensor x, Tensor? bias, "
-        "int threads) -> Tensor");
+        "int in_features, int threads) -> Tensor");
   m.def("bitmap_linear(Tensor values, Tensor bitmap, Tensor rowptr, Tensor x, Tensor? bias, "
-        "int threads) -> Tensor");
+        "int in_features, int threads) -> Tensor");
   m.def("nm_linear(Tensor values, Tensor indices, Tensor x, Tensor? bias, int n, int m, "
-        "int threads) -> Tensor");
+        "int in_features, int threads) -> Tensor");
   m.def("bsr_linear(Tensor values, Tensor col_indices, Tensor rowptr, Tensor x, Tensor? bias, "
-        "int out_features, int threads) -> Tensor");
+        "int out_features, int in_features, int threads) -> Tensor");
   m.def("fanin_linear(Tensor values, Tensor col_indices, Tensor rows, Tensor x, Tensor? bias, "
-        "int out_features, int threads) -> Tensor");
+        "int out_features, int in_features, int threads) -> Tensor");
   // Activation sparsity: one input row, skipping the weight rows of small inputs.
   m.def("act_gemv(Tensor wt, Tensor x, Tensor threshold, Tensor? bias, int threads) -> Tensor");
-  // Training (SparseLinear): row-sparse times dense, and dense-dense sampled at the nonzeros.
+  // Training (SparseLinear): row-sparse times dense, and dense-dense sampled at the nonzeros;
+  // in_features counts the columns of the sparse matrix (the rows of xt, resp. b).
   m.def("spmm_rows(Tensor rowptr, Tensor col, Tensor values, Tensor? perm, Tensor xt, "
-        "Tensor? bias, int threads) -> Tensor");
-  m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b, int threads) -> Tensor");
+        "Tensor? bias, int in_features, int threads) -> Tensor");
+  m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b, int in_features, int threads) "
+        "-> Tensor");
 }

@@ -102,25 +102,25 @@ struct PackedNM {
   }
 };
 
-// y = x @ W.T (+ bias); W as packed N:M fp32/bf16 values (rows, width) and int32 fields
-// (rows, words); x fp32 or bf16, y in its dtype.
+// y = x @ W.T (+ bias); W as packed N:M fp32/bf16 values (rows, ceil(in_features / M) * N)
+// and int32 fields (rows, words), each naming an input below in_features (checked where the
+// format is built); x fp32 or bf16, y in its dtype.
 at::Tensor nm_linear(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& x,
                      const std::optional<at::Tensor>& bias, int64_t n, int64_t m,
-                     int64_t threads) {
-  check_values(values);
+                     int64_t in_features, int64_t threads) {
+  sparsekit::check_input_or_bf16(x, in_features);
   TORCH_CHECK((m == 4 || m == 8) && n > 0 && n < m && 16 % n == 0, "unsupported N:M ", n, ":", m);
-  TORCH_CHECK(indices.scalar_type() == at::kInt && indices.is_contiguous() && indices.dim() == 2 &&
-                  values.dim() == 2 && indices.size(0) == values.size(0),
-              "indices must be contiguous 2-D int32 with one row per values row");
-  const int64_t fbits = m == 4 ? 2 : 4, width = values.size(1);
-  TORCH_CHECK(x.dim() == 2 && (x.size(1) + m - 1) / m * n == width,
-              "values must hold ceil(cols / M) * N entries per row");
-  TORCH_CHECK(indices.size(1) == (width + 15) / 16 * fbits / 2, "indices have the wrong width");
+  sparsekit::check_values(values, 2);
+  sparsekit::check_tensor(indices, "indices", 2, at::kInt);
+  const int64_t fbits = m == 4 ? 2 : 4, width = (in_features + m - 1) / m * n;
+  sparsekit::check_size(values, "values", 1, width);
+  sparsekit::check_size(indices, "indices", 0, values.size(0));
+  sparsekit::check_size(indices, "indices", 1, (width + 15) / 16 * fbits / 2);
   return sparsekit::with_values(values, [&](auto value) {
     using T = decltype(value);
     const PackedNM<T> w{reinterpret_cast<const T*>(values.data_ptr()),
                         reinterpret_cast<const uint32_t*>(indices.data_ptr()), values.size(0),
-                        x.size(1), n, m, fbits, width, indices.size(1)};
+                        in_features, n, m, fbits, width, indices.size(1)};
     return run(w, x, bias, threads);
   });
 }

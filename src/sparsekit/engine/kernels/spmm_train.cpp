@@ -134,66 +134,75 @@ void sddmm_impl(const int32_t* rowptr, const int32_t* col, const T* a, const T* 
   }
 }
 
-void check_index(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kInt && t.dim() == 1 &&
-                  t.is_contiguous(), name, " must be a contiguous 1-D int32 CPU tensor");
-}
-
+// A dense operand: a contiguous 2-D float32/float64 CPU tensor.
 void check_dense(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.is_contiguous() &&
-                  (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
-              name, " must be a contiguous 2-D float32/float64 CPU tensor");
+  sparsekit::check_tensor(t, name, 2);
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", t.scalar_type());
 }
 
-// y^T (rows, batch) for W in CSR (rowptr, col) with values v (read through perm if given).
+// W's structure: int32 column indices below in_features (checked where the structure is
+// built) and row pointers of rows + 1 entries from 0 to their number.
+void check_structure(const at::Tensor& rowptr, const at::Tensor& col, int64_t rows) {
+  sparsekit::check_tensor(col, "col", 1, at::kInt);
+  sparsekit::check_rowptr(rowptr, "rowptr", rows, col.numel());
+}
+
+// y^T (rows, batch) for W (rows, in_features) in CSR (rowptr, col) with values v (read
+// through perm if given) and xt = x^T (in_features, batch).
 at::Tensor spmm_rows(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& values,
                      const std::optional<at::Tensor>& perm, const at::Tensor& xt,
-                     const std::optional<at::Tensor>& bias, int64_t threads) {
-  check_index(rowptr, "rowptr");
-  check_index(col, "col");
+                     const std::optional<at::Tensor>& bias, int64_t in_features,
+                     int64_t threads) {
   check_dense(xt, "xt");
-  TORCH_CHECK(values.scalar_type() == xt.scalar_type() && values.is_contiguous() &&
-                  values.dim() == 1, "values must be contiguous 1-D with the dtype of xt");
+  sparsekit::check_size(xt, "xt", 0, in_features);
+  TORCH_CHECK(rowptr.dim() == 1 && rowptr.numel() >= 1, "rowptr must be 1-D with rows + 1 >= 1 "
+              "entries, got shape ", rowptr.sizes());
   const int64_t rows = rowptr.numel() - 1, batch = xt.size(1);
+  check_structure(rowptr, col, rows);
+  sparsekit::check_tensor(values, "values", 1, xt.scalar_type());
+  sparsekit::check_size(values, "values", 0, col.numel());
   const int64_t* pp = nullptr;
   if (perm.has_value() && perm->defined()) {
-    TORCH_CHECK(perm->scalar_type() == at::kLong && perm->is_contiguous() &&
-                    perm->numel() == col.numel(), "perm must be contiguous int64 of length nnz");
+    sparsekit::check_tensor(*perm, "perm", 1, at::kLong);
+    sparsekit::check_size(*perm, "perm", 0, col.numel());
     pp = perm->data_ptr<int64_t>();
   }
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
-    TORCH_CHECK(bias->scalar_type() == xt.scalar_type() && bias->is_contiguous() &&
-                    bias->numel() == rows, "bias must be contiguous of length rows");
+    sparsekit::check_tensor(*bias, "bias", 1, xt.scalar_type());
+    sparsekit::check_size(*bias, "bias", 0, rows);
   }
+  const int T = sparsekit::num_threads(threads);
   auto y = at::empty({rows, batch}, xt.options());
   if (rows == 0 || batch == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(xt.scalar_type(), "spmm_rows", [&] {
     spmm_rows_impl<scalar_t>(rowptr.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
                              values.data_ptr<scalar_t>(), pp, xt.data_ptr<scalar_t>(),
                              has_bias ? bias->data_ptr<scalar_t>() : nullptr,
-                             y.data_ptr<scalar_t>(), rows, batch, sparsekit::num_threads(threads));
+                             y.data_ptr<scalar_t>(), rows, batch, T);
   });
   return y;
 }
 
-// out[k] = <a[i, :], b[col[k], :]> for every nonzero k of row i (CSR: rowptr, col).
+// out[k] = <a[i, :], b[col[k], :]> for every nonzero k of row i of W (a.size(0), in_features)
+// in CSR (rowptr, col), with b of in_features rows.
 at::Tensor sddmm(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& a,
-                 const at::Tensor& b, int64_t threads) {
-  check_index(rowptr, "rowptr");
-  check_index(col, "col");
+                 const at::Tensor& b, int64_t in_features, int64_t threads) {
   check_dense(a, "a");
   check_dense(b, "b");
-  TORCH_CHECK(rowptr.numel() == a.size(0) + 1, "rowptr must have length a.size(0) + 1");
+  check_structure(rowptr, col, a.size(0));
+  sparsekit::check_size(b, "b", 0, in_features);
   TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.size(1) == b.size(1),
-              "a and b must share dtype and batch size");
+              "a and b must share dtype and batch size, got ", a.scalar_type(), " ", a.sizes(),
+              " and ", b.scalar_type(), " ", b.sizes());
+  const int T = sparsekit::num_threads(threads);
   auto out = at::empty({col.numel()}, a.options());
   if (col.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sddmm", [&] {
     sddmm_impl<scalar_t>(rowptr.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
                          a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                         a.size(0),
-                         a.size(1), sparsekit::num_threads(threads));
+                         a.size(0), a.size(1), T);
   });
   return out;
 }
