@@ -81,7 +81,7 @@ def lookup(key: dict[str, object]) -> dict[str, object] | None:
     path = _path(key)
     try:
         text = path.read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
         warnings.warn(f"cannot read decision cache file {path}: {exc}", RuntimeWarning,
@@ -110,9 +110,11 @@ def store(key: dict[str, object], choice: dict[str, object]) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    except OSError as exc:
-        warnings.warn(f"cannot write decision cache file {path}: {exc}", RuntimeWarning,
-                      stacklevel=2)
+    except OSError as exc:  # one message per directory and reason, so it is shown once
+        warnings.warn(
+            f"cannot write to the decision cache in {path.parent}: {exc.strerror or exc}",
+            RuntimeWarning, stacklevel=2,
+        )
 
 
 def _path(key: dict[str, object]) -> Path:
