@@ -149,10 +149,17 @@ def test_a_forced_format_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {c["format"] for c in auto.sparsekit_choices.values()} == {"dense"}
 
 
-def test_a_forced_format_that_cannot_hold_the_weight_is_refused() -> None:
+def test_a_forced_format_that_cannot_hold_a_weight_is_refused() -> None:
     model = _model().to(torch.bfloat16)  # torch_csr holds no bf16 CPU weight
-    with pytest.raises(ValueError, match=r"formats=\['torch_csr'\] cannot hold .* layer '0'"):
+    with pytest.raises(ValueError, match=r"formats=\['torch_csr'\] cannot hold the weight of "
+                                         r"any layer .*\['0', '2'\]"):
         compile(model, formats="torch_csr")
+    model[2].float()  # the layers it can hold take it, the others stay dense
+    with pytest.warns(RuntimeWarning, match=r"cannot hold the weights of layers \['0'\]; they "
+                                            "stay dense"):
+        compiled = compile(model, formats="torch_csr")
+    assert compiled.sparsekit_choices["0"]["format"] == "dense"
+    assert compiled.sparsekit_choices["2"]["format"] == "torch_csr"
 
 
 def test_the_second_compile_reads_the_cache(monkeypatch: pytest.MonkeyPatch, cache_dir) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -125,16 +126,18 @@ def compile(
                         )
                     elif type(child) is nn.Linear:
                         done[id(child)], choices[name] = _compile_layer(
-                            name, child, (child.in_features,), names, layer_rows, threads, cache
+                            child, (child.in_features,), names, layer_rows, threads, cache
                         )
                     elif name in seen and convertible(child) is None:
                         done[id(child)], choices[name] = _compile_layer(
-                            name, child, tuple(seen[name][-3:]), names, layer_rows, threads,
-                            cache,
+                            child, tuple(seen[name][-3:]), names, layer_rows, threads, cache
                         )
                     else:
                         done[id(child)] = child
                 setattr(parent, child_name, done[id(child)])
+    refused = [n for n, c in choices.items() if names and "dense" not in names
+               and c["format"] == "dense"]
+    _check_forced(names, refused, len(choices))
     compiled.sparsekit_choices = choices
     if inputs is not None and activation_sparsity is not None:
         activation_sparsity.apply(model)
@@ -151,7 +154,6 @@ def compile(
 
 
 def _compile_layer(
-    name: str,
     layer: nn.Linear | nn.Conv2d,
     in_shape: tuple[int, ...],
     names: list[str] | None,
@@ -160,7 +162,9 @@ def _compile_layer(
     cache: bool,
 ) -> tuple[CompiledLayer, dict[str, object]]:
     """The fastest compiled version of ``layer`` and the evidence behind the choice."""
-    allowed, dense_allowed = _candidates(name, layer, names)
+    allowed, dense_allowed = _candidates(layer, names)
+    if not allowed:  # forced formats that cannot hold this weight
+        allowed, dense_allowed = ["dense"], True
     build = CompiledLinear.from_linear if type(layer) is nn.Linear else CompiledConv2d.from_conv2d
 
     def built(fmt: str) -> CompiledLayer:
@@ -179,23 +183,30 @@ def _compile_layer(
     return modules[best], {**choice, "cached": False}
 
 
-def _candidates(
-    name: str, layer: nn.Linear | nn.Conv2d, names: list[str] | None
-) -> tuple[list[str], bool]:
-    """The formats ``layer`` may take and whether dense is one of them; a ``ValueError``
-    when the user forced formats of which none can hold its weight."""
+def _candidates(layer: nn.Linear | nn.Conv2d, names: list[str] | None) -> tuple[list[str], bool]:
+    """The formats ``layer`` may take and whether dense is one of them. Forced ``names``
+    (no ``"dense"``) of which none can hold the weight leave the layer dense (``[]``)."""
     weight = layer.weight.detach()
     holding = available_formats(weight.reshape(weight.shape[0], -1))
     if names is None:
         return holding, True
-    allowed = [n for n in holding if n in names]
-    if "dense" not in names and not allowed:
+    return [n for n in holding if n in names], "dense" in names
+
+
+def _check_forced(names: list[str] | None, refused: list[str], compiled: int) -> None:
+    """Raise if forced ``names`` could hold no layer; warn about the ``refused`` ones."""
+    if not refused:
+        return
+    if len(refused) == compiled:
         raise ValueError(
-            f"formats={names!r} cannot hold the weight of layer {name!r} "
-            f"({tuple(weight.shape)}, {weight.dtype}, on {weight.device.type}); "
-            f"the formats that can: {holding}"
+            f"formats={names!r} cannot hold the weight of any layer (their dtype, device or "
+            f"pattern does not fit; {refused[:5]}{' …' if len(refused) > 5 else ''}); "
+            "pass formats that can, or include 'dense'"
         )
-    return allowed, "dense" in names
+    warnings.warn(
+        f"formats={names!r} cannot hold the weights of layers {refused}; they stay dense",
+        RuntimeWarning, stacklevel=4,  # past compile() and its @renamed wrapper
+    )
 
 
 def _observed_inputs(model: nn.Module, inputs: tuple[object, ...]) -> dict[str, torch.Size]:
