@@ -251,3 +251,17 @@ def test_batch_sizes_is_the_deprecated_spelling_of_rows(monkeypatch: pytest.Monk
 def test_bad_rows_and_cache_are_refused(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         compile(nn.Linear(3, 3), **kwargs)
+
+
+def test_demo_speed_is_a_median_of_repeats_with_the_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsekit.cli import demo
+
+    monkeypatch.setattr(autotune, "_time_block", lambda m, x, reps: 1e-3 * m.scale)
+    dense, fast = nn.Linear(4, 2), nn.Linear(4, 2)
+    dense.scale, fast.scale = 1.0, 0.5
+    assert demo._speedup(dense, fast, torch.randn(64, 4)) == (2.0, 2.0, 2.0)
+    row = demo.Row("m", 0.5, 0.9, 0.9, 10, 0.5, 0.9, speedup=2.0, speedup_range=(1.9, 2.1))
+    assert "up to 1.11×, a quiet machine" in demo._noise([row])
+    assert "(1.90–2.10)" in demo._speed(row)
+    row.speedup_range = (0.5, 3.0)
+    assert "very noisy" in demo._noise([row])

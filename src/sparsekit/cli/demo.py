@@ -144,12 +144,13 @@ def _speedup(dense: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor
 
 
 def _noise(rows: list[Row]) -> str:
-    """How far the repeats of a speed measurement spread around their median, at most."""
-    spread = max(((r.speedup_range[1] - r.speedup_range[0]) / r.speedup for r in rows),
-                 default=0.0)
-    return (f"compiled speed: median of interleaved repeats (range in brackets); repeats "
-            f"spread by up to {spread:.0%} of the median on this machine, so smaller "
-            "differences are noise")
+    """How far apart the repeats of one speed measurement were, at most, and what that says."""
+    worst = max((high / low for low, high in (r.speedup_range for r in rows) if low > 0),
+                default=1.0)
+    verdict = ("a quiet machine" if worst <= 1.15 else "a noisy machine" if worst <= 1.5
+               else "a very noisy machine: read the speeds with caution")
+    return (f"compiled speed: median of interleaved repeats (their range in brackets); the "
+            f"repeats of one measurement differed by up to {worst:.2f}×, {verdict}")
 
 
 def _dense_size(model) -> int:
