@@ -13,6 +13,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     kernels.load()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _decision_cache(tmp_path_factory: pytest.TempPathFactory):
+    """compile() keeps its timing decisions in a directory of this test session, not in
+    the user's cache: every session times afresh and leaves nothing behind."""
+    from sparsekit.engine import decisions
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decisions, "directory", lambda: tmp_path_factory.getbasetemp() / "decisions")
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""

@@ -123,7 +123,7 @@ def test_compile_matches_masked_model() -> None:
     model = _pruned_mlp()
     before = copy.deepcopy(model.state_dict())
     x = torch.randn(3, 784)
-    compiled = compile(model, x, batch_sizes=(1, 64), threads=2)
+    compiled = compile(model, x, rows=(1, 64), threads=2)
     for batch in (1, 3, 64):
         xb = torch.randn(batch, 784)
         with torch.no_grad():
@@ -170,7 +170,7 @@ def test_compile_shared_layer_compiled_once() -> None:
     [
         ({"formats": ["csr32"]}, "formats must be 'auto' or names from"),
         ({"formats": []}, "formats must be"),
-        ({"batch_sizes": (0,)}, "batch_sizes"),
+        ({"rows": (0,)}, "rows"),
         ({"threads": 0}, "threads"),
     ],
 )
@@ -185,7 +185,7 @@ def test_compile_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "_tried", True)
     model = _pruned_mlp()
     x = torch.randn(4, 784)
-    compiled = compile(model, x, batch_sizes=(1, 8))
+    compiled = compile(model, x, rows=(1, 8))
     for c in compiled.sparsekit_choices.values():
         assert "csr16" not in c["times_ms"]
     with torch.no_grad():
@@ -256,7 +256,7 @@ def test_compile_other_dtypes_uses_the_formats_that_support_them(dtype: torch.dt
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).to(dtype).eval()
     sparsekit.prune(model, 0.8)
     x = torch.randn(5, 64, dtype=dtype)
-    compiled = compile(model, x, batch_sizes=(1, 5))
+    compiled = compile(model, x, rows=(1, 5))
     for choice in compiled.sparsekit_choices.values():
         assert all(FORMATS[n].supports(torch.zeros(1, 1, dtype=dtype)) for n in choice["times_ms"])
     assert ("torch_csr" in compiled.sparsekit_choices["0"]["times_ms"]) == (dtype == torch.float64)

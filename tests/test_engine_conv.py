@@ -75,7 +75,7 @@ def _pruned_lenet5() -> nn.Module:
 def test_compile_replaces_convolutions_given_example_inputs(one_thread) -> None:
     model = _pruned_lenet5()
     x = torch.randn(2, 1, 28, 28)
-    compiled = compile(model, x, batch_sizes=(1, 4), formats="torch_csr")
+    compiled = compile(model, x, rows=(1, 4), formats="torch_csr")
     convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
     assert convs and all(isinstance(compiled.get_submodule(n), CompiledConv2d) for n in convs)
     assert set(convs) <= set(compiled.sparsekit_choices)

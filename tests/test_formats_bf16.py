@@ -138,7 +138,7 @@ def _bf16_model(pattern: str) -> nn.Module:
 def test_compile_times_sparse_formats_for_a_bf16_model(pattern, one_thread):
     model = _bf16_model(pattern)
     x = torch.randn(4, 128).to(torch.bfloat16)
-    compiled = compile(model, x, formats=("csr16", "bitmap", "nm"), batch_sizes=(1, 4))
+    compiled = compile(model, x, formats=("csr16", "bitmap", "nm"), rows=(1, 4))
     for name in ("0", "2"):
         timed = set(compiled.sparsekit_choices[name]["times_ms"])
         assert {"csr16", "bitmap"} <= timed  # bf16 layers are no longer dense-only

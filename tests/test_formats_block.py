@@ -211,7 +211,7 @@ def test_compile_save_load_round_trip(name, make, tmp_path, one_thread):
     with torch.no_grad():
         model[0].weight.copy_(make(model[0].weight))
     x = torch.randn(7, 96)
-    compiled = compile(model, x, formats=name, batch_sizes=(1, 8))
+    compiled = compile(model, x, formats=name, rows=(1, 8))
     assert name in compiled.sparsekit_choices["0"]["times_ms"]
     compiled[0] = CompiledLinear.from_linear(model[0], name)  # whether or not it was fastest
     assert isinstance(compiled[0].format, FORMATS[name])

@@ -75,7 +75,7 @@ def test_compile_on_cuda_uses_the_gpu_formats(dtype: torch.dtype) -> None:
     sparsekit.prune(model, 0.5, pattern="2:4")
     model = model.to("cuda", dtype).eval()
     x = torch.randn(32, 256, device="cuda", dtype=dtype)
-    compiled = compile(model, x, batch_sizes=(32,))
+    compiled = compile(model, x, rows=(32,))
     for choice in compiled.sparsekit_choices.values():
         assert "cuda_24" in choice["times_ms"]
     with torch.no_grad():

@@ -1,8 +1,9 @@
 """Execution: compressed weight formats, compiled kernels and per-layer autotuning.
 
 :func:`compile` turns a pruned model into one whose ``nn.Linear`` and ``nn.Conv2d``
-layers run in the fastest measured format (dense included); :func:`report` lists the
-choices per layer.
+layers run in the fastest measured format (dense included): :mod:`~sparsekit.engine.autotune`
+times and chooses, :mod:`~sparsekit.engine.decisions` caches the choices on disk;
+:func:`report` lists them per layer.
 Compiled models save and load like any model (each layer states its own entries,
 ``expected_state``); :func:`decompile` turns one back into ``nn.Linear``/``nn.Conv2d``
 layers (``to_module``). Kernels are ``torch.ops.sparsekit`` custom ops

@@ -1,23 +1,27 @@
 """compile(): give every ``nn.Linear`` and ``nn.Conv2d`` its fastest measured format.
 
-Each layer's candidate formats are timed side by side at the layer's real shape for every
-batch size the model will serve; among those no slower than dense at any of them, the
-one with the lowest summed time wins. The dense format (PyTorch's own ``F.linear`` /
-``F.conv2d``) is always a candidate and its wrapper adds no measurable cost, so a
-compiled layer is never slower than the dense one as measured. The input model is never
-modified.
+Each layer's candidate formats are timed against dense at the layer's real shape for
+every row count the model will serve (:mod:`sparsekit.engine.autotune`: interleaved
+rounds, medians, a win by :data:`~sparsekit.engine.autotune.MARGIN` in the median and in
+most rounds); a sparse format replaces dense only where it wins at one row count and is no
+slower at any, so a compiled layer is never slower than the dense one as measured. The
+decisions are cached on disk (:mod:`sparsekit.engine.decisions`), so compiling the same
+layers again skips the timing. The input model is never modified.
 """
 
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from sparsekit._checks import check_int, renamed
+from sparsekit.engine import autotune, decisions
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
@@ -29,9 +33,6 @@ __all__ = ["InputThresholds", "compile"]
 
 __getattr__ = moved(__name__, {"report": "sparsekit.engine.report"})
 
-_BLOCK_S = 2e-3  # one timed block: enough calls to make timer resolution negligible
-_ROUND_BUDGET_S = 0.04  # per format and batch size; big layers still get _MIN_ROUNDS
-_MIN_ROUNDS, _MAX_ROUNDS = 5, 15
 _CHECK_RTOL = 1e-4
 
 
@@ -48,34 +49,52 @@ class InputThresholds(Protocol):
     def remove(self) -> None: ...
 
 
+@renamed(batch_sizes="rows")
 def compile(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple[object, ...] | None = None,
     *,
     formats: str | Iterable[str] = "auto",
-    batch_sizes: Sequence[int] = (1,),
+    rows: int | Sequence[int] | None = None,
     threads: int | None = None,
     activation_sparsity: InputThresholds | None = None,
     weight_dtype: str | None = None,
+    cache: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` with its layers replaced by :class:`CompiledLinear` and
     :class:`~sparsekit.engine.compiled_conv.CompiledConv2d` modules.
 
     Zero weights are the pruned ones (apply the masks first, e.g. with
-    :func:`sparsekit.prune`). ``formats`` ("auto" or names from
-    :data:`~sparsekit.engine.formats.FORMATS`) restricts the sparse candidates (``"dense"``
-    is always one). ``threads`` fixes the thread count of the compiled kernels (default:
-    ``torch.get_num_threads()``). ``batch_sizes`` are the numbers of input rows a linear
-    layer is timed with, and of images for a convolution. Convolutions (groups 1, zero
-    padding) are compiled only with ``example_inputs``, whose forward pass gives each its
-    input size; without them they stay ``nn.Conv2d``.
+    :func:`sparsekit.prune`). ``threads`` fixes the thread count of the compiled kernels
+    (default: ``torch.get_num_threads()``).
+
+    ``rows`` are the row counts each layer must serve: a linear layer sees batch ×
+    sequence rows (one 128-token prompt is 128 rows, each decoded token 1), a convolution
+    that many images. By default they come from ``example_inputs``: the row count each
+    layer sees in their forward pass, plus 1 (decoding); without ``example_inputs``,
+    ``(1,)``. A format is chosen only if it is not slower than dense at every one of them
+    (see :mod:`sparsekit.engine.autotune`). ``batch_sizes`` is the deprecated spelling.
+
+    ``formats`` is ``"auto"`` (every format that can hold a layer's weight, and dense) or
+    names from :data:`~sparsekit.engine.formats.FORMATS`. With ``"dense"`` among them,
+    the others are candidates that must beat dense by
+    :data:`~sparsekit.engine.autotune.MARGIN`; without it they are forced: every layer
+    takes the fastest of them that can hold its weight, and a layer none of them can hold
+    is a ``ValueError``.
+
+    Convolutions (groups 1, zero padding) are compiled only with ``example_inputs``, whose
+    forward pass gives each its input size; without them they stay ``nn.Conv2d``. With
+    ``cache`` (the default) the decisions are read from and written to the on-disk cache
+    of :mod:`sparsekit.engine.decisions`; ``cache=False`` times every layer afresh.
 
     With ``example_inputs`` (a tensor or a tuple for ``model(*example_inputs)``) the
-    compiled model's output is checked against the original's. The choices, with measured
-    times, are stored in ``compiled.sparsekit_choices``; :func:`sparsekit.engine.report`
-    shows them per layer. Linear layers calibrated in ``activation_sparsity``
-    (:func:`sparsekit.activation.calibrate`) become :class:`ActivationSparseLinear`
-    instead, and the output check runs against ``model`` with those thresholds applied.
+    compiled model's output is checked against the original's. The choices, with their
+    timing evidence, are stored in ``compiled.sparsekit_choices`` (see
+    :func:`sparsekit.engine.autotune.choose`; ``cached`` says whether one was read from
+    the cache); :func:`sparsekit.engine.report` shows them per layer. Linear layers
+    calibrated in ``activation_sparsity`` (:func:`sparsekit.activation.calibrate`) become
+    :class:`ActivationSparseLinear` instead, and the output check runs against ``model``
+    with those thresholds applied.
 
     ``weight_dtype`` is the dtype of the stored values: ``None`` keeps each layer's own
     (a bfloat16 model gets bfloat16 sparse formats); ``"bf16"`` rounds the kept weights of
@@ -86,13 +105,15 @@ def compile(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     names = _check_formats(formats)
-    sizes = _check_batch_sizes(batch_sizes)
+    served = None if rows is None else _check_rows(rows)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     value_dtype = _check_weight_dtype(weight_dtype)
+    if not isinstance(cache, bool):
+        raise TypeError(f"cache must be a bool, got {cache!r}")
     inputs = _as_tuple(example_inputs)
-    conv_shapes = {} if inputs is None else _conv_input_shapes(model, inputs)
+    seen = {} if inputs is None else _observed_inputs(model, inputs)
 
     compiled = copy.deepcopy(model)
     first_name = {id(m): n for n, m in compiled.named_modules()}
@@ -106,21 +127,27 @@ def compile(
                     continue
                 if id(child) not in done:
                     name = first_name[id(child)]
+                    layer_rows = served or _default_rows(seen.get(name), type(child))
                     if name in act and type(child) is nn.Linear:
                         done[id(child)] = ActivationSparseLinear.from_linear(
                             child, act[name], threads=threads
                         )
                     elif type(child) is nn.Linear:
                         done[id(child)], choices[name] = _compile_layer(
-                            child, (child.in_features,), names, sizes, threads, value_dtype
+                            child, (child.in_features,), names, layer_rows, threads, cache,
+                            value_dtype,
                         )
-                    elif name in conv_shapes and convertible(child) is None:
+                    elif name in seen and convertible(child) is None:
                         done[id(child)], choices[name] = _compile_layer(
-                            child, conv_shapes[name], names, sizes, threads, value_dtype
+                            child, tuple(seen[name][-3:]), names, layer_rows, threads, cache,
+                            value_dtype,
                         )
                     else:
                         done[id(child)] = child
                 setattr(parent, child_name, done[id(child)])
+    refused = [n for n, c in choices.items() if names and "dense" not in names
+               and c["format"] == "dense"]
+    _check_forced(names, refused, len(choices))
     compiled.sparsekit_choices = choices
     rtol = _CHECK_RTOL if value_dtype is None else _rtol(value_dtype)
     if inputs is not None and activation_sparsity is not None:
@@ -141,67 +168,45 @@ def _compile_layer(
     layer: nn.Linear | nn.Conv2d,
     in_shape: tuple[int, ...],
     names: list[str] | None,
-    sizes: list[int],
+    rows: list[int],
     threads: int | None,
+    cache: bool,
     value_dtype: torch.dtype | None = None,
 ) -> tuple[CompiledLayer, dict[str, object]]:
-    """The fastest compiled version of ``layer`` and the measurements behind the choice;
-    the sparse candidates hold values of ``value_dtype`` (``None``: the layer's dtype)."""
-    weight = layer.weight.detach()
+    """The fastest compiled version of ``layer`` and the evidence behind the choice; the
+    sparse candidates hold values of ``value_dtype`` (``None``: the layer's dtype)."""
     stored = _with_value_dtype(layer, value_dtype)
-    matrix = stored.weight.detach().reshape(weight.shape[0], -1)
+    allowed, dense_allowed = _candidates(stored, names)
+    if not allowed:  # forced formats that cannot hold this weight
+        allowed, dense_allowed = ["dense"], True
     build = CompiledLinear.from_linear if type(layer) is nn.Linear else CompiledConv2d.from_conv2d
-    candidates = [n for n in available_formats(matrix) if n == "dense" or names is None
-                  or n in names]
-    built = {
-        n: build(layer if n == "dense" else stored, n,
-                 **({"threads": threads} if FORMATS.meta(n)["threaded"] else {}))
-        for n in candidates
-    }
-    times = _autotune(built, in_shape, sizes, weight.dtype, weight.device)
-    total = {n: sum(t.values()) for n, t in times.items()}
-    # never slower than dense at any served batch size; then the least total time
-    safe = [n for n, t in times.items() if all(t[b] <= times["dense"][b] for b in t)]
-    best = min(safe, key=total.__getitem__)
-    choice = {
-        "format": best,
-        "ms_dense": total["dense"],
-        "ms_chosen": total[best],
-        "speedup": total["dense"] / total[best] if total[best] > 0 else 1.0,
-        "times_ms": times,
-    }
-    return built[best], choice
+
+    def built(fmt: str) -> CompiledLayer:
+        return build(layer if fmt == "dense" else stored, fmt,
+                     **({"threads": threads} if FORMATS.meta(fmt)["threaded"] else {}))
+
+    key = (decisions.key(layer, in_shape, allowed, rows, threads, value_dtype) if cache
+           else None)
+    choice = decisions.lookup(key) if key is not None else None
+    if choice is not None:
+        return built(choice["format"]), {**choice, "cached": True}
+    modules = {n: built(n) for n in dict.fromkeys(["dense", *allowed])}  # dense: the reference
+    weight = layer.weight
+    samples = autotune.measure(modules, in_shape, rows, weight.dtype, weight.device)
+    best, choice = autotune.choose(samples, allowed, dense_allowed=dense_allowed)
+    if key is not None:
+        decisions.store(key, choice)
+    return modules[best], {**choice, "cached": False}
 
 
-def _autotune(
-    built: dict[str, nn.Module],
-    in_shape: tuple[int, ...],
-    sizes: list[int],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> dict[str, dict[int, float]]:
-    """Milliseconds per call of every compiled candidate and batch size.
-
-    The modules themselves are called, so wrapper and kernel-launch costs count. Formats
-    take turns (so a change in machine load hits all of them alike), and each block of
-    calls starts warm, as in steady-state serving of a layer.
-    """
-    times: dict[str, dict[int, float]] = {n: {} for n in built}
-    for b in sizes:
-        x = torch.randn(b, *in_shape, dtype=dtype, device=device)
-        calls = {n: (lambda m=m, x=x: m(x)) for n, m in built.items()}
-        reps = {n: _calls_per_block(fn) for n, fn in calls.items()}
-        best = {n: float("inf") for n in built}
-        start = time.perf_counter()
-        for r in range(_MAX_ROUNDS):  # round-robin, so load changes hit all formats alike
-            for n, fn in calls.items():
-                fn()  # bring this format's weight back into cache: the others evicted it
-                best[n] = min(best[n], _time_block(fn, reps[n]))
-            if r + 1 >= _MIN_ROUNDS and time.perf_counter() - start > _ROUND_BUDGET_S * len(built):
-                break
-        for n in built:
-            times[n][b] = best[n] * 1e3
-    return times
+def _candidates(layer: nn.Linear | nn.Conv2d, names: list[str] | None) -> tuple[list[str], bool]:
+    """The formats ``layer`` may take and whether dense is one of them. Forced ``names``
+    (no ``"dense"``) of which none can hold the weight leave the layer dense (``[]``)."""
+    weight = layer.weight.detach()
+    holding = available_formats(weight.reshape(weight.shape[0], -1))
+    if names is None:
+        return holding, True
+    return [n for n in holding if n in names], "dense" in names
 
 
 def _with_value_dtype(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module:
@@ -215,25 +220,35 @@ def _with_value_dtype(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return stored
 
 
-def _conv_input_shapes(model: nn.Module, inputs: tuple[object, ...]) -> dict[str, tuple[int, ...]]:
-    """``(C, H, W)`` of the first input each ``nn.Conv2d`` of ``model`` sees."""
-    convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
-    if not convs:
-        return {}
-    return {n: tuple(s[-3:]) for n, s in input_shapes(model, convs, *inputs).items()}
+def _check_forced(names: list[str] | None, refused: list[str], compiled: int) -> None:
+    """Raise if forced ``names`` could hold no layer; warn about the ``refused`` ones."""
+    if not refused:
+        return
+    if len(refused) == compiled:
+        raise ValueError(
+            f"formats={names!r} cannot hold the weight of any layer (their dtype, device or "
+            f"pattern does not fit; {refused[:5]}{' …' if len(refused) > 5 else ''}); "
+            "pass formats that can, or include 'dense'"
+        )
+    warnings.warn(
+        f"formats={names!r} cannot hold the weights of layers {refused}; they stay dense",
+        RuntimeWarning, stacklevel=4,  # past compile() and its @renamed wrapper
+    )
 
 
-def _calls_per_block(fn: Callable[[], object]) -> int:
-    fn()  # warm-up: first-call allocations, lazy CSR construction, kernel workspace
-    once = _time_block(fn, 1)
-    return max(1, min(1000, int(_BLOCK_S / max(once, 1e-7))))
+def _observed_inputs(model: nn.Module, inputs: tuple[object, ...]) -> dict[str, torch.Size]:
+    """The shape of the first input each ``nn.Linear`` and ``nn.Conv2d`` of ``model`` sees."""
+    layers = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    return input_shapes(model, layers, *inputs) if layers else {}
 
 
-def _time_block(fn: Callable[[], object], reps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / reps
+def _default_rows(shape: torch.Size | None, kind: type[nn.Module]) -> list[int]:
+    """The observed row count (batch × sequence, or images for a convolution) and 1."""
+    if shape is None:
+        return [1]
+    if kind is nn.Linear:
+        return sorted({1, math.prod(shape[:-1])})
+    return sorted({1, shape[0] if len(shape) == 4 else 1})
 
 
 # -- validation --------------------------------------------------------------------------
@@ -254,11 +269,14 @@ def _check_formats(formats: str | Iterable[str]) -> list[str] | None:
     return names
 
 
-def _check_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
-    sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
-    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
-        raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
-    return sizes
+def _check_rows(rows: int | Sequence[int]) -> list[int]:
+    """The distinct row counts of ``rows`` (an int or a non-empty sequence of ints ≥ 1)."""
+    values = list(rows) if isinstance(rows, Iterable) and not isinstance(rows, str) else [rows]
+    if not values:
+        raise ValueError(f"rows must be an int ≥ 1 or a non-empty sequence of them, got {rows!r}")
+    for r in values:
+        check_int("rows", r, minimum=1)
+    return list(dict.fromkeys(values))
 
 
 _WEIGHT_DTYPES = {"bf16": torch.bfloat16}

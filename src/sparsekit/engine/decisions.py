@@ -1,0 +1,171 @@
+"""The decision cache: :func:`~sparsekit.engine.compile`'s per-layer choices, kept on disk.
+
+Timing every layer of a large model takes minutes; the same layer on the same machine
+gets the same answer. A decision is stored under a key that holds everything the answer
+depends on: the machine (the CPU model, or the GPU for CUDA weights, and the kernel build
+key, which hashes the CPU feature flags, the kernel sources and the Python version), the
+torch version, the layer (type, shape, input shape), the weight's pattern signature
+(nonzeros, the fewest and most in a row, the formats that can hold it), the candidates
+allowed, the dtype, the served row counts, the thread counts and the timing margin. A
+second compile of the model, or of another with the same layer shapes and patterns,
+reads its decisions instead of timing.
+
+Each decision is one JSON file named by the hash of its key, in ``decisions/`` under the
+kernel cache (``~/.cache/sparsekit``; ``$SPARSEKIT_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move
+it). Files are written atomically (a temporary file renamed over the old one), so a
+concurrent compile never reads half a file. A file that cannot be read, or that does not
+hold a valid decision for its key, is ignored with a ``RuntimeWarning`` and replaced by
+the next timing; a cache that cannot be written only warns.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsekit.engine import kernels
+from sparsekit.engine.autotune import MARGIN
+
+__all__ = ["directory", "key", "lookup", "store"]
+
+_VERSION = 1  # of the key and file layout; a change makes old files misses
+
+
+def directory() -> Path:
+    """Where decisions are stored."""
+    return kernels._cache_dir() / "decisions"
+
+
+def key(
+    layer: nn.Module,
+    in_shape: tuple[int, ...],
+    candidates: Sequence[str],
+    rows: Sequence[int],
+    threads: int | None,
+    value_dtype: torch.dtype | None = None,
+) -> dict[str, object]:
+    """The cache key of timing ``candidates`` (format names, dense included when it may be
+    chosen) for ``layer`` with inputs ``(r, *in_shape)`` for ``r`` in ``rows``, the sparse
+    candidates holding values of ``value_dtype`` (``None``: the layer's dtype)."""
+    weight = layer.weight.detach()
+    matrix = weight.reshape(weight.shape[0], -1) != 0
+    per_row = matrix.sum(1)
+    return {
+        "version": _VERSION,
+        "machine": _machine(weight.device),
+        "kernels": _kernel_key(),
+        "torch": torch.__version__,
+        "layer": f"{type(layer).__name__}({layer.extra_repr()})",
+        "shape": list(weight.shape),
+        "in_shape": list(in_shape),
+        "dtype": str(weight.dtype),
+        "value_dtype": str(value_dtype or weight.dtype),
+        "nnz": int(per_row.sum()),
+        "row_nnz": [int(per_row.min()), int(per_row.max())] if per_row.numel() else [0, 0],
+        "candidates": list(candidates),
+        "rows": list(rows),
+        "threads": [threads, torch.get_num_threads()],
+        "margin": MARGIN,
+    }
+
+
+def lookup(key: dict[str, object]) -> dict[str, object] | None:
+    """The stored choice for ``key``, or ``None`` (a miss, or a file not worth trusting)."""
+    path = _path(key)
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        warnings.warn(f"cannot read decision cache file {path}: {exc}", RuntimeWarning,
+                      stacklevel=2)
+        return None
+    try:
+        return _parse(json.loads(text), key)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        warnings.warn(
+            f"ignoring corrupt decision cache file {path} ({type(exc).__name__}: {exc}); "
+            "the layer is timed again", RuntimeWarning, stacklevel=2,
+        )
+        return None
+
+
+def store(key: dict[str, object], choice: dict[str, object]) -> None:
+    """Write ``choice`` for ``key`` atomically; warn (never raise) if that is impossible."""
+    path = _path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"key": key, "choice": choice}, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:  # one message per directory and reason, so it is shown once
+        warnings.warn(
+            f"cannot write to the decision cache in {path.parent}: {exc.strerror or exc}",
+            RuntimeWarning, stacklevel=2,
+        )
+
+
+def _path(key: dict[str, object]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return directory() / f"{digest}.json"
+
+
+def _parse(data: object, key: dict[str, object]) -> dict[str, object]:
+    """The choice in ``data``, checked against ``key``; JSON's string keys become row counts
+    again. Raises ``ValueError``/``TypeError``/``KeyError`` for anything malformed."""
+    if not isinstance(data, dict) or data.get("key") != key:
+        raise ValueError("the file holds another key")
+    choice = dict(data["choice"])
+    rows = key["rows"]
+    if choice["format"] not in key["candidates"] or choice["rows"] != rows:
+        raise ValueError(f"format {choice['format']!r} or rows {choice['rows']!r} do not fit")
+    choice["times_ms"] = {
+        name: _by_rows(times, rows, float) for name, times in choice["times_ms"].items()
+    }
+    choice["evidence"] = _by_rows(choice["evidence"], rows, dict)
+    for name in ("ms_dense", "ms_chosen", "speedup", "margin"):
+        choice[name] = float(choice[name])
+    return choice
+
+
+def _by_rows(values: dict[str, object], rows: object, kind: type) -> dict[int, object]:
+    out = {int(r): kind(v) for r, v in values.items()}
+    if list(out) != rows:
+        raise ValueError(f"entries for rows {list(out)}, expected {rows}")
+    return out
+
+
+@functools.cache
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        line = ""
+    return line.partition(":")[2].strip() or platform.processor() or platform.machine()
+
+
+@functools.cache
+def _kernel_key() -> str:
+    return kernels._build_key()
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_model()

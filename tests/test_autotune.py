@@ -1,0 +1,267 @@
+"""compile()'s autotuning: row counts, the noise margin, forced formats, the decision cache.
+
+No assertion here depends on the speed of this machine: the clock of
+:mod:`sparsekit.engine.autotune` is replaced by scripted times.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekit.engine import autotune, compile, decisions
+
+# Per-round noise, the same cycle for every format (median 1.0); the candidate's has one
+# lucky block at 0.75, the kind of outlier that fooled a best-of-blocks timing.
+DENSE_NOISE = (1.0, 1.06, 0.96, 1.03, 0.98)
+SPARSE_NOISE = (0.99, 1.04, 0.75, 1.0, 1.02)
+
+
+class ScriptedClock:
+    """Stands in for ``autotune._time_block``: seconds per call from ``base[format]`` (a
+    number, or a function of the row count) times the format's noise cycle."""
+
+    def __init__(self, base: dict[str, object]) -> None:
+        self.base = base
+        self.calls = 0
+        self.rows: set[int] = set()
+        self.noise = {"dense": itertools.cycle(DENSE_NOISE)}
+
+    def __call__(self, module: nn.Module, x: torch.Tensor, reps: int) -> float:
+        self.calls += 1
+        self.rows.add(x.shape[0])
+        name = module.format.name
+        base = self.base[name]
+        ms = base(x.shape[0]) if callable(base) else base
+        noise = self.noise.setdefault(name, itertools.cycle(SPARSE_NOISE))
+        return ms * next(noise) * 1e-3
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh decision cache for every test."""
+    monkeypatch.setattr(decisions, "directory", lambda: tmp_path / "decisions")
+    return tmp_path / "decisions"
+
+
+def _clock(monkeypatch: pytest.MonkeyPatch, **base: object) -> ScriptedClock:
+    clock = ScriptedClock(base)
+    monkeypatch.setattr(autotune, "_time_block", clock)
+    return clock
+
+
+def _model(seed: int = 0, width: int = 32) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(width, 48), nn.ReLU(), nn.Linear(48, 8)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(torch.rand(layer.weight.shape) > 0.8)
+    return model
+
+
+REAL_DIRECTORY = decisions.directory  # taken at import, before any fixture replaces it
+CANDIDATES = ["dense", "torch_csr"]  # held by any fp32 CPU weight, kernels or not
+
+
+def test_a_noisy_three_percent_win_keeps_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch, dense=1.0, torch_csr=0.97)
+    compiled = compile(_model(), torch.randn(4, 32), formats=CANDIDATES, cache=False)
+    for choice in compiled.sparsekit_choices.values():
+        assert choice["format"] == "dense"  # its one lucky block looked like a 25 % win
+        times = choice["times_ms"]
+        assert all(times["torch_csr"][r] / times["dense"][r] == pytest.approx(0.97, abs=0.01)
+                   for r in choice["rows"])
+
+
+def test_a_consistent_thirty_percent_win_replaces_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch, dense=1.0, torch_csr=0.7)
+    compiled = compile(_model(), torch.randn(4, 32), formats=CANDIDATES, cache=False)
+    for name, choice in compiled.sparsekit_choices.items():
+        assert choice["format"] == "torch_csr" == compiled.get_submodule(name).format.name
+        assert choice["speedup"] == pytest.approx(1 / 0.7)
+
+
+def test_a_win_in_the_median_but_not_in_most_rounds_keeps_dense() -> None:
+    # dense got two lucky rounds; the candidate's median is 10 % better, its rounds mostly not
+    samples = {1: {"dense": [1.0, 1.0, 1.0, 0.5, 0.5], "torch_csr": [0.9, 0.9, 1.2, 0.6, 0.6]}}
+    assert autotune.choose(samples, CANDIDATES)[0] == "dense"
+    samples[1]["torch_csr"] = [0.9, 0.9, 0.9, 0.45, 0.6]  # three rounds of five: a majority
+    assert autotune.choose(samples, CANDIDATES)[0] == "torch_csr"
+
+
+def test_the_format_must_hold_at_every_row_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    # twice as fast for decoding, 10 % slower for the prompt: dense
+    _clock(monkeypatch, dense=1.0, torch_csr=lambda rows: 0.5 if rows == 1 else 1.1)
+    compiled = compile(_model(), torch.randn(2, 64, 32), formats=CANDIDATES, cache=False)
+    assert {c["format"] for c in compiled.sparsekit_choices.values()} == {"dense"}
+    # served only at one row, it wins
+    compiled = compile(_model(), torch.randn(2, 64, 32), formats=CANDIDATES, rows=1, cache=False)
+    assert {c["format"] for c in compiled.sparsekit_choices.values()} == {"torch_csr"}
+
+
+def test_rows_come_from_the_example_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _clock(monkeypatch, dense=1.0, torch_csr=1.0)
+    compiled = compile(_model(), torch.randn(2, 64, 32), formats=CANDIDATES, cache=False)
+    assert clock.rows == {1, 128}  # batch × sequence, and one row for decoding
+    for choice in compiled.sparsekit_choices.values():
+        assert choice["rows"] == [1, 128]
+        assert set(choice["evidence"]) == {1, 128}
+    clock.rows.clear()
+    compile(_model(), torch.randn(2, 64, 32), formats=CANDIDATES, rows=(4, 16), cache=False)
+    assert clock.rows == {4, 16}
+    clock.rows.clear()
+    compile(_model(), formats=CANDIDATES, cache=False)  # nothing observed: decoding
+    assert clock.rows == {1}
+
+
+def test_convolution_rows_are_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _clock(monkeypatch, dense=1.0, torch_csr=1.0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    compiled = compile(model, torch.randn(3, 2, 8, 8), formats=CANDIDATES, cache=False)
+    assert compiled.sparsekit_choices["0"]["rows"] == [1, 3]
+    assert clock.rows == {1, 3}
+
+
+def test_evidence_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch, dense=1.0, torch_csr=0.7)
+    compiled = compile(_model(), torch.randn(2, 8, 32), formats=CANDIDATES, cache=False)
+    choice = compiled.sparsekit_choices["0"]
+    assert choice["margin"] == autotune.MARGIN and not choice["forced"] and not choice["cached"]
+    assert set(choice["times_ms"]) == set(CANDIDATES)
+    for rows, e in choice["evidence"].items():
+        assert e["ms_dense"] == pytest.approx(1.0) and e["ms_chosen"] == pytest.approx(0.7)
+        assert e["rounds"] >= 5 and e["wins"] == e["rounds"]
+        assert choice["times_ms"]["torch_csr"][rows] == e["ms_chosen"]
+    assert choice["ms_dense"] == pytest.approx(2.0) and choice["ms_chosen"] == pytest.approx(1.4)
+
+
+def test_a_forced_format_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch, dense=1.0, torch_csr=2.0)  # twice as slow: auto would keep dense
+    compiled = compile(_model(), torch.randn(4, 32), formats="torch_csr", cache=False)
+    for name, choice in compiled.sparsekit_choices.items():
+        assert choice["format"] == "torch_csr" == compiled.get_submodule(name).format.name
+        assert choice["forced"] and set(choice["times_ms"]) == set(CANDIDATES)
+    auto = compile(_model(), torch.randn(4, 32), formats=CANDIDATES, cache=False)
+    assert {c["format"] for c in auto.sparsekit_choices.values()} == {"dense"}
+
+
+def test_a_forced_format_that_cannot_hold_a_weight_is_refused() -> None:
+    model = _model().to(torch.bfloat16)  # torch_csr holds no bf16 CPU weight
+    with pytest.raises(ValueError, match=r"formats=\['torch_csr'\] cannot hold the weight of "
+                                         r"any layer .*\['0', '2'\]"):
+        compile(model, formats="torch_csr")
+    model[2].float()  # the layers it can hold take it, the others stay dense
+    with pytest.warns(RuntimeWarning, match=r"cannot hold the weights of layers \['0'\]; they "
+                                            "stay dense"):
+        compiled = compile(model, formats="torch_csr")
+    assert compiled.sparsekit_choices["0"]["format"] == "dense"
+    assert compiled.sparsekit_choices["2"]["format"] == "torch_csr"
+
+
+def test_the_second_compile_reads_the_cache(monkeypatch: pytest.MonkeyPatch, cache_dir) -> None:
+    clock = _clock(monkeypatch, dense=1.0, torch_csr=0.7)
+    first = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    assert clock.calls > 0 and len(list(cache_dir.glob("*.json"))) == 2
+    clock.calls = 0
+    # another model with the same shapes and patterns: no timing at all
+    second = compile(_model(seed=0), torch.randn(4, 32), formats=CANDIDATES)
+    assert clock.calls == 0
+    for name, choice in second.sparsekit_choices.items():
+        assert choice["cached"]
+        assert choice["format"] == first.sparsekit_choices[name]["format"] == "torch_csr"
+        assert {k: v for k, v in choice.items() if k != "cached"} == {
+            k: v for k, v in first.sparsekit_choices[name].items() if k != "cached"
+        }
+    compile(_model(), torch.randn(4, 32), formats=CANDIDATES, cache=False)
+    assert clock.calls > 0
+    clock.calls = 0
+    compile(_model(), torch.randn(4, 32), formats=CANDIDATES, rows=(1, 2))  # other rows: a miss
+    assert clock.calls > 0
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"key": 1}', "null"])
+def test_a_corrupt_cache_file_is_ignored(
+    monkeypatch: pytest.MonkeyPatch, cache_dir, content: str
+) -> None:
+    clock = _clock(monkeypatch, dense=1.0, torch_csr=0.7)
+    compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    files = sorted(cache_dir.glob("*.json"))
+    for path in files:
+        path.write_text(content)
+    clock.calls = 0
+    with pytest.warns(RuntimeWarning, match="ignoring corrupt decision cache file"):
+        compiled = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    assert clock.calls > 0
+    assert {c["format"] for c in compiled.sparsekit_choices.values()} == {"torch_csr"}
+    assert all("choice" in json.loads(p.read_text()) for p in files)  # rewritten
+
+
+def test_a_cache_file_with_a_wrong_choice_is_ignored(
+    monkeypatch: pytest.MonkeyPatch, cache_dir
+) -> None:
+    _clock(monkeypatch, dense=1.0, torch_csr=0.7)
+    compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    for path in cache_dir.glob("*.json"):
+        data = json.loads(path.read_text())
+        data["choice"]["format"] = "csr32"
+        path.write_text(json.dumps(data))
+    with pytest.warns(RuntimeWarning, match="ignoring corrupt"):
+        compiled = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    assert {c["format"] for c in compiled.sparsekit_choices.values()} == {"torch_csr"}
+
+
+def test_an_unwritable_cache_only_warns(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    _clock(monkeypatch, dense=1.0, torch_csr=0.7)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(decisions, "directory", lambda: blocker / "decisions")
+    with pytest.warns(RuntimeWarning, match="cannot write to the decision cache"):
+        compiled = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    assert {c["format"] for c in compiled.sparsekit_choices.values()} == {"torch_csr"}
+
+
+def test_the_cache_lives_with_the_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("SPARSEKIT_CACHE_DIR", str(tmp_path))
+    assert REAL_DIRECTORY() == tmp_path / "decisions"
+
+
+def test_batch_sizes_is_the_deprecated_spelling_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _clock(monkeypatch, dense=1.0, torch_csr=1.0)
+    with pytest.warns(DeprecationWarning, match="batch_sizes= is deprecated, use rows="):
+        compiled = compile(_model(), formats=CANDIDATES, batch_sizes=(1, 8), cache=False)
+    assert clock.rows == {1, 8} and compiled.sparsekit_choices["0"]["rows"] == [1, 8]
+    with pytest.raises(TypeError, match="both"):
+        compile(_model(), rows=1, batch_sizes=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rows": 0}, ValueError, "rows must be an int ≥ 1, got 0"),
+        ({"rows": ()}, ValueError, "rows must be an int ≥ 1 or a non-empty sequence"),
+        ({"rows": 1.5}, TypeError, "rows must be an int ≥ 1, got 1.5"),
+        ({"rows": (1, True)}, TypeError, "rows must be an int ≥ 1, got True"),
+        ({"cache": "yes"}, TypeError, "cache must be a bool, got 'yes'"),
+    ],
+)
+def test_bad_rows_and_cache_are_refused(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        compile(nn.Linear(3, 3), **kwargs)
+
+
+def test_demo_speed_is_a_median_of_repeats_with_the_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsekit.cli import demo
+
+    monkeypatch.setattr(autotune, "_time_block", lambda m, x, reps: 1e-3 * m.scale)
+    dense, fast = nn.Linear(4, 2), nn.Linear(4, 2)
+    dense.scale, fast.scale = 1.0, 0.5
+    assert demo._speedup(dense, fast, torch.randn(64, 4)) == (2.0, 2.0, 2.0)
+    row = demo.Row("m", 0.5, 0.9, 0.9, 10, 0.5, 0.9, speedup=2.0, speedup_range=(1.9, 2.1))
+    assert "up to 1.11×, a quiet machine" in demo._noise([row])
+    assert "(1.90–2.10)" in demo._speed(row)
+    row.speedup_range = (0.5, 3.0)
+    assert "very noisy" in demo._noise([row])
