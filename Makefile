@@ -14,7 +14,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+FASHION := /usr/share/datasets/fashion-mnist
+
 demo: $(STAMP)
+	# Fashion-MNIST from Debian's package where we may install it; otherwise the demo
+	# announces its fallback (scikit-learn's digits).
+	test -d $(FASHION) || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		(apt-get install -y -qq dataset-fashion-mnist || \
+		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist))) || true
 	$(VENV)/bin/sparsekit demo --out demo_out
 
 test: $(STAMP)
