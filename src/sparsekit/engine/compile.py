@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from sparsekit._checks import check_int, model_errors
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
@@ -80,9 +81,8 @@ def compile(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     names = _check_formats(formats)
     sizes = _check_batch_sizes(batch_sizes)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if threads is not None:
+        check_int("threads", threads, minimum=1)
     inputs = _as_tuple(example_inputs)
     conv_shapes = {} if inputs is None else _conv_input_shapes(model, inputs)
 
@@ -192,11 +192,12 @@ def _autotune(
 
 
 def _conv_input_shapes(model: nn.Module, inputs: tuple[object, ...]) -> dict[str, tuple[int, ...]]:
-    """``(C, H, W)`` of the first input each ``nn.Conv2d`` of ``model`` sees."""
+    """``(C, H, W)`` of the first input each ``nn.Conv2d`` of ``model`` sees; inputs the
+    model cannot take are a clear error naming ``example_inputs``, raised before any work."""
     convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
-    if not convs:
-        return {}
-    return {n: tuple(s[-3:]) for n, s in input_shapes(model, convs, *inputs).items()}
+    with model_errors("example_inputs", "the model cannot run on them"):
+        shapes = input_shapes(model, convs, *inputs)
+    return {n: tuple(s[-3:]) for n, s in shapes.items()}
 
 
 def _calls_per_block(fn: Callable[[], object]) -> int:
@@ -232,8 +233,10 @@ def _check_formats(formats: str | Iterable[str]) -> list[str] | None:
 
 def _check_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
     sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
-    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+    if not sizes:
         raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+    for i, b in enumerate(sizes):
+        check_int(f"batch_sizes[{i}]", b, minimum=1)
     return sizes
 
 
