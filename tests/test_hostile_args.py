@@ -185,3 +185,73 @@ def test_compile_options_are_checked(kwargs, param):
     with pytest.raises(ValueError) as err:
         compile_model(mlp(), **kwargs)
     assert param in str(err.value)
+
+
+# -- int and fraction checks shared through sparsekit._checks -----------------------------
+
+
+def _csr16(**kw):
+    from sparsekit.engine.formats import FORMATS
+
+    return FORMATS.get("csr16").from_dense(torch.randn(4, 8), **kw)
+
+
+def _bsr(**kw):
+    from sparsekit.engine.formats import FORMATS
+
+    return FORMATS.get("bsr").from_dense(torch.randn(8, 8), **kw)
+
+
+def _activation_linear(**kw):
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    return ActivationSparseLinear(torch.randn(4, 8), None, 0.1, **kw)
+
+
+def _reber(n):
+    from sparsekit.data.reber import reber
+
+    return reber(n)
+
+
+def _calibrate(**kw):
+    from sparsekit import activation
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    return activation.calibrate(model, torch.randn(16, 8), **kw)
+
+
+def _demo_sparsities(text):
+    from sparsekit.cli.demo import _parse_sparsities
+
+    return _parse_sparsities(text)
+
+
+INT_CASES = [
+    # Floats and bools were accepted as counts (threads=2.0 ran; n=True gave one string).
+    ("fractional threads (csr16)", lambda: _csr16(threads=2.5), TypeError, "threads"),
+    ("float threads (activation linear)", lambda: _activation_linear(threads=2.0), TypeError,
+     "threads"),
+    ("bool threads (activation linear)", lambda: _activation_linear(threads=True), TypeError,
+     "threads"),
+    ("fractional bsr block", lambda: _bsr(block=(4.0, 4)), TypeError, "block[0]"),
+    ("bool bsr block", lambda: _bsr(block=(True, 4)), TypeError, "block[0]"),
+    ("bsr block not a multiple of 4", lambda: _bsr(block=(4, 6)), ValueError, "block must be"),
+    ("fractional reber n", lambda: _reber(2.5), TypeError, "n must be"),
+    ("bool reber n", lambda: _reber(True), TypeError, "n must be"),
+    ("zero reber n", lambda: _reber(0), ValueError, "n must be"),
+    ("fractional max_rows", lambda: _calibrate(max_rows=10.5), TypeError, "max_rows"),
+    ("bool max_rows", lambda: _calibrate(max_rows=True), TypeError, "max_rows"),
+    ("nan in --sparsities", lambda: _demo_sparsities("0.5,nan"), ValueError,
+     "--sparsities entry 2"),
+    ("1 in --sparsities", lambda: _demo_sparsities("1"), ValueError, "--sparsities entry 1"),
+]
+
+
+@pytest.mark.parametrize("call, error, phrase", [c[1:] for c in INT_CASES],
+                         ids=[c[0] for c in INT_CASES])
+def test_counts_and_fractions_are_checked(call, error, phrase):
+    with pytest.raises(error) as err:
+        call()
+    assert phrase in str(err.value)
+    assert isinstance(err.value, ValueError)  # a wrong type is both
