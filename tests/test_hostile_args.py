@@ -255,3 +255,19 @@ def test_counts_and_fractions_are_checked(call, error, phrase):
         call()
     assert phrase in str(err.value)
     assert isinstance(err.value, ValueError)  # a wrong type is both
+
+
+def test_model_errors_names_the_argument_and_keeps_the_cause():
+    from sparsekit._checks import ArgumentTypeError, model_errors
+
+    def fail(error: Exception, *args: str) -> None:
+        with model_errors(*args):
+            raise error
+
+    with pytest.raises(ValueError, match=r"^x: the model cannot run on it: boom$") as err:
+        fail(RuntimeError("boom"), "x")
+    assert isinstance(err.value.__cause__, RuntimeError)
+    with pytest.raises(ArgumentTypeError, match=r"^x: bad: no$"):
+        fail(TypeError("no"), "x", "bad")
+    with pytest.raises(torch.OutOfMemoryError):  # not the argument's fault: unchanged
+        fail(torch.OutOfMemoryError("out of memory"), "x")

@@ -80,6 +80,7 @@ def prune(
     spec = METHODS.get(method)
     pat = check_options(sparsity, pattern, allocation)
     check_int("batch_size", batch_size, minimum=1)
+    check_int("seed", seed)
     seqlen = check_seqlen(model, seqlen)
     blocks = find_blocks(model)
     layers = block_layers(model, blocks, targets, exclude)
@@ -107,14 +108,14 @@ def prune(
         sparsities = ALLOCATIONS.get(allocation)(ratios, sparsity)
         for i, stats in run(spec, progress):
             _check_inputs(layers[i], stats, pruned=i)
-            new = {}
+            new = []
             for layer in layers[i]:
                 w, keep = spec.prune(layer.weight(), stats.get(layer.name), sparsities[i], pat)
-                new[layer] = (_check_weight(w, layer, method, pruned=i), keep)
-            for layer, (w, keep) in new.items():  # the whole block, once all of it is checked
+                new.append((layer, _check_weight(w, layer, method, pruned=i), keep))
+            for layer, w, keep in new:  # the whole block, once all of it is checked
                 layer.set_weight(w)
                 masks[layer.name] = layer.to_storage(keep)
-            del new
+            del new  # before the next block's statistics are gathered
     return MaskSet(model, masks, pattern=str(pat)).apply()
 
 
