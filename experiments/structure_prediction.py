@@ -68,7 +68,8 @@ def train_one(cell: str, kind: str, hidden: int, density: float, seed: int,
     """Build a sparse network from a graph prior, train it, and measure it."""
     torch.manual_seed(seed)
     model = ReberNet(cell, hidden)
-    masks = prior_masks(model, density, kind, seed=seed, targets=["rnn.weight_hh_l0"])
+    masks = prior_masks(model, sparsity=1 - density, method=kind, seed=seed,
+                        targets=["rnn.weight_hh_l0"])
     features = structure_features(model)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     masks.attach(opt)

@@ -72,3 +72,33 @@ def test_errors():
         prior_masks(nn.Linear(3, 3), 0.5, "small_world")
     with pytest.raises(ValueError, match="density"):
         prior_masks(nn.Linear(3, 3), 0.0, "erdos_renyi")
+
+
+def test_sparsity_and_method_spell_the_same_masks_as_density_and_kind():
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    new = prior_masks(build(), sparsity=0.75, method="watts_strogatz", seed=3).masks
+    with pytest.warns(DeprecationWarning, match=r"density is deprecated.*sparsity=0.75"):
+        positional = prior_masks(build(), 0.25, "watts_strogatz", seed=3).masks
+    with pytest.warns(DeprecationWarning, match=r"kind= is deprecated, use method="):
+        keyword = prior_masks(build(), density=0.25, kind="watts_strogatz", seed=3).masks
+    assert all(torch.equal(new[k], positional[k]) and torch.equal(new[k], keyword[k])
+               for k in new)
+
+
+def test_prior_masks_spellings_cannot_be_mixed_or_missing():
+    model = nn.Linear(6, 6)
+    with pytest.raises(TypeError, match="both density and sparsity="):
+        prior_masks(model, 0.25, sparsity=0.75, method="erdos_renyi")
+    with pytest.raises(TypeError, match="both kind= and method="):
+        prior_masks(model, sparsity=0.5, kind="erdos_renyi", method="erdos_renyi")
+    with pytest.raises(TypeError, match="needs sparsity= and method="):
+        prior_masks(model, sparsity=0.5)
+    with pytest.raises(TypeError, match="needs sparsity= and method="):
+        prior_masks(model, method="erdos_renyi")
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.0"):
+        prior_masks(model, sparsity=1.0, method="erdos_renyi")
+    with pytest.raises(ValueError, match="method must be a random-graph family"):
+        prior_masks(model, sparsity=0.5, method="small_world")

@@ -8,15 +8,18 @@ never a number here, and a float is not an int (``every=1.5``) — raises
 ``InvalidParameterError`` is), so callers that caught either before still do; a value of
 the right type outside the accepted range (NaN is outside every range) raises
 ``ValueError``. Every message names the parameter, the value and what is accepted.
+:func:`model_errors` does the same for values only the model can judge (inputs of the
+wrong width or type): it names the argument in the error PyTorch raised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -62,6 +65,25 @@ def check_optimizer(optimizer: Any, *, optional: bool = False) -> None:
 def check_sparsity(sparsity: Any, param: str = "sparsity") -> None:
     """Raise unless ``sparsity`` is a real number in [0, 1)."""
     check_fraction(param, sparsity)
+
+
+@contextlib.contextmanager
+def model_errors(param: str, failure: str = "the model cannot run on it") -> Iterator[None]:
+    """Name ``param`` in the error PyTorch raises when a model (or a loss) cannot take the
+    values the caller passed, keeping the original message: ``"{param}: {failure}: …"``.
+
+    A ``TypeError`` becomes an :class:`ArgumentTypeError`, anything else (wrong shapes or
+    dtypes raise ``RuntimeError``) a ``ValueError``; running out of memory is not the
+    argument's fault and passes through unchanged.
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except TypeError as e:
+        raise ArgumentTypeError(f"{param}: {failure}: {e}") from e
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(f"{param}: {failure}: {e}") from e
 
 
 def renamed(**old_to_new: str) -> Callable[[F], F]:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsekit._checks import model_errors
+
 __all__ = [
     "Batch",
     "InputStats",
@@ -137,14 +139,17 @@ def run(model: nn.Module, data: Any, param: str = "data") -> int:
     """Call ``model(inputs)`` for every non-empty batch of ``data`` (see :func:`batches`), in
     eval mode without autograd, leaving the model as found; return the number of calls.
 
-    Raises ``ValueError`` naming ``param`` when ``data`` holds no non-empty batch.
+    Raises ``ValueError`` naming ``param`` when ``data`` holds no non-empty batch, and
+    names it in the error the model raises on inputs it cannot take (see
+    :func:`~sparsekit._checks.model_errors`).
     """
     calls = 0
     with preserved(model, train=False), torch.no_grad():
         for inputs, _ in batches(data):
             if isinstance(inputs, torch.Tensor) and inputs.numel() == 0:
                 continue
-            model(inputs)
+            with model_errors(param, "the model cannot run on its inputs"):
+                model(inputs)
             calls += 1
     if calls == 0:
         raise ValueError(f"{param} holds no (non-empty) batches; pass a tensor of inputs "

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit._checks import check_int
 from sparsekit.activation.allocation import ALLOCATIONS, greedy, uniform
 from sparsekit.activation.blocks import BlockError, block_groups
 from sparsekit.activation.layers import find_layers
@@ -50,8 +51,7 @@ def calibrate(
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
-    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
-        raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
+    check_int("max_rows", max_rows, minimum=1)
     if calibration is None:
         raise ValueError("calibration must be a tensor of inputs or a list of them, got None")
 

@@ -29,6 +29,7 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 import sparsekit
+from sparsekit._checks import check_sparsity
 from sparsekit.cli._output import check_output
 from sparsekit.data import load_image_dataset
 from sparsekit.engine import autotune
@@ -166,9 +167,8 @@ def _parse_sparsities(text: str) -> list[float]:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise ValueError(f"--sparsities must be comma-separated numbers, got {text!r}") from None
-    for v in values:
-        if not 0 <= v < 1:
-            raise ValueError(f"--sparsities entries must be in [0, 1), got {v}")
+    for i, v in enumerate(values):
+        check_sparsity(v, f"--sparsities entry {i + 1}")
     return values
 
 

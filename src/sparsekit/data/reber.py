@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsekit._checks import check_int
+
 SYMBOLS = "BTPSXVE"
 """The alphabet; symbol ``SYMBOLS[i]`` is one-hot index ``i``."""
 
@@ -72,8 +74,7 @@ def reber(n: int, *, embedded: bool = False, seed: int = 0) -> ReberData:
     Each step picks uniformly among the legal transitions (``random.Random(seed)``), the
     usual way the grammar is sampled.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n, minimum=1)
     dfa, start = _GRAMMARS[bool(embedded)]
     rng = random.Random(seed)
     walks = [_walk(dfa, start, rng) for _ in range(n)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsekit._checks import check_int
 from sparsekit.engine import kernels
 from sparsekit.engine.compiled_linear import dense_linear
 
@@ -56,8 +57,8 @@ class ActivationSparseLinear(nn.Module):
                 f"threshold must be a scalar or have in_features={self.in_features} values, "
                 f"got shape {tuple(threshold.shape)}"
             )
-        if threads is not None and (isinstance(threads, bool) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        if threads is not None:
+            check_int("threads", threads, minimum=1)
         self.threads = threads
         self.register_buffer("weight_t", weight.detach().t().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int, renamed
+from sparsekit._checks import check_int, model_errors, renamed
 from sparsekit.engine import autotune, decisions
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear
@@ -106,9 +106,8 @@ def compile(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     names = _check_formats(formats)
     served = None if rows is None else _check_rows(rows)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if threads is not None:
+        check_int("threads", threads, minimum=1)
     value_dtype = _check_weight_dtype(weight_dtype)
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be a bool, got {cache!r}")
@@ -237,9 +236,12 @@ def _check_forced(names: list[str] | None, refused: list[str], compiled: int) ->
 
 
 def _observed_inputs(model: nn.Module, inputs: tuple[object, ...]) -> dict[str, torch.Size]:
-    """The shape of the first input each ``nn.Linear`` and ``nn.Conv2d`` of ``model`` sees."""
+    """The shape of the first input each ``nn.Linear`` and ``nn.Conv2d`` of ``model`` sees;
+    inputs the model cannot take are a clear error naming ``example_inputs``, raised before
+    any work."""
     layers = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
-    return input_shapes(model, layers, *inputs) if layers else {}
+    with model_errors("example_inputs", "the model cannot run on them"):
+        return input_shapes(model, layers, *inputs)
 
 
 def _default_rows(shape: torch.Size | None, kind: type[nn.Module]) -> list[int]:

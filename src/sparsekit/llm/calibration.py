@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from sparsekit._checks import check_int
 
 Calibration = torch.Tensor | list[str] | str | os.PathLike
 
@@ -26,11 +29,9 @@ def calibration_tokens(
     ``tokenizer``) is one token stream, from which ``nsamples`` random windows of ``seqlen``
     tokens are drawn with ``seed`` (the whole stream when it is shorter than ``seqlen``).
     """
-    if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
-        raise ValueError(f"nsamples must be a positive int, got {nsamples!r}")
-    if seqlen is not None and (isinstance(seqlen, bool) or not isinstance(seqlen, int)
-                               or seqlen < 1):
-        raise ValueError(f"seqlen must be a positive int or None, got {seqlen!r}")
+    check_int("nsamples", nsamples, minimum=1)
+    if seqlen is not None:
+        check_int("seqlen", seqlen, minimum=1)
     if isinstance(calibration, torch.Tensor):
         if calibration.dtype.is_floating_point or calibration.dim() not in (1, 2):
             raise ValueError(
@@ -75,6 +76,32 @@ def tokenize(
         raise ValueError(f"tokenizer is required when {param} is text (pass tokenizer=)")
     ids = tokenizer(text)["input_ids"]
     return torch.tensor([i for seq in ids for i in seq], dtype=torch.long)
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """How many token ids ``model`` embeds: its input embedding's rows (else
+    ``config.vocab_size``); ``None`` when the model says neither."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if isinstance(embedding, nn.Embedding):
+        return embedding.num_embeddings
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def check_token_ids(ids: torch.Tensor, model: nn.Module, param: str = "calibration") -> None:
+    """Raise unless every id in ``ids`` is one ``model`` embeds (``0 ≤ id < vocab_size``);
+    an id outside would fail deep in the embedding with a bare ``IndexError``."""
+    size = vocab_size(model)
+    if size is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{param} holds token id {bad}, outside the model's vocabulary; accepted: ids in "
+            f"[0, {size}) (tokenize with the model's own tokenizer)"
+        )
 
 
 def byte_tokenizer() -> Any:

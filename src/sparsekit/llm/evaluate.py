@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit.llm.calibration import tokenize
+from sparsekit._checks import check_int
+from sparsekit.llm.calibration import check_token_ids, tokenize
 from sparsekit.observe import preserved
 
 
@@ -30,17 +31,19 @@ def perplexity(
     disjoint windows); each token is scored once, in the first window that reaches it, with
     the context that window gives (the sliding-window evaluation of the HF docs).
     """
-    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
-        raise ValueError(f"seqlen must be an int >= 2, got {seqlen!r}")
+    check_int("seqlen", seqlen, minimum=2)
     stride = seqlen if stride is None else stride
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 0 < stride <= seqlen:
+    check_int("stride", stride, minimum=1)
+    if stride > seqlen:
         raise ValueError(f"stride must be an int in [1, seqlen={seqlen}], got {stride!r}")
+    check_int("batch_size", batch_size, minimum=1)
     if isinstance(tokens_or_text, torch.Tensor):
         ids = tokens_or_text.reshape(-1).long()
     else:
         ids = tokenize(tokens_or_text, tokenizer, "tokens_or_text")
     if ids.numel() < 2:
         raise ValueError("tokens_or_text needs at least 2 tokens")
+    check_token_ids(ids, model, "tokens_or_text")
 
     windows: list[tuple[int, int, int]] = []  # (begin, end, tokens to score at the end)
     scored = 0

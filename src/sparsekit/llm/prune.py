@@ -4,6 +4,15 @@ The embeddings run once to capture the inputs of block 0. Then, for each block i
 forward hooks gather its linear layers' input statistics (the block itself still dense),
 every layer is pruned, and the *pruned* block's outputs become the inputs of the next
 block. Only one block's activations (and its layers' Hessians) are alive at a time.
+
+Non-finite values (NaN, inf) would prune arbitrarily, so they are refused with a
+``ValueError`` naming where they are. Everything that can hold them is checked before
+the first weight changes: the token ids, every parameter of the blocks, the inputs of
+the first block; then each block's layer inputs are checked before that block is pruned,
+and its new weights before they are written (a block is written whole or not at all).
+Once every parameter and the first block's inputs are finite, a later block can only
+see non-finite inputs if the *pruned* blocks before it overflow (half precision at a
+high sparsity); that error says which blocks were already pruned, and those stay pruned.
 """
 
 from __future__ import annotations
@@ -14,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit._checks import check_int
 from sparsekit.allocation import outlier_ratio, owl_sparsities
 from sparsekit.blocks import BlockCall, capture_inputs, find_blocks
 from sparsekit.llm.blocks import DEFAULT_EXCLUDE, Layer, block_layers
-from sparsekit.llm.calibration import Calibration, calibration_tokens
+from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
 from sparsekit.llm.methods import METHODS, Method
 from sparsekit.masks import MaskSet
 from sparsekit.observe import InputStats, preserved, record
@@ -60,21 +70,26 @@ def prune(
     and ``sparsity`` may not exceed it); ``allocation`` is ``"uniform"`` or ``"owl"`` (per-block
     sparsity from outlier ratios, unstructured only). ``calibration`` is a token tensor, a
     list of strings or a text file (then pass ``tokenizer``), see
-    :func:`~sparsekit.llm.calibration.calibration_tokens`; ``seqlen`` defaults to the
-    model's context length (at most 2048). With ``device``, each block is moved there while
-    it is pruned, ``batch_size`` calibration windows at a time. ``progress(done, total)``
-    is called after each block is pruned.
+    :func:`~sparsekit.llm.calibration.calibration_tokens`; its ids must be ones the model
+    embeds. ``seqlen`` defaults to the model's context length (at most 2048) and may not
+    exceed it. With ``device``, each block is moved there while it is pruned,
+    ``batch_size`` calibration windows at a time. ``progress(done, total)`` is called
+    after each block is pruned. Non-finite weights or activations are a ``ValueError``
+    (see the module's notes).
     """
     spec = METHODS.get(method)
     pat = check_options(sparsity, pattern, allocation)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("seed", seed)
+    seqlen = check_seqlen(model, seqlen)
     blocks = find_blocks(model)
     layers = block_layers(model, blocks, targets, exclude)
     for layer in (x for block in layers for x in block):
         pat.check(layer.shape, layer.name)
     tokens = calibration_tokens(calibration, tokenizer=tokenizer, nsamples=nsamples,
-                                seqlen=seqlen or context_length(model), seed=seed)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+                                seqlen=seqlen, seed=seed)
+    check_token_ids(tokens, model)
+    _check_finite_parameters(model, blocks)
     dev = torch.device(device) if device is not None else None
 
     def run(need: Method, report: Progress | None = None
@@ -85,14 +100,22 @@ def prune(
     with preserved(model, train=False), torch.no_grad():
         ratios = [0.0] * len(blocks)
         if ALLOCATIONS.meta(allocation)["outliers"]:  # from a dense pass of the unpruned model
-            ratios = [outlier_ratio([wanda_scores(x.weight(), stats[x.name]) for x in layers[i]])
-                      for i, stats in run(METHODS.get("wanda"))]
+            ratios = []
+            for i, stats in run(METHODS.get("wanda")):
+                _check_inputs(layers[i], stats, pruned=0)
+                ratios.append(outlier_ratio([wanda_scores(x.weight(), stats[x.name])
+                                             for x in layers[i]]))
         sparsities = ALLOCATIONS.get(allocation)(ratios, sparsity)
         for i, stats in run(spec, progress):
+            _check_inputs(layers[i], stats, pruned=i)
+            new = []
             for layer in layers[i]:
                 w, keep = spec.prune(layer.weight(), stats.get(layer.name), sparsities[i], pat)
+                new.append((layer, _check_weight(w, layer, method, pruned=i), keep))
+            for layer, w, keep in new:  # the whole block, once all of it is checked
                 layer.set_weight(w)
                 masks[layer.name] = layer.to_storage(keep)
+            del new  # before the next block's statistics are gathered
     return MaskSet(model, masks, pattern=str(pat)).apply()
 
 
@@ -127,6 +150,13 @@ def _sequential(
     """Yield ``(i, stats)`` for each block; the caller prunes block ``i`` before resuming,
     and the block's outputs, recomputed after that, feed block ``i + 1``."""
     ((hidden, calls),) = capture_inputs(model, [blocks[0]], tokens.split(batch_size), device)
+    bad = sum(_non_finite(h) for h in hidden)
+    if bad:
+        raise ValueError(
+            f"calibration: the inputs of the first transformer block (the embeddings' output) "
+            f"hold {bad} non-finite value(s) (NaN or inf); check the embedding weights "
+            "(model.get_input_embeddings()); the model was not changed"
+        )
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
         block.to(device or home)
@@ -149,6 +179,83 @@ def _forward(block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall
 
 def context_length(model: nn.Module) -> int:
     """The model's maximum sequence length from its config, at most 2048."""
+    return min(max_positions(model) or 2048, 2048)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` was built for (``config.max_position_embeddings`` or
+    GPT-2's ``n_positions``); ``None`` when its config says neither."""
     config = getattr(model, "config", None)
-    length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
-    return min(length or 2048, 2048)
+    length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions",
+                                                                         None)
+    return length if isinstance(length, int) and length > 0 else None
+
+
+def check_seqlen(model: nn.Module, seqlen: int | None) -> int:
+    """``seqlen``, validated against ``model``'s context; ``None`` gives the default,
+    :func:`context_length`."""
+    if seqlen is None:
+        return context_length(model)
+    check_int("seqlen", seqlen, minimum=1)
+    limit = max_positions(model)
+    if limit is not None and seqlen > limit:
+        raise ValueError(
+            f"seqlen {seqlen} exceeds the model's context of {limit} tokens "
+            f"(config.max_position_embeddings); accepted: 1 to {limit}, or None for "
+            f"{context_length(model)}"
+        )
+    return seqlen
+
+
+# -- non-finite values ------------------------------------------------------------------
+
+
+def _non_finite(t: torch.Tensor) -> int:
+    return int(t.numel() - torch.isfinite(t).sum()) if t.is_floating_point() else 0
+
+
+def _check_finite_parameters(model: nn.Module, blocks: nn.ModuleList) -> None:
+    """Raise naming the first parameter of the blocks that holds NaN or inf (it would make
+    its block's outputs, and every later block's inputs, non-finite)."""
+    inside = {id(p) for p in blocks.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in inside and (bad := _non_finite(p.detach())):
+            raise ValueError(
+                f"model: parameter {name!r} holds {bad} non-finite value(s) (NaN or inf); "
+                "pruning needs finite weights; the model was not changed"
+            )
+
+
+def _already(pruned: int) -> str:
+    """What has changed when block ``pruned`` finds a fault (blocks before it are pruned)."""
+    if pruned == 0:
+        return "the model was not changed"
+    return (f"blocks 0 to {pruned - 1} were already pruned and stay pruned (their outputs "
+            "overflowed: prune in float32 or at a lower sparsity); reload the model to retry")
+
+
+def _check_inputs(layers: list[Layer], stats: dict[str, InputStats], pruned: int) -> None:
+    """Raise naming the first layer whose calibration input statistics hold NaN or inf."""
+    for layer in layers:
+        s = stats.get(layer.name)
+        if s is None:
+            continue
+        bad = _non_finite(s.sq) + (0 if s.gram is None else _non_finite(s.gram))
+        if bad:
+            raise ValueError(
+                f"calibration: the inputs of {layer.name!r} hold non-finite values (NaN or "
+                f"inf; {bad} non-finite statistic(s)); {_already(pruned)}"
+            )
+
+
+def _check_weight(w: torch.Tensor, layer: Layer, method: str, pruned: int) -> torch.Tensor:
+    """``w`` in the layer's storage dtype, or a ``ValueError`` if it holds NaN or inf
+    (an ill-conditioned reconstruction, or a value beyond the dtype's range)."""
+    w = w.to(layer.module.weight.dtype)
+    bad = _non_finite(w)
+    if bad:
+        raise ValueError(
+            f"method {method!r} gave {bad} non-finite weight(s) (NaN or inf) for "
+            f"{layer.name!r}; {_already(pruned)}"
+        )
+    return w

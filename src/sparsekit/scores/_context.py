@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsekit._checks import model_errors
 from sparsekit.observe import Batch, batches, preserved
 from sparsekit.targets import Target
 
@@ -50,6 +51,28 @@ class ScoreContext:
             )
         return out
 
+    def require_grad(self, criterion: str) -> None:
+        """Raise unless every target takes a gradient (``requires_grad=True``): gradient
+        criteria differentiate the loss with respect to the targets."""
+        frozen = [t.name for t in self.targets if not t.param.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"criterion {criterion!r} differentiates the loss with respect to every "
+                f"target, but {frozen} have requires_grad=False; unfreeze them while "
+                "pruning (param.requires_grad_(True)), leave them out (exclude=), or use a "
+                "criterion that needs no gradient ('magnitude', 'wanda', 'synflow')"
+            )
+
+    def outputs(self, inputs: Any) -> Any:
+        """``model(inputs)`` for one batch of ``data``; inputs the model cannot take are a
+        clear error naming ``data``."""
+        with model_errors("data", "the model cannot run on the inputs of a batch"):
+            return self.model(inputs)
+
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``loss_fn(outputs, labels)``; labels that do not fit the outputs (wrong length,
+        wrong dtype) are a clear error naming ``data``."""
         fn = self.loss_fn or F.cross_entropy
-        return fn(outputs, labels)
+        with model_errors("data", "the loss cannot compare the model's outputs with the labels "
+                                  "of a batch"):
+            return fn(outputs, labels)

@@ -2,7 +2,9 @@
 
 All of them differentiate with ``torch.autograd.grad`` (never ``.backward()``), so the
 model's ``.grad`` fields are untouched, and run inside :func:`preserved` so batch-norm
-statistics are not updated by the scoring passes.
+statistics are not updated by the scoring passes. Gradients are enabled inside, so they
+score under ``torch.no_grad()`` too; SNIP, Taylor and GraSP need targets that take a
+gradient (``requires_grad=True``), SynFlow differentiates copies and does not.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
+from sparsekit._checks import model_errors
 from sparsekit.observe import preserved
 from sparsekit.scores import CRITERIA
 from sparsekit.scores._context import ScoreContext
@@ -17,7 +20,7 @@ from sparsekit.scores._context import ScoreContext
 
 def _grads(ctx: ScoreContext, batch, *, create_graph: bool = False) -> list[torch.Tensor]:
     x, y = batch
-    loss = ctx.loss(ctx.model(x), y)
+    loss = ctx.loss(ctx.outputs(x), y)
     params = [t.param for t in ctx.targets]
     return list(torch.autograd.grad(loss, params, create_graph=create_graph))
 
@@ -30,7 +33,8 @@ def snip(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     scores are normalised to sum to one, as in the paper.
     """
     data = ctx.require_data("snip", labels=True)
-    with preserved(ctx.model):
+    ctx.require_grad("snip")
+    with preserved(ctx.model), torch.enable_grad():
         total = [torch.zeros_like(t.param, dtype=torch.float32) for t in ctx.targets]
         for batch in data:
             for acc, g in zip(total, _grads(ctx, batch)):
@@ -48,8 +52,9 @@ def taylor(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     weights whose gradient flips sign between batches still count as important.
     """
     data = ctx.require_data("taylor", labels=True)
+    ctx.require_grad("taylor")
     scores = [torch.zeros_like(t.param, dtype=torch.float32) for t in ctx.targets]
-    with preserved(ctx.model):
+    with preserved(ctx.model), torch.enable_grad():
         for batch in data:
             for s, t, g in zip(scores, ctx.targets, _grads(ctx, batch)):
                 s += (t.param.detach().float() * g.float()).abs()
@@ -64,13 +69,14 @@ def grasp(ctx: ScoreContext, temperature: float = 200.0) -> dict[str, torch.Tens
     largest ``w ⊙ Hg``. Logits are divided by ``temperature`` as in the reference code.
     """
     data = ctx.require_data("grasp", labels=True)
+    ctx.require_grad("grasp")
     params = [t.param for t in ctx.targets]
 
     def loss(batch) -> torch.Tensor:
         x, y = batch
-        return ctx.loss(ctx.model(x) / temperature, y)
+        return ctx.loss(ctx.outputs(x) / temperature, y)
 
-    with preserved(ctx.model):
+    with preserved(ctx.model), torch.enable_grad():
         g = [torch.zeros_like(p) for p in params]
         for batch in data:
             for acc, gi in zip(g, torch.autograd.grad(loss(batch), params)):
@@ -103,8 +109,9 @@ def synflow(ctx: ScoreContext) -> dict[str, torch.Tensor]:
         n: (b.double() if torch.is_floating_point(b) else b) for n, b in model.named_buffers()
     }
     ones = torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=x.device)
-    with preserved(model, train=False):
-        out = functional_call(model, {**abs_params, **buffers}, (ones,))
+    with preserved(model, train=False), torch.enable_grad():
+        with model_errors("data", "the model cannot run on inputs of its shape"):
+            out = functional_call(model, {**abs_params, **buffers}, (ones,))
         leaves = [abs_params[t.name] for t in ctx.targets]
         grads = torch.autograd.grad(out.sum(), leaves)
     return {t.name: (p * g).float() for t, p, g in zip(ctx.targets, leaves, grads)}

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from sparsekit._checks import check_int
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 from sparsekit.engine.formats.native import NativeFormat
 
@@ -143,16 +144,13 @@ def _bsr_parts(
 
 
 def _check_block(block: object) -> tuple[int, int]:
-    ok = (
-        isinstance(block, tuple) and len(block) == 2
-        and all(isinstance(b, int) and not isinstance(b, bool) for b in block)
-        and 1 <= block[0] <= 64 and block[1] >= 4 and block[1] % 4 == 0
-    )
-    if not ok:
-        raise ValueError(
-            f"block must be a tuple (R, C) with 1 <= R <= 64 and C a positive multiple of 4, "
-            f"got {block!r}"
-        )
+    accepted = "a tuple (R, C) with 1 <= R <= 64 and C a positive multiple of 4"
+    if not (isinstance(block, tuple) and len(block) == 2):
+        raise ValueError(f"block must be {accepted}, got {block!r}")
+    for i, b in enumerate(block):
+        check_int(f"block[{i}]", b, minimum=1)
+    if not (block[0] <= 64 and block[1] >= 4 and block[1] % 4 == 0):
+        raise ValueError(f"block must be {accepted}, got {block!r}")
     return block
 
 

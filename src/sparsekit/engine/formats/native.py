@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from sparsekit._checks import check_int
 from sparsekit.engine import kernels
 from sparsekit.engine.formats.base import Format, masked
 
@@ -33,10 +34,8 @@ class NativeFormat(Format):
     def __init__(
         self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None = None
     ) -> None:
-        if threads is not None and (
-            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-        ):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        if threads is not None:
+            check_int("threads", threads, minimum=1)
         super().__init__(tensors, shape)
         self.threads = threads
         self._stored = max(t.numel() for t in tensors)  # work per input row, for _threads

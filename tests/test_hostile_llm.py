@@ -1,0 +1,195 @@
+"""Hostile inputs to ``llm.prune`` and ``llm.perplexity`` (issue 17, items 3 and 9).
+
+Each is a clear ``ValueError`` naming the argument (or the layer) and what is accepted,
+raised before any weight changes. Before: ``seqlen=0`` meant the default, a ``seqlen``
+past the model's context was accepted, out-of-vocabulary ids raised a bare
+``IndexError``, and one NaN in the calibration activations pruned silently (Wanda) or
+failed deep inside SparseGPT's Cholesky factorisation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from sparsekit import llm  # noqa: E402
+from sparsekit.blocks import find_blocks  # noqa: E402
+
+VOCAB, CONTEXT = 256, 64
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def llama() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=CONTEXT)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tokens(n: int = 4, length: int = 16) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    # NaN != NaN: compare bit patterns (equal_nan) so a planted NaN counts as unchanged.
+    return all(torch.allclose(before[k], v, rtol=0, atol=0, equal_nan=True)
+               for k, v in model.state_dict().items())
+
+
+# -- arguments -----------------------------------------------------------------------------
+
+ARGUMENTS = [
+    # name, calibration, kwargs, phrases the message must hold
+    ("seqlen=0 is not the default", tokens(), dict(seqlen=0), ["seqlen", "0", "≥ 1"]),
+    ("negative seqlen", tokens(), dict(seqlen=-4), ["seqlen", "-4"]),
+    ("fractional seqlen", tokens(), dict(seqlen=8.5), ["seqlen", "8.5"]),
+    ("seqlen past the context", torch.randint(0, VOCAB, (500,)), dict(seqlen=CONTEXT + 1),
+     ["seqlen 65", f"context of {CONTEXT}", f"1 to {CONTEXT}"]),
+    ("token id past the vocabulary", tokens() + VOCAB, {},
+     ["calibration", "token id", f"[0, {VOCAB})"]),
+    ("negative token id", tokens() - VOCAB, {}, ["calibration", "token id -", f"[0, {VOCAB})"]),
+    ("one bad id in a stream", torch.cat([torch.zeros(40, dtype=torch.long),
+                                          torch.tensor([VOCAB])]), dict(seqlen=8),
+     ["calibration", f"token id {VOCAB}"]),
+    ("fractional batch_size", tokens(), dict(batch_size=2.5), ["batch_size", "2.5"]),
+    ("bool batch_size", tokens(), dict(batch_size=True), ["batch_size", "True"]),
+    ("bool nsamples", tokens(), dict(nsamples=True), ["nsamples", "True"]),
+]
+
+
+@pytest.mark.parametrize("calibration, kwargs, phrases", [c[1:] for c in ARGUMENTS],
+                         ids=[c[0] for c in ARGUMENTS])
+def test_bad_arguments_are_clear_errors_and_change_nothing(calibration, kwargs, phrases):
+    model = llama()
+    before = state(model)
+    with pytest.raises(ValueError) as err:
+        llm.prune(model, calibration, **kwargs)
+    assert all(p in str(err.value) for p in phrases), str(err.value)
+    assert unchanged(model, before)
+
+
+def test_seqlen_up_to_the_context_is_accepted():
+    stream = torch.randint(0, VOCAB, (500,), generator=torch.Generator().manual_seed(0))
+    masks = llm.prune(llama(), stream, seqlen=CONTEXT, nsamples=2)
+    assert masks.sparsity() == pytest.approx(0.5, abs=0.01)
+
+
+def test_perplexity_rejects_ids_outside_the_vocabulary():
+    with pytest.raises(ValueError, match=rf"tokens_or_text holds token id {VOCAB}\b"):
+        llm.perplexity(llama(), torch.full((40,), VOCAB), seqlen=16)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(seqlen=16.0), "seqlen"), (dict(seqlen=1), "seqlen"), (dict(seqlen=16, stride=0),
+                                                                "stride"),
+    (dict(seqlen=16, stride=True), "stride"), (dict(seqlen=16, batch_size=0), "batch_size"),
+])
+def test_perplexity_options_are_checked(kwargs, param):
+    with pytest.raises(ValueError, match=param):
+        llm.perplexity(llama(), tokens().reshape(-1), **kwargs)
+
+
+def test_vocab_size_and_token_id_check():
+    from sparsekit.llm.calibration import check_token_ids, vocab_size
+
+    model = llama()
+    assert vocab_size(model) == VOCAB
+    assert vocab_size(nn.Linear(2, 2)) is None
+    check_token_ids(torch.tensor([0, VOCAB - 1]), model)
+    check_token_ids(torch.tensor([10**9]), nn.Linear(2, 2))  # no vocabulary: nothing to check
+    with pytest.raises(ValueError, match="ids in"):
+        check_token_ids(torch.tensor([VOCAB]), model)
+
+
+# -- non-finite values (item 3) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nan_in_the_embeddings_of_a_calibration_token(method):
+    model = llama()
+    calib = tokens()
+    model.model.embed_tokens.weight.data[calib[0, 3]] = float("nan")
+    before = state(model)
+    with pytest.raises(ValueError, match=r"first transformer block.*non-finite.*not changed"):
+        llm.prune(model, calib, method=method)
+    assert unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("where", ["model.layers.1.mlp.up_proj.weight",
+                                   "model.layers.1.input_layernorm.weight"])
+def test_nan_in_a_later_block_is_caught_before_the_first_block_changes(method, where):
+    model = llama()
+    dict(model.named_parameters())[where].data.view(-1)[0] = float("inf")
+    before = state(model)
+    with pytest.raises(ValueError, match=rf"parameter '{where}'.*non-finite.*not changed"):
+        llm.prune(model, tokens(), method=method)
+    assert unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_nan_activations_name_the_layer_before_its_block_changes(method):
+    # A NaN that only shows inside block 0 (here injected into one layer's input).
+    model = llama()
+    layer = model.model.layers[0].mlp.down_proj
+    layer.register_forward_pre_hook(lambda _m, args: (args[0] * float("nan"),))
+    before = state(model)
+    with pytest.raises(ValueError) as err:
+        llm.prune(model, tokens(), method=method)
+    assert "'model.layers.0.mlp.down_proj.weight'" in str(err.value)
+    assert "not changed" in str(err.value)
+    assert unchanged(model, before)
+
+
+def test_nan_activations_with_owl_are_caught_in_the_dense_pass():
+    model = llama()
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: (args[0] * float("nan"),))
+    before = state(model)
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj.*not changed"):
+        llm.prune(model, tokens(), allocation="owl")
+    assert unchanged(model, before)
+
+
+def test_overflow_in_a_pruned_block_says_which_blocks_were_pruned():
+    # Every parameter is finite, so only the pruned blocks' outputs can turn non-finite:
+    # here block 0's output overflows once it runs for block 1's inputs.
+    model = llama()
+    block = find_blocks(model)[0]
+
+    def overflow(_m, _args, out):
+        return (out[0] * float("inf"), *out[1:]) if isinstance(out, tuple) else out * float("inf")
+
+    block.register_forward_hook(overflow)
+    with pytest.raises(ValueError, match=r"model.layers.1.*blocks 0 to 0 were already pruned"):
+        llm.prune(model, tokens(), method="wanda")
+
+
+def test_non_finite_new_weights_are_refused_before_their_block_is_written(monkeypatch):
+    # An ill-conditioned reconstruction: SparseGPT's update turns the 3rd layer of block 0
+    # into NaN. The block's first two layers, already computed, must not be written either.
+    from sparsekit.llm import methods
+
+    real, calls = methods.sparsegpt_prune, []
+
+    def ill_conditioned(w, hessian, sparsity, pattern):
+        calls.append(1)
+        w, keep = real(w, hessian, sparsity, pattern)
+        return (w * float("nan") if len(calls) == 3 else w), keep
+
+    monkeypatch.setattr(methods, "sparsegpt_prune", ill_conditioned)
+    model = llama()
+    before = state(model)
+    with pytest.raises(ValueError, match=r"method 'sparsegpt' gave \d+ non-finite weight\(s\) "
+                                         r"\(NaN or inf\) for 'model.layers.0.*not changed"):
+        llm.prune(model, tokens(), method="sparsegpt")
+    assert len(calls) == 3
+    assert unchanged(model, before)
