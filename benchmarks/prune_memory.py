@@ -65,7 +65,7 @@ def child(case: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():  # in place: building the model leaves no freed peak
-            p.normal_(generator=gen)
+            p.normal_(std=p.shape[1] ** -0.5, generator=gen)
             if case["prezero"]:
                 p.view(-1)[: int(p.numel() * case["prezero"])] = 0.0
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

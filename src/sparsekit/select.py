@@ -19,10 +19,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-_CHUNK = 1 << 18
+_CHUNK = 1 << 20
 """Entries per step of a chunked selection: its memory, however many scores there are."""
 _DIGITS = (11, 11, 10)
 """Bits of the 32-bit key resolved per pass, high to low: three reads, 2048 bins at most."""
+_SIGN_BIT = 1 << 31
+_SIGN = -_SIGN_BIT  # the sign bit as an int32
 _RADIX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Score dtypes that float32 holds exactly, so a float32 key ranks them exactly."""
 
@@ -170,8 +172,8 @@ def _kth_largest(
                 if finite_only and not done:
                     finite += int(torch.isfinite(values).sum())
                 key = _key(values)
-                if done:
-                    key = key[(key >> (32 - done)) == prefix]
+                if done:  # the digits chosen so far (masked: >> extends the sign)
+                    key = key[((key >> (32 - done)) & ((1 << done) - 1)) == prefix]
                 digit = (key >> (32 - done - bits)) & ((1 << bits) - 1)
                 counts += torch.bincount(digit, minlength=1 << bits)
             hist[i] = counts.cpu()
@@ -205,14 +207,14 @@ def _ranked(chunk: torch.Tensor) -> torch.Tensor:
 
 
 def _key(values: torch.Tensor) -> torch.Tensor:
-    """int64 keys in [0, 2³²) ordered like the float32 ``values`` (NaN-free, no -0.0)."""
-    bits = values.view(torch.int32).long()
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + (1 << 31)
+    """int32 keys whose bits, read as unsigned, order like the float32 ``values`` (NaN-free,
+    no -0.0): the sign bit of a positive value is set, a negative one has all bits flipped."""
+    bits = values.view(torch.int32)
+    return bits ^ ((bits >> 31) | _SIGN)
 
 
 def _value(key: int) -> torch.Tensor:
-    """The float32 value of a key (the inverse of :func:`_key`)."""
-    bits = key - (1 << 31)
-    if bits < 0:
-        bits ^= 0x7FFFFFFF
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0]
+    """The float32 value of an unsigned key (the inverse of :func:`_key`)."""
+    bits = key ^ _SIGN_BIT if key & _SIGN_BIT else ~key & 0xFFFFFFFF
+    signed = bits - (1 << 32) if bits & _SIGN_BIT else bits
+    return torch.tensor([signed], dtype=torch.int32).view(torch.float32)[0]
