@@ -192,7 +192,10 @@ def _erdos_renyi(scores: Scores, sparsity: float, *, kernel: bool) -> dict[str, 
 
 
 def _top_k_counts(
-    scores: Scores, sparsity: float, *, rank_by: Callable[[torch.Tensor], torch.Tensor] | None = None
+    scores: Scores,
+    sparsity: float,
+    *,
+    rank_by: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, int]:
     """Per-layer counts of one global ranking of ``scores`` (or of ``rank_by`` of each
     layer's scores, computed afresh on each of the selection's reads rather than held for

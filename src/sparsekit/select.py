@@ -159,24 +159,15 @@ def _kth_largest(
     """
     above = torch.zeros(len(parts), dtype=torch.long)
     prefix, done, rank = 0, 0, k
+    live = [True] * len(parts)  # parts with entries under the digits chosen so far
     for bits in _DIGITS:
         hist, finite = torch.zeros(len(parts), 1 << bits, dtype=torch.long), 0
-        for i in range(len(parts)):
-            part = parts[i]
+        for i in range(len(parts)):  # one part at a time: a computed part is let go at once
+            if not live[i]:
+                continue
             ok = None if allowed is None else allowed[i].reshape(-1)
-            counts = torch.zeros(1 << bits, dtype=torch.long, device=part.device)
-            for (_, chunk), (_, ok_chunk) in zip(_chunks(part.reshape(-1)), _chunks(ok)):
-                values = _ranked(chunk)
-                if ok_chunk is not None:
-                    values = values[ok_chunk]
-                if finite_only and not done:
-                    finite += int(torch.isfinite(values).sum())
-                key = _key(values)
-                if done:  # the digits chosen so far (masked: >> extends the sign)
-                    key = key[((key >> (32 - done)) & ((1 << done) - 1)) == prefix]
-                digit = (key >> (32 - done - bits)) & ((1 << bits) - 1)
-                counts += torch.bincount(digit, minlength=1 << bits)
-            hist[i] = counts.cpu()
+            hist[i], n_finite = _histogram(parts[i], ok, prefix, done, bits)
+            finite += n_finite
         if not done:
             rank = min(k, int(hist.sum()), finite if finite_only else k)
             if rank == 0:
@@ -188,8 +179,30 @@ def _kth_largest(
         digit = (1 << bits) - 1 - index
         rank -= int(from_top[index] - total[digit])
         above += hist[:, digit + 1:].sum(1)
+        live = (hist[:, digit] > 0).tolist()
         prefix, done = (prefix << bits) | digit, done + bits
     return _value(prefix), k, above.tolist(), hist[:, digit].tolist()
+
+
+def _histogram(
+    part: torch.Tensor, ok: torch.Tensor | None, prefix: int, done: int, bits: int
+) -> tuple[torch.Tensor, int]:
+    """Counts of the next ``bits``-bit digit of the keys of ``part`` (its ``ok`` entries)
+    whose first ``done`` bits are ``prefix``, and the number of finite entries read."""
+    counts = torch.zeros(1 << bits, dtype=torch.long, device=part.device)
+    finite = 0
+    for (_, chunk), (_, ok_chunk) in zip(_chunks(part.reshape(-1)), _chunks(ok)):
+        values = _ranked(chunk)
+        if ok_chunk is not None:
+            values = values[ok_chunk]
+        if not done:
+            finite += int(torch.isfinite(values).sum())
+        key = _key(values)
+        if done:  # the digits chosen so far (masked: >> extends the sign)
+            key = key[((key >> (32 - done)) & ((1 << done) - 1)) == prefix]
+        counts += torch.bincount((key >> (32 - done - bits)) & ((1 << bits) - 1),
+                                 minlength=1 << bits)
+    return counts.cpu(), finite
 
 
 def _chunks(flat: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor | None]]:
