@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from sparsekit import select
 from sparsekit.allocation import (
     ALLOCATIONS,
+    _sorted_lamp_scores,
     er,
     erdos_renyi_densities,
     erk,
@@ -13,6 +15,7 @@ from sparsekit.allocation import (
     owl_sparsities,
     uniform,
 )
+from sparsekit.select import top_k
 
 SHAPES = {
     "a": torch.Size((100, 50)),
@@ -256,3 +259,42 @@ def test_outlier_ratio_ignores_pruned_entries():
     s = torch.tensor([1.0] * 9 + [100.0, float("-inf")])  # mean 10.9 over the 10 finite
     assert outlier_ratio([s]) == pytest.approx(1 / 10)
     assert outlier_ratio([torch.full((3,), float("-inf"))]) == 0.0
+
+
+# -- the global ranking is chosen without concatenating the layers ------------------------
+
+
+def counts_by_concatenation(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, int]:
+    """The reference: all scores in one vector, the top k of it, counted per layer."""
+    flat = torch.cat([s.flatten().float() for s in scores.values()])
+    k = min(round(flat.numel() * (1.0 - sparsity)), int(torch.isfinite(flat).sum()))
+    kept = top_k(flat, k).split([s.numel() for s in scores.values()])
+    return {n: int(m.sum()) for n, m in zip(scores, kept)}
+
+
+def tie_heavy_scores(g: torch.Generator) -> dict[str, torch.Tensor]:
+    scores = {}
+    for name, shape in SHAPES.items():
+        s = torch.randint(0, 6, shape, generator=g).float() / 4  # many ties
+        s[torch.rand(shape, generator=g) < 0.2] = float("-inf")  # already pruned
+        scores[name] = s
+    return scores
+
+
+@pytest.mark.parametrize("chunk", [500, 1 << 20])
+def test_global_and_lamp_equal_a_ranking_of_the_concatenation(monkeypatch, chunk):
+    monkeypatch.setattr(select, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        scores = tie_heavy_scores(g)
+        lamps = {n: lamp_scores(s) for n, s in scores.items()}
+        for sparsity in (0.0, 0.3, 0.5, 0.9, 0.99, 1.0):
+            assert global_(scores, sparsity) == counts_by_concatenation(scores, sparsity)
+            assert lamp(scores, sparsity) == counts_by_concatenation(lamps, sparsity)
+
+
+def test_sorted_lamp_scores_are_the_lamp_scores_in_order():
+    g = torch.Generator().manual_seed(6)
+    s = torch.randint(0, 6, (40, 30), generator=g).double()
+    s[torch.rand(s.shape, generator=g) < 0.3] = float("-inf")
+    assert torch.equal(_sorted_lamp_scores(s), lamp_scores(s).flatten().sort().values)

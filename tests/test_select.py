@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from sparsekit.select import top_k
+from sparsekit import select
+from sparsekit.select import top_k, top_k_counts
 
 
 def by_sort(score: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
@@ -61,3 +62,78 @@ def test_bad_arguments():
         top_k(torch.rand(3), -1)
     with pytest.raises(ValueError, match="allowed must have the shape"):
         top_k(torch.rand(3), 1, allowed=torch.ones(4, dtype=torch.bool))
+
+
+# -- chunked selection: top_k over many entries and top_k_counts across tensors -----------
+
+
+def tie_heavy(g: torch.Generator, n: int, kind: int) -> torch.Tensor:
+    """Scores with many ties, differing in every digit of the radix keys, with the special
+    values a selection must rank right: ±inf, NaN (as +inf) and -0.0 (equal to 0.0)."""
+    if kind == 0:
+        score = torch.randint(-3, 4, (n,), generator=g).float()
+    elif kind == 1:  # equal but for the lowest mantissa bits, both signs
+        score = 1.0 + torch.randint(0, 6, (n,), generator=g).float() * 2**-23
+        score[torch.rand(n, generator=g) < 0.3] *= -1
+    else:
+        score = (torch.randint(0, 5, (n,), generator=g) * 2**-10
+                 + torch.randint(0, 3, (n,), generator=g) * 2**-20).float()
+    for value, share in ((-math.inf, 0.1), (math.nan, 0.05), (-0.0, 0.05), (math.inf, 0.03)):
+        score[torch.rand(n, generator=g) < share] = value
+    return score
+
+
+def by_sort_nan_as_inf(score: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference for any scores: a stable descending sort of the allowed ones only."""
+    where = allowed.nonzero().flatten()
+    ranked = score[where].nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    expected = torch.zeros(score.numel(), dtype=torch.bool)
+    expected[where[torch.argsort(ranked, descending=True, stable=True)[:k]]] = True
+    return expected
+
+
+def test_chunked_top_k_picks_like_a_stable_descending_sort(monkeypatch):
+    monkeypatch.setattr(select, "_CHUNK", 16)  # many chunks of a small tensor
+    g = torch.Generator().manual_seed(2)
+    for i in range(150):
+        n = int(torch.randint(17, 300, (1,), generator=g))
+        score = tie_heavy(g, n, i % 3)
+        allowed = torch.rand(n, generator=g) < 0.6
+        k = int(torch.randint(0, n + 3, (1,), generator=g))
+        everything = torch.ones(n, dtype=torch.bool)
+        assert torch.equal(top_k(score, k, allowed=allowed),
+                           by_sort_nan_as_inf(score, allowed, k))
+        assert torch.equal(top_k(score, k), by_sort_nan_as_inf(score, everything, k))
+
+
+def test_chunked_top_k_at_full_size_and_in_half_precision():
+    g = torch.Generator().manual_seed(3)
+    n = select._CHUNK + 5  # more than one real chunk: the chunked path
+    score = (torch.randint(0, 1000, (n,), generator=g).float() / 7).to(torch.bfloat16)
+    everything = torch.ones(n, dtype=torch.bool)
+    for k in (n // 10, n - 3):  # bfloat16 rounding makes many ties
+        assert torch.equal(top_k(score, k), by_sort(score.float(), everything, k))
+
+
+def test_top_k_counts_equal_top_k_of_the_concatenation(monkeypatch):
+    monkeypatch.setattr(select, "_CHUNK", 16)
+    g = torch.Generator().manual_seed(4)
+    for i in range(150):
+        n = int(torch.randint(1, 300, (1,), generator=g))
+        score = tie_heavy(g, n, i % 3)
+        cuts = [0, *sorted(torch.randint(0, n + 1, (3,), generator=g).tolist()), n]
+        parts = [score[a:b].reshape(-1, 1) for a, b in zip(cuts, cuts[1:])]  # any shapes
+        k = int(torch.randint(0, n + 3, (1,), generator=g))
+        chosen = top_k(score, k)
+        assert top_k_counts(parts, k) == [int(chosen[a:b].sum()) for a, b in zip(cuts, cuts[1:])]
+
+
+def test_top_k_counts_finite_only_and_dtypes():
+    inf = math.inf
+    parts = [torch.tensor([inf, 1.0, -inf]), torch.tensor([2.0, -inf], dtype=torch.float64)]
+    assert top_k_counts(parts, 5) == [3, 2]
+    assert top_k_counts(parts, 5, finite_only=True) == [1, 1]  # k capped at the 2 finite
+    assert top_k_counts(parts, 0) == [0, 0]
+    assert top_k_counts([torch.empty(0), torch.tensor([3, 1])], 1) == [0, 1]  # integers
+    with pytest.raises(ValueError, match="k must be ≥ 0"):
+        top_k_counts(parts, -1)

@@ -10,12 +10,12 @@ so each layer is within one element of its exact share.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from sparsekit.registry import Registry
-from sparsekit.select import top_k
+from sparsekit.select import top_k_counts
 
 ALLOCATIONS: Registry = Registry("allocation", meta={"uses_scores": False})
 """``uses_scores``: the split depends on the score values, not only on the layer shapes."""
@@ -42,22 +42,40 @@ def lamp(scores: Scores, sparsity: float) -> dict[str, int]:
     LAMP(u) = s_u² / Σ_{v ⪰ u} s_v², the share of a weight in the squared score mass of
     all weights at least as important in its layer.
     """
-    return _top_k_counts({n: lamp_scores(s) for n, s in scores.items()}, sparsity)
+    return _top_k_counts(scores, sparsity, rank_by=_sorted_lamp_scores)
 
 
 def lamp_scores(s: torch.Tensor) -> torch.Tensor:
     """LAMP score of every entry of one layer's scores (``-inf`` entries stay ``-inf``)."""
     flat = s.flatten().float()
     dead = torch.isneginf(flat)
-    sq = torch.where(dead, torch.zeros_like(flat), flat) ** 2
+    sq = _squares(flat)
     order = torch.argsort(sq, stable=True)
-    sorted_sq = sq[order]
-    # Suffix sums: mass of this weight and every weight ranked above it.
-    suffix = sorted_sq.flip(0).cumsum(0).flip(0).clamp_min(torch.finfo(torch.float32).tiny)
     out = torch.empty_like(flat)
-    out[order] = sorted_sq / suffix
+    out[order] = _lamp_of_sorted(sq[order])
     out[dead] = float("-inf")
     return out.reshape(s.shape)
+
+
+def _sorted_lamp_scores(s: torch.Tensor) -> torch.Tensor:
+    """The LAMP scores of one layer in ascending order, without their positions: all a
+    count of the top scores needs, at a fraction of the memory of :func:`lamp_scores`."""
+    flat = s.flatten().float()
+    dead = int(torch.isneginf(flat).sum())
+    out = _lamp_of_sorted(torch.sort(_squares(flat)).values)
+    out[:dead] = float("-inf")  # dead entries square to 0, the lowest: they sort first
+    return out
+
+
+def _squares(flat: torch.Tensor) -> torch.Tensor:
+    return flat.masked_fill(torch.isneginf(flat), 0.0).square_()
+
+
+def _lamp_of_sorted(sorted_sq: torch.Tensor) -> torch.Tensor:
+    """``sorted_sq`` (ascending) divided, in place, by its suffix sums: the mass of each
+    weight and every weight ranked above it."""
+    suffix = sorted_sq.flip(0).cumsum(0).flip(0).clamp_min_(torch.finfo(torch.float32).tiny)
+    return sorted_sq.div_(suffix)
 
 
 @ALLOCATIONS.register("erk")
@@ -102,7 +120,8 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float = OUTLIER_M) -> float
 
     ``-inf`` (already pruned) entries are left out; no finite entry gives 0.
     """
-    flat = torch.cat([s.flatten().float() for s in scores])
+    flat = torch.cat([s.flatten().float() for s in scores]) if len(scores) > 1 else (
+        scores[0].flatten().float())
     finite = torch.isfinite(flat)
     if not finite.all():
         flat = flat[finite]
@@ -172,18 +191,33 @@ def _erdos_renyi(scores: Scores, sparsity: float, *, kernel: bool) -> dict[str, 
     return _round({n: dens[n] * s.numel() for n, s in scores.items()}, scores)
 
 
-def _top_k_counts(scores: Scores, sparsity: float) -> dict[str, int]:
+def _top_k_counts(
+    scores: Scores,
+    sparsity: float,
+    *,
+    rank_by: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, int]:
+    """Per-layer counts of one global ranking of ``scores`` (or of ``rank_by`` of each
+    layer's scores, computed afresh on each of the selection's reads rather than held for
+    all layers at once)."""
     names = list(scores)
-    flat = torch.cat([scores[n].flatten().float().cpu() for n in names])
-    k = round(flat.numel() * (1.0 - sparsity))
-    k = min(k, int(torch.isfinite(flat).sum()))
-    keep = top_k(flat, k)
-    counts, start = {}, 0
-    for n in names:
-        size = scores[n].numel()
-        counts[n] = int(keep[start:start + size].sum())
-        start += size
-    return counts
+    parts = [scores[n] for n in names]
+    k = round(sum(s.numel() for s in parts) * (1.0 - sparsity))
+    ranked = parts if rank_by is None else _Mapped(rank_by, parts)
+    return dict(zip(names, top_k_counts(ranked, k, finite_only=True)))
+
+
+class _Mapped(Sequence[torch.Tensor]):
+    """``fn`` of each item, computed on access."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], items: list[torch.Tensor]):
+        self.fn, self.items = fn, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        return self.fn(self.items[i])
 
 
 def _round(real: dict[str, float], scores: Scores) -> dict[str, int]:

@@ -76,14 +76,19 @@ def compute_masks(
     ctx = ScoreContext(model, chosen, data, loss_fn, torch.Generator().manual_seed(seed))
     scores = score_fn(ctx)
     check_scores(scores, method)
-    scores = {
-        t.name: scores[t.name].masked_fill(t.param.detach() == 0, float("-inf")) for t in chosen
-    }
+    # Layer by layer, so that at most one layer's scores is ever copied: weights that are
+    # already zero rank below everything, and each layer's scores are let go once its
+    # mask is built.
+    scores = {t.name: scores[t.name] for t in chosen}
+    for t in chosen:
+        dead = t.param.detach() == 0
+        if dead.any():
+            scores[t.name] = scores[t.name].masked_fill(dead, float("-inf"))
     caps = {t.name: math.floor(pat.max_density() * t.param.numel()) for t in chosen}
     keep = fit_to_capacity(allocate(scores, float(sparsity)), caps)
-    masks = {
-        t.name: pat.mask(scores[t.name], keep[t.name]) & (t.param.detach() != 0) for t in chosen
-    }
+    masks = {}
+    for t in chosen:
+        masks[t.name] = pat.mask(scores.pop(t.name), keep[t.name]) & (t.param.detach() != 0)
     return masks, pat
 
 

@@ -3,14 +3,30 @@
 Patterns keep the best weights of a layer, allocations rank weights across layers, the
 dynamic-sparsity rules drop and grow, LLM methods keep the best of each row — all through
 :func:`top_k`, so they agree on ties: equal scores are taken in order of position, exactly
-as a stable descending sort would take them.
+as a stable descending sort would take them. :func:`top_k_counts` makes the same choice
+across many tensors at once (a global ranking over layers) without concatenating them.
+
+Large selections are made in chunks by an exact radix select: the k-th largest float32
+value is found digit by digit from histograms of the scores' bits, so their memory is a
+chunk, not a multiple of the scores (a sort or ``topk`` of n scores needs several n).
 """
 
 from __future__ import annotations
 
+import math
 import operator
+from collections.abc import Iterator, Sequence
 
 import torch
+
+_CHUNK = 1 << 20
+"""Entries per step of a chunked selection: its memory, however many scores there are."""
+_DIGITS = (11, 11, 10)
+"""Bits of the 32-bit key resolved per pass, high to low: three reads, 2048 bins at most."""
+_SIGN_BIT = 1 << 31
+_SIGN = -_SIGN_BIT  # the sign bit as an int32
+_RADIX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Score dtypes that float32 holds exactly, so a float32 key ranks them exactly."""
 
 
 def top_k(
@@ -29,16 +45,14 @@ def top_k(
     A selection, not a sort: every score above the k-th largest, then the first ones equal
     to it, so n scores cost O(n) however large k is.
     """
-    if isinstance(k, bool) or not hasattr(k, "__index__"):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    k = operator.index(k)
-    if k < 0:
-        raise ValueError(f"k must be ≥ 0, got {k}")
+    k = _check_k(k)
     if allowed is not None and allowed.shape != scores.shape:
         raise ValueError(
             f"allowed must have the shape of scores {tuple(scores.shape)}, "
             f"got {tuple(allowed.shape)}"
         )
+    if dim is None and scores.numel() > _CHUNK and scores.dtype in _RADIX_DTYPES:
+        return _top_k_chunked(scores, k, allowed)
     if dim is None:
         values, ok = scores.reshape(1, -1), None if allowed is None else allowed.reshape(1, -1)
     else:
@@ -64,3 +78,156 @@ def top_k(
         equal &= equal.cumsum(-1) <= need
     kept = above | equal
     return kept.reshape(scores.shape) if dim is None else kept.movedim(-1, dim)
+
+
+def top_k_counts(
+    parts: Sequence[torch.Tensor], k: int, *, finite_only: bool = False
+) -> list[int]:
+    """How many of the ``k`` highest scores of all ``parts`` together fall in each part.
+
+    The choice :func:`top_k` makes on the parts flattened and concatenated (ties go to
+    the earlier part, then to the lower position), made without the concatenation: each
+    part is read three times in chunks, so the memory is a chunk and a small histogram
+    per part however large the parts are. ``parts`` may compute its items on access
+    (LAMP scores, derived per layer). Scores rank as float32 values, NaN as ``+inf``.
+    With ``finite_only`` at most as many scores as are finite are counted (allocations:
+    ``-inf`` marks weights that are already pruned).
+    """
+    k = _check_k(k)
+    found = _kth_largest(parts, k, None, finite_only=finite_only)
+    if found is None:
+        return [0] * len(parts)
+    _, k, above, equal = found
+    need, counts = k - sum(above), []
+    for a, e in zip(above, equal):  # ties at the k-th value: earlier parts first
+        take = min(e, need)
+        counts.append(a + take)
+        need -= take
+    return counts
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not hasattr(k, "__index__"):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = operator.index(k)
+    if k < 0:
+        raise ValueError(f"k must be ≥ 0, got {k}")
+    return k
+
+
+def _top_k_chunked(
+    scores: torch.Tensor, k: int, allowed: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`top_k` over all entries, in chunks: the k-th value by radix select, then the
+    entries above it and the first ones equal to it."""
+    flat = scores.reshape(-1)
+    ok = None if allowed is None else allowed.reshape(-1)
+    kept = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    found = _kth_largest([flat], k, None if ok is None else [ok])
+    if found is None:
+        return kept.reshape(scores.shape)
+    kth, k, above, _ = found
+    need = k - above[0]
+    for (start, chunk), (_, ok_chunk) in zip(_chunks(flat), _chunks(ok)):
+        values = _ranked(chunk)
+        equal = values == kth
+        chosen = values > kth
+        if ok_chunk is not None:
+            equal &= ok_chunk
+            chosen &= ok_chunk
+        ties = int(equal.sum())
+        if ties > need:  # more ties than room: the first ones
+            equal &= equal.cumsum(0) <= need
+        need -= min(ties, need)
+        kept[start:start + chunk.numel()] = chosen | equal
+    return kept.reshape(scores.shape)
+
+
+def _kth_largest(
+    parts: Sequence[torch.Tensor],
+    k: int,
+    allowed: Sequence[torch.Tensor] | None,
+    *,
+    finite_only: bool = False,
+) -> tuple[torch.Tensor, int, list[int], list[int]] | None:
+    """Radix select over ``parts``: ``(k-th largest value, k, counts above it per part,
+    counts equal to it per part)``, with k capped at the number of (allowed, with
+    ``finite_only`` finite) entries; ``None`` when nothing is chosen.
+
+    Each pass histograms the next digit of the order-preserving keys of the entries whose
+    higher digits match the ones chosen so far, then picks the digit holding the k-th.
+    """
+    above = torch.zeros(len(parts), dtype=torch.long)
+    prefix, done, rank = 0, 0, k
+    live = [True] * len(parts)  # parts with entries under the digits chosen so far
+    for bits in _DIGITS:
+        hist, finite = torch.zeros(len(parts), 1 << bits, dtype=torch.long), 0
+        for i in range(len(parts)):  # one part at a time: a computed part is let go at once
+            if not live[i]:
+                continue
+            ok = None if allowed is None else allowed[i].reshape(-1)
+            hist[i], n_finite = _histogram(parts[i], ok, prefix, done, bits)
+            finite += n_finite
+        if not done:
+            rank = min(k, int(hist.sum()), finite if finite_only else k)
+            if rank == 0:
+                return None
+            k = rank
+        total = hist.sum(0)
+        from_top = total.flip(0).cumsum(0)  # entries in this digit or a higher one
+        index = int(torch.searchsorted(from_top, rank))
+        digit = (1 << bits) - 1 - index
+        rank -= int(from_top[index] - total[digit])
+        above += hist[:, digit + 1:].sum(1)
+        live = (hist[:, digit] > 0).tolist()
+        prefix, done = (prefix << bits) | digit, done + bits
+    return _value(prefix), k, above.tolist(), hist[:, digit].tolist()
+
+
+def _histogram(
+    part: torch.Tensor, ok: torch.Tensor | None, prefix: int, done: int, bits: int
+) -> tuple[torch.Tensor, int]:
+    """Counts of the next ``bits``-bit digit of the keys of ``part`` (its ``ok`` entries)
+    whose first ``done`` bits are ``prefix``, and the number of finite entries read."""
+    counts = torch.zeros(1 << bits, dtype=torch.long, device=part.device)
+    finite = 0
+    for (_, chunk), (_, ok_chunk) in zip(_chunks(part.reshape(-1)), _chunks(ok)):
+        values = _ranked(chunk)
+        if ok_chunk is not None:
+            values = values[ok_chunk]
+        if not done:
+            finite += int(torch.isfinite(values).sum())
+        key = _key(values)
+        if done:  # the digits chosen so far (masked: >> extends the sign)
+            key = key[((key >> (32 - done)) & ((1 << done) - 1)) == prefix]
+        counts += torch.bincount((key >> (32 - done - bits)) & ((1 << bits) - 1),
+                                 minlength=1 << bits)
+    return counts.cpu(), finite
+
+
+def _chunks(flat: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor | None]]:
+    if flat is None:
+        while True:
+            yield 0, None
+    for start in range(0, flat.numel(), _CHUNK):
+        yield start, flat[start:start + _CHUNK]
+
+
+def _ranked(chunk: torch.Tensor) -> torch.Tensor:
+    """The float32 values a selection compares: NaN as ``+inf`` and ``-0.0`` as ``0.0``."""
+    inf = math.inf
+    return chunk.float().nan_to_num(nan=inf, posinf=inf, neginf=-inf).add_(0.0)
+
+
+def _key(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys whose bits, read as unsigned, order like the float32 ``values`` (NaN-free,
+    no -0.0): the sign bit of a positive value is set, a negative one has all bits flipped."""
+    bits = values.view(torch.int32)
+    return bits ^ ((bits >> 31) | _SIGN)
+
+
+def _value(key: int) -> torch.Tensor:
+    """The float32 value of an unsigned key (the inverse of :func:`_key`)."""
+    bits = key ^ _SIGN_BIT if key & _SIGN_BIT else ~key & 0xFFFFFFFF
+    signed = bits - (1 << 32) if bits & _SIGN_BIT else bits
+    return torch.tensor([signed], dtype=torch.int32).view(torch.float32)[0]
