@@ -94,7 +94,7 @@ class ActivationSparseLinear(nn.Module):
                 and kernels.available():
             return torch.ops.sparsekit.act_gemv(
                 self.weight_t, x.contiguous(), self.threshold, self.bias,
-                self.threads or torch.get_num_threads(),
+                self.threads or kernels.num_threads(),
             )
         self._check_torch_input(x)
         kept = (sparsify_input(x, self.threshold) != 0).nonzero().squeeze(1)

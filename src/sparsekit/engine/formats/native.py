@@ -82,7 +82,7 @@ class NativeFormat(Format):
         if self.threads is not None:
             return self.threads
         work = (self._stored + self.out_features) * batch  # nnz may cost a pass
-        return max(1, min(torch.get_num_threads(), work // 16384))  # a fork costs a few µs
+        return max(1, min(kernels.num_threads(), work // 16384))  # a fork costs a few µs
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.dtype not in self.dtypes:  # µs count at batch 1: convert only what must be

@@ -24,7 +24,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["available", "load", "unavailable_reason"]
+__all__ = ["available", "load", "num_threads", "unavailable_reason"]
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))  # one file per kernel family
 _HEADERS = sorted(Path(__file__).parent.glob("*.h"))
@@ -58,6 +58,14 @@ def load() -> ModuleType | None:
             stacklevel=2,
         )
     return _module
+
+
+@torch.compiler.assume_constant_result
+def num_threads() -> int:
+    """``torch.get_num_threads()``, read as a constant when ``torch.compile`` or
+    ``torch.export`` traces a kernel call (it returns an int, which Dynamo cannot put in a
+    graph): a traced model keeps the thread count it was traced with."""
+    return torch.get_num_threads()
 
 
 def available() -> bool:

@@ -1,0 +1,42 @@
+"""A compiled model traces whole: every kernel is a torch.library op with a fake
+implementation, and nothing in the call path breaks a Dynamo graph (issue 18, item 4)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit
+from sparsekit.engine import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
+
+
+def _compiled(fmt: str, pattern: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16))
+    sparsekit.prune(model, 0.5 if pattern == "2:4" else 0.9, pattern=pattern)
+    x = torch.randn(4, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        compiled = sparsekit.compile(model, x, formats=[fmt], cache=False)
+    assert {c["format"] for c in compiled.sparsekit_choices.values()} == {fmt}
+    return compiled, x
+
+
+@pytest.mark.parametrize(("fmt", "pattern"), [("csr16", "unstructured"),
+                                              ("bitmap", "unstructured"), ("nm", "2:4")])
+def test_torch_export_of_a_compiled_model(fmt, pattern):
+    compiled, x = _compiled(fmt, pattern)
+    program = torch.export.export(compiled, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any(t.startswith("sparsekit.") for t in targets), targets
+    torch.testing.assert_close(program.module()(x), compiled(x))
+
+
+@pytest.mark.parametrize(("fmt", "pattern"), [("csr16", "unstructured"), ("nm", "2:4")])
+def test_fullgraph_torch_compile_of_a_compiled_model(fmt, pattern):
+    compiled, x = _compiled(fmt, pattern)
+    traced = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(traced(x), compiled(x))
