@@ -219,7 +219,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     Checked as by :func:`read` (structure and seal) but without decoding any tensor, so
     it costs no more memory than the file.
     """
-    return dict(_open(path).meta)
+    return read_header(path)[0]
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, TensorInfo]]:
+    """The header's string entries and what it declares of each tensor (shape, dtype,
+    encoding, count), checked as by :func:`read_metadata`."""
+    stored = _open(path)
+    return dict(stored.meta), dict(stored.infos)
 
 
 # -- the file: structure and seal -----------------------------------------------------------

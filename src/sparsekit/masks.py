@@ -145,8 +145,8 @@ class MaskSet:
             raise ValueError("state must be a dict from MaskSet.state_dict() with a 'masks' entry")
         masks = state["masks"]
         self._check(masks, dict(self.model.named_parameters()))
-        self.params = {n: dict(self.model.named_parameters())[n] for n in masks}
         self._owners = {n: _owner(self.model, n) for n in masks}
+        self.params = {n: module._parameters[attr] for n, (module, attr) in self._owners.items()}
         self.masks = {n: m.to(self.params[n].device, torch.bool) for n, m in masks.items()}
         self.pattern = str(state.get("pattern", self.pattern))
         for opt in self._optimizers.values():  # masked entries of the state start clean
@@ -232,7 +232,7 @@ class MaskSet:
         )
 
     def _grad_mask(self, name: str):
-        return lambda grad: grad * self.masks[name].to(grad.dtype)
+        return lambda grad: grad * self._factors[name]  # the mask in the weight's dtype
 
     def _follow_replaced_params(self) -> None:
         """Re-point at parameters that replaced the tracked ones (same name, new object)."""
@@ -266,7 +266,6 @@ class MaskSet:
 
     @torch.no_grad()
     def _mask_grads(self) -> None:
-        self._follow_replaced_params()
         pairs = [(p.grad, self._factors[n]) for n, p in self.params.items() if p.grad is not None]
         if pairs:
             torch._foreach_mul_(*map(list, zip(*pairs)))

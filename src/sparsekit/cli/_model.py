@@ -99,25 +99,9 @@ def read_header(path: str | os.PathLike) -> Header:
         raise UsageError(f"{path} is not a readable safetensors checkpoint ({err})") from None
     if meta.get("format") != checkpoint.FORMAT:
         return Header(meta, stored)  # a plain safetensors file: every tensor as it is stored
-    checkpoint.read_metadata(path)  # the seal covers `model` and `tensors`: check it first
-    try:
-        entries = json.loads(meta.get("tensors", ""))
-    except json.JSONDecodeError:
-        raise UsageError(f"{path}: header entry 'tensors' is not JSON") from None
-    if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
-        raise UsageError(
-            f"{path}: header entry 'tensors' must be a JSON object of per-tensor objects, "
-            f"got {type(entries).__name__}"
-        )
-    shapes = {}
-    for name, entry in entries.items():
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise UsageError(f"{path}: tensor {name!r} has no valid shape in the header")
-        shapes[name] = tuple(shape)
-    return Header(meta, shapes)
+    # checked and sealed (`model` and `tensors` included) before anything is read from it
+    meta, infos = checkpoint.read_header(path)
+    return Header(meta, {name: info.shape for name, info in infos.items()})
 
 
 # -- the three ways to name a model ---------------------------------------------------------
