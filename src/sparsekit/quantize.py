@@ -1,0 +1,97 @@
+"""Symmetric int8 weight quantization: the value grid shared by pruning and the engine.
+
+A weight row is stored as int8 codes ``q`` in ``[-127, 127]`` and a float32 scale, the
+row's largest magnitude over 127, so that ``q * scale`` approximates the weight and a
+pruned (zero) weight stays exactly zero: quantization never changes a mask. With
+``group_size`` each run of ``group_size`` consecutive inputs of a row gets its own scale
+(``ceil(in_features / group_size)`` scales per row; a last partial group has one too),
+which tightens the grid where a row mixes large and small inputs.
+
+:func:`int8_scales` chooses the scales, :func:`quantize_int8` rounds to nearest on them,
+:func:`dequantize_int8` maps codes back and :func:`fake_quantize` does both (what
+SparseGPT's joint mode applies to each column inside its update). Sums over int8 weights
+are float32 in every kernel; only the stored values are 8-bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsekit._checks import check_int
+
+__all__ = ["INT8_MAX", "dequantize_int8", "fake_quantize", "int8_scales", "quantize_int8"]
+
+INT8_MAX = 127  # symmetric: -128 is never used, so negating a code never overflows
+
+
+def int8_scales(weight: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """float32 scales of a 2-D ``weight``: ``(out,)`` per output channel, or
+    ``(out, ceil(in / group_size))`` per group of ``group_size`` inputs.
+
+    Each scale is its row's (group's) largest magnitude over :data:`INT8_MAX`; an all-zero
+    row (group) gets scale 1 (its codes are all zero anyway).
+    """
+    groups = _grouped(weight, group_size)
+    absmax = groups.detach().abs().amax(dim=-1).to(torch.float32)
+    return torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))
+
+
+def quantize_int8(
+    weight: torch.Tensor, scales: torch.Tensor | None = None, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scales)``: ``weight`` rounded to nearest on the int8 grid of ``scales``
+    (default: :func:`int8_scales`), codes clamped to ``[-127, 127]``."""
+    if scales is None:
+        scales = int8_scales(weight, group_size)
+    _check_scales(weight, scales, group_size)
+    groups = _grouped(weight.detach().to(torch.float32), group_size)
+    codes = torch.round(groups / scales.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
+    return _ungrouped(codes, weight.shape).to(torch.int8), scales
+
+
+def dequantize_int8(
+    codes: torch.Tensor, scales: torch.Tensor, group_size: int | None = None
+) -> torch.Tensor:
+    """The float32 weight ``codes * scales`` (scales per row, or per group of inputs)."""
+    _check_scales(codes, scales, group_size)
+    groups = _grouped(codes.to(torch.float32), group_size)
+    return _ungrouped(groups * scales.unsqueeze(-1), codes.shape)
+
+
+def fake_quantize(
+    weight: torch.Tensor, scales: torch.Tensor, group_size: int | None = None
+) -> torch.Tensor:
+    """``weight`` rounded to the int8 grid of ``scales``, in ``weight``'s dtype (what the
+    int8 kernels will multiply with; zeros stay zero)."""
+    codes, _ = quantize_int8(weight, scales, group_size)
+    return dequantize_int8(codes, scales, group_size).to(weight.dtype)
+
+
+def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``weight`` as ``(out, groups, group_size)`` (zero-padded), or ``(out, in)``."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if group_size is None:
+        return weight
+    check_int("group_size", group_size, minimum=1)
+    rows, cols = weight.shape
+    pad = -cols % group_size
+    if pad:
+        weight = torch.nn.functional.pad(weight, (0, pad))
+    return weight.reshape(rows, -1, group_size)
+
+
+def _ungrouped(groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The ``shape`` weight of :func:`_grouped`'s ``groups`` (padding dropped)."""
+    return groups.reshape(shape[0], -1)[:, : shape[1]]
+
+
+def _check_scales(weight: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> None:
+    rows = weight.shape[0] if weight.dim() == 2 else -1
+    expected = (rows,) if group_size is None else (rows, -(-weight.shape[-1] // group_size))
+    if tuple(scales.shape) != expected or not scales.is_floating_point():
+        raise ValueError(
+            f"scales must be floating of shape {expected} for a weight of shape "
+            f"{tuple(weight.shape)} (group_size={group_size}), got {scales.dtype} "
+            f"{tuple(scales.shape)}"
+        )

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from sparsekit.quantize import (
+    INT8_MAX,
+    dequantize_int8,
+    fake_quantize,
+    int8_scales,
+    quantize_int8,
+)
+
+
+def test_per_channel_round_trip_is_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(6, 37)
+    codes, scales = quantize_int8(w)
+    assert codes.dtype == torch.int8 and scales.shape == (6,)
+    assert int(codes.abs().max()) == INT8_MAX  # each row's largest weight uses the full grid
+    err = (dequantize_int8(codes, scales) - w).abs()
+    assert bool((err <= scales[:, None] / 2 + 1e-7).all())
+
+
+def test_zeros_stay_zero_and_zero_rows_get_scale_one():
+    w = torch.randn(3, 8)
+    w[1] = 0
+    w[0, ::2] = 0
+    codes, scales = quantize_int8(w)
+    assert float(scales[1]) == 1.0 and not codes[1].any()
+    assert bool((codes[0, ::2] == 0).all())
+    assert torch.equal(fake_quantize(w, scales) == 0, w == 0)
+
+
+def test_groups_of_inputs_get_their_own_scales_with_a_partial_last_group():
+    w = torch.ones(2, 10)
+    w[:, 8:] = 100.0  # a large last group must not coarsen the first
+    scales = int8_scales(w, group_size=4)
+    assert scales.shape == (2, 3)
+    codes, _ = quantize_int8(w, scales, group_size=4)
+    assert codes.shape == (2, 10)
+    assert torch.allclose(dequantize_int8(codes, scales, group_size=4), w)
+
+
+def test_fake_quantize_keeps_dtype():
+    w = torch.randn(4, 16, dtype=torch.bfloat16)
+    assert fake_quantize(w, int8_scales(w)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bad", [torch.ones(3), torch.ones(4, dtype=torch.int32)])
+def test_bad_scales_are_refused(bad):
+    with pytest.raises(ValueError, match="scales must be floating of shape"):
+        quantize_int8(torch.ones(4, 8), bad)
+
+
+def test_bad_group_size_and_shape_are_refused():
+    with pytest.raises(ValueError, match="group_size"):
+        int8_scales(torch.ones(4, 8), group_size=0)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        int8_scales(torch.ones(8))
