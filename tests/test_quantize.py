@@ -56,3 +56,20 @@ def test_bad_group_size_and_shape_are_refused():
         int8_scales(torch.ones(4, 8), group_size=0)
     with pytest.raises(ValueError, match="weight must be 2-D"):
         int8_scales(torch.ones(8))
+
+
+def test_attached_scales_round_trip_through_the_state_dict():
+    from torch import nn
+
+    from sparsekit.quantize import SCALE_NAME, attach_scales, attached_scales
+
+    layer = nn.Linear(8, 3)
+    assert attached_scales(layer) is None
+    scales = int8_scales(layer.weight)
+    attach_scales(layer, scales)
+    assert torch.equal(attached_scales(layer), scales)
+    assert SCALE_NAME in layer.state_dict()
+    with pytest.raises(ValueError, match="scales must be floating of shape"):
+        attach_scales(layer, torch.ones(4))
+    with pytest.raises(ValueError, match="2-D weight"):
+        attach_scales(nn.ReLU(), scales)

@@ -11,17 +11,28 @@ which tightens the grid where a row mixes large and small inputs.
 :func:`dequantize_int8` maps codes back and :func:`fake_quantize` does both (what
 SparseGPT's joint mode applies to each column inside its update). Sums over int8 weights
 are float32 in every kernel; only the stored values are 8-bit.
+
+A layer whose weight already lies on an int8 grid (``sparsekit.llm.prune(...,
+quantize="int8")``) carries that grid's scales as a float32 buffer named
+:data:`SCALE_NAME` (``weight_scale``, the name compressed-tensors also uses):
+:func:`attach_scales` sets it, :func:`attached_scales` reads it, and
+:func:`sparsekit.compile` then stores exactly those codes.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from sparsekit._checks import check_int
 
-__all__ = ["INT8_MAX", "dequantize_int8", "fake_quantize", "int8_scales", "quantize_int8"]
+__all__ = [
+    "INT8_MAX", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8",
+    "fake_quantize", "int8_scales", "quantize_int8",
+]
 
 INT8_MAX = 127  # symmetric: -128 is never used, so negating a code never overflows
+SCALE_NAME = "weight_scale"
 
 
 def int8_scales(weight: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
@@ -65,6 +76,23 @@ def fake_quantize(
     int8 kernels will multiply with; zeros stay zero)."""
     codes, _ = quantize_int8(weight, scales, group_size)
     return dequantize_int8(codes, scales, group_size).to(weight.dtype)
+
+
+def attach_scales(module: nn.Module, scales: torch.Tensor) -> None:
+    """Record that ``module.weight`` lies on the int8 grid of ``scales`` (one per output
+    channel) as a float32 buffer :data:`SCALE_NAME`, saved with the module's
+    ``state_dict``."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"module must have a 2-D weight, got {type(module).__name__}")
+    _check_scales(weight, scales, None)
+    module.register_buffer(SCALE_NAME, scales.detach().to(torch.float32).clone())
+
+
+def attached_scales(module: nn.Module) -> torch.Tensor | None:
+    """The int8 scales recorded on ``module`` by :func:`attach_scales`, or ``None``."""
+    scales = module._buffers.get(SCALE_NAME)
+    return scales if isinstance(scales, torch.Tensor) else None
 
 
 def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
