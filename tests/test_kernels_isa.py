@@ -11,6 +11,7 @@ import torch
 from kernel_cases import OPS, VALUE_DTYPES, assert_matches, case, weight
 
 from sparsekit.engine import kernels
+from sparsekit.engine.formats import FORMATS
 
 
 def _isas() -> tuple[str, ...]:
@@ -49,6 +50,37 @@ def test_every_isa_handles_narrow_layers(isa, name, cols):
     x = torch.randn(1, cols)
     with kernels.use_isa(isa):
         assert_matches(c.call(x, None, 1), c, x, None)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("nm", [(1, 4), (2, 4), (4, 8)])
+@pytest.mark.parametrize("dtype", VALUE_DTYPES)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_every_isa_computes_every_nm_pattern(isa, nm, dtype, batch):
+    c = case("nm", dtype, weight("nm", ROWS, 203, nm=nm))
+    assert int(c.values.shape[1]) == -(-203 // nm[1]) * nm[0]  # stored as N:M, not another
+    x = torch.randn(batch, 203)
+    with kernels.use_isa(isa):
+        assert_matches(c.call(x, None, 2), c, x, None)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("name", ["bsr", "fanin"])
+@pytest.mark.parametrize("batch", [1, 5, 40])
+def test_every_isa_computes_the_fp32_formats(isa, name, batch):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 200, generator=g)
+    if name == "bsr":
+        keep = torch.rand(12, 25, generator=g) < 0.3
+        w = w * keep.repeat_interleave(4, 0).repeat_interleave(8, 1)
+    else:
+        w = w * (torch.rand(48, 200, generator=g).argsort(1) < 24)
+    fmt = FORMATS[name].from_dense(w)
+    x, bias = torch.randn(batch, 200, generator=g), torch.randn(48, generator=g)
+    with kernels.use_isa(isa):
+        y = fmt.matmul(x, bias)
+    ref = x.double() @ w.double().T + bias.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
 
 
 def test_isas_list_the_portable_path_first_and_isa_the_best():

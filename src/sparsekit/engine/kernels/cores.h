@@ -67,12 +67,68 @@ struct NMArgs {
   int64_t n, m, fbits, width, words;
 };
 
+// The largest block height of BSR weights (the GEMV keeps one accumulator per block row).
+constexpr int64_t kBsrMaxBlockRows = 64;
+
+// W in BSR: float32 blocks (nblocks, R, C), one uint16 (`narrow`) or int32 block column per
+// block, int32 block-row pointers.
+struct BsrArgs {
+  Linear io;
+  const float* values;
+  const void* col;
+  bool narrow;
+  const int32_t* rowptr;
+  int64_t R, C;
+};
+
+// W with k stored inputs in each of n stored rows: float32 values and uint16 (`narrow`) or
+// int32 columns (n, k), and each stored row's output row. y holds the bias and is added to.
+struct FanInArgs {
+  Linear io;
+  const float* values;
+  const void* col;
+  bool narrow;
+  const int32_t* rows;
+  int64_t n, k;
+};
+
+// Training: y (rows, batch) = W (rows, in) @ xt (in, batch) + bias, W in CSR with values read
+// through perm when given; every float operand float64 (`f64`) or float32.
+struct SpmmRowsArgs {
+  bool f64;
+  const int32_t* rowptr;
+  const int32_t* col;
+  const void* values;
+  const int64_t* perm;
+  const void* xt;
+  const void* bias;
+  void* y;
+  int64_t rows, batch;
+  int threads;
+};
+
+// Training: out[k] = <a[i, :], b[col[k], :]> for the nonzeros k of each row i.
+struct SddmmArgs {
+  bool f64;
+  const int32_t* rowptr;
+  const int32_t* col;
+  const void* a;
+  const void* b;
+  void* out;
+  int64_t rows, batch;
+  int threads;
+};
+
 // The entry points of one instruction set.
 struct Cores {
   const char* isa;  // "scalar", "avx2" or "avx512"
   void (*csr_linear)(const CsrArgs&);
   void (*bitmap_linear)(const BitmapArgs&);
   void (*nm_linear)(const NMArgs&);
+  void (*bsr_linear)(const BsrArgs&);
+  void (*fanin_linear)(const FanInArgs&);
+  void (*spmm_rows)(const SpmmRowsArgs&);
+  void (*sddmm)(const SddmmArgs&);
 };
 
 namespace scalar {

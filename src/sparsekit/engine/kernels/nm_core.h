@@ -67,6 +67,45 @@ struct PackedNM {
       std::swap(a0, a1);  // two independent sums hide the FMA latency
     }
     acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif SPARSEKIT_AVX2
+    // 8 values at a time: their fields (all in one 32-bit word) give inputs c relative to
+    // the first input of their groups; the inputs are picked from the 16 or 32 loaded ones
+    // by permutes and blends on bits 3 and 4 of c (no gathers: slow on many AVX2 CPUs), or
+    // gathered where 8 values span 64 inputs (1:8).
+    const int64_t span = 8 / n * m;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i lane_shift = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(fbits)));
+    const __m256i field = _mm256_set1_epi32(static_cast<int>(m - 1));
+    const __m256i base = _mm256_sllv_epi32(
+        _mm256_srlv_epi32(lane, _mm256_set1_epi32(__builtin_ctzll(n))),
+        _mm256_set1_epi32(__builtin_ctzll(m)));  // lane / n * m
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    const float* xs = x;
+    for (; k + 8 <= width; k += 8, xs += span) {
+      const int64_t bit = k * fbits;
+      const __m256i shift = _mm256_add_epi32(lane_shift, _mm256_set1_epi32(static_cast<int>(bit % 32)));
+      const __m256i f = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(q[bit / 32])), shift);
+      const __m256i c = _mm256_add_epi32(base, _mm256_and_si256(f, field));
+      const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  // c & 8 as the sign
+      __m256 xv;
+      if (span == 16) {
+        xv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xs), c),
+                              _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 8), c), bit3);
+      } else if (span == 32) {
+        const __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xs), c),
+                                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 8), c),
+                                           bit3);
+        const __m256 hi =
+            _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 16), c),
+                             _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 24), c), bit3);
+        xv = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(c, 27)));
+      } else {
+        xv = _mm256_i32gather_ps(xs, c, 4);
+      }
+      a0 = _mm256_fmadd_ps(load8(p + k), xv, a0);
+      std::swap(a0, a1);  // two independent sums hide the FMA latency
+    }
+    acc = hsum8(_mm256_add_ps(a0, a1));
 #endif
     for (; k < width; ++k) acc += to_float(p[k]) * x[col(q, k)];
     return acc;
