@@ -32,8 +32,8 @@ from sparsekit.registry import Registry
 
 __all__ = [
     "BSR", "FORMATS", "CSR16", "Bitmap", "ConstantFanIn", "CudaBSR", "CudaSemiStructured",
-    "DenseFormat", "DenseLowPrecision", "Format", "FormatRegistry", "PackedNM", "TorchCSR", "available_formats",
-    "format_from_state",
+    "DenseFormat", "DenseLowPrecision", "Format", "FormatRegistry", "PackedNM", "TorchCSR",
+    "available_formats", "format_from_state",
 ]
 
 
@@ -91,6 +91,8 @@ def format_from_state(
     for fmt in FORMATS.values():
         if set(fmt.buffer_names) <= keys <= {*fmt.buffer_names, *fmt.optional_buffers}:
             return fmt.from_state(state, shape, **(kwargs if fmt.threaded else {}))
-    accepted = {n: [*FORMATS.get(n).buffer_names, *(f"{k}?" for k in FORMATS.get(n).optional_buffers)]
-                for n in FORMATS.names()}
+    accepted = {
+        fmt.name: [*fmt.buffer_names, *(f"{k}?" for k in fmt.optional_buffers)]
+        for fmt in FORMATS.values()
+    }
     raise ValueError(f"state keys {sorted(keys)} match no format; accepted: {accepted}")
