@@ -1,8 +1,8 @@
 // Bitmap-row kernels for y = x @ W.T + bias on CPU.
 //
-// Per row one bit per input (16-bit words, zero-padded per row), the fp32 or bf16 values of
-// the set bits packed row by row and int32 row pointers into them: 4 (bf16: 2) bytes per
-// nonzero plus 1 bit per weight. With AVX-512 one expand puts the values of 16 inputs into
+// Per row one bit per input (16-bit words, zero-padded per row), the fp32, bf16 or int8
+// values of the set bits packed row by row and int32 row pointers into them: 4 (bf16: 2,
+// int8: 1) bytes per nonzero plus 1 bit per weight (int8: plus a float32 scale per row). With AVX-512 one expand puts the values of 16 inputs into
 // their lanes, so the GEMV is a dense-like streaming loop over the row. The GEMV/SpMM
 // drivers are shared with packed N:M (decoded_rows.h).
 
@@ -14,7 +14,7 @@ namespace {
 
 using namespace sparsekit::rows;
 
-// A bitmap-row weight with values of type T (float or bf16). x passed to dot() is
+// A bitmap-row weight with values of type T (float, bf16 or int8). x passed to dot() is
 // zero-padded to at least words * 16 inputs.
 template <typename T>
 struct Bitmap {
@@ -73,13 +73,13 @@ struct Bitmap {
   }
 };
 
-// y = x @ W.T (+ bias); W as (fp32/bf16 values, int16 bitmap (rows, ceil(in_features / 16)),
-// int32 row pointers), with no bit set at or beyond in_features (checked where the format is
-// built); x fp32 or bf16, y in its dtype.
+// y = x @ W.T (+ bias); W as (fp32/bf16/int8 values, int16 bitmap (rows, ceil(in_features /
+// 16)), int32 row pointers), with no bit set at or beyond in_features (checked where the
+// format is built); int8 values times scales[r]; x fp32 or bf16, y in its dtype.
 at::Tensor bitmap_linear(const at::Tensor& values, const at::Tensor& bitmap,
                          const at::Tensor& rowptr, const at::Tensor& x,
                          const std::optional<at::Tensor>& bias, int64_t in_features,
-                         int64_t threads) {
+                         int64_t threads, const std::optional<at::Tensor>& scales) {
   sparsekit::check_input_or_bf16(x, in_features);
   sparsekit::check_values(values, 1);
   sparsekit::check_tensor(bitmap, "bitmap", 2, at::kShort);
@@ -90,7 +90,7 @@ at::Tensor bitmap_linear(const at::Tensor& values, const at::Tensor& bitmap,
     const Bitmap<T> w{reinterpret_cast<const T*>(values.data_ptr()),
                       reinterpret_cast<const uint16_t*>(bitmap.data_ptr()),
                       rowptr.data_ptr<int32_t>(), bitmap.size(0), in_features, bitmap.size(1)};
-    return run(w, x, bias, threads);
+    return run(w, values, x, bias, scales, threads);
   });
 }
 

@@ -1,6 +1,7 @@
 // Helpers shared by the CPU kernels: argument checks, splitting rows across OpenMP threads
-// by work, the transposed input workspace of the batched (SpMM) paths, and the bf16 value
-// type (stored weights and inputs widened to fp32 for the arithmetic).
+// by work, the transposed input workspace of the batched (SpMM) paths, the value types
+// (fp32, bf16 and int8 weights, widened to fp32 for the arithmetic) and the output stage
+// (per-row int8 scale, bias).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -74,7 +75,7 @@ inline void check_input(const at::Tensor& x, int64_t in_features,
               " columns, got shape ", x.sizes());
 }
 
-// t's element type is float32 or bfloat16: the value types of the csr, bitmap and N:M ops.
+// t's element type is float32 or bfloat16.
 inline void check_float_or_bf16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
               " must be ", at::kFloat, " or ", at::kBFloat16, ", got ", t.scalar_type());
@@ -87,10 +88,29 @@ inline void check_input_or_bf16(const at::Tensor& x, int64_t in_features) {
   check_input(x, in_features, x.scalar_type());
 }
 
-// Stored values of those ops: a contiguous `dim`-D CPU tensor of float32 or bfloat16.
+// Stored values of the csr, bitmap and N:M ops: a contiguous `dim`-D CPU tensor of float32,
+// bfloat16 or int8 (int8 codes come with per-row scales: see scales_data).
 inline void check_values(const at::Tensor& values, int64_t dim) {
   check_tensor(values, "values", dim);
-  check_float_or_bf16(values, "values");
+  const auto t = values.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kChar, "values must be ",
+              at::kFloat, ", ", at::kBFloat16, " or ", at::kChar, ", got ", t);
+}
+
+// The per-row scales of int8 `values` (float32 of shape (rows,), required), or nullptr for
+// float32/bf16 values (which take none).
+inline const float* scales_data(const std::optional<at::Tensor>& scales,
+                                const at::Tensor& values, int64_t rows) {
+  const bool given = scales.has_value() && scales->defined();
+  if (values.scalar_type() != at::kChar) {
+    TORCH_CHECK(!given, "scales must be None for ", values.scalar_type(),
+                " values (only int8 values are scaled)");
+    return nullptr;
+  }
+  TORCH_CHECK(given, "scales (float32 of shape (", rows, ",)) are required with int8 values");
+  check_tensor(*scales, "scales", 1, at::kFloat);
+  check_size(*scales, "scales", 0, rows);
+  return scales->data_ptr<float>();
 }
 
 // The bias of `rows` outputs (nullptr without one), checked to be contiguous float32.
@@ -106,6 +126,17 @@ inline int num_threads(int64_t threads) {
   TORCH_CHECK(threads >= 1 && threads <= 65536, "threads must be in [1, 65536], got ", threads);
   return static_cast<int>(threads);
 }
+
+// The output stage of a linear kernel: y[r] = scale[r] * sum + bias[r], each factor
+// optional (scale: int8 values; nullptr: none).
+struct Output {
+  const float* scale;
+  const float* bias;
+  float operator()(float sum, int64_t r) const {
+    if (scale) sum *= scale[r];
+    return bias ? sum + bias[r] : sum;
+  }
+};
 
 // -- work split -----------------------------------------------------------------------------
 
@@ -162,9 +193,10 @@ inline void transpose_into(const float* x, int64_t batch, int64_t cols, int64_t 
 }
 
 // -- value types ------------------------------------------------------------------------------
-// Stored values are float or bf16 (c10::BFloat16: the upper 16 bits of a float32); every
-// product and sum is fp32. Kernels are templates on the value type T; scalar code converts
-// with static_cast<float>, vector code loads through the overloads below.
+// Stored values are float, bf16 (c10::BFloat16: the upper 16 bits of a float32) or int8
+// codes (scaled per row by the Output stage); every product and sum is fp32. Kernels are
+// templates on the value type T; scalar code converts with static_cast<float>, vector code
+// loads through the overloads below.
 
 using bf16 = c10::BFloat16;
 
@@ -178,10 +210,12 @@ inline at::Tensor like_input(const at::Tensor& y, const at::Tensor& x) {
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
-// Calls body(T{}) with T = float or bf16, the value type of `values` (see check_values).
+// Calls body(T{}) with T = float, bf16 or int8_t, the value type of `values` (see
+// check_values).
 template <typename Body>
 inline decltype(auto) with_values(const at::Tensor& values, Body&& body) {
   if (values.scalar_type() == at::kBFloat16) return body(bf16{});
+  if (values.scalar_type() == at::kChar) return body(int8_t{});
   return body(float{});
 }
 
@@ -193,6 +227,11 @@ inline __m512 widen16(__m256i h) {
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const bf16* p) {
   return widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// 16 int8 codes as 16 floats.
+inline __m512 widen16(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
+inline __m512 load16(const int8_t* p) {
+  return widen16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 // Lanes of m loaded, the others zero; nothing outside them is read.
 inline __m512 load16_masked(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
@@ -207,9 +246,21 @@ inline __m512 load16_masked(__mmask16 m, const bf16* p) {
   return widen16(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)));
 #endif
 }
+inline __m512 load16_masked(__mmask16 m, const int8_t* p) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  return widen16(_mm_maskz_loadu_epi8(m, p));
+#else
+  alignas(16) int8_t lanes[16] = {};
+  for (int i = 0; i < 16; ++i) {
+    if ((m >> i) & 1) lanes[i] = p[i];
+  }
+  return widen16(_mm_load_si128(reinterpret_cast<const __m128i*>(lanes)));
+#endif
+}
 // The popcount(m) consecutive values at p, placed in the lanes of m's set bits (others zero).
 inline __m512 expand16(__mmask16 m, const float* p) { return _mm512_maskz_expandloadu_ps(m, p); }
-inline __m512 expand16(__mmask16 m, const bf16* p) {
+template <typename T>
+inline __m512 expand16(__mmask16 m, const T* p) {  // bf16, int8: load packed, then expand
   const auto first = static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1u);
   return _mm512_maskz_expand_ps(m, load16_masked(first, p));
 }
@@ -220,6 +271,10 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const int8_t* p) {
+  const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
 }
 #endif
 

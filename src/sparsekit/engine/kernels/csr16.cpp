@@ -1,8 +1,9 @@
 // CSR kernels with 16-bit (or 32-bit) column indices for y = x @ W.T + bias on CPU.
 //
-// W is stored row-major as CSR: fp32 or bf16 values, uint16 column indices (int32 when a
-// layer is wider than 65535) and int32 row pointers, i.e. 6 (bf16: 4) bytes per nonzero
-// instead of torch CSR's 8. Products and sums are fp32; x is fp32 or bf16, y in x's dtype.
+// W is stored row-major as CSR: fp32, bf16 or int8 values (int8: with float32 scales per
+// row), uint16 column indices (int32 when a layer is wider than 65535) and int32 row
+// pointers, i.e. 6 (bf16: 4, int8: 3) bytes per nonzero instead of torch CSR's 8. Products
+// and sums are fp32; x is fp32 or bf16, y in x's dtype.
 // Batch 1 (up to 3) is a gather-based GEMV per input; larger batches transpose x once into a
 // padded per-thread workspace (reused across calls) and stream each row of W once per chunk
 // of 64/128 inputs.
@@ -59,7 +60,8 @@ inline __m256i load_idx(const int32_t* p) {
 }
 #endif
 
-// Sum of v[k] * x[c[k]] over one row of n nonzeros (values of type Value: float or bf16).
+// Sum of v[k] * x[c[k]] over one row of n nonzeros (values of type Value: float, bf16 or
+// int8).
 template <typename Value, typename I>
 inline float row_dot(const Value* v, const I* c, int64_t n, const float* x) {
   using namespace sparsekit;
@@ -103,7 +105,7 @@ inline float row_dot(const Value* v, const I* c, int64_t n, const float* x) {
 
 template <typename Value, typename I>
 void gemv(const Value* v, const I* c, const int32_t* rowptr, int64_t rows, const float* x,
-          const float* bias, float* y, int T) {
+          sparsekit::Output out, float* y, int T) {
 #pragma omp parallel num_threads(T)
   {
     int64_t r0, r1;
@@ -119,8 +121,7 @@ void gemv(const Value* v, const I* c, const int32_t* rowptr, int64_t rows, const
         __builtin_prefetch(v + ahead + 16, 0, 3);
         __builtin_prefetch(c + ahead, 0, 3);
       }
-      float acc = row_dot(v + s, c + s, e - s, x);
-      y[r] = bias ? acc + bias[r] : acc;
+      y[r] = out(row_dot(v + s, c + s, e - s, x), r);
     }
   }
 }
@@ -188,7 +189,7 @@ inline void row_chunk_n(int nv, const Value* v, const I* c, int64_t s, int64_t e
 // tiles of kRowTile so that results are written to Y as contiguous runs, not 4 KiB strides.
 template <typename V, typename Value, typename I>
 void spmm(const Value* v, const I* c, const int32_t* rowptr, int64_t rows, int64_t cols,
-          const float* x, int64_t batch, const float* bias, float* y, int T) {
+          const float* x, int64_t batch, sparsekit::Output out, float* y, int T) {
   constexpr int64_t L = sizeof(V) / sizeof(float);
   constexpr int kMaxVec = 8;
   constexpr int64_t kChunk = kMaxVec * L;  // batch columns per pass over a row
@@ -212,7 +213,7 @@ void spmm(const Value* v, const I* c, const int32_t* rowptr, int64_t rows, int64
         for (int64_t b = b0; b < b1; ++b) {
           float* yb = y + b * rows;
           for (int64_t r = t0; r < t1; ++r) {
-            yb[r] = tile[r - t0][b - b0] + (bias ? bias[r] : 0.f);
+            yb[r] = out(tile[r - t0][b - b0], r);
           }
         }
       }
@@ -222,30 +223,30 @@ void spmm(const Value* v, const I* c, const int32_t* rowptr, int64_t rows, int64
 
 template <typename Value, typename I>
 void dispatch(const at::Tensor& values, const at::Tensor& cols_t, const at::Tensor& rowptr,
-              const at::Tensor& x, const float* bias, at::Tensor& y, int64_t cols, int T) {
+              const at::Tensor& x, sparsekit::Output out, at::Tensor& y, int64_t cols, int T) {
   const Value* v = reinterpret_cast<const Value*>(values.data_ptr());
   const I* c = reinterpret_cast<const I*>(cols_t.data_ptr());
   const int64_t rows = rowptr.size(0) - 1, batch = x.size(0);
   if (batch <= kGemvMaxBatch) {  // a few GEMVs beat a half-empty 16-lane SpMM
     for (int64_t b = 0; b < batch; ++b) {
-      gemv(v, c, rowptr.data_ptr<int32_t>(), rows, x.data_ptr<float>() + b * cols, bias,
+      gemv(v, c, rowptr.data_ptr<int32_t>(), rows, x.data_ptr<float>() + b * cols, out,
            y.data_ptr<float>() + b * rows, T);
     }
   } else {
     // 8 lanes up to batch 8: no idle half
     auto run = batch <= 8 ? spmm<vec8, Value, I> : spmm<vec16, Value, I>;
-    run(v, c, rowptr.data_ptr<int32_t>(), rows, cols, x.data_ptr<float>(), batch, bias,
+    run(v, c, rowptr.data_ptr<int32_t>(), rows, cols, x.data_ptr<float>(), batch, out,
         y.data_ptr<float>(), T);
   }
 }
 
 // y = x @ W.T (+ bias) for x of shape (batch, in_features) (fp32 or bf16; y in its dtype);
-// W in CSR with fp32/bf16 values and int16/int32 column indices (each below in_features:
-// checked where the format is built).
+// W in CSR with fp32/bf16/int8 values (int8: times scales[r]) and int16/int32 column indices
+// (each below in_features: checked where the format is built).
 at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,
                       const at::Tensor& rowptr, const at::Tensor& x_in,
                       const std::optional<at::Tensor>& bias, int64_t in_features,
-                      int64_t threads) {
+                      int64_t threads, const std::optional<at::Tensor>& scales) {
   sparsekit::check_input_or_bf16(x_in, in_features);
   sparsekit::check_values(values, 1);
   sparsekit::check_index(col_indices, "col_indices", 1);
@@ -254,7 +255,8 @@ at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,
               "entries, got shape ", rowptr.sizes());
   const int64_t rows = rowptr.size(0) - 1;
   sparsekit::check_rowptr(rowptr, "rowptr", rows, values.numel());
-  const float* b = sparsekit::bias_data(bias, rows);
+  const sparsekit::Output out{sparsekit::scales_data(scales, values, rows),
+                              sparsekit::bias_data(bias, rows)};
   const int T = sparsekit::num_threads(threads);
   const at::Tensor x = sparsekit::as_float32(x_in);
   auto y = at::empty({x.size(0), rows}, x.options());
@@ -263,9 +265,9 @@ at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,
   sparsekit::with_values(values, [&](auto value) {
     using V = decltype(value);
     if (narrow) {
-      dispatch<V, uint16_t>(values, col_indices, rowptr, x, b, y, in_features, T);
+      dispatch<V, uint16_t>(values, col_indices, rowptr, x, out, y, in_features, T);
     } else {
-      dispatch<V, int32_t>(values, col_indices, rowptr, x, b, y, in_features, T);
+      dispatch<V, int32_t>(values, col_indices, rowptr, x, out, y, in_features, T);
     }
   });
   return sparsekit::like_input(y, x_in);

@@ -3,8 +3,8 @@
 // A format is a struct W with `rows`, `cols`, `work(r)` (non-decreasing work of rows [0, r)),
 // `dot(r, x)` (row r times an input zero-padded by at least 128 floats) and `decode(r, c,
 // &count)` (row r's columns into c, room for cols + 32, returning its packed values, of
-// the format's value type: float or bf16). Inputs are widened to fp32 once per call (bf16
-// x), sums are fp32, the output takes x's dtype.
+// the format's value type: float, bf16 or int8). Inputs are widened to fp32 once per call
+// (bf16 x), sums are fp32 (int8: times the row's scale), the output takes x's dtype.
 // Batch 1 (up to 3) runs one GEMV per input; larger batches transpose x once into a
 // per-thread workspace and decode each weight row once into (column, value) pairs that are
 // applied to chunks of 64/128 inputs. Rows are split across OpenMP threads by work.
@@ -45,7 +45,7 @@ void thread_rows_of(const W& w, int t, int T, int64_t* r0, int64_t* r1) {
 }
 
 template <typename W>
-void gemv(const W& w, const float* x, const float* bias, float* y, int T) {
+void gemv(const W& w, const float* x, Output out, float* y, int T) {
   thread_local std::vector<float> xpad;  // x zero-padded: whole vectors never read past it
   const int64_t padded = (w.cols + 63) / 64 * 64 + 128;
   xpad.assign(padded, 0.f);
@@ -55,10 +55,7 @@ void gemv(const W& w, const float* x, const float* bias, float* y, int T) {
   {
     int64_t r0, r1;
     thread_rows_of(w, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float acc = w.dot(r, xp);
-      y[r] = bias ? acc + bias[r] : acc;
-    }
+    for (int64_t r = r0; r < r1; ++r) y[r] = out(w.dot(r, xp), r);
   }
 }
 
@@ -117,7 +114,7 @@ inline void row_chunk_n(int nv, const int32_t* c, const T* w, int64_t count,
 // one broadcast-FMA over a contiguous row of xt. Outputs of kRowTile rows are buffered so
 // that Y is written in contiguous runs.
 template <typename V, typename W>
-void spmm(const W& w, const float* x, int64_t batch, const float* bias, float* y, int T) {
+void spmm(const W& w, const float* x, int64_t batch, Output out, float* y, int T) {
   constexpr int64_t L = sizeof(V) / sizeof(float);
   constexpr int kMaxVec = 8;
   constexpr int64_t kChunk = kMaxVec * L;  // batch columns per pass over a decoded row
@@ -142,17 +139,19 @@ void spmm(const W& w, const float* x, int64_t batch, const float* bias, float* y
       }
       for (int64_t b = 0; b < batch; ++b) {
         float* yb = y + b * w.rows;
-        for (int64_t r = t0; r < t1; ++r) yb[r] = tile[(r - t0) * ld + b] + (bias ? bias[r] : 0.f);
+        for (int64_t r = t0; r < t1; ++r) yb[r] = out(tile[(r - t0) * ld + b], r);
       }
     }
   }
 }
 
-// The product for a weight w whose tensors and x (w.cols columns) the op has checked.
+// The product for a weight w whose tensors and x (w.cols columns) the op has checked; int8
+// values are scaled by `scales` (checked here).
 template <typename W>
-at::Tensor run(const W& w, const at::Tensor& x_in, const std::optional<at::Tensor>& bias,
+at::Tensor run(const W& w, const at::Tensor& values, const at::Tensor& x_in,
+               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scales,
                int64_t threads) {
-  const float* b = bias_data(bias, w.rows);
+  const Output out{scales_data(scales, values, w.rows), bias_data(bias, w.rows)};
   const int T = num_threads(threads);
   const at::Tensor x = as_float32(x_in);
   const int64_t batch = x.size(0);
@@ -161,11 +160,11 @@ at::Tensor run(const W& w, const at::Tensor& x_in, const std::optional<at::Tenso
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (batch <= kGemvMaxBatch) {
-    for (int64_t i = 0; i < batch; ++i) gemv(w, xp + i * w.cols, b, yp + i * w.rows, T);
+    for (int64_t i = 0; i < batch; ++i) gemv(w, xp + i * w.cols, out, yp + i * w.rows, T);
   } else if (batch <= 8) {
-    spmm<vec8>(w, xp, batch, b, yp, T);  // 8 lanes: no idle half
+    spmm<vec8>(w, xp, batch, out, yp, T);  // 8 lanes: no idle half
   } else {
-    spmm<vec16>(w, xp, batch, b, yp, T);
+    spmm<vec16>(w, xp, batch, out, yp, T);
   }
   return like_input(y, x_in);
 }

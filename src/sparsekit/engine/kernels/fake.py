@@ -30,15 +30,15 @@ def register() -> None:
     fake = torch.library.register_fake
 
     @fake("sparsekit::csr_linear")
-    def _(values, col_indices, rowptr, x, bias, in_features, threads):  # type: ignore[no-untyped-def]
+    def _(values, col_indices, rowptr, x, bias, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
         return _linear(x, in_features, rowptr.shape[0] - 1)
 
     @fake("sparsekit::bitmap_linear")
-    def _(values, bitmap, rowptr, x, bias, in_features, threads):  # type: ignore[no-untyped-def]
+    def _(values, bitmap, rowptr, x, bias, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
         return _linear(x, in_features, bitmap.shape[0])
 
     @fake("sparsekit::nm_linear")
-    def _(values, indices, x, bias, n, m, in_features, threads):  # type: ignore[no-untyped-def]
+    def _(values, indices, x, bias, n, m, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
         return _linear(x, in_features, values.shape[0])
 
     @fake("sparsekit::bsr_linear")

@@ -11,14 +11,15 @@ TORCH_LIBRARY(sparsekit, m) {
   // before it writes anything; index contents are trusted, as checked where a format or
   // structure is built from untrusted tensors.
   // Inference: y = x @ W.T (+ bias) for x (batch, in_features) and W in one compressed format.
-  // csr/bitmap/nm take fp32 or bf16 values and x (sums in fp32, y in x's dtype); the others
-  // fp32 only.
+  // csr/bitmap/nm take fp32, bf16 or int8 values and fp32 or bf16 x (sums in fp32, y in x's
+  // dtype); int8 values need float32 `scales` (rows,): y[r] = scales[r] * sum + bias[r],
+  // other values no scales. The others fp32 only.
   m.def("csr_linear(Tensor values, Tensor col_indices, Tensor rowptr, Tensor x, Tensor? bias, "
-        "int in_features, int threads) -> Tensor");
+        "int in_features, int threads, Tensor? scales=None) -> Tensor");
   m.def("bitmap_linear(Tensor values, Tensor bitmap, Tensor rowptr, Tensor x, Tensor? bias, "
-        "int in_features, int threads) -> Tensor");
+        "int in_features, int threads, Tensor? scales=None) -> Tensor");
   m.def("nm_linear(Tensor values, Tensor indices, Tensor x, Tensor? bias, int n, int m, "
-        "int in_features, int threads) -> Tensor");
+        "int in_features, int threads, Tensor? scales=None) -> Tensor");
   m.def("bsr_linear(Tensor values, Tensor col_indices, Tensor rowptr, Tensor x, Tensor? bias, "
         "int out_features, int in_features, int threads) -> Tensor");
   // Dense low precision: W (rows, in_features) bf16, or int8 with float32 scales (rows,).

@@ -1,6 +1,7 @@
 // Packed N:M kernels for y = x @ W.T + bias on CPU.
 //
-// Per row ceil(cols / M) groups of N fp32 or bf16 values (zero-padded) and one log2(M)-bit
+// Per row ceil(cols / M) groups of N fp32, bf16 or int8 values (zero-padded; int8 with a
+// float32 scale per row) and one log2(M)-bit
 // field per value (M=8 uses 4 bits) giving its input within the group; the fields of every
 // 16 values fill one (M=4) or two (M=8) 32-bit words. The GEMV/SpMM drivers are shared with
 // the bitmap rows (decoded_rows.h).
@@ -15,7 +16,7 @@ namespace {
 
 using namespace sparsekit::rows;
 
-// A packed N:M weight: `width` values of type T (float or bf16) per row, fields packed 16
+// A packed N:M weight: `width` values of type T (float, bf16 or int8) per row, fields packed 16
 // values per 32 * fbits / 2 bits.
 template <typename T>
 struct PackedNM {
@@ -102,12 +103,13 @@ struct PackedNM {
   }
 };
 
-// y = x @ W.T (+ bias); W as packed N:M fp32/bf16 values (rows, ceil(in_features / M) * N)
-// and int32 fields (rows, words), each naming an input below in_features (checked where the
-// format is built); x fp32 or bf16, y in its dtype.
+// y = x @ W.T (+ bias); W as packed N:M fp32/bf16/int8 values (rows, ceil(in_features / M)
+// * N) and int32 fields (rows, words), each naming an input below in_features (checked where
+// the format is built); int8 values times scales[r]; x fp32 or bf16, y in its dtype.
 at::Tensor nm_linear(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& x,
                      const std::optional<at::Tensor>& bias, int64_t n, int64_t m,
-                     int64_t in_features, int64_t threads) {
+                     int64_t in_features, int64_t threads,
+                     const std::optional<at::Tensor>& scales) {
   sparsekit::check_input_or_bf16(x, in_features);
   TORCH_CHECK((m == 4 || m == 8) && n > 0 && n < m && 16 % n == 0, "unsupported N:M ", n, ":", m);
   sparsekit::check_values(values, 2);
@@ -121,7 +123,7 @@ at::Tensor nm_linear(const at::Tensor& values, const at::Tensor& indices, const 
     const PackedNM<T> w{reinterpret_cast<const T*>(values.data_ptr()),
                         reinterpret_cast<const uint32_t*>(indices.data_ptr()), values.size(0),
                         in_features, n, m, fbits, width, indices.size(1)};
-    return run(w, x, bias, threads);
+    return run(w, values, x, bias, scales, threads);
   });
 }
 
