@@ -36,21 +36,7 @@ constexpr int64_t kRowTile = 4;  // rows of W widened together in the batched pa
 
 using sparsekit::bf16;
 
-// -- widening loads: 16 (AVX-512) or 8 (AVX2) stored values as fp32 ----------------------
-#if defined(__AVX512F__)
-inline __m512 wide16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(
-      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m512 wide16(const bf16* p) { return sparsekit::load16(p); }
-inline __m512 wide16(const float* p) { return _mm512_loadu_ps(p); }
-#elif defined(__AVX2__)
-inline __m256 wide8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m256 wide8(const bf16* p) { return sparsekit::load8(p); }
-inline __m256 wide8(const float* p) { return _mm256_loadu_ps(p); }
+#if defined(__AVX2__) && !defined(__AVX512F__)
 inline float hsum8(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -62,13 +48,14 @@ inline float hsum8(__m256 v) {
 // against NB rows of fp32 inputs, the row read once.
 template <int NB, typename Value>
 inline void dot_rows(const Value* w, const float* x, int64_t ldx, int64_t n, float* out) {
+  using namespace sparsekit;  // load16 / load8: int8, bf16 or fp32 widened to fp32
   int64_t k = 0;
   float acc[NB] = {};
 #if defined(__AVX512F__)
   __m512 a[NB];
   for (int b = 0; b < NB; ++b) a[b] = _mm512_setzero_ps();
   for (; k + 16 <= n; k += 16) {
-    const __m512 wv = wide16(w + k);
+    const __m512 wv = load16(w + k);
     for (int b = 0; b < NB; ++b) a[b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * ldx + k), a[b]);
   }
   for (int b = 0; b < NB; ++b) acc[b] = _mm512_reduce_add_ps(a[b]);
@@ -76,7 +63,7 @@ inline void dot_rows(const Value* w, const float* x, int64_t ldx, int64_t n, flo
   __m256 a[NB];
   for (int b = 0; b < NB; ++b) a[b] = _mm256_setzero_ps();
   for (; k + 8 <= n; k += 8) {
-    const __m256 wv = wide8(w + k);
+    const __m256 wv = load8(w + k);
     for (int b = 0; b < NB; ++b) a[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * ldx + k), a[b]);
   }
   for (int b = 0; b < NB; ++b) acc[b] = hsum8(a[b]);
