@@ -222,7 +222,8 @@ def _compile_layer(
         count = min(max(rows), 64 if type(layer) is nn.Linear else 2)
         probe = torch.randn(count, *in_shape, generator=generator,
                             device=layer.weight.device).to(layer.weight.dtype)
-    return chosen, {**choice, "value_dtype": str(chosen.format.value_dtype),
+    value = str(chosen.format.value_dtype).removeprefix("torch.")
+    return chosen, {**choice, "value_dtype": value,
                     "quantization_error": _relative_error(layer, chosen, probe)}
 
 
