@@ -27,7 +27,8 @@ from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, available_formats
-from sparsekit.observe import inference, input_shapes
+from sparsekit.observe import inference, input_shapes, watch
+from sparsekit.quantize import attached_scales
 
 __all__ = ["InputThresholds", "compile"]
 
@@ -97,10 +98,18 @@ def compile(
     with those thresholds applied.
 
     ``weight_dtype`` is the dtype of the stored values: ``None`` keeps each layer's own
-    (a bfloat16 model gets bfloat16 sparse formats); ``"bf16"`` rounds the kept weights of
-    float32 layers to bfloat16 in the formats that hold them (sums stay float32, inputs and
-    outputs keep the layer's dtype; the dense candidate stays the float32 layer), and the
-    output check then allows bfloat16 rounding.
+    (a bfloat16 model gets bfloat16 sparse formats), except that a layer carrying int8
+    scales (:func:`sparsekit.quantize.attach_scales`, e.g. after
+    ``sparsekit.llm.prune(..., quantize="int8")``) stores exactly those int8 codes;
+    ``"bf16"`` rounds the kept weights of float32 layers to bfloat16 in the formats that
+    hold them; ``"int8"`` rounds them to int8 codes with one float32 scale per output row
+    (a layer's attached scales, else its largest kept magnitude / 127). Sums stay float32,
+    inputs and outputs keep the layer's dtype, and the dense candidate stays the layer as it
+    is (the reference). The output check then compares against ``model`` with the weights
+    the formats hold (bfloat16-rounded, resp. dequantized int8): it checks the kernels, not
+    the rounding. The rounding's own cost, the relative output error of each layer measured
+    on its observed inputs (random normal ones without ``example_inputs``), is each
+    choice's ``quantization_error``, shown by :func:`sparsekit.engine.report`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -113,6 +122,7 @@ def compile(
         raise TypeError(f"cache must be a bool, got {cache!r}")
     inputs = _as_tuple(example_inputs)
     seen = {} if inputs is None else _observed_inputs(model, inputs)
+    probes = {} if inputs is None else _observed_rows(model, inputs)
 
     compiled = copy.deepcopy(model)
     first_name = {id(m): n for n, m in compiled.named_modules()}
@@ -134,12 +144,12 @@ def compile(
                     elif type(child) is nn.Linear:
                         done[id(child)], choices[name] = _compile_layer(
                             child, (child.in_features,), names, layer_rows, threads, cache,
-                            value_dtype,
+                            value_dtype, probes.get(name),
                         )
                     elif name in seen and convertible(child) is None:
                         done[id(child)], choices[name] = _compile_layer(
                             child, tuple(seen[name][-3:]), names, layer_rows, threads, cache,
-                            value_dtype,
+                            value_dtype, probes.get(name),
                         )
                     else:
                         done[id(child)] = child
@@ -149,14 +159,15 @@ def compile(
     _check_forced(names, refused, len(choices))
     compiled.sparsekit_choices = choices
     rtol = _CHECK_RTOL if value_dtype is None else _rtol(value_dtype)
+    reference = _with_stored_weights(model, compiled) if inputs is not None else model
     if inputs is not None and activation_sparsity is not None:
-        activation_sparsity.apply(model)
+        activation_sparsity.apply(reference)
         try:
-            _check_outputs(model, compiled, inputs, rtol)
+            _check_outputs(reference, compiled, inputs, rtol)
         finally:
             activation_sparsity.remove()
     elif inputs is not None:
-        _check_outputs(model, compiled, inputs, rtol)
+        _check_outputs(reference, compiled, inputs, rtol)
     return compiled
 
 
@@ -171,47 +182,75 @@ def _compile_layer(
     threads: int | None,
     cache: bool,
     value_dtype: torch.dtype | None = None,
+    probe: torch.Tensor | None = None,
 ) -> tuple[CompiledLayer, dict[str, object]]:
     """The fastest compiled version of ``layer`` and the evidence behind the choice; the
-    sparse candidates hold values of ``value_dtype`` (``None``: the layer's dtype)."""
+    candidates other than dense hold values of ``value_dtype`` (``None``: the layer's dtype,
+    or int8 on its attached scales). The chosen layer's relative output error against
+    ``layer`` on ``probe`` (inputs it saw; default: random normal ones) is the choice's
+    ``quantization_error``."""
+    scales = attached_scales(layer)
+    value_dtype = torch.int8 if value_dtype is None and scales is not None else value_dtype
     stored = _with_value_dtype(layer, value_dtype)
-    allowed, dense_allowed = _candidates(stored, names)
+    allowed, dense_allowed = _candidates(stored, names, value_dtype)
     if not allowed:  # forced formats that cannot hold this weight
         allowed, dense_allowed = ["dense"], True
     build = CompiledLinear.from_linear if type(layer) is nn.Linear else CompiledConv2d.from_conv2d
+    int8 = {"value_dtype": torch.int8, "scales": scales} if value_dtype == torch.int8 else {}
 
     def built(fmt: str) -> CompiledLayer:
-        return build(layer if fmt == "dense" else stored, fmt,
+        if fmt == "dense":  # the layer as it is: the reference
+            return build(layer, fmt)
+        return build(stored, fmt, **int8,
                      **({"threads": threads} if FORMATS.meta(fmt)["threaded"] else {}))
 
     key = (decisions.key(layer, in_shape, allowed, rows, threads, value_dtype) if cache
            else None)
     choice = decisions.lookup(key) if key is not None else None
     if choice is not None:
-        return built(choice["format"]), {**choice, "cached": True}
-    modules = {n: built(n) for n in dict.fromkeys(["dense", *allowed])}  # dense: the reference
-    weight = layer.weight
-    samples = autotune.measure(modules, in_shape, rows, weight.dtype, weight.device)
-    best, choice = autotune.choose(samples, allowed, dense_allowed=dense_allowed)
-    if key is not None:
-        decisions.store(key, choice)
-    return modules[best], {**choice, "cached": False}
+        chosen, choice = built(choice["format"]), {**choice, "cached": True}
+    else:
+        modules = {n: built(n) for n in dict.fromkeys(["dense", *allowed])}  # dense: reference
+        weight = layer.weight
+        samples = autotune.measure(modules, in_shape, rows, weight.dtype, weight.device)
+        best, choice = autotune.choose(samples, allowed, dense_allowed=dense_allowed)
+        if key is not None:
+            decisions.store(key, choice)
+        chosen, choice = modules[best], {**choice, "cached": False}
+    if probe is None:
+        generator = torch.Generator(layer.weight.device).manual_seed(0)
+        count = min(max(rows), 64 if type(layer) is nn.Linear else 2)
+        probe = torch.randn(count, *in_shape, generator=generator,
+                            device=layer.weight.device).to(layer.weight.dtype)
+    value = str(chosen.format.value_dtype).removeprefix("torch.")
+    return chosen, {**choice, "value_dtype": value,
+                    "quantization_error": _relative_error(layer, chosen, probe)}
 
 
-def _candidates(layer: nn.Linear | nn.Conv2d, names: list[str] | None) -> tuple[list[str], bool]:
-    """The formats ``layer`` may take and whether dense is one of them. Forced ``names``
-    (no ``"dense"``) of which none can hold the weight leave the layer dense (``[]``)."""
+def _relative_error(layer: nn.Module, compiled: nn.Module, x: torch.Tensor) -> float:
+    """``‖compiled(x) − layer(x)‖ / ‖layer(x)‖`` (Frobenius, in float32)."""
+    ref = layer(x).float()
+    return float(torch.linalg.vector_norm(compiled(x).float() - ref)
+                 / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+
+
+def _candidates(
+    layer: nn.Linear | nn.Conv2d, names: list[str] | None, value_dtype: torch.dtype | None = None
+) -> tuple[list[str], bool]:
+    """The formats ``layer`` may take (with values of ``value_dtype``; dense as it is) and
+    whether dense is one of them. Forced ``names`` (no ``"dense"``) of which none can hold
+    the weight leave the layer dense (``[]``)."""
     weight = layer.weight.detach()
-    holding = available_formats(weight.reshape(weight.shape[0], -1))
+    holding = available_formats(weight.reshape(weight.shape[0], -1), value_dtype)
     if names is None:
         return holding, True
     return [n for n in holding if n in names], "dense" in names
 
 
 def _with_value_dtype(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """``layer``, or a shallow copy whose float32 weight is rounded to ``dtype`` (the bias
-    and everything else shared)."""
-    if dtype is None or layer.weight.dtype != torch.float32:
+    """``layer``, or a shallow copy whose float32 weight is rounded to a floating ``dtype``
+    (the bias and everything else shared); int8 codes are made by the formats."""
+    if dtype is None or not dtype.is_floating_point or layer.weight.dtype != torch.float32:
         return layer
     stored = copy.copy(layer)
     stored._parameters = dict(layer._parameters)
@@ -242,6 +281,27 @@ def _observed_inputs(model: nn.Module, inputs: tuple[object, ...]) -> dict[str, 
     layers = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
     with model_errors("example_inputs", "the model cannot run on them"):
         return input_shapes(model, layers, *inputs)
+
+
+def _observed_rows(
+    model: nn.Module, inputs: tuple[object, ...], limit: int = 256
+) -> dict[str, torch.Tensor]:
+    """Up to ``limit`` rows of the first input each ``nn.Linear`` (``limit`` images for an
+    ``nn.Conv2d``) of ``model`` sees: the inputs a layer's rounding error is measured on."""
+    layers = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    rows: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, x: torch.Tensor, _out: object) -> None:
+        if name not in rows:
+            if type(layers[name]) is nn.Linear:
+                x = x.reshape(-1, x.shape[-1])
+            elif x.dim() == 3:  # one unbatched image
+                x = x.unsqueeze(0)
+            rows[name] = x[:limit].detach().clone()
+
+    with watch(layers, keep), inference(model):
+        model(*inputs)
+    return rows
 
 
 def _default_rows(shape: torch.Size | None, kind: type[nn.Module]) -> list[int]:
@@ -281,7 +341,7 @@ def _check_rows(rows: int | Sequence[int]) -> list[int]:
     return list(dict.fromkeys(values))
 
 
-_WEIGHT_DTYPES = {"bf16": torch.bfloat16}
+_WEIGHT_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def _check_weight_dtype(weight_dtype: str | None) -> torch.dtype | None:
@@ -295,8 +355,27 @@ def _check_weight_dtype(weight_dtype: str | None) -> torch.dtype | None:
 
 
 def _rtol(dtype: torch.dtype) -> float:
-    """Relative output tolerance of the compile check for values or outputs of ``dtype``."""
+    """Relative output tolerance of the compile check for values or outputs of ``dtype``
+    (int8 values: float32 sums of the dequantized weights the check compares against)."""
+    if not dtype.is_floating_point:
+        return _CHECK_RTOL
     return max(_CHECK_RTOL, 4 * torch.finfo(dtype).eps)
+
+
+def _with_stored_weights(model: nn.Module, compiled: nn.Module) -> nn.Module:
+    """``model``, or a copy whose layers compiled to int8 values have the dequantized
+    weights those hold (the fake-quantized model the compiled one must reproduce)."""
+    layers = {n: m for n, m in compiled.named_modules()
+              if isinstance(m, CompiledLayer) and m.format.value_dtype == torch.int8}
+    if not layers:
+        return model
+    reference = copy.deepcopy(model)
+    originals = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            weight = originals[name].weight
+            weight.copy_(layer.to_dense().reshape(weight.shape))
+    return reference
 
 
 def _as_tuple(example_inputs: object) -> tuple[object, ...] | None:

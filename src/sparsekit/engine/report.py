@@ -1,8 +1,9 @@
 """report(): :func:`sparsekit.report` with the layers the engine installed.
 
-Compiled layers appear as ``Linear``/``Conv2d`` rows of their format, with the times
-:func:`~sparsekit.engine.compile` measured for them; activation-sparse layers as ``Linear``
-rows of format ``"activation"``.
+Compiled layers appear as ``Linear``/``Conv2d`` rows of their format, value dtype and
+bytes, with the times :func:`~sparsekit.engine.compile` measured for them and the
+relative output error its rounding of the weights (bf16, int8) costs; activation-sparse
+layers as ``Linear`` rows of format ``"activation"``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ def report(
     """:func:`sparsekit.report` that also lists compiled and activation-sparse layers.
 
     Compiled layers appear as ``Linear``/``Conv2d`` rows with the extra columns
-    ``format``, ``ms dense``, ``ms sparse`` and ``speedup`` from
-    ``model.sparsekit_choices``; :class:`ActivationSparseLinear` layers as ``Linear`` rows
-    of format ``"activation"``.
+    ``format``, ``values`` (the stored dtype: float32, bfloat16, int8 with per-row scales)
+    and ``bytes`` (all of the format's buffers), and from ``model.sparsekit_choices``
+    ``ms dense``, ``ms sparse``, ``speedup`` and ``quant err`` (the relative output error
+    of the stored values against the layer's own weights, measured by
+    :func:`~sparsekit.engine.compile`); :class:`ActivationSparseLinear` layers as
+    ``Linear`` rows of format ``"activation"``.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -49,7 +53,6 @@ def report(
     return Report(rows)
 
 
-
 def _special_row(
     name: str,
     module: CompiledLayer | ActivationSparseLinear,
@@ -59,7 +62,10 @@ def _special_row(
 ) -> LayerRow:
     params = module.in_features * module.out_features
     if isinstance(module, CompiledLayer):
-        nonzeros, extra = module.format.nnz, {"format": module.format.name}
+        fmt = module.format
+        nonzeros = fmt.nnz
+        extra = {"format": fmt.name, "values": str(fmt.value_dtype).removeprefix("torch."),
+                 "bytes": fmt.nbytes}
         kind = "Conv2d" if isinstance(module, CompiledConv2d) else "Linear"
     else:
         nonzeros, extra = int(torch.count_nonzero(module.weight_t)), {"format": "activation"}
@@ -71,6 +77,8 @@ def _special_row(
             {"ms dense": choice["ms_dense"], "ms sparse": choice["ms_chosen"],
              "speedup": choice["speedup"]}
         )
+        if "quantization_error" in choice:
+            extra["quant err"] = choice["quantization_error"]
     shape = (module.out_features, module.in_features)
     if isinstance(module, CompiledConv2d):
         shape = (module.out_channels, module.in_channels, *module.kernel_size)

@@ -4,11 +4,13 @@ Each format is built from a dense 2-D weight and a boolean mask (``True`` = kept
 only its compressed tensors as buffers (no dense copy), and computes ``x @ W.T`` for ``x``
 of shape ``(..., in_features)`` with :meth:`Format.matmul`. :data:`FORMATS` is the registry
 of the names accepted by :func:`sparsekit.engine.compile`, with each format's metadata
-(``dtypes`` it holds, ``device`` it runs on, ``threaded``).
+(weight ``dtypes`` it holds, ``value_dtypes`` it can store them in, ``device`` it runs on,
+``threaded``).
 
 The buffers are plain dense tensors (values, indices, row pointers), so a format's
 ``state_dict`` is its compressed weight; :func:`format_from_state` rebuilds a format from
-one, recognising it by its buffer names (:attr:`Format.buffer_names`).
+one, recognising it by its buffer names (:attr:`Format.buffer_names`, plus any of
+:attr:`Format.optional_buffers`: the ``scales`` of int8 values).
 
 One file per format family; a new format is a :class:`Format` subclass registered in
 :data:`FORMATS` (and, if it needs native code, a ``.cpp`` file in ``engine/kernels``).
@@ -23,15 +25,15 @@ from sparsekit.engine.formats.bitmap import Bitmap
 from sparsekit.engine.formats.bsr import BSR
 from sparsekit.engine.formats.csr import CSR16, TorchCSR
 from sparsekit.engine.formats.cuda import CudaBSR, CudaSemiStructured
-from sparsekit.engine.formats.dense import DenseFormat
+from sparsekit.engine.formats.dense import DenseFormat, DenseLowPrecision
 from sparsekit.engine.formats.fanin import ConstantFanIn
 from sparsekit.engine.formats.nm import PackedNM
 from sparsekit.registry import Registry
 
 __all__ = [
     "BSR", "FORMATS", "CSR16", "Bitmap", "ConstantFanIn", "CudaBSR", "CudaSemiStructured",
-    "DenseFormat", "Format", "FormatRegistry", "PackedNM", "TorchCSR", "available_formats",
-    "format_from_state",
+    "DenseFormat", "DenseLowPrecision", "Format", "FormatRegistry", "PackedNM", "TorchCSR",
+    "available_formats", "format_from_state",
 ]
 
 
@@ -48,34 +50,49 @@ class FormatRegistry(Registry[type[Format]]):
 
 
 FORMATS = FormatRegistry(
-    "format", meta={"dtypes": None, "device": None, "threaded": False}, ordered=True
+    "format",
+    meta={"dtypes": None, "value_dtypes": None, "device": None, "threaded": False},
+    ordered=True,
 )
 for _format in (
-    DenseFormat, TorchCSR, CSR16, Bitmap, PackedNM, BSR, ConstantFanIn, CudaSemiStructured,
-    CudaBSR,
+    DenseFormat, TorchCSR, CSR16, Bitmap, PackedNM, BSR, ConstantFanIn, DenseLowPrecision,
+    CudaSemiStructured, CudaBSR,
 ):
     FORMATS.register(
-        _format.name, dtypes=_format.dtypes, device=_format.device, threaded=_format.threaded
+        _format.name, dtypes=_format.dtypes, value_dtypes=_format.value_dtypes,
+        device=_format.device, threaded=_format.threaded,
     )(_format)
 
 
-def available_formats(weight: torch.Tensor) -> list[str]:
-    """Names of the formats that can hold ``weight`` here (``"dense"`` always first)."""
-    others = [n for n in FORMATS.names() if n != "dense" and FORMATS.get(n).supports(weight)]
+def available_formats(weight: torch.Tensor, value_dtype: torch.dtype | None = None) -> list[str]:
+    """Names of the formats that can hold ``weight`` here with values of ``value_dtype``
+    (``None``: ``weight``'s dtype; ``"dense"``, which holds the weight as it is, always
+    first)."""
+    value_dtype = value_dtype or weight.dtype
+    others = [
+        n for n in FORMATS.names()
+        if n != "dense" and FORMATS.get(n).supports(weight)
+        and value_dtype in (FORMATS.meta(n)["value_dtypes"] or (weight.dtype,))
+    ]
     return ["dense", *others]
 
 
 def format_from_state(
     state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
 ) -> Format:
-    """The format whose :attr:`~Format.buffer_names` are exactly the keys of ``state``.
+    """The format whose :attr:`~Format.buffer_names` are the keys of ``state``, with
+    perhaps some of its :attr:`~Format.optional_buffers`.
 
     ``kwargs`` (``threads``) go to the :attr:`~Format.threaded` formats. Raises
-    ``ValueError`` for keys of no format or tensors that do not form a ``shape`` weight.
+    ``ValueError`` for keys of no format or tensors that do not form a ``shape`` weight
+    (int8 values without valid ``scales`` among them).
     """
     keys = set(state)
     for fmt in FORMATS.values():
-        if keys == set(fmt.buffer_names):
+        if set(fmt.buffer_names) <= keys <= {*fmt.buffer_names, *fmt.optional_buffers}:
             return fmt.from_state(state, shape, **(kwargs if fmt.threaded else {}))
-    accepted = {n: list(FORMATS.get(n).buffer_names) for n in FORMATS.names()}
+    accepted = {
+        fmt.name: [*fmt.buffer_names, *(f"{k}?" for k in fmt.optional_buffers)]
+        for fmt in FORMATS.values()
+    }
     raise ValueError(f"state keys {sorted(keys)} match no format; accepted: {accepted}")

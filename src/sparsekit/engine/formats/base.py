@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,10 +18,16 @@ class Format(nn.Module):
     own :meth:`check_state`. The constructor trusts its tensors (the kernels read the
     indices unchecked); tensors from elsewhere come in through :meth:`from_state` or
     ``load_state_dict``, which both run :meth:`check_state` first.
+
+    A format may also hold :attr:`optional_buffers` (the per-row ``scales`` of int8
+    values): those present follow the :attr:`buffer_names` in ``tensors``, in order.
     """
 
     name: str = ""
     buffer_names: tuple[str, ...] = ()  # its state_dict keys, which identify the format
+    optional_buffers: tuple[str, ...] = ()  # keys it may also hold (int8 scales)
+    values_name: str | None = None  # the buffer of the stored weights (None: the first)
+    value_dtypes: tuple[torch.dtype, ...] | None = None  # stored dtypes (None: the weight's)
     threaded: bool = False  # from_dense/from_state take ``threads`` (compiled kernels)
     dtypes: tuple[torch.dtype, ...] | None = None  # weight dtypes it holds (None: any)
     device: str | None = None  # the device type it runs on (None: any)
@@ -29,8 +35,26 @@ class Format(nn.Module):
     def __init__(self, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         super().__init__()
         self.out_features, self.in_features = shape
-        for name, tensor in zip(self.buffer_names, tensors, strict=True):
+        names = self.stored_names(len(tensors))
+        for name, tensor in zip(names, tensors, strict=True):
             self.register_buffer(name, tensor)
+
+    @classmethod
+    def stored_names(cls, count: int) -> tuple[str, ...]:
+        """The buffer names of ``count`` tensors: :attr:`buffer_names`, then the first
+        optional ones."""
+        extra = count - len(cls.buffer_names)
+        if not 0 <= extra <= len(cls.optional_buffers):
+            raise ValueError(f"a {cls.name} format holds the tensors {cls.buffer_names} and "
+                             f"optionally {cls.optional_buffers}, got {count} tensors")
+        return cls.buffer_names + cls.optional_buffers[:extra]
+
+    @classmethod
+    def state_tensors(cls, state: Mapping[str, object], prefix: str = "") -> list[object]:
+        """The entries of ``state`` under ``prefix`` this format is built from: every one of
+        :attr:`buffer_names` (``None`` where missing), then the optional ones present."""
+        tensors = [state.get(prefix + k) for k in cls.buffer_names]
+        return tensors + [state[prefix + k] for k in cls.optional_buffers if prefix + k in state]
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
@@ -54,14 +78,14 @@ class Format(nn.Module):
         ``kwargs`` (``threads``) go to the constructor. Raises ``ValueError`` if the
         tensors do not form a valid ``shape`` weight (see :meth:`check_state`).
         """
-        tensors = [state[k] for k in cls.buffer_names]
+        tensors = cls.state_tensors(state)
         cls.check_state(tensors, shape)
         return cls([t.clone(memory_format=torch.contiguous_format) for t in tensors], shape,
                    **kwargs)
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
-        """Raise ``ValueError`` unless ``tensors`` (in :attr:`buffer_names` order) form a
+        """Raise ``ValueError`` unless ``tensors`` (in :meth:`stored_names` order) form a
         valid ``shape`` weight of this format."""
         raise NotImplementedError
 
@@ -100,6 +124,17 @@ class Format(nn.Module):
         """Number of stored weights."""
         raise NotImplementedError
 
+    @property
+    def value_dtype(self) -> torch.dtype:
+        """The dtype of the stored weights (``torch.int8``: codes on the grid of per-row
+        ``scales``)."""
+        return self._buffers[self.values_name or self.buffer_names[0]].dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all buffers: what a product streams and a checkpoint stores."""
+        return sum(t.numel() * t.element_size() for t in self._buffers.values() if t is not None)
+
     def derived(self, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A tensor built from the buffers (a torch sparse tensor, the dense weight), kept
         until the buffers move (``.to()``, ``load_state_dict``) and then rebuilt."""
@@ -114,7 +149,7 @@ class Format(nn.Module):
         error_msgs,
     ) -> None:
         # The kernels trust the index contents: loaded tensors are checked like from_state's.
-        tensors = [state_dict.get(prefix + k) for k in self.buffer_names]
+        tensors = self.state_tensors(state_dict, prefix)
         if all(isinstance(t, torch.Tensor) for t in tensors):
             try:
                 self.check_state(tensors, (self.out_features, self.in_features))
@@ -131,7 +166,8 @@ class Format(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return f"{self.out_features}x{self.in_features}, nnz={self.nnz}"
+        values = str(self.value_dtype).removeprefix("torch.")
+        return f"{self.out_features}x{self.in_features}, nnz={self.nnz}, values={values}"
 
 
 def masked(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Bitmap rows: one bit per weight plus the packed fp32 or bf16 values of the kept ones."""
+"""Bitmap rows: one bit per weight plus the packed fp32, bf16 or int8 values of the kept
+ones."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from sparsekit.engine.formats.csr import csr_parts
-from sparsekit.engine.formats.native import NativeFormat
+from sparsekit.engine.formats.native import SCALES, NativeFormat
 
 __all__ = ["Bitmap"]
 
@@ -16,8 +17,8 @@ _WORD = 16  # bits per bitmap word: one AVX-512 expand-load of 16 values
 
 class Bitmap(NativeFormat):
     """Per row a bitmap of ``in_features`` bits (int16 words, zero-padded per row), the kept
-    values packed row by row (fp32 or bf16, the weight's dtype) and int32 row pointers into
-    them.
+    values packed row by row (fp32 or bf16, the weight's dtype, or int8 with per-row
+    ``scales``) and int32 row pointers into them.
 
     It moves 4 bytes per nonzero + 1 bit per weight (2.125 B/weight at 50% sparsity, vs 3 for
     CSR16 and 4 for dense; in bf16 1.125 vs 2 for dense), and the kernel streams it like a
@@ -27,7 +28,9 @@ class Bitmap(NativeFormat):
 
     name = "bitmap"
     buffer_names = ("bitmap_values", "bitmap_mask", "bitmap_rowptr")
+    optional_buffers = (SCALES,)
     dtypes = (torch.float32, torch.bfloat16)
+    value_dtypes = (torch.float32, torch.bfloat16, torch.int8)
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -40,7 +43,7 @@ class Bitmap(NativeFormat):
         return values, bitmap, rowptr
 
     @classmethod
-    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+    def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         values, bitmap, rowptr = tensors
         rows, cols = shape
         cls.check_values("bitmap_values", values)
@@ -64,10 +67,10 @@ class Bitmap(NativeFormat):
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         return torch.ops.sparsekit.bitmap_linear(
             self.bitmap_values, self.bitmap_mask, self.bitmap_rowptr, x, bias, self.in_features,
-            threads,
+            threads, *self.scale_args(),
         )
 
-    def to_dense(self) -> torch.Tensor:
+    def stored_dense(self) -> torch.Tensor:
         dense = torch.zeros(self.out_features, self.in_features, dtype=self.bitmap_values.dtype)
         dense[_unpack(self.bitmap_mask)[:, : self.in_features]] = self.bitmap_values
         return dense

@@ -52,7 +52,7 @@ class BSR(NativeFormat):
         return _bsr_parts(weight, block)
 
     @classmethod
-    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+    def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         _check_bsr(*tensors, shape)
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ class BSR(NativeFormat):
             self.out_features, self.in_features, threads,
         )
 
-    def to_dense(self) -> torch.Tensor:
+    def stored_dense(self) -> torch.Tensor:
         (r, c), (rows, cols) = self.block, (self.out_features, self.in_features)
         brows, bcols = -(-rows // r), -(-cols // c)
         counts = torch.diff(self.bsr_rowptr.to(torch.int64))

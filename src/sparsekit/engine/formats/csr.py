@@ -9,7 +9,7 @@ import torch
 
 from sparsekit.engine.formats.base import Format, masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
-from sparsekit.engine.formats.native import NativeFormat
+from sparsekit.engine.formats.native import SCALES, NativeFormat
 
 __all__ = ["CSR16", "TorchCSR", "check_csr", "csr_parts"]
 
@@ -23,6 +23,7 @@ class TorchCSR(Format):
 
     name = "torch_csr"
     buffer_names = ("crow_indices", "col_indices", "values")
+    values_name = "values"
     dtypes = (torch.float32, torch.float64)  # on CPU (MKL has no bf16/fp16 addmv or addmm)
 
     @classmethod
@@ -37,6 +38,8 @@ class TorchCSR(Format):
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         check_csr(*tensors, shape, (torch.int32,))
+        if not tensors[2].is_floating_point():
+            raise ValueError(f"values must be floating, got {tensors[2].dtype}")
 
     def csr(self) -> torch.Tensor:
         """The sparse CSR tensor, rebuilt only when the buffers moved (``.to()``, load)."""
@@ -62,13 +65,17 @@ class CSR16(NativeFormat):
     (bf16 values: 4); layers wider than 65535 inputs fall back to int32 indices. Needs
     float32 or bfloat16 weights (values keep that dtype, sums are fp32) and the compiled
     kernels (see :mod:`sparsekit.engine.kernels`); where they are missing (a model loaded on
-    another machine) it multiplies with torch CSR in float32 instead. ``threads=None``
+    another machine) it multiplies with torch CSR in float32 instead. int8 values (1 byte,
+    3 per nonzero with the index) come with per-row ``scales``. ``threads=None``
     follows ``torch.get_num_threads()`` (one thread for layers too small to split).
     """
 
     name = "csr16"
     buffer_names = ("rowptr", "col_indices", "values")
+    optional_buffers = (SCALES,)
+    values_name = "values"
     dtypes = (torch.float32, torch.bfloat16)
+    value_dtypes = (torch.float32, torch.bfloat16, torch.int8)
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -76,7 +83,7 @@ class CSR16(NativeFormat):
         return crow, narrow_index(col, weight.shape[1]), values
 
     @classmethod
-    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+    def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         rowptr, col, values = tensors
         check_csr(rowptr, col, values, shape, (torch.int16, torch.int32))
         cls.check_values("values", values)
@@ -86,7 +93,8 @@ class CSR16(NativeFormat):
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         b = self._buffers  # direct: nn.Module.__getattr__ costs ~0.2 µs per buffer
         return torch.ops.sparsekit.csr_linear(
-            b["values"], b["col_indices"], b["rowptr"], x, bias, self.in_features, threads
+            b["values"], b["col_indices"], b["rowptr"], x, bias, self.in_features, threads,
+            *self.scale_args(),
         )
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -94,18 +102,25 @@ class CSR16(NativeFormat):
         kernels cannot be built)."""
         csr = self.derived(lambda: _sparse_csr(
             self.rowptr, unsigned_index(self.col_indices).to(torch.int32),
-            self.values.to(torch.float32), self,
+            self._float_values(), self,
         ))
         return _csr_mm(csr, x, bias)
 
-    def to_dense(self) -> torch.Tensor:
-        col = unsigned_index(self.col_indices)
-        rows = torch.repeat_interleave(
-            torch.arange(self.out_features), torch.diff(self.rowptr.to(torch.int64))
-        )
+    def stored_dense(self) -> torch.Tensor:
         dense = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype)
-        dense[rows, col] = self.values
+        dense[self._rows(), unsigned_index(self.col_indices)] = self.values
         return dense
+
+    def _rows(self) -> torch.Tensor:
+        """The row of every stored value."""
+        counts = torch.diff(self.rowptr.to(torch.int64))
+        return torch.repeat_interleave(torch.arange(self.out_features), counts)
+
+    def _float_values(self) -> torch.Tensor:
+        """The stored values in float32, int8 ones dequantized."""
+        scales = self._buffers.get(SCALES)
+        values = self.values.to(torch.float32)
+        return values if scales is None else values * scales[self._rows()]
 
     @property
     def nnz(self) -> int:
@@ -139,7 +154,8 @@ def check_csr(
     shape: tuple[int, int],
     col_dtypes: tuple[torch.dtype, ...],
 ) -> None:
-    """Raise ``ValueError`` unless the three tensors form a valid CSR ``shape`` weight."""
+    """Raise ``ValueError`` unless the three tensors form a valid CSR ``shape`` weight (the
+    values' dtype is the format's to check)."""
     out_features, in_features = shape
     if rowptr.dtype != torch.int32 or tuple(rowptr.shape) != (out_features + 1,):
         raise ValueError(
@@ -148,10 +164,10 @@ def check_csr(
         )
     if col.dtype not in col_dtypes or col.dim() != 1:
         raise ValueError(f"column indices must be 1-D {col_dtypes}, got {col.dtype} {col.dim()}-D")
-    if values.dim() != 1 or values.numel() != col.numel() or not values.is_floating_point():
+    if values.dim() != 1 or values.numel() != col.numel():
         raise ValueError(
-            f"values must be 1-D floating with one entry per column index ({col.numel()}), "
-            f"got {values.dtype} {tuple(values.shape)}"
+            f"values must be 1-D with one entry per column index ({col.numel()}), got "
+            f"{values.dtype} {tuple(values.shape)}"
         )
     steps = torch.diff(rowptr.to(torch.int64))
     if int(rowptr[0]) != 0 or int(rowptr[-1]) != values.numel() or bool((steps < 0).any()):

@@ -1,4 +1,5 @@
-"""The dense baseline format: ``F.linear`` on the (masked) weight."""
+"""Dense formats: the baseline (``F.linear`` on the masked weight) and the low-precision
+one (bf16 or int8 values, sparsekit's own kernel)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from sparsekit.engine.formats.base import Format, masked
+from sparsekit.engine.formats.native import SCALES, NativeFormat
 
-__all__ = ["DenseFormat"]
+__all__ = ["DenseFormat", "DenseLowPrecision"]
 
 
 class DenseFormat(Format):
@@ -44,3 +46,46 @@ class DenseFormat(Format):
     @property
     def nnz(self) -> int:
         return int(torch.count_nonzero(self.weight))
+
+
+class DenseLowPrecision(NativeFormat):
+    """A dense weight stored in bfloat16 (2 bytes per weight) or as int8 codes with one
+    float32 scale per row (1 byte), multiplied by sparsekit's ``dense_linear`` kernel with
+    float32 sums.
+
+    Where sparsity does not pay (a layer below the sparse break-even) the weight can still
+    move 2× or 4× fewer bytes than float32: decoding is bandwidth-bound, so that is the
+    gain. One format whose :attr:`value_dtype` is a parameter, like every native format's,
+    rather than one name per dtype: ``compile(weight_dtype=...)`` picks the dtype and the
+    autotuner the layout.
+    """
+
+    name = "dense_lowp"
+    buffer_names = ("lowp_weight",)
+    optional_buffers = (SCALES,)
+    dtypes = (torch.float32, torch.bfloat16)
+    value_dtypes = (torch.bfloat16, torch.int8)
+
+    @classmethod
+    def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (weight.contiguous(),)
+
+    @classmethod
+    def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        (weight,) = tensors
+        cls.check_values("lowp_weight", weight)
+        if tuple(weight.shape) != tuple(shape):
+            raise ValueError(f"lowp_weight must be of shape {tuple(shape)}, got "
+                             f"{tuple(weight.shape)}")
+
+    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+        return torch.ops.sparsekit.dense_linear(
+            self._buffers["lowp_weight"], x, bias, self.in_features, threads, *self.scale_args()
+        )
+
+    def stored_dense(self) -> torch.Tensor:
+        return self.lowp_weight.clone()
+
+    @property
+    def nnz(self) -> int:
+        return int(torch.count_nonzero(self.lowp_weight))

@@ -52,7 +52,7 @@ class ConstantFanIn(NativeFormat):
         return values, narrow_index(col, weight.shape[1]), rows.to(torch.int32)
 
     @classmethod
-    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+    def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         _check_fanin(*tensors, shape)
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
@@ -72,7 +72,7 @@ class ConstantFanIn(NativeFormat):
             y[:, rows[sl]] = (x[:, cols[sl]] * self.fanin_values[sl]).sum(dim=-1)
         return y if bias is None else y + bias
 
-    def to_dense(self) -> torch.Tensor:
+    def stored_dense(self) -> torch.Tensor:
         dense = torch.zeros(self.out_features, self.in_features, dtype=self.fanin_values.dtype)
         rows = self.fanin_rows.long()[:, None].expand_as(self.fanin_values)
         dense[rows, unsigned_index(self.fanin_col_indices)] = self.fanin_values

@@ -10,17 +10,24 @@ import torch.nn.functional as F
 from sparsekit._checks import check_int
 from sparsekit.engine import kernels
 from sparsekit.engine.formats.base import Format, masked
+from sparsekit.quantize import quantize_int8
 
-__all__ = ["NativeFormat"]
+__all__ = ["SCALES", "NativeFormat"]
+
+SCALES = "scales"
+"""The optional buffer of int8 values: one float32 scale per output row."""
 
 
 class NativeFormat(Format):
     """A CPU format multiplied by a compiled kernel over ``threads`` OpenMP threads.
 
-    Its values keep the weight's dtype, one of :attr:`dtypes` (float32; formats whose
-    kernels also read bfloat16 values add it): products and sums are float32 either way.
-    Inputs in one of :attr:`dtypes` are passed as they are and the output takes their
-    dtype; other inputs are computed in float32.
+    It holds weights of one of :attr:`dtypes` (float32; formats whose kernels also read
+    bfloat16 add it) and stores their values in one of :attr:`value_dtypes`: the weight's
+    own dtype by default, or int8 codes on the symmetric grid of :mod:`sparsekit.quantize`
+    with one float32 scale per output row in the extra buffer :data:`SCALES` (formats whose
+    kernels read int8 list it). Products and sums are float32 whatever the values. Inputs in
+    one of :attr:`dtypes` are passed as they are and the output takes their dtype; other
+    inputs are computed in float32. :meth:`to_dense` is the dequantized weight.
 
     Where the kernels are missing (a model loaded on another machine) :meth:`_fallback_mm`
     multiplies with the dense weight, rebuilt once and kept until the buffers move.
@@ -29,6 +36,7 @@ class NativeFormat(Format):
 
     threaded = True
     dtypes = (torch.float32,)
+    value_dtypes = (torch.float32,)
     device = "cpu"
 
     def __init__(
@@ -51,19 +59,89 @@ class NativeFormat(Format):
         weight: torch.Tensor,
         mask: torch.Tensor | None = None,
         threads: int | None = None,
+        *,
+        value_dtype: torch.dtype | None = None,
+        scales: torch.Tensor | None = None,
         **options: object,
     ) -> NativeFormat:
-        """Compress ``weight * mask``, values in ``weight``'s dtype (one of :attr:`dtypes`;
-        see :meth:`compress` for ``options``)."""
+        """Compress ``weight * mask`` with values of ``value_dtype``, one of
+        :attr:`value_dtypes` (see :meth:`compress` for ``options``).
+
+        ``value_dtype=None`` keeps ``weight``'s dtype, or is ``torch.int8`` when ``scales``
+        are given. int8 values are the kept weights rounded to nearest on the grid of
+        ``scales`` (float32 ``(out_features,)``, used exactly: a layer's ``weight_scale``),
+        by default :func:`sparsekit.quantize.int8_scales` of the kept weights.
+        """
         cls._check_dtype(weight)
         weight = masked(weight, mask)
-        return cls(cls.compress(weight, **options), tuple(weight.shape), threads)
+        value_dtype = cls._value_dtype(weight, value_dtype, scales)
+        if value_dtype != torch.int8:
+            if scales is not None:
+                raise ValueError(f"scales are only for int8 values, got value_dtype={value_dtype}")
+            tensors = cls.compress(weight.to(value_dtype), **options)
+            return cls(tensors, tuple(weight.shape), threads)
+        codes, scales = quantize_int8(weight, scales)  # checks the scales' shape
+        scales = scales.to(torch.float32).contiguous()
+        cls.check_scales(cls.values_name or cls.buffer_names[0], codes, scales, weight.shape[0])
+        tensors = (*cls.compress(codes, **options), scales)
+        return cls(tensors, tuple(weight.shape), threads)
+
+    @classmethod
+    def _value_dtype(
+        cls, weight: torch.Tensor, value_dtype: torch.dtype | None, scales: torch.Tensor | None
+    ) -> torch.dtype:
+        if value_dtype is None:
+            value_dtype = torch.int8 if scales is not None else weight.dtype
+        if value_dtype not in cls.value_dtypes:
+            raise ValueError(f"value_dtype must be one of {cls.value_dtypes} for the {cls.name} "
+                             f"format, got {value_dtype}")
+        return value_dtype
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The format's tensors (in :attr:`buffer_names` order) for a ``weight`` (of one of
-        :attr:`dtypes`) whose zeros are the pruned weights."""
+        :attr:`value_dtypes`: int8 codes for int8 values) whose zeros are the pruned
+        weights."""
         raise NotImplementedError
+
+    @classmethod
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        """:meth:`check_layout` of the :attr:`buffer_names` tensors, then the int8
+        :data:`SCALES`: required with int8 values (float32, finite, one per row), refused
+        with any others."""
+        names = cls.stored_names(len(tensors))
+        count = len(cls.buffer_names)
+        cls.check_layout(tensors[:count], shape)
+        values_name = cls.values_name or names[0]
+        values = tensors[names.index(values_name)]
+        cls.check_scales(values_name, values, tensors[count] if len(tensors) > count else None,
+                         shape[0])
+
+    @classmethod
+    def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        """Raise ``ValueError`` unless ``tensors`` (in :attr:`buffer_names` order) form a
+        valid ``shape`` weight of this format (the values' dtype: :meth:`check_values`)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def check_scales(
+        values_name: str, values: torch.Tensor, scales: torch.Tensor | None, rows: int
+    ) -> None:
+        """Raise ``ValueError`` unless int8 ``values`` come with float32 finite ``scales``
+        of shape ``(rows,)``, and other values with none."""
+        if values.dtype != torch.int8:
+            if scales is not None:
+                raise ValueError(f"buffer {SCALES!r} is only for int8 values; {values_name} "
+                                 f"are {values.dtype}")
+            return
+        if scales is None:
+            raise ValueError(f"int8 {values_name} need the float32 buffer {SCALES!r} of shape "
+                             f"({rows},), got none")
+        if scales.dtype != torch.float32 or tuple(scales.shape) != (rows,):
+            raise ValueError(f"buffer {SCALES!r} must be float32 of shape ({rows},), got "
+                             f"{scales.dtype} {tuple(scales.shape)}")
+        if not bool(torch.isfinite(scales).all()):
+            raise ValueError(f"buffer {SCALES!r} must hold finite scales")
 
     @classmethod
     def _check_dtype(cls, weight: torch.Tensor) -> None:
@@ -74,9 +152,27 @@ class NativeFormat(Format):
     @classmethod
     def check_values(cls, name: str, values: torch.Tensor) -> None:
         """Raise ``ValueError`` unless the stored ``values`` (buffer ``name``) have one of
-        :attr:`dtypes`."""
-        if values.dtype not in cls.dtypes:
-            raise ValueError(f"{name} must be of a dtype in {cls.dtypes}, got {values.dtype}")
+        :attr:`value_dtypes`."""
+        if values.dtype not in cls.value_dtypes:
+            raise ValueError(f"{name} must be of a dtype in {cls.value_dtypes}, got "
+                             f"{values.dtype}")
+
+    def scale_args(self) -> tuple[torch.Tensor, ...]:
+        """The trailing ``scales`` argument of the kernel ops: ``(scales,)`` for int8 values,
+        else nothing (the ops' default ``None``)."""
+        scales = self._buffers.get(SCALES)
+        return () if scales is None else (scales,)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight, zeros where pruned: int8 values dequantized (float32), others
+        in their dtype."""
+        dense = self.stored_dense()
+        scales = self._buffers.get(SCALES)
+        return dense if scales is None else dense.to(torch.float32) * scales.unsqueeze(1)
+
+    def stored_dense(self) -> torch.Tensor:
+        """The dense matrix of the stored values (int8 codes for int8 values)."""
+        raise NotImplementedError
 
     def _threads(self, batch: int) -> int:
         if self.threads is not None:

@@ -1,5 +1,5 @@
-"""Packed N:M: N values (fp32 or bf16) per group of M inputs plus a few bits naming each
-one's input."""
+"""Packed N:M: N values (fp32, bf16 or int8 with per-row scales) per group of M inputs plus
+a few bits naming each one's input."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsekit.engine.formats.native import NativeFormat
+from sparsekit.engine.formats.native import SCALES, NativeFormat
 
 __all__ = ["NM_PATTERNS", "PackedNM", "fitting_pattern"]
 
@@ -31,7 +31,9 @@ class PackedNM(NativeFormat):
 
     name = "nm"
     buffer_names = ("nm_values", "nm_indices", "nm_pattern")
+    optional_buffers = (SCALES,)
     dtypes = (torch.float32, torch.bfloat16)
+    value_dtypes = (torch.float32, torch.bfloat16, torch.int8)
 
     def __init__(
         self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None = None
@@ -69,7 +71,7 @@ class PackedNM(NativeFormat):
                 torch.tensor(pattern, dtype=torch.int32))
 
     @classmethod
-    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+    def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         values, indices, pattern = tensors
         rows, cols = shape
         if pattern.dtype != torch.int32 or tuple(pattern.tolist()) not in NM_PATTERNS:
@@ -93,10 +95,11 @@ class PackedNM(NativeFormat):
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
         return torch.ops.sparsekit.nm_linear(
-            self.nm_values, self.nm_indices, x, bias, self.n, self.m, self.in_features, threads
+            self.nm_values, self.nm_indices, x, bias, self.n, self.m, self.in_features, threads,
+            *self.scale_args(),
         )
 
-    def to_dense(self) -> torch.Tensor:
+    def stored_dense(self) -> torch.Tensor:
         width = self.nm_values.shape[1]
         col = _columns(_unpack(self.nm_indices, _FIELD_BITS[self.m], width), self.n, self.m)
         rows = torch.arange(self.out_features).unsqueeze(1).expand_as(col)

@@ -49,6 +49,10 @@ def register() -> None:
     def _(values, col_indices, rows, x, bias, out_features, in_features, threads):  # type: ignore[no-untyped-def]
         return _linear(x, in_features, out_features)
 
+    @fake("sparsekit::dense_linear")
+    def _(weight, x, bias, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
+        return _linear(x, in_features, weight.shape[0])
+
     @fake("sparsekit::act_gemv")
     def _(wt, x, threshold, bias, threads):  # type: ignore[no-untyped-def]
         return wt.new_empty(wt.shape[1])

@@ -22,6 +22,9 @@ TORCH_LIBRARY(sparsekit, m) {
         "int in_features, int threads, Tensor? scales=None) -> Tensor");
   m.def("bsr_linear(Tensor values, Tensor col_indices, Tensor rowptr, Tensor x, Tensor? bias, "
         "int out_features, int in_features, int threads) -> Tensor");
+  // Dense low precision: W (rows, in_features) bf16, or int8 with float32 scales (rows,).
+  m.def("dense_linear(Tensor weight, Tensor x, Tensor? bias, int in_features, int threads, "
+        "Tensor? scales=None) -> Tensor");
   m.def("fanin_linear(Tensor values, Tensor col_indices, Tensor rows, Tensor x, Tensor? bias, "
         "int out_features, int in_features, int threads) -> Tensor");
   // Activation sparsity: one input row, skipping the weight rows of small inputs.

@@ -1,0 +1,233 @@
+"""int8 values (per-row float32 scales) in the native formats and the dense low-precision
+format: exact against the dequantized weight on the kernels and on the fallback, the
+optional ``scales`` buffer in states and checkpoints, and the hostile cases."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit
+from sparsekit.engine import CompiledLinear, kernels
+from sparsekit.engine.formats import FORMATS, available_formats, format_from_state
+from sparsekit.quantize import fake_quantize, int8_scales, quantize_int8
+
+INT8_FORMATS = ("csr16", "bitmap", "nm", "dense_lowp")
+
+
+def _kernels_ok() -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return kernels.available()
+
+
+needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
+
+
+def _weight(shape: tuple[int, int], name: str, seed: int = 0) -> torch.Tensor:
+    """A float32 weight, 2:4 for "nm" (a last partial group), 60 % unstructured otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = shape
+    w = torch.randn(shape, generator=g)
+    if name == "nm":
+        padded = torch.zeros(rows, -(-cols // 4) * 4)
+        padded[:, :cols] = torch.rand(shape, generator=g)
+        keep = padded.view(rows, -1, 4).argsort(-1, descending=True)[..., :2]
+        mask = torch.zeros_like(padded).view(rows, -1, 4).scatter_(-1, keep, 1.0)
+        return w * mask.view(rows, -1)[:, :cols]
+    return w * (torch.rand(shape, generator=g) >= 0.6)
+
+
+def _assert_matches(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal up to the fp32 summation order, and one rounding to y's dtype."""
+    scale = float(ref.abs().max())
+    if y.dtype == torch.bfloat16:
+        torch.testing.assert_close(y.float(), ref.to(torch.bfloat16).float(),
+                                   rtol=2 ** -7, atol=1e-4 * scale)
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+def _reference(dense: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ dense.double().T + bias.double()).float()
+
+
+@pytest.mark.parametrize("name", INT8_FORMATS)
+def test_int8_values_are_the_kept_weights_on_the_shared_grid(name):
+    w = _weight((37, 301), name)
+    fmt = FORMATS[name].from_dense(w, value_dtype=torch.int8)
+    assert fmt.value_dtype == torch.int8
+    assert torch.equal(fmt.scales, int8_scales(w))
+    assert torch.equal(fmt.to_dense(), fake_quantize(w, int8_scales(w)))  # zeros stay zero
+    assert fmt.nbytes == sum(t.numel() * t.element_size() for t in fmt.buffers())
+    assert "values=int8" in repr(fmt)
+    given = torch.rand(37) * 0.05 + 0.01  # a layer's weight_scale: used exactly
+    fmt = FORMATS[name].from_dense(w, scales=given)  # value_dtype defaults to int8
+    assert fmt.value_dtype == torch.int8 and torch.equal(fmt.scales, given)
+    codes, _ = quantize_int8(w, given)
+    assert torch.equal(fmt.stored_dense(), codes)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", INT8_FORMATS)
+@pytest.mark.parametrize("batch", [1, 3, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernels_equal_the_dequantized_reference(name, batch, threads, x_dtype):
+    w = _weight((67, 301), name)  # ragged: vector tails, partial words and groups
+    fmt = FORMATS[name].from_dense(w, threads=threads, value_dtype=torch.int8)
+    x, bias = torch.randn(batch, 301).to(x_dtype), torch.randn(67)
+    y = fmt.matmul(x, bias)
+    assert y.dtype == x_dtype and y.shape == (batch, 67)
+    _assert_matches(y, _reference(fmt.to_dense(), x, bias))
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 64])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_dense_lowp_bf16_kernel_equals_the_rounded_reference(batch, x_dtype):
+    w = _weight((67, 301), "dense")
+    fmt = FORMATS["dense_lowp"].from_dense(w, value_dtype=torch.bfloat16, threads=2)
+    assert fmt.value_dtype == torch.bfloat16 and torch.equal(fmt.to_dense(), w.bfloat16())
+    x, bias = torch.randn(batch, 301).to(x_dtype), torch.randn(67)
+    _assert_matches(fmt.matmul(x, bias), _reference(fmt.to_dense(), x, bias))
+    again = FORMATS["dense_lowp"].from_dense(w.bfloat16())  # a bf16 weight keeps its dtype
+    assert torch.equal(again.lowp_weight, fmt.lowp_weight)
+
+
+@pytest.mark.parametrize("name", INT8_FORMATS)
+@pytest.mark.parametrize("value_dtype", [torch.int8, torch.bfloat16])
+def test_without_kernels_the_fallback_is_correct(name, value_dtype, monkeypatch):
+    w = _weight((40, 96), name)
+    fmt = FORMATS[name].from_dense(w, value_dtype=value_dtype)
+    x, bias = torch.randn(3, 96), torch.randn(40)
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    y = fmt.matmul(x, bias)
+    _assert_matches(y, _reference(fmt.to_dense(), x, bias))
+    assert fmt.matmul(x.bfloat16(), bias).dtype == torch.bfloat16
+
+
+def test_available_formats_follow_the_value_dtype():
+    w = _weight((16, 64), "nm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        native = kernels.available()
+    assert "dense_lowp" not in available_formats(w)  # float32 values: plain dense does that
+    for value_dtype in (torch.int8, torch.bfloat16):
+        names = available_formats(w, value_dtype)
+        assert names[0] == "dense" and "torch_csr" not in names and "bsr" not in names
+        assert set(names[1:]) == ({"csr16", "bitmap", "nm", "dense_lowp"} if native else set())
+    assert FORMATS.meta("csr16")["value_dtypes"] == (torch.float32, torch.bfloat16, torch.int8)
+
+
+@pytest.mark.parametrize("name", ["csr16", "dense_lowp"])
+def test_bad_value_dtypes_and_scales_are_refused(name):
+    w = _weight((16, 64), name)
+    with pytest.raises(ValueError, match="value_dtype"):
+        FORMATS[name].from_dense(w, value_dtype=torch.float16)
+    with pytest.raises(ValueError, match="scales"):
+        FORMATS[name].from_dense(w, value_dtype=torch.bfloat16, scales=torch.ones(16))
+    with pytest.raises(ValueError, match="scales"):
+        FORMATS[name].from_dense(w, scales=torch.ones(15))
+    with pytest.raises(ValueError, match="value_dtype"):
+        FORMATS["bsr"].from_dense(w, value_dtype=torch.int8)
+
+
+def _bad_states(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    values = next(k for k, v in state.items() if v.dtype == torch.int8)
+    without = {k: v for k, v in state.items() if k != "scales"}
+    return {
+        "missing": without,
+        "short": {**state, "scales": state["scales"][:-1]},
+        "float64": {**state, "scales": state["scales"].double()},
+        "nan": {**state, "scales": torch.full_like(state["scales"], float("nan"))},
+        "float values": {**state, values: state[values].bfloat16()},
+    }
+
+
+@pytest.mark.parametrize("name", INT8_FORMATS)
+@pytest.mark.parametrize("bad", ["missing", "short", "float64", "nan", "float values"])
+def test_int8_state_without_valid_scales_is_refused(name, bad):
+    shape = (16, 64)
+    fmt = FORMATS[name].from_dense(_weight(shape, name), value_dtype=torch.int8)
+    state = {k: v.clone() for k, v in fmt.state_dict().items()}
+    assert type(format_from_state(state, shape)) is type(fmt)  # the intact state loads
+    with pytest.raises(ValueError, match="scales"):
+        format_from_state(_bad_states(state)[bad], shape)
+
+
+def _compiled(names: tuple[str, str], value_dtype: torch.dtype) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32))
+    with torch.no_grad():
+        model[0].weight.copy_(_weight((48, 64), names[0], seed=1))
+        model[2].weight.copy_(_weight((32, 48), names[1], seed=2))
+    def compiled(layer: nn.Linear, name: str) -> CompiledLinear:
+        return CompiledLinear.from_linear(
+            layer, name, **({} if name == "dense" else {"value_dtype": value_dtype})
+        )
+
+    return nn.Sequential(compiled(model[0], names[0]), nn.ReLU(), compiled(model[2], names[1]))
+
+
+@pytest.mark.parametrize("value_dtype", [torch.int8, torch.bfloat16])
+@pytest.mark.parametrize("names", [("csr16", "nm"), ("bitmap", "dense_lowp")])
+def test_compiled_low_precision_model_saves_and_loads_bit_identically(
+    tmp_path, names, value_dtype
+):
+    compiled = _compiled(names, value_dtype)
+    path = sparsekit.save(compiled, tmp_path / "lowp.safetensors")
+    like = _compiled(("dense", "dense"), torch.float32)  # other formats: the file's win
+    sparsekit.load(like, path)
+    for mine, theirs in ((compiled[0], like[0]), (compiled[2], like[2])):
+        assert type(theirs.format) is type(mine.format)
+        assert theirs.format.value_dtype == value_dtype
+    state, loaded = compiled.state_dict(), like.state_dict()
+    assert list(state) == list(loaded)
+    assert all(state[k].dtype == loaded[k].dtype and torch.equal(state[k], loaded[k])
+               for k in state)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), like(x))
+
+
+@pytest.mark.parametrize("bad", ["missing", "short"])
+def test_checkpoint_with_bad_int8_scales_is_refused_and_nothing_loads(tmp_path, bad):
+    compiled = _compiled(("csr16", "nm"), torch.int8)
+    fmt = compiled[2].format  # a hostile file: int8 values without (valid) scales
+    tensors = [fmt._buffers[k] for k in fmt.buffer_names]
+    scales = [] if bad == "missing" else [fmt.scales[:-1].clone()]
+    compiled[2].format = type(fmt)([*tensors, *scales], (32, 48))  # the constructor trusts
+    path = sparsekit.save(compiled, tmp_path / "bad.safetensors")
+    like = _compiled(("dense", "dense"), torch.float32)
+    before = {k: v.clone() for k, v in like.state_dict().items()}
+    with pytest.raises(ValueError, match="scales"):
+        sparsekit.load(like, path)
+    after = like.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing half-loaded
+    with pytest.raises(RuntimeError, match="scales"):
+        like.load_state_dict(compiled.state_dict())
+
+
+@needs_kernels
+def test_dense_linear_op_checks_its_arguments():
+    op = torch.ops.sparsekit.dense_linear
+    q = torch.randint(-127, 128, (8, 32), dtype=torch.int8)
+    x, scales = torch.randn(2, 32), torch.rand(8)
+    torch.testing.assert_close(op(q, x, None, 32, 1, scales),
+                               x @ (q.float() * scales[:, None]).T)
+    with pytest.raises(RuntimeError, match="scales"):
+        op(q, x, None, 32, 1)  # int8 without scales
+    with pytest.raises(RuntimeError, match="scales"):
+        op(q.bfloat16(), x, None, 32, 1, scales)  # bf16 with scales
+    with pytest.raises(RuntimeError, match="scales"):
+        op(q, x, None, 32, 1, scales[:-1])
+    with pytest.raises(RuntimeError, match="in_features"):
+        op(q, torch.randn(2, 31), None, 32, 1, scales)
+    with pytest.raises(RuntimeError, match="weight"):
+        op(q.float(), x, None, 32, 1)
+    torch.library.opcheck(op.default, (q, x, torch.randn(8), 32, 1, scales))
