@@ -128,9 +128,11 @@ def compile(
                     name = first_name[id(child)]
                     layer_rows = served or _default_rows(seen.get(name), type(child))
                     if name in act and type(child) is nn.Linear:
-                        done[id(child)] = ActivationSparseLinear.from_linear(
-                            child, act[name], threads=threads
+                        done[id(child)], choice = _activation_layer(
+                            child, act[name], names, layer_rows, threads, cache, value_dtype
                         )
+                        if choice is not None:
+                            choices[name] = choice
                     elif type(child) is nn.Linear:
                         done[id(child)], choices[name] = _compile_layer(
                             child, (child.in_features,), names, layer_rows, threads, cache,
@@ -196,6 +198,28 @@ def _compile_layer(
     if key is not None:
         decisions.store(key, choice)
     return modules[best], {**choice, "cached": False}
+
+
+def _activation_layer(
+    layer: nn.Linear,
+    threshold: torch.Tensor,
+    names: list[str] | None,
+    rows: list[int],
+    threads: int | None,
+    cache: bool,
+    value_dtype: torch.dtype | None,
+) -> tuple[ActivationSparseLinear, dict[str, object] | None]:
+    """``layer`` with input thresholds: the faster single-row kernel, and for the row counts
+    above 1 the fastest measured format (:func:`_compile_layer`) as its ``prefill``."""
+    prefill, choice = None, None
+    if any(r > 1 for r in rows):
+        prefill, choice = _compile_layer(layer, (layer.in_features,), names,
+                                         [r for r in rows if r > 1], threads, cache, value_dtype)
+    act, decode = ActivationSparseLinear.tuned(layer, threshold, threads=threads,
+                                               prefill=prefill)
+    if choice is None:
+        return act, decode
+    return act, {**choice, "decode": decode}
 
 
 def _candidates(layer: nn.Linear | nn.Conv2d, names: list[str] | None) -> tuple[list[str], bool]:

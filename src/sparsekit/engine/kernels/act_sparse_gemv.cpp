@@ -34,24 +34,13 @@ using sparsekit::bf16;
 constexpr int64_t kWorkPerThread = 16384;  // stored weights read that pay for one more thread
 
 // y[rows[p]] += a * values[p] for p < n: one kept column of one output block. The rows of a
-// column are distinct, so the scatter has no conflicts.
+// column are distinct, so the updates are independent. Scalar code on every ISA: measured on
+// Zen 4 at 5632x2048 (50 % x 50 %, 1 thread), an AVX-512 gather + FMA + scatter took 9.7 ms
+// against 7.4 ms for these four scalar updates per step (AVX2 has no scatter at all).
 template <typename T>
 inline void scatter_column(float* __restrict y, const uint16_t* __restrict rows,
                            const T* __restrict values, float a, int64_t n) {
   int64_t p = 0;
-#if defined(__AVX512F__)
-  // 16 lanes: gather y at the rows, fused multiply-add, scatter back.
-  const __m512 av = _mm512_set1_ps(a);
-  for (; p + 16 <= n; p += 16) {
-    const __m512i r = _mm512_cvtepu16_epi32(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + p)));
-    const __m512 acc = _mm512_fmadd_ps(av, sparsekit::load16(values + p),
-                                       _mm512_i32gather_ps(r, y, 4));
-    _mm512_i32scatter_ps(y, r, acc, 4);
-  }
-#else
-  // AVX2 has gathers but no scatter and the portable path neither: four independent
-  // scalar updates per step.
   for (; p + 4 <= n; p += 4) {
     const float v0 = static_cast<float>(values[p]), v1 = static_cast<float>(values[p + 1]);
     const float v2 = static_cast<float>(values[p + 2]), v3 = static_cast<float>(values[p + 3]);
@@ -60,7 +49,6 @@ inline void scatter_column(float* __restrict y, const uint16_t* __restrict rows,
     y[rows[p + 2]] += a * v2;
     y[rows[p + 3]] += a * v3;
   }
-#endif
   for (; p < n; ++p) y[rows[p]] += a * static_cast<float>(values[p]);
 }
 
