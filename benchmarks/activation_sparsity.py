@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import math
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -86,10 +87,17 @@ def layer_row(out: int, cols: int, dtype: torch.dtype, pruned: float, quick: boo
 
 
 def layer_rows(quick: bool) -> list[dict]:
-    """(a) every shape x dtype x weight sparsity (the smaller shape only with ``quick``)."""
-    return [layer_row(out, cols, dtype, pruned, quick)
-            for out, cols in SHAPES[:1 if quick else None]
-            for dtype in (torch.float32, torch.bfloat16) for pruned in (0.0, 0.5)]
+    """(a) every shape x dtype x weight sparsity (the smaller shape only with ``quick``), on
+    one thread: on the loaded 2-core machine a 2-thread kernel stalls whenever one of its
+    threads is descheduled, which times the machine's load rather than the kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [layer_row(out, cols, dtype, pruned, quick)
+                for out, cols in SHAPES[:1 if quick else None]
+                for dtype in (torch.float32, torch.bfloat16) for pruned in (0.0, 0.5)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def windows(data: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -307,7 +315,8 @@ def main() -> int:
     parser.add_argument("--layers", action="store_true", help="(a) only: the layer table")
     args = parser.parse_args()
     torch.manual_seed(0)
-    note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, compiled kernels "
+    note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads ((a) and (c): 1), "
+            f"CPU {platform.processor() or platform.machine()}, compiled kernels "
             f"{'on' if kernels.available() else 'off (PyTorch fallback)'}. The machine was "
             "shared with other jobs while this ran: absolute times are noisy, ratios are "
             "measured side by side.")

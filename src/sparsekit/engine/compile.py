@@ -93,8 +93,10 @@ def compile(
     :func:`sparsekit.engine.autotune.choose`; ``cached`` says whether one was read from
     the cache); :func:`sparsekit.engine.report` shows them per layer. Linear layers
     calibrated in ``activation_sparsity`` (:func:`sparsekit.activation.calibrate`) become
-    :class:`ActivationSparseLinear` instead, and the output check runs against ``model``
-    with those thresholds applied.
+    :class:`ActivationSparseLinear` instead: their single-row kernel (``act_gemv``, or
+    ``act_sparse_gemv`` on a pruned weight) and the format of their multi-row path are
+    timed like the others, and the output check runs against ``model`` with those
+    thresholds applied.
 
     ``weight_dtype`` is the dtype of the stored values: ``None`` keeps each layer's own
     (a bfloat16 model gets bfloat16 sparse formats); ``"bf16"`` rounds the kept weights of
