@@ -144,7 +144,8 @@ def test_act_sparse_gemv_rejects_hostile_arguments():
         ({"values": torch.stack([v, v])}, "values"), ({"rows": r.int()}, "rows"),
         ({"rows": r[:-1]}, "rows"), ({"colptr": c.long()}, "colptr"),
         ({"colptr": c[:, :-1]}, "colptr"), ({"colptr": torch.cat([c, c])}, "colptr"),
-        ({"colptr": c + 1}, "colptr"), ({"colptr": torch.zeros(1, 62, dtype=torch.int32)[:, ::2]}, "colptr"),
+        ({"colptr": c + 1}, "colptr"),
+        ({"colptr": torch.zeros(1, 62, dtype=torch.int32)[:, ::2]}, "colptr"),
         ({"x": x[:-1]}, "threshold"), ({"x": x.bfloat16()}, "x"),
         ({"x": torch.randn(60)[::2]}, "x"), ({"threshold": args["threshold"][:-1]}, "threshold"),
         ({"threshold": args["threshold"].double()}, "threshold"),
@@ -176,6 +177,22 @@ def test_tuned_takes_the_faster_kernel_with_its_evidence(fast, monkeypatch):
     assert choice["evidence"][1]["rounds"] >= 5
     dense, none = ActivationSparseLinear.tuned(nn.Linear(30, 70), 0.1)  # nothing pruned
     assert dense.kernel == "act_gemv" and none is None
+
+
+@pytest.mark.parametrize("lean_is_slower", [True, False])
+def test_tuned_keeps_a_second_dense_copy_only_where_it_is_faster(lean_is_slower, monkeypatch):
+    def clock(module, x, reps):  # the transposed copy alone, on several rows
+        lean = getattr(module, "prefill", 1) is None and x.shape[0] > 1
+        return 2e-4 if lean and lean_is_slower else 1e-4
+    monkeypatch.setattr(autotune, "_time_block", clock)
+    linear = nn.Linear(30, 70)
+    prefill = CompiledLinear.from_linear(linear, "dense")
+    layer, choice = ActivationSparseLinear.tuned(linear, 0.1, prefill=prefill, rows=[1, 8])
+    assert layer.kernel == "act_gemv" and choice["single_copy"] is not lean_is_slower
+    assert layer.prefill is (prefill if lean_is_slower else None)
+    x = torch.randn(8, 30)
+    torch.testing.assert_close(layer(x), F.linear(sparsify_input(x, torch.tensor(0.1)),
+                                                  linear.weight, linear.bias))
 
 
 def _mlp(dtype: torch.dtype) -> nn.Module:
@@ -217,9 +234,13 @@ def test_compile_builds_activation_layers_of_the_model_dtype(dtype, fast, monkey
     for name in act.thresholds:
         layer = compiled.get_submodule(name)
         assert isinstance(layer, ActivationSparseLinear) and layer.kernel == fast
-        assert layer.threshold.dtype == dtype and isinstance(layer.prefill, CompiledLinear)
+        assert layer.threshold.dtype == dtype
         choice = compiled.sparsekit_choices[name]
         assert choice["rows"] == [6] and choice["decode"]["format"] == fast
+        if fast == "act_gemv":  # the transposed copy was as fast: no second dense copy
+            assert layer.prefill is None and choice["decode"]["single_copy"]
+        else:
+            assert isinstance(layer.prefill, CompiledLinear)
     act.apply(model)
     try:
         with torch.no_grad():

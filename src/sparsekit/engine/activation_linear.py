@@ -21,6 +21,9 @@ bfloat16 GEMM). Without ``prefill`` the rows run on the single-row storage (no s
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +52,11 @@ def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     Each row is decided on its own, so the result does not depend on the batch.
     """
     return x.masked_fill(x.abs() < threshold.to(x.dtype), 0)
+
+
+def _measure(modules: dict[str, nn.Module], weight: torch.Tensor,
+             rows: list[int]) -> autotune.Samples:
+    return autotune.measure(modules, (weight.shape[1],), rows, weight.dtype, weight.device)
 
 
 def _by_column(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
@@ -146,6 +154,7 @@ class ActivationSparseLinear(nn.Module):
         *,
         threads: int | None = None,
         prefill: nn.Module | None = None,
+        rows: Sequence[int] = (1,),
     ) -> tuple[ActivationSparseLinear, dict[str, object] | None]:
         """The layer with the faster single-row kernel for ``linear``'s weight, and the
         record of the choice (``None`` when there was nothing to time).
@@ -154,19 +163,31 @@ class ActivationSparseLinear(nn.Module):
         :func:`~sparsekit.engine.autotune.choose` record) only for a weight of density at
         most 75 % and dtype float32 or bfloat16 with the kernels built; it is taken only if
         it wins by :data:`~sparsekit.engine.autotune.MARGIN`, as a format replaces dense.
+        A dense ``prefill`` next to ``"act_gemv"`` is a second copy of the weight: it is
+        dropped (``"single_copy"`` in the record) where the transposed copy multiplies the
+        ``rows`` above 1 no slower in the median at every row count.
         """
         dense = cls.from_linear(linear, threshold, threads=threads, prefill=prefill)
-        weight = linear.weight
-        if (weight.dtype not in _KERNEL_DTYPES or not weight.is_cpu or not kernels.available()
-                or weight.count_nonzero() > _SPARSE_UP_TO * weight.numel()):
-            return dense, None
-        sparse = cls.from_linear(linear, threshold, threads=threads, kernel="act_sparse_gemv",
-                                 prefill=prefill)
-        modules = {"dense": dense, "act_sparse_gemv": sparse}
-        samples = autotune.measure(modules, (linear.in_features,), [1], weight.dtype,
-                                   weight.device)
-        best, choice = autotune.choose(samples, ["dense", "act_sparse_gemv"])
-        return modules[best], {**choice, "format": best.replace("dense", "act_gemv")}
+        weight, choice = linear.weight, None
+        if (weight.dtype in _KERNEL_DTYPES and weight.is_cpu and kernels.available()
+                and weight.count_nonzero() <= _SPARSE_UP_TO * weight.numel()):
+            sparse = cls.from_linear(linear, threshold, threads=threads,
+                                     kernel="act_sparse_gemv", prefill=prefill)
+            modules = {"dense": dense, "act_sparse_gemv": sparse}
+            best, choice = autotune.choose(_measure(modules, weight, [1]),
+                                           ["dense", "act_sparse_gemv"])
+            choice["format"] = best.replace("dense", "act_gemv")
+            if best != "dense":
+                return modules[best], choice
+        multi = [r for r in rows if r > 1]
+        if not multi or getattr(getattr(prefill, "format", None), "name", None) != "dense":
+            return dense, choice
+        lean = cls.from_linear(linear, threshold, threads=threads)
+        samples = _measure({"dense": dense, "lean": lean}, weight, multi)
+        single = all(statistics.median(t["lean"]) <= statistics.median(t["dense"])
+                     for t in samples.values())
+        return (lean if single else dense), {**(choice or {"format": "act_gemv"}),
+                                             "single_copy": single}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:

@@ -218,7 +218,7 @@ def _activation_layer(
         prefill, choice = _compile_layer(layer, (layer.in_features,), names,
                                          [r for r in rows if r > 1], threads, cache, value_dtype)
     act, decode = ActivationSparseLinear.tuned(layer, threshold, threads=threads,
-                                               prefill=prefill)
+                                               prefill=prefill, rows=rows)
     if choice is None:
         return act, decode
     return act, {**choice, "decode": decode}
