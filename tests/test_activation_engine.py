@@ -249,3 +249,16 @@ def test_compile_builds_activation_layers_of_the_model_dtype(dtype, fast, monkey
                                            rtol=2e-2, atol=2e-2)
     finally:
         act.remove()
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_one_row_traces_whole_with_both_kernels(kernel):
+    layer = ActivationSparseLinear.from_linear(_pruned(70, 30), 0.1, kernel=kernel, threads=1)
+    x = torch.randn(1, 30)
+    program = torch.export.export(layer, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert f"sparsekit.{kernel}.default" in targets, targets
+    torch.testing.assert_close(program.module()(x), layer(x))
+    traced = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(traced(x), layer(x))
