@@ -70,7 +70,8 @@ def layer_row(out: int, cols: int, dtype: torch.dtype, pruned: float, quick: boo
     layer = teal[0]
     row = {"shape": [out, cols], "dtype": str(dtype).removeprefix("torch."), "pruned": pruned,
            "base_format": base.sparsekit_choices["0"]["format"], "kernel": layer.kernel,
-           "prefill": layer.prefill.format.name, "ms": {}, "x_dense": {}, "x_base": {}}
+           "prefill": "W.T (one copy)" if layer.prefill is None else layer.prefill.format.name,
+           "ms": {}, "x_dense": {}, "x_base": {}}
     for rows in ROWS:
         x = torch.randn(rows, cols, generator=g).to(dtype)
         with torch.no_grad():
