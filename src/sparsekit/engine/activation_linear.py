@@ -1,25 +1,52 @@
 """ActivationSparseLinear: an ``nn.Linear`` that skips the weight columns of small inputs.
 
 At batch 1 a linear layer is memory-bound: every weight is read once for one multiply-add.
-If input feature ``j`` is zero, column ``W[:, j]`` need not be read at all. This module keeps
-``W.T`` (so each column is one contiguous row), zeroes inputs with ``|x_j| < threshold_j``
-and, for a single input row, reads only the columns of the inputs that are left (the
-``act_gemv`` kernel, or an ``index_select`` + ``mv`` fallback in PyTorch). Several rows are
-multiplied densely: their union of nonzero inputs is rarely sparse.
+If input feature ``j`` is zero, column ``W[:, j]`` need not be read at all. This module zeroes
+inputs with ``|x_j| < threshold_j`` and, for a single input row, reads only the columns of the
+inputs that are left, with one of two kernels:
+
+- ``"act_gemv"`` keeps ``W.T`` (each column one contiguous row) and reads whole kept columns;
+- ``"act_sparse_gemv"`` keeps only the stored (unpruned) weights of each column, in blocks of
+  :data:`BLOCK` outputs (uint16 row indices within the block; the threads own whole blocks),
+  and reads only those: on a 50 %-pruned weight at 50 % activation sparsity a quarter of the
+  weights are touched (37.5 % of the dense bytes in float32, 50 % in bfloat16, with the
+  indices), so weight sparsity and activation sparsity compound.
+
+Several rows (a prompt) are multiplied by the ``prefill`` module, after the same input
+sparsification: :func:`sparsekit.compile` passes the layer's fastest measured multi-row format
+(dense ``F.linear`` on a contiguous ``(out, in)`` weight, or a weight-sparse format). The
+transposed copy alone can be slow there: at 5632x2048 and 128 rows ``x @ W.T`` took 30 ms
+against 17 ms for ``F.linear`` in float32 and, without oneDNN's bfloat16 GEMM (CPUs without
+AVX-512 BF16, the prompt pass that ran 60x slower than dense), 2.7 s against 0.1 s in
+bfloat16. Where it is no slower, :meth:`ActivationSparseLinear.tuned` drops the dense
+``prefill`` and the rows run on the single-row storage: one copy of the weight.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsekit._checks import check_int
-from sparsekit.engine import kernels
+from sparsekit.engine import autotune, kernels
 from sparsekit.engine.compiled_linear import dense_linear
 
-__all__ = ["ActivationSparseLinear", "sparsify_input"]
+__all__ = ["BLOCK", "KERNELS", "ActivationSparseLinear", "sparsify_input"]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # act_gemv accumulates both in float32
+KERNELS = ("act_gemv", "act_sparse_gemv")
+"""The single-row kernels: on the transposed dense weight, or on its stored weights only."""
+
+BLOCK = 2048
+"""Outputs per block of the column-stored weight of ``"act_sparse_gemv"``: 8 KiB of float32
+sums stay in L1 while a column's weights scatter into them, and a kept column is a run of
+~1000 stored weights at 50 % (512-output blocks ran 1.7x slower at 5632x2048, 4096 alike)."""
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # both kernels accumulate in float32
+_SPARSE_UP_TO = 0.75  # "act_sparse_gemv" is a candidate up to this weight density
 
 
 def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -30,13 +57,42 @@ def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(x.abs() < threshold.to(x.dtype), 0)
 
 
+def _measure(modules: dict[str, nn.Module], weight: torch.Tensor,
+             rows: list[int]) -> autotune.Samples:
+    return autotune.measure(modules, (weight.shape[1],), rows, weight.dtype, weight.device)
+
+
+def _by_column(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
+    """``weight`` (out, in) stored by input column per block of ``block`` outputs: the kept
+    values, their int16 row within the block, and int32 ``colptr`` (blocks, in + 1)."""
+    out, cols = weight.shape
+    values, rows, colptr, stored = [], [], [], 0
+    for o0 in range(0, out, block):
+        part = weight[o0:o0 + block].t()  # (in, n): nonzero() walks it column by column
+        j, o = part.nonzero(as_tuple=True)
+        values.append(part[j, o])
+        rows.append(o.to(torch.int32).to(torch.int16))  # < 65536, read back as uint16
+        counts = torch.bincount(j, minlength=cols)
+        colptr.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]) + stored)
+        stored += j.numel()
+    if stored >= 2**31:
+        raise ValueError(f"weight has {stored} nonzeros; act_sparse_gemv holds fewer than 2^31")
+    empty = weight.new_empty(0)
+    return (torch.cat(values) if values else empty,
+            torch.cat(rows) if rows else empty.to(torch.int16),
+            torch.stack(colptr).to(torch.int32) if colptr
+            else torch.zeros(0, cols + 1, dtype=torch.int32))
+
+
 class ActivationSparseLinear(nn.Module):
-    """``y = sparsify_input(x, threshold) @ W.T + bias``, reading only the columns it needs.
+    """``y = sparsify_input(x, threshold) @ W.T + bias``, reading only the weights it needs.
 
     ``threshold`` is a scalar or one value per input feature (``in_features``). Inputs have
     shape ``(..., in_features)``; a single row of the weight's dtype (float32 or bfloat16,
-    summed in float32) runs the compiled kernel with ``threads`` OpenMP threads (default
-    ``torch.get_num_threads()``). Inference only: the weight is a buffer.
+    summed in float32) runs ``kernel`` (one of :data:`KERNELS`) with ``threads`` OpenMP
+    threads (default ``torch.get_num_threads()``); several rows run through ``prefill`` (a
+    module computing ``x @ W.T + bias``, e.g. a compiled layer) after the same thresholding,
+    or, without one, on the single-row storage. Inference only: the weights are buffers.
     """
 
     def __init__(
@@ -46,6 +102,8 @@ class ActivationSparseLinear(nn.Module):
         threshold: torch.Tensor | float,
         *,
         threads: int | None = None,
+        kernel: str = "act_gemv",
+        prefill: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if weight.dim() != 2:
@@ -59,19 +117,80 @@ class ActivationSparseLinear(nn.Module):
             )
         if threads is not None:
             check_int("threads", threads, minimum=1)
-        self.threads = threads
-        self.register_buffer("weight_t", weight.detach().t().contiguous())
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if prefill is not None and not isinstance(prefill, nn.Module):
+            raise TypeError(f"prefill must be an nn.Module or None, got {type(prefill).__name__}")
+        self.threads, self.kernel, self.block = threads, kernel, BLOCK
+        weight = weight.detach()
+        if kernel == "act_gemv":
+            self.register_buffer("weight_t", weight.t().contiguous())
+        else:
+            for name, tensor in zip(("values", "row_indices", "colptr"),
+                                    _by_column(weight, BLOCK), strict=True):
+                self.register_buffer(name, tensor)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer(
             "threshold", threshold.expand(self.in_features).to(weight.dtype).contiguous()
         )
+        self.prefill = prefill
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, threshold: torch.Tensor | float, *, threads: int | None = None
+        cls,
+        linear: nn.Linear,
+        threshold: torch.Tensor | float,
+        *,
+        threads: int | None = None,
+        kernel: str = "act_gemv",
+        prefill: nn.Module | None = None,
     ) -> ActivationSparseLinear:
         """The activation-sparse equivalent of ``linear`` with the given input threshold."""
-        return cls(linear.weight, linear.bias, threshold, threads=threads)
+        return cls(linear.weight, linear.bias, threshold, threads=threads, kernel=kernel,
+                   prefill=prefill)
+
+    @classmethod
+    def tuned(
+        cls,
+        linear: nn.Linear,
+        threshold: torch.Tensor | float,
+        *,
+        threads: int | None = None,
+        prefill: nn.Module | None = None,
+        rows: Sequence[int] = (1,),
+    ) -> tuple[ActivationSparseLinear, dict[str, object] | None]:
+        """The layer with the faster single-row kernel for ``linear``'s weight, and the
+        record of the choice (``None`` when there was nothing to time).
+
+        ``"act_sparse_gemv"`` is timed against ``"act_gemv"`` (the ``"dense"`` of the
+        :func:`~sparsekit.engine.autotune.choose` record) only for a weight of density at
+        most 75 % and dtype float32 or bfloat16 with the kernels built; it is taken only if
+        it wins by :data:`~sparsekit.engine.autotune.MARGIN`, as a format replaces dense.
+        A dense ``prefill`` next to ``"act_gemv"`` is a second copy of the weight: it is
+        dropped (``"single_copy"`` in the record) where the transposed copy multiplies the
+        ``rows`` above 1 no slower in the median at every row count.
+        """
+        dense = cls.from_linear(linear, threshold, threads=threads, prefill=prefill)
+        weight, choice = linear.weight, None
+        if (weight.dtype in _KERNEL_DTYPES and weight.is_cpu and kernels.available()
+                and weight.count_nonzero() <= _SPARSE_UP_TO * weight.numel()):
+            sparse = cls.from_linear(linear, threshold, threads=threads,
+                                     kernel="act_sparse_gemv", prefill=prefill)
+            modules = {"dense": dense, "act_sparse_gemv": sparse}
+            best, choice = autotune.choose(_measure(modules, weight, [1]),
+                                           ["dense", "act_sparse_gemv"])
+            choice["format"] = best.replace("dense", "act_gemv")
+            if best != "dense":
+                return modules[best], choice
+        multi = [r for r in rows if r > 1]
+        if not multi or getattr(getattr(prefill, "format", None), "name", None) != "dense":
+            return dense, choice
+        lean = cls.from_linear(linear, threshold, threads=threads)
+        samples = _measure({"dense": dense, "lean": lean}, weight, multi)
+        single = all(statistics.median(t["lean"]) <= statistics.median(t["dense"])
+                     for t in samples.values())
+        return (lean if single else dense), {**(choice or {"format": "act_gemv"}),
+                                             "single_copy": single}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -82,42 +201,76 @@ class ActivationSparseLinear(nn.Module):
         if x.numel() == self.in_features:  # decode step
             return self._gemv(x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         self._check_torch_input(x)
-        y = sparsify_input(x, self.threshold) @ self.weight_t.to(x.dtype)  # several rows: dense
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        x = sparsify_input(x, self.threshold)
+        if self.prefill is not None:
+            return self.prefill(x)
+        if self.kernel == "act_gemv":
+            return F.linear(x, self.weight_t.t().to(x.dtype), self._bias(x))
+        rows = [self._gemv(row) for row in x.reshape(-1, self.in_features)]
+        return torch.stack(rows).view(*x.shape[:-1], self.out_features)
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
-        """One row: only the weight rows of kept inputs are read.
+        """One row: only the weights of kept inputs are read.
 
         The hot path of batch-1 decoding: no allocation or validation before the op.
         """
-        if x.dtype is self.weight_t.dtype and x.dtype in _KERNEL_DTYPES and x.is_cpu \
+        stored = self.weight_t if self.kernel == "act_gemv" else self.values
+        if x.dtype is stored.dtype and x.dtype in _KERNEL_DTYPES and x.is_cpu \
                 and kernels.available():
-            return torch.ops.sparsekit.act_gemv(
-                self.weight_t, x.contiguous(), self.threshold, self.bias,
-                self.threads or kernels.num_threads(),
+            threads = self.threads or kernels.num_threads()
+            if self.kernel == "act_gemv":
+                return torch.ops.sparsekit.act_gemv(
+                    self.weight_t, x.contiguous(), self.threshold, self.bias, threads
+                )
+            return torch.ops.sparsekit.act_sparse_gemv(
+                self.values, self.row_indices, self.colptr, x.contiguous(), self.threshold,
+                self.bias, self.out_features, self.block, threads,
             )
         self._check_torch_input(x)
         kept = (sparsify_input(x, self.threshold) != 0).nonzero().squeeze(1)
-        weight = self.weight_t.index_select(0, kept).to(x.dtype)
-        y = weight.t().mv(x.index_select(0, kept))
+        weight = self._columns(kept).to(x.dtype)
+        y = weight.mv(x.index_select(0, kept))
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _columns(self, kept: torch.Tensor) -> torch.Tensor:
+        """The columns ``kept`` of the weight, (out, len(kept)), in the stored dtype."""
+        if self.kernel == "act_gemv":
+            return self.weight_t.index_select(0, kept).t()
+        return self.to_dense().index_select(1, kept)
+
+    def _bias(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(x.dtype)
 
     def _check_torch_input(self, x: torch.Tensor) -> None:
         """Before the PyTorch path (the weight converted to ``x.dtype``): ``TypeError``
         unless ``x`` is floating, ``ValueError`` unless it is on the weight's device."""
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-        if x.device != self.weight_t.device:
+        if x.device != self.threshold.device:
             raise ValueError(
-                f"x must be on the weight's device {self.weight_t.device}, got {x.device}"
+                f"x must be on the weight's device {self.threshold.device}, got {x.device}"
             )
+
+    def to_dense(self) -> torch.Tensor:
+        """The weight ``W`` (out, in) in its stored dtype (zeros where pruned)."""
+        if self.kernel == "act_gemv":
+            return self.weight_t.t().contiguous()
+        weight = self.values.new_zeros(self.out_features, self.in_features)
+        per_block = self.colptr.diff(dim=1).to(torch.int64)  # (blocks, in): stored per column
+        blocks = torch.arange(per_block.shape[0], device=per_block.device)
+        cols = torch.arange(self.in_features, device=per_block.device)
+        block_of = blocks.repeat_interleave(per_block.sum(1))
+        col_of = cols.repeat(per_block.shape[0]).repeat_interleave(per_block.reshape(-1))
+        rows = self.row_indices.to(torch.int64) & 0xFFFF  # uint16 stored as int16
+        weight[block_of * self.block + rows, col_of] = self.values
+        return weight
 
     def to_module(self) -> nn.Linear:
         """The ``nn.Linear`` this layer was built from (without the input thresholds)."""
-        return dense_linear(self.weight_t.t(), self.bias)
+        return dense_linear(self.to_dense(), self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}, kernel={self.kernel!r}"
         )

@@ -94,8 +94,10 @@ def compile(
     :func:`sparsekit.engine.autotune.choose`; ``cached`` says whether one was read from
     the cache); :func:`sparsekit.engine.report` shows them per layer. Linear layers
     calibrated in ``activation_sparsity`` (:func:`sparsekit.activation.calibrate`) become
-    :class:`ActivationSparseLinear` instead, and the output check runs against ``model``
-    with those thresholds applied.
+    :class:`ActivationSparseLinear` instead: their single-row kernel (``act_gemv``, or
+    ``act_sparse_gemv`` on a pruned weight) and the format of their multi-row path are
+    timed like the others, and the output check runs against ``model`` with those
+    thresholds applied.
 
     ``weight_dtype`` is the dtype of the stored values: ``None`` keeps each layer's own
     (a bfloat16 model gets bfloat16 sparse formats), except that a layer carrying int8
@@ -138,9 +140,11 @@ def compile(
                     name = first_name[id(child)]
                     layer_rows = served or _default_rows(seen.get(name), type(child))
                     if name in act and type(child) is nn.Linear:
-                        done[id(child)] = ActivationSparseLinear.from_linear(
-                            child, act[name], threads=threads
+                        done[id(child)], choice = _activation_layer(
+                            child, act[name], names, layer_rows, threads, cache, value_dtype
                         )
+                        if choice is not None:
+                            choices[name] = choice
                     elif type(child) is nn.Linear:
                         done[id(child)], choices[name] = _compile_layer(
                             child, (child.in_features,), names, layer_rows, threads, cache,
@@ -232,6 +236,28 @@ def _relative_error(layer: nn.Module, compiled: nn.Module, x: torch.Tensor) -> f
     ref = layer(x).float()
     return float(torch.linalg.vector_norm(compiled(x).float() - ref)
                  / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+
+
+def _activation_layer(
+    layer: nn.Linear,
+    threshold: torch.Tensor,
+    names: list[str] | None,
+    rows: list[int],
+    threads: int | None,
+    cache: bool,
+    value_dtype: torch.dtype | None,
+) -> tuple[ActivationSparseLinear, dict[str, object] | None]:
+    """``layer`` with input thresholds: the faster single-row kernel, and for the row counts
+    above 1 the fastest measured format (:func:`_compile_layer`) as its ``prefill``."""
+    prefill, choice = None, None
+    if any(r > 1 for r in rows):
+        prefill, choice = _compile_layer(layer, (layer.in_features,), names,
+                                         [r for r in rows if r > 1], threads, cache, value_dtype)
+    act, decode = ActivationSparseLinear.tuned(layer, threshold, threads=threads,
+                                               prefill=prefill, rows=rows)
+    if choice is None:
+        return act, decode
+    return act, {**choice, "decode": decode}
 
 
 def _candidates(

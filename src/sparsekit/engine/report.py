@@ -68,7 +68,7 @@ def _special_row(
                  "bytes": fmt.nbytes}
         kind = "Conv2d" if isinstance(module, CompiledConv2d) else "Linear"
     else:
-        nonzeros, extra = int(torch.count_nonzero(module.weight_t)), {"format": "activation"}
+        nonzeros, extra = int(torch.count_nonzero(module.to_dense())), {"format": "activation"}
         kind = "Linear"
     layer_macs = params if one_row and kind == "Linear" else macs.get(name)
     dense = None if layer_macs is None else 2 * layer_macs

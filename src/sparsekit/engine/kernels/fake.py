@@ -57,6 +57,10 @@ def register() -> None:
     def _(wt, x, threshold, bias, threads):  # type: ignore[no-untyped-def]
         return wt.new_empty(wt.shape[1])
 
+    @fake("sparsekit::act_sparse_gemv")
+    def _(values, rows, colptr, x, threshold, bias, out_features, block, threads):  # type: ignore[no-untyped-def]
+        return x.new_empty(out_features)
+
     @fake("sparsekit::spmm_rows")
     def _(rowptr, col, values, perm, xt, bias, in_features, threads):  # type: ignore[no-untyped-def]
         return xt.new_empty(rowptr.shape[0] - 1, xt.shape[1])

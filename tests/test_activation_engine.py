@@ -1,0 +1,264 @@
+"""The activation-sparse engine: act_sparse_gemv (weight-sparse × activation-sparse), the
+multi-row (prefill) path of ActivationSparseLinear and how compile builds it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekit
+from sparsekit.engine import autotune, kernels
+from sparsekit.engine.activation_linear import (
+    BLOCK,
+    KERNELS,
+    ActivationSparseLinear,
+    sparsify_input,
+)
+from sparsekit.engine.compiled_linear import CompiledLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _kernels_ok() -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return kernels.available()
+
+
+needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
+
+
+def _pruned(out: int, cols: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Linear:
+    """A 50 %-pruned linear layer with an empty column and a fully kept one."""
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(cols, out)
+    with torch.no_grad():
+        linear.weight[torch.rand(out, cols, generator=g) < 0.5] = 0
+        linear.weight[:, 0] = 0
+        linear.weight[:, -1] = torch.randn(out, generator=g)
+    return linear.to(dtype)
+
+
+def _reference(linear: nn.Linear, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Sparsify in x's dtype, then the masked dense product in float32."""
+    kept = sparsify_input(x, threshold.to(x.dtype)).float()
+    return F.linear(kept, linear.weight.float(), linear.bias.float())
+
+
+_SHAPES = [(1, 1), (7, 3), (70, 300), (BLOCK + 1, 33), (2 * BLOCK + 77, 257)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", _SHAPES, ids=str)
+@pytest.mark.parametrize("keep", ["none", "some", "all"])
+def test_act_sparse_gemv_equals_the_masked_dense_product(dtype, threads, shape, keep):
+    out, cols = shape
+    linear = _pruned(out, cols, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(cols, generator=g).to(dtype)
+    threshold = {"none": torch.full((cols,), float("inf")), "all": torch.zeros(cols),
+                 "some": torch.rand(cols, generator=g)}[keep]
+    layer = ActivationSparseLinear.from_linear(linear, threshold, threads=threads,
+                                               kernel="act_sparse_gemv")
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (out,)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+    torch.testing.assert_close(y.float(), _reference(linear, x, threshold), **tol)
+    if keep == "none":  # only the bias is left
+        torch.testing.assert_close(y, linear.bias.detach())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("use_kernel", [pytest.param(True, marks=needs_kernels), False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_row_count_equals_the_reference(kernel, use_kernel, dtype, monkeypatch):
+    if not use_kernel:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    linear = _pruned(BLOCK + 9, 40, dtype)
+    threshold = torch.rand(40, generator=torch.Generator().manual_seed(2))
+    prefill = CompiledLinear.from_linear(linear, "dense")
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+    for with_prefill in (False, True):
+        layer = ActivationSparseLinear.from_linear(
+            linear, threshold, kernel=kernel, prefill=prefill if with_prefill else None
+        )
+        for shape in [(40,), (1, 40), (3, 40), (2, 5, 40)]:
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+            y = layer(x)
+            assert y.dtype == dtype and y.shape == (*shape[:-1], BLOCK + 9)
+            torch.testing.assert_close(y.float(), _reference(linear, x, threshold), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_storage_round_trips_the_weight(dtype):
+    linear = _pruned(2 * BLOCK + 3, 17, dtype)
+    layer = ActivationSparseLinear.from_linear(linear, 0.1, kernel="act_sparse_gemv")
+    assert layer.values.numel() == int(linear.weight.count_nonzero())
+    assert layer.row_indices.dtype == torch.int16 and layer.colptr.shape == (3, 18)
+    assert not hasattr(layer, "weight_t")  # one copy of the weight, the kept values only
+    assert torch.equal(layer.to_dense(), linear.weight)
+    back = layer.to_module()
+    assert type(back) is nn.Linear and torch.equal(back.weight, linear.weight)
+
+
+def test_rows_beyond_int16_read_back_as_uint16(monkeypatch):
+    import sparsekit.engine.activation_linear as module
+
+    monkeypatch.setattr(module, "BLOCK", 40000)  # rows up to 39999 do not fit in int16
+    linear = _pruned(40001, 2)
+    layer = ActivationSparseLinear.from_linear(linear, 0.0, kernel="act_sparse_gemv")
+    assert int(layer.row_indices.min()) < 0
+    assert torch.equal(layer.to_dense(), linear.weight)
+    x = torch.randn(2)
+    torch.testing.assert_close(layer(x), _reference(linear, x, torch.zeros(2)))
+
+
+def test_bad_constructor_arguments_name_the_parameter():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        ActivationSparseLinear(torch.randn(4, 8), None, 0.1, kernel="csr")
+    with pytest.raises(TypeError, match="prefill must be an nn.Module"):
+        ActivationSparseLinear(torch.randn(4, 8), None, 0.1, prefill="dense")
+
+
+def _op_args(dtype: torch.dtype = torch.float32) -> dict[str, object]:
+    layer = ActivationSparseLinear.from_linear(_pruned(70, 30, dtype), 0.1,
+                                               kernel="act_sparse_gemv")
+    return {"values": layer.values, "rows": layer.row_indices, "colptr": layer.colptr,
+            "x": torch.randn(30).to(dtype), "threshold": layer.threshold, "bias": layer.bias,
+            "out_features": 70, "block": BLOCK, "threads": 1}
+
+
+@needs_kernels
+def test_act_sparse_gemv_rejects_hostile_arguments():
+    args = _op_args()
+    torch.ops.sparsekit.act_sparse_gemv(**args)  # the good call runs
+    v, r, c, x = args["values"], args["rows"], args["colptr"], args["x"]
+    cases = [
+        ({"values": v.double()}, "values"), ({"values": v[:-1]}, "rows"),
+        ({"values": torch.stack([v, v])}, "values"), ({"rows": r.int()}, "rows"),
+        ({"rows": r[:-1]}, "rows"), ({"colptr": c.long()}, "colptr"),
+        ({"colptr": c[:, :-1]}, "colptr"), ({"colptr": torch.cat([c, c])}, "colptr"),
+        ({"colptr": c + 1}, "colptr"),
+        ({"colptr": torch.zeros(1, 62, dtype=torch.int32)[:, ::2]}, "colptr"),
+        ({"x": x[:-1]}, "threshold"), ({"x": x.bfloat16()}, "x"),
+        ({"x": torch.randn(60)[::2]}, "x"), ({"threshold": args["threshold"][:-1]}, "threshold"),
+        ({"threshold": args["threshold"].double()}, "threshold"),
+        ({"bias": torch.randn(71)}, "bias"), ({"bias": args["bias"].bfloat16()}, "bias"),
+        ({"out_features": -1}, "out_features"), ({"out_features": 2 * BLOCK}, "colptr"),
+        ({"block": 0}, "block"), ({"block": 70000}, "block"), ({"threads": 0}, "threads"),
+    ]
+    for case, name in cases:
+        with pytest.raises(RuntimeError, match=name):
+            torch.ops.sparsekit.act_sparse_gemv(**(args | case))
+
+
+def _fake_clock(fast: str):
+    """Stands in for ``autotune._time_block``: the ``fast`` kernel (or format) takes half the
+    time of everything else."""
+    def clock(module, x, reps):
+        name = getattr(module, "kernel", None) or module.format.name
+        return 1e-4 if name == fast else 2e-4
+    return clock
+
+
+@needs_kernels
+@pytest.mark.parametrize("fast", KERNELS)
+def test_tuned_takes_the_faster_kernel_with_its_evidence(fast, monkeypatch):
+    monkeypatch.setattr(autotune, "_time_block", _fake_clock(fast))
+    linear = _pruned(70, 30)
+    layer, choice = ActivationSparseLinear.tuned(linear, 0.1)
+    assert layer.kernel == fast and choice["format"] == fast
+    assert choice["evidence"][1]["rounds"] >= 5
+    dense, none = ActivationSparseLinear.tuned(nn.Linear(30, 70), 0.1)  # nothing pruned
+    assert dense.kernel == "act_gemv" and none is None
+
+
+@pytest.mark.parametrize("lean_is_slower", [True, False])
+def test_tuned_keeps_a_second_dense_copy_only_where_it_is_faster(lean_is_slower, monkeypatch):
+    def clock(module, x, reps):  # the transposed copy alone, on several rows
+        lean = getattr(module, "prefill", 1) is None and x.shape[0] > 1
+        return 2e-4 if lean and lean_is_slower else 1e-4
+    monkeypatch.setattr(autotune, "_time_block", clock)
+    linear = nn.Linear(30, 70)
+    prefill = CompiledLinear.from_linear(linear, "dense")
+    layer, choice = ActivationSparseLinear.tuned(linear, 0.1, prefill=prefill, rows=[1, 8])
+    assert layer.kernel == "act_gemv" and choice["single_copy"] is not lean_is_slower
+    assert layer.prefill is (prefill if lean_is_slower else None)
+    x = torch.randn(8, 30)
+    torch.testing.assert_close(layer(x), F.linear(sparsify_input(x, torch.tensor(0.1)),
+                                                  linear.weight, linear.bias))
+
+
+def _mlp(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 24))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight[torch.rand(layer.weight.shape) < 0.5] = 0
+    return model.to(dtype).eval()
+
+
+class _Thresholds:
+    """The InputThresholds protocol for fixed thresholds (as hooks that sparsify inputs)."""
+
+    def __init__(self, thresholds: dict[str, torch.Tensor]) -> None:
+        self.thresholds, self._hooks = thresholds, []
+
+    def apply(self, model: nn.Module) -> None:
+        for name, t in self.thresholds.items():
+            hook = model.get_submodule(name).register_forward_pre_hook(
+                lambda m, args, t=t: (sparsify_input(args[0], t),))
+            self._hooks.append(hook)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fast", KERNELS)
+def test_compile_builds_activation_layers_of_the_model_dtype(dtype, fast, monkeypatch):
+    monkeypatch.setattr(autotune, "_time_block", _fake_clock(fast))
+    model = _mlp(dtype)
+    act = _Thresholds({"0": torch.full((24,), 0.5), "2": torch.full((64,), 0.1)})
+    prompt = torch.randn(6, 24).to(dtype)
+    compiled = sparsekit.compile(model, prompt, activation_sparsity=act, cache=False)
+    for name in act.thresholds:
+        layer = compiled.get_submodule(name)
+        assert isinstance(layer, ActivationSparseLinear) and layer.kernel == fast
+        assert layer.threshold.dtype == dtype
+        choice = compiled.sparsekit_choices[name]
+        assert choice["rows"] == [6] and choice["decode"]["format"] == fast
+        if fast == "act_gemv":  # the transposed copy was as fast: no second dense copy
+            assert layer.prefill is None and choice["decode"]["single_copy"]
+        else:
+            assert isinstance(layer.prefill, CompiledLinear)
+    act.apply(model)
+    try:
+        with torch.no_grad():
+            for x in (prompt, prompt[:1]):  # prefill rows, then one decode row
+                torch.testing.assert_close(compiled(x).float(), model(x).float(),
+                                           rtol=2e-2, atol=2e-2)
+    finally:
+        act.remove()
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_one_row_traces_whole_with_both_kernels(kernel):
+    layer = ActivationSparseLinear.from_linear(_pruned(70, 30), 0.1, kernel=kernel, threads=1)
+    x = torch.randn(1, 30)
+    program = torch.export.export(layer, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert f"sparsekit.{kernel}.default" in targets, targets
+    torch.testing.assert_close(program.module()(x), layer(x))
+    traced = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(traced(x), layer(x))
