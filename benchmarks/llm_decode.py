@@ -1,0 +1,388 @@
+"""Batch-1 decode of a pruned Hugging Face LLaMA: sparsekit against dense and quantized peers.
+
+The README's headline table. ``LlamaForCausalLM`` with memory-bound shapes (hidden 2048,
+intermediate 5632, 4 layers, a 256-token vocabulary so the decoder layers dominate as in a
+7B model; then one 4096/11008 layer, the LLaMA-7B shape) with random weights (the Hugging
+Face initialisation: speed does not depend on what the weights say), pruned by magnitude with
+:func:`sparsekit.llm.prune` (for the int8 rows with ``quantize="int8"``, so the weights lie on
+the grid the engine stores). Every configuration of one model decodes greedily with a KV
+cache, taking turns round after round in one run (a change in machine load hits them all
+alike); tokens/s is one over the median decode step. The prefill of one 512-token prompt is
+timed the same way (interleaved best-of blocks).
+
+Configurations: dense fp32; dense bf16 (``model.to(torch.bfloat16)``); torch int8 dynamic
+quantization (``torch.ao.quantization.quantize_dynamic``); ``_weight_int8pack_mm`` (int8
+weights, per-channel scales, fp32 activations); and sparsekit at 50 %, 2:4 and 70 % ×
+{fp32, bf16, int8} × {no activation sparsity, TEAL 50 % (``sparsekit.activation``)},
+compiled with ``sparsekit.compile(model, prompt, weight_dtype=...)`` (bf16: the bf16 model;
+fp32 and int8: the fp32 model, fp32 activations). A configuration the installed sparsekit
+refuses is skipped with a printed note and counts as a miss.
+
+Targets, as ratios in one run (checked on every model): 50 % bf16 ≥ 1.5× dense bf16; 2:4 bf16
+≥ 1.4× dense bf16; 50 % int8 ≥ 1.5× the best torch int8 peer and ≥ 3× dense fp32; 70 % int8
+≥ 5× dense fp32; TEAL 50 % on top of each of these ≥ 1.3× more; every sparsekit prefill not
+slower than dense of its activation dtype (within 5 % timing noise). Each miss is printed and
+the script exits 1 (``--no-check`` only reports). Writes
+benchmarks/results/llm_decode{,_quick}.{json,md}, naming the CPU model and ISA.
+
+    python benchmarks/llm_decode.py           # full run (tens of minutes on 2 cores)
+    python benchmarks/llm_decode.py --quick   # hidden 1024 / 2816, 2 layers, 128-token prefill
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from _timing import time_ms
+from llm_pruning import shakespeare
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import sparsekit
+from sparsekit import activation, llm
+from sparsekit.engine import kernels
+from sparsekit.quantize import quantize_int8
+
+RESULTS = Path(__file__).parent / "results"
+VOCAB = 256
+SHAPES = {  # name: (hidden, intermediate, layers, heads)
+    "llama-2048x4": (2048, 5632, 4, 16),
+    "llama-4096x1": (4096, 11008, 1, 32),
+}
+QUICK_SHAPES = {"llama-1024x2": (1024, 2816, 2, 8)}
+SPARSE = (("50%", "unstructured", 0.5), ("2:4", "2:4", 0.5), ("70%", "unstructured", 0.7))
+DTYPES = ("fp32", "bf16", "int8")
+TEAL = 0.5
+PEERS = ("torch int8 dynamic", "int8pack")
+
+
+# -- the machine --------------------------------------------------------------------------
+
+
+def cpu() -> dict[str, str]:
+    """The CPU model and the vector ISA the kernels can use."""
+    name, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = getattr(kernels, "isa", None)
+    if callable(isa):
+        found = str(isa())
+    else:
+        wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                  "amx_bf16", "amx_int8", "asimd", "sve")
+        found = " ".join(f for f in wanted if f in flags) or "scalar"
+    return {"model": name, "isa": found, "threads": str(torch.get_num_threads())}
+
+
+# -- the models ---------------------------------------------------------------------------
+
+
+def build(hidden: int, intermediate: int, layers: int, heads: int) -> LlamaForCausalLM:
+    """A randomly initialised LLaMA (seeded) with a small vocabulary."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, max_position_embeddings=1024,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+class Int8PackLinear(nn.Module):
+    """An ``nn.Linear`` whose weight is int8 with per-output-channel scales, multiplied by
+    ``torch.ops.aten._weight_int8pack_mm`` (PyTorch's int8-weight CPU matmul)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        codes, scales = quantize_int8(linear.weight.detach())
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.codes,
+                                               self.scales.to(x.dtype))
+        y = y.reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def int8pack(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` an :class:`Int8PackLinear`."""
+    out = copy.deepcopy(model)
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int8PackLinear(child))
+    return out
+
+
+def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: torch.Tensor,
+                   skipped: dict[str, str]) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """Every configuration's model, by name, and the seconds each took to prepare;
+    refused ones go to ``skipped`` with the reason."""
+    models: dict[str, nn.Module] = {"dense fp32": model}
+    seconds: dict[str, float] = {}
+
+    def add(name: str, make: Callable[[], nn.Module]) -> None:
+        start = time.perf_counter()
+        try:
+            models[name] = make()
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
+            skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            print(f"  skipped {name}: {skipped[name]}", flush=True)
+            return
+        seconds[name] = time.perf_counter() - start
+        print(f"  {name}: ready in {seconds[name]:.1f} s", flush=True)
+
+    add("dense bf16", lambda: copy.deepcopy(model).to(torch.bfloat16))
+    add("torch int8 dynamic", lambda: torch.ao.quantization.quantize_dynamic(
+        copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8))
+    add("int8pack", lambda: int8pack(model))
+    for label, pattern, sparsity in SPARSE:
+        sources, teal = pruned_sources(model, calibration, pattern, sparsity)
+        for dtype in DTYPES:
+            for act in (None, teal):
+                add(config_name(label, dtype, act is not None), functools.partial(
+                    sparsekit.compile, sources[dtype], prompt,
+                    weight_dtype=None if dtype == "fp32" else dtype, activation_sparsity=act))
+        del sources, teal
+    return models, seconds
+
+
+def pruned_sources(model: LlamaForCausalLM, calibration: torch.Tensor, pattern: str,
+                   sparsity: float) -> tuple[dict[str, nn.Module], object]:
+    """The magnitude-pruned model to compile for each value dtype (int8: pruned with
+    ``quantize="int8"``; bf16: cast to bfloat16) and TEAL thresholds calibrated on it."""
+    pruned = {}
+    for quantize in (None, "int8"):
+        pruned[quantize] = copy.deepcopy(model)
+        llm.prune(pruned[quantize], calibration, method="magnitude", sparsity=sparsity,
+                  pattern=pattern, nsamples=calibration.shape[0], seqlen=calibration.shape[1],
+                  quantize=quantize)
+    teal = activation.calibrate(pruned[None], calibration, sparsity=TEAL)
+    sources = {"fp32": pruned[None], "bf16": copy.deepcopy(pruned[None]).to(torch.bfloat16),
+               "int8": pruned["int8"]}
+    return sources, teal
+
+
+def config_name(label: str, dtype: str, teal: bool) -> str:
+    return f"sparsekit {label} {dtype}" + (" + TEAL 50%" if teal else "")
+
+
+# -- timing -------------------------------------------------------------------------------
+
+
+def decode_tokens_per_s(models: dict[str, nn.Module], prompt: torch.Tensor, steps: int,
+                        rounds: int) -> dict[str, float]:
+    """Batch-1 greedy decode (KV cache) tokens/s of each model: one over the median step,
+    the models taking turns each round."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, model in models.items():
+                out = model(prompt, use_cache=True)
+                for _ in range(steps):
+                    token = out.logits[:, -1:].argmax(-1)
+                    start = time.perf_counter()
+                    out = model(token, past_key_values=out.past_key_values, use_cache=True)
+                    times[name].append(time.perf_counter() - start)
+    return {name: 1 / statistics.median(t) for name, t in times.items()}
+
+
+def prefill_tokens_per_s(models: dict[str, nn.Module], prompt: torch.Tensor,
+                         budget_s: float) -> dict[str, float]:
+    """Prompt tokens/s of one forward pass over ``prompt``, timed interleaved."""
+    with torch.no_grad():
+        ms = time_ms({name: (lambda m=m: m(prompt, use_cache=False))
+                      for name, m in models.items()},
+                     budget_s, block_s=0.0, max_reps=1, min_rounds=2, max_rounds=5)
+    return {name: prompt.shape[1] / (t / 1e3) for name, t in ms.items()}
+
+
+# -- targets ------------------------------------------------------------------------------
+
+
+def checks(rows: dict[str, dict], skipped: dict[str, str]) -> list[tuple[str, bool]]:
+    """The issue's targets as ``(claim, met)``; a skipped configuration is a miss."""
+    def tok(name: str) -> float | None:
+        return rows[name]["decode_tok_s"] if name in rows else None
+
+    out: list[tuple[str, bool]] = []
+
+    def ratio(claim: str, name: str, base: float | None, target: float) -> None:
+        value = tok(name)
+        if value is None or base is None:
+            missing = name if value is None else "its baseline"
+            out.append((f"{claim}: {missing} was skipped", False))
+            return
+        out.append((f"{claim}: {value / base:.2f}x (target {target}x)", value / base >= target))
+
+    fp32, bf16 = tok("dense fp32"), tok("dense bf16")
+    peers = [tok(p) for p in PEERS if tok(p) is not None]
+    best_peer = max(peers) if peers else None
+    targets = [  # (claim, configuration, baseline, target)
+        ("50% bf16 vs dense bf16", config_name("50%", "bf16", False), bf16, 1.5),
+        ("2:4 bf16 vs dense bf16", config_name("2:4", "bf16", False), bf16, 1.4),
+        ("50% int8 vs best torch int8 peer", config_name("50%", "int8", False), best_peer, 1.5),
+        ("50% int8 vs dense fp32", config_name("50%", "int8", False), fp32, 3.0),
+        ("70% int8 vs dense fp32", config_name("70%", "int8", False), fp32, 5.0),
+    ]
+    for claim, name, base, target in targets:
+        ratio(claim, name, base, target)
+    for name in dict.fromkeys(t[1] for t in targets):
+        ratio(f"TEAL 50% on top of {name.removeprefix('sparsekit ')}", name + " + TEAL 50%",
+              tok(name), 1.3)
+    for name, row in rows.items():
+        if not name.startswith("sparsekit"):
+            continue
+        dense = "dense bf16" if " bf16" in name else "dense fp32"
+        if dense in rows:
+            r = row["prefill_tok_s"] / rows[dense]["prefill_tok_s"]
+            out.append((f"prefill {name.removeprefix('sparsekit ')} vs {dense}: {r:.2f}x "
+                        "(target >= 0.95x)", r >= 0.95))
+    out += [(f"{name} was skipped ({why})", False) for name, why in skipped.items()]
+    return out
+
+
+# -- one model ----------------------------------------------------------------------------
+
+
+def run_model(name: str, shape: tuple[int, int, int, int], quick: bool) -> dict:
+    hidden, intermediate, layers, heads = shape
+    model = build(*shape)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{name}: hidden {hidden}, intermediate {intermediate}, {layers} layer(s), "
+          f"{params / 1e6:.0f}M parameters", flush=True)
+    text = shakespeare()
+    prefill = 128 if quick else 512
+    prompt = text[:prefill][None]
+    calibration = text[10_000:10_000 + 4 * 128].reshape(4, 128)
+    skipped: dict[str, str] = {}
+    models, prepare_s = configurations(model, prompt, calibration, skipped)
+    print(f"  timing {len(models)} configurations", flush=True)
+    decode = decode_tokens_per_s(models, prompt[:, :16], steps=8 if quick else 32,
+                                 rounds=3 if quick else 5)
+    prefill_rate = prefill_tokens_per_s(models, prompt, budget_s=10 if quick else 60)
+    rows = {}
+    for config, model_ in models.items():
+        rows[config] = {
+            "decode_tok_s": decode[config], "prefill_tok_s": prefill_rate[config],
+            "decode_vs_dense_fp32": decode[config] / decode["dense fp32"],
+            "decode_vs_dense_bf16": (decode[config] / decode["dense bf16"]
+                                     if "dense bf16" in decode else None),
+            "prepare_s": prepare_s.get(config, 0.0),
+            "formats": formats_of(model_),
+        }
+        print(f"  {config:34s} {decode[config]:8.2f} tok/s "
+              f"({rows[config]['decode_vs_dense_fp32']:.2f}x fp32)  prefill "
+              f"{prefill_rate[config]:8.1f} tok/s", flush=True)
+    return {"model": name, "hidden": hidden, "intermediate": intermediate, "layers": layers,
+            "parameters": params, "prefill_tokens": prefill, "rows": rows,
+            "skipped": skipped, "checks": checks(rows, skipped)}
+
+
+def formats_of(model: nn.Module) -> dict[str, int]:
+    """How many of a compiled model's layers took each format (empty if not compiled)."""
+    counts: dict[str, int] = {}
+    for choice in getattr(model, "sparsekit_choices", {}).values():
+        fmt = str(choice.get("format"))
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return counts
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def markdown(machine: dict[str, str], results: list[dict], note: str, quick: bool) -> str:
+    lines = [f"# Batch-1 decode of a pruned LLaMA{' (quick run)' if quick else ''}", "",
+             f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads. "
+             + note, ""]
+    for res in results:
+        lines += [f"## {res['model']}: hidden {res['hidden']}, intermediate "
+                  f"{res['intermediate']}, {res['layers']} layer(s), "
+                  f"{res['parameters'] / 1e6:.0f}M parameters", "",
+                  "| configuration | decode tok/s | vs dense fp32 | vs dense bf16 | "
+                  f"prefill ({res['prefill_tokens']} tokens) tok/s | formats |",
+                  "| :--- | ---: | ---: | ---: | ---: | :--- |"]
+        for config, r in res["rows"].items():
+            vs_bf16 = "" if r["decode_vs_dense_bf16"] is None else \
+                f"{r['decode_vs_dense_bf16']:.2f}x"
+            formats = ", ".join(f"{f} {n}" for f, n in sorted(r["formats"].items()))
+            lines.append(f"| {config} | {r['decode_tok_s']:.2f} | "
+                         f"{r['decode_vs_dense_fp32']:.2f}x | {vs_bf16} | "
+                         f"{r['prefill_tok_s']:.1f} | {formats} |")
+        for config, why in res["skipped"].items():
+            lines.append(f"| {config} | skipped: {why} | | | | |")
+        lines += ["", "Targets:", ""]
+        lines += [f"- {'PASS' if ok else 'MISS'}: {claim}" for claim, ok in res["checks"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def shape_arg(text: str) -> tuple[int, int, int, int]:
+    """``"HIDDENxINTERMEDIATExLAYERS"`` as a model shape (128-wide attention heads, as LLaMA)."""
+    try:
+        hidden, intermediate, layers = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HIDDENxINTERMEDIATExLAYERS such as "
+                                         f"128x256x1, got {text!r}") from None
+    if min(hidden, intermediate, layers) < 1 or hidden % 128:
+        raise argparse.ArgumentTypeError(f"sizes must be positive and hidden a multiple of 128, "
+                                         f"got {text!r}")
+    return hidden, intermediate, layers, hidden // 128
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="one smaller model (hidden 1024, 2 layers), shorter timing")
+    parser.add_argument("--no-check", action="store_true", help="do not fail on missed targets")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--shape", type=shape_arg, metavar="HIDDENxINTERMEDIATExLAYERS",
+                        help="one model of this shape instead (a smoke test: 128x256x1)")
+    args = parser.parse_args()
+    machine = cpu()
+    note = (f"torch {torch.__version__}; sparsekit kernels "
+            f"{'on' if kernels.available() else 'off (PyTorch fallback)'}; random weights "
+            "(Hugging Face initialisation), magnitude pruning; decode tokens/s is one over the "
+            "median step of greedy decoding with a KV cache after a 16-token prompt, all "
+            "configurations taking turns in one run. Absolute speeds depend on how busy the "
+            "machine was; the ratios are measured side by side.")
+    print(f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads",
+          flush=True)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shape:
+        shapes = {"llama-{}x{}x{}".format(*args.shape[:3]): args.shape}
+    results = [run_model(name, shape, args.quick) for name, shape in shapes.items()]
+    stem = "llm_decode_quick" if args.quick else "llm_decode"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"cpu": machine, "note": note, "quick": args.quick,
+         "models": [{**r, "checks": [{"claim": c, "met": ok} for c, ok in r["checks"]]}
+                    for r in results]}, indent=2))
+    report = markdown(machine, results, note, args.quick)
+    (args.out / f"{stem}.md").write_text(report)
+    print(report)
+    missed = [f"{r['model']}: {claim}" for r in results for claim, ok in r["checks"] if not ok]
+    for claim in missed:
+        print(f"MISS {claim}")
+    return 1 if missed and not args.no_check else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
