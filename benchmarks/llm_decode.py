@@ -25,6 +25,11 @@ slower than dense of its activation dtype (within 5 % timing noise). Each miss i
 the script exits 1 (``--no-check`` only reports). Writes
 benchmarks/results/llm_decode{,_quick}.{json,md}, naming the CPU model and ISA.
 
+Accuracy of the int8 rows: the byte-level LLaMA of benchmarks/llm_pruning.py (4 x 256, trained
+400 steps on tinyshakespeare, cached under benchmarks/cache/) pruned by magnitude, Wanda and
+SparseGPT at 50 % and 2:4, once in fp32 and once with ``quantize="int8"``; target: int8 adds
+≤ 1 % relative validation perplexity over the sparse fp32 model.
+
     python benchmarks/llm_decode.py           # full run (tens of minutes on 2 cores)
     python benchmarks/llm_decode.py --quick   # hidden 1024 / 2816, 2 layers, 128-token prefill
 """
@@ -43,7 +48,7 @@ from pathlib import Path
 
 import torch
 from _timing import time_ms
-from llm_pruning import shakespeare
+from llm_pruning import EVAL_TOKENS, SEQLEN, shakespeare, train_llama
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -63,6 +68,8 @@ SPARSE = (("50%", "unstructured", 0.5), ("2:4", "2:4", 0.5), ("70%", "unstructur
 DTYPES = ("fp32", "bf16", "int8")
 TEAL = 0.5
 PEERS = ("torch int8 dynamic", "int8pack")
+METHODS = ("magnitude", "wanda", "sparsegpt")
+PPL_SETTINGS = (("unstructured", 0.5), ("2:4", 0.5))
 
 
 # -- the machine --------------------------------------------------------------------------
@@ -305,10 +312,47 @@ def formats_of(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+# -- accuracy of the int8 grid --------------------------------------------------------------
+
+
+def perplexity_rows(quick: bool) -> dict:
+    """Validation perplexity of the trained benchmark LLaMA pruned in fp32 and pruned onto
+    the int8 grid, per method and pattern, with the ≤ 1 % check of each."""
+    data = shakespeare()
+    split = int(0.9 * data.numel())
+    train, val = data[:split], data[split:]
+    steps = 40 if quick else 400
+    model = train_llama(train, steps=steps)
+    val = val[: 8 * SEQLEN if quick else EVAL_TOKENS]
+    nsamples = 16 if quick else 64
+    dense = llm.perplexity(model, val, seqlen=SEQLEN)
+    rows, results = [], []
+    for pattern, sparsity in PPL_SETTINGS[:1] if quick else PPL_SETTINGS:
+        for method in METHODS:
+            ppl = {}
+            for quantize in (None, "int8"):
+                pruned = copy.deepcopy(model)
+                llm.prune(pruned, train, method=method, sparsity=sparsity, pattern=pattern,
+                          nsamples=nsamples, seqlen=SEQLEN, quantize=quantize)
+                ppl[quantize] = llm.perplexity(pruned, val, seqlen=SEQLEN)
+            added = ppl["int8"] / ppl[None] - 1
+            rows.append({"method": method, "pattern": pattern, "sparsity": sparsity,
+                         "ppl_fp32": ppl[None], "ppl_int8": ppl["int8"], "added": added})
+            results.append((f"int8 on {method} {pattern} {sparsity:.0%}: {added:+.2%} "
+                            "perplexity over sparse fp32 (target <= +1%)", added <= 0.01))
+            print(f"  {method:9s} {pattern:12s} ppl fp32 {ppl[None]:.3f}  int8 "
+                  f"{ppl['int8']:.3f} ({added:+.2%})", flush=True)
+    setup = (f"llm_pruning.train_llama, {steps} steps (4 x 256 byte-level LLaMA); dense "
+             f"perplexity {dense:.3f} on {val.numel():,} validation bytes; {nsamples} "
+             f"calibration windows of {SEQLEN} bytes")
+    return {"setup": setup, "dense": dense, "rows": rows, "checks": results}
+
+
 # -- report -------------------------------------------------------------------------------
 
 
-def markdown(machine: dict[str, str], results: list[dict], note: str, quick: bool) -> str:
+def markdown(machine: dict[str, str], results: list[dict], ppl: dict | None, note: str,
+             quick: bool) -> str:
     lines = [f"# Batch-1 decode of a pruned LLaMA{' (quick run)' if quick else ''}", "",
              f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads. "
              + note, ""]
@@ -330,6 +374,16 @@ def markdown(machine: dict[str, str], results: list[dict], note: str, quick: boo
             lines.append(f"| {config} | skipped: {why} | | | | |")
         lines += ["", "Targets:", ""]
         lines += [f"- {'PASS' if ok else 'MISS'}: {claim}" for claim, ok in res["checks"]]
+        lines.append("")
+    if ppl is not None:
+        lines += ["## Perplexity: int8 over sparse fp32", "", ppl["setup"] + ".", "",
+                  "| method | pattern | sparsity | fp32 | int8 | added |",
+                  "| :--- | :--- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['method']} | {r['pattern']} | {r['sparsity']:.0%} | "
+                  f"{r['ppl_fp32']:.3f} | {r['ppl_int8']:.3f} | {r['added']:+.2%} |"
+                  for r in ppl["rows"]]
+        lines += ["", "Targets:", ""]
+        lines += [f"- {'PASS' if ok else 'MISS'}: {claim}" for claim, ok in ppl["checks"]]
         lines.append("")
     return "\n".join(lines)
 
@@ -355,6 +409,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--shape", type=shape_arg, metavar="HIDDENxINTERMEDIATExLAYERS",
                         help="one model of this shape instead (a smoke test: 128x256x1)")
+    parser.add_argument("--only", choices=("decode", "perplexity"),
+                        help="run one part (default: both)")
     args = parser.parse_args()
     machine = cpu()
     note = (f"torch {torch.__version__}; sparsekit kernels "
@@ -368,17 +424,25 @@ def main() -> int:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shape:
         shapes = {"llama-{}x{}x{}".format(*args.shape[:3]): args.shape}
-    results = [run_model(name, shape, args.quick) for name, shape in shapes.items()]
+    results = ([] if args.only == "perplexity" else
+               [run_model(name, shape, args.quick) for name, shape in shapes.items()])
+    ppl = None
+    if args.only != "decode":
+        print("perplexity: int8 over sparse fp32", flush=True)
+        ppl = perplexity_rows(args.quick)
     stem = "llm_decode_quick" if args.quick else "llm_decode"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"cpu": machine, "note": note, "quick": args.quick,
          "models": [{**r, "checks": [{"claim": c, "met": ok} for c, ok in r["checks"]]}
-                    for r in results]}, indent=2))
-    report = markdown(machine, results, note, args.quick)
+                    for r in results],
+         "perplexity": ppl and {**ppl, "checks": [{"claim": c, "met": ok}
+                                                  for c, ok in ppl["checks"]]}}, indent=2))
+    report = markdown(machine, results, ppl, note, args.quick)
     (args.out / f"{stem}.md").write_text(report)
     print(report)
     missed = [f"{r['model']}: {claim}" for r in results for claim, ok in r["checks"] if not ok]
+    missed += [claim for claim, ok in (ppl or {"checks": []})["checks"] if not ok]
     for claim in missed:
         print(f"MISS {claim}")
     return 1 if missed and not args.no_check else 0

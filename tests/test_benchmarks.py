@@ -55,6 +55,7 @@ def test_end_to_end_quick():
 def test_llm_decode_small_shape(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "llm_decode.py"), "--shape", "128x256x1",
+         "--only", "decode",
          "--no-check", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
     )
