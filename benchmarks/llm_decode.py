@@ -43,6 +43,7 @@ import json
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,6 +139,15 @@ def int8pack(model: nn.Module) -> nn.Module:
     return out
 
 
+def dynamic_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with PyTorch's dynamic int8 ``nn.Linear`` layers (deprecated in
+    favour of torchao, which is not a dependency here; its warnings are silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear},
+                                                      dtype=torch.qint8)
+
+
 def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: torch.Tensor,
                    skipped: dict[str, str]) -> tuple[dict[str, nn.Module], dict[str, float]]:
     """Every configuration's model, by name, and the seconds each took to prepare;
@@ -157,8 +167,7 @@ def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: t
         print(f"  {name}: ready in {seconds[name]:.1f} s", flush=True)
 
     add("dense bf16", lambda: copy.deepcopy(model).to(torch.bfloat16))
-    add("torch int8 dynamic", lambda: torch.ao.quantization.quantize_dynamic(
-        copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8))
+    add("torch int8 dynamic", lambda: dynamic_int8(model))
     add("int8pack", lambda: int8pack(model))
     for label, pattern, sparsity in SPARSE:
         sources, teal = pruned_sources(model, calibration, pattern, sparsity)
