@@ -8,8 +8,8 @@ data-free methods). The Wanda score is the one of :mod:`sparsekit.scores.wanda`.
 the one of its unquantized pruned weight: SparseGPT's OBS updates grow the kept weights (row
 maxima by up to 2x at 50 % on random layers), so the dense weight's grid, GPTQ's choice,
 would clip them. A method with a ``joint`` rule (SparseGPT) then prunes again onto that
-grid in one pass, compensating the rounding error; any other is rounded to nearest. The
-mask is the method's: rounding never prunes a weight.
+grid in one pass, compensating the rounding error (so SparseGPT sweeps each layer twice);
+any other is rounded to nearest. The mask is the method's: rounding never prunes a weight.
 """
 
 from __future__ import annotations

@@ -33,9 +33,10 @@ def sparsegpt_prune(
     Returns the updated weights (zero where pruned) and the mask (``True`` = kept). With an
     N:M pattern exactly N of every M consecutive inputs are kept and ``sparsity`` is unused.
     ``percdamp`` adds that fraction of the mean diagonal to H for numerical stability.
-    With ``scales`` (float32, one per output row, e.g. :func:`sparsekit.quantize.int8_scales`
-    of ``W``) the kept weights are rounded to that int8 grid inside the sweep (joint mode):
-    the returned weights are ``dequantize_int8(codes, scales)`` exactly.
+    With ``scales`` (float32, one per output row; :func:`sparsekit.llm.methods.prune_layer`
+    passes the :func:`~sparsekit.quantize.int8_scales` of the unquantized result) the kept
+    weights are rounded to that int8 grid inside the sweep (joint mode): the returned
+    weights are ``dequantize_int8(codes, scales)`` exactly.
     """
     pat = parse_pattern(pattern)
     if not isinstance(pat, (Unstructured, NM)):
