@@ -9,7 +9,10 @@ the one of its unquantized pruned weight: SparseGPT's OBS updates grow the kept 
 maxima by up to 2x at 50 % on random layers), so the dense weight's grid, GPTQ's choice,
 would clip them. A method with a ``joint`` rule (SparseGPT) then prunes again onto that
 grid in one pass, compensating the rounding error (so SparseGPT sweeps each layer twice);
-any other is rounded to nearest. The mask is the method's: rounding never prunes a weight.
+any other is rounded to nearest. The mask is the method's: rounding never prunes a weight
+(a kept weight that rounds to zero stays kept), so magnitude and Wanda keep the masks they
+choose unquantized; SparseGPT's joint sweep chooses its masks adaptively from the weights it
+has updated, which now include the rounding compensation, so a few may differ.
 """
 
 from __future__ import annotations
