@@ -6,9 +6,9 @@ intermediate 5632, 4 layers, a 256-token vocabulary so the decoder layers domina
 Face initialisation: speed does not depend on what the weights say), pruned by magnitude with
 :func:`sparsekit.llm.prune` (for the int8 rows with ``quantize="int8"``, so the weights lie on
 the grid the engine stores). Every configuration of one model decodes greedily with a KV
-cache, taking turns round after round in one run (a change in machine load hits them all
-alike); tokens/s is one over the median decode step. The prefill of one 512-token prompt is
-timed the same way (interleaved best-of blocks).
+cache, the configurations taking turns token by token in one run (a change in machine load
+hits them all alike); tokens/s is one over the median decode step. The prefill of one
+512-token prompt is timed interleaved too (best of a few rounds).
 
 Configurations: dense fp32; dense bf16 (``model.to(torch.bfloat16)``); torch int8 dynamic
 quantization (``torch.ao.quantization.quantize_dynamic``); ``_weight_int8pack_mm`` (int8
@@ -205,18 +205,25 @@ def config_name(label: str, dtype: str, teal: bool) -> str:
 
 def decode_tokens_per_s(models: dict[str, nn.Module], prompt: torch.Tensor, steps: int,
                         rounds: int) -> dict[str, float]:
-    """Batch-1 greedy decode (KV cache) tokens/s of each model: one over the median step,
-    the models taking turns each round."""
-    times: dict[str, list[float]] = {name: [] for name in models}
+    """Batch-1 greedy decode (KV cache) tokens/s of each model: one over its median step.
+
+    Each round prefills ``prompt`` in every model, then decodes ``steps`` tokens with the
+    models taking turns token by token (the first to go rotates), so a change in machine
+    load hits every configuration alike; the median ignores the steps a busy machine stalled.
+    """
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
     with torch.no_grad():
         for _ in range(rounds):
-            for name, model in models.items():
-                out = model(prompt, use_cache=True)
-                for _ in range(steps):
-                    token = out.logits[:, -1:].argmax(-1)
+            outs = {name: models[name](prompt, use_cache=True) for name in names}
+            for step in range(steps):
+                for name in names[step % len(names):] + names[:step % len(names)]:
+                    token = outs[name].logits[:, -1:].argmax(-1)
                     start = time.perf_counter()
-                    out = model(token, past_key_values=out.past_key_values, use_cache=True)
+                    outs[name] = models[name](token, past_key_values=outs[name].past_key_values,
+                                              use_cache=True)
                     times[name].append(time.perf_counter() - start)
+            del outs
     return {name: 1 / statistics.median(t) for name, t in times.items()}
 
 
@@ -291,8 +298,8 @@ def run_model(name: str, shape: tuple[int, int, int, int], quick: bool) -> dict:
     skipped: dict[str, str] = {}
     models, prepare_s = configurations(model, prompt, calibration, skipped)
     print(f"  timing {len(models)} configurations", flush=True)
-    decode = decode_tokens_per_s(models, prompt[:, :16], steps=8 if quick else 32,
-                                 rounds=3 if quick else 5)
+    decode = decode_tokens_per_s(models, prompt[:, :16], steps=16 if quick else 32,
+                                 rounds=2 if quick else 4)
     prefill_rate = prefill_tokens_per_s(models, prompt, budget_s=10 if quick else 60)
     rows = {}
     for config, model_ in models.items():
@@ -425,9 +432,9 @@ def main() -> int:
     note = (f"torch {torch.__version__}; sparsekit kernels "
             f"{'on' if kernels.available() else 'off (PyTorch fallback)'}; random weights "
             "(Hugging Face initialisation), magnitude pruning; decode tokens/s is one over the "
-            "median step of greedy decoding with a KV cache after a 16-token prompt, all "
-            "configurations taking turns in one run. Absolute speeds depend on how busy the "
-            "machine was; the ratios are measured side by side.")
+            "median step of greedy decoding with a KV cache after a 16-token prompt, the "
+            "configurations taking turns token by token in one run. Absolute speeds depend on "
+            "how busy the machine was; the ratios are measured side by side.")
     print(f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads",
           flush=True)
     shapes = QUICK_SHAPES if args.quick else SHAPES
