@@ -50,3 +50,23 @@ def test_end_to_end_quick():
     data = json.loads((ROOT / "benchmarks" / "results" / "end_to_end_quick.json").read_text())
     assert {r["model"] for r in data["rows"]} == {"lenet_300_100", "lenet5", "transformer_2x512"}
     assert all(r["speedup"] > 0 and 0 < r["memory_ratio"] <= 1.0 for r in data["rows"])
+
+
+def test_llm_decode_small_shape(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "llm_decode.py"), "--shape", "128x256x1",
+         "--only", "decode",
+         "--no-check", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (model,) = json.loads((tmp_path / "llm_decode.json").read_text())["models"]
+    configs = set(model["rows"]) | set(model["skipped"])
+    assert {"dense fp32", "dense bf16", "torch int8 dynamic", "int8pack"} <= set(model["rows"])
+    sparse = {c for c in configs if c.startswith("sparsekit")}
+    assert len(sparse) == 18  # {50 %, 2:4, 70 %} x {fp32, bf16, int8} x {-, TEAL 50 %}
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in model["rows"].values())
+    claims = [c["claim"] for c in model["checks"]]
+    assert any("70% int8 vs dense fp32" in c for c in claims)
+    assert sum(not c["met"] for c in model["checks"]) >= len(model["skipped"])
+    assert "ISA" in (tmp_path / "llm_decode.md").read_text()

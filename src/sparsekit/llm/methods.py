@@ -3,6 +3,16 @@
 ``W`` is the layer's weight in ``(out, in)`` layout; ``stats`` the statistics of its
 inputs over the calibration data (:class:`sparsekit.observe.InputStats`; ``None`` for
 data-free methods). The Wanda score is the one of :mod:`sparsekit.scores.wanda`.
+
+:func:`prune_layer` adds quantization. A layer's int8 grid (one scale per output row) is
+the one of its unquantized pruned weight: SparseGPT's OBS updates grow the kept weights (row
+maxima by up to 2x at 50 % on random layers), so the dense weight's grid, GPTQ's choice,
+would clip them. A method with a ``joint`` rule (SparseGPT) then prunes again onto that
+grid in one pass, compensating the rounding error (so SparseGPT sweeps each layer twice);
+any other is rounded to nearest. The mask is the method's: rounding never prunes a weight
+(a kept weight that rounds to zero stays kept), so magnitude and Wanda keep the masks they
+choose unquantized; SparseGPT's joint sweep chooses its masks adaptively from the weights it
+has updated, which now include the rounding compensation, so a few may differ.
 """
 
 from __future__ import annotations
@@ -15,12 +25,19 @@ import torch
 from sparsekit.llm.sparsegpt import sparsegpt_prune
 from sparsekit.observe import InputStats
 from sparsekit.patterns import NM, Pattern
+from sparsekit.quantize import fake_quantize, int8_scales
 from sparsekit.registry import Registry
 from sparsekit.scores.wanda import wanda_scores
 from sparsekit.select import top_k
 
 LayerPrune = Callable[[torch.Tensor, "InputStats | None", float, Pattern],
                       tuple[torch.Tensor, torch.Tensor]]
+JointPrune = Callable[[torch.Tensor, "InputStats | None", float, Pattern, torch.Tensor],
+                      tuple[torch.Tensor, torch.Tensor]]
+"""``fn(W, stats, sparsity, pattern, scales) -> (W_new, kept_mask)`` with ``W_new`` on the
+int8 grid of ``scales`` (one per output row)."""
+QUANTIZE = ("int8",)
+"""The accepted ``quantize`` values besides ``None``."""
 
 
 @dataclass(frozen=True)
@@ -30,9 +47,39 @@ class Method:
     prune: LayerPrune
     stats: bool = True  # needs the inputs' per-feature norms
     gram: bool = False  # needs the full Gram matrix (Hessian)
+    joint: JointPrune | None = None  # prunes onto an int8 grid in one pass (else: then rounds)
 
 
 METHODS: Registry = Registry("method")
+
+
+def check_quantize(quantize: str | None) -> str | None:
+    """``quantize``, validated: ``None`` or one of :data:`QUANTIZE`."""
+    if quantize is not None and (not isinstance(quantize, str) or quantize not in QUANTIZE):
+        raise ValueError(f"quantize must be None or one of {list(QUANTIZE)}, got {quantize!r}")
+    return quantize
+
+
+def prune_layer(
+    method: Method,
+    W: torch.Tensor,
+    stats: InputStats | None,
+    sparsity: float,
+    pattern: Pattern,
+    quantize: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(W_new, kept_mask, scales)``: ``W`` pruned by ``method`` and, with ``quantize="int8"``,
+    on the symmetric int8 grid of ``scales`` (float32, one per output row; ``None``
+    unquantized), the grid of the unquantized pruned weight (see the module's notes).
+    """
+    w, keep = method.prune(W, stats, sparsity, pattern)
+    if quantize is None:
+        return w, keep, None
+    scales = int8_scales(w)
+    if method.joint is None:
+        return fake_quantize(w, scales), keep, scales
+    w, keep = method.joint(W, stats, sparsity, pattern, scales)
+    return w, keep, scales
 
 
 def keep_mask(
@@ -64,6 +111,12 @@ def sparsegpt(W: torch.Tensor, stats: InputStats | None, sparsity: float, patter
     return sparsegpt_prune(W, stats.hessian(), sparsity, pattern)
 
 
+def sparsegpt_joint(W: torch.Tensor, stats: InputStats | None, sparsity: float,
+                    pattern: Pattern, scales: torch.Tensor):
+    """SparseGPT's joint mode: the kept weights' int8 rounding error is compensated too."""
+    return sparsegpt_prune(W, stats.hessian(), sparsity, pattern, scales=scales)
+
+
 METHODS.register("magnitude")(Method(magnitude, stats=False))
 METHODS.register("wanda")(Method(wanda))
-METHODS.register("sparsegpt")(Method(sparsegpt, gram=True))
+METHODS.register("sparsegpt")(Method(sparsegpt, gram=True, joint=sparsegpt_joint))

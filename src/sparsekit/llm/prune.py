@@ -13,6 +13,13 @@ and its new weights before they are written (a block is written whole or not at 
 Once every parameter and the first block's inputs are finite, a later block can only
 see non-finite inputs if the *pruned* blocks before it overflow (half precision at a
 high sparsity); that error says which blocks were already pruned, and those stay pruned.
+
+With ``quantize="int8"`` every pruned layer also ends on a symmetric per-output-channel int8
+grid (:func:`sparsekit.llm.methods.prune_layer`: SparseGPT compensates the rounding error
+inside its update, magnitude and Wanda round to nearest) and carries the grid's scales
+(:func:`sparsekit.quantize.attach_scales`), so :func:`sparsekit.compile` with
+``weight_dtype="int8"`` stores exactly those codes. The next block is calibrated on the
+outputs of the pruned *and* rounded block.
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ from sparsekit.allocation import outlier_ratio, owl_sparsities
 from sparsekit.blocks import BlockCall, capture_inputs, find_blocks
 from sparsekit.llm.blocks import DEFAULT_EXCLUDE, Layer, block_layers
 from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
-from sparsekit.llm.methods import METHODS, Method
+from sparsekit.llm.methods import METHODS, QUANTIZE, Method, check_quantize, prune_layer
 from sparsekit.masks import MaskSet
 from sparsekit.observe import InputStats, preserved, record
 from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from sparsekit.prune import check_sparsity
+from sparsekit.quantize import attach_scales
 from sparsekit.registry import Registry
 from sparsekit.scores.wanda import wanda_scores
 from sparsekit.targets import TargetSpec
@@ -62,6 +70,7 @@ def prune(
     seed: int = 0,
     batch_size: int = 8,
     progress: Progress | None = None,
+    quantize: str | None = None,
 ) -> MaskSet:
     """Prune the linear layers of ``model``'s transformer blocks; return the applied masks.
 
@@ -76,7 +85,13 @@ def prune(
     ``batch_size`` calibration windows at a time. ``progress(done, total)`` is called
     after each block is pruned. Non-finite weights or activations are a ``ValueError``
     (see the module's notes).
+
+    ``quantize="int8"`` rounds the kept weights of every pruned layer to a symmetric int8
+    grid with one scale per output channel and attaches the scales as the float32 buffer
+    ``weight_scale`` (see the module's notes); it needs ``nn.Linear`` layers. The masks are
+    the pruning decisions: a kept weight that rounds to zero stays kept.
     """
+    check_quantize(quantize)
     spec = METHODS.get(method)
     pat = check_options(sparsity, pattern, allocation)
     check_int("batch_size", batch_size, minimum=1)
@@ -86,6 +101,13 @@ def prune(
     layers = block_layers(model, blocks, targets, exclude)
     for layer in (x for block in layers for x in block):
         pat.check(layer.shape, layer.name)
+        if quantize is not None and layer.transposed:
+            raise ValueError(
+                f"quantize={quantize!r} needs nn.Linear layers (per-output-channel scales in "
+                f"the layout the engine compiles); {layer.name!r} is a "
+                f"{type(layer.module).__name__}; accepted for this model: quantize=None "
+                f"(values: None, {', '.join(map(repr, QUANTIZE))})"
+            )
     tokens = calibration_tokens(calibration, tokenizer=tokenizer, nsamples=nsamples,
                                 seqlen=seqlen, seed=seed)
     check_token_ids(tokens, model)
@@ -110,10 +132,13 @@ def prune(
             _check_inputs(layers[i], stats, pruned=i)
             new = []
             for layer in layers[i]:
-                w, keep = spec.prune(layer.weight(), stats.get(layer.name), sparsities[i], pat)
-                new.append((layer, _check_weight(w, layer, method, pruned=i), keep))
-            for layer, w, keep in new:  # the whole block, once all of it is checked
+                w, keep, scales = prune_layer(spec, layer.weight(), stats.get(layer.name),
+                                              sparsities[i], pat, quantize)
+                new.append((layer, _check_weight(w, layer, method, pruned=i), keep, scales))
+            for layer, w, keep, scales in new:  # the whole block, once all of it is checked
                 layer.set_weight(w)
+                if scales is not None:
+                    attach_scales(layer.module, scales)
                 masks[layer.name] = layer.to_storage(keep)
             del new  # before the next block's statistics are gathered
     return MaskSet(model, masks, pattern=str(pat)).apply()

@@ -4,6 +4,11 @@ Columns are visited left to right in blocks; each pruned weight's error is compe
 updating the not-yet-visited weights of its row through the Cholesky factor of H⁻¹, so the
 layer's output ‖WX − ŴX‖ stays small. The mask is chosen adaptively per block of columns
 (unstructured) or per group of M columns (N:M), as in the authors' reference code.
+
+Joint mode (the paper's "Joint Sparsification & Quantization"): given per-row int8 scales,
+fixed before the sweep, each kept weight of a column is rounded to that grid as the column
+is visited, and its rounding error joins the pruning error that the update compensates on
+the columns still to come; the result lies exactly on the grid.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
+from sparsekit.quantize import fake_quantize
 
 
 def sparsegpt_prune(
@@ -20,12 +26,17 @@ def sparsegpt_prune(
     pattern: str | Pattern = "unstructured",
     blocksize: int = 128,
     percdamp: float = 0.01,
+    scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``W`` (out, in) given the Hessian ``H = 2XXᵀ`` (in, in) of its inputs.
 
     Returns the updated weights (zero where pruned) and the mask (``True`` = kept). With an
     N:M pattern exactly N of every M consecutive inputs are kept and ``sparsity`` is unused.
     ``percdamp`` adds that fraction of the mean diagonal to H for numerical stability.
+    With ``scales`` (float32, one per output row; :func:`sparsekit.llm.methods.prune_layer`
+    passes the :func:`~sparsekit.quantize.int8_scales` of the unquantized result) the kept
+    weights are rounded to that int8 grid inside the sweep (joint mode): the returned
+    weights are ``dequantize_int8(codes, scales)`` exactly.
     """
     pat = parse_pattern(pattern)
     if not isinstance(pat, (Unstructured, NM)):
@@ -33,6 +44,9 @@ def sparsegpt_prune(
     W = W.detach().float().clone(memory_format=torch.contiguous_format)
     H = H.detach().float().clone(memory_format=torch.contiguous_format)
     rows, cols = W.shape
+    if scales is not None and (tuple(scales.shape) != (rows,) or not scales.is_floating_point()):
+        raise ValueError(f"scales must be floating of shape ({rows},) (one per row of W), "
+                         f"got {scales.dtype} {tuple(scales.shape)}")
 
     dead = torch.diag(H) == 0  # inputs that are always zero: their weights are free to prune
     H[dead, dead] = 1
@@ -59,6 +73,8 @@ def sparsegpt_prune(
                 mask1[:, i:i + pat.m].scatter_(1, drop, True)
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0)
+            if scales is not None:  # the rounding error is compensated like the pruning error
+                q = fake_quantize(q.unsqueeze(1), scales).squeeze(1)
             e = (w - q) / d[i]
             W1[:, i:] -= e.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             W1[:, i] = q
