@@ -11,14 +11,14 @@ them so.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
 from sparsekit.structured.dependency import Group, dependency_groups
 
-__all__ = ["removable_channels", "shrink"]
+__all__ = ["cut", "remove_channels", "removable_channels", "shrink"]
 
 MaskTable = Mapping[str, torch.Tensor]
 
@@ -35,17 +35,28 @@ def shrink(model: nn.Module, masks: object = None) -> nn.Module:
     fit the model and for models ``torch.fx`` cannot trace.
     """
     table = _mask_table(model, masks)
-    cuts: dict[tuple[str, int], set[int]] = {}
+    removed = []
     for group in dependency_groups(model):
         gone = removable_channels(model, group, table)
         if gone.numel() == group.channels:
             gone = gone[1:]  # a group never vanishes: its first channel stays (it is inert)
-        if gone.numel():
-            for s in group.slices:
-                cuts.setdefault((s.name, s.dim), set()).update(s.indices(gone).tolist())
+        removed.append((group, gone))
     small = copy.deepcopy(model)
-    _cut(small, cuts)
+    remove_channels(small, removed)
     return small
+
+
+def remove_channels(model: nn.Module, removed: Iterable[tuple[Group, torch.Tensor]]) -> None:
+    """In place: drop channels ``gone`` (1-D long) of each group from every slice of it.
+
+    Each tensor is cut once, so tied weights stay tied; the layers touched get size
+    attributes that match their new shapes.
+    """
+    cuts: dict[tuple[str, int], set[int]] = {}
+    for group, gone in removed:
+        for s in group.slices:
+            cuts.setdefault((s.name, s.dim), set()).update(s.indices(gone).tolist())
+    cut(model, cuts)
 
 
 def removable_channels(model: nn.Module, group: Group, masks: MaskTable | None) -> torch.Tensor:
@@ -88,9 +99,10 @@ def _mask_table(model: nn.Module, masks: object) -> MaskTable | None:
 
 
 @torch.no_grad()
-def _cut(model: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -> None:
-    """Drop the listed indices of every tensor (once per tensor: tied weights stay tied),
-    then bring the touched layers' attributes in line with their new shapes."""
+def cut(model: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -> None:
+    """In place: drop the indices ``cuts[(tensor name, dim)]`` of parameters and buffers
+    (once per tensor: tied weights stay tied), then bring the touched layers' size
+    attributes in line with their new shapes."""
     by_tensor: dict[int, tuple[torch.Tensor, dict[int, set[int]]]] = {}
     for (name, dim), gone in cuts.items():
         tensor = _get(model, name)
@@ -99,6 +111,8 @@ def _cut(model: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -> None:
     for tensor, dims in by_tensor.values():
         new = tensor.detach()
         for dim, gone in dims.items():
+            if not gone:
+                continue
             keep = [i for i in range(new.shape[dim]) if i not in gone]
             new = new.index_select(dim, torch.tensor(keep, dtype=torch.long, device=new.device))
         replaced[id(tensor)] = nn.Parameter(new, tensor.requires_grad) \
