@@ -127,6 +127,26 @@ def test_tied_weights_are_one_slice_or_frozen():
     assert dependency_groups(Tied(True)) == []
 
 
+@pytest.mark.parametrize("masks", ["zeros", "emb.weight", "head.weight"])
+def test_shrink_cuts_a_tied_weight_once(masks):
+    model = Tied(False)
+    ids = torch.randint(0, 11, (2, 5))
+    keep = torch.ones(11, 6, dtype=torch.bool)
+    keep[:, :2] = False
+    if masks == "zeros":
+        with torch.no_grad():
+            model.emb.weight[:, :2] = 0
+        table = None
+    else:
+        table = {masks: keep}
+        with torch.no_grad():
+            model.emb.weight.masked_fill_(~keep, 0)
+    small = shrink(model, table)
+    assert small.emb.weight is small.head.weight and small.emb.weight.shape == (11, 4)
+    assert (small.emb.embedding_dim, small.head.in_features) == (4, 4)
+    torch.testing.assert_close(small(ids), model(ids))
+
+
 def test_layer_called_twice_is_frozen():
     class Twice(nn.Module):
         def __init__(self):
@@ -140,19 +160,23 @@ def test_layer_called_twice_is_frozen():
     assert dependency_groups(Twice()) == []
 
 
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else x
+
+
 def test_untraceable_model_is_a_clear_error():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-
-        def forward(self, x):
-            return self.fc(x) if x.sum() > 0 else x
-
-    model = Branchy()
+    model = nn.Sequential(nn.Linear(4, 4), Branchy(), nn.Linear(4, 2))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="cannot trace Branchy with torch.fx"):
+    with pytest.raises(ValueError, match=r"cannot trace Sequential with torch.fx to find its "
+                       r"dependency groups in submodule 1 \(Branchy\): TraceError"):
         sparsekit.prune(model, 0.5, pattern="channel")
+    with pytest.raises(ValueError, match="not changed|cannot trace"):
+        shrink(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         dependency_groups("resnet")

@@ -69,19 +69,41 @@ class Group:
     slices: tuple[Slice, ...]
 
 
+class _Tracer(fx.Tracer):
+    """``torch.fx.Tracer`` that remembers which submodule it is inside, for errors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path: list[str] = []
+        self.failed_in: str | None = None  # the innermost submodule a trace error came from
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.path.append(f"{self.path_of_module(m)} ({type(m).__name__})")
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or self.path[-1]
+            raise
+        finally:
+            self.path.pop()
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace(model)``, or a ``ValueError`` saying what stopped it."""
+    """``model`` traced with ``torch.fx``, or a ``ValueError`` saying what stopped it and
+    in which submodule."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    tracer = _Tracer()
     try:
-        return fx.symbolic_trace(model)
+        graph = tracer.trace(model)
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError … by op
+        where = f" in submodule {tracer.failed_in}" if tracer.failed_in else ""
         raise ValueError(
             f"cannot trace {type(model).__name__} with torch.fx to find its dependency "
-            f"groups: {type(err).__name__}: {err}. Data-dependent control flow and "
-            "untraceable ops are not supported; move them into a leaf module or prune a "
-            "traceable submodule instead"
+            f"groups{where}: {type(err).__name__}: {err}. Data-dependent control flow and "
+            "untraceable ops are not supported; prune a traceable submodule instead"
         ) from err
+    return fx.GraphModule(model, graph, type(model).__name__)
 
 
 def dependency_groups(model: nn.Module) -> list[Group]:
@@ -92,10 +114,10 @@ def dependency_groups(model: nn.Module) -> list[Group]:
     when the model cannot be traced.
     """
     graph = trace(model)
-    tracer = _Tracer(graph)
+    follower = _Follower(graph)
     for node in graph.graph.nodes:
-        tracer.visit(node)
-    return tracer.groups()
+        follower.visit(node)
+    return follower.groups()
 
 
 # -- tracing ------------------------------------------------------------------------------
@@ -149,7 +171,9 @@ class _Layout:
     spread: int | None = 1
 
 
-class _Tracer:
+class _Follower:
+    """Walks the graph once, following every value's channel layout."""
+
     def __init__(self, graph: fx.GraphModule) -> None:
         self.graph = graph
         self.modules = dict(graph.named_modules())

@@ -66,11 +66,12 @@ def removable_channels(model: nn.Module, group: Group, masks: MaskTable | None) 
     with ``masks=None``, as its nonzero entries.
     """
     alive = torch.zeros(group.channels, dtype=torch.bool)
+    aliases = _aliases(model)
     for s in group.slices:
         if s.role != "in":
             continue
         weight = model.get_parameter(s.name)
-        keep = (weight != 0) if masks is None else masks.get(s.name)
+        keep = (weight != 0) if masks is None else masks.get(aliases.get(s.name, s.name))
         if keep is None:
             return torch.empty(0, dtype=torch.long)
         cols = keep.detach().movedim(s.dim, 0)[s.offset: s.offset + group.channels * s.repeat]
@@ -87,7 +88,8 @@ def _mask_table(model: nn.Module, masks: object) -> MaskTable | None:
             f"masks must be a MaskSet, a dict of parameter name -> bool tensor, or None; got "
             f"{type(masks).__name__}"
         )
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    aliases = _aliases(model)
     for name, mask in table.items():
         if name not in params:
             raise ValueError(f"masks has an entry {name!r} that is not a parameter of the model")
@@ -95,7 +97,14 @@ def _mask_table(model: nn.Module, masks: object) -> MaskTable | None:
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"masks[{name!r}] has shape {got}, expected "
                              f"{tuple(params[name].shape)}")
-    return {n: m.to(torch.bool) for n, m in table.items()}
+    return {aliases[n]: m.to(torch.bool) for n, m in table.items()}
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Every parameter name → the first name of its tensor (a tied weight has several)."""
+    first: dict[int, str] = {}
+    return {n: first.setdefault(id(p), n)
+            for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 @torch.no_grad()
