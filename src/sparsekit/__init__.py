@@ -47,7 +47,8 @@ __all__ = [
 
 _SUBPACKAGES = frozenset({
     "activation", "allocation", "checkpoint", "cli", "data", "engine", "graph", "llm", "masks",
-    "models", "patterns", "registry", "report", "schedules", "scores", "structured", "targets",
+    "models", "patterns", "registry", "regularize", "report", "schedules", "scores", "structured",
+    "targets",
     "training",
 })
 
