@@ -279,3 +279,16 @@ def test_channel_pattern_is_registered():
     assert str(sparsekit.parse_pattern("channel")) == "channel"
     with pytest.raises(ValueError, match="whole dependency groups"):
         sparsekit.parse_pattern("channel").mask(torch.ones(2, 2), 2)
+
+
+def test_report_compares_the_shrunk_model_with_the_original():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    model = _settle(ResNetSmall(width=8), x)
+    small = shrink(model, sparsekit.prune(model, 0.5, pattern="channel"))
+    before, after = sparsekit.report(model, x), sparsekit.report(small, x)
+    ratio = after.relative_to(before)
+    assert ratio["params"] == after.totals["params"] / before.totals["params"]
+    assert 0.2 < ratio["params"] < 0.35 and 0.2 < ratio["dense_flops"] < 0.35  # ~ (1/2)²
+    with pytest.raises(TypeError, match="before must be a Report"):
+        after.relative_to(model)

@@ -48,8 +48,7 @@ __all__ = [
 _SUBPACKAGES = frozenset({
     "activation", "allocation", "checkpoint", "cli", "data", "engine", "graph", "llm", "masks",
     "models", "patterns", "registry", "regularize", "report", "schedules", "scores", "structured",
-    "targets",
-    "training",
+    "targets", "training",
 })
 
 
