@@ -1,3 +1,8 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -292,3 +297,13 @@ def test_report_compares_the_shrunk_model_with_the_original():
     assert 0.2 < ratio["params"] < 0.35 and 0.2 < ratio["dense_flops"] < 0.35  # ~ (1/2)²
     with pytest.raises(TypeError, match="before must be a Report"):
         after.relative_to(model)
+
+
+def test_benchmark_quick_run(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "structured.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--no-check", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "structured.json").read_text())
+    assert [r["model"] for r in data["rows"]][:1] == ["dense"]
+    assert all(c["ok"] for c in data["checks"] if "shrunk == masked" in c["claim"])
