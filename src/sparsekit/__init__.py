@@ -19,6 +19,7 @@ from sparsekit.prune import prune
 from sparsekit.report import Report, report
 from sparsekit.schedules import DynamicSparsity, GradualPruner, IterativePruning, soup
 from sparsekit.scores import CRITERIA
+from sparsekit.structured import shrink
 from sparsekit.targets import resolve_targets
 
 __version__ = "0.1.0"
@@ -40,12 +41,14 @@ __all__ = [
     "report",
     "resolve_targets",
     "save",
+    "shrink",
     "soup",
 ]
 
 _SUBPACKAGES = frozenset({
     "activation", "allocation", "checkpoint", "cli", "data", "engine", "graph", "llm", "masks",
-    "models", "patterns", "registry", "report", "schedules", "scores", "targets", "training",
+    "models", "patterns", "registry", "regularize", "report", "schedules", "scores", "structured",
+    "targets", "training",
 })
 
 

@@ -1,32 +1,40 @@
-"""Which shapes a mask may take: unstructured, N:M, blocks, whole rows and constant fan-in.
+"""Which shapes a mask may take: unstructured, N:M, blocks, whole rows, constant fan-in and
+whole channels.
 
 A pattern turns a layer's scores and a number of weights to keep into a boolean mask
 of that shape. Every pattern works on the weight's 2-D view ``(out, in · kernel)``: the
 input dimension is the flattened (input channel × kernel position) axis, which is the
-axis sparse kernels and N:M hardware compress along.
+axis sparse kernels and N:M hardware compress along. ``"channel"`` is the one pattern that
+spans layers: it masks whole dependency groups (see :mod:`sparsekit.structured`).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from sparsekit.registry import Registry
 from sparsekit.select import top_k
+from sparsekit.targets import Target
 
 PATTERNS: Registry = Registry("pattern")
 
-_ACCEPTED = ("'unstructured', 'N:M' (e.g. '2:4'), 'block:RxC' (e.g. 'block:4x4'), 'row' "
-             "or 'fanin'")
+_ACCEPTED = ("'unstructured', 'N:M' (e.g. '2:4'), 'block:RxC' (e.g. 'block:4x4'), 'row', "
+             "'fanin' or 'channel'")
 
 
 class Pattern:
     """Base class: ``mask(scores, keep)`` plus shape checks and the highest density."""
 
     spec: str
+    grouped = False
+    """Whether the pattern masks dependency groups across layers (``select``) rather than
+    one layer at a time (``mask``)."""
 
     def check(self, shape: torch.Size, name: str) -> None:
         """Raise ``ValueError`` when ``shape`` cannot carry this pattern."""
@@ -46,8 +54,8 @@ class Pattern:
 
 
 def parse_pattern(spec: str | Pattern) -> Pattern:
-    """Resolve ``"unstructured"``, ``"2:4"``, ``"block:4x4"``, ``"row"`` or ``"fanin"`` to a
-    :class:`Pattern`."""
+    """Resolve ``"unstructured"``, ``"2:4"``, ``"block:4x4"``, ``"row"``, ``"fanin"`` or
+    ``"channel"`` to a :class:`Pattern`."""
     if isinstance(spec, Pattern):
         return spec
     if not isinstance(spec, str):
@@ -219,3 +227,33 @@ def fan_in(mask: torch.Tensor) -> int | None:
 @PATTERNS.register("fanin")
 def _fanin(spec: str) -> Pattern:
     return FanIn()
+
+
+@dataclass(frozen=True)
+class Channel(Pattern):
+    """Whole channels of dependency groups: a conv's filters with their BatchNorm entries,
+    every residual branch added to them and the input columns of every reader, so that
+    :func:`~sparsekit.shrink` can hand back a smaller dense model with the same outputs.
+    ``sparsity`` is the fraction of channels removed (per group with ``"uniform"``,
+    across groups with ``"global"``); each group keeps at least one channel."""
+
+    spec: str = "channel"
+    grouped = True
+
+    def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        raise ValueError("pattern 'channel' masks whole dependency groups across layers: "
+                         "use prune(..., pattern='channel') or compute_masks, not Pattern.mask")
+
+    def select(self, model: nn.Module, targets: list[Target], scores: dict[str, torch.Tensor],
+               allocate: Callable[[dict[str, torch.Tensor], float], dict[str, int]],
+               sparsity: float) -> dict[str, torch.Tensor]:
+        """The masks of every group's least important channels (see
+        :func:`sparsekit.structured.importance.channel_masks`)."""
+        from sparsekit.structured.importance import channel_masks  # traces with torch.fx
+
+        return channel_masks(model, targets, scores, allocate, sparsity)
+
+
+@PATTERNS.register("channel")
+def _channel(spec: str) -> Pattern:
+    return Channel()

@@ -76,6 +76,8 @@ def compute_masks(
     ctx = ScoreContext(model, chosen, data, loss_fn, torch.Generator().manual_seed(seed))
     scores = score_fn(ctx)
     check_scores(scores, method)
+    if pat.grouped:  # whole dependency groups across layers (pattern="channel")
+        return pat.select(model, chosen, scores, allocate, float(sparsity)), pat
     # Layer by layer, so that at most one layer's scores is ever copied: weights that are
     # already zero rank below everything, and each layer's scores are let go once its
     # mask is built.

@@ -99,6 +99,17 @@ class Report:
             flops_complete=all(r.dense_flops is not None for r in self.rows),
         )
 
+    def relative_to(self, before: Report) -> dict[str, float]:
+        """This report's parameters, nonzeros and dense FLOPs as fractions of ``before``'s —
+        e.g. a model after :func:`~sparsekit.shrink` against the model it came from
+        (``{"params": 0.26, "nonzeros": 0.26, "dense_flops": 0.27}``; 0.0 where ``before``
+        has none)."""
+        if not isinstance(before, Report):
+            raise TypeError(f"before must be a Report, got {type(before).__name__}")
+        now, then = self.totals, before.totals
+        return {k: now[k] / then[k] if then[k] else 0.0
+                for k in ("params", "nonzeros", "dense_flops")}
+
     def to_dict(self) -> dict[str, object]:
         """Rows and totals as plain JSON types; every row carries every extra column."""
         extra = self._extra_columns()

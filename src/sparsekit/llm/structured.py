@@ -1,0 +1,350 @@
+"""Structured pruning of Hugging Face transformers: FFN neurons, attention heads, layers.
+
+The result is a smaller *dense* model, not a masked one:
+
+* ``unit="ffn"`` removes intermediate neurons of every block's feed-forward network (the
+  rows of ``gate_proj``/``up_proj`` — or BERT's ``intermediate.dense`` — and the columns
+  of ``down_proj``/``output.dense``);
+* ``unit="heads"`` removes attention heads. With grouped-query attention the unit is a
+  key/value head together with the query heads that read it, so every block keeps the
+  model's query-per-key ratio;
+* ``unit="layers"`` removes whole blocks, those that change their hidden states least
+  (ShortGPT's block influence, 1 − mean cosine similarity of a block's input and output).
+
+FFN neurons and heads are :class:`~sparsekit.structured.Group` s — the same vocabulary as
+CNN channels — ranked by ``"magnitude"`` (mean |W| over the group) or ``"wanda"`` (mean
+|W|·‖X‖ over calibration data: Wanda-SP) and cut with
+:func:`~sparsekit.structured.shrink.remove_channels`; ``allocation`` is ``"uniform"`` (the
+same fraction in every block) or ``"global"`` (one ranking over all blocks). FLAP's bias
+compensation is not implemented.
+
+The pruned model's ``config`` follows its new sizes, so ``save_pretrained`` then plain
+``AutoModel*.from_pretrained`` works whenever the widths are uniform (and always after
+removing layers). When blocks differ (``allocation="global"``, or BERT heads, whose size
+the config derives from the head count), the config records every parameter shape the
+standard config would get wrong under ``sparsekit_shapes``, and
+:func:`load_pretrained` rebuilds the model from them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit._checks import check_fraction
+from sparsekit.allocation import ALLOCATIONS
+from sparsekit.blocks import find_blocks
+from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
+from sparsekit.observe import input_stats, run
+from sparsekit.scores.wanda import wanda_scores
+from sparsekit.select import top_k
+from sparsekit.structured.dependency import Group, Slice
+from sparsekit.structured.importance import group_importance
+from sparsekit.structured.shrink import cut, remove_channels
+
+__all__ = ["UNITS", "block_influence", "load_pretrained", "prune_structured"]
+
+UNITS = {"ffn": ("wanda", "magnitude"), "heads": ("wanda", "magnitude"),
+         "layers": ("block_influence",)}
+"""Each unit and the methods that rank it (the first is the default)."""
+_ALLOCATIONS = ("uniform", "global")
+
+# (writers, reader) of a block's feed-forward network: LLaMA/Mistral/Qwen2, BERT
+_FFNS = ((("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+         (("intermediate.dense",), "output.dense"))
+# (q, k, v, o, module holding the head size, its attribute): LLaMA/Mistral/Qwen2, BERT
+_ATTENTIONS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "self_attn", "head_dim"),
+               ("attention.self.query", "attention.self.key", "attention.self.value",
+                "attention.output.dense", "attention.self", "attention_head_size"))
+SHAPES_KEY = "sparsekit_shapes"
+
+
+def prune_structured(
+    model: nn.Module,
+    calibration: Calibration | None = None,
+    amount: float = 0.2,
+    *,
+    unit: str = "ffn",
+    method: str | None = None,
+    allocation: str = "uniform",
+    tokenizer: Any = None,
+    nsamples: int = 32,
+    seqlen: int | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Remove ``amount`` of ``model``'s FFN neurons, attention heads or layers, in place.
+
+    ``unit`` is ``"ffn"``, ``"heads"`` or ``"layers"``; ``method`` ranks the units (see
+    :data:`UNITS`; ``"magnitude"`` needs no ``calibration``); ``allocation`` is
+    ``"uniform"`` or ``"global"`` (FFN and heads). ``calibration`` takes the forms of
+    :func:`~sparsekit.llm.calibration.calibration_tokens`. Every argument, and whether the
+    model has the unit, is checked before anything changes; an ``amount`` that would
+    remove all of a block's neurons or heads, or every layer, is a ``ValueError``.
+    Returns ``model`` (smaller, its ``config`` updated; see the module notes on saving).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if unit not in UNITS:
+        raise ValueError(f"unknown unit {unit!r}; accepted: {', '.join(map(repr, UNITS))}")
+    method = UNITS[unit][0] if method is None else method
+    if method not in UNITS[unit]:
+        raise ValueError(f"unknown method {method!r} for unit {unit!r}; accepted: "
+                         f"{', '.join(map(repr, UNITS[unit]))}")
+    if allocation not in _ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; accepted: "
+                         f"{', '.join(map(repr, _ALLOCATIONS))}")
+    check_fraction("amount", amount, zero=False)
+    prefix, blocks = _blocks(model)
+    tokens = None
+    if method != "magnitude":
+        if calibration is None:
+            raise ValueError(f"method {method!r} needs calibration data (token ids or texts); "
+                             "use method='magnitude' to prune without data")
+        tokens = calibration_tokens(calibration, tokenizer=tokenizer, nsamples=nsamples,
+                                    seqlen=seqlen, seed=seed)
+        check_token_ids(tokens, model)
+    if unit == "layers":
+        _remove_layers(model, blocks, block_influence(model, tokens), amount)
+    else:
+        groups = [_group(model, f"{prefix}.{i}", b, unit) for i, b in enumerate(blocks)]
+        scores = _scores(model, groups, tokens)
+        removed = _select(groups, scores, amount, allocation, unit)
+        remove_channels(model, removed)
+        _sync_heads(model)
+        _update_config(model, unit, groups, removed)
+    _record_shapes(model)
+    return model
+
+
+def block_influence(model: nn.Module, tokens: torch.Tensor) -> list[float]:
+    """ShortGPT's block influence of every block on ``tokens``: 1 − the mean cosine
+    similarity of each token's hidden state before and after the block (low: the block
+    barely changes its input, and removing it costs little)."""
+    _, blocks = _blocks(model)
+    sums = [0.0] * len(blocks)
+    counts = [0] * len(blocks)
+
+    def hook(i: int):
+        def fn(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+            sums[i] += float(cos.sum())
+            counts[i] += cos.numel()
+        return fn
+
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        run(model, tokens, "calibration")
+    finally:
+        for h in handles:
+            h.remove()
+    return [1.0 - s / max(c, 1) for s, c in zip(sums, counts)]
+
+
+def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Load a model saved with ``save_pretrained`` after :func:`prune_structured`.
+
+    Without recorded per-layer shapes this is ``from_pretrained`` of the class the config
+    names. With them, the model is built from the config, its tensors are cut to the
+    recorded shapes and the saved weights (``*.safetensors``) are loaded into it.
+    ``kwargs`` go to ``from_pretrained`` (the first case only).
+    """
+    import transformers
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise ValueError(f"path: the config in {str(path)!r} names no transformers model class "
+                         f"(architectures={names!r})")
+    shapes = getattr(config, SHAPES_KEY, None)
+    if not shapes:
+        return cls.from_pretrained(path, **kwargs)
+    model = cls(config)
+    _resize(model, shapes)
+    state: dict[str, torch.Tensor] = {}
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"path: {str(path)!r} holds no *.safetensors weights")
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
+    untied = [n for n in missing if model.get_parameter(n).data_ptr() not in loaded] \
+        if missing else []
+    if unexpected or untied:
+        raise ValueError(f"path: the weights in {str(path)!r} do not fit the recorded shapes "
+                         f"(unexpected: {unexpected}, missing: {untied})")
+    return model.eval()
+
+
+# -- stages -------------------------------------------------------------------------------
+
+
+def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    blocks = find_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    return prefix, blocks
+
+
+def _group(model: nn.Module, name: str, block: nn.Module, unit: str) -> Group:
+    """The FFN neurons or attention heads of one block as a dependency group."""
+    def has(path: str) -> bool:
+        try:
+            block.get_submodule(path)
+        except AttributeError:
+            return False
+        return True
+
+    def slices(path: str, dim: int, role: str, repeat: int) -> list[Slice]:
+        layer = block.get_submodule(path)
+        out = [Slice(f"{name}.{path}.weight", dim, role, 0, repeat)]
+        if dim == 0 and layer.bias is not None:
+            out.append(Slice(f"{name}.{path}.bias", 0, role, 0, repeat))
+        return out
+
+    if unit == "ffn":
+        for writers, reader in _FFNS:
+            if all(has(p) for p in (*writers, reader)):
+                width = block.get_submodule(reader).in_features
+                parts = [s for w in writers for s in slices(w, 0, "out", 1)]
+                return Group(f"{name}.ffn", width, (*parts, *slices(reader, 1, "in", 1)))
+    else:
+        for q, k, v, o, holder, attr in _ATTENTIONS:
+            if all(has(p) for p in (q, k, v, o)):
+                size = getattr(block.get_submodule(holder), attr)
+                kv = block.get_submodule(k).out_features // size
+                per_kv = block.get_submodule(q).out_features // kv  # query rows per kv head
+                parts = [*slices(q, 0, "out", per_kv), *slices(k, 0, "out", size),
+                         *slices(v, 0, "out", size), *slices(o, 1, "in", per_kv)]
+                return Group(f"{name}.heads", kv, tuple(parts))
+    raise ValueError(
+        f"unit {unit!r}: block {name!r} ({type(block).__name__}) has no "
+        f"{'feed-forward network' if unit == 'ffn' else 'attention'} this knows; accepted: "
+        "LLaMA/Mistral/Qwen2-style (mlp.gate_proj/up_proj/down_proj, self_attn.q/k/v/o_proj) "
+        "and BERT-style blocks (intermediate/output.dense, attention.self.query/key/value)"
+    )
+
+
+def _scores(model: nn.Module, groups: list[Group], tokens: torch.Tensor | None
+            ) -> dict[str, torch.Tensor]:
+    """Per-weight scores of every weight slice: |W|, or |W|·‖X‖ with calibration tokens."""
+    names = {s.name for g in groups for s in g.slices if s.name.endswith(".weight")}
+    weights = {n: model.get_parameter(n) for n in names}
+    if tokens is None:
+        return {n: w.detach().abs().float() for n, w in weights.items()}
+    layers = {n: model.get_submodule(n.rpartition(".")[0]) for n in names}
+    stats = input_stats(model, layers, tokens)
+    return {n: wanda_scores(w, stats[n]) for n, w in weights.items()}
+
+
+def _select(groups: list[Group], scores: Mapping[str, torch.Tensor], amount: float,
+            allocation: str, unit: str) -> list[tuple[Group, torch.Tensor]]:
+    """The units each group loses; a group that would lose all of them is an error."""
+    importance = {g.name: group_importance(g, scores) for g in groups}
+    keep = ALLOCATIONS.get(allocation)(importance, float(amount))
+    empty = [n for n, k in keep.items() if k < 1]
+    if empty:
+        raise ValueError(f"amount={amount} would remove every {unit} unit of {empty}; use a "
+                         "smaller amount (each block keeps at least one); the model was "
+                         "not changed")
+    return [(g, torch.nonzero(~top_k(importance[g.name], keep[g.name])).flatten())
+            for g in groups]
+
+
+def _remove_layers(model: nn.Module, blocks: nn.ModuleList, influence: list[float],
+                   amount: float) -> None:
+    n = math.floor(amount * len(blocks) + 0.5)
+    if n >= len(blocks):
+        raise ValueError(f"amount={amount} would remove all {len(blocks)} layers; use a "
+                         "smaller amount; the model was not changed")
+    drop = set(sorted(range(len(blocks)), key=lambda i: influence[i])[:n])
+    for i in sorted(drop, reverse=True):
+        del blocks[i]
+    for i, block in enumerate(blocks):  # key-value caches are indexed by layer
+        for m in block.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = i
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.num_hidden_layers = len(blocks)
+        types = getattr(config, "layer_types", None)
+        if isinstance(types, list) and len(types) == len(influence):
+            config.layer_types = [t for i, t in enumerate(types) if i not in drop]
+
+
+def _sync_heads(model: nn.Module) -> None:
+    """Attention modules that store their head count (BERT) take it from their shapes."""
+    for m in model.modules():
+        size = getattr(m, "attention_head_size", None)
+        query = getattr(m, "query", None)
+        if isinstance(size, int) and isinstance(query, nn.Linear) and \
+                hasattr(m, "num_attention_heads"):
+            m.num_attention_heads = query.out_features // size
+            m.all_head_size = query.out_features
+
+
+def _update_config(model: nn.Module, unit: str, groups: list[Group],
+                   removed: list[tuple[Group, torch.Tensor]]) -> None:
+    """Set the config's widths to the widest block (exact when all blocks agree). A
+    width the config class refuses (LLaMA wants heads that divide the hidden size even
+    with an explicit ``head_dim``) stays as it was; :func:`_record_shapes` covers it."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    widest = max(g.channels - len(gone) for g, gone in removed)
+    if unit == "ffn" and hasattr(config, "intermediate_size"):
+        change = {"intermediate_size": widest}
+    elif unit == "heads" and getattr(config, "num_key_value_heads", None):
+        ratio = config.num_attention_heads // config.num_key_value_heads
+        change = {"head_dim": getattr(config, "head_dim", None)
+                  or config.hidden_size // config.num_attention_heads,
+                  "num_key_value_heads": widest, "num_attention_heads": widest * ratio}
+    else:
+        return
+    before = {k: getattr(config, k, None) for k in change}
+    for k, v in change.items():
+        setattr(config, k, v)
+    try:
+        if hasattr(config, "validate"):
+            config.validate()
+    except Exception:  # the config class refuses these widths: record shapes instead
+        for k, v in before.items():
+            setattr(config, k, v)
+
+
+def _record_shapes(model: nn.Module) -> None:
+    """Record, under ``config.sparsekit_shapes``, every parameter whose shape the model
+    built from its config would not have (nothing when the config describes it)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    if hasattr(config, SHAPES_KEY):
+        delattr(config, SHAPES_KEY)
+    with torch.device("meta"):
+        fresh = dict(type(model)(config).named_parameters())
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()
+              if n in fresh and fresh[n].shape != p.shape}
+    if shapes:
+        setattr(config, SHAPES_KEY, shapes)
+
+
+def _resize(model: nn.Module, shapes: Mapping[str, list[int]]) -> None:
+    """Cut each named parameter to its recorded shape (the trailing entries go)."""
+    cuts: dict[tuple[str, int], set[int]] = {}
+    for name, shape in shapes.items():
+        current = model.get_parameter(name).shape
+        for dim, (now, want) in enumerate(zip(current, shape)):
+            if want < now:
+                cuts[(name, dim)] = set(range(want, now))
+    cut(model, cuts)
+    _sync_heads(model)

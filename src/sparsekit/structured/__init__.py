@@ -1,0 +1,7 @@
+"""Structured removal: dependency groups and ``shrink`` — masked channels become a
+physically smaller dense model."""
+
+from sparsekit.structured.dependency import Group, Slice, dependency_groups
+from sparsekit.structured.shrink import shrink
+
+__all__ = ["Group", "Slice", "dependency_groups", "shrink"]

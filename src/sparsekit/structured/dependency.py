@@ -1,0 +1,431 @@
+"""Dependency groups: the parameter slices that must shrink together when a channel goes.
+
+Removing output channel ``c`` of a convolution also removes entry ``c`` of the BatchNorm
+after it, input column ``c`` of every layer that reads it, and — across a residual
+addition — channel ``c`` of every other branch added to it. :func:`dependency_groups`
+traces the model with ``torch.fx`` and follows every tensor's channel axis through the
+graph:
+
+* a Conv / Linear / Embedding *opens* a channel space (its output channels);
+* elementwise ops, activations, pooling, dropout and BatchNorm *pass it through*;
+* ``a + b`` and ``a * b`` *join* the spaces of both operands (they must shrink together);
+* ``torch.cat`` along the channel axis *concatenates* spaces (each keeps its offset);
+* a depthwise convolution passes its input space through (its filters go with it);
+* ``flatten`` → Linear spreads each channel over its ``H·W`` input columns;
+* a Conv / Linear *reads* the space: its input columns belong to the group.
+
+A space that reaches the model's output or input, or meets an op this tracer does not
+know (attention, LayerNorm, ``view``, a grouped convolution …), is frozen: its channels
+keep their width. So is a parameter used by two different spaces (a layer called twice).
+Tied parameters used consistently (an embedding tied to an output head) are one slice.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = ["Group", "Slice", "dependency_groups", "trace"]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """The entries of one parameter or buffer that belong to a group's channels.
+
+    Channel ``c`` of the group owns indices ``offset + c·repeat + j`` (``0 ≤ j < repeat``)
+    along dimension ``dim`` of the tensor ``name``. ``role`` is ``"out"`` for the rows of
+    a layer that writes the channel (and anything that passes it through: biases,
+    BatchNorm, depthwise filters) and ``"in"`` for the columns of a layer that reads it.
+    """
+
+    name: str
+    dim: int
+    role: str
+    offset: int = 0
+    repeat: int = 1
+
+    def indices(self, channels: torch.Tensor) -> torch.Tensor:
+        """Indices along ``dim`` owned by ``channels`` (a 1-D long tensor)."""
+        spread = torch.arange(self.repeat, device=channels.device)
+        return (self.offset + channels[:, None] * self.repeat + spread).flatten()
+
+
+@dataclass(frozen=True)
+class Group:
+    """Channels that shrink together: ``channels`` of them, spread over ``slices``.
+
+    ``name`` is the module that opens the space (the first writer), for reports and
+    errors.
+    """
+
+    name: str
+    channels: int
+    slices: tuple[Slice, ...]
+
+
+class _Tracer(fx.Tracer):
+    """``torch.fx.Tracer`` that remembers which submodule it is inside, for errors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path: list[str] = []
+        self.failed_in: str | None = None  # the innermost submodule a trace error came from
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.path.append(f"{self.path_of_module(m)} ({type(m).__name__})")
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or self.path[-1]
+            raise
+        finally:
+            self.path.pop()
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` traced with ``torch.fx``, or a ``ValueError`` saying what stopped it and
+    in which submodule."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # fx raises TraceError, TypeError, RuntimeError … by op
+        where = f" in submodule {tracer.failed_in}" if tracer.failed_in else ""
+        raise ValueError(
+            f"cannot trace {type(model).__name__} with torch.fx to find its dependency "
+            f"groups{where}: {type(err).__name__}: {err}. Data-dependent control flow and "
+            "untraceable ops are not supported; prune a traceable submodule instead"
+        ) from err
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def dependency_groups(model: nn.Module) -> list[Group]:
+    """The groups of ``model`` whose channels can be removed, in graph order.
+
+    Every group has at least one writer and one reader and no frozen channel; see the
+    module docstring for how spaces are found and when they freeze. Raises ``ValueError``
+    when the model cannot be traced.
+    """
+    graph = trace(model)
+    follower = _Follower(graph)
+    for node in graph.graph.nodes:
+        follower.visit(node)
+    return follower.groups()
+
+
+# -- tracing ------------------------------------------------------------------------------
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+    nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.PReLU,
+)
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.hardswish,
+    F.hardsigmoid, F.mish, F.dropout, torch.relu, torch.sigmoid, torch.tanh,
+}
+_POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+}
+_JOIN_FUNCTIONS = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub,
+                   torch.add, torch.mul, torch.sub}
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half",
+                        "to", "detach"}
+_JOIN_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
+_READ_ONLY_METHODS = {"size", "dim"}
+
+
+@dataclass
+class _Space:
+    """One channel space while tracing (a union–find node)."""
+
+    size: int
+    name: str
+    parent: int
+    frozen: bool = False
+    slices: list[Slice] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a value's channels come from: ``segments`` of ``(space, repeat)`` along axis
+    ``dim`` (1 for convolution outputs, -1 for Linear outputs). ``spread`` multiplies each
+    repeat after a ``flatten``; ``None`` until a Linear reveals it (its ``in_features``)."""
+
+    segments: tuple[tuple[int, int], ...]
+    dim: int
+    spread: int | None = 1
+
+
+class _Follower:
+    """Walks the graph once, following every value's channel layout."""
+
+    def __init__(self, graph: fx.GraphModule) -> None:
+        self.graph = graph
+        self.modules = dict(graph.named_modules())
+        self.spaces: list[_Space] = []
+        self.layouts: dict[fx.Node, _Layout] = {}
+
+    # -- union–find ---------------------------------------------------------------------
+    def new_space(self, size: int, name: str, *, frozen: bool = False) -> int:
+        self.spaces.append(_Space(size, name, len(self.spaces), frozen))
+        return len(self.spaces) - 1
+
+    def root(self, i: int) -> int:
+        while self.spaces[i].parent != i:
+            self.spaces[i].parent = self.spaces[self.spaces[i].parent].parent
+            i = self.spaces[i].parent
+        return i
+
+    def join(self, a: int, b: int) -> None:
+        a, b = sorted((self.root(a), self.root(b)))  # the earliest space names the group
+        if a != b:
+            self.spaces[b].parent = a
+            self.spaces[a].frozen |= self.spaces[b].frozen
+            self.spaces[a].slices += self.spaces[b].slices
+
+    def freeze(self, *values: Any) -> None:
+        """Freeze every space reachable from ``values`` (nodes, or containers of them)."""
+        for v in _nodes(values):
+            layout = self.layouts.get(v)
+            if layout is not None:
+                for sid, _ in layout.segments:
+                    self.spaces[self.root(sid)].frozen = True
+
+    def attach(self, layout: _Layout, name: str, dim: int, role: str) -> None:
+        """Record that tensor ``name`` follows ``layout`` along ``dim``."""
+        offset = 0
+        spread = layout.spread or 1
+        for sid, repeat in layout.segments:
+            self.spaces[self.root(sid)].slices.append(
+                Slice(name, dim, role, offset, repeat * spread))
+            offset += self.spaces[sid].size * repeat * spread
+
+    def width(self, layout: _Layout) -> int:
+        return sum(self.spaces[s].size * r for s, r in layout.segments)
+
+    # -- nodes --------------------------------------------------------------------------
+    def visit(self, node: fx.Node) -> None:
+        if node.op == "call_module":
+            out = self.call_module(node, self.modules[node.target])
+        elif node.op == "call_function":
+            out = self.call_function(node)
+        elif node.op == "call_method":
+            out = self.call_method(node)
+        else:  # placeholder, get_attr, output: nothing to follow
+            self.freeze(node.args, node.kwargs)
+            out = None
+        if out is not None:
+            self.layouts[node] = out
+
+    def input_layout(self, node: fx.Node) -> _Layout | None:
+        arg = node.args[0] if node.args else None
+        return self.layouts.get(arg) if isinstance(arg, fx.Node) else None
+
+    def call_module(self, node: fx.Node, module: nn.Module) -> _Layout | None:
+        layout = self.input_layout(node)
+        prefix = f"{node.target}."
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return self.conv(node, module, layout, prefix)
+        if isinstance(module, nn.Linear):
+            self.read(node, layout, module.in_features, prefix, dim=-1)
+            return self.write(module.out_features, str(node.target), prefix, dim=-1)
+        if isinstance(module, nn.Embedding):
+            self.freeze(node.args[1:], node.kwargs)
+            sid = self.new_space(module.embedding_dim, str(node.target))
+            self.spaces[sid].slices.append(Slice(f"{prefix}weight", 1, "out"))
+            return _Layout(((sid, 1),), -1)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # channels lie on axis 1; a Linear output (axis -1) only for BatchNorm1d of (N, C)
+            if layout is None or layout.spread != 1 or (
+                    layout.dim != 1 and not isinstance(module, nn.BatchNorm1d)):
+                self.freeze(node.args)
+                return None
+            for n in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(module, n, None) is not None:
+                    self.attach(layout, prefix + n, 0, "out")
+            return layout
+        if isinstance(module, _ELEMENTWISE_MODULES) and not list(module.parameters()):
+            return layout
+        if isinstance(module, _POOL_MODULES) and layout is not None and layout.dim == 1:
+            return layout
+        if isinstance(module, nn.Flatten):
+            return self.flatten(layout, module.start_dim, module.end_dim)
+        self.freeze(node.args, node.kwargs)  # an op that may mix channels
+        return None
+
+    def conv(self, node: fx.Node, module: nn.modules.conv._ConvNd, layout: _Layout | None,
+             prefix: str) -> _Layout | None:
+        name = str(node.target)
+        if module.groups == 1:
+            self.read(node, layout, module.in_channels, prefix, dim=1)
+            return self.write(module.out_channels, name, prefix, dim=1)
+        if module.groups == module.in_channels and layout is not None and layout.dim == 1 \
+                and layout.spread == 1 and self.width(layout) == module.in_channels:
+            # depthwise: output channel c·k + j is computed from input channel c alone
+            k = module.out_channels // module.groups
+            out = _Layout(tuple((s, r * k) for s, r in layout.segments), 1)
+            self.attach(out, prefix + "weight", 0, "out")
+            if module.bias is not None:
+                self.attach(out, prefix + "bias", 0, "out")
+            return out
+        # a grouped convolution ties channels within groups: keep both sides whole
+        self.freeze(node.args)
+        return _Layout(((self.new_space(module.out_channels, name, frozen=True), 1),), 1)
+
+    def read(self, node: fx.Node, layout: _Layout | None, width: int, prefix: str,
+             dim: int) -> None:
+        """A layer reads ``layout`` through its input columns (weight dim 1)."""
+        self.freeze(node.args[1:], node.kwargs)
+        if layout is None:
+            return
+        if layout.spread is None and dim == -1:  # flatten → Linear: H·W columns per channel
+            base = self.width(layout)
+            if base and width % base == 0:
+                layout = _Layout(layout.segments, layout.dim, width // base)
+        if layout.dim != dim or layout.spread is None or (
+                self.width(layout) * layout.spread != width):
+            self.freeze(node.args)
+            return
+        self.attach(layout, prefix + "weight", 1, "in")
+
+    def write(self, size: int, name: str, prefix: str, dim: int) -> _Layout:
+        """A layer writes a new space of ``size`` channels (weight rows and bias)."""
+        sid = self.new_space(size, name)
+        layout = _Layout(((sid, 1),), dim)
+        self.attach(layout, prefix + "weight", 0, "out")
+        module = self.modules[name]
+        if getattr(module, "bias", None) is not None:
+            self.attach(layout, prefix + "bias", 0, "out")
+        return layout
+
+    def flatten(self, layout: _Layout | None, start: int, end: int) -> _Layout | None:
+        if layout is None or layout.dim != 1 or start != 1 or end != -1:
+            if layout is not None:
+                for sid, _ in layout.segments:
+                    self.spaces[self.root(sid)].frozen = True
+            return None
+        return _Layout(layout.segments, -1, None)
+
+    def call_function(self, node: fx.Node) -> _Layout | None:
+        fn = node.target
+        layout = self.input_layout(node)
+        if fn in _ELEMENTWISE_FUNCTIONS:
+            self.freeze(node.args[1:], node.kwargs)
+            return layout
+        if fn in _POOL_FUNCTIONS and layout is not None and layout.dim == 1:
+            return layout
+        if fn in _JOIN_FUNCTIONS:
+            return self.join_all(node, [a for a in node.args if isinstance(a, fx.Node)])
+        if fn is torch.flatten:
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            return self.flatten(layout, start, end)
+        if fn is torch.cat:
+            return self.cat(node)
+        if fn is getattr and isinstance(node.args[0], fx.Node):
+            return None  # x.shape and friends read no channels
+        self.freeze(node.args, node.kwargs)
+        return None
+
+    def call_method(self, node: fx.Node) -> _Layout | None:
+        method = node.target
+        layout = self.input_layout(node)
+        if method in _READ_ONLY_METHODS:
+            return None
+        if method in _ELEMENTWISE_METHODS:
+            self.freeze(node.args[1:], node.kwargs)
+            return layout
+        if method in _JOIN_METHODS:
+            return self.join_all(node, [a for a in node.args if isinstance(a, fx.Node)])
+        if method == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            return self.flatten(layout, start, end)
+        self.freeze(node.args, node.kwargs)
+        return None
+
+    def join_all(self, node: fx.Node, operands: list[fx.Node]) -> _Layout | None:
+        """An elementwise op of tensors: the operands' channels must shrink together."""
+        layouts = [self.layouts.get(a) for a in operands]
+        known = [x for x in layouts if x is not None]
+        if not known:
+            return None
+        first = known[0]
+        if len(known) < len(layouts) or any(not self.same_shape(first, x) for x in known):
+            self.freeze(operands)  # an operand we cannot follow (an input, a view …)
+            return None
+        for other in known[1:]:
+            for (a, _), (b, _) in zip(first.segments, other.segments):
+                self.join(a, b)
+        return first
+
+    def same_shape(self, a: _Layout, b: _Layout) -> bool:
+        return a.dim == b.dim and a.spread == b.spread and len(a.segments) == len(
+            b.segments) and all(ra == rb and self.spaces[sa].size == self.spaces[sb].size
+                                for (sa, ra), (sb, rb) in zip(a.segments, b.segments))
+
+    def cat(self, node: fx.Node) -> _Layout | None:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        layouts = [self.layouts.get(t) if isinstance(t, fx.Node) else None for t in tensors]
+        if not layouts or any(x is None or x.dim != 1 or x.spread != 1 for x in layouts) \
+                or dim != 1:
+            self.freeze(node.args, node.kwargs)
+            return None
+        return _Layout(tuple(seg for x in layouts for seg in x.segments), 1)
+
+    # -- result -------------------------------------------------------------------------
+    def groups(self) -> list[Group]:
+        roots = {self.root(i) for i in range(len(self.spaces))}
+        self.freeze_overlaps(roots)
+        out = []
+        for r in sorted(roots):
+            space = self.spaces[r]
+            roles = {s.role for s in space.slices}
+            if space.frozen or roles != {"in", "out"}:
+                continue
+            unique = tuple(dict.fromkeys(space.slices))  # a tied weight seen twice is one slice
+            out.append(Group(space.name, space.size, unique))
+        return out
+
+    def freeze_overlaps(self, roots: Iterable[int]) -> None:
+        """Freeze spaces whose slices of one tensor overlap another space's (a layer
+        called twice writes two spaces through the same rows; a weight tied across spaces)."""
+        seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        for r in roots:
+            for s in set(self.spaces[r].slices):
+                span = (s.offset, s.offset + self.spaces[r].size * s.repeat, r)
+                owner, _, attr = s.name.rpartition(".")
+                tensor = getattr(self.graph.get_submodule(owner), attr)  # tied: one tensor
+                seen.setdefault((id(tensor), s.dim), []).append(span)
+        for spans in seen.values():
+            for i, (lo, hi, r) in enumerate(spans):
+                for lo2, hi2, r2 in spans[i + 1:]:
+                    if r != r2 and lo < hi2 and lo2 < hi:
+                        self.spaces[r].frozen = self.spaces[r2].frozen = True
+
+
+def _nodes(values: Any) -> Iterable[fx.Node]:
+    if isinstance(values, fx.Node):
+        yield values
+    elif isinstance(values, (list, tuple)):
+        for v in values:
+            yield from _nodes(v)
+    elif isinstance(values, dict):
+        for v in values.values():
+            yield from _nodes(v)

@@ -1,0 +1,83 @@
+"""Which channels go: group importance from per-weight scores, then a whole-group mask.
+
+A criterion scores every weight (``magnitude`` is ‖W‖₁ per channel here, ``wanda`` is
+Wanda-SP's ‖W‖·‖X‖, ``snip`` first-order Taylor …); a channel's importance is the mean
+score over every scored weight of its group — writer rows and reader columns on all
+branches — so groups of different sizes compare on one scale for ``allocation="global"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from sparsekit.select import top_k
+from sparsekit.structured.dependency import Group, dependency_groups
+from sparsekit.targets import DEFAULT_TYPES, Target
+
+__all__ = ["channel_masks", "group_importance"]
+
+Allocate = Callable[[dict[str, torch.Tensor], float], dict[str, int]]
+
+
+def group_importance(group: Group, scores: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """Mean score per channel over the scored weights of ``group`` (``None``: none scored)."""
+    total = torch.zeros(group.channels)
+    count = 0
+    for s in group.slices:
+        if s.name not in scores:
+            continue
+        part = scores[s.name].detach().float().movedim(s.dim, 0)
+        part = part[s.offset: s.offset + group.channels * s.repeat].reshape(group.channels, -1)
+        total += part.sum(1).cpu()
+        count += part.shape[1]
+    return total / count if count else None
+
+
+def channel_masks(
+    model: nn.Module,
+    targets: list[Target],
+    scores: Mapping[str, torch.Tensor],
+    allocate: Allocate,
+    sparsity: float,
+) -> dict[str, torch.Tensor]:
+    """Masks that remove the least important ``sparsity`` of the channels of every group
+    whose writers are all ``targets`` (how many per group is ``allocate``'s answer; each
+    group keeps at least one). Every slice of a removed channel is masked — writer rows,
+    biases, BatchNorm affines and reader columns — so the masked model computes exactly
+    what :func:`~sparsekit.shrink` hands back."""
+    chosen = {t.name for t in targets}
+    params = dict(model.named_parameters())
+    ranked: dict[str, tuple[Group, torch.Tensor]] = {}
+    for group in dependency_groups(model):
+        if not all(s.name in chosen for s in _writers(model, group)):
+            continue
+        importance = group_importance(group, scores)
+        if importance is not None:
+            ranked[f"{group.name}#{len(ranked)}"] = (group, importance)
+    keep = allocate({k: imp for k, (_, imp) in ranked.items()}, sparsity)
+    masks = {t.name: t.param.detach() != 0 for t in targets}
+    for key, (group, importance) in ranked.items():
+        kept = top_k(importance, max(keep[key], 1))
+        gone = torch.nonzero(~kept).flatten()
+        if not gone.numel():
+            continue
+        for s in group.slices:
+            if s.name in params:
+                mask = masks.setdefault(s.name, torch.ones_like(params[s.name], dtype=torch.bool))
+                index = s.indices(gone).to(mask.device)
+                mask.index_fill_(s.dim, index, False)
+    return masks
+
+
+def _writers(model: nn.Module, group: Group) -> list:
+    """The Linear/Conv weights that write (or pass through) the group's channels."""
+    out = []
+    for s in group.slices:
+        owner, _, attr = s.name.rpartition(".")
+        if s.role == "out" and attr == "weight" and isinstance(
+                model.get_submodule(owner), DEFAULT_TYPES):
+            out.append(s)
+    return out

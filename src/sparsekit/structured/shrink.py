@@ -1,0 +1,162 @@
+"""shrink(): masked channels become a physically smaller dense model with the same outputs.
+
+A channel whose every reader column is masked cannot reach the output, whatever its
+writer computes; dropping it — writer rows, biases, BatchNorm entries, reader columns,
+across every branch of its dependency group — leaves the outputs unchanged (up to float
+rounding of the shorter sums). That is the whole rule: ``pattern="channel"`` masks exactly
+such channels, and training-time penalties that drive a group's weights to zero make
+them so.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from sparsekit.structured.dependency import Group, dependency_groups
+
+__all__ = ["cut", "remove_channels", "removable_channels", "shrink"]
+
+MaskTable = Mapping[str, torch.Tensor]
+
+
+def shrink(model: nn.Module, masks: object = None) -> nn.Module:
+    """A new, smaller dense copy of ``model`` without the channels ``masks`` cut off.
+
+    ``masks`` is a :class:`~sparsekit.MaskSet` or a ``{parameter name: bool tensor}``
+    dict (``True`` keeps); with ``None`` the weights' own zeros are the mask (for groups
+    a regulariser drove to zero). A channel goes when all of its reader columns are
+    masked (see :func:`removable_channels`); each group keeps at least one channel. The
+    model itself is not changed; layer attributes (``out_channels``, ``in_features``,
+    ``num_features`` …) follow the new shapes. Raises ``ValueError`` for masks that do not
+    fit the model and for models ``torch.fx`` cannot trace.
+    """
+    table = _mask_table(model, masks)
+    removed = []
+    for group in dependency_groups(model):
+        gone = removable_channels(model, group, table)
+        if gone.numel() == group.channels:
+            gone = gone[1:]  # a group never vanishes: its first channel stays (it is inert)
+        removed.append((group, gone))
+    small = copy.deepcopy(model)
+    remove_channels(small, removed)
+    return small
+
+
+def remove_channels(model: nn.Module, removed: Iterable[tuple[Group, torch.Tensor]]) -> None:
+    """In place: drop channels ``gone`` (1-D long) of each group from every slice of it.
+
+    Each tensor is cut once, so tied weights stay tied; the layers touched get size
+    attributes that match their new shapes.
+    """
+    cuts: dict[tuple[str, int], set[int]] = {}
+    for group, gone in removed:
+        for s in group.slices:
+            cuts.setdefault((s.name, s.dim), set()).update(s.indices(gone).tolist())
+    cut(model, cuts)
+
+
+def removable_channels(model: nn.Module, group: Group, masks: MaskTable | None) -> torch.Tensor:
+    """The channels of ``group`` (ascending, long) whose reader columns are all masked.
+
+    ``masks`` maps parameter names to keep-masks; a reader without one counts as kept, or,
+    with ``masks=None``, as its nonzero entries.
+    """
+    alive = torch.zeros(group.channels, dtype=torch.bool)
+    aliases = _aliases(model)
+    for s in group.slices:
+        if s.role != "in":
+            continue
+        weight = model.get_parameter(s.name)
+        keep = (weight != 0) if masks is None else masks.get(aliases.get(s.name, s.name))
+        if keep is None:
+            return torch.empty(0, dtype=torch.long)
+        cols = keep.detach().movedim(s.dim, 0)[s.offset: s.offset + group.channels * s.repeat]
+        alive |= cols.reshape(group.channels, -1).any(1).cpu()
+    return torch.nonzero(~alive).flatten()
+
+
+def _mask_table(model: nn.Module, masks: object) -> MaskTable | None:
+    if masks is None:
+        return None
+    table = getattr(masks, "masks", masks)
+    if not isinstance(table, Mapping):
+        raise TypeError(
+            f"masks must be a MaskSet, a dict of parameter name -> bool tensor, or None; got "
+            f"{type(masks).__name__}"
+        )
+    params = dict(model.named_parameters(remove_duplicate=False))
+    aliases = _aliases(model)
+    for name, mask in table.items():
+        if name not in params:
+            raise ValueError(f"masks has an entry {name!r} that is not a parameter of the model")
+        if not isinstance(mask, torch.Tensor) or mask.shape != params[name].shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"masks[{name!r}] has shape {got}, expected "
+                             f"{tuple(params[name].shape)}")
+    return {aliases[n]: m.to(torch.bool) for n, m in table.items()}
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Every parameter name → the first name of its tensor (a tied weight has several)."""
+    first: dict[int, str] = {}
+    return {n: first.setdefault(id(p), n)
+            for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+@torch.no_grad()
+def cut(model: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -> None:
+    """In place: drop the indices ``cuts[(tensor name, dim)]`` of parameters and buffers
+    (once per tensor: tied weights stay tied), then bring the touched layers' size
+    attributes in line with their new shapes."""
+    by_tensor: dict[int, tuple[torch.Tensor, dict[int, set[int]]]] = {}
+    for (name, dim), gone in cuts.items():
+        tensor = _get(model, name)
+        by_tensor.setdefault(id(tensor), (tensor, {}))[1].setdefault(dim, set()).update(gone)
+    replaced = {}
+    for tensor, dims in by_tensor.values():
+        new = tensor.detach()
+        for dim, gone in dims.items():
+            if not gone:
+                continue
+            keep = [i for i in range(new.shape[dim]) if i not in gone]
+            new = new.index_select(dim, torch.tensor(keep, dtype=torch.long, device=new.device))
+        replaced[id(tensor)] = nn.Parameter(new, tensor.requires_grad) \
+            if isinstance(tensor, nn.Parameter) else new
+    touched = []
+    for module in model.modules():
+        changed = False
+        for attr, value in [*module._parameters.items(), *module._buffers.items()]:
+            if value is not None and id(value) in replaced:
+                setattr(module, attr, replaced[id(value)])
+                changed = True
+        if changed:
+            touched.append(module)
+    for module in touched:
+        _resize(module)
+
+
+def _get(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner), attr)
+
+
+def _resize(module: nn.Module) -> None:
+    """Set a layer's size attributes from its (cut) tensors."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups > 1:  # depthwise: k output channels per input channel
+            k = module.out_channels // module.groups
+            module.groups = module.in_channels = module.weight.shape[0] // k
+        else:
+            module.in_channels = module.weight.shape[1]
+        module.out_channels = module.weight.shape[0]
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        ref = module.running_mean if module.running_mean is not None else module.weight
+        module.num_features = ref.shape[0]
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = module.weight.shape[1]

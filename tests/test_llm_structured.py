@@ -1,0 +1,187 @@
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparsekit.llm import load_pretrained, prune_structured  # noqa: E402
+from sparsekit.llm.structured import block_influence  # noqa: E402
+
+VOCAB = 64
+
+
+def llama(layers: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=layers, num_attention_heads=8,
+                                   num_key_value_heads=4, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=64)
+    return transformers.BertModel(cfg).eval()
+
+
+def tokens(n: int = 4, length: int = 16) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+def out(model, ids):
+    with torch.no_grad():
+        res = model(ids)
+    return res.logits if hasattr(res, "logits") else res.last_hidden_state
+
+
+def kept_rows(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Which rows of ``old`` survive in ``new`` (rows are unique under random init)."""
+    return (old[:, None] == new[None]).all(-1).nonzero()[:, 0]
+
+
+def dropped(n: int, kept: torch.Tensor) -> torch.Tensor:
+    alive = torch.zeros(n, dtype=torch.bool)
+    alive[kept] = True
+    return torch.nonzero(~alive).flatten()
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_ffn_matches_the_masked_model_and_reloads_with_automodel(tmp_path, method):
+    model, ids = llama(), tokens()
+    reference = copy.deepcopy(model)
+    prune_structured(model, ids, 0.25, unit="ffn", method=method)
+    assert model.config.intermediate_size == 36
+    for old, new in zip(reference.model.layers, model.model.layers):
+        assert new.mlp.up_proj.out_features == new.mlp.down_proj.in_features == 36
+        gone = dropped(48, kept_rows(old.mlp.up_proj.weight, new.mlp.up_proj.weight))
+        assert len(gone) == 12
+        with torch.no_grad():
+            old.mlp.down_proj.weight[:, gone] = 0  # the masked model
+    expected = out(model, ids)
+    torch.testing.assert_close(expected, out(reference, ids), rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(out(back, ids), expected)
+    assert not hasattr(back.config, "sparsekit_shapes")
+
+
+def test_gqa_heads_remove_key_value_groups_with_their_queries(tmp_path):
+    model, ids = llama(), tokens()
+    reference = copy.deepcopy(model)
+    prune_structured(model, ids, 0.5, unit="heads")
+    cfg = model.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 4)
+    for old, new in zip(reference.model.layers, model.model.layers):
+        attn = new.self_attn
+        assert attn.q_proj.out_features == attn.o_proj.in_features == 16
+        assert attn.k_proj.out_features == attn.v_proj.out_features == 8
+        kv = kept_rows(old.self_attn.k_proj.weight, attn.k_proj.weight) // 4  # kv heads kept
+        kv = kv.unique()
+        assert len(kv) == 2
+        q = kept_rows(old.self_attn.q_proj.weight, attn.q_proj.weight) // 4  # query heads
+        assert set(q.unique().tolist()) == {2 * h + i for h in kv.tolist() for i in (0, 1)}
+        gone = dropped(32, kept_rows(old.self_attn.q_proj.weight, attn.q_proj.weight))
+        with torch.no_grad():
+            old.self_attn.o_proj.weight[:, gone] = 0
+    expected = out(model, ids)
+    torch.testing.assert_close(expected, out(reference, ids), rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(out(back, ids), expected)
+
+
+@pytest.mark.parametrize("unit, amount", [("ffn", 0.3), ("heads", 0.25)])
+def test_uneven_widths_round_trip_through_load_pretrained(tmp_path, unit, amount):
+    model, ids = llama(), tokens()
+    prune_structured(model, ids, amount, unit=unit, allocation="global" if unit == "ffn"
+                     else "uniform")
+    shapes = model.config.sparsekit_shapes  # heads: 3 of 8 heads do not divide 32
+    assert shapes and all(isinstance(v, list) for v in shapes.values())
+    expected = out(model, ids)
+    model.save_pretrained(tmp_path)
+    back = load_pretrained(tmp_path)
+    torch.testing.assert_close(out(back, ids), expected)
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr() or \
+        not model.config.tie_word_embeddings
+
+
+def test_layers_go_by_block_influence(tmp_path):
+    model, ids = llama(4), tokens()
+    with torch.no_grad():  # block 2 adds nothing to the residual stream: influence 0
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    influence = block_influence(model, ids)
+    assert influence[2] == pytest.approx(0.0, abs=1e-6) and min(influence[:2]) > 1e-4
+    expected = out(model, ids)
+    prune_structured(model, ids, 0.25, unit="layers")
+    assert model.config.num_hidden_layers == 3 == len(model.model.layers)
+    assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1, 2]
+    torch.testing.assert_close(out(model, ids), expected, rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(out(back, ids), expected, rtol=1e-4, atol=1e-5)
+    # generation with a key-value cache runs on the renumbered layers
+    back.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+
+
+@pytest.mark.parametrize("unit", ["ffn", "heads"])
+def test_bert_ffn_and_heads(tmp_path, unit):
+    model, ids = bert(), tokens()
+    reference = copy.deepcopy(model)
+    prune_structured(model, ids, 0.5, unit=unit)
+    for old, new in zip(reference.encoder.layer, model.encoder.layer):
+        if unit == "ffn":
+            assert new.intermediate.dense.out_features == 24
+            gone = dropped(48, kept_rows(old.intermediate.dense.weight,
+                                         new.intermediate.dense.weight))
+            with torch.no_grad():
+                old.output.dense.weight[:, gone] = 0
+        else:
+            assert new.attention.self.num_attention_heads == 2
+            assert new.attention.self.all_head_size == 16
+            gone = dropped(32, kept_rows(old.attention.self.query.weight,
+                                         new.attention.self.query.weight))
+            with torch.no_grad():
+                old.attention.output.dense.weight[:, gone] = 0
+    expected = out(model, ids)
+    torch.testing.assert_close(expected, out(reference, ids), rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(out(load_pretrained(tmp_path), ids), expected)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"unit": "experts"}, ValueError, "unknown unit 'experts'; accepted: 'ffn', 'heads'"),
+    ({"unit": "layers", "method": "wanda"}, ValueError, "unknown method 'wanda' for unit"),
+    ({"allocation": "erk"}, ValueError, "unknown allocation 'erk'"),
+    ({"amount": 1.0}, ValueError, "amount"),
+    ({"amount": 0.0}, ValueError, "amount"),
+    ({"amount": 0.99, "unit": "heads"}, ValueError, "would remove every heads unit"),
+    ({"amount": 0.9, "unit": "layers"}, ValueError, "would remove all 3 layers"),
+    ({"calibration": None}, ValueError, "method 'wanda' needs calibration data"),
+    ({"calibration": torch.full((2, 4), VOCAB)}, ValueError, "calibration"),
+])
+def test_bad_input_is_a_clear_error_and_leaves_the_model_untouched(kwargs, error, match):
+    model = llama()
+    before = state(model)
+    args = {"calibration": tokens(), **kwargs}
+    with pytest.raises(error, match=match):
+        prune_structured(model, **args)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.config.intermediate_size == 48 and model.config.num_hidden_layers == 3
+
+
+def test_a_model_without_the_unit_is_refused():
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                  n_positions=64)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with pytest.raises(ValueError, match="has no feed-forward network this knows"):
+        prune_structured(model, tokens(), unit="ffn", method="magnitude")

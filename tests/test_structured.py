@@ -1,0 +1,309 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekit
+from sparsekit.models import LeNet5, ResNetSmall
+from sparsekit.structured import dependency_groups, shrink
+
+
+def _settle(model, x):
+    """Give BatchNorm real running statistics, then switch to eval mode."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+    return model.eval()
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.bn = nn.BatchNorm2d(10)
+        self.c = nn.Conv2d(10, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), self.b(x)], dim=1)
+        y = F.relu(self.c(self.bn(y)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)  # channel multiplier 2
+        self.bn_dw = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 12, 1)
+        self.head = nn.Linear(12 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.relu(self.bn_dw(self.dw(x)))
+        x = F.max_pool2d(self.pw(x), 2)
+        return self.head(x.flatten(1))
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 16), nn.ReLU(),
+                         nn.Linear(16, 4))
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _slices(group):
+    return {(s.name, s.dim, s.role, s.offset, s.repeat) for s in group.slices}
+
+
+# -- dependency groups --------------------------------------------------------------------
+
+
+def test_resnet_residual_groups_join_every_branch():
+    groups = {g.name: g for g in dependency_groups(ResNetSmall(width=4))}
+    stem = groups["conv1"]  # stem + the residual stream of stage 1
+    names = {s.name for s in stem.slices}
+    assert {"conv1.weight", "bn1.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight",
+            "layer1.0.conv1.weight", "layer2.0.shortcut.0.weight"} <= names
+    assert ("layer1.0.conv1.weight", 1, "in", 0, 1) in _slices(stem)
+    assert ("layer1.0.conv2.weight", 0, "out", 0, 1) in _slices(stem)
+    inner = groups["layer1.0.conv1"]  # conv → BN → next conv
+    assert _slices(inner) == {
+        ("layer1.0.conv1.weight", 0, "out", 0, 1), ("layer1.0.bn1.weight", 0, "out", 0, 1),
+        ("layer1.0.bn1.bias", 0, "out", 0, 1), ("layer1.0.bn1.running_mean", 0, "out", 0, 1),
+        ("layer1.0.bn1.running_var", 0, "out", 0, 1), ("layer1.0.conv2.weight", 1, "in", 0, 1)}
+    assert "fc" not in groups  # the output stays whole
+    last = groups["layer3.0.conv2"]
+    assert ("fc.weight", 1, "in", 0, 1) in _slices(last)
+
+
+def test_concat_groups_keep_their_offsets():
+    groups = {g.name: g for g in dependency_groups(Concat())}
+    assert ("c.weight", 1, "in", 0, 1) in _slices(groups["a"])
+    assert ("c.weight", 1, "in", 4, 1) in _slices(groups["b"])
+    assert ("bn.weight", 0, "out", 4, 1) in _slices(groups["b"])
+
+
+def test_depthwise_passes_its_input_space_through():
+    groups = {g.name: g for g in dependency_groups(Depthwise())}
+    stem = _slices(groups["stem"])
+    assert ("dw.weight", 0, "out", 0, 2) in stem and ("bn_dw.weight", 0, "out", 0, 2) in stem
+    assert ("pw.weight", 1, "in", 0, 2) in stem
+    assert ("head.weight", 1, "in", 0, 16) in _slices(groups["pw"])  # flatten → linear
+
+
+def test_mlp_and_lenet_flatten_groups():
+    assert [g.name for g in dependency_groups(_mlp())] == ["0", "2"]
+    lenet = {g.name: g for g in dependency_groups(LeNet5())}
+    assert ("fc1.weight", 1, "in", 0, 25) in _slices(lenet["conv2"])
+
+
+class Tied(nn.Module):
+    def __init__(self, tie_through_fc: bool):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+        self.through = tie_through_fc
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        return self.head(F.relu(self.fc(x)) if self.through else F.relu(x))
+
+
+def test_tied_weights_are_one_slice_or_frozen():
+    groups = dependency_groups(Tied(False))
+    assert [g.name for g in groups] == ["emb"]
+    names = {s.name for s in groups[0].slices}
+    assert names == {"emb.weight", "head.weight"}  # one tensor, one cut
+    # the tied weight would be cut by two different spaces: both keep their width
+    assert dependency_groups(Tied(True)) == []
+
+
+@pytest.mark.parametrize("masks", ["zeros", "emb.weight", "head.weight"])
+def test_shrink_cuts_a_tied_weight_once(masks):
+    model = Tied(False)
+    ids = torch.randint(0, 11, (2, 5))
+    keep = torch.ones(11, 6, dtype=torch.bool)
+    keep[:, :2] = False
+    if masks == "zeros":
+        with torch.no_grad():
+            model.emb.weight[:, :2] = 0
+        table = None
+    else:
+        table = {masks: keep}
+        with torch.no_grad():
+            model.emb.weight.masked_fill_(~keep, 0)
+    small = shrink(model, table)
+    assert small.emb.weight is small.head.weight and small.emb.weight.shape == (11, 4)
+    assert (small.emb.embedding_dim, small.head.in_features) == (4, 4)
+    torch.testing.assert_close(small(ids), model(ids))
+
+
+def test_layer_called_twice_is_frozen():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(F.relu(self.a(x)))))
+
+    assert dependency_groups(Twice()) == []
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else x
+
+
+def test_untraceable_model_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 4), Branchy(), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot trace Sequential with torch.fx to find its "
+                       r"dependency groups in submodule 1 \(Branchy\): TraceError"):
+        sparsekit.prune(model, 0.5, pattern="channel")
+    with pytest.raises(ValueError, match="not changed|cannot trace"):
+        shrink(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        dependency_groups("resnet")
+
+
+# -- pattern="channel" + shrink -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("make, shape", [
+    (lambda: ResNetSmall(width=8), (4, 1, 28, 28)),
+    (Concat, (4, 3, 8, 8)),
+    (Depthwise, (4, 3, 8, 8)),
+    (_mlp, (4, 20)),
+    (LeNet5, (4, 1, 28, 28)),
+])
+def test_shrink_matches_the_masked_model(make, shape, allocation):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    model = _settle(make(), x)
+    masks = sparsekit.prune(model, 0.5, pattern="channel", allocation=allocation)
+    assert masks.pattern == "channel"
+    with torch.no_grad():
+        expected = model(x)
+        small = shrink(model, masks)
+        got = small(x)
+    assert _count(small) < _count(model)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert shrink(small, None).state_dict().keys() == small.state_dict().keys()
+
+
+def test_shrink_mlp_parameter_count_and_attributes():
+    model = _mlp()
+    masks = sparsekit.prune(model, 0.5, pattern="channel")
+    small = shrink(model, masks)
+    assert [small[i].out_features for i in (0, 2, 4)] == [15, 8, 4]
+    assert [small[i].in_features for i in (0, 2, 4)] == [20, 15, 8]
+    assert _count(small) == 20 * 15 + 15 + 15 * 8 + 8 + 8 * 4 + 4
+    assert _count(model) == 20 * 30 + 30 + 30 * 16 + 16 + 16 * 4 + 4  # unchanged
+
+
+def test_shrink_depthwise_attributes():
+    model = Depthwise().eval()
+    small = shrink(model, sparsekit.prune(model, 0.5, pattern="channel"))
+    assert (small.dw.in_channels, small.dw.groups, small.dw.out_channels) == (4, 4, 8)
+    assert small.bn_dw.num_features == 8 and small.pw.in_channels == 8
+    assert small.head.in_features == 6 * 16
+
+
+def test_channel_scores_come_from_the_registered_criteria():
+    torch.manual_seed(0)
+    model = _mlp()
+    x = torch.randn(8, 20)
+    with torch.no_grad():
+        model[0].weight[:15] *= 10  # rows 0..14 carry the weight mass
+    masks = sparsekit.prune(model, 0.5, pattern="channel", method="magnitude")
+    assert masks.masks["0.weight"][:15].all() and not masks.masks["0.weight"][15:].any()
+    assert not masks.masks["2.weight"][:, 15:].any()  # reader columns go with them
+    for method, data in [("wanda", x), ("snip", (x, torch.randint(0, 4, (8,))))]:
+        m = _mlp()
+        masks = sparsekit.prune(m, 0.5, pattern="channel", method=method, data=data)
+        assert int(masks.masks["0.bias"].sum()) == 15
+
+
+def test_group_keeps_at_least_one_channel():
+    model = _mlp()
+    masks = sparsekit.prune(model, 0.99, pattern="channel")
+    small = shrink(model, masks)
+    assert [small[i].out_features for i in (0, 2)] == [1, 1]
+
+
+def test_excluded_writer_keeps_its_width():
+    model = _mlp()
+    masks = sparsekit.prune(model, 0.5, pattern="channel", exclude=["2"])
+    small = shrink(model, masks)
+    assert [small[i].out_features for i in (0, 2)] == [15, 16]
+
+
+def test_shrink_removes_groups_that_reached_zero():
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight[:, :10] = 0  # readers of hidden units 0..9 are zero
+    small = shrink(model)
+    assert small[0].out_features == 20 and small[2].in_features == 20
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(small(x), model(x))
+
+
+def test_shrink_rejects_masks_that_do_not_fit():
+    model = _mlp()
+    with pytest.raises(ValueError, match="not a parameter"):
+        shrink(model, {"nope.weight": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"masks\['0.weight'\] has shape \(2,\)"):
+        shrink(model, {"0.weight": torch.ones(2, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="masks must be a MaskSet"):
+        shrink(model, [1, 2])
+
+
+def test_channel_pattern_is_registered():
+    assert str(sparsekit.parse_pattern("channel")) == "channel"
+    with pytest.raises(ValueError, match="whole dependency groups"):
+        sparsekit.parse_pattern("channel").mask(torch.ones(2, 2), 2)
+
+
+def test_report_compares_the_shrunk_model_with_the_original():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    model = _settle(ResNetSmall(width=8), x)
+    small = shrink(model, sparsekit.prune(model, 0.5, pattern="channel"))
+    before, after = sparsekit.report(model, x), sparsekit.report(small, x)
+    ratio = after.relative_to(before)
+    assert ratio["params"] == after.totals["params"] / before.totals["params"]
+    assert 0.2 < ratio["params"] < 0.35 and 0.2 < ratio["dense_flops"] < 0.35  # ~ (1/2)²
+    with pytest.raises(TypeError, match="before must be a Report"):
+        after.relative_to(model)
+
+
+def test_benchmark_quick_run(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "structured.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--no-check", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "structured.json").read_text())
+    assert [r["model"] for r in data["rows"]][:1] == ["dense"]
+    assert all(c["ok"] for c in data["checks"] if "shrunk == masked" in c["claim"])
