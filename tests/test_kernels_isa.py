@@ -4,7 +4,10 @@ reference; ``use_isa`` chooses and restores the ISA and rejects names it cannot 
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +112,21 @@ def test_use_isa_rejects_names_this_cpu_cannot_run(name):
 def test_the_set_isa_op_checks_its_name():
     with pytest.raises(RuntimeError, match="isa must be one this CPU runs"):
         torch.ops.sparsekit.set_isa("neon")
+
+
+ARM_CXX = "aarch64-linux-gnu-g++"
+
+
+@pytest.mark.skipif(shutil.which(ARM_CXX) is None, reason=f"no {ARM_CXX} cross compiler")
+def test_the_cores_compile_for_arm(tmp_path):
+    """The portable cores build for 64-bit ARM (the x86 ones compile to nothing there)."""
+    sources = Path(kernels.__file__).parent
+    for isa in ("scalar", "avx2", "avx512"):
+        obj = tmp_path / f"{isa}.o"
+        result = subprocess.run(
+            [ARM_CXX, "-std=c++17", "-O1", "-fopenmp", "-Wall", "-Werror", "-c",
+             str(sources / f"isa_{isa}.cpp"), "-o", str(obj)],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert obj.exists()

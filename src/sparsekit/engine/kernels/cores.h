@@ -15,8 +15,9 @@ namespace sparsekit {
 // The element type of stored weights: float32, bfloat16 or int8 codes (with per-row scales).
 enum class Value : int32_t { f32, bf16, i8 };
 
-// A bfloat16 value: the upper 16 bits of a float32 (the layout of c10::BFloat16).
-struct bf16 {
+// A bfloat16 value: the upper 16 bits of a float32 (the layout of c10::BFloat16, without
+// its inline code).
+struct bf16_bits {
   uint16_t x;
 };
 
