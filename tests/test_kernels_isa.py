@@ -4,7 +4,10 @@ reference; ``use_isa`` chooses and restores the ISA and rejects names it cannot 
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +86,40 @@ def test_every_isa_computes_the_fp32_formats(isa, name, batch):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_isa_computes_the_activation_sparse_gemv(isa, dtype, threads):
+    g = torch.Generator().manual_seed(4)
+    wt = torch.randn(300, 4100, generator=g).to(dtype)  # 4100 outputs: tiles and a tail
+    x, bias = torch.randn(300, generator=g).to(dtype), torch.randn(4100, generator=g).to(dtype)
+    threshold = torch.full((300,), 0.7).to(dtype)
+    with kernels.use_isa(isa):
+        y = torch.ops.sparsekit.act_gemv(wt, x, threshold, bias, threads)
+    kept = torch.where(x.abs() >= threshold, x, torch.zeros_like(x)).double()
+    ref = kept @ wt.double() + bias.double()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), ref.to(dtype).double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_isa_computes_the_training_kernels(isa, dtype):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(50, 70, generator=g, dtype=dtype) * (torch.rand(50, 70, generator=g) < 0.2)
+    keep = w != 0
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)]).to(torch.int32)
+    col, values = keep.nonzero()[:, 1].to(torch.int32), w[keep]
+    xt, bias = torch.randn(70, 67, generator=g, dtype=dtype), torch.randn(50, dtype=dtype)
+    a = torch.randn(50, 67, generator=g, dtype=dtype)
+    with kernels.use_isa(isa):
+        y = torch.ops.sparsekit.spmm_rows(rowptr, col, values, None, xt, bias, 70, 2)
+        dw = torch.ops.sparsekit.sddmm(rowptr, col, a, xt, 70, 2)
+    torch.testing.assert_close(y, w @ xt + bias.unsqueeze(1))
+    rows = torch.repeat_interleave(torch.arange(50), torch.diff(rowptr.long()))
+    torch.testing.assert_close(dw, (a[rows] * xt[col.long()]).sum(1))
+
+
 def test_isas_list_the_portable_path_first_and_isa_the_best():
     isas = kernels.isas()
     assert isas[0] == "scalar"
@@ -109,3 +146,21 @@ def test_use_isa_rejects_names_this_cpu_cannot_run(name):
 def test_the_set_isa_op_checks_its_name():
     with pytest.raises(RuntimeError, match="isa must be one this CPU runs"):
         torch.ops.sparsekit.set_isa("neon")
+
+
+ARM_CXX = "aarch64-linux-gnu-g++"
+
+
+@pytest.mark.skipif(shutil.which(ARM_CXX) is None, reason=f"no {ARM_CXX} cross compiler")
+def test_the_cores_compile_for_arm(tmp_path):
+    """The portable cores build for 64-bit ARM (the x86 ones compile to nothing there)."""
+    sources = Path(kernels.__file__).parent
+    for isa in ("scalar", "avx2", "avx512"):
+        obj = tmp_path / f"{isa}.o"
+        result = subprocess.run(
+            [ARM_CXX, "-std=c++17", "-O1", "-fopenmp", "-Wall", "-Werror", "-c",
+             str(sources / f"isa_{isa}.cpp"), "-o", str(obj)],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert obj.exists()

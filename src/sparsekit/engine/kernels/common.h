@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/to.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -124,6 +125,9 @@ inline int num_threads(int64_t threads) {
 
 
 // -- value types ------------------------------------------------------------------------------
+
+// bf16 values in op code (the cores use bf16_bits, the same layout without inline code).
+using bf16 = c10::BFloat16;
 
 // x as float32: a bf16 input is widened once per call (the kernels read fp32 inputs).
 inline at::Tensor as_float32(const at::Tensor& x) {

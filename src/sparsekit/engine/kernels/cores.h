@@ -15,8 +15,9 @@ namespace sparsekit {
 // The element type of stored weights: float32, bfloat16 or int8 codes (with per-row scales).
 enum class Value : int32_t { f32, bf16, i8 };
 
-// A bfloat16 value: the upper 16 bits of a float32 (the layout of c10::BFloat16).
-struct bf16 {
+// A bfloat16 value: the upper 16 bits of a float32 (the layout of c10::BFloat16, without
+// its inline code).
+struct bf16_bits {
   uint16_t x;
 };
 
@@ -119,6 +120,19 @@ struct SddmmArgs {
   int threads;
 };
 
+// Activation sparsity, one input row: y (out) = bias + sum over the nnz kept inputs idx[k]
+// (values val[k]) of val[k] * wt[idx[k], :]; wt (in, out) and bias bf16 (`is_bf16`) or float32.
+struct ActGemvArgs {
+  bool is_bf16;
+  const void* wt;
+  const void* bias;
+  const int64_t* idx;
+  const float* val;
+  int64_t nnz, out;
+  float* y;
+  int threads;
+};
+
 // The entry points of one instruction set.
 struct Cores {
   const char* isa;  // "scalar", "avx2" or "avx512"
@@ -129,6 +143,7 @@ struct Cores {
   void (*fanin_linear)(const FanInArgs&);
   void (*spmm_rows)(const SpmmRowsArgs&);
   void (*sddmm)(const SddmmArgs&);
+  void (*act_gemv)(const ActGemvArgs&);
 };
 
 namespace scalar {

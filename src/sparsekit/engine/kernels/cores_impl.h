@@ -21,11 +21,12 @@
 #include "bsr_core.h"
 #include "fanin_core.h"
 #include "spmm_train_core.h"
+#include "act_gemv_core.h"
 
 namespace sparsekit::SPARSEKIT_ISA {
 
 extern const Cores kCores;
 const Cores kCores = {SPARSEKIT_NAME(SPARSEKIT_ISA), &csr_linear, &bitmap_linear, &nm_linear,
-                      &bsr_linear, &fanin_linear, &spmm_rows, &sddmm};
+                      &bsr_linear, &fanin_linear, &spmm_rows, &sddmm, &act_gemv};
 
 }  // namespace sparsekit::SPARSEKIT_ISA

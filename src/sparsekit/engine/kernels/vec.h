@@ -8,6 +8,8 @@
 
 namespace sparsekit::SPARSEKIT_ISA {
 
+using bf16 = bf16_bits;
+
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) {
   const uint32_t u = static_cast<uint32_t>(v.x) << 16;
