@@ -2,13 +2,15 @@
 // weight) or as int8 codes with one float32 scale per row (1 byte per weight), so that a
 // layer below the sparse break-even still moves 2-4x fewer bytes than fp32.
 //
-// Batches up to kGemvMaxBatch stream W once: each row of W is widened to fp32 in registers
-// and multiplied with every row of x (fp32 sums; an int8 row's sum is scaled once at the
-// end). Larger batches widen a tile of kRowTile rows of W into an fp32 buffer that stays in
-// L1 and take every row of x against it, so W is still read once from memory while x is
-// reused from cache. Rows are split evenly across OpenMP threads.
+// One register-blocked micro-kernel (dot_block) serves every batch size: kRows rows of W
+// against up to kCols rows of x at a time, each stored weight widened to fp32 once per
+// block and used kCols times, each input vector loaded once and used kRows times, with
+// kRows * kCols fp32 accumulators (an int8 row's sums are scaled once at the end). W is
+// streamed from memory exactly once: its kRows rows (4-32 KiB) stay in L1 while every
+// chunk of x passes them. At batch 1-3 that is a GEMV at the bandwidth floor; at larger
+// batches x is re-read from cache. Rows are split evenly across OpenMP threads.
 //
-// The row arithmetic is in plain pointer functions (dot_rows), one body per ISA under
+// The arithmetic is a plain pointer function, one body per ISA under
 // #if defined(__AVX512F__) / #elif defined(__AVX2__) / portable, ready for a per-ISA
 // dispatch table.
 
@@ -31,8 +33,8 @@
 
 namespace {
 
-constexpr int64_t kGemvMaxBatch = 3;  // batches up to this size run the streaming GEMV
-constexpr int64_t kRowTile = 4;  // rows of W widened together in the batched path
+constexpr int kRows = 4;  // rows of W per block
+constexpr int kCols = 3;  // rows of x per block: 12 accumulators (AVX2 has 16 registers)
 
 using sparsekit::bf16;
 
@@ -44,108 +46,96 @@ inline float hsum8(__m256 v) {
 }
 #endif
 
-// out[b] = sum_k w[k] * x[b * ldx + k] for b < NB: one row of W (Value: int8, bf16 or fp32)
-// against NB rows of fp32 inputs, the row read once.
-template <int NB, typename Value>
-inline void dot_rows(const Value* w, const float* x, int64_t ldx, int64_t n, float* out) {
+// out[r * NB + b] = sum_k w[r * ldw + k] * x[b * ldx + k] for r < NR, b < NB: NR rows of W
+// (Value: int8, bf16 or fp32) against NB rows of fp32 inputs, n inputs each.
+template <int NR, int NB, typename Value>
+inline void dot_block(const Value* w, int64_t ldw, const float* x, int64_t ldx, int64_t n,
+                      float* out) {
   using namespace sparsekit;  // load16 / load8: int8, bf16 or fp32 widened to fp32
   int64_t k = 0;
-  float acc[NB] = {};
+  float acc[NR][NB] = {};
 #if defined(__AVX512F__)
-  __m512 a[NB];
-  for (int b = 0; b < NB; ++b) a[b] = _mm512_setzero_ps();
+  __m512 a[NR][NB];
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < NB; ++b) a[r][b] = _mm512_setzero_ps();
   for (; k + 16 <= n; k += 16) {
-    const __m512 wv = load16(w + k);
-    for (int b = 0; b < NB; ++b) a[b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * ldx + k), a[b]);
-  }
-  for (int b = 0; b < NB; ++b) acc[b] = _mm512_reduce_add_ps(a[b]);
-#elif defined(__AVX2__)
-  __m256 a[NB];
-  for (int b = 0; b < NB; ++b) a[b] = _mm256_setzero_ps();
-  for (; k + 8 <= n; k += 8) {
-    const __m256 wv = load8(w + k);
-    for (int b = 0; b < NB; ++b) a[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * ldx + k), a[b]);
-  }
-  for (int b = 0; b < NB; ++b) acc[b] = hsum8(a[b]);
-#endif
-  for (; k < n; ++k) {
-    const float wk = static_cast<float>(w[k]);
-    for (int b = 0; b < NB; ++b) acc[b] += wk * x[b * ldx + k];
-  }
-  for (int b = 0; b < NB; ++b) out[b] = acc[b];
-}
-
-// Rows [r0, r1) of thread t out of T, an even split.
-inline void split(int64_t rows, int t, int T, int64_t* r0, int64_t* r1) {
-  *r0 = rows * t / T;
-  *r1 = rows * (t + 1) / T;
-}
-
-// y[b, r] = scale[r] * sum + bias[r] (scale 1 without scales).
-inline float finish(float sum, const float* scales, const float* bias, int64_t r) {
-  const float s = scales ? sum * scales[r] : sum;
-  return bias ? s + bias[r] : s;
-}
-
-// Batch <= kGemvMaxBatch: each row of W read once against all NB rows of x.
-template <int NB, typename Value>
-void gemv(const Value* w, int64_t rows, int64_t cols, const float* x, const float* scales,
-          const float* bias, float* y, int T) {
-#pragma omp parallel num_threads(T)
-  {
-    int64_t r0, r1;
-    split(rows, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-    for (int64_t r = r0; r < r1; ++r) {
-      float out[NB];
-      dot_rows<NB>(w + r * cols, x, cols, cols, out);
-      for (int b = 0; b < NB; ++b) y[b * rows + r] = finish(out[b], scales, bias, r);
+    __m512 xv[NB];
+    for (int b = 0; b < NB; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + k);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 wv = load16(w + r * ldw + k);
+      for (int b = 0; b < NB; ++b) a[r][b] = _mm512_fmadd_ps(wv, xv[b], a[r][b]);
     }
   }
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_reduce_add_ps(a[r][b]);
+#elif defined(__AVX2__)
+  __m256 a[NR][NB];
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < NB; ++b) a[r][b] = _mm256_setzero_ps();
+  for (; k + 8 <= n; k += 8) {
+    __m256 xv[NB];
+    for (int b = 0; b < NB; ++b) xv[b] = _mm256_loadu_ps(x + b * ldx + k);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 wv = load8(w + r * ldw + k);
+      for (int b = 0; b < NB; ++b) a[r][b] = _mm256_fmadd_ps(wv, xv[b], a[r][b]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = hsum8(a[r][b]);
+#endif
+  for (; k < n; ++k) {
+    for (int r = 0; r < NR; ++r) {
+      const float wk = static_cast<float>(w[r * ldw + k]);
+      for (int b = 0; b < NB; ++b) acc[r][b] += wk * x[b * ldx + k];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < NB; ++b) out[r * NB + b] = acc[r][b];
 }
 
-// Larger batches: kRowTile rows of W widened into an fp32 tile (reused from L1 by every
-// row of x), each row of x then taken against the tile's rows.
+// dot_block for NR rows and a run-time nb <= kCols rows of x.
+template <int NR, typename Value>
+inline void dot_block_nb(int nb, const Value* w, int64_t ldw, const float* x, int64_t ldx,
+                         int64_t n, float* out) {
+  switch (nb) {
+    case 3: dot_block<NR, 3>(w, ldw, x, ldx, n, out); break;
+    case 2: dot_block<NR, 2>(w, ldw, x, ldx, n, out); break;
+    default: dot_block<NR, 1>(w, ldw, x, ldx, n, out); break;
+  }
+}
+
+// y (batch, rows) = x (batch, cols) @ W.T, each sum times scales[r] (if any) plus bias[r]
+// (if any). Each thread streams its rows of W once, kRows at a time.
 template <typename Value>
-void gemm(const Value* w, int64_t rows, int64_t cols, const float* x, int64_t batch,
-          const float* scales, const float* bias, float* y, int T) {
-  float* tiles = sparsekit::workspace(static_cast<int64_t>(T) * kRowTile * cols);
+void run(const Value* w, int64_t rows, int64_t cols, const float* x, int64_t batch,
+         const float* scales, const float* bias, float* y, int T) {
 #pragma omp parallel num_threads(T)
   {
-    const int t = omp_get_thread_num();
-    float* tile = tiles + static_cast<int64_t>(t) * kRowTile * cols;
-    int64_t r0, r1;
-    split(rows, t, omp_get_num_threads(), &r0, &r1);
-    for (int64_t q0 = r0; q0 < r1; q0 += kRowTile) {
-      const int64_t q1 = std::min(r1, q0 + kRowTile);
-      for (int64_t r = q0; r < q1; ++r) {
-        const Value* wr = w + r * cols;
-        float* tr = tile + (r - q0) * cols;
-        for (int64_t k = 0; k < cols; ++k) tr[k] = static_cast<float>(wr[k]);
-      }
-      for (int64_t b = 0; b < batch; ++b) {
-        const float* xb = x + b * cols;
-        for (int64_t r = q0; r < q1; ++r) {
-          float sum;
-          dot_rows<1>(tile + (r - q0) * cols, xb, cols, cols, &sum);
-          y[b * rows + r] = finish(sum, scales, bias, r);
+    const int t = omp_get_thread_num(), threads = omp_get_num_threads();
+    const int64_t blocks = (rows + kRows - 1) / kRows;  // whole blocks per thread
+    const int64_t r0 = std::min(rows, blocks * t / threads * kRows);
+    const int64_t r1 = std::min(rows, blocks * (t + 1) / threads * kRows);
+    float out[kRows * kCols];
+    for (int64_t q0 = r0; q0 < r1; q0 += kRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(kRows, r1 - q0));
+      const Value* wq = w + q0 * cols;
+      for (int64_t b0 = 0; b0 < batch; b0 += kCols) {
+        const int nb = static_cast<int>(std::min<int64_t>(kCols, batch - b0));
+        const float* xb = x + b0 * cols;
+        if (nr == kRows) {
+          dot_block_nb<kRows>(nb, wq, cols, xb, cols, cols, out);
+        } else {
+          for (int r = 0; r < nr; ++r) {
+            dot_block_nb<1>(nb, wq + r * cols, cols, xb, cols, cols, out + r * nb);
+          }
+        }
+        for (int r = 0; r < nr; ++r) {
+          const int64_t row = q0 + r;
+          const float scale = scales ? scales[row] : 1.f, shift = bias ? bias[row] : 0.f;
+          for (int b = 0; b < nb; ++b) y[(b0 + b) * rows + row] = out[r * nb + b] * scale + shift;
         }
       }
     }
-  }
-}
-
-template <typename Value>
-void run(const at::Tensor& weight, const at::Tensor& x, const float* scales, const float* bias,
-         at::Tensor& y, int T) {
-  const Value* w = reinterpret_cast<const Value*>(weight.data_ptr());
-  const int64_t rows = weight.size(0), cols = weight.size(1), batch = x.size(0);
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  switch (batch) {
-    case 1: gemv<1>(w, rows, cols, xp, scales, bias, yp, T); break;
-    case 2: gemv<2>(w, rows, cols, xp, scales, bias, yp, T); break;
-    case 3: gemv<3>(w, rows, cols, xp, scales, bias, yp, T); break;
-    default: gemm(w, rows, cols, xp, batch, scales, bias, yp, T); break;
   }
 }
 
@@ -176,10 +166,13 @@ at::Tensor dense_linear(const at::Tensor& weight, const at::Tensor& x_in,
   const at::Tensor x = sparsekit::as_float32(x_in);
   auto y = at::empty({x.size(0), rows}, x.options());
   if (x.size(0) == 0 || rows == 0) return sparsekit::like_input(y, x_in);
+  const int64_t cols = in_features, batch = x.size(0);
   if (int8) {
-    run<int8_t>(weight, x, s, b, y, T);
+    run(weight.data_ptr<int8_t>(), rows, cols, x.data_ptr<float>(), batch, s, b,
+        y.data_ptr<float>(), T);
   } else {
-    run<bf16>(weight, x, s, b, y, T);
+    run(reinterpret_cast<const bf16*>(weight.data_ptr()), rows, cols, x.data_ptr<float>(),
+        batch, s, b, y.data_ptr<float>(), T);
   }
   return sparsekit::like_input(y, x_in);
 }
