@@ -27,13 +27,17 @@ class Case:
     scales: torch.Tensor | None
 
 
-def weight(name: str, rows: int, cols: int, sparsity: float = 0.7, seed: int = 0) -> torch.Tensor:
-    """A random fp32 weight that format ``name`` holds (2:4 for ``nm``)."""
+def weight(
+    name: str, rows: int, cols: int, sparsity: float = 0.7, seed: int = 0,
+    nm: tuple[int, int] = (2, 4),
+) -> torch.Tensor:
+    """A random fp32 weight that format ``name`` holds (N:M ``nm`` for ``nm``)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
     if name == "nm":
-        keep = torch.rand(rows, -(-cols // 4), 4, generator=g).argsort(-1)[..., :2]
-        mask = torch.zeros(rows, -(-cols // 4), 4).scatter_(-1, keep, 1.0)
+        n, m = nm
+        keep = torch.rand(rows, -(-cols // m), m, generator=g).argsort(-1)[..., :n]
+        mask = torch.zeros(rows, -(-cols // m), m).scatter_(-1, keep, 1.0)
         return w * mask.view(rows, -1)[:, :cols]
     return w * (torch.rand(rows, cols, generator=g) >= sparsity)
 

@@ -4,6 +4,12 @@ The kernels are custom operators, ``torch.ops.sparsekit.<name>``: ``library.cpp`
 their schemas, one ``.cpp`` file per kernel family registers its CPU implementation, and
 :mod:`~sparsekit.engine.kernels.fake` their shapes for ``torch.compile``/``torch.export``.
 
+The arithmetic (the kernel cores) is compiled once per instruction set: portable C++
+(``"scalar"``, what ARM builds too), AVX2 + FMA (``"avx2"``) and AVX-512 (``"avx512"``); the
+library runs the best one the CPU supports (:func:`isa`; :func:`isas` lists the others it can
+run, :func:`use_isa` forces one, e.g. to test or time every path). The rest of the library
+is compiled for a baseline of the architecture, so one build runs on any CPU of it.
+
 The sources are compiled once per (torch version, Python, CPU, sources) by
 ``torch.utils.cpp_extension.load`` into ``~/.cache/sparsekit/`` (``$SPARSEKIT_CACHE_DIR`` or
 ``$XDG_CACHE_HOME`` move it); later imports load the built library without rebuilding.
@@ -14,21 +20,28 @@ simply not candidates.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-__all__ = ["available", "load", "num_threads", "unavailable_reason"]
+__all__ = [
+    "available", "isa", "isas", "load", "num_threads", "unavailable_reason", "use_isa",
+]
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))  # one file per kernel family
 _HEADERS = sorted(Path(__file__).parent.glob("*.h"))
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# Baseline code (x86: SSE4.2 + POPCNT); the cores of wider instruction sets enable them with a
+# target pragma in their own file (isa_avx2.cpp, isa_avx512.cpp) and are chosen at load time.
+_BASELINE = ["-march=x86-64-v2"] if platform.machine() in ("x86_64", "AMD64") else []
+_CFLAGS = ["-O3", *_BASELINE, "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 
 _module: ModuleType | None = None
@@ -79,6 +92,42 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+def isa() -> str | None:
+    """The instruction set the kernels run (``"scalar"``, ``"avx2"`` or ``"avx512"``): the
+    best one this CPU supports unless :func:`use_isa` chose another; ``None`` without
+    kernels."""
+    ops = load()
+    return None if ops is None else str(ops.isa())
+
+
+def isas() -> tuple[str, ...]:
+    """The instruction sets this CPU runs, from the portable ``"scalar"`` to the best;
+    empty without kernels."""
+    ops = load()
+    return () if ops is None else tuple(ops.isas())
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Run the kernels on instruction set ``name`` (one of :func:`isas`) inside the block,
+    for every thread of the process; the previous one is restored on exit.
+
+    >>> with kernels.use_isa("avx2"):  # doctest: +SKIP
+    ...     y = layer(x)  # the AVX2 path, even on an AVX-512 CPU
+    """
+    accepted = isas()
+    if name not in accepted:
+        raise ValueError(f"isa must be one of {accepted} (the instruction sets this CPU runs "
+                         f"with kernels available), got {name!r}")
+    ops = load()
+    assert ops is not None  # accepted is empty without kernels
+    before = str(ops.set_isa(name))
+    try:
+        yield
+    finally:
+        ops.set_isa(before)
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("SPARSEKIT_CACHE_DIR")
     if root:
@@ -98,7 +147,8 @@ def _build_key() -> str:
 
 
 def _cpu_flags() -> str:
-    """CPU feature flags: ``-march=native`` code must not run on a different CPU."""
+    """CPU feature flags (the build runs on any CPU of its architecture, but timing decisions
+    keyed by :func:`_build_key` are this CPU's)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith("flags")), "")

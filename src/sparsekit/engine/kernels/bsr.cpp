@@ -9,8 +9,8 @@
 //   batch > 3: x is transposed once into a workspace (cols, ld) and each block row is
 //              streamed once per chunk of up to 64 inputs, 4 block rows of W at a time
 //              sharing every load of x (a register-tiled dense micro-kernel per block).
-// The vectors are GCC vector extensions: with -march=native they become AVX-512 (or AVX2)
-// instructions, elsewhere portable code. Block rows are split across OpenMP threads so
+// The arithmetic (bsr_core.h) is compiled per instruction set: its GCC vector extensions
+// become AVX-512, AVX2 or baseline instructions. Block rows are split across OpenMP threads so
 // that each thread gets a similar number of blocks + block rows.
 
 #include <ATen/core/Tensor.h>
@@ -18,177 +18,12 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <omp.h>
-
-#include <algorithm>
 #include <cstdint>
 #include <optional>
-#include <vector>
 
 #include "common.h"
 
 namespace {
-
-constexpr int64_t kGemvMaxBatch = 3;
-constexpr int kMaxR = 64;  // block rows supported by the GEMV accumulators
-typedef float vec16 __attribute__((vector_size(64)));
-typedef float vec8 __attribute__((vector_size(32)));
-typedef float vec4 __attribute__((vector_size(16)));
-
-// Block rows [*r0, *r1) of this OpenMP thread (work = blocks + block rows).
-void thread_rows(const int32_t* rowptr, int64_t rows, int64_t* r0, int64_t* r1) {
-  sparsekit::thread_rows(rowptr, rows, omp_get_thread_num(), omp_get_num_threads(), r0, r1);
-}
-
-template <typename V>
-inline V loadv(const float* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V>
-inline float hsum(V v) {
-  float s = 0.f;
-  for (size_t i = 0; i < sizeof(V) / sizeof(float); ++i) s += v[i];
-  return s;
-}
-
-struct Bsr {
-  const float* v;
-  const int32_t* rowptr;
-  int64_t R, C, out_rows;
-};
-
-// y[r*R + i] for one block row: R accumulators of L lanes over the C columns of a block.
-template <typename V, typename I>
-void gemv(const Bsr& w, const I* c, const float* x, const float* bias, float* y, int T) {
-  constexpr int64_t L = sizeof(V) / sizeof(float);
-  const int64_t brows = (w.out_rows + w.R - 1) / w.R, RC = w.R * w.C;
-#pragma omp parallel num_threads(T)
-  {
-    int64_t r0, r1;
-    thread_rows(w.rowptr, brows, &r0, &r1);
-    V acc[kMaxR];
-    for (int64_t br = r0; br < r1; ++br) {
-      for (int64_t i = 0; i < w.R; ++i) acc[i] = V{};
-      for (int64_t k = w.rowptr[br]; k < w.rowptr[br + 1]; ++k) {
-        const float* vb = w.v + k * RC;
-        const float* xb = x + static_cast<int64_t>(c[k]) * w.C;
-        for (int64_t j = 0; j < w.C; j += L) {
-          const V xv = loadv<V>(xb + j);
-          for (int64_t i = 0; i < w.R; ++i) acc[i] += loadv<V>(vb + i * w.C + j) * xv;
-        }
-      }
-      const int64_t n = std::min(w.R, w.out_rows - br * w.R);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = br * w.R + i;
-        y[r] = hsum(acc[i]) + (bias ? bias[r] : 0.f);
-      }
-    }
-  }
-}
-
-// RB rows (i0 .. i0+RB of block row br) times NV vectors of transposed inputs at xt.
-template <int RB, int NV, typename I>
-inline void rows_chunk(const Bsr& w, const I* c, int64_t br, int64_t i0, const float* xt,
-                       int64_t ld, float (*out)[4 * 16]) {
-  constexpr int64_t L = 16;
-  const int64_t RC = w.R * w.C;
-  vec16 acc[RB][NV];
-#pragma GCC unroll 4
-  for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 4
-    for (int n = 0; n < NV; ++n) acc[r][n] = vec16{};
-  for (int64_t k = w.rowptr[br]; k < w.rowptr[br + 1]; ++k) {
-    const float* vb = w.v + k * RC + i0 * w.C;
-    const float* xb = xt + static_cast<int64_t>(c[k]) * w.C * ld;
-    for (int64_t j = 0; j < w.C; ++j) {
-      vec16 xv[NV];
-#pragma GCC unroll 4
-      for (int n = 0; n < NV; ++n) xv[n] = loadv<vec16>(xb + j * ld + n * L);
-#pragma GCC unroll 4
-      for (int r = 0; r < RB; ++r) {
-        const float s = vb[r * w.C + j];
-#pragma GCC unroll 4
-        for (int n = 0; n < NV; ++n) acc[r][n] += s * xv[n];
-      }
-    }
-  }
-  for (int r = 0; r < RB; ++r) __builtin_memcpy(out[r], acc[r], sizeof(acc[r]));
-}
-
-template <int RB, typename I>
-inline void rows_chunk_n(int nv, const Bsr& w, const I* c, int64_t br, int64_t i0,
-                         const float* xt, int64_t ld, float (*out)[4 * 16]) {
-  switch (nv) {
-    case 4: rows_chunk<RB, 4>(w, c, br, i0, xt, ld, out); break;
-    case 3: rows_chunk<RB, 3>(w, c, br, i0, xt, ld, out); break;
-    case 2: rows_chunk<RB, 2>(w, c, br, i0, xt, ld, out); break;
-    default: rows_chunk<RB, 1>(w, c, br, i0, xt, ld, out); break;
-  }
-}
-
-// Y (batch, rows) = X (batch, cols) @ W.T with X transposed into xt (cols_pad, ld).
-template <typename I>
-void spmm(const Bsr& w, const I* c, int64_t cols, const float* x, int64_t batch,
-          const float* bias, float* y, int T) {
-  constexpr int64_t L = 16, kChunk = 4 * L;
-  const int64_t brows = (w.out_rows + w.R - 1) / w.R;
-  const int64_t cols_pad = (cols + w.C - 1) / w.C * w.C, ld = (batch + L - 1) / L * L;
-  float* xt = sparsekit::workspace(cols_pad * ld);
-  const int RB = w.R % 4 == 0 ? 4 : 1;
-#pragma omp parallel num_threads(T)
-  {
-    sparsekit::transpose_into(x, batch, cols, cols_pad, ld, xt);
-    int64_t r0, r1;
-    thread_rows(w.rowptr, brows, &r0, &r1);
-    alignas(64) float tile[4][kChunk];
-    for (int64_t br = r0; br < r1; ++br) {
-      const int64_t n_rows = std::min(w.R, w.out_rows - br * w.R);
-      for (int64_t b0 = 0; b0 < ld; b0 += kChunk) {
-        const int nv = static_cast<int>(std::min<int64_t>(4, (ld - b0) / L));
-        const int64_t b1 = std::min<int64_t>(batch, b0 + nv * L);
-        for (int64_t i0 = 0; i0 < n_rows; i0 += RB) {
-          if (RB == 4) {
-            rows_chunk_n<4>(nv, w, c, br, i0, xt + b0, ld, tile);
-          } else {
-            rows_chunk_n<1>(nv, w, c, br, i0, xt + b0, ld, tile);
-          }
-          for (int64_t i = i0; i < std::min<int64_t>(n_rows, i0 + RB); ++i) {
-            const int64_t r = br * w.R + i;
-            const float add = bias ? bias[r] : 0.f;
-            for (int64_t b = b0; b < b1; ++b) y[b * w.out_rows + r] = tile[i - i0][b - b0] + add;
-          }
-        }
-      }
-    }
-  }
-}
-
-template <typename I>
-void run(const Bsr& w, const I* c, const at::Tensor& x, const float* bias, at::Tensor& y,
-         int T) {
-  const int64_t batch = x.size(0), cols = x.size(1);
-  if (batch > kGemvMaxBatch) {
-    spmm(w, c, cols, x.data_ptr<float>(), batch, bias, y.data_ptr<float>(), T);
-    return;
-  }
-  const int64_t cols_pad = (cols + w.C - 1) / w.C * w.C;
-  thread_local std::vector<float> padded;
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* xb = x.data_ptr<float>() + b * cols;
-    if (cols_pad != cols) {  // the last block column reads past in_features
-      padded.assign(cols_pad, 0.f);
-      std::copy(xb, xb + cols, padded.begin());
-      xb = padded.data();
-    }
-    float* yb = y.data_ptr<float>() + b * w.out_rows;
-    if (w.C % 16 == 0) gemv<vec16>(w, c, xb, bias, yb, T);
-    else if (w.C % 8 == 0) gemv<vec8>(w, c, xb, bias, yb, T);
-    else gemv<vec4>(w, c, xb, bias, yb, T);
-  }
-}
 
 // y = x @ W.T (+ bias) for x (batch, in_features) and W (out_features, in_features) in BSR,
 // each block column index below ceil(in_features / C) (checked where the format is built).
@@ -199,7 +34,7 @@ at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
   sparsekit::check_input(x, in_features);
   sparsekit::check_tensor(values, "values", 3, at::kFloat);
   const int64_t R = values.size(1), C = values.size(2);
-  TORCH_CHECK(R >= 1 && R <= kMaxR && C >= 4 && C % 4 == 0,
+  TORCH_CHECK(R >= 1 && R <= sparsekit::kBsrMaxBlockRows && C >= 4 && C % 4 == 0,
               "block rows must lie in [1, 64] and block columns be a multiple of 4, got ", R,
               "x", C);
   TORCH_CHECK(out_features >= 0, "out_features must be non-negative, got ", out_features);
@@ -210,12 +45,10 @@ at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
   const int T = sparsekit::num_threads(threads);
   auto y = at::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0 || out_features == 0) return y;
-  const Bsr w{values.data_ptr<float>(), rowptr.data_ptr<int32_t>(), R, C, out_features};
-  if (col_indices.scalar_type() == at::kShort) {
-    run(w, reinterpret_cast<const uint16_t*>(col_indices.data_ptr()), x, b, y, T);
-  } else {
-    run(w, col_indices.data_ptr<int32_t>(), x, b, y, T);
-  }
+  sparsekit::cores().bsr_linear(sparsekit::BsrArgs{
+      sparsekit::linear_io(x, y, sparsekit::Output{nullptr, b}, T), values.data_ptr<float>(),
+      col_indices.data_ptr(), col_indices.scalar_type() == at::kShort,
+      rowptr.data_ptr<int32_t>(), R, C});
   return y;
 }
 

@@ -1,22 +1,17 @@
-// Helpers shared by the CPU kernels: argument checks, splitting rows across OpenMP threads
-// by work, the transposed input workspace of the batched (SpMM) paths, the value types
-// (fp32, bf16 and int8 weights, widened to fp32 for the arithmetic) and the output stage
-// (per-row int8 scale, bias).
+// Helpers shared by the ops: argument checks, the dtypes of inputs and outputs, and the
+// arguments of the kernel cores (cores.h). The cores' own helpers are in parallel.h (work
+// split, transposed inputs) and vec.h (value loads per instruction set).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/to.h>
-#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <optional>
-#include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "cores.h"
+#include "parallel.h"
 
 namespace sparsekit {
 
@@ -127,78 +122,8 @@ inline int num_threads(int64_t threads) {
   return static_cast<int>(threads);
 }
 
-// The output stage of a linear kernel: y[r] = scale[r] * sum + bias[r], each factor
-// optional (scale: int8 values; nullptr: none).
-struct Output {
-  const float* scale;
-  const float* bias;
-  float operator()(float sum, int64_t r) const {
-    if (scale) sum *= scale[r];
-    return bias ? sum + bias[r] : sum;
-  }
-};
-
-// -- work split -----------------------------------------------------------------------------
-
-// Rows [*r0, *r1) of thread t out of T, each thread getting a 1/T share of the work, where
-// work(i) is the (non-decreasing) work of rows [0, i).
-template <typename Work>
-inline void thread_rows_by(const Work& work, int64_t rows, int t, int T, int64_t* r0,
-                           int64_t* r1) {
-  auto bound = [&](int64_t target) {  // first row i with work(i) >= target
-    int64_t lo = 0, hi = rows;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (work(mid) < target) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-  };
-  const int64_t total = work(rows);
-  *r0 = t == 0 ? 0 : bound(total * t / T);
-  *r1 = t == T - 1 ? rows : bound(total * (t + 1) / T);
-}
-
-// The same for CSR-like rows: work = stored entries + rows.
-inline void thread_rows(const int32_t* rowptr, int64_t rows, int t, int T, int64_t* r0,
-                        int64_t* r1) {
-  thread_rows_by([rowptr](int64_t i) { return static_cast<int64_t>(rowptr[i]) + i; }, rows, t,
-                 T, r0, r1);
-}
-
-// -- transposed inputs ----------------------------------------------------------------------
-
-// This thread's workspace of at least n floats; it grows only, so there is no large
-// allocation per call.
-inline float* workspace(int64_t n) {
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < static_cast<size_t>(n)) buffer.resize(n);
-  return buffer.data();
-}
-
-// xt (padded_cols, ld) = x (batch, cols) transposed, zero beyond `batch` and `cols`: each
-// input column becomes one contiguous row, so a nonzero is one broadcast-FMA over it. A
-// blocked transpose shared by the threads of the enclosing parallel region (it ends with
-// the implicit barrier of `omp for`: xt is then complete).
-inline void transpose_into(const float* x, int64_t batch, int64_t cols, int64_t padded_cols,
-                           int64_t ld, float* xt) {
-  constexpr int64_t kBlock = 16;
-#pragma omp for schedule(static)
-  for (int64_t i0 = 0; i0 < padded_cols; i0 += kBlock) {
-    const int64_t i1 = std::min(padded_cols, i0 + kBlock);
-    for (int64_t b = 0; b < ld; ++b) {
-      const float* src = x + b * cols;
-      for (int64_t i = i0; i < i1; ++i) xt[i * ld + b] = b < batch && i < cols ? src[i] : 0.f;
-    }
-  }
-}
 
 // -- value types ------------------------------------------------------------------------------
-// Stored values are float, bf16 (c10::BFloat16: the upper 16 bits of a float32) or int8
-// codes (scaled per row by the Output stage); every product and sum is fp32. Kernels are
-// templates on the value type T; scalar code converts with static_cast<float>, vector code
-// loads through the overloads below.
-
-using bf16 = c10::BFloat16;
 
 // x as float32: a bf16 input is widened once per call (the kernels read fp32 inputs).
 inline at::Tensor as_float32(const at::Tensor& x) {
@@ -210,72 +135,18 @@ inline at::Tensor like_input(const at::Tensor& y, const at::Tensor& x) {
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
-// Calls body(T{}) with T = float, bf16 or int8_t, the value type of `values` (see
-// check_values).
-template <typename Body>
-inline decltype(auto) with_values(const at::Tensor& values, Body&& body) {
-  if (values.scalar_type() == at::kBFloat16) return body(bf16{});
-  if (values.scalar_type() == at::kChar) return body(int8_t{});
-  return body(float{});
+// The core's name for the element type of `values` (see check_values).
+inline Value value_type(const at::Tensor& values) {
+  if (values.scalar_type() == at::kBFloat16) return Value::bf16;
+  if (values.scalar_type() == at::kChar) return Value::i8;
+  return Value::f32;
 }
 
-#if defined(__AVX512F__)
-// 16 bf16 (in the 16-bit lanes of h) as 16 floats: shift each into the upper half.
-inline __m512 widen16(__m256i h) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+// The input/output part of a core's arguments for x (batch, cols) and y (batch, rows), both
+// float32.
+inline Linear linear_io(const at::Tensor& x, at::Tensor& y, Output out, int threads) {
+  return Linear{x.data_ptr<float>(), y.data_ptr<float>(), x.size(0), y.size(1), x.size(1), out,
+                threads};
 }
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
-  return widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-// 16 int8 codes as 16 floats.
-inline __m512 widen16(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
-inline __m512 load16(const int8_t* p) {
-  return widen16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-// Lanes of m loaded, the others zero; nothing outside them is read.
-inline __m512 load16_masked(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16_masked(__mmask16 m, const bf16* p) {
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-  return widen16(_mm256_maskz_loadu_epi16(m, p));
-#else
-  alignas(32) uint16_t lanes[16] = {};
-  for (int i = 0; i < 16; ++i) {
-    if ((m >> i) & 1) lanes[i] = p[i].x;
-  }
-  return widen16(_mm256_load_si256(reinterpret_cast<const __m256i*>(lanes)));
-#endif
-}
-inline __m512 load16_masked(__mmask16 m, const int8_t* p) {
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-  return widen16(_mm_maskz_loadu_epi8(m, p));
-#else
-  alignas(16) int8_t lanes[16] = {};
-  for (int i = 0; i < 16; ++i) {
-    if ((m >> i) & 1) lanes[i] = p[i];
-  }
-  return widen16(_mm_load_si128(reinterpret_cast<const __m128i*>(lanes)));
-#endif
-}
-// The popcount(m) consecutive values at p, placed in the lanes of m's set bits (others zero).
-inline __m512 expand16(__mmask16 m, const float* p) { return _mm512_maskz_expandloadu_ps(m, p); }
-template <typename T>
-inline __m512 expand16(__mmask16 m, const T* p) {  // bf16, int8: load packed, then expand
-  const auto first = static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1u);
-  return _mm512_maskz_expand_ps(m, load16_masked(first, p));
-}
-#endif
-
-#if defined(__AVX2__)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 load8(const int8_t* p) {
-  const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-}
-#endif
 
 }  // namespace sparsekit

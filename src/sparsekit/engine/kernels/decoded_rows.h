@@ -3,35 +3,21 @@
 // A format is a struct W with `rows`, `cols`, `work(r)` (non-decreasing work of rows [0, r)),
 // `dot(r, x)` (row r times an input zero-padded by at least 128 floats) and `decode(r, c,
 // &count)` (row r's columns into c, room for cols + 32, returning its packed values, of
-// the format's value type: float, bf16 or int8). Inputs are widened to fp32 once per call
-// (bf16 x), sums are fp32 (int8: times the row's scale), the output takes x's dtype.
+// the format's value type: float, bf16 or int8). Sums are fp32 (int8: times the row's
+// scale).
 // Batch 1 (up to 3) runs one GEMV per input; larger batches transpose x once into a
 // per-thread workspace and decode each weight row once into (column, value) pairs that are
 // applied to chunks of 64/128 inputs. Rows are split across OpenMP threads by work.
-#pragma once
+// Compiled once per instruction set (cores_impl.h).
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/Exception.h>
-
-#include <omp.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <optional>
-#include <vector>
-
-#include "common.h"
-
-namespace sparsekit::rows {
+namespace sparsekit::SPARSEKIT_ISA::rows {
 
 constexpr int64_t kGemvMaxBatch = 3;  // batches up to this size run one GEMV per row of x
 constexpr int64_t kRowTile = 16;      // rows whose outputs are written back together
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec8 __attribute__((vector_size(32)));
 
-#if defined(__AVX512F__)
+#if SPARSEKIT_AVX512
 // 0, 1, ..., 15: the lane numbers.
 inline __m512i lanes() {
   return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -55,7 +41,7 @@ void gemv(const W& w, const float* x, Output out, float* y, int T) {
   {
     int64_t r0, r1;
     thread_rows_of(w, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
-    for (int64_t r = r0; r < r1; ++r) y[r] = out(w.dot(r, xp), r);
+    for (int64_t r = r0; r < r1; ++r) y[r] = finish(out, w.dot(r, xp), r);
   }
 }
 
@@ -77,7 +63,7 @@ inline void row_chunk(const int32_t* c, const T* w, int64_t count, const float* 
       for (int j = 0; j < NV; ++j) {
         V xv;
         __builtin_memcpy(&xv, xr + j * L, sizeof(V));
-        acc[u][j] += static_cast<float>(w[k + u]) * xv;
+        acc[u][j] += to_float(w[k + u]) * xv;
       }
     }
   }
@@ -87,7 +73,7 @@ inline void row_chunk(const int32_t* c, const T* w, int64_t count, const float* 
     for (int j = 0; j < NV; ++j) {
       V xv;
       __builtin_memcpy(&xv, xr + j * L, sizeof(V));
-      acc[0][j] += static_cast<float>(w[k]) * xv;
+      acc[0][j] += to_float(w[k]) * xv;
     }
   }
   for (int u = 1; u < U; ++u)
@@ -114,15 +100,15 @@ inline void row_chunk_n(int nv, const int32_t* c, const T* w, int64_t count,
 // one broadcast-FMA over a contiguous row of xt. Outputs of kRowTile rows are buffered so
 // that Y is written in contiguous runs.
 template <typename V, typename W>
-void spmm(const W& w, const float* x, int64_t batch, Output out, float* y, int T) {
+void spmm(const W& w, const Linear& io) {
   constexpr int64_t L = sizeof(V) / sizeof(float);
   constexpr int kMaxVec = 8;
   constexpr int64_t kChunk = kMaxVec * L;  // batch columns per pass over a decoded row
-  const int64_t cols = w.cols, ld = (batch + L - 1) / L * L;
+  const int64_t cols = w.cols, batch = io.batch, ld = (batch + L - 1) / L * L;
   float* xt = workspace(cols * ld);
-#pragma omp parallel num_threads(T)
+#pragma omp parallel num_threads(io.threads)
   {
-    transpose_into(x, batch, cols, cols, ld, xt);
+    transpose_into(io.x, batch, cols, cols, ld, xt);
     int64_t r0, r1;
     thread_rows_of(w, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
     std::vector<int32_t> c(cols + 32);  // N:M rows may name a few padded inputs
@@ -138,35 +124,25 @@ void spmm(const W& w, const float* x, int64_t batch, Output out, float* y, int T
         }
       }
       for (int64_t b = 0; b < batch; ++b) {
-        float* yb = y + b * w.rows;
-        for (int64_t r = t0; r < t1; ++r) yb[r] = out(tile[(r - t0) * ld + b], r);
+        float* yb = io.y + b * w.rows;
+        for (int64_t r = t0; r < t1; ++r) yb[r] = finish(io.out, tile[(r - t0) * ld + b], r);
       }
     }
   }
 }
 
-// The product for a weight w whose tensors and x (w.cols columns) the op has checked; int8
-// values are scaled by `scales` (checked here).
+// The product for a weight w (rows and cols as in io).
 template <typename W>
-at::Tensor run(const W& w, const at::Tensor& values, const at::Tensor& x_in,
-               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scales,
-               int64_t threads) {
-  const Output out{scales_data(scales, values, w.rows), bias_data(bias, w.rows)};
-  const int T = num_threads(threads);
-  const at::Tensor x = as_float32(x_in);
-  const int64_t batch = x.size(0);
-  at::Tensor y = at::empty({batch, w.rows}, x.options());
-  if (batch == 0 || w.rows == 0) return like_input(y, x_in);
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  if (batch <= kGemvMaxBatch) {
-    for (int64_t i = 0; i < batch; ++i) gemv(w, xp + i * w.cols, out, yp + i * w.rows, T);
-  } else if (batch <= 8) {
-    spmm<vec8>(w, xp, batch, out, yp, T);  // 8 lanes: no idle half
+void run(const W& w, const Linear& io) {
+  if (io.batch <= kGemvMaxBatch) {
+    for (int64_t i = 0; i < io.batch; ++i) {
+      gemv(w, io.x + i * w.cols, io.out, io.y + i * w.rows, io.threads);
+    }
+  } else if (io.batch <= 8) {
+    spmm<vec8>(w, io);  // 8 lanes: no idle half
   } else {
-    spmm<vec16>(w, xp, batch, out, yp, T);
+    spmm<vec16>(w, io);
   }
-  return like_input(y, x_in);
 }
 
-}  // namespace sparsekit::rows
+}  // namespace sparsekit::SPARSEKIT_ISA::rows

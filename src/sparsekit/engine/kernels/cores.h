@@ -1,0 +1,148 @@
+// The kernel cores: the arithmetic of the linear ops on raw pointers, compiled once per
+// instruction set (isa_scalar.cpp, isa_avx2.cpp, isa_avx512.cpp) and chosen when the library
+// loads (isa.cpp). An op (csr16.cpp, ...) checks its tensors, fills one of the argument
+// structs below and calls cores().<op>(args).
+//
+// This header is shared by every translation unit, whatever its target: it holds only types
+// and declarations, no inline code, so that no function compiled for one ISA can be picked by
+// the linker for another.
+#pragma once
+
+#include <cstdint>
+
+namespace sparsekit {
+
+// The element type of stored weights: float32, bfloat16 or int8 codes (with per-row scales).
+enum class Value : int32_t { f32, bf16, i8 };
+
+// A bfloat16 value: the upper 16 bits of a float32 (the layout of c10::BFloat16).
+struct bf16 {
+  uint16_t x;
+};
+
+// The output stage of a linear kernel: y[r] = scale[r] * sum + bias[r], each factor
+// optional (scale: int8 values; nullptr: none).
+struct Output {
+  const float* scale;
+  const float* bias;
+};
+
+// y (batch, rows) = Output(x (batch, cols) @ W.T): the part every linear op shares.
+struct Linear {
+  const float* x;
+  float* y;
+  int64_t batch, rows, cols;
+  Output out;
+  int threads;
+};
+
+// W in CSR: values of type `value`, uint16 (`narrow`) or int32 column indices, int32 row
+// pointers.
+struct CsrArgs {
+  Linear io;
+  Value value;
+  const void* values;
+  const void* col;
+  bool narrow;
+  const int32_t* rowptr;
+};
+
+// W as bitmap rows: `words` 16-bit words of bits per row, the values of the set bits packed
+// row by row, int32 row pointers into them.
+struct BitmapArgs {
+  Linear io;
+  Value value;
+  const void* values;
+  const uint16_t* bits;
+  const int32_t* rowptr;
+  int64_t words;
+};
+
+// W as packed N:M: `width` values per row, `fbits`-bit input fields in `words` int32 per row.
+struct NMArgs {
+  Linear io;
+  Value value;
+  const void* values;
+  const uint32_t* idx;
+  int64_t n, m, fbits, width, words;
+};
+
+// The largest block height of BSR weights (the GEMV keeps one accumulator per block row).
+constexpr int64_t kBsrMaxBlockRows = 64;
+
+// W in BSR: float32 blocks (nblocks, R, C), one uint16 (`narrow`) or int32 block column per
+// block, int32 block-row pointers.
+struct BsrArgs {
+  Linear io;
+  const float* values;
+  const void* col;
+  bool narrow;
+  const int32_t* rowptr;
+  int64_t R, C;
+};
+
+// W with k stored inputs in each of n stored rows: float32 values and uint16 (`narrow`) or
+// int32 columns (n, k), and each stored row's output row. y holds the bias and is added to.
+struct FanInArgs {
+  Linear io;
+  const float* values;
+  const void* col;
+  bool narrow;
+  const int32_t* rows;
+  int64_t n, k;
+};
+
+// Training: y (rows, batch) = W (rows, in) @ xt (in, batch) + bias, W in CSR with values read
+// through perm when given; every float operand float64 (`f64`) or float32.
+struct SpmmRowsArgs {
+  bool f64;
+  const int32_t* rowptr;
+  const int32_t* col;
+  const void* values;
+  const int64_t* perm;
+  const void* xt;
+  const void* bias;
+  void* y;
+  int64_t rows, batch;
+  int threads;
+};
+
+// Training: out[k] = <a[i, :], b[col[k], :]> for the nonzeros k of each row i.
+struct SddmmArgs {
+  bool f64;
+  const int32_t* rowptr;
+  const int32_t* col;
+  const void* a;
+  const void* b;
+  void* out;
+  int64_t rows, batch;
+  int threads;
+};
+
+// The entry points of one instruction set.
+struct Cores {
+  const char* isa;  // "scalar", "avx2" or "avx512"
+  void (*csr_linear)(const CsrArgs&);
+  void (*bitmap_linear)(const BitmapArgs&);
+  void (*nm_linear)(const NMArgs&);
+  void (*bsr_linear)(const BsrArgs&);
+  void (*fanin_linear)(const FanInArgs&);
+  void (*spmm_rows)(const SpmmRowsArgs&);
+  void (*sddmm)(const SddmmArgs&);
+};
+
+namespace scalar {
+extern const Cores kCores;
+}
+namespace avx2 {
+extern const Cores kCores;
+}
+namespace avx512 {
+extern const Cores kCores;
+}
+
+// The cores of the active instruction set (the best this CPU runs, unless set_isa chose
+// another).
+const Cores& cores();
+
+}  // namespace sparsekit

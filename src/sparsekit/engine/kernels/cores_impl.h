@@ -1,0 +1,31 @@
+// The kernel cores of one instruction set: included once by each isa_*.cpp after its target
+// pragma, with SPARSEKIT_ISA naming the namespace (scalar, avx2, avx512) and SPARSEKIT_AVX2 /
+// SPARSEKIT_AVX512 saying which intrinsics the cores may use. Everything here lives in
+// namespace sparsekit::SPARSEKIT_ISA, so no two instruction sets share an inline function.
+
+#ifndef SPARSEKIT_AVX2
+#define SPARSEKIT_AVX2 0
+#endif
+#ifndef SPARSEKIT_AVX512
+#define SPARSEKIT_AVX512 0
+#endif
+#define SPARSEKIT_NAME_(isa) #isa
+#define SPARSEKIT_NAME(isa) SPARSEKIT_NAME_(isa)
+
+#include "vec.h"
+
+#include "csr16_core.h"
+#include "decoded_rows.h"
+#include "bitmap_core.h"
+#include "nm_core.h"
+#include "bsr_core.h"
+#include "fanin_core.h"
+#include "spmm_train_core.h"
+
+namespace sparsekit::SPARSEKIT_ISA {
+
+extern const Cores kCores;
+const Cores kCores = {SPARSEKIT_NAME(SPARSEKIT_ISA), &csr_linear, &bitmap_linear, &nm_linear,
+                      &bsr_linear, &fanin_linear, &spmm_rows, &sddmm};
+
+}  // namespace sparsekit::SPARSEKIT_ISA

@@ -1,0 +1,156 @@
+// The constant fan-in kernel core (see fanin.cpp for the op), compiled once per instruction
+// set (cores_impl.h): k stored inputs in every stored row.
+
+namespace sparsekit::SPARSEKIT_ISA::fanin {
+
+constexpr int64_t kGemvMaxBatch = 3;
+constexpr int64_t kRowTile = 16;  // rows per batched tile
+typedef float vec16 __attribute__((vector_size(64)));
+
+struct FanIn {
+  const float* v;
+  const int32_t* rows;  // output row of each stored row
+  int64_t n, k, out_rows;
+};
+
+#if SPARSEKIT_AVX512
+inline __m512i load_idx(const uint16_t* p, __mmask16 m) {
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+}
+inline __m512i load_idx(const int32_t* p, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }
+#endif
+
+// Sum of v[j] * x[c[j]] over the k nonzeros of one row.
+template <typename I>
+inline float row_dot(const float* v, const I* c, int64_t k, const float* x) {
+  int64_t j = 0;
+  float s = 0.f;
+#if SPARSEKIT_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  for (; j + 32 <= k; j += 32) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j),
+                         _mm512_i32gather_ps(load_idx(c + j, 0xFFFF), x, 4), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j + 16),
+                         _mm512_i32gather_ps(load_idx(c + j + 16, 0xFFFF), x, 4), a1);
+  }
+  for (; j < k; j += 16) {
+    const __mmask16 m = k - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - j)) - 1u);
+    const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, load_idx(c + j, m), x, 4);
+    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, v + j), g, a0);
+  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+  for (; j < k; ++j) s += v[j] * x[c[j]];
+  return s;
+}
+
+template <typename I>
+void gemv(const FanIn& w, const I* c, const float* x, float* y, int T) {
+#pragma omp parallel for num_threads(T) schedule(static)
+  for (int64_t r = 0; r < w.n; ++r) {
+    const float* vr = w.v + r * w.k;
+    const I* cr = c + r * w.k;
+    if (r + 2 < w.n) {  // the row after next: the gathers fill the out-of-order window
+      for (int64_t j = 0; j < w.k; j += 16) __builtin_prefetch(vr + 2 * w.k + j, 0, 3);
+      for (int64_t j = 0; j < w.k; j += 32) __builtin_prefetch(cr + 2 * w.k + j, 0, 3);
+    }
+    y[w.rows[r]] += row_dot(vr, cr, w.k, x);
+  }
+}
+
+// One row times NV vectors of transposed inputs at xt (leading dimension ld).
+template <int NV, typename I>
+inline void row_chunk(const float* v, const I* c, int64_t k, const float* xt, int64_t ld,
+                      vec16* out) {
+  vec16 acc[2][NV];
+  for (int u = 0; u < 2; ++u)
+#pragma GCC unroll 4
+    for (int n = 0; n < NV; ++n) acc[u][n] = vec16{};
+  int64_t j = 0;
+  for (; j + 2 <= k; j += 2) {
+#pragma GCC unroll 2
+    for (int u = 0; u < 2; ++u) {
+      const float s = v[j + u];
+      const float* xr = xt + static_cast<int64_t>(c[j + u]) * ld;
+#pragma GCC unroll 4
+      for (int n = 0; n < NV; ++n) {
+        vec16 xv;
+        __builtin_memcpy(&xv, xr + n * 16, sizeof(xv));
+        acc[u][n] += s * xv;
+      }
+    }
+  }
+  for (; j < k; ++j) {
+    const float* xr = xt + static_cast<int64_t>(c[j]) * ld;
+#pragma GCC unroll 4
+    for (int n = 0; n < NV; ++n) {
+      vec16 xv;
+      __builtin_memcpy(&xv, xr + n * 16, sizeof(xv));
+      acc[0][n] += v[j] * xv;
+    }
+  }
+  for (int n = 0; n < NV; ++n) out[n] = acc[0][n] + acc[1][n];
+}
+
+template <typename I>
+void spmm(const FanIn& w, const I* c, int64_t cols, const float* x, int64_t batch, float* y,
+          int T) {
+  constexpr int64_t L = 16, kChunk = 4 * L;
+  const int64_t ld = (batch + L - 1) / L * L;
+  float* xt = workspace(cols * ld);
+#pragma omp parallel num_threads(T)
+  {
+    transpose_into(x, batch, cols, cols, ld, xt);
+    alignas(64) vec16 tile[kRowTile][4];
+#pragma omp for schedule(static)
+    for (int64_t t0 = 0; t0 < w.n; t0 += kRowTile) {  // tiles: contiguous runs of y
+      const int64_t t1 = std::min(w.n, t0 + kRowTile);
+      for (int64_t b0 = 0; b0 < ld; b0 += kChunk) {
+        const int nv = static_cast<int>(std::min<int64_t>(4, (ld - b0) / L));
+        for (int64_t r = t0; r < t1; ++r) {
+          const float* vr = w.v + r * w.k;
+          const I* cr = c + r * w.k;
+          switch (nv) {
+            case 4: row_chunk<4>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
+            case 3: row_chunk<3>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
+            case 2: row_chunk<2>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
+            default: row_chunk<1>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
+          }
+        }
+        for (int64_t b = b0; b < std::min<int64_t>(batch, b0 + nv * L); ++b) {
+          float* yb = y + b * w.out_rows;
+          for (int64_t r = t0; r < t1; ++r) {
+            yb[w.rows[r]] += reinterpret_cast<const float*>(tile[r - t0])[b - b0];
+          }
+        }
+      }
+    }
+  }
+}
+
+// y (holding the bias) += x @ W.T.
+template <typename I>
+void run(const FanIn& w, const I* c, const Linear& io) {
+  if (io.batch > kGemvMaxBatch) {
+    spmm(w, c, io.cols, io.x, io.batch, io.y, io.threads);
+    return;
+  }
+  for (int64_t b = 0; b < io.batch; ++b) {
+    gemv(w, c, io.x + b * io.cols, io.y + b * w.out_rows, io.threads);
+  }
+}
+
+}  // namespace sparsekit::SPARSEKIT_ISA::fanin
+
+namespace sparsekit::SPARSEKIT_ISA {
+
+void fanin_linear(const FanInArgs& a) {
+  const fanin::FanIn w{a.values, a.rows, a.n, a.k, a.io.rows};
+  if (a.narrow) {
+    fanin::run(w, static_cast<const uint16_t*>(a.col), a.io);
+  } else {
+    fanin::run(w, static_cast<const int32_t*>(a.col), a.io);
+  }
+}
+
+}  // namespace sparsekit::SPARSEKIT_ISA

@@ -1,0 +1,84 @@
+// Which kernel cores run: the best instruction set this CPU supports (detected when the
+// library loads), or one that set_isa chose (tests and benchmarks of every path). Also the
+// ops that report and choose it, torch.ops.sparsekit.isa / isas / set_isa.
+
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "cores.h"
+
+namespace sparsekit {
+namespace {
+
+// The cores of every instruction set this CPU (and its OS) runs, the best last.
+std::vector<const Cores*> detect() {
+  std::vector<const Cores*> found{&scalar::kCores};
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi") &&
+                    __builtin_cpu_supports("bmi2");
+  if (avx2) found.push_back(&avx2::kCores);
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    found.push_back(&avx512::kCores);
+  }
+#endif
+  return found;
+}
+
+const std::vector<const Cores*>& runnable() {
+  static const std::vector<const Cores*> found = detect();
+  return found;
+}
+
+std::atomic<const Cores*> chosen{nullptr};
+
+std::string isa() { return cores().isa; }
+
+std::vector<std::string> isas() {
+  std::vector<std::string> names;
+  for (const Cores* c : runnable()) names.emplace_back(c->isa);
+  return names;
+}
+
+// Makes `name` the active instruction set; returns the one it replaces.
+std::string set_isa(const std::string& name) {
+  for (const Cores* c : runnable()) {
+    if (name == c->isa) {
+      const std::string before = cores().isa;
+      chosen.store(c);
+      return before;
+    }
+  }
+  std::string accepted;
+  for (const std::string& n : isas()) accepted += (accepted.empty() ? "" : ", ") + n;
+  TORCH_CHECK(false, "isa must be one this CPU runs (", accepted, "), got '", name, "'");
+}
+
+}  // namespace
+
+const Cores& cores() {
+  const Cores* c = chosen.load(std::memory_order_relaxed);
+  if (c == nullptr) {
+    c = runnable().back();
+    const Cores* expected = nullptr;
+    chosen.compare_exchange_strong(expected, c);
+    c = chosen.load();
+  }
+  return *c;
+}
+
+}  // namespace sparsekit
+
+// Schemas and implementations together: these ops take no tensors, so they have one
+// implementation for every dispatch key.
+TORCH_LIBRARY_FRAGMENT(sparsekit, m) {
+  m.def("isa() -> str", &sparsekit::isa);
+  m.def("isas() -> str[]", &sparsekit::isas);
+  m.def("set_isa(str name) -> str", &sparsekit::set_isa);
+}

@@ -1,0 +1,145 @@
+// The packed N:M kernel core (see nm.cpp for the op), compiled once per instruction set
+// (cores_impl.h): each value's field names its input within its group of M.
+
+namespace sparsekit::SPARSEKIT_ISA::rows {
+
+// A packed N:M weight: `width` values of type T (float, bf16 or int8) per row, fields packed 16
+// values per 32 * fbits / 2 bits.
+template <typename T>
+struct PackedNM {
+  const T* v;
+  const uint32_t* idx;
+  int64_t rows, cols, n, m, fbits, width, words;
+
+  int64_t work(int64_t r) const { return r * width; }
+
+  int64_t col(const uint32_t* q, int64_t k) const {
+    const int64_t bit = k * fbits;
+    return k / n * m + ((q[bit / 32] >> (bit % 32)) & (m - 1));
+  }
+
+#if SPARSEKIT_AVX512
+  // Inputs of values k..k+15 relative to input k / n * m (0 .. 16 / n * m - 1).
+  struct Fields {
+    __m512i sel, shift, field, base;
+    __mmask16 words16;
+    explicit Fields(const PackedNM& w) {
+      const __m512i bitpos =
+          _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(static_cast<int>(w.fbits)));
+      sel = _mm512_srli_epi32(bitpos, 5);  // which 32-bit word holds a lane's field
+      shift = _mm512_and_si512(bitpos, _mm512_set1_epi32(31));
+      field = _mm512_set1_epi32(static_cast<int>(w.m - 1));
+      base = _mm512_sllv_epi32(_mm512_srlv_epi32(lanes(), _mm512_set1_epi32(__builtin_ctzll(w.n))),
+                               _mm512_set1_epi32(__builtin_ctzll(w.m)));  // lane / n * m
+      words16 = w.fbits == 2 ? 0x1 : 0x3;  // words of fields per 16 values
+    }
+    __m512i at(const uint32_t* q) const {  // q: the fields of the 16 values
+      const __m512i f = _mm512_maskz_loadu_epi32(words16, q);
+      const __m512i shifted = _mm512_srlv_epi32(_mm512_permutexvar_epi32(sel, f), shift);
+      return _mm512_add_epi32(base, _mm512_and_si512(shifted, field));
+    }
+  };
+#endif
+
+  // x is zero-padded by at least 64 inputs beyond the last group.
+  float dot(int64_t r, const float* x) const {
+    const T* p = v + r * width;
+    const uint32_t* q = idx + r * words;
+    int64_t k = 0;
+    float acc = 0.f;
+#if SPARSEKIT_AVX512
+    const Fields fields(*this);
+    const int64_t span = 16 / n * m, step = fbits / 2;  // inputs and field words per 16 values
+    const bool wide = span > 32;  // 16 values span 64 inputs: two permutes and a blend
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    const float* xs = x;
+    const uint32_t* qs = q;
+    for (; k < width; k += 16, xs += span, qs += step) {
+      const __mmask16 valid = width - k >= 16 ? 0xFFFF : (1u << (width - k)) - 1u;
+      const __m512i c = fields.at(qs);
+      __m512 xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xs), c, _mm512_loadu_ps(xs + 16));
+      if (wide) {
+        const __m512 hi =
+            _mm512_permutex2var_ps(_mm512_loadu_ps(xs + 32), c, _mm512_loadu_ps(xs + 48));
+        xv = _mm512_mask_mov_ps(xv, _mm512_test_epi32_mask(c, _mm512_set1_epi32(32)), hi);
+      }
+      a0 = _mm512_fmadd_ps(load16_masked(valid, p + k), xv, a0);
+      std::swap(a0, a1);  // two independent sums hide the FMA latency
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif SPARSEKIT_AVX2
+    // 8 values at a time: their fields (all in one 32-bit word) give inputs c relative to
+    // the first input of their groups; the inputs are picked from the 16 or 32 loaded ones
+    // by permutes and blends on bits 3 and 4 of c (no gathers: slow on many AVX2 CPUs), or
+    // gathered where 8 values span 64 inputs (1:8).
+    const int64_t span = 8 / n * m;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i lane_shift = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(fbits)));
+    const __m256i field = _mm256_set1_epi32(static_cast<int>(m - 1));
+    const __m256i base = _mm256_sllv_epi32(
+        _mm256_srlv_epi32(lane, _mm256_set1_epi32(__builtin_ctzll(n))),
+        _mm256_set1_epi32(__builtin_ctzll(m)));  // lane / n * m
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    const float* xs = x;
+    for (; k + 8 <= width; k += 8, xs += span) {
+      const int64_t bit = k * fbits;
+      const __m256i shift = _mm256_add_epi32(lane_shift, _mm256_set1_epi32(static_cast<int>(bit % 32)));
+      const __m256i f = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(q[bit / 32])), shift);
+      const __m256i c = _mm256_add_epi32(base, _mm256_and_si256(f, field));
+      const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  // c & 8 as the sign
+      __m256 xv;
+      if (span == 16) {
+        xv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xs), c),
+                              _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 8), c), bit3);
+      } else if (span == 32) {
+        const __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xs), c),
+                                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 8), c),
+                                           bit3);
+        const __m256 hi =
+            _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 16), c),
+                             _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 24), c), bit3);
+        xv = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(c, 27)));
+      } else {
+        xv = _mm256_i32gather_ps(xs, c, 4);
+      }
+      a0 = _mm256_fmadd_ps(load8(p + k), xv, a0);
+      std::swap(a0, a1);  // two independent sums hide the FMA latency
+    }
+    acc = hsum8(_mm256_add_ps(a0, a1));
+#endif
+    for (; k < width; ++k) acc += to_float(p[k]) * x[col(q, k)];
+    return acc;
+  }
+
+  // Columns of row r's values into c (room for cols + 32); returns its packed values.
+  const T* decode(int64_t r, int32_t* c, int64_t* count) const {
+    const uint32_t* q = idx + r * words;
+    int64_t k = 0;
+#if SPARSEKIT_AVX512
+    const Fields fields(*this);
+    const int64_t span = 16 / n * m, step = fbits / 2;
+    for (int64_t first = 0; k < width; k += 16, first += span) {
+      const __m512i c0 = _mm512_set1_epi32(static_cast<int>(first));
+      _mm512_storeu_si512(c + k, _mm512_add_epi32(c0, fields.at(q + k / 16 * step)));
+    }
+#endif
+    for (; k < width; ++k) c[k] = static_cast<int32_t>(col(q, k));
+    *count = width;
+    return v + r * width;
+  }
+};
+
+}  // namespace sparsekit::SPARSEKIT_ISA::rows
+
+namespace sparsekit::SPARSEKIT_ISA {
+
+void nm_linear(const NMArgs& a) {
+  with_values(a.value, a.values, [&](auto v) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
+    rows::run(rows::PackedNM<T>{v, a.idx, a.io.rows, a.io.cols, a.n, a.m, a.fbits, a.width,
+                                a.words},
+              a.io);
+  });
+}
+
+}  // namespace sparsekit::SPARSEKIT_ISA

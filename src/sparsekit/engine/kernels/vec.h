@@ -1,0 +1,85 @@
+// Value loads of the kernel cores, compiled once per instruction set (included by
+// cores_impl.h inside namespace sparsekit::SPARSEKIT_ISA; SPARSEKIT_AVX2/SPARSEKIT_AVX512
+// say which intrinsics the translation unit may use).
+//
+// Stored values are float, bf16 (the upper 16 bits of a float32) or int8 codes (scaled per
+// row by the output stage); every product and sum is fp32. Scalar code converts with
+// to_float, vector code loads 8 (AVX2) or 16 (AVX-512) values as floats.
+
+namespace sparsekit::SPARSEKIT_ISA {
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float to_float(int8_t v) { return static_cast<float>(v); }
+
+// y[r] of a row's sum: times the row's scale, plus its bias.
+inline float finish(const Output& out, float sum, int64_t r) {
+  if (out.scale) sum *= out.scale[r];
+  return out.bias ? sum + out.bias[r] : sum;
+}
+
+// Calls body(p) with p the stored values as const float*, const bf16* or const int8_t*.
+template <typename Body>
+inline void with_values(Value value, const void* values, Body&& body) {
+  switch (value) {
+    case Value::bf16: body(static_cast<const bf16*>(values)); break;
+    case Value::i8: body(static_cast<const int8_t*>(values)); break;
+    default: body(static_cast<const float*>(values)); break;
+  }
+}
+
+#if SPARSEKIT_AVX512
+// 16 bf16 (in the 16-bit lanes of h) as 16 floats: shift each into the upper half.
+inline __m512 widen16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// 16 int8 codes as 16 floats.
+inline __m512 widen16(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  return widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const int8_t* p) {
+  return widen16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+// Lanes of m loaded, the others zero; nothing outside them is read.
+inline __m512 load16_masked(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16_masked(__mmask16 m, const bf16* p) {
+  return widen16(_mm256_maskz_loadu_epi16(m, p));
+}
+inline __m512 load16_masked(__mmask16 m, const int8_t* p) {
+  return widen16(_mm_maskz_loadu_epi8(m, p));
+}
+// The popcount(m) consecutive values at p, placed in the lanes of m's set bits (others zero).
+inline __m512 expand16(__mmask16 m, const float* p) { return _mm512_maskz_expandloadu_ps(m, p); }
+template <typename T>
+inline __m512 expand16(__mmask16 m, const T* p) {  // bf16, int8: load packed, then expand
+  const auto first = static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1u);
+  return _mm512_maskz_expand_ps(m, load16_masked(first, p));
+}
+#endif
+
+#if SPARSEKIT_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const int8_t* p) {
+  const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+}
+// Sum of the 8 lanes.
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+#endif
+
+}  // namespace sparsekit::SPARSEKIT_ISA
