@@ -20,12 +20,13 @@
 #include "nm_core.h"
 #include "bsr_core.h"
 #include "fanin_core.h"
+#include "dense_core.h"
 #include "spmm_train_core.h"
 
 namespace sparsekit::SPARSEKIT_ISA {
 
 extern const Cores kCores;
 const Cores kCores = {SPARSEKIT_NAME(SPARSEKIT_ISA), &csr_linear, &bitmap_linear, &nm_linear,
-                      &bsr_linear, &fanin_linear, &spmm_rows, &sddmm};
+                      &bsr_linear, &fanin_linear, &dense_linear, &spmm_rows, &sddmm};
 
 }  // namespace sparsekit::SPARSEKIT_ISA
