@@ -103,7 +103,7 @@ def test_candidates_follow_the_value_dtype(one_thread):
     int8 = compile(model, x, weight_dtype="int8", rows=(1,), cache=False)
     for i in ("0", "2"):
         assert "dense_lowp" not in fp32.sparsekit_choices[i]["times_ms"]
-        assert fp32.sparsekit_choices[i]["quantization_error"] == 0.0
+        assert fp32.sparsekit_choices[i]["quantization_error"] < 1e-5  # fp32 sum order only
         timed = set(int8.sparsekit_choices[i]["times_ms"])
         assert {"dense", "csr16", "bitmap", "nm", "dense_lowp"} <= timed
         assert "torch_csr" not in timed  # it cannot hold int8 values

@@ -98,6 +98,21 @@ def test_dense_lowp_bf16_kernel_equals_the_rounded_reference(batch, x_dtype):
     assert torch.equal(again.lowp_weight, fmt.lowp_weight)
 
 
+@needs_kernels
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("value_dtype", [torch.int8, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 4, 7])
+def test_dense_lowp_kernel_on_every_instruction_set(isa, value_dtype, batch):
+    if isa not in kernels.isas():
+        pytest.skip(f"this CPU does not run {isa}")
+    w = _weight((37, 301), "dense")  # 37 rows: a partial block of 4; 301: vector tails
+    fmt = FORMATS["dense_lowp"].from_dense(w, value_dtype=value_dtype, threads=2)
+    x, bias = torch.randn(batch, 301), torch.randn(37)
+    with kernels.use_isa(isa):
+        y = fmt.matmul(x, bias)
+    _assert_matches(y, _reference(fmt.to_dense(), x, bias))
+
+
 @pytest.mark.parametrize("name", INT8_FORMATS)
 @pytest.mark.parametrize("value_dtype", [torch.int8, torch.bfloat16])
 def test_without_kernels_the_fallback_is_correct(name, value_dtype, monkeypatch):
@@ -120,7 +135,7 @@ def test_available_formats_follow_the_value_dtype():
         names = available_formats(w, value_dtype)
         assert names[0] == "dense" and "torch_csr" not in names and "bsr" not in names
         assert set(names[1:]) == ({"csr16", "bitmap", "nm", "dense_lowp"} if native else set())
-    assert FORMATS.meta("csr16")["value_dtypes"] == (torch.float32, torch.bfloat16, torch.int8)
+    assert FORMATS["csr16"].value_dtypes == (torch.float32, torch.bfloat16, torch.int8)
 
 
 @pytest.mark.parametrize("name", ["csr16", "dense_lowp"])

@@ -206,3 +206,16 @@ def test_extra_columns_cannot_shadow_builtins():
         r.to_dict()
     with pytest.raises(ValueError, match="params"):
         r.to_markdown()
+
+
+def test_engine_report_shows_value_dtype_bytes_and_quantization_error():
+    from sparsekit.engine import compile as engine_compile
+    from sparsekit.engine import report as engine_report
+
+    model, x = mlp(), torch.randn(2, 4)
+    compiled = engine_compile(model, x, formats="dense", rows=(1,))
+    rows = engine_report(compiled, x).rows
+    assert [r.extra["values"] for r in rows] == ["float32", "float32"]
+    assert [r.extra["bytes"] for r in rows] == [12 * 4, 6 * 4]  # the dense weight buffers
+    assert [r.extra["quant err"] for r in rows] == [0.0, 0.0]  # nothing was rounded
+    assert json.dumps(engine_report(compiled).to_dict())

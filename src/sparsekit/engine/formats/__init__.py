@@ -4,8 +4,8 @@ Each format is built from a dense 2-D weight and a boolean mask (``True`` = kept
 only its compressed tensors as buffers (no dense copy), and computes ``x @ W.T`` for ``x``
 of shape ``(..., in_features)`` with :meth:`Format.matmul`. :data:`FORMATS` is the registry
 of the names accepted by :func:`sparsekit.engine.compile`, with each format's metadata
-(weight ``dtypes`` it holds, ``value_dtypes`` it can store them in, ``device`` it runs on,
-``threaded``).
+(weight ``dtypes`` it holds, ``device`` it runs on, ``threaded``); each format's
+:attr:`Format.value_dtypes` are the dtypes it can store the values in.
 
 The buffers are plain dense tensors (values, indices, row pointers), so a format's
 ``state_dict`` is its compressed weight; :func:`format_from_state` rebuilds a format from
@@ -50,17 +50,14 @@ class FormatRegistry(Registry[type[Format]]):
 
 
 FORMATS = FormatRegistry(
-    "format",
-    meta={"dtypes": None, "value_dtypes": None, "device": None, "threaded": False},
-    ordered=True,
+    "format", meta={"dtypes": None, "device": None, "threaded": False}, ordered=True
 )
 for _format in (
     DenseFormat, TorchCSR, CSR16, Bitmap, PackedNM, BSR, ConstantFanIn, DenseLowPrecision,
     CudaSemiStructured, CudaBSR,
 ):
     FORMATS.register(
-        _format.name, dtypes=_format.dtypes, value_dtypes=_format.value_dtypes,
-        device=_format.device, threaded=_format.threaded,
+        _format.name, dtypes=_format.dtypes, device=_format.device, threaded=_format.threaded
     )(_format)
 
 
@@ -72,7 +69,7 @@ def available_formats(weight: torch.Tensor, value_dtype: torch.dtype | None = No
     others = [
         n for n in FORMATS.names()
         if n != "dense" and FORMATS.get(n).supports(weight)
-        and value_dtype in (FORMATS.meta(n)["value_dtypes"] or (weight.dtype,))
+        and value_dtype in (FORMATS.get(n).value_dtypes or (weight.dtype,))
     ]
     return ["dense", *others]
 

@@ -93,6 +93,13 @@ struct FanInArgs {
   int64_t n, k;
 };
 
+// A dense W (rows, cols) of bf16 or int8 (scaled) values.
+struct DenseArgs {
+  Linear io;
+  Value value;
+  const void* weight;
+};
+
 // Training: y (rows, batch) = W (rows, in) @ xt (in, batch) + bias, W in CSR with values read
 // through perm when given; every float operand float64 (`f64`) or float32.
 struct SpmmRowsArgs {
@@ -141,6 +148,7 @@ struct Cores {
   void (*nm_linear)(const NMArgs&);
   void (*bsr_linear)(const BsrArgs&);
   void (*fanin_linear)(const FanInArgs&);
+  void (*dense_linear)(const DenseArgs&);
   void (*spmm_rows)(const SpmmRowsArgs&);
   void (*sddmm)(const SddmmArgs&);
   void (*act_gemv)(const ActGemvArgs&);

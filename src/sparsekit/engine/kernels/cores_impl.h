@@ -20,6 +20,7 @@
 #include "nm_core.h"
 #include "bsr_core.h"
 #include "fanin_core.h"
+#include "dense_core.h"
 #include "spmm_train_core.h"
 #include "act_gemv_core.h"
 
@@ -27,6 +28,7 @@ namespace sparsekit::SPARSEKIT_ISA {
 
 extern const Cores kCores;
 const Cores kCores = {SPARSEKIT_NAME(SPARSEKIT_ISA), &csr_linear, &bitmap_linear, &nm_linear,
-                      &bsr_linear, &fanin_linear, &spmm_rows, &sddmm, &act_gemv};
+                      &bsr_linear, &fanin_linear, &dense_linear, &spmm_rows, &sddmm,
+                      &act_gemv};
 
 }  // namespace sparsekit::SPARSEKIT_ISA
