@@ -424,7 +424,8 @@ def main() -> int:
     parser.add_argument("--no-check", action="store_true", help="do not fail on missed targets")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--shape", type=shape_arg, metavar="HIDDENxINTERMEDIATExLAYERS",
-                        help="one model of this shape instead (a smoke test: 128x256x1)")
+                        help="one model of this shape instead (a smoke test: --quick "
+                        "--shape 128x256x1)")
     parser.add_argument("--only", choices=("decode", "perplexity"),
                         help="run one part (default: both)")
     args = parser.parse_args()

@@ -54,13 +54,12 @@ def test_end_to_end_quick():
 
 def test_llm_decode_small_shape(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "llm_decode.py"), "--shape", "128x256x1",
-         "--only", "decode",
-         "--no-check", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "benchmarks" / "llm_decode.py"), "--quick", "--shape",
+         "128x256x1", "--only", "decode", "--no-check", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    (model,) = json.loads((tmp_path / "llm_decode.json").read_text())["models"]
+    (model,) = json.loads((tmp_path / "llm_decode_quick.json").read_text())["models"]
     configs = set(model["rows"]) | set(model["skipped"])
     assert {"dense fp32", "dense bf16", "torch int8 dynamic", "int8pack"} <= set(model["rows"])
     sparse = {c for c in configs if c.startswith("sparsekit")}
@@ -69,4 +68,4 @@ def test_llm_decode_small_shape(tmp_path):
     claims = [c["claim"] for c in model["checks"]]
     assert any("70% int8 vs dense fp32" in c for c in claims)
     assert sum(not c["met"] for c in model["checks"]) >= len(model["skipped"])
-    assert "ISA" in (tmp_path / "llm_decode.md").read_text()
+    assert "ISA" in (tmp_path / "llm_decode_quick.md").read_text()
