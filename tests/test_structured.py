@@ -243,7 +243,8 @@ def test_channel_scores_come_from_the_registered_criteria():
     for method, data in [("wanda", x), ("snip", (x, torch.randint(0, 4, (8,))))]:
         m = _mlp()
         masks = sparsekit.prune(m, 0.5, pattern="channel", method=method, data=data)
-        assert int(masks.masks["0.bias"].sum()) == 15
+        assert int(masks.masks["0.weight"].all(1).sum()) == 15
+        assert set(masks.masks) == {"0.weight", "2.weight", "4.weight"}  # the targets only
 
 
 def test_group_keeps_at_least_one_channel():
@@ -253,11 +254,27 @@ def test_group_keeps_at_least_one_channel():
     assert [small[i].out_features for i in (0, 2)] == [1, 1]
 
 
-def test_excluded_writer_keeps_its_width():
+def test_groups_with_an_excluded_layer_keep_their_width():
     model = _mlp()
-    masks = sparsekit.prune(model, 0.5, pattern="channel", exclude=["2"])
+    masks = sparsekit.prune(model, 0.5, pattern="channel", exclude=["4"])
     small = shrink(model, masks)
-    assert [small[i].out_features for i in (0, 2)] == [15, 16]
+    assert [small[i].out_features for i in (0, 2)] == [15, 16]  # "4" reads the second group
+
+
+def test_channel_pattern_runs_under_a_gradual_schedule():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner = sparsekit.GradualPruner(model, 0.5, start_step=0, end_step=4, every=1,
+                                     pattern="channel", optimizer=opt)
+    x = torch.randn(4, 20)
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        pruner.step()
+    small = shrink(model, pruner.masks)
+    assert [small[i].out_features for i in (0, 2)] == [15, 8]
+    torch.testing.assert_close(small(x), model(x))
 
 
 def test_shrink_removes_groups_that_reached_zero():
