@@ -103,6 +103,27 @@ def test_depthwise_passes_its_input_space_through():
     assert ("head.weight", 1, "in", 0, 16) in _slices(groups["pw"])  # flatten → linear
 
 
+def test_view_as_flatten():
+    class Viewed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.fc = nn.Linear(4 * 4 * 4, 2)
+
+        def forward(self, x):
+            y = F.relu(self.conv(x))
+            return self.fc(y.view(y.size(0), -1))
+
+    model = Viewed()
+    (group,) = dependency_groups(model)
+    assert ("fc.weight", 1, "in", 0, 16) in _slices(group)
+    x = torch.randn(2, 1, 6, 6)
+    masks = sparsekit.prune(model, 0.5, pattern="channel")
+    small = shrink(model, masks)
+    assert small.fc.in_features == 32
+    torch.testing.assert_close(small(x), model(x))
+
+
 def test_mlp_and_lenet_flatten_groups():
     assert [g.name for g in dependency_groups(_mlp())] == ["0", "2"]
     lenet = {g.name: g for g in dependency_groups(LeNet5())}
