@@ -185,3 +185,27 @@ def test_a_model_without_the_unit_is_refused():
     model = transformers.GPT2LMHeadModel(cfg)
     with pytest.raises(ValueError, match="has no feed-forward network this knows"):
         prune_structured(model, tokens(), unit="ffn", method="magnitude")
+
+
+def qwen2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=3, num_attention_heads=8,
+                                   num_key_value_heads=4, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("unit, amount", [("heads", 0.5), ("layers", 0.34), ("ffn", 0.5)])
+def test_qwen2_biases_and_layer_types_follow(tmp_path, unit, amount):
+    model, ids = qwen2(), tokens()
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    prune_structured(model, ids, amount, unit=unit)
+    attn = model.model.layers[0].self_attn
+    if unit == "heads":
+        assert attn.q_proj.bias.shape == (16,) and attn.k_proj.bias.shape == (8,)
+    if unit == "layers":
+        assert len(model.config.layer_types) == model.config.num_hidden_layers == 2
+    expected = out(model, ids)
+    model.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(out(back, ids), expected)
