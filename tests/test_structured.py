@@ -261,7 +261,8 @@ def test_channel_scores_come_from_the_registered_criteria():
     masks = sparsekit.prune(model, 0.5, pattern="channel", method="magnitude")
     assert masks.masks["0.weight"][:15].all() and not masks.masks["0.weight"][15:].any()
     assert not masks.masks["2.weight"][:, 15:].any()  # reader columns go with them
-    for method, data in [("wanda", x), ("snip", (x, torch.randint(0, 4, (8,))))]:
+    labels = torch.randint(0, 4, (8,))
+    for method, data in [("wanda", x), ("snip", (x, labels)), ("taylor", (x, labels))]:
         m = _mlp()
         masks = sparsekit.prune(m, 0.5, pattern="channel", method=method, data=data)
         assert int(masks.masks["0.weight"].all(1).sum()) == 15
