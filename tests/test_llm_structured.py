@@ -165,6 +165,8 @@ def test_bert_ffn_and_heads(tmp_path, unit):
     ({"amount": 0.99, "unit": "heads"}, ValueError, "would remove every heads unit"),
     ({"amount": 0.9, "unit": "layers"}, ValueError, "would remove all 3 layers"),
     ({"calibration": None}, ValueError, "method 'wanda' needs calibration data"),
+    ({"calibration": None, "unit": "layers"}, ValueError,
+     r"method 'block_influence' needs calibration data \(token ids or texts\)$"),
     ({"calibration": torch.full((2, 4), VOCAB)}, ValueError, "calibration"),
 ])
 def test_bad_input_is_a_clear_error_and_leaves_the_model_untouched(kwargs, error, match):

@@ -105,8 +105,9 @@ def prune_structured(
     tokens = None
     if method != "magnitude":
         if calibration is None:
-            raise ValueError(f"method {method!r} needs calibration data (token ids or texts); "
-                             "use method='magnitude' to prune without data")
+            hint = "" if unit == "layers" else "; use method='magnitude' to prune without data"
+            raise ValueError(f"method {method!r} needs calibration data (token ids or texts)"
+                             + hint)
         tokens = calibration_tokens(calibration, tokenizer=tokenizer, nsamples=nsamples,
                                     seqlen=seqlen, seed=seed)
         check_token_ids(tokens, model)
