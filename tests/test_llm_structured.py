@@ -211,3 +211,21 @@ def test_qwen2_biases_and_layer_types_follow(tmp_path, unit, amount):
     model.save_pretrained(tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(out(back, ids), expected)
+
+
+def test_head_pattern_through_prune_and_shrink():
+    import sparsekit
+    from sparsekit.structured import transformer_groups
+
+    model, ids = llama(), tokens()
+    masks = sparsekit.prune(model, 0.5, pattern="head", method="wanda", data=ids)
+    assert masks.pattern == "head"
+    q = masks.masks["model.layers.0.self_attn.q_proj.weight"]
+    assert int(q.all(1).sum()) == 16 and masks.masks["lm_head.weight"].all()
+    expected = out(model, ids)
+    small = sparsekit.shrink(model, masks, groups=transformer_groups(model, "heads"))
+    attn = small.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features) == (16, 8)
+    torch.testing.assert_close(out(small, ids), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown unit 'experts'"):
+        transformer_groups(model, "experts")

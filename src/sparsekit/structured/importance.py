@@ -8,7 +8,7 @@ branches — so groups of different sizes compare on one scale for ``allocation=
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -42,10 +42,12 @@ def channel_masks(
     scores: Mapping[str, torch.Tensor],
     allocate: Allocate,
     sparsity: float,
+    groups: Sequence[Group] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Masks of ``targets`` that remove the least important ``sparsity`` of the channels
     of every group whose Linear/Conv weights — writers and readers — are all targets (how
-    many per group is ``allocate``'s answer; each group keeps at least one).
+    many per group is ``allocate``'s answer; each group keeps at least one). ``groups``
+    defaults to :func:`~sparsekit.structured.dependency_groups` of ``model``.
 
     A removed channel loses its writer rows and, above all, its reader columns: nothing
     reads it any more, so the masked model computes exactly what
@@ -54,7 +56,7 @@ def channel_masks(
     """
     chosen = {t.name for t in targets}
     ranked: dict[str, tuple[Group, torch.Tensor]] = {}
-    for group in dependency_groups(model):
+    for group in dependency_groups(model) if groups is None else groups:
         if not all(s.name in chosen for s in _layer_weights(model, group)):
             continue
         importance = group_importance(group, scores)
