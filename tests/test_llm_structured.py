@@ -165,6 +165,8 @@ def test_bert_ffn_and_heads(tmp_path, unit):
     ({"amount": 0.99, "unit": "heads"}, ValueError, "would remove every heads unit"),
     ({"amount": 0.9, "unit": "layers"}, ValueError, "would remove all 3 layers"),
     ({"calibration": None}, ValueError, "method 'wanda' needs calibration data"),
+    ({"calibration": None, "unit": "layers"}, ValueError,
+     r"method 'block_influence' needs calibration data \(token ids or texts\)$"),
     ({"calibration": torch.full((2, 4), VOCAB)}, ValueError, "calibration"),
 ])
 def test_bad_input_is_a_clear_error_and_leaves_the_model_untouched(kwargs, error, match):
@@ -185,3 +187,45 @@ def test_a_model_without_the_unit_is_refused():
     model = transformers.GPT2LMHeadModel(cfg)
     with pytest.raises(ValueError, match="has no feed-forward network this knows"):
         prune_structured(model, tokens(), unit="ffn", method="magnitude")
+
+
+def qwen2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=3, num_attention_heads=8,
+                                   num_key_value_heads=4, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("unit, amount", [("heads", 0.5), ("layers", 0.34), ("ffn", 0.5)])
+def test_qwen2_biases_and_layer_types_follow(tmp_path, unit, amount):
+    model, ids = qwen2(), tokens()
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    prune_structured(model, ids, amount, unit=unit)
+    attn = model.model.layers[0].self_attn
+    if unit == "heads":
+        assert attn.q_proj.bias.shape == (16,) and attn.k_proj.bias.shape == (8,)
+    if unit == "layers":
+        assert len(model.config.layer_types) == model.config.num_hidden_layers == 2
+    expected = out(model, ids)
+    model.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(out(back, ids), expected)
+
+
+def test_head_pattern_through_prune_and_shrink():
+    import sparsekit
+    from sparsekit.structured import transformer_groups
+
+    model, ids = llama(), tokens()
+    masks = sparsekit.prune(model, 0.5, pattern="head", method="wanda", data=ids)
+    assert masks.pattern == "head"
+    q = masks.masks["model.layers.0.self_attn.q_proj.weight"]
+    assert int(q.all(1).sum()) == 16 and masks.masks["lm_head.weight"].all()
+    expected = out(model, ids)
+    small = sparsekit.shrink(model, masks, groups=transformer_groups(model, "heads"))
+    attn = small.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features) == (16, 8)
+    torch.testing.assert_close(out(small, ids), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown unit 'experts'"):
+        transformer_groups(model, "experts")

@@ -103,6 +103,27 @@ def test_depthwise_passes_its_input_space_through():
     assert ("head.weight", 1, "in", 0, 16) in _slices(groups["pw"])  # flatten → linear
 
 
+def test_view_as_flatten():
+    class Viewed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.fc = nn.Linear(4 * 4 * 4, 2)
+
+        def forward(self, x):
+            y = F.relu(self.conv(x))
+            return self.fc(y.view(y.size(0), -1))
+
+    model = Viewed()
+    (group,) = dependency_groups(model)
+    assert ("fc.weight", 1, "in", 0, 16) in _slices(group)
+    x = torch.randn(2, 1, 6, 6)
+    masks = sparsekit.prune(model, 0.5, pattern="channel")
+    small = shrink(model, masks)
+    assert small.fc.in_features == 32
+    torch.testing.assert_close(small(x), model(x))
+
+
 def test_mlp_and_lenet_flatten_groups():
     assert [g.name for g in dependency_groups(_mlp())] == ["0", "2"]
     lenet = {g.name: g for g in dependency_groups(LeNet5())}
@@ -240,10 +261,12 @@ def test_channel_scores_come_from_the_registered_criteria():
     masks = sparsekit.prune(model, 0.5, pattern="channel", method="magnitude")
     assert masks.masks["0.weight"][:15].all() and not masks.masks["0.weight"][15:].any()
     assert not masks.masks["2.weight"][:, 15:].any()  # reader columns go with them
-    for method, data in [("wanda", x), ("snip", (x, torch.randint(0, 4, (8,))))]:
+    labels = torch.randint(0, 4, (8,))
+    for method, data in [("wanda", x), ("snip", (x, labels)), ("taylor", (x, labels))]:
         m = _mlp()
         masks = sparsekit.prune(m, 0.5, pattern="channel", method=method, data=data)
-        assert int(masks.masks["0.bias"].sum()) == 15
+        assert int(masks.masks["0.weight"].all(1).sum()) == 15
+        assert set(masks.masks) == {"0.weight", "2.weight", "4.weight"}  # the targets only
 
 
 def test_group_keeps_at_least_one_channel():
@@ -253,11 +276,27 @@ def test_group_keeps_at_least_one_channel():
     assert [small[i].out_features for i in (0, 2)] == [1, 1]
 
 
-def test_excluded_writer_keeps_its_width():
+def test_groups_with_an_excluded_layer_keep_their_width():
     model = _mlp()
-    masks = sparsekit.prune(model, 0.5, pattern="channel", exclude=["2"])
+    masks = sparsekit.prune(model, 0.5, pattern="channel", exclude=["4"])
     small = shrink(model, masks)
-    assert [small[i].out_features for i in (0, 2)] == [15, 16]
+    assert [small[i].out_features for i in (0, 2)] == [15, 16]  # "4" reads the second group
+
+
+def test_channel_pattern_runs_under_a_gradual_schedule():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner = sparsekit.GradualPruner(model, 0.5, start_step=0, end_step=4, every=1,
+                                     pattern="channel", optimizer=opt)
+    x = torch.randn(4, 20)
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        pruner.step()
+    small = shrink(model, pruner.masks)
+    assert [small[i].out_features for i in (0, 2)] == [15, 8]
+    torch.testing.assert_close(small(x), model(x))
 
 
 def test_shrink_removes_groups_that_reached_zero():

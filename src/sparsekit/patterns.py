@@ -4,8 +4,8 @@ whole channels.
 A pattern turns a layer's scores and a number of weights to keep into a boolean mask
 of that shape. Every pattern works on the weight's 2-D view ``(out, in · kernel)``: the
 input dimension is the flattened (input channel × kernel position) axis, which is the
-axis sparse kernels and N:M hardware compress along. ``"channel"`` is the one pattern that
-spans layers: it masks whole dependency groups (see :mod:`sparsekit.structured`).
+axis sparse kernels and N:M hardware compress along. ``"channel"`` and ``"head"`` span
+layers: they mask whole dependency groups (see :mod:`sparsekit.structured`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sparsekit.targets import Target
 PATTERNS: Registry = Registry("pattern")
 
 _ACCEPTED = ("'unstructured', 'N:M' (e.g. '2:4'), 'block:RxC' (e.g. 'block:4x4'), 'row', "
-             "'fanin' or 'channel'")
+             "'fanin', 'channel' or 'head'")
 
 
 class Pattern:
@@ -54,8 +54,8 @@ class Pattern:
 
 
 def parse_pattern(spec: str | Pattern) -> Pattern:
-    """Resolve ``"unstructured"``, ``"2:4"``, ``"block:4x4"``, ``"row"``, ``"fanin"`` or
-    ``"channel"`` to a :class:`Pattern`."""
+    """Resolve ``"unstructured"``, ``"2:4"``, ``"block:4x4"``, ``"row"``, ``"fanin"``,
+    ``"channel"`` or ``"head"`` to a :class:`Pattern`."""
     if isinstance(spec, Pattern):
         return spec
     if not isinstance(spec, str):
@@ -257,3 +257,33 @@ class Channel(Pattern):
 @PATTERNS.register("channel")
 def _channel(spec: str) -> Pattern:
     return Channel()
+
+
+@dataclass(frozen=True)
+class Head(Pattern):
+    """Whole attention heads of a Hugging Face transformer (LLaMA/Mistral/Qwen2, BERT): the
+    q/k/v rows and o columns of a key/value head and the query heads that read it. Pass
+    the same groups to :func:`~sparsekit.shrink` (``groups=transformer_groups(model,
+    "heads")``); :func:`sparsekit.llm.prune_structured` also updates the config."""
+
+    spec: str = "head"
+    grouped = True
+
+    def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        raise ValueError("pattern 'head' masks whole attention heads across layers: use "
+                         "prune(..., pattern='head') or compute_masks, not Pattern.mask")
+
+    def select(self, model: nn.Module, targets: list[Target], scores: dict[str, torch.Tensor],
+               allocate: Callable[[dict[str, torch.Tensor], float], dict[str, int]],
+               sparsity: float) -> dict[str, torch.Tensor]:
+        """The masks of every block's least important heads."""
+        from sparsekit.structured.importance import channel_masks
+        from sparsekit.structured.transformer import transformer_groups
+
+        groups = transformer_groups(model, "heads")
+        return channel_masks(model, targets, scores, allocate, sparsity, groups)
+
+
+@PATTERNS.register("head")
+def _head(spec: str) -> Pattern:
+    return Head()

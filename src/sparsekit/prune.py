@@ -40,7 +40,9 @@ def prune(
     argument is validated before anything is changed. Weights that are already exactly
     zero count as pruned, so pruning a pruned model never revives a weight.
     For N:M patterns the pattern caps the density at N/M; a higher ``sparsity``
-    thins the N:M mask further.
+    thins the N:M mask further. ``pattern="channel"`` removes that fraction of the
+    channels of every dependency group (see :mod:`sparsekit.structured`);
+    :func:`~sparsekit.shrink` then hands back the smaller dense model.
     """
     masks, pat = compute_masks(
         model, sparsity, method=method, pattern=pattern, allocation=allocation,

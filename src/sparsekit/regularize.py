@@ -134,10 +134,7 @@ class SoftThreshold:
                              f"parameter groups, got {sorted(rates)}")
         return float(next(iter(rates)))
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str):  # zero_grad, param_groups, state_dict …
         return getattr(self.optimizer, name)
 
 

@@ -39,14 +39,14 @@ from torch import nn
 
 from sparsekit._checks import check_fraction
 from sparsekit.allocation import ALLOCATIONS
-from sparsekit.blocks import find_blocks
 from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
 from sparsekit.observe import input_stats, run
 from sparsekit.scores.wanda import wanda_scores
 from sparsekit.select import top_k
-from sparsekit.structured.dependency import Group, Slice
+from sparsekit.structured.dependency import Group
 from sparsekit.structured.importance import group_importance
 from sparsekit.structured.shrink import cut, remove_channels
+from sparsekit.structured.transformer import transformer_blocks, transformer_groups
 
 __all__ = ["UNITS", "block_influence", "load_pretrained", "prune_structured"]
 
@@ -55,14 +55,6 @@ UNITS = {"ffn": ("wanda", "magnitude"), "heads": ("wanda", "magnitude"),
 """Each unit and the methods that rank it (the first is the default)."""
 _ALLOCATIONS = ("uniform", "global")
 
-# (writers, reader) of a block's feed-forward network: LLaMA/Mistral/Qwen2, BERT
-_FFNS = ((("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
-         (("intermediate.dense",), "output.dense"))
-# (q, k, v, o, module holding the head size, its attribute): LLaMA/Mistral/Qwen2, BERT
-_ATTENTIONS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "self_attn", "head_dim"),
-               ("attention.self.query", "attention.self.key", "attention.self.value",
-                "attention.output.dense", "attention.self", "attention_head_size"))
 SHAPES_KEY = "sparsekit_shapes"
 
 
@@ -101,19 +93,20 @@ def prune_structured(
         raise ValueError(f"unknown allocation {allocation!r}; accepted: "
                          f"{', '.join(map(repr, _ALLOCATIONS))}")
     check_fraction("amount", amount, zero=False)
-    prefix, blocks = _blocks(model)
+    prefix, blocks = transformer_blocks(model)
     tokens = None
     if method != "magnitude":
         if calibration is None:
-            raise ValueError(f"method {method!r} needs calibration data (token ids or texts); "
-                             "use method='magnitude' to prune without data")
+            hint = "" if unit == "layers" else "; use method='magnitude' to prune without data"
+            raise ValueError(f"method {method!r} needs calibration data (token ids or texts)"
+                             + hint)
         tokens = calibration_tokens(calibration, tokenizer=tokenizer, nsamples=nsamples,
                                     seqlen=seqlen, seed=seed)
         check_token_ids(tokens, model)
     if unit == "layers":
         _remove_layers(model, blocks, block_influence(model, tokens), amount)
     else:
-        groups = [_group(model, f"{prefix}.{i}", b, unit) for i, b in enumerate(blocks)]
+        groups = transformer_groups(model, unit)
         scores = _scores(model, groups, tokens)
         removed = _select(groups, scores, amount, allocation, unit)
         remove_channels(model, removed)
@@ -127,7 +120,7 @@ def block_influence(model: nn.Module, tokens: torch.Tensor) -> list[float]:
     """ShortGPT's block influence of every block on ``tokens``: 1 − the mean cosine
     similarity of each token's hidden state before and after the block (low: the block
     barely changes its input, and removing it costs little)."""
-    _, blocks = _blocks(model)
+    _, blocks = transformer_blocks(model)
     sums = [0.0] * len(blocks)
     counts = [0] * len(blocks)
 
@@ -188,51 +181,6 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
 
 
 # -- stages -------------------------------------------------------------------------------
-
-
-def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    blocks = find_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
-    return prefix, blocks
-
-
-def _group(model: nn.Module, name: str, block: nn.Module, unit: str) -> Group:
-    """The FFN neurons or attention heads of one block as a dependency group."""
-    def has(path: str) -> bool:
-        try:
-            block.get_submodule(path)
-        except AttributeError:
-            return False
-        return True
-
-    def slices(path: str, dim: int, role: str, repeat: int) -> list[Slice]:
-        layer = block.get_submodule(path)
-        out = [Slice(f"{name}.{path}.weight", dim, role, 0, repeat)]
-        if dim == 0 and layer.bias is not None:
-            out.append(Slice(f"{name}.{path}.bias", 0, role, 0, repeat))
-        return out
-
-    if unit == "ffn":
-        for writers, reader in _FFNS:
-            if all(has(p) for p in (*writers, reader)):
-                width = block.get_submodule(reader).in_features
-                parts = [s for w in writers for s in slices(w, 0, "out", 1)]
-                return Group(f"{name}.ffn", width, (*parts, *slices(reader, 1, "in", 1)))
-    else:
-        for q, k, v, o, holder, attr in _ATTENTIONS:
-            if all(has(p) for p in (q, k, v, o)):
-                size = getattr(block.get_submodule(holder), attr)
-                kv = block.get_submodule(k).out_features // size
-                per_kv = block.get_submodule(q).out_features // kv  # query rows per kv head
-                parts = [*slices(q, 0, "out", per_kv), *slices(k, 0, "out", size),
-                         *slices(v, 0, "out", size), *slices(o, 1, "in", per_kv)]
-                return Group(f"{name}.heads", kv, tuple(parts))
-    raise ValueError(
-        f"unit {unit!r}: block {name!r} ({type(block).__name__}) has no "
-        f"{'feed-forward network' if unit == 'ffn' else 'attention'} this knows; accepted: "
-        "LLaMA/Mistral/Qwen2-style (mlp.gate_proj/up_proj/down_proj, self_attn.q/k/v/o_proj) "
-        "and BERT-style blocks (intermediate/output.dense, attention.self.query/key/value)"
-    )
 
 
 def _scores(model: nn.Module, groups: list[Group], tokens: torch.Tensor | None

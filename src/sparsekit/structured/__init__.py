@@ -3,5 +3,6 @@ physically smaller dense model."""
 
 from sparsekit.structured.dependency import Group, Slice, dependency_groups
 from sparsekit.structured.shrink import shrink
+from sparsekit.structured.transformer import transformer_groups
 
-__all__ = ["Group", "Slice", "dependency_groups", "shrink"]
+__all__ = ["Group", "Slice", "dependency_groups", "shrink", "transformer_groups"]

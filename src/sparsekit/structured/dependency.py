@@ -11,7 +11,8 @@ graph:
 * ``a + b`` and ``a * b`` *join* the spaces of both operands (they must shrink together);
 * ``torch.cat`` along the channel axis *concatenates* spaces (each keeps its offset);
 * a depthwise convolution passes its input space through (its filters go with it);
-* ``flatten`` → Linear spreads each channel over its ``H·W`` input columns;
+* ``flatten`` (or ``x.view(x.size(0), -1)``) → Linear spreads each channel over its
+  ``H·W`` input columns;
 * a Conv / Linear *reads* the space: its input columns belong to the group.
 
 A space that reaches the model's output or input, or meets an op this tracer does not
@@ -356,6 +357,9 @@ class _Follower:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             return self.flatten(layout, start, end)
+        if method in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1 \
+                and not node.kwargs:  # x.view(x.size(0), -1): a flatten from axis 1
+            return self.flatten(layout, 1, -1)
         self.freeze(node.args, node.kwargs)
         return None
 

@@ -8,13 +8,13 @@ branches — so groups of different sizes compare on one scale for ``allocation=
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from sparsekit.select import top_k
-from sparsekit.structured.dependency import Group, dependency_groups
+from sparsekit.structured.dependency import Group, Slice, dependency_groups
 from sparsekit.targets import DEFAULT_TYPES, Target
 
 __all__ = ["channel_masks", "group_importance"]
@@ -42,17 +42,22 @@ def channel_masks(
     scores: Mapping[str, torch.Tensor],
     allocate: Allocate,
     sparsity: float,
+    groups: Sequence[Group] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Masks that remove the least important ``sparsity`` of the channels of every group
-    whose writers are all ``targets`` (how many per group is ``allocate``'s answer; each
-    group keeps at least one). Every slice of a removed channel is masked — writer rows,
-    biases, BatchNorm affines and reader columns — so the masked model computes exactly
-    what :func:`~sparsekit.shrink` hands back."""
+    """Masks of ``targets`` that remove the least important ``sparsity`` of the channels
+    of every group whose Linear/Conv weights — writers and readers — are all targets (how
+    many per group is ``allocate``'s answer; each group keeps at least one). ``groups``
+    defaults to :func:`~sparsekit.structured.dependency_groups` of ``model``.
+
+    A removed channel loses its writer rows and, above all, its reader columns: nothing
+    reads it any more, so the masked model computes exactly what
+    :func:`~sparsekit.shrink` hands back (biases and BatchNorm entries of the channel are
+    left as they are; ``shrink`` removes them with it).
+    """
     chosen = {t.name for t in targets}
-    params = dict(model.named_parameters())
     ranked: dict[str, tuple[Group, torch.Tensor]] = {}
-    for group in dependency_groups(model):
-        if not all(s.name in chosen for s in _writers(model, group)):
+    for group in dependency_groups(model) if groups is None else groups:
+        if not all(s.name in chosen for s in _layer_weights(model, group)):
             continue
         importance = group_importance(group, scores)
         if importance is not None:
@@ -60,24 +65,18 @@ def channel_masks(
     keep = allocate({k: imp for k, (_, imp) in ranked.items()}, sparsity)
     masks = {t.name: t.param.detach() != 0 for t in targets}
     for key, (group, importance) in ranked.items():
-        kept = top_k(importance, max(keep[key], 1))
-        gone = torch.nonzero(~kept).flatten()
-        if not gone.numel():
-            continue
+        gone = torch.nonzero(~top_k(importance, max(keep[key], 1))).flatten()
         for s in group.slices:
-            if s.name in params:
-                mask = masks.setdefault(s.name, torch.ones_like(params[s.name], dtype=torch.bool))
-                index = s.indices(gone).to(mask.device)
-                mask.index_fill_(s.dim, index, False)
+            if s.name in masks and gone.numel():
+                masks[s.name].index_fill_(s.dim, s.indices(gone).to(masks[s.name].device), False)
     return masks
 
 
-def _writers(model: nn.Module, group: Group) -> list:
-    """The Linear/Conv weights that write (or pass through) the group's channels."""
+def _layer_weights(model: nn.Module, group: Group) -> list[Slice]:
+    """The slices of Linear/Conv weights in ``group`` (writers, depthwise filters, readers)."""
     out = []
     for s in group.slices:
         owner, _, attr = s.name.rpartition(".")
-        if s.role == "out" and attr == "weight" and isinstance(
-                model.get_submodule(owner), DEFAULT_TYPES):
+        if attr == "weight" and isinstance(model.get_submodule(owner), DEFAULT_TYPES):
             out.append(s)
     return out

@@ -11,7 +11,7 @@ them so.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -23,7 +23,8 @@ __all__ = ["cut", "remove_channels", "removable_channels", "shrink"]
 MaskTable = Mapping[str, torch.Tensor]
 
 
-def shrink(model: nn.Module, masks: object = None) -> nn.Module:
+def shrink(model: nn.Module, masks: object = None, *, groups: Sequence[Group] | None = None
+           ) -> nn.Module:
     """A new, smaller dense copy of ``model`` without the channels ``masks`` cut off.
 
     ``masks`` is a :class:`~sparsekit.MaskSet` or a ``{parameter name: bool tensor}``
@@ -31,12 +32,15 @@ def shrink(model: nn.Module, masks: object = None) -> nn.Module:
     a regulariser drove to zero). A channel goes when all of its reader columns are
     masked (see :func:`removable_channels`); each group keeps at least one channel. The
     model itself is not changed; layer attributes (``out_channels``, ``in_features``,
-    ``num_features`` …) follow the new shapes. Raises ``ValueError`` for masks that do not
-    fit the model and for models ``torch.fx`` cannot trace.
+    ``num_features`` …) follow the new shapes. ``groups`` defaults to
+    :func:`~sparsekit.structured.dependency_groups` of ``model``; for a transformer pass
+    :func:`~sparsekit.structured.transformer.transformer_groups` (its ``config`` is not
+    updated: :func:`sparsekit.llm.prune_structured` does that). Raises ``ValueError`` for
+    masks that do not fit the model and for models ``torch.fx`` cannot trace.
     """
     table = _mask_table(model, masks)
     removed = []
-    for group in dependency_groups(model):
+    for group in dependency_groups(model) if groups is None else groups:
         gone = removable_channels(model, group, table)
         if gone.numel() == group.channels:
             gone = gone[1:]  # a group never vanishes: its first channel stays (it is inert)

@@ -1,0 +1,85 @@
+"""Dependency groups of Hugging Face transformer blocks: FFN neurons and attention heads.
+
+``torch.fx`` cannot follow a transformer's attention (its heads live in reshapes), so the
+groups are read from the block's known layout instead: an FFN neuron is a row of
+``gate_proj``/``up_proj`` (BERT: ``intermediate.dense``) and a column of ``down_proj``
+(``output.dense``); an attention unit is a key/value head with the query heads that read
+it (grouped-query attention; one head without it): rows of q/k/v, columns of o. They are
+:class:`~sparsekit.structured.Group` s like any CNN channel, so the same importance,
+masks and :func:`~sparsekit.structured.shrink.remove_channels` apply.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sparsekit.blocks import find_blocks
+from sparsekit.structured.dependency import Group, Slice
+
+__all__ = ["UNITS", "block_group", "transformer_blocks", "transformer_groups"]
+
+UNITS = ("ffn", "heads")
+
+# (writers, reader) of a block's feed-forward network: LLaMA/Mistral/Qwen2, BERT
+_FFNS = ((("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+         (("intermediate.dense",), "output.dense"))
+# (q, k, v, o, module holding the head size, its attribute): LLaMA/Mistral/Qwen2, BERT
+_ATTENTIONS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "self_attn", "head_dim"),
+               ("attention.self.query", "attention.self.key", "attention.self.value",
+                "attention.output.dense", "attention.self", "attention_head_size"))
+
+
+def transformer_groups(model: nn.Module, unit: str) -> list[Group]:
+    """One group per transformer block: its FFN neurons (``unit="ffn"``) or attention
+    heads (``unit="heads"``); ``ValueError`` for a block without that unit."""
+    if unit not in UNITS:
+        raise ValueError(f"unknown unit {unit!r}; accepted: {', '.join(map(repr, UNITS))}")
+    prefix, blocks = transformer_blocks(model)
+    return [block_group(f"{prefix}.{i}", b, unit) for i, b in enumerate(blocks)]
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The qualified name and the list of ``model``'s transformer blocks."""
+    blocks = find_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    return prefix, blocks
+
+
+def block_group(name: str, block: nn.Module, unit: str) -> Group:
+    """The FFN neurons or attention heads of one block as a dependency group."""
+    def has(path: str) -> bool:
+        try:
+            block.get_submodule(path)
+        except AttributeError:
+            return False
+        return True
+
+    def slices(path: str, dim: int, role: str, repeat: int) -> list[Slice]:
+        layer = block.get_submodule(path)
+        out = [Slice(f"{name}.{path}.weight", dim, role, 0, repeat)]
+        if dim == 0 and layer.bias is not None:
+            out.append(Slice(f"{name}.{path}.bias", 0, role, 0, repeat))
+        return out
+
+    if unit == "ffn":
+        for writers, reader in _FFNS:
+            if all(has(p) for p in (*writers, reader)):
+                width = block.get_submodule(reader).in_features
+                parts = [s for w in writers for s in slices(w, 0, "out", 1)]
+                return Group(f"{name}.ffn", width, (*parts, *slices(reader, 1, "in", 1)))
+    else:
+        for q, k, v, o, holder, attr in _ATTENTIONS:
+            if all(has(p) for p in (q, k, v, o)):
+                size = getattr(block.get_submodule(holder), attr)
+                kv = block.get_submodule(k).out_features // size
+                per_kv = block.get_submodule(q).out_features // kv  # query rows per kv head
+                parts = [*slices(q, 0, "out", per_kv), *slices(k, 0, "out", size),
+                         *slices(v, 0, "out", size), *slices(o, 1, "in", per_kv)]
+                return Group(f"{name}.heads", kv, tuple(parts))
+    raise ValueError(
+        f"unit {unit!r}: block {name!r} ({type(block).__name__}) has no "
+        f"{'feed-forward network' if unit == 'ffn' else 'attention'} this knows; accepted: "
+        "LLaMA/Mistral/Qwen2-style (mlp.gate_proj/up_proj/down_proj, self_attn.q/k/v/o_proj) "
+        "and BERT-style blocks (intermediate/output.dense, attention.self.query/key/value)"
+    )
