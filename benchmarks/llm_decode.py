@@ -56,6 +56,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import sparsekit
 from sparsekit import activation, llm
 from sparsekit.engine import kernels
+from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.quantize import quantize_int8
 
 RESULTS = Path(__file__).parent / "results"
@@ -320,12 +321,14 @@ def run_model(name: str, shape: tuple[int, int, int, int], quick: bool) -> dict:
 
 
 def formats_of(model: nn.Module) -> dict[str, int]:
-    """How many of a compiled model's layers took each format (empty if not compiled)."""
+    """How many of a compiled model's layers took each format (empty if not compiled);
+    layers with activation thresholds count as ``activation-sparse``."""
     counts: dict[str, int] = {}
     for choice in getattr(model, "sparsekit_choices", {}).values():
         fmt = str(choice.get("format"))
         counts[fmt] = counts.get(fmt, 0) + 1
-    return counts
+    act = sum(isinstance(m, ActivationSparseLinear) for m in model.modules())
+    return {**counts, "activation-sparse": act} if act else counts
 
 
 # -- accuracy of the int8 grid --------------------------------------------------------------
