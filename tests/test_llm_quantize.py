@@ -173,3 +173,22 @@ def test_compile_stores_the_codes_of_a_quantized_model():
     with torch.no_grad():
         expected, got = model(ids).logits, compiled(ids).logits
     assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_pruning_again_without_quantize_forgets_the_grid():
+    model = build()
+    llm.prune(model, tokens(4, 16), method="magnitude", quantize="int8")
+    llm.prune(model, tokens(4, 16), method="sparsegpt", sparsity=0.6)
+    for layer in layers_of(model):
+        assert attached_scales(layer.module) is None
+        assert SCALE_NAME not in layer.module.state_dict()
+
+
+def test_detach_scales_without_a_grid_is_a_no_op():
+    from torch import nn
+
+    from sparsekit.quantize import detach_scales
+
+    layer = nn.Linear(4, 2)
+    detach_scales(layer)
+    assert attached_scales(layer) is None

@@ -15,7 +15,8 @@ are float32 in every kernel; only the stored values are 8-bit.
 A layer whose weight already lies on an int8 grid (``sparsekit.llm.prune(...,
 quantize="int8")``) carries that grid's scales as a float32 buffer named
 :data:`SCALE_NAME` (``weight_scale``, the name compressed-tensors also uses):
-:func:`attach_scales` sets it, :func:`attached_scales` reads it, and
+:func:`attach_scales` sets it, :func:`attached_scales` reads it, :func:`detach_scales`
+drops it once the weight leaves the grid (pruning again without quantizing), and
 :func:`sparsekit.compile` then stores exactly those codes.
 """
 
@@ -27,7 +28,7 @@ from torch import nn
 from sparsekit._checks import check_int
 
 __all__ = [
-    "INT8_MAX", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8",
+    "INT8_MAX", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8", "detach_scales",
     "fake_quantize", "int8_scales", "quantize_int8",
 ]
 
@@ -93,6 +94,12 @@ def attached_scales(module: nn.Module) -> torch.Tensor | None:
     """The int8 scales recorded on ``module`` by :func:`attach_scales`, or ``None``."""
     scales = module._buffers.get(SCALE_NAME)
     return scales if isinstance(scales, torch.Tensor) else None
+
+
+def detach_scales(module: nn.Module) -> None:
+    """Forget the int8 grid recorded on ``module`` (nothing happens without one): its
+    weight changed and no longer lies on that grid."""
+    module._buffers.pop(SCALE_NAME, None)
 
 
 def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:

@@ -40,7 +40,7 @@ from sparsekit.masks import MaskSet
 from sparsekit.observe import InputStats, preserved, record
 from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from sparsekit.prune import check_sparsity
-from sparsekit.quantize import attach_scales
+from sparsekit.quantize import attach_scales, detach_scales
 from sparsekit.registry import Registry
 from sparsekit.scores.wanda import wanda_scores
 from sparsekit.targets import TargetSpec
@@ -139,6 +139,8 @@ def prune(
                 layer.set_weight(w)
                 if scales is not None:
                     attach_scales(layer.module, scales)
+                else:  # pruned again without quantizing: the weight left any earlier grid
+                    detach_scales(layer.module)
                 masks[layer.name] = layer.to_storage(keep)
             del new  # before the next block's statistics are gathered
     return MaskSet(model, masks, pattern=str(pat)).apply()
