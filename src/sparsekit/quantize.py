@@ -28,7 +28,8 @@ from torch import nn
 from sparsekit._checks import check_int
 
 __all__ = [
-    "INT8_MAX", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8", "detach_scales",
+    "INT8_MAX", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8",
+    "detach_scales",
     "fake_quantize", "int8_scales", "quantize_int8",
 ]
 
