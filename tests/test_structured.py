@@ -321,7 +321,7 @@ def test_shrink_rejects_masks_that_do_not_fit():
 
 def test_channel_pattern_is_registered():
     assert str(sparsekit.parse_pattern("channel")) == "channel"
-    with pytest.raises(ValueError, match="whole dependency groups"):
+    with pytest.raises(ValueError, match="masks whole groups across layers"):
         sparsekit.parse_pattern("channel").mask(torch.ones(2, 2), 2)
 
 

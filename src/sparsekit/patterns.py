@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from torch import nn
 from sparsekit.registry import Registry
 from sparsekit.select import top_k
 from sparsekit.targets import Target
+
+if TYPE_CHECKING:
+    from sparsekit.structured.dependency import Group
 
 PATTERNS: Registry = Registry("pattern")
 
@@ -229,8 +233,31 @@ def _fanin(spec: str) -> Pattern:
     return FanIn()
 
 
+class GroupPattern(Pattern):
+    """Base of the patterns that mask whole dependency groups across layers: a subclass
+    names its groups; which channels of each go is decided by
+    :func:`sparsekit.structured.importance.channel_masks`."""
+
+    grouped = True
+
+    def groups(self, model: nn.Module) -> list[Group]:
+        raise NotImplementedError
+
+    def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        raise ValueError(f"pattern {self.spec!r} masks whole groups across layers: use "
+                         f"prune(..., pattern={self.spec!r}) or compute_masks, not Pattern.mask")
+
+    def select(self, model: nn.Module, targets: list[Target], scores: dict[str, torch.Tensor],
+               allocate: Callable[[dict[str, torch.Tensor], float], dict[str, int]],
+               sparsity: float) -> dict[str, torch.Tensor]:
+        """The target masks that remove each group's least important channels."""
+        from sparsekit.structured.importance import channel_masks
+
+        return channel_masks(model, targets, scores, allocate, sparsity, self.groups(model))
+
+
 @dataclass(frozen=True)
-class Channel(Pattern):
+class Channel(GroupPattern):
     """Whole channels of dependency groups: a conv's filters with their BatchNorm entries,
     every residual branch added to them and the input columns of every reader, so that
     :func:`~sparsekit.shrink` can hand back a smaller dense model with the same outputs.
@@ -238,20 +265,11 @@ class Channel(Pattern):
     across groups with ``"global"``); each group keeps at least one channel."""
 
     spec: str = "channel"
-    grouped = True
 
-    def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        raise ValueError("pattern 'channel' masks whole dependency groups across layers: "
-                         "use prune(..., pattern='channel') or compute_masks, not Pattern.mask")
+    def groups(self, model: nn.Module) -> list[Group]:
+        from sparsekit.structured.dependency import dependency_groups  # traces with torch.fx
 
-    def select(self, model: nn.Module, targets: list[Target], scores: dict[str, torch.Tensor],
-               allocate: Callable[[dict[str, torch.Tensor], float], dict[str, int]],
-               sparsity: float) -> dict[str, torch.Tensor]:
-        """The masks of every group's least important channels (see
-        :func:`sparsekit.structured.importance.channel_masks`)."""
-        from sparsekit.structured.importance import channel_masks  # traces with torch.fx
-
-        return channel_masks(model, targets, scores, allocate, sparsity)
+        return dependency_groups(model)
 
 
 @PATTERNS.register("channel")
@@ -260,28 +278,18 @@ def _channel(spec: str) -> Pattern:
 
 
 @dataclass(frozen=True)
-class Head(Pattern):
+class Head(GroupPattern):
     """Whole attention heads of a Hugging Face transformer (LLaMA/Mistral/Qwen2, BERT): the
     q/k/v rows and o columns of a key/value head and the query heads that read it. Pass
     the same groups to :func:`~sparsekit.shrink` (``groups=transformer_groups(model,
     "heads")``); :func:`sparsekit.llm.prune_structured` also updates the config."""
 
     spec: str = "head"
-    grouped = True
 
-    def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        raise ValueError("pattern 'head' masks whole attention heads across layers: use "
-                         "prune(..., pattern='head') or compute_masks, not Pattern.mask")
-
-    def select(self, model: nn.Module, targets: list[Target], scores: dict[str, torch.Tensor],
-               allocate: Callable[[dict[str, torch.Tensor], float], dict[str, int]],
-               sparsity: float) -> dict[str, torch.Tensor]:
-        """The masks of every block's least important heads."""
-        from sparsekit.structured.importance import channel_masks
+    def groups(self, model: nn.Module) -> list[Group]:
         from sparsekit.structured.transformer import transformer_groups
 
-        groups = transformer_groups(model, "heads")
-        return channel_masks(model, targets, scores, allocate, sparsity, groups)
+        return transformer_groups(model, "heads")
 
 
 @PATTERNS.register("head")

@@ -93,7 +93,7 @@ def prune_structured(
         raise ValueError(f"unknown allocation {allocation!r}; accepted: "
                          f"{', '.join(map(repr, _ALLOCATIONS))}")
     check_fraction("amount", amount, zero=False)
-    prefix, blocks = transformer_blocks(model)
+    _, blocks = transformer_blocks(model)
     tokens = None
     if method != "magnitude":
         if calibration is None:
@@ -111,7 +111,7 @@ def prune_structured(
         removed = _select(groups, scores, amount, allocation, unit)
         remove_channels(model, removed)
         _sync_heads(model)
-        _update_config(model, unit, groups, removed)
+        _update_config(model, unit, removed)
     _record_shapes(model)
     return model
 
@@ -241,8 +241,8 @@ def _sync_heads(model: nn.Module) -> None:
             m.all_head_size = query.out_features
 
 
-def _update_config(model: nn.Module, unit: str, groups: list[Group],
-                   removed: list[tuple[Group, torch.Tensor]]) -> None:
+def _update_config(model: nn.Module, unit: str, removed: list[tuple[Group, torch.Tensor]]
+                   ) -> None:
     """Set the config's widths to the widest block (exact when all blocks agree). A
     width the config class refuses (LLaMA wants heads that divide the hidden size even
     with an explicit ``head_dim``) stays as it was; :func:`_record_shapes` covers it."""
