@@ -1,10 +1,11 @@
-// Bitmap-row kernels for y = x @ W.T + bias on CPU.
+// The bitmap-row op: y = x @ W.T + bias on CPU.
 //
 // Per row one bit per input (16-bit words, zero-padded per row), the fp32, bf16 or int8
 // values of the set bits packed row by row and int32 row pointers into them: 4 (bf16: 2,
-// int8: 1) bytes per nonzero plus 1 bit per weight (int8: plus a float32 scale per row). With AVX-512 one expand puts the values of 16 inputs into
-// their lanes, so the GEMV is a dense-like streaming loop over the row. The GEMV/SpMM
-// drivers are shared with packed N:M (decoded_rows.h).
+// int8: 1) bytes per nonzero plus 1 bit per weight (int8: plus a float32 scale per row).
+// The arithmetic is bitmap_core.h, compiled per instruction set: AVX-512 expands the values
+// of 16 inputs into their lanes with one instruction, AVX2 permutes 8 packed values into
+// place from a table of byte masks, so the GEMV is a dense-like streaming loop over the row.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

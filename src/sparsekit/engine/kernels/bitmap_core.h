@@ -102,7 +102,8 @@ struct Bitmap {
 #elif SPARSEKIT_AVX2
       for (unsigned half = 0; half < 2; ++half) {
         const unsigned m = (b[k] >> (8 * half)) & 0xFFu;
-        const __m256i at = _mm256_load_si256(reinterpret_cast<const __m256i*>(kByteTables.pack[m]));
+        const __m256i at =
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(kByteTables.pack[m]));
         const __m256i first = _mm256_set1_epi32(static_cast<int>(16 * k + 8 * half));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + n), _mm256_add_epi32(at, first));
         n += __builtin_popcount(m);

@@ -128,7 +128,8 @@ struct SddmmArgs {
 };
 
 // Activation sparsity, one input row: y (out) = bias + sum over the nnz kept inputs idx[k]
-// (values val[k]) of val[k] * wt[idx[k], :]; wt (in, out) and bias bf16 (`is_bf16`) or float32.
+// (values val[k]) of val[k] * wt[idx[k], :]; wt (in, out) and bias bf16 (`is_bf16`) or
+// float32.
 struct ActGemvArgs {
   bool is_bf16;
   const void* wt;

@@ -2,7 +2,9 @@
 // torch.ops.sparsekit.<name>. Each kernel family registers its CPU implementation in its
 // own file (TORCH_LIBRARY_IMPL); the shape-only fake implementations that let
 // torch.compile and torch.export trace the ops are registered from Python
-// (sparsekit/engine/kernels/fake.py).
+// (sparsekit/engine/kernels/fake.py). The arithmetic of each kernel is its family's
+// *_core.h, compiled once per instruction set (cores.h); isa.cpp chooses the one that runs
+// and defines, with their implementations, the ops isa() / isas() / set_isa(name).
 
 #include <torch/library.h>
 

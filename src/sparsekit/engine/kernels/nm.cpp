@@ -1,10 +1,10 @@
-// Packed N:M kernels for y = x @ W.T + bias on CPU.
+// The packed N:M op: y = x @ W.T + bias on CPU.
 //
 // Per row ceil(cols / M) groups of N fp32, bf16 or int8 values (zero-padded; int8 with a
-// float32 scale per row) and one log2(M)-bit
-// field per value (M=8 uses 4 bits) giving its input within the group; the fields of every
-// 16 values fill one (M=4) or two (M=8) 32-bit words. The GEMV/SpMM drivers are shared with
-// the bitmap rows (decoded_rows.h).
+// float32 scale per row) and one log2(M)-bit field per value (M=8 uses 4 bits) giving its
+// input within the group; the fields of every 16 values fill one (M=4) or two (M=8) 32-bit
+// words. The arithmetic is nm_core.h, compiled per instruction set; its GEMV/SpMM drivers
+// are shared with the bitmap rows (decoded_rows.h).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -74,7 +74,8 @@ struct PackedNM {
     // gathered where 8 values span 64 inputs (1:8).
     const int64_t span = 8 / n * m;
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i lane_shift = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(fbits)));
+    const __m256i lane_shift =
+        _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(fbits)));
     const __m256i field = _mm256_set1_epi32(static_cast<int>(m - 1));
     const __m256i base = _mm256_sllv_epi32(
         _mm256_srlv_epi32(lane, _mm256_set1_epi32(__builtin_ctzll(n))),
@@ -83,8 +84,10 @@ struct PackedNM {
     const float* xs = x;
     for (; k + 8 <= width; k += 8, xs += span) {
       const int64_t bit = k * fbits;
-      const __m256i shift = _mm256_add_epi32(lane_shift, _mm256_set1_epi32(static_cast<int>(bit % 32)));
-      const __m256i f = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(q[bit / 32])), shift);
+      const __m256i shift =
+          _mm256_add_epi32(lane_shift, _mm256_set1_epi32(static_cast<int>(bit % 32)));
+      const __m256i f =
+          _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(q[bit / 32])), shift);
       const __m256i c = _mm256_add_epi32(base, _mm256_and_si256(f, field));
       const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  // c & 8 as the sign
       __m256 xv;
