@@ -93,14 +93,62 @@ def test_a_win_in_the_median_but_not_in_most_rounds_keeps_dense() -> None:
     assert autotune.choose(samples, CANDIDATES)[0] == "torch_csr"
 
 
-def test_the_format_must_hold_at_every_row_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    # twice as fast for decoding, 10 % slower for the prompt: dense
+def test_the_format_must_hold_at_every_row_count_it_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # twice as fast for decoding, 10 % slower for the prompt: sparse for 1 row, dense above
     _clock(monkeypatch, dense=1.0, torch_csr=lambda rows: 0.5 if rows == 1 else 1.1)
-    compiled = compile(_model(), torch.randn(2, 64, 32), formats=CANDIDATES, cache=False)
-    assert {c["format"] for c in compiled.sparsekit_choices.values()} == {"dense"}
-    # served only at one row, it wins
+    model, x = _model(), torch.randn(2, 64, 32)
+    compiled = compile(model, x, formats=CANDIDATES, cache=False)
+    for name, choice in compiled.sparsekit_choices.items():
+        assert (choice["format"], choice["format_large"], choice["split"]) == (
+            "torch_csr", "dense", 1)
+        assert {r: e["format"] for r, e in choice["evidence"].items()} == {
+            1: "torch_csr", 128: "dense"}
+        assert choice["evidence"][128]["ratio"] == pytest.approx(1.0)
+        assert choice["evidence"][1]["ratio"] == pytest.approx(0.5, abs=0.02)
+        layer = compiled.get_submodule(name)
+        assert (layer.format.name, layer.format_large.name, layer.split) == (
+            "torch_csr", "dense", 1)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+        torch.testing.assert_close(compiled(x[:1, :1]), model(x[:1, :1]))
+    # served only at one row, it wins alone
     compiled = compile(_model(), torch.randn(2, 64, 32), formats=CANDIDATES, rows=1, cache=False)
     assert {c["format"] for c in compiled.sparsekit_choices.values()} == {"torch_csr"}
+    assert {c["format_large"] for c in compiled.sparsekit_choices.values()} == {None}
+    # 5 % faster for decoding is noise, 10 % slower for the prompt: dense everywhere
+    _clock(monkeypatch, dense=1.0, torch_csr=lambda rows: 0.97 if rows == 1 else 1.1)
+    compiled = compile(_model(), torch.randn(2, 64, 32), formats=CANDIDATES, cache=False)
+    assert {(c["format"], c["format_large"]) for c in compiled.sparsekit_choices.values()} == {
+        ("dense", None)}
+
+
+def test_a_split_must_beat_every_single_format() -> None:
+    # csr wins everywhere; bitmap is a little faster at 64 rows, but not by the margin
+    samples = {
+        1: {"dense": [1.0] * 5, "csr": [0.5] * 5, "bitmap": [0.9] * 5},
+        64: {"dense": [1.0] * 5, "csr": [0.8] * 5, "bitmap": [0.78] * 5},
+    }
+    best, record = autotune.choose(samples, ["dense", "csr", "bitmap"], split=True)
+    assert best == "csr" and record["format_large"] == "bitmap" and record["split"] == 1
+    samples[64]["bitmap"] = [0.8] * 5  # equal: the single format is kept
+    best, record = autotune.choose(samples, ["dense", "csr", "bitmap"], split=True)
+    assert (best, record["format_large"], record["split"]) == ("csr", None, None)
+    # without split, the one format that holds everywhere
+    samples[1]["bitmap"], samples[64]["bitmap"] = [0.4] * 5, [1.2] * 5
+    assert autotune.choose(samples, ["dense", "csr", "bitmap"])[0] == "csr"
+    best, record = autotune.choose(samples, ["dense", "csr", "bitmap"], split=True)
+    assert (best, record["format_large"]) == ("bitmap", "csr")
+
+
+def test_the_reference_need_not_be_dense() -> None:
+    samples = {1: {"separate": [1.0] * 5, "fused": [0.97] * 5}}
+    assert autotune.choose(samples, ["separate", "fused"], reference="separate")[0] == "separate"
+    samples[1]["fused"] = [0.7] * 5
+    best, record = autotune.choose(samples, ["separate", "fused"], reference="separate")
+    assert best == "fused" and record["reference"] == "separate"
+    assert record["evidence"][1]["ms_dense"] == 1.0
 
 
 def test_rows_come_from_the_example_inputs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -118,6 +118,7 @@ def compile(
     first_name = {id(m): n for n, m in compiled.named_modules()}
     choices: dict[str, dict[str, object]] = {}
     done: dict[int, nn.Module] = {}  # a shared layer is compiled once
+    memo: dict[str, tuple[dict[str, object], str]] = {}  # decisions taken in this compile
     act = activation_sparsity.thresholds if activation_sparsity is not None else {}
     with torch.no_grad():
         for parent in list(compiled.modules()):
@@ -134,12 +135,12 @@ def compile(
                     elif type(child) is nn.Linear:
                         done[id(child)], choices[name] = _compile_layer(
                             child, (child.in_features,), names, layer_rows, threads, cache,
-                            value_dtype,
+                            value_dtype, memo, name,
                         )
                     elif name in seen and convertible(child) is None:
                         done[id(child)], choices[name] = _compile_layer(
                             child, tuple(seen[name][-3:]), names, layer_rows, threads, cache,
-                            value_dtype,
+                            value_dtype, memo, name,
                         )
                     else:
                         done[id(child)] = child
@@ -171,9 +172,13 @@ def _compile_layer(
     threads: int | None,
     cache: bool,
     value_dtype: torch.dtype | None = None,
+    memo: dict[str, tuple[dict[str, object], str]] | None = None,
+    name: str = "",
 ) -> tuple[CompiledLayer, dict[str, object]]:
-    """The fastest compiled version of ``layer`` and the evidence behind the choice; the
-    sparse candidates hold values of ``value_dtype`` (``None``: the layer's dtype)."""
+    """The fastest compiled version of ``layer`` (called ``name``) and the evidence behind
+    the choice; the sparse candidates hold values of ``value_dtype`` (``None``: the
+    layer's dtype). With ``cache``, a decision on disk, or one taken in this compile for a
+    layer of the same shape and density (``memo``), is reused instead of timing."""
     stored = _with_value_dtype(layer, value_dtype)
     allowed, dense_allowed = _candidates(stored, names)
     if not allowed:  # forced formats that cannot hold this weight
@@ -188,14 +193,33 @@ def _compile_layer(
            else None)
     choice = decisions.lookup(key) if key is not None else None
     if choice is not None:
-        return built(choice["format"]), {**choice, "cached": True}
+        return _assemble(layer, choice, built), {**choice, "cached": True}
+    similar = None if key is None or memo is None else decisions.similar(key)
+    if similar is not None and similar in memo:  # a layer like this one was timed already
+        choice, source = memo[similar]
+        decisions.store(key, choice)
+        return _assemble(layer, choice, built), {**choice, "cached": False, "reused": source}
     modules = {n: built(n) for n in dict.fromkeys(["dense", *allowed])}  # dense: the reference
     weight = layer.weight
     samples = autotune.measure(modules, in_shape, rows, weight.dtype, weight.device)
-    best, choice = autotune.choose(samples, allowed, dense_allowed=dense_allowed)
+    _, choice = autotune.choose(samples, allowed, dense_allowed=dense_allowed,
+                                split=type(layer) is nn.Linear)
     if key is not None:
         decisions.store(key, choice)
-    return modules[best], {**choice, "cached": False}
+    if similar is not None:
+        memo[similar] = (choice, name)
+    return _assemble(layer, choice, modules.__getitem__), {**choice, "cached": False}
+
+
+def _assemble(
+    layer: nn.Linear | nn.Conv2d, choice: dict[str, object], built: Callable[[str], CompiledLayer]
+) -> CompiledLayer:
+    """The compiled layer of ``choice``: its format, and its second format if it has one."""
+    small = built(choice["format"])
+    if choice.get("format_large") is None:
+        return small
+    large = built(choice["format_large"]).format
+    return CompiledLinear(small.format, layer.bias, format_large=large, split=choice["split"])
 
 
 def _candidates(layer: nn.Linear | nn.Conv2d, names: list[str] | None) -> tuple[list[str], bool]:

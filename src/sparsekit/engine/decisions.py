@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
@@ -36,9 +37,9 @@ from torch import nn
 from sparsekit.engine import kernels
 from sparsekit.engine.autotune import MARGIN
 
-__all__ = ["directory", "key", "lookup", "store"]
+__all__ = ["directory", "key", "lookup", "similar", "store"]
 
-_VERSION = 1  # of the key and file layout; a change makes old files misses
+_VERSION = 2  # of the key and file layout; a change makes old files misses
 
 
 def directory() -> Path:
@@ -77,6 +78,17 @@ def key(
         "threads": [threads, torch.get_num_threads()],
         "margin": MARGIN,
     }
+
+
+def similar(key: dict[str, object]) -> str:
+    """``key`` made coarser: the exact nonzero counts replaced by the density in whole
+    percent. Layers alike under it (every block of a transformer has the same shapes and
+    nearly the same density) get the same decision, so :func:`~sparsekit.engine.compile`
+    times one of them and reuses its choice for the others in the same compile."""
+    numel = math.prod(key["shape"])
+    coarse = {k: v for k, v in key.items() if k not in ("nnz", "row_nnz")}
+    coarse["density"] = round(100 * key["nnz"] / max(numel, 1))
+    return json.dumps(coarse, sort_keys=True)
 
 
 def lookup(key: dict[str, object]) -> dict[str, object] | None:
@@ -132,8 +144,13 @@ def _parse(data: object, key: dict[str, object]) -> dict[str, object]:
         raise ValueError("the file holds another key")
     choice = dict(data["choice"])
     rows = key["rows"]
-    if choice["format"] not in key["candidates"] or choice["rows"] != rows:
-        raise ValueError(f"format {choice['format']!r} or rows {choice['rows']!r} do not fit")
+    large, split = choice.get("format_large"), choice.get("split")
+    if (
+        choice["format"] not in key["candidates"] or choice["rows"] != rows
+        or (large is not None and (large not in key["candidates"] or split not in rows))
+    ):
+        raise ValueError(f"format {choice['format']!r}, format_large {large!r}, split "
+                         f"{split!r} or rows {choice['rows']!r} do not fit")
     choice["times_ms"] = {
         name: _by_rows(times, rows, float) for name, times in choice["times_ms"].items()
     }
