@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from sparsekit._checks import check_int, model_errors, renamed
-from sparsekit.engine import autotune, decisions
+from sparsekit.engine import autotune, decisions, fused
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, available_formats
+from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.observe import inference, input_shapes
 
 __all__ = ["InputThresholds", "compile"]
@@ -60,6 +61,7 @@ def compile(
     activation_sparsity: InputThresholds | None = None,
     weight_dtype: str | None = None,
     cache: bool = True,
+    fuse: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` with its layers replaced by :class:`CompiledLinear` and
     :class:`~sparsekit.engine.compiled_conv.CompiledConv2d` modules.
@@ -96,6 +98,14 @@ def compile(
     :class:`ActivationSparseLinear` instead, and the output check runs against ``model``
     with those thresholds applied.
 
+    With ``fuse`` (the default) and ``example_inputs``, linear layers that read the same
+    input tensor (a transformer's q/k/v projections, its gate/up projections; see
+    :func:`sparsekit.engine.fused.shared_inputs`) are also compiled as one stacked layer,
+    and replaced by :class:`~sparsekit.engine.fused.FusedLinear` members of one kernel
+    call if that call beats the separate compiled layers by the rule of
+    :mod:`~sparsekit.engine.autotune`; each member's choice then holds the record under
+    ``"fused"``.
+
     ``weight_dtype`` is the dtype of the stored values: ``None`` keeps each layer's own
     (a bfloat16 model gets bfloat16 sparse formats); ``"bf16"`` rounds the kept weights of
     float32 layers to bfloat16 in the formats that hold them (sums stay float32, inputs and
@@ -111,6 +121,8 @@ def compile(
     value_dtype = _check_weight_dtype(weight_dtype)
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be a bool, got {cache!r}")
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be a bool, got {fuse!r}")
     inputs = _as_tuple(example_inputs)
     seen = {} if inputs is None else _observed_inputs(model, inputs)
 
@@ -145,6 +157,19 @@ def compile(
                     else:
                         done[id(child)] = child
                 setattr(parent, child_name, done[id(child)])
+        groups = fused.shared_inputs(model, inputs) if inputs is not None and fuse else []
+        for group in groups:
+            separate = [compiled.get_submodule(n) for n in group]
+            if not all(isinstance(m, CompiledLinear) for m in separate):
+                continue  # activation-sparse members run their own kernel
+            layer_rows = served or _default_rows(seen.get(group[0]), nn.Linear)
+            members, record = _fuse([model.get_submodule(n) for n in group], separate, group,
+                                    names, layer_rows, threads, cache, value_dtype, memo)
+            for n, member in zip(group, members or [None] * len(group), strict=True):
+                choices[n] = {**choices[n], "fused": record}
+                if member is not None:
+                    parent, _, child_name = n.rpartition(".")
+                    setattr(compiled.get_submodule(parent), child_name, member)
     refused = [n for n, c in choices.items() if names and "dense" not in names
                and c["format"] == "dense"]
     _check_forced(names, refused, len(choices))
@@ -191,24 +216,92 @@ def _compile_layer(
 
     key = (decisions.key(layer, in_shape, allowed, rows, threads, value_dtype) if cache
            else None)
+    modules: dict[str, CompiledLayer] = {}
+
+    def timed() -> dict[str, object]:
+        modules.update({n: built(n) for n in dict.fromkeys(["dense", *allowed])})  # dense: ref.
+        weight = layer.weight
+        samples = autotune.measure(modules, in_shape, rows, weight.dtype, weight.device)
+        return autotune.choose(samples, allowed, dense_allowed=dense_allowed,
+                               split=type(layer) is nn.Linear)[1]
+
+    choice = _decided(key, memo, name, timed)
+    return _assemble(layer, choice, lambda n: modules[n] if n in modules else built(n)), choice
+
+
+def _decided(
+    key: dict[str, object] | None,
+    memo: dict[str, tuple[dict[str, object], str]] | None,
+    name: str,
+    timed: Callable[[], dict[str, object]],
+) -> dict[str, object]:
+    """The choice for ``key``: read from the disk cache (``cached``), taken over from a
+    similar layer ``memo`` holds (``reused``: its name), or ``timed()`` now; stored under
+    ``key`` either way (no ``key``: no cache, always timed)."""
     choice = decisions.lookup(key) if key is not None else None
     if choice is not None:
-        return _assemble(layer, choice, built), {**choice, "cached": True}
+        return {**choice, "cached": True}
     similar = None if key is None or memo is None else decisions.similar(key)
     if similar is not None and similar in memo:  # a layer like this one was timed already
         choice, source = memo[similar]
         decisions.store(key, choice)
-        return _assemble(layer, choice, built), {**choice, "cached": False, "reused": source}
-    modules = {n: built(n) for n in dict.fromkeys(["dense", *allowed])}  # dense: the reference
-    weight = layer.weight
-    samples = autotune.measure(modules, in_shape, rows, weight.dtype, weight.device)
-    _, choice = autotune.choose(samples, allowed, dense_allowed=dense_allowed,
-                                split=type(layer) is nn.Linear)
+        return {**choice, "cached": False, "reused": source}
+    choice = timed()
     if key is not None:
         decisions.store(key, choice)
     if similar is not None:
         memo[similar] = (choice, name)
-    return _assemble(layer, choice, modules.__getitem__), {**choice, "cached": False}
+    return {**choice, "cached": False}
+
+
+def _fuse(
+    originals: list[nn.Linear],
+    separate: list[nn.Module],
+    names: list[str],
+    formats: list[str] | None,
+    rows: list[int],
+    threads: int | None,
+    cache: bool,
+    value_dtype: torch.dtype | None,
+    memo: dict[str, tuple[dict[str, object], str]] | None,
+) -> tuple[list[FusedLinear] | None, dict[str, object]]:
+    """The members of a fused group replacing the ``separate`` compiled layers (``None``
+    where fusing is not faster by the rule of :mod:`~sparsekit.engine.autotune`), and the
+    record of the choice: the stacked layer's own choice (``stacked``) and the timing of
+    the fused call against the separate ones (``format`` ``"fused"`` or ``"separate"``)."""
+    stacked = fused.stack(originals)
+    in_shape, label = (stacked.in_features,), "+".join(names)
+    linear, stacked_choice = _compile_layer(stacked, in_shape, formats, rows, threads, cache,
+                                            value_dtype, memo, label)
+    group = FusedProjections(linear, [layer.out_features for layer in originals])
+    paths = [_formats(m) for m in (*separate, linear)]
+    key = (decisions.key(stacked, in_shape, ["separate", "fused"], rows, threads, value_dtype,
+                         fused=paths) if cache else None)
+
+    def timed() -> dict[str, object]:
+        modules = {"separate": _Separate(separate), "fused": group}
+        weight = stacked.weight
+        samples = autotune.measure(modules, in_shape, rows, weight.dtype, weight.device)
+        return autotune.choose(samples, ["separate", "fused"], reference="separate")[1]
+
+    choice = _decided(key, memo, label, timed)
+    record = {**choice, "group": names, "stacked": stacked_choice}
+    return (group.members() if choice["format"] == "fused" else None), record
+
+
+class _Separate(nn.ModuleList):
+    """The layers of a group called one after the other: what fusing must beat."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(layer(x) for layer in self)
+
+
+def _formats(layer: nn.Module) -> str:
+    """The formats of a compiled layer, e.g. ``"csr16"`` or ``"csr16|dense>4"``."""
+    if not isinstance(layer, CompiledLayer):
+        return type(layer).__name__
+    large = getattr(layer, "format_large", None)
+    return layer.format.name + ("" if large is None else f"|{large.name}>{layer.split}")
 
 
 def _assemble(

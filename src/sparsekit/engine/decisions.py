@@ -54,10 +54,13 @@ def key(
     rows: Sequence[int],
     threads: int | None,
     value_dtype: torch.dtype | None = None,
+    fused: Sequence[str] | None = None,
 ) -> dict[str, object]:
     """The cache key of timing ``candidates`` (format names, dense included when it may be
     chosen) for ``layer`` with inputs ``(r, *in_shape)`` for ``r`` in ``rows``, the sparse
-    candidates holding values of ``value_dtype`` (``None``: the layer's dtype)."""
+    candidates holding values of ``value_dtype`` (``None``: the layer's dtype). For the
+    decision to fuse a group of projections, ``layer`` is their stacked layer and ``fused``
+    the formats of the separate layers and of the stacked one."""
     weight = layer.weight.detach()
     matrix = weight.reshape(weight.shape[0], -1) != 0
     per_row = matrix.sum(1)
@@ -77,6 +80,7 @@ def key(
         "rows": list(rows),
         "threads": [threads, torch.get_num_threads()],
         "margin": MARGIN,
+        "fused": None if fused is None else list(fused),
     }
 
 
