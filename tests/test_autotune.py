@@ -313,3 +313,22 @@ def test_demo_speed_is_a_median_of_repeats_with_the_noise(monkeypatch: pytest.Mo
     assert "(1.90–2.10)" in demo._speed(row)
     row.speedup_range = (0.5, 3.0)
     assert "very noisy" in demo._noise([row])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_formats_equal_within_noise_never_replace_dense(seed: int) -> None:
+    """±3 % noise and up to three lucky rounds of seven (at 0.6×, anywhere) for any format,
+    dense included, at any row count: no format is taken, for either row range."""
+    import random
+
+    rng = random.Random(seed)
+
+    def rounds() -> list[float]:
+        times = [rng.uniform(0.97, 1.03) for _ in range(7)]
+        for i in rng.sample(range(7), rng.randint(0, 3)):
+            times[i] *= 0.6
+        return times
+
+    samples = {r: {n: rounds() for n in ("dense", "csr16", "bitmap")} for r in (1, 16, 128)}
+    best, record = autotune.choose(samples, ["dense", "csr16", "bitmap"], split=True)
+    assert (best, record["format_large"], record["split"]) == ("dense", None, None)
