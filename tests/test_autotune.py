@@ -332,3 +332,29 @@ def test_formats_equal_within_noise_never_replace_dense(seed: int) -> None:
     samples = {r: {n: rounds() for n in ("dense", "csr16", "bitmap")} for r in (1, 16, 128)}
     best, record = autotune.choose(samples, ["dense", "csr16", "bitmap"], split=True)
     assert (best, record["format_large"], record["split"]) == ("dense", None, None)
+
+
+def test_a_layer_like_one_timed_in_this_compile_reuses_its_decision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = _clock(monkeypatch, dense=1.0, torch_csr=0.7)
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(32, 32) for _ in range(3))).eval()
+    masks = [torch.randperm(1024).reshape(32, 32) < kept for kept in (512, 512, 100)]
+    with torch.no_grad():
+        for layer, mask in zip(model, masks, strict=True):
+            layer.weight.mul_(mask)
+    compiled = compile(model, torch.randn(4, 32), formats=CANDIDATES)
+    assert clock.rows == {1, 4}
+    choices = compiled.sparsekit_choices
+    assert "reused" not in choices["0"] and "reused" not in choices["2"]  # 2: other density
+    assert choices["1"]["reused"] == "0" and choices["1"]["format"] == "torch_csr"
+    keys = [decisions.key(layer, (32,), CANDIDATES, [1, 4], None) for layer in model]
+    assert keys[0] != keys[1]  # other nonzeros: the exact keys differ,
+    assert decisions.similar(keys[0]) == decisions.similar(keys[1])  # the coarse ones not
+    assert decisions.similar(keys[0]) != decisions.similar(keys[2])
+    assert decisions.lookup(keys[1]) is not None  # the reused decision is stored for it
+    clock.calls = 0
+    compile(model, torch.randn(4, 32), formats=CANDIDATES, cache=False)
+    assert clock.calls > 0 and "reused" not in compile(
+        model, torch.randn(4, 32), formats=CANDIDATES, cache=False).sparsekit_choices["1"]

@@ -4,9 +4,14 @@ Each layer's candidate formats are timed against dense at the layer's real shape
 every row count the model will serve (:mod:`sparsekit.engine.autotune`: interleaved
 rounds, medians, a win by :data:`~sparsekit.engine.autotune.MARGIN` in the median and in
 most rounds); a sparse format replaces dense only where it wins at one row count and is no
-slower at any, so a compiled layer is never slower than the dense one as measured. The
-decisions are cached on disk (:mod:`sparsekit.engine.decisions`), so compiling the same
-layers again skips the timing. The input model is never modified.
+slower at any. A linear layer may hold two formats, one for few rows (decoding) and one
+for many (the prompt), each chosen by that rule on its own row counts, so every path of a
+compiled layer is never slower than the dense one as measured. Projections that read the
+same input may become one stacked kernel call (:mod:`sparsekit.engine.fused`) when that is
+faster by the same rule. The decisions are cached on disk
+(:mod:`sparsekit.engine.decisions`), so compiling the same layers again skips the timing,
+and within one compile a layer of the same shape and density as one already timed reuses
+its decision. The input model is never modified.
 """
 
 from __future__ import annotations
@@ -75,7 +80,9 @@ def compile(
     that many images. By default they come from ``example_inputs``: the row count each
     layer sees in their forward pass, plus 1 (decoding); without ``example_inputs``,
     ``(1,)``. A format is chosen only if it is not slower than dense at every one of them
-    (see :mod:`sparsekit.engine.autotune`). ``batch_sizes`` is the deprecated spelling.
+    (see :mod:`sparsekit.engine.autotune`), or, for a linear layer, it serves only the
+    row counts up to a threshold and a second format the others
+    (:class:`CompiledLinear` ``format_large``). ``batch_sizes`` is the deprecated spelling.
 
     ``formats`` is ``"auto"`` (every format that can hold a layer's weight, and dense) or
     names from :data:`~sparsekit.engine.formats.FORMATS`. With ``"dense"`` among them,
@@ -87,7 +94,9 @@ def compile(
     Convolutions (groups 1, zero padding) are compiled only with ``example_inputs``, whose
     forward pass gives each its input size; without them they stay ``nn.Conv2d``. With
     ``cache`` (the default) the decisions are read from and written to the on-disk cache
-    of :mod:`sparsekit.engine.decisions`; ``cache=False`` times every layer afresh.
+    of :mod:`sparsekit.engine.decisions`, and a layer of the same shape, candidates and
+    density (in whole percent) as one timed earlier in this compile takes its decision
+    (``reused`` names that layer); ``cache=False`` times every layer afresh.
 
     With ``example_inputs`` (a tensor or a tuple for ``model(*example_inputs)``) the
     compiled model's output is checked against the original's. The choices, with their
