@@ -166,19 +166,9 @@ def compile(
                     else:
                         done[id(child)] = child
                 setattr(parent, child_name, done[id(child)])
-        groups = fused.shared_inputs(model, inputs) if inputs is not None and fuse else []
-        for group in groups:
-            separate = [compiled.get_submodule(n) for n in group]
-            if not all(isinstance(m, CompiledLinear) for m in separate):
-                continue  # activation-sparse members run their own kernel
-            layer_rows = served or _default_rows(seen.get(group[0]), nn.Linear)
-            members, record = _fuse([model.get_submodule(n) for n in group], separate, group,
-                                    names, layer_rows, threads, cache, value_dtype, memo)
-            for n, member in zip(group, members or [None] * len(group), strict=True):
-                choices[n] = {**choices[n], "fused": record}
-                if member is not None:
-                    parent, _, child_name = n.rpartition(".")
-                    setattr(compiled.get_submodule(parent), child_name, member)
+        if inputs is not None and fuse:
+            _fuse_groups(model, compiled, inputs, choices, served, seen, names=names,
+                         threads=threads, cache=cache, value_dtype=value_dtype, memo=memo)
     refused = [n for n, c in choices.items() if names and "dense" not in names
                and c["format"] == "dense"]
     _check_forced(names, refused, len(choices))
@@ -263,11 +253,39 @@ def _decided(
     return {**choice, "cached": False}
 
 
+def _fuse_groups(
+    model: nn.Module,
+    compiled: nn.Module,
+    inputs: tuple[object, ...],
+    choices: dict[str, dict[str, object]],
+    served: list[int] | None,
+    seen: Mapping[str, torch.Size],
+    **options: object,
+) -> None:
+    """Replace in ``compiled`` the groups of linear layers that read one input in
+    ``model(*inputs)`` by fused members where that is faster (see :func:`_fuse`; the
+    ``options`` are its and :func:`_compile_layer`'s), recording each group's choice under
+    ``"fused"`` in its members' ``choices``."""
+    for group in fused.shared_inputs(model, inputs):
+        separate = [compiled.get_submodule(n) for n in group]
+        if not all(isinstance(m, CompiledLinear) for m in separate):
+            continue  # activation-sparse members run their own kernel
+        rows = served or _default_rows(seen.get(group[0]), nn.Linear)
+        members, record = _fuse([model.get_submodule(n) for n in group], separate, group,
+                                rows=rows, **options)
+        for n, member in zip(group, members or [None] * len(group), strict=True):
+            choices[n] = {**choices[n], "fused": record}
+            if member is not None:
+                parent, _, child_name = n.rpartition(".")
+                setattr(compiled.get_submodule(parent), child_name, member)
+
+
 def _fuse(
     originals: list[nn.Linear],
     separate: list[nn.Module],
-    names: list[str],
-    formats: list[str] | None,
+    group: list[str],
+    *,
+    names: list[str] | None,
     rows: list[int],
     threads: int | None,
     cache: bool,
@@ -279,23 +297,23 @@ def _fuse(
     record of the choice: the stacked layer's own choice (``stacked``) and the timing of
     the fused call against the separate ones (``format`` ``"fused"`` or ``"separate"``)."""
     stacked = fused.stack(originals)
-    in_shape, label = (stacked.in_features,), "+".join(names)
-    linear, stacked_choice = _compile_layer(stacked, in_shape, formats, rows, threads, cache,
+    in_shape, label = (stacked.in_features,), "+".join(group)
+    linear, stacked_choice = _compile_layer(stacked, in_shape, names, rows, threads, cache,
                                             value_dtype, memo, label)
-    group = FusedProjections(linear, [layer.out_features for layer in originals])
+    projections = FusedProjections(linear, [layer.out_features for layer in originals])
     paths = [_formats(m) for m in (*separate, linear)]
     key = (decisions.key(stacked, in_shape, ["separate", "fused"], rows, threads, value_dtype,
                          fused=paths) if cache else None)
 
     def timed() -> dict[str, object]:
-        modules = {"separate": _Separate(separate), "fused": group}
+        modules = {"separate": _Separate(separate), "fused": projections}
         weight = stacked.weight
         samples = autotune.measure(modules, in_shape, rows, weight.dtype, weight.device)
         return autotune.choose(samples, ["separate", "fused"], reference="separate")[1]
 
     choice = _decided(key, memo, label, timed)
-    record = {**choice, "group": names, "stacked": stacked_choice}
-    return (group.members() if choice["format"] == "fused" else None), record
+    record = {**choice, "group": group, "stacked": stacked_choice}
+    return (projections.members() if choice["format"] == "fused" else None), record
 
 
 class _Separate(nn.ModuleList):
