@@ -153,15 +153,18 @@ class CompiledLayer(nn.Module):
     ) -> None:
         # Install the saved layer's format first; load_state_dict then fills it as usual.
         try:
-            fmt = self.format_from_state(state_dict, prefix)
+            self._install_from_state(state_dict, prefix)
         except ValueError as err:
             error_msgs.append(str(err))
-        else:
-            old = next(iter(self.format.buffers()), None)
-            self.format = fmt if old is None else fmt.to(old.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _install_from_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Take the format(s) stored in ``state``, on this layer's device."""
+        fmt = self.format_from_state(state, prefix)
+        old = next(iter(self.format.buffers()), None)
+        self.format = fmt if old is None else fmt.to(old.device)
 
 
 class CompiledLinear(CompiledLayer):
@@ -269,27 +272,11 @@ class CompiledLinear(CompiledLayer):
             )
         return self._read_format(state, head), int(split)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, torch.Tensor],
-        prefix: str,
-        local_metadata: dict[str, object],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # Install the saved layer's second format (or none) before the tensors are copied.
-        try:
-            large, split = self._large_from_state(state_dict, prefix)
-        except ValueError as err:
-            error_msgs.append(str(err))
-        else:
-            device = next(iter(self.format.buffers()), torch.empty(0)).device
-            self._install_large(None if large is None else large.to(device), split)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    def _install_from_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        large, split = self._large_from_state(state, prefix)  # checked before any change
+        super()._install_from_state(state, prefix)
+        device = next(iter(self.format.buffers()), torch.empty(0)).device
+        self._install_large(None if large is None else large.to(device), split)
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the same weight and bias (e.g. to fine-tune again)."""
