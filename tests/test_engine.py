@@ -340,3 +340,85 @@ def test_engine_report_moved_out_of_compile() -> None:
     module = importlib.import_module("sparsekit.engine.compile")
     with pytest.warns(DeprecationWarning, match="sparsekit.engine.report.report"):
         assert module.report is engine_report
+
+
+def _two_formats(seed: int = 0, split: int = 4) -> tuple[CompiledLinear, nn.Linear]:
+    torch.manual_seed(seed)
+    linear = nn.Linear(16, 8)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand(8, 16) > 0.7)
+    weight = linear.weight.detach()
+    layer = CompiledLinear(TorchCSR.from_dense(weight), linear.bias,
+                           format_large=DenseFormat.from_dense(weight), split=split)
+    return layer, linear
+
+
+def test_a_compiled_linear_of_two_formats_serves_each_row_range(monkeypatch) -> None:
+    layer, linear = _two_formats()
+    assert "format_large='dense', split=4" in repr(layer)
+    used = []
+    for fmt in (layer.format, layer.format_large):
+        monkeypatch.setattr(fmt, "matmul", lambda x, b, f=fmt.matmul, n=fmt.name: (
+            used.append(n), f(x, b))[1])
+    layer._cache()
+    with torch.no_grad():
+        for shape, name in [((1, 16), "torch_csr"), ((2, 2, 16), "torch_csr"),
+                            ((5, 16), "dense"), ((2, 3, 16), "dense")]:
+            x = torch.randn(shape)
+            assert _close(layer(x), linear(x)) and used.pop() == name
+    assert torch.equal(layer.to_linear().weight, linear.weight)
+    assert CompiledLinear.from_linear(linear, "dense").format_large is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"split": 3}, ValueError, "format_large and split go together"),
+        ({"format_large": "dense", "split": 3}, TypeError, "format_large must be a sparsekit"),
+        ({"format_large": DenseFormat.from_dense(torch.zeros(3, 16)), "split": 3}, ValueError,
+         "format_large must hold a 8x16 weight, got 3x16"),
+        ({"format_large": DenseFormat.from_dense(torch.zeros(8, 16)), "split": 0}, ValueError,
+         "split must be an int ≥ 1, got 0"),
+    ],
+)
+def test_a_second_format_is_checked(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        CompiledLinear(DenseFormat.from_dense(torch.zeros(8, 16)), **kwargs)
+
+
+def test_two_formats_persist_bit_identically(tmp_path) -> None:
+    saved, _ = _two_formats(seed=0)
+    model = nn.Sequential(saved)
+    state = model.state_dict()
+    assert state["0.split_rows"].item() == 4 and "0.format_large.weight" in state
+    fresh = nn.Sequential(CompiledLinear.from_linear(_two_formats(seed=1)[1], "torch_csr"))
+    assert set(fresh[0].expected_state(state, "0.")) == {f"0.{k}" for k in saved.state_dict()}
+    path = sparsekit.save(model, tmp_path / "two.safetensors")
+    sparsekit.load(fresh, path)
+    assert (fresh[0].format_large.name, fresh[0].split) == ("dense", 4)
+    with torch.no_grad():
+        for rows in (1, 4, 5, 33):
+            x = torch.randn(rows, 16)
+            assert torch.equal(fresh(x), model(x))
+    one = CompiledLinear.from_linear(_two_formats(seed=2)[1], "dense")
+    fresh[0].load_state_dict(one.state_dict())  # back to one format
+    assert fresh[0].format_large is None and fresh[0].split is None
+    assert "split_rows" not in fresh[0].state_dict()
+    back = sparsekit.engine.decompile(model)
+    assert type(back[0]) is nn.Linear and torch.equal(back[0].weight, saved.to_dense())
+
+
+def test_a_bad_second_format_in_a_state_is_refused() -> None:
+    saved, _ = _two_formats()
+    state = saved.state_dict()
+    layer = CompiledLinear.from_linear(_two_formats(seed=1)[1], "dense")
+    for bad, match in [({"split_rows": torch.tensor(0)}, "split_rows must be a 0-d int64"),
+                       ({"split_rows": torch.tensor([4])}, "split_rows must be a 0-d int64"),
+                       ({"format_large.weight": torch.zeros(3, 3)}, "format_large.*")]:
+        with pytest.raises(ValueError, match=match):
+            layer.expected_state({**state, **bad})
+        with pytest.raises(RuntimeError, match=match):
+            layer.load_state_dict({**state, **bad})
+    without = {k: v for k, v in state.items() if k != "split_rows"}
+    with pytest.raises(ValueError, match="split_rows must be"):
+        layer.expected_state(without)

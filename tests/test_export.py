@@ -40,3 +40,26 @@ def test_fullgraph_torch_compile_of_a_compiled_model(fmt, pattern):
     compiled, x = _compiled(fmt, pattern)
     traced = torch.compile(compiled, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(traced(x), compiled(x))
+
+
+def _two_formats() -> nn.Module:
+    from sparsekit.engine import CompiledLinear
+    from sparsekit.engine.formats import CSR16, DenseFormat
+
+    compiled, _ = _compiled("csr16", "unstructured")
+    weight = compiled[0].to_dense()
+    compiled[0] = CompiledLinear(CSR16.from_dense(weight), compiled[0].bias,
+                                 format_large=DenseFormat.from_dense(weight), split=2)
+    return compiled
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_a_layer_of_two_formats_traces_the_path_of_its_rows(rows):
+    compiled, x = _two_formats(), torch.randn(rows, 64)
+    program = torch.export.export(compiled, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("sparsekit.csr_linear.default") == (2 if rows <= 2 else 1), targets
+    torch.testing.assert_close(program.module()(x), compiled(x))
+    torch._dynamo.reset()
+    traced = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(traced(x), compiled(x))

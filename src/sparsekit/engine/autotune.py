@@ -13,8 +13,11 @@ rounds (each round compared with dense's time of the same round). A single lucky
 a few percent that the machine's noise can produce, never replaces dense. Among the
 formats that qualify, the one with the lowest geometric mean of its time ratio to dense
 over the row counts wins, so decode (1 row) counts as much as prefill (many rows). When
-the caller excludes dense (forced formats) the fastest allowed format is taken; dense is
-still timed, as the reference of the evidence.
+no single format wins at every row count, ``choose(..., split=True)`` may pick two: one
+for the row counts up to a threshold and one above it, each passing the rule on the row
+counts it serves. When the caller excludes dense (forced formats) the fastest allowed
+format is taken; dense is still timed, as the reference of the evidence. The reference
+need not be dense: a fused group of projections is timed against its separate layers.
 """
 
 from __future__ import annotations
@@ -69,59 +72,99 @@ def measure(
 
 
 def choose(
-    samples: Samples, allowed: Sequence[str], *, dense_allowed: bool = True
+    samples: Samples,
+    allowed: Sequence[str],
+    *,
+    dense_allowed: bool = True,
+    split: bool = False,
+    reference: str = "dense",
 ) -> tuple[str, dict[str, object]]:
-    """The format to use among ``allowed`` (all timed in ``samples``, as is ``"dense"``) and
-    the record of the choice.
+    """The format to use among ``allowed`` (all timed in ``samples``, as is ``reference``)
+    and the record of the choice.
 
-    The record holds ``format``, ``rows``, ``ms_dense`` and ``ms_chosen`` (median times
-    summed over the row counts), ``speedup``, ``times_ms`` (format → row count → median),
-    ``evidence`` (row count → ``ms_dense``, ``ms_chosen``, ``rounds``, ``wins``: rounds in
-    which the chosen format beat dense by the margin, ``spread``: the larger relative range
-    (max − min) / median of the two formats' round times), ``margin`` and ``forced``.
+    With ``split``, the layer may hold two formats, one for the row counts up to some
+    served row count and another for the larger ones (e.g. a sparse format for decoding,
+    dense for the prompt); each must pass the rule of this module on its own row counts,
+    so every path is no slower than the reference wherever it serves. A split is taken
+    only when it beats every single format in the geometric mean over all row counts.
+
+    The record holds ``format`` (the format for the fewest rows, the one returned),
+    ``format_large`` and ``split`` (the format for more than ``split`` rows; both ``None``
+    without a split), ``rows``, ``ms_dense`` and ``ms_chosen`` (median times summed over
+    the row counts; "dense" is the ``reference``), ``speedup``, ``times_ms`` (format →
+    row count → median), ``evidence`` (row count → ``format`` serving it, ``ms_dense``,
+    ``ms_chosen``, ``ratio``, ``rounds``, ``wins``: rounds in which that format beat the
+    reference by the margin, ``spread``: the larger relative range (max − min) / median
+    of the two formats' round times), ``margin``, ``forced`` and ``reference``.
     """
-    timed = next(iter(samples.values()))  # every format timed, "dense" among them
+    timed = next(iter(samples.values()))  # every format timed, the reference among them
     medians = {
         n: {r: statistics.median(per_format[n]) for r, per_format in samples.items()}
         for n in timed
     }
-    ratio = {n: _geomean([t[r] / max(medians["dense"][r], 1e-12) for r in t])
-             for n, t in medians.items()}
+    ratios = {n: {r: t[r] / max(medians[reference][r], 1e-12) for r in t}
+              for n, t in medians.items()}
+    rows = sorted(samples)
     if dense_allowed:
-        eligible = [n for n in allowed if n == "dense" or _replaces_dense(samples, n)]
-        eligible = eligible or ["dense"]
+        plans = [(n, n, None) for n in _eligible(samples, allowed, rows, reference)]
+        for s in range(1, len(rows)) if split else ():
+            plans += [(small, large, rows[s - 1])
+                      for small in _eligible(samples, allowed, rows[:s], reference)
+                      for large in _eligible(samples, allowed, rows[s:], reference)
+                      if small != large]
     else:
-        eligible = [n for n in allowed if n != "dense"]
-    best = min(eligible, key=ratio.__getitem__)
-    total = {n: sum(medians[n].values()) for n in ("dense", best)}
+        plans = [(n, n, None) for n in allowed if n != reference]
+
+    def serving(plan: tuple[str, str, int | None], r: int) -> str:
+        return plan[0] if plan[2] is None or r <= plan[2] else plan[1]
+
+    best = min(plans, key=lambda p: _geomean([ratios[serving(p, r)][r] for r in rows]))
+    chosen = {r: serving(best, r) for r in samples}
     evidence = {
         r: {
-            "ms_dense": medians["dense"][r],
-            "ms_chosen": medians[best][r],
-            "rounds": len(per_format[best]),
-            "wins": _wins(per_format[best], per_format["dense"]),
-            "spread": max(_spread(per_format[best]), _spread(per_format["dense"])),
+            "format": chosen[r],
+            "ms_dense": medians[reference][r],
+            "ms_chosen": medians[chosen[r]][r],
+            "ratio": ratios[chosen[r]][r],
+            "rounds": len(per_format[chosen[r]]),
+            "wins": _wins(per_format[chosen[r]], per_format[reference]),
+            "spread": max(_spread(per_format[chosen[r]]), _spread(per_format[reference])),
         }
         for r, per_format in samples.items()
     }
-    return best, {
-        "format": best,
+    ms_dense = sum(medians[reference].values())
+    ms_chosen = sum(medians[chosen[r]][r] for r in samples)
+    return best[0], {
+        "format": best[0],
+        "format_large": None if best[2] is None else best[1],
+        "split": best[2],
         "rows": list(samples),
-        "ms_dense": total["dense"],
-        "ms_chosen": total[best],
-        "speedup": total["dense"] / total[best] if total[best] > 0 else 1.0,
+        "ms_dense": ms_dense,
+        "ms_chosen": ms_chosen,
+        "speedup": ms_dense / ms_chosen if ms_chosen > 0 else 1.0,
         "times_ms": medians,
         "evidence": evidence,
         "margin": MARGIN,
         "forced": not dense_allowed,
+        "reference": reference,
     }
 
 
-def _replaces_dense(samples: Samples, name: str) -> bool:
-    """No slower than dense in the median at every row count, and a win at one at least."""
+def _eligible(
+    samples: Samples, allowed: Sequence[str], rows: Sequence[int], reference: str
+) -> list[str]:
+    """The reference and the formats of ``allowed`` that may replace it at ``rows``."""
+    served = {r: samples[r] for r in rows}
+    return [reference, *(n for n in allowed
+                         if n != reference and _replaces(served, n, reference))]
+
+
+def _replaces(samples: Samples, name: str, reference: str = "dense") -> bool:
+    """No slower than the reference in the median at every row count, and a win at one at
+    least."""
     won = False
     for per_format in samples.values():
-        mine, dense = per_format[name], per_format["dense"]
+        mine, dense = per_format[name], per_format[reference]
         if statistics.median(mine) > statistics.median(dense):
             return False
         won = won or (

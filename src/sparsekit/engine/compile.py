@@ -4,9 +4,14 @@ Each layer's candidate formats are timed against dense at the layer's real shape
 every row count the model will serve (:mod:`sparsekit.engine.autotune`: interleaved
 rounds, medians, a win by :data:`~sparsekit.engine.autotune.MARGIN` in the median and in
 most rounds); a sparse format replaces dense only where it wins at one row count and is no
-slower at any, so a compiled layer is never slower than the dense one as measured. The
-decisions are cached on disk (:mod:`sparsekit.engine.decisions`), so compiling the same
-layers again skips the timing. The input model is never modified.
+slower at any. A linear layer may hold two formats, one for few rows (decoding) and one
+for many (the prompt), each chosen by that rule on its own row counts, so every path of a
+compiled layer is never slower than the dense one as measured. Projections that read the
+same input may become one stacked kernel call (:mod:`sparsekit.engine.fused`) when that is
+faster by the same rule. The decisions are cached on disk
+(:mod:`sparsekit.engine.decisions`), so compiling the same layers again skips the timing,
+and within one compile a layer of the same shape and density as one already timed reuses
+its decision. The input model is never modified.
 """
 
 from __future__ import annotations
@@ -14,19 +19,20 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from sparsekit._checks import check_int, model_errors, renamed
-from sparsekit.engine import autotune, decisions
+from sparsekit.engine import autotune, decisions, fused
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, available_formats
+from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.observe import inference, input_shapes, watch
 from sparsekit.quantize import attached_scales
 
@@ -61,6 +67,7 @@ def compile(
     activation_sparsity: InputThresholds | None = None,
     weight_dtype: str | None = None,
     cache: bool = True,
+    fuse: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` with its layers replaced by :class:`CompiledLinear` and
     :class:`~sparsekit.engine.compiled_conv.CompiledConv2d` modules.
@@ -74,7 +81,9 @@ def compile(
     that many images. By default they come from ``example_inputs``: the row count each
     layer sees in their forward pass, plus 1 (decoding); without ``example_inputs``,
     ``(1,)``. A format is chosen only if it is not slower than dense at every one of them
-    (see :mod:`sparsekit.engine.autotune`). ``batch_sizes`` is the deprecated spelling.
+    (see :mod:`sparsekit.engine.autotune`), or, for a linear layer, it serves only the
+    row counts up to a threshold and a second format the others
+    (:class:`CompiledLinear` ``format_large``). ``batch_sizes`` is the deprecated spelling.
 
     ``formats`` is ``"auto"`` (every format that can hold a layer's weight, and dense) or
     names from :data:`~sparsekit.engine.formats.FORMATS`. With ``"dense"`` among them,
@@ -86,7 +95,9 @@ def compile(
     Convolutions (groups 1, zero padding) are compiled only with ``example_inputs``, whose
     forward pass gives each its input size; without them they stay ``nn.Conv2d``. With
     ``cache`` (the default) the decisions are read from and written to the on-disk cache
-    of :mod:`sparsekit.engine.decisions`; ``cache=False`` times every layer afresh.
+    of :mod:`sparsekit.engine.decisions`, and a layer of the same shape, candidates and
+    density (in whole percent) as one timed earlier in this compile takes its decision
+    (``reused`` names that layer); ``cache=False`` times every layer afresh.
 
     With ``example_inputs`` (a tensor or a tuple for ``model(*example_inputs)``) the
     compiled model's output is checked against the original's. The choices, with their
@@ -98,6 +109,14 @@ def compile(
     ``act_sparse_gemv`` on a pruned weight) and the format of their multi-row path are
     timed like the others, and the output check runs against ``model`` with those
     thresholds applied.
+
+    With ``fuse`` (the default) and ``example_inputs``, linear layers that read the same
+    input tensor (a transformer's q/k/v projections, its gate/up projections; see
+    :func:`sparsekit.engine.fused.shared_inputs`) are also compiled as one stacked layer,
+    and replaced by :class:`~sparsekit.engine.fused.FusedLinear` members of one kernel
+    call if that call beats the separate compiled layers by the rule of
+    :mod:`~sparsekit.engine.autotune`; each member's choice then holds the record under
+    ``"fused"``.
 
     ``weight_dtype`` is the dtype of the stored values: ``None`` keeps each layer's own
     (a bfloat16 model gets bfloat16 sparse formats), except that a layer carrying int8
@@ -122,6 +141,8 @@ def compile(
     value_dtype = _check_weight_dtype(weight_dtype)
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be a bool, got {cache!r}")
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be a bool, got {fuse!r}")
     inputs = _as_tuple(example_inputs)
     seen = {} if inputs is None else _observed_inputs(model, inputs)
     probes = {} if inputs is None else _observed_rows(model, inputs)
@@ -130,6 +151,7 @@ def compile(
     first_name = {id(m): n for n, m in compiled.named_modules()}
     choices: dict[str, dict[str, object]] = {}
     done: dict[int, nn.Module] = {}  # a shared layer is compiled once
+    memo: dict[str, tuple[dict[str, object], str]] = {}  # decisions taken in this compile
     act = activation_sparsity.thresholds if activation_sparsity is not None else {}
     with torch.no_grad():
         for parent in list(compiled.modules()):
@@ -148,16 +170,19 @@ def compile(
                     elif type(child) is nn.Linear:
                         done[id(child)], choices[name] = _compile_layer(
                             child, (child.in_features,), names, layer_rows, threads, cache,
-                            value_dtype, probes.get(name),
+                            value_dtype, probes.get(name), memo, name,
                         )
                     elif name in seen and convertible(child) is None:
                         done[id(child)], choices[name] = _compile_layer(
                             child, tuple(seen[name][-3:]), names, layer_rows, threads, cache,
-                            value_dtype, probes.get(name),
+                            value_dtype, probes.get(name), memo, name,
                         )
                     else:
                         done[id(child)] = child
                 setattr(parent, child_name, done[id(child)])
+        if inputs is not None and fuse:
+            _fuse_groups(model, compiled, inputs, choices, served, seen, names=names,
+                         threads=threads, cache=cache, value_dtype=value_dtype, memo=memo)
     refused = [n for n, c in choices.items() if names and "dense" not in names
                and c["format"] == "dense"]
     _check_forced(names, refused, len(choices))
@@ -187,11 +212,15 @@ def _compile_layer(
     cache: bool,
     value_dtype: torch.dtype | None = None,
     probe: torch.Tensor | None = None,
+    memo: dict[str, tuple[dict[str, object], str]] | None = None,
+    name: str = "",
 ) -> tuple[CompiledLayer, dict[str, object]]:
-    """The fastest compiled version of ``layer`` and the evidence behind the choice; the
-    candidates other than dense hold values of ``value_dtype`` (``None``: the layer's dtype,
-    or int8 on its attached scales). The chosen layer's relative output error against
-    ``layer`` on ``probe`` (inputs it saw; default: random normal ones) is the choice's
+    """The fastest compiled version of ``layer`` (called ``name``) and the evidence behind
+    the choice; the candidates other than dense hold values of ``value_dtype`` (``None``:
+    the layer's dtype, or int8 on its attached scales). With ``cache``, a decision on disk,
+    or one taken in this compile for a layer of the same shape and density (``memo``), is
+    reused instead of timing. The chosen layer's relative output error against ``layer``
+    on ``probe`` (inputs it saw; default: random normal ones) is the choice's
     ``quantization_error``."""
     scales = attached_scales(layer)
     value_dtype = torch.int8 if value_dtype is None and scales is not None else value_dtype
@@ -210,17 +239,17 @@ def _compile_layer(
 
     key = (decisions.key(layer, in_shape, allowed, rows, threads, value_dtype) if cache
            else None)
-    choice = decisions.lookup(key) if key is not None else None
-    if choice is not None:
-        chosen, choice = built(choice["format"]), {**choice, "cached": True}
-    else:
-        modules = {n: built(n) for n in dict.fromkeys(["dense", *allowed])}  # dense: reference
+    modules: dict[str, CompiledLayer] = {}
+
+    def timed() -> dict[str, object]:
+        modules.update({n: built(n) for n in dict.fromkeys(["dense", *allowed])})  # dense: ref.
         weight = layer.weight
         samples = autotune.measure(modules, in_shape, rows, weight.dtype, weight.device)
-        best, choice = autotune.choose(samples, allowed, dense_allowed=dense_allowed)
-        if key is not None:
-            decisions.store(key, choice)
-        chosen, choice = modules[best], {**choice, "cached": False}
+        return autotune.choose(samples, allowed, dense_allowed=dense_allowed,
+                               split=type(layer) is nn.Linear)[1]
+
+    choice = _decided(key, memo, name, timed)
+    chosen = _assemble(layer, choice, lambda n: modules[n] if n in modules else built(n))
     if probe is None:
         generator = torch.Generator(layer.weight.device).manual_seed(0)
         count = min(max(rows), 64 if type(layer) is nn.Linear else 2)
@@ -229,6 +258,120 @@ def _compile_layer(
     value = str(chosen.format.value_dtype).removeprefix("torch.")
     return chosen, {**choice, "value_dtype": value,
                     "quantization_error": _relative_error(layer, chosen, probe)}
+
+
+def _decided(
+    key: dict[str, object] | None,
+    memo: dict[str, tuple[dict[str, object], str]] | None,
+    name: str,
+    timed: Callable[[], dict[str, object]],
+) -> dict[str, object]:
+    """The choice for ``key``: read from the disk cache (``cached``), taken over from a
+    similar layer ``memo`` holds (``reused``: its name), or ``timed()`` now; stored under
+    ``key`` either way (no ``key``: no cache, always timed)."""
+    choice = decisions.lookup(key) if key is not None else None
+    if choice is not None:
+        return {**choice, "cached": True}
+    similar = None if key is None or memo is None else decisions.similar(key)
+    if similar is not None and similar in memo:  # a layer like this one was timed already
+        choice, source = memo[similar]
+        decisions.store(key, choice)
+        return {**choice, "cached": False, "reused": source}
+    choice = timed()
+    if key is not None:
+        decisions.store(key, choice)
+    if similar is not None:
+        memo[similar] = (choice, name)
+    return {**choice, "cached": False}
+
+
+def _fuse_groups(
+    model: nn.Module,
+    compiled: nn.Module,
+    inputs: tuple[object, ...],
+    choices: dict[str, dict[str, object]],
+    served: list[int] | None,
+    seen: Mapping[str, torch.Size],
+    **options: object,
+) -> None:
+    """Replace in ``compiled`` the groups of linear layers that read one input in
+    ``model(*inputs)`` by fused members where that is faster (see :func:`_fuse`; the
+    ``options`` are its and :func:`_compile_layer`'s), recording each group's choice under
+    ``"fused"`` in its members' ``choices``."""
+    for group in fused.shared_inputs(model, inputs):
+        separate = [compiled.get_submodule(n) for n in group]
+        if not all(isinstance(m, CompiledLinear) for m in separate):
+            continue  # activation-sparse members run their own kernel
+        rows = served or _default_rows(seen.get(group[0]), nn.Linear)
+        members, record = _fuse([model.get_submodule(n) for n in group], separate, group,
+                                rows=rows, **options)
+        for n, member in zip(group, members or [None] * len(group), strict=True):
+            choices[n] = {**choices[n], "fused": record}
+            if member is not None:
+                parent, _, child_name = n.rpartition(".")
+                setattr(compiled.get_submodule(parent), child_name, member)
+
+
+def _fuse(
+    originals: list[nn.Linear],
+    separate: list[nn.Module],
+    group: list[str],
+    *,
+    names: list[str] | None,
+    rows: list[int],
+    threads: int | None,
+    cache: bool,
+    value_dtype: torch.dtype | None,
+    memo: dict[str, tuple[dict[str, object], str]] | None,
+) -> tuple[list[FusedLinear] | None, dict[str, object]]:
+    """The members of a fused group replacing the ``separate`` compiled layers (``None``
+    where fusing is not faster by the rule of :mod:`~sparsekit.engine.autotune`), and the
+    record of the choice: the stacked layer's own choice (``stacked``) and the timing of
+    the fused call against the separate ones (``format`` ``"fused"`` or ``"separate"``)."""
+    stacked = fused.stack(originals)
+    in_shape, label = (stacked.in_features,), "+".join(group)
+    linear, stacked_choice = _compile_layer(stacked, in_shape, names, rows, threads, cache,
+                                            value_dtype, memo=memo, name=label)
+    projections = FusedProjections(linear, [layer.out_features for layer in originals])
+    paths = [_formats(m) for m in (*separate, linear)]
+    key = (decisions.key(stacked, in_shape, ["separate", "fused"], rows, threads, value_dtype,
+                         fused=paths) if cache else None)
+
+    def timed() -> dict[str, object]:
+        modules = {"separate": _Separate(separate), "fused": projections}
+        weight = stacked.weight
+        samples = autotune.measure(modules, in_shape, rows, weight.dtype, weight.device)
+        return autotune.choose(samples, ["separate", "fused"], reference="separate")[1]
+
+    choice = _decided(key, memo, label, timed)
+    record = {**choice, "group": group, "stacked": stacked_choice}
+    return (projections.members() if choice["format"] == "fused" else None), record
+
+
+class _Separate(nn.ModuleList):
+    """The layers of a group called one after the other: what fusing must beat."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(layer(x) for layer in self)
+
+
+def _formats(layer: nn.Module) -> str:
+    """The formats of a compiled layer, e.g. ``"csr16"`` or ``"csr16|dense>4"``."""
+    if not isinstance(layer, CompiledLayer):
+        return type(layer).__name__
+    large = getattr(layer, "format_large", None)
+    return layer.format.name + ("" if large is None else f"|{large.name}>{layer.split}")
+
+
+def _assemble(
+    layer: nn.Linear | nn.Conv2d, choice: dict[str, object], built: Callable[[str], CompiledLayer]
+) -> CompiledLayer:
+    """The compiled layer of ``choice``: its format, and its second format if it has one."""
+    small = built(choice["format"])
+    if choice.get("format_large") is None:
+        return small
+    large = built(choice["format_large"]).format
+    return CompiledLinear(small.format, layer.bias, format_large=large, split=choice["split"])
 
 
 def _relative_error(layer: nn.Module, compiled: nn.Module, x: torch.Tensor) -> float:

@@ -2,7 +2,9 @@
 
 :class:`CompiledLayer` is the part shared with the compiled convolution
 (:mod:`sparsekit.engine.compiled_conv`): the format and bias buffers, and loading a
-``state_dict`` whose format differs from the layer's own.
+``state_dict`` whose format differs from the layer's own. A :class:`CompiledLinear` may
+hold a second format for inputs of many rows (the prompt of a language model) when the
+one that is fastest for few rows (decoding) is slower there.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from sparsekit._checks import check_int
 from sparsekit.engine.formats import FORMATS, Format, format_from_state
 
 __all__ = ["CompiledLayer", "CompiledLinear", "dense_linear"]
@@ -54,9 +57,11 @@ class CompiledLayer(nn.Module):
     # The hot path reads the format's matmul and the bias from the instance __dict__ rather
     # than through nn.Module.__getattr__: at batch 1 a small layer takes a few µs, and the
     # two lookups cost a fifth of that. They are refreshed whenever either is replaced.
+    _hot = ("format", "bias")  # the attributes _cache() reads
+
     def __setattr__(self, name: str, value: object) -> None:
         super().__setattr__(name, value)
-        if name in ("format", "bias") and "format" in self._modules:
+        if name in self._hot and "format" in self._modules:
             self._cache()
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[no-untyped-def]
@@ -88,8 +93,6 @@ class CompiledLayer(nn.Module):
         Raises ``ValueError`` naming the layer if the entries form no valid format of
         this layer's shape, or the bias entry does not match.
         """
-        head = f"{prefix}format."
-        own = {k[len(head):]: v for k, v in state.items() if k.startswith(head)}
         bias = state.get(f"{prefix}bias")
         if (bias is None) != (self.bias is None) or (
             bias is not None and tuple(bias.shape) != (self.out_features,)
@@ -98,6 +101,11 @@ class CompiledLayer(nn.Module):
                 f"{prefix or 'layer'}: bias entry does not match a layer with "
                 f"bias={self.bias is not None} and out_features={self.out_features}"
             )
+        return self._read_format(state, f"{prefix}format.")
+
+    def _read_format(self, state: dict[str, torch.Tensor], head: str) -> Format:
+        """The format of this layer's shape stored under ``head`` in ``state``."""
+        own = {k[len(head):]: v for k, v in state.items() if k.startswith(head)}
         threads = self.format.threads if self.format.threaded else None
         try:
             return format_from_state(own, (self.out_features, self.in_features), threads=threads)
@@ -145,24 +153,81 @@ class CompiledLayer(nn.Module):
     ) -> None:
         # Install the saved layer's format first; load_state_dict then fills it as usual.
         try:
-            fmt = self.format_from_state(state_dict, prefix)
+            self._install_from_state(state_dict, prefix)
         except ValueError as err:
             error_msgs.append(str(err))
-        else:
-            old = next(iter(self.format.buffers()), None)
-            self.format = fmt if old is None else fmt.to(old.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _install_from_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Take the format(s) stored in ``state``, on this layer's device."""
+        fmt = self.format_from_state(state, prefix)
+        old = next(iter(self.format.buffers()), None)
+        self.format = fmt if old is None else fmt.to(old.device)
+
 
 class CompiledLinear(CompiledLayer):
-    """``y = x @ W.T + bias`` with ``W`` held in one :class:`~sparsekit.engine.formats.Format`.
+    """``y = x @ W.T + bias`` with ``W`` held in one :class:`~sparsekit.engine.formats.Format`,
+    or in two: ``format`` for inputs of at most ``split`` rows and ``format_large`` for
+    more (rows: the product of all dimensions but the last).
 
     Built by :func:`sparsekit.engine.compile`; accepts inputs of shape ``(..., in_features)``
     like ``nn.Linear``. :meth:`to_dense` recovers the (masked) dense weight,
-    :meth:`to_linear` an equivalent ``nn.Linear``.
+    :meth:`to_linear` an equivalent ``nn.Linear``. The row threshold is a plain ``int``
+    (the buffer ``split_rows`` carries it through a ``state_dict``), so the dispatch is
+    a Python ``if`` on the input's static shape, which ``torch.export`` and
+    ``torch.compile`` trace.
     """
+
+    def __init__(
+        self,
+        fmt: Format,
+        bias: torch.Tensor | None = None,
+        *,
+        format_large: Format | None = None,
+        split: int | None = None,
+    ) -> None:
+        super().__init__(fmt, bias)
+        if (format_large is None) != (split is None):
+            raise ValueError(
+                f"format_large and split go together, got format_large="
+                f"{type(format_large).__name__} and split={split!r}"
+            )
+        if format_large is not None:
+            if not isinstance(format_large, Format):
+                raise TypeError(
+                    f"format_large must be a sparsekit Format, got {type(format_large).__name__}"
+                )
+            shape = (format_large.out_features, format_large.in_features)
+            if shape != (fmt.out_features, fmt.in_features):
+                raise ValueError(
+                    f"format_large must hold a {fmt.out_features}x{fmt.in_features} weight, "
+                    f"got {shape[0]}x{shape[1]}"
+                )
+            check_int("split", split, minimum=1)
+        self.register_buffer("split_rows", None)
+        self._install_large(format_large, split)
+
+    @property
+    def format_large(self) -> Format | None:
+        """The format for inputs of more than :attr:`split` rows (``None``: one format)."""
+        return self._modules.get("format_large")
+
+    def _install_large(self, large: Format | None, split: int | None) -> None:
+        if large is None:
+            self._modules.pop("format_large", None)
+        else:
+            self._modules["format_large"] = large
+        device = next(iter(self.format.buffers()), torch.empty(0)).device
+        self.split_rows = None if split is None else torch.tensor(split, device=device)
+        self.__dict__["split"] = split
+        self._cache()
+
+    def _cache(self) -> None:
+        super()._cache()
+        large = self._modules.get("format_large")
+        self.__dict__["_large"] = None if large is None else large.matmul
 
     @classmethod
     def from_linear(
@@ -172,7 +237,46 @@ class CompiledLinear(CompiledLayer):
         return cls(cls._compress(linear.weight.detach(), format, **kwargs), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        large = self._large
+        if large is not None and x.numel() > self.split * self.in_features:
+            return large(x, self._bias)
         return self._matmul(x, self._bias)
+
+    def expected_state(
+        self, state: dict[str, torch.Tensor], prefix: str = ""
+    ) -> dict[str, torch.Tensor] | None:
+        entries = super().expected_state(state, prefix)
+        if entries is None:
+            return None
+        self._large_from_state(state, prefix)
+        loaded = (f"{prefix}format_large.", f"{prefix}split_rows")
+        own = {k: v for k, v in entries.items() if not k.startswith(loaded)}
+        return own | {k: v for k, v in state.items() if k.startswith(loaded)}
+
+    def _large_from_state(
+        self, state: dict[str, torch.Tensor], prefix: str
+    ) -> tuple[Format | None, int | None]:
+        """The second format and its row threshold stored in ``state`` (``None, None``
+        for a layer of one format); ``ValueError`` naming the entries if they are invalid."""
+        head = f"{prefix}format_large."
+        split = state.get(f"{prefix}split_rows")
+        if split is None and not any(k.startswith(head) for k in state):
+            return None, None
+        if (
+            not isinstance(split, torch.Tensor) or split.shape != () or split.dtype != torch.int64
+            or int(split) < 1
+        ):
+            raise ValueError(
+                f"{prefix}split_rows must be a 0-d int64 tensor ≥ 1 stored with "
+                f"{head}*, got {split!r}"
+            )
+        return self._read_format(state, head), int(split)
+
+    def _install_from_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        large, split = self._large_from_state(state, prefix)  # checked before any change
+        super()._install_from_state(state, prefix)
+        device = next(iter(self.format.buffers()), torch.empty(0)).device
+        self._install_large(None if large is None else large.to(device), split)
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the same weight and bias (e.g. to fine-tune again)."""
@@ -181,7 +285,9 @@ class CompiledLinear(CompiledLayer):
     to_module = to_linear
 
     def extra_repr(self) -> str:
+        large = self.format_large
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, format={self.format.name!r}"
+            + ("" if large is None else f", format_large={large.name!r}, split={self.split}")
         )

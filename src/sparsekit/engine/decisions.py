@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
@@ -36,9 +37,9 @@ from torch import nn
 from sparsekit.engine import kernels
 from sparsekit.engine.autotune import MARGIN
 
-__all__ = ["directory", "key", "lookup", "store"]
+__all__ = ["directory", "key", "lookup", "similar", "store"]
 
-_VERSION = 1  # of the key and file layout; a change makes old files misses
+_VERSION = 2  # of the key and file layout; a change makes old files misses
 
 
 def directory() -> Path:
@@ -53,10 +54,13 @@ def key(
     rows: Sequence[int],
     threads: int | None,
     value_dtype: torch.dtype | None = None,
+    fused: Sequence[str] | None = None,
 ) -> dict[str, object]:
     """The cache key of timing ``candidates`` (format names, dense included when it may be
     chosen) for ``layer`` with inputs ``(r, *in_shape)`` for ``r`` in ``rows``, the sparse
-    candidates holding values of ``value_dtype`` (``None``: the layer's dtype)."""
+    candidates holding values of ``value_dtype`` (``None``: the layer's dtype). For the
+    decision to fuse a group of projections, ``layer`` is their stacked layer and ``fused``
+    the formats of the separate layers and of the stacked one."""
     weight = layer.weight.detach()
     matrix = weight.reshape(weight.shape[0], -1) != 0
     per_row = matrix.sum(1)
@@ -76,7 +80,19 @@ def key(
         "rows": list(rows),
         "threads": [threads, torch.get_num_threads()],
         "margin": MARGIN,
+        "fused": None if fused is None else list(fused),
     }
+
+
+def similar(key: dict[str, object]) -> str:
+    """``key`` made coarser: the exact nonzero counts replaced by the density in whole
+    percent. Layers alike under it (every block of a transformer has the same shapes and
+    nearly the same density) get the same decision, so :func:`~sparsekit.engine.compile`
+    times one of them and reuses its choice for the others in the same compile."""
+    numel = math.prod(key["shape"])
+    coarse = {k: v for k, v in key.items() if k not in ("nnz", "row_nnz")}
+    coarse["density"] = round(100 * key["nnz"] / max(numel, 1))
+    return json.dumps(coarse, sort_keys=True)
 
 
 def lookup(key: dict[str, object]) -> dict[str, object] | None:
@@ -132,8 +148,13 @@ def _parse(data: object, key: dict[str, object]) -> dict[str, object]:
         raise ValueError("the file holds another key")
     choice = dict(data["choice"])
     rows = key["rows"]
-    if choice["format"] not in key["candidates"] or choice["rows"] != rows:
-        raise ValueError(f"format {choice['format']!r} or rows {choice['rows']!r} do not fit")
+    large, split = choice.get("format_large"), choice.get("split")
+    if (
+        choice["format"] not in key["candidates"] or choice["rows"] != rows
+        or (large is not None and (large not in key["candidates"] or split not in rows))
+    ):
+        raise ValueError(f"format {choice['format']!r}, format_large {large!r}, split "
+                         f"{split!r} or rows {choice['rows']!r} do not fit")
     choice["times_ms"] = {
         name: _by_rows(times, rows, float) for name, times in choice["times_ms"].items()
     }

@@ -16,10 +16,11 @@ from torch import nn
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_linear import CompiledLayer
+from sparsekit.engine.fused import FusedLinear
 
 __all__ = ["decompile"]
 
-_COMPILED = (CompiledLayer, ActivationSparseLinear)  # the layers compile() installs
+_COMPILED = (CompiledLayer, ActivationSparseLinear, FusedLinear)  # what compile() installs
 
 # expected_state() is not engine-specific: it moved to the checkpoint module.
 __getattr__ = moved(__name__, {"expected_state": "sparsekit.checkpoint"})
@@ -48,5 +49,5 @@ def decompile(model: nn.Module) -> nn.Module:
     return out
 
 
-def _to_module(layer: CompiledLayer | ActivationSparseLinear) -> nn.Module:
+def _to_module(layer: CompiledLayer | ActivationSparseLinear | FusedLinear) -> nn.Module:
     return layer.to_module().train(layer.training)

@@ -1,0 +1,182 @@
+"""Fused projections: linear layers that read the same input run as one kernel call.
+
+A transformer block multiplies one hidden state by several weights: LLaMA's, Mistral's
+and Qwen2's ``q_proj``, ``k_proj`` and ``v_proj``, and ``gate_proj`` and ``up_proj``. At
+decode time each of these calls is a few microseconds of launch overhead around a matrix
+that streams from memory; stacking the weights into one matrix makes them one call that
+streams it once. :func:`shared_inputs` finds such groups generically, from the example
+forward pass (layers called with the same input tensor object), so no model code is
+patched.
+
+A fused group is one :class:`FusedProjections` (the stacked weight as a
+:class:`~sparsekit.engine.compiled_linear.CompiledLinear`, in one format over all its
+rows) and one :class:`FusedLinear` per original layer, installed in its place. The first
+member called with a new input runs the stacked product and keeps the split outputs; the
+others return their slice of it when called with that same tensor (same object, not
+modified since), and the kept outputs are dropped once every member has taken its own.
+Called with another input, a member runs the product again, so the outputs are always
+those of the original layers (up to float rounding). Because the check is a Python
+identity test on the traced tensors, ``torch.export`` and ``torch.compile(fullgraph=True)``
+trace a fused model into one kernel call per group. A fused model is not meant to be run
+from several threads at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from sparsekit._checks import model_errors
+from sparsekit.engine.compiled_linear import CompiledLinear, dense_linear
+from sparsekit.observe import inference
+from sparsekit.quantize import attach_scales, attached_scales
+
+__all__ = ["FusedLinear", "FusedProjections", "shared_inputs", "stack"]
+
+
+def shared_inputs(model: nn.Module, inputs: tuple[object, ...]) -> list[list[str]]:
+    """Groups of ``nn.Linear`` layers of ``model`` (names, in call order) that read the same
+    input tensor in the forward pass ``model(*inputs)`` and can be stacked: two layers or
+    more, each called once, of the same ``in_features``, dtype, device and bias presence.
+    A layer reachable under two names is never grouped."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    layers = {ns[0]: m for m in model.modules() if type(m) is nn.Linear
+              for ns in [names[id(m)]] if len(ns) == 1}
+    calls: list[tuple[str, torch.Tensor]] = []  # the tensors are kept: their ids stay unique
+
+    def record(name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            calls.append((name, args[0]))
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
+    try:
+        with model_errors("example_inputs", "the model cannot run on them"), inference(model):
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    counts: dict[str, int] = {}
+    for name, _ in calls:
+        counts[name] = counts.get(name, 0) + 1
+    by_input: dict[int, list[str]] = {}
+    for name, x in calls:
+        if counts[name] == 1:
+            by_input.setdefault(id(x), []).append(name)
+    return [group for group in by_input.values()
+            if len(group) > 1 and len({_signature(layers[n]) for n in group}) == 1]
+
+
+def _signature(layer: nn.Linear) -> tuple[object, ...]:
+    weight = layer.weight
+    return (layer.in_features, weight.dtype, weight.device, layer.bias is not None,
+            attached_scales(layer) is not None)
+
+
+def stack(layers: Sequence[nn.Linear]) -> nn.Linear:
+    """One ``nn.Linear`` whose weight (and bias) rows are those of ``layers`` in order, with
+    their int8 scales (:func:`sparsekit.quantize.attach_scales`) stacked alike."""
+    if len({_signature(layer) for layer in layers}) != 1:
+        raise ValueError("layers must share in_features, dtype, device, bias presence and "
+                         f"int8 scales presence, got {[_signature(layer) for layer in layers]}")
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    bias = None if layers[0].bias is None else torch.cat([la.bias.detach() for la in layers])
+    stacked = dense_linear(weight, bias)
+    if attached_scales(layers[0]) is not None:
+        attach_scales(stacked, torch.cat([attached_scales(layer) for layer in layers]))
+    return stacked
+
+
+class FusedProjections(nn.Module):
+    """The stacked weight of a group of projections, ``linear``, whose output splits into
+    ``sizes`` columns, one block per member (:meth:`members`)."""
+
+    def __init__(self, linear: CompiledLinear, sizes: Sequence[int]) -> None:
+        super().__init__()
+        if not isinstance(linear, CompiledLinear):
+            raise TypeError(f"linear must be a CompiledLinear, got {type(linear).__name__}")
+        sizes = list(sizes)
+        if len(sizes) < 2 or any(not isinstance(s, int) or s < 1 for s in sizes) or (
+            sum(sizes) != linear.out_features
+        ):
+            raise ValueError(
+                f"sizes must be two ints ≥ 1 or more summing to out_features="
+                f"{linear.out_features}, got {sizes!r}"
+            )
+        self.linear = linear
+        self.sizes = sizes
+        self.__dict__["_kept"] = None  # [input, its version, outputs, members served]
+
+    def members(self) -> list[FusedLinear]:
+        """One :class:`FusedLinear` per block of rows; the first owns this module (its
+        ``state_dict`` holds the stacked weight), the others refer to it."""
+        return [FusedLinear(self, i) for i in range(len(self.sizes))]
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Member ``index``'s output for ``x``: its block of the stacked product, computed
+        once for all members."""
+        tracing = torch.compiler.is_compiling()  # traced graphs have no in-place surprises
+        kept = self.__dict__["_kept"]
+        if kept is None or kept[0] is not x or (not tracing and kept[1] != x._version):
+            kept = [x, 0 if tracing else x._version, self.linear(x).split(self.sizes, -1), 0]
+            self.__dict__["_kept"] = kept
+        kept[3] |= 1 << index
+        if kept[3] == (1 << len(self.sizes)) - 1:  # every member served: keep nothing
+            self.__dict__["_kept"] = None
+        return kept[2][index].contiguous()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every member's output for ``x``."""
+        return tuple(self.output(x, i) for i in range(len(self.sizes)))
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_kept": None}  # copies carry no kept outputs
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"
+
+
+class FusedLinear(nn.Module):
+    """One original ``nn.Linear`` of a fused group: rows ``[start, start + out_features)``
+    of its :class:`FusedProjections`.
+
+    Member 0 holds the group as its child ``group`` (so the stacked weight is saved once,
+    under its name); the others refer to it without registering it. :meth:`to_linear`
+    gives back the original layer's weight and bias.
+    """
+
+    def __init__(self, group: FusedProjections, index: int) -> None:
+        super().__init__()
+        if not isinstance(group, FusedProjections):
+            raise TypeError(f"group must be FusedProjections, got {type(group).__name__}")
+        if not isinstance(index, int) or not 0 <= index < len(group.sizes):
+            raise ValueError(f"index must be an int in [0, {len(group.sizes)}), got {index!r}")
+        if index == 0:
+            self.group = group
+        else:
+            self.__dict__["group"] = group
+        self.__dict__["_group"] = group  # the hot path skips nn.Module.__getattr__
+        self.index = index
+        self.in_features = group.linear.in_features
+        self.out_features = group.sizes[index]
+        self.start = sum(group.sizes[:index])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group.output(x, self.index)
+
+    def to_linear(self) -> nn.Linear:
+        """The original layer: an ``nn.Linear`` with this member's rows of the weight and bias."""
+        group = self._group
+        rows = slice(self.start, self.start + self.out_features)
+        bias = group.linear.bias
+        return dense_linear(group.linear.to_dense()[rows], None if bias is None else bias[rows])
+
+    to_module = to_linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rows {self.start}..{self.start + self.out_features} of a fused group")

@@ -1,0 +1,251 @@
+"""Fused projections (issue 18, item 4): layers that read one input become one kernel call.
+
+The clock of :mod:`sparsekit.engine.autotune` is scripted, so whether a group fuses does
+not depend on this machine's speed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit
+from sparsekit.engine import CompiledLinear, autotune, compile, decisions, decompile, kernels
+from sparsekit.engine.formats import DenseFormat
+from sparsekit.engine.fused import FusedLinear, FusedProjections, shared_inputs, stack
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(decisions, "directory", lambda: tmp_path / "decisions")
+    return tmp_path / "decisions"
+
+
+def _clock(monkeypatch: pytest.MonkeyPatch, fused_ms: float) -> list[int]:
+    """Every layer format takes 1 ms (dense stays), a fused group ``fused_ms`` against the
+    3 ms of its separate layers. Returns the list that counts measure() calls."""
+    calls: list[int] = []
+    measure = autotune.measure
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return measure(*args, **kwargs)
+
+    def clock(module: nn.Module, x: torch.Tensor, reps: int) -> float:
+        if isinstance(module, FusedProjections):
+            return fused_ms * 1e-3
+        return 1e-3 * (len(module) if isinstance(module, nn.ModuleList) else 1)
+
+    monkeypatch.setattr(autotune, "_time_block", clock)
+    monkeypatch.setattr(autotune, "measure", counted)
+    return calls
+
+
+def _llama(seed: int = 0, layers: int = 2) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    sparsekit.prune(model, 0.5)
+    return model
+
+
+IDS = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+          ["mlp.gate_proj", "mlp.up_proj"]]
+
+
+def test_shared_inputs_finds_the_projections_of_every_block() -> None:
+    groups = shared_inputs(_llama(), (IDS,))
+    assert groups == [[f"model.layers.{i}.{n}" for n in g] for i in range(2) for g in GROUPS]
+
+
+def test_shared_inputs_skips_layers_that_cannot_stack() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2, bias=False)  # bias differs
+            self.c, self.d = nn.Linear(4, 3), nn.Linear(4, 5)
+            self.e = nn.Linear(4, 4)  # called twice
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.e(self.e(x))
+            return torch.cat([self.a(x), self.b(x), self.c(y), self.d(y)], -1)
+
+    assert shared_inputs(Net(), (torch.randn(2, 4),)) == [["c", "d"]]
+
+
+def test_a_faster_fused_call_replaces_the_projections(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch, fused_ms=1.5)
+    model = _llama()
+    compiled = compile(model, (IDS,))
+    attn = compiled.model.layers[0].self_attn
+    assert all(isinstance(getattr(attn, n), FusedLinear) for n in ("q_proj", "k_proj", "v_proj"))
+    assert isinstance(attn.o_proj, CompiledLinear)
+    assert attn.q_proj.group is attn.k_proj.group is attn.v_proj.group
+    record = compiled.sparsekit_choices["model.layers.0.self_attn.k_proj"]["fused"]
+    assert record["format"] == "fused" and record["reference"] == "separate"
+    assert record["group"] == [f"model.layers.0.{n}" for n in GROUPS[0]]
+    assert record["speedup"] == pytest.approx(2.0) and record["stacked"]["format"] == "dense"
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits)
+        expected = model.generate(IDS, max_new_tokens=10, do_sample=False)
+        assert torch.equal(compiled.generate(IDS, max_new_tokens=10, do_sample=False), expected)
+
+
+def test_fusing_that_is_not_faster_keeps_the_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch, fused_ms=2.9)  # 3 % faster than three separate calls: noise
+    compiled = compile(_llama(), (IDS,))
+    assert not any(isinstance(m, FusedLinear) for m in compiled.modules())
+    record = compiled.sparsekit_choices["model.layers.1.mlp.up_proj"]["fused"]
+    assert record["format"] == "separate"
+    assert not any(isinstance(m, FusedLinear) for m in compile(
+        _llama(), (IDS,), fuse=False).modules())
+
+
+def test_a_fused_model_saves_loads_and_decompiles(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    _clock(monkeypatch, fused_ms=1.0)
+    model = _llama()
+    compiled = compile(model, (IDS,))
+    state = compiled.state_dict()
+    prefix = "model.layers.0.self_attn."
+    assert f"{prefix}q_proj.group.linear.format.weight" in state
+    assert not any(k.startswith((f"{prefix}k_proj", f"{prefix}v_proj")) for k in state)
+    path = sparsekit.save(compiled, tmp_path / "fused.safetensors")
+    fresh = compile(_llama(seed=1), (IDS,))
+    sparsekit.load(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS).logits, compiled(IDS).logits)
+    back = decompile(compiled)
+    for name, layer in model.named_modules():
+        if type(layer) is nn.Linear:
+            restored = back.get_submodule(name)
+            assert type(restored) is nn.Linear and torch.equal(restored.weight, layer.weight)
+
+
+def test_the_second_compile_times_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _clock(monkeypatch, fused_ms=1.0)
+    first = compile(_llama(layers=3), (IDS,))
+    # one block is timed; the two others have the same shapes and density and reuse it
+    # (so do the layers of one block alike: k/v, q/o, gate/up and the stacked q/k/v)
+    assert 0 < len(calls) <= 5 + 2 + 2  # layers (lm_head too), stacked, fused or separate
+    for name, choice in first.sparsekit_choices.items():
+        if name.startswith(("model.layers.1.", "model.layers.2.")):  # reused, or stored
+            for record in (choice, choice.get("fused", {"cached": True})):
+                assert record["cached"] or record["reused"].startswith("model.layers.0.")
+    calls.clear()
+    second = compile(_llama(layers=3), (IDS,))
+    assert calls == []
+    assert all(c["cached"] for c in second.sparsekit_choices.values())
+    assert sum(isinstance(m, FusedLinear) for m in second.modules()) == 15
+
+
+def test_a_member_called_with_another_input_computes_its_own() -> None:
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, n) for n in (3, 5)]
+    group = FusedProjections(CompiledLinear.from_linear(stack(layers)), [3, 5])
+    first, second = group.members()
+    x, y = torch.randn(2, 8), torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(first(x), layers[0](x))
+        torch.testing.assert_close(second(y), layers[1](y))  # not x's kept output
+        torch.testing.assert_close(first(x), layers[0](x))
+        x.mul_(2)  # modified in place since: computed again
+        torch.testing.assert_close(second(x), layers[1](x))
+        assert group.__dict__["_kept"] is not None
+        torch.testing.assert_close(first(x), layers[0](x))
+        assert group.__dict__["_kept"] is None  # every member served: nothing kept
+    assert second(torch.randn(3, 4, 8)).shape == (3, 4, 5)
+    assert second(torch.randn(3, 4, 8)).is_contiguous()
+    assert "rows 3..8 of a fused group" in repr(second)
+    assert torch.equal(second.to_linear().bias, layers[1].bias)
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: FusedProjections(nn.Linear(4, 4), [2, 2]), TypeError, "linear must be a "),
+        (lambda: FusedProjections(_stacked(), [8]), ValueError, "sizes must be two ints"),
+        (lambda: FusedProjections(_stacked(), [3, 4]), ValueError, "summing to out_features=8"),
+        (lambda: FusedProjections(_stacked(), [4.0, 4]), ValueError, "got \\[4.0, 4\\]"),
+        (lambda: FusedLinear(_stacked(), 0), TypeError, "group must be FusedProjections"),
+        (lambda: FusedLinear(FusedProjections(_stacked(), [4, 4]), 2), ValueError,
+         r"index must be an int in \[0, 2\), got 2"),
+        (lambda: stack([nn.Linear(4, 2), nn.Linear(5, 2)]), ValueError, "share in_features"),
+        (lambda: compile(nn.Linear(3, 3), fuse="yes"), TypeError, "fuse must be a bool"),
+    ],
+)
+def test_bad_fusion_arguments_are_refused(build, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        build()
+
+
+def _stacked() -> CompiledLinear:
+    return CompiledLinear(DenseFormat.from_dense(torch.randn(8, 4)))
+
+
+class _Projections(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x).repeat(1, 2) * self.v(x).repeat(1, 2)], -1)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
+def test_a_fused_group_traces_as_one_kernel_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch, fused_ms=1.0)
+    model = _Projections()
+    sparsekit.prune(model, 0.9)
+    x = torch.randn(4, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        compiled = compile(model, x, formats="csr16")
+    assert isinstance(compiled.q, FusedLinear)
+    program = torch.export.export(compiled, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("sparsekit.csr_linear.default") == 1, targets
+    torch.testing.assert_close(program.module()(x), compiled(x))
+    torch._dynamo.reset()
+    traced = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(traced(x), compiled(x))
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_stack_carries_the_int8_scales_of_its_layers() -> None:
+    from sparsekit.quantize import attach_scales, attached_scales, int8_scales
+
+    layers = [nn.Linear(8, n) for n in (3, 5)]
+    for layer in layers:
+        attach_scales(layer, int8_scales(layer.weight))
+    stacked = stack(layers)
+    assert torch.equal(attached_scales(stacked),
+                       torch.cat([attached_scales(layer) for layer in layers]))
+    attach_scales(layers[1], int8_scales(layers[1].weight))
+    del layers[1]._buffers["weight_scale"]
+    with pytest.raises(ValueError, match="int8 scales presence"):
+        stack(layers)
+
+
+def test_an_int8_quantized_llama_fuses_on_its_own_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsekit import llm
+
+    _clock(monkeypatch, fused_ms=1.5)
+    model = _llama()
+    llm.prune(model, IDS.repeat(4, 1), method="magnitude", quantize="int8", seqlen=IDS.shape[1])
+    compiled = compile(model, (IDS,))
+    attn = compiled.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, FusedLinear)
+    assert attn.q_proj.group.linear.format.value_dtype == torch.int8
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-4)
