@@ -243,9 +243,12 @@ def test_an_int8_quantized_llama_fuses_on_its_own_grid(monkeypatch: pytest.Monke
     _clock(monkeypatch, fused_ms=1.5)
     model = _llama()
     llm.prune(model, IDS.repeat(4, 1), method="magnitude", quantize="int8", seqlen=IDS.shape[1])
-    compiled = compile(model, (IDS,))
+    compiled = compile(model, (IDS,), formats="csr16")  # forced: int8 values on every layer
     attn = compiled.model.layers[0].self_attn
     assert isinstance(attn.q_proj, FusedLinear)
-    assert attn.q_proj.group.linear.format.value_dtype == torch.int8
+    stacked = attn.q_proj.group.linear.format
+    assert stacked.value_dtype == torch.int8
+    assert torch.equal(stacked.to_dense(), torch.cat(
+        [model.model.layers[0].get_submodule(n).weight for n in GROUPS[0]]))
     with torch.no_grad():
         torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-4)

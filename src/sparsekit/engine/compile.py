@@ -31,7 +31,7 @@ from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
-from sparsekit.engine.formats import FORMATS, available_formats
+from sparsekit.engine.formats import FORMATS, Format, available_formats
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.observe import inference, input_shapes, watch
 from sparsekit.quantize import attached_scales
@@ -188,7 +188,7 @@ def compile(
     _check_forced(names, refused, len(choices))
     compiled.sparsekit_choices = choices
     rtol = _CHECK_RTOL if value_dtype is None else _rtol(value_dtype)
-    reference = _with_stored_weights(model, compiled) if inputs is not None else model
+    reference = _with_stored_weights(model, compiled, seen) if inputs is not None else model
     if inputs is not None and activation_sparsity is not None:
         activation_sparsity.apply(reference)
         try:
@@ -531,20 +531,42 @@ def _rtol(dtype: torch.dtype) -> float:
     return max(_CHECK_RTOL, 4 * torch.finfo(dtype).eps)
 
 
-def _with_stored_weights(model: nn.Module, compiled: nn.Module) -> nn.Module:
+def _with_stored_weights(
+    model: nn.Module, compiled: nn.Module, seen: Mapping[str, torch.Size]
+) -> nn.Module:
     """``model``, or a copy whose layers compiled to int8 values have the dequantized
-    weights those hold (the fake-quantized model the compiled one must reproduce)."""
-    layers = {n: m for n, m in compiled.named_modules()
-              if isinstance(m, CompiledLayer) and m.format.value_dtype == torch.int8}
-    if not layers:
+    weights those hold (the fake-quantized model the compiled one must reproduce). A layer
+    holding two formats is taken in the one that serves the rows it saw (``seen``); a
+    member of a fused group in its rows of the stacked format."""
+    stored = {}
+    for name, layer in compiled.named_modules():
+        if isinstance(layer, FusedLinear):
+            fmt = _serving(layer.group.linear, seen.get(name))
+            rows = slice(layer.start, layer.start + layer.out_features)
+        elif isinstance(layer, CompiledLayer) and name in seen:
+            fmt, rows = _serving(layer, seen[name]), slice(None)
+        else:
+            continue
+        if fmt.value_dtype == torch.int8:
+            stored[name] = (fmt, rows)
+    if not stored:
         return model
     reference = copy.deepcopy(model)
     originals = dict(reference.named_modules())
     with torch.no_grad():
-        for name, layer in layers.items():
+        for name, (fmt, rows) in stored.items():
             weight = originals[name].weight
-            weight.copy_(layer.to_dense().reshape(weight.shape))
+            weight.copy_(fmt.to_dense()[rows].reshape(weight.shape))
     return reference
+
+
+def _serving(layer: CompiledLayer, shape: torch.Size | None) -> Format:
+    """The format of ``layer`` that serves inputs of ``shape`` (its second format above its
+    split; a convolution's one format)."""
+    large = getattr(layer, "format_large", None)
+    if large is None or shape is None or math.prod(shape[:-1]) <= layer.split:
+        return layer.format
+    return large
 
 
 def _as_tuple(example_inputs: object) -> tuple[object, ...] | None:
