@@ -119,10 +119,13 @@ class FusedProjections(nn.Module):
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Member ``index``'s output for ``x``: its block of the stacked product, computed
         once for all members."""
-        tracing = torch.compiler.is_compiling()  # traced graphs have no in-place surprises
+        # Traced graphs have no in-place surprises; inference tensors (torch.inference_mode)
+        # have no version counter, so for them the same object is taken as the same input.
+        versioned = not torch.compiler.is_compiling() and not x.is_inference()
+        version = x._version if versioned else 0
         kept = self.__dict__["_kept"]
-        if kept is None or kept[0] is not x or (not tracing and kept[1] != x._version):
-            kept = [x, 0 if tracing else x._version, self.linear(x).split(self.sizes, -1), 0]
+        if kept is None or kept[0] is not x or kept[1] != version:
+            kept = [x, version, self.linear(x).split(self.sizes, -1), 0]
             self.__dict__["_kept"] = kept
         kept[3] |= 1 << index
         if kept[3] == (1 << len(self.sizes)) - 1:  # every member served: keep nothing
