@@ -99,7 +99,11 @@ def test_the_format_must_hold_at_every_row_count_it_serves(
     # twice as fast for decoding, 10 % slower for the prompt: sparse for 1 row, dense above
     _clock(monkeypatch, dense=1.0, torch_csr=lambda rows: 0.5 if rows == 1 else 1.1)
     model, x = _model(), torch.randn(2, 64, 32)
+    # by default two formats may not hold more bytes than dense: torch CSR + dense do
     compiled = compile(model, x, formats=CANDIDATES, cache=False)
+    assert {(c["format"], c["format_large"]) for c in compiled.sparsekit_choices.values()} == {
+        ("dense", None)}
+    compiled = compile(model, x, formats=CANDIDATES, cache=False, grow=True)
     for name, choice in compiled.sparsekit_choices.items():
         assert (choice["format"], choice["format_large"], choice["split"]) == (
             "torch_csr", "dense", 1)
@@ -119,9 +123,12 @@ def test_the_format_must_hold_at_every_row_count_it_serves(
     assert {c["format_large"] for c in compiled.sparsekit_choices.values()} == {None}
     # 5 % faster for decoding is noise, 10 % slower for the prompt: dense everywhere
     _clock(monkeypatch, dense=1.0, torch_csr=lambda rows: 0.97 if rows == 1 else 1.1)
-    compiled = compile(_model(), torch.randn(2, 64, 32), formats=CANDIDATES, cache=False)
+    compiled = compile(_model(), torch.randn(2, 64, 32), formats=CANDIDATES, cache=False,
+                       grow=True)
     assert {(c["format"], c["format_large"]) for c in compiled.sparsekit_choices.values()} == {
         ("dense", None)}
+    with pytest.raises(TypeError, match="grow must be a bool, got 1"):
+        compile(_model(), grow=1)
 
 
 def test_a_split_must_beat_every_single_format() -> None:

@@ -68,6 +68,7 @@ def compile(
     weight_dtype: str | None = None,
     cache: bool = True,
     fuse: bool = True,
+    grow: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` with its layers replaced by :class:`CompiledLinear` and
     :class:`~sparsekit.engine.compiled_conv.CompiledConv2d` modules.
@@ -98,6 +99,13 @@ def compile(
     of :mod:`sparsekit.engine.decisions`, and a layer of the same shape, candidates and
     density (in whole percent) as one timed earlier in this compile takes its decision
     (``reused`` names that layer); ``cache=False`` times every layer afresh.
+
+    A linear layer may hold two formats, one per range of row counts (e.g. a sparse format
+    for decoding and dense for the prompt; ``format_large`` and ``split`` of
+    :class:`CompiledLinear`), when that beats every single format. By default the two may
+    not take more bytes together than the dense weight, so the compiled model is never
+    larger than the original; ``grow=True`` lifts that limit (faster prefill and decode at
+    the cost of memory).
 
     With ``example_inputs`` (a tensor or a tuple for ``model(*example_inputs)``) the
     compiled model's output is checked against the original's. The choices, with their
@@ -143,6 +151,8 @@ def compile(
         raise TypeError(f"cache must be a bool, got {cache!r}")
     if not isinstance(fuse, bool):
         raise TypeError(f"fuse must be a bool, got {fuse!r}")
+    if not isinstance(grow, bool):
+        raise TypeError(f"grow must be a bool, got {grow!r}")
     inputs = _as_tuple(example_inputs)
     seen = {} if inputs is None else _observed_inputs(model, inputs)
     probes = {} if inputs is None else _observed_rows(model, inputs)
@@ -170,19 +180,20 @@ def compile(
                     elif type(child) is nn.Linear:
                         done[id(child)], choices[name] = _compile_layer(
                             child, (child.in_features,), names, layer_rows, threads, cache,
-                            value_dtype, probes.get(name), memo, name,
+                            value_dtype, probes.get(name), memo, name, grow,
                         )
                     elif name in seen and convertible(child) is None:
                         done[id(child)], choices[name] = _compile_layer(
                             child, tuple(seen[name][-3:]), names, layer_rows, threads, cache,
-                            value_dtype, probes.get(name), memo, name,
+                            value_dtype, probes.get(name), memo, name, grow,
                         )
                     else:
                         done[id(child)] = child
                 setattr(parent, child_name, done[id(child)])
         if inputs is not None and fuse:
             _fuse_groups(model, compiled, inputs, choices, served, seen, names=names,
-                         threads=threads, cache=cache, value_dtype=value_dtype, memo=memo)
+                         threads=threads, cache=cache, value_dtype=value_dtype, memo=memo,
+                         grow=grow)
     refused = [n for n, c in choices.items() if names and "dense" not in names
                and c["format"] == "dense"]
     _check_forced(names, refused, len(choices))
@@ -214,12 +225,14 @@ def _compile_layer(
     probe: torch.Tensor | None = None,
     memo: dict[str, tuple[dict[str, object], str]] | None = None,
     name: str = "",
+    grow: bool = False,
 ) -> tuple[CompiledLayer, dict[str, object]]:
     """The fastest compiled version of ``layer`` (called ``name``) and the evidence behind
     the choice; the candidates other than dense hold values of ``value_dtype`` (``None``:
     the layer's dtype, or int8 on its attached scales). With ``cache``, a decision on disk,
     or one taken in this compile for a layer of the same shape and density (``memo``), is
-    reused instead of timing. The chosen layer's relative output error against ``layer``
+    reused instead of timing. Two formats may hold more bytes than the dense layer only
+    with ``grow``. The chosen layer's relative output error against ``layer``
     on ``probe`` (inputs it saw; default: random normal ones) is the choice's
     ``quantization_error``."""
     scales = attached_scales(layer)
@@ -239,14 +252,24 @@ def _compile_layer(
 
     key = (decisions.key(layer, in_shape, allowed, rows, threads, value_dtype) if cache
            else None)
+    if key is not None and grow:
+        key["grow"] = True
     modules: dict[str, CompiledLayer] = {}
 
     def timed() -> dict[str, object]:
         modules.update({n: built(n) for n in dict.fromkeys(["dense", *allowed])})  # dense: ref.
         weight = layer.weight
         samples = autotune.measure(modules, in_shape, rows, weight.dtype, weight.device)
-        return autotune.choose(samples, allowed, dense_allowed=dense_allowed,
-                               split=type(layer) is nn.Linear)[1]
+        choice = autotune.choose(samples, allowed, dense_allowed=dense_allowed,
+                                 split=type(layer) is nn.Linear)[1]
+        large = choice.get("format_large")
+        if large is not None and not grow and (modules[choice["format"]].format.nbytes
+                                  + modules[large].format.nbytes
+                                  > modules["dense"].format.nbytes):
+            # two formats may not hold more bytes than the dense layer: the compiled model
+            # is never larger than the original
+            choice = autotune.choose(samples, allowed, dense_allowed=dense_allowed)[1]
+        return choice
 
     choice = _decided(key, memo, name, timed)
     chosen = _assemble(layer, choice, lambda n: modules[n] if n in modules else built(n))
@@ -323,6 +346,7 @@ def _fuse(
     cache: bool,
     value_dtype: torch.dtype | None,
     memo: dict[str, tuple[dict[str, object], str]] | None,
+    grow: bool,
 ) -> tuple[list[FusedLinear] | None, dict[str, object]]:
     """The members of a fused group replacing the ``separate`` compiled layers (``None``
     where fusing is not faster by the rule of :mod:`~sparsekit.engine.autotune`), and the
@@ -331,7 +355,7 @@ def _fuse(
     stacked = fused.stack(originals)
     in_shape, label = (stacked.in_features,), "+".join(group)
     linear, stacked_choice = _compile_layer(stacked, in_shape, names, rows, threads, cache,
-                                            value_dtype, memo=memo, name=label)
+                                            value_dtype, memo=memo, name=label, grow=grow)
     projections = FusedProjections(linear, [layer.out_features for layer in originals])
     paths = [_formats(m) for m in (*separate, linear)]
     key = (decisions.key(stacked, in_shape, ["separate", "fused"], rows, threads, value_dtype,

@@ -39,7 +39,7 @@ from sparsekit.engine.autotune import MARGIN
 
 __all__ = ["directory", "key", "lookup", "similar", "store"]
 
-_VERSION = 2  # of the key and file layout; a change makes old files misses
+_VERSION = 3  # of the key and file layout; a change makes old files misses
 
 
 def directory() -> Path:
