@@ -34,7 +34,10 @@ struct PackedNM {
       words16 = w.fbits == 2 ? 0x1 : 0x3;  // words of fields per 16 values
     }
     __m512i at(const uint32_t* q) const {  // q: the fields of the 16 values
-      const __m512i f = _mm512_maskz_loadu_epi32(words16, q);
+      // one or two 32-bit words, loaded whole (masked loads stall the streaming loop)
+      const __m512i f = words16 == 0x1
+          ? _mm512_set1_epi32(static_cast<int>(q[0]))
+          : _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
       const __m512i shifted = _mm512_srlv_epi32(_mm512_permutexvar_epi32(sel, f), shift);
       return _mm512_add_epi32(base, _mm512_and_si512(shifted, field));
     }
@@ -63,7 +66,8 @@ struct PackedNM {
             _mm512_permutex2var_ps(_mm512_loadu_ps(xs + 32), c, _mm512_loadu_ps(xs + 48));
         xv = _mm512_mask_mov_ps(xv, _mm512_test_epi32_mask(c, _mm512_set1_epi32(32)), hi);
       }
-      a0 = _mm512_fmadd_ps(load16_masked(valid, p + k), xv, a0);
+      a0 = _mm512_fmadd_ps(valid == 0xFFFF ? load16(p + k) : load16_masked(valid, p + k), xv,
+                           a0);
       std::swap(a0, a1);  // two independent sums hide the FMA latency
     }
     acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));

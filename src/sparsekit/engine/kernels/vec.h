@@ -57,13 +57,6 @@ inline __m512 load16_masked(__mmask16 m, const bf16* p) {
 inline __m512 load16_masked(__mmask16 m, const int8_t* p) {
   return widen16(_mm_maskz_loadu_epi8(m, p));
 }
-// The popcount(m) consecutive values at p, placed in the lanes of m's set bits (others zero).
-inline __m512 expand16(__mmask16 m, const float* p) { return _mm512_maskz_expandloadu_ps(m, p); }
-template <typename T>
-inline __m512 expand16(__mmask16 m, const T* p) {  // bf16, int8: load packed, then expand
-  const auto first = static_cast<__mmask16>((1u << __builtin_popcount(m)) - 1u);
-  return _mm512_maskz_expand_ps(m, load16_masked(first, p));
-}
 #endif
 
 #if SPARSEKIT_AVX2
