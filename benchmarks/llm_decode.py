@@ -14,7 +14,9 @@ Configurations: dense fp32; dense bf16 (``model.to(torch.bfloat16)``); torch int
 quantization (``torch.ao.quantization.quantize_dynamic``); ``_weight_int8pack_mm`` (int8
 weights, per-channel scales, fp32 activations); and sparsekit at 50 %, 2:4 and 70 % ×
 {fp32, bf16, int8} × {no activation sparsity, TEAL 50 % (``sparsekit.activation``)},
-compiled with ``sparsekit.compile(model, prompt, weight_dtype=...)`` (bf16: the bf16 model;
+compiled with ``sparsekit.compile(model, prompt, weight_dtype=..., grow=True)`` (a layer may
+hold a decode and a prompt format even if together larger than dense: serving trades that
+memory for speed; bf16: the bf16 model;
 fp32 and int8: the fp32 model, fp32 activations). A configuration the installed sparsekit
 refuses is skipped with a printed note and counts as a miss.
 
@@ -176,7 +178,8 @@ def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: t
             for act in (None, teal):
                 add(config_name(label, dtype, act is not None), functools.partial(
                     sparsekit.compile, sources[dtype], prompt,
-                    weight_dtype=None if dtype == "fp32" else dtype, activation_sparsity=act))
+                    weight_dtype=None if dtype == "fp32" else dtype, activation_sparsity=act,
+                    grow=True))
         del sources, teal
     return models, seconds
 
