@@ -8,7 +8,6 @@
 // place from a table of byte masks, so the GEMV is a dense-like streaming loop over the row.
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -31,17 +30,13 @@ at::Tensor bitmap_linear(const at::Tensor& values, const at::Tensor& bitmap,
   sparsekit::check_size(bitmap, "bitmap", 1, (in_features + 15) / 16);
   sparsekit::check_rowptr(rowptr, "rowptr", bitmap.size(0), values.numel());
   const int64_t rows = bitmap.size(0);
-  const sparsekit::Output out{sparsekit::scales_data(scales, values, rows),
-                              sparsekit::bias_data(bias, rows)};
-  const int T = sparsekit::num_threads(threads);
-  const at::Tensor xf = sparsekit::as_float32(x);
-  auto y = at::empty({x.size(0), rows}, xf.options());
-  if (x.size(0) == 0 || rows == 0) return sparsekit::like_input(y, x);
-  sparsekit::cores().bitmap_linear(sparsekit::BitmapArgs{
-      sparsekit::linear_io(xf, y, out, T), sparsekit::value_type(values), values.data_ptr(),
-      reinterpret_cast<const uint16_t*>(bitmap.data_ptr()), rowptr.data_ptr<int32_t>(),
-      bitmap.size(1)});
-  return sparsekit::like_input(y, x);
+  return sparsekit::scaled_linear(
+      x, values, scales, bias, rows, threads, [&](const sparsekit::Linear& io) {
+        sparsekit::cores().bitmap_linear(sparsekit::BitmapArgs{
+            io, sparsekit::value_type(values), values.data_ptr(),
+            reinterpret_cast<const uint16_t*>(bitmap.data_ptr()), rowptr.data_ptr<int32_t>(),
+            bitmap.size(1)});
+      });
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/to.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -151,6 +152,23 @@ inline Value value_type(const at::Tensor& values) {
 inline Linear linear_io(const at::Tensor& x, at::Tensor& y, Output out, int threads) {
   return Linear{x.data_ptr<float>(), y.data_ptr<float>(), x.size(0), y.size(1), x.size(1), out,
                 threads};
+}
+
+// The shared body of the linear ops whose stored `values` may be int8 with per-row `scales`:
+// checks scales, bias and threads (after the op's own checks), widens x to float32, allocates
+// y (batch, rows), calls run(io) with the core's input/output arguments unless there is
+// nothing to compute, and returns y in x's dtype.
+template <typename Run>
+at::Tensor scaled_linear(const at::Tensor& x_in, const at::Tensor& values,
+                         const std::optional<at::Tensor>& scales,
+                         const std::optional<at::Tensor>& bias, int64_t rows, int64_t threads,
+                         Run&& run) {
+  const Output out{scales_data(scales, values, rows), bias_data(bias, rows)};
+  const int T = num_threads(threads);
+  const at::Tensor x = as_float32(x_in);
+  auto y = at::empty({x.size(0), rows}, x.options());
+  if (x.size(0) != 0 && rows != 0) run(linear_io(x, y, out, T));
+  return like_input(y, x_in);
 }
 
 }  // namespace sparsekit

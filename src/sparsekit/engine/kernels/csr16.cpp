@@ -7,7 +7,6 @@
 // compiled per instruction set.
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -33,17 +32,12 @@ at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,
               "entries, got shape ", rowptr.sizes());
   const int64_t rows = rowptr.size(0) - 1;
   sparsekit::check_rowptr(rowptr, "rowptr", rows, values.numel());
-  const sparsekit::Output out{sparsekit::scales_data(scales, values, rows),
-                              sparsekit::bias_data(bias, rows)};
-  const int T = sparsekit::num_threads(threads);
-  const at::Tensor x = sparsekit::as_float32(x_in);
-  auto y = at::empty({x.size(0), rows}, x.options());
-  if (x.size(0) == 0 || rows == 0) return sparsekit::like_input(y, x_in);
-  sparsekit::cores().csr_linear(sparsekit::CsrArgs{
-      sparsekit::linear_io(x, y, out, T), sparsekit::value_type(values), values.data_ptr(),
-      col_indices.data_ptr(), col_indices.scalar_type() == at::kShort,
-      rowptr.data_ptr<int32_t>()});
-  return sparsekit::like_input(y, x_in);
+  return sparsekit::scaled_linear(
+      x_in, values, scales, bias, rows, threads, [&](const sparsekit::Linear& io) {
+        sparsekit::cores().csr_linear(sparsekit::CsrArgs{
+            io, sparsekit::value_type(values), values.data_ptr(), col_indices.data_ptr(),
+            col_indices.scalar_type() == at::kShort, rowptr.data_ptr<int32_t>()});
+      });
 }
 
 }  // namespace

@@ -4,7 +4,6 @@
 // dense_core.h; this file checks the tensors and calls it.
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -28,15 +27,11 @@ at::Tensor dense_linear(const at::Tensor& weight, const at::Tensor& x_in,
               " or ", at::kBFloat16, ", got ", weight.scalar_type());
   sparsekit::check_size(weight, "weight", 1, in_features);
   const int64_t rows = weight.size(0);
-  const sparsekit::Output out{sparsekit::scales_data(scales, weight, rows),
-                              sparsekit::bias_data(bias, rows)};
-  const int T = sparsekit::num_threads(threads);
-  const at::Tensor x = sparsekit::as_float32(x_in);
-  auto y = at::empty({x.size(0), rows}, x.options());
-  if (x.size(0) == 0 || rows == 0) return sparsekit::like_input(y, x_in);
-  sparsekit::cores().dense_linear(sparsekit::DenseArgs{
-      sparsekit::linear_io(x, y, out, T), sparsekit::value_type(weight), weight.data_ptr()});
-  return sparsekit::like_input(y, x_in);
+  return sparsekit::scaled_linear(
+      x_in, weight, scales, bias, rows, threads, [&](const sparsekit::Linear& io) {
+        sparsekit::cores().dense_linear(
+            sparsekit::DenseArgs{io, sparsekit::value_type(weight), weight.data_ptr()});
+      });
 }
 
 }  // namespace

@@ -7,7 +7,6 @@
 // are shared with the bitmap rows (decoded_rows.h).
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -33,17 +32,13 @@ at::Tensor nm_linear(const at::Tensor& values, const at::Tensor& indices, const 
   sparsekit::check_size(indices, "indices", 0, values.size(0));
   sparsekit::check_size(indices, "indices", 1, (width + 15) / 16 * fbits / 2);
   const int64_t rows = values.size(0);
-  const sparsekit::Output out{sparsekit::scales_data(scales, values, rows),
-                              sparsekit::bias_data(bias, rows)};
-  const int T = sparsekit::num_threads(threads);
-  const at::Tensor xf = sparsekit::as_float32(x);
-  auto y = at::empty({x.size(0), rows}, xf.options());
-  if (x.size(0) == 0 || rows == 0) return sparsekit::like_input(y, x);
-  sparsekit::cores().nm_linear(sparsekit::NMArgs{
-      sparsekit::linear_io(xf, y, out, T), sparsekit::value_type(values), values.data_ptr(),
-      reinterpret_cast<const uint32_t*>(indices.data_ptr()), n, m, fbits, width,
-      indices.size(1)});
-  return sparsekit::like_input(y, x);
+  return sparsekit::scaled_linear(
+      x, values, scales, bias, rows, threads, [&](const sparsekit::Linear& io) {
+        sparsekit::cores().nm_linear(sparsekit::NMArgs{
+            io, sparsekit::value_type(values), values.data_ptr(),
+            reinterpret_cast<const uint32_t*>(indices.data_ptr()), n, m, fbits, width,
+            indices.size(1)});
+      });
 }
 
 }  // namespace
