@@ -33,7 +33,7 @@ from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, Format, available_formats
 from sparsekit.engine.fused import FusedLinear, FusedProjections
-from sparsekit.observe import inference, input_shapes, watch
+from sparsekit.observe import inference, watch
 from sparsekit.quantize import attached_scales
 
 __all__ = ["InputThresholds", "compile"]
@@ -154,8 +154,7 @@ def compile(
     if not isinstance(grow, bool):
         raise TypeError(f"grow must be a bool, got {grow!r}")
     inputs = _as_tuple(example_inputs)
-    seen = {} if inputs is None else _observed_inputs(model, inputs)
-    probes = {} if inputs is None else _observed_rows(model, inputs)
+    seen, probes = ({}, {}) if inputs is None else _observed(model, inputs)
 
     compiled = copy.deepcopy(model)
     first_name = {id(m): n for n, m in compiled.named_modules()}
@@ -467,34 +466,31 @@ def _check_forced(names: list[str] | None, refused: list[str], compiled: int) ->
     )
 
 
-def _observed_inputs(model: nn.Module, inputs: tuple[object, ...]) -> dict[str, torch.Size]:
-    """The shape of the first input each ``nn.Linear`` and ``nn.Conv2d`` of ``model`` sees;
-    inputs the model cannot take are a clear error naming ``example_inputs``, raised before
-    any work."""
-    layers = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
-    with model_errors("example_inputs", "the model cannot run on them"):
-        return input_shapes(model, layers, *inputs)
-
-
-def _observed_rows(
+def _observed(
     model: nn.Module, inputs: tuple[object, ...], limit: int = 256
-) -> dict[str, torch.Tensor]:
-    """Up to ``limit`` rows of the first input each ``nn.Linear`` (``limit`` images for an
-    ``nn.Conv2d``) of ``model`` sees: the inputs a layer's rounding error is measured on."""
+) -> tuple[dict[str, torch.Size], dict[str, torch.Tensor]]:
+    """From one forward pass: the shape of the first input each ``nn.Linear`` and
+    ``nn.Conv2d`` of ``model`` sees, and up to ``limit`` of its rows (``limit`` images for a
+    convolution), the inputs a layer's rounding error is measured on. Inputs the model
+    cannot take are a clear error naming ``example_inputs``, raised before any work."""
     layers = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    shapes: dict[str, torch.Size] = {}
     rows: dict[str, torch.Tensor] = {}
 
     def keep(name: str, x: torch.Tensor, _out: object) -> None:
-        if name not in rows:
-            if type(layers[name]) is nn.Linear:
-                x = x.reshape(-1, x.shape[-1])
-            elif x.dim() == 3:  # one unbatched image
-                x = x.unsqueeze(0)
-            rows[name] = x[:limit].detach().clone()
+        if name in shapes:
+            return
+        shapes[name] = x.shape
+        if type(layers[name]) is nn.Linear:
+            x = x.reshape(-1, x.shape[-1])
+        elif x.dim() == 3:  # one unbatched image
+            x = x.unsqueeze(0)
+        rows[name] = x[:limit].detach().clone()
 
-    with watch(layers, keep), inference(model):
+    with (model_errors("example_inputs", "the model cannot run on them"), watch(layers, keep),
+          inference(model)):
         model(*inputs)
-    return rows
+    return shapes, rows
 
 
 def _default_rows(shape: torch.Size | None, kind: type[nn.Module]) -> list[int]:
