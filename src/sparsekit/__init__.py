@@ -46,9 +46,9 @@ __all__ = [
 ]
 
 _SUBPACKAGES = frozenset({
-    "activation", "allocation", "checkpoint", "cli", "data", "engine", "graph", "llm", "masks",
-    "models", "patterns", "registry", "regularize", "report", "schedules", "scores", "structured",
-    "targets", "training",
+    "activation", "allocation", "checkpoint", "cli", "data", "engine", "graph", "integrations",
+    "llm", "masks", "models", "patterns", "registry", "regularize", "report", "schedules", "scores",
+    "structured", "targets", "training",
 })
 
 

@@ -53,13 +53,35 @@ def check_fraction(name: str, value: Any, *, zero: bool = True, one: bool = Fals
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
-def check_optimizer(optimizer: Any, *, optional: bool = False) -> None:
-    """Raise unless ``optimizer`` is a ``torch.optim.Optimizer`` (or, if ``optional``, None)."""
+_MAX_WRAPPERS = 8  # wrappers of wrappers of an optimizer; a cycle ends here too
+
+
+def check_optimizer(optimizer: Any, *, optional: bool = False) -> torch.optim.Optimizer | None:
+    """Return the ``torch.optim.Optimizer`` that ``optimizer`` is or wraps (or None, if
+    ``optional``); raise if there is none.
+
+    Training frameworks hand out wrappers that step the real optimizer and expose it as
+    ``.optimizer``: accelerate's ``AcceleratedOptimizer`` (an ``Optimizer`` subclass that
+    never ran ``Optimizer.__init__``, so it cannot hold step hooks) and Lightning's
+    ``LightningOptimizer`` (a copy of the optimizer's attributes under another identity).
+    The innermost optimizer of that chain is returned, so hooks land where ``step()``
+    really runs and every wrapper of one optimizer names the same one.
+    """
     if optional and optimizer is None:
-        return
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        accepted = "a torch.optim.Optimizer" + (" or None" if optional else "")
+        return None
+    found, seen = None, optimizer
+    for _ in range(_MAX_WRAPPERS):
+        if isinstance(seen, torch.optim.Optimizer) and hasattr(seen, "_optimizer_step_pre_hooks"):
+            found = seen
+        seen = getattr(seen, "optimizer", None)
+        if seen is None:
+            break
+    if found is None:
+        accepted = ("a torch.optim.Optimizer or a wrapper exposing one as .optimizer "
+                    "(accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer)"
+                    + (" or None" if optional else ""))
         raise ArgumentTypeError(f"optimizer must be {accepted}, got {type(optimizer).__name__}")
+    return found
 
 
 def check_sparsity(sparsity: Any, param: str = "sparsity") -> None:

@@ -160,6 +160,10 @@ class MaskSet:
     def attach(self, optimizer: torch.optim.Optimizer) -> MaskSet:
         """Keep masked weights at zero through every ``optimizer.step()``.
 
+        ``optimizer`` may be a wrapper that exposes the real optimizer as ``.optimizer``
+        (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, the
+        optimizer an HF ``Trainer`` holds): the hooks go on the optimizer it wraps.
+
         Before the step, gradients of masked weights are zeroed, so momenta and adaptive
         moments, zeroed here at the masked positions, only ever accumulate zeros there;
         after it, masked weights are zeroed again, so nothing that mixes coordinates
@@ -177,7 +181,7 @@ class MaskSet:
         masked coordinate. Parameters replaced since the masks were made (for example by
         ``load_state_dict(..., assign=True)``) are followed, not left unmasked.
         """
-        check_optimizer(optimizer)
+        optimizer = check_optimizer(optimizer)
         self._follow_replaced_params()
         key = id(optimizer)
         if key in self._hooks:
@@ -200,6 +204,7 @@ class MaskSet:
 
     def detach(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Stop enforcing masks on ``optimizer`` (default: on every attached optimizer)."""
+        optimizer = check_optimizer(optimizer, optional=True)
         keys = [id(optimizer)] if optimizer is not None else list(self._hooks)
         for key in keys:
             for h in self._hooks.pop(key, []):

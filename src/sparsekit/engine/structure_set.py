@@ -60,7 +60,7 @@ class StructureSet:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> StructureSet:
         """Carry ``optimizer``'s per-weight state through every structure change."""
-        check_optimizer(optimizer)
+        optimizer = check_optimizer(optimizer)
         self._optimizer = optimizer
         return self
 

@@ -118,7 +118,7 @@ class DynamicSparsity:
                 "DynamicSparsity needs the training optimizer (optimizer=): it reads the "
                 "gradients before each step and keeps the masks through it"
             )
-        check_optimizer(optimizer)
+        optimizer = check_optimizer(optimizer)
         check_sparsity(sparsity)
         rule = METHODS.get(method)
         ALLOCATIONS.get(allocation)

@@ -1,0 +1,40 @@
+"""Masks and schedules in a plain ``accelerate`` training loop.
+
+::
+
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    sparsity = sparsekit.integrations.accelerate.attach(accelerator, schedule, model, optimizer)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(loss_fn(model, batch))
+            optimizer.step()          # the schedule steps only when the optimizer really does
+            optimizer.zero_grad()
+    sparsity.remove()
+
+The schedule steps once per real optimizer step: with gradient accumulation the
+``AcceleratedOptimizer`` skips the steps between synchronisations, and so does the
+schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from sparsekit.integrations import training
+from sparsekit.integrations.training import Attached, Sparsity
+
+__all__ = ["attach"]
+
+
+def attach(accelerator: Any, sparsity: Sparsity, model: nn.Module, optimizer: object) -> Attached:
+    """:func:`sparsekit.integrations.attach` for models and optimizers that went through
+    ``accelerator.prepare``: masks and functions see the unwrapped model (its parameter
+    names), hooks go on the optimizer inside the ``AcceleratedOptimizer``."""
+    unwrap = getattr(accelerator, "unwrap_model", None)
+    if unwrap is None:
+        raise TypeError(
+            f"accelerator must be an accelerate.Accelerator, got {type(accelerator).__name__}"
+        )
+    return training.attach(sparsity, unwrap(model), optimizer)

@@ -1,0 +1,116 @@
+"""Sparsity through a framework's training: masks kept through its optimizer, schedules stepped.
+
+Frameworks create the optimizer inside ``train()`` and hand out a wrapper of it, so the
+integrations attach once they hold it. The schedule advances in a step post-hook of the
+real optimizer, registered after the masks' own hooks: it counts exactly the steps that
+ran — not micro-batches of gradient accumulation, nor steps a ``GradScaler`` skipped —
+and sees the masked weights of that step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from sparsekit._checks import check_optimizer
+from sparsekit.masks import Masks
+from sparsekit.schedules.base import Schedule
+
+Sparsity = Masks | Schedule | Callable[[nn.Module, torch.optim.Optimizer], Masks | Schedule]
+"""What an integration keeps through training: a ``MaskSet``, a schedule, or a function
+``(model, optimizer) -> MaskSet | schedule`` called at train begin with the real optimizer
+(how a :class:`~sparsekit.DynamicSparsity`, which needs that optimizer, is built)."""
+
+
+@dataclass
+class Attached:
+    """Masks (and a schedule) kept through one optimizer; :meth:`remove` lets go of it."""
+
+    masks: Masks
+    schedule: Schedule | None
+    optimizer: torch.optim.Optimizer  # the real optimizer, not a framework's wrapper
+    _handle: RemovableHandle | None = field(default=None, repr=False)
+
+    def remove(self) -> None:
+        """Stop stepping the schedule and stop masking the optimizer's steps. The weights
+        keep their zeros (a saved model holds them); the masks stay usable."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        detach = getattr(self.masks, "detach", None)
+        if detach is not None:  # a StructureSet holds no hooks to remove
+            detach(self.optimizer)
+
+
+def attach(sparsity: Sparsity, model: nn.Module, optimizer: object) -> Attached:
+    """Keep ``sparsity`` through every step of ``optimizer`` (or of the optimizer it wraps).
+
+    A schedule's :meth:`~sparsekit.schedules.base.Schedule.step` then runs after each step
+    that optimizer takes. A schedule built on another optimizer is refused: its gradient
+    hooks would never fire (pass a function that builds it instead).
+    """
+    check(sparsity)
+    real = check_optimizer(optimizer)
+    built = sparsity if isinstance(sparsity, (Schedule, Masks)) else sparsity(model, real)
+    if not isinstance(built, (Schedule, Masks)):
+        raise TypeError(
+            f"sparsity: the function must return a MaskSet or a schedule, got {built!r}"
+        )
+    schedule = built if isinstance(built, Schedule) else None
+    own = getattr(schedule, "optimizer", None)
+    if own is not None and check_optimizer(own) is not real:
+        raise ValueError(
+            f"sparsity: this {type(schedule).__name__} was built on another optimizer than "
+            "the one training uses; pass a function (model, optimizer) -> schedule so that "
+            "it is built on the training optimizer"
+        )
+    masks = built.masks if schedule is not None else built
+    masks.attach(real)
+    handle = None
+    if schedule is not None:
+        handle = real.register_step_post_hook(lambda *_: schedule.step())
+    return Attached(masks, schedule, real, handle)
+
+
+def check(sparsity: object) -> None:
+    """Raise ``TypeError`` unless ``sparsity`` is one of the accepted :data:`Sparsity`."""
+    if not (isinstance(sparsity, (Schedule, Masks)) or callable(sparsity)):
+        raise TypeError(
+            "sparsity must be a MaskSet, a schedule (GradualPruner, IterativePruning, "
+            "DynamicSparsity …) or a function (model, optimizer) -> one of them, got "
+            f"{type(sparsity).__name__}"
+        )
+
+
+class TrainingSparsity:
+    """What every framework callback does: :func:`attach` when training starts, let go
+    when it ends; a later training run continues with the same masks and schedule."""
+
+    def __init__(self, sparsity: Sparsity) -> None:
+        check(sparsity)
+        self.sparsity = sparsity
+        self.attached: Attached | None = None
+
+    @property
+    def masks(self) -> Masks | None:
+        """The masks being (or last) trained; None before training started."""
+        return None if self.attached is None else self.attached.masks
+
+    @property
+    def schedule(self) -> Schedule | None:
+        """The schedule being (or last) stepped; None without one."""
+        return None if self.attached is None else self.attached.schedule
+
+    def begin(self, model: nn.Module, optimizer: object) -> None:
+        if self.attached is not None:
+            self.sparsity = self.attached.schedule or self.attached.masks
+            self.attached.remove()
+        self.attached = attach(self.sparsity, model, optimizer)
+
+    def end(self) -> None:
+        if self.attached is not None:
+            self.attached.remove()
