@@ -176,3 +176,29 @@ def test_attach_refuses_what_is_no_sparsity(bad):
         integrations.attach(bad, model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(TypeError, match="sparsity: the function must return"):
         integrations.attach(lambda m, o: bad, model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("positional", [True, False], ids=["step(closure)", "step(closure=)"])
+def test_a_step_with_a_closure_masks_and_captures_its_own_gradients(positional):
+    """Lightning steps with a closure that computes the gradients inside step(): the
+    pre-step hooks read the previous step's (RigL: 'needs the dense gradient' at step 1;
+    Adam's moments filled at masked positions)."""
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    dst = DynamicSparsity(model, optimizer, 0.5, method="rigl", every=1, end_step=4,
+                          allocation="uniform")
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure) if positional else optimizer.step(closure=closure)
+        dst.step()
+        for n, p in dst.masks.params.items():
+            masked = ~dst.masks.masks[n]
+            assert (p[masked] == 0).all()
+            assert (optimizer.state[p]["exp_avg"][masked] == 0).all()

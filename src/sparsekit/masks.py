@@ -13,7 +13,7 @@ after it. Masks live outside the model, so ``model.state_dict()`` keeps its usua
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -164,7 +164,8 @@ class MaskSet:
         (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, the
         optimizer an HF ``Trainer`` holds): the hooks go on the optimizer it wraps.
 
-        Before the step, gradients of masked weights are zeroed, so momenta and adaptive
+        Before the step (after its closure, when it gets one: Lightning steps that way),
+        gradients of masked weights are zeroed, so momenta and adaptive
         moments, zeroed here at the masked positions, only ever accumulate zeros there;
         after it, masked weights are zeroed again, so nothing that mixes coordinates
         (LBFGS, orthogonalised updates) can revive them. Steps skipped by
@@ -189,7 +190,7 @@ class MaskSet:
         self._check_optimizes_params(optimizer)
         self._optimizers[key] = optimizer
         self._hooks[key] = [
-            optimizer.register_step_pre_hook(lambda *_: self._mask_grads()),
+            optimizer.register_step_pre_hook(after_gradients(self._mask_grads)),
             optimizer.register_step_post_hook(lambda *_: self._after_step()),
         ]
         if isinstance(optimizer, torch.optim.LBFGS) and not self._grad_hooks:
@@ -311,6 +312,33 @@ class MaskSet:
             f"MaskSet({len(self.masks)} tensors, sparsity={self.sparsity():.4f}, "
             f"pattern={self.pattern!r})"
         )
+
+
+def after_gradients(fn: Callable[[], None]) -> Callable[..., object]:
+    """An optimizer step pre-hook that runs ``fn`` once the step's gradients exist.
+
+    Usually they do when ``step()`` starts. A step given a ``closure`` computes them inside
+    it (Lightning's automatic optimization, LBFGS) — until then ``.grad`` still holds the
+    previous step's — so ``fn`` then runs after every call of the closure instead.
+    """
+
+    def hook(_optimizer: object, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        positional = len(args) > 1  # args[0] is the optimizer itself
+        closure = args[1] if positional else kwargs.get("closure")
+        if closure is None:
+            fn()
+            return None
+
+        def closure_then_fn():
+            loss = closure()
+            fn()
+            return loss
+
+        if positional:
+            return (args[0], closure_then_fn, *args[2:]), kwargs
+        return args, {**kwargs, "closure": closure_then_fn}
+
+    return hook
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:

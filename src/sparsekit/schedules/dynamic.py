@@ -51,7 +51,7 @@ from sparsekit._checks import (
 )
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.engine.structure_set import StructureSet, sparse_layers
-from sparsekit.masks import Masks, MaskSet
+from sparsekit.masks import Masks, MaskSet, after_gradients
 from sparsekit.patterns import FanIn
 from sparsekit.prune import compute_masks
 from sparsekit.registry import Registry
@@ -163,7 +163,7 @@ class DynamicSparsity:
         self._grads: MaskDict = {}
         self._momenta = {n: torch.zeros_like(p) for n, p in self.masks.params.items()}
         # Registered before the MaskSet's hooks, so it sees the dense gradients.
-        self._hook = optimizer.register_step_pre_hook(lambda *_: self._capture())
+        self._hook = optimizer.register_step_pre_hook(after_gradients(self._capture))
         self.masks.attach(optimizer)
         self._arm_capture()
 
