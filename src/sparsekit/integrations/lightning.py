@@ -1,0 +1,45 @@
+"""``SparsityCallback``: masks and schedules inside a Lightning ``Trainer``.
+
+::
+
+    masks = sparsekit.prune(module, 0.5)           # or GradualPruner(...), or a function
+    trainer = lightning.pytorch.Trainer(max_steps=1000, callbacks=[SparsityCallback(masks)])
+    trainer.fit(module, loader)                    # masked weights stay exactly zero
+
+A :class:`~sparsekit.DynamicSparsity` needs the optimizer that
+``configure_optimizers`` returns inside ``fit``; pass a function that builds it::
+
+    SparsityCallback(lambda module, opt: DynamicSparsity(module, opt, 0.9, end_step=1000))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Callback
+
+from sparsekit.integrations.training import TrainingSparsity
+
+__all__ = ["SparsityCallback"]
+
+
+class SparsityCallback(TrainingSparsity, Callback):
+    """Attach ``sparsity`` to the ``LightningModule``'s optimizer when training starts,
+    step its schedule after every optimizer step and detach when training ends.
+
+    ``sparsity`` is a ``MaskSet``, a schedule or a function ``(module, optimizer) -> one
+    of them`` (see :data:`sparsekit.integrations.Sparsity`). The module must train with
+    one optimizer. After training, :attr:`masks` and :attr:`schedule` are what was trained.
+    """
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        optimizers = trainer.optimizers
+        if len(optimizers) != 1:
+            raise ValueError(
+                "SparsityCallback needs exactly one optimizer; configure_optimizers gave "
+                f"{len(optimizers)}"
+            )
+        self.begin(pl_module, optimizers[0])
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.end()
