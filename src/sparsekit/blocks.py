@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sparsekit.observe import batches, preserved
+from sparsekit.targets import linear_types as layer_types  # nn.Linear and GPT-2's Conv1D
 
 __all__ = ["BlockCall", "BlockReplay", "capture_inputs", "find_blocks", "layer_types",
            "to_device"]
@@ -29,15 +30,6 @@ __all__ = ["BlockCall", "BlockReplay", "capture_inputs", "find_blocks", "layer_t
 _HIDDEN = "hidden_states"
 # A replayed call must not grow a key-value cache: every replay would attend to the last.
 _NO_CACHE = {"past_key_values": None, "past_key_value": None, "cache": None, "use_cache": False}
-
-
-def layer_types() -> tuple[type[nn.Module], ...]:
-    """``nn.Linear``, plus GPT-2's ``Conv1D`` (a linear layer storing its weight as (in, out))."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:

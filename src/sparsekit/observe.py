@@ -20,7 +20,6 @@ names) and every result is keyed by them.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -198,13 +197,12 @@ def input_shapes(model: nn.Module, layers: Mapping[str, nn.Module], *inputs: Any
 
 def macs(model: nn.Module, layers: Mapping[str, nn.Module], *inputs: Any) -> dict[str, int]:
     """Multiply-accumulates of each weighted layer during ``model(*inputs)`` (eval mode, no
-    autograd): ``output.numel() * prod(weight.shape[1:])`` summed over every call (layers
-    that store no dense ``weight``, such as compiled ones, use their ``in_features``).
+    autograd): ``output.numel()`` times the inputs per output (``prod(weight.shape[1:])``,
+    GPT-2's ``Conv1D`` its ``weight.shape[0]``) summed over every call (layers that store
+    no dense ``weight``, such as compiled ones, use their ``in_features``).
     Layers the forward pass never called are absent."""
     counts: dict[str, int] = {}
-    per_output = {n: math.prod(w.shape[1:]) if isinstance(w := getattr(m, "weight", None),
-                                                          torch.Tensor) else m.in_features
-                  for n, m in layers.items()}  # in_features or in/groups * kernel
+    per_output = {n: _width(m) for n, m in layers.items()}  # in_features or in/groups * kernel
 
     def count(name: str, _x: torch.Tensor, out: torch.Tensor) -> None:
         counts[name] = counts.get(name, 0) + out.numel() * per_output[name]
@@ -306,8 +304,9 @@ def input_stats(
 
 def _width(module: nn.Module) -> int:
     """How many input features the layer's weight multiplies (its columns, flattened)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features
+    if isinstance(module, nn.Linear) or not isinstance(getattr(module, "weight", None),
+                                                       torch.Tensor):
+        return module.in_features  # also compiled layers, which store no dense weight
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.weight[0].numel()
     return module.weight.shape[0]  # GPT-2's Conv1D stores its weight as (in, out)

@@ -71,8 +71,8 @@ def compute_masks(
     allocate = ALLOCATIONS.get(allocation)
     pat = parse_pattern(pattern)
     chosen = resolve_targets(model, targets, exclude)
-    for t in chosen:
-        pat.check(t.param.shape, t.name)
+    for t in chosen:  # patterns see weights as (out, in), also GPT-2's (in, out) Conv1D
+        pat.check(t.out_in(t.param).shape, t.name)
     check_int("seed", seed)
 
     ctx = ScoreContext(model, chosen, data, loss_fn, torch.Generator().manual_seed(seed))
@@ -92,7 +92,8 @@ def compute_masks(
     keep = fit_to_capacity(allocate(scores, float(sparsity)), caps)
     masks = {}
     for t in chosen:
-        masks[t.name] = pat.mask(scores.pop(t.name), keep[t.name]) & (t.param.detach() != 0)
+        mask = t.out_in(pat.mask(t.out_in(scores.pop(t.name)), keep[t.name])).contiguous()
+        masks[t.name] = mask & (t.param.detach() != 0)
     return masks, pat
 
 

@@ -1,19 +1,20 @@
 """Per-layer parameter, sparsity and FLOP accounting.
 
-:func:`report` lists every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of a model with its
-weight count, nonzeros and the FLOPs of one forward pass, dense and sparse, so the effect
-of a sparsification can be read layer by layer.
+:func:`report` lists every ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Conv1d/2d/3d`` of a
+model with its weight count, nonzeros and the FLOPs of one forward pass, dense and sparse,
+so the effect of a sparsification can be read layer by layer.
 
 FLOP convention: 2 FLOPs per multiply-accumulate (MAC), weights only (bias, activations
 and normalisation are not counted), for one forward pass of ``example_inputs`` (the whole
 batch). A layer does ``output.numel() * prod(weight.shape[1:])`` MACs per call, that is
-``rows * in_features * out_features`` for ``Linear`` and
-``output.numel() * in_channels / groups * prod(kernel_size)`` for convolutions; a layer
-called several times counts every call. Sparse FLOPs are ``dense * nonzeros / params``:
-the work of an ideal unstructured-sparse kernel, not what any particular kernel achieves.
-Without ``example_inputs``, ``Linear`` FLOPs are for a single input row and convolution
-FLOPs are unknown (``None``), as are those of a layer the forward pass never called;
-totals then sum the known values and set ``flops_complete`` to ``False``.
+``rows * in_features * out_features`` for ``Linear`` (and ``Conv1D``, whose weight is
+stored ``(in, out)``) and ``output.numel() * in_channels / groups * prod(kernel_size)``
+for convolutions; a layer called several times counts every call. Sparse FLOPs are
+``dense * nonzeros / params``: the work of an ideal unstructured-sparse kernel, not what
+any particular kernel achieves. Without ``example_inputs``, ``Linear`` and ``Conv1D``
+FLOPs are for a single input row and convolution FLOPs are unknown (``None``), as are
+those of a layer the forward pass never called; totals then sum the known values and set
+``flops_complete`` to ``False``.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from rich.text import Text
 from torch import nn
 
 from sparsekit.observe import macs
-from sparsekit.targets import DEFAULT_TYPES
+from sparsekit.targets import default_types, linear_types
 
 __all__ = ["HasMasks", "LayerRow", "Report", "Totals", "report"]
 
-_LAYER_TYPES = DEFAULT_TYPES
 _FIELDS = ("name", "kind", "shape", "params", "nonzeros", "sparsity", "dense_flops", "sparse_flops")
 _HEADERS = ("layer", *_FIELDS[1:6], "dense FLOPs", "sparse FLOPs")
 _RIGHT_ALIGNED = (False, False, False, True, True, True, True, True)
@@ -200,7 +200,7 @@ def report(
     *,
     masks: HasMasks | None = None,
 ) -> Report:
-    """Count weights, nonzeros and FLOPs of every Linear/Conv layer of ``model``.
+    """Count weights, nonzeros and FLOPs of every Linear/Conv1D/Conv layer of ``model``.
 
     ``example_inputs`` (a tensor, or a tuple passed as ``model(*example_inputs)``) is run
     once in eval mode under ``torch.no_grad()`` to measure FLOPs; the model's hooks and
@@ -218,7 +218,8 @@ def report(
             f"got {type(example_inputs).__name__}"
         )
     mask_table = _mask_table(masks)
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES)]
+    types = default_types()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
     counted = None if example_inputs is None else macs(model, dict(layers), *example_inputs)
 
     rows = []
@@ -234,7 +235,7 @@ def report(
         nonzeros = int(torch.count_nonzero(weight if mask is None else mask))
         if counted is not None:
             layer_macs = counted.get(name)  # None: not called by the forward pass
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, linear_types()):
             layer_macs = weight.numel()  # one input row
         else:
             layer_macs = None  # spatial size unknown
@@ -242,7 +243,7 @@ def report(
         rows.append(
             LayerRow(
                 name=name,
-                kind=next(t.__name__ for t in _LAYER_TYPES if isinstance(module, t)),
+                kind=next(t.__name__ for t in types if isinstance(module, t)),
                 shape=tuple(weight.shape),
                 params=weight.numel(),
                 nonzeros=nonzeros,

@@ -1,14 +1,21 @@
 """Which parameters are sparsified.
 
 A target is one weight tensor of one module. The default is every ``weight`` of
-``nn.Linear`` and ``nn.Conv1d/2d/3d`` that no other kind of module shares (a tied
-embedding is never pruned by default); users narrow or widen that with module types,
-module/parameter names and glob patterns, and remove entries with ``exclude``.
+``nn.Linear``, GPT-2's ``Conv1D`` and ``nn.Conv1d/2d/3d`` that no other kind of module
+shares (a tied embedding is never pruned by default); users narrow or widen that with
+module types, module/parameter names and glob patterns, and remove entries with
+``exclude``.
+
+GPT-2's ``transformers.pytorch_utils.Conv1D`` is a linear layer that stores its weight
+as ``(in, out)``. A target of one is :attr:`Target.transposed`: patterns see its weight
+through :meth:`Target.out_in`, so N:M groups, blocks and rows run along the inputs of
+each output exactly as for ``nn.Linear``.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +23,8 @@ import torch
 from torch import nn
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""The default target types that need no optional package (:func:`default_types` adds
+GPT-2's ``Conv1D``)."""
 
 TargetSpec = type[nn.Module] | str
 """One entry of ``targets``: a module type, a module or parameter name, or a glob."""
@@ -29,6 +38,41 @@ class Target:
     module_name: str
     module: nn.Module
     param: nn.Parameter
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the parameter is a weight stored ``(in, out)`` (GPT-2's ``Conv1D``)."""
+        return stores_transposed(self.module) and self.param is self.module.weight
+
+    def out_in(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (laid out like the parameter) seen as ``(out, in)``; its own inverse."""
+        return t.t() if self.transposed else t
+
+
+def conv1d_type() -> type[nn.Module] | None:
+    """GPT-2's ``Conv1D`` class once ``transformers`` is imported, else ``None``.
+
+    Never imports ``transformers``: a model holding a ``Conv1D`` has imported it already.
+    """
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def linear_types() -> tuple[type[nn.Module], ...]:
+    """``nn.Linear``, plus GPT-2's ``Conv1D`` (a linear layer storing its weight as
+    ``(in, out)``) once ``transformers`` is imported."""
+    conv1d = conv1d_type()
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def default_types() -> tuple[type[nn.Module], ...]:
+    """The module types whose ``weight`` is a target by default."""
+    return (*linear_types(), nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether ``module`` is GPT-2's ``Conv1D``, whose weight is stored ``(in, out)``."""
+    conv1d = conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
 
 
 def resolve_targets(
@@ -54,9 +98,10 @@ def resolve_targets(
     candidates = _weights(model)  # module-owned weights, the default universe
     chosen: dict[str, Target] = {}
     if specs is None:
-        tied_elsewhere = _held_by_other_types(candidates)
+        types = default_types()
+        tied_elsewhere = _held_by_other_types(candidates, types)
         for t in candidates.values():
-            if isinstance(t.module, DEFAULT_TYPES) and _is_weight(t) \
+            if isinstance(t.module, types) and _is_weight(t) \
                     and id(t.param) not in tied_elsewhere:
                 chosen[t.name] = t
     else:
@@ -116,14 +161,16 @@ def _weights(model: nn.Module) -> dict[str, Target]:
     return out
 
 
-def _held_by_other_types(candidates: dict[str, Target]) -> set[int]:
-    """Ids of parameters that a module outside ``DEFAULT_TYPES`` also holds.
+def _held_by_other_types(
+    candidates: dict[str, Target], types: tuple[type[nn.Module], ...]
+) -> set[int]:
+    """Ids of parameters that a module outside the default ``types`` also holds.
 
     Weight tying (GPT-2's ``lm_head`` shares the token embedding) must never let the
     default targets prune an embedding through the ``nn.Linear`` that borrows it; a user
     who wants that names the module explicitly.
     """
-    return {id(t.param) for t in candidates.values() if not isinstance(t.module, DEFAULT_TYPES)}
+    return {id(t.param) for t in candidates.values() if not isinstance(t.module, types)}
 
 
 def _match(spec: TargetSpec, candidates: dict[str, Target]) -> list[Target]:

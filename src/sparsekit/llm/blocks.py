@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparsekit.blocks import layer_types
-from sparsekit.targets import TargetSpec, resolve_targets
+from sparsekit.targets import TargetSpec, resolve_targets, stores_transposed
 
 DEFAULT_EXCLUDE = ("lm_head",)
 
@@ -30,7 +30,7 @@ class Layer:
     @property
     def transposed(self) -> bool:
         """Whether the stored weight is ``(in, out)`` (GPT-2's ``Conv1D``)."""
-        return not isinstance(self.module, nn.Linear)
+        return stores_transposed(self.module)
 
     @property
     def shape(self) -> torch.Size:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from sparsekit.observe import InputStats, input_stats
 from sparsekit.scores import CRITERIA
 from sparsekit.scores._context import ScoreContext
+from sparsekit.targets import default_types
 
 
 @CRITERIA.register("wanda", data_driven=True)
@@ -15,18 +15,19 @@ def wanda(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """|W_ij| · ‖X_j‖₂, where X_j is input feature j of the layer over all calibration data.
 
     For convolutions the input features are the unfolded patches (channel × kernel
-    position), matching the flattened weight layout (see :func:`sparsekit.observe.record`).
+    position), matching the flattened weight layout (see :func:`sparsekit.observe.record`);
+    GPT-2's ``Conv1D`` is scored on its weight seen as ``(out, in)``.
     """
     for t in ctx.targets:
-        if not isinstance(t.module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (
-            t.param is not t.module.weight
-        ):
+        if not isinstance(t.module, default_types()) or t.param is not t.module.weight:
             raise ValueError(
-                f"criterion 'wanda' scores Linear/Conv weights only; target {t.name!r} is not one"
+                f"criterion 'wanda' scores Linear/Conv1D/Conv weights only; target {t.name!r} "
+                "is not one"
             )
     data = ctx.require_data("wanda", labels=False)
     stats = input_stats(ctx.model, {t.name: t.module for t in ctx.targets}, data)
-    return {t.name: wanda_scores(t.param, stats[t.name]) for t in ctx.targets}
+    return {t.name: t.out_in(wanda_scores(t.out_in(t.param), stats[t.name]))
+            for t in ctx.targets}
 
 
 def wanda_scores(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
