@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparsekit
-from sparsekit import DynamicSparsity, GradualPruner
+from sparsekit import DynamicSparsity, GradualPruner, IterativePruning
 
 transformers = pytest.importorskip("transformers")
 from sparsekit.integrations.hf import SparsityCallback  # noqa: E402
@@ -100,6 +100,27 @@ def test_trainer_dynamic_sparsity_built_on_the_trainers_optimizer(tmp_path, meth
     assert dst.step_count == STEPS  # optimizer steps, not micro-batches
     assert dst.masks.sparsity() == pytest.approx(0.7, abs=0.01)
     assert check.sparsities == pytest.approx([0.7] * STEPS, abs=0.01)
+
+
+def test_trainer_iterative_pruning_one_train_per_round(tmp_path):
+    model = _bert()
+    imp = IterativePruning(model, rounds=2, sparsity=0.75, rewind_step=1)
+    callback = SparsityCallback(imp)
+    check = _CheckZeros(callback)
+    training = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=4,
+        learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=training, train_dataset=_Data(),
+                                   callbacks=[callback, check])
+    while True:
+        trainer.train()
+        if not imp.next_round():
+            break
+    assert check.steps == 2 * STEPS and imp.round == 2
+    assert imp.masks.sparsity() == pytest.approx(0.75, abs=0.01)
+    for n, p in imp.masks.params.items():
+        assert (p[~imp.masks.masks[n]] == 0).all()
 
 
 def test_callback_refuses_what_is_no_sparsity():
