@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from sparsekit._checks import check_int, model_errors, renamed
 from sparsekit.engine import autotune, decisions, fused
@@ -35,6 +36,7 @@ from sparsekit.engine.formats import FORMATS, Format, available_formats
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.observe import inference, watch
 from sparsekit.quantize import attached_scales
+from sparsekit.targets import conv1d_type
 
 __all__ = ["InputThresholds", "compile"]
 
@@ -92,6 +94,9 @@ def compile(
     :data:`~sparsekit.engine.autotune.MARGIN`; without it they are forced: every layer
     takes the fastest of them that can hold its weight, and a layer none of them can hold
     is a ``ValueError``.
+
+    GPT-2's ``Conv1D`` layers are compiled as the ``nn.Linear`` each computes (its
+    ``(in, out)`` weight transposed).
 
     Convolutions (groups 1, zero padding) are compiled only with ``example_inputs``, whose
     forward pass gives each its input size; without them they stay ``nn.Conv2d``. With
@@ -154,6 +159,7 @@ def compile(
     if not isinstance(grow, bool):
         raise TypeError(f"grow must be a bool, got {grow!r}")
     inputs = _as_tuple(example_inputs)
+    model = _conv1d_as_linear(model)
     seen, probes = ({}, {}) if inputs is None else _observed(model, inputs)
 
     compiled = copy.deepcopy(model)
@@ -500,6 +506,37 @@ def _default_rows(shape: torch.Size | None, kind: type[nn.Module]) -> list[int]:
     if kind is nn.Linear:
         return sorted({1, math.prod(shape[:-1])})
     return sorted({1, shape[0] if len(shape) == 4 else 1})
+
+
+# -- GPT-2's Conv1D ----------------------------------------------------------------------
+
+
+def _conv1d_as_linear(model: nn.Module) -> nn.Module:
+    """``model`` itself, or a copy in which every GPT-2 ``Conv1D`` is replaced by the
+    ``nn.Linear`` it computes (weight transposed, same bias), so that it
+    compiles like any linear layer. A shared ``Conv1D`` stays shared."""
+    conv1d = conv1d_type()
+    if conv1d is None or not any(isinstance(m, conv1d) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    linears: dict[int, nn.Linear] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, conv1d):
+                if id(child) not in linears:
+                    linears[id(child)] = _linear_of(child)
+                setattr(parent, name, linears[id(child)])
+    return model
+
+
+def _linear_of(layer: nn.Module) -> nn.Linear:
+    weight = layer.weight.detach()
+    linear = skip_init(nn.Linear, weight.shape[0], weight.shape[1], bias=layer.bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.t().contiguous(), layer.weight.requires_grad)
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.detach().clone(), layer.bias.requires_grad)
+    return linear
 
 
 # -- validation --------------------------------------------------------------------------
