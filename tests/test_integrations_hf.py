@@ -7,7 +7,7 @@ import sparsekit
 from sparsekit import DynamicSparsity, GradualPruner, IterativePruning
 
 transformers = pytest.importorskip("transformers")
-from sparsekit.integrations.hf import SparsityCallback  # noqa: E402
+from sparsekit.integrations.hf import STATE_FILE, SparsityCallback  # noqa: E402
 
 STEPS = 3
 
@@ -121,6 +121,30 @@ def test_trainer_iterative_pruning_one_train_per_round(tmp_path):
     assert imp.masks.sparsity() == pytest.approx(0.75, abs=0.01)
     for n, p in imp.masks.params.items():
         assert (p[~imp.masks.masks[n]] == 0).all()
+
+
+def test_trainer_resumes_the_schedule_from_a_checkpoint(tmp_path):
+    """Each checkpoint holds the schedule's state: a run resumed from step 2 ends with the
+    masks and step count of the run that never stopped."""
+
+    def run(resume: bool):
+        model = _bert()
+        gradual = GradualPruner(model, 0.8, start_step=0, end_step=4, every=1)
+        training = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+            learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="steps",
+            save_steps=2, logging_strategy="no", disable_tqdm=True, data_seed=0, seed=0)
+        trainer = transformers.Trainer(model=model, args=training, train_dataset=_Data(),
+                                       callbacks=[SparsityCallback(gradual)])
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2") if resume else None)
+        return gradual
+
+    whole = run(resume=False)
+    assert (tmp_path / "checkpoint-2" / STATE_FILE).is_file()
+    resumed = run(resume=True)
+    assert resumed.step_count == whole.step_count == 4
+    for n, m in whole.masks.masks.items():
+        assert torch.equal(resumed.masks.masks[n], m)
 
 
 def test_callback_refuses_what_is_no_sparsity():

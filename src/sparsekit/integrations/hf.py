@@ -14,14 +14,20 @@ A :class:`~sparsekit.DynamicSparsity` needs the optimizer the ``Trainer`` builds
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sparsekit.integrations.training import TrainingSparsity
 
 __all__ = ["SparsityCallback"]
+
+STATE_FILE = "sparsekit_state.pt"
+"""The masks' (or the schedule's) ``state_dict`` in each checkpoint directory."""
 
 
 class SparsityCallback(TrainingSparsity, TrainerCallback):
@@ -31,12 +37,28 @@ class SparsityCallback(TrainingSparsity, TrainerCallback):
     ``sparsity`` is a ``MaskSet``, a schedule or a function ``(model, optimizer) -> one
     of them`` (see :data:`sparsekit.integrations.Sparsity`). The masked weights are zero
     in every checkpoint and in the saved model; after training, :attr:`masks` and
-    :attr:`schedule` are what was trained (to report, save or compile).
+    :attr:`schedule` are what was trained (to report, save or compile). Each checkpoint
+    also holds their ``state_dict`` (:data:`STATE_FILE`), so
+    ``trainer.train(resume_from_checkpoint=...)`` resumes the schedule where it was.
     """
 
     def on_train_begin(self, args: Any, state: Any, control: Any, *, model: nn.Module,
                        optimizer: object, **kwargs: Any) -> None:
         self.begin(model, optimizer)
+        saved = _checkpoint(args, state) / STATE_FILE
+        if state.global_step > 0 and saved.is_file():  # resuming from that checkpoint
+            sparsity = self.attached.schedule or self.attached.masks
+            sparsity.load_state_dict(torch.load(saved, weights_only=True))
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.attached is not None and state.is_world_process_zero:
+            sparsity = self.attached.schedule or self.attached.masks
+            torch.save(sparsity.state_dict(), _checkpoint(args, state) / STATE_FILE)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.end()
+
+
+def _checkpoint(args: Any, state: Any) -> Path:
+    """The directory the ``Trainer`` saves the checkpoint of this step in."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
