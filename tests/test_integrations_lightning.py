@@ -46,11 +46,11 @@ class _CheckZeros(pl.Callback):
         self.sparsities.append(masks.sparsity())
 
 
-def _loader() -> torch.utils.data.DataLoader:
+def _loader(batch_size: int = 8) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(32, 8, generator=g),
                                           torch.randint(0, 4, (32,), generator=g))
-    return torch.utils.data.DataLoader(data, batch_size=8)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size)
 
 
 def _fit(module: pl.LightningModule, sparsity) -> tuple[SparsityCallback, _CheckZeros]:
@@ -94,3 +94,22 @@ def test_lightning_refuses_several_optimizers():
     module = _Classifier(optimizers=2)
     with pytest.raises(ValueError, match="exactly one optimizer.*gave 2"):
         _fit(module, sparsekit.prune(module, 0.5))
+
+
+def test_lightning_checkpoint_resumes_the_schedule(tmp_path):
+    def fit(steps: int, ckpt_path=None) -> tuple[GradualPruner, pl.Trainer]:
+        module = _Classifier()
+        gradual = GradualPruner(module, 0.8, start_step=0, end_step=4, every=1)
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[SparsityCallback(gradual)])
+        trainer.fit(module, _loader(batch_size=32), ckpt_path=ckpt_path)  # same batch each step
+        return gradual, trainer
+
+    whole, _ = fit(4)
+    half, trainer = fit(2)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    resumed, _ = fit(4, ckpt_path=tmp_path / "half.ckpt")
+    assert resumed.step_count == whole.step_count == 4
+    for n, m in whole.masks.masks.items():
+        assert torch.equal(resumed.masks.masks[n], m)

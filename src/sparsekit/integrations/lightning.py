@@ -30,7 +30,10 @@ class SparsityCallback(TrainingSparsity, Callback):
     ``sparsity`` is a ``MaskSet``, a schedule or a function ``(module, optimizer) -> one
     of them`` (see :data:`sparsekit.integrations.Sparsity`). The module must train with
     one optimizer. After training, :attr:`masks` and :attr:`schedule` are what was trained.
+    Checkpoints hold their state, so ``fit(ckpt_path=...)`` resumes the schedule exactly.
     """
+
+    _restored: dict[str, Any] | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         optimizers = trainer.optimizers
@@ -40,6 +43,17 @@ class SparsityCallback(TrainingSparsity, Callback):
                 f"{len(optimizers)}"
             )
         self.begin(pl_module, optimizers[0])
+        if self._restored is not None:  # fit(ckpt_path=...): continue where it was saved
+            (self.schedule or self.masks).load_state_dict(self._restored)
+            self._restored = None
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self.end()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The masks' (or the schedule's) state, saved in Lightning checkpoints."""
+        return {} if self.attached is None else {
+            "sparsity": (self.schedule or self.masks).state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict.get("sparsity")
