@@ -226,12 +226,13 @@ def test_gpt2_default_pruning_leaves_the_tied_embedding_dense():
                                      n_positions=16, bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config)
     assert model.lm_head.weight is model.transformer.wte.weight
-    # GPT-2's blocks are Conv1D and lm_head is tied: nothing is a default target, and the
-    # error says so instead of zeroing half the embedding
-    with pytest.raises(ValueError, match="no parameters left"):
-        resolve_targets(model)
-    with pytest.raises(ValueError, match="no parameters left"):
-        sparsekit.prune(model, 0.5)
+    # lm_head is tied to the embedding: never a default target (it would zero half of
+    # wte); the blocks' Conv1D layers are (issue 14: they used to be skipped, leaving
+    # nothing to prune)
+    assert [t.module_name for t in resolve_targets(model)] == [
+        "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    sparsekit.prune(model, 0.5)
     assert (model.transformer.wte.weight != 0).all()
 
 
