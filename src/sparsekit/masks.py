@@ -165,8 +165,8 @@ class MaskSet:
         optimizer an HF ``Trainer`` holds): the hooks go on the optimizer it wraps.
 
         Before the step (after its closure, when it gets one: Lightning steps that way),
-        gradients of masked weights are zeroed, so momenta and adaptive
-        moments, zeroed here at the masked positions, only ever accumulate zeros there;
+        gradients of masked weights are zeroed, so momenta and adaptive moments, zeroed
+        here at the masked positions, only ever accumulate zeros there;
         after it, masked weights are zeroed again, so nothing that mixes coordinates
         (LBFGS, orthogonalised updates) can revive them. Steps skipped by
         ``torch.amp.GradScaler`` run no hooks and change nothing. Load an optimizer
