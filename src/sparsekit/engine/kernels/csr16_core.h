@@ -183,7 +183,7 @@ void run(const Value* v, const I* c, const CsrArgs& a) {
     for (int64_t b = 0; b < io.batch; ++b) {
       gemv(v, c, a.rowptr, io.rows, io.x + b * io.cols, io.out, io.y + b * io.rows, io.threads);
     }
-  } else if (io.batch <= 8) {
+  } else if (io.batch <= 8 || kVectorBytes < 64) {  // 16-lane vectors: AVX-512 only
     spmm<vec8>(v, c, a.rowptr, io);  // 8 lanes up to batch 8: no idle half
   } else {
     spmm<vec16>(v, c, a.rowptr, io);
