@@ -20,11 +20,13 @@ missed targets (``sparse`` vs ``masked`` speedup, both tables) unless ``--no-che
     python benchmarks/sparse_linear_training.py            # 90%, 95%, 99%
     python benchmarks/sparse_linear_training.py --quick    # fewer repetitions (CI)
     python benchmarks/sparse_linear_training.py --threads 1  # steadier on a loaded machine
+    python benchmarks/sparse_linear_training.py --threads 1 --isa avx2  # the AVX2 kernels
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -146,14 +148,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--update-every", type=int, default=0,
                     help="RigL update period in steps (default 100, 10 with --quick)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and MD")
+    ap.add_argument("--isa", default=None,
+                    help="run SparseLinear's kernels on this instruction set (one of "
+                         "kernels.isas(), e.g. avx2; default: the best this CPU runs)")
     args = ap.parse_args(argv)
 
     if args.threads < 0:
         ap.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if args.update_every < 0:
         ap.error(f"--update-every must be >= 1 (0: the default), got {args.update_every}")
+    if args.isa is not None and args.isa not in kernels.isas():
+        ap.error(f"--isa must be one of {', '.join(kernels.isas()) or 'none (no kernels)'}, "
+                 f"got {args.isa!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    with kernels.use_isa(args.isa) if args.isa else contextlib.nullcontext():
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
+    """The tables of ``main``'s arguments on the active instruction set; writes the results,
+    returns the exit status."""
     budget_s, rounds = (1.0, 2) if args.quick else (6.0, 4)
     update_every = args.update_every or (10 if args.quick else 100)
     load_before = os.getloadavg()
@@ -190,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "kernels": kernels.available(),
+        "isa": kernels.isa(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "loadavg_before": [round(v, 2) for v in load_before],
@@ -203,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "sparse_linear_training" + ("_quick" if args.quick else "")
     stem += f"_threads{args.threads}" if args.threads else ""
+    stem += f"_{args.isa}" if args.isa else ""
     (args.out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "rigl_rows": rigl_rows, "misses": misses},
                    indent=2) + "\n"
@@ -219,7 +236,7 @@ def _markdown(rows: list[dict], rigl_rows: list[dict], meta: dict, misses: list[
         f"# SparseLinear training step: {meta['model']}, batch {meta['batch']}, Adam",
         "",
         f"torch {meta['torch']}, {meta['threads']} threads, {meta['cpus']} CPUs, "
-        f"compiled kernels: {meta['kernels']}; load average before "
+        f"compiled kernels: {meta['kernels']} (ISA {meta['isa']}); load average before "
         f"{meta['loadavg_before']}, after {meta['loadavg_after']}; best of "
         f"{meta['rounds']} interleaved rounds.",
         "",

@@ -69,3 +69,30 @@ def test_llm_decode_small_shape(tmp_path):
     assert any("70% int8 vs dense fp32" in c for c in claims)
     assert sum(not c["met"] for c in model["checks"]) >= len(model["skipped"])
     assert "ISA" in (tmp_path / "llm_decode_quick.md").read_text()
+
+
+def test_kernels_value_rows_on_a_chosen_isa():
+    out = ROOT / "benchmarks" / "results" / "kernels_values_scalar"
+    try:
+        _run("kernels.py", "--tables", "values", "--shapes", "64x128", "--dtypes", "int8",
+             "--isa", "scalar", "--budget", "0.01", "--wait", "0")
+        data = json.loads(out.with_suffix(".json").read_text())
+        assert data["env"]["asserted_isas"] == ["scalar"]
+        cells = [k for r in data["value_rows"] for k in r["pct_of_floor"]]
+        assert cells and all(k.endswith("@scalar") for k in cells)
+        # every cell below the floor target is a miss, none is only reported
+        below = sum(pct < 75 for r in data["value_rows"] for pct in r["pct_of_floor"].values())
+        assert len(data["misses"]) == below
+        assert "scalar (asserted)" in out.with_suffix(".md").read_text()
+    finally:
+        out.with_suffix(".json").unlink(missing_ok=True)
+        out.with_suffix(".md").unlink(missing_ok=True)
+
+
+def test_benchmarks_reject_an_isa_this_cpu_cannot_run():
+    for script in ("kernels.py", "sparse_linear_training.py"):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / script), "--isa", "neon"],
+            capture_output=True, text=True, timeout=900,
+        )
+        assert result.returncode == 2 and "--isa must" in result.stderr, result.stderr[-2000:]

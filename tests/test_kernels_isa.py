@@ -31,7 +31,7 @@ ROWS = 40
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("dtype", VALUE_DTYPES)
-@pytest.mark.parametrize("batch", [1, 2, 5, 17])
+@pytest.mark.parametrize("batch", [1, 2, 5, 17, 64])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_every_isa_equals_the_reference(isa, name, dtype, batch, threads):
     # 300 inputs: whole 16- and 8-lane blocks and a tail, rows of every length
@@ -43,6 +43,21 @@ def test_every_isa_equals_the_reference(isa, name, dtype, batch, threads):
         assert kernels.isa() == isa
         y = c.call(x, bias, threads)
     assert_matches(y, c, x, bias)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", VALUE_DTYPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
+@pytest.mark.parametrize("cols", [64, 1000])
+def test_every_isa_expands_full_and_empty_bitmap_words(isa, dtype, sparsity, cols):
+    # dense rows: 16 values per word (the high byte's shuffle reads past the low byte's 8);
+    # nearly empty rows: most bytes expand to zeros; 64 inputs: no word takes the vector loop
+    # twice, the last rows end in the scalar tail
+    c = case("bitmap", dtype, weight("bitmap", 33, cols, sparsity=sparsity, seed=7))
+    x = torch.randn(1, cols, generator=torch.Generator().manual_seed(8))
+    bias = torch.randn(33)
+    with kernels.use_isa(isa):
+        assert_matches(c.call(x, bias, 2), c, x, bias)
 
 
 @pytest.mark.parametrize("isa", _isas())

@@ -3,9 +3,9 @@
 // Per row one bit per input (16-bit words, zero-padded per row), the fp32, bf16 or int8
 // values of the set bits packed row by row and int32 row pointers into them: 4 (bf16: 2,
 // int8: 1) bytes per nonzero plus 1 bit per weight (int8: plus a float32 scale per row).
-// The arithmetic is bitmap_core.h, compiled per instruction set: AVX-512 expands the values
-// of 16 inputs into their lanes with one instruction, AVX2 permutes 8 packed values into
-// place from a table of byte masks, so the GEMV is a dense-like streaming loop over the row.
+// The arithmetic is bitmap_core.h, compiled per instruction set: AVX2 and AVX-512 move each
+// byte's packed values into the lanes of their inputs with one shuffle whose controls come
+// from a table indexed by the byte, so the GEMV is a dense-like streaming loop over the row.
 
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>

@@ -4,12 +4,23 @@
 namespace sparsekit::SPARSEKIT_ISA::rows {
 
 #if SPARSEKIT_AVX2
-// For each byte m of a bitmap: expand[m][i] is the rank of bit i among m's set bits (the
-// packed value that lane i takes), pack[m][j] the position of m's j-th set bit. AVX2 has no
-// expand/compress instruction; one permute with these indices does the same for 8 lanes.
+// Decoding tables, per byte m of a bitmap (bit i: input i of 8 stored or not):
+//  - pack[m][j]: the position of m's j-th set bit (columns for the batched path);
+//  - rank[m][i]: the rank of bit i among m's set bits, i.e. the packed value lane i takes
+//    (an index for vpermps);
+//  - bytes[m]: the same ranks as 8 pshufb byte controls, 0x80 (a zero byte) where bit i is
+//    clear: one pshufb puts 8 packed int8 values in place with zeros between them;
+//  - words[m]: 16 pshufb controls moving 8 packed bf16 values (2 bytes each) in place;
+//  - nibble[m & 15]: 16 pshufb controls moving 4 packed fp32 values (4 bytes each).
+// A shuffle from such a table replaced the earlier permute-and-blend expansion, which is
+// 3-4x slower on AMD Zen 5 (and AVX-512 VBMI2 vpexpandw/vpexpandb, 2-3x slower there:
+// benchmarks/kernels.py, bitmap at 50% on 11008x4096).
 struct ByteTables {
-  int32_t expand[256][8];
   int32_t pack[256][8];
+  int32_t rank[256][8];
+  uint8_t words[256][16];
+  uint8_t nibble[16][16];
+  uint64_t bytes[256];
 };
 
 constexpr ByteTables make_byte_tables() {
@@ -17,24 +28,100 @@ constexpr ByteTables make_byte_tables() {
   for (int m = 0; m < 256; ++m) {
     int n = 0;
     for (int i = 0; i < 8; ++i) {
-      t.expand[m][i] = n;
-      if ((m >> i) & 1) t.pack[m][n++] = i;
+      const bool set = (m >> i) & 1;
+      t.rank[m][i] = n;
+      t.words[m][2 * i] = set ? 2 * n : 0x80;
+      t.words[m][2 * i + 1] = set ? 2 * n + 1 : 0x80;
+      t.bytes[m] |= static_cast<uint64_t>(set ? n : 0x80) << (8 * i);
+      if (m < 16 && i < 4) {
+        for (int b = 0; b < 4; ++b) t.nibble[m][4 * i + b] = set ? 4 * n + b : 0x80;
+      }
+      if (set) t.pack[m][n++] = i;
     }
   }
   return t;
 }
 
-alignas(32) inline constexpr ByteTables kByteTables = make_byte_tables();
+alignas(64) inline constexpr ByteTables kByteTables = make_byte_tables();
 
-// The popcount(m) values at p in the lanes of m's set bits, the others zero (reads 8 values).
-template <typename T>
-inline __m256 expand8(unsigned m, const T* p) {
-  const __m256i rank =
-      _mm256_load_si256(reinterpret_cast<const __m256i*>(kByteTables.expand[m]));
-  const __m256 lanes = _mm256_permutevar8x32_ps(load8(p), rank);
-  const __m256i bit_to_sign = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
-  const __m256i keep = _mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(m)), bit_to_sign);
-  return _mm256_blendv_ps(_mm256_setzero_ps(), lanes, _mm256_castsi256_ps(keep));
+inline __m128i shuffle16(const void* p, const uint8_t* control) {
+  return _mm_shuffle_epi8(_mm_loadu_si128(static_cast<const __m128i*>(p)),
+                          _mm_load_si128(reinterpret_cast<const __m128i*>(control)));
+}
+
+// The 16 values of bitmap word w, packed at p, in the lanes of their inputs (zeros where a
+// bit is clear) as 16 bytes, bf16 halves or fp32 quarters; p moves past them. Each reads
+// 16 bytes at p per shuffle: the caller keeps 16 values in the array.
+inline __m128i expand16_codes(unsigned w, const int8_t*& p) {
+  const unsigned lo = w & 0xFFu, hi = w >> 8, n = __builtin_popcount(lo);
+  // the high byte's controls index past the low byte's n values (0x80 + n stays a zero)
+  const uint64_t up = kByteTables.bytes[hi] + n * 0x0101010101010101ull;
+  const __m128i control = _mm_set_epi64x(static_cast<long long>(up),
+                                         static_cast<long long>(kByteTables.bytes[lo]));
+  const __m128i q = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)),
+                                     control);
+  p += __builtin_popcount(w);
+  return q;
+}
+inline __m256i expand16_halves(unsigned w, const bf16*& p) {
+  const unsigned lo = w & 0xFFu, hi = w >> 8;
+  const __m128i e0 = shuffle16(p, kByteTables.words[lo]);
+  p += __builtin_popcount(lo);
+  const __m128i e1 = shuffle16(p, kByteTables.words[hi]);
+  p += __builtin_popcount(hi);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(e0), e1, 1);
+}
+inline void expand16_quarters(unsigned w, const float*& p, __m256* first, __m256* second) {
+  __m128i e[4];
+  for (int i = 0; i < 4; ++i) {
+    const unsigned m = (w >> (4 * i)) & 15u;
+    e[i] = shuffle16(p, kByteTables.nibble[m]);
+    p += __builtin_popcount(m);
+  }
+  *first = _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(e[0]), e[1], 1));
+  *second =
+      _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(e[2]), e[3], 1));
+}
+
+// The 16 values of word w (packed at p, which moves past them) as floats in the lanes of
+// their inputs: 2 x 8 lanes.
+inline void expand16(unsigned w, const int8_t*& p, __m256* first, __m256* second) {
+  const __m128i q = expand16_codes(w, p);
+  *first = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+  *second = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(q, q)));
+}
+inline void expand16(unsigned w, const bf16*& p, __m256* first, __m256* second) {
+  const __m256i h = expand16_halves(w, p);
+  *first = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
+  *second = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
+}
+inline void expand16(unsigned w, const float*& p, __m256* first, __m256* second) {
+  expand16_quarters(w, p, first, second);
+}
+#endif
+
+#if SPARSEKIT_AVX512
+// The same as 16 lanes: int8 and bf16 widen once to 512 bits; fp32 permutes each byte's 8
+// packed values into place with a zeroing mask (AVX-512 VL), no blend.
+inline __m512 expand16(unsigned w, const int8_t*& p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(expand16_codes(w, p)));
+}
+inline __m512 expand16(unsigned w, const bf16*& p) {
+  const __m256i h = expand16_halves(w, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 expand16(unsigned w, const float*& p) {
+  __m256 half[2];
+  for (int i = 0; i < 2; ++i) {
+    const unsigned m = (w >> (8 * i)) & 0xFFu;
+    const __m256i rank =
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kByteTables.rank[m]));
+    half[i] = _mm256_maskz_permutexvar_ps(static_cast<__mmask8>(m), rank, _mm256_loadu_ps(p));
+    p += __builtin_popcount(m);
+  }
+  return _mm512_insertf32x8(_mm512_castps256_ps512(half[0]), half[1], 1);
 }
 #endif
 
@@ -49,52 +136,37 @@ struct Bitmap {
 
   int64_t work(int64_t r) const { return rowptr[r] + r * words; }
 
-#if SPARSEKIT_AVX2
-  // The 8-lane part of dot(): each byte of bits, 8 packed values permuted into their lanes,
-  // from word k on while 16 values remain in the array (the last words of the array are
-  // left to the scalar loop; p and k are advanced).
-  float dot8(const T*& p, const uint16_t* b, int64_t& k, const float* x) const {
-    const T* const end = v + rowptr[rows];
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (; k < words && end - p >= 16; ++k) {
-      const unsigned lo = b[k] & 0xFFu, hi = b[k] >> 8;
-      a0 = _mm256_fmadd_ps(expand8(lo, p), _mm256_loadu_ps(x + 16 * k), a0);
-      p += __builtin_popcount(lo);
-      a1 = _mm256_fmadd_ps(expand8(hi, p), _mm256_loadu_ps(x + 16 * k + 8), a1);
-      p += __builtin_popcount(hi);
-    }
-    return hsum8(_mm256_add_ps(a0, a1));
-  }
-#endif
-
+  // Row r times x: a dense-like streaming loop that expands each word's packed values into
+  // the lanes of their inputs, two words per step while 32 values remain in the array (each
+  // expansion reads 16 bytes past its values); the last words run the scalar loop.
   float dot(int64_t r, const float* x) const {
     const T* p = v + rowptr[r];
     const uint16_t* b = bits + r * words;
     int64_t k = 0;
     float acc = 0.f;
+#if SPARSEKIT_AVX2 || SPARSEKIT_AVX512
+    const T* const end = v + rowptr[rows];
+#endif
 #if SPARSEKIT_AVX512
-    if constexpr (std::is_same_v<T, bf16>) {
-      // 16 lanes: whole loads expanded in registers while 32 values remain in the array
-      // (masked and expand-loads from memory stall the streaming loop on AMD Zen 4/5).
-      const T* const end = v + rowptr[rows];
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      for (; k + 2 <= words && end - p >= 32; k += 2) {
-        const __mmask16 m0 = b[k], m1 = b[k + 1];
-        a0 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(m0, load16(p)),
-                             _mm512_loadu_ps(x + 16 * k), a0);
-        p += __builtin_popcount(m0);
-        a1 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(m1, load16(p)),
-                             _mm512_loadu_ps(x + 16 * k + 16), a1);
-        p += __builtin_popcount(m1);
-      }
-      acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    } else {
-      // fp32 and int8 values: the 8-lane table expand below ran 1.2-1.9x faster than the
-      // 16-lane expand at 11008x4096 on AMD Zen 5 (benchmarks/kernels.py).
-      acc = dot8(p, b, k, x);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; k + 2 <= words && end - p >= 32; k += 2) {
+      a0 = _mm512_fmadd_ps(expand16(b[k], p), _mm512_loadu_ps(x + 16 * k), a0);
+      a1 = _mm512_fmadd_ps(expand16(b[k + 1], p), _mm512_loadu_ps(x + 16 * k + 16), a1);
     }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #elif SPARSEKIT_AVX2
-    acc = dot8(p, b, k, x);
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+    for (; k + 2 <= words && end - p >= 32; k += 2) {
+      for (int u = 0; u < 2; ++u) {
+        __m256 first, second;
+        expand16(b[k + u], p, &first, &second);
+        a[2 * u] = _mm256_fmadd_ps(first, _mm256_loadu_ps(x + 16 * (k + u)), a[2 * u]);
+        a[2 * u + 1] =
+            _mm256_fmadd_ps(second, _mm256_loadu_ps(x + 16 * (k + u) + 8), a[2 * u + 1]);
+      }
+    }
+    acc = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
 #endif
     for (; k < words; ++k) {
       for (unsigned m = b[k]; m; m &= m - 1) {

@@ -138,7 +138,7 @@ void run(const W& w, const Linear& io) {
     for (int64_t i = 0; i < io.batch; ++i) {
       gemv(w, io.x + i * w.cols, io.out, io.y + i * w.rows, io.threads);
     }
-  } else if (io.batch <= 8) {
+  } else if (io.batch <= 8 || kVectorBytes < 64) {  // 16-lane vectors: AVX-512 only
     spmm<vec8>(w, io);  // 8 lanes: no idle half
   } else {
     spmm<vec16>(w, io);

@@ -4,14 +4,15 @@
 
 namespace sparsekit::SPARSEKIT_ISA::train {
 
-constexpr int64_t kTile = 64;  // batch entries accumulated in registers per row pass
+// Batch entries accumulated in registers per row pass: 4 (AVX2: 8) float vectors.
+constexpr int64_t kTile = kVectorBytes >= 32 ? 64 : 32;
 
 // y[i, b0:b0+kTile] for one row, accumulated in vector registers over all its nonzeros.
 template <typename T>
 inline void row_tile(const int32_t* col, const T* v, const int64_t* perm, int32_t k0, int32_t k1,
                      const T* x, int64_t batch, int64_t b0, T b, T* y) {
-  typedef T vec __attribute__((vector_size(64)));
-  constexpr int64_t L = 64 / sizeof(T), V = kTile / L;
+  typedef T vec __attribute__((vector_size(kVectorBytes)));
+  constexpr int64_t L = kVectorBytes / sizeof(T), V = kTile / L;
   vec acc[V];
   for (int64_t j = 0; j < V; ++j) acc[j] = vec{} + b;
   for (int32_t k = k0; k < k1; ++k) {
@@ -60,8 +61,8 @@ void spmm_rows_impl(const int32_t* rowptr, const int32_t* col, const T* v, const
 template <typename T>
 void sddmm_impl(const int32_t* rowptr, const int32_t* col, const T* a, const T* bm, T* out,
                 int64_t rows, int64_t batch, int threads) {
-  typedef T vec __attribute__((vector_size(64)));
-  constexpr int64_t L = 64 / sizeof(T);
+  typedef T vec __attribute__((vector_size(kVectorBytes)));
+  constexpr int64_t L = kVectorBytes / sizeof(T);
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
   for (int64_t i = 0; i < rows; ++i) {
     const T* ai = a + i * batch;  // stays in L1 across the row's nonzeros
