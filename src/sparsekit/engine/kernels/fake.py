@@ -53,6 +53,18 @@ def register() -> None:
     def _(weight, x, bias, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
         return _linear(x, in_features, weight.shape[0])
 
+    @fake("sparsekit::dense_qlinear")
+    def _(weight, x, bias, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
+        return _linear(x, in_features, weight.shape[0])
+
+    @fake("sparsekit::bitmap_qlinear")
+    def _(values, bitmap, rowptr, x, bias, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
+        return _linear(x, in_features, bitmap.shape[0])
+
+    @fake("sparsekit::nm_qlinear")
+    def _(values, indices, x, bias, n, m, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
+        return _linear(x, in_features, values.shape[0])
+
     @fake("sparsekit::act_gemv")
     def _(wt, x, threshold, bias, threads):  # type: ignore[no-untyped-def]
         return wt.new_empty(wt.shape[1])
