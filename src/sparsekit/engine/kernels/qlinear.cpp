@@ -5,8 +5,8 @@
 // are exact integer dot products (int32 sums) instead of int8 weights widened to fp32 FMAs:
 // y[b, r] = sx[b] * scales[r] * sum_k q[r, k] * qx[b, k] (+ bias[r]), y in x's dtype.
 // The arithmetic is qlinear_core.h, compiled per instruction set; the AVX-512 one needs
-// VNNI and VBMI2 (Ice Lake, Zen 4 and later), so an AVX-512 CPU without them runs the AVX2
-// one for these ops.
+// VNNI, VBMI, VBMI2 and BITALG (Ice Lake, Zen 4 and later), so an AVX-512 CPU without them
+// runs the AVX2 one for these ops.
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -32,7 +32,8 @@ const QCores& qcores() {
 #if defined(__x86_64__) || defined(__i386__)
     static const bool vnni = __builtin_cpu_supports("avx512vnni") &&
                              __builtin_cpu_supports("avx512vbmi") &&
-                             __builtin_cpu_supports("avx512vbmi2");
+                             __builtin_cpu_supports("avx512vbmi2") &&
+                             __builtin_cpu_supports("avx512bitalg");
     return vnni ? avx512::kQCores : avx2::kQCores;
 #endif
   }

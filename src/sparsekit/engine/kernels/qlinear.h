@@ -10,7 +10,7 @@ namespace sparsekit {
 
 // The W8A8 entry points of one instruction set.
 struct QCores {
-  const char* isa;  // "scalar", "avx2" or "avx512" (AVX-512 VNNI + VBMI2)
+  const char* isa;  // "scalar", "avx2" or "avx512" (with VNNI, VBMI, VBMI2, BITALG)
   void (*dense_qlinear)(const DenseArgs&);
   void (*bitmap_qlinear)(const BitmapArgs&);
   void (*nm_qlinear)(const NMArgs&);
