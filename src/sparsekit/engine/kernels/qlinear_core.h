@@ -14,7 +14,8 @@
 // - AVX2: vpmaddubsw with the sign trick: |w| (unsigned, at most 128) times sign(w) * qx
 //   (signed, at most 127 in magnitude), so a pair of products is at most 2 * 128 * 127 =
 //   32512 and the 16-bit sums never saturate; vpmaddwd then widens them to int32. Bitmap
-//   rows expand 8 codes per bitmap byte with a table of pshufb masks.
+//   rows expand 8 codes per bitmap byte with a table of pshufb masks; 2:4 and 4:8 rows pick
+//   each value's input code with pshufb (no gathers: slow on AMD Zen 3).
 // - scalar (and the tails of the others): plain int32 loops.
 // Every sum is exact for in_features <= 65536 (checked by the ops).
 
@@ -365,6 +366,45 @@ struct NM {
     }
     const int32_t c = _mm512_reduce_add_epi32(corr);
     for (int j = 0; j < NB; ++j) sum[j] = _mm512_reduce_add_epi32(acc[j]) - c;
+#elif SPARSEKIT_AVX2
+    // 2:4 and 4:8, 32 values at a time: the 16 of each 128-bit lane span 32 inputs. Their
+    // fields, spread to bytes with pdep, plus each group's first input are indices into
+    // those 32 input codes: pshufb picks from each 16-byte half, a blend on bit 4 chooses.
+    // (1:4, 16 values over 64 inputs, runs the scalar loop.)
+    __m256i acc[NB];
+    for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_si256();
+    if (32 / n * m == 64) {
+      alignas(32) uint8_t first[32];
+      for (int j = 0; j < 32; ++j) first[j] = static_cast<uint8_t>(j % 16 / n * m);
+      const __m256i base = _mm256_load_si256(reinterpret_cast<const __m256i*>(first));
+      const __m256i field = _mm256_set1_epi8(static_cast<char>(m - 1));
+      const uint64_t spread = fbits == 2 ? 0x0303030303030303ULL : 0x0F0F0F0F0F0F0F0FULL;
+      for (; k + 32 <= width; k += 32) {
+        const uint32_t* f = q + k * fbits / 32;  // the fields of these 32 values
+        int64_t d[4];  // the fields of 8 values each, one per byte
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t bits = fbits == 2 ? (f[i / 2] >> (16 * (i % 2))) & 0xFFFFu : f[i];
+          d[i] = static_cast<int64_t>(_pdep_u64(bits, spread));
+        }
+        const __m256i c = _mm256_add_epi8(
+            base, _mm256_and_si256(_mm256_set_epi64x(d[3], d[2], d[1], d[0]), field));
+        const __m256i upper = _mm256_slli_epi16(c, 3);  // bit 4 of each index as its sign
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k));
+        const __m256i wa = _mm256_abs_epi8(wv);
+        for (int j = 0; j < NB; ++j) {
+          const uint8_t* xs = x + j * ld + k / n * m;
+          const auto half = [xs](int64_t at) {
+            return _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs + at));
+          };
+          const __m256i lo = _mm256_inserti128_si256(_mm256_castsi128_si256(half(0)), half(32), 1);
+          const __m256i hi = _mm256_inserti128_si256(_mm256_castsi128_si256(half(16)), half(48), 1);
+          const __m256i xv =
+              _mm256_blendv_epi8(_mm256_shuffle_epi8(lo, c), _mm256_shuffle_epi8(hi, c), upper);
+          acc[j] = dot32(acc[j], wa, wv, xv);
+        }
+      }
+    }
+    for (int j = 0; j < NB; ++j) sum[j] = hsum8i(acc[j]);
 #endif
     for (; k < width; ++k) {
       const int64_t i = col(q, k);
