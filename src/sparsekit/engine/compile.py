@@ -147,10 +147,10 @@ def compile(
     kernel and multiply with exact integer dot products (AVX-512 VNNI, AVX2), which pays
     where the float products rather than the bytes are the limit (several rows; a CPU whose
     bandwidth outruns its FMAs); they are timed against the other candidates like any
-    format. The
-    input rounding then enters each layer's ``quantization_error`` (against its float
-    layer), and the output check allows for it (relative error up to
-    :data:`W8A8_RTOL` of the largest output).
+    format. The input rounding then enters each layer's ``quantization_error`` (against its
+    float layer), and the output check allows for it (relative error up to
+    :data:`W8A8_RTOL` of the largest output). The mode is part of each format's state
+    (:data:`~sparsekit.engine.formats.native.INT8_INPUTS`), so it saves and loads.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
