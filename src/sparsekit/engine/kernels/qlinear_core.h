@@ -221,10 +221,12 @@ struct Bitmap {
   template <int NB>
   void dots(int64_t r, const uint8_t* x, int64_t ld, int32_t* out) const {
     const int8_t* p = v + rowptr[r];
-    const int8_t* const end = v + rowptr[rows];  // whole loads stay inside the array
     const uint16_t* b = bits + r * words;
     int64_t k = 0;  // bitmap word
     int32_t sum[NB] = {};
+#if SPARSEKIT_AVX2
+    const int8_t* const end = v + rowptr[rows];  // whole loads stay inside the array
+#endif
 #if SPARSEKIT_AVX512
     __m512i acc[NB], corr = _mm512_setzero_si512();
     for (int j = 0; j < NB; ++j) acc[j] = _mm512_setzero_si512();
