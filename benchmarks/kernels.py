@@ -18,12 +18,18 @@ target is missed.
     python benchmarks/kernels.py --quick          # 1024x1024 only
     python benchmarks/kernels.py --tables values --shapes 11008x4096   # value rows only
     python benchmarks/kernels.py --tables values --isa avx2   # the AVX2 path, asserted
+    python benchmarks/kernels.py --tables q --shapes 11008x4096        # W8A8 rows only
 
 ``--isa`` times the value rows on the named instruction sets (``kernels.use_isa``; the
 linear table runs on the first; the results name them and their files end in the ISAs) and
 asserts the floor target on each of them; by
 default the value rows time every ISA the CPU runs and assert the active one. Each cell
 below the target prints a ``MISS`` line and the exit status is non-zero.
+
+W8A8 rows (``--tables q``; batch 1 and 8) time the int8 formats in both modes, int8 weights
+widened to fp32 FMAs and W8A8 (inputs quantized per row, integer dot products), against
+dense fp32 ``F.linear`` and torch's dynamic int8 ``Linear`` (``quantize_dynamic``, fbgemm:
+the same W8A8 arithmetic, dense), written to ``results/kernels_q.{json,md}``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -45,7 +52,15 @@ from torch import nn
 
 import sparsekit
 from sparsekit.engine import kernels
-from sparsekit.engine.formats import FORMATS, DenseFormat, Format, available_formats
+from sparsekit.engine.formats import (
+    FORMATS,
+    Bitmap,
+    DenseFormat,
+    DenseLowPrecision,
+    Format,
+    PackedNM,
+    available_formats,
+)
 from sparsekit.quantize import quantize_int8
 
 RESULTS = Path(__file__).parent / "results"
@@ -411,6 +426,83 @@ def value_checks(rows: list[dict]) -> tuple[list[str], list[str]]:
     return misses, info
 
 
+# W8A8 rows: (label, format, pattern, sparsity) of the int8 formats timed in both modes
+Q_CASES = [("dense int8", DenseLowPrecision, "dense", 0.0),
+           ("bitmap 50% int8", Bitmap, "unstructured", 0.5),
+           ("bitmap 70% int8", Bitmap, "unstructured", 0.7),
+           ("2:4 nm int8", PackedNM, "2:4", 0.5)]
+Q_BATCHES = (1, 8)
+
+
+def torch_dynamic_int8(weight: torch.Tensor) -> nn.Module:
+    """torch's dynamic int8 ``Linear`` of ``weight`` (fbgemm: per-row uint8 inputs, int8
+    weights, integer dot products), the W8A8 peer."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear},
+                                                      dtype=torch.qint8)
+
+
+def run_w8a8(out_f: int, in_f: int, budget_s: float, guard: QuietGuard) -> list[dict]:
+    """One row per batch size of :data:`Q_BATCHES`: each of :data:`Q_CASES` with int8
+    weights times fp32 inputs (``f32 FMA``) and W8A8 (``q``), interleaved with dense fp32
+    and torch's dynamic int8 ``Linear`` on the dense weight."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_f, in_f, generator=g)
+    peer = torch_dynamic_int8(weight)
+    formats = {}
+    for label, cls, pattern, sparsity in Q_CASES:
+        mask = None if pattern == "dense" else pattern_mask(pattern, sparsity, weight.shape, g)
+        for mode, inputs in (("f32 FMA", None), ("q", torch.int8)):
+            formats[f"{label} {mode}"] = cls.from_dense(weight, mask, value_dtype=torch.int8,
+                                                        activation_dtype=inputs)
+    rows = []
+    for batch in Q_BATCHES:
+        x = torch.randn(batch, in_f, generator=g)
+        fns = {"dense_fp32": partial(F.linear, x, weight), "torch_dynamic_int8": partial(peer, x)}
+        fns |= {name: partial(fmt.matmul, x) for name, fmt in formats.items()}
+        guard.wait()
+        with torch.no_grad():
+            ms = time_ms(fns, budget_s)
+        row = {"shape": f"{out_f}x{in_f}", "batch": batch, "isa": kernels.isa(),
+               "quiet": guard.quiet(), "ms": {k: round(v, 4) for k, v in ms.items()},
+               "speedup_vs_dense_fp32": {k: round(ms["dense_fp32"] / v, 3) for k, v in ms.items()},
+               "vs_torch_dynamic_int8": {k: round(ms["torch_dynamic_int8"] / v, 3)
+                                         for k, v in ms.items()}}
+        rows.append(row)
+        print(q_lines(row), flush=True)
+    return rows
+
+
+Q_HEADER = "| shape | batch | kernel | ms | × dense fp32 | × torch dynamic int8 |"
+
+
+def q_lines(r: dict) -> str:
+    """One table line per timed kernel of a W8A8 row."""
+    shape = r["shape"] + ("" if r["quiet"] else " (noisy)")
+    return "\n".join(
+        f"| {shape} | {r['batch']} | {k} | {v:.3f} | {r['speedup_vs_dense_fp32'][k]:.2f} | "
+        f"{r['vs_torch_dynamic_int8'][k]:.2f} |" for k, v in r["ms"].items()
+    )
+
+
+def write_w8a8(rows: list[dict], cpu: str, isa: list[str]) -> None:
+    """``results/kernels_q.{json,md}``."""
+    RESULTS.mkdir(exist_ok=True)
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+           "isa_flags": isa, "kernels_isa": kernels.isa()}
+    (RESULTS / "kernels_q.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2)
+                                            + "\n")
+    md = [f"# W8A8 kernels ({cpu}; kernels on {env['kernels_isa']}, {env['threads']} threads)",
+          "", "int8 weights times fp32 inputs (f32 FMA) and times inputs quantized per row to "
+          "int8 (q, integer dot products); best ~20 ms block, kernels interleaved.", "",
+          Q_HEADER, "|" + "---|" * (Q_HEADER.count(" | ") + 1), *map(q_lines, rows)]
+    (RESULTS / "kernels_q.md").write_text("\n".join(md) + "\n")
+
+
 # sparsekit's own CPU formats (the CUDA ones hold GPU weights only)
 SPARSE = [n for n in FORMATS if n not in ("dense", "torch_csr") and not n.startswith("cuda")]
 HEADER = (
@@ -482,9 +574,10 @@ def main() -> int:
                         help="seconds to wait for a quiet machine before each case")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(VALUE_DTYPES),
                         default=list(VALUE_DTYPES), help="value dtypes of the value rows")
-    parser.add_argument("--tables", nargs="+", choices=("linear", "values"),
+    parser.add_argument("--tables", nargs="+", choices=("linear", "values", "q"),
                         default=["linear", "values"],
-                        help="linear: fp32 formats x batch sizes; values: batch-1 value rows")
+                        help="linear: fp32 formats x batch sizes; values: batch-1 value rows; "
+                             "q: int8 formats with and without int8 inputs (W8A8)")
     parser.add_argument("--isa", nargs="+", default=None, metavar="ISA",
                         help="run and assert on these instruction sets (of kernels.isas(), "
                              "e.g. avx2); default: time every one, assert the active one")
@@ -524,6 +617,13 @@ def measure(
         junk = torch.ones(2**28)  # 1 GiB, twice the L3 of the largest current CPUs
         flush = junk.sum
     guard = QuietGuard(timeout_s=args.wait)
+    if "q" in args.tables and kernels.available():  # W8A8 rows, in their own results file
+        print(Q_HEADER)
+        print("|" + "---|" * (Q_HEADER.count(" | ") + 1))
+        write_w8a8([r for shape in shapes for r in run_w8a8(*shape, args.budget, guard)], cpu,
+                   isa)
+        if args.tables == ["q"]:
+            return 0
     rows, value_rows = [], []
     if "linear" in args.tables:
         print(HEADER)

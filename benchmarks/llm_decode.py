@@ -17,8 +17,10 @@ weights, per-channel scales, fp32 activations); and sparsekit at 50 %, 2:4 and 7
 compiled with ``sparsekit.compile(model, prompt, weight_dtype=..., grow=True)`` (a layer may
 hold a decode and a prompt format even if together larger than dense: serving trades that
 memory for speed; bf16: the bf16 model;
-fp32 and int8: the fp32 model, fp32 activations). A configuration the installed sparsekit
-refuses is skipped with a printed note and counts as a miss.
+fp32 and int8: the fp32 model, fp32 activations). Each sparsity also has an ``int8 W8A8``
+row: the int8 model compiled with ``activation_dtype="int8"`` (inputs quantized per row to
+int8, integer dot products), held to the int8 targets too. A configuration the installed
+sparsekit refuses is skipped with a printed note and counts as a miss.
 
 Targets, as ratios in one run (checked on every model): 50 % bf16 ≥ 1.5× dense bf16; 2:4 bf16
 ≥ 1.4× dense bf16; 50 % int8 ≥ 1.5× the best torch int8 peer and ≥ 3× dense fp32; 70 % int8
@@ -180,8 +182,31 @@ def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: t
                     sparsekit.compile, sources[dtype], prompt,
                     weight_dtype=None if dtype == "fp32" else dtype, activation_sparsity=act,
                     grow=True))
+        add_w8a8(add, label, sources["int8"], prompt)
         del sources, teal
     return models, seconds
+
+
+# -- W8A8: int8 weights × int8 activations (compile(..., activation_dtype="int8")) ----------
+
+W8A8 = "int8 W8A8"  # the dtype label of these rows: int8 weights, inputs quantized per row
+
+
+def add_w8a8(add: Callable[[str, Callable[[], nn.Module]], None], label: str,
+             source: nn.Module, prompt: torch.Tensor) -> None:
+    """The W8A8 configuration of one sparsity: the int8-pruned ``source`` compiled with
+    int8 inputs (no TEAL: the activation-sparse kernels take float inputs)."""
+    add(config_name(label, W8A8, False), functools.partial(
+        sparsekit.compile, source, prompt, weight_dtype="int8", activation_dtype="int8",
+        grow=True))
+
+
+def w8a8_targets(fp32: float | None, best_peer: float | None) -> list[tuple[str, str, float | None,
+                                                                        float]]:
+    """The issue's int8 targets, for the W8A8 rows too."""
+    return [("50% W8A8 vs best torch int8 peer", config_name("50%", W8A8, False), best_peer, 1.5),
+            ("50% W8A8 vs dense fp32", config_name("50%", W8A8, False), fp32, 3.0),
+            ("70% W8A8 vs dense fp32", config_name("70%", W8A8, False), fp32, 5.0)]
 
 
 def pruned_sources(model: LlamaForCausalLM, calibration: torch.Tensor, pattern: str,
@@ -270,6 +295,8 @@ def checks(rows: dict[str, dict], skipped: dict[str, str]) -> list[tuple[str, bo
         ("70% int8 vs dense fp32", config_name("70%", "int8", False), fp32, 5.0),
     ]
     for claim, name, base, target in targets:
+        ratio(claim, name, base, target)
+    for claim, name, base, target in w8a8_targets(fp32, best_peer):
         ratio(claim, name, base, target)
     for name in dict.fromkeys(t[1] for t in targets):
         ratio(f"TEAL 50% on top of {name.removeprefix('sparsekit ')}", name + " + TEAL 50%",

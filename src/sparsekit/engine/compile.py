@@ -68,6 +68,7 @@ def compile(
     threads: int | None = None,
     activation_sparsity: InputThresholds | None = None,
     weight_dtype: str | None = None,
+    activation_dtype: str | None = None,
     cache: bool = True,
     fuse: bool = True,
     grow: bool = False,
@@ -144,6 +145,17 @@ def compile(
     the rounding. The rounding's own cost, the relative output error of each layer measured
     on its observed inputs (random normal ones without ``example_inputs``), is each
     choice's ``quantization_error``, shown by :func:`sparsekit.engine.report`.
+
+    ``activation_dtype="int8"`` (with ``weight_dtype="int8"``, or ``None`` for layers that
+    carry int8 scales) is W8A8: the int8 formats that have such kernels (``dense_lowp``,
+    ``bitmap``, ``nm``) also quantize each input row to int8 with its own scale inside the
+    kernel and multiply with exact integer dot products (AVX-512 VNNI, AVX2), which pays
+    where the float products rather than the bytes are the limit (several rows; a CPU whose
+    bandwidth outruns its FMAs); they are timed against the other candidates like any
+    format. The input rounding then enters each layer's ``quantization_error`` (against its
+    float layer), and the output check allows for it (relative error up to
+    :data:`W8A8_RTOL` of the largest output). The mode is part of each format's state
+    (:data:`~sparsekit.engine.formats.native.INT8_INPUTS`), so it saves and loads.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -152,6 +164,7 @@ def compile(
     if threads is not None:
         check_int("threads", threads, minimum=1)
     value_dtype = _check_weight_dtype(weight_dtype)
+    activation = _check_activation_dtype(activation_dtype, weight_dtype)
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be a bool, got {cache!r}")
     if not isinstance(fuse, bool):
@@ -178,19 +191,20 @@ def compile(
                     layer_rows = served or _default_rows(seen.get(name), type(child))
                     if name in act and type(child) is nn.Linear:
                         done[id(child)], choice = _activation_layer(
-                            child, act[name], names, layer_rows, threads, cache, value_dtype
+                            child, act[name], names, layer_rows, threads, cache, value_dtype,
+                            activation,
                         )
                         if choice is not None:
                             choices[name] = choice
                     elif type(child) is nn.Linear:
                         done[id(child)], choices[name] = _compile_layer(
                             child, (child.in_features,), names, layer_rows, threads, cache,
-                            value_dtype, probes.get(name), memo, name, grow,
+                            value_dtype, probes.get(name), memo, name, grow, activation,
                         )
                     elif name in seen and convertible(child) is None:
                         done[id(child)], choices[name] = _compile_layer(
                             child, tuple(seen[name][-3:]), names, layer_rows, threads, cache,
-                            value_dtype, probes.get(name), memo, name, grow,
+                            value_dtype, probes.get(name), memo, name, grow, activation,
                         )
                     else:
                         done[id(child)] = child
@@ -198,12 +212,13 @@ def compile(
         if inputs is not None and fuse:
             _fuse_groups(model, compiled, inputs, choices, served, seen, names=names,
                          threads=threads, cache=cache, value_dtype=value_dtype, memo=memo,
-                         grow=grow)
+                         grow=grow, activation=activation)
     refused = [n for n, c in choices.items() if names and "dense" not in names
                and c["format"] == "dense"]
     _check_forced(names, refused, len(choices))
     compiled.sparsekit_choices = choices
     rtol = _CHECK_RTOL if value_dtype is None else _rtol(value_dtype)
+    rtol = rtol if activation is None else max(rtol, W8A8_RTOL)
     reference = _with_stored_weights(model, compiled, seen) if inputs is not None else model
     if inputs is not None and activation_sparsity is not None:
         activation_sparsity.apply(reference)
@@ -231,13 +246,15 @@ def _compile_layer(
     memo: dict[str, tuple[dict[str, object], str]] | None = None,
     name: str = "",
     grow: bool = False,
+    activation: torch.dtype | None = None,
 ) -> tuple[CompiledLayer, dict[str, object]]:
     """The fastest compiled version of ``layer`` (called ``name``) and the evidence behind
     the choice; the candidates other than dense hold values of ``value_dtype`` (``None``:
     the layer's dtype, or int8 on its attached scales). With ``cache``, a decision on disk,
     or one taken in this compile for a layer of the same shape and density (``memo``), is
     reused instead of timing. Two formats may hold more bytes than the dense layer only
-    with ``grow``. The chosen layer's relative output error against ``layer``
+    with ``grow``. int8 values multiply inputs quantized to ``activation`` where a format
+    can (:func:`_int8_inputs`). The chosen layer's relative output error against ``layer``
     on ``probe`` (inputs it saw; default: random normal ones) is the choice's
     ``quantization_error``."""
     scales = attached_scales(layer)
@@ -252,11 +269,13 @@ def _compile_layer(
     def built(fmt: str) -> CompiledLayer:
         if fmt == "dense":  # the layer as it is: the reference
             return build(layer, fmt)
-        return build(stored, fmt, **int8,
+        return build(stored, fmt, **int8, **(_int8_inputs(fmt, activation) if int8 else {}),
                      **({"threads": threads} if FORMATS.meta(fmt)["threaded"] else {}))
 
     key = (decisions.key(layer, in_shape, allowed, rows, threads, value_dtype) if cache
            else None)
+    if key is not None and activation is not None:
+        key["activation_dtype"] = str(activation)
     if key is not None and grow:
         key["grow"] = True
     modules: dict[str, CompiledLayer] = {}
@@ -352,6 +371,7 @@ def _fuse(
     value_dtype: torch.dtype | None,
     memo: dict[str, tuple[dict[str, object], str]] | None,
     grow: bool,
+    activation: torch.dtype | None = None,
 ) -> tuple[list[FusedLinear] | None, dict[str, object]]:
     """The members of a fused group replacing the ``separate`` compiled layers (``None``
     where fusing is not faster by the rule of :mod:`~sparsekit.engine.autotune`), and the
@@ -360,11 +380,14 @@ def _fuse(
     stacked = fused.stack(originals)
     in_shape, label = (stacked.in_features,), "+".join(group)
     linear, stacked_choice = _compile_layer(stacked, in_shape, names, rows, threads, cache,
-                                            value_dtype, memo=memo, name=label, grow=grow)
+                                            value_dtype, memo=memo, name=label, grow=grow,
+                                            activation=activation)
     projections = FusedProjections(linear, [layer.out_features for layer in originals])
     paths = [_formats(m) for m in (*separate, linear)]
     key = (decisions.key(stacked, in_shape, ["separate", "fused"], rows, threads, value_dtype,
                          fused=paths) if cache else None)
+    if key is not None and activation is not None:
+        key["activation_dtype"] = str(activation)
 
     def timed() -> dict[str, object]:
         modules = {"separate": _Separate(separate), "fused": projections}
@@ -418,13 +441,15 @@ def _activation_layer(
     threads: int | None,
     cache: bool,
     value_dtype: torch.dtype | None,
+    activation: torch.dtype | None = None,
 ) -> tuple[ActivationSparseLinear, dict[str, object] | None]:
     """``layer`` with input thresholds: the faster single-row kernel, and for the row counts
     above 1 the fastest measured format (:func:`_compile_layer`) as its ``prefill``."""
     prefill, choice = None, None
     if any(r > 1 for r in rows):
         prefill, choice = _compile_layer(layer, (layer.in_features,), names,
-                                         [r for r in rows if r > 1], threads, cache, value_dtype)
+                                         [r for r in rows if r > 1], threads, cache, value_dtype,
+                                         activation=activation)
     act, decode = ActivationSparseLinear.tuned(layer, threshold, threads=threads,
                                                prefill=prefill, rows=rows)
     if choice is None:
@@ -443,6 +468,15 @@ def _candidates(
     if names is None:
         return holding, True
     return [n for n in holding if n in names], "dense" in names
+
+
+def _int8_inputs(fmt: str, activation: torch.dtype | None) -> dict[str, object]:
+    """The ``from_dense`` options that make format ``fmt`` (holding int8 values) quantize
+    its inputs to ``activation`` (W8A8): none for ``None``, for dense (the reference) and for
+    formats without such kernels (their ``activation_dtypes``)."""
+    if activation is None or activation not in getattr(FORMATS[fmt], "activation_dtypes", ()):
+        return {}
+    return {"activation_dtype": activation}
 
 
 def _with_value_dtype(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module:
@@ -578,6 +612,29 @@ def _check_weight_dtype(weight_dtype: str | None) -> torch.dtype | None:
             f"weight_dtype must be None or one of {list(_WEIGHT_DTYPES)}, got {weight_dtype!r}"
         )
     return _WEIGHT_DTYPES[weight_dtype]
+
+
+W8A8_RTOL = 0.05
+"""The output check's tolerance with ``activation_dtype="int8"``: relative to the largest
+output, what per-row int8 inputs may cost through a few layers (the check catches wrong
+kernels, not rounding: each layer's ``quantization_error`` measures that)."""
+
+_ACTIVATION_DTYPES = {"int8": torch.int8}
+
+
+def _check_activation_dtype(
+    activation_dtype: str | None, weight_dtype: str | None
+) -> torch.dtype | None:
+    if activation_dtype is None:
+        return None
+    if not isinstance(activation_dtype, str) or activation_dtype not in _ACTIVATION_DTYPES:
+        raise ValueError(f"activation_dtype must be None or one of {list(_ACTIVATION_DTYPES)}, "
+                         f"got {activation_dtype!r}")
+    if weight_dtype not in (None, "int8"):
+        raise ValueError(f"activation_dtype={activation_dtype!r} quantizes the inputs of int8 "
+                         f"weights: weight_dtype must be 'int8' (or None, for layers with int8 "
+                         f"scales attached), got weight_dtype={weight_dtype!r}")
+    return _ACTIVATION_DTYPES[activation_dtype]
 
 
 def _rtol(dtype: torch.dtype) -> float:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from sparsekit.engine.formats.csr import csr_parts
-from sparsekit.engine.formats.native import SCALES, NativeFormat
+from sparsekit.engine.formats.native import INT8_INPUTS, SCALES, NativeFormat
 
 __all__ = ["Bitmap"]
 
@@ -28,9 +28,10 @@ class Bitmap(NativeFormat):
 
     name = "bitmap"
     buffer_names = ("bitmap_values", "bitmap_mask", "bitmap_rowptr")
-    optional_buffers = (SCALES,)
+    optional_buffers = (SCALES, INT8_INPUTS)
     dtypes = (torch.float32, torch.bfloat16)
     value_dtypes = (torch.float32, torch.bfloat16, torch.int8)
+    activation_dtypes = (torch.int8,)  # W8A8: the bitmap_qlinear op
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -65,7 +66,8 @@ class Bitmap(NativeFormat):
                              f"{values.numel()} bitmap_values")
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-        return torch.ops.sparsekit.bitmap_linear(
+        ops = torch.ops.sparsekit
+        return (ops.bitmap_qlinear if self.quantizes_inputs else ops.bitmap_linear)(
             self.bitmap_values, self.bitmap_mask, self.bitmap_rowptr, x, bias, self.in_features,
             threads, *self.scale_args(),
         )

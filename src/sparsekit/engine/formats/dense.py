@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekit.engine.formats.base import Format, masked
-from sparsekit.engine.formats.native import SCALES, NativeFormat
+from sparsekit.engine.formats.native import INT8_INPUTS, SCALES, NativeFormat
 
 __all__ = ["DenseFormat", "DenseLowPrecision"]
 
@@ -62,9 +62,10 @@ class DenseLowPrecision(NativeFormat):
 
     name = "dense_lowp"
     buffer_names = ("lowp_weight",)
-    optional_buffers = (SCALES,)
+    optional_buffers = (SCALES, INT8_INPUTS)
     dtypes = (torch.float32, torch.bfloat16)
     value_dtypes = (torch.bfloat16, torch.int8)
+    activation_dtypes = (torch.int8,)  # W8A8: the dense_qlinear op
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -79,7 +80,8 @@ class DenseLowPrecision(NativeFormat):
                              f"{tuple(weight.shape)}")
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-        return torch.ops.sparsekit.dense_linear(
+        ops = torch.ops.sparsekit
+        return (ops.dense_qlinear if self.quantizes_inputs else ops.dense_linear)(
             self._buffers["lowp_weight"], x, bias, self.in_features, threads, *self.scale_args()
         )
 

@@ -10,12 +10,17 @@ import torch.nn.functional as F
 from sparsekit._checks import check_int
 from sparsekit.engine import kernels
 from sparsekit.engine.formats.base import Format, masked
-from sparsekit.quantize import quantize_int8
+from sparsekit.quantize import dequantize_int8, quantize_int8
 
-__all__ = ["SCALES", "NativeFormat"]
+__all__ = ["INT8_INPUTS", "SCALES", "NativeFormat"]
 
 SCALES = "scales"
 """The optional buffer of int8 values: one float32 scale per output row."""
+
+INT8_INPUTS = "int8_inputs"
+"""The optional buffer (after :data:`SCALES`) of a format whose int8 values multiply inputs
+quantized to int8 (W8A8): a 0-d bool tensor holding ``True``, so that the mode travels with
+the ``state_dict``."""
 
 
 class NativeFormat(Format):
@@ -29,6 +34,12 @@ class NativeFormat(Format):
     one of :attr:`dtypes` are passed as they are and the output takes their dtype; other
     inputs are computed in float32. :meth:`to_dense` is the dequantized weight.
 
+    Formats with ``torch.int8`` in :attr:`activation_dtypes` may also hold int8 values in
+    W8A8 mode (``from_dense(..., activation_dtype=torch.int8)``, the buffer
+    :data:`INT8_INPUTS`): each input row is then quantized to int8 codes with its own scale
+    (the grid of :mod:`sparsekit.quantize`: its largest magnitude / 127) inside the kernel,
+    and the products are exact integer dot products; :attr:`activation_dtype` says which.
+
     Where the kernels are missing (a model loaded on another machine) :meth:`_fallback_mm`
     multiplies with the dense weight, rebuilt once and kept until the buffers move.
     ``threads=None`` follows ``torch.get_num_threads()`` (one thread for small layers).
@@ -37,6 +48,7 @@ class NativeFormat(Format):
     threaded = True
     dtypes = (torch.float32,)
     value_dtypes = (torch.float32,)
+    activation_dtypes: tuple[torch.dtype, ...] = ()  # int8: has W8A8 kernels
     device = "cpu"
 
     def __init__(
@@ -47,6 +59,7 @@ class NativeFormat(Format):
         super().__init__(tensors, shape)
         self.threads = threads
         self._stored = max(t.numel() for t in tensors)  # work per input row, for _threads
+        self.quantizes_inputs = INT8_INPUTS in self._buffers  # read per call: a plain attribute
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
@@ -62,6 +75,7 @@ class NativeFormat(Format):
         *,
         value_dtype: torch.dtype | None = None,
         scales: torch.Tensor | None = None,
+        activation_dtype: torch.dtype | None = None,
         **options: object,
     ) -> NativeFormat:
         """Compress ``weight * mask`` with values of ``value_dtype``, one of
@@ -71,10 +85,13 @@ class NativeFormat(Format):
         are given. int8 values are the kept weights rounded to nearest on the grid of
         ``scales`` (float32 ``(out_features,)``, used exactly: a layer's ``weight_scale``),
         by default :func:`sparsekit.quantize.int8_scales` of the kept weights.
+        ``activation_dtype=torch.int8`` (one of :attr:`activation_dtypes`; int8 values only)
+        quantizes the inputs too (W8A8).
         """
         cls._check_dtype(weight)
         weight = masked(weight, mask)
         value_dtype = cls._value_dtype(weight, value_dtype, scales)
+        cls._check_activation_dtype(activation_dtype, value_dtype)
         if value_dtype != torch.int8:
             if scales is not None:
                 raise ValueError(f"scales are only for int8 values, got value_dtype={value_dtype}")
@@ -84,7 +101,22 @@ class NativeFormat(Format):
         scales = scales.to(torch.float32).contiguous()
         cls.check_scales(cls.values_name or cls.buffer_names[0], codes, scales, weight.shape[0])
         tensors = (*cls.compress(codes, **options), scales)
+        if activation_dtype is not None:
+            tensors = (*tensors, torch.tensor(True))
         return cls(tensors, tuple(weight.shape), threads)
+
+    @classmethod
+    def _check_activation_dtype(
+        cls, activation_dtype: torch.dtype | None, value_dtype: torch.dtype
+    ) -> None:
+        if activation_dtype is None:
+            return
+        if activation_dtype not in cls.activation_dtypes:
+            raise ValueError(f"activation_dtype must be None or one of {cls.activation_dtypes} "
+                             f"for the {cls.name} format, got {activation_dtype}")
+        if value_dtype != torch.int8:
+            raise ValueError(f"activation_dtype={activation_dtype} needs int8 values (W8A8), got "
+                             f"value_dtype={value_dtype}")
 
     @classmethod
     def _value_dtype(
@@ -108,7 +140,8 @@ class NativeFormat(Format):
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         """:meth:`check_layout` of the :attr:`buffer_names` tensors, then the int8
         :data:`SCALES`: required with int8 values (float32, finite, one per row), refused
-        with any others."""
+        with any others; then the W8A8 mark :data:`INT8_INPUTS` (a 0-d bool ``True``, only
+        where :attr:`activation_dtypes` has int8)."""
         names = cls.stored_names(len(tensors))
         count = len(cls.buffer_names)
         cls.check_layout(tensors[:count], shape)
@@ -116,6 +149,14 @@ class NativeFormat(Format):
         values = tensors[names.index(values_name)]
         cls.check_scales(values_name, values, tensors[count] if len(tensors) > count else None,
                          shape[0])
+        if INT8_INPUTS in names:
+            mark = tensors[names.index(INT8_INPUTS)]
+            if mark.dtype != torch.bool or mark.dim() != 0 or not bool(mark):
+                raise ValueError(f"buffer {INT8_INPUTS!r} must be a 0-d bool tensor holding True, "
+                                 f"got {mark.dtype} of shape {tuple(mark.shape)}")
+            if torch.int8 not in cls.activation_dtypes:
+                raise ValueError(f"the {cls.name} format has no int8-input (W8A8) kernels; "
+                                 f"buffer {INT8_INPUTS!r} is not accepted")
 
     @classmethod
     def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
@@ -156,6 +197,11 @@ class NativeFormat(Format):
         if values.dtype not in cls.value_dtypes:
             raise ValueError(f"{name} must be of a dtype in {cls.value_dtypes}, got "
                              f"{values.dtype}")
+
+    @property
+    def activation_dtype(self) -> torch.dtype | None:
+        """``torch.int8`` where the inputs are quantized to int8 (W8A8), else ``None``."""
+        return torch.int8 if self.quantizes_inputs else None
 
     def scale_args(self) -> tuple[torch.Tensor, ...]:
         """The trailing ``scales`` argument of the kernel ops: ``(scales,)`` for int8 values,
@@ -203,8 +249,12 @@ class NativeFormat(Format):
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear`` in float32 for a float32 ``x`` with the dense weight, rebuilt only
-        when the buffers moved."""
+        when the buffers moved (W8A8: of ``x`` rounded to its per-row int8 grid, as the
+        kernels do)."""
+        if self.quantizes_inputs:
+            x = dequantize_int8(*quantize_int8(x))
         return F.linear(x, self.derived(lambda: self.to_dense().to(torch.float32)), bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, threads={self.threads}"
+        inputs = ", inputs=int8" if self.quantizes_inputs else ""
+        return f"{super().extra_repr()}{inputs}, threads={self.threads}"

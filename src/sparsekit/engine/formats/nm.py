@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsekit.engine.formats.native import SCALES, NativeFormat
+from sparsekit.engine.formats.native import INT8_INPUTS, SCALES, NativeFormat
 
 __all__ = ["NM_PATTERNS", "PackedNM", "fitting_pattern"]
 
@@ -31,9 +31,10 @@ class PackedNM(NativeFormat):
 
     name = "nm"
     buffer_names = ("nm_values", "nm_indices", "nm_pattern")
-    optional_buffers = (SCALES,)
+    optional_buffers = (SCALES, INT8_INPUTS)
     dtypes = (torch.float32, torch.bfloat16)
     value_dtypes = (torch.float32, torch.bfloat16, torch.int8)
+    activation_dtypes = (torch.int8,)  # W8A8: the nm_qlinear op
 
     def __init__(
         self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None = None
@@ -94,7 +95,8 @@ class PackedNM(NativeFormat):
                              f"below {cols}")
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-        return torch.ops.sparsekit.nm_linear(
+        ops = torch.ops.sparsekit
+        return (ops.nm_qlinear if self.quantizes_inputs else ops.nm_linear)(
             self.nm_values, self.nm_indices, x, bias, self.n, self.m, self.in_features, threads,
             *self.scale_args(),
         )

@@ -32,3 +32,5 @@ const Cores kCores = {SPARSEKIT_NAME(SPARSEKIT_ISA), &csr_linear, &bitmap_linear
                       &act_gemv};
 
 }  // namespace sparsekit::SPARSEKIT_ISA
+
+#include "qlinear_core.h"  // the W8A8 cores (their own table, kQCores)

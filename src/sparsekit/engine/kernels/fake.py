@@ -21,6 +21,13 @@ def _linear(x: torch.Tensor, in_features: int, out_features: int) -> torch.Tenso
     return x.new_empty(x.shape[0], out_features)
 
 
+def _like(op: object):  # type: ignore[no-untyped-def]
+    """A fake implementation that is ``op``'s (called on fake tensors, it runs op's fake)."""
+    def same(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return op(*args, **kwargs)  # type: ignore[operator]
+    return same
+
+
 def register() -> None:
     """Register every fake implementation (once per process; the ops must be loaded)."""
     global _registered
@@ -52,6 +59,11 @@ def register() -> None:
     @fake("sparsekit::dense_linear")
     def _(weight, x, bias, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
         return _linear(x, in_features, weight.shape[0])
+
+    # The W8A8 ops take their float op's arguments and give its shapes: its fake answers.
+    for family in ("dense", "bitmap", "nm"):
+        float_op = getattr(torch.ops.sparsekit, f"{family}_linear")
+        fake(f"sparsekit::{family}_qlinear")(_like(float_op))
 
     @fake("sparsekit::act_gemv")
     def _(wt, x, threshold, bias, threads):  # type: ignore[no-untyped-def]

@@ -27,6 +27,14 @@ TORCH_LIBRARY(sparsekit, m) {
   // Dense low precision: W (rows, in_features) bf16, or int8 with float32 scales (rows,).
   m.def("dense_linear(Tensor weight, Tensor x, Tensor? bias, int in_features, int threads, "
         "Tensor? scales=None) -> Tensor");
+  // W8A8: the dense/bitmap/nm ops with int8 codes and required scales that also quantize each
+  // row of x to int8 (its own scale, max |x| / 127) and sum exact int32 products (qlinear.cpp).
+  m.def("dense_qlinear(Tensor weight, Tensor x, Tensor? bias, int in_features, int threads, "
+        "Tensor? scales=None) -> Tensor");
+  m.def("bitmap_qlinear(Tensor values, Tensor bitmap, Tensor rowptr, Tensor x, Tensor? bias, "
+        "int in_features, int threads, Tensor? scales=None) -> Tensor");
+  m.def("nm_qlinear(Tensor values, Tensor indices, Tensor x, Tensor? bias, int n, int m, "
+        "int in_features, int threads, Tensor? scales=None) -> Tensor");
   m.def("fanin_linear(Tensor values, Tensor col_indices, Tensor rows, Tensor x, Tensor? bias, "
         "int out_features, int in_features, int threads) -> Tensor");
   // Activation sparsity: one input row, skipping the weight rows of small inputs.

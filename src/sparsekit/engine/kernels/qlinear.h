@@ -1,0 +1,29 @@
+// The W8A8 kernel cores: int8 weights times int8 activations (quantized per input row inside
+// the op), with exact int32 sums. Types and declarations only (see cores.h for why): the
+// argument structs are the float cores' (DenseArgs, BitmapArgs, NMArgs with int8 values);
+// qlinear_core.h defines the arithmetic once per instruction set, qlinear.cpp the ops.
+#pragma once
+
+#include "cores.h"
+
+namespace sparsekit {
+
+// The W8A8 entry points of one instruction set.
+struct QCores {
+  const char* isa;  // "scalar", "avx2" or "avx512" (with VNNI, VBMI, VBMI2, BITALG)
+  void (*dense_qlinear)(const DenseArgs&);
+  void (*bitmap_qlinear)(const BitmapArgs&);
+  void (*nm_qlinear)(const NMArgs&);
+};
+
+namespace scalar {
+extern const QCores kQCores;
+}
+namespace avx2 {
+extern const QCores kQCores;
+}
+namespace avx512 {
+extern const QCores kQCores;
+}
+
+}  // namespace sparsekit

@@ -1,0 +1,498 @@
+// The W8A8 kernel cores (see qlinear.cpp for the ops): y = sx[b] * sw[r] * sum_k qw[r, k] *
+// qx[b, k] (+ bias[r]) for int8 weight codes qw with per-row scales sw, and input rows
+// quantized here: qx[b] = round(x[b] / sx[b]) on the symmetric int8 grid of
+// sparsekit.quantize (sx[b] = max |x[b]| / 127, 1 for an all-zero row; codes in [-127, 127],
+// rounding half to even), so that the sums are exact int32 integer dot products. Compiled
+// once per instruction set (cores_impl.h):
+//
+// - AVX-512 (with VNNI, VBMI, VBMI2 and BITALG): vpdpbusd multiplies unsigned by signed
+//   bytes, 64 products per instruction. The codes are stored biased, qx + 128 in [1, 255],
+//   and the row sum of the weights times 128 (one more vpdpbusd per weight vector, shared by
+//   every input row) is subtracted. Bitmap rows expand 64 packed codes by 64 bits of the
+//   bitmap with one vpermb by the ranks of the set bits (ranks64); N:M rows pick each
+//   value's input code with vpermi2b from the fields spread to bytes by vpmultishiftqb.
+// - AVX2: vpmaddubsw with the sign trick: |w| (unsigned, at most 128) times sign(w) * qx
+//   (signed, at most 127 in magnitude), so a pair of products is at most 2 * 128 * 127 =
+//   32512 and the 16-bit sums never saturate; vpmaddwd then widens them to int32. Bitmap
+//   rows expand 8 codes per bitmap byte with a table of pshufb masks; 2:4 and 4:8 rows pick
+//   each value's input code with pshufb (no gathers: slow on AMD Zen 3).
+// - scalar (and the tails of the others): plain int32 loops.
+// Every sum is exact for in_features <= 65536 (checked by the ops).
+
+#include "qlinear.h"
+
+namespace sparsekit::SPARSEKIT_ISA::q {
+
+#if SPARSEKIT_AVX512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,popcnt,bmi,bmi2,avx512vnni,avx512vbmi,avx512vbmi2,avx512bitalg")
+constexpr bool kBiased = true;  // codes stored as qx + 128 (unsigned operand of vpdpbusd)
+constexpr int kMaxNB = 8;       // input rows per pass over a weight row
+#elif SPARSEKIT_AVX2
+constexpr bool kBiased = false;
+constexpr int kMaxNB = 4;
+#else
+constexpr bool kBiased = false;
+constexpr int kMaxNB = 4;
+#endif
+constexpr int kZero = kBiased ? 128 : 0;  // the stored byte of code 0
+
+// The signed code of a stored byte.
+inline int code(uint8_t stored) {
+  return kBiased ? static_cast<int>(stored) - 128 : static_cast<int>(static_cast<int8_t>(stored));
+}
+
+// Round to nearest (half to even: the default rounding mode), clamp, store.
+inline uint8_t store_code(float t) {
+  t = __builtin_nearbyintf(t);
+  t = t < -127.f ? -127.f : (t > 127.f ? 127.f : t);
+  return static_cast<uint8_t>(static_cast<int>(t) + kZero);
+}
+
+// Quantizes x (n inputs) into q (ld bytes, stored codes; zero codes beyond n); returns the
+// row's scale sx.
+inline float quantize_row(const float* x, int64_t n, uint8_t* q, int64_t ld) {
+  int64_t k = 0;
+  float amax = 0.f;
+#if SPARSEKIT_AVX512
+  __m512 m = _mm512_setzero_ps();
+  for (; k + 16 <= n; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  amax = _mm512_reduce_max_ps(m);
+#endif
+  for (; k < n; ++k) amax = std::max(amax, __builtin_fabsf(x[k]));
+  const float s = amax > 0.f ? amax / 127.f : 1.f;
+  k = 0;
+#if SPARSEKIT_AVX512
+  const __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  for (; k + 16 <= n; k += 16) {
+    __m512 t = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), sv),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+    const __m512i c = _mm512_add_epi32(_mm512_cvtps_epi32(t), _mm512_set1_epi32(kZero));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(c));
+  }
+#endif
+  for (; k < n; ++k) q[k] = store_code(x[k] / s);
+  std::memset(q + n, kZero, ld - n);
+  return s;
+}
+
+#if SPARSEKIT_AVX512
+inline __m512i bias128() { return _mm512_set1_epi8(static_cast<char>(0x80)); }
+
+// Byte i: the rank of bit i among the set bits of m (how many set bits lie below it), so
+// that a vpermb by these indices, masked by m, expands popcount(m) packed bytes into the
+// lanes of m's set bits (vpexpandb does the same, but the bitmap 50 % GEMV ran 1.3x slower than AVX2's pshufb
+// expand with it on AMD Zen 5, and 1.6x faster with this).
+inline __m512i ranks64(uint64_t m) {
+  uint64_t c = m - ((m >> 1) & 0x5555555555555555ULL);  // popcount of each byte
+  c = (c & 0x3333333333333333ULL) + ((c >> 2) & 0x3333333333333333ULL);
+  c = (c + (c >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+  const uint64_t before = (c * 0x0101010101010101ULL) << 8;  // set bits in the lower bytes
+  alignas(64) static constexpr uint8_t kSel[64] = {
+      0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+      4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7};
+  alignas(64) static constexpr uint8_t kLow[64] = {
+      0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127,
+      0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127,
+      0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127};
+  const __m512i sel = _mm512_load_si512(kSel);  // lane i: byte i / 8 of a qword
+  const __m512i own = _mm512_permutexvar_epi8(sel, _mm512_set1_epi64(static_cast<int64_t>(m)));
+  const __m512i pre =
+      _mm512_permutexvar_epi8(sel, _mm512_set1_epi64(static_cast<int64_t>(before)));
+  const __m512i below = _mm512_popcnt_epi8(_mm512_and_si512(own, _mm512_load_si512(kLow)));
+  return _mm512_add_epi8(pre, below);
+}
+#elif SPARSEKIT_AVX2
+// acc += the int32 sums of 4 products |w| * (sign(w) * x) per lane (no 16-bit saturation:
+// see the header comment).
+inline __m256i dot32(__m256i acc, __m256i wabs, __m256i w, __m256i x) {
+  const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+inline int32_t hsum8i(__m256i v) {
+  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i t = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+}
+#endif
+
+// A dense weight of int8 codes (rows, cols).
+struct Dense {
+  const int8_t* w;
+  int64_t rows, cols;
+
+  int64_t work(int64_t r) const { return r * cols; }
+  int64_t span() const { return cols; }  // inputs a row reads
+
+  // out[b] = sum_k w[r, k] * qx[b, k] for NB input rows of stored codes (leading dim ld).
+  template <int NB>
+  void dots(int64_t r, const uint8_t* x, int64_t ld, int32_t* out) const {
+    const int8_t* wr = w + r * cols;
+    int64_t k = 0;
+    int32_t sum[NB] = {};
+#if SPARSEKIT_AVX512
+    __m512i acc[NB], corr = _mm512_setzero_si512();
+    for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_si512();
+    for (; k + 64 <= cols; k += 64) {
+      const __m512i wv = _mm512_loadu_si512(wr + k);
+      corr = _mm512_dpbusd_epi32(corr, bias128(), wv);
+      for (int b = 0; b < NB; ++b) {
+        acc[b] = _mm512_dpbusd_epi32(acc[b], _mm512_loadu_si512(x + b * ld + k), wv);
+      }
+    }
+    if (k < cols) {  // the last partial vector: x is padded, W is not
+      const __mmask64 m = (~0ULL) >> (64 - (cols - k));
+      const __m512i wv = _mm512_maskz_loadu_epi8(m, wr + k);
+      corr = _mm512_dpbusd_epi32(corr, bias128(), wv);
+      for (int b = 0; b < NB; ++b) {
+        acc[b] = _mm512_dpbusd_epi32(acc[b], _mm512_loadu_si512(x + b * ld + k), wv);
+      }
+      k = cols;
+    }
+    const int32_t c = _mm512_reduce_add_epi32(corr);
+    for (int b = 0; b < NB; ++b) sum[b] = _mm512_reduce_add_epi32(acc[b]) - c;
+#elif SPARSEKIT_AVX2
+    __m256i acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_si256();
+    for (; k + 32 <= cols; k += 32) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+      const __m256i wa = _mm256_abs_epi8(wv);
+      for (int b = 0; b < NB; ++b) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + b * ld + k));
+        acc[b] = dot32(acc[b], wa, wv, xv);
+      }
+    }
+    for (int b = 0; b < NB; ++b) sum[b] = hsum8i(acc[b]);
+#endif
+    for (; k < cols; ++k) {
+      for (int b = 0; b < NB; ++b) sum[b] += wr[k] * code(x[b * ld + k]);
+    }
+    for (int b = 0; b < NB; ++b) out[b] = sum[b];
+  }
+};
+
+#if SPARSEKIT_AVX2 && !SPARSEKIT_AVX512
+// For each byte m of a bitmap, the pshufb mask that moves the popcount(m) packed codes into
+// the lanes of m's set bits (byte i: the rank of bit i among the set bits; 0x80, which
+// pshufb reads as zero, where bit i is clear).
+struct ShuffleTable {
+  uint64_t expand[256];
+};
+
+constexpr ShuffleTable make_shuffle_table() {
+  ShuffleTable t{};
+  for (int m = 0; m < 256; ++m) {
+    uint64_t lanes = 0;
+    int n = 0;
+    for (int i = 0; i < 8; ++i) {
+      const uint64_t lane = ((m >> i) & 1) ? static_cast<uint64_t>(n++) : 0x80u;
+      lanes |= lane << (8 * i);
+    }
+    t.expand[m] = lanes;
+  }
+  return t;
+}
+
+inline constexpr ShuffleTable kShuffle = make_shuffle_table();
+
+// The 16 codes of bitmap word `bits` in their lanes (zero elsewhere), from the packed codes
+// at p (reads 16 bytes).
+inline __m128i expand16(unsigned bits, const int8_t* p) {
+  const unsigned lo = bits & 0xFFu, hi = bits >> 8;
+  const uint64_t shift = 0x0101010101010101ULL * static_cast<uint64_t>(__builtin_popcount(lo));
+  const __m128i mask = _mm_set_epi64x(static_cast<int64_t>(kShuffle.expand[hi] + shift),
+                                      static_cast<int64_t>(kShuffle.expand[lo]));
+  return _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), mask);
+}
+#endif
+
+// Bitmap rows of int8 codes: `words` 16-bit words of bits per row, the codes of the set bits
+// packed row by row, int32 row pointers.
+struct Bitmap {
+  const int8_t* v;
+  const uint16_t* bits;
+  const int32_t* rowptr;
+  int64_t rows, cols, words;
+
+  int64_t work(int64_t r) const { return rowptr[r] + r * words; }
+  int64_t span() const { return words * 16; }
+
+  template <int NB>
+  void dots(int64_t r, const uint8_t* x, int64_t ld, int32_t* out) const {
+    const int8_t* p = v + rowptr[r];
+    const uint16_t* b = bits + r * words;
+    int64_t k = 0;  // bitmap word
+    int32_t sum[NB] = {};
+#if SPARSEKIT_AVX2
+    const int8_t* const end = v + rowptr[rows];  // whole loads stay inside the array
+#endif
+#if SPARSEKIT_AVX512
+    __m512i acc[NB], corr = _mm512_setzero_si512();
+    for (int j = 0; j < NB; ++j) acc[j] = _mm512_setzero_si512();
+    for (; k + 4 <= words && end - p >= 64; k += 4) {
+      uint64_t m;
+      __builtin_memcpy(&m, b + k, sizeof m);  // 4 words: the bits of 64 inputs
+      const __m512i wv = _mm512_maskz_permutexvar_epi8(m, ranks64(m), _mm512_loadu_si512(p));
+      p += __builtin_popcountll(m);
+      corr = _mm512_dpbusd_epi32(corr, bias128(), wv);
+      for (int j = 0; j < NB; ++j) {
+        acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(x + j * ld + 16 * k), wv);
+      }
+    }
+    const int32_t c = _mm512_reduce_add_epi32(corr);
+    for (int j = 0; j < NB; ++j) sum[j] = _mm512_reduce_add_epi32(acc[j]) - c;
+#elif SPARSEKIT_AVX2
+    __m256i acc[NB];
+    for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_si256();
+    for (; k + 2 <= words && end - p >= 32; k += 2) {
+      const __m128i lo = expand16(b[k], p);
+      p += __builtin_popcount(b[k]);
+      const __m128i hi = expand16(b[k + 1], p);
+      p += __builtin_popcount(b[k + 1]);
+      const __m256i wv = _mm256_set_m128i(hi, lo);
+      const __m256i wa = _mm256_abs_epi8(wv);
+      for (int j = 0; j < NB; ++j) {
+        const __m256i xv =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j * ld + 16 * k));
+        acc[j] = dot32(acc[j], wa, wv, xv);
+      }
+    }
+    for (int j = 0; j < NB; ++j) sum[j] = hsum8i(acc[j]);
+#endif
+    for (; k < words; ++k) {
+      for (unsigned m = b[k]; m; m &= m - 1) {
+        const int64_t i = 16 * k + __builtin_ctz(m);
+        const int w = *p++;
+        for (int j = 0; j < NB; ++j) sum[j] += w * code(x[j * ld + i]);
+      }
+    }
+    for (int j = 0; j < NB; ++j) out[j] = sum[j];
+  }
+};
+
+// Packed N:M rows of int8 codes: `width` codes per row, fbits-bit fields naming each one's
+// input within its group of m, 16 fields per fbits / 2 32-bit words.
+struct NM {
+  const int8_t* v;
+  const uint32_t* idx;
+  int64_t rows, cols, n, m, fbits, width, words;
+
+  NM(const NMArgs& a)
+      : v(static_cast<const int8_t*>(a.values)), idx(a.idx), rows(a.io.rows), cols(a.io.cols),
+        n(a.n), m(a.m), fbits(a.fbits), width(a.width), words(a.words)
+#if SPARSEKIT_AVX512
+        , fields(*this)
+#endif
+  {}
+
+  int64_t work(int64_t r) const { return r * width; }
+  // Inputs the rows read: whole windows of 64 values (the vector code reads whole windows).
+  int64_t span() const { return (width + 63) / 64 * (64 / n * m); }
+
+  int64_t col(const uint32_t* q, int64_t k) const {
+    const int64_t bit = k * fbits;
+    return k / n * m + ((q[bit / 32] >> (bit % 32)) & (m - 1));
+  }
+
+#if SPARSEKIT_AVX512
+  // What turns the fields of 64 values into the offsets of their inputs in the values'
+  // window of 64 / n * m inputs.
+  struct Fields {
+    __m512i qword, shift, field, base;
+    explicit Fields(const NM& w) {
+      alignas(64) uint8_t sel[64], ctl[64], first[64];
+      for (int j = 0; j < 64; ++j) {
+        const int bit = j * static_cast<int>(w.fbits);  // of value j's field, in the window
+        sel[j] = static_cast<uint8_t>(bit / 64);  // (only byte 8Q is read: qword Q's source)
+        ctl[j] = static_cast<uint8_t>(bit % 64);
+        first[j] = static_cast<uint8_t>(j / w.n * w.m);
+      }
+      alignas(64) int64_t src[8];
+      for (int q = 0; q < 8; ++q) src[q] = sel[8 * q];
+      qword = _mm512_load_si512(src);
+      shift = _mm512_load_si512(ctl);
+      field = _mm512_set1_epi8(static_cast<char>(w.m - 1));
+      base = _mm512_load_si512(first);
+    }
+    // Offsets of the 64 values whose fields start at f (`bytes` readable bytes: whole
+    // loads while the 16 or 32 bytes of fields are there).
+    __m512i at(const uint8_t* f, int64_t bytes, int64_t fbits) const {
+      const int64_t need = 8 * fbits;
+      __m512i packed;
+      if (bytes >= need) {
+        packed = fbits == 2
+            ? _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(f)))
+            : _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(f)));
+      } else {
+        packed = _mm512_maskz_loadu_epi8((~0ULL) >> (64 - bytes), f);
+      }
+      const __m512i spread =
+          _mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi64(qword, packed));
+      return _mm512_add_epi8(base, _mm512_and_si512(spread, field));
+    }
+  };
+  Fields fields;  // built once per call
+#endif
+
+  template <int NB>
+  void dots(int64_t r, const uint8_t* x, int64_t ld, int32_t* out) const {
+    const int8_t* p = v + r * width;
+    const uint32_t* q = idx + r * words;
+    int64_t k = 0;
+    int32_t sum[NB] = {};
+#if SPARSEKIT_AVX512
+    const int64_t window = 64 / n * m, field_bytes = words * 4;
+    __m512i acc[NB], corr = _mm512_setzero_si512();
+    for (int j = 0; j < NB; ++j) acc[j] = _mm512_setzero_si512();
+    for (int64_t first = 0; k < width; k += 64, first += window) {
+      const int64_t left = width - k;
+      const __m512i wv = left >= 64
+          ? _mm512_loadu_si512(p + k)
+          : _mm512_maskz_loadu_epi8((~0ULL) >> (64 - left), p + k);
+      const int64_t at = k * fbits / 8;  // first byte of the fields (k: a multiple of 64)
+      const __m512i c = fields.at(reinterpret_cast<const uint8_t*>(q) + at, field_bytes - at,
+                                 fbits);
+      corr = _mm512_dpbusd_epi32(corr, bias128(), wv);
+      for (int j = 0; j < NB; ++j) {
+        const uint8_t* xs = x + j * ld + first;
+        __m512i xv = _mm512_permutex2var_epi8(_mm512_loadu_si512(xs), c,
+                                              _mm512_loadu_si512(xs + 64));
+        if (window > 128) {  // 1:4, 64 values span 256 inputs: bit 7 picks the upper half
+          const __m512i upper = _mm512_permutex2var_epi8(_mm512_loadu_si512(xs + 128), c,
+                                                         _mm512_loadu_si512(xs + 192));
+          xv = _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), xv, upper);
+        }
+        acc[j] = _mm512_dpbusd_epi32(acc[j], xv, wv);
+      }
+    }
+    const int32_t c = _mm512_reduce_add_epi32(corr);
+    for (int j = 0; j < NB; ++j) sum[j] = _mm512_reduce_add_epi32(acc[j]) - c;
+#elif SPARSEKIT_AVX2
+    // 2:4 and 4:8, 32 values at a time: the 16 of each 128-bit lane span 32 inputs. Their
+    // fields, spread to bytes with pdep, plus each group's first input are indices into
+    // those 32 input codes: pshufb picks from each 16-byte half, a blend on bit 4 chooses.
+    // (1:4, 16 values over 64 inputs, runs the scalar loop.)
+    __m256i acc[NB];
+    for (int j = 0; j < NB; ++j) acc[j] = _mm256_setzero_si256();
+    if (32 / n * m == 64) {
+      alignas(32) uint8_t first[32];
+      for (int j = 0; j < 32; ++j) first[j] = static_cast<uint8_t>(j % 16 / n * m);
+      const __m256i base = _mm256_load_si256(reinterpret_cast<const __m256i*>(first));
+      const __m256i field = _mm256_set1_epi8(static_cast<char>(m - 1));
+      const uint64_t spread = fbits == 2 ? 0x0303030303030303ULL : 0x0F0F0F0F0F0F0F0FULL;
+      for (; k + 32 <= width; k += 32) {
+        const uint32_t* f = q + k * fbits / 32;  // the fields of these 32 values
+        int64_t d[4];  // the fields of 8 values each, one per byte
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t bits = fbits == 2 ? (f[i / 2] >> (16 * (i % 2))) & 0xFFFFu : f[i];
+          d[i] = static_cast<int64_t>(_pdep_u64(bits, spread));
+        }
+        const __m256i c = _mm256_add_epi8(
+            base, _mm256_and_si256(_mm256_set_epi64x(d[3], d[2], d[1], d[0]), field));
+        const __m256i upper = _mm256_slli_epi16(c, 3);  // bit 4 of each index as its sign
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k));
+        const __m256i wa = _mm256_abs_epi8(wv);
+        for (int j = 0; j < NB; ++j) {
+          const uint8_t* xs = x + j * ld + k / n * m;
+          const auto half = [xs](int64_t at) {
+            return _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs + at));
+          };
+          const __m256i lo = _mm256_inserti128_si256(_mm256_castsi128_si256(half(0)), half(32), 1);
+          const __m256i hi = _mm256_inserti128_si256(_mm256_castsi128_si256(half(16)), half(48), 1);
+          const __m256i xv =
+              _mm256_blendv_epi8(_mm256_shuffle_epi8(lo, c), _mm256_shuffle_epi8(hi, c), upper);
+          acc[j] = dot32(acc[j], wa, wv, xv);
+        }
+      }
+    }
+    for (int j = 0; j < NB; ++j) sum[j] = hsum8i(acc[j]);
+#endif
+    for (; k < width; ++k) {
+      const int64_t i = col(q, k);
+      const int w = p[k];
+      for (int j = 0; j < NB; ++j) sum[j] += w * code(x[j * ld + i]);
+    }
+    for (int j = 0; j < NB; ++j) out[j] = sum[j];
+  }
+};
+
+// W.dots for a run-time nb <= kMaxNB input rows.
+template <typename W>
+inline void dots_n(const W& w, int nb, int64_t r, const uint8_t* x, int64_t ld, int32_t* out) {
+  switch (nb) {
+#if SPARSEKIT_AVX512
+    case 8: w.template dots<8>(r, x, ld, out); break;
+    case 7: w.template dots<7>(r, x, ld, out); break;
+    case 6: w.template dots<6>(r, x, ld, out); break;
+    case 5: w.template dots<5>(r, x, ld, out); break;
+#endif
+    case 4: w.template dots<4>(r, x, ld, out); break;
+    case 3: w.template dots<3>(r, x, ld, out); break;
+    case 2: w.template dots<2>(r, x, ld, out); break;
+    default: w.template dots<1>(r, x, ld, out); break;
+  }
+}
+
+// y = Output(sx * (qx @ W.T)): the input rows are quantized once into this thread's
+// workspace, then each OpenMP thread takes a share of W's rows (by work) and runs each row
+// against kMaxNB input rows at a time.
+template <typename W>
+void run(const W& w, const Linear& io) {
+  const int64_t batch = io.batch, ld = (w.span() + 127) / 64 * 64;  // + a whole spare vector
+  thread_local std::vector<uint8_t> codes;
+  thread_local std::vector<float> scales;
+  codes.resize(batch * ld);
+  scales.resize(batch);
+  uint8_t* xq = codes.data();
+  float* sx = scales.data();
+#pragma omp parallel for num_threads(io.threads) if (batch > 1) schedule(static)
+  for (int64_t b = 0; b < batch; ++b) {
+    sx[b] = quantize_row(io.x + b * io.cols, io.cols, xq + b * ld, ld);
+  }
+#pragma omp parallel num_threads(io.threads)
+  {
+    int64_t r0, r1;
+    thread_rows_by([&w](int64_t i) { return w.work(i); }, w.rows, omp_get_thread_num(),
+                   omp_get_num_threads(), &r0, &r1);
+    int32_t sums[kMaxNB];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t b0 = 0; b0 < batch; b0 += kMaxNB) {
+        const int nb = static_cast<int>(std::min<int64_t>(kMaxNB, batch - b0));
+        dots_n(w, nb, r, xq + b0 * ld, ld, sums);
+        for (int j = 0; j < nb; ++j) {
+          io.y[(b0 + j) * w.rows + r] =
+              finish(io.out, static_cast<float>(sums[j]) * sx[b0 + j], r);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace sparsekit::SPARSEKIT_ISA::q
+
+namespace sparsekit::SPARSEKIT_ISA {
+
+inline void dense_qlinear(const DenseArgs& a) {
+  q::run(q::Dense{static_cast<const int8_t*>(a.weight), a.io.rows, a.io.cols}, a.io);
+}
+
+inline void bitmap_qlinear(const BitmapArgs& a) {
+  q::run(q::Bitmap{static_cast<const int8_t*>(a.values), a.bits, a.rowptr, a.io.rows,
+                   a.io.cols, a.words},
+         a.io);
+}
+
+inline void nm_qlinear(const NMArgs& a) {
+  q::run(q::NM(a), a.io);
+}
+
+extern const QCores kQCores;
+const QCores kQCores = {SPARSEKIT_NAME(SPARSEKIT_ISA), &dense_qlinear, &bitmap_qlinear,
+                        &nm_qlinear};
+
+#if SPARSEKIT_AVX512
+#pragma GCC pop_options
+#endif
+
+}  // namespace sparsekit::SPARSEKIT_ISA
