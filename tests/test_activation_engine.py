@@ -334,3 +334,20 @@ def test_compile_to_int8_gives_int8_activation_layers(fast, monkeypatch):
             layer = compiled.get_submodule(name)
             assert isinstance(layer, ActivationSparseLinear) and layer.kernel == fast
             assert layer.scales is not None and layer.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sparsify_input_zeroes_exactly_the_small_magnitudes(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 40, generator=g).to(dtype)
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.0])
+    threshold = torch.rand(40, generator=g)
+    threshold[:3] = torch.tensor([0.0, float("inf"), -1.0])  # keep all, keep inf only, all
+    y = sparsify_input(x, threshold)
+    t = threshold.to(dtype)
+    expected = torch.where(x.abs() >= t, x, torch.zeros_like(x))
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(y.isnan(), x.isnan())
+    assert torch.equal(y.nan_to_num(), expected.nan_to_num())
+    scalar = sparsify_input(x, torch.tensor(0.5))
+    assert torch.equal(scalar.nan_to_num(), torch.where(x.abs() >= 0.5, x, 0).nan_to_num())

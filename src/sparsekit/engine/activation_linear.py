@@ -60,10 +60,18 @@ def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
     Each row is decided on its own, so the result does not depend on the batch. A product
     with the kept mask (a zero may keep x's sign) is one pass cheaper than ``masked_fill``:
-    0.2 against 1.1 ms for 128 x 2048 float32 rows on one thread, 0.4 against 1.1 ms in
-    bfloat16, a cost the multi-row path adds to every prompt.
+    0.2 against 1.1 ms for 128 x 2048 float32 rows on one thread, a cost the multi-row path
+    adds to every prompt. PyTorch's bfloat16 elementwise ops are much slower than its
+    bfloat16 GEMM (3.8 ms for those rows in bfloat16, 6 % of the 5632 x 2048 layer's
+    product), so 16-bit inputs are compared as integers: the magnitude bits of a float
+    order like the magnitudes (0.19 ms); NaN stays NaN either way.
     """
-    return x * (x.abs() >= threshold.to(x.dtype))
+    threshold = threshold.to(x.dtype)
+    if x.is_floating_point() and x.element_size() == 2:
+        bits = x.view(torch.int16)
+        kept = (bits & 0x7FFF).ge(threshold.clamp_min(0).view(torch.int16))
+        return kept.mul(bits).view(x.dtype)
+    return x * (x.abs() >= threshold)
 
 
 def _measure(modules: dict[str, nn.Module], weight: torch.Tensor, rows: list[int],
