@@ -351,3 +351,19 @@ def test_sparsify_input_zeroes_exactly_the_small_magnitudes(dtype):
     assert torch.equal(y.nan_to_num(), expected.nan_to_num())
     scalar = sparsify_input(x, torch.tensor(0.5))
     assert torch.equal(scalar.nan_to_num(), torch.where(x.abs() >= 0.5, x, 0).nan_to_num())
+
+
+def test_an_activation_layer_does_not_keep_the_one_row_format_of_its_prompt_layer():
+    from sparsekit.engine.compile import _multi_row
+    from sparsekit.engine.formats import FORMATS
+
+    linear = _pruned(70, 30)
+    weight = linear.weight.detach()
+    small, large = FORMATS["csr16"].from_dense(weight), FORMATS["dense"].from_dense(weight)
+    split = CompiledLinear(small, linear.bias, format_large=large, split=1)
+    prompt = _multi_row(split)
+    assert prompt.format is large and getattr(prompt, "format_large", None) is None
+    x = torch.randn(4, 30)
+    torch.testing.assert_close(prompt(x), split(x))
+    wider = CompiledLinear(small, linear.bias, format_large=large, split=4)
+    assert _multi_row(wider) is wider  # its first format serves prompt rows too

@@ -440,12 +440,22 @@ def _activation_layer(
     multi = [r for r in rows if r > 1]
     inputs = None if probe is None else probe.reshape(-1, layer.in_features)
     act, decode = ActivationSparseLinear.tuned(
-        layer, threshold, threads=threads, prefill=weight_only if multi else None, rows=rows,
+        layer, threshold, threads=threads, prefill=_multi_row(weight_only) if multi else None,
+        rows=rows,
         value_dtype=torch.int8 if value_dtype == torch.int8 else None, inputs=inputs,
     )
     record = _activation_wins(act, weight_only, [1, *multi], inputs)
     return (act if record["chosen"] else weight_only), {**choice, "decode": decode,
                                                         "activation": record}
+
+
+def _multi_row(layer: CompiledLayer) -> CompiledLayer:
+    """The part of ``layer`` serving more than one row: its second format alone where the
+    first serves one row only (the activation-sparse kernel takes that row; keeping the
+    first format would hold one more copy of the weight for nothing)."""
+    if getattr(layer, "format_large", None) is None or layer.split != 1:
+        return layer
+    return CompiledLinear(layer.format_large, layer.bias)
 
 
 def _activation_wins(
