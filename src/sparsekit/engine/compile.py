@@ -46,16 +46,13 @@ _CHECK_RTOL = 1e-4
 
 
 class InputThresholds(Protocol):
-    """Per-layer thresholds on the inputs of ``nn.Linear`` layers, by module name, that can
-    be applied to a model as hooks and removed again; what
-    :func:`sparsekit.activation.calibrate` returns (:class:`ActivationSparsity`)."""
+    """Per-layer thresholds on the inputs of ``nn.Linear`` layers, by module name; what
+    :func:`sparsekit.activation.calibrate` returns (:class:`ActivationSparsity`). Only
+    ``thresholds`` is read: the output check thresholds the layers that became
+    activation-sparse itself."""
 
     @property
     def thresholds(self) -> Mapping[str, torch.Tensor]: ...
-
-    def apply(self, model: nn.Module) -> object: ...
-
-    def remove(self) -> None: ...
 
 
 @renamed(batch_sizes="rows")
