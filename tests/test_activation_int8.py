@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from test_activation_engine import _pruned
 from torch import nn
 
 from sparsekit.engine import kernels
@@ -28,17 +29,6 @@ def _isas() -> tuple[str, ...]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return kernels.isas() if kernels.available() else ()
-
-
-def _pruned(out: int, cols: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Linear:
-    """A 50 %-pruned layer with an empty column and a fully kept one."""
-    g = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(cols, out)
-    with torch.no_grad():
-        linear.weight[torch.rand(out, cols, generator=g) < 0.5] = 0
-        linear.weight[:, 0] = 0
-        linear.weight[:, -1] = torch.randn(out, generator=g)
-    return linear.to(dtype)
 
 
 def _reference(layer: ActivationSparseLinear, x: torch.Tensor) -> torch.Tensor:
