@@ -236,7 +236,8 @@ def test_compile_builds_activation_layers_of_the_model_dtype(dtype, fast, monkey
         assert isinstance(layer, ActivationSparseLinear) and layer.kernel == fast
         assert layer.threshold.dtype == dtype
         choice = compiled.sparsekit_choices[name]
-        assert choice["rows"] == [6] and choice["decode"]["format"] == fast
+        assert choice["rows"] == [1, 6] and choice["decode"]["format"] == fast
+        assert choice["activation"]["chosen"]
         if fast == "act_gemv":  # the transposed copy was as fast: no second dense copy
             assert layer.prefill is None and choice["decode"]["single_copy"]
         else:
@@ -262,3 +263,107 @@ def test_one_row_traces_whole_with_both_kernels(kernel):
     torch.testing.assert_close(program.module()(x), layer(x))
     traced = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(traced(x), layer(x))
+
+
+def _clock(act_ms: dict[str, float]):
+    """Stands in for ``autotune._time_block``: an activation-sparse layer takes
+    ``act_ms["one"]`` at one row and ``act_ms["many"]`` at more, everything else 0.2 ms."""
+    def clock(module, x, reps):
+        if isinstance(module, ActivationSparseLinear):
+            return act_ms["one" if x.shape[0] == 1 else "many"] * 1e-3
+        return 2e-4
+    return clock
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["slower_decode", "slower_prefill"])
+def test_compile_keeps_the_weight_only_format_where_activation_sparsity_loses(case,
+                                                                             monkeypatch):
+    act_ms = {"slower_decode": {"one": 0.3, "many": 0.1},
+              "slower_prefill": {"one": 0.1, "many": 0.3}}[case]
+    monkeypatch.setattr(autotune, "_time_block", _clock(act_ms))
+    model = _mlp(torch.float32)
+    act = _Thresholds({"0": torch.full((24,), 0.5), "2": torch.full((64,), 0.1)})
+    prompt = torch.randn(6, 24)
+    compiled = sparsekit.compile(model, prompt, activation_sparsity=act, cache=False)
+    for name in act.thresholds:
+        assert isinstance(compiled.get_submodule(name), CompiledLinear)
+        record = compiled.sparsekit_choices[name]["activation"]
+        assert record["chosen"] is False and record["prefill_floor"] == 0.95
+        assert record["decode"]["reference"] == "weight_only"
+        speed = record["prefill_speed"][6]
+        assert speed == pytest.approx(2 / 3 if case == "slower_prefill" else 2)
+    with torch.no_grad():  # no thresholds are applied: the model's own outputs
+        torch.testing.assert_close(compiled(prompt), model(prompt), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_compile_mixes_activation_sparse_and_weight_only_layers(monkeypatch):
+    def clock(module, x, reps):  # only layer "0" gains from its thresholds
+        if isinstance(module, ActivationSparseLinear):
+            return 1e-4 if module.in_features == 24 else 3e-4
+        return 2e-4
+    monkeypatch.setattr(autotune, "_time_block", clock)
+    model = _mlp(torch.float32)
+    act = _Thresholds({"0": torch.full((24,), 0.5), "2": torch.full((64,), 0.1)})
+    prompt = torch.randn(6, 24)
+    compiled = sparsekit.compile(model, prompt, activation_sparsity=act, cache=False)
+    assert isinstance(compiled.get_submodule("0"), ActivationSparseLinear)
+    assert isinstance(compiled.get_submodule("2"), CompiledLinear)
+    only_first = _Thresholds({"0": act.thresholds["0"]})
+    only_first.apply(model)
+    try:
+        with torch.no_grad():
+            for x in (prompt, prompt[:1]):
+                torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    finally:
+        only_first.remove()
+
+
+@needs_kernels
+@pytest.mark.parametrize("fast", KERNELS)
+def test_compile_to_int8_gives_int8_activation_layers(fast, monkeypatch):
+    monkeypatch.setattr(autotune, "_time_block", _fake_clock(fast))
+    model = _mlp(torch.float32)
+    act = _Thresholds({"0": torch.full((24,), 0.5), "2": torch.full((64,), 0.1)})
+    prompt = torch.randn(6, 24)
+    for x in (prompt, prompt[:1]):  # the output check runs on several rows, then on one
+        compiled = sparsekit.compile(model, x, activation_sparsity=act, cache=False,
+                                     weight_dtype="int8")
+        for name in act.thresholds:
+            layer = compiled.get_submodule(name)
+            assert isinstance(layer, ActivationSparseLinear) and layer.kernel == fast
+            assert layer.scales is not None and layer.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sparsify_input_zeroes_exactly_the_small_magnitudes(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 40, generator=g).to(dtype)
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.0])
+    threshold = torch.rand(40, generator=g)
+    threshold[:3] = torch.tensor([0.0, float("inf"), -1.0])  # keep all, keep inf only, all
+    y = sparsify_input(x, threshold)
+    t = threshold.to(dtype)
+    expected = torch.where(x.abs() >= t, x, torch.zeros_like(x))
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(y.isnan(), x.isnan())
+    assert torch.equal(y.nan_to_num(), expected.nan_to_num())
+    scalar = sparsify_input(x, torch.tensor(0.5))
+    assert torch.equal(scalar.nan_to_num(), torch.where(x.abs() >= 0.5, x, 0).nan_to_num())
+
+
+def test_an_activation_layer_does_not_keep_the_one_row_format_of_its_prompt_layer():
+    from sparsekit.engine.compile import _multi_row
+    from sparsekit.engine.formats import FORMATS
+
+    linear = _pruned(70, 30)
+    weight = linear.weight.detach()
+    small, large = FORMATS["csr16"].from_dense(weight), FORMATS["dense"].from_dense(weight)
+    split = CompiledLinear(small, linear.bias, format_large=large, split=1)
+    prompt = _multi_row(split)
+    assert prompt.format is large and getattr(prompt, "format_large", None) is None
+    x = torch.randn(4, 30)
+    torch.testing.assert_close(prompt(x), split(x))
+    wider = CompiledLinear(small, linear.bias, format_large=large, split=4)
+    assert _multi_row(wider) is wider  # its first format serves prompt rows too

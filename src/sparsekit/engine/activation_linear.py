@@ -12,6 +12,10 @@ inputs that are left, with one of two kernels:
   weights are touched (37.5 % of the dense bytes in float32, 50 % in bfloat16, with the
   indices), so weight sparsity and activation sparsity compound.
 
+The stored weights are float32 or bfloat16 (inputs of the same dtype), or int8 codes with one
+float32 scale per output row (``scales``; inputs float32 or bfloat16, the layer's ``dtype``):
+an int8 layer reads a quarter of the float32 bytes, and the sums stay float32 in every case.
+
 Several rows (a prompt) are multiplied by the ``prefill`` module, after the same input
 sparsification: :func:`sparsekit.compile` passes the layer's fastest measured multi-row format
 (dense ``F.linear`` on a contiguous ``(out, in)`` weight, or a weight-sparse format). The
@@ -24,6 +28,7 @@ bfloat16. Where it is no slower, :meth:`ActivationSparseLinear.tuned` drops the 
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Sequence
 
@@ -34,6 +39,7 @@ from torch import nn
 from sparsekit._checks import check_int
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.compiled_linear import dense_linear
+from sparsekit.quantize import attach_scales, attached_scales, dequantize_int8, quantize_int8
 
 __all__ = ["BLOCK", "KERNELS", "ActivationSparseLinear", "sparsify_input"]
 
@@ -45,7 +51,7 @@ BLOCK = 2048
 sums stay in L1 while a column's weights scatter into them, and a kept column is a run of
 ~1000 stored weights at 50 % (512-output blocks ran 1.7x slower at 5632x2048, 4096 alike)."""
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # both kernels accumulate in float32
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # inputs of both kernels; sums in float32
 _SPARSE_UP_TO = 0.75  # "act_sparse_gemv" is a candidate up to this weight density
 
 
@@ -54,15 +60,24 @@ def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
     Each row is decided on its own, so the result does not depend on the batch. A product
     with the kept mask (a zero may keep x's sign) is one pass cheaper than ``masked_fill``:
-    0.2 against 1.1 ms for 128 x 2048 float32 rows on one thread, 0.4 against 1.1 ms in
-    bfloat16, a cost the multi-row path adds to every prompt.
+    0.2 against 1.1 ms for 128 x 2048 float32 rows on one thread, a cost the multi-row path
+    adds to every prompt. PyTorch's bfloat16 elementwise ops are much slower than its
+    bfloat16 GEMM (3.8 ms for those rows in bfloat16, 6 % of the 5632 x 2048 layer's
+    product), so 16-bit inputs are compared as integers: the magnitude bits of a float
+    order like the magnitudes (0.19 ms); NaN stays NaN either way.
     """
-    return x * (x.abs() >= threshold.to(x.dtype))
+    threshold = threshold.to(x.dtype)
+    if x.is_floating_point() and x.element_size() == 2:
+        bits = x.view(torch.int16)
+        kept = (bits & 0x7FFF).ge(threshold.clamp_min(0).view(torch.int16))
+        return kept.mul(bits).view(x.dtype)
+    return x * (x.abs() >= threshold)
 
 
-def _measure(modules: dict[str, nn.Module], weight: torch.Tensor,
-             rows: list[int]) -> autotune.Samples:
-    return autotune.measure(modules, (weight.shape[1],), rows, weight.dtype, weight.device)
+def _measure(modules: dict[str, nn.Module], weight: torch.Tensor, rows: list[int],
+             inputs: torch.Tensor | None) -> autotune.Samples:
+    return autotune.measure(modules, (weight.shape[1],), rows, weight.dtype, weight.device,
+                            inputs)
 
 
 def _by_column(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
@@ -90,12 +105,15 @@ def _by_column(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
 class ActivationSparseLinear(nn.Module):
     """``y = sparsify_input(x, threshold) @ W.T + bias``, reading only the weights it needs.
 
-    ``threshold`` is a scalar or one value per input feature (``in_features``). Inputs have
-    shape ``(..., in_features)``; a single row of the weight's dtype (float32 or bfloat16,
-    summed in float32) runs ``kernel`` (one of :data:`KERNELS`) with ``threads`` OpenMP
-    threads (default ``torch.get_num_threads()``); several rows run through ``prefill`` (a
-    module computing ``x @ W.T + bias``, e.g. a compiled layer) after the same thresholding,
-    or, without one, on the single-row storage. Inference only: the weights are buffers.
+    ``threshold`` is a scalar or one value per input feature (``in_features``). ``weight``
+    is float32 or bfloat16, or int8 codes with ``scales`` (float32, one per output row:
+    ``W = weight * scales[:, None]``); ``dtype`` is the dtype of the inputs, thresholds, bias
+    and outputs (default: the weight's; float32 for int8 codes). Inputs have shape
+    ``(..., in_features)``; a single row of ``dtype`` (float32 or bfloat16, summed in
+    float32) runs ``kernel`` (one of :data:`KERNELS`) with ``threads`` OpenMP threads
+    (default ``torch.get_num_threads()``); several rows run through ``prefill`` (a module
+    computing ``x @ W.T + bias``, e.g. a compiled layer) after the same thresholding, or,
+    without one, on the single-row storage. Inference only: the weights are buffers.
     """
 
     def __init__(
@@ -107,11 +125,14 @@ class ActivationSparseLinear(nn.Module):
         threads: int | None = None,
         kernel: str = "act_gemv",
         prefill: nn.Module | None = None,
+        scales: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
+        dtype = _check_storage(weight, scales, dtype)
         threshold = torch.as_tensor(threshold, dtype=torch.float32).detach()
         if threshold.numel() not in (1, self.in_features):
             raise ValueError(
@@ -124,7 +145,7 @@ class ActivationSparseLinear(nn.Module):
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if prefill is not None and not isinstance(prefill, nn.Module):
             raise TypeError(f"prefill must be an nn.Module or None, got {type(prefill).__name__}")
-        self.threads, self.kernel, self.block = threads, kernel, BLOCK
+        self.threads, self.kernel, self.block, self.dtype = threads, kernel, BLOCK, dtype
         weight = weight.detach()
         if kernel == "act_gemv":
             self.register_buffer("weight_t", weight.t().contiguous())
@@ -132,9 +153,11 @@ class ActivationSparseLinear(nn.Module):
             for name, tensor in zip(("values", "row_indices", "colptr"),
                                     _by_column(weight, BLOCK), strict=True):
                 self.register_buffer(name, tensor)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("scales", None if scales is None
+                             else scales.detach().to(torch.float32).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
         self.register_buffer(
-            "threshold", threshold.expand(self.in_features).to(weight.dtype).contiguous()
+            "threshold", threshold.expand(self.in_features).to(dtype).contiguous()
         )
         self.prefill = prefill
 
@@ -147,10 +170,25 @@ class ActivationSparseLinear(nn.Module):
         threads: int | None = None,
         kernel: str = "act_gemv",
         prefill: nn.Module | None = None,
+        value_dtype: torch.dtype | None = None,
     ) -> ActivationSparseLinear:
-        """The activation-sparse equivalent of ``linear`` with the given input threshold."""
-        return cls(linear.weight, linear.bias, threshold, threads=threads, kernel=kernel,
-                   prefill=prefill)
+        """The activation-sparse equivalent of ``linear`` with the given input threshold.
+
+        ``value_dtype`` is the dtype of the stored weights: ``None`` keeps ``linear``'s,
+        except that a layer carrying int8 scales (:func:`sparsekit.quantize.attach_scales`)
+        stores exactly those int8 codes; ``torch.int8`` rounds the weight to int8 codes on
+        its attached scales, else on one scale per row (largest magnitude / 127). Inputs
+        and outputs keep ``linear``'s dtype.
+        """
+        scales = attached_scales(linear)
+        if value_dtype not in (None, torch.int8):
+            raise ValueError(f"value_dtype must be None or torch.int8, got {value_dtype!r}")
+        if value_dtype is None and scales is None:
+            return cls(linear.weight, linear.bias, threshold, threads=threads, kernel=kernel,
+                       prefill=prefill)
+        codes, scales = quantize_int8(linear.weight.detach(), scales)
+        return cls(codes, linear.bias, threshold, threads=threads, kernel=kernel,
+                   prefill=prefill, scales=scales, dtype=linear.weight.dtype)
 
     @classmethod
     def tuned(
@@ -161,6 +199,8 @@ class ActivationSparseLinear(nn.Module):
         threads: int | None = None,
         prefill: nn.Module | None = None,
         rows: Sequence[int] = (1,),
+        value_dtype: torch.dtype | None = None,
+        inputs: torch.Tensor | None = None,
     ) -> tuple[ActivationSparseLinear, dict[str, object] | None]:
         """The layer with the faster single-row kernel for ``linear``'s weight, and the
         record of the choice (``None`` when there was nothing to time).
@@ -171,16 +211,19 @@ class ActivationSparseLinear(nn.Module):
         it wins by :data:`~sparsekit.engine.autotune.MARGIN`, as a format replaces dense.
         A dense ``prefill`` next to ``"act_gemv"`` is a second copy of the weight: it is
         dropped (``"single_copy"`` in the record) where the transposed copy multiplies the
-        ``rows`` above 1 no slower in the median at every row count.
+        ``rows`` above 1 no slower in the median at every row count. Both kernels store
+        ``value_dtype`` (see :meth:`from_linear`). The timings run on ``inputs`` (rows of
+        real activations: the skipped columns depend on them), else on random normal ones.
         """
-        dense = cls.from_linear(linear, threshold, threads=threads, prefill=prefill)
+        build = functools.partial(cls.from_linear, linear, threshold, threads=threads,
+                                  value_dtype=value_dtype)
+        dense = build(prefill=prefill)
         weight, choice = linear.weight, None
         if (weight.dtype in _KERNEL_DTYPES and weight.is_cpu and kernels.available()
                 and weight.count_nonzero() <= _SPARSE_UP_TO * weight.numel()):
-            sparse = cls.from_linear(linear, threshold, threads=threads,
-                                     kernel="act_sparse_gemv", prefill=prefill)
+            sparse = build(kernel="act_sparse_gemv", prefill=prefill)
             modules = {"dense": dense, "act_sparse_gemv": sparse}
-            best, choice = autotune.choose(_measure(modules, weight, [1]),
+            best, choice = autotune.choose(_measure(modules, weight, [1], inputs),
                                            ["dense", "act_sparse_gemv"])
             choice["format"] = best.replace("dense", "act_gemv")
             if best != "dense":
@@ -188,8 +231,8 @@ class ActivationSparseLinear(nn.Module):
         multi = [r for r in rows if r > 1]
         if not multi or getattr(getattr(prefill, "format", None), "name", None) != "dense":
             return dense, choice
-        lean = cls.from_linear(linear, threshold, threads=threads)
-        samples = _measure({"dense": dense, "lean": lean}, weight, multi)
+        lean = build()
+        samples = _measure({"dense": dense, "lean": lean}, weight, multi, inputs)
         single = all(statistics.median(t["lean"]) <= statistics.median(t["dense"])
                      for t in samples.values())
         return (lean if single else dense), {**(choice or {"format": "act_gemv"}),
@@ -208,7 +251,7 @@ class ActivationSparseLinear(nn.Module):
         if self.prefill is not None:
             return self.prefill(x)
         if self.kernel == "act_gemv":
-            return F.linear(x, self.weight_t.t().to(x.dtype), self._bias(x))
+            return F.linear(x, self._weight(self.weight_t.t(), x.dtype), self._bias(x))
         rows = [self._gemv(row) for row in x.reshape(-1, self.in_features)]
         return torch.stack(rows).view(*x.shape[:-1], self.out_features)
 
@@ -217,21 +260,21 @@ class ActivationSparseLinear(nn.Module):
 
         The hot path of batch-1 decoding: no allocation or validation before the op.
         """
-        stored = self.weight_t if self.kernel == "act_gemv" else self.values
-        if x.dtype is stored.dtype and x.dtype in _KERNEL_DTYPES and x.is_cpu \
+        if x.dtype is self.dtype and x.dtype in _KERNEL_DTYPES and x.is_cpu \
                 and kernels.available():
             threads = self.threads or kernels.num_threads()
             if self.kernel == "act_gemv":
                 return torch.ops.sparsekit.act_gemv(
-                    self.weight_t, x.contiguous(), self.threshold, self.bias, threads
+                    self.weight_t, x.contiguous(), self.threshold, self.bias, threads,
+                    self.scales,
                 )
             return torch.ops.sparsekit.act_sparse_gemv(
                 self.values, self.row_indices, self.colptr, x.contiguous(), self.threshold,
-                self.bias, self.out_features, self.block, threads,
+                self.bias, self.out_features, self.block, threads, self.scales,
             )
         self._check_torch_input(x)
         kept = (sparsify_input(x, self.threshold) != 0).nonzero().squeeze(1)
-        weight = self._columns(kept).to(x.dtype)
+        weight = self._weight(self._columns(kept), x.dtype)
         y = weight.mv(x.index_select(0, kept))
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -240,6 +283,12 @@ class ActivationSparseLinear(nn.Module):
         if self.kernel == "act_gemv":
             return self.weight_t.index_select(0, kept).t()
         return self.to_dense().index_select(1, kept)
+
+    def _weight(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Stored weights (out, k) as ``dtype`` (int8 codes times their row's scale)."""
+        if self.scales is None:
+            return stored.to(dtype)
+        return (stored.to(torch.float32) * self.scales[:, None]).to(dtype)
 
     def _bias(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(x.dtype)
@@ -255,7 +304,8 @@ class ActivationSparseLinear(nn.Module):
             )
 
     def to_dense(self) -> torch.Tensor:
-        """The weight ``W`` (out, in) in its stored dtype (zeros where pruned)."""
+        """The stored weight (out, in) in its stored dtype (zeros where pruned): ``W``, or
+        for an int8 layer its codes (``W = codes * scales[:, None]``)."""
         if self.kernel == "act_gemv":
             return self.weight_t.t().contiguous()
         weight = self.values.new_zeros(self.out_features, self.in_features)
@@ -269,11 +319,41 @@ class ActivationSparseLinear(nn.Module):
         return weight
 
     def to_module(self) -> nn.Linear:
-        """The ``nn.Linear`` this layer was built from (without the input thresholds)."""
-        return dense_linear(self.to_dense(), self.bias)
+        """The ``nn.Linear`` this layer was built from (without the input thresholds); an
+        int8 layer's dequantized weight in :attr:`dtype`, with its scales attached
+        (:func:`sparsekit.quantize.attach_scales`)."""
+        if self.scales is None:
+            return dense_linear(self.to_dense(), self.bias)
+        weight = dequantize_int8(self.to_dense(), self.scales).to(self.dtype)
+        linear = dense_linear(weight, self.bias)
+        attach_scales(linear, self.scales)
+        return linear
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, kernel={self.kernel!r}"
+            + ("" if self.scales is None else ", values=int8")
         )
+
+
+def _check_storage(weight: torch.Tensor, scales: torch.Tensor | None,
+                   dtype: torch.dtype | None) -> torch.dtype:
+    """The input dtype of a layer storing ``weight`` (with int8 ``scales``), validated."""
+    if weight.dtype == torch.int8:
+        if scales is None or scales.shape != (weight.shape[0],) \
+                or not scales.is_floating_point():
+            raise ValueError(
+                f"int8 weight needs float scales of shape ({weight.shape[0]},), got "
+                f"{None if scales is None else tuple(scales.shape)}"
+            )
+        dtype = torch.float32 if dtype is None else dtype
+    elif scales is not None:
+        raise ValueError(f"scales are for int8 weights only, got a {weight.dtype} weight")
+    elif not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point or int8, got {weight.dtype}")
+    dtype = weight.dtype if dtype is None else dtype
+    if not dtype.is_floating_point or (weight.dtype != torch.int8 and dtype != weight.dtype):
+        raise ValueError(f"dtype must be the weight's {weight.dtype} (or a floating dtype for "
+                         f"int8 weights), got {dtype}")
+    return dtype

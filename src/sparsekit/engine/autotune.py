@@ -49,13 +49,17 @@ def measure(
     rows: Sequence[int],
     dtype: torch.dtype,
     device: torch.device,
+    inputs: torch.Tensor | None = None,
 ) -> Samples:
     """Milliseconds per call of each of ``modules`` (by format name) for inputs of shape
-    ``(r, *in_shape)``, ``r`` in ``rows``, one time per interleaved round."""
+    ``(r, *in_shape)``, ``r`` in ``rows``, one time per interleaved round: random normal
+    ones, or the first ``r`` of ``inputs`` (``(n, *in_shape)``, repeated as needed) where
+    the time depends on the values (e.g. an activation-sparse layer)."""
     samples: Samples = {}
     names = list(modules)
     for r in rows:
-        x = torch.randn(r, *in_shape, dtype=dtype, device=device)
+        x = (torch.randn(r, *in_shape, dtype=dtype, device=device) if inputs is None
+             else inputs[torch.arange(r, device=inputs.device) % inputs.shape[0]].to(dtype))
         reps = {n: _calls_per_block(modules[n], x) for n in names}
         times: dict[str, list[float]] = {n: [] for n in names}
         spent = 0.0

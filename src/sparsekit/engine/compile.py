@@ -16,10 +16,12 @@ its decision. The input model is never modified.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import statistics
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -29,13 +31,13 @@ from torch.nn.utils import skip_init
 from sparsekit._checks import check_int, model_errors, renamed
 from sparsekit.engine import autotune, decisions, fused
 from sparsekit.engine._moved import moved
-from sparsekit.engine.activation_linear import ActivationSparseLinear
+from sparsekit.engine.activation_linear import ActivationSparseLinear, sparsify_input
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, Format, available_formats
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.observe import inference, watch
-from sparsekit.quantize import attached_scales
+from sparsekit.quantize import attached_scales, dequantize_int8
 from sparsekit.targets import conv1d_type
 
 __all__ = ["InputThresholds", "compile"]
@@ -46,16 +48,13 @@ _CHECK_RTOL = 1e-4
 
 
 class InputThresholds(Protocol):
-    """Per-layer thresholds on the inputs of ``nn.Linear`` layers, by module name, that can
-    be applied to a model as hooks and removed again; what
-    :func:`sparsekit.activation.calibrate` returns (:class:`ActivationSparsity`)."""
+    """Per-layer thresholds on the inputs of ``nn.Linear`` layers, by module name; what
+    :func:`sparsekit.activation.calibrate` returns (:class:`ActivationSparsity`). Only
+    ``thresholds`` is read: the output check thresholds the layers that became
+    activation-sparse itself."""
 
     @property
     def thresholds(self) -> Mapping[str, torch.Tensor]: ...
-
-    def apply(self, model: nn.Module) -> object: ...
-
-    def remove(self) -> None: ...
 
 
 @renamed(batch_sizes="rows")
@@ -119,10 +118,17 @@ def compile(
     :func:`sparsekit.engine.autotune.choose`; ``cached`` says whether one was read from
     the cache); :func:`sparsekit.engine.report` shows them per layer. Linear layers
     calibrated in ``activation_sparsity`` (:func:`sparsekit.activation.calibrate`) become
-    :class:`ActivationSparseLinear` instead: their single-row kernel (``act_gemv``, or
-    ``act_sparse_gemv`` on a pruned weight) and the format of their multi-row path are
-    timed like the others, and the output check runs against ``model`` with those
-    thresholds applied.
+    :class:`ActivationSparseLinear` where that is faster than their best weight-only
+    format: each such layer is compiled as any other, then given the faster single-row
+    kernel (``act_gemv``, or ``act_sparse_gemv`` on a pruned weight; int8 values where the
+    weight-only formats hold int8) with the compiled layer as its multi-row path, and the
+    two are timed against each other on the layer's observed inputs. The activation-sparse
+    layer is taken only if it wins at one row (decoding) by
+    :data:`~sparsekit.engine.autotune.MARGIN` and its multi-row path (thresholding, then
+    the compiled format) keeps at least 95 % of the compiled layer's speed at the other row
+    counts; otherwise the layer stays weight-only and its thresholds are not applied (the
+    choice's ``activation`` record holds the evidence, ``chosen`` false). The output check
+    runs against ``model`` with the thresholds of the activation-sparse layers applied.
 
     With ``fuse`` (the default) and ``example_inputs``, linear layers that read the same
     input tensor (a transformer's q/k/v projections, its gate/up projections; see
@@ -190,12 +196,10 @@ def compile(
                     name = first_name[id(child)]
                     layer_rows = served or _default_rows(seen.get(name), type(child))
                     if name in act and type(child) is nn.Linear:
-                        done[id(child)], choice = _activation_layer(
+                        done[id(child)], choices[name] = _activation_layer(
                             child, act[name], names, layer_rows, threads, cache, value_dtype,
-                            activation,
+                            probes.get(name), memo, name, grow, activation,
                         )
-                        if choice is not None:
-                            choices[name] = choice
                     elif type(child) is nn.Linear:
                         done[id(child)], choices[name] = _compile_layer(
                             child, (child.in_features,), names, layer_rows, threads, cache,
@@ -220,14 +224,9 @@ def compile(
     rtol = _CHECK_RTOL if value_dtype is None else _rtol(value_dtype)
     rtol = rtol if activation is None else max(rtol, W8A8_RTOL)
     reference = _with_stored_weights(model, compiled, seen) if inputs is not None else model
-    if inputs is not None and activation_sparsity is not None:
-        activation_sparsity.apply(reference)
-        try:
+    if inputs is not None:
+        with _thresholded(reference, _activation_sparse(choices, act)):
             _check_outputs(reference, compiled, inputs, rtol)
-        finally:
-            activation_sparsity.remove()
-    elif inputs is not None:
-        _check_outputs(reference, compiled, inputs, rtol)
     return compiled
 
 
@@ -433,6 +432,13 @@ def _relative_error(layer: nn.Module, compiled: nn.Module, x: torch.Tensor) -> f
                  / torch.linalg.vector_norm(ref).clamp_min(1e-30))
 
 
+# -- activation sparsity ---------------------------------------------------------------
+
+_PREFILL_FLOOR = 0.95
+"""The least speed, relative to the layer's weight-only format, of the multi-row path of an
+activation-sparse layer (which thresholds its inputs, then runs that format)."""
+
+
 def _activation_layer(
     layer: nn.Linear,
     threshold: torch.Tensor,
@@ -441,20 +447,93 @@ def _activation_layer(
     threads: int | None,
     cache: bool,
     value_dtype: torch.dtype | None,
+    probe: torch.Tensor | None,
+    memo: dict[str, tuple[dict[str, object], str]],
+    name: str,
+    grow: bool,
     activation: torch.dtype | None = None,
-) -> tuple[ActivationSparseLinear, dict[str, object] | None]:
-    """``layer`` with input thresholds: the faster single-row kernel, and for the row counts
-    above 1 the fastest measured format (:func:`_compile_layer`) as its ``prefill``."""
-    prefill, choice = None, None
-    if any(r > 1 for r in rows):
-        prefill, choice = _compile_layer(layer, (layer.in_features,), names,
-                                         [r for r in rows if r > 1], threads, cache, value_dtype,
+) -> tuple[nn.Module, dict[str, object]]:
+    """``layer`` with input thresholds where that is faster, else its weight-only format.
+
+    The weight-only layer is :func:`_compile_layer`'s; the activation-sparse one stores
+    int8 values where ``value_dtype`` is int8 (else the layer's own dtype, the only values
+    its kernels read next to inputs of that dtype), takes the faster single-row kernel
+    and serves the other row counts with the weight-only layer. See :func:`_activation_wins`
+    for the rule; its evidence is the choice's ``activation`` record and the single-row
+    kernel's the ``decode`` record."""
+    weight_only, choice = _compile_layer(layer, (layer.in_features,), names, rows, threads,
+                                         cache, value_dtype, probe, memo, name, grow,
                                          activation=activation)
-    act, decode = ActivationSparseLinear.tuned(layer, threshold, threads=threads,
-                                               prefill=prefill, rows=rows)
-    if choice is None:
-        return act, decode
-    return act, {**choice, "decode": decode}
+    multi = [r for r in rows if r > 1]
+    inputs = None if probe is None else probe.reshape(-1, layer.in_features)
+    act, decode = ActivationSparseLinear.tuned(
+        layer, threshold, threads=threads, prefill=_multi_row(weight_only) if multi else None,
+        rows=rows,
+        value_dtype=torch.int8 if value_dtype == torch.int8 else None, inputs=inputs,
+    )
+    record = _activation_wins(act, weight_only, [1, *multi], inputs)
+    return (act if record["chosen"] else weight_only), {**choice, "decode": decode,
+                                                        "activation": record}
+
+
+def _multi_row(layer: CompiledLayer) -> CompiledLayer:
+    """The part of ``layer`` serving more than one row: its second format alone where the
+    first serves one row only (the activation-sparse kernel takes that row; keeping the
+    first format would hold one more copy of the weight for nothing)."""
+    if getattr(layer, "format_large", None) is None or layer.split != 1:
+        return layer
+    return CompiledLinear(layer.format_large, layer.bias)
+
+
+def _activation_wins(
+    act: ActivationSparseLinear, weight_only: nn.Module, rows: list[int],
+    inputs: torch.Tensor | None,
+) -> dict[str, object]:
+    """Whether ``act`` replaces ``weight_only``, from interleaved timings of both on
+    ``inputs`` (real activations, so the skipped columns are the real ones) at ``rows``:
+    at one row it must win by :data:`~sparsekit.engine.autotune.MARGIN` (in the median and
+    most rounds, :func:`~sparsekit.engine.autotune.choose`), at every other row count run
+    at least :data:`_PREFILL_FLOOR` of ``weight_only``'s speed in the median. The record:
+    ``chosen``, ``decode`` (the one-row choice record, ``"weight_only"`` its reference),
+    ``prefill_speed`` (row count → weight-only time / activation-sparse time) and
+    ``prefill_floor``."""
+    dtype = act.dtype
+    modules = {"weight_only": weight_only, "activation": act}
+    samples = autotune.measure(modules, (act.in_features,), rows, dtype,
+                               act.threshold.device, inputs)
+    decode = autotune.choose({1: samples[1]}, ["activation"], reference="weight_only")[1]
+    speed = {r: statistics.median(t["weight_only"]) / max(statistics.median(t["activation"]),
+                                                          1e-12)
+             for r, t in samples.items() if r > 1}
+    chosen = decode["format"] == "activation" and all(v >= _PREFILL_FLOOR
+                                                       for v in speed.values())
+    return {"chosen": chosen, "decode": decode, "prefill_speed": speed,
+            "prefill_floor": _PREFILL_FLOOR}
+
+
+def _activation_sparse(
+    choices: Mapping[str, dict[str, object]], thresholds: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The thresholds of the layers that became activation-sparse."""
+    return {n: thresholds[n] for n, c in choices.items()
+            if isinstance(c.get("activation"), dict) and c["activation"]["chosen"]}
+
+
+@contextlib.contextmanager
+def _thresholded(model: nn.Module, thresholds: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """``model`` with the inputs of its layers ``thresholds`` names sparsified
+    (:func:`~sparsekit.engine.activation_linear.sparsify_input`), as the compiled
+    activation-sparse layers do; nothing else changes, and the hooks are gone after."""
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, t=t: (sparsify_input(args[0], t), *args[1:]))
+        for n, t in thresholds.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _candidates(
@@ -651,9 +730,16 @@ def _with_stored_weights(
     """``model``, or a copy whose layers compiled to int8 values have the dequantized
     weights those hold (the fake-quantized model the compiled one must reproduce). A layer
     holding two formats is taken in the one that serves the rows it saw (``seen``); a
-    member of a fused group in its rows of the stacked format."""
+    member of a fused group in its rows of the stacked format; an activation-sparse layer
+    in its ``prefill`` for several rows, else in its own int8 values."""
     stored = {}
     for name, layer in compiled.named_modules():
+        if isinstance(layer, ActivationSparseLinear) and name in seen:
+            if isinstance(layer.prefill, CompiledLayer) and math.prod(seen[name][:-1]) > 1:
+                layer = layer.prefill
+            elif layer.scales is not None:
+                stored[name] = dequantize_int8(layer.to_dense(), layer.scales)
+                continue
         if isinstance(layer, FusedLinear):
             fmt = _serving(layer.group.linear, seen.get(name))
             rows = slice(layer.start, layer.start + layer.out_features)
@@ -662,15 +748,15 @@ def _with_stored_weights(
         else:
             continue
         if fmt.value_dtype == torch.int8:
-            stored[name] = (fmt, rows)
+            stored[name] = fmt.to_dense()[rows]
     if not stored:
         return model
     reference = copy.deepcopy(model)
     originals = dict(reference.named_modules())
     with torch.no_grad():
-        for name, (fmt, rows) in stored.items():
+        for name, dense in stored.items():
             weight = originals[name].weight
-            weight.copy_(fmt.to_dense()[rows].reshape(weight.shape))
+            weight.copy_(dense.reshape(weight.shape))
     return reference
 
 

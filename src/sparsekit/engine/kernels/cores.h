@@ -127,16 +127,37 @@ struct SddmmArgs {
   int threads;
 };
 
-// Activation sparsity, one input row: y (out) = bias + sum over the nnz kept inputs idx[k]
-// (values val[k]) of val[k] * wt[idx[k], :]; wt (in, out) and bias bf16 (`is_bf16`) or
-// float32.
+// Activation sparsity, one input row: y (out) = Output(sum over the nnz kept inputs idx[k]
+// (values val[k]) of val[k] * wt[idx[k], :]); wt (in, out) of float32, bf16 or int8 codes
+// (int8: `scale` per output, else nullptr); the bias has the input's dtype (`bias_bf16`).
 struct ActGemvArgs {
-  bool is_bf16;
+  Value value;
   const void* wt;
+  const float* scale;
   const void* bias;
-  const int64_t* idx;
+  bool bias_bf16;
+  const int32_t* idx;
   const float* val;
   int64_t nnz, out;
+  float* y;
+  int threads;
+};
+
+// The same on a pruned W stored by input column in `nblocks` blocks of `block` outputs:
+// colptr (nblocks, in + 1) into `stored` values (float32, bf16 or int8 codes) and their uint16
+// row within the block. The kept inputs idx[k] (values val[k]) are rising int32 indices.
+struct ActSparseGemvArgs {
+  Value value;
+  const void* values;
+  const uint16_t* rows;
+  const int32_t* colptr;
+  int64_t in, out, block, nblocks, stored;
+  const float* scale;
+  const void* bias;
+  bool bias_bf16;
+  const int32_t* idx;
+  const float* val;
+  int64_t kept;
   float* y;
   int threads;
 };
@@ -153,6 +174,7 @@ struct Cores {
   void (*spmm_rows)(const SpmmRowsArgs&);
   void (*sddmm)(const SddmmArgs&);
   void (*act_gemv)(const ActGemvArgs&);
+  void (*act_sparse_gemv)(const ActSparseGemvArgs&);
 };
 
 namespace scalar {

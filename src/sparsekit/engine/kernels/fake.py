@@ -66,11 +66,11 @@ def register() -> None:
         fake(f"sparsekit::{family}_qlinear")(_like(float_op))
 
     @fake("sparsekit::act_gemv")
-    def _(wt, x, threshold, bias, threads):  # type: ignore[no-untyped-def]
-        return wt.new_empty(wt.shape[1])
+    def _(wt, x, threshold, bias, threads, scales=None):  # type: ignore[no-untyped-def]
+        return x.new_empty(wt.shape[1])
 
     @fake("sparsekit::act_sparse_gemv")
-    def _(values, rows, colptr, x, threshold, bias, out_features, block, threads):  # type: ignore[no-untyped-def]
+    def _(values, rows, colptr, x, threshold, bias, out_features, block, threads, scales=None):  # type: ignore[no-untyped-def]
         return x.new_empty(out_features)
 
     @fake("sparsekit::spmm_rows")

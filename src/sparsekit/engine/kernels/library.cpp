@@ -37,12 +37,15 @@ TORCH_LIBRARY(sparsekit, m) {
         "int in_features, int threads, Tensor? scales=None) -> Tensor");
   m.def("fanin_linear(Tensor values, Tensor col_indices, Tensor rows, Tensor x, Tensor? bias, "
         "int out_features, int in_features, int threads) -> Tensor");
-  // Activation sparsity: one input row, skipping the weight rows of small inputs.
-  m.def("act_gemv(Tensor wt, Tensor x, Tensor threshold, Tensor? bias, int threads) -> Tensor");
+  // Activation sparsity: one input row, skipping the weight rows of small inputs. Weights
+  // fp32 or bf16 (x, threshold and bias of the same dtype) or int8 codes with float32 `scales`
+  // (out,) (x fp32 or bf16; threshold and bias of x's dtype); sums fp32, y in x's dtype.
+  m.def("act_gemv(Tensor wt, Tensor x, Tensor threshold, Tensor? bias, int threads, "
+        "Tensor? scales=None) -> Tensor");
   // The same on a pruned weight stored by input column in blocks of `block` outputs (only the
   // kept weights; int16 rows within the block, read as uint16).
   m.def("act_sparse_gemv(Tensor values, Tensor rows, Tensor colptr, Tensor x, Tensor threshold, "
-        "Tensor? bias, int out_features, int block, int threads) -> Tensor");
+        "Tensor? bias, int out_features, int block, int threads, Tensor? scales=None) -> Tensor");
   // Training (SparseLinear): row-sparse times dense, and dense-dense sampled at the nonzeros;
   // in_features counts the columns of the sparse matrix (the rows of xt, resp. b).
   m.def("spmm_rows(Tensor rowptr, Tensor col, Tensor values, Tensor? perm, Tensor xt, "

@@ -1,0 +1,91 @@
+// What the two activation-sparse ops (act_gemv.cpp, act_sparse_gemv.cpp) share: the checks of
+// their input row, thresholds, bias and scales, and the kept inputs of the row.
+//
+// Stored weights are float32, bfloat16 or int8 codes. With float32 or bfloat16 weights, x,
+// threshold and bias have the weights' dtype; with int8 codes x is float32 or bfloat16,
+// threshold and bias have x's dtype, and float32 `scales` (out,) scale each output's sum.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "common.h"
+
+namespace sparsekit {
+
+// The arguments of an activation-sparse op beside its stored weights, checked.
+struct ActInputs {
+  const float* scale;  // int8 weights: per output, else nullptr
+  const void* bias;    // x's dtype, or nullptr
+  bool bf16;           // x (and threshold, bias) bfloat16
+  int threads;
+};
+
+// Checks `values` (the stored weights of `name`: float32, bf16 or int8), x (in,) and
+// threshold (in,) before anything is written.
+inline void check_act_inputs(const at::Tensor& values, const char* name, const at::Tensor& x,
+                             const at::Tensor& threshold, int64_t in) {
+  const auto vtype = values.scalar_type();
+  TORCH_CHECK(vtype == at::kFloat || vtype == at::kBFloat16 || vtype == at::kChar, name,
+              " must be ", at::kFloat, ", ", at::kBFloat16, " or ", at::kChar, ", got ", vtype);
+  check_tensor(x, "x", 1);
+  if (vtype == at::kChar) {
+    check_float_or_bf16(x, "x");
+  } else {
+    TORCH_CHECK(x.scalar_type() == vtype, "x must be ", vtype, " like ", name, ", got ",
+                x.scalar_type());
+  }
+  check_size(x, "x", 0, in);
+  check_tensor(threshold, "threshold", 1, x.scalar_type());
+  check_size(threshold, "threshold", 0, in);
+}
+
+// Checks bias (out,) of x's dtype and the scales (out,) of int8 `values`, and the thread
+// count, before anything is written; the checked arguments of the core.
+inline ActInputs check_act_outputs(const at::Tensor& values, const at::Tensor& x,
+                                   const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& scales, int64_t out,
+                                   int64_t threads) {
+  const void* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    check_tensor(*bias, "bias", 1, x.scalar_type());
+    check_size(*bias, "bias", 0, out);
+    b = bias->data_ptr();
+  }
+  const float* scale = scales_data(scales, values, out);
+  return ActInputs{scale, b, x.scalar_type() == at::kBFloat16, num_threads(threads)};
+}
+
+// The inputs of x with |x_j| >= threshold_j (and x_j != 0): their rising indices and values
+// (as float32).
+template <typename T>
+void kept_inputs(const T* x, const T* threshold, int64_t in, std::vector<int32_t>* idx,
+                 std::vector<float>* val) {
+  idx->reserve(in);
+  val->reserve(in);
+  for (int64_t j = 0; j < in; ++j) {
+    const float v = static_cast<float>(x[j]);
+    if (v != 0.f && std::fabs(v) >= static_cast<float>(threshold[j])) {
+      idx->push_back(static_cast<int32_t>(j));
+      val->push_back(v);
+    }
+  }
+}
+
+// kept_inputs of a float32 or bfloat16 x.
+inline void kept_inputs(const at::Tensor& x, const at::Tensor& threshold,
+                        std::vector<int32_t>* idx, std::vector<float>* val) {
+  if (x.scalar_type() == at::kBFloat16) {
+    kept_inputs(x.data_ptr<c10::BFloat16>(), threshold.data_ptr<c10::BFloat16>(), x.size(0),
+                idx, val);
+  } else {
+    kept_inputs(x.data_ptr<float>(), threshold.data_ptr<float>(), x.size(0), idx, val);
+  }
+}
+
+}  // namespace sparsekit
