@@ -12,15 +12,15 @@ hits them all alike); tokens/s is one over the median decode step. The prefill o
 
 Configurations: dense fp32; dense bf16 (``model.to(torch.bfloat16)``); torch int8 dynamic
 quantization (``torch.ao.quantization.quantize_dynamic``); ``_weight_int8pack_mm`` (int8
-weights, per-channel scales, fp32 activations); and sparsekit at 50 %, 2:4 and 70 % ×
-{fp32, bf16, int8} × {no activation sparsity, TEAL 50 % (``sparsekit.activation``)},
-compiled with ``sparsekit.compile(model, prompt, weight_dtype=..., grow=True)`` (a layer may
-hold a decode and a prompt format even if together larger than dense: serving trades that
-memory for speed; bf16: the bf16 model;
-fp32 and int8: the fp32 model, fp32 activations). Each sparsity also has an ``int8 W8A8``
-row: the int8 model compiled with ``activation_dtype="int8"`` (inputs quantized per row to
-int8, integer dot products), held to the int8 targets too. A configuration the installed
-sparsekit refuses is skipped with a printed note and counts as a miss.
+weights, per-channel scales, bf16 activations: its only vectorised x86 path); and sparsekit at
+50 %, 2:4 and 70 % × {fp32, bf16, int8} × {no activation sparsity, TEAL 50 %
+(``sparsekit.activation``)}, compiled with ``sparsekit.compile(model, prompt,
+weight_dtype=..., grow=True)`` (a layer may hold a decode and a prompt format even if together
+larger than dense: serving trades that memory for speed; bf16: the bf16 model; fp32 and int8:
+the fp32 model, fp32 activations). Each sparsity also has an ``int8 W8A8`` row: the int8
+model compiled with ``activation_dtype="int8"`` (inputs quantized per row to int8, integer dot
+products), held to the int8 targets too. A configuration the installed sparsekit refuses is
+skipped with a printed note and counts as a miss.
 
 Targets, as ratios in one run (checked on every model): 50 % bf16 ≥ 1.5× dense bf16; 2:4 bf16
 ≥ 1.4× dense bf16; 50 % int8 ≥ 1.5× the best torch int8 peer and ≥ 3× dense fp32; 70 % int8
@@ -74,6 +74,12 @@ SPARSE = (("50%", "unstructured", 0.5), ("2:4", "2:4", 0.5), ("70%", "unstructur
 DTYPES = ("fp32", "bf16", "int8")
 TEAL = 0.5
 PEERS = ("torch int8 dynamic", "int8pack")
+PROFILED = ("dense bf16", "sparsekit 2:4 bf16", "sparsekit 50% bf16")  # --profile; --torch-compile
+TORCH_COMPILED = " + torch.compile"
+# Ops whose self time is a weight matmul (the rest of a decode step is attention, norms, RoPE,
+# the KV cache, and Python/framework time between ops).
+MATMUL_OPS = ("sparsekit::", "aten::mm", "aten::addmm", "aten::_weight_int8pack_mm",
+              "quantized::", "mkldnn::_linear_pointwise", "mkl::")
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PPL_SETTINGS = (("unstructured", 0.5), ("2:4", 0.5))
 
@@ -118,30 +124,46 @@ def build(hidden: int, intermediate: int, layers: int, heads: int) -> LlamaForCa
 
 class Int8PackLinear(nn.Module):
     """An ``nn.Linear`` whose weight is int8 with per-output-channel scales, multiplied by
-    ``torch.ops.aten._weight_int8pack_mm`` (PyTorch's int8-weight CPU matmul)."""
+    ``torch.ops.aten._weight_int8pack_mm`` (PyTorch's int8-weight-only CPU matmul, the one
+    gpt-fast uses) the way PyTorch intends it: bfloat16 activations and bfloat16 scales.
+
+    On x86 its only vectorised kernels (AVX2 and AVX-512) are the bfloat16 ones; float32
+    inputs run a scalar loop (an earlier version of this peer passed float32 and measured
+    that loop). Those kernels read the activations with 32-byte aligned loads in steps of 16
+    inputs, so ``in_features`` must be a multiple of 16 and an input whose data does not
+    start on a 64-byte boundary (a view at an offset) is copied first; PyTorch does not check
+    either and crashes on a misaligned input.
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        codes, scales = quantize_int8(linear.weight.detach())
-        self.register_buffer("codes", codes)
-        self.register_buffer("scales", scales)
-        self.bias = linear.bias
+        if linear.in_features % 16:
+            raise ValueError(f"_weight_int8pack_mm needs in_features divisible by 16, got "
+                             f"{linear.in_features}")
+        codes, scales = quantize_int8(linear.weight.detach().float())
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.codes,
-                                               self.scales.to(x.dtype))
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.data_ptr() % 64 or not rows.is_contiguous():
+            rows = rows.clone(memory_format=torch.contiguous_format)  # fresh: 64-byte aligned
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scales)
         y = y.reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
 def int8pack(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every ``nn.Linear`` an :class:`Int8PackLinear`."""
+    """A bfloat16 copy of ``model`` with every ``nn.Linear`` an :class:`Int8PackLinear`
+    (quantized from the float32 weights)."""
     out = copy.deepcopy(model)
     for parent in list(out.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, Int8PackLinear(child))
-    return out
+    return out.to(torch.bfloat16)  # norms and embeddings; the int8 codes keep their dtype
 
 
 def dynamic_int8(model: nn.Module) -> nn.Module:
@@ -262,8 +284,57 @@ def prefill_tokens_per_s(models: dict[str, nn.Module], prompt: torch.Tensor,
     with torch.no_grad():
         ms = time_ms({name: (lambda m=m: m(prompt, use_cache=False))
                       for name, m in models.items()},
-                     budget_s, block_s=0.0, max_reps=1, min_rounds=2, max_rounds=5)
+                     budget_s, block_s=0.0, max_reps=1, min_rounds=3, max_rounds=7)
     return {name: prompt.shape[1] / (t / 1e3) for name, t in ms.items()}
+
+
+def with_torch_compile(models: dict[str, nn.Module], names: tuple[str, ...]) -> None:
+    """Add ``<name> + torch.compile`` for each of ``names`` present: the same model under
+    ``torch.compile(dynamic=True)`` (the KV cache grows every step; a static shape would
+    recompile each token), warmed up by the caller's first calls. The models share
+    ``LlamaForCausalLM.forward``, whose compiled versions (a prompt and a decode graph per
+    model, each guarded on its model) would overflow Dynamo's default limit of 8."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               8 * len(names))
+    for name in names:
+        if name in models:
+            models[name + TORCH_COMPILED] = torch.compile(models[name], dynamic=True)
+
+
+def decode_profile(models: dict[str, nn.Module], prompt: torch.Tensor, steps: int,
+                   step_ms: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Where a decode step of each model goes, in ms per step: ``matmul`` (the self time of
+    the weight-matmul ops, :data:`MATMUL_OPS`), ``attention`` (scaled dot-product attention),
+    ``other ops`` (every other op: norms, RoPE, the KV cache's ``cat``, casts, allocation)
+    under ``torch.profiler``, and ``python`` = the unprofiled median step (``step_ms``) minus
+    all of those: the Python and framework time between ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            result = model(prompt, use_cache=True)
+            for _ in range(2):  # warm: first-call allocations, torch.compile's recompiles
+                token = result.logits[:, -1:].argmax(-1)
+                result = model(token, past_key_values=result.past_key_values, use_cache=True)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    token = result.logits[:, -1:].argmax(-1)
+                    result = model(token, past_key_values=result.past_key_values,
+                                   use_cache=True)
+            split = {"matmul": 0.0, "attention": 0.0, "other ops": 0.0}
+            for event in prof.key_averages():
+                ms = event.self_cpu_time_total / 1e3 / steps
+                if event.key.startswith(MATMUL_OPS):
+                    split["matmul"] += ms
+                elif "scaled_dot_product" in event.key:
+                    split["attention"] += ms
+                elif "::" in event.key:  # ops, not the profiler's own or Python ranges
+                    split["other ops"] += ms
+            split["python"] = max(0.0, step_ms[name] - sum(split.values()))
+            out[name] = {"step_ms": step_ms[name], **split}
+            del result
+    return out
 
 
 # -- targets ------------------------------------------------------------------------------
@@ -305,6 +376,8 @@ def checks(rows: dict[str, dict], skipped: dict[str, str]) -> list[tuple[str, bo
         if not name.startswith("sparsekit"):
             continue
         dense = "dense bf16" if " bf16" in name else "dense fp32"
+        if name.endswith(TORCH_COMPILED) and dense + TORCH_COMPILED in rows:
+            dense += TORCH_COMPILED
         if dense in rows:
             r = row["prefill_tok_s"] / rows[dense]["prefill_tok_s"]
             out.append((f"prefill {name.removeprefix('sparsekit ')} vs {dense}: {r:.2f}x "
@@ -327,7 +400,8 @@ def decode_text() -> torch.Tensor:
         return torch.randint(0, 256, (20_000,), generator=torch.Generator().manual_seed(0))
 
 
-def run_model(name: str, shape: tuple[int, int, int, int], quick: bool) -> dict:
+def run_model(name: str, shape: tuple[int, int, int, int], quick: bool, *,
+              torch_compile: bool = False, profile: bool = False) -> dict:
     hidden, intermediate, layers, heads = shape
     model = build(*shape)
     params = sum(p.numel() for p in model.parameters())
@@ -339,10 +413,13 @@ def run_model(name: str, shape: tuple[int, int, int, int], quick: bool) -> dict:
     calibration = text[10_000:10_000 + 4 * 128].reshape(4, 128)
     skipped: dict[str, str] = {}
     models, prepare_s = configurations(model, prompt, calibration, skipped)
+    if torch_compile:
+        with_torch_compile(models, PROFILED)
     print(f"  timing {len(models)} configurations", flush=True)
     decode = decode_tokens_per_s(models, prompt[:, :16], steps=16 if quick else 32,
                                  rounds=2 if quick else 4)
-    prefill_rate = prefill_tokens_per_s(models, prompt, budget_s=10 if quick else 60)
+    # best of at least 3 interleaved passes: the prefill check's 5 % is no wider than that
+    prefill_rate = prefill_tokens_per_s(models, prompt, budget_s=30 if quick else 90)
     rows = {}
     for config, model_ in models.items():
         rows[config] = {
@@ -356,18 +433,28 @@ def run_model(name: str, shape: tuple[int, int, int, int], quick: bool) -> dict:
         print(f"  {config:34s} {decode[config]:8.2f} tok/s "
               f"({rows[config]['decode_vs_dense_fp32']:.2f}x fp32)  prefill "
               f"{prefill_rate[config]:8.1f} tok/s", flush=True)
+    split = {}
+    if profile:
+        profiled = {n: m for n, m in models.items() if n.removesuffix(TORCH_COMPILED) in PROFILED}
+        split = decode_profile(profiled, prompt[:, :16], steps=8 if quick else 16,
+                               step_ms={n: 1e3 / decode[n] for n in profiled})
     return {"model": name, "hidden": hidden, "intermediate": intermediate, "layers": layers,
             "parameters": params, "prefill_tokens": prefill, "rows": rows,
-            "skipped": skipped, "checks": checks(rows, skipped)}
+            "profile": split, "skipped": skipped, "checks": checks(rows, skipped)}
 
 
 def formats_of(model: nn.Module) -> dict[str, int]:
-    """How many of a compiled model's layers took each format (empty if not compiled);
-    layers with activation thresholds count as ``activation-sparse``."""
+    """How many of a compiled model's layers took each format (empty if not compiled): for
+    few rows (decoding), ``prompt <format>`` where a second one serves many rows, ``fused``
+    where the layer runs in a stacked group; layers with activation thresholds count as
+    ``activation-sparse``."""
     counts: dict[str, int] = {}
     for choice in getattr(model, "sparsekit_choices", {}).values():
-        fmt = str(choice.get("format"))
-        counts[fmt] = counts.get(fmt, 0) + 1
+        large = choice.get("format_large")
+        fused = (choice.get("fused") or {}).get("format") == "fused"
+        for fmt in (str(choice.get("format")), large and f"prompt {large}", fused and "fused"):
+            if fmt:
+                counts[fmt] = counts.get(fmt, 0) + 1
     act = sum(isinstance(m, ActivationSparseLinear) for m in model.modules())
     return {**counts, "activation-sparse": act} if act else counts
 
@@ -432,6 +519,15 @@ def markdown(machine: dict[str, str], results: list[dict], ppl: dict | None, not
                          f"{r['prefill_tok_s']:.1f} | {formats} |")
         for config, why in res["skipped"].items():
             lines.append(f"| {config} | skipped: {why} | | | | |")
+        if res.get("profile"):
+            lines += ["", "Where one decode step goes (ms per step; matmul, attention and other "
+                      "ops: self time under torch.profiler; Python & framework: the "
+                      "unprofiled median step minus those):", "",
+                      "| configuration | step | matmul | attention | other ops | "
+                      "Python & framework |", "| :--- | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {config} | {p['step_ms']:.2f} | {p['matmul']:.2f} | "
+                      f"{p['attention']:.2f} | {p['other ops']:.2f} | {p['python']:.2f} |"
+                      for config, p in res["profile"].items()]
         lines += ["", "Targets:", ""]
         lines += [f"- {'PASS' if ok else 'MISS'}: {claim}" for claim, ok in res["checks"]]
         lines.append("")
@@ -472,6 +568,11 @@ def main() -> int:
                         "--shape 128x256x1)")
     parser.add_argument("--only", choices=("decode", "perplexity"),
                         help="run one part (default: both)")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="also time " + ", ".join(PROFILED) + " under torch.compile")
+    parser.add_argument("--profile", action="store_true",
+                        help="split a decode step of " + ", ".join(PROFILED) + " into matmul, "
+                        "attention, other ops and Python time (torch.profiler)")
     args = parser.parse_args()
     machine = cpu()
     note = (f"torch {torch.__version__}; sparsekit kernels "
@@ -486,7 +587,8 @@ def main() -> int:
     if args.shape:
         shapes = {"llama-{}x{}x{}".format(*args.shape[:3]): args.shape}
     results = ([] if args.only == "perplexity" else
-               [run_model(name, shape, args.quick) for name, shape in shapes.items()])
+               [run_model(name, shape, args.quick, torch_compile=args.torch_compile,
+                          profile=args.profile) for name, shape in shapes.items()])
     ppl = None
     if args.only != "decode":
         print("perplexity: int8 over sparse fp32", flush=True)

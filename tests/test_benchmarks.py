@@ -96,3 +96,24 @@ def test_benchmarks_reject_an_isa_this_cpu_cannot_run():
             capture_output=True, text=True, timeout=900,
         )
         assert result.returncode == 2 and "--isa must" in result.stderr, result.stderr[-2000:]
+
+
+def test_llm_decode_int8pack_peer_takes_misaligned_bf16_inputs():
+    """``_weight_int8pack_mm`` reads activations with 32-byte aligned loads and crashed the
+    process on a view at an odd offset; the peer copies such inputs and runs in bfloat16, its
+    vectorised path, matching the float32 product to int8 rounding."""
+    code = """if True:
+        import torch, llm_decode
+        lin = torch.nn.Linear(128, 64)
+        contiguous = torch.randn(3 * 128 + 8, dtype=torch.bfloat16)[8:].view(1, 3, 128)
+        strided = torch.randn(1, 3, 136, dtype=torch.bfloat16)[..., 8:]
+        for x in (contiguous, strided):
+            assert x.data_ptr() % 32
+            y = llm_decode.Int8PackLinear(lin)(x)
+            ref = lin(x.float())
+            assert y.dtype == torch.bfloat16 and y.shape == (1, 3, 64)
+            assert float((y.float() - ref).norm() / ref.norm()) < 0.02
+    """
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]

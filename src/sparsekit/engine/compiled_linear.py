@@ -222,6 +222,8 @@ class CompiledLinear(CompiledLayer):
         device = next(iter(self.format.buffers()), torch.empty(0)).device
         self.split_rows = None if split is None else torch.tensor(split, device=device)
         self.__dict__["split"] = split
+        # the hot path compares x.numel() with this (in_features reads the format module)
+        self.__dict__["_split_numel"] = None if split is None else split * self.in_features
         self._cache()
 
     def _cache(self) -> None:
@@ -238,7 +240,7 @@ class CompiledLinear(CompiledLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         large = self._large
-        if large is not None and x.numel() > self.split * self.in_features:
+        if large is not None and x.numel() > self._split_numel:
             return large(x, self._bias)
         return self._matmul(x, self._bias)
 

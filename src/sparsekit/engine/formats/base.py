@@ -96,9 +96,10 @@ class Format(nn.Module):
         reads past the end of ``x``.
         """
         shape = x.shape  # read once: each read builds a torch.Size (µs count at batch 1)
-        if len(shape) == 2 and shape[1] == self.in_features:  # the common case, no reshapes
+        if not shape or shape[-1] != self.in_features:
+            self.check_input(x)  # raises
+        if len(shape) == 2:  # no reshapes
             return self._mm(x, bias)
-        self.check_input(x)
         y = self._mm(x.reshape(-1, self.in_features), bias)
         return y.reshape(*shape[:-1], self.out_features)
 

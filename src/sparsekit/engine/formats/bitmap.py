@@ -66,9 +66,10 @@ class Bitmap(NativeFormat):
                              f"{values.numel()} bitmap_values")
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+        b = self._buffers  # direct: nn.Module.__getattr__ costs ~0.2 µs per buffer
         ops = torch.ops.sparsekit
         return (ops.bitmap_qlinear if self.quantizes_inputs else ops.bitmap_linear)(
-            self.bitmap_values, self.bitmap_mask, self.bitmap_rowptr, x, bias, self.in_features,
+            b["bitmap_values"], b["bitmap_mask"], b["bitmap_rowptr"], x, bias, self.in_features,
             threads, *self.scale_args(),
         )
 

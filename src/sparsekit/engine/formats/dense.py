@@ -38,7 +38,7 @@ class DenseFormat(Format):
         shape = x.shape  # F.linear takes any (..., in_features)
         if not shape or shape[-1] != self.in_features:
             self.check_input(x)
-        return F.linear(x, self.weight, bias)
+        return F.linear(x, self._buffers["weight"], bias)
 
     def to_dense(self) -> torch.Tensor:
         return self.weight.clone()

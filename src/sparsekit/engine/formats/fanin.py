@@ -56,8 +56,9 @@ class ConstantFanIn(NativeFormat):
         _check_fanin(*tensors, shape)
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+        b = self._buffers  # direct: nn.Module.__getattr__ costs ~0.2 µs per buffer
         return torch.ops.sparsekit.fanin_linear(
-            self.fanin_values, self.fanin_col_indices, self.fanin_rows, x, bias,
+            b["fanin_values"], b["fanin_col_indices"], b["fanin_rows"], x, bias,
             self.out_features, self.in_features, threads,
         )
 
