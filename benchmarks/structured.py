@@ -14,6 +14,12 @@ deployed; the same for every model). Checks, printing each MISS and exiting 1:
 * accuracy within 0.3 points of Torch-Pruning's (or better) at the same budget and importance;
 * batch-64 latency falls by at least 80 % of the MAC reduction.
 
+With ``--llm``, also the byte-level LLaMA of ``benchmarks/llm_pruning.py`` (trained and cached
+there): 20 % of FFN neurons and 20 % of heads removed by magnitude, Wanda-SP and FLAP
+(``llm.prune_structured``), and 25 % of the layers by ShortGPT's block influence;
+perplexity relative to dense, and whether the published order FLAP ≤ Wanda-SP holds (reported
+as measured, never a MISS: small models need not follow it).
+
 Torch-Pruning (``torch-pruning``, the ``bench`` extra) is not a sparsekit dependency: without it
 the comparison rows and checks are skipped with a note. Without the Fashion-MNIST IDX files
 the run falls back to scikit-learn's digits and says so (then accuracies mean little).
@@ -21,6 +27,7 @@ Writes benchmarks/results/structured.{json,md} (``--quick``: structured_quick.*)
 
     python benchmarks/structured.py            # ~10 min on 2 free cores (+ ~9 min once: training)
     python benchmarks/structured.py --quick    # smoke run, under a minute
+    python benchmarks/structured.py --llm      # plus the LLaMA rows (first run trains ~5 min)
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ LATENCY_SHARE = 0.8  # of the MAC reduction
 @dataclass(frozen=True)
 class Setup:
     width: int = 16
-    train_epochs: int = 2
+    train_steps: int = 938  # two epochs of batch 128
     finetune_steps: int = 150  # a third of an epoch of batch 128
     batch: int = 128
     lr: float = 1e-3
@@ -69,7 +76,7 @@ class Setup:
     threads: int = 2
 
 
-QUICK = Setup(width=8, train_epochs=0, finetune_steps=2, batch=32, score_batches=1,
+QUICK = Setup(width=8, train_steps=0, finetune_steps=2, batch=32, score_batches=1,
               eval_images=256, search_steps=5, timing_s=0.2)
 
 
@@ -137,7 +144,7 @@ def dense_model(images: torch.Tensor, labels: torch.Tensor, setup: Setup, data: 
     """The trained dense network, from the cache when these settings were trained before."""
     torch.manual_seed(0)
     model = ResNet18(setup.width)
-    steps = setup.train_epochs * (len(images) // setup.batch)
+    steps = setup.train_steps
     path = CACHE / f"structured_resnet18_w{setup.width}_{data}_{steps}steps_b{setup.batch}.pt"
     if steps and path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -210,6 +217,35 @@ def ratio_for(library: str, model: nn.Module, target: float, setup: Setup, x: to
     return best[1], best[2]
 
 
+def llm_rows(quick: bool) -> tuple[float, list[dict[str, object]]]:
+    """Dense validation perplexity of the benchmark LLaMA and one row per structured cut."""
+    from llm_pruning import EVAL_TOKENS, SEQLEN, shakespeare, train_llama
+
+    from sparsekit import llm
+
+    data = shakespeare()
+    split = int(0.9 * data.numel())
+    train_ids, val = data[:split], data[split:]
+    model = train_llama(train_ids, steps=40 if quick else 400)
+    val = val[: 8 * SEQLEN if quick else EVAL_TOKENS]
+    calib = {"nsamples": 8 if quick else 64, "seqlen": SEQLEN}
+    dense = llm.perplexity(model, val, seqlen=SEQLEN)
+    rows = []
+    cuts = [(m, (("ffn", 0.2), ("heads", 0.2))) for m in ("magnitude", "wanda", "flap")]
+    cuts.append(("block_influence", (("layers", 0.25),)))
+    for method, units in cuts:
+        pruned = copy.deepcopy(model)
+        for unit, amount in units:
+            llm.prune_structured(pruned, train_ids, amount, unit=unit, method=method, **calib)
+        ppl = llm.perplexity(pruned, val, seqlen=SEQLEN)
+        rows.append({"method": method, "cut": " + ".join(f"{a:.0%} {u}" for u, a in units),
+                     "params": sum(p.numel() for p in pruned.parameters()),
+                     "perplexity": ppl, "relative": ppl / dense})
+        print(f"  {method:15s} {rows[-1]['cut']:18s} ppl {ppl:.3f} ({ppl / dense:.3f}x dense)",
+              flush=True)
+    return dense, rows
+
+
 # -- measuring ----------------------------------------------------------------------------
 
 
@@ -233,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny width and budgets: a smoke run")
     parser.add_argument("--no-check", action="store_true", help="report only, never exit 1")
-    for field in ("train_epochs", "finetune_steps", "eval_images", "round_to", "threads"):
+    parser.add_argument("--llm", action="store_true", help="add the structured LLaMA rows")
+    for field in ("train_steps", "finetune_steps", "eval_images", "round_to", "threads"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int,
                             help=f"override the setup's {field} (full: {getattr(Setup, field)})")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -273,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             if library not in libraries:
                 continue
             ratio = ratios[library][0]
+            print(f"{library} {method} -{cut:.0%}: channel ratio {ratio:.3f}, fine-tuning "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
             pruned, diff = PRUNERS[library](dense, ratio, method, batches, setup, x)
             name = f"{library} {method} -{cut:.0%}"
             if library == "sparsekit":
@@ -309,12 +348,14 @@ def main(argv: list[str] | None = None) -> int:
                                     f"{peer['macs_vs_dense']:.3f} of dense)",
                            "ok": gap >= -ACCURACY_SLACK, "value": round(gap, 2)})
 
+    llm_dense, llm_table = llm_rows(args.quick) if args.llm else (None, [])
     elapsed = time.perf_counter() - start
     stem = "structured_quick" if args.quick else "structured"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"setup": asdict(setup), "dataset": data.name, "seconds": round(elapsed),
-         "rows": rows, "checks": checks}, indent=2))
+         "rows": rows, "checks": checks, "llm_dense_perplexity": llm_dense,
+         "llm_rows": llm_table}, indent=2))
     lines = [f"{data.name}, ResNet-18 width {setup.width}; fine-tuning {setup.finetune_steps} "
              f"steps of {setup.batch} (fused Adam, lr {setup.lr}); round_to {setup.round_to}; "
              f"{setup.threads} threads; latency with conv+BN folded; {elapsed:.0f} s", "",
@@ -328,6 +369,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['macs_vs_dense']:.3f} | {r['batch1_ms']:.3f} | {r['batch64_ms']:.2f} | "
               f"{r['batch1_speedup']:.2f}× | {r['batch64_speedup']:.2f}× |" for r in rows]
     lines += ["", *[f"- {'✓' if c['ok'] else '✗'} {c['claim']} ({c['value']})" for c in checks]]
+    if llm_table:
+        ppl = {r["method"]: r["perplexity"] for r in llm_table}
+        lines += ["", f"Byte-level LLaMA (benchmarks/llm_pruning.py), dense perplexity "
+                      f"{llm_dense:.3f}:", "", "| method | cut | params | perplexity | vs dense |",
+                  "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['method']} | {r['cut']} | {r['params']:,} | {r['perplexity']:.3f} | "
+                  f"{r['relative']:.3f}× |" for r in llm_table]
+        lines += ["", f"FLAP ≤ Wanda-SP (the published order): "
+                      f"{'holds' if ppl['flap'] <= ppl['wanda'] else 'does not hold'} "
+                      f"({ppl['flap']:.3f} vs {ppl['wanda']:.3f})"]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     failed = [c for c in checks if not c["ok"]]

@@ -289,7 +289,8 @@ class Channel(GroupPattern):
     every residual branch added to them and the input columns of every reader, so that
     :func:`~sparsekit.shrink` can hand back a smaller dense model with the same outputs.
     ``sparsity`` is the fraction of channels removed (per group with ``"uniform"``,
-    across groups with ``"global"``); each group keeps at least one channel."""
+    across groups with ``"global"``); each group keeps at least one channel.
+    ``"channel:8"`` (``round_to=8``) keeps counts that are multiples of 8."""
 
     spec: str = "channel"
     round_to: int = 1

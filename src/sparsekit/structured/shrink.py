@@ -89,14 +89,10 @@ def _compensation_means(model: nn.Module, removed: list[tuple[Group, torch.Tenso
                         data: Any) -> dict[str, torch.Tensor]:
     """The readers' input means for FLAP's compensation, refusing a model whose removed
     reader columns are all zero already (its masks were applied: nothing to fold)."""
-    live = False
-    for group, gone in removed:
-        for s in group.slices:
-            if s.role == "in" and gone.numel():
-                cols = model.get_parameter(s.name).detach().index_select(
-                    s.dim, s.indices(gone).to(model.get_parameter(s.name).device))
-                live = live or bool(cols.any())
-    if not live and any(gone.numel() for _, gone in removed):
+    columns = [model.get_parameter(s.name).detach().movedim(s.dim, 0)[s.indices(gone).cpu()]
+               for group, gone in removed if gone.numel()
+               for s in group.slices if s.role == "in"]
+    if columns and not any(bool(c.any()) for c in columns):
         raise ValueError(
             "compensate: the reader columns of every removed channel are already zero, so "
             "there is no contribution to fold (were the masks applied?). FLAP's "
