@@ -51,6 +51,16 @@ class ScoreContext:
             )
         return out
 
+    def require_layer_weights(self, criterion: str) -> None:
+        """Raise unless every target is the weight of a Linear or Conv layer (criteria that
+        observe a layer's inputs)."""
+        for t in self.targets:
+            if not isinstance(t.module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (
+                t.param is not t.module.weight
+            ):
+                raise ValueError(f"criterion {criterion!r} scores Linear/Conv weights only; "
+                                 f"target {t.name!r} is not one")
+
     def require_grad(self, criterion: str) -> None:
         """Raise unless every target takes a gradient (``requires_grad=True``): gradient
         criteria differentiate the loss with respect to the targets."""

@@ -27,7 +27,11 @@ from sparsekit.observe import run, watch
 from sparsekit.scores import CRITERIA
 from sparsekit.scores._context import ScoreContext
 
-__all__ = ["Moments", "fluctuation_scores", "input_moments"]
+__all__ = ["LAYERS", "Moments", "fluctuation_scores", "input_moments"]
+
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""The layers whose input channels are observed (a channel: a Linear input's last axis,
+axis 1 of a convolution's input)."""
 
 
 class Moments:
@@ -72,7 +76,7 @@ def input_moments(model: nn.Module, layers: Mapping[str, nn.Module], data: Any
     ``nn.Linear`` and ``nn.Conv1d/2d/3d``. Raises ``ValueError`` naming the layers
     ``data`` never reached."""
     for name, m in layers.items():
-        if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+        if not isinstance(m, LAYERS):
             raise TypeError(f"layers[{name!r}] must be a Linear or Conv layer, got "
                             f"{type(m).__name__}")
     stats = {n: Moments(m.in_features if isinstance(m, nn.Linear) else m.in_channels,
@@ -105,13 +109,7 @@ def flap(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     the squared weight that reads it (FLAP). Under ``pattern="channel"`` a channel's
     importance is ``Var·‖W[:, j]‖²`` over the layers that read it; pair it with
     ``shrink(..., compensate=data)`` for FLAP's bias compensation."""
-    for t in ctx.targets:
-        if not isinstance(t.module, (nn.Linear, nn.modules.conv._ConvNd)) or (
-            t.param is not t.module.weight
-        ):
-            raise ValueError(
-                f"criterion 'flap' scores Linear/Conv weights only; target {t.name!r} is not one"
-            )
+    ctx.require_layer_weights("flap")
     data = ctx.require_data("flap", labels=False)
     moments = input_moments(ctx.model, {t.name: t.module for t in ctx.targets}, data)
     return {t.name: fluctuation_scores(t.param, moments[t.name]) for t in ctx.targets}

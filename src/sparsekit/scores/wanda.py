@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from sparsekit.observe import InputStats, input_stats
 from sparsekit.scores import CRITERIA
@@ -17,13 +16,7 @@ def wanda(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     For convolutions the input features are the unfolded patches (channel × kernel
     position), matching the flattened weight layout (see :func:`sparsekit.observe.record`).
     """
-    for t in ctx.targets:
-        if not isinstance(t.module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (
-            t.param is not t.module.weight
-        ):
-            raise ValueError(
-                f"criterion 'wanda' scores Linear/Conv weights only; target {t.name!r} is not one"
-            )
+    ctx.require_layer_weights("wanda")
     data = ctx.require_data("wanda", labels=False)
     stats = input_stats(ctx.model, {t.name: t.module for t in ctx.targets}, data)
     return {t.name: wanda_scores(t.param, stats[t.name]) for t in ctx.targets}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit.scores.flap import input_moments
+from sparsekit.scores.flap import LAYERS, input_moments
 from sparsekit.structured.dependency import Group, Slice
 
 __all__ = ["fold_means", "reader_means", "with_biases"]
@@ -87,7 +87,7 @@ def _readers(model: nn.Module, group: Group) -> list[Slice]:
     out = []
     for s in group.slices:
         owner, _, attr = s.name.rpartition(".")
-        if s.role == "in" and attr == "weight" and isinstance(
-                model.get_submodule(owner), (nn.Linear, nn.modules.conv._ConvNd)):
+        if s.role == "in" and attr == "weight" and isinstance(model.get_submodule(owner),
+                                                               LAYERS):
             out.append(s)
     return out
