@@ -74,10 +74,11 @@ class Setup:
     round_to: int = 8
     timing_s: float = 3.0
     threads: int = 2
+    mac_cuts: tuple[float, ...] = MAC_CUTS
 
 
 QUICK = Setup(width=8, train_steps=0, finetune_steps=2, batch=32, score_batches=1,
-              eval_images=256, search_steps=5, timing_s=0.2)
+              eval_images=256, search_steps=3, timing_s=0.1, mac_cuts=MAC_CUTS[:1])
 
 
 @CRITERIA.register("magnitude_l2")
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
              "accuracy_pruned": None, "accuracy": accuracy(dense, test_x, test_y),
              "params": sum(p.numel() for p in dense.parameters()), "macs": macs(dense, x)}]
     models, checks = {"dense": dense}, []
-    for cut in MAC_CUTS:
+    for cut in setup.mac_cuts:
         ratios = {lib: ratio_for(lib, dense, 1 - cut, setup, x) for lib in libraries}
         for library, method in METHODS:
             if library not in libraries:
