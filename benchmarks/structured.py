@@ -357,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         {"setup": asdict(setup), "dataset": data.name, "seconds": round(elapsed),
          "rows": rows, "checks": checks, "llm_dense_perplexity": llm_dense,
          "llm_rows": llm_table}, indent=2))
-    lines = [f"{data.name}, ResNet-18 width {setup.width}; fine-tuning {setup.finetune_steps} "
-             f"steps of {setup.batch} (fused Adam, lr {setup.lr}); round_to {setup.round_to}; "
+    lines = [f"{data.name}, ResNet-18 width {setup.width} trained {setup.train_steps} steps; "
+             f"fine-tuning {setup.finetune_steps} steps of {setup.batch} (fused Adam, lr "
+             f"{setup.lr}); accuracy on {len(test_x)} test images; round_to {setup.round_to}; "
              f"{setup.threads} threads; latency with conv+BN folded; {elapsed:.0f} s", "",
              "| model | channel ratio | acc. pruned (1k images) | acc. fine-tuned | params | "
              "MACs | MACs vs dense | batch-1 ms | batch-64 ms | batch-1 speed-up | "
