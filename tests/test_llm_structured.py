@@ -168,6 +168,9 @@ def test_bert_ffn_and_heads(tmp_path, unit):
     ({"calibration": None, "unit": "layers"}, ValueError,
      r"method 'block_influence' needs calibration data \(token ids or texts\)$"),
     ({"calibration": torch.full((2, 4), VOCAB)}, ValueError, "calibration"),
+    ({"calibration": None, "method": "flap"}, ValueError, "method 'flap' needs calibration"),
+    ({"round_to": 0}, ValueError, "round_to must be an int ≥ 1"),
+    ({"round_to": 8.0, "method": "flap"}, TypeError, "round_to must be an int ≥ 1"),
 ])
 def test_bad_input_is_a_clear_error_and_leaves_the_model_untouched(kwargs, error, match):
     model = llama()
@@ -229,3 +232,51 @@ def test_head_pattern_through_prune_and_shrink():
     torch.testing.assert_close(out(small, ids), expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="unknown unit 'experts'"):
         transformer_groups(model, "experts")
+
+
+@pytest.mark.parametrize("unit", ["ffn", "heads"])
+def test_flap_compensates_into_new_biases_and_round_trips(tmp_path, unit):
+    model, ids = llama(), tokens(8)
+    reference = copy.deepcopy(model)
+    prune_structured(model, ids, 0.5, unit=unit, method="flap")
+    block, old = model.model.layers[0], reference.model.layers[0]
+    reader = block.mlp.down_proj if unit == "ffn" else block.self_attn.o_proj
+    assert reader.bias is not None and reader.bias.abs().sum() > 0
+    assert (old.mlp.down_proj if unit == "ffn" else old.self_attn.o_proj).bias is None
+    if unit == "ffn":
+        assert reader.in_features == 24 == model.config.intermediate_size
+    shapes = model.config.sparsekit_shapes
+    assert shapes[f"model.layers.0.{'mlp.down_proj' if unit == 'ffn' else 'self_attn.o_proj'}"
+                  ".bias"] == [32]
+    expected = out(model, ids)
+    model.save_pretrained(tmp_path)
+    back = load_pretrained(tmp_path)
+    torch.testing.assert_close(out(back, ids), expected)
+
+
+def test_flap_compensation_beats_no_compensation_on_its_calibration_data():
+    """Per block, the FFN output of the FLAP-pruned block is closer to the dense one with
+    the bias it folded in than without it (the paper's compensation)."""
+    model, ids = llama(1), tokens(8)
+    reference = copy.deepcopy(model)
+    prune_structured(model, ids, 0.5, unit="ffn", method="flap")
+    hidden = reference.model.embed_tokens(ids)
+    x = reference.model.layers[0].post_attention_layernorm(hidden).detach()  # an FFN input
+    with torch.no_grad():
+        dense = reference.model.layers[0].mlp(x)
+        mlp = model.model.layers[0].mlp
+        compensated = mlp(x)
+        bias = mlp.down_proj.bias.clone()
+        mlp.down_proj.bias.zero_()
+        plain = mlp(x)
+        mlp.down_proj.bias.copy_(bias)
+    assert (compensated - dense).pow(2).mean() < (plain - dense).pow(2).mean()
+
+
+def test_round_to_rounds_ffn_widths():
+    model, ids = llama(), tokens()
+    prune_structured(model, ids, 0.3, unit="ffn", method="magnitude", round_to=8)
+    assert all(b.mlp.up_proj.out_features == 32 for b in model.model.layers)  # 33.6 -> 32
+    model = llama()
+    prune_structured(model, ids, 0.5, unit="heads", method="magnitude", round_to=8)
+    assert model.model.layers[0].self_attn.k_proj.out_features == 8  # a head is 4 wide

@@ -343,6 +343,6 @@ def test_benchmark_quick_run(tmp_path):
     result = subprocess.run([sys.executable, str(script), "--quick", "--no-check", "--out",
                              str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    data = json.loads((tmp_path / "structured.json").read_text())
+    data = json.loads((tmp_path / "structured_quick.json").read_text())
     assert [r["model"] for r in data["rows"]][:1] == ["dense"]
     assert all(c["ok"] for c in data["checks"] if "shrunk == masked" in c["claim"])

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 PATTERNS: Registry = Registry("pattern")
 
 _ACCEPTED = ("'unstructured', 'N:M' (e.g. '2:4'), 'block:RxC' (e.g. 'block:4x4'), 'row', "
-             "'fanin', 'channel' or 'head'")
+             "'fanin', 'channel' or 'head' (kept counts rounded to multiples of 8: 'channel:8')")
 
 
 class Pattern:
@@ -64,7 +64,9 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"pattern must be a string ({_ACCEPTED}), got {type(spec).__name__}")
-    family = "nm" if ":" in spec and not spec.startswith("block:") else spec.split(":")[0]
+    family = spec.split(":")[0]
+    if ":" in spec and family not in ("block", "channel", "head"):
+        family = "nm"
     if family not in PATTERNS or spec == "nm":
         raise ValueError(f"unknown pattern {spec!r}; accepted: {_ACCEPTED}")
     return PATTERNS.get(family)(spec)
@@ -247,13 +249,38 @@ class GroupPattern(Pattern):
         raise ValueError(f"pattern {self.spec!r} masks whole groups across layers: use "
                          f"prune(..., pattern={self.spec!r}) or compute_masks, not Pattern.mask")
 
+    round_to: int = 1
+    """Kept channel counts are multiples of this (see
+    :func:`~sparsekit.structured.importance.round_count`); ``"channel:8"`` sets it."""
+
+    def __post_init__(self) -> None:
+        from sparsekit.structured.importance import check_round_to
+
+        check_round_to(self.round_to)
+
     def select(self, model: nn.Module, targets: list[Target], scores: dict[str, torch.Tensor],
                allocate: Callable[[dict[str, torch.Tensor], float], dict[str, int]],
-               sparsity: float) -> dict[str, torch.Tensor]:
-        """The target masks that remove each group's least important channels."""
+               sparsity: float, *, readers_only: bool = False) -> dict[str, torch.Tensor]:
+        """The target masks that remove each group's least important channels
+        (``readers_only``: rank them by their reader columns, for criteria such as FLAP)."""
         from sparsekit.structured.importance import channel_masks
 
-        return channel_masks(model, targets, scores, allocate, sparsity, self.groups(model))
+        return channel_masks(model, targets, scores, allocate, sparsity, self.groups(model),
+                             readers_only=readers_only, round_to=self.round_to)
+
+    def __str__(self) -> str:
+        return self.spec if self.round_to == 1 else f"{self.spec}:{self.round_to}"
+
+
+def _group_spec(spec: str) -> int:
+    """The ``round_to`` of ``"channel"`` / ``"channel:8"`` (``"head:…"`` alike)."""
+    family, _, count = spec.partition(":")
+    if not count:
+        return 1
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"pattern {spec!r}: the count after {family!r} rounds kept channels "
+                         f"and must be an int ≥ 1 (e.g. '{family}:8')")
+    return int(count)
 
 
 @dataclass(frozen=True)
@@ -262,9 +289,11 @@ class Channel(GroupPattern):
     every residual branch added to them and the input columns of every reader, so that
     :func:`~sparsekit.shrink` can hand back a smaller dense model with the same outputs.
     ``sparsity`` is the fraction of channels removed (per group with ``"uniform"``,
-    across groups with ``"global"``); each group keeps at least one channel."""
+    across groups with ``"global"``); each group keeps at least one channel.
+    ``"channel:8"`` (``round_to=8``) keeps counts that are multiples of 8."""
 
     spec: str = "channel"
+    round_to: int = 1
 
     def groups(self, model: nn.Module) -> list[Group]:
         from sparsekit.structured.dependency import dependency_groups  # traces with torch.fx
@@ -274,7 +303,7 @@ class Channel(GroupPattern):
 
 @PATTERNS.register("channel")
 def _channel(spec: str) -> Pattern:
-    return Channel()
+    return Channel(round_to=_group_spec(spec))
 
 
 @dataclass(frozen=True)
@@ -285,6 +314,7 @@ class Head(GroupPattern):
     "heads")``); :func:`sparsekit.llm.prune_structured` also updates the config."""
 
     spec: str = "head"
+    round_to: int = 1
 
     def groups(self, model: nn.Module) -> list[Group]:
         from sparsekit.structured.transformer import transformer_groups
@@ -294,4 +324,4 @@ class Head(GroupPattern):
 
 @PATTERNS.register("head")
 def _head(spec: str) -> Pattern:
-    return Head()
+    return Head(round_to=_group_spec(spec))

@@ -79,7 +79,8 @@ def compute_masks(
     scores = score_fn(ctx)
     check_scores(scores, method)
     if pat.grouped:  # whole dependency groups across layers (pattern="channel")
-        return pat.select(model, chosen, scores, allocate, float(sparsity)), pat
+        return pat.select(model, chosen, scores, allocate, float(sparsity),
+                          readers_only=CRITERIA.meta(method)["readers_only"]), pat
     # Layer by layer, so that at most one layer's scores is ever copied: weights that are
     # already zero rank below everything, and each layer's scores are let go once its
     # mask is built.

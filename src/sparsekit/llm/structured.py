@@ -12,18 +12,23 @@ The result is a smaller *dense* model, not a masked one:
   (ShortGPT's block influence, 1 − mean cosine similarity of a block's input and output).
 
 FFN neurons and heads are :class:`~sparsekit.structured.Group` s — the same vocabulary as
-CNN channels — ranked by ``"magnitude"`` (mean |W| over the group) or ``"wanda"`` (mean
-|W|·‖X‖ over calibration data: Wanda-SP) and cut with
-:func:`~sparsekit.structured.shrink.remove_channels`; ``allocation`` is ``"uniform"`` (the
-same fraction in every block) or ``"global"`` (one ranking over all blocks). FLAP's bias
-compensation is not implemented.
+CNN channels — ranked by ``"magnitude"`` (mean |W| over the group), ``"wanda"`` (mean
+|W|·‖X‖ over calibration data: Wanda-SP) or ``"flap"`` (FLAP's fluctuation of the output
+projection's input channels, Var(x_j)·‖W[:, j]‖², see :mod:`sparsekit.scores.flap`) and
+cut with :func:`~sparsekit.structured.shrink.remove_channels`; ``allocation`` is
+``"uniform"`` (the same fraction in every block) or ``"global"`` (one ranking over all
+blocks). ``"flap"`` also applies FLAP's bias compensation: the removed units' mean
+contribution goes into the bias of ``down_proj`` / ``o_proj`` (added where the model has
+none — so the model reloads with :func:`load_pretrained`, never plain ``from_pretrained``).
+``round_to`` keeps neuron (and head-width) counts at multiples the dense kernels like.
 
 The pruned model's ``config`` follows its new sizes, so ``save_pretrained`` then plain
 ``AutoModel*.from_pretrained`` works whenever the widths are uniform (and always after
 removing layers). When blocks differ (``allocation="global"``, or BERT heads, whose size
-the config derives from the head count), the config records every parameter shape the
-standard config would get wrong under ``sparsekit_shapes``, and
-:func:`load_pretrained` rebuilds the model from them.
+the config derives from the head count), or FLAP added biases the architecture lacks,
+the config records every parameter shape the standard config would get wrong (or not
+have) under ``sparsekit_shapes``, and :func:`load_pretrained` rebuilds the model from
+them.
 """
 
 from __future__ import annotations
@@ -41,16 +46,18 @@ from sparsekit._checks import check_fraction
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
 from sparsekit.observe import input_stats, run
+from sparsekit.scores.flap import fluctuation_scores, input_moments
 from sparsekit.scores.wanda import wanda_scores
 from sparsekit.select import top_k
+from sparsekit.structured.compensate import fold_means
 from sparsekit.structured.dependency import Group
-from sparsekit.structured.importance import group_importance
+from sparsekit.structured.importance import check_round_to, group_importance, round_count
 from sparsekit.structured.shrink import cut, remove_channels
 from sparsekit.structured.transformer import transformer_blocks, transformer_groups
 
 __all__ = ["UNITS", "block_influence", "load_pretrained", "prune_structured"]
 
-UNITS = {"ffn": ("wanda", "magnitude"), "heads": ("wanda", "magnitude"),
+UNITS = {"ffn": ("wanda", "magnitude", "flap"), "heads": ("wanda", "magnitude", "flap"),
          "layers": ("block_influence",)}
 """Each unit and the methods that rank it (the first is the default)."""
 _ALLOCATIONS = ("uniform", "global")
@@ -66,6 +73,7 @@ def prune_structured(
     unit: str = "ffn",
     method: str | None = None,
     allocation: str = "uniform",
+    round_to: int = 1,
     tokenizer: Any = None,
     nsamples: int = 32,
     seqlen: int | None = None,
@@ -75,7 +83,11 @@ def prune_structured(
 
     ``unit`` is ``"ffn"``, ``"heads"`` or ``"layers"``; ``method`` ranks the units (see
     :data:`UNITS`; ``"magnitude"`` needs no ``calibration``); ``allocation`` is
-    ``"uniform"`` or ``"global"`` (FFN and heads). ``calibration`` takes the forms of
+    ``"uniform"`` or ``"global"`` (FFN and heads); ``round_to`` rounds every block's kept
+    count so its widths are multiples of it (see
+    :func:`~sparsekit.structured.importance.round_count`; a head is ``head_dim`` wide).
+    ``method="flap"`` folds the removed units' mean contribution into the output
+    projections' biases (FLAP's compensation). ``calibration`` takes the forms of
     :func:`~sparsekit.llm.calibration.calibration_tokens`. Every argument, and whether the
     model has the unit, is checked before anything changes; an ``amount`` that would
     remove all of a block's neurons or heads, or every layer, is a ``ValueError``.
@@ -93,6 +105,7 @@ def prune_structured(
         raise ValueError(f"unknown allocation {allocation!r}; accepted: "
                          f"{', '.join(map(repr, _ALLOCATIONS))}")
     check_fraction("amount", amount, zero=False)
+    check_round_to(round_to)
     _, blocks = transformer_blocks(model)
     tokens = None
     if method != "magnitude":
@@ -107,8 +120,10 @@ def prune_structured(
         _remove_layers(model, blocks, block_influence(model, tokens), amount)
     else:
         groups = transformer_groups(model, unit)
-        scores = _scores(model, groups, tokens)
-        removed = _select(groups, scores, amount, allocation, unit)
+        scores, means = _scores(model, groups, tokens, method)
+        removed = _select(groups, scores, amount, allocation, unit, round_to,
+                          readers_only=method == "flap")
+        fold_means(model, removed, means)
         remove_channels(model, removed)
         _sync_heads(model)
         _update_config(model, unit, removed)
@@ -183,30 +198,40 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
 # -- stages -------------------------------------------------------------------------------
 
 
-def _scores(model: nn.Module, groups: list[Group], tokens: torch.Tensor | None
-            ) -> dict[str, torch.Tensor]:
-    """Per-weight scores of every weight slice: |W|, or |W|·‖X‖ with calibration tokens."""
-    names = {s.name for g in groups for s in g.slices if s.name.endswith(".weight")}
+def _scores(model: nn.Module, groups: list[Group], tokens: torch.Tensor | None, method: str
+            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-weight scores of every weight slice — |W|, |W|·‖X‖ (Wanda-SP) or, for the
+    output projections only, Var(x)·W² (FLAP) — and, for FLAP, the mean of every input
+    channel of the output projections (for the bias compensation)."""
+    readers = method == "flap"
+    names = {s.name for g in groups for s in g.slices
+             if s.name.endswith(".weight") and (s.role == "in" or not readers)}
     weights = {n: model.get_parameter(n) for n in names}
-    if tokens is None:
-        return {n: w.detach().abs().float() for n, w in weights.items()}
+    if method == "magnitude":
+        return {n: w.detach().abs().float() for n, w in weights.items()}, {}
     layers = {n: model.get_submodule(n.rpartition(".")[0]) for n in names}
+    if readers:
+        moments = input_moments(model, layers, tokens)
+        return ({n: fluctuation_scores(w, moments[n]) for n, w in weights.items()},
+                {n: m.mean() for n, m in moments.items()})
     stats = input_stats(model, layers, tokens)
-    return {n: wanda_scores(w, stats[n]) for n, w in weights.items()}
+    return {n: wanda_scores(w, stats[n]) for n, w in weights.items()}, {}
 
 
 def _select(groups: list[Group], scores: Mapping[str, torch.Tensor], amount: float,
-            allocation: str, unit: str) -> list[tuple[Group, torch.Tensor]]:
+            allocation: str, unit: str, round_to: int, *, readers_only: bool
+            ) -> list[tuple[Group, torch.Tensor]]:
     """The units each group loses; a group that would lose all of them is an error."""
-    importance = {g.name: group_importance(g, scores) for g in groups}
+    importance = {g.name: group_importance(g, scores, readers_only=readers_only)
+                  for g in groups}
     keep = ALLOCATIONS.get(allocation)(importance, float(amount))
     empty = [n for n, k in keep.items() if k < 1]
     if empty:
         raise ValueError(f"amount={amount} would remove every {unit} unit of {empty}; use a "
                          "smaller amount (each block keeps at least one); the model was "
                          "not changed")
-    return [(g, torch.nonzero(~top_k(importance[g.name], keep[g.name])).flatten())
-            for g in groups]
+    return [(g, torch.nonzero(~top_k(importance[g.name], round_count(keep[g.name], g, round_to)))
+             .flatten()) for g in groups]
 
 
 def _remove_layers(model: nn.Module, blocks: nn.ModuleList, influence: list[float],
@@ -281,15 +306,22 @@ def _record_shapes(model: nn.Module) -> None:
     with torch.device("meta"):
         fresh = dict(type(model)(config).named_parameters())
     shapes = {n: list(p.shape) for n, p in model.named_parameters()
-              if n in fresh and fresh[n].shape != p.shape}
+              if n not in fresh or fresh[n].shape != p.shape}  # not in it: a FLAP bias
     if shapes:
         setattr(config, SHAPES_KEY, shapes)
 
 
 def _resize(model: nn.Module, shapes: Mapping[str, list[int]]) -> None:
-    """Cut each named parameter to its recorded shape (the trailing entries go)."""
+    """Cut each named parameter to its recorded shape (the trailing entries go); a bias
+    the architecture lacks (FLAP's compensation added it) is created."""
     cuts: dict[tuple[str, int], set[int]] = {}
+    params = dict(model.named_parameters())
     for name, shape in shapes.items():
+        owner, _, attr = name.rpartition(".")
+        if name not in params and attr == "bias":
+            layer = model.get_submodule(owner)
+            layer.bias = nn.Parameter(torch.zeros(shape, dtype=layer.weight.dtype))
+            continue
         current = model.get_parameter(name).shape
         for dim, (now, want) in enumerate(zip(current, shape)):
             if want < now:

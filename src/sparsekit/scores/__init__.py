@@ -6,7 +6,9 @@ Criteria are pure: they may run the model, but leave its parameters, gradients,
 buffers and train/eval mode exactly as they found them.
 
 Each criterion registers with its metadata: ``data_driven`` (it needs calibration data,
-``data=``) and ``needs_labels`` (that data must be ``(inputs, labels)`` batches), read with
+``data=``), ``needs_labels`` (that data must be ``(inputs, labels)`` batches) and
+``readers_only`` (the scores rank the input columns that read a channel, so a structured
+pattern takes a channel's importance from its readers alone: FLAP), read with
 ``CRITERIA.meta(name)`` or selected with ``CRITERIA.names(data_driven=True)``.
 """
 
@@ -18,10 +20,11 @@ from typing import Any
 from sparsekit.registry import Registry
 from sparsekit.scores._context import ScoreContext, batches, preserved
 
-CRITERIA: Registry = Registry("criterion", meta={"data_driven": False, "needs_labels": False})
+CRITERIA: Registry = Registry("criterion", meta={"data_driven": False, "needs_labels": False,
+                                             "readers_only": False})
 
 # Registration happens on import of the modules below (kept after the registry).
-from sparsekit.scores import graph, magnitude, saliency, wanda  # noqa: E402,F401
+from sparsekit.scores import flap, graph, magnitude, saliency, wanda  # noqa: E402,F401
 
 __all__ = ["CRITERIA", "ScoreContext", "batches", "preserved"]
 

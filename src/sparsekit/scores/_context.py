@@ -16,7 +16,7 @@ from torch import nn
 
 from sparsekit._checks import model_errors
 from sparsekit.observe import Batch, batches, preserved
-from sparsekit.targets import Target
+from sparsekit.targets import Target, default_types
 
 __all__ = ["Batch", "ScoreContext", "batches", "preserved"]
 
@@ -50,6 +50,15 @@ class ScoreContext:
                 f"criterion {criterion!r} needs labels: pass data as (inputs, labels) batches"
             )
         return out
+
+    def require_layer_weights(self, criterion: str) -> None:
+        """Raise unless every target is the weight of a Linear, GPT-2 Conv1D or Conv layer
+        (criteria that observe a layer's inputs; they score a Conv1D on its weight seen as
+        ``(out, in)``, :meth:`~sparsekit.targets.Target.out_in`)."""
+        for t in self.targets:
+            if not isinstance(t.module, default_types()) or t.param is not t.module.weight:
+                raise ValueError(f"criterion {criterion!r} scores Linear/Conv1D/Conv weights "
+                                 f"only; target {t.name!r} is not one")
 
     def require_grad(self, criterion: str) -> None:
         """Raise unless every target takes a gradient (``requires_grad=True``): gradient

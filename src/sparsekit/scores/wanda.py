@@ -7,7 +7,6 @@ import torch
 from sparsekit.observe import InputStats, input_stats
 from sparsekit.scores import CRITERIA
 from sparsekit.scores._context import ScoreContext
-from sparsekit.targets import default_types
 
 
 @CRITERIA.register("wanda", data_driven=True)
@@ -18,12 +17,7 @@ def wanda(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     position), matching the flattened weight layout (see :func:`sparsekit.observe.record`);
     GPT-2's ``Conv1D`` is scored on its weight seen as ``(out, in)``.
     """
-    for t in ctx.targets:
-        if not isinstance(t.module, default_types()) or t.param is not t.module.weight:
-            raise ValueError(
-                f"criterion 'wanda' scores Linear/Conv1D/Conv weights only; target {t.name!r} "
-                "is not one"
-            )
+    ctx.require_layer_weights("wanda")
     data = ctx.require_data("wanda", labels=False)
     stats = input_stats(ctx.model, {t.name: t.module for t in ctx.targets}, data)
     return {t.name: t.out_in(wanda_scores(t.out_in(t.param), stats[t.name]))

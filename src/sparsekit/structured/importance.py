@@ -4,30 +4,39 @@ A criterion scores every weight (``magnitude`` is ‖W‖₁ per channel here, `
 Wanda-SP's ‖W‖·‖X‖, ``snip`` first-order Taylor …); a channel's importance is the mean
 score over every scored weight of its group — writer rows and reader columns on all
 branches — so groups of different sizes compare on one scale for ``allocation="global"``.
+A criterion that ranks input columns (``readers_only``: FLAP) is read from the reader
+columns alone.
+
+``round_to`` makes every kept count a multiple the dense kernels like (8, 16 …): see
+:func:`round_count`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from sparsekit._checks import check_int
 from sparsekit.select import top_k
 from sparsekit.structured.dependency import Group, Slice, dependency_groups
 from sparsekit.targets import DEFAULT_TYPES, Target
 
-__all__ = ["channel_masks", "group_importance"]
+__all__ = ["channel_masks", "check_round_to", "group_importance", "round_count", "rounding_step"]
 
 Allocate = Callable[[dict[str, torch.Tensor], float], dict[str, int]]
 
 
-def group_importance(group: Group, scores: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    """Mean score per channel over the scored weights of ``group`` (``None``: none scored)."""
+def group_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
+                     readers_only: bool = False) -> torch.Tensor | None:
+    """Mean score per channel over the scored weights of ``group`` (``None``: none scored);
+    with ``readers_only`` over the columns that read the channels only."""
     total = torch.zeros(group.channels)
     count = 0
     for s in group.slices:
-        if s.name not in scores:
+        if s.name not in scores or (readers_only and s.role != "in"):
             continue
         part = scores[s.name].detach().float().movedim(s.dim, 0)
         part = part[s.offset: s.offset + group.channels * s.repeat].reshape(group.channels, -1)
@@ -43,33 +52,64 @@ def channel_masks(
     allocate: Allocate,
     sparsity: float,
     groups: Sequence[Group] | None = None,
+    *,
+    readers_only: bool = False,
+    round_to: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Masks of ``targets`` that remove the least important ``sparsity`` of the channels
     of every group whose Linear/Conv weights — writers and readers — are all targets (how
     many per group is ``allocate``'s answer; each group keeps at least one). ``groups``
     defaults to :func:`~sparsekit.structured.dependency_groups` of ``model``.
+    ``readers_only`` ranks channels by their reader columns alone (see
+    :func:`group_importance`); ``round_to`` rounds each kept count (:func:`round_count`).
 
     A removed channel loses its writer rows and, above all, its reader columns: nothing
     reads it any more, so the masked model computes exactly what
     :func:`~sparsekit.shrink` hands back (biases and BatchNorm entries of the channel are
     left as they are; ``shrink`` removes them with it).
     """
+    check_round_to(round_to)
     chosen = {t.name for t in targets}
     ranked: dict[str, tuple[Group, torch.Tensor]] = {}
     for group in dependency_groups(model) if groups is None else groups:
         if not all(s.name in chosen for s in _layer_weights(model, group)):
             continue
-        importance = group_importance(group, scores)
+        importance = group_importance(group, scores, readers_only=readers_only)
         if importance is not None:
             ranked[f"{group.name}#{len(ranked)}"] = (group, importance)
     keep = allocate({k: imp for k, (_, imp) in ranked.items()}, sparsity)
     masks = {t.name: t.param.detach() != 0 for t in targets}
     for key, (group, importance) in ranked.items():
-        gone = torch.nonzero(~top_k(importance, max(keep[key], 1))).flatten()
+        kept = round_count(max(keep[key], 1), group, round_to)
+        gone = torch.nonzero(~top_k(importance, kept)).flatten()
         for s in group.slices:
             if s.name in masks and gone.numel():
                 masks[s.name].index_fill_(s.dim, s.indices(gone).to(masks[s.name].device), False)
     return masks
+
+
+def check_round_to(round_to: object) -> None:
+    """Raise unless ``round_to`` is an int ≥ 1."""
+    check_int("round_to", round_to, minimum=1)
+
+
+def rounding_step(group: Group, round_to: int) -> int:
+    """How many channels of ``group`` make a multiple of ``round_to`` in every tensor: a
+    channel spans ``repeat`` entries of each slice (a head spans ``head_dim`` rows), so
+    the narrowest slice sets the step (``round_to=8`` with 64-wide heads: any count)."""
+    unit = min((s.repeat for s in group.slices), default=1)
+    return round_to // math.gcd(round_to, unit)
+
+
+def round_count(keep: int, group: Group, round_to: int) -> int:
+    """``keep`` channels of ``group`` rounded to the nearest multiple of its
+    :func:`rounding_step` (ties keep more), at least one step; the group's full width is
+    always allowed (a group narrower than one step keeps every channel)."""
+    step = rounding_step(group, round_to)
+    if step <= 1 or keep >= group.channels:
+        return min(keep, group.channels)
+    allowed = [*range(step, group.channels + 1, step), group.channels]
+    return min(allowed, key=lambda n: (abs(n - keep), -n))
 
 
 def _layer_weights(model: nn.Module, group: Group) -> list[Slice]:

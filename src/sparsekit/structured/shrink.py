@@ -12,42 +12,100 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from sparsekit.structured.compensate import fold_means, reader_means, with_biases
 from sparsekit.structured.dependency import Group, dependency_groups
+from sparsekit.structured.importance import check_round_to, rounding_step
 
 __all__ = ["cut", "remove_channels", "removable_channels", "shrink"]
 
 MaskTable = Mapping[str, torch.Tensor]
 
 
-def shrink(model: nn.Module, masks: object = None, *, groups: Sequence[Group] | None = None
-           ) -> nn.Module:
+def shrink(model: nn.Module, masks: object = None, *, groups: Sequence[Group] | None = None,
+           round_to: int = 1, compensate: Any = None) -> nn.Module:
     """A new, smaller dense copy of ``model`` without the channels ``masks`` cut off.
 
     ``masks`` is a :class:`~sparsekit.MaskSet` or a ``{parameter name: bool tensor}``
     dict (``True`` keeps); with ``None`` the weights' own zeros are the mask (for groups
     a regulariser drove to zero). A channel goes when all of its reader columns are
     masked (see :func:`removable_channels`); each group keeps at least one channel. The
-    model itself is not changed; layer attributes (``out_channels``, ``in_features``,
-    ``num_features`` …) follow the new shapes. ``groups`` defaults to
-    :func:`~sparsekit.structured.dependency_groups` of ``model``; for a transformer pass
+    copy carries the masks (masked entries are zero), so it computes what the masked
+    model computes, up to float rounding. The model itself is not changed; layer
+    attributes (``out_channels``, ``in_features``, ``num_features`` …) follow the new
+    shapes.
+
+    ``round_to`` keeps enough of the removable channels (inert: their reader columns are
+    zero) that every group's kept count is a multiple of it, or its full width, the
+    widths dense kernels run fastest (see
+    :func:`~sparsekit.structured.importance.rounding_step`).
+
+    ``compensate`` — calibration data in the forms of :func:`~sparsekit.observe.batches`
+    — applies FLAP's bias compensation (:mod:`sparsekit.structured.compensate`): each
+    removed channel's mean contribution over that data, measured on ``model`` before the
+    masks act, is added to its readers' biases (a reader without one gets one). This is
+    the one intended change of outputs. It needs the weights before masking: compute the
+    masks with :func:`sparsekit.prune.compute_masks` and shrink the unmasked model.
+
+    ``groups`` defaults to :func:`~sparsekit.structured.dependency_groups` of ``model``;
+    for a transformer pass
     :func:`~sparsekit.structured.transformer.transformer_groups` (its ``config`` is not
     updated: :func:`sparsekit.llm.prune_structured` does that). Raises ``ValueError`` for
-    masks that do not fit the model and for models ``torch.fx`` cannot trace.
+    masks that do not fit the model, a bad ``round_to``, ``compensate`` data the model
+    cannot run or without masks to compensate, and models ``torch.fx`` cannot trace.
     """
+    check_round_to(round_to)
     table = _mask_table(model, masks)
-    removed = []
-    for group in dependency_groups(model) if groups is None else groups:
-        gone = removable_channels(model, group, table)
-        if gone.numel() == group.channels:
-            gone = gone[1:]  # a group never vanishes: its first channel stays (it is inert)
-        removed.append((group, gone))
+    if compensate is not None and table is None:
+        raise ValueError("compensate needs masks: it folds the removed channels' mean "
+                         "contribution into biases, so pass the masks that remove them")
+    removed = [(g, removable_channels(model, g, table))
+               for g in (dependency_groups(model) if groups is None else groups)]
+    means = {} if compensate is None else _compensation_means(model, removed, compensate)
     small = copy.deepcopy(model)
-    remove_channels(small, removed)
+    if means:  # before the masks zero the columns it reads
+        added = fold_means(small, removed, means)
+        removed = [(with_biases(g, added), gone) for g, gone in removed]
+    if table is not None:
+        _apply(small, table)
+    remove_channels(small, [(g, _restore(g, gone, round_to)) for g, gone in removed])
     return small
+
+
+def _restore(group: Group, gone: torch.Tensor, round_to: int) -> torch.Tensor:
+    """``gone`` less the channels a group keeps anyway: at least one (a group never
+    vanishes) and enough for a kept count rounded up to ``round_to``'s step."""
+    step = rounding_step(group, round_to)
+    kept = group.channels - gone.numel()
+    want = min(group.channels, max(-(-kept // step) * step, 1))
+    return gone[want - kept:]
+
+
+def _compensation_means(model: nn.Module, removed: list[tuple[Group, torch.Tensor]],
+                        data: Any) -> dict[str, torch.Tensor]:
+    """The readers' input means for FLAP's compensation, refusing a model whose removed
+    reader columns are all zero already (its masks were applied: nothing to fold)."""
+    columns = [model.get_parameter(s.name).detach().movedim(s.dim, 0)[s.indices(gone).cpu()]
+               for group, gone in removed if gone.numel()
+               for s in group.slices if s.role == "in"]
+    if columns and not any(bool(c.any()) for c in columns):
+        raise ValueError(
+            "compensate: the reader columns of every removed channel are already zero, so "
+            "there is no contribution to fold (were the masks applied?). FLAP's "
+            "compensation needs the weights before masking: compute the masks with "
+            "sparsekit.prune.compute_masks and shrink the unmasked model")
+    return reader_means(model, removed, data)
+
+
+@torch.no_grad()
+def _apply(model: nn.Module, table: MaskTable) -> None:
+    for name, mask in table.items():
+        param = model.get_parameter(name)
+        param.mul_(mask.to(param.device, param.dtype))
 
 
 def remove_channels(model: nn.Module, removed: Iterable[tuple[Group, torch.Tensor]]) -> None:

@@ -1,0 +1,116 @@
+"""FLAP's fluctuation metric (An et al. 2024, "Fluctuation-based Adaptive Structured
+Pruning for Large Language Models").
+
+An input channel ``j`` of a layer is cheap to remove when what it carries barely
+fluctuates: its contribution ``W[:, j]·x_j`` is then close to the constant
+``W[:, j]·mean(x_j)``, which a bias can carry instead (the bias compensation of
+:func:`~sparsekit.structured.compensate.fold_means`). The score of weight ``W_ij`` is
+``Var(x_j)·W_ij²``, so a channel's summed score is the metric of the paper,
+``Var(x_j)·‖W[:, j]‖²`` — the sample variance of the channel over the calibration data
+times the squared norm of the column that reads it.
+
+It ranks the *columns* that read a channel, so under ``pattern="channel"`` a group's
+importance comes from its readers alone (``readers_only=True`` in the criterion's
+metadata); for a transformer those are the output projections (``down_proj``,
+``o_proj``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit.observe import run, watch
+from sparsekit.scores import CRITERIA
+from sparsekit.scores._context import ScoreContext
+
+__all__ = ["LAYERS", "Moments", "fluctuation_scores", "input_moments"]
+
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""The layers whose input channels are observed (a channel: a Linear input's last axis,
+axis 1 of a convolution's input)."""
+
+
+class Moments:
+    """Per input channel sums of a layer's inputs over every row seen (float64): enough
+    for the mean and the sample variance, never the activations themselves.
+
+    A channel is the last axis of a Linear input and axis 1 of a convolution input (its
+    spatial positions are rows).
+    """
+
+    def __init__(self, channels: int, device: torch.device | str | None = None) -> None:
+        self.sum = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.sq = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    def observe(self, module: nn.Module, x: torch.Tensor) -> None:
+        """Add one input ``x`` of ``module``."""
+        x = x.detach()
+        if isinstance(module, nn.modules.conv._ConvNd):
+            x = x.transpose(0, 1).reshape(x.shape[1], -1).t()
+        x = x.reshape(-1, self.sum.shape[0]).double()
+        self.sum += x.sum(0)
+        self.sq += (x * x).sum(0)
+        self.rows += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """Mean of every channel (float32)."""
+        return (self.sum / max(self.rows, 1)).float()
+
+    def variance(self) -> torch.Tensor:
+        """Sample variance of every channel (float32; 0 with fewer than two rows)."""
+        if self.rows < 2:
+            return torch.zeros_like(self.sum, dtype=torch.float32)
+        var = (self.sq - self.sum * self.sum / self.rows) / (self.rows - 1)
+        return var.clamp_min(0).float()
+
+
+def input_moments(model: nn.Module, layers: Mapping[str, nn.Module], data: Any
+                  ) -> dict[str, Moments]:
+    """The :class:`Moments` of each layer's input channels over ``model`` run on ``data``
+    (see :func:`~sparsekit.observe.run`; the model is left as found). Accepted layers:
+    ``nn.Linear`` and ``nn.Conv1d/2d/3d``. Raises ``ValueError`` naming the layers
+    ``data`` never reached."""
+    for name, m in layers.items():
+        if not isinstance(m, LAYERS):
+            raise TypeError(f"layers[{name!r}] must be a Linear or Conv layer, got "
+                            f"{type(m).__name__}")
+    stats = {n: Moments(m.in_features if isinstance(m, nn.Linear) else m.in_channels,
+                        m.weight.device) for n, m in layers.items()}
+    with watch(layers, lambda n, x, _out: stats[n].observe(layers[n], x)):
+        run(model, data)
+    missing = [n for n, s in stats.items() if s.rows == 0]
+    if missing:
+        raise ValueError(f"data never reached these layers during the forward pass: {missing}")
+    return stats
+
+
+def fluctuation_scores(weight: torch.Tensor, moments: Moments) -> torch.Tensor:
+    """``Var(x_j)·W_ij²`` in float32, shaped like ``weight`` (a Linear's ``(out, in)`` or a
+    convolution's ``(out, in/groups, *kernel)``: every kernel position of input channel
+    ``j`` gets its variance)."""
+    w2 = weight.detach().float() ** 2
+    var = moments.variance().to(weight.device)
+    if weight.dim() == 2:
+        return w2 * var
+    per_group = weight.shape[1]
+    groups = var.numel() // per_group
+    var = var.view(groups, per_group).repeat_interleave(weight.shape[0] // groups, dim=0)
+    return w2 * var.reshape(*var.shape, *[1] * (weight.dim() - 2))
+
+
+@CRITERIA.register("flap", data_driven=True, readers_only=True)
+def flap(ctx: ScoreContext) -> dict[str, torch.Tensor]:
+    """Var(x_j)·W_ij²: the fluctuation of input channel j over the calibration data times
+    the squared weight that reads it (FLAP). Under ``pattern="channel"`` a channel's
+    importance is ``Var·‖W[:, j]‖²`` over the layers that read it; pair it with
+    ``shrink(..., compensate=data)`` for FLAP's bias compensation."""
+    ctx.require_layer_weights("flap")
+    data = ctx.require_data("flap", labels=False)
+    moments = input_moments(ctx.model, {t.name: t.module for t in ctx.targets}, data)
+    return {t.name: t.out_in(fluctuation_scores(t.out_in(t.param), moments[t.name]))
+            for t in ctx.targets}

@@ -1,0 +1,93 @@
+"""FLAP's bias compensation: what removed channels carried on average goes into a bias.
+
+A removed channel ``j`` no longer adds ``W[:, j]·x_j`` to its readers' outputs. FLAP (An et
+al. 2024) puts its expected value back: each reader's bias grows by
+``Σ_j W[:, j]·mean(x_j)`` over its removed input channels, the mean taken over calibration
+data on the model before the channels go. Channels that barely fluctuate (what the
+``"flap"`` criterion removes first) then cost almost nothing. A reader without a bias gets
+one. For a convolution the channel's mean is spread over every kernel position, exact
+away from zero padding.
+
+This is the one intended change of outputs in :func:`~sparsekit.shrink`
+(``compensate=data``) and :func:`sparsekit.llm.prune_structured` (``method="flap"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit.scores.flap import LAYERS, input_moments
+from sparsekit.structured.dependency import Group, Slice
+
+__all__ = ["fold_means", "reader_means", "with_biases"]
+
+Removed = Sequence[tuple[Group, torch.Tensor]]
+
+
+def reader_means(model: nn.Module, removed: Removed, data: Any) -> dict[str, torch.Tensor]:
+    """The mean of every input channel of each reader (a Linear/Conv weight slice of role
+    ``"in"``) of a group in ``removed`` that loses channels, over ``model`` run on
+    ``data``; keyed by the reader's weight name. The model is left as found."""
+    layers = {}
+    for group, gone in removed:
+        for s in _readers(model, group) if gone.numel() else ():
+            layers[s.name] = model.get_submodule(s.name.rpartition(".")[0])
+    if not layers:
+        return {}
+    return {n: m.mean() for n, m in input_moments(model, layers, data).items()}
+
+
+@torch.no_grad()
+def fold_means(model: nn.Module, removed: Removed, means: Mapping[str, torch.Tensor]
+               ) -> set[str]:
+    """In place: add the mean contribution of each group's removed channels ``gone`` to
+    the biases of the readers in ``means`` (``{reader weight name: mean per input
+    channel}``), before the channels are cut. Returns the names of the layers that had no
+    bias and got one (see :func:`with_biases`)."""
+    added = set()
+    for group, gone in removed:
+        for s in _readers(model, group) if gone.numel() else ():
+            if s.name not in means:
+                continue
+            owner = s.name.rpartition(".")[0]
+            layer = model.get_submodule(owner)
+            idx = s.indices(gone).to(layer.weight.device)
+            cols = layer.weight.detach().index_select(1, idx).float()
+            if cols.dim() > 2:  # a convolution: every kernel position sees the mean
+                cols = cols.flatten(2).sum(2)
+            shift = cols @ means[s.name].to(cols.device).float().index_select(0, idx)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0],
+                                                      dtype=layer.weight.dtype,
+                                                      device=layer.weight.device),
+                                          requires_grad=layer.weight.requires_grad)
+                added.add(owner)
+            layer.bias.add_(shift.to(layer.bias.dtype))
+    return added
+
+
+def with_biases(group: Group, layers: Iterable[str]) -> Group:
+    """``group`` with a bias slice for every layer of ``layers`` whose weight rows it
+    holds (a bias :func:`fold_means` added shrinks with its layer's output channels)."""
+    layers = set(layers)
+    extra = tuple(dataclasses.replace(s, name=f"{s.name.rpartition('.')[0]}.bias")
+                  for s in group.slices
+                  if s.role == "out" and s.dim == 0 and s.name.endswith(".weight")
+                  and s.name.rpartition(".")[0] in layers)
+    return dataclasses.replace(group, slices=group.slices + extra) if extra else group
+
+
+def _readers(model: nn.Module, group: Group) -> list[Slice]:
+    """The slices of ``group`` that are input columns of a Linear or Conv weight."""
+    out = []
+    for s in group.slices:
+        owner, _, attr = s.name.rpartition(".")
+        if s.role == "in" and attr == "weight" and isinstance(model.get_submodule(owner),
+                                                               LAYERS):
+            out.append(s)
+    return out
