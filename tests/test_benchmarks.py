@@ -63,10 +63,14 @@ def test_llm_decode_small_shape(tmp_path):
     configs = set(model["rows"]) | set(model["skipped"])
     assert {"dense fp32", "dense bf16", "torch int8 dynamic", "int8pack"} <= set(model["rows"])
     sparse = {c for c in configs if c.startswith("sparsekit")}
-    assert len(sparse) == 18  # {50 %, 2:4, 70 %} x {fp32, bf16, int8} x {-, TEAL 50 %}
+    assert len(sparse) == 18 + 3  # {50 %, 2:4, 70 %} x ({fp32, bf16, int8} x {-, TEAL 50 %}
+    #                                                  + int8 W8A8)
+    assert {c for c in sparse if c.endswith("W8A8")} == {
+        f"sparsekit {s} int8 W8A8" for s in ("50%", "2:4", "70%")}
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in model["rows"].values())
     claims = [c["claim"] for c in model["checks"]]
     assert any("70% int8 vs dense fp32" in c for c in claims)
+    assert any("70% W8A8 vs dense fp32" in c for c in claims)
     assert sum(not c["met"] for c in model["checks"]) >= len(model["skipped"])
     assert "ISA" in (tmp_path / "llm_decode_quick.md").read_text()
 
