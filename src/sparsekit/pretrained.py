@@ -39,6 +39,7 @@ from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLinear
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.masks import MaskSet
+from sparsekit.quantize import SCALE_NAME, attach_scales
 
 __all__ = ["MARKER", "REFUSAL", "WEIGHTS_NAME", "from_pretrained", "save_pretrained"]
 
@@ -136,7 +137,8 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
             f"{MARKER!r} entry); load it with transformers' from_pretrained"
         )
     weights = path / WEIGHTS_NAME
-    record = _read_record(weights)
+    meta, infos = checkpoint.read_header(weights)
+    record = _read_record(weights, meta)
     transformers = _transformers()
     data["model_type"] = marker["model_type"]
     if data["model_type"] not in transformers.CONFIG_MAPPING:
@@ -147,6 +149,7 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
         config, dtype=checkpoint._DTYPES[record["dtype"]]
     )
     _install_compiled(model, record["compiled"], weights)
+    _install_scales(model, [k for k in infos if k.endswith(f".{SCALE_NAME}")], weights)
     cast = record["cast"] or {"keys": [], "dtype": None}
     stored_dtype = None if not cast["keys"] else checkpoint._DTYPES[cast["dtype"]]
     with _cast(model, cast["keys"], stored_dtype, restore=False) as originals:
@@ -202,9 +205,8 @@ def _inside_fused(name: str, model: nn.Module) -> bool:
     return leaf == "linear" and isinstance(model.get_submodule(parent), FusedProjections)
 
 
-def _read_record(weights: Path) -> dict[str, Any]:
-    """The checked ``pretrained`` record of the sealed weights header."""
-    meta = checkpoint.read_metadata(weights)
+def _read_record(weights: Path, meta: dict[str, str]) -> dict[str, Any]:
+    """The checked ``pretrained`` record of the sealed weights header ``meta``."""
     try:
         record = json.loads(meta[_META_KEY])
     except (KeyError, json.JSONDecodeError):
@@ -262,6 +264,20 @@ def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path)
         else:
             raise ValueError(f"{weights}: compiled layer {name!r} has an unknown record "
                              f"{spec!r:.100}")
+
+
+def _install_scales(model: nn.Module, keys: list[str], weights: Path) -> None:
+    """Give the layers whose int8 scales the file holds (``llm.prune(..., quantize="int8")``)
+    a placeholder of that buffer, which loading fills."""
+    for key in keys:
+        owner = key[: -len(SCALE_NAME) - 1]
+        try:
+            layer = model.get_submodule(owner)
+        except AttributeError:
+            continue  # not this model's: reported by sparsekit.load as unexpected
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            attach_scales(layer, torch.ones(weight.shape[0]))
 
 
 def _install_fused(model: nn.Module, spec: dict[str, Any], weights: Path) -> None:
