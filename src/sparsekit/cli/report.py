@@ -36,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if Path(args.ckpt).is_dir():
+        if not (Path(args.ckpt) / "config.json").is_file():
+            raise UsageError(f"checkpoint {args.ckpt!r} is not a regular file, nor a "
+                             "save_pretrained directory (it has no config.json)")
         if args.model is not None:
             raise UsageError("--model does not apply to a save_pretrained directory (its "
                              "config.json names the architecture)")
