@@ -91,3 +91,15 @@ def test_float_input_shape_for_a_token_model_names_tokens(tmp_path):
     model = sparsekit.from_pretrained(_llama_dir(tmp_path))
     with pytest.raises(UsageError, match="use --tokens"):
         example_inputs("1,128", model)
+
+
+def test_demo_says_loudly_when_it_falls_back_to_digits(tmp_path, capsys, monkeypatch):
+    from sparsekit.cli import demo
+
+    monkeypatch.setenv("SPARSEKIT_DATA_DIR", str(tmp_path / "no-fashion-mnist"))
+    out = tmp_path / "out"
+    argv = ["demo", "--out", str(out), "--epochs", "1", "--finetune-epochs", "0",
+            "--sparsities", "0.5", "--train-limit", "200"]
+    assert main(argv) == 0
+    assert "FALLBACK" in capsys.readouterr().out
+    assert demo.FALLBACK in (out / "results.md").read_text()
