@@ -29,9 +29,17 @@ import sparsekit
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.models import MODELS, create_model
 from sparsekit.patterns import parse_pattern
+from sparsekit.registry import Registry
 from sparsekit.scores import CRITERIA
 
 __all__ = ["Recipe", "load_recipe", "run_recipe"]
+
+
+def _registered(table: Registry, what: str, value: str) -> str:
+    """``value`` if ``table`` has it; else the error the API and the CLI give for the name."""
+    if value not in table:
+        raise ValueError(f"unknown {what} {value!r}; accepted: {', '.join(table.names())}")
+    return value
 
 
 class _Strict(BaseModel):
@@ -50,8 +58,7 @@ class PruneStage(_Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, value: str) -> str:
-        if value not in CRITERIA:
-            raise ValueError(f"unknown method {value!r}; accepted: {', '.join(CRITERIA)}")
+        _registered(CRITERIA, "method", value)
         if CRITERIA.meta(value)["data_driven"]:
             raise ValueError(f"method {value!r} needs calibration data, which recipes do not "
                              "take yet; accepted here: data-free methods such as 'magnitude'")
@@ -60,9 +67,7 @@ class PruneStage(_Strict):
     @field_validator("allocation")
     @classmethod
     def _allocation(cls, value: str) -> str:
-        if value not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {value!r}; accepted: {', '.join(ALLOCATIONS)}")
-        return value
+        return _registered(ALLOCATIONS, "allocation", value)
 
     @field_validator("pattern")
     @classmethod
@@ -123,9 +128,7 @@ class Recipe(_Strict):
     @field_validator("model")
     @classmethod
     def _model(cls, value: str) -> str:
-        if value not in MODELS:
-            raise ValueError(f"unknown model {value!r}; registered: {', '.join(MODELS.names())}")
-        return value
+        return _registered(MODELS, "model", value)
 
     @field_validator("input_shape")
     @classmethod
