@@ -341,7 +341,7 @@ def test_cli_round_trip(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     assert "perplexity:" in done.stdout and "model.layers.1.mlp.down_proj" in done.stdout
 
-    reloaded = transformers.LlamaForCausalLM.from_pretrained(out)
+    reloaded = sparsekit.from_pretrained(out)  # one compressed copy (sparsekit.save_pretrained)
     for x in layers_of(reloaded):
         assert (x.module.weight.reshape(-1, 4) != 0).sum(1).max() <= 2
     fresh = build()
@@ -349,6 +349,7 @@ def test_cli_round_trip(tmp_path: Path):
     assert masks.sparsity() == pytest.approx(0.5)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
                                                   reloaded.state_dict().values()))
+    assert not (out / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -15,6 +15,7 @@ from sparsekit.engine import compile
 from sparsekit.engine.sparse_linear import SparseLinear
 from sparsekit.masks import MaskSet
 from sparsekit.patterns import PATTERNS, parse_pattern
+from sparsekit.pretrained import from_pretrained, save_pretrained
 from sparsekit.prune import prune
 from sparsekit.report import Report, report
 from sparsekit.schedules import DynamicSparsity, GradualPruner, IterativePruning, soup
@@ -35,20 +36,22 @@ __all__ = [
     "Report",
     "SparseLinear",
     "compile",
+    "from_pretrained",
     "load",
     "parse_pattern",
     "prune",
     "report",
     "resolve_targets",
     "save",
+    "save_pretrained",
     "shrink",
     "soup",
 ]
 
 _SUBPACKAGES = frozenset({
     "activation", "allocation", "checkpoint", "cli", "data", "engine", "graph", "integrations",
-    "llm", "masks", "models", "patterns", "registry", "regularize", "report", "schedules", "scores",
-    "structured", "targets", "training",
+    "llm", "masks", "models", "patterns", "pretrained", "registry", "regularize", "report",
+    "schedules", "scores", "structured", "targets", "training",
 })
 
 

@@ -227,26 +227,54 @@ def _without_implicit_cwd() -> Iterator[None]:
 
 # -- the example input -----------------------------------------------------------------------
 
-def example_inputs(shape: str, model: nn.Module) -> torch.Tensor:
-    """A zero tensor of ``--input-shape`` ``shape``, checked by running ``model`` on it."""
+def token_inputs(shape: str, model: nn.Module, seed: int = 0) -> torch.Tensor:
+    """Random token ids of ``--tokens`` ``shape`` (``BATCH,SEQ``) below the vocabulary size
+    of ``model`` (a transformers model: its input embeddings), checked by running it."""
+    dims = _dims("--tokens", shape, "1,128")
+    if len(dims) != 2:
+        raise UsageError(f"--tokens must be BATCH,SEQ like 1,128, got {shape!r}")
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(vocab, int):
+        raise UsageError("--tokens needs a model with token embeddings (a transformers model); "
+                         "use --input-shape for float inputs")
+    x = torch.randint(0, vocab, dims, generator=torch.Generator().manual_seed(seed))
+    _check_runs(model, x, "--tokens", shape)
+    return x
+
+
+def _dims(flag: str, shape: str, example: str) -> tuple[int, ...]:
+    """``shape`` as positive integers, at most :data:`MAX_INPUT_ELEMENTS` in all."""
     try:
         dims = tuple(int(d) for d in shape.split(","))
     except ValueError:
         raise UsageError(
-            f"--input-shape must be comma-separated integers like 1,1,28,28, got {shape!r}"
+            f"{flag} must be comma-separated integers like {example}, got {shape!r}"
         ) from None
     if any(d < 1 for d in dims):
-        raise UsageError(f"--input-shape dimensions must be ≥ 1, got {shape!r}")
+        raise UsageError(f"{flag} dimensions must be ≥ 1, got {shape!r}")
     if math.prod(dims) > MAX_INPUT_ELEMENTS:
         raise UsageError(
-            f"--input-shape {shape!r} has {math.prod(dims):,} elements; at most "
+            f"{flag} {shape!r} has {math.prod(dims):,} elements; at most "
             f"{MAX_INPUT_ELEMENTS:,} are accepted (the input only measures FLOPs)"
         )
-    x = torch.zeros(dims)
+    return dims
+
+
+def _check_runs(model: nn.Module, x: torch.Tensor, flag: str, shape: str) -> None:
     try:
         with inference(model):
             model(x)
-    except RuntimeError as err:
+    except (RuntimeError, IndexError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--input-shape {shape!r} does not fit the model ({reason})") from None
+        raise UsageError(f"{flag} {shape!r} does not fit the model ({reason})") from None
+
+
+def example_inputs(shape: str, model: nn.Module) -> torch.Tensor:
+    """A zero tensor of ``--input-shape`` ``shape``, checked by running ``model`` on it."""
+    x = torch.zeros(_dims("--input-shape", shape, "1,1,28,28"))
+    if x.dim() >= 2 and callable(getattr(model, "get_input_embeddings", None)):
+        raise UsageError(f"--input-shape {shape!r} gives float inputs, but this model reads "
+                         "token ids: use --tokens BATCH,SEQ")
+    _check_runs(model, x, "--input-shape", shape)
     return x

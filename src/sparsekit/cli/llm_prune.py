@@ -1,13 +1,19 @@
 """``sparsekit llm-prune MODEL_DIR --calib FILE --out OUT_DIR``: prune a transformers model.
 
 Every check runs before the work and the outputs are written last; ``OUT_DIR`` is never
-``MODEL_DIR`` (the model may still be memory-mapped from there).
+``MODEL_DIR`` (the model may still be memory-mapped from there). ``OUT_DIR`` is one copy of
+the model, written by :func:`sparsekit.save_pretrained` (pruned layers compressed; load it
+with :func:`sparsekit.from_pretrained`), with the tokenizer and, when ``MODEL_DIR`` is a
+sentence-transformers model, its module files (``modules.json``, the pooling and
+normalisation folders, ``sentence_bert_config.json``, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,6 +25,9 @@ from sparsekit.cli._output import check_output, write_output
 from sparsekit.cli.report import show
 
 EVAL_SENTENCES = 64
+# the files a sentence-transformers model adds to its transformers directory
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json",
+                               "config_sentence_transformers.json")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", help="text file to evaluate on (default: --calib)")
     p.add_argument("--eval-tokens", type=int, default=16384,
                    help="tokens of the evaluation text scored by perplexity")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="also round the kept weights to int8 (per output channel; SparseGPT "
+                   "compensates the rounding error)")
+    p.add_argument("--dense-dtype", choices=["bf16"],
+                   help="store the tensors that stay dense (embeddings, norms) in this dtype")
     p.add_argument("--device", help="device to prune each block on (e.g. cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", action="store_true", help="print Markdown instead of a table")
@@ -52,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: no such text file {path!r}")
     out = check_output(args.out, inputs=[args.model_dir], directory=True)
+    extra = sentence_transformers_files(Path(args.model_dir))
     model, tokenizer, causal = _load(args.model_dir)
     text = Path(args.eval or args.calib)
     quality = _quality(model, tokenizer, causal, text, args)
@@ -64,28 +79,67 @@ def run(args: argparse.Namespace) -> int:
         masks = llm.prune(
             model, args.calib, tokenizer=tokenizer, method=args.method, sparsity=args.sparsity,
             pattern=args.pattern, allocation=args.allocation, nsamples=args.nsamples,
-            seqlen=args.seqlen, device=args.device, seed=args.seed,
+            seqlen=args.seqlen, device=args.device, seed=args.seed, quantize=args.quantize,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     after = quality(dense)
 
     example = torch.zeros(1, 8, dtype=torch.long, device=next(model.parameters()).device)
     rep = sparsekit.report(model, example, masks=masks)
-    ckpt = write_output(out, lambda path: _write(path, model, tokenizer, masks))
+    write_output(out, lambda path: _write(path, model, tokenizer, masks, extra, args))
     show(rep, markdown=args.markdown)
     metric = "perplexity" if causal else "embedding similarity to dense"
     print(f"{metric}: {before:.4f} dense -> {after:.4f} pruned "
-          f"({args.method}, {args.pattern}, sparsity {masks.sparsity():.2%})")
-    print(f"wrote {out}/ (save_pretrained) and {ckpt} ({ckpt.stat().st_size:,} bytes)")
+          f"({args.method}, {args.pattern}{', int8' if args.quantize else ''}, "
+          f"sparsity {masks.sparsity():.2%})")
+    before_size, after_size = directory_size(Path(args.model_dir)), directory_size(out)
+    print(f"wrote {out}/ (sparsekit.save_pretrained; load with sparsekit.from_pretrained): "
+          f"{after_size:,} bytes, {after_size / max(before_size, 1):.2f}x the input's "
+          f"{before_size:,}")
     return 0
 
 
-def _write(out: Path, model, tokenizer, masks: sparsekit.MaskSet) -> Path:
-    """The sparsekit checkpoint first (it checks the masks), then ``save_pretrained``."""
-    ckpt = sparsekit.save(model, out / "sparsekit.safetensors", masks)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return ckpt
+def _write(out: Path, model, tokenizer, masks: sparsekit.MaskSet, extra: list[Path],
+           args: argparse.Namespace) -> None:
+    """The compressed directory, then the sentence-transformers files of the input."""
+    sparsekit.save_pretrained(model, out, masks, tokenizer=tokenizer,
+                              dense_dtype=args.dense_dtype)
+    source = Path(args.model_dir)
+    for path in extra:
+        target = out / path.relative_to(source)
+        if path.is_dir():
+            shutil.copytree(path, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(path, target)
+
+
+def sentence_transformers_files(model_dir: Path) -> list[Path]:
+    """The files and module folders a sentence-transformers model keeps beside its
+    transformers files (none for a plain transformers directory). Module folders are those
+    ``modules.json`` names that exist; one outside ``model_dir`` is refused."""
+    found = [model_dir / name for name in SENTENCE_TRANSFORMERS_FILES
+             if (model_dir / name).is_file()]
+    modules = model_dir / "modules.json"
+    if not modules.is_file():
+        return found
+    try:
+        entries = json.loads(modules.read_text(encoding="utf-8"))
+        folders = {e["path"] for e in entries if isinstance(e, dict) and e.get("path")}
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as err:
+        raise UsageError(f"{modules}: not a sentence-transformers modules list ({err})") from None
+    root = model_dir.resolve()
+    for folder in sorted(folders):
+        path = (model_dir / str(folder)).resolve()
+        if root not in path.parents:
+            raise UsageError(f"{modules}: module path {folder!r} is no folder inside {model_dir}")
+        if path.is_dir():  # a module without settings (Normalize) may have no folder
+            found.append(model_dir / str(folder))
+    return found
+
+
+def directory_size(path: Path) -> int:
+    """Bytes of the regular files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _load(model_dir: str):

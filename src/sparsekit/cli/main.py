@@ -1,4 +1,4 @@
-"""Entry point: ``sparsekit {prune,report,demo,llm-prune} ...``.
+"""Entry point: ``sparsekit {prune,report,demo,llm-prune,run} ...``.
 
 User mistakes print one line, ``sparsekit COMMAND: error: ...``, and exit with status 2:
 a :class:`~sparsekit.cli._errors.UsageError` raised by a command, a ``ValueError`` or
@@ -12,10 +12,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sparsekit.cli import demo, llm_prune, prune, report
+import torch
+
+import sparsekit
+from sparsekit.cli import demo, llm_prune, prune, report, run
 from sparsekit.cli._errors import UsageError
 
-COMMANDS = {"prune": prune, "report": report, "demo": demo, "llm-prune": llm_prune}
+COMMANDS = {"prune": prune, "report": report, "demo": demo, "llm-prune": llm_prune, "run": run}
 USER_ERRORS = (UsageError, ValueError, TypeError, OSError, ImportError)
 
 
@@ -24,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sparsekit",
         description="Prune, train sparse and measure PyTorch models.",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"sparsekit {sparsekit.__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS.values():
         module.add_parser(sub)

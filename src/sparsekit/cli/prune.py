@@ -10,6 +10,7 @@ import argparse
 
 import sparsekit
 from sparsekit.allocation import ALLOCATIONS
+from sparsekit.cli._errors import UsageError
 from sparsekit.cli._model import add_checkpoint_arguments, example_inputs, load_checkpoint
 from sparsekit.cli._output import check_output, write_output
 from sparsekit.cli.report import show
@@ -20,7 +21,9 @@ from sparsekit.training import minibatches
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune a checkpoint one-shot and save it compressed")
     add_checkpoint_arguments(p, "input checkpoint (sparsekit or plain safetensors)")
-    p.add_argument("--out", required=True, help="output checkpoint path")
+    p.add_argument("--out", help="output checkpoint path (required unless --dry-run)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="prune in memory and print the report; write nothing")
     p.add_argument("--overwrite", action="store_true",
                    help="allow --out to be CKPT itself (replaced atomically, at the end)")
     p.add_argument("--sparsity", type=float, required=True, help="target sparsity in [0, 1)")
@@ -40,7 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = check_output(args.out, inputs=[args.ckpt], overwrite=args.overwrite)
+    if args.out is None and not args.dry_run:
+        raise UsageError("--out is required (or pass --dry-run to write nothing)")
+    out = None if args.out is None else check_output(args.out, inputs=[args.ckpt],
+                                                     overwrite=args.overwrite)
     model, _ = load_checkpoint(args.ckpt, args.model)
     example = example_inputs(args.input_shape, model)
     data = None
@@ -54,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
         pattern=args.pattern, exclude=args.exclude, data=data, seed=args.seed,
     )
     rep = sparsekit.report(model, example, masks=masks)
+    if args.dry_run:
+        show(rep, markdown=args.markdown)
+        print(f"dry run: would write {out or 'nothing'} (sparsity {masks.sparsity():.2%}, "
+              f"{len(masks.masks)} pruned tensors); nothing written")
+        return 0
     out = write_output(out, lambda path: sparsekit.save(model, path, masks))
     show(rep, markdown=args.markdown)
     print(f"wrote {out} ({out.stat().st_size:,} bytes, sparsity {masks.sparsity():.2%})")

@@ -1,32 +1,65 @@
-"""``sparsekit report CKPT``: per-layer sparsity and FLOPs of a checkpoint."""
+"""``sparsekit report CKPT``: per-layer sparsity and FLOPs of a checkpoint.
+
+``CKPT`` is a sparsekit (or plain safetensors) file, or a directory written by
+:func:`sparsekit.save_pretrained` (e.g. by ``llm-prune --out``), measured on random token
+ids (``--tokens BATCH,SEQ``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
 import sparsekit
-from sparsekit.cli._model import add_checkpoint_arguments, example_inputs, load_checkpoint
+from sparsekit.cli._errors import UsageError
+from sparsekit.cli._model import (
+    add_checkpoint_arguments,
+    example_inputs,
+    load_checkpoint,
+    token_inputs,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="per-layer sparsity and FLOPs of a checkpoint")
-    add_checkpoint_arguments(p, "a sparsekit (or plain safetensors) checkpoint")
+    add_checkpoint_arguments(p, "a sparsekit (or plain safetensors) checkpoint, or a "
+                             "sparsekit.save_pretrained directory")
+    p.add_argument("--tokens", help="BATCH,SEQ random token ids in the model's vocabulary as "
+                   "the example input (transformers models; default for a directory: 1,128)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    model, masks = load_checkpoint(args.ckpt, args.model)
-    rep = sparsekit.report(model, example_inputs(args.input_shape, model), masks=masks)
-    show(rep, markdown=args.markdown)
+    if Path(args.ckpt).is_dir():
+        if not (Path(args.ckpt) / "config.json").is_file():
+            raise UsageError(f"checkpoint {args.ckpt!r} is not a regular file, nor a "
+                             "save_pretrained directory (it has no config.json)")
+        if args.model is not None:
+            raise UsageError("--model does not apply to a save_pretrained directory (its "
+                             "config.json names the architecture)")
+        model = sparsekit.from_pretrained(args.ckpt)
+        masks = getattr(model, "sparsekit_masks", None)
+        x = token_inputs(args.tokens or "1,128", model)
+    else:
+        model, masks = load_checkpoint(args.ckpt, args.model)
+        x = (token_inputs(args.tokens, model) if args.tokens is not None
+             else example_inputs(args.input_shape, model))
+    rep = sparsekit.report(model, x, masks=masks)
+    show(rep, markdown=args.markdown, as_json=args.json)
     return 0
 
 
-def show(rep: sparsekit.Report, *, markdown: bool = False) -> None:
-    """Print ``rep`` as Markdown or as a rich table (120 columns when not a terminal)."""
-    if markdown:
+def show(rep: sparsekit.Report, *, markdown: bool = False, as_json: bool = False) -> None:
+    """Print ``rep`` as JSON, as Markdown or as a rich table (120 columns when not a
+    terminal)."""
+    if as_json:
+        print(json.dumps(rep.to_dict(), indent=2, default=str))
+    elif markdown:
         print(rep.to_markdown())
     else:
         Console(width=None if sys.stdout.isatty() else 120).print(rep.to_rich())

@@ -1,0 +1,426 @@
+"""Hugging Face directories with compressed weights: ``save_pretrained`` / ``from_pretrained``.
+
+A directory written by :func:`save_pretrained` is what ``PreTrainedModel.save_pretrained``
+writes (``config.json``, ``generation_config.json`` for generative models, the tokenizer's
+files when one is given) except for the weights: they are one :mod:`sparsekit.checkpoint`
+file, :data:`WEIGHTS_NAME`, whose pruned tensors are stored compressed and whose other
+tensors are ordinary ones (optionally in bfloat16, ``dense_dtype``). A compiled model
+(:func:`sparsekit.compile`) keeps its formats; the layers to rebuild are recorded in the
+checkpoint's sealed header, so :func:`from_pretrained` rebuilds exactly that model.
+
+Plain ``transformers`` must never load such a directory by re-initialising the layers it
+does not recognise. Two guards make it refuse instead: ``config.json``'s ``model_type`` is
+:data:`REFUSAL`, a sentence naming :func:`from_pretrained` that every ``AutoConfig`` /
+``AutoModel*.from_pretrained`` (and so ``SentenceTransformer``) reports in its
+``ValueError`` ("has model type `sparsekit: load with sparsekit.from_pretrained(path)` but
+Transformers does not recognize this architecture"); and there is no ``model.safetensors``
+(or ``pytorch_model.bin``), so a concrete class (``LlamaForCausalLM.from_pretrained``, which
+only warns about the model type) finds no weights and raises ``OSError``. The entry
+``"sparsekit"`` of ``config.json`` keeps the original ``model_type``; :func:`from_pretrained`
+restores it, so the model it returns has a plain config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit import checkpoint
+from sparsekit.engine.activation_linear import ActivationSparseLinear
+from sparsekit.engine.compiled_conv import CompiledConv2d
+from sparsekit.engine.compiled_linear import CompiledLinear
+from sparsekit.engine.fused import FusedLinear, FusedProjections
+from sparsekit.masks import MaskSet
+from sparsekit.quantize import SCALE_NAME, attach_scales
+
+__all__ = ["MARKER", "REFUSAL", "WEIGHTS_NAME", "from_pretrained", "save_pretrained"]
+
+WEIGHTS_NAME = "sparsekit.safetensors"
+MARKER = "sparsekit"  # the config.json entry that marks a sparsekit directory
+MARKER_VERSION = 1
+REFUSAL = "sparsekit: load with sparsekit.from_pretrained(path)"  # config.json's model_type
+DENSE_DTYPES = {"bf16": torch.bfloat16}
+_META_KEY = "pretrained"  # the checkpoint header entry describing the model to rebuild
+_CASTABLE = (torch.float32, torch.float64, torch.float16)
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    masks: MaskSet | None = None,
+    *,
+    tokenizer: Any = None,
+    dense_dtype: str | None = None,
+) -> Path:
+    """Write ``model`` (a ``transformers`` ``PreTrainedModel``, pruned or compiled) to
+    ``directory`` as a Hugging Face directory with compressed weights; return the directory.
+
+    The weights go to :data:`WEIGHTS_NAME` through :func:`sparsekit.save` (with ``masks``,
+    their parameters are stored by mask; without, any parameter is stored compressed where
+    that is smaller; a compiled layer's format is stored as it is). ``tokenizer`` (anything
+    with ``save_pretrained``) is saved beside it. ``dense_dtype="bf16"`` stores the
+    floating-point tensors that stay dense (embeddings, norms, biases, unpruned layers) in
+    bfloat16; :func:`from_pretrained` casts them back, so they round-trip exactly only if
+    they were bfloat16 already. ``config.json`` is written last, so an interrupted save
+    leaves no loadable directory. ``ActivationSparseLinear`` layers cannot be saved this way
+    (their thresholds have no rebuildable record yet): use :func:`sparsekit.save`.
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or not callable(getattr(config, "to_json_string", None)):
+        raise TypeError(
+            f"model must be a transformers PreTrainedModel (an nn.Module with a .config), got "
+            f"{type(model).__name__}"
+        )
+    if masks is not None and not isinstance(masks, MaskSet):
+        raise TypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer must have a save_pretrained method, got "
+                        f"{type(tokenizer).__name__}")
+    cast_to = _check_dense_dtype(dense_dtype)
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"directory {str(path)!r} exists and is not a directory")
+    compiled = compiled_layers(model)
+    dtype = _model_dtype(model, compiled)
+    cast = [] if cast_to is None else _dense_tensors(model, masks, compiled)
+    record = {"version": MARKER_VERSION, "dtype": str(dtype), "compiled": compiled,
+              "cast": {"dtype": str(cast_to), "keys": cast} if cast else None}
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").unlink(missing_ok=True)  # the directory is loadable only when done
+    with _cast(model, cast, cast_to):
+        checkpoint.save(model, path / WEIGHTS_NAME, masks,
+                        metadata={_META_KEY: json.dumps(record, sort_keys=True)})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    generation = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", lambda: False)
+    if generation is not None and can_generate():
+        generation.save_pretrained(path)
+    _write_config(model, path / "config.json")
+    return path
+
+
+def from_pretrained(directory: str | os.PathLike) -> nn.Module:
+    """The model saved by :func:`save_pretrained` in ``directory``, in eval mode.
+
+    The architecture comes from ``config.json`` (a ``transformers`` class named in
+    ``architectures``), compiled layers are rebuilt as recorded and keep their formats, and
+    the weights are loaded by :func:`sparsekit.load`, which checks the file (its seal,
+    shapes, dtypes and masks) before the model is touched. Tensors stored in a
+    ``dense_dtype`` are cast back to their own dtype. The masks the file holds are the
+    returned model's ``sparsekit_masks`` (a :class:`~sparsekit.MaskSet`, e.g. to fine-tune
+    with them). Needs ``transformers``.
+    """
+    path = Path(directory)
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"directory {str(path)!r} does not exist or is not a directory")
+    if not config_file.is_file():
+        raise ValueError(f"{str(path)!r} is not a save_pretrained directory (no config.json)")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+        marker = data.pop(MARKER, None)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{config_file}: not a JSON object ({err})") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("model_type"), str):
+        raise ValueError(
+            f"{str(path)!r} was not written by sparsekit.save_pretrained (config.json has no "
+            f"{MARKER!r} entry); load it with transformers' from_pretrained"
+        )
+    weights = path / WEIGHTS_NAME
+    meta, infos = checkpoint.read_header(weights)
+    record = _read_record(weights, meta)
+    transformers = _transformers()
+    data["model_type"] = marker["model_type"]
+    if data["model_type"] not in transformers.CONFIG_MAPPING:
+        raise ValueError(f"{config_file}: model type {data['model_type']!r} is not one this "
+                         f"transformers {transformers.__version__} knows")
+    config = transformers.CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    model = _model_class(transformers, config)._from_config(
+        config, dtype=checkpoint._DTYPES[record["dtype"]]
+    )
+    _install_compiled(model, record["compiled"], weights)
+    _install_scales(model, [k for k in infos if k.endswith(f".{SCALE_NAME}")], weights)
+    cast = record["cast"] or {"keys": [], "dtype": None}
+    stored_dtype = None if not cast["keys"] else checkpoint._DTYPES[cast["dtype"]]
+    with _cast(model, cast["keys"], stored_dtype, restore=False) as originals:
+        masks = checkpoint.load(model, weights)
+        for key, dtype in originals.items():  # back to the model's own dtype
+            _set_tensor(model, key, _get_tensor(model, key).to(dtype))
+    if (path / "generation_config.json").is_file() and hasattr(model, "generation_config"):
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+    if masks.masks:
+        model.sparsekit_masks = masks
+    return model.eval()
+
+
+# -- what the header records ----------------------------------------------------------------
+
+def compiled_layers(model: nn.Module) -> dict[str, dict[str, object]]:
+    """The compiled layers of ``model`` by name, each as what rebuilds an empty one of its
+    kind and shape (its format comes from the weights): ``{"kind": "linear" | "conv2d"}`` or,
+    for a fused group, ``{"kind": "fused", "members": [names], "sizes": [rows]}`` under the
+    name of its first member."""
+    first: dict[int, str] = {}
+    out: dict[str, dict[str, object]] = {}
+    groups: dict[int, list[tuple[int, str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in first:
+            if isinstance(module, (CompiledLinear, CompiledConv2d, FusedLinear)):
+                raise ValueError(f"compiled layer {name!r} is shared with "
+                                 f"{first[id(module)]!r}; save_pretrained cannot rebuild that")
+            continue
+        first[id(module)] = name
+        if isinstance(module, ActivationSparseLinear):
+            raise ValueError(
+                f"layer {name!r} is an ActivationSparseLinear, which save_pretrained cannot "
+                "rebuild yet; save it with sparsekit.save, or compile without "
+                "activation_sparsity"
+            )
+        if isinstance(module, FusedLinear):
+            groups.setdefault(id(module._group), []).append((module.index, name))
+        elif isinstance(module, CompiledConv2d):
+            out[name] = {"kind": "conv2d"}
+        elif isinstance(module, CompiledLinear) and not _inside_fused(name, model):
+            out[name] = {"kind": "linear"}
+    for members in groups.values():
+        names = [n for _, n in sorted(members)]
+        group = model.get_submodule(names[0])._group
+        out[names[0]] = {"kind": "fused", "members": names, "sizes": list(group.sizes)}
+    return dict(sorted(out.items()))
+
+
+def _inside_fused(name: str, model: nn.Module) -> bool:
+    """Whether ``name`` is the stacked layer of a fused group (``<member>.group.linear``)."""
+    parent, _, leaf = name.rpartition(".")
+    return leaf == "linear" and isinstance(model.get_submodule(parent), FusedProjections)
+
+
+def _read_record(weights: Path, meta: dict[str, str]) -> dict[str, Any]:
+    """The checked ``pretrained`` record of the sealed weights header ``meta``."""
+    try:
+        record = json.loads(meta[_META_KEY])
+    except (KeyError, json.JSONDecodeError):
+        raise ValueError(f"{weights}: the header has no valid {_META_KEY!r} record") from None
+    cast = record.get("cast") if isinstance(record, dict) else None
+    if (
+        not isinstance(record, dict) or record.get("version") != MARKER_VERSION
+        or record.get("dtype") not in checkpoint._DTYPES
+        or not isinstance(record.get("compiled"), dict)
+        or not (cast is None or isinstance(cast, dict) and cast.get("dtype") in checkpoint._DTYPES
+                and isinstance(cast.get("keys"), list)
+                and all(isinstance(k, str) for k in cast["keys"]))
+    ):
+        raise ValueError(f"{weights}: the {_META_KEY!r} record is malformed or of another "
+                         f"version (this sparsekit reads version {MARKER_VERSION})")
+    return record
+
+
+# -- rebuilding -----------------------------------------------------------------------------
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError("from_pretrained needs transformers: pip install 'sparsekit[llm]'"
+                          ) from err
+    return transformers
+
+
+def _model_class(transformers: Any, config: Any) -> Any:
+    """The ``transformers`` class named first in ``config.architectures`` (only attributes of
+    the ``transformers`` package are looked up: nothing is imported), else ``AutoModel``'s."""
+    for name in config.architectures or []:
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel
+
+
+def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path) -> None:
+    """Replace the recorded layers of the freshly built ``model`` by empty compiled layers
+    of the same shape (dense format; loading installs the saved ones)."""
+    for name, spec in compiled.items():
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind == "linear":
+            _replace(model, name, CompiledLinear.from_linear(_plain(model, name, weights)))
+        elif kind == "conv2d":
+            conv = _plain(model, name, weights)
+            if not isinstance(conv, nn.Conv2d):
+                raise ValueError(f"{weights}: compiled conv2d {name!r} is a "
+                                 f"{type(conv).__name__} in this architecture")
+            _replace(model, name, CompiledConv2d.from_conv2d(conv))
+        elif kind == "fused":
+            _install_fused(model, spec, weights)
+        else:
+            raise ValueError(f"{weights}: compiled layer {name!r} has an unknown record "
+                             f"{spec!r:.100}")
+
+
+def _install_scales(model: nn.Module, keys: list[str], weights: Path) -> None:
+    """Give the layers whose int8 scales the file holds (``llm.prune(..., quantize="int8")``)
+    a placeholder of that buffer, which loading fills."""
+    for key in keys:
+        owner = key[: -len(SCALE_NAME) - 1]
+        try:
+            layer = model.get_submodule(owner)
+        except AttributeError:
+            continue  # not this model's: reported by sparsekit.load as unexpected
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            attach_scales(layer, torch.ones(weight.shape[0]))
+
+
+def _install_fused(model: nn.Module, spec: dict[str, Any], weights: Path) -> None:
+    names, sizes = spec.get("members"), spec.get("sizes")
+    if not (isinstance(names, list) and isinstance(sizes, list) and len(names) == len(sizes) >= 2
+            and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{weights}: malformed fused group record {spec!r:.100}")
+    layers = [_plain(model, n, weights) for n in names]
+    if [layer.out_features for layer in layers] != sizes or len(
+        {(layer.in_features, layer.bias is None) for layer in layers}
+    ) != 1:
+        raise ValueError(f"{weights}: fused group {names} does not match this architecture")
+    bias = None if layers[0].bias is None else torch.cat([x.bias.detach() for x in layers])
+    stacked = nn.Linear(layers[0].in_features, sum(sizes), bias=bias is not None,
+                        dtype=layers[0].weight.dtype)
+    group = FusedProjections(CompiledLinear.from_linear(stacked), sizes)
+    for name, member in zip(names, group.members(), strict=True):
+        _replace(model, name, member)
+
+
+def _plain(model: nn.Module, name: str, weights: Path) -> nn.Module:
+    """The built model's layer ``name``, which must be a plain ``nn.Linear``/``nn.Conv2d``
+    or a layer with ``in_features``/``out_features`` and ``weight`` (e.g. GPT-2's Conv1D,
+    read as the linear layer it computes)."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        layer = None
+    if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return layer
+    weight = getattr(layer, "weight", None)
+    if layer is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{weights}: the compiled layer {name!r} is no linear layer of this "
+                         f"architecture ({type(layer).__name__})")
+    out_features, in_features = weight.shape[::-1] if weight.shape[0] == getattr(
+        layer, "nx", -1) else weight.shape
+    linear = nn.Linear(in_features, out_features, bias=getattr(layer, "bias", None) is not None,
+                       dtype=weight.dtype)
+    return linear
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+
+
+# -- dense tensors in another dtype -----------------------------------------------------------
+
+def _check_dense_dtype(dense_dtype: str | None) -> torch.dtype | None:
+    if dense_dtype is None:
+        return None
+    if dense_dtype not in DENSE_DTYPES:
+        raise ValueError(f"dense_dtype must be None or one of {list(DENSE_DTYPES)}, got "
+                         f"{dense_dtype!r}")
+    return DENSE_DTYPES[dense_dtype]
+
+
+def _model_dtype(model: nn.Module, compiled: dict[str, Any]) -> torch.dtype:
+    """The dtype the model is built in: that of its first floating parameter outside the
+    compiled layers (whose formats hold their own value dtypes)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not _under(name, compiled):
+            return p.dtype
+    for name, b in model.named_buffers():
+        if b.is_floating_point() and not _under(name, compiled):
+            return b.dtype
+    return torch.get_default_dtype()
+
+
+def _dense_tensors(model: nn.Module, masks: MaskSet | None,
+                   compiled: dict[str, Any]) -> list[str]:
+    """The ``state_dict`` keys of the floating tensors stored dense: outside the masks and
+    the compiled layers, and (without masks) too dense for a compressed encoding to win."""
+    masked = set(masks.masks) if masks is not None else set()
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    out = []
+    for key, value in model.state_dict().items():
+        if key in masked or value.dtype not in _CASTABLE or _under(key, compiled):
+            continue
+        if masks is None and key in params and value.dim() >= 2:
+            nnz = int(torch.count_nonzero(value))
+            if checkpoint._sparse_may_win(value.numel(), nnz, value.element_size()):
+                continue  # stored compressed: pruned weights keep their dtype
+        out.append(key)
+    return out
+
+
+def _under(key: str, compiled: dict[str, Any]) -> bool:
+    """Whether ``key`` names a tensor of a compiled layer (or of a fused group's member)."""
+    parts = key.split(".")
+    heads = {".".join(parts[:i]) for i in range(1, len(parts))}
+    return any(n in heads for name, spec in compiled.items() for n in spec.get("members", [name]))
+
+
+def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    owner, _, leaf = key.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, leaf)
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Replace the data of parameter/buffer ``key`` (a tied parameter changes everywhere)."""
+    tensor = _get_tensor(model, key)
+    if isinstance(tensor, nn.Parameter):
+        tensor.data = value
+    else:
+        owner, _, leaf = key.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, leaf, value)
+
+
+@contextmanager
+def _cast(model: nn.Module, keys: list[str], dtype: torch.dtype | None, *,
+          restore: bool = True) -> Iterator[dict[str, torch.dtype]]:
+    """``model`` with the tensors ``keys`` cast to ``dtype``; yields their own dtypes. With
+    ``restore`` the original tensors (not a lossy cast back) are put back afterwards."""
+    originals: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    try:
+        for key in keys:
+            tensor = _get_tensor(model, key)
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                raise ValueError(f"tensor {key!r} cannot be cast to {dtype}: "
+                                 f"{type(tensor).__name__}")
+            if id(tensor) in seen:  # tied: cast once
+                continue
+            seen.add(id(tensor))
+            originals[key] = tensor.data
+            _set_tensor(model, key, tensor.detach().to(dtype))
+        yield {k: v.dtype for k, v in originals.items()}
+    finally:
+        if restore:
+            for key, value in originals.items():
+                _set_tensor(model, key, value)
+
+
+def _write_config(model: nn.Module, file: Path) -> None:
+    """``model.config`` as ``save_pretrained`` writes it, with the refusal as its
+    ``model_type`` and the marker keeping the real one."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    data = json.loads(config.to_json_string(use_diff=True))
+    data[MARKER] = {"weights": WEIGHTS_NAME, "version": MARKER_VERSION,
+                    "model_type": data.get("model_type", config.model_type)}
+    data["model_type"] = REFUSAL
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, file)

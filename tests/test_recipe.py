@@ -1,0 +1,83 @@
+"""YAML recipes: validation that names the field, and a run through every stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pydantic")
+pytest.importorskip("yaml")
+
+from sparsekit.cli.main import main  # noqa: E402
+from sparsekit.recipe import load_recipe, run_recipe  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "recipe.yaml"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_example_recipe_is_valid():
+    recipe = load_recipe(EXAMPLE)
+    assert recipe.prune.sparsity == 0.9 and recipe.finetune.schedule == "gradual"
+
+
+@pytest.mark.parametrize("text, field", [
+    ("model: lenet_300_100\nprune: {sparsity: 1.5}\n", "prune.sparsity"),
+    ("model: lenet_300_100\nprune: {sparsity: 0.5, method: obs}\n", "prune.method"),
+    ("model: lenet_300_100\nprune: {sparsity: 0.5, allocation: nope}\n", "prune.allocation"),
+    ("model: lenet_300_100\nprune: {sparsity: 0.5, pattern: '5:4'}\n", "prune.pattern"),
+    ("model: resnet9000\n", "model"),
+    ("model: lenet_300_100\nfinetune: {epochs: 0}\n", "finetune.epochs"),
+    ("model: lenet_300_100\nfinetune: {lr: -1}\n", "finetune.lr"),
+    ("model: lenet_300_100\ncompile: {rows: [0]}\n", "compile.rows"),
+    ("model: lenet_300_100\ncompile: {weight_dtype: int4}\n", "compile.weight_dtype"),
+    ("model: lenet_300_100\nprune: {sparsity: 0.5, sparsty: 0.5}\n", "prune.sparsty"),
+    ("model: lenet_300_100\ninput_shape: [1, 0]\n", "input_shape"),
+    ("prune: {sparsity: 0.5}\n", "model"),
+])
+def test_every_field_error_names_the_field(tmp_path, text, field):
+    with pytest.raises(ValueError, match=rf"{field}: "):
+        load_recipe(_write(tmp_path, text))
+
+
+def test_gradual_without_a_prune_target(tmp_path):
+    with pytest.raises(ValueError, match="gradual.*needs a prune stage"):
+        load_recipe(_write(tmp_path, "model: lenet_300_100\nfinetune: {schedule: gradual}\n"))
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path):
+    with pytest.raises(ValueError, match="mapping of fields"):
+        load_recipe(_write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_recipe(_write(tmp_path, "model: [\n"))
+
+
+def test_cli_bad_recipe_is_one_line(tmp_path, capsys):
+    path = _write(tmp_path, "model: lenet_300_100\nprune: {sparsity: 2}\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "prune.sparsity" in err
+
+
+def test_run_prune_compile_report_and_save(tmp_path, capsys):
+    out = tmp_path / "pruned.safetensors"
+    path = _write(tmp_path, f"model: lenet_300_100\nprune: {{sparsity: 0.8}}\n"
+                            f"compile: {{formats: [dense, torch_csr], rows: [1]}}\n"
+                            f"report: {{markdown: true}}\nout: {out}\n")
+    assert main(["run", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "pruned to 80.00%" in text and "fc1" in text and out.is_file()
+
+
+def test_run_gradual_finetune(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_DATA_DIR", str(tmp_path / "none"))  # digits: fast
+    path = _write(tmp_path, "model: lenet_300_100\nprune: {sparsity: 0.5}\n"
+                            "finetune: {epochs: 1, schedule: gradual, every: 2}\nreport: null\n")
+    result = run_recipe(load_recipe(path), log=lambda _: None)
+    assert result["masks"].sparsity() == pytest.approx(0.5, abs=0.01)
+    assert result["accuracy"] > 0.2
