@@ -102,7 +102,7 @@ def test_flap_without_calibration_data_is_a_clear_error_and_leaves_the_model_unt
     before = _state(model)
     with pytest.raises(ValueError, match="criterion 'flap' needs data="):
         sparsekit.prune(model, 0.5, method="flap", pattern="channel")
-    with pytest.raises(ValueError, match="criterion 'flap' scores Linear/Conv weights only; "
+    with pytest.raises(ValueError, match="criterion 'flap' scores Linear/Conv1D/Conv weights only; "
                        "target '0.bias'"):
         sparsekit.prune(model, 0.5, method="flap", targets="0.bias", data=torch.randn(4, 16))
     with pytest.raises(TypeError, match=r"layers\['act'\] must be a Linear or Conv layer"):
