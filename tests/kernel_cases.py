@@ -91,3 +91,19 @@ def assert_matches(y: torch.Tensor, c: Case, x: torch.Tensor, bias: torch.Tensor
                                    atol=atol)
     else:
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=atol)
+
+
+def reloaded(compiled: torch.nn.Module, model: torch.nn.Module, path) -> torch.nn.Module:
+    """``compiled`` saved to ``path`` and loaded into float32 bitmap layers compiled from
+    ``model``: the load must bring back every tensor (names, dtypes, bits) of ``compiled``."""
+    import sparsekit
+    from sparsekit.engine import compile
+
+    sparsekit.save(compiled, path)
+    like = compile(model, formats="bitmap", rows=(1,))  # float32 bitmap layers
+    sparsekit.load(like, path)
+    state, loaded = compiled.state_dict(), like.state_dict()
+    assert list(state) == list(loaded)
+    assert all(state[k].dtype == loaded[k].dtype and torch.equal(state[k], loaded[k])
+               for k in state)
+    return like

@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 import torch
+from kernel_cases import reloaded
 from torch import nn
 
-import sparsekit
 from sparsekit.engine import compile, kernels, report
 from sparsekit.quantize import attach_scales, fake_quantize, int8_scales
 
@@ -143,12 +143,6 @@ def test_compiled_int8_model_reloads_bit_identically(tmp_path, one_thread):
     model, x = _model(), torch.randn(4, 128)
     compiled = compile(model, x, formats=("csr16", "dense_lowp"), weight_dtype="int8",
                        rows=(1,))
-    path = sparsekit.save(compiled, tmp_path / "int8.safetensors")
-    like = compile(model, formats="bitmap", rows=(1,))  # float32 bitmap layers
-    sparsekit.load(like, path)
-    state, loaded = compiled.state_dict(), like.state_dict()
-    assert list(state) == list(loaded)
-    assert all(state[k].dtype == loaded[k].dtype and torch.equal(state[k], loaded[k])
-               for k in state)
+    like = reloaded(compiled, model, tmp_path / "int8.safetensors")
     with torch.no_grad():
         assert torch.equal(compiled(x), like(x))

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_cases import reloaded
 from torch import nn
 
 import sparsekit
@@ -112,13 +113,7 @@ def test_fallback_rounds_the_inputs_like_the_kernel():
 def test_compiled_w8a8_model_reloads_bit_identically(tmp_path, one_thread):
     model, x = _model(), torch.randn(4, 128)
     compiled = _w8a8(model, x, ["bitmap", "dense_lowp"])
-    path = sparsekit.save(compiled, tmp_path / "w8a8.safetensors")
-    like = compile(model, formats="bitmap", rows=(1,))  # float32 bitmap layers
-    sparsekit.load(like, path)
-    state, loaded = compiled.state_dict(), like.state_dict()
-    assert list(state) == list(loaded)
-    assert all(state[k].dtype == loaded[k].dtype and torch.equal(state[k], loaded[k])
-               for k in state)
+    like = reloaded(compiled, model, tmp_path / "w8a8.safetensors")
     assert like[0].format.activation_dtype == torch.int8
     with torch.no_grad():
         assert torch.equal(compiled(x), like(x))
