@@ -121,3 +121,19 @@ def test_llm_decode_int8pack_peer_takes_misaligned_bf16_inputs():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_kernels_w8a8_rows_fail_where_a_sparse_format_does_not_beat_torch_int8():
+    """``--tables q`` can fail: a sparse W8A8 format at or below torch's dynamic int8 is a
+    miss; dense W8A8 and the float-input modes are reported only."""
+    code = """if True:
+        import kernels
+        row = {"shape": "8x8", "batch": 1, "quiet": True, "vs_torch_dynamic_int8": {
+            "torch_dynamic_int8": 1.0, "dense int8 q": 0.9, "bitmap 50% int8 q": 1.0,
+            "bitmap 50% int8 f32 FMA": 0.5, "2:4 nm int8 q": 1.2}}
+        misses = kernels.w8a8_misses([row])
+        assert len(misses) == 1 and "bitmap 50% int8 q 1.00x" in misses[0], misses
+    """
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
