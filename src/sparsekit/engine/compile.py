@@ -36,6 +36,7 @@ from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, Format, available_formats
 from sparsekit.engine.fused import FusedLinear, FusedProjections
+from sparsekit.engine.persist import replaced
 from sparsekit.observe import inference, watch
 from sparsekit.quantize import attached_scales, dequantize_int8
 from sparsekit.targets import conv1d_type
@@ -631,15 +632,7 @@ def _conv1d_as_linear(model: nn.Module) -> nn.Module:
     conv1d = conv1d_type()
     if conv1d is None or not any(isinstance(m, conv1d) for m in model.modules()):
         return model
-    model = copy.deepcopy(model)
-    linears: dict[int, nn.Linear] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, conv1d):
-                if id(child) not in linears:
-                    linears[id(child)] = _linear_of(child)
-                setattr(parent, name, linears[id(child)])
-    return model
+    return replaced(model, conv1d, _linear_of)
 
 
 def _linear_of(layer: nn.Module) -> nn.Linear:

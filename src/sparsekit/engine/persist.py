@@ -10,6 +10,7 @@ checkpoint).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 from torch import nn
 
@@ -37,15 +38,23 @@ def decompile(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, _COMPILED):
         return _to_module(model)
+    out = replaced(model, _COMPILED, _to_module)
+    out.__dict__.pop("sparsekit_choices", None)
+    return out
+
+
+def replaced(model: nn.Module, kinds: type | tuple[type, ...],
+             convert: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """A deep copy of ``model`` in which every submodule of ``kinds`` is ``convert``-ed;
+    a module shared by several parents is converted once and stays shared."""
     out = copy.deepcopy(model)
-    done: dict[int, nn.Module] = {}  # a shared layer stays shared
+    done: dict[int, nn.Module] = {}
     for parent in list(out.modules()):
         for name, child in list(parent._modules.items()):
-            if isinstance(child, _COMPILED):
+            if isinstance(child, kinds):
                 if id(child) not in done:
-                    done[id(child)] = _to_module(child)
+                    done[id(child)] = convert(child)
                 setattr(parent, name, done[id(child)])
-    out.__dict__.pop("sparsekit_choices", None)
     return out
 
 
