@@ -46,6 +46,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import time_ms  # noqa: E402
+from kernels import cpu_info  # noqa: E402
 
 import sparsekit  # noqa: E402
 from sparsekit.data import load_image_dataset  # noqa: E402
@@ -353,11 +354,14 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     stem = "structured_quick" if args.quick else "structured"
     args.out.mkdir(parents=True, exist_ok=True)
+    cpu, isa = cpu_info()
     (args.out / f"{stem}.json").write_text(json.dumps(
-        {"setup": asdict(setup), "dataset": data.name, "seconds": round(elapsed),
+        {"setup": asdict(setup), "cpu": cpu, "isa_flags": isa,
+         "dataset": data.name, "seconds": round(elapsed),
          "rows": rows, "checks": checks, "llm_dense_perplexity": llm_dense,
          "llm_rows": llm_table}, indent=2))
-    lines = [f"{data.name}, ResNet-18 width {setup.width} trained {setup.train_steps} steps; "
+    lines = [f"CPU: {cpu} ({' '.join(isa) or 'no AVX2'}); torch {torch.__version__}", "",
+             f"{data.name}, ResNet-18 width {setup.width} trained {setup.train_steps} steps; "
              f"fine-tuning {setup.finetune_steps} steps of {setup.batch} (fused Adam, lr "
              f"{setup.lr}); accuracy on {len(test_x)} test images; round_to {setup.round_to}; "
              f"{setup.threads} threads; latency with conv+BN folded; {elapsed:.0f} s", "",
