@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 _SUBPACKAGES = frozenset({
-    "activation", "allocation", "checkpoint", "cli", "data", "engine", "graph", "integrations",
+    "activation", "allocation", "attention", "checkpoint", "cli", "data", "engine", "graph", "integrations",
     "llm", "masks", "models", "patterns", "pretrained", "registry", "regularize", "report",
     "schedules", "scores", "structured", "targets", "training",
 })

@@ -1,0 +1,120 @@
+"""Block-sparse attention over a boolean mask of (query block, key block) tiles.
+
+Attention at long context spends its time on the score matrix; most of its softmax mass
+sits in few tiles (MInference, XAttention), so a mask over ``block_size``-square tiles says
+which ones to compute. Tiles the mask drops contribute nothing — exactly as if their
+scores were ``-inf`` — and a row whose every tile is dropped outputs zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sparsekit._checks import check_int
+
+__all__ = ["block_sparse_attention", "dense_block_mask"]
+
+
+def _blocks(length: int, block_size: int) -> int:
+    return -(-length // block_size)
+
+
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, block_size: int
+) -> None:
+    check_int("block_size", block_size, minimum=1)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(
+                f"{name} must be a 4-D tensor (batch, heads, seq, head_dim), got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
+        if t.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"{name} must be float32 or bfloat16, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, heads, q_len, dim = q.shape
+    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[0] != batch or k.shape[3] != dim:
+        raise ValueError(
+            f"k must be (batch={batch}, kv_heads, kv_seq, head_dim={dim}) and v share its first "
+            f"three sizes, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if heads % k.shape[1]:
+        raise ValueError(
+            f"the query heads ({heads}) must be a multiple of the key/value heads "
+            f"({k.shape[1]}) (grouped-query attention)"
+        )
+    want = (_blocks(q_len, block_size), _blocks(k.shape[2], block_size))
+    if (
+        not isinstance(block_mask, torch.Tensor)
+        or block_mask.dtype != torch.bool
+        or block_mask.dim() != 4
+        or block_mask.shape[0] not in (1, batch)
+        or block_mask.shape[1] not in (1, heads)
+        or tuple(block_mask.shape[2:]) != want
+    ):
+        shape = (
+            tuple(block_mask.shape) if isinstance(block_mask, torch.Tensor) else block_mask
+        )
+        raise ValueError(
+            f"block_mask must be a bool tensor (1 or {batch}, 1 or {heads}, {want[0]}, {want[1]}) "
+            f"for block_size={block_size}, got {shape}"
+        )
+
+
+def dense_block_mask(
+    block_mask: torch.Tensor, q_len: int, kv_len: int, *, causal: bool, block_size: int
+) -> torch.Tensor:
+    """The element mask ``(b, h, q_len, kv_len)`` a block mask stands for (True = attend).
+
+    Causal attention aligns the last query with the last key (decode and chunked prefill:
+    query ``i`` sees keys up to ``kv_len - q_len + i``), as ``F.scaled_dot_product_attention``
+    does for ``q_len == kv_len``.
+    """
+    rows = block_mask.repeat_interleave(block_size, dim=2)[:, :, :q_len]
+    mask = rows.repeat_interleave(block_size, dim=3)[:, :, :, :kv_len]
+    if causal:
+        offset = kv_len - q_len
+        keep = torch.ones(q_len, kv_len, dtype=torch.bool).tril(offset)
+        mask = mask & keep
+    return mask
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    causal: bool = True,
+    block_size: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``q`` over ``k``/``v`` restricted to the tiles ``block_mask`` keeps.
+
+    Args:
+        q: queries ``(batch, heads, q_len, head_dim)``, float32 or bfloat16.
+        k, v: keys and values ``(batch, kv_heads, kv_len, head_dim)``; ``heads`` must be a
+            multiple of ``kv_heads`` (grouped-query attention shares each key/value head).
+        block_mask: bool ``(batch or 1, heads or 1, ceil(q_len / block_size),
+            ceil(kv_len / block_size))``; True computes the tile.
+        causal: mask keys after each query (the last query aligned with the last key).
+        block_size: tile edge in tokens; the last tiles may be ragged.
+        scale: softmax scale, ``1 / sqrt(head_dim)`` by default.
+
+    Returns:
+        ``(batch, heads, q_len, head_dim)`` in ``q``'s dtype; rows with no kept key are zero.
+    """
+    _check(q, k, v, block_mask, block_size)
+    q_len, kv_len, dim = q.shape[2], k.shape[2], q.shape[3]
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    mask = dense_block_mask(block_mask, q_len, kv_len, causal=causal, block_size=block_size)
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
