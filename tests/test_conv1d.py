@@ -113,3 +113,19 @@ def test_compile_turns_conv1d_into_compiled_linears_with_identical_output():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5,
                                    atol=1e-5)
 
+
+
+def test_save_pretrained_stores_the_tied_embedding_once(tmp_path):
+    """GPT-2's wte and lm_head are one tensor: the directory holds it once, and the
+    reloaded model is tied again and computes the same logits."""
+    model = _gpt2()
+    masks = sparsekit.prune(model, 0.5)
+    path = sparsekit.save_pretrained(model, tmp_path / "gpt2", masks)
+    meta, infos = sparsekit.checkpoint.read_header(path / "sparsekit.safetensors")
+    assert "lm_head.weight" not in infos
+    assert "lm_head.weight" in meta["tied"]
+    loaded = sparsekit.from_pretrained(path)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_ids()).logits, model(_ids()).logits,
+                                   rtol=0, atol=0)

@@ -490,7 +490,7 @@ def _as_version_1(path: Path) -> None:
 
 
 def test_version_1_files_load_with_a_warning(sealed):
-    assert FORMAT_VERSION == "2"
+    assert FORMAT_VERSION == "3"
     _as_version_1(sealed)
     ms = masked()
     model = net(seed=7)
@@ -505,3 +505,55 @@ def test_version_1_header_is_still_checked(sealed):
     rewrite(sealed, meta=lambda m: m.update(tensors=m["tensors"].replace("[32, 16]", "[32, 17]")),
             reseal=False)
     assert_rejected(sealed, "header digest mismatch")
+
+
+class _TiedLM(nn.Module):
+    """An embedding whose weight is also the output head's (as GPT-2 / LLaMA tie them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(64, 16)
+        self.head = nn.Linear(16, 64, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_tied_weights_are_stored_once_and_reload_tied(tmp_path):
+    model = _TiedLM()
+    path = sparsekit.save(model, tmp_path / "tied.sk")
+    meta, infos = checkpoint.read_header(path)
+    assert set(infos) == {"embed.weight"}
+    assert json.loads(meta["tied"]) == {"head.weight": "embed.weight"}
+    assert path.stat().st_size < 64 * 16 * 4 * 1.2  # one copy, not two
+    other = _TiedLM()
+    with torch.no_grad():
+        other.embed.weight.zero_()
+    sparsekit.load(other, path)
+    assert other.head.weight is other.embed.weight
+    assert torch.equal(other.embed.weight, model.embed.weight)
+    assert torch.equal(read(path).state["head.weight"], model.head.weight)
+
+
+@pytest.mark.parametrize("tied, match", [
+    ({"head.weight": "nothing.weight"}, "'tied' in the header must map"),
+    ({"embed.weight": "embed.weight"}, "'tied' in the header must map"),
+    (["head.weight"], "'tied' in the header must map"),
+])
+def test_forged_tied_entry_is_rejected(tmp_path, tied, match):
+    path = sparsekit.save(_TiedLM(), tmp_path / "tied.sk")
+    rewrite(path, meta=lambda header: header.update(tied=json.dumps(tied)))
+    assert_rejected(path, match, _TiedLM())
+
+
+def test_metadata_cannot_overwrite_the_header(tmp_path):
+    with pytest.raises(ValueError, match=r"metadata: keys \['tied'\]"):
+        sparsekit.save(net(), tmp_path / "m.sk", metadata={"tied": "{}"})
+    assert not (tmp_path / "m.sk").exists()
+
+
+def test_version_2_files_load_as_before(sealed):
+    """Version 3 only added the optional ``tied`` entry: a version-2 file loads unchanged."""
+    rewrite(sealed, meta=lambda header: header.update(format_version="2"))
+    ms, model = masked(), net(seed=7)
+    sparsekit.load(model, sealed)
+    assert same(state_of(model), state_of(ms.model))

@@ -5,11 +5,13 @@ the kept positions, as a bitmap (1 bit per entry) or as gaps between successive 
 indices in the narrowest unsigned integer type — whichever is smaller. The header holds
 a format version, the mask pattern and, per tensor, its encoding, shape, dtype, count of
 nonzeros and a SHA-256 digest of its stored bytes bound to its name; a SHA-256 digest
-over the whole header seals every metadata field. ``load`` checks the structure, the
-digests, the model's shapes and the masks' pattern before it decodes anything large or
-touches the model. Files are written deterministically (the same model gives the same
-bytes) to a temporary file that is fsynced and renamed, and the directory is fsynced, so
-a crash never leaves half a checkpoint.
+over the whole header seals every metadata field. Tied tensors (one tensor under several
+``state_dict`` keys, such as a language model's embedding and output head) are stored once
+under their first key; the header's ``tied`` entry maps each other key to it. ``load``
+checks the structure, the digests, the model's shapes and the masks' pattern before it
+decodes anything large or touches the model. Files are written deterministically (the
+same model gives the same bytes) to a temporary file that is fsynced and renamed, and the
+directory is fsynced, so a crash never leaves half a checkpoint.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from sparsekit.masks import MaskSet
 from sparsekit.patterns import parse_pattern
 
 FORMAT = "sparsekit"
-FORMAT_VERSION = "2"
-_READABLE_VERSIONS = ("1", "2")  # version 1 sealed the header only; read with a warning
+FORMAT_VERSION = "3"
+# version 1 sealed the header only (read with a warning); 3 adds the optional "tied" entry
+_READABLE_VERSIONS = ("1", "2", "3")
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 _ENCODINGS = {"dense": ("",), "bitmap": ("::values", "::bitmap"), "gaps": ("::values", "::gaps")}
 _FIELDS = {"encoding", "shape", "dtype", "nnz", "masked"}  # of a header entry; version 2 adds:
@@ -100,6 +103,11 @@ def save(
         raise TypeError(f"metadata must be a dict of str to str, got {metadata!r:.100}")
     mask_of = masks.masks if masks is not None else {}
     state = model.state_dict()
+    reserved = sorted({"tied", "format", "format_version", "pattern", "tensors", "digest"}
+                      & set(metadata or {}))
+    if reserved:
+        raise ValueError(f"metadata: keys {reserved} are the checkpoint's own header entries; "
+                         "choose other names")
     for key, m in mask_of.items():
         if key not in state or state[key].shape != m.shape:
             raise ValueError(
@@ -107,9 +115,12 @@ def save(
                 "state_dict (were the masks made for another model?)"
             )
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    tied = _tied_keys(state)
     parts: dict[str, torch.Tensor] = {}
     infos: dict[str, dict] = {}
     for key, value in state.items():
+        if key in tied:
+            continue
         value = value.detach().cpu().contiguous()
         if value.dtype not in _ST_DTYPES:
             raise TypeError(f"state_dict entry {key!r} has dtype {value.dtype}, which "
@@ -136,6 +147,7 @@ def save(
         **({"model": json.dumps(model.sparsekit_config, sort_keys=True)}
            if hasattr(model, "sparsekit_config") else {}),
         **(metadata or {}),
+        **({"tied": json.dumps(tied, sort_keys=True)} if tied else {}),
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "pattern": masks.pattern if masks is not None else "none",
@@ -239,6 +251,7 @@ class _Stored:
     infos: dict[str, TensorInfo]
     meta: dict[str, str]
     path: Path
+    tied: dict[str, str]  # key -> the stored key it is the same tensor as
 
 
 def _open(path: str | os.PathLike) -> _Stored:
@@ -256,7 +269,7 @@ def _open(path: str | os.PathLike) -> _Stored:
                           False)
             for k, v in parts.items()
         }
-        return _Stored(parts, infos, meta, path)
+        return _Stored(parts, infos, meta, path, {})
     version = meta.get("format_version")
     if version not in _READABLE_VERSIONS:
         raise ValueError(
@@ -276,9 +289,10 @@ def _open(path: str | os.PathLike) -> _Stored:
             )
         else:
             _check_seal(meta, entries, parts)
+        tied = _tied_entry(meta.get("tied"), infos)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-    return _Stored(parts, infos, meta, path)
+    return _Stored(parts, infos, meta, path, tied)
 
 
 def _checked_path(path: str | os.PathLike) -> Path:
@@ -350,6 +364,25 @@ def _tensor_info(key: str, entry: dict) -> TensorInfo:
         raise ValueError(f"header entry {key!r}: masked must be a boolean, and a masked "
                          f"tensor is stored by position, got {masked!r:.20} with {encoding!r}")
     return TensorInfo(encoding, tuple(shape), dtype, nnz, masked)
+
+
+def _tied_entry(text: str | None, infos: dict[str, TensorInfo]) -> dict[str, str]:
+    """The header's ``tied`` entry: each key maps to a stored tensor it is not itself."""
+    if text is None:
+        return {}
+    try:
+        tied = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"'tied' in the header is not valid JSON ({err})") from None
+    if not isinstance(tied, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k not in infos and v in infos
+        for k, v in tied.items()
+    ):
+        raise ValueError(
+            f"'tied' in the header must map keys that are not stored to stored ones, got "
+            f"{tied!r:.120}"
+        )
+    return tied
 
 
 def _is_count(x: object) -> bool:
@@ -430,11 +463,12 @@ def _check_materialized(model: nn.Module) -> None:
 def _declared_state(stored: _Stored) -> dict[str, torch.Tensor]:
     """What the file declares, decoding nothing: dense tensors as stored (their bytes are
     in the file), compressed ones as meta-device placeholders of their declared shape."""
-    return {
+    state = {
         key: stored.parts[key] if info.encoding == "dense"
         else torch.empty(info.shape, dtype=_DTYPES[info.dtype], device="meta")
         for key, info in stored.infos.items()
     }
+    return state | {key: state[source] for key, source in stored.tied.items()}
 
 
 def _check_decodable(own: dict[str, torch.Tensor], stored: _Stored) -> None:
@@ -474,6 +508,23 @@ def expected_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
 
 
 # -- encoding -------------------------------------------------------------------------
+
+def _tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{key: first key}`` for every ``state_dict`` entry that is the same tensor as an
+    earlier one (same storage, offset, shape, strides and dtype): stored once."""
+    first: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
+    for key, value in state.items():
+        if value.numel() == 0:
+            continue
+        view = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
+                tuple(value.shape), value.stride(), value.dtype)
+        if view in first:
+            tied[key] = first[view]
+        else:
+            first[view] = key
+    return tied
+
 
 def _check_masked_zero(key: str, dropped: torch.Tensor) -> None:
     """Masked weights are stored as +0.0 and not at all: anything else would be lost."""
@@ -540,6 +591,7 @@ def _decode_all(stored: _Stored) -> Checkpoint:
     except ValueError as err:
         raise ValueError(f"{stored.path}: {err}") from None
     state = {k: v for k, (v, _) in decoded.items()}
+    state |= {key: state[source] for key, source in stored.tied.items()}
     kept = {k: m for k, (_, m) in decoded.items() if m is not None}
     return Checkpoint(state, kept, dict(stored.infos), dict(stored.meta))
 
