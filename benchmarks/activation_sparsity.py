@@ -30,13 +30,13 @@ import argparse
 import copy
 import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_info
 from _timing import time_ms
 from llm_pruning import SEQLEN, shakespeare, train_llama
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -309,16 +309,6 @@ def models(quick: bool) -> tuple[dict, dict]:
     return llama, decode
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the machine type where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((x for x in f if x.startswith("model name")), "")
-    except OSError:
-        line = ""
-    return line.partition(":")[2].strip() or platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke run, no checks")
@@ -327,7 +317,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(0)
     note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads ((a) and (c): 1), "
-            f"CPU {cpu_model()}, compiled kernels "
+            f"CPU {cpu_info()[0]}, compiled kernels "
             f"{'on' if kernels.available() else 'off (PyTorch fallback)'}. The machine was "
             "shared with other jobs while this ran: absolute times are noisy, ratios are "
             "measured side by side.")

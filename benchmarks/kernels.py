@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_info
 from _timing import time_ms
 from torch import nn
 
@@ -76,7 +77,6 @@ GOALS = {(1, 0.9): 8.0, (1, 0.95): 14.0, (64, 0.9): 3.0}
 # value-dtype rows: memory-bound LLM decode (batch 1) at the sparsities pruned LLMs use
 VALUE_CASES = [("unstructured", 0.5), ("unstructured", 0.7), ("unstructured", 0.9), ("2:4", 0.5)]
 FLOOR_GOAL = 0.75  # a format should reach this share of the floor its own bytes give
-ISA_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx2", "fma")
 
 
 def time_cold_ms(
@@ -157,24 +157,6 @@ def format_bytes(fmt: Format, batch: int, element_size: int = 4) -> int:
     ``element_size`` bytes per element)."""
     own = sum(t.numel() * t.element_size() for t in fmt.buffers())
     return own + element_size * batch * (fmt.in_features + fmt.out_features)
-
-
-def cpu_info() -> tuple[str, list[str]]:
-    """The CPU model name and which of :data:`ISA_FLAGS` it has (the kernels' own choice is
-    :func:`kernels.isa`)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == platform.machine():
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    return model, [f for f in ISA_FLAGS if f in flags]
 
 
 def pattern_mask(pattern: str, sparsity: float, shape: tuple[int, int], g: torch.Generator):

@@ -44,7 +44,6 @@ import argparse
 import copy
 import functools
 import json
-import platform
 import statistics
 import time
 import warnings
@@ -52,6 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _machine import describe
 from _timing import time_ms
 from llm_pruning import EVAL_TOKENS, SEQLEN, shakespeare, train_llama
 from torch import nn
@@ -82,31 +82,6 @@ MATMUL_OPS = ("sparsekit::", "aten::mm", "aten::addmm", "aten::_weight_int8pack_
               "quantized::", "mkldnn::_linear_pointwise", "mkl::")
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PPL_SETTINGS = (("unstructured", 0.5), ("2:4", 0.5))
-
-
-# -- the machine --------------------------------------------------------------------------
-
-
-def cpu() -> dict[str, str]:
-    """The CPU model and the vector ISA the kernels can use."""
-    name, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    isa = getattr(kernels, "isa", None)
-    if callable(isa):
-        found = str(isa())
-    else:
-        wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-                  "amx_bf16", "amx_int8", "asimd", "sve")
-        found = " ".join(f for f in wanted if f in flags) or "scalar"
-    return {"model": name, "isa": found, "threads": str(torch.get_num_threads())}
 
 
 # -- the models ---------------------------------------------------------------------------
@@ -574,7 +549,7 @@ def main() -> int:
                         help="split a decode step of " + ", ".join(PROFILED) + " into matmul, "
                         "attention, other ops and Python time (torch.profiler)")
     args = parser.parse_args()
-    machine = cpu()
+    machine = describe()
     note = (f"torch {torch.__version__}; sparsekit kernels "
             f"{'on' if kernels.available() else 'off (PyTorch fallback)'}; random weights "
             "(Hugging Face initialisation), magnitude pruning; decode tokens/s is one over the "

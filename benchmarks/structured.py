@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _machine import cpu_info  # noqa: E402
 from _timing import time_ms  # noqa: E402
-from kernels import cpu_info  # noqa: E402
 
 import sparsekit  # noqa: E402
 from sparsekit.data import load_image_dataset  # noqa: E402
