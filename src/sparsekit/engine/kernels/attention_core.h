@@ -268,6 +268,26 @@ inline void softmax_step(const AttentionArgs& a, int64_t offset, int64_t i0, int
   }
 }
 
+// Decode reads k and v in place, and the hardware prefetcher loses the stream at every
+// dropped block: ask for the next kept block's keys and values (up to kTileKeys of them)
+// while this one is computed.
+template <typename T>
+inline void prefetch_next(const Problem<T>& pb, const bool* keep, int64_t kb, int64_t bh,
+                          int64_t last) {
+  const AttentionArgs& a = pb.a;
+  int64_t next = kb + 1;
+  while (next < a.k_blocks && !keep[next]) ++next;
+  const int64_t j0 = next * a.block;
+  if (next == a.k_blocks || (a.causal && j0 > last) || next == kb + 1) return;  // contiguous
+  const int64_t bytes = std::min({a.block, kTileKeys, a.kv_len - j0}) * a.dim * int64_t(sizeof(T));
+  const char* k = reinterpret_cast<const char*>(pb.k + (bh * a.kv_len + j0) * a.dim);
+  const char* v = reinterpret_cast<const char*>(pb.v + (bh * a.kv_len + j0) * a.dim);
+  for (int64_t b = 0; b < bytes; b += 64) {
+    __builtin_prefetch(k + b);
+    __builtin_prefetch(v + b);
+  }
+}
+
 // Runs one item: streams its kept key blocks, writes its rows of out.
 template <typename T>
 void run_item(const Problem<T>& pb, const Item& it, float* ws) {
@@ -294,6 +314,7 @@ void run_item(const Problem<T>& pb, const Item& it, float* ws) {
     if (!keep[kb]) continue;
     const int64_t j0 = kb * a.block, j1 = std::min(a.kv_len, j0 + a.block);
     if (a.causal && j0 > last) break;
+    if (!pb.packed) prefetch_next(pb, keep, kb, bh, last);
     for (int64_t c0 = j0; c0 < j1 && !(a.causal && c0 > last); c0 += kTileKeys) {
       const int64_t n = std::min(kTileKeys, j1 - c0);
       int64_t ncols;
