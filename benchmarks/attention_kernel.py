@@ -11,6 +11,7 @@ asserted. Writes benchmarks/results/attention_kernel{,_quick}.{json,md}.
 
     python benchmarks/attention_kernel.py           # 4k and 16k (a few minutes on 2 cores)
     python benchmarks/attention_kernel.py --quick   # 4k only
+    python benchmarks/attention_kernel.py --threads 1   # one core (a loaded machine)
 """
 
 from __future__ import annotations
@@ -76,8 +77,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="4k tokens only")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per timed group")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch and kernel threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if not kernels.available():
         sys.exit(f"the compiled kernels are unavailable: {kernels.unavailable_reason()}")
     g = torch.Generator().manual_seed(0)

@@ -352,8 +352,11 @@ void run_item(const Problem<T>& pb, const Item& it, float* ws) {
   }
 }
 
-// The items of a call, heaviest first: work = kept visible keys times rows.
-inline std::vector<Item> items(const AttentionArgs& a, int64_t offset) {
+// The items of a call in (batch, head, rows) order, or with `balance` heaviest first (work =
+// kept visible keys times rows: long causal rows must not start last). Decode keeps the
+// order: the query heads of one key/value head run side by side and share its blocks in
+// cache.
+inline std::vector<Item> items(const AttentionArgs& a, int64_t offset, bool balance) {
   std::vector<Item> all;
   for (int64_t b = 0; b < a.batch; ++b) {
     for (int64_t h = 0; h < a.heads; ++h) {
@@ -372,8 +375,10 @@ inline std::vector<Item> items(const AttentionArgs& a, int64_t offset) {
       }
     }
   }
-  std::stable_sort(all.begin(), all.end(),
-                   [](const Item& x, const Item& y) { return x.work > y.work; });
+  if (balance) {
+    std::stable_sort(all.begin(), all.end(),
+                     [](const Item& x, const Item& y) { return x.work > y.work; });
+  }
   return all;
 }
 
@@ -389,7 +394,7 @@ void run(const AttentionArgs& a) {
   Buffer vp(pb.packed ? heads * a.kv_len * pb.dpad : 0);
   pb.kt = kt.data;
   pb.vp = vp.data;
-  const std::vector<Item> work = items(a, pb.offset);
+  const std::vector<Item> work = items(a, pb.offset, pb.packed);
   const int64_t n = static_cast<int64_t>(work.size());
 #pragma omp parallel num_threads(a.threads) if (a.threads > 1)
   {
