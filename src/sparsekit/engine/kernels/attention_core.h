@@ -7,13 +7,14 @@
 // two), its running row maxima m, sums l and unnormalised outputs o in a thread workspace,
 // and streams the kept key blocks kTileKeys keys at a time: s = q k^T as a small GEMM, the
 // online-softmax update (o and l rescaled by 2^(m_old - m_new)), then o += 2^(s - m) v. No
-// score matrix larger than one tile exists. Items run heaviest first (dynamic schedule), so
+// score matrix larger than one tile exists. Prefill items run heaviest first (dynamic schedule), so
 // the long causal rows do not finish last.
 //
-// Prefill (q_len >= kPackRows) first packs k transposed (dim, keys) and v with rows padded to
-// whole vectors, both float32, once per call: every tile then runs register-blocked
-// broadcast-FMA kernels. Decode (fewer queries) reads k and v where they are, as float32 or
-// widened bf16, so only the kept blocks are ever loaded.
+// Prefill first packs k transposed (dim, keys) and v with rows padded to whole vectors, both
+// float32, once per call: every tile then runs register-blocked broadcast-FMA kernels. That
+// pass over all of k and v pays when each key is used by kPackRows (query, head) rows on
+// average; decode and sparse short chunks read k and v where they are instead (float32 or
+// widened bf16, one dot product per key and row), so only the kept blocks are ever loaded.
 
 #include "attention.h"
 
@@ -30,9 +31,9 @@ constexpr int64_t L = kVectorBytes / 4;  // floats per vector
 constexpr int kRows = 4;                 // query rows of a register tile
 constexpr int kCols = kVectorBytes == 64 ? 4 : 2;  // vectors of keys (q k^T) or dims (p v)
 constexpr int64_t kTileRows = 64;   // query rows of a work item
-constexpr int64_t kTileKeys = 128;  // keys of one softmax step (a multiple of kCols * L)
-constexpr int64_t kPad = 64;        // the packed keys' row padding (a multiple of kCols * L)
-constexpr int64_t kPackRows = 16;   // queries from which packing k and v pays
+constexpr int64_t kTileKeys = 128;  // keys of one softmax step (whole vectors)
+constexpr int64_t kPad = 64;        // packed keys: rows rounded up to it, plus one more
+constexpr int64_t kPackRows = 16;   // uses per key from which packing k and v pays
 constexpr float kLog2e = 1.4426950408889634f;
 
 inline vf splat(float x) { return vf{} + x; }
@@ -150,7 +151,24 @@ inline void by_rows(int64_t nr, Tile&& tile) {
   }
 }
 
-// o (nr, vecs * L) += p (nr, n) v (n, vecs * L): kCols vectors of dims at a time.
+// s (nr, vecs * L) = q (nr, dim) k^T for vecs * L packed keys: kCols vectors of keys at a
+// time, then 2 and 1 (a 32-key block must not pay for 64).
+inline void qk(const float* q, int64_t dim, int64_t nr, const float* kt, int64_t ldk,
+               int64_t vecs, float* s, int64_t lds) {
+  int64_t c = 0;
+  auto cols = [&](auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    by_rows(nr, [&](auto R, int64_t r) {
+      qk_tile<decltype(R)::value, NV>(q + r * dim, dim, kt + c * L, ldk, s + r * lds + c * L, lds);
+    });
+    c += NV;
+  };
+  while (c + kCols <= vecs) cols(std::integral_constant<int, kCols>{});
+  if (c + 2 <= vecs) cols(std::integral_constant<int, 2>{});
+  if (c < vecs) cols(std::integral_constant<int, 1>{});
+}
+
+// o (nr, vecs * L) += p (nr, n) v (n, vecs * L): kCols vectors of dims at a time, then 2, 1.
 template <typename T>
 inline void pv(const float* p, int64_t ldp, int64_t nr, int64_t n, const T* v, int64_t ldv,
                int64_t vecs, float* o, int64_t ldo) {
@@ -160,9 +178,11 @@ inline void pv(const float* p, int64_t ldp, int64_t nr, int64_t n, const T* v, i
     by_rows(nr, [&](auto R, int64_t r) {
       pv_tile<decltype(R)::value, NV>(p + r * ldp, ldp, n, v + c * L, ldv, o + r * ldo + c * L, ldo);
     });
+    c += NV;
   };
-  for (; c + kCols <= vecs; c += kCols) cols(std::integral_constant<int, kCols>{});
-  for (; c < vecs; ++c) cols(std::integral_constant<int, 1>{});
+  while (c + kCols <= vecs) cols(std::integral_constant<int, kCols>{});
+  if (c + 2 <= vecs) cols(std::integral_constant<int, 2>{});
+  if (c < vecs) cols(std::integral_constant<int, 1>{});
 }
 
 // n floats, uninitialised (what the cores own must not be a std::vector<float>, whose
@@ -317,18 +337,10 @@ void run_item(const Problem<T>& pb, const Item& it, float* ws) {
     if (!pb.packed) prefetch_next(pb, keep, kb, bh, last);
     for (int64_t c0 = j0; c0 < j1 && !(a.causal && c0 > last); c0 += kTileKeys) {
       const int64_t n = std::min(kTileKeys, j1 - c0);
-      int64_t ncols;
+      const int64_t ncols = (n + L - 1) / L * L;
       if (pb.packed) {
-        constexpr int64_t W = kCols * L;
-        ncols = (n + W - 1) / W * W;
-        const float* kt = pb.kt + bh * dim * pb.ldk + c0;
-        for (int64_t c = 0; c < ncols; c += W) {
-          by_rows(nr, [&](auto R, int64_t r) {
-            qk_tile<decltype(R)::value, kCols>(qs + r * dim, dim, kt + c, pb.ldk, s + r * kTileKeys + c, kTileKeys);
-          });
-        }
+        qk(qs, dim, nr, pb.kt + bh * dim * pb.ldk + c0, pb.ldk, ncols / L, s, kTileKeys);
       } else {
-        ncols = (n + L - 1) / L * L;
         const T* kj = pb.k + (bh * a.kv_len + c0) * dim;
         for (int64_t j = 0; j < n; ++j)
           for (int64_t r = 0; r < nr; ++r) s[r * kTileKeys + j] = dot(qs + r * dim, kj + j * dim, dim);
@@ -352,11 +364,8 @@ void run_item(const Problem<T>& pb, const Item& it, float* ws) {
   }
 }
 
-// The items of a call in (batch, head, rows) order, or with `balance` heaviest first (work =
-// kept visible keys times rows: long causal rows must not start last). Decode keeps the
-// order: the query heads of one key/value head run side by side and share its blocks in
-// cache.
-inline std::vector<Item> items(const AttentionArgs& a, int64_t offset, bool balance) {
+// The items of a call in (batch, head, rows) order; work = kept visible keys times rows.
+inline std::vector<Item> items(const AttentionArgs& a, int64_t offset) {
   std::vector<Item> all;
   for (int64_t b = 0; b < a.batch; ++b) {
     for (int64_t h = 0; h < a.heads; ++h) {
@@ -375,26 +384,29 @@ inline std::vector<Item> items(const AttentionArgs& a, int64_t offset, bool bala
       }
     }
   }
-  if (balance) {
-    std::stable_sort(all.begin(), all.end(),
-                     [](const Item& x, const Item& y) { return x.work > y.work; });
-  }
   return all;
 }
 
 template <typename T>
 void run(const AttentionArgs& a) {
   Problem<T> pb{a, static_cast<const T*>(a.q), static_cast<const T*>(a.k),
-                static_cast<const T*>(a.v), a.heads / a.kv_heads, a.kv_len - a.q_len,
-                a.q_len >= kPackRows, 0, 0, nullptr, nullptr};
+                static_cast<const T*>(a.v), a.heads / a.kv_heads, a.kv_len - a.q_len, false,
+                0, 0, nullptr, nullptr};
   pb.dpad = (a.dim + L - 1) / L * L;
   const int64_t heads = a.batch * a.kv_heads, chunks = (a.kv_len + kPad - 1) / kPad;
-  if (pb.packed) pb.ldk = chunks * kPad + kPad;
+  std::vector<Item> work = items(a, pb.offset);
+  int64_t total = 0;
+  for (const Item& it : work) total += it.work;
+  pb.packed = total >= kPackRows * heads * a.kv_len;
+  if (pb.packed) {  // heaviest first: long causal rows must not start last
+    std::stable_sort(work.begin(), work.end(),
+                     [](const Item& x, const Item& y) { return x.work > y.work; });
+    pb.ldk = chunks * kPad + kPad;
+  }  // else (decode) the query heads of one key/value head run side by side, sharing cache
   Buffer kt(pb.packed ? heads * a.dim * pb.ldk : 0);
   Buffer vp(pb.packed ? heads * a.kv_len * pb.dpad : 0);
   pb.kt = kt.data;
   pb.vp = vp.data;
-  const std::vector<Item> work = items(a, pb.offset, pb.packed);
   const int64_t n = static_cast<int64_t>(work.size());
 #pragma omp parallel num_threads(a.threads) if (a.threads > 1)
   {
