@@ -4,6 +4,12 @@ Attention at long context spends its time on the score matrix; most of its softm
 sits in few tiles (MInference, XAttention), so a mask over ``block_size``-square tiles says
 which ones to compute. Tiles the mask drops contribute nothing — exactly as if their
 scores were ``-inf`` — and a row whose every tile is dropped outputs zeros.
+
+On CPU the native kernel ``torch.ops.sparsekit.block_sparse_attention`` computes only the
+kept tiles, flash-style (``engine/kernels/attention_core.h``). :func:`reference_attention`
+— SDPA over the expanded element mask — is its oracle, and runs where the kernel cannot:
+without compiled kernels (``SPARSEKIT_NO_KERNELS=1``), off the CPU, or when autograd needs
+a gradient (the kernel has no backward).
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from sparsekit._checks import check_int
+from sparsekit.engine import kernels
 
-__all__ = ["block_sparse_attention", "dense_block_mask"]
+__all__ = ["block_sparse_attention", "dense_block_mask", "reference_attention"]
 
 
 def _blocks(length: int, block_size: int) -> int:
@@ -109,12 +116,61 @@ def block_sparse_attention(
         ``(batch, heads, q_len, head_dim)`` in ``q``'s dtype; rows with no kept key are zero.
     """
     _check(q, k, v, block_mask, block_size)
-    q_len, kv_len, dim = q.shape[2], k.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    if _native(q, k, v):
+        return torch.ops.sparsekit.block_sparse_attention(
+            q.contiguous(), k.contiguous(), v.contiguous(), block_mask.contiguous(), causal,
+            block_size, float(scale), kernels.num_threads(),
+        )
+    return _reference(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    causal: bool = True,
+    block_size: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`block_sparse_attention` in plain PyTorch: SDPA over the element mask the block
+    mask stands for (:func:`dense_block_mask`). It materialises the whole score matrix; it is
+    the oracle of the native kernel and what runs without it. Same arguments and result."""
+    _check(q, k, v, block_mask, block_size)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    return _reference(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
+
+
+def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the native kernel computes this call: CPU tensors, no gradient wanted, and the
+    kernels built."""
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return q.device.type == "cpu" and not wants_grad and _kernels_available()
+
+
+@torch.compiler.assume_constant_result
+def _kernels_available() -> bool:
+    # A constant to torch.compile / torch.export (the build and its cache are not traceable).
+    return kernels.available()
+
+
+def _reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    causal: bool,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    q_len, kv_len = q.shape[2], k.shape[2]
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     mask = dense_block_mask(block_mask, q_len, kv_len, causal=causal, block_size=block_size)
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)

@@ -35,3 +35,4 @@ const Cores kCores = {SPARSEKIT_NAME(SPARSEKIT_ISA), &csr_linear, &bitmap_linear
 }  // namespace sparsekit::SPARSEKIT_ISA
 
 #include "qlinear_core.h"  // the W8A8 cores (their own table, kQCores)
+#include "attention_core.h"  // block-sparse attention (its own table, kAttentionCores)

@@ -80,3 +80,8 @@ def register() -> None:
     @fake("sparsekit::sddmm")
     def _(rowptr, col, a, b, in_features, threads):  # type: ignore[no-untyped-def]
         return a.new_empty(col.shape[0])
+
+    @fake("sparsekit::block_sparse_attention")
+    def _(q, k, v, block_mask, causal, block_size, scale, threads):  # type: ignore[no-untyped-def]
+        torch._check(q.dim() == 4, lambda: f"q must be 4-D, got {tuple(q.shape)}")
+        return q.new_empty(q.shape)

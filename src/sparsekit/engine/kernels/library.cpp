@@ -52,4 +52,10 @@ TORCH_LIBRARY(sparsekit, m) {
         "Tensor? bias, int in_features, int threads) -> Tensor");
   m.def("sddmm(Tensor rowptr, Tensor col, Tensor a, Tensor b, int in_features, int threads) "
         "-> Tensor");
+  // Attention: softmax(scale * q k^T) v over the (query block, key block) tiles block_mask
+  // keeps; q (batch, heads, q_len, dim), k and v (batch, kv_heads, kv_len, dim) float32 or
+  // bf16, kv_heads dividing heads; block_mask bool (1 or batch, 1 or heads, q blocks, k
+  // blocks); causal aligns the last query with the last key; rows with no kept key are zero.
+  m.def("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor block_mask, bool causal, "
+        "int block_size, float scale, int threads) -> Tensor");
 }

@@ -1,0 +1,48 @@
+// The block-sparse attention cores: types and declarations only (see cores.h for why). The
+// arguments of one call, and the entry point of each instruction set; attention_core.h defines
+// the arithmetic once per instruction set, attention.cpp the op.
+#pragma once
+
+#include <cstdint>
+
+#include "cores.h"
+
+namespace sparsekit {
+
+// out (batch, heads, q_len, dim) float32 = softmax(scale * q k^T) v over the (query block, key
+// block) tiles `mask` keeps, for q (batch, heads, q_len, dim) and k, v (batch, kv_heads,
+// kv_len, dim), all contiguous float32 or bf16 (`bf16`). Query head h reads key/value head
+// h / (heads / kv_heads); mask is bool (mask_batch, mask_heads, q_blocks, k_blocks), its
+// batch and head sizes 1 (shared) or batch and heads. Causal attention aligns the last query
+// with the last key; a row with no visible kept key is zero.
+struct AttentionArgs {
+  bool bf16;
+  const void* q;
+  const void* k;
+  const void* v;
+  const bool* mask;
+  float* out;
+  int64_t batch, heads, kv_heads, q_len, kv_len, dim;
+  int64_t mask_batch, mask_heads, q_blocks, k_blocks, block;
+  bool causal;
+  float scale;
+  int threads;
+};
+
+// The attention entry point of one instruction set.
+struct AttentionCores {
+  const char* isa;  // "scalar", "avx2" or "avx512"
+  void (*block_sparse_attention)(const AttentionArgs&);
+};
+
+namespace scalar {
+extern const AttentionCores kAttentionCores;
+}
+namespace avx2 {
+extern const AttentionCores kAttentionCores;
+}
+namespace avx512 {
+extern const AttentionCores kAttentionCores;
+}
+
+}  // namespace sparsekit
