@@ -195,3 +195,29 @@ def test_a_model_without_ffns_is_refused():
 
     with pytest.raises(ValueError, match="feed-forward network"):
         moe.contextual(Model(), torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bert])
+def test_head_predictors_report_recall_and_error(make):
+    model = make()
+    before = copy.deepcopy(model.state_dict())
+    heads = moe.head_predictors(model, CALIBRATION, TOKENS, keep=0.5, steps=20)
+    assert len(heads) == 2 and all(torch.equal(before[k], v)
+                                   for k, v in model.state_dict().items())
+    router, q = next(iter(heads.values()))
+    assert q["kept"] == 0.5 and 0 <= q["recall"] <= 1
+    assert 0 <= q["oracle_error"] <= q["error"] + 1e-6
+    full = moe.head_predictors(model, CALIBRATION, TOKENS, keep=1.0, steps=5)
+    assert all(q["recall"] == 1.0 and q["error"] < 1e-5 for _, q in full.values())
+    with pytest.raises(ValueError, match="keep"):
+        moe.head_predictors(model, CALIBRATION, TOKENS, keep=0)
+
+
+def test_head_predictors_group_query_heads_by_kv_head():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    (router, q), = moe.head_predictors(model, CALIBRATION, TOKENS, keep=0.5, steps=5).values()
+    assert router.score.out_features == 2 and q["kept"] == 0.5
