@@ -96,6 +96,17 @@ def sweep(model, calibration, score, probe, keeps, steps) -> list[dict]:
     return rows
 
 
+def heads(model: torch.nn.Module, calibration, probe, steps: int) -> dict[str, float]:
+    """Deja Vu's attention-head predictors at half the heads: mean recall and output errors
+    over the blocks, on ``probe``."""
+    quality = [q for _, q in moe.head_predictors(model, calibration, probe, keep=0.5,
+                                                 steps=steps).values()]
+    mean = {k: sum(q[k] for q in quality) / len(quality)
+            for k in ("recall", "error", "oracle_error", "kept")}
+    print("  heads: " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()), flush=True)
+    return mean
+
+
 def llama_section(quick: bool) -> dict:
     data = shakespeare()
     split = int(0.9 * data.numel())
@@ -116,7 +127,8 @@ def llama_section(quick: bool) -> dict:
         r["perplexity"] = r.pop("score")
         r["performance"] = dense / r["perplexity"]
     return {"model": f"llm_pruning.train_llama, {steps} steps", "dense_perplexity": dense,
-            "val_tokens": val.numel(), "rows": rows, "calibration": calibration}
+            "val_tokens": val.numel(), "rows": rows, "calibration": calibration,
+            "heads": heads(model, calibration, probe, 100 if quick else 300)}
 
 
 def minilm_section(quick: bool) -> dict | None:
@@ -145,7 +157,8 @@ def minilm_section(quick: bool) -> dict | None:
                  KEEPS[1::2] if quick else KEEPS, 100 if quick else 300)
     for r in rows:
         r["cosine"] = r["performance"] = r.pop("score")
-    return {"sentences": len(sentences), "rows": rows}
+    return {"sentences": len(sentences), "rows": rows,
+            "heads": heads(dense, calibration, ids[:4], 100 if quick else 300)}
 
 
 def matched(rows: list[dict]) -> dict[str, float]:
@@ -228,8 +241,16 @@ def markdown(llama: dict, minilm: dict | None, decode: dict) -> list[str]:
         lines += [f"## (b) all-MiniLM-L6-v2, {minilm['sentences']} sentences", "",
                   "Cosine similarity of mean-pooled embeddings to the dense model.", "",
                   *table(minilm["rows"], "cosine"), ""]
+    lines += ["## Attention heads (Deja Vu predictors, half the heads kept)", "",
+              "| model | recall (= precision) | output error, predicted / oracle |",
+              "|---|---|---|"]
+    for label, section in (("LLaMA", llama), ("MiniLM", minilm)):
+        if section:
+            h = section["heads"]
+            lines.append(f"| {label} | {h['recall']:.3f} | {h['error']:.3f} / "
+                         f"{h['oracle_error']:.3f} |")
     names = list(decode["tokens_per_s"])
-    lines += [
+    lines += ["",
         "## (c) Batch-1 decode at matched quality", "",
         f"Untrained LLaMA, {decode['params'] / 1e6:.0f}M parameters (activation_sparsity."
         "wide_llama), greedy decode with KV cache, 1 thread, tokens/s of the median step of "
