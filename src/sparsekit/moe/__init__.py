@@ -18,4 +18,5 @@ from sparsekit.moe.moefication import moefy
 from sparsekit.moe.routed import RoutedFFN, set_keep
 from sparsekit.moe.router import Router
 
-__all__ = ["RoutedFFN", "Router", "balanced_kmeans", "contextual", "evaluate", "head_predictors", "moefy", "set_keep"]
+__all__ = ["RoutedFFN", "Router", "balanced_kmeans", "contextual", "evaluate", "head_predictors",
+           "moefy", "set_keep"]
