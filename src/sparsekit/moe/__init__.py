@@ -1,0 +1,22 @@
+"""Sparse representations of FFNs: MoEfication and contextual sparsity.
+
+:func:`moefy` splits every FFN of a Hugging Face model into experts by co-activation
+clustering (:func:`balanced_kmeans`) and routes each token to a few of them;
+:func:`contextual` predicts each token's active neurons (Deja Vu), optionally with
+PowerInfer's always-computed hot neurons. Both return a copy whose FFNs are
+:class:`RoutedFFN` modules: a batch-1 decode step computes only the chosen neurons' rows
+and reads only their reader columns through the engine's activation-sparse GEMV.
+:func:`evaluate` measures how well the routers choose; :func:`head_predictors` trains and
+measures Deja Vu's per-token predictors of attention heads.
+"""
+
+from sparsekit.moe.cluster import balanced_kmeans
+from sparsekit.moe.contextual import contextual
+from sparsekit.moe.evaluate import evaluate
+from sparsekit.moe.heads import head_predictors
+from sparsekit.moe.moefication import moefy
+from sparsekit.moe.routed import RoutedFFN, set_keep
+from sparsekit.moe.router import Router
+
+__all__ = ["RoutedFFN", "Router", "balanced_kmeans", "contextual", "evaluate", "head_predictors",
+           "moefy", "set_keep"]

@@ -1,0 +1,101 @@
+"""The pipeline shared by :func:`~sparsekit.moe.moefy` and :func:`~sparsekit.moe.contextual`.
+
+record the inputs of every FFN on calibration data -> compute its neuron values -> a
+*layout* (the layer's order of neurons, its hot count and unit size: what tells MoEfication
+and Deja Vu/PowerInfer apart) -> label the units each token needed (the ``k`` with the
+largest output contribution ``||W_out[:, unit] h[unit]||``) -> train a router on them ->
+a :class:`~sparsekit.moe.routed.RoutedFFN` in place of each FFN, in a copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit._checks import check_fraction, check_int
+from sparsekit.activation.record import record_inputs
+from sparsekit.moe import ffn as ffns
+from sparsekit.moe.routed import RoutedFFN
+from sparsekit.moe.router import Router, fit
+
+__all__ = ["Layout", "build", "check_common", "unit_importance"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one FFN's neurons are stored: ``order`` (stored -> original neuron), the first
+    ``hot`` always run, the rest in units of ``unit_size``, ``k`` of them run per token."""
+
+    order: torch.Tensor
+    hot: int
+    unit_size: int
+    k: int
+
+
+Planner = Callable[[ffns.FFN, torch.Tensor], Layout]
+"""``plan(ffn, h)``: the layout of ``ffn`` given its neuron values ``h`` (T, n)."""
+
+
+def check_common(model: Any, calibration: Any, keep: Any, rank: Any, steps: Any,
+                 max_rows: Any) -> list[ffns.FFN]:
+    """Validate the arguments both entry points share; the model's FFNs."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_fraction("keep", keep, zero=False, one=True)
+    check_int("rank", rank, minimum=1)
+    check_int("steps", steps, minimum=1)
+    check_int("max_rows", max_rows, minimum=1)
+    if calibration is None:
+        raise ValueError("calibration must be a tensor of inputs or a list of them, got None")
+    return ffns.find_ffns(model)
+
+
+def build(model: nn.Module, calibration: Any, layers: list[ffns.FFN], plan: Planner, *,
+          rank: int, steps: int, max_rows: int, seed: int) -> nn.Module:
+    """A copy of ``model`` with each FFN in ``layers`` replaced by a trained RoutedFFN."""
+    first = {f.name: model.get_submodule(f.writers[0]) for f in layers}
+    generator = torch.Generator().manual_seed(seed)
+    inputs = record_inputs(model, first, calibration, max_rows=max_rows, generator=generator)
+    missing = [n for n in first if n not in inputs]
+    if missing:
+        raise ValueError(f"calibration: the FFNs of {missing} never ran on it")
+    modules = {}
+    for i, layer in enumerate(layers):
+        w_in, b_in, w_out, b_out = ffns.weights(model, layer)
+        x = inputs[layer.name]
+        with torch.no_grad():
+            h = ffns.hidden(layer, x.to(w_in.dtype), w_in, b_in).float()
+        layout = plan(layer, h)
+        router = None
+        units = (h.shape[1] - layout.hot) // layout.unit_size
+        if units:
+            importance = unit_importance(h, w_out.float(), layout)
+            labels = torch.zeros_like(importance).scatter_(
+                1, importance.topk(layout.k, dim=1).indices, 1.0)
+            router = fit(Router(x.shape[1], units, rank), x, labels, steps=steps,
+                         seed=seed + i)
+        modules[layer.name] = RoutedFFN(w_in, b_in, w_out, b_out, layer.act,
+                                        order=layout.order, hot=layout.hot,
+                                        unit_size=layout.unit_size, router=router, k=layout.k)
+    out = copy.deepcopy(model)
+    for layer in layers:
+        module = modules[layer.name].to(next(out.get_submodule(layer.reader).parameters()).device)
+        ffns.install(out, layer, module)
+    return out
+
+
+def unit_importance(h: torch.Tensor, w_out: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``||w_out[:, unit] @ h[t, unit]||`` for each row ``t`` of ``h`` (T, n) and each
+    routed unit of ``layout``: (T, units)."""
+    cold = layout.order[layout.hot:]
+    h, w = h[:, cold], w_out[:, cold]
+    if layout.unit_size == 1:
+        return h.abs() * torch.linalg.vector_norm(w, dim=0)
+    s = layout.unit_size
+    return torch.stack([torch.linalg.vector_norm(h[:, u:u + s] @ w[:, u:u + s].t(), dim=1)
+                        for u in range(0, h.shape[1], s)], dim=1)

@@ -1,0 +1,77 @@
+"""Balanced k-means: equal-size clusters of points, for grouping FFN neurons into experts.
+
+MoEfication (Zhang et al. 2022) groups the neurons that fire together into one expert, so
+that a token needs few experts. Each neuron is a point (its activation pattern over
+calibration tokens); clusters must be of equal size so that every expert costs the same.
+Each round assigns points greedily, closest (point, center) pairs first, to centers that
+still have room, then moves each center to the mean of its points.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsekit._checks import check_int
+
+__all__ = ["balanced_kmeans"]
+
+
+def balanced_kmeans(points: torch.Tensor, clusters: int, *, iterations: int = 25,
+                    seed: int = 0) -> torch.Tensor:
+    """The cluster (``0 ≤ c < clusters``) of each row of ``points`` (n, features), every
+    cluster holding exactly ``n / clusters`` rows; ``clusters`` must divide ``n``.
+
+    Centers start at k-means++ seeds drawn with ``seed``; at most ``iterations`` rounds, fewer
+    when an assignment repeats.
+    """
+    if not isinstance(points, torch.Tensor) or points.dim() != 2 \
+            or not points.is_floating_point():
+        raise ValueError(f"points must be a floating (n, features) tensor, got "
+                         f"{getattr(points, 'shape', type(points).__name__)}")
+    check_int("clusters", clusters, minimum=1)
+    check_int("iterations", iterations, minimum=1)
+    n = points.shape[0]
+    if n % clusters:
+        raise ValueError(f"clusters must divide the {n} points, got {clusters}")
+    points = points.float()
+    generator = torch.Generator().manual_seed(seed)
+    centers = _seeds(points, clusters, generator)
+    labels = None
+    for _ in range(iterations):
+        new = _assign(torch.cdist(points, centers), n // clusters)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        centers = torch.zeros_like(centers).index_add_(0, labels, points) / (n // clusters)
+    return labels
+
+
+def _seeds(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++: each next center drawn with probability ∝ squared distance to the nearest."""
+    first = int(torch.randint(points.shape[0], (1,), generator=generator))
+    chosen = [first]
+    nearest = (points - points[first]).square().sum(1)
+    for _ in range(k - 1):
+        weights = nearest if float(nearest.sum()) > 0 else torch.ones_like(nearest)
+        i = int(torch.multinomial(weights, 1, generator=generator))
+        chosen.append(i)
+        nearest = torch.minimum(nearest, (points - points[i]).square().sum(1))
+    return points[chosen].clone()
+
+
+def _assign(distances: torch.Tensor, size: int) -> torch.Tensor:
+    """Closest pairs first, each center taking at most ``size`` points."""
+    n, k = distances.shape
+    order = distances.flatten().argsort().tolist()
+    labels = [-1] * n
+    room = [size] * k
+    left = n
+    for flat in order:
+        point, center = divmod(flat, k)
+        if labels[point] < 0 and room[center]:
+            labels[point] = center
+            room[center] -= 1
+            left -= 1
+            if not left:
+                break
+    return torch.tensor(labels, dtype=torch.long)

@@ -1,0 +1,153 @@
+"""RoutedFFN: an FFN whose neurons are grouped into units, of which a router picks a few.
+
+The neurons are stored in the order ``[hot | unit 0 | unit 1 | ...]``: ``hot`` neurons
+(PowerInfer's frequently active ones) run for every token; the rest form ``units`` of
+``unit_size`` neurons (MoEfication's experts; single neurons for Deja Vu), of which the
+:class:`~sparsekit.moe.router.Router` picks the ``k`` highest scored per token. Each
+neuron's writer rows (``gate`` and ``up``) are stored next to each other, so a unit's rows
+are one contiguous block.
+
+A single row (a decode step) computes the writer rows of the hot neurons and of the chosen
+units only (contiguous blocks; single neurons are gathered), and the reader reads only
+their columns: it is an :class:`~sparsekit.engine.activation_linear.ActivationSparseLinear`
+whose kernel skips the columns of zero inputs. Several rows (a prompt, training-free
+evaluation) compute every neuron and zero those not chosen for each row: the same outputs,
+at dense cost. With every unit chosen the module computes the dense FFN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit._checks import check_fraction
+from sparsekit.engine.activation_linear import ActivationSparseLinear
+from sparsekit.moe.ffn import activate
+from sparsekit.moe.router import Router
+
+__all__ = ["RoutedFFN", "set_keep"]
+
+
+class RoutedFFN(nn.Module):
+    """``reader(act(gate(x)) * up(x))`` (or ``reader(act(up(x)))``) over the hot neurons
+    and the ``k`` units the router scores highest.
+
+    ``w_in`` (n, writers, d) and ``b_in`` (n, writers) hold the writer rows in the stored
+    neuron order, ``w_out`` (d_out, n) and ``b_out`` the reader; ``order[i]`` is the
+    original index of stored neuron ``i``. Inference only: the weights are buffers.
+    """
+
+    def __init__(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
+                 b_out: torch.Tensor | None, act: Callable[[torch.Tensor], torch.Tensor], *,
+                 order: torch.Tensor, hot: int, unit_size: int, router: Router | None,
+                 k: int) -> None:
+        super().__init__()
+        n, self.writers, self.in_features = w_in.shape
+        self.out_features = w_out.shape[0]
+        self.hot, self.unit_size = hot, unit_size
+        self.units = (n - hot) // unit_size
+        if hot + self.units * unit_size != n or (self.units and router is None):
+            raise ValueError(f"{n} neurons do not split into hot={hot} and units of "
+                             f"unit_size={unit_size} with a router")
+        self.k = k
+        self.act = act
+        self.router = router
+        self.register_buffer("order", order.clone())
+        self.register_buffer("w_in", w_in[order].contiguous())
+        self.register_buffer("b_in", None if b_in is None else b_in[order].contiguous())
+        self.w_out = ActivationSparseLinear(w_out[:, order], b_out, 0.0)
+
+    @property
+    def k(self) -> int:
+        """Units run per token."""
+        return self._k
+
+    @k.setter
+    def k(self, value: int) -> None:
+        if not 0 <= value <= self.units or (self.units and value == 0):
+            raise ValueError(f"k must be in [1, {self.units}] (the routed units), got {value}")
+        self._k = value
+
+    @property
+    def kept(self) -> float:
+        """Fraction of the FFN's neurons run per token."""
+        return (self.hot + self.k * self.unit_size) / (self.hot + self.units * self.unit_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        h = self._one(rows[0]) if rows.shape[0] == 1 else self._many(rows)
+        return self.w_out(h).view(*x.shape[:-1], self.out_features)
+
+    def chosen(self, x: torch.Tensor) -> torch.Tensor:
+        """The units chosen for rows ``x`` (T, d): a (T, k) index tensor."""
+        return self.router(x).topk(self.k, dim=-1).indices
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Every neuron's value (the reader's input, stored order) for rows ``x`` (T, d)."""
+        return self._rows(x, 0, self.w_in.shape[0])
+
+    def _rows(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Neuron values of the stored neurons ``lo:hi`` for rows ``x`` (..., d)."""
+        z = F.linear(x, self.w_in[lo:hi].view(-1, self.in_features),
+                     None if self.b_in is None else self.b_in[lo:hi].view(-1))
+        return activate(self.act, z.view(*z.shape[:-1], hi - lo, self.writers))
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        """Neuron values for one row: zero except for the hot and chosen neurons."""
+        h = x.new_zeros(self.w_in.shape[0])
+        if self.hot:
+            h[:self.hot] = self._rows(x, 0, self.hot)
+        if not self.units:
+            return h
+        units = self.chosen(x)
+        if self.k == self.units:
+            h[self.hot:] = self._rows(x, self.hot, h.numel())
+        elif self.unit_size == 1:
+            idx = units + self.hot
+            w = self.w_in.index_select(0, idx)
+            z = w.view(-1, self.in_features).mv(x)
+            if self.b_in is not None:
+                z = z + self.b_in.index_select(0, idx).view(-1)
+            h[idx] = activate(self.act, z.view(-1, self.writers))
+        else:
+            for u in units.tolist():
+                lo = self.hot + u * self.unit_size
+                h[lo:lo + self.unit_size] = self._rows(x, lo, lo + self.unit_size)
+        return h
+
+    def _many(self, x: torch.Tensor) -> torch.Tensor:
+        """Neuron values for rows ``x`` (T, d), zero where a row did not choose them."""
+        h = self.hidden(x)
+        if self.units and self.k < self.units:
+            mask = h.new_zeros(x.shape[0], self.units).scatter_(1, self.chosen(x), 1.0)
+            h[:, self.hot:] *= mask.repeat_interleave(self.unit_size, dim=1)
+        return h
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, neurons={self.w_in.shape[0]}, hot={self.hot}, "
+                f"units={self.units}x{self.unit_size}, k={self.k}, kept={self.kept:.1%}")
+
+
+def set_keep(model: nn.Module, keep: float) -> nn.Module:
+    """Run about a ``keep`` fraction (in (0, 1]) of every :class:`RoutedFFN`'s neurons per
+    token, hot neurons included: ``k = round((keep * n - hot) / unit_size)``, at least 1.
+    Returns ``model``; ``ValueError`` when ``keep`` is below a layer's hot share."""
+    check_fraction("keep", keep, zero=False, one=True)
+    layers = [m for m in model.modules() if isinstance(m, RoutedFFN)]
+    if not layers:
+        raise ValueError("model has no RoutedFFN modules (build them with moefy or contextual)")
+    ks = [_units_for(m, keep) for m in layers]
+    for m, k in zip(layers, ks, strict=True):
+        m.k = k
+    return model
+
+
+def _units_for(layer: RoutedFFN, keep: float) -> int:
+    n = layer.hot + layer.units * layer.unit_size
+    if keep * n < layer.hot:
+        raise ValueError(f"keep={keep} is below the hot neurons' share {layer.hot / n:.3f}")
+    return min(layer.units, max(1, math.floor((keep * n - layer.hot) / layer.unit_size + 0.5)))

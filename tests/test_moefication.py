@@ -1,0 +1,223 @@
+"""MoEfication and contextual sparsity: sparsekit.moe."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekit import moe
+from sparsekit.moe.router import Router, fit
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=4)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4)
+    return transformers.BertModel(config).eval()
+
+
+CALIBRATION = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+TOKENS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+
+
+def output(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(tokens)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bert])
+def test_all_experts_selected_equals_dense(make):
+    model = make()
+    routed = moe.moefy(model, CALIBRATION, experts=4, keep=1.0, steps=5)
+    torch.testing.assert_close(output(routed, TOKENS), output(model, TOKENS))
+    dense_ffn = [m for m in model.modules() if type(m).__name__ in ("LlamaMLP",)]
+    layers = [m for m in routed.modules() if isinstance(m, moe.RoutedFFN)]
+    assert len(layers) == 2 and all(m.k == m.units == 4 for m in layers)
+    if dense_ffn:  # one decode row through the gathered path and the act_gemv reader
+        x = torch.randn(1, 1, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(layers[0](x), dense_ffn[0](x))
+
+
+def test_moefy_leaves_the_model_untouched_and_keeps_a_fraction():
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    routed = moe.moefy(model, CALIBRATION, experts=8, keep=0.25, steps=5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+    layer = routed.model.layers[0].mlp
+    assert layer.k == 2 and layer.kept == 0.25
+    assert sorted(layer.order.tolist()) == list(range(64))
+    assert not torch.allclose(output(routed, TOKENS), output(model, TOKENS))
+
+
+@pytest.mark.parametrize("build", [
+    lambda m: moe.moefy(m, CALIBRATION, experts=8, keep=0.25, steps=5),
+    lambda m: moe.contextual(m, CALIBRATION, keep=0.4, hot=0.1, steps=5),
+])
+def test_one_row_matches_many_rows(build):
+    """The decode path (chosen rows only, act_gemv reader) computes what the masked
+    multi-row path computes, row by row."""
+    layer = build(tiny_llama()).model.layers[1].mlp
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        many = layer(x)
+        one = torch.cat([layer(row[None]) for row in x])
+    torch.testing.assert_close(one, many)
+
+
+def test_contextual_hot_neurons_are_always_computed():
+    model = tiny_llama()
+    routed = moe.contextual(model, CALIBRATION, keep=0.5, hot=0.25, steps=5)
+    layer = routed.model.layers[0].mlp
+    assert (layer.hot, layer.unit_size, layer.k) == (16, 1, 16) and layer.kept == 0.5
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        h = layer._many(x)
+    assert (h[:, :16] != 0).all()  # hot: always
+    assert ((h[:, 16:] != 0).sum(1) <= 16).all()  # cold: the k predicted
+
+
+def test_set_keep_and_its_errors():
+    routed = moe.moefy(tiny_llama(), CALIBRATION, experts=8, keep=0.5, steps=5)
+    moe.set_keep(routed, 1.0)
+    torch.testing.assert_close(output(routed, TOKENS), output(tiny_llama(), TOKENS))
+    moe.set_keep(routed, 0.01)  # at least one expert
+    assert routed.model.layers[0].mlp.k == 1
+    with pytest.raises(ValueError, match="keep"):
+        moe.set_keep(routed, 0.0)
+    with pytest.raises(ValueError, match="no RoutedFFN"):
+        moe.set_keep(tiny_llama(), 0.5)
+    hot = moe.contextual(tiny_llama(), CALIBRATION, keep=0.5, hot=0.25, steps=5)
+    with pytest.raises(ValueError, match="hot"):
+        moe.set_keep(hot, 0.1)
+
+
+def test_balanced_kmeans_is_balanced_and_finds_planted_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=gen) * 5
+    truth = torch.arange(4).repeat_interleave(25)[torch.randperm(100, generator=gen)]
+    points = centers[truth] + 0.1 * torch.randn(100, 16, generator=gen)
+    labels = moe.balanced_kmeans(points, 4, seed=0)
+    assert torch.bincount(labels, minlength=4).tolist() == [25] * 4
+    for c in range(4):  # each found cluster is one planted cluster
+        assert truth[labels == c].unique().numel() == 1
+    skewed = torch.cat([torch.zeros(90, 2), torch.ones(10, 2)]) + 0.01 * torch.randn(100, 2)
+    assert torch.bincount(moe.balanced_kmeans(skewed, 5), minlength=5).tolist() == [20] * 5
+
+
+def test_router_recall_on_a_planted_case():
+    """Tokens from 8 prototypes, each needing its own 3 of 24 units: the router finds them."""
+    gen = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(8, 16, generator=gen)
+    needs = torch.stack([torch.randperm(24, generator=gen)[:3] for _ in range(8)])
+    which = torch.randint(8, (512,), generator=gen)
+    x = prototypes[which] + 0.1 * torch.randn(512, 16, generator=gen)
+    labels = torch.zeros(512, 24).scatter_(1, needs[which], 1.0)
+    torch.manual_seed(0)
+    router = fit(Router(16, 24, 16), x, labels, steps=200)
+    test = torch.randint(8, (128,), generator=gen)
+    chosen = router(prototypes[test] + 0.1 * torch.randn(128, 16, generator=gen)).topk(3).indices
+    recall = (chosen[:, :, None] == needs[test][:, None, :]).any(-1).float().mean()
+    assert recall >= 0.95
+
+
+def test_evaluate_reports_recall_and_error():
+    model = tiny_llama()
+    routed = moe.moefy(model, CALIBRATION, experts=4, keep=0.5, steps=30)
+    quality = moe.evaluate(routed, TOKENS)
+    assert set(quality) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    q = quality["model.layers.0.mlp"]
+    assert 0 <= q["recall"] <= 1 and q["precision"] == q["recall"] and q["kept"] == 0.5
+    assert 0 <= q["oracle_error"] <= q["error"] + 1e-6 < 1.5
+    moe.set_keep(routed, 1.0)
+    full = moe.evaluate(routed, TOKENS)["model.layers.0.mlp"]
+    assert full["recall"] == 1.0 and full["error"] < 1e-5
+    with pytest.raises(ValueError, match="no RoutedFFN"):
+        moe.evaluate(model, TOKENS)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"experts": 5}, "experts must divide every FFN's width, got experts=5 for widths \\[64\\]"),
+    ({"experts": 0}, "experts"),
+    ({"keep": 0.0}, "keep must be in \\(0, 1\\], got 0.0"),
+    ({"keep": 1.5}, "keep"),
+    ({"keep": float("nan")}, "keep"),
+    ({"keep": True}, "keep"),
+    ({"rank": 0}, "rank"),
+])
+def test_moefy_bad_arguments_leave_the_model_untouched(kwargs, match):
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        moe.moefy(model, CALIBRATION, **{"experts": 4, **kwargs})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+
+
+def test_contextual_bad_arguments():
+    with pytest.raises(ValueError, match="hot must be below keep"):
+        moe.contextual(tiny_llama(), CALIBRATION, keep=0.3, hot=0.3)
+    with pytest.raises(ValueError, match="hot"):
+        moe.contextual(tiny_llama(), CALIBRATION, hot=-0.1)
+
+
+def test_a_model_without_ffns_is_refused():
+    plain = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="transformer blocks"):
+        moe.moefy(plain, torch.randn(4, 8), experts=2)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        moe.moefy("llama", CALIBRATION)
+    with pytest.raises(ValueError, match="calibration"):
+        moe.moefy(tiny_llama(), None)
+
+    class Block(nn.Module):  # blocks with Linear layers, but no FFN this knows
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+    with pytest.raises(ValueError, match="feed-forward network"):
+        moe.contextual(Model(), torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bert])
+def test_head_predictors_report_recall_and_error(make):
+    model = make()
+    before = copy.deepcopy(model.state_dict())
+    heads = moe.head_predictors(model, CALIBRATION, TOKENS, keep=0.5, steps=20)
+    assert len(heads) == 2 and all(torch.equal(before[k], v)
+                                   for k, v in model.state_dict().items())
+    router, q = next(iter(heads.values()))
+    assert q["kept"] == 0.5 and 0 <= q["recall"] <= 1
+    assert 0 <= q["oracle_error"] <= q["error"] + 1e-6
+    full = moe.head_predictors(model, CALIBRATION, TOKENS, keep=1.0, steps=5)
+    assert all(q["recall"] == 1.0 and q["error"] < 1e-5 for _, q in full.values())
+    with pytest.raises(ValueError, match="keep"):
+        moe.head_predictors(model, CALIBRATION, TOKENS, keep=0)
+
+
+def test_head_predictors_group_query_heads_by_kv_head():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    (router, q), = moe.head_predictors(model, CALIBRATION, TOKENS, keep=0.5, steps=5).values()
+    assert router.score.out_features == 2 and q["kept"] == 0.5
