@@ -30,6 +30,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
+MASKS_HINT = (
+    "a wrapped model needs the same masks on every rank: compute them with the same seed and "
+    "data on every rank, or on rank 0 and torch.distributed.broadcast them"
+)
+
 __all__ = [
     "all_reduce_sum",
     "check_same_on_ranks",
@@ -120,31 +125,33 @@ def unsharded(model: nn.Module) -> Iterator[None]:
 
 
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:
-    """Three int64 numbers that differ between two boolean tensors unless they are equal
-    (almost surely): the count of True, and two weighted sums of their positions."""
-    where = t.flatten().nonzero().squeeze(1)
-    return torch.stack([where.numel() * torch.ones((), dtype=torch.int64), where.sum(),
-                        (where * (where % 1_000_003 + 1)).sum()])
+    """Three int64 numbers that differ between two tensors unless they are equal (almost
+    surely): the size, the sum of the values and a sum weighted by position. Floating
+    tensors are read by their bits; sums wrap around the same way on every rank."""
+    flat = t.detach().flatten()
+    if flat.is_floating_point():
+        flat = flat.float().view(torch.int32)
+    v = flat.to(torch.int64)
+    weight = torch.arange(v.numel(), dtype=torch.int64, device=v.device) % 1_000_003 + 1
+    return torch.stack([torch.tensor(v.numel(), device=v.device), v.sum(), (v * weight).sum()])
 
 
-def check_same_on_ranks(masks: Mapping[str, torch.Tensor], what: str = "masks") -> None:
-    """Raise ``ValueError`` naming the first entry of ``masks`` (whole boolean tensors)
-    that is not the same on every rank. Two small all-reduces; nothing in one process."""
-    if world_size() == 1 or not masks:
+def check_same_on_ranks(tensors: Mapping[str, torch.Tensor], what: str = "masks",
+                        hint: str = MASKS_HINT) -> None:
+    """Raise ``ValueError`` naming the first of ``tensors`` (whole tensors, the same names
+    on every rank) that is not the same on every rank; ``hint`` says what to do. Two small
+    all-reduces; nothing in one process."""
+    if world_size() == 1 or not tensors:
         return
-    prints = torch.stack([_fingerprint(m.to("cpu", torch.bool)) for m in masks.values()])
+    prints = torch.stack([_fingerprint(t).cpu() for t in tensors.values()])
     low, high = prints.clone(), prints.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     differ = (low != high).any(1)
     if bool(differ.any()):
-        names = [n for n, d in zip(masks, differ.tolist(), strict=True) if d]
-        raise ValueError(
-            f"{what} differ between the {world_size()} ranks, first at {names[0]!r} "
-            f"({len(names)} of {len(masks)} differ); a wrapped model needs the same masks on "
-            "every rank: compute them with the same seed and data on every rank, or on rank 0 "
-            "and torch.distributed.broadcast them"
-        )
+        names = [n for n, d in zip(tensors, differ.tolist(), strict=True) if d]
+        raise ValueError(f"{what} differ between the {world_size()} ranks, first at "
+                         f"{names[0]!r} ({len(names)} of {len(tensors)} differ); {hint}")
 
 
 # -- DistributedDataParallel ----------------------------------------------------------------
