@@ -7,6 +7,7 @@ processes (a few seconds each, most of it start-up); the helpers of
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -224,3 +225,20 @@ def test_rank_share_and_stats_in_one_process(one_rank) -> None:
     assert stats.all_reduce() is stats
     assert stats.rows == 2 and torch.equal(stats.sq, torch.full((3,), 2.0))
     assert torch.equal(stats.gram, torch.full((3, 3), 2.0))
+
+
+def test_distributed_prune_benchmark_quick(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "distributed_prune.py"), "--quick",
+         "--methods", "wanda", "--repeats", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "distributed_prune_quick.json").read_text())
+    (row,) = data["rows"]
+    assert row["method"] == "wanda" and row["masks_equal"]
+    assert [(r["processes"], r["best"] > 0) for r in row["runs"]] == [(1, True)] * 2 + [(2, True)]
+    assert "| wanda |" in (tmp_path / "distributed_prune_quick.md").read_text()

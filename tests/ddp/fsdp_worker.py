@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from sparsekit import DynamicSparsity, MaskSet
-from sparsekit.distributed import full, local
+from sparsekit.distributed import full, local, shard_like
 from sparsekit.prune import compute_masks
 
 STEPS, EVERY, END = 40, 5, 35
@@ -55,7 +55,7 @@ def train(model, opt, dst, start: int, stop: int, history: list) -> None:
         for n, p in (masks.params.items() if masks is not None else ()):
             # the mask holds on this rank's shard after every step, state included
             shard = local(p.detach())
-            part = masks._shards[n]
+            part = local(shard_like(masks.masks[n], p))
             assert part.shape == shard.shape, (n, part.shape, shard.shape)
             assert not shard[~part].any(), n
             for v in opt.state[p].values():
