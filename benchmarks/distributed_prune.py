@@ -7,7 +7,8 @@ same cores in total (one process uses all of them as threads, two processes half
 time is that of the ``prune`` call alone (after a barrier; the slowest rank), not the
 start-up. A single process also runs on half the cores, since on a loaded machine its
 threads can wait on each other more than they help. Each 2-process run's masks are
-compared with the 1-process run's on the same calibration windows. Writes
+compared with those of 1 process with as many threads on the same calibration windows
+(a MISS, exit 1, below 99.9 % agreement). Writes
 benchmarks/results/distributed_prune{_quick}.{json,md}.
 
 Calibration parallelises (each rank runs the blocks on half the windows), the pruning
@@ -34,6 +35,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("wanda", "sparsegpt")
+MIN_AGREEMENT = 0.999  # summation order may flip near ties, never more than this
 SETUPS = {  # hidden, layers, windows, seqlen
     "quick": (128, 2, 16, 128),
     "full": (256, 4, 64, 256),
@@ -114,17 +116,19 @@ def main() -> None:
         for method in args.methods:
             times: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
             masks: dict[tuple[int, int], dict] = {}
-            same = True
+            agree = []
             for rep in range(repeats):
                 for ranks, threads in configs if rep % 2 == 0 else configs[::-1]:
                     r = launch(setup, method, ranks, threads, Path(tmp) / "out.pt")
                     times[ranks, threads].append(r["seconds"])
                     masks[ranks, threads] = r["masks"]
-                one, two = masks[configs[0]], masks[configs[-1]]
-                same &= all(torch.equal(one[n], two[n]) for n in one)
+                # the same threads per process: only the split of the windows differs
+                one, two = masks[configs[1]], masks[configs[2]]
+                equal = sum(int((one[n] == two[n]).sum()) for n in one)
+                agree.append(equal / sum(m.numel() for m in one.values()))
             best = {c: min(t) for c, t in times.items()}
             best_one = min(best[c] for c in configs if c[0] == 1)
-            row = {"method": method, "masks_equal": same,
+            row = {"method": method, "mask_agreement": min(agree),
                    "speedup": best_one / best[configs[-1]],
                    "runs": [{"processes": p, "threads": t, "seconds": times[p, t],
                              "best": best[p, t]} for p, t in configs]}
@@ -132,7 +136,7 @@ def main() -> None:
             print(f"{method:10s} " + "   ".join(
                 f"{p}x{t}: {best[p, t]:6.2f} s" for p, t in configs)
                 + f"   speed-up of 2 processes over the best single process "
-                f"{row['speedup']:4.2f}x   masks equal: {same}")
+                f"{row['speedup']:4.2f}x   masks agree: {100 * min(agree):.4f} %")
     load_end = os.getloadavg()[0]
     suffix = "_quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
@@ -152,15 +156,23 @@ def main() -> None:
         f"{load:.1f} at start, {load_end:.1f} at the end (a shared machine: read the ratios "
         "with that in mind).",
         "",
-        f"| method | {head} | speed-up (2 processes vs best single) | masks equal |",
+        f"| method | {head} | speed-up (2 processes vs best single) | masks agree |",
         "|---|" + "---|" * (len(configs) + 2),
         *(f"| {r['method']} | " + " | ".join(f"{x['best']:.2f}" for x in r["runs"])
-          + f" | {r['speedup']:.2f}x | {'yes' if r['masks_equal'] else 'NO'} |" for r in rows),
+          + f" | {r['speedup']:.2f}x | {100 * r['mask_agreement']:.4f} % |" for r in rows),
+        "",
+        "Masks agree: the share of mask entries on which 2 processes x 1 thread and 1 process "
+        "x 1 thread decide alike (the worst run). They differ only in how the windows are "
+        "split, hence in the order of the floating-point sums of the statistics; Wanda's "
+        "per-row ranking absorbs that, SparseGPT's column-by-column updates can turn a near "
+        "tie at some weights.",
         "",
     ]
     (args.out / f"distributed_prune{suffix}.md").write_text("\n".join(lines))
-    if not all(r["masks_equal"] for r in rows):
-        print("MISS: the 2-process masks differ from the 1-process masks")
+    low = [r["method"] for r in rows if r["mask_agreement"] < MIN_AGREEMENT]
+    if low:
+        print(f"MISS: the 2-process masks of {', '.join(low)} agree with the 1-process masks "
+              f"on less than {100 * MIN_AGREEMENT:g} % of the entries")
         sys.exit(1)
 
 

@@ -214,6 +214,16 @@ def test_llm_prune_refuses_windows_that_ranks_cannot_share(tmp_path) -> None:
         )
 
 
+def test_llm_prune_refuses_models_that_differ_between_ranks(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    for r in torchrun("llm_prune_worker.py", tmp_path / "out", str(tmp_path / "out"), "8",
+                      "perturbed"):
+        assert r["perturbed"]["error"].startswith(
+            "the blocks' weights differ between the 2 ranks, first at "
+            "'model.layers.1.mlp.up_proj.weight' (1 of 18 differ); load the same model"
+        )
+
+
 def test_rank_share_and_stats_in_one_process(one_rank) -> None:
     from sparsekit.llm.calibration import rank_share
     from sparsekit.observe import InputStats
@@ -239,6 +249,6 @@ def test_distributed_prune_benchmark_quick(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads((tmp_path / "distributed_prune_quick.json").read_text())
     (row,) = data["rows"]
-    assert row["method"] == "wanda" and row["masks_equal"]
+    assert row["method"] == "wanda" and row["mask_agreement"] == 1.0
     assert [(r["processes"], r["best"] > 0) for r in row["runs"]] == [(1, True)] * 2 + [(2, True)]
     assert "| wanda |" in (tmp_path / "distributed_prune_quick.md").read_text()

@@ -1,8 +1,9 @@
 """Run under torchrun: sparsekit.llm.prune on a small LLaMA built from a config.
 
-Arguments: output stem, number of calibration windows, methods. Every rank builds the same
-model and windows; rank r writes ``<stem>.rank<r>.pt`` with, per method, the masks and
-pruned weights, or the ``ValueError`` message if prune refused.
+Arguments: output stem, number of calibration windows, methods (``perturbed``: Wanda with
+a different model on rank 1). Every rank builds the same model and windows; rank r writes
+``<stem>.rank<r>.pt`` with, per method, the masks and pruned weights, or the
+``ValueError`` message if prune refused.
 """
 
 import sys
@@ -24,9 +25,13 @@ def llama() -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def pruned(method: str, windows: int) -> dict:
-    """The masks and weights ``sparsekit.llm.prune`` gives, or the error it raises."""
+def pruned(method: str, windows: int, perturb: bool = False) -> dict:
+    """The masks and weights ``sparsekit.llm.prune`` gives, or the error it raises; with
+    ``perturb`` rank 1 holds a slightly different model."""
     model = llama()
+    if perturb and dist.get_rank() == 1:
+        with torch.no_grad():
+            model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
     tokens = torch.randint(0, VOCAB, (windows, 24), generator=torch.Generator().manual_seed(1))
     try:
         masks = sparsekit.llm.prune(model, tokens, method=method, sparsity=0.5,
@@ -40,7 +45,8 @@ def pruned(method: str, windows: int) -> dict:
 def main(out: str, windows: int, methods: list[str]) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    results = {method: pruned(method, windows) for method in methods}
+    results = {method: pruned("wanda", windows, perturb=True) if method == "perturbed"
+               else pruned(method, windows) for method in methods}
     torch.save(results, f"{out}.rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

@@ -128,11 +128,14 @@ def prune(
             )
     tokens = calibration_tokens(calibration, tokenizer=tokenizer, nsamples=nsamples,
                                 seqlen=seqlen, seed=seed)
-    check_token_ids(tokens, model)
-    tokens = rank_share(tokens)
-    _check_finite_parameters(model, blocks)
+    # Under torchrun the ranks first agree on the windows and weights (or all raise), so
+    # that the checks after them fail on every rank or on none.
+    share = rank_share(tokens)
     check_same_on_ranks(dict(blocks.named_parameters()), "the blocks' weights",
                         "load the same model on every rank")
+    check_token_ids(tokens, model)
+    _check_finite_parameters(model, blocks)
+    tokens = share
     dev = torch.device(device) if device is not None else None
 
     def run(need: Method, report: Progress | None = None
