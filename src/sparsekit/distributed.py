@@ -14,8 +14,8 @@ sparsekit, and each needs one thing from here:
   to each rank's shard (:func:`local`, :func:`shard_like`), and decisions read whole
   tensors (:func:`full`, :func:`unsharded`).
 
-Every function is a no-op (or the identity) in a single process, so callers need no
-``if distributed`` branches of their own.
+Without a process group (or on plain tensors) every function but :func:`rebuild_reducer`
+is a no-op or the identity, so callers need no ``if distributed`` branches of their own.
 """
 
 from __future__ import annotations
