@@ -131,8 +131,9 @@ def prune(
     # Under torchrun the ranks first agree on the windows and weights (or all raise), so
     # that the checks after them fail on every rank or on none.
     share = rank_share(tokens)
-    check_same_on_ranks(dict(blocks.named_parameters()), "the blocks' weights",
-                        "load the same model on every rank")
+    inside = {id(p) for p in blocks.parameters()}
+    check_same_on_ranks({n: p for n, p in model.named_parameters() if id(p) in inside},
+                        "the blocks' weights", "load the same model on every rank")
     check_token_ids(tokens, model)
     _check_finite_parameters(model, blocks)
     tokens = share
