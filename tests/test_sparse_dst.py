@@ -258,15 +258,24 @@ def test_ddp_rigl_sparse_layers_stay_identical_on_two_ranks(tmp_path) -> None:
         assert torch.equal(r0["weights"][k], r1["weights"][k]), k
 
 
-def test_ddp_refuses_methods_that_resize_layers(tmp_path) -> None:
+def test_ddp_follows_methods_that_resize_layers(tmp_path) -> None:
+    """SNFS resizes SparseLinear layers; DDP used to fail the next backward (its reducer
+    kept the old sizes), so DynamicSparsity refused it. Now DDP gets a new reducer."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
                             world_size=1)
     try:
         model = DDP(_sparse_mlp())
-        opt = torch.optim.Adam(model.parameters())
-        with pytest.raises(ValueError, match="'snfs' changes the number of weights"):
-            DynamicSparsity(model, opt, 0.8, method="snfs", end_step=10)
-        DynamicSparsity(model, opt, 0.8, method="rigl", end_step=10)  # keeps nnz: accepted
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        dst = DynamicSparsity(model, opt, 0.8, method="snfs", every=2, end_step=12)
+        sizes = set()
+        for t in range(12):
+            x, y = _batch(t)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            dst.step()
+            sizes.add(tuple(layer.nnz for layer in sparse_layers(model).values()))
+        assert len(sizes) > 1  # the layers did trade weights
     finally:
         dist.destroy_process_group()
 

@@ -49,8 +49,8 @@ __all__ = [
 ]
 
 _SUBPACKAGES = frozenset({
-    "activation", "allocation", "attention", "checkpoint", "cli", "data", "engine", "graph",
-    "integrations", "llm", "masks", "models", "moe", "patterns", "pretrained", "registry",
+    "activation", "allocation", "attention", "checkpoint", "cli", "data", "distributed", "engine",
+    "graph", "integrations", "llm", "masks", "models", "moe", "patterns", "pretrained", "registry",
     "regularize", "report", "schedules", "scores", "structured", "targets", "training",
 })
 

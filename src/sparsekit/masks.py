@@ -6,6 +6,11 @@ weights, and once attached to an optimizer it keeps them at exactly zero through
 weight decay — by masking gradients before the step and weights plus optimizer state
 after it. Masks live outside the model, so ``model.state_dict()`` keeps its usual keys.
 
+Masks are whole tensors, the same on every rank of a distributed job (checked when the
+model is wrapped in ``DistributedDataParallel`` or sharded by FSDP2). Under FSDP2
+(``fully_shard``) weights, gradients and optimizer state are ``DTensor`` shards; each
+mask is applied to the part of its weight that this rank holds.
+
 :class:`Masks` is what schedules need of such a state; ``MaskSet`` is one,
 :class:`~sparsekit.engine.structure_set.StructureSet` (the masks of truly sparse
 ``SparseLinear`` layers) the other.
@@ -21,6 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from sparsekit._checks import check_optimizer
+from sparsekit.distributed import check_same_on_ranks, is_sharded, local, shard_like
 
 
 @runtime_checkable
@@ -80,7 +86,11 @@ class MaskSet:
         self.masks: dict[str, torch.Tensor] = {
             n: m.to(device=params[n].device, dtype=torch.bool, copy=True) for n, m in masks.items()
         }
+        if isinstance(model, nn.parallel.DistributedDataParallel) or is_sharded(model):
+            check_same_on_ranks(self.masks)
         self.params: dict[str, nn.Parameter] = {n: params[n] for n in masks}
+        self._shards: dict[str, torch.Tensor] = {}  # this rank's part of each mask
+        self._refresh_shards()
         # Parameters are tracked by owner and attribute, so a replaced Parameter
         # (load_state_dict(assign=True), a conversion that builds new ones) is followed.
         self._owners: dict[str, tuple[nn.Module, str]] = {n: _owner(model, n) for n in masks}
@@ -98,7 +108,7 @@ class MaskSet:
         """Zero every masked weight in place (with +0.0)."""
         self._follow_replaced_params()
         for n, p in self.params.items():
-            p.masked_fill_(~self.masks[n], 0)
+            local(p).masked_fill_(~self._shards[n], 0)
         return self
 
     def update(self, masks: Mapping[str, torch.Tensor]) -> None:
@@ -114,10 +124,11 @@ class MaskSet:
             for n, new in masks.items():
                 new = new.to(device=self.masks[n].device, dtype=torch.bool, copy=True)
                 grown = new & ~self.masks[n]
-                self.params[n].masked_fill_(grown, 0)
+                local(self.params[n]).masked_fill_(self._shard(n, grown), 0)
                 for opt in self._optimizers.values():  # regrown and dropped start clean
-                    _fill_state(opt, self.params[n], grown | ~new)
+                    _fill_state(opt, self.params[n], self._shard(n, grown | ~new))
                 self.masks[n] = new
+        self._refresh_shards()
         self._refresh_factors()
         self.apply()
 
@@ -149,9 +160,10 @@ class MaskSet:
         self.params = {n: module._parameters[attr] for n, (module, attr) in self._owners.items()}
         self.masks = {n: m.to(self.params[n].device, torch.bool) for n, m in masks.items()}
         self.pattern = str(state.get("pattern", self.pattern))
+        self._refresh_shards()
         for opt in self._optimizers.values():  # masked entries of the state start clean
             for n, p in self.params.items():
-                _fill_state(opt, p, ~self.masks[n])
+                _fill_state(opt, p, ~self._shards[n])
         self._refresh_factors()
         self.apply()
 
@@ -199,7 +211,7 @@ class MaskSet:
         self.apply()  # weights and any existing state start clean (exact +0.0)
         with torch.no_grad():
             for n, p in self.params.items():
-                _fill_state(optimizer, p, ~self.masks[n])
+                _fill_state(optimizer, p, ~self._shards[n])
         self._refresh_factors()
         return self
 
@@ -223,6 +235,7 @@ class MaskSet:
         self.detach()
         self.masks.clear()
         self.params.clear()
+        self._shards.clear()
 
     def capture(self, on: bool) -> None:
         """Nothing to switch: a masked weight's gradient is dense until the step masks it."""
@@ -233,9 +246,16 @@ class MaskSet:
 
     def _refresh_factors(self) -> None:
         self._factors = (
-            {n: m.to(self.params[n].dtype) for n, m in self.masks.items()}
+            {n: m.to(self.params[n].dtype) for n, m in self._shards.items()}
             if self._optimizers else {}
         )
+
+    def _shard(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the whole tensor ``t``, laid out as parameter ``name``."""
+        return local(shard_like(t, self.params[name]))
+
+    def _refresh_shards(self) -> None:
+        self._shards = {n: self._shard(n, m) for n, m in self.masks.items()}
 
     def _grad_mask(self, name: str):
         return lambda grad: grad * self._factors[name]  # the mask in the weight's dtype
@@ -257,6 +277,7 @@ class MaskSet:
             self.masks[n] = self.masks[n].to(current.device)
             changed = True
         if changed:
+            self._refresh_shards()
             self._refresh_factors()
 
     def _check_optimizes_params(self, optimizer: torch.optim.Optimizer) -> None:
@@ -272,7 +293,8 @@ class MaskSet:
 
     @torch.no_grad()
     def _mask_grads(self) -> None:
-        pairs = [(p.grad, self._factors[n]) for n, p in self.params.items() if p.grad is not None]
+        pairs = [(local(p.grad), self._factors[n]) for n, p in self.params.items()
+                 if p.grad is not None]
         if pairs:
             torch._foreach_mul_(*map(list, zip(*pairs)))
 
@@ -283,7 +305,7 @@ class MaskSet:
         # Optimizers that mix coordinates (Muon) moved masked weights, and w * 0 keeps the
         # sign of w: adding +0.0 turns each -0.0 into +0.0 and leaves every other value as is.
         if self._factors:
-            params = [self.params[n] for n in self._factors]
+            params = [local(self.params[n]) for n in self._factors]
             torch._foreach_mul_(params, list(self._factors.values()))
             torch._foreach_add_(params, 0.0)
 
@@ -348,7 +370,8 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _fill_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: torch.Tensor) -> None:
-    """Zero the per-element optimizer state of ``param`` (momenta, moments) at ``where``."""
+    """Zero the per-element optimizer state of ``param`` (momenta, moments) at ``where``
+    (this rank's part, when the state is sharded like ``param``)."""
     for value in optimizer.state.get(param, {}).values():
         if isinstance(value, torch.Tensor) and value.shape == param.shape:
-            value.masked_fill_(where, 0)
+            local(value).masked_fill_(where, 0)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekit._checks import model_errors
+from sparsekit.distributed import all_reduce_sum
 
 __all__ = [
     "Batch",
@@ -233,6 +234,15 @@ class InputStats:
         if self.gram is not None:
             self.gram.addmm_(x.t(), x)
         self.rows += x.shape[0]
+
+    def all_reduce(self) -> InputStats:
+        """Sum the statistics over every rank of the default process group, in place (each
+        rank saw its share of the data; afterwards every rank holds the sums over all of
+        it). Nothing happens in a single process. Returns ``self``."""
+        rows = torch.tensor([self.rows], dtype=torch.int64)
+        all_reduce_sum(self.sq, rows, *([] if self.gram is None else [self.gram]))
+        self.rows = int(rows)
+        return self
 
     def norms(self) -> torch.Tensor:
         """‖X_j‖₂ of every input feature j over all rows seen (Wanda's activation norm)."""

@@ -7,6 +7,11 @@ It is :class:`~sparsekit.MaskSet`'s counterpart for truly sparse layers (both ar
 captured — a dense gradient, under the name its ``nn.Linear`` weight would have
 (``"<layer>.weight"``). New masks are applied with :meth:`SparseLinear.set_structure`, so
 surviving weights keep their values and optimizer state and regrown ones start at zero.
+
+Under ``DistributedDataParallel`` the layers must start with the same structure on every
+rank (checked), the captured dense gradients are averaged over the ranks like DDP averages
+the values' gradients, and a change that resizes a layer (SNFS, SRigL) gives DDP a new
+gradient reducer (:func:`sparsekit.distributed.rebuild_reducer`).
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from sparsekit._checks import check_optimizer
+from sparsekit.distributed import all_reduce_sum, check_same_on_ranks, rebuild_reducer, world_size
 from sparsekit.engine.sparse_linear import SparseLinear
 
 __all__ = ["StructureSet", "sparse_layers"]
@@ -55,6 +61,9 @@ class StructureSet:
         if not self.layers:
             raise ValueError("model has no SparseLinear layers")
         self.masks: dict[str, torch.Tensor] = {n: m.mask for n, m in self.layers.items()}
+        self._ddp = model if isinstance(model, DistributedDataParallel) else None
+        if self._ddp is not None:
+            check_same_on_ranks(self.masks, "SparseLinear structures")
         self.params: Mapping[str, torch.Tensor] = _DenseWeights(self.layers)
         self._optimizer: torch.optim.Optimizer | None = None
 
@@ -67,10 +76,15 @@ class StructureSet:
     def update(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Give the named layers these masks (regrown weights and their state start at 0)."""
         self._check(masks)
+        resized = False
         for n, mask in masks.items():
             if not torch.equal(mask.to(self.masks[n].device, torch.bool), self.masks[n]):
+                nnz = self.layers[n].nnz
                 self.layers[n].set_structure(mask, self._optimizer)
                 self.masks[n] = self.layers[n].mask
+                resized |= self.layers[n].nnz != nnz
+        if resized and self._ddp is not None:
+            rebuild_reducer(self._ddp)
 
     def capture(self, on: bool) -> None:
         """Start (or stop) capturing the dense gradients of the next backward passes."""
@@ -83,9 +97,9 @@ class StructureSet:
         grads = {}
         for n, layer in self.layers.items():
             g, layer.dense_grad = layer.dense_grad, None
-            if g is not None and dist.is_available() and dist.is_initialized():
-                dist.all_reduce(g)  # DDP averages the gradients of values; do the same here
-                g /= dist.get_world_size()
+            if g is not None and world_size() > 1:
+                all_reduce_sum(g)  # DDP averages the gradients of values; do the same here
+                g /= world_size()
             grads[n] = g
         return grads
 

@@ -1,4 +1,8 @@
-"""Calibration data: token ids, texts or a text file → ``(nsamples, seqlen)`` token windows."""
+"""Calibration data: token ids, texts or a text file → ``(nsamples, seqlen)`` token windows.
+
+Under ``torchrun`` every rank builds the same windows and calibrates on its own share of
+them (:func:`rank_share`); the statistics are then summed over the ranks.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import check_int
+from sparsekit.distributed import check_same_on_ranks, rank, world_size
 
 Calibration = torch.Tensor | list[str] | str | os.PathLike
 
@@ -51,6 +56,30 @@ def calibration_tokens(
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seqlen + 1, (nsamples,), generator=gen)
     return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
+
+
+def rank_share(tokens: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of the calibration windows ``tokens`` (all of them in a
+    single process).
+
+    Every rank must hold the same windows (checked: give every rank the same
+    ``calibration``, ``nsamples``, ``seqlen`` and ``seed``), and their number must be a
+    multiple of the number of ranks, so that each rank calibrates on as many as the others.
+    """
+    ranks = world_size()
+    if ranks == 1:
+        return tokens
+    check_same_on_ranks({"tokens": tokens}, "calibration windows",
+                        "pass every rank the same calibration, nsamples, seqlen and seed")
+    n = tokens.shape[0]
+    if n % ranks:
+        near = [k for k in (n - n % ranks, n - n % ranks + ranks) if k > 0]
+        raise ValueError(
+            f"calibration: {n} windows cannot be shared evenly by {ranks} ranks; accepted: "
+            f"a multiple of {ranks} windows (nsamples={' or '.join(map(str, near))})"
+        )
+    per = n // ranks
+    return tokens[rank() * per:(rank() + 1) * per]
 
 
 def tokenize(

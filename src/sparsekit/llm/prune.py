@@ -20,6 +20,13 @@ inside its update, magnitude and Wanda round to nearest) and carries the grid's 
 (:func:`sparsekit.quantize.attach_scales`), so :func:`sparsekit.compile` with
 ``weight_dtype="int8"`` stores exactly those codes. The next block is calibrated on the
 outputs of the pruned *and* rounded block.
+
+Under ``torchrun`` (a default process group with several ranks) every rank holds the whole
+model and the same calibration windows, and runs the blocks on its own share of the windows
+(:func:`~sparsekit.llm.calibration.rank_share`). Each block's input statistics (the norms
+Wanda needs, SparseGPT's sums XᵀX and their row counts) are summed over the ranks before it
+is pruned, so every rank prunes from the same numbers to the same masks and weights: those
+of one process calibrated on all the windows, up to the order of floating-point sums.
 """
 
 from __future__ import annotations
@@ -33,8 +40,14 @@ from torch import nn
 from sparsekit._checks import check_int
 from sparsekit.allocation import outlier_ratio, owl_sparsities
 from sparsekit.blocks import BlockCall, capture_inputs, find_blocks
+from sparsekit.distributed import all_reduce_sum, check_same_on_ranks
 from sparsekit.llm.blocks import DEFAULT_EXCLUDE, Layer, block_layers
-from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
+from sparsekit.llm.calibration import (
+    Calibration,
+    calibration_tokens,
+    check_token_ids,
+    rank_share,
+)
 from sparsekit.llm.methods import METHODS, QUANTIZE, Method, check_quantize, prune_layer
 from sparsekit.masks import MaskSet
 from sparsekit.observe import InputStats, preserved, record
@@ -90,6 +103,11 @@ def prune(
     grid with one scale per output channel and attaches the scales as the float32 buffer
     ``weight_scale`` (see the module's notes); it needs ``nn.Linear`` layers. The masks are
     the pruning decisions: a kept weight that rounds to zero stays kept.
+
+    Under ``torchrun`` call it on every rank with the same model and calibration: each rank
+    calibrates on its share of the windows (their number must be a multiple of the number
+    of ranks), the statistics are summed over the ranks, and every rank ends with the same
+    pruned model and masks (see the module's notes).
     """
     check_quantize(quantize)
     spec = METHODS.get(method)
@@ -110,8 +128,15 @@ def prune(
             )
     tokens = calibration_tokens(calibration, tokenizer=tokenizer, nsamples=nsamples,
                                 seqlen=seqlen, seed=seed)
+    # Under torchrun the ranks first agree on the windows and weights (or all raise), so
+    # that the checks after them fail on every rank or on none.
+    share = rank_share(tokens)
+    inside = {id(p) for p in blocks.parameters()}
+    check_same_on_ranks({n: p for n, p in model.named_parameters() if id(p) in inside},
+                        "the blocks' weights", "load the same model on every rank")
     check_token_ids(tokens, model)
     _check_finite_parameters(model, blocks)
+    tokens = share
     dev = torch.device(device) if device is not None else None
 
     def run(need: Method, report: Progress | None = None
@@ -177,7 +202,8 @@ def _sequential(
     """Yield ``(i, stats)`` for each block; the caller prunes block ``i`` before resuming,
     and the block's outputs, recomputed after that, feed block ``i + 1``."""
     ((hidden, calls),) = capture_inputs(model, [blocks[0]], tokens.split(batch_size), device)
-    bad = sum(_non_finite(h) for h in hidden)
+    bad = torch.tensor(sum(_non_finite(h) for h in hidden))
+    all_reduce_sum(bad)  # every rank raises, or none does
     if bad:
         raise ValueError(
             f"calibration: the inputs of the first transformer block (the embeddings' output) "
@@ -191,6 +217,8 @@ def _sequential(
         if need.stats and layers[i]:
             with record({x.name: x.module for x in layers[i]}, gram=need.gram) as stats:
                 _forward(block, hidden, calls)
+            for s in stats.values():  # over all ranks' windows
+                s.all_reduce()
         yield i, stats
         del stats
         hidden = _forward(block, hidden, calls)

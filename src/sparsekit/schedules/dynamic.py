@@ -25,10 +25,15 @@ stored structure instead of a mask (truly sparse training): each layer is seen a
 weight view and a mask, and the dense gradient the grow rules score is computed by the
 layer only for the backward passes that need it (every step for SNFS's momentum).
 
-Decisions depend only on weights, gradients and a seeded generator. Under
-``DistributedDataParallel`` gradients are all-reduced before the optimizer step, so every
-rank computes bitwise the same masks; the random stream is seeded identically on all
-ranks.
+Decisions depend only on weights, gradients and a seeded generator, and every rank makes
+them from the same numbers. Under ``DistributedDataParallel`` gradients (the dense ones a
+``SparseLinear`` captures included) are averaged over the ranks before the optimizer step,
+so every rank computes bitwise the same masks; the random stream is seeded identically on
+all ranks. A ``SparseLinear`` that SNFS or SRigL resizes gets DDP a new gradient reducer.
+Under FSDP2 (``fully_shard``) weights, gradients and momenta are ``DTensor`` shards (the
+gradients already averaged by FSDP's reduce-scatter): the rules read them whole (gathered
+from every rank, :func:`sparsekit.distributed.full`), the masks are whole and the same on
+every rank, and :class:`~sparsekit.MaskSet` applies them to each rank's shard.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from sparsekit._checks import (
     check_fraction,
@@ -50,6 +54,7 @@ from sparsekit._checks import (
     renamed_attribute,
 )
 from sparsekit.allocation import ALLOCATIONS
+from sparsekit.distributed import full, shard_like, unsharded
 from sparsekit.engine.structure_set import StructureSet, sparse_layers
 from sparsekit.masks import Masks, MaskSet, after_gradients
 from sparsekit.patterns import FanIn
@@ -139,13 +144,6 @@ class DynamicSparsity:
                 "method 'granet' does not support SparseLinear layers; accepted for them: "
                 + ", ".join(m for m in METHODS.names() if m != "granet")
             )
-        if sparse and isinstance(model, DistributedDataParallel) and not rule.keeps_layer_nnz:
-            # DDP keeps each parameter's gradient accumulator, and with it its size.
-            raise ValueError(
-                f"method {method!r} changes the number of weights of a layer, which "
-                "DistributedDataParallel cannot follow on SparseLinear layers; accepted: "
-                + ", ".join(m for m in METHODS.names() if METHODS.get(m).keeps_layer_nnz)
-            )
         self.model, self.optimizer, self.method = model, optimizer, method
         self.sparsity, self.initial_sparsity = sparsity, initial_sparsity
         self.allocation, self.every, self.end_step = allocation, every, end_step
@@ -157,9 +155,12 @@ class DynamicSparsity:
         self.generator = torch.Generator().manual_seed(seed + 1_000_003)
         self.rule: DropGrow = rule(self)
         self.step_count = 0
-        self.masks: Masks = (
-            StructureSet(model) if sparse else MaskSet(model, self.rule.initial_masks())
-        )
+        if sparse:
+            self.masks: Masks = StructureSet(model)
+        else:
+            with unsharded(model):  # FSDP2: the starting masks are drawn for whole weights
+                initial = self.rule.initial_masks()
+            self.masks = MaskSet(model, initial)
         self._grads: MaskDict = {}
         self._momenta = {n: torch.zeros_like(p) for n, p in self.masks.params.items()}
         # Registered before the MaskSet's hooks, so it sees the dense gradients.
@@ -189,14 +190,22 @@ class DynamicSparsity:
         upcoming = self.is_update_step(self.step_count + 1)
         self.masks.capture(self.rule.needs_momenta or (self.rule.needs_grads and upcoming))
 
+    def weight(self, name: str) -> torch.Tensor:
+        """The whole current weight ``name`` (dense, zeros where masked), detached."""
+        return full(self.masks.params[name].detach())
+
     def dense_grad(self, name: str) -> torch.Tensor:
-        """The dense (unmasked) gradient of ``name`` captured before this update's step."""
+        """The whole dense (unmasked) gradient of ``name`` captured before this update's step."""
         if name not in self._grads:
             raise RuntimeError(
                 f"{self.method} needs the dense gradient at update steps: call step() after "
                 "every optimizer.step() of the optimizer given to DynamicSparsity"
             )
-        return self._grads[name]
+        return full(self._grads[name])
+
+    def momentum(self, name: str) -> torch.Tensor:
+        """The whole momentum of the dense gradient of ``name`` (what SNFS grows by)."""
+        return full(self._momenta[name])
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -210,15 +219,17 @@ class DynamicSparsity:
                 self._grads[n] = g.detach().clone()
 
     def state_dict(self) -> dict[str, Any]:
+        """The step, masks, random stream and momenta; whole tensors, the same on every rank."""
         return {"step": self.step_count, "masks": self.masks.state_dict(),
                 "generator": self.generator.get_state(),
-                "momenta": {n: m.clone() for n, m in self._momenta.items()}}
+                "momenta": {n: full(m).clone() for n, m in self._momenta.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.masks.load_state_dict(state["masks"])
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])
-        self._momenta = {n: m.clone() for n, m in state["momenta"].items()}
+        self._momenta = {n: shard_like(m.clone(), self.masks.params[n])
+                         for n, m in state["momenta"].items()}
         self._arm_capture()
 
     def remove(self) -> None:
@@ -232,7 +243,6 @@ class DropGrow:
 
     needs_grads = False
     needs_momenta = False
-    keeps_layer_nnz = True  # every layer keeps its number of active weights
 
     def __init__(self, ds: DynamicSparsity) -> None:
         self.ds = ds
@@ -255,7 +265,7 @@ class DropGrow:
         grows = self.grow_counts(drops)
         new = {}
         for n, mask in masks.items():
-            w = self.ds.masks.params[n].detach()
+            w = self.ds.weight(n)
             kept = top_k(w.abs().float(), int(mask.sum()) - drops[n], allowed=mask)
             new[n] = kept | top_k(self.grow_scores(n, w), grows[n], allowed=~kept)
         return new
@@ -281,14 +291,13 @@ class SNFS(DropGrow):
     """Grow by momentum; share the regrowth over layers by their mean momentum."""
 
     needs_momenta = True
-    keeps_layer_nnz = False
 
     def grow_scores(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        return self.ds._momenta[name].abs().float()
+        return self.ds.momentum(name).abs().float()
 
     def grow_counts(self, drops: dict[str, int]) -> dict[str, int]:
         masks = self.ds.masks.masks
-        contrib = {n: float(self.ds._momenta[n].abs()[m].mean()) if m.any() else 0.0
+        contrib = {n: float(self.ds.momentum(n).abs()[m].mean()) if m.any() else 0.0
                    for n, m in masks.items()}
         total, norm = sum(drops.values()), sum(contrib.values())
         if norm == 0:
@@ -307,8 +316,6 @@ class SNFS(DropGrow):
 class GraNet(RigL):
     """Prune gradually (global magnitude, cubic schedule), then RigL's drop and grow."""
 
-    keeps_layer_nnz = False
-
     def initial_masks(self) -> MaskDict:
         masks, _ = compute_masks(self.ds.model, self.ds.initial_sparsity, method="random",
                                  allocation=self.ds.allocation, seed=self.ds.seed)
@@ -319,8 +326,9 @@ class GraNet(RigL):
         ds = self.ds
         target = cubic_sparsity(ds.step_count, initial=ds.initial_sparsity, final=ds.sparsity,
                                 start=0, end=ds.end_step)
-        pruned, _ = compute_masks(ds.model, target, method="magnitude", allocation="global",
-                                  targets=list(ds.masks.masks))
+        with unsharded(ds.model):
+            pruned, _ = compute_masks(ds.model, target, method="magnitude",
+                                      allocation="global", targets=list(ds.masks.masks))
         ds.masks.update({n: m & ds.masks.masks[n] for n, m in pruned.items()})
         return super().update(fraction)
 
@@ -335,8 +343,6 @@ class SRigL(RigL):
     neurons); the most salient neurons always survive in the number the budget needs.
     """
 
-    keeps_layer_nnz = False  # fan-in × surviving neurons can fall short of the budget
-
     def initial_masks(self) -> MaskDict:
         base = super().initial_masks()
         return {n: FanIn().mask(torch.rand(m.shape, generator=self.ds.generator), int(m.sum()))
@@ -346,7 +352,7 @@ class SRigL(RigL):
     def update(self, fraction: float) -> MaskDict:
         new = {}
         for n, mask in self.ds.masks.masks.items():
-            w = self.ds.masks.params[n].detach().abs().float().flatten(1)
+            w = self.ds.weight(n).abs().float().flatten(1)
             m2 = mask.flatten(1)
             alive = m2.any(1)
             budget = int(mask.sum())
