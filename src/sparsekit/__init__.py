@@ -49,9 +49,9 @@ __all__ = [
 ]
 
 _SUBPACKAGES = frozenset({
-    "activation", "allocation", "attention", "checkpoint", "cli", "data", "engine", "graph", "integrations",
-    "llm", "masks", "models", "patterns", "pretrained", "registry", "regularize", "report",
-    "schedules", "scores", "structured", "targets", "training",
+    "activation", "allocation", "attention", "checkpoint", "cli", "data", "engine", "finetune",
+    "graph", "integrations", "llm", "masks", "models", "patterns", "pretrained", "registry",
+    "regularize", "report", "schedules", "scores", "structured", "targets", "training",
 })
 
 

@@ -1,4 +1,4 @@
-"""Gradient-based criteria: SNIP, Taylor, GraSP and SynFlow.
+"""Gradient-based criteria: gradient magnitude, SNIP, Taylor, GraSP and SynFlow.
 
 All of them differentiate with ``torch.autograd.grad`` (never ``.backward()``), so the
 model's ``.grad`` fields are untouched, and run inside :func:`preserved` so batch-norm
@@ -23,6 +23,25 @@ def _grads(ctx: ScoreContext, batch, *, create_graph: bool = False) -> list[torc
     loss = ctx.loss(ctx.outputs(x), y)
     params = [t.param for t in ctx.targets]
     return list(torch.autograd.grad(loss, params, create_graph=create_graph))
+
+
+@CRITERIA.register("gradient", data_driven=True, needs_labels=True)
+def gradient(ctx: ScoreContext) -> dict[str, torch.Tensor]:
+    """|mean ∂L/∂w| over the calibration batches: the entries the loss pulls on hardest.
+
+    Not a pruning score (it ignores the weight's size) but the choice of what to *train*
+    in sparse fine-tuning (:func:`sparsekit.finetune.masked_delta`, as in SIFT and the
+    sparse-update studies): the gradient is accumulated over the batches before its
+    magnitude is taken, so entries whose gradient keeps its sign rank first.
+    """
+    data = ctx.require_data("gradient", labels=True)
+    ctx.require_grad("gradient")
+    with preserved(ctx.model), torch.enable_grad():
+        total = [torch.zeros_like(t.param, dtype=torch.float32) for t in ctx.targets]
+        for batch in data:
+            for acc, g in zip(total, _grads(ctx, batch)):
+                acc += g.float()
+    return {t.name: g.abs() / len(data) for t, g in zip(ctx.targets, total)}
 
 
 @CRITERIA.register("snip", data_driven=True, needs_labels=True)
