@@ -143,10 +143,12 @@ class DeltaTraining:
         for p in model.parameters():  # only the deltas train
             p.requires_grad_(False)
         self._sites: dict[str, tuple[nn.Module, str]] = {}
+        self._order: dict[nn.Module, list[str]] = {}  # parameter order to give back
         delta_masks = {}
         for name in self._names:
             module_name, attr = targets[name]
             module = model.get_submodule(module_name)
+            self._order.setdefault(module, list(module._parameters))
             parametrize.register_parametrization(module, attr, _AddDelta(getattr(module, attr)))
             self._sites[name] = (module, attr)
             prefix = f"{module_name}." if module_name else ""
@@ -179,14 +181,17 @@ class DeltaTraining:
 
     def merge(self) -> nn.Module:
         """Write ``W₀ + Δ`` into each weight (the same ``Parameter`` objects as before, so
-        masks of the base still hold), remove the parametrizations, give every parameter
-        back its ``requires_grad`` and return the model."""
+        masks of the base still hold, in the same order), remove the parametrizations, give
+        every parameter back its ``requires_grad`` and return the model."""
         self.masks.detach()
         for module, attr in self._sites.values():
             parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+        for module, order in self._order.items():
+            module._parameters = {k: module._parameters[k] for k in order}
         for p, flag in self._grad_flags.items():
             p.requires_grad_(flag)
         self._sites.clear()
+        self._order.clear()
         return self.model
 
 
@@ -226,6 +231,11 @@ def _check_support(model: nn.Module, support: Mapping[str, torch.Tensor]
     weights can take a delta: present, floating, shaped like their mask, not shared."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name in support:
+        module_name, _, attr = name.rpartition(".")
+        module = dict(model.named_modules()).get(module_name)
+        if module is not None and parametrize.is_parametrized(module, attr):
+            raise ValueError(f"{name!r} is parametrized already (a DeltaTraining not merged?)")
     chosen = {t.name: t for t in resolve_targets(model, list(support))} if support else {}
     if not chosen:
         raise ValueError("support: no weights to train")
@@ -241,10 +251,7 @@ def _check_support(model: nn.Module, support: Mapping[str, torch.Tensor]
         if uses[id(t.param)] > 1:
             raise ValueError(f"{name!r} is shared with another module (tied weights); a delta "
                              "on one of its owners would not reach the others: exclude it")
-        attr = name.rpartition(".")[2]
-        if parametrize.is_parametrized(t.module, attr):
-            raise ValueError(f"{name!r} is parametrized already (a DeltaTraining not merged?)")
-        sites[name] = (t.module_name, attr)
+        sites[name] = (t.module_name, name.rpartition(".")[2])
     return sites
 
 
