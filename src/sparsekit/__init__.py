@@ -11,6 +11,7 @@ from typing import Any
 
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.checkpoint import load, save
+from sparsekit.diff import diff
 from sparsekit.engine import compile
 from sparsekit.engine.sparse_linear import SparseLinear
 from sparsekit.masks import MaskSet
@@ -36,6 +37,7 @@ __all__ = [
     "Report",
     "SparseLinear",
     "compile",
+    "diff",
     "from_pretrained",
     "load",
     "parse_pattern",
