@@ -74,7 +74,7 @@ def test_data_driven_is_deprecated_and_derived():
 
     with pytest.warns(DeprecationWarning, match="CRITERIA.names\\(data_driven=True\\)"):
         old = scores.DATA_DRIVEN
-    assert old == frozenset({"flap", "snip", "taylor", "grasp", "synflow", "wanda"})
+    assert old == frozenset({"flap", "gradient", "snip", "taylor", "grasp", "synflow", "wanda"})
 
 
 @pytest.mark.parametrize("module", ["sparsekit.scores", "sparsekit.graph.priors",
