@@ -398,9 +398,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="few steps, small evaluation")
     parser.add_argument("--no-check", action="store_true", help="report only; always exit 0")
     parser.add_argument("--task", choices=["llama", "minilm", "both"], default="both")
+    parser.add_argument("--steps", type=int, help="training steps of every run (a smoke test)")
     args = parser.parse_args()
     torch.manual_seed(0)
     steps = {"llama": 60 if args.quick else 300, "minilm": 40 if args.quick else 200}
+    if args.steps is not None:
+        steps = dict.fromkeys(steps, args.steps)
     tasks = [LlamaTask, MiniLMTask] if args.task == "both" else \
         [LlamaTask if args.task == "llama" else MiniLMTask]
     results = []
