@@ -20,7 +20,7 @@ def scores(name, model, data=None, *, targets=None, loss_fn=None, seed=0):
 
 def test_registry_names():
     assert CRITERIA.names() == [
-        "flap", "graph:barabasi_albert", "graph:erdos_renyi", "graph:watts_strogatz",
+        "flap", "gradient", "graph:barabasi_albert", "graph:erdos_renyi", "graph:watts_strogatz",
         "grasp", "magnitude", "random", "snip", "synflow", "taylor", "wanda",
     ]
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.checkpoint import load, save
+from sparsekit.diff import diff
 from sparsekit.engine import compile
 from sparsekit.engine.sparse_linear import SparseLinear
 from sparsekit.masks import MaskSet
@@ -36,6 +37,7 @@ __all__ = [
     "Report",
     "SparseLinear",
     "compile",
+    "diff",
     "from_pretrained",
     "load",
     "parse_pattern",
@@ -50,8 +52,8 @@ __all__ = [
 
 _SUBPACKAGES = frozenset({
     "activation", "allocation", "attention", "checkpoint", "cli", "data", "distributed", "engine",
-    "graph", "integrations", "llm", "masks", "models", "moe", "patterns", "pretrained", "registry",
-    "regularize", "report", "schedules", "scores", "structured", "targets", "training",
+    "finetune", "graph", "integrations", "llm", "masks", "models", "moe", "patterns", "pretrained",
+    "registry", "regularize", "report", "schedules", "scores", "structured", "targets", "training",
 })
 
 

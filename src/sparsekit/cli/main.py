@@ -1,4 +1,4 @@
-"""Entry point: ``sparsekit {prune,report,demo,llm-prune,run} ...``.
+"""Entry point: ``sparsekit {prune,report,demo,llm-prune,run,diff} ...``.
 
 User mistakes print one line, ``sparsekit COMMAND: error: ...``, and exit with status 2:
 a :class:`~sparsekit.cli._errors.UsageError` raised by a command, a ``ValueError`` or
@@ -15,10 +15,11 @@ from collections.abc import Sequence
 import torch
 
 import sparsekit
-from sparsekit.cli import demo, llm_prune, prune, report, run
+from sparsekit.cli import demo, diff, llm_prune, prune, report, run
 from sparsekit.cli._errors import UsageError
 
-COMMANDS = {"prune": prune, "report": report, "demo": demo, "llm-prune": llm_prune, "run": run}
+COMMANDS = {"prune": prune, "report": report, "demo": demo, "llm-prune": llm_prune, "run": run,
+            "diff": diff}
 USER_ERRORS = (UsageError, ValueError, TypeError, OSError, ImportError)
 
 

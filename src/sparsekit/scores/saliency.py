@@ -1,4 +1,4 @@
-"""Gradient-based criteria: SNIP, Taylor, GraSP and SynFlow.
+"""Gradient-based criteria: gradient magnitude, SNIP, Taylor, GraSP and SynFlow.
 
 All of them differentiate with ``torch.autograd.grad`` (never ``.backward()``), so the
 model's ``.grad`` fields are untouched, and run inside :func:`preserved` so batch-norm
@@ -25,6 +25,30 @@ def _grads(ctx: ScoreContext, batch, *, create_graph: bool = False) -> list[torc
     return list(torch.autograd.grad(loss, params, create_graph=create_graph))
 
 
+def _mean_grads(ctx: ScoreContext, data: list) -> list[torch.Tensor]:
+    """The gradient of every target averaged over the batches ``data`` (float32)."""
+    with preserved(ctx.model), torch.enable_grad():
+        total = [torch.zeros_like(t.param, dtype=torch.float32) for t in ctx.targets]
+        for batch in data:
+            for acc, g in zip(total, _grads(ctx, batch)):
+                acc += g.float()
+    return [g / len(data) for g in total]
+
+
+@CRITERIA.register("gradient", data_driven=True, needs_labels=True)
+def gradient(ctx: ScoreContext) -> dict[str, torch.Tensor]:
+    """|mean ∂L/∂w| over the calibration batches: the entries the loss pulls on hardest.
+
+    Not a pruning score (it ignores the weight's size) but the choice of what to *train*
+    in sparse fine-tuning (:func:`sparsekit.finetune.masked_delta`, as in SIFT and the
+    sparse-update studies): the gradient is accumulated over the batches before its
+    magnitude is taken, so entries whose gradient keeps its sign rank first.
+    """
+    data = ctx.require_data("gradient", labels=True)
+    ctx.require_grad("gradient")
+    return {t.name: g.abs() for t, g in zip(ctx.targets, _mean_grads(ctx, data))}
+
+
 @CRITERIA.register("snip", data_driven=True, needs_labels=True)
 def snip(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Connection sensitivity |∂L/∂c| = |w·g| at c = 1 (Lee et al. 2019).
@@ -34,12 +58,8 @@ def snip(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """
     data = ctx.require_data("snip", labels=True)
     ctx.require_grad("snip")
-    with preserved(ctx.model), torch.enable_grad():
-        total = [torch.zeros_like(t.param, dtype=torch.float32) for t in ctx.targets]
-        for batch in data:
-            for acc, g in zip(total, _grads(ctx, batch)):
-                acc += g.float()
-    scores = [(t.param.detach().float() * g / len(data)).abs() for t, g in zip(ctx.targets, total)]
+    mean = _mean_grads(ctx, data)
+    scores = [(t.param.detach().float() * g).abs() for t, g in zip(ctx.targets, mean)]
     norm = sum(s.sum() for s in scores).clamp_min(torch.finfo(torch.float32).tiny)
     return {t.name: s / norm for t, s in zip(ctx.targets, scores)}
 

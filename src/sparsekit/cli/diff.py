@@ -1,0 +1,40 @@
+"""``sparsekit diff A B``: how sparse the update from checkpoint ``A`` to ``B`` is, per tensor.
+
+``A`` and ``B`` are sparsekit (or plain safetensors) files, ``save_pretrained``
+directories of sparsekit or Hugging Face; see :func:`sparsekit.diff`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+
+import sparsekit
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diff", help="per-tensor update sparsity between two checkpoints")
+    p.add_argument("a", help="the checkpoint before (file or save_pretrained directory)")
+    p.add_argument("b", help="the checkpoint after")
+    p.add_argument("--atol", type=float, default=0.0,
+                   help="an entry counts as changed when |b - a| exceeds this (default 0)")
+    p.add_argument("--changed-only", action="store_true", help="list only tensors that changed")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the table as JSON")
+    output.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = sparsekit.diff(args.a, args.b, atol=args.atol)
+    shown = type(result)(result.changed()) if args.changed_only else result
+    if args.json:
+        print(json.dumps(shown.to_dict(), indent=2))
+    elif args.markdown:
+        print(shown.to_markdown())
+    else:
+        Console(width=None if sys.stdout.isatty() else 120).print(shown.to_rich())
+    return 0

@@ -1,0 +1,202 @@
+"""``diff(a, b)``: how sparse the update between two models is, tensor by tensor.
+
+Fine-tuning changes few weights much (and most not at all, when it is sparse by design):
+the table says, per tensor, how many entries changed, the update's density and its size
+relative to the tensor, ``‖b − a‖ / ‖a‖``. ``a`` and ``b`` may each be a model, a state
+dict, a :func:`sparsekit.save` file (or any safetensors file), a
+:func:`sparsekit.save_pretrained` directory or a Hugging Face directory
+(``model.safetensors``, sharded or not). Tensors are compared by name; the two sides must
+hold the same names and shapes (dtypes may differ: values are compared in float64).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.table import Table
+from rich.text import Text
+from safetensors.torch import load_file
+from torch import nn
+
+from sparsekit import checkpoint
+from sparsekit.pretrained import WEIGHTS_NAME
+
+__all__ = ["Diff", "DiffRow", "diff"]
+
+Source = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike
+"""What :func:`diff` compares: a model, a state dict, a checkpoint file or directory."""
+
+_HEADERS = ("tensor", "shape", "entries", "changed", "density", "relative norm")
+
+
+@dataclass(frozen=True)
+class DiffRow:
+    """The update of one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    changed: int  # entries with |b - a| > atol
+    norm: float  # ‖b − a‖₂
+    base_norm: float  # ‖a‖₂
+
+    @property
+    def density(self) -> float:
+        """Fraction of the entries that changed."""
+        return self.changed / self.numel if self.numel else 0.0
+
+    @property
+    def relative_norm(self) -> float:
+        """‖b − a‖ / ‖a‖ (``inf`` for an update of an all-zero tensor)."""
+        return _ratio(self.norm, self.base_norm)
+
+
+@dataclass(frozen=True)
+class Diff:
+    """Per-tensor update of ``b`` over ``a``, printable as Markdown, JSON or a rich table."""
+
+    rows: list[DiffRow]
+
+    @property
+    def totals(self) -> dict[str, float]:
+        """Entries, changed entries, density and relative norm over all tensors."""
+        numel = sum(r.numel for r in self.rows)
+        changed = sum(r.changed for r in self.rows)
+        norm = math.sqrt(sum(r.norm ** 2 for r in self.rows))
+        base = math.sqrt(sum(r.base_norm ** 2 for r in self.rows))
+        return {"numel": numel, "changed": changed, "density": changed / numel if numel else 0.0,
+                "relative_norm": _ratio(norm, base)}
+
+    def changed(self) -> list[DiffRow]:
+        """The rows of tensors that changed at all."""
+        return [r for r in self.rows if r.changed]
+
+    def to_dict(self) -> dict[str, object]:
+        """Rows and totals as plain JSON types."""
+        rows = [{"name": r.name, "shape": list(r.shape), "numel": r.numel, "changed": r.changed,
+                 "density": r.density, "relative_norm": r.relative_norm} for r in self.rows]
+        return {"rows": rows, "totals": self.totals}
+
+    def to_markdown(self) -> str:
+        """A GitHub-flavoured Markdown table with a bold total row."""
+        body, total = self._cells()
+        lines = [_md(_HEADERS), _md([":---", ":---", "---:", "---:", "---:", "---:"])]
+        lines += [_md(cells) for cells in body]
+        lines.append(_md([f"**{c}**" if c else "" for c in total]))
+        return "\n".join(lines)
+
+    def to_rich(self) -> Table:
+        """The Markdown table's content as a ``rich.table.Table``."""
+        body, total = self._cells()
+        table = Table()
+        for i, header in enumerate(_HEADERS):
+            table.add_column(header, justify="left" if i < 2 else "right")
+        for cells in body:
+            table.add_row(*map(Text, cells))  # Text, not str: names are not rich markup
+        table.add_section()
+        table.add_row(*map(Text, total), style="bold")
+        return table
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+    def _cells(self) -> tuple[list[list[str]], list[str]]:
+        body = [[r.name, "x".join(map(str, r.shape)), f"{r.numel:,}", f"{r.changed:,}",
+                 f"{r.density:.2%}", f"{r.relative_norm:.3g}"] for r in self.rows]
+        t = self.totals
+        total = ["total", "", f"{t['numel']:,}", f"{t['changed']:,}", f"{t['density']:.2%}",
+                 f"{t['relative_norm']:.3g}"]
+        return body, total
+
+
+def diff(a: Source, b: Source, *, atol: float = 0.0) -> Diff:
+    """The update that turns ``a`` into ``b``, per tensor: changed entries (those with
+    ``|b − a| > atol``), their density and the update's norm relative to ``a``'s.
+
+    Both sides are read in full and checked (same names, same shapes) before anything is
+    compared; a mismatch names the tensors that differ.
+    """
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)):
+        raise TypeError(f"atol must be a finite number ≥ 0, got {atol!r}")
+    if not 0 <= atol < math.inf:
+        raise ValueError(f"atol must be a finite number ≥ 0, got {atol!r}")
+    first, second = _state(a, "a"), _state(b, "b")
+    only_a, only_b = sorted(set(first) - set(second)), sorted(set(second) - set(first))
+    if only_a or only_b:
+        raise ValueError(f"a and b hold different tensors (another architecture?): only in a "
+                         f"{_few(only_a)}, only in b {_few(only_b)}")
+    for name, t in first.items():
+        if t.shape != second[name].shape:
+            raise ValueError(f"tensor {name!r} is {tuple(t.shape)} in a and "
+                             f"{tuple(second[name].shape)} in b")
+    return Diff([_row(name, t, second[name], atol) for name, t in first.items()])
+
+
+def _row(name: str, a: torch.Tensor, b: torch.Tensor, atol: float) -> DiffRow:
+    x, y = a.detach().cpu().double(), b.detach().cpu().double()
+    update = (y - x).nan_to_num(nan=0.0)  # NaN in both: unchanged; NaN in one: counted below
+    moved = (update.abs() > atol) | (torch.isnan(x) != torch.isnan(y))
+    return DiffRow(name, tuple(a.shape), a.numel(), int(moved.sum()),
+                   float(torch.linalg.vector_norm(update)),
+                   float(torch.linalg.vector_norm(x.nan_to_num(nan=0.0))))
+
+
+def _state(source: Source, param: str) -> dict[str, torch.Tensor]:
+    """Every tensor of ``source`` by name."""
+    if isinstance(source, nn.Module):
+        return {k: v.detach() for k, v in source.state_dict().items()}
+    if isinstance(source, Mapping):
+        bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(f"{param}: a state dict must map names to tensors; {_few(bad)} "
+                            "are not tensors")
+        return dict(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{param} must be a model, a state dict or the path of a checkpoint "
+                        f"file or directory, got {type(source).__name__}")
+    path = Path(source)
+    if path.is_file():
+        return checkpoint.read(path).state
+    if not path.is_dir():
+        raise ValueError(f"{param}: {str(path)!r} does not exist")
+    return _directory_state(path, param)
+
+
+def _directory_state(path: Path, param: str) -> dict[str, torch.Tensor]:
+    """The weights of a ``save_pretrained`` directory, sparsekit's or Hugging Face's."""
+    if (path / WEIGHTS_NAME).is_file():
+        return checkpoint.read(path / WEIGHTS_NAME).state
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(path / shard))
+        return state
+    if any(path.glob("pytorch_model*.bin")):
+        raise ValueError(f"{param}: {str(path)!r} holds pickled weights (pytorch_model.bin), "
+                         "which sparsekit never unpickles; convert it to safetensors first")
+    raise ValueError(f"{param}: directory {str(path)!r} holds no weights ({WEIGHTS_NAME}, "
+                     "model.safetensors or model.safetensors.index.json)")
+
+
+def _ratio(num: float, den: float) -> float:
+    if den:
+        return num / den
+    return 0.0 if num == 0 else math.inf
+
+
+def _few(names: list[str]) -> str:
+    return f"{names[:5]}{'…' if len(names) > 5 else ''}"
+
+
+def _md(cells) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"

@@ -1,0 +1,270 @@
+"""Masked-delta fine-tuning: only a chosen sparse set of entries trains.
+
+Fine-tuning moves few weights far (PST, SPP, S²FT, "RL fine-tunes small subnetworks"):
+choose them first and train only them. :func:`masked_delta` is three stages that exist
+already, composed:
+
+1. *which entries* — :func:`~sparsekit.prune.compute_masks` at ``sparsity = 1 - density``
+   ranks the targets' entries by a criterion: ``"gradient"`` (the magnitude of the loss
+   gradient accumulated over a few calibration batches: the entries the task pulls on
+   hardest), ``"magnitude"`` (the largest weights) or any other of
+   :data:`~sparsekit.CRITERIA`, split over layers by an allocation. Entries that are zero
+   are never chosen, so a pruned base keeps every zero;
+2. *the update* — each target weight becomes ``W = W₀ + Δ`` (a
+   ``torch.nn.utils.parametrize`` parametrization): ``W₀`` is frozen, ``Δ`` starts at zero
+   and is the only trainable tensor of the model;
+3. *the mask* — a :class:`~sparsekit.MaskSet` on the ``Δ``\\s keeps every unchosen entry
+   of ``Δ`` at exactly zero through any ``torch.optim`` optimizer (gradients masked
+   before the step, optimizer state and weights after it), so weight decay or a
+   coordinate-mixing optimizer cannot move a frozen weight.
+
+The trained update is a :class:`Delta`: sparse, saved compressed (values and positions)
+by :meth:`Delta.save`, and added onto a copy of the base by :meth:`Delta.apply`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sparsekit import checkpoint
+from sparsekit._checks import check_fraction
+from sparsekit.masks import MaskSet
+from sparsekit.prune import compute_masks
+from sparsekit.targets import TargetSpec, resolve_targets
+
+__all__ = ["Delta", "DeltaTraining", "masked_delta"]
+
+KIND = "sparse-delta"
+"""The ``kind`` entry of a saved delta's header."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A sparse update of some weights: ``values[name]`` is zero wherever ``masks[name]``
+    is ``False``; names are the weights' parameter names in the base model."""
+
+    values: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if set(self.values) != set(self.masks):
+            raise ValueError("values and masks must name the same tensors")
+        for n, v in self.values.items():
+            if self.masks[n].shape != v.shape or self.masks[n].dtype != torch.bool:
+                raise ValueError(f"masks[{n!r}] must be a bool tensor of shape {tuple(v.shape)}")
+
+    @property
+    def nnz(self) -> int:
+        """Entries the update may change (its trainable parameters)."""
+        return sum(int(m.sum()) for m in self.masks.values())
+
+    @property
+    def density(self) -> float:
+        """Fraction of the updated tensors' entries that the update may change."""
+        total = sum(m.numel() for m in self.masks.values())
+        return self.nnz / total if total else 0.0
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, *, alpha: float = 1.0) -> nn.Module:
+        """Add ``alpha`` × the update onto ``model``'s weights in place; return ``model``.
+
+        Every name, shape and dtype is checked before any weight changes.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+                or not math.isfinite(alpha):
+            raise TypeError(f"alpha must be a finite number, got {alpha!r}")
+        params = dict(model.named_parameters())
+        missing = [n for n in self.values if n not in params]
+        if missing:
+            more = "…" if len(missing) > 3 else ""
+            raise ValueError(f"model has no parameters {missing[:3]}{more} that this delta "
+                             "updates (another architecture?)")
+        for n, v in self.values.items():
+            if params[n].shape != v.shape or not params[n].is_floating_point():
+                raise ValueError(f"delta for {n!r} is {tuple(v.shape)}, the model's parameter is "
+                                 f"{tuple(params[n].shape)} {params[n].dtype}")
+        for n, v in self.values.items():
+            params[n].add_(v.to(params[n].device, params[n].dtype), alpha=alpha)
+        return model
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the update compressed (kept values and positions) with
+        :func:`sparsekit.save`; return the path."""
+        holder = _holder(self.values)
+        masks = MaskSet(holder, self.masks, pattern="unstructured")
+        return checkpoint.save(holder, path, masks, metadata={"kind": KIND})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Delta:
+        """Read an update written by :meth:`save` (checked as :func:`sparsekit.load` does)."""
+        meta = checkpoint.read_metadata(path)
+        if meta.get("kind") != KIND:
+            raise ValueError(f"{path} is not a sparse delta written by Delta.save "
+                             f"(its header kind is {meta.get('kind')!r})")
+        ckpt = checkpoint.read(path)
+        return cls(dict(ckpt.state), {n: ckpt.kept[n] for n in ckpt.state})
+
+
+class _AddDelta(nn.Module):
+    """The parametrization ``W = W₀ + Δ`` with a trainable ``Δ`` starting at zero."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros_like(like))
+
+    def forward(self, base: torch.Tensor) -> torch.Tensor:
+        return base + self.delta
+
+
+class DeltaTraining:
+    """A model whose chosen weights train as ``W₀ + Δ`` with a sparse ``Δ``.
+
+    Build it with :func:`masked_delta`. Give the optimizer :meth:`parameters` (or all of
+    ``model.parameters()``: nothing else takes a gradient) and :meth:`attach` it; after
+    training, :meth:`delta` is the update and :meth:`merge` bakes it into the weights.
+    """
+
+    def __init__(self, model: nn.Module, support: Mapping[str, torch.Tensor]) -> None:
+        targets = _check_support(model, support)
+        self.model = model
+        self._names = list(support)
+        self._grad_flags = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():  # only the deltas train
+            p.requires_grad_(False)
+        self._sites: dict[str, tuple[nn.Module, str]] = {}
+        self._order: dict[nn.Module, list[str]] = {}  # parameter order to give back
+        delta_masks = {}
+        for name in self._names:
+            module_name, attr = targets[name]
+            module = model.get_submodule(module_name)
+            self._order.setdefault(module, list(module._parameters))
+            parametrize.register_parametrization(module, attr, _AddDelta(getattr(module, attr)))
+            self._sites[name] = (module, attr)
+            prefix = f"{module_name}." if module_name else ""
+            delta_masks[f"{prefix}parametrizations.{attr}.0.delta"] = support[name]
+        self.masks = MaskSet(model, delta_masks, pattern="unstructured").apply()
+        self._delta_names = dict(zip(self._names, delta_masks))
+
+    @property
+    def trainable(self) -> int:
+        """Entries that train: the size of the sparse update."""
+        return sum(int(m.sum()) for m in self.masks.masks.values())
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The ``Δ`` tensors, for the optimizer."""
+        for module, attr in self._sites.values():
+            yield module.parametrizations[attr][0].delta
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> DeltaTraining:
+        """Keep every unchosen entry of ``Δ`` at zero through ``optimizer``'s steps."""
+        self.masks.attach(optimizer)
+        return self
+
+    def delta(self) -> Delta:
+        """A copy of the update trained so far, by the weights' names."""
+        params = self.masks.params
+        return Delta(
+            {n: params[d].detach().clone() for n, d in self._delta_names.items()},
+            {n: self.masks.masks[d].clone() for n, d in self._delta_names.items()},
+        )
+
+    def merge(self) -> nn.Module:
+        """Write ``W₀ + Δ`` into each weight (the same ``Parameter`` objects as before, so
+        masks of the base still hold, in the same order), remove the parametrizations, give
+        every parameter back its ``requires_grad`` and return the model."""
+        self.masks.detach()
+        for module, attr in self._sites.values():
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+        for module, order in self._order.items():
+            module._parameters = {k: module._parameters[k] for k in order}
+        for p, flag in self._grad_flags.items():
+            p.requires_grad_(flag)
+        self._sites.clear()
+        self._order.clear()
+        return self.model
+
+
+def masked_delta(
+    model: nn.Module,
+    density: float,
+    *,
+    method: str = "gradient",
+    allocation: str = "uniform",
+    targets: TargetSpec | Sequence[TargetSpec] | None = None,
+    exclude: Iterable[str] = (),
+    data: Any = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    seed: int = 0,
+) -> DeltaTraining:
+    """Choose ``density`` of the targets' entries and make them the only ones that train.
+
+    ``density`` in (0, 1] is the fraction of the targeted weights' entries that train
+    (LoRA of rank ``r`` on an ``(out, in)`` layer trains ``r·(in + out)`` of ``in·out``).
+    ``method`` names the criterion that chooses them (default ``"gradient"``: needs
+    ``data`` as ``(inputs, labels)`` batches and ``loss_fn(outputs, labels)``, cross-entropy
+    by default), ``allocation`` how the count is split over layers (``"uniform"``: the same
+    density in each, ``"global"``: one ranking); ``targets``/``exclude`` as in
+    :func:`sparsekit.prune`. Zero entries (a pruned base) are never chosen, so a layer
+    has at most its nonzeros trainable. All arguments are checked before the model changes.
+    """
+    check_fraction("density", density, zero=False, one=True)
+    support, _ = compute_masks(model, 1.0 - float(density), method=method, pattern="unstructured",
+                               allocation=allocation, targets=targets, exclude=exclude,
+                               data=data, loss_fn=loss_fn, seed=seed)
+    return DeltaTraining(model, support)
+
+
+def _check_support(model: nn.Module, support: Mapping[str, torch.Tensor]
+                   ) -> dict[str, tuple[str, str]]:
+    """``{name: (module name, attribute)}`` of each weight to train, after checking the
+    weights can take a delta: present, floating, shaped like their mask, not shared."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for name in support:
+        module_name, _, attr = name.rpartition(".")
+        module = dict(model.named_modules()).get(module_name)
+        if module is not None and parametrize.is_parametrized(module, attr):
+            raise ValueError(f"{name!r} is parametrized already (a DeltaTraining not merged?)")
+    chosen = {t.name: t for t in resolve_targets(model, list(support))} if support else {}
+    if not chosen:
+        raise ValueError("support: no weights to train")
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    sites = {}
+    for name, mask in support.items():
+        t = chosen[name]
+        if not isinstance(mask, torch.Tensor) or mask.shape != t.param.shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask for {name!r} has shape {got}, expected {tuple(t.param.shape)}")
+        if uses[id(t.param)] > 1:
+            raise ValueError(f"{name!r} is shared with another module (tied weights); a delta "
+                             "on one of its owners would not reach the others: exclude it")
+        sites[name] = (t.module_name, name.rpartition(".")[2])
+    return sites
+
+
+def _holder(tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A module whose parameters are ``tensors`` under their dotted names (what
+    :func:`sparsekit.save` stores)."""
+    root = nn.Module()
+    for name, t in tensors.items():
+        *path, attr = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(attr, nn.Parameter(t.detach().cpu(), requires_grad=False))
+    return root

@@ -1,0 +1,211 @@
+"""LoRA (through ``peft``) on a pruned model, merged without filling the pruned weights in.
+
+A LoRA update ``s·B@A`` is dense: merged as it is (``peft``'s ``merge_and_unload``), it
+writes a value into every pruned weight and the model is sparse no more. Here each LoRA
+layer whose base weight is sparse carries that weight's mask, and every merge — ``peft``'s
+own ``merge``/``merge_and_unload`` as well as :func:`merge` — adds only ``s·(B@A) ⊙ mask``:
+the zeros of the base stay exactly zero.
+
+Two ways to train, chosen by ``masked_forward`` of :func:`sparse_lora`:
+
+* ``True`` (default; the SPP / PST way): the adapter's forward pass also uses the masked
+  update, ``W x + s·((B@A) ⊙ M) x``. Training sees exactly the model that merging gives,
+  so the merged model computes what the trained adapter did. Each forward pass builds the
+  layer's dense ``(out, in)`` update, a weight-sized tensor that autograd keeps for the
+  backward pass.
+* ``False``: plain LoRA, ``W x + s·B(A x)``. Cheaper, but the merged model then differs
+  from the trained adapter by the masked-out part of the update, ``-s·((B@A) ⊙ ¬M) x``
+  per layer — a change the adapter never trained with.
+
+Masks are ``peft`` LoRA *variants* of the adapters that exist when they are installed; an
+adapter added later (or one loaded by ``PeftModel.from_pretrained``) is plain LoRA until
+:func:`merge` (or :func:`sparse_lora` on it) installs them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import peft
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import LoraVariant
+from torch import nn
+
+from sparsekit.masks import MaskSet
+
+__all__ = ["MASK_NAME", "MaskedLora", "MaskedMerge", "layer_masks", "merge", "sparse_lora"]
+
+MASK_NAME = "sparse_mask"
+"""The non-persistent buffer of a LoRA layer holding its base weight's mask (``True``: kept)."""
+
+
+def sparse_lora(
+    model: nn.Module,
+    config: Any,
+    masks: MaskSet | None = None,
+    *,
+    masked_forward: bool = True,
+) -> nn.Module:
+    """Wrap the pruned ``model`` in a ``peft`` LoRA model whose merges keep its zeros.
+
+    ``config`` is a ``peft.LoraConfig``. ``masks`` is the :class:`~sparsekit.MaskSet` the
+    model was pruned with (applied first); without it, a base weight's mask is where it is
+    nonzero. Only LoRA layers of ``nn.Linear`` and GPT-2 ``Conv1D`` may have a sparse base.
+    ``masked_forward`` picks how the adapter trains (see the module docstring). Returns
+    the ``peft.PeftModel`` (``model`` itself is changed in place, as ``peft`` does).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, peft.LoraConfig):
+        raise TypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
+    if not isinstance(masked_forward, bool):
+        raise TypeError(f"masked_forward must be a bool, got {masked_forward!r}")
+    if isinstance(model, peft.PeftModel):
+        raise ValueError("model is a PeftModel already; pass the pruned base model")
+    by_param = _check_masks(model, masks)
+    if config.use_dora:
+        raise ValueError("config.use_dora=True: a DoRA update rescales whole columns and "
+                         "cannot keep a sparse base; use plain LoRA")
+    if masks is not None:
+        masks.apply()
+    grad_flags = {p: p.requires_grad for p in model.parameters()}
+    wrapped = peft.get_peft_model(model, config)
+    try:
+        _install(wrapped, by_param, masked_forward=masked_forward)
+    except (TypeError, ValueError):
+        wrapped.unload()  # leave the model as it came
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+        raise
+    return wrapped
+
+
+def merge(model: nn.Module, masks: MaskSet | None = None) -> nn.Module:
+    """Merge every LoRA adapter of ``model`` into its base weights, masked, and unload.
+
+    ``model`` is a ``peft`` model (from :func:`sparse_lora`, ``get_peft_model`` or
+    ``PeftModel.from_pretrained``). A layer's mask is the one :func:`sparse_lora` gave it,
+    else the entry of ``masks`` for its base weight, else where that weight is nonzero.
+    Returns the base model with merged weights; every weight zero before is zero after.
+    """
+    if not isinstance(model, nn.Module) or not callable(getattr(model, "merge_and_unload", None)):
+        raise TypeError(f"model must be a peft model (with merge_and_unload()), got "
+                        f"{type(model).__name__}")
+    if not _lora_layers(model):
+        raise ValueError("model has no LoRA layers to merge (is it a peft LoRA model?)")
+    by_param = _check_masks(model, masks)
+    _install(model, by_param, masked_forward=None)
+    return model.merge_and_unload()
+
+
+def layer_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The mask each LoRA layer of ``model`` merges with, by the name of its base weight."""
+    return {f"{name}.base_layer.weight": getattr(layer, MASK_NAME)
+            for name, layer in _lora_layers(model).items() if hasattr(layer, MASK_NAME)}
+
+
+# -- masks as LoRA variants -----------------------------------------------------------------
+
+class MaskedMerge(LoraVariant):
+    """Plain LoRA forward; merging (and unmerging) adds (subtracts) ``s·(B@A) ⊙ mask``."""
+
+    @staticmethod
+    def init(module: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        """Nothing to set up: the mask is the layer's buffer :data:`MASK_NAME`."""
+
+    @staticmethod
+    def merge_safe(module: nn.Module, active_adapter: str,
+                   orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + _masked_delta(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += _masked_delta(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: nn.Module, active_adapter: str,
+                orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight - _masked_delta(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module: nn.Module, *, active_adapter: str, x: torch.Tensor,
+                result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        dropout, scaling = module.lora_dropout[active_adapter], module.scaling[active_adapter]
+        return result + lora_b(lora_a(dropout(x))) * scaling
+
+
+class MaskedLora(MaskedMerge):
+    """The forward pass uses the masked update too: training sees the model merging gives."""
+
+    @staticmethod
+    def forward(module: nn.Module, *, active_adapter: str, x: torch.Tensor,
+                result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        delta = _masked_delta(module, active_adapter)
+        if module.fan_in_fan_out:  # GPT-2 Conv1D: the weight is stored (in, out)
+            delta = delta.t()
+        x = module.lora_dropout[active_adapter](x)
+        return result + F.linear(x, delta.to(x.dtype))
+
+
+def _masked_delta(module: nn.Module, adapter: str) -> torch.Tensor:
+    """``s·(B@A) ⊙ mask`` of ``adapter``, laid out like the base weight."""
+    return module.get_delta_weight(adapter) * getattr(module, MASK_NAME)
+
+
+def _install(model: nn.Module, by_param: Mapping[int, torch.Tensor], *,
+             masked_forward: bool | None) -> None:
+    """Give every LoRA layer with a sparse base its mask and the masked variant.
+
+    ``masked_forward=None`` keeps the forward a layer has (a merge changes only merging).
+    Raises before changing anything when a layer cannot take a mask.
+    """
+    plan = []
+    for name, layer in _lora_layers(model).items():
+        weight = layer.get_base_layer().weight
+        mask = getattr(layer, MASK_NAME, None)
+        if mask is None:
+            mask = by_param.get(id(weight))
+            if mask is None:
+                mask = weight.detach() != 0
+        if bool(mask.all()):
+            continue  # a dense base: plain LoRA merges it exactly
+        if not isinstance(layer, peft.tuners.lora.Linear):
+            raise TypeError(f"LoRA layer {name!r} ({type(layer).__name__}) has a sparse base "
+                            "weight; only Linear and GPT-2 Conv1D layers can keep one")
+        for adapter in layer.lora_A:
+            variant = layer.lora_variant.get(adapter)
+            if variant is not None and not isinstance(variant, MaskedMerge):
+                raise ValueError(f"LoRA layer {name!r}: adapter {adapter!r} uses "
+                                 f"{type(variant).__name__}, which cannot keep a sparse base")
+        plan.append((layer, mask.to(weight.device, torch.bool)))
+    for layer, mask in plan:
+        if not hasattr(layer, MASK_NAME):
+            layer.register_buffer(MASK_NAME, mask, persistent=False)
+        for adapter in layer.lora_A:
+            current = layer.lora_variant.get(adapter)
+            if masked_forward is None and current is not None:
+                continue
+            layer.lora_variant[adapter] = (MaskedLora if masked_forward else MaskedMerge)()
+
+
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def _check_masks(model: nn.Module, masks: MaskSet | None) -> dict[int, torch.Tensor]:
+    """The masks by parameter identity, after checking they belong to ``model``."""
+    if masks is None:
+        return {}
+    if not isinstance(masks, MaskSet):
+        raise TypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
+    own = {id(p) for p in model.parameters()}
+    foreign = [n for n, p in masks.params.items() if id(p) not in own]
+    if foreign:
+        raise ValueError(
+            f"masks were made for another model: {foreign[:3]}{'…' if len(foreign) > 3 else ''} "
+            "are not parameters of this model"
+        )
+    return {id(masks.params[n]): m for n, m in masks.masks.items()}
