@@ -3,8 +3,13 @@
 :func:`block_sparse_attention` is the kernel entry point; training-free patterns
 (:mod:`~sparsekit.attention.patterns`) choose the block mask from the queries and keys,
 :mod:`~sparsekit.attention.coverage` measures what a mask keeps, and
-:mod:`~sparsekit.attention.hf` switches Hugging Face models onto it.
+:mod:`~sparsekit.attention.hf` switches Hugging Face models onto it (``apply``, ``remove``,
+``register``, ``SparseAttention``: loaded on first use, so importing this package never
+imports ``transformers``).
 """
+
+import importlib
+from typing import Any
 
 from sparsekit.attention.block_sparse import block_sparse_attention, dense_block_mask
 from sparsekit.attention.coverage import Coverage, density, mass_recall, visible_pairs
@@ -20,6 +25,8 @@ from sparsekit.attention.patterns import (
     resolve_pattern,
 )
 
+_HF = frozenset({"SparseAttention", "apply", "register", "remove"})
+
 __all__ = [
     "ATTENTION_PATTERNS",
     "Antidiagonal",
@@ -27,6 +34,7 @@ __all__ = [
     "Coverage",
     "Dense",
     "SinkWindow",
+    "SparseAttention",
     "TopKBlocks",
     "UserMask",
     "VerticalSlash",
@@ -34,6 +42,15 @@ __all__ = [
     "dense_block_mask",
     "density",
     "mass_recall",
+    "register",
+    "remove",
     "resolve_pattern",
     "visible_pairs",
+    "apply",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HF:
+        return getattr(importlib.import_module("sparsekit.attention.hf"), name)
+    raise AttributeError(f"module 'sparsekit.attention' has no attribute {name!r}")
