@@ -217,23 +217,25 @@ class VerticalSlash(AttentionPattern):
                            probs.reshape(batch, heads, -1))
         slash = _fewest(slash, self.threshold)
 
-        kb = blocks(kv_len, block_size)
+        kb, qb = blocks(kv_len, block_size), visible.shape[0]
         columns = torch.zeros(batch, heads, kb * block_size, dtype=torch.bool)
         columns[..., :kv_len] = vertical
-        mask = columns.view(batch, heads, kb, block_size).any(-1)[:, :, None, :]
-        mask = mask.expand(batch, heads, visible.shape[0], kb).clone()
-        b, h, diag = slash.nonzero(as_tuple=True)
-        dist = (diag - (n - 1))[:, None]
-        first, last = _query_positions(q_len, kv_len, block_size)
-        lo = (first[None, :] - dist).clamp(min=0)  # keys the diagonal meets in each q block
-        hi = (last[None, :] - dist).clamp(max=kv_len - 1)
-        meets = lo <= hi
-        q_block = torch.arange(visible.shape[0]).expand_as(lo)
-        for key in (lo, hi):
-            at = (((b * heads + h)[:, None] * visible.shape[0] + q_block) * kb
-                  + key.clamp(0, kv_len - 1) // block_size)
-            mask.view(-1)[at[meets]] = True
-        return mask
+        columns = columns.view(batch, heads, kb, block_size).any(-1)[:, :, None, :]
+        # A diagonal ``back`` keys behind the queries meets, in query block i, the key
+        # blocks i + floor((offset - back) / B) and i + floor((offset - back + B - 1) / B):
+        # two block diagonals, the same for every query block.
+        back = torch.arange(1 - n, kv_len)
+        offset = kv_len - q_len
+        lowest = (offset - kv_len + 1) // block_size
+        diagonals = torch.zeros(batch, heads, (offset + n + block_size - 2) // block_size
+                                - lowest + 1)
+        for edge in (offset - back, offset - back + block_size - 1):
+            at = (edge.div(block_size, rounding_mode="floor") - lowest).expand_as(slash)
+            diagonals.scatter_add_(2, at, slash.float())
+        relative = torch.arange(kb)[None, :] - torch.arange(qb)[:, None] - lowest
+        inside = (relative >= 0) & (relative < diagonals.shape[2])
+        bands = (diagonals > 0)[..., relative.clamp(0, diagonals.shape[2] - 1)] & inside
+        return columns | bands
 
 
 @ATTENTION_PATTERNS.register("antidiagonal", adaptive=True)
@@ -250,7 +252,7 @@ class Antidiagonal(AttentionPattern):
     """
 
     name: ClassVar[str] = "antidiagonal"
-    threshold: float = 0.9
+    threshold: float = 0.95
     stride: int = 8
 
     def __post_init__(self) -> None:
