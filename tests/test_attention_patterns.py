@@ -153,21 +153,25 @@ def test_top_k_keeps_the_best_pooled_tiles():
     assert causal[0, 0].sum(-1).tolist() == [1, 2, 2, 2]
 
 
-def test_every_pattern_runs_with_gqa_bf16_ragged_and_decode():
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_pattern_runs_with_gqa_bf16_ragged_and_decode(causal):
     torch.manual_seed(0)
     q = torch.randn(2, 4, 70, 16, dtype=torch.bfloat16)
     k = torch.randn(2, 2, 70, 16, dtype=torch.bfloat16)
     for name in ATTENTION_PATTERNS.names():
         options = {"mask": torch.ones(1, 1, 5, 5, dtype=torch.bool)} if name == "mask" else {}
         pattern = resolve_pattern(name, **options)
-        mask = pattern.block_mask(q, k, block_size=16)
+        mask = pattern.block_mask(q, k, block_size=16, causal=causal)
         assert mask.dtype == torch.bool and mask.shape[2:] == (5, 5)
         assert mask.shape[0] in (1, 2) and mask.shape[1] in (1, 4)
-        out = block_sparse_attention(q, k, k, mask, block_size=16)
+        assert bool(mask[..., torch.arange(5), torch.arange(5)].all())  # the local tiles
+        out = block_sparse_attention(q, k, k, mask, block_size=16, causal=causal)
         assert out.shape == q.shape
         if name != "mask":
-            step = pattern.block_mask(q[:, :, -1:], k, block_size=16)
+            step = pattern.block_mask(q[:, :, -1:], k, block_size=16, causal=causal)
             assert step.shape[2:] == (1, 5) and bool(step[..., -1].all())
+            longer = pattern.block_mask(q, k[:, :, :40], block_size=16, causal=causal)
+            assert longer.shape[2:] == (5, 3)  # more queries than keys
 
 
 def test_dense_pattern_keeps_all_mass_and_full_density():
