@@ -118,16 +118,13 @@ def test_antidiagonal_threshold_decides_how_many_tiles():
     assert more.tolist() == [True, True, True, True]
 
 
-def test_vertical_slash_keeps_a_sink_column_and_the_diagonals_it_implies():
+def test_vertical_slash_keeps_a_sink_column():
     scores = torch.zeros(32, 32)
     scores[:, 0] = 10.0  # every query attends to the first token
     q, k = scored(scores)
     mask = VerticalSlash(threshold=0.95, last_queries=8).block_mask(q, k, block_size=4)
-    expected = torch.eye(8, dtype=torch.bool)
-    expected[:, 0] = True
-    # the last 8 queries also put their mass on diagonals 24..31 back, which reach
-    # key block 1 from query block 7 only
-    expected[7, 1] = True
+    expected = torch.eye(8, dtype=torch.bool)  # the local tiles
+    expected[:, 0] = True  # the column alone holds the mass; no diagonal is needed
     assert torch.equal(mask[0, 0], expected)
     assert VerticalSlash().coverage(q, k, block_size=4).recall > 0.99
 
@@ -135,9 +132,23 @@ def test_vertical_slash_keeps_a_sink_column_and_the_diagonals_it_implies():
 def test_vertical_slash_keeps_only_the_diagonal_of_local_attention():
     q, k = scored(10.0 * torch.eye(32))
     mask = VerticalSlash(threshold=0.95, last_queries=8).block_mask(q, k, block_size=4)
-    expected = torch.eye(8, dtype=torch.bool)
-    expected[7, 6] = True  # the last queries' own keys are the heaviest columns
-    assert torch.equal(mask[0, 0], expected)
+    # the main diagonal holds the mass (the columns of the last queries' own keys hold
+    # one eighth each and are not needed)
+    assert torch.equal(mask[0, 0], torch.eye(8, dtype=torch.bool))
+
+
+def test_vertical_slash_maps_a_diagonal_to_the_tiles_it_crosses():
+    scores = torch.zeros(32, 32)
+    rows = torch.arange(5, 32)
+    scores[rows, rows - 5] = 10.0  # every query attends 5 tokens back
+    q, k = scored(scores)
+    mask = VerticalSlash(threshold=0.95, last_queries=8).block_mask(q, k, block_size=4)
+    # query block i (rows 4i..4i+3) reaches keys 4i-5..4i-2: key blocks i-2 and i-1
+    expected = torch.eye(8, dtype=torch.bool) | torch.eye(8, dtype=torch.bool).roll(-1, 1)
+    expected |= torch.eye(8, dtype=torch.bool).roll(-2, 1)
+    assert torch.equal(mask[0, 0], expected.tril())
+    decode = VerticalSlash(last_queries=8).block_mask(q[:, :, -1:], k, block_size=4)
+    assert decode[0, 0, 0].tolist() == [False] * 6 + [True, True]  # key 26 and the local tile
 
 
 def test_top_k_keeps_the_best_pooled_tiles():

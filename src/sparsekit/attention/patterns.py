@@ -187,9 +187,9 @@ class VerticalSlash(AttentionPattern):
 
     The softmax of the last ``last_queries`` queries over all keys is summed down each
     key column (verticals: tokens every query attends to) and along each diagonal
-    (slashes: a fixed distance back). The fewest columns holding ``threshold`` of the mass
-    and the fewest diagonals holding ``threshold`` of it are kept, each as the tiles it
-    crosses; diagonals, being relative, carry over from the last queries to all of them.
+    (slashes: a fixed distance back). The fewest columns and diagonals, ranked together,
+    whose mass adds up to ``threshold`` are kept, each as the tiles it crosses; diagonals,
+    being relative, carry over from the last queries to all of them.
     """
 
     name: ClassVar[str] = "vertical_slash"
@@ -211,11 +211,13 @@ class VerticalSlash(AttentionPattern):
         if causal:
             scores = scores.masked_fill(back < 0, -math.inf)
         probs = torch.softmax(scores, -1).nan_to_num(0.0)
-        vertical = _fewest(probs.sum(2), self.threshold)  # (batch, heads, kv_len)
         slash = torch.zeros(batch, heads, kv_len + n - 1)  # bin back + n - 1 (back > -n)
         slash.scatter_add_(2, (back + n - 1).expand_as(probs).reshape(batch, heads, -1),
                            probs.reshape(batch, heads, -1))
-        slash = _fewest(slash, self.threshold)
+        # columns and diagonals each carry all the mass once: rank them together and stop
+        # at threshold of it (half the threshold of the sum of both)
+        keep = _fewest(torch.cat([probs.sum(2), slash], -1), self.threshold / 2)
+        vertical, slash = keep[..., :kv_len], keep[..., kv_len:]
 
         kb, qb = blocks(kv_len, block_size), visible.shape[0]
         columns = torch.zeros(batch, heads, kb * block_size, dtype=torch.bool)
