@@ -1,9 +1,56 @@
 """Sparse attention: compute only the (query block, key block) tiles a block mask keeps.
 
-:func:`block_sparse_attention` is the kernel entry point; patterns that choose the block
-mask and the Hugging Face switch build on it.
+:func:`block_sparse_attention` is the kernel entry point; training-free patterns
+(:mod:`~sparsekit.attention.patterns`) choose the block mask from the queries and keys,
+:mod:`~sparsekit.attention.coverage` measures what a mask keeps, and
+:mod:`~sparsekit.attention.hf` switches Hugging Face models onto it (``apply``, ``remove``,
+``register``, ``SparseAttention``: loaded on first use, so importing this package never
+imports ``transformers``).
 """
 
-from sparsekit.attention.block_sparse import block_sparse_attention, dense_block_mask
+import importlib
+from typing import Any
 
-__all__ = ["block_sparse_attention", "dense_block_mask"]
+from sparsekit.attention.block_sparse import block_sparse_attention, dense_block_mask
+from sparsekit.attention.coverage import Coverage, density, mass_recall, visible_pairs
+from sparsekit.attention.patterns import (
+    ATTENTION_PATTERNS,
+    Antidiagonal,
+    AttentionPattern,
+    Dense,
+    SinkWindow,
+    TopKBlocks,
+    UserMask,
+    VerticalSlash,
+    resolve_pattern,
+)
+
+_HF = frozenset({"SparseAttention", "apply", "register", "remove"})
+
+__all__ = [
+    "ATTENTION_PATTERNS",
+    "Antidiagonal",
+    "AttentionPattern",
+    "Coverage",
+    "Dense",
+    "SinkWindow",
+    "SparseAttention",
+    "TopKBlocks",
+    "UserMask",
+    "VerticalSlash",
+    "block_sparse_attention",
+    "dense_block_mask",
+    "density",
+    "mass_recall",
+    "register",
+    "remove",
+    "resolve_pattern",
+    "visible_pairs",
+    "apply",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HF:
+        return getattr(importlib.import_module("sparsekit.attention.hf"), name)
+    raise AttributeError(f"module 'sparsekit.attention' has no attribute {name!r}")

@@ -1,0 +1,170 @@
+"""How much of attention a block mask keeps: its density and the softmax mass it recalls.
+
+Both are measured over the (query, key) pairs attention may use at all — with ``causal``
+the pairs on or below the diagonal aligned at the end (query ``i`` sees keys up to
+``kv_len - q_len + i``, as :func:`~sparsekit.attention.block_sparse_attention` does), so a
+causal mask that keeps every tile has density 1. Neither ever builds a ``(q_len, kv_len)``
+matrix for a whole sequence: density is counted per tile in closed form, recall is summed
+over chunks of query rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sparsekit._checks import check_int
+
+__all__ = ["Coverage", "density", "mass_recall", "visible_pairs"]
+
+_CHUNK_ELEMENTS = 1 << 24  # scores held at once by mass_recall (64 MiB of float32)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a block mask keeps of attention on given queries and keys.
+
+    Attributes:
+        density: fraction of the attendable (query, key) pairs inside kept tiles — the
+            share of dense attention's work the sparse kernel does.
+        recall: fraction of the softmax mass that falls on kept pairs, averaged over
+            query rows (1.0 means the sparse output equals the dense one).
+    """
+
+    density: float
+    recall: float
+
+
+def blocks(length: int, block_size: int) -> int:
+    """Number of ``block_size`` tiles covering ``length`` tokens (the last may be ragged)."""
+    return -(-length // block_size)
+
+
+def visible_pairs(q_len: int, kv_len: int, *, block_size: int, causal: bool) -> torch.Tensor:
+    """Attendable (query, key) pairs in each tile: int64 ``(q_blocks, kv_blocks)``.
+
+    Without ``causal`` that is the tile's area; with it, the pairs on or below the diagonal
+    aligned at the end, counted per tile by arithmetic series.
+    """
+    check_int("q_len", q_len, minimum=1)
+    check_int("kv_len", kv_len, minimum=1)
+    check_int("block_size", block_size, minimum=1)
+    qb, kb = blocks(q_len, block_size), blocks(kv_len, block_size)
+    offset = kv_len - q_len
+    first = torch.arange(qb) * block_size  # query rows of each query tile: [first, last]
+    last = torch.clamp(first + block_size, max=q_len) - 1
+    start = torch.arange(kb) * block_size  # keys of each key tile: [start, stop]
+    stop = torch.clamp(start + block_size, max=kv_len) - 1
+    width = (stop - start + 1)[None, :]
+    if not causal:
+        return (last - first + 1)[:, None] * width
+    a, e = (first + offset)[:, None], (last + offset)[:, None]  # positions in key coordinates
+    s, t = start[None, :], stop[None, :]
+    lo, hi = torch.maximum(a, s), torch.minimum(e, t)  # rows seeing part of the tile
+    partial = (hi - lo + 1).clamp(min=0)
+    ramp = partial * ((lo - s + 1) + (hi - s + 1)) // 2  # row r sees r - s + 1 of its keys
+    full = (e - torch.maximum(a, t + 1) + 1).clamp(min=0)  # rows seeing the whole tile
+    return ramp + full * width
+
+
+def density(
+    block_mask: torch.Tensor, q_len: int, kv_len: int, *, block_size: int, causal: bool
+) -> float:
+    """Fraction of the attendable (query, key) pairs that ``block_mask`` keeps.
+
+    ``block_mask`` is bool ``(batch or 1, heads or 1, q_blocks, kv_blocks)``; the fraction
+    is averaged over its batch and head entries.
+    """
+    pairs = visible_pairs(q_len, kv_len, block_size=block_size, causal=causal)
+    _check_mask(block_mask, tuple(pairs.shape))
+    pairs = pairs.to(torch.float64)
+    kept = (block_mask.to(torch.float64) * pairs).sum((-2, -1))
+    return (kept / pairs.sum()).mean().item()
+
+
+def mass_recall(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int,
+    causal: bool = True,
+    scale: float | None = None,
+) -> float:
+    """Fraction of the softmax mass of ``softmax(q kᵀ · scale)`` on the tiles ``block_mask``
+    keeps, averaged over every query row of every batch entry and head.
+
+    Args:
+        q: ``(batch, heads, q_len, head_dim)``.
+        k: ``(batch, kv_heads, kv_len, head_dim)``; ``heads`` a multiple of ``kv_heads``.
+        block_mask: bool ``(batch or 1, heads or 1, q_blocks, kv_blocks)``.
+        block_size: tile edge in tokens.
+        causal: scores of keys after each query (aligned at the end) are not attention's.
+        scale: softmax scale, ``1 / sqrt(head_dim)`` by default.
+
+    Scores are computed in float32 for a chunk of query rows at a time. Rows that see no
+    key at all (causal with ``q_len > kv_len``) are left out of the average.
+    """
+    check_int("block_size", block_size, minimum=1)
+    _check_qk(q, k)
+    batch, heads, q_len, dim = q.shape
+    kv_len = k.shape[2]
+    _check_mask(block_mask, (blocks(q_len, block_size), blocks(kv_len, block_size)))
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    keys = repeat_kv(k, heads).float()
+    offset = kv_len - q_len
+    rows = max(1, _CHUNK_ELEMENTS // (batch * heads * kv_len) // block_size) * block_size
+    kept, counted = torch.zeros((), dtype=torch.float64), 0
+    for begin in range(0, q_len, rows):
+        end = min(begin + rows, q_len)
+        scores = q[:, :, begin:end].float() @ keys.transpose(-1, -2) * scale
+        if causal:
+            pos = torch.arange(begin, end)[:, None] + offset
+            scores = scores.masked_fill(torch.arange(kv_len)[None, :] > pos, -math.inf)
+        probs = torch.softmax(scores, dim=-1)
+        tiles = block_mask[:, :, begin // block_size: blocks(end, block_size)]
+        keep = tiles.repeat_interleave(block_size, 2)[:, :, : end - begin]
+        keep = keep.repeat_interleave(block_size, 3)[..., :kv_len]
+        share = (probs * keep).sum(-1)  # (batch, heads, rows); NaN where a row sees nothing
+        seen = ~share.isnan()
+        kept += share[seen].sum(dtype=torch.float64)
+        counted += int(seen.sum())
+    return (kept / max(counted, 1)).item()
+
+
+def repeat_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Keys (or values) with each of their heads repeated for the query heads sharing it."""
+    groups = heads // k.shape[1]
+    return k.repeat_interleave(groups, dim=1) if groups > 1 else k
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            got = (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor)
+                   else type(t).__name__)
+            raise ValueError(
+                f"{name} must be a floating 4-D tensor (batch, heads, seq, head_dim), got {got}"
+            )
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"k must be (batch={q.shape[0]}, kv_heads dividing {q.shape[1]}, kv_len, "
+            f"head_dim={q.shape[3]}), got {tuple(k.shape)}"
+        )
+
+
+def _check_mask(block_mask: torch.Tensor, tiles: tuple[int, int]) -> None:
+    if (
+        not isinstance(block_mask, torch.Tensor)
+        or block_mask.dtype != torch.bool
+        or block_mask.dim() != 4
+        or tuple(block_mask.shape[2:]) != tiles
+    ):
+        got = (f"{block_mask.dtype} {tuple(block_mask.shape)}"
+               if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__)
+        raise ValueError(
+            f"block_mask must be a bool tensor (batch or 1, heads or 1, {tiles[0]}, "
+            f"{tiles[1]}), got {got}"
+        )

@@ -1,0 +1,165 @@
+"""Hugging Face switch: run a transformers model's attention through a block-sparse pattern.
+
+transformers looks attention functions up by ``config._attn_implementation`` in its
+``AttentionInterface``; :func:`register` adds one called ``"sparsekit"`` (with SDPA's
+mask builder, so padding masks are still made), and :func:`apply` registers it, settles
+the pattern and switches a model onto it::
+
+    sparsekit.attention.apply(model, pattern="antidiagonal", threshold=0.9)
+    model.generate(long_prompt)            # prefill and every decode step go sparse
+    sparsekit.attention.remove(model)      # back to SDPA
+
+After :func:`register`, ``model.config._attn_implementation = "sparsekit"`` switches a
+model too, with the default :class:`SparseAttention` settings.
+
+Each call falls back to SDPA where sparsity cannot pay or cannot apply: keys shorter than
+``min_length``, an explicit element mask (padding, chunked prefill, sliding-window
+models), dropout, or softcapped / position-biased scores. Otherwise the pattern builds a
+block mask from the call's queries and keys and
+:func:`~sparsekit.attention.block_sparse_attention` computes only its tiles — prefill and
+single-token decode over the KV cache alike (causal attention aligns the query with the
+last key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from sparsekit._checks import check_int
+from sparsekit.attention.block_sparse import block_sparse_attention
+from sparsekit.attention.patterns import Antidiagonal, AttentionPattern, resolve_pattern
+
+__all__ = ["MIN_LENGTH", "NAME", "SparseAttention", "apply", "register", "remove"]
+
+NAME = "sparsekit"
+"""The attention implementation name models are switched to."""
+
+MIN_LENGTH = 4096
+"""Default break-even key length: below it SDPA's dense attention beats estimating a
+pattern plus the block-sparse kernel (``benchmarks/attention.py`` measures it)."""
+
+ATTRIBUTE = "sparse_attention"
+"""The attribute :func:`apply` sets on the modules that read the model's config."""
+
+_DENSE_ONLY = ("softcap", "position_bias", "sliding_window", "s_aux")
+
+
+@dataclass(frozen=True)
+class SparseAttention:
+    """How a model's attention goes sparse.
+
+    Attributes:
+        pattern: chooses each call's block mask from its queries and keys.
+        block_size: tile edge in tokens.
+        min_length: calls whose keys are shorter run dense SDPA (the break-even length).
+    """
+
+    pattern: AttentionPattern = field(default_factory=Antidiagonal)
+    block_size: int = 64
+    min_length: int = MIN_LENGTH
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, AttentionPattern):
+            raise TypeError(
+                "pattern must be an AttentionPattern (see sparsekit.attention.resolve_pattern), "
+                f"got {type(self.pattern).__name__}"
+            )
+        check_int("block_size", self.block_size, minimum=1)
+        check_int("min_length", self.min_length, minimum=0)
+        self.pattern.check(self.block_size)
+
+
+_DEFAULT = SparseAttention()
+
+
+def register() -> None:
+    """Add the ``"sparsekit"`` attention function (and SDPA's mask builder under the same
+    name) to transformers' global interfaces; calling it again changes nothing."""
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def apply(
+    model: PreTrainedModel,
+    pattern: str | AttentionPattern | torch.Tensor = "antidiagonal",
+    *,
+    block_size: int = 64,
+    min_length: int = MIN_LENGTH,
+    **options: Any,
+) -> PreTrainedModel:
+    """Switch ``model`` onto block-sparse attention with ``pattern`` and return it.
+
+    Args:
+        model: a transformers model whose attention uses the ``AttentionInterface``.
+        pattern: a pattern name from :data:`~sparsekit.attention.ATTENTION_PATTERNS`
+            (built with ``options``, e.g. ``threshold=0.9``), a pattern, or a bool block mask.
+        block_size: tile edge in tokens.
+        min_length: calls with fewer keys run dense SDPA.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    settings = SparseAttention(resolve_pattern(pattern, **options), block_size, min_length)
+    register()
+    model.set_attn_implementation(NAME)
+    for module in _config_holders(model):
+        setattr(module, ATTRIBUTE, settings)
+    return model
+
+
+def remove(model: PreTrainedModel) -> PreTrainedModel:
+    """Switch ``model`` back to SDPA attention and drop its sparse settings; return it."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    model.set_attn_implementation("sdpa")
+    for module in _config_holders(model):
+        if ATTRIBUTE in vars(module):
+            delattr(module, ATTRIBUTE)
+    return model
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: ``(batch, heads, seq, head_dim)`` in,
+    ``(batch, seq, heads, head_dim)`` out, with no attention weights."""
+    settings: SparseAttention = getattr(module, ATTRIBUTE, _DEFAULT)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if causal and attention_mask is None and 1 < q_len < kv_len:
+        # prefill into an empty static cache: the keys past the queries are unused slots
+        key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+    if (
+        attention_mask is not None
+        or dropout > 0.0
+        or kv_len < settings.min_length
+        or query.dtype not in (torch.float32, torch.bfloat16)
+        or any(kwargs.get(name) is not None for name in _DENSE_ONLY)
+    ):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    mask = settings.pattern.block_mask(query, key, block_size=settings.block_size, causal=causal)
+    out = block_sparse_attention(query, key, value, mask, causal=causal,
+                                 block_size=settings.block_size, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _config_holders(model: PreTrainedModel) -> list[nn.Module]:
+    """The submodules that read a config (attention modules among them), models excepted."""
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "config", None), PretrainedConfig)
+            and not isinstance(m, PreTrainedModel)]

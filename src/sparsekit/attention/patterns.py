@@ -1,0 +1,357 @@
+"""Training-free attention patterns: which (query block, key block) tiles to compute.
+
+A pattern looks at the queries and keys of one attention call and returns the block mask
+:func:`~sparsekit.attention.block_sparse_attention` runs on. Static patterns depend only
+on positions; adaptive ones estimate where the softmax mass lies from a cheap proxy of
+the scores and keep the fewest tiles that hold a ``threshold`` of it:
+
+=================  =====================================================================
+``sink_window``    attention sinks plus a sliding window (StreamingLLM)
+``vertical_slash`` key columns and diagonals that carry the mass of the last queries
+                   (MInference's online estimate), adaptive
+``antidiagonal``   tiles scored by strided antidiagonal sums, kept up to a cumulative
+                   mass threshold per query block (XAttention), adaptive
+``top_k``          the highest-scoring tiles by mean-pooled ``q · k`` per query block
+``dense``          every tile attention may use (the reference the others are measured by)
+``mask``           a block mask the caller built (:class:`UserMask`)
+=================  =====================================================================
+
+Every pattern keeps, in each query block, the key block holding that block's last query
+position, so no row loses its nearest keys, and never keeps a tile causal attention cannot
+use. :meth:`AttentionPattern.coverage` reports the density and the softmax mass a pattern
+keeps (:mod:`sparsekit.attention.coverage`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from sparsekit._checks import check_fraction, check_int
+from sparsekit.attention.coverage import (
+    Coverage,
+    _check_mask,
+    _check_qk,
+    blocks,
+    density,
+    mass_recall,
+    repeat_kv,
+    visible_pairs,
+)
+from sparsekit.registry import Registry
+
+__all__ = [
+    "ATTENTION_PATTERNS",
+    "Antidiagonal",
+    "AttentionPattern",
+    "Dense",
+    "SinkWindow",
+    "TopKBlocks",
+    "UserMask",
+    "VerticalSlash",
+    "resolve_pattern",
+]
+
+ATTENTION_PATTERNS: Registry = Registry("pattern", meta={"adaptive": False})
+"""Attention patterns by name; ``adaptive`` entries keep tiles up to a mass threshold."""
+
+
+class AttentionPattern:
+    """Base class: a pattern turns queries and keys into a block mask.
+
+    Subclasses implement :meth:`tiles`; the base validates the arguments, keeps only
+    tiles attention may use and adds each query block's local tile.
+    """
+
+    name: ClassVar[str]
+
+    def block_mask(
+        self, q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, causal: bool = True
+    ) -> torch.Tensor:
+        """The bool block mask ``(batch or 1, heads or 1, q_blocks, kv_blocks)`` for ``q``
+        ``(batch, heads, q_len, head_dim)`` and ``k`` ``(batch, kv_heads, kv_len, head_dim)``."""
+        check_int("block_size", block_size, minimum=1)
+        _check_qk(q, k)
+        self.check(block_size)
+        q_len, kv_len = q.shape[2], k.shape[2]
+        visible = visible_pairs(q_len, kv_len, block_size=block_size, causal=causal) > 0
+        mask = self.tiles(q, k, block_size=block_size, causal=causal, visible=visible)
+        return (mask | _local(q_len, kv_len, block_size)) & visible
+
+    def coverage(
+        self, q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, causal: bool = True
+    ) -> Coverage:
+        """The density and the softmax mass recall of this pattern's mask on ``q``, ``k``."""
+        mask = self.block_mask(q, k, block_size=block_size, causal=causal)
+        q_len, kv_len = q.shape[2], k.shape[2]
+        return Coverage(
+            density=density(mask, q_len, kv_len, block_size=block_size, causal=causal),
+            recall=mass_recall(q, k, mask, block_size=block_size, causal=causal),
+        )
+
+    def check(self, block_size: int) -> None:
+        """Raise ``ValueError`` when the pattern cannot tile with ``block_size``."""
+
+    def tiles(
+        self, q: torch.Tensor, k: torch.Tensor, *, block_size: int, causal: bool,
+        visible: torch.Tensor,
+    ) -> torch.Tensor:
+        """The tiles this pattern chooses (the base intersects them with ``visible``, the
+        ``(q_blocks, kv_blocks)`` tiles attention may use)."""
+        raise NotImplementedError
+
+
+def resolve_pattern(
+    pattern: str | AttentionPattern | torch.Tensor, **options: Any
+) -> AttentionPattern:
+    """The pattern ``pattern`` names (built with ``options``), a pattern as is, or a bool
+    block mask wrapped as :class:`UserMask`."""
+    if isinstance(pattern, AttentionPattern):
+        if options:
+            raise TypeError(f"options {sorted(options)} apply to a pattern name, not to {pattern}")
+        return pattern
+    if isinstance(pattern, torch.Tensor):
+        return UserMask(pattern, **options)
+    return ATTENTION_PATTERNS.get(pattern)(**options)
+
+
+@ATTENTION_PATTERNS.register("dense")
+@dataclass(frozen=True)
+class Dense(AttentionPattern):
+    """Every tile attention may use: the sparse kernel computes dense attention."""
+
+    name: ClassVar[str] = "dense"
+
+    def tiles(self, q, k, *, block_size, causal, visible):
+        return visible[None, None]
+
+
+@ATTENTION_PATTERNS.register("sink_window")
+@dataclass(frozen=True)
+class SinkWindow(AttentionPattern):
+    """The first ``sinks`` tokens and a sliding ``window`` of tokens before each query
+    (StreamingLLM: the first tokens soak up attention that has nowhere else to go).
+
+    Tiles holding any sink or any key within ``window`` positions of a query in the
+    block are kept (without ``causal`` the window extends as far after the query).
+    """
+
+    name: ClassVar[str] = "sink_window"
+    sinks: int = 64
+    window: int = 1024
+
+    def __post_init__(self) -> None:
+        check_int("sinks", self.sinks, minimum=0)
+        check_int("window", self.window, minimum=1)
+
+    def tiles(self, q, k, *, block_size, causal, visible):
+        q_len, kv_len = q.shape[2], k.shape[2]
+        first, last = _query_positions(q_len, kv_len, block_size)
+        lo = first - self.window + 1
+        hi = last if causal else last + self.window - 1
+        start = torch.arange(blocks(kv_len, block_size)) * block_size
+        stop = start + block_size - 1
+        near = (start[None, :] <= hi[:, None]) & (stop[None, :] >= lo[:, None])
+        return (near | (start < self.sinks)[None, :])[None, None]
+
+
+@ATTENTION_PATTERNS.register("top_k")
+@dataclass(frozen=True)
+class TopKBlocks(AttentionPattern):
+    """In each query block, the ``density`` share of its usable key blocks (at least one)
+    with the highest mean-pooled score ``mean(q) · mean(k)``, per batch entry and head."""
+
+    name: ClassVar[str] = "top_k"
+    density: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_fraction("density", self.density, zero=False, one=True)
+
+    def tiles(self, q, k, *, block_size, causal, visible):
+        scores = _pool(q, block_size) @ repeat_kv(_pool(k, block_size), q.shape[1]).mT
+        scores = scores.masked_fill(~visible, -math.inf)
+        keep = (visible.sum(-1) * self.density).ceil().clamp(min=1).long()  # (q_blocks,)
+        ranks = scores.argsort(-1, descending=True).argsort(-1)
+        return ranks < keep[:, None]
+
+
+@ATTENTION_PATTERNS.register("vertical_slash", adaptive=True)
+@dataclass(frozen=True)
+class VerticalSlash(AttentionPattern):
+    """Key columns and diagonals holding ``threshold`` of the last queries' softmax mass
+    (MInference's vertical-slash pattern, estimated online per batch entry and head).
+
+    The softmax of the last ``last_queries`` queries over all keys is summed down each
+    key column (verticals: tokens every query attends to) and along each diagonal
+    (slashes: a fixed distance back). The fewest columns and diagonals, ranked together,
+    whose mass adds up to ``threshold`` are kept, each as the tiles it crosses; diagonals,
+    being relative, carry over from the last queries to all of them.
+    """
+
+    name: ClassVar[str] = "vertical_slash"
+    threshold: float = 0.95
+    last_queries: int = 64
+
+    def __post_init__(self) -> None:
+        check_fraction("threshold", self.threshold, zero=False, one=True)
+        check_int("last_queries", self.last_queries, minimum=1)
+
+    def tiles(self, q, k, *, block_size, causal, visible):
+        batch, heads, q_len, dim = q.shape
+        kv_len = k.shape[2]
+        n = min(self.last_queries, q_len)
+        keys = repeat_kv(k, heads).float()
+        scores = q[:, :, q_len - n:].float() @ keys.mT / math.sqrt(dim)
+        rows = torch.arange(q_len - n, q_len) + (kv_len - q_len)  # in key positions
+        back = rows[:, None] - torch.arange(kv_len)[None, :]  # distance back to each key
+        if causal:
+            scores = scores.masked_fill(back < 0, -math.inf)
+        probs = torch.softmax(scores, -1).nan_to_num(0.0)
+        slash = torch.zeros(batch, heads, kv_len + n - 1)  # bin back + n - 1 (back > -n)
+        slash.scatter_add_(2, (back + n - 1).expand_as(probs).reshape(batch, heads, -1),
+                           probs.reshape(batch, heads, -1))
+        # columns and diagonals each carry all the mass once: rank them together and stop
+        # at threshold of it (half the threshold of the sum of both)
+        keep = _fewest(torch.cat([probs.sum(2), slash], -1), self.threshold / 2)
+        vertical, slash = keep[..., :kv_len], keep[..., kv_len:]
+
+        kb, qb = blocks(kv_len, block_size), visible.shape[0]
+        columns = torch.zeros(batch, heads, kb * block_size, dtype=torch.bool)
+        columns[..., :kv_len] = vertical
+        columns = columns.view(batch, heads, kb, block_size).any(-1)[:, :, None, :]
+        # A diagonal ``back`` keys behind the queries meets, in query block i, the key
+        # blocks i + floor((offset - back) / B) and i + floor((offset - back + B - 1) / B):
+        # two block diagonals, the same for every query block.
+        back = torch.arange(1 - n, kv_len)
+        offset = kv_len - q_len
+        lowest = (offset - kv_len + 1) // block_size
+        diagonals = torch.zeros(batch, heads, (offset + n + block_size - 2) // block_size
+                                - lowest + 1)
+        for edge in (offset - back, offset - back + block_size - 1):
+            at = (edge.div(block_size, rounding_mode="floor") - lowest).expand_as(slash)
+            diagonals.scatter_add_(2, at, slash.float())
+        relative = torch.arange(kb)[None, :] - torch.arange(qb)[:, None] - lowest
+        inside = (relative >= 0) & (relative < diagonals.shape[2])
+        bands = (diagonals > 0)[..., relative.clamp(0, diagonals.shape[2] - 1)] & inside
+        return columns | bands
+
+
+@ATTENTION_PATTERNS.register("antidiagonal", adaptive=True)
+@dataclass(frozen=True)
+class Antidiagonal(AttentionPattern):
+    """Tiles scored by strided antidiagonal sums, the fewest per query block holding
+    ``threshold`` of the estimated mass (XAttention), per batch entry and head.
+
+    Every ``stride`` consecutive queries are read as one reversed long vector and every
+    ``stride`` keys as one long vector, so one product sums a ``stride``-long antidiagonal
+    of the score matrix; each antidiagonal crosses every row and column of its
+    ``stride``-square once, so a softmax over them estimates the mass of each tile at
+    ``1 / stride`` of the cost of the scores.
+    """
+
+    name: ClassVar[str] = "antidiagonal"
+    threshold: float = 0.95
+    stride: int = 8
+
+    def __post_init__(self) -> None:
+        check_fraction("threshold", self.threshold, zero=False, one=True)
+        check_int("stride", self.stride, minimum=1)
+
+    def check(self, block_size: int) -> None:
+        if block_size % self.stride:
+            raise ValueError(
+                f"block_size must be a multiple of stride={self.stride}, got {block_size}"
+            )
+
+    def tiles(self, q, k, *, block_size, causal, visible):
+        batch, heads, q_len, dim = q.shape
+        kv_len, stride = k.shape[2], self.stride
+        qb, kb = visible.shape
+        long_q = _padded(q, qb * block_size).unflatten(2, (-1, stride)).flip(3).flatten(3)
+        long_k = _padded(repeat_kv(k, heads), kb * block_size).unflatten(2, (-1, stride))
+        scores = long_q @ long_k.flatten(3).mT / (math.sqrt(dim) * stride)
+        q_first = torch.arange(long_q.shape[2]) * stride  # first query of each stride
+        k_first = torch.arange(long_k.shape[2]) * stride
+        usable = k_first[None, :] < kv_len
+        if causal:
+            usable = usable & (k_first[None, :] <= q_first[:, None] + stride - 1 + kv_len - q_len)
+        probs = torch.softmax(scores.masked_fill(~usable, -math.inf), -1).nan_to_num(0.0)
+        probs = probs * (q_first < q_len)[:, None].float()
+        per = block_size // stride
+        mass = probs.view(batch, heads, qb, per, kb, per).sum((3, 5))
+        return _fewest(mass, self.threshold)
+
+
+@ATTENTION_PATTERNS.register("mask")
+@dataclass(frozen=True, eq=False)
+class UserMask(AttentionPattern):
+    """A block mask the caller chose: a bool tensor ``(batch or 1, heads or 1, q_blocks,
+    kv_blocks)``, or a function ``(q_len, kv_len, block_size) -> tensor`` for masks that
+    follow the sequence length."""
+
+    name: ClassVar[str] = "mask"
+    mask: torch.Tensor | Callable[[int, int, int], torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if not callable(self.mask) and not isinstance(self.mask, torch.Tensor):
+            raise TypeError(
+                "mask must be a bool tensor or a function (q_len, kv_len, block_size) -> "
+                f"tensor, got {type(self.mask).__name__}"
+            )
+        if isinstance(self.mask, torch.Tensor) and (
+            self.mask.dtype != torch.bool or self.mask.dim() != 4
+        ):
+            raise ValueError(
+                "mask must be a bool tensor (batch or 1, heads or 1, q_blocks, kv_blocks), got "
+                f"{self.mask.dtype} {tuple(self.mask.shape)}"
+            )
+
+    def tiles(self, q, k, *, block_size, causal, visible):
+        mask = self.mask
+        if not isinstance(mask, torch.Tensor):
+            mask = mask(q.shape[2], k.shape[2], block_size)
+        _check_mask(mask, tuple(visible.shape))
+        return mask
+
+
+def _query_positions(q_len: int, kv_len: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key-coordinate positions of the first and last query of each query block."""
+    first = torch.arange(blocks(q_len, block_size)) * block_size
+    last = torch.clamp(first + block_size, max=q_len) - 1
+    return first + kv_len - q_len, last + kv_len - q_len
+
+
+def _local(q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
+    """The key block holding each query block's last position: ``(q_blocks, kv_blocks)``."""
+    _, last = _query_positions(q_len, kv_len, block_size)
+    kb = blocks(kv_len, block_size)
+    return torch.arange(kb)[None, :] == (last // block_size).clamp(0, kb - 1)[:, None]
+
+
+def _fewest(mass: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Along the last dim, the fewest largest entries whose sum reaches ``threshold`` of
+    the total (at least one)."""
+    ordered, order = mass.sort(-1, descending=True)
+    before = ordered.cumsum(-1) - ordered  # mass of the larger entries
+    keep = before < threshold * mass.sum(-1, keepdim=True)
+    keep[..., 0] = True
+    return torch.zeros_like(keep).scatter_(-1, order, keep)
+
+
+def _padded(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``x`` in float32 with zeros appended along the sequence up to ``length``."""
+    x = x.float()
+    return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[2]))
+
+
+def _pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of each block of tokens: ``(batch, heads, blocks, head_dim)`` in float32."""
+    n = x.shape[2]
+    nb = blocks(n, block_size)
+    sums = _padded(x, nb * block_size).unflatten(2, (nb, block_size)).sum(3)
+    sizes = torch.clamp(n - torch.arange(nb) * block_size, max=block_size)
+    return sums / sizes[:, None]

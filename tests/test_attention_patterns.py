@@ -1,0 +1,230 @@
+"""Training-free attention patterns and their accounting, on hand-built score matrices.
+
+With ``head_dim == kv_len`` and keys the identity, ``q kᵀ / sqrt(head_dim)`` is exactly the
+matrix the test writes into ``q``, so each pattern's choice can be predicted by hand.
+"""
+
+import math
+
+import pytest
+import torch
+
+from sparsekit.attention import (
+    ATTENTION_PATTERNS,
+    Antidiagonal,
+    Dense,
+    SinkWindow,
+    TopKBlocks,
+    UserMask,
+    VerticalSlash,
+    block_sparse_attention,
+    coverage,
+    density,
+    mass_recall,
+    resolve_pattern,
+    visible_pairs,
+)
+
+
+def scored(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys whose scaled scores are ``scores`` ``(q_len, kv_len)``."""
+    kv_len = scores.shape[1]
+    q = (scores * math.sqrt(kv_len))[None, None]
+    return q, torch.eye(kv_len)[None, None]
+
+
+def tile_constant(values: torch.Tensor, block_size: int) -> torch.Tensor:
+    return values.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+
+
+@pytest.mark.parametrize(("q_len", "kv_len", "block_size", "causal"), [
+    (10, 10, 4, True), (5, 13, 4, True), (13, 5, 4, True), (1, 100, 16, True),
+    (64, 64, 16, True), (7, 9, 4, False),
+])
+def test_visible_pairs_count_each_tile_exactly(q_len, kv_len, block_size, causal):
+    pairs = visible_pairs(q_len, kv_len, block_size=block_size, causal=causal)
+    allowed = torch.ones(q_len, kv_len)
+    if causal:
+        allowed = allowed.tril(kv_len - q_len)
+    qb, kb = pairs.shape
+    pad = (0, kb * block_size - kv_len, 0, qb * block_size - q_len)
+    padded = torch.nn.functional.pad(allowed, pad)
+    expected = padded.view(qb, block_size, kb, block_size).sum((1, 3)).long()
+    assert torch.equal(pairs, expected)
+
+
+def test_density_and_recall_of_a_hand_mask_under_uniform_scores():
+    q, k = scored(torch.zeros(8, 8))  # every visible key equally likely
+    mask = torch.tensor([[False, False], [True, False]]).view(1, 1, 2, 2)
+    # causal tiles hold 10, 16 and 10 visible pairs; the kept one holds 16
+    assert density(mask, 8, 8, block_size=4, causal=True) == pytest.approx(16 / 36)
+    # rows 4..7 keep 4 of their r + 1 keys, rows 0..3 nothing
+    expected = sum(4 / (r + 1) for r in range(4, 8)) / 8
+    assert mass_recall(q, k, mask, block_size=4) == pytest.approx(expected)
+    assert mass_recall(q, k, mask, block_size=4, causal=False) == pytest.approx(0.25)
+
+
+def test_recall_is_the_same_chunked(monkeypatch):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 50, 8), torch.randn(2, 2, 50, 8)
+    mask = torch.rand(2, 4, 7, 7) < 0.5
+    whole = mass_recall(q, k, mask, block_size=8)
+    monkeypatch.setattr(coverage, "_CHUNK_ELEMENTS", 1)
+    assert mass_recall(q, k, mask, block_size=8) == pytest.approx(whole, rel=1e-6)
+
+
+def test_sink_window_mask_is_exact():
+    q = k = torch.zeros(1, 1, 16, 4)
+    mask = SinkWindow(sinks=1, window=5).block_mask(q, k, block_size=4)
+    expected = torch.tensor([
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],  # rows 4..7 reach back to key 0
+        [1, 1, 1, 0],  # rows 8..11 reach back to key 4
+        [1, 0, 1, 1],  # rows 12..15 reach back to key 8; key 0 is the sink
+    ], dtype=torch.bool)
+    assert torch.equal(mask[0, 0], expected)
+    decode = SinkWindow(sinks=4, window=4).block_mask(q[:, :, -1:], k, block_size=4)
+    assert torch.equal(decode[0, 0], torch.tensor([[True, False, False, True]]))
+
+
+def test_sink_window_without_causal_looks_both_ways():
+    q = k = torch.zeros(1, 1, 16, 4)
+    mask = SinkWindow(sinks=0, window=2).block_mask(q, k, block_size=4, causal=False)
+    band = torch.eye(4, dtype=torch.bool) | torch.eye(4, dtype=torch.bool).roll(1, 0)
+    band = band | band.T
+    band[0, 3] = band[3, 0] = False
+    assert torch.equal(mask[0, 0], band)
+
+
+def test_antidiagonal_keeps_the_hot_tile_of_each_query_block():
+    hot = torch.zeros(4, 4)
+    hot[0, 2] = hot[1, 0] = hot[2, 3] = hot[3, 1] = 10.0
+    q, k = scored(tile_constant(hot, 4))
+    pattern = Antidiagonal(threshold=0.9, stride=2)
+    mask = pattern.block_mask(q, k, block_size=4, causal=False)
+    assert torch.equal(mask[0, 0], (hot > 0) | torch.eye(4, dtype=torch.bool))
+    cov = pattern.coverage(q, k, block_size=4, causal=False)
+    assert cov.density == pytest.approx(8 / 16)
+    assert cov.recall > 0.999
+
+
+def test_antidiagonal_threshold_decides_how_many_tiles():
+    values = torch.tensor([[0.0, 0.0, 0.0, 0.0]] * 3 + [[3.0, 2.0, 1.0, 0.0]])
+    q, k = scored(tile_constant(values, 4))
+    # last query block: tile masses ∝ e^3, e^2, e^1, e^0 → 0.64, 0.24, 0.09, 0.03
+    few = Antidiagonal(threshold=0.6, stride=4).block_mask(q, k, block_size=4)[0, 0, 3]
+    more = Antidiagonal(threshold=0.95, stride=4).block_mask(q, k, block_size=4)[0, 0, 3]
+    assert few.tolist() == [True, False, False, True]  # the hot tile and the local tile
+    assert more.tolist() == [True, True, True, True]
+
+
+def test_vertical_slash_keeps_a_sink_column():
+    scores = torch.zeros(32, 32)
+    scores[:, 0] = 10.0  # every query attends to the first token
+    q, k = scored(scores)
+    mask = VerticalSlash(threshold=0.95, last_queries=8).block_mask(q, k, block_size=4)
+    expected = torch.eye(8, dtype=torch.bool)  # the local tiles
+    expected[:, 0] = True  # the column alone holds the mass; no diagonal is needed
+    assert torch.equal(mask[0, 0], expected)
+    assert VerticalSlash().coverage(q, k, block_size=4).recall > 0.99
+
+
+def test_vertical_slash_keeps_only_the_diagonal_of_local_attention():
+    q, k = scored(10.0 * torch.eye(32))
+    mask = VerticalSlash(threshold=0.95, last_queries=8).block_mask(q, k, block_size=4)
+    # the main diagonal holds the mass (the columns of the last queries' own keys hold
+    # one eighth each and are not needed)
+    assert torch.equal(mask[0, 0], torch.eye(8, dtype=torch.bool))
+
+
+def test_vertical_slash_maps_a_diagonal_to_the_tiles_it_crosses():
+    scores = torch.zeros(32, 32)
+    rows = torch.arange(5, 32)
+    scores[rows, rows - 5] = 10.0  # every query attends 5 tokens back
+    q, k = scored(scores)
+    mask = VerticalSlash(threshold=0.95, last_queries=8).block_mask(q, k, block_size=4)
+    # query block i (rows 4i..4i+3) reaches keys 4i-5..4i-2: key blocks i-2 and i-1
+    expected = torch.eye(8, dtype=torch.bool) | torch.eye(8, dtype=torch.bool).roll(-1, 1)
+    expected |= torch.eye(8, dtype=torch.bool).roll(-2, 1)
+    assert torch.equal(mask[0, 0], expected.tril())
+    decode = VerticalSlash(last_queries=8).block_mask(q[:, :, -1:], k, block_size=4)
+    assert decode[0, 0, 0].tolist() == [False] * 6 + [True, True]  # key 26 and the local tile
+
+
+def test_top_k_keeps_the_best_pooled_tiles():
+    values = torch.arange(16.0).view(4, 4).flip(1)  # the first key block scores highest
+    q, k = scored(tile_constant(values, 4))
+    mask = TopKBlocks(density=0.5).block_mask(q, k, block_size=4, causal=False)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[:, :2] = True
+    expected |= torch.eye(4, dtype=torch.bool)  # and the local tile
+    assert torch.equal(mask[0, 0], expected)
+    causal = TopKBlocks(density=0.25).block_mask(q, k, block_size=4)
+    assert causal[0, 0].tril().equal(causal[0, 0])
+    assert causal[0, 0].sum(-1).tolist() == [1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_pattern_runs_with_gqa_bf16_ragged_and_decode(causal):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 70, 16, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 70, 16, dtype=torch.bfloat16)
+    for name in ATTENTION_PATTERNS.names():
+        options = {"mask": torch.ones(1, 1, 5, 5, dtype=torch.bool)} if name == "mask" else {}
+        pattern = resolve_pattern(name, **options)
+        mask = pattern.block_mask(q, k, block_size=16, causal=causal)
+        assert mask.dtype == torch.bool and mask.shape[2:] == (5, 5)
+        assert mask.shape[0] in (1, 2) and mask.shape[1] in (1, 4)
+        assert bool(mask[..., torch.arange(5), torch.arange(5)].all())  # the local tiles
+        out = block_sparse_attention(q, k, k, mask, block_size=16, causal=causal)
+        assert out.shape == q.shape
+        if name != "mask":
+            step = pattern.block_mask(q[:, :, -1:], k, block_size=16, causal=causal)
+            assert step.shape[2:] == (1, 5) and bool(step[..., -1].all())
+            longer = pattern.block_mask(q, k[:, :, :40], block_size=16, causal=causal)
+            assert longer.shape[2:] == (5, 3)  # more queries than keys
+
+
+def test_dense_pattern_keeps_all_mass_and_full_density():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    cov = Dense().coverage(q, k, block_size=16)
+    assert cov.density == 1.0 and cov.recall == pytest.approx(1.0)
+
+
+def test_user_mask_tensor_and_function():
+    q = k = torch.zeros(1, 1, 8, 4)
+    tiles = torch.tensor([[True, False], [True, True]]).view(1, 1, 2, 2)
+    assert torch.equal(UserMask(tiles).block_mask(q, k, block_size=4), tiles)
+    assert torch.equal(resolve_pattern(tiles).block_mask(q, k, block_size=4), tiles)
+    follow = UserMask(lambda q_len, kv_len, bs: torch.ones(1, 1, -(-q_len // bs), -(-kv_len // bs),
+                                                           dtype=torch.bool))
+    assert bool(follow.block_mask(q, k, block_size=4, causal=False).all())
+    with pytest.raises(ValueError, match=r"block_mask must be a bool tensor .*2, 2\), got"):
+        UserMask(torch.ones(1, 1, 3, 3, dtype=torch.bool)).block_mask(q, k, block_size=4)
+
+
+def test_bad_arguments_fail_clearly():
+    q = k = torch.zeros(1, 1, 8, 4)
+    with pytest.raises(ValueError, match="unknown pattern 'nope'; accepted: antidiagonal, dense"):
+        resolve_pattern("nope")
+    with pytest.raises(ValueError, match="block_size must be an int ≥ 1, got 0"):
+        Dense().block_mask(q, k, block_size=0)
+    for threshold in (0.0, 1.5, float("nan"), -1):
+        with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+            Antidiagonal(threshold=threshold)
+        with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+            VerticalSlash(threshold=threshold)
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+        TopKBlocks(density=0)
+    with pytest.raises(TypeError, match="window must be an int"):
+        SinkWindow(window=2.5)
+    with pytest.raises(ValueError, match="block_size must be a multiple of stride=8, got 12"):
+        Antidiagonal().block_mask(q, k, block_size=12)
+    with pytest.raises(ValueError, match="q must be a floating 4-D tensor"):
+        Dense().block_mask(q[0], k, block_size=4)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        UserMask(torch.ones(2, 2))
+    with pytest.raises(TypeError, match="apply to a pattern name"):
+        resolve_pattern(Dense(), threshold=0.5)
+    assert ATTENTION_PATTERNS.names(adaptive=True) == ["antidiagonal", "vertical_slash"]
