@@ -51,7 +51,7 @@ __all__ = [
 _SUBPACKAGES = frozenset({
     "activation", "allocation", "attention", "checkpoint", "cli", "data", "engine", "graph", "integrations",
     "llm", "masks", "models", "patterns", "pretrained", "registry", "regularize", "report",
-    "schedules", "scores", "structured", "targets", "training",
+    "sae", "schedules", "scores", "structured", "targets", "training",
 })
 
 
