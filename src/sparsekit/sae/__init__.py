@@ -11,7 +11,8 @@
 """
 
 from sparsekit.sae.activations import ACTIVATIONS
+from sparsekit.sae.files import load, save
 from sparsekit.sae.sae import SAE
 from sparsekit.sae.train import objective, train
 
-__all__ = ["ACTIVATIONS", "SAE", "objective", "train"]
+__all__ = ["ACTIVATIONS", "SAE", "load", "objective", "save", "train"]
