@@ -11,8 +11,13 @@
 """
 
 from sparsekit.sae.activations import ACTIVATIONS
+from sparsekit.sae.capture import capture
 from sparsekit.sae.files import load, save
+from sparsekit.sae.metrics import loss_recovered, metrics
 from sparsekit.sae.sae import SAE
 from sparsekit.sae.train import objective, train
 
-__all__ = ["ACTIVATIONS", "SAE", "load", "objective", "save", "train"]
+__all__ = [
+    "ACTIVATIONS", "SAE", "capture", "load", "loss_recovered", "metrics", "objective", "save",
+    "train",
+]
