@@ -188,12 +188,12 @@ def decode_timings(d: int, n_latents: int, k: int, repeats: int) -> list[dict]:
         with torch.no_grad():
             values, indices = sae.encode_sparse(x)
             z = sae.encode(x)
-            ways = {"dense z @ W_dec": lambda: torch.addmm(sae.b_dec, z, sae.W_dec),
-                    "embedding_bag": lambda: F.embedding_bag(
-                        indices, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec}
+            ways = {"dense z @ W_dec": lambda z=z: torch.addmm(sae.b_dec, z, sae.W_dec),
+                    "embedding_bag": lambda v=values, i=indices: F.embedding_bag(
+                        i, sae.W_dec, per_sample_weights=v, mode="sum") + sae.b_dec}
             if tokens == 1 and kernels.available():
                 zero = torch.zeros(n_latents)
-                ways["act_gemv"] = lambda: torch.ops.sparsekit.act_gemv(
+                ways["act_gemv"] = lambda z=z, zero=zero: torch.ops.sparsekit.act_gemv(
                     sae.W_dec, z[0], zero, sae.b_dec, 1, None)
             times = {name: [] for name in ways}
             for _ in range(repeats):
