@@ -123,6 +123,7 @@ class SAE(nn.Module):
         if activation == "batchtopk":
             self.register_buffer("threshold", torch.zeros((), dtype=torch.float64,
                                                           device=device))
+        self._threshold_updates = 0
         self.register_buffer("tokens_since_fired",
                              torch.zeros(n_latents, dtype=torch.int64, device=device))
 
@@ -245,7 +246,10 @@ class SAE(nn.Module):
         self.tokens_since_fired[fired] = 0
         if self.activation == "batchtopk" and kept.any():
             smallest = values[kept].abs().min().to(self.threshold.dtype)
-            weight = THRESHOLD_EMA if bool(self.threshold > 0) else 1.0  # first batch: start there
+            # a running mean over the first 1/THRESHOLD_EMA batches, an average over the
+            # recent ones after: early batches (random weights) must not linger
+            self._threshold_updates += 1
+            weight = max(THRESHOLD_EMA, 1 / self._threshold_updates)
             self.threshold.mul_(1 - weight).add_(weight * smallest)
 
     def dead_latents(self, window: int) -> torch.Tensor:
