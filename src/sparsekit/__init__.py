@@ -53,7 +53,8 @@ __all__ = [
 _SUBPACKAGES = frozenset({
     "activation", "allocation", "attention", "checkpoint", "cli", "data", "distributed", "engine",
     "finetune", "graph", "integrations", "llm", "masks", "models", "moe", "patterns", "pretrained",
-    "registry", "regularize", "report", "schedules", "scores", "structured", "targets", "training",
+    "registry", "regularize", "report", "sae", "schedules", "scores", "structured", "targets",
+    "training",
 })
 
 

@@ -1,0 +1,140 @@
+"""Stream the activations of a module of any model, in chunks, never all in memory.
+
+:func:`capture` runs the model batch by batch with a forward hook on the named module,
+stops the forward pass once everything asked for is captured (later layers never run), keeps
+only real tokens when a batch carries an ``attention_mask``, and yields ``(rows, width)``
+chunks as they come. With ``target`` it yields ``(input, target)`` pairs for a transcoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit._checks import check_int
+from sparsekit.observe import inference
+
+__all__ = ["SITES", "capture", "find_module"]
+
+SITES = ("input", "output")
+
+
+def find_module(model: nn.Module, name: str, param: str = "module_name") -> nn.Module:
+    """``model``'s submodule called ``name``, or a ``ValueError`` naming close matches."""
+    modules = dict(model.named_modules())
+    if not isinstance(name, str) or name not in modules:
+        close = difflib.get_close_matches(str(name), list(modules), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"{param} {name!r} is not a module of the model{hint}")
+    return modules[name]
+
+
+class _Captured(Exception):
+    """Raised from a hook once every requested activation of the batch is held."""
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    """The hidden states in a module's input or output (the first tensor of a tuple)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise TypeError(f"the hooked module passed {type(value).__name__}, not a tensor")
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch)`` for a mapping (a tokenizer's output), else ``model(batch)``."""
+    return model(**batch) if isinstance(batch, Mapping) else model(batch)
+
+
+def capture(
+    model: nn.Module,
+    module_name: str,
+    inputs: Any,
+    *,
+    site: str = "output",
+    target: str | None = None,
+    chunk_size: int = 4096,
+) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield the activations at ``site`` (``"input"`` or ``"output"``) of ``model``'s module
+    ``module_name`` over ``inputs``, as float ``(chunk_size, width)`` chunks (the last one
+    shorter), or with ``target`` ``(input, target)`` pairs where the target is the output of
+    the module ``target`` (a transcoder's training data).
+
+    ``inputs`` is one batch or an iterable of batches; a batch is a tensor (called as
+    ``model(batch)``) or a mapping such as a tokenizer's output (``model(**batch)``), whose
+    ``attention_mask``, if any, drops padding tokens. The model runs in eval mode without
+    autograd and is left as found. Names are checked before the model runs.
+    """
+    hooked = find_module(model, module_name)
+    targeted = find_module(model, target, "target") if target is not None else None
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    check_int("chunk_size", chunk_size, minimum=1)
+    if isinstance(inputs, (torch.Tensor, Mapping)):
+        inputs = [inputs]
+    elif not isinstance(inputs, Iterable):
+        raise TypeError(f"inputs must be a tensor, a mapping or an iterable of batches, got "
+                        f"{type(inputs).__name__}")
+    return _stream(model, hooked, targeted, inputs, site, chunk_size)
+
+
+def _stream(model: nn.Module, hooked: nn.Module, targeted: nn.Module | None,
+            inputs: Iterable[Any], site: str, chunk_size: int) -> Iterator[Any]:
+    held: dict[str, torch.Tensor] = {}
+    wanted = {"x"} if targeted is None else {"x", "y"}
+
+    def keep(key: str, value: Any) -> None:
+        held[key] = _tensor(value).detach()
+        if wanted <= held.keys():
+            raise _Captured
+
+    handles = [hooked.register_forward_hook(
+        lambda _m, args, out: keep("x", args if site == "input" else out))]
+    if targeted is not None:
+        handles.append(targeted.register_forward_hook(lambda _m, _a, out: keep("y", out)))
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    rows = 0
+    try:
+        for batch in inputs:
+            held.clear()
+            # inference() per batch, not around the loop: grad mode is global and the
+            # consumer of this generator (a training loop) runs between the yields
+            with inference(model), contextlib.suppress(_Captured):
+                _call(model, batch)
+            if not wanted <= held.keys():
+                raise ValueError("module_name: the module did not run on this input")
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            for key, out in (("x", xs), ("y", ys)):
+                if key in held:
+                    flat = held[key].float()
+                    if mask is not None and flat.shape[:-1] == mask.shape:
+                        flat = flat[mask.bool()]
+                    out.append(flat.reshape(-1, flat.shape[-1]))
+            rows += xs[-1].shape[0]
+            while rows >= chunk_size:
+                yield from _emit(xs, ys, chunk_size)
+                rows -= chunk_size
+        if rows:
+            yield from _emit(xs, ys, rows)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _emit(xs: list[torch.Tensor], ys: list[torch.Tensor], n: int) -> Iterator[Any]:
+    """Take the first ``n`` rows held in ``xs`` (and ``ys``), leaving the rest."""
+    x = torch.cat(xs)
+    xs[:] = [x[n:]]
+    if not ys:
+        yield x[:n]
+        return
+    y = torch.cat(ys)
+    ys[:] = [y[n:]]
+    yield x[:n], y[:n]

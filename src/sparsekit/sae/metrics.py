@@ -1,0 +1,162 @@
+"""How good is a sparse autoencoder: reconstruction, sparsity, latent health, downstream loss.
+
+:func:`metrics` streams over activations once and reports the fraction of variance
+unexplained (FVU), the mean number of active latents per token (L0), the fractions of dead
+(never active) and dense (active on more than ``dense`` of tokens) latents and the histogram
+of log10 feature densities. :func:`loss_recovered` splices the reconstruction back into the
+model with a forward hook and compares the model's quality with it, without it (clean) and
+with the module's output zeroed: next-token loss and perplexity for a causal LM, cosine of
+mean-pooled embeddings for an encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit._checks import check_fraction
+from sparsekit.observe import inference
+from sparsekit.sae.capture import _call, _tensor, find_module
+from sparsekit.sae.sae import SAE
+from sparsekit.sae.train import _rows
+
+__all__ = ["loss_recovered", "metrics"]
+
+DENSITY_EDGES = tuple(float(e) for e in range(-8, 1))  # log10 density bins; dead ones apart
+
+
+@torch.no_grad()
+def metrics(sae: SAE, activations: Iterable[Any] | torch.Tensor, *, dense: float = 0.1
+            ) -> dict[str, Any]:
+    """``fvu``, ``l0``, ``dead_fraction``, ``dense_fraction`` and ``density_histogram`` of
+    ``sae`` over ``activations`` (as :func:`~sparsekit.sae.train` takes them), in eval mode.
+
+    ``density_histogram`` is ``{"edges": log10 bin edges, "counts": latents per bin,
+    "dead": latents never active}``.
+    """
+    if not isinstance(sae, SAE):
+        raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
+    check_fraction("dense", dense, zero=False, one=True)
+    if isinstance(activations, torch.Tensor):
+        activations = [activations]
+    was_training = sae.training
+    sae.eval()
+    fired = torch.zeros(sae.n_latents, dtype=torch.float64)
+    tokens, active, error = 0, 0.0, 0.0
+    total = torch.zeros(sae.d_out, dtype=torch.float64)
+    squares = torch.zeros(sae.d_out, dtype=torch.float64)
+    try:
+        for item in activations:
+            x, y = _rows(item, sae)
+            y = x if y is None else y
+            values, indices = sae.encode_sparse(x)
+            recon = sae.decode_sparse(values, indices)
+            on = values != 0
+            fired.index_add_(0, indices[on].cpu(), torch.ones(int(on.sum()), dtype=torch.float64))
+            active += float(on.sum())
+            error += float((recon - y).double().pow(2).sum())
+            total += y.double().sum(0).cpu()
+            squares += y.double().pow(2).sum(0).cpu()
+            tokens += x.shape[0]
+    finally:
+        sae.train(was_training)
+    if tokens == 0:
+        raise ValueError("activations must hold at least one row")
+    variance = float((squares - total.pow(2) / tokens).sum())
+    density = fired / tokens
+    alive = density[density > 0]
+    counts = torch.histogram(alive.log10().float(), torch.tensor(DENSITY_EDGES)).hist \
+        if alive.numel() else torch.zeros(len(DENSITY_EDGES) - 1)
+    return {
+        "fvu": error / variance if variance > 0 else math.nan,
+        "l0": active / tokens,
+        "dead_fraction": float((density == 0).double().mean()),
+        "dense_fraction": float((density > dense).double().mean()),
+        "density_histogram": {"edges": list(DENSITY_EDGES),
+                              "counts": [int(c) for c in counts],
+                              "dead": int((density == 0).sum())},
+        "tokens": tokens,
+    }
+
+
+@torch.no_grad()
+def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) -> dict[str, float]:
+    """The model's quality with ``sae``'s reconstruction in place of ``module_name``'s output
+    (a transcoder reads the module's input), against clean and zero-ablated runs.
+
+    ``inputs``: one batch or an iterable of batches (token-id tensors, or mappings such as a
+    tokenizer's output). A model whose output has ``logits`` is scored as a causal LM:
+    ``loss_clean``, ``loss_sae``, ``loss_zero``, ``perplexity_clean``, ``perplexity_sae`` and
+    ``loss_recovered = (loss_zero - loss_sae) / (loss_zero - loss_clean)``. Otherwise the
+    mean-pooled last hidden states are compared: ``cosine_sae`` and ``cosine_zero`` (to the
+    clean embeddings).
+    """
+    module = find_module(model, module_name)
+    if not isinstance(sae, SAE):
+        raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
+    if isinstance(inputs, (torch.Tensor, Mapping)):
+        inputs = [inputs]
+    mode = {"replace": None}
+
+    def splice(_m: nn.Module, args: tuple, out: Any) -> Any:
+        if mode["replace"] is None:
+            return None
+        hidden = _tensor(out)
+        new = mode["replace"](_tensor(args) if sae.transcoder else hidden).to(hidden.dtype)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    replacements = {"clean": None, "sae": sae, "zero": torch.zeros_like}
+    sums: dict[str, float] = {name: 0.0 for name in replacements}
+    count, causal = 0.0, False
+    handle = module.register_forward_hook(splice)
+    try:
+        with inference(model, sae):
+            for batch in inputs:
+                outputs = {}
+                for name, replace in replacements.items():
+                    mode["replace"] = replace
+                    outputs[name] = _call(model, batch)
+                mode["replace"] = None
+                causal = hasattr(outputs["clean"], "logits")
+                if causal:
+                    ids = batch["input_ids"] if isinstance(batch, Mapping) else batch
+                    for name, out in outputs.items():
+                        logits = out.logits[:, :-1].float()
+                        sums[name] += float(F.cross_entropy(
+                            logits.transpose(1, 2), ids[:, 1:], reduction="sum"))
+                    count += ids[:, 1:].numel()
+                else:
+                    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                    pooled = {n: _pool(o, mask) for n, o in outputs.items()}
+                    for name in ("sae", "zero"):
+                        sums[name] += float(F.cosine_similarity(
+                            pooled[name], pooled["clean"], dim=-1).sum())
+                    count += pooled["clean"].shape[0]
+    finally:
+        handle.remove()
+    if count == 0:
+        raise ValueError("inputs must hold at least one batch")
+    if causal:
+        clean, spliced, zero = (sums[n] / count for n in ("clean", "sae", "zero"))
+        return {"loss_clean": clean, "loss_sae": spliced, "loss_zero": zero,
+                "perplexity_clean": math.exp(clean), "perplexity_sae": math.exp(spliced),
+                "loss_recovered": (zero - spliced) / (zero - clean) if zero != clean
+                else math.nan}
+    return {"cosine_sae": sums["sae"] / count, "cosine_zero": sums["zero"] / count}
+
+
+def _pool(output: Any, mask: torch.Tensor | None) -> torch.Tensor:
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") \
+        else _tensor(output)
+    hidden = hidden.float()
+    if hidden.dim() == 2:
+        return hidden
+    if mask is None:
+        return hidden.mean(1)
+    weights = mask.unsqueeze(-1).float()
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)

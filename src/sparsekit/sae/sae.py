@@ -1,0 +1,288 @@
+"""The sparse autoencoder (and transcoder) module.
+
+``SAE(d_in, n_latents, activation="topk", k=32)`` encodes ``x`` into ``n_latents`` codes of
+which few are non-zero and decodes them back::
+
+    pre  = (x - b_dec) @ W_enc + b_enc          # (b_dec subtracted only for autoencoders)
+    z    = activation(pre)                       # see sparsekit.sae.activations
+    x̂    = z @ W_dec + b_dec
+
+Parameters carry SAELens's names and shapes (``W_enc`` ``(d_in, n_latents)``, ``W_dec``
+``(n_latents, d_out)``), so the state dict is the file layout. A *transcoder* is the same
+module with ``d_out`` set (or ``transcoder=True``): it reads one module's input and
+reconstructs another's output, and does not centre its input on ``b_dec``.
+
+The decoder reads only the rows of ``W_dec`` that a code uses: a TopK decode is an
+``embedding_bag`` over the ``k`` kept rows of every token (forward and backward), and one
+token at inference goes through sparsekit's activation-sparse GEMV when the native kernels
+are built. :meth:`SAE.decode` falls back to the dense product when codes are not sparse
+(an L1 SAE early in training).
+
+Training state lives here too, because every objective needs it: the decoder-norm
+constraint (:meth:`SAE.normalize_decoder_`, :meth:`SAE.project_decoder_grad_`), the count of
+tokens since each latent last fired (:meth:`SAE.dead_latents`), BatchTopK's inference
+threshold and JumpReLU's learned one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit._checks import check_int
+from sparsekit.engine import kernels
+from sparsekit.sae.activations import ACTIVATIONS, select_topk
+
+__all__ = ["SAE"]
+
+SPARSE_DECODE_DENSITY = 0.125  # codes denser than this decode with the dense product
+THRESHOLD_EMA = 0.01  # BatchTopK: weight of each batch's smallest kept activation
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder, or with ``d_out`` a transcoder.
+
+    Args:
+        d_in: width of the activations encoded.
+        n_latents: dictionary size.
+        activation: a name in :data:`~sparsekit.sae.activations.ACTIVATIONS`
+            (``"topk"``, ``"batchtopk"``, ``"abstopk"``, ``"jumprelu"``, ``"l1"``).
+        k: latents kept per token (TopK, AbsTopK) or on average (BatchTopK); ignored by
+            the others.
+        d_out: width reconstructed (default ``d_in``); setting it makes a transcoder.
+        transcoder: a transcoder even when ``d_out == d_in`` (the target is another
+            module's output, so the input is not centred on ``b_dec``).
+        matryoshka: increasing prefix sizes ending at ``n_latents``: training also
+            reconstructs from every prefix of the dictionary alone, so the first latents
+            learn the coarse features (Bussmann et al. 2025; Nabeshima 2024).
+        normalize_decoder: keep every row of ``W_dec`` at unit norm (training projects the
+            parallel part out of its gradient and renormalises after every step).
+        threshold: JumpReLU's initial threshold (learned as its log).
+        bandwidth: JumpReLU's straight-through kernel width.
+        seed: seed of the initial weights (``W_enc = W_decᵀ``, random unit rows).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        activation: str = "topk",
+        *,
+        k: int = 32,
+        d_out: int | None = None,
+        transcoder: bool = False,
+        matryoshka: Sequence[int] | None = None,
+        normalize_decoder: bool = True,
+        threshold: float = 1e-3,
+        bandwidth: float = 1e-3,
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_int("d_in", d_in, minimum=1)
+        check_int("n_latents", n_latents, minimum=1)
+        ACTIVATIONS.get(activation)  # the registry's error lists the accepted names
+        uses_k = ACTIVATIONS.meta(activation)["uses_k"]
+        if uses_k:
+            check_int("k", k, minimum=1)
+            if k > n_latents:
+                raise ValueError(f"k must be an int in [1, n_latents={n_latents}], got {k!r}")
+        d_out = d_in if d_out is None else d_out
+        check_int("d_out", d_out, minimum=1)
+        prefixes = self._check_matryoshka(matryoshka, n_latents)
+        for name, value in (("threshold", threshold), ("bandwidth", bandwidth)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not value > 0 or math.isinf(value):
+                raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+
+        self.d_in, self.n_latents, self.d_out = d_in, n_latents, d_out
+        self.activation = activation
+        self.k = k if uses_k else None
+        self.transcoder = transcoder or d_out != d_in
+        self.matryoshka = prefixes
+        self.normalize_decoder = normalize_decoder
+        self.bandwidth = float(bandwidth)
+        factory = {"dtype": dtype, "device": device}
+        generator = torch.Generator().manual_seed(seed)
+        w_dec = torch.randn(n_latents, d_out, generator=generator).to(**factory)
+        w_dec /= w_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        w_enc = w_dec.t().clone() if d_out == d_in else \
+            torch.randn(d_in, n_latents, generator=generator).to(**factory) / math.sqrt(d_in)
+        self.W_enc = nn.Parameter(w_enc.contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(n_latents, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **factory))
+        if activation == "jumprelu":
+            self.log_threshold = nn.Parameter(
+                torch.full((n_latents,), math.log(threshold), **factory))
+        if activation == "batchtopk":
+            self.register_buffer("threshold", torch.zeros((), dtype=torch.float64,
+                                                          device=device))
+        self._threshold_updates = 0
+        self.register_buffer("tokens_since_fired",
+                             torch.zeros(n_latents, dtype=torch.int64, device=device))
+
+    @staticmethod
+    def _check_matryoshka(matryoshka: Sequence[int] | None, n_latents: int) -> tuple[int, ...]:
+        if matryoshka is None:
+            return ()
+        prefixes = tuple(matryoshka)
+        ok = prefixes and all(isinstance(m, int) and not isinstance(m, bool) for m in prefixes) \
+            and all(0 < a < b for a, b in zip(prefixes, prefixes[1:], strict=False)) \
+            and prefixes[0] > 0 and prefixes[-1] == n_latents
+        if not ok:
+            raise ValueError(
+                f"matryoshka must be increasing positive prefix sizes ending at "
+                f"n_latents={n_latents}, got {matryoshka!r}")
+        return prefixes
+
+    # -- encode -----------------------------------------------------------------------
+
+    def _check_width(self, x: torch.Tensor, width: int, param: str = "x") -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{param} must be a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != width:
+            raise ValueError(
+                f"{param} must have shape (..., {width}), got shape {tuple(x.shape)}")
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - b_dec) @ W_enc + b_enc`` (an autoencoder centres on ``b_dec``)."""
+        self._check_width(x, self.d_in)
+        x = x.to(self.W_enc.dtype)
+        if not self.transcoder:
+            x = x - self.b_dec
+        return torch.addmm(self.b_enc, x.reshape(-1, self.d_in), self.W_enc) \
+            .view(*x.shape[:-1], self.n_latents)
+
+    @property
+    def jump_threshold(self) -> torch.Tensor | None:
+        """The threshold below which a latent is zero at inference (JumpReLU: learned;
+        BatchTopK: the running minimum kept activation), or None (the TopK family, L1)."""
+        if self.activation == "jumprelu":
+            return self.log_threshold.exp()
+        if self.activation == "batchtopk" and not self.training:
+            return self.threshold.to(self.W_enc.dtype)
+        return None
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """Codes from pre-activations (the registered activation, dense result)."""
+        return ACTIVATIONS.get(self.activation)(
+            pre, k=self.k, threshold=self.jump_threshold, bandwidth=self.bandwidth)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes ``(..., n_latents)`` of ``x`` ``(..., d_in)``; most entries are zero."""
+        return self.activate(self.pre_activations(x))
+
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, indices)``, each ``(..., width)``: every row's non-zero codes and the
+        latents they belong to (padded with zero values where a row has fewer). TopK and
+        AbsTopK select them directly, without a dense code tensor."""
+        pre = self.pre_activations(x)
+        if self.activation in ("topk", "abstopk"):
+            return select_topk(pre, self.k, signed=self.activation == "abstopk")
+        return _nonzeros(self.activate(pre))
+
+    # -- decode -----------------------------------------------------------------------
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``z @ W_dec + b_dec``, reading only the ``W_dec`` rows of non-zero codes when
+        they are sparse (a dense product otherwise)."""
+        self._check_width(z, self.n_latents, "z")
+        rows = z.reshape(-1, self.n_latents)
+        if rows.shape[0] == 1 and not torch.is_grad_enabled() and self._gemv_ready(rows):
+            y = torch.ops.sparsekit.act_gemv(
+                self.W_dec, rows[0].contiguous(), self._zeros, self.b_dec,
+                kernels.num_threads(), None)
+            return y.view(*z.shape[:-1], self.d_out)
+        width = int((rows != 0).sum(-1).max()) if rows.numel() else 0
+        if width > SPARSE_DECODE_DENSITY * self.n_latents:
+            return torch.addmm(self.b_dec, rows.to(self.W_dec.dtype), self.W_dec) \
+                .view(*z.shape[:-1], self.d_out)
+        return self.decode_sparse(*_nonzeros(z, width))
+
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``Σ_j values[..., j] · W_dec[indices[..., j]] + b_dec``: reads ``values.shape[-1]``
+        rows of ``W_dec`` per token (an ``embedding_bag``; differentiable in ``values`` and
+        ``W_dec``)."""
+        if values.shape != indices.shape or values.dim() == 0:
+            raise ValueError(
+                f"values and indices must have one shape (..., width), got "
+                f"{tuple(values.shape)} and {tuple(indices.shape)}")
+        flat_i = indices.reshape(-1, indices.shape[-1])
+        flat_v = values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype)
+        y = F.embedding_bag(flat_i, self.W_dec, per_sample_weights=flat_v, mode="sum")
+        return (y + self.b_dec).view(*values.shape[:-1], self.d_out)
+
+    def _gemv_ready(self, rows: torch.Tensor) -> bool:
+        return (rows.dtype == self.W_dec.dtype == torch.float32 and rows.is_cpu
+                and kernels.available())
+
+    @property
+    def _zeros(self) -> torch.Tensor:
+        return self.W_dec.new_zeros(self.n_latents)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of ``x`` (for a transcoder: the prediction of its target)."""
+        values, indices = self.encode_sparse(x)
+        if self.training:
+            self.record_firing(values, indices)
+        return self.decode_sparse(values, indices)
+
+    # -- training state ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def record_firing(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """Count the tokens since each latent last fired (for :meth:`dead_latents`) and,
+        for BatchTopK, move the inference threshold towards the smallest kept value."""
+        fired = torch.zeros(self.n_latents, dtype=torch.bool, device=indices.device)
+        kept = values != 0
+        fired[indices[kept]] = True
+        self.tokens_since_fired += values[..., 0].numel()
+        self.tokens_since_fired[fired] = 0
+        if self.activation == "batchtopk" and kept.any():
+            smallest = values[kept].abs().min().to(self.threshold.dtype)
+            # a running mean over the first 1/THRESHOLD_EMA batches, an average over the
+            # recent ones after: early batches (random weights) must not linger
+            self._threshold_updates += 1
+            weight = max(THRESHOLD_EMA, 1 / self._threshold_updates)
+            self.threshold.mul_(1 - weight).add_(weight * smallest)
+
+    def dead_latents(self, window: int) -> torch.Tensor:
+        """Boolean ``(n_latents,)``: latents that fired on none of the last ``window``
+        training tokens."""
+        check_int("window", window, minimum=1)
+        return self.tokens_since_fired >= window
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every row of ``W_dec`` to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def project_decoder_grad_(self) -> None:
+        """Remove from ``W_dec.grad`` its component along each (unit) row, so a step moves
+        rows along the sphere rather than changing their norms."""
+        grad = self.W_dec.grad
+        if grad is not None:
+            grad -= (grad * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+
+    def extra_repr(self) -> str:
+        kind = "transcoder" if self.transcoder else "autoencoder"
+        k = f", k={self.k}" if self.k is not None else ""
+        nest = f", matryoshka={list(self.matryoshka)}" if self.matryoshka else ""
+        return (f"{kind}, d_in={self.d_in}, n_latents={self.n_latents}, d_out={self.d_out}, "
+                f"activation={self.activation!r}{k}{nest}")
+
+
+def _nonzeros(z: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's ``width`` largest-magnitude codes and their latents (by default the
+    largest non-zero count of any row: no non-zero code is dropped)."""
+    if width is None:
+        width = int((z != 0).sum(-1).max()) if z.numel() else 0
+    indices = z.abs().topk(max(width, 1), dim=-1, sorted=False).indices
+    return z.gather(-1, indices), indices

@@ -1,0 +1,248 @@
+"""Train a sparse autoencoder on a stream of activations.
+
+:func:`objective` is the loss of one batch, stated once for every variant: squared error
+(summed over features, averaged over tokens, as SAELens does), averaged over the Matryoshka
+prefixes, plus the activation's penalty (L1 on decoder-norm-weighted codes, or the
+straight-through L0 of JumpReLU) and, for the TopK family, the auxiliary-k loss that makes
+dead latents predict the residual the live ones leave (Gao et al. 2024, appendix B.1).
+:func:`train` runs a real ``torch.optim.Adam`` (fused where the build supports it) over any
+iterable of activation tensors, re-batched to ``batch_size`` rows, keeping the decoder rows
+at unit norm when the SAE asks for it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from sparsekit._checks import check_int
+from sparsekit.sae.activations import ACTIVATIONS, select_topk, step
+from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _nonzeros
+
+__all__ = ["objective", "train"]
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def objective(
+    sae: SAE,
+    x: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    sparsity_coef: float = 0.0,
+    aux_coef: float = 1 / 32,
+    dead: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Loss terms of one batch ``x`` ``(n, d_in)`` (``target``: a transcoder's ``(n, d_out)``,
+    default ``x``); ``"loss"`` is their sum, the one to differentiate.
+
+    ``dead`` marks the latents the auxiliary-k loss recruits (see :meth:`SAE.dead_latents`).
+    Side effect in training mode: the SAE records which latents fired.
+    """
+    target = x if target is None else target
+    pre = sae.pre_activations(x)
+    if sae.activation in ("topk", "abstopk"):
+        values, indices = select_topk(pre, sae.k, signed=sae.activation == "abstopk")
+    else:
+        values, indices = _nonzeros(sae.activate(pre))
+    if sae.training:
+        sae.record_firing(values.detach(), indices)
+
+    dense = values.shape[-1] > SPARSE_DECODE_DENSITY * sae.n_latents and not sae.matryoshka
+    if dense:  # an L1 or JumpReLU SAE early in training: most codes still non-zero
+        recon = sae.decode(sae.activate(pre))
+    errors = []
+    for prefix in sae.matryoshka or (sae.n_latents,):
+        if not dense:
+            kept = values if prefix == sae.n_latents else values * (indices < prefix)
+            recon = sae.decode_sparse(kept, indices)
+        errors.append((recon - target).pow(2).sum(-1).mean())
+    terms = {"mse": torch.stack(errors).mean()}
+
+    penalty = ACTIVATIONS.meta(sae.activation)["penalty"]
+    if penalty == "l1":
+        norms = sae.W_dec.norm(dim=-1)
+        terms["l1"] = sparsity_coef * (values.abs() * norms[indices]).sum(-1).mean()
+    elif penalty == "l0":
+        terms["l0"] = sparsity_coef * step(pre, sae.jump_threshold, sae.bandwidth).sum(-1).mean()
+    if sae.k is not None and dead is not None and bool(dead.any()):
+        terms["aux"] = aux_coef * _aux_k(sae, pre, (target - recon).detach(), dead)
+    terms["loss"] = sum(terms.values())
+    return terms
+
+
+def _aux_k(sae: SAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor
+           ) -> torch.Tensor:
+    """Squared error of the residual predicted by the top ``d_out / 2`` dead latents alone,
+    scaled down when fewer latents are dead."""
+    k_aux = sae.d_out // 2
+    n_dead = int(dead.sum())
+    scale = min(n_dead / max(k_aux, 1), 1.0)
+    values, indices = select_topk(pre.masked_fill(~dead, -math.inf), min(k_aux, n_dead))
+    values = values.nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    predicted = sae.decode_sparse(values, indices) - sae.b_dec
+    return scale * (predicted - residual).pow(2).sum(-1).mean()
+
+
+def train(
+    sae: SAE,
+    activations: Iterable[torch.Tensor] | Iterable[Pair] | torch.Tensor,
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 4096,
+    sparsity_coef: float = 0.0,
+    aux_coef: float = 1 / 32,
+    dead_window: int = 1_000_000,
+    decay: float = 0.2,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, Any]:
+    """Train ``sae`` in place on ``activations``; return what happened.
+
+    Args:
+        sae: the module to train.
+        activations: tensors ``(..., d_in)`` (rows are tokens), or for a transcoder
+            ``(input, target)`` pairs; any iterable (a list, a generator from
+            :func:`~sparsekit.sae.capture`), re-batched to ``batch_size`` rows and read once
+            unless ``steps`` asks for more and the iterable can be iterated again.
+        steps: optimizer steps (default: one pass over ``activations``).
+        lr: Adam's learning rate (default ``2e-4 / sqrt(n_latents / 2**14)``, the
+            scaling law of Gao et al.).
+        batch_size: rows per step.
+        sparsity_coef: weight of the L1 (``"l1"``) or L0 (``"jumprelu"``) penalty.
+        aux_coef: weight of the auxiliary-k loss (TopK family).
+        dead_window: a latent is dead after this many tokens without firing.
+        decay: the learning rate decays linearly to 0 over this last fraction of
+            ``steps`` (needs ``steps``).
+        optimizer: any ``torch.optim`` optimizer over ``sae``'s parameters instead of Adam.
+
+    Returns:
+        ``{"steps", "tokens", "seconds", "tokens_per_second", "loss"}`` (``loss``: the
+        terms of the last step).
+    """
+    if not isinstance(sae, SAE):
+        raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
+    if steps is not None:
+        check_int("steps", steps, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("dead_window", dead_window, minimum=1)
+    for name, value in (("lr", lr), ("sparsity_coef", sparsity_coef), ("aux_coef", aux_coef)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not value >= 0 or math.isinf(value)):
+            raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    if not (isinstance(decay, numbers.Real) and 0 <= decay <= 1):
+        raise ValueError(f"decay must be a float in [0, 1], got {decay!r}")
+    if isinstance(activations, torch.Tensor):
+        activations = [activations]
+    elif not isinstance(activations, Iterable):
+        raise TypeError(f"activations must be an iterable of tensors, got "
+                        f"{type(activations).__name__}")
+
+    lr = 2e-4 / math.sqrt(sae.n_latents / 2**14) if lr is None else lr
+    if optimizer is None:
+        optimizer = _adam(sae, lr)
+    schedule = None
+    if steps is not None and decay > 0:
+        start = int(steps * (1 - decay))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: 1.0 if i < start else max(0.0, (steps - i) / (steps - start)))
+
+    stream = _batches(activations, batch_size, sae, steps)
+    first = next(stream, None)  # the first batch is checked before anything changes
+    sae.train()
+    if sae.normalize_decoder:
+        sae.normalize_decoder_()
+    done, tokens, terms = 0, 0, {}
+    began = time.perf_counter()
+    for x, target in itertools.chain([first] if first is not None else [], stream):
+        terms = objective(sae, x, target, sparsity_coef=sparsity_coef, aux_coef=aux_coef,
+                          dead=sae.dead_latents(dead_window) if sae.k is not None else None)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if sae.normalize_decoder:
+            sae.project_decoder_grad_()
+        optimizer.step()
+        if sae.normalize_decoder:
+            sae.normalize_decoder_()
+        if schedule is not None:
+            schedule.step()
+        done += 1
+        tokens += x.shape[0]
+        if steps is not None and done >= steps:
+            break
+    seconds = time.perf_counter() - began
+    sae.eval()
+    return {"steps": done, "tokens": tokens, "seconds": seconds,
+            "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+            "loss": {name: float(t.detach()) for name, t in terms.items()}}
+
+
+def _adam(sae: SAE, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused when this build has a fused kernel for the parameters' device."""
+    try:
+        return torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(sae.parameters(), lr=lr)
+
+
+def _batches(activations: Iterable[Any], batch_size: int, sae: SAE, steps: int | None
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Rows of ``activations`` (and targets) in batches of ``batch_size`` (the last one
+    shorter), passing over ``activations`` again while ``steps`` wants more and it can."""
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    held = 0
+    while True:
+        seen = False
+        for item in activations:
+            seen = True
+            x, y = _rows(item, sae)
+            xs.append(x)
+            if y is not None:
+                ys.append(y)
+            held += x.shape[0]
+            while held >= batch_size:
+                x_all = torch.cat(xs) if len(xs) > 1 else xs[0]
+                y_all = (torch.cat(ys) if len(ys) > 1 else ys[0]) if ys else None
+                yield x_all[:batch_size], None if y_all is None else y_all[:batch_size]
+                xs = [x_all[batch_size:]]
+                ys = [] if y_all is None else [y_all[batch_size:]]
+                held -= batch_size
+        if steps is None or not seen or iter(activations) is activations:
+            break
+    if held:
+        yield torch.cat(xs), torch.cat(ys) if ys else None
+
+
+def _rows(item: Any, sae: SAE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One item of ``activations`` as ``(n, d_in)`` rows (and ``(n, d_out)`` targets)."""
+    if sae.transcoder:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(
+                "activations of a transcoder must be (input, target) tensor pairs, got "
+                f"{type(item).__name__}")
+        x, y = item
+        _check_rows(y, sae.d_out, "activations (target)")
+        y = y.reshape(-1, sae.d_out)
+    else:
+        x, y = item, None
+    _check_rows(x, sae.d_in, "activations")
+    x = x.reshape(-1, sae.d_in)
+    if y is not None and y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"activations: an input of {x.shape[0]} rows came with a target of {y.shape[0]}")
+    return x.to(sae.W_enc.dtype), None if y is None else y.to(sae.W_enc.dtype)
+
+
+def _check_rows(x: Any, width: int, param: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{param} must hold floating-point tensors, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() == 0 or x.shape[-1] != width:
+        raise ValueError(f"{param} must have shape (..., {width}), got shape {tuple(x.shape)}")

@@ -1,0 +1,177 @@
+"""sparsekit.sae: every variant recovers planted features; decoding paths agree; bad input."""
+
+import pytest
+import torch
+
+from sparsekit.sae import ACTIVATIONS, SAE, objective, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def planted(d=32, n=64, k=3, rows=20000, *, signed=False, d_out=None, seed=0):
+    """Rows ``z @ D`` of a known unit-norm dictionary ``D`` (n, d) with k-sparse codes ``z``
+    (values in [0.5, 1.5], random signs if ``signed``); with ``d_out`` also ``z @ D_out``."""
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(n, d, generator=g)
+    dictionary /= dictionary.norm(dim=-1, keepdim=True)
+    idx = torch.rand(rows, n, generator=g).topk(k, dim=-1).indices
+    vals = torch.rand(rows, k, generator=g) + 0.5
+    if signed:
+        vals = vals * (torch.randint(0, 2, (rows, k), generator=g) * 2 - 1)
+    z = torch.zeros(rows, n).scatter(-1, idx, vals)
+    if d_out is None:
+        return z @ dictionary, dictionary
+    out = torch.randn(n, d_out, generator=g)
+    out /= out.norm(dim=-1, keepdim=True)
+    return (z @ dictionary, z @ out), out
+
+
+def mmcs(sae, dictionary):
+    """Mean over planted features of the best |cosine| with a decoder row."""
+    rows = sae.W_dec.detach()
+    rows = rows / rows.norm(dim=-1, keepdim=True)
+    return float((dictionary @ rows.T).abs().max(dim=1).values.mean())
+
+
+VARIANTS = {  # activation: (SAE kwargs, train kwargs)
+    "topk": ({}, {}),
+    "batchtopk": ({}, {}),
+    "abstopk": ({}, {}),
+    "jumprelu": ({"threshold": 0.1, "bandwidth": 0.05}, {"sparsity_coef": 0.05}),
+    "l1": ({}, {"sparsity_coef": 0.3}),
+}
+
+
+def test_every_registered_activation_has_a_recovery_case():
+    assert set(ACTIVATIONS.names()) == set(VARIANTS)
+
+
+@pytest.mark.parametrize("activation", sorted(VARIANTS))
+def test_recovers_planted_features(activation):
+    x, dictionary = planted(signed=activation == "abstopk")
+    sae_kw, train_kw = VARIANTS[activation]
+    sae = SAE(32, 128, activation, k=3, seed=1, **sae_kw)
+    out = train(sae, x, steps=1500, batch_size=256, lr=3e-3, dead_window=2000, **train_kw)
+    assert out["steps"] == 1500 and out["tokens"] == 1500 * 256
+    assert mmcs(sae, dictionary) >= 0.95
+    with torch.no_grad():
+        l0 = (sae.encode(x) != 0).sum(-1).float().mean()
+    assert 1 <= l0 <= 12
+
+
+def test_matryoshka_recovers_and_its_prefix_reconstructs_alone():
+    x, dictionary = planted()
+    sae = SAE(32, 128, "topk", k=3, matryoshka=(32, 128), seed=1)
+    train(sae, x, steps=1500, batch_size=256, lr=3e-3, dead_window=2000)
+    assert mmcs(sae, dictionary) >= 0.95
+    sae.eval()
+    with torch.no_grad():
+        values, indices = sae.encode_sparse(x)
+        prefix = sae.decode_sparse(values * (indices < 32), indices)
+        variance = (x - x.mean(0)).pow(2).sum()
+        # the first quarter of the dictionary alone explains most of the variance
+        assert float((prefix - x).pow(2).sum() / variance) < 0.5
+
+
+def test_transcoder_recovers_the_output_dictionary():
+    (x, y), out_dictionary = planted(d_out=24)
+    sae = SAE(32, 128, "topk", k=3, d_out=24, seed=1)
+    assert sae.transcoder
+    train(sae, [(x, y)], steps=1500, batch_size=256, lr=3e-3, dead_window=2000)
+    assert mmcs(sae, out_dictionary) >= 0.95
+    with torch.no_grad():
+        assert sae(x).shape == y.shape
+
+
+def test_decoder_rows_stay_unit_norm_and_steps_keep_them_there():
+    x, _ = planted(rows=2048)
+    sae = SAE(32, 64, "topk", k=3)
+    train(sae, x, steps=5, batch_size=256)
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(64), atol=1e-5)
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.project_decoder_grad_()
+    assert float((sae.W_dec.grad * sae.W_dec.detach()).sum(-1).abs().max()) < 1e-5
+
+
+def test_dead_latents_are_counted_in_tokens_and_aux_loss_recruits_them():
+    x, _ = planted(rows=1024)
+    sae = SAE(32, 64, "topk", k=3)
+    sae.train()
+    sae(x[:10])
+    dead = sae.dead_latents(10)
+    assert int(dead.sum()) >= 64 - 30  # at most 30 of 64 latents fired on 10 tokens
+    assert int(sae.tokens_since_fired.max()) == 10
+    terms = objective(sae, x[:256], dead=dead)
+    assert "aux" in terms and float(terms["aux"].detach()) > 0
+    terms["loss"].backward()
+    assert sae.W_dec.grad[dead].abs().sum() > 0  # dead rows learn from the residual
+
+
+def test_decode_paths_agree_with_the_dense_product():
+    sae = SAE(16, 96, "topk", k=5)
+    x = torch.randn(7, 16)
+    with torch.no_grad():
+        z = sae.encode(x)
+        dense = z @ sae.W_dec + sae.b_dec
+        assert torch.allclose(sae.decode(z), dense, atol=1e-5)  # sparse path
+        assert torch.allclose(sae(x), dense, atol=1e-5)  # forward: top-k pairs
+        assert torch.allclose(sae.decode(z[:1]), dense[:1], atol=1e-5)  # one token
+        wide = torch.randn(3, 96)  # not sparse: dense product
+        assert torch.allclose(sae.decode(wide), wide @ sae.W_dec + sae.b_dec, atol=1e-4)
+        assert sae.decode(z.view(7, 1, 96)).shape == (7, 1, 16)
+
+
+def test_batchtopk_infers_with_its_learned_threshold():
+    x, _ = planted(rows=4096)
+    sae = SAE(32, 128, "batchtopk", k=3)
+    train(sae, x, steps=50, batch_size=256, lr=3e-3)
+    assert float(sae.threshold) > 0
+    with torch.no_grad():
+        z = sae.encode(x)
+    assert torch.all((z == 0) | (z > float(sae.threshold) - 1e-6))
+    assert 0.5 < float((z != 0).sum(-1).float().mean()) < 12
+
+
+def test_jumprelu_threshold_learns_through_the_straight_through_estimator():
+    sae = SAE(8, 16, "jumprelu", threshold=0.5, bandwidth=2.0)
+    x = torch.randn(64, 8)
+    terms = objective(sae, x, sparsity_coef=1.0)
+    terms["loss"].backward()
+    assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"k": 65}, r"k must be an int in \[1, n_latents=64\], got 65"),
+    ({"k": 0}, "k must be an int ≥ 1, got 0"),
+    ({"activation": "gated"}, "activation"),
+    ({"matryoshka": (16, 32)}, "matryoshka must be increasing .* ending at n_latents=64"),
+    ({"matryoshka": (32, 16, 64)}, "matryoshka"),
+    ({"activation": "jumprelu", "threshold": -1.0}, "threshold must be a positive"),
+])
+def test_bad_arguments_name_the_parameter(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SAE(16, 64, **kwargs)
+
+
+def test_wrong_width_activations_are_refused_before_training():
+    sae = SAE(16, 64)
+    before = sae.W_dec.detach().clone()
+    with pytest.raises(ValueError, match=r"activations must have shape \(\.\.\., 16\), got"):
+        train(sae, [torch.randn(4, 12)], steps=3)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 16\)"):
+        sae.encode(torch.randn(3, 15))
+    with pytest.raises(ValueError, match=r"z must have shape \(\.\.\., 64\)"):
+        sae.decode(torch.randn(3, 16))
+    with pytest.raises(TypeError, match="transcoder must be"):
+        train(SAE(16, 64, d_out=8), [torch.randn(4, 16)], steps=1)
+    with pytest.raises(ValueError, match="batch_size must be an int ≥ 1"):
+        train(sae, [torch.randn(4, 16)], batch_size=0)
+    assert torch.equal(sae.W_dec, before)
+
+
+def test_training_streams_a_generator_once_and_rebatches_it():
+    sae = SAE(16, 64, k=4)
+    chunks = (torch.randn(100, 16) for _ in range(5))  # 500 rows, read once
+    out = train(sae, chunks, batch_size=128)
+    assert out["steps"] == 4 and out["tokens"] == 500
+    assert train(sae, [], steps=10)["steps"] == 0  # nothing to read: no endless loop
