@@ -307,14 +307,15 @@ def llama_section(setup: LLMSetup) -> dict[str, object]:
     for r in rows:
         r["perplexity"] = llm.perplexity(models[r["model"]], val, seqlen=SEQLEN)
         print(f"  LLaMA {r['model']:14s} perplexity {r['perplexity']:.3f}", flush=True)
-    times = prefill_and_decode(models, val[None, :SEQLEN], setup, decode=True)
+    ids = val[None, :SEQLEN]
+    times = prefill_and_decode(models, ids, setup, decode=True)
     return {"name": "LLaMA", "metric": "perplexity",
             "about": f"byte-level LLaMA of benchmarks/llm_pruning.py (4 × 256, {setup.llama_steps} "
                      f"steps on tinyshakespeare); perplexity on the first {val.numel():,} "
                      f"bytes of the validation split; {setup.llama_calibration} calibration "
                      f"windows of {SEQLEN} bytes; prefill: batch 1 × {SEQLEN} tokens; decode: "
                      f"one token against a {SEQLEN}-token cache",
-            "rows": _finish(rows, models, times)}
+            "rows": _finish(rows, models, times, ids)}
 
 
 def minilm_section(setup: LLMSetup) -> dict[str, object] | None:
@@ -353,15 +354,42 @@ def minilm_section(setup: LLMSetup) -> dict[str, object] | None:
                      f"tinyshakespeare lines; {setup.minilm_calibration} calibration windows of "
                      f"128 tokens from other lines; prefill: batch 1 × {ids.shape[1]} tokens "
                      "(an encoder: no decode)",
-            "rows": _finish(rows, models, times)}
+            "rows": _finish(rows, models, times, ids)}
+
+
+def reload(model: nn.Module, ids: torch.Tensor) -> tuple[str, bool]:
+    """Save ``model`` with ``save_pretrained`` and load it back the way a user would —
+    plain ``AutoModel*.from_pretrained`` when its config describes it, else
+    ``sparsekit.llm.load_pretrained`` — and whether its outputs on ``ids`` are
+    bit-identical."""
+    import tempfile
+
+    import transformers
+
+    from sparsekit.llm.structured import SHAPES_KEY, load_pretrained
+
+    with tempfile.TemporaryDirectory() as path:
+        model.save_pretrained(path)
+        if getattr(model.config, SHAPES_KEY, None):
+            loader, back = "sparsekit.llm.load_pretrained", load_pretrained(path)
+        else:
+            auto = transformers.AutoModelForCausalLM if hasattr(model, "lm_head") \
+                else transformers.AutoModel
+            loader, back = auto.__name__, auto.from_pretrained(path).eval()
+    with torch.inference_mode():
+        a, b = model(ids), back(ids)
+    key = "logits" if "logits" in a else "last_hidden_state"
+    return loader, torch.equal(a[key], b[key])
 
 
 def _finish(rows: list[dict], models: dict[str, nn.Module],
-            times: dict[str, tuple[float, float | None]]) -> list[dict]:
-    """Rows with parameters and latencies, each also relative to dense."""
+            times: dict[str, tuple[float, float | None]], ids: torch.Tensor) -> list[dict]:
+    """Rows with parameters, latencies (each also relative to dense) and how the saved
+    model reloads."""
     dense = sum(p.numel() for p in models["dense"].parameters())
     for r in rows:
         m = models[r["model"]]
+        r["reload"], r["reload_identical"] = reload(m, ids)
         r["params"] = sum(p.numel() for p in m.parameters())
         r["params_vs_dense"] = r["params"] / dense
         r["prefill_ms"], r["decode_ms"] = times[r["model"]]
@@ -401,6 +429,11 @@ def llm_main(args: argparse.Namespace) -> int:
     load = os.getloadavg()[0]
     sections = [s for s in (llama_section(setup), minilm_section(setup)) if s is not None]
     checks = [flap_check(s) for s in sections]
+    for s in sections:
+        differ = [r["model"] for r in s["rows"] if not r["reload_identical"]]
+        checks.append({"claim": f"{s['name']}: every model reloads after save_pretrained with "
+                                "bit-identical outputs" + (f" (not: {differ})" if differ else ""),
+                       "ok": not differ, "value": len(differ)})
     elapsed = time.perf_counter() - start
     cpu, isa = cpu_info()
     stem = "structured_llm_quick" if args.quick else "structured_llm"
@@ -421,12 +454,13 @@ def llm_main(args: argparse.Namespace) -> int:
         metric = s["metric"]
         lines += ["", f"**{s['name']}**: {s['about']}.", "",
                   f"| model | {metric} | params | params vs dense | prefill ms | decode ms | "
-                  "prefill speed-up | decode speed-up | prune s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "prefill speed-up | decode speed-up | prune s | reloads with |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         lines += [f"| {r['model']} | {r[metric]:.4f} | {r['params']:,} | "
                   f"{r['params_vs_dense']:.3f} | {r['prefill_ms']:.2f} | "
                   f"{_fmt(r['decode_ms'], '.3f')} | {r['prefill_speedup']:.2f}× | "
-                  f"{_fmt(r['decode_speedup'], '.2f', '×')} | {r['seconds']:.1f} |"
+                  f"{_fmt(r['decode_speedup'], '.2f', '×')} | {r['seconds']:.1f} | "
+                  f"{r['reload']}{'' if r['reload_identical'] else ' (outputs differ!)'} |"
                   for r in s["rows"]]
     lines += ["", *[f"- {'✓' if c['ok'] else '✗'} {c['claim']}" for c in checks]]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")

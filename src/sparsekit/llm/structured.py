@@ -16,8 +16,12 @@ CNN channels — ranked by ``"magnitude"`` (mean |W| over the group), ``"wanda"`
 |W|·‖X‖ over calibration data: Wanda-SP) or ``"flap"`` (FLAP's fluctuation of the output
 projection's input channels, Var(x_j)·‖W[:, j]‖², see :mod:`sparsekit.scores.flap`) and
 cut with :func:`~sparsekit.structured.shrink.remove_channels`; ``allocation`` is
-``"uniform"`` (the same fraction in every block) or ``"global"`` (one ranking over all
-blocks). ``"flap"`` also applies FLAP's bias compensation: the removed units' mean
+``"uniform"`` (the same fraction in every block), ``"global"`` (one ranking over all
+blocks) or ``"adaptive"`` (FLAP's structure search, :mod:`sparsekit.structured.adaptive`:
+scores standardised per block and unit, one ranking over all blocks and, with
+``unit=("ffn", "heads")``, both units, weighted by the parameters each unit takes along).
+FLAP as published is ``unit=("ffn", "heads"), method="flap", allocation="adaptive"``.
+``"flap"`` also applies FLAP's bias compensation: the removed units' mean
 contribution goes into the bias of ``down_proj`` / ``o_proj`` (added where the model has
 none — so the model reloads with :func:`load_pretrained`, never plain ``from_pretrained``).
 ``round_to`` keeps neuron (and head-width) counts at multiples the dense kernels like.
