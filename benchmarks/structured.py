@@ -462,16 +462,23 @@ def llm_main(args: argparse.Namespace) -> int:
                   f"{_fmt(r['decode_speedup'], '.2f', '×')} | {r['seconds']:.1f} | "
                   f"{r['reload']}{'' if r['reload_identical'] else ' (outputs differ!)'} |"
                   for r in s["rows"]]
-    lines += ["", *[f"- {'✓' if c['ok'] else '✗'} {c['claim']}" for c in checks]]
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    failed = [c for c in checks if not c["ok"]]
-    for c in failed:
-        print(f"MISS: {c['claim']}")
-    return 1 if failed and not args.no_check else 0
+    return conclude(args.out / f"{stem}.md", lines, checks, args.no_check)
 
 
 # -- measuring ----------------------------------------------------------------------------
+
+
+def conclude(path: Path, lines: list[str], checks: list[dict], no_check: bool) -> int:
+    """Write the Markdown (``lines`` and the checks) to ``path``, print it and each MISS;
+    the exit status: 1 when a check failed (unless ``no_check``)."""
+    lines = [*lines, "", *[f"- {'✓' if c['ok'] else '✗'} {c['claim']} ({c['value']})"
+                           for c in checks]]
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    failed = [c for c in checks if not c["ok"]]
+    for c in failed:
+        print(f"MISS: {c['claim']} ({c['value']})")
+    return 1 if failed and not no_check else 0
 
 
 def deployed(model: nn.Module) -> nn.Module:
@@ -598,13 +605,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['accuracy']:.2f} | {r['params']:,} | {r['macs']:,} | "
               f"{r['macs_vs_dense']:.3f} | {r['batch1_ms']:.3f} | {r['batch64_ms']:.2f} | "
               f"{r['batch1_speedup']:.2f}× | {r['batch64_speedup']:.2f}× |" for r in rows]
-    lines += ["", *[f"- {'✓' if c['ok'] else '✗'} {c['claim']} ({c['value']})" for c in checks]]
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    failed = [c for c in checks if not c["ok"]]
-    for c in failed:
-        print(f"MISS: {c['claim']} ({c['value']})")
-    return 1 if failed and not args.no_check else 0
+    return conclude(args.out / f"{stem}.md", lines, checks, args.no_check)
 
 
 if __name__ == "__main__":
