@@ -358,14 +358,15 @@ def test_joint_adaptive_pruning_removes_the_share_of_unit_parameters(method):
 
 
 def test_adaptive_does_not_care_how_loud_a_block_is_but_global_does():
-    """Scaling one block's output projections scales its FLAP scores by c²: the
-    standardised ranking keeps the same units, the raw global one moves them."""
+    """Scaling the last block's FFN output projection scales its FLAP scores by c² (and
+    no block's inputs): the standardised ranking keeps the same units, the raw global
+    one moves them."""
     ids = tokens()
 
     def pruned(allocation, scale):
         model = llama()
         with torch.no_grad():
-            model.model.layers[1].mlp.down_proj.weight.mul_(scale)
+            model.model.layers[-1].mlp.down_proj.weight.mul_(scale)
         prune_structured(model, ids, 0.3, unit="ffn", method="flap", allocation=allocation)
         return widths(model)
 
