@@ -257,17 +257,20 @@ LLM_QUICK = LLMSetup(llama_steps=40, llama_eval_tokens=2048, llama_calibration=8
                      minilm_sentences=32, minilm_calibration=8, timing_s=0.2)
 
 
-def llm_cut(model: nn.Module, calibration: object, row: tuple, **kwargs: object
-            ) -> tuple[nn.Module, float]:
-    """A pruned copy of ``model`` for one of :data:`LLM_CUTS` and the seconds it took."""
+def llm_cuts(model: nn.Module, calibration: object, **kwargs: object
+             ) -> tuple[dict[str, nn.Module], list[dict]]:
+    """``model`` and a pruned copy for each of :data:`LLM_CUTS`, by row name, and one row
+    per model with the seconds its pruning took (``kwargs`` go to ``prune_structured``)."""
     from sparsekit import llm
 
-    _, method, unit, allocation, amount = row
-    pruned = copy.deepcopy(model)
-    start = time.perf_counter()
-    llm.prune_structured(pruned, calibration, amount, unit=unit, method=method,
-                         allocation=allocation, **kwargs)
-    return pruned, time.perf_counter() - start
+    models, rows = {"dense": model}, [{"model": "dense", "seconds": 0.0}]
+    for name, method, unit, allocation, amount in LLM_CUTS:
+        models[name] = copy.deepcopy(model)
+        start = time.perf_counter()
+        llm.prune_structured(models[name], calibration, amount, unit=unit, method=method,
+                             allocation=allocation, **kwargs)
+        rows.append({"model": name, "seconds": time.perf_counter() - start})
+    return models, rows
 
 
 def prefill_and_decode(models: dict[str, nn.Module], ids: torch.Tensor, setup: LLMSetup,
@@ -299,12 +302,7 @@ def llama_section(setup: LLMSetup) -> dict[str, object]:
     split = int(0.9 * data.numel())
     train_ids, val = data[:split], data[split:][:setup.llama_eval_tokens]
     model = train_llama(train_ids, steps=setup.llama_steps)
-    models, rows = {"dense": model}, [{"model": "dense", "seconds": 0.0}]
-    for row in LLM_CUTS:
-        pruned, seconds = llm_cut(model, train_ids, row, nsamples=setup.llama_calibration,
-                                  seqlen=SEQLEN)
-        models[row[0]] = pruned
-        rows.append({"model": row[0], "seconds": seconds})
+    models, rows = llm_cuts(model, train_ids, nsamples=setup.llama_calibration, seqlen=SEQLEN)
     for r in rows:
         r["perplexity"] = llm.perplexity(models[r["model"]], val, seqlen=SEQLEN)
         print(f"  LLaMA {r['model']:14s} perplexity {r['perplexity']:.3f}", flush=True)
@@ -338,12 +336,8 @@ def minilm_section(setup: LLMSetup) -> dict[str, object] | None:
     model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     lines = [s.strip() for s in shakespeare_text().splitlines() if len(s.split()) >= 5]
     held_out, calibration = lines[1::2][:setup.minilm_sentences], lines[0::2][:2000]
-    models, rows = {"dense": model}, [{"model": "dense", "seconds": 0.0}]
-    for row in LLM_CUTS:
-        pruned, seconds = llm_cut(model, calibration, row, tokenizer=tok,
-                                  nsamples=setup.minilm_calibration, seqlen=128)
-        models[row[0]] = pruned
-        rows.append({"model": row[0], "seconds": seconds})
+    models, rows = llm_cuts(model, calibration, tokenizer=tok,
+                            nsamples=setup.minilm_calibration, seqlen=128)
     for r in rows:
         r["similarity"] = llm.embedding_similarity(models[r["model"]], tok, held_out, model)
         print(f"  MiniLM {r['model']:14s} cosine to dense {r['similarity']:.4f}", flush=True)
