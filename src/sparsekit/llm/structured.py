@@ -16,8 +16,12 @@ CNN channels — ranked by ``"magnitude"`` (mean |W| over the group), ``"wanda"`
 |W|·‖X‖ over calibration data: Wanda-SP) or ``"flap"`` (FLAP's fluctuation of the output
 projection's input channels, Var(x_j)·‖W[:, j]‖², see :mod:`sparsekit.scores.flap`) and
 cut with :func:`~sparsekit.structured.shrink.remove_channels`; ``allocation`` is
-``"uniform"`` (the same fraction in every block) or ``"global"`` (one ranking over all
-blocks). ``"flap"`` also applies FLAP's bias compensation: the removed units' mean
+``"uniform"`` (the same fraction in every block), ``"global"`` (one ranking over all
+blocks) or ``"adaptive"`` (FLAP's structure search, :mod:`sparsekit.structured.adaptive`:
+scores standardised per block and unit, one ranking over all blocks and, with
+``unit=("ffn", "heads")``, both units, weighted by the parameters each unit takes along).
+FLAP as published is ``unit=("ffn", "heads"), method="flap", allocation="adaptive"``.
+``"flap"`` also applies FLAP's bias compensation: the removed units' mean
 contribution goes into the bias of ``down_proj`` / ``o_proj`` (added where the model has
 none — so the model reloads with :func:`load_pretrained`, never plain ``from_pretrained``).
 ``round_to`` keeps neuron (and head-width) counts at multiples the dense kernels like.
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,7 @@ from sparsekit.observe import input_stats, run
 from sparsekit.scores.flap import fluctuation_scores, input_moments
 from sparsekit.scores.wanda import wanda_scores
 from sparsekit.select import top_k
+from sparsekit.structured.adaptive import adaptive_counts, channel_cost, standardized_importance
 from sparsekit.structured.compensate import fold_means
 from sparsekit.structured.dependency import Group
 from sparsekit.structured.importance import check_round_to, group_importance, round_count
@@ -60,7 +65,7 @@ __all__ = ["UNITS", "block_influence", "load_pretrained", "prune_structured"]
 UNITS = {"ffn": ("wanda", "magnitude", "flap"), "heads": ("wanda", "magnitude", "flap"),
          "layers": ("block_influence",)}
 """Each unit and the methods that rank it (the first is the default)."""
-_ALLOCATIONS = ("uniform", "global")
+_ALLOCATIONS = ("uniform", "global", "adaptive")
 
 SHAPES_KEY = "sparsekit_shapes"
 
@@ -70,7 +75,7 @@ def prune_structured(
     calibration: Calibration | None = None,
     amount: float = 0.2,
     *,
-    unit: str = "ffn",
+    unit: str | Sequence[str] = "ffn",
     method: str | None = None,
     allocation: str = "uniform",
     round_to: int = 1,
@@ -81,10 +86,15 @@ def prune_structured(
 ) -> nn.Module:
     """Remove ``amount`` of ``model``'s FFN neurons, attention heads or layers, in place.
 
-    ``unit`` is ``"ffn"``, ``"heads"`` or ``"layers"``; ``method`` ranks the units (see
-    :data:`UNITS`; ``"magnitude"`` needs no ``calibration``); ``allocation`` is
-    ``"uniform"`` or ``"global"`` (FFN and heads); ``round_to`` rounds every block's kept
-    count so its widths are multiples of it (see
+    ``unit`` is ``"ffn"``, ``"heads"``, ``"layers"`` or a pair such as ``("ffn", "heads")``
+    pruned in one pass (one calibration run; ``amount`` is then the share of the units'
+    parameters that goes); ``method`` ranks the units (see :data:`UNITS`; ``"magnitude"``
+    needs no ``calibration``); ``allocation`` is ``"uniform"`` (every block loses
+    ``amount`` of each unit), ``"global"`` (one ranking over all blocks, per unit) or
+    ``"adaptive"`` (FLAP's structure search: scores standardised per block and unit, one
+    ranking over all of them weighted by the parameters each unit takes along; see
+    :mod:`sparsekit.structured.adaptive`). ``round_to`` rounds every block's kept count
+    so its widths are multiples of it (see
     :func:`~sparsekit.structured.importance.round_count`; a head is ``head_dim`` wide).
     ``method="flap"`` folds the removed units' mean contribution into the output
     projections' biases (FLAP's compensation). ``calibration`` takes the forms of
@@ -95,12 +105,11 @@ def prune_structured(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if unit not in UNITS:
-        raise ValueError(f"unknown unit {unit!r}; accepted: {', '.join(map(repr, UNITS))}")
-    method = UNITS[unit][0] if method is None else method
-    if method not in UNITS[unit]:
-        raise ValueError(f"unknown method {method!r} for unit {unit!r}; accepted: "
-                         f"{', '.join(map(repr, UNITS[unit]))}")
+    units = _check_units(unit)
+    method = UNITS[units[0]][0] if method is None else method
+    if method not in UNITS[units[0]]:
+        raise ValueError(f"unknown method {method!r} for unit {units[0]!r}; accepted: "
+                         f"{', '.join(map(repr, UNITS[units[0]]))}")
     if allocation not in _ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; accepted: "
                          f"{', '.join(map(repr, _ALLOCATIONS))}")
@@ -110,23 +119,26 @@ def prune_structured(
     tokens = None
     if method != "magnitude":
         if calibration is None:
-            hint = "" if unit == "layers" else "; use method='magnitude' to prune without data"
+            hint = "" if units == ("layers",) else \
+                "; use method='magnitude' to prune without data"
             raise ValueError(f"method {method!r} needs calibration data (token ids or texts)"
                              + hint)
         tokens = calibration_tokens(calibration, tokenizer=tokenizer, nsamples=nsamples,
                                     seqlen=seqlen, seed=seed)
         check_token_ids(tokens, model)
-    if unit == "layers":
+    if units == ("layers",):
         _remove_layers(model, blocks, block_influence(model, tokens), amount)
     else:
-        groups = transformer_groups(model, unit)
-        scores, means = _scores(model, groups, tokens, method)
-        removed = _select(groups, scores, amount, allocation, unit, round_to,
+        groups = {u: transformer_groups(model, u) for u in units}
+        everything = [g for u in units for g in groups[u]]
+        scores, means = _scores(model, everything, tokens, method)
+        removed = _select(model, groups, scores, amount, allocation, round_to,
                           readers_only=method == "flap")
-        fold_means(model, removed, means)
-        remove_channels(model, removed)
+        fold_means(model, [r for u in units for r in removed[u]], means)
+        remove_channels(model, [r for u in units for r in removed[u]])
         _sync_heads(model)
-        _update_config(model, unit, removed)
+        for u in units:
+            _update_config(model, u, removed[u])
     _record_shapes(model)
     return model
 
@@ -218,20 +230,49 @@ def _scores(model: nn.Module, groups: list[Group], tokens: torch.Tensor | None, 
     return {n: wanda_scores(w, stats[n]) for n, w in weights.items()}, {}
 
 
-def _select(groups: list[Group], scores: Mapping[str, torch.Tensor], amount: float,
-            allocation: str, unit: str, round_to: int, *, readers_only: bool
-            ) -> list[tuple[Group, torch.Tensor]]:
-    """The units each group loses; a group that would lose all of them is an error."""
-    importance = {g.name: group_importance(g, scores, readers_only=readers_only)
-                  for g in groups}
-    keep = ALLOCATIONS.get(allocation)(importance, float(amount))
-    empty = [n for n, k in keep.items() if k < 1]
-    if empty:
-        raise ValueError(f"amount={amount} would remove every {unit} unit of {empty}; use a "
-                         "smaller amount (each block keeps at least one); the model was "
-                         "not changed")
-    return [(g, torch.nonzero(~top_k(importance[g.name], round_count(keep[g.name], g, round_to)))
-             .flatten()) for g in groups]
+def _select(model: nn.Module, groups: Mapping[str, list[Group]],
+            scores: Mapping[str, torch.Tensor], amount: float, allocation: str,
+            round_to: int, *, readers_only: bool
+            ) -> dict[str, list[tuple[Group, torch.Tensor]]]:
+    """The units each group loses, per unit kind; a group that would lose all of them is
+    an error."""
+    if allocation == "adaptive":
+        every = [g for gs in groups.values() for g in gs]
+        importance = {g.name: standardized_importance(g, scores, readers_only=readers_only)
+                      for g in every}
+        keep = adaptive_counts(importance, {g.name: channel_cost(model, g) for g in every},
+                               float(amount))
+    else:
+        importance, keep = {}, {}
+        for gs in groups.values():
+            mine = {g.name: group_importance(g, scores, readers_only=readers_only) for g in gs}
+            importance.update(mine)
+            keep.update(ALLOCATIONS.get(allocation)(mine, float(amount)))
+    for u, gs in groups.items():
+        empty = [g.name for g in gs if keep[g.name] < 1]
+        if empty:
+            raise ValueError(f"amount={amount} would remove every {u} unit of {empty}; use a "
+                             "smaller amount (each block keeps at least one); the model was "
+                             "not changed")
+    return {u: [(g, torch.nonzero(~top_k(importance[g.name],
+                                         round_count(keep[g.name], g, round_to))).flatten())
+                for g in gs] for u, gs in groups.items()}
+
+
+def _check_units(unit: object) -> tuple[str, ...]:
+    """``unit`` as a tuple of unit names: one name, or several of ``"ffn"``/``"heads"``."""
+    units = (unit,) if isinstance(unit, str) else tuple(unit) \
+        if isinstance(unit, (tuple, list)) else None
+    joint = tuple(u for u in UNITS if u != "layers")
+    if units is None or not units or any(not isinstance(u, str) for u in units):
+        raise TypeError(f"unit must be a unit name or a sequence of them, got {unit!r}")
+    for u in units:
+        if u not in UNITS:
+            raise ValueError(f"unknown unit {u!r}; accepted: {', '.join(map(repr, UNITS))}")
+    if len(units) > 1 and (len(set(units)) < len(units) or not set(units) <= set(joint)):
+        raise ValueError(f"unit={unit!r}: only {', '.join(map(repr, joint))} prune together, "
+                         "each named once; remove layers in a call of their own")
+    return units
 
 
 def _remove_layers(model: nn.Module, blocks: nn.ModuleList, influence: list[float],

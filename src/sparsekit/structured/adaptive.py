@@ -1,0 +1,78 @@
+"""FLAP's adaptive structure search: how many channels each group keeps, across layers and
+unit kinds at once.
+
+Raw importance scores are not comparable across layers (activations grow with depth) nor
+between a block's attention heads and its FFN neurons, so FLAP (An et al. 2024)
+*standardises* each group's scores — zero mean and unit standard deviation over the
+entries the criterion ranks (for FLAP the input columns of ``o_proj`` / ``down_proj``) —
+before ranking everything in one list. A channel's score is the mean standardised score of
+its entries. The cut-off is then placed where the kept channels hold ``1 − amount`` of the
+parameters of all groups together: a head weighs as much as the parameters it takes along
+(:func:`channel_cost`), so layers and modules that matter less give up more ("AL-AM" in the
+paper's terms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from sparsekit.structured.dependency import Group
+
+__all__ = ["adaptive_counts", "channel_cost", "standardized_importance"]
+
+
+def standardized_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
+                            readers_only: bool = False) -> torch.Tensor | None:
+    """Per channel of ``group``, the mean z-score of its entries (``None``: none scored).
+
+    An entry is one index of a scored slice along its dimension — a writer's row or a
+    reader's column — scored by the mean of its weights' scores; the z-scores are taken
+    over all entries of the group together. ``readers_only`` reads the reader columns
+    alone (FLAP's fluctuation metric ranks those)."""
+    parts = []
+    for s in group.slices:
+        if s.name not in scores or (readers_only and s.role != "in"):
+            continue
+        part = scores[s.name].detach().float().movedim(s.dim, 0).cpu()
+        part = part[s.offset: s.offset + group.channels * s.repeat]
+        parts.append(part.reshape(group.channels, s.repeat, -1).mean(2))
+    if not parts:
+        return None
+    flat = torch.cat([p.flatten() for p in parts])
+    mean, std = flat.mean(), flat.std() if flat.numel() > 1 else flat.new_tensor(0.0)
+    std = std if std > 0 else flat.new_tensor(1.0)  # a constant group: every z-score 0
+    total = sum(((p - mean) / std).sum(1) for p in parts)
+    return total / sum(p.shape[1] for p in parts)
+
+
+def channel_cost(model: nn.Module, group: Group) -> int:
+    """Parameters (and buffer entries) one channel of ``group`` takes with it: for every
+    slice, ``repeat`` indices along its dimension of a tensor of that shape."""
+    cost = 0
+    for s in group.slices:
+        owner, _, attr = s.name.rpartition(".")
+        shape = getattr(model.get_submodule(owner), attr).shape
+        cost += s.repeat * shape.numel() // shape[s.dim]
+    return cost
+
+
+def adaptive_counts(importance: Mapping[str, torch.Tensor], costs: Mapping[str, float],
+                    amount: float) -> dict[str, int]:
+    """How many channels each group keeps: the top channels of one ranking of all
+    ``importance`` values (standardised per group, see :func:`standardized_importance`),
+    as many as hold ``1 − amount`` of the total cost (``costs``: per channel of each
+    group), the count whose cumulative cost comes closest."""
+    names = list(importance)
+    values = torch.cat([importance[n].float() for n in names])
+    owner = torch.cat([torch.full((importance[n].numel(),), i) for i, n in enumerate(names)])
+    weight = torch.cat([torch.full((importance[n].numel(),), float(costs[n]), dtype=torch.float64)
+                        for n in names])
+    order = torch.argsort(values, descending=True, stable=True)
+    kept_cost = weight[order].cumsum(0)
+    target = (1.0 - amount) * float(weight.sum())
+    n_keep = int(torch.argmin((kept_cost - target).abs())) + 1
+    counts = torch.bincount(owner[order[:n_keep]], minlength=len(names))
+    return {n: int(c) for n, c in zip(names, counts)}
