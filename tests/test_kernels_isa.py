@@ -94,7 +94,12 @@ def test_every_isa_computes_the_fp32_formats(isa, name, batch):
     else:
         w = w * (torch.rand(48, 200, generator=g).argsort(1) < 24)
     fmt = FORMATS[name].from_dense(w)
-    x, bias = torch.randn(batch, 200, generator=g), torch.randn(48, generator=g)
+    _assert_fp32_format_matches(isa, fmt, w, batch, g)
+
+
+def _assert_fp32_format_matches(isa, fmt, w, batch, g):  # type: ignore[no-untyped-def]
+    """``fmt`` (holding fp32 ``w``) on ``isa`` equals the float64 product at ``batch`` rows."""
+    x, bias = torch.randn(batch, w.shape[1], generator=g), torch.randn(w.shape[0], generator=g)
     with kernels.use_isa(isa):
         y = fmt.matmul(x, bias)
     ref = x.double() @ w.double().T + bias.double()
@@ -114,11 +119,7 @@ def test_every_isa_computes_bsr_at_every_block_width(isa, block, batch):
     mask = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:rows, :cols]
     w = torch.randn(rows, cols, generator=g) * mask
     fmt = FORMATS["bsr"].from_dense(w, block=block)
-    x, bias = torch.randn(batch, cols, generator=g), torch.randn(rows, generator=g)
-    with kernels.use_isa(isa):
-        y = fmt.matmul(x, bias)
-    ref = x.double() @ w.double().T + bias.double()
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    _assert_fp32_format_matches(isa, fmt, w, batch, g)
 
 
 @pytest.mark.parametrize("isa", _isas())
@@ -132,11 +133,7 @@ def test_every_isa_computes_fanin_at_every_fan_in(isa, k, batch):
     w = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g).argsort(1) < k)
     w[5] = 0  # an ablated neuron: not stored, its output is the bias
     fmt = FORMATS["fanin"].from_dense(w)
-    x, bias = torch.randn(batch, cols, generator=g), torch.randn(rows, generator=g)
-    with kernels.use_isa(isa):
-        y = fmt.matmul(x, bias)
-    ref = x.double() @ w.double().T + bias.double()
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+    _assert_fp32_format_matches(isa, fmt, w, batch, g)
 
 
 @pytest.mark.parametrize("isa", _isas())

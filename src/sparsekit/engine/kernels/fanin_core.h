@@ -17,35 +17,6 @@ struct FanIn {
   int64_t n, k, out_rows;
 };
 
-// Sum of v[j] * x[c[j]] over the k nonzeros of one row, x loaded by scalar index loads
-// (gather8/gather16 in vec.h: faster than vgatherdps on AMD Zen, see there).
-template <typename I>
-inline float row_dot(const float* v, const I* c, int64_t k, const float* x) {
-  int64_t j = 0;
-  float s = 0.f;
-#if SPARSEKIT_AVX512
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  for (; j + 32 <= k; j += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j), gather16(x, c + j), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j + 16), gather16(x, c + j + 16), a1);
-  }
-  for (; j + 16 <= k; j += 16) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j), gather16(x, c + j), a0);
-  }
-  s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#elif SPARSEKIT_AVX2
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  for (; j + 16 <= k; j += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j), gather8(x, c + j), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j + 8), gather8(x, c + j + 8), a1);
-  }
-  for (; j + 8 <= k; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j), gather8(x, c + j), a0);
-  s = hsum8(_mm256_add_ps(a0, a1));
-#endif
-  for (; j < k; ++j) s += v[j] * x[c[j]];
-  return s;
-}
-
 template <typename I>
 void gemv(const FanIn& w, const I* c, const float* x, float* y, int T) {
 #pragma omp parallel for num_threads(T) schedule(static)
@@ -56,7 +27,7 @@ void gemv(const FanIn& w, const I* c, const float* x, float* y, int T) {
       for (int64_t j = 0; j < w.k; j += 16) __builtin_prefetch(vr + 2 * w.k + j, 0, 3);
       for (int64_t j = 0; j < w.k; j += 32) __builtin_prefetch(cr + 2 * w.k + j, 0, 3);
     }
-    y[w.rows[r]] += row_dot(vr, cr, w.k, x);
+    y[w.rows[r]] += csr::row_dot(vr, cr, w.k, x);  // a CSR row of k nonzeros
   }
 }
 
