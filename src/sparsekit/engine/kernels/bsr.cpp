@@ -7,8 +7,8 @@
 // of C, and rows past out_features are computed but never written.
 //   batch 1-3: one GEMV per input; each block row keeps R vector accumulators over C.
 //   batch > 3: x is transposed once into a workspace (cols, ld) and each block row is
-//              streamed once per chunk of up to 64 inputs, 4 block rows of W at a time
-//              sharing every load of x (a register-tiled dense micro-kernel per block).
+//              streamed once per chunk of up to 64 inputs (AVX-512; 16 on AVX2), 4 rows of
+//              W at a time sharing every load of x (a register-tiled micro-kernel per block).
 // The arithmetic (bsr_core.h) is compiled per instruction set: its GCC vector extensions
 // become AVX-512, AVX2 or baseline instructions. Block rows are split across OpenMP threads so
 // that each thread gets a similar number of blocks + block rows.

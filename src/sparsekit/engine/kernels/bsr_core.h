@@ -8,6 +8,13 @@ constexpr int kMaxR = kBsrMaxBlockRows;  // block rows of the GEMV accumulators
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec8 __attribute__((vector_size(32)));
 typedef float vec4 __attribute__((vector_size(16)));
+// The batched kernel's vectors: one register of this instruction set (wider generic vectors
+// are split into several, and its 4 x kSpmmVectors tile of accumulators spills: see
+// kVectorBytes), kSpmmVectors of them per block row: 16 + 4 zmm, 8 + 2 ymm or xmm.
+typedef float vecr __attribute__((vector_size(kVectorBytes)));
+constexpr int kSpmmVectors = kVectorBytes >= 64 ? 4 : 2;
+constexpr int64_t kSpmmLanes = kVectorBytes / sizeof(float);
+constexpr int64_t kSpmmChunk = kSpmmVectors * kSpmmLanes;  // batch columns per pass
 
 // Block rows [*r0, *r1) of this OpenMP thread (work = blocks + block rows).
 inline void thread_block_rows(const int32_t* rowptr, int64_t rows, int64_t* r0, int64_t* r1) {
@@ -63,24 +70,37 @@ void gemv(const Bsr& w, const I* c, const float* x, const float* bias, float* y,
   }
 }
 
+// gemv with the widest vector of this instruction set that divides C (a multiple of 4): no
+// vector wider than a register (see kVectorBytes).
+template <typename I>
+void gemv_widest(const Bsr& w, const I* c, const float* x, const float* bias, float* y, int T) {
+  if constexpr (kVectorBytes >= 64) {
+    if (w.C % 16 == 0) return gemv<vec16>(w, c, x, bias, y, T);
+  }
+  if constexpr (kVectorBytes >= 32) {
+    if (w.C % 8 == 0) return gemv<vec8>(w, c, x, bias, y, T);
+  }
+  gemv<vec4>(w, c, x, bias, y, T);
+}
+
 // RB rows (i0 .. i0+RB of block row br) times NV vectors of transposed inputs at xt.
 template <int RB, int NV, typename I>
 inline void rows_chunk(const Bsr& w, const I* c, int64_t br, int64_t i0, const float* xt,
-                       int64_t ld, float (*out)[4 * 16]) {
-  constexpr int64_t L = 16;
+                       int64_t ld, float (*out)[kSpmmChunk]) {
+  constexpr int64_t L = kSpmmLanes;
   const int64_t RC = w.R * w.C;
-  vec16 acc[RB][NV];
+  vecr acc[RB][NV];
 #pragma GCC unroll 4
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 4
-    for (int n = 0; n < NV; ++n) acc[r][n] = vec16{};
+    for (int n = 0; n < NV; ++n) acc[r][n] = vecr{};
   for (int64_t k = w.rowptr[br]; k < w.rowptr[br + 1]; ++k) {
     const float* vb = w.v + k * RC + i0 * w.C;
     const float* xb = xt + static_cast<int64_t>(c[k]) * w.C * ld;
     for (int64_t j = 0; j < w.C; ++j) {
-      vec16 xv[NV];
+      vecr xv[NV];
 #pragma GCC unroll 4
-      for (int n = 0; n < NV; ++n) xv[n] = loadv<vec16>(xb + j * ld + n * L);
+      for (int n = 0; n < NV; ++n) xv[n] = loadv<vecr>(xb + j * ld + n * L);
 #pragma GCC unroll 4
       for (int r = 0; r < RB; ++r) {
         const float s = vb[r * w.C + j];
@@ -94,10 +114,12 @@ inline void rows_chunk(const Bsr& w, const I* c, int64_t br, int64_t i0, const f
 
 template <int RB, typename I>
 inline void rows_chunk_n(int nv, const Bsr& w, const I* c, int64_t br, int64_t i0,
-                         const float* xt, int64_t ld, float (*out)[4 * 16]) {
+                         const float* xt, int64_t ld, float (*out)[kSpmmChunk]) {
   switch (nv) {
+#if SPARSEKIT_AVX512
     case 4: rows_chunk<RB, 4>(w, c, br, i0, xt, ld, out); break;
     case 3: rows_chunk<RB, 3>(w, c, br, i0, xt, ld, out); break;
+#endif
     case 2: rows_chunk<RB, 2>(w, c, br, i0, xt, ld, out); break;
     default: rows_chunk<RB, 1>(w, c, br, i0, xt, ld, out); break;
   }
@@ -107,7 +129,7 @@ inline void rows_chunk_n(int nv, const Bsr& w, const I* c, int64_t br, int64_t i
 template <typename I>
 void spmm(const Bsr& w, const I* c, int64_t cols, const float* x, int64_t batch,
           const float* bias, float* y, int T) {
-  constexpr int64_t L = 16, kChunk = 4 * L;
+  constexpr int64_t L = kSpmmLanes, kChunk = kSpmmChunk;
   const int64_t brows = (w.out_rows + w.R - 1) / w.R;
   const int64_t cols_pad = (cols + w.C - 1) / w.C * w.C, ld = (batch + L - 1) / L * L;
   float* xt = workspace(cols_pad * ld);
@@ -121,7 +143,7 @@ void spmm(const Bsr& w, const I* c, int64_t cols, const float* x, int64_t batch,
     for (int64_t br = r0; br < r1; ++br) {
       const int64_t n_rows = std::min(w.R, w.out_rows - br * w.R);
       for (int64_t b0 = 0; b0 < ld; b0 += kChunk) {
-        const int nv = static_cast<int>(std::min<int64_t>(4, (ld - b0) / L));
+        const int nv = static_cast<int>(std::min<int64_t>(kSpmmVectors, (ld - b0) / L));
         const int64_t b1 = std::min<int64_t>(batch, b0 + nv * L);
         for (int64_t i0 = 0; i0 < n_rows; i0 += RB) {
           if (RB == 4) {
@@ -159,9 +181,7 @@ void run(const Bsr& w, const I* c, const Linear& io) {
       xb = padded.data();
     }
     float* yb = io.y + b * w.out_rows;
-    if (w.C % 16 == 0) gemv<vec16>(w, c, xb, bias, yb, T);
-    else if (w.C % 8 == 0) gemv<vec8>(w, c, xb, bias, yb, T);
-    else gemv<vec4>(w, c, xb, bias, yb, T);
+    gemv_widest(w, c, xb, bias, yb, T);
   }
 }
 

@@ -14,26 +14,6 @@ constexpr int64_t kPrefetch = 512;  // nonzeros (2 KiB of values) prefetched ahe
 typedef float vec16 __attribute__((vector_size(64)));  // batched-kernel vectors
 typedef float vec8 __attribute__((vector_size(32)));
 
-#if SPARSEKIT_AVX2
-// x at 4, 8 or 16 columns c[0..) as one vector, built from scalar loads: on AMD Zen 5 this
-// ran the GEMV 1.4-1.5x faster than vgatherdps (8 or 16 lanes) at 50% and 90% in bf16 and
-// int8 (11008x4096, one thread), and Zen 3's gathers are slower still.
-template <typename I>
-inline __m128 gather4(const float* x, const I* c) {
-  return _mm_set_ps(x[c[3]], x[c[2]], x[c[1]], x[c[0]]);
-}
-template <typename I>
-inline __m256 gather8(const float* x, const I* c) {
-  return _mm256_insertf128_ps(_mm256_castps128_ps256(gather4(x, c)), gather4(x, c + 4), 1);
-}
-#endif
-#if SPARSEKIT_AVX512
-template <typename I>
-inline __m512 gather16(const float* x, const I* c) {
-  return _mm512_insertf32x8(_mm512_castps256_ps512(gather8(x, c)), gather8(x, c + 8), 1);
-}
-#endif
-
 // Sum of v[k] * x[c[k]] over one row of n nonzeros.
 template <typename Value, typename I>
 inline float row_dot(const Value* v, const I* c, int64_t n, const float* x) {

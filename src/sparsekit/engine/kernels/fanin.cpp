@@ -5,10 +5,12 @@
 // is wider than 65536), plus the int32 output row of each stored row. Rows without nonzeros
 // (ablated neurons) are not stored: they cost one write of the bias, not k reads. No row
 // pointers are needed and the work per row is constant, so rows split evenly over threads.
-//   batch 1-3: one GEMV per input, a gather dot product per row (AVX-512 gathers with a
-//              masked tail; a scalar loop elsewhere), prefetching the next rows.
+//   batch 1-3: one GEMV per input, the CSR kernel's dot product per row (x assembled from
+//              scalar index loads, 16 or 8 lanes; a scalar loop elsewhere), prefetching the
+//              next rows.
 //   batch > 3: x is transposed once into a workspace (cols, ld) and each row is streamed
-//              once per chunk of up to 64 inputs: one broadcast-FMA per nonzero and vector.
+//              once per chunk of up to 4 vectors of inputs (64 on AVX-512, 32 on AVX2): one
+//              broadcast-FMA per nonzero and vector.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>

@@ -5,44 +5,17 @@ namespace sparsekit::SPARSEKIT_ISA::fanin {
 
 constexpr int64_t kGemvMaxBatch = 3;
 constexpr int64_t kRowTile = 16;  // rows per batched tile
-typedef float vec16 __attribute__((vector_size(64)));
+// The batched kernel's vectors: one register of this instruction set (wider generic vectors
+// are split into several, and the 2 x kSpmmVectors accumulators spill: see kVectorBytes).
+typedef float vecr __attribute__((vector_size(kVectorBytes)));
+constexpr int kSpmmVectors = 4;  // per row and chunk: 8 accumulators
+constexpr int64_t kSpmmLanes = kVectorBytes / sizeof(float);
 
 struct FanIn {
   const float* v;
   const int32_t* rows;  // output row of each stored row
   int64_t n, k, out_rows;
 };
-
-#if SPARSEKIT_AVX512
-inline __m512i load_idx(const uint16_t* p, __mmask16 m) {
-  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
-}
-inline __m512i load_idx(const int32_t* p, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }
-#endif
-
-// Sum of v[j] * x[c[j]] over the k nonzeros of one row.
-template <typename I>
-inline float row_dot(const float* v, const I* c, int64_t k, const float* x) {
-  int64_t j = 0;
-  float s = 0.f;
-#if SPARSEKIT_AVX512
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  for (; j + 32 <= k; j += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j),
-                         _mm512_i32gather_ps(load_idx(c + j, 0xFFFF), x, 4), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j + 16),
-                         _mm512_i32gather_ps(load_idx(c + j + 16, 0xFFFF), x, 4), a1);
-  }
-  for (; j < k; j += 16) {
-    const __mmask16 m = k - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - j)) - 1u);
-    const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, load_idx(c + j, m), x, 4);
-    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, v + j), g, a0);
-  }
-  s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#endif
-  for (; j < k; ++j) s += v[j] * x[c[j]];
-  return s;
-}
 
 template <typename I>
 void gemv(const FanIn& w, const I* c, const float* x, float* y, int T) {
@@ -54,18 +27,18 @@ void gemv(const FanIn& w, const I* c, const float* x, float* y, int T) {
       for (int64_t j = 0; j < w.k; j += 16) __builtin_prefetch(vr + 2 * w.k + j, 0, 3);
       for (int64_t j = 0; j < w.k; j += 32) __builtin_prefetch(cr + 2 * w.k + j, 0, 3);
     }
-    y[w.rows[r]] += row_dot(vr, cr, w.k, x);
+    y[w.rows[r]] += csr::row_dot(vr, cr, w.k, x);  // a CSR row of k nonzeros
   }
 }
 
 // One row times NV vectors of transposed inputs at xt (leading dimension ld).
 template <int NV, typename I>
 inline void row_chunk(const float* v, const I* c, int64_t k, const float* xt, int64_t ld,
-                      vec16* out) {
-  vec16 acc[2][NV];
+                      vecr* out) {
+  vecr acc[2][NV];
   for (int u = 0; u < 2; ++u)
 #pragma GCC unroll 4
-    for (int n = 0; n < NV; ++n) acc[u][n] = vec16{};
+    for (int n = 0; n < NV; ++n) acc[u][n] = vecr{};
   int64_t j = 0;
   for (; j + 2 <= k; j += 2) {
 #pragma GCC unroll 2
@@ -74,8 +47,8 @@ inline void row_chunk(const float* v, const I* c, int64_t k, const float* xt, in
       const float* xr = xt + static_cast<int64_t>(c[j + u]) * ld;
 #pragma GCC unroll 4
       for (int n = 0; n < NV; ++n) {
-        vec16 xv;
-        __builtin_memcpy(&xv, xr + n * 16, sizeof(xv));
+        vecr xv;
+        __builtin_memcpy(&xv, xr + n * kSpmmLanes, sizeof(xv));
         acc[u][n] += s * xv;
       }
     }
@@ -84,8 +57,8 @@ inline void row_chunk(const float* v, const I* c, int64_t k, const float* xt, in
     const float* xr = xt + static_cast<int64_t>(c[j]) * ld;
 #pragma GCC unroll 4
     for (int n = 0; n < NV; ++n) {
-      vec16 xv;
-      __builtin_memcpy(&xv, xr + n * 16, sizeof(xv));
+      vecr xv;
+      __builtin_memcpy(&xv, xr + n * kSpmmLanes, sizeof(xv));
       acc[0][n] += v[j] * xv;
     }
   }
@@ -95,18 +68,18 @@ inline void row_chunk(const float* v, const I* c, int64_t k, const float* xt, in
 template <typename I>
 void spmm(const FanIn& w, const I* c, int64_t cols, const float* x, int64_t batch, float* y,
           int T) {
-  constexpr int64_t L = 16, kChunk = 4 * L;
+  constexpr int64_t L = kSpmmLanes, kChunk = kSpmmVectors * L;
   const int64_t ld = (batch + L - 1) / L * L;
   float* xt = workspace(cols * ld);
 #pragma omp parallel num_threads(T)
   {
     transpose_into(x, batch, cols, cols, ld, xt);
-    alignas(64) vec16 tile[kRowTile][4];
+    alignas(64) vecr tile[kRowTile][kSpmmVectors];
 #pragma omp for schedule(static)
     for (int64_t t0 = 0; t0 < w.n; t0 += kRowTile) {  // tiles: contiguous runs of y
       const int64_t t1 = std::min(w.n, t0 + kRowTile);
       for (int64_t b0 = 0; b0 < ld; b0 += kChunk) {
-        const int nv = static_cast<int>(std::min<int64_t>(4, (ld - b0) / L));
+        const int nv = static_cast<int>(std::min<int64_t>(kSpmmVectors, (ld - b0) / L));
         for (int64_t r = t0; r < t1; ++r) {
           const float* vr = w.v + r * w.k;
           const I* cr = c + r * w.k;

@@ -89,4 +89,25 @@ inline float hsum8(__m256 v) {
 }
 #endif
 
+#if SPARSEKIT_AVX2
+// x at 4, 8 or 16 columns c[0..) as one vector, built from scalar loads: on AMD Zen 5 this
+// ran the GEMV 1.4-1.5x faster than vgatherdps (8 or 16 lanes) at 50% and 90% in bf16 and
+// int8 (11008x4096, one thread), and Zen 3's gathers are slower still.
+template <typename I>
+inline __m128 gather4(const float* x, const I* c) {
+  return _mm_set_ps(x[c[3]], x[c[2]], x[c[1]], x[c[0]]);
+}
+template <typename I>
+inline __m256 gather8(const float* x, const I* c) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(gather4(x, c)), gather4(x, c + 4), 1);
+}
+#endif
+#if SPARSEKIT_AVX512
+template <typename I>
+inline __m512 gather16(const float* x, const I* c) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(gather8(x, c)), gather8(x, c + 8), 1);
+}
+#endif
+
+
 }  // namespace sparsekit::SPARSEKIT_ISA
