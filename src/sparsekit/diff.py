@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 from rich.table import Table
-from rich.text import Text
 from safetensors.torch import load_file
 from torch import nn
 
-from sparsekit import checkpoint
+from sparsekit import _table, checkpoint
 from sparsekit.pretrained import WEIGHTS_NAME
 
 __all__ = ["Diff", "DiffRow", "diff"]
@@ -33,6 +32,7 @@ Source = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike
 """What :func:`diff` compares: a model, a state dict, a checkpoint file or directory."""
 
 _HEADERS = ("tensor", "shape", "entries", "changed", "density", "relative norm")
+_RIGHT = (False, False, True, True, True, True)  # numbers right-aligned
 
 
 @dataclass(frozen=True)
@@ -85,23 +85,11 @@ class Diff:
 
     def to_markdown(self) -> str:
         """A GitHub-flavoured Markdown table with a bold total row."""
-        body, total = self._cells()
-        lines = [_md(_HEADERS), _md([":---", ":---", "---:", "---:", "---:", "---:"])]
-        lines += [_md(cells) for cells in body]
-        lines.append(_md([f"**{c}**" if c else "" for c in total]))
-        return "\n".join(lines)
+        return _table.markdown(_HEADERS, _RIGHT, *self._cells())
 
     def to_rich(self) -> Table:
         """The Markdown table's content as a ``rich.table.Table``."""
-        body, total = self._cells()
-        table = Table()
-        for i, header in enumerate(_HEADERS):
-            table.add_column(header, justify="left" if i < 2 else "right")
-        for cells in body:
-            table.add_row(*map(Text, cells))  # Text, not str: names are not rich markup
-        table.add_section()
-        table.add_row(*map(Text, total), style="bold")
-        return table
+        return _table.rich_table(_HEADERS, _RIGHT, *self._cells())
 
     def __str__(self) -> str:
         return self.to_markdown()
@@ -197,6 +185,3 @@ def _ratio(num: float, den: float) -> float:
 def _few(names: list[str]) -> str:
     return f"{names[:5]}{'…' if len(names) > 5 else ''}"
 
-
-def _md(cells) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"

@@ -19,15 +19,15 @@ those of a layer the forward pass never called; totals then sum the known values
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypedDict
 
 import torch
 from rich.table import Table
-from rich.text import Text
 from torch import nn
 
+from sparsekit import _table
 from sparsekit.observe import macs
 from sparsekit.targets import default_types, linear_types
 
@@ -131,23 +131,11 @@ class Report:
 
     def to_markdown(self) -> str:
         """A GitHub-flavoured markdown table with a bold total row."""
-        headers, right, body, total = self._grid()
-        lines = [_md_line(headers), _md_line(["---:" if r else ":---" for r in right])]
-        lines += [_md_line(cells) for cells in body]
-        lines.append(_md_line([f"**{c}**" if c else "" for c in total]))
-        return "\n".join(lines)
+        return _table.markdown(*self._grid())
 
     def to_rich(self) -> Table:
         """The markdown table's content as a ``rich.table.Table``."""
-        headers, right, body, total = self._grid()
-        table = Table()
-        for header, r in zip(headers, right, strict=True):
-            table.add_column(header, justify="right" if r else "left")
-        for cells in body:
-            table.add_row(*map(Text, cells))  # Text, not str: names are not rich markup
-        table.add_section()
-        table.add_row(*map(Text, total), style="bold")
-        return table
+        return _table.rich_table(*self._grid())
 
     def __str__(self) -> str:
         return self.to_markdown()
@@ -294,6 +282,3 @@ def _cell(value: object) -> str:
         return f"{value:.4g}"
     return str(value)
 
-
-def _md_line(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
