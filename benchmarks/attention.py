@@ -287,6 +287,9 @@ def main() -> int:
     val = data[split:]
     if max(lengths) > val.numel():
         val = data[-max(lengths):]
+    # one compiled graph per (length, mask shape): past dynamo's default limit of 8 the
+    # later calls would run FlexAttention eagerly, a slower peer than it is
+    torch._dynamo.config.recompile_limit = 256
     flex = torch.compile(flex_attention, dynamic=False)
     rows, qkv = [], None
     for length in lengths:

@@ -41,9 +41,11 @@ __all__ = ["MIN_LENGTH", "NAME", "SparseAttention", "apply", "register", "remove
 NAME = "sparsekit"
 """The attention implementation name models are switched to."""
 
-MIN_LENGTH = 4096
-"""Default break-even key length: below it SDPA's dense attention beats estimating a
-pattern plus the block-sparse kernel (``benchmarks/attention.py`` measures it)."""
+MIN_LENGTH = 8192
+"""Default break-even key length: below it SDPA's dense attention beats estimating the
+default (antidiagonal) pattern plus the block-sparse kernel — measured by
+``benchmarks/attention.py`` (``benchmarks/results/attention.md``: 8192 tokens on a 2-core
+AMD EPYC, 4 heads of 64)."""
 
 ATTRIBUTE = "sparse_attention"
 """The attribute :func:`apply` sets on the modules that read the model's config."""
