@@ -20,13 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from sparsekit._checks import check_int
+from sparsekit.attention.coverage import blocks
 from sparsekit.engine import kernels
 
 __all__ = ["block_sparse_attention", "dense_block_mask", "reference_attention"]
-
-
-def _blocks(length: int, block_size: int) -> int:
-    return -(-length // block_size)
 
 
 def _check(
@@ -54,7 +51,7 @@ def _check(
             f"the query heads ({heads}) must be a multiple of the key/value heads "
             f"({k.shape[1]}) (grouped-query attention)"
         )
-    want = (_blocks(q_len, block_size), _blocks(k.shape[2], block_size))
+    want = (blocks(q_len, block_size), blocks(k.shape[2], block_size))
     if (
         not isinstance(block_mask, torch.Tensor)
         or block_mask.dtype != torch.bool
