@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import describe
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("wanda", "sparsegpt")
@@ -142,8 +143,9 @@ def main() -> None:
     load_end = os.getloadavg()[0]
     suffix = "_quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"setup": setup, "hidden": hidden, "layers": layers, "windows": windows,
-            "seqlen": seqlen, "cores": args.cores, "repeats": repeats,
+    machine = describe()
+    meta = {"setup": setup, "machine": machine, "hidden": hidden, "layers": layers,
+            "windows": windows, "seqlen": seqlen, "cores": args.cores, "repeats": repeats,
             "load_average": [load, load_end], "torch": torch.__version__}
     (args.out / f"distributed_prune{suffix}.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -157,6 +159,8 @@ def main() -> None:
         f"of the prune call (slowest rank), best of {repeats} alternating runs; load average "
         f"{load:.1f} at start, {load_end:.1f} at the end (a shared machine: read the ratios "
         "with that in mind).",
+        "",
+        f"CPU: {machine['model']} ({machine['flags']}); kernels {machine['isa']}.",
         "",
         f"| method | {head} | speed-up (2 processes vs best single) | masks agree |",
         "|---|" + "---|" * (len(configs) + 2),

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import describe
 
 from sparsekit.engine import kernels
 from sparsekit.sae import SAE, capture, metrics, train
@@ -231,6 +232,8 @@ def markdown(setup: dict, pairs: list[dict], front: list[dict], decode: list[dic
              f"lines: {setup['train_tokens']} training / {setup['test_tokens']} held-out tokens; "
              f"{setup['n_latents']} latents, batch {setup['batch']}, lr {setup['lr']}, "
              f"{setup['threads']} thread(s); load average {setup['load']}.", "",
+             f"CPU: {setup['machine']['model']} ({setup['machine']['flags']}); kernels "
+             f"{setup['machine']['isa']}.", "",
              "| activation | k | tokens | library | held-out FVU | L0 | dead | tokens/s |",
              "|---|---|---|---|---|---|---|---|"]
     for p in pairs:
@@ -275,7 +278,7 @@ def main() -> int:
     setup = {"d_in": data.shape[1], "train_tokens": len(train_x), "test_tokens": len(test_x),
              "n_latents": n_latents, "batch": batch, "lr": lr, "steps": steps,
              "threads": args.threads, "quick": quick,
-             "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+             "load": " ".join(f"{x:.1f}" for x in os.getloadavg()), "machine": describe()}
     pairs = []
     for activation in ("topk", "batchtopk"):
         print(f"{activation}: sparsekit vs SAELens, {steps} steps of {batch} ...", flush=True)
