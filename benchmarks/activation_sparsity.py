@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _machine import cpu_info
+from _report import checklist, conclude
 from _timing import time_ms
 from llm_pruning import SEQLEN, shakespeare, train_llama
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -330,20 +330,13 @@ def main() -> int:
         results += model_checks(llama, decode)
         body += model_markdown(llama, decode, args.quick)
     name = "activation_sparsity" + ("_quick" if args.quick else "_layers" if args.layers else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(
-        {"layers": layers, "llama": llama, "decode": decode, "checks": dict(results),
-         "note": note}, indent=2))
     report = "\n".join(["# Activation sparsity (TEAL / WINA / CATS)", "", note, "", *body,
-                        "## Targets", "",
-                        *(f"- [{'x' if ok else ' '}] {what}" for what, ok in results)]) + "\n"
-    (RESULTS / f"{name}.md").write_text(report)
+                        "## Targets", "", *checklist(results)]) + "\n"
     print(report)
-    missed = [what for what, ok in results if not ok]
-    if missed and not (args.quick or args.no_check):
-        print("missed targets:\n  " + "\n  ".join(missed))
-        return 1
-    return 0
+    return conclude(results, {
+        RESULTS / f"{name}.json": {"layers": layers, "llama": llama, "decode": decode,
+                                   "checks": dict(results), "note": note},
+        RESULTS / f"{name}.md": report}, no_check=args.quick or args.no_check)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _report import checklist, conclude  # noqa: E402
 from _timing import time_ms  # noqa: E402
 from kernels import cpu_info  # noqa: E402
 from llm_pruning import SEQLEN, shakespeare, train_llama  # noqa: E402
@@ -266,7 +266,7 @@ def markdown(header: str, rows: list[dict], decode: dict, short: list[dict],
     lines += [f"| {r['pattern']} | {r['perplexity']:.3f} | {r['density']:.3f} | "
               f"{r['recall']:.3f} | {r['relative_error']:.3f} |" for r in short]
     lines += ["", "## Checks", ""]
-    lines += [f"- {'PASS' if ok else 'MISS'}: {claim}" for claim, ok in results]
+    lines += checklist(results)
     return "\n".join(lines) + "\n"
 
 
@@ -299,24 +299,19 @@ def main() -> int:
     short = short_rows(model, val, args.quick)
     even = break_even(rows)
     results = checks(rows, decode)
-    for claim, ok in results:
-        print(f"{'PASS' if ok else 'MISS'}: {claim}")
     cpu, isa = cpu_info()
     header = (f"# Sparse attention{' (quick)' if args.quick else ''}\n\n"
               f"{cpu} ({', '.join(isa) or 'no SIMD flags'}), {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}; layer {LAYER} of the trained byte-level LLaMA "
               f"(4 heads of 64) over tinyshakespeare; {time.perf_counter() - start:.0f} s in all.")
     name = "attention_quick" if args.quick else "attention"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.md").write_text(markdown(header, rows, decode, short, even, results))
-    (args.out / f"{name}.json").write_text(json.dumps({
-        "cpu": cpu, "isa": isa, "threads": torch.get_num_threads(), "block_size": BLOCK,
-        "patterns": {n: str(p) for n, p in LONG.items()}, "prefill": rows, "decode": decode,
-        "short_context": short, "break_even": even,
-        "checks": [{"claim": c, "met": ok} for c, ok in results],
-    }, indent=2) + "\n")
-    print(f"wrote {args.out / name}.{{md,json}}")
-    return 0 if args.no_check or all(ok for _, ok in results) else 1
+    return conclude(results, {
+        args.out / f"{name}.md": markdown(header, rows, decode, short, even, results),
+        args.out / f"{name}.json": {
+            "cpu": cpu, "isa": isa, "threads": torch.get_num_threads(), "block_size": BLOCK,
+            "patterns": {n: str(p) for n, p in LONG.items()}, "prefill": rows,
+            "decode": decode, "short_context": short, "break_even": even,
+            "checks": [{"claim": c, "met": ok} for c, ok in results]}}, no_check=args.no_check)
 
 
 if __name__ == "__main__":

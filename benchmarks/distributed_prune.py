@@ -23,7 +23,6 @@ also depends on the load, which the report prints.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 from _machine import describe
+from _report import conclude
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("wanda", "sparsegpt")
@@ -85,7 +85,7 @@ def launch(setup: str, method: str, ranks: int, threads: int, out: Path) -> dict
     return torch.load(out, weights_only=False)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model and calibration")
     parser.add_argument("--repeats", type=int, default=None,
@@ -103,7 +103,7 @@ def main() -> None:
     if args.worker:
         setup, method, threads, out = args.worker
         worker(setup, method, int(threads), out)
-        return
+        return 0
     setup = "quick" if args.quick else "full"
     repeats = args.repeats or (2 if args.quick else 3)
     hidden, layers, windows, seqlen = SETUPS[setup]
@@ -142,13 +142,10 @@ def main() -> None:
                 f"{row['speedup']:4.2f}x   masks agree: {100 * min(agree):.4f} %")
     load_end = os.getloadavg()[0]
     suffix = "_quick" if args.quick else ""
-    args.out.mkdir(parents=True, exist_ok=True)
     machine = describe()
     meta = {"setup": setup, "machine": machine, "hidden": hidden, "layers": layers,
             "windows": windows, "seqlen": seqlen, "cores": args.cores, "repeats": repeats,
             "load_average": [load, load_end], "torch": torch.__version__}
-    (args.out / f"distributed_prune{suffix}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     head = " | ".join(f"{p} process{'es' if p > 1 else ''} x {t} thread{'s' if t > 1 else ''} (s)"
                       for p, t in configs)
     lines = [
@@ -174,14 +171,13 @@ def main() -> None:
         "tie at some weights.",
         "",
     ]
-    (args.out / f"distributed_prune{suffix}.md").write_text("\n".join(lines))
-    low = [r["method"] for r in rows if r["mask_agreement"] < MIN_AGREEMENT]
-    if low:
-        print(f"MISS: the 2-process masks of {', '.join(low)} agree with the 1-process masks "
-              f"on less than {100 * MIN_AGREEMENT:g} % of the entries")
-        if not args.no_check:
-            sys.exit(1)
+    checks = [(f"the 2-process masks of {r['method']} agree with the 1-process masks on at "
+               f"least {100 * MIN_AGREEMENT:g} % of the entries",
+               r["mask_agreement"] >= MIN_AGREEMENT) for r in rows]
+    return conclude(checks, {
+        args.out / f"distributed_prune{suffix}.json": {"meta": meta, "rows": rows},
+        args.out / f"distributed_prune{suffix}.md": "\n".join(lines)}, no_check=args.no_check)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,7 +15,6 @@ non-zero listing the misses: compiled slower than 0.95x dense, or not smaller at
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import _timing
 import torch
 import torch.nn.functional as F
+from _report import conclude
 from torch import nn
 
 import sparsekit
@@ -157,10 +157,6 @@ def main() -> int:
         "budget_s": budget, "wall_s": round(time.perf_counter() - start, 1),
     }
     name = "end_to_end_quick" if args.quick else "end_to_end"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(
-        json.dumps({"env": env, "rows": rows, "misses": misses}, indent=2) + "\n"
-    )
     md = [
         "# End to end: dense vs `sparsekit.compile`",
         "",
@@ -181,12 +177,10 @@ def main() -> int:
         "Misses: " + ("none" if not misses else ""),
         *[f"- {m}" for m in misses],
     ]
-    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {RESULTS / name}.json/.md in {env['wall_s']} s")
-    if misses:
-        print("MISSED TARGETS:\n" + "\n".join(f"  {m}" for m in misses), file=sys.stderr)
-        return 0 if args.no_check else 1
-    return 0
+    print(f"{env['wall_s']} s")
+    return conclude([(m, False) for m in misses], {
+        RESULTS / f"{name}.json": {"env": env, "rows": rows, "misses": misses},
+        RESULTS / f"{name}.md": "\n".join(md) + "\n"}, no_check=args.no_check)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import statistics
 import time
 import warnings
@@ -52,6 +51,7 @@ from pathlib import Path
 
 import torch
 from _machine import describe
+from _report import checklist, conclude
 from _timing import time_ms
 from llm_pruning import EVAL_TOKENS, SEQLEN, shakespeare, train_llama
 from torch import nn
@@ -504,7 +504,7 @@ def markdown(machine: dict[str, str], results: list[dict], ppl: dict | None, not
                       f"{p['attention']:.2f} | {p['other ops']:.2f} | {p['python']:.2f} |"
                       for config, p in res["profile"].items()]
         lines += ["", "Targets:", ""]
-        lines += [f"- {'PASS' if ok else 'MISS'}: {claim}" for claim, ok in res["checks"]]
+        lines += checklist(res["checks"])
         lines.append("")
     if ppl is not None:
         lines += ["## Perplexity: int8 over sparse fp32", "", ppl["setup"] + ".", "",
@@ -514,7 +514,7 @@ def markdown(machine: dict[str, str], results: list[dict], ppl: dict | None, not
                   f"{r['ppl_fp32']:.3f} | {r['ppl_int8']:.3f} | {r['added']:+.2%} |"
                   for r in ppl["rows"]]
         lines += ["", "Targets:", ""]
-        lines += [f"- {'PASS' if ok else 'MISS'}: {claim}" for claim, ok in ppl["checks"]]
+        lines += checklist(ppl["checks"])
         lines.append("")
     return "\n".join(lines)
 
@@ -569,21 +569,18 @@ def main() -> int:
         print("perplexity: int8 over sparse fp32", flush=True)
         ppl = perplexity_rows(args.quick)
     stem = "llm_decode_quick" if args.quick else "llm_decode"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"cpu": machine, "note": note, "quick": args.quick,
-         "models": [{**r, "checks": [{"claim": c, "met": ok} for c, ok in r["checks"]]}
-                    for r in results],
-         "perplexity": ppl and {**ppl, "checks": [{"claim": c, "met": ok}
-                                                  for c, ok in ppl["checks"]]}}, indent=2))
     report = markdown(machine, results, ppl, note, args.quick)
-    (args.out / f"{stem}.md").write_text(report)
     print(report)
-    missed = [f"{r['model']}: {claim}" for r in results for claim, ok in r["checks"] if not ok]
-    missed += [claim for claim, ok in (ppl or {"checks": []})["checks"] if not ok]
-    for claim in missed:
-        print(f"MISS {claim}")
-    return 1 if missed and not args.no_check else 0
+    verdicts = [(f"{r['model']}: {claim}", ok) for r in results for claim, ok in r["checks"]]
+    verdicts += (ppl or {"checks": []})["checks"]
+    return conclude(verdicts, {
+        args.out / f"{stem}.json": {
+            "cpu": machine, "note": note, "quick": args.quick,
+            "models": [{**r, "checks": [{"claim": c, "met": ok} for c, ok in r["checks"]]}
+                       for r in results],
+            "perplexity": ppl and {**ppl, "checks": [{"claim": c, "met": ok}
+                                                     for c, ok in ppl["checks"]]}},
+        args.out / f"{stem}.md": report}, no_check=args.no_check)
 
 
 if __name__ == "__main__":

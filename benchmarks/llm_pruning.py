@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import checklist, conclude
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparsekit import llm
@@ -217,7 +217,7 @@ def markdown(setup: str, rows: list[dict], minilm: list[dict],
             lines.append(f"| {method} | " + " | ".join(f"{sims[s]:.4f}"
                                                        for s in _sparsities(minilm)) + " |")
     lines += ["", "Checks (published trend for large models; int8's cost over sparse fp32):", ""]
-    lines += [f"- {'PASS' if ok else 'MISS'}: {name}" for name, ok in results]
+    lines += checklist(results)
     return "\n".join(lines) + "\n"
 
 
@@ -240,21 +240,17 @@ def main() -> int:
     dense, setup, rows = llama_rows(args.quick, args.int8_only)
     minilm = [] if args.int8_only else minilm_rows(args.quick)
     results = checks(rows)
-    for name, ok in results:
-        print(f"{'PASS' if ok else 'MISS'}: {name}")
     label = " (int8 rows only)" if args.int8_only else " (quick)" if args.quick else ""
     header = (f"# LLM pruning{label}\n\n"
               f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
               f"{time.perf_counter() - start:.0f} s in all.")
     name = ("llm_pruning_int8" if args.int8_only else
             "llm_pruning_quick" if args.quick else "llm_pruning")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(markdown(setup, rows, minilm, results, header))
-    (RESULTS / f"{name}.json").write_text(json.dumps(
-        {"dense_perplexity": dense, "llama": rows, "minilm": minilm,
-         "checks": [{"check": n, "pass": ok} for n, ok in results]}, indent=2) + "\n")
-    print(f"wrote {RESULTS / name}.{{md,json}}")
-    return 0 if args.no_check or all(ok for _, ok in results) else 1
+    return conclude(results, {
+        RESULTS / f"{name}.md": markdown(setup, rows, minilm, results, header),
+        RESULTS / f"{name}.json": {"dense_perplexity": dense, "llama": rows, "minilm": minilm,
+                                   "checks": [{"check": n, "pass": ok} for n, ok in results]}},
+        no_check=args.no_check)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,13 @@ benchmarks/results/moefication{,_quick}.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import checklist, conclude
 from activation_sparsity import cpu_model, decode_tokens_per_s, wide_llama
 from llm_pruning import SEQLEN, shakespeare, shakespeare_text, train_llama
 
@@ -280,20 +280,14 @@ def main() -> int:
     decode = decode_section(args.quick, matched(llama["rows"]), llama.pop("calibration"))
     results = checks(llama, minilm, decode)
     name = "moefication" + ("_quick" if args.quick else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(
-        {"llama": llama, "minilm": minilm, "decode": decode, "checks": dict(results),
-         "note": note}, indent=2))
     report = "\n".join(["# MoEfication and contextual sparsity", "", note, "",
                         *markdown(llama, minilm, decode), "## Targets", "",
-                        *(f"- [{'x' if ok else ' '}] {what}" for what, ok in results)]) + "\n"
-    (RESULTS / f"{name}.md").write_text(report)
+                        *checklist(results)]) + "\n"
     print(report)
-    missed = [what for what, ok in results if not ok]
-    if missed and not (args.quick or args.no_check):
-        print("missed targets:\n  " + "\n  ".join(missed))
-        return 1
-    return 0
+    return conclude(results, {
+        RESULTS / f"{name}.json": {"llama": llama, "minilm": minilm, "decode": decode,
+                                   "checks": dict(results), "note": note},
+        RESULTS / f"{name}.md": report}, no_check=args.quick or args.no_check)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from _report import conclude
+
 RESULTS = Path(__file__).parent / "results"
 CASES = (  # (method, allocation, pattern, already-zero fraction before pruning)
     ("magnitude", "global", "unstructured", 0.0),
@@ -137,17 +139,14 @@ def main() -> int:
     goal = (f"goal: peak extra memory ≤ {args.target:.1f}× the model in every case: "
             f"{'met' if met else 'MISSED'} (worst {worst['ratio']:.2f}×, {worst['method']} "
             f"{worst['allocation']} {worst['pattern']})")
-    print(goal)
     setup = {"model_mib": rows[0]["model_mib"], "layers": rows[0]["layers"],
              "hidden": args.hidden, "sparsity": args.sparsity, "target": args.target,
              "torch": torch.__version__, "python": platform.python_version(),
              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs"}
     name = "prune_memory_quick" if args.quick else "prune_memory"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(
-        json.dumps({"setup": setup, "rows": rows, "goal": goal, "met": met}, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(markdown(setup, rows, goal))
-    return 0 if met or args.no_check else 1
+    return conclude([(goal, met)], {
+        args.out / f"{name}.json": {"setup": setup, "rows": rows, "goal": goal, "met": met},
+        args.out / f"{name}.md": markdown(setup, rows, goal)}, no_check=args.no_check)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Writes benchmarks/results/sae.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _machine import describe
+from _report import checklist, conclude
 
 from sparsekit.engine import kernels
 from sparsekit.sae import SAE, capture, metrics, train
@@ -255,8 +255,7 @@ def markdown(setup: dict, pairs: list[dict], front: list[dict], decode: list[dic
         cells = [f"{r['microseconds'].get(n, float('nan')):.1f}"
                  for n in decode[0]["microseconds"]]
         lines.append(f"| {r['tokens']} | " + " | ".join(cells) + " |")
-    lines += ["", "Checks:", ""] + [f"- {'ok' if ok else 'MISS'}: {text}"
-                                    for text, ok in results]
+    lines += ["", "Checks:", "", *checklist(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -290,15 +289,13 @@ def main() -> int:
                      batch=batch, lr=lr, quick=quick)
     decode = decode_timings(data.shape[1], n_latents, 32, 50 if quick else 300)
     results = checks(pairs)
-    for text, ok in results:
-        print(f"{'ok  ' if ok else 'MISS'} {text}")
-    RESULTS.mkdir(exist_ok=True)
     name = "sae_quick" if quick else "sae"
-    (RESULTS / f"{name}.json").write_text(json.dumps(
-        {"setup": setup, "head_to_head": pairs, "frontier": front, "decode": decode,
-         "checks": [{"check": t, "ok": ok} for t, ok in results]}, indent=2))
-    (RESULTS / f"{name}.md").write_text(markdown(setup, pairs, front, decode, results))
-    return 0 if args.no_check or all(ok for _, ok in results) else 1
+    return conclude(results, {
+        RESULTS / f"{name}.json": {"setup": setup, "head_to_head": pairs, "frontier": front,
+                                   "decode": decode,
+                                   "checks": [{"check": t, "ok": ok} for t, ok in results]},
+        RESULTS / f"{name}.md": markdown(setup, pairs, front, decode, results)},
+        no_check=args.no_check)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import random
@@ -51,6 +50,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import llm_pruning  # noqa: E402  (the cached LLaMA and tinyshakespeare)
+from _report import checklist, conclude  # noqa: E402
 
 from sparsekit import llm  # noqa: E402
 from sparsekit.finetune import masked_delta, merge_lora, sparse_lora  # noqa: E402
@@ -379,7 +379,7 @@ def markdown(results: list[dict], verdicts: list[tuple[str, bool]], setup: str) 
                          f"{r['merged']['loss']:.4f} | {'yes' if r['zeros_kept'] else 'NO'} | "
                          f"{r['seconds']:.0f} |")
         lines.append("")
-    lines += ["## Checks", ""] + [f"- {'ok' if ok else 'MISS'}: {text}" for text, ok in verdicts]
+    lines += ["## Checks", "", *checklist(verdicts)]
     return "\n".join(lines) + "\n"
 
 
@@ -419,15 +419,13 @@ def main() -> int:
              f"{LlamaTask.rank} (LLaMA) / {MiniLMTask.rank} (MiniLM) on every block projection; "
              "masked-delta at the same number of trainable entries in the same layers.")
     verdicts = checks(results)
-    for text, ok in verdicts:
-        print(("ok   " if ok else "MISS ") + text)
     suffix = "_quick" if args.quick else ""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"sparse_finetune{suffix}.json").write_text(
-        json.dumps({"setup": setup, "results": results,
-                    "checks": [{"check": t, "ok": ok} for t, ok in verdicts]}, indent=2))
-    (RESULTS / f"sparse_finetune{suffix}.md").write_text(markdown(results, verdicts, setup))
-    return 0 if args.no_check or all(ok for _, ok in verdicts) else 1
+    return conclude(verdicts, {
+        RESULTS / f"sparse_finetune{suffix}.json": {
+            "setup": setup, "results": results,
+            "checks": [{"check": t, "ok": ok} for t, ok in verdicts]},
+        RESULTS / f"sparse_finetune{suffix}.md": markdown(results, verdicts, setup)},
+        no_check=args.no_check)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import conclude
 from _timing import time_ms
 from torch import nn
 
@@ -216,19 +216,13 @@ def measure(args: argparse.Namespace) -> int:
     }
     md = _markdown(rows, rigl_rows, meta, misses)
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "sparse_linear_training" + ("_quick" if args.quick else "")
     stem += f"_threads{args.threads}" if args.threads else ""
     stem += f"_{args.isa}" if args.isa else ""
-    (args.out / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "rigl_rows": rigl_rows, "misses": misses},
-                   indent=2) + "\n"
-    )
-    (args.out / f"{stem}.md").write_text(md)
-    if misses and not args.no_check:
-        print("missed targets:\n  " + "\n  ".join(misses), file=sys.stderr)
-        return 1
-    return 0
+    return conclude([(m, False) for m in misses], {
+        args.out / f"{stem}.json": {"meta": meta, "rows": rows, "rigl_rows": rigl_rows,
+                                    "misses": misses},
+        args.out / f"{stem}.md": md}, no_check=args.no_check)
 
 
 def _markdown(rows: list[dict], rigl_rows: list[dict], meta: dict, misses: list[str]) -> str:

@@ -14,7 +14,6 @@ reproduce (``--no-check`` to only report). Writes benchmarks/results/sparse_trai
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _report import conclude, verdict
 from torch.utils.data import TensorDataset
 
 import sparsekit
@@ -101,11 +101,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(_row(name, method, sparsity, results, dense_time))
                 print(_line(rows[-1]), flush=True)
     checks = _checks(rows)
-    _write(args.out, data.name, config, rows, checks)
-    for c in checks:
-        print(f"{'PASS' if c['ok'] else 'FAIL'}: {c['claim']} ({c['detail']})")
-    failed = [c for c in checks if not c["ok"]]
-    return 1 if failed and not args.no_check else 0
+    meta = {"dataset": data.name, "sparsities": config["sparsities"], "seeds": config["seeds"],
+            "epochs": {k: v[2] for k, v in config["models"].items()},
+            "threads": torch.get_num_threads()}
+    _plot(args.out, rows)
+    return conclude([(f"{c['claim']} ({c['detail']})", c["ok"]) for c in checks], {
+        args.out / "sparse_training.json": {"config": meta, "rows": rows, "checks": checks},
+        args.out / "sparse_training.md": _markdown(meta, rows, checks)}, no_check=args.no_check)
 
 
 def _row(model: str, method: str, sparsity: float, results, dense_time: float) -> dict:
@@ -139,14 +141,8 @@ def _checks(rows: list[dict]) -> list[dict]:
     return checks
 
 
-def _write(out: Path, dataset: str, config: dict, rows: list[dict], checks: list[dict]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"dataset": dataset, "sparsities": config["sparsities"], "seeds": config["seeds"],
-            "epochs": {k: v[2] for k, v in config["models"].items()},
-            "threads": torch.get_num_threads()}
-    (out / "sparse_training.json").write_text(
-        json.dumps({"config": meta, "rows": rows, "checks": checks}, indent=2))
-    lines = [f"Dataset {dataset}; epochs {meta['epochs']}; seeds {list(config['seeds'])}; "
+def _markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
+    lines = [f"Dataset {meta['dataset']}; epochs {meta['epochs']}; seeds {list(meta['seeds'])}; "
              f"{meta['threads']} threads. Accuracy mean ± std; time relative to dense.", "",
              "| model | method | sparsity | accuracy | time vs dense |",
              "| :--- | :--- | ---: | ---: | ---: |"]
@@ -154,10 +150,8 @@ def _write(out: Path, dataset: str, config: dict, rows: list[dict], checks: list
               f"{r['acc_mean']:.2%} ± {r['acc_std']:.2%} | {r['time_vs_dense']:.2f}× |"
               for r in rows]
     lines += ["", "| trend | result | values |", "| :--- | :--- | :--- |"]
-    lines += [f"| {c['claim']} | {'PASS' if c['ok'] else 'FAIL'} | {c['detail']} |"
-              for c in checks]
-    (out / "sparse_training.md").write_text("\n".join(lines) + "\n")
-    _plot(out, rows)
+    lines += [f"| {c['claim']} | {verdict(c['ok'])} | {c['detail']} |" for c in checks]
+    return "\n".join(lines) + "\n"
 
 
 def _plot(out: Path, rows: list[dict]) -> None:
@@ -178,6 +172,7 @@ def _plot(out: Path, rows: list[dict]) -> None:
         ax.set_ylabel("test accuracy")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "sparse_training.png", dpi=110)
     plt.close(fig)
 

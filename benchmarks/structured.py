@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+import _report  # noqa: E402
 from _machine import cpu_info  # noqa: E402
 from _timing import time_ms  # noqa: E402
 
@@ -466,16 +467,12 @@ def llm_main(args: argparse.Namespace) -> int:
 
 
 def conclude(path: Path, lines: list[str], checks: list[dict], no_check: bool) -> int:
-    """Write the Markdown (``lines`` and the checks) to ``path``, print it and each MISS;
-    the exit status: 1 when a check failed (unless ``no_check``)."""
-    lines = [*lines, "", *[f"- {'✓' if c['ok'] else '✗'} {c['claim']} ({c['value']})"
-                           for c in checks]]
-    path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    failed = [c for c in checks if not c["ok"]]
-    for c in failed:
-        print(f"MISS: {c['claim']} ({c['value']})")
-    return 1 if failed and not no_check else 0
+    """Print the Markdown (``lines`` and the checks) and end as every benchmark does
+    (``_report.conclude``: verdicts, ``path`` written, exit status)."""
+    verdicts = [(f"{c['claim']} ({c['value']})", c["ok"]) for c in checks]
+    text = "\n".join([*lines, "", *_report.checklist(verdicts)]) + "\n"
+    print(text)
+    return _report.conclude(verdicts, {path: text}, no_check=no_check)
 
 
 def deployed(model: nn.Module) -> nn.Module:
