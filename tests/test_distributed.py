@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _torchrun
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,24 +23,13 @@ from torch.distributed.tensor import DTensor
 import sparsekit
 from sparsekit import distributed
 
-WORKERS = Path(__file__).parent / "ddp"
 DST_METHODS = ["set", "rigl", "snfs", "granet", "srigl"]
 
 
 def torchrun(worker: str, stem: Path, *args: str, ranks: int = 2) -> list[dict]:
-    """Run ``tests/ddp/<worker> *args`` on ``ranks`` gloo processes; return what each rank
-    saved to ``<stem>.rank<r>.pt``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSEKIT_NO_KERNELS": "1"}
-    for _attempt in range(3):  # retries: a gloo rendezvous/connection race is not what is tested
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-             "--standalone", str(WORKERS / worker), *args],
-            capture_output=True, text=True, timeout=900, env=env,
-        )
-        if result.returncode == 0:
-            break
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [torch.load(f"{stem}.rank{r}.pt", weights_only=False) for r in range(ranks)]
+    """:func:`_torchrun.torchrun` on the PyTorch fallback (the cases here test the
+    distributed logic, not the kernels)."""
+    return _torchrun.torchrun(worker, stem, *args, ranks=ranks, kernels=False)
 
 
 # -- FSDP2 ----------------------------------------------------------------------------------
@@ -179,7 +169,7 @@ def _llm_worker():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("llm_prune_worker",
-                                                  WORKERS / "llm_prune_worker.py")
+                                                  _torchrun.WORKERS / "llm_prune_worker.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

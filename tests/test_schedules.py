@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _torchrun import torchrun
 from torch import nn
 
 import sparsekit
@@ -302,19 +299,7 @@ def test_resume_reaches_the_same_masks_and_weights(tmp_path, method):
 
 @pytest.mark.parametrize("method", ["set", "rigl", "snfs", "granet", "srigl"])
 def test_ddp_masks_identical_on_two_ranks(tmp_path, method):
-    worker = Path(__file__).parent / "ddp" / "dst_worker.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for _attempt in range(3):  # retries: a gloo rendezvous/connection race is not what is tested
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-             "--standalone", str(worker), method, str(tmp_path / "out")],
-            capture_output=True, text=True, timeout=900, env=env,
-        )
-        if result.returncode == 0:
-            break
-    assert result.returncode == 0, result.stderr[-2000:]
-    r0 = torch.load(tmp_path / "out.rank0.pt")
-    r1 = torch.load(tmp_path / "out.rank1.pt")
+    r0, r1 = torchrun("dst_worker.py", tmp_path / "out", method, str(tmp_path / "out"))
     assert len(r0["history"]) == 17  # updates at steps 10, 20, …, 170
     for h0, h1 in zip(r0["history"], r1["history"]):
         for n in h0:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _torchrun import torchrun
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -236,18 +233,7 @@ def test_errors_name_the_parameter() -> None:
 
 
 def test_ddp_rigl_sparse_layers_stay_identical_on_two_ranks(tmp_path) -> None:
-    worker = Path(__file__).parent / "ddp" / "dst_worker.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for _attempt in range(3):  # retries: a gloo rendezvous/connection race is not what is tested
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-             "--standalone", str(worker), "rigl", str(tmp_path / "out"), "sparse"],
-            capture_output=True, text=True, timeout=900, env=env,
-        )
-        if result.returncode == 0:
-            break
-    assert result.returncode == 0, result.stderr[-2000:]
-    r0, r1 = (torch.load(tmp_path / f"out.rank{r}.pt") for r in (0, 1))
+    r0, r1 = torchrun("dst_worker.py", tmp_path / "out", "rigl", str(tmp_path / "out"), "sparse")
     assert len(r0["history"]) == 17
     first, last = r0["history"][0], r0["history"][-1]
     assert not torch.equal(first["module.0.weight"], last["module.0.weight"])
