@@ -179,9 +179,20 @@ class TopKBlocks(AttentionPattern):
         return ranks < keep[:, None]
 
 
+@dataclass(frozen=True)
+class _MassThreshold(AttentionPattern):
+    """Base of the adaptive patterns: they keep the fewest tiles that hold ``threshold``
+    (in (0, 1]) of the softmax mass their proxy estimates."""
+
+    threshold: float = 0.95
+
+    def __post_init__(self) -> None:
+        check_fraction("threshold", self.threshold, zero=False, one=True)
+
+
 @ATTENTION_PATTERNS.register("vertical_slash", adaptive=True)
 @dataclass(frozen=True)
-class VerticalSlash(AttentionPattern):
+class VerticalSlash(_MassThreshold):
     """Key columns and diagonals holding ``threshold`` of the last queries' softmax mass
     (MInference's vertical-slash pattern, estimated online per batch entry and head).
 
@@ -193,11 +204,10 @@ class VerticalSlash(AttentionPattern):
     """
 
     name: ClassVar[str] = "vertical_slash"
-    threshold: float = 0.95
     last_queries: int = 64
 
     def __post_init__(self) -> None:
-        check_fraction("threshold", self.threshold, zero=False, one=True)
+        super().__post_init__()
         check_int("last_queries", self.last_queries, minimum=1)
 
     def tiles(self, q, k, *, block_size, causal, visible):
@@ -242,7 +252,7 @@ class VerticalSlash(AttentionPattern):
 
 @ATTENTION_PATTERNS.register("antidiagonal", adaptive=True)
 @dataclass(frozen=True)
-class Antidiagonal(AttentionPattern):
+class Antidiagonal(_MassThreshold):
     """Tiles scored by strided antidiagonal sums, the fewest per query block holding
     ``threshold`` of the estimated mass (XAttention), per batch entry and head.
 
@@ -254,11 +264,10 @@ class Antidiagonal(AttentionPattern):
     """
 
     name: ClassVar[str] = "antidiagonal"
-    threshold: float = 0.95
     stride: int = 8
 
     def __post_init__(self) -> None:
-        check_fraction("threshold", self.threshold, zero=False, one=True)
+        super().__post_init__()
         check_int("stride", self.stride, minimum=1)
 
     def check(self, block_size: int) -> None:
