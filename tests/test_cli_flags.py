@@ -103,3 +103,15 @@ def test_demo_says_loudly_when_it_falls_back_to_digits(tmp_path, capsys, monkeyp
     assert main(argv) == 0
     assert "FALLBACK" in capsys.readouterr().out
     assert demo.FALLBACK in (out / "results.md").read_text()
+
+
+def test_demo_table_headers_name_the_dataset_and_shout_the_digits_fallback():
+    from sparsekit.cli import demo
+
+    row = demo.Row("magnitude", 0.5, 0.8, 0.85, 100, 0.5, 0.9, speedup=1.5,
+                   speedup_range=(1.4, 1.6))
+    for dataset, loud in (("fashion-mnist", False), ("digits", True)):
+        title = demo._table(0.9, [row], dataset).title
+        header = demo._markdown(0.9, [row], dataset).splitlines()[0]
+        assert dataset in title and dataset in header
+        assert (demo.FALLBACK in title, demo.FALLBACK in header) == (loud, loud)

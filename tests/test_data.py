@@ -125,3 +125,12 @@ def test_real_fashion_mnist(monkeypatch):
     data = load_image_dataset()
     assert data.name == "fashion-mnist"
     assert (len(data.train), len(data.test)) == (60000, 10000)
+
+
+def test_make_demo_installs_fashion_mnist_where_the_loader_looks():
+    """``make demo`` in a fresh clone installs (or finds) Fashion-MNIST in the Makefile's
+    ``FASHION`` directory; the loader's default must be that directory, or the demo would
+    fall back to digits on a machine that has the data."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    (line,) = [ln for ln in makefile.splitlines() if ln.startswith("FASHION")]
+    assert line.partition(":=")[2].strip() == DEFAULT_DATA_DIR
