@@ -365,3 +365,75 @@ def test_a_layer_like_one_timed_in_this_compile_reuses_its_decision(
     compile(model, torch.randn(4, 32), formats=CANDIDATES, cache=False)
     assert clock.calls > 0 and "reused" not in compile(
         model, torch.randn(4, 32), formats=CANDIDATES, cache=False).sparsekit_choices["1"]
+
+
+def test_a_close_call_is_timed_again_once_then_stands(
+    monkeypatch: pytest.MonkeyPatch, cache_dir
+) -> None:
+    """dense 1.0 against 0.97 with ±5 % noise and a lucky block: dense is chosen, but the
+    3 % between them lie within the noise of the rounds. Kept forever, that coin toss would
+    decide every later compile; it is timed once more when next read, and the second
+    timing stands."""
+    clock = _clock(monkeypatch, dense=1.0, torch_csr=0.97)
+    first = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    assert all(not c["cached"] and c["format"] == "dense"
+               for c in first.sparsekit_choices.values())
+    files = sorted(cache_dir.glob("*.json"))
+    assert [json.loads(p.read_text())["close_call"] for p in files] == [True, True]
+    assert [json.loads(p.read_text())["timings"] for p in files] == [1, 1]
+    clock.calls = 0
+    second = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    assert clock.calls > 0 and not any(c["cached"] for c in second.sparsekit_choices.values())
+    assert [json.loads(p.read_text())["timings"] for p in files] == [2, 2]
+    clock.calls = 0
+    third = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    assert clock.calls == 0 and all(c["cached"] for c in third.sparsekit_choices.values())
+
+
+def test_a_clear_decision_is_read_without_timing(
+    monkeypatch: pytest.MonkeyPatch, cache_dir
+) -> None:
+    clock = _clock(monkeypatch, dense=1.0, torch_csr=0.5)
+    compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    files = sorted(cache_dir.glob("*.json"))
+    assert [json.loads(p.read_text())["close_call"] for p in files] == [False, False]
+    clock.calls = 0
+    again = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    assert clock.calls == 0 and all(c["cached"] for c in again.sparsekit_choices.values())
+
+
+def test_a_close_call_stored_before_timings_were_counted_is_timed_again(
+    monkeypatch: pytest.MonkeyPatch, cache_dir
+) -> None:
+    clock = _clock(monkeypatch, dense=1.0, torch_csr=0.97)
+    compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    for path in cache_dir.glob("*.json"):  # the layout of the files written until now
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({"key": data["key"], "choice": data["choice"]}))
+    clock.calls = 0
+    compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    assert clock.calls > 0
+
+
+def test_close_call_compares_the_medians_with_the_noise_of_the_rounds() -> None:
+    def choice(csr_ms: float, spread: float) -> dict:
+        return {"times_ms": {"dense": {1: 1.0}, "torch_csr": {1: csr_ms}},
+                "evidence": {1: {"format": "dense", "spread": spread}}}
+
+    assert decisions.close_call(choice(0.97, spread=0.10), CANDIDATES)
+    assert not decisions.close_call(choice(0.97, spread=0.01), CANDIDATES)
+    assert not decisions.close_call(choice(0.5, spread=0.3), CANDIDATES)
+    assert not decisions.close_call(choice(0.97, spread=0.10), ["dense"])  # not a candidate
+
+
+@pytest.mark.parametrize("timings", [0, "2", 1.5])
+def test_a_cache_file_with_a_bad_timing_count_is_ignored(
+    monkeypatch: pytest.MonkeyPatch, cache_dir, timings: object
+) -> None:
+    _clock(monkeypatch, dense=1.0, torch_csr=0.7)
+    compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    for path in cache_dir.glob("*.json"):
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "timings": timings}))
+    with pytest.warns(RuntimeWarning, match="ignoring corrupt.*timings"):
+        compile(_model(), torch.randn(4, 32), formats=CANDIDATES)

@@ -16,6 +16,15 @@ it). Files are written atomically (a temporary file renamed over the old one), s
 concurrent compile never reads half a file. A file that cannot be read, or that does not
 hold a valid decision for its key, is ignored with a ``RuntimeWarning`` and replaced by
 the next timing; a cache that cannot be written only warns.
+
+A decision taken on a busy machine may be a coin toss: two formats whose medians lie
+closer together than the round-to-round noise of the timing could have come out the
+other way. Such a decision is a *close call* (:func:`close_call`, from the evidence every
+choice records: the medians of all candidates and the spread of the round times at each
+served row count). A close call is timed once more the next time it is read — the file
+counts its timings — and that second timing stands, close or not, so a layer whose formats
+really are equal costs one extra timing, not one per compile. Clear decisions are read
+as they are.
 """
 
 from __future__ import annotations
@@ -37,9 +46,11 @@ from torch import nn
 from sparsekit.engine import kernels
 from sparsekit.engine.autotune import MARGIN
 
-__all__ = ["directory", "key", "lookup", "similar", "store"]
+__all__ = ["TIMINGS", "close_call", "directory", "key", "lookup", "similar", "store"]
 
 _VERSION = 3  # of the key and file layout; a change makes old files misses
+TIMINGS = 2
+"""How many timings a close call gets before its decision stands."""
 
 
 def directory() -> Path:
@@ -95,36 +106,46 @@ def similar(key: dict[str, object]) -> str:
     return json.dumps(coarse, sort_keys=True)
 
 
+def close_call(choice: dict[str, object], candidates: Sequence[str]) -> bool:
+    """Whether the timing behind ``choice`` could have chosen otherwise: at some served row
+    count another of ``candidates`` has a median within the noise of the chosen format's
+    (their ratio's distance from 1, in log terms, below the ``spread`` of the round times
+    the evidence records there)."""
+    times, evidence = choice["times_ms"], choice["evidence"]
+    for r, record in evidence.items():
+        chosen = times[record["format"]][r]
+        others = [times[n][r] for n in candidates if n != record["format"] and n in times]
+        if any(abs(math.log(max(t, 1e-12) / max(chosen, 1e-12))) < record["spread"]
+               for t in others):
+            return True
+    return False
+
+
 def lookup(key: dict[str, object]) -> dict[str, object] | None:
-    """The stored choice for ``key``, or ``None`` (a miss, or a file not worth trusting)."""
-    path = _path(key)
-    try:
-        text = path.read_text()
-    except (FileNotFoundError, NotADirectoryError):
+    """The stored choice for ``key``, or ``None``: a miss, a file not worth trusting, or a
+    :func:`close_call` timed fewer than :data:`TIMINGS` times (to be timed again)."""
+    data = _read(key)
+    if data is None:
         return None
-    except OSError as exc:
-        warnings.warn(f"cannot read decision cache file {path}: {exc}", RuntimeWarning,
-                      stacklevel=2)
-        return None
-    try:
-        return _parse(json.loads(text), key)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        warnings.warn(
-            f"ignoring corrupt decision cache file {path} ({type(exc).__name__}: {exc}); "
-            "the layer is timed again", RuntimeWarning, stacklevel=2,
-        )
-        return None
+    choice, timings, close = data
+    return None if close and timings < TIMINGS else choice
 
 
 def store(key: dict[str, object], choice: dict[str, object]) -> None:
-    """Write ``choice`` for ``key`` atomically; warn (never raise) if that is impossible."""
+    """Write ``choice`` for ``key`` atomically, counting it as one more timing of the key
+    than the file it replaces held; warn (never raise) if that is impossible."""
     path = _path(key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # lookup() warned about it already
+        previous = _read(key)
+    timings = 1 + (previous[1] if previous is not None else 0)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"key": key, "choice": choice}, f)
+                json.dump({"key": key, "choice": choice, "timings": timings,
+                           "close_call": close_call(choice, key["candidates"])}, f)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -134,6 +155,35 @@ def store(key: dict[str, object], choice: dict[str, object]) -> None:
             f"cannot write to the decision cache in {path.parent}: {exc.strerror or exc}",
             RuntimeWarning, stacklevel=2,
         )
+
+
+def _read(key: dict[str, object]) -> tuple[dict[str, object], int, bool] | None:
+    """The choice stored for ``key``, how many timings it has had (files written before the
+    count was kept had one) and whether it is a :func:`close_call`; or ``None``, with a
+    warning for a file that cannot be read or is corrupt."""
+    path = _path(key)
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        warnings.warn(f"cannot read decision cache file {path}: {exc}", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    try:
+        data = json.loads(text)
+        choice = _parse(data, key)
+        timings = data.get("timings", 1)
+        if type(timings) is not int or timings < 1:
+            raise ValueError(f"timings {timings!r} is not a count")
+        close = close_call(choice, key["candidates"])
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        warnings.warn(
+            f"ignoring corrupt decision cache file {path} ({type(exc).__name__}: {exc}); "
+            "the layer is timed again", RuntimeWarning, stacklevel=3,
+        )
+        return None
+    return choice, timings, close
 
 
 def _path(key: dict[str, object]) -> Path:
