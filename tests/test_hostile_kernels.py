@@ -373,3 +373,46 @@ def test_format_load_state_dict_checks_index_contents(name: str) -> None:
     assert all(torch.equal(before[k], v) for k, v in fmt.state_dict().items())
     x = torch.randn(3, IN)
     torch.testing.assert_close(fmt.matmul(x), x @ fmt.to_dense().T)
+
+
+def _w8a8(kind: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], object]:
+    """The W8A8 op of ``kind`` on a random half-pruned 8 x 70 layer, and its format."""
+    from sparsekit.engine.formats import Bitmap, DenseLowPrecision, PackedNM
+
+    layer = nn.Linear(70, 8)
+    with torch.no_grad():
+        layer.weight.mul_(torch.arange(70) % 4 < 2)  # 2:4 along the inputs: any format
+    cls = {"dense": DenseLowPrecision, "bitmap": Bitmap, "nm": PackedNM}[kind]
+    fmt = cls.from_dense(layer.weight.detach(), value_dtype=torch.int8,
+                         activation_dtype=torch.int8)
+    ops, bias = torch.ops.sparsekit, layer.bias.detach()
+    calls = {
+        "dense": lambda x: ops.dense_qlinear(fmt.lowp_weight, x, bias, 70, 1, fmt.scales),
+        "bitmap": lambda x: ops.bitmap_qlinear(fmt.bitmap_values, fmt.bitmap_mask,
+                                               fmt.bitmap_rowptr, x, bias, 70, 1, fmt.scales),
+        "nm": lambda x: ops.nm_qlinear(fmt.nm_values, fmt.nm_indices, x, bias, fmt.n, fmt.m, 70,
+                                       1, fmt.scales),
+    }
+    return calls[kind], fmt
+
+
+@needs_kernels
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("position", [0, 37, 69])  # in a 16-wide vector, in the tail
+@pytest.mark.parametrize("kind", ["dense", "bitmap", "nm"])
+def test_w8a8_ops_give_nan_rows_for_non_finite_inputs_on_every_isa(kind, position, bad):
+    """A NaN (or infinite) input has no place on an int8 grid. The AVX-512 path used to
+    give NaN rows and AVX2/scalar arbitrary finite values; every ISA now gives NaN in each
+    output of the affected input rows (F.linear gives NaN or ±inf there) and leaves the
+    other rows exact. The PyTorch fallback agrees."""
+    op, fmt = _w8a8(kind)
+    x = torch.randn(3, 70, generator=torch.Generator().manual_seed(position))
+    clean = x.clone()
+    x[1, position] = bad
+    for isa in kernels.isas():
+        with kernels.use_isa(isa):
+            y, ref = op(x), op(clean)
+        assert torch.isnan(y[1]).all(), (isa, y[1])
+        assert torch.equal(y[[0, 2]], ref[[0, 2]]), isa
+    y, ref = fmt._fallback_mm(x, None), fmt._fallback_mm(clean, None)
+    assert torch.isnan(y[1]).all() and torch.equal(y[[0, 2]], ref[[0, 2]])

@@ -250,9 +250,11 @@ class NativeFormat(Format):
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear`` in float32 for a float32 ``x`` with the dense weight, rebuilt only
         when the buffers moved (W8A8: of ``x`` rounded to its per-row int8 grid, as the
+        kernels do; a row with a NaN or infinite input has no grid and gives NaN, as the
         kernels do)."""
         if self.quantizes_inputs:
-            x = dequantize_int8(*quantize_int8(x))
+            finite = x.isfinite().all(-1, keepdim=True)
+            x = dequantize_int8(*quantize_int8(x.where(finite, 0.0))).where(finite, torch.nan)
         return F.linear(x, self.derived(lambda: self.to_dense().to(torch.float32)), bias)
 
     def extra_repr(self) -> str:

@@ -50,16 +50,30 @@ inline uint8_t store_code(float t) {
 }
 
 // Quantizes x (n inputs) into q (ld bytes, stored codes; zero codes beyond n); returns the
-// row's scale sx.
+// row's scale sx. A row with a NaN or infinite input has no int8 grid: its codes are zero
+// and its scale NaN, so that every output of the row is NaN on every instruction set, as
+// F.linear's would be NaN (or infinite) there.
 inline float quantize_row(const float* x, int64_t n, uint8_t* q, int64_t ld) {
   int64_t k = 0;
   float amax = 0.f;
 #if SPARSEKIT_AVX512
   __m512 m = _mm512_setzero_ps();
-  for (; k + 16 <= n; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  amax = _mm512_reduce_max_ps(m);
+  __mmask16 nan = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+  }
+  amax = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(m);
 #endif
-  for (; k < n; ++k) amax = std::max(amax, __builtin_fabsf(x[k]));
+  for (; k < n; ++k) {
+    const float a = __builtin_fabsf(x[k]);
+    amax = (a > amax || a != a) ? a : amax;  // NaN, once seen, stays
+  }
+  if (!__builtin_isfinite(amax)) {
+    std::memset(q, kZero, ld);
+    return __builtin_nanf("");
+  }
   const float s = amax > 0.f ? amax / 127.f : 1.f;
   k = 0;
 #if SPARSEKIT_AVX512
