@@ -1,4 +1,5 @@
 import json
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -219,3 +220,23 @@ def test_engine_report_shows_value_dtype_bytes_and_quantization_error():
     assert [r.extra["bytes"] for r in rows] == [12 * 4, 6 * 4]  # the dense weight buffers
     assert [r.extra["quant err"] for r in rows] == [0.0, 0.0]  # nothing was rounded
     assert json.dumps(engine_report(compiled).to_dict())
+
+
+def test_engine_report_tells_w8a8_layers_from_int8_weight_layers():
+    """A W8A8 layer (int8 weights and int8-quantized inputs) read "int8" like a layer that
+    keeps float inputs; the report names the activation dtype too."""
+    from sparsekit.engine import compile as engine_compile
+    from sparsekit.engine import kernels
+    from sparsekit.engine import report as engine_report
+
+    if not kernels.available():
+        pytest.skip("compiled kernels unavailable")
+    model, x = mlp(), torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        w8a8 = engine_compile(model, x, formats="dense_lowp", weight_dtype="int8",
+                              activation_dtype="int8", rows=(1,), cache=False)
+        w8 = engine_compile(model, x, formats="dense_lowp", weight_dtype="int8", rows=(1,),
+                            cache=False)
+    assert [r.extra["values"] for r in engine_report(w8a8, x).rows] == ["int8 (W8A8)"] * 2
+    assert [r.extra["values"] for r in engine_report(w8, x).rows] == ["int8"] * 2

@@ -1,9 +1,10 @@
 """report(): :func:`sparsekit.report` with the layers the engine installed.
 
-Compiled layers appear as ``Linear``/``Conv2d`` rows of their format, value dtype and
-bytes, with the times :func:`~sparsekit.engine.compile` measured for them and the
-relative output error its rounding of the weights (bf16, int8) costs; activation-sparse
-layers as ``Linear`` rows of format ``"activation"``.
+Compiled layers appear as ``Linear``/``Conv2d`` rows of their format, value dtype (and
+activation dtype where the inputs are quantized too, W8A8) and bytes, with the times
+:func:`~sparsekit.engine.compile` measured for them and the relative output error its
+rounding of the weights (bf16, int8) costs; activation-sparse layers as ``Linear`` rows of
+format ``"activation"``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sparsekit import observe
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLayer
+from sparsekit.engine.formats.base import Format
 from sparsekit.report import LayerRow, Report
 from sparsekit.report import report as _base_report
 
@@ -27,12 +29,13 @@ def report(
     """:func:`sparsekit.report` that also lists compiled and activation-sparse layers.
 
     Compiled layers appear as ``Linear``/``Conv2d`` rows with the extra columns
-    ``format``, ``values`` (the stored dtype: float32, bfloat16, int8 with per-row scales)
-    and ``bytes`` (all of the format's buffers), and from ``model.sparsekit_choices``
-    ``ms dense``, ``ms sparse``, ``speedup`` and ``quant err`` (the relative output error
-    of the stored values against the layer's own weights, measured by
-    :func:`~sparsekit.engine.compile`); :class:`ActivationSparseLinear` layers as
-    ``Linear`` rows of format ``"activation"``.
+    ``format``, ``values`` (the stored dtype: float32, bfloat16, int8 with per-row scales;
+    ``"int8 (W8A8)"`` where the inputs are quantized to int8 as well, so that a reader
+    tells the integer kernels from the float ones) and ``bytes`` (all of the format's
+    buffers), and from ``model.sparsekit_choices`` ``ms dense``, ``ms sparse``, ``speedup``
+    and ``quant err`` (the relative output error of the stored values against the layer's
+    own weights, measured by :func:`~sparsekit.engine.compile`);
+    :class:`ActivationSparseLinear` layers as ``Linear`` rows of format ``"activation"``.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -53,6 +56,14 @@ def report(
     return Report(rows)
 
 
+def _values(fmt: Format) -> str:
+    """The stored dtype, with the activation dtype where the inputs are quantized (W8A8)."""
+    values = str(fmt.value_dtype).removeprefix("torch.")
+    if getattr(fmt, "activation_dtype", None) == torch.int8:
+        return f"{values} (W8A8)"
+    return values
+
+
 def _special_row(
     name: str,
     module: CompiledLayer | ActivationSparseLinear,
@@ -64,8 +75,7 @@ def _special_row(
     if isinstance(module, CompiledLayer):
         fmt = module.format
         nonzeros = fmt.nnz
-        extra = {"format": fmt.name, "values": str(fmt.value_dtype).removeprefix("torch."),
-                 "bytes": fmt.nbytes}
+        extra = {"format": fmt.name, "values": _values(fmt), "bytes": fmt.nbytes}
         kind = "Conv2d" if isinstance(module, CompiledConv2d) else "Linear"
     else:
         nonzeros, extra = int(torch.count_nonzero(module.to_dense())), {"format": "activation"}
