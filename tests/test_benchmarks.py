@@ -137,3 +137,23 @@ def test_kernels_w8a8_rows_fail_where_a_sparse_format_does_not_beat_torch_int8()
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_report_concludes_every_benchmark_alike(tmp_path, capsys):
+    """``_report.conclude``: a PASS/MISS line per check, the files written (text as is,
+    anything else as JSON), exit 1 on a miss unless ``no_check``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_report", ROOT / "benchmarks" / "_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    checks = [("fast enough", True), ("small enough", False)]
+    assert report.checklist(checks) == ["- PASS: fast enough", "- MISS: small enough"]
+    files = {tmp_path / "new" / "r.md": "# r\n", tmp_path / "r.json": {"rows": [1]}}
+    assert report.conclude(checks, files, no_check=False) == 1
+    assert capsys.readouterr().out.splitlines()[:2] == ["PASS: fast enough",
+                                                       "MISS: small enough"]
+    assert (tmp_path / "new" / "r.md").read_text() == "# r\n"
+    assert json.loads((tmp_path / "r.json").read_text()) == {"rows": [1]}
+    assert report.conclude(checks, {}, no_check=True) == 0
+    assert report.conclude(checks[:1], {}, no_check=False) == 0
