@@ -177,7 +177,7 @@ def main() -> int:
         "Misses: " + ("none" if not misses else ""),
         *[f"- {m}" for m in misses],
     ]
-    print(f"{env['wall_s']} s")
+    print(f"end to end: {env['wall_s']} s")
     return conclude([(m, False) for m in misses], {
         RESULTS / f"{name}.json": {"env": env, "rows": rows, "misses": misses},
         RESULTS / f"{name}.md": "\n".join(md) + "\n"}, no_check=args.no_check)
