@@ -367,6 +367,17 @@ def test_a_layer_like_one_timed_in_this_compile_reuses_its_decision(
         model, torch.randn(4, 32), formats=CANDIDATES, cache=False).sparsekit_choices["1"]
 
 
+def _recorded(cache_dir, field: str) -> list:
+    return [json.loads(p.read_text())[field] for p in sorted(cache_dir.glob("*.json"))]
+
+
+def _compile_again(clock: ScriptedClock) -> tuple[bool, set[bool]]:
+    """Whether compiling the model again timed anything, and its choices' ``cached``."""
+    clock.calls = 0
+    choices = compile(_model(), torch.randn(4, 32), formats=CANDIDATES).sparsekit_choices
+    return clock.calls > 0, {c["cached"] for c in choices.values()}
+
+
 def test_a_close_call_is_timed_again_once_then_stands(
     monkeypatch: pytest.MonkeyPatch, cache_dir
 ) -> None:
@@ -376,18 +387,12 @@ def test_a_close_call_is_timed_again_once_then_stands(
     timing stands."""
     clock = _clock(monkeypatch, dense=1.0, torch_csr=0.97)
     first = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
-    assert all(not c["cached"] and c["format"] == "dense"
-               for c in first.sparsekit_choices.values())
-    files = sorted(cache_dir.glob("*.json"))
-    assert [json.loads(p.read_text())["close_call"] for p in files] == [True, True]
-    assert [json.loads(p.read_text())["timings"] for p in files] == [1, 1]
-    clock.calls = 0
-    second = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
-    assert clock.calls > 0 and not any(c["cached"] for c in second.sparsekit_choices.values())
-    assert [json.loads(p.read_text())["timings"] for p in files] == [2, 2]
-    clock.calls = 0
-    third = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
-    assert clock.calls == 0 and all(c["cached"] for c in third.sparsekit_choices.values())
+    assert {c["format"] for c in first.sparsekit_choices.values()} == {"dense"}
+    assert _recorded(cache_dir, "close_call") == [True, True]
+    assert _recorded(cache_dir, "timings") == [1, 1]
+    assert _compile_again(clock) == (True, {False})
+    assert _recorded(cache_dir, "timings") == [2, 2]
+    assert _compile_again(clock) == (False, {True})
 
 
 def test_a_clear_decision_is_read_without_timing(
@@ -395,11 +400,8 @@ def test_a_clear_decision_is_read_without_timing(
 ) -> None:
     clock = _clock(monkeypatch, dense=1.0, torch_csr=0.5)
     compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
-    files = sorted(cache_dir.glob("*.json"))
-    assert [json.loads(p.read_text())["close_call"] for p in files] == [False, False]
-    clock.calls = 0
-    again = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
-    assert clock.calls == 0 and all(c["cached"] for c in again.sparsekit_choices.values())
+    assert _recorded(cache_dir, "close_call") == [False, False]
+    assert _compile_again(clock) == (False, {True})
 
 
 def test_a_close_call_stored_before_timings_were_counted_is_timed_again(
@@ -410,9 +412,7 @@ def test_a_close_call_stored_before_timings_were_counted_is_timed_again(
     for path in cache_dir.glob("*.json"):  # the layout of the files written until now
         data = json.loads(path.read_text())
         path.write_text(json.dumps({"key": data["key"], "choice": data["choice"]}))
-    clock.calls = 0
-    compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
-    assert clock.calls > 0
+    assert _compile_again(clock)[0]
 
 
 def test_close_call_compares_the_medians_with_the_noise_of_the_rounds() -> None:
