@@ -265,6 +265,18 @@ def test_one_row_traces_whole_with_both_kernels(kernel):
     torch.testing.assert_close(traced(x), layer(x))
 
 
+@needs_kernels
+def test_prompt_rows_trace_whole_with_the_threshold_kernel():
+    layer = ActivationSparseLinear.from_linear(_pruned(70, 30), 0.1, threads=1)
+    x = torch.randn(4, 30)
+    program = torch.export.export(layer, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "sparsekit.act_threshold.default" in targets, targets
+    torch.testing.assert_close(program.module()(x), layer(x))
+    traced = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(traced(x), layer(x))
+
+
 def _clock(act_ms: dict[str, float]):
     """Stands in for ``autotune._time_block``: an activation-sparse layer takes
     ``act_ms["one"]`` at one row and ``act_ms["many"]`` at more, everything else 0.2 ms."""
