@@ -136,7 +136,8 @@ def compile(
     and replaced by :class:`~sparsekit.engine.fused.FusedLinear` members of one kernel
     call if that call beats the separate compiled layers by the rule of
     :mod:`~sparsekit.engine.autotune`; each member's choice then holds the record under
-    ``"fused"``.
+    ``"fused"``. Activation-sparse members with one threshold (TEAL calibrates one per
+    input) fuse into one activation-sparse layer: one thresholding and one kernel call.
 
     ``weight_dtype`` is the dtype of the stored values: ``None`` keeps each layer's own
     (a bfloat16 model gets bfloat16 sparse formats), except that a layer carrying int8
