@@ -8,6 +8,9 @@
 (b) The byte-level LLaMA of the LLM-pruning benchmark (4 x 256, trained on tinyshakespeare by
     ``llm_pruning.train_llama``, cached under benchmarks/cache/): validation perplexity against
     model-wide activation sparsity for TEAL, WINA and CATS with uniform and greedy allocation.
+(k) With --kernels: the activation-sparse kernels alone at the 2048/5632 LLaMA's layer shapes
+    (bf16 and int8 values, 50 and 70 % pruned, TEAL 50 %), one row and one thread on every
+    vector ISA of the CPU, interleaved with the dense peers, in ms and % of their bytes' floor.
 (c) Batch-1 decode tokens/s (KV cache, one ``model(...)`` per token) of the dense model, TEAL
     50% (``sparsekit.compile(model, activation_sparsity=...)``), 50% magnitude weight sparsity
     (``sparsekit.compile`` of the pruned model) and both, timed interleaved. On the trained
@@ -99,6 +102,112 @@ def layer_rows(quick: bool) -> list[dict]:
                 for dtype in (torch.float32, torch.bfloat16) for pruned in (0.0, 0.5)]
     finally:
         torch.set_num_threads(threads)
+
+
+# -- (k) the kernels alone, against their bytes ----------------------------------------
+
+KERNEL_SHAPES = ((2048, 2048), (5632, 2048), (2048, 5632))  # q/k/v/o, gate/up, down (2048/5632)
+STREAM_BYTES = 160e6  # weights cycled per timed function: more than an L3, so calls stream
+
+
+def stream_gb_s(budget_s: float) -> float:
+    """Read bandwidth (GB/s) of one thread summing STREAM_BYTES of float32: the floor's rate."""
+    data = torch.ones(int(STREAM_BYTES // 4))
+    return STREAM_BYTES / (time_ms({"sum": data.sum}, budget_s)["sum"] * 1e6)
+
+
+def _cycled(tensors: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+    """A function returning the tensors in turn (each call reads a weight not in cache)."""
+    state = {"i": 0}
+
+    def nxt() -> torch.Tensor:
+        state["i"] = (state["i"] + 1) % len(tensors)
+        return tensors[state["i"]]
+    return nxt
+
+
+def kernel_row(out: int, cols: int, value: str, pruned: float, gb_s: float,
+               budget_s: float) -> dict:
+    """One layer at weight sparsity ``pruned`` and 50 % input sparsity, one thread: ms per
+    call of the dense peers (``F.linear`` in bf16, sparsekit's ``dense_linear``) and of both
+    activation-sparse kernels, timed interleaved on weights cycled through enough copies to
+    stream from memory, with each one's floor (its own bytes at ``gb_s``)."""
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+    from sparsekit.quantize import quantize_int8
+
+    g = torch.Generator().manual_seed(out + cols)
+    w = torch.randn(out, cols, generator=g)
+    w[torch.rand(out, cols, generator=g) < pruned] = 0
+    x = torch.randn(cols, generator=g)
+    threshold = x.abs().median().expand(cols).contiguous()  # TEAL 50 %
+    kept = x.abs() >= threshold
+    if value == "int8":
+        stored, scales = quantize_int8(w)
+    else:
+        stored, scales, x, threshold = w.bfloat16(), None, x.bfloat16(), threshold.bfloat16()
+    size = stored.element_size()
+    copies = int(STREAM_BYTES // (stored.numel() * size)) + 2
+    ops = torch.ops.sparsekit
+    dense = _cycled([stored.clone() for _ in range(copies)])
+    wt = _cycled([stored.t().contiguous() for _ in range(copies)])
+    sparse = _cycled([ActivationSparseLinear(stored, None, threshold, kernel="act_sparse_gemv",
+                                             scales=scales, dtype=x.dtype, threads=1)
+                      for _ in range(copies)])
+    row2d = x.view(1, -1)
+    fns = {"dense_linear": lambda: ops.dense_linear(dense(), row2d, None, cols, 1, scales),
+           "act_gemv": lambda: ops.act_gemv(wt(), x, threshold, None, 1, scales),
+           "act_sparse_gemv": lambda: sparse()(x)}
+    if value == "bf16":
+        fns["F.linear"] = lambda: F.linear(row2d, dense())
+    stored_kept = int((w[:, kept] != 0).sum())
+    floor_bytes = {"dense_linear": stored.numel() * size, "F.linear": stored.numel() * size,
+                   "act_gemv": int(kept.sum()) * out * size,
+                   "act_sparse_gemv": stored_kept * (size + 2)}  # + uint16 row per weight
+    ms = time_ms(fns, budget_s)
+    floor = {k: floor_bytes[k] / (gb_s * 1e6) for k in ms}
+    return {"shape": [out, cols], "values": value, "pruned": pruned, "ms": ms,
+            "floor_ms": floor, "pct_floor": {k: 100 * floor[k] / ms[k] for k in ms},
+            "x_dense": {k: ms["dense_linear"] / ms[k] for k in ms}}
+
+
+def kernel_rows(quick: bool) -> tuple[list[dict], float]:
+    """(k) every real layer shape x {bf16, int8 (float inputs)} x weight sparsity {50, 70} %
+    on every vector ISA of this CPU, one thread; and the measured stream bandwidth."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    budget = 0.3 if quick else 1.5
+    try:
+        gb_s = stream_gb_s(budget)
+        rows = []
+        for isa in [i for i in kernels.isas() if i != "scalar"]:
+            with kernels.use_isa(isa):
+                for out, cols in KERNEL_SHAPES[:1 if quick else None]:
+                    for value in ("bf16", "int8"):
+                        for pruned in (0.5, 0.7):
+                            row = {"isa": isa, **kernel_row(out, cols, value, pruned, gb_s,
+                                                            budget)}
+                            print(f"  {isa} {out}x{cols} {value} {pruned:.0%}: " + ", ".join(
+                                f"{k} {v:.3f} ms ({row['pct_floor'][k]:.0f} % floor)"
+                                for k, v in row["ms"].items()), flush=True)
+                            rows.append(row)
+        return rows, gb_s
+    finally:
+        torch.set_num_threads(threads)
+
+
+def kernels_markdown(rows: list[dict], gb_s: float) -> list[str]:
+    lines = ["## (k) Activation-sparse kernels against their bytes (TEAL 50 %, one row, one "
+             "thread)", "", f"Floor: the kernel's own bytes at {gb_s:.1f} GB/s (one thread "
+             "summing float32 from memory); weights cycle through copies larger than the L3.",
+             "", "| ISA | shape | values | weights pruned | kernel | ms | floor ms | % of floor "
+             "| vs dense_linear |",
+             "| :--- | :--- | :--- | ---: | :--- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        for k, v in r["ms"].items():
+            lines.append(f"| {r['isa']} | {r['shape'][0]}x{r['shape'][1]} | {r['values']} | "
+                         f"{r['pruned']:.0%} | {k} | {v:.3f} | {r['floor_ms'][k]:.3f} | "
+                         f"{r['pct_floor'][k]:.0f} % | {r['x_dense'][k]:.2f}x |")
+    return [*lines, ""]
 
 
 def windows(data: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -314,7 +423,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="CI smoke run, no checks")
     parser.add_argument("--no-check", action="store_true", help="do not fail on missed targets")
     parser.add_argument("--layers", action="store_true", help="(a) only: the layer table")
+    parser.add_argument("--kernels", action="store_true",
+                        help="(k) only: the kernels against their bytes, per ISA")
     args = parser.parse_args()
+    if args.kernels:
+        return kernels_main(args.quick)
     torch.manual_seed(0)
     note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads ((a) and (c): 1), "
             f"CPU {cpu_info()[0]}, compiled kernels "
@@ -337,6 +450,22 @@ def main() -> int:
         RESULTS / f"{name}.json": {"layers": layers, "llama": llama, "decode": decode,
                                    "checks": dict(results), "note": note},
         RESULTS / f"{name}.md": report}, no_check=args.quick or args.no_check)
+
+
+def kernels_main(quick: bool) -> int:
+    """(k) alone: benchmarks/results/activation_sparsity_kernels{,_quick}.{json,md}."""
+    print("(k) kernels", flush=True)
+    rows, gb_s = kernel_rows(quick)
+    name = "activation_sparsity_kernels" + ("_quick" if quick else "")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    machine = cpu_info()
+    (RESULTS / f"{name}.json").write_text(json.dumps(
+        {"cpu": machine[0], "flags": machine[1], "stream_gb_s": gb_s, "rows": rows}, indent=2))
+    report = "\n".join([f"# Activation-sparse kernels (CPU {machine[0]}; "
+                        f"{' '.join(machine[1])})", "", *kernels_markdown(rows, gb_s)])
+    (RESULTS / f"{name}.md").write_text(report)
+    print(report)
+    return 0
 
 
 if __name__ == "__main__":

@@ -265,6 +265,18 @@ def test_one_row_traces_whole_with_both_kernels(kernel):
     torch.testing.assert_close(traced(x), layer(x))
 
 
+@needs_kernels
+def test_prompt_rows_trace_whole_with_the_threshold_kernel():
+    layer = ActivationSparseLinear.from_linear(_pruned(70, 30), 0.1, threads=1)
+    x = torch.randn(4, 30)
+    program = torch.export.export(layer, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "sparsekit.act_threshold.default" in targets, targets
+    torch.testing.assert_close(program.module()(x), layer(x))
+    traced = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(traced(x), layer(x))
+
+
 def _clock(act_ms: dict[str, float]):
     """Stands in for ``autotune._time_block``: an activation-sparse layer takes
     ``act_ms["one"]`` at one row and ``act_ms["many"]`` at more, everything else 0.2 ms."""
@@ -295,6 +307,32 @@ def test_compile_keeps_the_weight_only_format_where_activation_sparsity_loses(ca
         assert speed == pytest.approx(2 / 3 if case == "slower_prefill" else 2)
     with torch.no_grad():  # no thresholds are applied: the model's own outputs
         torch.testing.assert_close(compiled(prompt), model(prompt), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_stalled_prompt_rounds_do_not_refuse_activation_sparsity(monkeypatch):
+    # Two rounds in three of the activation-sparse prompt path stall (a loaded machine); its
+    # unstalled rounds are as fast as the weight-only format, so it is taken: the median
+    # (0.6 ms against 0.2 ms) refused it.
+    calls = []
+
+    def clock(module, x, reps):
+        if not isinstance(module, ActivationSparseLinear):
+            return 2e-4
+        if x.shape[0] == 1:
+            return 1e-4
+        calls.append(1)
+        return 2e-4 if len(calls) % 3 == 0 else 6e-4
+
+    monkeypatch.setattr(autotune, "_time_block", clock)
+    model = _mlp(torch.float32)
+    act = _Thresholds({"0": torch.full((24,), 0.5), "2": torch.full((64,), 0.1)})
+    compiled = sparsekit.compile(model, torch.randn(6, 24), activation_sparsity=act,
+                                 cache=False)
+    for name in act.thresholds:
+        assert isinstance(compiled.get_submodule(name), ActivationSparseLinear)
+        record = compiled.sparsekit_choices[name]["activation"]
+        assert record["chosen"] and record["prefill_speed"][6] == pytest.approx(1.0)
 
 
 @needs_kernels
@@ -351,6 +389,59 @@ def test_sparsify_input_zeroes_exactly_the_small_magnitudes(dtype):
     assert torch.equal(y.nan_to_num(), expected.nan_to_num())
     scalar = sparsify_input(x, torch.tensor(0.5))
     assert torch.equal(scalar.nan_to_num(), torch.where(x.abs() >= 0.5, x, 0).nan_to_num())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(9, 40), (1, 1), (2, 3, 7), (0, 5), (4,)], ids=str)
+def test_act_threshold_equals_sparsify_input(dtype, shape):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(shape, generator=g).to(dtype)
+    cols = shape[-1]
+    threshold = torch.rand(cols, generator=g)
+    if x.numel() >= 6:
+        flat = x.view(-1)
+        flat[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1.0])
+    if cols >= 3:
+        threshold[:3] = torch.tensor([0.0, float("inf"), -1.0])
+    if x.numel() > 0:  # thresholds equal to the inputs of the last row: kept
+        threshold[-1] = x.reshape(-1, cols)[-1, -1].abs().float()
+    t = threshold.to(dtype)
+    y = torch.ops.sparsekit.act_threshold(x, t)
+    expected = sparsify_input(x, t)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y.nan_to_num(), expected.nan_to_num())
+
+
+@needs_kernels
+def test_act_threshold_rejects_hostile_arguments():
+    x, t = torch.randn(3, 8), torch.rand(8)
+    cases = [((x.bfloat16(), t), "threshold must be"), ((x, t[:7]), "threshold"),
+             ((x.t(), t), "x must be a contiguous"), ((x.double(), t.double()), "x must be"),
+             ((x, t.view(2, 4)), "threshold")]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.sparsekit.act_threshold(*args)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_prompt_path_thresholds_in_one_kernel_call(dtype, monkeypatch):
+    from sparsekit.engine import activation_linear
+
+    def elementwise(x, threshold):  # the four PyTorch ops the kernel replaces
+        raise AssertionError("the prompt rows were thresholded by PyTorch ops")
+
+    monkeypatch.setattr(activation_linear, "sparsify_input", elementwise)
+    linear = _pruned(70, 30, dtype)
+    threshold = torch.rand(30, generator=torch.Generator().manual_seed(8))
+    layer = ActivationSparseLinear.from_linear(linear, threshold)
+    x = torch.randn(5, 30).to(dtype)
+    y = layer(x)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+    monkeypatch.undo()  # the reference thresholds with sparsify_input
+    torch.testing.assert_close(y.float(), _reference(linear, x, threshold), **tol)
 
 
 def test_an_activation_layer_does_not_keep_the_one_row_format_of_its_prompt_layer():

@@ -256,3 +256,87 @@ def test_an_int8_quantized_llama_fuses_on_its_own_grid(monkeypatch: pytest.Monke
         [model.model.layers[0].get_submodule(n).weight for n in GROUPS[0]]))
     with torch.no_grad():
         torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+class _Thresholds:
+    """Input thresholds by layer name (the InputThresholds protocol of compile)."""
+
+    def __init__(self, thresholds: dict[str, torch.Tensor]) -> None:
+        self.thresholds = thresholds
+
+
+def _teal(model: nn.Module, odd_k: bool = False) -> _Thresholds:
+    """One threshold per input of every projection (q/k/v and gate/up share theirs); with
+    ``odd_k`` the k projections get their own."""
+    thresholds = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and ".layers." in name:
+            value = 0.4 if odd_k and name.endswith("k_proj") else 0.3
+            thresholds[name] = torch.full((module.in_features,), value)
+    return _Thresholds(thresholds)
+
+
+def _act_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Activation-sparse layers take half the time of a weight-only one (1 ms), a fused
+    group half the time of its separate layers."""
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    def clock(module: nn.Module, x: torch.Tensor, reps: int) -> float:
+        if isinstance(module, FusedProjections):
+            return 0.5e-3
+        if isinstance(module, nn.ModuleList):
+            return 0.5e-3 * len(module)
+        return 0.5e-3 if isinstance(module, ActivationSparseLinear) else 1e-3
+
+    monkeypatch.setattr(autotune, "_time_block", clock)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
+def test_activation_sparse_projections_fuse_into_one_thresholded_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sparsekit.engine.activation_linear import ActivationSparseLinear, sparsify_input
+
+    _act_clock(monkeypatch)
+    model = _llama()
+    teal = _teal(model)
+    compiled = compile(model, (IDS,), activation_sparsity=teal, cache=False)
+    block = compiled.model.layers[0]
+    members = [getattr(block.self_attn, n) for n in ("q_proj", "k_proj", "v_proj")]
+    assert all(isinstance(m, FusedLinear) for m in members)
+    assert isinstance(members[0].group.linear, ActivationSparseLinear)  # one call, one threshold
+    assert isinstance(block.mlp.gate_proj, FusedLinear) and isinstance(
+        block.mlp.gate_proj.group.linear, ActivationSparseLinear)
+    assert isinstance(block.mlp.down_proj, ActivationSparseLinear)
+    record = compiled.sparsekit_choices["model.layers.0.mlp.up_proj"]["fused"]
+    assert record["format"] == "fused" and record["stacked"]["activation"]["chosen"]
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, t=t: (sparsify_input(args[0], t),)) for n, t in teal.thresholds.items()]
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits)
+            expected = model.generate(IDS, max_new_tokens=6, do_sample=False)
+            assert torch.equal(compiled.generate(IDS, max_new_tokens=6, do_sample=False),
+                               expected)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    plain = decompile(compiled)
+    q = plain.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear
+    torch.testing.assert_close(q.weight, model.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
+def test_activation_sparse_projections_with_their_own_thresholds_stay_separate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    _act_clock(monkeypatch)
+    model = _llama(layers=1)
+    compiled = compile(model, (IDS,), activation_sparsity=_teal(model, odd_k=True), cache=False)
+    attn, mlp = compiled.model.layers[0].self_attn, compiled.model.layers[0].mlp
+    assert all(isinstance(getattr(attn, n), ActivationSparseLinear)
+               for n in ("q_proj", "k_proj", "v_proj"))
+    assert isinstance(mlp.up_proj, FusedLinear)  # gate/up still share their threshold

@@ -214,3 +214,45 @@ def test_the_cores_compile_for_arm(tmp_path):
         )
         assert result.returncode == 0, result.stderr[-3000:]
         assert obj.exists()
+
+
+def _act_case(x_kind: str, value: torch.dtype, g: torch.Generator):
+    """A ragged activation-sparse case (37 inputs, 131 outputs, a third of the weights
+    pruned): stored weights, x, threshold and the dense float64 weight they stand for."""
+    w = torch.randn(131, 37, generator=g)
+    w[torch.rand(131, 37, generator=g) < 0.3] = 0
+    scales = None
+    if value == torch.int8:
+        scales = w.abs().amax(1).clamp_min(1e-8) / 127
+        w = (w / scales[:, None]).round().clamp(-127, 127)
+        stored = w.to(torch.int8)
+    else:
+        stored = w.to(value)
+    xdtype = torch.float32 if value == torch.int8 else value
+    x = torch.randn(37, generator=g).to(xdtype)
+    threshold = x.abs() if x_kind == "equal" else torch.full((37,), 0.5).to(xdtype)
+    if x_kind == "zero":
+        x = torch.zeros_like(x)
+    dense = stored.double() * (1 if scales is None else scales.double()[:, None])
+    return stored, x, threshold, scales, dense
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("value", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("x_kind", ["some", "zero", "equal"])
+@pytest.mark.parametrize("kernel", ["act_gemv", "act_sparse_gemv"])
+def test_every_isa_computes_both_activation_kernels_at_the_edges(isa, value, x_kind, kernel):
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    stored, x, threshold, scales, dense = _act_case(x_kind, value, torch.Generator().manual_seed(7))
+    layer = ActivationSparseLinear(stored, None, threshold, kernel=kernel, threads=2,
+                                   scales=scales, dtype=x.dtype)
+    with kernels.use_isa(isa):
+        y = layer(x)
+    kept = torch.where(x.abs() >= threshold, x, torch.zeros_like(x)).double()  # equal: kept
+    ref = dense @ kept
+    tol = 1e-4 if x.dtype == torch.float32 else 2e-2
+    assert y.dtype == x.dtype and y.shape == (131,)
+    torch.testing.assert_close(y.double(), ref.to(x.dtype).double(), rtol=tol, atol=tol)
+    if x_kind == "zero":
+        assert torch.equal(y, torch.zeros_like(y))

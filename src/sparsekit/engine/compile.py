@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import statistics
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
@@ -137,7 +136,8 @@ def compile(
     and replaced by :class:`~sparsekit.engine.fused.FusedLinear` members of one kernel
     call if that call beats the separate compiled layers by the rule of
     :mod:`~sparsekit.engine.autotune`; each member's choice then holds the record under
-    ``"fused"``.
+    ``"fused"``. Activation-sparse members with one threshold (TEAL calibrates one per
+    input) fuse into one activation-sparse layer: one thresholding and one kernel call.
 
     ``weight_dtype`` is the dtype of the stored values: ``None`` keeps each layer's own
     (a bfloat16 model gets bfloat16 sparse formats), except that a layer carrying int8
@@ -215,7 +215,7 @@ def compile(
                         done[id(child)] = child
                 setattr(parent, child_name, done[id(child)])
         if inputs is not None and fuse:
-            _fuse_groups(model, compiled, inputs, choices, served, seen, names=names,
+            _fuse_groups(model, compiled, inputs, choices, served, seen, probes, names=names,
                          threads=threads, cache=cache, value_dtype=value_dtype, memo=memo,
                          grow=grow, activation=activation)
     refused = [n for n, c in choices.items() if names and "dense" not in names
@@ -339,19 +339,25 @@ def _fuse_groups(
     choices: dict[str, dict[str, object]],
     served: list[int] | None,
     seen: Mapping[str, torch.Size],
+    probes: Mapping[str, torch.Tensor],
     **options: object,
 ) -> None:
     """Replace in ``compiled`` the groups of linear layers that read one input in
     ``model(*inputs)`` by fused members where that is faster (see :func:`_fuse`; the
     ``options`` are its and :func:`_compile_layer`'s), recording each group's choice under
-    ``"fused"`` in its members' ``choices``."""
+    ``"fused"`` in its members' ``choices``. A group of activation-sparse layers with one
+    threshold fuses into one activation-sparse layer (one thresholding, one kernel call);
+    a group mixing them with weight-only layers, or with different thresholds, is left
+    as it is."""
     for group in fused.shared_inputs(model, inputs):
         separate = [compiled.get_submodule(n) for n in group]
-        if not all(isinstance(m, CompiledLinear) for m in separate):
-            continue  # activation-sparse members run their own kernel
+        threshold = _shared_threshold(separate)
+        if threshold is None and not all(isinstance(m, CompiledLinear) for m in separate):
+            continue  # activation-sparse members that cannot share one kernel call
         rows = served or _default_rows(seen.get(group[0]), nn.Linear)
         members, record = _fuse([model.get_submodule(n) for n in group], separate, group,
-                                rows=rows, **options)
+                                rows=rows, threshold=threshold, probe=probes.get(group[0]),
+                                **options)
         for n, member in zip(group, members or [None] * len(group), strict=True):
             choices[n] = {**choices[n], "fused": record}
             if member is not None:
@@ -372,32 +378,61 @@ def _fuse(
     memo: dict[str, tuple[dict[str, object], str]] | None,
     grow: bool,
     activation: torch.dtype | None = None,
+    threshold: torch.Tensor | None = None,
+    probe: torch.Tensor | None = None,
 ) -> tuple[list[FusedLinear] | None, dict[str, object]]:
     """The members of a fused group replacing the ``separate`` compiled layers (``None``
     where fusing is not faster by the rule of :mod:`~sparsekit.engine.autotune`), and the
     record of the choice: the stacked layer's own choice (``stacked``) and the timing of
-    the fused call against the separate ones (``format`` ``"fused"`` or ``"separate"``)."""
+    the fused call against the separate ones (``format`` ``"fused"`` or ``"separate"``).
+
+    With the ``threshold`` of activation-sparse ``separate`` layers, the stacked layer is
+    activation-sparse too (:func:`_activation_layer`, on the group's inputs ``probe``; the
+    group stays separate where it is not) and the timings run on ``probe``, whose skipped
+    columns are the real ones; such a decision depends on the inputs and is not cached."""
     stacked = fused.stack(originals)
     in_shape, label = (stacked.in_features,), "+".join(group)
-    linear, stacked_choice = _compile_layer(stacked, in_shape, names, rows, threads, cache,
-                                            value_dtype, memo=memo, name=label, grow=grow,
-                                            activation=activation)
+    if threshold is None:
+        linear, stacked_choice = _compile_layer(stacked, in_shape, names, rows, threads, cache,
+                                                value_dtype, memo=memo, name=label, grow=grow,
+                                                activation=activation)
+        inputs, dtype = None, stacked.weight.dtype
+    else:
+        linear, stacked_choice = _activation_layer(stacked, threshold, names, rows, threads,
+                                                   cache, value_dtype, probe, memo, label, grow,
+                                                   activation)
+        if not isinstance(linear, ActivationSparseLinear):
+            return None, {"format": "separate", "group": group, "stacked": stacked_choice}
+        inputs = None if probe is None else probe.reshape(-1, stacked.in_features)
+        dtype = linear.dtype
     projections = FusedProjections(linear, [layer.out_features for layer in originals])
     paths = [_formats(m) for m in (*separate, linear)]
     key = (decisions.key(stacked, in_shape, ["separate", "fused"], rows, threads, value_dtype,
-                         fused=paths) if cache else None)
+                         fused=paths) if cache and threshold is None else None)
     if key is not None and activation is not None:
         key["activation_dtype"] = str(activation)
 
     def timed() -> dict[str, object]:
         modules = {"separate": _Separate(separate), "fused": projections}
-        weight = stacked.weight
-        samples = autotune.measure(modules, in_shape, rows, weight.dtype, weight.device)
+        samples = autotune.measure(modules, in_shape, rows, dtype, stacked.weight.device,
+                                   inputs)
         return autotune.choose(samples, ["separate", "fused"], reference="separate")[1]
 
     choice = _decided(key, memo, label, timed)
     record = {**choice, "group": group, "stacked": stacked_choice}
     return (projections.members() if choice["format"] == "fused" else None), record
+
+
+def _shared_threshold(layers: Sequence[nn.Module]) -> torch.Tensor | None:
+    """The input threshold of ``layers`` if all are activation-sparse with one threshold
+    (what lets them run as one stacked activation-sparse layer), else ``None``."""
+    if not layers or not all(isinstance(m, ActivationSparseLinear) for m in layers):
+        return None
+    first = layers[0].threshold
+    if any(m.threshold.dtype != first.dtype or not torch.equal(m.threshold, first)
+           for m in layers[1:]):
+        return None
+    return first
 
 
 class _Separate(nn.ModuleList):
@@ -409,6 +444,8 @@ class _Separate(nn.ModuleList):
 
 def _formats(layer: nn.Module) -> str:
     """The formats of a compiled layer, e.g. ``"csr16"`` or ``"csr16|dense>4"``."""
+    if isinstance(layer, ActivationSparseLinear):
+        return f"activation:{layer.kernel}"
     if not isinstance(layer, CompiledLayer):
         return type(layer).__name__
     large = getattr(layer, "format_large", None)
@@ -494,7 +531,10 @@ def _activation_wins(
     ``inputs`` (real activations, so the skipped columns are the real ones) at ``rows``:
     at one row it must win by :data:`~sparsekit.engine.autotune.MARGIN` (in the median and
     most rounds, :func:`~sparsekit.engine.autotune.choose`), at every other row count run
-    at least :data:`_PREFILL_FLOOR` of ``weight_only``'s speed in the median. The record:
+    at least :data:`_PREFILL_FLOOR` of ``weight_only``'s speed in its fastest round. There
+    the two usually run the same format and differ by the thresholding alone (a few
+    percent), which the median of a loaded machine cannot resolve: a stalled round only
+    adds time, so the fastest rounds compare the work. The record:
     ``chosen``, ``decode`` (the one-row choice record, ``"weight_only"`` its reference),
     ``prefill_speed`` (row count → weight-only time / activation-sparse time) and
     ``prefill_floor``."""
@@ -503,8 +543,7 @@ def _activation_wins(
     samples = autotune.measure(modules, (act.in_features,), rows, dtype,
                                act.threshold.device, inputs)
     decode = autotune.choose({1: samples[1]}, ["activation"], reference="weight_only")[1]
-    speed = {r: statistics.median(t["weight_only"]) / max(statistics.median(t["activation"]),
-                                                          1e-12)
+    speed = {r: min(t["weight_only"]) / max(min(t["activation"]), 1e-12)
              for r, t in samples.items() if r > 1}
     chosen = decode["format"] == "activation" and all(v >= _PREFILL_FLOOR
                                                        for v in speed.values())
@@ -727,19 +766,21 @@ def _with_stored_weights(
     in its ``prefill`` for several rows, else in its own int8 values."""
     stored = {}
     for name, layer in compiled.named_modules():
-        if isinstance(layer, ActivationSparseLinear) and name in seen:
-            if isinstance(layer.prefill, CompiledLayer) and math.prod(seen[name][:-1]) > 1:
+        rows, shape = slice(None), seen.get(name)
+        if isinstance(layer, FusedLinear):
+            layer, rows = layer.group.linear, slice(layer.start, layer.start + layer.out_features)
+        elif shape is None:
+            continue
+        if isinstance(layer, ActivationSparseLinear):
+            if (isinstance(layer.prefill, CompiledLayer) and shape is not None
+                    and math.prod(shape[:-1]) > 1):
                 layer = layer.prefill
             elif layer.scales is not None:
-                stored[name] = dequantize_int8(layer.to_dense(), layer.scales)
+                stored[name] = dequantize_int8(layer.to_dense(), layer.scales)[rows]
                 continue
-        if isinstance(layer, FusedLinear):
-            fmt = _serving(layer.group.linear, seen.get(name))
-            rows = slice(layer.start, layer.start + layer.out_features)
-        elif isinstance(layer, CompiledLayer) and name in seen:
-            fmt, rows = _serving(layer, seen[name]), slice(None)
-        else:
+        if not isinstance(layer, CompiledLayer):
             continue
+        fmt = _serving(layer, shape)
         if fmt.value_dtype == torch.int8:
             stored[name] = fmt.to_dense()[rows]
     if not stored:

@@ -10,7 +10,10 @@ patched.
 
 A fused group is one :class:`FusedProjections` (the stacked weight as a
 :class:`~sparsekit.engine.compiled_linear.CompiledLinear`, in one format over all its
-rows) and one :class:`FusedLinear` per original layer, installed in its place. The first
+rows, or as one :class:`~sparsekit.engine.activation_linear.ActivationSparseLinear` where
+the members share an input threshold: one thresholding and one activation-sparse kernel
+call for q/k/v, one for gate/up) and one :class:`FusedLinear` per original layer, installed
+in its place. The first
 member called with a new input runs the stacked product and keeps the split outputs; the
 others return their slice of it when called with that same tensor (same object, not
 modified since), and the kept outputs are dropped once every member has taken its own.
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import model_errors
+from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_linear import CompiledLinear, dense_linear
 from sparsekit.observe import inference
 from sparsekit.quantize import attach_scales, attached_scales
@@ -92,13 +96,16 @@ def stack(layers: Sequence[nn.Linear]) -> nn.Linear:
 
 
 class FusedProjections(nn.Module):
-    """The stacked weight of a group of projections, ``linear``, whose output splits into
-    ``sizes`` columns, one block per member (:meth:`members`)."""
+    """The stacked weight of a group of projections, ``linear`` (a compiled or an
+    activation-sparse layer), whose output splits into ``sizes`` columns, one block per
+    member (:meth:`members`)."""
 
-    def __init__(self, linear: CompiledLinear, sizes: Sequence[int]) -> None:
+    def __init__(self, linear: CompiledLinear | ActivationSparseLinear,
+                 sizes: Sequence[int]) -> None:
         super().__init__()
-        if not isinstance(linear, CompiledLinear):
-            raise TypeError(f"linear must be a CompiledLinear, got {type(linear).__name__}")
+        if not isinstance(linear, (CompiledLinear, ActivationSparseLinear)):
+            raise TypeError("linear must be a CompiledLinear or an ActivationSparseLinear, "
+                            f"got {type(linear).__name__}")
         sizes = list(sizes)
         if len(sizes) < 2 or any(not isinstance(s, int) or s < 1 for s in sizes) or (
             sum(sizes) != linear.out_features
@@ -172,11 +179,17 @@ class FusedLinear(nn.Module):
         return self._group.output(x, self.index)
 
     def to_linear(self) -> nn.Linear:
-        """The original layer: an ``nn.Linear`` with this member's rows of the weight and bias."""
-        group = self._group
+        """The original layer: an ``nn.Linear`` with this member's rows of the weight and bias
+        (and of the int8 scales an activation-sparse group attaches to its layer)."""
+        whole = self._group.linear.to_module()
         rows = slice(self.start, self.start + self.out_features)
-        bias = group.linear.bias
-        return dense_linear(group.linear.to_dense()[rows], None if bias is None else bias[rows])
+        bias = whole.bias
+        linear = dense_linear(whole.weight.detach()[rows],
+                              None if bias is None else bias.detach()[rows])
+        scales = attached_scales(whole)
+        if scales is not None:
+            attach_scales(linear, scales[rows])
+        return linear
 
     to_module = to_linear
 

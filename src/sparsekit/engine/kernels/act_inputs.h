@@ -63,18 +63,24 @@ inline ActInputs check_act_outputs(const at::Tensor& values, const at::Tensor& x
 
 // The inputs of x with |x_j| >= threshold_j (and x_j != 0): their rising indices and values
 // (as float32).
+// Without a branch: which inputs survive is as good as random (half of them under TEAL 50 %),
+// and a mispredicted branch per input cost ~4 us of a 0.1 ms 2048x2048 layer.
 template <typename T>
 void kept_inputs(const T* x, const T* threshold, int64_t in, std::vector<int32_t>* idx,
                  std::vector<float>* val) {
-  idx->reserve(in);
-  val->reserve(in);
+  idx->resize(in);
+  val->resize(in);
+  int32_t* i = idx->data();
+  float* v = val->data();
+  int64_t n = 0;
   for (int64_t j = 0; j < in; ++j) {
-    const float v = static_cast<float>(x[j]);
-    if (v != 0.f && std::fabs(v) >= static_cast<float>(threshold[j])) {
-      idx->push_back(static_cast<int32_t>(j));
-      val->push_back(v);
-    }
+    const float xj = static_cast<float>(x[j]);
+    i[n] = static_cast<int32_t>(j);
+    v[n] = xj;
+    n += static_cast<int64_t>(xj != 0.f && std::fabs(xj) >= static_cast<float>(threshold[j]));
   }
+  idx->resize(n);
+  val->resize(n);
 }
 
 // kept_inputs of a float32 or bfloat16 x.

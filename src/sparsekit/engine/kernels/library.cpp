@@ -46,6 +46,9 @@ TORCH_LIBRARY(sparsekit, m) {
   // kept weights; int16 rows within the block, read as uint16).
   m.def("act_sparse_gemv(Tensor values, Tensor rows, Tensor colptr, Tensor x, Tensor threshold, "
         "Tensor? bias, int out_features, int block, int threads, Tensor? scales=None) -> Tensor");
+  // x (..., in) fp32 or bf16 with the entries |x_j| < threshold_j (threshold (in,), x's
+  // dtype) zeroed: the thresholding of the multi-row activation-sparse path.
+  m.def("act_threshold(Tensor x, Tensor threshold) -> Tensor");
   // Training (SparseLinear): row-sparse times dense, and dense-dense sampled at the nonzeros;
   // in_features counts the columns of the sparse matrix (the rows of xt, resp. b).
   m.def("spmm_rows(Tensor rowptr, Tensor col, Tensor values, Tensor? perm, Tensor xt, "
