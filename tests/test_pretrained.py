@@ -247,3 +247,89 @@ def test_minilm_int8_dense_tensors(tmp_path, monkeypatch):
         mine, ref = back(**batch).last_hidden_state, model(**batch).last_hidden_state
     cosine = torch.nn.functional.cosine_similarity(mine.mean(1), ref.mean(1))
     assert bool((cosine > 0.999).all()), cosine
+
+
+# -- activation-sparse layers ---------------------------------------------------------------
+
+
+def _kernel_clock(fast: str):
+    """Stands in for ``autotune._time_block``: activation-sparse layers win, and among
+    them the ``fast`` kernel (compile keeps them only where they are faster)."""
+    def clock(module, x, reps):
+        kernel = getattr(module, "kernel", None)
+        return 2e-4 if kernel is None else 0.5e-4 if kernel == fast else 1e-4
+    return clock
+
+
+@pytest.mark.parametrize("weight_dtype", [None, "int8"])
+@pytest.mark.parametrize("fast", ["act_gemv", "act_sparse_gemv"])
+def test_activation_sparse_layers_round_trip_bit_identically(tmp_path, monkeypatch, fast,
+                                                             weight_dtype):
+    from sparsekit import activation
+    from sparsekit.engine import autotune, kernels
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    if fast == "act_sparse_gemv" and not kernels.available():
+        pytest.skip("compiled kernels unavailable: compile picks act_gemv only")
+    monkeypatch.setattr(autotune, "_time_block", _kernel_clock(fast))
+    model = _llama()
+    sparsekit.prune(model, 0.5)
+    data = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
+    act = activation.calibrate(model, data, sparsity=0.4)
+    compiled = sparsekit.compile(model, data[:1], activation_sparsity=act, cache=False,
+                                 **({} if weight_dtype is None else
+                                    {"weight_dtype": weight_dtype}))
+    layers = {n: m for n, m in compiled.named_modules() if isinstance(m, ActivationSparseLinear)}
+    assert len(layers) == len(act.thresholds) and {m.kernel for m in layers.values()} == {fast}
+    out = sparsekit.save_pretrained(compiled, tmp_path, dense_dtype="bf16")
+    back = sparsekit.from_pretrained(out)
+    again = {n: m for n, m in back.named_modules() if isinstance(m, ActivationSparseLinear)}
+    assert again.keys() == layers.keys()
+    for name, layer in layers.items():
+        mine = again[name]
+        assert (mine.kernel, mine.dtype, mine.threads) == (layer.kernel, layer.dtype,
+                                                           layer.threads)
+        assert torch.equal(mine.threshold, layer.threshold)  # the thresholds came back
+        assert type(mine.prefill) is type(layer.prefill)
+    sa, sb = compiled.state_dict(), back.state_dict()
+    assert sa.keys() == sb.keys()
+    dense = json.loads(sparsekit.checkpoint.read_metadata(out / WEIGHTS_NAME)["pretrained"])
+    for key in sa:
+        if key not in dense["cast"]["keys"]:  # the compiled layers are never cast
+            assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+    exact = sparsekit.from_pretrained(sparsekit.save_pretrained(compiled, tmp_path / "x"))
+    with torch.no_grad():
+        for step in (data[:1], data[:1, :1]):  # prefill and one decode step (the kernel)
+            assert torch.equal(exact(step).logits, compiled(step).logits)
+
+
+def test_activation_sparse_layer_with_a_foreign_prefill_is_refused(tmp_path):
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    model = _llama()
+    proj = model.model.layers[0].mlp.up_proj
+    model.model.layers[0].mlp.up_proj = ActivationSparseLinear.from_linear(
+        proj, 0.1, prefill=torch.nn.Linear(32, 64, bias=False))
+    with pytest.raises(ValueError, match="prefill is a Linear cannot be rebuilt; accepted"):
+        sparsekit.save_pretrained(model, tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["colptr", "row"])
+def test_inconsistent_column_index_is_refused(tmp_path, damage):
+    """The act_sparse_gemv kernel checks only the ends of colptr (its hot path); a file
+    whose column index would make it read or write out of bounds is refused at load."""
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    model = _llama()
+    sparsekit.prune(model, 0.5)
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj = layer = ActivationSparseLinear.from_linear(mlp.up_proj, 0.1,
+                                                             kernel="act_sparse_gemv")
+    if damage == "colptr":
+        layer.colptr[0, 1] = layer.values.numel()  # rises to the end, then falls
+    else:
+        layer.row_indices[0] = 64  # the block has 64 rows
+    out = sparsekit.save_pretrained(model, tmp_path)
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.up_proj' has an inconsistent"):
+        sparsekit.from_pretrained(out)

@@ -6,8 +6,9 @@ files when one is given) except for the weights: they are one :mod:`sparsekit.ch
 file, :data:`WEIGHTS_NAME`, whose pruned tensors are stored compressed and whose other
 tensors are ordinary ones (optionally smaller: bfloat16, or int8 codes with one float32 scale
 per row, ``dense_dtype``). A compiled model
-(:func:`sparsekit.compile`) keeps its formats; the layers to rebuild are recorded in the
-checkpoint's sealed header, so :func:`from_pretrained` rebuilds exactly that model.
+(:func:`sparsekit.compile`) keeps its formats, and its activation-sparse layers their kernels
+and input thresholds; the layers to rebuild are recorded in the checkpoint's sealed header,
+so :func:`from_pretrained` rebuilds exactly that model.
 
 Plain ``transformers`` must never load such a directory by re-initialising the layers it
 does not recognise. Two guards make it refuse instead: ``config.json``'s ``model_type`` is
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from sparsekit import checkpoint
+from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLinear
@@ -168,12 +170,13 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     model = _model_class(transformers, config)._from_config(
         config, dtype=checkpoint._DTYPES[record["dtype"]]
     )
-    _install_compiled(model, record["compiled"], weights)
+    _install_compiled(model, record["compiled"], weights, infos)
     _install_scales(model, [k for k in infos if k.endswith(f".{SCALE_NAME}")], weights)
     cast = record["cast"] or {"keys": [], "dtype": None}
     stored_dtype = None if not cast["keys"] else checkpoint._DTYPES[cast["dtype"]]
     with _stored_as(model, cast["keys"], stored_dtype, restore=False) as originals:
         masks = checkpoint.load(model, weights)
+        _check_activation_layers(model, weights)
         for key, (dtype, grad) in originals.items():  # back to the model's own dtype
             _set_tensor(model, key, _restored(model, key, stored_dtype).to(dtype))
             _get_tensor(model, key).requires_grad_(grad)
@@ -188,26 +191,27 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
 
 def compiled_layers(model: nn.Module) -> dict[str, dict[str, object]]:
     """The compiled layers of ``model`` by name, each as what rebuilds an empty one of its
-    kind and shape (its format comes from the weights): ``{"kind": "linear" | "conv2d"}`` or,
+    kind and shape (its format comes from the weights): ``{"kind": "linear" | "conv2d"}``;
     for a fused group, ``{"kind": "fused", "members": [names], "sizes": [rows]}`` under the
-    name of its first member."""
+    name of its first member; for an :class:`ActivationSparseLinear`, ``{"kind":
+    "activation"}`` with its ``kernel``, input ``dtype``, ``int8`` values or not, ``threads``
+    and ``prefill`` (``"linear"`` for a compiled layer serving several rows, or ``None``)."""
     first: dict[int, str] = {}
     out: dict[str, dict[str, object]] = {}
     groups: dict[int, list[tuple[int, str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) in first:
-            if isinstance(module, (CompiledLinear, CompiledConv2d, FusedLinear)):
+            if isinstance(module, (CompiledLinear, CompiledConv2d, FusedLinear,
+                                   ActivationSparseLinear)):
                 raise ValueError(f"compiled layer {name!r} is shared with "
                                  f"{first[id(module)]!r}; save_pretrained cannot rebuild that")
             continue
         first[id(module)] = name
+        if _under(name, out):
+            continue  # an activation-sparse layer's prefill: part of that layer's record
         if isinstance(module, ActivationSparseLinear):
-            raise ValueError(
-                f"layer {name!r} is an ActivationSparseLinear, which save_pretrained cannot "
-                "rebuild yet; save it with sparsekit.save, or compile without "
-                "activation_sparsity"
-            )
-        if isinstance(module, FusedLinear):
+            out[name] = _activation_record(name, module)
+        elif isinstance(module, FusedLinear):
             groups.setdefault(id(module._group), []).append((module.index, name))
         elif isinstance(module, CompiledConv2d):
             out[name] = {"kind": "conv2d"}
@@ -218,6 +222,19 @@ def compiled_layers(model: nn.Module) -> dict[str, dict[str, object]]:
         group = model.get_submodule(names[0])._group
         out[names[0]] = {"kind": "fused", "members": names, "sizes": list(group.sizes)}
     return dict(sorted(out.items()))
+
+
+def _activation_record(name: str, layer: ActivationSparseLinear) -> dict[str, object]:
+    prefill = layer.prefill
+    if prefill is not None and type(prefill) is not CompiledLinear:
+        raise ValueError(
+            f"layer {name!r}: an ActivationSparseLinear whose prefill is a "
+            f"{type(prefill).__name__} cannot be rebuilt; accepted: a CompiledLinear (what "
+            "sparsekit.compile builds) or none"
+        )
+    return {"kind": "activation", "kernel": layer.kernel, "dtype": str(layer.dtype),
+            "int8": layer.scales is not None, "threads": layer.threads,
+            "prefill": None if prefill is None else "linear"}
 
 
 def _inside_fused(name: str, model: nn.Module) -> bool:
@@ -268,7 +285,8 @@ def _model_class(transformers: Any, config: Any) -> Any:
     return transformers.AutoModel
 
 
-def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path) -> None:
+def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path,
+                      infos: dict[str, checkpoint.TensorInfo]) -> None:
     """Replace the recorded layers of the freshly built ``model`` by empty compiled layers
     of the same shape (dense format; loading installs the saved ones)."""
     for name, spec in compiled.items():
@@ -283,9 +301,57 @@ def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path)
             _replace(model, name, CompiledConv2d.from_conv2d(conv))
         elif kind == "fused":
             _install_fused(model, spec, weights)
+        elif kind == "activation":
+            _replace(model, name, _empty_activation(model, name, spec, infos, weights))
         else:
             raise ValueError(f"{weights}: compiled layer {name!r} has an unknown record "
                              f"{spec!r:.100}")
+
+
+def _empty_activation(model: nn.Module, name: str, spec: dict[str, Any],
+                      infos: dict[str, checkpoint.TensorInfo],
+                      weights: Path) -> ActivationSparseLinear:
+    """An :class:`ActivationSparseLinear` as recorded in ``spec``, of the shape of the
+    model's layer ``name``, whose stored weights have the sizes the header declares
+    (loading fills them, and the thresholds)."""
+    kernel, dtype, threads = spec.get("kernel"), spec.get("dtype"), spec.get("threads")
+    if (kernel not in ACTIVATION_KERNELS or dtype not in checkpoint._DTYPES
+            or spec.get("int8") not in (True, False) or spec.get("prefill") not in (None, "linear")
+            or not (threads is None or type(threads) is int and threads >= 1)):
+        raise ValueError(f"{weights}: malformed activation-sparse layer record {spec!r:.200}")
+    linear = _plain(model, name, weights).to(checkpoint._DTYPES[dtype])
+    prefill = None if spec["prefill"] is None else CompiledLinear.from_linear(linear)
+    layer = ActivationSparseLinear.from_linear(
+        linear, 0.0, threads=threads, kernel=kernel, prefill=prefill,
+        value_dtype=torch.int8 if spec["int8"] else None,
+    )
+    for buffer in ("values", "row_indices"):  # act_sparse_gemv: as many as the file stores
+        info = infos.get(f"{name}.{buffer}")
+        if buffer in layer._buffers and info is not None and len(info.shape) == 1:
+            layer._buffers[buffer] = layer._buffers[buffer].new_zeros(info.shape)
+    return layer
+
+
+def _check_activation_layers(model: nn.Module, weights: Path) -> None:
+    """Raise ``ValueError`` unless every loaded ``act_sparse_gemv`` layer's column index is
+    consistent (its kernel checks only the ends, on the hot path): per block, column
+    pointers that never fall, and row indices inside the block."""
+    for name, layer in model.named_modules():
+        if not isinstance(layer, ActivationSparseLinear) or layer.kernel != "act_sparse_gemv":
+            continue
+        ptr, nnz = layer.colptr.to(torch.int64), layer.values.numel()
+        blocks = torch.arange(ptr.shape[0])
+        height = (layer.out_features - blocks * layer.block).clamp(max=layer.block)
+        per_block = ptr[:, -1] - ptr[:, 0]
+        rows = layer.row_indices.to(torch.int64) & 0xFFFF
+        ok = bool(
+            (ptr.diff(dim=1) >= 0).all() and ptr.numel() > 0 and int(ptr[0, 0]) == 0
+            and bool((ptr[1:, 0] == ptr[:-1, -1]).all()) and int(ptr[-1, -1]) == nnz
+            and bool((rows < height.repeat_interleave(per_block)).all())
+        ) if ptr.numel() else nnz == 0
+        if not ok:
+            raise ValueError(f"{weights}: activation-sparse layer {name!r} has an inconsistent "
+                             "column index (colptr/row_indices)")
 
 
 def _install_scales(model: nn.Module, keys: list[str], weights: Path) -> None:
