@@ -84,6 +84,41 @@ def test_fsdp2_dst_resumes_exactly(fsdp_runs: list[dict], method: str) -> None:
             assert torch.equal(straight["weights"][n], resumed["weights"][n]), n
 
 
+# -- FSDP2 on SparseLinear ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp_sparse_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    stem = tmp_path_factory.mktemp("fsdp_sparse") / "out"
+    return torchrun("fsdp_sparse_worker.py", stem, str(stem))
+
+
+def test_fsdp2_trains_sparse_layers_as_one_process(fsdp_sparse_runs: list[dict]) -> None:
+    r0, r1 = fsdp_sparse_runs
+    assert r0["sharded"].keys() == {f"{i}.{p}" for i in (0, 2, 4) for p in ("values", "bias")}
+    for n, p in r0["sharded"].items():
+        assert torch.equal(p, r1["sharded"][n]), n
+        # the gradients are summed in another order than in one process
+        torch.testing.assert_close(p, r0["one_process"][n], rtol=1e-5, atol=1e-6)
+    for n, mask in r0["masks"].items():  # the zeros hold: only the kept weights exist
+        assert not r0["dense"][n][~mask].any() and r0["dense"][n][mask].all(), n
+
+
+def test_fsdp2_sparse_layers_resume_exactly(fsdp_sparse_runs: list[dict]) -> None:
+    for r in fsdp_sparse_runs:
+        for n, p in r["sharded"].items():
+            assert torch.equal(p, r["resumed"][n]), n
+
+
+def test_fsdp2_refuses_to_change_a_sparse_structure(fsdp_sparse_runs: list[dict]) -> None:
+    for r in fsdp_sparse_runs:
+        assert r["set_structure"].startswith(
+            "SparseLinear: set_structure changes the number of stored weights, which FSDP2 "
+            "cannot follow")
+        assert "change structures before fully_shard" in r["set_structure"]
+        assert "SparseLinear: loading a state with another structure changes" in r["load_other"]
+
+
 # -- DDP on SparseLinear -------------------------------------------------------------------
 
 
