@@ -5,10 +5,10 @@ writes (``config.json``, ``generation_config.json`` for generative models, the t
 files when one is given) except for the weights: they are one :mod:`sparsekit.checkpoint`
 file, :data:`WEIGHTS_NAME`, whose pruned tensors are stored compressed and whose other
 tensors are ordinary ones (optionally smaller: bfloat16, or int8 codes with one float32 scale
-per row, ``dense_dtype``). A compiled model
-(:func:`sparsekit.compile`) keeps its formats, and its activation-sparse layers their kernels
-and input thresholds; the layers to rebuild are recorded in the checkpoint's sealed header,
-so :func:`from_pretrained` rebuilds exactly that model.
+per row, ``dense_dtype``). A compiled model (:func:`sparsekit.compile`) keeps its formats,
+and its activation-sparse layers their kernels and input thresholds; the layers to rebuild
+are recorded in the checkpoint's sealed header, so :func:`from_pretrained` rebuilds exactly
+that model.
 
 Plain ``transformers`` must never load such a directory by re-initialising the layers it
 does not recognise. Two guards make it refuse instead: ``config.json``'s ``model_type`` is
