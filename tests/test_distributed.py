@@ -74,6 +74,41 @@ def test_fsdp2_dst_resumes_exactly(fsdp_runs: list[dict], method: str) -> None:
             assert torch.equal(straight["weights"][n], resumed["weights"][n]), n
 
 
+# -- FSDP2 on SparseLinear ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp_sparse_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    stem = tmp_path_factory.mktemp("fsdp_sparse") / "out"
+    return torchrun("fsdp_sparse_worker.py", stem, str(stem))
+
+
+def test_fsdp2_trains_sparse_layers_as_one_process(fsdp_sparse_runs: list[dict]) -> None:
+    r0, r1 = fsdp_sparse_runs
+    assert r0["sharded"].keys() == {f"{i}.{p}" for i in (0, 2, 4) for p in ("values", "bias")}
+    for n, p in r0["sharded"].items():
+        assert torch.equal(p, r1["sharded"][n]), n
+        # the gradients are summed in another order than in one process
+        torch.testing.assert_close(p, r0["one_process"][n], rtol=1e-5, atol=1e-6)
+    for n, mask in r0["masks"].items():  # the zeros hold: only the kept weights exist
+        assert not r0["dense"][n][~mask].any() and r0["dense"][n][mask].all(), n
+
+
+def test_fsdp2_sparse_layers_resume_exactly(fsdp_sparse_runs: list[dict]) -> None:
+    for r in fsdp_sparse_runs:
+        for n, p in r["sharded"].items():
+            assert torch.equal(p, r["resumed"][n]), n
+
+
+def test_fsdp2_refuses_to_change_a_sparse_structure(fsdp_sparse_runs: list[dict]) -> None:
+    for r in fsdp_sparse_runs:
+        assert r["set_structure"].startswith(
+            "SparseLinear: set_structure changes the number of stored weights, which FSDP2 "
+            "cannot follow")
+        assert "change structures before fully_shard" in r["set_structure"]
+        assert "SparseLinear: loading a state with another structure changes" in r["load_other"]
+
+
 # -- DDP on SparseLinear -------------------------------------------------------------------
 
 
@@ -242,3 +277,51 @@ def test_distributed_prune_benchmark_quick(tmp_path) -> None:
     assert row["method"] == "wanda" and row["mask_agreement"] == 1.0
     assert [(r["processes"], r["best"] > 0) for r in row["runs"]] == [(1, True)] * 2 + [(2, True)]
     assert "| wanda |" in (tmp_path / "distributed_prune_quick.md").read_text()
+
+
+# -- sparsekit.prune with data under torchrun ------------------------------------------------
+
+DATA_METHODS = ["wanda", "flap", "gradient", "snip", "taylor", "grasp"]
+
+
+def _prune_worker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prune_worker", WORKERS / "prune_worker.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prune_with_data_under_torchrun_matches_one_process(tmp_path) -> None:
+    ranks = torchrun("prune_worker.py", tmp_path / "out", str(tmp_path / "out"), "4",
+                     *DATA_METHODS)
+    worker = _prune_worker()
+    for method in DATA_METHODS:
+        one = worker.pruned(method, 4)  # one process, all 4 batches
+        r0, r1 = (r[method] for r in ranks)
+        assert set(r0["masks"]) == set(one["masks"]) == {"0.weight", "2.weight", "4.weight"}
+        for n, mask in one["masks"].items():
+            assert torch.equal(r0["masks"][n], r1["masks"][n]), (method, n)
+            assert torch.equal(r0["masks"][n], mask), (method, n)
+            assert torch.equal(r0["scores"][n], r1["scores"][n]), (method, n)
+            # each rank summed over its 2 batches, then the ranks were summed
+            torch.testing.assert_close(r0["scores"][n], one["scores"][n], rtol=1e-5,
+                                       atol=1e-8)
+
+
+def test_prune_with_data_under_torchrun_refuses_what_ranks_cannot_share(tmp_path) -> None:
+    for r in torchrun("prune_worker.py", tmp_path / "out", str(tmp_path / "out"), "3",
+                      "taylor", "perturbed"):
+        assert r["taylor"]["error"] == (
+            "data: 3 batches cannot be shared evenly by 2 ranks; accepted: a multiple of 2 "
+            "batches (len(data)=2 or 4)"
+        )
+        assert r["perturbed"]["error"].startswith(
+            "the targets' weights differ between the 2 ranks, first at '2.weight' (1 of 3 "
+            "differ); load the same model on every rank"
+        )
+
+
+def test_rank_slice_in_one_process_and_on_one_rank(one_rank) -> None:
+    assert distributed.rank_slice(5, "data", "batches", "len(data)") == slice(0, 5)

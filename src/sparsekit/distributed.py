@@ -3,9 +3,9 @@
 Sparsity decisions must be the same on every rank. Three kinds of training job reach
 sparsekit, and each needs one thing from here:
 
-- a plain process group (``torchrun`` around :func:`sparsekit.llm.prune`): sums over ranks
-  (:func:`all_reduce_sum`) and which share of the data this rank takes (:func:`rank`,
-  :func:`world_size`);
+- a plain process group (``torchrun`` around :func:`sparsekit.llm.prune` or a data-driven
+  :func:`sparsekit.prune`): which share of the calibration data this rank takes
+  (:func:`rank_slice`) and sums over ranks (:func:`all_reduce_sum`);
 - ``DistributedDataParallel``: a check that the ranks start from the same masks
   (:func:`check_same_on_ranks`) and, when a truly sparse layer changes its number of
   weights, a new gradient reducer (:func:`rebuild_reducer`);
@@ -42,6 +42,7 @@ __all__ = [
     "is_sharded",
     "local",
     "rank",
+    "rank_slice",
     "rebuild_reducer",
     "shard_like",
     "unsharded",
@@ -57,6 +58,27 @@ def world_size() -> int:
 def rank() -> int:
     """This process's rank in the default group (0 without one)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def rank_slice(n: int, what: str, unit: str, count: str) -> slice:
+    """The contiguous share of ``n`` items (the same on every rank) that this rank takes:
+    all of them in one process.
+
+    Every rank takes as many, so ``n`` must be a multiple of the number of ranks, else a
+    ``ValueError`` names ``what`` (the argument holding the items), the ``unit`` and the
+    nearest accepted values of ``count`` (what sets ``n``). A criterion sums its statistics
+    over its share and then over the ranks (:func:`all_reduce_sum`): every rank ends with
+    the statistics of all ``n`` items.
+    """
+    ranks = world_size()
+    if n % ranks:
+        near = [k for k in (n - n % ranks, n - n % ranks + ranks) if k > 0]
+        raise ValueError(
+            f"{what}: {n} {unit} cannot be shared evenly by {ranks} ranks; accepted: a "
+            f"multiple of {ranks} {unit} ({count}={' or '.join(map(str, near))})"
+        )
+    per = n // ranks
+    return slice(rank() * per, (rank() + 1) * per)
 
 
 @torch.no_grad()

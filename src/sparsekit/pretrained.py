@@ -4,9 +4,11 @@ A directory written by :func:`save_pretrained` is what ``PreTrainedModel.save_pr
 writes (``config.json``, ``generation_config.json`` for generative models, the tokenizer's
 files when one is given) except for the weights: they are one :mod:`sparsekit.checkpoint`
 file, :data:`WEIGHTS_NAME`, whose pruned tensors are stored compressed and whose other
-tensors are ordinary ones (optionally in bfloat16, ``dense_dtype``). A compiled model
-(:func:`sparsekit.compile`) keeps its formats; the layers to rebuild are recorded in the
-checkpoint's sealed header, so :func:`from_pretrained` rebuilds exactly that model.
+tensors are ordinary ones (optionally smaller: bfloat16, or int8 codes with one float32 scale
+per row, ``dense_dtype``). A compiled model (:func:`sparsekit.compile`) keeps its formats,
+and its activation-sparse layers their kernels and input thresholds; the layers to rebuild
+are recorded in the checkpoint's sealed header, so :func:`from_pretrained` rebuilds exactly
+that model.
 
 Plain ``transformers`` must never load such a directory by re-initialising the layers it
 does not recognise. Two guards make it refuse instead: ``config.json``'s ``model_type`` is
@@ -34,12 +36,20 @@ import torch
 from torch import nn
 
 from sparsekit import checkpoint
+from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLinear
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.masks import MaskSet
-from sparsekit.quantize import SCALE_NAME, attach_scales
+from sparsekit.quantize import (
+    SCALE_NAME,
+    attach_scales,
+    attached_scales,
+    dequantize_int8,
+    int8_scales,
+    quantize_int8,
+)
 
 __all__ = ["MARKER", "REFUSAL", "WEIGHTS_NAME", "from_pretrained", "save_pretrained"]
 
@@ -47,7 +57,8 @@ WEIGHTS_NAME = "sparsekit.safetensors"
 MARKER = "sparsekit"  # the config.json entry that marks a sparsekit directory
 MARKER_VERSION = 1
 REFUSAL = "sparsekit: load with sparsekit.from_pretrained(path)"  # config.json's model_type
-DENSE_DTYPES = {"bf16": torch.bfloat16}
+DENSE_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8}
+ROW_SCALE_SUFFIX = "_row_scale"  # int8 dense tensor ``<owner>.<leaf>``: scales ``<leaf>_row_scale``
 _META_KEY = "pretrained"  # the checkpoint header entry describing the model to rebuild
 _CASTABLE = (torch.float32, torch.float64, torch.float16)
 
@@ -66,12 +77,23 @@ def save_pretrained(
     The weights go to :data:`WEIGHTS_NAME` through :func:`sparsekit.save` (with ``masks``,
     their parameters are stored by mask; without, any parameter is stored compressed where
     that is smaller; a compiled layer's format is stored as it is). ``tokenizer`` (anything
-    with ``save_pretrained``) is saved beside it. ``dense_dtype="bf16"`` stores the
-    floating-point tensors that stay dense (embeddings, norms, biases, unpruned layers) in
-    bfloat16; :func:`from_pretrained` casts them back, so they round-trip exactly only if
-    they were bfloat16 already. ``config.json`` is written last, so an interrupted save
-    leaves no loadable directory. ``ActivationSparseLinear`` layers cannot be saved this way
-    (their thresholds have no rebuildable record yet): use :func:`sparsekit.save`.
+    with ``save_pretrained``) is saved beside it.
+
+    ``dense_dtype`` shrinks the floating-point tensors that stay dense (outside ``masks``
+    and the compiled layers, and without masks too dense to be stored compressed):
+
+    - ``"bf16"`` stores them (embeddings, norms, biases, unpruned layers) in bfloat16;
+    - ``"int8"`` stores those of rank ≥ 2 (embeddings, unpruned layers) as int8 codes with
+      one float32 scale per row (:func:`sparsekit.quantize.quantize_int8`: each entry is off
+      by at most half a step, ``max|row| / 254``; zeros stay zero), a quarter of their
+      float32 bytes; the small 1-D tensors (norms, biases) keep their dtype. A weight that
+      already lies on an int8 grid (:func:`~sparsekit.quantize.attach_scales`) is stored
+      on that grid, exactly.
+
+    :func:`from_pretrained` turns them back into the model's dtype, so they round-trip
+    exactly only if they were bfloat16 (``"bf16"``) or on their int8 grid already; pruned
+    and compiled layers are never touched. ``config.json`` is written last, so an
+    interrupted save leaves no loadable directory.
     """
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not callable(getattr(config, "to_json_string", None)):
@@ -84,19 +106,19 @@ def save_pretrained(
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise TypeError(f"tokenizer must have a save_pretrained method, got "
                         f"{type(tokenizer).__name__}")
-    cast_to = _check_dense_dtype(dense_dtype)
+    stored_as = _check_dense_dtype(dense_dtype)
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise ValueError(f"directory {str(path)!r} exists and is not a directory")
     compiled = compiled_layers(model)
     dtype = _model_dtype(model, compiled)
-    cast = [] if cast_to is None else _dense_tensors(model, masks, compiled)
+    cast = [] if stored_as is None else _dense_tensors(model, masks, compiled, stored_as)
     record = {"version": MARKER_VERSION, "dtype": str(dtype), "compiled": compiled,
-              "cast": {"dtype": str(cast_to), "keys": cast} if cast else None}
+              "cast": {"dtype": str(stored_as), "keys": cast} if cast else None}
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").unlink(missing_ok=True)  # the directory is loadable only when done
-    with _cast(model, cast, cast_to):
+    with _stored_as(model, cast, stored_as):
         checkpoint.save(model, path / WEIGHTS_NAME, masks,
                         metadata={_META_KEY: json.dumps(record, sort_keys=True)})
     if tokenizer is not None:
@@ -116,9 +138,9 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     ``architectures``), compiled layers are rebuilt as recorded and keep their formats, and
     the weights are loaded by :func:`sparsekit.load`, which checks the file (its seal,
     shapes, dtypes and masks) before the model is touched. Tensors stored in a
-    ``dense_dtype`` are cast back to their own dtype. The masks the file holds are the
-    returned model's ``sparsekit_masks`` (a :class:`~sparsekit.MaskSet`, e.g. to fine-tune
-    with them). Needs ``transformers``.
+    ``dense_dtype`` come back in the model's dtype (int8 codes times their row's scale).
+    The masks the file holds are the returned model's ``sparsekit_masks`` (a
+    :class:`~sparsekit.MaskSet`, e.g. to fine-tune with them). Needs ``transformers``.
     """
     path = Path(directory)
     config_file = path / "config.json"
@@ -148,14 +170,16 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     model = _model_class(transformers, config)._from_config(
         config, dtype=checkpoint._DTYPES[record["dtype"]]
     )
-    _install_compiled(model, record["compiled"], weights)
+    _install_compiled(model, record["compiled"], weights, infos)
     _install_scales(model, [k for k in infos if k.endswith(f".{SCALE_NAME}")], weights)
     cast = record["cast"] or {"keys": [], "dtype": None}
     stored_dtype = None if not cast["keys"] else checkpoint._DTYPES[cast["dtype"]]
-    with _cast(model, cast["keys"], stored_dtype, restore=False) as originals:
+    with _stored_as(model, cast["keys"], stored_dtype, restore=False) as originals:
         masks = checkpoint.load(model, weights)
-        for key, dtype in originals.items():  # back to the model's own dtype
-            _set_tensor(model, key, _get_tensor(model, key).to(dtype))
+        _check_activation_layers(model, weights)
+        for key, (dtype, grad) in originals.items():  # back to the model's own dtype
+            _set_tensor(model, key, _restored(model, key, stored_dtype).to(dtype))
+            _get_tensor(model, key).requires_grad_(grad)
     if (path / "generation_config.json").is_file() and hasattr(model, "generation_config"):
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     if masks.masks:
@@ -167,26 +191,27 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
 
 def compiled_layers(model: nn.Module) -> dict[str, dict[str, object]]:
     """The compiled layers of ``model`` by name, each as what rebuilds an empty one of its
-    kind and shape (its format comes from the weights): ``{"kind": "linear" | "conv2d"}`` or,
+    kind and shape (its format comes from the weights): ``{"kind": "linear" | "conv2d"}``;
     for a fused group, ``{"kind": "fused", "members": [names], "sizes": [rows]}`` under the
-    name of its first member."""
+    name of its first member; for an :class:`ActivationSparseLinear`, ``{"kind":
+    "activation"}`` with its ``kernel``, input ``dtype``, ``int8`` values or not, ``threads``
+    and ``prefill`` (``"linear"`` for a compiled layer serving several rows, or ``None``)."""
     first: dict[int, str] = {}
     out: dict[str, dict[str, object]] = {}
     groups: dict[int, list[tuple[int, str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) in first:
-            if isinstance(module, (CompiledLinear, CompiledConv2d, FusedLinear)):
+            if isinstance(module, (CompiledLinear, CompiledConv2d, FusedLinear,
+                                   ActivationSparseLinear)):
                 raise ValueError(f"compiled layer {name!r} is shared with "
                                  f"{first[id(module)]!r}; save_pretrained cannot rebuild that")
             continue
         first[id(module)] = name
+        if _under(name, out):
+            continue  # an activation-sparse layer's prefill: part of that layer's record
         if isinstance(module, ActivationSparseLinear):
-            raise ValueError(
-                f"layer {name!r} is an ActivationSparseLinear, which save_pretrained cannot "
-                "rebuild yet; save it with sparsekit.save, or compile without "
-                "activation_sparsity"
-            )
-        if isinstance(module, FusedLinear):
+            out[name] = _activation_record(name, module)
+        elif isinstance(module, FusedLinear):
             groups.setdefault(id(module._group), []).append((module.index, name))
         elif isinstance(module, CompiledConv2d):
             out[name] = {"kind": "conv2d"}
@@ -197,6 +222,19 @@ def compiled_layers(model: nn.Module) -> dict[str, dict[str, object]]:
         group = model.get_submodule(names[0])._group
         out[names[0]] = {"kind": "fused", "members": names, "sizes": list(group.sizes)}
     return dict(sorted(out.items()))
+
+
+def _activation_record(name: str, layer: ActivationSparseLinear) -> dict[str, object]:
+    prefill = layer.prefill
+    if prefill is not None and type(prefill) is not CompiledLinear:
+        raise ValueError(
+            f"layer {name!r}: an ActivationSparseLinear whose prefill is a "
+            f"{type(prefill).__name__} cannot be rebuilt; accepted: a CompiledLinear (what "
+            "sparsekit.compile builds) or none"
+        )
+    return {"kind": "activation", "kernel": layer.kernel, "dtype": str(layer.dtype),
+            "int8": layer.scales is not None, "threads": layer.threads,
+            "prefill": None if prefill is None else "linear"}
 
 
 def _inside_fused(name: str, model: nn.Module) -> bool:
@@ -216,7 +254,8 @@ def _read_record(weights: Path, meta: dict[str, str]) -> dict[str, Any]:
         not isinstance(record, dict) or record.get("version") != MARKER_VERSION
         or record.get("dtype") not in checkpoint._DTYPES
         or not isinstance(record.get("compiled"), dict)
-        or not (cast is None or isinstance(cast, dict) and cast.get("dtype") in checkpoint._DTYPES
+        or not (cast is None or isinstance(cast, dict)
+                and cast.get("dtype") in {str(d) for d in DENSE_DTYPES.values()}
                 and isinstance(cast.get("keys"), list)
                 and all(isinstance(k, str) for k in cast["keys"]))
     ):
@@ -246,7 +285,8 @@ def _model_class(transformers: Any, config: Any) -> Any:
     return transformers.AutoModel
 
 
-def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path) -> None:
+def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path,
+                      infos: dict[str, checkpoint.TensorInfo]) -> None:
     """Replace the recorded layers of the freshly built ``model`` by empty compiled layers
     of the same shape (dense format; loading installs the saved ones)."""
     for name, spec in compiled.items():
@@ -261,9 +301,57 @@ def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path)
             _replace(model, name, CompiledConv2d.from_conv2d(conv))
         elif kind == "fused":
             _install_fused(model, spec, weights)
+        elif kind == "activation":
+            _replace(model, name, _empty_activation(model, name, spec, infos, weights))
         else:
             raise ValueError(f"{weights}: compiled layer {name!r} has an unknown record "
                              f"{spec!r:.100}")
+
+
+def _empty_activation(model: nn.Module, name: str, spec: dict[str, Any],
+                      infos: dict[str, checkpoint.TensorInfo],
+                      weights: Path) -> ActivationSparseLinear:
+    """An :class:`ActivationSparseLinear` as recorded in ``spec``, of the shape of the
+    model's layer ``name``, whose stored weights have the sizes the header declares
+    (loading fills them, and the thresholds)."""
+    kernel, dtype, threads = spec.get("kernel"), spec.get("dtype"), spec.get("threads")
+    if (kernel not in ACTIVATION_KERNELS or dtype not in checkpoint._DTYPES
+            or spec.get("int8") not in (True, False) or spec.get("prefill") not in (None, "linear")
+            or not (threads is None or type(threads) is int and threads >= 1)):
+        raise ValueError(f"{weights}: malformed activation-sparse layer record {spec!r:.200}")
+    linear = _plain(model, name, weights).to(checkpoint._DTYPES[dtype])
+    prefill = None if spec["prefill"] is None else CompiledLinear.from_linear(linear)
+    layer = ActivationSparseLinear.from_linear(
+        linear, 0.0, threads=threads, kernel=kernel, prefill=prefill,
+        value_dtype=torch.int8 if spec["int8"] else None,
+    )
+    for buffer in ("values", "row_indices"):  # act_sparse_gemv: as many as the file stores
+        info = infos.get(f"{name}.{buffer}")
+        if buffer in layer._buffers and info is not None and len(info.shape) == 1:
+            layer._buffers[buffer] = layer._buffers[buffer].new_zeros(info.shape)
+    return layer
+
+
+def _check_activation_layers(model: nn.Module, weights: Path) -> None:
+    """Raise ``ValueError`` unless every loaded ``act_sparse_gemv`` layer's column index is
+    consistent (its kernel checks only the ends, on the hot path): per block, column
+    pointers that never fall, and row indices inside the block."""
+    for name, layer in model.named_modules():
+        if not isinstance(layer, ActivationSparseLinear) or layer.kernel != "act_sparse_gemv":
+            continue
+        ptr, nnz = layer.colptr.to(torch.int64), layer.values.numel()
+        blocks = torch.arange(ptr.shape[0])
+        height = (layer.out_features - blocks * layer.block).clamp(max=layer.block)
+        per_block = ptr[:, -1] - ptr[:, 0]
+        rows = layer.row_indices.to(torch.int64) & 0xFFFF
+        ok = bool(
+            (ptr.diff(dim=1) >= 0).all() and ptr.numel() > 0 and int(ptr[0, 0]) == 0
+            and bool((ptr[1:, 0] == ptr[:-1, -1]).all()) and int(ptr[-1, -1]) == nnz
+            and bool((rows < height.repeat_interleave(per_block)).all())
+        ) if ptr.numel() else nnz == 0
+        if not ok:
+            raise ValueError(f"{weights}: activation-sparse layer {name!r} has an inconsistent "
+                             "column index (colptr/row_indices)")
 
 
 def _install_scales(model: nn.Module, keys: list[str], weights: Path) -> None:
@@ -347,15 +435,19 @@ def _model_dtype(model: nn.Module, compiled: dict[str, Any]) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _dense_tensors(model: nn.Module, masks: MaskSet | None,
-                   compiled: dict[str, Any]) -> list[str]:
+def _dense_tensors(model: nn.Module, masks: MaskSet | None, compiled: dict[str, Any],
+                   stored_as: torch.dtype) -> list[str]:
     """The ``state_dict`` keys of the floating tensors stored dense: outside the masks and
-    the compiled layers, and (without masks) too dense for a compressed encoding to win."""
+    the compiled layers, and (without masks) too dense for a compressed encoding to win;
+    for int8, the parameters of rank ≥ 2 among them."""
     masked = set(masks.masks) if masks is not None else set()
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     out = []
     for key, value in model.state_dict().items():
-        if key in masked or value.dtype not in _CASTABLE or _under(key, compiled):
+        if (key in masked or value.dtype not in _CASTABLE or _under(key, compiled)
+                or key.endswith(f".{SCALE_NAME}")):  # an int8 grid's scales stay exact
+            continue
+        if stored_as == torch.int8 and (key not in params or value.dim() < 2):
             continue
         if masks is None and key in params and value.dim() >= 2:
             nnz = int(torch.count_nonzero(value))
@@ -388,28 +480,87 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 
 @contextmanager
-def _cast(model: nn.Module, keys: list[str], dtype: torch.dtype | None, *,
-          restore: bool = True) -> Iterator[dict[str, torch.dtype]]:
-    """``model`` with the tensors ``keys`` cast to ``dtype``; yields their own dtypes. With
-    ``restore`` the original tensors (not a lossy cast back) are put back afterwards."""
+def _stored_as(model: nn.Module, keys: list[str], dtype: torch.dtype | None, *,
+               restore: bool = True) -> Iterator[dict[str, tuple[torch.dtype, bool]]]:
+    """``model`` with the tensors ``keys`` as :func:`save_pretrained` stores them: cast to
+    ``dtype``, or for ``torch.int8`` as codes with their float32 row scales in a buffer
+    beside them (``<leaf>`` + :data:`ROW_SCALE_SUFFIX`; a parameter holding codes takes
+    no gradient meanwhile); yields their own dtypes and ``requires_grad``. With
+    ``restore`` the original tensors (not a lossy cast back) are put back and the scale
+    buffers removed afterwards (else :func:`_restored` reads them)."""
     originals: dict[str, torch.Tensor] = {}
+    grads: dict[str, bool] = {}
     seen: set[int] = set()
     try:
         for key in keys:
-            tensor = _get_tensor(model, key)
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-                raise ValueError(f"tensor {key!r} cannot be cast to {dtype}: "
-                                 f"{type(tensor).__name__}")
-            if id(tensor) in seen:  # tied: cast once
+            tensor = _lookup(model, key)
+            if id(tensor) in seen:  # tied: stored once
                 continue
+            _check_storable(key, tensor, dtype)
             seen.add(id(tensor))
-            originals[key] = tensor.data
-            _set_tensor(model, key, tensor.detach().to(dtype))
-        yield {k: v.dtype for k, v in originals.items()}
+            originals[key], grads[key] = tensor.data, tensor.requires_grad
+            if dtype == torch.int8:
+                codes, scales = _int8(model, key, tensor.detach())
+                tensor.requires_grad_(False)
+                _set_tensor(model, key, codes)
+                owner, _, leaf = key.rpartition(".")
+                model.get_submodule(owner).register_buffer(leaf + ROW_SCALE_SUFFIX, scales)
+            else:
+                _set_tensor(model, key, tensor.detach().to(dtype))
+        yield {k: (v.dtype, grads[k]) for k, v in originals.items()}
     finally:
         if restore:
             for key, value in originals.items():
                 _set_tensor(model, key, value)
+                _get_tensor(model, key).requires_grad_(grads[key])
+                _row_scales(model, key, pop=True)
+
+
+def _lookup(model: nn.Module, key: str) -> object:
+    """The attribute ``key`` of ``model``, ``None`` where there is none."""
+    try:
+        return _get_tensor(model, key)
+    except AttributeError:
+        return None
+
+
+def _check_storable(key: str, tensor: object, dtype: torch.dtype | None) -> None:
+    """Raise ``ValueError`` unless ``tensor`` is floating (of rank ≥ 2 to be stored as
+    int8): a header naming other tensors was written for another architecture."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or (
+            dtype == torch.int8 and tensor.dim() < 2):
+        raise ValueError(f"tensor {key!r} cannot be stored as {dtype}: "
+                         f"{type(tensor).__name__} {tuple(getattr(tensor, 'shape', ()))}")
+
+
+def _int8(model: nn.Module, key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tensor`` (rank ≥ 2) as int8 codes and one float32 scale per row: on the int8 grid
+    its layer records (a weight already quantized) where there is one, else on
+    :func:`~sparsekit.quantize.int8_scales`."""
+    owner, _, leaf = key.rpartition(".")
+    rows = tensor.reshape(tensor.shape[0], -1)
+    grid = attached_scales(model.get_submodule(owner)) if leaf == "weight" else None
+    scales = grid if grid is not None and tensor.dim() == 2 else int8_scales(rows)
+    codes, scales = quantize_int8(rows, scales)
+    return codes.reshape(tensor.shape), scales
+
+
+def _row_scales(model: nn.Module, key: str, *, pop: bool = False) -> torch.Tensor | None:
+    """The row-scale buffer of the int8 tensor ``key`` (removed with ``pop``), or ``None``."""
+    owner, _, leaf = key.rpartition(".")
+    buffers = model.get_submodule(owner)._buffers
+    name = leaf + ROW_SCALE_SUFFIX
+    return buffers.pop(name, None) if pop else buffers.get(name)
+
+
+def _restored(model: nn.Module, key: str, stored: torch.dtype) -> torch.Tensor:
+    """The loaded tensor ``key`` in float32 (or as it is when not stored as int8): int8
+    codes times their row's scale, whose buffer is removed."""
+    tensor = _get_tensor(model, key).detach()
+    if stored != torch.int8:
+        return tensor
+    scales = _row_scales(model, key, pop=True)
+    return dequantize_int8(tensor.reshape(tensor.shape[0], -1), scales).reshape(tensor.shape)
 
 
 def _write_config(model: nn.Module, file: Path) -> None:

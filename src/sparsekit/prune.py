@@ -43,6 +43,11 @@ def prune(
     thins the N:M mask further. ``pattern="channel"`` removes that fraction of the
     channels of every dependency group (see :mod:`sparsekit.structured`);
     :func:`~sparsekit.shrink` then hands back the smaller dense model.
+
+    Under ``torchrun`` (a default process group) every rank passes the same model and the
+    same ``data``; a data-driven criterion observes or differentiates on this rank's share
+    of the batches (``len(data)`` a multiple of the ranks) and sums over the ranks, so
+    every rank gets the same masks, those of one process up to the order of the sums.
     """
     masks, pat = compute_masks(
         model, sparsity, method=method, pattern=pattern, allocation=allocation,

@@ -9,6 +9,12 @@ step costs time proportional to the number of nonzeros, not to ``in × out``.
 
 The products run in the compiled ``spmm_train`` kernels on CPU (float32/float64), or in
 chunked PyTorch ops (``index_add_`` and gathers) anywhere else.
+
+Under FSDP2 (``fully_shard``) ``values`` and ``bias`` are sharded like any parameters
+(``values`` along its one dimension, so each rank holds a run of the row-major nonzeros) and
+the index buffers are replicated; a step is gathered, computed and reduce-scattered as for
+``nn.Linear``. The structure is then fixed: the shards were laid out for it, so
+:meth:`SparseLinear.set_structure` and loading a state with another structure refuse.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from sparsekit.distributed import full
 from sparsekit.engine import kernels
 from sparsekit.engine._moved import moved
 from sparsekit.engine.compiled_linear import dense_linear
@@ -247,9 +255,10 @@ class SparseLinear(nn.Module):
         return m
 
     def to_dense(self) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` weight, zeros where pruned."""
+        """The dense ``(out_features, in_features)`` weight, zeros where pruned (under FSDP2
+        gathered from every rank: a collective that every rank must call)."""
         s = self._structure
-        v = self.values.detach()
+        v = full(self.values.detach())
         w = v.new_zeros(self.out_features, self.in_features)
         w[s.row.long(), s.col.long()] = v
         return w
@@ -264,8 +273,10 @@ class SparseLinear(nn.Module):
         ``values`` parameter object is resized, so an optimizer holding it keeps working;
         pass that ``optimizer`` to carry its per-weight state (momenta, Adam moments) over
         the same way — surviving entries keep theirs, new ones start at zero. Without it,
-        per-weight state whose shape no longer matches must be reset by the caller.
+        per-weight state whose shape no longer matches must be reset by the caller. Refused
+        under FSDP2 (see the module docstring).
         """
+        self._check_unsharded("set_structure")
         mask = self._check_mask(mask).to(self.values.device)
         old, new = self._structure, _Structure.from_mask(mask)
         old_key = old.row.long() * self.in_features + old.col.long()
@@ -359,15 +370,36 @@ class SparseLinear(nn.Module):
         if f"{prefix}rowptr" in state_dict and f"{prefix}col" in state_dict:
             try:
                 s = self.structure_from_state(state_dict, prefix)
+                same = self._same_structure(s)
+                if not same:
+                    self._check_unsharded("loading a state with another structure")
             except ValueError as err:
                 error_msgs.append(str(err))
             else:
-                self.values.data = self.values.data.new_zeros(s.row.numel())
                 self.values.grad = None
-                self._install(s.to(self.values.device))
+                if not same:  # an FSDP2 shard keeps its layout: only an unsharded layer resizes
+                    self.values.data = self.values.data.new_zeros(s.row.numel())
+                    self._install(s.to(self.values.device))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _same_structure(self, s: _Structure) -> bool:
+        own = self._structure
+        return torch.equal(own.rowptr.cpu(), s.rowptr.cpu()) and torch.equal(own.col.cpu(),
+                                                                               s.col.cpu())
+
+    def _check_unsharded(self, what: str) -> None:
+        """Raise ``ValueError`` if ``values`` is an FSDP2 shard (a ``DTensor``): changing
+        the number of nonzeros would invalidate the layout of every rank's shard."""
+        if isinstance(self.values, DTensor):
+            raise ValueError(
+                f"SparseLinear: {what} changes the number of stored weights, which FSDP2 "
+                "cannot follow (fully_shard laid out the values' shards for the structure "
+                "they had); change structures before fully_shard, or train with dynamic "
+                "sparsity on nn.Linear layers and a MaskSet (DynamicSparsity works under "
+                "FSDP2), or wrap SparseLinear models in DistributedDataParallel"
+            )
 
     def _check_mask(self, mask: torch.Tensor) -> torch.Tensor:
         shape = (self.out_features, self.in_features)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import check_int
-from sparsekit.distributed import check_same_on_ranks, rank, world_size
+from sparsekit.distributed import check_same_on_ranks, rank_slice, world_size
 
 Calibration = torch.Tensor | list[str] | str | os.PathLike
 
@@ -71,15 +71,7 @@ def rank_share(tokens: torch.Tensor) -> torch.Tensor:
         return tokens
     check_same_on_ranks({"tokens": tokens}, "calibration windows",
                         "pass every rank the same calibration, nsamples, seqlen and seed")
-    n = tokens.shape[0]
-    if n % ranks:
-        near = [k for k in (n - n % ranks, n - n % ranks + ranks) if k > 0]
-        raise ValueError(
-            f"calibration: {n} windows cannot be shared evenly by {ranks} ranks; accepted: "
-            f"a multiple of {ranks} windows (nsamples={' or '.join(map(str, near))})"
-        )
-    per = n // ranks
-    return tokens[rank() * per:(rank() + 1) * per]
+    return tokens[rank_slice(tokens.shape[0], "calibration", "windows", "nsamples")]
 
 
 def tokenize(

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekit._checks import model_errors
+from sparsekit.distributed import check_same_on_ranks, rank_slice, world_size
 from sparsekit.observe import Batch, batches, preserved
 from sparsekit.targets import Target, default_types
 
@@ -50,6 +51,24 @@ class ScoreContext:
                 f"criterion {criterion!r} needs labels: pass data as (inputs, labels) batches"
             )
         return out
+
+    def rank_share(self, data: list[Batch]) -> list[Batch]:
+        """This rank's contiguous share of the calibration batches ``data`` under
+        ``torchrun`` (all of them in one process); the criterion sums its statistics over
+        the share, then over the ranks (:func:`sparsekit.distributed.all_reduce_sum`), and
+        divides by ``len(data)``, so every rank scores on all of ``data`` (up to the order
+        of the sums) and builds the same masks. Every rank must pass the same batches to
+        the same model (both checked) and their number must be a multiple of the ranks."""
+        if world_size() == 1:
+            return data
+        check_same_on_ranks(
+            {f"batch {i} {part}": t for i, batch in enumerate(data)
+             for part, t in zip(("inputs", "labels"), batch) if isinstance(t, torch.Tensor)},
+            "calibration batches", "pass every rank the same data= (each takes its share)",
+        )
+        check_same_on_ranks({t.name: t.param for t in self.targets}, "the targets' weights",
+                            "load the same model on every rank")
+        return data[rank_slice(len(data), "data", "batches", "len(data)")]
 
     def require_layer_weights(self, criterion: str) -> None:
         """Raise unless every target is the weight of a Linear, GPT-2 Conv1D or Conv layer

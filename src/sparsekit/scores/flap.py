@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit.distributed import all_reduce_sum
 from sparsekit.observe import run, watch
 from sparsekit.scores import CRITERIA
 from sparsekit.scores._context import ScoreContext
@@ -56,6 +57,14 @@ class Moments:
         self.sum += x.sum(0)
         self.sq += (x * x).sum(0)
         self.rows += x.shape[0]
+
+    def all_reduce(self) -> Moments:
+        """Sum the moments over every rank (each saw its share of the data), in place;
+        nothing happens in one process. Returns ``self``."""
+        rows = torch.tensor([self.rows], dtype=torch.int64)
+        all_reduce_sum(self.sum, self.sq, rows)
+        self.rows = int(rows)
+        return self
 
     def mean(self) -> torch.Tensor:
         """Mean of every channel (float32)."""
@@ -111,6 +120,9 @@ def flap(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     ``shrink(..., compensate=data)`` for FLAP's bias compensation."""
     ctx.require_layer_weights("flap")
     data = ctx.require_data("flap", labels=False)
-    moments = input_moments(ctx.model, {t.name: t.module for t in ctx.targets}, data)
+    moments = input_moments(ctx.model, {t.name: t.module for t in ctx.targets},
+                            ctx.rank_share(data))
+    for m in moments.values():
+        m.all_reduce()
     return {t.name: t.out_in(fluctuation_scores(t.out_in(t.param), moments[t.name]))
             for t in ctx.targets}

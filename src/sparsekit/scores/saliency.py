@@ -4,7 +4,9 @@ All of them differentiate with ``torch.autograd.grad`` (never ``.backward()``), 
 model's ``.grad`` fields are untouched, and run inside :func:`preserved` so batch-norm
 statistics are not updated by the scoring passes. Gradients are enabled inside, so they
 score under ``torch.no_grad()`` too; SNIP, Taylor and GraSP need targets that take a
-gradient (``requires_grad=True``), SynFlow differentiates copies and does not.
+gradient (``requires_grad=True``), SynFlow differentiates copies and does not. Under
+``torchrun`` each rank differentiates on its share of the batches
+(:meth:`~sparsekit.scores.ScoreContext.rank_share`) and the sums are all-reduced.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch.func import functional_call
 
 from sparsekit._checks import model_errors
+from sparsekit.distributed import all_reduce_sum
 from sparsekit.observe import preserved
 from sparsekit.scores import CRITERIA
 from sparsekit.scores._context import ScoreContext
@@ -29,9 +32,10 @@ def _mean_grads(ctx: ScoreContext, data: list) -> list[torch.Tensor]:
     """The gradient of every target averaged over the batches ``data`` (float32)."""
     with preserved(ctx.model), torch.enable_grad():
         total = [torch.zeros_like(t.param, dtype=torch.float32) for t in ctx.targets]
-        for batch in data:
+        for batch in ctx.rank_share(data):
             for acc, g in zip(total, _grads(ctx, batch)):
                 acc += g.float()
+    all_reduce_sum(*total)
     return [g / len(data) for g in total]
 
 
@@ -75,9 +79,10 @@ def taylor(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     ctx.require_grad("taylor")
     scores = [torch.zeros_like(t.param, dtype=torch.float32) for t in ctx.targets]
     with preserved(ctx.model), torch.enable_grad():
-        for batch in data:
+        for batch in ctx.rank_share(data):
             for s, t, g in zip(scores, ctx.targets, _grads(ctx, batch)):
                 s += (t.param.detach().float() * g.float()).abs()
+    all_reduce_sum(*scores)
     return {t.name: s / len(data) for t, s in zip(ctx.targets, scores)}
 
 
@@ -96,17 +101,20 @@ def grasp(ctx: ScoreContext, temperature: float = 200.0) -> dict[str, torch.Tens
         x, y = batch
         return ctx.loss(ctx.outputs(x) / temperature, y)
 
+    share = ctx.rank_share(data)
     with preserved(ctx.model), torch.enable_grad():
         g = [torch.zeros_like(p) for p in params]
-        for batch in data:
+        for batch in share:
             for acc, gi in zip(g, torch.autograd.grad(loss(batch), params)):
                 acc += gi
+        all_reduce_sum(*g)
         hg = [torch.zeros_like(p) for p in params]
-        for batch in data:
+        for batch in share:
             gb = torch.autograd.grad(loss(batch), params, create_graph=True)
             z = sum((gi * acc).sum() for gi, acc in zip(gb, g))
             for acc, h in zip(hg, torch.autograd.grad(z, params)):
                 acc += h
+        all_reduce_sum(*hg)
     return {t.name: (t.param.detach() * h).float() for t, h in zip(ctx.targets, hg)}
 
 

@@ -15,11 +15,15 @@ def wanda(ctx: ScoreContext) -> dict[str, torch.Tensor]:
 
     For convolutions the input features are the unfolded patches (channel × kernel
     position), matching the flattened weight layout (see :func:`sparsekit.observe.record`);
-    GPT-2's ``Conv1D`` is scored on its weight seen as ``(out, in)``.
+    GPT-2's ``Conv1D`` is scored on its weight seen as ``(out, in)``. Under ``torchrun``
+    each rank observes its share of the data and the sums are all-reduced.
     """
     ctx.require_layer_weights("wanda")
     data = ctx.require_data("wanda", labels=False)
-    stats = input_stats(ctx.model, {t.name: t.module for t in ctx.targets}, data)
+    stats = input_stats(ctx.model, {t.name: t.module for t in ctx.targets},
+                        ctx.rank_share(data))
+    for s in stats.values():
+        s.all_reduce()
     return {t.name: t.out_in(wanda_scores(t.out_in(t.param), stats[t.name]))
             for t in ctx.targets}
 
