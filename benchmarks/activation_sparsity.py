@@ -457,15 +457,14 @@ def kernels_main(quick: bool) -> int:
     print("(k) kernels", flush=True)
     rows, gb_s = kernel_rows(quick)
     name = "activation_sparsity_kernels" + ("_quick" if quick else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     machine = cpu_info()
-    (RESULTS / f"{name}.json").write_text(json.dumps(
-        {"cpu": machine[0], "flags": machine[1], "stream_gb_s": gb_s, "rows": rows}, indent=2))
     report = "\n".join([f"# Activation-sparse kernels (CPU {machine[0]}; "
                         f"{' '.join(machine[1])})", "", *kernels_markdown(rows, gb_s)])
-    (RESULTS / f"{name}.md").write_text(report)
     print(report)
-    return 0
+    return conclude([], {
+        RESULTS / f"{name}.json": {"cpu": machine[0], "flags": machine[1], "stream_gb_s": gb_s,
+                                   "rows": rows},
+        RESULTS / f"{name}.md": report}, no_check=True)
 
 
 if __name__ == "__main__":

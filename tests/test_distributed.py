@@ -287,7 +287,8 @@ DATA_METHODS = ["wanda", "flap", "gradient", "snip", "taylor", "grasp"]
 def _prune_worker():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("prune_worker", WORKERS / "prune_worker.py")
+    spec = importlib.util.spec_from_file_location("prune_worker",
+                                                  _torchrun.WORKERS / "prune_worker.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

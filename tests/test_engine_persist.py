@@ -202,3 +202,37 @@ def test_old_engine_paths_warn_and_forward():
     assert convertible is compiled_conv.convertible
     with pytest.raises(AttributeError):
         sparse_linear.nothing  # noqa: B018
+
+
+@pytest.mark.parametrize("damage", ["falls", "row outside its block", "short"])
+def test_forged_activation_sparse_column_index_is_refused_by_load(tmp_path, damage):
+    """act_sparse_gemv checks only the ends of colptr on its hot path: sparsekit.load checks
+    the whole column index before loading anything (the model keeps its weights)."""
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    model = nn.Sequential(ActivationSparseLinear.from_linear(_pruned(0).fc1, 0.1,
+                                                             kernel="act_sparse_gemv"))
+    path = tmp_path / "m.safetensors"
+    sparsekit.save(model, path)
+    state = model.state_dict()
+    forged = {k: v.clone() for k, v in state.items()}
+    if damage == "falls":
+        forged["0.colptr"][0, 1] = forged["0.values"].numel()
+    elif damage == "row outside its block":
+        forged["0.row_indices"][0] = model[0].block
+    else:
+        forged["0.colptr"] = forged["0.colptr"][:, :-1].contiguous()
+    with pytest.raises(ValueError, match="0: .*(inconsistent column index|expected int32)"):
+        model[0].expected_state(forged, "0.")
+    if damage == "short":
+        return  # a file of another shape is refused by the shape check as well
+    target = nn.Sequential(ActivationSparseLinear.from_linear(_pruned(0).fc1, 0.1,
+                                                              kernel="act_sparse_gemv"))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    forged_model = nn.Sequential(ActivationSparseLinear.from_linear(_pruned(0).fc1, 0.1,
+                                                                    kernel="act_sparse_gemv"))
+    forged_model.load_state_dict(forged)
+    sparsekit.save(forged_model, path)
+    with pytest.raises(ValueError, match="inconsistent column index|expected int32"):
+        sparsekit.load(target, path)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

@@ -331,5 +331,5 @@ def test_inconsistent_column_index_is_refused(tmp_path, damage):
     else:
         layer.row_indices[0] = 64  # the block has 64 rows
     out = sparsekit.save_pretrained(model, tmp_path)
-    with pytest.raises(ValueError, match="'model.layers.0.mlp.up_proj' has an inconsistent"):
+    with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj: inconsistent column index"):
         sparsekit.from_pretrained(out)

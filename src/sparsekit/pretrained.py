@@ -37,7 +37,7 @@ from torch import nn
 
 from sparsekit import checkpoint
 from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
-from sparsekit.engine.activation_linear import ActivationSparseLinear
+from sparsekit.engine.activation_linear import ActivationSparseLinear, check_column_index
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLinear
 from sparsekit.engine.fused import FusedLinear, FusedProjections
@@ -334,24 +334,11 @@ def _empty_activation(model: nn.Module, name: str, spec: dict[str, Any],
 
 def _check_activation_layers(model: nn.Module, weights: Path) -> None:
     """Raise ``ValueError`` unless every loaded ``act_sparse_gemv`` layer's column index is
-    consistent (its kernel checks only the ends, on the hot path): per block, column
-    pointers that never fall, and row indices inside the block."""
+    consistent (:func:`~sparsekit.engine.activation_linear.check_column_index`)."""
     for name, layer in model.named_modules():
-        if not isinstance(layer, ActivationSparseLinear) or layer.kernel != "act_sparse_gemv":
-            continue
-        ptr, nnz = layer.colptr.to(torch.int64), layer.values.numel()
-        blocks = torch.arange(ptr.shape[0])
-        height = (layer.out_features - blocks * layer.block).clamp(max=layer.block)
-        per_block = ptr[:, -1] - ptr[:, 0]
-        rows = layer.row_indices.to(torch.int64) & 0xFFFF
-        ok = bool(
-            (ptr.diff(dim=1) >= 0).all() and ptr.numel() > 0 and int(ptr[0, 0]) == 0
-            and bool((ptr[1:, 0] == ptr[:-1, -1]).all()) and int(ptr[-1, -1]) == nnz
-            and bool((rows < height.repeat_interleave(per_block)).all())
-        ) if ptr.numel() else nnz == 0
-        if not ok:
-            raise ValueError(f"{weights}: activation-sparse layer {name!r} has an inconsistent "
-                             "column index (colptr/row_indices)")
+        if isinstance(layer, ActivationSparseLinear) and layer.kernel == "act_sparse_gemv":
+            check_column_index(layer.colptr, layer.row_indices, layer.values,
+                               layer.out_features, layer.block, name=f"{weights}: {name}")
 
 
 def _install_scales(model: nn.Module, keys: list[str], weights: Path) -> None:

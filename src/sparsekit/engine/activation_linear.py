@@ -338,12 +338,66 @@ class ActivationSparseLinear(nn.Module):
         attach_scales(linear, self.scales)
         return linear
 
+    def expected_state(
+        self, state: dict[str, torch.Tensor], prefix: str = ""
+    ) -> dict[str, torch.Tensor] | None:
+        """This layer's ``state_dict`` entries (under ``prefix``) after loading ``state``,
+        once its column index there is checked (:func:`check_column_index`): the
+        ``act_sparse_gemv`` kernel checks only the ends of ``colptr`` on its hot path, so a
+        forged index would read and write out of bounds. ``None`` for ``act_gemv`` layers
+        and when ``state`` holds no index for this layer. Used by :func:`sparsekit.load`.
+        """
+        if self.kernel != "act_sparse_gemv" or f"{prefix}colptr" not in state:
+            return None
+        check_column_index(state[f"{prefix}colptr"], state.get(f"{prefix}row_indices"),
+                           state.get(f"{prefix}values"), self.out_features, self.block,
+                           name=prefix.rstrip(".") or "layer")
+        return self.state_dict(prefix=prefix)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, kernel={self.kernel!r}"
             + ("" if self.scales is None else ", values=int8")
         )
+
+
+def check_column_index(colptr: torch.Tensor, row_indices: torch.Tensor | None,
+                       values: torch.Tensor | None, out_features: int, block: int, *,
+                       name: str = "layer") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``colptr`` / ``row_indices`` form a valid
+    ``act_sparse_gemv`` column index over ``values`` for ``out_features`` outputs in blocks
+    of ``block``: int32 column pointers of shape (blocks, in + 1) that start at 0, never
+    fall, continue from block to block and end at the number of values, and int16 row
+    indices (read as uint16), one per value, inside their block."""
+    blocks = -(-out_features // block)
+    if row_indices is None or values is None:
+        raise ValueError(f"{name}: colptr needs row_indices and values beside it")
+    nnz = values.numel()
+    if (colptr.dtype != torch.int32 or colptr.dim() != 2 or colptr.shape[0] != blocks
+            or colptr.shape[1] < 1 or row_indices.dtype != torch.int16
+            or row_indices.shape != (nnz,)):
+        raise ValueError(
+            f"{name}: expected int32 colptr ({blocks}, in + 1) and int16 row_indices ({nnz},), "
+            f"got {colptr.dtype} {tuple(colptr.shape)} and {row_indices.dtype} "
+            f"{tuple(row_indices.shape)}"
+        )
+    if blocks == 0:
+        if nnz:
+            raise ValueError(f"{name}: {nnz} values for 0 outputs")
+        return
+    ptr = colptr.to(torch.int64)
+    per_block = ptr[:, -1] - ptr[:, 0]
+    height = (out_features - torch.arange(blocks) * block).clamp(max=block)
+    consistent = (
+        int(ptr[0, 0]) == 0 and int(ptr[-1, -1]) == nnz and bool((ptr.diff(dim=1) >= 0).all())
+        and bool((ptr[1:, 0] == ptr[:-1, -1]).all())
+    )
+    if not consistent or not bool(
+        ((row_indices.to(torch.int64) & 0xFFFF) < height.repeat_interleave(per_block)).all()
+    ):
+        raise ValueError(f"{name}: inconsistent column index (colptr must rise from 0 to "
+                         f"{nnz} through every block, row_indices lie inside their block)")
 
 
 def _check_storage(weight: torch.Tensor, scales: torch.Tensor | None,
