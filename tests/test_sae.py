@@ -1,8 +1,12 @@
 """sparsekit.sae: every variant recovers planted features; decoding paths agree; bad input."""
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from sparsekit.engine import kernels
 from sparsekit.sae import ACTIVATIONS, SAE, objective, resample, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -249,3 +253,32 @@ def test_resample_refuses_bad_arguments_before_changing_anything():
     with pytest.raises(ValueError, match="resample_every"):
         train(sae, x, resample_every=0)
     assert all(torch.equal(state[n], t) for n, t in sae.state_dict().items())
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_batched_decode_through_the_sparse_input_kernel_matches_embedding_bag(isa):
+    if not kernels.available() or isa not in ("native", *kernels.isas()):
+        pytest.skip(f"no {isa} kernels here: {kernels.unavailable_reason()}")
+    sae = SAE(24, 96, "topk", k=5, seed=2).eval()
+    x = torch.randn(3, 7, 24)
+    values, indices = sae.encode_sparse(x)
+    expected = F.embedding_bag(indices.reshape(-1, 5), sae.W_dec,
+                               per_sample_weights=values.reshape(-1, 5).detach(),
+                               mode="sum") + sae.b_dec
+    context = kernels.use_isa("avx2") if isa == "avx2" else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        for rows in (1, 8, 21):
+            v, i = values.reshape(-1, 5)[:rows], indices.reshape(-1, 5)[:rows]
+            assert torch.allclose(sae.decode_sparse(v, i), expected[:rows], atol=1e-5)
+        assert torch.allclose(sae.decode_sparse(values, indices).reshape(-1, 24), expected,
+                              atol=1e-5)
+        padded = torch.cat([values, torch.zeros(3, 7, 2)], -1)  # zero codes read nothing
+        assert torch.allclose(sae.decode_sparse(padded, torch.cat(
+            [indices, torch.zeros(3, 7, 2, dtype=torch.long)], -1)).reshape(-1, 24),
+            expected, atol=1e-5)
+        with pytest.raises(ValueError, match="indices must lie in"):
+            sae.decode_sparse(values, indices.clamp(max=95) + 1)  # 96 is out of range
+    # with gradients on, the decode stays differentiable (embedding_bag)
+    out = sae.decode_sparse(values, indices)
+    out.sum().backward()
+    assert sae.W_dec.grad is not None and sae.W_enc.grad is not None
