@@ -10,7 +10,8 @@ best run. :func:`route_heads` returns a copy of a Hugging Face LLaMA-style model
 - the query rows of the chosen groups' heads are computed (one contiguous block of
   ``q_proj`` per group), the others are never read;
 - attention over the cache runs for those heads only;
-- ``o_proj`` reads only the chosen heads' columns (in place: one strided block per group).
+- ``o_proj`` reads only the chosen heads' columns (its weight is stored transposed, so
+  they are one contiguous block per group).
 
 Keys and values are computed for *every* head: a later token may pick a head this one
 skipped, and its cache must then hold this token's key and value exactly. (With grouped
@@ -42,7 +43,10 @@ class RoutedAttention(nn.Module):
     read it).
 
     ``attention`` (the wrapped Hugging Face module, kept as ``self.dense``) supplies the
-    weights, the cache slot (``layer_idx``), the scaling and the dense path.
+    weights, the cache slot (``layer_idx``), the scaling and the dense path. Its
+    ``o_proj.weight`` is re-stored transposed (same values and shape, a strided view), so
+    that a group's columns are contiguous in memory; pass a copy if the original must keep
+    its layout (:func:`route_heads` does).
     """
 
     def __init__(self, attention: nn.Module, router: Router, k: int) -> None:
@@ -63,6 +67,11 @@ class RoutedAttention(nn.Module):
         if not 1 <= k <= self.groups:
             raise ValueError(f"k must be an int in [1, {self.groups}], got {k!r}")
         self.router, self.k = router, k
+        # o_proj's columns of one group become contiguous rows: the weight is stored
+        # transposed and viewed back, so the dense path reads the same values at full speed
+        o_proj = attention.o_proj
+        o_proj.weight = nn.Parameter(o_proj.weight.detach().t().contiguous().t(),
+                                     requires_grad=o_proj.weight.requires_grad)
 
     @property
     def kept(self) -> float:
