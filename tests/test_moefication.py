@@ -305,3 +305,16 @@ def test_route_heads_refuses_bad_arguments():
         moe.route_heads(model, {"model": next(iter(predictors.values()))})
     with pytest.raises(ValueError, match="head groups"):  # a router of another width
         moe.route_heads(gqa_llama(), {"model.layers.0": (Router(64, 3, 4), {})})
+
+
+def test_routed_attention_checks_its_arguments_before_changing_the_attention():
+    model = gqa_llama()
+    attention = model.model.layers[0].self_attn
+    weight = attention.o_proj.weight
+    with pytest.raises(TypeError, match="router must"):
+        moe.RoutedAttention(attention, "router", 2)
+    with pytest.raises(ValueError, match="k must"):
+        moe.RoutedAttention(attention, Router(64, 4, 8), 5)
+    with pytest.raises(TypeError, match="LLaMA-style"):
+        moe.RoutedAttention(nn.Linear(4, 4), Router(64, 4, 8), 2)
+    assert attention.o_proj.weight is weight and weight.is_contiguous()

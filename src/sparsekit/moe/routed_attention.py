@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_fraction
+from sparsekit._checks import check_fraction, check_int
 from sparsekit.moe.router import Router
 
 __all__ = ["RoutedAttention", "route_heads"]
@@ -57,15 +57,19 @@ class RoutedAttention(nn.Module):
             raise TypeError(f"attention must be a LLaMA-style attention with "
                             f"{', '.join(PROJECTIONS)} and head_dim, got "
                             f"{type(attention).__name__}")
+        if not isinstance(router, Router):
+            raise TypeError(f"router must be a sparsekit.moe.Router, got {type(router).__name__}")
+        groups = attention.k_proj.out_features // attention.head_dim
+        if router.score.out_features != groups:
+            raise ValueError(f"router scores {router.score.out_features} head groups, the "
+                             f"attention has {groups} key/value heads")
+        check_int("k", k, minimum=1)
+        if k > groups:
+            raise ValueError(f"k must be an int in [1, {groups}], got {k!r}")
         self.dense = attention
         self.head_dim = attention.head_dim
-        self.groups = attention.k_proj.out_features // self.head_dim
+        self.groups = groups
         self.group_size = attention.q_proj.out_features // (self.head_dim * self.groups)
-        if router.score.out_features != self.groups:
-            raise ValueError(f"router scores {router.score.out_features} head groups, the "
-                             f"attention has {self.groups} key/value heads")
-        if not 1 <= k <= self.groups:
-            raise ValueError(f"k must be an int in [1, {self.groups}], got {k!r}")
         self.router, self.k = router, k
         # o_proj's columns of one group become contiguous rows: the weight is stored
         # transposed and viewed back, so the dense path reads the same values at full speed
@@ -116,7 +120,7 @@ class RoutedAttention(nn.Module):
             attn_mask=mask, scale=attn.scaling).view(len(groups), width)
         o_w, o_b = attn.o_proj.weight, attn.o_proj.bias
         y = o_b.view(1, -1) if o_b is not None else x.new_zeros(1, o_w.shape[0])
-        for i, g in enumerate(groups):  # the group's columns of o_proj, read in place
+        for i, g in enumerate(groups):  # the group's columns: contiguous rows of o_proj.T
             y = torch.addmm(y, out[i:i + 1], o_w[:, g * width:(g + 1) * width].t())
         return y.view_as(hidden_states), None
 
