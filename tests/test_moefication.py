@@ -12,11 +12,12 @@ from sparsekit.moe.router import Router, fit
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
+def tiny_llama(seed: int = 0, *, hidden: int = 32, heads: int = 4, kv_heads: int = 4
+               ) -> nn.Module:
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=4)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=heads,
+                                      num_key_value_heads=kv_heads)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -224,11 +225,8 @@ def test_head_predictors_group_query_heads_by_kv_head():
 
 
 def gqa_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=8,
-                                      num_key_value_heads=4)
-    return transformers.LlamaForCausalLM(config).eval()
+    """Grouped queries: two query heads per key/value head."""
+    return tiny_llama(seed, hidden=64, heads=8, kv_heads=4)
 
 
 def decode_logits(model: nn.Module, tokens: torch.Tensor, prompt: int) -> torch.Tensor:

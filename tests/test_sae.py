@@ -282,3 +282,16 @@ def test_batched_decode_through_the_sparse_input_kernel_matches_embedding_bag(is
     out = sae.decode_sparse(values, indices)
     out.sum().backward()
     assert sae.W_dec.grad is not None and sae.W_enc.grad is not None
+
+
+def test_resample_gives_every_dead_latent_its_own_row():
+    sae = SAE(8, 16, "topk", k=2, seed=3)
+    x = torch.randn(3, 8)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[1, 4, 9]] = True
+    for seed in range(5):  # three latents, three rows: each row exactly once
+        resample(sae, x, dead, generator=torch.Generator().manual_seed(seed))
+        directions = sae.W_dec.detach()[dead]
+        expected = (x - sae.b_dec.detach()) / (x - sae.b_dec.detach()).norm(dim=-1, keepdim=True)
+        assert torch.allclose((directions @ expected.T).abs().max(0).values, torch.ones(3),
+                              atol=1e-5)

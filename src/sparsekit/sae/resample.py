@@ -3,8 +3,8 @@
 Bricken et al. 2023 ("Towards Monosemanticity", appendix on neuron resampling): a latent
 that has stopped firing is given a new direction taken from an input the dictionary
 explains badly, so it starts where it is needed instead of where it died. For every dead
-latent one input row is sampled with probability proportional to its squared
-reconstruction loss; then
+latent one input row is sampled (without replacement) with probability proportional to its
+squared reconstruction loss; then
 
 - its decoder row ``W_dec[j]`` becomes that row's target (the input itself for an
   autoencoder, centred on ``b_dec``), at unit norm;
@@ -48,8 +48,9 @@ def resample(
     transcoder's); return the indices of the latents resampled.
 
     ``optimizer`` is the one training ``sae`` (any ``torch.optim`` optimizer): its state of
-    the resampled entries is zeroed. Rows whose loss is zero are never sampled; when every
-    loss is zero nothing is resampled.
+    the resampled entries is zeroed. Every latent gets a different row while ``x`` has
+    enough rows with a non-zero loss; rows whose loss is zero are never sampled, and when
+    every loss is zero nothing is resampled. ``generator`` draws the rows.
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
@@ -78,7 +79,11 @@ def resample(
     loss = (sae.decode_sparse(*sae.encode_sparse(x)) - target).pow(2).sum(-1)
     if latents.numel() == 0 or not bool((loss > 0).any()):
         return latents[:0]
-    rows = torch.multinomial(loss.pow(2).double(), latents.numel(), replacement=True,
+    # distinct rows while there are enough with a loss: two latents reborn on one row
+    # would compete for it and one would die again
+    weights = loss.pow(2).double()
+    distinct = int((weights > 0).sum()) >= latents.numel()
+    rows = torch.multinomial(weights, latents.numel(), replacement=not distinct,
                              generator=generator)
 
     inputs = x[rows] if sae.transcoder else x[rows] - sae.b_dec

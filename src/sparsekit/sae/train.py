@@ -125,10 +125,10 @@ def train(
         decay: the learning rate decays linearly to 0 over this last fraction of
             ``steps`` (needs ``steps``).
         optimizer: any ``torch.optim`` optimizer over ``sae``'s parameters instead of Adam.
-        resample_every: after every this many steps (but not after the last), latents dead
-            for ``dead_window`` tokens are reinitialised from the current batch's rows with
-            the largest reconstruction loss, and their optimizer state is reset (see
-            :func:`~sparsekit.sae.resample`). Default: never.
+        resample_every: after every this many steps (not after the last of ``steps``),
+            latents dead for ``dead_window`` tokens are reinitialised from the current
+            batch's rows with the largest reconstruction loss, and their optimizer state is
+            reset (see :func:`~sparsekit.sae.resample`). Default: never.
 
     Returns:
         ``{"steps", "tokens", "seconds", "tokens_per_second", "loss", "resampled"}``
@@ -169,6 +169,7 @@ def train(
     if sae.normalize_decoder:
         sae.normalize_decoder_()
     done, tokens, terms, resampled = 0, 0, {}, 0
+    generator = torch.Generator(device=sae.W_enc.device).manual_seed(0)  # resampling's rows
     began = time.perf_counter()
     for x, target in itertools.chain([first] if first is not None else [], stream):
         terms = objective(sae, x, target, sparsity_coef=sparsity_coef, aux_coef=aux_coef,
@@ -188,7 +189,7 @@ def train(
             break
         if resample_every is not None and done % resample_every == 0:
             resampled += len(resample(sae, x, sae.dead_latents(dead_window), target=target,
-                                      optimizer=optimizer))
+                                      optimizer=optimizer, generator=generator))
     seconds = time.perf_counter() - began
     sae.eval()
     return {"steps": done, "tokens": tokens, "seconds": seconds,
