@@ -201,7 +201,7 @@ def test_resample_revives_a_dead_latent_and_leaves_the_others_bit_for_bit():
     dead = torch.zeros(32, dtype=torch.bool)
     dead[5] = True
     sae.tokens_since_fired[5] = 10**6
-    out = resample(sae, x[1024:], dead, optimizer=optimizer,
+    out = resample(sae, x[1024:], dead, optimizer=optimizer, encoder_scale=1.0,
                    generator=torch.Generator().manual_seed(0))
     assert out.tolist() == [5]
     alive = ~dead
@@ -228,8 +228,9 @@ def test_training_with_resampling_brings_a_dead_latent_back_to_life():
     runs = {}
     for every in (None, 4):
         sae = _killed(SAE(16, 32, "topk", k=3, seed=1), 5)
+        # a sharp 32-latent dictionary: a reborn latent needs the live norm to enter the top 3
         out = train(sae, x, steps=16, batch_size=256, lr=3e-3, dead_window=512,
-                    resample_every=every)
+                    resample_every=every, resample_scale=1.0)
         with torch.no_grad():
             runs[every] = (out["resampled"], int((sae.encode(x)[:, 5] != 0).sum()))
     assert runs[None] == (0, 0)  # without resampling it stays dead
@@ -252,6 +253,8 @@ def test_resample_refuses_bad_arguments_before_changing_anything():
         resample(sae, x, dead, optimizer="adam")
     with pytest.raises(ValueError, match="resample_every"):
         train(sae, x, resample_every=0)
+    with pytest.raises(ValueError, match="resample_scale"):
+        train(sae, x, resample_every=1, resample_scale=float("nan"))
     assert all(torch.equal(state[n], t) for n, t in sae.state_dict().items())
 
 

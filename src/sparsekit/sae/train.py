@@ -25,7 +25,7 @@ import torch
 
 from sparsekit._checks import check_int
 from sparsekit.sae.activations import ACTIVATIONS, select_topk, step
-from sparsekit.sae.resample import resample
+from sparsekit.sae.resample import ENCODER_SCALE, resample
 from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _nonzeros
 
 __all__ = ["objective", "train"]
@@ -106,6 +106,7 @@ def train(
     decay: float = 0.2,
     optimizer: torch.optim.Optimizer | None = None,
     resample_every: int | None = None,
+    resample_scale: float = ENCODER_SCALE,
 ) -> dict[str, Any]:
     """Train ``sae`` in place on ``activations``; return what happened.
 
@@ -129,6 +130,8 @@ def train(
             latents dead for ``dead_window`` tokens are reinitialised from the current
             batch's rows with the largest reconstruction loss, and their optimizer state is
             reset (see :func:`~sparsekit.sae.resample`). Default: never.
+        resample_scale: a reborn latent's encoder norm over the live ones' mean
+            (``encoder_scale`` of :func:`~sparsekit.sae.resample`).
 
     Returns:
         ``{"steps", "tokens", "seconds", "tokens_per_second", "loss", "resampled"}``
@@ -142,6 +145,10 @@ def train(
     check_int("dead_window", dead_window, minimum=1)
     if resample_every is not None:
         check_int("resample_every", resample_every, minimum=1)
+    if isinstance(resample_scale, bool) or not isinstance(resample_scale, numbers.Real) \
+            or not 0 < resample_scale < math.inf:
+        raise ValueError(f"resample_scale must be a positive finite float, got "
+                         f"{resample_scale!r}")
     for name, value in (("lr", lr), ("sparsity_coef", sparsity_coef), ("aux_coef", aux_coef)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                   or not value >= 0 or math.isinf(value)):
@@ -189,7 +196,8 @@ def train(
             break
         if resample_every is not None and done % resample_every == 0:
             resampled += len(resample(sae, x, sae.dead_latents(dead_window), target=target,
-                                      optimizer=optimizer, generator=generator))
+                                      optimizer=optimizer, encoder_scale=resample_scale,
+                                      generator=generator))
     seconds = time.perf_counter() - began
     sae.eval()
     return {"steps": done, "tokens": tokens, "seconds": seconds,
