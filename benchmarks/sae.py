@@ -14,7 +14,8 @@ Activations: the residual stream after layer 3 of the real all-MiniLM-L6-v2 (pac
    JumpReLU and L1 at several penalties).
    For BatchTopK sparsekit also resamples dead latents after each block but the last
    ``RESAMPLE_QUIET`` (Bricken et al.: reinitialised from the worst-reconstructed rows, Adam
-   state reset; ``train(resample_every=...)``); the column ``resampled`` counts them.
+   state reset; ``train(resample_every=...)``), counting a latent dead after 5 % of the run
+   without firing (10 % otherwise); the column ``resampled`` counts them.
 3. Decoding k-sparse codes of 1, 8, 64 and 512 tokens: the dense product ``z @ W_dec``
    (addmm), ``F.embedding_bag`` over the kept rows (the training path), sparsekit's
    sparse-input kernel ``spmm_rows`` (k rows of ``W_dec`` per token) and for one token the
@@ -147,7 +148,9 @@ def head_to_head(train_x, test_x, activation, *, n_latents, k, steps, batch, lr,
     theirs = SAELensRun(sae_lens_model(activation, train_x.shape[1], n_latents, k), lr,
                         dead_steps=max(steps // 10, 1))
     ours_seconds = theirs_seconds = 0.0
-    dead_window = max(steps // 10, 1) * batch
+    # with resampling a latent silent for 5 % of the run is dead (10 % without): it is
+    # reborn early, while there are steps left to learn
+    dead_window = max(steps // (20 if activation in RESAMPLE else 10), 1) * batch
     resampled = 0
     for start in range(0, steps, block):
         n = min(block, steps - start)
