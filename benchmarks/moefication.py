@@ -17,6 +17,14 @@ batch-1 decode speed at matched quality against TEAL.
     2752; routers and thresholds calibrated on its activations over tinyshakespeare), each
     method at the smallest ``keep`` that reached 95 % of the dense quality in (a)
     (matched quality); TEAL through ``sparsekit.compile(model, activation_sparsity=...)``.
+(d) Executed head predictions (``moe.route_heads``): one decode step of one LLaMA attention
+    layer with a KV cache, dense against ``RoutedAttention`` keeping 25 / 50 / 100 % of the
+    key/value head groups (q rows, attention and o_proj columns of the rest skipped; keys
+    and values of every head still cached), interleaved, 1 thread, the caches flushed
+    before every step (in a real decode every layer's weights come from memory); untrained
+    weights and router (the cost does not depend on which groups are chosen).
+    ``--heads-only`` runs this section alone (a minute) and writes
+    moefication_heads.{json,md}.
 
 "Performance" is dense/perplexity for the LLaMA and the cosine for MiniLM. Targets (the
 MoEfication paper keeps 10-30 % of the FFN at > 95 % of performance): MoEfication at
@@ -31,19 +39,21 @@ benchmarks/results/moefication{,_quick}.{json,md}.
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import describe
 from _report import checklist, conclude
-from activation_sparsity import cpu_model, decode_tokens_per_s, wide_llama
+from activation_sparsity import decode_tokens_per_s, wide_llama
 from llm_pruning import SEQLEN, shakespeare, shakespeare_text, train_llama
 
 import sparsekit
 from sparsekit import activation, llm, moe
-from sparsekit.engine import kernels
 from sparsekit.llm.evaluate import embed
 from sparsekit.moe.ffn import find_ffns
 
@@ -195,6 +205,85 @@ def decode_section(quick: bool, keeps: dict[str, float], calibration) -> dict:
             "tokens_per_s": tps, "speedup": {n: t / tps["dense"] for n, t in tps.items()}}
 
 
+HEAD_SHAPES = {  # name: (hidden, query heads, key/value heads), head_dim = hidden / heads
+    "TinyLlama-1.1B layer (GQA 32/4)": (2048, 32, 4),
+    "LLaMA-7B-like layer (MHA 32/32)": (4096, 32, 32),
+}
+HEAD_KEEPS = (0.25, 0.5, 1.0)
+FLUSH_BYTES = 512 * 2**20  # written before every timed step: no weights stay in cache
+
+
+def head_decode_section(quick: bool) -> dict:
+    """Median microseconds of one decode step of one attention layer, dense vs routed."""
+    from transformers import DynamicCache, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    context, repeats = (256, 60) if quick else (1024, 200)
+    flush = torch.zeros(FLUSH_BYTES // 4)  # larger than the last-level cache
+    rows = []
+    try:
+        for label, (hidden, heads_, kv) in HEAD_SHAPES.items():
+            config = LlamaConfig(hidden_size=hidden, num_attention_heads=heads_,
+                                 num_key_value_heads=kv, max_position_embeddings=4096)
+            config._attn_implementation = "sdpa"  # what a LLaMA runs on CPU by default
+            torch.manual_seed(0)
+            dense = LlamaAttention(config, layer_idx=0).eval()
+            rotary = LlamaRotaryEmbedding(config)
+            prompt = torch.randn(1, context, hidden)
+            x = torch.randn(1, 1, hidden)
+            with torch.no_grad():
+                positions = rotary(prompt, torch.arange(context)[None])
+                step_position = rotary(x, torch.tensor([[context]]))
+                caches = {}
+                ways = {"dense": dense}
+                for keep in HEAD_KEEPS:
+                    ways[f"keep {keep:.0%}"] = moe.RoutedAttention(
+                        copy.deepcopy(dense), moe.Router(hidden, kv, 64).eval(),
+                        max(1, round(keep * kv))).eval()
+                for name, layer in ways.items():
+                    caches[name] = DynamicCache(config=config)
+                    layer(prompt, positions, None, cache=caches[name])
+
+                def step(layer, cache, x=x, position=step_position):
+                    out = layer(x, position, None, cache=cache)[0]
+                    cache.crop(-1)  # the next repeat decodes the same position again
+                    return out
+
+                times = {name: [] for name in ways}
+                for _ in range(repeats):
+                    for name, layer in ways.items():
+                        flush.add_(1.0)  # a decode streams each layer's weights from memory
+                        began = time.perf_counter()
+                        step(layer, caches[name])
+                        times[name].append(time.perf_counter() - began)
+            us = {n: sorted(t)[len(t) // 2] * 1e6 for n, t in times.items()}
+            rows.append({"layer": label, "hidden": hidden, "heads": heads_, "kv_heads": kv,
+                         "context": context, "microseconds": us,
+                         "speedup": {n: us["dense"] / v for n, v in us.items()}})
+            print(f"(d) {label}, {context} cached tokens: " + ", ".join(
+                f"{n} {v:.0f} us ({us['dense'] / v:.2f}x)" for n, v in us.items()), flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return {"rows": rows}
+
+
+def head_markdown(heads_: dict) -> list[str]:
+    names = list(heads_["rows"][0]["microseconds"])
+    lines = ["## (d) Executed head predictions: one decode step of one attention layer", "",
+             f"KV cache of {heads_['rows'][0]['context']} tokens, 1 thread, caches flushed "
+             "before every step, median microseconds of interleaved steps (speedup over "
+             "dense); SDPA attention; `keep` is the fraction "
+             "of key/value head groups a step computes (moe.route_heads; keys and values of "
+             "every head are still computed and cached).", "",
+             "| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in heads_["rows"]:
+        lines.append(f"| {r['layer']} | " + " | ".join(
+            f"{r['microseconds'][n]:.0f} ({r['speedup'][n]:.2f}x)" for n in names) + " |")
+    return lines + [""]
+
+
 def checks(llama: dict, minilm: dict | None, decode: dict) -> list[tuple[str, bool]]:
     results = []
     for name, section in (("LLaMA", llama), ("MiniLM", minilm)):
@@ -268,25 +357,40 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run, no checks")
     parser.add_argument("--no-check", action="store_true", help="do not fail on missed targets")
+    parser.add_argument("--heads-only", action="store_true",
+                        help="only (d), the executed head predictions' decode timing")
     args = parser.parse_args()
     torch.manual_seed(0)
-    note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads ((c): 1), CPU "
-            f"{cpu_model()}, compiled kernels "
-            f"{'on' if kernels.available() else 'off (PyTorch fallback)'}. The machine was "
-            "shared with other jobs while this ran: absolute times are noisy, ratios are "
-            "measured side by side.")
+    machine = describe()
+    note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads ((c), (d): 1), CPU "
+            f"{machine['model']} ({machine['flags']}), compiled kernels "
+            f"{machine['isa']}. The machine was "
+            "shared with other jobs while this ran (load average "
+            f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}): absolute times are noisy, "
+            "ratios are measured side by side.")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.heads_only:
+        heads_ = head_decode_section(args.quick)
+        (RESULTS / "moefication_heads.json").write_text(json.dumps(
+            {"heads": heads_, "note": note}, indent=2))
+        report = "\n".join(["# Executed attention-head predictions", "", note, "",
+                            *head_markdown(heads_)])
+        (RESULTS / "moefication_heads.md").write_text(report)
+        print(report)
+        return 0
     llama = llama_section(args.quick)
     minilm = minilm_section(args.quick)
     decode = decode_section(args.quick, matched(llama["rows"]), llama.pop("calibration"))
+    heads_ = head_decode_section(args.quick)
     results = checks(llama, minilm, decode)
     name = "moefication" + ("_quick" if args.quick else "")
     report = "\n".join(["# MoEfication and contextual sparsity", "", note, "",
-                        *markdown(llama, minilm, decode), "## Targets", "",
-                        *checklist(results)]) + "\n"
+                        *markdown(llama, minilm, decode), *head_markdown(heads_),
+                        "## Targets", "", *checklist(results)]) + "\n"
     print(report)
     return conclude(results, {
         RESULTS / f"{name}.json": {"llama": llama, "minilm": minilm, "decode": decode,
-                                   "checks": dict(results), "note": note},
+                                   "heads": heads_, "checks": dict(results), "note": note},
         RESULTS / f"{name}.md": report}, no_check=args.quick or args.no_check)
 
 

@@ -12,9 +12,16 @@ Activations: the residual stream after layer 3 of the real all-MiniLM-L6-v2 (pac
    FVU, L0, dead latents, training tokens/s.
 2. The FVU-L0 frontier of every sparsekit activation (TopK, BatchTopK, AbsTopK at several k;
    JumpReLU and L1 at several penalties).
-3. Decoding k-sparse codes: the dense product ``z @ W_dec``, ``F.embedding_bag`` over the
-   kept rows (what ``SAE.decode_sparse`` uses), and for one token sparsekit's
-   activation-sparse GEMV, timed interleaved.
+   For BatchTopK sparsekit also resamples dead latents after each block but the last
+   ``RESAMPLE_QUIET`` (Bricken et al.: reinitialised from the worst-reconstructed rows, Adam
+   state reset; ``train(resample_every=...)``), counting a latent dead after 5 % of the run
+   without firing (10 % otherwise); the column ``resampled`` counts them.
+3. Decoding k-sparse codes of 1, 8, 64 and 512 tokens: the dense product ``z @ W_dec``
+   (addmm), ``F.embedding_bag`` over the kept rows (the training path), sparsekit's
+   sparse-input kernel ``spmm_rows`` (k rows of ``W_dec`` per token) and for one token the
+   activation-sparse GEMV, timed interleaved, on the kernels' best ISA and on AVX2;
+   ``SAE.decode_sparse`` is timed as well, and the table names the path it takes (the
+   fastest one measured is the one it should take).
 
 Targets (exit 1 on a miss, ``--no-check`` to only report): FVU within 2 % of SAELens at equal
 L0, at least 1.5x SAELens's CPU training throughput, under 1 % dead latents with BatchTopK.
@@ -27,6 +34,8 @@ Writes benchmarks/results/sae.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 import time
@@ -46,6 +55,9 @@ LAYER = "encoder.layer.3"
 FVU_TOLERANCE = 0.02
 SPEEDUP_TARGET = 1.5
 DEAD_TARGET = 0.01
+DECODE_TOKENS = (1, 8, 64, 512)
+RESAMPLE = ("batchtopk",)  # activations trained with dead-latent resampling
+RESAMPLE_QUIET = 2  # no resampling after the last blocks: a new latent needs steps to learn
 
 
 def shakespeare_lines() -> list[str]:
@@ -136,14 +148,21 @@ def head_to_head(train_x, test_x, activation, *, n_latents, k, steps, batch, lr,
     theirs = SAELensRun(sae_lens_model(activation, train_x.shape[1], n_latents, k), lr,
                         dead_steps=max(steps // 10, 1))
     ours_seconds = theirs_seconds = 0.0
-    dead_window = max(steps // 10, 1) * batch
+    # with resampling a latent silent for 5 % of the run is dead (10 % without): it is
+    # reborn early, while there are steps left to learn
+    dead_window = max(steps // (20 if activation in RESAMPLE else 10), 1) * batch
+    resampled = 0
     for start in range(0, steps, block):
         n = min(block, steps - start)
         rows = [train_x[((start + i) * batch) % (len(train_x) - batch):][:batch]
                 for i in range(n)]
+        late = start + block > steps - RESAMPLE_QUIET * block
+        every = n if activation in RESAMPLE and not late else None
         began = time.perf_counter()
-        train(ours, rows, lr=lr, batch_size=batch, dead_window=dead_window, decay=0.0)
+        out = train(ours, rows, lr=lr, batch_size=batch, dead_window=dead_window, decay=0.0,
+                    resample_every=every)
         ours_seconds += time.perf_counter() - began
+        resampled += out["resampled"]
         began = time.perf_counter()
         for x in rows:
             theirs.step(x)
@@ -153,7 +172,7 @@ def head_to_head(train_x, test_x, activation, *, n_latents, k, steps, batch, lr,
     return {"activation": activation, "k": k, "n_latents": n_latents, "tokens": tokens,
             "sparsekit": {"fvu": mine["fvu"], "l0": mine["l0"],
                           "dead_fraction": mine["dead_fraction"],
-                          "tokens_per_second": tokens / ours_seconds},
+                          "tokens_per_second": tokens / ours_seconds, "resampled": resampled},
             "sae_lens": {**theirs.metrics(test_x), "tokens_per_second": tokens / theirs_seconds}}
 
 
@@ -180,22 +199,48 @@ def frontier(train_x, test_x, *, n_latents, steps, batch, lr, quick) -> list[dic
 
 
 def decode_timings(d: int, n_latents: int, k: int, repeats: int) -> list[dict]:
-    """Median microseconds of a k-sparse decode: dense product vs embedding_bag (vs the GEMV
-    for one token), interleaved."""
+    """Median microseconds of a k-sparse decode of 1 to 512 tokens, every way interleaved:
+    the dense product, embedding_bag, the native sparse-input kernel (and the GEMV for one
+    token), and ``SAE.decode_sparse`` itself (which takes the native kernel when built)."""
     sae = SAE(d, n_latents, "topk", k=k).eval()
+    native = kernels.available()
+    isas = [kernels.isa()] if native else [None]
+    if native and kernels.isa() != "avx2" and "avx2" in kernels.isas():
+        isas.append("avx2")  # AVX2-only CPUs (Zen 3) are a first-class target
     rows = []
-    for tokens in (1, 64, 1024):
+    for isa in isas:
+        with kernels.use_isa(isa) if isa else contextlib.nullcontext():
+            rows += _decode_rows(sae, d, n_latents, k, repeats, native, isa)
+    return rows
+
+
+def _decode_rows(sae: SAE, d: int, n_latents: int, k: int, repeats: int, native: bool,
+                 isa: str | None) -> list[dict]:
+    threads = torch.get_num_threads()
+    rows = []
+    for tokens in DECODE_TOKENS:
         x = torch.randn(tokens, d)
         with torch.no_grad():
             values, indices = sae.encode_sparse(x)
             z = sae.encode(x)
-            ways = {"dense z @ W_dec": lambda z=z: torch.addmm(sae.b_dec, z, sae.W_dec),
+            ways = {"addmm": lambda z=z: torch.addmm(sae.b_dec, z, sae.W_dec),
                     "embedding_bag": lambda v=values, i=indices: F.embedding_bag(
                         i, sae.W_dec, per_sample_weights=v, mode="sum") + sae.b_dec}
-            if tokens == 1 and kernels.available():
+            if native:
+                rowptr = torch.arange(0, tokens * k + 1, k, dtype=torch.int32)
+                ways["spmm_rows"] = lambda v=values, i=indices, p=rowptr: \
+                    torch.ops.sparsekit.spmm_rows(p, i.reshape(-1).to(torch.int32),
+                                                  v.reshape(-1), None, sae.W_dec, None,
+                                                  n_latents, threads).add_(sae.b_dec)
+            if tokens == 1 and native:
                 zero = torch.zeros(n_latents)
                 ways["act_gemv"] = lambda z=z, zero=zero: torch.ops.sparsekit.act_gemv(
-                    sae.W_dec, z[0], zero, sae.b_dec, 1, None)
+                    sae.W_dec, z[0], zero, sae.b_dec, threads, None)
+            ways["SAE.decode_sparse"] = lambda v=values, i=indices: sae.decode_sparse(v, i)
+            reference = ways["addmm"]()
+            for name, fn in ways.items():
+                if not torch.allclose(fn().view_as(reference), reference, atol=1e-4):
+                    raise AssertionError(f"decode by {name} differs from the dense product")
             times = {name: [] for name in ways}
             for _ in range(repeats):
                 for name, fn in ways.items():
@@ -203,14 +248,23 @@ def decode_timings(d: int, n_latents: int, k: int, repeats: int) -> list[dict]:
                     fn()
                     times[name].append(time.perf_counter() - began)
         medians = {n: sorted(t)[len(t) // 2] * 1e6 for n, t in times.items()}
-        rows.append({"tokens": tokens, "k": k, "n_latents": n_latents, "microseconds": medians})
-        print(f"  decode {tokens:5d} tokens: " + ", ".join(
+        rows.append({"isa": isa or "none", "tokens": tokens, "k": k, "n_latents": n_latents,
+                     "microseconds": medians,
+                     "decode_sparse_path": "spmm_rows" if native else "embedding_bag"})
+        print(f"  decode {isa} {tokens:5d} tokens: " + ", ".join(
             f"{n} {us:.1f} us" for n, us in medians.items()), flush=True)
     return rows
 
 
-def checks(pairs: list[dict]) -> list[tuple[str, bool]]:
+def checks(pairs: list[dict], decode: list[dict]) -> list[tuple[str, bool]]:
     out = []
+    for r in decode:  # decode_sparse's path must be the fastest of those it could take
+        us = r["microseconds"]
+        chosen = r["decode_sparse_path"]
+        best = min(("addmm", "embedding_bag", "spmm_rows"), key=lambda n: us.get(n, math.inf))
+        out.append((f"decode {r['tokens']} tokens ({r['isa']}): decode_sparse takes {chosen} "
+                    f"({us[chosen]:.1f} us); fastest measured: {best} ({us[best]:.1f} us)",
+                    us[chosen] <= us[best] * 1.1))
     for p in pairs:
         ours, theirs = p["sparsekit"], p["sae_lens"]
         name = p["activation"]
@@ -234,27 +288,30 @@ def markdown(setup: dict, pairs: list[dict], front: list[dict], decode: list[dic
              f"{setup['threads']} thread(s); load average {setup['load']}.", "",
              f"CPU: {setup['machine']['model']} ({setup['machine']['flags']}); kernels "
              f"{setup['machine']['isa']}.", "",
-             "| activation | k | tokens | library | held-out FVU | L0 | dead | tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| activation | k | tokens | library | held-out FVU | L0 | dead | resampled "
+             "| tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for p in pairs:
         for lib in ("sparsekit", "sae_lens"):
             r = p[lib]
             lines.append(f"| {p['activation']} | {p['k']} | {p['tokens']} | {lib} | "
                          f"{r['fvu']:.4f} | {r['l0']:.1f} | {r['dead_fraction']:.2%} | "
-                         f"{r['tokens_per_second']:,.0f} |")
+                         f"{r.get('resampled', '-')} | {r['tokens_per_second']:,.0f} |")
     lines += ["", "FVU-L0 frontier (sparsekit):", "",
               "| activation | setting | held-out FVU | L0 | dead |", "|---|---|---|---|---|"]
     for r in front:
         setting = ", ".join(f"{key}={r[key]}" for key in ("k", "sparsity_coef") if key in r)
         lines.append(f"| {r['activation']} | {setting} | {r['fvu']:.4f} | {r['l0']:.1f} | "
                      f"{r['dead_fraction']:.2%} |")
-    lines += ["", "Decoding k-sparse codes (median microseconds, interleaved):", "",
-              "| tokens | " + " | ".join(decode[0]["microseconds"]) + " |",
-              "|---|" + "---|" * len(decode[0]["microseconds"])]
+    lines += ["", f"Decoding k-sparse codes (k = {decode[0]['k']} of {decode[0]['n_latents']} "
+              "latents; median microseconds, interleaved; `SAE.decode_sparse` takes "
+              f"{decode[0]['decode_sparse_path']} at inference):", "",
+              "| ISA | tokens | " + " | ".join(decode[0]["microseconds"]) + " |",
+              "|---|---|" + "---|" * len(decode[0]["microseconds"])]
     for r in decode:
         cells = [f"{r['microseconds'].get(n, float('nan')):.1f}"
                  for n in decode[0]["microseconds"]]
-        lines.append(f"| {r['tokens']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['isa']} | {r['tokens']} | " + " | ".join(cells) + " |")
     lines += ["", "Checks:", "", *checklist(results)]
     return "\n".join(lines) + "\n"
 
@@ -287,8 +344,8 @@ def main() -> int:
         print(f"  sparsekit {pair['sparsekit']}\n  SAELens   {pair['sae_lens']}", flush=True)
     front = frontier(train_x, test_x, n_latents=n_latents, steps=steps // 2 if quick else steps,
                      batch=batch, lr=lr, quick=quick)
-    decode = decode_timings(data.shape[1], n_latents, 32, 50 if quick else 300)
-    results = checks(pairs)
+    decode = decode_timings(data.shape[1], n_latents, 32, 100 if quick else 300)
+    results = checks(pairs, decode)
     name = "sae_quick" if quick else "sae"
     return conclude(results, {
         RESULTS / f"{name}.json": {"setup": setup, "head_to_head": pairs, "frontier": front,

@@ -12,11 +12,12 @@ from sparsekit.moe.router import Router, fit
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
+def tiny_llama(seed: int = 0, *, hidden: int = 32, heads: int = 4, kv_heads: int = 4
+               ) -> nn.Module:
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=4)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=heads,
+                                      num_key_value_heads=kv_heads)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -221,3 +222,97 @@ def test_head_predictors_group_query_heads_by_kv_head():
     model = transformers.LlamaForCausalLM(config).eval()
     (router, q), = moe.head_predictors(model, CALIBRATION, TOKENS, keep=0.5, steps=5).values()
     assert router.score.out_features == 2 and q["kept"] == 0.5
+
+
+def gqa_llama(seed: int = 0) -> nn.Module:
+    """Grouped queries: two query heads per key/value head."""
+    return tiny_llama(seed, hidden=64, heads=8, kv_heads=4)
+
+
+def decode_logits(model: nn.Module, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits of a prompt of ``prompt`` tokens, then of every later token one step at a time
+    (teacher-forced, through the KV cache)."""
+    with torch.no_grad():
+        out = model(tokens[:, :prompt], use_cache=True)
+        logits, cache = [out.logits], out.past_key_values
+        for t in range(prompt, tokens.shape[1]):
+            out = model(tokens[:, t:t + 1], cache=cache, use_cache=True)
+            logits.append(out.logits)
+            cache = out.past_key_values
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, gqa_llama])
+def test_routed_heads_with_every_head_kept_equal_dense_attention(make):
+    model = make()
+    predictors = moe.head_predictors(model, CALIBRATION, TOKENS, keep=0.5, steps=5)
+    routed = moe.route_heads(model, predictors, keep=1.0)
+    layers = [m for m in routed.modules() if isinstance(m, moe.RoutedAttention)]
+    assert len(layers) == 2 and all(m.k == m.groups and m.kept == 1.0 for m in layers)
+    assert type(model.model.layers[0].self_attn).__name__ == "LlamaAttention"  # untouched
+    calls = []
+    layers[0].router.register_forward_hook(lambda *_: calls.append(1))  # decode path runs
+    torch.testing.assert_close(decode_logits(routed, TOKENS[:1], 4),
+                               decode_logits(model, TOKENS[:1], 4), atol=1e-5, rtol=1e-4)
+    assert len(calls) == TOKENS.shape[1] - 4
+
+
+def test_routed_heads_compute_exactly_the_predicted_heads():
+    """Half the groups kept: equal to the dense model whose o_proj sees zeros for every
+    head the predictor did not pick (its keys and values still enter the cache)."""
+    model = gqa_llama()
+    predictors = moe.head_predictors(model, CALIBRATION, TOKENS, keep=0.5, steps=20)
+    routed = moe.route_heads(model, predictors, keep=0.5)
+    reference = copy.deepcopy(model)
+    for i, block in enumerate(reference.model.layers):
+        router = routed.model.layers[i].self_attn.router
+        attn = block.self_attn
+        picked = {}
+
+        def pick(_m, args, kwargs, router=router, picked=picked):
+            x = kwargs["hidden_states"]
+            picked["groups"] = router(x.reshape(1, -1)).topk(2, -1).indices[0] \
+                if x.shape[:-1].numel() == 1 else None
+
+        def zero(_m, args, picked=picked, attn=attn):
+            if picked["groups"] is None:
+                return None
+            keep = torch.zeros(4, dtype=torch.bool)
+            keep[picked["groups"]] = True
+            width = attn.head_dim * 2  # two query heads per key/value head
+            return (args[0] * keep.repeat_interleave(width).to(args[0].dtype),)
+
+        attn.register_forward_pre_hook(pick, with_kwargs=True)
+        attn.o_proj.register_forward_pre_hook(zero)
+    got, want = decode_logits(routed, TOKENS[:1], 4), decode_logits(reference, TOKENS[:1], 4)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got[:, 4:], decode_logits(model, TOKENS[:1], 4)[:, 4:])
+    assert torch.allclose(got[:, :4], decode_logits(model, TOKENS[:1], 4)[:, :4])  # prompt
+
+
+def test_route_heads_refuses_bad_arguments():
+    model = tiny_llama()
+    predictors = moe.head_predictors(model, CALIBRATION, TOKENS, keep=0.5, steps=5)
+    with pytest.raises(ValueError, match="keep"):
+        moe.route_heads(model, predictors, keep=0)
+    with pytest.raises(ValueError, match="predictors"):
+        moe.route_heads(model, {})
+    with pytest.raises(ValueError, match="predictors: 'model.nope'"):
+        moe.route_heads(model, {"model.nope": next(iter(predictors.values()))})
+    with pytest.raises(ValueError, match="no LLaMA-style attention"):
+        moe.route_heads(model, {"model": next(iter(predictors.values()))})
+    with pytest.raises(ValueError, match="head groups"):  # a router of another width
+        moe.route_heads(gqa_llama(), {"model.layers.0": (Router(64, 3, 4), {})})
+
+
+def test_routed_attention_checks_its_arguments_before_changing_the_attention():
+    model = gqa_llama()
+    attention = model.model.layers[0].self_attn
+    weight = attention.o_proj.weight
+    with pytest.raises(TypeError, match="router must"):
+        moe.RoutedAttention(attention, "router", 2)
+    with pytest.raises(ValueError, match="k must"):
+        moe.RoutedAttention(attention, Router(64, 4, 8), 5)
+    with pytest.raises(TypeError, match="LLaMA-style"):
+        moe.RoutedAttention(nn.Linear(4, 4), Router(64, 4, 8), 2)
+    assert attention.o_proj.weight is weight and weight.is_contiguous()

@@ -1,9 +1,13 @@
 """sparsekit.sae: every variant recovers planted features; decoding paths agree; bad input."""
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from sparsekit.sae import ACTIVATIONS, SAE, objective, train
+from sparsekit.engine import kernels
+from sparsekit.sae import ACTIVATIONS, SAE, objective, resample, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,3 +179,125 @@ def test_training_streams_a_generator_once_and_rebatches_it():
     out = train(sae, chunks, batch_size=128)
     assert out["steps"] == 4 and out["tokens"] == 500
     assert train(sae, [], steps=10)["steps"] == 0  # nothing to read: no endless loop
+
+
+def _killed(sae, latent):
+    """``sae`` with ``latent`` unable to fire (zero encoder column, very negative bias)."""
+    with torch.no_grad():
+        sae.W_enc[:, latent] = 0.0
+        sae.b_enc[latent] = -100.0
+    return sae
+
+
+def test_resample_revives_a_dead_latent_and_leaves_the_others_bit_for_bit():
+    x, _ = planted(d=16, n=32, rows=2048)
+    sae = _killed(SAE(16, 32, "topk", k=3, seed=1), 5)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    train(sae, x[:1024], batch_size=256, optimizer=optimizer, decay=0.0)
+    assert all(optimizer.state[p]["exp_avg"].abs().sum() > 0 for p in (sae.W_dec, sae.W_enc))
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    moments = {n: {k: v.clone() for k, v in optimizer.state[p].items()}
+               for n, p in sae.named_parameters()}
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[5] = True
+    sae.tokens_since_fired[5] = 10**6
+    out = resample(sae, x[1024:], dead, optimizer=optimizer, encoder_scale=1.0,
+                   generator=torch.Generator().manual_seed(0))
+    assert out.tolist() == [5]
+    alive = ~dead
+    assert torch.equal(sae.W_enc[:, alive], before["W_enc"][:, alive])
+    assert torch.equal(sae.W_dec[alive], before["W_dec"][alive])
+    assert torch.equal(sae.b_enc[alive], before["b_enc"][alive])
+    assert torch.equal(sae.b_dec, before["b_dec"])
+    for name, where_alive, where_dead in (("W_enc", (slice(None), alive), (slice(None), 5)),
+                                          ("W_dec", alive, 5), ("b_enc", alive, 5)):
+        state = optimizer.state[dict(sae.named_parameters())[name]]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key][where_alive], moments[name][key][where_alive])
+            assert not state[key][where_dead].any()  # Adam's moments of the new latent reset
+    assert float(sae.W_dec[5].detach().norm()) == pytest.approx(1.0)
+    assert float(sae.b_enc[5].detach()) == 0.0 and int(sae.tokens_since_fired[5]) == 0
+    live_norm = before["W_enc"][:, alive].norm(dim=0).mean()
+    assert float(sae.W_enc[:, 5].detach().norm()) == pytest.approx(float(live_norm), rel=1e-5)
+    with torch.no_grad():
+        assert (sae.encode(x[1024:])[:, 5] != 0).any()  # it fires again
+
+
+def test_training_with_resampling_brings_a_dead_latent_back_to_life():
+    x, _ = planted(d=16, n=32, rows=4096)
+    runs = {}
+    for every in (None, 4):
+        sae = _killed(SAE(16, 32, "topk", k=3, seed=1), 5)
+        # a sharp 32-latent dictionary: a reborn latent needs the live norm to enter the top 3
+        out = train(sae, x, steps=16, batch_size=256, lr=3e-3, dead_window=512,
+                    resample_every=every, resample_scale=1.0)
+        with torch.no_grad():
+            runs[every] = (out["resampled"], int((sae.encode(x)[:, 5] != 0).sum()))
+    assert runs[None] == (0, 0)  # without resampling it stays dead
+    assert runs[4][0] >= 1 and runs[4][1] > 0
+
+
+def test_resample_refuses_bad_arguments_before_changing_anything():
+    sae = SAE(8, 16, "topk", k=2)
+    x = torch.randn(10, 8)
+    dead = torch.zeros(16, dtype=torch.bool)
+    state = {n: p.detach().clone() for n, p in sae.state_dict().items()}
+    for kwargs, match in (({"x": torch.randn(10, 7)}, "x must"),
+                          ({"dead": torch.zeros(15, dtype=torch.bool)}, "dead must"),
+                          ({"dead": torch.zeros(16)}, "dead must"),
+                          ({"target": torch.randn(9, 8)}, "target must"),
+                          ({"encoder_scale": 0.0}, "encoder_scale must")):
+        with pytest.raises(ValueError, match=match):
+            resample(sae, **({"x": x, "dead": dead} | kwargs))
+    with pytest.raises(TypeError, match="optimizer must"):
+        resample(sae, x, dead, optimizer="adam")
+    with pytest.raises(ValueError, match="resample_every"):
+        train(sae, x, resample_every=0)
+    with pytest.raises(ValueError, match="resample_scale"):
+        train(sae, x, resample_every=1, resample_scale=float("nan"))
+    assert all(torch.equal(state[n], t) for n, t in sae.state_dict().items())
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_batched_decode_through_the_sparse_input_kernel_matches_embedding_bag(isa):
+    if not kernels.available() or isa not in ("native", *kernels.isas()):
+        pytest.skip(f"no {isa} kernels here: {kernels.unavailable_reason()}")
+    sae = SAE(24, 96, "topk", k=5, seed=2).eval()
+    x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(0))
+    values, indices = sae.encode_sparse(x)
+    expected = F.embedding_bag(indices.reshape(-1, 5), sae.W_dec,
+                               per_sample_weights=values.reshape(-1, 5).detach(),
+                               mode="sum") + sae.b_dec
+    context = kernels.use_isa("avx2") if isa == "avx2" else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        for rows in (1, 8, 21):
+            v, i = values.reshape(-1, 5)[:rows], indices.reshape(-1, 5)[:rows]
+            assert torch.allclose(sae.decode_sparse(v, i), expected[:rows], atol=1e-5)
+        assert torch.allclose(sae.decode_sparse(values, indices).reshape(-1, 24), expected,
+                              atol=1e-5)
+        padded = torch.cat([values, torch.zeros(3, 7, 2)], -1)  # zero codes read nothing
+        assert torch.allclose(sae.decode_sparse(padded, torch.cat(
+            [indices, torch.zeros(3, 7, 2, dtype=torch.long)], -1)).reshape(-1, 24),
+            expected, atol=1e-5)
+        for wrong in (96, -1):  # the kernel trusts its indices: they are checked first
+            bad = indices.clone()
+            bad[1, 2, 3] = wrong
+            with pytest.raises(ValueError, match="indices must lie in"):
+                sae.decode_sparse(values, bad)
+    # with gradients on, the decode stays differentiable (embedding_bag)
+    out = sae.decode_sparse(values, indices)
+    out.sum().backward()
+    assert sae.W_dec.grad is not None and sae.W_enc.grad is not None
+
+
+def test_resample_gives_every_dead_latent_its_own_row():
+    sae = SAE(8, 16, "topk", k=2, seed=3)
+    x = torch.randn(3, 8)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[1, 4, 9]] = True
+    for seed in range(5):  # three latents, three rows: each row exactly once
+        resample(sae, x, dead, generator=torch.Generator().manual_seed(seed))
+        directions = sae.W_dec.detach()[dead]
+        expected = (x - sae.b_dec.detach()) / (x - sae.b_dec.detach()).norm(dim=-1, keepdim=True)
+        assert torch.allclose((directions @ expected.T).abs().max(0).values, torch.ones(3),
+                              atol=1e-5)

@@ -5,10 +5,10 @@ token a few heads carry most of the attention output. :func:`head_predictors` tr
 low-rank :class:`~sparsekit.moe.router.Router` per transformer block that reads the
 attention input (the query projection's input) and scores its key/value heads (each with
 the query heads that read it, as in structured pruning's head groups); the labels are the
-``k`` heads with the largest output contribution ``||W_o[:, head] a_head||``. The
-predictors are measured, not yet executed: :func:`head_predictors` returns them with
-their recall and the relative error of the attention output when only the predicted heads
-are kept, on held-out data.
+``k`` heads with the largest output contribution ``||W_o[:, head] a_head||``.
+:func:`head_predictors` returns them with their recall and the relative error of the
+attention output when only the predicted heads are kept, on held-out data;
+:func:`~sparsekit.moe.route_heads` executes them (decode steps compute only those heads).
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ straight-through L0 of JumpReLU) and, for the TopK family, the auxiliary-k loss 
 dead latents predict the residual the live ones leave (Gao et al. 2024, appendix B.1).
 :func:`train` runs a real ``torch.optim.Adam`` (fused where the build supports it) over any
 iterable of activation tensors, re-batched to ``batch_size`` rows, keeping the decoder rows
-at unit norm when the SAE asks for it.
+at unit norm when the SAE asks for it, and every ``resample_every`` steps gives the latents
+that died new directions from the batch's worst-reconstructed rows
+(:func:`~sparsekit.sae.resample`, Bricken et al. 2023).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from sparsekit._checks import check_int
 from sparsekit.sae.activations import ACTIVATIONS, select_topk, step
+from sparsekit.sae.resample import ENCODER_SCALE, resample
 from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _nonzeros
 
 __all__ = ["objective", "train"]
@@ -102,6 +105,8 @@ def train(
     dead_window: int = 1_000_000,
     decay: float = 0.2,
     optimizer: torch.optim.Optimizer | None = None,
+    resample_every: int | None = None,
+    resample_scale: float = ENCODER_SCALE,
 ) -> dict[str, Any]:
     """Train ``sae`` in place on ``activations``; return what happened.
 
@@ -121,10 +126,16 @@ def train(
         decay: the learning rate decays linearly to 0 over this last fraction of
             ``steps`` (needs ``steps``).
         optimizer: any ``torch.optim`` optimizer over ``sae``'s parameters instead of Adam.
+        resample_every: after every this many steps (not after the last of ``steps``),
+            latents dead for ``dead_window`` tokens are reinitialised from the current
+            batch's rows with the largest reconstruction loss, and their optimizer state is
+            reset (see :func:`~sparsekit.sae.resample`). Default: never.
+        resample_scale: a reborn latent's encoder norm over the live ones' mean
+            (``encoder_scale`` of :func:`~sparsekit.sae.resample`).
 
     Returns:
-        ``{"steps", "tokens", "seconds", "tokens_per_second", "loss"}`` (``loss``: the
-        terms of the last step).
+        ``{"steps", "tokens", "seconds", "tokens_per_second", "loss", "resampled"}``
+        (``loss``: the terms of the last step; ``resampled``: latents reinitialised).
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
@@ -132,6 +143,12 @@ def train(
         check_int("steps", steps, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
     check_int("dead_window", dead_window, minimum=1)
+    if resample_every is not None:
+        check_int("resample_every", resample_every, minimum=1)
+    if isinstance(resample_scale, bool) or not isinstance(resample_scale, numbers.Real) \
+            or not 0 < resample_scale < math.inf:
+        raise ValueError(f"resample_scale must be a positive finite float, got "
+                         f"{resample_scale!r}")
     for name, value in (("lr", lr), ("sparsity_coef", sparsity_coef), ("aux_coef", aux_coef)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                   or not value >= 0 or math.isinf(value)):
@@ -158,7 +175,8 @@ def train(
     sae.train()
     if sae.normalize_decoder:
         sae.normalize_decoder_()
-    done, tokens, terms = 0, 0, {}
+    done, tokens, terms, resampled = 0, 0, {}, 0
+    generator = torch.Generator(device=sae.W_enc.device).manual_seed(0)  # resampling's rows
     began = time.perf_counter()
     for x, target in itertools.chain([first] if first is not None else [], stream):
         terms = objective(sae, x, target, sparsity_coef=sparsity_coef, aux_coef=aux_coef,
@@ -176,11 +194,16 @@ def train(
         tokens += x.shape[0]
         if steps is not None and done >= steps:
             break
+        if resample_every is not None and done % resample_every == 0:
+            resampled += len(resample(sae, x, sae.dead_latents(dead_window), target=target,
+                                      optimizer=optimizer, encoder_scale=resample_scale,
+                                      generator=generator))
     seconds = time.perf_counter() - began
     sae.eval()
     return {"steps": done, "tokens": tokens, "seconds": seconds,
             "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
-            "loss": {name: float(t.detach()) for name, t in terms.items()}}
+            "loss": {name: float(t.detach()) for name, t in terms.items()},
+            "resampled": resampled}
 
 
 def _adam(sae: SAE, lr: float) -> torch.optim.Optimizer:
