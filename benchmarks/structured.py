@@ -455,7 +455,8 @@ def llm_main(args: argparse.Namespace) -> int:
              f"median of per-round ratios to dense); {elapsed:.0f} s", "",
              "Cuts: 20 % of the FFN + attention parameters — magnitude and Wanda-SP remove 20 % "
              "of every block's FFN neurons and heads (rounded per block), FLAP searches the "
-             "structure across blocks and units (standardised fluctuation, bias compensation), "
+             "structure across blocks and units (standardised fluctuation, squared for heads as "
+             "in the authors' code; bias compensation), "
              "\"FLAP, uniform\" is its metric and compensation at Wanda-SP's uniform split; "
              "ShortGPT removes 25 % of the layers by block influence."]
     for s in sections:
