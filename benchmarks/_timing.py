@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 
 
-def time_ms(
+def time_rounds(
     fns: dict[str, Callable[[], object]],
     budget_s: float,
     *,
@@ -16,11 +17,13 @@ def time_ms(
     min_rounds: int = 3,
     max_rounds: int = 20,
     rewarm: bool = False,
-) -> dict[str, float]:
-    """Best milliseconds per call of each function, timed round-robin in ~``block_s`` blocks.
+) -> dict[str, list[float]]:
+    """Milliseconds per call of each function in every round, timed round-robin in
+    ~``block_s`` blocks.
 
-    Functions take turns, so a change in machine load hits all of them alike. With
-    ``rewarm`` each block starts with one untimed call (the function's data back in cache).
+    Functions take turns, so a change in machine load hits all of them alike: round ``i``
+    of two functions was measured side by side. With ``rewarm`` each block starts with
+    one untimed call (the function's data back in cache).
     """
     reps = {}
     for name, fn in fns.items():
@@ -28,7 +31,7 @@ def time_ms(
         start = time.perf_counter()
         fn()
         reps[name] = max(1, min(max_reps, int(block_s / max(time.perf_counter() - start, 1e-7))))
-    best = dict.fromkeys(fns, math.inf)
+    rounds: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     for rnd in range(max_rounds):
         for name, fn in fns.items():
@@ -37,7 +40,21 @@ def time_ms(
             t0 = time.perf_counter()
             for _ in range(reps[name]):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / reps[name])
+            rounds[name].append((time.perf_counter() - t0) / reps[name] * 1e3)
         if rnd >= min_rounds - 1 and time.perf_counter() - start > budget_s:
             break
-    return {k: v * 1e3 for k, v in best.items()}
+    return rounds
+
+
+def time_ms(fns: dict[str, Callable[[], object]], budget_s: float, **kwargs: object
+            ) -> dict[str, float]:
+    """Best milliseconds per call of each function over :func:`time_rounds` (same
+    keyword arguments)."""
+    return {k: min(v, default=math.inf) for k, v in time_rounds(fns, budget_s, **kwargs).items()}
+
+
+def median_ratios(rounds: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """Per function, the median over rounds of ``baseline``'s time over its own in the same
+    round: a speed-up that load moving between rounds does not bias."""
+    base = rounds[baseline]
+    return {k: statistics.median(b / t for b, t in zip(base, v)) for k, v in rounds.items()}

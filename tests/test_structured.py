@@ -346,3 +346,40 @@ def test_benchmark_quick_run(tmp_path):
     data = json.loads((tmp_path / "structured_quick.json").read_text())
     assert [r["model"] for r in data["rows"]][:1] == ["dense"]
     assert all(c["ok"] for c in data["checks"] if "shrunk == masked" in c["claim"])
+    # the latency claim: both layouts, on the trained net and on the wider, larger one
+    claims = [c["claim"] for c in data["checks"] if "latency cut" in c["claim"]]
+    assert any(c.endswith("channels_last") for c in claims)
+    assert any("inputs)" in c for c in claims)
+    assert [r["model"] for r in data["scale_rows"]][:1] == ["dense"]
+    assert all(r["batch64_cl_speedup"] > 0 for r in data["rows"] + data["scale_rows"])
+
+
+def test_benchmark_exits_nonzero_on_a_miss(tmp_path):
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import structured; sys.exit("
+            "structured.conclude(structured.Path(sys.argv[2]), [], [{'claim': 'c', 'ok': "
+            "sys.argv[3] == 'ok', 'value': 0}], sys.argv[4] == 'no-check'))")
+    for ok, no_check, status in (("miss", "check", 1), ("miss", "no-check", 0), ("ok", "check", 0)):
+        result = subprocess.run([sys.executable, "-c", code, str(bench), str(tmp_path / "out.md"),
+                                 ok, no_check],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == status, result.stderr[-2000:]
+        assert ("MISS: c" in result.stdout) == (ok == "miss")
+
+
+def test_interleaved_speedup_is_the_median_of_per_round_ratios():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_timing.py"
+    spec = importlib.util.spec_from_file_location("_bench_timing", path)
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    # a load spike in round 2 slows both sides alike: the ratio stays 2
+    rounds = {"dense": [2.0, 2.0, 20.0, 2.0], "small": [1.0, 1.0, 10.0, 1.0]}
+    assert timing.median_ratios(rounds, "dense") == {"dense": 1.0, "small": 2.0}
+    calls = []
+    got = timing.time_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                             0.0, block_s=0.0, min_rounds=3)
+    assert [len(v) for v in got.values()] == [3, 3]
+    assert calls[4:] == ["a", "b"] * 3  # two warm-up calls each, then turns
+    assert timing.time_ms({"a": lambda: None}, 0.0, min_rounds=2)["a"] >= 0

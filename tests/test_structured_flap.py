@@ -245,3 +245,95 @@ def test_bad_round_to_is_a_clear_error_and_leaves_the_model_untouched(round_to, 
     for spec in ("channel:0", "channel:x", "head:-1"):
         with pytest.raises(ValueError, match="must be an int ≥ 1"):
             parse_pattern(spec)
+
+
+# -- FLAP, stage by stage, against the paper (and its authors' code) ----------------------
+
+
+def test_standardized_importance_raises_entries_to_the_power_before_the_z_score():
+    from sparsekit.structured.adaptive import standardized_importance
+    from sparsekit.structured.dependency import Group, Slice
+
+    group = Group("g", 2, (Slice("o", 1, "in", 0, 3),))  # two heads of three columns
+    o = torch.tensor([[4.0, 0.0, 0.0, 3.0, 2.0, 1.0], [4.0, 0.0, 0.0, 1.0, 2.0, 3.0]])
+    entries = o.mean(0)  # [4, 0, 0, 2, 2, 2]: head 0 is one loud column, head 1 even
+    for power, winner in ((1.0, 1), (2.0, 0)):
+        raised = entries ** power
+        z = (raised - raised.mean()) / raised.std()
+        got = standardized_importance(group, {"o": o}, power=power)
+        torch.testing.assert_close(got, z.reshape(2, 3).mean(1))
+        assert int(got.argmax()) == winner
+
+
+def test_group_importance_power_squares_each_entry_once_per_weight():
+    from sparsekit.structured.dependency import Group, Slice
+
+    group = Group("g", 2, (Slice("w", 0, "out", 0, 1), Slice("o", 1, "in", 0, 2)))
+    w = torch.tensor([[1.0, 3.0], [2.0, 2.0]])  # rows: one per channel
+    o = torch.tensor([[1.0, 3.0, 0.0, 2.0]])  # columns: two per channel
+    plain = group_importance(group, {"w": w, "o": o})
+    torch.testing.assert_close(plain, torch.tensor([(1 + 3 + 1 + 3) / 4, (2 + 2 + 0 + 2) / 4]))
+    assert torch.equal(group_importance(group, {"w": w, "o": o}, power=1.0), plain)
+    squared = group_importance(group, {"w": w, "o": o}, power=2.0)
+    # row entries: means 2 and 2 (two weights each); column entries: 1, 3, 0, 2 (one each)
+    torch.testing.assert_close(squared, torch.tensor([(2 * 4 + 1 + 9) / 4, (2 * 4 + 0 + 4) / 4]))
+
+
+def test_flap_structure_is_the_papers_adaptive_search_over_squared_head_metrics():
+    """FLAP by hand on a tiny GQA LLaMA: the fluctuation metric of every column of
+    o_proj / down_proj (Var(x_j)·‖W[:, j]‖², from the dense model), squared for heads,
+    standardised per block and module, a head scored by the mean over its columns, one
+    ranking over everything weighted by the parameters each unit takes along, and the
+    bias of o_proj / down_proj compensated with the removed columns' mean input."""
+    transformers = pytest.importorskip("transformers")
+    from sparsekit.llm import prune_structured
+    from sparsekit.structured.adaptive import channel_cost
+    from sparsekit.structured.transformer import transformer_groups
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=3, num_attention_heads=8,
+                                   num_key_value_heads=4, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+    blocks = model.model.layers
+    layers = {f"{i}.{p}": b.get_submodule(p) for i, b in enumerate(blocks)
+              for p in ("self_attn.o_proj", "mlp.down_proj")}
+    moments = input_moments(model, layers, ids)
+    metric = {n: moments[n].variance() * m.weight.detach().pow(2).sum(0)
+              for n, m in layers.items()}
+
+    def z(x):
+        return (x - x.mean()) / x.std()
+
+    per_kv = 8 // 4 * 4  # two query heads of four columns read each key/value head
+    scores, costs, owner = [], [], []
+    head_cost = channel_cost(model, transformer_groups(model, "heads")[0])
+    ffn_cost = channel_cost(model, transformer_groups(model, "ffn")[0])
+    for i in range(3):
+        heads = z(metric[f"{i}.self_attn.o_proj"] ** 2).reshape(4, per_kv).mean(1)
+        ffn = z(metric[f"{i}.mlp.down_proj"])
+        scores += [heads, ffn]
+        costs += [torch.full((4,), float(head_cost)), torch.full((48,), float(ffn_cost))]
+        owner += [torch.full((4,), 2 * i), torch.full((48,), 2 * i + 1)]
+    scores, costs, owner = torch.cat(scores), torch.cat(costs), torch.cat(owner)
+    order = torch.argsort(scores, descending=True, stable=True)
+    n_keep = int(torch.argmin((costs[order].cumsum(0) - 0.7 * costs.sum()).abs())) + 1
+    kept = torch.bincount(owner[order[:n_keep]], minlength=6)
+    o_means = {i: moments[f"{i}.self_attn.o_proj"].mean() for i in range(3)}
+    reference = copy.deepcopy(model)
+
+    prune_structured(model, ids, 0.3, unit=("ffn", "heads"), method="flap",
+                     allocation="adaptive")
+    for i, (old, new) in enumerate(zip(reference.model.layers, model.model.layers)):
+        assert new.self_attn.o_proj.in_features == int(kept[2 * i]) * per_kv
+        assert new.mlp.down_proj.in_features == int(kept[2 * i + 1])
+        # compensation: o_proj's bias is what its removed columns carried on average
+        w = old.self_attn.o_proj.weight.detach()
+        alive = (w[:, :, None] == new.self_attn.o_proj.weight.detach()[:, None]).all(0).any(1)
+        if alive.all():
+            assert new.self_attn.o_proj.bias is None
+            continue
+        expected = w[:, ~alive] @ o_means[i][~alive]
+        torch.testing.assert_close(new.self_attn.o_proj.bias.detach(), expected)
+    assert kept[0::2].tolist() != [4, 4, 4]  # some block lost heads

