@@ -429,3 +429,23 @@ def test_a_bad_second_format_in_a_state_is_refused() -> None:
     without = {k: v for k, v in state.items() if k != "split_rows"}
     with pytest.raises(ValueError, match="split_rows must be"):
         layer.expected_state(without)
+
+
+def test_a_stale_kernel_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """An interrupted build leaves torch's build lock behind, and every later import would
+    wait for it forever: a lock older than any build is removed (with a warning)."""
+    import os
+    import time
+
+    from sparsekit.engine.kernels import STALE_LOCK_S, _clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    _clear_stale_lock(tmp_path)
+    assert lock.exists()  # a build may be running
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale kernel build lock"):
+        _clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    _clear_stale_lock(tmp_path)  # nothing to remove

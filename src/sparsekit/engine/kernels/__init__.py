@@ -25,6 +25,7 @@ import hashlib
 import os
 import platform
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +157,26 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+STALE_LOCK_S = 1800.0  # a build takes minutes; a lock this old outlived its process
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """Remove ``build_dir``'s build lock when it is older than :data:`STALE_LOCK_S`.
+
+    ``torch.utils.cpp_extension`` holds a lock file while one process builds and makes
+    every other process wait for it to disappear; a build that was killed leaves it behind,
+    and every later import of sparsekit would then wait forever."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(f"removing the stale kernel build lock {lock} ({age / 60:.0f} minutes "
+                      "old: an interrupted build left it)", RuntimeWarning, stacklevel=3)
+        lock.unlink(missing_ok=True)
+
+
 def _build() -> ModuleType:
     from torch.utils.cpp_extension import load as jit_load
 
@@ -164,6 +185,7 @@ def _build() -> ModuleType:
     key = _build_key()
     build_dir = _cache_dir() / f"kernels-{torch.__version__}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_dir)
     jit_load(  # loads the operator library into the process
         name=f"sparsekit_kernels_{key}",
         sources=[str(s) for s in _SOURCES],
