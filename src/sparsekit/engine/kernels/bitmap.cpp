@@ -11,9 +11,11 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 
 #include "common.h"
+#include "qlinear.h"
 
 namespace {
 
@@ -32,10 +34,17 @@ at::Tensor bitmap_linear(const at::Tensor& values, const at::Tensor& bitmap,
   const int64_t rows = bitmap.size(0);
   return sparsekit::scaled_linear(
       x, values, scales, bias, rows, threads, [&](const sparsekit::Linear& io) {
-        sparsekit::cores().bitmap_linear(sparsekit::BitmapArgs{
-            io, sparsekit::value_type(values), values.data_ptr(),
-            reinterpret_cast<const uint16_t*>(bitmap.data_ptr()), rowptr.data_ptr<int32_t>(),
-            bitmap.size(1)});
+        const sparsekit::BitmapArgs args{io, sparsekit::value_type(values), values.data_ptr(),
+                                         reinterpret_cast<const uint16_t*>(bitmap.data_ptr()),
+                                         rowptr.data_ptr<int32_t>(), bitmap.size(1)};
+        // int8 codes expand faster with the byte permutes of the W8A8 cores' instruction
+        // set, where it is the active one
+        const auto& q = sparsekit::qcores();
+        if (args.value == sparsekit::Value::i8 && std::strcmp(q.isa, sparsekit::cores().isa) == 0) {
+          q.bitmap_int8_linear(args);
+        } else {
+          sparsekit::cores().bitmap_linear(args);
+        }
       });
 }
 
