@@ -103,11 +103,11 @@ inline __m512i ranks64(__m512i m) {
   return _mm512_add_epi8(_mm512_permutexvar_epi8(sel, before), below);
 }
 
-// The 64 codes of the bits m (4 bitmap words), packed at p, in the lanes of their inputs
-// (zeros where a bit is clear); reads 64 bytes at p.
-inline __m512i expand64(uint64_t m, const int8_t* p) {
+// The codes of the bits m (4 bitmap words), packed from byte 0 of `codes`, in the lanes of
+// their inputs (zeros where a bit is clear).
+inline __m512i expand64(uint64_t m, __m512i codes) {
   const __m512i bits = _mm512_set1_epi64(static_cast<int64_t>(m));
-  return _mm512_maskz_permutexvar_epi8(m, ranks64(bits), _mm512_loadu_si512(p));
+  return _mm512_maskz_permutexvar_epi8(m, ranks64(bits), codes);
 }
 #elif SPARSEKIT_AVX2
 // acc += the int32 sums of 4 products |w| * (sign(w) * x) per lane (no 16-bit saturation:
@@ -239,7 +239,7 @@ struct Bitmap {
     for (; k + 4 <= words && end - p >= 64; k += 4) {
       uint64_t m;
       __builtin_memcpy(&m, b + k, sizeof m);  // 4 words: the bits of 64 inputs
-      const __m512i wv = expand64(m, p);
+      const __m512i wv = expand64(m, _mm512_loadu_si512(p));
       p += __builtin_popcountll(m);
       corr = _mm512_dpbusd_epi32(corr, bias128(), wv);
       for (int j = 0; j < NB; ++j) {
@@ -292,8 +292,7 @@ struct BitmapFloat : rows::Bitmap<int8_t> {
                      _mm512_setzero_ps()};
     // x[0:64] times the 64 inputs' codes, expanded from `codes` by their bits m
     const auto step = [&acc](uint64_t m, __m512i codes, const float* xs) {
-      const __m512i e =
-          _mm512_maskz_permutexvar_epi8(m, ranks64(_mm512_set1_epi64(static_cast<int64_t>(m))), codes);
+      const __m512i e = expand64(m, codes);
       acc[0] = _mm512_fmadd_ps(widen16(_mm512_castsi512_si128(e)), _mm512_loadu_ps(xs), acc[0]);
       acc[1] = _mm512_fmadd_ps(widen16(_mm512_extracti32x4_epi32(e, 1)), _mm512_loadu_ps(xs + 16),
                                acc[1]);
