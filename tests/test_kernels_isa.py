@@ -60,6 +60,35 @@ def test_every_isa_expands_full_and_empty_bitmap_words(isa, dtype, sparsity, col
         assert_matches(c.call(x, bias, 2), c, x, bias)
 
 
+def _ragged_bitmap_weight(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Rows of every kind the 64-input steps of the int8 bitmap GEMVs meet: empty, full,
+    one nonzero (first or last input), and random at 30-95% sparsity."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    keep = torch.rand(rows, cols, generator=g) >= torch.linspace(0.3, 0.95, rows)[:, None]
+    keep[0] = False
+    keep[1] = True
+    keep[2] = False
+    keep[2, 0] = True
+    keep[3] = False
+    keep[3, -1] = True
+    keep[-1] = True  # the last row ends at the end of the values: the masked tail loads
+    return w * keep
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("cols", [1, 16, 63, 64, 65, 100, 130, 1000])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_isa_computes_int8_bitmap_rows_at_every_width(isa, cols, batch):
+    # in_features around multiples of 64 (AVX-512 expands 4 words = 64 inputs per step), rows
+    # with no, one and all nonzeros, and a last row whose codes end the array
+    c = case("bitmap", "int8", _ragged_bitmap_weight(24, cols, seed=cols))
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(24)
+    with kernels.use_isa(isa):
+        assert_matches(c.call(x, bias, 2), c, x, bias)
+
+
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("cols", [1, 15, 37])

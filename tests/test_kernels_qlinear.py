@@ -101,6 +101,26 @@ def test_qlinear_on_a_wide_layer_and_bf16_inputs(kind, isa):
                                atol=1e-2 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("cols", [1, 16, 63, 64, 65, 100, 130, 1000])
+@pytest.mark.parametrize("batch", [1, 2, 9])
+def test_bitmap_qlinear_at_every_width_with_empty_and_full_rows(isa, cols, batch):
+    # in_features around multiples of 64 (4 bitmap words per AVX-512 step), rows with no, one
+    # and all nonzeros, and a last row whose codes end the array (whole loads must stop)
+    g = torch.Generator().manual_seed(cols)
+    w = torch.randn(24, cols, generator=g)
+    keep = torch.rand(24, cols, generator=g) >= torch.linspace(0.3, 0.95, 24)[:, None]
+    keep[0], keep[1], keep[2], keep[-1] = False, True, False, True
+    keep[2, -1] = True
+    fmt = _format("bitmap", w * keep)
+    x = torch.randn(batch, cols, generator=g)
+    bias = torch.randn(24, generator=g)
+    with kernels.use_isa(isa):
+        y = _call(fmt, x, bias, 2)
+    codes, scales = quantize_int8(w * keep)
+    _assert_matches(y, _reference(codes, scales, x, bias))
+
+
 @pytest.mark.parametrize("code", [-127, -128])
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("kind", ["dense", "bitmap", "nm2:4"])

@@ -6,14 +6,18 @@
 // The arithmetic is bitmap_core.h, compiled per instruction set: AVX2 and AVX-512 move each
 // byte's packed values into the lanes of their inputs with one shuffle whose controls come
 // from a table indexed by the byte, so the GEMV is a dense-like streaming loop over the row.
+// int8 values on an AVX-512 CPU with VBMI take the W8A8 cores' GEMV row instead
+// (qlinear_core.h, BitmapFloat): 64 codes per byte permute.
 
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 
 #include "common.h"
+#include "qlinear.h"
 
 namespace {
 
@@ -32,10 +36,18 @@ at::Tensor bitmap_linear(const at::Tensor& values, const at::Tensor& bitmap,
   const int64_t rows = bitmap.size(0);
   return sparsekit::scaled_linear(
       x, values, scales, bias, rows, threads, [&](const sparsekit::Linear& io) {
-        sparsekit::cores().bitmap_linear(sparsekit::BitmapArgs{
-            io, sparsekit::value_type(values), values.data_ptr(),
-            reinterpret_cast<const uint16_t*>(bitmap.data_ptr()), rowptr.data_ptr<int32_t>(),
-            bitmap.size(1)});
+        const sparsekit::BitmapArgs args{io, sparsekit::value_type(values), values.data_ptr(),
+                                         reinterpret_cast<const uint16_t*>(bitmap.data_ptr()),
+                                         rowptr.data_ptr<int32_t>(), bitmap.size(1)};
+        // int8 codes expand faster with the byte permutes of the W8A8 cores' instruction
+        // set, where it is the active one
+        const auto& q = sparsekit::qcores();
+        const bool same_isa = std::strcmp(q.isa, sparsekit::cores().isa) == 0;
+        if (args.value == sparsekit::Value::i8 && same_isa) {
+          q.bitmap_int8_linear(args);
+        } else {
+          sparsekit::cores().bitmap_linear(args);
+        }
       });
 }
 

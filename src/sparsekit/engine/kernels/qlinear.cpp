@@ -25,7 +25,8 @@ namespace {
 // Integer sums stay within int32: at most 255 * 128 per product (the biased AVX-512 codes).
 constexpr int64_t kMaxInFeatures = 65536;
 
-// The W8A8 cores of the active instruction set (cores(); see set_isa).
+}  // namespace
+
 const QCores& qcores() {
   const char* isa = cores().isa;
   if (std::strcmp(isa, "avx512") == 0) {
@@ -39,6 +40,8 @@ const QCores& qcores() {
   }
   return std::strcmp(isa, "avx2") == 0 ? avx2::kQCores : scalar::kQCores;
 }
+
+namespace {
 
 // x of a W8A8 op (fp32 or bf16, in_features columns, at most kMaxInFeatures) and its
 // int8 weight codes `name`.

@@ -14,7 +14,14 @@ struct QCores {
   void (*dense_qlinear)(const DenseArgs&);
   void (*bitmap_qlinear)(const BitmapArgs&);
   void (*nm_qlinear)(const NMArgs&);
+  // bitmap_linear with int8 values (float inputs): the byte permutes of this instruction set
+  // expand the codes (the float cores' own bitmap_linear where it has none)
+  void (*bitmap_int8_linear)(const BitmapArgs&);
 };
+
+// The W8A8 cores of the active instruction set (cores(); see set_isa): an AVX-512 CPU without
+// VNNI, VBMI, VBMI2 and BITALG gets the AVX2 ones.
+const QCores& qcores();
 
 namespace scalar {
 extern const QCores kQCores;
