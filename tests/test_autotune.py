@@ -437,3 +437,57 @@ def test_a_cache_file_with_a_bad_timing_count_is_ignored(
         path.write_text(json.dumps({**data, "timings": timings}))
     with pytest.warns(RuntimeWarning, match="ignoring corrupt.*timings"):
         compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+
+
+def test_cold_cache_flushes_before_every_timed_call_of_small_row_counts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside cold_cache, row counts up to COLD_ROWS are timed a few single calls at a time,
+    each after a flush (as decode of a model larger than the cache reads its weights);
+    larger row counts, and everything outside cold_cache, stay warm blocks."""
+    events: list[str] = []
+    monkeypatch.setattr(autotune, "_evict", lambda: events.append("flush"))
+    monkeypatch.setattr(autotune, "_time_block",
+                        lambda m, x, reps: events.append(f"{x.shape[0]}x{reps}") or 1e-5)
+    modules = {"dense": nn.Linear(4, 4), "other": nn.Linear(4, 4)}
+    big = autotune.COLD_ROWS + 1
+    autotune.measure(modules, (4,), [1, big], torch.float32, torch.device("cpu"))
+    assert "flush" not in events
+    events.clear()
+    with autotune.cold_cache():
+        assert autotune.cold()
+        autotune.measure(modules, (4,), [1, big], torch.float32, torch.device("cpu"))
+    assert not autotune.cold()
+    one = events[: events.index(f"{big}x1")]  # the one-row part: calibration, then rounds
+    rounds = one[2:]  # after each format's calibration call
+    assert rounds and all(a == "flush" and b == "1x1" for a, b in zip(rounds[::2], rounds[1::2],
+                                                                      strict=True))
+    assert "flush" not in events[len(one):]
+
+
+def test_compile_times_cold_only_models_larger_than_the_cache(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile enters cold_cache when the weights outgrow the last-level cache, and the
+    decision key then says so, so warm and cold decisions never mix."""
+    seen: list[bool] = []
+    real = autotune.measure
+
+    def spy(*args, **kwargs):
+        seen.append(autotune.cold())
+        return real(*args, **kwargs)
+
+    _clock(monkeypatch, dense=1.0, csr16=0.5, bitmap=0.6, torch_csr=2.0, nm=2.0, bsr=2.0,
+           fanin=2.0, dense_lowp=2.0)
+    monkeypatch.setattr(autotune, "measure", spy)
+    monkeypatch.setattr(autotune, "_evict", lambda: None)
+    model = _model()
+    compile(model, torch.randn(1, 32))
+    assert seen and not any(seen)
+    monkeypatch.setattr(autotune, "last_level_cache_bytes", lambda: 1024)
+    seen.clear()
+    compile(model, torch.randn(1, 32))
+    assert seen and all(seen)
+    layer = model[0]
+    warm = decisions.key(layer, (32,), ["dense"], [1], 1)
+    with autotune.cold_cache():
+        cold = decisions.key(layer, (32,), ["dense"], [1], 1)
+    assert "cold_rows" not in warm and cold == warm | {"cold_rows": autotune.COLD_ROWS}

@@ -18,19 +18,30 @@ for the row counts up to a threshold and one above it, each passing the rule on 
 counts it serves. When the caller excludes dense (forced formats) the fastest allowed
 format is taken; dense is still timed, as the reference of the evidence. The reference
 need not be dense: a fused group of projections is timed against its separate layers.
+
+Inside :func:`cold_cache` (which :func:`~sparsekit.engine.compile` enters when the model's
+weights do not fit in the CPU's last-level cache), row counts up to :data:`COLD_ROWS` are
+timed *cold*: the cache is flushed before every timed call, as it is in batch-1 decode of
+such a model, where each layer's weights come from memory. Timed warm, a layer that fits in
+the cache on its own would favour the format with the least decoding work over the one
+with the fewest bytes, which is the wrong choice for the model it belongs to.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["MARGIN", "Samples", "choose", "measure"]
+__all__ = ["COLD_ROWS", "MARGIN", "Samples", "choose", "cold_cache", "last_level_cache_bytes",
+           "measure"]
 
 MARGIN = 0.05
 """How much faster than dense (5 %) a format must be, in the median and in most rounds."""
@@ -41,6 +52,53 @@ Samples = dict[int, dict[str, list[float]]]
 _BLOCK_S = 2e-3  # one timed block: enough calls to make timer resolution negligible
 _ROUND_BUDGET_S = 0.04  # per format and row count; big layers still get _MIN_ROUNDS
 _MIN_ROUNDS, _MAX_ROUNDS = 5, 15
+_COLD_REPS = 3  # calls per cold block: each one pays a cache flush
+
+COLD_ROWS = 8
+"""Row counts up to this one are timed with a cold cache inside :func:`cold_cache`."""
+
+_cold = False
+
+
+@contextlib.contextmanager
+def cold_cache(enabled: bool = True) -> Iterator[None]:
+    """Time row counts up to :data:`COLD_ROWS` with the cache flushed before every call
+    (``enabled``) inside the block; the previous setting is restored after it."""
+    global _cold
+    before, _cold = _cold, bool(enabled)
+    try:
+        yield
+    finally:
+        _cold = before
+
+
+def cold() -> bool:
+    """Whether :func:`measure` times small row counts cold now (:func:`cold_cache`)."""
+    return _cold
+
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache of this machine in bytes (from sysfs; 32 MiB where unknown)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=32 << 20)
+
+
+@functools.cache
+def _flush_buffer() -> torch.Tensor:
+    return torch.zeros(2 * last_level_cache_bytes() // 4, dtype=torch.float32)
+
+
+def _evict() -> None:
+    """Push what the last call left in the caches out to memory (writes twice the
+    last-level cache)."""
+    _flush_buffer().add_(1.0)
 
 
 def measure(
@@ -60,13 +118,19 @@ def measure(
     for r in rows:
         x = (torch.randn(r, *in_shape, dtype=dtype, device=device) if inputs is None
              else inputs[torch.arange(r, device=inputs.device) % inputs.shape[0]].to(dtype))
+        cold_rows = _cold and r <= COLD_ROWS
         reps = {n: _calls_per_block(modules[n], x) for n in names}
+        if cold_rows:
+            reps = {n: min(k, _COLD_REPS) for n, k in reps.items()}
         times: dict[str, list[float]] = {n: [] for n in names}
         spent = 0.0
         for i in range(_MAX_ROUNDS):
             for n in names[i % len(names):] + names[: i % len(names)]:  # rotating order
-                modules[n](x)  # bring this format's weight back into cache: the others evicted it
-                seconds = _time_block(modules[n], x, reps[n])
+                if cold_rows:
+                    seconds = _time_cold(modules[n], x, reps[n])
+                else:
+                    modules[n](x)  # bring this format's weight back into cache
+                    seconds = _time_block(modules[n], x, reps[n])
                 times[n].append(seconds * 1e3)
                 spent += seconds * reps[n]
             if i + 1 >= _MIN_ROUNDS and spent > _ROUND_BUDGET_S * len(names):
@@ -196,6 +260,16 @@ def _calls_per_block(module: nn.Module, x: torch.Tensor) -> int:
     module(x)  # warm-up: first-call allocations, lazy CSR construction, kernel workspace
     once = _time_block(module, x, 1)
     return max(1, min(1000, int(_BLOCK_S / max(once, 1e-7))))
+
+
+def _time_cold(module: nn.Module, x: torch.Tensor, reps: int) -> float:
+    """Seconds per call of ``module(x)`` with the caches flushed before each of ``reps``
+    calls (the flushes are not timed)."""
+    total = 0.0
+    for _ in range(reps):
+        _evict()
+        total += _time_block(module, x, 1)
+    return total / reps
 
 
 def _time_block(module: nn.Module, x: torch.Tensor, reps: int) -> float:

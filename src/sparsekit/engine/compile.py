@@ -93,7 +93,10 @@ def compile(
     the others are candidates that must beat dense by
     :data:`~sparsekit.engine.autotune.MARGIN`; without it they are forced: every layer
     takes the fastest of them that can hold its weight, and a layer none of them can hold
-    is a ``ValueError``.
+    is a ``ValueError``. When the model's weights outgrow the CPU's last-level cache (an
+    LLM), row counts up to :data:`~sparsekit.engine.autotune.COLD_ROWS` are timed with the
+    cache flushed before each call, as decoding reads them
+    (:func:`~sparsekit.engine.autotune.cold_cache`).
 
     GPT-2's ``Conv1D`` layers are compiled as the ``nn.Linear`` each computes (its
     ``(in, out)`` weight transposed).
@@ -188,7 +191,7 @@ def compile(
     done: dict[int, nn.Module] = {}  # a shared layer is compiled once
     memo: dict[str, tuple[dict[str, object], str]] = {}  # decisions taken in this compile
     act = activation_sparsity.thresholds if activation_sparsity is not None else {}
-    with torch.no_grad():
+    with torch.no_grad(), autotune.cold_cache(_streams_weights(model, value_dtype)):
         for parent in list(compiled.modules()):
             for child_name, child in list(parent._modules.items()):
                 if type(child) not in (nn.Linear, nn.Conv2d):  # subclasses are left alone
@@ -229,6 +232,19 @@ def compile(
         with _thresholded(reference, _activation_sparse(choices, act)):
             _check_outputs(reference, compiled, inputs, rtol)
     return compiled
+
+
+def _streams_weights(model: nn.Module, value_dtype: torch.dtype | None) -> bool:
+    """Whether ``model``'s linear and convolution weights (in ``value_dtype`` where given)
+    outgrow the last-level cache, so that decoding reads every layer's weights from memory
+    and small row counts are timed cold (:func:`~sparsekit.engine.autotune.cold_cache`)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            weight = module.weight
+            size = weight.element_size() if value_dtype is None else value_dtype.itemsize
+            total += weight.numel() * size
+    return total > autotune.last_level_cache_bytes()
 
 
 # -- per layer -------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsekit.engine import kernels
+from sparsekit.engine import autotune, kernels
 from sparsekit.engine.autotune import MARGIN
 
 __all__ = ["TIMINGS", "close_call", "directory", "key", "lookup", "similar", "store"]
@@ -92,7 +92,7 @@ def key(
         "threads": [threads, torch.get_num_threads()],
         "margin": MARGIN,
         "fused": None if fused is None else list(fused),
-    }
+    } | ({"cold_rows": autotune.COLD_ROWS} if autotune.cold() else {})
 
 
 def similar(key: dict[str, object]) -> str:
