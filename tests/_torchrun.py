@@ -7,10 +7,12 @@ what these tests test), and the results each rank wrote to ``<stem>.rank<r>.pt``
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -36,3 +38,11 @@ def torchrun(worker: str, stem: Path, *args: str, ranks: int = 2,
             break
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(f"{stem}.rank{r}.pt", weights_only=False) for r in range(ranks)]
+
+
+def worker_module(worker: str) -> ModuleType:
+    """``tests/ddp/<worker>`` imported in this process (its single-process reference code)."""
+    spec = importlib.util.spec_from_file_location(Path(worker).stem, WORKERS / worker)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

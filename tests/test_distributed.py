@@ -201,13 +201,7 @@ def test_rebuild_reducer_follows_a_resized_parameter(one_rank) -> None:
 
 
 def _llm_worker():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("llm_prune_worker",
-                                                  _torchrun.WORKERS / "llm_prune_worker.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _torchrun.worker_module("llm_prune_worker.py")
 
 
 def test_llm_prune_under_torchrun_matches_one_process(tmp_path) -> None:
@@ -285,13 +279,7 @@ DATA_METHODS = ["wanda", "flap", "gradient", "snip", "taylor", "grasp"]
 
 
 def _prune_worker():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prune_worker",
-                                                  _torchrun.WORKERS / "prune_worker.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _torchrun.worker_module("prune_worker.py")
 
 
 def test_prune_with_data_under_torchrun_matches_one_process(tmp_path) -> None:
