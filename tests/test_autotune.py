@@ -491,3 +491,15 @@ def test_compile_times_cold_only_models_larger_than_the_cache(
     with autotune.cold_cache():
         cold = decisions.key(layer, (32,), ["dense"], [1], 1)
     assert "cold_rows" not in warm and cold == warm | {"cold_rows": autotune.COLD_ROWS}
+
+
+def test_cold_cache_releases_its_flush_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush buffer (twice the last-level cache) lives only while timing cold."""
+    monkeypatch.setattr(autotune, "last_level_cache_bytes", lambda: 4096)
+    with autotune.cold_cache():
+        autotune._evict()
+        assert autotune._flush is not None and autotune._flush.numel() == 2 * 4096 // 4
+        with autotune.cold_cache():
+            autotune._evict()
+        assert autotune._flush is not None  # an inner block leaves the outer one's buffer
+    assert autotune._flush is None

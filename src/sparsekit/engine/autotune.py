@@ -58,18 +58,21 @@ COLD_ROWS = 8
 """Row counts up to this one are timed with a cold cache inside :func:`cold_cache`."""
 
 _cold = False
+_flush: torch.Tensor | None = None  # written by _evict; released when cold_cache ends
 
 
 @contextlib.contextmanager
 def cold_cache(enabled: bool = True) -> Iterator[None]:
     """Time row counts up to :data:`COLD_ROWS` with the cache flushed before every call
     (``enabled``) inside the block; the previous setting is restored after it."""
-    global _cold
+    global _cold, _flush
     before, _cold = _cold, bool(enabled)
     try:
         yield
     finally:
         _cold = before
+        if not before:
+            _flush = None  # twice the last-level cache: not kept beyond the timing
 
 
 def cold() -> bool:
@@ -90,15 +93,13 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 << 20)
 
 
-@functools.cache
-def _flush_buffer() -> torch.Tensor:
-    return torch.zeros(2 * last_level_cache_bytes() // 4, dtype=torch.float32)
-
-
 def _evict() -> None:
     """Push what the last call left in the caches out to memory (writes twice the
     last-level cache)."""
-    _flush_buffer().add_(1.0)
+    global _flush
+    if _flush is None:
+        _flush = torch.zeros(2 * last_level_cache_bytes() // 4, dtype=torch.float32)
+    _flush.add_(1.0)
 
 
 def measure(
