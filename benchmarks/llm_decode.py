@@ -246,8 +246,7 @@ def decode_tokens_per_s(models: dict[str, nn.Module], prompt: torch.Tensor, step
                 for name in names[step % len(names):] + names[:step % len(names)]:
                     token = outs[name].logits[:, -1:].argmax(-1)
                     start = time.perf_counter()
-                    outs[name] = models[name](token, past_key_values=outs[name].past_key_values,
-                                              use_cache=True)
+                    outs[name] = models[name](token, cache=outs[name].cache, use_cache=True)
                     times[name].append(time.perf_counter() - start)
             del outs
     return {name: 1 / statistics.median(t) for name, t in times.items()}
@@ -291,12 +290,11 @@ def decode_profile(models: dict[str, nn.Module], prompt: torch.Tensor, steps: in
             result = model(prompt, use_cache=True)
             for _ in range(2):  # warm: first-call allocations, torch.compile's recompiles
                 token = result.logits[:, -1:].argmax(-1)
-                result = model(token, past_key_values=result.past_key_values, use_cache=True)
+                result = model(token, cache=result.cache, use_cache=True)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
                     token = result.logits[:, -1:].argmax(-1)
-                    result = model(token, past_key_values=result.past_key_values,
-                                   use_cache=True)
+                    result = model(token, cache=result.cache, use_cache=True)
             split = {"matmul": 0.0, "attention": 0.0, "other ops": 0.0}
             for event in prof.key_averages():
                 ms = event.self_cpu_time_total / 1e3 / steps
