@@ -2,8 +2,8 @@
 // or int8 values and uint16 or int32 column indices. Compiled once per instruction set
 // (cores_impl.h).
 //
-// Batch 1 (up to 3) is a GEMV per input that gathers x at each row's columns; larger batches transpose x once into a
-// padded per-thread workspace (reused across calls) and stream each row of W once per chunk
+// Batch 1 (up to 3) is a GEMV per input that gathers x at each row's columns; larger batches
+// transpose x once into a padded per-thread workspace (reused across calls) and stream each row of W once per chunk
 // of 64/128 inputs. Rows are split across OpenMP threads so that each thread gets a similar
 // share of nonzeros + rows.
 
@@ -21,8 +21,8 @@ typedef float vec8 __attribute__((vector_size(32)));
 // takes the window path when the expected column span of a vector of its nonzeros,
 // (lanes - 1) * cols / nonzeros, is at most kMaxFill of the window: above that, falling
 // back (a mispredicted branch and the scalar loads) costs more than the windows save. On
-// Zen 5 (one thread, 11008x4096) the windows ran the 50% rows 1.4-1.6x faster with AVX-512
-// and 1.1x with AVX2, and 70% 1.1-1.5x with AVX-512; with AVX2 they lost at 70%.
+// Zen 5 (one thread, 11008x4096) the windows ran 50% 1.5x faster with AVX-512 (fp32, bf16,
+// int8) and 1.0-1.1x with AVX2, 70% 1.03-1.2x with AVX-512; with AVX2 they lost at 70%.
 #if SPARSEKIT_AVX512
 constexpr int64_t kLanes = 16, kWindow = 64;
 constexpr double kMaxFill = 0.85;
