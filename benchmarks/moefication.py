@@ -87,11 +87,11 @@ KINDS = ("moefy", "contextual", "powerinfer", "teal")
 ORACLE = "moefy oracle"  # moefy's experts chosen by their true activation mass (moe.set_oracle)
 
 
-def sweep(model, calibration, score, probe, keeps, steps) -> list[dict]:
+def sweep(model, calibration, score, probe, keeps, steps, kinds) -> list[dict]:
     """One row per (method, keep): ``score(model)`` and, for routed models, the router's
     quality on ``probe``; after each moefy row, the same experts chosen by the oracle."""
     rows = []
-    for kind in KINDS:
+    for kind in kinds:
         for keep in keeps:
             start = time.perf_counter()
             if kind == "teal":
@@ -128,7 +128,7 @@ def heads(model: torch.nn.Module, calibration, probe, steps: int) -> dict[str, f
     return mean
 
 
-def llama_section(quick: bool, mid: bool) -> dict:
+def llama_section(quick: bool, mid: bool, kinds: tuple[str, ...]) -> dict:
     data = shakespeare()
     split = int(0.9 * data.numel())
     train, val = data[:split], data[split:]
@@ -143,7 +143,7 @@ def llama_section(quick: bool, mid: bool) -> dict:
     print(f"(a) LLaMA, llm_pruning.train_llama {steps} steps: dense perplexity {dense:.3f}",
           flush=True)
     rows = sweep(model, calibration, lambda m: llm.perplexity(m, val, seqlen=SEQLEN), probe,
-                 keeps(quick, mid), 100 if quick else 300)
+                 keeps(quick, mid), 100 if quick else 300, kinds)
     for r in rows:
         r["perplexity"] = r.pop("score")
         r["performance"] = dense / r["perplexity"]
@@ -156,7 +156,7 @@ def keeps(quick: bool, mid: bool) -> tuple[float, ...]:
     return KEEPS[1::2] if quick else MID_KEEPS if mid else KEEPS
 
 
-def minilm_section(quick: bool, mid: bool) -> dict | None:
+def minilm_section(quick: bool, mid: bool, kinds: tuple[str, ...]) -> dict | None:
     try:
         path = minilm_path()
     except ImportError:
@@ -176,7 +176,8 @@ def minilm_section(quick: bool, mid: bool) -> dict | None:
     def cosine(model: torch.nn.Module) -> float:
         return float(F.cosine_similarity(embed(model, tok, sentences), reference).mean())
 
-    rows = sweep(dense, calibration, cosine, ids[:4], keeps(quick, mid), 100 if quick else 300)
+    rows = sweep(dense, calibration, cosine, ids[:4], keeps(quick, mid), 100 if quick else 300,
+                 kinds)
     for r in rows:
         r["cosine"] = r["performance"] = r.pop("score")
     return {"sentences": len(sentences), "rows": rows,
@@ -185,8 +186,9 @@ def minilm_section(quick: bool, mid: bool) -> dict | None:
 
 def matched(rows: list[dict]) -> dict[str, float]:
     """Each method's smallest keep reaching TARGET performance (1.0 when none does)."""
+    kinds = [k for k in KINDS if any(r["method"] == k for r in rows)]
     return {kind: min((r["keep"] for r in rows if r["method"] == kind
-                       and r["performance"] >= TARGET), default=1.0) for kind in KINDS}
+                       and r["performance"] >= TARGET), default=1.0) for kind in kinds}
 
 
 def decode_section(quick: bool, mid: bool, keeps: dict[str, float], calibration) -> dict:
@@ -232,7 +234,7 @@ def head_decode_section(quick: bool, mid: bool = False) -> dict:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    context, repeats = (256, 60) if quick else (1024, 60) if mid else (1024, 200)
+    context, repeats = (256, 60) if quick or mid else (1024, 200)
     flush = torch.zeros(FLUSH_BYTES // 4)  # larger than the last-level cache
     rows = []
     try:
@@ -318,7 +320,7 @@ def table(rows: list[dict], value: str) -> list[str]:
     keeps = sorted({r["keep"] for r in rows})
     lines = ["| method | " + " | ".join(f"keep {k:.0%}" for k in keeps) + " |",
              "|---|" + "---|" * len(keeps)]
-    for kind in (KINDS[0], ORACLE, *KINDS[1:]):
+    for kind in [k for k in (KINDS[0], ORACLE, *KINDS[1:]) if any(r["method"] == k for r in rows)]:
         cells = []
         for k in keeps:
             r = next(r for r in rows if r["method"] == kind and r["keep"] == k)
@@ -377,13 +379,17 @@ def main() -> int:
                         help=f"keeps {', '.join(f'{k:.0%}' for k in MID_KEEPS)}, half the "
                              "evaluation data and decode steps: fits ~25 minutes of a quiet "
                              "machine")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="the methods to run (default: all)")
     parser.add_argument("--no-check", action="store_true", help="do not fail on missed targets")
     parser.add_argument("--heads-only", action="store_true",
                         help="only (d), the executed head predictions' decode timing")
     args = parser.parse_args()
     torch.manual_seed(0)
     machine = describe()
-    setting = "--quick" if args.quick else "--mid" if args.mid else "full"
+    kinds = tuple(k for k in KINDS if k in args.kinds)
+    setting = ("--quick" if args.quick else "--mid" if args.mid else "full") + (
+        "" if kinds == KINDS else " --kinds " + " ".join(kinds))
     note = (f"Setting: {setting}. torch {torch.__version__}, {torch.get_num_threads()} "
             "threads ((c), (d): 1), CPU "
             f"{machine['model']} ({machine['flags']}), compiled kernels "
@@ -402,8 +408,8 @@ def main() -> int:
         print(report)
         return 0
     mid = args.mid and not args.quick
-    llama = llama_section(args.quick, mid)
-    minilm = minilm_section(args.quick, mid)
+    llama = llama_section(args.quick, mid, kinds)
+    minilm = minilm_section(args.quick, mid, kinds)
     decode = decode_section(args.quick, mid, matched(llama["rows"]), llama.pop("calibration"))
     heads_ = head_decode_section(args.quick, mid)
     results = checks(llama, minilm, decode)
