@@ -373,3 +373,40 @@ def test_router_fits_soft_mass_targets():
     chosen = router(prototypes).topk(3).indices
     truth = mass.topk(3).indices
     assert (chosen[:, :, None] == truth[:, None, :]).any(-1).float().mean() >= 0.9
+
+
+def test_skip_kv_computes_the_chosen_groups_keys_and_caches_zeros_for_the_rest():
+    """skip_kv: a step's own output is unchanged (it reads only its chosen groups, whose keys
+    and values are exact); the skipped groups' cache entries at that position are zeros."""
+    model = gqa_llama()
+    predictors = moe.head_predictors(model, CALIBRATION, TOKENS, keep=0.5, steps=20)
+    exact = moe.route_heads(model, predictors, keep=0.5)
+    skipping = moe.route_heads(model, predictors, keep=0.5, skip_kv=True)
+    assert skipping.model.layers[0].self_attn.skip_kv
+    assert not exact.model.layers[0].self_attn.skip_kv
+    tokens = TOKENS[:1, :6]
+    with torch.no_grad():
+        outs = []
+        for m in (exact, skipping):
+            out = m(tokens[:, :5], use_cache=True)
+            step = m(tokens[:, 5:6], cache=out.past_key_values, use_cache=True)
+            outs.append((step.logits, step.past_key_values))
+    # layer 0 sees the same input either way: its step output and exact cache rows agree
+    (_, cache_exact), (_, cache_skip) = outs
+    attn = skipping.model.layers[0].self_attn
+    x = skipping.model.layers[0].input_layernorm(skipping.model.embed_tokens(tokens[:, 5:6]))
+    chosen = attn.chosen(x.reshape(1, -1))[0]
+    keys_exact, keys_skip = cache_exact.layers[0].keys, cache_skip.layers[0].keys
+    torch.testing.assert_close(keys_skip[:, chosen, -1], keys_exact[:, chosen, -1])
+    skipped = [g for g in range(4) if g not in chosen.tolist()]
+    assert (keys_skip[:, skipped, -1] == 0).all() and (keys_exact[:, skipped, -1] != 0).any()
+    assert (cache_skip.layers[0].values[:, skipped, -1] == 0).all()
+    torch.testing.assert_close(keys_skip[:, :, :5], keys_exact[:, :, :5])  # the prompt: dense
+    full = moe.route_heads(model, predictors, keep=1.0, skip_kv=True)  # nothing skipped
+    torch.testing.assert_close(decode_logits(full, TOKENS[:1], 4),
+                               decode_logits(model, TOKENS[:1], 4), atol=1e-5, rtol=1e-4)
+    with pytest.raises(TypeError, match="skip_kv must be a bool, got str"):
+        moe.route_heads(model, predictors, skip_kv="yes")
+    with pytest.raises(TypeError, match="skip_kv must be a bool"):
+        moe.RoutedAttention(copy.deepcopy(model.model.layers[0].self_attn), Router(64, 4, 8), 2,
+                            skip_kv=1)
