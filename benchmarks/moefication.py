@@ -24,8 +24,11 @@ batch-1 decode speed at matched quality against TEAL.
     key/value head groups (q rows, attention and o_proj columns of the rest skipped; keys
     and values of every head still cached), interleaved, 1 thread, the caches flushed
     before every step (in a real decode every layer's weights come from memory); untrained
-    weights and router (the cost does not depend on which groups are chosen).
-    ``--heads-only`` runs this section alone (a minute) and writes
+    weights and router (the cost does not depend on which groups are chosen); also with
+    ``skip_kv`` (keys and values of the chosen groups only, zeros cached for the rest), and
+    what that approximation costs: the logit error of a teacher-forced decode on the trained
+    LLaMA, exact against skipped keys and values. ``--heads-only`` runs this section alone
+    (a few minutes; with ``--mid``, the timing at the quick setting) and writes
     moefication_heads.{json,md}.
 
 "Performance" is dense/perplexity for the LLaMA and the cosine for MiniLM. Targets (the
@@ -256,6 +259,10 @@ def head_decode_section(quick: bool, mid: bool = False) -> dict:
                     ways[f"keep {keep:.0%}"] = moe.RoutedAttention(
                         copy.deepcopy(dense), moe.Router(hidden, kv, 64).eval(),
                         max(1, round(keep * kv))).eval()
+                for keep in HEAD_KEEPS[:-1]:  # keys and values of the chosen groups only
+                    ways[f"keep {keep:.0%} skip kv"] = moe.RoutedAttention(
+                        copy.deepcopy(dense), moe.Router(hidden, kv, 64).eval(),
+                        max(1, round(keep * kv)), skip_kv=True).eval()
                 for name, layer in ways.items():
                     caches[name] = DynamicCache(config=config)
                     layer(prompt, positions, None, cache=caches[name])
@@ -280,7 +287,43 @@ def head_decode_section(quick: bool, mid: bool = False) -> dict:
                 f"{n} {v:.0f} us ({us['dense'] / v:.2f}x)" for n, v in us.items()), flush=True)
     finally:
         torch.set_num_threads(threads)
-    return {"rows": rows}
+    return {"rows": rows, "skip_kv_error": skip_kv_error(quick)}
+
+
+def skip_kv_error(quick: bool, keep: float = 0.5, prompt: int = 16) -> dict[str, float]:
+    """On the trained byte-level LLaMA of (a), head predictors at ``keep``: the relative
+    logit error against the dense model of a teacher-forced decode (one validation window,
+    ``prompt`` bytes of prompt, then a byte per step) with exact keys and values, and with
+    ``skip_kv`` (zeros cached for the skipped groups)."""
+    data = shakespeare()
+    split = int(0.9 * data.numel())
+    model = train_llama(data[:split], 40 if quick else 400).eval()
+    gen = torch.Generator().manual_seed(1)
+    starts = torch.randint(0, split - SEQLEN, (16,), generator=gen).tolist()
+    calibration = list(torch.stack([data[s:s + SEQLEN] for s in starts]).split(4))
+    window = data[split:split + SEQLEN][None]
+    predictors = moe.head_predictors(model, calibration, window, keep=keep,
+                                     steps=100 if quick else 300)
+
+    def decode(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            out = m(window[:, :prompt], use_cache=True)
+            logits, cache = [], out.past_key_values
+            for t in range(prompt, window.shape[1]):
+                out = m(window[:, t:t + 1], cache=cache, use_cache=True)
+                logits.append(out.logits)
+                cache = out.past_key_values
+        return torch.cat(logits, dim=1)
+
+    dense = decode(model)
+    errors = {}
+    for name, skip in (("exact kv", False), ("skip kv", True)):
+        routed = moe.route_heads(model, predictors, keep=keep, skip_kv=skip)
+        errors[name] = float(torch.linalg.vector_norm(decode(routed) - dense)
+                             / torch.linalg.vector_norm(dense))
+    print(f"(d) decode logit error at {keep:.0%} of the head groups: " + ", ".join(
+        f"{n} {e:.3f}" for n, e in errors.items()), flush=True)
+    return {"keep": keep, "decoded": window.shape[1] - prompt, **errors}
 
 
 def head_markdown(heads_: dict) -> list[str]:
@@ -290,11 +333,20 @@ def head_markdown(heads_: dict) -> list[str]:
              "before every step, median microseconds of interleaved steps (speedup over "
              "dense); SDPA attention; `keep` is the fraction "
              "of key/value head groups a step computes (moe.route_heads; keys and values of "
-             "every head are still computed and cached).", "",
+             "every head are still computed and cached, except in the `skip kv` columns: "
+             "those of the chosen groups only, zeros cached for the rest).", "",
              "| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for r in heads_["rows"]:
         lines.append(f"| {r['layer']} | " + " | ".join(
             f"{r['microseconds'][n]:.0f} ({r['speedup'][n]:.2f}x)" for n in names) + " |")
+    err = heads_.get("skip_kv_error")
+    if err:
+        lines += ["", f"What `skip kv` costs in quality: on the trained byte-level LLaMA of (a), "
+                  f"head predictors keeping {err['keep']:.0%} of the groups, relative logit "
+                  f"error against dense over {err['decoded']} teacher-forced decode steps: "
+                  f"{err['exact kv']:.3f} with exact keys and values, {err['skip kv']:.3f} with "
+                  "skip kv (a later token that picks a group an earlier one skipped scores a "
+                  "zero key there)."]
     return lines + [""]
 
 
@@ -399,7 +451,7 @@ def main() -> int:
             "ratios are measured side by side.")
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.heads_only:
-        heads_ = head_decode_section(args.quick)
+        heads_ = head_decode_section(args.quick, args.mid)
         (RESULTS / "moefication_heads.json").write_text(json.dumps(
             {"heads": heads_, "note": note}, indent=2))
         report = "\n".join(["# Executed attention-head predictions", "", note, "",
