@@ -3,8 +3,10 @@ batch-1 decode speed at matched quality against TEAL.
 
 (a) The byte-level LLaMA of the LLM-pruning benchmark (4 x 256, ``llm_pruning.train_llama``,
     cached under benchmarks/cache/): validation perplexity with each FFN running a ``keep``
-    fraction of its neurons, for ``moe.moefy`` (16 experts by balanced k-means on
-    co-activation, a low-rank router per layer), ``moe.contextual`` (Deja Vu: a low-rank
+    fraction of its neurons, for ``moe.moefy`` (experts of 16 neurons by balanced k-means
+    on co-activation, a low-rank router per layer trained on each expert's activation
+    mass), the same experts chosen by their true mass (``moe.set_oracle``: the paper's
+    ground-truth selection, the router's upper bound), ``moe.contextual`` (Deja Vu: a low-rank
     predictor of each token's neurons) and ``moe.contextual(hot=keep/3)`` (PowerInfer: a
     third of the kept neurons always computed); beside them TEAL (``activation.calibrate``
     on the FFN layers only) at sparsity ``1 - keep``. Router recall (= precision: router
@@ -22,17 +24,21 @@ batch-1 decode speed at matched quality against TEAL.
     key/value head groups (q rows, attention and o_proj columns of the rest skipped; keys
     and values of every head still cached), interleaved, 1 thread, the caches flushed
     before every step (in a real decode every layer's weights come from memory); untrained
-    weights and router (the cost does not depend on which groups are chosen).
-    ``--heads-only`` runs this section alone (a minute) and writes
+    weights and router (the cost does not depend on which groups are chosen); also with
+    ``skip_kv`` (keys and values of the chosen groups only, zeros cached for the rest), and
+    what that approximation costs: the logit error of a teacher-forced decode on the trained
+    LLaMA, exact against skipped keys and values. ``--heads-only`` runs this section alone
+    (a few minutes; with ``--mid``, the timing at the quick setting) and writes
     moefication_heads.{json,md}.
 
 "Performance" is dense/perplexity for the LLaMA and the cosine for MiniLM. Targets (the
 MoEfication paper keeps 10-30 % of the FFN at > 95 % of performance): MoEfication at
 keep <= 30 % with >= 95 % performance on both models; routed decode at matched quality
 faster than dense. Exits 1 listing the misses unless --no-check or --quick. Writes
-benchmarks/results/moefication{,_quick}.{json,md}.
+benchmarks/results/moefication{,_mid,_quick}.{json,md}.
 
     python benchmarks/moefication.py --quick    # ~5 min on 2 loaded cores
+    python benchmarks/moefication.py --mid      # keeps 20/30/50 %, half the evaluation
     python benchmarks/moefication.py            # full run
 """
 
@@ -58,15 +64,18 @@ from sparsekit.llm.evaluate import embed
 from sparsekit.moe.ffn import find_ffns
 
 RESULTS = Path(__file__).parent / "results"
-EXPERTS = 16
+EXPERT_SIZE = 16  # neurons per expert (the paper: 32 of T5's 4096-3072; 688 = 43 x 16 here)
 KEEPS = (0.1, 0.2, 0.3, 0.5)
+MID_KEEPS = (0.2, 0.3, 0.5)
 TARGET = 0.95  # fraction of dense performance
 
 
 def routed(kind: str, model: torch.nn.Module, calibration, keep: float, steps: int):
     """``model`` with its FFNs routed by ``kind`` at ``keep``."""
     if kind == "moefy":
-        return moe.moefy(model, calibration, experts=EXPERTS, keep=keep, steps=steps)
+        width = model.get_submodule(find_ffns(model)[0].reader).in_features
+        return moe.moefy(model, calibration, experts=width // EXPERT_SIZE, keep=keep,
+                         steps=steps)
     hot = keep / 3 if kind == "powerinfer" else 0.0
     return moe.contextual(model, calibration, keep=keep, hot=hot, steps=steps)
 
@@ -78,13 +87,14 @@ def teal(model: torch.nn.Module, calibration, keep: float) -> activation.Activat
 
 
 KINDS = ("moefy", "contextual", "powerinfer", "teal")
+ORACLE = "moefy oracle"  # moefy's experts chosen by their true activation mass (moe.set_oracle)
 
 
-def sweep(model, calibration, score, probe, keeps, steps) -> list[dict]:
+def sweep(model, calibration, score, probe, keeps, steps, kinds) -> list[dict]:
     """One row per (method, keep): ``score(model)`` and, for routed models, the router's
-    quality on ``probe``."""
+    quality on ``probe``; after each moefy row, the same experts chosen by the oracle."""
     rows = []
-    for kind in KINDS:
+    for kind in kinds:
         for keep in keeps:
             start = time.perf_counter()
             if kind == "teal":
@@ -103,6 +113,10 @@ def sweep(model, calibration, score, probe, keeps, steps) -> list[dict]:
                          "seconds": time.perf_counter() - start})
             extra = "".join(f" {k} {v:.3f}" for k, v in quality.items())
             print(f"  {kind:10s} keep {keep:.0%}: {value:.4f}{extra}", flush=True)
+            if kind == "moefy":
+                value = score(moe.set_oracle(variant))
+                rows.append({"method": ORACLE, "keep": keep, "score": value})
+                print(f"  {ORACLE} keep {keep:.0%}: {value:.4f}", flush=True)
     return rows
 
 
@@ -117,7 +131,7 @@ def heads(model: torch.nn.Module, calibration, probe, steps: int) -> dict[str, f
     return mean
 
 
-def llama_section(quick: bool) -> dict:
+def llama_section(quick: bool, mid: bool, kinds: tuple[str, ...]) -> dict:
     data = shakespeare()
     split = int(0.9 * data.numel())
     train, val = data[:split], data[split:]
@@ -126,13 +140,13 @@ def llama_section(quick: bool) -> dict:
     gen = torch.Generator().manual_seed(1)
     starts = torch.randint(0, train.numel() - SEQLEN, (16,), generator=gen).tolist()
     calibration = list(torch.stack([train[s:s + SEQLEN] for s in starts]).split(4))
-    val = val[: 4096 if quick else 16384]
+    val = val[: 4096 if quick else 8192 if mid else 16384]
     probe = val[:1024].view(4, SEQLEN)
     dense = llm.perplexity(model, val, seqlen=SEQLEN)
     print(f"(a) LLaMA, llm_pruning.train_llama {steps} steps: dense perplexity {dense:.3f}",
           flush=True)
     rows = sweep(model, calibration, lambda m: llm.perplexity(m, val, seqlen=SEQLEN), probe,
-                 KEEPS[1::2] if quick else KEEPS, 100 if quick else 300)
+                 keeps(quick, mid), 100 if quick else 300, kinds)
     for r in rows:
         r["perplexity"] = r.pop("score")
         r["performance"] = dense / r["perplexity"]
@@ -141,7 +155,11 @@ def llama_section(quick: bool) -> dict:
             "heads": heads(model, calibration, probe, 100 if quick else 300)}
 
 
-def minilm_section(quick: bool) -> dict | None:
+def keeps(quick: bool, mid: bool) -> tuple[float, ...]:
+    return KEEPS[1::2] if quick else MID_KEEPS if mid else KEEPS
+
+
+def minilm_section(quick: bool, mid: bool, kinds: tuple[str, ...]) -> dict | None:
     try:
         path = minilm_path()
     except ImportError:
@@ -152,7 +170,7 @@ def minilm_section(quick: bool) -> dict | None:
     dense = AutoModel.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     lines = [s.strip() for s in shakespeare_text().splitlines() if len(s.split()) >= 5]
-    sentences = lines[1::2][: 64 if quick else 256]  # evaluate on odd lines,
+    sentences = lines[1::2][: 64 if quick else 128 if mid else 256]  # evaluate on odd lines,
     ids = llm.calibration_tokens(lines[0::2][:2000], tokenizer=tok, nsamples=16, seqlen=128)
     calibration = list(ids.split(4))  # calibrate on even ones
     print("(b) MiniLM", flush=True)
@@ -161,8 +179,8 @@ def minilm_section(quick: bool) -> dict | None:
     def cosine(model: torch.nn.Module) -> float:
         return float(F.cosine_similarity(embed(model, tok, sentences), reference).mean())
 
-    rows = sweep(dense, calibration, cosine, ids[:4],
-                 KEEPS[1::2] if quick else KEEPS, 100 if quick else 300)
+    rows = sweep(dense, calibration, cosine, ids[:4], keeps(quick, mid), 100 if quick else 300,
+                 kinds)
     for r in rows:
         r["cosine"] = r["performance"] = r.pop("score")
     return {"sentences": len(sentences), "rows": rows,
@@ -171,11 +189,12 @@ def minilm_section(quick: bool) -> dict | None:
 
 def matched(rows: list[dict]) -> dict[str, float]:
     """Each method's smallest keep reaching TARGET performance (1.0 when none does)."""
+    kinds = [k for k in KINDS if any(r["method"] == k for r in rows)]
     return {kind: min((r["keep"] for r in rows if r["method"] == kind
-                       and r["performance"] >= TARGET), default=1.0) for kind in KINDS}
+                       and r["performance"] >= TARGET), default=1.0) for kind in kinds}
 
 
-def decode_section(quick: bool, keeps: dict[str, float], calibration) -> dict:
+def decode_section(quick: bool, mid: bool, keeps: dict[str, float], calibration) -> dict:
     model = wide_llama(quick)
     steps = 100 if quick else 300
     print("(c) decode, wide LLaMA at matched quality " + ", ".join(
@@ -193,8 +212,8 @@ def decode_section(quick: bool, keeps: dict[str, float], calibration) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a loaded 2-core machine, 2 threads stall ~100x per step
     try:
-        tps = decode_tokens_per_s(models, prompt, steps=8 if quick else 32,
-                                  rounds=2 if quick else 5)
+        tps = decode_tokens_per_s(models, prompt, steps=8 if quick else 16 if mid else 32,
+                                  rounds=2 if quick else 3 if mid else 5)
     finally:
         torch.set_num_threads(threads)
     print("  " + ", ".join(f"{n} {t:.1f} tok/s ({t / tps['dense']:.2f}x)"
@@ -211,14 +230,14 @@ HEAD_KEEPS = (0.25, 0.5, 1.0)
 FLUSH_BYTES = 512 * 2**20  # written before every timed step: no weights stay in cache
 
 
-def head_decode_section(quick: bool) -> dict:
+def head_decode_section(quick: bool, mid: bool = False) -> dict:
     """Median microseconds of one decode step of one attention layer, dense vs routed."""
     from transformers import DynamicCache, LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    context, repeats = (256, 60) if quick else (1024, 200)
+    context, repeats = (256, 60) if quick or mid else (1024, 200)
     flush = torch.zeros(FLUSH_BYTES // 4)  # larger than the last-level cache
     rows = []
     try:
@@ -240,6 +259,10 @@ def head_decode_section(quick: bool) -> dict:
                     ways[f"keep {keep:.0%}"] = moe.RoutedAttention(
                         copy.deepcopy(dense), moe.Router(hidden, kv, 64).eval(),
                         max(1, round(keep * kv))).eval()
+                for keep in HEAD_KEEPS[:-1]:  # keys and values of the chosen groups only
+                    ways[f"keep {keep:.0%} skip kv"] = moe.RoutedAttention(
+                        copy.deepcopy(dense), moe.Router(hidden, kv, 64).eval(),
+                        max(1, round(keep * kv)), skip_kv=True).eval()
                 for name, layer in ways.items():
                     caches[name] = DynamicCache(config=config)
                     layer(prompt, positions, None, cache=caches[name])
@@ -264,7 +287,43 @@ def head_decode_section(quick: bool) -> dict:
                 f"{n} {v:.0f} us ({us['dense'] / v:.2f}x)" for n, v in us.items()), flush=True)
     finally:
         torch.set_num_threads(threads)
-    return {"rows": rows}
+    return {"rows": rows, "skip_kv_error": skip_kv_error(quick)}
+
+
+def skip_kv_error(quick: bool, keep: float = 0.5, prompt: int = 16) -> dict[str, float]:
+    """On the trained byte-level LLaMA of (a), head predictors at ``keep``: the relative
+    logit error against the dense model of a teacher-forced decode (one validation window,
+    ``prompt`` bytes of prompt, then a byte per step) with exact keys and values, and with
+    ``skip_kv`` (zeros cached for the skipped groups)."""
+    data = shakespeare()
+    split = int(0.9 * data.numel())
+    model = train_llama(data[:split], 40 if quick else 400).eval()
+    gen = torch.Generator().manual_seed(1)
+    starts = torch.randint(0, split - SEQLEN, (16,), generator=gen).tolist()
+    calibration = list(torch.stack([data[s:s + SEQLEN] for s in starts]).split(4))
+    window = data[split:split + SEQLEN][None]
+    predictors = moe.head_predictors(model, calibration, window, keep=keep,
+                                     steps=100 if quick else 300)
+
+    def decode(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            out = m(window[:, :prompt], use_cache=True)
+            logits, cache = [], out.past_key_values
+            for t in range(prompt, window.shape[1]):
+                out = m(window[:, t:t + 1], cache=cache, use_cache=True)
+                logits.append(out.logits)
+                cache = out.past_key_values
+        return torch.cat(logits, dim=1)
+
+    dense = decode(model)
+    errors = {}
+    for name, skip in (("exact kv", False), ("skip kv", True)):
+        routed = moe.route_heads(model, predictors, keep=keep, skip_kv=skip)
+        errors[name] = float(torch.linalg.vector_norm(decode(routed) - dense)
+                             / torch.linalg.vector_norm(dense))
+    print(f"(d) decode logit error at {keep:.0%} of the head groups: " + ", ".join(
+        f"{n} {e:.3f}" for n, e in errors.items()), flush=True)
+    return {"keep": keep, "decoded": window.shape[1] - prompt, **errors}
 
 
 def head_markdown(heads_: dict) -> list[str]:
@@ -274,11 +333,20 @@ def head_markdown(heads_: dict) -> list[str]:
              "before every step, median microseconds of interleaved steps (speedup over "
              "dense); SDPA attention; `keep` is the fraction "
              "of key/value head groups a step computes (moe.route_heads; keys and values of "
-             "every head are still computed and cached).", "",
+             "every head are still computed and cached, except in the `skip kv` columns: "
+             "those of the chosen groups only, zeros cached for the rest).", "",
              "| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for r in heads_["rows"]:
         lines.append(f"| {r['layer']} | " + " | ".join(
             f"{r['microseconds'][n]:.0f} ({r['speedup'][n]:.2f}x)" for n in names) + " |")
+    err = heads_.get("skip_kv_error")
+    if err:
+        lines += ["", f"What `skip kv` costs in quality: on the trained byte-level LLaMA of (a), "
+                  f"head predictors keeping {err['keep']:.0%} of the groups, relative logit "
+                  f"error against dense over {err['decoded']} teacher-forced decode steps: "
+                  f"{err['exact kv']:.3f} with exact keys and values, {err['skip kv']:.3f} with "
+                  "skip kv (a later token that picks a group an earlier one skipped scores a "
+                  "zero key there)."]
     return lines + [""]
 
 
@@ -287,10 +355,12 @@ def checks(llama: dict, minilm: dict | None, decode: dict) -> list[tuple[str, bo
     for name, section in (("LLaMA", llama), ("MiniLM", minilm)):
         if section is None:
             continue
-        best = max((r["performance"] for r in section["rows"]
-                    if r["method"] == "moefy" and r["keep"] <= 0.3), default=0.0)
+        best, oracle = (max((r["performance"] for r in section["rows"]
+                             if r["method"] == m and r["keep"] <= 0.3), default=0.0)
+                        for m in ("moefy", ORACLE))
         results.append((f"{name}: MoEfication keeping <= 30 % of the FFN at >= {TARGET:.0%} of "
-                        f"dense performance (best {best:.1%})", best >= TARGET))
+                        f"dense performance (best {best:.1%}; ground-truth experts {oracle:.1%})",
+                        best >= TARGET))
     for kind, speed in decode["speedup"].items():
         if kind not in ("dense", "teal"):
             results.append((f"{kind} at matched quality (keep {decode['keep'][kind]:.0%}) "
@@ -302,7 +372,7 @@ def table(rows: list[dict], value: str) -> list[str]:
     keeps = sorted({r["keep"] for r in rows})
     lines = ["| method | " + " | ".join(f"keep {k:.0%}" for k in keeps) + " |",
              "|---|" + "---|" * len(keeps)]
-    for kind in KINDS:
+    for kind in [k for k in (KINDS[0], ORACLE, *KINDS[1:]) if any(r["method"] == k for r in rows)]:
         cells = []
         for k in keeps:
             r = next(r for r in rows if r["method"] == kind and r["keep"] == k)
@@ -321,8 +391,11 @@ def markdown(llama: dict, minilm: dict | None, decode: dict) -> list[str]:
         "", f"Dense perplexity {llama['dense_perplexity']:.3f}. Each cell: perplexity (dense / "
         "perplexity); for routed models the router's recall of the oracle's units and the "
         "relative FFN output error, router / oracle. moefy: "
-        f"{EXPERTS} experts; powerinfer: a third of the kept neurons hot; teal: "
-        "thresholds on the FFN layers' inputs at sparsity 1 - keep.", "",
+        f"experts of {EXPERT_SIZE} neurons, a router trained on their activation mass; "
+        f"{ORACLE}: the same experts chosen by their true mass (the paper's ground-truth "
+        "selection, computing every neuron: the router's upper bound); powerinfer: a third of "
+        "the kept neurons hot; teal: thresholds on the FFN layers' inputs at sparsity "
+        "1 - keep.", "",
         *table(llama["rows"], "perplexity"), ""]
     if minilm:
         lines += [f"## (b) all-MiniLM-L6-v2, {minilm['sentences']} sentences", "",
@@ -354,13 +427,23 @@ def markdown(llama: dict, minilm: dict | None, decode: dict) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run, no checks")
+    parser.add_argument("--mid", action="store_true",
+                        help=f"keeps {', '.join(f'{k:.0%}' for k in MID_KEEPS)}, half the "
+                             "evaluation data and decode steps: fits ~25 minutes of a quiet "
+                             "machine")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="the methods to run (default: all)")
     parser.add_argument("--no-check", action="store_true", help="do not fail on missed targets")
     parser.add_argument("--heads-only", action="store_true",
                         help="only (d), the executed head predictions' decode timing")
     args = parser.parse_args()
     torch.manual_seed(0)
     machine = describe()
-    note = (f"torch {torch.__version__}, {torch.get_num_threads()} threads ((c), (d): 1), CPU "
+    kinds = tuple(k for k in KINDS if k in args.kinds)
+    setting = ("--quick" if args.quick else "--mid" if args.mid else "full") + (
+        "" if kinds == KINDS else " --kinds " + " ".join(kinds))
+    note = (f"Setting: {setting}. torch {torch.__version__}, {torch.get_num_threads()} "
+            "threads ((c), (d): 1), CPU "
             f"{machine['model']} ({machine['flags']}), compiled kernels "
             f"{machine['isa']}. The machine was "
             "shared with other jobs while this ran (load average "
@@ -368,7 +451,7 @@ def main() -> int:
             "ratios are measured side by side.")
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.heads_only:
-        heads_ = head_decode_section(args.quick)
+        heads_ = head_decode_section(args.quick, args.mid)
         (RESULTS / "moefication_heads.json").write_text(json.dumps(
             {"heads": heads_, "note": note}, indent=2))
         report = "\n".join(["# Executed attention-head predictions", "", note, "",
@@ -376,12 +459,13 @@ def main() -> int:
         (RESULTS / "moefication_heads.md").write_text(report)
         print(report)
         return 0
-    llama = llama_section(args.quick)
-    minilm = minilm_section(args.quick)
-    decode = decode_section(args.quick, matched(llama["rows"]), llama.pop("calibration"))
-    heads_ = head_decode_section(args.quick)
+    mid = args.mid and not args.quick
+    llama = llama_section(args.quick, mid, kinds)
+    minilm = minilm_section(args.quick, mid, kinds)
+    decode = decode_section(args.quick, mid, matched(llama["rows"]), llama.pop("calibration"))
+    heads_ = head_decode_section(args.quick, mid)
     results = checks(llama, minilm, decode)
-    name = "moefication" + ("_quick" if args.quick else "")
+    name = "moefication" + ("_quick" if args.quick else "_mid" if mid else "")
     report = "\n".join(["# MoEfication and contextual sparsity", "", note, "",
                         *markdown(llama, minilm, decode), *head_markdown(heads_),
                         "## Targets", "", *checklist(results)]) + "\n"

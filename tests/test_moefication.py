@@ -316,3 +316,97 @@ def test_routed_attention_checks_its_arguments_before_changing_the_attention():
     with pytest.raises(TypeError, match="LLaMA-style"):
         moe.RoutedAttention(nn.Linear(4, 4), Router(64, 4, 8), 2)
     assert attention.o_proj.weight is weight and weight.is_contiguous()
+
+
+def test_unit_mass_sums_weighted_magnitudes_per_unit():
+    """MoEfication's expert score: sum over the unit's neurons of |h_j| * ||W_out[:, j]||,
+    hot neurons excluded."""
+    h = torch.tensor([[9.0, 1.0, -2.0, 0.5, 0.0, -1.0]])  # two hot neurons, two units of 2
+    norms = torch.tensor([5.0, 1.0, 2.0, 4.0, 3.0, 1.0])
+    mass = moe.unit_mass(h, norms, hot=2, unit_size=2)
+    torch.testing.assert_close(mass, torch.tensor([[2.0 * 2.0 + 0.5 * 4.0, 0.0 + 1.0]]))
+    assert moe.unit_mass(h[0], norms, 0, 3).shape == (2,)  # leading dimensions kept
+
+
+def test_moefy_routers_learn_the_mass_and_the_oracle_chooses_by_it():
+    routed = moe.moefy(tiny_llama(), CALIBRATION, experts=8, keep=0.25, steps=60)
+    layer = routed.model.layers[0].mlp
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        mass = layer.mass(x)
+        by_router = layer.chosen(x)
+        moe.set_oracle(routed)
+        assert layer.oracle and torch.equal(layer.chosen(x), mass.topk(2, dim=1).indices)
+        # the oracle's output: the dense FFN over its chosen experts' neurons only
+        keep = torch.zeros(6, 8).scatter_(1, mass.topk(2, dim=1).indices, 1.0)
+        h = layer.hidden(x) * keep.repeat_interleave(8, dim=1)
+        torch.testing.assert_close(layer(x), layer.w_out(h))
+        torch.testing.assert_close(torch.cat([layer(r[None]) for r in x]), layer(x))
+        moe.set_oracle(routed, False)
+        assert torch.equal(layer.chosen(x), by_router)
+    # the router ranks experts as their mass does better than chance
+    overlap = (by_router[:, :, None] == mass.topk(2, dim=1).indices[:, None, :]).any(-1)
+    assert overlap.float().mean() > 0.25
+    with pytest.raises(TypeError, match="oracle must be a bool, got int"):
+        moe.set_oracle(routed, 1)
+    with pytest.raises(ValueError, match="no RoutedFFN"):
+        moe.set_oracle(tiny_llama())
+
+
+def test_oracle_with_every_expert_equals_dense():
+    model = tiny_llama()
+    routed = moe.set_oracle(moe.moefy(model, CALIBRATION, experts=4, keep=1.0, steps=5))
+    torch.testing.assert_close(output(routed, TOKENS), output(model, TOKENS))
+
+
+def test_router_fits_soft_mass_targets():
+    """Unbalanced BCE on targets in [0, 1] (MoEfication's scaled mass): the router ranks
+    the units by the planted mass of each token's prototype."""
+    gen = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(8, 16, generator=gen)
+    mass = torch.rand(8, 12, generator=gen) ** 3
+    which = torch.randint(8, (512,), generator=gen)
+    x = prototypes[which] + 0.05 * torch.randn(512, 16, generator=gen)
+    targets = mass[which] / mass[which].amax(1, keepdim=True)
+    torch.manual_seed(0)
+    router = fit(Router(16, 12, 16), x, targets, steps=300, balance=False)
+    chosen = router(prototypes).topk(3).indices
+    truth = mass.topk(3).indices
+    assert (chosen[:, :, None] == truth[:, None, :]).any(-1).float().mean() >= 0.9
+
+
+def test_skip_kv_computes_the_chosen_groups_keys_and_caches_zeros_for_the_rest():
+    """skip_kv: a step's own output is unchanged (it reads only its chosen groups, whose keys
+    and values are exact); the skipped groups' cache entries at that position are zeros."""
+    model = gqa_llama()
+    predictors = moe.head_predictors(model, CALIBRATION, TOKENS, keep=0.5, steps=20)
+    exact = moe.route_heads(model, predictors, keep=0.5)
+    skipping = moe.route_heads(model, predictors, keep=0.5, skip_kv=True)
+    assert skipping.model.layers[0].self_attn.skip_kv
+    assert not exact.model.layers[0].self_attn.skip_kv
+    tokens = TOKENS[:1, :6]
+    with torch.no_grad():
+        outs = []
+        for m in (exact, skipping):
+            out = m(tokens[:, :5], use_cache=True)
+            step = m(tokens[:, 5:6], cache=out.past_key_values, use_cache=True)
+            outs.append((step.logits, step.past_key_values))
+    # layer 0 sees the same input either way: its step output and exact cache rows agree
+    (_, cache_exact), (_, cache_skip) = outs
+    attn = skipping.model.layers[0].self_attn
+    x = skipping.model.layers[0].input_layernorm(skipping.model.embed_tokens(tokens[:, 5:6]))
+    chosen = attn.chosen(x.reshape(1, -1))[0]
+    keys_exact, keys_skip = cache_exact.layers[0].keys, cache_skip.layers[0].keys
+    torch.testing.assert_close(keys_skip[:, chosen, -1], keys_exact[:, chosen, -1])
+    skipped = [g for g in range(4) if g not in chosen.tolist()]
+    assert (keys_skip[:, skipped, -1] == 0).all() and (keys_exact[:, skipped, -1] != 0).any()
+    assert (cache_skip.layers[0].values[:, skipped, -1] == 0).all()
+    torch.testing.assert_close(keys_skip[:, :, :5], keys_exact[:, :, :5])  # the prompt: dense
+    full = moe.route_heads(model, predictors, keep=1.0, skip_kv=True)  # nothing skipped
+    torch.testing.assert_close(decode_logits(full, TOKENS[:1], 4),
+                               decode_logits(model, TOKENS[:1], 4), atol=1e-5, rtol=1e-4)
+    with pytest.raises(TypeError, match="skip_kv must be a bool, got str"):
+        moe.route_heads(model, predictors, skip_kv="yes")
+    with pytest.raises(TypeError, match="skip_kv must be a bool"):
+        moe.RoutedAttention(copy.deepcopy(model.model.layers[0].self_attn), Router(64, 4, 8), 2,
+                            skip_kv=1)

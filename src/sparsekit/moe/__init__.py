@@ -6,9 +6,11 @@ clustering (:func:`balanced_kmeans`) and routes each token to a few of them;
 PowerInfer's always-computed hot neurons. Both return a copy whose FFNs are
 :class:`RoutedFFN` modules: a batch-1 decode step computes only the chosen neurons' rows
 and reads only their reader columns through the engine's activation-sparse GEMV.
-:func:`evaluate` measures how well the routers choose; :func:`head_predictors` trains and
-measures Deja Vu's per-token predictors of attention heads, and :func:`route_heads` executes
-them: a copy whose :class:`RoutedAttention` decode steps compute only the predicted heads.
+:func:`evaluate` measures how well the routers choose, and :func:`set_oracle` lets them
+choose by the true activation mass (:func:`unit_mass`) instead, the bound they are measured
+against; :func:`head_predictors` trains and measures Deja Vu's per-token predictors of
+attention heads, and :func:`route_heads` executes them: a copy whose
+:class:`RoutedAttention` decode steps compute only the predicted heads.
 """
 
 from sparsekit.moe.cluster import balanced_kmeans
@@ -16,9 +18,9 @@ from sparsekit.moe.contextual import contextual
 from sparsekit.moe.evaluate import evaluate
 from sparsekit.moe.heads import head_predictors
 from sparsekit.moe.moefication import moefy
-from sparsekit.moe.routed import RoutedFFN, set_keep
+from sparsekit.moe.routed import RoutedFFN, set_keep, set_oracle, unit_mass
 from sparsekit.moe.routed_attention import RoutedAttention, route_heads
 from sparsekit.moe.router import Router
 
 __all__ = ["RoutedAttention", "RoutedFFN", "Router", "balanced_kmeans", "contextual", "evaluate",
-           "head_predictors", "moefy", "route_heads", "set_keep"]
+           "head_predictors", "moefy", "route_heads", "set_keep", "set_oracle", "unit_mass"]

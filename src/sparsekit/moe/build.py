@@ -2,9 +2,10 @@
 
 record the inputs of every FFN on calibration data -> compute its neuron values -> a
 *layout* (the layer's order of neurons, its hot count and unit size: what tells MoEfication
-and Deja Vu/PowerInfer apart) -> label the units each token needed (the ``k`` with the
-largest output contribution ``||W_out[:, unit] h[unit]||``) -> train a router on them ->
-a :class:`~sparsekit.moe.routed.RoutedFFN` in place of each FFN, in a copy of the model.
+and Deja Vu/PowerInfer apart) -> the router's targets from each unit's activation mass
+(:func:`~sparsekit.moe.routed.unit_mass`): MoEfication's mass itself, scaled by the token's
+largest, or Deja Vu's 0/1 labels of the ``k`` largest -> train a router on them -> a
+:class:`~sparsekit.moe.routed.RoutedFFN` in place of each FFN, in a copy of the model.
 """
 
 from __future__ import annotations
@@ -20,21 +21,24 @@ from torch import nn
 from sparsekit._checks import check_fraction, check_int
 from sparsekit.activation.record import record_inputs
 from sparsekit.moe import ffn as ffns
-from sparsekit.moe.routed import RoutedFFN
+from sparsekit.moe.routed import RoutedFFN, unit_mass
 from sparsekit.moe.router import Router, fit
 
-__all__ = ["Layout", "build", "check_common", "unit_importance"]
+__all__ = ["Layout", "build", "check_common"]
 
 
 @dataclass(frozen=True)
 class Layout:
     """How one FFN's neurons are stored: ``order`` (stored -> original neuron), the first
-    ``hot`` always run, the rest in units of ``unit_size``, ``k`` of them run per token."""
+    ``hot`` always run, the rest in units of ``unit_size``, ``k`` of them run per token;
+    ``soft``: the router learns each unit's mass (MoEfication) rather than whether it is
+    among the ``k`` largest (Deja Vu)."""
 
     order: torch.Tensor
     hot: int
     unit_size: int
     k: int
+    soft: bool = False
 
 
 Planner = Callable[[ffns.FFN, torch.Tensor], Layout]
@@ -74,11 +78,16 @@ def build(model: nn.Module, calibration: Any, layers: list[ffns.FFN], plan: Plan
         router = None
         units = (h.shape[1] - layout.hot) // layout.unit_size
         if units:
-            importance = unit_importance(h, w_out.float(), layout)
-            labels = torch.zeros_like(importance).scatter_(
-                1, importance.topk(layout.k, dim=1).indices, 1.0)
-            router = fit(Router(x.shape[1], units, rank), x, labels, steps=steps,
-                         seed=seed + i)
+            stored = layout.order
+            norms = torch.linalg.vector_norm(w_out.float(), dim=0)[stored]
+            mass = unit_mass(h[:, stored], norms, layout.hot, layout.unit_size)
+            if layout.soft:
+                targets = mass / mass.amax(dim=1, keepdim=True).clamp_min(1e-12)
+            else:
+                targets = torch.zeros_like(mass).scatter_(
+                    1, mass.topk(layout.k, dim=1).indices, 1.0)
+            router = fit(Router(x.shape[1], units, rank), x, targets, steps=steps,
+                         balance=not layout.soft, seed=seed + i)
         modules[layer.name] = RoutedFFN(w_in, b_in, w_out, b_out, layer.act,
                                         order=layout.order, hot=layout.hot,
                                         unit_size=layout.unit_size, router=router, k=layout.k)
@@ -88,14 +97,3 @@ def build(model: nn.Module, calibration: Any, layers: list[ffns.FFN], plan: Plan
         ffns.install(out, layer, module)
     return out
 
-
-def unit_importance(h: torch.Tensor, w_out: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """``||w_out[:, unit] @ h[t, unit]||`` for each row ``t`` of ``h`` (T, n) and each
-    routed unit of ``layout``: (T, units)."""
-    cold = layout.order[layout.hot:]
-    h, w = h[:, cold], w_out[:, cold]
-    if layout.unit_size == 1:
-        return h.abs() * torch.linalg.vector_norm(w, dim=0)
-    s = layout.unit_size
-    return torch.stack([torch.linalg.vector_norm(h[:, u:u + s] @ w[:, u:u + s].t(), dim=1)
-                        for u in range(0, h.shape[1], s)], dim=1)

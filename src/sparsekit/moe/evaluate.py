@@ -1,9 +1,10 @@
 """How well the routers of a routed model choose: recall of the needed units, output error.
 
 For each :class:`~sparsekit.moe.RoutedFFN` the rows it receives on ``data`` are recorded;
-on them, the *oracle* choice is the ``k`` units with the largest output contribution
-(what the router was trained to predict). ``recall`` is the fraction of the oracle's units
-the router chose; as both choose ``k`` units, it is also the precision. ``error`` is the
+on them, the *oracle* choice is the ``k`` units with the largest activation mass
+(:func:`~sparsekit.moe.routed.unit_mass`, what the router was trained to predict).
+``recall`` is the fraction of the oracle's units the router chose; as both choose ``k``
+units, it is also the precision. ``error`` is the
 relative output error ``||y - y_dense|| / ||y_dense||`` of the routed FFN over the rows,
 ``oracle_error`` the same with the oracle's choice: the part of the error that is the
 router's and the part that is the sparsity's.
@@ -18,8 +19,7 @@ from torch import nn
 
 from sparsekit._checks import check_int
 from sparsekit.activation.record import record_inputs
-from sparsekit.moe.build import Layout, unit_importance
-from sparsekit.moe.routed import RoutedFFN
+from sparsekit.moe.routed import RoutedFFN, unit_mass
 
 __all__ = ["evaluate"]
 
@@ -47,9 +47,8 @@ def _quality(layer: RoutedFFN, x: torch.Tensor) -> dict[str, float]:
     metrics = {"kept": layer.kept}
     if not layer.units:
         return metrics | {"recall": 1.0, "precision": 1.0, "error": 0.0, "oracle_error": 0.0}
-    stored = Layout(torch.arange(h.shape[1]), layer.hot, layer.unit_size, layer.k)
-    oracle = unit_importance(h, w_out, stored).topk(layer.k, dim=1).indices
-    chosen = layer.chosen(x)
+    oracle = unit_mass(h, layer.norms, layer.hot, layer.unit_size).topk(layer.k, dim=1).indices
+    chosen = layer.router(x).topk(layer.k, dim=-1).indices
     hits = (chosen[:, :, None] == oracle[:, None, :]).any(-1).float().mean()
 
     def error(units: torch.Tensor) -> float:

@@ -29,7 +29,7 @@ from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.moe.ffn import activate
 from sparsekit.moe.router import Router
 
-__all__ = ["RoutedFFN", "set_keep"]
+__all__ = ["RoutedFFN", "set_keep", "set_oracle", "unit_mass"]
 
 
 class RoutedFFN(nn.Module):
@@ -60,6 +60,10 @@ class RoutedFFN(nn.Module):
         self.register_buffer("w_in", w_in[order].contiguous())
         self.register_buffer("b_in", None if b_in is None else b_in[order].contiguous())
         self.w_out = ActivationSparseLinear(w_out[:, order], b_out, 0.0)
+        self.register_buffer("norms", torch.linalg.vector_norm(w_out[:, order].float(), dim=0),
+                             persistent=False)
+        self.register_buffer("_within", torch.arange(unit_size), persistent=False)
+        self.oracle = False
 
     @property
     def k(self) -> int:
@@ -83,8 +87,15 @@ class RoutedFFN(nn.Module):
         return self.w_out(h).view(*x.shape[:-1], self.out_features)
 
     def chosen(self, x: torch.Tensor) -> torch.Tensor:
-        """The units chosen for rows ``x`` (T, d): a (T, k) index tensor."""
-        return self.router(x).topk(self.k, dim=-1).indices
+        """The units chosen for rows ``x`` (T, d): a (T, k) index tensor; the router's
+        choice, or with :attr:`oracle` set, the ``k`` of largest :meth:`mass`."""
+        scores = self.mass(x) if self.oracle else self.router(x)
+        return scores.topk(self.k, dim=-1).indices
+
+    def mass(self, x: torch.Tensor) -> torch.Tensor:
+        """Each routed unit's activation mass for rows ``x`` (..., d): (..., units), the
+        ground truth the router is trained to predict (:func:`unit_mass`)."""
+        return unit_mass(self.hidden(x).float(), self.norms, self.hot, self.unit_size)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Every neuron's value (the reader's input, stored order) for rows ``x`` (T, d)."""
@@ -106,17 +117,12 @@ class RoutedFFN(nn.Module):
         units = self.chosen(x)
         if self.k == self.units:
             h[self.hot:] = self._rows(x, self.hot, h.numel())
-        elif self.unit_size == 1:
-            idx = units + self.hot
-            w = self.w_in.index_select(0, idx)
-            z = w.view(-1, self.in_features).mv(x)
+        else:  # the chosen units' writer rows, gathered into one product
+            idx = (units[:, None] * self.unit_size + self._within).view(-1) + self.hot
+            z = self.w_in.index_select(0, idx).view(-1, self.in_features).mv(x)
             if self.b_in is not None:
                 z = z + self.b_in.index_select(0, idx).view(-1)
             h[idx] = activate(self.act, z.view(-1, self.writers))
-        else:
-            for u in units.tolist():
-                lo = self.hot + u * self.unit_size
-                h[lo:lo + self.unit_size] = self._rows(x, lo, lo + self.unit_size)
         return h
 
     def _many(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,14 +138,39 @@ class RoutedFFN(nn.Module):
                 f"units={self.units}x{self.unit_size}, k={self.k}, kept={self.kept:.1%}")
 
 
+def unit_mass(h: torch.Tensor, norms: torch.Tensor, hot: int, unit_size: int) -> torch.Tensor:
+    """The activation mass of each unit: ``sum_j |h_j| * norms_j`` over its neurons, for
+    neuron values ``h`` (..., n) stored as ``[hot | unit 0 | unit 1 | ...]`` and the norms
+    (n,) of the reader's columns; (..., units).
+
+    MoEfication scores an expert by the sum of its neurons' positive (ReLU) activations;
+    with GELU or a gated SiLU a neuron's value may be negative, so its magnitude counts,
+    and each is weighted by the norm of the column it is read through: its share of the
+    FFN output.
+    """
+    contribution = (h[..., hot:] * norms[hot:]).abs()
+    return contribution.unflatten(-1, (-1, unit_size)).sum(-1)
+
+
+def set_oracle(model: nn.Module, oracle: bool = True) -> nn.Module:
+    """Let every :class:`RoutedFFN` of ``model`` choose its units by their true
+    :meth:`~RoutedFFN.mass` (MoEfication's ground-truth selection: computing every neuron
+    first, an upper bound on what a router can reach) instead of by its router, or, with
+    ``oracle=False``, by the router again. Returns ``model``."""
+    if not isinstance(oracle, bool):
+        raise TypeError(f"oracle must be a bool, got {type(oracle).__name__}")
+    layers = _routed(model)
+    for m in layers:
+        m.oracle = oracle
+    return model
+
+
 def set_keep(model: nn.Module, keep: float) -> nn.Module:
     """Run about a ``keep`` fraction (in (0, 1]) of every :class:`RoutedFFN`'s neurons per
     token, hot neurons included: ``k = round((keep * n - hot) / unit_size)``, at least 1.
     Returns ``model``; ``ValueError`` when ``keep`` is below a layer's hot share."""
     check_fraction("keep", keep, zero=False, one=True)
-    layers = [m for m in model.modules() if isinstance(m, RoutedFFN)]
-    if not layers:
-        raise ValueError("model has no RoutedFFN modules (build them with moefy or contextual)")
+    layers = _routed(model)
     ks = [_units_for(m, keep) for m in layers]
     for m, k in zip(layers, ks, strict=True):
         m.k = k
@@ -151,3 +182,10 @@ def _units_for(layer: RoutedFFN, keep: float) -> int:
     if keep * n < layer.hot:
         raise ValueError(f"keep={keep} is below the hot neurons' share {layer.hot / n:.3f}")
     return min(layer.units, max(1, math.floor((keep * n - layer.hot) / layer.unit_size + 0.5)))
+
+
+def _routed(model: nn.Module) -> list[RoutedFFN]:
+    layers = [m for m in model.modules() if isinstance(m, RoutedFFN)]
+    if not layers:
+        raise ValueError("model has no RoutedFFN modules (build them with moefy or contextual)")
+    return layers

@@ -16,8 +16,12 @@ best run. :func:`route_heads` returns a copy of a Hugging Face LLaMA-style model
 Keys and values are computed for *every* head: a later token may pick a head this one
 skipped, and its cache must then hold this token's key and value exactly. (With grouped
 queries ``k_proj`` and ``v_proj`` are the small part: ``2 / (group size + 1)`` of the
-attention's projection bytes before ``o_proj``.) Prompts (more than one token) and batches
-run the dense attention. With every group kept the module computes the dense attention.
+attention's projection bytes before ``o_proj``.) With ``skip_kv`` they are computed for the
+chosen groups only, as Deja Vu does, and the cache holds zeros for the others at this
+position: an approximation — a later token that picks such a group sees a key of zero
+(score 0, not excluded from its softmax) and a value of zero there. Prompts (more than one
+token) and batches run the dense attention. With every group kept the module computes the
+dense attention.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ class RoutedAttention(nn.Module):
     its layout (:func:`route_heads` does).
     """
 
-    def __init__(self, attention: nn.Module, router: Router, k: int) -> None:
+    def __init__(self, attention: nn.Module, router: Router, k: int, *,
+                 skip_kv: bool = False) -> None:
         super().__init__()
         missing = [n for n in PROJECTIONS if not isinstance(getattr(attention, n, None),
                                                             nn.Linear)]
@@ -64,13 +69,15 @@ class RoutedAttention(nn.Module):
             raise ValueError(f"router scores {router.score.out_features} head groups, the "
                              f"attention has {groups} key/value heads")
         check_int("k", k, minimum=1)
+        if not isinstance(skip_kv, bool):
+            raise TypeError(f"skip_kv must be a bool, got {type(skip_kv).__name__}")
         if k > groups:
             raise ValueError(f"k must be an int in [1, {groups}], got {k!r}")
         self.dense = attention
         self.head_dim = attention.head_dim
         self.groups = groups
         self.group_size = attention.q_proj.out_features // (self.head_dim * self.groups)
-        self.router, self.k = router, k
+        self.router, self.k, self.skip_kv = router, k, skip_kv
         # o_proj's columns of one group become contiguous rows: the weight is stored
         # transposed and viewed back, so the dense path reads the same values at full speed
         o_proj = attention.o_proj
@@ -104,8 +111,11 @@ class RoutedAttention(nn.Module):
                                 None if q_b is None else q_b[g * width:(g + 1) * width])
                        for g in groups], dim=-1)
         q = q.view(1, len(groups) * self.group_size, 1, self.head_dim)
-        key = attn.k_proj(x).view(1, self.groups, 1, self.head_dim)
-        value = attn.v_proj(x).view(1, self.groups, 1, self.head_dim)
+        if self.skip_kv and len(groups) < self.groups:
+            key, value = (self._project(p, x, groups) for p in (attn.k_proj, attn.v_proj))
+        else:
+            key = attn.k_proj(x).view(1, self.groups, 1, self.head_dim)
+            value = attn.v_proj(x).view(1, self.groups, 1, self.head_dim)
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)
         q, key = _rotate(q, cos, sin), _rotate(key, cos, sin)
         if cache is not None:
@@ -124,6 +134,16 @@ class RoutedAttention(nn.Module):
             y = torch.addmm(y, out[i:i + 1], o_w[:, g * width:(g + 1) * width].t())
         return y.view_as(hidden_states), None
 
+    def _project(self, linear: nn.Linear, x: torch.Tensor, groups: list[int]) -> torch.Tensor:
+        """``linear``'s heads of ``groups`` for the row ``x``, zeros for the other heads:
+        (1, groups, 1, head_dim)."""
+        out = x.new_zeros(self.groups, self.head_dim)
+        d = self.head_dim
+        for g in groups:
+            out[g] = F.linear(x[0], linear.weight[g * d:(g + 1) * d],
+                              None if linear.bias is None else linear.bias[g * d:(g + 1) * d])
+        return out.view(1, self.groups, 1, d)
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding of ``x`` (batch, heads, tokens, head_dim)."""
@@ -133,9 +153,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def route_heads(model: nn.Module, predictors: dict[str, tuple[Router, Any]], *,
-                keep: float = 0.5) -> nn.Module:
+                keep: float = 0.5, skip_kv: bool = False) -> nn.Module:
     """A copy of ``model`` whose attentions run, at each one-token decode step, the
-    ``round(keep * groups)`` head groups (at least one) their predictor picks.
+    ``round(keep * groups)`` head groups (at least one) their predictor picks; with
+    ``skip_kv`` the keys and values of the other groups are not computed either (their
+    cache entries are zeros: see :class:`RoutedAttention`).
 
     ``predictors`` is what :func:`~sparsekit.moe.head_predictors` returns (block name →
     ``(router, quality)``); every block named must hold one LLaMA-style attention.
@@ -144,6 +166,8 @@ def route_heads(model: nn.Module, predictors: dict[str, tuple[Router, Any]], *,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_fraction("keep", keep, zero=False, one=True)
+    if not isinstance(skip_kv, bool):
+        raise TypeError(f"skip_kv must be a bool, got {type(skip_kv).__name__}")
     if not isinstance(predictors, dict) or not predictors:
         raise ValueError("predictors must be the non-empty dict head_predictors returns, got "
                          f"{type(predictors).__name__}")
@@ -165,7 +189,8 @@ def route_heads(model: nn.Module, predictors: dict[str, tuple[Router, Any]], *,
         parent, _, child = name.rpartition(".")
         attention = routed.get_submodule(name)
         groups = attention.k_proj.out_features // attention.head_dim
-        layer = RoutedAttention(attention, copy.deepcopy(router), max(1, round(keep * groups)))
+        layer = RoutedAttention(attention, copy.deepcopy(router), max(1, round(keep * groups)),
+                                skip_kv=skip_kv)
         layer.train(attention.training)
         setattr(routed.get_submodule(parent), child, layer)
     return routed

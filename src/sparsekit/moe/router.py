@@ -2,8 +2,9 @@
 
 MoEfication's expert router and Deja Vu's neuron predictor are the same thing at two
 granularities: ``x -> W2 relu(W1 x)`` with a hidden width (``rank``) far below the FFN's,
-trained as a multi-label classifier (binary cross-entropy) on the units each calibration
-token really needed: the ``k`` whose output contributions were largest. Its cost is
+trained with binary cross-entropy on what each calibration token needed: MoEfication's
+experts scored by their activation mass (soft targets in [0, 1]) or Deja Vu's 0/1 labels of
+the neurons whose output contributions were largest. Its cost is
 ``rank * (d + units)`` multiply-adds per token, a few percent of the FFN.
 """
 
@@ -33,15 +34,16 @@ class Router(nn.Module):
 
 
 def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 300,
-        lr: float = 3e-3, batch: int = 256, seed: int = 0) -> Router:
-    """Train ``router`` to predict ``labels`` (T, units; 1 where a unit was needed) from
-    FFN inputs ``x`` (T, features): Adam on minibatches of ``batch`` rows drawn with
-    ``seed``, binary cross-entropy weighted so that both classes count alike."""
+        lr: float = 3e-3, batch: int = 256, balance: bool = True, seed: int = 0) -> Router:
+    """Train ``router`` to predict ``labels`` (T, units; in [0, 1], 1 where a unit is
+    needed most) from FFN inputs ``x`` (T, features): Adam on minibatches of ``batch`` rows
+    drawn with ``seed``, binary cross-entropy; with ``balance``, weighted so that the
+    positives count as much as the rest (for sparse 0/1 labels)."""
     check_int("steps", steps, minimum=1)
     check_int("batch", batch, minimum=1)
     x, labels = x.float(), labels.float()
     positive = float(labels.mean().clamp(1e-6, 1 - 1e-6))
-    weight = torch.tensor((1 - positive) / positive)
+    weight = torch.tensor((1 - positive) / positive if balance else 1.0)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(router.parameters(), lr=lr)
     router.train()
