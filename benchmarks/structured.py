@@ -42,7 +42,7 @@ Writes benchmarks/results/structured.{json,md} (``--quick``: structured_quick.*;
 structured_llm.*).
 
     python benchmarks/structured.py            # ~10 min on 2 free cores (+ ~9 min once: training)
-    python benchmarks/structured.py --quick    # smoke run, under a minute
+    python benchmarks/structured.py --quick    # smoke run, a few minutes (compiles 8 models)
     python benchmarks/structured.py --llm      # the LLM section (~10 min; first run trains)
     python benchmarks/structured.py --llm --quick   # its smoke run, ~2 min
 """
