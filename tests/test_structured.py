@@ -352,6 +352,46 @@ def test_benchmark_quick_run(tmp_path):
     assert any("inputs)" in c for c in claims)
     assert [r["model"] for r in data["scale_rows"]][:1] == ["dense"]
     assert all(r["batch64_cl_speedup"] > 0 for r in data["rows"] + data["scale_rows"])
+    # as deployed with a compiler: a column and a check beside the eager ones
+    assert any(c.endswith("torch.compile") for c in claims)
+    assert all(r["batch64_compiled_speedup"] > 0 and r["compile_s"] > 0
+               for r in data["rows"] + data["scale_rows"])
+    # accuracy over fine-tuning seeds: every pruned row fine-tuned once per seed
+    seeds = data["setup"]["seeds"]
+    assert seeds >= 2
+    assert all(len(r["accuracies"]) == seeds for r in data["rows"][1:])
+    assert all(r["accuracy"] == pytest.approx(sum(r["accuracies"]) / seeds)
+               for r in data["rows"][1:])
+
+
+def test_benchmark_accuracy_check_compares_means_over_seeds():
+    # in a subprocess: importing the benchmark registers its criterion in CRITERIA
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    code = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from structured import accuracy_checks, seed_spread
+row = {"library": "sparsekit", "macs_vs_dense": 0.5}
+peer = {"library": "torch-pruning", "macs_vs_dense": 0.5}
+rows = [  # seed 2 alone would miss by 1.0 point; the means are 0.1 apart
+    {**row, "model": "sparsekit taylor -50%", **seed_spread([88.0, 90.0, 89.0])},
+    {**peer, "model": "torch-pruning taylor -50%", **seed_spread([89.0, 89.0, 89.3])},
+    {**row, "model": "sparsekit magnitude -50%", **seed_spread([88.0, 88.2, 88.1])},
+    {**peer, "model": "torch-pruning magnitude -50%", **seed_spread([89.0, 88.0, 89.0])},
+    {**row, "model": "sparsekit taylor -70%", **seed_spread([80.0])},  # no peer
+]
+print(json.dumps({"checks": accuracy_checks(rows), "one": seed_spread([80.0])}))
+"""
+    result = subprocess.run([sys.executable, "-c", code, str(bench)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout)
+    checks = out["checks"]
+    assert [c["ok"] for c in checks] == [True, False]
+    assert [c["value"] for c in checks] == [-0.1, -0.57]
+    assert "over 3 seeds" in checks[0]["claim"]
+    assert "89.00 ± 1.00 vs 89.10 ± 0.17" in checks[0]["claim"]
+    assert out["one"] == {"accuracy": 80.0, "accuracy_std": 0.0, "accuracies": [80.0]}
 
 
 def test_benchmark_exits_nonzero_on_a_miss(tmp_path):
