@@ -112,8 +112,8 @@ def test_bitmap_columns_round_trip_the_weight(dtype):
     linear = _pruned(2 * BITMAP_BLOCK + 3, 17, dtype)
     layer = ActivationSparseLinear.from_linear(linear, 0.1, kernel="act_bitmap_gemv")
     assert layer.values.numel() == int(linear.weight.count_nonzero())
-    assert layer.bitmap.shape == (3, 17, BITMAP_BLOCK // 16)
-    assert layer.bitmap.dtype == torch.int16 and layer.offsets.shape == (3, 18)
+    assert layer.bitmap.shape == (17, 3, BITMAP_BLOCK // 16)
+    assert layer.bitmap.dtype == torch.int16 and layer.offsets.shape == (17, 4)
     assert int(layer.offsets[0, 0]) == 0 and int(layer.offsets[-1, -1]) == layer.values.numel()
     assert torch.equal(layer.offsets[1:, 0], layer.offsets[:-1, -1])
     assert torch.equal(layer.to_dense(), linear.weight)
@@ -127,7 +127,7 @@ def test_nbytes_counts_the_bitmap_and_a_prefill_copy():
     linear = _pruned(BITMAP_BLOCK, 64, torch.bfloat16)
     layer = ActivationSparseLinear.from_linear(linear, 0.1, kernel="act_bitmap_gemv")
     nnz = int(linear.weight.count_nonzero())
-    storage = 2 * nnz + BITMAP_BLOCK * 64 // 8 + 4 * 65
+    storage = 2 * nnz + BITMAP_BLOCK * 64 // 8 + 4 * 64 * 2
     assert layer.nbytes == storage + 2 * BITMAP_BLOCK + 2 * 64  # and bias, thresholds
     assert layer.prefill_nbytes == 0
     prefill = CompiledLinear.from_linear(linear.float(), "dense")
@@ -155,6 +155,7 @@ def test_act_bitmap_gemv_rejects_hostile_arguments():
         ({"values": v.double()}, "values"), ({"values": v[:-1]}, "offsets"),
         ({"values": torch.stack([v, v])}, "values"), ({"bitmap": b.int()}, "bitmap"),
         ({"bitmap": b[:, :-1]}, "bitmap"), ({"bitmap": b[:1]}, "bitmap"),
+        ({"bitmap": b[:, :, :-1]}, "bitmap"),
         ({"offsets": o.long()}, "offsets"), ({"offsets": o[:, :-1]}, "offsets"),
         ({"offsets": o + 1}, "offsets"), ({"offsets": falling}, "offsets"),
         ({"x": x[:-1]}, "threshold"), ({"x": x.bfloat16()}, "x"),
@@ -196,3 +197,17 @@ def test_act_sparse_gemv_rejects_a_falling_colptr():
         torch.ops.sparsekit.act_sparse_gemv(
             layer.values, layer.row_indices, colptr, torch.randn(30), layer.threshold,
             layer.bias, 70, layer.block, 1)
+
+
+def test_report_shows_the_bytes_of_a_second_format():
+    from sparsekit.engine.compiled_linear import CompiledLinear
+    from sparsekit.engine.report import report
+
+    linear = _pruned(BITMAP_BLOCK, 64, torch.float32)
+    prefill = CompiledLinear.from_linear(linear, "dense")
+    layer = ActivationSparseLinear.from_linear(linear, 0.1, kernel="act_bitmap_gemv",
+                                               prefill=prefill)
+    row = {r.name: r for r in report(nn.Sequential(layer), torch.randn(2, 64)).rows}["0"]
+    assert row.extra == {"format": "activation", "bytes": layer.nbytes,
+                         "prefill bytes": layer.prefill_nbytes}
+    assert layer.prefill_nbytes >= 4 * BITMAP_BLOCK * 64

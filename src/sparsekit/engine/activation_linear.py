@@ -11,10 +11,10 @@ inputs that are left, with one of two kernels:
   and reads only those: on a 50 %-pruned weight at 50 % activation sparsity a quarter of the
   weights are touched (37.5 % of the dense bytes in float32, 50 % in bfloat16, with the
   indices), so weight sparsity and activation sparsity compound;
-- ``"act_bitmap_gemv"`` keeps the same stored weights as bitmap columns: per block of
-  :data:`BITMAP_BLOCK` outputs and input column, one bit per output and an int32 offset to
-  the column's packed values, which the kernel expands into the block's lanes (fp32 sums in
-  registers) instead of scattering them one index at a time. One bit per weight instead of a
+- ``"act_bitmap_gemv"`` keeps the same stored weights as bitmap columns: per input column and
+  block of :data:`BITMAP_BLOCK` outputs, one bit per output and an int32 offset to its packed
+  values (a column's values are one run), which the kernel expands into the lanes of their
+  outputs instead of scattering them one index at a time. One bit per weight instead of a
   2-byte index: at 50 % x 50 % it reads about half of the row-bitmap weight-only format's
   bytes, which is what makes activation sparsity pay on top of a pruned weight.
 
@@ -59,10 +59,9 @@ sums stay in L1 while a column's weights scatter into them, and a kept column is
 ~1000 stored weights at 50 % (512-output blocks ran 1.7x slower at 5632x2048, 4096 alike)."""
 
 BITMAP_BLOCK = 256
-"""Outputs per block of the bitmap columns of ``"act_bitmap_gemv"``: 256 float32 sums are the
-16 AVX-512 registers the kernel keeps them in (AVX2 keeps them in L1), and the int32 offset
-per block and column costs 1/64 byte per weight. The same on every CPU, so a saved layer
-loads anywhere."""
+"""Outputs per block of the bitmap columns of ``"act_bitmap_gemv"``: the threads own whole
+blocks, and the int32 offset per column and block costs 1/64 byte per weight. The same on
+every CPU, so a saved layer loads anywhere."""
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # inputs of both kernels; sums in float32
 _SPARSE_UP_TO = 0.75  # the weight-sparse kernels are candidates up to this weight density
@@ -117,39 +116,40 @@ def _by_column(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
 
 
 def _bitmap_columns(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
-    """``weight`` (out, in) as bitmap columns per block of ``block`` outputs: the stored values
-    (block by block, column by column, in output order), the int16 bitmap
-    (blocks, in, block / 16) whose bit ``r`` of word ``w`` marks output ``16 w + r`` of the
-    block, and int32 ``offsets`` (blocks, in + 1) of each column's first value, rising from 0
-    through every block to the number of values."""
+    """``weight`` (out, in) as bitmap columns in blocks of ``block`` outputs: the stored values
+    (column after column, each in output order, so a column is one run), the int16 bitmap
+    (in, blocks, block / 16) whose bit ``r`` of word ``w`` marks output ``16 w + r`` of the
+    block, and int32 ``offsets`` (in, blocks + 1) of each (column, block)'s first value,
+    rising from 0 through every column to the number of values."""
     out, cols = weight.shape
     blocks = -(-out // block)
     padded = weight.new_zeros(blocks * block, cols)
     padded[:out] = weight
-    by_column = padded.view(blocks, block, cols).transpose(1, 2)  # (blocks, in, block)
+    by_column = padded.view(blocks, block, cols).permute(2, 0, 1)  # (in, blocks, block)
     kept = by_column != 0
     values = by_column[kept]
     if values.numel() >= 2**31:
         raise ValueError(f"weight has {values.numel()} nonzeros; act_bitmap_gemv holds fewer "
                          "than 2^31")
     weights = torch.ones(16, dtype=torch.int32) << torch.arange(16, dtype=torch.int32)
-    words = (kept.view(blocks, cols, block // 16, 16).to(torch.int32) * weights).sum(-1)
-    ends = kept.sum(-1).view(-1).cumsum(0).to(torch.int32)  # of each (block, column)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]]).view(blocks, cols)
-    last = ends.view(blocks, cols)[:, -1:] if cols else starts.new_zeros(blocks, 1)
+    words = (kept.reshape(cols, blocks, block // 16, 16).to(torch.int32) * weights).sum(-1)
     words = torch.where(words >= 1 << 15, words - (1 << 16), words)  # read back as uint16
+    counts = kept.sum(-1, dtype=torch.int32)  # (in, blocks)
+    ends = counts.view(-1).cumsum(0, dtype=torch.int32).view(cols, blocks)
+    starts = ends - counts
+    last = ends[:, -1:] if blocks else starts.new_zeros(cols, 1)
     return (values.contiguous(), words.to(torch.int16).contiguous(),
             torch.cat([starts, last], 1).contiguous())
 
 
 def _bitmap_weight(values: torch.Tensor, bitmap: torch.Tensor, out: int) -> torch.Tensor:
     """The weight (out, in) of bitmap columns (:func:`_bitmap_columns`), zeros where pruned."""
-    blocks, cols, words = bitmap.shape
+    cols, blocks, words = bitmap.shape
     bits = (bitmap.to(torch.int32)[..., None] >> torch.arange(16, dtype=torch.int32)) & 1
-    kept = bits.view(blocks, cols, words * 16).bool()
-    by_column = values.new_zeros(blocks, cols, words * 16)
+    kept = bits.view(cols, blocks, words * 16).bool()
+    by_column = values.new_zeros(cols, blocks, words * 16)
     by_column[kept] = values
-    return by_column.transpose(1, 2).reshape(blocks * words * 16, cols)[:out].contiguous()
+    return by_column.permute(1, 2, 0).reshape(blocks * words * 16, cols)[:out].contiguous()
 
 
 class ActivationSparseLinear(nn.Module):

@@ -2,16 +2,17 @@
 // bias for one input row, where W holds only its kept (pruned-away weights are not stored)
 // values.
 //
-// W is stored in blocks of `block` consecutive outputs (a multiple of 64). For output block b
-// and input column j, bitmap[b, j] holds block / 16 words of bits (bit r of word w: output
-// 16 w + r of the block is stored), and offsets[b, j] .. offsets[b, j + 1] are the packed
-// stored values of that column, in output order. Inputs with |x_j| < threshold_j are treated
-// as zero and their columns are never read; a kept column expands its packed values into the
-// block's lanes by its bitmap (a table shuffle per 8 or 16 outputs, bitmap_core.h) and adds
-// x_j times them into the block's fp32 sums, which on AVX-512 (256 outputs) and AVX2 (64)
-// stay in registers. Against act_sparse_gemv's 2-byte row per value this reads 1 bit per
-// weight and 4 bytes per (block, column), and needs no scattered store: at 50 % weight x
-// 50 % input sparsity about half of the row-bitmap format's bytes. Values are float32,
+// W is stored by input column in blocks of `block` consecutive outputs (a multiple of 64).
+// For input column j and output block b, bitmap[j, b] holds block / 16 words of bits (bit r of
+// word w: output 16 w + r of the block is stored), and offsets[j, b] .. offsets[j, b + 1] are
+// the packed stored values of that block of the column, in output order; a column's blocks
+// follow each other, so a column is one run of values. Inputs with |x_j| < threshold_j are
+// treated as zero and their columns are never read; a kept column expands its packed values
+// into the lanes of their outputs by its bitmap (a table shuffle per 8 or 16 outputs,
+// bitmap_core.h) and adds x_j times them into fp32 sums held in L1. Against act_sparse_gemv's
+// 2-byte row per value this reads 1 bit per weight and 4 bytes per (column, block), and
+// needs no scattered store: at 50 % weight x 50 % input sparsity about half of the
+// row-bitmap format's bytes. Values are float32,
 // bfloat16 or int8 codes with float32 per-output `scales` applied once per output
 // (act_inputs.h has the dtypes of the other arguments); the result has x's dtype.
 // Registered as torch.ops.sparsekit.act_bitmap_gemv (schema in library.cpp).
@@ -48,12 +49,12 @@ at::Tensor act_bitmap_gemv(const at::Tensor& values, const at::Tensor& bitmap,
               "block must be a multiple of 64 in [64, 4096], got ", block);
   const int64_t nblocks = (out_features + block - 1) / block;
   sparsekit::check_tensor(bitmap, "bitmap", 3, at::kShort);
-  sparsekit::check_size(bitmap, "bitmap", 0, nblocks);
-  sparsekit::check_size(bitmap, "bitmap", 1, in);
+  sparsekit::check_size(bitmap, "bitmap", 0, in);
+  sparsekit::check_size(bitmap, "bitmap", 1, nblocks);
   sparsekit::check_size(bitmap, "bitmap", 2, block / 16);
   sparsekit::check_tensor(offsets, "offsets", 2, at::kInt);
-  sparsekit::check_size(offsets, "offsets", 0, nblocks);
-  sparsekit::check_size(offsets, "offsets", 1, in + 1);
+  sparsekit::check_size(offsets, "offsets", 0, in);
+  sparsekit::check_size(offsets, "offsets", 1, nblocks + 1);
   TORCH_CHECK(stored < (int64_t{1} << 31), "values must have fewer than 2^31 entries, got ",
               stored);
   sparsekit::check_offsets(offsets, "offsets", stored);

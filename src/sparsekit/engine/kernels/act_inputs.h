@@ -62,7 +62,7 @@ inline ActInputs check_act_outputs(const at::Tensor& values, const at::Tensor& x
   return ActInputs{scale, b, x.scalar_type() == at::kBFloat16, num_threads(threads)};
 }
 
-// Column offsets (blocks, in + 1) into `stored` values, read as one sequence: they must start
+// Column offsets (2-D, row after row) into `stored` values, read as one sequence: they must start
 // at 0, never fall and end at `stored`, so that every column a kernel reads lies inside the
 // values. One branch-free pass (a few microseconds for a 5632 x 2048 layer, against the
 // ~0.1 ms it multiplies); a falling offset once let a kernel read past the values' end.

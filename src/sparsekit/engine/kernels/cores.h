@@ -163,9 +163,10 @@ struct ActSparseGemvArgs {
 };
 
 // The same on a pruned W stored as bitmap columns (act_bitmap_gemv.cpp): in `nblocks` blocks of
-// `block` outputs (a multiple of 64), for each (block, input column) `block` / 16 words of bits
-// (bit r: output r of the block stored) and int32 offsets (nblocks, in + 1) to the packed
-// stored values of that column (float32, bf16 or int8 codes), `stored` in all.
+// `block` outputs (a multiple of 64), for each (input column, block) `block` / 16 words of
+// bits (bit r: output r of the block stored), bits (in, nblocks, block / 16), and int32
+// offsets (in, nblocks + 1) to its packed stored values (float32, bf16 or int8 codes),
+// column after column, `stored` in all.
 struct ActBitmapGemvArgs {
   Value value;
   const void* values;

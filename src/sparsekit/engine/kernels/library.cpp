@@ -46,9 +46,9 @@ TORCH_LIBRARY(sparsekit, m) {
   // kept weights; int16 rows within the block, read as uint16).
   m.def("act_sparse_gemv(Tensor values, Tensor rows, Tensor colptr, Tensor x, Tensor threshold, "
         "Tensor? bias, int out_features, int block, int threads, Tensor? scales=None) -> Tensor");
-  // The same with the pruned weight as bitmap columns: per block of `block` outputs (a multiple
-  // of 64) and input column, block / 16 int16 words of bits and the packed values at offsets
-  // (blocks, in + 1).
+  // The same with the pruned weight as bitmap columns: per input column and block of `block`
+  // outputs (a multiple of 64), block / 16 int16 words of bits (in, blocks, block / 16) and
+  // the packed values at int32 offsets (in, blocks + 1).
   m.def("act_bitmap_gemv(Tensor values, Tensor bitmap, Tensor offsets, Tensor x, "
         "Tensor threshold, Tensor? bias, int out_features, int block, int threads, "
         "Tensor? scales=None) -> Tensor");
