@@ -18,14 +18,12 @@ namespace sparsekit::SPARSEKIT_ISA::act {
 // more values than the offsets hold never read outside `values`.
 constexpr int64_t kOverread = 16;
 constexpr int64_t kTileOutputs = 4096;  // 16 KiB of sums stay in L1 while the columns stream
-// Kept columns added per load and store of the sums: 8 on AVX-512 (32 registers) ran
-// 1.15-1.3x faster than 4 (5632x2048 bf16 and fp32, 50 % x 50 %, one thread, Zen 5); AVX2
-// has 16 registers for the broadcasts, expansions and sums.
-#if SPARSEKIT_AVX512
-constexpr int kColumns = 8;
-#else
-constexpr int kColumns = 4;
-#endif
+// Kept columns of values T added per load and store of the sums: 8 fp32 or bf16 columns on
+// AVX-512 (32 registers) ran 1.15-1.3x faster than 4 (5632x2048, 50 % x 50 %, one thread,
+// Zen 5), but int8 ran 2x slower (its expansion needs more general registers, which then
+// spill); AVX2 has 16 vector registers for the broadcasts, expansions and sums.
+template <typename T>
+constexpr int kColumns = SPARSEKIT_AVX512 && !std::is_same_v<T, int8_t> ? 8 : 4;
 
 // sums[0:16 words) += a * the (block, column) at p with bitmap words b, reading at most
 // `count` values: the bounded path of every ISA and the whole path of the scalar one.
@@ -119,15 +117,16 @@ void bitmap_columns(const ActBitmapGemvArgs& a, const T* values, const B* bias, 
     const int64_t t1 = std::min(b1, t0 + tile);
     std::fill(sums, sums + (t1 - t0) * a.block, 0.f);
     int64_t k = 0;
-    for (; k + kColumns <= a.kept; k += kColumns) {
-      if (k + 2 * kColumns <= a.kept) {  // where the next columns start in this tile
-        for (int i = kColumns; i < 2 * kColumns; ++i) {
+    constexpr int C = kColumns<T>;
+    for (; k + C <= a.kept; k += C) {
+      if (k + 2 * C <= a.kept) {  // where the next columns start in this tile
+        for (int i = C; i < 2 * C; ++i) {
           const int64_t o = a.offsets[a.idx[k + i] * (a.nblocks + 1) + t0];
           __builtin_prefetch(values + o);
           __builtin_prefetch(a.bits + (a.idx[k + i] * a.nblocks + t0) * (a.block / 16));
         }
       }
-      add_columns<kColumns>(a, values, a.idx + k, a.val + k, t0, t1, sums);
+      add_columns<C>(a, values, a.idx + k, a.val + k, t0, t1, sums);
     }
     for (; k < a.kept; ++k) add_columns<1>(a, values, a.idx + k, a.val + k, t0, t1, sums);
     const int64_t o0 = t0 * a.block, n = std::min(t1 * a.block, a.out) - o0;
