@@ -17,13 +17,15 @@ def time_rounds(
     min_rounds: int = 3,
     max_rounds: int = 20,
     rewarm: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Milliseconds per call of each function in every round, timed round-robin in
     ~``block_s`` blocks.
 
     Functions take turns, so a change in machine load hits all of them alike: round ``i``
     of two functions was measured side by side. With ``rewarm`` each block starts with
-    one untimed call (the function's data back in cache).
+    one untimed call (the function's data back in cache). ``clock`` reads the time (e.g.
+    ``time.thread_time``: the calling thread's CPU time, blind to other processes' load).
     """
     reps = {}
     for name, fn in fns.items():
@@ -37,10 +39,10 @@ def time_rounds(
         for name, fn in fns.items():
             if rewarm:
                 fn()
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(reps[name]):
                 fn()
-            rounds[name].append((time.perf_counter() - t0) / reps[name] * 1e3)
+            rounds[name].append((clock() - t0) / reps[name] * 1e3)
         if rnd >= min_rounds - 1 and time.perf_counter() - start > budget_s:
             break
     return rounds

@@ -9,8 +9,10 @@
     ``llm_pruning.train_llama``, cached under benchmarks/cache/): validation perplexity against
     model-wide activation sparsity for TEAL, WINA and CATS with uniform and greedy allocation.
 (k) With --kernels: the activation-sparse kernels alone at the 2048/5632 LLaMA's layer shapes
-    (bf16 and int8 values, 50 and 70 % pruned, TEAL 50 %), one row and one thread on every
-    vector ISA of the CPU, interleaved with the dense peers, in ms and % of their bytes' floor.
+    and 11008x4096 (fp32, bf16 and int8 values, 50 and 70 % pruned, TEAL 50 %), one row, one
+    thread (CPU time) and two (wall time), on every vector ISA of the CPU, interleaved with
+    the dense peer and the row-bitmap weight-only kernel of the same values, in ms and % of
+    their bytes' floor.
 (c) Batch-1 decode tokens/s (KV cache, one ``model(...)`` per token) of the dense model, TEAL
     50% (``sparsekit.compile(model, activation_sparsity=...)``), 50% magnitude weight sparsity
     (``sparsekit.compile`` of the pruned model) and both, timed interleaved. On the trained
@@ -106,107 +108,152 @@ def layer_rows(quick: bool) -> list[dict]:
 
 # -- (k) the kernels alone, against their bytes ----------------------------------------
 
-KERNEL_SHAPES = ((2048, 2048), (5632, 2048), (2048, 5632))  # q/k/v/o, gate/up, down (2048/5632)
+KERNEL_SHAPES = ((2048, 2048), (5632, 2048), (2048, 5632), (11008, 4096))
+"""q/k/v/o, gate/up and down of the 2048/5632 LLaMA, and a LLaMA-7B MLP projection."""
 STREAM_BYTES = 160e6  # weights cycled per timed function: more than an L3, so calls stream
+KERNEL_VALUES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+"""Stored values -> the dtype of x (int8 codes take float32 inputs)."""
+CLOCKS = {1: time.thread_time, 2: time.perf_counter}
+"""Threads -> clock: one thread in its own CPU time (load on the other core does not count),
+two threads in wall time (what a caller waits for)."""
 
 
-def stream_gb_s(budget_s: float) -> float:
-    """Read bandwidth (GB/s) of one thread summing STREAM_BYTES of float32: the floor's rate."""
+def stream_gb_s(budget_s: float, clock=time.perf_counter) -> float:  # type: ignore[no-untyped-def]
+    """Read bandwidth (GB/s) of torch's threads summing STREAM_BYTES of float32 (``clock``
+    times it): the floor's rate at the current thread count."""
     data = torch.ones(int(STREAM_BYTES // 4))
-    return STREAM_BYTES / (time_ms({"sum": data.sum}, budget_s)["sum"] * 1e6)
+    return STREAM_BYTES / (time_ms({"sum": data.sum}, budget_s, clock=clock)["sum"] * 1e6)
 
 
-def _cycled(tensors: list[torch.Tensor]):  # type: ignore[no-untyped-def]
-    """A function returning the tensors in turn (each call reads a weight not in cache)."""
+def _cycled(tensors: list):  # type: ignore[no-untyped-def]
+    """A function returning the items in turn (each call reads a weight not in cache)."""
     state = {"i": 0}
 
-    def nxt() -> torch.Tensor:
+    def nxt():  # type: ignore[no-untyped-def]
         state["i"] = (state["i"] + 1) % len(tensors)
         return tensors[state["i"]]
     return nxt
 
 
-def kernel_row(out: int, cols: int, value: str, pruned: float, gb_s: float,
+def _copies(nbytes: int) -> int:
+    return int(STREAM_BYTES // max(nbytes, 1)) + 2
+
+
+def kernel_row(out: int, cols: int, value: str, pruned: float, threads: int, gb_s: float,
                budget_s: float) -> dict:
-    """One layer at weight sparsity ``pruned`` and 50 % input sparsity, one thread: ms per
-    call of the dense peers (``F.linear`` in bf16, sparsekit's ``dense_linear``) and of both
-    activation-sparse kernels, timed interleaved on weights cycled through enough copies to
-    stream from memory, with each one's floor (its own bytes at ``gb_s``)."""
+    """One layer at weight sparsity ``pruned`` and 50 % input sparsity on ``threads``
+    threads (:data:`CLOCKS` says how each is timed): ms per call of the dense peer of the
+    same values (``F.linear`` for fp32, sparsekit's ``dense_linear`` for bf16 and int8),
+    the row-bitmap weight-only kernel (``bitmap_linear``) and the activation-sparse kernels
+    (``act_gemv`` on the transposed dense weight, ``act_sparse_gemv`` and ``act_bitmap_gemv``
+    on the pruned one), timed interleaved on weights cycled through enough copies to stream
+    from memory, each with its floor (its own bytes at ``gb_s``)."""
+    import importlib
+
     from sparsekit.engine.activation_linear import ActivationSparseLinear
     from sparsekit.quantize import quantize_int8
 
+    value_op = importlib.import_module("kernels").value_op  # benchmarks/kernels.py
     g = torch.Generator().manual_seed(out + cols)
     w = torch.randn(out, cols, generator=g)
     w[torch.rand(out, cols, generator=g) < pruned] = 0
-    x = torch.randn(cols, generator=g)
-    threshold = x.abs().median().expand(cols).contiguous()  # TEAL 50 %
-    kept = x.abs() >= threshold
+    xdtype = KERNEL_VALUES[value]
+    x = torch.randn(cols, generator=g).to(xdtype)
+    threshold = x.float().abs().median().expand(cols).contiguous().to(xdtype)  # TEAL 50 %
+    kept = x.float().abs() >= threshold.float()
     if value == "int8":
         stored, scales = quantize_int8(w)
     else:
-        stored, scales, x, threshold = w.bfloat16(), None, x.bfloat16(), threshold.bfloat16()
-    size = stored.element_size()
-    copies = int(STREAM_BYTES // (stored.numel() * size)) + 2
-    ops = torch.ops.sparsekit
+        stored, scales = w.to(xdtype), None
+    size, ops, row2d = stored.element_size(), torch.ops.sparsekit, x.view(1, -1)
+    copies = _copies(stored.numel() * size)
     dense = _cycled([stored.clone() for _ in range(copies)])
     wt = _cycled([stored.t().contiguous() for _ in range(copies)])
-    sparse = _cycled([ActivationSparseLinear(stored, None, threshold, kernel="act_sparse_gemv",
-                                             scales=scales, dtype=x.dtype, threads=1)
-                      for _ in range(copies)])
-    row2d = x.view(1, -1)
-    fns = {"dense_linear": lambda: ops.dense_linear(dense(), row2d, None, cols, 1, scales),
-           "act_gemv": lambda: ops.act_gemv(wt(), x, threshold, None, 1, scales),
-           "act_sparse_gemv": lambda: sparse()(x)}
-    if value == "bf16":
-        fns["F.linear"] = lambda: F.linear(row2d, dense())
+    bitmap, bitmap_bytes = value_op("bitmap", value, w)
+    layers = {k: [ActivationSparseLinear(stored, None, threshold, kernel=k, scales=scales,
+                                         dtype=xdtype, threads=threads)
+                  for _ in range(_copies(stored_bytes(stored, scales)))]
+              for k in ("act_sparse_gemv", "act_bitmap_gemv")}
+    sparse, bits = _cycled(layers["act_sparse_gemv"]), _cycled(layers["act_bitmap_gemv"])
+    first = layers["act_bitmap_gemv"][0]
+    fns = {
+        "dense": (lambda: F.linear(row2d, dense())) if value == "fp32"
+        else (lambda: ops.dense_linear(dense(), row2d, None, cols, threads, scales)),
+        "bitmap_linear": lambda: bitmap(row2d),
+        "act_gemv": lambda: ops.act_gemv(wt(), x, threshold, None, threads, scales),
+        "act_sparse_gemv": lambda: sparse()(x),
+        "act_bitmap_gemv": lambda: bits()(x),
+    }
     stored_kept = int((w[:, kept] != 0).sum())
-    floor_bytes = {"dense_linear": stored.numel() * size, "F.linear": stored.numel() * size,
-                   "act_gemv": int(kept.sum()) * out * size,
-                   "act_sparse_gemv": stored_kept * (size + 2)}  # + uint16 row per weight
-    ms = time_ms(fns, budget_s)
+    blocks = -(-out // first.block)
+    n_kept = int(kept.sum())
+    floor_bytes = {
+        "dense": stored.numel() * size, "bitmap_linear": bitmap_bytes,
+        "act_gemv": n_kept * out * size,
+        "act_sparse_gemv": stored_kept * (size + 2) + n_kept * -(-out // 2048) * 4,
+        "act_bitmap_gemv": stored_kept * size + n_kept * blocks * (first.block // 8 + 4),
+    }
+    ms = time_ms(fns, budget_s, clock=CLOCKS[threads])
     floor = {k: floor_bytes[k] / (gb_s * 1e6) for k in ms}
-    return {"shape": [out, cols], "values": value, "pruned": pruned, "ms": ms,
-            "floor_ms": floor, "pct_floor": {k: 100 * floor[k] / ms[k] for k in ms},
-            "x_dense": {k: ms["dense_linear"] / ms[k] for k in ms}}
+    return {"shape": [out, cols], "values": value, "pruned": pruned, "threads": threads,
+            "clock": CLOCKS[threads].__name__, "ms": ms, "floor_ms": floor,
+            "pct_floor": {k: 100 * floor[k] / ms[k] for k in ms},
+            "x_dense": {k: ms["dense"] / ms[k] for k in ms},
+            "x_bitmap": {k: ms["bitmap_linear"] / ms[k] for k in ms}}
 
 
-def kernel_rows(quick: bool) -> tuple[list[dict], float]:
-    """(k) every real layer shape x {bf16, int8 (float inputs)} x weight sparsity {50, 70} %
-    on every vector ISA of this CPU, one thread; and the measured stream bandwidth."""
+def stored_bytes(stored: torch.Tensor, scales: torch.Tensor | None) -> int:
+    """Bytes of a weight's values (and int8 scales) at its density: a pruned layer's size."""
+    nbytes = int(stored.count_nonzero()) * stored.element_size()
+    return nbytes + (0 if scales is None else scales.numel() * 4)
+
+
+def kernel_rows(quick: bool) -> tuple[list[dict], dict[int, float]]:
+    """(k) every real layer shape x {fp32, bf16, int8 (float inputs)} x weight sparsity
+    {50, 70} % on every vector ISA of this CPU, one thread (CPU time) and two (wall); and the
+    stream bandwidth measured at each thread count."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    budget = 0.3 if quick else 1.5
+    budget = 0.2 if quick else 1.0
+    rows, gb_s = [], {}
     try:
-        gb_s = stream_gb_s(budget)
-        rows = []
-        for isa in [i for i in kernels.isas() if i != "scalar"]:
-            with kernels.use_isa(isa):
-                for out, cols in KERNEL_SHAPES[:1 if quick else None]:
-                    for value in ("bf16", "int8"):
-                        for pruned in (0.5, 0.7):
-                            row = {"isa": isa, **kernel_row(out, cols, value, pruned, gb_s,
-                                                            budget)}
-                            print(f"  {isa} {out}x{cols} {value} {pruned:.0%}: " + ", ".join(
-                                f"{k} {v:.3f} ms ({row['pct_floor'][k]:.0f} % floor)"
-                                for k, v in row["ms"].items()), flush=True)
-                            rows.append(row)
+        for t in CLOCKS:
+            torch.set_num_threads(t)
+            gb_s[t] = stream_gb_s(budget, CLOCKS[t])
+            for isa in [i for i in kernels.isas() if i != "scalar"]:
+                with kernels.use_isa(isa):
+                    for out, cols in KERNEL_SHAPES[:1 if quick else None]:
+                        for value in KERNEL_VALUES:
+                            for pruned in (0.5, 0.7):
+                                row = {"isa": isa, **kernel_row(out, cols, value, pruned, t,
+                                                                gb_s[t], budget)}
+                                print(f"  {isa} {t}T {out}x{cols} {value} {pruned:.0%}: "
+                                      + ", ".join(f"{k} {v:.3f} ms "
+                                                  f"({row['pct_floor'][k]:.0f} % floor)"
+                                                  for k, v in row["ms"].items()), flush=True)
+                                rows.append(row)
         return rows, gb_s
     finally:
         torch.set_num_threads(threads)
 
 
-def kernels_markdown(rows: list[dict], gb_s: float) -> list[str]:
-    lines = ["## (k) Activation-sparse kernels against their bytes (TEAL 50 %, one row, one "
-             "thread)", "", f"Floor: the kernel's own bytes at {gb_s:.1f} GB/s (one thread "
-             "summing float32 from memory); weights cycle through copies larger than the L3.",
-             "", "| ISA | shape | values | weights pruned | kernel | ms | floor ms | % of floor "
-             "| vs dense_linear |",
-             "| :--- | :--- | :--- | ---: | :--- | ---: | ---: | ---: | ---: |"]
+def kernels_markdown(rows: list[dict], gb_s: dict[int, float]) -> list[str]:
+    rates = ", ".join(f"{gb:.1f} GB/s at {t} thread{'s' * (t > 1)}" for t, gb in gb_s.items())
+    lines = ["## (k) Activation-sparse kernels against their bytes (TEAL 50 %, one row)", "",
+             f"Floor: the kernel's own bytes at the stream rate of torch summing float32 from "
+             f"memory at the same thread count ({rates}); weights cycle through copies larger "
+             "than the L3. One thread is timed in its CPU time (`time.thread_time`), two in "
+             "wall time. `dense` is the dense peer of the same values (`F.linear` for fp32, "
+             "`dense_linear` for bf16 and int8), `bitmap_linear` the row-bitmap weight-only "
+             "kernel.", "",
+             "| ISA | threads | shape | values | pruned | kernel | ms | floor ms | % of floor "
+             "| vs dense | vs bitmap_linear |",
+             "| :--- | ---: | :--- | :--- | ---: | :--- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         for k, v in r["ms"].items():
-            lines.append(f"| {r['isa']} | {r['shape'][0]}x{r['shape'][1]} | {r['values']} | "
-                         f"{r['pruned']:.0%} | {k} | {v:.3f} | {r['floor_ms'][k]:.3f} | "
-                         f"{r['pct_floor'][k]:.0f} % | {r['x_dense'][k]:.2f}x |")
+            lines.append(f"| {r['isa']} | {r['threads']} | {r['shape'][0]}x{r['shape'][1]} | "
+                         f"{r['values']} | {r['pruned']:.0%} | {k} | {v:.3f} | "
+                         f"{r['floor_ms'][k]:.3f} | {r['pct_floor'][k]:.0f} % | "
+                         f"{r['x_dense'][k]:.2f}x | {r['x_bitmap'][k]:.2f}x |")
     return [*lines, ""]
 
 
@@ -462,7 +509,8 @@ def kernels_main(quick: bool) -> int:
                         f"{' '.join(machine[1])})", "", *kernels_markdown(rows, gb_s)])
     print(report)
     return conclude([], {
-        RESULTS / f"{name}.json": {"cpu": machine[0], "flags": machine[1], "stream_gb_s": gb_s,
+        RESULTS / f"{name}.json": {"cpu": machine[0], "flags": machine[1],
+                                   "stream_gb_s": {str(t): v for t, v in gb_s.items()},
                                    "rows": rows},
         RESULTS / f"{name}.md": report}, no_check=True)
 

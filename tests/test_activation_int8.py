@@ -115,6 +115,13 @@ def test_bad_storage_arguments_name_the_parameter():
         ActivationSparseLinear.from_linear(nn.Linear(8, 4), 0.1, value_dtype=torch.float16)
 
 
+def _stored(layer: ActivationSparseLinear) -> tuple[torch.Tensor, ...]:
+    """The stored-weight tensors a weight-sparse kernel takes first."""
+    if layer.kernel == "act_sparse_gemv":
+        return layer.values, layer.row_indices, layer.colptr
+    return layer.values, layer.bitmap, layer.offsets
+
+
 @pytest.mark.skipif(not _isas(), reason="compiled kernels unavailable")
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_int8_ops_reject_hostile_scales_and_inputs(kernel):
@@ -127,7 +134,7 @@ def test_int8_ops_reject_hostile_scales_and_inputs(kernel):
             return op(layer.weight_t, x, t, b, 1, s)
     else:
         def call(x=x, t=t, b=b, s=s):
-            return op(layer.values, layer.row_indices, layer.colptr, x, t, b, 70, BLOCK, 1, s)
+            return op(*_stored(layer), x, t, b, 70, layer.block, 1, s)
     call()  # the good call runs
     assert call(x=x.bfloat16(), t=t.bfloat16(), b=b.bfloat16()).dtype == torch.bfloat16
     cases = [({"s": None}, "scales"), ({"s": s[:-1]}, "scales"), ({"s": s.double()}, "scales"),
@@ -143,7 +150,7 @@ def test_int8_ops_reject_hostile_scales_and_inputs(kernel):
         if kernel == "act_gemv":
             op(stored, x, t, b, 1, s)
         else:
-            op(stored, float_layer.row_indices, float_layer.colptr, x, t, b, 70, BLOCK, 1, s)
+            op(*_stored(float_layer), x, t, b, 70, float_layer.block, 1, s)
 
 
 @pytest.mark.skipif(not _isas(), reason="compiled kernels unavailable")

@@ -10,7 +10,13 @@ inputs that are left, with one of two kernels:
   :data:`BLOCK` outputs (uint16 row indices within the block; the threads own whole blocks),
   and reads only those: on a 50 %-pruned weight at 50 % activation sparsity a quarter of the
   weights are touched (37.5 % of the dense bytes in float32, 50 % in bfloat16, with the
-  indices), so weight sparsity and activation sparsity compound.
+  indices), so weight sparsity and activation sparsity compound;
+- ``"act_bitmap_gemv"`` keeps the same stored weights as bitmap columns: per input column and
+  block of :data:`BITMAP_BLOCK` outputs, one bit per output and an int32 offset to its packed
+  values (a column's values are one run), which the kernel expands into the lanes of their
+  outputs instead of scattering them one index at a time. One bit per weight instead of a
+  2-byte index: at 50 % x 50 % it reads about half of the row-bitmap weight-only format's
+  bytes, which is what makes activation sparsity pay on top of a pruned weight.
 
 The stored weights are float32 or bfloat16 (inputs of the same dtype), or int8 codes with one
 float32 scale per output row (``scales``; inputs float32 or bfloat16, the layer's ``dtype``):
@@ -41,18 +47,25 @@ from sparsekit.engine import autotune, kernels
 from sparsekit.engine.compiled_linear import dense_linear
 from sparsekit.quantize import attach_scales, attached_scales, dequantize_int8, quantize_int8
 
-__all__ = ["BLOCK", "KERNELS", "ActivationSparseLinear", "sparsify_input"]
+__all__ = ["BITMAP_BLOCK", "BLOCK", "KERNELS", "ActivationSparseLinear", "sparsify_input"]
 
-KERNELS = ("act_gemv", "act_sparse_gemv")
-"""The single-row kernels: on the transposed dense weight, or on its stored weights only."""
+KERNELS = ("act_gemv", "act_sparse_gemv", "act_bitmap_gemv")
+"""The single-row kernels: on the transposed dense weight, or on its stored weights only (with
+a row index per weight, or as bitmap columns)."""
 
 BLOCK = 2048
 """Outputs per block of the column-stored weight of ``"act_sparse_gemv"``: 8 KiB of float32
 sums stay in L1 while a column's weights scatter into them, and a kept column is a run of
 ~1000 stored weights at 50 % (512-output blocks ran 1.7x slower at 5632x2048, 4096 alike)."""
 
+BITMAP_BLOCK = 256
+"""Outputs per block of the bitmap columns of ``"act_bitmap_gemv"``: the threads own whole
+blocks, and the int32 offset per column and block costs 1/64 byte per weight. The same on
+every CPU, so a saved layer loads anywhere."""
+
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # inputs of both kernels; sums in float32
-_SPARSE_UP_TO = 0.75  # "act_sparse_gemv" is a candidate up to this weight density
+_SPARSE_UP_TO = 0.75  # the weight-sparse kernels are candidates up to this weight density
+_SPARSE_KERNELS = KERNELS[1:]
 
 
 def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -102,6 +115,43 @@ def _by_column(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
             else torch.zeros(0, cols + 1, dtype=torch.int32))
 
 
+def _bitmap_columns(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
+    """``weight`` (out, in) as bitmap columns in blocks of ``block`` outputs: the stored values
+    (column after column, each in output order, so a column is one run), the int16 bitmap
+    (in, blocks, block / 16) whose bit ``r`` of word ``w`` marks output ``16 w + r`` of the
+    block, and int32 ``offsets`` (in, blocks + 1) of each (column, block)'s first value,
+    rising from 0 through every column to the number of values."""
+    out, cols = weight.shape
+    blocks = -(-out // block)
+    padded = weight.new_zeros(blocks * block, cols)
+    padded[:out] = weight
+    by_column = padded.view(blocks, block, cols).permute(2, 0, 1)  # (in, blocks, block)
+    kept = by_column != 0
+    values = by_column[kept]
+    if values.numel() >= 2**31:
+        raise ValueError(f"weight has {values.numel()} nonzeros; act_bitmap_gemv holds fewer "
+                         "than 2^31")
+    weights = torch.ones(16, dtype=torch.int32) << torch.arange(16, dtype=torch.int32)
+    words = (kept.reshape(cols, blocks, block // 16, 16).to(torch.int32) * weights).sum(-1)
+    words = torch.where(words >= 1 << 15, words - (1 << 16), words)  # read back as uint16
+    counts = kept.sum(-1, dtype=torch.int32)  # (in, blocks)
+    ends = counts.view(-1).cumsum(0, dtype=torch.int32).view(cols, blocks)
+    starts = ends - counts
+    last = ends[:, -1:] if blocks else starts.new_zeros(cols, 1)
+    return (values.contiguous(), words.to(torch.int16).contiguous(),
+            torch.cat([starts, last], 1).contiguous())
+
+
+def _bitmap_weight(values: torch.Tensor, bitmap: torch.Tensor, out: int) -> torch.Tensor:
+    """The weight (out, in) of bitmap columns (:func:`_bitmap_columns`), zeros where pruned."""
+    cols, blocks, words = bitmap.shape
+    bits = (bitmap.to(torch.int32)[..., None] >> torch.arange(16, dtype=torch.int32)) & 1
+    kept = bits.view(cols, blocks, words * 16).bool()
+    by_column = values.new_zeros(cols, blocks, words * 16)
+    by_column[kept] = values
+    return by_column.permute(1, 2, 0).reshape(blocks * words * 16, cols)[:out].contiguous()
+
+
 class ActivationSparseLinear(nn.Module):
     """``y = sparsify_input(x, threshold) @ W.T + bias``, reading only the weights it needs.
 
@@ -145,13 +195,18 @@ class ActivationSparseLinear(nn.Module):
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if prefill is not None and not isinstance(prefill, nn.Module):
             raise TypeError(f"prefill must be an nn.Module or None, got {type(prefill).__name__}")
-        self.threads, self.kernel, self.block, self.dtype = threads, kernel, BLOCK, dtype
+        self.threads, self.kernel, self.dtype = threads, kernel, dtype
+        self.block = BITMAP_BLOCK if kernel == "act_bitmap_gemv" else BLOCK
         weight = weight.detach()
         if kernel == "act_gemv":
             self.register_buffer("weight_t", weight.t().contiguous())
-        else:
+        elif kernel == "act_sparse_gemv":
             for name, tensor in zip(("values", "row_indices", "colptr"),
                                     _by_column(weight, BLOCK), strict=True):
+                self.register_buffer(name, tensor)
+        else:
+            for name, tensor in zip(("values", "bitmap", "offsets"),
+                                    _bitmap_columns(weight, BITMAP_BLOCK), strict=True):
                 self.register_buffer(name, tensor)
         self.register_buffer("scales", None if scales is None
                              else scales.detach().to(torch.float32).contiguous())
@@ -202,13 +257,14 @@ class ActivationSparseLinear(nn.Module):
         value_dtype: torch.dtype | None = None,
         inputs: torch.Tensor | None = None,
     ) -> tuple[ActivationSparseLinear, dict[str, object] | None]:
-        """The layer with the faster single-row kernel for ``linear``'s weight, and the
+        """The layer with the fastest single-row kernel for ``linear``'s weight, and the
         record of the choice (``None`` when there was nothing to time).
 
-        ``"act_sparse_gemv"`` is timed against ``"act_gemv"`` (the ``"dense"`` of the
-        :func:`~sparsekit.engine.autotune.choose` record) only for a weight of density at
-        most 75 % and dtype float32 or bfloat16 with the kernels built; it is taken only if
-        it wins by :data:`~sparsekit.engine.autotune.MARGIN`, as a format replaces dense.
+        The weight-sparse kernels (``"act_sparse_gemv"``, ``"act_bitmap_gemv"``) are timed
+        against ``"act_gemv"`` (the ``"dense"`` of the :func:`~sparsekit.engine.autotune.choose`
+        record) only for a weight of density at most 75 % and dtype float32 or bfloat16 with
+        the kernels built; one is taken only if it wins by
+        :data:`~sparsekit.engine.autotune.MARGIN`, as a format replaces dense.
         A dense ``prefill`` next to ``"act_gemv"`` is a second copy of the weight: it is
         dropped (``"single_copy"`` in the record) where the transposed copy multiplies the
         ``rows`` above 1 no slower in the median at every row count. Both kernels store
@@ -221,10 +277,10 @@ class ActivationSparseLinear(nn.Module):
         weight, choice = linear.weight, None
         if (weight.dtype in _KERNEL_DTYPES and weight.is_cpu and kernels.available()
                 and weight.count_nonzero() <= _SPARSE_UP_TO * weight.numel()):
-            sparse = build(kernel="act_sparse_gemv", prefill=prefill)
-            modules = {"dense": dense, "act_sparse_gemv": sparse}
+            modules = {"dense": dense, **{k: build(kernel=k, prefill=prefill)
+                                          for k in _SPARSE_KERNELS}}
             best, choice = autotune.choose(_measure(modules, weight, [1], inputs),
-                                           ["dense", "act_sparse_gemv"])
+                                           ["dense", *_SPARSE_KERNELS])
             choice["format"] = best.replace("dense", "act_gemv")
             if best != "dense":
                 return modules[best], choice
@@ -277,6 +333,11 @@ class ActivationSparseLinear(nn.Module):
                     self.weight_t, x.contiguous(), self.threshold, self.bias, threads,
                     self.scales,
                 )
+            if self.kernel == "act_bitmap_gemv":
+                return torch.ops.sparsekit.act_bitmap_gemv(
+                    self.values, self.bitmap, self.offsets, x.contiguous(), self.threshold,
+                    self.bias, self.out_features, self.block, threads, self.scales,
+                )
             return torch.ops.sparsekit.act_sparse_gemv(
                 self.values, self.row_indices, self.colptr, x.contiguous(), self.threshold,
                 self.bias, self.out_features, self.block, threads, self.scales,
@@ -317,6 +378,8 @@ class ActivationSparseLinear(nn.Module):
         for an int8 layer its codes (``W = codes * scales[:, None]``)."""
         if self.kernel == "act_gemv":
             return self.weight_t.t().contiguous()
+        if self.kernel == "act_bitmap_gemv":
+            return _bitmap_weight(self.values, self.bitmap, self.out_features)
         weight = self.values.new_zeros(self.out_features, self.in_features)
         per_block = self.colptr.diff(dim=1).to(torch.int64)  # (blocks, in): stored per column
         blocks = torch.arange(per_block.shape[0], device=per_block.device)
@@ -326,6 +389,22 @@ class ActivationSparseLinear(nn.Module):
         rows = self.row_indices.to(torch.int64) & 0xFFFF  # uint16 stored as int16
         weight[block_of * self.block + rows, col_of] = self.values
         return weight
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the single-row storage (weights, indices, scales, bias, thresholds)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values()
+                   if b is not None)
+
+    @property
+    def prefill_nbytes(self) -> int:
+        """Bytes of the ``prefill`` module's own copy of the weight (0 without one): what
+        serving the prompt rows at the weight-only format's speed costs on top of
+        :attr:`nbytes`."""
+        if self.prefill is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in
+                   (*self.prefill.parameters(), *self.prefill.buffers()))
 
     def to_module(self) -> nn.Linear:
         """The ``nn.Linear`` this layer was built from (without the input thresholds); an

@@ -123,7 +123,8 @@ def compile(
     calibrated in ``activation_sparsity`` (:func:`sparsekit.activation.calibrate`) become
     :class:`ActivationSparseLinear` where that is faster than their best weight-only
     format: each such layer is compiled as any other, then given the faster single-row
-    kernel (``act_gemv``, or ``act_sparse_gemv`` on a pruned weight; int8 values where the
+    kernel (``act_gemv``, or on a pruned weight ``act_bitmap_gemv`` or ``act_sparse_gemv``,
+    each only where it beats ``act_gemv`` by the margin; int8 values where the
     weight-only formats hold int8) with the compiled layer as its multi-row path, and the
     two are timed against each other on the layer's observed inputs. The activation-sparse
     layer is taken only if it wins at one row (decoding) by

@@ -35,7 +35,9 @@ def report(
     buffers), and from ``model.sparsekit_choices`` ``ms dense``, ``ms sparse``, ``speedup``
     and ``quant err`` (the relative output error of the stored values against the layer's
     own weights, measured by :func:`~sparsekit.engine.compile`);
-    :class:`ActivationSparseLinear` layers as ``Linear`` rows of format ``"activation"``.
+    :class:`ActivationSparseLinear` layers as ``Linear`` rows of format ``"activation"``;
+    one holding a second format for several rows (its ``prefill``) also shows ``bytes`` (its
+    single-row storage) and ``prefill bytes`` (what the second format costs on top).
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -79,6 +81,8 @@ def _special_row(
         kind = "Conv2d" if isinstance(module, CompiledConv2d) else "Linear"
     else:
         nonzeros, extra = int(torch.count_nonzero(module.to_dense())), {"format": "activation"}
+        if module.prefill is not None:  # a second copy of the weight serves the prompt rows
+            extra.update({"bytes": module.nbytes, "prefill bytes": module.prefill_nbytes})
         kind = "Linear"
     layer_macs = params if one_row and kind == "Linear" else macs.get(name)
     dense = None if layer_macs is None else 2 * layer_macs

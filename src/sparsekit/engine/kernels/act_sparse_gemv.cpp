@@ -49,12 +49,7 @@ at::Tensor act_sparse_gemv(const at::Tensor& values, const at::Tensor& rows,
   sparsekit::check_size(colptr, "colptr", 1, in + 1);
   TORCH_CHECK(nnz < (int64_t{1} << 31), "values must have fewer than 2^31 entries, got ", nnz);
   const int32_t* ptr = colptr.data_ptr<int32_t>();
-  if (nblocks > 0) {
-    TORCH_CHECK(ptr[0] == 0 && ptr[nblocks * (in + 1) - 1] == nnz, "colptr must rise from 0 to ",
-                nnz, ", got ", ptr[0], " .. ", ptr[nblocks * (in + 1) - 1]);
-  } else {
-    TORCH_CHECK(nnz == 0, "values must be empty when out_features is 0, got ", nnz);
-  }
+  sparsekit::check_offsets(colptr, "colptr", nnz);
   const auto a = sparsekit::check_act_outputs(values, x, bias, scales, out_features, threads);
   std::vector<int32_t> idx;
   std::vector<float> val;

@@ -162,6 +162,27 @@ struct ActSparseGemvArgs {
   int threads;
 };
 
+// The same on a pruned W stored as bitmap columns (act_bitmap_gemv.cpp): in `nblocks` blocks of
+// `block` outputs (a multiple of 64), for each (input column, block) `block` / 16 words of
+// bits (bit r: output r of the block stored), bits (in, nblocks, block / 16), and int32
+// offsets (in, nblocks + 1) to its packed stored values (float32, bf16 or int8 codes),
+// column after column, `stored` in all.
+struct ActBitmapGemvArgs {
+  Value value;
+  const void* values;
+  const uint16_t* bits;
+  const int32_t* offsets;
+  int64_t in, out, block, nblocks, stored;
+  const float* scale;
+  const void* bias;
+  bool bias_bf16;
+  const int32_t* idx;
+  const float* val;
+  int64_t kept;
+  float* y;
+  int threads;
+};
+
 // The entry points of one instruction set.
 struct Cores {
   const char* isa;  // "scalar", "avx2" or "avx512"
@@ -175,6 +196,7 @@ struct Cores {
   void (*sddmm)(const SddmmArgs&);
   void (*act_gemv)(const ActGemvArgs&);
   void (*act_sparse_gemv)(const ActSparseGemvArgs&);
+  void (*act_bitmap_gemv)(const ActBitmapGemvArgs&);
 };
 
 namespace scalar {

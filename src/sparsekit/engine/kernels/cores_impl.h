@@ -24,13 +24,14 @@
 #include "spmm_train_core.h"
 #include "act_gemv_core.h"
 #include "act_sparse_gemv_core.h"
+#include "act_bitmap_gemv_core.h"
 
 namespace sparsekit::SPARSEKIT_ISA {
 
 extern const Cores kCores;
 const Cores kCores = {SPARSEKIT_NAME(SPARSEKIT_ISA), &csr_linear, &bitmap_linear, &nm_linear,
                       &bsr_linear, &fanin_linear, &dense_linear, &spmm_rows, &sddmm,
-                      &act_gemv, &act_sparse_gemv};
+                      &act_gemv, &act_sparse_gemv, &act_bitmap_gemv};
 
 }  // namespace sparsekit::SPARSEKIT_ISA
 

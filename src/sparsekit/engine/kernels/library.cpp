@@ -46,6 +46,12 @@ TORCH_LIBRARY(sparsekit, m) {
   // kept weights; int16 rows within the block, read as uint16).
   m.def("act_sparse_gemv(Tensor values, Tensor rows, Tensor colptr, Tensor x, Tensor threshold, "
         "Tensor? bias, int out_features, int block, int threads, Tensor? scales=None) -> Tensor");
+  // The same with the pruned weight as bitmap columns: per input column and block of `block`
+  // outputs (a multiple of 64), block / 16 int16 words of bits (in, blocks, block / 16) and
+  // the packed values at int32 offsets (in, blocks + 1).
+  m.def("act_bitmap_gemv(Tensor values, Tensor bitmap, Tensor offsets, Tensor x, "
+        "Tensor threshold, Tensor? bias, int out_features, int block, int threads, "
+        "Tensor? scales=None) -> Tensor");
   // x (..., in) fp32 or bf16 with the entries |x_j| < threshold_j (threshold (in,), x's
   // dtype) zeroed: the thresholding of the multi-row activation-sparse path.
   m.def("act_threshold(Tensor x, Tensor threshold) -> Tensor");

@@ -1,0 +1,244 @@
+"""act_bitmap_gemv: the weight-sparse × activation-sparse GEMV on bitmap columns, on every
+instruction set this CPU runs, and the offset checks it shares with act_sparse_gemv."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit.engine import kernels
+from sparsekit.engine.activation_linear import (
+    BITMAP_BLOCK,
+    ActivationSparseLinear,
+    sparsify_input,
+)
+from sparsekit.quantize import dequantize_int8
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _kernels_ok() -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return kernels.available()
+
+
+needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
+_ISAS = kernels.isas() if _kernels_ok() else ()
+
+
+def _pruned(out: int, cols: int, dtype: torch.dtype, density: float = 0.5,
+            seed: int = 0) -> nn.Linear:
+    """A pruned linear layer with an empty column and a fully kept one."""
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(cols, out)
+    with torch.no_grad():
+        linear.weight[torch.rand(out, cols, generator=g) >= density] = 0
+        linear.weight[:, 0] = 0
+        linear.weight[:, -1] = torch.randn(out, generator=g)
+    return linear.to(dtype)
+
+
+def _layer(linear: nn.Linear, threshold: torch.Tensor, values: str,
+           threads: int = 1) -> ActivationSparseLinear:
+    return ActivationSparseLinear.from_linear(
+        linear, threshold, threads=threads, kernel="act_bitmap_gemv",
+        value_dtype=torch.int8 if values == "int8" else None)
+
+
+def _reference(layer: ActivationSparseLinear, x: torch.Tensor) -> torch.Tensor:
+    """The masked product in float64 with the layer's stored (dequantized) weight."""
+    weight = layer.to_dense().double()
+    if layer.scales is not None:
+        weight = dequantize_int8(layer.to_dense(), layer.scales).double()
+    kept = sparsify_input(x, layer.threshold).double()
+    bias = None if layer.bias is None else layer.bias.double()
+    return F.linear(kept, weight, bias)
+
+
+_SHAPES = [(1, 1), (7, 3), (70, 300), (BITMAP_BLOCK + 1, 33), (2 * BITMAP_BLOCK + 77, 257),
+           (1000, 64)]
+_VALUES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("values", list(_VALUES))
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", _SHAPES, ids=str)
+@pytest.mark.parametrize("keep", ["none", "some", "all", "equal"])
+def test_act_bitmap_gemv_equals_the_masked_dense_product(isa, values, threads, shape, keep):
+    out, cols = shape
+    dtype = _VALUES[values]
+    linear = _pruned(out, cols, dtype, seed=out + cols)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(cols, generator=g).to(dtype)
+    threshold = {"none": torch.full((cols,), float("inf")), "all": torch.zeros(cols),
+                 "some": torch.rand(cols, generator=g),
+                 "equal": x.float().abs()}[keep]  # |x_j| >= threshold_j keeps every input
+    layer = _layer(linear, threshold, values, threads)
+    with kernels.use_isa(isa):
+        y = layer(x)
+    assert y.dtype == dtype and y.shape == (out,)
+    expected = _reference(layer, x)
+    if keep == "equal":
+        torch.testing.assert_close(expected, _reference(_layer(linear, 0.0, values), x))
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-2,
+                                                                         "atol": 5e-2}
+    torch.testing.assert_close(y.double(), expected, **tol)
+    if keep == "none":  # only the bias is left
+        torch.testing.assert_close(y, linear.bias.detach())
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_all_zero_inputs_and_any_density(isa, density):
+    linear = _pruned(3 * BITMAP_BLOCK, 40, torch.float32, density=density)
+    layer = _layer(linear, 0.0, "float32", threads=2)
+    x = torch.randn(40)
+    with kernels.use_isa(isa):
+        torch.testing.assert_close(layer(torch.zeros(40)), linear.bias.detach())
+        torch.testing.assert_close(layer(x).double(), _reference(layer, x), rtol=1e-5,
+                                   atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitmap_columns_round_trip_the_weight(dtype):
+    linear = _pruned(2 * BITMAP_BLOCK + 3, 17, dtype)
+    layer = ActivationSparseLinear.from_linear(linear, 0.1, kernel="act_bitmap_gemv")
+    assert layer.values.numel() == int(linear.weight.count_nonzero())
+    assert layer.bitmap.shape == (17, 3, BITMAP_BLOCK // 16)
+    assert layer.bitmap.dtype == torch.int16 and layer.offsets.shape == (17, 4)
+    assert int(layer.offsets[0, 0]) == 0 and int(layer.offsets[-1, -1]) == layer.values.numel()
+    assert torch.equal(layer.offsets[1:, 0], layer.offsets[:-1, -1])
+    assert torch.equal(layer.to_dense(), linear.weight)
+    back = layer.to_module()
+    assert type(back) is nn.Linear and torch.equal(back.weight, linear.weight)
+
+
+def test_nbytes_counts_the_bitmap_and_a_prefill_copy():
+    from sparsekit.engine.compiled_linear import CompiledLinear
+
+    linear = _pruned(BITMAP_BLOCK, 64, torch.bfloat16)
+    layer = ActivationSparseLinear.from_linear(linear, 0.1, kernel="act_bitmap_gemv")
+    nnz = int(linear.weight.count_nonzero())
+    storage = 2 * nnz + BITMAP_BLOCK * 64 // 8 + 4 * 64 * 2
+    assert layer.nbytes == storage + 2 * BITMAP_BLOCK + 2 * 64  # and bias, thresholds
+    assert layer.prefill_nbytes == 0
+    prefill = CompiledLinear.from_linear(linear.float(), "dense")
+    with_prefill = ActivationSparseLinear.from_linear(linear, 0.1, kernel="act_bitmap_gemv",
+                                                      prefill=prefill)
+    assert with_prefill.prefill_nbytes >= 4 * BITMAP_BLOCK * 64
+
+
+def _op_args(dtype: torch.dtype = torch.float32) -> dict[str, object]:
+    layer = ActivationSparseLinear.from_linear(_pruned(300, 30, dtype), 0.1,
+                                               kernel="act_bitmap_gemv")
+    return {"values": layer.values, "bitmap": layer.bitmap, "offsets": layer.offsets,
+            "x": torch.randn(30).to(dtype), "threshold": layer.threshold, "bias": layer.bias,
+            "out_features": 300, "block": BITMAP_BLOCK, "threads": 1}
+
+
+@needs_kernels
+def test_act_bitmap_gemv_rejects_hostile_arguments():
+    args = _op_args()
+    torch.ops.sparsekit.act_bitmap_gemv(**args)  # the good call runs
+    v, b, o, x = args["values"], args["bitmap"], args["offsets"], args["x"]
+    falling = o.clone()
+    falling[0, 1] = v.numel()  # rises to the end, then falls: columns past the values
+    cases = [
+        ({"values": v.double()}, "values"), ({"values": v[:-1]}, "offsets"),
+        ({"values": torch.stack([v, v])}, "values"), ({"bitmap": b.int()}, "bitmap"),
+        ({"bitmap": b[:, :-1]}, "bitmap"), ({"bitmap": b[:1]}, "bitmap"),
+        ({"bitmap": b[:, :, :-1]}, "bitmap"),
+        ({"offsets": o.long()}, "offsets"), ({"offsets": o[:, :-1]}, "offsets"),
+        ({"offsets": o + 1}, "offsets"), ({"offsets": falling}, "offsets"),
+        ({"x": x[:-1]}, "threshold"), ({"x": x.bfloat16()}, "x"),
+        ({"threshold": args["threshold"][:-1]}, "threshold"),
+        ({"bias": torch.randn(301)}, "bias"), ({"bias": args["bias"].bfloat16()}, "bias"),
+        ({"out_features": -1}, "out_features"), ({"out_features": 3 * BITMAP_BLOCK}, "bitmap"),
+        ({"block": 0}, "block"), ({"block": 96}, "block"), ({"block": 8192}, "block"),
+        ({"threads": 0}, "threads"), ({"scales": torch.ones(300)}, "scales"),
+    ]
+    for case, name in cases:
+        with pytest.raises(RuntimeError, match=name):
+            torch.ops.sparsekit.act_bitmap_gemv(**(args | case))
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _ISAS)
+def test_a_forged_bitmap_reads_only_inside_the_values(isa):
+    """Offsets are checked per call; bits are not (a full pass would cost the product
+    itself): bits set beyond a column's values read its neighbours' or, at the end, stop at
+    the offsets, never outside the values."""
+    args = _op_args()
+    args["bitmap"] = torch.full_like(args["bitmap"], -1)  # every output stored everywhere
+    args["threshold"] = torch.zeros(30)
+    y = torch.ops.sparsekit.act_bitmap_gemv(**args)
+    with kernels.use_isa(isa):
+        assert torch.equal(torch.ops.sparsekit.act_bitmap_gemv(**args).isfinite(),
+                           y.isfinite())
+
+
+@needs_kernels
+def test_act_sparse_gemv_rejects_a_falling_colptr():
+    """The old kernel checked only the ends of colptr: a colptr rising to the end and falling
+    back read (and scattered) values past the end of the array."""
+    layer = ActivationSparseLinear.from_linear(_pruned(70, 30, torch.float32), 0.0,
+                                               kernel="act_sparse_gemv")
+    colptr = layer.colptr.clone()
+    colptr[0, 1] = layer.values.numel()
+    with pytest.raises(RuntimeError, match="colptr must rise from 0 to .* without falling"):
+        torch.ops.sparsekit.act_sparse_gemv(
+            layer.values, layer.row_indices, colptr, torch.randn(30), layer.threshold,
+            layer.bias, 70, layer.block, 1)
+
+
+def test_report_shows_the_bytes_of_a_second_format():
+    from sparsekit.engine.compiled_linear import CompiledLinear
+    from sparsekit.engine.report import report
+
+    linear = _pruned(BITMAP_BLOCK, 64, torch.float32)
+    prefill = CompiledLinear.from_linear(linear, "dense")
+    layer = ActivationSparseLinear.from_linear(linear, 0.1, kernel="act_bitmap_gemv",
+                                               prefill=prefill)
+    row = {r.name: r for r in report(nn.Sequential(layer), torch.randn(2, 64)).rows}["0"]
+    assert row.extra == {"format": "activation", "bytes": layer.nbytes,
+                         "prefill bytes": layer.prefill_nbytes}
+    assert layer.prefill_nbytes >= 4 * BITMAP_BLOCK * 64
+
+
+@needs_kernels
+@pytest.mark.parametrize("weight_dtype", [None, "int8"])
+def test_bitmap_layers_round_trip_through_save_pretrained(tmp_path, monkeypatch, weight_dtype):
+    pytest.importorskip("transformers")
+    from test_pretrained import _kernel_clock, _llama
+
+    import sparsekit
+    from sparsekit import activation
+    from sparsekit.engine import autotune
+
+    monkeypatch.setattr(autotune, "_time_block", _kernel_clock("act_bitmap_gemv"))
+    model = _llama()
+    sparsekit.prune(model, 0.5)
+    data = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
+    act = activation.calibrate(model, data, sparsity=0.4)
+    compiled = sparsekit.compile(model, data[:1], activation_sparsity=act, cache=False,
+                                 **({} if weight_dtype is None else
+                                    {"weight_dtype": weight_dtype}))
+    layers = {n: m for n, m in compiled.named_modules()
+              if isinstance(m, ActivationSparseLinear)}
+    assert layers and {m.kernel for m in layers.values()} == {"act_bitmap_gemv"}
+    back = sparsekit.from_pretrained(sparsekit.save_pretrained(compiled, tmp_path))
+    sa, sb = compiled.state_dict(), back.state_dict()
+    for name in layers:
+        for buffer in ("values", "bitmap", "offsets"):
+            key = f"{name}.{buffer}"
+            assert torch.equal(sa[key], sb[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(back(data[:1, :1]).logits, compiled(data[:1, :1]).logits)
