@@ -280,7 +280,7 @@ def decode_tokens_per_s(models: dict[str, torch.nn.Module], prompt: torch.Tensor
             for _ in range(steps):
                 token = out.logits[:, -1:].argmax(-1)
                 start = time.perf_counter()
-                out = model(token, past_key_values=out.past_key_values, use_cache=True)
+                out = model(token, cache=out.cache, use_cache=True)
                 times.append(time.perf_counter() - start)
 
     times: dict[str, list[float]] = {n: [] for n in models}

@@ -308,11 +308,11 @@ def skip_kv_error(quick: bool, keep: float = 0.5, prompt: int = 16) -> dict[str,
     def decode(m: torch.nn.Module) -> torch.Tensor:
         with torch.no_grad():
             out = m(window[:, :prompt], use_cache=True)
-            logits, cache = [], out.past_key_values
+            logits, cache = [], out.cache
             for t in range(prompt, window.shape[1]):
                 out = m(window[:, t:t + 1], cache=cache, use_cache=True)
                 logits.append(out.logits)
-                cache = out.past_key_values
+                cache = out.cache
         return torch.cat(logits, dim=1)
 
     dense = decode(model)
