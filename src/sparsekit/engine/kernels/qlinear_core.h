@@ -156,6 +156,7 @@ struct Dense {
     __m512i acc[NB], corr = _mm512_setzero_si512();
     for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_si512();
     for (; k + 64 <= cols; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + k) + rows::kPrefetchBytes, _MM_HINT_T0);
       const __m512i wv = _mm512_loadu_si512(wr + k);
       corr = _mm512_dpbusd_epi32(corr, bias128(), wv);
       for (int b = 0; b < NB; ++b) {
@@ -177,6 +178,7 @@ struct Dense {
     __m256i acc[NB];
     for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_si256();
     for (; k + 32 <= cols; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + k) + rows::kPrefetchBytes, _MM_HINT_T0);
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
       const __m256i wa = _mm256_abs_epi8(wv);
       for (int b = 0; b < NB; ++b) {
