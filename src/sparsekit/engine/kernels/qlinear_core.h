@@ -36,6 +36,7 @@ constexpr bool kBiased = false;
 constexpr int kMaxNB = 4;
 #endif
 constexpr int kZero = kBiased ? 128 : 0;  // the stored byte of code 0
+constexpr int64_t kTileRows = 8;  // weight rows run together against each block of inputs
 
 // The signed code of a stored byte.
 inline int code(uint8_t stored) {
@@ -155,6 +156,7 @@ struct Dense {
     __m512i acc[NB], corr = _mm512_setzero_si512();
     for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_si512();
     for (; k + 64 <= cols; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + k) + rows::kPrefetchBytes, _MM_HINT_T0);
       const __m512i wv = _mm512_loadu_si512(wr + k);
       corr = _mm512_dpbusd_epi32(corr, bias128(), wv);
       for (int b = 0; b < NB; ++b) {
@@ -176,6 +178,7 @@ struct Dense {
     __m256i acc[NB];
     for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_si256();
     for (; k + 32 <= cols; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + k) + rows::kPrefetchBytes, _MM_HINT_T0);
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
       const __m256i wa = _mm256_abs_epi8(wv);
       for (int b = 0; b < NB; ++b) {
@@ -235,7 +238,7 @@ struct Bitmap {
   const int32_t* rowptr;
   int64_t rows, cols, words;
 
-  int64_t work(int64_t r) const { return rowptr[r] + r * words; }
+  int64_t work(int64_t r) const { return rowptr[r] + 2 * r * words; }  // bytes
   int64_t span() const { return words * 16; }
 
   template <int NB>
@@ -251,6 +254,7 @@ struct Bitmap {
     __m512i acc[NB], corr = _mm512_setzero_si512();
     for (int j = 0; j < NB; ++j) acc[j] = _mm512_setzero_si512();
     for (; k + 4 <= words && end - p >= 64; k += 4) {
+      _mm_prefetch(reinterpret_cast<const char*>(p) + rows::kPrefetchBytes, _MM_HINT_T0);
       uint64_t m;
       __builtin_memcpy(&m, b + k, sizeof m);  // 4 words: the bits of 64 inputs
       const __m512i wv = expand64(m, _mm512_loadu_si512(p));
@@ -288,6 +292,35 @@ struct Bitmap {
       }
     }
     for (int j = 0; j < NB; ++j) out[j] = sum[j];
+  }
+
+  // Row r's codes in the lanes of their inputs, zeros elsewhere, into dense (span() bytes):
+  // a batch of more than kMaxNB input rows runs against this once-expanded row instead of
+  // expanding the row again for every kMaxNB of them.
+  void expand(int64_t r, int8_t* dense) const {
+    const int8_t* p = v + rowptr[r];
+    const uint16_t* b = bits + r * words;
+    int64_t k = 0;
+#if SPARSEKIT_AVX2
+    const int8_t* const end = v + rowptr[rows];  // whole loads stay inside the array
+#endif
+#if SPARSEKIT_AVX512
+    for (; k + 4 <= words && end - p >= 64; k += 4) {
+      uint64_t m;
+      __builtin_memcpy(&m, b + k, sizeof m);
+      _mm512_storeu_si512(dense + 16 * k, expand64(m, _mm512_loadu_si512(p)));
+      p += __builtin_popcountll(m);
+    }
+#elif SPARSEKIT_AVX2
+    for (; k < words && end - p >= 16; ++k) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dense + 16 * k), expand16(b[k], p));
+      p += __builtin_popcount(b[k]);
+    }
+#endif
+    std::memset(dense + 16 * k, 0, 16 * (words - k));
+    for (; k < words; ++k) {
+      for (unsigned m = b[k]; m; m &= m - 1) dense[16 * k + __builtin_ctz(m)] = *p++;
+    }
   }
 };
 
@@ -499,8 +532,8 @@ inline void dots_n(const W& w, int nb, int64_t r, const uint8_t* x, int64_t ld, 
 }
 
 // y = Output(sx * (qx @ W.T)): the input rows are quantized once into this thread's
-// workspace, then each OpenMP thread takes a share of W's rows (by work) and runs each row
-// against kMaxNB input rows at a time.
+// workspace, then each OpenMP thread takes a share of W's rows (by work) and runs them, a
+// tile of kTileRows rows at a time, against kMaxNB input rows at a time.
 template <typename W>
 void run(const W& w, const Linear& io) {
   const int64_t batch = io.batch, ld = (w.span() + 127) / 64 * 64;  // + a whole spare vector
@@ -519,14 +552,34 @@ void run(const W& w, const Linear& io) {
     int64_t r0, r1;
     thread_rows_by([&w](int64_t i) { return w.work(i); }, w.rows, omp_get_thread_num(),
                    omp_get_num_threads(), &r0, &r1);
+    // Tiles of kTileRows rows, each against kMaxNB input rows at a time: the input codes of
+    // a batch over kMaxNB stay in L1 across the tile's rows instead of being read again from
+    // L2 for every row. Bitmap rows of such a batch are expanded once per tile.
+    constexpr bool kExpands = std::is_same_v<W, Bitmap>;
+    const bool expand = kExpands && batch > kMaxNB;
+    thread_local std::vector<int8_t> tile;
+    if (expand) tile.resize(kTileRows * w.span());
+    const Dense expanded{tile.data(), kTileRows, w.span()};
     int32_t sums[kMaxNB];
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t t0 = r0; t0 < r1; t0 += kTileRows) {
+      const int64_t t1 = std::min(r1, t0 + kTileRows);
+      if constexpr (kExpands) {
+        if (expand) {
+          for (int64_t r = t0; r < t1; ++r) w.expand(r, tile.data() + (r - t0) * w.span());
+        }
+      }
       for (int64_t b0 = 0; b0 < batch; b0 += kMaxNB) {
         const int nb = static_cast<int>(std::min<int64_t>(kMaxNB, batch - b0));
-        dots_n(w, nb, r, xq + b0 * ld, ld, sums);
-        for (int j = 0; j < nb; ++j) {
-          io.y[(b0 + j) * w.rows + r] =
-              finish(io.out, static_cast<float>(sums[j]) * sx[b0 + j], r);
+        for (int64_t r = t0; r < t1; ++r) {
+          if (expand) {
+            dots_n(expanded, nb, r - t0, xq + b0 * ld, ld, sums);
+          } else {
+            dots_n(w, nb, r, xq + b0 * ld, ld, sums);
+          }
+          for (int j = 0; j < nb; ++j) {
+            io.y[(b0 + j) * w.rows + r] =
+                finish(io.out, static_cast<float>(sums[j]) * sx[b0 + j], r);
+          }
         }
       }
     }
