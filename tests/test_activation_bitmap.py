@@ -211,34 +211,3 @@ def test_report_shows_the_bytes_of_a_second_format():
     assert row.extra == {"format": "activation", "bytes": layer.nbytes,
                          "prefill bytes": layer.prefill_nbytes}
     assert layer.prefill_nbytes >= 4 * BITMAP_BLOCK * 64
-
-
-@needs_kernels
-@pytest.mark.parametrize("weight_dtype", [None, "int8"])
-def test_bitmap_layers_round_trip_through_save_pretrained(tmp_path, monkeypatch, weight_dtype):
-    pytest.importorskip("transformers")
-    from test_pretrained import _kernel_clock, _llama
-
-    import sparsekit
-    from sparsekit import activation
-    from sparsekit.engine import autotune
-
-    monkeypatch.setattr(autotune, "_time_block", _kernel_clock("act_bitmap_gemv"))
-    model = _llama()
-    sparsekit.prune(model, 0.5)
-    data = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
-    act = activation.calibrate(model, data, sparsity=0.4)
-    compiled = sparsekit.compile(model, data[:1], activation_sparsity=act, cache=False,
-                                 **({} if weight_dtype is None else
-                                    {"weight_dtype": weight_dtype}))
-    layers = {n: m for n, m in compiled.named_modules()
-              if isinstance(m, ActivationSparseLinear)}
-    assert layers and {m.kernel for m in layers.values()} == {"act_bitmap_gemv"}
-    back = sparsekit.from_pretrained(sparsekit.save_pretrained(compiled, tmp_path))
-    sa, sb = compiled.state_dict(), back.state_dict()
-    for name in layers:
-        for buffer in ("values", "bitmap", "offsets"):
-            key = f"{name}.{buffer}"
-            assert torch.equal(sa[key], sb[key]), key
-    with torch.no_grad():
-        torch.testing.assert_close(back(data[:1, :1]).logits, compiled(data[:1, :1]).logits)
