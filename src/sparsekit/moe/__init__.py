@@ -10,7 +10,9 @@ and reads only their reader columns through the engine's activation-sparse GEMV.
 choose by the true activation mass (:func:`unit_mass`) instead, the bound they are measured
 against; :func:`head_predictors` trains and measures Deja Vu's per-token predictors of
 attention heads, and :func:`route_heads` executes them: a copy whose
-:class:`RoutedAttention` decode steps compute only the predicted heads.
+:class:`RoutedAttention` decode steps compute only the predicted heads. :func:`relufy`
+prepares a GELU or SiLU model for all of them: a copy with ReLU FFNs, distilled from the
+original, whose left-out neurons are mostly exactly zero.
 """
 
 from sparsekit.moe.cluster import balanced_kmeans
@@ -18,9 +20,11 @@ from sparsekit.moe.contextual import contextual
 from sparsekit.moe.evaluate import evaluate
 from sparsekit.moe.heads import head_predictors
 from sparsekit.moe.moefication import moefy
+from sparsekit.moe.relufication import relufy
 from sparsekit.moe.routed import RoutedFFN, set_keep, set_oracle, unit_mass
 from sparsekit.moe.routed_attention import RoutedAttention, route_heads
 from sparsekit.moe.router import Router
 
 __all__ = ["RoutedAttention", "RoutedFFN", "Router", "balanced_kmeans", "contextual", "evaluate",
-           "head_predictors", "moefy", "route_heads", "set_keep", "set_oracle", "unit_mass"]
+           "head_predictors", "moefy", "relufy", "route_heads", "set_keep", "set_oracle",
+           "unit_mass"]

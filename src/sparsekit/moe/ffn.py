@@ -4,11 +4,11 @@ An FFN neuron is a row of each writer (LLaMA's ``gate_proj`` and ``up_proj``, BE
 ``intermediate.dense``) and a column of the reader (``down_proj``, ``output.dense``); the
 layout comes from :func:`sparsekit.structured.transformer.block_group`, the same one
 structured pruning removes neurons by. :func:`find_ffns` lists them with their activation
-function; :func:`install` puts a module computing the whole FFN (reader bias included) in
-its place: the module holding writers and reader (LLaMA's ``mlp``), or, where they live in
-different modules (BERT's ``intermediate`` and ``output``), the writers' module, with the
-reader replaced by ``nn.Identity`` so that what follows it (BERT's residual and LayerNorm)
-still runs.
+function (:func:`set_activation` swaps it: ReLU-fication); :func:`install` puts a module
+computing the whole FFN (reader bias included) in its place: the module holding writers
+and reader (LLaMA's ``mlp``), or, where they live in different modules (BERT's
+``intermediate`` and ``output``), the writers' module, with the reader replaced by
+``nn.Identity`` so that what follows it (BERT's residual and LayerNorm) still runs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 
 from sparsekit.structured.transformer import block_group, transformer_blocks
 
-__all__ = ["FFN", "find_ffns", "install"]
+__all__ = ["FFN", "find_ffns", "install", "set_activation"]
 
 _ACTIVATIONS = ("act_fn", "intermediate_act_fn")  # LLaMA/Mistral/Qwen2, BERT
 
@@ -58,13 +58,26 @@ def find_ffns(model: nn.Module) -> list[FFN]:
         layers = [model.get_submodule(n) for n in (*writers, reader)]
         if not all(type(m) is nn.Linear for m in layers):
             raise ValueError(f"model: the FFN of {name!r} is not made of nn.Linear layers")
-        holder = model.get_submodule(writers[-1].rpartition(".")[0])
-        act = next((getattr(holder, a) for a in _ACTIVATIONS if hasattr(holder, a)), None)
-        if not callable(act):
-            raise ValueError(f"model: found no activation ({' or '.join(_ACTIVATIONS)}) next "
-                             f"to the FFN writers of {name!r}")
-        ffns.append(FFN(name, writers, reader, act))
+        holder, attr = _activation(model, name, writers)
+        ffns.append(FFN(name, writers, reader, getattr(holder, attr)))
     return ffns
+
+
+def _activation(model: nn.Module, name: str, writers: tuple[str, ...]) -> tuple[nn.Module, str]:
+    """The module holding the activation of block ``name``'s FFN, and its attribute."""
+    holder = model.get_submodule(writers[-1].rpartition(".")[0])
+    attr = next((a for a in _ACTIVATIONS if callable(getattr(holder, a, None))), None)
+    if attr is None:
+        raise ValueError(f"model: found no activation ({' or '.join(_ACTIVATIONS)}) next "
+                         f"to the FFN writers of {name!r}")
+    return holder, attr
+
+
+def set_activation(model: nn.Module, ffn: FFN, act: nn.Module) -> None:
+    """Make ``act`` the activation of ``ffn`` in ``model`` (a model with ``ffn``'s layout),
+    in the train/eval mode of the module holding it."""
+    holder, attr = _activation(model, ffn.name, ffn.writers)
+    setattr(holder, attr, act.train(holder.training))
 
 
 def weights(model: nn.Module, ffn: FFN) -> tuple[torch.Tensor, torch.Tensor | None,
