@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sparsekit import moe
-from sparsekit.moe.ffn import find_ffns
+from sparsekit.moe.ffn import find_ffns, set_activation
 from sparsekit.moe.relufication import distillation_loss
 
 transformers = pytest.importorskip("transformers")
@@ -141,3 +141,14 @@ def test_relufy_refuses_models_it_cannot_relufy():
     with pytest.raises(ValueError, match="no parameters that require grad"):
         moe.relufy(frozen, DATA, steps=1)
     assert isinstance(find_ffns(moe.relufy(frozen, DATA, steps=0))[0].act, nn.ReLU)
+
+
+def test_set_activation_replaces_one_ffns_activation_in_its_holders_mode():
+    model = tiny_bert().train()
+    first, second = find_ffns(model)
+    model.encoder.layer[0].intermediate.eval()
+    set_activation(model, first, nn.Tanh())
+    act = model.encoder.layer[0].intermediate.intermediate_act_fn
+    assert isinstance(act, nn.Tanh) and not act.training
+    assert isinstance(find_ffns(model)[0].act, nn.Tanh)
+    assert type(find_ffns(model)[1].act) is type(second.act)
