@@ -90,6 +90,19 @@ def test_every_isa_computes_int8_bitmap_rows_at_every_width(isa, cols, batch):
 
 
 @pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("magnitude", [2.0**-100, 2.0**100])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_isa_computes_int8_bitmap_rows_at_extreme_input_magnitudes(isa, magnitude, batch):
+    # the AVX-512 GEMV multiplies the codes times 2^24 by the inputs times 2^-24: the same
+    # products, neither overflowing for large inputs nor lost for small ones
+    c = case("bitmap", "int8", _ragged_bitmap_weight(24, 300, seed=5))
+    x = torch.randn(batch, 300, generator=torch.Generator().manual_seed(4))
+    with kernels.use_isa(isa):
+        y = c.call(x * magnitude, None, 2)
+    assert_matches(y / magnitude, c, x, None)
+
+
+@pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("cols", [1, 15, 37])
 def test_every_isa_handles_narrow_layers(isa, name, cols):

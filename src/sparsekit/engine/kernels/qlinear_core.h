@@ -95,34 +95,56 @@ inline float quantize_row(const float* x, int64_t n, uint8_t* q, int64_t ld) {
 #if SPARSEKIT_AVX512
 inline __m512i bias128() { return _mm512_set1_epi8(static_cast<char>(0x80)); }
 
-// Byte i: the rank of bit i among the set bits of m (how many set bits lie below it), so
-// that a vpermb by these indices, masked by m, expands popcount(m) packed bytes into the
-// lanes of m's set bits. All in vector registers from m broadcast to each qword: vpopcntb
-// counts each byte's bits, a multiply by 0x0101..01 sums the counts of the bytes below each
-// byte, vpermb spreads each byte to its 8 lanes and vpopcntb counts the bits below each lane
-// within its byte. (vpexpandb does the same in one instruction but ran the bitmap GEMV 1.3-2.7x
-// slower on AMD Zen 5, and these ranks computed in general-purpose registers 1.3x slower.)
-inline __m512i ranks64(__m512i m) {
-  alignas(64) static constexpr uint8_t kSel[64] = {
-      0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
-      4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7};
-  alignas(64) static constexpr uint8_t kLow[64] = {
-      0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127,
-      0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127,
-      0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127};
-  const __m512i before = _mm512_slli_epi64(  // set bits in the lower bytes
-      _mm512_mullo_epi64(_mm512_popcnt_epi8(m), _mm512_set1_epi64(0x0101010101010101LL)), 8);
-  const __m512i sel = _mm512_load_si512(kSel);  // lane i: byte i / 8 of a qword
-  const __m512i own = _mm512_permutexvar_epi8(sel, m);
-  const __m512i below = _mm512_popcnt_epi8(_mm512_and_si512(own, _mm512_load_si512(kLow)));
-  return _mm512_add_epi8(_mm512_permutexvar_epi8(sel, before), below);
+// The rank of bit i of a 64-bit bitmap m among its set bits (how many set bits lie below
+// it), as byte i of a vector: a vpermb by these ranks, masked by m, expands popcount(m)
+// packed bytes into the lanes of m's set bits. Byte i is the count of set bits in the bytes
+// of m below byte i / 8 plus those of byte i / 8 below bit i % 8: vpermb spreads each byte of
+// m (and its count) to its 8 lanes, vpopcntb counts the bits below each lane (kBitsBelow).
+// The counts of the bytes below each byte come from vector registers (ranks64: vpopcntb,
+// vpmullq) or general-purpose ones (ranks64_scalar_counts: a SWAR popcount per byte),
+// whichever leaves the loop's busier units free: the W8A8 GEMV ran 1.05x faster with the
+// first and the float-input one (busy with conversions and FMAs) 1.1x faster with the second
+// on AMD Zen 4 (11008x4096 at 50-90%, one thread). vpexpandb does the whole expansion in one
+// instruction but ran the GEMVs 1.3x slower there and 1.3-2.7x slower on AMD Zen 5.
+alignas(64) inline constexpr uint8_t kByteOfLane[64] = {  // lane i: byte i / 8 of a qword
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7};
+alignas(64) inline constexpr uint8_t kBitsBelow[64] = {  // lane i: the bits below bit i % 8
+    0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127,
+    0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127,
+    0, 1, 3, 7, 15, 31, 63, 127, 0, 1, 3, 7, 15, 31, 63, 127};
+
+// The ranks from `own` (lane i: byte i / 8 of m) and `lower` (lane i: the set bits of the
+// bytes below it).
+inline __m512i ranks64_from(__m512i own, __m512i lower) {
+  return _mm512_add_epi8(
+      lower, _mm512_popcnt_epi8(_mm512_and_si512(own, _mm512_load_si512(kBitsBelow))));
+}
+
+inline __m512i ranks64(uint64_t m) {
+  const __m512i bits = _mm512_set1_epi64(static_cast<int64_t>(m));
+  const __m512i lower = _mm512_slli_epi64(  // in each qword: the set bits in the lower bytes
+      _mm512_mullo_epi64(_mm512_popcnt_epi8(bits), _mm512_set1_epi64(0x0101010101010101LL)), 8);
+  const __m512i sel = _mm512_load_si512(kByteOfLane);
+  return ranks64_from(_mm512_permutexvar_epi8(sel, bits), _mm512_permutexvar_epi8(sel, lower));
+}
+
+inline __m512i ranks64_scalar_counts(uint64_t m) {
+  uint64_t c = m - ((m >> 1) & 0x5555555555555555ULL);  // the set bits of each byte
+  c = (c & 0x3333333333333333ULL) + ((c >> 2) & 0x3333333333333333ULL);
+  c = (c + (c >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+  const uint64_t lower = (c * 0x0101010101010101ULL) << 8;  // in the bytes below each byte
+  const __m512i both = _mm512_castsi128_si512(  // m in bytes 0-7, lower in bytes 8-15
+      _mm_set_epi64x(static_cast<int64_t>(lower), static_cast<int64_t>(m)));
+  const __m512i sel = _mm512_load_si512(kByteOfLane);
+  return ranks64_from(_mm512_permutexvar_epi8(sel, both),
+                      _mm512_permutexvar_epi8(_mm512_add_epi8(sel, _mm512_set1_epi8(8)), both));
 }
 
 // The codes of the bits m (4 bitmap words), packed from byte 0 of `codes`, in the lanes of
 // their inputs (zeros where a bit is clear).
 inline __m512i expand64(uint64_t m, __m512i codes) {
-  const __m512i bits = _mm512_set1_epi64(static_cast<int64_t>(m));
-  return _mm512_maskz_permutexvar_epi8(m, ranks64(bits), codes);
+  return _mm512_maskz_permutexvar_epi8(m, ranks64(m), codes);
 }
 #elif SPARSEKIT_AVX2
 // acc += the int32 sums of 4 products |w| * (sign(w) * x) per lane (no 16-bit saturation:
@@ -325,12 +347,37 @@ struct Bitmap {
 };
 
 #if SPARSEKIT_AVX512
+// Byte 4j + 3 of group g's vector is byte 16g + j of an expanded vector (the other bytes are
+// zeroed by kTopBytesMask): one vpermb puts 16 expanded codes in the top bytes of 16 int32
+// lanes, code * 2^24, which vcvtdq2ps turns into floats exactly.
+struct TopBytes {
+  uint8_t index[4][64];
+};
+
+constexpr TopBytes make_top_bytes() {
+  TopBytes t{};
+  for (int g = 0; g < 4; ++g) {
+    for (int j = 0; j < 16; ++j) t.index[g][4 * j + 3] = static_cast<uint8_t>(16 * g + j);
+  }
+  return t;
+}
+
+alignas(64) inline constexpr TopBytes kTopBytes = make_top_bytes();
+constexpr __mmask64 kTopBytesMask = 0x8888888888888888ULL;
+
 // Bitmap rows of int8 codes times float inputs (the bitmap_linear op's int8 values): the
 // float cores' rows::Bitmap<int8_t> with a GEMV row that expands 64 codes at a time with this
-// instruction set's byte permutes (expand64) and widens them to floats 16 at a time, 1.3x
-// faster on AMD Zen 5 than 16 codes per pshufb (bitmap_core.h), whose controls come from
-// general-purpose registers.
+// instruction set's byte permutes (expand64), 1.3x faster on AMD Zen 5 than 16 codes per
+// pshufb (bitmap_core.h), whose controls come from general-purpose registers. Each 16 of
+// them become floats by one vpermb into the top bytes of int32 lanes (kTopBytes) and one
+// conversion, where a vextracti32x4 and a vpmovsxbd did it before: 1.1x faster on AMD Zen 4
+// (11008x4096 at 50-90%, one thread). dot() takes x times kInputScale = 2^-24, so that its
+// products, codes times 2^24 times these inputs, are exactly the codes times x (inputs
+// below 2^-102 in magnitude lose bits to underflow); decode(), for larger batches, takes x
+// as it is.
 struct BitmapFloat : rows::Bitmap<int8_t> {
+  static constexpr float kInputScale = 0x1p-24f;
+
   float dot(int64_t r, const float* x) const {
     const int8_t* p = v + rowptr[r];
     const int8_t* const end = v + rowptr[rows];  // whole loads stay inside the array
@@ -339,14 +386,12 @@ struct BitmapFloat : rows::Bitmap<int8_t> {
                      _mm512_setzero_ps()};
     // x[0:64] times the 64 inputs' codes, expanded from `codes` by their bits m
     const auto step = [&acc](uint64_t m, __m512i codes, const float* xs) {
-      const __m512i e = expand64(m, codes);
-      acc[0] = _mm512_fmadd_ps(widen16(_mm512_castsi512_si128(e)), _mm512_loadu_ps(xs), acc[0]);
-      acc[1] = _mm512_fmadd_ps(widen16(_mm512_extracti32x4_epi32(e, 1)), _mm512_loadu_ps(xs + 16),
-                               acc[1]);
-      acc[2] = _mm512_fmadd_ps(widen16(_mm512_extracti32x4_epi32(e, 2)), _mm512_loadu_ps(xs + 32),
-                               acc[2]);
-      acc[3] = _mm512_fmadd_ps(widen16(_mm512_extracti32x4_epi32(e, 3)), _mm512_loadu_ps(xs + 48),
-                               acc[3]);
+      const __m512i e = _mm512_maskz_permutexvar_epi8(m, ranks64_scalar_counts(m), codes);
+      for (int g = 0; g < 4; ++g) {
+        const __m512i top = _mm512_maskz_permutexvar_epi8(
+            kTopBytesMask, _mm512_load_si512(kTopBytes.index[g]), e);
+        acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(top), _mm512_loadu_ps(xs + 16 * g), acc[g]);
+      }
     };
     int64_t k = 0;
     for (; k + 4 <= words && end - p >= 64; k += 4) {
@@ -606,9 +651,16 @@ inline void nm_qlinear(const NMArgs& a) {
 
 #if SPARSEKIT_AVX512
 inline void bitmap_int8_linear(const BitmapArgs& a) {
-  rows::run(q::BitmapFloat{{static_cast<const int8_t*>(a.values), a.bits, a.rowptr, a.io.rows,
-                            a.io.cols, a.words}},
-            a.io);
+  const q::BitmapFloat w{{static_cast<const int8_t*>(a.values), a.bits, a.rowptr, a.io.rows,
+                          a.io.cols, a.words}};
+  Linear io = a.io;
+  if (io.batch <= rows::kGemvMaxBatch) {  // GEMV rows: x times BitmapFloat::kInputScale
+    thread_local std::vector<float> scaled;
+    scaled.resize(io.batch * io.cols);
+    for (int64_t i = 0; i < io.batch * io.cols; ++i) scaled[i] = io.x[i] * w.kInputScale;
+    io.x = scaled.data();
+  }
+  rows::run(w, io);
 }
 #else
 inline void bitmap_int8_linear(const BitmapArgs& a) { bitmap_linear(a); }  // the float cores'
