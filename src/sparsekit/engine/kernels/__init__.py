@@ -25,7 +25,6 @@ import hashlib
 import os
 import platform
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,24 +156,33 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-STALE_LOCK_S = 1800.0  # a build takes minutes; a lock this old outlived its process
+@contextlib.contextmanager
+def _build_claim(build_dir: Path) -> Iterator[None]:
+    """Hold ``build_dir`` for one building process, and clear what a killed build left.
 
-
-def _clear_stale_lock(build_dir: Path) -> None:
-    """Remove ``build_dir``'s build lock when it is older than :data:`STALE_LOCK_S`.
-
-    ``torch.utils.cpp_extension`` holds a lock file while one process builds and makes
-    every other process wait for it to disappear; a build that was killed leaves it behind,
-    and every later import of sparsekit would then wait forever."""
-    lock = build_dir / "lock"
+    ``torch.utils.cpp_extension`` marks a build with a ``lock`` file and makes every other
+    process wait until it disappears; a build that was killed leaves it behind, and every
+    later import would wait forever. Each sparsekit build therefore also holds an OS lock
+    (``flock`` on ``build.claim``), which the kernel releases when its process ends however
+    it ends: whoever gets the claim knows that no build is running, so a ``lock`` file still
+    there is stale and is removed (with a warning). Without ``fcntl`` (not POSIX) the claim
+    is skipped."""
     try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
+        import fcntl
+    except ImportError:
+        yield
         return
-    if age > STALE_LOCK_S:
-        warnings.warn(f"removing the stale kernel build lock {lock} ({age / 60:.0f} minutes "
-                      "old: an interrupted build left it)", RuntimeWarning, stacklevel=3)
-        lock.unlink(missing_ok=True)
+    with open(build_dir / "build.claim", "a+b") as claim:
+        fcntl.flock(claim, fcntl.LOCK_EX)  # waits only for a build that is still running
+        try:
+            lock = build_dir / "lock"
+            if lock.exists():
+                warnings.warn(f"removing the stale kernel build lock {lock} (a killed build "
+                              "left it)", RuntimeWarning, stacklevel=4)
+                lock.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(claim, fcntl.LOCK_UN)
 
 
 def _build() -> ModuleType:
@@ -185,15 +193,15 @@ def _build() -> ModuleType:
     key = _build_key()
     build_dir = _cache_dir() / f"kernels-{torch.__version__}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    _clear_stale_lock(build_dir)
-    jit_load(  # loads the operator library into the process
-        name=f"sparsekit_kernels_{key}",
-        sources=[str(s) for s in _SOURCES],
-        extra_cflags=_CFLAGS,
-        extra_ldflags=_LDFLAGS,
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    with _build_claim(build_dir):
+        jit_load(  # loads the operator library into the process
+            name=f"sparsekit_kernels_{key}",
+            sources=[str(s) for s in _SOURCES],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=_LDFLAGS,
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
     fake.register()
     return torch.ops.sparsekit
