@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernels import kernels_ok
 from torch import nn
 
 import sparsekit
@@ -16,12 +15,6 @@ from sparsekit.engine.activation_linear import ActivationSparseLinear
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
-
-
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
 
 
 def _llama(act: str = "silu", seed: int = 0) -> nn.Module:
@@ -181,7 +174,7 @@ def test_cats_needs_down_projections():
 @pytest.mark.parametrize("use_kernel", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 def test_activation_sparse_linear_equals_dense_product(use_kernel, bias, monkeypatch):
-    if use_kernel and not _kernels_ok():
+    if use_kernel and not kernels_ok():
         pytest.skip("compiled kernels unavailable")
     if not use_kernel:
         monkeypatch.setattr(kernels, "available", lambda: False)
@@ -200,7 +193,7 @@ def test_activation_sparse_linear_equals_dense_product(use_kernel, bias, monkeyp
 
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_bfloat16_rows_match_float32_and_the_batch(use_kernel, monkeypatch):
-    if use_kernel and not _kernels_ok():
+    if use_kernel and not kernels_ok():
         pytest.skip("compiled kernels unavailable")
     if not use_kernel:
         monkeypatch.setattr(kernels, "available", lambda: False)

@@ -3,11 +3,10 @@ instruction set this CPU runs, and the offset checks it shares with act_sparse_g
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernels import kernels_ok, needs_kernels
 from torch import nn
 
 from sparsekit.engine import kernels
@@ -21,14 +20,7 @@ from sparsekit.quantize import dequantize_int8
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
-_ISAS = kernels.isas() if _kernels_ok() else ()
+_ISAS = kernels.isas() if kernels_ok() else ()
 
 
 def _pruned(out: int, cols: int, dtype: torch.dtype, density: float = 0.5,

@@ -3,11 +3,10 @@ multi-row (prefill) path of ActivationSparseLinear and how compile builds it."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernels import needs_kernels
 from torch import nn
 
 import sparsekit
@@ -22,14 +21,6 @@ from sparsekit.engine.compiled_linear import CompiledLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
 
 
 def _pruned(out: int, cols: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Linear:

@@ -5,11 +5,10 @@ writing, and the layer falls back to PyTorch without kernels."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernels import kernels_ok
 from test_activation_engine import _pruned
 from torch import nn
 
@@ -26,9 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _isas() -> tuple[str, ...]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.isas() if kernels.available() else ()
+    return kernels.isas() if kernels_ok() else ()
 
 
 def _reference(layer: ActivationSparseLinear, x: torch.Tensor) -> torch.Tensor:

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernels import kernels_ok
 
 from sparsekit.attention import block_sparse_attention
 from sparsekit.attention.block_sparse import reference_attention
 from sparsekit.engine import kernels
 
-
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-pytestmark = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
+pytestmark = pytest.mark.skipif(not kernels_ok(), reason="compiled kernels unavailable")
 
 
 def _blocks(n: int, block_size: int) -> int:

@@ -4,24 +4,16 @@ error in the choices and the report, and the compiled model's checkpoint."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+from _kernels import kernels_ok
 from kernel_cases import reloaded
 from torch import nn
 
-from sparsekit.engine import compile, kernels, report
+from sparsekit.engine import compile, report
 from sparsekit.quantize import attach_scales, fake_quantize, int8_scales
 
-
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-pytestmark = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
+pytestmark = pytest.mark.skipif(not kernels_ok(), reason="compiled kernels unavailable")
 
 
 def _model(seed: int = 0) -> nn.Sequential:

@@ -10,15 +10,16 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernels import needs_kernels
 from kernel_cases import reloaded
 from torch import nn
 
 import sparsekit
-from sparsekit.engine import compile, kernels
+from sparsekit.engine import compile
 from sparsekit.engine.formats import CSR16, Bitmap, DenseLowPrecision, format_from_state
 from sparsekit.quantize import dequantize_int8, quantize_int8
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
+pytestmark = needs_kernels
 
 
 def _model(seed: int = 0) -> nn.Sequential:

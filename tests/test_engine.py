@@ -8,21 +8,13 @@ import warnings
 
 import pytest
 import torch
+from _kernels import needs_kernels
 from torch import nn
 
 import sparsekit
 from sparsekit.engine import CompiledLinear, compile, kernels, report
 from sparsekit.engine.formats import CSR16, FORMATS, DenseFormat, TorchCSR
 from sparsekit.models import lenet_300_100
-
-
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
 
 SHAPES = [(1, 7), (5, 7), (33, 70), (300, 784)]
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernels import kernels_ok
 from torch import nn
 
 import sparsekit
-from sparsekit.engine import CompiledConv2d, compile, decompile, kernels, report
+from sparsekit.engine import CompiledConv2d, compile, decompile, report
 from sparsekit.engine.compiled_conv import convertible
 from sparsekit.models import lenet5, resnet_small
 
-
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-FORMATS = ["dense", "torch_csr", *(["csr16"] if _kernels_ok() else [])]
+FORMATS = ["dense", "torch_csr", *(["csr16"] if kernels_ok() else [])]
 
 CONVS = [
     dict(in_channels=3, out_channels=8, kernel_size=3),

@@ -7,23 +7,17 @@ import warnings
 
 import pytest
 import torch
+from _kernels import kernels_ok
 from safetensors.torch import save_file
 from torch import nn
 
 import sparsekit
-from sparsekit.engine import CompiledLinear, compile, decompile, kernels
+from sparsekit.engine import CompiledLinear, compile, decompile
 from sparsekit.engine.formats import CSR16, FORMATS, TorchCSR, format_from_state
 from sparsekit.engine.formats import native as formats_mod
 from sparsekit.models import lenet_300_100
 
-
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-SPARSE = ["torch_csr", *(["csr16"] if _kernels_ok() else [])]
+SPARSE = ["torch_csr", *(["csr16"] if kernels_ok() else [])]
 
 
 def _pruned(seed: int, sparsity: float = 0.9) -> nn.Module:

@@ -5,12 +5,12 @@ import warnings
 
 import pytest
 import torch
+from _kernels import needs_kernels
 from torch import nn
 
 import sparsekit
-from sparsekit.engine import kernels
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
+pytestmark = needs_kernels
 
 
 def _compiled(fmt: str, pattern: str) -> tuple[nn.Module, torch.Tensor]:

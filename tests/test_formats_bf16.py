@@ -3,10 +3,9 @@ outputs in the layer's dtype, compile, save/load and the fallback without kernel
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+from _kernels import kernels_ok
 from torch import nn
 
 import sparsekit
@@ -16,13 +15,7 @@ from sparsekit.engine.formats import FORMATS, available_formats
 BF16_FORMATS = ("csr16", "bitmap", "nm")
 
 
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-pytestmark = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
+pytestmark = pytest.mark.skipif(not kernels_ok(), reason="compiled kernels unavailable")
 
 
 def _weight(shape: tuple[int, int], pattern: str, seed: int = 0) -> torch.Tensor:

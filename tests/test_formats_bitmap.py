@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernels import kernels_ok, needs_kernels
 
 import sparsekit
-from sparsekit.engine import CompiledLinear, compile, kernels
+from sparsekit.engine import CompiledLinear, compile
 from sparsekit.engine.formats import FORMATS, Bitmap, PackedNM, available_formats
 from sparsekit.engine.formats import native as native_mod
 from sparsekit.engine.formats.nm import NM_PATTERNS, fitting_pattern
 from sparsekit.models import lenet_300_100
 from sparsekit.patterns import NM
-
-
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
 
 # (out, in): in not a multiple of 4/16/64, a single output row, a single input column
 SHAPES = [(1, 7), (5, 1), (33, 70), (64, 100), (20, 129)]
@@ -118,10 +108,10 @@ def test_supports():
     assert not PackedNM.supports(torch.ones(8, 12))
     assert not PackedNM.supports(nm_weight.double())
     assert not Bitmap.supports(torch.ones(8, 12, dtype=torch.float16))
-    assert Bitmap.supports(torch.ones(8, 12, dtype=torch.bfloat16)) == _kernels_ok()
-    assert Bitmap.supports(torch.ones(8, 12)) == _kernels_ok()
-    assert PackedNM.supports(nm_weight) == _kernels_ok()
-    assert ("nm" in available_formats(nm_weight)) == _kernels_ok()
+    assert Bitmap.supports(torch.ones(8, 12, dtype=torch.bfloat16)) == kernels_ok()
+    assert Bitmap.supports(torch.ones(8, 12)) == kernels_ok()
+    assert PackedNM.supports(nm_weight) == kernels_ok()
+    assert ("nm" in available_formats(nm_weight)) == kernels_ok()
     assert "nm" not in available_formats(torch.ones(8, 12))
     very_sparse = torch.zeros(8, 12)
     very_sparse[0, 0] = 1.0  # fits 1:4, but 23 of its 24 slots would be padding

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _kernels import needs_kernels
 from torch import nn
 
 import sparsekit
 from sparsekit.engine import CompiledLinear, compile, kernels
 from sparsekit.engine.formats import BSR, FORMATS, ConstantFanIn, format_from_state
 from sparsekit.engine.formats.bsr import choose_block
-
-
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
 
 BATCHES = (1, 2, 7, 64)
 

@@ -4,10 +4,9 @@ optional ``scales`` buffer in states and checkpoints, and the hostile cases."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+from _kernels import kernels_ok, needs_kernels
 from torch import nn
 
 import sparsekit
@@ -17,14 +16,6 @@ from sparsekit.quantize import fake_quantize, int8_scales, quantize_int8
 
 INT8_FORMATS = ("csr16", "bitmap", "nm", "dense_lowp")
 
-
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
 
 
 def _weight(shape: tuple[int, int], name: str, seed: int = 0) -> torch.Tensor:
@@ -127,9 +118,7 @@ def test_without_kernels_the_fallback_is_correct(name, value_dtype, monkeypatch)
 
 def test_available_formats_follow_the_value_dtype():
     w = _weight((16, 64), "nm")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        native = kernels.available()
+    native = kernels_ok()
     assert "dense_lowp" not in available_formats(w)  # float32 values: plain dense does that
     for value_dtype in (torch.int8, torch.bfloat16):
         names = available_formats(w, value_dtype)

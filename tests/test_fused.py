@@ -10,10 +10,11 @@ import warnings
 
 import pytest
 import torch
+from _kernels import needs_kernels
 from torch import nn
 
 import sparsekit
-from sparsekit.engine import CompiledLinear, autotune, compile, decisions, decompile, kernels
+from sparsekit.engine import CompiledLinear, autotune, compile, decisions, decompile
 from sparsekit.engine.formats import DenseFormat
 from sparsekit.engine.fused import FusedLinear, FusedProjections, shared_inputs, stack
 
@@ -206,7 +207,7 @@ class _Projections(nn.Module):
         return torch.cat([self.q(x), self.k(x).repeat(1, 2) * self.v(x).repeat(1, 2)], -1)
 
 
-@pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
+@needs_kernels
 def test_a_fused_group_traces_as_one_kernel_call(monkeypatch: pytest.MonkeyPatch) -> None:
     _clock(monkeypatch, fused_ms=1.0)
     model = _Projections()
@@ -291,7 +292,7 @@ def _act_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(autotune, "_time_block", clock)
 
 
-@pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
+@needs_kernels
 def test_activation_sparse_projections_fuse_into_one_thresholded_call(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -327,7 +328,7 @@ def test_activation_sparse_projections_fuse_into_one_thresholded_call(
     torch.testing.assert_close(q.weight, model.model.layers[0].self_attn.q_proj.weight)
 
 
-@pytest.mark.skipif(not kernels.available(), reason="compiled kernels unavailable")
+@needs_kernels
 def test_activation_sparse_projections_with_their_own_thresholds_stay_separate(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -8,11 +8,11 @@ op call with mismatched tensors raises instead of reading out of bounds.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import pytest
 import torch
+from _kernels import kernels_ok, needs_kernels
 from torch import nn
 
 from sparsekit.engine import CompiledLinear, kernels
@@ -20,15 +20,6 @@ from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.formats import CSR16, FORMATS, ConstantFanIn
 from sparsekit.engine.sparse_linear import SparseLinear
-
-
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-needs_kernels = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
 
 OUT, IN = 64, 256
 NATIVE = ("csr16", "bitmap", "nm", "bsr", "fanin")
@@ -146,7 +137,7 @@ def test_huge_layer_with_one_wide_input_raises(name: str) -> None:
     for x in (torch.ones(1, 1), torch.ones(4, 1), torch.ones(1, 0)):
         with pytest.raises(ValueError, match=f"in_features={cols}"):
             layer(x)
-    if _kernels_ok():
+    if kernels_ok():
         b = fmt._buffers
         args = [b[k] for k in fmt.buffer_names]
         with pytest.raises(RuntimeError, match=f"in_features={cols}"):

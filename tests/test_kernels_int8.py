@@ -4,23 +4,14 @@ float64 reference, and the ops reject scales that do not fit their values."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+from _kernels import kernels_ok
 from kernel_cases import OPS, VALUE_DTYPES, assert_matches, case, weight
 
-from sparsekit.engine import kernels
 from sparsekit.engine.formats import FORMATS
 
-
-def _kernels_ok() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return kernels.available()
-
-
-pytestmark = pytest.mark.skipif(not _kernels_ok(), reason="compiled kernels unavailable")
+pytestmark = pytest.mark.skipif(not kernels_ok(), reason="compiled kernels unavailable")
 
 ROWS = 24
 

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _kernels import kernels_ok
 from rich.table import Table
 from torch import nn
 
@@ -226,10 +227,9 @@ def test_engine_report_tells_w8a8_layers_from_int8_weight_layers():
     """A W8A8 layer (int8 weights and int8-quantized inputs) read "int8" like a layer that
     keeps float inputs; the report names the activation dtype too."""
     from sparsekit.engine import compile as engine_compile
-    from sparsekit.engine import kernels
     from sparsekit.engine import report as engine_report
 
-    if not kernels.available():
+    if not kernels_ok():
         pytest.skip("compiled kernels unavailable")
     model, x = mlp(), torch.randn(2, 4)
     with warnings.catch_warnings():
