@@ -55,7 +55,7 @@ def test_end_to_end_quick():
 def test_llm_decode_small_shape(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "llm_decode.py"), "--quick", "--shape",
-         "128x256x1", "--only", "decode", "--no-check", "--out", str(tmp_path)],
+         "128x256x1", "--only", "decode", "--no-check", "--profile", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -72,6 +72,12 @@ def test_llm_decode_small_shape(tmp_path):
     assert any("70% int8 vs dense fp32" in c for c in claims)
     assert any("70% W8A8 vs dense fp32" in c for c in claims)
     assert sum(not c["met"] for c in model["checks"]) >= len(model["skipped"])
+    # --profile splits the int8 rows and their peer too, beside the floor without linears
+    profile = model["profile"]
+    assert {"torch int8 dynamic", "sparsekit 50% int8 W8A8", "no linear layers (floor)"} <= set(
+        profile)
+    assert profile["no linear layers (floor)"]["matmul"] == 0
+    assert all(p["step_ms"] > 0 for p in profile.values())
     assert "ISA" in (tmp_path / "llm_decode_quick.md").read_text()
 
 
