@@ -370,6 +370,12 @@ def checks(rows: dict[str, dict], skipped: dict[str, str]) -> list[tuple[str, bo
     for name in dict.fromkeys(t[1] for t in targets):
         ratio(f"TEAL 50% on top of {name.removeprefix('sparsekit ')}", name + " + TEAL 50%",
               tok(name), 1.3)
+    if any(name.endswith(TORCH_COMPILED) for name in rows):  # --torch-compile: both sides
+        compiled = [tok(p + TORCH_COMPILED) for p in PEERS]
+        best_any = max((v for v in [*peers, *compiled] if v is not None), default=None)
+        for label, dtype in (("int8", "int8"), ("W8A8", W8A8)):
+            ratio(f"50% {label}{TORCH_COMPILED} vs best torch int8 peer (eager or compiled)",
+                  config_name("50%", dtype, False) + TORCH_COMPILED, best_any, 1.5)
     for name, row in rows.items():
         if not name.startswith("sparsekit"):
             continue

@@ -129,6 +129,28 @@ def test_llm_decode_int8pack_peer_takes_misaligned_bf16_inputs():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_llm_decode_torch_compile_rows_are_held_to_the_int8_target():
+    """With --torch-compile the compiled 50 % int8 rows face the best torch int8 peer, eager or
+    compiled (quantize_dynamic graph-breaks at every linear layer, so its eager row may win)."""
+    code = """if True:
+        import llm_decode
+        tc = llm_decode.TORCH_COMPILED
+        speeds = {"dense fp32": 10.0, "torch int8 dynamic": 40.0, "int8pack": 30.0,
+                  "torch int8 dynamic" + tc: 35.0, "sparsekit 50% int8" + tc: 50.0,
+                  "sparsekit 50% int8 W8A8" + tc: 61.0}
+        rows = {n: {"decode_tok_s": v, "prefill_tok_s": 1.0} for n, v in speeds.items()}
+        verdicts = {c.split(":")[0]: ok for c, ok in llm_decode.checks(rows, {})}
+        assert verdicts["50% int8 + torch.compile vs best torch int8 peer (eager or compiled)"] \
+            is False  # 50 / 40 = 1.25x
+        assert verdicts["50% W8A8 + torch.compile vs best torch int8 peer (eager or compiled)"]
+        eager = {n: r for n, r in rows.items() if not n.endswith(tc)}
+        assert not any("torch.compile" in c for c, _ in llm_decode.checks(eager, {}))
+    """
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_kernels_w8a8_rows_fail_where_a_sparse_format_does_not_beat_torch_int8():
     """``--tables q`` can fail: a sparse W8A8 format at or below torch's dynamic int8 is a
     miss; dense W8A8 and the float-input modes are reported only."""
