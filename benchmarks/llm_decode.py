@@ -74,7 +74,9 @@ SPARSE = (("50%", "unstructured", 0.5), ("2:4", "2:4", 0.5), ("70%", "unstructur
 DTYPES = ("fp32", "bf16", "int8")
 TEAL = 0.5
 PEERS = ("torch int8 dynamic", "int8pack")
-PROFILED = ("dense bf16", "sparsekit 2:4 bf16", "sparsekit 50% bf16")  # --profile; --torch-compile
+PROFILED = ("dense bf16", "torch int8 dynamic", "sparsekit 2:4 bf16", "sparsekit 50% bf16",
+            "sparsekit 50% int8", "sparsekit 50% int8 W8A8")  # --profile; --torch-compile
+FLOOR = "no linear layers (floor)"  # --profile: the step with every nn.Linear free
 TORCH_COMPILED = " + torch.compile"
 # Ops whose self time is a weight matmul (the rest of a decode step is attention, norms, RoPE,
 # the KV cache, and Python/framework time between ops).
@@ -139,6 +141,29 @@ def int8pack(model: nn.Module) -> nn.Module:
             if type(child) is nn.Linear:
                 setattr(parent, name, Int8PackLinear(child))
     return out.to(torch.bfloat16)  # norms and embeddings; the int8 codes keep their dtype
+
+
+class FreeLinear(nn.Module):
+    """Stands in for an ``nn.Linear`` at no cost: zeros of the output's shape and dtype."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def without_linears(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` a :class:`FreeLinear`: its decode step is
+    the floor no linear layer can go below (the Python and framework time of the model,
+    attention, norms, RoPE, the KV cache)."""
+    out = copy.deepcopy(model)
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, FreeLinear(child))
+    return out
 
 
 def dynamic_int8(model: nn.Module) -> nn.Module:
@@ -345,6 +370,12 @@ def checks(rows: dict[str, dict], skipped: dict[str, str]) -> list[tuple[str, bo
     for name in dict.fromkeys(t[1] for t in targets):
         ratio(f"TEAL 50% on top of {name.removeprefix('sparsekit ')}", name + " + TEAL 50%",
               tok(name), 1.3)
+    if any(name.endswith(TORCH_COMPILED) for name in rows):  # --torch-compile: both sides
+        compiled = [tok(p + TORCH_COMPILED) for p in PEERS]
+        best_any = max((v for v in [*peers, *compiled] if v is not None), default=None)
+        for label, dtype in (("int8", "int8"), ("W8A8", W8A8)):
+            ratio(f"50% {label}{TORCH_COMPILED} vs best torch int8 peer (eager or compiled)",
+                  config_name("50%", dtype, False) + TORCH_COMPILED, best_any, 1.5)
     for name, row in rows.items():
         if not name.startswith("sparsekit"):
             continue
@@ -409,8 +440,14 @@ def run_model(name: str, shape: tuple[int, int, int, int], quick: bool, *,
     split = {}
     if profile:
         profiled = {n: m for n, m in models.items() if n.removesuffix(TORCH_COMPILED) in PROFILED}
-        split = decode_profile(profiled, prompt[:, :16], steps=8 if quick else 16,
-                               step_ms={n: 1e3 / decode[n] for n in profiled})
+        step_ms = {n: 1e3 / decode[n] for n in profiled}
+        floors = {FLOOR: without_linears(model)}
+        if torch_compile:
+            floors[FLOOR + TORCH_COMPILED] = torch.compile(floors[FLOOR], dynamic=True)
+        step_ms |= {n: 1e3 / tok_s for n, tok_s in decode_tokens_per_s(
+            floors, prompt[:, :16], steps=16 if quick else 32, rounds=2 if quick else 4).items()}
+        split = decode_profile(profiled | floors, prompt[:, :16], steps=8 if quick else 16,
+                               step_ms=step_ms)
     return {"model": name, "hidden": hidden, "intermediate": intermediate, "layers": layers,
             "parameters": params, "prefill_tokens": prefill, "rows": rows,
             "profile": split, "skipped": skipped, "checks": checks(rows, skipped)}
@@ -495,7 +532,8 @@ def markdown(machine: dict[str, str], results: list[dict], ppl: dict | None, not
         if res.get("profile"):
             lines += ["", "Where one decode step goes (ms per step; matmul, attention and other "
                       "ops: self time under torch.profiler; Python & framework: the "
-                      "unprofiled median step minus those):", "",
+                      f"unprofiled median step minus those; {FLOOR}: the dense fp32 model "
+                      "with every linear layer free, timed on its own):", "",
                       "| configuration | step | matmul | attention | other ops | "
                       "Python & framework |", "| :--- | ---: | ---: | ---: | ---: | ---: |"]
             lines += [f"| {config} | {p['step_ms']:.2f} | {p['matmul']:.2f} | "
@@ -545,7 +583,8 @@ def main() -> int:
                         help="also time " + ", ".join(PROFILED) + " under torch.compile")
     parser.add_argument("--profile", action="store_true",
                         help="split a decode step of " + ", ".join(PROFILED) + " into matmul, "
-                        "attention, other ops and Python time (torch.profiler)")
+                        "attention, other ops and Python time (torch.profiler), beside the "
+                        "step of the model without linear layers")
     args = parser.parse_args()
     machine = describe()
     note = (f"torch {torch.__version__}; sparsekit kernels "

@@ -55,7 +55,7 @@ def test_end_to_end_quick():
 def test_llm_decode_small_shape(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "llm_decode.py"), "--quick", "--shape",
-         "128x256x1", "--only", "decode", "--no-check", "--out", str(tmp_path)],
+         "128x256x1", "--only", "decode", "--no-check", "--profile", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -72,6 +72,12 @@ def test_llm_decode_small_shape(tmp_path):
     assert any("70% int8 vs dense fp32" in c for c in claims)
     assert any("70% W8A8 vs dense fp32" in c for c in claims)
     assert sum(not c["met"] for c in model["checks"]) >= len(model["skipped"])
+    # --profile splits the int8 rows and their peer too, beside the floor without linears
+    profile = model["profile"]
+    assert {"torch int8 dynamic", "sparsekit 50% int8 W8A8", "no linear layers (floor)"} <= set(
+        profile)
+    assert profile["no linear layers (floor)"]["matmul"] == 0
+    assert all(p["step_ms"] > 0 for p in profile.values())
     assert "ISA" in (tmp_path / "llm_decode_quick.md").read_text()
 
 
@@ -117,6 +123,28 @@ def test_llm_decode_int8pack_peer_takes_misaligned_bf16_inputs():
             ref = lin(x.float())
             assert y.dtype == torch.bfloat16 and y.shape == (1, 3, 64)
             assert float((y.float() - ref).norm() / ref.norm()) < 0.02
+    """
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_llm_decode_torch_compile_rows_are_held_to_the_int8_target():
+    """With --torch-compile the compiled 50 % int8 rows face the best torch int8 peer, eager or
+    compiled (quantize_dynamic graph-breaks at every linear layer, so its eager row may win)."""
+    code = """if True:
+        import llm_decode
+        tc = llm_decode.TORCH_COMPILED
+        speeds = {"dense fp32": 10.0, "torch int8 dynamic": 40.0, "int8pack": 30.0,
+                  "torch int8 dynamic" + tc: 35.0, "sparsekit 50% int8" + tc: 50.0,
+                  "sparsekit 50% int8 W8A8" + tc: 61.0}
+        rows = {n: {"decode_tok_s": v, "prefill_tok_s": 1.0} for n, v in speeds.items()}
+        verdicts = {c.split(":")[0]: ok for c, ok in llm_decode.checks(rows, {})}
+        assert verdicts["50% int8 + torch.compile vs best torch int8 peer (eager or compiled)"] \
+            is False  # 50 / 40 = 1.25x
+        assert verdicts["50% W8A8 + torch.compile vs best torch int8 peer (eager or compiled)"]
+        eager = {n: r for n, r in rows.items() if not n.endswith(tc)}
+        assert not any("torch.compile" in c for c, _ in llm_decode.checks(eager, {}))
     """
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
                             capture_output=True, text=True, timeout=600)

@@ -132,7 +132,9 @@ class FusedProjections(nn.Module):
         version = x._version if versioned else 0
         kept = self.__dict__["_kept"]
         if kept is None or kept[0] is not x or kept[1] != version:
-            kept = [x, version, self.linear(x).split(self.sizes, -1), 0]
+            # split_with_sizes, not Tensor.split: the Python wrapper of split costs more than
+            # the three views it makes (4.5 against 2 µs at batch 1)
+            kept = [x, version, self.linear(x).split_with_sizes(self.sizes, -1), 0]
             self.__dict__["_kept"] = kept
         kept[3] |= 1 << index
         if kept[3] == (1 << len(self.sizes)) - 1:  # every member served: keep nothing
