@@ -123,7 +123,8 @@ def test_lbfgs_with_masks_converges_like_dense():
     assert losses[True] < 1e-3, losses
 
 
-@pytest.mark.parametrize("criterion", ["snip", "taylor", "grasp", "wanda", "magnitude"])
+@pytest.mark.parametrize("criterion", ["snip", "taylor", "taylor:accumulated", "grasp", "wanda",
+                                       "magnitude"])
 def test_nan_calibration_data_is_refused_and_model_untouched(criterion):
     # issue 17.3: one NaN in x made snip/taylor/grasp prune every weight
     model = _model()

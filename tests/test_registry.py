@@ -63,8 +63,9 @@ def test_duplicate_name_is_rejected():
 
 def test_criteria_carry_their_data_needs():
     assert CRITERIA.names(data_driven=True) == [
-        "flap", "gradient", "grasp", "snip", "synflow", "taylor", "wanda"]
-    assert CRITERIA.names(needs_labels=True) == ["gradient", "grasp", "snip", "taylor"]
+        "flap", "gradient", "grasp", "snip", "synflow", "taylor", "taylor:accumulated", "wanda"]
+    assert CRITERIA.names(needs_labels=True) == ["gradient", "grasp", "snip", "taylor",
+                                                 "taylor:accumulated"]
     assert CRITERIA.meta("magnitude")["data_driven"] is False
     assert CRITERIA.meta("graph:erdos_renyi")["data_driven"] is False
 
@@ -74,7 +75,8 @@ def test_data_driven_is_deprecated_and_derived():
 
     with pytest.warns(DeprecationWarning, match="CRITERIA.names\\(data_driven=True\\)"):
         old = scores.DATA_DRIVEN
-    assert old == frozenset({"flap", "gradient", "snip", "taylor", "grasp", "synflow", "wanda"})
+    assert old == frozenset({"flap", "gradient", "snip", "taylor", "taylor:accumulated", "grasp",
+                             "synflow", "wanda"})
 
 
 @pytest.mark.parametrize("module", ["sparsekit.scores", "sparsekit.graph.priors",

@@ -7,8 +7,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from sparsekit.scores import CRITERIA, ScoreContext, batches
 from sparsekit.targets import resolve_targets
 
-DATA_CRITERIA = ["wanda", "snip", "taylor", "grasp", "synflow"]
-LABEL_CRITERIA = ["snip", "taylor", "grasp"]
+DATA_CRITERIA = ["wanda", "snip", "taylor", "taylor:accumulated", "grasp", "synflow"]
+LABEL_CRITERIA = ["snip", "taylor", "taylor:accumulated", "grasp"]
 
 
 def scores(name, model, data=None, *, targets=None, loss_fn=None, seed=0):
@@ -21,7 +21,8 @@ def scores(name, model, data=None, *, targets=None, loss_fn=None, seed=0):
 def test_registry_names():
     assert CRITERIA.names() == [
         "flap", "gradient", "graph:barabasi_albert", "graph:erdos_renyi", "graph:watts_strogatz",
-        "grasp", "magnitude", "random", "snip", "synflow", "taylor", "wanda",
+        "grasp", "magnitude", "random", "snip", "synflow", "taylor", "taylor:accumulated",
+        "wanda",
     ]
 
 
@@ -244,6 +245,22 @@ def test_snip_averages_gradients_over_batches_taylor_averages_scores():
     torch.testing.assert_close(snip, raw / raw.sum())
     taylor = scores("taylor", model, halves)["weight"]
     torch.testing.assert_close(taylor, ((w * g1).abs() + (w * g2).abs()) / 2)
+
+
+def test_accumulated_taylor_is_abs_w_times_summed_g():
+    # Torch-Pruning's TaylorImportance: .backward() on each batch sums the gradients,
+    # then |w·Σg|; differs from "taylor" where a gradient entry flips sign between batches
+    model, x, y = ce_problem()
+    w, b = model.weight.detach(), model.bias.detach()
+    halves = [(x[:3], y[:3]), (x[3:], y[3:])]
+    g1, g2 = ce_grad(w, b, *halves[0]), ce_grad(w, b, *halves[1])
+    out = scores("taylor:accumulated", model, halves)["weight"]
+    torch.testing.assert_close(out, (w * (g1 + g2)).abs())
+    assert ((g1 * g2) < 0).any()  # some entries cancel, so the two forms rank differently
+    per_batch = scores("taylor", model, halves)["weight"]
+    assert not torch.allclose(out, 2 * per_batch)
+    snip = scores("snip", model, halves)["weight"]
+    torch.testing.assert_close(snip, out / out.sum())
 
 
 def test_custom_loss_fn():

@@ -28,15 +28,22 @@ def _grads(ctx: ScoreContext, batch, *, create_graph: bool = False) -> list[torc
     return list(torch.autograd.grad(loss, params, create_graph=create_graph))
 
 
-def _mean_grads(ctx: ScoreContext, data: list) -> list[torch.Tensor]:
-    """The gradient of every target averaged over the batches ``data`` (float32)."""
+def _summed_grads(ctx: ScoreContext, data: list) -> list[torch.Tensor]:
+    """The gradient of every target summed over the batches ``data`` (float32), as
+    ``.backward()`` over each batch would accumulate it."""
     with preserved(ctx.model), torch.enable_grad():
         total = [torch.zeros_like(t.param, dtype=torch.float32) for t in ctx.targets]
         for batch in ctx.rank_share(data):
             for acc, g in zip(total, _grads(ctx, batch)):
                 acc += g.float()
     all_reduce_sum(*total)
-    return [g / len(data) for g in total]
+    return total
+
+
+def _accumulated_taylor(ctx: ScoreContext, data: list) -> list[torch.Tensor]:
+    """|w·Σg| of every target, the gradient summed over the batches ``data`` first."""
+    summed = _summed_grads(ctx, data)
+    return [(t.param.detach().float() * g).abs() for t, g in zip(ctx.targets, summed)]
 
 
 @CRITERIA.register("gradient", data_driven=True, needs_labels=True)
@@ -50,20 +57,19 @@ def gradient(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """
     data = ctx.require_data("gradient", labels=True)
     ctx.require_grad("gradient")
-    return {t.name: g.abs() for t, g in zip(ctx.targets, _mean_grads(ctx, data))}
+    return {t.name: g.abs() / len(data) for t, g in zip(ctx.targets, _summed_grads(ctx, data))}
 
 
 @CRITERIA.register("snip", data_driven=True, needs_labels=True)
 def snip(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """Connection sensitivity |∂L/∂c| = |w·g| at c = 1 (Lee et al. 2019).
 
-    The gradient is averaged over all calibration batches before taking the product;
-    scores are normalised to sum to one, as in the paper.
+    The gradient is accumulated over all calibration batches before taking the product
+    (``"taylor:accumulated"``); scores are normalised to sum to one, as in the paper.
     """
     data = ctx.require_data("snip", labels=True)
     ctx.require_grad("snip")
-    mean = _mean_grads(ctx, data)
-    scores = [(t.param.detach().float() * g).abs() for t, g in zip(ctx.targets, mean)]
+    scores = _accumulated_taylor(ctx, data)
     norm = sum(s.sum() for s in scores).clamp_min(torch.finfo(torch.float32).tiny)
     return {t.name: s / norm for t, s in zip(ctx.targets, scores)}
 
@@ -73,7 +79,8 @@ def taylor(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """First-order Taylor estimate of the loss change, |w·∂L/∂w|, averaged per batch.
 
     Unlike SNIP, the absolute value is taken per batch (Molchanov et al. 2019), so
-    weights whose gradient flips sign between batches still count as important.
+    weights whose gradient flips sign between batches still count as important;
+    ``"taylor:accumulated"`` is the other form.
     """
     data = ctx.require_data("taylor", labels=True)
     ctx.require_grad("taylor")
@@ -84,6 +91,21 @@ def taylor(ctx: ScoreContext) -> dict[str, torch.Tensor]:
                 s += (t.param.detach().float() * g.float()).abs()
     all_reduce_sum(*scores)
     return {t.name: s / len(data) for t, s in zip(ctx.targets, scores)}
+
+
+@CRITERIA.register("taylor:accumulated", data_driven=True, needs_labels=True)
+def taylor_accumulated(ctx: ScoreContext) -> dict[str, torch.Tensor]:
+    """First-order Taylor estimate with the gradient accumulated over the batches, |w·Σ∂L/∂w|.
+
+    The form of Torch-Pruning's ``TaylorImportance`` (``.backward()`` on every calibration
+    batch, then the product): the estimated loss change of removing ``w`` on the
+    calibration set as a whole, so gradients that flip sign between batches cancel —
+    the opposite choice to ``"taylor"``'s per-batch mean of |w·g|. SNIP ranks alike (it
+    normalises these scores to sum to one).
+    """
+    data = ctx.require_data("taylor:accumulated", labels=True)
+    ctx.require_grad("taylor:accumulated")
+    return dict(zip((t.name for t in ctx.targets), _accumulated_taylor(ctx, data)))
 
 
 @CRITERIA.register("grasp", data_driven=True, needs_labels=True)
