@@ -12,20 +12,7 @@ from sparsekit.moe.relufication import distillation_loss
 
 transformers = pytest.importorskip("transformers")
 
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def tiny_bert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=2, num_attention_heads=4)
-    return transformers.BertModel(config).eval()
-
+from test_moefication import tiny_bert, tiny_llama  # noqa: E402 (needs transformers)
 
 DATA = list(torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1)).split(2))
 HELD_OUT = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
