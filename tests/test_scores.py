@@ -235,11 +235,16 @@ def test_taylor_is_abs_w_times_g():
     torch.testing.assert_close(out, (w * ce_grad(w, model.bias.detach(), x, y)).abs())
 
 
-def test_snip_averages_gradients_over_batches_taylor_averages_scores():
+def two_batches():
+    """ce_problem split into two calibration batches, with each batch's weight gradient."""
     model, x, y = ce_problem()
     w, b = model.weight.detach(), model.bias.detach()
     halves = [(x[:3], y[:3]), (x[3:], y[3:])]
-    g1, g2 = ce_grad(w, b, *halves[0]), ce_grad(w, b, *halves[1])
+    return model, w, halves, ce_grad(w, b, *halves[0]), ce_grad(w, b, *halves[1])
+
+
+def test_snip_averages_gradients_over_batches_taylor_averages_scores():
+    model, w, halves, g1, g2 = two_batches()
     snip = scores("snip", model, halves)["weight"]
     raw = (w * (g1 + g2) / 2).abs()
     torch.testing.assert_close(snip, raw / raw.sum())
@@ -250,10 +255,7 @@ def test_snip_averages_gradients_over_batches_taylor_averages_scores():
 def test_accumulated_taylor_is_abs_w_times_summed_g():
     # Torch-Pruning's TaylorImportance: .backward() on each batch sums the gradients,
     # then |w·Σg|; differs from "taylor" where a gradient entry flips sign between batches
-    model, x, y = ce_problem()
-    w, b = model.weight.detach(), model.bias.detach()
-    halves = [(x[:3], y[:3]), (x[3:], y[3:])]
-    g1, g2 = ce_grad(w, b, *halves[0]), ce_grad(w, b, *halves[1])
+    model, w, halves, g1, g2 = two_batches()
     out = scores("taylor:accumulated", model, halves)["weight"]
     torch.testing.assert_close(out, (w * (g1 + g2)).abs())
     assert ((g1 * g2) < 0).any()  # some entries cancel, so the two forms rank differently
