@@ -10,15 +10,18 @@ import platform
 
 import torch
 
-ISA_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx2", "fma",
-             "asimd", "sve")
+ISA_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx512_vbmi2",
+             "avx512_fp16", "amx_bf16", "amx_int8", "avx2", "fma", "asimd", "sve")
+"""Extensions named in results: those the kernels use, and AMX (which oneDNN's dense bf16
+and int8 matmuls, the peers, use where present)."""
 ZEN = {23: "Zen or Zen 2", 26: "Zen 5"}  # AMD core generation by CPU family (25: Zen 3 or 4)
 
 
 def cpu_info() -> tuple[str, list[str]]:
-    """The CPU model name and which of :data:`ISA_FLAGS` it has (``/proc/cpuinfo``); an AMD
-    name also gets its family, model and core generation, since a virtual machine's name
-    ("AMD EPYC") does not tell Zen 3, 4 and 5 apart and their kernels' speeds differ."""
+    """The CPU model name and which of :data:`ISA_FLAGS` it has (``/proc/cpuinfo``); an x86
+    name also gets its family and model (and an AMD one its core generation), since a
+    virtual machine's name ("AMD EPYC", "Intel(R) Xeon(R) Processor") does not tell the
+    generations apart and their kernels' speeds differ."""
     model, flags, fields = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -31,11 +34,12 @@ def cpu_info() -> tuple[str, list[str]]:
     except OSError:
         pass
     model = fields.get("model name", model)
-    if fields.get("vendor_id") == "AuthenticAMD" and "cpu family" in fields:
-        family = int(fields["cpu family"])
-        zen = ZEN.get(family, "")
-        if family == 25:  # Zen 3 and Zen 4 share a family; only Zen 4 has AVX-512
-            zen = "Zen 4" if "avx512f" in flags else "Zen 3"
+    if fields.get("vendor_id") in ("AuthenticAMD", "GenuineIntel") and "cpu family" in fields:
+        family, zen = int(fields["cpu family"]), ""
+        if fields["vendor_id"] == "AuthenticAMD":
+            zen = ZEN.get(family, "")
+            if family == 25:  # Zen 3 and Zen 4 share a family; only Zen 4 has AVX-512
+                zen = "Zen 4" if "avx512f" in flags else "Zen 3"
         model += f" (family {family}, model {fields.get('model', '?')}{', ' + zen if zen else ''})"
     return model, [f for f in ISA_FLAGS if f in flags]
 

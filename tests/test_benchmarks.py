@@ -167,14 +167,20 @@ def test_kernels_w8a8_rows_fail_where_a_sparse_format_does_not_beat_torch_int8()
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def _helper(name: str):
+    """A benchmark helper module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_report_concludes_every_benchmark_alike(tmp_path, capsys):
     """``_report.conclude``: a PASS/MISS line per check, the files written (text as is,
     anything else as JSON), exit 1 on a miss unless ``no_check``."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_report", ROOT / "benchmarks" / "_report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = _helper("_report")
     checks = [("fast enough", True), ("small enough", False)]
     assert report.checklist(checks) == ["- PASS: fast enough", "- MISS: small enough"]
     files = {tmp_path / "new" / "r.md": "# r\n", tmp_path / "r.json": {"rows": [1]}}
@@ -185,3 +191,29 @@ def test_report_concludes_every_benchmark_alike(tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text()) == {"rows": [1]}
     assert report.conclude(checks, {}, no_check=True) == 0
     assert report.conclude(checks[:1], {}, no_check=False) == 0
+
+
+CPUINFO = {
+    "amd": "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+           "model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma avx512f avx512_vnni\n",
+    "intel": "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 167\n"
+             "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx2 fma avx512f amx_int8\n",
+}
+
+
+def test_machine_names_the_cpu_generation(tmp_path, monkeypatch):
+    """``_machine.cpu_info``: a virtual machine's generic name gains its family and model
+    (and an AMD one its Zen generation), and the ISA flags are listed in a fixed order."""
+    machine = _helper("_machine")
+    real_open = open
+    for vendor, text in CPUINFO.items():
+        (tmp_path / vendor).write_text(text)
+        monkeypatch.setattr(machine, "open", lambda path, *a, v=vendor: real_open(tmp_path / v),
+                            raising=False)
+        name, flags = machine.cpu_info()
+        if vendor == "amd":
+            assert name == "AMD EPYC (family 25, model 17, Zen 4)"
+            assert flags == ["avx512f", "avx512_vnni", "avx2", "fma"]
+        else:
+            assert name == "Intel(R) Xeon(R) Processor (family 6, model 167)"
+            assert flags == ["avx512f", "amx_int8", "avx2", "fma"]
