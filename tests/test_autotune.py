@@ -486,6 +486,12 @@ def test_compile_times_cold_only_models_larger_than_the_cache(
     seen.clear()
     compile(model, torch.randn(1, 32))
     assert seen and all(seen)
+    # a model within the reported cache but beyond what a working set keeps: cold too
+    monkeypatch.setattr(autotune, "last_level_cache_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(autotune, "effective_cache_bytes", lambda: 1024)
+    seen.clear()
+    compile(_model(), torch.randn(1, 32), cache=False)  # not the decision just stored
+    assert seen and all(seen)
     layer = model[0]
     warm = decisions.key(layer, (32,), ["dense"], [1], 1)
     with autotune.cold_cache():
@@ -494,8 +500,9 @@ def test_compile_times_cold_only_models_larger_than_the_cache(
 
 
 def test_cold_cache_releases_its_flush_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The flush buffer (twice the last-level cache) lives only while timing cold."""
-    monkeypatch.setattr(autotune, "last_level_cache_bytes", lambda: 4096)
+    """The flush buffer (twice the cache a working set keeps) lives only while timing
+    cold."""
+    monkeypatch.setattr(autotune, "effective_cache_bytes", lambda: 4096)
     with autotune.cold_cache():
         autotune._evict()
         assert autotune._flush is not None and autotune._flush.numel() == 2 * 4096 // 4
@@ -503,3 +510,36 @@ def test_cold_cache_releases_its_flush_buffer(monkeypatch: pytest.MonkeyPatch) -
             autotune._evict()
         assert autotune._flush is not None  # an inner block leaves the outer one's buffer
     assert autotune._flush is None
+
+
+def test_effective_cache_is_where_reading_slows_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache a working set keeps: the largest size (doubling from the smallest) read at
+    least 1 / CACHE_SPEEDUP as fast as the smallest; the reported size when reading never
+    slows down, or when the smallest size already reaches it."""
+    mib = 1 << 20
+
+    def rates(knee: int):
+        return lambda size: 30e9 if size <= knee else 8e9
+
+    autotune._measured_cache.cache_clear()
+    try:
+        monkeypatch.setattr(autotune, "_read_rate", rates(32 * mib))
+        assert autotune._measured_cache(480 * mib, 4 * mib) == 32 * mib
+        monkeypatch.setattr(autotune, "_read_rate", rates(1 << 40))
+        assert autotune._measured_cache(480 * mib, 2 * mib) == 480 * mib
+        assert autotune._measured_cache(480 * mib, 480 * mib) == 480 * mib
+        slowing = iter([30e9, 25e9, 19e9])  # 19 < 30 / 1.5: the third size is not cached
+        monkeypatch.setattr(autotune, "_read_rate", lambda size: next(slowing))
+        assert autotune._measured_cache(64 * mib, 1 * mib) == 2 * mib
+    finally:
+        autotune._measured_cache.cache_clear()
+
+
+def test_effective_cache_measures_this_machine() -> None:
+    """Measured for real: within [smallest size, reported size], one thread, and torch's
+    thread count restored."""
+    threads = torch.get_num_threads()
+    size = autotune.effective_cache_bytes()
+    assert min(1 << 20, autotune.last_level_cache_bytes()) <= size
+    assert size <= autotune.last_level_cache_bytes()
+    assert torch.get_num_threads() == threads

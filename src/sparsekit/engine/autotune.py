@@ -20,11 +20,18 @@ format is taken; dense is still timed, as the reference of the evidence. The ref
 need not be dense: a fused group of projections is timed against its separate layers.
 
 Inside :func:`cold_cache` (which :func:`~sparsekit.engine.compile` enters when the model's
-weights do not fit in the CPU's last-level cache), row counts up to :data:`COLD_ROWS` are
-timed *cold*: the cache is flushed before every timed call, as it is in batch-1 decode of
-such a model, where each layer's weights come from memory. Timed warm, a layer that fits in
-the cache on its own would favour the format with the least decoding work over the one
-with the fewest bytes, which is the wrong choice for the model it belongs to.
+weights do not fit in the cache, :func:`effective_cache_bytes`), row counts up to
+:data:`COLD_ROWS` are timed *cold*: the cache is flushed before every timed call, as it is
+in batch-1 decode of such a model, where each layer's weights come from memory. Timed warm,
+a layer that fits in the cache on its own would favour the format with the least decoding
+work over the one with the fewest bytes, which is the wrong choice for the model it
+belongs to.
+
+The cache that counts is the one a working set can hold, not the one the CPU reports: a
+virtual machine on a large server sees the whole socket's last-level cache (480 MiB on one
+Intel Xeon here) while other tenants keep most of it, and a 200 MB int8 model that
+"fits" was then timed warm, where dense int8 wins, and decoded from memory, where the
+sparse formats would have won. :func:`effective_cache_bytes` measures it once per process.
 """
 
 from __future__ import annotations
@@ -40,8 +47,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["COLD_ROWS", "MARGIN", "Samples", "choose", "cold_cache", "last_level_cache_bytes",
-           "measure"]
+__all__ = ["COLD_ROWS", "MARGIN", "Samples", "choose", "cold_cache", "effective_cache_bytes",
+           "last_level_cache_bytes", "measure"]
 
 MARGIN = 0.05
 """How much faster than dense (5 %) a format must be, in the median and in most rounds."""
@@ -82,7 +89,12 @@ def cold() -> bool:
 
 @functools.cache
 def last_level_cache_bytes() -> int:
-    """The largest CPU cache of this machine in bytes (from sysfs; 32 MiB where unknown)."""
+    """The largest CPU cache of this machine in bytes, as the CPU reports it (from sysfs;
+    32 MiB where unknown)."""
+    return max(_cache_sizes(), default=32 << 20)
+
+
+def _cache_sizes() -> list[int]:
     sizes = []
     for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         text = path.read_text().strip().upper()
@@ -90,15 +102,60 @@ def last_level_cache_bytes() -> int:
         digits = text.rstrip("KMG")
         if digits.isdigit():
             sizes.append(int(digits) * scale)
-    return max(sizes, default=32 << 20)
+    return sizes
+
+
+CACHE_SPEEDUP = 1.5
+"""A working set counts as cached while one thread reads it no more than this much slower
+than one twice the next-to-last cache (which the last-level cache surely holds)."""
+
+
+def effective_cache_bytes() -> int:
+    """How large a working set this machine's caches hold, in bytes: the largest of the
+    sizes 2^k times twice the next-to-last cache, up to the reported last-level cache,
+    that one thread reads at least 1 / :data:`CACHE_SPEEDUP` as fast as the smallest
+    (``torch.sum`` of a warm float32 buffer, best of a few passes; measured once per
+    process, well under a second where the cache is small)."""
+    sizes = _cache_sizes()
+    llc = max(sizes, default=32 << 20)
+    below = max((s for s in sizes if s < llc), default=llc // 16)
+    return _measured_cache(llc, max(2 * below, 1 << 20))
+
+
+@functools.cache
+def _measured_cache(llc: int, smallest: int) -> int:
+    if smallest >= llc:
+        return llc
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cached = _read_rate(smallest)
+        fits, size = smallest, 2 * smallest
+        while size <= llc and CACHE_SPEEDUP * _read_rate(size) >= cached:
+            fits, size = size, 2 * size
+        return llc if size > llc else fits
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _read_rate(size: int) -> float:
+    """Bytes per second one thread reads from a warm buffer of ``size`` bytes (best pass)."""
+    buffer = torch.ones(max(size // 4, 1), dtype=torch.float32)
+    buffer.sum()
+    best = math.inf
+    for _ in range(max(3, min(16, (256 << 20) // size))):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return size / max(best, 1e-9)
 
 
 def _evict() -> None:
     """Push what the last call left in the caches out to memory (writes twice the
-    last-level cache)."""
+    cache a working set can hold, :func:`effective_cache_bytes`)."""
     global _flush
     if _flush is None:
-        _flush = torch.zeros(2 * last_level_cache_bytes() // 4, dtype=torch.float32)
+        _flush = torch.zeros(2 * effective_cache_bytes() // 4, dtype=torch.float32)
     _flush.add_(1.0)
 
 

@@ -237,15 +237,17 @@ def compile(
 
 def _streams_weights(model: nn.Module, value_dtype: torch.dtype | None) -> bool:
     """Whether ``model``'s linear and convolution weights (in ``value_dtype`` where given)
-    outgrow the last-level cache, so that decoding reads every layer's weights from memory
-    and small row counts are timed cold (:func:`~sparsekit.engine.autotune.cold_cache`)."""
+    outgrow the cache (:func:`~sparsekit.engine.autotune.effective_cache_bytes`), so that
+    decoding reads every layer's weights from memory and small row counts are timed cold
+    (:func:`~sparsekit.engine.autotune.cold_cache`)."""
     total = 0
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             weight = module.weight
             size = weight.element_size() if value_dtype is None else value_dtype.itemsize
             total += weight.numel() * size
-    return total > autotune.last_level_cache_bytes()
+    # the reported size first: a model larger than it needs no measurement
+    return total > autotune.last_level_cache_bytes() or total > autotune.effective_cache_bytes()
 
 
 # -- per layer -------------------------------------------------------------------------
