@@ -141,7 +141,7 @@ def bitmap_expansion() -> str | None:
     """How the AVX-512 kernels move the packed bf16 values of a bitmap word into the lanes of
     their inputs: ``"vpexpand"`` (one VBMI2 ``vpexpandw``, the default on Intel CPUs that have
     it, where it is faster) or ``"tables"`` (``pshufb`` by tables of byte ranks, the default
-    elsewhere: AMD Zen 4/5 run the expands slower); ``None`` without kernels. The AVX2 and
+    elsewhere: AMD Zen 5 ran the expands 2-3x slower); ``None`` without kernels. The AVX2 and
     scalar kernels always use their own tables."""
     ops = load()
     return None if ops is None else str(ops.bitmap_expansion())

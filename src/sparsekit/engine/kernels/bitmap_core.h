@@ -108,7 +108,7 @@ inline void expand16(unsigned w, const float*& p, __m256* first, __m256* second)
 // values into place with one vpermps by the ranks of its set bits (ranks16: the high byte's
 // count past the low byte's values) and a zeroing mask, 1.4x faster on AMD Zen 5 than a
 // 256-bit permute per byte. On Intel, vexpandps (from a register or from memory) ran it no
-// faster (0.9-1.0x at 50-90%, 11008x4096, one thread): its 2 port-5 uops and the mask move
+// faster (0.86-1.0x at 50-90%, 11008x4096, one thread): its 2 port-5 uops and the mask move
 // are as many as vpermps, its index insert and the mask move.
 inline __m512i ranks16(unsigned w) {
   const unsigned lo = w & 0xFFu, hi = w >> 8;

@@ -75,7 +75,8 @@ std::vector<std::string> bitmap_expansions() {
 }
 
 // "vpexpand" on Intel CPUs that run it (1.2-1.4x faster bf16 GEMVs there, bitmap_core.h),
-// "tables" elsewhere (AMD Zen 4/5 run the expands slower than the tables).
+// "tables" elsewhere (AMD Zen 5 ran vpexpandw and expand-loads 2-3x slower than the tables,
+// Zen 4 vpexpandb 1.3x slower).
 bool vpexpand_by_default() {
 #if defined(__x86_64__) || defined(__i386__)
   return bitmap_expansions().size() > 1 && __builtin_cpu_is("intel");
