@@ -60,6 +60,62 @@ def test_every_isa_expands_full_and_empty_bitmap_words(isa, dtype, sparsity, col
         assert_matches(c.call(x, bias, 2), c, x, bias)
 
 
+def _expansions() -> tuple[str, ...]:
+    return kernels.bitmap_expansions() if _isas() else ()
+
+
+@pytest.mark.parametrize("expansion", _expansions())
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
+@pytest.mark.parametrize("cols", [64, 1000])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_every_bitmap_expansion_gives_the_tables_bf16_rows_bit_for_bit(
+    expansion, sparsity, cols, batch
+):
+    # on the best ISA (the expansions are AVX-512's): full, half-full and nearly empty words,
+    # rows ending in the scalar tail, the GEMV (batch 1) and the SpMM (batch 5)
+    c = case("bitmap", "bf16", weight("bitmap", 33, cols, sparsity=sparsity, seed=9))
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(10))
+    bias = torch.randn(33)
+    with kernels.use_bitmap_expansion(expansion):
+        assert kernels.bitmap_expansion() == expansion
+        y = c.call(x, bias, 2)
+    with kernels.use_bitmap_expansion("tables"):
+        expected = c.call(x, bias, 2)
+    assert_matches(y, c, x, bias)
+    assert torch.equal(y, expected)
+
+
+def test_the_bitmap_expansion_is_vpexpand_on_intel_cpus_that_run_it():
+    expansions = kernels.bitmap_expansions()
+    assert expansions[0] == "tables"
+    assert set(expansions) <= {"tables", "vpexpand"}
+    assert ("vpexpand" in expansions) == ("avx512" in _isas() and "avx512_vbmi2" in _cpu_flags())
+    intel = "GenuineIntel" in _cpu_info("vendor_id")
+    assert kernels.bitmap_expansion() == ("vpexpand" if "vpexpand" in expansions and intel
+                                          else "tables")
+
+
+def _cpu_info(field: str) -> str:
+    """The first ``field`` line of /proc/cpuinfo ("" where there is none)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((line for line in lines if line.startswith(field)), "")
+
+
+def _cpu_flags() -> set[str]:
+    return set(_cpu_info("flags").split())
+
+
+def test_use_bitmap_expansion_rejects_names_this_cpu_cannot_run():
+    before = kernels.bitmap_expansion()
+    bad = r"bitmap expansion must be one of \('tables'.*got 'pshufb'"
+    with pytest.raises(ValueError, match=bad), kernels.use_bitmap_expansion("pshufb"):
+        pass
+    assert kernels.bitmap_expansion() == before
+    with pytest.raises(RuntimeError, match="bitmap expansion must be one this CPU runs"):
+        torch.ops.sparsekit.set_bitmap_expansion("pshufb")
+
+
 def _ragged_bitmap_weight(rows: int, cols: int, seed: int) -> torch.Tensor:
     """Rows of every kind the 64-input steps of the int8 bitmap GEMVs meet: empty, full,
     one nonzero (first or last input), and random at 30-95% sparsity."""
@@ -219,12 +275,18 @@ def test_isas_list_the_portable_path_first_and_isa_the_best():
     assert set(isas) <= {"scalar", "avx2", "avx512"}
 
 
-def test_use_isa_restores_the_previous_isa_after_an_error():
-    best = kernels.isa()
-    with pytest.raises(KeyError), kernels.use_isa("scalar"):
-        assert kernels.isa() == "scalar"
+@pytest.mark.parametrize(("use", "current", "name"), [
+    (kernels.use_isa, kernels.isa, "scalar"),
+    (kernels.use_bitmap_expansion, kernels.bitmap_expansion, "tables"),
+])
+def test_use_isa_and_use_bitmap_expansion_restore_the_previous_choice_after_an_error(
+    use, current, name
+):
+    before = current()
+    with pytest.raises(KeyError), use(name):
+        assert current() == name
         raise KeyError("inside")
-    assert kernels.isa() == best
+    assert current() == before
 
 
 @pytest.mark.parametrize("name", ["neon", "AVX2", "", "avx1024"])

@@ -8,7 +8,9 @@ The arithmetic (the kernel cores) is compiled once per instruction set: portable
 (``"scalar"``, what ARM builds too), AVX2 + FMA (``"avx2"``) and AVX-512 (``"avx512"``); the
 library runs the best one the CPU supports (:func:`isa`; :func:`isas` lists the others it can
 run, :func:`use_isa` forces one, e.g. to test or time every path). The rest of the library
-is compiled for a baseline of the architecture, so one build runs on any CPU of it.
+is compiled for a baseline of the architecture, so one build runs on any CPU of it. On
+AVX-512 the bitmap rows of bf16 values have two expansions, chosen by the CPU's vendor
+(:func:`bitmap_expansion`; :func:`use_bitmap_expansion` forces one).
 
 The sources are compiled once per (torch version, Python, CPU, sources) by
 ``torch.utils.cpp_extension.load`` into ``~/.cache/sparsekit/`` (``$SPARSEKIT_CACHE_DIR`` or
@@ -33,7 +35,8 @@ from types import ModuleType
 import torch
 
 __all__ = [
-    "available", "isa", "isas", "load", "num_threads", "unavailable_reason", "use_isa",
+    "available", "bitmap_expansion", "bitmap_expansions", "isa", "isas", "load", "num_threads",
+    "unavailable_reason", "use_bitmap_expansion", "use_isa",
 ]
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))  # one file per kernel family
@@ -107,25 +110,60 @@ def isas() -> tuple[str, ...]:
     return () if ops is None else tuple(ops.isas())
 
 
-@contextlib.contextmanager
-def use_isa(name: str) -> Iterator[None]:
+def use_isa(name: str) -> contextlib.AbstractContextManager[None]:
     """Run the kernels on instruction set ``name`` (one of :func:`isas`) inside the block,
     for every thread of the process; the previous one is restored on exit.
 
     >>> with kernels.use_isa("avx2"):  # doctest: +SKIP
     ...     y = layer(x)  # the AVX2 path, even on an AVX-512 CPU
     """
-    accepted = isas()
+    return _using("isa", "instruction sets", name, isas(), "set_isa")
+
+
+@contextlib.contextmanager
+def _using(what: str, kinds: str, name: str, accepted: tuple[str, ...],
+           setter: str) -> Iterator[None]:
+    """The kernels' choice ``what`` set to ``name`` (one of ``accepted``, the ``kinds`` this
+    CPU runs) by the op ``setter`` inside the block, the previous one restored on exit."""
     if name not in accepted:
-        raise ValueError(f"isa must be one of {accepted} (the instruction sets this CPU runs "
-                         f"with kernels available), got {name!r}")
+        raise ValueError(f"{what} must be one of {accepted} (the {kinds} this CPU runs with "
+                         f"kernels available), got {name!r}")
     ops = load()
     assert ops is not None  # accepted is empty without kernels
-    before = str(ops.set_isa(name))
+    before = str(getattr(ops, setter)(name))
     try:
         yield
     finally:
-        ops.set_isa(before)
+        getattr(ops, setter)(before)
+
+
+def bitmap_expansion() -> str | None:
+    """How the AVX-512 kernels move the packed bf16 values of a bitmap word into the lanes of
+    their inputs: ``"vpexpand"`` (one VBMI2 ``vpexpandw``, the default on Intel CPUs that have
+    it, where it is faster) or ``"tables"`` (``pshufb`` by tables of byte ranks, the default
+    elsewhere: AMD Zen 5 ran the expands 2-3x slower); ``None`` without kernels. The AVX2 and
+    scalar kernels always use their own tables."""
+    ops = load()
+    return None if ops is None else str(ops.bitmap_expansion())
+
+
+def bitmap_expansions() -> tuple[str, ...]:
+    """The bitmap expansions this CPU runs: ``"tables"``, and ``"vpexpand"`` on an AVX-512 CPU
+    with VBMI2; empty without kernels."""
+    ops = load()
+    return () if ops is None else tuple(ops.bitmap_expansions())
+
+
+def use_bitmap_expansion(name: str) -> contextlib.AbstractContextManager[None]:
+    """Expand bitmap words with ``name`` (one of :func:`bitmap_expansions`) inside the block,
+    for every thread of the process; the previous one is restored on exit. Both give the
+    same outputs, bit for bit.
+
+    >>> with kernels.use_bitmap_expansion("tables"):  # doctest: +SKIP
+    ...     y = layer(x)  # bf16 bitmap rows by pshufb tables, even on Intel
+    """
+    return _using("bitmap expansion", "expansions", name, bitmap_expansions(),
+                  "set_bitmap_expansion")
 
 
 def _cache_dir() -> Path:

@@ -5,7 +5,9 @@
 // int8: 1) bytes per nonzero plus 1 bit per weight (int8: plus a float32 scale per row).
 // The arithmetic is bitmap_core.h, compiled per instruction set: AVX2 and AVX-512 move each
 // byte's packed values into the lanes of their inputs with one shuffle whose controls come
-// from a table indexed by the byte, so the GEMV is a dense-like streaming loop over the row.
+// from a table indexed by the byte, so the GEMV is a dense-like streaming loop over the row
+// (bf16 values on Intel CPUs with VBMI2: one vpexpandw per word, the bitmap expansion
+// "vpexpand", isa.cpp).
 // int8 values on an AVX-512 CPU with VBMI take the W8A8 cores' GEMV row instead
 // (qlinear_core.h, BitmapFloat): 64 codes per byte permute.
 
@@ -38,7 +40,8 @@ at::Tensor bitmap_linear(const at::Tensor& values, const at::Tensor& bitmap,
       x, values, scales, bias, rows, threads, [&](const sparsekit::Linear& io) {
         const sparsekit::BitmapArgs args{io, sparsekit::value_type(values), values.data_ptr(),
                                          reinterpret_cast<const uint16_t*>(bitmap.data_ptr()),
-                                         rowptr.data_ptr<int32_t>(), bitmap.size(1)};
+                                         rowptr.data_ptr<int32_t>(), bitmap.size(1),
+                                         sparsekit::bitmap_vpexpand()};
         // int8 codes expand faster with the byte permutes of the W8A8 cores' instruction
         // set, where it is the active one
         const auto& q = sparsekit::qcores();

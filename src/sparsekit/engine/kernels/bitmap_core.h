@@ -14,7 +14,8 @@ namespace sparsekit::SPARSEKIT_ISA::rows {
 //  - nibble[m & 15]: 16 pshufb controls moving 4 packed fp32 values (4 bytes each).
 // A shuffle from such a table replaced the earlier permute-and-blend expansion, which is
 // 3-4x slower on AMD Zen 5 (and AVX-512 VBMI2 vpexpandw/vpexpandb, 2-3x slower there:
-// benchmarks/kernels.py, bitmap at 50% on 11008x4096).
+// benchmarks/kernels.py, bitmap at 50% on 11008x4096); on Intel, bf16 words take vpexpandw
+// instead (BitmapVpexpand below).
 struct ByteTables {
   int32_t pack[256][8];
   int32_t rank[256][8];
@@ -106,7 +107,9 @@ inline void expand16(unsigned w, const float*& p, __m256* first, __m256* second)
 // The same as 16 lanes: int8 and bf16 widen once to 512 bits; fp32 permutes word w's packed
 // values into place with one vpermps by the ranks of its set bits (ranks16: the high byte's
 // count past the low byte's values) and a zeroing mask, 1.4x faster on AMD Zen 5 than a
-// 256-bit permute per byte.
+// 256-bit permute per byte. On Intel, vexpandps (from a register or from memory) ran it no
+// faster (0.86-1.0x at 50-90%, 11008x4096, one thread): its 2 port-5 uops and the mask move
+// are as many as vpermps, its index insert and the mask move.
 inline __m512i ranks16(unsigned w) {
   const unsigned lo = w & 0xFFu, hi = w >> 8;
   const __m256i first = _mm256_load_si256(reinterpret_cast<const __m256i*>(kByteTables.rank[lo]));
@@ -128,6 +131,14 @@ inline __m512 expand16(unsigned w, const float*& p) {
   p += __builtin_popcount(w);
   return e;
 }
+
+// The expansions above, as the argument of Bitmap::dot16.
+struct Permuted {
+  template <typename T>
+  __m512 operator()(unsigned w, const T*& p) const {
+    return expand16(w, p);
+  }
+};
 #endif
 
 // The streaming loops prefetch the packed values this many bytes ahead: the hardware
@@ -154,22 +165,15 @@ struct Bitmap {
   // the lanes of their inputs, two words per step while 32 values remain in the array (each
   // expansion reads 16 bytes past its values); the last words run the scalar loop.
   float dot(int64_t r, const float* x) const {
+#if SPARSEKIT_AVX512
+    return dot16(r, x, Permuted{});
+#else
     const T* p = v + rowptr[r];
     const uint16_t* b = bits + r * words;
     int64_t k = 0;
     float acc = 0.f;
-#if SPARSEKIT_AVX2 || SPARSEKIT_AVX512
+#if SPARSEKIT_AVX2
     const T* const end = v + rowptr[rows];
-#endif
-#if SPARSEKIT_AVX512
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (; k + 2 <= words && end - p >= 32; k += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-      a0 = _mm512_fmadd_ps(expand16(b[k], p), _mm512_loadu_ps(x + 16 * k), a0);
-      a1 = _mm512_fmadd_ps(expand16(b[k + 1], p), _mm512_loadu_ps(x + 16 * k + 16), a1);
-    }
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#elif SPARSEKIT_AVX2
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                    _mm256_setzero_ps()};
     for (; k + 2 <= words && end - p >= 32; k += 2) {
@@ -184,6 +188,32 @@ struct Bitmap {
     }
     acc = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
 #endif
+    return tail(p, b, k, x, acc);
+#endif
+  }
+
+#if SPARSEKIT_AVX512
+  // dot() with the 16-lane expansion expand(w, p) of word w (which moves p past its
+  // values): always inlined, so that a caller compiled for more instruction sets
+  // (BitmapVpexpand) inlines an expansion that uses them.
+  template <typename Expand>
+  __attribute__((always_inline)) float dot16(int64_t r, const float* x, Expand expand) const {
+    const T* p = v + rowptr[r];
+    const uint16_t* b = bits + r * words;
+    const T* const end = v + rowptr[rows];
+    int64_t k = 0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; k + 2 <= words && end - p >= 32; k += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+      a0 = _mm512_fmadd_ps(expand(b[k], p), _mm512_loadu_ps(x + 16 * k), a0);
+      a1 = _mm512_fmadd_ps(expand(b[k + 1], p), _mm512_loadu_ps(x + 16 * k + 16), a1);
+    }
+    return tail(p, b, k, x, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+  }
+#endif
+
+  // acc plus the products of words [k, words) (their values at p), one nonzero at a time.
+  float tail(const T* p, const uint16_t* b, int64_t k, const float* x, float acc) const {
     for (; k < words; ++k) {
       for (unsigned m = b[k]; m; m &= m - 1) {
         acc += to_float(*p++) * x[16 * k + __builtin_ctz(m)];
@@ -221,6 +251,35 @@ struct Bitmap {
   }
 };
 
+#if SPARSEKIT_AVX512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,popcnt,bmi,bmi2,avx512vbmi2")
+// bf16 rows where BitmapArgs::vpexpand says so (the bitmap expansion "vpexpand", isa.cpp:
+// the default on Intel CPUs with VBMI2): one vpexpandw loads word w's packed values straight
+// into the upper halves of the 32-bit lanes of their inputs (its mask: w's bits spread to the
+// odd 16-bit lanes by pdep) and zeros the rest, which are then the lanes' floats: 3 port-5
+// uops a word on Intel (vpexpandw takes 2, the mask move 1) where the pshufb tables take 4 and
+// integer work besides. On an Intel Xeon with AVX-512 VBMI2 (11008x4096, one thread, thread
+// CPU time, interleaved, outputs bit-identical) it ran the GEMV 1.2x faster at 50% and 2:4
+// and 1.4x at 70% and 90% than the tables (vpermw by table ranks: 0.85-1.0x; vpexpandw from
+// a register: 1.2-1.4x too); the same expand-loads stalled the streaming loop on AMD Zen 5,
+// so the tables stay the default there. Expanding 2 words at once into 32 16-bit lanes and
+// taking the even and odd ones as floats (x reordered to match) ran 1.0-1.15x faster still,
+// but sums in another order.
+struct ExpandLoaded {
+  __m512 operator()(unsigned w, const bf16*& p) const {
+    const __m512i e = _mm512_maskz_expandloadu_epi16(_pdep_u32(w, 0xAAAAAAAAu), p);
+    p += __builtin_popcount(w);
+    return _mm512_castsi512_ps(e);
+  }
+};
+
+struct BitmapVpexpand : Bitmap<bf16> {
+  float dot(int64_t r, const float* x) const { return dot16(r, x, ExpandLoaded{}); }
+};
+#pragma GCC pop_options
+#endif
+
 }  // namespace sparsekit::SPARSEKIT_ISA::rows
 
 namespace sparsekit::SPARSEKIT_ISA {
@@ -228,7 +287,13 @@ namespace sparsekit::SPARSEKIT_ISA {
 void bitmap_linear(const BitmapArgs& a) {
   with_values(a.value, a.values, [&](auto v) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
-    rows::run(rows::Bitmap<T>{v, a.bits, a.rowptr, a.io.rows, a.io.cols, a.words}, a.io);
+    const rows::Bitmap<T> w{v, a.bits, a.rowptr, a.io.rows, a.io.cols, a.words};
+#if SPARSEKIT_AVX512
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (a.vpexpand) return rows::run(rows::BitmapVpexpand{w}, a.io);
+    }
+#endif
+    rows::run(w, a.io);
   });
 }
 

@@ -49,7 +49,8 @@ struct CsrArgs {
 };
 
 // W as bitmap rows: `words` 16-bit words of bits per row, the values of the set bits packed
-// row by row, int32 row pointers into them.
+// row by row, int32 row pointers into them. `vpexpand`: the AVX-512 cores expand bf16 words
+// with VBMI2 vpexpandw (the bitmap expansion "vpexpand", which only a CPU with VBMI2 runs).
 struct BitmapArgs {
   Linear io;
   Value value;
@@ -57,6 +58,7 @@ struct BitmapArgs {
   const uint16_t* bits;
   const int32_t* rowptr;
   int64_t words;
+  bool vpexpand;
 };
 
 // W as packed N:M: `width` values per row, `fbits`-bit input fields in `words` int32 per row.
@@ -212,5 +214,10 @@ extern const Cores kCores;
 // The cores of the active instruction set (the best this CPU runs, unless set_isa chose
 // another).
 const Cores& cores();
+
+// Whether the AVX-512 bitmap rows expand bf16 words with vpexpandw (the bitmap expansion
+// "vpexpand": the default on Intel CPUs with VBMI2) instead of the pshufb tables
+// ("tables"; set_bitmap_expansion chooses).
+bool bitmap_vpexpand();
 
 }  // namespace sparsekit

@@ -1,6 +1,8 @@
 // Which kernel cores run: the best instruction set this CPU supports (detected when the
 // library loads), or one that set_isa chose (tests and benchmarks of every path). Also the
-// ops that report and choose it, torch.ops.sparsekit.isa / isas / set_isa.
+// ops that report and choose it, torch.ops.sparsekit.isa / isas / set_isa, and the same for
+// the bitmap expansion of the AVX-512 cores (bitmap_expansion / bitmap_expansions /
+// set_bitmap_expansion).
 
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -60,7 +62,51 @@ std::string set_isa(const std::string& name) {
   TORCH_CHECK(false, "isa must be one this CPU runs (", accepted, "), got '", name, "'");
 }
 
+// The bitmap expansions this CPU runs: "tables" (pshufb by tables of byte ranks, any CPU) and
+// "vpexpand" (VBMI2 vpexpandw, bitmap_core.h) where the AVX-512 cores run and VBMI2 is there.
+std::vector<std::string> bitmap_expansions() {
+  std::vector<std::string> names{"tables"};
+#if defined(__x86_64__) || defined(__i386__)
+  if (runnable().back() == &avx512::kCores && __builtin_cpu_supports("avx512vbmi2")) {
+    names.emplace_back("vpexpand");
+  }
+#endif
+  return names;
+}
+
+// "vpexpand" on Intel CPUs that run it (1.2-1.4x faster bf16 GEMVs there, bitmap_core.h),
+// "tables" elsewhere (AMD Zen 5 ran vpexpandw and expand-loads 2-3x slower than the tables,
+// Zen 4 vpexpandb 1.3x slower).
+bool vpexpand_by_default() {
+#if defined(__x86_64__) || defined(__i386__)
+  return bitmap_expansions().size() > 1 && __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool> vpexpand{vpexpand_by_default()};
+
+std::string bitmap_expansion() { return bitmap_vpexpand() ? "vpexpand" : "tables"; }
+
+// Makes `name` the bitmap expansion; returns the one it replaces.
+std::string set_bitmap_expansion(const std::string& name) {
+  std::string accepted;
+  for (const std::string& n : bitmap_expansions()) {
+    if (name == n) {
+      const std::string before = bitmap_expansion();
+      vpexpand.store(name == "vpexpand");
+      return before;
+    }
+    accepted += (accepted.empty() ? "" : ", ") + n;
+  }
+  TORCH_CHECK(false, "bitmap expansion must be one this CPU runs (", accepted, "), got '", name,
+              "'");
+}
+
 }  // namespace
+
+bool bitmap_vpexpand() { return vpexpand.load(std::memory_order_relaxed); }
 
 const Cores& cores() {
   const Cores* c = chosen.load(std::memory_order_relaxed);
@@ -81,4 +127,7 @@ TORCH_LIBRARY_FRAGMENT(sparsekit, m) {
   m.def("isa() -> str", &sparsekit::isa);
   m.def("isas() -> str[]", &sparsekit::isas);
   m.def("set_isa(str name) -> str", &sparsekit::set_isa);
+  m.def("bitmap_expansion() -> str", &sparsekit::bitmap_expansion);
+  m.def("bitmap_expansions() -> str[]", &sparsekit::bitmap_expansions);
+  m.def("set_bitmap_expansion(str name) -> str", &sparsekit::set_bitmap_expansion);
 }
