@@ -74,7 +74,7 @@ def _assert_matches(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("batch", [1, 2, 5, 17, 64])
+@pytest.mark.parametrize("batch", [1, 2, 5, 8, 16, 17, 64])  # around the 8-row passes
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("kind", _KINDS)
 def test_qlinear_equals_the_exact_integer_reference(kind, isa, batch, threads):
@@ -103,7 +103,7 @@ def test_qlinear_on_a_wide_layer_and_bf16_inputs(kind, isa):
 
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("cols", [1, 16, 63, 64, 65, 100, 130, 1000])
-@pytest.mark.parametrize("batch", [1, 2, 9])
+@pytest.mark.parametrize("batch", [1, 2, 8, 9])
 def test_bitmap_qlinear_at_every_width_with_empty_and_full_rows(isa, cols, batch):
     # in_features around multiples of 64 (4 bitmap words per AVX-512 step), rows with no, one
     # and all nonzeros, and a last row whose codes end the array (whole loads must stop)
