@@ -68,12 +68,14 @@ def _expansions() -> tuple[str, ...]:
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
 @pytest.mark.parametrize("cols", [64, 1000])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_every_bitmap_expansion_gives_the_tables_bf16_rows_bit_for_bit(
-    expansion, sparsity, cols, batch
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_every_bitmap_expansion_gives_the_tables_rows_bit_for_bit(
+    expansion, sparsity, cols, batch, dtype
 ):
     # on the best ISA (the expansions are AVX-512's): full, half-full and nearly empty words,
-    # rows ending in the scalar tail, the GEMV (batch 1) and the SpMM (batch 5)
-    c = case("bitmap", "bf16", weight("bitmap", 33, cols, sparsity=sparsity, seed=9))
+    # rows ending in the scalar tail, the GEMV (batch 1) and the SpMM (batch 5), for bf16
+    # values and int8 codes with float inputs (W8A8: test_kernels_qlinear.py)
+    c = case("bitmap", dtype, weight("bitmap", 33, cols, sparsity=sparsity, seed=9))
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(10))
     bias = torch.randn(33)
     with kernels.use_bitmap_expansion(expansion):

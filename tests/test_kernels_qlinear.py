@@ -101,12 +101,14 @@ def test_qlinear_on_a_wide_layer_and_bf16_inputs(kind, isa):
                                atol=1e-2 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("expansion", kernels.bitmap_expansions() if _isas() else ())
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("cols", [1, 16, 63, 64, 65, 100, 130, 1000])
 @pytest.mark.parametrize("batch", [1, 2, 8, 9])
-def test_bitmap_qlinear_at_every_width_with_empty_and_full_rows(isa, cols, batch):
+def test_bitmap_qlinear_at_every_width_with_empty_and_full_rows(isa, cols, batch, expansion):
     # in_features around multiples of 64 (4 bitmap words per AVX-512 step), rows with no, one
-    # and all nonzeros, and a last row whose codes end the array (whole loads must stop)
+    # and all nonzeros, and a last row whose codes end the array (whole loads must stop);
+    # every bitmap expansion (vpermb by ranks, vpexpandb), batches over 8 expanded per tile
     g = torch.Generator().manual_seed(cols)
     w = torch.randn(24, cols, generator=g)
     keep = torch.rand(24, cols, generator=g) >= torch.linspace(0.3, 0.95, 24)[:, None]
@@ -115,7 +117,7 @@ def test_bitmap_qlinear_at_every_width_with_empty_and_full_rows(isa, cols, batch
     fmt = _format("bitmap", w * keep)
     x = torch.randn(batch, cols, generator=g)
     bias = torch.randn(24, generator=g)
-    with kernels.use_isa(isa):
+    with kernels.use_isa(isa), kernels.use_bitmap_expansion(expansion):
         y = _call(fmt, x, bias, 2)
     codes, scales = quantize_int8(w * keep)
     _assert_matches(y, _reference(codes, scales, x, bias))

@@ -63,7 +63,8 @@ std::string set_isa(const std::string& name) {
 }
 
 // The bitmap expansions this CPU runs: "tables" (pshufb by tables of byte ranks, any CPU) and
-// "vpexpand" (VBMI2 vpexpandw, bitmap_core.h) where the AVX-512 cores run and VBMI2 is there.
+// "vpexpand" (VBMI2 vpexpandw for bf16 words, bitmap_core.h; vpexpandb for int8 codes,
+// qlinear_core.h) where the AVX-512 cores run and VBMI2 is there.
 std::vector<std::string> bitmap_expansions() {
   std::vector<std::string> names{"tables"};
 #if defined(__x86_64__) || defined(__i386__)
@@ -74,7 +75,8 @@ std::vector<std::string> bitmap_expansions() {
   return names;
 }
 
-// "vpexpand" on Intel CPUs that run it (1.2-1.4x faster bf16 GEMVs there, bitmap_core.h),
+// "vpexpand" on Intel CPUs that run it (1.2-1.4x faster bf16 GEMVs there, bitmap_core.h;
+// 1.1-1.6x W8A8 bitmap rows at batch 1-8, 1.2-1.4x float-input int8, qlinear_core.h),
 // "tables" elsewhere (AMD Zen 5 ran vpexpandw and expand-loads 2-3x slower than the tables,
 // Zen 4 vpexpandb 1.3x slower).
 bool vpexpand_by_default() {

@@ -9,8 +9,9 @@
 //   bytes, 64 products per instruction. The codes are stored biased, qx + 128 in [1, 255],
 //   and the row sum of the weights times 128 (one more vpdpbusd per weight vector, shared by
 //   every input row) is subtracted. Bitmap rows expand 64 packed codes by 64 bits of the
-//   bitmap with one vpermb by the ranks of the set bits (ranks64), or on Intel with one
-//   vpexpandb (prefers_vpexpandb); N:M rows pick each value's input code with vpermi2b from
+//   bitmap with one vpermb by the ranks of the set bits (ranks64), or with one vpexpandb
+//   where the bitmap expansion is "vpexpand" (BitmapArgs::vpexpand; isa.cpp: the default on
+//   Intel); N:M rows pick each value's input code with vpermi2b from
 //   the fields spread to bytes by vpmultishiftqb.
 // - AVX2: vpmaddubsw with the sign trick: |w| (unsigned, at most 128) times sign(w) * qx
 //   (signed, at most 127 in magnitude), so a pair of products is at most 2 * 128 * 127 =
@@ -143,20 +144,14 @@ inline __m512i ranks64_scalar_counts(uint64_t m) {
 }
 
 // The codes of the bits m (4 bitmap words), packed from byte 0 of `codes`, in the lanes of
-// their inputs (zeros where a bit is clear): by vpexpandb where prefers_vpexpandb(), else by
-// a vpermb by the ranks of the set bits (ranks64).
+// their inputs (zeros where a bit is clear): by vpexpandb where `vpexpandb` (the bitmap
+// expansion "vpexpand", isa.cpp), else by a vpermb by the ranks of the set bits (ranks64).
+// On Intel (Granite Rapids) vpexpandb ran the W8A8 bitmap rows 1.2-1.7x faster at batch 1-4
+// and the float-input int8 GEMV 1.3-1.5x faster (11008x4096 and 4096x4096 at 50 and 70 %,
+// one thread); on AMD it is the slower one (see ranks64).
 inline __m512i expand64(uint64_t m, __m512i codes, bool vpexpandb) {
   return vpexpandb ? _mm512_maskz_expand_epi8(m, codes)
                    : _mm512_maskz_permutexvar_epi8(m, ranks64(m), codes);
-}
-
-// Whether this CPU expands bitmap codes faster with vpexpandb than with vpermb by ranks: on
-// Intel (Granite Rapids) vpexpandb ran the W8A8 bitmap rows 1.2-1.7x faster at batch 1-4 and
-// the float-input int8 GEMV 1.3-1.5x faster (11008x4096 and 4096x4096 at 50 and 70 %, one
-// thread); on AMD it is the slower one (see ranks64).
-inline bool prefers_vpexpandb() {
-  static const bool intel = __builtin_cpu_is("intel");
-  return intel;
 }
 #elif SPARSEKIT_AVX2
 // acc += the int32 sums of 4 products |w| * (sign(w) * x) per lane (no 16-bit saturation:
@@ -272,7 +267,7 @@ struct Bitmap {
   const int32_t* rowptr;
   int64_t rows, cols, words;
 #if SPARSEKIT_AVX512
-  bool vpexpandb;  // expand64's instruction (prefers_vpexpandb())
+  bool vpexpandb;  // expand64's instruction (BitmapArgs::vpexpand)
 #endif
 
   int64_t work(int64_t r) const { return rowptr[r] + 2 * r * words; }  // bytes
@@ -389,10 +384,10 @@ constexpr __mmask64 kTopBytesMask = 0x8888888888888888ULL;
 // (11008x4096 at 50-90%, one thread). dot() takes x times kInputScale = 2^-24, so that its
 // products, codes times 2^24 times these inputs, are exactly the codes times x (inputs
 // below 2^-102 in magnitude lose bits to underflow); decode(), for larger batches, takes x
-// as it is. Where prefers_vpexpandb(), vpexpandb expands the codes instead.
+// as it is. Where BitmapArgs::vpexpand, vpexpandb expands the codes instead.
 struct BitmapFloat : rows::Bitmap<int8_t> {
   static constexpr float kInputScale = 0x1p-24f;
-  bool vpexpandb;  // the expanding instruction (prefers_vpexpandb())
+  bool vpexpandb;  // the expanding instruction (BitmapArgs::vpexpand)
 
   float dot(int64_t r, const float* x) const {
     const int8_t* p = v + rowptr[r];
@@ -661,7 +656,7 @@ inline void bitmap_qlinear(const BitmapArgs& a) {
   q::run(q::Bitmap{static_cast<const int8_t*>(a.values), a.bits, a.rowptr, a.io.rows,
                    a.io.cols, a.words
 #if SPARSEKIT_AVX512
-                   , q::prefers_vpexpandb()
+                   , a.vpexpand
 #endif
          },
          a.io);
@@ -675,7 +670,7 @@ inline void nm_qlinear(const NMArgs& a) {
 inline void bitmap_int8_linear(const BitmapArgs& a) {
   const q::BitmapFloat w{{static_cast<const int8_t*>(a.values), a.bits, a.rowptr, a.io.rows,
                           a.io.cols, a.words},
-                         q::prefers_vpexpandb()};
+                         a.vpexpand};
   Linear io = a.io;
   if (io.batch <= rows::kGemvMaxBatch) {  // GEMV rows: x times BitmapFloat::kInputScale
     thread_local std::vector<float> scaled;
