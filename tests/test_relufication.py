@@ -60,6 +60,35 @@ def test_relufy_distils_toward_the_original_on_held_out_inputs(make):
     assert loss(model, model) == 0
 
 
+def zeros(model: nn.Module, tokens: torch.Tensor = HELD_OUT) -> float:
+    """Fraction of the FFN activations (the ReLU outputs) that are exactly zero."""
+    outs = []
+    handles = [f.act.register_forward_hook(lambda _m, _x, out: outs.append(out))
+               for f in find_ffns(model)]
+    with torch.no_grad():
+        model(tokens)
+    for h in handles:
+        h.remove()
+    return float(torch.cat([o.flatten() for o in outs]).eq(0).float().mean())
+
+
+def test_relufy_l1_makes_the_activations_sparser_while_still_distilling():
+    model = tiny_bert()
+    swapped = moe.relufy(model, DATA, steps=0)
+    plain = moe.relufy(model, DATA, steps=40, lr=3e-4)
+    sparse = moe.relufy(model, DATA, steps=40, lr=3e-4, l1=0.01)
+    assert zeros(sparse) > zeros(plain) + 0.1
+    assert loss(sparse, model) < 0.5 * loss(swapped, model)
+    torch.testing.assert_close(moe.relufy(model, DATA, steps=40, lr=3e-4, l1=0.0).state_dict(),
+                               plain.state_dict())
+
+
+def test_relufy_l1_penalises_the_gate_of_a_gated_ffn():
+    model = tiny_llama()
+    plain = moe.relufy(model, DATA, steps=40, lr=3e-4)
+    assert zeros(moe.relufy(model, DATA, steps=40, lr=3e-4, l1=0.1)) > zeros(plain) + 0.05
+
+
 def test_relufy_leaves_the_model_untouched_and_returns_a_copy_in_its_modes():
     model = tiny_bert().train()
     model.encoder.layer[0].eval()
@@ -105,6 +134,11 @@ def test_distillation_loss_on_logits_is_the_kl_divergence_and_on_states_the_rela
     ({"lr": float("nan")}, ValueError, "lr must be a positive finite float, got nan"),
     ({"lr": "1e-4"}, ValueError, "lr must be a positive finite float"),
     ({"seed": 0.5}, TypeError, "seed must be an int"),
+    ({"l1": -0.1}, ValueError, "l1 must be a finite float ≥ 0, got -0.1"),
+    ({"l1": float("inf")}, ValueError, "l1 must be a finite float ≥ 0, got inf"),
+    ({"l1": "0.1"}, TypeError, "l1 must be a finite float ≥ 0, got '0.1'"),
+    ({"l1": True}, TypeError, "l1 must be a finite float ≥ 0, got True"),
+    ({"l1": 0.1, "steps": 0}, ValueError, "l1=0.1 needs steps > 0"),
     ({"data": None}, ValueError, "data must be a tensor of inputs"),
     ({"data": []}, ValueError, "data holds no"),
     ({"data": 3}, TypeError, "data must be a tensor"),
