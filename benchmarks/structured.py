@@ -120,7 +120,9 @@ QUICK = Setup(width=8, train_steps=0, finetune_steps=2, seeds=2, batch=32, score
 
 @CRITERIA.register("magnitude_l2")
 def magnitude_l2(ctx: ScoreContext) -> dict[str, torch.Tensor]:
-    """w²: a channel's mean score is its squared L2 norm per weight (Torch-Pruning's p=2)."""
+    """w²: a channel's mean score is its squared L2 norm per weight (Torch-Pruning's p=2 over
+    the Conv/Linear weights; its ``MagnitudeImportance`` also counts each BatchNorm γ² as one
+    more layer of the group, which this leaves out)."""
     return {t.name: t.param.detach().float().pow(2) for t in ctx.targets}
 
 
