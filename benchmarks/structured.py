@@ -41,10 +41,11 @@ Torch-Pruning (``torch-pruning``, the ``bench`` extra) is not a sparsekit depend
 the comparison rows and checks are skipped with a note. Without the Fashion-MNIST IDX files
 the run falls back to scikit-learn's digits and says so (then accuracies mean little).
 Writes benchmarks/results/structured.{json,md} (``--quick``: structured_quick.*; ``--llm``:
-structured_llm.*).
+structured_llm.*; ``--no-latency``, the accuracy rows and checks alone: structured_accuracy.*).
 
     python benchmarks/structured.py            # ~10 min on 2 free cores (+ ~9 min once: training)
     python benchmarks/structured.py --quick    # smoke run, a few minutes (compiles 8 models)
+    python benchmarks/structured.py --no-latency   # accuracy only (structured_accuracy.*)
     python benchmarks/structured.py --llm      # the LLM section (~10 min; first run trains)
     python benchmarks/structured.py --llm --quick   # its smoke run, ~2 min
 """
@@ -119,7 +120,9 @@ QUICK = Setup(width=8, train_steps=0, finetune_steps=2, seeds=2, batch=32, score
 
 @CRITERIA.register("magnitude_l2")
 def magnitude_l2(ctx: ScoreContext) -> dict[str, torch.Tensor]:
-    """w²: a channel's mean score is its squared L2 norm per weight (Torch-Pruning's p=2)."""
+    """w²: a channel's mean score is its squared L2 norm per weight (Torch-Pruning's p=2 over
+    the Conv/Linear weights; its ``MagnitudeImportance`` also counts each BatchNorm γ² as one
+    more layer of the group, which this leaves out)."""
     return {t.name: t.param.detach().float().pow(2) for t in ctx.targets}
 
 
@@ -686,11 +689,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-to", type=int, nargs="+", metavar="N",
                         help="kept channels a multiple of N: one N for every MAC cut or one "
                              f"per cut (full: {' '.join(map(str, ROUND_TO))})")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="accuracy, parameters and MACs only: no timing, no latency checks "
+                             "and no width-64 section (structured*_accuracy.*; accuracy does "
+                             "not depend on machine load)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     if args.llm:
+        if args.no_latency:
+            parser.error("--no-latency is for the ResNet section; --llm times its models")
         return llm_main(args)
     setup = QUICK if args.quick else Setup()
     if args.round_to is not None:
@@ -749,17 +758,18 @@ def main(argv: list[str] | None = None) -> int:
                          **seed_spread([accuracy(m, test_x, test_y) for m in tuned]),
                          "params": sum(p.numel() for p in pruned.parameters()),
                          "macs": macs(pruned, x)})
-    times = latency(models, setup, x.shape[-1])
+    timed = not args.no_latency
+    times = latency(models, setup, x.shape[-1]) if timed else {}
     dense_macs = rows[0]["macs"]
     for r in rows:
         r["macs_vs_dense"] = r["macs"] / dense_macs
-        r.update(times[r["model"]])
-    checks += latency_checks(rows) + accuracy_checks(rows)
+        r.update(times.get(r["model"], {}))
+    checks += (latency_checks(rows) if timed else []) + accuracy_checks(rows)
 
-    scale = scale_section(setup, libraries)
+    scale = scale_section(setup, libraries) if timed else []
     checks += latency_checks(scale, f" (width {setup.scale_width}, {setup.scale_size}² inputs)")
     elapsed = time.perf_counter() - start
-    stem = "structured_quick" if args.quick else "structured"
+    stem = ("structured_quick" if args.quick else "structured") + ("" if timed else "_accuracy")
     args.out.mkdir(parents=True, exist_ok=True)
     cpu, isa = cpu_info()
     (args.out / f"{stem}.json").write_text(json.dumps(
@@ -775,18 +785,23 @@ def main(argv: list[str] | None = None) -> int:
              f"standard deviation over the seeds; round_to "
              f"{' / '.join(map(str, setup.round_to))} at "
              f"{' / '.join(f'−{c:.0%}' for c in setup.mac_cuts)}; "
-             f"{setup.threads} threads; latency with conv+BN folded (torch.compile: inductor "
-             f"with freezing, channels_last input), the median over "
-             f"interleaved rounds (speed-ups: the median of per-round ratios to dense); load "
-             f"average {load:.1f} at the start; {elapsed:.0f} s", "",
+             f"{setup.threads} threads; "
+             + ("latency with conv+BN folded (torch.compile: inductor "
+                "with freezing, channels_last input), the median over "
+                "interleaved rounds (speed-ups: the median of per-round ratios to dense)"
+                if timed else "accuracy only (--no-latency: nothing timed)")
+             + f"; load average {load:.1f} at the start; {elapsed:.0f} s", "",
              "| model | channel ratio | acc. pruned (1k images) | acc. fine-tuned (mean ± std) | "
              "params | "
-             f"MACs | MACs vs dense | {LATENCY_HEADER}",
-             "|---|---:|---:|---:|---:|---:|---:|" + LATENCY_ALIGN]
+             f"MACs | MACs vs dense |{f' {LATENCY_HEADER}' if timed else ''}",
+             "|---|---:|---:|---:|---:|---:|---:|" + (LATENCY_ALIGN if timed else "")]
     lines += [f"| {r['model']} | {r['ratio']:.3f} | "
               f"{'-' if r['accuracy_pruned'] is None else format(r['accuracy_pruned'], '.2f')} | "
               f"{_mean_std(r)} | {r['params']:,} | {r['macs']:,} | "
-              f"{r['macs_vs_dense']:.3f} | {_latency_cells(r)}" for r in rows]
+              f"{r['macs_vs_dense']:.3f} |{f' {_latency_cells(r)}' if timed else ''}"
+              for r in rows]
+    if not timed:
+        return conclude(args.out / f"{stem}.md", lines, checks, args.no_check)
     lines += ["", f"Latency where it means more: an untrained ResNet-18 of width "
                   f"{setup.scale_width} on {setup.scale_size}×{setup.scale_size} inputs, cut to "
                   "the same MAC budgets by magnitude (uniform ratios: the kept widths do not "

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import subprocess
 import sys
@@ -362,6 +363,26 @@ def test_benchmark_quick_run(tmp_path):
     assert all(len(r["accuracies"]) == seeds for r in data["rows"][1:])
     assert all(r["accuracy"] == pytest.approx(sum(r["accuracies"]) / seeds)
                for r in data["rows"][1:])
+
+
+def test_benchmark_accuracy_only_run_times_nothing(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "structured.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--no-latency", "--no-check",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "structured_quick_accuracy.json").read_text())
+    assert not (tmp_path / "structured_quick.json").exists()
+    assert data["scale_rows"] == []
+    assert not any("latency" in c["claim"] for c in data["checks"])
+    peers = importlib.util.find_spec("torch_pruning") is not None  # the bench extra
+    assert any("mean accuracy" in c["claim"] for c in data["checks"]) == peers
+    assert all(len(r["accuracies"]) == data["setup"]["seeds"] for r in data["rows"][1:])
+    assert not any(k.endswith(("_ms", "_speedup")) for r in data["rows"] for k in r)
+    text = (tmp_path / "structured_quick_accuracy.md").read_text()
+    assert "accuracy only" in text and "speed-up" not in text
+    rejected = subprocess.run([sys.executable, str(script), "--llm", "--no-latency"],
+                              capture_output=True, text=True, timeout=300)
+    assert rejected.returncode == 2 and "--no-latency" in rejected.stderr
 
 
 def test_benchmark_accuracy_check_compares_means_over_seeds():

@@ -203,6 +203,25 @@ def test_round_count():
     assert round_count(3, narrow, 8) == 6  # narrower than one step: keeps its width
 
 
+def test_round_count_rounds_the_unrounded_count_once():
+    group = dependency_groups(_mlp(hidden=64))[0]
+    # 64 × (1 − 0.382) = 39.55: 40 is the tie between 32 and 48, 39 is nearer 32
+    assert [round_count(k, group, 16) for k in (39, 40)] == [32, 48]
+    assert [round_count(k, group, 16, near=39.55) for k in (39, 40)] == [32, 32]
+    assert round_count(41, group, 16, near=39.55) == 48  # a count of its own: rounded itself
+    assert round_count(40, group, 16, near=40.0) == 48  # a true tie still keeps more
+
+
+def test_uniform_channel_pruning_gives_groups_of_one_width_one_count():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(),
+                          nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    # three 4-wide groups at sparsity 0.3: 2.8 channels each; largest remainder makes
+    # that 3, 3, 2 (8 of 8.4), which rounding to pairs made 4, 4, 2; 2.8 rounds to 2
+    masks, _ = compute_masks(model, 0.3, pattern="channel:2")
+    assert [int(masks[f"{i}.weight"].any(1).sum()) for i in (0, 2, 4)] == [2, 2, 2]
+
+
 @pytest.mark.parametrize("spec", ["channel:8", Channel(round_to=8)])
 def test_rounded_channel_counts_match_the_masked_model(spec):
     x = torch.randn(8, 1, 28, 28)

@@ -87,7 +87,8 @@ def channel_masks(
     keep = allocate({k: imp for k, (_, imp) in ranked.items()}, sparsity)
     masks = {t.name: t.param.detach() != 0 for t in targets}
     for key, (group, importance) in ranked.items():
-        kept = round_count(max(keep[key], 1), group, round_to)
+        kept = round_count(max(keep[key], 1), group, round_to,
+                           near=group.channels * (1 - sparsity))
         gone = torch.nonzero(~top_k(importance, kept)).flatten()
         for s in group.slices:
             if s.name in masks and gone.numel():
@@ -108,15 +109,23 @@ def rounding_step(group: Group, round_to: int) -> int:
     return round_to // math.gcd(round_to, unit)
 
 
-def round_count(keep: int, group: Group, round_to: int) -> int:
+def round_count(keep: int, group: Group, round_to: int, *, near: float | None = None) -> int:
     """``keep`` channels of ``group`` rounded to the nearest multiple of its
     :func:`rounding_step` (ties keep more), at least one step; the group's full width is
-    always allowed (a group narrower than one step keeps every channel)."""
+    always allowed (a group narrower than one step keeps every channel).
+
+    ``near`` is the unrounded count ``keep`` may stand for (``"uniform"``: the group's
+    width × (1 − sparsity)). A ``keep`` less than one channel from it is that count
+    rounded to whole channels — by largest remainder, so groups of one width get either
+    side — and ``near`` itself is rounded instead: rounding twice would put those groups
+    a whole step apart (40 and 39 of 64, for 39.55, go to 48 and 32 with ``round_to=16``;
+    39.55 goes to 32)."""
     step = rounding_step(group, round_to)
     if step <= 1 or keep >= group.channels:
         return min(keep, group.channels)
+    target = near if near is not None and abs(keep - near) < 1 else keep
     allowed = [*range(step, group.channels + 1, step), group.channels]
-    return min(allowed, key=lambda n: (abs(n - keep), -n))
+    return min(allowed, key=lambda n: (abs(n - target), -n))
 
 
 def _layer_weights(model: nn.Module, group: Group) -> list[Slice]:
