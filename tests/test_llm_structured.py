@@ -288,6 +288,14 @@ def test_round_to_rounds_ffn_widths():
     prune_structured(model, ids, 0.5, unit="heads", method="magnitude", round_to=8)
     assert model.model.layers[0].self_attn.k_proj.out_features == 8  # a head is 4 wide
 
+
+def test_round_to_rounds_the_uniform_count_once():
+    # 48 x (1 - 0.50625) = 23.7 per block: whole units by largest remainder give 24, 24, 23,
+    # which rounded again to multiples of 16 would be 32, 32, 16; 23.7 itself rounds to 16
+    model, ids = llama(), tokens()
+    prune_structured(model, ids, 0.50625, unit="ffn", method="magnitude", round_to=16)
+    assert [b.mlp.up_proj.out_features for b in model.model.layers] == [16, 16, 16]
+
 # -- FLAP's adaptive structure search, FFN + heads in one pass, bit-identical reloads -----
 
 

@@ -264,8 +264,15 @@ def _select(model: nn.Module, groups: Mapping[str, list[Group]],
             raise ValueError(f"amount={amount} would remove every {u} unit of {empty}; use a "
                              "smaller amount (each block keeps at least one); the model was "
                              "not changed")
-    return {u: [(g, torch.nonzero(~top_k(importance[g.name],
-                                         round_count(keep[g.name], g, round_to))).flatten())
+    # the allocation's whole-unit count stands for this unrounded one (not with "adaptive");
+    # round_count rounds it, not the count, so groups of one width keep one count
+    kept = None if allocation == "adaptive" else 1 - float(amount)
+
+    def count(g: Group) -> int:
+        return round_count(keep[g.name], g, round_to,
+                           near=None if kept is None else g.channels * kept)
+
+    return {u: [(g, torch.nonzero(~top_k(importance[g.name], count(g))).flatten())
                 for g in gs] for u, gs in groups.items()}
 
 
