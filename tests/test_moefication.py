@@ -331,22 +331,28 @@ def test_unit_mass_sums_weighted_magnitudes_per_unit():
 def test_moefy_routers_learn_the_mass_and_the_oracle_chooses_by_it():
     routed = moe.moefy(tiny_llama(), CALIBRATION, experts=8, keep=0.25, steps=60)
     layer = routed.model.layers[0].mlp
-    x = torch.randn(6, 32)
+    # the layer's real inputs on held-out tokens: the router learned their distribution (on
+    # random vectors it ranks near chance, 0.29-0.31 in a trial; here 0.80-0.86)
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].flatten(0, -2)))
+    output(routed, TOKENS)
+    hook.remove()
+    x = torch.cat(seen)
     with torch.no_grad():
         mass = layer.mass(x)
         by_router = layer.chosen(x)
         moe.set_oracle(routed)
         assert layer.oracle and torch.equal(layer.chosen(x), mass.topk(2, dim=1).indices)
         # the oracle's output: the dense FFN over its chosen experts' neurons only
-        keep = torch.zeros(6, 8).scatter_(1, mass.topk(2, dim=1).indices, 1.0)
+        keep = torch.zeros(len(x), 8).scatter_(1, mass.topk(2, dim=1).indices, 1.0)
         h = layer.hidden(x) * keep.repeat_interleave(8, dim=1)
         torch.testing.assert_close(layer(x), layer.w_out(h))
         torch.testing.assert_close(torch.cat([layer(r[None]) for r in x]), layer(x))
         moe.set_oracle(routed, False)
         assert torch.equal(layer.chosen(x), by_router)
-    # the router ranks experts as their mass does better than chance
+    # the router ranks experts as their mass does, far better than chance (0.25)
     overlap = (by_router[:, :, None] == mass.topk(2, dim=1).indices[:, None, :]).any(-1)
-    assert overlap.float().mean() > 0.25
+    assert overlap.float().mean() > 0.5
     with pytest.raises(TypeError, match="oracle must be a bool, got int"):
         moe.set_oracle(routed, 1)
     with pytest.raises(ValueError, match="no RoutedFFN"):
