@@ -11,11 +11,13 @@ from sparsekit.models import ResNetSmall
 from sparsekit.patterns import Channel, parse_pattern
 from sparsekit.prune import compute_masks
 from sparsekit.scores import CRITERIA
+from sparsekit.scores._context import ScoreContext
 from sparsekit.scores.flap import Moments, fluctuation_scores, input_moments
 from sparsekit.structured import dependency_groups, shrink
 from sparsekit.structured.compensate import fold_means, reader_means, with_biases
 from sparsekit.structured.importance import group_importance, round_count, rounding_step
 from sparsekit.structured.shrink import removable_channels
+from sparsekit.targets import resolve_targets
 
 
 def _mlp(hidden=32):
@@ -220,6 +222,13 @@ def test_uniform_channel_pruning_gives_groups_of_one_width_one_count():
     # that 3, 3, 2 (8 of 8.4), which rounding to pairs made 4, 4, 2; 2.8 rounds to 2
     masks, _ = compute_masks(model, 0.3, pattern="channel:2")
     assert [int(masks[f"{i}.weight"].any(1).sum()) for i in (0, 2, 4)] == [2, 2, 2]
+    # another allocation's counts are its own: 3 rounds to 4 (a tie keeps more), not to
+    # the uniform 2.8's 2
+    targets = resolve_targets(model, None, ())
+    scores = CRITERIA.get("magnitude")(ScoreContext(model, targets, None, None, None))
+    masks = Channel(round_to=2).select(model, targets, scores,
+                                       lambda imp, _s: dict.fromkeys(imp, 3), 0.3)
+    assert [int(masks[f"{i}.weight"].any(1).sum()) for i in (0, 2, 4)] == [4, 4, 4]
 
 
 @pytest.mark.parametrize("spec", ["channel:8", Channel(round_to=8)])

@@ -264,9 +264,9 @@ def _select(model: nn.Module, groups: Mapping[str, list[Group]],
             raise ValueError(f"amount={amount} would remove every {u} unit of {empty}; use a "
                              "smaller amount (each block keeps at least one); the model was "
                              "not changed")
-    # the allocation's whole-unit count stands for this unrounded one (not with "adaptive");
-    # round_count rounds it, not the count, so groups of one width keep one count
-    kept = None if allocation == "adaptive" else 1 - float(amount)
+    # a uniform count stands for this unrounded one; round_count rounds it, not the count,
+    # so groups of one width keep one count
+    kept = 1 - float(amount) if allocation == "uniform" else None
 
     def count(g: Group) -> int:
         return round_count(keep[g.name], g, round_to,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import check_int
+from sparsekit.allocation import ALLOCATIONS
 from sparsekit.select import top_k
 from sparsekit.structured.dependency import Group, Slice, dependency_groups
 from sparsekit.targets import DEFAULT_TYPES, Target
@@ -86,9 +87,10 @@ def channel_masks(
             ranked[f"{group.name}#{len(ranked)}"] = (group, importance)
     keep = allocate({k: imp for k, (_, imp) in ranked.items()}, sparsity)
     masks = {t.name: t.param.detach() != 0 for t in targets}
+    uniform = allocate is ALLOCATIONS.get("uniform")  # its counts stand for width × (1 − s)
     for key, (group, importance) in ranked.items():
         kept = round_count(max(keep[key], 1), group, round_to,
-                           near=group.channels * (1 - sparsity))
+                           near=group.channels * (1 - sparsity) if uniform else None)
         gone = torch.nonzero(~top_k(importance, kept)).flatten()
         for s in group.slices:
             if s.name in masks and gone.numel():
