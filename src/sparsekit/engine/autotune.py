@@ -116,9 +116,8 @@ def effective_cache_bytes() -> int:
     that one thread reads at least 1 / :data:`CACHE_SPEEDUP` as fast as the smallest
     (``torch.sum`` of a warm float32 buffer, best of a few passes; measured once per
     process, well under a second where the cache is small)."""
-    sizes = _cache_sizes()
-    llc = max(sizes, default=32 << 20)
-    below = max((s for s in sizes if s < llc), default=llc // 16)
+    llc = last_level_cache_bytes()
+    below = max((s for s in _cache_sizes() if s < llc), default=llc // 16)
     return _measured_cache(llc, max(2 * below, 1 << 20))
 
 

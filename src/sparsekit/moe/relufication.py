@@ -9,8 +9,9 @@ before sparsifying. :func:`relufy` does that as distillation: the copy learns to
 the original model's outputs on calibration text (:func:`distillation_loss`), so no labels
 are needed and what is kept is the original model's behaviour, not a task's.
 
-ReLU alone leaves about half of a distilled model's neurons at zero (the pre-activations
-are centred); MoEfication's claims hold for models whose FFN activations are ~90 % zero.
+ReLU alone, after distillation, leaves 73-81 % of MiniLM's FFN activations at zero (per
+layer, held-out sentences); MoEfication's claims hold for models whose FFN activations are
+~90 % zero.
 ProSparse (Song et al. 2024) gets there during ReLU-fication with an L1 penalty on the
 activations whose coefficient rises progressively (a sudden large penalty kills neurons
 before the distillation can compensate): ``relufy(..., l1=...)``.

@@ -7,7 +7,7 @@
 // byte's packed values into the lanes of their inputs with one shuffle whose controls come
 // from a table indexed by the byte, so the GEMV is a dense-like streaming loop over the row
 // (bf16 values on Intel CPUs with VBMI2: one vpexpandw per word, the bitmap expansion
-// "vpexpand", isa.cpp).
+// "vpexpand", isa.cpp; int8 codes there: vpexpandb, qlinear_core.h).
 // int8 values on an AVX-512 CPU with VBMI take the W8A8 cores' GEMV row instead
 // (qlinear_core.h, BitmapFloat): 64 codes per byte permute.
 

@@ -50,7 +50,8 @@ struct CsrArgs {
 
 // W as bitmap rows: `words` 16-bit words of bits per row, the values of the set bits packed
 // row by row, int32 row pointers into them. `vpexpand`: the AVX-512 cores expand bf16 words
-// with VBMI2 vpexpandw (the bitmap expansion "vpexpand", which only a CPU with VBMI2 runs).
+// with VBMI2 vpexpandw and int8 codes with vpexpandb (the bitmap expansion "vpexpand", which
+// only a CPU with VBMI2 runs).
 struct BitmapArgs {
   Linear io;
   Value value;
@@ -215,9 +216,9 @@ extern const Cores kCores;
 // another).
 const Cores& cores();
 
-// Whether the AVX-512 bitmap rows expand bf16 words with vpexpandw (the bitmap expansion
-// "vpexpand": the default on Intel CPUs with VBMI2) instead of the pshufb tables
-// ("tables"; set_bitmap_expansion chooses).
+// Whether the AVX-512 bitmap rows expand bf16 words with vpexpandw and int8 codes with
+// vpexpandb (the bitmap expansion "vpexpand": the default on Intel CPUs with VBMI2) instead
+// of the pshufb tables and vpermb by ranks ("tables"; set_bitmap_expansion chooses).
 bool bitmap_vpexpand();
 
 }  // namespace sparsekit
