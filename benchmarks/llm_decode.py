@@ -579,12 +579,13 @@ def main() -> int:
                         "--shape 128x256x1)")
     parser.add_argument("--only", choices=("decode", "perplexity"),
                         help="run one part (default: both)")
+    profiled = ", ".join(PROFILED).replace("%", "%%")  # argparse formats help with %
     parser.add_argument("--torch-compile", action="store_true",
-                        help="also time " + ", ".join(PROFILED) + " under torch.compile")
+                        help=f"also time {profiled} under torch.compile")
     parser.add_argument("--profile", action="store_true",
-                        help="split a decode step of " + ", ".join(PROFILED) + " into matmul, "
-                        "attention, other ops and Python time (torch.profiler), beside the "
-                        "step of the model without linear layers")
+                        help=f"split a decode step of {profiled} into matmul, attention, other "
+                        "ops and Python time (torch.profiler), beside the step of the model "
+                        "without linear layers")
     args = parser.parse_args()
     machine = describe()
     note = (f"torch {torch.__version__}; sparsekit kernels "

@@ -517,7 +517,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run, no checks")
     parser.add_argument("--mid", action="store_true",
-                        help=f"keeps {', '.join(f'{k:.0%}' for k in MID_KEEPS)}, half the "
+                        help=f"keeps {', '.join(f'{k * 100:.0f}%%' for k in MID_KEEPS)}, half the "
                              "evaluation data and decode steps: fits ~25 minutes of a quiet "
                              "machine")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),

@@ -28,6 +28,32 @@ def test_sparse_training_quick(tmp_path):
     assert (tmp_path / "sparse_training.png").exists()
 
 
+def test_every_benchmark_prints_its_help():
+    """``--help`` of every benchmark script exits 0 (argparse formats help strings with %,
+    so a literal "50% bf16" in one broke it), all scripts in one interpreter."""
+    code = """
+import runpy, sys
+from pathlib import Path
+failed = []
+for script in sorted(Path(".").glob("[!_]*.py")):
+    sys.argv = [str(script), "--help"]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            failed.append(f"{script}: exit {stop.code}")
+    except Exception as error:
+        failed.append(f"{script}: {error!r}")
+    else:
+        failed.append(f"{script}: --help did not exit")
+print(failed or "OK")
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1:] == ["OK"], (
+        result.stdout[-2000:] + result.stderr[-2000:])
+
+
 def _run(script: str, *args: str) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-check"],
