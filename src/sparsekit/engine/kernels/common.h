@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "cores.h"
 #include "parallel.h"
@@ -177,10 +178,27 @@ inline Linear linear_io(const at::Tensor& x, at::Tensor& y, Output out, int thre
                 out, threads};
 }
 
+// A bf16 input of at most this many rows is widened, and its output narrowed, in this
+// thread's buffers inside the op (a decoded token: two tensor conversions, with their
+// allocations and dispatches, cost more than the loops); more rows take the tensor
+// conversions, which run on all threads.
+constexpr int64_t kConvertInOpRows = 16;
+
+// src (n bf16) widened to float32 into dst: exact.
+inline void widen_bf16(const bf16* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// src (n float32) rounded to bf16 into dst, to nearest even as Tensor.to(torch.bfloat16).
+inline void narrow_bf16(const float* src, bf16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16(src[i]);
+}
+
 // The shared body of the linear ops whose stored `values` may be int8 with per-row `scales`:
 // checks scales, bias and threads (after the op's own checks), widens x to float32, allocates
 // y (..., rows), calls run(io) with the core's input/output arguments unless there is
-// nothing to compute, and returns y in x's dtype.
+// nothing to compute, and returns y in x's dtype (a bf16 x of few rows: see
+// kConvertInOpRows).
 template <typename Run>
 at::Tensor scaled_linear(const at::Tensor& x_in, const at::Tensor& values,
                          const std::optional<at::Tensor>& scales,
@@ -188,6 +206,18 @@ at::Tensor scaled_linear(const at::Tensor& x_in, const at::Tensor& values,
                          Run&& run) {
   const Output out{scales_data(scales, values, rows), bias_data(bias, rows)};
   const int T = num_threads(threads);
+  const int64_t batch = input_rows(x_in), cols = x_in.size(-1);
+  if (x_in.scalar_type() == at::kBFloat16 && batch <= kConvertInOpRows) {
+    thread_local std::vector<float> xf, yf;  // grow only: no allocation per call
+    xf.resize(batch * cols);
+    yf.resize(batch * rows);
+    auto y = linear_output(x_in, rows);
+    if (y.numel() == 0) return y;
+    widen_bf16(x_in.data_ptr<bf16>(), xf.data(), batch * cols);
+    run(Linear{xf.data(), yf.data(), batch, rows, cols, out, T});
+    narrow_bf16(yf.data(), y.data_ptr<bf16>(), batch * rows);
+    return y;
+  }
   const at::Tensor x = as_float32(x_in);
   auto y = linear_output(x, rows);
   if (y.numel() != 0) run(linear_io(x, y, out, T));
