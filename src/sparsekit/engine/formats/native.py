@@ -227,11 +227,12 @@ class NativeFormat(Format):
         return max(1, min(kernels.num_threads(), work // 16384))  # a fork costs a few µs
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``, which goes to the
-        kernel as it is: the ops take all dimensions but the last as rows, so a decoded
-        token (``(1, 1, in_features)``) needs no reshape before or after (each costs about a
-        µs, and a layer of a batch-1 decode a few). One method, not a chain of them, for the
-        same reason.
+        """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``, passed to the
+        kernel as it is: the ops take all its dimensions but the last as rows, so a decoded
+        token, ``(1, 1, in_features)``, needs no reshape before the op and none after. At
+        batch 1 the Python around a kernel call counts (a small W8A8 layer took 10.1 µs per
+        call with the two reshapes and a chain of three methods, 7.4 µs without, one
+        thread), so this is one method.
 
         Raises ``ValueError`` for any other shape (see :meth:`check_input`).
         """
