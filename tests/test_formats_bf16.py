@@ -70,6 +70,24 @@ def test_bf16_values_equal_fp32_reference(name, batch, threads, x_dtype):
     _assert_matches(y, _reference(w, x, bias))
 
 
+@pytest.mark.parametrize("name", (*BF16_FORMATS, "dense_lowp"))
+@pytest.mark.parametrize("batch", [1, 16, 17])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_inputs_give_the_float32_product_rounded_once(name, batch, threads):
+    """A bf16 x (widened and narrowed inside the op up to 16 rows, by tensor conversions
+    above) gives exactly the product of x in float32, rounded to bf16 as Tensor.to does:
+    to nearest even, subnormals kept."""
+    w = _weight((67, 301), _pattern(name))
+    fmt = FORMATS[name].from_dense(w, threads=threads)
+    x = torch.randn(batch, 301, generator=torch.Generator().manual_seed(batch))
+    x[0] *= 3e-40  # outputs in bf16's subnormal range
+    x = x.to(torch.bfloat16)
+    y = fmt.matmul(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, fmt.matmul(x.float()).to(torch.bfloat16))
+    assert bool((y[0] != 0).any() & (y[0].float().abs() < torch.finfo(torch.bfloat16).tiny).any())
+
+
 @pytest.mark.parametrize("name", BF16_FORMATS)
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 def test_bf16_ops_check_the_input_width_and_dtype(name, x_dtype):

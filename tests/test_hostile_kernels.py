@@ -235,7 +235,7 @@ _LINEAR_CASES: list[tuple[str, Callable[[dict], object], str]] = [
     ("x", lambda a: torch.randn(5, IN + 16), f"in_features={IN}"),
     ("x", lambda a: torch.randn(1, 1), f"in_features={IN}"),
     ("x", lambda a: torch.randn(5, 0), f"in_features={IN}"),
-    ("x", lambda a: torch.randn(IN), "2-D"),
+    ("x", lambda a: torch.tensor(1.0), r"shape \(\.\.\., in_features\)"),
     ("x", lambda a: torch.randn(IN, 5).t(), "not contiguous"),
     ("x", lambda a: torch.randn(5, IN, dtype=torch.float64), "Float"),
     ("x", lambda a: torch.ones(5, IN, dtype=torch.int32), "Float"),
@@ -262,6 +262,33 @@ def test_linear_ops_reject_mismatched_tensors(
         _weight(name)).to_dense().T + args["bias"])
     with pytest.raises(RuntimeError, match=match):
         op(**(args | {arg: replace(args)}))
+
+
+# every linear op: the fp32 formats, bf16 values and inputs, W8A8 (int8 values and inputs)
+_KERNEL_PATHS = [(n, {}, torch.float32) for n in NATIVE] + [
+    ("dense_lowp", {"value_dtype": torch.bfloat16}, torch.bfloat16),
+    ("bitmap", {"value_dtype": torch.bfloat16}, torch.bfloat16),
+    *[(n, {"value_dtype": torch.int8, "activation_dtype": torch.int8}, torch.float32)
+      for n in ("dense_lowp", "bitmap", "nm")],
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize(("name", "options", "dtype"), _KERNEL_PATHS,
+                         ids=[f"{n}-{o.get('activation_dtype', o.get('value_dtype', 'fp32'))}"
+                              for n, o, _ in _KERNEL_PATHS])
+@pytest.mark.parametrize("lead", [(), (1, 1), (2, 3, 1)], ids=["1-D", "1x1", "2x3x1"])
+def test_linear_ops_take_the_leading_dimensions_as_rows(
+    name: str, options: dict[str, object], dtype: torch.dtype, lead: tuple[int, ...]
+) -> None:
+    """x (..., in_features) goes to the op as it is (a decoded token, (1, 1, in_features),
+    needs no reshape) and gives y (..., out_features): the rows of the 2-D product, bit for
+    bit."""
+    fmt = FORMATS[name].from_dense(_weight(name), threads=1, **options)
+    x = torch.randn(*lead, IN, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = fmt.matmul(x)
+    assert y.shape == (*lead, OUT) and y.dtype == dtype
+    assert torch.equal(y, fmt.matmul(x.reshape(-1, IN)).reshape(*lead, OUT))
 
 
 @needs_kernels

@@ -25,7 +25,7 @@
 
 namespace {
 
-// y = x @ W.T (+ bias) for x (batch, in_features) and W (out_features, in_features) in BSR,
+// y = x @ W.T (+ bias) for x (..., in_features) and W (out_features, in_features) in BSR,
 // each block column index below ceil(in_features / C) (checked where the format is built).
 at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
                       const at::Tensor& rowptr, const at::Tensor& x,
@@ -43,8 +43,8 @@ at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
   sparsekit::check_rowptr(rowptr, "rowptr", (out_features + R - 1) / R, values.size(0));
   const float* b = sparsekit::bias_data(bias, out_features);
   const int T = sparsekit::num_threads(threads);
-  auto y = at::empty({x.size(0), out_features}, x.options());
-  if (x.size(0) == 0 || out_features == 0) return y;
+  auto y = sparsekit::linear_output(x, out_features);
+  if (y.numel() == 0) return y;
   sparsekit::cores().bsr_linear(sparsekit::BsrArgs{
       sparsekit::linear_io(x, y, sparsekit::Output{nullptr, b}, T), values.data_ptr<float>(),
       col_indices.data_ptr(), col_indices.scalar_type() == at::kShort,

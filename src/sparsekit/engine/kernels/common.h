@@ -3,6 +3,7 @@
 // split, transposed inputs) and vec.h (value loads per instruction set).
 #pragma once
 
+#include <ATen/DimVector.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/to.h>
@@ -11,6 +12,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "cores.h"
 #include "parallel.h"
@@ -63,13 +65,35 @@ inline void check_rowptr(const at::Tensor& rowptr, const char* name, int64_t row
               ", got ", p[0], " .. ", p[rows]);
 }
 
-// x of a linear kernel: a contiguous 2-D CPU tensor of `dtype` with in_features columns.
+// x of a linear kernel: a contiguous CPU tensor of `dtype` and shape (..., in_features), at
+// least 1-D; its rows are all dimensions but the last (a token of a batch-1 decode comes as
+// (1, 1, in_features), taken as it is: a reshape before and after the op costs µs).
 inline void check_input(const at::Tensor& x, int64_t in_features,
                         at::ScalarType dtype = at::kFloat) {
-  check_tensor(x, "x", 2, dtype);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.is_contiguous(),
+              "x must be a contiguous CPU tensor of shape (..., in_features), got shape ",
+              x.sizes(), " on ", x.device(), x.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(x.scalar_type() == dtype, "x must be ", dtype, ", got ", x.scalar_type());
   TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
-  TORCH_CHECK(x.size(1) == in_features, "x must have in_features=", in_features,
+  TORCH_CHECK(x.size(-1) == in_features, "x must have in_features=", in_features,
               " columns, got shape ", x.sizes());
+}
+
+// The rows of a checked input x (..., in_features): the product of all dimensions but the
+// last.
+inline int64_t input_rows(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
+}
+
+// The output of a linear op with `rows` outputs for x (..., in_features): (..., rows), in
+// x's dtype unless `dtype` is given.
+inline at::Tensor linear_output(const at::Tensor& x, int64_t rows,
+                                std::optional<at::ScalarType> dtype = std::nullopt) {
+  at::DimVector sizes(x.sizes());
+  sizes.back() = rows;
+  return at::empty(sizes, x.options().dtype(dtype.value_or(x.scalar_type())));
 }
 
 // t's element type is float32 or bfloat16.
@@ -147,17 +171,34 @@ inline Value value_type(const at::Tensor& values) {
   return Value::f32;
 }
 
-// The input/output part of a core's arguments for x (batch, cols) and y (batch, rows), both
-// float32.
+// The input/output part of a core's arguments for x (..., cols) and y (..., rows), both
+// float32: batch is the rows of x.
 inline Linear linear_io(const at::Tensor& x, at::Tensor& y, Output out, int threads) {
-  return Linear{x.data_ptr<float>(), y.data_ptr<float>(), x.size(0), y.size(1), x.size(1), out,
-                threads};
+  return Linear{x.data_ptr<float>(), y.data_ptr<float>(), input_rows(x), y.size(-1), x.size(-1),
+                out, threads};
+}
+
+// A bf16 input of at most this many rows is widened, and its output narrowed, in this
+// thread's buffers inside the op (a decoded token: two tensor conversions, with their
+// allocations and dispatches, cost more than the loops); more rows take the tensor
+// conversions, which run on all threads.
+constexpr int64_t kConvertInOpRows = 16;
+
+// src (n bf16) widened to float32 into dst: exact.
+inline void widen_bf16(const bf16* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// src (n float32) rounded to bf16 into dst, to nearest even as Tensor.to(torch.bfloat16).
+inline void narrow_bf16(const float* src, bf16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16(src[i]);
 }
 
 // The shared body of the linear ops whose stored `values` may be int8 with per-row `scales`:
 // checks scales, bias and threads (after the op's own checks), widens x to float32, allocates
-// y (batch, rows), calls run(io) with the core's input/output arguments unless there is
-// nothing to compute, and returns y in x's dtype.
+// y (..., rows), calls run(io) with the core's input/output arguments unless there is
+// nothing to compute, and returns y in x's dtype (a bf16 x of few rows: see
+// kConvertInOpRows).
 template <typename Run>
 at::Tensor scaled_linear(const at::Tensor& x_in, const at::Tensor& values,
                          const std::optional<at::Tensor>& scales,
@@ -165,9 +206,21 @@ at::Tensor scaled_linear(const at::Tensor& x_in, const at::Tensor& values,
                          Run&& run) {
   const Output out{scales_data(scales, values, rows), bias_data(bias, rows)};
   const int T = num_threads(threads);
+  const int64_t batch = input_rows(x_in), cols = x_in.size(-1);
+  if (x_in.scalar_type() == at::kBFloat16 && batch <= kConvertInOpRows) {
+    thread_local std::vector<float> xf, yf;  // grow only: no allocation per call
+    xf.resize(batch * cols);
+    yf.resize(batch * rows);
+    auto y = linear_output(x_in, rows);
+    if (y.numel() == 0) return y;
+    widen_bf16(x_in.data_ptr<bf16>(), xf.data(), batch * cols);
+    run(Linear{xf.data(), yf.data(), batch, rows, cols, out, T});
+    narrow_bf16(yf.data(), y.data_ptr<bf16>(), batch * rows);
+    return y;
+  }
   const at::Tensor x = as_float32(x_in);
-  auto y = at::empty({x.size(0), rows}, x.options());
-  if (x.size(0) != 0 && rows != 0) run(linear_io(x, y, out, T));
+  auto y = linear_output(x, rows);
+  if (y.numel() != 0) run(linear_io(x, y, out, T));
   return like_input(y, x_in);
 }
 

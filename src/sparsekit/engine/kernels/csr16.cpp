@@ -17,7 +17,7 @@
 
 namespace {
 
-// y = x @ W.T (+ bias) for x of shape (batch, in_features) (fp32 or bf16; y in its dtype);
+// y = x @ W.T (+ bias) for x of shape (..., in_features) (fp32 or bf16; y in its dtype);
 // W in CSR with fp32/bf16/int8 values (int8: times scales[r]) and int16/int32 column indices
 // (each below in_features: checked where the format is built).
 at::Tensor csr_linear(const at::Tensor& values, const at::Tensor& col_indices,

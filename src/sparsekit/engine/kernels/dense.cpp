@@ -14,7 +14,7 @@
 
 namespace {
 
-// y = x @ W.T (+ bias) for x (batch, in_features) fp32 or bf16 (y in its dtype) and a dense
+// y = x @ W.T (+ bias) for x (..., in_features) fp32 or bf16 (y in its dtype) and a dense
 // W (rows, in_features) of bf16 values, or of int8 codes with float32 scales (rows,):
 // y[b, r] = scales[r] * sum_k W[r, k] * x[b, k]. Sums are fp32.
 at::Tensor dense_linear(const at::Tensor& weight, const at::Tensor& x_in,

@@ -16,9 +16,9 @@ _registered = False
 
 
 def _linear(x: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
-    torch._check(x.dim() == 2 and x.shape[1] == in_features,
+    torch._check(x.dim() >= 1 and x.shape[-1] == in_features,
                  lambda: f"x must have in_features={in_features} columns, got {tuple(x.shape)}")
-    return x.new_empty(x.shape[0], out_features)
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _like(op: object):  # type: ignore[no-untyped-def]

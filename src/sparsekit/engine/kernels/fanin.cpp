@@ -24,7 +24,7 @@
 
 namespace {
 
-// y = x @ W.T (+ bias) for x (batch, in_features), W given by its stored rows' values and
+// y = x @ W.T (+ bias) for x (..., in_features), W given by its stored rows' values and
 // columns (each below in_features) and their distinct output rows (each below out_features;
 // both checked where the format is built).
 at::Tensor fanin_linear(const at::Tensor& values, const at::Tensor& col_indices,
@@ -42,9 +42,9 @@ at::Tensor fanin_linear(const at::Tensor& values, const at::Tensor& col_indices,
               values.size(0), " stored rows, got ", out_features);
   sparsekit::bias_data(bias, out_features);
   const int T = sparsekit::num_threads(threads);
-  auto y = at::zeros({x.size(0), out_features}, x.options());
+  auto y = sparsekit::linear_output(x, out_features).zero_();
   if (bias.has_value() && bias->defined()) y.add_(*bias);
-  if (x.size(0) == 0 || values.numel() == 0) return y;
+  if (y.numel() == 0 || values.numel() == 0) return y;
   sparsekit::cores().fanin_linear(sparsekit::FanInArgs{
       sparsekit::linear_io(x, y, sparsekit::Output{nullptr, nullptr}, T),
       values.data_ptr<float>(), col_indices.data_ptr(), col_indices.scalar_type() == at::kShort,

@@ -12,7 +12,8 @@ TORCH_LIBRARY(sparsekit, m) {
   // Every op checks the sizes, dtypes and devices of its arguments (common.h) and raises
   // before it writes anything; index contents are trusted, as checked where a format or
   // structure is built from untrusted tensors.
-  // Inference: y = x @ W.T (+ bias) for x (batch, in_features) and W in one compressed format.
+  // Inference: y = x @ W.T (+ bias) for x (..., in_features) and W in one compressed format
+  // (the rows of x: all its dimensions but the last; y (..., out_features)).
   // csr/bitmap/nm take fp32, bf16 or int8 values and fp32 or bf16 x (sums in fp32, y in x's
   // dtype); int8 values need float32 `scales` (rows,): y[r] = scales[r] * sum + bias[r],
   // other values no scales. The others fp32 only.
