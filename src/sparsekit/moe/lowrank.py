@@ -1,0 +1,84 @@
+"""LowRankRouter: score an FFN's units by the mass of approximate neuron values (Deja Vu).
+
+Instead of learning the units' scores, compute them: the writers ``W_in`` (every writer row
+of the routed neurons) are replaced by a rank-``r`` factorisation ``B A``, and a unit's score
+is :func:`~sparsekit.moe.routed.unit_mass` of the neuron values ``act(B A x + b)`` it
+predicts. The factorisation minimises the pre-activations' squared error on the calibration
+inputs, ``E ||W_in x - B A x||^2`` (the SVD of ``W_in C^{1/2}``, ``C = E[x x^T]``, mapped
+back through ``C^{-1/2}``): where the inputs are low-dimensional, a low rank loses little.
+Nothing is trained, so the scores are exact at full rank (the oracle's choice) and degrade
+smoothly as ``r`` falls. Its cost is ``r * (d + writers * units * unit_size)`` multiply-adds
+per token: on the ReLU-fied MiniLM (d = 384, 1536 neurons, experts of 4, 30 % kept, 32768
+calibration tokens) rank 128 costs 21 % of the FFN's MACs and chose experts holding 94 % of
+the true top experts' mass (sentence-embedding cosine 0.939) where the trained rank-128
+:class:`~sparsekit.moe.router.Router` (8 % of the MACs) held 88 % (0.919) and a rank-256
+one (17 %) 90 % (0.928).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit._checks import check_int
+from sparsekit.moe.ffn import activate
+from sparsekit.moe.routed import unit_mass
+
+__all__ = ["LowRankRouter"]
+
+
+class LowRankRouter(nn.Module):
+    """Scores ``(..., units)``: the activation mass of each unit predicted through a rank-
+    ``rank`` factorisation of its writer rows, for FFN inputs ``(..., features)``.
+
+    ``w_in`` (n, writers, d) and ``b_in`` (n, writers) or None are the routed neurons'
+    writer rows in stored order (``n = units * unit_size``), ``norms`` (n,) the norms of
+    their reader columns, ``act`` the FFN's activation, ``x`` (T, d) calibration inputs the
+    factorisation is fitted to; ``rank`` at most ``d``.
+    """
+
+    def __init__(self, w_in: torch.Tensor, b_in: torch.Tensor | None, norms: torch.Tensor,
+                 act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, rank: int,
+                 unit_size: int) -> None:
+        super().__init__()
+        n, writers, d = w_in.shape
+        check_int("rank", rank, minimum=1)
+        check_int("unit_size", unit_size, minimum=1)
+        if rank > d:
+            raise ValueError(f"rank must be at most the {d} input features, got {rank}")
+        if n % unit_size:
+            raise ValueError(f"unit_size must divide the {n} routed neurons, got {unit_size}")
+        if x.dim() != 2 or x.shape[1] != d or not x.shape[0]:
+            raise ValueError(f"x must be (T, {d}) calibration inputs, got {tuple(x.shape)}")
+        self.act, self.writers, self.unit_size = act, writers, unit_size
+        down, up = _factorise(w_in.reshape(n * writers, d).float(), x.float(), rank)
+        self.register_buffer("down", down)  # (rank, d)
+        self.register_buffer("up", up)  # (n * writers, rank)
+        self.register_buffer("bias", None if b_in is None else b_in.reshape(-1).float())
+        self.register_buffer("norms", norms.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up, self.bias)
+        h = activate(self.act, z.unflatten(-1, (-1, self.writers)))
+        return unit_mass(h, self.norms, 0, self.unit_size)
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per token."""
+        return self.down.numel() + self.up.numel()
+
+
+def _factorise(w: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``down`` (rank, d), ``up`` (m, rank) minimising ``||(w - up @ down) x^T||`` over the
+    rows of ``x``: the truncated SVD of ``w C^{1/2}``, ``C`` the inputs' second moment (a
+    ridge of 1e-6 of its mean eigenvalue keeps it invertible)."""
+    c = x.t() @ x / x.shape[0]
+    c = c + 1e-6 * c.diagonal().mean().clamp_min(1e-12) * torch.eye(c.shape[0])
+    values, vectors = torch.linalg.eigh(c)
+    root = values.clamp_min(0).sqrt()
+    u, s, vt = torch.linalg.svd(w @ (vectors * root) @ vectors.t(), full_matrices=False)
+    down = vt[:rank] @ (vectors / root.clamp_min(1e-12)) @ vectors.t()
+    return down.contiguous(), (u[:, :rank] * s[:rank]).contiguous()
