@@ -512,3 +512,14 @@ def test_lowrank_router_checks_its_arguments():
                           unit_size=2)
     with pytest.raises(ValueError, match="rank must be an int ≥ 1, got 0"):
         moe.LowRankRouter(w, None, torch.ones(8), torch.relu, x, rank=0, unit_size=2)
+
+
+def test_contextual_lowrank_router_at_full_rank_chooses_the_oracles_neurons():
+    """Deja Vu's neurons with PowerInfer's hot ones: the factorisation covers the routed
+    (cold) neurons only, and at full rank picks exactly the true top ones."""
+    routed = moe.contextual(tiny_llama(), CALIBRATION, keep=0.5, hot=0.25, rank=32,
+                            router="lowrank")
+    quality = moe.evaluate(routed, TOKENS)
+    assert all(q["recall"] == 1.0 and q["kept"] == 0.5 for q in quality.values())
+    layer = routed.model.layers[0].mlp
+    assert layer.hot == 16 and layer.router.up.shape == (2 * 48, 32)
