@@ -523,3 +523,26 @@ def test_contextual_lowrank_router_at_full_rank_chooses_the_oracles_neurons():
     assert all(q["recall"] == 1.0 and q["kept"] == 0.5 for q in quality.values())
     layer = routed.model.layers[0].mlp
     assert layer.hot == 16 and layer.router.up.shape == (2 * 48, 32)
+
+
+def test_lowrank_refine_fits_the_mass_better_on_held_out_tokens():
+    """Below full rank the pre-activations' best factorisation is not the mass's: refining
+    on the mass lowers its held-out error and leaves the router out of autograd."""
+    layer, x, held_out = _routed_inputs(tiny_bert)
+    truth = layer.mass(held_out)
+
+    def error(router: moe.LowRankRouter) -> float:
+        with torch.no_grad():
+            return float((router(held_out) - truth).square().sum() / truth.square().sum())
+
+    router = moe.LowRankRouter(layer.w_in, layer.b_in, layer.norms, layer.act, x, rank=8,
+                               unit_size=layer.unit_size)
+    before, bias = error(router), layer.b_in.clone()
+    assert router.refine(x, layer.mass(x), steps=300) is router
+    assert error(router) < 0.8 * before
+    assert torch.equal(layer.b_in, bias)  # the layer's own writers are not touched
+    assert not any(t.requires_grad for t in router.buffers())
+    with pytest.raises(ValueError, match=r"mass must be \(T, units\) for x of 512 rows"):
+        router.refine(x, layer.mass(x)[:, :4], steps=1)
+    with pytest.raises(ValueError, match="steps must be an int ≥ 1, got 0"):
+        router.refine(x, layer.mass(x), steps=0)

@@ -6,7 +6,7 @@ and Deja Vu/PowerInfer apart) -> the router's targets from each unit's activatio
 (:func:`~sparsekit.moe.routed.unit_mass`): MoEfication's mass itself (a listwise loss
 ranks the units by it), or Deja Vu's 0/1 labels of the ``k`` largest -> train a router on
 them, or, with ``router="lowrank"``, compute the mass through a low-rank factorisation of
-the writers (:class:`~sparsekit.moe.lowrank.LowRankRouter`) -> a
+the writers, refined on it (:class:`~sparsekit.moe.lowrank.LowRankRouter`) -> a
 :class:`~sparsekit.moe.routed.RoutedFFN` in place of each FFN, in a copy of the model.
 """
 
@@ -90,13 +90,15 @@ def build(model: nn.Module, calibration: Any, layers: list[ffns.FFN], plan: Plan
         units = (h.shape[1] - layout.hot) // layout.unit_size
         stored = layout.order
         norms = torch.linalg.vector_norm(w_out.float(), dim=0)[stored]
+        mass = unit_mass(h[:, stored], norms, layout.hot, layout.unit_size)
         if units and router == "lowrank":
             cold = stored[layout.hot:]
             scorer = LowRankRouter(w_in[cold], None if b_in is None else b_in[cold],
                                    norms[layout.hot:], layer.act, x, rank=rank,
                                    unit_size=layout.unit_size)
+            if rank < x.shape[1]:  # at full rank the scores are exact already
+                scorer.refine(x, mass, steps=steps, seed=seed + i)
         elif units:
-            mass = unit_mass(h[:, stored], norms, layout.hot, layout.unit_size)
             targets = mass if layout.soft else torch.zeros_like(mass).scatter_(
                 1, mass.topk(layout.k, dim=1).indices, 1.0)
             scorer = fit(Router(x.shape[1], units, rank), x, targets, steps=steps,

@@ -52,7 +52,8 @@ def moefy(
     list of them; at most ``max_rows`` FFN input rows per layer, sampled with ``seed``, are
     clustered and fit the routers: with ``router="mlp"`` a trained
     :class:`~sparsekit.moe.Router` (``rank`` hidden units, ``steps`` Adam steps), with
-    ``"lowrank"`` a :class:`~sparsekit.moe.LowRankRouter` (writers of rank ``rank``). Each FFN
+    ``"lowrank"`` a :class:`~sparsekit.moe.LowRankRouter` (writers of rank ``rank``,
+    below the inputs' width refined on the mass in ``steps`` Adam steps). Each FFN
     of a LLaMA- or BERT-style model becomes a :class:`~sparsekit.moe.RoutedFFN` running
     ``k = round(keep * experts)`` experts (at least one; change it with
     :func:`~sparsekit.moe.set_keep`). ``experts`` must divide every FFN's width. ``model``
