@@ -13,7 +13,8 @@ the token's targets normalised to sum to one. The router is used only to rank th
 a token, and the listwise loss trains exactly that ranking: on the ReLU-fied MiniLM (experts
 of 4 neurons, 30 % kept, held-out sentences) it chose experts holding 77 % of the true top
 experts' mass against 75 % with BCE on the scaled mass (sentence-embedding cosine 0.868
-against 0.858), and 87 % against 83 % (0.912 against 0.898) calibrated on sentences.
+against 0.858), and 87 % against 83 % (0.912 against 0.898) calibrated on sentences, both
+at the default 300 steps; trained far longer (32768 tokens, 2000 steps) both reach 0.919.
 """
 
 from __future__ import annotations
