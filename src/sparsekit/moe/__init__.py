@@ -1,7 +1,8 @@
 """Sparse representations of FFNs: MoEfication and contextual sparsity.
 
 :func:`moefy` splits every FFN of a Hugging Face model into experts by co-activation
-clustering (:func:`balanced_kmeans`) and routes each token to a few of them;
+clustering (:func:`balanced_kmeans`) and routes each token to a few of them, chosen by a
+trained :class:`Router` or computed by a :class:`LowRankRouter`;
 :func:`contextual` predicts each token's active neurons (Deja Vu), optionally with
 PowerInfer's always-computed hot neurons. Both return a copy whose FFNs are
 :class:`RoutedFFN` modules: a batch-1 decode step computes only the chosen neurons' rows
@@ -19,12 +20,13 @@ from sparsekit.moe.cluster import balanced_kmeans
 from sparsekit.moe.contextual import contextual
 from sparsekit.moe.evaluate import evaluate
 from sparsekit.moe.heads import head_predictors
+from sparsekit.moe.lowrank import LowRankRouter
 from sparsekit.moe.moefication import moefy
 from sparsekit.moe.relufication import relufy
 from sparsekit.moe.routed import RoutedFFN, set_keep, set_oracle, unit_mass
 from sparsekit.moe.routed_attention import RoutedAttention, route_heads
 from sparsekit.moe.router import Router
 
-__all__ = ["RoutedAttention", "RoutedFFN", "Router", "balanced_kmeans", "contextual", "evaluate",
-           "head_predictors", "moefy", "relufy", "route_heads", "set_keep", "set_oracle",
-           "unit_mass"]
+__all__ = ["LowRankRouter", "RoutedAttention", "RoutedFFN", "Router", "balanced_kmeans",
+           "contextual", "evaluate", "head_predictors", "moefy", "relufy", "route_heads",
+           "set_keep", "set_oracle", "unit_mass"]

@@ -3,8 +3,10 @@
 record the inputs of every FFN on calibration data -> compute its neuron values -> a
 *layout* (the layer's order of neurons, its hot count and unit size: what tells MoEfication
 and Deja Vu/PowerInfer apart) -> the router's targets from each unit's activation mass
-(:func:`~sparsekit.moe.routed.unit_mass`): MoEfication's mass itself, scaled by the token's
-largest, or Deja Vu's 0/1 labels of the ``k`` largest -> train a router on them -> a
+(:func:`~sparsekit.moe.routed.unit_mass`): MoEfication's mass itself (a listwise loss
+ranks the units by it), or Deja Vu's 0/1 labels of the ``k`` largest -> train a router on
+them, or, with ``router="lowrank"``, compute the mass through a low-rank factorisation of
+the writers, refined on it (:class:`~sparsekit.moe.lowrank.LowRankRouter`) -> a
 :class:`~sparsekit.moe.routed.RoutedFFN` in place of each FFN, in a copy of the model.
 """
 
@@ -21,18 +23,23 @@ from torch import nn
 from sparsekit._checks import check_fraction, check_int
 from sparsekit.activation.record import record_inputs
 from sparsekit.moe import ffn as ffns
+from sparsekit.moe.lowrank import LowRankRouter
 from sparsekit.moe.routed import RoutedFFN, unit_mass
 from sparsekit.moe.router import Router, fit
 
-__all__ = ["Layout", "build", "check_common"]
+__all__ = ["ROUTERS", "Layout", "build", "check_common"]
+
+ROUTERS = ("mlp", "lowrank")
+"""``router=`` of :func:`build`: a trained :class:`~sparsekit.moe.router.Router`, or a
+:class:`~sparsekit.moe.lowrank.LowRankRouter` computed from the writers."""
 
 
 @dataclass(frozen=True)
 class Layout:
     """How one FFN's neurons are stored: ``order`` (stored -> original neuron), the first
     ``hot`` always run, the rest in units of ``unit_size``, ``k`` of them run per token;
-    ``soft``: the router learns each unit's mass (MoEfication) rather than whether it is
-    among the ``k`` largest (Deja Vu)."""
+    ``soft``: the router learns to rank the units by their mass (MoEfication: a listwise
+    loss) rather than whether each is among the ``k`` largest (Deja Vu)."""
 
     order: torch.Tensor
     hot: int
@@ -46,10 +53,13 @@ Planner = Callable[[ffns.FFN, torch.Tensor], Layout]
 
 
 def check_common(model: Any, calibration: Any, keep: Any, rank: Any, steps: Any,
-                 max_rows: Any) -> list[ffns.FFN]:
+                 max_rows: Any, router: Any) -> list[ffns.FFN]:
     """Validate the arguments both entry points share; the model's FFNs."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {', '.join(map(repr, ROUTERS))}, got "
+                         f"{router!r}")
     check_fraction("keep", keep, zero=False, one=True)
     check_int("rank", rank, minimum=1)
     check_int("steps", steps, minimum=1)
@@ -60,8 +70,9 @@ def check_common(model: Any, calibration: Any, keep: Any, rank: Any, steps: Any,
 
 
 def build(model: nn.Module, calibration: Any, layers: list[ffns.FFN], plan: Planner, *,
-          rank: int, steps: int, max_rows: int, seed: int) -> nn.Module:
-    """A copy of ``model`` with each FFN in ``layers`` replaced by a trained RoutedFFN."""
+          rank: int, steps: int, max_rows: int, seed: int, router: str = "mlp") -> nn.Module:
+    """A copy of ``model`` with each FFN in ``layers`` replaced by a RoutedFFN whose router
+    (one of :data:`ROUTERS`) was fitted to the calibration inputs."""
     first = {f.name: model.get_submodule(f.writers[0]) for f in layers}
     generator = torch.Generator().manual_seed(seed)
     inputs = record_inputs(model, first, calibration, max_rows=max_rows, generator=generator)
@@ -75,22 +86,26 @@ def build(model: nn.Module, calibration: Any, layers: list[ffns.FFN], plan: Plan
         with torch.no_grad():
             h = ffns.hidden(layer, x.to(w_in.dtype), w_in, b_in).float()
         layout = plan(layer, h)
-        router = None
+        scorer = None
         units = (h.shape[1] - layout.hot) // layout.unit_size
-        if units:
-            stored = layout.order
-            norms = torch.linalg.vector_norm(w_out.float(), dim=0)[stored]
-            mass = unit_mass(h[:, stored], norms, layout.hot, layout.unit_size)
-            if layout.soft:
-                targets = mass / mass.amax(dim=1, keepdim=True).clamp_min(1e-12)
-            else:
-                targets = torch.zeros_like(mass).scatter_(
-                    1, mass.topk(layout.k, dim=1).indices, 1.0)
-            router = fit(Router(x.shape[1], units, rank), x, targets, steps=steps,
-                         balance=not layout.soft, seed=seed + i)
+        stored = layout.order
+        norms = torch.linalg.vector_norm(w_out.float(), dim=0)[stored]
+        mass = unit_mass(h[:, stored], norms, layout.hot, layout.unit_size)
+        if units and router == "lowrank":
+            cold = stored[layout.hot:]
+            scorer = LowRankRouter(w_in[cold], None if b_in is None else b_in[cold],
+                                   norms[layout.hot:], layer.act, x, rank=rank,
+                                   unit_size=layout.unit_size)
+            if rank < x.shape[1]:  # at full rank the scores are exact already
+                scorer.refine(x, mass, steps=steps, seed=seed + i)
+        elif units:
+            targets = mass if layout.soft else torch.zeros_like(mass).scatter_(
+                1, mass.topk(layout.k, dim=1).indices, 1.0)
+            scorer = fit(Router(x.shape[1], units, rank), x, targets, steps=steps,
+                         loss="listwise" if layout.soft else "bce", seed=seed + i)
         modules[layer.name] = RoutedFFN(w_in, b_in, w_out, b_out, layer.act,
                                         order=layout.order, hot=layout.hot,
-                                        unit_size=layout.unit_size, router=router, k=layout.k)
+                                        unit_size=layout.unit_size, router=scorer, k=layout.k)
     out = copy.deepcopy(model)
     for layer in layers:
         module = modules[layer.name].to(next(out.get_submodule(layer.reader).parameters()).device)

@@ -32,15 +32,17 @@ def contextual(
     steps: int = 300,
     max_rows: int = 2048,
     seed: int = 0,
+    router: str = "mlp",
 ) -> nn.Module:
     """A copy of ``model`` whose FFNs run ``keep`` of their neurons per token.
 
     ``hot`` (in [0, keep)) is PowerInfer's share of neurons always computed: those most often
     among a token's top ``keep`` on ``calibration``; a low-rank router (``rank``) predicts the
-    rest of each token's neurons from the FFN input. Other arguments as in
+    rest of each token's neurons from the FFN input (``router="lowrank"``: their values
+    through a low-rank factorisation of the writers instead). Other arguments as in
     :func:`~sparsekit.moe.moefy`. ``model`` is left untouched.
     """
-    layers = check_common(model, calibration, keep, rank, steps, max_rows)
+    layers = check_common(model, calibration, keep, rank, steps, max_rows, router)
     check_fraction("hot", hot)
     if hot >= keep and keep < 1:
         raise ValueError(f"hot must be below keep={keep} (the rest is predicted), got {hot!r}")
@@ -60,4 +62,4 @@ def contextual(
         return Layout(order, hot_count, 1, total - hot_count)
 
     return build(model, calibration, layers, plan, rank=rank, steps=steps,
-                 max_rows=max_rows, seed=seed)
+                 max_rows=max_rows, seed=seed, router=router)

@@ -5,9 +5,12 @@ co-activation — balanced k-means over their activation patterns: over the cali
 tokens, whether the neuron's contribution ``|h_j| * ||W_out[:, j]||`` is among the token's
 top ``keep`` fraction (scaled to unit norm, so neurons active on the same tokens meet) —
 into ``experts`` equal experts; a per-layer :class:`~sparsekit.moe.router.Router`
-learns from the FFN input each expert's activation mass for the token (the paper's MLP
-selection: :func:`~sparsekit.moe.routed.unit_mass`, scaled by the token's largest), and the
-``k`` experts it scores highest run. :func:`~sparsekit.moe.set_oracle` chooses by the true
+learns from the FFN input to rank the experts by their activation mass for the token (the
+paper's MLP selection, trained with a listwise loss on :func:`~sparsekit.moe.routed.unit_mass`),
+and the ``k`` experts it scores highest run; ``router="lowrank"`` computes the mass through a
+low-rank factorisation of the writers instead
+(:class:`~sparsekit.moe.lowrank.LowRankRouter`, Deja Vu's predictor at expert granularity:
+more MACs, better choices). :func:`~sparsekit.moe.set_oracle` chooses by the true
 mass instead (the paper's ground-truth selection): the bound the router is measured
 against. The paper keeps 10-30 % of the FFN at over 95 % of the dense model's performance
 with ReLU models, where most neurons are exactly zero; GELU and SiLU neurons are rarely
@@ -41,18 +44,22 @@ def moefy(
     steps: int = 300,
     max_rows: int = 2048,
     seed: int = 0,
+    router: str = "mlp",
 ) -> nn.Module:
     """A copy of ``model`` whose FFNs run ``keep`` of their ``experts`` per token.
 
     ``calibration`` is a tensor of model inputs (token ids for Hugging Face models) or a
     list of them; at most ``max_rows`` FFN input rows per layer, sampled with ``seed``, are
-    clustered and train the routers (``rank`` hidden units, ``steps`` Adam steps). Each FFN
+    clustered and fit the routers: with ``router="mlp"`` a trained
+    :class:`~sparsekit.moe.Router` (``rank`` hidden units, ``steps`` Adam steps), with
+    ``"lowrank"`` a :class:`~sparsekit.moe.LowRankRouter` (writers of rank ``rank``,
+    below the inputs' width refined on the mass in ``steps`` Adam steps). Each FFN
     of a LLaMA- or BERT-style model becomes a :class:`~sparsekit.moe.RoutedFFN` running
     ``k = round(keep * experts)`` experts (at least one; change it with
     :func:`~sparsekit.moe.set_keep`). ``experts`` must divide every FFN's width. ``model``
     is left untouched; with ``keep=1`` the copy computes what ``model`` does.
     """
-    layers = check_common(model, calibration, keep, rank, steps, max_rows)
+    layers = check_common(model, calibration, keep, rank, steps, max_rows, router)
     check_int("experts", experts, minimum=1)
     widths = {f.name: model.get_submodule(f.reader).in_features for f in layers}
     bad = {n: w for n, w in widths.items() if w % experts}
@@ -73,4 +80,4 @@ def moefy(
         return Layout(order, 0, h.shape[1] // experts, k, soft=True)
 
     return build(model, calibration, layers, plan, rank=rank, steps=steps,
-                 max_rows=max_rows, seed=seed)
+                 max_rows=max_rows, seed=seed, router=router)

@@ -3,9 +3,9 @@
 The neurons are stored in the order ``[hot | unit 0 | unit 1 | ...]``: ``hot`` neurons
 (PowerInfer's frequently active ones) run for every token; the rest form ``units`` of
 ``unit_size`` neurons (MoEfication's experts; single neurons for Deja Vu), of which the
-:class:`~sparsekit.moe.router.Router` picks the ``k`` highest scored per token. Each
-neuron's writer rows (``gate`` and ``up``) are stored next to each other, so a unit's rows
-are one contiguous block.
+:class:`~sparsekit.moe.router.Router` (or :class:`~sparsekit.moe.lowrank.LowRankRouter`)
+picks the ``k`` highest scored per token. Each neuron's writer rows (``gate`` and ``up``)
+are stored next to each other, so a unit's rows are one contiguous block.
 
 A single row (a decode step) computes the writer rows of the hot neurons and of the chosen
 units only (contiguous blocks; single neurons are gathered), and the reader reads only
@@ -27,7 +27,6 @@ from torch import nn
 from sparsekit._checks import check_fraction
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.moe.ffn import activate
-from sparsekit.moe.router import Router
 
 __all__ = ["RoutedFFN", "set_keep", "set_oracle", "unit_mass"]
 
@@ -43,7 +42,7 @@ class RoutedFFN(nn.Module):
 
     def __init__(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
                  b_out: torch.Tensor | None, act: Callable[[torch.Tensor], torch.Tensor], *,
-                 order: torch.Tensor, hot: int, unit_size: int, router: Router | None,
+                 order: torch.Tensor, hot: int, unit_size: int, router: nn.Module | None,
                  k: int) -> None:
         super().__init__()
         n, self.writers, self.in_features = w_in.shape

@@ -2,10 +2,19 @@
 
 MoEfication's expert router and Deja Vu's neuron predictor are the same thing at two
 granularities: ``x -> W2 relu(W1 x)`` with a hidden width (``rank``) far below the FFN's,
-trained with binary cross-entropy on what each calibration token needed: MoEfication's
-experts scored by their activation mass (soft targets in [0, 1]) or Deja Vu's 0/1 labels of
-the neurons whose output contributions were largest. Its cost is
-``rank * (d + units)`` multiply-adds per token, a few percent of the FFN.
+trained on what each calibration token needed: MoEfication's experts scored by their
+activation mass, or Deja Vu's 0/1 labels of the neurons whose output contributions were
+largest. Its cost is ``rank * (d + units)`` multiply-adds per token, a few percent of the FFN.
+
+Two losses (:data:`LOSSES`): ``"bce"``, binary cross-entropy per unit on targets in [0, 1]
+(the 0/1 labels, or the mass scaled by the token's largest), and ``"listwise"`` (ListNet,
+Cao et al. 2007), the cross-entropy between the softmax of the scores over the units and
+the token's targets normalised to sum to one. The router is used only to rank the units of
+a token, and the listwise loss trains exactly that ranking: on the ReLU-fied MiniLM (experts
+of 4 neurons, 30 % kept, held-out sentences) it chose experts holding 77 % of the true top
+experts' mass against 75 % with BCE on the scaled mass (sentence-embedding cosine 0.868
+against 0.858), and 87 % against 83 % (0.912 against 0.898) calibrated on sentences, both
+at the default 300 steps; trained far longer (32768 tokens, 2000 steps) both reach 0.919.
 """
 
 from __future__ import annotations
@@ -16,7 +25,10 @@ from torch import nn
 
 from sparsekit._checks import check_int
 
-__all__ = ["Router", "fit"]
+__all__ = ["LOSSES", "Router", "fit"]
+
+LOSSES = ("bce", "listwise")
+"""The losses :func:`fit` trains with."""
 
 
 class Router(nn.Module):
@@ -34,25 +46,37 @@ class Router(nn.Module):
 
 
 def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 300,
-        lr: float = 3e-3, batch: int = 256, balance: bool = True, seed: int = 0) -> Router:
-    """Train ``router`` to predict ``labels`` (T, units; in [0, 1], 1 where a unit is
+        lr: float = 3e-3, batch: int = 256, balance: bool = True, loss: str = "bce",
+        seed: int = 0) -> Router:
+    """Train ``router`` to predict ``labels`` (T, units; ≥ 0, largest where a unit is
     needed most) from FFN inputs ``x`` (T, features): Adam on minibatches of ``batch`` rows
-    drawn with ``seed``, binary cross-entropy; with ``balance``, weighted so that the
-    positives count as much as the rest (for sparse 0/1 labels)."""
+    drawn with ``seed``, minimising ``loss`` (one of :data:`LOSSES`). ``"bce"`` needs labels
+    in [0, 1]; with ``balance`` it weighs the positives as much as the rest (for sparse 0/1
+    labels). ``"listwise"`` takes any non-negative labels (each row is normalised to sum to
+    one) and ignores ``balance``."""
     check_int("steps", steps, minimum=1)
     check_int("batch", batch, minimum=1)
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
     x, labels = x.float(), labels.float()
-    positive = float(labels.mean().clamp(1e-6, 1 - 1e-6))
-    weight = torch.tensor((1 - positive) / positive if balance else 1.0)
+    if loss == "listwise":
+        labels = labels / labels.sum(1, keepdim=True).clamp_min(1e-12)
+    else:
+        positive = float(labels.mean().clamp(1e-6, 1 - 1e-6))
+        weight = torch.tensor((1 - positive) / positive if balance else 1.0)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(router.parameters(), lr=lr)
     router.train()
     with torch.enable_grad():
         for _ in range(steps):
             rows = torch.randint(x.shape[0], (min(batch, x.shape[0]),), generator=generator)
-            loss = F.binary_cross_entropy_with_logits(router(x[rows]), labels[rows],
-                                                      pos_weight=weight)
+            scores = router(x[rows])
+            if loss == "listwise":
+                loss_value = -(labels[rows] * scores.log_softmax(1)).sum(1).mean()
+            else:
+                loss_value = F.binary_cross_entropy_with_logits(scores, labels[rows],
+                                                                pos_weight=weight)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_value.backward()
             optimizer.step()
     return router.eval().requires_grad_(False)

@@ -1,0 +1,121 @@
+"""LowRankRouter: score an FFN's units by the mass of approximate neuron values (Deja Vu).
+
+Instead of learning the units' scores, compute them: the writers ``W_in`` (every writer row
+of the routed neurons) are replaced by a rank-``r`` factorisation ``B A``, and a unit's score
+is :func:`~sparsekit.moe.routed.unit_mass` of the neuron values ``act(B A x + b)`` it
+predicts. The factorisation minimises the pre-activations' squared error on the calibration
+inputs, ``E ||W_in x - B A x||^2`` (the SVD of ``W_in C^{1/2}``, ``C = E[x x^T]``, mapped
+back through ``C^{-1/2}``): where the inputs are low-dimensional, a low rank loses little.
+The scores are exact at full rank (the oracle's choice) and degrade smoothly as ``r``
+falls; below full rank :meth:`LowRankRouter.refine` then fits the factors to the mass itself
+(Adam on its relative squared error), which the pre-activations' error only approximates.
+The cost is ``r * (d + writers * units * unit_size)`` multiply-adds per token.
+
+On the ReLU-fied MiniLM (d = 384, 1536 neurons, experts of 4, 30 % kept, 32768 calibration
+tokens from sentences; cosine of sentence embeddings to the original GELU model, whose
+ground-truth experts reach 0.960) rank 128 costs 21 % of the FFN's MACs and chose experts
+holding 94 % of the true top experts' mass (cosine 0.939; refined 1000 steps, 0.943), where
+the trained rank-128 :class:`~sparsekit.moe.router.Router` (8 % of the MACs) held 88 %
+(0.919) and a rank-256 one (17 %) 90 % (0.928); rank 64 (10 %): 0.911, refined 0.925;
+rank 192 (31 %): 0.951.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit._checks import check_int
+from sparsekit.moe.ffn import activate
+from sparsekit.moe.routed import unit_mass
+
+__all__ = ["LowRankRouter"]
+
+
+class LowRankRouter(nn.Module):
+    """Scores ``(..., units)``: the activation mass of each unit predicted through a rank-
+    ``rank`` factorisation of its writer rows, for FFN inputs ``(..., features)``.
+
+    ``w_in`` (n, writers, d) and ``b_in`` (n, writers) or None are the routed neurons'
+    writer rows in stored order (``n = units * unit_size``), ``norms`` (n,) the norms of
+    their reader columns, ``act`` the FFN's activation, ``x`` (T, d) calibration inputs the
+    factorisation is fitted to; ``rank`` at most ``d``.
+    """
+
+    def __init__(self, w_in: torch.Tensor, b_in: torch.Tensor | None, norms: torch.Tensor,
+                 act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, rank: int,
+                 unit_size: int) -> None:
+        super().__init__()
+        n, writers, d = w_in.shape
+        check_int("rank", rank, minimum=1)
+        check_int("unit_size", unit_size, minimum=1)
+        if rank > d:
+            raise ValueError(f"rank must be at most the {d} input features, got {rank}")
+        if n % unit_size:
+            raise ValueError(f"unit_size must divide the {n} routed neurons, got {unit_size}")
+        if x.dim() != 2 or x.shape[1] != d or not x.shape[0]:
+            raise ValueError(f"x must be (T, {d}) calibration inputs, got {tuple(x.shape)}")
+        self.act, self.writers, self.unit_size = act, writers, unit_size
+        down, up = _factorise(w_in.reshape(n * writers, d).float(), x.float(), rank)
+        self.register_buffer("down", down)  # (rank, d)
+        self.register_buffer("up", up)  # (n * writers, rank)
+        self.register_buffer("bias", None if b_in is None else b_in.reshape(-1).float().clone())
+        self.register_buffer("norms", norms.float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up, self.bias)
+        h = activate(self.act, z.unflatten(-1, (-1, self.writers)))
+        return unit_mass(h, self.norms, 0, self.unit_size)
+
+    def refine(self, x: torch.Tensor, mass: torch.Tensor, *, steps: int, lr: float = 1e-3,
+               batch: int = 256, seed: int = 0) -> LowRankRouter:
+        """Fit the factors and bias to the true unit ``mass`` (T, units) of inputs ``x``
+        (T, d): ``steps`` Adam steps on minibatches of ``batch`` rows drawn with ``seed``,
+        minimising the squared error of the scores relative to the mass's. Returns self."""
+        check_int("steps", steps, minimum=1)
+        check_int("batch", batch, minimum=1)
+        if mass.shape != (x.shape[0], self.up.shape[0] // self.writers // self.unit_size):
+            raise ValueError(f"mass must be (T, units) for x of {x.shape[0]} rows, got "
+                             f"{tuple(mass.shape)}")
+        x, mass = x.float(), mass.float()
+        factors = [t for t in (self.down, self.up, self.bias) if t is not None]
+        for t in factors:
+            t.requires_grad_(True)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.Adam(factors, lr=lr)
+        try:
+            with torch.enable_grad():
+                for _ in range(steps):
+                    rows = torch.randint(x.shape[0], (min(batch, x.shape[0]),),
+                                         generator=generator)
+                    target = mass[rows]
+                    loss = (self(x[rows]) - target).square().sum() / target.square().sum(
+                        ).clamp_min(1e-12)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+        finally:
+            for t in factors:
+                t.requires_grad_(False).grad = None
+        return self
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per token."""
+        return self.down.numel() + self.up.numel()
+
+
+def _factorise(w: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``down`` (rank, d), ``up`` (m, rank) minimising ``||(w - up @ down) x^T||`` over the
+    rows of ``x``: the truncated SVD of ``w C^{1/2}``, ``C`` the inputs' second moment (a
+    ridge of 1e-6 of its mean eigenvalue keeps it invertible)."""
+    c = x.t() @ x / x.shape[0]
+    c = c + 1e-6 * c.diagonal().mean().clamp_min(1e-12) * torch.eye(c.shape[0])
+    values, vectors = torch.linalg.eigh(c)
+    root = values.clamp_min(0).sqrt()
+    u, s, vt = torch.linalg.svd(w @ (vectors * root) @ vectors.t(), full_matrices=False)
+    down = vt[:rank] @ (vectors / root.clamp_min(1e-12)) @ vectors.t()
+    return down.contiguous(), (u[:, :rank] * s[:rank]).contiguous()
