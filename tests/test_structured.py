@@ -11,7 +11,10 @@ from torch import nn
 
 import sparsekit
 from sparsekit.models import LeNet5, ResNetSmall
+from sparsekit.scores import CRITERIA, ScoreContext
 from sparsekit.structured import dependency_groups, shrink
+from sparsekit.structured.importance import group_importance
+from sparsekit.targets import batchnorm_scales, resolve_targets
 
 
 def _settle(model, x):
@@ -268,6 +271,31 @@ def test_channel_scores_come_from_the_registered_criteria():
         masks = sparsekit.prune(m, 0.5, pattern="channel", method=method, data=data)
         assert int(masks.masks["0.weight"].all(1).sum()) == 15
         assert set(masks.masks) == {"0.weight", "2.weight", "4.weight"}  # the targets only
+
+
+def test_channel_magnitude_counts_the_batchnorm_scale_of_each_channel():
+    # Torch-Pruning's group magnitude: γ is one more member of the group. By hand, mean
+    # |entry| per channel over writer row, γ and reader column:
+    #   channel 0: (3 + 0 + 0.5 + 1) / 4 = 1.125    without γ: (3 + 0 + 1) / 3 = 1.33
+    #   channel 1: (1 + 1 + 4.0 + 1) / 4 = 1.75                (1 + 1 + 1) / 3 = 1.0
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.BatchNorm1d(2), nn.ReLU(),
+                          nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3.0, 0.0], [1.0, 1.0]]))
+        model[1].weight.copy_(torch.tensor([0.5, 4.0]))
+        model[3].weight.copy_(torch.tensor([[1.0, 1.0]]))
+    group = dependency_groups(model)[0]
+    ctx = ScoreContext(model, resolve_targets(model), scales=batchnorm_scales(model))
+    torch.testing.assert_close(group_importance(group, CRITERIA.get("magnitude")(ctx)),
+                               torch.tensor([1.125, 1.75]))
+    gamma = model[1].weight.detach().clone()
+    masks = sparsekit.prune(model, 0.5, pattern="channel", method="magnitude")
+    assert masks.masks["0.weight"].tolist() == [[False, False], [True, True]]  # γ decides
+    assert masks.masks["3.weight"].tolist() == [[False, True]]
+    assert torch.equal(model[1].weight, gamma)  # scored, never masked
+    # the unstructured pattern scores the targets alone, as before
+    masks = sparsekit.prune(_mlp(), 0.5, method="magnitude")
+    assert set(masks.masks) == {"0.weight", "2.weight", "4.weight"}
 
 
 def test_group_keeps_at_least_one_channel():
