@@ -428,6 +428,10 @@ rows = [  # seed 2 alone would miss by 1.0 point; the means are 0.1 apart
     {**row, "model": "sparsekit magnitude -50%", **seed_spread([88.0, 88.2, 88.1])},
     {**peer, "model": "torch-pruning magnitude -50%", **seed_spread([89.0, 88.0, 89.0])},
     {**row, "model": "sparsekit taylor -70%", **seed_spread([80.0])},  # no peer
+    # as accurate, but at 6 % fewer MACs than its peer: no comparison, a miss
+    {**row, "model": "sparsekit magnitude -70%", **seed_spread([88.0]), "macs_vs_dense": 0.301},
+    {**peer, "model": "torch-pruning magnitude -70%", **seed_spread([88.0]),
+     "macs_vs_dense": 0.321},
 ]
 print(json.dumps({"checks": accuracy_checks(rows), "one": seed_spread([80.0])}))
 """
@@ -436,9 +440,10 @@ print(json.dumps({"checks": accuracy_checks(rows), "one": seed_spread([80.0])}))
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout)
     checks = out["checks"]
-    assert [c["ok"] for c in checks] == [True, False]
-    assert [c["value"] for c in checks] == [-0.1, -0.57]
-    assert "over 3 seeds" in checks[0]["claim"]
+    assert [c["ok"] for c in checks] == [True, False, False]
+    assert [c["value"] for c in checks] == [-0.1, -0.57, 0.0]
+    assert "over 3 seeds" in checks[0]["claim"] and "at MACs within 1% of its" in checks[0]["claim"]
+    assert "MACs 0.301 vs 0.321 of dense" in checks[2]["claim"]
     assert "89.00 ± 1.00 vs 89.10 ± 0.17" in checks[0]["claim"]
     assert out["one"] == {"accuracy": 80.0, "accuracy_std": 0.0, "accuracies": [80.0]}
 
