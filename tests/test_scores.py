@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from sparsekit.scores import CRITERIA, ScoreContext, batches
-from sparsekit.targets import resolve_targets
+from sparsekit.targets import batchnorm_scales, resolve_targets
 
 DATA_CRITERIA = ["wanda", "snip", "taylor", "taylor:accumulated", "grasp", "synflow"]
 LABEL_CRITERIA = ["snip", "taylor", "taylor:accumulated", "grasp"]
@@ -37,6 +37,18 @@ def test_magnitude_is_abs():
     assert list(out) == ["0.weight", "1.weight"]
     assert torch.equal(out["0.weight"], torch.tensor([[3.0, 0.5, 0.0], [2.0, 0.25, 1.0]]))
     assert torch.equal(out["1.weight"], model[1].weight.detach().abs())
+
+
+def test_magnitude_also_scores_the_batchnorm_scales_it_is_given():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([-0.5, 2.0]))
+    ctx = ScoreContext(model, resolve_targets(model), scales=batchnorm_scales(model))
+    out = CRITERIA.get("magnitude")(ctx)
+    assert list(out) == ["0.weight", "2.weight", "1.weight"]
+    assert torch.equal(out["1.weight"], torch.tensor([0.5, 2.0]))
+    assert torch.equal(model[1].weight, torch.tensor([-0.5, 2.0]))  # unchanged
+    assert list(CRITERIA.get("random")(ctx)) == ["0.weight", "2.weight"]  # targets only
 
 
 def test_magnitude_is_float32_for_other_dtypes():

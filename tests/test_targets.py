@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsekit.targets import DEFAULT_TYPES, resolve_targets
+from sparsekit.targets import DEFAULT_TYPES, batchnorm_scales, resolve_targets
 
 
 class Net(nn.Module):
@@ -238,3 +238,13 @@ def test_gpt2_default_pruning_leaves_the_tied_embedding_dense():
 
 def test_exclude_none_means_nothing_excluded():
     assert names(resolve_targets(Net(), exclude=None)) == names(resolve_targets(Net()))
+
+
+def test_batchnorm_scales_are_the_affine_weights_of_every_batchnorm():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1),
+                          nn.BatchNorm2d(2, affine=False), nn.Flatten(), nn.Linear(8, 3),
+                          nn.BatchNorm1d(3), nn.LayerNorm(3))
+    scales = batchnorm_scales(model)
+    assert [t.name for t in scales] == ["1.weight", "6.weight"]  # no γ: no scale; not LayerNorm
+    assert scales[0].param is model[1].weight and scales[0].module_name == "1"
+    assert [t.name for t in resolve_targets(model)] == ["0.weight", "2.weight", "5.weight"]

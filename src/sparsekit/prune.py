@@ -14,7 +14,7 @@ from sparsekit.allocation import ALLOCATIONS, fit_to_capacity
 from sparsekit.masks import MaskSet
 from sparsekit.patterns import Pattern, parse_pattern
 from sparsekit.scores import CRITERIA, ScoreContext
-from sparsekit.targets import TargetSpec, resolve_targets
+from sparsekit.targets import TargetSpec, batchnorm_scales, resolve_targets
 
 __all__ = ["check_sparsity", "compute_masks", "prune"]
 
@@ -80,7 +80,8 @@ def compute_masks(
         pat.check(t.out_in(t.param).shape, t.name)
     check_int("seed", seed)
 
-    ctx = ScoreContext(model, chosen, data, loss_fn, torch.Generator().manual_seed(seed))
+    scales = batchnorm_scales(model) if pat.grouped else []  # a group's γ, for magnitude
+    ctx = ScoreContext(model, chosen, data, loss_fn, torch.Generator().manual_seed(seed), scales)
     scores = score_fn(ctx)
     check_scores(scores, method)
     if pat.grouped:  # whole dependency groups across layers (pattern="channel")

@@ -136,6 +136,16 @@ def resolve_targets(
     return sorted(chosen.values(), key=lambda t: order[t.name])
 
 
+def batchnorm_scales(model: nn.Module) -> list[Target]:
+    """The scales (γ, the affine ``weight``) of every BatchNorm of ``model``, in definition
+    order. They are not targets — nothing masks them — but a channel pattern's group holds
+    one of each per channel, and criteria that read only a weight's value (``magnitude``)
+    score them with the targets: Torch-Pruning's group magnitude counts a BatchNorm's γ as
+    one more member of the group (see :attr:`sparsekit.scores.ScoreContext.scales`)."""
+    return [t for t in _weights(model).values()
+            if isinstance(t.module, nn.modules.batchnorm._BatchNorm) and t.param is t.module.weight]
+
+
 def _as_list(value, param: str) -> list | None:
     if value is None:
         return None

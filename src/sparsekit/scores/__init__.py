@@ -1,7 +1,9 @@
 """How important is each weight: the scoring stage.
 
 A criterion is a function ``fn(ctx: ScoreContext) -> dict[str, Tensor]`` returning one
-float score per weight of each target (same shape as the weight; higher means keep).
+float score per weight of each target (same shape as the weight; higher means keep) and,
+if it reads only a weight's value, of each BatchNorm scale in ``ctx.scales`` (a channel
+pattern's group counts them; ``magnitude`` does).
 Criteria are pure: they may run the model, but leave its parameters, gradients,
 buffers and train/eval mode exactly as they found them.
 

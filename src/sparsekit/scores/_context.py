@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,10 @@ class ScoreContext:
 
     ``data`` is a tensor of inputs, an ``(inputs, labels)`` pair, or an iterable of
     either (a ``DataLoader``). ``loss_fn(outputs, labels)`` defaults to cross-entropy.
+    ``scales`` are the BatchNorm scales of a channel pattern's groups
+    (:func:`~sparsekit.targets.batchnorm_scales`; empty for other patterns): a criterion
+    that reads only a weight's value (``magnitude``) scores them too, so that a channel's
+    group importance counts its γ; the others leave them unscored.
     """
 
     model: nn.Module
@@ -35,6 +39,7 @@ class ScoreContext:
     data: Any = None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     generator: torch.Generator | None = None
+    scales: Sequence[Target] = ()
 
     def require_data(self, criterion: str, *, labels: bool) -> list[Batch]:
         """The calibration batches, or a ``ValueError`` naming what is missing."""

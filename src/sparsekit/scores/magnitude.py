@@ -10,8 +10,9 @@ from sparsekit.scores._context import ScoreContext
 
 @CRITERIA.register("magnitude")
 def magnitude(ctx: ScoreContext) -> dict[str, torch.Tensor]:
-    """|w| — keep the largest weights (Han et al. 2015)."""
-    return {t.name: t.param.detach().abs().float() for t in ctx.targets}
+    """|w| — keep the largest weights (Han et al. 2015); also |γ| of ``ctx.scales``, so
+    that a channel's group magnitude counts its BatchNorm scale as Torch-Pruning's does."""
+    return {t.name: t.param.detach().abs().float() for t in (*ctx.targets, *ctx.scales)}
 
 
 @CRITERIA.register("random")

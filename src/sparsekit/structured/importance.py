@@ -3,7 +3,9 @@
 A criterion scores every weight (``magnitude`` is ‖W‖₁ per channel here, ``wanda`` is
 Wanda-SP's ‖W‖·‖X‖, ``snip`` first-order Taylor …); a channel's importance is the mean
 score over every scored weight of its group — writer rows and reader columns on all
-branches — so groups of different sizes compare on one scale for ``allocation="global"``.
+branches, and the channel's BatchNorm scales where the criterion scores them
+(``magnitude``: Torch-Pruning's group magnitude counts γ too) — so groups of different
+sizes compare on one scale for ``allocation="global"``.
 A criterion that ranks input columns (``readers_only``: FLAP) is read from the reader
 columns alone.
 
