@@ -87,6 +87,32 @@ def test_act_bitmap_gemv_equals_the_masked_dense_product(isa, values, threads, s
 
 
 @needs_kernels
+@pytest.mark.parametrize("expansion", kernels.bitmap_expansions() if kernels_ok() else ())
+@pytest.mark.parametrize("values", list(_VALUES))
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [*_SHAPES, (4 * BITMAP_BLOCK, 512)], ids=str)
+def test_every_bitmap_expansion_adds_the_same_products(expansion, values, threads, shape):
+    """The best instruction set expands the bitmap words by tables or, where the bitmap
+    expansion is "vpexpand", by VBMI2 expand-loads (bf16 two words at a time into even and
+    odd sums, int8 codes 2^24 times too large against x 2^-24 times): the same products
+    added in the same order, so the same bits, on the vector and the bounded blocks."""
+    out, cols = shape
+    dtype = _VALUES[values]
+    linear = _pruned(out, cols, dtype, seed=out + cols)
+    x = torch.randn(cols, generator=torch.Generator().manual_seed(2)).to(dtype)
+    layer = _layer(linear, torch.full((cols,), 0.3), values, threads)
+    with kernels.use_isa(_ISAS[-1]):
+        with kernels.use_bitmap_expansion("tables"):
+            expected = layer(x)
+        with kernels.use_bitmap_expansion(expansion):
+            y = layer(x)
+    assert torch.equal(y, expected)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-2,
+                                                                         "atol": 5e-2}
+    torch.testing.assert_close(y.double(), _reference(layer, x), **tol)
+
+
+@needs_kernels
 @pytest.mark.parametrize("isa", _ISAS)
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 def test_all_zero_inputs_and_any_density(isa, density):
@@ -164,7 +190,8 @@ def test_act_bitmap_gemv_rejects_hostile_arguments():
 
 @needs_kernels
 @pytest.mark.parametrize("isa", _ISAS)
-def test_a_forged_bitmap_reads_only_inside_the_values(isa):
+@pytest.mark.parametrize("expansion", kernels.bitmap_expansions() if kernels_ok() else ())
+def test_a_forged_bitmap_reads_only_inside_the_values(isa, expansion):
     """Offsets are checked per call; bits are not (a full pass would cost the product
     itself): bits set beyond a column's values read its neighbours' or, at the end, stop at
     the offsets, never outside the values."""
@@ -172,7 +199,7 @@ def test_a_forged_bitmap_reads_only_inside_the_values(isa):
     args["bitmap"] = torch.full_like(args["bitmap"], -1)  # every output stored everywhere
     args["threshold"] = torch.zeros(30)
     y = torch.ops.sparsekit.act_bitmap_gemv(**args)
-    with kernels.use_isa(isa):
+    with kernels.use_isa(isa), kernels.use_bitmap_expansion(expansion):
         assert torch.equal(torch.ops.sparsekit.act_bitmap_gemv(**args).isfinite(),
                            y.isfinite())
 

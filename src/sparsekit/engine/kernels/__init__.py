@@ -9,8 +9,9 @@ The arithmetic (the kernel cores) is compiled once per instruction set: portable
 library runs the best one the CPU supports (:func:`isa`; :func:`isas` lists the others it can
 run, :func:`use_isa` forces one, e.g. to test or time every path). The rest of the library
 is compiled for a baseline of the architecture, so one build runs on any CPU of it. On
-AVX-512 the bitmap rows of bf16 values and of int8 codes have two expansions, chosen by the
-CPU's vendor (:func:`bitmap_expansion`; :func:`use_bitmap_expansion` forces one).
+AVX-512 the bitmap rows of bf16 values and of int8 codes, and the bitmap columns of
+``act_bitmap_gemv``, have two expansions, chosen by the CPU's vendor
+(:func:`bitmap_expansion`; :func:`use_bitmap_expansion` forces one).
 
 The sources are compiled once per (torch version, Python, CPU, sources) by
 ``torch.utils.cpp_extension.load`` into ``~/.cache/sparsekit/`` (``$SPARSEKIT_CACHE_DIR`` or
@@ -140,7 +141,8 @@ def _using(what: str, kinds: str, name: str, accepted: tuple[str, ...],
 def bitmap_expansion() -> str | None:
     """How the AVX-512 kernels move the packed bf16 values or int8 codes of bitmap words into
     the lanes of their inputs: ``"vpexpand"`` (one VBMI2 ``vpexpandw`` per word of bf16
-    values, one ``vpexpandb`` per 64 int8 codes, W8A8 or float inputs; the default on Intel
+    values, one ``vpexpandb`` per 64 int8 codes, W8A8 or float inputs; in the bitmap
+    columns of ``act_bitmap_gemv`` also ``vexpandps`` for fp32; the default on Intel
     CPUs that have it, where it is faster) or ``"tables"`` (``pshufb`` by tables of byte
     ranks for bf16, ``vpermb`` by the ranks of the set bits for int8; the default elsewhere:
     AMD Zen 4 and 5 ran the expands 1.3-3x slower); ``None`` without kernels. The AVX2 and

@@ -9,7 +9,8 @@
 // follow each other, so a column is one run of values. Inputs with |x_j| < threshold_j are
 // treated as zero and their columns are never read; a kept column expands its packed values
 // into the lanes of their outputs by its bitmap (a table shuffle per 8 or 16 outputs,
-// bitmap_core.h) and adds x_j times them into fp32 sums held in L1. Against act_sparse_gemv's
+// bitmap_core.h, or on Intel CPUs with VBMI2 expand instructions, act_bitmap_gemv_core.h)
+// and adds x_j times them into fp32 sums held in cache. Against act_sparse_gemv's
 // 2-byte row per value this reads 1 bit per weight and 4 bytes per (column, block), and
 // needs no scattered store: at 50 % weight x 50 % input sparsity about half of the
 // row-bitmap format's bytes. Values are float32,
@@ -74,7 +75,7 @@ at::Tensor act_bitmap_gemv(const at::Tensor& values, const at::Tensor& bitmap,
       reinterpret_cast<const uint16_t*>(bitmap.data_ptr<int16_t>()),
       offsets.data_ptr<int32_t>(), in, out_features, block, nblocks, stored, a.scale, a.bias,
       a.bf16, idx.data(), val.data(), static_cast<int64_t>(idx.size()), y.data_ptr<float>(),
-      T});
+      T, sparsekit::bitmap_vpexpand()});
   return sparsekit::like_input(y, x);
 }
 

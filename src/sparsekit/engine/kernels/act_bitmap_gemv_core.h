@@ -2,7 +2,7 @@
 // instruction set (cores_impl.h, after bitmap_core.h, whose word expansions it uses, and
 // act_gemv_core.h, whose output helpers it shares): every kept input column expands its
 // packed values into the lanes of their outputs by its bitmap words and adds x_j times them
-// into fp32 sums that stay in L1 — no index per value and no scattered store.
+// into fp32 sums that stay in cache — no index per value and no scattered store.
 //
 // A column's values are one contiguous run over all output blocks, so kColumns kept columns
 // stream from memory side by side, as act_gemv's transposed rows do. The first version
@@ -15,52 +15,105 @@
 // 0.6-0.9x of this kernel in fp32 and bf16 and 1.03-1.14x in int8 on AVX-512, 0.7-1.05x
 // on AVX2 (the four LLaMA shapes, 50 % x 50 %, one thread's CPU time, Zen 4, loaded
 // machine).
+//
+// On an Intel Xeon (Sapphire Rapids class, AVX-512 VBMI2; one thread, thread CPU time, 64 MB
+// written between calls, loaded machine) this kernel with the table expansion and 4096-output
+// tiles ran 50 % x 50 % at only 1.1-1.35x the row bitmap (bitmap_core.h, its best expansion)
+// of the same dtype on 11008x4096: the same code ran 1.5-2x faster from L2 than from memory
+// (a latency-bound stream of 3 runs per column) and its expansions were the rest. One tile
+// of 16384 outputs and the expansion "vpexpand" (Expanded) took it to 1.6-1.7x in bf16,
+// 1.8-1.9x in int8 and 2.0x in fp32 the row bitmap (11008x4096 and 4096x11008), and to
+// 1.3-1.8x on the LLaMA shapes (2048 and 5632 wide) at 50 % and 70 % weight sparsity.
 
 namespace sparsekit::SPARSEKIT_ISA::act {
 
 // Elements that a vector expansion may read past a (block, column)'s last value (a 16-byte
-// shuffle or an 8-float load per word, bitmap_core.h): one within a full block plus this
-// many elements of the end of `values` takes the bounded scalar loop, so bits that promise
-// more values than the offsets hold never read outside `values`.
-constexpr int64_t kOverread = 16;
-constexpr int64_t kTileOutputs = 4096;  // 16 KiB of sums stay in L1 while the columns stream
-// Kept columns of values T added per load and store of the sums: 8 fp32 or bf16 columns on
-// AVX-512 (32 registers) ran 1.15-1.3x faster than 4 (5632x2048, 50 % x 50 %, one thread,
-// Zen 5), but int8 ran 2x slower (its expansion needs more general registers, which then
-// spill); AVX2 has 16 vector registers for the broadcasts, expansions and sums.
-template <typename T>
-constexpr int kColumns = SPARSEKIT_AVX512 && !std::is_same_v<T, int8_t> ? 8 : 4;
+// shuffle or an 8-float load per word, bitmap_core.h; 64 codes per 4 int8 words, Expanded):
+// one within a full block plus this many elements of the end of `values` takes the bounded
+// scalar loop, so bits that promise more values than the offsets hold never read outside
+// `values`.
+constexpr int64_t kOverread = 64;
+// Outputs per tile: their sums (64 KiB) stay in L2 while every kept column streams its run
+// of the tile. 4096 outputs (sums in L1) split each column of an 11008-output layer into 3
+// runs, each restarting the prefetchers: 16384 ran it 1.25x faster in bf16 and int8 (Intel
+// Xeon, 50 % x 50 %, one thread, cache flushed). Prefetching each block of the next kept
+// columns to L2 while the current ones add that block (add_columns) gained 0-4 % there but
+// 1.1-1.2x on the LLaMA shapes (2048 and 5632 outputs, bf16), whose short runs the hardware
+// prefetchers barely follow; it replaced a prefetch of the first line of each run.
+constexpr int64_t kTileOutputs = 16384;
+
+// Where the sums keep output o of a block: in output order (Interleaved false), or per 32
+// outputs the 16 even ones and then the 16 odd ones (an expansion into the low and high
+// halves of 32-bit lanes, Expanded's bf16).
+template <bool Interleaved>
+constexpr int64_t sum_index(int64_t o) {
+  return Interleaved ? (o & ~int64_t{31}) | ((o & 1) << 4) | ((o >> 1) & 15) : o;
+}
+
+// The table expansion of bitmap_core.h (rows::expand16), on every instruction set: one word
+// at a time into the lanes of its outputs, which hold the values themselves.
+struct ByTables {
+  template <typename T>
+  static constexpr int kWords = 1;  // bitmap words per expansion: 16 * kWords lanes
+  template <typename T>
+  static constexpr bool kInterleaved = false;  // the lanes' outputs (sum_index)
+  template <typename T>
+  static constexpr float kUnit = 1.f;  // the lanes hold the values times kUnit
+  // Kept columns added per load and store of the sums: 8 fp32 or bf16 columns on AVX-512
+  // (32 registers) ran 1.15-1.3x faster than 4 (5632x2048, 50 % x 50 %, one thread, Zen 5),
+  // but int8 ran 2x slower (its expansion needs more general registers, which then spill);
+  // AVX2 has 16 vector registers for the broadcasts, expansions and sums.
+  template <typename T>
+  static constexpr int kColumns = SPARSEKIT_AVX512 && !std::is_same_v<T, int8_t> ? 8 : 4;
+#if SPARSEKIT_AVX512
+  template <typename T>
+  void operator()(const uint16_t* b, const T*& p, __m512* lanes) const {
+    lanes[0] = rows::expand16(*b, p);
+  }
+#endif
+};
 
 // sums[0:16 words) += a * the (block, column) at p with bitmap words b, reading at most
-// `count` values: the bounded path of every ISA and the whole path of the scalar one.
-template <typename T>
+// `count` values, into sums laid out by sum_index<Interleaved>: the bounded path of every ISA
+// and the whole path of the scalar one.
+template <bool Interleaved, typename T>
 inline void add_bounded(float* __restrict sums, const uint16_t* b, int64_t words, const T* p,
                         int64_t count, float a) {
   const T* const end = p + count;
   for (int64_t k = 0; k < words; ++k) {
     for (unsigned m = b[k]; m && p < end; m &= m - 1) {
-      sums[16 * k + __builtin_ctz(m)] += a * to_float(*p++);
+      sums[sum_index<Interleaved>(16 * k + __builtin_ctz(m))] += a * to_float(*p++);
     }
   }
 }
 
 #if SPARSEKIT_AVX512 || SPARSEKIT_AVX2
 // sums[0:16 words) += sum over i < N of a[i] * the (block, column) i at p[i] with bitmap
-// words b[i]: one load and store of the sums per word for N columns.
-template <int N, typename T>
-inline void add_vector(float* __restrict sums, const uint16_t* const* b, int64_t words,
-                       const T* const* start, const float* a) {
+// words b[i]: one load and store of the sums per expansion for N columns, each expanded by
+// `expand` (AVX-512; AVX2 takes the tables).
+template <int N, typename T, typename Expand>
+__attribute__((always_inline)) inline void add_vector(float* __restrict sums,
+                                                      const uint16_t* const* b, int64_t words,
+                                                      const T* const* start, const float* a,
+                                                      Expand expand) {
   const T* p[N];
   for (int i = 0; i < N; ++i) p[i] = start[i];
 #if SPARSEKIT_AVX512
+  constexpr int W = Expand::template kWords<T>;
   __m512 av[N];
-  for (int i = 0; i < N; ++i) av[i] = _mm512_set1_ps(a[i]);
-  for (int64_t k = 0; k < words; ++k) {
-    __m512 s = _mm512_loadu_ps(sums + 16 * k);
-    for (int i = 0; i < N; ++i) s = _mm512_fmadd_ps(rows::expand16(b[i][k], p[i]), av[i], s);
-    _mm512_storeu_ps(sums + 16 * k, s);
+  for (int i = 0; i < N; ++i) av[i] = _mm512_set1_ps(a[i] / Expand::template kUnit<T>);
+  for (int64_t k = 0; k < words; k += W) {
+    __m512 s[W];
+    for (int w = 0; w < W; ++w) s[w] = _mm512_loadu_ps(sums + 16 * (k + w));
+    for (int i = 0; i < N; ++i) {
+      __m512 lanes[W];
+      expand(b[i] + k, p[i], lanes);
+      for (int w = 0; w < W; ++w) s[w] = _mm512_fmadd_ps(lanes[w], av[i], s[w]);
+    }
+    for (int w = 0; w < W; ++w) _mm512_storeu_ps(sums + 16 * (k + w), s[w]);
   }
 #else
+  (void)expand;
   __m256 av[N];
   for (int i = 0; i < N; ++i) av[i] = _mm256_set1_ps(a[i]);
   for (int64_t k = 0; k < words; ++k) {
@@ -78,10 +131,14 @@ inline void add_vector(float* __restrict sums, const uint16_t* const* b, int64_t
 }
 #endif
 
-// sums of blocks [b0, b1) (block floats each) += the N kept columns j[i] (values a[i]).
-template <int N, typename T>
-void add_columns(const ActBitmapGemvArgs& a, const T* values, const int32_t* j,
-                 const float* x, int64_t b0, int64_t b1, float* sums) {
+// sums of blocks [b0, b1) (block floats each) += the N kept columns j[i] (values a[i]); the
+// same block of the N columns `next` (nullptr: none) is prefetched to L2 meanwhile.
+template <int N, typename T, typename Expand>
+__attribute__((always_inline)) inline void add_columns(const ActBitmapGemvArgs& a,
+                                                       const T* values, const int32_t* j,
+                                                       const float* x, int64_t b0, int64_t b1,
+                                                       float* sums, Expand expand,
+                                                       const int32_t* next) {
   const int64_t words = a.block / 16, safe_end = a.stored - a.block - kOverread;
   const int32_t* off[N];
   const uint16_t* bits[N];
@@ -99,51 +156,133 @@ void add_columns(const ActBitmapGemvArgs& a, const T* values, const int32_t* j,
       b[i] = bits[i] + blk * words;
       safe &= off[i][blk] <= safe_end;
     }
+    for (int i = 0; next && i < N; ++i) {
+      const int32_t* o = a.offsets + next[i] * (a.nblocks + 1) + blk;
+      const char* const end = reinterpret_cast<const char*>(values + o[1]);
+      for (const char* c = reinterpret_cast<const char*>(values + o[0]); c < end; c += 64) {
+        __builtin_prefetch(c, 0, 2);
+      }
+      __builtin_prefetch(a.bits + (next[i] * a.nblocks + blk) * words, 0, 2);
+    }
 #if SPARSEKIT_AVX512 || SPARSEKIT_AVX2
     if (safe) {
-      add_vector<N>(s, b, words, p, x);
+      add_vector<N>(s, b, words, p, x, expand);
       continue;
     }
 #else
     (void)safe;
+    (void)expand;
 #endif
     for (int i = 0; i < N; ++i) {
-      add_bounded(s, b[i], words, p[i], off[i][blk + 1] - off[i][blk], x[i]);
+      add_bounded<Expand::template kInterleaved<T>>(s, b[i], words, p[i],
+                                                    off[i][blk + 1] - off[i][blk], x[i]);
     }
   }
 }
 
-// y of blocks [b0, b1): Output(the sums of every kept column), a tile of blocks at a time.
-template <typename T, typename B>
-void bitmap_columns(const ActBitmapGemvArgs& a, const T* values, const B* bias, int64_t b0,
-                    int64_t b1) {
+// y of blocks [b0, b1): Output(the sums of every kept column), a tile of blocks at a time,
+// the words expanded by `expand`.
+template <typename T, typename B, typename Expand>
+__attribute__((always_inline)) inline void bitmap_columns(const ActBitmapGemvArgs& a,
+                                                          const T* values, const B* bias,
+                                                          int64_t b0, int64_t b1,
+                                                          Expand expand) {
+  constexpr int C = Expand::template kColumns<T>;
   const int64_t tile = std::max<int64_t>(1, kTileOutputs / a.block);
   float* sums = workspace(tile * a.block);
   for (int64_t t0 = b0; t0 < b1; t0 += tile) {
     const int64_t t1 = std::min(b1, t0 + tile);
     std::fill(sums, sums + (t1 - t0) * a.block, 0.f);
     int64_t k = 0;
-    constexpr int C = kColumns<T>;
     for (; k + C <= a.kept; k += C) {
-      if (k + 2 * C <= a.kept) {  // where the next columns start in this tile
-        for (int i = C; i < 2 * C; ++i) {
-          const int64_t o = a.offsets[a.idx[k + i] * (a.nblocks + 1) + t0];
-          __builtin_prefetch(values + o);
-          __builtin_prefetch(a.bits + (a.idx[k + i] * a.nblocks + t0) * (a.block / 16));
-        }
-      }
-      add_columns<C>(a, values, a.idx + k, a.val + k, t0, t1, sums);
+      add_columns<C>(a, values, a.idx + k, a.val + k, t0, t1, sums, expand,
+                     k + 2 * C <= a.kept ? a.idx + k + C : nullptr);
     }
-    for (; k < a.kept; ++k) add_columns<1>(a, values, a.idx + k, a.val + k, t0, t1, sums);
+    for (; k < a.kept; ++k) {
+      add_columns<1>(a, values, a.idx + k, a.val + k, t0, t1, sums, expand, nullptr);
+    }
     const int64_t o0 = t0 * a.block, n = std::min(t1 * a.block, a.out) - o0;
     const float* scale = a.scale ? a.scale + o0 : nullptr;
     const B* bb = bias ? bias + o0 : nullptr;
     float* y = a.y + o0;
     start(y, scale, bb, n);
-    for (int64_t o = 0; o < n; ++o) y[o] += sums[o];
+    for (int64_t o = 0; o < n; ++o) y[o] += sums[sum_index<Expand::template kInterleaved<T>>(o)];
     if (scale) scale_add(y, scale, bb, n);
   }
 }
+
+#if SPARSEKIT_AVX512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,popcnt,bmi,bmi2,avx512vbmi,avx512vbmi2")
+// Lane i of kTopByte[g]: byte 16 g + i / 4 of a vector, in the top byte of 32-bit lane i / 4
+// (the other bytes are masked to zero).
+struct TopBytes {
+  uint8_t index[4][64];
+};
+constexpr TopBytes make_top_bytes() {
+  TopBytes t{};
+  for (int g = 0; g < 4; ++g) {
+    for (int i = 0; i < 64; ++i) t.index[g][i] = static_cast<uint8_t>(16 * g + i / 4);
+  }
+  return t;
+}
+alignas(64) inline constexpr TopBytes kTopByte = make_top_bytes();
+
+// The VBMI2 expansion (ActBitmapGemvArgs::vpexpand, the bitmap expansion "vpexpand"):
+// packed values into the lanes of their outputs by vpexpandw / vpexpandb / vexpandps.
+// - bf16, two words at once: one expand-load of 32 values into 32 16-bit lanes, whose high
+//   halves are the odd outputs' floats and whose low halves, shifted up, the even ones'
+//   (sum_index<true>).
+// - int8, four words at once: one vpexpandb of 64 codes (a 64-byte load) into byte lanes,
+//   then per 16 outputs one vpermb into the top bytes of 32-bit lanes: floats 2^24 times the
+//   codes (kUnit; x is scaled by 2^-24 instead, so the products are exact).
+// - fp32, a word at a time: one vexpandps from memory.
+// Intel Xeon (AVX-512 VBMI2), 11008x4096 and 4096x11008 at 50 % x 50 %, one thread, thread
+// CPU time, cache flushed: see the header comment.
+struct Expanded {
+  template <typename T>
+  static constexpr int kWords = std::is_same_v<T, bf16> ? 2 : std::is_same_v<T, int8_t> ? 4 : 1;
+  template <typename T>
+  static constexpr bool kInterleaved = std::is_same_v<T, bf16>;
+  template <typename T>
+  static constexpr float kUnit = std::is_same_v<T, int8_t> ? 0x1p24f : 1.f;
+  // 8 columns for int8 too: its expansion needs a bit load, a popcount and a mask move per
+  // 4 words, so no general registers spill; 1.2x faster than 4 on 4096x11008, the same
+  // (0.96-1.05x) on 11008x4096 and the LLaMA shapes (Intel Xeon, 50 % x 50 %, one thread).
+  template <typename T>
+  static constexpr int kColumns = 8;
+
+  void operator()(const uint16_t* b, const bf16*& p, __m512* lanes) const {
+    uint32_t m;
+    __builtin_memcpy(&m, b, sizeof m);
+    const __m512i e = _mm512_maskz_expandloadu_epi16(m, p);
+    p += __builtin_popcount(m);
+    lanes[0] = _mm512_castsi512_ps(_mm512_slli_epi32(e, 16));
+    lanes[1] = _mm512_castsi512_ps(_mm512_and_si512(e, _mm512_set1_epi32(~0xFFFF)));
+  }
+  void operator()(const uint16_t* b, const int8_t*& p, __m512* lanes) const {
+    uint64_t m;
+    __builtin_memcpy(&m, b, sizeof m);
+    const __m512i e = _mm512_maskz_expand_epi8(m, _mm512_loadu_si512(p));
+    p += __builtin_popcountll(m);
+    for (int g = 0; g < 4; ++g) {
+      lanes[g] = _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(
+          0x8888888888888888ull, _mm512_load_si512(kTopByte.index[g]), e));
+    }
+  }
+  void operator()(const uint16_t* b, const float*& p, __m512* lanes) const {
+    lanes[0] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(*b), p);
+    p += __builtin_popcount(*b);
+  }
+};
+
+template <typename T, typename B>
+void bitmap_columns_expanded(const ActBitmapGemvArgs& a, const T* values, const B* bias,
+                             int64_t b0, int64_t b1) {
+  bitmap_columns(a, values, bias, b0, b1, Expanded{});
+}
+#pragma GCC pop_options
+#endif
 
 }  // namespace sparsekit::SPARSEKIT_ISA::act
 
@@ -157,7 +296,16 @@ void act_bitmap_gemv(const ActBitmapGemvArgs& a) {
 #pragma omp parallel num_threads(a.threads) if (a.threads > 1)
       {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        act::bitmap_columns(a, values, bias, a.nblocks * t / nt, a.nblocks * (t + 1) / nt);
+        const int64_t b0 = a.nblocks * t / nt, b1 = a.nblocks * (t + 1) / nt;
+#if SPARSEKIT_AVX512
+        if (a.vpexpand) {
+          act::bitmap_columns_expanded(a, values, bias, b0, b1);
+        } else {
+          act::bitmap_columns(a, values, bias, b0, b1, act::ByTables{});
+        }
+#else
+        act::bitmap_columns(a, values, bias, b0, b1, act::ByTables{});
+#endif
       }
     });
   });

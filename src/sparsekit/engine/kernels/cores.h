@@ -169,7 +169,9 @@ struct ActSparseGemvArgs {
 // `block` outputs (a multiple of 64), for each (input column, block) `block` / 16 words of
 // bits (bit r: output r of the block stored), bits (in, nblocks, block / 16), and int32
 // offsets (in, nblocks + 1) to its packed stored values (float32, bf16 or int8 codes),
-// column after column, `stored` in all.
+// column after column, `stored` in all. `vpexpand`: the AVX-512 cores expand the words with
+// VBMI2 vpexpandw / vpexpandb / vexpandps (the bitmap expansion "vpexpand",
+// act_bitmap_gemv_core.h) instead of the tables.
 struct ActBitmapGemvArgs {
   Value value;
   const void* values;
@@ -184,6 +186,7 @@ struct ActBitmapGemvArgs {
   int64_t kept;
   float* y;
   int threads;
+  bool vpexpand;
 };
 
 // The entry points of one instruction set.

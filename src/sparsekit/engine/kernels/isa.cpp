@@ -64,11 +64,13 @@ std::string set_isa(const std::string& name) {
 
 // The bitmap expansions this CPU runs: "tables" (pshufb by tables of byte ranks, any CPU) and
 // "vpexpand" (VBMI2 vpexpandw for bf16 words, bitmap_core.h; vpexpandb for int8 codes,
-// qlinear_core.h) where the AVX-512 cores run and VBMI2 is there.
+// qlinear_core.h; both and vexpandps for the bitmap columns, with VBMI vpermb for int8,
+// act_bitmap_gemv_core.h) where the AVX-512 cores run and VBMI and VBMI2 are there.
 std::vector<std::string> bitmap_expansions() {
   std::vector<std::string> names{"tables"};
 #if defined(__x86_64__) || defined(__i386__)
-  if (runnable().back() == &avx512::kCores && __builtin_cpu_supports("avx512vbmi2")) {
+  if (runnable().back() == &avx512::kCores && __builtin_cpu_supports("avx512vbmi") &&
+      __builtin_cpu_supports("avx512vbmi2")) {
     names.emplace_back("vpexpand");
   }
 #endif
