@@ -327,6 +327,33 @@ def test_stalled_prompt_rounds_do_not_refuse_activation_sparsity(monkeypatch):
 
 
 @needs_kernels
+def test_activation_sparsity_is_timed_on_inputs_written_just_before(monkeypatch):
+    # Both sides of the comparison read a copy of the timing input made just before each
+    # call, as a layer inside a network reads what the op before it wrote; timed on one
+    # input again and again, the weight-only GEMM read clean cached lines and won.
+    fresh: dict[str, list[bool]] = {"activation": [], "weight_only": []}
+
+    def clock(module, x, reps):
+        got = []
+        handle = module.register_forward_pre_hook(lambda _m, args: got.append(args[0]))
+        module(x)
+        handle.remove()
+        side = "activation" if isinstance(module, ActivationSparseLinear) else "weight_only"
+        fresh[side].append(got[0] is not x and torch.equal(got[0], x))
+        return (1e-4 if side == "activation" else 2e-4) if x.shape[0] == 1 else 2e-4
+
+    monkeypatch.setattr(autotune, "_time_block", clock)
+    model = _mlp(torch.float32)
+    act = _Thresholds({"2": torch.full((64,), 0.1)})  # the last layer: the last timings
+    compiled = sparsekit.compile(model, torch.randn(6, 24), activation_sparsity=act,
+                                 cache=False)
+    assert isinstance(compiled.get_submodule("2"), ActivationSparseLinear)
+    assert fresh["activation"][-1] and fresh["weight_only"][-1]
+    # the format and kernel choices before it time their input as it is
+    assert not all(fresh["weight_only"]) and not all(fresh["activation"])
+
+
+@needs_kernels
 def test_compile_mixes_activation_sparse_and_weight_only_layers(monkeypatch):
     def clock(module, x, reps):  # only layer "0" gains from its thresholds
         if isinstance(module, ActivationSparseLinear):
@@ -384,7 +411,8 @@ def test_sparsify_input_zeroes_exactly_the_small_magnitudes(dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(9, 40), (1, 1), (2, 3, 7), (0, 5), (4,)], ids=str)
+@pytest.mark.parametrize("shape", [(9, 40), (1, 1), (2, 3, 7), (0, 5), (4,), (2, 80, 1024)],
+                         ids=str)  # the last splits over threads
 def test_act_threshold_equals_sparsify_input(dtype, shape):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(shape, generator=g).to(dtype)
@@ -410,7 +438,9 @@ def test_act_threshold_rejects_hostile_arguments():
     x, t = torch.randn(3, 8), torch.rand(8)
     cases = [((x.bfloat16(), t), "threshold must be"), ((x, t[:7]), "threshold"),
              ((x.t(), t), "x must be a contiguous"), ((x.double(), t.double()), "x must be"),
-             ((x, t.view(2, 4)), "threshold")]
+             ((x, t.view(2, 4)), "threshold"),
+             ((x, torch.tensor([0.1] * 7 + [float("nan")])), "threshold must not hold NaN"),
+             ((x.bfloat16(), torch.full((8,), float("nan")).bfloat16()), "NaN at index 0")]
     for args, match in cases:
         with pytest.raises(RuntimeError, match=match):
             torch.ops.sparsekit.act_threshold(*args)
