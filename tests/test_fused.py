@@ -6,7 +6,9 @@ not depend on this machine's speed.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -296,7 +298,7 @@ def _act_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_activation_sparse_projections_fuse_into_one_thresholded_call(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from sparsekit.engine.activation_linear import ActivationSparseLinear, sparsify_input
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
 
     _act_clock(monkeypatch)
     model = _llama()
@@ -311,21 +313,66 @@ def test_activation_sparse_projections_fuse_into_one_thresholded_call(
     assert isinstance(block.mlp.down_proj, ActivationSparseLinear)
     record = compiled.sparsekit_choices["model.layers.0.mlp.up_proj"]["fused"]
     assert record["format"] == "fused" and record["stacked"]["activation"]["chosen"]
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, t=t: (sparsify_input(args[0], t),)) for n, t in teal.thresholds.items()]
-    try:
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits)
-            expected = model.generate(IDS, max_new_tokens=6, do_sample=False)
-            assert torch.equal(compiled.generate(IDS, max_new_tokens=6, do_sample=False),
-                               expected)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with _thresholded(model, teal.thresholds), torch.no_grad():
+        torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits)
+        expected = model.generate(IDS, max_new_tokens=6, do_sample=False)
+        assert torch.equal(compiled.generate(IDS, max_new_tokens=6, do_sample=False), expected)
     plain = decompile(compiled)
     q = plain.model.layers[0].self_attn.q_proj
     assert type(q) is nn.Linear
     torch.testing.assert_close(q.weight, model.model.layers[0].self_attn.q_proj.weight)
+
+
+@contextlib.contextmanager
+def _thresholded(model: nn.Module, thresholds: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``model`` with its layers' inputs sparsified by ``thresholds``, as compiled."""
+    from sparsekit.engine.activation_linear import sparsify_input
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, t=t: (sparsify_input(args[0], t),)) for n, t in thresholds.items()]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@needs_kernels
+def test_projections_that_lose_alone_fuse_into_one_activation_sparse_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each projection's activation-sparse kernel is no faster than its weight-only format
+    # (small layers on two threads); the stacked layer's is twice as fast, so the group
+    # becomes one thresholded call although no member won on its own.
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    model = _llama(layers=1)
+    widest = model.model.layers[0].self_attn.q_proj.out_features  # the widest projection
+
+    def clock(module: nn.Module, x: torch.Tensor, reps: int) -> float:
+        if isinstance(module, FusedProjections):
+            return 0.5e-3
+        if isinstance(module, nn.ModuleList):
+            return 1e-3 * len(module)
+        stacked = isinstance(module, ActivationSparseLinear) and module.out_features > widest
+        return 0.5e-3 if stacked else 1e-3
+
+    monkeypatch.setattr(autotune, "_time_block", clock)
+    teal = _teal(model)
+    compiled = compile(model, (IDS,), activation_sparsity=teal, cache=False)
+    attn = compiled.model.layers[0].self_attn
+    members = [getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")]
+    assert all(isinstance(m, FusedLinear) for m in members)
+    assert isinstance(members[0].group.linear, ActivationSparseLinear)
+    choice = compiled.sparsekit_choices["model.layers.0.self_attn.q_proj"]
+    assert not choice["activation"]["chosen"]  # alone it lost
+    assert choice["fused"]["format"] == "fused" and choice["fused"]["stacked"]["activation"][
+        "chosen"]
+    assert isinstance(compiled.model.layers[0].mlp.down_proj, CompiledLinear)  # alone: lost
+    applied = {n: t for n, t in teal.thresholds.items()  # o_proj and down_proj lost
+               if not n.endswith(("o_proj", "down_proj"))}
+    with _thresholded(model, applied), torch.no_grad():
+        torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits)
 
 
 @needs_kernels

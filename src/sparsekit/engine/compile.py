@@ -219,9 +219,9 @@ def compile(
                         done[id(child)] = child
                 setattr(parent, child_name, done[id(child)])
         if inputs is not None and fuse:
-            _fuse_groups(model, compiled, inputs, choices, served, seen, probes, names=names,
-                         threads=threads, cache=cache, value_dtype=value_dtype, memo=memo,
-                         grow=grow, activation=activation)
+            _fuse_groups(model, compiled, inputs, choices, served, seen, probes, act,
+                         names=names, threads=threads, cache=cache, value_dtype=value_dtype,
+                         memo=memo, grow=grow, activation=activation)
     refused = [n for n, c in choices.items() if names and "dense" not in names
                and c["format"] == "dense"]
     _check_forced(names, refused, len(choices))
@@ -359,24 +359,36 @@ def _fuse_groups(
     served: list[int] | None,
     seen: Mapping[str, torch.Size],
     probes: Mapping[str, torch.Tensor],
+    thresholds: Mapping[str, torch.Tensor],
     **options: object,
 ) -> None:
     """Replace in ``compiled`` the groups of linear layers that read one input in
     ``model(*inputs)`` by fused members where that is faster (see :func:`_fuse`; the
     ``options`` are its and :func:`_compile_layer`'s), recording each group's choice under
-    ``"fused"`` in its members' ``choices``. A group of activation-sparse layers with one
-    threshold fuses into one activation-sparse layer (one thresholding, one kernel call);
-    a group mixing them with weight-only layers, or with different thresholds, is left
-    as it is."""
+    ``"fused"`` in its members' ``choices``. A group whose layers share one calibrated input
+    threshold (``thresholds``, as TEAL calibrates one per input) is first tried as one
+    activation-sparse layer (one thresholding, one kernel call), whether or not its members
+    won as activation-sparse layers on their own: three 2048 x 2048 projections that did not
+    (1.0-1.1x at one row, two threads) stack to a 6144-output layer whose single-row kernel
+    wins 1.3x. Where that loses, weight-only members are tried as a weight-only stack; a
+    group mixing activation-sparse members with weight-only ones or with other thresholds
+    is left as it is."""
     for group in fused.shared_inputs(model, inputs):
         separate = [compiled.get_submodule(n) for n in group]
+        weight_only = all(isinstance(m, CompiledLinear) for m in separate)
         threshold = _shared_threshold(separate)
-        if threshold is None and not all(isinstance(m, CompiledLinear) for m in separate):
+        if threshold is None and weight_only:
+            threshold = _calibrated_threshold(group, thresholds)
+        if threshold is None and not weight_only:
             continue  # activation-sparse members that cannot share one kernel call
+        originals = [model.get_submodule(n) for n in group]
         rows = served or _default_rows(seen.get(group[0]), nn.Linear)
-        members, record = _fuse([model.get_submodule(n) for n in group], separate, group,
-                                rows=rows, threshold=threshold, probe=probes.get(group[0]),
-                                **options)
+        members, record = _fuse(originals, separate, group, rows=rows, threshold=threshold,
+                                probe=probes.get(group[0]), **options)
+        if members is None and threshold is not None and weight_only:
+            members, weight_only_record = _fuse(originals, separate, group, rows=rows,
+                                                **options)
+            record = {**weight_only_record, "activation": record}
         for n, member in zip(group, members or [None] * len(group), strict=True):
             choices[n] = {**choices[n], "fused": record}
             if member is not None:
@@ -440,6 +452,18 @@ def _fuse(
     choice = _decided(key, memo, label, timed)
     record = {**choice, "group": group, "stacked": stacked_choice}
     return (projections.members() if choice["format"] == "fused" else None), record
+
+
+def _calibrated_threshold(
+    group: Sequence[str], thresholds: Mapping[str, torch.Tensor]
+) -> torch.Tensor | None:
+    """The one calibrated input threshold of every layer of ``group``, else ``None``."""
+    if not group or any(n not in thresholds for n in group):
+        return None
+    first = thresholds[group[0]]
+    if any(not torch.equal(thresholds[n], first) for n in group[1:]):
+        return None
+    return first
 
 
 def _shared_threshold(layers: Sequence[nn.Module]) -> torch.Tensor | None:
@@ -594,9 +618,16 @@ def _fresh_inputs(*modules: nn.Module) -> Iterator[None]:
 def _activation_sparse(
     choices: Mapping[str, dict[str, object]], thresholds: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """The thresholds of the layers that became activation-sparse."""
-    return {n: thresholds[n] for n, c in choices.items()
-            if isinstance(c.get("activation"), dict) and c["activation"]["chosen"]}
+    """The thresholds of the layers that became activation-sparse, on their own or as
+    members of a fused activation-sparse layer."""
+    return {n: thresholds[n] for n, c in choices.items() if _chosen(c.get("activation"))
+            or (isinstance(c.get("fused"), dict) and c["fused"]["format"] == "fused"
+                and _chosen(c["fused"]["stacked"].get("activation")))}
+
+
+def _chosen(record: object) -> bool:
+    """Whether an ``activation`` record says the activation-sparse layer was taken."""
+    return isinstance(record, dict) and bool(record["chosen"])
 
 
 @contextlib.contextmanager
