@@ -376,6 +376,33 @@ def test_projections_that_lose_alone_fuse_into_one_activation_sparse_layer(
 
 
 @needs_kernels
+def test_projections_whose_stack_loses_with_thresholds_fuse_weight_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Activation sparsity loses everywhere, alone and stacked; the weight-only stack (the
+    # one compiled while trying the thresholded one) still wins as a fused call.
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    def clock(module: nn.Module, x: torch.Tensor, reps: int) -> float:
+        if isinstance(module, FusedProjections):
+            return 0.5e-3
+        if isinstance(module, nn.ModuleList):
+            return 1e-3 * len(module)
+        return 2e-3 if isinstance(module, ActivationSparseLinear) else 1e-3
+
+    monkeypatch.setattr(autotune, "_time_block", clock)
+    model = _llama(layers=1)
+    compiled = compile(model, (IDS,), activation_sparsity=_teal(model), cache=False)
+    q = compiled.model.layers[0].self_attn.q_proj
+    assert isinstance(q, FusedLinear) and isinstance(q.group.linear, CompiledLinear)
+    record = compiled.sparsekit_choices["model.layers.0.self_attn.q_proj"]["fused"]
+    assert record["format"] == "fused" and not record["stacked"]["activation"]["chosen"]
+    assert not any(isinstance(m, ActivationSparseLinear) for m in compiled.modules())
+    with torch.no_grad():  # no thresholds applied
+        torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits)
+
+
+@needs_kernels
 def test_activation_sparse_projections_with_their_own_thresholds_stay_separate(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

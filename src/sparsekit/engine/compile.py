@@ -382,14 +382,10 @@ def _fuse_groups(
             threshold = _calibrated_threshold(group, thresholds)
         if threshold is None and not weight_only:
             continue  # activation-sparse members that cannot share one kernel call
-        originals = [model.get_submodule(n) for n in group]
         rows = served or _default_rows(seen.get(group[0]), nn.Linear)
-        members, record = _fuse(originals, separate, group, rows=rows, threshold=threshold,
-                                probe=probes.get(group[0]), **options)
-        if members is None and threshold is not None and weight_only:
-            members, weight_only_record = _fuse(originals, separate, group, rows=rows,
-                                                **options)
-            record = {**weight_only_record, "activation": record}
+        members, record = _fuse([model.get_submodule(n) for n in group], separate, group,
+                                rows=rows, threshold=threshold, probe=probes.get(group[0]),
+                                **options)
         for n, member in zip(group, members or [None] * len(group), strict=True):
             choices[n] = {**choices[n], "fused": record}
             if member is not None:
@@ -418,29 +414,32 @@ def _fuse(
     record of the choice: the stacked layer's own choice (``stacked``) and the timing of
     the fused call against the separate ones (``format`` ``"fused"`` or ``"separate"``).
 
-    With the ``threshold`` of activation-sparse ``separate`` layers, the stacked layer is
-    activation-sparse too (:func:`_activation_layer`, on the group's inputs ``probe``; the
-    group stays separate where it is not) and the timings run on ``probe``, whose skipped
-    columns are the real ones; such a decision depends on the inputs and is not cached."""
+    With a ``threshold`` (the one every member was calibrated with), the stacked layer is
+    tried as an activation-sparse layer (:func:`_activation_layer`, on the group's inputs
+    ``probe``) and the timings run on ``probe``, whose skipped columns are the real ones;
+    such a decision depends on the inputs and is not cached. Where the stacked layer stays
+    weight-only (its ``activation`` record says why), the group stays separate if its
+    members are activation-sparse, else that weight-only stack is timed as without a
+    threshold."""
     stacked = fused.stack(originals)
     in_shape, label = (stacked.in_features,), "+".join(group)
     if threshold is None:
         linear, stacked_choice = _compile_layer(stacked, in_shape, names, rows, threads, cache,
                                                 value_dtype, memo=memo, name=label, grow=grow,
                                                 activation=activation)
-        inputs, dtype = None, stacked.weight.dtype
     else:
         linear, stacked_choice = _activation_layer(stacked, threshold, names, rows, threads,
                                                    cache, value_dtype, probe, memo, label, grow,
                                                    activation)
-        if not isinstance(linear, ActivationSparseLinear):
-            return None, {"format": "separate", "group": group, "stacked": stacked_choice}
-        inputs = None if probe is None else probe.reshape(-1, stacked.in_features)
-        dtype = linear.dtype
+    thresholded = isinstance(linear, ActivationSparseLinear)
+    if not thresholded and not all(isinstance(m, CompiledLinear) for m in separate):
+        return None, {"format": "separate", "group": group, "stacked": stacked_choice}
+    inputs = None if probe is None or not thresholded else probe.reshape(-1, stacked.in_features)
+    dtype = linear.dtype if thresholded else stacked.weight.dtype
     projections = FusedProjections(linear, [layer.out_features for layer in originals])
     paths = [_formats(m) for m in (*separate, linear)]
     key = (decisions.key(stacked, in_shape, ["separate", "fused"], rows, threads, value_dtype,
-                         fused=paths) if cache and threshold is None else None)
+                         fused=paths) if cache and not thresholded else None)
     if key is not None and activation is not None:
         key["activation_dtype"] = str(activation)
 
@@ -459,22 +458,22 @@ def _calibrated_threshold(
     group: Sequence[str], thresholds: Mapping[str, torch.Tensor]
 ) -> torch.Tensor | None:
     """The one calibrated input threshold of every layer of ``group``, else ``None``."""
-    if not group or any(n not in thresholds for n in group):
-        return None
-    first = thresholds[group[0]]
-    if any(not torch.equal(thresholds[n], first) for n in group[1:]):
-        return None
-    return first
+    return _one_threshold([thresholds.get(n) for n in group])
 
 
 def _shared_threshold(layers: Sequence[nn.Module]) -> torch.Tensor | None:
     """The input threshold of ``layers`` if all are activation-sparse with one threshold
     (what lets them run as one stacked activation-sparse layer), else ``None``."""
-    if not layers or not all(isinstance(m, ActivationSparseLinear) for m in layers):
+    return _one_threshold([m.threshold if isinstance(m, ActivationSparseLinear) else None
+                           for m in layers])
+
+
+def _one_threshold(thresholds: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The threshold all of ``thresholds`` equal (in values and dtype), else ``None``."""
+    if not thresholds or any(t is None for t in thresholds):
         return None
-    first = layers[0].threshold
-    if any(m.threshold.dtype != first.dtype or not torch.equal(m.threshold, first)
-           for m in layers[1:]):
+    first = thresholds[0]
+    if any(t.dtype != first.dtype or not torch.equal(t, first) for t in thresholds[1:]):
         return None
     return first
 
@@ -607,13 +606,8 @@ def _fresh_inputs(*modules: nn.Module) -> Iterator[None]:
     threads, Intel Xeon), which that path's comparison then charged to the thresholding
     (0.8-0.9x of the weight-only speed, where the thresholding costs 4 %). Both sides get
     the copy, so both pay what a layer inside a model pays; the hooks are gone after."""
-    handles = [m.register_forward_pre_hook(lambda _m, args: (args[0].clone(), *args[1:]))
-               for m in modules]
-    try:
+    with _input_hooks({m: torch.Tensor.clone for m in modules}):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _activation_sparse(
@@ -636,11 +630,19 @@ def _thresholded(model: nn.Module, thresholds: Mapping[str, torch.Tensor]) -> It
     """``model`` with the inputs of its layers ``thresholds`` names sparsified
     (:func:`~sparsekit.engine.activation_linear.sparsify_input`), as the compiled
     activation-sparse layers do; nothing else changes, and the hooks are gone after."""
-    handles = [
-        model.get_submodule(n).register_forward_pre_hook(
-            lambda _m, args, t=t: (sparsify_input(args[0], t), *args[1:]))
-        for n, t in thresholds.items()
-    ]
+    with _input_hooks({model.get_submodule(n): lambda x, t=t: sparsify_input(x, t)
+                       for n, t in thresholds.items()}):
+        yield
+
+
+@contextlib.contextmanager
+def _input_hooks(
+    hooks: Mapping[nn.Module, Callable[[torch.Tensor], torch.Tensor]]
+) -> Iterator[None]:
+    """Each module of ``hooks`` called with its first input replaced by what its function
+    makes of it, until the block ends."""
+    handles = [module.register_forward_pre_hook(
+        lambda _m, args, f=f: (f(args[0]), *args[1:])) for module, f in hooks.items()]
     try:
         yield
     finally:
