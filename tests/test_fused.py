@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -279,17 +279,18 @@ def _teal(model: nn.Module, odd_k: bool = False) -> _Thresholds:
     return _Thresholds(thresholds)
 
 
-def _act_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Activation-sparse layers take half the time of a weight-only one (1 ms), a fused
-    group half the time of its separate layers."""
+def _act_clock(monkeypatch: pytest.MonkeyPatch, act_s: Callable[[nn.Module], float] = (
+        lambda _layer: 0.5e-3), separate_s: float = 0.5e-3) -> None:
+    """Activation-sparse layers take ``act_s(layer)`` (by default half the time of a
+    weight-only one, 1 ms), a fused group 0.5 ms, its separate layers ``separate_s`` each."""
     from sparsekit.engine.activation_linear import ActivationSparseLinear
 
     def clock(module: nn.Module, x: torch.Tensor, reps: int) -> float:
         if isinstance(module, FusedProjections):
             return 0.5e-3
         if isinstance(module, nn.ModuleList):
-            return 0.5e-3 * len(module)
-        return 0.5e-3 if isinstance(module, ActivationSparseLinear) else 1e-3
+            return separate_s * len(module)
+        return act_s(module) if isinstance(module, ActivationSparseLinear) else 1e-3
 
     monkeypatch.setattr(autotune, "_time_block", clock)
 
@@ -348,16 +349,8 @@ def test_projections_that_lose_alone_fuse_into_one_activation_sparse_layer(
 
     model = _llama(layers=1)
     widest = model.model.layers[0].self_attn.q_proj.out_features  # the widest projection
-
-    def clock(module: nn.Module, x: torch.Tensor, reps: int) -> float:
-        if isinstance(module, FusedProjections):
-            return 0.5e-3
-        if isinstance(module, nn.ModuleList):
-            return 1e-3 * len(module)
-        stacked = isinstance(module, ActivationSparseLinear) and module.out_features > widest
-        return 0.5e-3 if stacked else 1e-3
-
-    monkeypatch.setattr(autotune, "_time_block", clock)
+    _act_clock(monkeypatch, act_s=lambda layer: 0.5e-3 if layer.out_features > widest else 1e-3,
+               separate_s=1e-3)
     teal = _teal(model)
     compiled = compile(model, (IDS,), activation_sparsity=teal, cache=False)
     attn = compiled.model.layers[0].self_attn
@@ -383,14 +376,7 @@ def test_projections_whose_stack_loses_with_thresholds_fuse_weight_only(
     # one compiled while trying the thresholded one) still wins as a fused call.
     from sparsekit.engine.activation_linear import ActivationSparseLinear
 
-    def clock(module: nn.Module, x: torch.Tensor, reps: int) -> float:
-        if isinstance(module, FusedProjections):
-            return 0.5e-3
-        if isinstance(module, nn.ModuleList):
-            return 1e-3 * len(module)
-        return 2e-3 if isinstance(module, ActivationSparseLinear) else 1e-3
-
-    monkeypatch.setattr(autotune, "_time_block", clock)
+    _act_clock(monkeypatch, act_s=lambda _layer: 2e-3, separate_s=1e-3)
     model = _llama(layers=1)
     compiled = compile(model, (IDS,), activation_sparsity=_teal(model), cache=False)
     q = compiled.model.layers[0].self_attn.q_proj
