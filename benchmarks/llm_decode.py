@@ -176,13 +176,17 @@ def dynamic_int8(model: nn.Module) -> nn.Module:
 
 
 def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: torch.Tensor,
-                   skipped: dict[str, str]) -> tuple[dict[str, nn.Module], dict[str, float]]:
+                   skipped: dict[str, str], selected: Callable[[str], bool] = lambda name: True,
+                   ) -> tuple[dict[str, nn.Module], dict[str, float]]:
     """Every configuration's model, by name, and the seconds each took to prepare;
-    refused ones go to ``skipped`` with the reason."""
+    refused ones go to ``skipped`` with the reason. Of the sparsekit configurations only
+    those whose name is ``selected`` are built (the dense ones and the peers always are)."""
     models: dict[str, nn.Module] = {"dense fp32": model}
     seconds: dict[str, float] = {}
 
     def add(name: str, make: Callable[[], nn.Module]) -> None:
+        if name.startswith("sparsekit") and not selected(name):
+            return
         start = time.perf_counter()
         try:
             models[name] = make()
@@ -197,6 +201,9 @@ def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: t
     add("torch int8 dynamic", lambda: dynamic_int8(model))
     add("int8pack", lambda: int8pack(model))
     for label, pattern, sparsity in SPARSE:
+        if not any(selected(config_name(label, dtype, teal)) for dtype in (*DTYPES, W8A8)
+                   for teal in (False, True)):
+            continue
         sources, teal = pruned_sources(model, calibration, pattern, sparsity)
         for dtype in DTYPES:
             for act in (None, teal):
@@ -339,13 +346,16 @@ def decode_profile(models: dict[str, nn.Module], prompt: torch.Tensor, steps: in
 
 
 def checks(rows: dict[str, dict], skipped: dict[str, str]) -> list[tuple[str, bool]]:
-    """The issue's targets as ``(claim, met)``; a skipped configuration is a miss."""
+    """The issue's targets as ``(claim, met)``; a skipped configuration is a miss, one left
+    out by ``--configs`` has no check."""
     def tok(name: str) -> float | None:
         return rows[name]["decode_tok_s"] if name in rows else None
 
     out: list[tuple[str, bool]] = []
 
     def ratio(claim: str, name: str, base: float | None, target: float) -> None:
+        if name not in rows and name not in skipped:  # not selected
+            return
         value = tok(name)
         if value is None or base is None:
             missing = name if value is None else "its baseline"
@@ -405,7 +415,8 @@ def decode_text() -> torch.Tensor:
 
 
 def run_model(name: str, shape: tuple[int, int, int, int], quick: bool, *,
-              torch_compile: bool = False, profile: bool = False) -> dict:
+              torch_compile: bool = False, profile: bool = False,
+              configs: tuple[str, ...] = ()) -> dict:
     hidden, intermediate, layers, heads = shape
     model = build(*shape)
     params = sum(p.numel() for p in model.parameters())
@@ -416,7 +427,8 @@ def run_model(name: str, shape: tuple[int, int, int, int], quick: bool, *,
     prompt = text[:prefill][None]
     calibration = text[10_000:10_000 + 4 * 128].reshape(4, 128)
     skipped: dict[str, str] = {}
-    models, prepare_s = configurations(model, prompt, calibration, skipped)
+    models, prepare_s = configurations(model, prompt, calibration, skipped,
+                                       functools.partial(selected, configs))
     if torch_compile:
         with_torch_compile(models, PROFILED)
     print(f"  timing {len(models)} configurations", flush=True)
@@ -451,6 +463,11 @@ def run_model(name: str, shape: tuple[int, int, int, int], quick: bool, *,
     return {"model": name, "hidden": hidden, "intermediate": intermediate, "layers": layers,
             "parameters": params, "prefill_tokens": prefill, "rows": rows,
             "profile": split, "skipped": skipped, "checks": checks(rows, skipped)}
+
+
+def selected(configs: tuple[str, ...], name: str) -> bool:
+    """Whether configuration ``name`` contains one of ``configs`` (all when there are none)."""
+    return not configs or any(c in name for c in configs)
 
 
 def formats_of(model: nn.Module) -> dict[str, int]:
@@ -586,6 +603,10 @@ def main() -> int:
                         help=f"split a decode step of {profiled} into matmul, attention, other "
                         "ops and Python time (torch.profiler), beside the step of the model "
                         "without linear layers")
+    parser.add_argument("--configs", nargs="+", default=(), metavar="TEXT",
+                        help="build only the sparsekit configurations whose name contains one "
+                        "of these (e.g. '50%% int8' 'TEAL'); the dense ones and the peers always "
+                        "run, and targets of configurations left out are not checked")
     args = parser.parse_args()
     machine = describe()
     note = (f"torch {torch.__version__}; sparsekit kernels "
@@ -593,7 +614,10 @@ def main() -> int:
             "(Hugging Face initialisation), magnitude pruning; decode tokens/s is one over the "
             "median step of greedy decoding with a KV cache after a 16-token prompt, the "
             "configurations taking turns token by token in one run. Absolute speeds depend on "
-            "how busy the machine was; the ratios are measured side by side.")
+            "how busy the machine was; the ratios are measured side by side."
+            + (" Only the sparsekit configurations containing "
+               + " or ".join(repr(c) for c in args.configs) + " (--configs)."
+               if args.configs else ""))
     print(f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads",
           flush=True)
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -601,7 +625,8 @@ def main() -> int:
         shapes = {"llama-{}x{}x{}".format(*args.shape[:3]): args.shape}
     results = ([] if args.only == "perplexity" else
                [run_model(name, shape, args.quick, torch_compile=args.torch_compile,
-                          profile=args.profile) for name, shape in shapes.items()])
+                          profile=args.profile, configs=tuple(args.configs))
+                for name, shape in shapes.items()])
     ppl = None
     if args.only != "decode":
         print("perplexity: int8 over sparse fp32", flush=True)

@@ -177,6 +177,43 @@ def test_llm_decode_torch_compile_rows_are_held_to_the_int8_target():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_llm_decode_configs_filter_builds_and_checks_only_the_selected():
+    """``--configs``: only the sparsekit configurations containing one of the texts are
+    built (the dense ones and the peers always are) and only their targets are checked; a
+    selected configuration that was skipped still counts as a miss."""
+    code = """if True:
+        import llm_decode, torch
+        keep = lambda name: llm_decode.selected(("50% int8",), name)
+        assert keep("sparsekit 50% int8 + TEAL 50%") and keep("sparsekit 50% int8 W8A8")
+        assert not keep("sparsekit 50% bf16") and llm_decode.selected((), "sparsekit 70% fp32")
+        built = []
+        def compile_(source, prompt, **kw):
+            built.append(kw)
+            return source
+        llm_decode.sparsekit.compile = compile_
+        pruned = []
+        llm_decode.pruned_sources = lambda m, c, pattern, s: (
+            pruned.append(pattern) or ({d: m for d in llm_decode.DTYPES}, object()))
+        model = llm_decode.build(128, 256, 1, 1)
+        models, _ = llm_decode.configurations(model, torch.zeros(1, 4, dtype=torch.long), None,
+                                              {}, keep)
+        assert {n for n in models if n.startswith("sparsekit")} == {
+            "sparsekit 50% int8", "sparsekit 50% int8 + TEAL 50%", "sparsekit 50% int8 W8A8"}
+        assert {"dense fp32", "dense bf16", *llm_decode.PEERS} <= set(models)
+        assert pruned == ["unstructured"] and len(built) == 3
+        rows = {n: {"decode_tok_s": 10.0, "prefill_tok_s": 1.0} for n in models}
+        claims = [c for c, _ in llm_decode.checks(rows, {})]
+        assert any(c.startswith("50% int8 vs dense fp32") for c in claims)
+        assert not any("bf16 vs" in c or "70%" in c or "2:4" in c for c in claims), claims
+        del rows["sparsekit 50% int8 W8A8"]
+        verdicts = dict(llm_decode.checks(rows, {"sparsekit 50% int8 W8A8": "refused"}))
+        assert not verdicts["50% W8A8 vs dense fp32: sparsekit 50% int8 W8A8 was skipped"]
+    """
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_kernels_w8a8_rows_fail_where_a_sparse_format_does_not_beat_torch_int8():
     """``--tables q`` can fail: a sparse W8A8 format at or below torch's dynamic int8 is a
     miss; dense W8A8 and the float-input modes are reported only."""
