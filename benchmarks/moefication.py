@@ -18,12 +18,14 @@ batch-1 decode speed at matched quality against TEAL.
     model on sentences the evaluation never sees) and ``moe.moefy`` on the result, its
     cosine measured against the ORIGINAL dense GELU model, beside the ReLU-fied dense
     model's own cosine (what the swap costs) and its fraction of exactly-zero FFN
-    activations per layer. ``RELUFY_L1`` is ``moe.relufy``'s ProSparse activation penalty
-    (0: none; on MiniLM l1=1 makes 83 % of the activations zero instead of 78 % at dense
-    cosine 0.978 instead of 0.982, and experts of 4 neurons then reach ground truth 0.960
-    at 30 % kept, but the router only 0.858: the target is not met). ``--minilm-only`` runs
-    this section alone and writes moefication_minilm{,_mid,_quick}.{json,md}.
-    ``--expert-size`` sets the neurons per moefy expert (default 16) in every section.
+    activations per layer. ``RELUFY_L1`` (1) is ``moe.relufy``'s ProSparse activation
+    penalty (on MiniLM it makes 83 % of the activations zero instead of 78 % at dense cosine
+    0.978 instead of 0.982). MiniLM's experts have 4 neurons (``MINILM_EXPERT_SIZE``: with 16
+    even the ground truth stays at 0.87 at 30 % kept), its routers are ``moe.LowRankRouter``
+    (``MINILM_ROUTER``) and everything is calibrated on sentences like the evaluated ones.
+    ``--minilm-only`` runs this section alone and writes
+    moefication_minilm{,_mid,_quick}.{json,md}. ``--expert-size`` sets the neurons per moefy
+    expert in every section.
 (c) Batch-1 decode tokens/s (KV cache, one ``model(...)`` per token, 1 thread) on an untrained
     LLaMA at realistic width (``activation_sparsity.wide_llama``: hidden 1024, intermediate
     2752; routers and thresholds calibrated on its activations over tinyshakespeare), each
@@ -76,21 +78,24 @@ from sparsekit.moe.ffn import find_ffns
 
 RESULTS = Path(__file__).parent / "results"
 EXPERT_SIZE = 16  # neurons per expert (the paper: 32 of T5's 4096-3072; 688 = 43 x 16 here)
+MINILM_EXPERT_SIZE = 4  # MiniLM's 1536 neurons: experts of 16 cap ground truth at 0.87 (30 %)
+ROUTER = "mlp"  # the LLaMA's routers: trained (moe.Router)
+MINILM_ROUTER = "lowrank"  # MiniLM's: moe.LowRankRouter (rank 128, refined on the mass)
 KEEPS = (0.1, 0.2, 0.3, 0.5)
 MID_KEEPS = (0.2, 0.3, 0.5)
 TARGET = 0.95  # fraction of dense performance
 
 
 def routed(kind: str, model: torch.nn.Module, calibration, keep: float, steps: int,
-           expert_size: int = EXPERT_SIZE):
+           expert_size: int = EXPERT_SIZE, router: str = ROUTER):
     """``model`` with its FFNs routed by ``kind`` at ``keep`` (moefy: experts of
-    ``expert_size`` neurons)."""
+    ``expert_size`` neurons), predicted by ``router``."""
     if kind == "moefy":
         width = model.get_submodule(find_ffns(model)[0].reader).in_features
         return moe.moefy(model, calibration, experts=width // expert_size, keep=keep,
-                         steps=steps)
+                         steps=steps, router=router)
     hot = keep / 3 if kind == "powerinfer" else 0.0
-    return moe.contextual(model, calibration, keep=keep, hot=hot, steps=steps)
+    return moe.contextual(model, calibration, keep=keep, hot=hot, steps=steps, router=router)
 
 
 def teal(model: torch.nn.Module, calibration, keep: float) -> activation.ActivationSparsity:
@@ -105,12 +110,12 @@ RELUFIED = "relufied "  # prefixes the methods run on moe.relufy's copy of MiniL
 METHODS = (KINDS[0], ORACLE, RELUFIED + KINDS[0], RELUFIED + ORACLE, *KINDS[1:])  # table order
 RELUFY_STEPS = 200  # AdamW steps of moe.relufy on MiniLM (--mid: 100, --quick: 20)
 RELUFY_LR = 2e-4
-RELUFY_L1 = 0.0  # moe.relufy's activation-sparsity penalty (ProSparse)
+RELUFY_L1 = 1.0  # moe.relufy's activation-sparsity penalty (ProSparse): 83 % zeros, not 78 %
 RELUFY_BATCH = 32  # sentences per step
 
 
 def sweep(model, calibration, score, probe, keeps, steps, kinds,
-          expert_size: int = EXPERT_SIZE) -> list[dict]:
+          expert_size: int = EXPERT_SIZE, router: str = ROUTER) -> list[dict]:
     """One row per (method, keep): ``score(model)`` and, for routed models, the router's
     quality on ``probe``; after each moefy row, the same experts chosen by the oracle."""
     rows = []
@@ -124,7 +129,7 @@ def sweep(model, calibration, score, probe, keeps, steps, kinds,
                 finally:
                     act.remove()
             else:
-                variant = routed(kind, model, calibration, keep, steps, expert_size)
+                variant = routed(kind, model, calibration, keep, steps, expert_size, router)
                 value = score(variant)
                 layers = moe.evaluate(variant, probe).values()
                 quality = {k: sum(q[k] for q in layers) / len(layers)
@@ -171,7 +176,7 @@ def llama_section(quick: bool, mid: bool, kinds: tuple[str, ...], expert_size: i
         r["perplexity"] = r.pop("score")
         r["performance"] = dense / r["perplexity"]
     return {"model": f"llm_pruning.train_llama, {steps} steps", "dense_perplexity": dense,
-            "expert_size": expert_size,
+            "expert_size": expert_size, "router": ROUTER,
             "val_tokens": val.numel(), "rows": rows, "calibration": calibration,
             "heads": heads(model, calibration, probe, 100 if quick else 300)}
 
@@ -180,8 +185,8 @@ def keeps(quick: bool, mid: bool) -> tuple[float, ...]:
     return KEEPS[1::2] if quick else MID_KEEPS if mid else KEEPS
 
 
-def minilm_section(quick: bool, mid: bool, kinds: tuple[str, ...], expert_size: int
-                   ) -> dict | None:
+def minilm_section(quick: bool, mid: bool, kinds: tuple[str, ...],
+                   expert_size: int = MINILM_EXPERT_SIZE) -> dict | None:
     try:
         path = minilm_path()
     except ImportError:
@@ -193,8 +198,10 @@ def minilm_section(quick: bool, mid: bool, kinds: tuple[str, ...], expert_size: 
     tok = AutoTokenizer.from_pretrained(path)
     lines = [s.strip() for s in shakespeare_text().splitlines() if len(s.split()) >= 5]
     sentences = lines[1::2][: 64 if quick else 128 if mid else 256]  # evaluate on odd lines,
-    ids = llm.calibration_tokens(lines[0::2][:2000], tokenizer=tok, nsamples=16, seqlen=128)
-    calibration = list(ids.split(4))  # calibrate on even ones
+    # calibrate on even ones, as sentences like the evaluated ones: 128-token windows of
+    # concatenated lines cost every router ~0.04 of cosine
+    calibration = sentence_batches(tok, lines[0::2][:2000], RELUFY_BATCH)
+    probe = sentence_batches(tok, sentences[:64], RELUFY_BATCH)  # routers' recall: held out
     print("(b) MiniLM", flush=True)
     reference = embed(dense, tok, sentences)  # TEAL thresholds `dense` itself while scored
 
@@ -202,8 +209,8 @@ def minilm_section(quick: bool, mid: bool, kinds: tuple[str, ...], expert_size: 
         return float(F.cosine_similarity(embed(model, tok, sentences), reference).mean())
 
     router_steps = 100 if quick else 300
-    rows = sweep(dense, calibration, cosine, ids[:4], keeps(quick, mid), router_steps, kinds,
-                 expert_size)
+    rows = sweep(dense, calibration, cosine, probe, keeps(quick, mid), router_steps, kinds,
+                 expert_size, MINILM_ROUTER)
     relufied = None
     if "moefy" in kinds:  # the held-out sentences are never fine-tuned on
         seen = set(sentences)
@@ -219,14 +226,14 @@ def minilm_section(quick: bool, mid: bool, kinds: tuple[str, ...], expert_size: 
         print(f"  relufied dense ({steps} steps, l1 {RELUFY_L1:g}): {relufied['cosine']:.4f} "
               f"(the swap alone {relufied['swap_only']:.4f}); FFN activations exactly zero "
               f"per layer: {' '.join(f'{z:.1%}' for z in relufied['zeros'])}", flush=True)
-        for r in sweep(relu, calibration, cosine, ids[:4], keeps(quick, mid), router_steps,
-                       ("moefy",), expert_size):
+        for r in sweep(relu, calibration, cosine, probe, keeps(quick, mid), router_steps,
+                       ("moefy",), expert_size, MINILM_ROUTER):
             rows.append({**r, "method": RELUFIED + r["method"]})
     for r in rows:
         r["cosine"] = r["performance"] = r.pop("score")
-    return {"sentences": len(sentences), "expert_size": expert_size, "rows": rows,
-            "relufied": relufied,
-            "heads": heads(dense, calibration, ids[:4], router_steps)}
+    return {"sentences": len(sentences), "expert_size": expert_size, "router": MINILM_ROUTER,
+            "calibration_sentences": sum(len(b) for b in calibration), "rows": rows,
+            "relufied": relufied, "heads": heads(dense, calibration, probe, router_steps)}
 
 
 def zeros(model: torch.nn.Module, data: list[torch.Tensor]) -> list[float]:
@@ -454,7 +461,11 @@ def table(rows: list[dict], value: str) -> list[str]:
 def minilm_markdown(minilm: dict) -> list[str]:
     lines = [f"## (b) all-MiniLM-L6-v2, {minilm['sentences']} sentences", "",
              "Cosine similarity of mean-pooled embeddings to the dense model; moefy: experts "
-             f"of {minilm['expert_size']} neurons."]
+             f"of {minilm['expert_size']} neurons, router {minilm['router']!r} (lowrank: the "
+             "routed neurons' input weights at rank 128, refined on the expert mass; it costs "
+             "about a fifth of the FFN's multiply-adds on MiniLM), calibrated on "
+             f"{minilm['calibration_sentences']} even-line sentences, router recall on 64 of "
+             "the evaluated ones."]
     relufied = minilm["relufied"]
     if relufied:
         lines[-1] += (
@@ -522,9 +533,10 @@ def main() -> int:
                              "machine")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                         help="the methods to run (default: all)")
-    parser.add_argument("--expert-size", type=int, default=EXPERT_SIZE,
-                        help=f"neurons per moefy expert (default {EXPERT_SIZE}; must divide "
-                             "every FFN's width)")
+    parser.add_argument("--expert-size", type=int,
+                        help=f"neurons per moefy expert in every section (default "
+                             f"{EXPERT_SIZE}, MiniLM {MINILM_EXPERT_SIZE}; must divide every "
+                             "FFN's width)")
     parser.add_argument("--no-check", action="store_true", help="do not fail on missed targets")
     parser.add_argument("--heads-only", action="store_true",
                         help="only (d), the executed head predictions' decode timing")
@@ -537,7 +549,9 @@ def main() -> int:
     setting = ("--quick" if args.quick else "--mid" if args.mid else "full") + (
         "" if kinds == KINDS else " --kinds " + " ".join(kinds)) + (
         " --minilm-only" if args.minilm_only else "") + (
-        "" if args.expert_size == EXPERT_SIZE else f" --expert-size {args.expert_size}")
+        "" if args.expert_size is None else f" --expert-size {args.expert_size}")
+    expert_size = {"llama": args.expert_size or EXPERT_SIZE,
+                   "minilm": args.expert_size or MINILM_EXPERT_SIZE}
     note = (f"Setting: {setting}. torch {torch.__version__}, {torch.get_num_threads()} "
             "threads ((c), (d): 1), CPU "
             f"{machine['model']} ({machine['flags']}), compiled kernels "
@@ -558,7 +572,7 @@ def main() -> int:
     mid = args.mid and not args.quick
     name = "moefication" + ("_quick" if args.quick else "_mid" if mid else "")
     if args.minilm_only:
-        minilm = minilm_section(args.quick, mid, kinds, args.expert_size)
+        minilm = minilm_section(args.quick, mid, kinds, expert_size["minilm"])
         if minilm is None:
             return 1
         results = checks(None, minilm, None)
@@ -570,10 +584,10 @@ def main() -> int:
         return conclude(results, {
             RESULTS / f"{name}.json": {"minilm": minilm, "checks": dict(results), "note": note},
             RESULTS / f"{name}.md": report}, no_check=args.quick or args.no_check)
-    llama = llama_section(args.quick, mid, kinds, args.expert_size)
-    minilm = minilm_section(args.quick, mid, kinds, args.expert_size)
+    llama = llama_section(args.quick, mid, kinds, expert_size["llama"])
+    minilm = minilm_section(args.quick, mid, kinds, expert_size["minilm"])
     decode = decode_section(args.quick, mid, matched(llama["rows"]), llama.pop("calibration"),
-                            args.expert_size)
+                            expert_size["llama"])
     heads_ = head_decode_section(args.quick, mid)
     results = checks(llama, minilm, decode)
     report = "\n".join(["# MoEfication and contextual sparsity", "", note, "",
