@@ -36,6 +36,7 @@ SparseGPT at 50 % and 2:4, once in fp32 and once with ``quantize="int8"``; targe
 
     python benchmarks/llm_decode.py           # full run (tens of minutes on 2 cores)
     python benchmarks/llm_decode.py --quick   # hidden 1024 / 2816, 2 layers, 128-token prefill
+    python benchmarks/llm_decode.py --quick --shape 2048x5632x4 --only decode --configs "50% int8"
 """
 
 from __future__ import annotations
@@ -201,8 +202,8 @@ def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: t
     add("torch int8 dynamic", lambda: dynamic_int8(model))
     add("int8pack", lambda: int8pack(model))
     for label, pattern, sparsity in SPARSE:
-        if not any(selected(config_name(label, dtype, teal)) for dtype in (*DTYPES, W8A8)
-                   for teal in (False, True)):
+        if not any(selected(config_name(label, dtype, with_teal))
+                   for dtype in (*DTYPES, W8A8) for with_teal in (False, True)):
             continue
         sources, teal = pruned_sources(model, calibration, pattern, sparsity)
         for dtype in DTYPES:
