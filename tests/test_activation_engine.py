@@ -448,6 +448,72 @@ def test_act_threshold_rejects_hostile_arguments():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_act_threshold_out_writes_the_functional_result_into_out(dtype):
+    g = torch.Generator().manual_seed(9)
+    x, t = torch.randn(5, 3, 40, generator=g).to(dtype), torch.rand(40, generator=g).to(dtype)
+    out = torch.full_like(x, 7.0)
+    y = torch.ops.sparsekit.act_threshold.out(x, t, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.equal(out, torch.ops.sparsekit.act_threshold(x, t))
+
+
+@needs_kernels
+def test_act_threshold_out_rejects_a_bad_out_and_leaves_it_untouched():
+    x, t = torch.randn(3, 8), torch.rand(8)
+    flat = torch.zeros(3 * 8 + 8)
+    cases = [(torch.zeros(3, 7), "out must be a contiguous CPU tensor of x's shape"),
+             (torch.zeros(3, 8, dtype=torch.bfloat16), "dtype"),
+             (torch.zeros(8, 3).t(), "out must be a contiguous"),
+             (x, "out must not overlap x"),
+             (flat[4:28].view(3, 8), None)]  # no overlap with x: accepted
+    for out, match in cases:
+        before = out.clone()
+        if match is None:
+            torch.ops.sparsekit.act_threshold.out(x, t, out=out)
+            continue
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.sparsekit.act_threshold.out(x, t, out=out)
+        assert torch.equal(out, before)
+    overlapping = torch.randn(4 * 8)
+    with pytest.raises(RuntimeError, match="overlap"):
+        torch.ops.sparsekit.act_threshold.out(overlapping[:24].view(3, 8), t,
+                                              out=overlapping[8:32].view(3, 8))
+    nan = torch.full((8,), float("nan"))
+    out = torch.zeros(3, 8)
+    with pytest.raises(RuntimeError, match="NaN"):
+        torch.ops.sparsekit.act_threshold.out(x, nan, out=out)
+    assert torch.equal(out, torch.zeros(3, 8))  # checked before anything is written
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_prompt_path_thresholds_into_one_reused_buffer(dtype):
+    """Several rows are thresholded into this thread's scratch buffer, the same memory on
+    every call (no allocation the allocator could hand back to the kernel between calls);
+    under autograd a fresh tensor, so that the product's saved input stays intact."""
+    from sparsekit.engine import activation_linear
+
+    linear = _pruned(70, 30, dtype)
+    threshold = torch.rand(30, generator=torch.Generator().manual_seed(8))
+    layer = ActivationSparseLinear.from_linear(linear, threshold)
+    g = torch.Generator().manual_seed(10)
+    xs = [torch.randn(rows, 30, generator=g).to(dtype) for rows in (5, 5, 3)]
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+    with torch.no_grad():
+        ys = [layer(x) for x in xs]
+    buffer = activation_linear._scratch.buffers[dtype]
+    for x, y in zip(xs, ys, strict=True):
+        torch.testing.assert_close(y.float(), _reference(linear, x, threshold), **tol)
+        assert layer._sparsify(x).data_ptr() == buffer.data_ptr()
+    x = xs[0].clone().requires_grad_()
+    assert layer._sparsify(x).data_ptr() != buffer.data_ptr()
+    big = torch.zeros(activation_linear._SCRATCH_BYTES // x.element_size() // 30 + 1, 30,
+                      dtype=dtype)
+    assert layer._sparsify(big).data_ptr() != buffer.data_ptr()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_prompt_path_thresholds_in_one_kernel_call(dtype, monkeypatch):
     from sparsekit.engine import activation_linear
 

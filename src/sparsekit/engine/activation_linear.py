@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import statistics
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -66,6 +67,30 @@ every CPU, so a saved layer loads anywhere."""
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # inputs of both kernels; sums in float32
 _SPARSE_UP_TO = 0.75  # the weight-sparse kernels are candidates up to this weight density
 _SPARSE_KERNELS = KERNELS[1:]
+_SCRATCH_BYTES = 16 << 20  # largest thresholded input kept in the per-thread scratch
+_scratch = threading.local()  # dtype -> flat buffer: the thresholded inputs of this thread
+
+
+def _scratch_for(x: torch.Tensor) -> torch.Tensor | None:
+    """A buffer of ``x``'s shape and dtype that this thread reuses for every thresholded
+    input, or ``None`` where a fresh tensor is needed: under autograd (``x`` requires grad:
+    the product saves its input), while tracing (``torch.compile``, ``torch.export``,
+    ``torch.jit``: the graph takes the functional op) and for inputs over
+    :data:`_SCRATCH_BYTES`.
+
+    A fresh allocation per call is what the multi-row path paid otherwise: glibc returns
+    freed megabyte blocks to the kernel, so a 128 x 5632 bfloat16 input faulted in 70-210
+    pages on each call, 5-8 % of the 2048 x 5632 product after it (Intel Xeon, two
+    threads). The result never leaves :meth:`ActivationSparseLinear.forward`: the layer's
+    product reads it before the thread thresholds again."""
+    if x.requires_grad or torch.compiler.is_compiling() or torch.compiler.is_exporting() \
+            or torch.jit.is_tracing() or x.numel() * x.element_size() > _SCRATCH_BYTES:
+        return None
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    flat = buffers.get(x.dtype)
+    if flat is None or flat.numel() < x.numel():
+        flat = buffers[x.dtype] = torch.empty(x.numel(), dtype=x.dtype)
+    return flat[: x.numel()].view(x.shape)
 
 
 def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -314,10 +339,16 @@ class ActivationSparseLinear(nn.Module):
     def _sparsify(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`sparsify_input` of several rows: one ``act_threshold`` kernel call where it
         runs (the four elementwise ops of PyTorch cost 4-5 % of a 16-row bfloat16 product of a
-        2048 x 2048 layer, the whole noise margin of the multi-row path)."""
+        2048 x 2048 layer, the whole noise margin of the multi-row path), written into this
+        thread's scratch buffer (:func:`_scratch_for`) where the result only feeds this
+        layer's product."""
         if x.dtype is self.dtype and x.dtype in _KERNEL_DTYPES and x.is_cpu \
                 and kernels.available():
-            return torch.ops.sparsekit.act_threshold(x.contiguous(), self.threshold)
+            x = x.contiguous()
+            out = _scratch_for(x)
+            if out is None:
+                return torch.ops.sparsekit.act_threshold(x, self.threshold)
+            return torch.ops.sparsekit.act_threshold.out(x, self.threshold, out=out)
         return sparsify_input(x, self.threshold)
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,10 @@ def register() -> None:
     def _(x, threshold):  # type: ignore[no-untyped-def]
         return torch.empty_like(x)
 
+    @fake("sparsekit::act_threshold.out")
+    def _(x, threshold, *, out):  # type: ignore[no-untyped-def]
+        return out
+
     @fake("sparsekit::act_sparse_gemv")
     def _(values, rows, colptr, x, threshold, bias, out_features, block, threads, scales=None):  # type: ignore[no-untyped-def]
         return x.new_empty(out_features)

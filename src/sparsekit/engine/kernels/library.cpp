@@ -56,6 +56,7 @@ TORCH_LIBRARY(sparsekit, m) {
   // x (..., in) fp32 or bf16 with the entries |x_j| < threshold_j (threshold (in,), x's
   // dtype) zeroed: the thresholding of the multi-row activation-sparse path.
   m.def("act_threshold(Tensor x, Tensor threshold) -> Tensor");
+  m.def("act_threshold.out(Tensor x, Tensor threshold, *, Tensor(a!) out) -> Tensor(a!)");
   // Training (SparseLinear): row-sparse times dense, and dense-dense sampled at the nonzeros;
   // in_features counts the columns of the sparse matrix (the rows of xt, resp. b).
   m.def("spmm_rows(Tensor rowptr, Tensor col, Tensor values, Tensor? perm, Tensor xt, "
