@@ -408,6 +408,7 @@ struct BitmapFloat : rows::Bitmap<int8_t> {
     };
     int64_t k = 0;
     for (; k + 4 <= words && end - p >= 64; k += 4) {
+      _mm_prefetch(reinterpret_cast<const char*>(p) + rows::kPrefetchBytes, _MM_HINT_T0);
       uint64_t m;
       __builtin_memcpy(&m, b + k, sizeof m);  // 4 words: the bits of 64 inputs
       step(m, _mm512_loadu_si512(p), x + 16 * k);
