@@ -232,7 +232,8 @@ def minilm_section(quick: bool, mid: bool, kinds: tuple[str, ...],
     for r in rows:
         r["cosine"] = r["performance"] = r.pop("score")
     return {"sentences": len(sentences), "expert_size": expert_size, "router": MINILM_ROUTER,
-            "calibration_sentences": sum(len(b) for b in calibration), "rows": rows,
+            "calibration_sentences": sum(len(b) for b in calibration),
+            "probe_sentences": sum(len(b) for b in probe), "rows": rows,
             "relufied": relufied, "heads": heads(dense, calibration, probe, router_steps)}
 
 
@@ -464,8 +465,8 @@ def minilm_markdown(minilm: dict) -> list[str]:
              f"of {minilm['expert_size']} neurons, router {minilm['router']!r} (lowrank: the "
              "routed neurons' input weights at rank 128, refined on the expert mass; it costs "
              "about a fifth of the FFN's multiply-adds on MiniLM), calibrated on "
-             f"{minilm['calibration_sentences']} even-line sentences, router recall on 64 of "
-             "the evaluated ones."]
+             f"{minilm['calibration_sentences']} even-line sentences, router recall on "
+             f"{minilm['probe_sentences']} of the evaluated ones."]
     relufied = minilm["relufied"]
     if relufied:
         lines[-1] += (

@@ -80,9 +80,10 @@ def _scratch_for(x: torch.Tensor) -> torch.Tensor | None:
 
     A fresh allocation per call is what the multi-row path paid otherwise: glibc returns
     freed megabyte blocks to the kernel, so a 128 x 5632 bfloat16 input faulted in 70-210
-    pages on each call, 5-8 % of the 2048 x 5632 product after it (Intel Xeon, two
-    threads). The result never leaves :meth:`ActivationSparseLinear.forward`: the layer's
-    product reads it before the thread thresholds again."""
+    pages on each call, 6-12 % of the thresholding and the 2048 x 5632 product after it
+    (Intel Xeon, two threads). The result never leaves
+    :meth:`ActivationSparseLinear.forward`: the layer's product reads it before the thread
+    thresholds again."""
     if x.requires_grad or torch.compiler.is_compiling() or torch.compiler.is_exporting() \
             or torch.jit.is_tracing() or x.numel() * x.element_size() > _SCRATCH_BYTES:
         return None
