@@ -141,13 +141,6 @@ struct Permuted {
 };
 #endif
 
-// The streaming loops prefetch the packed values this many bytes ahead: the hardware
-// prefetcher alone left the fp32 GEMV at ~50% of its bytes' floor on AMD Zen 5 (1 thread,
-// 11008x4096 at 50%), 8 KiB ahead took it to ~90% (bf16 and W8A8 gain less; int8 with float
-// inputs nothing there, but on an Intel Xeon (2 vCPUs) its LLaMA decode went from 1.73x to
-// 3.0x dense fp32 with it: a compute-heavy loop leaves the demand misses unhidden).
-constexpr int kPrefetchBytes = 8192;
-
 // A bitmap-row weight with values of type T (float, bf16 or int8). x passed to dot() is
 // zero-padded to at least words * 16 inputs.
 template <typename T>
@@ -178,7 +171,7 @@ struct Bitmap {
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                    _mm256_setzero_ps()};
     for (; k + 2 <= words && end - p >= 32; k += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+      prefetch_ahead(p);
       for (int u = 0; u < 2; ++u) {
         __m256 first, second;
         expand16(b[k + u], p, &first, &second);
@@ -205,7 +198,7 @@ struct Bitmap {
     int64_t k = 0;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (; k + 2 <= words && end - p >= 32; k += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+      prefetch_ahead(p);
       a0 = _mm512_fmadd_ps(expand(b[k], p), _mm512_loadu_ps(x + 16 * k), a0);
       a1 = _mm512_fmadd_ps(expand(b[k + 1], p), _mm512_loadu_ps(x + 16 * k + 16), a1);
     }

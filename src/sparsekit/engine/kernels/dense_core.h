@@ -28,6 +28,9 @@ inline void dot_block(const Value* w, int64_t ldw, const float* x, int64_t ldx, 
   for (int r = 0; r < NR; ++r)
     for (int b = 0; b < NB; ++b) a[r][b] = _mm512_setzero_ps();
   for (; k + 16 <= n; k += 16) {
+    if ((k * sizeof(Value)) % 64 == 0) {  // each row's next line, once per line
+      for (int r = 0; r < NR; ++r) prefetch_ahead(w + r * ldw + k);
+    }
     __m512 xv[NB];
     for (int b = 0; b < NB; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + k);
     for (int r = 0; r < NR; ++r) {
@@ -42,6 +45,9 @@ inline void dot_block(const Value* w, int64_t ldw, const float* x, int64_t ldx, 
   for (int r = 0; r < NR; ++r)
     for (int b = 0; b < NB; ++b) a[r][b] = _mm256_setzero_ps();
   for (; k + 8 <= n; k += 8) {
+    if ((k * sizeof(Value)) % 64 == 0) {
+      for (int r = 0; r < NR; ++r) prefetch_ahead(w + r * ldw + k);
+    }
     __m256 xv[NB];
     for (int b = 0; b < NB; ++b) xv[b] = _mm256_loadu_ps(x + b * ldx + k);
     for (int r = 0; r < NR; ++r) {

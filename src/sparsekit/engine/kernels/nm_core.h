@@ -72,6 +72,11 @@ struct PackedNM {
     const float* xs = x;
     const uint32_t* qs = q;
     for (; k + 64 <= width; k += 64, xs += 4 * span, qs += 4 * step) {
+      // the 64 values' lines (sizeof(T) of them) and their fields, kPrefetchBytes ahead
+      for (size_t line = 0; line < sizeof(T); ++line) {
+        prefetch_ahead(p + k + 64 / sizeof(T) * line);
+      }
+      prefetch_ahead(qs);
       a0 = _mm512_fmadd_ps(load16(p + k), pick(xs, qs), a0);
       a1 = _mm512_fmadd_ps(load16(p + k + 16), pick(xs + span, qs + step), a1);
       a2 = _mm512_fmadd_ps(load16(p + k + 32), pick(xs + 2 * span, qs + 2 * step), a2);
@@ -108,6 +113,7 @@ struct PackedNM {
       const __m256i shift1 = _mm256_add_epi32(shift0, _mm256_set1_epi32(16));
       const __m256i base24 = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
       for (; k + 16 <= width; k += 16, xs += 32) {
+        if ((k * sizeof(T)) % 64 == 0) prefetch_ahead(p + k);  // once per line
         const __m256i word = _mm256_set1_epi32(static_cast<int>(q[k / 16]));
         const __m256i c0 =
             _mm256_add_epi32(base24, _mm256_and_si256(_mm256_srlv_epi32(word, shift0), field));

@@ -185,7 +185,7 @@ struct Dense {
     __m512i acc[NB], corr = _mm512_setzero_si512();
     for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_si512();
     for (; k + 64 <= cols; k += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(wr + k) + rows::kPrefetchBytes, _MM_HINT_T0);
+      prefetch_ahead(wr + k);
       const __m512i wv = _mm512_loadu_si512(wr + k);
       corr = _mm512_dpbusd_epi32(corr, bias128(), wv);
       for (int b = 0; b < NB; ++b) {
@@ -207,7 +207,7 @@ struct Dense {
     __m256i acc[NB];
     for (int b = 0; b < NB; ++b) acc[b] = _mm256_setzero_si256();
     for (; k + 32 <= cols; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(wr + k) + rows::kPrefetchBytes, _MM_HINT_T0);
+      prefetch_ahead(wr + k);
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
       const __m256i wa = _mm256_abs_epi8(wv);
       for (int b = 0; b < NB; ++b) {
@@ -286,7 +286,7 @@ struct Bitmap {
     __m512i acc[NB], corr = _mm512_setzero_si512();
     for (int j = 0; j < NB; ++j) acc[j] = _mm512_setzero_si512();
     for (; k + 4 <= words && end - p >= 64; k += 4) {
-      _mm_prefetch(reinterpret_cast<const char*>(p) + rows::kPrefetchBytes, _MM_HINT_T0);
+      prefetch_ahead(p);
       uint64_t m;
       __builtin_memcpy(&m, b + k, sizeof m);  // 4 words: the bits of 64 inputs
       const __m512i wv = expand64(m, _mm512_loadu_si512(p), vpexpandb);
@@ -408,7 +408,7 @@ struct BitmapFloat : rows::Bitmap<int8_t> {
     };
     int64_t k = 0;
     for (; k + 4 <= words && end - p >= 64; k += 4) {
-      _mm_prefetch(reinterpret_cast<const char*>(p) + rows::kPrefetchBytes, _MM_HINT_T0);
+      prefetch_ahead(p);
       uint64_t m;
       __builtin_memcpy(&m, b + k, sizeof m);  // 4 words: the bits of 64 inputs
       step(m, _mm512_loadu_si512(p), x + 16 * k);

@@ -22,6 +22,21 @@ constexpr int kVectorBytes = 32;
 constexpr int kVectorBytes = 16;
 #endif
 
+// The streaming loops prefetch their weights this many bytes ahead: the hardware
+// prefetcher alone left the fp32 bitmap GEMV at ~50% of its bytes' floor on AMD Zen 5 (1
+// thread, 11008x4096 at 50%), 8 KiB ahead took it to ~90% (bf16 and W8A8 gain less). A
+// compute-heavy loop leaves the demand misses unhidden: on an Intel Xeon (2 vCPUs) the LLaMA
+// decode with float-input int8 bitmap rows went from 1.73x to 3.0x dense fp32 with it, and
+// over the 28 weights of a 2048x5632 LLaMA stack (cold, batch 1) int8 2:4 N:M rows went from
+// 10.5 to 6.8 ms and dense int8 rows from 14.3 to 10.1 ms.
+constexpr int kPrefetchBytes = 8192;
+
+// Prefetch the line kPrefetchBytes past p into L1. Always inlined: a core compiled for more
+// instruction sets than its file (BitmapVpexpand) called it out of line, 1.3x slower.
+__attribute__((always_inline)) inline void prefetch_ahead(const void* p) {
+  __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes, 0, 3);
+}
+
 inline float to_float(float v) { return v; }
 inline float to_float(bf16 v) {
   const uint32_t u = static_cast<uint32_t>(v.x) << 16;
