@@ -177,6 +177,25 @@ def test_llm_decode_torch_compile_rows_are_held_to_the_int8_target():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_llm_decode_ratios_never_round_across_their_target():
+    """A ratio that two decimals would round onto the other side of its target is printed
+    with more (134.80 / 89.87 tok/s = 1.49994x, a miss, once read "1.50x (target 1.5x)")."""
+    code = """if True:
+        import llm_decode
+        assert llm_decode.times(134.80 / 89.87, 1.5) == "1.4999x"
+        assert llm_decode.times(0.9496, 0.95) == "0.9496x"
+        assert llm_decode.times(1.504, 1.5) == "1.50x" and llm_decode.times(1.2, 1.3) == "1.20x"
+        rows = {"dense fp32": {"decode_tok_s": 10.0, "prefill_tok_s": 100.0},
+                "sparsekit 50% int8": {"decode_tok_s": 29.9996, "prefill_tok_s": 94.96}}
+        verdicts = dict(llm_decode.checks(rows, {}))
+        assert verdicts["50% int8 vs dense fp32: 2.99996x (target 3.0x)"] is False
+        assert verdicts["prefill 50% int8 vs dense fp32: 0.9496x (target >= 0.95x)"] is False
+    """
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_llm_decode_configs_filter_builds_and_checks_only_the_selected():
     """``--configs``: only the sparsekit configurations containing one of the texts are
     built (the dense ones and the peers always are) and only their targets are checked; a
