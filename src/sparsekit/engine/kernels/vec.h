@@ -25,10 +25,10 @@ constexpr int kVectorBytes = 16;
 // The streaming loops prefetch their weights this many bytes ahead: the hardware
 // prefetcher alone left the fp32 bitmap GEMV at ~50% of its bytes' floor on AMD Zen 5 (1
 // thread, 11008x4096 at 50%), 8 KiB ahead took it to ~90% (bf16 and W8A8 gain less). A
-// compute-heavy loop leaves the demand misses unhidden: on an Intel Xeon (2 vCPUs) the LLaMA
-// decode with float-input int8 bitmap rows went from 1.73x to 3.0x dense fp32 with it, and
-// over the 28 weights of a 2048x5632 LLaMA stack (cold, batch 1) int8 2:4 N:M rows went from
-// 10.5 to 6.8 ms and dense int8 rows from 14.3 to 10.1 ms.
+// compute-heavy loop leaves the demand misses unhidden: on an Intel Xeon (2 vCPUs) the
+// float-input int8 rows went from 72% to 92% of their floor (bitmap, 50%) and from 78% to 95%
+// (N:M, 2:4) with it (benchmarks/kernels.py --tables values), and the 2:4 int8 LLaMA decode
+// from 2.21x to 2.91x dense fp32 (benchmarks/llm_decode.py).
 constexpr int kPrefetchBytes = 8192;
 
 // Prefetch the line kPrefetchBytes past p into L1. Always inlined: a core compiled for more
