@@ -70,7 +70,9 @@ def relufy(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_int("steps", steps, minimum=0)
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise ArgumentTypeError(f"lr must be a positive finite float, got {lr!r}")
+    if not 0 < lr < math.inf:
         raise ValueError(f"lr must be a positive finite float, got {lr!r}")
     if isinstance(l1, bool) or not isinstance(l1, numbers.Real):
         raise ArgumentTypeError(f"l1 must be a finite float ≥ 0, got {l1!r}")
