@@ -512,6 +512,47 @@ def test_the_prompt_path_thresholds_into_one_reused_buffer(dtype):
     assert layer._sparsify(big).data_ptr() != buffer.data_ptr()
 
 
+class _Keeping(nn.Module):
+    """A prefill that keeps every input it is given."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear, self.kept = linear, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.kept.append(x)
+        return self.linear(x)
+
+
+@needs_kernels
+def test_the_prompt_path_keeps_no_scratch_where_its_input_could_be_kept():
+    """A prefill module that is not a compiled layer, or a compiled one with a forward hook,
+    may keep the thresholded rows it is given (a captured activation): those get a fresh
+    tensor each call, so a kept input is never overwritten by the next call's thresholding.
+    A compiled prefill without hooks takes the scratch buffer."""
+    linear = _pruned(70, 30)
+    threshold = torch.rand(30, generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(5, 30, generator=g) for _ in range(2)]
+    compiled = CompiledLinear.from_linear(linear, "dense")
+    hooked: list[torch.Tensor] = []
+    handle = compiled.register_forward_pre_hook(lambda _m, args: hooked.append(args[0]))
+    keeping = _Keeping(compiled)
+    for prefill, kept in ((compiled, hooked), (keeping, keeping.kept)):
+        hooked.clear()
+        layer = ActivationSparseLinear.from_linear(linear, threshold, prefill=prefill)
+        assert not layer._product_only_reads()
+        with torch.no_grad():
+            for x in xs:
+                layer(x)
+        for x, seen in zip(xs, kept, strict=True):
+            assert torch.equal(seen, sparsify_input(x, threshold))
+    handle.remove()
+    plain = ActivationSparseLinear.from_linear(linear, threshold, prefill=compiled)
+    assert plain._product_only_reads()
+    assert ActivationSparseLinear.from_linear(linear, threshold)._product_only_reads()
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_prompt_path_thresholds_in_one_kernel_call(dtype, monkeypatch):

@@ -45,7 +45,7 @@ from torch import nn
 
 from sparsekit._checks import check_int
 from sparsekit.engine import autotune, kernels
-from sparsekit.engine.compiled_linear import dense_linear
+from sparsekit.engine.compiled_linear import CompiledLayer, dense_linear
 from sparsekit.quantize import attach_scales, attached_scales, dequantize_int8, quantize_int8
 
 __all__ = ["BITMAP_BLOCK", "BLOCK", "KERNELS", "ActivationSparseLinear", "sparsify_input"]
@@ -83,7 +83,7 @@ def _scratch_for(x: torch.Tensor) -> torch.Tensor | None:
     pages on each call, 6-12 % of the thresholding and the 2048 x 5632 product after it
     (Intel Xeon, two threads). The result never leaves
     :meth:`ActivationSparseLinear.forward`: the layer's product reads it before the thread
-    thresholds again."""
+    thresholds again (:meth:`ActivationSparseLinear._product_only_reads`)."""
     if x.requires_grad or torch.compiler.is_compiling() or torch.compiler.is_exporting() \
             or torch.jit.is_tracing() or x.numel() * x.element_size() > _SCRATCH_BYTES:
         return None
@@ -346,11 +346,21 @@ class ActivationSparseLinear(nn.Module):
         if x.dtype is self.dtype and x.dtype in _KERNEL_DTYPES and x.is_cpu \
                 and kernels.available():
             x = x.contiguous()
-            out = _scratch_for(x)
+            out = _scratch_for(x) if self._product_only_reads() else None
             if out is None:
                 return torch.ops.sparsekit.act_threshold(x, self.threshold)
             return torch.ops.sparsekit.act_threshold.out(x, self.threshold, out=out)
         return sparsify_input(x, self.threshold)
+
+    def _product_only_reads(self) -> bool:
+        """Whether the product after the thresholding only reads its input, so that the
+        thresholded rows may live in the thread's scratch buffer: this layer's own product, or
+        a compiled ``prefill`` without forward hooks. Any other module, or a hook, could keep
+        the input (a captured activation), which the next call would then overwrite."""
+        prefill = self.prefill
+        return prefill is None or (isinstance(prefill, CompiledLayer)
+                                   and not prefill._forward_pre_hooks
+                                   and not prefill._forward_hooks)
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         """One row: only the weights of kept inputs are read.
