@@ -99,7 +99,8 @@ constexpr int64_t kThresholdGrain = 32768;
 // act_threshold into `out` (x's shape and dtype, contiguous, not overlapping x): the multi-row
 // path reuses one buffer instead of a fresh allocation per call, which glibc hands back to the
 // kernel between calls (a 128 x 5632 bfloat16 input faulted in 70-210 pages per call, 6-12 % of
-// the thresholding and the 2048 x 5632 product it feeds). Everything is checked before anything is written.
+// the thresholding and the 2048 x 5632 product it feeds). Everything is checked before anything
+// is written.
 at::Tensor& act_threshold_out(const at::Tensor& x, const at::Tensor& threshold, at::Tensor& out) {
   sparsekit::check_float_or_bf16(x, "x");
   TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.is_contiguous(),
