@@ -16,6 +16,14 @@ namespace sparsekit::SPARSEKIT_ISA::dense {
 constexpr int kRows = 4;  // rows of W per block
 constexpr int kCols = 3;  // rows of x per block: 12 accumulators (AVX2 has 16 registers)
 
+// Each of NR rows' line kPrefetchBytes past input k, once per line (where k starts one).
+template <int NR, typename Value>
+__attribute__((always_inline)) inline void prefetch_rows(const Value* w, int64_t ldw, int64_t k) {
+  if ((k * sizeof(Value)) % 64 == 0) {
+    for (int r = 0; r < NR; ++r) prefetch_ahead(w + r * ldw + k);
+  }
+}
+
 // out[r * NB + b] = sum_k w[r * ldw + k] * x[b * ldx + k] for r < NR, b < NB: NR rows of W
 // (Value: int8, bf16 or fp32) against NB rows of fp32 inputs, n inputs each.
 template <int NR, int NB, typename Value>
@@ -28,9 +36,7 @@ inline void dot_block(const Value* w, int64_t ldw, const float* x, int64_t ldx, 
   for (int r = 0; r < NR; ++r)
     for (int b = 0; b < NB; ++b) a[r][b] = _mm512_setzero_ps();
   for (; k + 16 <= n; k += 16) {
-    if ((k * sizeof(Value)) % 64 == 0) {  // each row's next line, once per line
-      for (int r = 0; r < NR; ++r) prefetch_ahead(w + r * ldw + k);
-    }
+    prefetch_rows<NR>(w, ldw, k);
     __m512 xv[NB];
     for (int b = 0; b < NB; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + k);
     for (int r = 0; r < NR; ++r) {
@@ -45,9 +51,7 @@ inline void dot_block(const Value* w, int64_t ldw, const float* x, int64_t ldx, 
   for (int r = 0; r < NR; ++r)
     for (int b = 0; b < NB; ++b) a[r][b] = _mm256_setzero_ps();
   for (; k + 8 <= n; k += 8) {
-    if ((k * sizeof(Value)) % 64 == 0) {
-      for (int r = 0; r < NR; ++r) prefetch_ahead(w + r * ldw + k);
-    }
+    prefetch_rows<NR>(w, ldw, k);
     __m256 xv[NB];
     for (int b = 0; b < NB; ++b) xv[b] = _mm256_loadu_ps(x + b * ldx + k);
     for (int r = 0; r < NR; ++r) {
