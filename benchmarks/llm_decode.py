@@ -19,7 +19,8 @@ weight_dtype=..., grow=True)`` (a layer may hold a decode and a prompt format ev
 larger than dense: serving trades that memory for speed; bf16: the bf16 model; fp32 and int8:
 the fp32 model, fp32 activations). Each sparsity also has an ``int8 W8A8`` row: the int8
 model compiled with ``activation_dtype="int8"`` (inputs quantized per row to int8, integer dot
-products), held to the int8 targets too. A configuration the installed sparsekit refuses is
+products), held to the int8 targets too, with and without TEAL 50 % (the W8A8 activation-sparse
+kernel ``act_bitmap_qgemv``). A configuration the installed sparsekit refuses is
 skipped with a printed note and counts as a miss.
 
 Targets, as ratios in one run (checked on every model): 50 % bf16 ≥ 1.5× dense bf16; 2:4 bf16
@@ -212,7 +213,7 @@ def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: t
                     sparsekit.compile, sources[dtype], prompt,
                     weight_dtype=None if dtype == "fp32" else dtype, activation_sparsity=act,
                     grow=True))
-        add_w8a8(add, label, sources["int8"], prompt)
+        add_w8a8(add, label, sources["int8"], prompt, teal)
         del sources, teal
     return models, seconds
 
@@ -223,12 +224,14 @@ W8A8 = "int8 W8A8"  # the dtype label of these rows: int8 weights, inputs quanti
 
 
 def add_w8a8(add: Callable[[str, Callable[[], nn.Module]], None], label: str,
-             source: nn.Module, prompt: torch.Tensor) -> None:
-    """The W8A8 configuration of one sparsity: the int8-pruned ``source`` compiled with
-    int8 inputs (no TEAL: the activation-sparse kernels take float inputs)."""
-    add(config_name(label, W8A8, False), functools.partial(
-        sparsekit.compile, source, prompt, weight_dtype="int8", activation_dtype="int8",
-        grow=True))
+             source: nn.Module, prompt: torch.Tensor,
+             teal: activation.ActivationSparsity) -> None:
+    """The W8A8 configurations of one sparsity: the int8-pruned ``source`` compiled with
+    int8 inputs, without and with the TEAL thresholds ``teal``."""
+    for act in (None, teal):
+        add(config_name(label, W8A8, act is not None), functools.partial(
+            sparsekit.compile, source, prompt, weight_dtype="int8", activation_dtype="int8",
+            activation_sparsity=act, grow=True))
 
 
 def w8a8_targets(fp32: float | None, best_peer: float | None) -> list[tuple[str, str, float | None,
@@ -386,9 +389,10 @@ def checks(rows: dict[str, dict], skipped: dict[str, str]) -> list[tuple[str, bo
     ]
     for claim, name, base, target in targets:
         ratio(claim, name, base, target)
-    for claim, name, base, target in w8a8_targets(fp32, best_peer):
+    w8a8 = w8a8_targets(fp32, best_peer)
+    for claim, name, base, target in w8a8:
         ratio(claim, name, base, target)
-    for name in dict.fromkeys(t[1] for t in targets):
+    for name in dict.fromkeys(t[1] for t in [*targets, *w8a8]):
         ratio(f"TEAL 50% on top of {name.removeprefix('sparsekit ')}", name + " + TEAL 50%",
               tok(name), 1.3)
     if any(name.endswith(TORCH_COMPILED) for name in rows):  # --torch-compile: both sides

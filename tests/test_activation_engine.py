@@ -10,14 +10,16 @@ from _kernels import needs_kernels
 from torch import nn
 
 import sparsekit
-from sparsekit.engine import autotune, kernels
+from sparsekit.engine import activation_linear, autotune, kernels
 from sparsekit.engine.activation_linear import (
     BLOCK,
-    KERNELS,
     ActivationSparseLinear,
     sparsify_input,
 )
 from sparsekit.engine.compiled_linear import CompiledLinear
+
+KERNELS = tuple(k for k in activation_linear.KERNELS if k != "act_bitmap_qgemv")
+"""The kernels of float inputs; the W8A8 one, act_bitmap_qgemv: test_activation_w8a8.py."""
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -244,9 +246,11 @@ def test_compile_builds_activation_layers_of_the_model_dtype(dtype, fast, monkey
 
 
 @needs_kernels
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_one_row_traces_whole_with_both_kernels(kernel):
-    layer = ActivationSparseLinear.from_linear(_pruned(70, 30), 0.1, kernel=kernel, threads=1)
+@pytest.mark.parametrize("kernel", activation_linear.KERNELS)
+def test_one_row_traces_whole_with_every_kernel(kernel):
+    layer = ActivationSparseLinear.from_linear(
+        _pruned(70, 30), 0.1, kernel=kernel, threads=1,
+        value_dtype=torch.int8 if kernel == "act_bitmap_qgemv" else None)
     x = torch.randn(1, 30)
     program = torch.export.export(layer, (x,))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}

@@ -9,13 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _kernels import kernels_ok
-from test_activation_engine import _pruned
+from test_activation_engine import KERNELS, _pruned
 from torch import nn
 
 from sparsekit.engine import kernels
 from sparsekit.engine.activation_linear import (
     BLOCK,
-    KERNELS,
     ActivationSparseLinear,
     sparsify_input,
 )

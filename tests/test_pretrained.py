@@ -263,7 +263,8 @@ def _kernel_clock(fast: str):
 
 
 @pytest.mark.parametrize("weight_dtype", [None, "int8"])
-@pytest.mark.parametrize("fast", ["act_gemv", "act_sparse_gemv", "act_bitmap_gemv"])
+@pytest.mark.parametrize("fast", ["act_gemv", "act_sparse_gemv", "act_bitmap_gemv",
+                                  "act_bitmap_qgemv"])
 def test_activation_sparse_layers_round_trip_bit_identically(tmp_path, monkeypatch, fast,
                                                              weight_dtype):
     from sparsekit import activation
@@ -272,6 +273,9 @@ def test_activation_sparse_layers_round_trip_bit_identically(tmp_path, monkeypat
 
     if fast != "act_gemv" and not kernels_ok():
         pytest.skip("compiled kernels unavailable: compile picks act_gemv only")
+    w8a8 = fast == "act_bitmap_qgemv"  # int8 inputs: W8A8 models only
+    if w8a8 and weight_dtype is None:
+        pytest.skip("act_bitmap_qgemv holds int8 weights only")
     monkeypatch.setattr(autotune, "_time_block", _kernel_clock(fast))
     model = _llama()
     sparsekit.prune(model, 0.5)
@@ -279,7 +283,8 @@ def test_activation_sparse_layers_round_trip_bit_identically(tmp_path, monkeypat
     act = activation.calibrate(model, data, sparsity=0.4)
     compiled = sparsekit.compile(model, data[:1], activation_sparsity=act, cache=False,
                                  **({} if weight_dtype is None else
-                                    {"weight_dtype": weight_dtype}))
+                                    {"weight_dtype": weight_dtype}),
+                                 **({"activation_dtype": "int8"} if w8a8 else {}))
     layers = {n: m for n, m in compiled.named_modules() if isinstance(m, ActivationSparseLinear)}
     assert len(layers) == len(act.thresholds) and {m.kernel for m in layers.values()} == {fast}
     out = sparsekit.save_pretrained(compiled, tmp_path, dense_dtype="bf16")

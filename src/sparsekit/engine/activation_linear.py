@@ -16,11 +16,18 @@ inputs that are left, with one of two kernels:
   values (a column's values are one run), which the kernel expands into the lanes of their
   outputs instead of scattering them one index at a time. One bit per weight instead of a
   2-byte index: at 50 % x 50 % it reads about half of the row-bitmap weight-only format's
-  bytes, which is what makes activation sparsity pay on top of a pruned weight.
+  bytes, which is what makes activation sparsity pay on top of a pruned weight;
+- ``"act_bitmap_qgemv"`` is ``"act_bitmap_gemv"`` on int8 values as W8A8: the kept inputs of
+  the row are quantized to int8 codes with one scale (their largest magnitude / 127, the
+  grid of the W8A8 formats, :func:`sparsekit.compile`'s ``activation_dtype="int8"``) and
+  each output is an exact integer dot product. Four kept columns share one VNNI
+  ``vpdpbusd`` per 16 outputs where the float-input kernel widens every code to a float:
+  the float-input int8 kernel was compute-bound, so TEAL barely paid on int8 weights.
 
 The stored weights are float32 or bfloat16 (inputs of the same dtype), or int8 codes with one
 float32 scale per output row (``scales``; inputs float32 or bfloat16, the layer's ``dtype``):
-an int8 layer reads a quarter of the float32 bytes, and the sums stay float32 in every case.
+an int8 layer reads a quarter of the float32 bytes, and the sums stay float32 (exact int32
+with ``"act_bitmap_qgemv"``, whose layers store int8 values only).
 
 Several rows (a prompt) are multiplied by the ``prefill`` module, after the same input
 sparsification: :func:`sparsekit.compile` passes the layer's fastest measured multi-row format
@@ -50,9 +57,9 @@ from sparsekit.quantize import attach_scales, attached_scales, dequantize_int8, 
 
 __all__ = ["BITMAP_BLOCK", "BLOCK", "KERNELS", "ActivationSparseLinear", "sparsify_input"]
 
-KERNELS = ("act_gemv", "act_sparse_gemv", "act_bitmap_gemv")
+KERNELS = ("act_gemv", "act_sparse_gemv", "act_bitmap_gemv", "act_bitmap_qgemv")
 """The single-row kernels: on the transposed dense weight, or on its stored weights only (with
-a row index per weight, or as bitmap columns)."""
+a row index per weight, or as bitmap columns, with float or int8 inputs)."""
 
 BLOCK = 2048
 """Outputs per block of the column-stored weight of ``"act_sparse_gemv"``: 8 KiB of float32
@@ -66,7 +73,8 @@ every CPU, so a saved layer loads anywhere."""
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # inputs of both kernels; sums in float32
 _SPARSE_UP_TO = 0.75  # the weight-sparse kernels are candidates up to this weight density
-_SPARSE_KERNELS = KERNELS[1:]
+_SPARSE_KERNELS = KERNELS[1:3]  # the float-input ones
+_BITMAP_KERNELS = KERNELS[2:]  # the bitmap-column storage
 _SCRATCH_BYTES = 16 << 20  # largest thresholded input kept in the per-thread scratch
 _scratch = threading.local()  # dtype -> flat buffer: the thresholded inputs of this thread
 
@@ -219,10 +227,13 @@ class ActivationSparseLinear(nn.Module):
             check_int("threads", threads, minimum=1)
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if kernel == "act_bitmap_qgemv" and weight.dtype != torch.int8:
+            raise ValueError(f"kernel 'act_bitmap_qgemv' (int8 inputs) needs int8 weight codes "
+                             f"with scales, got a {weight.dtype} weight")
         if prefill is not None and not isinstance(prefill, nn.Module):
             raise TypeError(f"prefill must be an nn.Module or None, got {type(prefill).__name__}")
         self.threads, self.kernel, self.dtype = threads, kernel, dtype
-        self.block = BITMAP_BLOCK if kernel == "act_bitmap_gemv" else BLOCK
+        self.block = BITMAP_BLOCK if kernel in _BITMAP_KERNELS else BLOCK
         weight = weight.detach()
         if kernel == "act_gemv":
             self.register_buffer("weight_t", weight.t().contiguous())
@@ -282,6 +293,7 @@ class ActivationSparseLinear(nn.Module):
         rows: Sequence[int] = (1,),
         value_dtype: torch.dtype | None = None,
         inputs: torch.Tensor | None = None,
+        activation_dtype: torch.dtype | None = None,
     ) -> tuple[ActivationSparseLinear, dict[str, object] | None]:
         """The layer with the fastest single-row kernel for ``linear``'s weight, and the
         record of the choice (``None`` when there was nothing to time).
@@ -296,17 +308,25 @@ class ActivationSparseLinear(nn.Module):
         ``rows`` above 1 no slower in the median at every row count. Both kernels store
         ``value_dtype`` (see :meth:`from_linear`). The timings run on ``inputs`` (rows of
         real activations: the skipped columns depend on them), else on random normal ones.
+        ``activation_dtype=torch.int8`` (int8 values only; W8A8) adds ``"act_bitmap_qgemv"``
+        to the weight-sparse kernels.
         """
+        if activation_dtype not in (None, torch.int8):
+            raise ValueError(f"activation_dtype must be None or torch.int8, got "
+                             f"{activation_dtype!r}")
+        if activation_dtype is not None and value_dtype != torch.int8:
+            raise ValueError(f"activation_dtype=torch.int8 needs value_dtype=torch.int8, got "
+                             f"{value_dtype!r}")
         build = functools.partial(cls.from_linear, linear, threshold, threads=threads,
                                   value_dtype=value_dtype)
         dense = build(prefill=prefill)
         weight, choice = linear.weight, None
         if (weight.dtype in _KERNEL_DTYPES and weight.is_cpu and kernels.available()
                 and weight.count_nonzero() <= _SPARSE_UP_TO * weight.numel()):
-            modules = {"dense": dense, **{k: build(kernel=k, prefill=prefill)
-                                          for k in _SPARSE_KERNELS}}
+            sparse = [*_SPARSE_KERNELS, *(["act_bitmap_qgemv"] if activation_dtype else [])]
+            modules = {"dense": dense, **{k: build(kernel=k, prefill=prefill) for k in sparse}}
             best, choice = autotune.choose(_measure(modules, weight, [1], inputs),
-                                           ["dense", *_SPARSE_KERNELS])
+                                           ["dense", *sparse])
             choice["format"] = best.replace("dense", "act_gemv")
             if best != "dense":
                 return modules[best], choice
@@ -380,15 +400,33 @@ class ActivationSparseLinear(nn.Module):
                     self.values, self.bitmap, self.offsets, x.contiguous(), self.threshold,
                     self.bias, self.out_features, self.block, threads, self.scales,
                 )
+            if self.kernel == "act_bitmap_qgemv":
+                return torch.ops.sparsekit.act_bitmap_qgemv(
+                    self.values, self.bitmap, self.offsets, x.contiguous(), self.threshold,
+                    self.bias, self.out_features, self.block, threads, self.scales,
+                )
             return torch.ops.sparsekit.act_sparse_gemv(
                 self.values, self.row_indices, self.colptr, x.contiguous(), self.threshold,
                 self.bias, self.out_features, self.block, threads, self.scales,
             )
         self._check_torch_input(x)
+        if self.kernel == "act_bitmap_qgemv":
+            return self._w8a8_gemv(x)
         kept = (sparsify_input(x, self.threshold) != 0).nonzero().squeeze(1)
         weight = self._weight(self._columns(kept), x.dtype)
         y = weight.mv(x.index_select(0, kept))
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _w8a8_gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """One row as ``act_bitmap_qgemv`` computes it, in PyTorch: the thresholded row on
+        its int8 grid, exact integer sums (float64 holds them), ``sum * sx * scales + bias``
+        in float32; every output NaN for a row with a NaN or infinite input."""
+        if not bool(x.isfinite().all()):
+            return x.new_full((self.out_features,), float("nan"))
+        codes, sx = quantize_int8(sparsify_input(x, self.threshold).float()[None])
+        sums = self.to_dense().double() @ codes[0].double()
+        y = sums.float() * sx[0] * self.scales
+        return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
 
     def _columns(self, kept: torch.Tensor) -> torch.Tensor:
         """The columns ``kept`` of the weight, (out, len(kept)), in the stored dtype."""
@@ -420,7 +458,7 @@ class ActivationSparseLinear(nn.Module):
         for an int8 layer its codes (``W = codes * scales[:, None]``)."""
         if self.kernel == "act_gemv":
             return self.weight_t.t().contiguous()
-        if self.kernel == "act_bitmap_gemv":
+        if self.kernel in _BITMAP_KERNELS:
             return _bitmap_weight(self.values, self.bitmap, self.out_features)
         weight = self.values.new_zeros(self.out_features, self.in_features)
         per_block = self.colptr.diff(dim=1).to(torch.int64)  # (blocks, in): stored per column

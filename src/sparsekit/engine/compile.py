@@ -125,7 +125,8 @@ def compile(
     format: each such layer is compiled as any other, then given the faster single-row
     kernel (``act_gemv``, or on a pruned weight ``act_bitmap_gemv`` or ``act_sparse_gemv``,
     each only where it beats ``act_gemv`` by the margin; int8 values where the
-    weight-only formats hold int8) with the compiled layer as its multi-row path, and the
+    weight-only formats hold int8, and with ``activation_dtype="int8"`` also the W8A8
+    ``act_bitmap_qgemv``) with the compiled layer as its multi-row path, and the
     two are timed against each other on the layer's observed inputs. The activation-sparse
     layer is taken only if it wins at one row (decoding) by
     :data:`~sparsekit.engine.autotune.MARGIN` and its multi-row path (thresholding, then
@@ -538,7 +539,8 @@ def _activation_layer(
 
     The weight-only layer is :func:`_compile_layer`'s; the activation-sparse one stores
     int8 values where ``value_dtype`` is int8 (else the layer's own dtype, the only values
-    its kernels read next to inputs of that dtype), takes the faster single-row kernel
+    its kernels read next to inputs of that dtype; int8 inputs among its candidates with
+    ``activation``), takes the faster single-row kernel
     and serves the other row counts with the weight-only layer. See :func:`_activation_wins`
     for the rule; its evidence is the choice's ``activation`` record and the single-row
     kernel's the ``decode`` record."""
@@ -551,6 +553,7 @@ def _activation_layer(
         layer, threshold, threads=threads, prefill=_multi_row(weight_only) if multi else None,
         rows=rows,
         value_dtype=torch.int8 if value_dtype == torch.int8 else None, inputs=inputs,
+        activation_dtype=activation if value_dtype == torch.int8 else None,
     )
     record = _activation_wins(act, weight_only, [1, *multi], inputs)
     return (act if record["chosen"] else weight_only), {**choice, "decode": decode,

@@ -131,6 +131,21 @@ __attribute__((always_inline)) inline void add_vector(float* __restrict sums,
 }
 #endif
 
+// Block blk of the N columns next[i] (their values and bits) prefetched to L2.
+template <int N, typename T>
+__attribute__((always_inline)) inline void prefetch_block(const ActBitmapGemvArgs& a,
+                                                          const T* values, const int32_t* next,
+                                                          int64_t blk) {
+  for (int i = 0; i < N; ++i) {
+    const int32_t* o = a.offsets + next[i] * (a.nblocks + 1) + blk;
+    const char* const end = reinterpret_cast<const char*>(values + o[1]);
+    for (const char* c = reinterpret_cast<const char*>(values + o[0]); c < end; c += 64) {
+      __builtin_prefetch(c, 0, 2);
+    }
+    __builtin_prefetch(a.bits + (next[i] * a.nblocks + blk) * (a.block / 16), 0, 2);
+  }
+}
+
 // sums of blocks [b0, b1) (block floats each) += the N kept columns j[i] (values a[i]); the
 // same block of the N columns `next` (nullptr: none) is prefetched to L2 meanwhile.
 template <int N, typename T, typename Expand>
@@ -156,14 +171,7 @@ __attribute__((always_inline)) inline void add_columns(const ActBitmapGemvArgs& 
       b[i] = bits[i] + blk * words;
       safe &= off[i][blk] <= safe_end;
     }
-    for (int i = 0; next && i < N; ++i) {
-      const int32_t* o = a.offsets + next[i] * (a.nblocks + 1) + blk;
-      const char* const end = reinterpret_cast<const char*>(values + o[1]);
-      for (const char* c = reinterpret_cast<const char*>(values + o[0]); c < end; c += 64) {
-        __builtin_prefetch(c, 0, 2);
-      }
-      __builtin_prefetch(a.bits + (next[i] * a.nblocks + blk) * words, 0, 2);
-    }
+    if (next) prefetch_block<N>(a, values, next, blk);
 #if SPARSEKIT_AVX512 || SPARSEKIT_AVX2
     if (safe) {
       add_vector<N>(s, b, words, p, x, expand);

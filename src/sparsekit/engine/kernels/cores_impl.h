@@ -36,4 +36,14 @@ const Cores kCores = {SPARSEKIT_NAME(SPARSEKIT_ISA), &csr_linear, &bitmap_linear
 }  // namespace sparsekit::SPARSEKIT_ISA
 
 #include "qlinear_core.h"  // the W8A8 cores (their own table, kQCores)
+#include "act_bitmap_qgemv_core.h"
+
+namespace sparsekit::SPARSEKIT_ISA {
+
+extern const QCores kQCores;
+const QCores kQCores = {SPARSEKIT_NAME(SPARSEKIT_ISA), &dense_qlinear, &bitmap_qlinear,
+                        &nm_qlinear, &bitmap_int8_linear, &act_bitmap_qgemv};
+
+}  // namespace sparsekit::SPARSEKIT_ISA
+
 #include "attention_core.h"  // block-sparse attention (its own table, kAttentionCores)

@@ -85,6 +85,10 @@ def register() -> None:
     def _(values, bitmap, offsets, x, threshold, bias, out_features, block, threads, scales=None):  # type: ignore[no-untyped-def]
         return x.new_empty(out_features)
 
+    @fake("sparsekit::act_bitmap_qgemv")
+    def _(values, bitmap, offsets, x, threshold, bias, out_features, block, threads, scales):  # type: ignore[no-untyped-def]
+        return x.new_empty(out_features)
+
     @fake("sparsekit::spmm_rows")
     def _(rowptr, col, values, perm, xt, bias, in_features, threads):  # type: ignore[no-untyped-def]
         return xt.new_empty(rowptr.shape[0] - 1, xt.shape[1])

@@ -53,6 +53,11 @@ TORCH_LIBRARY(sparsekit, m) {
   m.def("act_bitmap_gemv(Tensor values, Tensor bitmap, Tensor offsets, Tensor x, "
         "Tensor threshold, Tensor? bias, int out_features, int block, int threads, "
         "Tensor? scales=None) -> Tensor");
+  // The same as W8A8: int8 values and float32 `scales`, the kept inputs quantized to int8
+  // codes with one scale (their largest magnitude / 127), exact integer sums.
+  m.def("act_bitmap_qgemv(Tensor values, Tensor bitmap, Tensor offsets, Tensor x, "
+        "Tensor threshold, Tensor? bias, int out_features, int block, int threads, "
+        "Tensor scales) -> Tensor");
   // x (..., in) fp32 or bf16 with the entries |x_j| < threshold_j (threshold (in,), x's
   // dtype) zeroed: the thresholding of the multi-row activation-sparse path.
   m.def("act_threshold(Tensor x, Tensor threshold) -> Tensor");

@@ -8,6 +8,16 @@
 
 namespace sparsekit {
 
+// act_bitmap_qgemv (act_bitmap_gemv.cpp): act_bitmap_gemv's arguments with int8 values, the
+// kept inputs' int8 codes (codes[k] for idx[k]; a.val is unused), their scale sx and the sum
+// of the codes.
+struct ActBitmapQGemvArgs {
+  ActBitmapGemvArgs a;
+  const int8_t* codes;
+  float sx;
+  int32_t code_sum;
+};
+
 // The W8A8 entry points of one instruction set.
 struct QCores {
   const char* isa;  // "scalar", "avx2" or "avx512" (with VNNI, VBMI, VBMI2, BITALG)
@@ -17,6 +27,7 @@ struct QCores {
   // bitmap_linear with int8 values (float inputs): the byte permutes of this instruction set
   // expand the codes (the float cores' own bitmap_linear where it has none)
   void (*bitmap_int8_linear)(const BitmapArgs&);
+  void (*act_bitmap_qgemv)(const ActBitmapQGemvArgs&);
 };
 
 // The W8A8 cores of the active instruction set (cores(); see set_isa): an AVX-512 CPU without

@@ -685,10 +685,6 @@ inline void bitmap_int8_linear(const BitmapArgs& a) {
 inline void bitmap_int8_linear(const BitmapArgs& a) { bitmap_linear(a); }  // the float cores'
 #endif
 
-extern const QCores kQCores;
-const QCores kQCores = {SPARSEKIT_NAME(SPARSEKIT_ISA), &dense_qlinear, &bitmap_qlinear,
-                        &nm_qlinear, &bitmap_int8_linear};
-
 #if SPARSEKIT_AVX512
 #pragma GCC pop_options
 #endif
