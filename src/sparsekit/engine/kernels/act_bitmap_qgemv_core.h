@@ -1,48 +1,58 @@
 // The W8A8 bitmap-column GEMV core (see act_bitmap_gemv.cpp for the op
 // act_bitmap_qgemv), compiled once per instruction set (cores_impl.h, after qlinear_core.h,
-// whose byte expansion it uses, and act_bitmap_gemv_core.h, whose tiles and prefetch it
-// shares): the kept inputs of the row come quantized to int8 codes (the op does that), and
-// each output's sum over the kept columns is an exact int32 integer dot product.
+// whose byte expansions it uses, and act_bitmap_gemv_core.h, whose storage it reads): the
+// kept inputs of the row come quantized to int8 codes (the op does that), and each output's
+// sum over the kept columns is an exact int32 integer dot product.
 //
-// Why: act_bitmap_gemv's int8 values with float inputs widen every expanded code to a
-// float and FMA it, 13 vector instructions per 64 weights of a kept column (a vpexpandb,
-// four vpermb, four conversions, four FMAs); that made it compute-bound (5.0 ms of work
-// over the 28 weights of the 2048x5632x4 LLaMA at 50 % x 50 %, whose bytes take 2.1 ms at
-// the copy bandwidth), so TEAL gained little on int8 weights. Here four kept columns share
-// one vpdpbusd per 16 outputs: their 64-output expansions are interleaved byte by byte into
-// the 32-bit lanes of their outputs (eight unpacks for four columns), so 64 weights of a
-// column cost 5 instructions.
+// Why: act_bitmap_gemv's int8 values with float inputs widen every expanded code to a float
+// and FMA it, 13 vector instructions per 64 weights of a kept column (a vpexpandb, four
+// vpermb, four conversions, four FMAs): compute-bound, so TEAL gained little on int8
+// weights. Here four kept columns share one integer dot product per output: their
+// expansions are interleaved byte by byte into the 32-bit lanes of their outputs (two
+// unpacks per column), so 64 weights of a column cost about 5 instructions. Measured
+// (1024x1024 at 50 %, one thread, from L2, Intel Xeon): 31 kept weights per ns against 18
+// for the float-input kernel.
 //
 // - AVX-512 (with VNNI, VBMI, VBMI2, BITALG; qcores()): the weights are the unsigned operand
 //   of vpdpbusd, biased by 128 (an XOR of the expanded bytes: a missing weight becomes 128,
 //   code 0), the input codes the signed one, and 128 times the sum of the input codes is
-//   subtracted from every output at the end. The unpacks interleave within 128-bit lanes,
-//   so the sums of a 64-output chunk are kept in the order of sum_position.
-// - every other instruction set: plain int32 loops over the set bits (correct, not fast:
-//   the autotuner then keeps the weight-only formats there).
-// Every sum is exact: at most in_features * 127 * 127 in magnitude (the op checks
-// in_features <= 65536, as the W8A8 ops do).
+//   subtracted from every output at the end.
+// - AVX2: vpmaddubsw with the sign trick of qlinear_core.h, vpmaddwd into int32.
+// - scalar: plain int32 loops over the set bits.
+// The unpacks interleave within 128-bit lanes, so the sums of a step keep their outputs in
+// the order of sum_position. Every sum is exact: at most in_features * 255 * 127 in
+// magnitude (the op checks in_features <= 65536, as the W8A8 ops do).
 
 namespace sparsekit::SPARSEKIT_ISA::act {
 
 #if SPARSEKIT_AVX512
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,popcnt,bmi,bmi2,avx512vnni,avx512vbmi,avx512vbmi2,avx512bitalg")
-constexpr bool kQPermuted = true;
+constexpr int kQLanes = 4;  // 128-bit lanes per vector: 64 outputs per step
+constexpr bool kQBiased = true;  // weights biased by 128 (vpdpbusd's unsigned operand)
+#elif SPARSEKIT_AVX2
+constexpr int kQLanes = 2;  // 32 outputs per step
+constexpr bool kQBiased = false;  // vpmaddubsw with the sign trick (qlinear_core.h)
 #else
-constexpr bool kQPermuted = false;
+constexpr int kQLanes = 0;  // scalar loops: sums in output order
+constexpr bool kQBiased = false;
 #endif
 
-// Where the int32 sums keep output o of a 64-output chunk: in output order, or (kQPermuted)
-// where the unpacks put it: output 16 L + 4 k + d in lane 4 L + d of the k-th vector.
+// Where the int32 sums keep output o of a step of 16 * kQLanes outputs: where the unpacks
+// put it (the step's output 16 L + 4 k + d in lane 4 L + d of its k-th vector of sums), or
+// in output order for the scalar loops.
 constexpr int64_t sum_position(int64_t o) {
-  return kQPermuted ? (o & ~int64_t{63}) | (((o >> 2) & 3) << 4) | (((o >> 4) & 3) << 2) | (o & 3)
-                    : o;
+  if (kQLanes == 0) return o;
+  constexpr int64_t step = 16 * kQLanes;
+  return (o & ~(step - 1)) | ((o >> 2) & 3) * (step / 4) | ((o >> 4) & (kQLanes - 1)) << 2 |
+         (o & 3);
 }
 
 // Kept columns per pass over a block's sums: two groups of four.
 constexpr int kQColumns = 8;
-
+// Groups of kept columns between the one being added and the one prefetched (whole runs to
+// L2): 2 ran the cold 2048x5632x4 stack 1.05-1.1x faster than 1 or 4 and 1.1-1.2x faster
+// than none (Intel Xeon, 50 % x 50 %, two threads).
 constexpr int kAhead = 2;
 
 // Blocks [b0, b1) of the N columns next[i] (their values and bits) prefetched to L2.
@@ -106,6 +116,52 @@ __attribute__((always_inline)) inline void add_qblock(int32_t* __restrict sums,
     for (int v = 0; v < 4; ++v) _mm512_storeu_si512(s + 16 * v, acc[v]);
   }
 }
+#elif SPARSEKIT_AVX2
+// The same with 256-bit vectors, 32 outputs per step: 16 codes per bitmap word by the pshufb
+// table of qlinear_core.h (reading 16 bytes, inside a safe block), and per 8 outputs
+// vpmaddubsw of |w| by the input codes carrying w's sign (pairs of products at most
+// 2 * 127 * 127: no 16-bit saturation), vpmaddwd into int32.
+template <int N>
+__attribute__((always_inline)) inline void add_qblock(int32_t* __restrict sums,
+                                                      const uint16_t* const* b, int64_t words,
+                                                      const int8_t* const* start,
+                                                      const int32_t* groups, bool) {
+  const int8_t* p[N];
+  for (int i = 0; i < N; ++i) p[i] = start[i];
+  __m256i xs[N / 4];
+  for (int g = 0; g < N / 4; ++g) xs[g] = _mm256_set1_epi32(groups[g]);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t k = 0; k < words; k += 2) {
+    int32_t* s = sums + 16 * k;
+    __m256i acc[4];
+    for (int v = 0; v < 4; ++v) {
+      acc[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 8 * v));
+    }
+    for (int g = 0; g < N / 4; ++g) {
+      __m256i e[4];
+      for (int i = 0; i < 4; ++i) {
+        const uint16_t* w = b[4 * g + i] + k;
+        const __m128i lo = q::expand16(w[0], p[4 * g + i]);
+        p[4 * g + i] += __builtin_popcount(w[0]);
+        const __m128i hi = q::expand16(w[1], p[4 * g + i]);
+        p[4 * g + i] += __builtin_popcount(w[1]);
+        e[i] = _mm256_set_m128i(hi, lo);
+      }
+      const __m256i lo01 = _mm256_unpacklo_epi8(e[0], e[1]), hi01 = _mm256_unpackhi_epi8(e[0], e[1]);
+      const __m256i lo23 = _mm256_unpacklo_epi8(e[2], e[3]), hi23 = _mm256_unpackhi_epi8(e[2], e[3]);
+      const __m256i u[4] = {_mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
+                            _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
+      for (int v = 0; v < 4; ++v) {
+        const __m256i pairs =
+            _mm256_maddubs_epi16(_mm256_abs_epi8(u[v]), _mm256_sign_epi8(xs[g], u[v]));
+        acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+    for (int v = 0; v < 4; ++v) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(s + 8 * v), acc[v]);
+    }
+  }
+}
 #endif
 
 // sums of one block += code * each set bit's weight of one column (at most `count`
@@ -115,7 +171,7 @@ __attribute__((always_inline)) inline void add_qblock(int32_t* __restrict sums,
 inline void add_qbits(int32_t* __restrict sums, const uint16_t* b, int64_t words,
                       const int8_t* p, int64_t count, int code) {
   const int8_t* const end = p + count;
-  if (kQPermuted) {
+  if (kQBiased) {
     for (int64_t o = 0; o < 16 * words; ++o) sums[o] += 128 * code;  // every weight biased
   }
   for (int64_t k = 0; k < words; ++k) {
@@ -131,7 +187,7 @@ inline void add_qcolumns(const ActBitmapQGemvArgs& q, int64_t k0, int64_t k1, in
   const ActBitmapGemvArgs& a = q.a;
   const auto* values = static_cast<const int8_t*>(a.values);
   const int64_t words = a.block / 16;
-#if SPARSEKIT_AVX512
+#if SPARSEKIT_AVX512 || SPARSEKIT_AVX2
   static const uint16_t kNoBits[4096 / 16] = {};  // a padding column: no weights
   for (int64_t k = k0; k < k1; k += kQColumns) {
     const int n = static_cast<int>(std::min<int64_t>(kQColumns, k1 - k));
@@ -199,7 +255,7 @@ namespace sparsekit::SPARSEKIT_ISA {
 inline void act_bitmap_qgemv(const ActBitmapQGemvArgs& q) {
   const ActBitmapGemvArgs& a = q.a;
   const int64_t padded = a.nblocks * a.block;
-  const int32_t correction = act::kQPermuted ? 128 * q.code_sum : 0;
+  const int32_t correction = act::kQBiased ? 128 * q.code_sum : 0;
   std::vector<const int32_t*> partial(a.threads);
   act::with_bias(a.bias_bf16, a.bias, [&](auto bias) {
 #pragma omp parallel num_threads(a.threads) if (a.threads > 1)
