@@ -21,7 +21,8 @@ target is missed.
     python benchmarks/kernels.py --tables q --shapes 11008x4096        # W8A8 rows only
 
 ``--isa`` times the value rows on the named instruction sets (``kernels.use_isa``; the
-linear table runs on the first; the results name them and their files end in the ISAs) and
+linear table runs on the first; the results name them and their files end in the ISAs, then
+in ``--suffix``, which keeps a run on another CPU from overwriting a committed file) and
 asserts the floor target on each of them; by
 default the value rows time every ISA the CPU runs and assert the active one. Each cell
 below the target prints a ``MISS`` line and the exit status is non-zero.
@@ -580,7 +581,12 @@ def main() -> int:
     parser.add_argument("--isa", nargs="+", default=None, metavar="ISA",
                         help="run and assert on these instruction sets (of kernels.isas(), "
                              "e.g. avx2); default: time every one, assert the active one")
+    parser.add_argument("--suffix", default="", metavar="TEXT",
+                        help="appended to the results' file name (e.g. intel), so that a run "
+                             "on another CPU does not overwrite the committed one")
     args = parser.parse_args()
+    if args.suffix and not args.suffix.replace("-", "").isalnum():
+        parser.error(f"--suffix must be letters, digits and '-', got {args.suffix!r}")
 
     shapes = [(1024, 1024)] if args.quick else [(4096, 4096), (11008, 4096)]
     if args.shapes:
@@ -661,7 +667,7 @@ def measure(
     RESULTS.mkdir(exist_ok=True)
     name = "kernels" + ("_quick" if args.quick else "") + ("_cold" if args.cold else "")
     name += "" if "linear" in args.tables else "_values"  # keeps the full table
-    name += "".join(f"_{i}" for i in args.isa or [])
+    name += "".join(f"_{i}" for i in args.isa or []) + (f"_{args.suffix}" if args.suffix else "")
     (RESULTS / f"{name}.json").write_text(
         json.dumps({"env": env, "rows": rows, "value_rows": value_rows, "goals": goals,
                     "misses": misses}, indent=2) + "\n"
