@@ -272,6 +272,25 @@ def test_prompt_rows_trace_whole_with_the_threshold_kernel():
     torch.testing.assert_close(traced(x), layer(x))
 
 
+def test_decode_timings_run_on_a_typical_row_not_an_outlier_first_token(monkeypatch):
+    """compile times the single-row kernels on the observed row that keeps the median
+    number of inputs; the first row of a prompt can be an attention sink that keeps all."""
+    kept_seen: list[float] = []
+
+    def clock(module, x, reps):
+        if isinstance(module, ActivationSparseLinear) and x.shape[0] == 1:
+            kept_seen.append(float((x.abs() >= module.threshold).float().mean()))
+        return 1e-4
+
+    monkeypatch.setattr(autotune, "_time_block", clock)
+    prompt = torch.randn(9, 24, generator=torch.Generator().manual_seed(3))
+    prompt[0] = 10.0  # every input of the first row passes the threshold
+    act = _Thresholds({"0": torch.full((24,), 0.7)})
+    sparsekit.compile(_mlp(torch.float32), prompt, activation_sparsity=act, cache=False)
+    typical = sorted(float((row.abs() >= 0.7).float().mean()) for row in prompt)[4]
+    assert kept_seen and set(kept_seen) == {typical}
+
+
 def _clock(act_ms: dict[str, float]):
     """Stands in for ``autotune._time_block``: an activation-sparse layer takes
     ``act_ms["one"]`` at one row and ``act_ms["many"]`` at more, everything else 0.2 ms."""
