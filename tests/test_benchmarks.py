@@ -89,14 +89,16 @@ def test_llm_decode_small_shape(tmp_path):
     configs = set(model["rows"]) | set(model["skipped"])
     assert {"dense fp32", "dense bf16", "torch int8 dynamic", "int8pack"} <= set(model["rows"])
     sparse = {c for c in configs if c.startswith("sparsekit")}
-    assert len(sparse) == 18 + 3  # {50 %, 2:4, 70 %} x ({fp32, bf16, int8} x {-, TEAL 50 %}
-    #                                                  + int8 W8A8)
-    assert {c for c in sparse if c.endswith("W8A8")} == {
-        f"sparsekit {s} int8 W8A8" for s in ("50%", "2:4", "70%")}
+    assert len(sparse) == 18 + 6  # {50 %, 2:4, 70 %} x {fp32, bf16, int8, int8 W8A8}
+    #                                                  x {-, TEAL 50 %}
+    assert {c for c in sparse if "W8A8" in c} == {
+        f"sparsekit {s} int8 W8A8{teal}" for s in ("50%", "2:4", "70%")
+        for teal in ("", " + TEAL 50%")}
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in model["rows"].values())
     claims = [c["claim"] for c in model["checks"]]
     assert any("70% int8 vs dense fp32" in c for c in claims)
     assert any("70% W8A8 vs dense fp32" in c for c in claims)
+    assert any("TEAL 50% on top of 70% int8 W8A8" in c for c in claims)
     assert sum(not c["met"] for c in model["checks"]) >= len(model["skipped"])
     # --profile splits the int8 rows and their peer too, beside the floor without linears
     profile = model["profile"]
@@ -217,12 +219,16 @@ def test_llm_decode_configs_filter_builds_and_checks_only_the_selected():
         models, _ = llm_decode.configurations(model, torch.zeros(1, 4, dtype=torch.long), None,
                                               {}, keep)
         assert {n for n in models if n.startswith("sparsekit")} == {
-            "sparsekit 50% int8", "sparsekit 50% int8 + TEAL 50%", "sparsekit 50% int8 W8A8"}
+            "sparsekit 50% int8", "sparsekit 50% int8 + TEAL 50%", "sparsekit 50% int8 W8A8",
+            "sparsekit 50% int8 W8A8 + TEAL 50%"}
         assert {"dense fp32", "dense bf16", *llm_decode.PEERS} <= set(models)
-        assert pruned == ["unstructured"] and len(built) == 3
+        assert pruned == ["unstructured"] and len(built) == 4
+        assert [kw.get("activation_dtype") for kw in built[2:]] == ["int8", "int8"]
+        assert built[3]["activation_sparsity"] is not None
         rows = {n: {"decode_tok_s": 10.0, "prefill_tok_s": 1.0} for n in models}
         claims = [c for c, _ in llm_decode.checks(rows, {})]
         assert any(c.startswith("50% int8 vs dense fp32") for c in claims)
+        assert any(c.startswith("TEAL 50% on top of 50% int8 W8A8") for c in claims)
         assert not any("bf16 vs" in c or "70%" in c or "2:4" in c for c in claims), claims
         del rows["sparsekit 50% int8 W8A8"]
         verdicts = dict(llm_decode.checks(rows, {"sparsekit 50% int8 W8A8": "refused"}))

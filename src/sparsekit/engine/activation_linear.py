@@ -3,7 +3,7 @@
 At batch 1 a linear layer is memory-bound: every weight is read once for one multiply-add.
 If input feature ``j`` is zero, column ``W[:, j]`` need not be read at all. This module zeroes
 inputs with ``|x_j| < threshold_j`` and, for a single input row, reads only the columns of the
-inputs that are left, with one of two kernels:
+inputs that are left, with one of these kernels:
 
 - ``"act_gemv"`` keeps ``W.T`` (each column one contiguous row) and reads whole kept columns;
 - ``"act_sparse_gemv"`` keeps only the stored (unpruned) weights of each column, in blocks of
@@ -21,8 +21,10 @@ inputs that are left, with one of two kernels:
   the row are quantized to int8 codes with one scale (their largest magnitude / 127, the
   grid of the W8A8 formats, :func:`sparsekit.compile`'s ``activation_dtype="int8"``) and
   each output is an exact integer dot product. Four kept columns share one VNNI
-  ``vpdpbusd`` per 16 outputs where the float-input kernel widens every code to a float:
-  the float-input int8 kernel was compute-bound, so TEAL barely paid on int8 weights.
+  ``vpdpbusd`` per 16 outputs where the float-input kernel widens every code to a float
+  (compute-bound, so TEAL barely paid on int8 weights). From memory the bytes decide: on
+  the Intel Xeon of the benchmarks half of the columns read barely faster than all of
+  them, and compile keeps the weight-only W8A8 formats there (README, "TEAL on W8A8").
 
 The stored weights are float32 or bfloat16 (inputs of the same dtype), or int8 codes with one
 float32 scale per output row (``scales``; inputs float32 or bfloat16, the layer's ``dtype``):
