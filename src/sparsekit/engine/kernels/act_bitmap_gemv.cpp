@@ -124,15 +124,11 @@ at::Tensor act_bitmap_qgemv(const at::Tensor& values, const at::Tensor& bitmap,
               kMaxQInFeatures, " (int32 sums of int8 products), got ", x.size(0));
   auto a = checked_args(values, bitmap, offsets, x, threshold, bias, out_features, block,
                         threads, scales);
-  const at::Tensor xf = x.to(at::kFloat);
-  const float* xp = xf.data_ptr<float>();
-  bool finite = true;
-  for (int64_t j = 0; j < a.in; ++j) finite &= std::isfinite(xp[j]);
   std::vector<int32_t> idx;
   std::vector<float> val;
   sparsekit::kept_inputs(x, threshold, &idx, &val);
   auto y = with_kept(&a, idx, x);
-  if (!finite) {
+  if (!sparsekit::all_finite(x)) {  // a NaN is not kept (|NaN| >= t is false): check x
     y.fill_(std::numeric_limits<float>::quiet_NaN());
     return sparsekit::like_input(y, x);
   }

@@ -131,18 +131,22 @@ __attribute__((always_inline)) inline void add_vector(float* __restrict sums,
 }
 #endif
 
-// Block blk of the N columns next[i] (their values and bits) prefetched to L2.
+// Blocks [b0, b1) of the N columns next[i] (their values and bits) prefetched to L2.
 template <int N, typename T>
-__attribute__((always_inline)) inline void prefetch_block(const ActBitmapGemvArgs& a,
-                                                          const T* values, const int32_t* next,
-                                                          int64_t blk) {
+__attribute__((always_inline)) inline void prefetch_runs(const ActBitmapGemvArgs& a,
+                                                         const T* values, const int32_t* next,
+                                                         int64_t b0, int64_t b1) {
+  const int64_t words = a.block / 16;
   for (int i = 0; i < N; ++i) {
-    const int32_t* o = a.offsets + next[i] * (a.nblocks + 1) + blk;
-    const char* const end = reinterpret_cast<const char*>(values + o[1]);
-    for (const char* c = reinterpret_cast<const char*>(values + o[0]); c < end; c += 64) {
+    const int32_t* o = a.offsets + next[i] * (a.nblocks + 1);
+    const char* c = reinterpret_cast<const char*>(values + o[b0]);
+    for (const char* const end = reinterpret_cast<const char*>(values + o[b1]); c < end; c += 64) {
       __builtin_prefetch(c, 0, 2);
     }
-    __builtin_prefetch(a.bits + (next[i] * a.nblocks + blk) * (a.block / 16), 0, 2);
+    const char* w = reinterpret_cast<const char*>(a.bits + (next[i] * a.nblocks + b0) * words);
+    for (const char* const end = w + (b1 - b0) * words * 2; w < end; w += 64) {
+      __builtin_prefetch(w, 0, 2);
+    }
   }
 }
 
@@ -171,7 +175,7 @@ __attribute__((always_inline)) inline void add_columns(const ActBitmapGemvArgs& 
       b[i] = bits[i] + blk * words;
       safe &= off[i][blk] <= safe_end;
     }
-    if (next) prefetch_block<N>(a, values, next, blk);
+    if (next) prefetch_runs<N>(a, values, next, blk, blk + 1);
 #if SPARSEKIT_AVX512 || SPARSEKIT_AVX2
     if (safe) {
       add_vector<N>(s, b, words, p, x, expand);

@@ -1,6 +1,7 @@
 // The W8A8 bitmap-column GEMV core (see act_bitmap_gemv.cpp for the op
 // act_bitmap_qgemv), compiled once per instruction set (cores_impl.h, after qlinear_core.h,
-// whose byte expansions it uses, and act_bitmap_gemv_core.h, whose storage it reads): the
+// whose byte expansions it uses, and act_bitmap_gemv_core.h, whose storage it reads and
+// whose prefetch it shares): the
 // kept inputs of the row come quantized to int8 codes (the op does that), and each output's
 // sum over the kept columns is an exact int32 integer dot product.
 //
@@ -54,26 +55,6 @@ constexpr int kQColumns = 8;
 // L2): 2 ran the cold 2048x5632x4 stack 1.05-1.1x faster than 1 or 4 and 1.1-1.2x faster
 // than none (Intel Xeon, 50 % x 50 %, two threads).
 constexpr int kAhead = 2;
-
-// Blocks [b0, b1) of the N columns next[i] (their values and bits) prefetched to L2.
-template <int N>
-__attribute__((always_inline)) inline void prefetch_runs(const ActBitmapGemvArgs& a,
-                                                         const int8_t* values,
-                                                         const int32_t* next, int64_t b0,
-                                                         int64_t b1) {
-  const int64_t words = a.block / 16;
-  for (int i = 0; i < N; ++i) {
-    const int32_t* o = a.offsets + next[i] * (a.nblocks + 1);
-    const char* c = reinterpret_cast<const char*>(values + o[b0]);
-    for (const char* const end = reinterpret_cast<const char*>(values + o[b1]); c < end; c += 64) {
-      __builtin_prefetch(c, 0, 2);
-    }
-    const char* w = reinterpret_cast<const char*>(a.bits + (next[i] * a.nblocks + b0) * words);
-    for (const char* const end = w + (b1 - b0) * words * 2; w < end; w += 64) {
-      __builtin_prefetch(w, 0, 2);
-    }
-  }
-}
 
 #if SPARSEKIT_AVX512
 // sums of one block (words 16-bit words of bits) += the N (a multiple of 4) columns with
@@ -201,7 +182,7 @@ inline void add_qcolumns(const ActBitmapQGemvArgs& q, int64_t k0, int64_t k1, in
       const int32_t c = i < n ? q.codes[k + i] : 0;
       groups[i / 4] |= static_cast<int32_t>(static_cast<uint32_t>(c & 0xFF) << (8 * (i % 4)));
     }
-    if (kAhead > 0 && k + (kAhead + 1) * kQColumns <= k1) {
+    if (k + (kAhead + 1) * kQColumns <= k1) {
       prefetch_runs<kQColumns>(a, values, a.idx + k + kAhead * kQColumns, 0, a.nblocks);
     }
     for (int64_t blk = 0; blk < a.nblocks; ++blk) {

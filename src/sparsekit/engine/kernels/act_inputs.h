@@ -102,6 +102,19 @@ void kept_inputs(const T* x, const T* threshold, int64_t in, std::vector<int32_t
   val->resize(n);
 }
 
+// Whether every entry of a float32 or bfloat16 x is finite (read in place, no copy).
+inline bool all_finite(const at::Tensor& x) {
+  bool finite = true;
+  if (x.scalar_type() == at::kBFloat16) {
+    const c10::BFloat16* p = x.data_ptr<c10::BFloat16>();
+    for (int64_t j = 0; j < x.numel(); ++j) finite &= std::isfinite(static_cast<float>(p[j]));
+  } else {
+    const float* p = x.data_ptr<float>();
+    for (int64_t j = 0; j < x.numel(); ++j) finite &= std::isfinite(p[j]);
+  }
+  return finite;
+}
+
 // kept_inputs of a float32 or bfloat16 x.
 inline void kept_inputs(const at::Tensor& x, const at::Tensor& threshold,
                         std::vector<int32_t>* idx, std::vector<float>* val) {
