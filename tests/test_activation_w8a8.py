@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from _kernels import kernels_ok, needs_kernels
+from test_activation_engine import _Thresholds
+from test_pretrained import _kernel_clock
 from torch import nn
 
 import sparsekit
@@ -195,20 +197,6 @@ def test_without_kernels_the_pytorch_path_gives_the_same_numbers(monkeypatch):
     monkeypatch.setattr(kernels, "available", lambda: False)
     torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
     assert layer.to_module().weight.shape == (300, 70)
-
-
-class _Thresholds:
-    def __init__(self, thresholds: dict[str, torch.Tensor]) -> None:
-        self.thresholds = thresholds
-
-
-def _kernel_clock(fast: str):
-    """Stands in for ``autotune._time_block``: activation-sparse layers win, and among them
-    the ``fast`` kernel."""
-    def clock(module, x, reps):
-        kernel = getattr(module, "kernel", None)
-        return 2e-4 if kernel is None else 0.5e-4 if kernel == fast else 1e-4
-    return clock
 
 
 @needs_kernels

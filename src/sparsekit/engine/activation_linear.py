@@ -75,8 +75,8 @@ every CPU, so a saved layer loads anywhere."""
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # inputs of both kernels; sums in float32
 _SPARSE_UP_TO = 0.75  # the weight-sparse kernels are candidates up to this weight density
-_SPARSE_KERNELS = KERNELS[1:3]  # the float-input ones
-_BITMAP_KERNELS = KERNELS[2:]  # the bitmap-column storage
+_SPARSE_KERNELS = ("act_sparse_gemv", "act_bitmap_gemv")  # weight-sparse, float inputs
+_BITMAP_KERNELS = ("act_bitmap_gemv", "act_bitmap_qgemv")  # the bitmap-column storage
 _SCRATCH_BYTES = 16 << 20  # largest thresholded input kept in the per-thread scratch
 _scratch = threading.local()  # dtype -> flat buffer: the thresholded inputs of this thread
 
