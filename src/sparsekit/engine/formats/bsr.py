@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from sparsekit._checks import check_int
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
-from sparsekit.engine.formats.native import NativeFormat
+from sparsekit.engine.formats.native import NativeFormat, Operands
 
 __all__ = ["BSR", "BLOCK_SIZES", "MIN_FILL", "choose_block"]
 
@@ -55,12 +55,11 @@ class BSR(NativeFormat):
     def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         _check_bsr(*tensors, shape)
 
-    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-        b = self._buffers  # direct: nn.Module.__getattr__ costs ~0.2 µs per buffer
-        return torch.ops.sparsekit.bsr_linear(
-            b["bsr_values"], b["bsr_col_indices"], b["bsr_rowptr"], x, bias,
-            self.out_features, self.in_features, threads,
-        )
+    def _operands(self) -> Operands:
+        b = self._buffers
+        return (torch.ops.sparsekit.bsr_linear,
+                (b["bsr_values"], b["bsr_col_indices"], b["bsr_rowptr"]),
+                (self.out_features, self.in_features))
 
     def stored_dense(self) -> torch.Tensor:
         (r, c), (rows, cols) = self.block, (self.out_features, self.in_features)

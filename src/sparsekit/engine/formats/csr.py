@@ -9,7 +9,7 @@ import torch
 
 from sparsekit.engine.formats.base import Format, masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
-from sparsekit.engine.formats.native import SCALES, NativeFormat
+from sparsekit.engine.formats.native import SCALES, NativeFormat, Operands
 
 __all__ = ["CSR16", "TorchCSR", "check_csr", "csr_parts"]
 
@@ -90,12 +90,10 @@ class CSR16(NativeFormat):
         if col.dtype == torch.int16 and shape[1] > 65536:
             raise ValueError(f"16-bit column indices cannot address {shape[1]} inputs")
 
-    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-        b = self._buffers  # direct: nn.Module.__getattr__ costs ~0.2 µs per buffer
-        return torch.ops.sparsekit.csr_linear(
-            b["values"], b["col_indices"], b["rowptr"], x, bias, self.in_features, threads,
-            *self.scale_args(),
-        )
+    def _operands(self) -> Operands:
+        b = self._buffers
+        return (torch.ops.sparsekit.csr_linear, (b["values"], b["col_indices"], b["rowptr"]),
+                (self.in_features,))
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Torch CSR in float32 on the same indices (e.g. a checkpoint loaded where the

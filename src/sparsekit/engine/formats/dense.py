@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekit.engine.formats.base import Format, masked
-from sparsekit.engine.formats.native import INT8_INPUTS, SCALES, NativeFormat
+from sparsekit.engine.formats.native import INT8_INPUTS, SCALES, NativeFormat, Operands
 
 __all__ = ["DenseFormat", "DenseLowPrecision"]
 
@@ -79,11 +79,10 @@ class DenseLowPrecision(NativeFormat):
             raise ValueError(f"lowp_weight must be of shape {tuple(shape)}, got "
                              f"{tuple(weight.shape)}")
 
-    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+    def _operands(self) -> Operands:
         ops = torch.ops.sparsekit
-        return (ops.dense_qlinear if self.quantizes_inputs else ops.dense_linear)(
-            self._buffers["lowp_weight"], x, bias, self.in_features, threads, *self.scale_args()
-        )
+        return (ops.dense_qlinear if self.quantizes_inputs else ops.dense_linear,
+                (self._buffers["lowp_weight"],), (self.in_features,))
 
     def stored_dense(self) -> torch.Tensor:
         return self.lowp_weight.clone()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +12,14 @@ from sparsekit.engine import kernels
 from sparsekit.engine.formats.base import Format, masked
 from sparsekit.quantize import dequantize_int8, quantize_int8
 
-__all__ = ["INT8_INPUTS", "SCALES", "NativeFormat"]
+__all__ = ["INT8_INPUTS", "SCALES", "NativeFormat", "Operands"]
 
 SCALES = "scales"
 """The optional buffer of int8 values: one float32 scale per output row."""
+
+Operands = tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...], tuple[int, ...]]
+"""A format's kernel op, its tensors before ``x`` and its ints between ``bias`` and
+``threads``: every op runs as ``op(*tensors, x, bias, *ints, threads, *scale_args())``."""
 
 INT8_INPUTS = "int8_inputs"
 """The optional buffer (after :data:`SCALES`) of a format whose int8 values multiply inputs
@@ -223,19 +227,50 @@ class NativeFormat(Format):
     def _threads(self, rows: int) -> int:
         if self.threads is not None:
             return self.threads
-        work = (self._stored + self.out_features) * rows  # nnz may cost a pass
+        work = (self._stored + self.out_features) * rows  # nnz may cost a pass; matmul inlines this
         return max(1, min(kernels.num_threads(), work // 16384))  # a fork costs a few µs
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``, passed to the
         kernel as it is: the ops take all its dimensions but the last as rows, so a decoded
-        token, ``(1, 1, in_features)``, needs no reshape before the op and none after. At
-        batch 1 the Python around a kernel call counts (a small W8A8 layer took 10.1 µs per
-        call with the two reshapes and a chain of three methods, 7.4 µs without, one
-        thread), so this is one method.
+        token, ``(1, 1, in_features)``, needs no reshape before the op and none after.
 
-        Raises ``ValueError`` for any other shape (see :meth:`check_input`).
+        At batch 1 the Python around a kernel call counts, most of all cold, as in a decode
+        step, where each layer's weights have evicted the interpreter's lines since its last
+        call: an input the kernel takes as it is (of one of :attr:`dtypes`, contiguous, a
+        float32 or no ``bias``) goes straight to the op's C++ entry with the arguments bound
+        in :meth:`_bind`, which checks the rest itself. Anything else, and any input the op
+        rejects, takes the checked path: it converts what must be, or raises ``ValueError``
+        for any other shape (see :meth:`check_input`).
         """
+        bound = self.__dict__.get("_bound") or self._bind()
+        if (bound is not None and x.dtype in self.dtypes and x.is_cpu and x.is_contiguous()
+                and (bias is None or bias.dtype is torch.float32)
+                and not torch.compiler.is_compiling()):
+            op, tensors, ints, scales, work = bound
+            threads = self.threads or max(  # as _threads
+                1, min(torch.get_num_threads(), work * (x.numel() // self.in_features) // 16384))
+            try:
+                return op(*tensors, x, bias, *ints, threads, *scales)
+            except RuntimeError:
+                pass  # the checked path says what is wrong
+        return self._checked_matmul(x, bias)
+
+    def _bind(self) -> tuple[object, ...] | None:
+        """The op's C++ entry (``OpOverload._op``: a Python frame less than the op), its
+        tensors and ints (:meth:`_operands`), scales and the work per input row
+        (:meth:`_threads`), kept until the buffers change; ``None`` without kernels, for an
+        empty layer, for buffers off the CPU or while ``torch.compile`` traces."""
+        if (kernels.load() is None or not self.in_features or torch.compiler.is_compiling()
+                or not all(t.is_cpu for t in self._buffers.values() if t is not None)):
+            return None
+        op, tensors, ints = self._operands()
+        bound = (op.default._op, tensors, ints, self.scale_args(),
+                 self._stored + self.out_features)
+        self.__dict__["_bound"] = bound
+        return bound
+
+    def _checked_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape  # read once: each read builds a torch.Size
         if not shape or shape[-1] != self.in_features:
             self.check_input(x)  # raises
@@ -259,7 +294,36 @@ class NativeFormat(Format):
         """The compiled product for a contiguous CPU ``x`` of one of :attr:`dtypes` and shape
         ``(..., in_features)`` (and a float32 ``bias``), of shape ``(..., out_features)`` in
         ``x``'s dtype; the op checks every size again."""
+        op, tensors, ints = self._operands()
+        return op(*tensors, x, bias, *ints, threads, *self.scale_args())
+
+    def _operands(self) -> Operands:
+        """The kernel op and its arguments around ``x``, ``bias`` and ``threads``
+        (:data:`Operands`)."""
         raise NotImplementedError
+
+    # The bound arguments hold the buffers: dropped whenever one may be replaced.
+    def _unbind(self) -> None:
+        self.__dict__.pop("_bound", None)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        self._unbind()
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None,
+                        persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        self._unbind()
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[no-untyped-def]
+        out = super()._apply(fn, recurse)
+        self._unbind()
+        return out
+
+    def __getstate__(self) -> dict[str, object]:
+        state = super().__getstate__()
+        state.pop("_bound", None)
+        return state
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear`` in float32 for a float32 ``x`` with the dense weight, rebuilt only

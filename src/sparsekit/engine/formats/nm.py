@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sparsekit.engine.formats.native import INT8_INPUTS, SCALES, NativeFormat
+from sparsekit.engine.formats.native import INT8_INPUTS, SCALES, NativeFormat, Operands
 
 __all__ = ["NM_PATTERNS", "PackedNM", "fitting_pattern"]
 
@@ -94,13 +94,10 @@ class PackedNM(NativeFormat):
             raise ValueError(f"nm_indices must name inputs within their group of {m} and "
                              f"below {cols}")
 
-    def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-        b = self._buffers  # direct: nn.Module.__getattr__ costs ~0.2 µs per buffer
-        ops = torch.ops.sparsekit
-        return (ops.nm_qlinear if self.quantizes_inputs else ops.nm_linear)(
-            b["nm_values"], b["nm_indices"], x, bias, self.n, self.m, self.in_features, threads,
-            *self.scale_args(),
-        )
+    def _operands(self) -> Operands:
+        b, ops = self._buffers, torch.ops.sparsekit
+        return (ops.nm_qlinear if self.quantizes_inputs else ops.nm_linear,
+                (b["nm_values"], b["nm_indices"]), (self.n, self.m, self.in_features))
 
     def stored_dense(self) -> torch.Tensor:
         width = self.nm_values.shape[1]
