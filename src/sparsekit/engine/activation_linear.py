@@ -54,6 +54,7 @@ from torch import nn
 
 from sparsekit._checks import check_int
 from sparsekit.engine import autotune, kernels
+from sparsekit.engine.bound import BoundArguments
 from sparsekit.engine.compiled_linear import CompiledLayer, dense_linear
 from sparsekit.quantize import attach_scales, attached_scales, dequantize_int8, quantize_int8
 
@@ -188,7 +189,7 @@ def _bitmap_weight(values: torch.Tensor, bitmap: torch.Tensor, out: int) -> torc
     return by_column.permute(1, 2, 0).reshape(blocks * words * 16, cols)[:out].contiguous()
 
 
-class ActivationSparseLinear(nn.Module):
+class ActivationSparseLinear(BoundArguments):
     """``y = sparsify_input(x, threshold) @ W.T + bias``, reading only the weights it needs.
 
     ``threshold`` is a scalar or one value per input feature (``in_features``). ``weight``
@@ -343,6 +344,17 @@ class ActivationSparseLinear(nn.Module):
                                              "single_copy": single}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bound = self.__dict__.get("_bound") or self._bind()
+        if (bound is not None and x.numel() == self.in_features and x.dtype is self.dtype
+                and x.is_cpu and x.is_contiguous() and x.dim()
+                and not torch.compiler.is_compiling()):  # a decode step: the op, directly
+            op, before, after, scales = bound
+            try:
+                y = op(*before, x.view(-1), *after, self.threads or torch.get_num_threads(),
+                       scales)
+                return y.view(*x.shape[:-1], self.out_features)
+            except RuntimeError:
+                pass  # the checks below say what is wrong
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"x must have shape (..., in_features={self.in_features}), got shape "
@@ -384,33 +396,39 @@ class ActivationSparseLinear(nn.Module):
                                    and not prefill._forward_pre_hooks
                                    and not prefill._forward_hooks)
 
-    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
-        """One row: only the weights of kept inputs are read.
+    def _operands(self) -> tuple[object, tuple[torch.Tensor, ...], tuple[object, ...]]:
+        """The kernel op, its tensors before ``x`` and its arguments between ``x`` and
+        ``threads`` (``scales`` comes last): ``op(*before, x, *after, threads, scales)``."""
+        op = getattr(torch.ops.sparsekit, self.kernel)
+        b = self._buffers
+        if self.kernel == "act_gemv":
+            return op, (b["weight_t"],), (b["threshold"], b["bias"])
+        index = ("row_indices", "colptr") if self.kernel == "act_sparse_gemv" else ("bitmap",
+                                                                                   "offsets")
+        return (op, (b["values"], *(b[n] for n in index)),
+                (b["threshold"], b["bias"], self.out_features, self.block))
 
-        The hot path of batch-1 decoding: no allocation or validation before the op.
-        """
+    def _bind(self) -> tuple[object, ...] | None:
+        """The op's C++ entry and its arguments but ``x`` and ``threads``
+        (:mod:`sparsekit.engine.bound`); ``None`` without kernels, for inputs the kernels do
+        not take, for buffers off the CPU or while ``torch.compile`` traces."""
+        if (not kernels.available() or self.dtype not in _KERNEL_DTYPES
+                or torch.compiler.is_compiling()
+                or not all(t.is_cpu for t in self._buffers.values() if t is not None)):
+            return None
+        op, before, after = self._operands()
+        bound = (op.default._op, before, after, self._buffers["scales"])
+        self.__dict__["_bound"] = bound
+        return bound
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """One row: only the weights of kept inputs are read (the checked way: a decode
+        step's input goes from :meth:`forward` to the bound op directly)."""
         if x.dtype is self.dtype and x.dtype in _KERNEL_DTYPES and x.is_cpu \
                 and kernels.available():
-            threads = self.threads or kernels.num_threads()
-            if self.kernel == "act_gemv":
-                return torch.ops.sparsekit.act_gemv(
-                    self.weight_t, x.contiguous(), self.threshold, self.bias, threads,
-                    self.scales,
-                )
-            if self.kernel == "act_bitmap_gemv":
-                return torch.ops.sparsekit.act_bitmap_gemv(
-                    self.values, self.bitmap, self.offsets, x.contiguous(), self.threshold,
-                    self.bias, self.out_features, self.block, threads, self.scales,
-                )
-            if self.kernel == "act_bitmap_qgemv":
-                return torch.ops.sparsekit.act_bitmap_qgemv(
-                    self.values, self.bitmap, self.offsets, x.contiguous(), self.threshold,
-                    self.bias, self.out_features, self.block, threads, self.scales,
-                )
-            return torch.ops.sparsekit.act_sparse_gemv(
-                self.values, self.row_indices, self.colptr, x.contiguous(), self.threshold,
-                self.bias, self.out_features, self.block, threads, self.scales,
-            )
+            op, before, after = self._operands()
+            return op(*before, x.contiguous(), *after, self.threads or kernels.num_threads(),
+                      self.scales)
         self._check_torch_input(x)
         if self.kernel == "act_bitmap_qgemv":
             return self._w8a8_gemv(x)

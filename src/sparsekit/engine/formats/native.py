@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from sparsekit._checks import check_int
 from sparsekit.engine import kernels
+from sparsekit.engine.bound import BoundArguments
 from sparsekit.engine.formats.base import Format, masked
 from sparsekit.quantize import dequantize_int8, quantize_int8
 
@@ -27,7 +28,7 @@ quantized to int8 (W8A8): a 0-d bool tensor holding ``True``, so that the mode t
 the ``state_dict``."""
 
 
-class NativeFormat(Format):
+class NativeFormat(BoundArguments, Format):
     """A CPU format multiplied by a compiled kernel over ``threads`` OpenMP threads.
 
     It holds weights of one of :attr:`dtypes` (float32; formats whose kernels also read
@@ -236,12 +237,12 @@ class NativeFormat(Format):
         token, ``(1, 1, in_features)``, needs no reshape before the op and none after.
 
         At batch 1 the Python around a kernel call counts, most of all cold, as in a decode
-        step, where each layer's weights have evicted the interpreter's lines since its last
-        call: an input the kernel takes as it is (of one of :attr:`dtypes`, contiguous, a
-        float32 or no ``bias``) goes straight to the op's C++ entry with the arguments bound
-        in :meth:`_bind`, which checks the rest itself. Anything else, and any input the op
-        rejects, takes the checked path: it converts what must be, or raises ``ValueError``
-        for any other shape (see :meth:`check_input`).
+        step (:mod:`sparsekit.engine.bound`): an input the kernel takes as it is (of one of
+        :attr:`dtypes`, contiguous, a float32 or no ``bias``) goes straight to the op's C++
+        entry with the arguments bound in :meth:`_bind`, and the op checks the rest itself.
+        Anything else, and any input the op rejects, takes the checked path: it converts
+        what must be, or raises ``ValueError`` for any other shape (see
+        :meth:`check_input`).
         """
         bound = self.__dict__.get("_bound") or self._bind()
         if (bound is not None and x.dtype in self.dtypes and x.is_cpu and x.is_contiguous()
@@ -301,29 +302,6 @@ class NativeFormat(Format):
         """The kernel op and its arguments around ``x``, ``bias`` and ``threads``
         (:data:`Operands`)."""
         raise NotImplementedError
-
-    # The bound arguments hold the buffers: dropped whenever one may be replaced.
-    def _unbind(self) -> None:
-        self.__dict__.pop("_bound", None)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        super().__setattr__(name, value)
-        self._unbind()
-
-    def register_buffer(self, name: str, tensor: torch.Tensor | None,
-                        persistent: bool = True) -> None:
-        super().register_buffer(name, tensor, persistent)
-        self._unbind()
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[no-untyped-def]
-        out = super()._apply(fn, recurse)
-        self._unbind()
-        return out
-
-    def __getstate__(self) -> dict[str, object]:
-        state = super().__getstate__()
-        state.pop("_bound", None)
-        return state
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear`` in float32 for a float32 ``x`` with the dense weight, rebuilt only

@@ -1,18 +1,21 @@
-"""NativeFormat.matmul's direct call: the op's C++ entry with its arguments bound once. It
+"""Bound kernel arguments (sparsekit.engine.bound): NativeFormat.matmul and
+ActivationSparseLinear's decode step call the op's C++ entry with arguments bound once. They
 must give the checked path's bits, follow the buffers wherever they are replaced, hand every
-input it does not take as it is to the checked path (which converts or raises), and stay
+input they do not take as it is to the checked path (which converts or raises), and stay
 out of torch.compile's way."""
 
 from __future__ import annotations
 
 import copy
 import pickle
+import re
 
 import pytest
 import torch
 from _kernels import needs_kernels
 
 from sparsekit.engine import CompiledLinear
+from sparsekit.engine.activation_linear import KERNELS, ActivationSparseLinear
 from sparsekit.engine.formats import FORMATS
 
 pytestmark = needs_kernels
@@ -148,4 +151,72 @@ def test_torch_compile_traces_a_layer_already_called_eagerly():
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), y)
     exported = torch.export.export(layer, (x,))
+    assert torch.equal(exported.module()(x), y)
+
+
+# -- ActivationSparseLinear: one input row -----------------------------------------------
+
+
+def _activation(kernel: str, dtype: torch.dtype = torch.float32, sign: float = 1.0):
+    linear = torch.nn.Linear(40, 24).to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(sign * _weight())
+    return ActivationSparseLinear.from_linear(
+        linear, 0.3, kernel=kernel,
+        value_dtype=torch.int8 if kernel == "act_bitmap_qgemv" else None)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(40,), (1, 40), (1, 1, 40)])
+def test_decode_step_gives_the_checked_gemvs_bits(kernel, dtype, shape):
+    layer = _activation(kernel, dtype)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = layer(x)
+    assert "_bound" in layer.__dict__
+    assert y.shape == (*shape[:-1], 24) and y.dtype == dtype
+    assert torch.equal(y, layer._gemv(x.reshape(-1)).view(y.shape))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_activation_binding_follows_replaced_buffers(kernel):
+    layer, other = _activation(kernel), _activation(kernel, sign=-1.0)  # the same nonzeros
+    x = torch.randn(1, 40)
+    layer(x)  # binds
+    old = dict(layer._buffers)
+    layer.load_state_dict(other.state_dict(), assign=True)
+    for t in old.values():
+        if t is not None:
+            t.zero_()
+    assert torch.equal(layer(x), other(x))
+    layer._apply(torch.clone)
+    assert torch.equal(layer(x), other(x))
+    assert "_bound" not in copy.deepcopy(layer).__dict__
+
+
+def test_activation_inputs_it_does_not_take_go_the_checked_way():
+    layer = _activation("act_bitmap_gemv")
+    checked = copy.deepcopy(layer)
+    checked._bind = lambda: None  # never binds: every call takes the checked way
+    layer(torch.randn(1, 40))  # binds
+    strided = torch.randn(40, 2).T[:1]
+    assert not strided.is_contiguous()
+    for x in (strided, torch.randn(1, 40, dtype=torch.float64), torch.randn(3, 40)):
+        assert torch.equal(layer(x), checked(x))
+    for bad in (torch.randn(1, 39), torch.tensor(1.0), torch.randn(1, 40, device="meta")):
+        with pytest.raises((ValueError, TypeError)) as raised:
+            checked(bad)
+        with pytest.raises(raised.type, match=re.escape(str(raised.value))):
+            layer(bad)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_activation_layer_called_eagerly_still_traces(kernel):
+    layer = _activation(kernel)
+    x = torch.randn(1, 40)
+    y = layer(x)  # binds
+    assert torch.equal(torch.compile(layer, fullgraph=True, backend="eager")(x), y)
+    exported = torch.export.export(layer, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert f"sparsekit.{kernel}.default" in targets, targets
     assert torch.equal(exported.module()(x), y)
