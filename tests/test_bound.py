@@ -148,6 +148,7 @@ def test_torch_compile_traces_a_layer_already_called_eagerly():
                                               "activation_dtype": torch.int8}), torch.randn(24))
     x = torch.randn(3, 40)
     y = layer(x)  # binds
+    torch._dynamo.reset()  # other tests' graphs of the same forward count to its recompile limit
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), y)
     exported = torch.export.export(layer, (x,))
@@ -215,6 +216,7 @@ def test_activation_layer_called_eagerly_still_traces(kernel):
     layer = _activation(kernel)
     x = torch.randn(1, 40)
     y = layer(x)  # binds
+    torch._dynamo.reset()  # other tests' graphs of the same forward count to its recompile limit
     assert torch.equal(torch.compile(layer, fullgraph=True, backend="eager")(x), y)
     exported = torch.export.export(layer, (x,))
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
