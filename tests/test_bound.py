@@ -204,7 +204,8 @@ def test_activation_inputs_it_does_not_take_go_the_checked_way():
     assert not strided.is_contiguous()
     for x in (strided, torch.randn(1, 40, dtype=torch.float64), torch.randn(3, 40)):
         assert torch.equal(layer(x), checked(x))
-    for bad in (torch.randn(1, 39), torch.tensor(1.0), torch.randn(1, 40, device="meta")):
+    for bad in (torch.randn(1, 39), torch.randn(40, 1), torch.randn(2, 20), torch.tensor(1.0),
+                torch.randn(1, 40, device="meta")):
         with pytest.raises((ValueError, TypeError)) as raised:
             checked(bad)
         with pytest.raises(raised.type, match=re.escape(str(raised.value))):

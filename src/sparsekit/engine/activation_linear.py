@@ -345,8 +345,8 @@ class ActivationSparseLinear(BoundArguments):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bound = self.__dict__.get("_bound") or self._bind()
-        if (bound is not None and x.numel() == self.in_features and x.dtype is self.dtype
-                and x.is_cpu and x.is_contiguous() and x.dim()
+        if (bound is not None and x.dim() and x.shape[-1] == self.in_features == x.numel()
+                and x.dtype is self.dtype and x.is_cpu and x.is_contiguous()
                 and not torch.compiler.is_compiling()):  # a decode step: the op, directly
             op, before, after, scales = bound
             try:
