@@ -153,7 +153,7 @@ def kernel_row(out: int, cols: int, value: str, pruned: float, threads: int, gb_
     from sparsekit.engine.activation_linear import ActivationSparseLinear
     from sparsekit.quantize import quantize_int8
 
-    value_op = importlib.import_module("kernels").value_op  # benchmarks/kernels.py
+    value_op = importlib.import_module("sparse_kernels").value_op
     g = torch.Generator().manual_seed(out + cols)
     w = torch.randn(out, cols, generator=g)
     w[torch.rand(out, cols, generator=g) < pruned] = 0

@@ -43,8 +43,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 sys.path.insert(0, str(Path(__file__).parent))
 from _report import checklist, conclude  # noqa: E402
 from _timing import time_ms  # noqa: E402
-from kernels import cpu_info  # noqa: E402
 from llm_pruning import SEQLEN, shakespeare, train_llama  # noqa: E402
+from sparse_kernels import cpu_info  # noqa: E402
 
 from sparsekit import attention, llm  # noqa: E402
 from sparsekit.attention import (  # noqa: E402

@@ -63,7 +63,7 @@ def _run(script: str, *args: str) -> None:
 
 
 def test_kernels_small_shape():
-    _run("kernels.py", "--quick", "--shapes", "128x256", "--budget", "0.02", "--wait", "0")
+    _run("sparse_kernels.py", "--quick", "--shapes", "128x256", "--budget", "0.02", "--wait", "0")
     data = json.loads((ROOT / "benchmarks" / "results" / "kernels_quick.json").read_text())
     patterns = {(r["pattern"], r["sparsity"]) for r in data["rows"]}
     assert {("unstructured", 0.9), ("2:4", 0.5), ("block16", 0.9), ("fanin", 0.9)} <= patterns
@@ -112,7 +112,7 @@ def test_llm_decode_small_shape(tmp_path):
 def test_kernels_value_rows_on_a_chosen_isa():
     out = ROOT / "benchmarks" / "results" / "kernels_values_scalar"
     try:
-        _run("kernels.py", "--tables", "values", "--shapes", "64x128", "--dtypes", "int8",
+        _run("sparse_kernels.py", "--tables", "values", "--shapes", "64x128", "--dtypes", "int8",
              "--isa", "scalar", "--budget", "0.01", "--wait", "0")
         data = json.loads(out.with_suffix(".json").read_text())
         assert data["env"]["asserted_isas"] == ["scalar"]
@@ -128,7 +128,7 @@ def test_kernels_value_rows_on_a_chosen_isa():
 
 
 def test_benchmarks_reject_an_isa_this_cpu_cannot_run():
-    for script in ("kernels.py", "sparse_linear_training.py"):
+    for script in ("sparse_kernels.py", "sparse_linear_training.py"):
         result = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / script), "--isa", "neon"],
             capture_output=True, text=True, timeout=900,
@@ -243,11 +243,11 @@ def test_kernels_w8a8_rows_fail_where_a_sparse_format_does_not_beat_torch_int8()
     """``--tables q`` can fail: a sparse W8A8 format at or below torch's dynamic int8 is a
     miss; dense W8A8 and the float-input modes are reported only."""
     code = """if True:
-        import kernels
+        import sparse_kernels
         row = {"shape": "8x8", "batch": 1, "quiet": True, "vs_torch_dynamic_int8": {
             "torch_dynamic_int8": 1.0, "dense int8 q": 0.9, "bitmap 50% int8 q": 1.0,
             "bitmap 50% int8 f32 FMA": 0.5, "2:4 nm int8 q": 1.2}}
-        misses = kernels.w8a8_misses([row])
+        misses = sparse_kernels.w8a8_misses([row])
         assert len(misses) == 1 and "bitmap 50% int8 q 1.00x" in misses[0], misses
     """
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",

@@ -14,11 +14,11 @@ scales, x and y) on the active ISA. Writes ``results/kernels.json`` and
 ``results/kernels.md`` (with the CPU model and the kernels' ISA) and exits non-zero when a
 target is missed.
 
-    python benchmarks/kernels.py                  # 4096x4096 and 11008x4096
-    python benchmarks/kernels.py --quick          # 1024x1024 only
-    python benchmarks/kernels.py --tables values --shapes 11008x4096   # value rows only
-    python benchmarks/kernels.py --tables values --isa avx2   # the AVX2 path, asserted
-    python benchmarks/kernels.py --tables q --shapes 11008x4096        # W8A8 rows only
+    python benchmarks/sparse_kernels.py                  # 4096x4096 and 11008x4096
+    python benchmarks/sparse_kernels.py --quick          # 1024x1024 only
+    python benchmarks/sparse_kernels.py --tables values --shapes 11008x4096   # value rows only
+    python benchmarks/sparse_kernels.py --tables values --isa avx2   # the AVX2 path, asserted
+    python benchmarks/sparse_kernels.py --tables q --shapes 11008x4096        # W8A8 rows only
 
 ``--isa`` times the value rows on the named instruction sets (``kernels.use_isa``; the
 linear table runs on the first; the results name them and their files end in the ISAs, then
