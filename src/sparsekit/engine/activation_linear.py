@@ -412,14 +412,10 @@ class ActivationSparseLinear(BoundArguments):
         """The op's C++ entry and its arguments but ``x`` and ``threads``
         (:mod:`sparsekit.engine.bound`); ``None`` without kernels, for inputs the kernels do
         not take, for buffers off the CPU or while ``torch.compile`` traces."""
-        if (not kernels.available() or self.dtype not in _KERNEL_DTYPES
-                or torch.compiler.is_compiling()
-                or not all(t.is_cpu for t in self._buffers.values() if t is not None)):
+        if not kernels.available() or self.dtype not in _KERNEL_DTYPES or not self._bindable():
             return None
         op, before, after = self._operands()
-        bound = (op.default._op, before, after, self._buffers["scales"])
-        self.__dict__["_bound"] = bound
-        return bound
+        return self._keep((op.default._op, before, after, self._buffers["scales"]))
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         """One row: only the weights of kept inputs are read (the checked way: a decode

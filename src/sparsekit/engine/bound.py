@@ -27,6 +27,17 @@ class BoundArguments(nn.Module):
     ``register_buffer``, ``load_state_dict(assign=True)``), and never copied or pickled.
     ``load_state_dict`` copies into the bound tensors, which therefore stay right."""
 
+    def _bindable(self) -> bool:
+        """Whether arguments may be bound now: the buffers are all on the CPU (where the
+        kernels run) and ``torch.compile`` is not tracing (it traces the checked path)."""
+        return not torch.compiler.is_compiling() and all(
+            t.is_cpu for t in self._buffers.values() if t is not None)
+
+    def _keep(self, bound: tuple[object, ...]) -> tuple[object, ...]:
+        """``bound``, kept as this module's bound arguments."""
+        self.__dict__["_bound"] = bound
+        return bound
+
     def _unbind(self) -> None:
         self.__dict__.pop("_bound", None)
 

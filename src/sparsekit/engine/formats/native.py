@@ -262,14 +262,11 @@ class NativeFormat(BoundArguments, Format):
         tensors and ints (:meth:`_operands`), scales and the work per input row
         (:meth:`_threads`), kept until the buffers change; ``None`` without kernels, for an
         empty layer, for buffers off the CPU or while ``torch.compile`` traces."""
-        if (kernels.load() is None or not self.in_features or torch.compiler.is_compiling()
-                or not all(t.is_cpu for t in self._buffers.values() if t is not None)):
+        if kernels.load() is None or not self.in_features or not self._bindable():
             return None
         op, tensors, ints = self._operands()
-        bound = (op.default._op, tensors, ints, self.scale_args(),
-                 self._stored + self.out_features)
-        self.__dict__["_bound"] = bound
-        return bound
+        return self._keep((op.default._op, tensors, ints, self.scale_args(),
+                           self._stored + self.out_features))
 
     def _checked_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape  # read once: each read builds a torch.Size
