@@ -577,6 +577,35 @@ def test_the_prompt_path_keeps_no_scratch_where_its_input_could_be_kept():
 
 
 @needs_kernels
+@pytest.mark.parametrize("register", [nn.modules.module.register_module_forward_pre_hook,
+                                      nn.modules.module.register_module_forward_hook])
+def test_the_prompt_path_keeps_no_scratch_under_a_global_hook(register):
+    """A global module hook (a profiler, an activation logger) fires on the compiled prefill
+    too and may keep the thresholded rows it is given: while one is registered, each call
+    thresholds into a fresh tensor, so what it kept is never overwritten by the next call."""
+    linear = _pruned(70, 30)
+    threshold = torch.rand(30, generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(12)
+    xs = [torch.randn(5, 30, generator=g) for _ in range(2)]
+    compiled = CompiledLinear.from_linear(linear, "dense")
+    layer = ActivationSparseLinear.from_linear(linear, threshold, prefill=compiled)
+    kept: list[torch.Tensor] = []
+    handle = register(lambda module, args, *_: kept.append(args[0])
+                      if module is compiled else None)
+    try:
+        assert not layer._product_only_reads()
+        with torch.no_grad():
+            for x in xs:
+                layer(x)
+    finally:
+        handle.remove()
+    assert len(kept) == len(xs)
+    for x, seen in zip(xs, kept, strict=True):
+        assert torch.equal(seen, sparsify_input(x, threshold))
+    assert layer._product_only_reads()
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_prompt_path_thresholds_in_one_kernel_call(dtype, monkeypatch):
     from sparsekit.engine import activation_linear

@@ -51,6 +51,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from sparsekit._checks import check_int
 from sparsekit.engine import autotune, kernels
@@ -389,12 +390,16 @@ class ActivationSparseLinear(BoundArguments):
     def _product_only_reads(self) -> bool:
         """Whether the product after the thresholding only reads its input, so that the
         thresholded rows may live in the thread's scratch buffer: this layer's own product, or
-        a compiled ``prefill`` without forward hooks. Any other module, or a hook, could keep
-        the input (a captured activation), which the next call would then overwrite."""
+        a compiled ``prefill`` without forward hooks, its own or global ones
+        (``register_module_forward_hook``, ``register_module_forward_pre_hook``). Any other
+        module, or a hook, could keep the input (a captured activation), which the next call
+        would then overwrite."""
         prefill = self.prefill
         return prefill is None or (isinstance(prefill, CompiledLayer)
                                    and not prefill._forward_pre_hooks
-                                   and not prefill._forward_hooks)
+                                   and not prefill._forward_hooks
+                                   and not module_hooks._global_forward_pre_hooks
+                                   and not module_hooks._global_forward_hooks)
 
     def _operands(self) -> tuple[object, tuple[torch.Tensor, ...], tuple[object, ...]]:
         """The kernel op, its tensors before ``x`` and its arguments between ``x`` and
