@@ -140,6 +140,12 @@ class QuietGuard:
         return True
 
 
+def timing(cold: bool) -> str:
+    """How the results' times were taken (``--cold`` or not), for their reports."""
+    return ("the best single call after evicting the caches (1 GiB read), kernels taking turns"
+            if cold else "the best ~20 ms block (warm caches), kernels interleaved")
+
+
 def time_one(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -501,11 +507,9 @@ def write_w8a8(rows: list[dict], cpu: str, isa: list[str], cold: bool = False,
     name = "kernels_q" + ("_cold" if cold else "") + (f"_{suffix}" if suffix else "")
     (RESULTS / f"{name}.json").write_text(
         json.dumps({"env": env, "rows": rows, "misses": misses}, indent=2) + "\n")
-    timing = ("best single call after evicting the caches (1 GiB read), kernels taking turns"
-              if cold else "best ~20 ms block, kernels interleaved")
     md = [f"# W8A8 kernels ({cpu}; kernels on {env['kernels_isa']}, {env['threads']} threads)",
           "", "int8 weights times fp32 inputs (f32 FMA) and times inputs quantized per row to "
-          f"int8 (q, integer dot products); {timing}.", "",
+          f"int8 (q, integer dot products); times are {timing(cold)}.", "",
           Q_HEADER, "|" + "---|" * (Q_HEADER.count(" | ") + 1), *map(q_lines, rows), "",
           *(f"- {m}" for m in misses or ["every sparse W8A8 format beats torch's dynamic int8"])]
     (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
@@ -682,17 +686,13 @@ def measure(
         json.dumps({"env": env, "rows": rows, "value_rows": value_rows, "goals": goals,
                     "misses": misses}, indent=2) + "\n"
     )
-    timing = (
-        "Times are the best single call after evicting the caches."
-        if args.cold
-        else "Times are the best ~20 ms block (warm caches), formats interleaved."
-    )
     md = [
         f"# Sparse linear kernels ({name})",
         "",
         f"{cpu} ({' '.join(isa) or 'no AVX2'}; kernels on {env['kernels_isa']}), "
         f"torch {env['torch']}, {env['threads']} threads, stream bandwidth "
-        f"{env['bandwidth_gbs']} GB/s. {timing} × is speedup over dense `F.linear`; "
+        f"{env['bandwidth_gbs']} GB/s. Times are {timing(args.cold)}. × is speedup over dense "
+        "`F.linear`; "
         "chosen is the format `sparsekit.compile` picks for that batch size (timed warm), "
         "floor its bytes over the bandwidth; 'chosen × masked' compares it with "
         "`F.linear` on the masked weight, which is what the pruned model runs before `compile` "
