@@ -8,7 +8,7 @@ from torch import nn
 
 from sparsekit import moe
 from sparsekit.moe.ffn import find_ffns, set_activation
-from sparsekit.moe.relufication import distillation_loss
+from sparsekit.moe.distillation import distillation_loss
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,11 +13,13 @@ against; :func:`head_predictors` trains and measures Deja Vu's per-token predict
 attention heads, and :func:`route_heads` executes them: a copy whose
 :class:`RoutedAttention` decode steps compute only the predicted heads. :func:`relufy`
 prepares a GELU or SiLU model for all of them: a copy with ReLU FFNs, distilled from the
-original, whose left-out neurons are mostly exactly zero.
+original, whose left-out neurons are mostly exactly zero; :func:`distil` recovers what the
+routing loses, fine-tuning a routed copy with its routing in place.
 """
 
 from sparsekit.moe.cluster import balanced_kmeans
 from sparsekit.moe.contextual import contextual
+from sparsekit.moe.distillation import distil
 from sparsekit.moe.evaluate import evaluate
 from sparsekit.moe.heads import head_predictors
 from sparsekit.moe.lowrank import LowRankRouter
@@ -28,5 +30,5 @@ from sparsekit.moe.routed_attention import RoutedAttention, route_heads
 from sparsekit.moe.router import Router
 
 __all__ = ["LowRankRouter", "RoutedAttention", "RoutedFFN", "Router", "balanced_kmeans",
-           "contextual", "evaluate", "head_predictors", "moefy", "relufy", "route_heads",
+           "contextual", "distil", "evaluate", "head_predictors", "moefy", "relufy", "route_heads",
            "set_keep", "set_oracle", "unit_mass"]

@@ -85,11 +85,24 @@ class RoutedFFN(nn.Module):
         h = self._one(rows[0]) if rows.shape[0] == 1 else self._many(rows)
         return self.w_out(h).view(*x.shape[:-1], self.out_features)
 
-    def chosen(self, x: torch.Tensor) -> torch.Tensor:
+    def chosen(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """The units chosen for rows ``x`` (T, d): a (T, k) index tensor; the router's
-        choice, or with :attr:`oracle` set, the ``k`` of largest :meth:`mass`."""
-        scores = self.mass(x) if self.oracle else self.router(x)
+        choice, or with :attr:`oracle` set, the ``k`` of largest :meth:`mass` (read from
+        the rows' neuron values ``h`` (T, n) where the caller has them already)."""
+        if not self.oracle:
+            scores = self.router(x)
+        elif h is None:
+            scores = self.mass(x)
+        else:
+            scores = unit_mass(h.float(), self.norms, self.hot, self.unit_size)
         return scores.topk(self.k, dim=-1).indices
+
+    def neuron_mask(self, units: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(T, n)`` of ``dtype``: 1 for the hot neurons and those of the chosen ``units``
+        (T, k) of each row, 0 elsewhere."""
+        chosen = torch.zeros(units.shape[0], self.units, dtype=dtype, device=units.device)
+        chosen.scatter_(1, units, 1.0)
+        return F.pad(chosen.repeat_interleave(self.unit_size, dim=1), (self.hot, 0), value=1.0)
 
     def mass(self, x: torch.Tensor) -> torch.Tensor:
         """Each routed unit's activation mass for rows ``x`` (..., d): (..., units), the
@@ -128,8 +141,7 @@ class RoutedFFN(nn.Module):
         """Neuron values for rows ``x`` (T, d), zero where a row did not choose them."""
         h = self.hidden(x)
         if self.units and self.k < self.units:
-            mask = h.new_zeros(x.shape[0], self.units).scatter_(1, self.chosen(x), 1.0)
-            h[:, self.hot:] *= mask.repeat_interleave(self.unit_size, dim=1)
+            h *= self.neuron_mask(self.chosen(x, h), h.dtype)
         return h
 
     def extra_repr(self) -> str:
@@ -158,7 +170,7 @@ def set_oracle(model: nn.Module, oracle: bool = True) -> nn.Module:
     ``oracle=False``, by the router again. Returns ``model``."""
     if not isinstance(oracle, bool):
         raise TypeError(f"oracle must be a bool, got {type(oracle).__name__}")
-    layers = _routed(model)
+    layers = routed_layers(model)
     for m in layers:
         m.oracle = oracle
     return model
@@ -169,7 +181,7 @@ def set_keep(model: nn.Module, keep: float) -> nn.Module:
     token, hot neurons included: ``k = round((keep * n - hot) / unit_size)``, at least 1.
     Returns ``model``; ``ValueError`` when ``keep`` is below a layer's hot share."""
     check_fraction("keep", keep, zero=False, one=True)
-    layers = _routed(model)
+    layers = routed_layers(model)
     ks = [_units_for(m, keep) for m in layers]
     for m, k in zip(layers, ks, strict=True):
         m.k = k
@@ -183,7 +195,7 @@ def _units_for(layer: RoutedFFN, keep: float) -> int:
     return min(layer.units, max(1, math.floor((keep * n - layer.hot) / layer.unit_size + 0.5)))
 
 
-def _routed(model: nn.Module) -> list[RoutedFFN]:
+def routed_layers(model: nn.Module) -> list[RoutedFFN]:
     layers = [m for m in model.modules() if isinstance(m, RoutedFFN)]
     if not layers:
         raise ValueError("model has no RoutedFFN modules (build them with moefy or contextual)")

@@ -1,0 +1,211 @@
+"""Distillation: fine-tune a model to reproduce another's outputs, and MoEfication's
+recovery step.
+
+:func:`distillation_loss` and :func:`fit_outputs` are the training shared by
+:func:`~sparsekit.moe.relufy` (a ReLU copy distilled back to the original) and
+:func:`distil`. A MoEfied model (:func:`~sparsekit.moe.moefy`,
+:func:`~sparsekit.moe.contextual`) was built without training: its experts and routers
+were fitted to the dense model's activations, and every token then loses the neurons its
+router left out. :func:`distil` fine-tunes the copy *with its routing in place* (the
+experts' weights and everything around them learn to make up for the neurons each token
+does not run, as LLaMA-MoE's continual training after its split), the routers frozen: on
+the ReLU-fied all-MiniLM-L6-v2 at 30 % of the FFN kept, 200 steps took the sentence
+embeddings' cosine to the original model from 0.941 to 0.951 (2 threads, 55 s).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit._checks import ArgumentTypeError, check_int, model_errors
+from sparsekit.moe.ffn import activate
+from sparsekit.moe.routed import RoutedFFN, routed_layers
+from sparsekit.observe import batches, preserved, watch
+
+__all__ = ["distil", "distillation_loss", "fit_outputs", "training_inputs"]
+
+_WARMUP = 0.1  # fraction of the steps over which the learning rate rises to ``lr``
+_L1_RAMP = 0.5  # fraction of the steps over which the L1 coefficient rises to ``l1``
+
+
+def distil(
+    model: nn.Module,
+    teacher: nn.Module,
+    data: Any,
+    *,
+    steps: int = 200,
+    lr: float = 2e-4,
+    seed: int = 0,
+) -> nn.Module:
+    """A copy of the routed ``model`` fine-tuned, with its routing in place, to reproduce
+    ``teacher``'s outputs (:func:`distillation_loss`).
+
+    ``model`` holds :class:`~sparsekit.moe.RoutedFFN` modules (from
+    :func:`~sparsekit.moe.moefy` or :func:`~sparsekit.moe.contextual`); ``teacher`` is
+    the model it should behave like (the original dense model, not the ReLU-fied one it
+    was built from, so that the copy makes up for both changes). Each step runs the copy
+    as it will run: every token computes only the hot neurons and the units its router
+    chooses (the choice takes no gradient: routers stay as they are), and the gradient
+    reaches the weights of the neurons it ran and every other trainable parameter.
+    Training as in :func:`fit_outputs`: ``steps`` AdamW steps at ``lr``, one batch of
+    ``data`` (model inputs, as for :func:`~sparsekit.moe.relufy`; keep the evaluation text
+    out of it) per step, shuffled with ``seed``. With :func:`~sparsekit.moe.set_oracle` on,
+    the copy trains under the true-mass choice. ``model`` is left untouched; the copy keeps
+    its routers, layouts, ``k`` and oracle setting, and comes back in ``model``'s modes.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+    check_int("steps", steps, minimum=1)
+    inputs = training_inputs(data, lr, seed)
+    routed_layers(model)  # raises without RoutedFFN modules
+    student = copy.deepcopy(model)
+    names = [n for n, m in student.named_modules() if isinstance(m, RoutedFFN)]
+    trainable = {n: _Trainable(student.get_submodule(n)) for n in names}
+    for name, module in trainable.items():
+        student.set_submodule(name, module)
+    fit_outputs(student, teacher, inputs, steps=steps, lr=lr, seed=seed)
+    for name, module in trainable.items():
+        student.set_submodule(name, module.routed())
+    return student
+
+
+class _Trainable(nn.Module):
+    """A :class:`RoutedFFN`'s computation with its writer and reader weights as
+    parameters: every row computes every neuron and keeps the hot ones and those of its
+    chosen units (the routed layer's multi-row path, differentiable); :meth:`routed`
+    builds the routed layer back with the trained weights."""
+
+    def __init__(self, layer: RoutedFFN) -> None:
+        super().__init__()
+        self.__dict__["layer"] = layer  # not a submodule: its router is not trained
+        weight = layer.w_in.dtype
+        self.w_in = nn.Parameter(layer.w_in.clone())
+        self.b_in = None if layer.b_in is None else nn.Parameter(layer.b_in.clone())
+        self.w_out = nn.Parameter(layer.w_out.to_dense().to(weight))
+        bias = layer.w_out.bias
+        self.b_out = None if bias is None else nn.Parameter(bias.to(weight).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        rows = x.reshape(-1, layer.in_features)
+        z = F.linear(rows, self.w_in.flatten(0, 1),
+                     None if self.b_in is None else self.b_in.flatten())
+        h = activate(layer.act, z.view(rows.shape[0], -1, layer.writers))
+        if layer.units and layer.k < layer.units:
+            with torch.no_grad():
+                if layer.oracle:  # the true mass reads the reader's current column norms
+                    layer.norms.copy_(torch.linalg.vector_norm(self.w_out.float(), dim=0))
+                mask = layer.neuron_mask(layer.chosen(rows, h), h.dtype)
+            h = h * mask
+        return F.linear(h, self.w_out, self.b_out).view(*x.shape[:-1], layer.out_features)
+
+    def routed(self) -> RoutedFFN:
+        """The routed layer with the trained weights (in the original neuron order, which
+        the layer stores permuted again)."""
+        layer = self.layer
+        original = layer.order.argsort()
+        with torch.no_grad():
+            out = RoutedFFN(
+                self.w_in[original], None if self.b_in is None else self.b_in[original],
+                self.w_out[:, original], self.b_out, layer.act, order=layer.order,
+                hot=layer.hot, unit_size=layer.unit_size, router=layer.router, k=layer.k)
+        out.oracle = layer.oracle
+        return out.train(layer.training)
+
+
+def training_inputs(data: Any, lr: Any, seed: Any) -> list[Any]:
+    """The non-empty batches of ``data`` (a tensor of model inputs or a list of them), after
+    checking the learning rate ``lr`` (a positive finite float) and ``seed``."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise ArgumentTypeError(f"lr must be a positive finite float, got {lr!r}")
+    if not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a positive finite float, got {lr!r}")
+    check_int("seed", seed)
+    if data is None:
+        raise ValueError("data must be a tensor of inputs or a list of them, got None")
+    inputs = [x for x, _ in batches(data) if not (isinstance(x, torch.Tensor) and x.numel() == 0)]
+    if not inputs:
+        raise ValueError("data holds no (non-empty) batches; pass a tensor of inputs or a "
+                         "list of them")
+    return inputs
+
+
+def distillation_loss(output: Any, target: Any) -> torch.Tensor:
+    """How far a model's ``output`` is from the original model's ``target`` (both what the
+    models returned for the same inputs).
+
+    With ``logits`` (a causal LM's next-token distributions, a masked LM's token
+    distributions): the KL divergence ``KL(target || output)`` per token. Otherwise the
+    final hidden states (``last_hidden_state``, or the output itself when it is a tensor),
+    what a sentence embedding is pooled from: their squared error relative to the target's
+    squared norm.
+    """
+    logits = getattr(target, "logits", None)
+    if logits is not None:
+        return F.kl_div(output.logits.flatten(0, -2).float().log_softmax(-1),
+                        logits.flatten(0, -2).float().log_softmax(-1),
+                        log_target=True, reduction="batchmean")
+    hidden, reference = _hidden(output).float(), _hidden(target).float()
+    return (hidden - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12)
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    hidden = output if isinstance(output, torch.Tensor) else getattr(
+        output, "last_hidden_state", None)
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError("model: its outputs carry neither logits nor last_hidden_state, got "
+                        f"{type(output).__name__}")
+    return hidden
+
+
+def fit_outputs(student: nn.Module, teacher: nn.Module, inputs: list[Any], *, steps: int,
+                lr: float, seed: int, l1: float = 0.0,
+                acts: Sequence[nn.Module] = ()) -> None:
+    """Fine-tune ``student``'s trainable parameters in place on :func:`distillation_loss`
+    against ``teacher``: ``steps`` AdamW steps at ``lr`` (warmed up over the first tenth,
+    then cosine-decayed, gradients clipped to norm 1), one of the ``inputs`` per step in an
+    order shuffled with ``seed`` on every pass, both models in eval mode; plus ``l1``
+    (ramped, see :func:`~sparsekit.moe.relufy`) times the mean output of the modules
+    ``acts``."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, round(_WARMUP * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(
+        (i + 1) / warmup, 0.5 * (1 + math.cos(math.pi * i / steps))))
+    device = next(student.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    means: list[torch.Tensor] = []
+    ramp = max(1, round(_L1_RAMP * steps))
+    watched = {str(j): a for j, a in enumerate(acts)} if l1 else {}
+    with preserved(teacher, student, train=False, buffers=False), watch(
+            watched, lambda _name, _x, out: means.append(out.mean())):
+        for i in range(steps):
+            if not order:
+                order = torch.randperm(len(inputs), generator=generator).tolist()
+            x = inputs[order.pop()]
+            x = x.to(device) if isinstance(x, torch.Tensor) else x
+            with model_errors("data", "the model cannot run on its inputs"):
+                with torch.no_grad():
+                    target = teacher(x)
+                means.clear()
+                loss = distillation_loss(student(x), target)
+            if means:
+                coefficient = l1 * math.sin(0.5 * math.pi * min(1.0, (i + 1) / ramp))
+                loss = loss + coefficient * torch.stack(means).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+
