@@ -18,11 +18,14 @@ batch-1 decode speed at matched quality against TEAL.
     model on sentences the evaluation never sees) and ``moe.moefy`` on the result, its
     cosine measured against the ORIGINAL dense GELU model, beside the ReLU-fied dense
     model's own cosine (what the swap costs) and its fraction of exactly-zero FFN
-    activations per layer. ``RELUFY_L1`` (1) is ``moe.relufy``'s ProSparse activation
-    penalty (on MiniLM it makes 83 % of the activations zero instead of 78 % at dense cosine
-    0.978 instead of 0.982). MiniLM's experts have 4 neurons (``MINILM_EXPERT_SIZE``: with 16
-    even the ground truth stays at 0.87 at 30 % kept), its routers are ``moe.LowRankRouter``
-    (``MINILM_ROUTER``) and everything is calibrated on sentences like the evaluated ones.
+    activations per layer; and each of those routed copies fine-tuned with its routing in
+    place against the original model (``moe.distil``, ``DISTIL_STEPS`` steps; LLaMA-MoE
+    trains its split model further too). ``RELUFY_L1`` (1) is ``moe.relufy``'s ProSparse
+    activation penalty (on MiniLM it makes 83 % of the activations zero instead of 78 % at
+    dense cosine 0.978 instead of 0.982). MiniLM's experts have 4 neurons
+    (``MINILM_EXPERT_SIZE``: with 16 even the ground truth stays at 0.87 at 30 % kept), its
+    routers are ``moe.LowRankRouter`` (``MINILM_ROUTER``) and everything is calibrated on
+    sentences like the evaluated ones.
     ``--minilm-only`` runs this section alone and writes
     moefication_minilm{,_mid,_quick}.{json,md}. ``--expert-size`` sets the neurons per moefy
     expert in every section.
@@ -62,6 +65,7 @@ import copy
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,19 +110,31 @@ def teal(model: torch.nn.Module, calibration, keep: float) -> activation.Activat
 
 KINDS = ("moefy", "contextual", "powerinfer", "teal")
 ORACLE = "moefy oracle"  # moefy's experts chosen by their true activation mass (moe.set_oracle)
+DISTILLED = "moefy distilled"  # moefy's routed copy fine-tuned with its routing (moe.distil)
 RELUFIED = "relufied "  # prefixes the methods run on moe.relufy's copy of MiniLM
-METHODS = (KINDS[0], ORACLE, RELUFIED + KINDS[0], RELUFIED + ORACLE, *KINDS[1:])  # table order
+METHODS = (KINDS[0], ORACLE, RELUFIED + KINDS[0], RELUFIED + ORACLE, RELUFIED + DISTILLED,
+           *KINDS[1:])  # table order
 RELUFY_STEPS = 200  # AdamW steps of moe.relufy on MiniLM (--mid: 100, --quick: 20)
 RELUFY_LR = 2e-4
 RELUFY_L1 = 1.0  # moe.relufy's activation-sparsity penalty (ProSparse): 83 % zeros, not 78 %
 RELUFY_BATCH = 32  # sentences per step
+DISTIL_STEPS = 400  # AdamW steps of moe.distil on the ReLU-fied MiniLM (--mid: 200, --quick: 20)
+DISTIL_LR = 2e-4
 
 
 def sweep(model, calibration, score, probe, keeps, steps, kinds,
-          expert_size: int = EXPERT_SIZE, router: str = ROUTER) -> list[dict]:
+          expert_size: int = EXPERT_SIZE, router: str = ROUTER,
+          distil: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> list[dict]:
     """One row per (method, keep): ``score(model)`` and, for routed models, the router's
-    quality on ``probe``; after each moefy row, the same experts chosen by the oracle."""
+    quality on ``probe``; after each moefy row, the same experts chosen by the oracle, and
+    with ``distil``, the routed copy it fine-tunes (:data:`DISTILLED`)."""
     rows = []
+
+    def measure(variant: torch.nn.Module) -> tuple[float, dict[str, float]]:
+        layers = moe.evaluate(variant, probe).values()
+        return score(variant), {k: sum(q[k] for q in layers) / len(layers)
+                                for k in ("recall", "error", "oracle_error")}
+
     for kind in kinds:
         for keep in keeps:
             start = time.perf_counter()
@@ -130,10 +146,7 @@ def sweep(model, calibration, score, probe, keeps, steps, kinds,
                     act.remove()
             else:
                 variant = routed(kind, model, calibration, keep, steps, expert_size, router)
-                value = score(variant)
-                layers = moe.evaluate(variant, probe).values()
-                quality = {k: sum(q[k] for q in layers) / len(layers)
-                           for k in ("recall", "error", "oracle_error")}
+                value, quality = measure(variant)
             rows.append({"method": kind, "keep": keep, "score": value, **quality,
                          "seconds": time.perf_counter() - start})
             extra = "".join(f" {k} {v:.3f}" for k, v in quality.items())
@@ -142,6 +155,13 @@ def sweep(model, calibration, score, probe, keeps, steps, kinds,
                 value = score(moe.set_oracle(variant))
                 rows.append({"method": ORACLE, "keep": keep, "score": value})
                 print(f"  {ORACLE} keep {keep:.0%}: {value:.4f}", flush=True)
+                if distil is not None:
+                    start = time.perf_counter()
+                    value, quality = measure(distil(moe.set_oracle(variant, False)))
+                    rows.append({"method": DISTILLED, "keep": keep, "score": value, **quality,
+                                 "seconds": time.perf_counter() - start})
+                    print(f"  {DISTILLED} keep {keep:.0%}: {value:.4f} recall "
+                          f"{quality['recall']:.3f}", flush=True)
     return rows
 
 
@@ -226,8 +246,11 @@ def minilm_section(quick: bool, mid: bool, kinds: tuple[str, ...],
         print(f"  relufied dense ({steps} steps, l1 {RELUFY_L1:g}): {relufied['cosine']:.4f} "
               f"(the swap alone {relufied['swap_only']:.4f}); FFN activations exactly zero "
               f"per layer: {' '.join(f'{z:.1%}' for z in relufied['zeros'])}", flush=True)
+        relufied["distil_steps"] = distil_steps = 20 if quick else 200 if mid else DISTIL_STEPS
+        relufied["distil_lr"] = DISTIL_LR
         for r in sweep(relu, calibration, cosine, probe, keeps(quick, mid), router_steps,
-                       ("moefy",), expert_size, MINILM_ROUTER):
+                       ("moefy",), expert_size, MINILM_ROUTER,
+                       lambda v: moe.distil(v, dense, data, steps=distil_steps, lr=DISTIL_LR)):
             rows.append({**r, "method": RELUFIED + r["method"]})
     for r in rows:
         r["cosine"] = r["performance"] = r.pop("score")
@@ -427,8 +450,9 @@ def checks(llama: dict | None, minilm: dict | None, decode: dict | None
         if section is None or (prefix and not section.get("relufied")):
             continue
         best, oracle = (max((r["performance"] for r in section["rows"]
-                             if r["method"] == prefix + m and r["keep"] <= 0.3), default=0.0)
-                        for m in ("moefy", ORACLE))
+                             if r["method"] in {prefix + m for m in methods}
+                             and r["keep"] <= 0.3), default=0.0)
+                        for methods in (("moefy", DISTILLED), (ORACLE,)))
         against = ("of the original GELU model's performance (ReLU-fied dense "
                    f"{section['relufied']['cosine']:.1%}; " if prefix else
                    "of dense performance (")
@@ -479,7 +503,11 @@ def minilm_markdown(minilm: dict) -> list[str]:
             "scored against the ORIGINAL dense GELU model. The ReLU-fied dense model itself: "
             f"cosine {relufied['cosine']:.3f} (the swap alone, not fine-tuned: "
             f"{relufied['swap_only']:.3f}); its FFN activations exactly zero per layer on the "
-            f"evaluated sentences: {', '.join(f'{z:.1%}' for z in relufied['zeros'])}.")
+            f"evaluated sentences: {', '.join(f'{z:.1%}' for z in relufied['zeros'])}. "
+            f"{RELUFIED}{DISTILLED}: each {RELUFIED}moefy copy fine-tuned with its routing in "
+            f"place (moe.distil, {relufied['distil_steps']} AdamW steps at lr "
+            f"{relufied['distil_lr']:g}, distilling the ORIGINAL GELU model's final hidden "
+            "states on the same sentences as moe.relufy; routers unchanged).")
     return lines + ["", *table(minilm["rows"], "cosine"), ""]
 
 
