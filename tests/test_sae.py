@@ -97,6 +97,31 @@ def test_decoder_rows_stay_unit_norm_and_steps_keep_them_there():
     assert float((sae.W_dec.grad * sae.W_dec.detach()).sum(-1).abs().max()) < 1e-5
 
 
+def test_init_norm_sets_the_decoder_rows_and_the_encoder_is_their_transpose():
+    sae = SAE(32, 64, "topk", k=3, normalize_decoder=False, init_norm=0.1)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.full((64,), 0.1))
+    assert torch.equal(sae.W_enc, sae.W_dec.t())
+    unit = SAE(32, 64, "topk", k=3)  # same seed: the same directions
+    torch.testing.assert_close(sae.W_dec * 10, unit.W_dec)
+
+
+def test_gradients_are_clipped_to_clip_grad_norm_before_each_step():
+    x, _ = planted(rows=256)
+    moved = {}
+    for clip in (None, 0.01):
+        sae = SAE(32, 64, "topk", k=3, normalize_decoder=False)
+        before = [p.detach().clone() for p in sae.parameters()]
+        sgd = torch.optim.SGD(sae.parameters(), lr=1.0)  # the step is the gradient itself
+        train(sae, x, steps=1, batch_size=256, optimizer=sgd, clip_grad_norm=clip)
+        moved[clip] = float(torch.stack([(p.detach() - b).norm() for p, b in zip(
+            sae.parameters(), before, strict=True)]).norm())
+    assert moved[None] > 0.1
+    assert moved[0.01] == pytest.approx(0.01, rel=1e-4)
+    with pytest.raises(ValueError, match="clip_grad_norm must be a positive finite float or "
+                                         "None, got 0"):
+        train(SAE(32, 64), x, steps=1, clip_grad_norm=0)
+
+
 def test_dead_latents_are_counted_in_tokens_and_aux_loss_recruits_them():
     x, _ = planted(rows=1024)
     sae = SAE(32, 64, "topk", k=3)
@@ -151,6 +176,7 @@ def test_jumprelu_threshold_learns_through_the_straight_through_estimator():
     ({"matryoshka": (16, 32)}, "matryoshka must be increasing .* ending at n_latents=64"),
     ({"matryoshka": (32, 16, 64)}, "matryoshka"),
     ({"activation": "jumprelu", "threshold": -1.0}, "threshold must be a positive"),
+    ({"init_norm": 0.0}, "init_norm must be a positive finite float, got 0.0"),
 ])
 def test_bad_arguments_name_the_parameter(kwargs, match):
     with pytest.raises(ValueError, match=match):

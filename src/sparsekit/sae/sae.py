@@ -64,9 +64,14 @@ class SAE(nn.Module):
             learn the coarse features (Bussmann et al. 2025; Nabeshima 2024).
         normalize_decoder: keep every row of ``W_dec`` at unit norm (training projects the
             parallel part out of its gradient and renormalises after every step).
+        init_norm: the norm of every row of ``W_dec`` at initialisation. An unconstrained
+            decoder (``normalize_decoder=False``) learns better from small rows: 0.1 is
+            Anthropic's heuristic (Conerly et al. 2024) and SAELens's default; with
+            ``normalize_decoder`` training starts from unit rows whatever this is.
         threshold: JumpReLU's initial threshold (learned as its log).
         bandwidth: JumpReLU's straight-through kernel width.
-        seed: seed of the initial weights (``W_enc = W_decᵀ``, random unit rows).
+        seed: seed of the initial weights (random rows of ``W_dec`` of norm
+            ``init_norm``, ``W_enc = W_decᵀ`` for an autoencoder).
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class SAE(nn.Module):
         transcoder: bool = False,
         matryoshka: Sequence[int] | None = None,
         normalize_decoder: bool = True,
+        init_norm: float = 1.0,
         threshold: float = 1e-3,
         bandwidth: float = 1e-3,
         seed: int = 0,
@@ -98,7 +104,8 @@ class SAE(nn.Module):
         d_out = d_in if d_out is None else d_out
         check_int("d_out", d_out, minimum=1)
         prefixes = self._check_matryoshka(matryoshka, n_latents)
-        for name, value in (("threshold", threshold), ("bandwidth", bandwidth)):
+        for name, value in (("threshold", threshold), ("bandwidth", bandwidth),
+                            ("init_norm", init_norm)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not value > 0 or math.isinf(value):
                 raise ValueError(f"{name} must be a positive finite float, got {value!r}")
@@ -113,7 +120,7 @@ class SAE(nn.Module):
         factory = {"dtype": dtype, "device": device}
         generator = torch.Generator().manual_seed(seed)
         w_dec = torch.randn(n_latents, d_out, generator=generator).to(**factory)
-        w_dec /= w_dec.norm(dim=-1, keepdim=True)
+        w_dec *= init_norm / w_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
         w_enc = w_dec.t().clone() if d_out == d_in else \
             torch.randn(d_in, n_latents, generator=generator).to(**factory) / math.sqrt(d_in)
