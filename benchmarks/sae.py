@@ -14,10 +14,9 @@ Activations: the residual stream after layer 3 of the real all-MiniLM-L6-v2 (pac
    Reported: held-out FVU, L0, dead latents, training tokens/s.
 2. The FVU-L0 frontier of every sparsekit activation (TopK, BatchTopK, AbsTopK at several k;
    JumpReLU and L1 at several penalties).
-   For BatchTopK sparsekit also resamples dead latents after each block but the last
-   ``RESAMPLE_QUIET`` (Bricken et al.: reinitialised from the worst-reconstructed rows, Adam
-   state reset; ``train(resample_every=...)``), counting a latent dead after 5 % of the run
-   without firing (10 % otherwise); the column ``resampled`` counts them.
+   A latent counts as dead for the auxiliary-k loss after 10 % of the run without firing; no
+   latents are resampled (with the recipe BatchTopK keeps < 1 % dead without it, and
+   resampling into it revived latents that died again: 9 % dead after 2,715 resamplings).
 3. Decoding k-sparse codes of 1, 8, 64 and 512 tokens: the dense product ``z @ W_dec``
    (addmm), ``F.embedding_bag`` over the kept rows (the training path), sparsekit's
    sparse-input kernel ``spmm_rows`` (k rows of ``W_dec`` per token) and for one token the
@@ -58,8 +57,6 @@ FVU_TOLERANCE = 0.02
 SPEEDUP_TARGET = 1.5
 DEAD_TARGET = 0.01
 DECODE_TOKENS = (1, 8, 64, 512)
-RESAMPLE = ("batchtopk",)  # activations trained with dead-latent resampling
-RESAMPLE_QUIET = 2  # no resampling after the last blocks: a new latent needs steps to learn
 # SAELens's recipe for the TopK family, which sparsekit's SAEs follow here: an unconstrained
 # decoder started from rows of norm 0.1 (and train's default gradient clipping at norm 1);
 # with sparsekit's default unit-norm decoder TopK reached FVU 0.160 (0.155 clipped) against
@@ -156,21 +153,15 @@ def head_to_head(train_x, test_x, activation, *, n_latents, k, steps, batch, lr,
     theirs = SAELensRun(sae_lens_model(activation, train_x.shape[1], n_latents, k), lr,
                         dead_steps=max(steps // 10, 1))
     ours_seconds = theirs_seconds = 0.0
-    # with resampling a latent silent for 5 % of the run is dead (10 % without): it is
-    # reborn early, while there are steps left to learn
-    dead_window = max(steps // (20 if activation in RESAMPLE else 10), 1) * batch
-    resampled = 0
+    dead_window = max(steps // 10, 1) * batch
     for start in range(0, steps, block):
         n = min(block, steps - start)
         rows = [train_x[((start + i) * batch) % (len(train_x) - batch):][:batch]
                 for i in range(n)]
-        late = start + block > steps - RESAMPLE_QUIET * block
-        every = n if activation in RESAMPLE and not late else None
         began = time.perf_counter()
-        out = train(ours, rows, lr=lr, batch_size=batch, dead_window=dead_window, decay=0.0,
-                    resample_every=every, optimizer=adam)
+        train(ours, rows, lr=lr, batch_size=batch, dead_window=dead_window, decay=0.0,
+              optimizer=adam)
         ours_seconds += time.perf_counter() - began
-        resampled += out["resampled"]
         began = time.perf_counter()
         for x in rows:
             theirs.step(x)
@@ -180,7 +171,7 @@ def head_to_head(train_x, test_x, activation, *, n_latents, k, steps, batch, lr,
     return {"activation": activation, "k": k, "n_latents": n_latents, "tokens": tokens,
             "sparsekit": {"fvu": mine["fvu"], "l0": mine["l0"],
                           "dead_fraction": mine["dead_fraction"],
-                          "tokens_per_second": tokens / ours_seconds, "resampled": resampled},
+                          "tokens_per_second": tokens / ours_seconds},
             "sae_lens": {**theirs.metrics(test_x), "tokens_per_second": tokens / theirs_seconds}}
 
 
@@ -299,15 +290,14 @@ def markdown(setup: dict, pairs: list[dict], front: list[dict], decode: list[dic
              "rows of norm 0.1, gradients clipped at norm 1.", "",
              f"CPU: {setup['machine']['model']} ({setup['machine']['flags']}); kernels "
              f"{setup['machine']['isa']}.", "",
-             "| activation | k | tokens | library | held-out FVU | L0 | dead | resampled "
-             "| tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| activation | k | tokens | library | held-out FVU | L0 | dead | tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for p in pairs:
         for lib in ("sparsekit", "sae_lens"):
             r = p[lib]
             lines.append(f"| {p['activation']} | {p['k']} | {p['tokens']} | {lib} | "
                          f"{r['fvu']:.4f} | {r['l0']:.1f} | {r['dead_fraction']:.2%} | "
-                         f"{r.get('resampled', '-')} | {r['tokens_per_second']:,.0f} |")
+                         f"{r['tokens_per_second']:,.0f} |")
     lines += ["", "FVU-L0 frontier (sparsekit):", "",
               "| activation | setting | held-out FVU | L0 | dead |", "|---|---|---|---|---|"]
     for r in front:
