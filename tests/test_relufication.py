@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from sparsekit import moe
-from sparsekit.moe.ffn import find_ffns, set_activation
 from sparsekit.moe.distillation import distillation_loss
+from sparsekit.moe.ffn import find_ffns, set_activation
 
 transformers = pytest.importorskip("transformers")
 

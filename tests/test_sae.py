@@ -327,3 +327,35 @@ def test_resample_gives_every_dead_latent_its_own_row():
         expected = (x - sae.b_dec.detach()) / (x - sae.b_dec.detach()).norm(dim=-1, keepdim=True)
         assert torch.allclose((directions @ expected.T).abs().max(0).values, torch.ones(3),
                               atol=1e-5)
+
+
+@pytest.mark.parametrize("n, count", [(1_572_864, 32_768), (100_000, 3), (500, 400), (7, 7)])
+def test_largest_returns_exactly_the_entries_topk_returns(n, count):
+    from sparsekit.sae.activations import largest
+
+    flat = torch.randn(n, generator=torch.Generator().manual_seed(n)).relu()
+    values, indices = largest(flat, count)
+    expected = flat.topk(count, sorted=False)
+    assert torch.equal(values.sort().values, expected.values.sort().values)
+    assert torch.equal(flat[indices], values) and indices.unique().numel() == count
+
+
+def test_largest_ranks_everything_when_the_sample_misses_the_largest_entries():
+    from sparsekit.sae.activations import largest
+
+    flat = torch.zeros(61 * 1000)
+    flat[1::61] = torch.arange(1000, 0, -1).float()  # the strided sample sees only zeros
+    values, indices = largest(flat, 500)
+    assert torch.equal(values.sort().values, torch.arange(501, 1001).float())
+    assert torch.equal(flat[indices], values)
+
+
+def test_largest_falls_back_to_topk_when_the_sample_overestimates():
+    from sparsekit.sae.activations import largest
+
+    flat = torch.rand(61 * 1000, generator=torch.Generator().manual_seed(0))
+    flat[::61] += 10.0  # the sample sees only the largest entries
+    values, indices = largest(flat, 5000)
+    expected = flat.topk(5000, sorted=False)
+    assert torch.equal(values.sort().values, expected.values.sort().values)
+    assert torch.equal(flat[indices], values)
