@@ -33,6 +33,7 @@ from sparsekit.moe.distillation import fit_outputs, training_inputs
 
 __all__ = ["relufy"]
 
+
 def relufy(
     model: nn.Module,
     data: Any,
