@@ -11,6 +11,7 @@ from sparsekit._checks import (
     ArgumentTypeError,
     check_fraction,
     check_int,
+    check_positive,
     check_sparsity,
     renamed,
     renamed_attribute,
@@ -52,6 +53,20 @@ def test_check_fraction_rejects_non_numbers():
     for bad in (True, "0.5", None):
         with pytest.raises(TypeError, match=r"f must be a float in \[0, 1\)"):
             check_fraction("f", bad)
+
+
+def test_check_positive():
+    for good in (1e-9, 3, np.float32(0.5)):
+        check_positive("lr", good)
+    check_positive("clip", None, optional=True)
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^lr must be a positive finite float, got "):
+            check_positive("lr", bad)
+    for bad in (True, "1", None):
+        with pytest.raises(ArgumentTypeError, match=r"^lr must be a positive finite float, "):
+            check_positive("lr", bad)
+    with pytest.raises(ValueError, match=r"^clip must be a positive finite float or None, got 0"):
+        check_positive("clip", 0, optional=True)
 
 
 def test_check_sparsity_stays_importable_from_prune():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,6 +38,18 @@ def check_int(name: str, value: Any, *, minimum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ArgumentTypeError(f"{name} must be {accepted}, got {value!r}")
     if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+
+
+def check_positive(name: str, value: Any, *, optional: bool = False) -> None:
+    """Raise unless ``value`` is a positive finite real number (not a bool; NaN never is),
+    or ``None`` when ``optional``."""
+    if optional and value is None:
+        return
+    accepted = f"a positive finite float{' or None' if optional else ''}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be {accepted}, got {value!r}")
+    if not 0 < value < math.inf:  # also NaN
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, model_errors
+from sparsekit._checks import check_int, check_positive, model_errors
 from sparsekit.moe.ffn import activate
 from sparsekit.moe.routed import RoutedFFN, routed_layers
 from sparsekit.observe import batches, preserved, watch
@@ -128,10 +127,7 @@ class _Trainable(nn.Module):
 def training_inputs(data: Any, lr: Any, seed: Any) -> list[Any]:
     """The non-empty batches of ``data`` (a tensor of model inputs or a list of them), after
     checking the learning rate ``lr`` (a positive finite float) and ``seed``."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise ArgumentTypeError(f"lr must be a positive finite float, got {lr!r}")
-    if not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a positive finite float, got {lr!r}")
+    check_positive("lr", lr)
     check_int("seed", seed)
     if data is None:
         raise ValueError("data must be a tensor of inputs or a list of them, got None")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsekit._checks import check_positive
 from sparsekit.sae.sae import SAE
 
 __all__ = ["resample"]
@@ -69,9 +70,7 @@ def resample(
         raise ValueError(f"dead must be a bool tensor of shape ({sae.n_latents},), got "
                          f"{getattr(dead, 'dtype', type(dead).__name__)} "
                          f"{tuple(getattr(dead, 'shape', ()))}")
-    if isinstance(encoder_scale, bool) or not isinstance(encoder_scale, (int, float)) \
-            or not encoder_scale > 0 or encoder_scale == float("inf"):
-        raise ValueError(f"encoder_scale must be a positive finite float, got {encoder_scale!r}")
+    check_positive("encoder_scale", encoder_scale)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")

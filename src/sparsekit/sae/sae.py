@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import check_int, check_positive
 from sparsekit.engine import kernels
 from sparsekit.sae.activations import ACTIVATIONS, select_topk
 
@@ -106,9 +106,7 @@ class SAE(nn.Module):
         prefixes = self._check_matryoshka(matryoshka, n_latents)
         for name, value in (("threshold", threshold), ("bandwidth", bandwidth),
                             ("init_norm", init_norm)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not value > 0 or math.isinf(value):
-                raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+            check_positive(name, value)
 
         self.d_in, self.n_latents, self.d_out = d_in, n_latents, d_out
         self.activation = activation

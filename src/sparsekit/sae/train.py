@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from sparsekit._checks import check_int
+from sparsekit._checks import check_int, check_positive
 from sparsekit.sae.activations import ACTIVATIONS, select_topk, step
 from sparsekit.sae.resample import ENCODER_SCALE, resample
 from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _nonzeros
@@ -151,15 +151,8 @@ def train(
     check_int("dead_window", dead_window, minimum=1)
     if resample_every is not None:
         check_int("resample_every", resample_every, minimum=1)
-    if isinstance(resample_scale, bool) or not isinstance(resample_scale, numbers.Real) \
-            or not 0 < resample_scale < math.inf:
-        raise ValueError(f"resample_scale must be a positive finite float, got "
-                         f"{resample_scale!r}")
-    if clip_grad_norm is not None and (
-            isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, numbers.Real)
-            or not 0 < clip_grad_norm < math.inf):
-        raise ValueError(f"clip_grad_norm must be a positive finite float or None, got "
-                         f"{clip_grad_norm!r}")
+    check_positive("resample_scale", resample_scale)
+    check_positive("clip_grad_norm", clip_grad_norm, optional=True)
     for name, value in (("lr", lr), ("sparsity_coef", sparsity_coef), ("aux_coef", aux_coef)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                   or not value >= 0 or math.isinf(value)):
