@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,17 +76,30 @@ def train_llama(train: torch.Tensor, steps: int, *, batch: int = 8, lr: float = 
         return LlamaForCausalLM.from_pretrained(path)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
-    )
     gen = torch.Generator().manual_seed(seed)
+
+    def windows() -> torch.Tensor:
+        starts = torch.randint(0, train.numel() - SEQLEN, (batch,), generator=gen)
+        return torch.stack([train[s:s + SEQLEN] for s in starts.tolist()])
+
+    fit(model, windows, steps, lr,
+        lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    model.save_pretrained(path)
+    return model
+
+
+def fit(model: LlamaForCausalLM, windows: Callable[[], torch.Tensor], steps: int, lr: float,
+        schedule: Callable[[int], float]) -> None:
+    """Train ``model`` ``steps`` AdamW steps on the next-token loss of the token windows
+    ``windows()`` draws (learning rate ``lr × schedule(step)``, gradients clipped to norm 1);
+    it is left in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     model.train()
     start = time.perf_counter()
     for step in range(steps):
-        starts = torch.randint(0, train.numel() - SEQLEN, (batch,), generator=gen)
-        x = torch.stack([train[s:s + SEQLEN] for s in starts.tolist()])
+        x = windows()
         loss = model(x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -96,8 +110,6 @@ def train_llama(train: torch.Tensor, steps: int, *, batch: int = 8, lr: float = 
             print(f"  step {step:4d}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f}s",
                   flush=True)
     model.eval()
-    model.save_pretrained(path)
-    return model
 
 
 def llama_rows(quick: bool, int8_only: bool = False) -> tuple[float, str, list[dict]]:

@@ -13,6 +13,7 @@ from sparsekit.attention import (
     ATTENTION_PATTERNS,
     Antidiagonal,
     Dense,
+    Exact,
     SinkWindow,
     TopKBlocks,
     UserMask,
@@ -22,6 +23,7 @@ from sparsekit.attention import (
     density,
     mass_recall,
     resolve_pattern,
+    tile_mass,
     visible_pairs,
 )
 
@@ -71,6 +73,56 @@ def test_recall_is_the_same_chunked(monkeypatch):
     whole = mass_recall(q, k, mask, block_size=8)
     monkeypatch.setattr(coverage, "_CHUNK_ELEMENTS", 1)
     assert mass_recall(q, k, mask, block_size=8) == pytest.approx(whole, rel=1e-6)
+
+
+@pytest.mark.parametrize(("q_len", "kv_len", "causal"), [
+    (50, 50, True), (20, 50, True), (50, 20, True), (1, 45, True), (30, 45, False),
+])
+def test_tile_mass_sums_the_softmax_over_each_tile(q_len, kv_len, causal, monkeypatch):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, q_len, 8), torch.randn(2, 2, kv_len, 8)
+    scores = q @ k.repeat_interleave(2, 1).mT / math.sqrt(8)
+    if causal:
+        scores = scores.masked_fill(torch.ones(q_len, kv_len).tril(kv_len - q_len) == 0,
+                                    -math.inf)
+    probs = torch.softmax(scores, -1).nan_to_num(0.0).double()
+    qb, kb = -(-q_len // 8), -(-kv_len // 8)
+    padded = torch.nn.functional.pad(probs, (0, kb * 8 - kv_len, 0, qb * 8 - q_len))
+    expected = padded.view(2, 4, qb, 8, kb, 8).sum((3, 5))
+    mass = tile_mass(q, k, block_size=8, causal=causal)
+    assert mass.dtype == torch.float64 and mass.shape == (2, 4, qb, kb)
+    torch.testing.assert_close(mass, expected, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(coverage, "_CHUNK_ELEMENTS", 1)  # one block of rows at a time
+    torch.testing.assert_close(tile_mass(q, k, block_size=8, causal=causal), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_exact_keeps_the_fewest_tiles_reaching_the_threshold():
+    # query block 1 (rows 4..7) puts 0.6, 0.3 and 0.1 of its mass on key blocks 2, 0, 1;
+    # (queries aligned with the last keys: query block r's local tile is key block r + 1)
+    share = torch.tensor([[1.0, 1e-30, 1e-30], [0.3, 0.1, 0.6]])
+    q, k = scored(tile_constant(share.log(), 4))  # uniform within a tile
+    assert Exact(threshold=0.5).block_mask(q, k, block_size=4, causal=False)[0, 0].tolist() \
+        == [[True, True, False], [False, False, True]]
+    assert Exact(threshold=0.85).block_mask(q, k, block_size=4, causal=False)[0, 0].tolist() \
+        == [[True, True, False], [True, False, True]]
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 96, 8) * 3, torch.randn(1, 2, 96, 8)
+    for threshold in (0.5, 0.9, 0.99):
+        exact = Exact(threshold=threshold)
+        mask = exact.block_mask(q, k, block_size=16)
+        mass = tile_mass(q, k, block_size=16)
+        kept = (mass * mask).sum(-1) / mass.sum(-1)
+        assert bool((kept >= threshold - 1e-9).all())  # every query block reaches it
+        # ... with the largest tiles (besides the local one), as few as reach it
+        others = mask & ~torch.eye(6, dtype=torch.bool)
+        smallest_kept = mass.masked_fill(~others, math.inf).amin(-1)
+        largest_dropped = mass.masked_fill(mask, -math.inf).amax(-1)
+        assert bool((largest_dropped <= smallest_kept).all())
+        ordered = mass.sort(-1, descending=True).values.cumsum(-1)
+        fewest = (ordered < threshold * mass.sum(-1, keepdim=True) - 1e-12).sum(-1) + 1
+        assert bool(((mask.sum(-1) == fewest) | (mask.sum(-1) == fewest + 1)).all())
+        assert exact.coverage(q, k, block_size=16).recall >= threshold
 
 
 def test_sink_window_mask_is_exact():
@@ -228,3 +280,5 @@ def test_bad_arguments_fail_clearly():
     with pytest.raises(TypeError, match="apply to a pattern name"):
         resolve_pattern(Dense(), threshold=0.5)
     assert ATTENTION_PATTERNS.names(adaptive=True) == ["antidiagonal", "vertical_slash"]
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+        Exact(threshold=0.0)

@@ -12,12 +12,13 @@ import importlib
 from typing import Any
 
 from sparsekit.attention.block_sparse import block_sparse_attention, dense_block_mask
-from sparsekit.attention.coverage import Coverage, density, mass_recall, visible_pairs
+from sparsekit.attention.coverage import Coverage, density, mass_recall, tile_mass, visible_pairs
 from sparsekit.attention.patterns import (
     ATTENTION_PATTERNS,
     Antidiagonal,
     AttentionPattern,
     Dense,
+    Exact,
     SinkWindow,
     TopKBlocks,
     UserMask,
@@ -33,6 +34,7 @@ __all__ = [
     "AttentionPattern",
     "Coverage",
     "Dense",
+    "Exact",
     "SinkWindow",
     "SparseAttention",
     "TopKBlocks",
@@ -45,6 +47,7 @@ __all__ = [
     "register",
     "remove",
     "resolve_pattern",
+    "tile_mass",
     "visible_pairs",
     "apply",
 ]

@@ -17,9 +17,9 @@ import torch
 
 from sparsekit._checks import check_int
 
-__all__ = ["Coverage", "density", "mass_recall", "visible_pairs"]
+__all__ = ["Coverage", "density", "mass_recall", "tile_mass", "visible_pairs"]
 
-_CHUNK_ELEMENTS = 1 << 24  # scores held at once by mass_recall (64 MiB of float32)
+_CHUNK_ELEMENTS = 1 << 24  # scores held at once by tile_mass (64 MiB of float32)
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,54 @@ def density(
     return (kept / pairs.sum()).mean().item()
 
 
+def tile_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The softmax mass of ``softmax(q kᵀ · scale)`` in each (query block, key block)
+    tile, summed over the tile's query rows: float64 ``(batch, heads, q_blocks,
+    kv_blocks)``. A query block's tiles add up to the number of its rows that see a key.
+
+    Args:
+        q: ``(batch, heads, q_len, head_dim)``.
+        k: ``(batch, kv_heads, kv_len, head_dim)``; ``heads`` a multiple of ``kv_heads``.
+        block_size: tile edge in tokens.
+        causal: scores of keys after each query (aligned at the end) are not attention's.
+        scale: softmax scale, ``1 / sqrt(head_dim)`` by default.
+
+    Scores are computed in float32 for a chunk of query rows at a time.
+    """
+    check_int("block_size", block_size, minimum=1)
+    _check_qk(q, k)
+    batch, heads, q_len, dim = q.shape
+    kv_len = k.shape[2]
+    qb, kb = blocks(q_len, block_size), blocks(kv_len, block_size)
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    keys = repeat_kv(k, heads).float()
+    offset = kv_len - q_len
+    rows = max(1, _CHUNK_ELEMENTS // (batch * heads * kv_len) // block_size) * block_size
+    mass = torch.zeros(batch, heads, qb, kb, dtype=torch.float64)
+    for begin in range(0, q_len, rows):
+        end = min(begin + rows, q_len)
+        scores = q[:, :, begin:end].float() @ keys.transpose(-1, -2) * scale
+        if causal:
+            pos = torch.arange(begin, end)[:, None] + offset
+            scores = scores.masked_fill(torch.arange(kv_len)[None, :] > pos, -math.inf)
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # NaN: a row that sees nothing
+        probs = torch.nn.functional.pad(probs, (0, kb * block_size - kv_len))
+        per_key_block = probs.unflatten(-1, (kb, block_size)).sum(-1, dtype=torch.float64)
+        first = begin // block_size
+        last = blocks(end, block_size)
+        padded = torch.nn.functional.pad(per_key_block, (0, 0, 0, (last - first) * block_size
+                                                         - (end - begin)))
+        mass[:, :, first:last] += padded.unflatten(2, (last - first, block_size)).sum(3)
+    return mass
+
+
 def mass_recall(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,34 +152,17 @@ def mass_recall(
         causal: scores of keys after each query (aligned at the end) are not attention's.
         scale: softmax scale, ``1 / sqrt(head_dim)`` by default.
 
-    Scores are computed in float32 for a chunk of query rows at a time. Rows that see no
-    key at all (causal with ``q_len > kv_len``) are left out of the average.
+    The masses come from :func:`tile_mass`. Rows that see no key at all (causal with
+    ``q_len > kv_len``) are left out of the average.
     """
     check_int("block_size", block_size, minimum=1)
     _check_qk(q, k)
-    batch, heads, q_len, dim = q.shape
+    batch, heads, q_len, _ = q.shape
     kv_len = k.shape[2]
     _check_mask(block_mask, (blocks(q_len, block_size), blocks(kv_len, block_size)))
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    keys = repeat_kv(k, heads).float()
-    offset = kv_len - q_len
-    rows = max(1, _CHUNK_ELEMENTS // (batch * heads * kv_len) // block_size) * block_size
-    kept, counted = torch.zeros((), dtype=torch.float64), 0
-    for begin in range(0, q_len, rows):
-        end = min(begin + rows, q_len)
-        scores = q[:, :, begin:end].float() @ keys.transpose(-1, -2) * scale
-        if causal:
-            pos = torch.arange(begin, end)[:, None] + offset
-            scores = scores.masked_fill(torch.arange(kv_len)[None, :] > pos, -math.inf)
-        probs = torch.softmax(scores, dim=-1)
-        tiles = block_mask[:, :, begin // block_size: blocks(end, block_size)]
-        keep = tiles.repeat_interleave(block_size, 2)[:, :, : end - begin]
-        keep = keep.repeat_interleave(block_size, 3)[..., :kv_len]
-        share = (probs * keep).sum(-1)  # (batch, heads, rows); NaN where a row sees nothing
-        seen = ~share.isnan()
-        kept += share[seen].sum(dtype=torch.float64)
-        counted += int(seen.sum())
-    return (kept / max(counted, 1)).item()
+    mass = tile_mass(q, k, block_size=block_size, causal=causal, scale=scale)
+    seen = batch * heads * (min(q_len, kv_len) if causal else q_len)
+    return ((mass * block_mask).sum() / max(seen, 1)).item()
 
 
 def repeat_kv(k: torch.Tensor, heads: int) -> torch.Tensor:

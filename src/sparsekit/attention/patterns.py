@@ -12,6 +12,9 @@ the scores and keep the fewest tiles that hold a ``threshold`` of it:
 ``antidiagonal``   tiles scored by strided antidiagonal sums, kept up to a cumulative
                    mass threshold per query block (XAttention), adaptive
 ``top_k``          the highest-scoring tiles by mean-pooled ``q · k`` per query block
+``exact``          the fewest tiles per query block holding ``threshold`` of the true
+                   softmax mass: what the adaptive ones estimate, at more than the cost
+                   of dense attention — a yardstick, not a speed-up
 ``dense``          every tile attention may use (the reference the others are measured by)
 ``mask``           a block mask the caller built (:class:`UserMask`)
 =================  =====================================================================
@@ -40,6 +43,7 @@ from sparsekit.attention.coverage import (
     density,
     mass_recall,
     repeat_kv,
+    tile_mass,
     visible_pairs,
 )
 from sparsekit.registry import Registry
@@ -49,6 +53,7 @@ __all__ = [
     "Antidiagonal",
     "AttentionPattern",
     "Dense",
+    "Exact",
     "SinkWindow",
     "TopKBlocks",
     "UserMask",
@@ -57,7 +62,8 @@ __all__ = [
 ]
 
 ATTENTION_PATTERNS: Registry = Registry("pattern", meta={"adaptive": False})
-"""Attention patterns by name; ``adaptive`` entries keep tiles up to a mass threshold."""
+"""Attention patterns by name; ``adaptive`` entries estimate where the softmax mass lies
+and keep tiles up to a threshold of it."""
 
 
 class AttentionPattern:
@@ -181,8 +187,8 @@ class TopKBlocks(AttentionPattern):
 
 @dataclass(frozen=True)
 class _MassThreshold(AttentionPattern):
-    """Base of the adaptive patterns: they keep the fewest tiles that hold ``threshold``
-    (in (0, 1]) of the softmax mass their proxy estimates."""
+    """Base of the patterns that keep the fewest tiles holding ``threshold`` (in (0, 1]) of
+    the softmax mass: estimated from a proxy (the adaptive ones) or exact."""
 
     threshold: float = 0.95
 
@@ -293,6 +299,23 @@ class Antidiagonal(_MassThreshold):
         per = block_size // stride
         mass = probs.view(batch, heads, qb, per, kb, per).sum((3, 5))
         return _fewest(mass, self.threshold)
+
+
+@ATTENTION_PATTERNS.register("exact")
+@dataclass(frozen=True)
+class Exact(_MassThreshold):
+    """The fewest tiles per query block holding ``threshold`` of its true softmax mass
+    (:func:`~sparsekit.attention.coverage.tile_mass`), per batch entry and head.
+
+    The adaptive patterns estimate this mask from a cheap proxy; computing it reads every
+    score, more work than dense attention. Its density is the least any block mask needs
+    for ``threshold`` of the mass in every query block, so it bounds what they can gain.
+    """
+
+    name: ClassVar[str] = "exact"
+
+    def tiles(self, q, k, *, block_size, causal, visible):
+        return _fewest(tile_mass(q, k, block_size=block_size, causal=causal), self.threshold)
 
 
 @ATTENTION_PATTERNS.register("mask")
