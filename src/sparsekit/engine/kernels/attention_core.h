@@ -53,34 +53,36 @@ inline vf load(const bf16* p) {  // bf16 is the upper half of a float32
 }
 inline void store(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
-inline float sum4(v4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
-template <int64_t N = L>  // (a template, so that only the branch of N is compiled)
-inline float sum(vf v) {  // the lanes' sum, halving the vector
+// The lanes of v combined by op (x + y, max), halving the vector: lane pairs in registers,
+// never a trip through memory lane by lane.
+template <int64_t N = L, typename Op>  // (a template, so that only the branch of N is compiled)
+inline float reduce(vf v, Op op) {
+  v4 x;
   if constexpr (N == 16) {
     v8 a, b;
     __builtin_memcpy(&a, &v, 32);
     __builtin_memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
-    const v8 c = a + b;
+    const v8 c = op(a, b);
     v4 lo, hi;
     __builtin_memcpy(&lo, &c, 16);
     __builtin_memcpy(&hi, reinterpret_cast<const char*>(&c) + 16, 16);
-    return sum4(lo + hi);
+    x = op(lo, hi);
   } else if constexpr (N == 8) {
     v4 lo, hi;
     __builtin_memcpy(&lo, &v, 16);
     __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + 16, 16);
-    return sum4(lo + hi);
+    x = op(lo, hi);
   } else {
     static_assert(N == 4, "vectors of 4, 8 or 16 floats");
-    v4 x;
     __builtin_memcpy(&x, &v, 16);
-    return sum4(x);
   }
+  return op(op(x[0], x[2]), op(x[1], x[3]));
+}
+inline float sum(vf v) {
+  return reduce(v, [](auto a, auto b) { return a + b; });
 }
 inline float max_lanes(vf v) {
-  float m = v[0];
-  for (int64_t i = 1; i < L; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  return reduce(v, [](auto a, auto b) { return a > b ? a : b; });
 }
 
 // 2^x lane by lane for x <= 0 (or -inf): exactly 0 below -126, else within 2 ulp. 2^x =
