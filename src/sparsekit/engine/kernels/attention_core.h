@@ -53,28 +53,21 @@ inline vf load(const bf16* p) {  // bf16 is the upper half of a float32
 }
 inline void store(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
-// The lanes of v combined by op (x + y, max), halving the vector: lane pairs in registers,
-// never a trip through memory lane by lane.
-template <int64_t N = L, typename Op>  // (a template, so that only the branch of N is compiled)
-inline float reduce(vf v, Op op) {
+// The lanes of v combined by op (x + y, max), halving the vector in registers (a copy
+// through memory would keep the loops' accumulators on the stack).
+// (V is vf; a template parameter, so that only the branch of N is compiled)
+template <int64_t N = L, typename V, typename Op>
+inline float reduce(V v, Op op) {
   v4 x;
   if constexpr (N == 16) {
-    v8 a, b;
-    __builtin_memcpy(&a, &v, 32);
-    __builtin_memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
-    const v8 c = op(a, b);
-    v4 lo, hi;
-    __builtin_memcpy(&lo, &c, 16);
-    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&c) + 16, 16);
-    x = op(lo, hi);
+    const v8 c = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+    x = op(__builtin_shufflevector(c, c, 0, 1, 2, 3), __builtin_shufflevector(c, c, 4, 5, 6, 7));
   } else if constexpr (N == 8) {
-    v4 lo, hi;
-    __builtin_memcpy(&lo, &v, 16);
-    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + 16, 16);
-    x = op(lo, hi);
+    x = op(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7));
   } else {
     static_assert(N == 4, "vectors of 4, 8 or 16 floats");
-    __builtin_memcpy(&x, &v, 16);
+    x = v;
   }
   return op(op(x[0], x[2]), op(x[1], x[3]));
 }
