@@ -22,6 +22,7 @@ from sparsekit.attention import (
     coverage,
     density,
     mass_recall,
+    patterns,
     resolve_pattern,
     tile_mass,
     visible_pairs,
@@ -158,6 +159,20 @@ def test_antidiagonal_keeps_the_hot_tile_of_each_query_block():
     cov = pattern.coverage(q, k, block_size=4, causal=False)
     assert cov.density == pytest.approx(8 / 16)
     assert cov.recall > 0.999
+
+
+@pytest.mark.parametrize(("q_len", "kv_len", "causal"), [
+    (200, 200, True), (70, 200, True), (200, 90, True), (1, 200, True), (150, 150, False),
+])
+def test_antidiagonal_estimate_is_the_same_in_query_chunks(q_len, kv_len, causal, monkeypatch):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, q_len, 16) * 2, torch.randn(2, 2, kv_len, 16)
+    pattern = Antidiagonal(threshold=0.9, stride=4)
+    monkeypatch.setattr(patterns, "_ESTIMATE_CHUNKS", 1)
+    whole = pattern.block_mask(q, k, block_size=16, causal=causal)
+    for chunks in (3, 100):  # causal chunks score only the keys up to their last query
+        monkeypatch.setattr(patterns, "_ESTIMATE_CHUNKS", chunks)
+        assert torch.equal(pattern.block_mask(q, k, block_size=16, causal=causal), whole)
 
 
 def test_antidiagonal_threshold_decides_how_many_tiles():

@@ -61,6 +61,8 @@ __all__ = [
     "resolve_pattern",
 ]
 
+_ESTIMATE_CHUNKS = 8  # query chunks of Antidiagonal's estimate (causal: fewer keys each)
+
 ATTENTION_PATTERNS: Registry = Registry("pattern", meta={"adaptive": False})
 """Attention patterns by name; ``adaptive`` entries estimate where the softmax mass lies
 and keep tiles up to a threshold of it."""
@@ -286,18 +288,27 @@ class Antidiagonal(_MassThreshold):
         batch, heads, q_len, dim = q.shape
         kv_len, stride = k.shape[2], self.stride
         qb, kb = visible.shape
+        per = block_size // stride
         long_q = _padded(q, qb * block_size).unflatten(2, (-1, stride)).flip(3).flatten(3)
         long_k = _padded(repeat_kv(k, heads), kb * block_size).unflatten(2, (-1, stride))
-        scores = long_q @ long_k.flatten(3).mT / (math.sqrt(dim) * stride)
-        q_first = torch.arange(long_q.shape[2]) * stride  # first query of each stride
-        k_first = torch.arange(long_k.shape[2]) * stride
-        usable = k_first[None, :] < kv_len
-        if causal:
-            usable = usable & (k_first[None, :] <= q_first[:, None] + stride - 1 + kv_len - q_len)
-        probs = torch.softmax(scores.masked_fill(~usable, -math.inf), -1).nan_to_num(0.0)
-        probs = probs * (q_first < q_len)[:, None].float()
-        per = block_size // stride
-        mass = probs.view(batch, heads, qb, per, kb, per).sum((3, 5))
+        long_k = long_k.flatten(3)
+        q_first = torch.arange(qb * per) * stride  # first query of each stride
+        k_first = torch.arange(kb * per) * stride
+        offset = kv_len - q_len
+        mass = torch.zeros(batch, heads, qb, kb)
+        step = -(-qb // _ESTIMATE_CHUNKS)
+        for b0 in range(0, qb, step):  # causal: a chunk of query blocks scores only the keys
+            b1 = min(qb, b0 + step)    # up to its last query, about half of them in all
+            last = (b1 * block_size - 1 + offset) // block_size  # key block of its last query
+            end = min(kb, max(1, last + 1)) if causal else kb
+            rows, keys = q_first[b0 * per: b1 * per], k_first[: end * per]
+            scores = long_q[:, :, b0 * per: b1 * per] @ long_k[:, :, : end * per].mT
+            usable = keys[None, :] < kv_len
+            if causal:
+                usable = usable & (keys[None, :] <= rows[:, None] + stride - 1 + offset)
+            scores = scores.div_(math.sqrt(dim) * stride).masked_fill_(~usable, -math.inf)
+            probs = torch.softmax(scores, -1).nan_to_num_(0.0) * (rows < q_len)[:, None].float()
+            mass[:, :, b0:b1, :end] = probs.view(batch, heads, b1 - b0, per, end, per).sum((3, 5))
         return _fewest(mass, self.threshold)
 
 
