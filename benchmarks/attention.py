@@ -54,6 +54,7 @@ from sparse_kernels import cpu_info  # noqa: E402
 from sparsekit import attention, llm  # noqa: E402
 from sparsekit.attention import (  # noqa: E402
     Antidiagonal,
+    Coverage,
     Exact,
     SinkWindow,
     TopKBlocks,
@@ -83,7 +84,6 @@ SHORT = {  # the same families at the LLaMA's 256-token context, block 16
 ADAPTIVE = attention.ATTENTION_PATTERNS.names(adaptive=True)
 LAYER = 2  # the layer whose queries and keys the long-context rows use
 SPEEDUP, RECALL, DECODE_SPEEDUP, DECODE_DENSITY = 5.0, 0.95, 1.6, 0.5
-TARGET_LENGTH = 16384
 CONTEXT_STEPS = {False: 160, True: 40}  # long-context training steps (full run, --quick)
 CONTEXT_LR, CONTEXT_WARMUP = 1e-3, 10
 LONG_WINDOWS = {False: 2, True: 1}  # windows of the longest length in its perplexity
@@ -179,7 +179,7 @@ def prefill_rows(qkv: tuple[torch.Tensor, ...], budget: float, flex) -> list[dic
     ms = time_ms(fns, budget, block_s=0.0, min_rounds=2, max_rounds=5)
     rows = []
     for name in LONG:
-        cov = LONG[name].coverage(q, k, block_size=BLOCK)
+        cov = Coverage.of(q, k, masks[name], block_size=BLOCK)
         out = block_sparse_attention(q, k, v, masks[name], block_size=BLOCK)
         total = ms[f"estimate {name}"] + ms[f"sparse {name}"]
         rows.append({
@@ -205,7 +205,7 @@ def decode_row(qkv: tuple[torch.Tensor, ...], budget: float) -> dict:
     q = q[:, :, -1:].contiguous()
     pattern = TopKBlocks(density=DECODE_DENSITY)
     mask = pattern.block_mask(q, k, block_size=BLOCK)
-    cov = pattern.coverage(q, k, block_size=BLOCK)
+    cov = Coverage.of(q, k, mask, block_size=BLOCK)
     dense = F.scaled_dot_product_attention(q, k, v)
     ms = time_ms({
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
@@ -234,11 +234,13 @@ def quality_rows(model, val: torch.Tensor, patterns: dict, *, seqlen: int, block
              "perplexity": llm.perplexity(model, tokens, seqlen=seqlen, batch_size=1),
              "relative_error": 0.0}]
     for name, pattern in patterns.items():
-        covs = [pattern.coverage(q, k, block_size=block) for q, k, _ in window.values()]
+        masks = [pattern.block_mask(q, k, block_size=block) for q, k, _ in window.values()]
+        covs = [Coverage.of(q, k, m, block_size=block)
+                for (q, k, _), m in zip(window.values(), masks, strict=True)]
         errors = [relative_error(
-            block_sparse_attention(q, k, v, pattern.block_mask(q, k, block_size=block),
-                                   block_size=block),
-            F.scaled_dot_product_attention(q, k, v, is_causal=True)) for q, k, v in window.values()]
+            block_sparse_attention(q, k, v, m, block_size=block),
+            F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            for (q, k, v), m in zip(window.values(), masks, strict=True)]
         sparse = attention.apply(copy.deepcopy(model), pattern, block_size=block, min_length=0)
         rows.append({
             "context": seqlen, "pattern": name, "density": sum(c.density for c in covs) / len(covs),

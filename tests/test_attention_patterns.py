@@ -12,6 +12,7 @@ import torch
 from sparsekit.attention import (
     ATTENTION_PATTERNS,
     Antidiagonal,
+    Coverage,
     Dense,
     Exact,
     SinkWindow,
@@ -65,6 +66,19 @@ def test_density_and_recall_of_a_hand_mask_under_uniform_scores():
     expected = sum(4 / (r + 1) for r in range(4, 8)) / 8
     assert mass_recall(q, k, mask, block_size=4) == pytest.approx(expected)
     assert mass_recall(q, k, mask, block_size=4, causal=False) == pytest.approx(0.25)
+
+
+def test_coverage_of_a_mask_is_its_density_and_recall():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 56, 8)
+    mask = SinkWindow(sinks=8, window=16).block_mask(q, k, block_size=8)
+    cov = Coverage.of(q, k, mask, block_size=8)
+    assert cov.density == density(mask, 40, 56, block_size=8, causal=True)
+    assert cov.recall == mass_recall(q, k, mask, block_size=8)
+    assert cov == SinkWindow(sinks=8, window=16).coverage(q, k, block_size=8)
+    full = Coverage.of(q, k, torch.ones(1, 1, 5, 7, dtype=torch.bool), block_size=8,
+                       causal=False)
+    assert full.density == 1.0 and full.recall == pytest.approx(1.0)
 
 
 def test_recall_is_the_same_chunked(monkeypatch):

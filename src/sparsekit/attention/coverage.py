@@ -36,6 +36,18 @@ class Coverage:
     density: float
     recall: float
 
+    @classmethod
+    def of(
+        cls, q: torch.Tensor, k: torch.Tensor, block_mask: torch.Tensor, *, block_size: int,
+        causal: bool = True,
+    ) -> Coverage:
+        """The :func:`density` and :func:`mass_recall` of ``block_mask`` on ``q``, ``k``."""
+        return cls(
+            density=density(block_mask, q.shape[2], k.shape[2], block_size=block_size,
+                            causal=causal),
+            recall=mass_recall(q, k, block_mask, block_size=block_size, causal=causal),
+        )
+
 
 def blocks(length: int, block_size: int) -> int:
     """Number of ``block_size`` tiles covering ``length`` tokens (the last may be ragged)."""

@@ -40,8 +40,6 @@ from sparsekit.attention.coverage import (
     _check_mask,
     _check_qk,
     blocks,
-    density,
-    mass_recall,
     repeat_kv,
     tile_mass,
     visible_pairs,
@@ -95,11 +93,7 @@ class AttentionPattern:
     ) -> Coverage:
         """The density and the softmax mass recall of this pattern's mask on ``q``, ``k``."""
         mask = self.block_mask(q, k, block_size=block_size, causal=causal)
-        q_len, kv_len = q.shape[2], k.shape[2]
-        return Coverage(
-            density=density(mask, q_len, kv_len, block_size=block_size, causal=causal),
-            recall=mass_recall(q, k, mask, block_size=block_size, causal=causal),
-        )
+        return Coverage.of(q, k, mask, block_size=block_size, causal=causal)
 
     def check(self, block_size: int) -> None:
         """Raise ``ValueError`` when the pattern cannot tile with ``block_size``."""
