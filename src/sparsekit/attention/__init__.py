@@ -2,8 +2,9 @@
 
 :func:`block_sparse_attention` is the kernel entry point; training-free patterns
 (:mod:`~sparsekit.attention.patterns`) choose the block mask from the queries and keys,
-:mod:`~sparsekit.attention.coverage` measures what a mask keeps, and
-:mod:`~sparsekit.attention.hf` switches Hugging Face models onto it (``apply``, ``remove``,
+:mod:`~sparsekit.attention.coverage` measures what a mask keeps,
+:class:`~sparsekit.attention.break_even.BreakEven` decides per call whether sparsity pays
+here, and :mod:`~sparsekit.attention.hf` switches Hugging Face models onto it (``apply``, ``remove``,
 ``register``, ``SparseAttention``: loaded on first use, so importing this package never
 imports ``transformers``).
 """
@@ -12,6 +13,7 @@ import importlib
 from typing import Any
 
 from sparsekit.attention.block_sparse import block_sparse_attention, dense_block_mask
+from sparsekit.attention.break_even import BreakEven
 from sparsekit.attention.coverage import Coverage, density, mass_recall, tile_mass, visible_pairs
 from sparsekit.attention.patterns import (
     ATTENTION_PATTERNS,
@@ -32,6 +34,7 @@ __all__ = [
     "ATTENTION_PATTERNS",
     "Antidiagonal",
     "AttentionPattern",
+    "BreakEven",
     "Coverage",
     "Dense",
     "Exact",

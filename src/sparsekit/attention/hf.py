@@ -12,8 +12,10 @@ the pattern and switches a model onto it::
 After :func:`register`, ``model.config._attn_implementation = "sparsekit"`` switches a
 model too, with the default :class:`SparseAttention` settings.
 
-Each call falls back to SDPA where sparsity cannot pay or cannot apply: keys shorter than
-``min_length``, an explicit element mask (padding, chunked prefill, sliding-window
+Each call falls back to SDPA where sparsity cannot pay or cannot apply: where the measured
+break-even says dense is faster (:class:`~sparsekit.attention.break_even.BreakEven`: both
+paths timed on the first call of each shape and length octave) or, given ``min_length``,
+keys shorter than it; an explicit element mask (padding, chunked prefill, sliding-window
 models), dropout, or softcapped / position-biased scores. Otherwise the pattern builds a
 block mask from the call's queries and keys and
 :func:`~sparsekit.attention.block_sparse_attention` computes only its tiles — prefill and
@@ -34,18 +36,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparsekit._checks import check_int
 from sparsekit.attention.block_sparse import block_sparse_attention
+from sparsekit.attention.break_even import BreakEven, call_class
 from sparsekit.attention.patterns import Antidiagonal, AttentionPattern, resolve_pattern
 
-__all__ = ["MIN_LENGTH", "NAME", "SparseAttention", "apply", "register", "remove"]
+__all__ = ["NAME", "SparseAttention", "apply", "register", "remove"]
 
 NAME = "sparsekit"
 """The attention implementation name models are switched to."""
-
-MIN_LENGTH = 8192
-"""Default break-even key length: below it SDPA's dense attention beats estimating the
-default (antidiagonal) pattern plus the block-sparse kernel — measured by
-``benchmarks/attention.py`` (``benchmarks/results/attention.md``: 8192 tokens on a 2-core
-AMD EPYC, 4 heads of 64)."""
 
 ATTRIBUTE = "sparse_attention"
 """The attribute :func:`apply` sets on the modules that read the model's config."""
@@ -60,12 +57,16 @@ class SparseAttention:
     Attributes:
         pattern: chooses each call's block mask from its queries and keys.
         block_size: tile edge in tokens.
-        min_length: calls whose keys are shorter run dense SDPA (the break-even length).
+        min_length: ``None`` (the default) measures the break-even: each call class runs
+            the faster of dense SDPA and the sparse path (``break_even``); an int is a
+            fixed break-even instead: calls with fewer keys run SDPA, the rest sparse.
+        break_even: the timings' decisions, shared by every module these settings reach.
     """
 
     pattern: AttentionPattern = field(default_factory=Antidiagonal)
     block_size: int = 64
-    min_length: int = MIN_LENGTH
+    min_length: int | None = None
+    break_even: BreakEven = field(default_factory=BreakEven, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, AttentionPattern):
@@ -74,7 +75,10 @@ class SparseAttention:
                 f"got {type(self.pattern).__name__}"
             )
         check_int("block_size", self.block_size, minimum=1)
-        check_int("min_length", self.min_length, minimum=0)
+        if self.min_length is not None:
+            check_int("min_length", self.min_length, minimum=0)
+        if not isinstance(self.break_even, BreakEven):
+            raise TypeError(f"break_even must be a BreakEven, got {type(self.break_even).__name__}")
         self.pattern.check(self.block_size)
 
 
@@ -93,7 +97,7 @@ def apply(
     pattern: str | AttentionPattern | torch.Tensor = "antidiagonal",
     *,
     block_size: int = 64,
-    min_length: int = MIN_LENGTH,
+    min_length: int | None = None,
     **options: Any,
 ) -> PreTrainedModel:
     """Switch ``model`` onto block-sparse attention with ``pattern`` and return it.
@@ -103,7 +107,8 @@ def apply(
         pattern: a pattern name from :data:`~sparsekit.attention.ATTENTION_PATTERNS`
             (built with ``options``, e.g. ``threshold=0.9``), a pattern, or a bool block mask.
         block_size: tile edge in tokens.
-        min_length: calls with fewer keys run dense SDPA.
+        min_length: ``None`` times dense and sparse on the first call of each class and
+            runs the faster; an int runs SDPA on calls with fewer keys, sparse on the rest.
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
@@ -145,19 +150,31 @@ def attention_forward(
     if causal and attention_mask is None and 1 < q_len < kv_len:
         # prefill into an empty static cache: the keys past the queries are unused slots
         key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+
+    def dense() -> tuple[torch.Tensor, None]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+
+    def sparse() -> tuple[torch.Tensor, None]:
+        mask = settings.pattern.block_mask(query, key, block_size=settings.block_size,
+                                           causal=causal)
+        out = block_sparse_attention(query, key, value, mask, causal=causal,
+                                     block_size=settings.block_size, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
     if (
         attention_mask is not None
         or dropout > 0.0
-        or kv_len < settings.min_length
         or query.dtype not in (torch.float32, torch.bfloat16)
         or any(kwargs.get(name) is not None for name in _DENSE_ONLY)
     ):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
-    mask = settings.pattern.block_mask(query, key, block_size=settings.block_size, causal=causal)
-    out = block_sparse_attention(query, key, value, mask, causal=causal,
-                                 block_size=settings.block_size, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+        return dense()
+    if settings.min_length is not None:
+        return dense() if kv_len < settings.min_length else sparse()
+    if kv_len < 2 * settings.block_size:  # one key block: nothing a mask could skip
+        return dense()
+    call = call_class(query, key, causal=causal, block_size=settings.block_size)
+    return settings.break_even.run(call, dense, sparse)
 
 
 def _config_holders(model: PreTrainedModel) -> list[nn.Module]:
