@@ -51,6 +51,16 @@ def test_each_class_is_measured_on_its_own():
     assert even.decisions == {"prefill": True, "decode": False}
 
 
+def test_a_trace_never_times_and_runs_dense_where_nothing_was_measured(monkeypatch):
+    even = BreakEven(clock=Clock(0.0, 10.0, 5.0))
+    assert even.run("measured", *paths([])) == "sparse out"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    log: list[str] = []
+    assert even.run("measured", *paths(log)) == "sparse out"
+    assert even.run("new", *paths(log)) == "dense out"
+    assert log == ["sparse", "dense"] and even.decisions == {"measured": True}
+
+
 def test_call_classes_split_decode_prefill_and_key_octaves():
     def cls(q_len: int, kv_len: int, **kw):
         q, k = torch.zeros(1, 4, q_len, 8, **kw), torch.zeros(1, 2, kv_len, 8, **kw)

@@ -4,9 +4,9 @@
 (:mod:`~sparsekit.attention.patterns`) choose the block mask from the queries and keys,
 :mod:`~sparsekit.attention.coverage` measures what a mask keeps,
 :class:`~sparsekit.attention.break_even.BreakEven` decides per call whether sparsity pays
-here, and :mod:`~sparsekit.attention.hf` switches Hugging Face models onto it (``apply``, ``remove``,
-``register``, ``SparseAttention``: loaded on first use, so importing this package never
-imports ``transformers``).
+here, and :mod:`~sparsekit.attention.hf` switches Hugging Face models onto it (``apply``,
+``remove``, ``register``, ``SparseAttention``: loaded on first use, so importing this
+package never imports ``transformers``).
 """
 
 import importlib

@@ -42,7 +42,8 @@ class BreakEven:
     sparse path must be faster by ``margin`` (it takes at most ``1 - margin`` of the dense
     time), so that timing noise does not move a model onto a path that is not clearly
     faster. One instance serves every layer it is shared with: the first layer to see a
-    class decides for all.
+    class decides for all. Under ``torch.compile`` or ``torch.export`` nothing is timed:
+    a class measured by an eager call keeps its winner, an unmeasured one runs dense.
 
     Args:
         margin: the fraction of the dense time the sparse path must save, in ``[0, 1)``.
@@ -66,7 +67,8 @@ class BreakEven:
         """The output of the path that wins for call class ``call``: measured now (both run)
         if the class is new, else the remembered winner alone."""
         won = self._sparse_wins.get(call)
-        if won is not None:
+        if won is not None or torch.compiler.is_compiling():
+            # a trace (torch.compile, export) cannot time: it takes what eager calls measured
             return sparse() if won else dense()
         start = self._clock()
         dense_out = dense()
