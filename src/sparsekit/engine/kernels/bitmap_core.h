@@ -8,8 +8,6 @@ namespace sparsekit::SPARSEKIT_ISA::rows {
 //  - pack[m][j]: the position of m's j-th set bit (columns for the batched path);
 //  - rank[m][i]: the rank of bit i among m's set bits, i.e. the packed value lane i takes
 //    (an index for vpermps);
-//  - bytes[m]: the same ranks as 8 pshufb byte controls, 0x80 (a zero byte) where bit i is
-//    clear: one pshufb puts 8 packed int8 values in place with zeros between them;
 //  - words[m]: 16 pshufb controls moving 8 packed bf16 values (2 bytes each) in place;
 //  - nibble[m & 15]: 16 pshufb controls moving 4 packed fp32 values (4 bytes each).
 // A shuffle from such a table replaced the earlier permute-and-blend expansion, which is
@@ -21,7 +19,6 @@ struct ByteTables {
   int32_t rank[256][8];
   uint8_t words[256][16];
   uint8_t nibble[16][16];
-  uint64_t bytes[256];
 };
 
 constexpr ByteTables make_byte_tables() {
@@ -33,7 +30,6 @@ constexpr ByteTables make_byte_tables() {
       t.rank[m][i] = n;
       t.words[m][2 * i] = set ? 2 * n : 0x80;
       t.words[m][2 * i + 1] = set ? 2 * n + 1 : 0x80;
-      t.bytes[m] |= static_cast<uint64_t>(set ? n : 0x80) << (8 * i);
       if (m < 16 && i < 4) {
         for (int b = 0; b < 4; ++b) t.nibble[m][4 * i + b] = set ? 4 * n + b : 0x80;
       }
@@ -45,6 +41,53 @@ constexpr ByteTables make_byte_tables() {
 
 alignas(64) inline constexpr ByteTables kByteTables = make_byte_tables();
 
+// AVX2 expands int8 and bf16 a byte of bits at a time into 8 float lanes with one 256-bit
+// shuffle of the packed values (loaded into both 128-bit halves): its controls (LaneTables)
+// put each value's bytes at the top of its 32-bit lane, where a bf16 already is its float
+// and an int8 code becomes its integer by an arithmetic shift. On AMD Zen 3 (AVX2 only,
+// 11008x4096 at 50%, 2 threads, best of interleaved runs) the bf16 GEMV took 2.4 ms instead of
+// 3.2 with the 16-lane shuffle widened by vpmovzx and shifts (the AVX-512 path's expansion),
+// which had left bf16 slower than fp32 (4.1 ms); int8 took 2.2-2.4 ms instead of 2.5.
+//
+// bytes[m][h] are 16-byte controls for byte h of a word (h = 0: lanes 0-7, 1: lanes 8-15)
+// that put the codes of m's set bits, packed in the low 8 bytes, at their lanes: the
+// expansion of 16 codes is two such shuffles of 8-byte loads and an OR, no general-purpose
+// register moved into a vector. The W8A8 GEMVs (qlinear_core.h, act_bitmap_qgemv_core.h)
+// expand with it too; on Zen 3 their time did not change measurably (11008x4096 at 50 %:
+// 3.1-3.7 ms before and after, within that machine's noise).
+struct LaneTables {
+  uint8_t halves[256][32];  // bf16 value of rank r -> bytes 2, 3 of its lane: 2r, 2r + 1
+  uint8_t codes[256][32];   // int8 code of rank r -> byte 3 of its lane: r
+  uint8_t bytes[256][2][16];  // int8 code of rank r -> byte 8h + i (bit i of byte h): r
+
+  __m128i byte_control(unsigned m, int h) const {
+    return _mm_load_si128(reinterpret_cast<const __m128i*>(bytes[m][h]));
+  }
+};
+
+constexpr LaneTables make_lane_tables() {
+  LaneTables t{};
+  for (int m = 0; m < 256; ++m) {
+    int n = 0;
+    for (int i = 0; i < 8; ++i) {
+      const bool set = (m >> i) & 1;
+      const int at = 16 * (i / 4) + 4 * (i % 4);  // lane i's bytes in its 128-bit half
+      for (int b = 0; b < 4; ++b) {
+        t.halves[m][at + b] = set && b >= 2 ? 2 * n + b - 2 : 0x80;
+        t.codes[m][at + b] = set && b == 3 ? n : 0x80;
+      }
+      t.bytes[m][0][i] = set ? n : 0x80;
+      t.bytes[m][0][8 + i] = 0x80;
+      t.bytes[m][1][i] = 0x80;
+      t.bytes[m][1][8 + i] = set ? n : 0x80;
+      n += set;
+    }
+  }
+  return t;
+}
+
+alignas(64) inline constexpr LaneTables kLaneTables = make_lane_tables();
+
 inline __m128i shuffle16(const void* p, const uint8_t* control) {
   return _mm_shuffle_epi8(_mm_loadu_si128(static_cast<const __m128i*>(p)),
                           _mm_load_si128(reinterpret_cast<const __m128i*>(control)));
@@ -52,17 +95,16 @@ inline __m128i shuffle16(const void* p, const uint8_t* control) {
 
 // The 16 values of bitmap word w, packed at p, in the lanes of their inputs (zeros where a
 // bit is clear) as 16 bytes, bf16 halves or fp32 quarters; p moves past them. Each reads
-// 16 bytes at p per shuffle: the caller keeps 16 values in the array.
+// at most 16 bytes from p (bf16: per shuffle): the caller keeps 16 values in the array.
 inline __m128i expand16_codes(unsigned w, const int8_t*& p) {
-  const unsigned lo = w & 0xFFu, hi = w >> 8, n = __builtin_popcount(lo);
-  // the high byte's controls index past the low byte's n values (0x80 + n stays a zero)
-  const uint64_t up = kByteTables.bytes[hi] + n * 0x0101010101010101ull;
-  const __m128i control = _mm_set_epi64x(static_cast<long long>(up),
-                                         static_cast<long long>(kByteTables.bytes[lo]));
-  const __m128i q = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)),
-                                     control);
-  p += __builtin_popcount(w);
-  return q;
+  const unsigned lo = w & 0xFFu, hi = w >> 8;
+  const __m128i low = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
+                                       kLaneTables.byte_control(lo, 0));
+  p += __builtin_popcount(lo);
+  const __m128i high = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
+                                        kLaneTables.byte_control(hi, 1));
+  p += __builtin_popcount(hi);
+  return _mm_or_si128(low, high);
 }
 inline __m256i expand16_halves(unsigned w, const bf16*& p) {
   const unsigned lo = w & 0xFFu, hi = w >> 8;
@@ -86,37 +128,6 @@ inline void expand16_quarters(unsigned w, const float*& p, __m256* first, __m256
 
 // The 16 values of word w (packed at p, which moves past them) as floats in the lanes of
 // their inputs: 2 x 8 lanes.
-// AVX2 expands int8 and bf16 a byte of bits at a time into 8 float lanes with one 256-bit
-// shuffle of the packed values (loaded into both 128-bit halves): its controls (LaneTables)
-// put each value's bytes at the top of its 32-bit lane, where a bf16 already is its float
-// and an int8 code becomes its integer by an arithmetic shift. On AMD Zen 3 (AVX2 only,
-// 11008x4096 at 50%, 2 threads, best of interleaved runs) the bf16 GEMV took 2.4 ms instead of
-// 3.2 with the 16-lane shuffle widened by vpmovzx and shifts (the AVX-512 path's expansion),
-// which had left bf16 slower than fp32 (4.1 ms); int8 took 2.2-2.4 ms instead of 2.5.
-struct LaneTables {
-  uint8_t halves[256][32];  // bf16 value of rank r -> bytes 2, 3 of its lane: 2r, 2r + 1
-  uint8_t codes[256][32];   // int8 code of rank r -> byte 3 of its lane: r
-};
-
-constexpr LaneTables make_lane_tables() {
-  LaneTables t{};
-  for (int m = 0; m < 256; ++m) {
-    int n = 0;
-    for (int i = 0; i < 8; ++i) {
-      const bool set = (m >> i) & 1;
-      const int at = 16 * (i / 4) + 4 * (i % 4);  // lane i's bytes in its 128-bit half
-      for (int b = 0; b < 4; ++b) {
-        t.halves[m][at + b] = set && b >= 2 ? 2 * n + b - 2 : 0x80;
-        t.codes[m][at + b] = set && b == 3 ? n : 0x80;
-      }
-      n += set;
-    }
-  }
-  return t;
-}
-
-alignas(64) inline constexpr LaneTables kLaneTables = make_lane_tables();
-
 inline __m256i lane_control(const uint8_t (&control)[32]) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(control));
 }

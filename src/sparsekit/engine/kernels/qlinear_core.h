@@ -225,38 +225,9 @@ struct Dense {
 };
 
 #if SPARSEKIT_AVX2 && !SPARSEKIT_AVX512
-// For each byte m of a bitmap, the pshufb mask that moves the popcount(m) packed codes into
-// the lanes of m's set bits (byte i: the rank of bit i among the set bits; 0x80, which
-// pshufb reads as zero, where bit i is clear).
-struct ShuffleTable {
-  uint64_t expand[256];
-};
-
-constexpr ShuffleTable make_shuffle_table() {
-  ShuffleTable t{};
-  for (int m = 0; m < 256; ++m) {
-    uint64_t lanes = 0;
-    int n = 0;
-    for (int i = 0; i < 8; ++i) {
-      const uint64_t lane = ((m >> i) & 1) ? static_cast<uint64_t>(n++) : 0x80u;
-      lanes |= lane << (8 * i);
-    }
-    t.expand[m] = lanes;
-  }
-  return t;
-}
-
-inline constexpr ShuffleTable kShuffle = make_shuffle_table();
-
 // The 16 codes of bitmap word `bits` in their lanes (zero elsewhere), from the packed codes
-// at p (reads 16 bytes).
-inline __m128i expand16(unsigned bits, const int8_t* p) {
-  const unsigned lo = bits & 0xFFu, hi = bits >> 8;
-  const uint64_t shift = 0x0101010101010101ULL * static_cast<uint64_t>(__builtin_popcount(lo));
-  const __m128i mask = _mm_set_epi64x(static_cast<int64_t>(kShuffle.expand[hi] + shift),
-                                      static_cast<int64_t>(kShuffle.expand[lo]));
-  return _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), mask);
-}
+// at p (reads 16 bytes): bitmap_core.h's expansion, which moves its own pointer.
+inline __m128i expand16(unsigned bits, const int8_t* p) { return rows::expand16_codes(bits, p); }
 #endif
 
 // Bitmap rows of int8 codes: `words` 16-bit words of bits per row, the codes of the set bits
