@@ -9,7 +9,12 @@ namespace sparsekit::SPARSEKIT_ISA::rows {
 //  - rank[m][i]: the rank of bit i among m's set bits, i.e. the packed value lane i takes
 //    (an index for vpermps);
 //  - words[m]: 16 pshufb controls moving 8 packed bf16 values (2 bytes each) in place;
-//  - nibble[m & 15]: 16 pshufb controls moving 4 packed fp32 values (4 bytes each).
+//  - nibble[m & 15]: 16 pshufb controls moving 4 packed fp32 values (4 bytes each);
+//  - halves[m], codes[m]: 32 vpshufb controls (both 128-bit halves index the same 16
+//    packed bytes) putting each of 8 bf16 values, resp. int8 codes, at the top of the
+//    32-bit lane of its input (expand8);
+//  - bytes[m][h]: 16 pshufb controls putting the int8 codes of byte h of a word (h = 0:
+//    lanes 0-7, 1: lanes 8-15), packed in the low 8 bytes, at their lanes (expand16_codes).
 // A shuffle from such a table replaced the earlier permute-and-blend expansion, which is
 // 3-4x slower on AMD Zen 5 (and AVX-512 VBMI2 vpexpandw/vpexpandb, 2-3x slower there:
 // benchmarks/kernels.py, bitmap at 50% on 11008x4096); on Intel, bf16 words take vpexpandw
@@ -19,6 +24,9 @@ struct ByteTables {
   int32_t rank[256][8];
   uint8_t words[256][16];
   uint8_t nibble[16][16];
+  uint8_t halves[256][32];  // bf16 value of rank r -> bytes 2, 3 of its lane: 2r, 2r + 1
+  uint8_t codes[256][32];   // int8 code of rank r -> byte 3 of its lane: r
+  uint8_t bytes[256][2][16];  // int8 code of rank r -> byte 8h + i (bit i of byte h): r
 };
 
 constexpr ByteTables make_byte_tables() {
@@ -33,44 +41,6 @@ constexpr ByteTables make_byte_tables() {
       if (m < 16 && i < 4) {
         for (int b = 0; b < 4; ++b) t.nibble[m][4 * i + b] = set ? 4 * n + b : 0x80;
       }
-      if (set) t.pack[m][n++] = i;
-    }
-  }
-  return t;
-}
-
-alignas(64) inline constexpr ByteTables kByteTables = make_byte_tables();
-
-// AVX2 expands int8 and bf16 a byte of bits at a time into 8 float lanes with one 256-bit
-// shuffle of the packed values (loaded into both 128-bit halves): its controls (LaneTables)
-// put each value's bytes at the top of its 32-bit lane, where a bf16 already is its float
-// and an int8 code becomes its integer by an arithmetic shift. On AMD Zen 3 (AVX2 only,
-// 11008x4096 at 50%, 2 threads, best of interleaved runs) the bf16 GEMV took 2.4 ms instead of
-// 3.2 with the 16-lane shuffle widened by vpmovzx and shifts (the AVX-512 path's expansion),
-// which had left bf16 slower than fp32 (4.1 ms); int8 took 2.2-2.4 ms instead of 2.5.
-//
-// bytes[m][h] are 16-byte controls for byte h of a word (h = 0: lanes 0-7, 1: lanes 8-15)
-// that put the codes of m's set bits, packed in the low 8 bytes, at their lanes: the
-// expansion of 16 codes is two such shuffles of 8-byte loads and an OR, no general-purpose
-// register moved into a vector. The W8A8 GEMVs (qlinear_core.h, act_bitmap_qgemv_core.h)
-// expand with it too; on Zen 3 their time did not change measurably (11008x4096 at 50 %:
-// 3.1-3.7 ms before and after, within that machine's noise).
-struct LaneTables {
-  uint8_t halves[256][32];  // bf16 value of rank r -> bytes 2, 3 of its lane: 2r, 2r + 1
-  uint8_t codes[256][32];   // int8 code of rank r -> byte 3 of its lane: r
-  uint8_t bytes[256][2][16];  // int8 code of rank r -> byte 8h + i (bit i of byte h): r
-
-  __m128i byte_control(unsigned m, int h) const {
-    return _mm_load_si128(reinterpret_cast<const __m128i*>(bytes[m][h]));
-  }
-};
-
-constexpr LaneTables make_lane_tables() {
-  LaneTables t{};
-  for (int m = 0; m < 256; ++m) {
-    int n = 0;
-    for (int i = 0; i < 8; ++i) {
-      const bool set = (m >> i) & 1;
       const int at = 16 * (i / 4) + 4 * (i % 4);  // lane i's bytes in its 128-bit half
       for (int b = 0; b < 4; ++b) {
         t.halves[m][at + b] = set && b >= 2 ? 2 * n + b - 2 : 0x80;
@@ -80,29 +50,35 @@ constexpr LaneTables make_lane_tables() {
       t.bytes[m][0][8 + i] = 0x80;
       t.bytes[m][1][i] = 0x80;
       t.bytes[m][1][8 + i] = set ? n : 0x80;
-      n += set;
+      if (set) t.pack[m][n++] = i;
     }
   }
   return t;
 }
 
-alignas(64) inline constexpr LaneTables kLaneTables = make_lane_tables();
+alignas(64) inline constexpr ByteTables kByteTables = make_byte_tables();
 
+inline __m128i control16(const uint8_t* control) {
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(control));
+}
 inline __m128i shuffle16(const void* p, const uint8_t* control) {
-  return _mm_shuffle_epi8(_mm_loadu_si128(static_cast<const __m128i*>(p)),
-                          _mm_load_si128(reinterpret_cast<const __m128i*>(control)));
+  return _mm_shuffle_epi8(_mm_loadu_si128(static_cast<const __m128i*>(p)), control16(control));
 }
 
 // The 16 values of bitmap word w, packed at p, in the lanes of their inputs (zeros where a
 // bit is clear) as 16 bytes, bf16 halves or fp32 quarters; p moves past them. Each reads
 // at most 16 bytes from p (bf16: per shuffle): the caller keeps 16 values in the array.
+// int8: two shuffles of 8-byte loads (bytes[m][h]) and an OR, no general-purpose register
+// moved into a vector; the W8A8 GEMVs (qlinear_core.h, act_bitmap_qgemv_core.h) expand with
+// it too. On Zen 3 their time did not change measurably against a control built in general
+// registers (11008x4096 at 50 %: 3.1-3.7 ms before and after, within that machine's noise).
 inline __m128i expand16_codes(unsigned w, const int8_t*& p) {
   const unsigned lo = w & 0xFFu, hi = w >> 8;
   const __m128i low = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
-                                       kLaneTables.byte_control(lo, 0));
+                                       control16(kByteTables.bytes[lo][0]));
   p += __builtin_popcount(lo);
   const __m128i high = _mm_shuffle_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
-                                        kLaneTables.byte_control(hi, 1));
+                                        control16(kByteTables.bytes[hi][1]));
   p += __builtin_popcount(hi);
   return _mm_or_si128(low, high);
 }
@@ -127,8 +103,15 @@ inline void expand16_quarters(unsigned w, const float*& p, __m256* first, __m256
 }
 
 // The 16 values of word w (packed at p, which moves past them) as floats in the lanes of
-// their inputs: 2 x 8 lanes.
-inline __m256i lane_control(const uint8_t (&control)[32]) {
+// their inputs: 2 x 8 lanes. AVX2 expands int8 and bf16 a byte of bits at a time into 8
+// float lanes with one 256-bit shuffle of the packed values (loaded into both 128-bit
+// halves): its controls (halves, codes) put each value's bytes at the top of its 32-bit
+// lane, where a bf16 already is its float and an int8 code becomes its integer by an
+// arithmetic shift. On AMD Zen 3 (AVX2 only, 11008x4096 at 50%, 2 threads, best of
+// interleaved runs) the bf16 GEMV took 2.4 ms instead of 3.2 with the 16-lane shuffle widened
+// by vpmovzx and shifts (the AVX-512 path's expansion), which had left bf16 slower than fp32
+// (4.1 ms); int8 took 2.2-2.4 ms instead of 2.5.
+inline __m256i control32(const uint8_t (&control)[32]) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(control));
 }
 // The 8 values of bitmap byte m, packed at p (16 bytes readable there), as floats in the
@@ -137,14 +120,14 @@ inline __m256 expand8(unsigned m, const bf16*& p) {
   const __m256i packed =
       _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   p += __builtin_popcount(m);
-  return _mm256_castsi256_ps(_mm256_shuffle_epi8(packed, lane_control(kLaneTables.halves[m])));
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(packed, control32(kByteTables.halves[m])));
 }
 inline __m256 expand8(unsigned m, const int8_t*& p) {
   int64_t eight;
   std::memcpy(&eight, p, sizeof eight);
   p += __builtin_popcount(m);
   const __m256i e = _mm256_shuffle_epi8(_mm256_set1_epi64x(eight),
-                                        lane_control(kLaneTables.codes[m]));
+                                        control32(kByteTables.codes[m]));
   return _mm256_cvtepi32_ps(_mm256_srai_epi32(e, 24));
 }
 template <typename T>
