@@ -115,7 +115,7 @@ __attribute__((always_inline)) inline void add_vector(float* __restrict sums,
 #else
   (void)expand;
   __m256 av[N];
-  for (int i = 0; i < N; ++i) av[i] = _mm256_set1_ps(a[i]);
+  for (int i = 0; i < N; ++i) av[i] = _mm256_set1_ps(a[i] / rows::kExpandUnit<T>);
   for (int64_t k = 0; k < words; ++k) {
     __m256 s0 = _mm256_loadu_ps(sums + 16 * k), s1 = _mm256_loadu_ps(sums + 16 * k + 8);
     for (int i = 0; i < N; ++i) {

@@ -8,8 +8,8 @@ namespace sparsekit::SPARSEKIT_ISA::rows {
 //  - pack[m][j]: the position of m's j-th set bit (columns for the batched path);
 //  - rank[m][i]: the rank of bit i among m's set bits, i.e. the packed value lane i takes
 //    (an index for vpermps);
+//  - keep[m][i]: all ones where bit i is set, else zero (the lanes vpermps filled rightly);
 //  - words[m]: 16 pshufb controls moving 8 packed bf16 values (2 bytes each) in place;
-//  - nibble[m & 15]: 16 pshufb controls moving 4 packed fp32 values (4 bytes each);
 //  - halves[m], codes[m]: 32 vpshufb controls (both 128-bit halves index the same 16
 //    packed bytes) putting each of 8 bf16 values, resp. int8 codes, at the top of the
 //    32-bit lane of its input (expand8);
@@ -22,8 +22,8 @@ namespace sparsekit::SPARSEKIT_ISA::rows {
 struct ByteTables {
   int32_t pack[256][8];
   int32_t rank[256][8];
+  int32_t keep[256][8];
   uint8_t words[256][16];
-  uint8_t nibble[16][16];
   uint8_t halves[256][32];  // bf16 value of rank r -> bytes 2, 3 of its lane: 2r, 2r + 1
   uint8_t codes[256][32];   // int8 code of rank r -> byte 3 of its lane: r
   uint8_t bytes[256][2][16];  // int8 code of rank r -> byte 8h + i (bit i of byte h): r
@@ -36,11 +36,9 @@ constexpr ByteTables make_byte_tables() {
     for (int i = 0; i < 8; ++i) {
       const bool set = (m >> i) & 1;
       t.rank[m][i] = n;
+      t.keep[m][i] = set ? -1 : 0;
       t.words[m][2 * i] = set ? 2 * n : 0x80;
       t.words[m][2 * i + 1] = set ? 2 * n + 1 : 0x80;
-      if (m < 16 && i < 4) {
-        for (int b = 0; b < 4; ++b) t.nibble[m][4 * i + b] = set ? 4 * n + b : 0x80;
-      }
       const int at = 16 * (i / 4) + 4 * (i % 4);  // lane i's bytes in its 128-bit half
       for (int b = 0; b < 4; ++b) {
         t.halves[m][at + b] = set && b >= 2 ? 2 * n + b - 2 : 0x80;
@@ -90,53 +88,52 @@ inline __m256i expand16_halves(unsigned w, const bf16*& p) {
   p += __builtin_popcount(hi);
   return _mm256_inserti128_si256(_mm256_castsi128_si256(e0), e1, 1);
 }
-inline void expand16_quarters(unsigned w, const float*& p, __m256* first, __m256* second) {
-  __m128i e[4];
-  for (int i = 0; i < 4; ++i) {
-    const unsigned m = (w >> (4 * i)) & 15u;
-    e[i] = shuffle16(p, kByteTables.nibble[m]);
-    p += __builtin_popcount(m);
-  }
-  *first = _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(e[0]), e[1], 1));
-  *second =
-      _mm256_castsi256_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(e[2]), e[3], 1));
-}
 
 // The 16 values of word w (packed at p, which moves past them) as floats in the lanes of
-// their inputs: 2 x 8 lanes. AVX2 expands int8 and bf16 a byte of bits at a time into 8
-// float lanes with one 256-bit shuffle of the packed values (loaded into both 128-bit
-// halves): its controls (halves, codes) put each value's bytes at the top of its 32-bit
-// lane, where a bf16 already is its float and an int8 code becomes its integer by an
-// arithmetic shift. On AMD Zen 3 (AVX2 only, 11008x4096 at 50%, 2 threads, best of
-// interleaved runs) the bf16 GEMV took 2.4 ms instead of 3.2 with the 16-lane shuffle widened
-// by vpmovzx and shifts (the AVX-512 path's expansion), which had left bf16 slower than fp32
-// (4.1 ms); int8 took 2.2-2.4 ms instead of 2.5.
-inline __m256i control32(const uint8_t (&control)[32]) {
-  return _mm256_load_si256(reinterpret_cast<const __m256i*>(control));
+// their inputs: 2 x 8 lanes, holding the values times kExpandUnit<T>, a byte of bits at a
+// time. int8 and bf16: one 256-bit shuffle of the packed values (loaded into both 128-bit
+// halves) whose controls (halves, codes) put each value's bytes at the top of its 32-bit
+// lane, where a bf16 already is its float and an int8 code its integer times 2^24, a float
+// exactly (the caller scales the sum back by 2^-24, also exactly). fp32: one vpermps of 8
+// packed values by the byte's ranks and an AND with its keep mask.
+// On AMD Zen 3 (AVX2 only, 11008x4096 at 50%, 2 threads) the bf16 GEMV took 2.4 ms with this
+// shuffle instead of 3.2 with the 16-lane one widened by vpmovzx and shifts (the AVX-512
+// path's expansion). The loop is then bound by instructions, not bytes (one thread streamed
+// 11 GB/s, two 21), so each word is expanded with few of them: its two table entries are
+// addressed straight from its bits (bits << 5, bits >> 3, one mask each), its second half
+// starts at p + popcount(low byte) and p moves once, by popcount(word); no arithmetic shift
+// for int8 (the 2^24), and for fp32 2 operations per byte instead of 4 shuffles of 4 values.
+template <typename T>
+constexpr float kExpandUnit = std::is_same_v<T, int8_t> ? 0x1p24f : 1.f;
+
+// The 32 bytes at byte `offset` (a multiple of 32) of a table of 32-byte entries.
+inline __m256i entry32(const void* table, unsigned offset) {
+  return _mm256_load_si256(
+      reinterpret_cast<const __m256i*>(static_cast<const char*>(table) + offset));
 }
-// The 8 values of bitmap byte m, packed at p (16 bytes readable there), as floats in the
-// lanes of their inputs; p moves past them.
-inline __m256 expand8(unsigned m, const bf16*& p) {
+// The 8 values packed at p as floats in the lanes of their inputs (times kExpandUnit), by the
+// table entries at byte `offset`, 32 times their bitmap byte. They read 32 bytes from p
+// (fp32), 16 (bf16) or 8 (int8).
+inline __m256 expand8(unsigned offset, const float* p) {
+  const __m256 moved = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), entry32(kByteTables.rank, offset));
+  return _mm256_and_ps(moved, _mm256_castsi256_ps(entry32(kByteTables.keep, offset)));
+}
+inline __m256 expand8(unsigned offset, const bf16* p) {
   const __m256i packed =
       _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  p += __builtin_popcount(m);
-  return _mm256_castsi256_ps(_mm256_shuffle_epi8(packed, control32(kByteTables.halves[m])));
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(packed, entry32(kByteTables.halves, offset)));
 }
-inline __m256 expand8(unsigned m, const int8_t*& p) {
-  int64_t eight;
-  std::memcpy(&eight, p, sizeof eight);
-  p += __builtin_popcount(m);
-  const __m256i e = _mm256_shuffle_epi8(_mm256_set1_epi64x(eight),
-                                        control32(kByteTables.codes[m]));
-  return _mm256_cvtepi32_ps(_mm256_srai_epi32(e, 24));
+inline __m256 expand8(unsigned offset, const int8_t* p) {
+  const __m256i packed =
+      _mm256_broadcastq_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_cvtepi32_ps(_mm256_shuffle_epi8(packed, entry32(kByteTables.codes, offset)));
 }
 template <typename T>
 inline void expand16(unsigned w, const T*& p, __m256* first, __m256* second) {
-  *first = expand8(w & 0xFFu, p);
-  *second = expand8(w >> 8, p);
-}
-inline void expand16(unsigned w, const float*& p, __m256* first, __m256* second) {
-  expand16_quarters(w, p, first, second);
+  const unsigned low = w & 0xFFu;
+  *first = expand8(low << 5, p);
+  *second = expand8((w >> 3) & 0x1FE0u, p + __builtin_popcount(low));
+  p += __builtin_popcount(w);
 }
 #endif
 
@@ -194,7 +191,8 @@ struct Bitmap {
 
   // Row r times x: a dense-like streaming loop that expands each word's packed values into
   // the lanes of their inputs, two words per step while 32 values remain in the array (each
-  // expansion reads 16 bytes past its values); the last words run the scalar loop.
+  // expansion reads past its values: AVX2 8 values, AVX-512 16 bytes); the last words run
+  // the scalar loop.
   float dot(int64_t r, const float* x) const {
 #if SPARSEKIT_AVX512
     return dot16(r, x, Permuted{});
@@ -207,7 +205,7 @@ struct Bitmap {
     const T* const end = v + rowptr[rows];
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                    _mm256_setzero_ps()};
-    for (; k + 2 <= words && end - p >= 32; k += 2) {
+    const auto step = [&] {
       prefetch_ahead(p);
       for (int u = 0; u < 2; ++u) {
         __m256 first, second;
@@ -216,8 +214,21 @@ struct Bitmap {
         a[2 * u + 1] =
             _mm256_fmadd_ps(second, _mm256_loadu_ps(x + 16 * (k + u) + 8), a[2 * u + 1]);
       }
+    };
+    // An expansion reads at most 8 values from its p, which stays within the row: a row with
+    // 16 values after it in the array runs its whole words unchecked.
+    if (end - (v + rowptr[r + 1]) >= 16) {
+      for (; k + 2 <= words; k += 2) step();
+    } else {
+      for (; k + 2 <= words && end - p >= 32; k += 2) step();
     }
     acc = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+    if constexpr (kExpandUnit<T> != 1.f) {
+      acc /= kExpandUnit<T>;  // exact: a power of two
+      // products of codes times 2^24 overflow where the inputs pass 2^97 / 127 or so; such a
+      // row (or one with an infinite or NaN input) is summed again one nonzero at a time
+      if (!std::isfinite(acc)) return tail(v + rowptr[r], b, 0, x, 0.f);
+    }
 #endif
     return tail(p, b, k, x, acc);
 #endif
