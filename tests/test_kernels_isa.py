@@ -322,6 +322,30 @@ def test_the_cores_compile_for_arm(tmp_path):
         assert obj.exists()
 
 
+QEMU = "qemu-aarch64"
+
+
+@pytest.mark.skipif(shutil.which(ARM_CXX) is None or shutil.which(QEMU) is None,
+                    reason=f"no {ARM_CXX} cross compiler or no {QEMU}")
+def test_the_portable_cores_compute_right_on_arm(tmp_path):
+    """The cores a 64-bit ARM CPU runs (the portable ones: GCC vector code, NEON there) built
+    for ARM and run under qemu against a double-precision loop (tests/arm/cores_check.cpp):
+    dense, CSR, bitmap rows × fp32, bf16, int8 × GEMV and SpMM."""
+    sources = Path(kernels.__file__).parent
+    exe = tmp_path / "cores_check"
+    build = subprocess.run(
+        [ARM_CXX, "-std=c++17", "-O2", "-fopenmp", "-Wall", "-Werror", "-static",
+         f"-I{sources}", str(Path(__file__).parent / "arm" / "cores_check.cpp"),
+         *(str(sources / f"isa_{isa}.cpp") for isa in ("scalar", "avx2", "avx512")),
+         "-o", str(exe)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    result = subprocess.run([QEMU, str(exe)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+    assert "scalar: 0 mismatches" in result.stdout
+
+
 def _act_case(x_kind: str, value: torch.dtype, g: torch.Generator):
     """A ragged activation-sparse case (37 inputs, 131 outputs, a third of the weights
     pruned): stored weights, x, threshold and the dense float64 weight they stand for."""
