@@ -1,9 +1,9 @@
 // The portable kernel cores (namespace sparsekit::scalar, the ones a 64-bit ARM CPU runs: GCC
 // vector code compiles to NEON there) against a plain double-precision loop: built with a
 // cross compiler and run under qemu by tests/test_kernels_isa.py (which skips where either
-// is missing). Dense, CSR (16- and 32-bit columns), bitmap and activation-sparse rows, each
-// with float32, bfloat16 and int8 values (per-row scales), a GEMV (batch 1) and an SpMM
-// (batch 5), on 2 threads. Prints one line per case and exits 1 on any mismatch.
+// is missing). Dense, CSR (16- and 32-bit columns), bitmap rows and, on a 2:4 weight, packed
+// N:M, each with float32, bfloat16 and int8 values (per-row scales), a GEMV (batch 1) and an
+// SpMM (batch 5), on 2 threads. Prints one line per case and exits 1 on any mismatch.
 
 #include <cmath>
 #include <cstdint>
@@ -40,17 +40,23 @@ float from_bf16(uint16_t h) {
 // (dequantized), the stored bytes per row-major position, and per-row scales for int8.
 struct Weight {
   Value value;
+  bool nm;                            // two nonzeros at most in every four inputs
   std::vector<double> dense;          // kRows x kCols, zeros where pruned
   std::vector<uint8_t> stored;        // kRows x kCols elements of the value type
   std::vector<float> scales;          // int8 only
   size_t size() const { return value == Value::f32 ? 4 : value == Value::bf16 ? 2 : 1; }
 };
 
+// sparsity < 0: 2:4 (two of every four consecutive inputs pruned, at random)
 Weight make_weight(Value value, double sparsity) {
-  Weight w{value, std::vector<double>(kRows * kCols), {}, {}};
+  Weight w{value, sparsity < 0, std::vector<double>(kRows * kCols), {}, {}};
   w.stored.assign(kRows * kCols * w.size(), 0);
   std::vector<float> raw(kRows * kCols);
   for (auto& f : raw) f = std::uniform_real_distribution<double>(0, 1)(rng) < sparsity ? 0.f : uniform();
+  for (size_t g = 0; sparsity < 0 && g < raw.size(); g += 4) {
+    const int a = static_cast<int>(rng() % 4), b = (a + 1 + static_cast<int>(rng() % 3)) % 4;
+    raw[g + a] = raw[g + b] = 0.f;
+  }
   if (value == Value::i8) w.scales.assign(kRows, 1.f);
   for (int64_t r = 0; r < kRows; ++r) {
     float amax = 0.f;
@@ -152,14 +158,40 @@ void check(const Weight& w, int64_t batch) {
   cores.bitmap_linear(sparsekit::BitmapArgs{io, w.value, values.data(), bits.data(), rowptr.data(),
                                             words, false});
   expect("bitmap", w, x, batch, y, bias);
+
+  if (!w.nm) return;
+  // packed 2:4: two values per group of four inputs, each with a 2-bit field naming its input
+  // (a padding value is zero and names the group's first), fields of a row from bit 0 of its
+  // words, 16 values per 32-bit word
+  const int64_t width = kCols / 4 * 2, nm_words = (width + 15) / 16;
+  std::vector<uint8_t> nm_values(kRows * width * size + 64 * size, 0);
+  std::vector<uint32_t> fields(kRows * nm_words, 0);
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t g = 0; g < kCols / 4; ++g) {
+      int64_t k = r * width + 2 * g;
+      for (int64_t i = 0; i < 4; ++i) {
+        if (!nonzero(w, r * kCols + 4 * g + i)) continue;
+        std::memcpy(&nm_values[k * size], &w.stored[(r * kCols + 4 * g + i) * size], size);
+        const int64_t bit = 2 * (k - r * width);
+        fields[r * nm_words + bit / 32] |= static_cast<uint32_t>(i) << (bit % 32);
+        ++k;
+      }
+    }
+  }
+  std::fill(y.begin(), y.end(), NAN);
+  cores.nm_linear(sparsekit::NMArgs{io, w.value, nm_values.data(), fields.data(), 2, 4, 2, width,
+                                    nm_words});
+  expect("nm 2:4", w, x, batch, y, bias);
 }
 
 }  // namespace
 
 int main() {
   for (const Value value : {Value::f32, Value::bf16, Value::i8}) {
-    const Weight w = make_weight(value, 0.6);
-    for (const int64_t batch : {1, 5}) check(w, batch);
+    for (const double sparsity : {0.6, -1.0}) {
+      const Weight w = make_weight(value, sparsity);
+      for (const int64_t batch : {1, 5}) check(w, batch);
+    }
   }
   std::printf("%s: %d mismatches\n", sparsekit::scalar::kCores.isa, failures);
   return failures ? 1 : 0;
