@@ -2,8 +2,8 @@
 // vector code compiles to NEON there) against a plain double-precision loop: built with a
 // cross compiler and run under qemu by tests/test_kernels_isa.py (which skips where either
 // is missing). Dense, CSR (16- and 32-bit columns), bitmap rows and, on a 2:4 weight, packed
-// N:M, each with float32, bfloat16 and int8 values (per-row scales), a GEMV (batch 1) and an
-// SpMM (batch 5), on 2 threads. Prints one line per case and exits 1 on any mismatch.
+// N:M, each with float32, bfloat16 and int8 values (per-row scales; int8 also W8A8, the inputs
+// quantized per row), a GEMV (batch 1) and an SpMM (batch 5), on 2 threads. Prints one line per case and exits 1 on any mismatch.
 
 #include <cmath>
 #include <cstdint>
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cores.h"
+#include "qlinear.h"
 
 namespace {
 
@@ -89,6 +90,22 @@ bool nonzero(const Weight& w, int64_t i) {
 
 int failures = 0;
 
+// x's rows on their int8 grids (W8A8: each row's largest magnitude / 127, rounded half to
+// even, as sparsekit.quantize), dequantized.
+std::vector<float> on_int8_grid(const std::vector<float>& x, int64_t batch) {
+  std::vector<float> q(x.size());
+  for (int64_t b = 0; b < batch; ++b) {
+    float amax = 0.f;
+    for (int64_t c = 0; c < kCols; ++c) amax = std::max(amax, std::fabs(x[b * kCols + c]));
+    const float sx = amax > 0.f ? amax / 127.f : 1.f;
+    for (int64_t c = 0; c < kCols; ++c) {
+      const float t = std::clamp(std::nearbyint(x[b * kCols + c] / sx), -127.f, 127.f);
+      q[b * kCols + c] = t * sx;
+    }
+  }
+  return q;
+}
+
 void expect(const char* what, const Weight& w, const std::vector<float>& x, int64_t batch,
             const std::vector<float>& y, const std::vector<float>& bias) {
   double worst = 0.0;
@@ -159,6 +176,18 @@ void check(const Weight& w, int64_t batch) {
                                             words, false});
   expect("bitmap", w, x, batch, y, bias);
 
+  if (w.value == Value::i8) {  // W8A8: the inputs quantized per row inside the op
+    const auto& q = sparsekit::scalar::kQCores;
+    const std::vector<float> xq = on_int8_grid(x, batch);
+    std::fill(y.begin(), y.end(), NAN);
+    q.dense_qlinear(sparsekit::DenseArgs{io, w.value, w.stored.data()});
+    expect("dense W8A8", w, xq, batch, y, bias);
+    std::fill(y.begin(), y.end(), NAN);
+    q.bitmap_qlinear(sparsekit::BitmapArgs{io, w.value, values.data(), bits.data(),
+                                           rowptr.data(), words, false});
+    expect("bitmap W8A8", w, xq, batch, y, bias);
+  }
+
   if (!w.nm) return;
   // packed 2:4: two values per group of four inputs, each with a 2-bit field naming its input
   // (a padding value is zero and names the group's first), fields of a row from bit 0 of its
@@ -182,6 +211,12 @@ void check(const Weight& w, int64_t batch) {
   cores.nm_linear(sparsekit::NMArgs{io, w.value, nm_values.data(), fields.data(), 2, 4, 2, width,
                                     nm_words});
   expect("nm 2:4", w, x, batch, y, bias);
+  if (w.value == Value::i8) {
+    std::fill(y.begin(), y.end(), NAN);
+    sparsekit::scalar::kQCores.nm_qlinear(sparsekit::NMArgs{
+        io, w.value, nm_values.data(), fields.data(), 2, 4, 2, width, nm_words});
+    expect("nm 2:4 W8A8", w, on_int8_grid(x, batch), batch, y, bias);
+  }
 }
 
 }  // namespace
