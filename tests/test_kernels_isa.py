@@ -330,7 +330,8 @@ QEMU = "qemu-aarch64"
 def test_the_portable_cores_compute_right_on_arm(tmp_path):
     """The cores a 64-bit ARM CPU runs (the portable ones: GCC vector code, NEON there) built
     for ARM and run under qemu against a double-precision loop (tests/arm/cores_check.cpp):
-    dense, CSR, bitmap rows and packed 2:4 × fp32, bf16, int8 (and W8A8) × GEMV and SpMM."""
+    dense, CSR, bitmap rows, packed 2:4 and the activation-sparse GEMV × fp32, bf16, int8
+    (and W8A8) × GEMV and SpMM."""
     sources = Path(kernels.__file__).parent
     exe = tmp_path / "cores_check"
     build = subprocess.run(

@@ -1,8 +1,8 @@
 // The portable kernel cores (namespace sparsekit::scalar, the ones a 64-bit ARM CPU runs: GCC
 // vector code compiles to NEON there) against a plain double-precision loop: built with a
 // cross compiler and run under qemu by tests/test_kernels_isa.py (which skips where either
-// is missing). Dense, CSR (16- and 32-bit columns), bitmap rows and, on a 2:4 weight, packed
-// N:M, each with float32, bfloat16 and int8 values (per-row scales; int8 also W8A8, the inputs
+// is missing). Dense, CSR (16- and 32-bit columns), bitmap rows, the activation-sparse GEMV
+// over the transposed weight and, on a 2:4 weight, packed N:M, each with float32, bfloat16 and int8 values (per-row scales; int8 also W8A8, the inputs
 // quantized per row), a GEMV (batch 1) and an SpMM (batch 5), on 2 threads. Prints one line per case and exits 1 on any mismatch.
 
 #include <cmath>
@@ -175,6 +175,28 @@ void check(const Weight& w, int64_t batch) {
   cores.bitmap_linear(sparsekit::BitmapArgs{io, w.value, values.data(), bits.data(), rowptr.data(),
                                             words, false});
   expect("bitmap", w, x, batch, y, bias);
+
+  if (batch == 1) {  // activation-sparse GEMV: the transposed weight's rows of kept inputs
+    std::vector<uint8_t> wt(kCols * kRows * size);
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t c = 0; c < kCols; ++c) {
+        std::memcpy(&wt[(c * kRows + r) * size], &w.stored[(r * kCols + c) * size], size);
+      }
+    }
+    std::vector<int32_t> idx;
+    std::vector<float> val, kept(kCols, 0.f);
+    for (int64_t c = 0; c < kCols; ++c) {
+      if (std::fabs(x[c]) < 0.5f) continue;  // TEAL-like: small inputs dropped
+      idx.push_back(static_cast<int32_t>(c));
+      val.push_back(x[c]);
+      kept[c] = x[c];
+    }
+    std::fill(y.begin(), y.end(), NAN);
+    cores.act_gemv(sparsekit::ActGemvArgs{w.value, wt.data(), out.scale, bias.data(), false,
+                                          idx.data(), val.data(),
+                                          static_cast<int64_t>(idx.size()), kRows, y.data(), 2});
+    expect("act_gemv", w, kept, 1, y, bias);
+  }
 
   if (w.value == Value::i8) {  // W8A8: the inputs quantized per row inside the op
     const auto& q = sparsekit::scalar::kQCores;
