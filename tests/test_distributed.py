@@ -163,6 +163,18 @@ def test_helpers_are_the_identity_without_a_process_group() -> None:
         assert isinstance(model.weight, nn.Parameter)
 
 
+def test_import_sparsekit_leaves_dynamo_and_dtensor_unimported() -> None:
+    # each takes about a second to import; sparsekit needs neither until a DTensor or a
+    # torch.compile exists (distributed.is_dtensor, kernels.num_threads' constant mark)
+    code = ("import sys, sparsekit, sparsekit.engine, sparsekit.llm, sparsekit.distributed; "
+            "print(sorted(m for m in ('torch._dynamo', 'torch.distributed.tensor') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
 def test_helpers_on_a_one_rank_mesh(one_rank) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -170,7 +182,8 @@ def test_helpers_on_a_one_rank_mesh(one_rank) -> None:
     mesh = init_device_mesh("cpu", (1,))
     whole = torch.arange(12.0).reshape(4, 3)
     d = distribute_tensor(whole, mesh, [Shard(0)])
-    assert isinstance(d, DTensor)
+    assert isinstance(d, DTensor) and distributed.is_dtensor(d)
+    assert not distributed.is_dtensor(whole) and not distributed.is_dtensor("d")
     assert torch.equal(distributed.full(d), whole)
     distributed.local(d).zero_()  # the shard itself: writes reach the DTensor
     assert not distributed.full(d).any()

@@ -63,3 +63,17 @@ def test_a_layer_of_two_formats_traces_the_path_of_its_rows(rows):
     torch._dynamo.reset()
     traced = torch.compile(compiled, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(traced(x), compiled(x))
+
+
+def test_num_threads_carries_what_assume_constant_result_marks():
+    # kernels.num_threads sets the decorator's mark itself (the decorator imports Dynamo,
+    # about a second, on `import sparsekit`); this fails if torch marks some other way
+    from sparsekit.engine import kernels
+
+    def probe() -> int:
+        return 1
+
+    before = dict(vars(probe))
+    torch.compiler.assume_constant_result(probe)
+    marks = {k: v for k, v in vars(probe).items() if k not in before}
+    assert marks and all(getattr(kernels.num_threads, k, None) == v for k, v in marks.items())

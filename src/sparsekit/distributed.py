@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 MASKS_HINT = (
@@ -39,6 +39,7 @@ __all__ = [
     "all_reduce_sum",
     "check_same_on_ranks",
     "full",
+    "is_dtensor",
     "is_sharded",
     "local",
     "rank",
@@ -92,22 +93,30 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
 # -- FSDP2 shards -------------------------------------------------------------------------
 
 
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``DTensor``. ``torch.distributed.tensor`` is not imported for the
+    question (its import takes about a second, a third of ``import sparsekit``): until
+    something has imported it, no ``DTensor`` exists."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a ``DTensor`` (the model went through
     ``fully_shard`` or tensor parallelism)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a ``DTensor`` gathered from every rank (a collective: every rank
     must call it, in the same order), any other tensor as it is."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a ``DTensor`` (sharing its storage: writes reach the
     ``DTensor``), any other tensor as it is."""
-    if not isinstance(t, DTensor):
+    if not is_dtensor(t):
         return t
     with torch.no_grad():  # the shard itself, not an autograd view of it
         return t.to_local()
@@ -117,8 +126,10 @@ def shard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The whole tensor ``t`` laid out like ``like``: a ``DTensor`` with its mesh and
     placements when ``like`` is one (each rank keeps its own part; no communication, so
     ``t`` must be the same on every rank), else ``t``."""
-    if not isinstance(like, DTensor):
+    if not is_dtensor(like):
         return t
+    from torch.distributed.tensor import distribute_tensor  # imported already: like is one
+
     if t.shape != like.shape:
         raise ValueError(f"tensor of shape {tuple(t.shape)} cannot be laid out like a DTensor "
                          f"of shape {tuple(like.shape)}")

@@ -23,9 +23,8 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from sparsekit.distributed import full
+from sparsekit.distributed import full, is_dtensor
 from sparsekit.engine import kernels
 from sparsekit.engine._moved import moved
 from sparsekit.engine.compiled_linear import dense_linear
@@ -392,7 +391,7 @@ class SparseLinear(nn.Module):
     def _check_unsharded(self, what: str) -> None:
         """Raise ``ValueError`` if ``values`` is an FSDP2 shard (a ``DTensor``): changing
         the number of nonzeros would invalidate the layout of every rank's shard."""
-        if isinstance(self.values, DTensor):
+        if is_dtensor(self.values):
             raise ValueError(
                 f"SparseLinear: {what} changes the number of stored weights, which FSDP2 "
                 "cannot follow (fully_shard laid out the values' shards for the structure "

@@ -77,12 +77,17 @@ def load() -> ModuleType | None:
     return _module
 
 
-@torch.compiler.assume_constant_result
 def num_threads() -> int:
     """``torch.get_num_threads()``, read as a constant when ``torch.compile`` or
     ``torch.export`` traces a kernel call (it returns an int, which Dynamo cannot put in a
     graph): a traced model keeps the thread count it was traced with."""
     return torch.get_num_threads()
+
+
+# torch.compiler.assume_constant_result(num_threads), which imports Dynamo to set this one
+# attribute: that import took 0.8-1.6 s, half of `import sparsekit`, for every CLI call and
+# process. tests/test_export.py checks that the decorator still sets exactly this.
+num_threads._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def available() -> bool:
