@@ -2,8 +2,10 @@
 // vector code compiles to NEON there) against a plain double-precision loop: built with a
 // cross compiler and run under qemu by tests/test_kernels_isa.py (which skips where either
 // is missing). Dense, CSR (16- and 32-bit columns), bitmap rows, the activation-sparse GEMV
-// over the transposed weight and, on a 2:4 weight, packed N:M, each with float32, bfloat16 and int8 values (per-row scales; int8 also W8A8, the inputs
-// quantized per row), a GEMV (batch 1) and an SpMM (batch 5), on 2 threads. Prints one line per case and exits 1 on any mismatch.
+// over the transposed weight and, on a 2:4 weight, packed N:M, each with float32, bfloat16
+// and int8 values (per-row scales; int8 also W8A8, the inputs quantized per row), a GEMV
+// (batch 1) and an SpMM (batch 5), on 2 threads. Prints one line per case and exits 1 on any
+// mismatch.
 
 #include <cmath>
 #include <cstdint>
@@ -53,7 +55,8 @@ Weight make_weight(Value value, double sparsity) {
   Weight w{value, sparsity < 0, std::vector<double>(kRows * kCols), {}, {}};
   w.stored.assign(kRows * kCols * w.size(), 0);
   std::vector<float> raw(kRows * kCols);
-  for (auto& f : raw) f = std::uniform_real_distribution<double>(0, 1)(rng) < sparsity ? 0.f : uniform();
+  std::uniform_real_distribution<double> unit(0, 1);
+  for (auto& f : raw) f = unit(rng) < sparsity ? 0.f : uniform();
   for (size_t g = 0; sparsity < 0 && g < raw.size(); g += 4) {
     const int a = static_cast<int>(rng() % 4), b = (a + 1 + static_cast<int>(rng() % 3)) % 4;
     raw[g + a] = raw[g + b] = 0.f;
@@ -157,10 +160,12 @@ void check(const Weight& w, int64_t batch) {
   }
   values.resize(values.size() + 64 * size);  // slack past the last value, as the ops allocate
   std::fill(y.begin(), y.end(), NAN);
-  cores.csr_linear(sparsekit::CsrArgs{io, w.value, values.data(), col16.data(), true, rowptr.data()});
+  cores.csr_linear(
+      sparsekit::CsrArgs{io, w.value, values.data(), col16.data(), true, rowptr.data()});
   expect("csr16", w, x, batch, y, bias);
   std::fill(y.begin(), y.end(), NAN);
-  cores.csr_linear(sparsekit::CsrArgs{io, w.value, values.data(), col32.data(), false, rowptr.data()});
+  cores.csr_linear(
+      sparsekit::CsrArgs{io, w.value, values.data(), col32.data(), false, rowptr.data()});
   expect("csr32", w, x, batch, y, bias);
 
   // bitmap rows: 16-bit words per row, the same packed values and row pointers
@@ -168,7 +173,9 @@ void check(const Weight& w, int64_t batch) {
   std::vector<uint16_t> bits(kRows * words, 0);
   for (int64_t r = 0; r < kRows; ++r) {
     for (int64_t c = 0; c < kCols; ++c) {
-      if (nonzero(w, r * kCols + c)) bits[r * words + c / 16] |= static_cast<uint16_t>(1u << (c % 16));
+      if (nonzero(w, r * kCols + c)) {
+        bits[r * words + c / 16] |= static_cast<uint16_t>(1u << (c % 16));
+      }
     }
   }
   std::fill(y.begin(), y.end(), NAN);
