@@ -51,14 +51,20 @@ constexpr int64_t sum_index(int64_t o) {
 }
 
 // The table expansion of bitmap_core.h (rows::expand16), on every instruction set: one word
-// at a time into the lanes of its outputs, which hold the values themselves.
+// at a time into the lanes of its outputs, which hold the values times kUnit (1; AVX2's
+// int8 codes: 2^24, rows::kExpandUnit).
 struct ByTables {
   template <typename T>
   static constexpr int kWords = 1;  // bitmap words per expansion: 16 * kWords lanes
   template <typename T>
   static constexpr bool kInterleaved = false;  // the lanes' outputs (sum_index)
+#if SPARSEKIT_AVX2 && !SPARSEKIT_AVX512
+  template <typename T>
+  static constexpr float kUnit = rows::kExpandUnit<T>;  // the lanes hold the values times kUnit
+#else
   template <typename T>
   static constexpr float kUnit = 1.f;  // the lanes hold the values times kUnit
+#endif
   // Kept columns added per load and store of the sums: 8 fp32 or bf16 columns on AVX-512
   // (32 registers) ran 1.15-1.3x faster than 4 (5632x2048, 50 % x 50 %, one thread, Zen 5),
   // but int8 ran 2x slower (its expansion needs more general registers, which then spill);
@@ -115,7 +121,7 @@ __attribute__((always_inline)) inline void add_vector(float* __restrict sums,
 #else
   (void)expand;
   __m256 av[N];
-  for (int i = 0; i < N; ++i) av[i] = _mm256_set1_ps(a[i] / rows::kExpandUnit<T>);
+  for (int i = 0; i < N; ++i) av[i] = _mm256_set1_ps(a[i] / Expand::template kUnit<T>);
   for (int64_t k = 0; k < words; ++k) {
     __m256 s0 = _mm256_loadu_ps(sums + 16 * k), s1 = _mm256_loadu_ps(sums + 16 * k + 8);
     for (int i = 0; i < N; ++i) {
