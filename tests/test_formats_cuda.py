@@ -35,6 +35,21 @@ def test_cpu_weights_are_not_candidates() -> None:
         assert not CudaSemiStructured.supports(w) and not CudaBSR.supports(w)
 
 
+@pytest.mark.parametrize(("capability", "cusparselt", "runs"), [
+    ((7, 5), True, False), ((8, 0), False, True), ((8, 9), False, True),
+    ((9, 0), False, False), ((9, 0), True, True),
+])
+def test_semi_structured_needs_a_gpu_whose_kernels_exist(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], cusparselt: bool, runs: bool
+) -> None:
+    # torch's CUTLASS fallback exists for 8.x only: on an H200 (9.0) without cuSPARSELt it
+    # raises at the first product, so the format must not be a candidate there
+    from sparsekit.engine.formats import cuda as cuda_formats
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: cusparselt)
+    assert cuda_formats._runs_semi_structured(torch.device("cuda")) is runs
+
+
 @pytest.mark.parametrize("fmt", ["cuda_24", "cuda_bsr"])
 def test_packing_round_trips_and_cpu_product(fmt: str) -> None:
     w = _two_four(32, 64) if fmt == "cuda_24" else _blocks(32, 64)

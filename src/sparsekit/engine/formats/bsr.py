@@ -124,8 +124,10 @@ def _stored_weights(
     occupied: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]
 ) -> int:
     """In-bounds weights of the occupied blocks (edge blocks are cropped)."""
-    heights = (shape[0] - torch.arange(occupied.shape[0]) * block[0]).clamp(max=block[0])
-    widths = (shape[1] - torch.arange(occupied.shape[1]) * block[1]).clamp(max=block[1])
+    rows = torch.arange(occupied.shape[0], device=occupied.device)
+    cols = torch.arange(occupied.shape[1], device=occupied.device)
+    heights = (shape[0] - rows * block[0]).clamp(max=block[0])
+    widths = (shape[1] - cols * block[1]).clamp(max=block[1])
     return int((occupied * heights[:, None] * widths[None, :]).sum())
 
 

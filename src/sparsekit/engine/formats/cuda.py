@@ -25,6 +25,16 @@ __all__ = ["CudaBSR", "CudaSemiStructured"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _runs_semi_structured(device: torch.device) -> bool:
+    """Whether torch's semi-structured kernels run on ``device``: cuSPARSELt on compute
+    capability 8.0 or newer, or else its CUTLASS kernels, which exist for 8.x only (on an
+    H200, 9.0, they raise "Supported only on GPUs with compute capability 8.x")."""
+    capability = torch.cuda.get_device_capability(device)
+    return capability >= (8, 0) and (
+        capability[0] == 8 or torch.backends.cusparselt.is_available()
+    )
+
+
 class CudaSemiStructured(Format):
     """2:4 weights for torch's semi-structured GPU kernels.
 
@@ -44,7 +54,7 @@ class CudaSemiStructured(Format):
         if weight.dim() != 2 or not super().supports(weight):
             return False
         rows, cols = weight.shape
-        if rows % 64 or cols % 64 or torch.cuda.get_device_capability(weight.device) < (8, 0):
+        if rows % 64 or cols % 64 or not _runs_semi_structured(weight.device):
             return False
         return bool(((weight.view(rows, -1, 4) != 0).sum(-1) <= 2).all())
 
