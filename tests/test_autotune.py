@@ -543,3 +543,20 @@ def test_effective_cache_measures_this_machine() -> None:
     assert min(1 << 20, autotune.last_level_cache_bytes()) <= size
     assert size <= autotune.last_level_cache_bytes()
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize(("sparse_ms", "rounds"), [
+    ([0.5, 0.52, 0.49], 5),    # wins every round by far: settled after the fewest rounds
+    ([0.99, 1.01, 0.98], 5),   # never 5 % faster (nor slower): settled as well
+    ([0.5, 0.99, 0.98], 15),   # wins one round in three: every round is run
+])
+def test_measure_stops_once_every_round_agrees(
+    monkeypatch: pytest.MonkeyPatch, sparse_ms: list[float], rounds: int
+) -> None:
+    dense, sparse = nn.Linear(4, 4), nn.Linear(4, 4)
+    cycles = {id(dense): itertools.cycle([1.0]), id(sparse): itertools.cycle(sparse_ms)}
+    monkeypatch.setattr(autotune, "_time_block", lambda m, x, reps: next(cycles[id(m)]) * 1e-6)
+    samples = autotune.measure({"dense": dense, "csr16": sparse}, (4,), [1, 3], torch.float32,
+                               torch.device("cpu"))
+    assert {r: {n: len(t) for n, t in s.items()} for r, s in samples.items()} == {
+        r: {"dense": rounds, "csr16": rounds} for r in (1, 3)}

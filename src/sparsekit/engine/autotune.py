@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import statistics
 import time
@@ -190,7 +191,9 @@ def measure(
                     seconds = _time_block(modules[n], x, reps[n])
                 times[n].append(seconds * 1e3)
                 spent += seconds * reps[n]
-            if i + 1 >= _MIN_ROUNDS and spent > _ROUND_BUDGET_S * len(names):
+            if i + 1 >= _MIN_ROUNDS and (
+                spent > _ROUND_BUDGET_S * len(names) or _settled(times)
+            ):
                 break
         samples[r] = times
     return samples
@@ -302,6 +305,17 @@ def _replaces(samples: Samples, name: str, reference: str = "dense") -> bool:
 def _wins(mine: list[float], dense: list[float]) -> int:
     """Rounds in which ``mine`` was faster than dense by the margin."""
     return sum(m <= (1 - MARGIN) * d for m, d in zip(mine, dense, strict=True))
+
+
+def _settled(times: Mapping[str, list[float]]) -> bool:
+    """Whether the rounds so far agree on every pair of formats: each of the two faster than
+    the other by :data:`MARGIN` in every round or in none. More rounds cannot then turn
+    :func:`choose`'s rule (a median that much faster *and* a majority of winning rounds)
+    unless the machine changes under them, so :func:`measure` stops at :data:`_MIN_ROUNDS`:
+    five unanimous rounds are a sign test at 1/32. A layer whose formats are far apart (most
+    of them: dense against a sparse format at the wrong size) is timed in 5 rounds instead
+    of 15, and where noise or a close call splits the rounds, all of them are still run."""
+    return all(_wins(a, b) in (0, len(a)) for a, b in itertools.permutations(times.values(), 2))
 
 
 def _spread(times: list[float]) -> float:
