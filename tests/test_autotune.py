@@ -549,14 +549,27 @@ def test_effective_cache_measures_this_machine() -> None:
     ([0.5, 0.52, 0.49], 5),    # wins every round by far: settled after the fewest rounds
     ([0.99, 1.01, 0.98], 5),   # never 5 % faster (nor slower): settled as well
     ([0.5, 0.99, 0.98], 15),   # wins one round in three: every round is run
+    ([1.5, 0.99, 1.0], 15),    # loses by the margin in one round in three: likewise
 ])
-def test_measure_stops_once_every_round_agrees(
+def test_measure_stops_once_every_round_agrees_against_the_reference(
     monkeypatch: pytest.MonkeyPatch, sparse_ms: list[float], rounds: int
 ) -> None:
-    dense, sparse = nn.Linear(4, 4), nn.Linear(4, 4)
-    cycles = {id(dense): itertools.cycle([1.0]), id(sparse): itertools.cycle(sparse_ms)}
+    # a third format always at 0.5 splits its rounds against csr16's 0.5-0.52 but not against
+    # the reference: only the pairs with the reference decide whether a format may replace it
+    dense, sparse, other = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+    cycles = {id(dense): itertools.cycle([1.0]), id(sparse): itertools.cycle(sparse_ms),
+              id(other): itertools.cycle([0.5])}
     monkeypatch.setattr(autotune, "_time_block", lambda m, x, reps: next(cycles[id(m)]) * 1e-6)
-    samples = autotune.measure({"dense": dense, "csr16": sparse}, (4,), [1, 3], torch.float32,
-                               torch.device("cpu"))
+    samples = autotune.measure({"dense": dense, "csr16": sparse, "bitmap": other}, (4,), [1, 3],
+                               torch.float32, torch.device("cpu"))
     assert {r: {n: len(t) for n, t in s.items()} for r, s in samples.items()} == {
-        r: {"dense": rounds, "csr16": rounds} for r in (1, 3)}
+        r: dict.fromkeys(("dense", "csr16", "bitmap"), rounds) for r in (1, 3)}
+    fused = autotune.measure({"separate": dense, "fused": other}, (4,), [1], torch.float32,
+                             torch.device("cpu"), reference="separate")
+    assert len(fused[1]["fused"]) == 5
+
+
+def test_measure_needs_its_reference_among_the_modules() -> None:
+    with pytest.raises(ValueError, match="reference must be one of the modules.*'dense'"):
+        autotune.measure({"separate": nn.Linear(4, 4)}, (4,), [1], torch.float32,
+                         torch.device("cpu"))

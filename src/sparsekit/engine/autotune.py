@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import math
 import statistics
 import time
@@ -166,11 +165,20 @@ def measure(
     dtype: torch.dtype,
     device: torch.device,
     inputs: torch.Tensor | None = None,
+    *,
+    reference: str = "dense",
 ) -> Samples:
     """Milliseconds per call of each of ``modules`` (by format name) for inputs of shape
     ``(r, *in_shape)``, ``r`` in ``rows``, one time per interleaved round: random normal
     ones, or the first ``r`` of ``inputs`` (``(n, *in_shape)``, repeated as needed) where
-    the time depends on the values (e.g. an activation-sparse layer)."""
+    the time depends on the values (e.g. an activation-sparse layer).
+
+    ``reference`` (one of ``modules``, :func:`choose`'s) is the format the others must beat:
+    a row count's rounds stop early once each of them has beaten it by :data:`MARGIN` in
+    every round or in none (:func:`_settled`)."""
+    if reference not in modules:
+        raise ValueError(f"reference must be one of the modules {sorted(modules)}, got "
+                         f"{reference!r}")
     samples: Samples = {}
     names = list(modules)
     for r in rows:
@@ -192,7 +200,7 @@ def measure(
                 times[n].append(seconds * 1e3)
                 spent += seconds * reps[n]
             if i + 1 >= _MIN_ROUNDS and (
-                spent > _ROUND_BUDGET_S * len(names) or _settled(times)
+                spent > _ROUND_BUDGET_S * len(names) or _settled(times, reference)
             ):
                 break
         samples[r] = times
@@ -307,15 +315,19 @@ def _wins(mine: list[float], dense: list[float]) -> int:
     return sum(m <= (1 - MARGIN) * d for m, d in zip(mine, dense, strict=True))
 
 
-def _settled(times: Mapping[str, list[float]]) -> bool:
-    """Whether the rounds so far agree on every pair of formats: each of the two faster than
-    the other by :data:`MARGIN` in every round or in none. More rounds cannot then turn
-    :func:`choose`'s rule (a median that much faster *and* a majority of winning rounds)
-    unless the machine changes under them, so :func:`measure` stops at :data:`_MIN_ROUNDS`:
-    five unanimous rounds are a sign test at 1/32. A layer whose formats are far apart (most
-    of them: dense against a sparse format at the wrong size) is timed in 5 rounds instead
-    of 15, and where noise or a close call splits the rounds, all of them are still run."""
-    return all(_wins(a, b) in (0, len(a)) for a, b in itertools.permutations(times.values(), 2))
+def _settled(times: Mapping[str, list[float]], reference: str) -> bool:
+    """Whether the rounds so far agree on every format against ``reference``: faster than it
+    by :data:`MARGIN` in every round or in none, and it faster than the format by the margin
+    in every round or in none. More rounds cannot then turn :func:`choose`'s rule (a median
+    that much faster *and* a majority of winning rounds) unless the machine changes under
+    them, so :func:`measure` stops at :data:`_MIN_ROUNDS`: five unanimous rounds are a sign
+    test at 1/32. The formats that pass are then ranked by their medians, which needs no
+    such test. A layer whose formats are far from dense (most of them: a sparse format at
+    the wrong size) is timed in 5 rounds instead of 15; where noise or a close call splits
+    the rounds, all of them are still run."""
+    ref = times[reference]
+    return all(_wins(t, ref) in (0, len(t)) and _wins(ref, t) in (0, len(t))
+               for name, t in times.items() if name != reference)
 
 
 def _spread(times: list[float]) -> float:

@@ -448,7 +448,7 @@ def _fuse(
     def timed() -> dict[str, object]:
         modules = {"separate": _Separate(separate), "fused": projections}
         samples = autotune.measure(modules, in_shape, rows, dtype, stacked.weight.device,
-                                   inputs)
+                                   inputs, reference="separate")
         return autotune.choose(samples, ["separate", "fused"], reference="separate")[1]
 
     choice = _decided(key, memo, label, timed)
@@ -602,7 +602,7 @@ def _activation_wins(
     modules = {"weight_only": weight_only, "activation": act}
     with _fresh_inputs(weight_only, act):
         samples = autotune.measure(modules, (act.in_features,), rows, dtype,
-                                   act.threshold.device, inputs)
+                                   act.threshold.device, inputs, reference="weight_only")
     decode = autotune.choose({1: samples[1]}, ["activation"], reference="weight_only")[1]
     speed = {r: min(t["weight_only"]) / max(min(t["activation"]), 1e-12)
              for r, t in samples.items() if r > 1}
