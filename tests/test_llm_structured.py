@@ -472,3 +472,17 @@ def test_bert_heads_and_ffn_reload_bit_identical_with_load_pretrained(tmp_path, 
     assert [b.attention.self.num_attention_heads for b in back.encoder.layer] == \
         [b.attention.self.num_attention_heads for b in model.encoder.layer]
     assert torch.equal(out(back, ids), out(model, ids))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("unit", [("ffn", "heads"), "layers"])
+def test_a_model_on_a_gpu_takes_calibration_tokens_made_on_the_cpu(unit):
+    # calibration from texts is tokenized on the CPU; the model's first parameter says
+    # where the tokens go (as llm.prune's block capture does): the run on an H200 raised
+    # "Expected all tensors to be on the same device" before
+    model, ids = llama().cuda(), tokens()
+    reference = copy.deepcopy(model).cpu()
+    prune_structured(model, ids, 0.5 if unit == "layers" else 0.25, unit=unit)
+    prune_structured(reference, ids, 0.5 if unit == "layers" else 0.25, unit=unit)
+    assert widths(model) == widths(reference)
+    assert model.config.num_hidden_layers == reference.config.num_hidden_layers

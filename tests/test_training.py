@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sparsekit.training import accuracy, inference, minibatches
+import sparsekit
+from sparsekit.training import accuracy, inference, minibatches, train_epoch
 
 
 def test_inference_restores_every_modules_own_mode() -> None:
@@ -40,3 +41,23 @@ def test_minibatches_and_the_deprecated_name() -> None:
     with pytest.warns(DeprecationWarning, match="minibatches"):
         from sparsekit.training import batches
     assert batches is minibatches
+
+
+def test_train_epoch_learns_keeps_the_masks_and_calls_on_step() -> None:
+    # a linearly separable task: a few epochs of the plain loop fit it, the attached masks
+    # keep the pruned weights at zero through every Adam step, and the mean loss falls
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    data = TensorDataset(x, (x[:, 0] + x[:, 1] > 0).long())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    masks = sparsekit.prune(model, 0.5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    masks.attach(optimizer)
+    steps = []
+    losses = [train_epoch(model, data, optimizer, batch_size=32, seed=e,
+                          on_step=lambda: steps.append(1)) for e in range(10)]
+    assert len(steps) == 10 * 8 and model.training
+    assert losses[-1] < 0.5 * losses[0] and accuracy(model, data) > 0.9
+    for name, mask in masks.masks.items():
+        assert not masks.params[name][~mask].any()

@@ -24,8 +24,8 @@ from torch import nn
 from sparsekit.observe import batches, preserved
 from sparsekit.targets import linear_types as layer_types  # nn.Linear and GPT-2's Conv1D
 
-__all__ = ["BlockCall", "BlockReplay", "capture_inputs", "find_blocks", "layer_types",
-           "to_device"]
+__all__ = ["BlockCall", "BlockReplay", "capture_inputs", "find_blocks", "home_device",
+           "layer_types", "to_device"]
 
 _HIDDEN = "hidden_states"
 # A replayed call must not grow a key-value cache: every replay would attend to the last.
@@ -117,8 +117,7 @@ def capture_inputs(
 
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
         else {}
-    first = next(model.parameters(), None)
-    home = first.device if first is not None else None
+    home = home_device(model)
     handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True)
                for i, b in enumerate(blocks)]
     try:
@@ -165,6 +164,14 @@ class BlockReplay:
         hidden, call = self.calls[block]
         with torch.no_grad():
             return call(self.modules[block], hidden).float()
+
+
+def home_device(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter (``None`` without parameters): where its
+    inputs go, as calibration tokens made on the CPU (from texts, say) must for a model on
+    a GPU."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else None
 
 
 def to_device(obj: Any, device: torch.device | None) -> Any:

@@ -49,6 +49,7 @@ from torch import nn
 
 from sparsekit._checks import check_fraction
 from sparsekit.allocation import ALLOCATIONS
+from sparsekit.blocks import home_device, to_device
 from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
 from sparsekit.observe import input_stats, run
 from sparsekit.scores.flap import fluctuation_scores, input_moments
@@ -133,6 +134,7 @@ def prune_structured(
         tokens = calibration_tokens(calibration, tokenizer=tokenizer, nsamples=nsamples,
                                     seqlen=seqlen, seed=seed)
         check_token_ids(tokens, model)
+        tokens = to_device(tokens, home_device(model))  # a model on a GPU, tokens made here
     if units == ("layers",):
         _remove_layers(model, blocks, block_influence(model, tokens), amount)
     else:
