@@ -318,13 +318,14 @@ def _wins(mine: list[float], dense: list[float]) -> int:
 def _settled(times: Mapping[str, list[float]], reference: str) -> bool:
     """Whether the rounds so far agree on every format against ``reference``: faster than it
     by :data:`MARGIN` in every round or in none, and it faster than the format by the margin
-    in every round or in none. More rounds cannot then turn :func:`choose`'s rule (a median
-    that much faster *and* a majority of winning rounds) unless the machine changes under
-    them, so :func:`measure` stops at :data:`_MIN_ROUNDS`: five unanimous rounds are a sign
-    test at 1/32. The formats that pass are then ranked by their medians, which needs no
-    such test. A layer whose formats are far from dense (most of them: a sparse format at
-    the wrong size) is timed in 5 rounds instead of 15; where noise or a close call splits
-    the rounds, all of them are still run."""
+    in every round or in none. To turn :func:`choose`'s verdict (a median that much faster
+    *and* a majority of winning rounds), most of ten more rounds would have to contradict
+    all five, i.e. the machine would have to change under them, so :func:`measure` stops
+    at :data:`_MIN_ROUNDS`: five unanimous rounds are a sign test at 1/32. The formats that
+    pass are then ranked by their medians, which needs no such test. A layer whose formats
+    are far from dense (most of them: a sparse format at the wrong size) is timed in 5
+    rounds instead of 15; where noise or a close call splits the rounds, all of them are
+    still run."""
     ref = times[reference]
     return all(_wins(t, ref) in (0, len(t)) and _wins(ref, t) in (0, len(t))
                for name, t in times.items() if name != reference)
