@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from sparsekit.blocks import BlockCall, BlockReplay, capture_inputs, find_blocks, to_device
+from sparsekit.blocks import (
+    BlockCall,
+    BlockReplay,
+    capture_inputs,
+    find_blocks,
+    home_device,
+    to_device,
+)
 
 
 class Block(nn.Module):
@@ -148,3 +155,9 @@ def test_to_device_moves_nested_tensors_only():
     moved = to_device(obj, torch.device("cpu"))
     assert moved[1][1] == "x" and moved[3] == 3 and torch.equal(moved[2]["a"], torch.ones(2))
     assert to_device(obj, None) is obj
+
+
+def test_home_device_is_where_the_first_parameter_lives() -> None:
+    assert home_device(nn.Sequential(nn.ReLU())) is None  # nothing to say where inputs go
+    assert home_device(nn.Linear(2, 2)) == torch.device("cpu")
+    assert home_device(nn.Linear(2, 2, device="meta")) == torch.device("meta")
