@@ -104,10 +104,12 @@ def main() -> int:
         setup, method, threads, out = args.worker
         worker(setup, method, int(threads), out)
         return 0
+    if args.cores < 2:  # two processes on half of them each: one core cannot be shared
+        parser.error(f"--cores must be at least 2 (two processes share them), got {args.cores}")
     setup = "quick" if args.quick else "full"
     repeats = args.repeats or (2 if args.quick else 3)
     hidden, layers, windows, seqlen = SETUPS[setup]
-    half = max(1, args.cores // 2)
+    half = args.cores // 2
     # (processes, threads each): all cores in one process, one process on half of them (on
     # a loaded machine more threads can be slower), and two processes on half each.
     configs = [(1, args.cores), (1, half), (2, half)]

@@ -274,7 +274,7 @@ def test_distributed_prune_benchmark_quick(tmp_path) -> None:
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "distributed_prune.py"), "--quick",
-         "--methods", "wanda", "--repeats", "1", "--out", str(tmp_path)],
+         "--methods", "wanda", "--repeats", "1", "--cores", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
@@ -284,6 +284,18 @@ def test_distributed_prune_benchmark_quick(tmp_path) -> None:
     assert row["method"] == "wanda" and row["mask_agreement"] == 1.0
     assert [(r["processes"], r["best"] > 0) for r in row["runs"]] == [(1, True)] * 2 + [(2, True)]
     assert "| wanda |" in (tmp_path / "distributed_prune_quick.md").read_text()
+
+
+def test_distributed_prune_benchmark_refuses_a_single_core() -> None:
+    # one core cannot give two processes half of it each: the runs would compare one
+    # process on one core with two on two (and time the one-core setting twice)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "distributed_prune.py"), "--cores", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "--cores must be at least 2" in result.stderr
+    assert "got 1" in result.stderr
 
 
 # -- sparsekit.prune with data under torchrun ------------------------------------------------
