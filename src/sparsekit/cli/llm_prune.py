@@ -20,6 +20,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import sparsekit
+from sparsekit.blocks import home_device
 from sparsekit.cli._errors import UsageError
 from sparsekit.cli._output import check_output, write_output
 from sparsekit.cli.report import show
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         )
     after = quality(dense)
 
-    example = torch.zeros(1, 8, dtype=torch.long, device=next(model.parameters()).device)
+    example = torch.zeros(1, 8, dtype=torch.long, device=home_device(model))
     rep = sparsekit.report(model, example, masks=masks)
     write_output(out, lambda path: _write(path, model, tokenizer, masks, extra, args))
     show(rep, markdown=args.markdown)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekit._checks import check_int
+from sparsekit.blocks import home_device
 from sparsekit.llm.calibration import check_token_ids, tokenize
 from sparsekit.observe import preserved
 
@@ -53,7 +54,7 @@ def perplexity(
         scored = end
         if end == ids.numel():
             break
-    device = next(model.parameters()).device
+    device = home_device(model)
     nll, count = 0.0, 0
     with preserved(model, train=False):
         for i in range(0, len(windows), batch_size):
@@ -75,7 +76,7 @@ def perplexity(
 def embed(model: nn.Module, tokenizer: Any, sentences: list[str], *, batch_size: int = 32
           ) -> torch.Tensor:
     """Mean-pooled last hidden states of ``sentences`` (sentence-transformers style)."""
-    device = next(model.parameters()).device
+    device = home_device(model)
     out = []
     with preserved(model, train=False):
         for i in range(0, len(sentences), batch_size):
