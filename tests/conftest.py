@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _torchrun import torchrun
 
 from sparsekit.engine import kernels
 from sparsekit.engine import sparse_linear as st
@@ -22,6 +23,20 @@ def _decision_cache(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(decisions, "directory", lambda: tmp_path_factory.getbasetemp() / "decisions")
         yield
+
+
+# DynamicSparsity under DDP on 2 ranks: every method on dense layers, the resizing ones
+# (and RigL) on SparseLinear layers.
+DDP_DST_RUNS = ["set", "rigl", "snfs", "granet", "srigl", "rigl:sparse", "snfs:sparse",
+                "srigl:sparse"]
+
+
+@pytest.fixture(scope="session")
+def ddp_dst_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """One torchrun for every DynamicSparsity-under-DDP case (start-up dominates: a launch
+    per case cost 7-13 s): what each rank saved, per run of ``DDP_DST_RUNS``."""
+    stem = tmp_path_factory.mktemp("ddp_dst") / "out"
+    return torchrun("dst_worker.py", stem, str(stem), *DDP_DST_RUNS)
 
 
 @pytest.fixture(scope="module")

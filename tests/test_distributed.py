@@ -113,9 +113,9 @@ def test_fsdp2_refuses_to_change_a_sparse_structure(fsdp_sparse_runs: list[dict]
 
 
 @pytest.mark.parametrize("method", ["snfs", "srigl"])
-def test_ddp_resizing_methods_on_sparse_layers_stay_identical(tmp_path, method: str) -> None:
-    stem = tmp_path / "out"
-    r0, r1 = torchrun("dst_worker.py", stem, method, str(stem), "sparse")
+def test_ddp_resizing_methods_on_sparse_layers_stay_identical(ddp_dst_runs: list[dict],
+                                                             method: str) -> None:
+    r0, r1 = (r[f"{method}:sparse"] for r in ddp_dst_runs)
     assert len(r0["history"]) == 17
     for h0, h1 in zip(r0["history"], r1["history"], strict=True):
         for n in h0:
@@ -217,15 +217,24 @@ def _llm_worker():
     return _torchrun.worker_module("llm_prune_worker.py")
 
 
-def test_llm_prune_under_torchrun_matches_one_process(tmp_path) -> None:
+LLM_METHODS = ["magnitude", "wanda", "sparsegpt"]
+
+
+@pytest.fixture(scope="module")
+def llm_prune_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """One torchrun for every llm.prune case: each method on 8 windows, Wanda on 7 windows
+    (which 2 ranks cannot share) and on a model that differs between the ranks."""
     pytest.importorskip("transformers")
-    methods = ["magnitude", "wanda", "sparsegpt"]
-    ranks = torchrun("llm_prune_worker.py", tmp_path / "out", str(tmp_path / "out"), "8",
-                     *methods)
+    stem = tmp_path_factory.mktemp("llm_prune") / "out"
+    return torchrun("llm_prune_worker.py", stem, str(stem),
+                    *(f"{m}@8" for m in LLM_METHODS), "wanda@7", "perturbed@8")
+
+
+def test_llm_prune_under_torchrun_matches_one_process(llm_prune_runs: list[dict]) -> None:
     worker = _llm_worker()
-    for method in methods:
+    for method in LLM_METHODS:
         one = worker.pruned(method, 8)  # one process, all 8 windows
-        r0, r1 = (r[method] for r in ranks)
+        r0, r1 = (r[f"{method}@8"] for r in llm_prune_runs)
         assert set(r0["masks"]) == set(one["masks"]) and len(one["masks"]) == 14
         for n in one["masks"]:
             assert torch.equal(r0["masks"][n], r1["masks"][n]), (method, n)
@@ -236,21 +245,17 @@ def test_llm_prune_under_torchrun_matches_one_process(tmp_path) -> None:
                                        atol=1e-5)
 
 
-def test_llm_prune_refuses_windows_that_ranks_cannot_share(tmp_path) -> None:
-    pytest.importorskip("transformers")
-    for r in torchrun("llm_prune_worker.py", tmp_path / "out", str(tmp_path / "out"), "7",
-                      "wanda"):
-        assert r["wanda"]["error"] == (
+def test_llm_prune_refuses_windows_that_ranks_cannot_share(llm_prune_runs: list[dict]) -> None:
+    for r in llm_prune_runs:
+        assert r["wanda@7"]["error"] == (
             "calibration: 7 windows cannot be shared evenly by 2 ranks; accepted: a multiple "
             "of 2 windows (nsamples=6 or 8)"
         )
 
 
-def test_llm_prune_refuses_models_that_differ_between_ranks(tmp_path) -> None:
-    pytest.importorskip("transformers")
-    for r in torchrun("llm_prune_worker.py", tmp_path / "out", str(tmp_path / "out"), "8",
-                      "perturbed"):
-        assert r["perturbed"]["error"].startswith(
+def test_llm_prune_refuses_models_that_differ_between_ranks(llm_prune_runs: list[dict]) -> None:
+    for r in llm_prune_runs:
+        assert r["perturbed@8"]["error"].startswith(
             "the blocks' weights differ between the 2 ranks, first at "
             "'model.layers.1.mlp.up_proj.weight' (1 of 18 differ); load the same model"
         )
@@ -307,13 +312,21 @@ def _prune_worker():
     return _torchrun.worker_module("prune_worker.py")
 
 
-def test_prune_with_data_under_torchrun_matches_one_process(tmp_path) -> None:
-    ranks = torchrun("prune_worker.py", tmp_path / "out", str(tmp_path / "out"), "4",
-                     *DATA_METHODS)
+@pytest.fixture(scope="module")
+def prune_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """One torchrun for every sparsekit.prune-with-data case: each criterion on 4 batches,
+    Taylor on 3 (which 2 ranks cannot share) and Wanda on a model that differs between the
+    ranks."""
+    stem = tmp_path_factory.mktemp("prune") / "out"
+    return torchrun("prune_worker.py", stem, str(stem), *(f"{m}@4" for m in DATA_METHODS),
+                    "taylor@3", "perturbed@3")
+
+
+def test_prune_with_data_under_torchrun_matches_one_process(prune_runs: list[dict]) -> None:
     worker = _prune_worker()
     for method in DATA_METHODS:
         one = worker.pruned(method, 4)  # one process, all 4 batches
-        r0, r1 = (r[method] for r in ranks)
+        r0, r1 = (r[f"{method}@4"] for r in prune_runs)
         assert set(r0["masks"]) == set(one["masks"]) == {"0.weight", "2.weight", "4.weight"}
         for n, mask in one["masks"].items():
             assert torch.equal(r0["masks"][n], r1["masks"][n]), (method, n)
@@ -324,14 +337,14 @@ def test_prune_with_data_under_torchrun_matches_one_process(tmp_path) -> None:
                                        atol=1e-8)
 
 
-def test_prune_with_data_under_torchrun_refuses_what_ranks_cannot_share(tmp_path) -> None:
-    for r in torchrun("prune_worker.py", tmp_path / "out", str(tmp_path / "out"), "3",
-                      "taylor", "perturbed"):
-        assert r["taylor"]["error"] == (
+def test_prune_with_data_under_torchrun_refuses_what_ranks_cannot_share(
+        prune_runs: list[dict]) -> None:
+    for r in prune_runs:
+        assert r["taylor@3"]["error"] == (
             "data: 3 batches cannot be shared evenly by 2 ranks; accepted: a multiple of 2 "
             "batches (len(data)=2 or 4)"
         )
-        assert r["perturbed"]["error"].startswith(
+        assert r["perturbed@3"]["error"].startswith(
             "the targets' weights differ between the 2 ranks, first at '2.weight' (1 of 3 "
             "differ); load the same model on every rank"
         )

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _torchrun import torchrun
 from torch import nn
 
 import sparsekit
@@ -298,8 +297,8 @@ def test_resume_reaches_the_same_masks_and_weights(tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["set", "rigl", "snfs", "granet", "srigl"])
-def test_ddp_masks_identical_on_two_ranks(tmp_path, method):
-    r0, r1 = torchrun("dst_worker.py", tmp_path / "out", method, str(tmp_path / "out"))
+def test_ddp_masks_identical_on_two_ranks(ddp_dst_runs, method):
+    r0, r1 = (r[method] for r in ddp_dst_runs)
     assert len(r0["history"]) == 17  # updates at steps 10, 20, …, 170
     for h0, h1 in zip(r0["history"], r1["history"]):
         for n in h0:

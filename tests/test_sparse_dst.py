@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _torchrun import torchrun
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -232,8 +231,8 @@ def test_errors_name_the_parameter() -> None:
         s.attach(object())  # type: ignore[arg-type]
 
 
-def test_ddp_rigl_sparse_layers_stay_identical_on_two_ranks(tmp_path) -> None:
-    r0, r1 = torchrun("dst_worker.py", tmp_path / "out", "rigl", str(tmp_path / "out"), "sparse")
+def test_ddp_rigl_sparse_layers_stay_identical_on_two_ranks(ddp_dst_runs) -> None:
+    r0, r1 = (r["rigl:sparse"] for r in ddp_dst_runs)
     assert len(r0["history"]) == 17
     first, last = r0["history"][0], r0["history"][-1]
     assert not torch.equal(first["module.0.weight"], last["module.0.weight"])

@@ -1,6 +1,8 @@
 """Run under torchrun --nproc_per_node=2: DynamicSparsity under DDP, masks written per rank.
 
-Arguments: method, output stem, and optionally ``sparse`` to train SparseLinear layers.
+Arguments: the output stem, then one or more runs, each a method (dense layers) or
+``method:sparse`` (SparseLinear layers). One launch serves every run (start-up dominates);
+each rank writes ``{run: {"history": [...], "weights": {...}}}``.
 """
 
 import sys
@@ -22,9 +24,7 @@ def _net(sparse: bool) -> nn.Module:
                          SparseLinear(32, 4, torch.rand(4, 32, generator=g) < 0.2))
 
 
-def main(method: str, out: str, sparse: bool = False) -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+def run(method: str, sparse: bool, rank: int) -> dict:
     torch.manual_seed(0)  # identical initial weights on every rank
     model = DDP(_net(sparse))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -40,9 +40,19 @@ def main(method: str, out: str, sparse: bool = False) -> None:
         opt.step()
         if dst.step():
             history.append({n: m.clone() for n, m in dst.masks.masks.items()})
-    torch.save({"history": history, "weights": model.state_dict()}, f"{out}.rank{rank}.pt")
+    return {"history": history, "weights": model.state_dict()}
+
+
+def main(out: str, runs: list[str]) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = {}
+    for name in runs:
+        method, _, layers = name.partition(":")
+        results[name] = run(method, layers == "sparse", rank)
+    torch.save(results, f"{out}.rank{rank}.pt")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sparse=sys.argv[3:] == ["sparse"])
+    main(sys.argv[1], sys.argv[2:])

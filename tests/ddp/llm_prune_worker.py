@@ -1,9 +1,9 @@
 """Run under torchrun: sparsekit.llm.prune on a small LLaMA built from a config.
 
-Arguments: output stem, number of calibration windows, methods (``perturbed``: Wanda with
-a different model on rank 1). Every rank builds the same model and windows; rank r writes
-``<stem>.rank<r>.pt`` with, per method, the masks and pruned weights, or the
-``ValueError`` message if prune refused.
+Arguments: output stem, then runs ``method@windows`` (``perturbed``: Wanda with a different
+model on rank 1), all in one launch (start-up dominates). Every rank builds the same model
+and windows; rank r writes ``<stem>.rank<r>.pt`` with, per run, the masks and pruned
+weights, or the ``ValueError`` message if prune refused.
 """
 
 import sys
@@ -42,14 +42,17 @@ def pruned(method: str, windows: int, perturb: bool = False) -> dict:
             "weights": {n: p.detach().clone() for n, p in masks.params.items()}}
 
 
-def main(out: str, windows: int, methods: list[str]) -> None:
+def main(out: str, runs: list[str]) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    results = {method: pruned("wanda", windows, perturb=True) if method == "perturbed"
-               else pruned(method, windows) for method in methods}
+    results = {}
+    for run in runs:
+        method, windows = run.split("@")
+        perturb = method == "perturbed"
+        results[run] = pruned("wanda" if perturb else method, int(windows), perturb)
     torch.save(results, f"{out}.rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:])
+    main(sys.argv[1], sys.argv[2:])

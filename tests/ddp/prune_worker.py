@@ -1,8 +1,9 @@
 """Run under torchrun --nproc_per_node=2: ``sparsekit.prune`` with data-driven criteria.
 
-Arguments: output stem, the number of calibration batches, then the criteria. Every rank
-passes the same batches and takes its share; each rank writes ``<stem>.rank<r>.pt`` holding,
-per criterion, the masks and the scores (or the error raised). ``pruned`` is also what the
+Arguments: output stem, then runs ``criterion@batches`` (``perturbed``: Wanda with a
+different model on rank 1), all in one launch. Every rank passes the same batches and takes
+its share; each rank writes ``<stem>.rank<r>.pt`` holding, per run, the masks and the scores
+(or the error raised). ``pruned`` is also what the
 test calls in one process.
 """
 
@@ -49,18 +50,19 @@ def pruned(method: str, batches: int, perturb: bool = False) -> dict:
     return {"masks": masks, "scores": scores}
 
 
-def main(out: str, batches: int, methods: list[str]) -> None:
+def main(out: str, runs: list[str]) -> None:
     dist.init_process_group("gloo")
     results = {}
-    for method in methods:
+    for run in runs:
+        method, batches = run.split("@")
         perturb = method == "perturbed"
         try:
-            results[method] = pruned("wanda" if perturb else method, batches, perturb)
+            results[run] = pruned("wanda" if perturb else method, int(batches), perturb)
         except ValueError as err:
-            results[method] = {"error": str(err)}
+            results[run] = {"error": str(err)}
     torch.save(results, f"{out}.rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:])
+    main(sys.argv[1], sys.argv[2:])
