@@ -12,7 +12,7 @@ def time_rounds(
     fns: dict[str, Callable[[], object]],
     budget_s: float,
     *,
-    block_s: float = 0.02,
+    block_s: float | None = None,
     max_reps: int = 2000,
     min_rounds: int = 3,
     max_rounds: int = 20,
@@ -26,7 +26,11 @@ def time_rounds(
     of two functions was measured side by side. With ``rewarm`` each block starts with
     one untimed call (the function's data back in cache). ``clock`` reads the time (e.g.
     ``time.thread_time``: the calling thread's CPU time, blind to other processes' load).
+    ``block_s`` defaults to 20 ms, or a quarter of ``budget_s`` if that is less: a small
+    budget (a smoke run) still times its rounds in about the budget.
     """
+    if block_s is None:
+        block_s = min(0.02, budget_s / 4)
     reps = {}
     for name, fn in fns.items():
         fn()

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,86 +163,87 @@ def test_llm_decode_int8pack_peer_takes_misaligned_bf16_inputs():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_llm_decode_torch_compile_rows_are_held_to_the_int8_target():
+@pytest.fixture(scope="module")
+def llm_decode() -> Iterator[ModuleType]:
+    """``benchmarks/llm_decode.py`` imported in this process for its helpers (a subprocess
+    per test spent ~5 s importing it); the benchmark modules leave ``sys.modules`` after."""
+    path = str(ROOT / "benchmarks")
+    before = set(sys.modules)
+    sys.path.insert(0, path)
+    try:
+        yield importlib.import_module("llm_decode")
+    finally:
+        sys.path.remove(path)
+        for name in set(sys.modules) - before:
+            if (getattr(sys.modules[name], "__file__", None) or "").startswith(path):
+                del sys.modules[name]
+
+
+def test_llm_decode_torch_compile_rows_are_held_to_the_int8_target(llm_decode):
     """With --torch-compile the compiled 50 % int8 rows face the best torch int8 peer, eager or
     compiled (quantize_dynamic graph-breaks at every linear layer, so its eager row may win)."""
-    code = """if True:
-        import llm_decode
-        tc = llm_decode.TORCH_COMPILED
-        speeds = {"dense fp32": 10.0, "torch int8 dynamic": 40.0, "int8pack": 30.0,
-                  "torch int8 dynamic" + tc: 35.0, "sparsekit 50% int8" + tc: 50.0,
-                  "sparsekit 50% int8 W8A8" + tc: 61.0}
-        rows = {n: {"decode_tok_s": v, "prefill_tok_s": 1.0} for n, v in speeds.items()}
-        verdicts = {c.split(":")[0]: ok for c, ok in llm_decode.checks(rows, {})}
-        assert verdicts["50% int8 + torch.compile vs best torch int8 peer (eager or compiled)"] \
-            is False  # 50 / 40 = 1.25x
-        assert verdicts["50% W8A8 + torch.compile vs best torch int8 peer (eager or compiled)"]
-        eager = {n: r for n, r in rows.items() if not n.endswith(tc)}
-        assert not any("torch.compile" in c for c, _ in llm_decode.checks(eager, {}))
-    """
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    tc = llm_decode.TORCH_COMPILED
+    speeds = {"dense fp32": 10.0, "torch int8 dynamic": 40.0, "int8pack": 30.0,
+              "torch int8 dynamic" + tc: 35.0, "sparsekit 50% int8" + tc: 50.0,
+              "sparsekit 50% int8 W8A8" + tc: 61.0}
+    rows = {n: {"decode_tok_s": v, "prefill_tok_s": 1.0} for n, v in speeds.items()}
+    verdicts = {c.split(":")[0]: ok for c, ok in llm_decode.checks(rows, {})}
+    assert verdicts["50% int8 + torch.compile vs best torch int8 peer (eager or compiled)"] \
+        is False  # 50 / 40 = 1.25x
+    assert verdicts["50% W8A8 + torch.compile vs best torch int8 peer (eager or compiled)"]
+    eager = {n: r for n, r in rows.items() if not n.endswith(tc)}
+    assert not any("torch.compile" in c for c, _ in llm_decode.checks(eager, {}))
 
 
-def test_llm_decode_ratios_never_round_across_their_target():
+def test_llm_decode_ratios_never_round_across_their_target(llm_decode):
     """A ratio that two decimals would round onto the other side of its target is printed
     with more (134.80 / 89.87 tok/s = 1.49994x, a miss, once read "1.50x (target 1.5x)")."""
-    code = """if True:
-        import llm_decode
-        assert llm_decode.times(134.80 / 89.87, 1.5) == "1.4999x"
-        assert llm_decode.times(0.9496, 0.95) == "0.9496x"
-        assert llm_decode.times(1.504, 1.5) == "1.50x" and llm_decode.times(1.2, 1.3) == "1.20x"
-        rows = {"dense fp32": {"decode_tok_s": 10.0, "prefill_tok_s": 100.0},
-                "sparsekit 50% int8": {"decode_tok_s": 29.9996, "prefill_tok_s": 94.96}}
-        verdicts = dict(llm_decode.checks(rows, {}))
-        assert verdicts["50% int8 vs dense fp32: 2.99996x (target 3.0x)"] is False
-        assert verdicts["prefill 50% int8 vs dense fp32: 0.9496x (target >= 0.95x)"] is False
-    """
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert llm_decode.times(134.80 / 89.87, 1.5) == "1.4999x"
+    assert llm_decode.times(0.9496, 0.95) == "0.9496x"
+    assert llm_decode.times(1.504, 1.5) == "1.50x" and llm_decode.times(1.2, 1.3) == "1.20x"
+    rows = {"dense fp32": {"decode_tok_s": 10.0, "prefill_tok_s": 100.0},
+            "sparsekit 50% int8": {"decode_tok_s": 29.9996, "prefill_tok_s": 94.96}}
+    verdicts = dict(llm_decode.checks(rows, {}))
+    assert verdicts["50% int8 vs dense fp32: 2.99996x (target 3.0x)"] is False
+    assert verdicts["prefill 50% int8 vs dense fp32: 0.9496x (target >= 0.95x)"] is False
 
 
-def test_llm_decode_configs_filter_builds_and_checks_only_the_selected():
+def test_llm_decode_configs_filter_builds_and_checks_only_the_selected(llm_decode, monkeypatch):
     """``--configs``: only the sparsekit configurations containing one of the texts are
     built (the dense ones and the peers always are) and only their targets are checked; a
     selected configuration that was skipped still counts as a miss."""
-    code = """if True:
-        import llm_decode, torch
-        keep = lambda name: llm_decode.selected(("50% int8",), name)
-        assert keep("sparsekit 50% int8 + TEAL 50%") and keep("sparsekit 50% int8 W8A8")
-        assert not keep("sparsekit 50% bf16") and llm_decode.selected((), "sparsekit 70% fp32")
-        built = []
-        def compile_(source, prompt, **kw):
-            built.append(kw)
-            return source
-        llm_decode.sparsekit.compile = compile_
-        pruned = []
-        llm_decode.pruned_sources = lambda m, c, pattern, s: (
-            pruned.append(pattern) or ({d: m for d in llm_decode.DTYPES}, object()))
-        model = llm_decode.build(128, 256, 1, 1)
-        models, _ = llm_decode.configurations(model, torch.zeros(1, 4, dtype=torch.long), None,
-                                              {}, keep)
-        assert {n for n in models if n.startswith("sparsekit")} == {
-            "sparsekit 50% int8", "sparsekit 50% int8 + TEAL 50%", "sparsekit 50% int8 W8A8",
-            "sparsekit 50% int8 W8A8 + TEAL 50%"}
-        assert {"dense fp32", "dense bf16", *llm_decode.PEERS} <= set(models)
-        assert pruned == ["unstructured"] and len(built) == 4
-        assert [kw.get("activation_dtype") for kw in built[2:]] == ["int8", "int8"]
-        assert built[3]["activation_sparsity"] is not None
-        rows = {n: {"decode_tok_s": 10.0, "prefill_tok_s": 1.0} for n in models}
-        claims = [c for c, _ in llm_decode.checks(rows, {})]
-        assert any(c.startswith("50% int8 vs dense fp32") for c in claims)
-        assert any(c.startswith("TEAL 50% on top of 50% int8 W8A8") for c in claims)
-        assert not any("bf16 vs" in c or "70%" in c or "2:4" in c for c in claims), claims
-        del rows["sparsekit 50% int8 W8A8"]
-        verdicts = dict(llm_decode.checks(rows, {"sparsekit 50% int8 W8A8": "refused"}))
-        assert not verdicts["50% W8A8 vs dense fp32: sparsekit 50% int8 W8A8 was skipped"]
-    """
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks",
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    def keep(name):
+        return llm_decode.selected(("50% int8",), name)
+
+    assert keep("sparsekit 50% int8 + TEAL 50%") and keep("sparsekit 50% int8 W8A8")
+    assert not keep("sparsekit 50% bf16") and llm_decode.selected((), "sparsekit 70% fp32")
+    built, pruned = [], []
+
+    def compile_(source, prompt, **kw):
+        built.append(kw)
+        return source
+
+    monkeypatch.setattr(llm_decode.sparsekit, "compile", compile_)
+    monkeypatch.setattr(llm_decode, "pruned_sources", lambda m, c, pattern, s: (
+        pruned.append(pattern) or ({d: m for d in llm_decode.DTYPES}, object())))
+    model = llm_decode.build(128, 256, 1, 1)
+    models, _ = llm_decode.configurations(model, torch.zeros(1, 4, dtype=torch.long), None,
+                                          {}, keep)
+    assert {n for n in models if n.startswith("sparsekit")} == {
+        "sparsekit 50% int8", "sparsekit 50% int8 + TEAL 50%", "sparsekit 50% int8 W8A8",
+        "sparsekit 50% int8 W8A8 + TEAL 50%"}
+    assert {"dense fp32", "dense bf16", *llm_decode.PEERS} <= set(models)
+    assert pruned == ["unstructured"] and len(built) == 4
+    assert [kw.get("activation_dtype") for kw in built[2:]] == ["int8", "int8"]
+    assert built[3]["activation_sparsity"] is not None
+    rows = {n: {"decode_tok_s": 10.0, "prefill_tok_s": 1.0} for n in models}
+    claims = [c for c, _ in llm_decode.checks(rows, {})]
+    assert any(c.startswith("50% int8 vs dense fp32") for c in claims)
+    assert any(c.startswith("TEAL 50% on top of 50% int8 W8A8") for c in claims)
+    assert not any("bf16 vs" in c or "70%" in c or "2:4" in c for c in claims), claims
+    del rows["sparsekit 50% int8 W8A8"]
+    verdicts = dict(llm_decode.checks(rows, {"sparsekit 50% int8 W8A8": "refused"}))
+    assert not verdicts["50% W8A8 vs dense fp32: sparsekit 50% int8 W8A8 was skipped"]
 
 
 def test_kernels_w8a8_rows_fail_where_a_sparse_format_does_not_beat_torch_int8():
