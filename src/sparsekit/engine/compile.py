@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import statistics
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
@@ -591,20 +592,24 @@ def _activation_wins(
     ``inputs`` (real activations, so the skipped columns are the real ones) at ``rows``:
     at one row it must win by :data:`~sparsekit.engine.autotune.MARGIN` (in the median and
     most rounds, :func:`~sparsekit.engine.autotune.choose`), at every other row count run
-    at least :data:`_PREFILL_FLOOR` of ``weight_only``'s speed in its fastest round. There
-    the two usually run the same format and differ by the thresholding alone (a few
-    percent), which the median of a loaded machine cannot resolve: a stalled round only
-    adds time, so the fastest rounds compare the work. The record:
+    at least :data:`_PREFILL_FLOOR` of ``weight_only``'s speed: the median over rounds of
+    the ratio of the two times in the same round. There the two usually run the same format
+    and differ by the thresholding alone (1-3 % of a 16-row product on the 2048/5632 LLaMA
+    shapes), which only side-by-side pairs resolve on a loaded machine: on a 2-vCPU Zen 3
+    the ratio of the two fastest of 5 rounds fell anywhere in 0.81-1.19 (and refused layers
+    whose decode won by 1.15-1.3x), the median of 5 paired ratios in 0.96-1.0, of 40 in
+    0.98-0.99. A round that stalls one side moves one ratio, not the median. The record:
     ``chosen``, ``decode`` (the one-row choice record, ``"weight_only"`` its reference),
-    ``prefill_speed`` (row count → weight-only time / activation-sparse time) and
-    ``prefill_floor``."""
+    ``prefill_speed`` (row count → that median of weight-only time / activation-sparse
+    time) and ``prefill_floor``."""
     dtype = act.dtype
     modules = {"weight_only": weight_only, "activation": act}
     with _fresh_inputs(weight_only, act):
         samples = autotune.measure(modules, (act.in_features,), rows, dtype,
                                    act.threshold.device, inputs, reference="weight_only")
     decode = autotune.choose({1: samples[1]}, ["activation"], reference="weight_only")[1]
-    speed = {r: min(t["weight_only"]) / max(min(t["activation"]), 1e-12)
+    speed = {r: statistics.median(w / max(a, 1e-12)
+                                  for w, a in zip(t["weight_only"], t["activation"]))
              for r, t in samples.items() if r > 1}
     chosen = decode["format"] == "activation" and all(v >= _PREFILL_FLOOR
                                                        for v in speed.values())
