@@ -144,6 +144,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 blocks, short timing (CI)")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
     parser.add_argument("--no-check", action="store_true", help="report misses, exit 0")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 2.0)
     if budget <= 0:
@@ -179,8 +180,8 @@ def main() -> int:
     ]
     print(f"end to end: {env['wall_s']} s")
     return conclude([(m, False) for m in misses], {
-        RESULTS / f"{name}.json": {"env": env, "rows": rows, "misses": misses},
-        RESULTS / f"{name}.md": "\n".join(md) + "\n"}, no_check=args.no_check)
+        args.out / f"{name}.json": {"env": env, "rows": rows, "misses": misses},
+        args.out / f"{name}.md": "\n".join(md) + "\n"}, no_check=args.no_check)
 
 
 if __name__ == "__main__":

@@ -497,22 +497,22 @@ def w8a8_misses(rows: list[dict]) -> list[str]:
 
 
 def write_w8a8(rows: list[dict], cpu: str, isa: list[str], cold: bool = False,
-               suffix: str = "") -> list[str]:
-    """``results/kernels_q{_cold}{_suffix}.{json,md}``; returns the missed targets
-    (:func:`w8a8_misses`)."""
+               suffix: str = "", out: Path = RESULTS) -> list[str]:
+    """``<out>/kernels_q{_cold}{_suffix}.{json,md}`` (``out``: ``results/``); returns the
+    missed targets (:func:`w8a8_misses`)."""
     misses = w8a8_misses(rows)
-    RESULTS.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
            "isa_flags": isa, "kernels_isa": kernels.isa(), "cold": cold}
     name = "kernels_q" + ("_cold" if cold else "") + (f"_{suffix}" if suffix else "")
-    (RESULTS / f"{name}.json").write_text(
+    (out / f"{name}.json").write_text(
         json.dumps({"env": env, "rows": rows, "misses": misses}, indent=2) + "\n")
     md = [f"# W8A8 kernels ({cpu}; kernels on {env['kernels_isa']}, {env['threads']} threads)",
           "", "int8 weights times fp32 inputs (f32 FMA) and times inputs quantized per row to "
           f"int8 (q, integer dot products); times are {timing(cold)}.", "",
           Q_HEADER, "|" + "---|" * (Q_HEADER.count(" | ") + 1), *map(q_lines, rows), "",
           *(f"- {m}" for m in misses or ["every sparse W8A8 format beats torch's dynamic int8"])]
-    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
     return misses
 
 
@@ -594,6 +594,7 @@ def main() -> int:
     parser.add_argument("--isa", nargs="+", default=None, metavar="ISA",
                         help="run and assert on these instruction sets (of kernels.isas(), "
                              "e.g. avx2); default: time every one, assert the active one")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--suffix", default="", metavar="TEXT",
                         help="appended to the results' file name (e.g. intel), so that a run "
                              "on another CPU does not overwrite the committed one")
@@ -641,7 +642,7 @@ def measure(
         print("|" + "---|" * (Q_HEADER.count(" | ") + 1))
         q_misses = write_w8a8(
             [r for shape in shapes for r in run_w8a8(*shape, args.budget, guard, flush)], cpu,
-            isa, args.cold, args.suffix)
+            isa, args.cold, args.suffix, args.out)
         print("\n".join(q_misses))
         if args.tables == ["q"]:
             return 1 if q_misses and not args.no_check else 0
@@ -678,11 +679,11 @@ def measure(
         "waited_for_quiet_s": round(guard.waited_s, 1),
         "noisy_cases": sum(not r["quiet"] for r in [*rows, *value_rows]),
     }
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     name = "kernels" + ("_quick" if args.quick else "") + ("_cold" if args.cold else "")
     name += "" if "linear" in args.tables else "_values"  # keeps the full table
     name += "".join(f"_{i}" for i in args.isa or []) + (f"_{args.suffix}" if args.suffix else "")
-    (RESULTS / f"{name}.json").write_text(
+    (args.out / f"{name}.json").write_text(
         json.dumps({"env": env, "rows": rows, "value_rows": value_rows, "goals": goals,
                     "misses": misses}, indent=2) + "\n"
     )
@@ -716,7 +717,7 @@ def measure(
         "Misses: " + ("none" if not misses else ""),
         *[f"- {m}" for m in misses],
     ]
-    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    (args.out / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(f"goal: {g}" for g in goals))
     if misses:
         print("\n".join(f"MISS {m}" for m in misses), file=sys.stderr)

@@ -68,18 +68,19 @@ def _run(script: str, *args: str) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_kernels_small_shape():
-    _run("sparse_kernels.py", "--quick", "--shapes", "128x256", "--budget", "0.02", "--wait", "0")
-    data = json.loads((ROOT / "benchmarks" / "results" / "kernels_quick.json").read_text())
+def test_kernels_small_shape(tmp_path):
+    _run("sparse_kernels.py", "--quick", "--shapes", "128x256", "--budget", "0.02", "--wait", "0",
+         "--out", str(tmp_path))
+    data = json.loads((tmp_path / "kernels_quick.json").read_text())
     patterns = {(r["pattern"], r["sparsity"]) for r in data["rows"]}
     assert {("unstructured", 0.9), ("2:4", 0.5), ("block16", 0.9), ("fanin", 0.9)} <= patterns
     for r in data["rows"]:
         assert r["chosen_format"] in r["autotune_ms"] and r["ms"]["chosen"] > 0
 
 
-def test_end_to_end_quick():
-    _run("end_to_end.py", "--quick", "--budget", "0.05")
-    data = json.loads((ROOT / "benchmarks" / "results" / "end_to_end_quick.json").read_text())
+def test_end_to_end_quick(tmp_path):
+    _run("end_to_end.py", "--quick", "--budget", "0.05", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "end_to_end_quick.json").read_text())
     assert {r["model"] for r in data["rows"]} == {"lenet_300_100", "lenet5", "transformer_2x512"}
     assert all(r["speedup"] > 0 and 0 < r["memory_ratio"] <= 1.0 for r in data["rows"])
 
@@ -115,22 +116,18 @@ def test_llm_decode_small_shape(tmp_path):
     assert "ISA" in (tmp_path / "llm_decode_quick.md").read_text()
 
 
-def test_kernels_value_rows_on_a_chosen_isa():
-    out = ROOT / "benchmarks" / "results" / "kernels_values_scalar"
-    try:
-        _run("sparse_kernels.py", "--tables", "values", "--shapes", "64x128", "--dtypes", "int8",
-             "--isa", "scalar", "--budget", "0.01", "--wait", "0")
-        data = json.loads(out.with_suffix(".json").read_text())
-        assert data["env"]["asserted_isas"] == ["scalar"]
-        cells = [k for r in data["value_rows"] for k in r["pct_of_floor"]]
-        assert cells and all(k.endswith("@scalar") for k in cells)
-        # every cell below the floor target is a miss, none is only reported
-        below = sum(pct < 75 for r in data["value_rows"] for pct in r["pct_of_floor"].values())
-        assert len(data["misses"]) == below
-        assert "scalar (asserted)" in out.with_suffix(".md").read_text()
-    finally:
-        out.with_suffix(".json").unlink(missing_ok=True)
-        out.with_suffix(".md").unlink(missing_ok=True)
+def test_kernels_value_rows_on_a_chosen_isa(tmp_path):
+    out = tmp_path / "kernels_values_scalar"
+    _run("sparse_kernels.py", "--tables", "values", "--shapes", "64x128", "--dtypes", "int8",
+         "--isa", "scalar", "--budget", "0.01", "--wait", "0", "--out", str(tmp_path))
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["env"]["asserted_isas"] == ["scalar"]
+    cells = [k for r in data["value_rows"] for k in r["pct_of_floor"]]
+    assert cells and all(k.endswith("@scalar") for k in cells)
+    # every cell below the floor target is a miss, none is only reported
+    below = sum(pct < 75 for r in data["value_rows"] for pct in r["pct_of_floor"].values())
+    assert len(data["misses"]) == below
+    assert "scalar (asserted)" in out.with_suffix(".md").read_text()
 
 
 def test_benchmarks_reject_an_isa_this_cpu_cannot_run():
