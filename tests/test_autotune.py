@@ -567,6 +567,11 @@ def test_measure_stops_once_every_round_agrees_against_the_reference(
     fused = autotune.measure({"separate": dense, "fused": other}, (4,), [1], torch.float32,
                              torch.device("cpu"), reference="separate")
     assert len(fused[1]["fused"]) == 5
+    # every_round: a close comparison runs every round, settled or not, at every row count
+    close = autotune.measure({"dense": dense, "csr16": sparse}, (4,), [1, 3], torch.float32,
+                             torch.device("cpu"), every_round=True)
+    assert {r: {n: len(t) for n, t in s.items()} for r, s in close.items()} == {
+        r: dict.fromkeys(("dense", "csr16"), 15) for r in (1, 3)}
 
 
 def test_measure_needs_its_reference_among_the_modules() -> None:

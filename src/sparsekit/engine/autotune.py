@@ -167,11 +167,14 @@ def measure(
     inputs: torch.Tensor | None = None,
     *,
     reference: str = "dense",
+    every_round: bool = False,
 ) -> Samples:
     """Milliseconds per call of each of ``modules`` (by format name) for inputs of shape
     ``(r, *in_shape)``, ``r`` in ``rows``, one time per interleaved round: random normal
     ones, or the first ``r`` of ``inputs`` (``(n, *in_shape)``, repeated as needed) where
-    the time depends on the values (e.g. an activation-sparse layer).
+    the time depends on the values (e.g. an activation-sparse layer). ``every_round`` runs
+    all :data:`_MAX_ROUNDS` rounds at every row count, for a comparison of two close times
+    that neither the time budget nor :func:`_settled` may cut short.
 
     ``reference`` (one of ``modules``, :func:`choose`'s) is the format the others must beat:
     a row count's rounds stop early once each of them has beaten it by :data:`MARGIN` in
@@ -199,7 +202,7 @@ def measure(
                     seconds = _time_block(modules[n], x, reps[n])
                 times[n].append(seconds * 1e3)
                 spent += seconds * reps[n]
-            if i + 1 >= _MIN_ROUNDS and (
+            if not every_round and i + 1 >= _MIN_ROUNDS and (
                 spent > _ROUND_BUDGET_S * len(names) or _settled(times, reference)
             ):
                 break

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import statistics
 import warnings
@@ -598,15 +599,19 @@ def _activation_wins(
     shapes), which only side-by-side pairs resolve on a loaded machine: on a 2-vCPU Zen 3
     the ratio of the two fastest of 5 rounds fell anywhere in 0.81-1.19 (and refused layers
     whose decode won by 1.15-1.3x), the median of 5 paired ratios in 0.96-1.0, of 40 in
-    0.98-0.99. A round that stalls one side moves one ratio, not the median. The record:
+    0.98-0.99, so those row counts run all 15 rounds (the one-row comparison, which must
+    clear a 5 % margin, stops when its rounds agree). A round that stalls one side moves one
+    ratio, not the median. The record:
     ``chosen``, ``decode`` (the one-row choice record, ``"weight_only"`` its reference),
     ``prefill_speed`` (row count → that median of weight-only time / activation-sparse
     time) and ``prefill_floor``."""
     dtype = act.dtype
     modules = {"weight_only": weight_only, "activation": act}
+    timed = functools.partial(autotune.measure, modules, (act.in_features,), dtype=dtype,
+                              device=act.threshold.device, inputs=inputs,
+                              reference="weight_only")
     with _fresh_inputs(weight_only, act):
-        samples = autotune.measure(modules, (act.in_features,), rows, dtype,
-                                   act.threshold.device, inputs, reference="weight_only")
+        samples = {**timed([1]), **timed([r for r in rows if r > 1], every_round=True)}
     decode = autotune.choose({1: samples[1]}, ["activation"], reference="weight_only")[1]
     speed = {r: statistics.median(w / max(a, 1e-12)
                                   for w, a in zip(t["weight_only"], t["activation"]))
