@@ -355,22 +355,22 @@ def test_prompt_rounds_are_compared_in_pairs_not_by_their_fastest(monkeypatch):
     # thresholding), so it is taken; in one round the weight-only format ran while the
     # machine was briefly quiet (0.15 ms). Its fastest round against the other's (0.15 /
     # 0.204 = 0.74) would refuse the layer: a lucky round decided it.
-    weight_only_calls = []
+    prompt = {"started": False, "weight_only_rounds": 0}
 
     def clock(module, x, reps):
         if isinstance(module, ActivationSparseLinear):
-            weight_only_calls.extend([] if x.shape[0] == 1 else [0])  # the rounds started
+            prompt["started"] |= x.shape[0] > 1
             return 1e-4 if x.shape[0] == 1 else 2.04e-4
-        if x.shape[0] > 1 and weight_only_calls:
-            weight_only_calls.append(1)
-            return 1.5e-4 if sum(weight_only_calls) == 2 else 2e-4
+        if x.shape[0] > 1 and prompt["started"]:
+            prompt["weight_only_rounds"] += 1
+            return 1.5e-4 if prompt["weight_only_rounds"] == 2 else 2e-4
         return 2e-4
 
     monkeypatch.setattr(autotune, "_time_block", clock)
     act = _Thresholds({"0": torch.full((24,), 0.5)})
     compiled = sparsekit.compile(_mlp(torch.float32), torch.randn(6, 24),
                                  activation_sparsity=act, cache=False)
-    assert sum(weight_only_calls) > 2  # the quiet round was among those compared
+    assert prompt["weight_only_rounds"] > 2  # the quiet round was among those compared
     assert isinstance(compiled.get_submodule("0"), ActivationSparseLinear)
     record = compiled.sparsekit_choices["0"]["activation"]
     assert record["chosen"] and record["prefill_speed"][6] == pytest.approx(2 / 2.04)

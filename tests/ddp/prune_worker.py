@@ -3,8 +3,7 @@
 Arguments: output stem, then runs ``criterion@batches`` (``perturbed``: Wanda with a
 different model on rank 1), all in one launch. Every rank passes the same batches and takes
 its share; each rank writes ``<stem>.rank<r>.pt`` holding, per run, the masks and the scores
-(or the error raised). ``pruned`` is also what the
-test calls in one process.
+(or the error raised). ``pruned`` is also what the test calls in one process.
 """
 
 import sys
