@@ -36,6 +36,7 @@ from _report import conclude
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("wanda", "sparsegpt")
+ATTEMPTS = 3  # launches of one run before giving up
 MIN_AGREEMENT = 0.999  # summation order may flip near ties, never more than this
 SETUPS = {  # hidden, layers, windows, seqlen
     "quick": (128, 2, 16, 128),
@@ -76,13 +77,22 @@ def worker(setup: str, method: str, threads: int, out: str) -> None:
 
 
 def launch(setup: str, method: str, ranks: int, threads: int, out: Path) -> dict:
+    """One ``torchrun`` run of :func:`worker`; what rank 0 saved. A failed launch is retried
+    (up to :data:`ATTEMPTS` in all: a gloo rendezvous or connection race on a busy machine
+    is not what this benchmark measures), each failure printed with the last line the
+    workers wrote; the last one raises with their output's tail."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SPARSEKIT_NO_KERNELS": "1"}
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-         "--standalone", __file__, "--worker", setup, method, str(threads), str(out)],
-        check=True, env=env, capture_output=True, text=True,
-    )
-    return torch.load(out, weights_only=False)
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+               "--standalone", __file__, "--worker", setup, method, str(threads), str(out)]
+    for attempt in range(1, ATTEMPTS + 1):
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode == 0:
+            return torch.load(out, weights_only=False)
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        print(f"{ranks} process(es) x {threads} thread(s), {method}: launch {attempt} of "
+              f"{ATTEMPTS} failed (exit {result.returncode}): {last}", file=sys.stderr)
+    raise RuntimeError(f"torchrun failed {ATTEMPTS} times: {' '.join(command)}\n"
+                       f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
 
 
 def main() -> int:
