@@ -22,8 +22,9 @@ from torch.distributed.tensor import DTensor
 
 import sparsekit
 from sparsekit import distributed
+from sparsekit.schedules import dynamic
 
-DST_METHODS = ["set", "rigl", "snfs", "granet", "srigl"]
+DST_METHODS = sorted(dynamic.METHODS.names())  # every registered method, under FSDP2 too
 
 
 def torchrun(worker: str, stem: Path, *args: str, ranks: int = 2) -> list[dict]:

@@ -13,8 +13,10 @@ from torch import nn
 import sparsekit
 from sparsekit import DynamicSparsity, GradualPruner, IterativePruning, soup
 from sparsekit.masks import Masks
-from sparsekit.schedules import Schedule, cubic_sparsity
+from sparsekit.schedules import Schedule, cubic_sparsity, dynamic
 from sparsekit.schedules.dynamic import drop_fraction_at
+
+DST_METHODS = sorted(dynamic.METHODS.names())  # every registered dynamic-sparsity method
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -263,7 +265,7 @@ def test_dst_bad_arguments():
         DynamicSparsity(model, opt, 1.2, end_step=10)
 
 
-@pytest.mark.parametrize("method", ["set", "rigl", "snfs", "granet", "srigl"])
+@pytest.mark.parametrize("method", DST_METHODS)
 def test_resume_reaches_the_same_masks_and_weights(tmp_path, method):
     def run(stop_at: int | None):
         model = mlp()
@@ -296,7 +298,7 @@ def test_resume_reaches_the_same_masks_and_weights(tmp_path, method):
         assert torch.equal(pa, pb), na
 
 
-@pytest.mark.parametrize("method", ["set", "rigl", "snfs", "granet", "srigl"])
+@pytest.mark.parametrize("method", DST_METHODS)
 def test_ddp_masks_identical_on_two_ranks(ddp_dst_runs, method):
     r0, r1 = (r[method] for r in ddp_dst_runs)
     assert len(r0["history"]) == 17  # updates at steps 10, 20, …, 170
