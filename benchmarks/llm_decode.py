@@ -23,12 +23,6 @@ products), held to the int8 targets too, with and without TEAL 50 % (the W8A8 ac
 kernel ``act_bitmap_qgemv``). A configuration the installed sparsekit refuses is
 skipped with a printed note and counts as a miss.
 
-Pages: ``sparsekit.compile`` leaves a compiled model's large tensors on transparent huge
-pages (:mod:`sparsekit.engine.hugepages`), so that the benefit is not sparsity's, every
-configuration is placed there alike (``--pages huge``, the default) — except the weights
-of torch's dynamic int8, which fbgemm packs with its own allocator. ``--pages small`` copies
-every configuration back to ordinary pages instead: the two runs show what huge pages give.
-
 Targets, as ratios in one run (checked on every model): 50 % bf16 ≥ 1.5× dense bf16; 2:4 bf16
 ≥ 1.4× dense bf16; 50 % int8 ≥ 1.5× the best torch int8 peer and ≥ 3× dense fp32; 70 % int8
 ≥ 5× dense fp32; TEAL 50 % on top of each of these ≥ 1.3× more; every sparsekit prefill not
@@ -67,7 +61,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparsekit
 from sparsekit import activation, llm
-from sparsekit.engine import hugepages, kernels
+from sparsekit.engine import kernels
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.quantize import quantize_int8
 
@@ -183,26 +177,13 @@ def dynamic_int8(model: nn.Module) -> nn.Module:
                                                       dtype=torch.qint8)
 
 
-PAGES = ("huge", "small")
-
-
-def on_pages(model: nn.Module, pages: str) -> nn.Module:
-    """``model`` with its tensors on transparent huge pages (``"huge"``:
-    :func:`sparsekit.engine.hugepages.place`, in place) or on ordinary ones (``"small"``:
-    each tensor copied by PyTorch's allocator, which asks for none)."""
-    if pages not in PAGES:
-        raise ValueError(f"pages must be one of {PAGES}, got {pages!r}")
-    return hugepages.place(model) if pages == "huge" else model._apply(torch.clone)
-
-
 def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: torch.Tensor,
                    skipped: dict[str, str], selected: Callable[[str], bool] = lambda name: True,
-                   pages: str = "huge") -> tuple[dict[str, nn.Module], dict[str, float]]:
-    """Every configuration's model, by name, on ``pages`` (:func:`on_pages`), and the
-    seconds each took to prepare; refused ones go to ``skipped`` with the reason. Of the
-    sparsekit configurations only those whose name is ``selected`` are built (the dense ones
-    and the peers always are)."""
-    models: dict[str, nn.Module] = {"dense fp32": on_pages(model, pages)}
+                   ) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """Every configuration's model, by name, and the seconds each took to prepare;
+    refused ones go to ``skipped`` with the reason. Of the sparsekit configurations only
+    those whose name is ``selected`` are built (the dense ones and the peers always are)."""
+    models: dict[str, nn.Module] = {"dense fp32": model}
     seconds: dict[str, float] = {}
 
     def add(name: str, make: Callable[[], nn.Module]) -> None:
@@ -210,7 +191,7 @@ def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: t
             return
         start = time.perf_counter()
         try:
-            models[name] = on_pages(make(), pages)
+            models[name] = make()
         except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
             skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             print(f"  skipped {name}: {skipped[name]}", flush=True)
@@ -450,7 +431,7 @@ def decode_text() -> torch.Tensor:
 
 def run_model(name: str, shape: tuple[int, int, int, int], quick: bool, *,
               torch_compile: bool = False, profile: bool = False,
-              configs: tuple[str, ...] = (), pages: str = "huge") -> dict:
+              configs: tuple[str, ...] = ()) -> dict:
     hidden, intermediate, layers, heads = shape
     model = build(*shape)
     params = sum(p.numel() for p in model.parameters())
@@ -462,7 +443,7 @@ def run_model(name: str, shape: tuple[int, int, int, int], quick: bool, *,
     calibration = text[10_000:10_000 + 4 * 128].reshape(4, 128)
     skipped: dict[str, str] = {}
     models, prepare_s = configurations(model, prompt, calibration, skipped,
-                                       functools.partial(selected, configs), pages)
+                                       functools.partial(selected, configs))
     if torch_compile:
         with_torch_compile(models, PROFILED)
     print(f"  timing {len(models)} configurations", flush=True)
@@ -641,9 +622,6 @@ def main() -> int:
                         help="build only the sparsekit configurations whose name contains one "
                         "of these (e.g. '50%% int8' 'TEAL'); the dense ones and the peers always "
                         "run, and targets of configurations left out are not checked")
-    parser.add_argument("--pages", choices=PAGES, default="huge",
-                        help="every configuration's tensors on transparent huge pages (as "
-                        "sparsekit.compile leaves its own; default) or on ordinary ones")
     args = parser.parse_args()
     machine = describe()
     note = (f"torch {torch.__version__}; sparsekit kernels "
@@ -651,11 +629,7 @@ def main() -> int:
             "(Hugging Face initialisation), magnitude pruning; decode tokens/s is one over the "
             "median step of greedy decoding with a KV cache after a 16-token prompt, the "
             "configurations taking turns token by token in one run. Absolute speeds depend on "
-            "how busy the machine was; the ratios are measured side by side. "
-            + ("Every configuration's large tensors on transparent huge pages (fbgemm's packed "
-               "int8 weights excepted)." if args.pages == "huge" and hugepages.available()
-               else "Every configuration on ordinary pages (--pages small)."
-               if args.pages == "small" else "No transparent huge pages on this system.")
+            "how busy the machine was; the ratios are measured side by side."
             + (" Only the sparsekit configurations containing "
                + " or ".join(repr(c) for c in args.configs) + " (--configs)."
                if args.configs else ""))
@@ -666,8 +640,7 @@ def main() -> int:
         shapes = {"llama-{}x{}x{}".format(*args.shape[:3]): args.shape}
     results = ([] if args.only == "perplexity" else
                [run_model(name, shape, args.quick, torch_compile=args.torch_compile,
-                          profile=args.profile, configs=tuple(args.configs),
-                          pages=args.pages)
+                          profile=args.profile, configs=tuple(args.configs))
                 for name, shape in shapes.items()])
     ppl = None
     if args.only != "decode":

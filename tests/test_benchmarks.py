@@ -339,17 +339,3 @@ def test_distributed_prune_retries_a_failed_launch_and_reports_the_workers_outpu
     with pytest.raises(RuntimeError, match="(?s)failed 3 times.*rank 1: boom"):
         module.launch("quick", "wanda", 2, 1, out)
     assert len(calls) == module.ATTEMPTS
-
-
-def test_llm_decode_puts_every_configuration_on_the_pages_asked_for(llm_decode):
-    from sparsekit.engine import hugepages
-
-    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024))
-    assert llm_decode.on_pages(model, "huge") is model
-    assert hugepages.on_huge_pages(model[0].weight) == hugepages.available()
-    weight = model[0].weight.detach().clone()
-    llm_decode.on_pages(model, "small")
-    assert not hugepages.on_huge_pages(model[0].weight)
-    assert torch.equal(model[0].weight, weight)
-    with pytest.raises(ValueError, match="pages must be one of \\('huge', 'small'\\), got 'tiny'"):
-        llm_decode.on_pages(model, "tiny")

@@ -47,8 +47,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsekit.engine import hugepages
-
 __all__ = ["COLD_ROWS", "MARGIN", "Samples", "choose", "cold_cache", "effective_cache_bytes",
            "last_level_cache_bytes", "measure"]
 
@@ -176,9 +174,7 @@ def measure(
     ones, or the first ``r`` of ``inputs`` (``(n, *in_shape)``, repeated as needed) where
     the time depends on the values (e.g. an activation-sparse layer). ``every_round`` runs
     all :data:`_MAX_ROUNDS` rounds at every row count, for a comparison of two close times
-    that neither the time budget nor :func:`_settled` may cut short. The modules are
-    moved to transparent huge pages first (:func:`~sparsekit.engine.hugepages.place`, in
-    place), as a compiled model holds them.
+    that neither the time budget nor :func:`_settled` may cut short.
 
     ``reference`` (one of ``modules``, :func:`choose`'s) is the format the others must beat:
     a row count's rounds stop early once each of them has beaten it by :data:`MARGIN` in
@@ -186,8 +182,6 @@ def measure(
     if reference not in modules:
         raise ValueError(f"reference must be one of the modules {sorted(modules)}, got "
                          f"{reference!r}")
-    for module in modules.values():  # where compile leaves them: dense_lowp ran 1.12-1.19x
-        hugepages.place(module)      # faster there, the bitmap formats 1.01-1.14x
     samples: Samples = {}
     names = list(modules)
     for r in rows:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from sparsekit._checks import check_int, model_errors, renamed
-from sparsekit.engine import autotune, decisions, fused, hugepages
+from sparsekit.engine import autotune, decisions, fused
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear, sparsify_input
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
@@ -102,10 +102,6 @@ def compile(
 
     GPT-2's ``Conv1D`` layers are compiled as the ``nn.Linear`` each computes (its
     ``(in, out)`` weight transposed).
-
-    The compiled model's CPU tensors of at least 2 MiB (each a whole storage) live on
-    transparent huge pages (:func:`sparsekit.engine.hugepages.place`, Linux), where a
-    kernel streaming them misses the TLB far less; the candidates are timed there too.
 
     Convolutions (groups 1, zero padding) are compiled only with ``example_inputs``, whose
     forward pass gives each its input size; without them they stay ``nn.Conv2d``. With
@@ -232,7 +228,6 @@ def compile(
     refused = [n for n, c in choices.items() if names and "dense" not in names
                and c["format"] == "dense"]
     _check_forced(names, refused, len(choices))
-    hugepages.place(compiled)  # every large tensor, timed there (autotune.measure) or not
     compiled.sparsekit_choices = choices
     rtol = _CHECK_RTOL if value_dtype is None else _rtol(value_dtype)
     rtol = rtol if activation is None else max(rtol, W8A8_RTOL)
