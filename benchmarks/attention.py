@@ -60,6 +60,7 @@ from sparsekit.attention import (  # noqa: E402
     TopKBlocks,
     VerticalSlash,
     block_sparse_attention,
+    tile_mass,
     visible_pairs,
 )
 from sparsekit.attention.hf import SparseAttention  # noqa: E402
@@ -177,9 +178,10 @@ def prefill_rows(qkv: tuple[torch.Tensor, ...], budget: float, flex) -> list[dic
         fns[f"sparse {name}"] = lambda m=mask: block_sparse_attention(q, k, v, m, block_size=BLOCK)
         fns[f"flex {name}"] = lambda m=fmask: flex(q, k, v, block_mask=m)
     ms = time_ms(fns, budget, block_s=0.0, min_rounds=2, max_rounds=5)
+    mass = tile_mass(q, k, block_size=BLOCK)  # every score read once for all the patterns
     rows = []
     for name in LONG:
-        cov = Coverage.of(q, k, masks[name], block_size=BLOCK)
+        cov = Coverage.of(q, k, masks[name], block_size=BLOCK, mass=mass)
         out = block_sparse_attention(q, k, v, masks[name], block_size=BLOCK)
         total = ms[f"estimate {name}"] + ms[f"sparse {name}"]
         rows.append({
@@ -233,10 +235,11 @@ def quality_rows(model, val: torch.Tensor, patterns: dict, *, seqlen: int, block
     rows = [{"context": seqlen, "pattern": "dense (sdpa)", "density": 1.0, "recall": 1.0,
              "perplexity": llm.perplexity(model, tokens, seqlen=seqlen, batch_size=1),
              "relative_error": 0.0}]
+    masses = [tile_mass(q, k, block_size=block) for q, k, _ in window.values()]
     for name, pattern in patterns.items():
         masks = [pattern.block_mask(q, k, block_size=block) for q, k, _ in window.values()]
-        covs = [Coverage.of(q, k, m, block_size=block)
-                for (q, k, _), m in zip(window.values(), masks, strict=True)]
+        covs = [Coverage.of(q, k, m, block_size=block, mass=mass)
+                for (q, k, _), m, mass in zip(window.values(), masks, masses, strict=True)]
         errors = [relative_error(
             block_sparse_attention(q, k, v, m, block_size=block),
             F.scaled_dot_product_attention(q, k, v, is_causal=True))

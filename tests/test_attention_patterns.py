@@ -311,3 +311,23 @@ def test_bad_arguments_fail_clearly():
     assert ATTENTION_PATTERNS.names(adaptive=True) == ["antidiagonal", "vertical_slash"]
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
         Exact(threshold=0.0)
+
+
+def test_coverage_takes_the_tile_masses_once_for_several_masks():
+    """mass_recall and Coverage.of take the tile_mass of q and k when it is at hand (several
+    masks of the same queries and keys then read the scores once) and give the same numbers;
+    a mass of the wrong shape, or with a scale besides, is refused."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 40, 8), torch.randn(2, 2, 40, 8)
+    mass = tile_mass(q, k, block_size=8)
+    for pattern in (SinkWindow(sinks=8, window=16), TopKBlocks(density=0.5), Exact(0.9)):
+        mask = pattern.block_mask(q, k, block_size=8)
+        assert mass_recall(q, k, mask, block_size=8, mass=mass) == mass_recall(
+            q, k, mask, block_size=8)
+        assert Coverage.of(q, k, mask, block_size=8, mass=mass) == pattern.coverage(
+            q, k, block_size=8)
+    with pytest.raises(ValueError, match=r"mass must be the floating tile_mass of q and k, "
+                                         r"shape \(2, 4, 5, 5\), got torch.float64 \(2, 4, 5, 4\)"):
+        mass_recall(q, k, mask, block_size=8, mass=mass[..., :4])
+    with pytest.raises(ValueError, match="pass scale or mass, not both"):
+        mass_recall(q, k, mask, block_size=8, mass=mass, scale=0.5)

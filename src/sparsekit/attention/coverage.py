@@ -39,13 +39,15 @@ class Coverage:
     @classmethod
     def of(
         cls, q: torch.Tensor, k: torch.Tensor, block_mask: torch.Tensor, *, block_size: int,
-        causal: bool = True,
+        causal: bool = True, mass: torch.Tensor | None = None,
     ) -> Coverage:
-        """The :func:`density` and :func:`mass_recall` of ``block_mask`` on ``q``, ``k``."""
+        """The :func:`density` and :func:`mass_recall` of ``block_mask`` on ``q``, ``k``
+        (``mass``: as :func:`mass_recall` takes it)."""
         return cls(
             density=density(block_mask, q.shape[2], k.shape[2], block_size=block_size,
                             causal=causal),
-            recall=mass_recall(q, k, block_mask, block_size=block_size, causal=causal),
+            recall=mass_recall(q, k, block_mask, block_size=block_size, causal=causal,
+                               mass=mass),
         )
 
 
@@ -152,6 +154,7 @@ def mass_recall(
     block_size: int,
     causal: bool = True,
     scale: float | None = None,
+    mass: torch.Tensor | None = None,
 ) -> float:
     """Fraction of the softmax mass of ``softmax(q kᵀ · scale)`` on the tiles ``block_mask``
     keeps, averaged over every query row of every batch entry and head.
@@ -163,6 +166,10 @@ def mass_recall(
         block_size: tile edge in tokens.
         causal: scores of keys after each query (aligned at the end) are not attention's.
         scale: softmax scale, ``1 / sqrt(head_dim)`` by default.
+        mass: the :func:`tile_mass` of ``q``, ``k`` (with this ``block_size`` and
+            ``causal``, and the scale it was computed with instead of ``scale``) when it is
+            at hand: several masks of the same queries and keys then read every score once,
+            not once per mask (computing it reads more than dense attention does).
 
     The masses come from :func:`tile_mass`. Rows that see no key at all (causal with
     ``q_len > kv_len``) are left out of the average.
@@ -171,8 +178,19 @@ def mass_recall(
     _check_qk(q, k)
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[2]
-    _check_mask(block_mask, (blocks(q_len, block_size), blocks(kv_len, block_size)))
-    mass = tile_mass(q, k, block_size=block_size, causal=causal, scale=scale)
+    tiles = (blocks(q_len, block_size), blocks(kv_len, block_size))
+    _check_mask(block_mask, tiles)
+    if mass is None:
+        mass = tile_mass(q, k, block_size=block_size, causal=causal, scale=scale)
+    elif scale is not None:
+        raise ValueError(f"pass scale or mass, not both (mass was computed with its own "
+                         f"scale), got scale={scale!r}")
+    elif (not isinstance(mass, torch.Tensor) or not mass.is_floating_point()
+          or tuple(mass.shape) != (batch, heads, *tiles)):
+        got = (f"{mass.dtype} {tuple(mass.shape)}" if isinstance(mass, torch.Tensor)
+               else type(mass).__name__)
+        raise ValueError(f"mass must be the floating tile_mass of q and k, shape ({batch}, "
+                         f"{heads}, {tiles[0]}, {tiles[1]}), got {got}")
     seen = batch * heads * (min(q_len, kv_len) if causal else q_len)
     return ((mass * block_mask).sum() / max(seen, 1)).item()
 
