@@ -331,3 +331,18 @@ def test_coverage_takes_the_tile_masses_once_for_several_masks():
         mass_recall(q, k, mask, block_size=8, mass=mass[..., :4])
     with pytest.raises(ValueError, match="pass scale or mass, not both"):
         mass_recall(q, k, mask, block_size=8, mass=mass, scale=0.5)
+
+
+def test_exact_coverage_reads_the_scores_once(monkeypatch):
+    """Exact's coverage is its block mask's, with the tile masses computed once for both."""
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 2, 48, 8), torch.randn(1, 2, 48, 8)
+    exact = Exact(0.8)
+    mask = exact.block_mask(q, k, block_size=8)
+    expected = Coverage.of(q, k, mask, block_size=8)
+    calls = []
+    real = patterns.tile_mass
+    monkeypatch.setattr(patterns, "tile_mass", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert exact.coverage(q, k, block_size=8) == expected and len(calls) == 1
+    with pytest.raises(ValueError, match="block_size must be"):
+        exact.coverage(q, k, block_size=0)

@@ -86,7 +86,7 @@ class AttentionPattern:
         q_len, kv_len = q.shape[2], k.shape[2]
         visible = visible_pairs(q_len, kv_len, block_size=block_size, causal=causal) > 0
         mask = self.tiles(q, k, block_size=block_size, causal=causal, visible=visible)
-        return (mask | _local(q_len, kv_len, block_size)) & visible
+        return _completed(mask, visible, q_len, kv_len, block_size)
 
     def coverage(
         self, q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, causal: bool = True
@@ -322,6 +322,17 @@ class Exact(_MassThreshold):
     def tiles(self, q, k, *, block_size, causal, visible):
         return _fewest(tile_mass(q, k, block_size=block_size, causal=causal), self.threshold)
 
+    def coverage(
+        self, q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, causal: bool = True
+    ) -> Coverage:
+        """As every pattern's, reading the scores once: the tile masses that choose the
+        tiles also measure what they keep."""
+        mass = tile_mass(q, k, block_size=block_size, causal=causal)  # checks the arguments
+        q_len, kv_len = q.shape[2], k.shape[2]
+        visible = visible_pairs(q_len, kv_len, block_size=block_size, causal=causal) > 0
+        mask = _completed(_fewest(mass, self.threshold), visible, q_len, kv_len, block_size)
+        return Coverage.of(q, k, mask, block_size=block_size, causal=causal, mass=mass)
+
 
 @ATTENTION_PATTERNS.register("mask")
 @dataclass(frozen=True, eq=False)
@@ -360,6 +371,13 @@ def _query_positions(q_len: int, kv_len: int, block_size: int) -> tuple[torch.Te
     first = torch.arange(blocks(q_len, block_size)) * block_size
     last = torch.clamp(first + block_size, max=q_len) - 1
     return first + kv_len - q_len, last + kv_len - q_len
+
+
+def _completed(tiles: torch.Tensor, visible: torch.Tensor, q_len: int, kv_len: int,
+               block_size: int) -> torch.Tensor:
+    """A pattern's ``tiles`` with each query block's local tile added, limited to the
+    ``visible`` ones (tiles attention may use): the block mask."""
+    return (tiles | _local(q_len, kv_len, block_size)) & visible
 
 
 def _local(q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
