@@ -20,13 +20,13 @@ namespace sparsekit::SPARSEKIT_ISA::rows {
 // benchmarks/kernels.py, bitmap at 50% on 11008x4096); on Intel, bf16 words take vpexpandw
 // instead (BitmapVpexpand below).
 struct ByteTables {
+  uint8_t bytes[256][2][16];  // int8 code of rank r -> byte 8h + i (bit i of byte h): r
   int32_t pack[256][8];
   int32_t rank[256][8];
   int32_t keep[256][8];
   uint8_t words[256][16];
   uint8_t halves[256][32];  // bf16 value of rank r -> bytes 2, 3 of its lane: 2r, 2r + 1
   uint8_t codes[256][32];   // int8 code of rank r -> byte 3 of its lane: r
-  uint8_t bytes[256][2][16];  // int8 code of rank r -> byte 8h + i (bit i of byte h): r
 };
 
 constexpr ByteTables make_byte_tables() {
