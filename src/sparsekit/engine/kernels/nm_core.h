@@ -104,29 +104,44 @@ struct PackedNM {
         _mm256_set1_epi32(__builtin_ctzll(m)));  // lane / n * m
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     const float* xs = x;
+    // x at the inputs c of 8 values whose groups span the 16 inputs at xs, values 0-3 in
+    // the first 8 and 4-7 in the last 8 (2:4 and 4:8): a fixed blend of two vpermps, which
+    // read only the low 3 bits of c.
+    const auto pick = [](const float* xs, __m256i c) {
+      return _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xs), c),
+                             _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 8), c), 0xF0);
+    };
+    const uint32_t* qw = q;  // the field word of the next values
     if (n == 2 && m == 4) {
       // 2:4, 16 values per iteration: one 32-bit word holds their fields, and value l of
-      // each 8 takes input 4 * (l / 2) + field of its 16, i.e. from the first 8 for l < 4 and
-      // from the last 8 otherwise (a fixed blend); vpermps reads only the low 3 bits of its
-      // index, (4 * (l / 2)) % 8 + field. Shifts, blend and bases are loop constants.
+      // each 8 takes input 4 * (l / 2) + field of its 16, i.e. (4 * (l / 2)) % 8 + field of
+      // pick's. Shifts and bases are loop constants.
       const __m256i shift0 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
       const __m256i shift1 = _mm256_add_epi32(shift0, _mm256_set1_epi32(16));
       const __m256i base24 = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
-      for (; k + 16 <= width; k += 16, xs += 32) {
+      for (; k + 16 <= width; k += 16, xs += 32, ++qw) {
         if ((k * sizeof(T)) % 64 == 0) prefetch_ahead(p + k);  // once per line
-        const __m256i word = _mm256_set1_epi32(static_cast<int>(q[k / 16]));
+        const __m256i word = _mm256_set1_epi32(static_cast<int>(*qw));
         const __m256i c0 =
             _mm256_add_epi32(base24, _mm256_and_si256(_mm256_srlv_epi32(word, shift0), field));
         const __m256i c1 =
             _mm256_add_epi32(base24, _mm256_and_si256(_mm256_srlv_epi32(word, shift1), field));
-        const __m256 x0 = _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xs), c0),
-                                          _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 8), c0),
-                                          0xF0);
-        const __m256 x1 =
-            _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 16), c1),
-                            _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 24), c1), 0xF0);
-        a0 = _mm256_fmadd_ps(load8(p + k), x0, a0);
-        a1 = _mm256_fmadd_ps(load8(p + k + 8), x1, a1);
+        a0 = _mm256_fmadd_ps(load8(p + k), pick(xs, c0), a0);
+        a1 = _mm256_fmadd_ps(load8(p + k + 8), pick(xs + 16, c1), a1);
+      }
+    } else if (n == 4 && m == 8) {
+      // 4:8, 16 values per iteration: a 32-bit word holds the 4-bit fields of 8 values, each
+      // value's input among pick's 16, its word shifted by a loop constant. Through the
+      // general loop below (a word and a shift worked out per 8 values, blends on bit 3) it
+      // ran 1.6x slower: 11008x4096, bf16 3.5 against 2.1 ms, int8 3.3 against 2.0 (AMD
+      // Zen 3, 2 threads, cold caches).
+      const __m256i shift48 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+      for (; k + 16 <= width; k += 16, xs += 32, qw += 2) {
+        if ((k * sizeof(T)) % 64 == 0) prefetch_ahead(p + k);  // once per line
+        const __m256i c0 = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(qw[0])), shift48);
+        const __m256i c1 = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(qw[1])), shift48);
+        a0 = _mm256_fmadd_ps(load8(p + k), pick(xs, c0), a0);
+        a1 = _mm256_fmadd_ps(load8(p + k + 8), pick(xs + 16, c1), a1);
       }
     }
     for (; k + 8 <= width; k += 8, xs += span) {
