@@ -111,63 +111,52 @@ struct PackedNM {
       return _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xs), c),
                              _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 8), c), 0xF0);
     };
-    const uint32_t* qw = q;  // the field word of the next values
-    if (n == 2 && m == 4) {
-      // 2:4, 16 values per iteration: one 32-bit word holds their fields, and value l of
-      // each 8 takes input 4 * (l / 2) + field of its 16, i.e. (4 * (l / 2)) % 8 + field of
-      // pick's. Shifts and bases are loop constants.
-      const __m256i shift0 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-      const __m256i shift1 = _mm256_add_epi32(shift0, _mm256_set1_epi32(16));
-      const __m256i base24 = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
-      for (; k + 16 <= width; k += 16, xs += 32, ++qw) {
-        if ((k * sizeof(T)) % 64 == 0) prefetch_ahead(p + k);  // once per line
-        const __m256i word = _mm256_set1_epi32(static_cast<int>(*qw));
-        const __m256i c0 =
-            _mm256_add_epi32(base24, _mm256_and_si256(_mm256_srlv_epi32(word, shift0), field));
-        const __m256i c1 =
-            _mm256_add_epi32(base24, _mm256_and_si256(_mm256_srlv_epi32(word, shift1), field));
-        a0 = _mm256_fmadd_ps(load8(p + k), pick(xs, c0), a0);
-        a1 = _mm256_fmadd_ps(load8(p + k + 8), pick(xs + 16, c1), a1);
-      }
-    } else if (n == 1 && m == 4) {
-      // 1:4, 16 values per iteration: one 32-bit word holds their fields, and value l of each
-      // 8 takes input 4 * l + field of its 32: from the l / 2-th 8 of them (fixed blends),
-      // at (4 * l) % 8 + field there. Through the general loop below it ran 1.2-1.3x slower
-      // (11008x4096: bf16 2.6 against 2.15 ms, int8 2.6 against 1.95; AMD Zen 3, 2 threads).
-      const __m256i shift0 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-      const __m256i shift1 = _mm256_add_epi32(shift0, _mm256_set1_epi32(16));
-      const __m256i base14 = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
-      const auto pick32 = [](const float* xs, __m256i c) {
-        const auto at = [xs, c](int e) {
-          return _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 8 * e), c);
-        };
-        return _mm256_blend_ps(_mm256_blend_ps(at(0), at(1), 0x0C),
-                               _mm256_blend_ps(at(2), at(3), 0xC0), 0xF0);
+    // The same for 8 values over 32 inputs (1:4): value l from the l / 2-th 8 of them.
+    const auto pick32 = [](const float* xs, __m256i c) {
+      const auto at = [xs, c](int e) {
+        return _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 8 * e), c);
       };
-      for (; k + 16 <= width; k += 16, xs += 64, ++qw) {
+      return _mm256_blend_ps(_mm256_blend_ps(at(0), at(1), 0x0C),
+                             _mm256_blend_ps(at(2), at(3), 0xC0), 0xF0);
+    };
+    // 2:4, 1:4 and 4:8 take 16 values a step: indices(w, &c0, &c1) turns the field words at
+    // w (`words` of them) into the picks' indices of the first and the second 8, by shifts,
+    // masks and bases that are loop constants. Through the general loop below (a word and a
+    // shift worked out per 8 values, blends on bits 3 and 4 of each index) 4:8 ran 1.6x and
+    // 1:4 1.2-1.3x slower (11008x4096 from cold caches: 4:8 bf16 3.5 against 2.1 ms, int8
+    // 3.3 against 2.0; 1:4 bf16 2.6 against 2.15, int8 2.6 against 1.95; AMD Zen 3, 2 threads).
+    const uint32_t* qw = q;
+    const auto run16 = [&](auto indices, auto pick_inputs, int64_t words) {
+      for (; k + 16 <= width; k += 16, xs += 2 * span, qw += words) {
         if ((k * sizeof(T)) % 64 == 0) prefetch_ahead(p + k);  // once per line
-        const __m256i word = _mm256_set1_epi32(static_cast<int>(*qw));
-        const __m256i c0 =
-            _mm256_add_epi32(base14, _mm256_and_si256(_mm256_srlv_epi32(word, shift0), field));
-        const __m256i c1 =
-            _mm256_add_epi32(base14, _mm256_and_si256(_mm256_srlv_epi32(word, shift1), field));
-        a0 = _mm256_fmadd_ps(load8(p + k), pick32(xs, c0), a0);
-        a1 = _mm256_fmadd_ps(load8(p + k + 8), pick32(xs + 32, c1), a1);
+        __m256i c0, c1;
+        indices(qw, &c0, &c1);
+        a0 = _mm256_fmadd_ps(load8(p + k), pick_inputs(xs, c0), a0);
+        a1 = _mm256_fmadd_ps(load8(p + k + 8), pick_inputs(xs + span, c1), a1);
       }
+    };
+    if (m == 4 && n <= 2) {
+      // one word holds the 2-bit fields of 16 values; value l of each 8 takes input
+      // 4 * (l / 2) + field of pick's 16 (2:4), or 4 * l + field of pick32's 32 (1:4): at
+      // (4 * (l / 2)) % 8 + field, resp. (4 * l) % 8 + field, of its permute
+      const __m256i shift0 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+      const __m256i shift1 = _mm256_add_epi32(shift0, _mm256_set1_epi32(16));
+      const __m256i first = n == 2 ? _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4)
+                                   : _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+      const auto indices = [&](const uint32_t* w, __m256i* c0, __m256i* c1) {
+        const __m256i word = _mm256_set1_epi32(static_cast<int>(*w));
+        *c0 = _mm256_add_epi32(first, _mm256_and_si256(_mm256_srlv_epi32(word, shift0), field));
+        *c1 = _mm256_add_epi32(first, _mm256_and_si256(_mm256_srlv_epi32(word, shift1), field));
+      };
+      if (n == 2) run16(indices, pick, 1); else run16(indices, pick32, 1);
     } else if (n == 4 && m == 8) {
-      // 4:8, 16 values per iteration: a 32-bit word holds the 4-bit fields of 8 values, each
-      // value's input among pick's 16, its word shifted by a loop constant. Through the
-      // general loop below (a word and a shift worked out per 8 values, blends on bit 3) it
-      // ran 1.6x slower: 11008x4096, bf16 3.5 against 2.1 ms, int8 3.3 against 2.0 (AMD
-      // Zen 3, 2 threads, cold caches).
-      const __m256i shift48 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-      for (; k + 16 <= width; k += 16, xs += 32, qw += 2) {
-        if ((k * sizeof(T)) % 64 == 0) prefetch_ahead(p + k);  // once per line
-        const __m256i c0 = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(qw[0])), shift48);
-        const __m256i c1 = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(qw[1])), shift48);
-        a0 = _mm256_fmadd_ps(load8(p + k), pick(xs, c0), a0);
-        a1 = _mm256_fmadd_ps(load8(p + k + 8), pick(xs + 16, c1), a1);
-      }
+      // a word holds the 4-bit fields of 8 values, each one's input among pick's 16
+      const __m256i shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+      const auto indices = [&shift](const uint32_t* w, __m256i* c0, __m256i* c1) {
+        *c0 = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w[0])), shift);
+        *c1 = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w[1])), shift);
+      };
+      run16(indices, pick, 2);
     }
     for (; k + 8 <= width; k += 8, xs += span) {
       // unsigned: the division and remainder by 32 are a shift and a mask, without the sign
