@@ -473,7 +473,7 @@ struct NM {
   Fields fields;  // built once per call
 #elif SPARSEKIT_AVX2
   // Byte j: the first input of value j's group, relative to the first of its 128-bit lane's
-  // 16 values (2:4 and 4:8), built once per call: built per row, by divisions, with an
+  // 16 values (2:4, 4:8 and 1:4), built once per call: built per row, by divisions, with an
   // integer division per 32 values in the loop, it had made the 2:4 W8A8 GEMV 1.5x slower.
   alignas(32) uint8_t first[32];
 #endif
@@ -534,8 +534,7 @@ struct NM {
         }
         const __m256i c = _mm256_add_epi8(
             base, _mm256_and_si256(_mm256_set_epi64x(d[3], d[2], d[1], d[0]), field));
-        const __m256i bit4 = _mm256_slli_epi16(c, 3);  // bits 4 and 5 of each index as signs
-        const __m256i bit5 = _mm256_slli_epi16(c, 2);
+        const __m256i bit4 = _mm256_slli_epi16(c, 3);  // bit 4 of each index as its sign
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k));
         const __m256i wa = _mm256_abs_epi8(wv);
         for (int j = 0; j < NB; ++j) {
@@ -549,8 +548,9 @@ struct NM {
                 _mm256_inserti128_si256(_mm256_castsi128_si256(lower), upper, 1), c);
           };
           __m256i xv = _mm256_blendv_epi8(pick(0), pick(1), bit4);
-          if (window == 128) {
-            xv = _mm256_blendv_epi8(xv, _mm256_blendv_epi8(pick(2), pick(3), bit4), bit5);
+          if (window == 128) {  // and bit 5 chooses between the window's halves
+            xv = _mm256_blendv_epi8(xv, _mm256_blendv_epi8(pick(2), pick(3), bit4),
+                                    _mm256_slli_epi16(c, 2));
           }
           acc[j] = dot32(acc[j], wa, wv, xv);
         }
