@@ -83,10 +83,9 @@ class AttentionPattern:
         check_int("block_size", block_size, minimum=1)
         _check_qk(q, k)
         self.check(block_size)
-        q_len, kv_len = q.shape[2], k.shape[2]
-        visible = visible_pairs(q_len, kv_len, block_size=block_size, causal=causal) > 0
+        visible = _visible(q, k, block_size, causal)
         mask = self.tiles(q, k, block_size=block_size, causal=causal, visible=visible)
-        return _completed(mask, visible, q_len, kv_len, block_size)
+        return _completed(mask, visible, q, k, block_size)
 
     def coverage(
         self, q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, causal: bool = True
@@ -328,9 +327,8 @@ class Exact(_MassThreshold):
         """As every pattern's, reading the scores once: the tile masses that choose the
         tiles also measure what they keep."""
         mass = tile_mass(q, k, block_size=block_size, causal=causal)  # checks the arguments
-        q_len, kv_len = q.shape[2], k.shape[2]
-        visible = visible_pairs(q_len, kv_len, block_size=block_size, causal=causal) > 0
-        mask = _completed(_fewest(mass, self.threshold), visible, q_len, kv_len, block_size)
+        visible = _visible(q, k, block_size, causal)
+        mask = _completed(_fewest(mass, self.threshold), visible, q, k, block_size)
         return Coverage.of(q, k, mask, block_size=block_size, causal=causal, mass=mass)
 
 
@@ -373,11 +371,17 @@ def _query_positions(q_len: int, kv_len: int, block_size: int) -> tuple[torch.Te
     return first + kv_len - q_len, last + kv_len - q_len
 
 
-def _completed(tiles: torch.Tensor, visible: torch.Tensor, q_len: int, kv_len: int,
+def _visible(q: torch.Tensor, k: torch.Tensor, block_size: int, causal: bool) -> torch.Tensor:
+    """The tiles of ``q``, ``k`` that attention may use (a visible pair inside): bool
+    ``(q_blocks, kv_blocks)``."""
+    return visible_pairs(q.shape[2], k.shape[2], block_size=block_size, causal=causal) > 0
+
+
+def _completed(tiles: torch.Tensor, visible: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                block_size: int) -> torch.Tensor:
     """A pattern's ``tiles`` with each query block's local tile added, limited to the
-    ``visible`` ones (tiles attention may use): the block mask."""
-    return (tiles | _local(q_len, kv_len, block_size)) & visible
+    ``visible`` ones (:func:`_visible`): the block mask."""
+    return (tiles | _local(q.shape[2], k.shape[2], block_size)) & visible
 
 
 def _local(q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
