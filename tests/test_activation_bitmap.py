@@ -87,6 +87,29 @@ def test_act_bitmap_gemv_equals_the_masked_dense_product(isa, values, threads, s
 
 
 @needs_kernels
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("values", list(_VALUES))
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_share_the_kept_columns_over_several_tiles(isa, values, threads):
+    """Each thread adds its share of the kept columns into its own sums and writes its share
+    of every tile's outputs from all of them: 16684 outputs are a whole tile of 16384 and a
+    tail of two blocks (three threads: one writes none of the tail), enough stored weights for
+    every thread, and a bias."""
+    out, cols = 16384 + 300, 64
+    dtype = _VALUES[values]
+    linear = _pruned(out, cols, dtype, seed=5)
+    x = torch.randn(cols, generator=torch.Generator().manual_seed(3)).to(dtype)
+    layer = _layer(linear, torch.full((cols,), 0.5), values, threads)
+    with kernels.use_isa(isa):
+        y = layer(x)
+        one = _layer(linear, torch.full((cols,), 0.5), values, 1)(x)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-2,
+                                                                         "atol": 5e-2}
+    torch.testing.assert_close(y.double(), _reference(layer, x), **tol)
+    torch.testing.assert_close(y, one, **tol)  # the same sums, regrouped
+
+
+@needs_kernels
 @pytest.mark.parametrize("expansion", kernels.bitmap_expansions() if kernels_ok() else ())
 @pytest.mark.parametrize("values", list(_VALUES))
 @pytest.mark.parametrize("threads", [1, 2])

@@ -71,8 +71,9 @@ sums stay in L1 while a column's weights scatter into them, and a kept column is
 ~1000 stored weights at 50 % (512-output blocks ran 1.7x slower at 5632x2048, 4096 alike)."""
 
 BITMAP_BLOCK = 256
-"""Outputs per block of the bitmap columns of ``"act_bitmap_gemv"``: the threads own whole
-blocks, and the int32 offset per column and block costs 1/64 byte per weight. The same on
+"""Outputs per block of the bitmap columns of ``"act_bitmap_gemv"``: the threads write whole
+blocks of the outputs (each thread adds a share of the kept columns), and the int32 offset per
+column and block costs 1/64 byte per weight. The same on
 every CPU, so a saved layer loads anywhere."""
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # inputs of both kernels; sums in float32
