@@ -238,8 +238,10 @@ def test_every_isa_computes_fanin_at_every_fan_in(isa, k, batch):
 
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_every_isa_computes_the_activation_sparse_gemv(isa, dtype, threads):
+    """The threads share the kept inputs, each into its own sums, and each writes a share of
+    every tile's outputs from all of them (three threads: uneven shares of the tail)."""
     g = torch.Generator().manual_seed(4)
     wt = torch.randn(100, 16400, generator=g).to(dtype)  # 16400 outputs: a tile and a tail
     x, bias = torch.randn(100, generator=g).to(dtype), torch.randn(16400, generator=g).to(dtype)

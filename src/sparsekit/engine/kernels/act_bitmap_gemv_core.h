@@ -223,56 +223,24 @@ __attribute__((always_inline)) inline void add_kept(const ActBitmapGemvArgs& a, 
   for (; k < k1; ++k) add_columns<1>(a, values, a.idx + k, a.val + k, t0, t1, sums, expand, nullptr);
 }
 
-// y of blocks [b0, b1) = Output(the sum of the `n` partial sums parts[i], which hold the
-// blocks from `first` on, laid out by sum_index<Interleaved>).
-template <bool Interleaved, typename B>
-inline void output_blocks(const ActBitmapGemvArgs& a, const B* bias, int64_t b0, int64_t b1,
-                          const float* const* parts, int n, int64_t first) {
-  const int64_t o0 = b0 * a.block, count = std::min(b1 * a.block, a.out) - o0;
-  if (count <= 0) return;
-  const int64_t at = o0 - first * a.block;  // the parts' first output of the range
-  const float* scale = a.scale ? a.scale + o0 : nullptr;
-  const B* bb = bias ? bias + o0 : nullptr;
-  float* y = a.y + o0;
-  start(y, scale, bb, count);
-  for (int i = 0; i < n; ++i) {
-    const float* part = parts[i];
-    for (int64_t o = 0; o < count; ++o) y[o] += part[sum_index<Interleaved>(at + o)];
-  }
-  if (scale) scale_add(y, scale, bb, count);
-}
-
 // y = Output(the sums of every kept column) on the threads of the enclosing parallel region,
-// a tile of blocks at a time, the words expanded by `expand`. Each thread adds its share of
-// the kept columns over the whole tile into its own sums, then (after a barrier) writes its
-// share of the tile's outputs from every thread's sums. Splitting the outputs instead (each
-// thread every kept column's run over its blocks) cut each run to 1 / threads of its length,
-// and short runs are what the prefetchers follow worst: on Zen 3 (2 threads, bf16, 50 % x
-// 50 %, weights streamed from memory) this split ran 2048x2048 1.09x and 2048x5632 1.15x
-// faster, 5632x2048 and 11008x4096 alike (with kPrefetchRunsUpTo: 1.10-1.25x on all four).
+// which share the kept columns (share_kept), a tile of blocks at a time, the words expanded
+// by `expand`.
 template <typename T, typename B, typename Expand>
 __attribute__((always_inline)) inline void bitmap_columns(const ActBitmapGemvArgs& a,
                                                           const T* values, const B* bias,
                                                           float** parts, Expand expand) {
-  constexpr bool kInterleaved = Expand::template kInterleaved<T>;
-  const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-  const int64_t tile = std::max<int64_t>(1, kTileOutputs / a.block);
-  float* sums = workspace(tile * a.block);
-  parts[t] = sums;
-  const int64_t k0 = a.kept * t / nt, k1 = a.kept * (t + 1) / nt;
-  for (int64_t t0 = 0; t0 < a.nblocks; t0 += tile) {
-    const int64_t t1 = std::min(a.nblocks, t0 + tile);
-    std::fill(sums, sums + (t1 - t0) * a.block, 0.f);
-    add_kept(a, values, k0, k1, t0, t1, sums, expand);
-    if (nt == 1) {
-      output_blocks<kInterleaved>(a, bias, t0, t1, parts, 1, t0);
-      continue;
-    }
-#pragma omp barrier
-    output_blocks<kInterleaved>(a, bias, t0 + (t1 - t0) * t / nt, t0 + (t1 - t0) * (t + 1) / nt,
-                                parts, nt, t0);
-#pragma omp barrier
-  }
+  share_kept(
+      a.kept, a.nblocks, std::max<int64_t>(1, kTileOutputs / a.block), a.block, parts,
+      [&](int64_t k0, int64_t k1, int64_t b0, int64_t b1, float* sums)
+          __attribute__((always_inline)) { add_kept(a, values, k0, k1, b0, b1, sums, expand); },
+      [&](int64_t b0, int64_t b1, const float* const* sums, int count, int64_t first) {
+        const int64_t o0 = b0 * a.block, n = std::min(b1 * a.block, a.out) - o0;
+        if (n <= 0) return;
+        output_sums(a.y + o0, a.scale ? a.scale + o0 : nullptr, bias ? bias + o0 : nullptr, n,
+                    sums, count, o0 - first * a.block,
+                    [](int64_t o) { return sum_index<Expand::template kInterleaved<T>>(o); });
+      });
 }
 
 #if SPARSEKIT_AVX512

@@ -4,7 +4,8 @@
 // input feature x_j are one contiguous row wt[j, :]. Inputs with |x_j| < threshold_j are
 // treated as zero and their rows are never read: at 50% activation sparsity half of the
 // weight bytes stay in memory, which is what a memory-bound batch-1 GEMV is limited by.
-// Each OpenMP thread owns a slice of y and walks all kept inputs, so no atomics are needed.
+// Each OpenMP thread adds a share of the kept inputs into its own sums, then writes a share of
+// y from every thread's sums, so no atomics are needed (act::share_kept).
 // Weights are float32, bfloat16 or int8 codes with float32 per-output `scales` (act_inputs.h
 // has the dtypes of the other arguments); they are widened to float32 as they stream and every
 // sum is accumulated in float32 (act_gemv_core.h, one copy per instruction set). The result
