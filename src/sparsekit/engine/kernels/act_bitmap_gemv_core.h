@@ -220,7 +220,9 @@ __attribute__((always_inline)) inline void add_kept(const ActBitmapGemvArgs& a, 
     add_columns<C>(a, values, a.idx + k, a.val + k, t0, t1, sums, expand,
                    prefetch && k + 2 * C <= k1 ? a.idx + k + C : nullptr);
   }
-  for (; k < k1; ++k) add_columns<1>(a, values, a.idx + k, a.val + k, t0, t1, sums, expand, nullptr);
+  for (; k < k1; ++k) {
+    add_columns<1>(a, values, a.idx + k, a.val + k, t0, t1, sums, expand, nullptr);
+  }
 }
 
 // y = Output(the sums of every kept column) on the threads of the enclosing parallel region,

@@ -103,8 +103,9 @@ inline void output_sums(float* __restrict y, const float* scale, const B* bias, 
 // 1.09x and 2048x5632 1.15x faster so, 5632x2048 and 11008x4096 alike; act_gemv's
 // transposed rows 1.47x, 1.3x, 1.2x and 1.1x (int8: 1.05-1.4x).
 template <typename Add, typename Write>
-__attribute__((always_inline)) inline void share_kept(int64_t kept, int64_t units, int64_t tile, int64_t unit, float** parts,
-                       Add add, Write write) {
+__attribute__((always_inline)) inline void share_kept(int64_t kept, int64_t units, int64_t tile,
+                                                      int64_t unit, float** parts,
+                                                      Add add, Write write) {
   const int t = omp_get_thread_num(), nt = omp_get_num_threads();
   float* sums = workspace(std::min(tile, units) * unit);
   parts[t] = sums;
