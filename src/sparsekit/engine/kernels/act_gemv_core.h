@@ -124,17 +124,50 @@ __attribute__((always_inline)) inline void share_kept(int64_t kept, int64_t unit
   }
 }
 
-// sums[0:u1 - u0) += sum over kept j in [k0, k1) of x_j * wt[j, u0:u1).
+// Kept rows ahead of the four being added whose runs are prefetched meanwhile (add_rows).
+// A kept row is a run of `out` weights starting anywhere, and the runs come in no pattern
+// the hardware prefetchers learn before a short run ends. Prefetching to L2, line by line in
+// step with the additions, the run of the rows two groups of four ahead (one group ahead was
+// too late, three no better) read the rows of 50 % of the inputs from memory 1.15-1.25x
+// faster in bf16 and int8 on the LLaMA shapes (2048x2048, 5632x2048, 2048x5632; AMD Zen 3, 2
+// threads, a standalone copy of this loop); prefetching whole runs at once was 1.2x slower.
+constexpr int64_t kPrefetchRowsAhead = 8;
+
+// sums[0:n) += sum over i < 4 of a[i] * w[i][0:n), prefetching next[i][0:n) to L2 a cache
+// line of each at a time.
+template <typename W>
+__attribute__((always_inline)) inline void axpy4_prefetching(float* __restrict sums,
+                                                             const W* const* w,
+                                                             const W* const* next,
+                                                             const float* a, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(W);
+  int64_t o = 0;
+  for (; o + kLine <= n; o += kLine) {
+    for (int i = 0; i < 4; ++i) __builtin_prefetch(next[i] + o, 0, 2);
+    axpy4(sums + o, w[0] + o, w[1] + o, w[2] + o, w[3] + o, a[0], a[1], a[2], a[3], kLine);
+  }
+  axpy4(sums + o, w[0] + o, w[1] + o, w[2] + o, w[3] + o, a[0], a[1], a[2], a[3], n - o);
+}
+
+// sums[0:u1 - u0) += sum over kept j in [k0, k1) of x_j * wt[j, u0:u1), four rows at a time,
+// the rows kPrefetchRowsAhead further prefetched meanwhile.
 template <typename W>
 inline void add_rows(const W* wt, int64_t out, const int32_t* idx, const float* val,
                      int64_t k0, int64_t k1, int64_t u0, int64_t u1, float* sums) {
   const int64_t n = u1 - u0;
+  const auto row = [&](int64_t k) { return wt + idx[k] * out + u0; };
   int64_t k = k0;
-  for (; k + 4 <= k1; k += 4) {
-    axpy4(sums, wt + idx[k] * out + u0, wt + idx[k + 1] * out + u0, wt + idx[k + 2] * out + u0,
-          wt + idx[k + 3] * out + u0, val[k], val[k + 1], val[k + 2], val[k + 3], n);
+  for (; k + 4 + kPrefetchRowsAhead <= k1; k += 4) {
+    const W* w[4] = {row(k), row(k + 1), row(k + 2), row(k + 3)};
+    const int64_t f = k + kPrefetchRowsAhead;
+    const W* next[4] = {row(f), row(f + 1), row(f + 2), row(f + 3)};
+    axpy4_prefetching(sums, w, next, val + k, n);
   }
-  for (; k < k1; ++k) axpy1(sums, wt + idx[k] * out + u0, val[k], n);
+  for (; k + 4 <= k1; k += 4) {
+    axpy4(sums, row(k), row(k + 1), row(k + 2), row(k + 3), val[k], val[k + 1], val[k + 2],
+          val[k + 3], n);
+  }
+  for (; k < k1; ++k) axpy1(sums, row(k), val[k], n);
 }
 
 // Calls body(bias) with the bias as const float* or const bf16* (`is_bf16`).
