@@ -237,19 +237,28 @@ def test_every_isa_computes_fanin_at_every_fan_in(isa, k, batch):
 
 
 @pytest.mark.parametrize("isa", _isas())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_every_isa_computes_the_activation_sparse_gemv(isa, dtype, threads):
     """The threads share the kept inputs, each into its own sums, and each writes a share of
-    every tile's outputs from all of them (three threads: uneven shares of the tail)."""
+    every tile's outputs from all of them (three threads: uneven shares of the tail); each
+    thread's ~16 kept rows run the groups that prefetch the rows two groups ahead and the
+    groups too close to the end to. int8: codes scaled per output, float32 inputs."""
     g = torch.Generator().manual_seed(4)
-    wt = torch.randn(100, 16400, generator=g).to(dtype)  # 16400 outputs: a tile and a tail
+    wt = torch.randn(100, 16400, generator=g)  # 16400 outputs: a tile and a tail
+    scales = None
+    if dtype == torch.int8:
+        wt, scales = torch.randint(-127, 128, wt.shape, generator=g, dtype=torch.int8), \
+            torch.rand(16400, generator=g) / 127
+    wt = wt.to(dtype)
+    dtype = torch.float32 if dtype == torch.int8 else dtype
     x, bias = torch.randn(100, generator=g).to(dtype), torch.randn(16400, generator=g).to(dtype)
     threshold = torch.full((100,), 0.7).to(dtype)
     with kernels.use_isa(isa):
-        y = torch.ops.sparsekit.act_gemv(wt, x, threshold, bias, threads)
+        y = torch.ops.sparsekit.act_gemv(wt, x, threshold, bias, threads, scales)
     kept = torch.where(x.abs() >= threshold, x, torch.zeros_like(x)).double()
-    ref = kept @ wt.double() + bias.double()
+    ref = kept @ (wt.double() if scales is None else wt.double() * scales.double())
+    ref += bias.double()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.double(), ref.to(dtype).double(), rtol=tol, atol=tol)
 
