@@ -248,8 +248,8 @@ def test_every_isa_computes_the_activation_sparse_gemv(isa, dtype, threads):
     wt = torch.randn(100, 16400, generator=g)  # 16400 outputs: a tile and a tail
     scales = None
     if dtype == torch.int8:
-        wt, scales = torch.randint(-127, 128, wt.shape, generator=g, dtype=torch.int8), \
-            torch.rand(16400, generator=g) / 127
+        wt = torch.randint(-127, 128, wt.shape, generator=g, dtype=torch.int8)
+        scales = torch.rand(16400, generator=g) / 127
     wt = wt.to(dtype)
     dtype = torch.float32 if dtype == torch.int8 else dtype
     x, bias = torch.randn(100, generator=g).to(dtype), torch.randn(16400, generator=g).to(dtype)
