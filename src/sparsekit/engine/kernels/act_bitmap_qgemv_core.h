@@ -231,36 +231,33 @@ inline void add_qcolumns(const ActBitmapQGemvArgs& q, int64_t k0, int64_t k1, in
 
 namespace sparsekit::SPARSEKIT_ISA {
 
-// Each thread adds its share of the kept columns, whole columns, into its own sums, then
-// finishes a share of the outputs from every thread's sums: y = (sum - the biased weights'
-// share) * sx, * scale (+ bias), as the W8A8 ops finish their rows. Whole columns, not
-// act_bitmap_gemv's share of every column's blocks: a thread then reads each kept column
-// as one run, and reading half of the columns ran 1.15-1.3x faster so than by halves of
-// columns (pure loads, 128 MB of 1.3-7 KB columns, half of them, two threads, Intel Xeon).
+// Each thread adds its share of the kept columns, whole columns, into its own int32 sums
+// (act::share_kept with the whole layer as one tile), then finishes a share of the output
+// blocks from every thread's sums: y = (sum - the biased weights' share) * sx, * scale
+// (+ bias), as the W8A8 ops finish their rows. Whole columns, not a share of every column's
+// blocks: a thread then reads each kept column as one run, and reading half of the columns
+// ran 1.15-1.3x faster so than by halves of columns (pure loads, 128 MB of 1.3-7 KB columns,
+// half of them, two threads, Intel Xeon).
 inline void act_bitmap_qgemv(const ActBitmapQGemvArgs& q) {
   const ActBitmapGemvArgs& a = q.a;
-  const int64_t padded = a.nblocks * a.block;
   const int32_t correction = act::kQBiased ? 128 * q.code_sum : 0;
-  std::vector<const int32_t*> partial(a.threads);
+  std::vector<int32_t*> parts(std::max(1, a.threads));  // each thread's sums
   act::with_bias(a.bias_bf16, a.bias, [&](auto bias) {
 #pragma omp parallel num_threads(a.threads) if (a.threads > 1)
-    {
-      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-      auto* sums = reinterpret_cast<int32_t*>(workspace(padded));
-      std::fill(sums, sums + padded, 0);
-      act::add_qcolumns(q, a.kept * t / nt, a.kept * (t + 1) / nt, sums);
-      partial[t] = sums;
-#pragma omp barrier
-      const int64_t lines = (a.out + 63) / 64;
-      const int64_t o0 = std::min(a.out, lines * t / nt * 64);
-      const int64_t o1 = std::min(a.out, lines * (t + 1) / nt * 64);
-      for (int64_t o = o0; o < o1; ++o) {
-        int32_t s = -correction;
-        for (int u = 0; u < nt; ++u) s += partial[u][act::sum_position(o)];
-        a.y[o] = static_cast<float>(s) * q.sx;
-      }
-      act::scale_add(a.y + o0, a.scale + o0, bias ? bias + o0 : nullptr, o1 - o0);
-    }
+    act::share_kept(
+        a.kept, a.nblocks, a.nblocks, a.block, parts.data(),
+        [&](int64_t k0, int64_t k1, int64_t, int64_t, int32_t* sums) {
+          act::add_qcolumns(q, k0, k1, sums);
+        },
+        [&](int64_t b0, int64_t b1, const int32_t* const* sums, int count, int64_t) {
+          const int64_t o0 = std::min(a.out, b0 * a.block), o1 = std::min(a.out, b1 * a.block);
+          for (int64_t o = o0; o < o1; ++o) {
+            int32_t s = -correction;
+            for (int u = 0; u < count; ++u) s += sums[u][act::sum_position(o)];
+            a.y[o] = static_cast<float>(s) * q.sx;
+          }
+          act::scale_add(a.y + o0, a.scale + o0, bias ? bias + o0 : nullptr, o1 - o0);
+        });
   });
 }
 

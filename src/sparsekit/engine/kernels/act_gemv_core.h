@@ -92,27 +92,30 @@ inline void output_sums(float* __restrict y, const float* scale, const B* bias, 
 }
 
 // On the threads of the enclosing parallel region, a tile of `tile` units at a time (of
-// `units`, each `unit` sums): add(k0, k1, u0, u1, sums) adds this thread's share [k0, k1)
-// of the `kept` inputs over units [u0, u1) into its own sums (parts[thread], zeroed), then,
-// after a barrier, write(u0, u1, parts, count, first) writes this thread's share of the
-// tile's units from every thread's sums (whose first unit is `first`).
+// `units`, each `unit` sums of type S: float32, or int32 for the exact integer dot products
+// of the W8A8 kernel, act_bitmap_qgemv_core.h, which takes the whole layer as one tile):
+// add(k0, k1, u0, u1, sums) adds this thread's share [k0, k1) of the `kept` inputs over
+// units [u0, u1) into its own sums (parts[thread], zeroed), then, after a barrier,
+// write(u0, u1, parts, count, first) writes this thread's share of the tile's units from
+// every thread's sums (whose first unit is `first`).
 // Each thread so reads every kept input's run of the tile whole: splitting the outputs
 // instead (each thread every kept input's run over its outputs) cut the runs to 1 / threads
 // of their length, and short runs are what the prefetchers follow worst. On Zen 3 (2
 // threads, bf16, 50 % x 50 %, weights streamed from memory) the bitmap columns ran 2048x2048
 // 1.09x and 2048x5632 1.15x faster so, 5632x2048 and 11008x4096 alike; act_gemv's
 // transposed rows 1.47x, 1.3x, 1.2x and 1.1x (int8: 1.05-1.4x).
-template <typename Add, typename Write>
+template <typename S, typename Add, typename Write>
 __attribute__((always_inline)) inline void share_kept(int64_t kept, int64_t units, int64_t tile,
-                                                      int64_t unit, float** parts,
+                                                      int64_t unit, S** parts,
                                                       Add add, Write write) {
+  static_assert(sizeof(S) == sizeof(float), "the sums live in the float workspace");
   const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-  float* sums = workspace(std::min(tile, units) * unit);
+  S* sums = reinterpret_cast<S*>(workspace(std::min(tile, units) * unit));
   parts[t] = sums;
   const int64_t k0 = kept * t / nt, k1 = kept * (t + 1) / nt;
   for (int64_t t0 = 0; t0 < units; t0 += tile) {
     const int64_t t1 = std::min(units, t0 + tile);
-    std::fill(sums, sums + (t1 - t0) * unit, 0.f);
+    std::fill(sums, sums + (t1 - t0) * unit, S{});
     add(k0, k1, t0, t1, sums);
     if (nt == 1) {
       write(t0, t1, parts, 1, t0);
