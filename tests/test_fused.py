@@ -369,6 +369,32 @@ def test_projections_that_lose_alone_fuse_into_one_activation_sparse_layer(
 
 
 @needs_kernels
+def test_projections_of_which_some_won_alone_fuse_into_one_activation_sparse_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # q_proj's activation-sparse kernel wins alone, k_proj's and v_proj's (half as wide) do
+    # not: a mixed group, as the noise of close single-row timings makes it, still gets its
+    # one thresholded call, which is faster than the three separate ones.
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    model = _llama(layers=1)
+    narrow = model.model.layers[0].self_attn.k_proj.out_features
+    _act_clock(monkeypatch, act_s=lambda layer: 1e-3 if layer.out_features == narrow else 0.5e-3)
+    teal = _teal(model)
+    compiled = compile(model, (IDS,), activation_sparsity=teal, cache=False)
+    attn = compiled.model.layers[0].self_attn
+    assert all(isinstance(getattr(attn, n), FusedLinear) for n in ("q_proj", "k_proj", "v_proj"))
+    assert isinstance(attn.q_proj.group.linear, ActivationSparseLinear)
+    choices = compiled.sparsekit_choices
+    assert choices["model.layers.0.self_attn.q_proj"]["activation"]["chosen"]  # alone: won
+    assert not choices["model.layers.0.self_attn.k_proj"]["activation"]["chosen"]  # lost
+    record = choices["model.layers.0.self_attn.k_proj"]["fused"]
+    assert record["format"] == "fused" and record["stacked"]["activation"]["chosen"]
+    with _thresholded(model, teal.thresholds), torch.no_grad():
+        torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits)
+
+
+@needs_kernels
 def test_projections_whose_stack_loses_with_thresholds_fuse_weight_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

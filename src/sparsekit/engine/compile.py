@@ -370,18 +370,19 @@ def _fuse_groups(
     ``options`` are its and :func:`_compile_layer`'s), recording each group's choice under
     ``"fused"`` in its members' ``choices``. A group whose layers share one calibrated input
     threshold (``thresholds``, as TEAL calibrates one per input) is first tried as one
-    activation-sparse layer (one thresholding, one kernel call), whether or not its members
-    won as activation-sparse layers on their own: three 2048 x 2048 projections that did not
-    (1.0-1.1x at one row, two threads, Intel Xeon) stack to a 6144-output layer, the size
-    at which the kernel wins (5632 x 2048: 1.38x over the weight-only bitmap). Where that
-    loses, weight-only members are tried as a weight-only stack; a group mixing
-    activation-sparse members with weight-only ones or with other thresholds is left as
-    it is."""
+    activation-sparse layer (one thresholding, one kernel call), whether none, some or all of
+    its members won as activation-sparse layers on their own: three 2048 x 2048 projections
+    that did not (1.0-1.1x at one row, two threads, Intel Xeon) stack to a 6144-output layer,
+    the size at which the kernel wins (5632 x 2048: 1.38x over the weight-only bitmap), and
+    single-row gains that close split a group by noise (on a 2:4 bf16 LLaMA, AMD Zen 3, 2
+    threads, compiles left 1-2 of a block's q/k/v weight-only). Where the stacked layer
+    loses, weight-only members are tried as a weight-only stack; a group with
+    activation-sparse members, or whose members have other thresholds, is left as it is."""
     for group in fused.shared_inputs(model, inputs):
         separate = [compiled.get_submodule(n) for n in group]
         weight_only = all(isinstance(m, CompiledLinear) for m in separate)
         threshold = _shared_threshold(separate)
-        if threshold is None and weight_only:
+        if threshold is None:
             threshold = _calibrated_threshold(group, thresholds)
         if threshold is None and not weight_only:
             continue  # activation-sparse members that cannot share one kernel call
