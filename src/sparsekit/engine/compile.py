@@ -374,7 +374,7 @@ def _fuse_groups(
     its members won as activation-sparse layers on their own: three 2048 x 2048 projections
     that did not (1.0-1.1x at one row, two threads, Intel Xeon) stack to a 6144-output layer,
     the size at which the kernel wins (5632 x 2048: 1.38x over the weight-only bitmap), and
-    single-row gains that close split a group by noise (on a 2:4 bf16 LLaMA, AMD Zen 3, 2
+    single-row gains that close split a group by noise (on a 2:4 bf16 LLaMA, AMD Zen 4, 2
     threads, compiles left 1-2 of a block's q/k/v weight-only). Where the stacked layer
     loses, weight-only members are tried as a weight-only stack; a group with
     activation-sparse members, or whose members have other thresholds, is left as it is."""
