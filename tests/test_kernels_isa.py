@@ -87,14 +87,29 @@ def test_every_bitmap_expansion_gives_the_tables_rows_bit_for_bit(
     assert torch.equal(y, expected)
 
 
-def test_the_bitmap_expansion_is_vpexpand_on_intel_cpus_that_run_it():
+def test_the_bitmap_expansion_is_auto_vpexpand_on_intel_and_for_zen_4_int8_codes():
     expansions = kernels.bitmap_expansions()
     assert expansions[0] == "tables"
     assert set(expansions) <= {"tables", "vpexpand"}
     assert ("vpexpand" in expansions) == ("avx512" in _isas() and "avx512_vbmi2" in _cpu_flags())
+    assert kernels.bitmap_expansion() == "auto"
     intel = "GenuineIntel" in _cpu_info("vendor_id")
-    assert kernels.bitmap_expansion() == ("vpexpand" if "vpexpand" in expansions and intel
-                                          else "tables")
+    zen4 = "AuthenticAMD" in _cpu_info("vendor_id") and _cpu_info("cpu family").endswith(" 25")
+    runs = "vpexpand" in expansions
+    expected = {"bf16": runs and intel, "fp32": runs and intel, "int8": runs and (intel or zen4)}
+    for values, vpexpand in expected.items():
+        assert kernels.bitmap_expansion(values) == ("vpexpand" if vpexpand else "tables")
+        for forced in expansions:
+            with kernels.use_bitmap_expansion(forced):
+                assert kernels.bitmap_expansion(values) == forced
+
+
+def test_bitmap_expansion_names_the_values_it_accepts():
+    with pytest.raises(ValueError, match=r"values must be one of \('bf16', 'fp32', 'int8'\), "
+                                         r"got 'fp16'"):
+        kernels.bitmap_expansion("fp16")
+    with pytest.raises(RuntimeError, match="values must be 'bf16', 'fp32' or 'int8', got 'fp16'"):
+        torch.ops.sparsekit.bitmap_expansion_of("fp16")
 
 
 def _cpu_info(field: str) -> str:
@@ -110,7 +125,7 @@ def _cpu_flags() -> set[str]:
 
 def test_use_bitmap_expansion_rejects_names_this_cpu_cannot_run():
     before = kernels.bitmap_expansion()
-    bad = r"bitmap expansion must be one of \('tables'.*got 'pshufb'"
+    bad = r"bitmap expansion must be one of \('auto', 'tables'.*got 'pshufb'"
     with pytest.raises(ValueError, match=bad), kernels.use_bitmap_expansion("pshufb"):
         pass
     assert kernels.bitmap_expansion() == before

@@ -10,7 +10,7 @@ library runs the best one the CPU supports (:func:`isa`; :func:`isas` lists the 
 run, :func:`use_isa` forces one, e.g. to test or time every path). The rest of the library
 is compiled for a baseline of the architecture, so one build runs on any CPU of it. On
 AVX-512 the bitmap rows of bf16 values and of int8 codes, and the bitmap columns of
-``act_bitmap_gemv``, have two expansions, chosen by the CPU's vendor
+``act_bitmap_gemv``, have two expansions, chosen per value dtype by the CPU
 (:func:`bitmap_expansion`; :func:`use_bitmap_expansion` forces one).
 
 The sources are compiled once per (torch version, Python, CPU, sources) by
@@ -143,17 +143,30 @@ def _using(what: str, kinds: str, name: str, accepted: tuple[str, ...],
         getattr(ops, setter)(before)
 
 
-def bitmap_expansion() -> str | None:
-    """How the AVX-512 kernels move the packed bf16 values or int8 codes of bitmap words into
-    the lanes of their inputs: ``"vpexpand"`` (one VBMI2 ``vpexpandw`` per word of bf16
-    values, one ``vpexpandb`` per 64 int8 codes, W8A8 or float inputs; in the bitmap
-    columns of ``act_bitmap_gemv`` also ``vexpandps`` for fp32; the default on Intel
-    CPUs that have it, where it is faster) or ``"tables"`` (``pshufb`` by tables of byte
-    ranks for bf16, ``vpermb`` by the ranks of the set bits for int8; the default elsewhere:
-    AMD Zen 4 and 5 ran the expands 1.3-3x slower); ``None`` without kernels. The AVX2 and
+def bitmap_expansion(values: str | None = None) -> str | None:
+    """How the AVX-512 kernels move the packed values of bitmap words into the lanes of
+    their inputs: ``"vpexpand"`` (one VBMI2 ``vpexpandw`` per word of bf16 values, one
+    ``vpexpandb`` per 64 int8 codes, W8A8 or float inputs; in the bitmap columns of
+    ``act_bitmap_gemv`` also ``vexpandps`` for fp32) or ``"tables"`` (``pshufb`` by tables
+    of byte ranks for bf16, ``vpermb`` by the ranks of the set bits for int8).
+
+    Without ``values``, the setting: ``"auto"`` (the default) or the expansion
+    :func:`use_bitmap_expansion` forces. Under ``"auto"`` each dtype takes the one measured
+    faster on this kind of CPU: ``"vpexpand"`` for every dtype on Intel; on AMD Zen 4 for
+    int8 codes (1.06-1.45x faster across the int8 bitmap kernels) and ``"tables"`` for bf16
+    (whose rows ``vpexpandw`` ran 1.3x slower) and fp32; ``"tables"`` elsewhere (AMD Zen 5
+    ran the expands 1.3-3x slower). With ``values`` (``"bf16"``, ``"fp32"`` or ``"int8"``),
+    the expansion the kernels use for them now. ``None`` without kernels; the AVX2 and
     scalar kernels always use their own tables."""
+    if values is not None and values not in _EXPANSION_VALUES:
+        raise ValueError(f"values must be one of {_EXPANSION_VALUES}, got {values!r}")
     ops = load()
-    return None if ops is None else str(ops.bitmap_expansion())
+    if ops is None:
+        return None
+    return str(ops.bitmap_expansion() if values is None else ops.bitmap_expansion_of(values))
+
+
+_EXPANSION_VALUES = ("bf16", "fp32", "int8")
 
 
 def bitmap_expansions() -> tuple[str, ...]:
@@ -164,15 +177,17 @@ def bitmap_expansions() -> tuple[str, ...]:
 
 
 def use_bitmap_expansion(name: str) -> contextlib.AbstractContextManager[None]:
-    """Expand bitmap words with ``name`` (one of :func:`bitmap_expansions`) inside the block,
-    for every thread of the process; the previous one is restored on exit. Both give the
-    same outputs, bit for bit.
+    """Expand bitmap words with ``name`` inside the block, for every thread of the process:
+    one of :func:`bitmap_expansions` for every value dtype, or ``"auto"`` (each dtype the
+    one faster on this CPU, :func:`bitmap_expansion`); the previous setting is restored on
+    exit. They give the same outputs, bit for bit.
 
     >>> with kernels.use_bitmap_expansion("tables"):  # doctest: +SKIP
     ...     y = layer(x)  # bf16 bitmap rows by pshufb tables, even on Intel
     """
-    return _using("bitmap expansion", "expansions", name, bitmap_expansions(),
-                  "set_bitmap_expansion")
+    expansions = bitmap_expansions()
+    return _using("bitmap expansion", "expansions", name,
+                  ("auto", *expansions) if expansions else (), "set_bitmap_expansion")
 
 
 def _cache_dir() -> Path:

@@ -73,7 +73,8 @@ sparsekit::ActBitmapGemvArgs checked_args(
       sparsekit::value_type(values), values.data_ptr(),
       reinterpret_cast<const uint16_t*>(bitmap.data_ptr<int16_t>()),
       offsets.data_ptr<int32_t>(), in, out_features, block, nblocks, stored, a.scale, a.bias,
-      a.bf16, nullptr, nullptr, 0, nullptr, a.threads, sparsekit::bitmap_vpexpand()};
+      a.bf16, nullptr, nullptr, 0, nullptr, a.threads,
+      sparsekit::bitmap_vpexpand(values.scalar_type() == at::kChar)};
 }
 
 // args with the kept inputs idx (kept of them) and a fresh float32 y; the thread count from

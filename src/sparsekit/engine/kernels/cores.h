@@ -219,9 +219,10 @@ extern const Cores kCores;
 // another).
 const Cores& cores();
 
-// Whether the AVX-512 bitmap rows expand bf16 words with vpexpandw and int8 codes with
-// vpexpandb (the bitmap expansion "vpexpand": the default on Intel CPUs with VBMI2) instead
-// of the pshufb tables and vpermb by ranks ("tables"; set_bitmap_expansion chooses).
-bool bitmap_vpexpand();
+// Whether the AVX-512 bitmap kernels expand int8 codes (`codes`) with vpexpandb, or bf16
+// words and fp32 values with vpexpandw and vexpandps (the bitmap expansion "vpexpand")
+// instead of the pshufb tables and vpermb by ranks ("tables"): the setting of
+// set_bitmap_expansion, or under "auto" (the default) what this CPU runs faster (isa.cpp).
+bool bitmap_vpexpand(bool codes);
 
 }  // namespace sparsekit

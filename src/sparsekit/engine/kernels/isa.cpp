@@ -77,40 +77,62 @@ std::vector<std::string> bitmap_expansions() {
   return names;
 }
 
-// "vpexpand" on Intel CPUs that run it (1.2-1.4x faster bf16 GEMVs there, bitmap_core.h;
-// 1.1-1.6x W8A8 bitmap rows at batch 1-8, 1.2-1.4x float-input int8, qlinear_core.h),
-// "tables" elsewhere (AMD Zen 5 ran vpexpandw and expand-loads 2-3x slower than the tables,
-// Zen 4 vpexpandb 1.3x slower).
-bool vpexpand_by_default() {
+// Whether the bitmap expansion "auto" takes "vpexpand" for int8 codes (`codes`) or for bf16
+// words and fp32 values: on Intel CPUs that run it, for every dtype (1.2-1.4x faster bf16
+// GEMVs there, bitmap_core.h; 1.1-1.6x W8A8 bitmap rows at batch 1-8, 1.2-1.4x float-input
+// int8, qlinear_core.h); on AMD Zen 4 (family 19h: its AVX-512 CPUs) for int8 codes only —
+// vpexpandb ran every int8 bitmap kernel faster there (float-input rows 1.24-1.29x, W8A8
+// rows 1.06-1.1x, bitmap columns 1.2-1.45x; 5632x2048, 2048x5632, 2048x2048 and 11008x4096
+// at 50 %, one and two threads, weights from memory), while vpexpandw ran the bf16 rows
+// 1.3x slower and the bf16 columns the same; "tables" elsewhere (AMD Zen 5 ran vpexpandw and
+// expand-loads 2-3x slower than the tables, vpexpandb 1.3-2.7x slower).
+bool vpexpand_by_default(bool codes) {
 #if defined(__x86_64__) || defined(__i386__)
-  return bitmap_expansions().size() > 1 && __builtin_cpu_is("intel");
+  if (bitmap_expansions().size() < 2) return false;
+  return __builtin_cpu_is("intel") || (codes && __builtin_cpu_is("amdfam19h"));
 #else
+  (void)codes;
   return false;
 #endif
 }
 
-std::atomic<bool> vpexpand{vpexpand_by_default()};
+constexpr int kAuto = -1, kTables = 0, kVpexpand = 1;  // the bitmap expansion setting
+std::atomic<int> expansion{kAuto};
 
-std::string bitmap_expansion() { return bitmap_vpexpand() ? "vpexpand" : "tables"; }
+std::string bitmap_expansion() {
+  const int e = expansion.load(std::memory_order_relaxed);
+  return e == kAuto ? "auto" : e == kVpexpand ? "vpexpand" : "tables";
+}
 
-// Makes `name` the bitmap expansion; returns the one it replaces.
+// The expansion the kernels use for `values` ("bf16", "fp32" or "int8") now.
+std::string bitmap_expansion_of(const std::string& values) {
+  TORCH_CHECK(values == "bf16" || values == "fp32" || values == "int8",
+              "values must be 'bf16', 'fp32' or 'int8', got '", values, "'");
+  return bitmap_vpexpand(values == "int8") ? "vpexpand" : "tables";
+}
+
+// Makes `name` ("auto" or one of bitmap_expansions) the bitmap expansion; returns the one it
+// replaces.
 std::string set_bitmap_expansion(const std::string& name) {
-  std::string accepted;
-  for (const std::string& n : bitmap_expansions()) {
-    if (name == n) {
-      const std::string before = bitmap_expansion();
-      vpexpand.store(name == "vpexpand");
-      return before;
-    }
-    accepted += (accepted.empty() ? "" : ", ") + n;
-  }
-  TORCH_CHECK(false, "bitmap expansion must be one this CPU runs (", accepted, "), got '", name,
+  std::string accepted = "auto";
+  for (const std::string& n : bitmap_expansions()) accepted += ", " + n;
+  const bool runs = name == "auto" || name == "tables" ||
+                    (name == "vpexpand" && bitmap_expansions().size() > 1);
+  TORCH_CHECK(runs, "bitmap expansion must be one this CPU runs (", accepted, "), got '", name,
               "'");
+  const std::string before = bitmap_expansion();
+  expansion.store(name == "auto" ? kAuto : name == "vpexpand" ? kVpexpand : kTables);
+  return before;
 }
 
 }  // namespace
 
-bool bitmap_vpexpand() { return vpexpand.load(std::memory_order_relaxed); }
+bool bitmap_vpexpand(bool codes) {
+  const int e = expansion.load(std::memory_order_relaxed);
+  if (e != kAuto) return e == kVpexpand;
+  static const bool for_codes = vpexpand_by_default(true), for_words = vpexpand_by_default(false);
+  return codes ? for_codes : for_words;
+}
 
 const Cores& cores() {
   const Cores* c = chosen.load(std::memory_order_relaxed);
@@ -133,5 +155,6 @@ TORCH_LIBRARY_FRAGMENT(sparsekit, m) {
   m.def("set_isa(str name) -> str", &sparsekit::set_isa);
   m.def("bitmap_expansion() -> str", &sparsekit::bitmap_expansion);
   m.def("bitmap_expansions() -> str[]", &sparsekit::bitmap_expansions);
+  m.def("bitmap_expansion_of(str values) -> str", &sparsekit::bitmap_expansion_of);
   m.def("set_bitmap_expansion(str name) -> str", &sparsekit::set_bitmap_expansion);
 }

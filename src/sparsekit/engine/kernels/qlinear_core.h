@@ -107,7 +107,9 @@ inline __m512i bias128() { return _mm512_set1_epi8(static_cast<char>(0x80)); }
 // whichever leaves the loop's busier units free: the W8A8 GEMV ran 1.05x faster with the
 // first and the float-input one (busy with conversions and FMAs) 1.1x faster with the second
 // on AMD Zen 4 (11008x4096 at 50-90%, one thread). vpexpandb does the whole expansion in one
-// instruction but ran the GEMVs 1.3x slower there and 1.3-2.7x slower on AMD Zen 5.
+// instruction; it ran the GEMVs 1.3-2.7x slower on AMD Zen 5, and on Zen 4 first 1.3x
+// slower, later (session 29, weights from memory) 1.06-1.3x faster, so Zen 4 now takes it
+// for int8 codes (isa.cpp).
 alignas(64) inline constexpr uint8_t kByteOfLane[64] = {  // lane i: byte i / 8 of a qword
     0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
     4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7};
@@ -148,7 +150,7 @@ inline __m512i ranks64_scalar_counts(uint64_t m) {
 // expansion "vpexpand", isa.cpp), else by a vpermb by the ranks of the set bits (ranks64).
 // On Intel (Granite Rapids) vpexpandb ran the W8A8 bitmap rows 1.2-1.7x faster at batch 1-4
 // and the float-input int8 GEMV 1.3-1.5x faster (11008x4096 and 4096x4096 at 50 and 70 %,
-// one thread); on AMD it is the slower one (see ranks64).
+// one thread); on AMD Zen 4 it is faster too, on Zen 5 the slower one (see ranks64).
 inline __m512i expand64(uint64_t m, __m512i codes, bool vpexpandb) {
   return vpexpandb ? _mm512_maskz_expand_epi8(m, codes)
                    : _mm512_maskz_permutexvar_epi8(m, ranks64(m), codes);
