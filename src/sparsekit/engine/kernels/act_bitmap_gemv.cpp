@@ -74,7 +74,7 @@ sparsekit::ActBitmapGemvArgs checked_args(
       reinterpret_cast<const uint16_t*>(bitmap.data_ptr<int16_t>()),
       offsets.data_ptr<int32_t>(), in, out_features, block, nblocks, stored, a.scale, a.bias,
       a.bf16, nullptr, nullptr, 0, nullptr, a.threads,
-      sparsekit::bitmap_vpexpand(values.scalar_type() == at::kChar)};
+      sparsekit::bitmap_vpexpand(sparsekit::value_type(values))};
 }
 
 // args with the kept inputs idx (kept of them) and a fresh float32 y; the thread count from

@@ -89,7 +89,9 @@ struct ByTables {
   // top halves of their lanes) joined into one register, instead of two 128-bit shuffles
   // widened by vpmovzx and a shift: 1.1x faster from cache (one thread) and 1.06-1.15x from
   // memory (two threads) on the LLaMA shapes at 50 % x 50 % (AMD Zen 4, interleaved A/B
-  // across builds), where 512-bit widening and shifts take two passes each.
+  // across builds), where 512-bit widening and shifts take two passes each. The row bitmap
+  // (bitmap_core.h) keeps rows::expand16's widening: the same change measured there within
+  // that machine's noise (0.9-1.2x across shapes).
   void operator()(const uint16_t* b, const bf16*& p, __m512* lanes) const {
     __m256 first, second;
     rows::expand16(*b, p, &first, &second);

@@ -38,11 +38,11 @@ at::Tensor bitmap_linear(const at::Tensor& values, const at::Tensor& bitmap,
   const int64_t rows = bitmap.size(0);
   return sparsekit::scaled_linear(
       x, values, scales, bias, rows, threads, [&](const sparsekit::Linear& io) {
-        const bool codes = values.scalar_type() == at::kChar;
-        const sparsekit::BitmapArgs args{io, sparsekit::value_type(values), values.data_ptr(),
+        const sparsekit::Value value = sparsekit::value_type(values);
+        const sparsekit::BitmapArgs args{io, value, values.data_ptr(),
                                          reinterpret_cast<const uint16_t*>(bitmap.data_ptr()),
                                          rowptr.data_ptr<int32_t>(), bitmap.size(1),
-                                         sparsekit::bitmap_vpexpand(codes)};
+                                         sparsekit::bitmap_vpexpand(value)};
         // int8 codes expand faster with the byte permutes of the W8A8 cores' instruction
         // set, where it is the active one
         const auto& q = sparsekit::qcores();

@@ -219,10 +219,10 @@ extern const Cores kCores;
 // another).
 const Cores& cores();
 
-// Whether the AVX-512 bitmap kernels expand int8 codes (`codes`) with vpexpandb, or bf16
-// words and fp32 values with vpexpandw and vexpandps (the bitmap expansion "vpexpand")
-// instead of the pshufb tables and vpermb by ranks ("tables"): the setting of
-// set_bitmap_expansion, or under "auto" (the default) what this CPU runs faster (isa.cpp).
-bool bitmap_vpexpand(bool codes);
+// Whether the AVX-512 bitmap kernels expand `values` (int8 codes with vpexpandb, bf16 words
+// with vpexpandw, fp32 with vexpandps: the bitmap expansion "vpexpand") instead of by the
+// pshufb tables and vpermb by ranks ("tables"): the setting of set_bitmap_expansion, or
+// under "auto" (the default) what this CPU runs faster for that dtype (isa.cpp).
+bool bitmap_vpexpand(Value values);
 
 }  // namespace sparsekit

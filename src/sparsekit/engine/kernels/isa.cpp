@@ -108,16 +108,19 @@ std::string bitmap_expansion() {
 std::string bitmap_expansion_of(const std::string& values) {
   TORCH_CHECK(values == "bf16" || values == "fp32" || values == "int8",
               "values must be 'bf16', 'fp32' or 'int8', got '", values, "'");
-  return bitmap_vpexpand(values == "int8") ? "vpexpand" : "tables";
+  const Value v = values == "int8" ? Value::i8 : values == "bf16" ? Value::bf16 : Value::f32;
+  return bitmap_vpexpand(v) ? "vpexpand" : "tables";
 }
 
 // Makes `name` ("auto" or one of bitmap_expansions) the bitmap expansion; returns the one it
 // replaces.
 std::string set_bitmap_expansion(const std::string& name) {
   std::string accepted = "auto";
-  for (const std::string& n : bitmap_expansions()) accepted += ", " + n;
-  const bool runs = name == "auto" || name == "tables" ||
-                    (name == "vpexpand" && bitmap_expansions().size() > 1);
+  bool runs = name == "auto";
+  for (const std::string& n : bitmap_expansions()) {
+    accepted += ", " + n;
+    runs |= name == n;
+  }
   TORCH_CHECK(runs, "bitmap expansion must be one this CPU runs (", accepted, "), got '", name,
               "'");
   const std::string before = bitmap_expansion();
@@ -127,11 +130,11 @@ std::string set_bitmap_expansion(const std::string& name) {
 
 }  // namespace
 
-bool bitmap_vpexpand(bool codes) {
+bool bitmap_vpexpand(Value values) {
   const int e = expansion.load(std::memory_order_relaxed);
   if (e != kAuto) return e == kVpexpand;
   static const bool for_codes = vpexpand_by_default(true), for_words = vpexpand_by_default(false);
-  return codes ? for_codes : for_words;
+  return values == Value::i8 ? for_codes : for_words;
 }
 
 const Cores& cores() {
