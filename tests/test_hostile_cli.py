@@ -355,6 +355,16 @@ def test_llm_prune_out_directory_not_writable(tmp_path, calib, capsys, monkeypat
                      "--out", str(out))
     assert "not writable" in err
 
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--eval-tokens", "-5", "--eval-tokens must be an int ≥ 2"),  # scored all but 5 tokens
+    ("--eval-tokens", "0", "--eval-tokens must be an int ≥ 2"),  # named seqlen instead
+    ("--device", "nope", "--device must be a torch device"),  # was a traceback
+])
+def test_llm_prune_bad_numbers_and_devices(tmp_path, calib, capsys, flag, value, needle):
+    err = user_error(capsys, "llm-prune", str(tmp_path), "--calib", str(calib),
+                     "--out", str(tmp_path / "out"), flag, value)
+    assert needle in err and not (tmp_path / "out").exists()
+
 # -- bugs are not user errors ---------------------------------------------------------------
 
 

@@ -18,13 +18,14 @@ changing the outputs. Three ways to get there, all usable with any optimizer:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from sparsekit._checks import check_fraction, check_optimizer
-from sparsekit.structured.dependency import Group, Slice, dependency_groups
+from sparsekit.structured.dependency import Group, Slice, check_groups, dependency_groups
 
 __all__ = ["GroupEnvelope", "GroupLasso", "SoftThreshold", "channel_norms"]
 
@@ -50,10 +51,12 @@ class GroupLasso:
 
     def __init__(self, model: nn.Module, strength: float, groups: Sequence[Group] | None = None
                  ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         _check_strength(strength)
         self.model = model
         self.strength = float(strength)
-        self.groups = list(dependency_groups(model) if groups is None else groups)
+        self.groups = dependency_groups(model) if groups is None else check_groups(groups, model)
 
     def __call__(self) -> torch.Tensor:
         return self.strength * sum((channel_norms(self.model, g).sum() for g in self.groups),
@@ -100,7 +103,7 @@ class SoftThreshold:
         self.optimizer = optimizer
         self.strength = float(strength)
         self.model = model
-        self.groups = None if groups is None else list(groups)
+        self.groups = None if groups is None else check_groups(groups, model)
         if self.groups is not None:
             self._lr()  # one learning rate, checked before training starts
 
@@ -157,5 +160,6 @@ def _rows(param: torch.Tensor, s: Slice, channels: int) -> torch.Tensor:
 
 
 def _check_strength(strength: float) -> None:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not strength >= 0:
-        raise ValueError(f"strength must be a number >= 0, got {strength!r}")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
+            or not 0 <= strength < math.inf:  # inf would zero every weight
+        raise ValueError(f"strength must be a finite number >= 0, got {strength!r}")

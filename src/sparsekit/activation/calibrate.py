@@ -52,6 +52,7 @@ def calibrate(
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
     check_int("max_rows", max_rows, minimum=1)
+    check_int("seed", seed)
     if calibration is None:
         raise ValueError("calibration must be a tensor of inputs or a list of them, got None")
 
@@ -61,6 +62,10 @@ def calibrate(
     unused = [n for n in layers if n not in inputs]
     if unused:
         raise ValueError(f"targets: layers {unused} never ran on the calibration data")
+    infinite = [n for n, x in inputs.items() if not bool(x.isfinite().all())]
+    if infinite:  # quantiles of NaN scores would be thresholds that zero nothing
+        raise ValueError(f"calibration: the inputs of layers {infinite} hold NaN or infinite "
+                         "values; calibrate on data the model computes finite activations for")
 
     weights = {n: m.weight.detach() for n, m in layers.items()}
     sorted_scores = {n: score(method, x, weights[n]).flatten().sort().values

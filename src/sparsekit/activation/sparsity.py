@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsekit.engine.activation_linear import sparsify_input
+from sparsekit.engine.activation_linear import check_threshold, sparsify_input, thresholded_layers
 
 __all__ = ["ActivationSparsity"]
 
@@ -35,14 +35,20 @@ class ActivationSparsity:
     _handles: list[RemovableHandle] = field(default_factory=list, init=False, repr=False)
     _counts: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        for name, threshold in self.thresholds.items():
+            check_threshold(f"thresholds[{name!r}]", threshold)
+        extra = sorted(set(self.sparsities) - set(self.sizes))
+        if extra:
+            raise ValueError(f"sparsities names layers {extra} that sizes has no weight count for")
+
     def apply(self, model: nn.Module) -> ActivationSparsity:
         """Threshold the inputs of the calibrated layers of ``model`` (by module name)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if self._handles:
             raise RuntimeError("ActivationSparsity is already applied; call remove() first")
-        modules = dict(model.named_modules())
-        missing = [n for n in self.thresholds if n not in modules]
-        if missing:
-            raise ValueError(f"model has no modules named {missing} (calibrated on another model?)")
+        modules = thresholded_layers(self.thresholds, model)  # every check before a hook
         self._counts = {n: [0, 0] for n in self.thresholds}
         for name, threshold in self.thresholds.items():
             module = modules[name]
@@ -64,6 +70,10 @@ class ActivationSparsity:
     def model_sparsity(self, per_layer: dict[str, float] | None = None) -> float:
         """Size-weighted mean of ``per_layer`` (default: the calibrated :attr:`sparsities`)."""
         per_layer = self.sparsities if per_layer is None else per_layer
+        unknown = sorted(set(per_layer) - set(self.sizes))
+        if unknown:
+            raise ValueError(f"per_layer names layers {unknown} that were not calibrated; "
+                             f"calibrated layers: {sorted(self.sizes)}")
         total = sum(self.sizes[n] for n in per_layer)
         return sum(s * self.sizes[n] for n, s in per_layer.items()) / max(total, 1)
 
@@ -77,3 +87,4 @@ class ActivationSparsity:
             return (x, *args[1:])
 
         return hook
+

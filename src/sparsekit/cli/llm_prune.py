@@ -63,6 +63,15 @@ def run(args: argparse.Namespace) -> int:
 
     llm.METHODS.get(args.method)  # fail fast, before loading anything
     check_options(args.sparsity, args.pattern, args.allocation)
+    if args.eval_tokens < 2:
+        raise UsageError(f"--eval-tokens must be an int ≥ 2 (perplexity scores each token "
+                         f"after the first), got {args.eval_tokens}")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device must be a torch device such as cpu or cuda:0, got "
+                             f"{args.device!r}") from None
     for flag, path in (("--calib", args.calib), ("--eval", args.eval)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: no such text file {path!r}")

@@ -46,7 +46,7 @@ from __future__ import annotations
 import functools
 import statistics
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +124,43 @@ def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         kept = (bits & 0x7FFF).ge(threshold.clamp_min(0).view(torch.int16))
         return kept.mul(bits).view(x.dtype)
     return x * (x.abs() >= threshold)
+
+
+def check_threshold(name: str, threshold: object) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``threshold`` is a 1-D float tensor of
+    thresholds ≥ 0 (one per input feature; ``inf`` zeroes its feature): a NaN threshold
+    would zero every input without a word."""
+    if not isinstance(threshold, torch.Tensor) or threshold.dim() != 1 \
+            or not threshold.is_floating_point():
+        got = (f"a tensor of shape {tuple(threshold.shape)} and dtype {threshold.dtype}"
+               if isinstance(threshold, torch.Tensor) else type(threshold).__name__)
+        raise ValueError(f"{name} must be a 1-D float tensor (one threshold per input "
+                         f"feature), got {got}")
+    if not bool((threshold >= 0).all()):  # also NaN
+        raise ValueError(f"{name} must hold thresholds ≥ 0 (inf allowed; NaN would zero every "
+                         "input), got a NaN or negative one")
+
+
+def thresholded_layers(thresholds: Mapping[str, torch.Tensor], model: nn.Module,
+                       name: str = "thresholds") -> dict[str, nn.Module]:
+    """The modules of ``model`` that ``thresholds`` (the argument ``name``: calibrated input
+    thresholds by module name) names, each threshold checked (:func:`check_threshold`) and
+    as wide as its layer's input; ``ValueError`` naming the first that is not."""
+    if not isinstance(thresholds, Mapping):
+        raise TypeError(f"{name} must be a mapping of module names to tensors, got "
+                        f"{type(thresholds).__name__}")
+    modules = dict(model.named_modules())
+    missing = [n for n in thresholds if n not in modules]
+    if missing:
+        raise ValueError(f"{name}: model has no modules named {missing} (calibrated on another "
+                         "model?)")
+    for layer, threshold in thresholds.items():
+        check_threshold(f"{name}[{layer!r}]", threshold)
+        width = getattr(modules[layer], "in_features", threshold.numel())
+        if threshold.numel() != width:
+            raise ValueError(f"{name}[{layer!r}] has {threshold.numel()} thresholds, but layer "
+                             f"{layer!r} of model takes {width} input features")
+    return {n: modules[n] for n in thresholds}
 
 
 def _measure(modules: dict[str, nn.Module], weight: torch.Tensor, rows: list[int],

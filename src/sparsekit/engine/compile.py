@@ -29,10 +29,14 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-from sparsekit._checks import check_int, model_errors, renamed
+from sparsekit._checks import ArgumentTypeError, check_int, model_errors, renamed
 from sparsekit.engine import autotune, decisions, fused
 from sparsekit.engine._moved import moved
-from sparsekit.engine.activation_linear import ActivationSparseLinear, sparsify_input
+from sparsekit.engine.activation_linear import (
+    ActivationSparseLinear,
+    sparsify_input,
+    thresholded_layers,
+)
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, Format, available_formats
@@ -47,6 +51,7 @@ __all__ = ["InputThresholds", "compile"]
 __getattr__ = moved(__name__, {"report": "sparsekit.engine.report"})
 
 _CHECK_RTOL = 1e-4
+_MAX_THREADS = 65536  # the kernels' limit (common.h)
 
 
 class InputThresholds(Protocol):
@@ -177,6 +182,9 @@ def compile(
     served = None if rows is None else _check_rows(rows)
     if threads is not None:
         check_int("threads", threads, minimum=1)
+        if threads > _MAX_THREADS:
+            raise ValueError(f"threads must be an int in [1, {_MAX_THREADS}] (what the kernels "
+                             f"take), got {threads}")
     value_dtype = _check_weight_dtype(weight_dtype)
     activation = _check_activation_dtype(activation_dtype, weight_dtype)
     if not isinstance(cache, bool):
@@ -187,6 +195,17 @@ def compile(
         raise TypeError(f"grow must be a bool, got {grow!r}")
     inputs = _as_tuple(example_inputs)
     model = _conv1d_as_linear(model)
+    if activation is not None and weight_dtype is None and not any(
+            attached_scales(m) is not None for m in model.modules()):
+        raise ValueError(f"activation_dtype={activation_dtype!r} quantizes the inputs of int8 "
+                         "weights, but weight_dtype is None and no layer of model carries int8 "
+                         "scales: pass weight_dtype='int8' (or prune with quantize='int8')")
+    if activation_sparsity is not None:
+        if not hasattr(activation_sparsity, "thresholds"):
+            raise TypeError("activation_sparsity must be calibrated input thresholds "
+                            "(sparsekit.activation.calibrate) or None, got "
+                            f"{type(activation_sparsity).__name__}")
+        thresholded_layers(activation_sparsity.thresholds, model, "activation_sparsity.thresholds")
     seen, probes = ({}, {}) if inputs is None else _observed(model, inputs)
 
     compiled = copy.deepcopy(model)
@@ -795,6 +814,9 @@ def _check_formats(formats: str | Iterable[str]) -> list[str] | None:
         if formats == "auto":
             return None
         formats = [formats]
+    if not isinstance(formats, Iterable):
+        raise ArgumentTypeError(f"formats must be 'auto' or names from {FORMATS.names()}, got "
+                                f"{formats!r}")
     names = list(formats)
     bad = [n for n in names if n not in FORMATS]
     if bad or not names:
@@ -906,14 +928,25 @@ def _serving(layer: CompiledLayer, shape: torch.Size | None) -> Format:
 
 
 def _as_tuple(example_inputs: object) -> tuple[object, ...] | None:
-    if example_inputs is None or isinstance(example_inputs, tuple):
-        return example_inputs
+    """``example_inputs`` as the arguments of one call; its tensors checked: autotuning and
+    the output check would measure nothing on empty inputs and compare NaN with NaN."""
+    if example_inputs is None:
+        return None
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    raise TypeError(
-        "example_inputs must be a tensor, a tuple of model inputs or None, "
-        f"got {type(example_inputs).__name__}"
-    )
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(
+            "example_inputs must be a tensor, a tuple of model inputs or None, "
+            f"got {type(example_inputs).__name__}"
+        )
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.numel() == 0:
+            raise ValueError(f"example_inputs must not be empty, got a tensor of shape "
+                             f"{tuple(x.shape)}")
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(x.isfinite().all()):
+            raise ValueError("example_inputs must be finite: autotuning and the output check "
+                             "run on them, got NaN or infinite values")
+    return example_inputs
 
 
 def _check_outputs(

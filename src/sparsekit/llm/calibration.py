@@ -37,8 +37,10 @@ def calibration_tokens(
     check_int("nsamples", nsamples, minimum=1)
     if seqlen is not None:
         check_int("seqlen", seqlen, minimum=1)
+    check_int("seed", seed)
     if isinstance(calibration, torch.Tensor):
-        if calibration.dtype.is_floating_point or calibration.dim() not in (1, 2):
+        if calibration.dtype.is_floating_point or calibration.dtype == torch.bool \
+                or calibration.dim() not in (1, 2):
             raise ValueError(
                 "calibration tensor must hold token ids, shape (N, L) or (L,), got "
                 f"{calibration.dtype} {tuple(calibration.shape)}"
@@ -83,8 +85,13 @@ def tokenize(
     """
     if isinstance(text, (str, os.PathLike)):
         path = Path(text)
-        if not path.is_file():
-            raise FileNotFoundError(f"{param}: no such text file {str(path)!r}")
+        try:
+            found = path.is_file()
+        except OSError:  # a name too long for a path: a text passed as a string
+            found = False
+        if not found:
+            raise FileNotFoundError(f"{param}: no such text file {str(path)[:100]!r} (pass "
+                                    "texts as a list of strings)")
         text = [path.read_text(encoding="utf-8")]
     if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
         raise TypeError(
@@ -95,6 +102,9 @@ def tokenize(
         raise ValueError(f"{param}: the text is empty")
     if tokenizer is None:
         raise ValueError(f"tokenizer is required when {param} is text (pass tokenizer=)")
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be callable (a Hugging Face tokenizer), got "
+                        f"{type(tokenizer).__name__}")
     ids = tokenizer(text)["input_ids"]
     return torch.tensor([i for seq in ids for i in seq], dtype=torch.long)
 

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction
+from sparsekit._checks import check_fraction, check_int
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.blocks import home_device, to_device
 from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
@@ -123,7 +123,10 @@ def prune_structured(
                          f"{', '.join(map(repr, _ALLOCATIONS))}")
     check_fraction("amount", amount, zero=False)
     check_round_to(round_to)
+    check_int("seed", seed)
     _, blocks = transformer_blocks(model)
+    if units == ("layers",):
+        _layers_to_remove(amount, len(blocks))  # before any calibration run
     tokens = None
     if method != "magnitude":
         if calibration is None:
@@ -190,6 +193,11 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     import transformers
     from safetensors.torch import load_file
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a directory written by save_pretrained (a str or "
+                        f"os.PathLike), got {type(path).__name__}")
+    if os.sep in str(path) and not Path(path).is_dir():  # a path, not a hub id
+        raise FileNotFoundError(f"path: no such directory {str(path)!r}")
     config = transformers.AutoConfig.from_pretrained(path)
     names = getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None
@@ -294,12 +302,22 @@ def _check_units(unit: object) -> tuple[str, ...]:
     return units
 
 
+def _layers_to_remove(amount: float, layers: int) -> int:
+    """How many of ``layers`` blocks ``amount`` removes (rounded); ``ValueError`` for none
+    (a silent no-op) or all of them."""
+    n = math.floor(amount * layers + 0.5)
+    if n == 0:
+        raise ValueError(f"amount={amount} of {layers} layers rounds to no layer removed; "
+                         f"amounts from {0.5 / layers:.3g} remove one")
+    if n >= layers:
+        raise ValueError(f"amount={amount} would remove all {layers} layers; use a "
+                         "smaller amount; the model was not changed")
+    return n
+
+
 def _remove_layers(model: nn.Module, blocks: nn.ModuleList, influence: list[float],
                    amount: float) -> None:
-    n = math.floor(amount * len(blocks) + 0.5)
-    if n >= len(blocks):
-        raise ValueError(f"amount={amount} would remove all {len(blocks)} layers; use a "
-                         "smaller amount; the model was not changed")
+    n = _layers_to_remove(amount, len(blocks))
     drop = set(sorted(range(len(blocks)), key=lambda i: influence[i])[:n])
     for i in sorted(drop, reverse=True):
         del blocks[i]
@@ -313,6 +331,29 @@ def _remove_layers(model: nn.Module, blocks: nn.ModuleList, influence: list[floa
         types = getattr(config, "layer_types", None)
         if isinstance(types, list) and len(types) == len(influence):
             config.layer_types = [t for i, t in enumerate(types) if i not in drop]
+
+
+def _check_shapes(shapes: object, params: Mapping[str, nn.Parameter]) -> None:
+    """``ValueError`` unless the recorded ``shapes`` (config.json's :data:`SHAPES_KEY`) name
+    parameters of the architecture (or a bias of one of its layers) with shapes no larger
+    than the config builds, before any tensor is cut."""
+    where = f"config.json's {SHAPES_KEY}"
+    if not isinstance(shapes, Mapping):
+        raise ValueError(f"path: {where} must map parameter names to shapes, got "
+                         f"{type(shapes).__name__}")
+    for name, shape in shapes.items():
+        owner, _, attr = name.rpartition(".")
+        full = params.get(name)
+        if full is None and attr == "bias":
+            full = params.get(f"{owner}.weight")
+            full = None if full is None else full[:, 0] if full.dim() > 1 else full
+        valid = isinstance(shape, list) and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)
+        if full is None or not valid or len(shape) != full.dim() \
+                or any(n > m for n, m in zip(shape, full.shape)):
+            known = "no such parameter" if full is None else f"at most {list(full.shape)}"
+            raise ValueError(f"path: {where} records {name!r} as {shape!r}; expected a "
+                             f"list of positive ints, {known}")
 
 
 def _sync_heads(model: nn.Module) -> None:
@@ -376,6 +417,7 @@ def _resize(model: nn.Module, shapes: Mapping[str, list[int]]) -> None:
     the architecture lacks (FLAP's compensation added it) is created."""
     cuts: dict[tuple[str, int], set[int]] = {}
     params = dict(model.named_parameters())
+    _check_shapes(shapes, params)
     for name, shape in shapes.items():
         owner, _, attr = name.rpartition(".")
         if name not in params and attr == "bias":

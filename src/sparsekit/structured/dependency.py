@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["Group", "Slice", "dependency_groups", "trace"]
+__all__ = ["Group", "Slice", "check_groups", "dependency_groups", "trace"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,33 @@ class Group:
     name: str
     channels: int
     slices: tuple[Slice, ...]
+
+
+def check_groups(groups: object, model: nn.Module, name: str = "groups") -> list[Group]:
+    """``groups`` (the argument ``name``) as a list, each :class:`Group` checked against
+    ``model``: every slice names a parameter or buffer of it with the dimension and the
+    channel extent it claims. Groups traced from another model would otherwise remove the
+    wrong channels, none, or fail half-way through a change."""
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
+        raise TypeError(f"{name} must be a sequence of Group (dependency_groups, "
+                        f"transformer_groups), got {type(groups).__name__}")
+    groups = list(groups)
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
+    for i, group in enumerate(groups):
+        if not isinstance(group, Group):
+            raise TypeError(f"{name}[{i}] must be a Group, got {type(group).__name__}")
+        for s in group.slices:
+            tensor = tensors.get(s.name)
+            extent = s.offset + group.channels * s.repeat
+            if tensor is None or not -tensor.dim() <= s.dim < tensor.dim() \
+                    or tensor.shape[s.dim] < extent:
+                found = ("no such parameter or buffer" if tensor is None
+                         else f"its shape is {tuple(tensor.shape)}")
+                raise ValueError(f"{name}[{i}] (opened by {group.name!r}) does not fit model: "
+                                 f"it needs {extent} entries along dim {s.dim} of {s.name!r}, "
+                                 f"{found} (groups of another model?)")
+    return groups
 
 
 class _Tracer(fx.Tracer):

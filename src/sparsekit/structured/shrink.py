@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sparsekit.structured.compensate import fold_means, reader_means, with_biases
-from sparsekit.structured.dependency import Group, dependency_groups
+from sparsekit.structured.dependency import Group, check_groups, dependency_groups
 from sparsekit.structured.importance import check_round_to, rounding_step
 
 __all__ = ["cut", "remove_channels", "removable_channels", "shrink"]
@@ -63,8 +63,8 @@ def shrink(model: nn.Module, masks: object = None, *, groups: Sequence[Group] | 
     if compensate is not None and table is None:
         raise ValueError("compensate needs masks: it folds the removed channels' mean "
                          "contribution into biases, so pass the masks that remove them")
-    removed = [(g, removable_channels(model, g, table))
-               for g in (dependency_groups(model) if groups is None else groups)]
+    groups = dependency_groups(model) if groups is None else check_groups(groups, model)
+    removed = [(g, removable_channels(model, g, table)) for g in groups]
     means = {} if compensate is None else _compensation_means(model, removed, compensate)
     small = copy.deepcopy(model)
     if means:  # before the masks zero the columns it reads
@@ -98,7 +98,12 @@ def _compensation_means(model: nn.Module, removed: list[tuple[Group, torch.Tenso
             "there is no contribution to fold (were the masks applied?). FLAP's "
             "compensation needs the weights before masking: compute the masks with "
             "sparsekit.prune.compute_masks and shrink the unmasked model")
-    return reader_means(model, removed, data)
+    means = reader_means(model, removed, data)
+    infinite = [n for n, m in means.items() if not bool(m.isfinite().all())]
+    if infinite:  # they would be added to the readers' biases
+        raise ValueError(f"compensate: the calibration data gives NaN or infinite mean inputs "
+                         f"of {infinite}; pass data the model computes finite activations for")
+    return means
 
 
 @torch.no_grad()
@@ -159,7 +164,10 @@ def _mask_table(model: nn.Module, masks: object) -> MaskTable | None:
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"masks[{name!r}] has shape {got}, expected "
                              f"{tuple(params[name].shape)}")
-    return {aliases[n]: m.to(torch.bool) for n, m in table.items()}
+        if mask.dtype != torch.bool:  # a NaN or 0.3 would count as "keep"
+            raise ValueError(f"masks[{name!r}] must be a bool tensor (True keeps), got dtype "
+                             f"{mask.dtype}")
+    return {aliases[n]: m for n, m in table.items()}
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:

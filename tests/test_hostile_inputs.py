@@ -1,0 +1,290 @@
+"""Hostile inputs found by probing the public API (session 30): each is a clear error that
+names the argument, raised before anything changes.
+
+Every case here was accepted (computing on NaN, silently ignoring the argument) or failed
+with a raw error from deep inside before.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit
+from sparsekit import activation
+from sparsekit.activation import ActivationSparsity
+from sparsekit.regularize import GroupEnvelope, GroupLasso, SoftThreshold
+from sparsekit.structured import dependency_groups
+from sparsekit.structured.dependency import check_groups
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], v)
+                                                 for k, v in before.items())
+
+
+# -- activation sparsity ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_calibration_with_non_finite_activations_is_an_error(value):
+    """NaN inputs used to give all-zero thresholds while reporting 50 % sparsity."""
+    model = mlp()
+    before = state(model)
+    with pytest.raises(ValueError, match="calibration.*NaN or infinite"):
+        activation.calibrate(model, torch.full((32, 8), value))
+    assert unchanged(model, before)
+
+
+def test_calibration_seed_must_be_an_int():
+    with pytest.raises(TypeError, match="seed must be an int, got 1.5"):
+        activation.calibrate(mlp(), torch.randn(32, 8), seed=1.5)
+
+
+def thresholds(**layers: object) -> ActivationSparsity:
+    return ActivationSparsity("teal", "uniform", 0.5, dict.fromkeys(layers, 0.5), layers,
+                              dict.fromkeys(layers, 128))
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("oops", r"thresholds\['2'\] must be a 1-D float tensor.*got str"),
+    (torch.zeros(2, 16), r"thresholds\['2'\] must be a 1-D float tensor.*shape \(2, 16\)"),
+    (torch.zeros(16, dtype=torch.long), r"thresholds\['2'\] must be a 1-D float tensor"),
+    (torch.full((16,), float("nan")), r"thresholds\['2'\] must hold thresholds ≥ 0"),
+    (torch.full((16,), -1.0), r"thresholds\['2'\] must hold thresholds ≥ 0"),
+])
+def test_activation_sparsity_rejects_bad_thresholds(bad, match):
+    """A NaN threshold used to zero every input once applied; a string failed in apply()
+    after the first layer's hook was installed."""
+    with pytest.raises(ValueError, match=match):
+        thresholds(**{"0": torch.zeros(8), "2": bad})
+
+
+def test_apply_checks_every_layer_before_installing_a_hook():
+    """Thresholds of the wrong width used to be installed and fail at the next forward."""
+    model = mlp()
+    sparsity = thresholds(**{"0": torch.zeros(8), "2": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"thresholds\['2'\] has 3 thresholds.*takes 16"):
+        sparsity.apply(model)
+    assert not model[0]._forward_pre_hooks and not model[2]._forward_pre_hooks
+    sparsity.thresholds["2"] = torch.zeros(16)
+    sparsity.apply(model).remove()  # not left "already applied"
+
+
+def test_apply_needs_a_module():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        thresholds(**{"0": torch.zeros(8)}).apply("abc")
+
+
+def test_model_sparsity_names_unknown_layers():
+    with pytest.raises(ValueError, match=r"per_layer names layers \['zzz'\]"):
+        thresholds(**{"0": torch.zeros(8)}).model_sparsity({"zzz": 0.5})
+
+
+# -- compile ---------------------------------------------------------------------------------
+
+
+def compile_(model: nn.Module, *args: object, **kwargs: object) -> nn.Module:
+    return sparsekit.compile(model, *args, cache=False, **kwargs)
+
+
+@pytest.mark.parametrize("example, match", [
+    (torch.full((2, 8), float("nan")), "example_inputs must be finite"),
+    (torch.full((2, 8), float("inf")), "example_inputs must be finite"),
+    (torch.empty(0, 8), r"example_inputs must not be empty.*\(0, 8\)"),
+])
+def test_compile_rejects_example_inputs_it_cannot_tune_on(example, match):
+    with pytest.raises(ValueError, match=match):
+        compile_(mlp(), example)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(formats=5), TypeError, "formats must be 'auto' or names from .* got 5"),
+    (dict(threads=10**6), ValueError, r"threads must be an int in \[1, 65536\].* got 1000000"),
+    (dict(activation_sparsity=5), TypeError, "activation_sparsity must be calibrated input"),
+    (dict(activation_dtype="int8"), ValueError,
+     "no layer of model carries int8 scales: pass weight_dtype='int8'"),
+])
+def test_compile_names_the_bad_argument(kwargs, error, match):
+    """Each was a raw TypeError / AttributeError / RuntimeError from deep inside, or (int8
+    inputs for a float model) silently ignored."""
+    with pytest.raises(error, match=match):
+        compile_(mlp(), torch.randn(2, 8), **kwargs)
+
+
+@pytest.mark.parametrize("layers, match", [
+    ({"zz": torch.zeros(8)}, r"activation_sparsity.thresholds: model has no modules named "
+                             r"\['zz'\]"),
+    ({"0": torch.zeros(3)}, r"activation_sparsity.thresholds\['0'\] has 3 thresholds.*takes 8"),
+])
+def test_compile_checks_the_thresholds_against_the_model(layers, match):
+    """Thresholds of an unknown layer used to be ignored, of the wrong width to fail inside
+    the forward pass with a raw RuntimeError."""
+    with pytest.raises(ValueError, match=match):
+        compile_(mlp(), torch.randn(2, 8), activation_sparsity=thresholds(**layers))
+
+
+# -- structured removal and its regularisers -------------------------------------------------
+
+
+def other_groups() -> list:
+    """Dependency groups of a wider model than :func:`mlp` (32 hidden channels, not 16)."""
+    return dependency_groups(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)))
+
+
+def half_mask() -> dict[str, torch.Tensor]:
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[:, :8] = True
+    return {"2.weight": mask}
+
+
+def test_shrink_rejects_groups_of_another_model():
+    """They were accepted and removed nothing (16 channels kept instead of 8)."""
+    model = mlp()
+    before = state(model)
+    with pytest.raises(ValueError, match=r"groups\[0\] \(opened by '0'\) does not fit model: "
+                                         r"it needs 32 entries along dim 0 of '0.weight'"):
+        sparsekit.shrink(model, half_mask(), groups=other_groups())
+    assert unchanged(model, before)
+    small = sparsekit.shrink(model, half_mask(), groups=dependency_groups(model))
+    assert small[0].out_features == 8
+
+
+@pytest.mark.parametrize("groups, match", [
+    ([1], r"groups\[0\] must be a Group, got int"),
+    ("abc", "groups must be a sequence of Group"),
+])
+def test_shrink_names_groups_of_the_wrong_type(groups, match):
+    with pytest.raises(TypeError, match=match):
+        sparsekit.shrink(mlp(), half_mask(), groups=groups)
+
+
+@pytest.mark.parametrize("mask", [torch.full((4, 16), float("nan")), torch.full((4, 16), 0.3),
+                                  torch.full((4, 16), 2)])
+def test_shrink_masks_must_be_bool(mask):
+    """A float mask's NaN or 0.3 used to count as "keep"."""
+    with pytest.raises(ValueError, match=r"masks\['2.weight'\] must be a bool tensor"):
+        sparsekit.shrink(mlp(), {"2.weight": mask})
+
+
+def test_shrink_compensation_refuses_non_finite_means():
+    """NaN calibration data used to be folded into the readers' biases."""
+    model = mlp()
+    before = state(model)
+    with pytest.raises(ValueError, match="compensate: .* NaN or infinite mean inputs"):
+        sparsekit.shrink(model, half_mask(), compensate=[torch.full((2, 8), float("nan"))])
+    assert unchanged(model, before)
+
+
+def test_check_groups_passes_fitting_groups_through():
+    model = mlp()
+    groups = dependency_groups(model)
+    assert check_groups(iter(groups), model) == groups
+
+
+@pytest.mark.parametrize("build", [
+    lambda m, opt: GroupLasso(m, float("inf")),
+    lambda m, opt: SoftThreshold(opt, float("inf")),
+])
+def test_regularisers_reject_an_infinite_strength(build):
+    """SoftThreshold(opt, inf) used to zero every weight at the first step."""
+    model = mlp()
+    with pytest.raises(ValueError, match="strength must be a finite number >= 0, got inf"):
+        build(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("build", [
+    lambda m, opt, g: GroupLasso(m, 0.1, groups=g),
+    lambda m, opt, g: GroupEnvelope(m, 0.1, 0.5, groups=g),
+    lambda m, opt, g: SoftThreshold(opt, 0.1, model=m, groups=g),
+])
+def test_regularisers_check_their_groups_when_built(build):
+    """Groups of another model used to fail inside step(), after the optimizer had stepped."""
+    model = mlp()
+    with pytest.raises(ValueError, match=r"groups\[0\] .* does not fit model"):
+        build(model, torch.optim.SGD(model.parameters(), lr=0.1), other_groups())
+
+
+# -- LLM calibration, structured pruning and loading -----------------------------------------
+
+
+def llama() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(seed=1.5), TypeError, "seed must be an int, got 1.5"),
+    (dict(seed=True), TypeError, "seed must be an int, got True"),
+    (dict(calibration=torch.ones(2, 8, dtype=torch.bool)), ValueError,
+     "calibration tensor must hold token ids.*torch.bool"),
+    (dict(calibration=["some text"], tokenizer=5), TypeError, "tokenizer must be callable"),
+    (dict(calibration="hello world " * 40), FileNotFoundError,
+     "calibration: no such text file .*pass texts as a list of strings"),
+    (dict(unit="layers", amount=0.1), ValueError,
+     "amount=0.1 of 2 layers rounds to no layer removed; amounts from 0.25 remove one"),
+])
+def test_prune_structured_names_the_bad_argument(kwargs, error, match):
+    """A float seed was a raw RuntimeError from manual_seed, bool token ids were accepted, a
+    long text passed as a path an OSError, and removing 0.1 of 2 layers a silent no-op."""
+    from sparsekit import llm
+
+    model = llama()
+    before = state(model)
+    args = dict(calibration=torch.randint(0, 64, (2, 8)), amount=0.5) | kwargs
+    with pytest.raises(error, match=match):
+        llm.prune_structured(model, **args)
+    assert unchanged(model, before)
+
+
+@pytest.mark.parametrize("path, error, match", [
+    (None, TypeError, "path must be a directory written by save_pretrained"),
+    (5, TypeError, "path must be a directory written by save_pretrained"),
+    ("/nonexistent/model", FileNotFoundError, "path: no such directory"),
+])
+def test_load_pretrained_names_a_bad_path(path, error, match):
+    """None and 5 used to retry huggingface.co for half a minute."""
+    from sparsekit import llm
+
+    with pytest.raises(error, match=match):
+        llm.load_pretrained(path)
+
+
+@pytest.mark.parametrize("shapes, match", [
+    ("garbage", "sparsekit_shapes must map parameter names to shapes, got str"),
+    ({"model.nope.weight": [5, 16]}, "'model.nope.weight' as \\[5, 16\\].*no such parameter"),
+    ({"model.layers.0.mlp.up_proj.weight": [-5, 16]}, r"as \[-5, 16\]; expected a list of "
+                                                      r"positive ints, at most \[\d+, 16\]"),
+    ({"model.layers.0.mlp.up_proj.weight": [5, 16, 3]}, "as \\[5, 16, 3\\]"),
+    ({"model.layers.0.mlp.up_proj.weight": [10**9, 16]}, r"at most \[\d+, 16\]"),
+])
+def test_load_pretrained_checks_the_recorded_shapes(tmp_path, shapes, match):
+    """They were raw AttributeErrors and RuntimeErrors, and a shape larger than the config
+    builds loaded without a word."""
+    import json
+
+    from sparsekit import llm
+
+    model = llama()
+    llm.prune_structured(model, amount=0.5, method="magnitude", allocation="global")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["sparsekit_shapes"]
+    (tmp_path / "config.json").write_text(json.dumps(config | {"sparsekit_shapes": shapes}))
+    with pytest.raises(ValueError, match=match):
+        llm.load_pretrained(tmp_path)
