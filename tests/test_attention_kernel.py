@@ -130,7 +130,7 @@ def test_bf16_reads_widen_to_float32_and_round_once(q_len):
 def test_scale_and_extreme_scores_stay_finite():
     q, k, v = _inputs(q_len=64, kv_len=64, dim=16)
     mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
-    for scale in (0.0, 3.0, -1.0):
+    for scale in (1e-3, 3.0):
         out = block_sparse_attention(q * 30, k, v, mask, block_size=32, scale=scale)
         ref = reference_attention(q * 30, k, v, mask, block_size=32, scale=scale)
         # scores near 1000: one float32 ulp of a score is ~1e-4 of its softmax weight
@@ -202,12 +202,18 @@ def _hostile():  # type: ignore[no-untyped-def]
         ("block_mask must be Bool", (q, k, v, m.float(), True, 32, 0.25, 1)),
         ("block_mask must be a contiguous", (q, k, v, m.transpose(2, 3), True, 32, 0.25, 1)),
         ("q must be a contiguous", (q.transpose(2, 3), k, v, m, True, 32, 0.25, 1)),
-        ("scale must be finite", (q, k, v, m, True, 32, float("nan"), 1)),
+        ("scale must be a positive finite", (q, k, v, m, True, 32, float("nan"), 1)),
+        ("scale must be a positive finite", (q, k, v, m, True, 32, 0.0, 1)),
+        ("scale must be a positive finite", (q, k, v, m, True, 32, -0.25, 1)),
+        ("q must have heads >= 1 and head_dim >= 1", (q[:, :0], k, v, m, True, 32, 0.25, 1)),
+        ("q must have heads >= 1 and head_dim >= 1", (q[..., :0], k[..., :0], v[..., :0], m,
+                                                     True, 32, 0.25, 1)),
+        ("k must have a number of heads \\(0\\)", (q, k[:, :0], v[:, :0], m, True, 32, 0.25, 1)),
         ("threads must be in", (q, k, v, m, True, 32, 0.25, 0)),
     ]
 
 
-@pytest.mark.parametrize("case", range(15))
+@pytest.mark.parametrize("case", range(20))
 def test_hostile_arguments_raise_naming_the_argument(case):
     match, args = _hostile()[case]
     with pytest.raises(RuntimeError, match=match):

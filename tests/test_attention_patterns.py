@@ -281,7 +281,8 @@ def test_user_mask_tensor_and_function():
     follow = UserMask(lambda q_len, kv_len, bs: torch.ones(1, 1, -(-q_len // bs), -(-kv_len // bs),
                                                            dtype=torch.bool))
     assert bool(follow.block_mask(q, k, block_size=4, causal=False).all())
-    with pytest.raises(ValueError, match=r"block_mask must be a bool tensor .*2, 2\), got"):
+    with pytest.raises(ValueError,
+                       match=r"block_mask must be a bool tensor .*2, 2\) for block_size=4, got"):
         UserMask(torch.ones(1, 1, 3, 3, dtype=torch.bool)).block_mask(q, k, block_size=4)
 
 
@@ -346,3 +347,93 @@ def test_exact_coverage_reads_the_scores_once(monkeypatch):
     assert exact.coverage(q, k, block_size=8) == expected and len(calls) == 1
     with pytest.raises(ValueError, match="block_size must be"):
         exact.coverage(q, k, block_size=0)
+
+
+_SCORED = [TopKBlocks(density=0.5), VerticalSlash(), Antidiagonal(stride=2), Exact()]
+
+
+@pytest.mark.parametrize("pattern", _SCORED, ids=lambda p: p.name)
+@pytest.mark.parametrize("name", ["q", "k"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_scored_patterns_refuse_non_finite_queries_and_keys(pattern, name, value):
+    """A NaN or inf in q or k chose some mask without a sign that it was wrong."""
+    torch.manual_seed(0)
+    args = {"q": torch.randn(1, 2, 16, 8), "k": torch.randn(1, 2, 16, 8)}
+    args[name][0, 1, 3, 2] = value
+    with pytest.raises(ValueError, match=f"{name} must hold finite values .* got 1 NaN"):
+        pattern.block_mask(**args, block_size=4)
+    with pytest.raises(ValueError, match=f"{name} must hold finite values"):
+        pattern.coverage(**args, block_size=4)
+
+
+def test_coverage_refuses_non_finite_queries_and_keys_but_positional_patterns_do_not():
+    """mass_recall of a NaN q was a number (0.97); the masks of patterns that never read
+    the values of q and k are right whatever they hold."""
+    q, k = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    q[0, 0, 3, 2] = float("nan")
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="q must hold finite values"):
+        mass_recall(q, k, mask, block_size=4)
+    with pytest.raises(ValueError, match="q must hold finite values"):
+        tile_mass(q, k, block_size=4)
+    for pattern in (Dense(), SinkWindow(sinks=1, window=4), UserMask(mask)):
+        assert torch.equal(pattern.block_mask(q, k, block_size=4),
+                           pattern.block_mask(q.nan_to_num(), k, block_size=4))
+
+
+@pytest.mark.parametrize("pattern", [*_SCORED, Dense(), SinkWindow(1, 1)], ids=lambda p: p.name)
+def test_patterns_refuse_no_heads_and_keys_on_another_device(pattern):
+    """0 key/value heads was a bare ZeroDivisionError, keys on another device a
+    RuntimeError from deep inside the estimate."""
+    q = torch.randn(1, 2, 16, 8)
+    with pytest.raises(ValueError, match=r"k must have heads ≥ 1 and head_dim ≥ 1, got shape"):
+        pattern.block_mask(q, torch.randn(1, 0, 16, 8), block_size=4)
+    with pytest.raises(ValueError, match=r"q must have heads ≥ 1 and head_dim ≥ 1, got shape"):
+        pattern.block_mask(q[..., :0], q[..., :0], block_size=4)
+    with pytest.raises(ValueError, match=r"k must be on q's device \(cpu\), got meta"):
+        pattern.block_mask(q, q.to("meta"), block_size=4)
+
+
+@pytest.mark.parametrize("causal", ["no", None, 1])
+def test_causal_must_be_a_bool_in_patterns_and_coverage(causal):
+    """"no" and 1 passed as true, None as false."""
+    q = k = torch.randn(1, 2, 16, 8)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    match = f"causal must be a bool, got {causal!r}"
+    for call in (
+        lambda: TopKBlocks().block_mask(q, k, block_size=4, causal=causal),
+        lambda: SinkWindow().coverage(q, k, block_size=4, causal=causal),
+        lambda: Exact().coverage(q, k, block_size=4, causal=causal),
+        lambda: tile_mass(q, k, block_size=4, causal=causal),
+        lambda: mass_recall(q, k, mask, block_size=4, causal=causal),
+        lambda: density(mask, 16, 16, block_size=4, causal=causal),
+        lambda: visible_pairs(16, 16, block_size=4, causal=causal),
+    ):
+        with pytest.raises(TypeError, match=match):
+            call()
+
+
+@pytest.mark.parametrize("scale", [float("nan"), -1.0, 0.0, True])
+def test_tile_mass_and_mass_recall_refuse_a_bad_scale(scale):
+    q = k = torch.randn(1, 2, 16, 8)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    match = "scale must be a positive finite float or None"
+    with pytest.raises(ValueError, match=match):
+        tile_mass(q, k, block_size=4, scale=scale)
+    with pytest.raises(ValueError, match=match):
+        mass_recall(q, k, mask, block_size=4, scale=scale)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 4, 4), (1, 3, 4, 4), (2, 1, 4, 4)])
+def test_a_mask_of_other_batch_or_heads_is_refused(shape):
+    """UserMask returned a (3, 1, 4, 4) mask for a batch of 1, and mass_recall summed the
+    mass once per broadcast copy (a recall above 1)."""
+    q = k = torch.randn(1, 2, 16, 8)
+    mask = torch.ones(shape, dtype=torch.bool)
+    match = r"block_mask must be a bool tensor \(1 or 1, 1 or 2, 4, 4\) for block_size=4, got"
+    with pytest.raises(ValueError, match=match):
+        UserMask(mask).block_mask(q, k, block_size=4)
+    with pytest.raises(ValueError, match=match):
+        mass_recall(q, k, mask, block_size=4)
+    shared = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    assert UserMask(shared).block_mask(q, k, block_size=4).shape == (1, 1, 4, 4)

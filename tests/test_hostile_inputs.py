@@ -288,3 +288,22 @@ def test_load_pretrained_checks_the_recorded_shapes(tmp_path, shapes, match):
     (tmp_path / "config.json").write_text(json.dumps(config | {"sparsekit_shapes": shapes}))
     with pytest.raises(ValueError, match=match):
         llm.load_pretrained(tmp_path)
+
+
+# -- kernel ops called directly --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("moved", ["k", "v", "block_mask"])
+def test_an_op_given_tensors_on_two_devices_raises(moved):
+    """A CPU call with one meta tensor dispatches to the op's fake (meta) implementation,
+    which returned uninitialised memory as the attention output."""
+    from sparsekit.engine import kernels
+
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    args = dict(q=torch.randn(1, 2, 8, 4), k=torch.randn(1, 2, 8, 4), v=torch.randn(1, 2, 8, 4),
+                block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool))
+    args[moved] = args[moved].to("meta")
+    with pytest.raises(RuntimeError, match=r"every tensor argument must be on one device, got "
+                                           r"\['cpu', 'meta'\]"):
+        torch.ops.sparsekit.block_sparse_attention(*args.values(), True, 4, 0.5, 1)

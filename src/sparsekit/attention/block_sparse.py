@@ -19,17 +19,28 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sparsekit._checks import check_int
-from sparsekit.attention.coverage import blocks
+from sparsekit._checks import check_int, check_positive
+from sparsekit.attention.coverage import (
+    _check_causal,
+    _check_device,
+    _check_heads,
+    _check_mask,
+    blocks,
+)
 from sparsekit.engine import kernels
 
 __all__ = ["block_sparse_attention", "dense_block_mask", "reference_attention"]
 
 
 def _check(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, block_size: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, *,
+    causal: bool, block_size: int, scale: float | None,
 ) -> None:
+    """Raise unless the arguments of :func:`block_sparse_attention` are ones it takes (the
+    values of ``q``, ``k``, ``v`` are not read: NaN in them is NaN in the output)."""
+    _check_causal(causal)
     check_int("block_size", block_size, minimum=1)
+    check_positive("scale", scale, optional=True)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(
@@ -46,27 +57,10 @@ def _check(
             f"k must be (batch={batch}, kv_heads, kv_seq, head_dim={dim}) and v share its first "
             f"three sizes, got k {tuple(k.shape)} and v {tuple(v.shape)}"
         )
-    if heads % k.shape[1]:
-        raise ValueError(
-            f"the query heads ({heads}) must be a multiple of the key/value heads "
-            f"({k.shape[1]}) (grouped-query attention)"
-        )
-    want = (blocks(q_len, block_size), blocks(k.shape[2], block_size))
-    if (
-        not isinstance(block_mask, torch.Tensor)
-        or block_mask.dtype != torch.bool
-        or block_mask.dim() != 4
-        or block_mask.shape[0] not in (1, batch)
-        or block_mask.shape[1] not in (1, heads)
-        or tuple(block_mask.shape[2:]) != want
-    ):
-        shape = (
-            tuple(block_mask.shape) if isinstance(block_mask, torch.Tensor) else block_mask
-        )
-        raise ValueError(
-            f"block_mask must be a bool tensor (1 or {batch}, 1 or {heads}, {want[0]}, {want[1]}) "
-            f"for block_size={block_size}, got {shape}"
-        )
+    _check_heads(q, k)
+    tiles = (blocks(q_len, block_size), blocks(k.shape[2], block_size))
+    _check_mask(block_mask, tiles, block_size=block_size, batch=batch, heads=heads)
+    _check_device(q, k=k, v=v, block_mask=block_mask)
 
 
 def dense_block_mask(
@@ -78,6 +72,7 @@ def dense_block_mask(
     query ``i`` sees keys up to ``kv_len - q_len + i``), as ``F.scaled_dot_product_attention``
     does for ``q_len == kv_len``.
     """
+    _check_causal(causal)
     rows = block_mask.repeat_interleave(block_size, dim=2)[:, :, :q_len]
     mask = rows.repeat_interleave(block_size, dim=3)[:, :, :, :kv_len]
     if causal:
@@ -107,12 +102,14 @@ def block_sparse_attention(
             ceil(kv_len / block_size))``; True computes the tile.
         causal: mask keys after each query (the last query aligned with the last key).
         block_size: tile edge in tokens; the last tiles may be ragged.
-        scale: softmax scale, ``1 / sqrt(head_dim)`` by default.
+        scale: softmax scale, a positive finite float; ``1 / sqrt(head_dim)`` by default.
+
+    ``k``, ``v`` and ``block_mask`` must be on ``q``'s device.
 
     Returns:
         ``(batch, heads, q_len, head_dim)`` in ``q``'s dtype; rows with no kept key are zero.
     """
-    _check(q, k, v, block_mask, block_size)
+    _check(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
     if _native(q, k, v):
         return torch.ops.sparsekit.block_sparse_attention(
@@ -135,7 +132,7 @@ def reference_attention(
     """:func:`block_sparse_attention` in plain PyTorch: SDPA over the element mask the block
     mask stands for (:func:`dense_block_mask`). It materialises the whole score matrix; it is
     the oracle of the native kernel and what runs without it. Same arguments and result."""
-    _check(q, k, v, block_mask, block_size)
+    _check(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
     return _reference(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsekit._checks import check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_positive
 
 __all__ = ["Coverage", "density", "mass_recall", "tile_mass", "visible_pairs"]
 
@@ -65,6 +65,7 @@ def visible_pairs(q_len: int, kv_len: int, *, block_size: int, causal: bool) -> 
     check_int("q_len", q_len, minimum=1)
     check_int("kv_len", kv_len, minimum=1)
     check_int("block_size", block_size, minimum=1)
+    _check_causal(causal)
     qb, kb = blocks(q_len, block_size), blocks(kv_len, block_size)
     offset = kv_len - q_len
     first = torch.arange(qb) * block_size  # query rows of each query tile: [first, last]
@@ -92,7 +93,7 @@ def density(
     is averaged over its batch and head entries.
     """
     pairs = visible_pairs(q_len, kv_len, block_size=block_size, causal=causal)
-    _check_mask(block_mask, tuple(pairs.shape))
+    _check_mask(block_mask, tuple(pairs.shape), block_size=block_size)
     pairs = pairs.to(torch.float64)
     kept = (block_mask.to(torch.float64) * pairs).sum((-2, -1))
     return (kept / pairs.sum()).mean().item()
@@ -120,7 +121,9 @@ def tile_mass(
     Scores are computed in float32 for a chunk of query rows at a time.
     """
     check_int("block_size", block_size, minimum=1)
-    _check_qk(q, k)
+    _check_causal(causal)
+    check_positive("scale", scale, optional=True)
+    _check_qk(q, k, finite=True)
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
     qb, kb = blocks(q_len, block_size), blocks(kv_len, block_size)
@@ -175,11 +178,12 @@ def mass_recall(
     ``q_len > kv_len``) are left out of the average.
     """
     check_int("block_size", block_size, minimum=1)
-    _check_qk(q, k)
+    _check_causal(causal)
+    _check_qk(q, k)  # and finite, by tile_mass, where the masses are computed from them
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[2]
     tiles = (blocks(q_len, block_size), blocks(kv_len, block_size))
-    _check_mask(block_mask, tiles)
+    _check_mask(block_mask, tiles, block_size=block_size, batch=batch, heads=heads)
     if mass is None:
         mass = tile_mass(q, k, block_size=block_size, causal=causal, scale=scale)
     elif scale is not None:
@@ -201,7 +205,11 @@ def repeat_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
     return k.repeat_interleave(groups, dim=1) if groups > 1 else k
 
 
-def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
+def _check_qk(q: torch.Tensor, k: torch.Tensor, *, finite: bool = False) -> None:
+    """Raise unless ``q``, ``k`` are floating ``(batch, heads, seq, head_dim)`` tensors on one
+    device that attention can pair (:func:`_check_heads`); with ``finite``, unless their
+    values are finite too — a mask or a mass computed from NaN or infinite scores is wrong
+    without a sign of it."""
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
             got = (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor)
@@ -209,23 +217,72 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
             raise ValueError(
                 f"{name} must be a floating 4-D tensor (batch, heads, seq, head_dim), got {got}"
             )
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[1] % k.shape[1]:
+    _check_device(q, k=k)
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(
             f"k must be (batch={q.shape[0]}, kv_heads dividing {q.shape[1]}, kv_len, "
             f"head_dim={q.shape[3]}), got {tuple(k.shape)}"
         )
+    _check_heads(q, k)
+    if finite:
+        for name, t in (("q", q), ("k", k)):
+            bad = int(t.numel() - t.isfinite().sum())
+            if bad:
+                raise ValueError(
+                    f"{name} must hold finite values (the scores q · k are computed from "
+                    f"it), got {bad} NaN or infinite ones"
+                )
 
 
-def _check_mask(block_mask: torch.Tensor, tiles: tuple[int, int]) -> None:
+def _check_device(q: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """Raise unless every one of ``tensors`` is on ``q``'s device (a kernel given pointers
+    from another device would read garbage)."""
+    for name, t in tensors.items():
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
+
+
+def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
+    """Raise unless ``q`` and ``k`` (of one ``head_dim``) have at least one head and
+    ``head_dim`` ≥ 1, and the query heads are a multiple of the key/value heads (grouped-query
+    attention shares each key/value head among as many query heads)."""
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[1] < 1 or t.shape[3] < 1:
+            raise ValueError(
+                f"{name} must have heads ≥ 1 and head_dim ≥ 1, got shape {tuple(t.shape)}"
+            )
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"the query heads ({q.shape[1]}) must be a multiple of the key/value heads "
+            f"({k.shape[1]}) (grouped-query attention)"
+        )
+
+
+def _check_causal(causal: object) -> None:
+    """Raise unless ``causal`` is a bool (``"no"`` or ``1`` would pass as true)."""
+    if not isinstance(causal, bool):
+        raise ArgumentTypeError(f"causal must be a bool, got {causal!r}")
+
+
+def _check_mask(
+    block_mask: torch.Tensor, tiles: tuple[int, int], *, block_size: int,
+    batch: int | None = None, heads: int | None = None,
+) -> None:
+    """Raise unless ``block_mask`` is a bool ``(batch or 1, heads or 1, *tiles)`` tensor, its
+    first two sizes checked where ``batch`` and ``heads`` are known (any other would
+    broadcast against the queries into a mask, or a mass, of the wrong shape)."""
     if (
         not isinstance(block_mask, torch.Tensor)
         or block_mask.dtype != torch.bool
         or block_mask.dim() != 4
         or tuple(block_mask.shape[2:]) != tiles
+        or any(n is not None and size not in (1, n)
+               for size, n in zip(block_mask.shape[:2], (batch, heads)))
     ):
         got = (f"{block_mask.dtype} {tuple(block_mask.shape)}"
                if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__)
         raise ValueError(
-            f"block_mask must be a bool tensor (batch or 1, heads or 1, {tiles[0]}, "
-            f"{tiles[1]}), got {got}"
+            f"block_mask must be a bool tensor (1 or {'batch' if batch is None else batch}, "
+            f"1 or {'heads' if heads is None else heads}, {tiles[0]}, {tiles[1]}) for "
+            f"block_size={block_size}, got {got}"
         )

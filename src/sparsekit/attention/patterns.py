@@ -37,6 +37,7 @@ import torch
 from sparsekit._checks import check_fraction, check_int
 from sparsekit.attention.coverage import (
     Coverage,
+    _check_causal,
     _check_mask,
     _check_qk,
     blocks,
@@ -74,6 +75,9 @@ class AttentionPattern:
     """
 
     name: ClassVar[str]
+    scored: ClassVar[bool] = False
+    """Whether the mask is chosen from the values of ``q`` and ``k`` (then they must be
+    finite: NaN or infinite scores would choose a wrong mask without a sign of it)."""
 
     def block_mask(
         self, q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, causal: bool = True
@@ -81,7 +85,8 @@ class AttentionPattern:
         """The bool block mask ``(batch or 1, heads or 1, q_blocks, kv_blocks)`` for ``q``
         ``(batch, heads, q_len, head_dim)`` and ``k`` ``(batch, kv_heads, kv_len, head_dim)``."""
         check_int("block_size", block_size, minimum=1)
-        _check_qk(q, k)
+        _check_causal(causal)
+        _check_qk(q, k, finite=self.scored)
         self.check(block_size)
         visible = _visible(q, k, block_size, causal)
         mask = self.tiles(q, k, block_size=block_size, causal=causal, visible=visible)
@@ -167,6 +172,7 @@ class TopKBlocks(AttentionPattern):
     with the highest mean-pooled score ``mean(q) · mean(k)``, per batch entry and head."""
 
     name: ClassVar[str] = "top_k"
+    scored: ClassVar[bool] = True
     density: float = 0.1
 
     def __post_init__(self) -> None:
@@ -185,6 +191,7 @@ class _MassThreshold(AttentionPattern):
     """Base of the patterns that keep the fewest tiles holding ``threshold`` (in (0, 1]) of
     the softmax mass: estimated from a proxy (the adaptive ones) or exact."""
 
+    scored: ClassVar[bool] = True
     threshold: float = 0.95
 
     def __post_init__(self) -> None:
@@ -360,7 +367,8 @@ class UserMask(AttentionPattern):
         mask = self.mask
         if not isinstance(mask, torch.Tensor):
             mask = mask(q.shape[2], k.shape[2], block_size)
-        _check_mask(mask, tuple(visible.shape))
+        _check_mask(mask, tuple(visible.shape), block_size=block_size, batch=q.shape[0],
+                    heads=q.shape[1])
         return mask
 
 

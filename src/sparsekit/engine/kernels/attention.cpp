@@ -36,6 +36,8 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
   check_tensor(k, "k", 4, q.scalar_type());
   check_tensor(v, "v", 4, q.scalar_type());
   const int64_t batch = q.size(0), heads = q.size(1), q_len = q.size(2), dim = q.size(3);
+  TORCH_CHECK(heads >= 1 && dim >= 1, "q must have heads >= 1 and head_dim >= 1, got shape ",
+              q.sizes());
   check_size(k, "k", 0, batch);
   check_size(k, "k", 3, dim);
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ",
@@ -52,7 +54,8 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
                   block_mask.size(2) == q_blocks && block_mask.size(3) == k_blocks,
               "block_mask must have shape (1 or ", batch, ", 1 or ", heads, ", ", q_blocks, ", ",
               k_blocks, ") for block_size=", block_size, ", got ", block_mask.sizes());
-  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "scale must be a positive finite float, got ",
+              scale);
   const int T = num_threads(threads);
 
   auto out = at::empty(q.sizes(), q.options().dtype(at::kFloat));

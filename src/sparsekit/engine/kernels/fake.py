@@ -28,13 +28,28 @@ def _like(op: object):  # type: ignore[no-untyped-def]
     return same
 
 
+def _on_one_device(name: str):  # type: ignore[no-untyped-def]
+    """``torch.library.register_fake(name)`` for an implementation that first checks that
+    every tensor argument is on one device. A call mixing CPU and meta tensors (e.g. a
+    ``k`` moved to ``meta``) dispatches to this fake as the meta kernel; without the check it
+    returned uninitialised memory as the result."""
+    def register(fn):  # type: ignore[no-untyped-def]
+        def checked(*args, **kwargs):  # type: ignore[no-untyped-def]
+            devices = {t.device for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)}
+            torch._check(len(devices) <= 1, lambda: f"{name}: every tensor argument must be on "
+                         f"one device, got {sorted(map(str, devices))}")
+            return fn(*args, **kwargs)
+        return torch.library.register_fake(name)(checked)
+    return register
+
+
 def register() -> None:
     """Register every fake implementation (once per process; the ops must be loaded)."""
     global _registered
     if _registered:
         return
     _registered = True
-    fake = torch.library.register_fake
+    fake = _on_one_device
 
     @fake("sparsekit::csr_linear")
     def _(values, col_indices, rowptr, x, bias, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
