@@ -186,7 +186,8 @@ def test_bad_arguments_name_the_parameter(kwargs, match):
 def test_wrong_width_activations_are_refused_before_training():
     sae = SAE(16, 64)
     before = sae.W_dec.detach().clone()
-    with pytest.raises(ValueError, match=r"activations must have shape \(\.\.\., 16\), got"):
+    with pytest.raises(ValueError,
+                       match=r"activations batch 0 must have shape \(\.\.\., 16\), got"):
         train(sae, [torch.randn(4, 12)], steps=3)
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 16\)"):
         sae.encode(torch.randn(3, 15))
@@ -204,7 +205,8 @@ def test_training_streams_a_generator_once_and_rebatches_it():
     chunks = (torch.randn(100, 16) for _ in range(5))  # 500 rows, read once
     out = train(sae, chunks, batch_size=128)
     assert out["steps"] == 4 and out["tokens"] == 500
-    assert train(sae, [], steps=10)["steps"] == 0  # nothing to read: no endless loop
+    with pytest.raises(ValueError, match="activations must hold at least one row"):
+        train(sae, [], steps=10)  # nothing to read: an error, not an endless loop
 
 
 def _killed(sae, latent):

@@ -53,7 +53,7 @@ Planner = Callable[[ffns.FFN, torch.Tensor], Layout]
 
 
 def check_common(model: Any, calibration: Any, keep: Any, rank: Any, steps: Any,
-                 max_rows: Any, router: Any) -> list[ffns.FFN]:
+                 max_rows: Any, seed: Any, router: Any) -> list[ffns.FFN]:
     """Validate the arguments both entry points share; the model's FFNs."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -64,6 +64,7 @@ def check_common(model: Any, calibration: Any, keep: Any, rank: Any, steps: Any,
     check_int("rank", rank, minimum=1)
     check_int("steps", steps, minimum=1)
     check_int("max_rows", max_rows, minimum=1)
+    check_int("seed", seed)
     if calibration is None:
         raise ValueError("calibration must be a tensor of inputs or a list of them, got None")
     return ffns.find_ffns(model)

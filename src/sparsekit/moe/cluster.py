@@ -19,7 +19,8 @@ __all__ = ["balanced_kmeans"]
 def balanced_kmeans(points: torch.Tensor, clusters: int, *, iterations: int = 25,
                     seed: int = 0) -> torch.Tensor:
     """The cluster (``0 ≤ c < clusters``) of each row of ``points`` (n, features), every
-    cluster holding exactly ``n / clusters`` rows; ``clusters`` must divide ``n``.
+    cluster holding exactly ``n / clusters`` rows; ``clusters`` must divide ``n`` and every
+    value of ``points`` must be finite.
 
     Centers start at k-means++ seeds drawn with ``seed``; at most ``iterations`` rounds, fewer
     when an assignment repeats.
@@ -30,7 +31,14 @@ def balanced_kmeans(points: torch.Tensor, clusters: int, *, iterations: int = 25
                          f"{getattr(points, 'shape', type(points).__name__)}")
     check_int("clusters", clusters, minimum=1)
     check_int("iterations", iterations, minimum=1)
+    check_int("seed", seed)
     n = points.shape[0]
+    if n == 0:
+        raise ValueError("points must hold at least one row, got shape "
+                         f"{tuple(points.shape)}")
+    if not bool(torch.isfinite(points).all()):  # NaN clusters at random, inf breaks k-means++
+        raise ValueError(f"points must be finite, got "
+                         f"{int((~torch.isfinite(points)).sum())} NaN or inf values")
     if n % clusters:
         raise ValueError(f"clusters must divide the {n} points, got {clusters}")
     points = points.float()

@@ -42,7 +42,7 @@ def contextual(
     through a low-rank factorisation of the writers instead). Other arguments as in
     :func:`~sparsekit.moe.moefy`. ``model`` is left untouched.
     """
-    layers = check_common(model, calibration, keep, rank, steps, max_rows, router)
+    layers = check_common(model, calibration, keep, rank, steps, max_rows, seed, router)
     check_fraction("hot", hot)
     if hot >= keep and keep < 1:
         raise ValueError(f"hot must be below keep={keep} (the rest is predicted), got {hot!r}")

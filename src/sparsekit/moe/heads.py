@@ -47,6 +47,7 @@ def head_predictors(
     check_fraction("keep", keep, zero=False, one=True)
     for name, value in (("rank", rank), ("steps", steps), ("max_rows", max_rows)):
         check_int(name, value, minimum=1)
+    check_int("seed", seed)
     prefix, blocks = transformer_blocks(model)
     groups = [block_group(f"{prefix}.{i}", b, "heads") for i, b in enumerate(blocks)]
     out = {}

@@ -77,6 +77,7 @@ class LowRankRouter(nn.Module):
         minimising the squared error of the scores relative to the mass's. Returns self."""
         check_int("steps", steps, minimum=1)
         check_int("batch", batch, minimum=1)
+        check_int("seed", seed)
         if mass.shape != (x.shape[0], self.up.shape[0] // self.writers // self.unit_size):
             raise ValueError(f"mass must be (T, units) for x of {x.shape[0]} rows, got "
                              f"{tuple(mass.shape)}")

@@ -59,7 +59,7 @@ def moefy(
     :func:`~sparsekit.moe.set_keep`). ``experts`` must divide every FFN's width. ``model``
     is left untouched; with ``keep=1`` the copy computes what ``model`` does.
     """
-    layers = check_common(model, calibration, keep, rank, steps, max_rows, router)
+    layers = check_common(model, calibration, keep, rank, steps, max_rows, seed, router)
     check_int("experts", experts, minimum=1)
     widths = {f.name: model.get_submodule(f.reader).in_features for f in layers}
     bad = {n: w for n, w in widths.items() if w % experts}

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_fraction
+from sparsekit._checks import ArgumentTypeError, check_fraction, check_int
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.moe.ffn import activate
 
@@ -157,8 +157,23 @@ def unit_mass(h: torch.Tensor, norms: torch.Tensor, hot: int, unit_size: int) ->
     MoEfication scores an expert by the sum of its neurons' positive (ReLU) activations;
     with GELU or a gated SiLU a neuron's value may be negative, so its magnitude counts,
     and each is weighted by the norm of the column it is read through: its share of the
-    FFN output.
+    FFN output. ``unit_size`` must divide the ``n - hot`` neurons after the hot ones.
     """
+    if not isinstance(h, torch.Tensor) or h.dim() == 0:
+        got = "a 0-d tensor" if isinstance(h, torch.Tensor) else type(h).__name__
+        raise ArgumentTypeError(f"h must be a tensor of shape (..., n), got {got}")
+    n = h.shape[-1]
+    if not isinstance(norms, torch.Tensor) or norms.shape != (n,):
+        got = tuple(norms.shape) if isinstance(norms, torch.Tensor) else type(norms).__name__
+        raise ValueError(f"norms must be a tensor of shape ({n},) (one per neuron of h), got "
+                         f"{got}")
+    check_int("hot", hot, minimum=0)
+    if hot > n:
+        raise ValueError(f"hot must be an int in [0, {n}] (h's neurons), got {hot}")
+    check_int("unit_size", unit_size, minimum=1)
+    if (n - hot) % unit_size:
+        raise ValueError(f"unit_size must divide the {n - hot} neurons after the {hot} hot "
+                         f"ones, got {unit_size}")
     contribution = (h[..., hot:] * norms[hot:]).abs()
     return contribution.unflatten(-1, (-1, unit_size)).sum(-1)
 

@@ -9,17 +9,28 @@ the SAELens architecture that computes the same codes at inference: ``topk``, ``
 SAELens saves BatchTopK too), ``transcoder`` and ``jumprelu_transcoder``. What only
 sparsekit uses (the training activation, Matryoshka prefixes) goes under a ``"sparsekit"``
 key that SAELens ignores, so :func:`load` gives back the module that was saved.
+
+:func:`save` writes each file to a temporary file beside it and renames it into place, the
+config last, so a failed save leaves the directory as it was, and one interrupted between
+the renames leaves no ``cfg.json`` (which :func:`load` refuses) rather than a config that
+describes other weights. :func:`load` refuses a damaged directory with a ``ValueError``
+naming the file and what is wrong in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.sae.sae import SAE
 
 __all__ = ["CFG_NAME", "WEIGHTS_NAME", "load", "save"]
@@ -30,8 +41,8 @@ LAYOUT_VERSION = "6.0.0"  # the SAELens config format written (6.x: metadata, ar
 _LOADABLE = ("topk", "abstopk", "standard", "jumprelu", "batchtopk", "matryoshka_batchtopk",
              "transcoder", "jumprelu_transcoder")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-           "float16": torch.float16, "torch.float32": torch.float32,
-           "torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}
+           "float16": torch.float16}  # also spelled "torch.float32" …
+_WEIGHTS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 
 def _architecture(sae: SAE) -> str:
@@ -52,6 +63,10 @@ def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) 
     ``metadata``. Returns the directory."""
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
+    path = _directory(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"path must be a directory (or not exist yet), got the file "
+                         f"{str(path)!r}")
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
     architecture = _architecture(sae)
@@ -70,63 +85,139 @@ def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) 
         cfg["d_out"] = sae.d_out
     if architecture in ("topk", "abstopk"):
         cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
-    weights = {name: getattr(sae, name).detach().contiguous().cpu()
-               for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
+    try:
+        text = json.dumps(cfg, indent=2)
+    except (TypeError, ValueError) as e:
+        raise ArgumentTypeError(f"metadata must hold only JSON values: {e}") from e
+    weights = {name: getattr(sae, name).detach().contiguous().cpu() for name in _WEIGHTS}
     if "jumprelu" in architecture:
         threshold = sae.log_threshold.exp() if sae.activation == "jumprelu" \
             else sae.threshold.to(sae.W_enc.dtype).expand(sae.n_latents)
         weights["threshold"] = threshold.detach().contiguous().cpu()
-    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(weights, path / WEIGHTS_NAME)
-    (path / CFG_NAME).write_text(json.dumps(cfg, indent=2))
+    weights_tmp = _written(path / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp))
+    try:
+        cfg_tmp = _written(path / CFG_NAME, lambda tmp: tmp.write_text(text))
+    except BaseException:
+        weights_tmp.unlink(missing_ok=True)
+        raise
+    (path / CFG_NAME).unlink(missing_ok=True)  # no old config ever describes new weights
+    os.replace(weights_tmp, path / WEIGHTS_NAME)
+    os.replace(cfg_tmp, path / CFG_NAME)
     return path
+
+
+def _directory(path: Any) -> Path:
+    """``path`` as a ``Path``; raise unless it is a str or an ``os.PathLike``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"path must be a str or os.PathLike directory, got "
+                                f"{type(path).__name__}")
+    return Path(path)
+
+
+def _written(file: Path, write: Callable[[Path], object]) -> Path:
+    """A temporary file beside ``file`` that ``write`` filled, to be renamed over ``file``
+    (removed again if ``write`` fails)."""
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")  # a file's usual permissions
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+@contextlib.contextmanager
+def _damaged(file: Path, what: str) -> Iterator[None]:
+    """Turn the error reading ``file`` or building an SAE from it raises into a
+    ``ValueError`` naming the file (the original is its ``__cause__``)."""
+    try:
+        yield
+    except (SafetensorError, ValueError, TypeError, RuntimeError) as e:  # JSONDecodeError too
+        raise ValueError(f"{file}: {what}: {e}") from e
 
 
 def load(path: str | Path) -> SAE:
     """Read an SAE saved by :func:`save` or by SAELens (``SAE.save_model``) from the
-    directory ``path``."""
-    path = Path(path)
+    directory ``path``.
+
+    Raises ``FileNotFoundError`` when a file is missing and a ``ValueError`` naming the file
+    when one is damaged or describes what sparsekit cannot load (an unknown architecture or
+    dtype, missing fields or tensors, tensors of other shapes than the config's)."""
+    path = _directory(path)
     for name in (CFG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
             raise FileNotFoundError(f"path: no {name} in {str(path)!r} (SAELens layout)")
-    cfg = json.loads((path / CFG_NAME).read_text())
+    cfg_file, weights_file = path / CFG_NAME, path / WEIGHTS_NAME
+    cfg = _read_cfg(cfg_file)
     architecture = cfg.get("architecture", "standard")
-    if architecture not in _LOADABLE:
-        raise ValueError(f"{path / CFG_NAME}: architecture {architecture!r} is not supported; "
-                         f"accepted: {', '.join(_LOADABLE)}")
-    if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise ValueError(f"{path / CFG_NAME}: normalize_activations="
-                         f"{cfg['normalize_activations']!r} is not supported; fold it first")
-    weights = load_file(path / WEIGHTS_NAME)
     ours = cfg.get("sparsekit") or {}
     transcoder = "transcoder" in architecture or ours.get("transcoder", False)
-    d_out = cfg.get("d_out", cfg["d_in"])
     if not transcoder and not cfg.get("apply_b_dec_to_input", True):
-        raise ValueError(f"{path / CFG_NAME}: an autoencoder with apply_b_dec_to_input=false "
+        raise ValueError(f"{cfg_file}: an autoencoder with apply_b_dec_to_input=false "
                          f"is not supported")
     activation = ours.get("activation") or (
         "jumprelu" if "jumprelu" in architecture or "batchtopk" in architecture
         else "l1" if architecture in ("standard", "transcoder") else architecture)
+    with _damaged(weights_file, "not a safetensors file"):
+        weights = load_file(weights_file)
+    needed = _WEIGHTS + (("threshold",) if activation == "jumprelu" else ())
+    missing = [name for name in needed if name not in weights]
+    if missing:
+        raise ValueError(f"{weights_file}: no tensor {', '.join(missing)} (it holds "
+                         f"{', '.join(sorted(weights)) or 'none'})")
     w_enc, w_dec, b_enc = weights["W_enc"], weights["W_dec"], weights["b_enc"]
-    if cfg.get("rescale_acts_by_decoder_norm", False):  # fold the norms: same codes, same output
-        norms = w_dec.norm(dim=-1)
-        w_enc, b_enc, w_dec = w_enc * norms, b_enc * norms, w_dec / norms[:, None]
-    unit = bool(torch.allclose(w_dec.float().norm(dim=-1), torch.ones(()), atol=1e-4))
-    sae = SAE(cfg["d_in"], cfg["d_sae"], activation, k=int(cfg.get("k") or ours.get("k") or 1),
-              d_out=d_out, transcoder=transcoder, matryoshka=ours.get("matryoshka"),
-              normalize_decoder=ours.get("normalize_decoder", unit),
-              bandwidth=ours.get("bandwidth", 1e-3),
-              dtype=_DTYPES.get(cfg.get("dtype", "float32"), torch.float32))
+    with _damaged(weights_file, "cannot read W_dec's row norms"):
+        if cfg.get("rescale_acts_by_decoder_norm", False):  # fold the norms: same codes
+            norms = w_dec.norm(dim=-1)
+            w_enc, b_enc, w_dec = w_enc * norms, b_enc * norms, w_dec / norms[:, None]
+        unit = bool(torch.allclose(w_dec.float().norm(dim=-1), torch.ones(()), atol=1e-4))
+    with _damaged(cfg_file, "not a loadable SAE config"):
+        sae = SAE(cfg["d_in"], cfg["d_sae"], activation, k=cfg.get("k") or ours.get("k") or 1,
+                  d_out=cfg.get("d_out", cfg["d_in"]), transcoder=transcoder,
+                  matryoshka=ours.get("matryoshka"),
+                  normalize_decoder=ours.get("normalize_decoder", unit),
+                  bandwidth=ours.get("bandwidth", 1e-3),
+                  dtype=_DTYPES[str(cfg.get("dtype", "float32")).removeprefix("torch.")])
+    loaded = {"W_enc": w_enc, "W_dec": w_dec, "b_enc": b_enc, "b_dec": weights["b_dec"]}
+    if activation == "jumprelu":
+        loaded["threshold"] = weights["threshold"].clamp_min(0).log()
+    for name, value in loaded.items():
+        expected = getattr(sae, "log_threshold" if name == "threshold" else name).shape
+        if value.shape != expected:
+            raise ValueError(f"{weights_file}: {name} has shape {tuple(value.shape)}, but "
+                             f"{cfg_file.name} describes {tuple(expected)}")
     with torch.no_grad():
-        for name, value in (("W_enc", w_enc), ("W_dec", w_dec), ("b_enc", b_enc),
-                            ("b_dec", weights["b_dec"])):
-            getattr(sae, name).copy_(value)
-        if activation == "jumprelu":
-            sae.log_threshold.copy_(weights["threshold"].clamp_min(0).log())
-        elif activation == "batchtopk":
-            sae.threshold.fill_(float(weights["threshold"].max()) if "threshold" in weights
-                                else 0.0)
+        for name, value in loaded.items():
+            getattr(sae, "log_threshold" if name == "threshold" else name).copy_(value)
+        if activation == "batchtopk" and weights.get("threshold", torch.empty(0)).numel():
+            sae.threshold.fill_(float(weights["threshold"].max()))
     sae.eval()
     return sae
+
+
+def _read_cfg(file: Path) -> dict[str, Any]:
+    """``cfg.json`` as a dict with the fields :func:`load` needs; raise naming the file
+    unless it is one sparsekit can load."""
+    with _damaged(file, "not valid JSON"):
+        cfg = json.loads(file.read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file}: must hold a JSON object, got {type(cfg).__name__}")
+    missing = [key for key in ("d_in", "d_sae") if key not in cfg]
+    if missing:
+        raise ValueError(f"{file}: no {' or '.join(missing)} (the SAE's widths)")
+    if not isinstance(cfg.get("sparsekit") or {}, dict):
+        raise ValueError(f"{file}: sparsekit must be an object, got {cfg['sparsekit']!r}")
+    architecture = cfg.get("architecture", "standard")
+    if architecture not in _LOADABLE:
+        raise ValueError(f"{file}: architecture {architecture!r} is not supported; "
+                         f"accepted: {', '.join(_LOADABLE)}")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise ValueError(f"{file}: normalize_activations="
+                         f"{cfg['normalize_activations']!r} is not supported; fold it first")
+    dtype = cfg.get("dtype", "float32")
+    if str(dtype).removeprefix("torch.") not in _DTYPES:
+        raise ValueError(f"{file}: dtype {dtype!r} is not supported; accepted: "
+                         f"{', '.join(_DTYPES)}")
+    return cfg
 

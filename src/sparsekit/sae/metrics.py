@@ -28,6 +28,7 @@ from sparsekit.sae.train import _rows
 __all__ = ["loss_recovered", "metrics"]
 
 DENSITY_EDGES = tuple(float(e) for e in range(-8, 1))  # log10 density bins; dead ones apart
+VARIANCE_RTOL = 1e-12  # a variance this small next to the sum of squares is rounding: none
 
 
 @torch.no_grad()
@@ -38,6 +39,10 @@ def metrics(sae: SAE, activations: Iterable[Any] | torch.Tensor, *, dense: float
 
     ``density_histogram`` is ``{"edges": log10 bin edges, "counts": latents per bin,
     "dead": latents never active}``.
+
+    Raises ``ValueError`` on activations without rows, with a NaN or inf (naming the batch),
+    or whose targets do not vary (every row the same, a single row): the FVU divides by
+    their variance, and no value of it would mean anything there.
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
@@ -51,8 +56,8 @@ def metrics(sae: SAE, activations: Iterable[Any] | torch.Tensor, *, dense: float
     total = torch.zeros(sae.d_out, dtype=torch.float64)
     squares = torch.zeros(sae.d_out, dtype=torch.float64)
     try:
-        for item in activations:
-            x, y = _rows(item, sae)
+        for index, item in enumerate(activations):
+            x, y = _rows(item, sae, index)
             y = x if y is None else y
             values, indices = sae.encode_sparse(x)
             recon = sae.decode_sparse(values, indices)
@@ -68,12 +73,15 @@ def metrics(sae: SAE, activations: Iterable[Any] | torch.Tensor, *, dense: float
     if tokens == 0:
         raise ValueError("activations must hold at least one row")
     variance = float((squares - total.pow(2) / tokens).sum())
+    if not variance > VARIANCE_RTOL * float(squares.sum()):  # 0 up to rounding
+        raise ValueError(f"activations must vary: the fvu divides by their variance, which is "
+                         f"{variance:g} over these {tokens} rows")
     density = fired / tokens
     alive = density[density > 0]
     counts = torch.histogram(alive.log10().float(), torch.tensor(DENSITY_EDGES)).hist \
         if alive.numel() else torch.zeros(len(DENSITY_EDGES) - 1)
     return {
-        "fvu": error / variance if variance > 0 else math.nan,
+        "fvu": error / variance,
         "l0": active / tokens,
         "dead_fraction": float((density == 0).double().mean()),
         "dense_fraction": float((density > dense).double().mean()),

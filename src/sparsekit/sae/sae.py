@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_int, check_positive
+from sparsekit._checks import ArgumentTypeError, check_int, check_positive
 from sparsekit.engine import kernels
 from sparsekit.sae.activations import ACTIVATIONS, select_topk
 
@@ -72,6 +73,8 @@ class SAE(nn.Module):
         bandwidth: JumpReLU's straight-through kernel width.
         seed: seed of the initial weights (random rows of ``W_dec`` of norm
             ``init_norm``, ``W_enc = W_decᵀ`` for an autoencoder).
+        dtype: a floating-point dtype of the parameters (default: PyTorch's default).
+        device: where the parameters live (default: PyTorch's default).
     """
 
     def __init__(
@@ -107,6 +110,14 @@ class SAE(nn.Module):
         for name, value in (("threshold", threshold), ("bandwidth", bandwidth),
                             ("init_norm", init_norm)):
             check_positive(name, value)
+        for name, flag in (("transcoder", transcoder), ("normalize_decoder", normalize_decoder)):
+            if not isinstance(flag, bool):
+                raise ArgumentTypeError(f"{name} must be a bool, got {flag!r}")
+        check_int("seed", seed)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ArgumentTypeError(f"dtype must be a floating-point torch.dtype or None, got "
+                                    f"{dtype!r}")
+        _check_device(device)
 
         self.d_in, self.n_latents, self.d_out = d_in, n_latents, d_out
         self.activation = activation
@@ -139,6 +150,10 @@ class SAE(nn.Module):
     def _check_matryoshka(matryoshka: Sequence[int] | None, n_latents: int) -> tuple[int, ...]:
         if matryoshka is None:
             return ()
+        if not isinstance(matryoshka, Sequence) or isinstance(matryoshka, str):
+            raise ArgumentTypeError(
+                f"matryoshka must be a sequence of increasing positive prefix sizes ending at "
+                f"n_latents={n_latents}, or None, got {matryoshka!r}")
         prefixes = tuple(matryoshka)
         ok = prefixes and all(isinstance(m, int) and not isinstance(m, bool) for m in prefixes) \
             and all(0 < a < b for a, b in zip(prefixes, prefixes[1:], strict=False)) \
@@ -219,10 +234,7 @@ class SAE(nn.Module):
         built) through the native ``spmm_rows`` kernel, the fastest measured from 1 to 512
         tokens (``benchmarks/sae.py``), otherwise an ``embedding_bag``, differentiable in
         ``values`` and ``W_dec``."""
-        if values.shape != indices.shape or values.dim() == 0:
-            raise ValueError(
-                f"values and indices must have one shape (..., width), got "
-                f"{tuple(values.shape)} and {tuple(indices.shape)}")
+        self._check_codes(values, indices)
         flat_i = indices.reshape(-1, indices.shape[-1])
         flat_v = values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype)
         if not torch.is_grad_enabled() and self._gemv_ready(flat_v):
@@ -236,17 +248,31 @@ class SAE(nn.Module):
         """``values`` ``(n, width)`` at latents ``indices`` decoded by the native
         sparse-input kernel: row ``t`` reads the ``width`` rows of ``W_dec`` it names."""
         n, width = values.shape
-        if indices.numel():  # the kernel trusts its indices: check them here
-            low, high = torch.aminmax(indices)
-            if int(low) < 0 or int(high) >= self.n_latents:
-                raise ValueError(f"indices must lie in [0, n_latents={self.n_latents}), got "
-                                 f"values from {int(low)} to {int(high)}")
         rowptr = torch.arange(0, n * width + 1, width, dtype=torch.int32) if width else \
             torch.zeros(n + 1, dtype=torch.int32)
         y = torch.ops.sparsekit.spmm_rows(
             rowptr, indices.reshape(-1).to(torch.int32), values.reshape(-1).contiguous(), None,
             self.W_dec.detach(), None, self.n_latents, kernels.num_threads())
         return y.add_(self.b_dec)
+
+    def _check_codes(self, values: Any, indices: Any) -> None:
+        """Raise unless ``values`` and ``indices`` are tensors of one shape ``(..., width)``,
+        ``indices`` integers in ``[0, n_latents)``: the native kernel trusts its indices,
+        ``embedding_bag`` raises a bare error and a float index would be truncated."""
+        for name, tensor in (("values", values), ("indices", indices)):
+            if not isinstance(tensor, torch.Tensor):
+                raise ArgumentTypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        if values.shape != indices.shape or values.dim() == 0:
+            raise ValueError(
+                f"values and indices must have one shape (..., width), got "
+                f"{tuple(values.shape)} and {tuple(indices.shape)}")
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise ArgumentTypeError(f"indices must be an integer tensor, got {indices.dtype}")
+        if indices.numel():
+            low, high = torch.aminmax(indices)
+            if int(low) < 0 or int(high) >= self.n_latents:
+                raise ValueError(f"indices must lie in [0, n_latents={self.n_latents}), got "
+                                 f"values from {int(low)} to {int(high)}")
 
     def _gemv_ready(self, rows: torch.Tensor) -> bool:
         return (rows.dtype == self.W_dec.dtype == torch.float32 and rows.is_cpu
@@ -269,6 +295,7 @@ class SAE(nn.Module):
     def record_firing(self, values: torch.Tensor, indices: torch.Tensor) -> None:
         """Count the tokens since each latent last fired (for :meth:`dead_latents`) and,
         for BatchTopK, move the inference threshold towards the smallest kept value."""
+        self._check_codes(values, indices)
         fired = torch.zeros(self.n_latents, dtype=torch.bool, device=indices.device)
         kept = values != 0
         fired[indices[kept]] = True
@@ -307,6 +334,19 @@ class SAE(nn.Module):
         nest = f", matryoshka={list(self.matryoshka)}" if self.matryoshka else ""
         return (f"{kind}, d_in={self.d_in}, n_latents={self.n_latents}, d_out={self.d_out}, "
                 f"activation={self.activation!r}{k}{nest}")
+
+
+def _check_device(device: Any) -> None:
+    """Raise unless ``device`` is None or names a device this PyTorch can allocate on."""
+    if device is None:
+        return
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+        raise ArgumentTypeError(f"device must be a torch.device, a str, an int or None, got "
+                                f"{device!r}")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # unparsable; CUDA absent asserts
+        raise ValueError(f"device: no device {device!r} here: {e}") from e
 
 
 def _nonzeros(z: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,13 @@ from typing import Any
 
 import torch
 
-from sparsekit._checks import check_int, check_positive
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_fraction,
+    check_int,
+    check_optimizer,
+    check_positive,
+)
 from sparsekit.sae.activations import ACTIVATIONS, select_topk, step
 from sparsekit.sae.resample import ENCODER_SCALE, resample
 from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _nonzeros
@@ -46,8 +52,29 @@ def objective(
     default ``x``); ``"loss"`` is their sum, the one to differentiate.
 
     ``dead`` marks the latents the auxiliary-k loss recruits (see :meth:`SAE.dead_latents`).
-    Side effect in training mode: the SAE records which latents fired.
+    Side effect in training mode: the SAE records which latents fired. ``x`` and ``target``
+    are checked (width, matching rows, finite values) before it.
     """
+    sae._check_width(x, sae.d_in)
+    _check_finite(x, "x")
+    if target is None and sae.d_out != sae.d_in:
+        raise ValueError(f"target must be given for a transcoder (d_out={sae.d_out} != "
+                         f"d_in={sae.d_in}), got None")
+    if target is not None:
+        sae._check_width(target, sae.d_out, "target")
+        if target.shape[:-1] != x.shape[:-1]:
+            raise ValueError(f"target must have shape {(*x.shape[:-1], sae.d_out)} (x's rows), "
+                             f"got {tuple(target.shape)}")
+        _check_finite(target, "target")
+    return _objective(sae, x, target, sparsity_coef=sparsity_coef, aux_coef=aux_coef,
+                      dead=dead)
+
+
+def _objective(sae: SAE, x: torch.Tensor, target: torch.Tensor | None, *,
+               sparsity_coef: float, aux_coef: float, dead: torch.Tensor | None
+               ) -> dict[str, torch.Tensor]:
+    """:func:`objective` of a batch already checked (:func:`train` checks every item as it
+    reads it, and does not pay for the check twice)."""
     target = x if target is None else target
     pre = sae.pre_activations(x)
     if sae.activation in ("topk", "abstopk"):
@@ -116,7 +143,11 @@ def train(
         activations: tensors ``(..., d_in)`` (rows are tokens), or for a transcoder
             ``(input, target)`` pairs; any iterable (a list, a generator from
             :func:`~sparsekit.sae.capture`), re-batched to ``batch_size`` rows and read once
-            unless ``steps`` asks for more and the iterable can be iterated again.
+            unless ``steps`` asks for more and the iterable can be iterated again. Each
+            item is checked as it is read (finite floats of the SAE's width), so the first
+            batch is checked before anything changes, but a stream is not read ahead: a bad
+            later item (named ``activations batch i``, the ``i``-th item of a pass) fails
+            after the steps on the items before it, with the SAE left in eval mode.
         steps: optimizer steps (default: one pass over ``activations``).
         lr: Adam's learning rate (default ``2e-4 / sqrt(n_latents / 2**14)``, the
             scaling law of Gao et al.).
@@ -142,6 +173,11 @@ def train(
     Returns:
         ``{"steps", "tokens", "seconds", "tokens_per_second", "loss", "resampled"}``
         (``loss``: the terms of the last step; ``resampled``: latents reinitialised).
+
+    Raises:
+        ValueError: (``ArgumentTypeError`` for a wrong type) on a bad argument, on
+            activations without rows, or on a bad first item, before ``sae``, its mode or
+            ``optimizer`` is changed.
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
@@ -153,63 +189,87 @@ def train(
         check_int("resample_every", resample_every, minimum=1)
     check_positive("resample_scale", resample_scale)
     check_positive("clip_grad_norm", clip_grad_norm, optional=True)
-    for name, value in (("lr", lr), ("sparsity_coef", sparsity_coef), ("aux_coef", aux_coef)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                                  or not value >= 0 or math.isinf(value)):
-            raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-    if not (isinstance(decay, numbers.Real) and 0 <= decay <= 1):
-        raise ValueError(f"decay must be a float in [0, 1], got {decay!r}")
+    if lr is not None:
+        _check_nonnegative("lr", lr)
+    _check_nonnegative("sparsity_coef", sparsity_coef)
+    _check_nonnegative("aux_coef", aux_coef)
+    check_fraction("decay", decay, one=True)
+    inner = check_optimizer(optimizer, optional=True)
+    if inner is not None and not _holds_parameters(inner, sae):
+        raise ValueError("optimizer must be over sae's parameters, got one that holds none "
+                         "of them")
     if isinstance(activations, torch.Tensor):
         activations = [activations]
     elif not isinstance(activations, Iterable):
         raise TypeError(f"activations must be an iterable of tensors, got "
                         f"{type(activations).__name__}")
 
-    lr = 2e-4 / math.sqrt(sae.n_latents / 2**14) if lr is None else lr
+    stream = _batches(activations, batch_size, sae, steps)
+    first = next(stream, None)  # the first batch is checked before anything changes
+    if first is None:
+        raise ValueError("activations must hold at least one row, got none")
     if optimizer is None:
-        optimizer = _adam(sae, lr)
+        lr = 2e-4 / math.sqrt(sae.n_latents / 2**14) if lr is None else lr
+        optimizer = inner = _adam(sae, lr)
     schedule = None
     if steps is not None and decay > 0:
         start = int(steps * (1 - decay))
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda i: 1.0 if i < start else max(0.0, (steps - i) / (steps - start)))
+            optimizer,
+            lambda i: 1.0 if i < start else max(0.0, (steps - i) / max(steps - start, 1)))
 
-    stream = _batches(activations, batch_size, sae, steps)
-    first = next(stream, None)  # the first batch is checked before anything changes
     sae.train()
     if sae.normalize_decoder:
         sae.normalize_decoder_()
     done, tokens, terms, resampled = 0, 0, {}, 0
     generator = torch.Generator(device=sae.W_enc.device).manual_seed(0)  # resampling's rows
     began = time.perf_counter()
-    for x, target in itertools.chain([first] if first is not None else [], stream):
-        terms = objective(sae, x, target, sparsity_coef=sparsity_coef, aux_coef=aux_coef,
-                          dead=sae.dead_latents(dead_window) if sae.k is not None else None)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        if sae.normalize_decoder:
-            sae.project_decoder_grad_()
-        if clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), clip_grad_norm)
-        optimizer.step()
-        if sae.normalize_decoder:
-            sae.normalize_decoder_()
-        if schedule is not None:
-            schedule.step()
-        done += 1
-        tokens += x.shape[0]
-        if steps is not None and done >= steps:
-            break
-        if resample_every is not None and done % resample_every == 0:
-            resampled += len(resample(sae, x, sae.dead_latents(dead_window), target=target,
-                                      optimizer=optimizer, encoder_scale=resample_scale,
-                                      generator=generator))
+    try:
+        for x, target in itertools.chain([first], stream):
+            terms = _objective(
+                sae, x, target, sparsity_coef=sparsity_coef, aux_coef=aux_coef,
+                dead=sae.dead_latents(dead_window) if sae.k is not None else None)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if sae.normalize_decoder:
+                sae.project_decoder_grad_()
+            if clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), clip_grad_norm)
+            optimizer.step()
+            if sae.normalize_decoder:
+                sae.normalize_decoder_()
+            if schedule is not None:
+                schedule.step()
+            done += 1
+            tokens += x.shape[0]
+            if steps is not None and done >= steps:
+                break
+            if resample_every is not None and done % resample_every == 0:
+                resampled += len(resample(sae, x, sae.dead_latents(dead_window), target=target,
+                                          optimizer=inner, encoder_scale=resample_scale,
+                                          generator=generator))
+    finally:
+        sae.eval()
     seconds = time.perf_counter() - began
-    sae.eval()
     return {"steps": done, "tokens": tokens, "seconds": seconds,
             "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
             "loss": {name: float(t.detach()) for name, t in terms.items()},
             "resampled": resampled}
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a finite real number ≥ 0 (not a bool; NaN never is)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a finite float ≥ 0, got {value!r}")
+    if not 0 <= value < math.inf:  # also NaN
+        raise ValueError(f"{name} must be a finite float ≥ 0, got {value!r}")
+
+
+def _holds_parameters(optimizer: torch.optim.Optimizer, sae: SAE) -> bool:
+    """Whether ``optimizer`` steps at least one of ``sae``'s parameters (one over another
+    module would leave the SAE untouched while training seemed to run)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return any(id(p) in held for p in sae.parameters())
 
 
 def _adam(sae: SAE, lr: float) -> torch.optim.Optimizer:
@@ -223,15 +283,18 @@ def _adam(sae: SAE, lr: float) -> torch.optim.Optimizer:
 def _batches(activations: Iterable[Any], batch_size: int, sae: SAE, steps: int | None
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Rows of ``activations`` (and targets) in batches of ``batch_size`` (the last one
-    shorter), passing over ``activations`` again while ``steps`` wants more and it can."""
+    shorter), passing over ``activations`` again while ``steps`` wants more and it can.
+
+    Items are checked as they are read (see :func:`_rows`), so a bad item of a stream fails
+    after the batches before it have been yielded."""
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
     held = 0
     while True:
         seen = False
-        for item in activations:
+        for index, item in enumerate(activations):
             seen = True
-            x, y = _rows(item, sae)
+            x, y = _rows(item, sae, index)
             xs.append(x)
             if y is not None:
                 ys.append(y)
@@ -249,29 +312,43 @@ def _batches(activations: Iterable[Any], batch_size: int, sae: SAE, steps: int |
         yield torch.cat(xs), torch.cat(ys) if ys else None
 
 
-def _rows(item: Any, sae: SAE) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One item of ``activations`` as ``(n, d_in)`` rows (and ``(n, d_out)`` targets)."""
+def _rows(item: Any, sae: SAE, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Item ``index`` of ``activations`` (counted from 0 on every pass) as ``(n, d_in)``
+    rows (and ``(n, d_out)`` targets); raise, naming the item as ``activations batch
+    {index}``, unless it holds finite floats of the SAE's widths."""
+    where = f"activations batch {index}"
     if sae.transcoder:
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise TypeError(
-                "activations of a transcoder must be (input, target) tensor pairs, got "
+                f"{where} of a transcoder must be an (input, target) pair of tensors, got "
                 f"{type(item).__name__}")
         x, y = item
-        _check_rows(y, sae.d_out, "activations (target)")
+        _check_rows(y, sae.d_out, f"{where} (target)")
         y = y.reshape(-1, sae.d_out)
     else:
         x, y = item, None
-    _check_rows(x, sae.d_in, "activations")
+    _check_rows(x, sae.d_in, where)
     x = x.reshape(-1, sae.d_in)
     if y is not None and y.shape[0] != x.shape[0]:
         raise ValueError(
-            f"activations: an input of {x.shape[0]} rows came with a target of {y.shape[0]}")
+            f"{where}: an input of {x.shape[0]} rows came with a target of {y.shape[0]}")
     return x.to(sae.W_enc.dtype), None if y is None else y.to(sae.W_enc.dtype)
 
 
 def _check_rows(x: Any, width: int, param: str) -> None:
+    """Raise unless ``x`` is a finite floating-point tensor of shape ``(..., width)``."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{param} must hold floating-point tensors, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0 or x.shape[-1] != width:
         raise ValueError(f"{param} must have shape (..., {width}), got shape {tuple(x.shape)}")
+    _check_finite(x, param)
+
+
+def _check_finite(x: torch.Tensor, param: str) -> None:
+    """Raise unless every value of ``x`` is finite: one NaN or inf in a batch makes every
+    weight NaN after the step that reads it, and every metric NaN."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{param} must hold finite values, got {bad} NaN or inf of "
+                         f"{x.numel()}")
