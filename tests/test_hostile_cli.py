@@ -339,6 +339,19 @@ def test_llm_prune_bad_out(tmp_path, calib, capsys, out):
     assert sorted(p.name for p in model_dir.iterdir()) == before
 
 
+@pytest.mark.parametrize("limit", ["0", "-5"])
+def test_demo_train_limit_must_be_positive(tmp_path, capsys, limit):
+    """0 trained on all 60,000 images, -5 on all but the last 5."""
+    err = user_error(capsys, "demo", "--out", str(tmp_path / "out"), "--train-limit", limit)
+    assert "--train-limit must be ≥ 1" in err
+
+
+def test_prune_calib_batches_must_be_positive(ckpt, tmp_path, capsys):
+    err = user_error(capsys, "prune", str(ckpt), "--out", str(tmp_path / "p.safetensors"),
+                     "--sparsity", "0.5", "--calib-batches", "-1")
+    assert "--calib-batches must be ≥ 1, got -1" in err
+
+
 def test_demo_out_an_existing_file(ckpt, capsys):
     before = ckpt.read_bytes()
     assert "not a directory" in user_error(capsys, "demo", "--out", str(ckpt), "--epochs", "1")

@@ -307,3 +307,55 @@ def test_an_op_given_tensors_on_two_devices_raises(moved):
     with pytest.raises(RuntimeError, match=r"every tensor argument must be on one device, got "
                                            r"\['cpu', 'meta'\]"):
         torch.ops.sparsekit.block_sparse_attention(*args.values(), True, 4, 0.5, 1)
+
+
+# -- int8 quantization, save_pretrained, report ----------------------------------------------
+
+
+@pytest.mark.parametrize("scales", [torch.zeros(2), -torch.ones(2), torch.full((2,), float("nan")),
+                                    torch.full((2,), float("inf"))])
+def test_quantize_int8_refuses_scales_that_are_no_grid(scales):
+    """Zero scales used to give ±127 codes, NaN ones all-zero codes."""
+    from sparsekit.quantize import attach_scales, quantize_int8
+
+    with pytest.raises(ValueError, match="scales must be positive and finite"):
+        quantize_int8(torch.randn(2, 4), scales)
+    with pytest.raises(ValueError, match="scales must be positive and finite"):
+        attach_scales(nn.Linear(4, 2), scales)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_int8_scales_refuse_non_finite_weights(value):
+    """An infinite weight gave an infinite scale (its row decoded as NaN), a NaN row scale 1."""
+    from sparsekit.quantize import int8_scales, quantize_int8
+
+    weight = torch.randn(2, 4)
+    weight[1, 2] = value
+    with pytest.raises(ValueError, match="weight holds NaN or infinite values"):
+        int8_scales(weight)
+    with pytest.raises(ValueError, match="weight holds NaN or infinite values"):
+        quantize_int8(weight, torch.ones(2))
+
+
+def test_save_pretrained_refuses_an_infinite_weight_for_int8_and_keeps_the_earlier_save(tmp_path):
+    """One inf in the embedding saved silently and came back as a row of NaN; and a refused
+    save used to delete the config.json of the save before it."""
+    model = llama()
+    sparsekit.save_pretrained(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="dense_dtype='int8': 'model.embed_tokens.weight' "
+                                         "holds NaN or infinite values"):
+        sparsekit.save_pretrained(model, tmp_path, dense_dtype="int8")
+    masks = sparsekit.MaskSet(model, {"model.layers.0.mlp.up_proj.weight":
+                                      torch.zeros(32, 16, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="masks"):  # weights not zero where masked
+        sparsekit.save_pretrained(model, tmp_path, masks)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    sparsekit.from_pretrained(tmp_path)
+
+
+def test_report_names_example_inputs_the_model_cannot_run():
+    with pytest.raises(ValueError, match="example_inputs: the model cannot run on them"):
+        sparsekit.report(mlp(), torch.randn(2, 7))

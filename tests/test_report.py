@@ -125,7 +125,7 @@ def test_hooks_removed_and_modes_restored():
     assert [m.training for m in model.modules()] == [True, True, True, False]
     assert all(not m._forward_hooks for m in model.modules())
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="example_inputs"):
         report(model, torch.randn(5, 7))  # wrong feature size
     assert [m.training for m in model.modules()] == [True, True, True, False]
     assert all(not m._forward_hooks for m in model.modules())

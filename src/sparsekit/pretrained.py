@@ -93,7 +93,8 @@ def save_pretrained(
     :func:`from_pretrained` turns them back into the model's dtype, so they round-trip
     exactly only if they were bfloat16 (``"bf16"``) or on their int8 grid already; pruned
     and compiled layers are never touched. ``config.json`` is written last, so an
-    interrupted save leaves no loadable directory.
+    interrupted save leaves no loadable directory; a save refused (bad masks, a weight
+    int8 cannot hold) leaves an earlier save in ``directory`` as it was.
     """
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not callable(getattr(config, "to_json_string", None)):
@@ -117,10 +118,12 @@ def save_pretrained(
               "cast": {"dtype": str(stored_as), "keys": cast} if cast else None}
 
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").unlink(missing_ok=True)  # the directory is loadable only when done
+    pending = path / f".{WEIGHTS_NAME}.pending"  # checked and encoded before anything goes
     with _stored_as(model, cast, stored_as):
-        checkpoint.save(model, path / WEIGHTS_NAME, masks,
+        checkpoint.save(model, pending, masks,
                         metadata={_META_KEY: json.dumps(record, sort_keys=True)})
+    (path / "config.json").unlink(missing_ok=True)  # the directory is loadable only when done
+    os.replace(pending, path / WEIGHTS_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     generation = getattr(model, "generation_config", None)
@@ -436,6 +439,9 @@ def _dense_tensors(model: nn.Module, masks: MaskSet | None, compiled: dict[str, 
             continue
         if stored_as == torch.int8 and (key not in params or value.dim() < 2):
             continue
+        if stored_as == torch.int8 and not bool(value.isfinite().all()):
+            raise ValueError(f"dense_dtype='int8': {key!r} holds NaN or infinite values, which "
+                             "have no int8 code (an infinity would decode as a row of NaN)")
         if masks is None and key in params and value.dim() >= 2:
             nnz = int(torch.count_nonzero(value))
             if checkpoint._sparse_may_win(value.numel(), nnz, value.element_size()):

@@ -45,6 +45,7 @@ def int8_scales(weight: torch.Tensor, group_size: int | None = None) -> torch.Te
     row (group) gets scale 1 (its codes are all zero anyway).
     """
     groups = _grouped(weight, group_size)
+    _check_finite(weight)
     absmax = groups.detach().abs().amax(dim=-1).to(torch.float32)
     return torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))
 
@@ -56,6 +57,8 @@ def quantize_int8(
     (default: :func:`int8_scales`), codes clamped to ``[-127, 127]``."""
     if scales is None:
         scales = int8_scales(weight, group_size)
+    else:
+        _check_finite(weight)
     _check_scales(weight, scales, group_size)
     groups = _grouped(weight.detach().to(torch.float32), group_size)
     codes = torch.round(groups / scales.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
@@ -131,3 +134,13 @@ def _check_scales(weight: torch.Tensor, scales: torch.Tensor, group_size: int | 
             f"{tuple(weight.shape)} (group_size={group_size}), got {scales.dtype} "
             f"{tuple(scales.shape)}"
         )
+    if not bool((scales.isfinite() & (scales > 0)).all()):  # 0 made every code ±127
+        raise ValueError("scales must be positive and finite (a weight's largest magnitude "
+                         "over 127), got a zero, negative, NaN or infinite one")
+
+
+def _check_finite(weight: torch.Tensor) -> None:
+    """Raise unless ``weight`` is finite: NaN and infinities have no int8 code (an infinite
+    weight made its row's scale infinite and the whole row NaN when decoded)."""
+    if weight.is_floating_point() and not bool(weight.detach().isfinite().all()):
+        raise ValueError("weight holds NaN or infinite values, which have no int8 code")

@@ -28,6 +28,7 @@ from rich.table import Table
 from torch import nn
 
 from sparsekit import _table
+from sparsekit._checks import model_errors
 from sparsekit.observe import macs
 from sparsekit.targets import default_types, linear_types
 
@@ -208,7 +209,11 @@ def report(
     mask_table = _mask_table(masks)
     types = default_types()
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
-    counted = None if example_inputs is None else macs(model, dict(layers), *example_inputs)
+    if example_inputs is None:
+        counted = None
+    else:
+        with model_errors("example_inputs", "the model cannot run on them"):
+            counted = macs(model, dict(layers), *example_inputs)
 
     rows = []
     for name, module in layers:

@@ -77,12 +77,15 @@ def run(args: argparse.Namespace) -> int:
     sparsities = _parse_sparsities(args.sparsities)
     if args.epochs < 1 or args.finetune_epochs < 0:
         raise ValueError("--epochs must be ≥ 1 and --finetune-epochs ≥ 0")
+    if args.train_limit is not None and args.train_limit < 1:  # 0 meant all, -5 all but 5
+        raise ValueError(f"--train-limit must be ≥ 1 (images to train on), got "
+                         f"{args.train_limit}")
     out = check_output(args.out, inputs=[], directory=True)
     console = Console(width=None if sys.stdout.isatty() else 130)
     torch.manual_seed(args.seed)
     data = load_image_dataset(args.data_dir)
     train = data.train
-    if args.train_limit:
+    if args.train_limit is not None:
         train = torch.utils.data.TensorDataset(*(t[: args.train_limit] for t in train.tensors))
     console.print(f"[bold]dataset[/]: {data.name}, {len(train):,} train / "
                   f"{len(data.test):,} test images; {torch.get_num_threads()} threads")

@@ -45,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.out is None and not args.dry_run:
         raise UsageError("--out is required (or pass --dry-run to write nothing)")
+    if args.calib_batches < 1:
+        raise UsageError(f"--calib-batches must be ≥ 1, got {args.calib_batches}")
     out = None if args.out is None else check_output(args.out, inputs=[args.ckpt],
                                                      overwrite=args.overwrite)
     model, _ = load_checkpoint(args.ckpt, args.model)
