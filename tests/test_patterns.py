@@ -16,6 +16,7 @@ from sparsekit.patterns import (
     fan_in,
     parse_pattern,
 )
+from sparsekit.prune import compute_masks
 
 # -- parse_pattern ------------------------------------------------------------------------
 
@@ -323,6 +324,27 @@ def test_fanin_keeps_the_top_of_each_row_and_skips_dead_rows():
     mask = FanIn().mask(scores, 5)  # two live rows share 5: two inputs each
     assert mask.tolist() == [[True, True, False, False], [False, False, True, True],
                              [False] * 4]
+
+
+def test_fanin_budget_below_the_rows_keeps_that_many_rows_with_one_input():
+    scores = torch.tensor([[4.0, 3.0], [1.0, 9.0], [2.0, 0.0], [-math.inf] * 2])
+    mask = FanIn().mask(scores, 2)  # three live rows, two weights: the two best rows keep one
+    assert mask.tolist() == [[True, False], [False, True], [False, False], [False, False]]
+    assert not FanIn().mask(scores, 0).any()
+
+
+def test_fanin_pattern_through_prune_never_cuts_a_layer_off():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    keep = {n: int(m.sum()) for n, m in compute_masks(model, 0.9)[0].items()}
+    masks = sparsekit.prune(model, 0.9, pattern="fanin")
+    first = masks.masks["0.weight"]  # 13 weights for 16 neurons: 13 neurons of fan-in 1
+    assert int(first.sum()) == keep["0.weight"] == 13
+    assert fan_in(first) == 1
+    for mask in masks.masks.values():
+        assert mask.any() and parse_pattern("fanin").is_valid(mask)
+    x = torch.randn(2, 8)
+    assert not torch.equal(model(x), model(x + 1))  # the output still depends on the input
 
 
 def test_fanin_validity_and_common_fan_in():

@@ -254,6 +254,21 @@ def test_srigl_keeps_constant_fan_in_and_ablates_weak_neurons():
         assert len(fan_ins(m)) == 1
 
 
+def test_srigl_with_a_budget_below_the_neurons_keeps_every_layer_alive():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = DynamicSparsity(model, opt, 0.9, method="srigl", allocation="uniform", every=1,
+                          end_step=50)
+    for _ in range(6):  # the start and five updates
+        assert counts(dst.masks)["0.weight"] == 13  # fewer than its 16 neurons: fan-in 1
+        for m in dst.masks.masks.values():
+            assert m.any() and len(fan_ins(m)) == 1
+        opt.zero_grad()
+        model(torch.randn(4, 8)).pow(2).sum().backward()
+        opt.step()
+        assert dst.step()
+
+
 def test_dst_bad_arguments():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -203,8 +203,11 @@ class FanIn(Pattern):
     The live rows share ``keep`` equally, ``keep // rows`` inputs each (at most the row
     width), so the mask never holds more than ``keep``; it holds exactly ``keep`` when the
     rows divide it. A row with no finite score (a dead neuron: every weight already pruned,
-    or ablated by SRigL) keeps nothing and its share goes to the others. Stored condensed by
-    the ``fanin`` execution format.
+    or ablated by SRigL) keeps nothing and its share goes to the others. When ``keep`` is
+    smaller than the number of live rows, the ``keep`` rows with the highest top score keep
+    one input each and the others none (SRigL ablates neurons rather than a whole layer):
+    the mask then holds exactly ``keep``, and cuts a layer off only when ``keep`` is 0.
+    Stored condensed by the ``fanin`` execution format.
     """
 
     spec: str = "fanin"
@@ -212,11 +215,25 @@ class FanIn(Pattern):
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         rows = scores.reshape(scores.shape[0], -1)
         live = ~torch.isneginf(rows).all(1)
-        per_row = min(keep // max(int(live.sum()), 1), rows.shape[1])
-        return (top_k(rows, per_row, dim=1) & live[:, None]).reshape(scores.shape)
+        kept_rows, per_row = fan_in_split(keep, int(live.sum()), rows.shape[1])
+        chosen = top_k(rows.amax(1), kept_rows, allowed=live)  # all live rows unless fan-in 1
+        return (top_k(rows, per_row, dim=1) & chosen[:, None]).reshape(scores.shape)
 
     def is_valid(self, mask: torch.Tensor) -> bool:
         return fan_in(mask.reshape(mask.shape[0], -1)) is not None
+
+
+def fan_in_split(keep: int, rows: int, width: int) -> tuple[int, int]:
+    """How constant fan-in spends ``keep`` weights on ``rows`` live rows of ``width`` inputs:
+    ``(rows kept, inputs per kept row)``.
+
+    Each row gets ``keep // rows`` inputs (at most ``width``); when that is 0, ``keep`` rows
+    get one input each and the rest are ablated, so a layer with a budget is never cut off.
+    """
+    if min(keep, rows, width) <= 0:
+        return 0, 0
+    per_row = min(max(keep // rows, 1), width)
+    return min(rows, keep // per_row), per_row
 
 
 def fan_in(mask: torch.Tensor) -> int | None:

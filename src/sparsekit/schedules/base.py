@@ -1,10 +1,14 @@
-"""The Schedule protocol: what every "when" of the pipeline offers a training loop."""
+"""The Schedule protocol: what every "when" of the pipeline offers a training loop, and the
+checks every schedule's ``load_state_dict`` runs before it changes anything."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+import torch
+
+from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.masks import Masks
 
 
@@ -26,3 +30,46 @@ class Schedule(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def check_state(schedule: Schedule, state: Any, keys: tuple[str, ...]) -> None:
+    """Raise unless ``state`` can be what ``schedule.state_dict()`` returned: a mapping with
+    every one of ``keys``, a ``"step"`` that is an int ≥ 0 and a ``"masks"`` state for the
+    weights ``schedule.masks`` holds.
+
+    The masks' own ``load_state_dict`` checks their shapes and dtypes before it changes
+    anything; load them first of all that changes, after this and the schedule's own checks,
+    so that a refused state leaves the model, the masks and the schedule as they were.
+    """
+    owner = f"{type(schedule).__name__}.state_dict()"
+    if not isinstance(state, Mapping):
+        raise ArgumentTypeError(f"state must be the dict {owner} returns, got "
+                                f"{type(state).__name__}")
+    missing = [k for k in ("step", "masks", *keys) if k not in state]
+    if missing:
+        raise ValueError(f"state lacks {', '.join(map(repr, missing))}: pass the dict {owner} "
+                         f"returns, with keys {', '.join(map(repr, ('step', 'masks', *keys)))}")
+    check_int("state['step']", state["step"], minimum=0)
+    masks = state["masks"]
+    if not isinstance(masks, Mapping) or not isinstance(masks.get("masks"), Mapping):
+        raise ArgumentTypeError(f"state['masks'] must be the dict masks.state_dict() returns, "
+                                f"with a 'masks' dict of name -> bool tensor, got {masks!r:.80}")
+    if set(masks["masks"]) != set(schedule.masks.masks):
+        raise ValueError(f"state['masks'] holds masks for {sorted(masks['masks'])}; this "
+                         f"schedule masks {sorted(schedule.masks.masks)}")
+
+
+def check_tensors(key: str, value: Any, like: Mapping[str, torch.Tensor]) -> None:
+    """Raise unless ``value`` maps exactly the names of ``like`` to tensors of their shapes,
+    floating where they are; ``key`` names ``value`` in the state dict."""
+    if not isinstance(value, Mapping) or not all(isinstance(t, torch.Tensor)
+                                                 for t in value.values()):
+        raise ArgumentTypeError(f"state[{key!r}] must be a dict of name -> tensor, got "
+                                f"{value!r:.80}")
+    if set(value) != set(like):
+        raise ValueError(f"state[{key!r}] has entries for {sorted(value)}, expected {sorted(like)}")
+    for n, t in value.items():
+        if t.shape != like[n].shape or t.is_floating_point() != like[n].is_floating_point():
+            raise ValueError(f"state[{key!r}][{n!r}] is a {t.dtype} tensor of shape "
+                             f"{tuple(t.shape)}, expected {like[n].dtype} of shape "
+                             f"{tuple(like[n].shape)}")

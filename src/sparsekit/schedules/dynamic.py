@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import (
+    ArgumentTypeError,
     check_fraction,
     check_int,
     check_optimizer,
@@ -57,10 +58,11 @@ from sparsekit.allocation import ALLOCATIONS
 from sparsekit.distributed import full, shard_like, unsharded
 from sparsekit.engine.structure_set import StructureSet, sparse_layers
 from sparsekit.masks import Masks, MaskSet, after_gradients
-from sparsekit.patterns import FanIn
+from sparsekit.patterns import FanIn, fan_in_split
 from sparsekit.prune import compute_masks
 from sparsekit.registry import Registry
-from sparsekit.schedules.gradual import cubic_sparsity
+from sparsekit.schedules.base import check_state, check_tensors
+from sparsekit.schedules.gradual import check_initial_sparsity, cubic_sparsity
 from sparsekit.select import top_k
 
 METHODS: Registry = Registry("method")
@@ -79,18 +81,35 @@ def drop_fraction_at(step: int, *, initial: float, end_step: int, schedule: str)
     return initial
 
 
+def check_holds(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                names: list[str]) -> None:
+    """Raise unless ``optimizer`` holds one of ``params`` (the weights named ``names``).
+
+    DynamicSparsity reads their gradients in a hook of ``optimizer`` and keeps their masks
+    through its steps; an optimizer built on other weights (another model, parameters a
+    ``load_state_dict(assign=True)`` replaced) would do neither, so it is refused before
+    any hook goes on it.
+    """
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in params):
+        raise ValueError(
+            f"optimizer holds none of the weights DynamicSparsity trains ({', '.join(names[:3])}"
+            f"{', …' if len(names) > 3 else ''}); build it from model.parameters() of this model"
+        )
+
+
 class DynamicSparsity:
     """Train ``model`` sparse while moving its connections (SET, RigL, SNFS, GraNet, SRigL).
 
     Starts from a random mask with the given ``allocation`` (ERK by default; GraNet starts
-    at ``initial_sparsity``). ``optimizer`` (positional or ``optimizer=``) is required: the
-    dense gradients are read just before its steps and the masks kept through them. Call
-    :meth:`step` after every ``optimizer.step()``; every ``every`` steps until ``end_step``
-    (``update_every=`` is its deprecated spelling) ``method`` drops and regrows. Regrown
-    weights start at zero and their optimizer state is reset. SET and RigL keep each
-    layer's number of active weights exactly; SNFS keeps the total while layers trade
-    weights; GraNet follows its pruning schedule; SRigL keeps a constant fan-in per
-    surviving neuron.
+    at ``initial_sparsity``, at most ``sparsity``). ``optimizer`` (positional or
+    ``optimizer=``) is required: the dense gradients are read just before its steps and the
+    masks kept through them. Call :meth:`step` after every ``optimizer.step()``; every
+    ``every`` steps until ``end_step`` (``update_every=`` is its deprecated spelling)
+    ``method`` drops and regrows. Regrown weights start at zero and their optimizer state is
+    reset. SET and RigL keep each layer's number of active weights exactly; SNFS keeps the
+    total while layers trade weights; GraNet follows its pruning schedule; SRigL keeps a
+    constant fan-in per surviving neuron.
 
     If ``model`` has :class:`~sparsekit.SparseLinear` layers, those are the targets (other
     layers stay dense) and their current structures are the starting masks; updates go
@@ -137,6 +156,8 @@ class DynamicSparsity:
         check_int("seed", seed)
         check_fraction("momentum", momentum)
         check_sparsity(initial_sparsity, "initial_sparsity")
+        if method == "granet":  # the only method that starts at initial_sparsity
+            check_initial_sparsity(initial_sparsity, sparsity)
         check_fraction("salient_fraction", salient_fraction, one=True)
         sparse = bool(sparse_layers(model))
         if sparse and method == "granet":
@@ -157,10 +178,13 @@ class DynamicSparsity:
         self.step_count = 0
         if sparse:
             self.masks: Masks = StructureSet(model)
+            trained = [layer.values for layer in self.masks.layers.values()]
         else:
             with unsharded(model):  # FSDP2: the starting masks are drawn for whole weights
                 initial = self.rule.initial_masks()
             self.masks = MaskSet(model, initial)
+            trained = list(self.masks.params.values())
+        check_holds(optimizer, trained, list(self.masks.masks))
         self._grads: MaskDict = {}
         self._momenta = {n: torch.zeros_like(p) for n, p in self.masks.params.items()}
         # Registered before the MaskSet's hooks, so it sees the dense gradients.
@@ -225,6 +249,15 @@ class DynamicSparsity:
                 "momenta": {n: full(m).clone() for n, m in self._momenta.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; a state it cannot come from changes nothing."""
+        check_state(self, state, ("generator", "momenta"))
+        try:  # a scratch generator checks the state exactly as ours would take it
+            torch.Generator().set_state(state["generator"])
+        except (TypeError, RuntimeError) as e:
+            raise ArgumentTypeError(f"state['generator'] must be the tensor torch.Generator."
+                                    f"get_state() returns, got {state['generator']!r:.80}: {e}"
+                                    ) from e
+        check_tensors("momenta", state["momenta"], self._momenta)
         self.masks.load_state_dict(state["masks"])
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])
@@ -340,7 +373,9 @@ class SRigL(RigL):
     A neuron whose salient weights (kept after the drop, or among the layer's top
     gradients) number fewer than ``salient_fraction`` of its fan-in is ablated, and its
     budget shared by the remaining neurons through the ``fanin`` pattern (fan-in = budget //
-    neurons); the most salient neurons always survive in the number the budget needs.
+    neurons); the most salient neurons always survive in the number the budget needs. A
+    budget smaller than the layer's neurons keeps that many neurons with fan-in 1, so no
+    layer starts or ends cut off.
     """
 
     def initial_masks(self) -> MaskDict:
@@ -356,7 +391,7 @@ class SRigL(RigL):
             m2 = mask.flatten(1)
             alive = m2.any(1)
             budget = int(mask.sum())
-            fan_in = budget // max(int(alive.sum()), 1)
+            _, fan_in = fan_in_split(budget, int(alive.sum()), m2.shape[1])
             drop = round(fraction * fan_in)
             kept = top_k(w, fan_in - drop, allowed=m2, dim=1)
             grad = self.ds.dense_grad(n).abs().float().flatten(1)

@@ -17,6 +17,7 @@ from sparsekit._checks import (
 )
 from sparsekit.masks import MaskSet
 from sparsekit.prune import compute_masks
+from sparsekit.schedules.base import check_state
 from sparsekit.targets import resolve_targets
 
 
@@ -27,6 +28,15 @@ def cubic_sparsity(step: int, *, initial: float, final: float, start: int, end: 
     if step >= end:
         return final
     return final + (initial - final) * (1.0 - (step - start) / (end - start)) ** 3
+
+
+def check_initial_sparsity(initial_sparsity: float, sparsity: float) -> None:
+    """Raise unless a schedule from ``initial_sparsity`` to ``sparsity`` only prunes: one
+    that starts sparser than it ends would have to revive pruned weights."""
+    if initial_sparsity > sparsity:
+        raise ValueError(
+            f"initial_sparsity must be in [0, sparsity] = [0, {sparsity}], got {initial_sparsity}"
+        )
 
 
 class GradualPruner:
@@ -58,10 +68,7 @@ class GradualPruner:
     ) -> None:
         check_sparsity(sparsity)
         check_sparsity(initial_sparsity, "initial_sparsity")
-        if initial_sparsity > sparsity:
-            raise ValueError(
-                f"initial_sparsity ({initial_sparsity}) must not exceed sparsity ({sparsity})"
-            )
+        check_initial_sparsity(initial_sparsity, sparsity)
         check_int("start_step", start_step, minimum=0)
         check_int("end_step", end_step, minimum=1)
         check_int("every", every, minimum=1)
@@ -109,5 +116,7 @@ class GradualPruner:
         return {"step": self.step_count, "masks": self.masks.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; a state it cannot come from changes nothing."""
+        check_state(self, state, ())
         self.masks.load_state_dict(state["masks"])
         self.step_count = int(state["step"])

@@ -23,6 +23,7 @@ from sparsekit._checks import (
 )
 from sparsekit.masks import MaskSet
 from sparsekit.prune import compute_masks
+from sparsekit.schedules.base import check_state, check_tensors
 from sparsekit.targets import resolve_targets
 
 
@@ -98,7 +99,13 @@ class IterativePruning:
         return False
 
     def next_round(self, metrics: dict[str, float] | None = None) -> bool:
-        """Prune, record this round, rewind survivors to step k; False once all rounds ran."""
+        """Prune, record this round, rewind survivors to step k; return whether rounds remain.
+
+        Once all ``rounds`` ran there is nothing left to prune: it changes nothing (neither
+        the masks nor the weights) and returns ``False``.
+        """
+        if self.round >= self.rounds:
+            return False
         if self._rewind_state is None:
             raise RuntimeError(
                 f"rewind_step {self.rewind_step} was never reached: call step() after every "
@@ -120,6 +127,19 @@ class IterativePruning:
                 "rewind_state": self._rewind_state, "history": self.history}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; a state it cannot come from changes nothing (a
+        rewind state that does not fit the model is refused here, not at the next round)."""
+        check_state(self, state, ("round", "rewind_state", "history"))
+        check_int("state['round']", state["round"], minimum=0)
+        if state["round"] > self.rounds:
+            raise ValueError(f"state['round'] must be at most rounds={self.rounds}, "
+                             f"got {state['round']}")
+        if state["rewind_state"] is not None:
+            check_tensors("rewind_state", state["rewind_state"], self.model.state_dict())
+        history = state["history"]
+        if not isinstance(history, list) or len(history) != state["round"]:
+            raise ValueError(f"state['history'] must be a list of one entry per round ran "
+                             f"({state['round']}), got {history!r:.80}")
         self.masks.load_state_dict(state["masks"])
         self.round, self.step_count = int(state["round"]), int(state["step"])
-        self._rewind_state, self.history = state["rewind_state"], list(state["history"])
+        self._rewind_state, self.history = state["rewind_state"], list(history)
