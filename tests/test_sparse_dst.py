@@ -225,6 +225,11 @@ def test_errors_name_the_parameter() -> None:
         s.update({"1.weight": torch.ones(48, 20, dtype=torch.bool)})
     with pytest.raises(ValueError, match="expected \\(48, 20\\)"):
         s.update({"0.weight": torch.ones(20, 48, dtype=torch.bool)})
+    before = {n: m.clone() for n, m in s.masks.items()}
+    with pytest.raises(TypeError, match="masks\\['2.weight'\\] must be a bool tensor"):
+        s.update({"0.weight": ~before["0.weight"], "2.weight": torch.ones_like(before["2.weight"],
+                                                                           dtype=torch.float32)})
+    assert all(torch.equal(s.masks[n], m) for n, m in before.items())  # checked before changing
     with pytest.raises(ValueError, match="no SparseLinear layers"):
         StructureSet(nn.Linear(3, 4))
     with pytest.raises(TypeError, match="optimizer must be"):

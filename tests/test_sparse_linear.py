@@ -147,7 +147,7 @@ def test_to_linear_round_trip() -> None:
 
 
 def test_errors_name_the_parameter() -> None:
-    with pytest.raises(ValueError, match="mask must be a tensor of shape"):
+    with pytest.raises(ValueError, match=r"mask has shape \(4, 3\), expected \(3, 4\)"):
         SparseLinear(4, 3, torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
         SparseLinear.from_linear(nn.Conv1d(1, 1, 1))  # type: ignore[arg-type]

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsekit._checks import check_optimizer
+from sparsekit._checks import ArgumentTypeError, check_optimizer
 from sparsekit.distributed import check_same_on_ranks, is_sharded, local, shard_like
+from sparsekit.patterns import Pattern, parse_pattern
 
 
 @runtime_checkable
@@ -72,17 +73,25 @@ class Masks(Protocol):
 
 
 class MaskSet:
-    """Boolean masks for named parameters of ``model``; ``True`` means the weight is kept."""
+    """Boolean masks for named parameters of ``model``; ``True`` means the weight is kept.
+
+    ``pattern`` names the shape the masks follow (a spec :func:`sparsekit.load` accepts:
+    ``"unstructured"``, ``"2:4"``, ``"block:4x4"``, …); masks that do not follow it are
+    refused here, so that :func:`sparsekit.save` never writes a file ``load`` refuses.
+    """
 
     def __init__(
-        self, model: nn.Module, masks: Mapping[str, torch.Tensor], *, pattern: str = "unstructured"
+        self, model: nn.Module, masks: Mapping[str, torch.Tensor], *,
+        pattern: str | Pattern = "unstructured",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         params = dict(model.named_parameters())
+        parsed = parse_pattern(pattern)
         self._check(masks, params)
+        _check_follow(parsed, masks)
         self.model = model
-        self.pattern = str(pattern)
+        self.pattern = str(parsed)
         self.masks: dict[str, torch.Tensor] = {
             n: m.to(device=params[n].device, dtype=torch.bool, copy=True) for n, m in masks.items()
         }
@@ -100,12 +109,15 @@ class MaskSet:
         # Masks in each weight's dtype, built while attached: one fused multiply per step
         # is ~10x faster than masked_fill_ on bool masks.
         self._factors: dict[str, torch.Tensor] = {}
+        self._removed = False  # set by remove(): nothing is left to apply or update
+
 
     # -- state ------------------------------------------------------------------------
 
     @torch.no_grad()
     def apply(self) -> MaskSet:
         """Zero every masked weight in place (with +0.0)."""
+        self._check_not_removed("apply")
         self._follow_replaced_params()
         for n, p in self.params.items():
             local(p).masked_fill_(~self._shards[n], 0)
@@ -116,10 +128,12 @@ class MaskSet:
 
         Weights that become kept again ("regrown") start from zero, and their optimizer
         state in every attached optimizer is zero, so nothing from before the drop
-        leaks back.
+        leaks back. Each new mask must follow :attr:`pattern`.
         """
+        self._check_not_removed("update")
         self._follow_replaced_params()
         self._check(masks, self.params, subset=True)
+        _check_follow(parse_pattern(self.pattern), masks)
         with torch.no_grad():
             for n, new in masks.items():
                 new = new.to(device=self.masks[n].device, dtype=torch.bool, copy=True)
@@ -152,14 +166,17 @@ class MaskSet:
         Meant for resuming: the optimizer state of kept weights is left as loaded, only
         masked entries are zeroed. To change masks during training use :meth:`update`.
         """
+        self._check_not_removed("load_state_dict")
         if not isinstance(state, Mapping) or "masks" not in state:
             raise ValueError("state must be a dict from MaskSet.state_dict() with a 'masks' entry")
         masks = state["masks"]
+        pattern = parse_pattern(state.get("pattern", self.pattern))
         self._check(masks, dict(self.model.named_parameters()))
+        _check_follow(pattern, masks)
         self._owners = {n: _owner(self.model, n) for n in masks}
         self.params = {n: module._parameters[attr] for n, (module, attr) in self._owners.items()}
         self.masks = {n: m.to(self.params[n].device, torch.bool) for n, m in masks.items()}
-        self.pattern = str(state.get("pattern", self.pattern))
+        self.pattern = str(pattern)
         self._refresh_shards()
         for opt in self._optimizers.values():  # masked entries of the state start clean
             for n, p in self.params.items():
@@ -195,6 +212,7 @@ class MaskSet:
         ``load_state_dict(..., assign=True)``) are followed, not left unmasked.
         """
         optimizer = check_optimizer(optimizer)
+        self._check_not_removed("attach")
         self._follow_replaced_params()
         key = id(optimizer)
         if key in self._hooks:
@@ -230,12 +248,20 @@ class MaskSet:
         self._refresh_factors()
 
     def remove(self) -> None:
-        """Bake the zeros into the weights and drop the masks (the model stays sparse)."""
+        """Bake the zeros into the weights and drop the masks (the model stays sparse).
+
+        Removing twice does nothing; :meth:`apply`, :meth:`update`, :meth:`attach` and
+        :meth:`load_state_dict` then raise: build a new ``MaskSet`` to mask again.
+        """
+        if self._removed:
+            return
         self.apply()
         self.detach()
         self.masks.clear()
         self.params.clear()
         self._shards.clear()
+        self._owners.clear()
+        self._removed = True
 
     def capture(self, on: bool) -> None:
         """Nothing to switch: a masked weight's gradient is dense until the step masks it."""
@@ -311,10 +337,18 @@ class MaskSet:
 
     # -- validation -------------------------------------------------------------------
 
+    def _check_not_removed(self, action: str) -> None:
+        """Raise if :meth:`remove` dropped the masks, naming the call that came too late."""
+        if self._removed:
+            raise RuntimeError(
+                f"MaskSet.{action}(): the masks were removed by remove(); build a new MaskSet "
+                "to mask the model again"
+            )
+
     @staticmethod
     def _check(masks: Mapping[str, torch.Tensor], params: Mapping, *, subset: bool = False) -> None:
         if not isinstance(masks, Mapping):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"masks must be a dict of name -> bool tensor, got {type(masks).__name__}"
             )
         for n, m in masks.items():
@@ -323,17 +357,49 @@ class MaskSet:
                     f"masks has an entry {n!r} that is not a parameter of the model"
                     + ("" if subset else f"; parameters: {', '.join(params)}")
                 )
-            if not isinstance(m, torch.Tensor) or m.shape != params[n].shape:
-                got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
-                raise ValueError(
-                    f"mask for {n!r} has shape {got}, expected {tuple(params[n].shape)}"
-                )
+            check_mask(f"mask for {n!r}", m, params[n].shape)
 
     def __repr__(self) -> str:
         return (
             f"MaskSet({len(self.masks)} tensors, sparsity={self.sparsity():.4f}, "
             f"pattern={self.pattern!r})"
         )
+
+
+def check_mask(name: str, mask: object, shape: torch.Size | tuple[int, ...]) -> None:
+    """Raise unless ``mask`` is a bool tensor of ``shape``; ``name`` says which mask.
+
+    Only ``bool`` is a mask: a float or integer tensor has no single reading (is 0.5 kept?
+    NaN? 3?), and converting one silently kept every nonzero. Convert with ``!= 0`` where
+    that is what the values mean.
+    """
+    shape = tuple(shape)
+    if not isinstance(mask, torch.Tensor):
+        raise ArgumentTypeError(
+            f"{name} must be a bool tensor of shape {shape}, got {type(mask).__name__}"
+        )
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {shape}")
+    if mask.dtype != torch.bool:
+        raise ArgumentTypeError(
+            f"{name} must be a bool tensor (True keeps), got dtype {mask.dtype}; "
+            "convert with `mask != 0` if nonzero means kept"
+        )
+
+
+def _check_follow(pattern: Pattern, masks: Mapping[str, torch.Tensor]) -> None:
+    """Raise unless every mask follows ``pattern``, as :func:`sparsekit.load` checks a saved one.
+
+    A mask that keeps everything passes too: nothing is pruned yet (``GradualPruner``
+    declares its pattern before its first prune).
+    """
+    for n, m in masks.items():
+        pattern.check(m.shape, n)
+        if not pattern.is_valid(m) and not bool(m.all()):
+            raise ValueError(
+                f"mask for {n!r} does not follow pattern={str(pattern)!r}; prune with that "
+                "pattern, or pass the pattern the masks have (e.g. 'unstructured')"
+            )
 
 
 def after_gradients(fn: Callable[[], None]) -> Callable[..., object]:

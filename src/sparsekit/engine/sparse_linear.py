@@ -24,10 +24,12 @@ import math
 import torch
 from torch import nn
 
+from sparsekit._checks import ArgumentTypeError, check_int, check_optimizer
 from sparsekit.distributed import full, is_dtensor
 from sparsekit.engine import kernels
 from sparsekit.engine._moved import moved
 from sparsekit.engine.compiled_linear import dense_linear
+from sparsekit.masks import check_mask
 
 __all__ = ["SparseLinear"]
 
@@ -185,6 +187,14 @@ class SparseLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        check_int("in_features", in_features, minimum=0)
+        check_int("out_features", out_features, minimum=0)
+        if not isinstance(bias, bool):
+            raise ArgumentTypeError(f"bias must be a bool, got {bias!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ArgumentTypeError(
+                f"dtype must be a floating-point torch.dtype or None, got {dtype!r}"
+            )
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -277,6 +287,7 @@ class SparseLinear(nn.Module):
         """
         self._check_unsharded("set_structure")
         mask = self._check_mask(mask).to(self.values.device)
+        optimizer = check_optimizer(optimizer, optional=True)
         old, new = self._structure, _Structure.from_mask(mask)
         old_key = old.row.long() * self.in_features + old.col.long()
         new_key = new.row.long() * self.in_features + new.col.long()
@@ -401,11 +412,9 @@ class SparseLinear(nn.Module):
             )
 
     def _check_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        shape = (self.out_features, self.in_features)
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
-            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a tensor of shape {shape}, got {got}")
-        return mask.detach().to(torch.bool)
+        """``mask``, detached, once checked to be a bool ``(out_features, in_features)`` tensor."""
+        check_mask("mask", mask, (self.out_features, self.in_features))
+        return mask.detach()
 
     # -- compute ------------------------------------------------------------------------
 

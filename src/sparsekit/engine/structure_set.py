@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sparsekit._checks import check_optimizer
 from sparsekit.distributed import all_reduce_sum, check_same_on_ranks, rebuild_reducer, world_size
 from sparsekit.engine.sparse_linear import SparseLinear
+from sparsekit.masks import check_mask
 
 __all__ = ["StructureSet", "sparse_layers"]
 
@@ -136,11 +137,7 @@ class StructureSet:
             if n not in self.layers:
                 raise ValueError(f"masks has an entry {n!r} that is not a SparseLinear layer; "
                                  f"layers: {', '.join(self.layers)}")
-            if not isinstance(m, torch.Tensor) or m.shape != self.masks[n].shape:
-                got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
-                raise ValueError(
-                    f"mask for {n!r} has shape {got}, expected {tuple(self.masks[n].shape)}"
-                )
+            check_mask(f"masks[{n!r}]", m, self.masks[n].shape)  # before any layer changes
 
     def __repr__(self) -> str:
         return f"StructureSet({len(self.masks)} layers, sparsity={self.sparsity():.4f})"

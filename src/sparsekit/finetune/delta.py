@@ -36,8 +36,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsekit import checkpoint
-from sparsekit._checks import check_fraction
-from sparsekit.masks import MaskSet
+from sparsekit._checks import ArgumentTypeError, check_fraction
+from sparsekit.masks import MaskSet, check_mask
 from sparsekit.prune import compute_masks
 from sparsekit.targets import TargetSpec, resolve_targets
 
@@ -50,17 +50,38 @@ KIND = "sparse-delta"
 @dataclass(frozen=True)
 class Delta:
     """A sparse update of some weights: ``values[name]`` is zero wherever ``masks[name]``
-    is ``False``; names are the weights' parameter names in the base model."""
+    is ``False``; names are the weights' parameter names in the base model.
+
+    Both are checked here, so that :meth:`apply` changes exactly the entries the masks
+    keep and by finite amounts (:meth:`save` would refuse anything else, too late).
+    """
 
     values: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor]
 
     def __post_init__(self) -> None:
+        for arg, given in (("values", self.values), ("masks", self.masks)):
+            if not isinstance(given, Mapping):
+                raise ArgumentTypeError(
+                    f"{arg} must be a dict of parameter name -> tensor, got {type(given).__name__}"
+                )
         if set(self.values) != set(self.masks):
             raise ValueError("values and masks must name the same tensors")
         for n, v in self.values.items():
-            if self.masks[n].shape != v.shape or self.masks[n].dtype != torch.bool:
-                raise ValueError(f"masks[{n!r}] must be a bool tensor of shape {tuple(v.shape)}")
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                got = v.dtype if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ArgumentTypeError(
+                    f"values[{n!r}] must be a floating-point tensor, got {got}"
+                )
+            check_mask(f"masks[{n!r}]", self.masks[n], v.shape)
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"values[{n!r}] holds NaN or infinite entries")
+            outside = int(torch.count_nonzero(v[~self.masks[n]]))
+            if outside:
+                raise ValueError(
+                    f"values[{n!r}] is nonzero at {outside} entries where masks[{n!r}] is "
+                    "False; a delta changes only the entries its mask keeps"
+                )
 
     @property
     def nnz(self) -> int:
@@ -172,11 +193,12 @@ class DeltaTraining:
         return self
 
     def delta(self) -> Delta:
-        """A copy of the update trained so far, by the weights' names."""
-        params = self.masks.params
+        """A copy of the update trained so far, by the weights' names: zero outside the
+        support, also where ``Δ`` was written to directly rather than by the optimizer."""
+        params, masks = self.masks.params, self.masks.masks
         return Delta(
-            {n: params[d].detach().clone() for n, d in self._delta_names.items()},
-            {n: self.masks.masks[d].clone() for n, d in self._delta_names.items()},
+            {n: params[d].detach().masked_fill(~masks[d], 0) for n, d in self._delta_names.items()},
+            {n: masks[d].clone() for n, d in self._delta_names.items()},
         )
 
     def merge(self) -> nn.Module:
@@ -228,9 +250,14 @@ def masked_delta(
 def _check_support(model: nn.Module, support: Mapping[str, torch.Tensor]
                    ) -> dict[str, tuple[str, str]]:
     """``{name: (module name, attribute)}`` of each weight to train, after checking the
-    weights can take a delta: present, floating, shaped like their mask, not shared."""
+    weights can take a delta: present, floating, not shared, with a bool mask of their
+    shape."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(support, Mapping):
+        raise ArgumentTypeError(
+            f"support must be a dict of parameter name -> bool tensor, got {type(support).__name__}"
+        )
     for name in support:
         module_name, _, attr = name.rpartition(".")
         module = dict(model.named_modules()).get(module_name)
@@ -245,9 +272,7 @@ def _check_support(model: nn.Module, support: Mapping[str, torch.Tensor]
     sites = {}
     for name, mask in support.items():
         t = chosen[name]
-        if not isinstance(mask, torch.Tensor) or mask.shape != t.param.shape:
-            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask for {name!r} has shape {got}, expected {tuple(t.param.shape)}")
+        check_mask(f"support[{name!r}]", mask, t.param.shape)
         if uses[id(t.param)] > 1:
             raise ValueError(f"{name!r} is shared with another module (tied weights); a delta "
                              "on one of its owners would not reach the others: exclude it")
