@@ -359,3 +359,11 @@ def test_save_pretrained_refuses_an_infinite_weight_for_int8_and_keeps_the_earli
 def test_report_names_example_inputs_the_model_cannot_run():
     with pytest.raises(ValueError, match="example_inputs: the model cannot run on them"):
         sparsekit.report(mlp(), torch.randn(2, 7))
+
+
+def test_diff_counts_integer_changes_exactly():
+    """Compared as doubles, 2**62 + 1 and 2**62 counted as unchanged."""
+    a = {"step": torch.tensor([2**62, 5], dtype=torch.int64)}
+    b = {"step": torch.tensor([2**62 + 1, 5], dtype=torch.int64)}
+    assert sparsekit.diff(a, b).rows[0].changed == 1
+    assert sparsekit.diff(a, b, atol=2.0).rows[0].changed == 0
