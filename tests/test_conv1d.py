@@ -129,3 +129,15 @@ def test_save_pretrained_stores_the_tied_embedding_once(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(_ids()).logits, model(_ids()).logits,
                                    rtol=0, atol=0)
+
+
+def test_a_two_four_gpt2_saves_loads_and_reads(tmp_path):
+    """MaskSet and load check a Conv1D mask's pattern along its inputs (the weight is stored
+    (in, out)): a 2:4 GPT-2 failed both checks, which read the stored layout."""
+    model = _gpt2()
+    masks = sparsekit.prune(model, 0.5, pattern="2:4")
+    path = sparsekit.save(model, tmp_path / "gpt2.safetensors", masks)
+    loaded = sparsekit.load(_gpt2(), path)
+    assert loaded.pattern == "2:4"
+    assert all(torch.equal(loaded.masks[n], m) for n, m in masks.masks.items())
+    assert set(sparsekit.checkpoint.read(path).kept) >= set(masks.masks)

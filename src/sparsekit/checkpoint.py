@@ -34,8 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
-from sparsekit.masks import MaskSet
-from sparsekit.patterns import parse_pattern
+from sparsekit.masks import MaskSet, pattern_view
+from sparsekit.patterns import Pattern, parse_pattern
 
 FORMAT = "sparsekit"
 FORMAT_VERSION = "3"
@@ -195,7 +195,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
                 f"has {tuple(own[key].shape)} {own[key].dtype}"
             )
     _check_decodable(model.state_dict(), stored)
-    ckpt = _decode_all(stored)
+    ckpt = _decode_all(stored, model)
     model.load_state_dict(ckpt.state, strict=True)
     params = dict(model.named_parameters())
     # Saved with a MaskSet: exactly its masks. Saved without: every compressed parameter.
@@ -582,12 +582,12 @@ def _unpack(bits: torch.Tensor) -> torch.Tensor:
     return (bits.reshape(-1, 1) & _BITS).ne(0).flatten()
 
 
-def _decode_all(stored: _Stored) -> Checkpoint:
+def _decode_all(stored: _Stored, model: nn.Module | None = None) -> Checkpoint:
     """Decode every tensor of a checked file; raise ``ValueError`` on bad indices or masks
-    that do not follow the declared pattern."""
+    that do not follow the declared pattern (as ``model``'s parameters, if given)."""
     try:
         decoded = {k: _decode(k, info, stored.parts) for k, info in stored.infos.items()}
-        _check_pattern(stored.meta.get("pattern", "none"), stored.infos, decoded)
+        _check_pattern(stored.meta.get("pattern", "none"), stored.infos, decoded, model)
     except ValueError as err:
         raise ValueError(f"{stored.path}: {err}") from None
     state = {k: v for k, (v, _) in decoded.items()}
@@ -632,19 +632,38 @@ def _decode(
 
 
 def _check_pattern(spec: str, infos: dict[str, TensorInfo],
-                   decoded: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-    """Every saved mask follows the pattern the header declares (a known pattern)."""
+                   decoded: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+                   model: nn.Module | None) -> None:
+    """Every saved mask follows the pattern the header declares (a known pattern), seen as
+    the pattern sees ``model``'s parameter (:func:`~sparsekit.masks.pattern_view`: GPT-2's
+    ``Conv1D`` stores its weight ``(in, out)``). Without a model a 2-D mask may follow it
+    in either orientation: the file does not say which one its layer stores."""
     masked = [key for key, info in infos.items() if info.masked]
     if not masked:
         return
     pattern = parse_pattern(spec)
     for key in masked:
         mask = decoded[key][1]
-        if mask is not None:
-            pattern.check(torch.Size(infos[key].shape), key)
-            if not pattern.is_valid(mask):
-                raise ValueError(f"the mask of {key!r} does not follow the declared pattern "
-                                 f"{spec!r}")
+        if mask is None:
+            continue
+        if model is not None:
+            views = [pattern_view(model, key, mask)]
+            pattern.check(views[0].shape, key)
+        else:
+            views = [v for v in ((mask, mask.t()) if mask.dim() == 2 else (mask,))
+                     if _fits(pattern, v.shape, key)]
+        if not any(pattern.is_valid(view) for view in views):
+            raise ValueError(f"the mask of {key!r} does not follow the declared pattern "
+                             f"{spec!r}")
+
+
+def _fits(pattern: Pattern, shape: torch.Size, key: str) -> bool:
+    """Whether ``pattern`` applies to a tensor of ``shape`` at all."""
+    try:
+        pattern.check(shape, key)
+    except ValueError:
+        return False
+    return True
 
 
 # -- writing: deterministic bytes, atomic and durable ----------------------------------------

@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from sparsekit._checks import ArgumentTypeError, check_optimizer
 from sparsekit.distributed import check_same_on_ranks, is_sharded, local, shard_like
 from sparsekit.patterns import Pattern, parse_pattern
+from sparsekit.targets import stores_transposed
 
 
 @runtime_checkable
@@ -89,7 +90,7 @@ class MaskSet:
         params = dict(model.named_parameters())
         parsed = parse_pattern(pattern)
         self._check(masks, params)
-        _check_follow(parsed, masks)
+        _check_follow(parsed, masks, model)
         self.model = model
         self.pattern = str(parsed)
         self.masks: dict[str, torch.Tensor] = {
@@ -133,7 +134,7 @@ class MaskSet:
         self._check_not_removed("update")
         self._follow_replaced_params()
         self._check(masks, self.params, subset=True)
-        _check_follow(parse_pattern(self.pattern), masks)
+        _check_follow(parse_pattern(self.pattern), masks, self.model)
         with torch.no_grad():
             for n, new in masks.items():
                 new = new.to(device=self.masks[n].device, dtype=torch.bool, copy=True)
@@ -172,7 +173,7 @@ class MaskSet:
         masks = state["masks"]
         pattern = parse_pattern(state.get("pattern", self.pattern))
         self._check(masks, dict(self.model.named_parameters()))
-        _check_follow(pattern, masks)
+        _check_follow(pattern, masks, self.model)
         self._owners = {n: _owner(self.model, n) for n in masks}
         self.params = {n: module._parameters[attr] for n, (module, attr) in self._owners.items()}
         self.masks = {n: m.to(self.params[n].device, torch.bool) for n, m in masks.items()}
@@ -387,13 +388,24 @@ def check_mask(name: str, mask: object, shape: torch.Size | tuple[int, ...]) -> 
         )
 
 
-def _check_follow(pattern: Pattern, masks: Mapping[str, torch.Tensor]) -> None:
-    """Raise unless every mask follows ``pattern``, as :func:`sparsekit.load` checks a saved one.
+def pattern_view(model: nn.Module, name: str, mask: torch.Tensor) -> torch.Tensor:
+    """The mask of ``model``'s parameter ``name`` as patterns see it: ``(out, in)``, so the
+    weight of a module that stores it ``(in, out)`` (GPT-2's ``Conv1D``) is transposed."""
+    owner, _, attr = name.rpartition(".")
+    transposed = attr == "weight" and stores_transposed(model.get_submodule(owner))
+    return mask.t() if transposed else mask
+
+
+def _check_follow(pattern: Pattern, masks: Mapping[str, torch.Tensor],
+                  model: nn.Module) -> None:
+    """Raise unless every mask of ``model`` follows ``pattern`` (seen as the pattern sees
+    it, :func:`pattern_view`), as :func:`sparsekit.load` checks a saved one.
 
     A mask that keeps everything passes too: nothing is pruned yet (``GradualPruner``
     declares its pattern before its first prune).
     """
     for n, m in masks.items():
+        m = pattern_view(model, n, m)
         pattern.check(m.shape, n)
         if not pattern.is_valid(m) and not bool(m.all()):
             raise ValueError(
