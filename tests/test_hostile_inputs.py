@@ -367,3 +367,35 @@ def test_diff_counts_integer_changes_exactly():
     b = {"step": torch.tensor([2**62 + 1, 5], dtype=torch.int64)}
     assert sparsekit.diff(a, b).rows[0].changed == 1
     assert sparsekit.diff(a, b, atol=2.0).rows[0].changed == 0
+
+
+# -- ActivationSparseLinear built directly ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(threshold=float("nan")), "threshold must hold thresholds ≥ 0"),
+    (dict(threshold=torch.zeros(2, 16)), r"threshold must be a scalar or have in_features=32"),
+    (dict(bias=torch.ones(15)), r"bias must be None or of shape \(out_features=16,\)"),
+    (dict(weight=torch.ones(16, 32, dtype=torch.int8), scales=torch.full((16,), float("nan"))),
+     "scales must be positive and finite"),
+    (dict(weight=torch.ones(16, 32, dtype=torch.int8), scales=-torch.ones(16)),
+     "scales must be positive and finite"),
+])
+def test_activation_sparse_linear_checks_what_it_is_built_from(kwargs, match):
+    """A NaN threshold made one row return the bias alone, NaN or negative int8 scales NaN
+    or sign-flipped outputs, a (15,) bias failed at the first call."""
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    args = dict(weight=torch.randn(16, 32), bias=torch.randn(16), threshold=0.1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        ActivationSparseLinear(args.pop("weight"), args.pop("bias"), args.pop("threshold"),
+                               **args)
+
+
+@pytest.mark.parametrize("kernel", ["act_gemv", "act_sparse_gemv", "act_bitmap_gemv"])
+def test_activation_sparse_linear_takes_no_rows(kernel):
+    """Zero rows raised "stack expects a non-empty TensorList" without a prefill layer."""
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    layer = ActivationSparseLinear(torch.randn(16, 32), None, 0.1, kernel=kernel)
+    assert layer(torch.randn(0, 32)).shape == (0, 16)

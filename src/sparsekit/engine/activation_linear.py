@@ -260,11 +260,17 @@ class ActivationSparseLinear(BoundArguments):
         self.out_features, self.in_features = weight.shape
         dtype = _check_storage(weight, scales, dtype)
         threshold = torch.as_tensor(threshold, dtype=torch.float32).detach()
-        if threshold.numel() not in (1, self.in_features):
+        if threshold.dim() > 1 or threshold.numel() not in (1, self.in_features):
             raise ValueError(
                 f"threshold must be a scalar or have in_features={self.in_features} values, "
                 f"got shape {tuple(threshold.shape)}"
             )
+        check_threshold("threshold", threshold.reshape(-1))
+        if bias is not None and (not isinstance(bias, torch.Tensor)
+                                 or bias.shape != (self.out_features,)):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be None or of shape (out_features={self.out_features},)"
+                             f", got {got}")
         if threads is not None:
             check_int("threads", threads, minimum=1)
         if kernel not in KERNELS:
@@ -408,6 +414,8 @@ class ActivationSparseLinear(BoundArguments):
         if self.kernel == "act_gemv":
             return F.linear(x, self._weight(self.weight_t.t(), x.dtype), self._bias(x))
         rows = [self._gemv(row) for row in x.reshape(-1, self.in_features)]
+        if not rows:  # no rows at all
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         return torch.stack(rows).view(*x.shape[:-1], self.out_features)
 
     def _sparsify(self, x: torch.Tensor) -> torch.Tensor:
@@ -628,6 +636,9 @@ def _check_storage(weight: torch.Tensor, scales: torch.Tensor | None,
                 f"int8 weight needs float scales of shape ({weight.shape[0]},), got "
                 f"{None if scales is None else tuple(scales.shape)}"
             )
+        if not bool((scales.isfinite() & (scales > 0)).all()):  # NaN or sign-flipped outputs
+            raise ValueError("scales must be positive and finite, got a zero, negative, NaN or "
+                             "infinite one")
         dtype = torch.float32 if dtype is None else dtype
     elif scales is not None:
         raise ValueError(f"scales are for int8 weights only, got a {weight.dtype} weight")
