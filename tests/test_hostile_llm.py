@@ -16,7 +16,9 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from sparsekit import llm  # noqa: E402
+from sparsekit._checks import ArgumentTypeError  # noqa: E402
 from sparsekit.blocks import find_blocks  # noqa: E402
+from sparsekit.patterns import parse_pattern  # noqa: E402
 
 VOCAB, CONTEXT = 256, 64
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -95,6 +97,26 @@ def test_perplexity_rejects_ids_outside_the_vocabulary():
 def test_perplexity_options_are_checked(kwargs, param):
     with pytest.raises(ValueError, match=param):
         llm.perplexity(llama(), tokens().reshape(-1), **kwargs)
+
+
+@pytest.mark.parametrize("ids", [tokens().reshape(-1).float() + 0.7, tokens().reshape(-1) > 9,
+                                 tokens().reshape(-1).to(torch.complex64)],
+                         ids=["float", "bool", "complex"])
+def test_perplexity_refuses_token_tensors_that_are_not_integers(ids):
+    # Before: .long() scored 3.7 as token 3, and bools as tokens 0 and 1.
+    with pytest.raises(ArgumentTypeError, match=rf"tokens_or_text tensor .*integer.*{ids.dtype}"):
+        llm.perplexity(llama(), ids, seqlen=16)
+
+
+def test_perplexity_refuses_seqlen_past_the_context():
+    # GPT-2's context is config.n_positions; past it the position embedding raised IndexError.
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=1, n_head=4)).eval()
+    with pytest.raises(ValueError) as err:
+        llm.perplexity(model, torch.randint(0, VOCAB, (100,)), seqlen=64)
+    message = str(err.value)
+    assert all(p in message for p in ["seqlen 64", "context of 32", "2 to 32"]), message
+    assert "None" not in message  # perplexity has no default seqlen
 
 
 def test_vocab_size_and_token_id_check():
@@ -193,3 +215,120 @@ def test_non_finite_new_weights_are_refused_before_their_block_is_written(monkey
         llm.prune(model, tokens(), method="sparsegpt")
     assert len(calls) == 3
     assert unchanged(model, before)
+
+
+# -- sparsegpt_prune's arguments -----------------------------------------------------------
+
+
+def layer_problem() -> tuple[torch.Tensor, torch.Tensor]:
+    """A (8, 16) weight and the Hessian of 64 random inputs."""
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(8, 16, generator=g), torch.randn(64, 16, generator=g)
+    return W, 2 * X.t() @ X
+
+
+def with_nan(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[3] = float("nan")
+    return t
+
+
+W0, H0 = layer_problem()
+SPARSEGPT_ARGUMENTS = [
+    # name, W, H, kwargs, error type, phrases the message must hold
+    ("N:M groups straddling blocks", W0, H0, dict(pattern="2:4", blocksize=6), ValueError,
+     ["blocksize", "multiple of 4", "6"]),
+    ("negative blocksize", W0, H0, dict(blocksize=-4), ValueError, ["blocksize", "≥ 1", "-4"]),
+    ("zero blocksize", W0, H0, dict(blocksize=0), ValueError, ["blocksize", "0"]),
+    ("fractional blocksize", W0, H0, dict(blocksize=4.0), ArgumentTypeError,
+     ["blocksize", "4.0"]),
+    ("columns not a multiple of M", W0, H0, dict(pattern="2:3"), ValueError,
+     ["'2:3'", "'W'", "multiple of 3", "16 inputs"]),
+    ("bool sparsity", W0, H0, dict(sparsity=True), ArgumentTypeError, ["sparsity", "True"]),
+    ("sparsity past 1", W0, H0, dict(sparsity=1.5), ValueError, ["sparsity", "[0, 1)", "1.5"]),
+    ("Hessian of the wrong shape", W0, torch.eye(8), {}, ValueError,
+     ["H must be", "(16, 16)", "(8, 8)"]),
+    ("1-D weight", W0[0], H0, {}, ValueError, ["W must be", "2-D", "(16,)"]),
+    ("weight not a tensor", W0.tolist(), H0, {}, ArgumentTypeError, ["W", "Tensor", "list"]),
+    ("negative percdamp", W0, H0, dict(percdamp=-1.0), ValueError, ["percdamp", "-1.0"]),
+    ("NaN percdamp", W0, H0, dict(percdamp=float("nan")), ValueError, ["percdamp", "nan"]),
+    ("NaN in W", with_nan(W0), H0, {}, ValueError, ["W holds non-finite", "finite"]),
+    ("inf in H", W0, H0.masked_fill(torch.eye(16, dtype=torch.bool), float("inf")), {},
+     ValueError, ["H holds non-finite"]),
+    ("NaN scales", W0, H0, dict(scales=with_nan(torch.ones(8))), ValueError,
+     ["scales holds non-finite"]),
+]
+
+
+@pytest.mark.parametrize("W, H, kwargs, error, phrases", [c[1:] for c in SPARSEGPT_ARGUMENTS],
+                         ids=[c[0] for c in SPARSEGPT_ARGUMENTS])
+def test_sparsegpt_prune_checks_every_argument(W, H, kwargs, error, phrases):
+    kwargs = {"sparsity": 0.5, **kwargs}
+    with pytest.raises(error) as err:
+        llm.sparsegpt_prune(W, H, **kwargs)
+    assert all(p in str(err.value) for p in phrases), str(err.value)
+
+
+@pytest.mark.parametrize("pattern, blocksize", [("2:4", 8), ("2:4", None), ("1:3", None)])
+def test_sparsegpt_nm_masks_are_valid_across_block_edges(pattern, blocksize):
+    # The default block (128 columns) rounds up to whole groups: 129 for 1:3.
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(4, 264, generator=g), torch.randn(300, 264, generator=g)
+    pat = parse_pattern(pattern)
+    _, keep = llm.sparsegpt_prune(W, 2 * X.t() @ X, 0.0, pattern, blocksize=blocksize)
+    assert (keep.reshape(-1, pat.m).sum(1) == pat.n).all()
+
+
+# -- llm.prune's other arguments, all checked before block 0 --------------------------------
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+PRUNE_ARGUMENTS = [
+    # kwargs, error type, phrases the message must hold
+    pytest.param(dict(progress=3), ArgumentTypeError, ["progress", "callable", "3"],
+                 id="progress not callable"),
+    pytest.param(dict(device="cuda"), ValueError, ["device 'cuda'", "not available", "accepted"],
+                 id="cuda on a CPU-only build", marks=NO_CUDA),
+    pytest.param(dict(device="cuda:99"), ValueError, ["device 'cuda:99'", "accepted"],
+                 id="no such GPU"),
+    pytest.param(dict(device="bogus"), ValueError, ["device 'bogus'", "accepted"],
+                 id="unknown device"),
+    pytest.param(dict(device="meta"), ValueError, ["device 'meta'", "no values"],
+                 id="meta device"),
+    pytest.param(dict(device=1.5), ArgumentTypeError, ["device", "torch.device", "1.5"],
+                 id="device a float"),
+    pytest.param(dict(targets=[]), ValueError, ["targets=[]", "matches no layer"],
+                 id="empty targets"),
+    pytest.param(dict(targets=[nn.Embedding]), ValueError,
+                 ["targets", "model.embed_tokens.weight", "not the weight of a Linear layer"],
+                 id="targets not Linear"),
+    pytest.param(dict(exclude=3), TypeError, ["exclude"], id="exclude an int"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, phrases", PRUNE_ARGUMENTS)
+def test_prune_checks_every_argument_before_block_0(kwargs, error, phrases):
+    # Before: progress=3 pruned block 0 and then raised; devices failed with a bare
+    # AssertionError or RuntimeError; targets=[] blamed the default exclude 'lm_head'.
+    model = llama()
+    before = state(model)
+    with pytest.raises(error) as err:
+        llm.prune(model, tokens(), **kwargs)
+    assert all(p in str(err.value) for p in phrases), str(err.value)
+    assert unchanged(model, before)
+
+
+def test_prune_refuses_a_model_that_is_not_a_module():
+    with pytest.raises(ArgumentTypeError, match="model must be an nn.Module.*NoneType"):
+        llm.prune(None, tokens())
+
+
+def test_prune_takes_a_string_exclude_as_one_entry():
+    # Before: exclude="*mlp*" was split into the entries '*', 'm', 'l', 'p', '*'.
+    masks = llm.prune(llama(), tokens(), exclude="*mlp*")
+    assert masks.masks and not any("mlp" in name for name in masks.masks)
+
+
+def test_prune_drops_the_default_exclude_when_targets_name_other_layers():
+    # Before: 'lm_head', excluded by default, matched none of these targets: an error.
+    masks = llm.prune(llama(), tokens(), targets=["model.layers.0.mlp.up_proj"])
+    assert list(masks.masks) == ["model.layers.0.mlp.up_proj.weight"]

@@ -170,9 +170,9 @@ def test_objective_of_a_transcoder_needs_its_target():
                                                 "or None, got torch.int64"),
     ({"dtype": torch.bool}, ArgumentTypeError, "dtype must be a floating-point"),
     ({"dtype": "float32"}, ArgumentTypeError, "dtype must be a floating-point"),
-    ({"device": "nope"}, ValueError, "device: no device 'nope' here"),
-    ({"device": 1.5}, ArgumentTypeError, "device must be a torch.device, a str, an int or "
-                                         "None, got 1.5"),
+    ({"device": "nope"}, ValueError, "device 'nope' is not available here"),
+    ({"device": 1.5}, ArgumentTypeError, "device must be None, a str, an int or a "
+                                         "torch.device, got 1.5"),
     ({"seed": 1.5}, ArgumentTypeError, "seed must be an int, got 1.5"),
     ({"seed": True}, ArgumentTypeError, "seed must be an int, got True"),
     ({"seed": "x"}, ArgumentTypeError, "seed must be an int, got 'x'"),

@@ -66,6 +66,25 @@ def check_fraction(name: str, value: Any, *, zero: bool = True, one: bool = Fals
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
+def check_device(device: Any) -> torch.device | None:
+    """``device`` (``None``, a str, an int or a ``torch.device``) as a ``torch.device`` once a
+    tensor can be allocated there (``None`` stays ``None``): an unknown name otherwise fails
+    later with a bare ``RuntimeError``, CUDA on a build without it with an
+    ``AssertionError``."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ArgumentTypeError(f"device must be None, a str, an int or a torch.device, got "
+                                f"{device!r}")
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"device {device!r} is not available here ({e}); accepted: None, "
+                         "'cpu' or an accelerator this machine has ('cuda', 'cuda:1')") from e
+    return dev
+
+
 _MAX_WRAPPERS = 8  # wrappers of wrappers of an optimizer; a cycle ends here too
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparsekit.blocks import layer_types
-from sparsekit.targets import TargetSpec, resolve_targets, stores_transposed
+from sparsekit.targets import TargetSpec, _as_list, resolve_targets, stores_transposed
 
 DEFAULT_EXCLUDE = ("lm_head",)
 
@@ -56,23 +56,28 @@ def block_layers(
     model: nn.Module,
     blocks: nn.ModuleList,
     targets: TargetSpec | Sequence[TargetSpec] | None,
-    exclude: Iterable[str],
+    exclude: str | Iterable[str],
 ) -> list[list[Layer]]:
     """The targeted linear layers of each block (layers outside the blocks stay dense).
 
-    The default exclusion ``"lm_head"`` is dropped for models that have no such module;
-    any other ``exclude`` entry must match a targeted layer.
+    ``targets`` and ``exclude`` are read as :func:`~sparsekit.targets.resolve_targets`
+    reads them (a single string is one entry). The default exclusion ``"lm_head"`` is
+    dropped when it matches no targeted layer (the model has none, or ``targets`` names
+    other layers); any other ``exclude`` entry must match a targeted layer.
     """
     explicit = targets is not None
-    module_names = [n for n, _ in model.named_modules()]
-    exclude = [
-        e for e in exclude
-        if e not in DEFAULT_EXCLUDE or any(fnmatch.fnmatchcase(n, e) for n in module_names)
-    ]
     if targets is None:
         targets = [t for t in layer_types() if any(isinstance(m, t) for m in model.modules())]
         if not targets:
             raise ValueError(f"model: {type(model).__name__} has no Linear layers to prune")
+    elif not _as_list(targets, "targets"):
+        raise ValueError(f"targets={targets!r} matches no layer; accepted: None (every Linear "
+                         "layer of the blocks), or module types, names or globs")
+    targeted = [t.module_name for t in resolve_targets(model, targets)]
+    exclude = [
+        e for e in _as_list(exclude, "exclude") or []
+        if e not in DEFAULT_EXCLUDE or any(fnmatch.fnmatchcase(n, e) for n in targeted)
+    ]
     chosen = resolve_targets(model, targets, exclude)
     owner = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
     per_block: list[list[Layer]] = [[] for _ in blocks]

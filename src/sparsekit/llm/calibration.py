@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.distributed import check_same_on_ranks, rank_slice, world_size
 
 Calibration = torch.Tensor | list[str] | str | os.PathLike
@@ -39,11 +39,11 @@ def calibration_tokens(
         check_int("seqlen", seqlen, minimum=1)
     check_int("seed", seed)
     if isinstance(calibration, torch.Tensor):
-        if calibration.dtype.is_floating_point or calibration.dtype == torch.bool \
-                or calibration.dim() not in (1, 2):
+        check_token_dtype(calibration)
+        if calibration.dim() not in (1, 2):
             raise ValueError(
-                "calibration tensor must hold token ids, shape (N, L) or (L,), got "
-                f"{calibration.dtype} {tuple(calibration.shape)}"
+                "calibration tensor of token ids must have shape (N, L) or (L,), got "
+                f"{tuple(calibration.shape)}"
             )
         if calibration.dim() == 2:
             if calibration.numel() == 0:
@@ -58,6 +58,16 @@ def calibration_tokens(
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seqlen + 1, (nsamples,), generator=gen)
     return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
+
+
+def check_token_dtype(ids: torch.Tensor, param: str = "calibration") -> None:
+    """Raise unless the tensor ``ids`` holds integers: ``.long()`` would silently truncate
+    float ids (3.7 to 3) and turn bools into ids 0 and 1."""
+    dtype = ids.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ArgumentTypeError(
+            f"{param} tensor must hold token ids, an integer dtype (torch.long), got {dtype}"
+        )
 
 
 def rank_share(tokens: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ from torch import nn
 
 from sparsekit._checks import check_int
 from sparsekit.blocks import home_device
-from sparsekit.llm.calibration import check_token_ids, tokenize
+from sparsekit.llm.calibration import check_token_dtype, check_token_ids, tokenize
+from sparsekit.llm.prune import check_seqlen
 from sparsekit.observe import preserved
 
 
@@ -31,14 +32,16 @@ def perplexity(
     Windows of ``seqlen`` tokens start every ``stride`` tokens (default ``seqlen``:
     disjoint windows); each token is scored once, in the first window that reaches it, with
     the context that window gives (the sliding-window evaluation of the HF docs).
+    ``seqlen`` may not exceed the model's context; a token tensor must hold integer ids.
     """
-    check_int("seqlen", seqlen, minimum=2)
+    check_seqlen(model, seqlen, minimum=2, default=False)
     stride = seqlen if stride is None else stride
     check_int("stride", stride, minimum=1)
     if stride > seqlen:
         raise ValueError(f"stride must be an int in [1, seqlen={seqlen}], got {stride!r}")
     check_int("batch_size", batch_size, minimum=1)
     if isinstance(tokens_or_text, torch.Tensor):
+        check_token_dtype(tokens_or_text, "tokens_or_text")
         ids = tokens_or_text.reshape(-1).long()
     else:
         ids = tokenize(tokens_or_text, tokenizer, "tokens_or_text")

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import ArgumentTypeError, check_device, check_int
 from sparsekit.allocation import outlier_ratio, owl_sparsities
 from sparsekit.blocks import BlockCall, capture_inputs, find_blocks
 from sparsekit.distributed import all_reduce_sum, check_same_on_ranks
@@ -78,7 +78,7 @@ def prune(
     seqlen: int | None = None,
     tokenizer: Any = None,
     targets: TargetSpec | Sequence[TargetSpec] | None = None,
-    exclude: Iterable[str] = DEFAULT_EXCLUDE,
+    exclude: str | Iterable[str] = DEFAULT_EXCLUDE,
     device: str | torch.device | None = None,
     seed: int = 0,
     batch_size: int = 8,
@@ -94,9 +94,11 @@ def prune(
     list of strings or a text file (then pass ``tokenizer``), see
     :func:`~sparsekit.llm.calibration.calibration_tokens`; its ids must be ones the model
     embeds. ``seqlen`` defaults to the model's context length (at most 2048) and may not
-    exceed it. With ``device``, each block is moved there while it is pruned,
-    ``batch_size`` calibration windows at a time. ``progress(done, total)`` is called
-    after each block is pruned. Non-finite weights or activations are a ``ValueError``
+    exceed it. ``targets`` and ``exclude`` choose the layers as in :func:`sparsekit.prune`
+    (a string is one entry); by default every Linear layer of the transformer blocks.
+    With ``device``, each block is moved there while it is pruned, ``batch_size``
+    calibration windows at a time. ``progress(done, total)`` is called after each block is
+    pruned. Non-finite weights or activations are a ``ValueError``
     (see the module's notes).
 
     ``quantize="int8"`` rounds the kept weights of every pruned layer to a symmetric int8
@@ -108,7 +110,18 @@ def prune(
     calibrates on its share of the windows (their number must be a multiple of the number
     of ranks), the statistics are summed over the ranks, and every rank ends with the same
     pruned model and masks (see the module's notes).
+
+    Every argument is checked before the first weight changes: a bad one is a
+    ``ValueError`` (an :class:`~sparsekit._checks.ArgumentTypeError` for a wrong type)
+    naming it, and the model is left as it was.
     """
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be an nn.Module (a transformers model), got "
+                                f"{type(model).__name__}")
+    if progress is not None and not callable(progress):
+        raise ArgumentTypeError(f"progress must be None or a callable progress(done, total), "
+                                f"got {progress!r}")
+    dev = _check_device(device)
     check_quantize(quantize)
     spec = METHODS.get(method)
     pat = check_options(sparsity, pattern, allocation)
@@ -137,7 +150,6 @@ def prune(
     check_token_ids(tokens, model)
     _check_finite_parameters(model, blocks)
     tokens = share
-    dev = torch.device(device) if device is not None else None
 
     def run(need: Method, report: Progress | None = None
             ) -> Iterator[tuple[int, dict[str, InputStats]]]:
@@ -187,6 +199,16 @@ def check_options(sparsity: float, pattern: str | Pattern, allocation: str) -> P
             raise ValueError(f"sparsity {sparsity} exceeds what pattern {pat.spec!r} "
                              f"gives ({1 - pat.n / pat.m:g}); N:M masks keep exactly N of M")
     return pat
+
+
+def _check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` that holds real tensors here (``None`` stays: each
+    block runs where it is); ``"meta"`` has no values to calibrate on."""
+    dev = check_device(device)
+    if dev is not None and dev.type == "meta":
+        raise ValueError(f"device {device!r} holds no values to calibrate on; accepted: None, "
+                         "'cpu' or an accelerator this machine has ('cuda', 'cuda:1')")
+    return dev
 
 
 def _sequential(
@@ -246,18 +268,22 @@ def max_positions(model: nn.Module) -> int | None:
     return length if isinstance(length, int) and length > 0 else None
 
 
-def check_seqlen(model: nn.Module, seqlen: int | None) -> int:
-    """``seqlen``, validated against ``model``'s context; ``None`` gives the default,
-    :func:`context_length`."""
-    if seqlen is None:
+def check_seqlen(
+    model: nn.Module, seqlen: int | None, *, minimum: int = 1, default: bool = True
+) -> int:
+    """``seqlen``, validated: an int from ``minimum`` to ``model``'s context (past it, the
+    position embeddings fail with a bare ``IndexError``), or, when ``default``, ``None``
+    for :func:`context_length`."""
+    if default and seqlen is None:
         return context_length(model)
-    check_int("seqlen", seqlen, minimum=1)
+    check_int("seqlen", seqlen, minimum=minimum)
     limit = max_positions(model)
     if limit is not None and seqlen > limit:
+        none = f", or None for {context_length(model)}" if default else ""
         raise ValueError(
             f"seqlen {seqlen} exceeds the model's context of {limit} tokens "
-            f"(config.max_position_embeddings); accepted: 1 to {limit}, or None for "
-            f"{context_length(model)}"
+            f"(config.max_position_embeddings or n_positions); accepted: {minimum} to "
+            f"{limit}{none}"
         )
     return seqlen
 

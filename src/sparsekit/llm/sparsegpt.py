@@ -13,10 +13,17 @@ the columns still to come; the result lies exactly on the grid.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from sparsekit._checks import ArgumentTypeError, check_fraction, check_int, check_positive
 from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from sparsekit.quantize import fake_quantize
+
+BLOCKSIZE = 128
+"""Columns swept per block by default (the reference code's), rounded up to a multiple of M
+for N:M patterns."""
 
 
 def sparsegpt_prune(
@@ -24,7 +31,7 @@ def sparsegpt_prune(
     H: torch.Tensor,
     sparsity: float,
     pattern: str | Pattern = "unstructured",
-    blocksize: int = 128,
+    blocksize: int | None = None,
     percdamp: float = 0.01,
     scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,16 +44,17 @@ def sparsegpt_prune(
     passes the :func:`~sparsekit.quantize.int8_scales` of the unquantized result) the kept
     weights are rounded to that int8 grid inside the sweep (joint mode): the returned
     weights are ``dequantize_int8(codes, scales)`` exactly.
+
+    The columns are swept ``blocksize`` at a time (default :data:`BLOCKSIZE`); for N:M
+    patterns it must be a multiple of M, so that no group of M straddles two blocks, and
+    the number of columns must be one too. Every argument is checked first (a ``ValueError``
+    naming it, an :class:`~sparsekit._checks.ArgumentTypeError` for a wrong type): ``W``,
+    ``H`` and ``scales`` must be finite, ``sparsity`` in [0, 1), ``percdamp`` positive.
     """
-    pat = parse_pattern(pattern)
-    if not isinstance(pat, (Unstructured, NM)):
-        raise ValueError(f"pattern {pat.spec!r}: SparseGPT supports 'unstructured' and N:M")
+    pat, blocksize = _check_arguments(W, H, sparsity, pattern, blocksize, percdamp, scales)
     W = W.detach().float().clone(memory_format=torch.contiguous_format)
     H = H.detach().float().clone(memory_format=torch.contiguous_format)
     rows, cols = W.shape
-    if scales is not None and (tuple(scales.shape) != (rows,) or not scales.is_floating_point()):
-        raise ValueError(f"scales must be floating of shape ({rows},) (one per row of W), "
-                         f"got {scales.dtype} {tuple(scales.shape)}")
 
     dead = torch.diag(H) == 0  # inputs that are always zero: their weights are free to prune
     H[dead, dead] = 1
@@ -83,3 +91,48 @@ def sparsegpt_prune(
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= err @ Hinv[i1:i2, i2:]
     return W.masked_fill(pruned, 0), ~pruned
+
+
+def _check_arguments(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    pattern: str | Pattern,
+    blocksize: int | None,
+    percdamp: float,
+    scales: torch.Tensor | None,
+) -> tuple[Unstructured | NM, int]:
+    """The parsed pattern and the block size, once every argument of :func:`sparsegpt_prune`
+    is checked; unchecked, bad values fail late and obscurely (a bare ``IndexError`` or
+    Cholesky error) or, worse, give a wrong mask (N:M groups cut at block edges, a block
+    size below 1 pruning nothing) or NaN weights."""
+    pat = parse_pattern(pattern)
+    if not isinstance(pat, (Unstructured, NM)):
+        raise ValueError(f"pattern {pat.spec!r}: SparseGPT supports 'unstructured' and N:M")
+    check_fraction("sparsity", sparsity)
+    check_positive("percdamp", percdamp)
+    for name, t in (("W", W), ("H", H), ("scales", scales)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if W.dim() != 2:
+        raise ValueError(f"W must be a 2-D (out, in) weight, got shape {tuple(W.shape)}")
+    rows, cols = W.shape
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(f"H must be the ({cols}, {cols}) Hessian of W's {cols} inputs, got "
+                         f"shape {tuple(H.shape)}")
+    if scales is not None and (tuple(scales.shape) != (rows,) or not scales.is_floating_point()):
+        raise ValueError(f"scales must be floating of shape ({rows},) (one per row of W), "
+                         f"got {scales.dtype} {tuple(scales.shape)}")
+    pat.check(W.shape, "W")
+    for name, t in (("W", W), ("H", H), ("scales", scales)):
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"{name} holds non-finite values (NaN or inf); accepted: finite "
+                             "values only (they would make every updated weight NaN)")
+    if blocksize is None:  # whole groups of M per block
+        return pat, (math.ceil(BLOCKSIZE / pat.m) * pat.m if isinstance(pat, NM) else BLOCKSIZE)
+    check_int("blocksize", blocksize, minimum=1)
+    if isinstance(pat, NM) and blocksize % pat.m:
+        raise ValueError(f"blocksize must be a multiple of {pat.m} for pattern {pat.spec!r} "
+                         f"(a group of {pat.m} columns may not straddle two blocks), got "
+                         f"{blocksize!r}")
+    return pat, blocksize

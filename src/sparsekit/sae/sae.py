@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_positive
+from sparsekit._checks import ArgumentTypeError, check_device, check_int, check_positive
 from sparsekit.engine import kernels
 from sparsekit.sae.activations import ACTIVATIONS, select_topk
 
@@ -117,7 +117,7 @@ class SAE(nn.Module):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ArgumentTypeError(f"dtype must be a floating-point torch.dtype or None, got "
                                     f"{dtype!r}")
-        _check_device(device)
+        check_device(device)
 
         self.d_in, self.n_latents, self.d_out = d_in, n_latents, d_out
         self.activation = activation
@@ -334,19 +334,6 @@ class SAE(nn.Module):
         nest = f", matryoshka={list(self.matryoshka)}" if self.matryoshka else ""
         return (f"{kind}, d_in={self.d_in}, n_latents={self.n_latents}, d_out={self.d_out}, "
                 f"activation={self.activation!r}{k}{nest}")
-
-
-def _check_device(device: Any) -> None:
-    """Raise unless ``device`` is None or names a device this PyTorch can allocate on."""
-    if device is None:
-        return
-    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
-        raise ArgumentTypeError(f"device must be a torch.device, a str, an int or None, got "
-                                f"{device!r}")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:  # unparsable; CUDA absent asserts
-        raise ValueError(f"device: no device {device!r} here: {e}") from e
 
 
 def _nonzeros(z: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
