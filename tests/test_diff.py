@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import sparsekit
@@ -154,6 +155,53 @@ def test_bad_sources_are_refused(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError):
         sparsekit.diff(a, tmp_path / "junk.safetensors")
+
+
+def _hf_dir(path, index: object, **shards: dict[str, torch.Tensor]):
+    """A Hugging Face-style directory: ``index`` as model.safetensors.index.json, shards."""
+    path.mkdir()
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name, tensors in shards.items():
+        save_file(tensors, str(path / name))
+    return path
+
+
+def test_corrupt_hugging_face_weights_are_refused_naming_the_file(tmp_path):
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{}garbage")
+    with pytest.raises(ValueError, match=r"corrupt/model\.safetensors is not a readable"):
+        sparsekit.diff(tmp_path / "corrupt", {"w": torch.ones(2)})
+
+
+@pytest.mark.parametrize("index, match", [
+    ({}, "must hold a 'weight_map'.*got none"),
+    ({"weight_map": ["w"]}, "must hold a 'weight_map'.*got a list"),
+    ({"weight_map": {"w": 3}}, r"the shard of \['w'\] is not a file name"),
+    ({"weight_map": {"w": "gone.safetensors"}}, "names shard 'gone.safetensors', which is not"),
+    ({"weight_map": {"w": "../outside.safetensors"}}, "shard '../outside.safetensors' outside"),
+    ({"weight_map": {"w": "s.safetensors", "b": "s.safetensors"}}, r"maps \['b'\] to shards"),
+])
+def test_bad_hugging_face_indexes_are_refused(tmp_path, index, match):
+    save_file({"w": torch.ones(2)}, str(tmp_path / "outside.safetensors"))
+    path = _hf_dir(tmp_path / "hf", index, **{"s.safetensors": {"w": torch.ones(2)}})
+    with pytest.raises(ValueError, match=rf"b: '.*model\.safetensors\.index\.json'.*{match}"):
+        sparsekit.diff({"w": torch.ones(2)}, path)
+
+
+def test_absolute_shard_paths_are_refused(tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    path = _hf_dir(tmp_path / "hf", {"weight_map": {"w": str(outside)}})
+    with pytest.raises(ValueError, match="outside its directory"):
+        sparsekit.diff({"w": torch.ones(2)}, path)
+
+
+def test_a_tensor_in_two_shards_comes_from_the_one_the_weight_map_names(tmp_path):
+    index = {"weight_map": {"w": "s1.safetensors", "b": "s2.safetensors"}}
+    path = _hf_dir(tmp_path / "hf", index, **{"s1.safetensors": {"w": torch.zeros(2)},
+                                              "s2.safetensors": {"w": torch.ones(2),
+                                                                 "b": torch.ones(1)}})
+    result = sparsekit.diff(path, {"w": torch.zeros(2), "b": torch.ones(1)})
+    assert result.totals["changed"] == 0
 
 
 @pytest.mark.parametrize("atol, error", [(-1.0, ValueError), (math.nan, ValueError),

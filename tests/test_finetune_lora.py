@@ -1,6 +1,7 @@
 """LoRA on a pruned model: every merge keeps the zeros of the base."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekit
+from sparsekit._checks import ArgumentTypeError
 
 peft = pytest.importorskip("peft")
 from sparsekit.finetune import merge_lora, sparse_lora  # noqa: E402
@@ -170,6 +172,50 @@ def test_dora_is_refused():
     with pytest.raises(ValueError, match="use_dora"):
         sparse_lora(model, peft.LoraConfig(r=2, target_modules=["0"], use_dora=True), masks)
     assert _unchanged(model, state)
+
+
+def _drifted(seed: int) -> tuple[nn.Module, sparsekit.MaskSet, dict[str, torch.Tensor]]:
+    """A pruned model whose pruned weights drifted off zero, with its state."""
+    model, masks = _pruned(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    return model, masks, copy.deepcopy(model.state_dict())
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    ({"r": 2.5}, ArgumentTypeError, "config.r must be an int ≥ 1, got 2.5"),
+    ({"r": True}, ArgumentTypeError, "config.r must be an int ≥ 1, got True"),
+    ({"r": 0}, ValueError, "config.r must be an int ≥ 1, got 0"),
+    ({"lora_alpha": math.nan}, ValueError, "config.lora_alpha must be a positive finite"),
+    ({"lora_alpha": math.inf}, ValueError, "config.lora_alpha must be a positive finite"),
+    ({"lora_alpha": 0}, ValueError, "config.lora_alpha must be a positive finite"),
+    ({"rank_pattern": {"0": 1.5}}, ArgumentTypeError, r"config.rank_pattern\['0'\]"),
+    ({"alpha_pattern": {"2": math.nan}}, ValueError, r"config.alpha_pattern\['2'\]"),
+])
+def test_bad_ranks_and_scales_are_refused(kw, error, match):
+    model, masks, state = _drifted(13)
+    with pytest.raises(error, match=match):
+        sparse_lora(model, peft.LoraConfig(**{"r": 2, "target_modules": ["0", "2"], **kw}),
+                    masks)
+    assert _unchanged(model, state)
+
+
+@pytest.mark.parametrize("targets", [["nothere"], ["0", "1"]])  # "1" is a ReLU
+def test_targets_peft_refuses_leave_the_model_as_it_came(targets):
+    model, masks, state = _drifted(14)
+    layers = list(model)
+    with pytest.raises(ValueError, match="[Tt]arget module"):  # peft's own message
+        sparse_lora(model, peft.LoraConfig(r=2, target_modules=targets), masks)
+    assert _unchanged(model, state)  # the drifted weights are not masked yet
+    assert list(model) == layers  # "0", wrapped before "1" failed, is put back
+
+
+def test_masks_are_applied_once_the_adapters_are_in_place():
+    model, masks, _ = _drifted(15)
+    lora = sparse_lora(model, _config(), masks)
+    assert _zeros_kept(lora.get_base_model(), {
+        n.replace(".weight", ".base_layer.weight"): m for n, m in masks.masks.items()})
 
 
 def test_a_sparse_conv_base_is_refused_and_the_model_restored():

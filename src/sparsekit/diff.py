@@ -5,8 +5,9 @@ the table says, per tensor, how many entries changed, the update's density and i
 relative to the tensor, ``‖b − a‖ / ‖a‖``. ``a`` and ``b`` may each be a model, a state
 dict, a :func:`sparsekit.save` file (or any safetensors file), a
 :func:`sparsekit.save_pretrained` directory or a Hugging Face directory
-(``model.safetensors``, sharded or not). Tensors are compared by name; the two sides must
-hold the same names and shapes (dtypes may differ: values are compared in float64).
+(``model.safetensors``, or the tensors a sharded one's index lists). Tensors are compared
+by name; the two sides must hold the same names and shapes (dtypes may differ: values are
+compared in float64).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 from rich.table import Table
-from safetensors.torch import load_file
 from torch import nn
 
 from sparsekit import _table, checkpoint
@@ -164,19 +164,51 @@ def _directory_state(path: Path, param: str) -> dict[str, torch.Tensor]:
     if (path / WEIGHTS_NAME).is_file():
         return checkpoint.read(path / WEIGHTS_NAME).state
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return checkpoint.read(path / "model.safetensors").state
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(path / shard))
-        return state
+        return _sharded_state(index, param)
     if any(path.glob("pytorch_model*.bin")):
         raise ValueError(f"{param}: {str(path)!r} holds pickled weights (pytorch_model.bin), "
                          "which sparsekit never unpickles; convert it to safetensors first")
     raise ValueError(f"{param}: directory {str(path)!r} holds no weights ({WEIGHTS_NAME}, "
                      "model.safetensors or model.safetensors.index.json)")
+
+
+def _sharded_state(index: Path, param: str) -> dict[str, torch.Tensor]:
+    """The tensors a Hugging Face index lists, each from the shard its ``weight_map`` names.
+
+    The index is data, checked before any shard is read: every shard must be a file of the
+    index's directory (no ``..``, no absolute path, which would read from elsewhere). The
+    map decides which shard a tensor comes from, so a tensor two shards hold does not
+    depend on the order the files are read in.
+    """
+    where = f"{param}: {str(index)!r}"
+    try:
+        content = json.loads(index.read_text())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ValueError(f"{where} is not valid JSON ({err})") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        got = "none" if weight_map is None else f"a {type(weight_map).__name__}"
+        raise ValueError(f"{where} must hold a 'weight_map', a dict of tensor name -> shard "
+                         f"file, got {got}")
+    bad = [k for k, v in weight_map.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"{where}: the shard of {_few(bad)} is not a file name")
+    files = sorted(set(weight_map.values()))
+    for shard in files:
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise ValueError(f"{where} names shard {shard!r} outside its directory; shards "
+                             "must be files of the index's directory")
+        if not (index.parent / shard).is_file():
+            raise ValueError(f"{where} names shard {shard!r}, which is not a file of "
+                             f"{str(index.parent)!r}")
+    shards = {shard: checkpoint.read(index.parent / shard).state for shard in files}
+    missing = [k for k, shard in weight_map.items() if k not in shards[shard]]
+    if missing:
+        raise ValueError(f"{where} maps {_few(missing)} to shards that do not hold them")
+    return {k: shards[shard][k] for k, shard in weight_map.items()}
 
 
 def _ratio(num: float, den: float) -> float:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
+from sparsekit._checks import check_int, check_positive
 from sparsekit.masks import MaskSet
 
 __all__ = ["MASK_NAME", "MaskedLora", "MaskedMerge", "layer_masks", "merge", "sparse_lora"]
@@ -51,10 +52,12 @@ def sparse_lora(
     """Wrap the pruned ``model`` in a ``peft`` LoRA model whose merges keep its zeros.
 
     ``config`` is a ``peft.LoraConfig``. ``masks`` is the :class:`~sparsekit.MaskSet` the
-    model was pruned with (applied first); without it, a base weight's mask is where it is
-    nonzero. Only LoRA layers of ``nn.Linear`` and GPT-2 ``Conv1D`` may have a sparse base.
-    ``masked_forward`` picks how the adapter trains (see the module docstring). Returns
-    the ``peft.PeftModel`` (``model`` itself is changed in place, as ``peft`` does).
+    model was pruned with (applied once the adapters are in place); without it, a base
+    weight's mask is where it is nonzero. Only LoRA layers of ``nn.Linear`` and GPT-2
+    ``Conv1D`` may have a sparse base. ``masked_forward`` picks how the adapter trains (see
+    the module docstring). Returns the ``peft.PeftModel`` (``model`` itself is changed in
+    place, as ``peft`` does); when anything is refused, by sparsekit or by ``peft``,
+    ``model`` is left as it came.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -65,20 +68,17 @@ def sparse_lora(
     if isinstance(model, peft.PeftModel):
         raise ValueError("model is a PeftModel already; pass the pruned base model")
     by_param = _check_masks(model, masks)
-    if config.use_dora:
-        raise ValueError("config.use_dora=True: a DoRA update rescales whole columns and "
-                         "cannot keep a sparse base; use plain LoRA")
-    if masks is not None:
-        masks.apply()
+    _check_config(config)
+    modules = dict(model.named_modules())
     grad_flags = {p: p.requires_grad for p in model.parameters()}
-    wrapped = peft.get_peft_model(model, config)
     try:
+        wrapped = peft.get_peft_model(model, config)  # peft checks the targets here
         _install(wrapped, by_param, masked_forward=masked_forward)
-    except (TypeError, ValueError):
-        wrapped.unload()  # leave the model as it came
-        for p, flag in grad_flags.items():
-            p.requires_grad_(flag)
+    except Exception:
+        _restore(model, modules, grad_flags)
         raise
+    if masks is not None:
+        masks.apply()  # the base weights are the same parameters inside the LoRA layers
     return wrapped
 
 
@@ -193,6 +193,36 @@ def _install(model: nn.Module, by_param: Mapping[int, torch.Tensor], *,
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def _check_config(config: peft.LoraConfig) -> None:
+    """Raise on ranks and scales ``peft`` would take but cannot train with (NaN or infinite
+    ``lora_alpha`` makes every output non-finite; a float rank fails deep in torch), and
+    on DoRA."""
+    check_int("config.r", config.r, minimum=1)
+    check_positive("config.lora_alpha", config.lora_alpha)
+    for key, rank in (config.rank_pattern or {}).items():
+        check_int(f"config.rank_pattern[{key!r}]", rank, minimum=1)
+    for key, alpha in (config.alpha_pattern or {}).items():
+        check_positive(f"config.alpha_pattern[{key!r}]", alpha)
+    if config.use_dora:
+        raise ValueError("config.use_dora=True: a DoRA update rescales whole columns and "
+                         "cannot keep a sparse base; use plain LoRA")
+
+
+def _restore(model: nn.Module, modules: Mapping[str, nn.Module],
+             grad_flags: Mapping[nn.Parameter, bool]) -> None:
+    """Put back the submodules ``peft`` replaced (``modules`` as ``named_modules()`` gave
+    them before, parents first) and the ``requires_grad`` flags it changed.
+
+    ``peft`` leaves the layers it wrapped before an error in place, and a failed
+    ``get_peft_model`` returns no model to ``unload()``.
+    """
+    for name, module in modules.items():
+        if name and model.get_submodule(name) is not module:
+            model.set_submodule(name, module)
+    for p, flag in grad_flags.items():
+        p.requires_grad_(flag)
 
 
 def _check_masks(model: nn.Module, masks: MaskSet | None) -> dict[int, torch.Tensor]:

@@ -11,11 +11,13 @@ connects a layer to itself. Skip connections are not represented.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import networkx as nx
 import torch
 from torch import nn
 
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.masks import MaskSet
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -66,8 +68,11 @@ def masks_from_graph(graph: nx.DiGraph, model: nn.Module) -> dict[str, torch.Ten
     """Rebuild the boolean masks of ``model``'s weights from a graph made by :func:`to_graph`.
 
     Exact for ``nn.Linear`` layers and plain ``nn.RNN`` matrices, where each edge is one
-    weight; for GRU/LSTM matrices every gate block gets the graph.
+    weight; for GRU/LSTM matrices every gate block gets the graph. The graph is checked
+    first (nodes within the widths, edges within its layers, layers of ``model``'s shapes).
     """
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     params = dict(model.named_parameters())
     masks = {}
     for spec, mask in layer_matrices(graph):
@@ -89,11 +94,18 @@ def masks_from_graph(graph: nx.DiGraph, model: nn.Module) -> dict[str, torch.Ten
 
 def layer_matrices(graph: nx.DiGraph) -> list[tuple[dict, torch.Tensor]]:
     """Each entry of ``graph.graph["layers"]`` with its bool (n_target, n_source) edge matrix."""
-    if "layers" not in graph.graph:
-        raise ValueError("graph must come from sparsekit.graph.to_graph (it lacks 'layers')")
+    _check_graph(graph)
     by_layers: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for (source, i), (target, o) in graph.edges:
         by_layers.setdefault((source, target), []).append((o, i))
+    stray = sorted(by_layers.keys() - {(s["source"], s["target"]) for s in graph.graph["layers"]})
+    if stray:
+        (source, target), (o, i) = stray[0], by_layers[stray[0]][0]
+        raise ValueError(
+            f"graph edge {(source, i)} -> {(target, o)} joins node layers {source} -> {target}, "
+            "which no entry of graph.graph['layers'] connects (skip connections are not "
+            "represented)"
+        )
     out = []
     for spec in graph.graph["layers"]:
         mask = torch.zeros(spec["shape"], dtype=torch.bool)
@@ -102,6 +114,62 @@ def layer_matrices(graph: nx.DiGraph) -> list[tuple[dict, torch.Tensor]]:
             mask[tuple(torch.tensor(edges).T)] = True
         out.append((spec, mask))
     return out
+
+
+def _check_graph(graph: Any) -> None:
+    """Raise unless ``graph`` is shaped like one from :func:`to_graph`: node-layer widths,
+    weights whose shapes match the node layers they join, and every node a neuron
+    ``(layer, index)`` within those widths.
+
+    Graphs are data a caller may edit or build: an index ``-1`` would otherwise wrap to the
+    last neuron, and one past the width fail deep inside the mask rebuild.
+    """
+    if not isinstance(graph, nx.DiGraph):
+        raise ArgumentTypeError(
+            f"graph must be a networkx.DiGraph from sparsekit.graph.to_graph, "
+            f"got {type(graph).__name__}"
+        )
+    if "layers" not in graph.graph or "widths" not in graph.graph:
+        raise ValueError(
+            "graph must come from sparsekit.graph.to_graph (it lacks 'layers' or 'widths')"
+        )
+    widths, specs = graph.graph["widths"], graph.graph["layers"]
+    if not isinstance(widths, list) or not widths or not all(_natural(w) for w in widths):
+        raise ValueError(f"graph.graph['widths'] must be a non-empty list of ints ≥ 0, "
+                         f"got {widths!r}")
+    if not isinstance(specs, list) or not specs:
+        raise ValueError(f"graph.graph['layers'] must be a non-empty list of weights, "
+                         f"got {specs!r}")
+    for spec in specs:
+        if not _joins(spec, widths):
+            raise ValueError(
+                f"graph.graph['layers'] entry {spec!r} is not a weight as to_graph lists it: "
+                "{'name': str, 'source': l, 'target': l', 'shape': (widths[l'], widths[l])} "
+                f"with node layers l, l' in 0..{len(widths) - 1} (widths {widths})"
+            )
+    for node in graph.nodes:
+        if not (isinstance(node, tuple) and len(node) == 2 and _natural(node[0], len(widths))
+                and _natural(node[1], widths[node[0]])):
+            raise ValueError(
+                f"graph node {node!r} is not a neuron (layer, index) with 0 ≤ layer < "
+                f"{len(widths)} and 0 ≤ index < widths[layer] (widths {widths})"
+            )
+
+
+def _natural(value: Any, below: float = float("inf")) -> bool:
+    """Whether ``value`` is an int (not a bool) in ``[0, below)``: a width, layer or index."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < below
+
+
+def _joins(spec: Any, widths: list[int]) -> bool:
+    """Whether ``spec`` names a weight whose shape matches the node layers it joins."""
+    try:
+        name, source, target, shape = spec["name"], spec["source"], spec["target"], spec["shape"]
+        shape = tuple(shape)
+    except (KeyError, TypeError):
+        return False
+    return (isinstance(name, str) and _natural(source, len(widths))
+            and _natural(target, len(widths)) and shape == (widths[target], widths[source]))
 
 
 def _chain(model_or_masks: nn.Module | MaskSet) -> tuple[list[Layer], list[int]]:

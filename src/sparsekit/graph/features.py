@@ -14,6 +14,7 @@ import networkx as nx
 import torch
 from torch import nn
 
+from sparsekit._checks import check_int
 from sparsekit.graph.convert import layer_matrices, to_graph
 from sparsekit.masks import MaskSet
 
@@ -40,6 +41,7 @@ def structure_features(
     model_or_graph: nn.Module | MaskSet | nx.DiGraph, *, max_edges: int = 20_000
 ) -> dict[str, float]:
     """The :data:`FEATURES` of a model, a ``MaskSet`` or a graph from ``to_graph``."""
+    check_int("max_edges", max_edges, minimum=0)
     g = model_or_graph if isinstance(model_or_graph, nx.DiGraph) else to_graph(model_or_graph)
     layers = layer_matrices(g)
     widths = g.graph["widths"]

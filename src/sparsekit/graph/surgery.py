@@ -18,12 +18,24 @@ from sparsekit.models import LeNet300100
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
+# Modules that may sit between two linear layers: each output depends on its own input
+# alone (dropout acts as identity, as the copy runs in eval mode), so dropping one neuron
+# leaves the others' values unchanged. Exact types only: a subclass may override forward.
+_ELEMENTWISE: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Dropout, nn.AlphaDropout, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.RReLU,
+    nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.LogSigmoid, nn.Tanh,
+    nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.Softshrink, nn.Hardshrink, nn.Threshold,
+)
+
 
 def remove_dead_neurons(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with smaller ``nn.Linear`` layers and identical outputs.
 
     Supports ``nn.Sequential`` MLPs (``nn.Linear`` layers separated by parameter-free
-    elementwise activations; anything before the first and after the last linear layer
+    elementwise activations such as ``nn.ReLU``; a module that mixes neurons, such as
+    ``nn.Softmax`` or ``nn.LayerNorm``, is refused, since dropping a neuron would change
+    the others' values; anything before the first and after the last linear layer
     is kept) and :class:`~sparsekit.models.LeNet300100`. Inputs and outputs are never
     dropped. Masks of the original model do not carry over.
     """
@@ -60,11 +72,14 @@ def _chain(model: nn.Module) -> tuple[list[str], list[Activation]]:
     acts: list[Activation] = []
     for a, b in zip(where, where[1:]):
         between = nn.Sequential(*model[a + 1:b])
-        if any(True for _ in between.parameters()):
-            raise ValueError(
-                f"layers {a + 1}..{b - 1} between linear layers hold parameters; only "
-                "parameter-free elementwise activations are supported"
-            )
+        for i, module in enumerate(between, start=a + 1):
+            if type(module) not in _ELEMENTWISE:
+                raise ValueError(
+                    f"model[{i}] ({type(module).__name__}) sits between linear layers {a} "
+                    f"and {b}; only parameter-free elementwise activations are supported "
+                    f"there ({', '.join(t.__name__ for t in _ELEMENTWISE)}), as dropping a "
+                    "neuron must leave the others' values unchanged"
+                )
         acts.append(copy.deepcopy(between).eval())  # e.g. dropout acts as identity
     return [str(i) for i in where], acts
 
