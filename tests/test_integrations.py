@@ -1,6 +1,7 @@
 """sparsekit.integrations: masks and schedules attach to the optimizers training frameworks
 hand out (wrappers), step with the steps those really take, and import no framework."""
 
+import gc
 import subprocess
 import sys
 
@@ -167,6 +168,41 @@ def test_attach_refuses_a_schedule_of_another_optimizer():
     with pytest.raises(ValueError, match="built on another optimizer"):
         integrations.attach(dst, model, other)
     assert not dst.masks._optimizers.get(id(other))  # nothing attached
+
+
+def test_attach_refuses_a_schedule_attached_already():
+    """Two hooks would step it twice per optimizer step, and removing one would leave it
+    stepping; after remove() it attaches again. The handle need not be kept (r5)."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gradual = GradualPruner(model, 0.75, start_step=0, end_step=10, every=1,
+                            optimizer=optimizer)
+    integrations.attach(gradual, model, optimizer)
+    gc.collect()  # the dropped handle lives on in the hook
+    hooks = (len(optimizer._optimizer_step_pre_hooks), len(optimizer._optimizer_step_post_hooks))
+    for again in (optimizer, _Wrapper(optimizer)):
+        with pytest.raises(ValueError, match="sparsity: this GradualPruner is attached already"):
+            integrations.attach(gradual, model, again)
+        with pytest.raises(ValueError, match="attached already"):
+            integrations.attach(lambda m, o: gradual, model, again)
+    assert hooks == (len(optimizer._optimizer_step_pre_hooks),
+                     len(optimizer._optimizer_step_post_hooks))
+    _train(model, optimizer, steps=1)
+    assert gradual.step_count == 1
+
+
+def test_attach_again_after_remove():
+    model = _model()
+    gradual = GradualPruner(model, 0.75, start_step=0, end_step=10, every=1)
+    first = integrations.attach(gradual, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    first.remove()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    again = integrations.attach(gradual, model, optimizer)
+    _train(model, optimizer, steps=2)
+    assert gradual.step_count == 2
+    again.remove()
+    _train(model, optimizer, steps=1)
+    assert gradual.step_count == 2
 
 
 @pytest.mark.parametrize("bad", [0.5, "rigl", None], ids=["float", "str", "None"])

@@ -1,5 +1,8 @@
 """sparsekit.integrations.hf.SparsityCallback in real Hugging Face Trainer runs (tiny BERT, CPU)."""
 
+import re
+import types
+
 import pytest
 import torch
 
@@ -150,3 +153,30 @@ def test_trainer_resumes_the_schedule_from_a_checkpoint(tmp_path):
 def test_callback_refuses_what_is_no_sparsity():
     with pytest.raises(TypeError, match="sparsity must be a MaskSet, a schedule"):
         SparsityCallback(0.5)
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"", b"PK\x03\x04", {"step": 1}],
+                         ids=["pickle", "empty", "zip", "another state"])
+def test_resume_from_a_file_that_holds_no_state(tmp_path, content):
+    """The checkpoint's state is read and loaded before anything is attached: a bad file is
+    a ValueError naming it, with no hooks on the optimizer, nothing attached and the
+    weights as they were (it raised a raw UnpicklingError after attaching)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    masks = sparsekit.prune(model, 0.5)
+    before = model[0].weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = tmp_path / "checkpoint-5" / STATE_FILE
+    saved.parent.mkdir()
+    if isinstance(content, bytes):
+        saved.write_bytes(content)
+    else:
+        torch.save(content, saved)
+    callback = SparsityCallback(masks)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(saved))} is no state"):
+        callback.on_train_begin(types.SimpleNamespace(output_dir=str(tmp_path)),
+                                types.SimpleNamespace(global_step=5), None,
+                                model=model, optimizer=optimizer)
+    assert callback.attached is None and not masks._optimizers
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    assert torch.equal(model[0].weight, before)

@@ -1,5 +1,7 @@
 """sparsekit.integrations.lightning.SparsityCallback in real Lightning Trainer runs (CPU)."""
 
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -113,3 +115,29 @@ def test_lightning_checkpoint_resumes_the_schedule(tmp_path):
     assert resumed.step_count == whole.step_count == 4
     for n, m in whole.masks.masks.items():
         assert torch.equal(resumed.masks.masks[n], m)
+
+
+@pytest.mark.parametrize("state, named", [
+    (None, "state_dict must be"),
+    ({"sparsity": 5}, r"state_dict\['sparsity'\] must be"),
+    ({"sparsity": {"masks": [1]}}, r"state_dict\['sparsity'\] must be"),
+])
+def test_load_state_dict_refuses_what_no_state_dict_returns(state, named):
+    callback = SparsityCallback(sparsekit.prune(_Classifier(), 0.5))
+    with pytest.raises(TypeError, match=named):
+        callback.load_state_dict(state)
+    assert callback._restored is None
+
+
+def test_a_restored_state_that_does_not_fit_is_refused_before_attaching():
+    """Its form is right, its masks are another model's: refused when training starts,
+    before anything is attached."""
+    module = _Classifier()
+    masks = sparsekit.prune(module, 0.5)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    callback = SparsityCallback(masks)
+    callback.load_state_dict({"sparsity": {"masks": {"nothere.weight": torch.ones(2)}}})
+    with pytest.raises(ValueError, match=r"state_dict\['sparsity'\] is no state of this MaskSet"):
+        callback.on_train_start(types.SimpleNamespace(optimizers=[optimizer]), module)
+    assert callback.attached is None and not masks._optimizers
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks

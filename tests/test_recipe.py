@@ -39,10 +39,58 @@ def test_example_recipe_is_valid():
     ("model: lenet_300_100\nprune: {sparsity: 0.5, sparsty: 0.5}\n", "prune.sparsty"),
     ("model: lenet_300_100\ninput_shape: [1, 0]\n", "input_shape"),
     ("prune: {sparsity: 0.5}\n", "model"),
+    ("model: lenet_300_100\ncompile: {formats: nonsense}\n", "compile.formats"),
+    ("model: lenet_300_100\ncompile: {formats: []}\n", "compile.formats"),
+    ("model: lenet_300_100\nprune: {sparsity: 0.5, exclude: [nothere]}\n", "prune.exclude"),
+    ("model: lenet_300_100\nprune: {sparsity: 0.5, pattern: 'block:7x7'}\n", "prune.pattern"),
+    ("model: lenet_300_100\ncheckpoint: nothere.safetensors\n", "checkpoint"),
+    ("model: lenet_300_100\ninput_shape: [1, 3]\n", "input_shape"),
+    ("model: lenet_300_100\nseed: 1000000000000000000000\n", "seed"),
 ])
 def test_every_field_error_names_the_field(tmp_path, text, field):
     with pytest.raises(ValueError, match=rf"{field}: "):
         load_recipe(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text, field, got", [
+    ("model: lenet_300_100\nfinetune: {epochs: true}\n", "finetune.epochs", "True"),
+    ("model: lenet_300_100\nfinetune: {epochs: 2.0}\n", "finetune.epochs", "2.0"),
+    ("model: lenet_300_100\ncompile: {rows: [true]}\n", "compile.rows.0", "True"),
+    ("model: lenet_300_100\ninput_shape: [true, 784]\n", "input_shape.0", "True"),
+    ("model: lenet_300_100\nseed: 1.0\n", "seed", "1.0"),
+    ("model: lenet_300_100\nreport: {markdown: 'yes'}\n", "report.markdown", "'yes'"),
+    ("model: lenet_300_100\nprune: {sparsity: '0.5'}\n", "prune.sparsity", "'0.5'"),
+    ("model: lenet_300_100\nprune: {sparsity: true}\n", "prune.sparsity", "True"),
+])
+def test_no_coercion_between_types(tmp_path, text, field, got):
+    """Types are strict, as in the Python API: a bool is no number, a float no int."""
+    with pytest.raises(ValueError, match=rf"{field}: .*, got {got}"):
+        load_recipe(_write(tmp_path, text))
+
+
+def test_repeated_key_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="key 'seed' appears twice"):
+        load_recipe(_write(tmp_path, "model: lenet_300_100\nseed: 1\nseed: 2\n"))
+
+
+def test_check_refuses_what_a_run_would(tmp_path, capsys):
+    out = tmp_path / "pruned.safetensors"
+    path = _write(tmp_path, f"model: lenet_300_100\nprune: {{sparsity: 0.5}}\n"
+                            f"compile: {{formats: nonsense}}\nout: {out}\n")
+    assert main(["run", "--check", str(path)]) == 2
+    assert "compile.formats" in capsys.readouterr().err
+    assert main(["run", str(path)]) == 2 and not out.exists()
+
+
+def test_failed_stage_writes_no_out(tmp_path):
+    """``out`` is written last: a stage that fails (here compile, which only finds out
+    that bsr cannot hold int8 weights by trying) leaves nothing behind."""
+    out = tmp_path / "pruned.safetensors"
+    path = _write(tmp_path, f"model: lenet_300_100\nprune: {{sparsity: 0.5}}\n"
+                            f"compile: {{formats: [bsr], weight_dtype: int8}}\nout: {out}\n")
+    with pytest.raises(ValueError, match="cannot hold"):
+        run_recipe(load_recipe(path), log=lambda _: None)
+    assert not out.exists()
 
 
 def test_gradual_without_a_prune_target(tmp_path):
@@ -76,8 +124,9 @@ def test_run_prune_compile_report_and_save(tmp_path, capsys):
 
 def test_run_gradual_finetune(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEKIT_DATA_DIR", str(tmp_path / "none"))  # digits: fast
-    path = _write(tmp_path, "model: lenet_300_100\nprune: {sparsity: 0.5}\n"
+    path = _write(tmp_path, "model: lenet_300_100\nprune: {sparsity: 0.5, exclude: [fc3]}\n"
                             "finetune: {epochs: 1, schedule: gradual, every: 2}\nreport: null\n")
     result = run_recipe(load_recipe(path), log=lambda _: None)
     assert result["masks"].sparsity() == pytest.approx(0.5, abs=0.01)
+    assert "fc3.weight" not in result["masks"].masks  # exclude holds in the schedule too
     assert result["accuracy"] > 0.2

@@ -12,25 +12,44 @@ Python API and the CLI (``"magnitude"``, ``"erk"``, ``"2:4"``)::
     out: pruned.safetensors
 
 :func:`load_recipe` validates a file with pydantic before anything runs: every error
-names the field (``prune.sparsity: …``) and unknown fields are refused, so a typo is not
-silently ignored. :func:`run_recipe` runs it (``sparsekit run recipe.yaml``).
+names the field (``prune.sparsity: …``) and unknown fields and repeated keys are refused,
+so a typo is not silently ignored. Types are strict, as in the Python API: ``true`` is not
+a number, ``1.0`` not an int, ``'yes'`` not a bool. What only the model can judge (the
+``exclude`` names, whether the ``pattern`` divides its weights, the ``checkpoint``, the
+``input_shape``) is checked on a fresh copy of the model, so ``sparsekit run --check``
+catches it too. :func:`run_recipe` runs it (``sparsekit run recipe.yaml``) and writes
+``out`` last, after every stage that can fail.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
 import sparsekit
+from sparsekit._checks import model_errors
 from sparsekit.allocation import ALLOCATIONS
+from sparsekit.engine.compile import _check_formats
 from sparsekit.models import MODELS, create_model
 from sparsekit.patterns import parse_pattern
 from sparsekit.registry import Registry
 from sparsekit.scores import CRITERIA
+from sparsekit.targets import resolve_targets
 
 __all__ = ["Recipe", "load_recipe", "run_recipe"]
 
@@ -43,7 +62,8 @@ def _registered(table: Registry, what: str, value: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no coercion (``true`` → 1, ``1.0`` → 1, ``'yes'`` → True), as _checks refuses
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class PruneStage(_Strict):
@@ -100,6 +120,12 @@ class CompileStage(_Strict):
     rows: list[int] | None = None
     weight_dtype: Literal["bf16", "int8"] | None = None
 
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, value: str | list[str]) -> str | list[str]:
+        _check_formats(value)  # its ValueError names the accepted formats
+        return value
+
     @field_validator("rows")
     @classmethod
     def _rows(cls, value: list[int] | None) -> list[int] | None:
@@ -118,7 +144,7 @@ class Recipe(_Strict):
     model: str
     checkpoint: str | None = None
     input_shape: list[int] = [1, 1, 28, 28]
-    seed: int = 0
+    seed: int = Field(default=0, ge=-(2**63), lt=2**63)  # what torch.manual_seed takes
     prune: PruneStage | None = None
     finetune: FinetuneStage | None = None
     compile: CompileStage | None = None
@@ -141,15 +167,58 @@ class Recipe(_Strict):
         if self.finetune is not None and self.finetune.schedule == "gradual" and self.prune is None:
             raise ValueError("finetune.schedule 'gradual' needs a prune stage (its target)")
 
+    @model_validator(mode="after")
+    def _fits_model(self) -> Recipe:
+        """Check the fields only the model can judge on a fresh copy of it, so that a
+        recipe that validates does not fail halfway through its run; each error names
+        its field."""
+        model = create_model(self.model)
+        if self.checkpoint is not None:
+            with _field("checkpoint"):
+                sparsekit.load(model, self.checkpoint)
+        if self.prune is not None:
+            with _field("prune.exclude"):
+                chosen = resolve_targets(model, exclude=self.prune.exclude)
+            with _field("prune.pattern"):
+                pattern = parse_pattern(self.prune.pattern)
+                for t in chosen:  # as sparsekit.prune checks them: (out, in) views
+                    pattern.check(t.out_in(t.param).shape, t.name)
+        with torch.no_grad(), model_errors("input_shape"):
+            model.eval()(torch.zeros(self.input_shape))
+        return self
+
+
+@contextlib.contextmanager
+def _field(name: str) -> Iterator[None]:
+    """Prefix the ``ValueError`` (or ``OSError``: a missing checkpoint) raised inside with
+    the recipe field ``name``, as pydantic names its own errors' fields."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{name}: {err}") from err
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping (YAML keeps the last
+    one silently, so ``seed: 1`` then ``seed: 2`` would run with 2)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate the YAML recipe at ``path``; ``ValueError`` lists every problem,
     each as ``field.path: message``."""
-    import yaml
-
     text = Path(path).read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
@@ -157,10 +226,21 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'recipe'}: {e['msg']}" for e in err.errors()
-        )
-        raise ValueError(f"{path}: {problems}") from None
+        raise ValueError(f"{path}: {'; '.join(map(_problem, err.errors()))}") from None
+
+
+def _problem(error: ErrorDetails) -> str:
+    """One pydantic error as ``field.path: message``, with the value it got; the messages
+    of this module's own validators (and the library's, which they call) name it already,
+    and those of :meth:`Recipe._fits_model` also their field."""
+    where = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "value_error":
+        message = str(error["ctx"]["error"])
+    elif error["type"] == "missing":
+        message = error["msg"]
+    else:
+        message = f"{error['msg']}, got {error['input']!r}"
+    return f"{where}: {message}" if where else message
 
 
 def run_recipe(recipe: Recipe, *, log=print) -> dict[str, object]:  # type: ignore[no-untyped-def]
@@ -180,9 +260,6 @@ def run_recipe(recipe: Recipe, *, log=print) -> dict[str, object]:  # type: igno
     if recipe.finetune is not None:
         masks, result["accuracy"] = _finetune(model, masks, recipe, log)
     result["masks"] = masks
-    if recipe.out is not None:
-        result["out"] = sparsekit.save(model, recipe.out, masks)
-        log(f"wrote {recipe.out}")
     final = model.eval()
     if recipe.compile is not None:
         c = recipe.compile
@@ -196,6 +273,9 @@ def run_recipe(recipe: Recipe, *, log=print) -> dict[str, object]:  # type: igno
                else sparsekit.report(final, example, masks=masks))
         result["report"] = rep
         log(rep.to_markdown() if recipe.report.markdown else str(rep))
+    if recipe.out is not None:  # last: a stage that fails leaves no output behind
+        result["out"] = sparsekit.save(model, recipe.out, masks)
+        log(f"wrote {recipe.out}")
     return result
 
 
@@ -215,7 +295,7 @@ def _finetune(model, masks, recipe: Recipe, log):  # type: ignore[no-untyped-def
         pruner = sparsekit.GradualPruner(
             model, p.sparsity, start_step=0, end_step=max(1, int(f.ramp * steps)),
             every=f.every, method=p.method, allocation=p.allocation, pattern=p.pattern,
-            optimizer=optimizer,
+            exclude=p.exclude, optimizer=optimizer,
         )
         on_step = pruner.step
     elif masks is not None:

@@ -1,7 +1,9 @@
 """``sparsekit run RECIPE.yaml``: run a recipe (prune → fine-tune → compile → report).
 
-The recipe is validated completely before any stage runs (:func:`sparsekit.recipe.load_recipe`);
-a bad field is one line naming it, exit status 2.
+The recipe is validated completely before any stage runs (:func:`sparsekit.recipe.load_recipe`:
+every field, also those only the model can judge, on a fresh copy of it), so ``--check``
+refuses what a run would; a bad field is one line naming it, exit status 2. ``out`` is
+written last, after every stage that can fail.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from sparsekit.cli._output import check_output
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a YAML recipe: prune, fine-tune, compile, report")
     p.add_argument("recipe", help="a YAML recipe (see examples/recipe.yaml)")
-    p.add_argument("--check", action="store_true", help="validate the recipe and stop")
+    p.add_argument("--check", action="store_true",
+                   help="validate every field of the recipe and stop")
     p.set_defaults(run=run)
 
 

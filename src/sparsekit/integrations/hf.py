@@ -14,6 +14,7 @@ A :class:`~sparsekit.DynamicSparsity` needs the optimizer the ``Trainer`` builds
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,12 @@ class SparsityCallback(TrainingSparsity, TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, *, model: nn.Module,
                        optimizer: object, **kwargs: Any) -> None:
-        self.begin(model, optimizer)
+        """Attach; when resuming, load the checkpoint's :data:`STATE_FILE` first, so that
+        a file that holds no state of this sparsity is a ``ValueError`` naming it, with
+        nothing attached."""
         saved = _checkpoint(args, state) / STATE_FILE
-        if state.global_step > 0 and saved.is_file():  # resuming from that checkpoint
-            sparsity = self.attached.schedule or self.attached.masks
-            sparsity.load_state_dict(torch.load(saved, weights_only=True))
+        resumed = _read_state(saved) if state.global_step > 0 and saved.is_file() else None
+        self.begin(model, optimizer, state=resumed, state_name=str(saved))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.attached is not None and state.is_world_process_zero:
@@ -57,6 +59,17 @@ class SparsityCallback(TrainingSparsity, TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.end()
+
+
+def _read_state(path: Path) -> Any:
+    """What ``torch.load`` reads from ``path`` (tensors and containers only); a file it
+    cannot read is a ``ValueError`` naming it (torch's own errors do not)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        reason = str(err).strip().split("\n")[0] or type(err).__name__  # torch's run long
+        raise ValueError(f"{path} is no state saved by SparsityCallback: torch.load failed "
+                         f"({reason})") from err
 
 
 def _checkpoint(args: Any, state: Any) -> Path:

@@ -14,10 +14,12 @@ A :class:`~sparsekit.DynamicSparsity` needs the optimizer that
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch import Callback
 
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.integrations.training import TrainingSparsity
 
 __all__ = ["SparsityCallback"]
@@ -42,10 +44,10 @@ class SparsityCallback(TrainingSparsity, Callback):
                 "SparsityCallback needs exactly one optimizer; configure_optimizers gave "
                 f"{len(optimizers)}"
             )
-        self.begin(pl_module, optimizers[0])
-        if self._restored is not None:  # fit(ckpt_path=...): continue where it was saved
-            (self.schedule or self.masks).load_state_dict(self._restored)
-            self._restored = None
+        # fit(ckpt_path=...): continue where it was saved, the state loaded before attaching
+        self.begin(pl_module, optimizers[0], state=self._restored,
+                   state_name="the checkpoint's state_dict['sparsity']")
+        self._restored = None
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self.end()
@@ -56,4 +58,16 @@ class SparsityCallback(TrainingSparsity, Callback):
             "sparsity": (self.schedule or self.masks).state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = state_dict.get("sparsity")
+        """Keep a checkpoint's state (what :meth:`state_dict` saved) for when training
+        starts, where it is loaded before anything is attached: the masks or the schedule
+        it is for may only be built then. Its form is checked here already."""
+        if not isinstance(state_dict, Mapping):
+            raise ArgumentTypeError(f"state_dict must be the dict SparsityCallback.state_dict() "
+                                    f"returns, got {type(state_dict).__name__}")
+        sparsity = state_dict.get("sparsity")
+        if sparsity is not None and not (isinstance(sparsity, Mapping)
+                                         and isinstance(sparsity.get("masks"), Mapping)):
+            raise ArgumentTypeError(
+                "state_dict['sparsity'] must be the state_dict() of masks or a schedule (a "
+                f"dict with a 'masks' dict), got {sparsity!r:.80}")
+        self._restored = sparsity

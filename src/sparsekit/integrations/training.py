@@ -4,19 +4,23 @@ Frameworks create the optimizer inside ``train()`` and hand out a wrapper of it,
 integrations attach once they hold it. The schedule advances in a step post-hook of the
 real optimizer, registered after the masks' own hooks: it counts exactly the steps that
 ran — not micro-batches of gradient accumulation, nor steps a ``GradScaler`` skipped —
-and sees the masked weights of that step.
+and sees the masked weights of that step. One :class:`Attached` at a time steps a given
+schedule: a second :func:`attach` of it is refused until the first is removed, since two
+hooks would step it twice per optimizer step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsekit._checks import check_optimizer
+from sparsekit._checks import ArgumentTypeError, check_optimizer
 from sparsekit.masks import Masks
 from sparsekit.schedules.base import Schedule
 
@@ -37,21 +41,45 @@ class Attached:
 
     def remove(self) -> None:
         """Stop stepping the schedule and stop masking the optimizer's steps. The weights
-        keep their zeros (a saved model holds them); the masks stay usable."""
+        keep their zeros (a saved model holds them); the masks stay usable, and the
+        schedule can be attached again."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+            del _STEPPING[id(self.schedule)]
         detach = getattr(self.masks, "detach", None)
         if detach is not None:  # a StructureSet holds no hooks to remove
             detach(self.optimizer)
 
+    def _step(self, *_: object) -> None:
+        """The optimizer's step post-hook; it holds this ``Attached``, and so its entry in
+        :data:`_STEPPING`, for as long as it is registered."""
+        assert self.schedule is not None
+        self.schedule.step()
 
-def attach(sparsity: Sparsity, model: nn.Module, optimizer: object) -> Attached:
+
+_STEPPING: weakref.WeakValueDictionary[int, Attached] = weakref.WeakValueDictionary()
+"""The ``Attached`` stepping each schedule, by the schedule's id. An entry lasts while its
+hook is registered (the hook holds it): it goes with :meth:`Attached.remove`, or with the
+optimizer and the schedule once nothing else holds them (weak, so they are not kept
+alive). It holds the schedule, so no other object reuses the id meanwhile."""
+
+
+def attach(
+    sparsity: Sparsity, model: nn.Module, optimizer: object, *,
+    state: Mapping[str, Any] | None = None, state_name: str = "state",
+) -> Attached:
     """Keep ``sparsity`` through every step of ``optimizer`` (or of the optimizer it wraps).
 
     A schedule's :meth:`~sparsekit.schedules.base.Schedule.step` then runs after each step
     that optimizer takes. A schedule built on another optimizer is refused: its gradient
-    hooks would never fire (pass a function that builds it instead).
+    hooks would never fire (pass a function that builds it instead). So is a schedule that
+    is attached already (to this optimizer or another) until :meth:`Attached.remove` of the
+    first: it would step twice per optimizer step, and a remove would leave it stepping.
+
+    ``state``, a ``state_dict()`` of the masks or the schedule (to resume a run), is loaded
+    into them before anything is attached, so a state they refuse leaves the optimizer as
+    it was; ``state_name`` names it in that error (the file it was read from).
     """
     check(sparsity)
     real = check_optimizer(optimizer)
@@ -68,12 +96,26 @@ def attach(sparsity: Sparsity, model: nn.Module, optimizer: object) -> Attached:
             "the one training uses; pass a function (model, optimizer) -> schedule so that "
             "it is built on the training optimizer"
         )
+    if schedule is not None and id(schedule) in _STEPPING:
+        raise ValueError(
+            f"sparsity: this {type(schedule).__name__} is attached already and would step "
+            "twice per optimizer step; call remove() on the Attached that attach() returned "
+            "before attaching it again"
+        )
+    if state is not None:
+        try:
+            built.load_state_dict(state)  # checks it all before it changes anything
+        except (TypeError, ValueError) as err:
+            kind = ArgumentTypeError if isinstance(err, TypeError) else ValueError
+            message = f"{state_name} is no state of this {type(built).__name__}: {err}"
+            raise kind(message) from err
     masks = built.masks if schedule is not None else built
     masks.attach(real)
-    handle = None
+    attached = Attached(masks, schedule, real)
     if schedule is not None:
-        handle = real.register_step_post_hook(lambda *_: schedule.step())
-    return Attached(masks, schedule, real, handle)
+        attached._handle = real.register_step_post_hook(attached._step)
+        _STEPPING[id(schedule)] = attached
+    return attached
 
 
 def check(sparsity: object) -> None:
@@ -105,11 +147,16 @@ class TrainingSparsity:
         """The schedule being (or last) stepped; None without one."""
         return None if self.attached is None else self.attached.schedule
 
-    def begin(self, model: nn.Module, optimizer: object) -> None:
+    def begin(self, model: nn.Module, optimizer: object, *,
+              state: Mapping[str, Any] | None = None, state_name: str = "state") -> None:
+        """:func:`attach` (with the ``state`` to resume from, if any); :attr:`attached` is
+        set only once that succeeded."""
         if self.attached is not None:
             self.sparsity = self.attached.schedule or self.attached.masks
             self.attached.remove()
-        self.attached = attach(self.sparsity, model, optimizer)
+            self.attached = None
+        self.attached = attach(self.sparsity, model, optimizer, state=state,
+                               state_name=state_name)
 
     def end(self) -> None:
         if self.attached is not None:
