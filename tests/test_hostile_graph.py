@@ -6,6 +6,7 @@ Every bad value is refused with an error naming it, before anything changes.
 
 import pytest
 import torch
+from _state import snapshot, unchanged
 from torch import nn
 
 import sparsekit
@@ -18,16 +19,6 @@ def _mlp(*between: nn.Module) -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 6), *between, nn.Linear(6, 3))
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    after = model.state_dict()
-    return after.keys() == before.keys() and all(torch.equal(after[k], v)
-                                                 for k, v in before.items())
-
-
 @pytest.mark.parametrize("module", [
     nn.Softmax(-1), nn.LogSoftmax(-1), nn.Softmin(-1), nn.LayerNorm(6),
     nn.BatchNorm1d(6, affine=False), nn.PReLU(6), nn.Sequential(nn.ReLU()),
@@ -37,10 +28,10 @@ def test_remove_dead_neurons_refuses_modules_that_mix_neurons(module):
     model = _mlp(module)
     with torch.no_grad():
         model[0].weight[2].zero_()  # a dead neuron, so something would be dropped
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=rf"model\[1\] \({type(module).__name__}\).*elementwise"):
         remove_dead_neurons(model)
-    assert _unchanged(model, before)
+    assert unchanged(model, before)
 
 
 def test_remove_dead_neurons_keeps_elementwise_chains():
@@ -83,12 +74,12 @@ def _edited(edit) -> tuple[nn.Sequential, object]:
 ])
 def test_masks_from_graph_refuses_edited_graphs(edit, match):
     model, g = _edited(edit)
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=match):
         masks_from_graph(g, model)
     with pytest.raises(ValueError, match=match):
         structure_features(g)  # layers=[] divided by zero here
-    assert _unchanged(model, before)
+    assert unchanged(model, before)
 
 
 def test_masks_from_graph_refuses_wrong_types():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _state import snapshot, unchanged
 from torch import nn
 
 import sparsekit
@@ -24,16 +25,6 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    after = model.state_dict()
-    return after.keys() == before.keys() and all(torch.equal(after[k], v)
-                                                 for k, v in before.items())
-
-
 # -- activation sparsity ---------------------------------------------------------------------
 
 
@@ -41,7 +32,7 @@ def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
 def test_calibration_with_non_finite_activations_is_an_error(value):
     """NaN inputs used to give all-zero thresholds while reporting 50 % sparsity."""
     model = mlp()
-    before = state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="calibration.*NaN or infinite"):
         activation.calibrate(model, torch.full((32, 8), value))
     assert unchanged(model, before)
@@ -152,7 +143,7 @@ def half_mask() -> dict[str, torch.Tensor]:
 def test_shrink_rejects_groups_of_another_model():
     """They were accepted and removed nothing (16 channels kept instead of 8)."""
     model = mlp()
-    before = state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"groups\[0\] \(opened by '0'\) does not fit model: "
                                          r"it needs 32 entries along dim 0 of '0.weight'"):
         sparsekit.shrink(model, half_mask(), groups=other_groups())
@@ -181,7 +172,7 @@ def test_shrink_masks_must_be_bool(mask):
 def test_shrink_compensation_refuses_non_finite_means():
     """NaN calibration data used to be folded into the readers' biases."""
     model = mlp()
-    before = state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="compensate: .* NaN or infinite mean inputs"):
         sparsekit.shrink(model, half_mask(), compensate=[torch.full((2, 8), float("nan"))])
     assert unchanged(model, before)
@@ -245,7 +236,7 @@ def test_prune_structured_names_the_bad_argument(kwargs, error, match):
     from sparsekit import llm
 
     model = llama()
-    before = state(model)
+    before = snapshot(model)
     args = dict(calibration=torch.randint(0, 64, (2, 8)), amount=0.5) | kwargs
     with pytest.raises(error, match=match):
         llm.prune_structured(model, **args)

@@ -6,6 +6,7 @@ Every bad value is refused with an error naming the argument, before anything ch
 
 import pytest
 import torch
+from _state import snapshot, unchanged
 from torch import nn
 
 import sparsekit
@@ -17,16 +18,6 @@ from sparsekit.prune import compute_masks
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    after = model.state_dict()
-    return after.keys() == before.keys() and all(torch.equal(after[k], v)
-                                                 for k, v in before.items())
 
 
 def _data():
@@ -66,14 +57,14 @@ def test_a_maskset_that_save_writes_is_one_load_reads(tmp_path):
 def test_update_and_load_state_dict_keep_the_pattern():
     model = _model()
     ms = sparsekit.prune(model, 0.5, pattern="2:4")
-    before, masks = _state(model), {n: m.clone() for n, m in ms.masks.items()}
+    before, masks = snapshot(model), {n: m.clone() for n, m in ms.masks.items()}
     dense_half = torch.zeros(16, 8, dtype=torch.bool)
     dense_half[:, :4] = True  # half the weights, but 4 of every 4 in half the groups
     with pytest.raises(ValueError, match="'0.weight' does not follow pattern='2:4'"):
         ms.update({"0.weight": dense_half})
     with pytest.raises(ValueError, match="unknown pattern 'garbage'"):
         ms.load_state_dict({"pattern": "garbage", "masks": masks})
-    assert _unchanged(model, before)
+    assert unchanged(model, before)
     assert all(torch.equal(ms.masks[n], m) for n, m in masks.items())
     assert ms.pattern == "2:4"
 
@@ -96,12 +87,12 @@ def test_maskset_refuses_masks_that_are_not_bool(mask):
     with pytest.raises(ValueError, match=rf"mask for '0.weight' .*got dtype {mask.dtype}"):
         MaskSet(model, {"0.weight": mask})
     ms = MaskSet(model, {"0.weight": torch.ones(16, 8, dtype=torch.bool)})
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(TypeError, match="mask for '0.weight' must be a bool tensor"):
         ms.update({"0.weight": mask})
     with pytest.raises(TypeError, match="mask for '0.weight' must be a bool tensor"):
         ms.load_state_dict({"masks": {"0.weight": mask}})
-    assert _unchanged(model, before)
+    assert unchanged(model, before)
     assert bool(ms.masks["0.weight"].all())
 
 
@@ -110,10 +101,10 @@ def test_delta_and_its_support_refuse_masks_that_are_not_bool(mask):
     with pytest.raises(ValueError, match=r"masks\['0.weight'\] must be a bool tensor"):
         Delta({"0.weight": torch.zeros(16, 8)}, {"0.weight": mask})
     model = _model()
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"support\['0.weight'\] must be a bool tensor"):
         DeltaTraining(model, {"0.weight": mask})
-    assert _unchanged(model, before)
+    assert unchanged(model, before)
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
 
 
@@ -123,10 +114,10 @@ def test_sparse_linear_refuses_masks_that_are_not_bool(mask):
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
         SparseLinear.from_linear(nn.Linear(8, 4), mask)
     layer = SparseLinear(8, 4, torch.ones(4, 8, dtype=torch.bool))
-    before = _state(layer)
+    before = snapshot(layer)
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
         layer.set_structure(mask)
-    assert _unchanged(layer, before)
+    assert unchanged(layer, before)
 
 
 # -- 3. a removed MaskSet ------------------------------------------------------------------
@@ -137,12 +128,12 @@ def test_a_removed_maskset_says_so():
     masks = ms.state_dict()
     ms.remove()
     ms.remove()  # nothing left to remove: a no-op
-    before = _state(model)
+    before = snapshot(model)
     for call in (ms.apply, lambda: ms.update(masks["masks"]), lambda: ms.load_state_dict(masks),
                  lambda: ms.attach(torch.optim.SGD(model.parameters(), lr=0.1))):
         with pytest.raises(RuntimeError, match=r"masks were removed by remove\(\)"):
             call()
-    assert _unchanged(model, before)
+    assert unchanged(model, before)
 
 
 # -- 4. a Delta changes only what its masks keep, by finite amounts ------------------------
@@ -206,10 +197,10 @@ _DELTA = pytest.param(lambda m, fn: masked_delta(m, 0.5, data=_data(), loss_fn=f
 ])
 def test_a_loss_fn_that_returns_no_scalar_is_refused(run, loss_fn, error, match):
     model = _model()
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(error, match=match):
         run(model, loss_fn)
-    assert _unchanged(model, before)
+    assert unchanged(model, before)
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
 
 
@@ -240,10 +231,10 @@ def test_sparse_linear_refuses_negative_sizes():
 
 def test_set_structure_refuses_an_optimizer_that_is_no_optimizer():
     layer = SparseLinear(8, 4, _MASK)
-    before = _state(layer)
+    before = snapshot(layer)
     smaller = _MASK.clone()
     smaller[0] = False
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer .*got int"):
         layer.set_structure(smaller, 5)  # type: ignore[arg-type]
-    assert _unchanged(layer, before)
+    assert unchanged(layer, before)
     assert layer.nnz == 32
