@@ -238,15 +238,20 @@ def test_the_second_compile_reads_the_cache(monkeypatch: pytest.MonkeyPatch, cac
     assert clock.calls > 0
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", '{"key": 1}', "null"])
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"[]", b'{"key": 1}', b"null", b"\xff\xfe\x00garbage", b"\x80{}",
+     b"[" * 100_000 + b"]" * 100_000],
+    ids=["malformed", "list", "wrong-key", "null", "utf16-garbage", "not-utf8", "deep"],
+)
 def test_a_corrupt_cache_file_is_ignored(
-    monkeypatch: pytest.MonkeyPatch, cache_dir, content: str
+    monkeypatch: pytest.MonkeyPatch, cache_dir, content: bytes
 ) -> None:
     clock = _clock(monkeypatch, dense=1.0, torch_csr=0.7)
     compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
     files = sorted(cache_dir.glob("*.json"))
     for path in files:
-        path.write_text(content)
+        path.write_bytes(content)
     clock.calls = 0
     with pytest.warns(RuntimeWarning, match="ignoring corrupt decision cache file"):
         compiled = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
@@ -266,6 +271,26 @@ def test_a_cache_file_with_a_wrong_choice_is_ignored(
         path.write_text(json.dumps(data))
     with pytest.warns(RuntimeWarning, match="ignoring corrupt"):
         compiled = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    assert {c["format"] for c in compiled.sparsekit_choices.values()} == {"torch_csr"}
+
+
+@pytest.mark.parametrize("where", ["ms_dense", "times_ms"])
+def test_a_cache_file_with_a_time_too_large_for_a_float_is_ignored(
+    monkeypatch: pytest.MonkeyPatch, cache_dir, where: str
+) -> None:
+    clock = _clock(monkeypatch, dense=1.0, torch_csr=0.7)
+    compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    for path in cache_dir.glob("*.json"):
+        data = json.loads(path.read_text())
+        if where == "times_ms":
+            data["choice"]["times_ms"]["dense"]["1"] = 10**400
+        else:
+            data["choice"]["ms_dense"] = 10**400
+        path.write_text(json.dumps(data))
+    clock.calls = 0
+    with pytest.warns(RuntimeWarning, match="ignoring corrupt.*OverflowError"):
+        compiled = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    assert clock.calls > 0
     assert {c["format"] for c in compiled.sparsekit_choices.values()} == {"torch_csr"}
 
 

@@ -84,6 +84,33 @@ def test_load_image_dataset_from_idx_dir(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        ({"t10k-images-idx3-ubyte": np.zeros((10, 32, 32), np.uint8)},
+         "t10k-images-idx3-ubyte: test images are 32x32, the training images 28x28"),
+        ({"train-labels-idx1-ubyte": np.array([0, 1, -1, *range(17)], np.int8)},
+         "train-labels-idx1-ubyte: train labels must be class indices ≥ 0, got -1"),
+        ({"t10k-labels-idx1-ubyte": np.full(10, 0.5, np.float32)},
+         "t10k-labels-idx1-ubyte: test labels must be integer class indices, got torch.float32"),
+        ({"train-images-idx3-ubyte": np.full((20, 28, 28), np.nan, np.float32)},
+         "train-images-idx3-ubyte: train images must be finite, got NaN"),
+        ({"train-images-idx3-ubyte": np.zeros((0, 28, 28), np.uint8),
+          "train-labels-idx1-ubyte": np.zeros(0, np.uint8)},
+         "train-images-idx3-ubyte: the train split holds no images"),
+    ],
+    ids=["test-size", "negative-label", "float-label", "nan-image", "empty-train"],
+)
+def test_load_image_dataset_refuses_inconsistent_files(tmp_path, files, match):
+    root = make_idx_dir(tmp_path)
+    for name, array in files.items():
+        for old in root.glob(f"{name}*"):  # the raw or the gzip-compressed file
+            old.unlink()
+        write_idx(root / name, array)
+    with pytest.raises(ValueError, match=match):
+        load_image_dataset(root)
+
+
 def test_env_var_sets_root(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEKIT_DATA_DIR", str(make_idx_dir(tmp_path, n_train=12)))
     assert len(load_image_dataset().train) == 12

@@ -11,6 +11,7 @@ from torch import nn
 import sparsekit
 from sparsekit.engine import CompiledConv2d, compile, decompile, report
 from sparsekit.engine.compiled_conv import convertible
+from sparsekit.engine.formats import DenseFormat
 from sparsekit.models import lenet5, resnet_small
 
 FORMATS = ["dense", "torch_csr", *(["csr16"] if kernels_ok() else [])]
@@ -125,3 +126,47 @@ def test_compiled_conv_follows_to() -> None:
     assert layer(x).dtype == torch.float64
     ref = F.conv2d(x, layer.to_dense().view(8, 3, 3, 3), layer.bias)
     torch.testing.assert_close(layer(x), ref)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"kernel_size": (0, 3)}, ValueError, r"kernel_size\[0\] must be an int ≥ 1, got 0"),
+        ({"kernel_size": 3}, TypeError, "kernel_size must be a pair of ints ≥ 1, got 3"),
+        ({"kernel_size": (3, 3.0)}, TypeError, r"kernel_size\[1\] must be an int ≥ 1"),
+        ({"stride": (0, 1)}, ValueError, r"stride\[0\] must be an int ≥ 1, got 0"),
+        ({"stride": (True, 1)}, TypeError, r"stride\[0\] must be an int ≥ 1, got True"),
+        ({"padding": (-1, 0)}, ValueError, r"padding\[0\] must be an int ≥ 0, got -1"),
+        ({"dilation": (1, 2, 3)}, TypeError, r"dilation must be a pair of ints ≥ 1"),
+        ({"dilation": "11"}, TypeError, r"dilation must be a pair of ints ≥ 1"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_compiled_conv_refuses_bad_geometry(kwargs: dict, error: type, match: str) -> None:
+    fmt = DenseFormat.from_dense(torch.randn(4, 27))
+    with pytest.raises(error, match=match):
+        CompiledConv2d(fmt, None, **({"kernel_size": (3, 3)} | kwargs))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_compiled_conv_refuses_inputs_smaller_than_the_kernel(fmt: str) -> None:
+    conv = _pruned_conv(dict(in_channels=3, out_channels=4, kernel_size=3, dilation=10))
+    layer = CompiledConv2d.from_conv2d(conv, fmt)
+    with pytest.raises(ValueError, match=r"x must be at least 21x21 .*dilation=\(10, 10\)"):
+        layer(torch.randn(1, 3, 5, 5))
+    layer = CompiledConv2d.from_conv2d(_pruned_conv(CONVS[0] | {"padding": 1}), fmt)
+    with pytest.raises(ValueError, match=r"x must be at least 1x1 .*got shape \(1, 3, 0, 5\)"):
+        layer(torch.randn(1, 3, 0, 5))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64])
+def test_compiled_conv_refuses_dtypes_every_format_cannot_compute(
+    fmt: str, dtype: torch.dtype
+) -> None:
+    """A float32 layer refuses in every format what nn.Conv2d refuses, instead of the
+    kernel formats computing it silently in float32."""
+    layer = CompiledConv2d.from_conv2d(_pruned_conv(CONVS[0]), fmt)
+    with pytest.raises(ValueError, match=f"x must be float32.* weight, got "
+                                         f"{str(dtype).removeprefix('torch.')}"):
+        layer(torch.ones(1, 3, 5, 5, dtype=dtype))

@@ -74,3 +74,16 @@ def test_accuracy_counts_legal_argmax_on_real_steps():
 def test_bad_n():
     with pytest.raises(ValueError, match="n must be"):
         reber(0)
+
+
+def test_embedded_must_be_a_bool():
+    with pytest.raises(TypeError, match="embedded must be a bool, got 'no'"):
+        reber(2, embedded="no")
+
+
+def test_accuracy_refuses_nan_logits_and_scalars():
+    targets = reber(1).targets[:, :3]
+    with pytest.raises(ValueError, match="logits must be numbers or ±inf, got 21 NaN of 21"):
+        reber_accuracy(torch.full((1, 3, 7), float("nan")), targets)
+    with pytest.raises(ValueError, match=r"same shape \(\.\.\., symbols\), got \(\) and \(\)"):
+        reber_accuracy(torch.tensor(1.0), torch.tensor(1.0))

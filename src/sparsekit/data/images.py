@@ -83,13 +83,42 @@ def _from_idx(files: dict[str, Path]) -> ImageDataset:
     splits = {}
     for split, (images_name, labels_name) in _IDX_NAMES.items():
         images, labels = read_idx(files[images_name]), read_idx(files[labels_name])
-        if images.ndim != 3 or labels.shape != images.shape[:1]:
-            raise ValueError(
-                f"{files[images_name]} and {files[labels_name]}: expected (N, H, W) images and "
-                f"(N,) labels, got shapes {tuple(images.shape)} and {tuple(labels.shape)}"
-            )
+        _check_split(split, files[images_name], files[labels_name], images, labels)
         splits[split] = (images.unsqueeze(1).float() / 255, labels.long())
+    train_size, test_size = (tuple(splits[s][0].shape[2:]) for s in ("train", "test"))
+    if test_size != train_size:
+        raise ValueError(
+            f"{files[_IDX_NAMES['test'][0]]}: test images are {test_size[0]}x{test_size[1]}, "
+            f"the training images {train_size[0]}x{train_size[1]}; both splits need one size"
+        )
     return _dataset("fashion-mnist", *splits["train"], *splits["test"])
+
+
+def _check_split(
+    split: str, images_path: Path, labels_path: Path, images: torch.Tensor, labels: torch.Tensor
+) -> None:
+    """Raise ``ValueError`` naming the file and ``split`` unless ``images`` are at least one
+    ``(H, W)`` image of finite values and ``labels`` one class index (an integer ≥ 0) per
+    image: anything else would reach the model as NaNs (an empty training split normalises
+    with a NaN std) or as classes that do not exist (``num_classes`` is the largest + 1)."""
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(
+            f"{images_path} and {labels_path}: expected (N, H, W) images and (N,) labels, "
+            f"got shapes {tuple(images.shape)} and {tuple(labels.shape)}"
+        )
+    if len(images) == 0:
+        raise ValueError(f"{images_path}: the {split} split holds no images; it needs at least one")
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{images_path}: {split} images must be finite, got NaN or infinity")
+    if labels.is_floating_point():
+        raise ValueError(
+            f"{labels_path}: {split} labels must be integer class indices, got {labels.dtype} "
+            f"values such as {labels[0].item()!r}"
+        )
+    if int(labels.min()) < 0:
+        raise ValueError(
+            f"{labels_path}: {split} labels must be class indices ≥ 0, got {int(labels.min())}"
+        )
 
 
 def _digits() -> ImageDataset:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsekit._checks import check_int
+from sparsekit._checks import ArgumentTypeError, check_int
 
 SYMBOLS = "BTPSXVE"
 """The alphabet; symbol ``SYMBOLS[i]`` is one-hot index ``i``."""
@@ -75,7 +75,9 @@ def reber(n: int, *, embedded: bool = False, seed: int = 0) -> ReberData:
     usual way the grammar is sampled.
     """
     check_int("n", n, minimum=1)
-    dfa, start = _GRAMMARS[bool(embedded)]
+    if not isinstance(embedded, bool):  # bool("no") would build the embedded grammar
+        raise ArgumentTypeError(f"embedded must be a bool, got {embedded!r}")
+    dfa, start = _GRAMMARS[embedded]
     rng = random.Random(seed)
     walks = [_walk(dfa, start, rng) for _ in range(n)]
     steps = max(len(w) for w in walks) - 1
@@ -90,12 +92,18 @@ def reber(n: int, *, embedded: bool = False, seed: int = 0) -> ReberData:
 
 
 def reber_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Fraction of real (non-padded) steps whose argmax is a legal next symbol."""
-    if logits.shape != targets.shape:
+    """Fraction of real (non-padded) steps whose argmax is a legal next symbol.
+
+    ``logits`` and ``targets`` have one shape ``(..., symbols)``; NaN logits are refused,
+    as their argmax (the first NaN) would count as a prediction."""
+    if logits.shape != targets.shape or logits.dim() == 0:
         raise ValueError(
-            f"logits and targets must have the same shape, got {tuple(logits.shape)} "
-            f"and {tuple(targets.shape)}"
+            f"logits and targets must have the same shape (..., symbols), got "
+            f"{tuple(logits.shape)} and {tuple(targets.shape)}"
         )
+    nans = int(logits.isnan().sum())
+    if nans:
+        raise ValueError(f"logits must be numbers or ±inf, got {nans} NaN of {logits.numel()}")
     real = targets.sum(-1) > 0
     hit = targets.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1) > 0
     return float(hit[real].float().mean()) if real.any() else 0.0

@@ -5,16 +5,24 @@ matrix with the unfolded input patches (im2col). The dense format keeps PyTorch'
 convolution (``F.conv2d`` on a view of the stored matrix, so oneDNN still runs it); the
 sparse formats multiply the patches, which pays only when the weight is sparse enough to
 make up for building them. :func:`sparsekit.engine.compile` times both per layer.
+
+Like ``nn.Conv2d``, a layer computes in its input's dtype and refuses inputs it cannot:
+every format takes the same dtypes here, where a kernel format alone would compute the
+others silently in float32.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.engine.compiled_linear import CompiledLayer
 from sparsekit.engine.formats import DenseFormat, Format
+from sparsekit.engine.formats.native import NativeFormat
 
 __all__ = ["CompiledConv2d", "convertible"]
 
@@ -30,10 +38,29 @@ def convertible(conv: nn.Conv2d) -> str | None:
     return None
 
 
+def _input_dtypes(fmt: Format) -> tuple[torch.dtype, ...]:
+    """The input dtypes ``fmt`` computes in as they are: those a kernel format's kernels
+    read (it would compute any other in float32), else its stored weight's, the only one
+    PyTorch's own ops (``F.conv2d``, sparse ``addmm``) take, as ``nn.Conv2d`` does."""
+    return type(fmt).dtypes if isinstance(fmt, NativeFormat) else (fmt.value_dtype,)
+
+
+def _pair(name: str, value: object, minimum: int) -> tuple[int, int]:
+    """``value`` as a tuple of two ints ≥ ``minimum``; raise naming ``name`` otherwise."""
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ArgumentTypeError(f"{name} must be a pair of ints ≥ {minimum}, got {value!r}")
+    for i, v in enumerate(value):
+        check_int(f"{name}[{i}]", v, minimum=minimum)
+    return int(value[0]), int(value[1])
+
+
 class CompiledConv2d(CompiledLayer):
     """``nn.Conv2d`` (groups 1, zero padding) with its weight matrix in one ``Format``.
 
-    Accepts ``(N, C, H, W)`` and unbatched ``(C, H, W)`` inputs like ``nn.Conv2d``.
+    Accepts ``(N, C, H, W)`` and unbatched ``(C, H, W)`` inputs like ``nn.Conv2d``, of
+    the dtypes its format computes in as they are (float32 for a float32 weight in any
+    format; bfloat16 too in the kernel formats that read it). ``kernel_size``,
+    ``stride`` and ``dilation`` are pairs of ints ≥ 1, ``padding`` a pair of ints ≥ 0.
     :meth:`to_conv2d` gives back an equivalent ``nn.Conv2d``.
     """
 
@@ -47,8 +74,10 @@ class CompiledConv2d(CompiledLayer):
         padding: tuple[int, int] = (0, 0),
         dilation: tuple[int, int] = (1, 1),
     ) -> None:
+        kh, kw = _pair("kernel_size", kernel_size, 1)
+        stride, dilation = _pair("stride", stride, 1), _pair("dilation", dilation, 1)
+        padding = _pair("padding", padding, 0)
         super().__init__(fmt, bias)
-        kh, kw = kernel_size
         if fmt.in_features % (kh * kw):
             raise ValueError(
                 f"a {fmt.out_features}x{fmt.in_features} weight matrix does not fit "
@@ -56,8 +85,8 @@ class CompiledConv2d(CompiledLayer):
             )
         self.in_channels = fmt.in_features // (kh * kw)
         self.out_channels = fmt.out_features
-        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
-        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        self.kernel_size, self.stride = (kh, kw), stride
+        self.padding, self.dilation = padding, dilation
 
     @classmethod
     def from_conv2d(
@@ -75,11 +104,7 @@ class CompiledConv2d(CompiledLayer):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
-            raise ValueError(
-                f"x must have shape (N, in_channels={self.in_channels}, H, W) or "
-                f"(in_channels, H, W), got shape {tuple(x.shape)}"
-            )
+        self._check_input(x)
         if isinstance(self.format, DenseFormat):
             weight = self.format.weight.view(self.out_channels, self.in_channels, *self.kernel_size)
             return F.conv2d(x, weight, self._bias, self.stride, self.padding, self.dilation)
@@ -97,6 +122,29 @@ class CompiledConv2d(CompiledLayer):
         )
         y = y.transpose(1, 2).reshape(n, self.out_channels, out_h, out_w)
         return y if batched else y.squeeze(0)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless every format can compute ``x`` in its own dtype: one
+        of :func:`_input_dtypes`, of shape ``(N, in_channels, H, W)`` or unbatched, with
+        ``H, W`` at least the dilated kernel's extent once padded (and at least 1)."""
+        accepted = _input_dtypes(self.format)
+        if x.dtype not in accepted:
+            names = " or ".join(str(d).removeprefix("torch.") for d in accepted)
+            raise ValueError(f"x must be {names} for this {self.format.name} weight, got "
+                             f"{str(x.dtype).removeprefix('torch.')}")
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"x must have shape (N, in_channels={self.in_channels}, H, W) or "
+                f"(in_channels, H, W), got shape {tuple(x.shape)}"
+            )
+        least = [max(d * (k - 1) + 1 - 2 * p, 1)
+                 for k, p, d in zip(self.kernel_size, self.padding, self.dilation, strict=True)]
+        if any(size < n for size, n in zip(x.shape[-2:], least, strict=True)):
+            raise ValueError(
+                f"x must be at least {least[0]}x{least[1]} (H x W) for kernel_size="
+                f"{self.kernel_size}, padding={self.padding} and dilation={self.dilation}, "
+                f"got shape {tuple(x.shape)}"
+            )
 
     def to_conv2d(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with the same weight and bias (e.g. to fine-tune again)."""

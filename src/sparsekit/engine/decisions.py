@@ -160,10 +160,15 @@ def store(key: dict[str, object], choice: dict[str, object]) -> None:
 def _read(key: dict[str, object]) -> tuple[dict[str, object], int, bool] | None:
     """The choice stored for ``key``, how many timings it has had (files written before the
     count was kept had one) and whether it is a :func:`close_call`; or ``None``, with a
-    warning for a file that cannot be read or is corrupt."""
+    warning for a file that cannot be read or is corrupt.
+
+    Anything a damaged file can make decoding, parsing or checking raise counts as corrupt:
+    bytes that are not text (``UnicodeDecodeError``), integers too large for a float
+    (``OverflowError``) and nesting deeper than the parser's recursion (``RecursionError``)
+    as well as malformed JSON or a wrong layout."""
     path = _path(key)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()  # json.loads decodes it, so bad bytes are a corrupt file
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
@@ -171,13 +176,14 @@ def _read(key: dict[str, object]) -> tuple[dict[str, object], int, bool] | None:
                       stacklevel=3)
         return None
     try:
-        data = json.loads(text)
+        data = json.loads(raw)
         choice = _parse(data, key)
         timings = data.get("timings", 1)
         if type(timings) is not int or timings < 1:
             raise ValueError(f"timings {timings!r} is not a count")
         close = close_call(choice, key["candidates"])
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
+            RecursionError) as exc:
         warnings.warn(
             f"ignoring corrupt decision cache file {path} ({type(exc).__name__}: {exc}); "
             "the layer is timed again", RuntimeWarning, stacklevel=3,

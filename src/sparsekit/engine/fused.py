@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sparsekit._checks import model_errors
+from sparsekit._checks import ArgumentTypeError, check_int, model_errors
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_linear import CompiledLinear, dense_linear
 from sparsekit.observe import inference
@@ -106,10 +106,12 @@ class FusedProjections(nn.Module):
         if not isinstance(linear, (CompiledLinear, ActivationSparseLinear)):
             raise TypeError("linear must be a CompiledLinear or an ActivationSparseLinear, "
                             f"got {type(linear).__name__}")
+        if isinstance(sizes, str) or not isinstance(sizes, Sequence):
+            raise ArgumentTypeError(f"sizes must be a sequence of ints, got {sizes!r}")
+        for i, size in enumerate(sizes):
+            check_int(f"sizes[{i}]", size, minimum=1)  # a bool is not a size
         sizes = list(sizes)
-        if len(sizes) < 2 or any(not isinstance(s, int) or s < 1 for s in sizes) or (
-            sum(sizes) != linear.out_features
-        ):
+        if len(sizes) < 2 or sum(sizes) != linear.out_features:
             raise ValueError(
                 f"sizes must be two ints ≥ 1 or more summing to out_features="
                 f"{linear.out_features}, got {sizes!r}"
@@ -165,7 +167,8 @@ class FusedLinear(nn.Module):
         super().__init__()
         if not isinstance(group, FusedProjections):
             raise TypeError(f"group must be FusedProjections, got {type(group).__name__}")
-        if not isinstance(index, int) or not 0 <= index < len(group.sizes):
+        check_int("index", index)  # a bool is not an index
+        if not 0 <= index < len(group.sizes):
             raise ValueError(f"index must be an int in [0, {len(group.sizes)}), got {index!r}")
         if index == 0:
             self.group = group
