@@ -40,6 +40,7 @@ from sparsekit.engine.activation_linear import (
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, Format, available_formats
+from sparsekit.engine.formats.native import MAX_THREADS
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.engine.persist import replaced
 from sparsekit.observe import inference, watch
@@ -51,7 +52,6 @@ __all__ = ["InputThresholds", "compile"]
 __getattr__ = moved(__name__, {"report": "sparsekit.engine.report"})
 
 _CHECK_RTOL = 1e-4
-_MAX_THREADS = 65536  # the kernels' limit (common.h)
 
 
 class InputThresholds(Protocol):
@@ -182,8 +182,8 @@ def compile(
     served = None if rows is None else _check_rows(rows)
     if threads is not None:
         check_int("threads", threads, minimum=1)
-        if threads > _MAX_THREADS:
-            raise ValueError(f"threads must be an int in [1, {_MAX_THREADS}] (what the kernels "
+        if threads > MAX_THREADS:
+            raise ValueError(f"threads must be an int in [1, {MAX_THREADS}] (what the kernels "
                              f"take), got {threads}")
     value_dtype = _check_weight_dtype(weight_dtype)
     activation = _check_activation_dtype(activation_dtype, weight_dtype)

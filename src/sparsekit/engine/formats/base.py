@@ -7,7 +7,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Format", "masked"]
+from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit.masks import check_mask
+
+__all__ = ["Format", "check_shape", "masked"]
 
 
 class Format(nn.Module):
@@ -70,15 +73,32 @@ class Format(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def _check_dtype(cls, weight: torch.Tensor) -> None:
+        """Raise ``TypeError`` unless ``weight`` is floating and of one of :attr:`dtypes`:
+        a format built from any other weight could not multiply it."""
+        if not weight.is_floating_point() or (cls.dtypes is not None
+                                              and weight.dtype not in cls.dtypes):
+            accepted = f"dtype {cls.dtypes}" if cls.dtypes else "a floating dtype"
+            raise ArgumentTypeError(f"{cls.__name__} needs a weight of {accepted}, got "
+                                    f"{weight.dtype}")
+
+    @classmethod
     def from_state(
         cls, state: dict[str, torch.Tensor], shape: tuple[int, int], **kwargs: object
     ) -> Format:
         """Rebuild from the tensors of a ``state_dict`` (keys :attr:`buffer_names`), copied.
 
         ``kwargs`` (``threads``) go to the constructor. Raises ``ValueError`` if the
-        tensors do not form a valid ``shape`` weight (see :meth:`check_state`).
+        tensors do not form a valid ``shape`` weight (see :meth:`check_state`), or
+        ``shape`` is not two ints ≥ 0 (see :func:`check_shape`), ``TypeError`` for an entry
+        that is no tensor.
         """
+        shape = check_shape(shape)
         tensors = cls.state_tensors(state)
+        for name, t in zip(cls.stored_names(len(tensors)), tensors, strict=True):
+            if not isinstance(t, torch.Tensor):
+                raise ArgumentTypeError(f"state entry {name!r} must be a tensor, got "
+                                        f"{type(t).__name__}")
         cls.check_state(tensors, shape)
         return cls([t.clone(memory_format=torch.contiguous_format) for t in tensors], shape,
                    **kwargs)
@@ -111,6 +131,16 @@ class Format(nn.Module):
                 f"{self.out_features}x{self.in_features} {self.name} weight, got shape "
                 f"{tuple(x.shape)}"
             )
+
+    def check_bias(self, bias: torch.Tensor | None) -> None:
+        """Raise ``ValueError`` unless ``bias`` is ``None`` or a tensor of shape
+        ``(out_features,)``."""
+        if bias is not None and (not isinstance(bias, torch.Tensor)
+                                 or tuple(bias.shape) != (self.out_features,)):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be None or a tensor of shape ({self.out_features},) "
+                             f"for this {self.out_features}x{self.in_features} {self.name} "
+                             f"weight, got {got}")
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The product for a 2-D ``x`` of ``in_features`` columns."""
@@ -149,17 +179,51 @@ class Format(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
         error_msgs,
     ) -> None:
-        # The kernels trust the index contents: loaded tensors are checked like from_state's.
-        tensors = self.state_tensors(state_dict, prefix)
-        if all(isinstance(t, torch.Tensor) for t in tensors):
-            try:
-                self.check_state(tensors, (self.out_features, self.in_features))
-            except ValueError as err:
-                error_msgs.append(f"{prefix or self.name}: {err}")
-                return
+        # torch copies the entries one by one and the kernels trust the buffers: the whole
+        # incoming state is checked first, and nothing is copied unless all of it passes.
+        missing = [prefix + k for k in self._buffers if prefix + k not in state_dict]
+        errors = self.load_errors(state_dict, prefix)
+        if missing or errors:
+            missing_keys.extend(missing)
+            error_msgs.extend(f"{prefix or self.name}: {e}" for e in errors)
+            return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def load_errors(self, state: Mapping[str, object], prefix: str = "") -> list[str]:
+        """Why the entries of ``state`` under ``prefix`` cannot be copied into this format's
+        buffers (empty: they can), missing entries aside.
+
+        Each entry present must be a tensor of its buffer's dtype and shape (``copy_`` would
+        cast float values into int8 codes, or the reverse), the optional buffers present
+        must be this format's (int8 ``scales`` only with int8 values), and, once all are
+        present, they must pass :meth:`check_state`: a load is refused whole or done whole.
+        """
+        errors = [
+            f"{k} is not a buffer of this format (values {self.value_dtype}: it holds "
+            f"{list(self._buffers)}), got one in the state"
+            for k in self.optional_buffers
+            if k not in self._buffers and prefix + k in state
+        ]
+        for name, own in self._buffers.items():
+            if (t := state.get(prefix + name)) is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                errors.append(f"{name} must be a tensor, got {type(t).__name__}")
+            elif t.dtype != own.dtype or t.shape != own.shape:
+                errors.append(
+                    f"{name} must be {own.dtype} of shape {tuple(own.shape)} like the buffer "
+                    f"it is copied into, got {t.dtype} {tuple(t.shape)}"
+                )
+        if errors or any(prefix + k not in state for k in self._buffers):
+            return errors
+        try:
+            self.check_state([state[prefix + k] for k in self._buffers],
+                             (self.out_features, self.in_features))
+        except ValueError as err:
+            return [str(err)]
+        return []
 
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()  # copies and pickles carry the compressed buffers only
@@ -171,15 +235,27 @@ class Format(nn.Module):
         return f"{self.out_features}x{self.in_features}, nnz={self.nnz}, values={values}"
 
 
+def check_shape(shape: object) -> tuple[int, int]:
+    """``shape`` as the tuple ``(out_features, in_features)``; raises unless it is a
+    sequence of two ints ≥ 0 (a float or a string would only fail later, in a kernel)."""
+    accepted = "a tuple (out_features, in_features) of two ints ≥ 0"
+    if not isinstance(shape, (tuple, list)) or len(shape) != 2:
+        raise ArgumentTypeError(f"shape must be {accepted}, got {shape!r}")
+    for i, size in enumerate(shape):
+        check_int(f"shape[{i}]", size, minimum=0)
+    return int(shape[0]), int(shape[1])
+
+
 def masked(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``weight`` (detached) with zeros where ``mask`` is False; checks both shapes."""
+    """``weight`` (detached) with zeros where ``mask`` is False; checks that ``weight`` is a
+    2-D tensor and ``mask`` a bool one of its shape (see :func:`~sparsekit.masks.check_mask`)."""
+    if not isinstance(weight, torch.Tensor):
+        raise ArgumentTypeError(f"weight must be a 2-D tensor (out, in), got "
+                                f"{type(weight).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     weight = weight.detach()
     if mask is None:
         return weight
-    if mask.shape != weight.shape:
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected the weight's {tuple(weight.shape)}"
-        )
-    return weight.masked_fill(~mask.to(device=weight.device, dtype=torch.bool), 0)  # +0, not -0
+    check_mask("mask", mask, weight.shape)
+    return weight.masked_fill(~mask.to(weight.device), 0)  # +0, not -0

@@ -36,9 +36,10 @@ class Bitmap(NativeFormat):
     @classmethod
     def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         rows, cols = weight.shape
-        keep = torch.zeros(rows, _words(cols) * _WORD, dtype=torch.int32)
+        words = _words(cols)
+        keep = torch.zeros(rows, words * _WORD, dtype=torch.int32)
         keep[:, :cols] = weight != 0
-        bits = (keep.view(rows, -1, _WORD) << torch.arange(_WORD, dtype=torch.int32)).sum(-1)
+        bits = (keep.view(rows, words, _WORD) << torch.arange(_WORD, dtype=torch.int32)).sum(-1)
         bitmap = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16)
         rowptr, _, values = csr_parts(weight)
         return values, bitmap, rowptr
@@ -87,4 +88,4 @@ def _words(cols: int) -> int:
 def _unpack(bitmap: torch.Tensor) -> torch.Tensor:
     """The ``(rows, words * 16)`` bool mask of an int16 ``(rows, words)`` bitmap."""
     bits = bitmap.to(torch.int32).unsqueeze(-1) >> torch.arange(_WORD, dtype=torch.int32)
-    return (bits & 1).bool().reshape(bitmap.shape[0], -1)
+    return (bits & 1).bool().flatten(1)

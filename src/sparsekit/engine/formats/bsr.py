@@ -90,6 +90,8 @@ def choose_block(nonzero: torch.Tensor) -> tuple[tuple[int, int], float]:
     autotuning. Costs one pass over ``nonzero``; the larger sizes work on the small grid.
     """
     nnz = int(torch.count_nonzero(nonzero))
+    if not nnz:  # fill 1 for every size (and no grid to build for an empty weight)
+        return BLOCK_SIZES[0], 1.0
     base = BLOCK_SIZES[-1]
     grid = _occupancy4(nonzero)
 

@@ -33,7 +33,10 @@ class TorchCSR(Format):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> TorchCSR:
-        return cls(csr_parts(masked(weight, mask)), tuple(weight.shape))
+        weight = masked(weight, mask)
+        if weight.is_cpu:  # see dtypes
+            cls._check_dtype(weight)
+        return cls(csr_parts(weight), tuple(weight.shape))
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:

@@ -23,6 +23,7 @@ class DenseFormat(Format):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> DenseFormat:
         weight = masked(weight, mask)
+        cls._check_dtype(weight)
         return cls([weight.clone(memory_format=torch.contiguous_format)], tuple(weight.shape))
 
     @classmethod

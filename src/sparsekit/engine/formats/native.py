@@ -13,7 +13,10 @@ from sparsekit.engine.bound import BoundArguments
 from sparsekit.engine.formats.base import Format, masked
 from sparsekit.quantize import dequantize_int8, quantize_int8
 
-__all__ = ["INT8_INPUTS", "SCALES", "NativeFormat", "Operands"]
+__all__ = ["INT8_INPUTS", "MAX_THREADS", "SCALES", "NativeFormat", "Operands"]
+
+MAX_THREADS = 65536
+"""The most threads the kernels take (``common.h``)."""
 
 SCALES = "scales"
 """The optional buffer of int8 values: one float32 scale per output row."""
@@ -61,6 +64,9 @@ class NativeFormat(BoundArguments, Format):
     ) -> None:
         if threads is not None:
             check_int("threads", threads, minimum=1)
+            if threads > MAX_THREADS:
+                raise ValueError(f"threads must be an int in [1, {MAX_THREADS}] (the kernels' "
+                                 f"limit), got {threads}")
         super().__init__(tensors, shape)
         self.threads = threads
         self._stored = max(t.numel() for t in tensors)  # work per input row, for _threads
@@ -93,8 +99,8 @@ class NativeFormat(BoundArguments, Format):
         ``activation_dtype=torch.int8`` (one of :attr:`activation_dtypes`; int8 values only)
         quantizes the inputs too (W8A8).
         """
-        cls._check_dtype(weight)
         weight = masked(weight, mask)
+        cls._check_dtype(weight)
         value_dtype = cls._value_dtype(weight, value_dtype, scales)
         cls._check_activation_dtype(activation_dtype, value_dtype)
         if value_dtype != torch.int8:
@@ -190,12 +196,6 @@ class NativeFormat(BoundArguments, Format):
             raise ValueError(f"buffer {SCALES!r} must hold finite scales")
 
     @classmethod
-    def _check_dtype(cls, weight: torch.Tensor) -> None:
-        if weight.dtype not in cls.dtypes:
-            raise TypeError(f"{cls.__name__} needs a weight of dtype {cls.dtypes}, "
-                            f"got {weight.dtype}")
-
-    @classmethod
     def check_values(cls, name: str, values: torch.Tensor) -> None:
         """Raise ``ValueError`` unless the stored ``values`` (buffer ``name``) have one of
         :attr:`value_dtypes`."""
@@ -242,7 +242,7 @@ class NativeFormat(BoundArguments, Format):
         entry with the arguments bound in :meth:`_bind`, and the op checks the rest itself.
         Anything else, and any input the op rejects, takes the checked path: it converts
         what must be, or raises ``ValueError`` for any other shape (see
-        :meth:`check_input`).
+        :meth:`check_input` and :meth:`check_bias`).
         """
         bound = self.__dict__.get("_bound") or self._bind()
         if (bound is not None and x.dtype in self.dtypes and x.is_cpu and x.is_contiguous()
@@ -272,6 +272,7 @@ class NativeFormat(BoundArguments, Format):
         shape = x.shape  # read once: each read builds a torch.Size
         if not shape or shape[-1] != self.in_features:
             self.check_input(x)  # raises
+        self.check_bias(bias)
         if x.dtype not in self.dtypes:  # convert only what must be
             if not x.is_floating_point():
                 raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")

@@ -67,15 +67,15 @@ class PackedNM(NativeFormat):
         slot = nonzero_first[..., :n]
         values = groups.gather(-1, slot)
         slot = torch.where(values != 0, slot, 0)  # padding names the group's first input
-        rows = weight.shape[0]
-        return (values.reshape(rows, -1), _pack(slot.reshape(rows, -1), _FIELD_BITS[m]),
+        return (values.flatten(1), _pack(slot.flatten(1), _FIELD_BITS[m]),
                 torch.tensor(pattern, dtype=torch.int32))
 
     @classmethod
     def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         values, indices, pattern = tensors
         rows, cols = shape
-        if pattern.dtype != torch.int32 or tuple(pattern.tolist()) not in NM_PATTERNS:
+        if (pattern.dtype != torch.int32 or pattern.shape != (2,)
+                or tuple(pattern.tolist()) not in NM_PATTERNS):
             raise ValueError(f"nm_pattern must be int32 [N, M] with (N, M) in {NM_PATTERNS}, "
                              f"got {pattern.dtype} {pattern.tolist()}")
         n, m = pattern.tolist()
@@ -129,7 +129,7 @@ def _groups(weight: torch.Tensor, m: int) -> torch.Tensor:
     rows, cols = weight.shape
     padded = weight.new_zeros(rows, -(-cols // m) * m)
     padded[:, :cols] = weight
-    return padded.view(rows, -1, m)
+    return padded.view(rows, -(-cols // m), m)
 
 
 def _index_words(width: int, bits: int) -> int:
@@ -145,10 +145,11 @@ def _pack(slot: torch.Tensor, bits: int) -> torch.Tensor:
     """``bits``-bit fields (rows, width) packed little-endian into int32 words."""
     rows, width = slot.shape
     per_word = 32 // bits
-    fields = slot.new_zeros(rows, _index_words(width, bits) * per_word)
+    words = _index_words(width, bits)
+    fields = slot.new_zeros(rows, words * per_word)
     fields[:, :width] = slot
     shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    words = (fields.view(rows, -1, per_word).to(torch.int64) << shifts).sum(-1)
+    words = (fields.view(rows, words, per_word).to(torch.int64) << shifts).sum(-1)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
@@ -156,4 +157,4 @@ def _unpack(indices: torch.Tensor, bits: int, width: int) -> torch.Tensor:
     """The first ``width`` ``bits``-bit fields of each row of int32 ``indices`` (int64)."""
     shifts = torch.arange(32 // bits, dtype=torch.int64) * bits
     fields = (indices.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return fields.reshape(indices.shape[0], -1)[:, :width]
+    return fields.flatten(1)[:, :width]
