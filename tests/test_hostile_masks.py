@@ -238,3 +238,12 @@ def test_set_structure_refuses_an_optimizer_that_is_no_optimizer():
         layer.set_structure(smaller, 5)  # type: ignore[arg-type]
     assert unchanged(layer, before)
     assert layer.nnz == 32
+
+
+def test_a_mask_that_keeps_everything_saves_and_loads_under_any_pattern(tmp_path):
+    """MaskSet accepts it (nothing pruned yet); load refused the file save wrote from it."""
+    model = nn.Sequential(nn.Linear(8, 16))
+    masks = sparsekit.MaskSet(model, {"0.weight": torch.ones(16, 8, dtype=torch.bool)},
+                              pattern="2:4")
+    path = sparsekit.save(model, tmp_path / "dense.safetensors", masks)
+    assert sparsekit.load(model, path).pattern == "2:4"

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+import sparsekit
 from sparsekit import DynamicSparsity, GradualPruner, IterativePruning
+from sparsekit.patterns import parse_pattern
 
 
 def mlp() -> nn.Module:
@@ -137,3 +139,23 @@ def test_load_state_dict_refuses_a_damaged_state_before_changing_anything(name):
             assert torch.equal(kept["generator"], after["generator"]), case
     target.load_state_dict(saved)  # the undamaged state still loads
     assert target.state_dict()["step"] == saved["step"]
+
+
+@pytest.mark.parametrize("start_step", [0, 2])
+def test_gradual_nm_on_a_model_pruned_before_declares_its_pattern_at_the_first_prune(
+        start_step, tmp_path):
+    """The weights' own zeros (an unstructured model) need not be 2:4: MaskSet's pattern
+    check refused GradualPruner(pattern="2:4") on such a model at construction."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    sparsekit.prune(model, 0.3).apply()
+    pruner = sparsekit.GradualPruner(model, 0.5, pattern="2:4", start_step=start_step,
+                                     end_step=4, every=1)
+    assert pruner.masks.pattern == ("2:4" if start_step == 0 else "unstructured")
+    path = sparsekit.save(model, tmp_path / "before.safetensors", pruner.masks)
+    sparsekit.load(model, path)  # what save writes, load reads
+    for _ in range(4):
+        pruner.step()
+    assert pruner.masks.pattern == "2:4"
+    assert all(parse_pattern("2:4").is_valid(m) for m in pruner.masks.masks.values())
+    sparsekit.load(model, sparsekit.save(model, tmp_path / "after.safetensors", pruner.masks))

@@ -644,7 +644,7 @@ def _check_pattern(spec: str, infos: dict[str, TensorInfo],
     pattern = parse_pattern(spec)
     for key in masked:
         mask = decoded[key][1]
-        if mask is None:
+        if mask is None or bool(mask.all()):  # nothing pruned yet follows any pattern
             continue
         if model is not None:
             views = [pattern_view(model, key, mask)]

@@ -16,6 +16,7 @@ from sparsekit._checks import (
     renamed_attribute,
 )
 from sparsekit.masks import MaskSet
+from sparsekit.patterns import parse_pattern
 from sparsekit.prune import compute_masks
 from sparsekit.schedules.base import check_state
 from sparsekit.targets import resolve_targets
@@ -84,8 +85,10 @@ class GradualPruner:
         chosen = resolve_targets(
             model, prune_kwargs.get("targets"), prune_kwargs.get("exclude", ())
         )
-        self.masks = MaskSet(model, {t.name: t.param.detach() != 0 for t in chosen},
-                             pattern=pattern)
+        # the weights' own zeros need not follow the pattern (a model pruned before): it is
+        # declared at the first prune, whose masks follow it (update keeps new & old)
+        self.masks = MaskSet(model, {t.name: t.param.detach() != 0 for t in chosen})
+        self._pattern = str(parse_pattern(pattern))
         if optimizer is not None:
             self.masks.attach(optimizer)
         self.step_count = 0
@@ -111,6 +114,7 @@ class GradualPruner:
     def _update(self, t: int) -> None:
         new, _ = compute_masks(self.model, self.sparsity_at(t), **self._prune)
         self.masks.update({n: m & self.masks.masks[n] for n, m in new.items()})
+        self.masks.pattern = self._pattern
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count, "masks": self.masks.state_dict()}
