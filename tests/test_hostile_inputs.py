@@ -390,3 +390,9 @@ def test_activation_sparse_linear_takes_no_rows(kernel):
 
     layer = ActivationSparseLinear(torch.randn(16, 32), None, 0.1, kernel=kernel)
     assert layer(torch.randn(0, 32)).shape == (0, 16)
+
+
+def test_save_pretrained_names_a_dense_dtype_that_is_no_name(tmp_path):
+    """A list was "unhashable type: 'list'"."""
+    with pytest.raises(ValueError, match=r"dense_dtype must be None or one of .* got \['bf16'\]"):
+        sparsekit.save_pretrained(llama(), tmp_path, dense_dtype=["bf16"])

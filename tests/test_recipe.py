@@ -103,6 +103,10 @@ def test_not_a_mapping_and_bad_yaml(tmp_path):
         load_recipe(_write(tmp_path, "- a\n- b\n"))
     with pytest.raises(ValueError, match="not valid YAML"):
         load_recipe(_write(tmp_path, "model: [\n"))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")  # was a raw UnicodeDecodeError
+    with pytest.raises(ValueError, match="binary.yaml: not a UTF-8 text file"):
+        load_recipe(binary)
 
 
 def test_cli_bad_recipe_is_one_line(tmp_path, capsys):

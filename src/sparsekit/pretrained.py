@@ -407,7 +407,7 @@ def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
 def _check_dense_dtype(dense_dtype: str | None) -> torch.dtype | None:
     if dense_dtype is None:
         return None
-    if dense_dtype not in DENSE_DTYPES:
+    if not isinstance(dense_dtype, str) or dense_dtype not in DENSE_DTYPES:
         raise ValueError(f"dense_dtype must be None or one of {list(DENSE_DTYPES)}, got "
                          f"{dense_dtype!r}")
     return DENSE_DTYPES[dense_dtype]

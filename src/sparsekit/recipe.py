@@ -216,7 +216,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate the YAML recipe at ``path``; ``ValueError`` lists every problem,
     each as ``field.path: message``."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file ({err.reason} at byte "
+                         f"{err.start})") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as err:
