@@ -191,7 +191,7 @@ def test_check_groups_passes_fitting_groups_through():
 def test_regularisers_reject_an_infinite_strength(build):
     """SoftThreshold(opt, inf) used to zero every weight at the first step."""
     model = mlp()
-    with pytest.raises(ValueError, match="strength must be a finite number >= 0, got inf"):
+    with pytest.raises(ValueError, match="strength must be a finite float ≥ 0, got inf"):
         build(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 

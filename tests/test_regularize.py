@@ -79,7 +79,7 @@ def test_group_prox_zeros_whole_channels_and_shrink_removes_them():
 
 def test_bad_arguments():
     model = _mlp()
-    with pytest.raises(ValueError, match="strength must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match="strength must be a finite float ≥ 0, got -1"):
         GroupLasso(model, -1)
     with pytest.raises(ValueError, match="sparsity"):
         GroupEnvelope(model, 1.0, sparsity=1.5)

@@ -53,6 +53,15 @@ def check_positive(name: str, value: Any, *, optional: bool = False) -> None:
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 
+def check_nonnegative(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a finite real number ≥ 0 (not a bool; NaN never is): a
+    coefficient or a strength, where 0 turns a term off and infinity is never meant."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a finite float ≥ 0, got {value!r}")
+    if not 0 <= value < math.inf:  # also NaN
+        raise ValueError(f"{name} must be a finite float ≥ 0, got {value!r}")
+
+
 def check_fraction(name: str, value: Any, *, zero: bool = True, one: bool = False) -> None:
     """Raise unless ``value`` is a real number in the unit interval (NaN never is).
 

@@ -134,7 +134,13 @@ def _check_scales(weight: torch.Tensor, scales: torch.Tensor, group_size: int | 
             f"{tuple(weight.shape)} (group_size={group_size}), got {scales.dtype} "
             f"{tuple(scales.shape)}"
         )
-    if not bool((scales.isfinite() & (scales > 0)).all()):  # 0 made every code ±127
+    check_scale_values(scales)
+
+
+def check_scale_values(scales: torch.Tensor) -> None:
+    """Raise unless every int8 scale is positive and finite: a zero made every code ±127, a
+    NaN every code zero, a negative one flipped its row's sign."""
+    if not bool((scales.isfinite() & (scales > 0)).all()):
         raise ValueError("scales must be positive and finite (a weight's largest magnitude "
                          "over 127), got a zero, negative, NaN or infinite one")
 

@@ -18,13 +18,12 @@ changing the outputs. Three ways to get there, all usable with any optimizer:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_optimizer
+from sparsekit._checks import check_fraction, check_nonnegative, check_optimizer
 from sparsekit.structured.dependency import Group, Slice, check_groups, dependency_groups
 
 __all__ = ["GroupEnvelope", "GroupLasso", "SoftThreshold", "channel_norms"]
@@ -53,7 +52,7 @@ class GroupLasso:
                  ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        _check_strength(strength)
+        check_nonnegative("strength", strength)  # inf would zero every weight
         self.model = model
         self.strength = float(strength)
         self.groups = dependency_groups(model) if groups is None else check_groups(groups, model)
@@ -97,7 +96,7 @@ class SoftThreshold:
     def __init__(self, optimizer: torch.optim.Optimizer, strength: float, *,
                  model: nn.Module | None = None, groups: Iterable[Group] | None = None) -> None:
         check_optimizer(optimizer)
-        _check_strength(strength)
+        check_nonnegative("strength", strength)  # inf would zero every weight
         if groups is not None and model is None:
             raise ValueError("groups= needs model= (the module the groups' names refer to)")
         self.optimizer = optimizer
@@ -157,9 +156,3 @@ def _parameter_slices(model: nn.Module, group: Group) -> list[tuple[Slice, torch
 def _rows(param: torch.Tensor, s: Slice, channels: int) -> torch.Tensor:
     """The entries of ``param`` owned by the group's channels, channel axis first (a view)."""
     return param.movedim(s.dim, 0)[s.offset: s.offset + channels * s.repeat]
-
-
-def _check_strength(strength: float) -> None:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
-            or not 0 <= strength < math.inf:  # inf would zero every weight
-        raise ValueError(f"strength must be a finite number >= 0, got {strength!r}")

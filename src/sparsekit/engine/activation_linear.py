@@ -57,7 +57,13 @@ from sparsekit._checks import check_int
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.bound import BoundArguments
 from sparsekit.engine.compiled_linear import CompiledLayer, dense_linear
-from sparsekit.quantize import attach_scales, attached_scales, dequantize_int8, quantize_int8
+from sparsekit.quantize import (
+    attach_scales,
+    attached_scales,
+    check_scale_values,
+    dequantize_int8,
+    quantize_int8,
+)
 
 __all__ = ["BITMAP_BLOCK", "BLOCK", "KERNELS", "ActivationSparseLinear", "sparsify_input"]
 
@@ -636,9 +642,7 @@ def _check_storage(weight: torch.Tensor, scales: torch.Tensor | None,
                 f"int8 weight needs float scales of shape ({weight.shape[0]},), got "
                 f"{None if scales is None else tuple(scales.shape)}"
             )
-        if not bool((scales.isfinite() & (scales > 0)).all()):  # NaN or sign-flipped outputs
-            raise ValueError("scales must be positive and finite, got a zero, negative, NaN or "
-                             "infinite one")
+        check_scale_values(scales)
         dtype = torch.float32 if dtype is None else dtype
     elif scales is not None:
         raise ValueError(f"scales are for int8 weights only, got a {weight.dtype} weight")

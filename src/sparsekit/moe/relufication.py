@@ -21,13 +21,11 @@ before the distillation can compensate): ``relufy(..., l1=...)``.
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 from typing import Any
 
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import check_int, check_nonnegative
 from sparsekit.moe import ffn as ffns
 from sparsekit.moe.distillation import fit_outputs, training_inputs
 
@@ -66,10 +64,7 @@ def relufy(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_int("steps", steps, minimum=0)
-    if isinstance(l1, bool) or not isinstance(l1, numbers.Real):
-        raise ArgumentTypeError(f"l1 must be a finite float ≥ 0, got {l1!r}")
-    if not 0 <= l1 < math.inf:
-        raise ValueError(f"l1 must be a finite float ≥ 0, got {l1!r}")
+    check_nonnegative("l1", l1)
     if l1 and not steps:
         raise ValueError(f"l1={l1!r} needs steps > 0: the penalty acts while fine-tuning")
     inputs = training_inputs(data, lr, seed)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -24,9 +23,9 @@ from typing import Any
 import torch
 
 from sparsekit._checks import (
-    ArgumentTypeError,
     check_fraction,
     check_int,
+    check_nonnegative,
     check_optimizer,
     check_positive,
 )
@@ -190,9 +189,9 @@ def train(
     check_positive("resample_scale", resample_scale)
     check_positive("clip_grad_norm", clip_grad_norm, optional=True)
     if lr is not None:
-        _check_nonnegative("lr", lr)
-    _check_nonnegative("sparsity_coef", sparsity_coef)
-    _check_nonnegative("aux_coef", aux_coef)
+        check_nonnegative("lr", lr)
+    check_nonnegative("sparsity_coef", sparsity_coef)
+    check_nonnegative("aux_coef", aux_coef)
     check_fraction("decay", decay, one=True)
     inner = check_optimizer(optimizer, optional=True)
     if inner is not None and not _holds_parameters(inner, sae):
@@ -255,14 +254,6 @@ def train(
             "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
             "loss": {name: float(t.detach()) for name, t in terms.items()},
             "resampled": resampled}
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-    """Raise unless ``value`` is a finite real number ≥ 0 (not a bool; NaN never is)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ArgumentTypeError(f"{name} must be a finite float ≥ 0, got {value!r}")
-    if not 0 <= value < math.inf:  # also NaN
-        raise ValueError(f"{name} must be a finite float ≥ 0, got {value!r}")
 
 
 def _holds_parameters(optimizer: torch.optim.Optimizer, sae: SAE) -> bool:
