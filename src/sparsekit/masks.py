@@ -401,8 +401,7 @@ def _check_follow(pattern: Pattern, masks: Mapping[str, torch.Tensor],
     """Raise unless every mask of ``model`` follows ``pattern`` (seen as the pattern sees
     it, :func:`pattern_view`), as :func:`sparsekit.load` checks a saved one.
 
-    A mask that keeps everything passes too: nothing is pruned yet (``GradualPruner``
-    declares its pattern before its first prune).
+    A mask that keeps everything passes too: nothing is pruned yet (load accepts it alike).
     """
     for n, m in masks.items():
         m = pattern_view(model, n, m)
