@@ -444,3 +444,15 @@ def test_a_killed_builds_lock_is_removed_once_no_build_holds_the_claim(tmp_path)
         warnings.simplefilter("error")
         with _build_claim(tmp_path):  # nothing left over: nothing to say
             pass
+
+
+@pytest.mark.parametrize("name", ["csr16", "bitmap"])
+def test_fallback_dense_weight_follows_a_load_state_dict(name: str) -> None:
+    # load_state_dict copies into the same buffers (same addresses): the fallback's cached
+    # dense weight used to keep serving the weight from before the load
+    first = FORMATS.get(name).from_dense(_weight((6, 8), 0.5))
+    second = FORMATS.get(name).from_dense(_weight((6, 8), 0.5) * 3)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(first._fallback_mm(x, None), x @ first.to_dense().T)
+    first.load_state_dict(second.state_dict())
+    torch.testing.assert_close(first._fallback_mm(x, None), x @ second.to_dense().T)
