@@ -7,6 +7,8 @@ with a raw error from deep inside before.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from _state import snapshot, unchanged
@@ -39,7 +41,7 @@ def test_calibration_with_non_finite_activations_is_an_error(value):
 
 
 def test_calibration_seed_must_be_an_int():
-    with pytest.raises(TypeError, match="seed must be an int, got 1.5"):
+    with pytest.raises(TypeError, match=r"seed must be an int in \[0, 2\*\*63 - 1\], got 1.5"):
         activation.calibrate(mlp(), torch.randn(32, 8), seed=1.5)
 
 
@@ -220,8 +222,9 @@ def llama() -> nn.Module:
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(seed=1.5), TypeError, "seed must be an int, got 1.5"),
-    (dict(seed=True), TypeError, "seed must be an int, got True"),
+    (dict(seed=1.5), TypeError, r"seed must be an int in \[0, 2\*\*63 - 1\], got 1.5"),
+    (dict(seed=True), TypeError, r"seed must be an int in \[0, 2\*\*63 - 1\], got True"),
+    (dict(seed=2**70), ValueError, r"seed must be an int in \[0, 2\*\*63 - 1\], got \d+"),
     (dict(calibration=torch.ones(2, 8, dtype=torch.bool)), ValueError,
      "calibration tensor must hold token ids.*torch.bool"),
     (dict(calibration=["some text"], tokenizer=5), TypeError, "tokenizer must be callable"),
@@ -396,3 +399,199 @@ def test_save_pretrained_names_a_dense_dtype_that_is_no_name(tmp_path):
     """A list was "unhashable type: 'list'"."""
     with pytest.raises(ValueError, match=r"dense_dtype must be None or one of .* got \['bf16'\]"):
         sparsekit.save_pretrained(llama(), tmp_path, dense_dtype=["bf16"])
+
+
+@pytest.mark.parametrize("path, what", [
+    ("", "no file name"), (".", "no file name"), ("..", "no file name"),
+    ("sub", "an existing directory"),
+])
+def test_save_names_a_path_that_names_no_file(tmp_path, monkeypatch, path, what):
+    """An empty path used to encode and write the whole model to a temporary file, then fail
+    with an OSError about that temporary path when renaming it over the directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    match = rf"path must be the path of the checkpoint file to write, got '{re.escape(path)}' " \
+            rf"\({what}\)"
+    with pytest.raises(ValueError, match=match):
+        sparsekit.save(mlp(), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["sub"]
+    assert not any((tmp_path / "sub").iterdir())
+
+
+# -- compile's row counts, seeds, soup, format biases, loss_fn errors (session 31) ------------
+
+
+@pytest.mark.parametrize("rows", [10**12, [1, 2**20 + 1]])
+def test_compile_refuses_more_rows_than_it_can_time(rows):
+    """Each layer is timed on random inputs of every row count: 10**12 rows was a raw
+    "DefaultCPUAllocator: can't allocate memory" RuntimeError."""
+    from sparsekit.engine.compile import MAX_ROWS
+
+    model = mlp()
+    before = snapshot(model)
+    bad = rows if isinstance(rows, int) else rows[-1]
+    with pytest.raises(ValueError, match=rf"rows must be ints in \[1, {MAX_ROWS}\] \(MAX_ROWS: "
+                                         rf".*memory\), got {bad}$"):
+        compile_(model, torch.randn(2, 8), rows=rows)
+    assert unchanged(model, before)
+
+
+def _seed_takers() -> dict[str, object]:
+    """A call of each public function taking a ``seed=`` (sparsekit.moe's are in
+    test_moe_inputs.py), with everything else valid."""
+    from torch.utils.data import TensorDataset
+
+    from sparsekit.activation import profile
+    from sparsekit.data import reber
+    from sparsekit.finetune import masked_delta
+    from sparsekit.graph import prior_masks
+    from sparsekit.prune import compute_masks
+    from sparsekit.training import minibatches, train_epoch
+
+    data = TensorDataset(torch.randn(8, 8), torch.randint(0, 4, (8,)))
+    return {
+        "prune": lambda m, s: sparsekit.prune(m, 0.5, method="random", seed=s),
+        "compute_masks": lambda m, s: compute_masks(m, 0.5, seed=s),
+        "prior_masks": lambda m, s: prior_masks(m, sparsity=0.5, method="erdos_renyi", seed=s),
+        "masked_delta": lambda m, s: masked_delta(m, 0.5, method="magnitude", seed=s),
+        "DynamicSparsity": lambda m, s: sparsekit.DynamicSparsity(
+            m, torch.optim.SGD(m.parameters(), lr=0.1), 0.5, end_step=10, seed=s),
+        "calibrate": lambda m, s: activation.calibrate(m, torch.randn(32, 8), seed=s),
+        "profile": lambda m, s: profile(m, torch.randn(4, 8), seed=s),
+        "minibatches": lambda m, s: minibatches(data, 2, shuffle=True, seed=s),
+        "train_epoch": lambda m, s: train_epoch(m, data, torch.optim.SGD(m.parameters(), lr=0.1),
+                                                seed=s),
+        "reber": lambda m, s: reber(2, seed=s),
+    }
+
+
+@pytest.mark.parametrize("seed, error", [
+    (2**70, ValueError), (2**63, ValueError), (-1, ValueError), (1.5, TypeError),
+    ("1", TypeError),
+])
+@pytest.mark.parametrize("taker", sorted(_seed_takers()))
+def test_every_seed_is_an_int_in_the_range_a_generator_takes(taker, seed, error):
+    """seed=2**70 was a raw "Overflow when unpacking long long" from manual_seed; reber()
+    took any hashable seed, profile() and the training helpers none at all (minibatches()
+    only failed at the first batch, train_epoch() after putting the model in train mode)."""
+    model = mlp().eval()
+    before = snapshot(model)
+    with pytest.raises(error, match=rf"seed must be an int in \[0, 2\*\*63 - 1\], "
+                                    rf"got {re.escape(repr(seed))}"):
+        _seed_takers()[taker](model, seed)
+    assert unchanged(model, before)
+    assert not model.training
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_the_largest_seed_is_taken():
+    from sparsekit._checks import MAX_SEED
+    from sparsekit.training import minibatches
+
+    masks = sparsekit.prune(mlp(), 0.5, method="random", seed=MAX_SEED)
+    assert masks.sparsity() == pytest.approx(0.5, abs=0.01)
+    data = torch.utils.data.TensorDataset(torch.arange(4.0), torch.arange(4))
+    assert len(list(minibatches(data, 2, shuffle=True, seed=MAX_SEED))) == 2
+
+
+@pytest.mark.parametrize("models, error, match", [
+    (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), TypeError,
+     r"models must be a non-empty sequence .* got one model \(Sequential\); pass a list"),
+    (nn.Linear(4, 4), TypeError, r"got one model \(Linear\)"),
+    ([nn.Linear(4, 4).state_dict()], TypeError, r"models\[0\] must be an nn.Module .*got a "
+                                                r"state dict"),
+    ([nn.Linear(4, 4), "x"], TypeError, r"models\[1\] must be an nn.Module .*got str"),
+    (5, TypeError, "models must be a non-empty sequence .* got int"),
+    ({"a": nn.Linear(4, 4)}, TypeError, "models must be a non-empty sequence .* got dict"),
+    ([], ValueError, r"models must be a non-empty sequence .* got \[\]"),
+])
+def test_soup_names_models_that_are_no_sequence_of_models(models, error, match):
+    """A Sequential passed alone was taken as its layers: "models[1] has a different
+    architecture than models[0]"; 5 was "'int' object is not iterable"."""
+    from sparsekit import soup
+
+    with pytest.raises(error, match=match):
+        soup(models)
+
+
+def test_soup_takes_a_module_list():
+    from sparsekit import soup
+
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    with torch.no_grad():
+        b.weight.copy_(a.weight * 3)
+    torch.testing.assert_close(soup(nn.ModuleList([a, b])).weight, a.weight * 2)
+
+
+def _bias_formats() -> list:
+    """Every format that can hold a 2:4, constant-fan-in weight here (the native ones only
+    with the compiled kernels)."""
+    from _kernels import needs_kernels
+
+    from sparsekit.engine.formats import FORMATS
+    from sparsekit.engine.formats.native import NativeFormat
+
+    return [pytest.param(n, marks=[needs_kernels] if issubclass(FORMATS[n], NativeFormat)
+                         else [], id=n) for n in FORMATS.names()]
+
+
+@pytest.mark.parametrize("bias, error, got", [
+    (3, TypeError, "int"), ([1.0] * 8, TypeError, "list"),
+    (torch.ones(1), ValueError, r"\(1,\)"), (torch.ones(1, 8), ValueError, r"\(1, 8\)"),
+    (torch.ones(2, 8), ValueError, r"\(2, 8\)"),
+])
+@pytest.mark.parametrize("name", _bias_formats())
+def test_every_format_refuses_the_same_biases(name, bias, error, got):
+    """A number or a list reached the native formats' fast path (AttributeError: 'int'
+    object has no attribute 'dtype'); a (1,) bias, or one of x's rows, broadcast silently
+    on dense, torch_csr and the CUDA formats, where the native ones refused it."""
+    from sparsekit.engine.formats import FORMATS
+
+    weight = torch.randn(8, 64) * (torch.arange(64) % 4 < 2)  # 2:4, 32 inputs per row
+    kwargs = {"value_dtype": torch.bfloat16} if name == "dense_lowp" else {}
+    fmt = FORMATS[name].from_dense(weight, **kwargs)
+    with pytest.raises(error, match=rf"bias must be None or a tensor of shape \(8,\) for this "
+                                    rf"8x64 {name} weight, got {got}"):
+        fmt.matmul(torch.randn(2, 64), bias)
+    y = fmt.matmul(torch.randn(2, 64), torch.ones(8))  # the right shape still passes
+    assert y.shape == (2, 8)
+
+
+def test_a_compiled_layer_refuses_a_bias_its_format_would():
+    """The hot path trusts the bias it was built with, so setting one is checked."""
+    from sparsekit.engine.compiled_linear import CompiledLinear
+
+    layer = CompiledLinear.from_linear(nn.Linear(8, 4), "dense")
+    before = layer.bias.clone()
+    with pytest.raises(ValueError, match=r"bias must be None or a tensor of shape \(4,\)"):
+        layer.bias = torch.ones(1)
+    assert torch.equal(layer.bias, before)
+    layer.bias = torch.zeros(4)
+    assert torch.equal(layer(torch.zeros(1, 8)), torch.zeros(1, 4))
+
+
+_SCORE_DATA = (torch.randn(4, 8), torch.randint(0, 4, (4,)))
+
+
+def _failing_loss(outputs, labels):
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(loss_fn=_failing_loss), ValueError,
+     "^loss_fn: it failed on the model's outputs and the labels of a batch: boom$"),
+    (dict(loss_fn=lambda out, labels: out + "x"), TypeError, "^loss_fn: it failed on"),
+    (dict(data=(torch.randn(4, 8), torch.randint(0, 4, (3,)))), ValueError,
+     r"^data: cross-entropy \(the default loss_fn\) cannot compare the model's outputs with "
+     "the labels of a batch: Expected input batch_size"),
+    (dict(loss_fn=lambda out, labels: out), ValueError,
+     r"^loss_fn must return a scalar tensor .*\(4, 4\)$"),
+])
+def test_a_loss_error_names_what_failed(kwargs, error, match):
+    """An error of the caller's loss_fn was put down to data ("data: the loss cannot compare
+    …"), and the loss_fn's own checks came with that prefix too."""
+    model = nn.Sequential(nn.Linear(8, 4))
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        sparsekit.prune(model, 0.5, method="snip", **({"data": _SCORE_DATA} | kwargs))
+    assert unchanged(model, before)

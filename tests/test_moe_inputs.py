@@ -1,5 +1,7 @@
 """sparsekit.moe on hostile input: errors that name the parameter, raised before any work."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -39,7 +41,17 @@ SEED_TAKERS = {  # a call of each function taking a seed; the seed is checked fi
 @pytest.mark.parametrize("seed", [1.5, True, "x", None])
 @pytest.mark.parametrize("taker", sorted(SEED_TAKERS))
 def test_every_seed_must_be_an_int(taker, seed):
-    with pytest.raises(ArgumentTypeError, match=f"seed must be an int, got {seed!r}"):
+    with pytest.raises(ArgumentTypeError, match=rf"seed must be an int in \[0, 2\*\*63 - 1\], "
+                                                rf"got {re.escape(repr(seed))}"):
+        SEED_TAKERS[taker](seed)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**70])
+@pytest.mark.parametrize("taker", sorted(SEED_TAKERS))
+def test_every_seed_must_be_in_range(taker, seed):
+    """2**70 was a raw "Overflow when unpacking long long" from manual_seed."""
+    with pytest.raises(ValueError, match=rf"seed must be an int in \[0, 2\*\*63 - 1\], "
+                                         rf"got {seed}"):
         SEED_TAKERS[taker](seed)
 
 

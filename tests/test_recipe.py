@@ -46,6 +46,8 @@ def test_example_recipe_is_valid():
     ("model: lenet_300_100\ncheckpoint: nothere.safetensors\n", "checkpoint"),
     ("model: lenet_300_100\ninput_shape: [1, 3]\n", "input_shape"),
     ("model: lenet_300_100\nseed: 1000000000000000000000\n", "seed"),
+    ("model: lenet_300_100\nseed: -1\n", "seed"),  # as every seed=: [0, 2**63 - 1]
+    ("model: lenet_300_100\ncompile: {rows: [1, 2000000]}\n", "compile.rows"),  # MAX_ROWS
 ])
 def test_every_field_error_names_the_field(tmp_path, text, field):
     with pytest.raises(ValueError, match=rf"{field}: "):

@@ -41,6 +41,22 @@ def check_int(name: str, value: Any, *, minimum: int | None = None) -> None:
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 
+MAX_SEED = 2**63 - 1
+"""The largest seed the public API takes: seeds are ints in [0, MAX_SEED], which every
+``torch.Generator().manual_seed`` (and ``random.Random``) takes as given; a larger one
+used to be a raw ``OverflowError`` ("Overflow when unpacking long long")."""
+
+
+def check_seed(name: str, value: Any) -> None:
+    """Raise unless ``value`` is an int (not a bool) in [0, :data:`MAX_SEED`]: the check of
+    every public ``seed=``."""
+    accepted = "an int in [0, 2**63 - 1]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be {accepted}, got {value!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+
+
 def check_positive(name: str, value: Any, *, optional: bool = False) -> None:
     """Raise unless ``value`` is a positive finite real number (not a bool; NaN never is),
     or ``None`` when ``optional``."""

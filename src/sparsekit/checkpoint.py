@@ -22,7 +22,6 @@ import math
 import os
 import re
 import stat
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
@@ -34,7 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
-from sparsekit.masks import MaskSet, pattern_view
+from sparsekit._atomic import atomic_write
+from sparsekit.masks import MaskSet, keeps_everything, pattern_view
 from sparsekit.patterns import Pattern, parse_pattern
 
 FORMAT = "sparsekit"
@@ -94,6 +94,7 @@ def save(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    path = _target(path)
     if masks is not None and not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
     if metadata is not None and not (
@@ -154,7 +155,20 @@ def save(
         "tensors": json.dumps(infos, sort_keys=True),
     }
     meta["digest"] = _header_digest(meta)
-    return _atomic_write(Path(path), parts, meta)
+    return _atomic_write(path, parts, meta)
+
+
+def _target(path: str | os.PathLike) -> Path:
+    """``path`` as the file :func:`save` writes; a ``ValueError`` naming it unless it names
+    a file (``""``, ``"."``, ``".."`` and an existing directory do not: the rename over it
+    would fail only after the temporary file was written)."""
+    target = Path(path)  # a TypeError for what is no path at all
+    what = ("no file name" if target.name in ("", "..")
+            else "an existing directory" if target.is_dir() else None)
+    if what is not None:
+        raise ValueError(f"path must be the path of the checkpoint file to write, got "
+                         f"{os.fspath(path)!r} ({what})")
+    return target
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
@@ -644,7 +658,7 @@ def _check_pattern(spec: str, infos: dict[str, TensorInfo],
     pattern = parse_pattern(spec)
     for key in masked:
         mask = decoded[key][1]
-        if mask is None or bool(mask.all()):  # nothing pruned yet follows any pattern
+        if mask is None or keeps_everything(mask):
             continue
         if model is not None:
             views = [pattern_view(model, key, mask)]
@@ -671,30 +685,17 @@ def _fits(pattern: Pattern, shape: torch.Size, key: str) -> bool:
 def _atomic_write(path: Path, parts: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
     """Write a safetensors file of ``parts`` and ``meta`` to ``path`` atomically.
 
-    The bytes depend only on the inputs (sorted metadata and tensors), the file goes to a
-    temporary ``.NAME.PID-XXXXXXXX.tmp`` beside ``path``, is fsynced and renamed over
-    ``path``, and the directory is fsynced so the rename itself survives a power loss.
+    The bytes depend only on the inputs (sorted metadata and tensors); the file goes to a
+    temporary ``.NAME.PID-XXXXXXXX.tmp`` beside ``path`` that is fsynced and renamed over
+    ``path``, and the directory is fsynced (:func:`~sparsekit._atomic.atomic_write`).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     header, ordered = _layout(parts, meta)
     _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
-                               dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            for t in ordered:
-                f.write(_bytes(t))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(header)
+        for t in ordered:
+            f.write(_bytes(t))
     return path
 
 
@@ -764,14 +765,3 @@ def _process_alive(pid: int) -> bool:
     except (OverflowError, OSError):  # e.g. another user's process
         return True
     return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX; Windows cannot open directories)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

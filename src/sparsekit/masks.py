@@ -396,17 +396,23 @@ def pattern_view(model: nn.Module, name: str, mask: torch.Tensor) -> torch.Tenso
     return mask.t() if transposed else mask
 
 
+def keeps_everything(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` prunes nothing. Such a mask is exempt from the pattern check, here
+    (:class:`MaskSet`) and in :func:`sparsekit.load` alike: nothing is pruned yet, and any
+    pattern can still be pruned from it."""
+    return bool(mask.all())
+
+
 def _check_follow(pattern: Pattern, masks: Mapping[str, torch.Tensor],
                   model: nn.Module) -> None:
     """Raise unless every mask of ``model`` follows ``pattern`` (seen as the pattern sees
-    it, :func:`pattern_view`), as :func:`sparsekit.load` checks a saved one.
-
-    A mask that keeps everything passes too: nothing is pruned yet (load accepts it alike).
+    it, :func:`pattern_view`), as :func:`sparsekit.load` checks a saved one; a mask that
+    :func:`keeps_everything` passes too.
     """
     for n, m in masks.items():
         m = pattern_view(model, n, m)
         pattern.check(m.shape, n)
-        if not pattern.is_valid(m) and not bool(m.all()):
+        if not pattern.is_valid(m) and not keeps_everything(m):
             raise ValueError(
                 f"mask for {n!r} does not follow pattern={str(pattern)!r}; prune with that "
                 "pattern, or pass the pattern the masks have (e.g. 'unstructured')"

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from sparsekit import checkpoint
+from sparsekit._atomic import atomic_write
 from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import ActivationSparseLinear, check_column_index
 from sparsekit.engine.compiled_conv import CompiledConv2d
@@ -565,6 +566,5 @@ def _write_config(model: nn.Module, file: Path) -> None:
     data[MARKER] = {"weights": WEIGHTS_NAME, "version": MARKER_VERSION,
                     "model_type": data.get("model_type", config.model_type)}
     data["model_type"] = REFUSAL
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, file)
+    with atomic_write(file) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_sparsity, renamed
+from sparsekit._checks import ArgumentTypeError, check_seed, check_sparsity, renamed
 from sparsekit.allocation import ALLOCATIONS, fit_to_capacity
 from sparsekit.masks import MaskSet
 from sparsekit.patterns import Pattern, parse_pattern
@@ -78,8 +78,8 @@ def compute_masks(
     chosen = resolve_targets(model, targets, exclude)
     for t in chosen:  # patterns see weights as (out, in), also GPT-2's (in, out) Conv1D
         pat.check(t.out_in(t.param).shape, t.name)
-    check_int("seed", seed)
-    loss_fn = _scalar_loss(loss_fn)
+    check_seed("seed", seed)
+    loss_fn = _check_loss_fn(loss_fn)
 
     scales = batchnorm_scales(model) if pat.grouped else []  # a group's γ, for magnitude
     ctx = ScoreContext(model, chosen, data, loss_fn, torch.Generator().manual_seed(seed), scales)
@@ -108,31 +108,14 @@ def compute_masks(
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _scalar_loss(loss_fn: LossFn | None) -> LossFn | None:
-    """``loss_fn``, checked to be callable and, on every call, to return a one-element
-    tensor: the gradient criteria differentiate it, and anything else used to fail deep
-    in autograd ("grad can be implicitly created only for scalar outputs")."""
-    if loss_fn is None:
-        return None
-    if not callable(loss_fn):
+def _check_loss_fn(loss_fn: LossFn | None) -> LossFn | None:
+    """``loss_fn``, checked to be ``None`` or a callable; what it returns is checked on every
+    call (:meth:`~sparsekit.scores.ScoreContext.loss`)."""
+    if loss_fn is not None and not callable(loss_fn):
         raise ArgumentTypeError(
             f"loss_fn must be a callable (outputs, labels) -> scalar tensor, got {loss_fn!r}"
         )
-
-    def checked(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = loss_fn(outputs, labels)
-        if not isinstance(loss, torch.Tensor):
-            raise ArgumentTypeError(
-                f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
-            )
-        if loss.numel() != 1:
-            raise ValueError(
-                f"loss_fn must return a scalar tensor (reduce it, e.g. with .mean()), got "
-                f"one of shape {tuple(loss.shape)}"
-            )
-        return loss
-
-    return checked
+    return loss_fn
 
 
 def check_scores(scores: dict[str, torch.Tensor], criterion: str) -> None:

@@ -42,9 +42,10 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 import sparsekit
-from sparsekit._checks import model_errors
+from sparsekit._checks import MAX_SEED, model_errors
 from sparsekit.allocation import ALLOCATIONS
-from sparsekit.engine.compile import _check_formats
+from sparsekit.engine.compile import check_rows
+from sparsekit.engine.formats import check_formats
 from sparsekit.models import MODELS, create_model
 from sparsekit.patterns import parse_pattern
 from sparsekit.registry import Registry
@@ -123,14 +124,14 @@ class CompileStage(_Strict):
     @field_validator("formats")
     @classmethod
     def _formats(cls, value: str | list[str]) -> str | list[str]:
-        _check_formats(value)  # its ValueError names the accepted formats
+        check_formats(value)  # its ValueError names the accepted formats
         return value
 
     @field_validator("rows")
     @classmethod
     def _rows(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (not value or any(r < 1 for r in value)):
-            raise ValueError(f"must be a non-empty list of row counts ≥ 1, got {value}")
+        if value is not None:
+            check_rows(value)  # row counts in [1, MAX_ROWS], as compile() takes them
         return value
 
 
@@ -144,7 +145,7 @@ class Recipe(_Strict):
     model: str
     checkpoint: str | None = None
     input_shape: list[int] = [1, 1, 28, 28]
-    seed: int = Field(default=0, ge=-(2**63), lt=2**63)  # what torch.manual_seed takes
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # as every seed= (check_seed)
     prune: PruneStage | None = None
     finetune: FinetuneStage | None = None
     compile: CompileStage | None = None
@@ -306,7 +307,7 @@ def _finetune(model, masks, recipe: Recipe, log):  # type: ignore[no-untyped-def
         masks.attach(optimizer)
     for epoch in range(f.epochs):
         loss = train_epoch(model, data.train, optimizer, batch_size=f.batch_size,
-                           seed=recipe.seed + epoch, on_step=on_step)
+                           seed=(recipe.seed + epoch) & MAX_SEED, on_step=on_step)
         log(f"epoch {epoch + 1}/{f.epochs}: loss {loss:.4f}")
     if f.schedule == "gradual":
         masks = pruner.masks

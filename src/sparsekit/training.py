@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from sparsekit._checks import check_seed
 from sparsekit.observe import inference
 
 __all__ = ["accuracy", "inference", "minibatches", "train_epoch"]
@@ -26,8 +27,16 @@ def minibatches(
     """Slice a TensorDataset into minibatches without per-sample collation (fast on CPU).
 
     (Not to be confused with :func:`sparsekit.observe.batches`, which normalises the
-    accepted ``data`` forms.)
+    accepted ``data`` forms.) ``seed`` (an int in [0, 2**63 - 1]) draws the shuffled order;
+    it is checked when this is called, not at the first batch.
     """
+    check_seed("seed", seed)
+    return _minibatches(data, batch_size, shuffle, seed)
+
+
+def _minibatches(
+    data: TensorDataset, batch_size: int, shuffle: bool, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     x, y = data.tensors
     order = (
         torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
@@ -47,7 +56,9 @@ def train_epoch(
     seed: int = 0,
     on_step: Callable[[], None] | None = None,
 ) -> float:
-    """One epoch of cross-entropy training; returns the mean loss."""
+    """One epoch of cross-entropy training; returns the mean loss. ``seed`` (an int in
+    [0, 2**63 - 1]) draws the order of the batches."""
+    check_seed("seed", seed)
     model.train()
     total, count = 0.0, 0
     for x, y in minibatches(data, batch_size, shuffle=True, seed=seed):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import check_int, check_seed
 from sparsekit.activation.allocation import ALLOCATIONS, greedy, uniform
 from sparsekit.activation.blocks import BlockError, block_groups
 from sparsekit.activation.layers import find_layers
@@ -52,7 +52,7 @@ def calibrate(
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
     check_int("max_rows", max_rows, minimum=1)
-    check_int("seed", seed)
+    check_seed("seed", seed)
     if calibration is None:
         raise ValueError("calibration must be a tensor of inputs or a list of them, got None")
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit._checks import check_seed
 from sparsekit.activation.layers import find_layers
 from sparsekit.activation.sparsity import ActivationSparsity
 from sparsekit.observe import run, watch
@@ -45,8 +46,10 @@ def profile(
 
     With ``sparsity`` the layers are those it was calibrated for and ``below_threshold`` is
     filled in. With ``plot`` a histogram of ``log10 |x|`` per layer type (the last part of
-    the module name, e.g. ``down_proj``) is saved there.
+    the module name, e.g. ``down_proj``) is saved there. ``seed`` (an int in
+    [0, 2**63 - 1]) draws the values the histograms sample.
     """
+    check_seed("seed", seed)
     if sparsity is None:
         layers = find_layers(model, "teal")
     else:

@@ -29,7 +29,7 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 import sparsekit
-from sparsekit._checks import check_sparsity
+from sparsekit._checks import MAX_SEED, check_sparsity
 from sparsekit.cli._output import check_output
 from sparsekit.data import load_image_dataset
 from sparsekit.engine import autotune
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         task = progress.add_task("dense training", total=args.epochs)
         opt = torch.optim.Adam(dense.parameters(), lr=1e-3)
         for epoch in range(args.epochs):
-            train_epoch(dense, train, opt, seed=args.seed + epoch)
+            train_epoch(dense, train, opt, seed=(args.seed + epoch) & MAX_SEED)
             progress.advance(task)
         dense_acc = accuracy(dense, data.test)
         dense_size = _dense_size(dense)

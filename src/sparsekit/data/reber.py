@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_seed
 
 SYMBOLS = "BTPSXVE"
 """The alphabet; symbol ``SYMBOLS[i]`` is one-hot index ``i``."""
@@ -72,9 +72,10 @@ def reber(n: int, *, embedded: bool = False, seed: int = 0) -> ReberData:
     """``n`` random strings of the (embedded) Reber grammar with legal-next-symbol targets.
 
     Each step picks uniformly among the legal transitions (``random.Random(seed)``), the
-    usual way the grammar is sampled.
+    usual way the grammar is sampled; ``seed`` is an int in [0, 2**63 - 1].
     """
     check_int("n", n, minimum=1)
+    check_seed("seed", seed)
     if not isinstance(embedded, bool):  # bool("no") would build the embedded grammar
         raise ArgumentTypeError(f"embedded must be a bool, got {embedded!r}")
     dfa, start = _GRAMMARS[embedded]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-from sparsekit._checks import ArgumentTypeError, check_int, model_errors, renamed
+from sparsekit._checks import check_int, model_errors, renamed
 from sparsekit.engine import autotune, decisions, fused
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import (
@@ -39,7 +39,7 @@ from sparsekit.engine.activation_linear import (
 )
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
-from sparsekit.engine.formats import FORMATS, Format, available_formats
+from sparsekit.engine.formats import FORMATS, Format, available_formats, check_formats
 from sparsekit.engine.formats.native import MAX_THREADS
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.engine.persist import replaced
@@ -93,7 +93,8 @@ def compile(
     ``(1,)``. A format is chosen only if it is not slower than dense at every one of them
     (see :mod:`sparsekit.engine.autotune`), or, for a linear layer, it serves only the
     row counts up to a threshold and a second format the others
-    (:class:`CompiledLinear` ``format_large``). ``batch_sizes`` is the deprecated spelling.
+    (:class:`CompiledLinear` ``format_large``). Each is at most :data:`MAX_ROWS` (every
+    layer is timed on inputs of that many rows). ``batch_sizes`` is the deprecated spelling.
 
     ``formats`` is ``"auto"`` (every format that can hold a layer's weight, and dense) or
     names from :data:`~sparsekit.engine.formats.FORMATS`. With ``"dense"`` among them,
@@ -178,8 +179,8 @@ def compile(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    names = _check_formats(formats)
-    served = None if rows is None else _check_rows(rows)
+    names = check_formats(formats)
+    served = None if rows is None else check_rows(rows)
     if threads is not None:
         check_int("threads", threads, minimum=1)
         if threads > MAX_THREADS:
@@ -808,31 +809,29 @@ def _linear_of(layer: nn.Module) -> nn.Linear:
 # -- validation --------------------------------------------------------------------------
 
 
-def _check_formats(formats: str | Iterable[str]) -> list[str] | None:
-    """``None`` for "auto", else the validated list of names."""
-    if isinstance(formats, str):
-        if formats == "auto":
-            return None
-        formats = [formats]
-    if not isinstance(formats, Iterable):
-        raise ArgumentTypeError(f"formats must be 'auto' or names from {FORMATS.names()}, got "
-                                f"{formats!r}")
-    names = list(formats)
-    bad = [n for n in names if n not in FORMATS]
-    if bad or not names:
-        raise ValueError(
-            f"formats must be 'auto' or names from {FORMATS.names()}, got {bad or names!r}"
-        )
-    return names
+MAX_ROWS = 2**20
+"""The most rows :func:`compile` times a layer at (``rows``). Each layer is timed on random
+inputs of every served row count, so a row count costs memory in proportion: 2**20 rows of
+a 4096-wide float32 layer are 16 GiB of input, and more than any batch × sequence one
+call serves."""
 
 
-def _check_rows(rows: int | Sequence[int]) -> list[int]:
-    """The distinct row counts of ``rows`` (an int or a non-empty sequence of ints ≥ 1)."""
+def check_rows(rows: int | Sequence[int]) -> list[int]:
+    """The distinct row counts of ``rows`` (an int or a non-empty sequence of ints in
+    [1, :data:`MAX_ROWS`]), the ``rows=`` of :func:`compile` and of a recipe's ``compile``
+    stage: a larger one would fail allocating its timing inputs (a raw out-of-memory
+    ``RuntimeError``)."""
     values = list(rows) if isinstance(rows, Iterable) and not isinstance(rows, str) else [rows]
     if not values:
         raise ValueError(f"rows must be an int ≥ 1 or a non-empty sequence of them, got {rows!r}")
     for r in values:
         check_int("rows", r, minimum=1)
+        if r > MAX_ROWS:
+            raise ValueError(
+                f"rows must be ints in [1, {MAX_ROWS}] (MAX_ROWS: each layer is timed on "
+                f"random inputs of every row count, so more rows would exhaust the memory), "
+                f"got {r}"
+            )
     return list(dict.fromkeys(values))
 
 

@@ -56,10 +56,15 @@ class CompiledLayer(nn.Module):
 
     # The hot path reads the format's matmul and the bias from the instance __dict__ rather
     # than through nn.Module.__getattr__: at batch 1 a small layer takes a few µs, and the
-    # two lookups cost a fifth of that. They are refreshed whenever either is replaced.
+    # two lookups cost a fifth of that. They are refreshed whenever either is replaced. The
+    # bias is checked when it is set, so the product need not check it on every call
+    # (Format.trusted_matmul).
     _hot = ("format", "bias")  # the attributes _cache() reads
 
     def __setattr__(self, name: str, value: object) -> None:
+        fmt = self._modules.get("format") if name == "bias" and value is not None else None
+        if isinstance(fmt, Format):
+            fmt.check_bias(value)  # type: ignore[arg-type]
         super().__setattr__(name, value)
         if name in self._hot and "format" in self._modules:
             self._cache()
@@ -70,7 +75,7 @@ class CompiledLayer(nn.Module):
         return out
 
     def _cache(self) -> None:
-        self.__dict__["_matmul"] = self._modules["format"].matmul
+        self.__dict__["_matmul"] = self._modules["format"].trusted_matmul()
         self.__dict__["_bias"] = self._buffers["bias"]
 
     @property
@@ -229,7 +234,7 @@ class CompiledLinear(CompiledLayer):
     def _cache(self) -> None:
         super()._cache()
         large = self._modules.get("format_large")
-        self.__dict__["_large"] = None if large is None else large.matmul
+        self.__dict__["_large"] = None if large is None else large.trusted_matmul()
 
     @classmethod
     def from_linear(

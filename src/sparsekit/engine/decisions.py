@@ -33,9 +33,7 @@ import functools
 import hashlib
 import json
 import math
-import os
 import platform
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsekit._atomic import atomic_write
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.autotune import MARGIN
 
@@ -139,17 +138,12 @@ def store(key: dict[str, object], choice: dict[str, object]) -> None:
         warnings.simplefilter("ignore", RuntimeWarning)  # lookup() warned about it already
         previous = _read(key)
     timings = 1 + (previous[1] if previous is not None else 0)
+    text = json.dumps({"key": key, "choice": choice, "timings": timings,
+                       "close_call": close_call(choice, key["candidates"])})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"key": key, "choice": choice, "timings": timings,
-                           "close_call": close_call(choice, key["candidates"])}, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as tmp:
+            tmp.write_text(text)
     except OSError as exc:  # one message per directory and reason, so it is shown once
         warnings.warn(
             f"cannot write to the decision cache in {path.parent}: {exc.strerror or exc}",

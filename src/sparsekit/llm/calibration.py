@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_seed
 from sparsekit.distributed import check_same_on_ranks, rank_slice, world_size
 
 Calibration = torch.Tensor | list[str] | str | os.PathLike
@@ -37,7 +37,7 @@ def calibration_tokens(
     check_int("nsamples", nsamples, minimum=1)
     if seqlen is not None:
         check_int("seqlen", seqlen, minimum=1)
-    check_int("seed", seed)
+    check_seed("seed", seed)
     if isinstance(calibration, torch.Tensor):
         check_token_dtype(calibration)
         if calibration.dim() not in (1, 2):

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_device, check_int
+from sparsekit._checks import ArgumentTypeError, check_device, check_int, check_seed
 from sparsekit.allocation import outlier_ratio, owl_sparsities
 from sparsekit.blocks import BlockCall, capture_inputs, find_blocks
 from sparsekit.distributed import all_reduce_sum, check_same_on_ranks
@@ -126,7 +126,7 @@ def prune(
     spec = METHODS.get(method)
     pat = check_options(sparsity, pattern, allocation)
     check_int("batch_size", batch_size, minimum=1)
-    check_int("seed", seed)
+    check_seed("seed", seed)
     seqlen = check_seqlen(model, seqlen)
     blocks = find_blocks(model)
     layers = block_layers(model, blocks, targets, exclude)

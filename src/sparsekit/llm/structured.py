@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_int
+from sparsekit._checks import check_fraction, check_seed
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.blocks import home_device, to_device
 from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
@@ -123,7 +123,7 @@ def prune_structured(
                          f"{', '.join(map(repr, _ALLOCATIONS))}")
     check_fraction("amount", amount, zero=False)
     check_round_to(round_to)
-    check_int("seed", seed)
+    check_seed("seed", seed)
     _, blocks = transformer_blocks(model)
     if units == ("layers",):
         _layers_to_remove(amount, len(blocks))  # before any calibration run

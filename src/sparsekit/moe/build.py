@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_int
+from sparsekit._checks import MAX_SEED, check_fraction, check_int, check_seed
 from sparsekit.activation.record import record_inputs
 from sparsekit.moe import ffn as ffns
 from sparsekit.moe.lowrank import LowRankRouter
@@ -64,7 +64,7 @@ def check_common(model: Any, calibration: Any, keep: Any, rank: Any, steps: Any,
     check_int("rank", rank, minimum=1)
     check_int("steps", steps, minimum=1)
     check_int("max_rows", max_rows, minimum=1)
-    check_int("seed", seed)
+    check_seed("seed", seed)
     if calibration is None:
         raise ValueError("calibration must be a tensor of inputs or a list of them, got None")
     return ffns.find_ffns(model)
@@ -98,12 +98,12 @@ def build(model: nn.Module, calibration: Any, layers: list[ffns.FFN], plan: Plan
                                    norms[layout.hot:], layer.act, x, rank=rank,
                                    unit_size=layout.unit_size)
             if rank < x.shape[1]:  # at full rank the scores are exact already
-                scorer.refine(x, mass, steps=steps, seed=seed + i)
+                scorer.refine(x, mass, steps=steps, seed=(seed + i) & MAX_SEED)
         elif units:
             targets = mass if layout.soft else torch.zeros_like(mass).scatter_(
                 1, mass.topk(layout.k, dim=1).indices, 1.0)
             scorer = fit(Router(x.shape[1], units, rank), x, targets, steps=steps,
-                         loss="listwise" if layout.soft else "bce", seed=seed + i)
+                         loss="listwise" if layout.soft else "bce", seed=(seed + i) & MAX_SEED)
         modules[layer.name] = RoutedFFN(w_in, b_in, w_out, b_out, layer.act,
                                         order=layout.order, hot=layout.hot,
                                         unit_size=layout.unit_size, router=scorer, k=layout.k)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsekit._checks import check_int
+from sparsekit._checks import check_int, check_seed
 
 __all__ = ["balanced_kmeans"]
 
@@ -31,7 +31,7 @@ def balanced_kmeans(points: torch.Tensor, clusters: int, *, iterations: int = 25
                          f"{getattr(points, 'shape', type(points).__name__)}")
     check_int("clusters", clusters, minimum=1)
     check_int("iterations", iterations, minimum=1)
-    check_int("seed", seed)
+    check_seed("seed", seed)
     n = points.shape[0]
     if n == 0:
         raise ValueError("points must hold at least one row, got shape "

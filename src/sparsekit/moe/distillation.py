@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_int, check_positive, model_errors
+from sparsekit._checks import check_int, check_positive, check_seed, model_errors
 from sparsekit.moe.ffn import activate
 from sparsekit.moe.routed import RoutedFFN, routed_layers
 from sparsekit.observe import batches, preserved, watch
@@ -128,7 +128,7 @@ def training_inputs(data: Any, lr: Any, seed: Any) -> list[Any]:
     """The non-empty batches of ``data`` (a tensor of model inputs or a list of them), after
     checking the learning rate ``lr`` (a positive finite float) and ``seed``."""
     check_positive("lr", lr)
-    check_int("seed", seed)
+    check_seed("seed", seed)
     if data is None:
         raise ValueError("data must be a tensor of inputs or a list of them, got None")
     inputs = [x for x, _ in batches(data) if not (isinstance(x, torch.Tensor) and x.numel() == 0)]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import check_int, check_seed
 from sparsekit.activation.record import record_inputs
 from sparsekit.moe.routed import RoutedFFN, unit_mass
 
@@ -29,7 +29,7 @@ def evaluate(model: nn.Module, data: Any, *, max_rows: int = 2048, seed: int = 0
     """``{"recall", "precision", "error", "oracle_error", "kept"}`` of every RoutedFFN of
     ``model`` (by module name) on at most ``max_rows`` of its input rows on ``data``."""
     check_int("max_rows", max_rows, minimum=1)
-    check_int("seed", seed)
+    check_seed("seed", seed)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, RoutedFFN)}
     if not layers:
         raise ValueError("model has no RoutedFFN modules (build them with moefy or contextual)")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_int
+from sparsekit._checks import check_fraction, check_int, check_seed
 from sparsekit.moe.router import Router, fit
 from sparsekit.observe import run, watch
 from sparsekit.structured.transformer import block_group, transformer_blocks
@@ -47,7 +47,7 @@ def head_predictors(
     check_fraction("keep", keep, zero=False, one=True)
     for name, value in (("rank", rank), ("steps", steps), ("max_rows", max_rows)):
         check_int(name, value, minimum=1)
-    check_int("seed", seed)
+    check_seed("seed", seed)
     prefix, blocks = transformer_blocks(model)
     groups = [block_group(f"{prefix}.{i}", b, "heads") for i, b in enumerate(blocks)]
     out = {}

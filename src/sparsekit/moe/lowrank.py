@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import check_int, check_seed
 from sparsekit.moe.ffn import activate
 from sparsekit.moe.routed import unit_mass
 
@@ -77,7 +77,7 @@ class LowRankRouter(nn.Module):
         minimising the squared error of the scores relative to the mass's. Returns self."""
         check_int("steps", steps, minimum=1)
         check_int("batch", batch, minimum=1)
-        check_int("seed", seed)
+        check_seed("seed", seed)
         if mass.shape != (x.shape[0], self.up.shape[0] // self.writers // self.unit_size):
             raise ValueError(f"mass must be (T, units) for x of {x.shape[0]} rows, got "
                              f"{tuple(mass.shape)}")

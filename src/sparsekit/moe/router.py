@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import check_int, check_seed
 
 __all__ = ["LOSSES", "Router", "fit"]
 
@@ -56,7 +56,7 @@ def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 3
     one) and ignores ``balance``."""
     check_int("steps", steps, minimum=1)
     check_int("batch", batch, minimum=1)
-    check_int("seed", seed)
+    check_seed("seed", seed)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
     x, labels = x.float(), labels.float()

@@ -10,11 +10,12 @@ SAELens saves BatchTopK too), ``transcoder`` and ``jumprelu_transcoder``. What o
 sparsekit uses (the training activation, Matryoshka prefixes) goes under a ``"sparsekit"``
 key that SAELens ignores, so :func:`load` gives back the module that was saved.
 
-:func:`save` writes each file to a temporary file beside it and renames it into place, the
-config last, so a failed save leaves the directory as it was, and one interrupted between
-the renames leaves no ``cfg.json`` (which :func:`load` refuses) rather than a config that
-describes other weights. :func:`load` refuses a damaged directory with a ``ValueError``
-naming the file and what is wrong in it.
+:func:`save` writes each file to a temporary file beside it, fsyncs it and renames it into
+place (:func:`~sparsekit._atomic.atomic_write`), the config last, so a failed save leaves
+the directory as it was, and one interrupted between the renames leaves no ``cfg.json``
+(which :func:`load` refuses) rather than a config that describes other weights.
+:func:`load` refuses a damaged directory with a ``ValueError`` naming the file and what is
+wrong in it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sparsekit._atomic import atomic_write
 from sparsekit._checks import ArgumentTypeError
 from sparsekit.sae.sae import SAE
 
@@ -95,15 +97,12 @@ def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) 
             else sae.threshold.to(sae.W_enc.dtype).expand(sae.n_latents)
         weights["threshold"] = threshold.detach().contiguous().cpu()
     path.mkdir(parents=True, exist_ok=True)
-    weights_tmp = _written(path / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp))
-    try:
-        cfg_tmp = _written(path / CFG_NAME, lambda tmp: tmp.write_text(text))
-    except BaseException:
-        weights_tmp.unlink(missing_ok=True)
-        raise
-    (path / CFG_NAME).unlink(missing_ok=True)  # no old config ever describes new weights
-    os.replace(weights_tmp, path / WEIGHTS_NAME)
-    os.replace(cfg_tmp, path / CFG_NAME)
+    # Both files are written before either is renamed, the config (the outer block) last.
+    with atomic_write(path / CFG_NAME) as cfg_tmp:
+        cfg_tmp.write_text(text)
+        with atomic_write(path / WEIGHTS_NAME) as weights_tmp:
+            save_file(weights, weights_tmp)
+            (path / CFG_NAME).unlink(missing_ok=True)  # no old config describes new weights
     return path
 
 
@@ -113,18 +112,6 @@ def _directory(path: Any) -> Path:
         raise ArgumentTypeError(f"path must be a str or os.PathLike directory, got "
                                 f"{type(path).__name__}")
     return Path(path)
-
-
-def _written(file: Path, write: Callable[[Path], object]) -> Path:
-    """A temporary file beside ``file`` that ``write`` filled, to be renamed over ``file``
-    (removed again if ``write`` fails)."""
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")  # a file's usual permissions
-    try:
-        write(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ from sparsekit._checks import (
     check_fraction,
     check_int,
     check_optimizer,
+    check_seed,
     check_sparsity,
     renamed,
     renamed_attribute,
@@ -153,7 +154,7 @@ class DynamicSparsity:
         check_fraction("drop_fraction", drop_fraction, zero=False)
         check_int("every", every, minimum=1)
         check_int("end_step", end_step, minimum=1)
-        check_int("seed", seed)
+        check_seed("seed", seed)
         check_fraction("momentum", momentum)
         check_sparsity(initial_sparsity, "initial_sparsity")
         if method == "granet":  # the only method that starts at initial_sparsity

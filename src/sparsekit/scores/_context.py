@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import model_errors
+from sparsekit._checks import ArgumentTypeError, model_errors
 from sparsekit.distributed import check_same_on_ranks, rank_slice, world_size
 from sparsekit.observe import Batch, batches, preserved
 from sparsekit.targets import Target, default_types
@@ -103,9 +103,27 @@ class ScoreContext:
             return self.model(inputs)
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``loss_fn(outputs, labels)``; labels that do not fit the outputs (wrong length,
-        wrong dtype) are a clear error naming ``data``."""
-        fn = self.loss_fn or F.cross_entropy
-        with model_errors("data", "the loss cannot compare the model's outputs with the labels "
-                                  "of a batch"):
-            return fn(outputs, labels)
+        """``loss_fn(outputs, labels)``, checked to be a one-element tensor (the gradient
+        criteria differentiate it; anything else failed deep in autograd).
+
+        An error raised inside the call names what failed: ``loss_fn`` when the caller
+        passed one (its own error, or labels it cannot take), else ``data`` (labels that do
+        not fit the outputs for the default cross-entropy: wrong length, wrong dtype).
+        """
+        if self.loss_fn is None:
+            with model_errors("data", "cross-entropy (the default loss_fn) cannot compare the "
+                                      "model's outputs with the labels of a batch"):
+                return F.cross_entropy(outputs, labels)
+        with model_errors("loss_fn", "it failed on the model's outputs and the labels of a "
+                                     "batch"):
+            loss = self.loss_fn(outputs, labels)
+        if not isinstance(loss, torch.Tensor):
+            raise ArgumentTypeError(
+                f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+            )
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss_fn must return a scalar tensor (reduce it, e.g. with .mean()), got "
+                f"one of shape {tuple(loss.shape)}"
+            )
+        return loss

@@ -18,8 +18,11 @@ One file per format family; a new format is a :class:`Format` subclass registere
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.engine.formats.base import Format
 from sparsekit.engine.formats.bitmap import Bitmap
 from sparsekit.engine.formats.bsr import BSR
@@ -33,7 +36,7 @@ from sparsekit.registry import Registry
 __all__ = [
     "BSR", "FORMATS", "CSR16", "Bitmap", "ConstantFanIn", "CudaBSR", "CudaSemiStructured",
     "DenseFormat", "DenseLowPrecision", "Format", "FormatRegistry", "PackedNM", "TorchCSR",
-    "available_formats", "format_from_state",
+    "available_formats", "check_formats", "format_from_state",
 ]
 
 
@@ -59,6 +62,31 @@ for _format in (
     FORMATS.register(
         _format.name, dtypes=_format.dtypes, device=_format.device, threaded=_format.threaded
     )(_format)
+
+
+def check_formats(formats: str | Iterable[str]) -> list[str] | None:
+    """The format names ``formats`` asks for, checked: ``None`` for ``"auto"`` (every format
+    that can hold a layer's weight), else the list of names, each in :data:`FORMATS`.
+
+    The ``formats=`` argument of :func:`sparsekit.engine.compile` and of a recipe's
+    ``compile`` stage. A value that is neither a str nor an iterable of them is an
+    :class:`~sparsekit._checks.ArgumentTypeError`; an unknown name, or no name at all, a
+    ``ValueError`` naming the accepted ones.
+    """
+    if isinstance(formats, str):
+        if formats == "auto":
+            return None
+        formats = [formats]
+    if not isinstance(formats, Iterable):
+        raise ArgumentTypeError(f"formats must be 'auto' or names from {FORMATS.names()}, got "
+                                f"{formats!r}")
+    names = list(formats)
+    bad = [n for n in names if n not in FORMATS]
+    if bad or not names:
+        raise ValueError(
+            f"formats must be 'auto' or names from {FORMATS.names()}, got {bad or names!r}"
+        )
+    return names
 
 
 def available_formats(weight: torch.Tensor, value_dtype: torch.dtype | None = None) -> list[str]:

@@ -113,15 +113,26 @@ class Format(nn.Module):
         """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``.
 
         Raises ``ValueError`` for any other shape (see :meth:`check_input`): no kernel ever
-        reads past the end of ``x``.
+        reads past the end of ``x``; and for a ``bias`` other than ``None`` or a tensor of
+        shape ``(out_features,)`` (see :meth:`check_bias`), which would broadcast.
         """
         shape = x.shape  # read once: each read builds a torch.Size (µs count at batch 1)
         if not shape or shape[-1] != self.in_features:
             self.check_input(x)  # raises
+        if bias is not None:
+            self.check_bias(bias)
         if len(shape) == 2:  # no reshapes
             return self._mm(x, bias)
         y = self._mm(x.reshape(-1, self.in_features), bias)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def trusted_matmul(self) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """The product a layer calls on its hot path with a bias it checked once
+        (:meth:`check_bias`, e.g. :class:`~sparsekit.engine.compiled_linear.CompiledLayer`):
+        :meth:`matmul`, or one that skips checking the bias again where that check would
+        cost a noticeable part of a small call (:class:`~sparsekit.engine.formats.DenseFormat`,
+        whose ``F.linear`` would broadcast a wrong bias silently). It still checks ``x``."""
+        return self.matmul
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` has shape ``(..., in_features)``."""
@@ -133,14 +144,17 @@ class Format(nn.Module):
             )
 
     def check_bias(self, bias: torch.Tensor | None) -> None:
-        """Raise ``ValueError`` unless ``bias`` is ``None`` or a tensor of shape
-        ``(out_features,)``."""
-        if bias is not None and (not isinstance(bias, torch.Tensor)
-                                 or tuple(bias.shape) != (self.out_features,)):
-            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"bias must be None or a tensor of shape ({self.out_features},) "
-                             f"for this {self.out_features}x{self.in_features} {self.name} "
-                             f"weight, got {got}")
+        """Raise unless ``bias`` is ``None`` or a tensor of shape ``(out_features,)``: an
+        :class:`~sparsekit._checks.ArgumentTypeError` for anything but a tensor (a number, a
+        list), a ``ValueError`` for any other shape, one that would broadcast (``(1,)``,
+        ``(rows, out_features)``) included. Every format refuses the same biases."""
+        if bias is None or isinstance(bias, torch.Tensor) and bias.shape == (self.out_features,):
+            return  # the message is built only when it is needed (µs count at batch 1)
+        accepted = (f"None or a tensor of shape ({self.out_features},) for this "
+                    f"{self.out_features}x{self.in_features} {self.name} weight")
+        if not isinstance(bias, torch.Tensor):
+            raise ArgumentTypeError(f"bias must be {accepted}, got {type(bias).__name__}")
+        raise ValueError(f"bias must be {accepted}, got {tuple(bias.shape)}")
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The product for a 2-D ``x`` of ``in_features`` columns."""

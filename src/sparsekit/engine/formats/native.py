@@ -238,15 +238,17 @@ class NativeFormat(BoundArguments, Format):
 
         At batch 1 the Python around a kernel call counts, most of all cold, as in a decode
         step (:mod:`sparsekit.engine.bound`): an input the kernel takes as it is (of one of
-        :attr:`dtypes`, contiguous, a float32 or no ``bias``) goes straight to the op's C++
-        entry with the arguments bound in :meth:`_bind`, and the op checks the rest itself.
-        Anything else, and any input the op rejects, takes the checked path: it converts
-        what must be, or raises ``ValueError`` for any other shape (see
-        :meth:`check_input` and :meth:`check_bias`).
+        :attr:`dtypes`, contiguous, a float32 tensor or no ``bias``) goes straight to the
+        op's C++ entry with the arguments bound in :meth:`_bind`, and the op checks the rest
+        itself. Anything else, and any input the op rejects, takes the checked path: it
+        converts what must be, or raises ``ValueError`` for any other shape (see
+        :meth:`check_input` and :meth:`check_bias`; a ``bias`` that is no tensor is an
+        :class:`~sparsekit._checks.ArgumentTypeError`).
         """
         bound = self.__dict__.get("_bound") or self._bind()
         if (bound is not None and x.dtype in self.dtypes and x.is_cpu and x.is_contiguous()
-                and (bias is None or bias.dtype is torch.float32)
+                and (bias is None or isinstance(bias, torch.Tensor)
+                     and bias.dtype is torch.float32)
                 and not torch.compiler.is_compiling()):
             op, tensors, ints, scales, work = bound
             threads = self.threads or max(  # as _threads
