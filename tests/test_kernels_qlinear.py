@@ -74,7 +74,9 @@ def _assert_matches(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("batch", [1, 2, 5, 8, 16, 17, 64])  # around the 8-row passes
+# around the 8-row passes and the 8-row groups of the interleaved path (AVX-512), with
+# partial last groups of 1 and 4 rows
+@pytest.mark.parametrize("batch", [1, 2, 5, 8, 12, 16, 17, 28, 64])
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("kind", _KINDS)
 def test_qlinear_equals_the_exact_integer_reference(kind, isa, batch, threads):
@@ -138,12 +140,14 @@ def test_extreme_codes_do_not_saturate(kind, isa, code):
     with torch.no_grad():
         values.copy_(torch.where(values != 0, code, 0).to(torch.int8))
     fmt.scales.fill_(1.0)
-    x = torch.full((2, cols), 0.5)
-    x[1] = -0.25  # both signs: qx = +127 and -127
+    x = torch.full((16, cols), 0.5)  # 16 rows: the row dots and the interleaved path
+    x[1::2] = -0.25  # both signs: qx = +127 and -127
     with kernels.use_isa(isa):
         y = _call(fmt, x, None, 1)
+        y_rows = _call(fmt, x[:2], None, 1)
     kept = (codes != 0).sum(1).double()  # y = code * (+-127) * kept * (|x| / 127)
-    expected = torch.stack([code * kept * 0.5, code * kept * -0.25])
+    expected = torch.stack([code * kept * 0.5, code * kept * -0.25]).repeat(8, 1)
+    torch.testing.assert_close(y_rows.double(), expected[:2], rtol=1e-6, atol=0)
     torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=0)
 
 
@@ -205,3 +209,18 @@ def test_bitmap_and_nm_qlinear_reject_float_values_and_bad_patterns():
     with pytest.raises(RuntimeError, match="indices"):
         torch.ops.sparsekit.nm_qlinear(nm.nm_values, nm.nm_indices[:2], x, None, 2, 4, 40, 1,
                                        nm.scales)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("cols", [1, 8, 63, 64, 65, 100, 1000])
+@pytest.mark.parametrize("batch", [8, 13, 24])
+def test_dense_qlinear_interleaved_at_every_width(isa, cols, batch):
+    # the interleaved path broadcasts 8 weights at a time from W's own rows: a last block
+    # that ends inside a row is copied out zero-padded (no read past the weight), and the
+    # rows of a tile past the last row are never written
+    g = torch.Generator().manual_seed(cols + batch)
+    fmt = _format("dense", _pruned("dense", 21, cols, g))
+    x, bias = torch.randn(batch, cols, generator=g), torch.randn(21, generator=g)
+    with kernels.use_isa(isa):
+        y = _call(fmt, x, bias, 2)
+    _assert_matches(y, _reference(fmt.stored_dense(), fmt.scales, x, bias))
