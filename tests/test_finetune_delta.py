@@ -208,7 +208,7 @@ def test_support_that_does_not_match_the_model_is_refused():
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="shape"):
         DeltaTraining(model, {"0.weight": torch.ones(3, 3, dtype=torch.bool)})
-    with pytest.raises(ValueError, match="matches no module"):
+    with pytest.raises(ValueError, match="support names .9.weight., which is not a parameter"):
         DeltaTraining(model, {"9.weight": torch.ones(3, 3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="no weights"):
         DeltaTraining(model, {})
@@ -228,7 +228,7 @@ def test_a_delta_for_another_model_is_refused_before_any_change():
     renamed = nn.Sequential(nn.Linear(10, 24))
     with pytest.raises(ValueError, match="another architecture"):
         delta.apply(renamed)
-    with pytest.raises(TypeError, match="alpha"):
+    with pytest.raises(ValueError, match="alpha must be a finite real number"):
         delta.apply(other, alpha=math.inf)
     assert all(torch.equal(other.state_dict()[k], v) for k, v in state.items())
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from _state import snapshot, unchanged
@@ -16,6 +17,7 @@ from torch import nn
 
 import sparsekit
 from sparsekit import activation
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.activation import ActivationSparsity
 from sparsekit.regularize import GroupEnvelope, GroupLasso, SoftThreshold
 from sparsekit.structured import dependency_groups
@@ -595,3 +597,408 @@ def test_a_loss_error_names_what_failed(kwargs, error, match):
     with pytest.raises(error, match=match):
         sparsekit.prune(model, 0.5, method="snip", **({"data": _SCORE_DATA} | kwargs))
     assert unchanged(model, before)
+
+
+# -- calibration data, training helpers, deltas, quantization, selection (session 32) --------
+
+
+GRADIENT_CRITERIA = ["snip", "taylor", "taylor:accumulated", "grasp", "gradient"]
+
+
+@pytest.mark.parametrize("data", [
+    (torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)),
+    [(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))] * 2,
+])
+@pytest.mark.parametrize("method", [*GRADIENT_CRITERIA, "synflow", "wanda", "flap"])
+def test_calibration_data_without_rows_is_refused(method, data):
+    """Empty batches gave the gradient criteria all-zero scores: the mask kept the first
+    half of every layer by position."""
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"^data for criterion '{method}' holds no rows"):
+        sparsekit.prune(model, 0.5, method=method, data=data)
+    assert unchanged(model, before)
+
+
+def test_masked_delta_refuses_calibration_data_without_rows():
+    from sparsekit.finetune import masked_delta
+
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="^data for criterion 'gradient' holds no rows"):
+        masked_delta(model, 0.5, data=(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)))
+    assert unchanged(model, before)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_empty_batches_beside_full_ones_are_left_out():
+    """An empty batch adds nothing to a gradient; counted in the mean it only diluted it."""
+    from sparsekit.scores import CRITERIA, ScoreContext
+    from sparsekit.targets import resolve_targets
+
+    x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
+    model = mlp()
+    empty = (torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))
+    score = {d: CRITERIA.get("taylor")(ScoreContext(model, resolve_targets(model), data))
+             for d, data in (("full", [(x, y)]), ("padded", [empty, (x, y), empty]))}
+    assert all(torch.allclose(score["full"][n], score["padded"][n]) for n in score["full"])
+
+
+@pytest.mark.parametrize("method", GRADIENT_CRITERIA)
+def test_an_error_of_the_backward_pass_names_data(method):
+    """One unbatched input with a batch of one label fails only in the backward pass:
+    a raw autograd "size mismatch" RuntimeError."""
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^data: differentiating the loss on a batch failed: "
+                                         r"size mismatch"):
+        sparsekit.prune(model, 0.5, method=method, data=(torch.randn(8), torch.zeros(1).long()))
+    assert unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", GRADIENT_CRITERIA)
+def test_a_loss_that_does_not_require_grad_is_refused(method):
+    """A detached loss was "element 0 of tensors does not require grad" from autograd."""
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="^loss_fn must return a loss computed from the "
+                                         "model's outputs.*does not require grad"):
+        sparsekit.prune(model, 0.5, method=method, data=_SCORE_DATA,
+                        loss_fn=lambda out, labels: out.detach().sum())
+    assert unchanged(model, before)
+
+
+def test_synflow_needs_tensor_inputs():
+    """A list of inputs was "'list' object has no attribute 'shape'"."""
+    with pytest.raises(TypeError, match="criterion 'synflow' .* inputs must be a tensor; got "
+                                        "list"):
+        sparsekit.prune(mlp(), 0.5, method="synflow", data=[([[1.0] * 8], torch.zeros(1))])
+
+
+@pytest.mark.parametrize("batch_size, error", [
+    (0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError),
+])
+@pytest.mark.parametrize("call", ["minibatches", "train_epoch", "accuracy"])
+def test_batch_size_is_an_int_of_at_least_one(call, batch_size, error):
+    """batch_size=-1 trained nothing (loss 0.0) and gave accuracy 0.0; 0 was a bare
+    "range() arg 3 must not be zero", 1.5 a raw TypeError."""
+    from torch.utils.data import TensorDataset
+
+    from sparsekit.training import accuracy, minibatches, train_epoch
+
+    model = mlp().eval()
+    before = snapshot(model)
+    data = TensorDataset(torch.randn(10, 8), torch.randint(0, 4, (10,)))
+    calls = {
+        "minibatches": lambda: minibatches(data, batch_size),
+        "train_epoch": lambda: train_epoch(model, data, torch.optim.SGD(model.parameters(), lr=1),
+                                           batch_size=batch_size),
+        "accuracy": lambda: accuracy(model, data, batch_size=batch_size),
+    }
+    with pytest.raises(error, match=rf"^batch_size must be an int ≥ 1, got "
+                                    rf"{re.escape(repr(batch_size))}$"):
+        calls[call]()
+    assert unchanged(model, before)
+    assert not model.training
+
+
+def test_accuracy_refuses_an_empty_dataset():
+    """It was a ZeroDivisionError."""
+    from torch.utils.data import TensorDataset
+
+    from sparsekit.training import accuracy
+
+    empty = TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="^data holds no examples"):
+        accuracy(mlp(), empty)
+
+
+def _trained_delta():
+    from sparsekit.finetune import masked_delta
+
+    model = mlp()
+    training = masked_delta(model, 0.3, method="magnitude")
+    with torch.no_grad():
+        for p in training.parameters():
+            p.add_(1.0)
+    return training.delta()
+
+
+@pytest.mark.parametrize("float64_first", [False, True])
+@pytest.mark.parametrize("alpha", [1e39, 1e300, -1e300])
+def test_apply_refuses_an_alpha_that_overflows_before_any_weight_changes(alpha, float64_first):
+    """alpha=1e39 was a raw "value cannot be converted to type float without overflow";
+    with a float64 first layer, 1e300 changed that layer, then failed on the next."""
+    model = mlp()
+    if float64_first:
+        model[0].double()
+    before = snapshot(model)
+    first_float32 = "2.weight" if float64_first else "0.weight"
+    with pytest.raises(ValueError, match=rf"^alpha=.* is beyond the largest torch.float32 "
+                                         rf"number .*'{first_float32}'"):
+        _trained_delta().apply(model, alpha=alpha)
+    assert unchanged(model, before)
+
+
+def test_apply_refuses_an_alpha_whose_update_overflows():
+    from sparsekit.finetune import Delta
+
+    model = mlp()
+    before = snapshot(model)
+    delta = Delta({"2.weight": torch.full((4, 16), 4.0)},
+                  {"2.weight": torch.ones(4, 16, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"^alpha=3e\+38 times the delta makes 64 entries of "
+                                         r"'2.weight' overflow torch.float32"):
+        delta.apply(model, alpha=3e38)
+    assert unchanged(model, before)
+
+
+@pytest.mark.parametrize("alpha, error", [
+    (float("nan"), ValueError), (float("inf"), ValueError), (10**400, ValueError),
+    (torch.tensor(float("nan")), ValueError), (True, TypeError), ("1", TypeError),
+    (torch.ones(2), TypeError), (1j, TypeError),
+])
+def test_apply_names_an_alpha_that_is_no_finite_real_number(alpha, error):
+    """NaN was a TypeError."""
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(error, match=r"^alpha must be a finite real number"):
+        _trained_delta().apply(model, alpha=alpha)
+    assert unchanged(model, before)
+
+
+@pytest.mark.parametrize("alpha", [np.float32(0.5), np.int64(2), torch.tensor(0.5), 0.5])
+def test_apply_takes_numpy_and_0d_tensor_alphas(alpha):
+    """np.float32(1.0) and torch.tensor(1.0) were refused as no number."""
+    delta = _trained_delta()
+    model, expected = mlp(), mlp()
+    delta.apply(model, alpha=alpha)
+    delta.apply(expected, alpha=float(alpha))
+    assert unchanged(model, snapshot(expected))
+
+
+@pytest.mark.parametrize("names, match", [
+    ([""], r"values\[''\]: a parameter name is dot-separated"),
+    (["a..b"], r"values\['a..b'\]: a parameter name"),
+    ([".a"], r"values\['.a'\]"),
+    (["forward.weight"], r"values\['forward.weight'\]: .*nor an attribute of nn.Module"),
+    (["a", "a.b"], r"values names both 'a' and 'a.b': a parameter cannot also be the module"),
+    (["x.a", "x.a.b.c"], r"values names both 'x.a' and 'x.a.b.c'"),
+])
+def test_a_delta_refuses_names_no_parameter_can_have(names, match):
+    """They were taken, and save() failed with a KeyError or an AttributeError."""
+    from sparsekit.finetune import Delta
+
+    with pytest.raises(ValueError, match=match):
+        Delta({n: torch.zeros(2) for n in names},
+              {n: torch.ones(2, dtype=torch.bool) for n in names})
+
+
+def test_a_delta_with_nested_names_saves(tmp_path):
+    from sparsekit.finetune import Delta
+
+    names = ["a.b", "a.c", "ab.weight", "0.weight"]
+    delta = Delta({n: torch.ones(2) for n in names}, {n: torch.ones(2, dtype=torch.bool)
+                                                       for n in names})
+    back = Delta.load(delta.save(tmp_path / "d.safetensors"))
+    assert sorted(back.values) == sorted(names)
+
+
+def test_a_delta_name_must_be_a_str():
+    from sparsekit.finetune import Delta
+
+    with pytest.raises(TypeError, match="values must be keyed by parameter names"):
+        Delta({1: torch.zeros(2)}, {1: torch.ones(2, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("name", ["*", "0", "*.weight", "0.parametrizations"])
+def test_delta_training_names_support_that_is_no_parameter_name(name):
+    """A glob was a bare KeyError('*')."""
+    from sparsekit.finetune import DeltaTraining
+
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"^support names '{re.escape(name)}', which is not a "
+                                         r"parameter of the model; .* such as '0.weight', "
+                                         r"'0.bias', '2.weight'$"):
+        DeltaTraining(model, {name: torch.ones(16, 8, dtype=torch.bool)})
+    assert unchanged(model, before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_masked_delta_on_a_model_training_one_says_so():
+    """It blamed targets: "no parameters left to sparsify (check targets and exclude)"."""
+    from sparsekit.finetune import masked_delta
+
+    model = mlp()
+    masked_delta(model, 0.5, method="magnitude")
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=r"^model trains a delta on 0.weight, 2.weight already "
+                                         r"\(a DeltaTraining not merged\); merge\(\) it"):
+        masked_delta(model, 0.5, method="magnitude")
+    assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("group_size", [10**12, 9])
+def test_int8_group_size_is_at_most_the_row_width(group_size):
+    """10**12 tried to allocate 16 TB of zero padding."""
+    from sparsekit.quantize import int8_scales, quantize_int8
+
+    with pytest.raises(ValueError, match=rf"^group_size must be an int in \[1, 8\] .*got "
+                                         rf"{group_size}$"):
+        int8_scales(torch.randn(4, 8), group_size)
+    with pytest.raises(ValueError, match=r"^group_size must be an int in \[1, 8\]"):
+        quantize_int8(torch.randn(4, 8), torch.ones(4, 1), group_size)
+    assert int8_scales(torch.randn(4, 8), 8).shape == (4, 1)
+
+
+def test_int8_refuses_float64_weights_float32_cannot_hold():
+    """1e-300 quantized to all-zero codes with scale 1 (a nonzero row became zeros: the mask
+    changed); 1e300 blamed the scales the caller never passed."""
+    from sparsekit.quantize import int8_scales, quantize_int8
+
+    tiny = torch.full((2, 4), 1e-300, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^weight: the largest magnitude of row 0 is 1e-300, "
+                                         r"below float32's smallest normal number"):
+        quantize_int8(tiny)
+    with pytest.raises(ValueError, match=r"row 1 group 0 is 1e-300"):
+        int8_scales(torch.cat([torch.ones(1, 4, dtype=torch.float64), tiny[:1]]), 4)
+    huge = torch.full((2, 4), 1e300, dtype=torch.float64)
+    for call in (lambda: quantize_int8(huge), lambda: quantize_int8(huge, torch.ones(2))):
+        with pytest.raises(ValueError, match=r"^weight holds a magnitude of 1e\+300, beyond "
+                                             r"float32's largest"):
+            call()
+    mixed = torch.tensor([[1.0, 1e-300, 0.0, -0.5]], dtype=torch.float64)
+    codes, _ = quantize_int8(mixed)  # a small entry beside a large one rounds as any would
+    assert codes.tolist() == [[127, 0, 0, -64]]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda q: q.int8_scales([[1.0]]), "^weight must be a 2-D floating-point or integer "
+                                      "tensor, got list$"),
+    (lambda q: q.int8_scales(torch.ones(2, 3, dtype=torch.bool)), "got torch.bool$"),
+    (lambda q: q.quantize_int8(torch.ones(2, 3, dtype=torch.cfloat)), "got torch.complex64$"),
+    (lambda q: q.quantize_int8(torch.ones(2, 3), [1.0, 1.0]), "^scales must be a floating "
+                                                              r"tensor of shape \(2,\).*got list$"),
+    (lambda q: q.dequantize_int8([[1]], torch.ones(1)), "^codes must be a 2-D"),
+    (lambda q: q.fake_quantize(torch.ones(2, 3), None), "^scales must be .*got NoneType$"),
+    (lambda q: q.attach_scales(nn.Linear(3, 2), [1.0, 1.0]), "^scales must be .*got list$"),
+])
+def test_int8_functions_name_arguments_of_the_wrong_type(call, match):
+    """Lists were AttributeErrors, a bool weight NotImplementedError("abs_cpu")."""
+    from sparsekit import quantize
+
+    with pytest.raises(ArgumentTypeError, match=match):
+        call(quantize)
+
+
+def test_report_refuses_masks_of_names_the_model_lacks():
+    """Masks of another model were ignored: a dense report."""
+    other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Linear(4, 2))
+    masks = sparsekit.prune(other, 0.5)
+    with pytest.raises(ValueError, match=r"^masks name '3.weight', which is not a parameter of "
+                                         r"the model \(masks of another model\?\)"):
+        sparsekit.report(mlp(), masks=masks)
+
+
+def test_report_takes_masks_of_biases_and_parametrized_weights():
+    from sparsekit.finetune import masked_delta
+
+    model = mlp()
+    masks = sparsekit.prune(model, 0.5)
+    bias_masks = sparsekit.prune(mlp(), 0.5, targets=["0.bias"])
+    sparsekit.report(model, masks=type("M", (), {"masks": bias_masks.masks})())
+    masked_delta(model, 0.5, method="magnitude")  # 0.weight is parametrized now
+    assert sparsekit.report(model, masks=masks).totals["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(dim=2), ValueError, r"^dim must be None or a dimension of the 2-D scores, in "
+                              r"\[-2, 1\], got 2$"),
+    (dict(dim=-3), ValueError, r"in \[-2, 1\], got -3$"),
+    (dict(dim=1.0), TypeError, "^dim must be an int, got 1.0$"),
+    (dict(allowed=torch.ones(3, 4)), TypeError, "^allowed must be None or a bool tensor .*got "
+                                                "torch.float32$"),
+    (dict(allowed=torch.ones(3, 4, dtype=torch.long)), TypeError, "got torch.int64$"),
+    (dict(allowed=[[True] * 4] * 3), TypeError, "^allowed must be None or a bool tensor .*got "
+                                                "list$"),
+    (dict(allowed=torch.ones(4, 3, dtype=torch.bool)), ValueError, "^allowed must have the "
+                                                                   "shape of scores"),
+    (dict(k=2.0), TypeError, "^k must be an int, got float$"),
+])
+def test_top_k_names_the_bad_argument(kwargs, error, match):
+    """dim=5 was an IndexError, a float allowed a TypeError from ~, a long one a
+    RuntimeError from masked_fill."""
+    from sparsekit.select import top_k
+
+    with pytest.raises(error, match=match):
+        top_k(torch.randn(3, 4), **({"k": 2} | kwargs))
+
+
+@pytest.mark.parametrize("scores, got", [([1.0, 2.0], "list"), (torch.ones(3, dtype=torch.cfloat),
+                                                                "torch.complex64")])
+def test_top_k_needs_real_scores(scores, got):
+    from sparsekit.select import top_k
+
+    with pytest.raises(ArgumentTypeError, match=f"^scores must be a real tensor, got {got}$"):
+        top_k(scores, 1)
+
+
+def test_top_k_takes_every_dimension_of_its_scores():
+    from sparsekit.select import top_k
+
+    scores = torch.arange(12.0).reshape(3, 4)
+    assert torch.equal(top_k(scores, 1, dim=-2), top_k(scores, 1, dim=0))
+    assert top_k(torch.tensor(3.0), 1)
+    with pytest.raises(ValueError, match="^dim must be None or a dimension of the 0-D scores, "
+                                         "got 0$"):
+        top_k(torch.tensor(3.0), 1, dim=0)
+
+
+def _wrong_types() -> dict[str, object]:
+    """A call of each function that raised a plain ``TypeError`` for an argument of the
+    wrong type, with that argument."""
+    from sparsekit.models import create_model
+    from sparsekit.observe import batches
+    from sparsekit.select import top_k_counts
+
+    return {
+        "batches(5)": lambda: list(batches(5)),
+        "batches of dicts": lambda: list(batches([{"x": 1}])),
+        "targets=5": lambda: sparsekit.resolve_targets(mlp(), 5),
+        "targets=[5]": lambda: sparsekit.resolve_targets(mlp(), [5]),
+        "exclude=[None]": lambda: sparsekit.resolve_targets(mlp(), exclude=[None]),
+        "model=None": lambda: sparsekit.resolve_targets(None),
+        "k=1.5": lambda: top_k_counts([torch.ones(3)], 1.5),
+        "width=2.0": lambda: create_model("resnet_small", width=2.0),
+    }
+
+
+@pytest.mark.parametrize("call", sorted(_wrong_types()))
+def test_wrong_types_are_argument_type_errors(call):
+    """These were plain TypeErrors, which an ``except ValueError`` does not catch."""
+    with pytest.raises(ArgumentTypeError):
+        _wrong_types()[call]()
+
+
+def test_lora_wrong_types_are_argument_type_errors():
+    pytest.importorskip("peft")
+    from sparsekit.finetune import merge_lora, sparse_lora
+
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(ArgumentTypeError, match="^config must be a peft.LoraConfig, got dict$"):
+        sparse_lora(model, {"r": 4})
+    with pytest.raises(ArgumentTypeError, match="^model must be a peft model"):
+        merge_lora(model)
+    assert unchanged(model, before)
+
+
+def test_model_sizes_take_numpy_ints():
+    """np.int64(2) was refused as no int; the config still serialises as JSON."""
+    import json
+
+    from sparsekit.models import create_model
+
+    model = create_model("resnet_small", width=np.int64(2))
+    assert json.loads(json.dumps(model.sparsekit_config))["kwargs"]["width"] == 2

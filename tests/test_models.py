@@ -58,9 +58,9 @@ def test_unknown_name_lists_accepted_names():
 
 
 def test_bad_arguments_name_the_parameter():
-    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_classes must be an int ≥ 1, got 0"):
         LeNet5(num_classes=0)
-    with pytest.raises(TypeError, match="width must be an int, got float"):
+    with pytest.raises(TypeError, match="width must be an int ≥ 1, got 2.5"):
         ResNetSmall(width=2.5)
 
 

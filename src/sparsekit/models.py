@@ -13,17 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsekit._checks import check_int
 from sparsekit.registry import Registry
 
 MODELS: Registry = Registry("model")
 
 
 def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    """``value`` as a plain int after checking it is an int ≥ 1 (a NumPy integer too: the
+    config it is recorded in must serialise as JSON)."""
+    check_int(name, value, minimum=1)
+    return int(value)
 
 
 def _config(name: str, **kwargs: int) -> dict[str, Any]:

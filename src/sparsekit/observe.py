@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import model_errors
+from sparsekit._checks import ArgumentTypeError, model_errors
 from sparsekit.distributed import all_reduce_sum
 
 __all__ = [
@@ -66,7 +66,7 @@ def batches(data: Any) -> Iterator[Batch]:
         yield data[0], data[1]
         return
     if not isinstance(data, Iterable):
-        raise TypeError(
+        raise ArgumentTypeError(
             "data must be a tensor, an (inputs, labels) pair or an iterable of batches, "
             f"got {type(data).__name__}"
         )
@@ -79,7 +79,7 @@ def batches(data: Any) -> Iterator[Batch]:
                                 and item[1] is None):
             yield item[0], item[1]
         else:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"each batch in data must be a tensor or an (inputs, labels) pair, got "
                 f"{type(item).__name__}"
             )
@@ -288,8 +288,8 @@ def record(layers: Mapping[str, nn.Module], *, gram: bool = False
     for name, m in layers.items():
         weight = getattr(m, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-            raise TypeError(f"layers[{name!r}] must be a Linear, Conv1D or Conv layer with a "
-                            f"weight, got {type(m).__name__}")
+            raise ArgumentTypeError(f"layers[{name!r}] must be a Linear, Conv1D or Conv layer "
+                                    f"with a weight, got {type(m).__name__}")
         if gram and isinstance(m, nn.modules.conv._ConvNd) and not _unfoldable(m):
             raise ValueError(f"layers[{name!r}]: the Gram matrix needs a Conv1d/Conv2d with "
                              f"groups=1 and zero padding, got {m!r}")

@@ -22,10 +22,12 @@ drops it once the weight leaves the grid (pruning again without quantizing), and
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import ArgumentTypeError, check_int
 
 __all__ = [
     "INT8_MAX", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8",
@@ -42,11 +44,27 @@ def int8_scales(weight: torch.Tensor, group_size: int | None = None) -> torch.Te
     ``(out, ceil(in / group_size))`` per group of ``group_size`` inputs.
 
     Each scale is its row's (group's) largest magnitude over :data:`INT8_MAX`; an all-zero
-    row (group) gets scale 1 (its codes are all zero anyway).
+    row (group) gets scale 1 (its codes are all zero anyway). A float64 weight whose
+    nonzero magnitudes float32 cannot hold is refused: one beyond its largest number
+    became an infinite scale, a row whose largest magnitude is below its smallest normal
+    one a scale of 1 with all-zero codes (a nonzero row quantized to zeros, changing the
+    mask).
     """
-    groups = _grouped(weight, group_size)
-    _check_finite(weight)
-    absmax = groups.detach().abs().amax(dim=-1).to(torch.float32)
+    _check_weight("weight", weight, group_size)
+    absmax = _grouped(weight, group_size).detach().abs().amax(dim=-1)
+    if weight.dtype == torch.float64:
+        f32 = torch.finfo(torch.float32)
+        tiny = (absmax > 0) & (absmax < f32.tiny)
+        if bool(tiny.any()):
+            where = tuple(int(i) for i in tiny.nonzero()[0])
+            raise ValueError(
+                f"weight: the largest magnitude of row {where[0]}"
+                f"{'' if group_size is None else f' group {where[1]}'} is "
+                f"{absmax[where].item():.3g}, below float32's smallest normal number "
+                f"{f32.tiny:.3g}: as a float32 scale it rounds to 0 and every code of the row "
+                "to 0; rescale the weight"
+            )
+    absmax = absmax.to(torch.float32)
     return torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))
 
 
@@ -58,7 +76,7 @@ def quantize_int8(
     if scales is None:
         scales = int8_scales(weight, group_size)
     else:
-        _check_finite(weight)
+        _check_weight("weight", weight, group_size)
     _check_scales(weight, scales, group_size)
     groups = _grouped(weight.detach().to(torch.float32), group_size)
     codes = torch.round(groups / scales.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
@@ -69,6 +87,7 @@ def dequantize_int8(
     codes: torch.Tensor, scales: torch.Tensor, group_size: int | None = None
 ) -> torch.Tensor:
     """The float32 weight ``codes * scales`` (scales per row, or per group of inputs)."""
+    _check_weight("codes", codes, group_size)
     _check_scales(codes, scales, group_size)
     groups = _grouped(codes.to(torch.float32), group_size)
     return _ungrouped(groups * scales.unsqueeze(-1), codes.shape)
@@ -107,12 +126,10 @@ def detach_scales(module: nn.Module) -> None:
 
 
 def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """``weight`` as ``(out, groups, group_size)`` (zero-padded), or ``(out, in)``."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    """``weight`` as ``(out, groups, group_size)`` (zero-padded), or ``(out, in)``; both
+    checked by :func:`_check_weight` first."""
     if group_size is None:
         return weight
-    check_int("group_size", group_size, minimum=1)
     rows, cols = weight.shape
     pad = -cols % group_size
     if pad:
@@ -125,9 +142,54 @@ def _ungrouped(groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return groups.reshape(shape[0], -1)[:, : shape[1]]
 
 
-def _check_scales(weight: torch.Tensor, scales: torch.Tensor, group_size: int | None) -> None:
-    rows = weight.shape[0] if weight.dim() == 2 else -1
+def _check_weight(name: str, weight: Any, group_size: int | None) -> None:
+    """Raise unless ``weight`` (named ``name``) is a 2-D real tensor of finite values that
+    float32 holds, and ``group_size`` is ``None`` or an int from 1 to its number of inputs.
+
+    A list failed with an ``AttributeError``, a bool tensor with ``NotImplementedError``;
+    NaN and infinities have no int8 code (an infinite weight made its row's scale infinite
+    and the whole row NaN when decoded), and a float64 value beyond float32's largest
+    became infinite when rounded. A group wider than the row only padded it with zeros: a
+    ``group_size`` of 10**12 allocated terabytes.
+    """
+    if (not isinstance(weight, torch.Tensor) or weight.dtype == torch.bool
+            or weight.is_complex()):
+        got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ArgumentTypeError(
+            f"{name} must be a 2-D floating-point or integer tensor, got {got}"
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if group_size is not None:
+        check_int("group_size", group_size, minimum=1)
+        most = max(weight.shape[1], 1)
+        if group_size > most:
+            raise ValueError(
+                f"group_size must be an int in [1, {most}] (at most the {weight.shape[1]} "
+                f"inputs of a row of {name}; {most} is one group per row), got {group_size}"
+            )
+    if not weight.is_floating_point():
+        return
+    if not bool(weight.detach().isfinite().all()):
+        raise ValueError(f"{name} holds NaN or infinite values, which have no int8 code")
+    if weight.dtype == torch.float64 and weight.numel():
+        largest = float(weight.detach().abs().max())
+        if largest > torch.finfo(torch.float32).max:
+            raise ValueError(
+                f"{name} holds a magnitude of {largest:.3g}, beyond float32's largest "
+                f"{torch.finfo(torch.float32).max:.3g}, which int8 codes are computed in; "
+                "rescale the weight"
+            )
+
+
+def _check_scales(weight: torch.Tensor, scales: Any, group_size: int | None) -> None:
+    rows = weight.shape[0]
     expected = (rows,) if group_size is None else (rows, -(-weight.shape[-1] // group_size))
+    if not isinstance(scales, torch.Tensor):
+        raise ArgumentTypeError(
+            f"scales must be a floating tensor of shape {expected} for a weight of shape "
+            f"{tuple(weight.shape)} (group_size={group_size}), got {type(scales).__name__}"
+        )
     if tuple(scales.shape) != expected or not scales.is_floating_point():
         raise ValueError(
             f"scales must be floating of shape {expected} for a weight of shape "
@@ -143,10 +205,3 @@ def check_scale_values(scales: torch.Tensor) -> None:
     if not bool((scales.isfinite() & (scales > 0)).all()):
         raise ValueError("scales must be positive and finite (a weight's largest magnitude "
                          "over 127), got a zero, negative, NaN or infinite one")
-
-
-def _check_finite(weight: torch.Tensor) -> None:
-    """Raise unless ``weight`` is finite: NaN and infinities have no int8 code (an infinite
-    weight made its row's scale infinite and the whole row NaN when decoded)."""
-    if weight.is_floating_point() and not bool(weight.detach().isfinite().all()):
-        raise ValueError("weight holds NaN or infinite values, which have no int8 code")

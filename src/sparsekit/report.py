@@ -195,7 +195,8 @@ def report(
     once in eval mode under ``torch.no_grad()`` to measure FLOPs; the model's hooks and
     train/eval modes are left as they were, also when the forward pass raises. With
     ``masks``, nonzeros of the masked weights are counted from their masks, so the report
-    is correct before the masks are applied to the weights.
+    is correct before the masks are applied to the weights; every name they hold must be
+    a parameter of ``model`` (masks of another model were silently ignored).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -209,6 +210,7 @@ def report(
     mask_table = _mask_table(masks)
     types = default_types()
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+    _check_mask_names(mask_table, model, layers)
     if example_inputs is None:
         counted = None
     else:
@@ -258,6 +260,23 @@ def _mask_table(masks: HasMasks | None) -> Mapping[str, torch.Tensor]:
             f"got {type(masks).__name__}"
         )
     return table
+
+
+def _check_mask_names(table: Mapping[str, torch.Tensor], model: nn.Module,
+                      layers: list[tuple[str, nn.Module]]) -> None:
+    """Raise unless every name in ``table`` is a parameter of ``model`` (by any of its
+    names, tied ones included) or the weight of one of its ``layers`` (``"fc.weight"``
+    also where that weight is parametrized)."""
+    known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    known.update(f"{n}.weight" if n else "weight" for n, _ in layers)
+    unknown = [n for n in table if n not in known]
+    if unknown:
+        more = ", …" if len(unknown) > 3 else ""
+        raise ValueError(
+            f"masks name {', '.join(map(repr, unknown[:3]))}{more}, which "
+            f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of the "
+            "model (masks of another model?); pass the masks computed for this model"
+        )
 
 
 def _sparsity(nonzeros: int, params: int) -> float:

@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from sparsekit._checks import ArgumentTypeError, check_int
+
 _CHUNK = 1 << 20
 """Entries per step of a chunked selection: its memory, however many scores there are."""
 _DIGITS = (11, 11, 10)
@@ -43,14 +45,12 @@ def top_k(
     ``allowed`` is true are chosen, at most as many as there are. NaN ranks as ``+inf``.
 
     A selection, not a sort: every score above the k-th largest, then the first ones equal
-    to it, so n scores cost O(n) however large k is.
+    to it, so n scores cost O(n) however large k is. ``scores`` is a real tensor (bool and
+    integer scores rank as numbers), ``allowed`` a bool tensor of its shape and ``dim`` one
+    of its dimensions; each is checked first.
     """
     k = _check_k(k)
-    if allowed is not None and allowed.shape != scores.shape:
-        raise ValueError(
-            f"allowed must have the shape of scores {tuple(scores.shape)}, "
-            f"got {tuple(allowed.shape)}"
-        )
+    _check_scores(scores, allowed, dim)
     if dim is None and scores.numel() > _CHUNK and scores.dtype in _RADIX_DTYPES:
         return _top_k_chunked(scores, k, allowed)
     if dim is None:
@@ -106,9 +106,38 @@ def top_k_counts(
     return counts
 
 
+def _check_scores(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int | None) -> None:
+    """Raise unless ``scores`` is a real tensor, ``allowed`` ``None`` or a bool tensor of
+    its shape and ``dim`` ``None`` or one of its dimensions: a list of scores failed with
+    an ``AttributeError``, a float or integer ``allowed`` deep inside with a bare
+    ``TypeError`` or ``RuntimeError``, ``dim=5`` with an ``IndexError``."""
+    if not isinstance(scores, torch.Tensor) or scores.is_complex():
+        got = scores.dtype if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ArgumentTypeError(f"scores must be a real tensor, got {got}")
+    if allowed is not None:
+        if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
+            got = allowed.dtype if isinstance(allowed, torch.Tensor) else type(allowed).__name__
+            raise ArgumentTypeError(
+                f"allowed must be None or a bool tensor (True: may be chosen), got {got}"
+            )
+        if allowed.shape != scores.shape:
+            raise ValueError(
+                f"allowed must have the shape of scores {tuple(scores.shape)}, "
+                f"got {tuple(allowed.shape)}"
+            )
+    if dim is not None:
+        check_int("dim", dim)
+        ndim = scores.dim()
+        if not -ndim <= dim < ndim:
+            within = f", in [{-ndim}, {ndim - 1}]" if ndim else ""
+            raise ValueError(
+                f"dim must be None or a dimension of the {ndim}-D scores{within}, got {dim}"
+            )
+
+
 def _check_k(k: int) -> int:
     if isinstance(k, bool) or not hasattr(k, "__index__"):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+        raise ArgumentTypeError(f"k must be an int, got {type(k).__name__}")
     k = operator.index(k)
     if k < 0:
         raise ValueError(f"k must be ≥ 0, got {k}")

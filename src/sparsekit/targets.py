@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparsekit._checks import ArgumentTypeError
+
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """The default target types that need no optional package (:func:`default_types` adds
 GPT-2's ``Conv1D``)."""
@@ -88,12 +90,12 @@ def resolve_targets(
     as errors instead of silently dense layers.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     specs = _as_list(targets, "targets")
     excludes = _as_list(exclude, "exclude") or []
     for e in excludes:
         if not isinstance(e, str):
-            raise TypeError(f"exclude entries must be names or globs (str), got {e!r}")
+            raise ArgumentTypeError(f"exclude entries must be names or globs (str), got {e!r}")
 
     candidates = _weights(model)  # module-owned weights, the default universe
     chosen: dict[str, Target] = {}
@@ -128,7 +130,7 @@ def resolve_targets(
         raise ValueError("targets: no parameters left to sparsify (check targets and exclude)")
     for t in chosen.values():
         if not torch.is_floating_point(t.param):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"target {t.name!r} has dtype {t.param.dtype}; only floating-point weights "
                 "can be sparsified"
             )
@@ -153,7 +155,9 @@ def _as_list(value, param: str) -> list | None:
         return [value]
     if isinstance(value, Iterable):
         return list(value)
-    raise TypeError(f"{param} must be a module type, a name/glob or a sequence of them")
+    raise ArgumentTypeError(
+        f"{param} must be a module type, a name/glob or a sequence of them, got {value!r}"
+    )
 
 
 def _weights(model: nn.Module) -> dict[str, Target]:
@@ -187,7 +191,7 @@ def _match(spec: TargetSpec, candidates: dict[str, Target]) -> list[Target]:
     if isinstance(spec, type) and issubclass(spec, nn.Module):
         return [t for t in candidates.values() if isinstance(t.module, spec) and _is_weight(t)]
     if not isinstance(spec, str):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"targets entries must be nn.Module subclasses or names/globs (str), got {spec!r}"
         )
     # A glob selects modules (their weight); a parameter is selected by its own name, or

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sparsekit._checks import check_seed
+from sparsekit._checks import check_int, check_seed
 from sparsekit.observe import inference
 
 __all__ = ["accuracy", "inference", "minibatches", "train_epoch"]
@@ -27,9 +27,11 @@ def minibatches(
     """Slice a TensorDataset into minibatches without per-sample collation (fast on CPU).
 
     (Not to be confused with :func:`sparsekit.observe.batches`, which normalises the
-    accepted ``data`` forms.) ``seed`` (an int in [0, 2**63 - 1]) draws the shuffled order;
-    it is checked when this is called, not at the first batch.
+    accepted ``data`` forms.) ``batch_size`` is an int ≥ 1 (a negative one gave no batches,
+    0 a bare ``range()`` error) and ``seed`` (an int in [0, 2**63 - 1]) draws the shuffled
+    order; both are checked when this is called, not at the first batch.
     """
+    check_int("batch_size", batch_size, minimum=1)
     check_seed("seed", seed)
     return _minibatches(data, batch_size, shuffle, seed)
 
@@ -56,8 +58,10 @@ def train_epoch(
     seed: int = 0,
     on_step: Callable[[], None] | None = None,
 ) -> float:
-    """One epoch of cross-entropy training; returns the mean loss. ``seed`` (an int in
-    [0, 2**63 - 1]) draws the order of the batches."""
+    """One epoch of cross-entropy training; returns the mean loss. ``batch_size`` is an int
+    ≥ 1; ``seed`` (an int in [0, 2**63 - 1]) draws the order of the batches. Both are
+    checked before the model is put in training mode."""
+    check_int("batch_size", batch_size, minimum=1)
     check_seed("seed", seed)
     model.train()
     total, count = 0.0, 0
@@ -74,7 +78,11 @@ def train_epoch(
 
 
 def accuracy(model: nn.Module, data: TensorDataset, *, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (eval mode, restored afterwards)."""
+    """Top-1 accuracy of ``model`` on ``data`` (eval mode, restored afterwards); ``data``
+    holds at least one example and ``batch_size`` is an int ≥ 1."""
+    check_int("batch_size", batch_size, minimum=1)
+    if len(data) == 0:
+        raise ValueError("data holds no examples; accuracy needs at least one")
     correct = 0
     with inference(model):
         for x, y in minibatches(data, batch_size):

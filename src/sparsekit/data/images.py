@@ -98,9 +98,11 @@ def _check_split(
     split: str, images_path: Path, labels_path: Path, images: torch.Tensor, labels: torch.Tensor
 ) -> None:
     """Raise ``ValueError`` naming the file and ``split`` unless ``images`` are at least one
-    ``(H, W)`` image of finite values and ``labels`` one class index (an integer ≥ 0) per
-    image: anything else would reach the model as NaNs (an empty training split normalises
-    with a NaN std) or as classes that do not exist (``num_classes`` is the largest + 1)."""
+    ``(H, W)`` image (H, W ≥ 1) of finite values, not all one value in the training split,
+    and ``labels`` one class index (an integer ≥ 0) per image: anything else would reach
+    the model as NaNs (both splits are normalised by the training images' std, which is
+    NaN for an empty split or a single pixel and 0 for constant images) or as classes that
+    do not exist (``num_classes`` is the largest + 1)."""
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise ValueError(
             f"{images_path} and {labels_path}: expected (N, H, W) images and (N,) labels, "
@@ -108,8 +110,19 @@ def _check_split(
         )
     if len(images) == 0:
         raise ValueError(f"{images_path}: the {split} split holds no images; it needs at least one")
+    if min(images.shape[1:]) < 1:
+        height, width = images.shape[1:]
+        raise ValueError(
+            f"{images_path}: {split} images are {height}x{width}; height and width must be ≥ 1"
+        )
     if images.is_floating_point() and not bool(torch.isfinite(images).all()):
         raise ValueError(f"{images_path}: {split} images must be finite, got NaN or infinity")
+    if split == "train" and bool(images.min() == images.max()):
+        raise ValueError(
+            f"{images_path}: every pixel of the {split} images is {images.min().item()!r}; "
+            f"normalising by their std of 0 would make them NaN, so the {split} split needs "
+            "at least two different pixel values"
+        )
     if labels.is_floating_point():
         raise ValueError(
             f"{labels_path}: {split} labels must be integer class indices, got {labels.dtype} "

@@ -95,13 +95,27 @@ def reber(n: int, *, embedded: bool = False, seed: int = 0) -> ReberData:
 def reber_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Fraction of real (non-padded) steps whose argmax is a legal next symbol.
 
-    ``logits`` and ``targets`` have one shape ``(..., symbols)``; NaN logits are refused,
-    as their argmax (the first NaN) would count as a prediction."""
+    ``logits`` and ``targets`` are tensors of one shape ``(..., symbols)`` with at least
+    one symbol, and ``targets`` is multi-hot (every entry 0 or 1, as :func:`reber` makes
+    them): other values counted as legal symbols (0.3) or as padding (negative sums).
+    NaN logits are refused, as their argmax (the first NaN) would count as a prediction."""
+    for name, given in (("logits", logits), ("targets", targets)):
+        if not isinstance(given, torch.Tensor):
+            raise ArgumentTypeError(f"{name} must be a tensor (..., symbols), got "
+                                    f"{type(given).__name__}")
     if logits.shape != targets.shape or logits.dim() == 0:
         raise ValueError(
             f"logits and targets must have the same shape (..., symbols), got "
             f"{tuple(logits.shape)} and {tuple(targets.shape)}"
         )
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits and targets must hold at least one symbol in their last "
+                         f"dimension, got shape {tuple(logits.shape)}")
+    other = targets[(targets != 0) & (targets != 1)]
+    if other.numel():
+        raise ValueError(f"targets must be multi-hot (every entry 0 or 1: the legal next "
+                         f"symbols), got {other.numel()} other entries such as "
+                         f"{other[0].item()!r}")
     nans = int(logits.isnan().sum())
     if nans:
         raise ValueError(f"logits must be numbers or ±inf, got {nans} NaN of {logits.numel()}")

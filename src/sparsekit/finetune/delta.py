@@ -25,6 +25,7 @@ by :meth:`Delta.save`, and added onto a copy of the base by :meth:`Delta.apply`.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,10 @@ class Delta:
     is ``False``; names are the weights' parameter names in the base model.
 
     Both are checked here, so that :meth:`apply` changes exactly the entries the masks
-    keep and by finite amounts (:meth:`save` would refuse anything else, too late).
+    keep and by finite amounts (:meth:`save` would refuse anything else, too late), and
+    so that every name is one a model's parameter can have (:meth:`save` failed on
+    ``""``, ``"a..b"`` or both ``"a"`` and ``"a.b"`` with a ``KeyError`` or an
+    ``AttributeError``).
     """
 
     values: dict[str, torch.Tensor]
@@ -67,6 +71,7 @@ class Delta:
                 )
         if set(self.values) != set(self.masks):
             raise ValueError("values and masks must name the same tensors")
+        _check_names(self.values)
         for n, v in self.values.items():
             if not isinstance(v, torch.Tensor) or not v.is_floating_point():
                 got = v.dtype if isinstance(v, torch.Tensor) else type(v).__name__
@@ -98,13 +103,14 @@ class Delta:
     def apply(self, model: nn.Module, *, alpha: float = 1.0) -> nn.Module:
         """Add ``alpha`` × the update onto ``model``'s weights in place; return ``model``.
 
-        Every name, shape and dtype is checked before any weight changes.
+        ``alpha`` is a finite real number (a NumPy scalar or a 0-d tensor too). Every name,
+        shape and dtype is checked before any weight changes, and so is every updated
+        weight: one that ``alpha`` would make overflow its dtype (``alpha=1e39`` on a
+        float32 weight) is refused with the model untouched.
         """
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
-                or not math.isfinite(alpha):
-            raise TypeError(f"alpha must be a finite number, got {alpha!r}")
+            raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        alpha = _check_alpha(alpha)
         params = dict(model.named_parameters())
         missing = [n for n in self.values if n not in params]
         if missing:
@@ -115,6 +121,8 @@ class Delta:
             if params[n].shape != v.shape or not params[n].is_floating_point():
                 raise ValueError(f"delta for {n!r} is {tuple(v.shape)}, the model's parameter is "
                                  f"{tuple(params[n].shape)} {params[n].dtype}")
+        for n, v in self.values.items():
+            _check_update(n, params[n], v, alpha)
         for n, v in self.values.items():
             params[n].add_(v.to(params[n].device, params[n].dtype), alpha=alpha)
         return model
@@ -217,6 +225,71 @@ class DeltaTraining:
         return self.model
 
 
+def _check_alpha(alpha: Any) -> float:
+    """``alpha`` as a float, after checking it is a finite real number: a bool or a string
+    is an :class:`ArgumentTypeError`, NaN or infinity a ``ValueError``. A NumPy scalar and
+    a 0-d tensor are numbers too."""
+    value = alpha.item() if isinstance(alpha, torch.Tensor) and alpha.dim() == 0 else alpha
+    accepted = "a finite real number (a float, an int, a NumPy scalar or a 0-d tensor)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"alpha must be {accepted}, got {alpha!r}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond every float
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"alpha must be {accepted}, got {alpha!r}")
+    return value
+
+
+def _check_update(name: str, param: torch.Tensor, value: torch.Tensor, alpha: float) -> None:
+    """Raise unless ``param + alpha · value`` is finite in ``param``'s dtype wherever
+    ``param`` is: ``alpha`` beyond the dtype's largest number failed in ``add_`` (after the
+    earlier weights had changed), a product beyond it made weights infinite."""
+    largest = torch.finfo(param.dtype).max
+    if abs(alpha) > largest:
+        raise ValueError(f"alpha={alpha!r} is beyond the largest {param.dtype} number "
+                         f"({largest:.3g}), the dtype of {name!r}; pass a smaller alpha")
+    updated = torch.add(param, value.to(param.device, param.dtype), alpha=alpha)
+    overflow = int((param.isfinite() & ~updated.isfinite()).sum())
+    if overflow:
+        raise ValueError(f"alpha={alpha!r} times the delta makes {overflow} entries of "
+                         f"{name!r} overflow {param.dtype} (largest {largest:.3g}); pass a "
+                         "smaller alpha")
+
+
+_RESERVED = frozenset(dir(nn.Module()))
+"""Attribute names of every module, which no submodule or parameter can take."""
+
+
+def _check_names(values: Mapping[str, torch.Tensor]) -> None:
+    """Raise unless every name is a parameter name a model can have: dotted parts, none
+    empty nor an attribute every module has (``forward``), and no name the module of
+    another (``"a"`` and ``"a.b"``)."""
+    for n in values:
+        if not isinstance(n, str):
+            raise ArgumentTypeError(f"values must be keyed by parameter names (str), got {n!r}")
+        parts = n.split(".")
+        if not all(parts) or _RESERVED.intersection(parts):
+            raise ValueError(
+                f"values[{n!r}]: a parameter name is dot-separated module and parameter "
+                "names ('0.weight', 'fc1.bias'), none empty nor an attribute of nn.Module"
+            )
+    modules = {n.rsplit(".", 1)[0] for n in values if "." in n}
+    modules = {prefix for m in modules for prefix in _prefixes(m)}
+    clash = sorted(set(values) & modules)
+    if clash:
+        inside = next(n for n in values if n.startswith(f"{clash[0]}."))
+        raise ValueError(f"values names both {clash[0]!r} and {inside!r}: a parameter "
+                         "cannot also be the module of another")
+
+
+def _prefixes(module_name: str) -> list[str]:
+    """``"a.b.c"`` → ``["a", "a.b", "a.b.c"]``: the module and every module above it."""
+    parts = module_name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
 def masked_delta(
     model: nn.Module,
     density: float,
@@ -241,19 +314,37 @@ def masked_delta(
     has at most its nonzeros trainable. All arguments are checked before the model changes.
     """
     check_fraction("density", density, zero=False, one=True)
+    _check_untrained(model)
     support, _ = compute_masks(model, 1.0 - float(density), method=method, pattern="unstructured",
                                allocation=allocation, targets=targets, exclude=exclude,
                                data=data, loss_fn=loss_fn, seed=seed)
     return DeltaTraining(model, support)
 
 
+def _check_untrained(model: nn.Module) -> None:
+    """Raise unless ``model`` is a module that trains no delta yet: on one that does, the
+    weights are parametrized and no target was left to choose (a ``ValueError`` that
+    blamed ``targets``)."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    trained = [f"{module_name}.{attr}" if module_name else attr
+               for module_name, module in model.named_modules()
+               if parametrize.is_parametrized(module)
+               for attr, chain in module.parametrizations.items()
+               if any(isinstance(p, _AddDelta) for p in chain)]
+    if trained:
+        more = ", …" if len(trained) > 3 else ""
+        raise ValueError(f"model trains a delta on {', '.join(trained[:3])}{more} already (a "
+                         "DeltaTraining not merged); merge() it before choosing another")
+
+
 def _check_support(model: nn.Module, support: Mapping[str, torch.Tensor]
                    ) -> dict[str, tuple[str, str]]:
     """``{name: (module name, attribute)}`` of each weight to train, after checking the
-    weights can take a delta: present, floating, not shared, with a bool mask of their
-    shape."""
+    weights can take a delta: present by their exact parameter names (no globs or module
+    names), floating, not shared, with a bool mask of their shape."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(support, Mapping):
         raise ArgumentTypeError(
             f"support must be a dict of parameter name -> bool tensor, got {type(support).__name__}"
@@ -263,6 +354,17 @@ def _check_support(model: nn.Module, support: Mapping[str, torch.Tensor]
         module = dict(model.named_modules()).get(module_name)
         if module is not None and parametrize.is_parametrized(module, attr):
             raise ValueError(f"{name!r} is parametrized already (a DeltaTraining not merged?)")
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    known = set(names)
+    unknown = [n for n in support if n not in known]
+    if unknown:
+        more = ", …" if len(unknown) > 3 else ""
+        raise ValueError(
+            f"support names {', '.join(map(repr, unknown[:3]))}{more}, which "
+            f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of the "
+            f"model; it takes exact parameter names (no globs or module names), such as "
+            f"{', '.join(map(repr, names[:3]))}"
+        )
     chosen = {t.name: t for t in resolve_targets(model, list(support))} if support else {}
     if not chosen:
         raise ValueError("support: no weights to train")

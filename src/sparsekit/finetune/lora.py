@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
-from sparsekit._checks import check_int, check_positive
+from sparsekit._checks import ArgumentTypeError, check_int, check_positive
 from sparsekit.masks import MaskSet
 
 __all__ = ["MASK_NAME", "MaskedLora", "MaskedMerge", "layer_masks", "merge", "sparse_lora"]
@@ -60,11 +60,11 @@ def sparse_lora(
     ``model`` is left as it came.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(config, peft.LoraConfig):
-        raise TypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
+        raise ArgumentTypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
     if not isinstance(masked_forward, bool):
-        raise TypeError(f"masked_forward must be a bool, got {masked_forward!r}")
+        raise ArgumentTypeError(f"masked_forward must be a bool, got {masked_forward!r}")
     if isinstance(model, peft.PeftModel):
         raise ValueError("model is a PeftModel already; pass the pruned base model")
     by_param = _check_masks(model, masks)
@@ -91,8 +91,8 @@ def merge(model: nn.Module, masks: MaskSet | None = None) -> nn.Module:
     Returns the base model with merged weights; every weight zero before is zero after.
     """
     if not isinstance(model, nn.Module) or not callable(getattr(model, "merge_and_unload", None)):
-        raise TypeError(f"model must be a peft model (with merge_and_unload()), got "
-                        f"{type(model).__name__}")
+        raise ArgumentTypeError(f"model must be a peft model (with merge_and_unload()), got "
+                                f"{type(model).__name__}")
     if not _lora_layers(model):
         raise ValueError("model has no LoRA layers to merge (is it a peft LoRA model?)")
     by_param = _check_masks(model, masks)
@@ -173,8 +173,10 @@ def _install(model: nn.Module, by_param: Mapping[int, torch.Tensor], *,
         if bool(mask.all()):
             continue  # a dense base: plain LoRA merges it exactly
         if not isinstance(layer, peft.tuners.lora.Linear):
-            raise TypeError(f"LoRA layer {name!r} ({type(layer).__name__}) has a sparse base "
-                            "weight; only Linear and GPT-2 Conv1D layers can keep one")
+            raise ArgumentTypeError(
+                f"LoRA layer {name!r} ({type(layer).__name__}) has a sparse base weight; only "
+                "Linear and GPT-2 Conv1D layers can keep one"
+            )
         for adapter in layer.lora_A:
             variant = layer.lora_variant.get(adapter)
             if variant is not None and not isinstance(variant, MaskedMerge):
@@ -230,7 +232,7 @@ def _check_masks(model: nn.Module, masks: MaskSet | None) -> dict[int, torch.Ten
     if masks is None:
         return {}
     if not isinstance(masks, MaskSet):
-        raise TypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
+        raise ArgumentTypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
     own = {id(p) for p in model.parameters()}
     foreign = [n for n, p in masks.params.items() if id(p) not in own]
     if foreign:

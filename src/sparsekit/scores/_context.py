@@ -42,15 +42,28 @@ class ScoreContext:
     scales: Sequence[Target] = ()
 
     def require_data(self, criterion: str, *, labels: bool) -> list[Batch]:
-        """The calibration batches, or a ``ValueError`` naming what is missing."""
+        """The calibration batches that hold rows, or a ``ValueError`` naming what is
+        missing.
+
+        Batches of empty input tensors (0 rows) are left out, as :func:`~sparsekit.observe.run`
+        leaves them out: they add nothing to a gradient or a statistic but would count in
+        its mean. Data with no rows at all is an error: the gradient criteria scored every
+        entry 0 on it, so the mask kept the first entries by position.
+        """
         if self.data is None:
             raise ValueError(
                 f"criterion {criterion!r} needs data=: pass a tensor of inputs, an "
                 "(inputs, labels) pair or a DataLoader"
             )
-        out = list(batches(self.data))
-        if not out:
+        given = list(batches(self.data))
+        if not given:
             raise ValueError(f"data for criterion {criterion!r} holds no batches")
+        out = [(x, y) for x, y in given if not (isinstance(x, torch.Tensor) and x.numel() == 0)]
+        if not out:
+            raise ValueError(
+                f"data for criterion {criterion!r} holds no rows: its {len(given)} batch(es) "
+                "of inputs are all empty; pass at least one input"
+            )
         if labels and any(y is None for _, y in out):
             raise ValueError(
                 f"criterion {criterion!r} needs labels: pass data as (inputs, labels) batches"
@@ -126,4 +139,19 @@ class ScoreContext:
                 f"loss_fn must return a scalar tensor (reduce it, e.g. with .mean()), got "
                 f"one of shape {tuple(loss.shape)}"
             )
+        if not loss.requires_grad:
+            raise ValueError(
+                "loss_fn must return a loss computed from the model's outputs, which the "
+                "criterion differentiates; got a scalar that does not require grad "
+                "(detached, a constant or computed under torch.no_grad())"
+            )
         return loss
+
+    def grad(self, loss: torch.Tensor, params: Sequence[torch.Tensor], *,
+             create_graph: bool = False) -> tuple[torch.Tensor, ...]:
+        """``torch.autograd.grad(loss, params)``; an error of the backward pass (labels
+        that do not fit the outputs, raised only there) names what failed as
+        :meth:`loss` does, not a raw autograd ``RuntimeError``."""
+        param = "data" if self.loss_fn is None else "loss_fn"
+        with model_errors(param, "differentiating the loss on a batch failed"):
+            return torch.autograd.grad(loss, params, create_graph=create_graph)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from sparsekit._checks import model_errors
+from sparsekit._checks import ArgumentTypeError, model_errors
 from sparsekit.distributed import all_reduce_sum
 from sparsekit.observe import preserved
 from sparsekit.scores import CRITERIA
@@ -25,7 +25,7 @@ def _grads(ctx: ScoreContext, batch, *, create_graph: bool = False) -> list[torc
     x, y = batch
     loss = ctx.loss(ctx.outputs(x), y)
     params = [t.param for t in ctx.targets]
-    return list(torch.autograd.grad(loss, params, create_graph=create_graph))
+    return list(ctx.grad(loss, params, create_graph=create_graph))
 
 
 def _summed_grads(ctx: ScoreContext, data: list) -> list[torch.Tensor]:
@@ -127,14 +127,14 @@ def grasp(ctx: ScoreContext, temperature: float = 200.0) -> dict[str, torch.Tens
     with preserved(ctx.model), torch.enable_grad():
         g = [torch.zeros_like(p) for p in params]
         for batch in share:
-            for acc, gi in zip(g, torch.autograd.grad(loss(batch), params)):
+            for acc, gi in zip(g, ctx.grad(loss(batch), params)):
                 acc += gi
         all_reduce_sum(*g)
         hg = [torch.zeros_like(p) for p in params]
         for batch in share:
-            gb = torch.autograd.grad(loss(batch), params, create_graph=True)
+            gb = ctx.grad(loss(batch), params, create_graph=True)
             z = sum((gi * acc).sum() for gi, acc in zip(gb, g))
-            for acc, h in zip(hg, torch.autograd.grad(z, params)):
+            for acc, h in zip(hg, ctx.grad(z, params)):
                 acc += h
         all_reduce_sum(*hg)
     return {t.name: (t.param.detach() * h).float() for t, h in zip(ctx.targets, hg)}
@@ -151,6 +151,11 @@ def synflow(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     ``prune`` calls with increasing sparsity.)
     """
     x, _ = ctx.require_data("synflow", labels=False)[0]
+    if not isinstance(x, torch.Tensor):
+        raise ArgumentTypeError(
+            f"criterion 'synflow' takes the input shape from the first batch of data, whose "
+            f"inputs must be a tensor; got {type(x).__name__}"
+        )
     model = ctx.model
     abs_params = {
         n: p.detach().abs().double().requires_grad_(True) for n, p in model.named_parameters()
