@@ -557,3 +557,20 @@ def test_version_2_files_load_as_before(sealed):
     ms, model = masked(), net(seed=7)
     sparsekit.load(model, sealed)
     assert same(state_of(model), state_of(ms.model))
+
+
+def test_a_sealed_file_whose_format_entry_was_changed_is_refused(tmp_path):
+    # one flipped byte in the format entry used to turn a sealed checkpoint into "plain
+    # safetensors", loaded with no seal at all (and then any flipped data byte with it)
+    model = lenet_300_100()
+    masks = sparsekit.prune(model, 0.5)
+    path = sparsekit.save(model, tmp_path / "m.safetensors", masks)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b'"format":"sparsekit"') + len('"format":"')
+    raw[at] = ord("3")
+    path.write_bytes(bytes(raw))
+    target = lenet_300_100()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match="not an intact checkpoint.*format is '3parsekit'"):
+        sparsekit.load(target, path)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

@@ -339,3 +339,22 @@ def test_inconsistent_column_index_is_refused(tmp_path, damage):
     out = sparsekit.save_pretrained(model, tmp_path)
     with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj: inconsistent column index"):
         sparsekit.from_pretrained(out)
+
+
+class _FailingTokenizer:
+    def save_pretrained(self, directory) -> None:  # noqa: ANN001
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failing_save_leaves_the_earlier_save_loadable(tmp_path):
+    # everything that can fail (here the tokenizer's own save) runs before the old config
+    # is removed: the earlier save stays as it was, with no pending weights left behind
+    model = _llama(0)
+    sparsekit.save_pretrained(model, tmp_path, sparsekit.prune(model, 0.5))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = _llama(1)
+    with pytest.raises(OSError, match="No space left"):
+        sparsekit.save_pretrained(other, tmp_path, sparsekit.prune(other, 0.5),
+                                  tokenizer=_FailingTokenizer())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    _assert_identical(sparsekit.from_pretrained(tmp_path), model, _tokens())

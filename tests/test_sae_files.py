@@ -101,3 +101,23 @@ def test_bad_files_and_unsaveable_saes_are_refused(tmp_path):
     (tmp_path / "g" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
     with pytest.raises(ValueError, match="architecture 'gated' is not supported"):
         load(tmp_path / "g")
+
+
+def test_a_save_that_fails_before_its_renames_leaves_the_directory_as_it_was(tmp_path,
+                                                                          monkeypatch):
+    from sparsekit import _atomic
+
+    save(SAE(16, 32), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = _atomic._fsync
+
+    def failing(file):  # the weights' flush fails, as on a failing disk
+        if "sae_weights" in file.name:
+            raise OSError(5, "Input/output error")
+        real(file)
+
+    monkeypatch.setattr(_atomic, "_fsync", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        save(SAE(16, 32, k=4), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    load(tmp_path)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "sync"]
 
 
 @contextmanager
@@ -52,6 +52,14 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def sync(file: str | os.PathLike[str]) -> None:
+    """Flush ``file``'s data to the disk now (fsync is per file, whichever descriptor wrote
+    it). Inside an :func:`atomic_write` block, after writing its temporary file: what can
+    fail before the rename then fails before the block does anything it cannot undo (the
+    writers of several files delete an old file only after this)."""
+    _fsync(Path(file))
 
 
 def _umask() -> int:

@@ -268,6 +268,11 @@ class _Stored:
     tied: dict[str, str]  # key -> the stored key it is the same tensor as
 
 
+_SEAL_KEYS = frozenset({"format_version", "tensors", "digest"})
+"""Metadata only a sparsekit checkpoint writes (a plain safetensors file with them is one
+whose ``format`` entry was changed)."""
+
+
 def _open(path: str | os.PathLike) -> _Stored:
     """Read ``path`` once and check its structure and seal; decode nothing."""
     path = _checked_path(path)
@@ -278,6 +283,12 @@ def _open(path: str | os.PathLike) -> _Stored:
     except (SafetensorError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors checkpoint ({err})") from None
     if meta.get("format") != FORMAT:  # a plain safetensors file: every tensor dense, no seal
+        if sealed := sorted(_SEAL_KEYS & meta.keys()):
+            # sparsekit's own keys under another format: a sealed file whose format entry
+            # was changed, which would otherwise load as unsealed plain safetensors
+            raise ValueError(f"{path} is not an intact checkpoint: it holds sparsekit's "
+                             f"metadata {sealed} but its format is {meta.get('format')!r}, "
+                             f"not {FORMAT!r}")
         infos = {
             k: TensorInfo("dense", tuple(v.shape), str(v.dtype), int(torch.count_nonzero(v)),
                           False)

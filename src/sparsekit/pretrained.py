@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from sparsekit import checkpoint
-from sparsekit._atomic import atomic_write
+from sparsekit._atomic import atomic_write, sync
 from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import ActivationSparseLinear, check_column_index
 from sparsekit.engine.compiled_conv import CompiledConv2d
@@ -93,9 +93,11 @@ def save_pretrained(
 
     :func:`from_pretrained` turns them back into the model's dtype, so they round-trip
     exactly only if they were bfloat16 (``"bf16"``) or on their int8 grid already; pruned
-    and compiled layers are never touched. ``config.json`` is written last, so an
-    interrupted save leaves no loadable directory; a save refused (bad masks, a weight
-    int8 cannot hold) leaves an earlier save in ``directory`` as it was.
+    and compiled layers are never touched. Everything that can fail is done before the
+    old ``config.json`` is removed: a save refused (bad masks, a weight int8 cannot hold)
+    or failing (the tokenizer's save, a full disk) leaves an earlier save in ``directory``
+    loadable as it was (the tokenizer's own files aside); only a crash between the final
+    renames leaves no loadable directory, as ``config.json`` is renamed last.
     """
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not callable(getattr(config, "to_json_string", None)):
@@ -120,18 +122,26 @@ def save_pretrained(
 
     path.mkdir(parents=True, exist_ok=True)
     pending = path / f".{WEIGHTS_NAME}.pending"  # checked and encoded before anything goes
-    with _stored_as(model, cast, stored_as):
-        checkpoint.save(model, pending, masks,
-                        metadata={_META_KEY: json.dumps(record, sort_keys=True)})
-    (path / "config.json").unlink(missing_ok=True)  # the directory is loadable only when done
-    os.replace(pending, path / WEIGHTS_NAME)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    generation = getattr(model, "generation_config", None)
-    can_generate = getattr(model, "can_generate", lambda: False)
-    if generation is not None and can_generate():
-        generation.save_pretrained(path)
-    _write_config(model, path / "config.json")
+    try:
+        with _stored_as(model, cast, stored_as):
+            checkpoint.save(model, pending, masks,
+                            metadata={_META_KEY: json.dumps(record, sort_keys=True)})
+        # Everything that may fail goes before the old config: the tokenizer's and the
+        # generation config's own files, then the new config, written and flushed. Only
+        # the renames come after it (the directory is loadable again once they are done).
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        generation = getattr(model, "generation_config", None)
+        can_generate = getattr(model, "can_generate", lambda: False)
+        if generation is not None and can_generate():
+            generation.save_pretrained(path)
+        with atomic_write(path / "config.json") as config_tmp:
+            _write_config(model, config_tmp)
+            sync(config_tmp)
+            (path / "config.json").unlink(missing_ok=True)
+            os.replace(pending, path / WEIGHTS_NAME)
+    finally:
+        pending.unlink(missing_ok=True)
     return path
 
 
@@ -558,13 +568,13 @@ def _restored(model: nn.Module, key: str, stored: torch.dtype) -> torch.Tensor:
 
 
 def _write_config(model: nn.Module, file: Path) -> None:
-    """``model.config`` as ``save_pretrained`` writes it, with the refusal as its
-    ``model_type`` and the marker keeping the real one."""
+    """Write ``model.config`` to ``file`` as ``save_pretrained`` writes it, with the refusal
+    as its ``model_type`` and the marker keeping the real one (``file``: the temporary file
+    of :func:`save_pretrained`'s atomic write)."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     data = json.loads(config.to_json_string(use_diff=True))
     data[MARKER] = {"weights": WEIGHTS_NAME, "version": MARKER_VERSION,
                     "model_type": data.get("model_type", config.model_type)}
     data["model_type"] = REFUSAL
-    with atomic_write(file) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sparsekit._atomic import atomic_write
+from sparsekit._atomic import atomic_write, sync
 from sparsekit._checks import ArgumentTypeError
 from sparsekit.sae.sae import SAE
 
@@ -97,12 +97,16 @@ def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) 
             else sae.threshold.to(sae.W_enc.dtype).expand(sae.n_latents)
         weights["threshold"] = threshold.detach().contiguous().cpu()
     path.mkdir(parents=True, exist_ok=True)
-    # Both files are written before either is renamed, the config (the outer block) last.
+    # Both files are written and flushed before the old config goes (no old config may
+    # describe new weights) and either is renamed, the config (the outer block) last: a
+    # save that fails before its renames leaves the directory as it was.
     with atomic_write(path / CFG_NAME) as cfg_tmp:
         cfg_tmp.write_text(text)
+        sync(cfg_tmp)
         with atomic_write(path / WEIGHTS_NAME) as weights_tmp:
             save_file(weights, weights_tmp)
-            (path / CFG_NAME).unlink(missing_ok=True)  # no old config describes new weights
+            sync(weights_tmp)
+            (path / CFG_NAME).unlink(missing_ok=True)
     return path
 
 
