@@ -361,10 +361,11 @@ def test_demo_out_an_existing_file(ckpt, capsys):
 def test_llm_prune_out_directory_not_writable(tmp_path, calib, capsys, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
+    (tmp_path / "model").mkdir()  # beside out (an out inside the model is refused first)
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
         False if Path(p) == out else real_access(p, mode, **kw)))
-    err = user_error(capsys, "llm-prune", str(tmp_path), "--calib", str(calib),
+    err = user_error(capsys, "llm-prune", str(tmp_path / "model"), "--calib", str(calib),
                      "--out", str(out))
     assert "not writable" in err
 
@@ -389,3 +390,143 @@ def test_internal_errors_keep_their_traceback(ckpt, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="a bug in sparsekit"):
         main(["prune", str(ckpt), "--out", str(tmp_path / "o.safetensors"), "--sparsity", "0.5"])
     assert not (tmp_path / "o.safetensors").exists()
+
+
+# -- outputs inside inputs, and outputs that fail midway -------------------------------------
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative name -> bytes)."""
+    return {str(f.relative_to(directory)): f.read_bytes()
+            for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("where", ["module folder", "new folder inside", "symlink inside"])
+def test_llm_prune_out_inside_the_model_directory(tmp_path, calib, capsys, where):
+    """--out MODEL/1_Pooling (a sentence-transformers module folder) exited 0 and wrote the
+    pruned model over the input's files: only an out that *is* the input was refused."""
+    model_dir = tmp_path / "model"
+    (model_dir / "1_Pooling").mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    out = {"module folder": model_dir / "1_Pooling",
+           "new folder inside": model_dir / "1_Pooling" / "new" / "deeper",
+           "symlink inside": tmp_path / "link"}[where]
+    if where == "symlink inside":
+        out.symlink_to(model_dir / "1_Pooling", target_is_directory=True)
+    before = _tree(model_dir)
+    err = user_error(capsys, "llm-prune", str(model_dir), "--calib", str(calib),
+                     "--out", str(out))
+    assert "is inside the input directory" in err and "another directory" in err
+    assert _tree(model_dir) == before
+    assert not (model_dir / "1_Pooling" / "new").exists()
+
+
+@pytest.mark.parametrize("held", ["model", "calib"])
+def test_llm_prune_out_holding_an_input(tmp_path, capsys, held):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    calib = tmp_path / "text" / "calib.txt"
+    calib.parent.mkdir()
+    calib.write_text("some calibration text\n")
+    out = tmp_path if held == "model" else calib.parent
+    before = _tree(tmp_path)
+    err = user_error(capsys, "llm-prune", str(model_dir), "--calib", str(calib),
+                     "--out", str(out))
+    assert "holds the input" in err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("spelling", ["same", "symlink"])
+def test_run_out_naming_the_recipe_is_refused(tmp_path, capsys, monkeypatch, spelling):
+    """out: r.yaml replaced the recipe with a checkpoint (exit 0, no --overwrite asked)."""
+    monkeypatch.chdir(tmp_path)
+    if spelling == "symlink":
+        Path("alias.yaml").symlink_to("r.yaml")
+    out = "r.yaml" if spelling == "same" else "alias.yaml"
+    recipe = Path("r.yaml")
+    recipe.write_text("model: lenet_300_100\ninput_shape: [1, 784]\nprune: {sparsity: 0.5}\n"
+                      f"report: null\nout: {out}\n")
+    before = recipe.read_bytes()
+    for check in (["--check"], []):
+        err = user_error(capsys, "run", "r.yaml", *check)
+        assert f"out: {out!r} is the input 'r.yaml'; write to another file" in err
+        assert recipe.read_bytes() == before
+
+
+def test_run_out_naming_the_checkpoint_is_refused(ckpt, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: lenet_300_100\ninput_shape: [1, 784]\ncheckpoint: {ckpt}\n"
+                      f"prune: {{sparsity: 0.5}}\nreport: null\nout: {ckpt}\n")
+    before = ckpt.read_bytes()
+    err = user_error(capsys, "run", str(recipe))
+    assert "is the input" in err and "--overwrite" not in err  # run has no such flag
+    assert ckpt.read_bytes() == before
+
+
+def _sentence_llama(tmp_path: Path) -> Path:
+    """A tiny LLaMA saved with a tokenizer and a sentence-transformers module folder."""
+    transformers = pytest.importorskip("transformers")
+    from sparsekit import llm
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    model_dir = tmp_path / "model"
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    llm.byte_tokenizer().save_pretrained(model_dir)
+    (model_dir / "modules.json").write_text(json.dumps(
+        [{"idx": 0, "name": "0", "path": "", "type": "x"},
+         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "y"}]))
+    (model_dir / "1_Pooling").mkdir()
+    (model_dir / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": 1}')
+    (tmp_path / "calib.txt").write_text("First Citizen: Before we proceed, hear me speak.\n" * 20)
+    return model_dir
+
+
+def test_llm_prune_failing_midway_leaves_no_output(tmp_path, capsys, monkeypatch):
+    """A copy failing after save_pretrained had written left a partial output directory
+    (exit 2); an earlier output in --out was half replaced. The output is now built
+    beside --out and put in place only when complete."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = _sentence_llama(tmp_path)
+    base = ["llm-prune", str(model_dir), "--calib", str(tmp_path / "calib.txt"),
+            "--method", "magnitude", "--nsamples", "2", "--seqlen", "16"]
+    out = tmp_path / "out"
+    assert main([*base, "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("the user's own file")
+    before = _tree(out)
+    capsys.readouterr()
+
+    from sparsekit.cli import llm_prune
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(llm_prune.shutil, "copytree", full_disk)
+        for target in (out, tmp_path / "new" / "deeper" / "out"):
+            err = user_error(capsys, *base, "--out", str(target), "--seed", "1")
+            assert "No space left on device" in err and str(target) in err
+        assert _tree(out) == before  # the earlier output, as it was
+        assert not (tmp_path / "new").exists()  # nor the parents made for it
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "model", "out"]
+
+    assert main([*base, "--out", str(out), "--seed", "1"]) == 0  # complete: replaces
+    assert (out / "notes.txt").read_text() == "the user's own file"  # others stay
+    assert (out / "1_Pooling" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "model", "out"]
+    sparsekit.from_pretrained(out)
+
+
+def test_llm_prune_broken_module_file_is_refused_before_pruning(tmp_path, calib, capsys):
+    model_dir = tmp_path / "model"
+    (model_dir / "1_Pooling").mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "modules.json").write_text(json.dumps([{"path": "1_Pooling"}]))
+    (model_dir / "1_Pooling" / "extra.json").symlink_to(tmp_path / "nonexistent")
+    err = user_error(capsys, "llm-prune", str(model_dir), "--calib", str(calib),
+                     "--out", str(tmp_path / "out"))
+    assert "broken symlink" in err and not (tmp_path / "out").exists()

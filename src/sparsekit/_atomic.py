@@ -2,7 +2,8 @@
 
 Checkpoints, Hugging Face configs, SAE directories and the decision cache all write files
 that a reader (or a concurrent writer) must never see half written. :func:`atomic_write`
-is the one way they do it.
+is the one way they do it. Writers of several files into one directory also hold
+:func:`directory_lock`, so that two of them at once give one writer's complete save.
 """
 
 from __future__ import annotations
@@ -10,10 +11,18 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-__all__ = ["atomic_write", "sync"]
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks (directory_lock does not serialise there)
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["LOCK_NAME", "atomic_write", "directory_lock", "sync"]
+
+LOCK_NAME = ".sparsekit.lock"
+"""The file :func:`directory_lock` locks in a directory (removed when it is released)."""
 
 
 @contextmanager
@@ -52,6 +61,50 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+@contextmanager
+def directory_lock(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold an exclusive lock on ``directory`` (which must exist) for the block; yield it.
+
+    A writer of several files in one directory (``save_pretrained``, an SAE's ``save``)
+    holds it around its writes and renames, so two writers of the same directory, in
+    threads or processes of this machine, run one after the other and the directory
+    ends up as one complete save, never one writer's config with the other's weights.
+    The lock is ``flock`` on the file :data:`LOCK_NAME` in ``directory``; the holder
+    removes that file before releasing it (a writer that locked a removed file tries
+    again), so no lock file outlives the save. A writer killed while holding it leaves the
+    file behind, unlocked, and harmless. Blocks until the lock is free.
+
+    Where ``fcntl`` is missing (Windows) nothing is locked: concurrent writers of one
+    directory are not supported there (each file is still replaced atomically).
+    """
+    directory = Path(directory)
+    if fcntl is None:
+        yield directory
+        return
+    lock = directory / LOCK_NAME
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+            break  # the file still at that name is the one locked: the lock is ours
+        os.close(fd)  # its holder removed it meanwhile: lock the file at that name now
+    try:
+        yield directory
+    finally:
+        with suppress(OSError):
+            lock.unlink()  # before the release, so a waiter on this file tries again
+        os.close(fd)
 
 
 def sync(file: str | os.PathLike[str]) -> None:

@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from sparsekit._checks import ArgumentTypeError
+
 MASKS_HINT = (
     "a wrapped model needs the same masks on every rank: compute them with the same seed and "
     "data on every rank, or on rank 0 and torch.distributed.broadcast them"
@@ -104,6 +106,7 @@ def is_dtensor(t: object) -> bool:
 def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a ``DTensor`` (the model went through
     ``fully_shard`` or tensor parallelism)."""
+    _check_module(model)
     return any(is_dtensor(p) for p in model.parameters())
 
 
@@ -137,11 +140,17 @@ def shard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
                              src_data_rank=None)
 
 
+def _check_module(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 @contextlib.contextmanager
 def unsharded(model: nn.Module) -> Iterator[None]:
     """Inside, every parameter of an FSDP2 ``model`` is whole (``unshard()`` on each
     ``fully_shard``-ed module, ``reshard()`` after); anything else is left as it is. Read
     only: FSDP2 does not copy changes of the whole parameters back into the shards."""
+    _check_module(model)
     from torch.distributed.fsdp import FSDPModule
 
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -201,6 +210,11 @@ def rebuild_reducer(ddp: DistributedDataParallel) -> None:
     registered with ``register_comm_hook`` are registered again. Call it between steps,
     on every rank, after the same change.
     """
+    if not isinstance(ddp, DistributedDataParallel):
+        raise ArgumentTypeError(
+            f"ddp must be a torch.nn.parallel.DistributedDataParallel (the wrapped model, "
+            f"whose reducer is rebuilt), got {type(ddp).__name__}"
+        )
     ddp.reducer = ddp.logger = None
     gc.collect()  # the accumulators must die before the new reducer asks for them
     params, expect_sparse = ddp._build_params_for_reducer()

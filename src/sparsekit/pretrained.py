@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from sparsekit import checkpoint
-from sparsekit._atomic import atomic_write, sync
+from sparsekit._atomic import atomic_write, directory_lock, sync
 from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import ActivationSparseLinear, check_column_index
 from sparsekit.engine.compiled_conv import CompiledConv2d
@@ -97,7 +98,10 @@ def save_pretrained(
     old ``config.json`` is removed: a save refused (bad masks, a weight int8 cannot hold)
     or failing (the tokenizer's save, a full disk) leaves an earlier save in ``directory``
     loadable as it was (the tokenizer's own files aside); only a crash between the final
-    renames leaves no loadable directory, as ``config.json`` is renamed last.
+    renames leaves no loadable directory, as ``config.json`` is renamed last. Two saves to
+    one directory at once run one after the other (:func:`sparsekit._atomic.directory_lock`;
+    not on platforms without ``fcntl``, such as Windows, where concurrent saves to one
+    directory are not supported), so the directory holds one of them, whole.
     """
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not callable(getattr(config, "to_json_string", None)):
@@ -121,7 +125,23 @@ def save_pretrained(
               "cast": {"dtype": str(stored_as), "keys": cast} if cast else None}
 
     path.mkdir(parents=True, exist_ok=True)
-    pending = path / f".{WEIGHTS_NAME}.pending"  # checked and encoded before anything goes
+    with directory_lock(path):  # another writer of this directory waits for this save
+        _write_directory(model, path, masks, record, cast, stored_as, tokenizer)
+    return path
+
+
+def _write_directory(model: nn.Module, path: Path, masks: MaskSet | None,
+                     record: dict[str, Any], cast: list[str], stored_as: torch.dtype | None,
+                     tokenizer: Any) -> None:
+    """:func:`save_pretrained`'s writes, under the lock of ``path``."""
+    checkpoint._remove_stale_temps(path / WEIGHTS_NAME)  # killed saves' pending weights
+    # the weights are checked and encoded (under a name of this call's own) before
+    # anything goes; named like atomic_write's temporary files, so a killed save's is
+    # removed by a later one
+    fd, name = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.{os.getpid()}-", suffix=".tmp",
+                                dir=path)
+    os.close(fd)
+    pending = Path(name)
     try:
         with _stored_as(model, cast, stored_as):
             checkpoint.save(model, pending, masks,
@@ -142,7 +162,6 @@ def save_pretrained(
             os.replace(pending, path / WEIGHTS_NAME)
     finally:
         pending.unlink(missing_ok=True)
-    return path
 
 
 def from_pretrained(directory: str | os.PathLike) -> nn.Module:

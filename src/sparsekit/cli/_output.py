@@ -1,18 +1,23 @@
 """Where a command writes: checked before any work, written after everything that can fail.
 
 A command calls :func:`check_output` first, so a path it cannot or must not write is
-refused before anything is loaded or pruned, and :func:`write_output` last, so a failure
-anywhere before it leaves no output behind and a failed write names the path in one line.
-An output never replaces one of the command's inputs unless the user asks for it.
+refused before anything is loaded or pruned, and :func:`write_output` (or, for an output
+directory, :func:`write_directory`) last, so a failure anywhere before it leaves no output
+behind and a failed write names the path in one line. An output never replaces one of the
+command's inputs unless the user asks for it, and an output directory never holds an input
+or lies inside an input directory.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from sparsekit._atomic import _fsync_dir, _umask
 from sparsekit.cli._errors import UsageError
 
 T = TypeVar("T")
@@ -25,16 +30,21 @@ def check_output(
     overwrite: bool = False,
     directory: bool = False,
     flag: str = "--out",
+    overwrite_flag: str | None = "--overwrite",
 ) -> Path:
     """Return ``out`` as a path after checking it can be written without losing an input.
 
     ``out`` is a file (or a directory with ``directory=True``); an existing ``out`` must be
     of that kind, since replacing a directory, device or pipe is never what was meant. An
     ``out`` that is the same file as one of ``inputs`` (also through a symlink or hard link)
-    is refused unless ``overwrite``; an output directory is never an input. The directory
-    written into (or its nearest existing ancestor, created on write) must be writable.
+    is refused unless ``overwrite`` (the command's ``overwrite_flag``; ``None`` for a
+    command without one); an output directory is never an input. No output lies inside an
+    input directory (at any depth, through symlinks too) and no output directory holds an
+    input. The directory written into (or its nearest existing ancestor, created on write)
+    must be writable.
     """
     path = Path(out)
+    existing = [Path(s) for s in inputs if s is not None and Path(s).exists()]
     if path.exists():
         if directory and not path.is_dir():
             raise UsageError(f"{flag} {str(path)!r} exists and is not a directory")
@@ -42,13 +52,19 @@ def check_output(
             raise UsageError(f"{flag} {str(path)!r} is a directory; give the file to write")
         if not directory and not path.is_file():
             raise UsageError(f"{flag} {str(path)!r} exists and is not a regular file")
-        same = [s for s in inputs if s is not None and Path(s).exists()
-                and os.path.samefile(path, s)]
+        same = [s for s in existing if os.path.samefile(path, s)]
         if same and (directory or not overwrite):
-            raise UsageError(
-                f"{flag} {str(path)!r} is the input {str(same[0])!r}; "
-                + ("write to another directory" if directory else "pass --overwrite to replace it")
-            )
+            hint = ("write to another directory" if directory
+                    else f"pass {overwrite_flag} to replace it" if overwrite_flag
+                    else "write to another file")
+            raise UsageError(f"{flag} {str(path)!r} is the input {str(same[0])!r}; {hint}")
+    for source in existing:
+        if source.is_dir() and _within(path, source):
+            raise UsageError(f"{flag} {str(path)!r} is inside the input directory "
+                             f"{str(source)!r}; write to another directory")
+        if directory and path.is_dir() and _within(source, path):
+            raise UsageError(f"{flag} {str(path)!r} holds the input {str(source)!r}; write "
+                             f"to another directory")
     parent = path.absolute() if directory and path.is_dir() else path.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -66,3 +82,115 @@ def write_output(path: Path, write: Callable[[Path], T], *, flag: str = "--out")
     except OSError as err:
         reason = err.strerror or str(err)
         raise UsageError(f"{flag}: cannot write {str(path)!r}: {reason}") from None
+
+
+def _within(path: Path, directory: Path) -> bool:
+    """Whether ``path`` (existing or not) is ``directory`` or lies inside it, at any depth:
+    one of its existing ancestors (symlinks resolved) is that directory (also through a
+    hard link, bind mount or another spelling of it)."""
+    target = os.stat(directory)
+    for ancestor in (p := path.resolve(), *p.parents):
+        try:
+            if os.path.samestat(os.stat(ancestor), target):
+                return True
+        except OSError:
+            continue  # not created yet
+    return False
+
+
+def write_directory(path: Path, write: Callable[[Path], T], *, flag: str = "--out",
+                    last: Sequence[str] = ("config.json",)) -> T:
+    """Run ``write(tmp)`` on a new, empty temporary directory beside ``path``, then put what
+    it wrote in place: the whole directory becomes ``path`` (one rename) when there is
+    none, else its files replace those of the same name in ``path`` (each one rename;
+    other files of ``path`` stay). A failure before that (``write`` raising, a file that
+    would replace a directory) removes the temporary directory and the parents created
+    for it, so ``path`` is as it was; a file-system failure becomes one line naming
+    ``path``. The files named in ``last`` (``config.json``: what makes the directory
+    loadable) are removed from ``path`` first and put in place last, so a crash in between
+    leaves no old config describing new weights. ``path``'s parents are created."""
+    target = path.absolute()
+    created = next((a for a in reversed(target.parents) if not a.exists()), None)
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        home = target.resolve().parent if target.is_dir() else target.parent
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp",
+                                    dir=home))
+        os.chmod(tmp, 0o777 & ~_umask())  # a new directory's usual permissions, not 0700
+        result = write(tmp)
+        if not target.exists():
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not target.is_dir():  # created meanwhile (rename fails): merge into it
+                    raise
+            else:
+                _fsync_dir(target.parent)
+                return result
+        real = target.resolve()
+        _check_replaceable(tmp, real, path, flag)
+        final = [name for name in last if (tmp / name).is_file()]
+        for name in final:
+            (real / name).unlink(missing_ok=True)
+        _move_into(tmp, real, skip=set(final))
+        for name in final:
+            os.replace(tmp / name, real / name)
+        _fsync_dir(real)
+        return result
+    except OSError as err:
+        raise UsageError(f"{flag}: cannot write {str(path)!r}: {_reason(err)}") from None
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None and not target.exists():
+            _remove_empty(target.parent, stop=created.parent)
+
+
+def _reason(err: OSError) -> str:
+    """What went wrong, in a line: ``shutil.copytree``'s list of failed copies as its first
+    (their destinations are in the temporary directory, which is gone)."""
+    problems = err.args[0] if isinstance(err, shutil.Error) and err.args else None
+    if isinstance(problems, list) and problems and len(problems[0]) == 3:
+        source, _, why = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return f"cannot copy {str(source)!r}: {why}{more}"
+    return err.strerror or str(err)
+
+
+def _check_replaceable(source: Path, target: Path, out: Path, flag: str) -> None:
+    """Raise unless every entry of ``source`` can be renamed over ``target``'s of that name:
+    a directory only merges into a directory, a file replaces no directory."""
+    for entry in sorted(source.iterdir()):
+        there = target / entry.name
+        if not os.path.lexists(there):
+            continue
+        is_dir, there_dir = entry.is_dir() and not entry.is_symlink(), there.is_dir()
+        if is_dir and there_dir and not there.is_symlink():
+            _check_replaceable(entry, there, out, flag)
+        elif is_dir or there_dir:
+            raise UsageError(f"{flag} {str(out)!r}: {str(there)!r} is in the way of the "
+                             f"{'directory' if is_dir else 'file'} to write there")
+
+
+def _move_into(source: Path, target: Path, *, skip: set[str]) -> None:
+    """Rename each entry of ``source`` into ``target`` (directories merged entry by entry)."""
+    for entry in sorted(source.iterdir()):
+        if entry.name in skip:
+            continue
+        there = target / entry.name
+        if (entry.is_dir() and not entry.is_symlink() and there.is_dir()
+                and not there.is_symlink()):
+            _move_into(entry, there, skip=set())
+        else:
+            os.replace(entry, there)
+
+
+def _remove_empty(directory: Path, *, stop: Path) -> None:
+    """Remove ``directory`` and its parents up to (not including) ``stop`` while empty."""
+    while directory != stop and directory != directory.parent:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        directory = directory.parent

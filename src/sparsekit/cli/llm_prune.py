@@ -1,7 +1,10 @@
 """``sparsekit llm-prune MODEL_DIR --calib FILE --out OUT_DIR``: prune a transformers model.
 
 Every check runs before the work and the outputs are written last; ``OUT_DIR`` is never
-``MODEL_DIR`` (the model may still be memory-mapped from there). ``OUT_DIR`` is one copy of
+``MODEL_DIR`` (the model may still be memory-mapped from there), nor inside it, nor holding
+it or the text files. The output is built in a temporary directory beside ``OUT_DIR`` and
+put in place only when complete (:func:`sparsekit.cli._output.write_directory`), so a run
+that fails leaves no output, and an existing ``OUT_DIR`` as it was. ``OUT_DIR`` is one copy of
 the model, written by :func:`sparsekit.save_pretrained` (pruned layers compressed; load it
 with :func:`sparsekit.from_pretrained`), with the tokenizer and, when ``MODEL_DIR`` is a
 sentence-transformers model, its module files (``modules.json``, the pooling and
@@ -22,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import sparsekit
 from sparsekit.blocks import home_device
 from sparsekit.cli._errors import UsageError
-from sparsekit.cli._output import check_output, write_output
+from sparsekit.cli._output import check_output, write_directory
 from sparsekit.cli.report import show
 
 EVAL_SENTENCES = 64
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in (("--calib", args.calib), ("--eval", args.eval)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: no such text file {path!r}")
-    out = check_output(args.out, inputs=[args.model_dir], directory=True)
+    out = check_output(args.out, inputs=[args.model_dir, args.calib, args.eval],
+                       directory=True)
     extra = sentence_transformers_files(Path(args.model_dir))
     model, tokenizer, causal = _load(args.model_dir)
     text = Path(args.eval or args.calib)
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     example = torch.zeros(1, 8, dtype=torch.long, device=home_device(model))
     rep = sparsekit.report(model, example, masks=masks)
-    write_output(out, lambda path: _write(path, model, tokenizer, masks, extra, args))
+    write_directory(out, lambda path: _write(path, model, tokenizer, masks, extra, args))
     show(rep, markdown=args.markdown)
     metric = "perplexity" if causal else "embedding similarity to dense"
     print(f"{metric}: {before:.4f} dense -> {after:.4f} pruned "
@@ -111,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _write(out: Path, model, tokenizer, masks: sparsekit.MaskSet, extra: list[Path],
            args: argparse.Namespace) -> None:
-    """The compressed directory, then the sentence-transformers files of the input."""
+    """The compressed directory, then the sentence-transformers files of the input (into
+    the new, empty directory ``out``: the temporary one of :func:`write_directory`)."""
     sparsekit.save_pretrained(model, out, masks, tokenizer=tokenizer,
                               dense_dtype=args.dense_dtype)
     source = Path(args.model_dir)
@@ -144,6 +149,11 @@ def sentence_transformers_files(model_dir: Path) -> list[Path]:
             raise UsageError(f"{modules}: module path {folder!r} is no folder inside {model_dir}")
         if path.is_dir():  # a module without settings (Normalize) may have no folder
             found.append(model_dir / str(folder))
+    for folder in (f for f in found if f.is_dir()):  # copied at the end: refused now
+        for file in sorted(folder.rglob("*")):
+            if not file.exists():
+                raise UsageError(f"{modules}: module folder {str(folder)!r} holds a broken "
+                                 f"symlink {str(file)!r}")
     return found
 
 

@@ -3,7 +3,8 @@
 The recipe is validated completely before any stage runs (:func:`sparsekit.recipe.load_recipe`:
 every field, also those only the model can judge, on a fresh copy of it), so ``--check``
 refuses what a run would; a bad field is one line naming it, exit status 2. ``out`` is
-written last, after every stage that can fail.
+written last, after every stage that can fail, and never replaces the recipe file or its
+``checkpoint``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"recipe {args.recipe!r} does not exist or is not a file")
     recipe = load_recipe(args.recipe)
     if recipe.out is not None:
-        check_output(recipe.out, inputs=[recipe.checkpoint], flag="out:")
+        # the recipe file is an input too: out: naming it would replace the recipe
+        check_output(recipe.out, inputs=[args.recipe, recipe.checkpoint], flag="out:",
+                     overwrite_flag=None)
     if args.check:
         print(f"{args.recipe}: valid recipe")
         return 0

@@ -44,6 +44,7 @@ bfloat16. Where it is no slower, :meth:`ActivationSparseLinear.tuned` drops the 
 from __future__ import annotations
 
 import functools
+import numbers
 import statistics
 import threading
 from collections.abc import Mapping, Sequence
@@ -53,10 +54,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
-from sparsekit._checks import check_int
+from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.bound import BoundArguments
 from sparsekit.engine.compiled_linear import CompiledLayer, dense_linear
+from sparsekit.engine.formats.native import MAX_THREADS
 from sparsekit.quantize import (
     attach_scales,
     attached_scales,
@@ -65,7 +67,8 @@ from sparsekit.quantize import (
     quantize_int8,
 )
 
-__all__ = ["BITMAP_BLOCK", "BLOCK", "KERNELS", "ActivationSparseLinear", "sparsify_input"]
+__all__ = ["BITMAP_BLOCK", "BLOCK", "KERNELS", "ActivationSparseLinear", "check_bitmap_index",
+           "check_column_index", "sparsify_input"]
 
 KERNELS = ("act_gemv", "act_sparse_gemv", "act_bitmap_gemv", "act_bitmap_qgemv")
 """The single-row kernels: on the transposed dense weight, or on its stored weights only (with
@@ -240,12 +243,19 @@ class ActivationSparseLinear(BoundArguments):
     ``threshold`` is a scalar or one value per input feature (``in_features``). ``weight``
     is float32 or bfloat16, or int8 codes with ``scales`` (float32, one per output row:
     ``W = weight * scales[:, None]``); ``dtype`` is the dtype of the inputs, thresholds, bias
-    and outputs (default: the weight's; float32 for int8 codes). Inputs have shape
+    and outputs (default: the weight's; float32 for int8 codes). ``bias`` is a
+    floating-point tensor of shape ``(out_features,)``, stored as ``dtype`` (a float64 or
+    float32 bias of a bfloat16 layer is rounded to it, as ``nn.Linear.to`` would; an
+    integer one is refused). Inputs have shape
     ``(..., in_features)``; a single row of ``dtype`` (float32 or bfloat16, summed in
     float32) runs ``kernel`` (one of :data:`KERNELS`) with ``threads`` OpenMP threads
     (default ``torch.get_num_threads()``); several rows run through ``prefill`` (a module
     computing ``x @ W.T + bias``, e.g. a compiled layer) after the same thresholding, or,
-    without one, on the single-row storage. Inference only: the weights are buffers.
+    without one, on the single-row storage; a ``prefill`` that declares ``in_features`` /
+    ``out_features`` must declare this layer's. Inference only: the weights are buffers.
+    Loading a state (``load_state_dict``, :func:`sparsekit.load`) checks all of it first
+    (:meth:`load_errors`: every buffer's dtype and shape, the column index or bitmap
+    against its values, the thresholds and scales) and copies nothing unless all passes.
     """
 
     def __init__(
@@ -261,31 +271,36 @@ class ActivationSparseLinear(BoundArguments):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(weight, torch.Tensor):
+            raise ArgumentTypeError(f"weight must be a 2-D tensor (out, in), got "
+                                    f"{type(weight).__name__}")
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise ArgumentTypeError(f"dtype must be a floating-point torch.dtype or None, got "
+                                    f"{dtype!r}")
+        if scales is not None and not isinstance(scales, torch.Tensor):
+            raise ArgumentTypeError(f"scales must be None or a float tensor of shape "
+                                    f"({self.out_features},), got {type(scales).__name__}")
         dtype = _check_storage(weight, scales, dtype)
-        threshold = torch.as_tensor(threshold, dtype=torch.float32).detach()
-        if threshold.dim() > 1 or threshold.numel() not in (1, self.in_features):
-            raise ValueError(
-                f"threshold must be a scalar or have in_features={self.in_features} values, "
-                f"got shape {tuple(threshold.shape)}"
-            )
-        check_threshold("threshold", threshold.reshape(-1))
-        if bias is not None and (not isinstance(bias, torch.Tensor)
-                                 or bias.shape != (self.out_features,)):
-            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"bias must be None or of shape (out_features={self.out_features},)"
-                             f", got {got}")
+        threshold = _threshold_tensor(threshold, self.in_features)
+        if bias is not None:
+            _check_bias(bias, self.out_features)
         if threads is not None:
             check_int("threads", threads, minimum=1)
+            if threads > MAX_THREADS:
+                raise ValueError(f"threads must be an int in [1, {MAX_THREADS}] (the kernels' "
+                                 f"limit) or None, got {threads}")
+        if not isinstance(kernel, str):
+            raise ArgumentTypeError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if kernel == "act_bitmap_qgemv" and weight.dtype != torch.int8:
             raise ValueError(f"kernel 'act_bitmap_qgemv' (int8 inputs) needs int8 weight codes "
                              f"with scales, got a {weight.dtype} weight")
-        if prefill is not None and not isinstance(prefill, nn.Module):
-            raise TypeError(f"prefill must be an nn.Module or None, got {type(prefill).__name__}")
+        if prefill is not None:
+            _check_prefill(prefill, self.in_features, self.out_features)
         self.threads, self.kernel, self.dtype = threads, kernel, dtype
         self.block = BITMAP_BLOCK if kernel in _BITMAP_KERNELS else BLOCK
         weight = weight.detach()
@@ -365,6 +380,7 @@ class ActivationSparseLinear(BoundArguments):
         ``activation_dtype=torch.int8`` (int8 values only; W8A8) adds ``"act_bitmap_qgemv"``
         to the weight-sparse kernels.
         """
+        _check_rows(rows)
         if activation_dtype not in (None, torch.int8):
             raise ValueError(f"activation_dtype must be None or torch.int8, got "
                              f"{activation_dtype!r}")
@@ -574,17 +590,76 @@ class ActivationSparseLinear(BoundArguments):
         self, state: dict[str, torch.Tensor], prefix: str = ""
     ) -> dict[str, torch.Tensor] | None:
         """This layer's ``state_dict`` entries (under ``prefix``) after loading ``state``,
-        once its column index there is checked (:func:`check_column_index`): the
-        ``act_sparse_gemv`` kernel checks only the ends of ``colptr`` on its hot path, so a
-        forged index would read and write out of bounds. ``None`` for ``act_gemv`` layers
-        and when ``state`` holds no index for this layer. Used by :func:`sparsekit.load`.
+        once its entries there pass :meth:`load_errors` (``ValueError`` naming the layer
+        otherwise): the kernels check only the ends of ``colptr`` / ``offsets`` on their hot
+        path, so a forged index would read and write out of bounds. ``None`` when ``state``
+        holds none of this layer's buffers. Used by :func:`sparsekit.load`.
         """
-        if self.kernel != "act_sparse_gemv" or f"{prefix}colptr" not in state:
+        if not any(f"{prefix}{k}" in state for k, t in self._buffers.items() if t is not None):
             return None
-        check_column_index(state[f"{prefix}colptr"], state.get(f"{prefix}row_indices"),
-                           state.get(f"{prefix}values"), self.out_features, self.block,
-                           name=prefix.rstrip(".") or "layer")
+        errors = self.load_errors(state, prefix)
+        if errors:
+            raise ValueError("; ".join(errors))
         return self.state_dict(prefix=prefix)
+
+    def load_errors(self, state: Mapping[str, object], prefix: str = "") -> list[str]:
+        """Why the entries of ``state`` under ``prefix`` cannot be copied into this layer's
+        buffers (empty: they can), missing entries aside; each message names the layer.
+
+        Each entry present must be a tensor of its buffer's dtype and shape (``copy_`` would
+        cast float values into int8 codes, or an int32 index into int16), and the buffers as
+        they would be after the load (the entries present, this layer's own for the others)
+        must hold a valid column index (:func:`check_column_index`) or bitmap columns
+        (:func:`check_bitmap_index`) over the values, thresholds ≥ 0
+        (:func:`check_threshold`) and positive finite int8 scales: a load is refused whole
+        or done whole.
+        """
+        name = prefix.rstrip(".") or "layer"
+        errors = []
+        for key, own in self._buffers.items():
+            if own is None or (t := state.get(prefix + key)) is None:
+                continue  # a buffer this layer lacks is an unexpected key: torch says so
+            if not isinstance(t, torch.Tensor):
+                errors.append(f"{name}: {key} must be a tensor, got {type(t).__name__}")
+            elif t.dtype != own.dtype or t.shape != own.shape:
+                errors.append(f"{name}: {key} must be {own.dtype} of shape {tuple(own.shape)} "
+                              f"like the buffer it is copied into, got {t.dtype} "
+                              f"{tuple(t.shape)}")
+        if errors:
+            return errors
+        after = {k: state.get(prefix + k, own) for k, own in self._buffers.items()
+                 if own is not None}
+        try:
+            if self.kernel == "act_sparse_gemv":
+                check_column_index(after["colptr"], after["row_indices"], after["values"],
+                                   self.out_features, self.block, name=name)
+            elif self.kernel in _BITMAP_KERNELS:
+                check_bitmap_index(after["bitmap"], after["offsets"], after["values"],
+                                   self.out_features, self.block, name=name)
+            check_threshold(f"{name}: threshold", after["threshold"])
+            if "scales" in after:
+                check_scale_values(after["scales"])
+        except ValueError as err:
+            message = str(err)
+            return [message if message.startswith(f"{name}:") else f"{name}: {message}"]
+        return []
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        # torch copies the entries one by one and the kernels trust the index: the whole
+        # incoming state is checked first, and nothing is copied unless all of it passes.
+        errors = self.load_errors(state_dict, prefix)
+        if errors:
+            missing_keys.extend(prefix + k for k, t in self._buffers.items()
+                                if t is not None and k not in self._non_persistent_buffers_set
+                                and prefix + k not in state_dict)
+            error_msgs.extend(errors)
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -630,6 +705,126 @@ def check_column_index(colptr: torch.Tensor, row_indices: torch.Tensor | None,
     ):
         raise ValueError(f"{name}: inconsistent column index (colptr must rise from 0 to "
                          f"{nnz} through every block, row_indices lie inside their block)")
+
+
+@functools.cache
+def _popcounts() -> torch.Tensor:
+    """The number of set bits of every 16-bit word (int64, indexed by the word)."""
+    words = torch.arange(1 << 16, dtype=torch.int64)
+    return ((words[:, None] >> torch.arange(16)) & 1).sum(1)
+
+
+def check_bitmap_index(bitmap: torch.Tensor | None, offsets: torch.Tensor | None,
+                       values: torch.Tensor | None, out_features: int, block: int, *,
+                       name: str = "layer") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``bitmap`` / ``offsets`` form valid
+    bitmap columns (:func:`_bitmap_columns`) over ``values`` for ``out_features`` outputs
+    in blocks of ``block``: an int16 bitmap (in, blocks, block / 16) with no bit past
+    ``out_features``, and int32 offsets (in, blocks + 1) that start at 0, step by the
+    number of bits of each (column, block), continue from column to column and end at the
+    number of values. The kernels check only that the offsets rise from 0 to the number
+    of values; a bitmap with more bits than its offsets' step read past the column's values,
+    a bit past the outputs wrote past them."""
+    blocks, words = -(-out_features // block), block // 16
+    if bitmap is None or offsets is None or values is None:
+        raise ValueError(f"{name}: bitmap needs offsets and values beside it")
+    nnz = values.numel()
+    if (bitmap.dtype != torch.int16 or bitmap.dim() != 3
+            or tuple(bitmap.shape[1:]) != (blocks, words) or offsets.dtype != torch.int32
+            or tuple(offsets.shape) != (bitmap.shape[0], blocks + 1) or values.dim() != 1):
+        raise ValueError(
+            f"{name}: expected an int16 bitmap (in, {blocks}, {words}), int32 offsets "
+            f"(in, {blocks + 1}) and 1-D values, got {bitmap.dtype} {tuple(bitmap.shape)}, "
+            f"{offsets.dtype} {tuple(offsets.shape)} and {tuple(values.shape)}"
+        )
+    cols = bitmap.shape[0]
+    if nnz >= 2**31 or (cols == 0 and nnz):
+        raise ValueError(f"{name}: {nnz} values for {cols} bitmap columns")
+    if cols == 0:
+        return
+    bits = bitmap.cpu().to(torch.int64) & 0xFFFF  # read back as uint16
+    ptr = offsets.cpu().to(torch.int64)
+    # the bits each word of the last block may hold: outputs 16 w + r < out_features
+    height = out_features - (blocks - 1) * block if blocks else 0
+    room = (height - 16 * torch.arange(words)).clamp(0, 16)
+    allowed = (torch.ones(words, dtype=torch.int64) << room) - 1
+    consistent = (
+        int(ptr[0, 0]) == 0 and int(ptr[-1, -1]) == nnz
+        and bool((ptr[1:, 0] == ptr[:-1, -1]).all())
+        and bool((ptr.diff(dim=1) == _popcounts()[bits].sum(-1)).all())
+        and (blocks == 0 or not bool((bits[:, -1] & ~allowed).any()))
+    )
+    if not consistent:
+        raise ValueError(
+            f"{name}: inconsistent bitmap columns (offsets must rise from 0 to {nnz}, by the "
+            "number of bits of each column's block, column after column; no bit may mark an "
+            f"output past out_features={out_features})"
+        )
+
+
+def _threshold_tensor(threshold: object, in_features: int) -> torch.Tensor:
+    """``threshold`` (a real number, or a tensor or sequence of one or ``in_features``
+    of them, each ≥ 0) as a float32 tensor, checked."""
+    accepted = (f"a float ≥ 0, or a tensor of 1 or in_features={in_features} thresholds "
+                "≥ 0")
+    if threshold is None or isinstance(threshold, (bool, str, bytes)) or (
+            isinstance(threshold, numbers.Number) and not isinstance(threshold, numbers.Real)):
+        raise ArgumentTypeError(f"threshold must be {accepted}, got {threshold!r:.80}")
+    try:
+        t = torch.as_tensor(threshold).detach()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ArgumentTypeError(f"threshold must be {accepted}, got {threshold!r:.80} "
+                                f"({err})") from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise ArgumentTypeError(f"threshold must be {accepted}, got a {t.dtype} one")
+    t = t.to(torch.float32)
+    if t.dim() > 1 or t.numel() not in (1, in_features):
+        raise ValueError(
+            f"threshold must be a scalar or have in_features={in_features} values, "
+            f"got shape {tuple(t.shape)}"
+        )
+    check_threshold("threshold", t.reshape(-1))
+    return t
+
+
+def _check_bias(bias: object, out_features: int) -> None:
+    """Raise unless ``bias`` is a floating-point tensor of shape ``(out_features,)``."""
+    accepted = f"None or a floating-point tensor of shape (out_features={out_features},)"
+    if not isinstance(bias, torch.Tensor):
+        raise ArgumentTypeError(f"bias must be {accepted}, got {type(bias).__name__}")
+    if bias.shape != (out_features,):
+        raise ValueError(f"bias must be None or of shape (out_features={out_features},), got "
+                         f"{tuple(bias.shape)}")
+    if not bias.is_floating_point():
+        raise ArgumentTypeError(f"bias must be {accepted}, got dtype {bias.dtype} (it would "
+                                "be cast to the layer's dtype)")
+
+
+def _check_prefill(prefill: object, in_features: int, out_features: int) -> None:
+    """Raise unless ``prefill`` is a module whose declared ``in_features`` /
+    ``out_features`` (where it has them) are the layer's."""
+    if not isinstance(prefill, nn.Module):
+        raise ArgumentTypeError(f"prefill must be an nn.Module or None, got "
+                                f"{type(prefill).__name__}")
+    for attr, want in (("in_features", in_features), ("out_features", out_features)):
+        got = getattr(prefill, attr, None)
+        if isinstance(got, int) and got != want:
+            raise ValueError(
+                f"prefill must compute this layer's product ({in_features} -> {out_features} "
+                f"features), got a {type(prefill).__name__} with {attr}={got}"
+            )
+
+
+def _check_rows(rows: object) -> None:
+    """Raise unless ``rows`` is a sequence of ints ≥ 1 (the row counts to time)."""
+    accepted = "a sequence of ints ≥ 1 (row counts)"
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+        raise ArgumentTypeError(f"rows must be {accepted}, got {rows!r:.80}")
+    for i, r in enumerate(rows):
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+            raise ArgumentTypeError(f"rows must be {accepted}, got rows[{i}]={r!r}")
+        if r < 1:
+            raise ValueError(f"rows must be {accepted}, got rows[{i}]={r!r}")
 
 
 def _check_storage(weight: torch.Tensor, scales: torch.Tensor | None,

@@ -39,13 +39,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from sparsekit._checks import ArgumentTypeError, check_int
 
 __all__ = ["COLD_ROWS", "MARGIN", "Samples", "choose", "cold_cache", "effective_cache_bytes",
            "last_level_cache_bytes", "measure"]
@@ -73,7 +76,8 @@ def cold_cache(enabled: bool = True) -> Iterator[None]:
     """Time row counts up to :data:`COLD_ROWS` with the cache flushed before every call
     (``enabled``) inside the block; the previous setting is restored after it."""
     global _cold, _flush
-    before, _cold = _cold, bool(enabled)
+    _check_bool("enabled", enabled)
+    before, _cold = _cold, enabled
     try:
         yield
     finally:
@@ -179,9 +183,21 @@ def measure(
     ``reference`` (one of ``modules``, :func:`choose`'s) is the format the others must beat:
     a row count's rounds stop early once each of them has beaten it by :data:`MARGIN` in
     every round or in none (:func:`_settled`)."""
+    if not isinstance(modules, Mapping):
+        raise ArgumentTypeError(f"modules must be a dict from format name to module, got "
+                                f"{type(modules).__name__}")
     if reference not in modules:
         raise ValueError(f"reference must be one of the modules {sorted(modules)}, got "
                          f"{reference!r}")
+    rows = _check_rows(rows)
+    if inputs is not None and (not isinstance(inputs, torch.Tensor) or inputs.dim() == 0
+                               or inputs.shape[0] == 0):
+        got = (f"shape {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor)
+               else type(inputs).__name__)
+        error = ValueError if isinstance(inputs, torch.Tensor) else ArgumentTypeError
+        raise error(f"inputs must be None or a tensor of at least one input, (n, *in_shape) "
+                    f"with n ≥ 1, got {got}")
+    _check_bool("every_round", every_round)
     samples: Samples = {}
     names = list(modules)
     for r in rows:
@@ -235,7 +251,12 @@ def choose(
     ``ms_chosen``, ``ratio``, ``rounds``, ``wins``: rounds in which that format beat the
     reference by the margin, ``spread``: the larger relative range (max − min) / median
     of the two formats' round times), ``margin``, ``forced`` and ``reference``.
+
+    A bad argument (no row counts, a format timed at some row counts only, ``allowed``
+    naming an untimed format or given as one string, empty or non-finite times, a forced
+    choice with no format but the reference) is a ``ValueError`` naming it.
     """
+    allowed = _check_choice(samples, allowed, dense_allowed, split, reference)
     timed = next(iter(samples.values()))  # every format timed, the reference among them
     medians = {
         n: {r: statistics.median(per_format[n]) for r, per_format in samples.items()}
@@ -287,6 +308,81 @@ def choose(
         "forced": not dense_allowed,
         "reference": reference,
     }
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be a bool (True or False), got {value!r}")
+
+
+def _check_rows(rows: object) -> list[int]:
+    """``rows`` as a list, once checked to be a sequence of ints ≥ 1 (none: nothing timed)."""
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
+        raise ArgumentTypeError(f"rows must be a sequence of row counts (ints ≥ 1), got "
+                                f"{rows!r}")
+    values = list(rows)
+    for r in values:
+        check_int("rows", r, minimum=1)
+    return values
+
+
+def _check_choice(samples: object, allowed: object, dense_allowed: object, split: object,
+                  reference: object) -> list[str]:
+    """``allowed`` as a list, once :func:`choose`'s arguments are checked."""
+    accepted = ("a non-empty dict: row count → format → milliseconds per call, one per round "
+                "(what measure returns)")
+    if not isinstance(samples, Mapping):
+        raise ArgumentTypeError(f"samples must be {accepted}, got {type(samples).__name__}")
+    if not samples:
+        raise ValueError(f"samples must be {accepted}, got an empty one")
+    first: list[str] | None = None
+    for r, per_format in samples.items():
+        check_int("samples' row counts", r, minimum=1)
+        if not isinstance(per_format, Mapping):
+            raise ArgumentTypeError(f"samples[{r!r}] must be a dict: format → times, got "
+                                    f"{type(per_format).__name__}")
+        if first is None:
+            first = sorted(per_format, key=str)
+            if reference not in per_format:
+                raise ValueError(f"reference {reference!r} was not timed: samples[{r!r}] times "
+                                 f"{first}; accepted: a reference timed in samples, one of "
+                                 f"{first}")
+        elif sorted(per_format, key=str) != first:
+            raise ValueError(f"samples must time the same formats at every row count: "
+                             f"samples[{r!r}] times {sorted(per_format, key=str)}, the first "
+                             f"row count {first}")
+        rounds = None
+        for name, times in per_format.items():
+            where = f"samples[{r!r}][{name!r}]"
+            if isinstance(times, (str, bytes)) or not isinstance(times, Sequence):
+                raise ArgumentTypeError(f"{where} must be a list of times (ms, one per round), "
+                                        f"got {type(times).__name__}")
+            if not times:
+                raise ValueError(f"{where} must hold at least one time (ms), got none")
+            for t in times:
+                if isinstance(t, bool) or not isinstance(t, numbers.Real):
+                    raise ArgumentTypeError(f"{where} must hold times in ms (floats), got "
+                                            f"{t!r}")
+                if not 0 <= t < math.inf:  # also NaN
+                    raise ValueError(f"{where} must hold finite times ≥ 0 (ms), got {t!r}")
+            if rounds is not None and len(times) != rounds:
+                raise ValueError(f"samples[{r!r}] must hold as many rounds for every format: "
+                                 f"{where} has {len(times)}, another {rounds}")
+            rounds = len(times)
+    if isinstance(allowed, (str, bytes)) or not isinstance(allowed, Iterable):
+        raise ArgumentTypeError(f"allowed must be a sequence of format names (a list, not one "
+                                f"string), got {allowed!r}")
+    allowed = list(allowed)
+    for name in allowed:
+        if name not in first:
+            raise ValueError(f"allowed names {name!r}, which samples did not time; accepted: "
+                             f"formats timed in samples, {first}")
+    _check_bool("dense_allowed", dense_allowed)
+    _check_bool("split", split)
+    if not dense_allowed and all(n == reference for n in allowed):
+        raise ValueError(f"dense_allowed=False needs a format other than the reference "
+                         f"{reference!r} in allowed, got {allowed}")
+    return allowed
 
 
 def _eligible(

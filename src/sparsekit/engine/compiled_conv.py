@@ -93,6 +93,8 @@ class CompiledConv2d(CompiledLayer):
         cls, conv: nn.Conv2d, format: str = "dense", **kwargs: object
     ) -> CompiledConv2d:
         """Compress ``conv`` (its zero weights are the pruned ones) into ``format``."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ArgumentTypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         reason = convertible(conv)
         if reason is not None:
             raise ValueError(f"cannot compile this Conv2d: {reason}")
@@ -127,6 +129,11 @@ class CompiledConv2d(CompiledLayer):
         """Raise ``ValueError`` unless every format can compute ``x`` in its own dtype: one
         of :func:`_input_dtypes`, of shape ``(N, in_channels, H, W)`` or unbatched, with
         ``H, W`` at least the dilated kernel's extent once padded (and at least 1)."""
+        if not isinstance(x, torch.Tensor):
+            raise ArgumentTypeError(
+                f"x must be a torch.Tensor of shape (N, in_channels={self.in_channels}, H, W) "
+                f"or (in_channels, H, W), got {type(x).__name__}"
+            )
         accepted = _input_dtypes(self.format)
         if x.dtype not in accepted:
             names = " or ".join(str(d).removeprefix("torch.") for d in accepted)

@@ -45,6 +45,11 @@ def shared_inputs(model: nn.Module, inputs: tuple[object, ...]) -> list[list[str
     input tensor in the forward pass ``model(*inputs)`` and can be stacked: two layers or
     more, each called once, of the same ``in_features``, dtype, device and bias presence.
     A layer reachable under two names is never grouped."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inputs, (tuple, list)):
+        raise ArgumentTypeError(f"inputs must be a tuple of the model's inputs (called as "
+                                f"model(*inputs)), got {type(inputs).__name__}")
     names: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
@@ -84,6 +89,15 @@ def _signature(layer: nn.Linear) -> tuple[object, ...]:
 def stack(layers: Sequence[nn.Linear]) -> nn.Linear:
     """One ``nn.Linear`` whose weight (and bias) rows are those of ``layers`` in order, with
     their int8 scales (:func:`sparsekit.quantize.attach_scales`) stacked alike."""
+    if isinstance(layers, str) or not isinstance(layers, (Sequence, nn.ModuleList)):
+        raise ArgumentTypeError(f"layers must be a non-empty sequence of nn.Linear layers, got "
+                                f"{type(layers).__name__}")
+    if not len(layers):
+        raise ValueError("layers must be a non-empty sequence of nn.Linear layers, got none")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, nn.Linear):
+            raise ArgumentTypeError(f"layers[{i}] must be an nn.Linear, got "
+                                    f"{type(layer).__name__}")
     if len({_signature(layer) for layer in layers}) != 1:
         raise ValueError("layers must share in_features, dtype, device, bias presence and "
                          f"int8 scales presence, got {[_signature(layer) for layer in layers]}")

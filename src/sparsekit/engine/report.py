@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sparsekit import observe
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLayer
@@ -39,6 +40,8 @@ def report(
     one holding a second format for several rows (its ``prefill``) also shows ``bytes`` (its
     single-row storage) and ``prefill bytes`` (what the second format costs on top).
     """
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     inputs = example_inputs

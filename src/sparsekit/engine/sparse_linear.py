@@ -20,11 +20,14 @@ the index buffers are replicated; a step is gathered, computed and reduce-scatte
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_optimizer
+from sparsekit._checks import ArgumentTypeError, check_device, check_int, check_optimizer
 from sparsekit.distributed import full, is_dtensor
 from sparsekit.engine import kernels
 from sparsekit.engine._moved import moved
@@ -40,6 +43,49 @@ __getattr__ = moved(
 )
 
 _CHUNK_ELEMENTS = 1 << 22  # fallback gathers materialise at most this many elements at once
+_STRUCTURE_KEYS = ("rowptr", "col")
+
+# ``values`` parameters resized without their optimizer (a load of another structure, or
+# set_structure without ``optimizer``) -> their number of nonzeros before. An optimizer
+# whose per-weight state for one of them still has another size is stopped, with a message
+# saying what to do, before its step fails inside torch with a bare size mismatch.
+_resized: weakref.WeakKeyDictionary[torch.Tensor, int] = weakref.WeakKeyDictionary()
+_stale_state_hook: object | None = None
+
+
+def _refuse_stale_state(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    """Global optimizer step pre-hook: raise ``ValueError`` if ``optimizer`` holds
+    per-weight state of the old size for a ``values`` parameter that was resized without it."""
+    if not _resized:
+        return
+    for p, old in list(_resized.items()):
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        stale = sorted(k for k, v in state.items() if isinstance(v, torch.Tensor)
+                       and v.dim() == 1 and v.shape != p.shape)
+        if stale:
+            raise ValueError(
+                f"optimizer: its state {stale} for a SparseLinear's values has "
+                f"{state[stale[0]].numel()} entries, but the layer now stores {p.numel()} "
+                f"weights (it had {old}): loading a state with another structure, or "
+                "set_structure without optimizer=, resized them. Load the optimizer state "
+                "saved with that structure (optimizer.load_state_dict), pass the optimizer "
+                "to set_structure, or drop the old state (optimizer.state.pop(layer.values)) "
+                "before the next step"
+            )
+
+
+def _mark_resized(values: torch.Tensor, old: int) -> None:
+    """Remember that ``values`` was resized from ``old`` nonzeros without its optimizer."""
+    global _stale_state_hook
+    if values.numel() == old:
+        return
+    _resized[values] = old
+    if _stale_state_hook is None:
+        _stale_state_hook = register_optimizer_step_pre_hook(
+            _refuse_stale_state
+        )
 
 
 class _Structure:
@@ -174,7 +220,12 @@ class SparseLinear(nn.Module):
     ``dense_grad``: a dense product, so :class:`~sparsekit.DynamicSparsity` sets it only
     for the steps that need it. The structure is saved in ``state_dict()`` as int32 buffers
     ``rowptr`` and ``col``; loading installs the saved structure (and its number of
-    nonzeros), resizing ``values`` in place.
+    nonzeros), resizing ``values`` in place, once the whole incoming state is checked
+    (a refused load changes nothing). An optimizer holding ``values`` still holds it then,
+    but its per-weight state (momenta, Adam moments) is of the old size: load the optimizer
+    state saved with that structure (``optimizer.load_state_dict``) or drop the old one
+    (``optimizer.state.pop(layer.values)``) before its next step, which otherwise raises a
+    ``ValueError`` saying so (as after :meth:`set_structure` without ``optimizer``).
     """
 
     def __init__(
@@ -194,6 +245,12 @@ class SparseLinear(nn.Module):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ArgumentTypeError(
                 f"dtype must be a floating-point torch.dtype or None, got {dtype!r}"
+            )
+        device = check_device(device)
+        if device is not None and device.type == "meta":
+            raise ValueError(
+                "device must be a device with data ('cpu', 'cuda', ...), got 'meta': a "
+                "SparseLinear's structure is read from its mask's values"
             )
         super().__init__()
         self.in_features = int(in_features)
@@ -224,8 +281,14 @@ class SparseLinear(nn.Module):
         ``mask`` defaults to the nonzero weights of ``linear`` (e.g. after ``MaskSet.apply``).
         """
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+            raise ArgumentTypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
+        if weight.device.type == "meta":
+            raise ValueError(
+                "linear's weight is on the meta device (not materialized: it holds no values "
+                "to keep); accepted: an nn.Linear with data, e.g. after "
+                "linear.to_empty(device=...) and its initialization or a loaded state"
+            )
         mask = weight != 0 if mask is None else mask
         layer = cls(
             linear.in_features,
@@ -282,8 +345,9 @@ class SparseLinear(nn.Module):
         ``values`` parameter object is resized, so an optimizer holding it keeps working;
         pass that ``optimizer`` to carry its per-weight state (momenta, Adam moments) over
         the same way — surviving entries keep theirs, new ones start at zero. Without it,
-        per-weight state whose shape no longer matches must be reset by the caller. Refused
-        under FSDP2 (see the module docstring).
+        per-weight state whose shape no longer matches must be reset by the caller (an
+        optimizer step with such state raises a ``ValueError`` saying so). Refused under
+        FSDP2 (see the module docstring).
         """
         self._check_unsharded("set_structure")
         mask = self._check_mask(mask).to(self.values.device)
@@ -302,7 +366,7 @@ class SparseLinear(nn.Module):
             out[dst] = t[src]
             return out
 
-        p = self.values
+        p, nnz = self.values, self.values.numel()
         if optimizer is not None:
             state = optimizer.state.get(p, {})
             for k, v in state.items():
@@ -311,6 +375,8 @@ class SparseLinear(nn.Module):
         p.data = remap(p.data)
         p.grad = None
         self._install(new)
+        if optimizer is None:
+            _mark_resized(p, nnz)
 
     def _install(self, s: _Structure) -> None:
         """Make ``s`` the structure; ``rowptr`` and ``col`` are its persistent buffers."""
@@ -323,11 +389,29 @@ class SparseLinear(nn.Module):
     def structure_from_state(self, state: dict[str, torch.Tensor], prefix: str = "") -> _Structure:
         """The index structure stored under ``prefix`` in ``state``, checked for this shape.
 
-        Raises ``ValueError`` naming the entry if ``rowptr``/``col``/``values`` do not
-        describe a valid row-major pattern of ``(out_features, in_features)``.
+        Raises ``ValueError`` naming the layer and the entry if ``rowptr``/``col`` are
+        missing or do not describe a valid row-major pattern of ``(out_features,
+        in_features)`` (int32 row pointers rising from 0 to ``len(col)``, int32 columns
+        increasing within each row, in ``[0, in_features)``), or if ``values``, when
+        present, is not one value per stored weight; :class:`ArgumentTypeError` if one of
+        them is no tensor.
         """
-        rowptr, col = state[f"{prefix}rowptr"], state[f"{prefix}col"]
         where = f"SparseLinear {prefix.rstrip('.') or '(root)'}"
+        if not isinstance(state, Mapping):
+            raise ArgumentTypeError(f"state must be a dict of tensors (a state_dict), got "
+                                    f"{type(state).__name__}")
+        missing = [f"{prefix}{k}" for k in _STRUCTURE_KEYS if f"{prefix}{k}" not in state]
+        if missing:
+            raise ValueError(f"{where}: state has no {missing} (the structure: int32 rowptr "
+                             f"of shape ({self.out_features + 1},) and int32 col); it holds "
+                             f"{sorted(state)[:8]}")
+        rowptr, col = state[f"{prefix}rowptr"], state[f"{prefix}col"]
+        for name, t in (("rowptr", rowptr), ("col", col)):
+            if not isinstance(t, torch.Tensor):
+                raise ArgumentTypeError(f"{where}: {name} must be an int32 tensor, got "
+                                        f"{type(t).__name__}")
+            if t.device.type == "meta":
+                raise ValueError(f"{where}: {name} is on the meta device and holds no indices")
         if rowptr.dtype != torch.int32 or tuple(rowptr.shape) != (self.out_features + 1,):
             raise ValueError(
                 f"{where}: rowptr must be int32 of shape ({self.out_features + 1},), got "
@@ -337,18 +421,24 @@ class SparseLinear(nn.Module):
             raise ValueError(f"{where}: col must be a 1-D int32 tensor, got {col.dtype} "
                              f"{tuple(col.shape)}")
         nnz = col.numel()
-        counts = (rowptr[1:] - rowptr[:-1]).long()
-        if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((counts < 0).any()):
-            raise ValueError(f"{where}: rowptr must rise from 0 to len(col)={nnz}")
-        row = torch.repeat_interleave(torch.arange(self.out_features), counts.cpu())
+        ptr = rowptr.cpu().long()  # int32 differences could wrap around
+        counts = ptr[1:] - ptr[:-1]
+        if int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((counts < 0).any()):
+            raise ValueError(f"{where}: rowptr must rise from 0 to len(col)={nnz}, got "
+                             f"{ptr[0].item()} .. {ptr[-1].item()}"
+                             f"{' with a fall' if bool((counts < 0).any()) else ''}")
+        row = torch.repeat_interleave(torch.arange(self.out_features), counts)
         key = row * self.in_features + col.cpu().long()
         if nnz and (int(col.min()) < 0 or int(col.max()) >= self.in_features
                     or bool((key[1:] <= key[:-1]).any())):
             raise ValueError(
                 f"{where}: col must hold increasing column indices in [0, {self.in_features}) "
-                "within each row"
+                f"within each row, got values in [{int(col.min())}, {int(col.max())}]"
             )
         values = state.get(f"{prefix}values")
+        if values is not None and not isinstance(values, torch.Tensor):
+            raise ArgumentTypeError(f"{where}: values must be a tensor, got "
+                                    f"{type(values).__name__}")
         if values is not None and tuple(values.shape) != (nnz,):
             raise ValueError(f"{where}: values has shape {tuple(values.shape)}, the structure "
                              f"has {nnz} nonzeros")
@@ -371,25 +461,70 @@ class SparseLinear(nn.Module):
         self.structure_from_state(state, prefix)
         return self.state_dict(prefix=prefix) | {k: state[k] for k in keys}
 
+    def load_errors(
+        self, state: Mapping[str, object], prefix: str = ""
+    ) -> tuple[list[str], _Structure | None]:
+        """Why the entries of ``state`` under ``prefix`` cannot be loaded into this layer
+        (empty: they can), missing entries aside, and the structure they install (``None``:
+        the layer keeps its own).
+
+        The structure is ``rowptr``/``col`` from ``state`` (either one missing is this
+        layer's own), checked whole (:meth:`structure_from_state`); ``values`` must be one
+        floating-point value per stored weight of it and ``bias`` (when the layer has one)
+        a floating-point tensor of shape ``(out_features,)``.
+        """
+        errors: list[str] = []
+        where = f"SparseLinear {prefix.rstrip('.') or '(root)'}"
+        s = None
+        nnz = self.values.numel()
+        if any(f"{prefix}{k}" in state for k in _STRUCTURE_KEYS):
+            merged = {f"{prefix}{k}": state.get(f"{prefix}{k}", self._buffers[k])
+                      for k in _STRUCTURE_KEYS}
+            try:
+                s = self.structure_from_state(merged, prefix)
+                if not self._same_structure(s):
+                    self._check_unsharded("loading a state with another structure")
+                    nnz = s.row.numel()
+                else:
+                    s = None
+            except ValueError as err:  # ArgumentTypeError included
+                errors.append(str(err))
+                return errors, None
+        for name, shape in (("values", (nnz,)), ("bias", (self.out_features,))):
+            t = state.get(f"{prefix}{name}")
+            if t is None or getattr(self, name) is None:
+                continue  # missing, or unexpected: torch reports those
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                errors.append(f"{where}: {name} must be a floating-point tensor, got {got}")
+            elif tuple(t.shape) != shape:
+                errors.append(f"{where}: {name} must have shape {shape}"
+                              f"{' (one per stored weight)' if name == 'values' else ''}, got "
+                              f"{tuple(t.shape)}")
+        return errors, s
+
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
         error_msgs,
     ) -> None:
-        # Install the saved structure first (resizing ``values`` in place, so an optimizer
-        # holding it keeps working); load_state_dict then fills it as usual.
-        if f"{prefix}rowptr" in state_dict and f"{prefix}col" in state_dict:
-            try:
-                s = self.structure_from_state(state_dict, prefix)
-                same = self._same_structure(s)
-                if not same:
-                    self._check_unsharded("loading a state with another structure")
-            except ValueError as err:
-                error_msgs.append(str(err))
-            else:
-                self.values.grad = None
-                if not same:  # an FSDP2 shard keeps its layout: only an unsharded layer resizes
-                    self.values.data = self.values.data.new_zeros(s.row.numel())
-                    self._install(s.to(self.values.device))
+        # torch copies the entries one by one, and rowptr/col are the structure the products
+        # index with: the whole incoming state is checked first, and nothing is copied (nor
+        # the structure installed) unless all of it passes.
+        errors, s = self.load_errors(state_dict, prefix)
+        if errors:
+            own = [*self._parameters, *(k for k in self._buffers
+                                        if k not in self._non_persistent_buffers_set)]
+            missing_keys.extend(prefix + k for k in own
+                                if getattr(self, k) is not None and prefix + k not in state_dict)
+            error_msgs.extend(errors)
+            return
+        if any(f"{prefix}{k}" in state_dict for k in _STRUCTURE_KEYS):
+            self.values.grad = None
+        if s is not None:  # another structure: install it, resizing ``values`` in place
+            nnz = self.values.numel()
+            self.values.data = self.values.data.new_zeros(s.row.numel())
+            self._install(s.to(self.values.device))
+            _mark_resized(self.values, nnz)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -414,6 +549,11 @@ class SparseLinear(nn.Module):
     def _check_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """``mask``, detached, once checked to be a bool ``(out_features, in_features)`` tensor."""
         check_mask("mask", mask, (self.out_features, self.in_features))
+        if mask.device.type == "meta":
+            raise ValueError(
+                "mask is on the meta device and holds no values; accepted: a bool mask on a "
+                "device with data (it is moved to the layer's device)"
+            )
         return mask.detach()
 
     # -- compute ------------------------------------------------------------------------
@@ -431,7 +571,7 @@ class SparseLinear(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         """Raise unless ``x`` is ``(..., in_features)`` of the weight's dtype and device."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+            raise ArgumentTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"x must have last dimension in_features={self.in_features}, "
@@ -439,7 +579,9 @@ class SparseLinear(nn.Module):
             )
         values = self.values
         if x.dtype != values.dtype:
-            raise TypeError(f"x must have the weight's dtype {values.dtype}, got {x.dtype}")
+            raise ArgumentTypeError(
+                f"x must have the weight's dtype {values.dtype}, got {x.dtype}"
+            )
         if x.device != values.device:
             raise ValueError(f"x must be on the weight's device {values.device}, got {x.device}")
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparsekit._checks import check_optimizer
+from sparsekit._checks import ArgumentTypeError, check_optimizer
 from sparsekit.distributed import all_reduce_sum, check_same_on_ranks, rebuild_reducer, world_size
 from sparsekit.engine.sparse_linear import SparseLinear
 from sparsekit.masks import check_mask
@@ -58,6 +58,11 @@ class StructureSet:
     pattern = "unstructured"
 
     def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise ArgumentTypeError(
+                f"model must be a torch.nn.Module holding SparseLinear layers, got "
+                f"{type(model).__name__}"
+            )
         self.layers = sparse_layers(model)
         if not self.layers:
             raise ValueError("model has no SparseLinear layers")
@@ -89,6 +94,8 @@ class StructureSet:
 
     def capture(self, on: bool) -> None:
         """Start (or stop) capturing the dense gradients of the next backward passes."""
+        if not isinstance(on, bool):
+            raise ArgumentTypeError(f"on must be a bool (True or False), got {on!r}")
         for layer in self.layers.values():
             layer.capture_dense_grad = on
             layer.dense_grad = None
@@ -119,6 +126,11 @@ class StructureSet:
                 "state must be a dict from StructureSet.state_dict() with a 'masks' entry"
             )
         masks = state["masks"]
+        if not isinstance(masks, Mapping):
+            raise ArgumentTypeError(
+                "state['masks'] must be a dict from layer names ('<layer>.weight') to bool "
+                f"mask tensors, as StructureSet.state_dict() saves it; got {type(masks).__name__}"
+            )
         if set(masks) != set(self.layers):
             raise ValueError(
                 f"state masks are for {sorted(masks)}, the model's SparseLinear layers are "
@@ -133,11 +145,22 @@ class StructureSet:
         self._optimizer = None
 
     def _check(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Raise unless every mask fits its layer: all are checked before any layer changes."""
+        if not isinstance(masks, Mapping):
+            raise ArgumentTypeError(
+                "masks must be a dict from layer names ('<layer>.weight') to bool mask "
+                f"tensors, got {type(masks).__name__}"
+            )
         for n, m in masks.items():
             if n not in self.layers:
                 raise ValueError(f"masks has an entry {n!r} that is not a SparseLinear layer; "
                                  f"layers: {', '.join(self.layers)}")
-            check_mask(f"masks[{n!r}]", m, self.masks[n].shape)  # before any layer changes
+            check_mask(f"masks[{n!r}]", m, self.masks[n].shape)
+            if m.device.type == "meta":
+                raise ValueError(
+                    f"masks[{n!r}] is on the meta device and holds no values; accepted: a "
+                    "mask on a device with data (it is moved to the layer's device)"
+                )
 
     def __repr__(self) -> str:
         return f"StructureSet({len(self.masks)} layers, sparsity={self.sparsity():.4f})"

@@ -20,8 +20,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+try:
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+except ModuleNotFoundError as exc:  # a missing dependency of transformers is reported as is
+    if (exc.name or "").partition(".")[0] != "transformers":
+        raise
+    raise ImportError("sparsekit.integrations.hf needs transformers, which is not installed: "
+                      "pip install 'sparsekit[llm]'") from exc
 
 from sparsekit.integrations.training import TrainingSparsity
 
@@ -54,8 +61,11 @@ class SparsityCallback(TrainingSparsity, TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.attached is not None and state.is_world_process_zero:
+            from sparsekit._atomic import atomic_write  # whole or not at all, as every save
+
             sparsity = self.attached.schedule or self.attached.masks
-            torch.save(sparsity.state_dict(), _checkpoint(args, state) / STATE_FILE)
+            with atomic_write(_checkpoint(args, state) / STATE_FILE) as tmp:
+                torch.save(sparsity.state_dict(), tmp)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.end()

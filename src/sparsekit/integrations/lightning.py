@@ -17,7 +17,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lightning.pytorch import Callback
+try:
+    from lightning.pytorch import Callback
+except ModuleNotFoundError as exc:  # a missing dependency of lightning is reported as is
+    if (exc.name or "").partition(".")[0] != "lightning":
+        raise
+    raise ImportError("sparsekit.integrations.lightning needs Lightning, which is not "
+                      "installed: pip install 'lightning>=2.4' (sparsekit has no extra for "
+                      "it)") from exc
 
 from sparsekit._checks import ArgumentTypeError
 from sparsekit.integrations.training import TrainingSparsity

@@ -149,6 +149,7 @@ def prune(
                         "the blocks' weights", "load the same model on every rank")
     check_token_ids(tokens, model)
     _check_finite_parameters(model, blocks)
+    _check_float32_range(layers, quantize)
     tokens = share
 
     def run(need: Method, report: Progress | None = None
@@ -304,6 +305,29 @@ def _check_finite_parameters(model: nn.Module, blocks: nn.ModuleList) -> None:
             raise ValueError(
                 f"model: parameter {name!r} holds {bad} non-finite value(s) (NaN or inf); "
                 "pruning needs finite weights; the model was not changed"
+            )
+
+
+def _check_float32_range(layers: list[list[Layer]], quantize: str | None) -> None:
+    """Raise naming the first targeted weight with a magnitude float32 cannot hold.
+
+    Each layer is pruned (and quantized: int8 scales and codes are float32) on a float32
+    copy of its weight, where such a value of a float64 model became infinite: a kept one
+    failed as a non-finite weight, and ``quantize="int8"`` as one with no int8 code — after
+    the blocks before it were already pruned.
+    """
+    most = torch.finfo(torch.float32).max
+    for layer in (x for block in layers for x in block):
+        w = layer.module.weight.detach()
+        if not w.is_floating_point() or torch.finfo(w.dtype).max <= most or not w.numel():
+            continue
+        largest = float(w.abs().max())
+        if largest > most:
+            work = "pruning and int8 quantization compute" if quantize else "pruning computes"
+            raise ValueError(
+                f"model: parameter {layer.name!r} holds a magnitude of {largest:.3g}, beyond "
+                f"float32's largest {most:.3g}, which {work} in; accepted: weights of "
+                f"magnitude at most {most:.3g} (rescale the weight); the model was not changed"
             )
 
 

@@ -38,6 +38,11 @@ class RoutedFFN(nn.Module):
     ``w_in`` (n, writers, d) and ``b_in`` (n, writers) hold the writer rows in the stored
     neuron order, ``w_out`` (d_out, n) and ``b_out`` the reader; ``order[i]`` is the
     original index of stored neuron ``i``. Inference only: the weights are buffers.
+
+    The ``state_dict`` holds the weights and :attr:`k` (as extra state), so loading one
+    (``load_state_dict``, :func:`sparsekit.load`) restores the units run per token, and
+    :attr:`norms`, which is not saved, is computed again from the loaded reader weights.
+    A state saved before ``k`` was part of it still loads and keeps the layer's own ``k``.
     """
 
     def __init__(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
@@ -59,10 +64,59 @@ class RoutedFFN(nn.Module):
         self.register_buffer("w_in", w_in[order].contiguous())
         self.register_buffer("b_in", None if b_in is None else b_in[order].contiguous())
         self.w_out = ActivationSparseLinear(w_out[:, order], b_out, 0.0)
-        self.register_buffer("norms", torch.linalg.vector_norm(w_out[:, order].float(), dim=0),
-                             persistent=False)
+        self.register_buffer("norms", self.reader_norms(), persistent=False)
         self.register_buffer("_within", torch.arange(unit_size), persistent=False)
         self.oracle = False
+        # norms describe the reader's weights: computed again whenever a load replaces them
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def reader_norms(self) -> torch.Tensor:
+        """The norms (n,) of the reader's columns, float32, from its current weights (an
+        int8 reader's dequantized): what :attr:`norms` holds, weighting each neuron's value
+        in :func:`unit_mass`."""
+        reader = self.w_out
+        weight = reader.to_dense().float()
+        if reader.scales is not None:
+            weight = weight * reader.scales.float()[:, None]
+        return torch.linalg.vector_norm(weight, dim=0)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """:attr:`k` in the ``state_dict`` (``<prefix>_extra_state``, an int64 scalar), so
+        a saved layer comes back running as many units as it did."""
+        return torch.tensor(self.k, dtype=torch.int64)
+
+    def set_extra_state(self, state: object) -> None:
+        """Set :attr:`k` from what :meth:`get_extra_state` saved (``ValueError`` unless it
+        is one integer in ``[1, units]``)."""
+        if isinstance(state, torch.Tensor) and state.numel() == 1 and not (
+                state.is_floating_point() or state.is_complex() or state.dtype == torch.bool):
+            state = int(state.reshape(()))
+        if type(state) is not int:
+            raise ValueError(f"the saved k must be an integer tensor of one element, got "
+                             f"{type(state).__name__} {tuple(getattr(state, 'shape', ()))}")
+        self.k = state
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        """As ``nn.Module``'s, except that a state without :attr:`k` (saved before k was
+        part of it) loads, keeping this layer's k."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        key = prefix + _EXTRA_STATE
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
+
+    def expected_state(self, state: dict[str, torch.Tensor],
+                       prefix: str = "") -> dict[str, torch.Tensor] | None:
+        """For :func:`sparsekit.load`: this layer's entries after loading ``state``; only
+        a file without :attr:`k` (older than k being saved) changes them, by leaving k
+        out, since such a file loads keeping this layer's k. ``None`` otherwise."""
+        if prefix + _EXTRA_STATE in state:
+            return None
+        return {key: value for key, value in self.state_dict(prefix=prefix).items()
+                if key != prefix + _EXTRA_STATE}
 
     @property
     def k(self) -> int:
@@ -147,6 +201,15 @@ class RoutedFFN(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, neurons={self.w_in.shape[0]}, hot={self.hot}, "
                 f"units={self.units}x{self.unit_size}, k={self.k}, kept={self.kept:.1%}")
+
+
+_EXTRA_STATE = "_extra_state"  # nn.Module's state_dict key of get_extra_state()
+
+
+def _after_load(layer: RoutedFFN, incompatible: object) -> None:
+    """A load replaced the reader's weights: its :attr:`~RoutedFFN.norms` follow them."""
+    with torch.no_grad():
+        layer.norms = layer.reader_norms()
 
 
 def unit_mass(h: torch.Tensor, norms: torch.Tensor, hot: int, unit_size: int) -> torch.Tensor:

@@ -13,7 +13,10 @@ key that SAELens ignores, so :func:`load` gives back the module that was saved.
 :func:`save` writes each file to a temporary file beside it, fsyncs it and renames it into
 place (:func:`~sparsekit._atomic.atomic_write`), the config last, so a failed save leaves
 the directory as it was, and one interrupted between the renames leaves no ``cfg.json``
-(which :func:`load` refuses) rather than a config that describes other weights.
+(which :func:`load` refuses) rather than a config that describes other weights. Two
+saves to one directory at once run one after the other
+(:func:`~sparsekit._atomic.directory_lock`; not on platforms without ``fcntl``, such as
+Windows, where concurrent saves to one directory are not supported).
 :func:`load` refuses a damaged directory with a ``ValueError`` naming the file and what is
 wrong in it.
 """
@@ -31,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sparsekit._atomic import atomic_write, sync
+from sparsekit._atomic import atomic_write, directory_lock, sync
 from sparsekit._checks import ArgumentTypeError
 from sparsekit.sae.sae import SAE
 
@@ -99,8 +102,9 @@ def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) 
     path.mkdir(parents=True, exist_ok=True)
     # Both files are written and flushed before the old config goes (no old config may
     # describe new weights) and either is renamed, the config (the outer block) last: a
-    # save that fails before its renames leaves the directory as it was.
-    with atomic_write(path / CFG_NAME) as cfg_tmp:
+    # save that fails before its renames leaves the directory as it was. Another save to
+    # this directory waits for the lock: the directory holds one save's two files.
+    with directory_lock(path), atomic_write(path / CFG_NAME) as cfg_tmp:
         cfg_tmp.write_text(text)
         sync(cfg_tmp)
         with atomic_write(path / WEIGHTS_NAME) as weights_tmp:

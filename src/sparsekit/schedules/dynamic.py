@@ -213,7 +213,7 @@ class DynamicSparsity:
     def _arm_capture(self) -> None:
         """Ask the masks for dense gradients only for the steps whose rule reads them."""
         upcoming = self.is_update_step(self.step_count + 1)
-        self.masks.capture(self.rule.needs_momenta or (self.rule.needs_grads and upcoming))
+        self.masks.capture(bool(self.rule.needs_momenta or (self.rule.needs_grads and upcoming)))
 
     def weight(self, name: str) -> torch.Tensor:
         """The whole current weight ``name`` (dense, zeros where masked), detached."""
