@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import torch
 from torch import nn
 
@@ -16,3 +19,22 @@ def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
     after = model.state_dict()
     return after.keys() == before.keys() and all(torch.equal(after[k], v)
                                                  for k, v in before.items())
+
+
+def record_durability(monkeypatch) -> list[str]:  # noqa: ANN001
+    """Record, in order, every fsync (of a file or of a directory) and rename: the events
+    an atomic write must produce as "fsync file", "rename", "fsync dir"."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(*args: object) -> None:
+        events.append("rename")
+        real_replace(*args)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events

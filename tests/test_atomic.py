@@ -7,6 +7,7 @@ import re
 import stat
 
 import pytest
+from _state import record_durability
 
 from sparsekit._atomic import atomic_write
 
@@ -68,19 +69,7 @@ def test_a_failing_fsync_or_replace_leaves_the_old_file(tmp_path, monkeypatch, f
 
 
 def test_the_file_is_fsynced_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
-        real_fsync(fd)
-
-    def replace(*args):
-        events.append("rename")
-        real_replace(*args)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_durability(monkeypatch)
     with atomic_write(tmp_path / "out.bin") as tmp:
         tmp.write_bytes(b"data")
     dir_synced = ["fsync dir"] if hasattr(os, "O_DIRECTORY") else []

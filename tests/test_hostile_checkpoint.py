@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _state import record_durability
 from safetensors.torch import load as st_load
 from torch import nn
 
@@ -410,19 +410,7 @@ def test_a_save_killed_before_its_rename_is_cleaned_up_by_the_next(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECTORY"), reason="directories cannot be fsynced")
 def test_directory_is_fsynced_after_the_rename(tmp_path, monkeypatch):
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
-        real_fsync(fd)
-
-    def replace(*args):
-        events.append("rename")
-        real_replace(*args)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_durability(monkeypatch)
     sparsekit.save(net(), tmp_path / "d.sk")
     assert events == ["fsync file", "rename", "fsync dir"]
 

@@ -20,7 +20,7 @@ import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -45,6 +45,22 @@ MAX_SEED = 2**63 - 1
 """The largest seed the public API takes: seeds are ints in [0, MAX_SEED], which every
 ``torch.Generator().manual_seed`` (and ``random.Random``) takes as given; a larger one
 used to be a raw ``OverflowError`` ("Overflow when unpacking long long")."""
+
+
+def check_parameter_names(what: str, names: Iterable[str], known: Collection[str],
+                          hint: str) -> None:
+    """Raise ``ValueError`` unless every name in ``names`` is in ``known`` (a model's
+    parameter names): the message, "``what`` 'a', 'b', …, which are not parameters of the
+    model; ``hint``", names up to three unknown ones (``what``: the argument and its verb,
+    e.g. "masks name")."""
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        more = ", …" if len(unknown) > 3 else ""
+        raise ValueError(
+            f"{what} {', '.join(map(repr, unknown[:3]))}{more}, which "
+            f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of the "
+            f"model; {hint}"
+        )
 
 
 def check_seed(name: str, value: Any) -> None:

@@ -28,7 +28,7 @@ from rich.table import Table
 from torch import nn
 
 from sparsekit import _table
-from sparsekit._checks import model_errors
+from sparsekit._checks import check_parameter_names, model_errors
 from sparsekit.observe import macs
 from sparsekit.targets import default_types, linear_types
 
@@ -269,14 +269,8 @@ def _check_mask_names(table: Mapping[str, torch.Tensor], model: nn.Module,
     also where that weight is parametrized)."""
     known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     known.update(f"{n}.weight" if n else "weight" for n, _ in layers)
-    unknown = [n for n in table if n not in known]
-    if unknown:
-        more = ", …" if len(unknown) > 3 else ""
-        raise ValueError(
-            f"masks name {', '.join(map(repr, unknown[:3]))}{more}, which "
-            f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of the "
-            "model (masks of another model?); pass the masks computed for this model"
-        )
+    check_parameter_names("masks name", table, known,
+                          "masks of another model? Pass the masks computed for this model")
 
 
 def _sparsity(nonzeros: int, params: int) -> float:

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsekit import checkpoint
-from sparsekit._checks import ArgumentTypeError, check_fraction
+from sparsekit._checks import ArgumentTypeError, check_fraction, check_parameter_names
 from sparsekit.masks import MaskSet, check_mask
 from sparsekit.prune import compute_masks
 from sparsekit.targets import TargetSpec, resolve_targets
@@ -356,15 +356,9 @@ def _check_support(model: nn.Module, support: Mapping[str, torch.Tensor]
             raise ValueError(f"{name!r} is parametrized already (a DeltaTraining not merged?)")
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     known = set(names)
-    unknown = [n for n in support if n not in known]
-    if unknown:
-        more = ", …" if len(unknown) > 3 else ""
-        raise ValueError(
-            f"support names {', '.join(map(repr, unknown[:3]))}{more}, which "
-            f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of the "
-            f"model; it takes exact parameter names (no globs or module names), such as "
-            f"{', '.join(map(repr, names[:3]))}"
-        )
+    check_parameter_names("support names", support, known,
+                          f"it takes exact parameter names (no globs or module names), such "
+                          f"as {', '.join(map(repr, names[:3]))}")
     chosen = {t.name: t for t in resolve_targets(model, list(support))} if support else {}
     if not chosen:
         raise ValueError("support: no weights to train")
