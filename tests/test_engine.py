@@ -457,3 +457,21 @@ def test_fallback_dense_weight_follows_a_load_state_dict(name: str) -> None:
     torch.testing.assert_close(first._fallback_mm(x, None), x @ first.to_dense().T)
     first.load_state_dict(second.state_dict())
     torch.testing.assert_close(first._fallback_mm(x, None), x @ second.to_dense().T)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["csr16", "bitmap"])
+def test_a_backward_through_a_kernel_raises_instead_of_dropping_the_gradient(fmt: str) -> None:
+    # the ops have no backward: torch used to warn and leave x.grad None (silently wrong)
+    model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    sparsekit.prune(model, 0.7, targets=[nn.Linear])
+    compiled = compile(model, formats=fmt, cache=False)
+    x = torch.randn(3, 16, requires_grad=True)
+    y = compiled(x)  # the forward runs, also where the LayerNorm's parameters require grad
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(x))
+    with pytest.raises(ValueError, match=f"the {fmt} kernel has no backward"):
+        y.sum().backward()
+    assert x.grad is None
+    with torch.no_grad():  # inference: no autograd record at all
+        assert not compiled(x).requires_grad

@@ -56,7 +56,7 @@ from torch.nn.modules import module as module_hooks
 
 from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.engine import autotune, kernels
-from sparsekit.engine.bound import BoundArguments
+from sparsekit.engine.bound import BoundArguments, no_backward
 from sparsekit.engine.compiled_linear import CompiledLayer, dense_linear
 from sparsekit.engine.formats.native import MAX_THREADS
 from sparsekit.quantize import (
@@ -414,6 +414,7 @@ class ActivationSparseLinear(BoundArguments):
         bound = self.__dict__.get("_bound") or self._bind()
         if (bound is not None and x.dim() and x.shape[-1] == self.in_features == x.numel()
                 and x.dtype is self.dtype and x.is_cpu and x.is_contiguous()
+                and not x.requires_grad
                 and not torch.compiler.is_compiling()):  # a decode step: the op, directly
             op, before, after, scales = bound
             try:
@@ -422,6 +423,11 @@ class ActivationSparseLinear(BoundArguments):
                 return y.view(*x.shape[:-1], self.out_features)
             except RuntimeError:
                 pass  # the checks below say what is wrong
+        return no_backward(self._checked_forward(x), x, "activation-sparse")
+
+    def _checked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The product of any ``x``, checked and converted (every input but a decode step's
+        that the op takes as it is)."""
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"x must have shape (..., in_features={self.in_features}), got shape "

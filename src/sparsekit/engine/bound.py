@@ -17,7 +17,36 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["BoundArguments"]
+__all__ = ["BoundArguments", "no_backward"]
+
+
+class _NoBackward(torch.autograd.Function):
+    """The identity on a kernel's product, whose backward raises (see :func:`no_backward`)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, x: torch.Tensor, layer: str) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> None:  # type: ignore[override]
+        raise ValueError(
+            f"the {ctx.layer} kernel has no backward: a compiled layer's product carries no "
+            "gradient to its input. Compiled layers are for inference; take gradients from "
+            "the masked model or SparseLinear layers"
+        )
+
+
+def no_backward(y: torch.Tensor, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """``y``, a kernel's product of ``x``, recorded so that a backward through it raises
+    where autograd would record it (``x`` requires grad, grad mode on): the sparsekit ops
+    have no backward, and torch would otherwise only warn and leave ``x`` without its
+    gradient. The forward is unchanged (a model whose dense layers' parameters require grad
+    still runs); ``torch.compile`` traces the product as it is. The hot paths leave such
+    inputs to their checked paths, which call this."""
+    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _NoBackward.apply(y, x, layer)
+    return y
 
 
 class BoundArguments(nn.Module):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from sparsekit._checks import check_int
 from sparsekit.engine import kernels
-from sparsekit.engine.bound import BoundArguments
+from sparsekit.engine.bound import BoundArguments, no_backward
 from sparsekit.engine.formats.base import Format, masked
 from sparsekit.quantize import dequantize_int8, quantize_int8
 
@@ -241,12 +241,15 @@ class NativeFormat(BoundArguments, Format):
         :attr:`dtypes`, contiguous, a float32 tensor or no ``bias``) goes straight to the
         op's C++ entry with the arguments bound in :meth:`_bind`, and the op checks the rest
         itself. Anything else, and any input the op rejects, takes the checked path: it
-        converts what must be, or raises ``ValueError`` for any other shape (see
+        records an ``x`` that requires grad so that a backward raises (the ops have none:
+        :func:`~sparsekit.engine.bound.no_backward`), converts what must be, or raises
+        ``ValueError`` for any other shape (see
         :meth:`check_input` and :meth:`check_bias`; a ``bias`` that is no tensor is an
         :class:`~sparsekit._checks.ArgumentTypeError`).
         """
         bound = self.__dict__.get("_bound") or self._bind()
         if (bound is not None and x.dtype in self.dtypes and x.is_cpu and x.is_contiguous()
+                and not x.requires_grad
                 and (bias is None or isinstance(bias, torch.Tensor)
                      and bias.dtype is torch.float32)
                 and not torch.compiler.is_compiling()):
@@ -271,6 +274,9 @@ class NativeFormat(BoundArguments, Format):
                            self._stored + self.out_features))
 
     def _checked_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return no_backward(self._converted_matmul(x, bias), x, self.name)
+
+    def _converted_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape  # read once: each read builds a torch.Size
         if not shape or shape[-1] != self.in_features:
             self.check_input(x)  # raises
