@@ -30,7 +30,7 @@ from torch import nn
 from sparsekit import _table
 from sparsekit._checks import check_parameter_names, model_errors
 from sparsekit.observe import macs
-from sparsekit.targets import default_types, linear_types
+from sparsekit.targets import _single_original, default_types, linear_types
 
 __all__ = ["HasMasks", "LayerRow", "Report", "Totals", "report"]
 
@@ -222,6 +222,10 @@ def report(
         weight = module.weight
         param_name = f"{name}.weight" if name else "weight"
         mask = mask_table.get(param_name)
+        if mask is None and _single_original(module) is not None:
+            # a parametrized weight's mask is kept on its one stored tensor (the target)
+            mask = mask_table.get(f"{name}.parametrizations.weight.original" if name
+                                  else "parametrizations.weight.original")
         if mask is not None and mask.shape != weight.shape:
             raise ValueError(
                 f"masks[{param_name!r}] has shape {tuple(mask.shape)}, "

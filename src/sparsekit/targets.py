@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import fnmatch
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sparsekit._checks import ArgumentTypeError
 
@@ -40,11 +42,16 @@ class Target:
     module_name: str
     module: nn.Module
     param: nn.Parameter
+    # where ``module``'s weight is parametrized (``torch.nn.utils.parametrize``): the name
+    # it is read by (``"fc1.weight"``); ``param`` is then the one tensor it is computed from
+    # (``"fc1.parametrizations.weight.original"``), the one an optimizer updates
+    alias: str | None = None
 
     @property
     def transposed(self) -> bool:
         """Whether the parameter is a weight stored ``(in, out)`` (GPT-2's ``Conv1D``)."""
-        return stores_transposed(self.module) and self.param is self.module.weight
+        return stores_transposed(self.module) and (
+            self.alias is not None or self.param is self.module.weight)
 
     def out_in(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (laid out like the parameter) seen as ``(out, in)``; its own inverse."""
@@ -98,7 +105,9 @@ def resolve_targets(
             raise ArgumentTypeError(f"exclude entries must be names or globs (str), got {e!r}")
 
     candidates = _weights(model)  # module-owned weights, the default universe
+    split = _split_parametrized(model)  # weights computed from several stored tensors
     chosen: dict[str, Target] = {}
+    skipped: dict[str, list[str]] = {}
     if specs is None:
         types = default_types()
         tied_elsewhere = _held_by_other_types(candidates, types)
@@ -106,18 +115,38 @@ def resolve_targets(
             if isinstance(t.module, types) and _is_weight(t) \
                     and id(t.param) not in tied_elsewhere:
                 chosen[t.name] = t
+        skipped = {n: paths for n, (m, paths) in split.items() if isinstance(m, types)}
     else:
         for spec in specs:
             matched = _match(spec, candidates)
-            if not matched:
+            hit = _match_split(spec, split)
+            if hit and isinstance(spec, str) and not _is_glob(spec):
+                layer = next(iter(hit))
+                raise ValueError(
+                    f"targets entry {spec!r}: the weight of layer {layer!r} is parametrized "
+                    f"and computed from several stored tensors ({', '.join(hit[layer])}), "
+                    "none of which a mask of the weight can keep; target one of them by "
+                    "that name, or remove the parametrization first"
+                )
+            skipped.update(hit)
+            if not matched and not hit:
                 raise ValueError(
                     f"targets entry {_show(spec)} matches no module or parameter of the model"
                 )
             for t in matched:
                 chosen.setdefault(t.name, t)
+    if skipped:
+        warnings.warn(
+            "targets: the weights of layers "
+            + "; ".join(f"{n!r} (stored as {', '.join(p)})" for n, p in skipped.items())
+            + " are parametrized over several stored tensors and stay dense; target one of "
+            "those tensors by name to sparsify it",
+            UserWarning, stacklevel=2,
+        )
 
     for pattern in excludes:
-        hits = [n for n, t in chosen.items() if _name_match(pattern, t.module_name, n)]
+        hits = [n for n, t in chosen.items()
+                if _name_match(pattern, t.module_name, n, *([t.alias] if t.alias else []))]
         if not hits:
             raise ValueError(
                 f"exclude entry {pattern!r} matches none of the targeted parameters: "
@@ -165,14 +194,76 @@ def _weights(model: nn.Module) -> dict[str, Target]:
 
     A tied parameter appears under each owner, but its target always carries the name
     ``named_parameters()`` gives it (the first owner's), so masks stay addressable.
+
+    A weight parametrized over one stored tensor of its shape (``register_parametrization``
+    with an elementwise function, ``spectral_norm``) is that tensor, owned by the module
+    whose weight it is (:attr:`Target.alias` holds the weight's own name).
     """
     canonical = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, Target] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        original = _single_original(module)
+        if original is not None:
+            full = f"{prefix}parametrizations.weight.original"
+            out.setdefault(full, Target(canonical.get(id(original), full), module_name, module,
+                                        original, alias=f"{prefix}weight"))
         for pname, p in module.named_parameters(recurse=False):
             full = f"{module_name}.{pname}" if module_name else pname
             out.setdefault(full, Target(canonical.get(id(p), full), module_name, module, p))
     return out
+
+
+def _stored(module: nn.Module) -> list[tuple[str, torch.Tensor]] | None:
+    """The tensors ``module``'s parametrized ``weight`` is computed from, by their names
+    under ``parametrizations.weight`` (``original``; ``original0``, ``original1`` …), or
+    ``None`` where the weight is not parametrized."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    chain = module.parametrizations["weight"]
+    return [(n, p) for n, p in chain.named_parameters(recurse=False)
+            if n == "original" or n.startswith("original")]
+
+
+def _single_original(module: nn.Module) -> torch.Tensor | None:
+    """The one stored tensor ``module``'s parametrized weight is computed from, where it
+    has the weight's shape (a mask of the weight can keep it), else ``None``."""
+    stored = _stored(module)
+    if not stored or len(stored) != 1 or stored[0][0] != "original":
+        return None
+    with torch.no_grad():
+        shape = module.weight.shape
+    return stored[0][1] if stored[0][1].shape == shape else None
+
+
+def _split_parametrized(model: nn.Module) -> dict[str, tuple[nn.Module, list[str]]]:
+    """``{layer name: (layer, paths of its stored tensors)}`` of the modules whose
+    parametrized weight is no one stored tensor of its shape (``weight_norm``'s
+    ``original0``/``original1``): no target stands for their weight."""
+    out = {}
+    for module_name, module in model.named_modules():
+        stored = _stored(module)
+        if stored is not None and _single_original(module) is None:
+            prefix = f"{module_name}." if module_name else ""
+            out[module_name] = (module, [f"{prefix}parametrizations.weight.{n}"
+                                         for n, _ in stored])
+    return out
+
+
+def _match_split(spec: TargetSpec, split: dict[str, tuple[nn.Module, list[str]]]
+                 ) -> dict[str, list[str]]:
+    """The layers of ``split`` whose weight ``spec`` selects (by type, module name or the
+    weight's name), with their stored tensors' paths."""
+    if isinstance(spec, type):
+        return {n: p for n, (m, p) in split.items() if isinstance(m, spec)}
+    if not isinstance(spec, str):
+        return {}
+    return {n: p for n, (_, p) in split.items()
+            if _name_match(spec, n, f"{n}.weight" if n else "weight")}
+
+
+def _is_glob(spec: str) -> bool:
+    return any(c in spec for c in "*?[")
 
 
 def _held_by_other_types(
@@ -196,16 +287,16 @@ def _match(spec: TargetSpec, candidates: dict[str, Target]) -> list[Target]:
         )
     # A glob selects modules (their weight); a parameter is selected by its own name, or
     # by a glob whose last component names the parameter literally ("blocks.*.bias").
-    by_param = not any(c in spec.rsplit(".", 1)[-1] for c in "*?[")
+    by_param = not _is_glob(spec.rsplit(".", 1)[-1])
     return [
         t for t in candidates.values()
-        if (by_param and _name_match(spec, t.name))
+        if (by_param and _name_match(spec, t.name, *([t.alias] if t.alias else [])))
         or (_is_weight(t) and _name_match(spec, t.module_name))
     ]
 
 
 def _is_weight(t: Target) -> bool:
-    return t.name.rsplit(".", 1)[-1] == "weight"
+    return t.alias is not None or t.name.rsplit(".", 1)[-1] == "weight"
 
 
 def _name_match(pattern: str, *names: str) -> bool:

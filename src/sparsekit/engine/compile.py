@@ -127,7 +127,10 @@ def compile(
     compiled model's output is checked against the original's. The choices, with their
     timing evidence, are stored in ``compiled.sparsekit_choices`` (see
     :func:`sparsekit.engine.autotune.choose`; ``cached`` says whether one was read from
-    the cache); :func:`sparsekit.engine.report` shows them per layer. Linear layers
+    the cache); :func:`sparsekit.engine.report` shows them per layer. The ``linear1`` and
+    ``linear2`` of an ``nn.TransformerEncoderLayer`` stay ``nn.Linear`` (PyTorch's fused
+    inference path reads their weights directly); their choice is ``{"format": "dense",
+    "reason": ...}``. Linear layers
     calibrated in ``activation_sparsity`` (:func:`sparsekit.activation.calibrate`) become
     :class:`ActivationSparseLinear` where that is faster than their best weight-only
     format: each such layer is compiled as any other, then given the faster single-row
@@ -222,6 +225,11 @@ def compile(
                     continue
                 if id(child) not in done:
                     name = first_name[id(child)]
+                    if _reads_weights(parent, child_name):
+                        done[id(child)], choices[name] = child, {
+                            "format": "dense", "reason": _READS_WEIGHTS_REASON}
+                        setattr(parent, child_name, child)
+                        continue
                     layer_rows = served or _default_rows(seen.get(name), type(child))
                     if name in act and type(child) is nn.Linear:
                         done[id(child)], choices[name] = _activation_layer(
@@ -245,11 +253,16 @@ def compile(
             _fuse_groups(model, compiled, inputs, choices, served, seen, probes, act,
                          names=names, threads=threads, cache=cache, value_dtype=value_dtype,
                          memo=memo, grow=grow, activation=activation)
+    held = {n for n, c in choices.items() if "reason" in c}
     refused = [n for n, c in choices.items() if names and "dense" not in names
-               and c["format"] == "dense"]
-    _check_forced(names, refused, len(choices))
+               and c["format"] == "dense" and n not in held]
+    _check_forced(names, refused, len(choices) - len(held))
     compiled.sparsekit_choices = choices
     rtol = _CHECK_RTOL if value_dtype is None else _rtol(value_dtype)
+    # every compiled layer's own dtype rounds its outputs (a bfloat16 layer feeding a
+    # float32 output), whatever the values it stores
+    rtol = max([rtol, *(_rtol(model.get_submodule(n).weight.dtype)
+                        for n in choices if n not in held)])
     rtol = rtol if activation is None else max(rtol, W8A8_RTOL)
     reference = _with_stored_weights(model, compiled, seen) if inputs is not None else model
     if inputs is not None:
@@ -399,6 +412,8 @@ def _fuse_groups(
     loses, weight-only members are tried as a weight-only stack; a group with
     activation-sparse members, or whose members have other thresholds, is left as it is."""
     for group in fused.shared_inputs(model, inputs):
+        if any("reason" in choices.get(n, {}) for n in group):
+            continue  # a layer left dense on purpose (its parent reads its weight)
         separate = [compiled.get_submodule(n) for n in group]
         weight_only = all(isinstance(m, CompiledLinear) for m in separate)
         threshold = _shared_threshold(separate)
@@ -698,6 +713,21 @@ def _input_hooks(
             handle.remove()
 
 
+_READS_WEIGHTS_REASON = (
+    "left dense: its parent's forward reads its weight directly (PyTorch's "
+    "TransformerEncoderLayer fast path)"
+)
+
+
+def _reads_weights(parent: nn.Module, child_name: str) -> bool:
+    """Whether ``parent``'s forward reads the ``weight`` of its child ``child_name`` itself
+    (PyTorch's fused ``TransformerEncoderLayer`` fast path, also taken by a
+    ``TransformerEncoder`` through its first layer, reads ``linear1``/``linear2``'s weights),
+    so that a compiled layer, which has none, would break it. ``MultiheadAttention`` reads
+    its ``out_proj``'s too, but that is a subclass of ``nn.Linear`` and never compiled."""
+    return isinstance(parent, nn.TransformerEncoderLayer) and child_name in ("linear1", "linear2")
+
+
 def _candidates(
     layer: nn.Linear | nn.Conv2d, names: list[str] | None, value_dtype: torch.dtype | None = None
 ) -> tuple[list[str], bool]:
@@ -912,9 +942,26 @@ def _with_stored_weights(
     originals = dict(reference.named_modules())
     with torch.no_grad():
         for name, dense in stored.items():
-            weight = originals[name].weight
-            weight.copy_(dense.reshape(weight.shape))
+            layer = originals[name]
+            weight = layer.weight
+            if weight.dtype == torch.float32 or not weight.is_floating_point():
+                weight.copy_(dense.reshape(weight.shape))
+            else:  # keep the dequantized weights exact: no rounding to bfloat16
+                _float32_reference(layer, dense.reshape(weight.shape))
     return reference
+
+
+def _float32_reference(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Make ``layer`` (of a low-precision dtype) compute as an int8 format does: its
+    inputs, the dequantized ``weight`` and its bias in float32, the output rounded to the
+    layer's dtype once."""
+    dtype = layer.weight.dtype
+    layer.weight = nn.Parameter(weight.float(), requires_grad=False)
+    if getattr(layer, "bias", None) is not None:
+        layer.bias = nn.Parameter(layer.bias.detach().float(), requires_grad=False)
+    layer.register_forward_pre_hook(lambda _m, args: tuple(
+        a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args))
+    layer.register_forward_hook(lambda _m, _args, out: out.to(dtype))
 
 
 def _serving(layer: CompiledLayer, shape: torch.Size | None) -> Format:

@@ -39,6 +39,9 @@ def report(
     :class:`ActivationSparseLinear` layers as ``Linear`` rows of format ``"activation"``;
     one holding a second format for several rows (its ``prefill``) also shows ``bytes`` (its
     single-row storage) and ``prefill bytes`` (what the second format costs on top).
+    A linear layer that compile left dense on purpose (its parent's forward reads its
+    weight, as in a ``TransformerEncoderLayer``) shows format ``"dense"`` and the reason
+    under ``note``.
     """
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -55,7 +58,10 @@ def report(
     rows = []
     for name, module in model.named_modules():
         if name in base:
-            rows.append(base[name])
+            row = base[name]
+            if "reason" in choices.get(name, {}):  # left dense on purpose by compile()
+                row.extra.update({"format": "dense", "note": choices[name]["reason"]})
+            rows.append(row)
         elif name in special:
             rows.append(_special_row(name, module, macs, inputs is None, choices.get(name)))
     return Report(rows)

@@ -1,0 +1,225 @@
+"""Models that hold their layers in unusual ways: parametrized weights, PyTorch's fused
+Transformer fast path, mixed-precision layers under int8 compilation."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+import sparsekit
+
+compile_mod = importlib.import_module("sparsekit.engine.compile")
+
+ORIGINAL = "0.parametrizations.weight.original"
+
+
+class _Scale(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * 2.0
+
+
+class _Cast(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+def _mlp(kind: str = "scale") -> nn.Sequential:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    if kind == "scale":
+        parametrize.register_parametrization(m[0], "weight", _Scale())
+    elif kind == "spectral":
+        spectral_norm(m[0])
+    elif kind == "weight_norm":
+        weight_norm(m[0])
+    return m
+
+
+# -- 1. parametrized weights ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["scale", "spectral"])
+@pytest.mark.parametrize("targets", [None, ["0"], ["0.weight"], [nn.Linear], [ORIGINAL]])
+def test_a_single_tensor_parametrization_targets_its_stored_tensor(kind, targets) -> None:
+    m = _mlp(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ms = sparsekit.prune(m, 0.5, targets=targets)
+    assert ORIGINAL in ms.masks
+    assert (targets in (None, [nn.Linear])) == ("2.weight" in ms.masks)
+    original = m[0].parametrizations.weight.original
+    assert int((original == 0).sum()) >= original.numel() // 2
+    if kind == "scale":
+        assert torch.equal(m[0].weight == 0, ~ms.masks[ORIGINAL])
+
+
+def test_masks_of_a_parametrized_weight_survive_an_optimizer_step() -> None:
+    m = _mlp("scale")
+    ms = sparsekit.prune(m, 0.5)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    ms.attach(opt)
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    assert not bool(m[0].parametrizations.weight.original[~ms.masks[ORIGINAL]].any())
+    assert not bool(m[0].weight[~ms.masks[ORIGINAL]].any())
+
+
+def test_exclude_and_report_see_a_parametrized_weight_by_its_own_name() -> None:
+    m = _mlp("scale")
+    ms = sparsekit.prune(m, 0.5, exclude=["0.weight"])
+    assert list(ms.masks) == ["2.weight"]
+    m = _mlp("scale")
+    masks = sparsekit.prune(m, 0.5, targets=["0"])
+    with torch.no_grad():
+        m[0].parametrizations.weight.original.fill_(1.0)  # masks not applied: read from them
+    row = next(r for r in sparsekit.report(m, masks=masks).rows if r.name == "0")
+    assert row.nonzeros == int(masks.masks[ORIGINAL].sum())
+
+
+@pytest.mark.parametrize("spec", ["0", "0.weight"])
+def test_an_explicit_multi_tensor_parametrization_is_refused(spec) -> None:
+    m = _mlp("weight_norm")
+    with pytest.raises(ValueError, match=r"layer '0'.*0\.parametrizations\.weight\.original0, "
+                                         r"0\.parametrizations\.weight\.original1"):
+        sparsekit.prune(m, 0.5, targets=[spec])
+
+
+@pytest.mark.parametrize("targets", [None, [nn.Linear], ["*"]])
+def test_a_multi_tensor_parametrization_is_skipped_with_one_warning(targets) -> None:
+    m = _mlp("weight_norm")
+    with pytest.warns(UserWarning, match=r"'0'.*original0, .*original1") as record:
+        ms = sparsekit.prune(m, 0.5, targets=targets)
+    assert len([w for w in record if "parametrized" in str(w.message)]) == 1
+    assert list(ms.masks) == ["2.weight"]
+
+
+def test_a_stored_tensor_of_a_multi_tensor_parametrization_can_be_named() -> None:
+    m = _mlp("weight_norm")
+    name = "0.parametrizations.weight.original1"
+    ms = sparsekit.prune(m, 0.5, targets=[name])
+    assert list(ms.masks) == [name]
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    ms.attach(opt)
+    m(torch.randn(8, 16)).sum().backward()
+    opt.step()
+    assert not bool(m[0].weight[~ms.masks[name]].any())
+
+
+# -- 2. TransformerEncoderLayer fast path -----------------------------------------------
+
+def test_a_transformer_encoder_layer_compiles_with_its_feed_forward_dense() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0),
+        nn.Linear(64, 32),
+    ).eval()
+    sparsekit.prune(model, 0.5)
+    x = torch.randn(2, 10, 64)
+    compiled = sparsekit.compile(model, (x,), cache=False)
+    layer = compiled[0]
+    assert type(layer.linear1) is nn.Linear and type(layer.linear2) is nn.Linear
+    for n in ("0.linear1", "0.linear2"):
+        assert compiled.sparsekit_choices[n]["format"] == "dense"
+        assert "TransformerEncoderLayer" in compiled.sparsekit_choices[n]["reason"]
+    assert "1" in compiled.sparsekit_choices  # the rest still compiles
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    rows = {r.name: r for r in sparsekit.engine.report(compiled, (x,)).rows}
+    assert "reads its weight" in rows["0.linear1"].extra["note"]
+    bare = sparsekit.compile(model, cache=False)  # without example inputs: callable too
+    with torch.no_grad():
+        torch.testing.assert_close(bare(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_forced_formats_do_not_count_the_transformer_layers_as_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0),
+        nn.Linear(64, 32),
+    ).eval()
+    sparsekit.prune(model, 0.5)
+    x = torch.randn(2, 10, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        compiled = sparsekit.compile(model, (x,), formats=["csr16"], cache=False)
+    assert compiled.sparsekit_choices["1"]["format"] == "csr16"
+
+
+# -- 3. int8 compile of a bfloat16 layer feeding a float32 output -----------------------
+
+def _mixed(tail: bool) -> nn.Sequential:
+    torch.manual_seed(0)
+    mods = [nn.Linear(64, 64).bfloat16(), _Cast()] + ([nn.Linear(64, 8)] if tail else [])
+    m = nn.Sequential(*mods)
+    sparsekit.prune(m, 0.6)
+    return m
+
+
+@pytest.mark.parametrize("fmt", ["csr16", "bitmap", "dense_lowp"])
+@pytest.mark.parametrize("tail", [False, True])
+def test_int8_compile_of_a_bf16_layer_with_fp32_output(fmt, tail) -> None:
+    m = _mixed(tail)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    compiled = sparsekit.compile(m, (x,), formats=[fmt], weight_dtype="int8", cache=False)
+    assert compiled.sparsekit_choices["0"]["format"] == fmt
+    seen = compile_mod._observed(m, (x,))[0]
+    reference = compile_mod._with_stored_weights(m, compiled, seen)
+    with torch.no_grad():
+        ref, out = reference(x), compiled(x)
+    assert ref.dtype == out.dtype == torch.float32
+    # the reference holds the dequantized int8 weights exactly (not rounded to bf16)
+    bf16 = torch.finfo(torch.bfloat16).eps
+    assert float((out - ref).abs().max() / ref.abs().max()) <= 4 * bf16
+
+
+def _spy_rtol(monkeypatch) -> list[float]:
+    seen: list[float] = []
+    real = compile_mod._check_outputs
+
+    def spy(model, compiled, inputs, rtol=compile_mod._CHECK_RTOL):
+        seen.append(rtol)
+        return real(model, compiled, inputs, rtol)
+
+    monkeypatch.setattr(compile_mod, "_check_outputs", spy)
+    return seen
+
+
+def test_the_check_tolerance_follows_every_layers_dtype(monkeypatch) -> None:
+    seen = _spy_rtol(monkeypatch)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    sparsekit.compile(_mixed(True), (x,), formats=["csr16"], weight_dtype="int8", cache=False)
+    assert seen[-1] == compile_mod._rtol(torch.bfloat16)
+    torch.manual_seed(0)
+    fp32 = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    sparsekit.prune(fp32, 0.6)
+    sparsekit.compile(fp32, (torch.randn(4, 64),), formats=["csr16"], weight_dtype="int8",
+                      cache=False)
+    assert seen[-1] == compile_mod._CHECK_RTOL  # all float32: the tight tolerance stays
+
+
+def test_an_all_fp32_int8_compile_still_catches_a_wrong_result(monkeypatch) -> None:
+    real = compile_mod._with_stored_weights
+
+    def off(model, compiled, seen):
+        reference = copy.deepcopy(real(model, compiled, seen))
+        with torch.no_grad():
+            reference[0].weight.mul_(1.001)  # a 0.1% error: far above float32 rounding
+        return reference
+
+    monkeypatch.setattr(compile_mod, "_with_stored_weights", off)
+    torch.manual_seed(0)
+    fp32 = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    sparsekit.prune(fp32, 0.6)
+    with pytest.raises(RuntimeError, match="differs from the original"):
+        sparsekit.compile(fp32, (torch.randn(4, 64),), formats=["csr16"], weight_dtype="int8",
+                          cache=False)
