@@ -117,14 +117,20 @@ def test_a_stored_tensor_of_a_multi_tensor_parametrization_can_be_named() -> Non
 
 # -- 2. TransformerEncoderLayer fast path -----------------------------------------------
 
-def test_a_transformer_encoder_layer_compiles_with_its_feed_forward_dense() -> None:
+def _encoder_and_head() -> tuple[nn.Module, torch.Tensor]:
+    """A 50 %-pruned TransformerEncoderLayer (batch first, eval: torch's fast path reads its
+    feed-forward weights directly) and a Linear head, with an input."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0),
         nn.Linear(64, 32),
     ).eval()
     sparsekit.prune(model, 0.5)
-    x = torch.randn(2, 10, 64)
+    return model, torch.randn(2, 10, 64)
+
+
+def test_a_transformer_encoder_layer_compiles_with_its_feed_forward_dense() -> None:
+    model, x = _encoder_and_head()
     compiled = sparsekit.compile(model, (x,), cache=False)
     layer = compiled[0]
     assert type(layer.linear1) is nn.Linear and type(layer.linear2) is nn.Linear
@@ -142,13 +148,7 @@ def test_a_transformer_encoder_layer_compiles_with_its_feed_forward_dense() -> N
 
 
 def test_forced_formats_do_not_count_the_transformer_layers_as_refused() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0),
-        nn.Linear(64, 32),
-    ).eval()
-    sparsekit.prune(model, 0.5)
-    x = torch.randn(2, 10, 64)
+    model, x = _encoder_and_head()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         compiled = sparsekit.compile(model, (x,), formats=["csr16"], cache=False)
