@@ -122,7 +122,8 @@ def test_input_stats_norms_and_gram_equal_a_hand_computation():
     stats = input_stats(model, {"a": model[0], "b": model[2]}, [x[:1], x[1:]], gram=True)
     hidden = torch.relu(model[0](x)).detach().reshape(-1, 5)
     rows = x.reshape(-1, 4)
-    torch.testing.assert_close(stats["a"].sq, (rows ** 2).sum(0))
+    assert stats["a"].sq.dtype == torch.float64  # float32 squares overflow beyond ~1.8e19
+    torch.testing.assert_close(stats["a"].sq, (rows ** 2).sum(0), check_dtype=False)
     torch.testing.assert_close(stats["a"].norms(), rows.norm(dim=0))
     torch.testing.assert_close(stats["a"].gram, rows.t() @ rows)
     torch.testing.assert_close(stats["b"].gram, hidden.t() @ hidden)
@@ -136,7 +137,7 @@ def test_input_stats_of_a_conv2d_are_the_unfolded_patches():
     x = torch.randn(2, 2, 5, 5)
     stats = input_stats(conv, {"conv": conv}, x, gram=True)["conv"]
     cols = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 18)
-    torch.testing.assert_close(stats.sq, (cols ** 2).sum(0))
+    torch.testing.assert_close(stats.sq, (cols ** 2).sum(0), check_dtype=False)
     torch.testing.assert_close(stats.gram, cols.t() @ cols)
 
 
@@ -146,8 +147,8 @@ def test_grouped_conv_squares_broadcast_per_output_and_refuse_a_gram():
     stats = input_stats(conv, {"conv": conv}, x)["conv"]
     assert stats.sq.shape == conv.weight.flatten(1).shape
     per_channel = (x ** 2).sum((0, 2, 3))
-    torch.testing.assert_close(stats.sq[0], per_channel[:2].repeat_interleave(9))
-    torch.testing.assert_close(stats.sq[-1], per_channel[2:].repeat_interleave(9))
+    torch.testing.assert_close(stats.sq[0].float(), per_channel[:2].repeat_interleave(9))
+    torch.testing.assert_close(stats.sq[-1].float(), per_channel[2:].repeat_interleave(9))
     with pytest.raises(ValueError, match="Gram"), record({"conv": conv}, gram=True):
         pass
 

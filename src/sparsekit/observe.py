@@ -223,14 +223,15 @@ class InputStats:
 
     def __init__(self, features: int, *, gram: bool = False,
                  device: torch.device | str | None = None) -> None:
-        self.sq = torch.zeros(features, device=device)
+        # squares in float64: finite inputs beyond ~1.8e19 would overflow float32 squares
+        self.sq = torch.zeros(features, dtype=torch.float64, device=device)
         self.gram = torch.zeros(features, features, device=device) if gram else None
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add input rows: any tensor whose last dimension holds the features."""
         x = x.detach().reshape(-1, self.sq.shape[-1]).float()
-        self.sq += (x * x).sum(0)
+        self.sq += x.double().square().sum(0)
         if self.gram is not None:
             self.gram.addmm_(x.t(), x)
         self.rows += x.shape[0]
@@ -246,12 +247,17 @@ class InputStats:
 
     def norms(self) -> torch.Tensor:
         """‖X_j‖₂ of every input feature j over all rows seen (Wanda's activation norm)."""
-        return self.sq.sqrt()
+        return self.sq.sqrt().float()
 
     def hessian(self) -> torch.Tensor:
         """H = 2XᵀX / rows, the Hessian of the layer-wise reconstruction error."""
         if self.gram is None:
             raise RuntimeError("InputStats was created with gram=False")
+        if not bool(torch.isfinite(self.gram).all()) and bool(torch.isfinite(self.sq).all()):
+            raise ValueError(
+                "the layer inputs are finite but their Gram matrix XᵀX overflowed float32 "
+                f"(largest sum of squares {float(self.sq.max()):.3g}; inputs of magnitude "
+                "above about 1.8e19); rescale the calibration data")
         return self.gram * (2.0 / max(self.rows, 1))
 
     def observe(self, module: nn.Module, x: torch.Tensor) -> None:
@@ -264,7 +270,7 @@ class InputStats:
             self.add(_patches(module, x))
         else:  # only the squares: each channel's sum, shared by all its kernel positions
             w = module.weight
-            per_channel = (x * x).transpose(0, 1).reshape(x.shape[1], -1).sum(1)
+            per_channel = x.double().square().transpose(0, 1).reshape(x.shape[1], -1).sum(1)
             cols = per_channel.reshape(module.groups, w.shape[1])
             cols = cols.repeat_interleave(w[0, 0].numel(), dim=1)
             if module.groups > 1:  # (out, in/groups * k): each output sees its own group

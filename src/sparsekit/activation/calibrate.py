@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from sparsekit.activation.layers import find_layers
 from sparsekit.activation.record import record_inputs
 from sparsekit.activation.scores import METHODS, feature_threshold, score
 from sparsekit.activation.sparsity import ActivationSparsity
+from sparsekit.observe import batches
 from sparsekit.targets import TargetSpec
 
 __all__ = ["calibrate"]
@@ -58,7 +59,13 @@ def calibrate(
 
     layers = find_layers(model, method, targets)
     generator = torch.Generator().manual_seed(seed)
-    inputs = record_inputs(model, layers, calibration, max_rows=max_rows, generator=generator)
+    replay: list[Any] = []  # the greedy search replays the first non-empty batch
+    recorded = calibration
+    if allocation == "greedy" and isinstance(calibration, Iterator):
+        # a one-shot iterator (a generator) is consumed by the recording: keep its first
+        # non-empty batch on the way (the only one the search needs), not the whole stream
+        recorded = _tap(calibration, replay)
+    inputs = record_inputs(model, layers, recorded, max_rows=max_rows, generator=generator)
     unused = [n for n in layers if n not in inputs]
     if unused:
         raise ValueError(f"targets: layers {unused} never ran on the calibration data")
@@ -78,7 +85,8 @@ def calibrate(
     if allocation == "uniform":
         sparsities = uniform(sizes, float(sparsity))
     else:
-        sparsities = _teal_greedy(model, calibration, sizes, float(sparsity), thresholds)
+        sparsities = _teal_greedy(model, replay if recorded is not calibration else calibration,
+                                  sizes, float(sparsity), thresholds)
     return ActivationSparsity(
         method=method,
         allocation=allocation,
@@ -87,6 +95,17 @@ def calibrate(
         thresholds={n: thresholds(n, s) for n, s in sparsities.items()},
         sizes=sizes,
     )
+
+
+def _tap(items: Iterator[Any], kept: list[Any]) -> Iterator[Any]:
+    """Yield ``items``, appending to ``kept`` every item up to the first non-empty batch."""
+    found = False
+    for item in items:
+        if not found:
+            kept.append(item)
+            found = any(not (isinstance(x, torch.Tensor) and x.numel() == 0)
+                        for x, _ in batches([item]))
+        yield item
 
 
 def _quantile(sorted_values: torch.Tensor, q: float) -> float:

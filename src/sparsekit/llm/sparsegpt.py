@@ -39,7 +39,9 @@ def sparsegpt_prune(
 
     Returns the updated weights (zero where pruned) and the mask (``True`` = kept). With an
     N:M pattern exactly N of every M consecutive inputs are kept and ``sparsity`` is unused.
-    ``percdamp`` adds that fraction of the mean diagonal to H for numerical stability.
+    ``percdamp`` adds that fraction of the mean diagonal to H for numerical stability. H is
+    first divided by the mean of its non-zero diagonal (which leaves the solution unchanged),
+    so Hessians of very small or very large activations are pruned alike.
     With ``scales`` (float32, one per output row; :func:`sparsekit.llm.methods.prune_layer`
     passes the :func:`~sparsekit.quantize.int8_scales` of the unquantized result) the kept
     weights are rounded to that int8 grid inside the sweep (joint mode): the returned
@@ -53,10 +55,16 @@ def sparsegpt_prune(
     """
     pat, blocksize = _check_arguments(W, H, sparsity, pattern, blocksize, percdamp, scales)
     W = W.detach().float().clone(memory_format=torch.contiguous_format)
-    H = H.detach().float().clone(memory_format=torch.contiguous_format)
+    H = H.detach().double()
     rows, cols = W.shape
 
     dead = torch.diag(H) == 0  # inputs that are always zero: their weights are free to prune
+    if not bool(dead.all()):
+        # H / c has the same OBS solution (masks and updates) as H for any c > 0; scaled to
+        # a unit mean diagonal (in float64), a Hessian of tiny (denormal) or huge activations
+        # factors like any other instead of failing in Cholesky or overflowing float32
+        H = H / torch.diag(H)[~dead].mean()
+    H = H.float().clone(memory_format=torch.contiguous_format)
     H[dead, dead] = 1
     W[:, dead] = 0
     H += percdamp * torch.diag(H).mean() * torch.eye(cols, device=H.device)

@@ -103,6 +103,10 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
     ``loss_recovered = (loss_zero - loss_sae) / (loss_zero - loss_clean)``. Otherwise the
     mean-pooled last hidden states are compared: ``cosine_sae`` and ``cosine_zero`` (to the
     clean embeddings).
+
+    The loss averages over real next-token targets only: where a batch's ``attention_mask``
+    marks the target or the token predicting it as padding, the pair is skipped. Token ids
+    of any integer dtype are accepted; a causal LM needs sequences of at least 2 tokens.
     """
     module = find_module(model, module_name)
     if not isinstance(sae, SAE):
@@ -120,7 +124,7 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
 
     replacements = {"clean": None, "sae": sae, "zero": torch.zeros_like}
     sums: dict[str, float] = {name: 0.0 for name in replacements}
-    count, causal = 0.0, False
+    count, causal, short = 0.0, False, False
     handle = module.register_forward_hook(splice)
     try:
         with inference(model, sae):
@@ -133,11 +137,16 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
                 causal = hasattr(outputs["clean"], "logits")
                 if causal:
                     ids = batch["input_ids"] if isinstance(batch, Mapping) else batch
+                    targets, real = _next_tokens(ids, batch)
                     for name, out in outputs.items():
-                        logits = out.logits[:, :-1].float()
+                        logits = out.logits[..., :-1, :].float()
+                        if logits.dim() == 2:  # a 1-D sequence: the model added no batch axis
+                            logits = logits.unsqueeze(0)
                         sums[name] += float(F.cross_entropy(
-                            logits.transpose(1, 2), ids[:, 1:], reduction="sum"))
-                    count += ids[:, 1:].numel()
+                            logits.transpose(1, 2), targets, ignore_index=-100,
+                            reduction="sum"))
+                    count += real
+                    short = short or ids.shape[-1] < 2
                 else:
                     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                     pooled = {n: _pool(o, mask) for n, o in outputs.items()}
@@ -148,6 +157,12 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
     finally:
         handle.remove()
     if count == 0:
+        if causal:
+            raise ValueError(
+                "inputs: a causal LM is scored on next-token pairs, and these sequences hold "
+                "none (" + ("sequences of fewer than 2 tokens" if short
+                            else "every target position is masked by attention_mask")
+                + "); pass sequences of at least 2 (unmasked) tokens")
         raise ValueError("inputs must hold at least one batch")
     if causal:
         clean, spliced, zero = (sums[n] / count for n in ("clean", "sae", "zero"))
@@ -156,6 +171,27 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
                 "loss_recovered": (zero - spliced) / (zero - clean) if zero != clean
                 else math.nan}
     return {"cosine_sae": sums["sae"] / count, "cosine_zero": sums["zero"] / count}
+
+
+def _next_tokens(ids: torch.Tensor, batch: Any) -> tuple[torch.Tensor, int]:
+    """The next-token targets of ``ids`` (int64, ``(batch, length - 1)``), with -100 (ignored)
+    where ``attention_mask`` is 0 at the target or at the position predicting it (padding,
+    right or left), and how many targets are real."""
+    targets = ids[..., 1:].long()
+    if targets.dim() == 1:
+        targets = targets.unsqueeze(0)
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if mask is None:
+        return targets, targets.numel()
+    mask = torch.as_tensor(mask)
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    mask = mask.to(targets.device) != 0
+    real = mask[:, 1:] & mask[:, :-1]  # a real token predicted from a real one (left padding)
+    if real.shape != targets.shape:
+        raise ValueError(f"inputs: attention_mask of shape {tuple(mask.shape)} does not match "
+                         f"input_ids of shape {tuple(ids.shape)}")
+    return targets.masked_fill(~real, -100), int(real.sum())
 
 
 def _pool(output: Any, mask: torch.Tensor | None) -> torch.Tensor:

@@ -28,7 +28,7 @@ from sparsekit.observe import run, watch
 from sparsekit.scores import CRITERIA
 from sparsekit.scores._context import ScoreContext
 
-__all__ = ["LAYERS", "Moments", "fluctuation_scores", "input_moments"]
+__all__ = ["LAYERS", "Moments", "check_rows", "fluctuation_scores", "input_moments"]
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """The layers whose input channels are observed (a channel: a Linear input's last axis,
@@ -71,11 +71,22 @@ class Moments:
         return (self.sum / max(self.rows, 1)).float()
 
     def variance(self) -> torch.Tensor:
-        """Sample variance of every channel (float32; 0 with fewer than two rows)."""
+        """Sample variance of every channel (float32).
+
+        Raises ``ValueError`` with fewer than two rows (no variance: every channel would tie
+        and units would be removed by position) and when a variance is finite in float64
+        but beyond float32's range (inputs of magnitude above about 1.8e19)."""
         if self.rows < 2:
-            return torch.zeros_like(self.sum, dtype=torch.float32)
+            raise ValueError(f"FLAP needs at least 2 calibration rows (input vectors) per "
+                             f"layer to measure a variance, got {self.rows}; pass more "
+                             "calibration samples or tokens")
         var = (self.sq - self.sum * self.sum / self.rows) / (self.rows - 1)
-        return var.clamp_min(0).float()
+        var = var.clamp_min(0)
+        if bool(torch.isfinite(var).all()) and float(var.max()) > torch.finfo(torch.float32).max:
+            raise ValueError(f"the calibration inputs are finite but their variance "
+                             f"({float(var.max()):.3g}) overflows float32 (inputs of magnitude "
+                             "above about 1.8e19); rescale the calibration data")
+        return var.float()
 
 
 def input_moments(model: nn.Module, layers: Mapping[str, nn.Module], data: Any
@@ -96,6 +107,15 @@ def input_moments(model: nn.Module, layers: Mapping[str, nn.Module], data: Any
     if missing:
         raise ValueError(f"data never reached these layers during the forward pass: {missing}")
     return stats
+
+
+def check_rows(moments: Mapping[str, Moments]) -> None:
+    """Raise ``ValueError`` unless every layer saw at least 2 rows (FLAP's variance)."""
+    few = {n: m.rows for n, m in moments.items() if m.rows < 2}
+    if few:
+        raise ValueError(f"FLAP needs at least 2 calibration rows (input vectors) per layer "
+                         f"to measure a variance; these layers saw fewer: {few}; pass more "
+                         "calibration samples or tokens (the model was not changed)")
 
 
 def fluctuation_scores(weight: torch.Tensor, moments: Moments) -> torch.Tensor:
@@ -124,5 +144,6 @@ def flap(ctx: ScoreContext) -> dict[str, torch.Tensor]:
                             ctx.rank_share(data))
     for m in moments.values():
         m.all_reduce()
+    check_rows(moments)
     return {t.name: t.out_in(fluctuation_scores(t.out_in(t.param), moments[t.name]))
             for t in ctx.targets}
