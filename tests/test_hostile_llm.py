@@ -332,3 +332,15 @@ def test_prune_drops_the_default_exclude_when_targets_name_other_layers():
     # Before: 'lm_head', excluded by default, matched none of these targets: an error.
     masks = llm.prune(llama(), tokens(), targets=["model.layers.0.mlp.up_proj"])
     assert list(masks.masks) == ["model.layers.0.mlp.up_proj.weight"]
+
+
+def test_finite_activations_that_overflow_the_hessian_are_not_called_nan():
+    # finite inputs above ~1.8e19 overflow float32 products: said so, not "NaN or inf"
+    model = llama()
+    layer = model.model.layers[0].mlp.down_proj
+    layer.register_forward_pre_hook(lambda _m, args: (args[0] * 1e30,))
+    before = state(model)
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj.weight' are finite "
+                                         r"but too large for their float32 Hessian"):
+        llm.prune(model, tokens(), method="sparsegpt")
+    assert unchanged(model, before)

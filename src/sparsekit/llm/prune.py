@@ -340,16 +340,25 @@ def _already(pruned: int) -> str:
 
 
 def _check_inputs(layers: list[Layer], stats: dict[str, InputStats], pruned: int) -> None:
-    """Raise naming the first layer whose calibration input statistics hold NaN or inf."""
+    """Raise naming the first layer whose calibration input statistics hold NaN or inf:
+    inputs that do (their float64 squared sums show it), or finite ones whose products
+    overflow the float32 Hessian."""
     for layer in layers:
         s = stats.get(layer.name)
         if s is None:
             continue
-        bad = _non_finite(s.sq) + (0 if s.gram is None else _non_finite(s.gram))
+        bad = _non_finite(s.sq)
         if bad:
             raise ValueError(
                 f"calibration: the inputs of {layer.name!r} hold non-finite values (NaN or "
                 f"inf; {bad} non-finite statistic(s)); {_already(pruned)}"
+            )
+        bad = 0 if s.gram is None else _non_finite(s.gram)
+        if bad:
+            raise ValueError(
+                f"calibration: the inputs of {layer.name!r} are finite but too large for "
+                f"their float32 Hessian ({bad} entries overflow: |x| above ~1.8e19); rescale "
+                f"the model's activations; {_already(pruned)}"
             )
 
 
