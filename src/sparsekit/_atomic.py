@@ -19,7 +19,7 @@ try:
 except ImportError:  # Windows: no advisory locks (directory_lock does not serialise there)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "atomic_write", "directory_lock", "sync"]
+__all__ = ["LOCK_NAME", "atomic_write", "directory_lock", "sync", "sync_directory", "umask"]
 
 LOCK_NAME = ".sparsekit.lock"
 """The file :func:`directory_lock` locks in a directory (removed when it is released)."""
@@ -51,7 +51,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         try:
             if hasattr(os, "fchmod"):  # Windows (before 3.13) has only a read-only flag
-                os.fchmod(fd, 0o666 & ~_umask())
+                os.fchmod(fd, 0o666 & ~umask())
         finally:
             os.close(fd)
         yield tmp
@@ -60,7 +60,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    sync_directory(path.parent)
 
 
 @contextmanager
@@ -115,11 +115,11 @@ def sync(file: str | os.PathLike[str]) -> None:
     _fsync(Path(file))
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process's umask (reading it means setting it: there is no getter)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(file: Path) -> None:
@@ -131,7 +131,7 @@ def _fsync(file: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
+def sync_directory(directory: str | os.PathLike[str]) -> None:
     """Make a rename in ``directory`` durable (POSIX; Windows cannot open directories)."""
     if not hasattr(os, "O_DIRECTORY"):
         return

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from sparsekit._atomic import _fsync_dir, _umask
+from sparsekit._atomic import sync_directory, umask
 from sparsekit.cli._errors import UsageError
 
 T = TypeVar("T")
@@ -117,7 +117,7 @@ def write_directory(path: Path, write: Callable[[Path], T], *, flag: str = "--ou
         home = target.resolve().parent if target.is_dir() else target.parent
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp",
                                     dir=home))
-        os.chmod(tmp, 0o777 & ~_umask())  # a new directory's usual permissions, not 0700
+        os.chmod(tmp, 0o777 & ~umask())  # a new directory's usual permissions, not 0700
         result = write(tmp)
         if not target.exists():
             try:
@@ -126,7 +126,7 @@ def write_directory(path: Path, write: Callable[[Path], T], *, flag: str = "--ou
                 if not target.is_dir():  # created meanwhile (rename fails): merge into it
                     raise
             else:
-                _fsync_dir(target.parent)
+                sync_directory(target.parent)
                 return result
         real = target.resolve()
         _check_replaceable(tmp, real, path, flag)
@@ -136,7 +136,7 @@ def write_directory(path: Path, write: Callable[[Path], T], *, flag: str = "--ou
         _move_into(tmp, real, skip=set(final))
         for name in final:
             os.replace(tmp / name, real / name)
-        _fsync_dir(real)
+        sync_directory(real)
         return result
     except OSError as err:
         raise UsageError(f"{flag}: cannot write {str(path)!r}: {_reason(err)}") from None

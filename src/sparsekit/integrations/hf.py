@@ -30,6 +30,7 @@ except ModuleNotFoundError as exc:  # a missing dependency of transformers is re
     raise ImportError("sparsekit.integrations.hf needs transformers, which is not installed: "
                       "pip install 'sparsekit[llm]'") from exc
 
+from sparsekit._atomic import atomic_write
 from sparsekit.integrations.training import TrainingSparsity
 
 __all__ = ["SparsityCallback"]
@@ -61,8 +62,6 @@ class SparsityCallback(TrainingSparsity, TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.attached is not None and state.is_world_process_zero:
-            from sparsekit._atomic import atomic_write  # whole or not at all, as every save
-
             sparsity = self.attached.schedule or self.attached.masks
             with atomic_write(_checkpoint(args, state) / STATE_FILE) as tmp:
                 torch.save(sparsity.state_dict(), tmp)
