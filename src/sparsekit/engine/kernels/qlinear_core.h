@@ -760,27 +760,25 @@ void run(const W& w, const Linear& io) {
     sx[b] = quantize_row(io.x + b * io.cols, io.cols, xq + b * ld, ld);
   }
 #if SPARSEKIT_AVX512
-  if constexpr (!std::is_same_v<W, NM>) {
-  if (batch >= kInterleavedMin<W>) {
-    thread_local Interleaved interleaved;
-    interleaved.build(xq, ld, batch, w.span());
-    const Interleaved& xi = interleaved;  // (the caller's: each thread has its own by name)
+  if constexpr (!std::is_same_v<W, NM>) {  // (N:M rows have no dense expansion)
+    if (batch >= kInterleavedMin<W>) {
+      thread_local Interleaved interleaved;
+      interleaved.build(xq, ld, batch, w.span());
+      const Interleaved& xi = interleaved;  // (the caller's: each thread has its own by name)
 #pragma omp parallel num_threads(io.threads)
-    {
-      int64_t r0, r1;
-      thread_rows_by([&w](int64_t i) { return w.work(i); }, w.rows, omp_get_thread_num(),
-                     omp_get_num_threads(), &r0, &r1);
-      interleaved_rows(w, io, xi, xq, ld, sx, r0, r1);
+      {
+        int64_t r0, r1;
+        rows::thread_rows_of(w, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+        interleaved_rows(w, io, xi, xq, ld, sx, r0, r1);
+      }
+      return;
     }
-    return;
-  }
   }
 #endif
 #pragma omp parallel num_threads(io.threads)
   {
     int64_t r0, r1;
-    thread_rows_by([&w](int64_t i) { return w.work(i); }, w.rows, omp_get_thread_num(),
-                   omp_get_num_threads(), &r0, &r1);
+    rows::thread_rows_of(w, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
     // Tiles of kTileRows rows, each against kMaxNB input rows at a time: the input codes of
     // a batch over kMaxNB stay in L1 across the tile's rows instead of being read again from
     // L2 for every row. Bitmap rows of such a batch are expanded once per tile.
