@@ -302,3 +302,13 @@ def test_activation_float_bias_of_another_dtype_is_stored_as_the_layer_dtype():
     layer = _act(bias=torch.randn(300, dtype=torch.float64))
     assert layer.bias.dtype == torch.float32
     assert _act(threshold=torch.zeros(16, dtype=torch.long)).threshold.dtype == torch.float32
+
+
+def test_check_mask_names_the_mask_and_refuses_meta_and_wrong_shapes():
+    keep = torch.ones(3, 4, dtype=torch.bool)
+    layer = SparseLinear(4, 3, keep)
+    assert torch.equal(layer.check_mask(keep), keep)
+    with pytest.raises(ValueError, match=r"^masks\['x'\] is on the meta device"):
+        layer.check_mask(keep.to("meta"), "masks['x']")
+    with pytest.raises(ValueError, match="mask"):
+        layer.check_mask(torch.ones(4, 3, dtype=torch.bool))

@@ -255,7 +255,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        mask = self._check_mask(mask).to(device)
+        mask = self.check_mask(mask).to(device)
         self._install(_Structure.from_mask(mask))
         # Same initialisation as nn.Linear, restricted to the kept weights.
         bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
@@ -350,7 +350,7 @@ class SparseLinear(nn.Module):
         FSDP2 (see the module docstring).
         """
         self._check_unsharded("set_structure")
-        mask = self._check_mask(mask).to(self.values.device)
+        mask = self.check_mask(mask).to(self.values.device)
         optimizer = check_optimizer(optimizer, optional=True)
         old, new = self._structure, _Structure.from_mask(mask)
         old_key = old.row.long() * self.in_features + old.col.long()
@@ -546,13 +546,16 @@ class SparseLinear(nn.Module):
                 "FSDP2), or wrap SparseLinear models in DistributedDataParallel"
             )
 
-    def _check_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """``mask``, detached, once checked to be a bool ``(out_features, in_features)`` tensor."""
-        check_mask("mask", mask, (self.out_features, self.in_features))
+    def check_mask(self, mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+        """``mask`` (named ``name`` in errors), detached, once checked to be a bool
+        ``(out_features, in_features)`` tensor with values (not on the meta device): what
+        :meth:`set_structure` and :class:`~sparsekit.engine.structure_set.StructureSet`
+        install."""
+        check_mask(name, mask, (self.out_features, self.in_features))
         if mask.device.type == "meta":
             raise ValueError(
-                "mask is on the meta device and holds no values; accepted: a bool mask on a "
-                "device with data (it is moved to the layer's device)"
+                f"{name} is on the meta device and holds no values; accepted: a bool mask on "
+                "a device with data (it is moved to the layer's device)"
             )
         return mask.detach()
 

@@ -25,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel
 from sparsekit._checks import ArgumentTypeError, check_optimizer
 from sparsekit.distributed import all_reduce_sum, check_same_on_ranks, rebuild_reducer, world_size
 from sparsekit.engine.sparse_linear import SparseLinear
-from sparsekit.masks import check_mask
 
 __all__ = ["StructureSet", "sparse_layers"]
 
@@ -155,12 +154,7 @@ class StructureSet:
             if n not in self.layers:
                 raise ValueError(f"masks has an entry {n!r} that is not a SparseLinear layer; "
                                  f"layers: {', '.join(self.layers)}")
-            check_mask(f"masks[{n!r}]", m, self.masks[n].shape)
-            if m.device.type == "meta":
-                raise ValueError(
-                    f"masks[{n!r}] is on the meta device and holds no values; accepted: a "
-                    "mask on a device with data (it is moved to the layer's device)"
-                )
+            self.layers[n].check_mask(m, f"masks[{n!r}]")
 
     def __repr__(self) -> str:
         return f"StructureSet({len(self.masks)} layers, sparsity={self.sparsity():.4f})"
