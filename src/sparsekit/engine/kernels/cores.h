@@ -12,6 +12,7 @@
 
 namespace sparsekit {
 
+
 // The element type of stored weights: float32, bfloat16 or int8 codes (with per-row scales).
 enum class Value : int32_t { f32, bf16, i8 };
 
@@ -51,7 +52,8 @@ struct CsrArgs {
 // W as bitmap rows: `words` 16-bit words of bits per row, the values of the set bits packed
 // row by row, int32 row pointers into them. `vpexpand`: the AVX-512 cores expand bf16 words
 // with VBMI2 vpexpandw and int8 codes with vpexpandb (the bitmap expansion "vpexpand", which
-// only a CPU with VBMI2 runs).
+// only a CPU with VBMI2 runs); `vpexpand_halves`: the W8A8 rows of 1-2 input rows do so by
+// 256-bit halves (bitmap_vpexpand_halves).
 struct BitmapArgs {
   Linear io;
   Value value;
@@ -60,6 +62,7 @@ struct BitmapArgs {
   const int32_t* rowptr;
   int64_t words;
   bool vpexpand;
+  bool vpexpand_halves = false;
 };
 
 // W as packed N:M: `width` values per row, `fbits`-bit input fields in `words` int32 per row.
@@ -224,5 +227,9 @@ const Cores& cores();
 // pshufb tables and vpermb by ranks ("tables"): the setting of set_bitmap_expansion, or
 // under "auto" (the default) what this CPU runs faster for that dtype (isa.cpp).
 bool bitmap_vpexpand(Value values);
+
+// Whether the W8A8 bitmap rows that expand int8 codes with vpexpandb (bitmap_vpexpand) take
+// 32 codes per instruction instead of 64: on AMD Zen 4 (isa.cpp).
+bool bitmap_vpexpand_halves();
 
 }  // namespace sparsekit

@@ -77,7 +77,7 @@ at::Tensor bitmap_qlinear(const at::Tensor& values, const at::Tensor& bitmap,
     qcores().bitmap_qlinear(BitmapArgs{io, Value::i8, values.data_ptr(),
                                        reinterpret_cast<const uint16_t*>(bitmap.data_ptr()),
                                        rowptr.data_ptr<int32_t>(), bitmap.size(1),
-                                       bitmap_vpexpand(Value::i8)});
+                                       bitmap_vpexpand(Value::i8), bitmap_vpexpand_halves()});
   });
 }
 
