@@ -702,6 +702,54 @@ def test_batch_size_is_an_int_of_at_least_one(call, batch_size, error):
     assert not model.training
 
 
+@pytest.mark.parametrize("call", ["minibatches", "train_epoch", "accuracy"])
+@pytest.mark.parametrize("given, error, match", [
+    ([(torch.randn(2, 8), torch.zeros(2, dtype=torch.long))], TypeError,
+     "^data must be a torch.utils.data.TensorDataset of \\(inputs, labels\\), got list$"),
+    ("x", TypeError, "^data must be a torch.utils.data.TensorDataset .* got str$"),
+    ("three", ValueError, "^data must hold two tensors \\(inputs, labels\\), got 3$"),
+])
+def test_training_helpers_refuse_data_other_than_a_tensor_dataset(call, given, error, match):
+    """A list of batches was a bare AttributeError ('list' object has no attribute
+    'tensors') at the first batch, after train_epoch had put the model in training mode."""
+    from torch.utils.data import TensorDataset
+
+    from sparsekit.training import accuracy, minibatches, train_epoch
+
+    if given == "three":
+        given = TensorDataset(torch.randn(4, 8), torch.zeros(4, dtype=torch.long),
+                              torch.zeros(4))
+    model = mlp().eval()
+    before = snapshot(model)
+    calls = {
+        "minibatches": lambda: minibatches(given, 2),
+        "train_epoch": lambda: train_epoch(model, given, torch.optim.SGD(model.parameters(),
+                                                                         lr=1)),
+        "accuracy": lambda: accuracy(model, given),
+    }
+    with pytest.raises(error, match=match):
+        calls[call]()
+    assert unchanged(model, before)
+    assert not model.training
+
+
+def test_train_epoch_refuses_a_missing_optimizer():
+    """optimizer=None was an AttributeError at the first step, after the model had been put
+    in training mode (and its first batch's gradients computed)."""
+    from torch.utils.data import TensorDataset
+
+    from sparsekit.training import train_epoch
+
+    model = mlp().eval()
+    before = snapshot(model)
+    data = TensorDataset(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="^optimizer must be a torch.optim.Optimizer, got "
+                                        "NoneType$"):
+        train_epoch(model, data, None)
+    assert unchanged(model, before)
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
 def test_accuracy_refuses_an_empty_dataset():
     """It was a ZeroDivisionError."""
     from torch.utils.data import TensorDataset

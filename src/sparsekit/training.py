@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sparsekit._checks import check_int, check_seed
+from sparsekit._checks import ArgumentTypeError, check_int, check_seed
 from sparsekit.observe import inference
 
 __all__ = ["accuracy", "inference", "minibatches", "train_epoch"]
@@ -33,7 +33,20 @@ def minibatches(
     """
     check_int("batch_size", batch_size, minimum=1)
     check_seed("seed", seed)
+    _check_data(data)
     return _minibatches(data, batch_size, shuffle, seed)
+
+
+def _check_data(data: object) -> None:
+    """Raise naming ``data`` unless it is a ``TensorDataset`` of inputs and labels (two
+    tensors of one length): a list of batches failed at its first use with a bare
+    ``AttributeError``, after :func:`train_epoch` had put the model in training mode."""
+    if not isinstance(data, TensorDataset):
+        raise ArgumentTypeError(f"data must be a torch.utils.data.TensorDataset of (inputs, "
+                                f"labels), got {type(data).__name__}")
+    if len(data.tensors) != 2:
+        raise ValueError(f"data must hold two tensors (inputs, labels), got "
+                         f"{len(data.tensors)}")
 
 
 def _minibatches(
@@ -58,11 +71,16 @@ def train_epoch(
     seed: int = 0,
     on_step: Callable[[], None] | None = None,
 ) -> float:
-    """One epoch of cross-entropy training; returns the mean loss. ``batch_size`` is an int
-    ≥ 1; ``seed`` (an int in [0, 2**63 - 1]) draws the order of the batches. Both are
-    checked before the model is put in training mode."""
+    """One epoch of cross-entropy training; returns the mean loss. ``data`` is a
+    ``TensorDataset`` of (inputs, labels), ``optimizer`` a ``torch.optim.Optimizer``,
+    ``batch_size`` an int ≥ 1; ``seed`` (an int in [0, 2**63 - 1]) draws the order of the
+    batches. All are checked before the model is put in training mode."""
     check_int("batch_size", batch_size, minimum=1)
     check_seed("seed", seed)
+    _check_data(data)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ArgumentTypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                                f"{type(optimizer).__name__}")
     model.train()
     total, count = 0.0, 0
     for x, y in minibatches(data, batch_size, shuffle=True, seed=seed):
@@ -81,6 +99,7 @@ def accuracy(model: nn.Module, data: TensorDataset, *, batch_size: int = 1000) -
     """Top-1 accuracy of ``model`` on ``data`` (eval mode, restored afterwards); ``data``
     holds at least one example and ``batch_size`` is an int ≥ 1."""
     check_int("batch_size", batch_size, minimum=1)
+    _check_data(data)
     if len(data) == 0:
         raise ValueError("data holds no examples; accuracy needs at least one")
     correct = 0
