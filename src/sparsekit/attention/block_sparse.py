@@ -52,10 +52,14 @@ def _check(
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, heads, q_len, dim = q.shape
-    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[0] != batch or k.shape[3] != dim:
+    if k.shape[0] != batch or k.shape[3] != dim:
         raise ValueError(
-            f"k must be (batch={batch}, kv_heads, kv_seq, head_dim={dim}) and v share its first "
-            f"three sizes, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+            f"k must be (batch={batch}, kv_heads, kv_seq, head_dim={dim}), got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:  # the kernel takes values of the keys' head_dim only
+        raise ValueError(
+            f"v must have k's shape {tuple(k.shape)} (batch, kv_heads, kv_seq, head_dim: the "
+            f"values' head_dim is q's), got {tuple(v.shape)}"
         )
     _check_heads(q, k)
     tiles = (blocks(q_len, block_size), blocks(k.shape[2], block_size))
@@ -71,13 +75,25 @@ def dense_block_mask(
     Causal attention aligns the last query with the last key (decode and chunked prefill:
     query ``i`` sees keys up to ``kv_len - q_len + i``), as ``F.scaled_dot_product_attention``
     does for ``q_len == kv_len``.
+
+    ``block_mask`` is bool ``(batch or 1, heads or 1, ceil(q_len / block_size),
+    ceil(kv_len / block_size))``; the result is on its device. Each element reads its tile
+    by index, so the work is the size of the result whatever ``block_size`` is (a huge one
+    is one tile, not a ``block_size``-long expansion).
     """
+    check_int("q_len", q_len, minimum=0)
+    check_int("kv_len", kv_len, minimum=0)
+    check_int("block_size", block_size, minimum=1)
     _check_causal(causal)
-    rows = block_mask.repeat_interleave(block_size, dim=2)[:, :, :q_len]
-    mask = rows.repeat_interleave(block_size, dim=3)[:, :, :, :kv_len]
+    _check_mask(block_mask, (blocks(q_len, block_size), blocks(kv_len, block_size)),
+                block_size=block_size)
+    device = block_mask.device
+    rows = torch.arange(q_len, device=device) // block_size
+    cols = torch.arange(kv_len, device=device) // block_size
+    mask = block_mask[:, :, rows][:, :, :, cols]
     if causal:
         offset = kv_len - q_len
-        keep = torch.ones(q_len, kv_len, dtype=torch.bool).tril(offset)
+        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(offset)
         mask = mask & keep
     return mask
 
@@ -107,7 +123,9 @@ def block_sparse_attention(
     ``k``, ``v`` and ``block_mask`` must be on ``q``'s device.
 
     Returns:
-        ``(batch, heads, q_len, head_dim)`` in ``q``'s dtype; rows with no kept key are zero.
+        ``(batch, heads, q_len, head_dim)`` in ``q``'s dtype; rows with no kept key are zero,
+        rows reading a NaN in ``q``, ``k`` or ``v`` are NaN (on the kernel as on the
+        reference: NaN is never turned into zeros).
     """
     _check(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale

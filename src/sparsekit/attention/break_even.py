@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from sparsekit._checks import check_fraction
+from sparsekit._checks import ArgumentTypeError, check_fraction
 
 __all__ = ["BreakEven", "call_class"]
 
@@ -53,6 +53,11 @@ class BreakEven:
     def __init__(self, margin: float = 0.1, *,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         check_fraction("margin", margin)
+        if not callable(clock):  # else the first timed call fails far from here
+            raise ArgumentTypeError(
+                f"clock must be a callable returning seconds (like time.perf_counter), got "
+                f"{clock!r}"
+            )
         self.margin = margin
         self._clock = clock
         self._sparse_wins: dict[Hashable, bool] = {}

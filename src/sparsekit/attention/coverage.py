@@ -94,7 +94,7 @@ def density(
     """
     pairs = visible_pairs(q_len, kv_len, block_size=block_size, causal=causal)
     _check_mask(block_mask, tuple(pairs.shape), block_size=block_size)
-    pairs = pairs.to(torch.float64)
+    pairs = pairs.to(block_mask.device, torch.float64)
     kept = (block_mask.to(torch.float64) * pairs).sum((-2, -1))
     return (kept / pairs.sum()).mean().item()
 
@@ -118,7 +118,9 @@ def tile_mass(
         causal: scores of keys after each query (aligned at the end) are not attention's.
         scale: softmax scale, ``1 / sqrt(head_dim)`` by default.
 
-    Scores are computed in float32 for a chunk of query rows at a time.
+    Scores are computed in float32 for a chunk of query rows at a time; a score that
+    overflows float32 (a huge ``scale``, or huge ``q``, ``k``) raises ``ValueError``: its
+    softmax would be NaN, and the mass of its row lost without a sign of it.
     """
     check_int("block_size", block_size, minimum=1)
     _check_causal(causal)
@@ -131,13 +133,15 @@ def tile_mass(
     keys = repeat_kv(k, heads).float()
     offset = kv_len - q_len
     rows = max(1, _CHUNK_ELEMENTS // (batch * heads * kv_len) // block_size) * block_size
-    mass = torch.zeros(batch, heads, qb, kb, dtype=torch.float64)
+    mass = torch.zeros(batch, heads, qb, kb, dtype=torch.float64, device=q.device)
     for begin in range(0, q_len, rows):
         end = min(begin + rows, q_len)
         scores = q[:, :, begin:end].float() @ keys.transpose(-1, -2) * scale
+        _check_scores(scores, scale)
         if causal:
-            pos = torch.arange(begin, end)[:, None] + offset
-            scores = scores.masked_fill(torch.arange(kv_len)[None, :] > pos, -math.inf)
+            pos = torch.arange(begin, end, device=q.device)[:, None] + offset
+            later = torch.arange(kv_len, device=q.device)[None, :] > pos
+            scores = scores.masked_fill(later, -math.inf)
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # NaN: a row that sees nothing
         probs = torch.nn.functional.pad(probs, (0, kb * block_size - kv_len))
         per_key_block = probs.unflatten(-1, (kb, block_size)).sum(-1, dtype=torch.float64)
@@ -195,8 +199,34 @@ def mass_recall(
                else type(mass).__name__)
         raise ValueError(f"mass must be the floating tile_mass of q and k, shape ({batch}, "
                          f"{heads}, {tiles[0]}, {tiles[1]}), got {got}")
+    else:
+        _check_mass_values(mass)
     seen = batch * heads * (min(q_len, kv_len) if causal else q_len)
     return ((mass * block_mask).sum() / max(seen, 1)).item()
+
+
+def _check_scores(scores: torch.Tensor, scale: float) -> None:
+    """Raise unless every score ``q · kᵀ · scale`` is finite in float32 (``q`` and ``k``
+    are): an overflowed one makes its row's softmax NaN, whose mass would silently count
+    as zero."""
+    if not bool(scores.isfinite().all()):
+        raise ValueError(
+            f"the scores q · kᵀ · scale overflow float32 (largest finite is "
+            f"{torch.finfo(torch.float32).max:.3g}) with scale={scale!r}: scale or the "
+            f"magnitudes of q and k are too large; pass a smaller scale or rescale q, k"
+        )
+
+
+def _check_mass_values(mass: torch.Tensor) -> None:
+    """Raise unless every entry of a caller's ``mass`` is finite and ≥ 0, as
+    :func:`tile_mass` computes it (a negative or NaN one gives a recall outside [0, 1])."""
+    bad = ~mass.isfinite() | (mass < 0)
+    if bool(bad.any()):
+        first = mass[bad].flatten()[0].item()
+        raise ValueError(
+            f"mass must hold finite values ≥ 0 (softmax masses, as tile_mass computes), got "
+            f"{int(bad.sum())} other ones (e.g. {first!r})"
+        )
 
 
 def repeat_kv(k: torch.Tensor, heads: int) -> torch.Tensor:

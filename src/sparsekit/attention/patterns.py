@@ -156,10 +156,10 @@ class SinkWindow(AttentionPattern):
 
     def tiles(self, q, k, *, block_size, causal, visible):
         q_len, kv_len = q.shape[2], k.shape[2]
-        first, last = _query_positions(q_len, kv_len, block_size)
+        first, last = _query_positions(q_len, kv_len, block_size, q.device)
         lo = first - self.window + 1
         hi = last if causal else last + self.window - 1
-        start = torch.arange(blocks(kv_len, block_size)) * block_size
+        start = torch.arange(blocks(kv_len, block_size), device=q.device) * block_size
         stop = start + block_size - 1
         near = (start[None, :] <= hi[:, None]) & (stop[None, :] >= lo[:, None])
         return (near | (start < self.sinks)[None, :])[None, None]
@@ -224,12 +224,13 @@ class VerticalSlash(_MassThreshold):
         n = min(self.last_queries, q_len)
         keys = repeat_kv(k, heads).float()
         scores = q[:, :, q_len - n:].float() @ keys.mT / math.sqrt(dim)
-        rows = torch.arange(q_len - n, q_len) + (kv_len - q_len)  # in key positions
-        back = rows[:, None] - torch.arange(kv_len)[None, :]  # distance back to each key
+        dev = q.device
+        rows = torch.arange(q_len - n, q_len, device=dev) + (kv_len - q_len)  # key positions
+        back = rows[:, None] - torch.arange(kv_len, device=dev)[None, :]  # back to each key
         if causal:
             scores = scores.masked_fill(back < 0, -math.inf)
         probs = torch.softmax(scores, -1).nan_to_num(0.0)
-        slash = torch.zeros(batch, heads, kv_len + n - 1)  # bin back + n - 1 (back > -n)
+        slash = torch.zeros(batch, heads, kv_len + n - 1, device=dev)  # bin back + n - 1
         slash.scatter_add_(2, (back + n - 1).expand_as(probs).reshape(batch, heads, -1),
                            probs.reshape(batch, heads, -1))
         # columns and diagonals each carry all the mass once: rank them together and stop
@@ -238,21 +239,22 @@ class VerticalSlash(_MassThreshold):
         vertical, slash = keep[..., :kv_len], keep[..., kv_len:]
 
         kb, qb = blocks(kv_len, block_size), visible.shape[0]
-        columns = torch.zeros(batch, heads, kb * block_size, dtype=torch.bool)
+        columns = torch.zeros(batch, heads, kb * block_size, dtype=torch.bool, device=dev)
         columns[..., :kv_len] = vertical
         columns = columns.view(batch, heads, kb, block_size).any(-1)[:, :, None, :]
         # A diagonal ``back`` keys behind the queries meets, in query block i, the key
         # blocks i + floor((offset - back) / B) and i + floor((offset - back + B - 1) / B):
         # two block diagonals, the same for every query block.
-        back = torch.arange(1 - n, kv_len)
+        back = torch.arange(1 - n, kv_len, device=dev)
         offset = kv_len - q_len
         lowest = (offset - kv_len + 1) // block_size
         diagonals = torch.zeros(batch, heads, (offset + n + block_size - 2) // block_size
-                                - lowest + 1)
+                                - lowest + 1, device=dev)
         for edge in (offset - back, offset - back + block_size - 1):
             at = (edge.div(block_size, rounding_mode="floor") - lowest).expand_as(slash)
             diagonals.scatter_add_(2, at, slash.float())
-        relative = torch.arange(kb)[None, :] - torch.arange(qb)[:, None] - lowest
+        relative = (torch.arange(kb, device=dev)[None, :]
+                    - torch.arange(qb, device=dev)[:, None] - lowest)
         inside = (relative >= 0) & (relative < diagonals.shape[2])
         bands = (diagonals > 0)[..., relative.clamp(0, diagonals.shape[2] - 1)] & inside
         return columns | bands
@@ -292,10 +294,10 @@ class Antidiagonal(_MassThreshold):
         long_q = _padded(q, qb * block_size).unflatten(2, (-1, stride)).flip(3).flatten(3)
         long_k = _padded(repeat_kv(k, heads), kb * block_size).unflatten(2, (-1, stride))
         long_k = long_k.flatten(3)
-        q_first = torch.arange(qb * per) * stride  # first query of each stride
-        k_first = torch.arange(kb * per) * stride
+        q_first = torch.arange(qb * per, device=q.device) * stride  # first query of a stride
+        k_first = torch.arange(kb * per, device=q.device) * stride
         offset = kv_len - q_len
-        mass = torch.zeros(batch, heads, qb, kb)
+        mass = torch.zeros(batch, heads, qb, kb, device=q.device)
         step = -(-qb // _ESTIMATE_CHUNKS)
         for b0 in range(0, qb, step):  # causal: a chunk of query blocks scores only the keys
             b1 = min(qb, b0 + step)    # up to its last query, about half of them in all
@@ -369,34 +371,40 @@ class UserMask(AttentionPattern):
             mask = mask(q.shape[2], k.shape[2], block_size)
         _check_mask(mask, tuple(visible.shape), block_size=block_size, batch=q.shape[0],
                     heads=q.shape[1])
-        return mask
+        return mask.to(q.device)  # the block mask is on q's device, as every pattern's
 
 
-def _query_positions(q_len: int, kv_len: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key-coordinate positions of the first and last query of each query block."""
-    first = torch.arange(blocks(q_len, block_size)) * block_size
+def _query_positions(q_len: int, kv_len: int, block_size: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key-coordinate positions of the first and last query of each query block (on
+    ``device``: q's)."""
+    first = torch.arange(blocks(q_len, block_size), device=device) * block_size
     last = torch.clamp(first + block_size, max=q_len) - 1
     return first + kv_len - q_len, last + kv_len - q_len
 
 
 def _visible(q: torch.Tensor, k: torch.Tensor, block_size: int, causal: bool) -> torch.Tensor:
     """The tiles of ``q``, ``k`` that attention may use (a visible pair inside): bool
-    ``(q_blocks, kv_blocks)``."""
-    return visible_pairs(q.shape[2], k.shape[2], block_size=block_size, causal=causal) > 0
+    ``(q_blocks, kv_blocks)`` on ``q``'s device (a mask built elsewhere would leave the
+    pattern's block mask on the CPU, or fail to combine with q's tensors)."""
+    pairs = visible_pairs(q.shape[2], k.shape[2], block_size=block_size, causal=causal)
+    return (pairs > 0).to(q.device)
 
 
 def _completed(tiles: torch.Tensor, visible: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                block_size: int) -> torch.Tensor:
     """A pattern's ``tiles`` with each query block's local tile added, limited to the
     ``visible`` ones (:func:`_visible`): the block mask."""
-    return (tiles | _local(q.shape[2], k.shape[2], block_size)) & visible
+    return (tiles | _local(q.shape[2], k.shape[2], block_size, q.device)) & visible
 
 
-def _local(q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
-    """The key block holding each query block's last position: ``(q_blocks, kv_blocks)``."""
-    _, last = _query_positions(q_len, kv_len, block_size)
+def _local(q_len: int, kv_len: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """The key block holding each query block's last position: ``(q_blocks, kv_blocks)``
+    on ``device``."""
+    _, last = _query_positions(q_len, kv_len, block_size, device)
     kb = blocks(kv_len, block_size)
-    return torch.arange(kb)[None, :] == (last // block_size).clamp(0, kb - 1)[:, None]
+    cols = torch.arange(kb, device=device)
+    return cols[None, :] == (last // block_size).clamp(0, kb - 1)[:, None]
 
 
 def _fewest(mass: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -420,5 +428,5 @@ def _pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     n = x.shape[2]
     nb = blocks(n, block_size)
     sums = _padded(x, nb * block_size).unflatten(2, (nb, block_size)).sum(3)
-    sizes = torch.clamp(n - torch.arange(nb) * block_size, max=block_size)
+    sizes = torch.clamp(n - torch.arange(nb, device=x.device) * block_size, max=block_size)
     return sums / sizes[:, None]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.structured.compensate import fold_means, reader_means, with_biases
 from sparsekit.structured.dependency import Group, check_groups, dependency_groups
 from sparsekit.structured.importance import check_round_to, rounding_step
@@ -32,12 +33,13 @@ def shrink(model: nn.Module, masks: object = None, *, groups: Sequence[Group] | 
 
     ``masks`` is a :class:`~sparsekit.MaskSet` or a ``{parameter name: bool tensor}``
     dict (``True`` keeps); with ``None`` the weights' own zeros are the mask (for groups
-    a regulariser drove to zero). A channel goes when all of its reader columns are
-    masked (see :func:`removable_channels`); each group keeps at least one channel. The
-    copy carries the masks (masked entries are zero), so it computes what the masked
-    model computes, up to float rounding. The model itself is not changed; layer
-    attributes (``out_channels``, ``in_features``, ``num_features`` …) follow the new
-    shapes.
+    a regulariser drove to zero). Several names of one tied tensor must carry equal masks
+    (a tensor has one mask; differing ones are a ``ValueError`` naming both). A channel
+    goes when all of its reader columns are masked (see :func:`removable_channels`); each
+    group keeps at least one channel. The copy carries the masks (masked entries are
+    zero), so it computes what the masked model computes, up to float rounding. The
+    model itself is not changed; layer attributes (``out_channels``, ``in_features``,
+    ``num_features`` …) follow the new shapes.
 
     ``round_to`` keeps enough of the removable channels (inert: their reader columns are
     zero) that every group's kept count is a multiple of it, or its full width, the
@@ -58,6 +60,8 @@ def shrink(model: nn.Module, masks: object = None, *, groups: Sequence[Group] | 
     masks that do not fit the model, a bad ``round_to``, ``compensate`` data the model
     cannot run or without masks to compensate, and models ``torch.fx`` cannot trace.
     """
+    if not isinstance(model, nn.Module):  # before the masks are read against it
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_round_to(round_to)
     table = _mask_table(model, masks)
     if compensate is not None and table is None:
@@ -167,7 +171,26 @@ def _mask_table(model: nn.Module, masks: object) -> MaskTable | None:
         if mask.dtype != torch.bool:  # a NaN or 0.3 would count as "keep"
             raise ValueError(f"masks[{name!r}] must be a bool tensor (True keeps), got dtype "
                              f"{mask.dtype}")
-    return {aliases[n]: m for n, m in table.items()}
+    return _by_tensor(table, aliases)
+
+
+def _by_tensor(table: MaskTable, aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """``table`` keyed by the first name of each tensor (:func:`_aliases`). Names of one
+    tied tensor must give it equal masks: one would otherwise replace the other, and which
+    one depend on the dict's order."""
+    merged: dict[str, torch.Tensor] = {}
+    given: dict[str, str] = {}
+    for name, mask in table.items():
+        first = aliases[name]
+        if first in merged and not torch.equal(merged[first].cpu(), mask.cpu()):
+            raise ValueError(
+                f"masks[{given[first]!r}] and masks[{name!r}] differ, but both name one tied "
+                f"tensor, which can have only one mask; pass equal masks for its names (or "
+                f"one of them)"
+            )
+        merged.setdefault(first, mask)
+        given.setdefault(first, name)
+    return merged
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:

@@ -270,6 +270,12 @@ inline void softmax_step(const AttentionArgs& a, int64_t offset, int64_t i0, int
     }
     const float top = std::max(m[r], max_lanes(mv));
     if (top == minus_inf) {  // nothing visible yet: weights zero, o and l stay zero
+      // ... unless a visible score is NaN (the max skips NaN): then l becomes NaN, which
+      // every later step keeps and the output turns into NaN (NaN in, NaN out), where a
+      // row that sees no key at all keeps l = 0 and outputs zeros
+      for (int64_t c = 0; c < valid; ++c) {
+        if (sr[c] != sr[c]) l[r] = __builtin_nanf("");
+      }
       std::fill(sr, sr + ncols, 0.f);
       continue;
     }
@@ -365,7 +371,8 @@ void run_item(const Problem<T>& pb, const Item& it, float* ws) {
   }
   float* out = a.out + ((it.b * a.heads + it.h) * a.q_len + it.i0) * dim;
   for (int64_t r = 0; r < nr; ++r) {
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    // l is 0 for a row with no visible key (zeros out), NaN for one with a NaN score
+    const float inv = l[r] == 0.f ? 0.f : 1.f / l[r];
     for (int64_t d = 0; d < dim; ++d) out[r * dim + d] = o[r * dpad + d] * inv;
   }
 }
