@@ -169,11 +169,12 @@ def test_concurrent_save_pretrained_leaves_one_complete_save(tmp_path):
 
 @POSIX_LOCKS
 def test_concurrent_sae_saves_leave_one_complete_save(tmp_path):
-    """Each file was renamed atomically but the pair was not: one SAE's weights came with
-    the other's cfg.json."""
+    """Each file was renamed atomically but the set was not: one SAE's weights came with
+    the other's cfg.json (a save now holds three files: the config, SAELens's weights and
+    sparsekit's training state)."""
     torch.set_num_threads(1)
     verdicts = _race("sae", str(tmp_path / "out"), rounds=30)
-    files = "files cfg.json,sae_weights.safetensors"
+    files = "files cfg.json,sae_weights.safetensors,sparsekit_state.safetensors"
     assert all(v in ("0", "1", files) for v in verdicts), verdicts
 
 

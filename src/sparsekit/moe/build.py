@@ -13,14 +13,20 @@ the writers, refined on it (:class:`~sparsekit.moe.lowrank.LowRankRouter`) -> a
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsekit._checks import MAX_SEED, check_fraction, check_int, check_seed
+from sparsekit._checks import (
+    MAX_SEED,
+    ArgumentTypeError,
+    check_fraction,
+    check_int,
+    check_seed,
+)
 from sparsekit.activation.record import record_inputs
 from sparsekit.moe import ffn as ffns
 from sparsekit.moe.lowrank import LowRankRouter
@@ -67,7 +73,28 @@ def check_common(model: Any, calibration: Any, keep: Any, rank: Any, steps: Any,
     check_seed("seed", seed)
     if calibration is None:
         raise ValueError("calibration must be a tensor of inputs or a list of them, got None")
+    _check_calibration(calibration)
     return ffns.find_ffns(model)
+
+
+_CALIBRATION = "a tensor of inputs (token ids), an (inputs, labels) pair or a list of them"
+
+
+def _check_calibration(calibration: Any) -> None:
+    """Raise naming ``calibration`` unless it is a tensor, a pair or a list of batches
+    (each a tensor or a pair): the check the batches get later names ``data``, a
+    parameter these functions do not have. A generator is checked as it is read."""
+    if isinstance(calibration, (torch.Tensor, tuple)):
+        return
+    if isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
+        hint = " (pass calibration['input_ids'])" if isinstance(calibration, Mapping) else ""
+        raise ArgumentTypeError(f"calibration must be {_CALIBRATION}{hint}, got "
+                                f"{type(calibration).__name__}")
+    if isinstance(calibration, list):
+        for i, item in enumerate(calibration):
+            if not isinstance(item, (torch.Tensor, tuple, list)):
+                raise ArgumentTypeError(f"calibration batch {i} must be a tensor or an "
+                                        f"(inputs, labels) pair, got {type(item).__name__}")
 
 
 def build(model: nn.Module, calibration: Any, layers: list[ffns.FFN], plan: Planner, *,

@@ -18,7 +18,7 @@ at dense cost. With every unit chosen the module computes the dense FFN.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,8 @@ class RoutedFFN(nn.Module):
     The ``state_dict`` holds the weights and :attr:`k` (as extra state), so loading one
     (``load_state_dict``, :func:`sparsekit.load`) restores the units run per token, and
     :attr:`norms`, which is not saved, is computed again from the loaded reader weights.
-    A state saved before ``k`` was part of it still loads and keeps the layer's own ``k``.
+    A state saved before ``k`` was part of it still loads and keeps the layer's own ``k``;
+    a state of another layout or with a k out of range is refused whole (``ValueError``).
     """
 
     def __init__(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
@@ -88,25 +89,62 @@ class RoutedFFN(nn.Module):
     def set_extra_state(self, state: object) -> None:
         """Set :attr:`k` from what :meth:`get_extra_state` saved (``ValueError`` unless it
         is one integer in ``[1, units]``)."""
-        if isinstance(state, torch.Tensor) and state.numel() == 1 and not (
-                state.is_floating_point() or state.is_complex() or state.dtype == torch.bool):
-            state = int(state.reshape(()))
-        if type(state) is not int:
-            raise ValueError(f"the saved k must be an integer tensor of one element, got "
-                             f"{type(state).__name__} {tuple(getattr(state, 'shape', ()))}")
-        self.k = state
+        self.k = _saved_k(state)
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
         error_msgs,
     ) -> None:
         """As ``nn.Module``'s, except that a state without :attr:`k` (saved before k was
-        part of it) loads, keeping this layer's k."""
+        part of it) loads, keeping this layer's k, and that the whole state is checked
+        first (:meth:`load_errors`): a ``ValueError`` naming the keys refuses it before
+        anything of this layer or its children is copied."""
+        errors = self.load_errors(state_dict, prefix, strict=strict)
+        if errors:  # raised before torch copies anything of this layer or its children
+            raise ValueError("; ".join(errors))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
         key = prefix + _EXTRA_STATE
         if key not in state_dict and key in missing_keys:
             missing_keys.remove(key)
+
+    def load_errors(self, state: Mapping[str, object], prefix: str = "", *,
+                    strict: bool = True) -> list[str]:
+        """Why ``state`` (entries under ``prefix``) cannot be loaded into this layer or its
+        children (empty: it can), each message naming the key.
+
+        torch copies a state entry by entry and checks k only after the weights, so a
+        state of another layout (more experts, a wrong k) used to overwrite some weights
+        before failing; it is checked whole first: every entry present must be a tensor of
+        its current shape (the layer's sizes are fixed at construction), the saved k an
+        integer in ``[1, units]``, the reader's index valid and, with ``strict``, none of
+        the layer's weights missing."""
+        errors = []
+        for key, own in self.state_dict(prefix=prefix).items():
+            if key == prefix + _EXTRA_STATE:
+                continue
+            if key not in state:
+                if strict and not key.startswith(prefix + "w_out."):  # the reader says it
+                    errors.append(f"{key} is missing from the state")
+                continue
+            value = state[key]
+            if not isinstance(value, torch.Tensor):
+                errors.append(f"{key} must be a tensor, got {type(value).__name__}")
+            elif value.shape != own.shape:
+                errors.append(f"{key} must have shape {tuple(own.shape)} (this layer's), got "
+                              f"{tuple(value.shape)}")
+        order = state.get(prefix + "order")
+        if not errors and isinstance(order, torch.Tensor) and not _is_permutation(order):
+            errors.append(f"{prefix}order must be a permutation of the "
+                          f"{order.numel()} neurons, got {order.tolist()[:8]}...")
+        if prefix + _EXTRA_STATE in state:
+            try:
+                self._check_k(_saved_k(state[prefix + _EXTRA_STATE]))
+            except ValueError as e:
+                errors.append(f"{prefix}{_EXTRA_STATE} (the saved k): {e}")
+        if not errors:
+            errors += self.w_out.load_errors(state, prefix + "w_out.")
+        return errors
 
     def expected_state(self, state: dict[str, torch.Tensor],
                        prefix: str = "") -> dict[str, torch.Tensor] | None:
@@ -125,9 +163,14 @@ class RoutedFFN(nn.Module):
 
     @k.setter
     def k(self, value: int) -> None:
-        if not 0 <= value <= self.units or (self.units and value == 0):
-            raise ValueError(f"k must be in [1, {self.units}] (the routed units), got {value}")
+        self._check_k(value)
         self._k = value
+
+    def _check_k(self, value: object) -> None:
+        """Raise unless ``value`` is an int (not a bool) in ``[1, units]`` (0 without units)."""
+        check_int("k", value)
+        if not 0 <= value <= self.units or (self.units and value == 0):  # type: ignore[operator]
+            raise ValueError(f"k must be in [1, {self.units}] (the routed units), got {value}")
 
     @property
     def kept(self) -> float:
@@ -135,9 +178,23 @@ class RoutedFFN(nn.Module):
         return (self.hot + self.k * self.unit_size) / (self.hot + self.units * self.unit_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         rows = x.reshape(-1, self.in_features)
         h = self._one(rows[0]) if rows.shape[0] == 1 else self._many(rows)
         return self.w_out(h).view(*x.shape[:-1], self.out_features)
+
+    def _check_input(self, x: object) -> None:
+        """Raise unless ``x`` is a tensor ``(..., in_features)`` of the weights' dtype:
+        torch's own errors for either (a matmul of other shapes or dtypes) name no
+        argument."""
+        if not isinstance(x, torch.Tensor):
+            raise ArgumentTypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dtype != self.w_in.dtype:
+            raise ArgumentTypeError(f"x must be a {self.w_in.dtype} tensor (the layer's "
+                                    f"dtype), got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., {self.in_features}) (the layer's "
+                             f"in_features), got {tuple(x.shape)}")
 
     def chosen(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """The units chosen for rows ``x`` (T, d): a (T, k) index tensor; the router's
@@ -204,6 +261,26 @@ class RoutedFFN(nn.Module):
 
 
 _EXTRA_STATE = "_extra_state"  # nn.Module's state_dict key of get_extra_state()
+
+
+def _saved_k(state: object) -> int:
+    """The k that :meth:`RoutedFFN.get_extra_state` saved (``ValueError`` unless ``state``
+    is an integer tensor of one element or an int); its range is checked by the setter."""
+    if isinstance(state, torch.Tensor) and state.numel() == 1 and not (
+            state.is_floating_point() or state.is_complex() or state.dtype == torch.bool):
+        state = int(state.reshape(()))
+    if type(state) is not int:
+        raise ValueError(f"the saved k must be an integer tensor of one element, got "
+                         f"{type(state).__name__} {tuple(getattr(state, 'shape', ()))}")
+    return state
+
+
+def _is_permutation(order: torch.Tensor) -> bool:
+    """Whether ``order`` holds every index in ``[0, order.numel())`` once."""
+    if order.is_floating_point() or order.is_complex() or order.dtype == torch.bool:
+        return False
+    return bool(torch.equal(order.reshape(-1).sort().values.long(),
+                            torch.arange(order.numel(), device=order.device)))
 
 
 def _after_load(layer: RoutedFFN, incompatible: object) -> None:

@@ -8,7 +8,13 @@ the SAELens architecture that computes the same codes at inference: ``topk``, ``
 ``standard`` (L1), ``jumprelu`` (JumpReLU, and BatchTopK with its learned threshold, as
 SAELens saves BatchTopK too), ``transcoder`` and ``jumprelu_transcoder``. What only
 sparsekit uses (the training activation, Matryoshka prefixes) goes under a ``"sparsekit"``
-key that SAELens ignores, so :func:`load` gives back the module that was saved.
+key that SAELens ignores, and the training state SAELens has no tensors for goes into a
+third file, ``sparsekit_state.safetensors``, which SAELens never opens (it loads its
+weights file strictly: an extra tensor there would break it): JumpReLU's ``log_threshold``
+(``threshold = exp(log_threshold)`` does not invert bit for bit), BatchTopK's float64
+threshold and its count of updates, and every SAE's ``tokens_since_fired``. :func:`load`
+prefers them, so a reload is bit-identical and training resumes as it would have; a
+directory SAELens saved (whose config has no ``"sparsekit"`` key) never reads a stale one.
 
 :func:`save` writes each file to a temporary file beside it, fsyncs it and renames it into
 place (:func:`~sparsekit._atomic.atomic_write`), the config last, so a failed save leaves
@@ -42,6 +48,8 @@ __all__ = ["CFG_NAME", "WEIGHTS_NAME", "load", "save"]
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
+STATE_NAME = "sparsekit_state.safetensors"  # sparsekit-only training state (SAELens ignores it)
+_RESERVED_METADATA = ("sae_lens_version",)  # metadata keys save writes itself
 LAYOUT_VERSION = "6.0.0"  # the SAELens config format written (6.x: metadata, architecture)
 _LOADABLE = ("topk", "abstopk", "standard", "jumprelu", "batchtopk", "matryoshka_batchtopk",
              "transcoder", "jumprelu_transcoder")
@@ -51,15 +59,50 @@ _WEIGHTS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 
 def _architecture(sae: SAE) -> str:
-    jump = sae.activation in ("jumprelu", "batchtopk")
-    if sae.transcoder:
-        if sae.activation in ("topk", "abstopk"):
+    return _architecture_of(sae.activation, sae.transcoder)
+
+
+def _architecture_of(activation: str, transcoder: bool) -> str:
+    """The SAELens architecture a sparsekit ``activation`` saves as (``ValueError`` for a
+    TopK-family transcoder, which SAELens lacks)."""
+    jump = activation in ("jumprelu", "batchtopk")
+    if transcoder:
+        if activation in ("topk", "abstopk"):
             raise ValueError(
-                f"sae: SAELens has no {sae.activation} transcoder; a transcoder saves with "
+                f"sae: SAELens has no {activation} transcoder; a transcoder saves with "
                 f"activation 'l1', 'jumprelu' or 'batchtopk'")
         return "jumprelu_transcoder" if jump else "transcoder"
     return "jumprelu" if jump else {"topk": "topk", "abstopk": "abstopk", "l1": "standard"}[
-        sae.activation]
+        activation]
+
+
+def _state(sae: SAE) -> dict[str, torch.Tensor]:
+    """The sparsekit-only tensors of ``sae`` (:data:`STATE_NAME`): what SAELens's weights
+    cannot hold exactly, or at all."""
+    state = {"tokens_since_fired": sae.tokens_since_fired}
+    if sae.activation == "jumprelu":
+        state["log_threshold"] = sae.log_threshold
+    if sae.activation == "batchtopk":
+        state["threshold"] = sae.threshold
+        state["threshold_updates"] = torch.tensor(sae._threshold_updates, dtype=torch.int64)
+    return {name: t.detach().contiguous().cpu() for name, t in state.items()}
+
+
+def _check_metadata(metadata: Any) -> None:
+    """Raise unless ``metadata`` is None or a dict of str keys that save does not write
+    itself (``sae_lens_version`` is the layout's version, not the caller's)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    bad = [key for key in metadata if not isinstance(key, str)]
+    if bad:
+        raise ArgumentTypeError(f"metadata keys must be str (JSON object keys), got {bad[0]!r}")
+    reserved = [key for key in metadata if key in _RESERVED_METADATA]
+    if reserved:
+        raise ValueError(f"metadata must not hold {reserved[0]!r}: save writes it (the "
+                         f"layout's version, {LAYOUT_VERSION!r}); reserved keys: "
+                         f"{', '.join(_RESERVED_METADATA)}")
 
 
 def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
@@ -72,8 +115,7 @@ def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) 
     if path.exists() and not path.is_dir():
         raise ValueError(f"path must be a directory (or not exist yet), got the file "
                          f"{str(path)!r}")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    _check_metadata(metadata)
     architecture = _architecture(sae)
     dtype = str(sae.W_enc.dtype).removeprefix("torch.")
     cfg: dict[str, Any] = {
@@ -84,33 +126,39 @@ def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) 
         "sparsekit": {"activation": sae.activation, "k": sae.k,
                       "matryoshka": list(sae.matryoshka) or None,
                       "normalize_decoder": sae.normalize_decoder,
-                      "bandwidth": sae.bandwidth, "transcoder": sae.transcoder},
+                      "bandwidth": sae.bandwidth, "transcoder": sae.transcoder,
+                      "state": STATE_NAME},
     }
     if sae.transcoder:
         cfg["d_out"] = sae.d_out
     if architecture in ("topk", "abstopk"):
         cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
     try:
-        text = json.dumps(cfg, indent=2)
+        text = json.dumps(cfg, indent=2, allow_nan=False)  # NaN is no JSON value
     except (TypeError, ValueError) as e:
-        raise ArgumentTypeError(f"metadata must hold only JSON values: {e}") from e
+        raise ArgumentTypeError(f"metadata must hold only JSON values (str, finite numbers, "
+                                f"bools, None, lists and dicts of them): {e}") from e
     weights = {name: getattr(sae, name).detach().contiguous().cpu() for name in _WEIGHTS}
     if "jumprelu" in architecture:
         threshold = sae.log_threshold.exp() if sae.activation == "jumprelu" \
             else sae.threshold.to(sae.W_enc.dtype).expand(sae.n_latents)
         weights["threshold"] = threshold.detach().contiguous().cpu()
+    state = _state(sae)
     path.mkdir(parents=True, exist_ok=True)
-    # Both files are written and flushed before the old config goes (no old config may
-    # describe new weights) and either is renamed, the config (the outer block) last: a
+    # All files are written and flushed before the old config goes (no old config may
+    # describe new weights) and any is renamed, the config (the outer block) last: a
     # save that fails before its renames leaves the directory as it was. Another save to
-    # this directory waits for the lock: the directory holds one save's two files.
+    # this directory waits for the lock: the directory holds one save's files.
     with directory_lock(path), atomic_write(path / CFG_NAME) as cfg_tmp:
         cfg_tmp.write_text(text)
         sync(cfg_tmp)
-        with atomic_write(path / WEIGHTS_NAME) as weights_tmp:
-            save_file(weights, weights_tmp)
-            sync(weights_tmp)
-            (path / CFG_NAME).unlink(missing_ok=True)
+        with atomic_write(path / STATE_NAME) as state_tmp:
+            save_file(state, state_tmp)
+            sync(state_tmp)
+            with atomic_write(path / WEIGHTS_NAME) as weights_tmp:
+                save_file(weights, weights_tmp)
+                sync(weights_tmp)
+                (path / CFG_NAME).unlink(missing_ok=True)
     return path
 
 
@@ -154,13 +202,17 @@ def load(path: str | Path) -> SAE:
     activation = ours.get("activation") or (
         "jumprelu" if "jumprelu" in architecture or "batchtopk" in architecture
         else "l1" if architecture in ("standard", "transcoder") else architecture)
+    _check_architecture(cfg_file, architecture, activation, ours, transcoder)
     with _damaged(weights_file, "not a safetensors file"):
         weights = load_file(weights_file)
-    needed = _WEIGHTS + (("threshold",) if activation == "jumprelu" else ())
+    state = _read_state(path, cfg_file, ours)
+    # SAELens needs the threshold even where sparsekit reads the exact one from the state
+    needed = _WEIGHTS + (("threshold",) if activation in ("jumprelu", "batchtopk") else ())
     missing = [name for name in needed if name not in weights]
     if missing:
         raise ValueError(f"{weights_file}: no tensor {', '.join(missing)} (it holds "
                          f"{', '.join(sorted(weights)) or 'none'})")
+    _check_values(weights_file, weights)
     w_enc, w_dec, b_enc = weights["W_enc"], weights["W_dec"], weights["b_enc"]
     with _damaged(weights_file, "cannot read W_dec's row norms"):
         if cfg.get("rescale_acts_by_decoder_norm", False):  # fold the norms: same codes
@@ -182,13 +234,98 @@ def load(path: str | Path) -> SAE:
         if value.shape != expected:
             raise ValueError(f"{weights_file}: {name} has shape {tuple(value.shape)}, but "
                              f"{cfg_file.name} describes {tuple(expected)}")
+    if activation == "jumprelu" and "log_threshold" in state:
+        loaded["threshold"] = state["log_threshold"]  # log(exp(t)) is not t bit for bit
+    for name, own in (("tokens_since_fired", sae.tokens_since_fired),  # the state's
+                      ("log_threshold", getattr(sae, "log_threshold", None)),
+                      ("threshold", getattr(sae, "threshold", None))):
+        if name in state and own is not None and state[name].shape != own.shape:
+            raise ValueError(f"{path / STATE_NAME}: {name} has shape "
+                             f"{tuple(state[name].shape)}, but {cfg_file.name} describes "
+                             f"{tuple(own.shape)}")
     with torch.no_grad():
         for name, value in loaded.items():
             getattr(sae, "log_threshold" if name == "threshold" else name).copy_(value)
-        if activation == "batchtopk" and weights.get("threshold", torch.empty(0)).numel():
-            sae.threshold.fill_(float(weights["threshold"].max()))
+        if "tokens_since_fired" in state:
+            sae.tokens_since_fired.copy_(state["tokens_since_fired"])
+        if activation == "batchtopk":
+            if "threshold" in state:  # the float64 running value, and how far it has run
+                sae.threshold.copy_(state["threshold"])
+                sae._threshold_updates = int(state["threshold_updates"])
+            else:  # SAELens's file: its float threshold as learned
+                sae.threshold.fill_(float(weights["threshold"].max()))
     sae.eval()
     return sae
+
+
+def _check_architecture(cfg_file: Path, architecture: str, activation: Any,
+                        ours: dict[str, Any], transcoder: bool) -> None:
+    """Raise unless sparsekit's ``activation`` (when the config names one) saves as the
+    config's ``architecture``: an edited file would otherwise load as another SAE (a TopK
+    file read as BatchTopK, at threshold 0)."""
+    if "activation" not in ours:
+        return
+    try:
+        expected = _architecture_of(activation, transcoder)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: sparsekit activation {activation!r} cannot be saved "
+                         f"as {'a transcoder' if transcoder else 'an autoencoder'}") from e
+    if expected != architecture:
+        raise ValueError(f"{cfg_file}: sparsekit activation {activation!r} saves as "
+                         f"architecture {expected!r}, but the file says {architecture!r}")
+
+
+def _check_values(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise naming ``file`` unless every tensor of it is floating-point and finite (a
+    JumpReLU ``threshold`` may be +inf, ``exp`` of a large log threshold: a latent that
+    never fires; its ``log_threshold`` ±inf, the log of 0 or inf): an int32 ``W_dec``
+    would be cast silently, a NaN one gives NaN codes."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{file}: {name} must be floating-point, got {tensor.dtype}")
+        ok = torch.isfinite(tensor) | (tensor == torch.inf) if name == "threshold" \
+            else ~tensor.isnan() if name == "log_threshold" else torch.isfinite(tensor)
+        bad = int((~ok).sum())
+        if bad:
+            raise ValueError(f"{file}: {name} must hold finite values, got {bad} NaN or inf "
+                             f"of {tensor.numel()}")
+
+
+_STATE_DTYPES = {"tokens_since_fired": torch.int64, "threshold": torch.float64,
+                 "threshold_updates": torch.int64}
+
+
+def _read_state(path: Path, cfg_file: Path, ours: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The sparsekit-only tensors (:data:`STATE_NAME`) when the config names the file
+    (saves before it existed, and SAELens's, have none: empty); raise naming the file
+    unless they are the dtypes saved, finite where float, and counts ≥ 0."""
+    if "state" not in ours:
+        return {}
+    if ours["state"] != STATE_NAME:
+        raise ValueError(f"{cfg_file}: sparsekit state must be {STATE_NAME!r}, got "
+                         f"{ours['state']!r}")
+    file = path / STATE_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"path: no {STATE_NAME} in {str(path)!r}, which "
+                                f"{cfg_file.name} names")
+    with _damaged(file, "not a safetensors file"):
+        state = load_file(file)
+    for name, tensor in state.items():
+        dtype = _STATE_DTYPES.get(name)
+        if dtype is None and name != "log_threshold":
+            raise ValueError(f"{file}: unknown tensor {name!r}")
+        if dtype is not None and tensor.dtype != dtype:
+            raise ValueError(f"{file}: {name} must be {dtype}, got {tensor.dtype}")
+        if dtype is None:
+            _check_values(file, {name: tensor})
+        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{file}: {name} must be finite, got {tensor.tolist()}")
+        elif not tensor.is_floating_point() and bool((tensor < 0).any()):
+            raise ValueError(f"{file}: {name} must be ≥ 0")
+    if ("threshold" in state) != ("threshold_updates" in state) or (
+            "threshold_updates" in state and state["threshold_updates"].shape != ()):
+        raise ValueError(f"{file}: threshold and threshold_updates (a scalar) go together")
+    return state
 
 
 def _read_cfg(file: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_fraction
+from sparsekit._checks import ArgumentTypeError, check_fraction
 from sparsekit.observe import inference
 from sparsekit.sae.capture import _call, _tensor, find_module
 from sparsekit.sae.sae import SAE
@@ -49,6 +49,9 @@ def metrics(sae: SAE, activations: Iterable[Any] | torch.Tensor, *, dense: float
     check_fraction("dense", dense, zero=False, one=True)
     if isinstance(activations, torch.Tensor):
         activations = [activations]
+    elif not isinstance(activations, Iterable):
+        raise ArgumentTypeError(f"activations must be a tensor or an iterable of tensors, "
+                                f"got {type(activations).__name__}")
     was_training = sae.training
     sae.eval()
     fired = torch.zeros(sae.n_latents, dtype=torch.float64)

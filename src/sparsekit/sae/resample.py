@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsekit._checks import check_positive
+from sparsekit._checks import ArgumentTypeError, check_positive
 from sparsekit.sae.sae import SAE
 
 __all__ = ["resample"]
@@ -61,10 +61,16 @@ def resample(
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != sae.d_in:
         raise ValueError(f"x must be a tensor of shape (n, {sae.d_in}), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if target is None and sae.transcoder:
+        raise ValueError(f"target must be given for a transcoder (it reconstructs a target "
+                         f"of width d_out={sae.d_out}, not x), got None")
     if target is not None and (not isinstance(target, torch.Tensor)
                                or target.shape != (x.shape[0], sae.d_out)):
         raise ValueError(f"target must be a tensor of shape ({x.shape[0]}, {sae.d_out}), got "
                          f"{getattr(target, 'shape', type(target).__name__)}")
+    for name, values in (("x", x), ("target", target)):
+        if values is not None:
+            _check_values(name, values, sae.W_enc.dtype)
     if not isinstance(dead, torch.Tensor) or dead.dtype != torch.bool \
             or dead.shape != (sae.n_latents,):
         raise ValueError(f"dead must be a bool tensor of shape ({sae.n_latents},), got "
@@ -91,15 +97,31 @@ def resample(
     inputs = x[rows] if sae.transcoder else x[rows] - sae.b_dec
     outputs = target[rows] if sae.transcoder else inputs
     alive_norm = sae.W_enc[:, ~dead].norm(dim=0).mean() if bool((~dead).any()) else 1.0
-    sae.W_dec[latents] = outputs / outputs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     direction = inputs / inputs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    sae.W_enc[:, latents] = (direction * (encoder_scale * alive_norm)).t()
+    encoder = (direction * (encoder_scale * alive_norm)).t()
+    if not bool(torch.isfinite(encoder).all()):  # checked before anything is written
+        raise ValueError(f"encoder_scale={encoder_scale!r} times the live latents' encoder "
+                         f"norm {float(alive_norm):g} overflows {sae.W_enc.dtype}; accepted: "
+                         f"a scale whose new encoder columns stay finite")
+    sae.W_dec[latents] = outputs / outputs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sae.W_enc[:, latents] = encoder
     sae.b_enc[latents] = 0.0
     sae.tokens_since_fired[latents] = 0
     if optimizer is not None:
         _reset_state(optimizer, {sae.W_dec: (latents,), sae.W_enc: (slice(None), latents),
                                  sae.b_enc: (latents,)})
     return latents
+
+
+def _check_values(name: str, values: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise unless ``values`` are real floats that stay finite in ``dtype``: a NaN loss
+    samples no row, so dead latents were silently left dead."""
+    if not values.is_floating_point():
+        raise ArgumentTypeError(f"{name} must be a floating-point tensor, got {values.dtype}")
+    bad = int((~torch.isfinite(values.to(dtype))).sum())
+    if bad:
+        raise ValueError(f"{name} must hold finite values (in the SAE's {dtype}), got {bad} "
+                         f"NaN or inf of {values.numel()}")
 
 
 def _reset_state(optimizer: torch.optim.Optimizer,

@@ -37,7 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_device, check_int, check_positive
+from sparsekit._checks import (
+    MAX_SEED,
+    ArgumentTypeError,
+    check_device,
+    check_int,
+    check_positive,
+)
 from sparsekit.engine import kernels
 from sparsekit.sae.activations import ACTIVATIONS, select_topk
 
@@ -71,8 +77,9 @@ class SAE(nn.Module):
             ``normalize_decoder`` training starts from unit rows whatever this is.
         threshold: JumpReLU's initial threshold (learned as its log).
         bandwidth: JumpReLU's straight-through kernel width.
-        seed: seed of the initial weights (random rows of ``W_dec`` of norm
-            ``init_norm``, ``W_enc = W_decᵀ`` for an autoencoder).
+        seed: seed of the initial weights, an int in ``[-2**63, 2**63 - 1]`` (random
+            rows of ``W_dec`` of norm ``init_norm``, ``W_enc = W_decᵀ`` for an
+            autoencoder).
         dtype: a floating-point dtype of the parameters (default: PyTorch's default).
         device: where the parameters live (default: PyTorch's default).
     """
@@ -113,7 +120,7 @@ class SAE(nn.Module):
         for name, flag in (("transcoder", transcoder), ("normalize_decoder", normalize_decoder)):
             if not isinstance(flag, bool):
                 raise ArgumentTypeError(f"{name} must be a bool, got {flag!r}")
-        check_int("seed", seed)
+        self._check_seed(seed)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ArgumentTypeError(f"dtype must be a floating-point torch.dtype or None, got "
                                     f"{dtype!r}")
@@ -147,6 +154,15 @@ class SAE(nn.Module):
                              torch.zeros(n_latents, dtype=torch.int64, device=device))
 
     @staticmethod
+    def _check_seed(seed: Any) -> None:
+        """Raise unless ``seed`` is an int in ``[-2**63, 2**63 - 1]``: a larger one was a
+        raw ``OverflowError`` from ``manual_seed``. :func:`~sparsekit._checks.check_seed`'s
+        range, widened to the negative seeds the SAE has always taken."""
+        check_int("seed", seed)
+        if not -MAX_SEED - 1 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an int in [-2**63, 2**63 - 1], got {seed!r}")
+
+    @staticmethod
     def _check_matryoshka(matryoshka: Sequence[int] | None, n_latents: int) -> tuple[int, ...]:
         if matryoshka is None:
             return ()
@@ -174,8 +190,13 @@ class SAE(nn.Module):
                 f"{param} must have shape (..., {width}), got shape {tuple(x.shape)}")
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x - b_dec) @ W_enc + b_enc`` (an autoencoder centres on ``b_dec``)."""
+        """``(x - b_dec) @ W_enc + b_enc`` (an autoencoder centres on ``b_dec``); ``x`` of
+        a real dtype (the cast to the weights' dtype would drop a complex input's imaginary
+        part, and a bool input means no activations)."""
         self._check_width(x, self.d_in)
+        if x.is_complex() or x.dtype == torch.bool:
+            raise ArgumentTypeError(f"x must be a real (floating-point or integer) tensor, "
+                                    f"got {x.dtype}")
         x = x.to(self.W_enc.dtype)
         if not self.transcoder:
             x = x - self.b_dec
@@ -235,6 +256,10 @@ class SAE(nn.Module):
         tokens (``benchmarks/sae.py``), otherwise an ``embedding_bag``, differentiable in
         ``values`` and ``W_dec``."""
         self._check_codes(values, indices)
+        if values.shape[-1] == 0:  # no codes: every row decodes to the bias alone
+            rows = math.prod(values.shape[:-1])
+            return self.b_dec.expand(rows, self.d_out).clone().view(
+                *values.shape[:-1], self.d_out)
         flat_i = indices.reshape(-1, indices.shape[-1])
         flat_v = values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype)
         if not torch.is_grad_enabled() and self._gemv_ready(flat_v):

@@ -55,7 +55,7 @@ def objective(
     are checked (width, matching rows, finite values) before it.
     """
     sae._check_width(x, sae.d_in)
-    _check_finite(x, "x")
+    _check_finite(x.to(sae.W_enc.dtype), "x", sae.W_enc.dtype)
     if target is None and sae.d_out != sae.d_in:
         raise ValueError(f"target must be given for a transcoder (d_out={sae.d_out} != "
                          f"d_in={sae.d_in}), got None")
@@ -64,7 +64,7 @@ def objective(
         if target.shape[:-1] != x.shape[:-1]:
             raise ValueError(f"target must have shape {(*x.shape[:-1], sae.d_out)} (x's rows), "
                              f"got {tuple(target.shape)}")
-        _check_finite(target, "target")
+        _check_finite(target.to(sae.W_enc.dtype), "target", sae.W_enc.dtype)
     return _objective(sae, x, target, sparsity_coef=sparsity_coef, aux_coef=aux_coef,
                       dead=dead)
 
@@ -147,6 +147,8 @@ def train(
             batch is checked before anything changes, but a stream is not read ahead: a bad
             later item (named ``activations batch i``, the ``i``-th item of a pass) fails
             after the steps on the items before it, with the SAE left in eval mode.
+            Values are checked after the cast to the SAE's dtype (a float64 1e300 is
+            inf in float32).
         steps: optimizer steps (default: one pass over ``activations``).
         lr: Adam's learning rate (default ``2e-4 / sqrt(n_latents / 2**14)``, the
             scaling law of Gao et al.).
@@ -176,7 +178,12 @@ def train(
     Raises:
         ValueError: (``ArgumentTypeError`` for a wrong type) on a bad argument, on
             activations without rows, or on a bad first item, before ``sae``, its mode or
-            ``optimizer`` is changed.
+            ``optimizer`` is changed. Also when a step's loss is NaN or inf (finite data
+            whose squared error overflows, a huge ``aux_coef``): before that step updates
+            anything; or when an update or a resampling leaves a weight NaN or inf (a huge
+            ``lr`` or ``resample_scale``): after it, the SAE holding those weights. Either
+            names the step (counted from 1) and leaves the SAE in eval mode with the
+            updates of the steps before it, as a bad later item does.
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
@@ -228,6 +235,7 @@ def train(
             terms = _objective(
                 sae, x, target, sparsity_coef=sparsity_coef, aux_coef=aux_coef,
                 dead=sae.dead_latents(dead_window) if sae.k is not None else None)
+            _check_loss(terms, done + 1)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if sae.normalize_decoder:
@@ -240,13 +248,18 @@ def train(
             if schedule is not None:
                 schedule.step()
             done += 1
+            _check_weights(sae, f"step {done}: the update (lr and the gradients)")
             tokens += x.shape[0]
             if steps is not None and done >= steps:
                 break
             if resample_every is not None and done % resample_every == 0:
-                resampled += len(resample(sae, x, sae.dead_latents(dead_window), target=target,
-                                          optimizer=inner, encoder_scale=resample_scale,
-                                          generator=generator))
+                try:
+                    resampled += len(resample(
+                        sae, x, sae.dead_latents(dead_window), target=target, optimizer=inner,
+                        encoder_scale=resample_scale, generator=generator))
+                except ValueError as e:  # the batch is checked: only the scale can fail
+                    raise ValueError(f"step {done}: resampling with resample_scale="
+                                     f"{resample_scale!r}: {e}") from e
     finally:
         sae.eval()
     seconds = time.perf_counter() - began
@@ -254,6 +267,26 @@ def train(
             "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
             "loss": {name: float(t.detach()) for name, t in terms.items()},
             "resampled": resampled}
+
+
+def _check_loss(terms: dict[str, torch.Tensor], step: int) -> None:
+    """Raise naming ``step`` (and the terms that are not finite) unless its loss is finite:
+    a NaN or inf loss makes every weight NaN after the update it drives."""
+    if bool(torch.isfinite(terms["loss"])):
+        return
+    bad = ", ".join(f"{name}={float(t.detach()):g}" for name, t in terms.items()
+                    if name != "loss" and not bool(torch.isfinite(t)))
+    raise ValueError(f"step {step}: the loss is not finite ({bad or terms['loss']}); the "
+                     f"activations' scale or a coefficient overflows the SAE's dtype; no "
+                     f"weight was updated by this step")
+
+
+def _check_weights(sae: SAE, what: str) -> None:
+    """Raise naming ``what`` unless every parameter of ``sae`` is finite."""
+    bad = [name for name, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(f"{what} made {', '.join(bad)} non-finite (NaN or inf in "
+                         f"{sae.W_enc.dtype}); the SAE holds those weights")
 
 
 def _holds_parameters(optimizer: torch.optim.Optimizer, sae: SAE) -> bool:
@@ -315,7 +348,8 @@ def _rows(item: Any, sae: SAE, index: int) -> tuple[torch.Tensor, torch.Tensor |
                 f"{type(item).__name__}")
         x, y = item
         _check_rows(y, sae.d_out, f"{where} (target)")
-        y = y.reshape(-1, sae.d_out)
+        y = y.reshape(-1, sae.d_out).to(sae.W_enc.dtype)
+        _check_finite(y, f"{where} (target)", sae.W_enc.dtype)
     else:
         x, y = item, None
     _check_rows(x, sae.d_in, where)
@@ -323,23 +357,27 @@ def _rows(item: Any, sae: SAE, index: int) -> tuple[torch.Tensor, torch.Tensor |
     if y is not None and y.shape[0] != x.shape[0]:
         raise ValueError(
             f"{where}: an input of {x.shape[0]} rows came with a target of {y.shape[0]}")
-    return x.to(sae.W_enc.dtype), None if y is None else y.to(sae.W_enc.dtype)
+    x = x.to(sae.W_enc.dtype)
+    _check_finite(x, where, sae.W_enc.dtype)
+    return x, y
 
 
 def _check_rows(x: Any, width: int, param: str) -> None:
-    """Raise unless ``x`` is a finite floating-point tensor of shape ``(..., width)``."""
+    """Raise unless ``x`` is a floating-point tensor of shape ``(..., width)`` (its values
+    are checked after the cast to the SAE's dtype, by :func:`_rows`)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{param} must hold floating-point tensors, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0 or x.shape[-1] != width:
         raise ValueError(f"{param} must have shape (..., {width}), got shape {tuple(x.shape)}")
-    _check_finite(x, param)
 
 
-def _check_finite(x: torch.Tensor, param: str) -> None:
+def _check_finite(x: torch.Tensor, param: str, dtype: torch.dtype | None = None) -> None:
     """Raise unless every value of ``x`` is finite: one NaN or inf in a batch makes every
-    weight NaN after the step that reads it, and every metric NaN."""
+    weight NaN after the step that reads it, and every metric NaN. ``dtype``: the dtype
+    ``x`` was cast to (a value finite before the cast may overflow it)."""
     bad = int((~torch.isfinite(x)).sum())
     if bad:
+        cast = f" (after the cast to the SAE's {dtype})" if dtype is not None else ""
         raise ValueError(f"{param} must hold finite values, got {bad} NaN or inf of "
-                         f"{x.numel()}")
+                         f"{x.numel()}{cast}")

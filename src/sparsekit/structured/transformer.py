@@ -55,8 +55,17 @@ def block_group(name: str, block: nn.Module, unit: str) -> Group:
             return False
         return True
 
-    def slices(path: str, dim: int, role: str, repeat: int) -> list[Slice]:
+    def linear(path: str) -> nn.Module:
+        """The layer at ``path``; ``ValueError`` naming it unless it is linear (an
+        ``nn.Identity`` in its place has no rows or columns to group)."""
         layer = block.get_submodule(path)
+        if not all(hasattr(layer, a) for a in ("weight", "in_features", "out_features")):
+            raise ValueError(f"unit {unit!r}: {name}.{path} must be an nn.Linear, got "
+                             f"{type(layer).__name__}")
+        return layer
+
+    def slices(path: str, dim: int, role: str, repeat: int) -> list[Slice]:
+        layer = linear(path)
         out = [Slice(f"{name}.{path}.weight", dim, role, 0, repeat)]
         if dim == 0 and layer.bias is not None:
             out.append(Slice(f"{name}.{path}.bias", 0, role, 0, repeat))
@@ -65,15 +74,15 @@ def block_group(name: str, block: nn.Module, unit: str) -> Group:
     if unit == "ffn":
         for writers, reader in _FFNS:
             if all(has(p) for p in (*writers, reader)):
-                width = block.get_submodule(reader).in_features
+                width = linear(reader).in_features
                 parts = [s for w in writers for s in slices(w, 0, "out", 1)]
                 return Group(f"{name}.ffn", width, (*parts, *slices(reader, 1, "in", 1)))
     else:
         for q, k, v, o, holder, attr in _ATTENTIONS:
             if all(has(p) for p in (q, k, v, o)):
                 size = getattr(block.get_submodule(holder), attr)
-                kv = block.get_submodule(k).out_features // size
-                per_kv = block.get_submodule(q).out_features // kv  # query rows per kv head
+                kv = linear(k).out_features // size
+                per_kv = linear(q).out_features // kv  # query rows per kv head
                 parts = [*slices(q, 0, "out", per_kv), *slices(k, 0, "out", size),
                          *slices(v, 0, "out", size), *slices(o, 1, "in", per_kv)]
                 return Group(f"{name}.heads", kv, tuple(parts))
