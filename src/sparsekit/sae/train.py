@@ -235,7 +235,7 @@ def train(
             terms = _objective(
                 sae, x, target, sparsity_coef=sparsity_coef, aux_coef=aux_coef,
                 dead=sae.dead_latents(dead_window) if sae.k is not None else None)
-            _check_loss(terms, done + 1)
+            _check_step(sae, terms, done + 1)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if sae.normalize_decoder:
@@ -248,7 +248,6 @@ def train(
             if schedule is not None:
                 schedule.step()
             done += 1
-            _check_weights(sae, f"step {done}: the update (lr and the gradients)")
             tokens += x.shape[0]
             if steps is not None and done >= steps:
                 break
@@ -260,6 +259,8 @@ def train(
                 except ValueError as e:  # the batch is checked: only the scale can fail
                     raise ValueError(f"step {done}: resampling with resample_scale="
                                      f"{resample_scale!r}: {e}") from e
+        if done:  # the last update, which no later loss reads
+            _check_weights(sae, f"step {done}: the update (lr and the gradients)")
     finally:
         sae.eval()
     seconds = time.perf_counter() - began
@@ -269,11 +270,14 @@ def train(
             "resampled": resampled}
 
 
-def _check_loss(terms: dict[str, torch.Tensor], step: int) -> None:
+def _check_step(sae: SAE, terms: dict[str, torch.Tensor], step: int) -> None:
     """Raise naming ``step`` (and the terms that are not finite) unless its loss is finite:
-    a NaN or inf loss makes every weight NaN after the update it drives."""
+    a NaN or inf loss makes every weight NaN after the update it drives. A loss that is
+    not finite because the previous update left a weight NaN or inf (a huge ``lr``) names
+    that update instead; the weights are read only then, not at every step."""
     if bool(torch.isfinite(terms["loss"])):
         return
+    _check_weights(sae, f"step {step - 1}: the update (lr and the gradients)")
     bad = ", ".join(f"{name}={float(t.detach()):g}" for name, t in terms.items()
                     if name != "loss" and not bool(torch.isfinite(t)))
     raise ValueError(f"step {step}: the loss is not finite ({bad or terms['loss']}); the "
