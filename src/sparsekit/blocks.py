@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit._checks import ArgumentTypeError, model_errors
 from sparsekit.observe import batches, preserved
 from sparsekit.targets import linear_types as layer_types  # nn.Linear and GPT-2's Conv1D
 
@@ -35,6 +36,7 @@ _NO_CACHE = {"past_key_values": None, "past_key_value": None, "cache": None, "us
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's transformer blocks: its largest ``nn.ModuleList`` of same-type blocks
     holding linear layers."""
+    _check_model(model)
     types = layer_types()
     best: tuple[int, nn.ModuleList] | None = None
     for module in model.modules():
@@ -91,6 +93,14 @@ def capture_inputs(
     several times keeps its first call. With ``device`` the captured tensors are moved
     there. Raises ``ValueError`` if an input never reaches a block.
     """
+    _check_model(model)
+    if not isinstance(blocks, (Sequence, nn.ModuleList)) or isinstance(blocks, str) \
+            or not all(isinstance(b, nn.Module) for b in blocks):
+        raise ArgumentTypeError(f"blocks must be a sequence of modules of the model (an "
+                                f"nn.ModuleList), got {_kind(blocks)}")
+    if isinstance(inputs, torch.Tensor) or not isinstance(inputs, Iterable):
+        raise ArgumentTypeError(f"inputs must be an iterable (a list) of model inputs, got "
+                                f"{type(inputs).__name__}")
     captured: list[tuple[list[Any], list[BlockCall]]] = [([], []) for _ in blocks]
     pending: set[int] = set()
 
@@ -124,7 +134,8 @@ def capture_inputs(
         with preserved(model, train=False), torch.no_grad():
             for x in inputs:
                 pending.update(range(len(blocks)))
-                with contextlib.suppress(_Captured):
+                # an input the model cannot take was a raw RuntimeError from deep inside
+                with contextlib.suppress(_Captured), model_errors("inputs"):
                     model(to_device(x, home), **extra)
                 if pending:
                     raise ValueError(f"inputs: the forward pass never reached blocks "
@@ -146,6 +157,12 @@ class BlockReplay:
 
     def __init__(self, model: nn.Module, blocks: Sequence[str], data: Any,
                  param: str = "data") -> None:
+        _check_model(model)
+        if isinstance(blocks, str) or not isinstance(blocks, Sequence) \
+                or not all(isinstance(b, str) for b in blocks):
+            # a str was taken letter by letter
+            raise ArgumentTypeError(f"blocks must be a list of module names (str), got "
+                                    f"{_kind(blocks)}")
         modules = dict(model.named_modules())
         unknown = [b for b in blocks if b not in modules]
         if unknown:
@@ -161,9 +178,25 @@ class BlockReplay:
 
     def __call__(self, block: str) -> torch.Tensor:
         """``block``'s output (float32) on its recorded input, without autograd."""
+        if not isinstance(block, str) or block not in self.calls:  # was a raw KeyError
+            raise ValueError(f"block {block!r} was not recorded; accepted: "
+                             f"{', '.join(map(repr, self.calls)) or 'none'}")
         hidden, call = self.calls[block]
         with torch.no_grad():
             return call(self.modules[block], hidden).float()
+
+
+def _check_model(model: Any) -> None:
+    """Raise unless ``model`` is an ``nn.Module`` (anything else was a raw AttributeError)."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
+def _kind(value: Any) -> str:
+    """The type of ``value``, and of its items where it has any."""
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {sorted({type(v).__name__ for v in value})}"
+    return type(value).__name__
 
 
 def home_device(model: nn.Module) -> torch.device | None:

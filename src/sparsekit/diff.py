@@ -24,6 +24,7 @@ from rich.table import Table
 from torch import nn
 
 from sparsekit import _table, checkpoint
+from sparsekit._checks import ArgumentTypeError, check_nonnegative
 from sparsekit.pretrained import WEIGHTS_NAME
 
 __all__ = ["Diff", "DiffRow", "diff"]
@@ -68,8 +69,10 @@ class Diff:
         """Entries, changed entries, density and relative norm over all tensors."""
         numel = sum(r.numel for r in self.rows)
         changed = sum(r.changed for r in self.rows)
-        norm = math.sqrt(sum(r.norm ** 2 for r in self.rows))
-        base = math.sqrt(sum(r.base_norm ** 2 for r in self.rows))
+        # hypot, not sqrt(sum(x ** 2)): squaring a float64 norm past 1e154 was a raw
+        # OverflowError, from finite weights
+        norm = math.hypot(*(r.norm for r in self.rows))
+        base = math.hypot(*(r.base_norm for r in self.rows))
         return {"numel": numel, "changed": changed, "density": changed / numel if numel else 0.0,
                 "relative_norm": _ratio(norm, base)}
 
@@ -110,10 +113,8 @@ def diff(a: Source, b: Source, *, atol: float = 0.0) -> Diff:
     Both sides are read in full and checked (same names, same shapes) before anything is
     compared; a mismatch names the tensors that differ.
     """
-    if isinstance(atol, bool) or not isinstance(atol, (int, float)):
-        raise TypeError(f"atol must be a finite number ≥ 0, got {atol!r}")
-    if not 0 <= atol < math.inf:
-        raise ValueError(f"atol must be a finite number ≥ 0, got {atol!r}")
+    check_nonnegative("atol", atol)  # ArgumentTypeError for a str, ValueError for NaN
+    atol = float(atol)
     first, second = _state(a, "a"), _state(b, "b")
     only_a, only_b = sorted(set(first) - set(second)), sorted(set(second) - set(first))
     if only_a or only_b:
@@ -127,8 +128,12 @@ def diff(a: Source, b: Source, *, atol: float = 0.0) -> Diff:
 
 
 def _row(name: str, a: torch.Tensor, b: torch.Tensor, atol: float) -> DiffRow:
-    x, y = a.detach().cpu().double(), b.detach().cpu().double()
-    update = (y - x).nan_to_num(nan=0.0)  # NaN in both: unchanged; NaN in one: counted below
+    # complex tensors in complex128: .double() dropped the imaginary part, so an update of
+    # it counted as no change at all
+    wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
+    x, y = a.detach().cpu().to(wide), b.detach().cpu().to(wide)
+    # NaN in both: unchanged; NaN in one: counted below; the same infinity: unchanged
+    update = torch.where(x == y, torch.zeros_like(x), y - x).nan_to_num(nan=0.0)
     moved = (update.abs() > atol) | (torch.isnan(x) != torch.isnan(y))
     if not (a.is_floating_point() or a.is_complex()):  # doubles round integers past 2**53
         exact = a.detach().cpu() != b.detach().cpu()
@@ -141,22 +146,39 @@ def _row(name: str, a: torch.Tensor, b: torch.Tensor, atol: float) -> DiffRow:
 def _state(source: Source, param: str) -> dict[str, torch.Tensor]:
     """Every tensor of ``source`` by name."""
     if isinstance(source, nn.Module):
-        return {k: v.detach() for k, v in source.state_dict().items()}
+        # tensors only: a module's get_extra_state() entry may be any object
+        return _checked({k: v.detach() for k, v in source.state_dict().items()
+                         if isinstance(v, torch.Tensor)}, param)
     if isinstance(source, Mapping):
+        names = [k for k in source if not isinstance(k, str)]
+        if names:  # mixed with str names, sorting them was a raw TypeError
+            raise ArgumentTypeError(f"{param}: a state dict must map str names to tensors; "
+                                    f"the keys {_few(names)} are not str")
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
         if bad:
-            raise TypeError(f"{param}: a state dict must map names to tensors; {_few(bad)} "
-                            "are not tensors")
-        return dict(source)
+            raise ArgumentTypeError(f"{param}: a state dict must map names to tensors; "
+                                    f"{_few(bad)} are not tensors")
+        return _checked(dict(source), param)
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"{param} must be a model, a state dict or the path of a checkpoint "
-                        f"file or directory, got {type(source).__name__}")
+        raise ArgumentTypeError(f"{param} must be a model, a state dict or the path of a "
+                                f"checkpoint file or directory, got {type(source).__name__}")
     path = Path(source)
     if path.is_file():
         return checkpoint.read(path).state
     if not path.is_dir():
         raise ValueError(f"{param}: {str(path)!r} does not exist")
     return _directory_state(path, param)
+
+
+def _checked(state: dict[str, torch.Tensor], param: str) -> dict[str, torch.Tensor]:
+    """``state`` with sparse tensors made dense; a ``ValueError`` for tensors without data
+    (the meta device), which were a raw ``NotImplementedError`` (so were sparse ones)."""
+    empty = [k for k, v in state.items() if v.is_meta]
+    if empty:
+        raise ValueError(f"{param}: the tensors {_few(empty)} are on the meta device and hold "
+                         "no values to compare; accepted: tensors with data (load the weights "
+                         "first)")
+    return {k: v.to_dense() if v.layout != torch.strided else v for k, v in state.items()}
 
 
 def _directory_state(path: Path, param: str) -> dict[str, torch.Tensor]:

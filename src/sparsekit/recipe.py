@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import reprlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -42,7 +43,8 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 import sparsekit
-from sparsekit._checks import MAX_SEED, model_errors
+from sparsekit import checkpoint as _checkpoint
+from sparsekit._checks import MAX_SEED, ArgumentTypeError, model_errors
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.engine.compile import check_rows
 from sparsekit.engine.formats import check_formats
@@ -160,7 +162,9 @@ class Recipe(_Strict):
     @field_validator("input_shape")
     @classmethod
     def _shape(cls, value: list[int]) -> list[int]:
-        if not value or any(d < 1 for d in value) or torch.Size(value).numel() > 2**24:
+        # each dimension first: one past 2**63 gave torch's bare "Overflow when unpacking"
+        if not value or any(not 1 <= d <= 2**24 for d in value) \
+                or torch.Size(value).numel() > 2**24:
             raise ValueError(f"must be dimensions ≥ 1 with at most 2**24 elements, got {value}")
         return value
 
@@ -186,7 +190,23 @@ class Recipe(_Strict):
                     pattern.check(t.out_in(t.param).shape, t.name)
         with torch.no_grad(), model_errors("input_shape"):
             model.eval()(torch.zeros(self.input_shape))
+        if self.out is not None:
+            with _field("out"):
+                _check_out(self.out)
         return self
+
+
+def _check_out(out: str) -> None:
+    """Raise ``ValueError`` unless ``out`` can be written as a checkpoint file: not a
+    directory, and no folder on its way an existing file. Checked when the recipe is loaded,
+    as otherwise only the last stage found out, after every stage before it had run (an
+    existing file on the way was a raw ``FileExistsError``)."""
+    target = _checkpoint._target(out)  # "" and "." and an existing directory
+    for parent in target.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"cannot write {out!r}: {str(parent)!r} is a file, not a "
+                             "directory; accepted: a file path whose folders are directories "
+                             "(missing ones are created)")
 
 
 @contextlib.contextmanager
@@ -207,6 +227,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # ``? [a, b]``: was a raw TypeError from the set below
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a mapping key must be a name, got a {type(key).__name__}",
+                    key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
@@ -215,8 +241,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read and validate the YAML recipe at ``path``; ``ValueError`` lists every problem,
-    each as ``field.path: message``."""
+    """Read and validate the YAML recipe at ``path``; ``ValueError`` lists every problem
+    (the first 20), each as ``field.path: message``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"path must be the path of a YAML recipe file (a str or "
+                                f"os.PathLike), got {type(path).__name__}")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -231,7 +260,10 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise ValueError(f"{path}: {'; '.join(map(_problem, err.errors()))}") from None
+        problems = [_problem(e) for e in err.errors()[:_MAX_PROBLEMS]]
+        if err.error_count() > _MAX_PROBLEMS:
+            problems.append(f"… and {err.error_count() - _MAX_PROBLEMS} more")
+        raise ValueError(f"{path}: {'; '.join(problems)}") from None
 
 
 def _problem(error: ErrorDetails) -> str:
@@ -244,13 +276,33 @@ def _problem(error: ErrorDetails) -> str:
     elif error["type"] == "missing":
         message = error["msg"]
     else:
-        message = f"{error['msg']}, got {error['input']!r}"
+        message = f"{error['msg']}, got {_short(error['input'])}"
     return f"{where}: {message}" if where else message
+
+
+_REPR = reprlib.Repr()  # its keyword arguments are Python 3.12's
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 6, 6, 60, 60
+_MAX_REPR = 200
+_MAX_PROBLEMS = 20
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut short: a YAML alias repeated inside aliases (``&b [*a, *a, …]``)
+    makes a small file a value whose full repr is exponentially long, which took seconds
+    and megabytes per error message (and more with every level)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= _MAX_REPR else f"{text[:_MAX_REPR]}…"
 
 
 def run_recipe(recipe: Recipe, *, log=print) -> dict[str, object]:  # type: ignore[no-untyped-def]
     """Run ``recipe``'s stages in order; return what they produced (``model``, ``masks``,
     ``compiled``, ``report``, ``accuracy``, ``out``)."""
+    if not isinstance(recipe, Recipe):  # a path was a raw AttributeError ('str' … 'seed')
+        raise ArgumentTypeError(f"recipe must be a Recipe (from load_recipe(path)), got "
+                                f"{type(recipe).__name__}")
+    if not callable(log):  # was a raw TypeError after the first stage had run
+        raise ArgumentTypeError(f"log must be a callable taking a str (print), got "
+                                f"{type(log).__name__}")
     torch.manual_seed(recipe.seed)
     model = create_model(recipe.model)
     masks = sparsekit.load(model, recipe.checkpoint) if recipe.checkpoint else None

@@ -51,6 +51,7 @@ def top_k(
     """
     k = _check_k(k)
     _check_scores(scores, allowed, dim)
+    k = min(k, scores.numel())  # k past 2**63 was a raw RuntimeError (an int64 overflow)
     if dim is None and scores.numel() > _CHUNK and scores.dtype in _RADIX_DTYPES:
         return _top_k_chunked(scores, k, allowed)
     if dim is None:
@@ -58,11 +59,18 @@ def top_k(
     else:
         values = scores.movedim(dim, -1)
         ok = None if allowed is None else allowed.movedim(dim, -1)
-    if not torch.is_floating_point(values):
-        values = values.double()
-    values = values.nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    if values.dtype == torch.int64:
+        # ranked as they are, exactly: a double rounds them past 2**53, which took 2**53
+        # over 2**53 + 1
+        lowest: float | int = torch.iinfo(torch.int64).min
+    else:
+        if not torch.is_floating_point(values):
+            values = values.double()  # bools and narrower ints: exact in a double
+        values = values.nan_to_num(nan=float("inf"), posinf=float("inf"),
+                                   neginf=float("-inf"))
+        lowest = float("-inf")
     if ok is not None:
-        values = values.masked_fill(~ok, float("-inf"))
+        values = values.masked_fill(~ok, lowest)
     size = values.shape[-1]
     if min(k, size) == 0 or values.numel() == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
@@ -94,6 +102,9 @@ def top_k_counts(
     ``-inf`` marks weights that are already pruned).
     """
     k = _check_k(k)
+    if isinstance(parts, torch.Tensor) or not isinstance(parts, Sequence):
+        raise ArgumentTypeError(f"parts must be a sequence (a list) of real tensors, got "
+                                f"{type(parts).__name__}")
     found = _kth_largest(parts, k, None, finite_only=finite_only)
     if found is None:
         return [0] * len(parts)
@@ -125,6 +136,9 @@ def _check_scores(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int |
                 f"allowed must have the shape of scores {tuple(scores.shape)}, "
                 f"got {tuple(allowed.shape)}"
             )
+        if allowed.device != scores.device:  # was a raw RuntimeError deep inside
+            raise ValueError(f"allowed must be on the device of scores ({scores.device}), "
+                             f"got {allowed.device}")
     if dim is not None:
         check_int("dim", dim)
         ndim = scores.dim()
@@ -195,7 +209,12 @@ def _kth_largest(
             if not live[i]:
                 continue
             ok = None if allowed is None else allowed[i].reshape(-1)
-            hist[i], n_finite = _histogram(parts[i], ok, prefix, done, bits)
+            part = parts[i]
+            if not isinstance(part, torch.Tensor) or part.is_complex():
+                # a list was a raw AttributeError, a complex tensor lost its imaginary part
+                got = part.dtype if isinstance(part, torch.Tensor) else type(part).__name__
+                raise ArgumentTypeError(f"parts[{i}] must be a real tensor, got {got}")
+            hist[i], n_finite = _histogram(part, ok, prefix, done, bits)
             finite += n_finite
         if not done:
             rank = min(k, int(hist.sum()), finite if finite_only else k)
