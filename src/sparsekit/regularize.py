@@ -23,7 +23,13 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_nonnegative, check_optimizer
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_fraction,
+    check_int,
+    check_nonnegative,
+    check_optimizer,
+)
 from sparsekit.structured.dependency import Group, Slice, check_groups, dependency_groups
 
 __all__ = ["GroupEnvelope", "GroupLasso", "SoftThreshold", "channel_norms"]
@@ -31,14 +37,63 @@ __all__ = ["GroupEnvelope", "GroupLasso", "SoftThreshold", "channel_norms"]
 
 def channel_norms(model: nn.Module, group: Group) -> torch.Tensor:
     """‖w_c‖₂ of every channel of ``group`` over all of its parameter slices
-    (differentiable; buffers such as BatchNorm running statistics are not counted)."""
+    (differentiable; buffers such as BatchNorm running statistics are not counted).
+
+    ``group`` is checked against ``model`` (a group of another model used to give zeros).
+    Half-precision weights are summed in float32, so the norms neither overflow (a
+    float16 weight of 300) nor give NaN gradients at an exact zero.
+    """
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(group, Group):
+        raise ArgumentTypeError(f"group must be a Group (from dependency_groups or "
+                                f"transformer_groups), got {type(group).__name__}")
+    _check_groups([group], model, "group")
+    return _channel_norms(model, group)
+
+
+def _channel_norms(model: nn.Module, group: Group) -> torch.Tensor:
     squares = None
     for s, param in _parameter_slices(model, group):
-        part = _rows(param, s, group.channels).reshape(group.channels, -1).pow(2).sum(1)
+        rows = _rows(param, s, group.channels)
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        part = rows.reshape(group.channels, -1).pow(2).sum(1)
         squares = part if squares is None else squares + part
     if squares is None:
         return torch.zeros(group.channels)
     return squares.clamp_min(1e-24).sqrt()  # finite gradient at an exact zero
+
+
+def _check_groups(groups: object, model: nn.Module, name: str = "groups") -> list[Group]:
+    """:func:`check_groups`, with wrong types as :class:`ArgumentTypeError` and every group
+    of at least one channel (a group of none failed in ``reshape``)."""
+    try:
+        groups = check_groups(groups, model, name)
+    except TypeError as e:
+        raise ArgumentTypeError(str(e)) from e
+    for i, g in enumerate(groups):
+        check_int(f"{name}[{i}].channels" if name == "groups" else f"{name}.channels",
+                  g.channels, minimum=1)
+    return groups
+
+
+def _resolve_groups(model: nn.Module, groups: object) -> list[Group]:
+    """``groups`` checked, or the dependency groups of ``model``; never none (a penalty or
+    a proximal step over no groups used to do nothing, silently)."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if groups is None:
+        found = dependency_groups(model)
+        if not found:
+            raise ValueError(f"model ({type(model).__name__}) has no dependency groups: no "
+                             "channel can be removed, so the regulariser would do nothing; "
+                             "pass groups= (e.g. transformer_groups) or regularise another model")
+        return found
+    found = _check_groups(groups, model)
+    if not found:
+        raise ValueError("groups is empty: the regulariser would do nothing; pass at least "
+                         "one Group (dependency_groups(model), transformer_groups(model))")
+    return found
 
 
 class GroupLasso:
@@ -51,14 +106,14 @@ class GroupLasso:
     def __init__(self, model: nn.Module, strength: float, groups: Sequence[Group] | None = None
                  ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
         check_nonnegative("strength", strength)  # inf would zero every weight
+        self.groups = _resolve_groups(model, groups)
         self.model = model
         self.strength = float(strength)
-        self.groups = dependency_groups(model) if groups is None else check_groups(groups, model)
 
     def __call__(self) -> torch.Tensor:
-        return self.strength * sum((channel_norms(self.model, g).sum() for g in self.groups),
+        return self.strength * sum((_channel_norms(self.model, g).sum() for g in self.groups),
                                    torch.zeros(()))
 
 
@@ -76,37 +131,47 @@ class GroupEnvelope(GroupLasso):
     def __call__(self) -> torch.Tensor:
         total = torch.zeros(())
         for g in self.groups:
-            norms = channel_norms(self.model, g)
+            norms = _channel_norms(self.model, g)
             k = max(round(g.channels * (1.0 - self.sparsity)), 1)
             outside = torch.topk(norms.detach(), g.channels - k, largest=False).indices
             total = total + norms[outside].pow(2).sum()
         return 0.5 * self.strength * total
 
 
-class SoftThreshold:
+class SoftThreshold(torch.optim.Optimizer):
     """Wrap ``optimizer``: after each ``step`` apply the proximal operator of
-    ``strength · ‖·‖₁`` (elementwise, on the optimizer's parameters of two or more
-    dimensions) or, with ``groups``, of the group lasso over their channels. The
-    threshold is ``strength`` times each parameter group's learning rate.
+    ``strength · ‖·‖₁`` (elementwise, on the optimizer's trainable parameters of two or
+    more dimensions; one with ``requires_grad=False`` is left alone) or, with ``groups``,
+    of the group lasso over their channels. The threshold is ``strength`` times each
+    parameter group's learning rate.
 
     Everything else (``zero_grad``, ``state_dict``, ``param_groups`` …) is the wrapped
-    optimizer's, so schedulers and training loops use it unchanged.
+    optimizer's, so schedulers and training loops use it unchanged: it is a
+    ``torch.optim.Optimizer`` (as accelerate's wrapper is) that keeps no state of its own,
+    and ``state_dict``/``load_state_dict`` are the wrapped optimizer's.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, strength: float, *,
                  model: nn.Module | None = None, groups: Iterable[Group] | None = None) -> None:
+        # no Optimizer.__init__: param_groups, state and hooks are the wrapped optimizer's
         check_optimizer(optimizer)
         check_nonnegative("strength", strength)  # inf would zero every weight
         if groups is not None and model is None:
             raise ValueError("groups= needs model= (the module the groups' names refer to)")
+        if model is not None and not isinstance(model, nn.Module):
+            raise ArgumentTypeError(f"model must be an nn.Module or None, got "
+                                    f"{type(model).__name__}")
+        checked = None if groups is None else _resolve_groups(model, groups)
         self.optimizer = optimizer
         self.strength = float(strength)
         self.model = model
-        self.groups = None if groups is None else check_groups(groups, model)
+        self.groups = checked
         if self.groups is not None:
             self._lr()  # one learning rate, checked before training starts
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        if self.groups is not None:
+            self._lr()  # before the optimizer steps: a failure leaves the weights as they were
         loss = self.optimizer.step(closure)
         self.threshold()
         return loss
@@ -118,25 +183,74 @@ class SoftThreshold:
             for group in self.optimizer.param_groups:
                 tau = self.strength * group["lr"]
                 for p in group["params"]:
-                    if p.dim() >= 2:
+                    if p.dim() >= 2 and p.requires_grad:
                         p.copy_(p.sign() * (p.abs() - tau).clamp_min(0))
             return
         tau = self.strength * self._lr()
         for g in self.groups:
-            scale = (1 - tau / channel_norms(self.model, g)).clamp_min(0)
+            scale = (1 - tau / _channel_norms(self.model, g)).clamp_min(0)
             for s, param in _parameter_slices(self.model, g):
                 view = _rows(param, s, g.channels)  # writes through to param
                 factor = scale.repeat_interleave(s.repeat).to(param.device, param.dtype)
                 view.mul_(factor.reshape(-1, *[1] * (view.dim() - 1)))
 
     def _lr(self) -> float:
-        rates = {g["lr"] for g in self.optimizer.param_groups}
+        rates = {float(g["lr"]) for g in self.optimizer.param_groups}
         if len(rates) != 1:
             raise ValueError("SoftThreshold with groups needs one learning rate for all "
                              f"parameter groups, got {sorted(rates)}")
-        return float(next(iter(rates)))
+        return next(iter(rates))
 
-    def __getattr__(self, name: str):  # zero_grad, param_groups, state_dict …
+    # -- the wrapped optimizer's, as Optimizer's own methods would otherwise see this one
+
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value) -> None:
+        self.optimizer.defaults = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):  # type: ignore[override]
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:  # type: ignore[override]
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __getstate__(self) -> dict:  # plain attributes (Optimizer's expects its own)
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"SoftThreshold(strength={self.strength}, optimizer={self.optimizer!r})"
+
+    def __getattr__(self, name: str):  # register_step_pre_hook's dicts, Adam's options …
+        if name == "optimizer" or name.startswith("__"):  # unpickling, copying: no recursion
+            raise AttributeError(name)
         return getattr(self.optimizer, name)
 
 

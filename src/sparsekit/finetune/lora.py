@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_positive
+from sparsekit._checks import ArgumentTypeError, check_fraction, check_int, check_positive
 from sparsekit.masks import MaskSet
 
 __all__ = ["MASK_NAME", "MaskedLora", "MaskedMerge", "layer_masks", "merge", "sparse_lora"]
@@ -67,12 +67,17 @@ def sparse_lora(
         raise ArgumentTypeError(f"masked_forward must be a bool, got {masked_forward!r}")
     if isinstance(model, peft.PeftModel):
         raise ValueError("model is a PeftModel already; pass the pruned base model")
+    if _lora_layers(model):
+        some = ", ".join(map(repr, list(_lora_layers(model))[:3]))
+        raise ValueError(f"model has LoRA layers already ({some}…): sparse_lora was applied "
+                         "to it before; train that PeftModel, or merge() it first")
     by_param = _check_masks(model, masks)
     _check_config(config)
     modules = dict(model.named_modules())
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     try:
         wrapped = peft.get_peft_model(model, config)  # peft checks the targets here
+        _check_saved_copies(wrapped, by_param)
         _install(wrapped, by_param, masked_forward=masked_forward)
     except Exception:
         _restore(model, modules, grad_flags)
@@ -203,6 +208,8 @@ def _check_config(config: peft.LoraConfig) -> None:
     on DoRA."""
     check_int("config.r", config.r, minimum=1)
     check_positive("config.lora_alpha", config.lora_alpha)
+    # peft takes a negative or NaN dropout as none, and 1.0 zeroes every adapter input
+    check_fraction("config.lora_dropout", config.lora_dropout)
     for key, rank in (config.rank_pattern or {}).items():
         check_int(f"config.rank_pattern[{key!r}]", rank, minimum=1)
     for key, alpha in (config.alpha_pattern or {}).items():
@@ -210,6 +217,23 @@ def _check_config(config: peft.LoraConfig) -> None:
     if config.use_dora:
         raise ValueError("config.use_dora=True: a DoRA update rescales whole columns and "
                          "cannot keep a sparse base; use plain LoRA")
+
+
+def _check_saved_copies(model: nn.Module, by_param: Mapping[int, torch.Tensor]) -> None:
+    """Raise if ``modules_to_save`` copies a module with a sparse weight: the copy trains
+    densely and replaces the module when merged, filling its pruned weights in."""
+    for name, module in model.named_modules():
+        if not isinstance(module, peft.utils.ModulesToSaveWrapper):
+            continue
+        for pname, p in module.original_module.named_parameters():
+            mask = by_param.get(id(p))
+            sparse = (not bool(mask.all()) if mask is not None
+                      else p.dim() >= 2 and not bool(p.detach().all()))
+            if sparse:
+                raise ValueError(
+                    f"config.modules_to_save: {name!r} has a sparse weight ({pname!r}); its "
+                    "trainable copy would train densely and fill the pruned weights in when "
+                    "merged. Target it with LoRA (target_modules) instead")
 
 
 def _restore(model: nn.Module, modules: Mapping[str, nn.Module],
