@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparsekit._checks import ArgumentTypeError
+from sparsekit._checks import ArgumentTypeError, check_int
 
 MASKS_HINT = (
     "a wrapped model needs the same masks on every rank: compute them with the same seed and "
@@ -71,8 +71,11 @@ def rank_slice(n: int, what: str, unit: str, count: str) -> slice:
     ``ValueError`` names ``what`` (the argument holding the items), the ``unit`` and the
     nearest accepted values of ``count`` (what sets ``n``). A criterion sums its statistics
     over its share and then over the ranks (:func:`all_reduce_sum`): every rank ends with
-    the statistics of all ``n`` items.
+    the statistics of all ``n`` items. ``n`` must be an int ≥ 0 (checked in one process
+    too: a negative count gave ``slice(0, n)``, which drops items from the end).
     """
+    check_int(f"{what}: the number of {unit}", n, minimum=0)
+    n = int(n)
     ranks = world_size()
     if n % ranks:
         near = [k for k in (n - n % ranks, n - n % ranks + ranks) if k > 0]
@@ -86,7 +89,11 @@ def rank_slice(n: int, what: str, unit: str, count: str) -> slice:
 
 @torch.no_grad()
 def all_reduce_sum(*tensors: torch.Tensor) -> None:
-    """Replace each tensor, in place, by its sum over all ranks (nothing in one process)."""
+    """Replace each tensor, in place, by its sum over all ranks (nothing in one process;
+    the arguments must be tensors there too)."""
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ArgumentTypeError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
     if world_size() > 1:
         for t in tensors:
             dist.all_reduce(t)
@@ -182,7 +189,14 @@ def check_same_on_ranks(tensors: Mapping[str, torch.Tensor], what: str = "masks"
                         hint: str = MASKS_HINT) -> None:
     """Raise ``ValueError`` naming the first of ``tensors`` (whole tensors, the same names
     on every rank) that is not the same on every rank; ``hint`` says what to do. Two small
-    all-reduces; nothing in one process."""
+    all-reduces; nothing in one process (the arguments are checked there too)."""
+    if not isinstance(tensors, Mapping):
+        raise ArgumentTypeError(f"tensors must be a mapping of name to tensor, got "
+                                f"{type(tensors).__name__}")
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ArgumentTypeError(f"tensors[{name!r}] must be a torch.Tensor, got "
+                                    f"{type(t).__name__}")
     if world_size() == 1 or not tensors:
         return
     prints = torch.stack([_fingerprint(t).cpu() for t in tensors.values()])

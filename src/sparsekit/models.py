@@ -31,6 +31,37 @@ def _config(name: str, **kwargs: int) -> dict[str, Any]:
     return {"name": name, "kwargs": {k: _positive_int(k, v) for k, v in kwargs.items()}}
 
 
+MAX_PARAMS = 2**31
+"""The most parameters a reference network may have (8 GiB of float32 weights): larger
+sizes used to fail inside PyTorch's allocator with a bare ``RuntimeError`` (or an
+``Overflow when unpacking long long`` ``TypeError``), or to exhaust the machine's memory."""
+
+_sizing = False  # building on the meta device to count parameters
+
+
+def _check_fits(cls: type[nn.Module], config: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the arguments when ``cls(**config["kwargs"])`` would
+    have more than :data:`MAX_PARAMS` parameters (counted on the meta device, for free)."""
+    global _sizing
+    if _sizing:
+        return
+    kwargs = config["kwargs"]
+    args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    _sizing = True
+    try:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in cls(**kwargs).parameters())
+    except (RuntimeError, TypeError, OverflowError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{config['name']}({args}): these sizes cannot be built ({first}); "
+                         f"accepted: sizes giving at most {MAX_PARAMS:,} parameters") from None
+    finally:
+        _sizing = False
+    if count > MAX_PARAMS:
+        raise ValueError(f"{config['name']}({args}) would have {count:,} parameters; "
+                         f"accepted: sizes giving at most {MAX_PARAMS:,} parameters")
+
+
 class LeNet300100(nn.Module):
     """The fully connected LeNet-300-100 (LeCun et al. 1998), the classic pruning baseline."""
 
@@ -39,6 +70,7 @@ class LeNet300100(nn.Module):
         self.sparsekit_config = _config(
             "lenet_300_100", in_features=in_features, num_classes=num_classes
         )
+        _check_fits(LeNet300100, self.sparsekit_config)
         self.fc1 = nn.Linear(in_features, 300)
         self.fc2 = nn.Linear(300, 100)
         self.fc3 = nn.Linear(100, num_classes)
@@ -56,6 +88,7 @@ class LeNet5(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
         self.sparsekit_config = _config("lenet5", in_channels=in_channels, num_classes=num_classes)
+        _check_fits(LeNet5, self.sparsekit_config)
         self.conv1 = nn.Conv2d(in_channels, 6, kernel_size=5, padding=2)
         self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
         self.fc1 = nn.Linear(16 * 5 * 5, 120)
@@ -109,6 +142,7 @@ class ResNetSmall(nn.Module):
         self.sparsekit_config = _config(
             "resnet_small", in_channels=in_channels, num_classes=num_classes, width=width
         )
+        _check_fits(ResNetSmall, self.sparsekit_config)
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.layer1 = self._stage(width, width, stride=1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, model_errors
+from sparsekit._checks import ArgumentTypeError, check_int, model_errors
 from sparsekit.distributed import all_reduce_sum
 
 __all__ = [
@@ -57,15 +57,16 @@ def batches(data: Any) -> Iterator[Batch]:
     ``data`` is a tensor of inputs, an ``(inputs, labels)`` tuple, or an iterable of
     batches (a list, a ``DataLoader``), each a tensor, an ``(inputs, labels)`` pair, a
     1-tuple ``(inputs,)`` or an ``(inputs, None)`` pair, so the output of ``batches`` is
-    itself accepted. A list is always a list of batches, never a pair.
+    itself accepted. A list is always a list of batches, never a pair; a tuple of two
+    is a pair when its second item is a tensor or ``None``.
     """
     if isinstance(data, torch.Tensor):
         yield data, None
         return
-    if isinstance(data, tuple) and _is_pair(data):
+    if isinstance(data, tuple) and len(data) == 2 and (data[1] is None or _is_pair(data)):
         yield data[0], data[1]
         return
-    if not isinstance(data, Iterable):
+    if isinstance(data, (Mapping, str, bytes)) or not isinstance(data, Iterable):
         raise ArgumentTypeError(
             "data must be a tensor, an (inputs, labels) pair or an iterable of batches, "
             f"got {type(data).__name__}"
@@ -105,6 +106,12 @@ def preserved(
     ``buffers=False`` when nothing inside can change them (eval mode without autograd) to
     skip copying them.
     """
+    for i, model in enumerate(models):
+        if not isinstance(model, nn.Module):
+            raise ArgumentTypeError(f"models[{i}] must be an nn.Module, got "
+                                    f"{type(model).__name__}")
+    if train is not None and not isinstance(train, bool):
+        raise ArgumentTypeError(f"train must be True, False or None, got {train!r}")
     modes = {m: m.training for model in models for m in model.modules()}
     grads = [{n: p.grad for n, p in model.named_parameters()} for model in models]
     saved = [{n: b.detach().clone() for n, b in model.named_buffers()} if buffers else {}
@@ -165,21 +172,38 @@ def watch(layers: Mapping[str, nn.Module], observer: Observer) -> Iterator[None]
     """Call ``observer(name, inputs, output)`` after every call of each layer while inside.
 
     ``inputs`` is the layer's first positional argument as the layer received it (after
-    any forward pre-hooks); nothing is detached or copied.
+    any forward pre-hooks), or its first keyword argument where it was called with keywords
+    only; nothing is detached or copied. ``layers`` is checked before any hook is
+    registered, and every hook is removed on leaving, also on errors.
     """
+    _check_layers(layers)
 
-    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
-        def fn(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            observer(name, args[0], output)
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]:
+        def fn(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+               output: Any) -> None:
+            observer(name, args[0] if args else next(iter(kwargs.values()), None), output)
 
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    handles = []
     try:
+        for n, m in layers.items():
+            handles.append(m.register_forward_hook(hook(n), with_kwargs=True))
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _check_layers(layers: Any) -> None:
+    """Raise unless ``layers`` is a ``{name: nn.Module}`` mapping."""
+    if not isinstance(layers, Mapping):
+        raise ArgumentTypeError(f"layers must be a mapping of name to nn.Module, got "
+                                f"{type(layers).__name__}")
+    for name, m in layers.items():
+        if not isinstance(m, nn.Module):
+            raise ArgumentTypeError(f"layers[{name!r}] must be an nn.Module, got "
+                                    f"{type(m).__name__}")
 
 
 def input_shapes(model: nn.Module, layers: Mapping[str, nn.Module], *inputs: Any
@@ -223,6 +247,8 @@ class InputStats:
 
     def __init__(self, features: int, *, gram: bool = False,
                  device: torch.device | str | None = None) -> None:
+        check_int("features", features, minimum=0)
+        features = int(features)
         # squares in float64: finite inputs beyond ~1.8e19 would overflow float32 squares
         self.sq = torch.zeros(features, dtype=torch.float64, device=device)
         self.gram = torch.zeros(features, features, device=device) if gram else None
@@ -230,6 +256,12 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         """Add input rows: any tensor whose last dimension holds the features."""
+        if not isinstance(x, torch.Tensor):
+            raise ArgumentTypeError(f"x must be a tensor, got {type(x).__name__}")
+        features = self.sq.shape[-1]
+        if x.dim() == 0 or x.shape[-1] != features:
+            raise ValueError(f"x must be a tensor whose last dimension holds the {features} "
+                             f"features, got shape {tuple(x.shape)}")
         x = x.detach().reshape(-1, self.sq.shape[-1]).float()
         self.sq += x.double().square().sum(0)
         if self.gram is not None:
@@ -291,6 +323,7 @@ def record(layers: Mapping[str, nn.Module], *, gram: bool = False
     ``Conv2d`` with one group and zero padding; other convolutions share each channel's
     norm between its kernel positions and cannot give the Gram matrix.
     """
+    _check_layers(layers)
     for name, m in layers.items():
         weight = getattr(m, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() < 2:

@@ -26,9 +26,10 @@ from typing import Protocol, TypedDict
 import torch
 from rich.table import Table
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sparsekit import _table
-from sparsekit._checks import check_parameter_names, model_errors
+from sparsekit._checks import ArgumentTypeError, check_parameter_names, model_errors
 from sparsekit.observe import macs
 from sparsekit.targets import _single_original, default_types, linear_types
 
@@ -62,7 +63,9 @@ class LayerRow:
     """One layer of a :class:`Report`.
 
     ``extra`` holds further columns (kernel format, measured time …) that later stages
-    attach; every output format shows them after the built-in columns.
+    attach; every output format shows them after the built-in columns. ``tied_to`` names
+    the earlier row whose weight this layer shares (tied weights): its parameters and
+    nonzeros are counted once, in that row, by the totals; its FLOPs (it runs) count too.
     """
 
     name: str
@@ -73,6 +76,7 @@ class LayerRow:
     dense_flops: int | None
     sparse_flops: int | None
     extra: dict[str, object] = field(default_factory=dict)
+    tied_to: str | None = None
 
     @property
     def sparsity(self) -> float:
@@ -88,9 +92,10 @@ class Report:
 
     @property
     def totals(self) -> Totals:
-        """Sums over all rows; FLOPs sum only the known values."""
-        params = sum(r.params for r in self.rows)
-        nonzeros = sum(r.nonzeros for r in self.rows)
+        """Sums over all rows (a tied weight's parameters and nonzeros once); FLOPs sum only
+        the known values."""
+        params = sum(r.params for r in self.rows if r.tied_to is None)
+        nonzeros = sum(r.nonzeros for r in self.rows if r.tied_to is None)
         return Totals(
             params=params,
             nonzeros=nonzeros,
@@ -106,7 +111,7 @@ class Report:
         (``{"params": 0.26, "nonzeros": 0.26, "dense_flops": 0.27}``; 0.0 where ``before``
         has none)."""
         if not isinstance(before, Report):
-            raise TypeError(f"before must be a Report, got {type(before).__name__}")
+            raise ArgumentTypeError(f"before must be a Report, got {type(before).__name__}")
         now, then = self.totals, before.totals
         return {k: now[k] / then[k] if then[k] else 0.0
                 for k in ("params", "nonzeros", "dense_flops")}
@@ -124,6 +129,7 @@ class Report:
                 "sparsity": r.sparsity,
                 "dense_flops": r.dense_flops,
                 "sparse_flops": r.sparse_flops,
+                "tied_to": r.tied_to,
                 **{k: r.extra.get(k) for k in extra},
             }
             for r in self.rows
@@ -144,7 +150,7 @@ class Report:
     def _extra_columns(self) -> list[str]:
         """Extra keys of all rows in first-seen order."""
         columns = list(dict.fromkeys(k for r in self.rows for k in r.extra))
-        clash = [k for k in columns if k in _FIELDS]
+        clash = [k for k in columns if k in (*_FIELDS, "tied_to")]
         if clash:
             raise ValueError(f"extra columns {clash} shadow built-in columns {list(_FIELDS)}")
         return columns
@@ -155,7 +161,7 @@ class Report:
         right = [all(_is_number(r.extra[k]) for r in self.rows if k in r.extra) for k in extra]
         body = [
             [
-                r.name,
+                r.name if r.tied_to is None else f"{r.name} (tied to {r.tied_to})",
                 r.kind,
                 "x".join(map(str, r.shape)),
                 f"{r.params:,}",
@@ -199,11 +205,11 @@ def report(
     a parameter of ``model`` (masks of another model were silently ignored).
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     elif example_inputs is not None and not isinstance(example_inputs, tuple):
-        raise TypeError(
+        raise ArgumentTypeError(
             "example_inputs must be a tensor, a tuple of model inputs or None, "
             f"got {type(example_inputs).__name__}"
         )
@@ -211,6 +217,14 @@ def report(
     types = default_types()
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
     _check_mask_names(mask_table, model, layers)
+    layer_masks = _layer_masks(mask_table, model, layers)
+    for name, module in layers:
+        if name not in layer_masks and module.weight.is_meta:
+            raise ValueError(
+                f"the weight of layer {name!r} is on the meta device (it holds no values), so "
+                "its nonzeros cannot be counted; load the weights first (model.to_empty(...) "
+                "and load_state_dict) or pass the masks"
+            )
     if example_inputs is None:
         counted = None
     else:
@@ -218,19 +232,10 @@ def report(
             counted = macs(model, dict(layers), *example_inputs)
 
     rows = []
+    owner: dict[int, str] = {}  # id of a stored weight -> the first row holding it
     for name, module in layers:
         weight = module.weight
-        param_name = f"{name}.weight" if name else "weight"
-        mask = mask_table.get(param_name)
-        if mask is None and _single_original(module) is not None:
-            # a parametrized weight's mask is kept on its one stored tensor (the target)
-            mask = mask_table.get(f"{name}.parametrizations.weight.original" if name
-                                  else "parametrizations.weight.original")
-        if mask is not None and mask.shape != weight.shape:
-            raise ValueError(
-                f"masks[{param_name!r}] has shape {tuple(mask.shape)}, "
-                f"expected the weight's shape {tuple(weight.shape)}"
-            )
+        mask = layer_masks.get(name)
         nonzeros = int(torch.count_nonzero(weight if mask is None else mask))
         if counted is not None:
             layer_macs = counted.get(name)  # None: not called by the forward pass
@@ -239,6 +244,8 @@ def report(
         else:
             layer_macs = None  # spatial size unknown
         dense = None if layer_macs is None else 2 * layer_macs
+        stored = _stored_weight(module)
+        tied_to = None if stored is None else owner.setdefault(id(stored), name)
         rows.append(
             LayerRow(
                 name=name,
@@ -249,9 +256,72 @@ def report(
                 dense_flops=dense,
                 # exact: dense is 2 * params * (positions the weight is applied at)
                 sparse_flops=None if dense is None else dense * nonzeros // max(weight.numel(), 1),
+                tied_to=None if tied_to == name else tied_to,
             )
         )
     return Report(rows)
+
+
+def _stored_weight(module: nn.Module) -> torch.Tensor | None:
+    """The tensor ``module``'s weight is stored in (what tied layers share): the weight
+    itself, or the one tensor a parametrized weight is computed from (``None`` if several)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return _single_original(module)
+    return module.weight
+
+
+def _layer_masks(table: Mapping[str, torch.Tensor], model: nn.Module,
+                 layers: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+    """The mask of each layer's weight (``{layer name: mask}``), looked up under every name
+    of that weight: each name of the layer (a module reachable by several paths), and each
+    name of the tensor it is stored in (tied weights). Raises naming a mask that is not a
+    tensor, has the wrong shape, or disagrees with another name of the same weight."""
+    for key, mask in table.items():
+        if not isinstance(mask, torch.Tensor):
+            raise ArgumentTypeError(f"masks[{key!r}] must be a torch.Tensor, got "
+                                    f"{type(mask).__name__}")
+    if not table:
+        return {}
+    module_names: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        module_names.setdefault(id(m), []).append(n)
+    param_names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), []).append(n)
+    found: dict[str, torch.Tensor] = {}
+    for name, module in layers:
+        prefixes = [f"{n}." if n else "" for n in module_names.get(id(module), [name])]
+        keys = [f"{p}weight" for p in prefixes]
+        if _single_original(module) is not None:
+            # a parametrized weight's mask is kept on its one stored tensor (the target)
+            keys += [f"{p}parametrizations.weight.original" for p in prefixes]
+        stored = _stored_weight(module)
+        if stored is not None:
+            keys += param_names.get(id(stored), [])
+        hits = [k for k in dict.fromkeys(keys) if k in table]
+        if not hits:
+            continue
+        shape = module.weight.shape
+        for k in hits:
+            if table[k].shape != shape:
+                raise ValueError(
+                    f"masks[{k!r}] has shape {tuple(table[k].shape)}, "
+                    f"expected the weight's shape {tuple(shape)}"
+                )
+        first = table[hits[0]]
+        for k in hits[1:]:
+            other = table[k]
+            if other is not first and not torch.equal(other.to(first.device).bool(),
+                                                      first.bool()):
+                raise ValueError(
+                    f"masks[{hits[0]!r}] and masks[{k!r}] name the same weight (of layer "
+                    f"{name!r}) but differ; pass one mask per weight"
+                )
+        if first.is_meta:
+            raise ValueError(f"masks[{hits[0]!r}] is on the meta device (it holds no values); "
+                             "pass masks with values")
+        found[name] = first
+    return found
 
 
 def _mask_table(masks: HasMasks | None) -> Mapping[str, torch.Tensor]:
@@ -259,7 +329,7 @@ def _mask_table(masks: HasMasks | None) -> Mapping[str, torch.Tensor]:
         return {}
     table = getattr(masks, "masks", None)
     if not isinstance(table, Mapping):
-        raise TypeError(
+        raise ArgumentTypeError(
             "masks must have a `masks` mapping of parameter name to tensor, "
             f"got {type(masks).__name__}"
         )
