@@ -14,12 +14,16 @@ paper's terms).
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from sparsekit._checks import check_fraction
 from sparsekit.structured.dependency import Group
+from sparsekit.structured.importance import score_part
 
 __all__ = ["adaptive_counts", "channel_cost", "standardized_importance"]
 
@@ -40,16 +44,16 @@ def standardized_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
     for s in group.slices:
         if s.name not in scores or (readers_only and s.role != "in"):
             continue
-        part = scores[s.name].detach().float().movedim(s.dim, 0).cpu()
-        part = part[s.offset: s.offset + group.channels * s.repeat]
-        parts.append(part.reshape(group.channels, s.repeat, -1).mean(2) ** power)
+        part = score_part(group, s, scores[s.name])  # float64: powers and sums stay finite
+        width = math.prod(part.shape[1:])
+        parts.append(part.reshape(group.channels, s.repeat, width).mean(2) ** power)
     if not parts:
         return None
     flat = torch.cat([p.flatten() for p in parts])
     mean, std = flat.mean(), flat.std() if flat.numel() > 1 else flat.new_tensor(0.0)
     std = std if std > 0 else flat.new_tensor(1.0)  # a constant group: every z-score 0
     total = sum(((p - mean) / std).sum(1) for p in parts)
-    return total / sum(p.shape[1] for p in parts)
+    return (total / sum(p.shape[1] for p in parts)).float()  # z-scores: float32 is plenty
 
 
 def channel_cost(model: nn.Module, group: Group) -> int:
@@ -69,8 +73,27 @@ def adaptive_counts(importance: Mapping[str, torch.Tensor], costs: Mapping[str, 
     ``importance`` values (standardised per group, see :func:`standardized_importance`),
     as many as hold ``1 − amount`` of the total cost (``costs``: per channel of each
     group), the count whose cumulative cost comes closest."""
+    check_fraction("amount", amount)
+    if not isinstance(importance, Mapping) or not importance:
+        raise ValueError(f"importance must map at least one group name to its channels' "
+                         f"importance, got {importance!r}")
     names = list(importance)
-    values = torch.cat([importance[n].float() for n in names])
+    for n in names:
+        imp = importance[n]
+        if not isinstance(imp, torch.Tensor) or not imp.is_floating_point() \
+                or imp.dim() != 1:
+            raise ValueError(f"importance[{n!r}] must be a 1-D float tensor (one value per "
+                             f"channel; None: the group has no scored weight), got "
+                             f"{imp if imp is None else type(imp).__name__}")
+        if not bool(torch.isfinite(imp).all()):
+            raise ValueError(f"importance[{n!r}] holds NaN or inf; accepted: finite values "
+                             "(a NaN ranks channels arbitrarily)")
+        cost = costs.get(n) if isinstance(costs, Mapping) else None
+        if isinstance(cost, bool) or not isinstance(cost, numbers.Real) \
+                or not math.isfinite(cost) or cost <= 0:
+            raise ValueError(f"costs[{n!r}] must be a positive finite number (parameters per "
+                             f"channel), got {cost!r}")
+    values = torch.cat([importance[n].double() for n in names])
     owner = torch.cat([torch.full((importance[n].numel(),), i) for i, n in enumerate(names)])
     weight = torch.cat([torch.full((importance[n].numel(),), float(costs[n]), dtype=torch.float64)
                         for n in names])

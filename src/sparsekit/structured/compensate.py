@@ -49,25 +49,53 @@ def fold_means(model: nn.Module, removed: Removed, means: Mapping[str, torch.Ten
     the biases of the readers in ``means`` (``{reader weight name: mean per input
     channel}``), before the channels are cut. Returns the names of the layers that had no
     bias and got one (see :func:`with_biases`)."""
-    added = set()
+    shifts: dict[str, torch.Tensor] = {}  # every shift first: a bad one changes nothing
     for group, gone in removed:
         for s in _readers(model, group) if gone.numel() else ():
             if s.name not in means:
                 continue
             owner = s.name.rpartition(".")[0]
             layer = model.get_submodule(owner)
-            idx = s.indices(gone).to(layer.weight.device)
-            cols = layer.weight.detach().index_select(1, idx).float()
+            mean = means[s.name]
+            width = layer.weight.shape[1] * (getattr(layer, "groups", 1) or 1)
+            if not isinstance(mean, torch.Tensor) or mean.shape != (width,):
+                got = tuple(mean.shape) if isinstance(mean, torch.Tensor) else repr(mean)
+                raise ValueError(f"means[{s.name!r}] must be a tensor of shape ({width},) "
+                                 f"(one mean per input channel of {owner!r}), got {got}")
+            idx = s.indices(gone.to(torch.long)).to(layer.weight.device)
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= layer.weight.shape[1]):
+                raise ValueError(f"removed channels of group {group.name!r} do not fit "
+                                 f"{s.name!r}: indices must lie in [0, "
+                                 f"{layer.weight.shape[1]}), got {gone.tolist()}")
+            cols = layer.weight.detach().index_select(1, idx).double()
             if cols.dim() > 2:  # a convolution: every kernel position sees the mean
                 cols = cols.flatten(2).sum(2)
-            shift = cols @ means[s.name].to(cols.device).float().index_select(0, idx)
-            if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0],
-                                                      dtype=layer.weight.dtype,
-                                                      device=layer.weight.device),
-                                          requires_grad=layer.weight.requires_grad)
-                added.add(owner)
-            layer.bias.add_(shift.to(layer.bias.dtype))
+            shift = cols @ mean.to(cols.device).double().index_select(0, idx)
+            shift = shifts[owner] + shift if owner in shifts else shift
+            if not bool(torch.isfinite(shift).all()):
+                raise ValueError(f"the bias compensation of {owner!r} is not finite (the "
+                                 f"calibration means of its removed inputs hold NaN/inf, or "
+                                 f"overflow); the model was not changed")
+            shifts[owner] = shift
+    for owner, shift in shifts.items():
+        layer = model.get_submodule(owner)
+        base = 0.0 if layer.bias is None else layer.bias.detach().double().to(shift.device)
+        dtype = layer.weight.dtype if layer.bias is None else layer.bias.dtype
+        if dtype.is_floating_point and \
+                float((base + shift).abs().max()) > torch.finfo(dtype).max:
+            raise ValueError(f"the bias compensation of {owner!r} overflows its {dtype} bias "
+                             f"(|bias| up to {float((base + shift).abs().max()):.3g}); the "
+                             "model was not changed")
+    added = set()
+    for owner, shift in shifts.items():
+        layer = model.get_submodule(owner)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0],
+                                                  dtype=layer.weight.dtype,
+                                                  device=layer.weight.device),
+                                      requires_grad=layer.weight.requires_grad)
+            added.add(owner)
+        layer.bias.add_(shift.to(device=layer.bias.device, dtype=layer.bias.dtype))
     return added
 
 

@@ -27,7 +27,8 @@ from sparsekit.select import top_k
 from sparsekit.structured.dependency import Group, Slice, dependency_groups
 from sparsekit.targets import DEFAULT_TYPES, Target
 
-__all__ = ["channel_masks", "check_round_to", "group_importance", "round_count", "rounding_step"]
+__all__ = ["channel_masks", "check_round_to", "group_importance", "round_count", "rounding_step",
+           "score_part"]
 
 Allocate = Callable[[dict[str, torch.Tensor], float], dict[str, int]]
 
@@ -38,21 +39,48 @@ def group_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
     with ``readers_only`` over the columns that read the channels only. With ``power``
     each entry (a row or column of a slice) counts as its mean score raised to it, once
     per weight it holds (FLAP squares its heads' column metric, see
-    :func:`~sparsekit.structured.adaptive.standardized_importance`)."""
-    total = torch.zeros(group.channels)
+    :func:`~sparsekit.structured.adaptive.standardized_importance`). Computed in float64
+    (finite scores never overflow to a tie of infs) and returned in float32, or float64
+    where ``power`` takes a mean beyond float32's range; NaN/inf scores are a
+    ``ValueError``."""
+    total = torch.zeros(group.channels, dtype=torch.float64)
     count = 0
     for s in group.slices:
         if s.name not in scores or (readers_only and s.role != "in"):
             continue
-        part = scores[s.name].detach().float().movedim(s.dim, 0)
-        part = part[s.offset: s.offset + group.channels * s.repeat]
+        # float64: sums (and powers) of finite float32 scores stay finite
+        part = score_part(group, s, scores[s.name])
         if power != 1:
-            entries = part.reshape(group.channels * s.repeat, -1)
+            entries = part.reshape(group.channels * s.repeat, math.prod(part.shape[1:]))
             part = (entries.mean(1, keepdim=True) ** power).expand_as(entries)
-        part = part.reshape(group.channels, -1)
+        part = part.reshape(group.channels, s.repeat * math.prod(part.shape[1:]))
         total += part.sum(1).cpu()
         count += part.shape[1]
-    return total / count if count else None
+    if not count:
+        return None
+    mean = total / count
+    small = mean.float()  # float32, unless a power took the means past its range
+    return small if bool(torch.isfinite(small).all()) else mean
+
+
+def score_part(group: Group, s: Slice, score: object) -> torch.Tensor:
+    """The entries of ``score`` (the score of ``s.name``) that ``s`` gives ``group``'s
+    channels, along dimension 0, in float64; ``ValueError`` when ``score`` is not a
+    tensor that holds them or holds NaN/inf (a ranking of NaN is arbitrary)."""
+    extent = s.offset + group.channels * s.repeat
+    if not isinstance(score, torch.Tensor) or not -score.dim() <= s.dim < score.dim() \
+            or score.shape[s.dim] < extent:
+        found = (f"a {type(score).__name__}" if not isinstance(score, torch.Tensor)
+                 else f"shape {tuple(score.shape)}")
+        raise ValueError(f"scores[{s.name!r}] does not fit group {group.name!r}: it needs "
+                         f"{extent} entries along dim {s.dim}, got {found}")
+    part = score.detach().to(torch.float64).movedim(s.dim, 0)[s.offset: extent].cpu()
+    if part.numel() and not bool(torch.isfinite(part).all()):
+        bad = float(part[~torch.isfinite(part)][0])
+        raise ValueError(f"scores[{s.name!r}] holds {bad} for channels of group "
+                         f"{group.name!r}; accepted: finite scores (NaN/inf weights or "
+                         "calibration activations that overflow?)")
+    return part
 
 
 def channel_masks(
