@@ -11,12 +11,26 @@ from sparsekit._checks import (
     ArgumentTypeError,
     check_fraction,
     check_int,
+    check_mapping,
     check_positive,
     check_sparsity,
     renamed,
     renamed_attribute,
 )
 from sparsekit.prune import check_sparsity as check_sparsity_from_prune
+
+
+def test_check_mapping():
+    import torch
+
+    check_mapping("masks", {"a": torch.ones(1)}, torch.Tensor, "a torch.Tensor")
+    check_mapping("masks", {}, torch.Tensor, "a torch.Tensor")
+    with pytest.raises(ArgumentTypeError, match=r"^masks must be a mapping of name to a "
+                                                r"torch.Tensor, got list$"):
+        check_mapping("masks", [torch.ones(1)], torch.Tensor, "a torch.Tensor")
+    with pytest.raises(ArgumentTypeError, match=r"^masks\['b'\] must be a torch.Tensor, got "
+                                                r"int$"):
+        check_mapping("masks", {"a": torch.ones(1), "b": 3}, torch.Tensor, "a torch.Tensor")
 
 
 def test_check_int():

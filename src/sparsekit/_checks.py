@@ -20,7 +20,7 @@ import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -61,6 +61,18 @@ def check_parameter_names(what: str, names: Iterable[str], known: Collection[str
             f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of the "
             f"model; {hint}"
         )
+
+
+def check_mapping(name: str, value: Any, kind: type, what: str) -> None:
+    """Raise :class:`ArgumentTypeError` unless ``value`` is a mapping whose every value is
+    a ``kind`` (``what`` names one in the messages: "an nn.Module", "a torch.Tensor")."""
+    if not isinstance(value, Mapping):
+        raise ArgumentTypeError(f"{name} must be a mapping of name to {what}, got "
+                                f"{type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(item, kind):
+            raise ArgumentTypeError(f"{name}[{key!r}] must be {what}, got "
+                                    f"{type(item).__name__}")
 
 
 def check_seed(name: str, value: Any) -> None:

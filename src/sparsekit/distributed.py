@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_mapping
 
 MASKS_HINT = (
     "a wrapped model needs the same masks on every rank: compute them with the same seed and "
@@ -190,13 +190,7 @@ def check_same_on_ranks(tensors: Mapping[str, torch.Tensor], what: str = "masks"
     """Raise ``ValueError`` naming the first of ``tensors`` (whole tensors, the same names
     on every rank) that is not the same on every rank; ``hint`` says what to do. Two small
     all-reduces; nothing in one process (the arguments are checked there too)."""
-    if not isinstance(tensors, Mapping):
-        raise ArgumentTypeError(f"tensors must be a mapping of name to tensor, got "
-                                f"{type(tensors).__name__}")
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise ArgumentTypeError(f"tensors[{name!r}] must be a torch.Tensor, got "
-                                    f"{type(t).__name__}")
+    check_mapping("tensors", tensors, torch.Tensor, "a torch.Tensor")
     if world_size() == 1 or not tensors:
         return
     prints = torch.stack([_fingerprint(t).cpu() for t in tensors.values()])

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, model_errors
+from sparsekit._checks import ArgumentTypeError, check_int, check_mapping, model_errors
 from sparsekit.distributed import all_reduce_sum
 
 __all__ = [
@@ -197,13 +197,7 @@ def watch(layers: Mapping[str, nn.Module], observer: Observer) -> Iterator[None]
 
 def _check_layers(layers: Any) -> None:
     """Raise unless ``layers`` is a ``{name: nn.Module}`` mapping."""
-    if not isinstance(layers, Mapping):
-        raise ArgumentTypeError(f"layers must be a mapping of name to nn.Module, got "
-                                f"{type(layers).__name__}")
-    for name, m in layers.items():
-        if not isinstance(m, nn.Module):
-            raise ArgumentTypeError(f"layers[{name!r}] must be an nn.Module, got "
-                                    f"{type(m).__name__}")
+    check_mapping("layers", layers, nn.Module, "an nn.Module")
 
 
 def input_shapes(model: nn.Module, layers: Mapping[str, nn.Module], *inputs: Any
