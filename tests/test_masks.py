@@ -451,3 +451,16 @@ def test_layer_sparsity_of_empty_parameter():
     ms = MaskSet(model, {"weight": torch.ones(4, 0, dtype=torch.bool)})
     assert ms.sparsity() == 0.0
     assert ms.layer_sparsity() == {"weight": 0.0}
+
+
+def test_one_mask_gives_the_shared_mask_and_names_two_that_differ():
+    from sparsekit.masks import one_mask
+
+    keep = torch.ones(2, 2, dtype=torch.bool)
+    cut = keep.clone()
+    cut[0, 0] = False
+    table = {"a.weight": keep, "b.weight": keep.clone(), "c.weight": cut}
+    assert one_mask(table, ["a.weight", "b.weight"], "w") is keep
+    with pytest.raises(ValueError, match=r"^masks\['a.weight'\] and masks\['c.weight'\] name "
+                                         r"the same weight \(w\) but differ"):
+        one_mask(table, ["a.weight", "b.weight", "c.weight"], "w")

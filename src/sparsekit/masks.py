@@ -18,7 +18,7 @@ mask is applied to the part of its weight that this rank holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -394,6 +394,22 @@ def pattern_view(model: nn.Module, name: str, mask: torch.Tensor) -> torch.Tenso
     owner, _, attr = name.rpartition(".")
     transposed = attr == "weight" and stores_transposed(model.get_submodule(owner))
     return mask.t() if transposed else mask
+
+
+def one_mask(table: Mapping[str, torch.Tensor], names: Sequence[str],
+             weight: str) -> torch.Tensor:
+    """The mask ``table`` gives the one ``weight`` that ``names`` (keys of ``table``) all
+    name: tied parameters, a module reachable by several paths. ``ValueError`` naming two
+    of them where their masks differ — a tensor has one mask, and which of several would
+    otherwise win depends on the order of the table."""
+    first = table[names[0]]
+    for name in names[1:]:
+        other = table[name]
+        if other is not first and not torch.equal(other.to(first.device).bool(),
+                                                  first.bool()):
+            raise ValueError(f"masks[{names[0]!r}] and masks[{name!r}] name the same weight "
+                             f"({weight}) but differ; pass one mask per weight")
+    return first
 
 
 def keeps_everything(mask: torch.Tensor) -> bool:

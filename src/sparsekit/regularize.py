@@ -79,9 +79,8 @@ def _check_groups(groups: object, model: nn.Module, name: str = "groups") -> lis
 
 def _resolve_groups(model: nn.Module, groups: object) -> list[Group]:
     """``groups`` checked, or the dependency groups of ``model``; never none (a penalty or
-    a proximal step over no groups used to do nothing, silently)."""
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    a proximal step over no groups used to do nothing, silently). ``model`` is an
+    ``nn.Module``: its callers check it first."""
     if groups is None:
         found = dependency_groups(model)
         if not found:
@@ -161,11 +160,11 @@ class SoftThreshold(torch.optim.Optimizer):
         if model is not None and not isinstance(model, nn.Module):
             raise ArgumentTypeError(f"model must be an nn.Module or None, got "
                                     f"{type(model).__name__}")
-        checked = None if groups is None else _resolve_groups(model, groups)
+        groups = None if groups is None else _resolve_groups(model, groups)
         self.optimizer = optimizer
         self.strength = float(strength)
         self.model = model
-        self.groups = checked
+        self.groups = groups
         if self.groups is not None:
             self._lr()  # one learning rate, checked before training starts
 

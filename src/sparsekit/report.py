@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 
 from sparsekit import _table
 from sparsekit._checks import ArgumentTypeError, check_parameter_names, model_errors
+from sparsekit.masks import one_mask
 from sparsekit.observe import macs
 from sparsekit.targets import _single_original, default_types, linear_types
 
@@ -308,15 +309,7 @@ def _layer_masks(table: Mapping[str, torch.Tensor], model: nn.Module,
                     f"masks[{k!r}] has shape {tuple(table[k].shape)}, "
                     f"expected the weight's shape {tuple(shape)}"
                 )
-        first = table[hits[0]]
-        for k in hits[1:]:
-            other = table[k]
-            if other is not first and not torch.equal(other.to(first.device).bool(),
-                                                      first.bool()):
-                raise ValueError(
-                    f"masks[{hits[0]!r}] and masks[{k!r}] name the same weight (of layer "
-                    f"{name!r}) but differ; pass one mask per weight"
-                )
+        first = one_mask(table, hits, f"of layer {name!r}")
         if first.is_meta:
             raise ValueError(f"masks[{hits[0]!r}] is on the meta device (it holds no values); "
                              "pass masks with values")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import ArgumentTypeError
+from sparsekit.masks import one_mask
 from sparsekit.structured.compensate import fold_means, reader_means, with_biases
 from sparsekit.structured.dependency import Group, check_groups, dependency_groups
 from sparsekit.structured.importance import check_round_to, rounding_step
@@ -175,22 +176,13 @@ def _mask_table(model: nn.Module, masks: object) -> MaskTable | None:
 
 
 def _by_tensor(table: MaskTable, aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """``table`` keyed by the first name of each tensor (:func:`_aliases`). Names of one
-    tied tensor must give it equal masks: one would otherwise replace the other, and which
-    one depend on the dict's order."""
-    merged: dict[str, torch.Tensor] = {}
-    given: dict[str, str] = {}
-    for name, mask in table.items():
-        first = aliases[name]
-        if first in merged and not torch.equal(merged[first].cpu(), mask.cpu()):
-            raise ValueError(
-                f"masks[{given[first]!r}] and masks[{name!r}] differ, but both name one tied "
-                f"tensor, which can have only one mask; pass equal masks for its names (or "
-                f"one of them)"
-            )
-        merged.setdefault(first, mask)
-        given.setdefault(first, name)
-    return merged
+    """``table`` keyed by the first name of each tensor (:func:`_aliases`); names of one
+    tied tensor must give it equal masks (:func:`~sparsekit.masks.one_mask`)."""
+    names: dict[str, list[str]] = {}
+    for name in table:
+        names.setdefault(aliases[name], []).append(name)
+    return {first: one_mask(table, given, f"the tied tensor {first!r}")
+            for first, given in names.items()}
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:
