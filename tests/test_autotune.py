@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import pytest
 import torch
@@ -504,6 +505,27 @@ def test_a_cold_round_keeps_the_fastest_of_its_calls(monkeypatch: pytest.MonkeyP
                                    torch.device("cpu"))
     assert max(samples[1]["bitmap"]) <= 0.25 and min(samples[1]["dense"]) == 1.0
     assert autotune.choose(samples, ["dense", "bitmap"])[0] == "bitmap"
+
+
+def test_a_warm_block_keeps_its_fastest_part() -> None:
+    """The real clock times a block of calls in three parts and keeps the fastest part's
+    seconds per call: a part that a stall hit (here a 50 ms sleep in the first call) does
+    not count, while a block of fewer calls than parts is timed call by call."""
+
+    class Stalls(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == 1:
+                time.sleep(0.05)
+            return x
+
+    stalls = Stalls()
+    assert autotune._time_block(stalls, torch.zeros(1), 9) < 0.01 and stalls.calls == 9
+    assert autotune._time_block(Stalls(), torch.zeros(1), 1) >= 0.05
 
 
 def test_compile_times_cold_only_models_larger_than_the_cache(
