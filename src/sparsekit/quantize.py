@@ -44,14 +44,19 @@ def int8_scales(weight: torch.Tensor, group_size: int | None = None) -> torch.Te
     ``(out, ceil(in / group_size))`` per group of ``group_size`` inputs.
 
     Each scale is its row's (group's) largest magnitude over :data:`INT8_MAX`; an all-zero
-    row (group) gets scale 1 (its codes are all zero anyway). A float64 weight whose
+    row (group) gets scale 1 (its codes are all zero anyway). Integer magnitudes are taken
+    in float64, where int8's -128 is 128 (``abs`` gave -128). A float64 weight whose
     nonzero magnitudes float32 cannot hold is refused: one beyond its largest number
     became an infinite scale, a row whose largest magnitude is below its smallest normal
     one a scale of 1 with all-zero codes (a nonzero row quantized to zeros, changing the
     mask).
     """
     _check_weight("weight", weight, group_size)
-    absmax = _grouped(weight, group_size).detach().abs().amax(dim=-1)
+    groups = _grouped(weight, group_size).detach()
+    if not groups.is_floating_point():  # abs() of an integer type's minimum overflows
+        groups = groups.to(torch.float64)
+    # amax has no identity: a weight without inputs (rows of zero width) was an IndexError
+    absmax = groups.abs().amax(dim=-1) if groups.shape[-1] else groups.new_zeros(groups.shape[:-1])
     if weight.dtype == torch.float64:
         f32 = torch.finfo(torch.float32)
         tiny = (absmax > 0) & (absmax < f32.tiny)
@@ -105,16 +110,30 @@ def fake_quantize(
 def attach_scales(module: nn.Module, scales: torch.Tensor) -> None:
     """Record that ``module.weight`` lies on the int8 grid of ``scales`` (one per output
     channel) as a float32 buffer :data:`SCALE_NAME`, saved with the module's
-    ``state_dict``."""
+    ``state_dict``.
+
+    The scales are checked as the float32 values stored (a float64 scale float32 cannot
+    hold became a zero or infinite one), and a ``weight_scale`` the module already has that
+    is not such a buffer (a compressed-tensors parameter) is refused, not replaced.
+    """
+    _check_module(module)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"module must have a 2-D weight, got {type(module).__name__}")
     _check_scales(weight, scales, None)
-    module.register_buffer(SCALE_NAME, scales.detach().to(torch.float32).clone())
+    stored = scales.detach().to(torch.float32).clone()
+    check_scale_values(stored)
+    if hasattr(module, SCALE_NAME) and SCALE_NAME not in module._buffers:
+        raise ValueError(
+            f"module already has a {SCALE_NAME} that is not int8 scales "
+            f"({type(getattr(module, SCALE_NAME)).__name__}); remove it before attaching scales"
+        )
+    module.register_buffer(SCALE_NAME, stored)
 
 
 def attached_scales(module: nn.Module) -> torch.Tensor | None:
     """The int8 scales recorded on ``module`` by :func:`attach_scales`, or ``None``."""
+    _check_module(module)
     scales = module._buffers.get(SCALE_NAME)
     return scales if isinstance(scales, torch.Tensor) else None
 
@@ -122,24 +141,33 @@ def attached_scales(module: nn.Module) -> torch.Tensor | None:
 def detach_scales(module: nn.Module) -> None:
     """Forget the int8 grid recorded on ``module`` (nothing happens without one): its
     weight changed and no longer lies on that grid."""
+    _check_module(module)
     module._buffers.pop(SCALE_NAME, None)
 
 
 def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """``weight`` as ``(out, groups, group_size)`` (zero-padded), or ``(out, in)``; both
-    checked by :func:`_check_weight` first."""
+    checked by :func:`_check_weight` first. The sizes are explicit: ``-1`` cannot be
+    inferred for a weight without rows."""
     if group_size is None:
         return weight
     rows, cols = weight.shape
     pad = -cols % group_size
     if pad:
         weight = torch.nn.functional.pad(weight, (0, pad))
-    return weight.reshape(rows, -1, group_size)
+    return weight.reshape(rows, (cols + pad) // group_size, group_size)
 
 
 def _ungrouped(groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The ``shape`` weight of :func:`_grouped`'s ``groups`` (padding dropped)."""
-    return groups.reshape(shape[0], -1)[:, : shape[1]]
+    return groups.flatten(1)[:, : shape[1]]
+
+
+def _check_module(module: Any) -> None:
+    """Raise :class:`ArgumentTypeError` unless ``module`` is an ``nn.Module`` (a str was an
+    ``AttributeError``)."""
+    if not isinstance(module, nn.Module):
+        raise ArgumentTypeError(f"module must be an nn.Module, got {type(module).__name__}")
 
 
 def _check_weight(name: str, weight: Any, group_size: int | None) -> None:

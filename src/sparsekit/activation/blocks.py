@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit.activation.sparsity import Call, on_input
 from sparsekit.blocks import BlockReplay
 from sparsekit.engine.activation_linear import sparsify_input
 
@@ -64,7 +65,8 @@ class BlockError:
 def _thresholded(modules: dict[str, nn.Module], thresholds: dict[str, torch.Tensor]
                  ) -> Iterator[None]:
     """The inputs of the named layers thresholded while inside."""
-    handles = [modules[n].register_forward_pre_hook(_sparsify(t)) for n, t in thresholds.items()]
+    handles = [modules[n].register_forward_pre_hook(_sparsify(t), with_kwargs=True)
+               for n, t in thresholds.items()]
     try:
         yield
     finally:
@@ -72,8 +74,8 @@ def _thresholded(modules: dict[str, nn.Module], thresholds: dict[str, torch.Tens
             h.remove()
 
 
-def _sparsify(threshold: torch.Tensor) -> Callable[..., tuple[Any, ...]]:
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (sparsify_input(args[0], threshold), *args[1:])
+def _sparsify(threshold: torch.Tensor) -> Callable[..., Call]:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        return on_input(args, kwargs, lambda x: sparsify_input(x, threshold))
 
     return hook

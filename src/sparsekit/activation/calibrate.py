@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int, check_seed
-from sparsekit.activation.allocation import ALLOCATIONS, greedy, uniform
+from sparsekit._checks import ArgumentTypeError, check_int, check_seed
+from sparsekit.activation.allocation import ALLOCATIONS, GREEDY_STEP, greedy, uniform
 from sparsekit.activation.blocks import BlockError, block_groups
 from sparsekit.activation.layers import find_layers
 from sparsekit.activation.record import record_inputs
 from sparsekit.activation.scores import METHODS, feature_threshold, score
-from sparsekit.activation.sparsity import ActivationSparsity
+from sparsekit.activation.sparsity import ActivationSparsity, applied_layers
 from sparsekit.observe import batches
 from sparsekit.targets import TargetSpec
 
@@ -39,25 +40,36 @@ def calibrate(
     (``"teal"``: ``|x|``; ``"wina"``: ``|x_j| * ||W[:, j]||``; ``"cats"``: ``|x|`` on
     down-projection inputs only) and ``allocation`` the per-layer split of the model-wide
     target (``"uniform"`` or ``"greedy"``: TEAL's block-wise search, which measures block
-    output errors on the first calibration batch). ``targets`` overrides the default layers (see
-    :func:`~sparsekit.activation.layers.find_layers`). At most ``max_rows`` input rows per
-    layer, sampled with ``seed``, are kept to bound memory.
+    output errors on the first calibration batch and reaches at most 0.95). ``targets``
+    overrides the default layers (see :func:`~sparsekit.activation.layers.find_layers`). At
+    most ``max_rows`` input rows per layer, sampled with ``seed``, are kept to bound memory.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
-            or not 0 <= sparsity < 1:
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise ArgumentTypeError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if not 0 <= sparsity < 1:  # also NaN
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
+    for name, value, known in (("method", method, METHODS),
+                               ("allocation", allocation, ALLOCATIONS)):
+        if not isinstance(value, str):  # a list was "unhashable type" from the registry
+            raise ArgumentTypeError(f"{name} must be one of {list(known)}, got {value!r}")
+        if value not in known:
+            raise ValueError(f"{name} must be one of {list(known)}, got {value!r}")
+    if allocation == "greedy" and sparsity > 1 - GREEDY_STEP:  # known now, not after the search
+        raise ValueError(f"sparsity must be at most {1 - GREEDY_STEP:g} for allocation='greedy' "
+                         f"(its layer levels rise in steps of {GREEDY_STEP:g} and stay below 1), "
+                         f"got {sparsity!r}")
     check_int("max_rows", max_rows, minimum=1)
     check_seed("seed", seed)
     if calibration is None:
         raise ValueError("calibration must be a tensor of inputs or a list of them, got None")
 
     layers = find_layers(model, method, targets)
+    applied = applied_layers(layers)
+    if applied:  # their recorded inputs would be the thresholded ones: quantiles of zeros
+        raise ValueError(f"model: layers {applied} have activation thresholds applied "
+                         "(ActivationSparsity.apply); remove() them before calibrating again")
     generator = torch.Generator().manual_seed(seed)
     replay: list[Any] = []  # the greedy search replays the first non-empty batch
     recorded = calibration
@@ -66,9 +78,12 @@ def calibrate(
         # non-empty batch on the way (the only one the search needs), not the whole stream
         recorded = _tap(calibration, replay)
     inputs = record_inputs(model, layers, recorded, max_rows=max_rows, generator=generator)
-    unused = [n for n in layers if n not in inputs]
+    # a layer reached only by empty batches (an MoE expert no token was routed to) has no
+    # rows to take a quantile of
+    unused = [n for n in layers if n not in inputs or not len(inputs[n])]
     if unused:
-        raise ValueError(f"targets: layers {unused} never ran on the calibration data")
+        raise ValueError(f"targets: layers {unused} saw no input rows in the calibration data "
+                         "(they never ran, or ran only on empty inputs)")
     infinite = [n for n, x in inputs.items() if not bool(x.isfinite().all())]
     if infinite:  # quantiles of NaN scores would be thresholds that zero nothing
         raise ValueError(f"calibration: the inputs of layers {infinite} hold NaN or infinite "

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsekit._checks import check_seed
+from sparsekit._checks import ArgumentTypeError, check_seed
 from sparsekit.activation.layers import find_layers
 from sparsekit.activation.sparsity import ActivationSparsity
+from sparsekit.engine.activation_linear import thresholded_layers
 from sparsekit.observe import run, watch
 
 __all__ = ["LayerProfile", "profile"]
@@ -47,32 +49,63 @@ def profile(
     With ``sparsity`` the layers are those it was calibrated for and ``below_threshold`` is
     filled in. With ``plot`` a histogram of ``log10 |x|`` per layer type (the last part of
     the module name, e.g. ``down_proj``) is saved there. ``seed`` (an int in
-    [0, 2**63 - 1]) draws the values the histograms sample.
+    [0, 2**63 - 1]) draws the values the histograms sample. Every argument is checked
+    before the model runs; data whose layer inputs hold NaN or infinite values is refused
+    (as by :func:`~sparsekit.activation.calibrate`), and no plot is written then.
     """
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_seed("seed", seed)
+    if plot is not None:  # checked now, not after the whole run
+        if not isinstance(plot, (str, PathLike)):
+            raise ArgumentTypeError(f"plot must be a path (a str or an os.PathLike) or None, "
+                                    f"got {plot!r}")
+        folder = Path(plot).parent
+        if not folder.is_dir():
+            raise ValueError(f"plot: directory '{folder}' does not exist; accepted: a path in "
+                             "an existing directory")
     if sparsity is None:
         layers = find_layers(model, "teal")
+        widths = {n: m.in_features for n, m in layers.items()}
+        thresholds: dict[str, torch.Tensor] = {}
     else:
-        modules = dict(model.named_modules())
-        layers = {n: modules[n] for n in sparsity.thresholds}
+        if not hasattr(sparsity, "thresholds"):
+            raise ArgumentTypeError(
+                "sparsity must be calibrated input thresholds (an ActivationSparsity from "
+                f"sparsekit.activation.calibrate) or None, got {type(sparsity).__name__}"
+            )
+        # names the model lacks were a KeyError, thresholds of the wrong width an error from
+        # inside the forward pass that blamed the data
+        layers = thresholded_layers(sparsity.thresholds, model, "sparsity.thresholds")
+        thresholds = {n: t.detach().cpu() for n, t in sparsity.thresholds.items()}
+        widths = {n: t.numel() for n, t in thresholds.items()}
     counts = {n: torch.zeros(3, dtype=torch.long) for n in layers}  # zeros, below, rows
-    alive = {n: torch.zeros(m.in_features, dtype=torch.bool) for n, m in layers.items()}
+    alive = {n: torch.zeros(w, dtype=torch.bool) for n, w in widths.items()}
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     generator = torch.Generator().manual_seed(seed)
+    infinite: set[str] = set()  # layers that saw a NaN or infinite input
 
     def see(name: str, x: torch.Tensor, _out: Any) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        if not bool(x.isfinite().all()):
+            infinite.add(name)
         counts[name][0] += int((x == 0).sum())
         if sparsity is not None:
-            counts[name][1] += int((x.abs() < sparsity.thresholds[name]).sum())
+            counts[name][1] += int((x.abs() < thresholds[name]).sum())
         counts[name][2] += x.shape[0]
         alive[name] |= (x != 0).any(0)
         flat = x.abs().flatten()
+        if not flat.numel():  # a call with no rows (an MoE expert no token reached)
+            return
         pick = torch.randint(flat.numel(), (_PLOT_VALUES,), generator=generator)
         samples[name].append(flat[pick])
 
     with watch(layers, see):
         run(model, data)
+    if infinite:  # NaN counts as a live input: a dense-looking profile of garbage
+        raise ValueError(f"data: the inputs of layers {[n for n in layers if n in infinite]} "
+                         "hold NaN or infinite values; profile data the model computes finite "
+                         "activations for")
     result = {}
     for n, (zeros, below, rows) in ((n, c.tolist()) for n, c in counts.items()):
         total = max(rows * alive[n].numel(), 1)

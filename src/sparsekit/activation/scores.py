@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.registry import Registry
 
 __all__ = ["METHODS", "feature_threshold", "score"]
@@ -37,8 +38,28 @@ METHODS.register("cats")(_magnitude)  # |x| too; find_layers picks the down proj
 
 
 def score(method: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Importance of each input activation in ``x`` ``(..., in)`` for ``weight`` ``(out, in)``."""
-    return x.abs() * METHODS.get(method)(x, weight)
+    """Importance of each input activation in ``x`` ``(..., in)`` for ``weight`` ``(out, in)``.
+
+    ``x`` must be floating-point (integer inputs had their column norms truncated to
+    integers) and as wide as ``weight``'s inputs.
+    """
+    fn = METHODS.get(method)
+    if not isinstance(x, torch.Tensor):
+        raise ArgumentTypeError(f"x must be a floating-point tensor (..., in), got "
+                                f"{type(x).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise ArgumentTypeError(f"weight must be a 2-D tensor (out, in), got "
+                                f"{type(weight).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor (..., in), got {x.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor (out, in), got shape "
+                         f"{tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features in its last "
+                         f"dimension, but weight {tuple(weight.shape)} takes {weight.shape[1]} "
+                         "inputs")
+    return x.abs() * fn(x, weight)
 
 
 def feature_threshold(method: str, threshold: float, weight: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,9 +10,17 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from sparsekit._checks import ArgumentTypeError, check_fraction, check_int
 from sparsekit.engine.activation_linear import check_threshold, sparsify_input, thresholded_layers
 
 __all__ = ["ActivationSparsity"]
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+"""A layer call's ``(args, kwargs)``, what a forward pre-hook ``with_kwargs`` returns."""
+
+_MARK = "_sparsekit_activation_threshold"
+"""An attribute set on the hooks :meth:`ActivationSparsity.apply` installs, by which
+:func:`applied_layers` finds them."""
 
 
 @dataclass(eq=False)
@@ -36,16 +44,33 @@ class ActivationSparsity:
     _counts: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        for name, value, what in (("thresholds", self.thresholds, "tensor"),
+                                  ("sparsities", self.sparsities, "float"),
+                                  ("sizes", self.sizes, "int")):
+            if not isinstance(value, Mapping):
+                raise ArgumentTypeError(f"{name} must be a mapping of layer name to {what}, got "
+                                        f"{type(value).__name__}")
         for name, threshold in self.thresholds.items():
             check_threshold(f"thresholds[{name!r}]", threshold)
-        extra = sorted(set(self.sparsities) - set(self.sizes))
-        if extra:
-            raise ValueError(f"sparsities names layers {extra} that sizes has no weight count for")
+        _check_fractions("sparsities", self.sparsities)
+        for name, size in self.sizes.items():
+            check_int(f"sizes[{name!r}]", size, minimum=0)
+        for field_name in ("sparsities", "thresholds"):
+            extra = sorted(set(getattr(self, field_name)) - set(self.sizes))
+            if extra:
+                raise ValueError(f"{field_name} names layers {extra} that sizes has no weight "
+                                 "count for")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state to pickle (``torch.save``) or deep-copy, without the hook handles: the
+        hooks belong to the model this object was applied to (and cannot be pickled), so a
+        copy starts unapplied; the thresholds and :meth:`stats` so far are kept."""
+        return {**vars(self), "_handles": []}
 
     def apply(self, model: nn.Module) -> ActivationSparsity:
         """Threshold the inputs of the calibrated layers of ``model`` (by module name)."""
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if self._handles:
             raise RuntimeError("ActivationSparsity is already applied; call remove() first")
         modules = thresholded_layers(self.thresholds, model)  # every check before a hook
@@ -54,7 +79,7 @@ class ActivationSparsity:
             module = modules[name]
             device = next(module.parameters(), threshold).device
             hook = self._hook(name, threshold.to(device))
-            self._handles.append(module.register_forward_pre_hook(hook))
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         return self
 
     def remove(self) -> None:
@@ -69,7 +94,13 @@ class ActivationSparsity:
 
     def model_sparsity(self, per_layer: dict[str, float] | None = None) -> float:
         """Size-weighted mean of ``per_layer`` (default: the calibrated :attr:`sparsities`)."""
-        per_layer = self.sparsities if per_layer is None else per_layer
+        if per_layer is None:
+            per_layer = self.sparsities
+        elif not isinstance(per_layer, Mapping):
+            raise ArgumentTypeError(f"per_layer must be a mapping of layer name to float, got "
+                                    f"{type(per_layer).__name__}")
+        else:  # a NaN came back as the model's sparsity
+            _check_fractions("per_layer", per_layer)
         unknown = sorted(set(per_layer) - set(self.sizes))
         if unknown:
             raise ValueError(f"per_layer names layers {unknown} that were not calibrated; "
@@ -77,14 +108,46 @@ class ActivationSparsity:
         total = sum(self.sizes[n] for n in per_layer)
         return sum(s * self.sizes[n] for n, s in per_layer.items()) / max(total, 1)
 
-    def _hook(self, name: str, threshold: torch.Tensor) -> Callable[..., tuple[Any, ...]]:
+    def _hook(self, name: str, threshold: torch.Tensor) -> Callable[..., Call]:
         counts = self._counts[name]
 
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            x = sparsify_input(args[0], threshold)
+        def sparsify(x: torch.Tensor) -> torch.Tensor:
+            x = sparsify_input(x, threshold)
             counts[0] += int((x == 0).sum())
             counts[1] += x.numel()
-            return (x, *args[1:])
+            return x
 
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+            return on_input(args, kwargs, sparsify)
+
+        setattr(hook, _MARK, True)
         return hook
 
+
+def applied_layers(layers: Mapping[str, nn.Module]) -> list[str]:
+    """The names of ``layers`` whose inputs an applied :class:`ActivationSparsity`
+    thresholds (whichever object applied it)."""
+    return [n for n, m in layers.items()
+            if any(getattr(h, _MARK, False) for h in m._forward_pre_hooks.values())]
+
+
+def on_input(args: tuple[Any, ...], kwargs: dict[str, Any],
+             fn: Callable[[torch.Tensor], torch.Tensor]) -> Call:
+    """The ``(args, kwargs)`` of a layer call with ``fn`` applied to the layer's input: its
+    first positional argument, or its first keyword argument where it was called with
+    keywords only (``layer(input=x)``), the input calibration records
+    (:func:`sparsekit.observe.watch`); a hook reading ``args[0]`` failed on such calls with
+    an ``IndexError``."""
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    if kwargs:
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: fn(kwargs[key])}
+    return args, kwargs
+
+
+def _check_fractions(name: str, values: Mapping[str, Any]) -> None:
+    """Raise unless every value of ``values`` (the argument ``name``) is a sparsity, a real
+    number in [0, 1] (NaN never is): 1 is a layer whose inputs were all zero."""
+    for layer, value in values.items():
+        check_fraction(f"{name}[{layer!r}]", value, one=True)

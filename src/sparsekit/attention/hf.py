@@ -7,7 +7,7 @@ the pattern and switches a model onto it::
 
     sparsekit.attention.apply(model, pattern="antidiagonal", threshold=0.9)
     model.generate(long_prompt)            # prefill and every decode step go sparse
-    sparsekit.attention.remove(model)      # back to SDPA
+    sparsekit.attention.remove(model)      # back to the attention it had (SDPA)
 
 After :func:`register`, ``model.config._attn_implementation = "sparsekit"`` switches a
 model too, with the default :class:`SparseAttention` settings.
@@ -34,7 +34,7 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sparsekit._checks import check_int
+from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.attention.block_sparse import block_sparse_attention
 from sparsekit.attention.break_even import BreakEven, call_class
 from sparsekit.attention.patterns import Antidiagonal, AttentionPattern, resolve_pattern
@@ -46,6 +46,10 @@ NAME = "sparsekit"
 
 ATTRIBUTE = "sparse_attention"
 """The attribute :func:`apply` sets on the modules that read the model's config."""
+
+_PREVIOUS = "_sparsekit_dense_attention"
+"""The attribute :func:`apply` sets on the model: the attention implementation it had, which
+:func:`remove` restores."""
 
 _DENSE_ONLY = ("softcap", "position_bias", "sliding_window", "s_aux")
 
@@ -110,21 +114,27 @@ def apply(
         min_length: ``None`` times dense and sparse on the first call of each class and
             runs the faster; an int runs SDPA on calls with fewer keys, sparse on the rest.
     """
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    _check_model(model)
     settings = SparseAttention(resolve_pattern(pattern, **options), block_size, min_length)
     register()
+    previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
+    if previous != NAME:  # applied again: keep what the first apply switched away from
+        vars(model)[_PREVIOUS] = previous
     for module in _config_holders(model):
         setattr(module, ATTRIBUTE, settings)
     return model
 
 
 def remove(model: PreTrainedModel) -> PreTrainedModel:
-    """Switch ``model`` back to SDPA attention and drop its sparse settings; return it."""
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    model.set_attn_implementation("sdpa")
+    """Switch ``model`` back to the attention it had before :func:`apply` (SDPA where that
+    is unknown: a model switched by setting its config) and drop its sparse settings;
+    return it. A model loaded with eager attention (for ``output_attentions``) stays eager.
+    """
+    _check_model(model)
+    if model.config._attn_implementation == NAME:
+        model.set_attn_implementation(vars(model).get(_PREVIOUS) or "sdpa")
+    vars(model).pop(_PREVIOUS, None)
     for module in _config_holders(model):
         if ATTRIBUTE in vars(module):
             delattr(module, ATTRIBUTE)
@@ -175,6 +185,14 @@ def attention_forward(
         return dense()
     call = call_class(query, key, causal=causal, block_size=settings.block_size)
     return settings.break_even.run(call, dense, sparse)
+
+
+def _check_model(model: Any) -> None:
+    """Raise :class:`~sparsekit._checks.ArgumentTypeError` (a ``TypeError`` that ``except
+    ValueError`` also catches) unless ``model`` is a transformers model."""
+    if not isinstance(model, PreTrainedModel):
+        raise ArgumentTypeError(f"model must be a transformers PreTrainedModel, got "
+                                f"{type(model).__name__}")
 
 
 def _config_holders(model: PreTrainedModel) -> list[nn.Module]:
