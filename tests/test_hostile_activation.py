@@ -14,7 +14,7 @@ import torch
 from _state import snapshot, unchanged
 from torch import nn
 
-from sparsekit import activation
+from sparsekit import activation, quantize
 from sparsekit._checks import ArgumentTypeError
 from sparsekit.activation import ActivationSparsity
 
@@ -323,8 +323,6 @@ def test_attach_scales_over_another_weight_scale_is_a_clear_error():
 def test_scale_functions_need_a_module(name):
     """A str was an AttributeError ('str' object has no attribute '_buffers') or a plain
     ValueError."""
-    from sparsekit import quantize
-
     args = ("layer", torch.ones(2)) if name == "attach_scales" else ("layer",)
     with pytest.raises(ArgumentTypeError, match="^module must be an nn.Module, got str$"):
         getattr(quantize, name)(*args)
@@ -403,3 +401,13 @@ def test_attention_switch_of_a_non_model_is_an_argument_type_error():
         with pytest.raises(ArgumentTypeError, match="^model must be a transformers "
                                                      "PreTrainedModel, got Linear$"):
             call(nn.Linear(2, 2))
+
+
+def test_dequantize_int8_is_float32_whatever_the_scales_dtype() -> None:
+    """The docstring's float32: float64 scales (as a user computes them) are rounded to
+    the float32 the kernels hold instead of promoting the decoded weight to float64."""
+    codes = torch.tensor([[1, -127], [3, 0]], dtype=torch.int8)
+    scales = torch.tensor([0.1, 1 / 3], dtype=torch.float64)
+    weight = quantize.dequantize_int8(codes, scales)
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, quantize.dequantize_int8(codes, scales.to(torch.float32)))

@@ -91,11 +91,12 @@ def quantize_int8(
 def dequantize_int8(
     codes: torch.Tensor, scales: torch.Tensor, group_size: int | None = None
 ) -> torch.Tensor:
-    """The float32 weight ``codes * scales`` (scales per row, or per group of inputs)."""
+    """The float32 weight ``codes * scales`` (scales per row, or per group of inputs; float64
+    scales are rounded to the float32 the kernels hold, not promoting the weight)."""
     _check_weight("codes", codes, group_size)
     _check_scales(codes, scales, group_size)
     groups = _grouped(codes.to(torch.float32), group_size)
-    return _ungrouped(groups * scales.unsqueeze(-1), codes.shape)
+    return _ungrouped(groups * scales.to(torch.float32).unsqueeze(-1), codes.shape)
 
 
 def fake_quantize(
