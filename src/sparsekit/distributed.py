@@ -176,9 +176,15 @@ def unsharded(model: nn.Module) -> Iterator[None]:
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     """Three int64 numbers that differ between two tensors unless they are equal (almost
     surely): the size, the sum of the values and a sum weighted by position. Floating
-    tensors are read by their bits; sums wrap around the same way on every rank."""
+    tensors are read by their bits — float64 by its own (as float32, values that differ
+    beyond its precision agreed), complex ones as their real and imaginary parts (the cast
+    to int64 dropped the imaginary one); sums wrap around the same way on every rank."""
     flat = t.detach().flatten()
-    if flat.is_floating_point():
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).flatten()
+    if flat.dtype == torch.float64:
+        flat = flat.view(torch.int64)
+    elif flat.is_floating_point():
         flat = flat.float().view(torch.int32)
     v = flat.to(torch.int64)
     weight = torch.arange(v.numel(), dtype=torch.int64, device=v.device) % 1_000_003 + 1

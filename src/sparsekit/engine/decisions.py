@@ -14,8 +14,10 @@ Each decision is one JSON file named by the hash of its key, in ``decisions/`` u
 kernel cache (``~/.cache/sparsekit``; ``$SPARSEKIT_CACHE_DIR`` or ``$XDG_CACHE_HOME`` move
 it). Files are written atomically (a temporary file renamed over the old one), so a
 concurrent compile never reads half a file. A file that cannot be read, or that does not
-hold a valid decision for its key, is ignored with a ``RuntimeWarning`` and replaced by
-the next timing; a cache that cannot be written only warns.
+hold a valid decision for its key (no regular file — a FIFO, a symlink to a device —, one
+larger than :data:`_MAX_BYTES`, or a record no timing could give), is ignored with a
+``RuntimeWarning`` and replaced by the next timing; a cache that cannot be written only
+warns.
 
 A decision taken on a busy machine may be a coin toss: two formats whose medians lie
 closer together than the round-to-round noise of the timing could have come out the
@@ -33,9 +35,11 @@ import functools
 import hashlib
 import json
 import math
+import os
 import platform
+import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -50,6 +54,9 @@ __all__ = ["TIMINGS", "close_call", "directory", "key", "lookup", "similar", "st
 _VERSION = 3  # of the key and file layout; a change makes old files misses
 TIMINGS = 2
 """How many timings a close call gets before its decision stands."""
+_MAX_BYTES = 1 << 20
+"""The largest decision file read (one holds a few kilobytes): a larger one is corrupt, and
+no more than this is read of it (a symlink to ``/dev/zero`` filled the memory)."""
 
 
 def directory() -> Path:
@@ -162,7 +169,7 @@ def _read(key: dict[str, object]) -> tuple[dict[str, object], int, bool] | None:
     as well as malformed JSON or a wrong layout."""
     path = _path(key)
     try:
-        raw = path.read_bytes()  # json.loads decodes it, so bad bytes are a corrupt file
+        raw = _read_bytes(path)  # json.loads decodes it, so bad bytes are a corrupt file
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
@@ -170,6 +177,10 @@ def _read(key: dict[str, object]) -> tuple[dict[str, object], int, bool] | None:
                       stacklevel=3)
         return None
     try:
+        if raw is None:
+            raise ValueError("it is no regular file")
+        if len(raw) > _MAX_BYTES:
+            raise ValueError(f"it is larger than {_MAX_BYTES} bytes")
         data = json.loads(raw)
         choice = _parse(data, key)
         timings = data.get("timings", 1)
@@ -186,6 +197,17 @@ def _read(key: dict[str, object]) -> tuple[dict[str, object], int, bool] | None:
     return choice, timings, close
 
 
+def _read_bytes(path: Path) -> bytes | None:
+    """The first ``_MAX_BYTES + 1`` bytes of the file at ``path``, or ``None`` if it is no
+    regular file. It is opened without blocking and checked before it is read, so a FIFO
+    (which blocked the compile forever) or a device is never waited on or read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return file.read(_MAX_BYTES + 1)
+
+
 def _path(key: dict[str, object]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     return directory() / f"{digest}.json"
@@ -193,7 +215,13 @@ def _path(key: dict[str, object]) -> Path:
 
 def _parse(data: object, key: dict[str, object]) -> dict[str, object]:
     """The choice in ``data``, checked against ``key``; JSON's string keys become row counts
-    again. Raises ``ValueError``/``TypeError``/``KeyError`` for anything malformed."""
+    again. Raises ``ValueError``/``TypeError``/``KeyError`` for anything malformed.
+
+    Only what a timing can give passes: a second format (``format_large``) only for a
+    ``Linear`` layer (compile built a ``CompiledLinear`` in place of a conv from one), a
+    ``split`` that is a served row count (JSON's ``true`` equals the row count 1), and
+    times, spreads and speedups that are finite and not negative (``json.loads`` reads
+    ``NaN`` and ``Infinity``)."""
     if not isinstance(data, dict) or data.get("key") != key:
         raise ValueError("the file holds another key")
     choice = dict(data["choice"])
@@ -201,20 +229,33 @@ def _parse(data: object, key: dict[str, object]) -> dict[str, object]:
     large, split = choice.get("format_large"), choice.get("split")
     if (
         choice["format"] not in key["candidates"] or choice["rows"] != rows
-        or (large is not None and (large not in key["candidates"] or split not in rows))
+        or (large is not None and (large not in key["candidates"] or type(split) is not int
+                                   or split not in rows
+                                   or not str(key["layer"]).startswith("Linear(")))
     ):
         raise ValueError(f"format {choice['format']!r}, format_large {large!r}, split "
                          f"{split!r} or rows {choice['rows']!r} do not fit")
     choice["times_ms"] = {
-        name: _by_rows(times, rows, float) for name, times in choice["times_ms"].items()
+        name: _by_rows(times, rows, _time) for name, times in choice["times_ms"].items()
     }
     choice["evidence"] = _by_rows(choice["evidence"], rows, dict)
+    for record in choice["evidence"].values():
+        _time(record["spread"])
     for name in ("ms_dense", "ms_chosen", "speedup", "margin"):
-        choice[name] = float(choice[name])
+        choice[name] = _time(choice[name])
     return choice
 
 
-def _by_rows(values: dict[str, object], rows: object, kind: type) -> dict[int, object]:
+def _time(value: object) -> float:
+    """``value`` as a float, if it is one a timing can record: finite and not negative."""
+    number = float(value)
+    if not 0 <= number < math.inf:  # also NaN
+        raise ValueError(f"{value!r} is no finite time, spread or ratio ≥ 0")
+    return number
+
+
+def _by_rows(values: dict[str, object], rows: object, kind: Callable[[object], object]
+             ) -> dict[int, object]:
     out = {int(r): kind(v) for r, v in values.items()}
     if list(out) != rows:
         raise ValueError(f"entries for rows {list(out)}, expected {rows}")

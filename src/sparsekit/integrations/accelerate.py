@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.integrations import training
 from sparsekit.integrations.training import Attached, Sparsity
 
@@ -34,7 +35,7 @@ def attach(accelerator: Any, sparsity: Sparsity, model: nn.Module, optimizer: ob
     names), hooks go on the optimizer inside the ``AcceleratedOptimizer``."""
     unwrap = getattr(accelerator, "unwrap_model", None)
     if unwrap is None:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"accelerator must be an accelerate.Accelerator, got {type(accelerator).__name__}"
         )
     return training.attach(sparsity, unwrap(model), optimizer)

@@ -15,6 +15,7 @@ A :class:`~sparsekit.DynamicSparsity` needs the optimizer the ``Trainer`` builds
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,21 @@ class SparsityCallback(TrainingSparsity, TrainerCallback):
                        optimizer: object, **kwargs: Any) -> None:
         """Attach; when resuming, load the checkpoint's :data:`STATE_FILE` first, so that
         a file that holds no state of this sparsity is a ``ValueError`` naming it, with
-        nothing attached."""
+        nothing attached.
+
+        The ``Trainer`` tells its callbacks the step it resumes at, not the directory: the
+        file is looked for in the checkpoint of that step under ``output_dir``. Resuming
+        without it (a checkpoint from elsewhere, or saved without this callback) warns:
+        the masks and the schedule then start as given, a schedule from its first step."""
         saved = _checkpoint(args, state) / STATE_FILE
-        resumed = _read_state(saved) if state.global_step > 0 and saved.is_file() else None
+        resumed = None
+        if state.global_step > 0 and saved.is_file():
+            resumed = _read_state(saved)
+        elif state.global_step > 0:
+            warnings.warn(
+                f"SparsityCallback: resuming at step {state.global_step} without {saved}, "
+                "the state it saves with each checkpoint: the masks and the schedule start "
+                "as given, a schedule from its first step", RuntimeWarning, stacklevel=2)
         self.begin(model, optimizer, state=resumed, state_name=str(saved))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -72,10 +85,14 @@ class SparsityCallback(TrainingSparsity, TrainerCallback):
 
 def _read_state(path: Path) -> Any:
     """What ``torch.load`` reads from ``path`` (tensors and containers only); a file it
-    cannot read is a ``ValueError`` naming it (torch's own errors do not)."""
+    cannot read is a ``ValueError`` naming it (torch's own errors do not). A damaged file
+    (flipped bytes, cut short) fails deep in torch's unpickler with almost any error —
+    ``UnicodeDecodeError``, ``KeyError``, ``IndexError``, ``AssertionError`` — each of them
+    caught here; an ``OSError`` (a file that cannot be opened) names the file already."""
     try:
         return torch.load(path, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, LookupError,
+            TypeError, AttributeError, AssertionError, OverflowError, RecursionError) as err:
         reason = str(err).strip().split("\n")[0] or type(err).__name__  # torch's run long
         raise ValueError(f"{path} is no state saved by SparsityCallback: torch.load failed "
                          f"({reason})") from err

@@ -79,13 +79,28 @@ def attach(
 
     ``state``, a ``state_dict()`` of the masks or the schedule (to resume a run), is loaded
     into them before anything is attached, so a state they refuse leaves the optimizer as
-    it was; ``state_name`` names it in that error (the file it was read from).
+    it was; ``state_name`` names it in that error (the file it was read from). A schedule
+    that a function builds hooks the optimizer as it is built (and prunes the model): when
+    attaching it fails, the optimizer's step hooks are put back as they were before the
+    call.
     """
     check(sparsity)
     real = check_optimizer(optimizer)
-    built = sparsity if isinstance(sparsity, (Schedule, Masks)) else sparsity(model, real)
+    if isinstance(sparsity, (Schedule, Masks)):
+        return _attach(sparsity, real, state, state_name)
+    hooks = _step_hooks(real)
+    try:  # a DynamicSparsity hooks the optimizer as it is built
+        return _attach(sparsity(model, real), real, state, state_name)
+    except BaseException:
+        _remove_hooks_since(real, hooks)
+        raise
+
+
+def _attach(built: object, real: torch.optim.Optimizer, state: Mapping[str, Any] | None,
+            state_name: str) -> Attached:
+    """:func:`attach` of what ``sparsity`` is or built: check it, load ``state``, hook it."""
     if not isinstance(built, (Schedule, Masks)):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"sparsity: the function must return a MaskSet or a schedule, got {built!r}"
         )
     schedule = built if isinstance(built, Schedule) else None
@@ -118,10 +133,28 @@ def attach(
     return attached
 
 
+def _step_hooks(optimizer: torch.optim.Optimizer) -> tuple[set[int], set[int]]:
+    """The ids of ``optimizer``'s step pre- and post-hooks now."""
+    return set(optimizer._optimizer_step_pre_hooks), set(optimizer._optimizer_step_post_hooks)
+
+
+def _remove_hooks_since(optimizer: torch.optim.Optimizer, before: tuple[set[int], set[int]]
+                        ) -> None:
+    """Remove the step hooks registered on ``optimizer`` since :func:`_step_hooks` gave
+    ``before``: those of a schedule the sparsity function built for an :func:`attach` that
+    then failed (a refused state), which would otherwise keep masking every later step of
+    that optimizer (a ``Trainer`` keeps its optimizer for the next ``train()``)."""
+    for hooks, known in zip((optimizer._optimizer_step_pre_hooks,
+                             optimizer._optimizer_step_post_hooks), before, strict=True):
+        for handle_id in [h for h in hooks if h not in known]:
+            del hooks[handle_id]
+
+
 def check(sparsity: object) -> None:
-    """Raise ``TypeError`` unless ``sparsity`` is one of the accepted :data:`Sparsity`."""
+    """Raise :class:`ArgumentTypeError` unless ``sparsity`` is one of the accepted
+    :data:`Sparsity`."""
     if not (isinstance(sparsity, (Schedule, Masks)) or callable(sparsity)):
-        raise TypeError(
+        raise ArgumentTypeError(
             "sparsity must be a MaskSet, a schedule (GradualPruner, IterativePruning, "
             "DynamicSparsity …) or a function (model, optimizer) -> one of them, got "
             f"{type(sparsity).__name__}"
