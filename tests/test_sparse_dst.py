@@ -101,6 +101,21 @@ def test_dense_grad_is_captured_only_for_update_steps(one_thread) -> None:
     assert captured == [(s + 1) % UPDATE_EVERY == 0 for s in range(2 * UPDATE_EVERY)]
 
 
+def test_snfs_stops_capturing_dense_gradients_once_its_updates_end(one_thread) -> None:
+    """SNFS reads momenta of the dense gradients at its updates, so it captures them every
+    step, but only until end_step: after it, sparse layers no longer compute dense
+    gradients and the momenta stay as the last update left them."""
+    model = _sparse_mlp()
+    opt, ds = _dst(model, "snfs")
+    layers = list(sparse_layers(model).values())
+    for step in range(END_STEP + 2):
+        assert all(layer.capture_dense_grad for layer in layers) == (step + 1 < END_STEP)
+        if step + 1 == END_STEP:
+            momenta = {n: m.clone() for n, m in ds._momenta.items()}
+        _train_step(model, opt, ds, step)
+    assert all(torch.equal(m, ds._momenta[n]) for n, m in momenta.items())
+
+
 def test_captured_dense_grad_equals_autograd(backend) -> None:
     layer = _sparse_mlp()[0]
     x = torch.randn(7, 20, dtype=torch.float64)

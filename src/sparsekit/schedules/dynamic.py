@@ -211,9 +211,18 @@ class DynamicSparsity:
         return True
 
     def _arm_capture(self) -> None:
-        """Ask the masks for dense gradients only for the steps whose rule reads them."""
+        """Ask the masks for dense gradients only for the steps whose rule reads them: the
+        momenta (SNFS) until the updates end, the gradient (RigL) of each update step. Past
+        ``end_step`` nothing reads them, and sparse layers asked for dense gradients would
+        compute them in every backward pass for nothing."""
         upcoming = self.is_update_step(self.step_count + 1)
-        self.masks.capture(bool(self.rule.needs_momenta or (self.rule.needs_grads and upcoming)))
+        self.masks.capture(bool((self.rule.needs_momenta and self._updates_ahead())
+                                or (self.rule.needs_grads and upcoming)))
+
+    def _updates_ahead(self) -> bool:
+        """Whether an update may come at the next step or later (one comes before
+        ``end_step``)."""
+        return self.step_count + 1 < self.end_step
 
     def weight(self, name: str) -> torch.Tensor:
         """The whole current weight ``name`` (dense, zeros where masked), detached."""
@@ -238,7 +247,7 @@ class DynamicSparsity:
         for n, g in self.masks.dense_grads().items():
             if g is None:
                 continue
-            if self.rule.needs_momenta:
+            if self.rule.needs_momenta and self._updates_ahead():
                 self._momenta[n].mul_(self.beta).add_(g, alpha=1 - self.beta)
             if self.rule.needs_grads and self.is_update_step(upcoming):
                 self._grads[n] = g.detach().clone()
