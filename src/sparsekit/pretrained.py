@@ -38,6 +38,7 @@ from torch import nn
 
 from sparsekit import checkpoint
 from sparsekit._atomic import atomic_write, directory_lock, sync
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import ActivationSparseLinear, check_column_index
 from sparsekit.engine.compiled_conv import CompiledConv2d
@@ -115,6 +116,7 @@ def save_pretrained(
         raise TypeError(f"tokenizer must have a save_pretrained method, got "
                         f"{type(tokenizer).__name__}")
     stored_as = _check_dense_dtype(dense_dtype)
+    _check_directory(directory)
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise ValueError(f"directory {str(path)!r} exists and is not a directory")
@@ -175,6 +177,7 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     The masks the file holds are the returned model's ``sparsekit_masks`` (a
     :class:`~sparsekit.MaskSet`, e.g. to fine-tune with them). Needs ``transformers``.
     """
+    _check_directory(directory)
     path = Path(directory)
     config_file = path / "config.json"
     if not path.is_dir():
@@ -183,9 +186,11 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{str(path)!r} is not a save_pretrained directory (no config.json)")
     try:
         data = json.loads(config_file.read_text(encoding="utf-8"))
-        marker = data.pop(MARKER, None)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_file}: not a JSON object ({err})") from None
+    if not isinstance(data, dict):  # a list's pop(MARKER, None) was a bare TypeError
+        raise ValueError(f"{config_file}: not a JSON object (a {type(data).__name__})")
+    marker = data.pop(MARKER, None)
     if not isinstance(marker, dict) or not isinstance(marker.get("model_type"), str):
         raise ValueError(
             f"{str(path)!r} was not written by sparsekit.save_pretrained (config.json has no "
@@ -199,10 +204,11 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     if data["model_type"] not in transformers.CONFIG_MAPPING:
         raise ValueError(f"{config_file}: model type {data['model_type']!r} is not one this "
                          f"transformers {transformers.__version__} knows")
-    config = transformers.CONFIG_MAPPING[data["model_type"]].from_dict(data)
-    model = _model_class(transformers, config)._from_config(
-        config, dtype=checkpoint._DTYPES[record["dtype"]]
-    )
+    with config_errors(str(config_file)):
+        config = transformers.CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    cls = _model_class(transformers, config, config_file)
+    with config_errors(str(config_file)):
+        model = cls._from_config(config, dtype=checkpoint._DTYPES[record["dtype"]])
     _install_compiled(model, record["compiled"], weights, infos)
     _install_scales(model, [k for k in infos if k.endswith(f".{SCALE_NAME}")], weights)
     cast = record["cast"] or {"keys": [], "dtype": None}
@@ -308,14 +314,59 @@ def _transformers() -> Any:
     return transformers
 
 
-def _model_class(transformers: Any, config: Any) -> Any:
+def _model_class(transformers: Any, config: Any, config_file: Path) -> Any:
     """The ``transformers`` class named first in ``config.architectures`` (only attributes of
-    the ``transformers`` package are looked up: nothing is imported), else ``AutoModel``'s."""
-    for name in config.architectures or []:
+    the ``transformers`` package are looked up: nothing is imported), else the base model
+    ``AutoModel`` maps the config to (a subclass of the user's own saves as its name).
+
+    A named class built for another config class (``BertModel`` for a LLaMA config) is a
+    ``ValueError``: it failed deep inside its ``__init__`` with a bare ``AttributeError``.
+    """
+    names = config.architectures if isinstance(config.architectures, list) else []
+    for name in names:
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            check_config_class(cls, config, str(config_file))
             return cls
-    return transformers.AutoModel
+    if type(config) not in transformers.MODEL_MAPPING:
+        raise ValueError(f"{config_file}: architectures={config.architectures!r} names no "
+                         f"transformers model class, and none is known for a "
+                         f"{type(config).__name__}")
+    return transformers.MODEL_MAPPING[type(config)]
+
+
+def check_config_class(cls: type, config: Any, where: str) -> None:
+    """Raise ``ValueError`` unless the ``transformers`` model class ``cls`` takes ``config``
+    (its ``config_class``): ``where`` (the config file) names the mismatch."""
+    wanted = getattr(cls, "config_class", None)
+    if isinstance(wanted, type) and not isinstance(config, wanted):
+        raise ValueError(f"{where}: architectures names {cls.__name__}, which takes a "
+                         f"{wanted.__name__}, but the config is a {type(config).__name__} "
+                         f"(model_type {getattr(config, 'model_type', None)!r})")
+
+
+@contextmanager
+def config_errors(where: str) -> Iterator[None]:
+    """Turn an error of ``transformers`` building a config or a model from a config file
+    (``where``) into a ``ValueError`` naming the file: values no model can have (a negative
+    width, zero heads, a float size) failed with a bare ``RuntimeError``,
+    ``ZeroDivisionError``, ``KeyError`` or huggingface_hub's validation error. A missing
+    file (``OSError``), a missing dependency and running out of memory pass through."""
+    try:
+        yield
+    except (OSError, ImportError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:
+        raise ValueError(f"{where} describes no model this transformers can build "
+                         f"({type(e).__name__}: {e})") from e
+
+
+def _check_directory(directory: object) -> None:
+    """Raise :class:`~sparsekit._checks.ArgumentTypeError` unless ``directory`` is a path
+    (``Path(None)`` was a bare ``TypeError``)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ArgumentTypeError(f"directory must be a str or os.PathLike path, got "
+                                f"{type(directory).__name__}")
 
 
 def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path,

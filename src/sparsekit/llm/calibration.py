@@ -91,7 +91,9 @@ def tokenize(
 ) -> torch.Tensor:
     """Token ids of a list of texts (concatenated) or of a text file, as one 1-D tensor.
 
-    ``param`` names the argument in error messages.
+    ``param`` names the argument in error messages. A file that is not UTF-8 text, and a
+    ``tokenizer`` that fails or returns anything but integer ids under ``"input_ids"`` (a
+    float id was truncated, 1.7 to 1), are a ``ValueError`` naming them.
     """
     if isinstance(text, (str, os.PathLike)):
         path = Path(text)
@@ -102,7 +104,11 @@ def tokenize(
         if not found:
             raise FileNotFoundError(f"{param}: no such text file {str(path)[:100]!r} (pass "
                                     "texts as a list of strings)")
-        text = [path.read_text(encoding="utf-8")]
+        try:
+            text = [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{param}: the text file {str(path)[:100]!r} is not UTF-8 text "
+                             f"({e})") from None
     if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
         raise TypeError(
             f"{param} must be a token tensor, a list of strings or a text file path, "
@@ -115,8 +121,16 @@ def tokenize(
     if not callable(tokenizer):
         raise TypeError(f"tokenizer must be callable (a Hugging Face tokenizer), got "
                         f"{type(tokenizer).__name__}")
-    ids = tokenizer(text)["input_ids"]
-    return torch.tensor([i for seq in ids for i in seq], dtype=torch.long)
+    returned = "the tokenizer must return token ids under 'input_ids' (lists of ints)"
+    try:
+        flat = [i for seq in tokenizer(text)["input_ids"] for i in seq]
+        ids = torch.tensor(flat) if flat else torch.zeros(0, dtype=torch.long)
+    except (KeyError, TypeError, IndexError, ValueError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"tokenizer: tokenizing {param} failed ({type(e).__name__}: {e}); "
+                         f"{returned}") from e
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ArgumentTypeError(f"tokenizer: {returned}, got {ids.dtype} values for {param}")
+    return ids.long()
 
 
 def vocab_size(model: nn.Module) -> int | None:

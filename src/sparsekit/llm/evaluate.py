@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import ArgumentTypeError, check_int, model_errors
 from sparsekit.blocks import home_device
 from sparsekit.llm.calibration import check_token_dtype, check_token_ids, tokenize
 from sparsekit.llm.prune import check_seqlen
@@ -33,7 +33,11 @@ def perplexity(
     disjoint windows); each token is scored once, in the first window that reaches it, with
     the context that window gives (the sliding-window evaluation of the HF docs).
     ``seqlen`` may not exceed the model's context; a token tensor must hold integer ids.
+    ``model`` must be a causal LM whose output has ``.logits`` (a ``…ForCausalLM``): any
+    other module is a ``ValueError`` naming it, not a bare error from inside the model.
+    A perplexity beyond float's range (a mean NLL above ~709 nats) is ``math.inf``.
     """
+    _check_module("model", model)
     check_seqlen(model, seqlen, minimum=2, default=False)
     stride = seqlen if stride is None else stride
     check_int("stride", stride, minimum=1)
@@ -68,11 +72,35 @@ def perplexity(
                 labels = x.clone()
                 for row, (_, _, n) in enumerate(same):
                     labels[row, : length - n] = -100
-                logits = model(x).logits[:, :-1].float()
+                logits = _logits(model, x)[:, :-1].float()
                 nll += float(F.cross_entropy(logits.transpose(1, 2), labels[:, 1:],
                                              ignore_index=-100, reduction="sum"))
                 count += sum(n for _, _, n in same)
-    return math.exp(nll / count)
+    try:
+        return math.exp(nll / count)
+    except OverflowError:  # a mean NLL above ~709 nats: past float's range, not an error
+        return math.inf
+
+
+def _check_module(name: str, model: object) -> None:
+    """Raise :class:`~sparsekit._checks.ArgumentTypeError` unless ``model`` (the argument
+    ``name``) is an ``nn.Module``: ``None`` failed as a bare ``AttributeError``."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"{name} must be an nn.Module (a transformers model), got "
+                                f"{type(model).__name__}")
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x).logits``, or a ``ValueError`` naming ``model`` when it cannot run on token
+    ids or returns no logits (an encoder such as ``BertModel``)."""
+    with model_errors("model", "it cannot run on token ids (perplexity needs a causal LM)"):
+        out = model(x)
+    logits = getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"model must be a causal language model whose output has .logits of "
+                         f"shape (batch, seqlen, vocab) (a …ForCausalLM), got a "
+                         f"{type(out).__name__} from {type(model).__name__}")
+    return logits
 
 
 @torch.no_grad()
@@ -94,9 +122,21 @@ def embed(model: nn.Module, tokenizer: Any, sentences: list[str], *, batch_size:
 def embedding_similarity(
     model: nn.Module, tokenizer: Any, sentences: list[str], dense_model: nn.Module
 ) -> float:
-    """Mean cosine similarity of ``model``'s sentence embeddings to ``dense_model``'s."""
+    """Mean cosine similarity of ``model``'s sentence embeddings to ``dense_model``'s.
+
+    ``sentences`` is a non-empty list (or tuple) of strings: a single string would be
+    embedded character by character; ``tokenizer`` a callable Hugging Face tokenizer.
+    """
+    _check_module("model", model)
+    _check_module("dense_model", dense_model)
+    if not isinstance(sentences, (list, tuple)):
+        raise ArgumentTypeError(f"sentences must be a non-empty list of strings, got "
+                                f"{type(sentences).__name__}")
     if not sentences or not all(isinstance(s, str) for s in sentences):
         raise ValueError("sentences must be a non-empty list of strings")
+    if not callable(tokenizer):
+        raise ArgumentTypeError(f"tokenizer must be callable (a Hugging Face tokenizer), got "
+                                f"{type(tokenizer).__name__}")
     a = embed(model, tokenizer, sentences)
     b = embed(dense_model, tokenizer, sentences)
     return float(F.cosine_similarity(a, b, dim=-1).mean())

@@ -51,7 +51,11 @@ def sparsegpt_prune(
     patterns it must be a multiple of M, so that no group of M straddles two blocks, and
     the number of columns must be one too. Every argument is checked first (a ``ValueError``
     naming it, an :class:`~sparsekit._checks.ArgumentTypeError` for a wrong type): ``W``,
-    ``H`` and ``scales`` must be finite, ``sparsity`` in [0, 1), ``percdamp`` positive.
+    ``H`` and ``scales`` must be finite real floating-point tensors (a complex one lost its
+    imaginary part, a bool one counted as 0 and 1), ``H``'s diagonal non-negative (as
+    every Hessian ``2XXᵀ``'s is), ``sparsity`` in [0, 1), ``percdamp`` positive. A damped
+    ``H`` that still does not factor (an indefinite ``H``, or a singular one with a
+    ``percdamp`` too small for float32) is a ``ValueError`` naming ``percdamp``.
     """
     pat, blocksize = _check_arguments(W, H, sparsity, pattern, blocksize, percdamp, scales)
     W = W.detach().float().clone(memory_format=torch.contiguous_format)
@@ -68,7 +72,16 @@ def sparsegpt_prune(
     H[dead, dead] = 1
     W[:, dead] = 0
     H += percdamp * torch.diag(H).mean() * torch.eye(cols, device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)),
+                                     upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(
+            f"H with percdamp={percdamp!r} of its mean diagonal added is not positive "
+            f"definite ({e}); accepted: the Hessian 2XXᵀ of the layer's inputs (symmetric "
+            "positive semi-definite) and a percdamp large enough to make it invertible "
+            "(raise percdamp, e.g. to 0.1)"
+        ) from e
 
     pruned = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
@@ -122,6 +135,10 @@ def _check_arguments(
     for name, t in (("W", W), ("H", H), ("scales", scales)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("W", W), ("H", H)):
+        if not t.is_floating_point():  # complex, integer or bool
+            raise ArgumentTypeError(f"{name} must be a real floating-point tensor, got "
+                                    f"{t.dtype}")
     if W.dim() != 2:
         raise ValueError(f"W must be a 2-D (out, in) weight, got shape {tuple(W.shape)}")
     rows, cols = W.shape
@@ -136,6 +153,10 @@ def _check_arguments(
         if t is not None and not torch.isfinite(t).all():
             raise ValueError(f"{name} holds non-finite values (NaN or inf); accepted: finite "
                              "values only (they would make every updated weight NaN)")
+    if bool((torch.diag(H) < 0).any()):  # divided by a negative mean, it factored "fine"
+        raise ValueError(f"H has {int((torch.diag(H) < 0).sum())} negative diagonal "
+                         "entries; accepted: the Hessian 2XXᵀ of W's inputs, whose diagonal "
+                         "(the inputs' squared sums) is never negative")
     if blocksize is None:  # whole groups of M per block
         return pat, (math.ceil(BLOCKSIZE / pat.m) * pat.m if isinstance(pat, NM) else BLOCKSIZE)
     check_int("blocksize", blocksize, minimum=1)

@@ -51,7 +51,9 @@ from sparsekit._checks import check_fraction, check_seed
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.blocks import home_device, to_device
 from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
+from sparsekit.llm.prune import check_seqlen
 from sparsekit.observe import input_stats, run
+from sparsekit.pretrained import check_config_class, config_errors
 from sparsekit.scores.flap import fluctuation_scores, input_moments
 from sparsekit.scores.wanda import wanda_scores
 from sparsekit.select import top_k
@@ -106,9 +108,14 @@ def prune_structured(
     :func:`~sparsekit.structured.importance.round_count`; a head is ``head_dim`` wide).
     ``method="flap"`` folds the removed units' mean contribution into the output
     projections' biases (FLAP's compensation). ``calibration`` takes the forms of
-    :func:`~sparsekit.llm.calibration.calibration_tokens`. Every argument, and whether the
-    model has the unit, is checked before anything changes; an ``amount`` that would
-    remove all of a block's neurons or heads, or every layer, is a ``ValueError``.
+    :func:`~sparsekit.llm.calibration.calibration_tokens`; ``seqlen`` defaults to the
+    model's context length (at most 2048) and may not exceed it, as in
+    :func:`~sparsekit.llm.prune` (a stream longer than the context was one window of the
+    whole stream, run past the positions the model was built for). Every argument, and
+    whether the model has the unit, is checked before anything changes; an ``amount`` that
+    would remove all of a block's neurons or heads, or every layer, is a ``ValueError``, as
+    is a block influence that is not finite (NaN or inf hidden states would rank the
+    layers arbitrarily).
     Returns ``model`` (smaller, its ``config`` updated; see the module notes on saving).
     """
     if not isinstance(model, nn.Module):
@@ -124,6 +131,7 @@ def prune_structured(
     check_fraction("amount", amount, zero=False)
     check_round_to(round_to)
     check_seed("seed", seed)
+    seqlen = check_seqlen(model, seqlen)
     _, blocks = transformer_blocks(model)
     if units == ("layers",):
         _layers_to_remove(amount, len(blocks))  # before any calibration run
@@ -188,7 +196,13 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     Without recorded per-layer shapes this is ``from_pretrained`` of the class the config
     names. With them, the model is built from the config, its tensors are cut to the
     recorded shapes and the saved weights (``*.safetensors``) are loaded into it.
-    ``kwargs`` go to ``from_pretrained`` (the first case only).
+    ``kwargs`` go to ``from_pretrained`` (the first case only: with recorded shapes they
+    are a ``ValueError``, not silently ignored — a ``torch_dtype`` gave a float32 model).
+
+    A config.json changed after saving is a ``ValueError`` naming what does not fit:
+    ``architectures`` that name no model class for the config, sizes no model can have,
+    recorded shapes that are not lists of positive ints no larger than the config's, or
+    that differ from the saved tensors' (checked before any weight is loaded).
     """
     import transformers
     from safetensors.torch import load_file
@@ -198,16 +212,26 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
                         f"os.PathLike), got {type(path).__name__}")
     if os.sep in str(path) and not Path(path).is_dir():  # a path, not a hub id
         raise FileNotFoundError(f"path: no such directory {str(path)!r}")
-    config = transformers.AutoConfig.from_pretrained(path)
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if cls is None:
-        raise ValueError(f"path: the config in {str(path)!r} names no transformers model class "
+    where = f"path: the config in {str(path)!r}"
+    with config_errors(where):
+        config = transformers.AutoConfig.from_pretrained(path)
+    names = getattr(config, "architectures", None)
+    name = names[0] if isinstance(names, list) and names else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"{where} names no transformers model class "
                          f"(architectures={names!r})")
+    check_config_class(cls, config, where)
     shapes = getattr(config, SHAPES_KEY, None)
-    if not shapes:
+    if shapes is None:
         return cls.from_pretrained(path, **kwargs)
-    model = cls(config)
+    if kwargs:
+        raise ValueError(f"{sorted(kwargs)}: from_pretrained's options do not apply to "
+                         f"{str(path)!r}, whose config records per-layer shapes "
+                         f"({SHAPES_KEY}); load it without them and convert the model "
+                         "(e.g. model.to(torch.bfloat16))")
+    with config_errors(where):
+        model = cls(config)
     _resize(model, shapes)
     state: dict[str, torch.Tensor] = {}
     files = sorted(Path(path).glob("*.safetensors"))
@@ -215,6 +239,7 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
         raise ValueError(f"path: {str(path)!r} holds no *.safetensors weights")
     for f in files:
         state.update(load_file(f))
+    _check_saved_shapes(state, model.state_dict(), path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
     untied = [n for n in missing if model.get_parameter(n).data_ptr() not in loaded] \
@@ -253,7 +278,8 @@ def _select(model: nn.Module, groups: Mapping[str, list[Group]],
             round_to: int, *, readers_only: bool, powers: Mapping[str, float]
             ) -> dict[str, list[tuple[Group, torch.Tensor]]]:
     """The units each group loses, per unit kind (each unit's entry scores raised to its
-    ``powers`` value, 1 when absent); a group that would lose all of them is an error."""
+    ``powers`` value, 1 when absent); a group that would lose all of them is an error, and
+    so is an ``amount`` that removes nothing at all (as for layers)."""
     if allocation == "adaptive":
         importance = {g.name: standardized_importance(g, scores, readers_only=readers_only,
                                                       power=powers.get(u, 1.0))
@@ -282,8 +308,15 @@ def _select(model: nn.Module, groups: Mapping[str, list[Group]],
         return round_count(keep[g.name], g, round_to,
                            near=None if kept is None else g.channels * kept)
 
-    return {u: [(g, torch.nonzero(~top_k(importance[g.name], count(g))).flatten())
-                for g in gs] for u, gs in groups.items()}
+    removed = {u: [(g, torch.nonzero(~top_k(importance[g.name], count(g))).flatten())
+                   for g in gs] for u, gs in groups.items()}
+    if not any(len(gone) for rs in removed.values() for _, gone in rs):  # a silent no-op
+        rounding = f" with round_to={round_to}" if round_to > 1 else ""
+        raise ValueError(f"amount={amount} removes no {' or '.join(groups)} unit in any block "
+                         f"(every block's kept count rounds to all of its units{rounding}); "
+                         f"use a larger amount{' or a smaller round_to' if rounding else ''}; "
+                         "the model was not changed")
+    return removed
 
 
 def _check_units(unit: object) -> tuple[str, ...]:
@@ -318,6 +351,13 @@ def _layers_to_remove(amount: float, layers: int) -> int:
 def _remove_layers(model: nn.Module, blocks: nn.ModuleList, influence: list[float],
                    amount: float) -> None:
     n = _layers_to_remove(amount, len(blocks))
+    bad = [i for i, v in enumerate(influence) if not math.isfinite(v)]
+    if bad:  # NaN sorts anywhere: the layers removed would be arbitrary
+        raise ValueError(
+            f"calibration: the block influence of block(s) {bad} is not finite (their hidden "
+            "states hold NaN or inf); check the model's weights and the calibration data for "
+            "NaN/inf; the model was not changed"
+        )
     drop = set(sorted(range(len(blocks)), key=lambda i: influence[i])[:n])
     for i in sorted(drop, reverse=True):
         del blocks[i]
@@ -354,6 +394,21 @@ def _check_shapes(shapes: object, params: Mapping[str, nn.Parameter]) -> None:
             known = "no such parameter" if full is None else f"at most {list(full.shape)}"
             raise ValueError(f"path: {where} records {name!r} as {shape!r}; expected a "
                              f"list of positive ints, {known}")
+
+
+def _check_saved_shapes(state: Mapping[str, torch.Tensor], built: Mapping[str, torch.Tensor],
+                        path: str | os.PathLike) -> None:
+    """``ValueError`` naming the first saved tensor whose shape differs from the model built
+    from config.json (and its :data:`SHAPES_KEY`): an entry missing, changed or inconsistent
+    with the others was a bare ``RuntimeError`` of ``load_state_dict``."""
+    wrong = [(name, list(t.shape), list(built[name].shape)) for name, t in state.items()
+             if name in built and built[name].shape != t.shape]
+    if wrong:
+        name, saved, shape = wrong[0]
+        raise ValueError(f"path: the weights in {str(path)!r} do not fit its config.json: "
+                         f"{name!r} is saved as {saved} but the config (with its {SHAPES_KEY}) "
+                         f"builds {shape} ({len(wrong)} tensor(s) differ); was config.json "
+                         "edited after saving?")
 
 
 def _sync_heads(model: nn.Module) -> None:

@@ -16,16 +16,18 @@ def wanda(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     For convolutions the input features are the unfolded patches (channel × kernel
     position), matching the flattened weight layout (see :func:`sparsekit.observe.record`);
     GPT-2's ``Conv1D`` is scored on its weight seen as ``(out, in)``. Under ``torchrun``
-    each rank observes its share of the data and the sums are all-reduced.
+    each rank observes its share of the data and the sums are all-reduced. An empty weight
+    (a layer of zero inputs or outputs) gets its empty scores unobserved: the inputs of a
+    zero-input layer cannot be laid out per feature, which failed as if ``data`` were wrong.
     """
     ctx.require_layer_weights("wanda")
     data = ctx.require_data("wanda", labels=False)
-    stats = input_stats(ctx.model, {t.name: t.module for t in ctx.targets},
+    stats = input_stats(ctx.model, {t.name: t.module for t in ctx.targets if t.param.numel()},
                         ctx.rank_share(data))
     for s in stats.values():
         s.all_reduce()
-    return {t.name: t.out_in(wanda_scores(t.out_in(t.param), stats[t.name]))
-            for t in ctx.targets}
+    return {t.name: t.out_in(wanda_scores(t.out_in(t.param), stats[t.name])) if t.name in stats
+            else torch.zeros(t.param.shape, device=t.param.device) for t in ctx.targets}
 
 
 def wanda_scores(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
