@@ -564,12 +564,13 @@ def test_compile_times_cold_only_models_larger_than_the_cache(
 
 
 def test_cold_cache_releases_its_flush_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The flush buffer (twice the cache a working set keeps) lives only while timing
-    cold."""
+    """The flush buffer (FLUSH_FACTOR times the cache a working set keeps) lives only while
+    timing cold."""
     monkeypatch.setattr(autotune, "effective_cache_bytes", lambda: 4096)
     with autotune.cold_cache():
         autotune._evict()
-        assert autotune._flush is not None and autotune._flush.numel() == 2 * 4096 // 4
+        assert autotune._flush is not None
+        assert autotune._flush.numel() == autotune.FLUSH_FACTOR * 4096 // 4
         with autotune.cold_cache():
             autotune._evict()
         assert autotune._flush is not None  # an inner block leaves the outer one's buffer
