@@ -15,10 +15,16 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    """Whether ``model`` holds exactly the tensors of ``before`` (a :func:`snapshot`)."""
+    """Whether ``model`` holds exactly the tensors of ``before`` (a :func:`snapshot`); a NaN
+    planted before the call counts as unchanged where it still is NaN."""
     after = model.state_dict()
-    return after.keys() == before.keys() and all(torch.equal(after[k], v)
-                                                 for k, v in before.items())
+    return after.keys() == before.keys() and all(_same(after[k], v) for k, v in before.items())
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and (
+        torch.equal(a, b)
+        or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
 
 
 def record_durability(monkeypatch) -> list[str]:  # noqa: ANN001

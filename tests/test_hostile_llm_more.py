@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 import torch
+from _state import snapshot, unchanged
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -38,17 +39,6 @@ def tokens(n: int = 4, length: int = 16) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(1))
 
 
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
-    after = model.state_dict()
-    return after.keys() == before.keys() and all(
-        after[k].shape == v.shape and torch.allclose(after[k], v, rtol=0, atol=0, equal_nan=True)
-        for k, v in before.items())
-
-
 # -- prune_structured ----------------------------------------------------------------------
 
 
@@ -56,7 +46,7 @@ def test_layers_refuse_a_non_finite_block_influence():
     # Before: NaN hidden states gave NaN influences, sorted anywhere: arbitrary layers went.
     model = llama()
     model.model.embed_tokens.weight.data[:] = float("nan")
-    before = state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=r"block influence of block\(s\) \[0, 1, 2\] is not "
                                          r"finite.*not changed"):
         llm.prune_structured(model, tokens(), 0.34, unit="layers")
@@ -66,7 +56,7 @@ def test_layers_refuse_a_non_finite_block_influence():
 def test_prune_structured_refuses_seqlen_past_the_context():
     # Before: accepted (llm.prune refuses it); RoPE ran past its positions without a word.
     model = llama()
-    before = state(model)
+    before = snapshot(model)
     stream = torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=rf"seqlen 1000 exceeds the model's context of "
                                          rf"{CONTEXT}"):
@@ -279,7 +269,7 @@ def test_a_tokenizer_that_returns_no_integer_ids_is_named(tokenizer, error, matc
     # Before: float ids were truncated (1.7 to 1), the others a bare KeyError, TypeError or
     # an unnamed "Overflow when unpacking long long".
     model = llama()
-    before = state(model)
+    before = snapshot(model)
     with pytest.raises(error, match=match):
         llm.prune(model, ["some text"], tokenizer=tokenizer)
     assert unchanged(model, before)
@@ -390,7 +380,7 @@ def test_load_pretrained_refuses_options_it_cannot_apply(saved):
 def test_an_amount_that_removes_nothing_is_refused(unit, kwargs, match):
     # Before: a silent no-op (removing layers already refused one).
     model = llama()
-    before = state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=match + ".*not changed"):
         llm.prune_structured(model, tokens(), unit=unit, **kwargs)
     assert unchanged(model, before) and "sparsekit_shapes" not in model.config.to_dict()
