@@ -562,3 +562,12 @@ def test_a_sealed_file_whose_format_entry_was_changed_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not an intact checkpoint.*format is '3parsekit'"):
         sparsekit.load(target, path)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_save_under_a_file_is_a_value_error_naming_path(tmp_path) -> None:
+    """A folder on the way that is an existing file was a raw NotADirectoryError of the
+    folders' creation; now the path is refused first, as an existing directory is."""
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match=r"^path must be .* is a file, not a directory\)$"):
+        sparsekit.save(nn.Linear(4, 4), tmp_path / "f" / "sub" / "ckpt.sk")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

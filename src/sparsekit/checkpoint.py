@@ -94,7 +94,7 @@ def save(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    path = _target(path)
+    path = checkpoint_file(path)
     if masks is not None and not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
     if metadata is not None and not (
@@ -158,13 +158,18 @@ def save(
     return _atomic_write(path, parts, meta)
 
 
-def _target(path: str | os.PathLike) -> Path:
+def checkpoint_file(path: str | os.PathLike) -> Path:
     """``path`` as the file :func:`save` writes; a ``ValueError`` naming it unless it names
-    a file (``""``, ``"."``, ``".."`` and an existing directory do not: the rename over it
-    would fail only after the temporary file was written)."""
+    a file whose folders are directories or missing (``""``, ``"."``, ``".."`` and an
+    existing directory name no file: the rename over it would fail only after the temporary
+    file was written; an existing file on the way was a raw ``NotADirectoryError`` of the
+    folders' creation). A recipe checks its ``out`` with it before any stage runs."""
     target = Path(path)  # a TypeError for what is no path at all
     what = ("no file name" if target.name in ("", "..")
             else "an existing directory" if target.is_dir() else None)
+    if what is None:
+        on_the_way = [p for p in target.absolute().parents if p.exists() and not p.is_dir()]
+        what = f"{str(on_the_way[0])!r} is a file, not a directory" if on_the_way else None
     if what is not None:
         raise ValueError(f"path must be the path of the checkpoint file to write, got "
                          f"{os.fspath(path)!r} ({what})")

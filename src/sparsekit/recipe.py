@@ -197,16 +197,13 @@ class Recipe(_Strict):
 
 
 def _check_out(out: str) -> None:
-    """Raise ``ValueError`` unless ``out`` can be written as a checkpoint file: not a
-    directory, and no folder on its way an existing file. Checked when the recipe is loaded,
-    as otherwise only the last stage found out, after every stage before it had run (an
-    existing file on the way was a raw ``FileExistsError``)."""
-    target = _checkpoint._target(out)  # "" and "." and an existing directory
-    for parent in target.absolute().parents:
-        if parent.exists() and not parent.is_dir():
-            raise ValueError(f"cannot write {out!r}: {str(parent)!r} is a file, not a "
-                             "directory; accepted: a file path whose folders are directories "
-                             "(missing ones are created)")
+    """Raise ``ValueError`` unless ``out`` can be written as a checkpoint file
+    (:func:`~sparsekit.checkpoint.checkpoint_file`). Checked when the recipe is loaded, as
+    otherwise only the last stage found out, after every stage before it had run."""
+    try:
+        _checkpoint.checkpoint_file(out)
+    except ValueError as e:
+        raise ValueError(f"cannot write {out!r}: {e}") from None
 
 
 @contextlib.contextmanager
