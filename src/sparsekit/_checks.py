@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,6 +74,14 @@ def check_mapping(name: str, value: Any, kind: type, what: str) -> None:
         if not isinstance(item, kind):
             raise ArgumentTypeError(f"{name}[{key!r}] must be {what}, got "
                                     f"{type(item).__name__}")
+
+
+def check_module(name: str, value: Any) -> None:
+    """Raise :class:`ArgumentTypeError` unless ``value`` (the argument ``name``) is an
+    ``nn.Module``: the check of every public ``model=`` (a state dict or a path given in its
+    place failed later with an ``AttributeError``)."""
+    if not isinstance(value, nn.Module):
+        raise ArgumentTypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
 
 
 def check_seed(name: str, value: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, model_errors
+from sparsekit._checks import ArgumentTypeError, check_module, model_errors
 from sparsekit.observe import batches, preserved
 from sparsekit.targets import linear_types as layer_types  # nn.Linear and GPT-2's Conv1D
 
@@ -188,8 +188,7 @@ class BlockReplay:
 
 def _check_model(model: Any) -> None:
     """Raise unless ``model`` is an ``nn.Module`` (anything else was a raw AttributeError)."""
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
 
 
 def _kind(value: Any) -> str:

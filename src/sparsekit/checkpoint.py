@@ -34,6 +34,7 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from sparsekit._atomic import atomic_write
+from sparsekit._checks import check_module
 from sparsekit.masks import MaskSet, keeps_everything, pattern_view
 from sparsekit.patterns import Pattern, parse_pattern
 
@@ -92,8 +93,7 @@ def save(
     always gives the same bytes. Stale temporary files of earlier, killed saves to the
     same path are removed (see :func:`_remove_stale_temps`).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     path = checkpoint_file(path)
     if masks is not None and not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
@@ -189,8 +189,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
     ``ValueError`` and leaves the model unchanged. Files of format version 1 (whose
     digest covers the header only) load with a warning.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     _check_materialized(model)
     stored = _open(path)
     state = _declared_state(stored)  # nothing decoded yet

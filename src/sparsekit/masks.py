@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsekit._checks import ArgumentTypeError, check_optimizer
+from sparsekit._checks import ArgumentTypeError, check_module, check_optimizer
 from sparsekit.distributed import check_same_on_ranks, is_sharded, local, shard_like
 from sparsekit.patterns import Pattern, parse_pattern
 from sparsekit.targets import stores_transposed
@@ -85,8 +85,7 @@ class MaskSet:
         self, model: nn.Module, masks: Mapping[str, torch.Tensor], *,
         pattern: str | Pattern = "unstructured",
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_module("model", model)
         params = dict(model.named_parameters())
         parsed = parse_pattern(pattern)
         self._check(masks, params)

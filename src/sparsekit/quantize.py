@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_module
 
 __all__ = [
     "INT8_MAX", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8",
@@ -117,7 +117,7 @@ def attach_scales(module: nn.Module, scales: torch.Tensor) -> None:
     hold became a zero or infinite one), and a ``weight_scale`` the module already has that
     is not such a buffer (a compressed-tensors parameter) is refused, not replaced.
     """
-    _check_module(module)
+    check_module("module", module)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"module must have a 2-D weight, got {type(module).__name__}")
@@ -134,7 +134,7 @@ def attach_scales(module: nn.Module, scales: torch.Tensor) -> None:
 
 def attached_scales(module: nn.Module) -> torch.Tensor | None:
     """The int8 scales recorded on ``module`` by :func:`attach_scales`, or ``None``."""
-    _check_module(module)
+    check_module("module", module)
     scales = module._buffers.get(SCALE_NAME)
     return scales if isinstance(scales, torch.Tensor) else None
 
@@ -142,7 +142,7 @@ def attached_scales(module: nn.Module) -> torch.Tensor | None:
 def detach_scales(module: nn.Module) -> None:
     """Forget the int8 grid recorded on ``module`` (nothing happens without one): its
     weight changed and no longer lies on that grid."""
-    _check_module(module)
+    check_module("module", module)
     module._buffers.pop(SCALE_NAME, None)
 
 
@@ -162,13 +162,6 @@ def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
 def _ungrouped(groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The ``shape`` weight of :func:`_grouped`'s ``groups`` (padding dropped)."""
     return groups.flatten(1)[:, : shape[1]]
-
-
-def _check_module(module: Any) -> None:
-    """Raise :class:`ArgumentTypeError` unless ``module`` is an ``nn.Module`` (a str was an
-    ``AttributeError``)."""
-    if not isinstance(module, nn.Module):
-        raise ArgumentTypeError(f"module must be an nn.Module, got {type(module).__name__}")
 
 
 def _check_weight(name: str, weight: Any, group_size: int | None) -> None:

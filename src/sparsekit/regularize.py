@@ -27,6 +27,7 @@ from sparsekit._checks import (
     ArgumentTypeError,
     check_fraction,
     check_int,
+    check_module,
     check_nonnegative,
     check_optimizer,
 )
@@ -43,8 +44,7 @@ def channel_norms(model: nn.Module, group: Group) -> torch.Tensor:
     Half-precision weights are summed in float32, so the norms neither overflow (a
     float16 weight of 300) nor give NaN gradients at an exact zero.
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     if not isinstance(group, Group):
         raise ArgumentTypeError(f"group must be a Group (from dependency_groups or "
                                 f"transformer_groups), got {type(group).__name__}")
@@ -104,8 +104,7 @@ class GroupLasso:
 
     def __init__(self, model: nn.Module, strength: float, groups: Sequence[Group] | None = None
                  ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_module("model", model)
         check_nonnegative("strength", strength)  # inf would zero every weight
         self.groups = _resolve_groups(model, groups)
         self.model = model

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsekit import _table
-from sparsekit._checks import ArgumentTypeError, check_parameter_names, model_errors
+from sparsekit._checks import ArgumentTypeError, check_module, check_parameter_names, model_errors
 from sparsekit.masks import one_mask
 from sparsekit.observe import macs
 from sparsekit.targets import _single_original, default_types, linear_types
@@ -205,8 +205,7 @@ def report(
     is correct before the masks are applied to the weights; every name they hold must be
     a parameter of ``model`` (masks of another model were silently ignored).
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     elif example_inputs is not None and not isinstance(example_inputs, tuple):

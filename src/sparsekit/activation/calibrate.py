@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_seed
+from sparsekit._checks import ArgumentTypeError, check_int, check_module, check_seed
 from sparsekit.activation.allocation import ALLOCATIONS, GREEDY_STEP, greedy, uniform
 from sparsekit.activation.blocks import BlockError, block_groups
 from sparsekit.activation.layers import find_layers
@@ -44,8 +44,7 @@ def calibrate(
     overrides the default layers (see :func:`~sparsekit.activation.layers.find_layers`). At
     most ``max_rows`` input rows per layer, sampled with ``seed``, are kept to bound memory.
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise ArgumentTypeError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if not 0 <= sparsity < 1:  # also NaN

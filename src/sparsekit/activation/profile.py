@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_seed
+from sparsekit._checks import ArgumentTypeError, check_module, check_seed
 from sparsekit.activation.layers import find_layers
 from sparsekit.activation.sparsity import ActivationSparsity
 from sparsekit.engine.activation_linear import thresholded_layers
@@ -53,8 +53,7 @@ def profile(
     before the model runs; data whose layer inputs hold NaN or infinite values is refused
     (as by :func:`~sparsekit.activation.calibrate`), and no plot is written then.
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     check_seed("seed", seed)
     if plot is not None:  # checked now, not after the whole run
         if not isinstance(plot, (str, PathLike)):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsekit._checks import ArgumentTypeError, check_fraction, check_int
+from sparsekit._checks import ArgumentTypeError, check_fraction, check_int, check_module
 from sparsekit.engine.activation_linear import check_threshold, sparsify_input, thresholded_layers
 
 __all__ = ["ActivationSparsity"]
@@ -69,8 +69,7 @@ class ActivationSparsity:
 
     def apply(self, model: nn.Module) -> ActivationSparsity:
         """Threshold the inputs of the calibrated layers of ``model`` (by module name)."""
-        if not isinstance(model, nn.Module):
-            raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_module("model", model)
         if self._handles:
             raise RuntimeError("ActivationSparsity is already applied; call remove() first")
         modules = thresholded_layers(self.thresholds, model)  # every check before a hook

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-from sparsekit._checks import check_int, model_errors, renamed
+from sparsekit._checks import check_int, check_module, model_errors, renamed
 from sparsekit.engine import autotune, decisions, fused
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import (
@@ -180,8 +180,7 @@ def compile(
     :data:`W8A8_RTOL` of the largest output). The mode is part of each format's state
     (:data:`~sparsekit.engine.formats.native.INT8_INPUTS`), so it saves and loads.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     names = check_formats(formats)
     served = None if rows is None else check_rows(rows)
     if threads is not None:

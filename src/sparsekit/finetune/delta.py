@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsekit import checkpoint
-from sparsekit._checks import ArgumentTypeError, check_fraction, check_parameter_names
+from sparsekit._checks import ArgumentTypeError, check_fraction, check_module, check_parameter_names
 from sparsekit.masks import MaskSet, check_mask
 from sparsekit.prune import compute_masks
 from sparsekit.targets import TargetSpec, resolve_targets
@@ -108,8 +108,7 @@ class Delta:
         weight: one that ``alpha`` would make overflow its dtype (``alpha=1e39`` on a
         float32 weight) is refused with the model untouched.
         """
-        if not isinstance(model, nn.Module):
-            raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_module("model", model)
         alpha = _check_alpha(alpha)
         params = dict(model.named_parameters())
         missing = [n for n in self.values if n not in params]
@@ -327,8 +326,7 @@ def _check_untrained(model: nn.Module) -> None:
     """Raise unless ``model`` is a module that trains no delta yet: on one that does, the
     weights are parametrized and no target was left to choose (a ``ValueError`` that
     blamed ``targets``)."""
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     trained = [f"{module_name}.{attr}" if module_name else attr
                for module_name, module in model.named_modules()
                if parametrize.is_parametrized(module)
@@ -345,8 +343,7 @@ def _check_support(model: nn.Module, support: Mapping[str, torch.Tensor]
     """``{name: (module name, attribute)}`` of each weight to train, after checking the
     weights can take a delta: present by their exact parameter names (no globs or module
     names), floating, not shared, with a bool mask of their shape."""
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     if not isinstance(support, Mapping):
         raise ArgumentTypeError(
             f"support must be a dict of parameter name -> bool tensor, got {type(support).__name__}"

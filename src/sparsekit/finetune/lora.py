@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_fraction, check_int, check_positive
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_fraction,
+    check_int,
+    check_module,
+    check_positive,
+)
 from sparsekit.masks import MaskSet
 
 __all__ = ["MASK_NAME", "MaskedLora", "MaskedMerge", "layer_masks", "merge", "sparse_lora"]
@@ -59,8 +65,7 @@ def sparse_lora(
     place, as ``peft`` does); when anything is refused, by sparsekit or by ``peft``,
     ``model`` is left as it came.
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     if not isinstance(config, peft.LoraConfig):
         raise ArgumentTypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
     if not isinstance(masked_forward, bool):

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_seed
+from sparsekit._checks import check_fraction, check_module, check_seed
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.blocks import home_device, to_device
 from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
@@ -118,8 +118,7 @@ def prune_structured(
     layers arbitrarily).
     Returns ``model`` (smaller, its ``config`` updated; see the module notes on saving).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     units = _check_units(unit)
     method = UNITS[units[0]][0] if method is None else method
     if method not in UNITS[units[0]]:
