@@ -12,6 +12,7 @@ from sparsekit._checks import (
     check_fraction,
     check_int,
     check_mapping,
+    check_module,
     check_positive,
     check_sparsity,
     renamed,
@@ -31,6 +32,15 @@ def test_check_mapping():
     with pytest.raises(ArgumentTypeError, match=r"^masks\['b'\] must be a torch.Tensor, got "
                                                 r"int$"):
         check_mapping("masks", {"a": torch.ones(1), "b": 3}, torch.Tensor, "a torch.Tensor")
+
+
+def test_check_module():
+    from torch import nn
+
+    check_module("model", nn.Linear(2, 2))
+    for bad, name in ((None, "NoneType"), ({"weight": 1}, "dict"), ("model.pt", "str")):
+        with pytest.raises(ArgumentTypeError, match=rf"^model must be an nn.Module, got {name}$"):
+            check_module("model", bad)
 
 
 def test_check_int():
