@@ -96,17 +96,22 @@ def _drop_dead(
     bias = first.bias if first.bias is not None else first.weight.new_zeros(len(no_in))
     constant = act(bias.unsqueeze(0)).squeeze(0) * no_in  # what input-less neurons emit
     folded = second.weight @ constant
-    new_first = _linear(first.weight[keep], None if first.bias is None else first.bias[keep])
+    new_first = _linear(first.weight[keep], None if first.bias is None else first.bias[keep],
+                        first)
     second_bias = second.bias
     if second_bias is not None or bool(folded.any()):
         second_bias = folded if second_bias is None else second_bias + folded
-    return new_first, _linear(second.weight[:, keep], second_bias)
+    return new_first, _linear(second.weight[:, keep], second_bias, second)
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, old: nn.Linear) -> nn.Linear:
+    """A linear layer with ``weight`` and ``bias``, trainable where ``old``'s were (a frozen
+    layer stays frozen; a bias the fold adds follows the weight)."""
     layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
                       device=weight.device, dtype=weight.dtype)
     layer.weight.copy_(weight)
+    layer.weight.requires_grad_(old.weight.requires_grad)
     if bias is not None:
         layer.bias.copy_(bias)
+        layer.bias.requires_grad_((old.bias if old.bias is not None else old.weight).requires_grad)
     return layer

@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_int, check_positive, check_seed, model_errors
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_int,
+    check_positive,
+    check_seed,
+    model_errors,
+)
 from sparsekit.moe.ffn import activate
 from sparsekit.moe.routed import RoutedFFN, routed_layers
 from sparsekit.observe import batches, preserved, watch
@@ -157,13 +163,32 @@ def distillation_loss(output: Any, target: Any) -> torch.Tensor:
     return (hidden - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-12)
 
 
-def _hidden(output: Any) -> torch.Tensor:
+def _hidden(output: Any, name: str = "model") -> torch.Tensor:
     hidden = output if isinstance(output, torch.Tensor) else getattr(
         output, "last_hidden_state", None)
     if not isinstance(hidden, torch.Tensor):
-        raise TypeError("model: its outputs carry neither logits nor last_hidden_state, got "
-                        f"{type(output).__name__}")
+        raise ArgumentTypeError(f"{name}: its outputs carry neither logits nor "
+                                f"last_hidden_state, got {type(output).__name__}")
     return hidden
+
+
+def _compared(output: Any, name: str) -> tuple[str, torch.Tensor]:
+    """What :func:`distillation_loss` compares of ``output`` (``name``'s): its logits, else
+    its final hidden states."""
+    logits = getattr(output, "logits", None)
+    return ("logits", logits) if logits is not None else ("hidden states", _hidden(output, name))
+
+
+def _check_teacher(output: Any, target: Any) -> None:
+    """Raise ``ValueError`` naming ``teacher`` unless its outputs ``target`` compare with the
+    student's ``output``: the same kind (logits or hidden states) of the same shape. A
+    teacher of another vocabulary or without an LM head otherwise fails inside the loss,
+    with an error that blames the data."""
+    (kind, mine), (theirs, reference) = _compared(output, "model"), _compared(target, "teacher")
+    if kind != theirs or mine.shape != reference.shape:
+        raise ValueError(f"teacher: its outputs ({theirs} of shape {tuple(reference.shape)}) "
+                         f"do not match the model's ({kind} of shape {tuple(mine.shape)}); "
+                         "pass the model it should behave like")
 
 
 def fit_outputs(student: nn.Module, teacher: nn.Module, inputs: list[Any], *, steps: int,
@@ -174,7 +199,8 @@ def fit_outputs(student: nn.Module, teacher: nn.Module, inputs: list[Any], *, st
     then cosine-decayed, gradients clipped to norm 1), one of the ``inputs`` per step in an
     order shuffled with ``seed`` on every pass, both models in eval mode; plus ``l1``
     (ramped, see :func:`~sparsekit.moe.relufy`) times the mean output of the modules
-    ``acts``."""
+    ``acts``. Raises ``ValueError`` naming ``teacher`` when its outputs are not of the
+    student's kind and shape, and naming ``lr`` when training left a weight NaN or inf."""
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, round(_WARMUP * steps))
@@ -197,7 +223,9 @@ def fit_outputs(student: nn.Module, teacher: nn.Module, inputs: list[Any], *, st
                 with torch.no_grad():
                     target = teacher(x)
                 means.clear()
-                loss = distillation_loss(student(x), target)
+                output = student(x)
+            _check_teacher(output, target)
+            loss = distillation_loss(output, target)
             if means:
                 coefficient = l1 * math.sin(0.5 * math.pi * min(1.0, (i + 1) / ramp))
                 loss = loss + coefficient * torch.stack(means).mean()
@@ -206,4 +234,8 @@ def fit_outputs(student: nn.Module, teacher: nn.Module, inputs: list[Any], *, st
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
+    if not all(bool(p.isfinite().all()) for p in params):  # one NaN loss spreads to all
+        raise ValueError(f"lr={lr:g}: fine-tuning made the weights not finite (NaN or inf) "
+                         f"within {steps} steps; lower lr (or check that the teacher's outputs "
+                         "on data are finite)")
 

@@ -48,6 +48,8 @@ def head_predictors(
     for name, value in (("rank", rank), ("steps", steps), ("max_rows", max_rows)):
         check_int(name, value, minimum=1)
     check_seed("seed", seed)
+    if calibration is None:
+        raise ValueError("calibration must be a tensor of inputs or a list of them, got None")
     prefix, blocks = transformer_blocks(model)
     groups = [block_group(f"{prefix}.{i}", b, "heads") for i, b in enumerate(blocks)]
     out = {}
@@ -57,8 +59,9 @@ def head_predictors(
         o_proj = model.get_submodule(o.name.removesuffix(".weight"))
         columns = o.indices(torch.arange(group.channels)).view(group.channels, -1)
         k = max(1, round(keep * group.channels))
-        train = _rows(model, {"x": model.get_submodule(q), "a": o_proj}, calibration, max_rows)
-        test = _rows(model, {"x": model.get_submodule(q), "a": o_proj}, data, max_rows)
+        layers = {"x": model.get_submodule(q), "a": o_proj}
+        train = _rows(model, layers, calibration, max_rows, "calibration")
+        test = _rows(model, layers, data, max_rows, "data")
         w = o_proj.weight.detach().float()
         importance = _importance(train["a"], w, columns)
         labels = torch.zeros_like(importance).scatter_(1, importance.topk(k, 1).indices, 1.0)
@@ -68,9 +71,10 @@ def head_predictors(
     return out
 
 
-def _rows(model: nn.Module, layers: dict[str, nn.Module], data: Any, limit: int
+def _rows(model: nn.Module, layers: dict[str, nn.Module], data: Any, limit: int, param: str
           ) -> dict[str, torch.Tensor]:
-    """The first ``limit`` input rows of each layer on ``data`` (aligned: the same tokens)."""
+    """The first ``limit`` input rows of each layer on ``data`` (aligned: the same tokens);
+    errors on ``data`` name ``param``, the argument it came from."""
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
 
     def keep(name: str, x: torch.Tensor, _out: Any) -> None:
@@ -78,7 +82,7 @@ def _rows(model: nn.Module, layers: dict[str, nn.Module], data: Any, limit: int
             rows[name].append(x.detach().reshape(-1, x.shape[-1]).float())
 
     with watch(layers, keep):
-        run(model, data)
+        run(model, data, param)
     return {n: torch.cat(r)[:limit] for n, r in rows.items()}
 
 

@@ -49,6 +49,9 @@ class LowRankRouter(nn.Module):
                  act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, rank: int,
                  unit_size: int) -> None:
         super().__init__()
+        if w_in.dim() != 3:
+            raise ValueError(f"w_in must be (neurons, writers, features), got "
+                             f"{tuple(w_in.shape)}")
         n, writers, d = w_in.shape
         check_int("rank", rank, minimum=1)
         check_int("unit_size", unit_size, minimum=1)
@@ -58,6 +61,7 @@ class LowRankRouter(nn.Module):
             raise ValueError(f"unit_size must divide the {n} routed neurons, got {unit_size}")
         if x.dim() != 2 or x.shape[1] != d or not x.shape[0]:
             raise ValueError(f"x must be (T, {d}) calibration inputs, got {tuple(x.shape)}")
+        _check_finite("x", x)  # else the factorisation fails inside eigh
         self.act, self.writers, self.unit_size = act, writers, unit_size
         down, up = _factorise(w_in.reshape(n * writers, d).float(), x.float(), rank)
         self.register_buffer("down", down)  # (rank, d)
@@ -78,9 +82,14 @@ class LowRankRouter(nn.Module):
         check_int("steps", steps, minimum=1)
         check_int("batch", batch, minimum=1)
         check_seed("seed", seed)
+        d = self.down.shape[1]
+        if x.dim() != 2 or x.shape[1] != d:
+            raise ValueError(f"x must be (T, {d}) FFN inputs, got {tuple(x.shape)}")
         if mass.shape != (x.shape[0], self.up.shape[0] // self.writers // self.unit_size):
             raise ValueError(f"mass must be (T, units) for x of {x.shape[0]} rows, got "
                              f"{tuple(mass.shape)}")
+        _check_finite("x", x)  # one NaN would make every factor NaN
+        _check_finite("mass", mass)
         x, mass = x.float(), mass.float()
         factors = [t for t in (self.down, self.up, self.bias) if t is not None]
         for t in factors:
@@ -107,6 +116,13 @@ class LowRankRouter(nn.Module):
     def macs(self) -> int:
         """Multiply-adds per token."""
         return self.down.numel() + self.up.numel()
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` unless every value of ``t`` is finite."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, got {int((~torch.isfinite(t)).sum())} NaN "
+                         f"or inf values")
 
 
 def _factorise(w: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,6 +68,10 @@ class RoutedAttention(nn.Module):
         if router.score.out_features != groups:
             raise ValueError(f"router scores {router.score.out_features} head groups, the "
                              f"attention has {groups} key/value heads")
+        hidden = attention.q_proj.in_features
+        if router.project.in_features != hidden:  # else a shape error at the first decode
+            raise ValueError(f"router reads {router.project.in_features} features, the "
+                             f"attention's input has {hidden}")
         check_int("k", k, minimum=1)
         if not isinstance(skip_kv, bool):
             raise TypeError(f"skip_kv must be a bool, got {type(skip_kv).__name__}")
@@ -174,12 +178,15 @@ def route_heads(model: nn.Module, predictors: dict[str, tuple[Router, Any]], *,
     names = dict(model.named_modules())
     plan = {}
     for block, entry in predictors.items():
-        router = entry[0] if isinstance(entry, tuple) else entry
+        router = entry[0] if isinstance(entry, tuple) and entry else entry
         if block not in names or not isinstance(router, Router):
             raise ValueError(f"predictors: {block!r} must name a block of model with a Router, "
                              f"got {type(router).__name__}")
         attention = [n for n, m in names[block].named_children()
                      if all(isinstance(getattr(m, p, None), nn.Linear) for p in PROJECTIONS)]
+        if any(isinstance(m, RoutedAttention) for m in names[block].children()):
+            raise ValueError(f"model: block {block!r} is routed already; pass the model "
+                             "route_heads was given, not the copy it returned")
         if len(attention) != 1:
             raise ValueError(f"predictors: block {block!r} has no LLaMA-style attention "
                              f"(q_proj, k_proj, v_proj, o_proj)")
@@ -189,8 +196,11 @@ def route_heads(model: nn.Module, predictors: dict[str, tuple[Router, Any]], *,
         parent, _, child = name.rpartition(".")
         attention = routed.get_submodule(name)
         groups = attention.k_proj.out_features // attention.head_dim
-        layer = RoutedAttention(attention, copy.deepcopy(router), max(1, round(keep * groups)),
-                                skip_kv=skip_kv)
+        try:
+            layer = RoutedAttention(attention, copy.deepcopy(router),
+                                    max(1, round(keep * groups)), skip_kv=skip_kv)
+        except ValueError as e:  # a predictor of another model
+            raise ValueError(f"predictors[{parent!r}]: {e}") from e
         layer.train(attention.training)
         setattr(routed.get_submodule(parent), child, layer)
     return routed

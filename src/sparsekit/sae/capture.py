@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.observe import inference
 
 __all__ = ["SITES", "capture", "find_module"]
@@ -39,12 +39,37 @@ class _Captured(Exception):
 
 
 def _tensor(value: Any) -> torch.Tensor:
-    """The hidden states in a module's input or output (the first tensor of a tuple)."""
+    """The hidden states in a module's input or output: the first tensor of a tuple, the
+    first tensor value of a mapping (a Hugging Face ``ModelOutput``: ``last_hidden_state``
+    or ``logits``)."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
+    if isinstance(value, Mapping):
+        first = next((v for v in value.values() if isinstance(v, torch.Tensor)), None)
+        if first is not None:
+            return first
     raise TypeError(f"the hooked module passed {type(value).__name__}, not a tensor")
+
+
+def _with_tensor(value: Any, new: torch.Tensor) -> Any:
+    """``value`` (a module's output) with ``new`` in place of what :func:`_tensor` reads."""
+    if isinstance(value, torch.Tensor):
+        return new
+    if isinstance(value, tuple):
+        return (new, *value[1:])
+    if isinstance(value, list):
+        return [new, *value[1:]]
+    key = next(k for k, v in value.items() if isinstance(v, torch.Tensor))
+    value[key] = new  # a fresh output object: a ModelOutput updates its attribute too
+    return value
+
+
+def _input(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """A module's input as a hook sees it: its positional arguments or, for a module called
+    with keywords only (LLaMA's ``self_attn(hidden_states=...)``), its keyword arguments."""
+    return args if args else kwargs
 
 
 def _call(model: nn.Module, batch: Any) -> Any:
@@ -69,7 +94,8 @@ def capture(
     ``inputs`` is one batch or an iterable of batches; a batch is a tensor (called as
     ``model(batch)``) or a mapping such as a tokenizer's output (``model(**batch)``), whose
     ``attention_mask``, if any, drops padding tokens. The model runs in eval mode without
-    autograd and is left as found. Names are checked before the model runs.
+    autograd and is left as found, with no hook on it between chunks (a consumer may run
+    it meanwhile). Names are checked before the model runs.
     """
     hooked = find_module(model, module_name)
     targeted = find_module(model, target, "target") if target is not None else None
@@ -79,8 +105,8 @@ def capture(
     if isinstance(inputs, (torch.Tensor, Mapping)):
         inputs = [inputs]
     elif not isinstance(inputs, Iterable):
-        raise TypeError(f"inputs must be a tensor, a mapping or an iterable of batches, got "
-                        f"{type(inputs).__name__}")
+        raise ArgumentTypeError(f"inputs must be a tensor, a mapping or an iterable of "
+                                f"batches, got {type(inputs).__name__}")
     return _stream(model, hooked, targeted, inputs, site, chunk_size)
 
 
@@ -94,38 +120,39 @@ def _stream(model: nn.Module, hooked: nn.Module, targeted: nn.Module | None,
         if wanted <= held.keys():
             raise _Captured
 
-    handles = [hooked.register_forward_hook(
-        lambda _m, args, out: keep("x", args if site == "input" else out))]
-    if targeted is not None:
-        handles.append(targeted.register_forward_hook(lambda _m, _a, out: keep("y", out)))
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
     rows = 0
-    try:
-        for batch in inputs:
-            held.clear()
-            # inference() per batch, not around the loop: grad mode is global and the
-            # consumer of this generator (a training loop) runs between the yields
+    for batch in inputs:
+        held.clear()
+        # hooks and inference() per batch, not around the loop: the consumer of this
+        # generator (a training loop) runs between the yields, and may run the model itself
+        handles = [hooked.register_forward_hook(
+            lambda _m, args, kwargs, out: keep("x", _input(args, kwargs) if site == "input"
+                                               else out), with_kwargs=True)]
+        if targeted is not None:
+            handles.append(targeted.register_forward_hook(lambda _m, _a, out: keep("y", out)))
+        try:
             with inference(model), contextlib.suppress(_Captured):
                 _call(model, batch)
-            if not wanted <= held.keys():
-                raise ValueError("module_name: the module did not run on this input")
-            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-            for key, out in (("x", xs), ("y", ys)):
-                if key in held:
-                    flat = held[key].float()
-                    if mask is not None and flat.shape[:-1] == mask.shape:
-                        flat = flat[mask.bool()]
-                    out.append(flat.reshape(-1, flat.shape[-1]))
-            rows += xs[-1].shape[0]
-            while rows >= chunk_size:
-                yield from _emit(xs, ys, chunk_size)
-                rows -= chunk_size
-        if rows:
-            yield from _emit(xs, ys, rows)
-    finally:
-        for handle in handles:
-            handle.remove()
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not wanted <= held.keys():
+            raise ValueError("module_name: the module did not run on this input")
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        for key, out in (("x", xs), ("y", ys)):
+            if key in held:
+                flat = held[key].float()
+                if mask is not None and flat.shape[:-1] == mask.shape:
+                    flat = flat[mask.bool()]
+                out.append(flat.reshape(-1, flat.shape[-1]))
+        rows += xs[-1].shape[0]
+        while rows >= chunk_size:
+            yield from _emit(xs, ys, chunk_size)
+            rows -= chunk_size
+    if rows:
+        yield from _emit(xs, ys, rows)
 
 
 def _emit(xs: list[torch.Tensor], ys: list[torch.Tensor], n: int) -> Iterator[Any]:

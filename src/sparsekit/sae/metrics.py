@@ -21,7 +21,7 @@ from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_fraction
 from sparsekit.observe import inference
-from sparsekit.sae.capture import _call, _tensor, find_module
+from sparsekit.sae.capture import _call, _input, _tensor, _with_tensor, find_module
 from sparsekit.sae.sae import SAE
 from sparsekit.sae.train import _rows
 
@@ -110,37 +110,49 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
     The loss averages over real next-token targets only: where a batch's ``attention_mask``
     marks the target or the token predicting it as padding, the pair is skipped. Token ids
     of any integer dtype are accepted; a causal LM needs sequences of at least 2 tokens.
+    Raises ``ValueError`` when the module does not run on a batch or the model's clean
+    outputs are not finite: either would be a score that compares nothing.
     """
     module = find_module(model, module_name)
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
     if isinstance(inputs, (torch.Tensor, Mapping)):
         inputs = [inputs]
+    elif not isinstance(inputs, Iterable):
+        raise ArgumentTypeError(f"inputs must be a tensor, a mapping or an iterable of "
+                                f"batches, got {type(inputs).__name__}")
     mode = {"replace": None}
+    spliced = [0]  # calls of the module with a replacement: none means nothing was compared
 
-    def splice(_m: nn.Module, args: tuple, out: Any) -> Any:
+    def splice(_m: nn.Module, args: tuple, kwargs: dict[str, Any], out: Any) -> Any:
         if mode["replace"] is None:
             return None
+        spliced[0] += 1
         hidden = _tensor(out)
-        new = mode["replace"](_tensor(args) if sae.transcoder else hidden).to(hidden.dtype)
-        return (new, *out[1:]) if isinstance(out, tuple) else new
+        source = _tensor(_input(args, kwargs)) if sae.transcoder else hidden
+        return _with_tensor(out, mode["replace"](source).to(hidden.dtype))
 
     replacements = {"clean": None, "sae": sae, "zero": torch.zeros_like}
     sums: dict[str, float] = {name: 0.0 for name in replacements}
     count, causal, short = 0.0, False, False
-    handle = module.register_forward_hook(splice)
+    handle = module.register_forward_hook(splice, with_kwargs=True)
     try:
         with inference(model, sae):
             for batch in inputs:
                 outputs = {}
+                spliced[0] = 0
                 for name, replace in replacements.items():
                     mode["replace"] = replace
                     outputs[name] = _call(model, batch)
                 mode["replace"] = None
+                if not spliced[0]:  # else "sae" and "zero" are the clean run: a perfect score
+                    raise ValueError(f"module_name: the module {module_name!r} did not run on "
+                                     "this input")
                 causal = hasattr(outputs["clean"], "logits")
                 if causal:
                     ids = batch["input_ids"] if isinstance(batch, Mapping) else batch
                     targets, real = _next_tokens(ids, batch)
+                    _check_finite(outputs["clean"].logits)
                     for name, out in outputs.items():
                         logits = out.logits[..., :-1, :].float()
                         if logits.dim() == 2:  # a 1-D sequence: the model added no batch axis
@@ -153,6 +165,7 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
                 else:
                     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                     pooled = {n: _pool(o, mask) for n, o in outputs.items()}
+                    _check_finite(pooled["clean"])
                     for name in ("sae", "zero"):
                         sums[name] += float(F.cosine_similarity(
                             pooled[name], pooled["clean"], dim=-1).sum())
@@ -174,6 +187,14 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
                 "loss_recovered": (zero - spliced) / (zero - clean) if zero != clean
                 else math.nan}
     return {"cosine_sae": sums["sae"] / count, "cosine_zero": sums["zero"] / count}
+
+
+def _check_finite(clean: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``inputs`` unless the clean run's ``clean`` outputs are
+    finite: every score compares with them, and would be NaN without saying why."""
+    if not bool(clean.isfinite().all()):
+        raise ValueError("inputs: the model's outputs on them are not finite (NaN or inf), "
+                         "so no score would mean anything")
 
 
 def _next_tokens(ids: torch.Tensor, batch: Any) -> tuple[torch.Tensor, int]:
