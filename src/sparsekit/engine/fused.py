@@ -118,8 +118,8 @@ class FusedProjections(nn.Module):
                  sizes: Sequence[int]) -> None:
         super().__init__()
         if not isinstance(linear, (CompiledLinear, ActivationSparseLinear)):
-            raise TypeError("linear must be a CompiledLinear or an ActivationSparseLinear, "
-                            f"got {type(linear).__name__}")
+            raise ArgumentTypeError("linear must be a CompiledLinear or an "
+                                    f"ActivationSparseLinear, got {type(linear).__name__}")
         if isinstance(sizes, str) or not isinstance(sizes, Sequence):
             raise ArgumentTypeError(f"sizes must be a sequence of ints, got {sizes!r}")
         for i, size in enumerate(sizes):
@@ -180,7 +180,8 @@ class FusedLinear(nn.Module):
     def __init__(self, group: FusedProjections, index: int) -> None:
         super().__init__()
         if not isinstance(group, FusedProjections):
-            raise TypeError(f"group must be FusedProjections, got {type(group).__name__}")
+            raise ArgumentTypeError(f"group must be FusedProjections, got "
+                                    f"{type(group).__name__}")
         check_int("index", index)  # a bool is not an index
         if not 0 <= index < len(group.sizes):
             raise ValueError(f"index must be an int in [0, {len(group.sizes)}), got {index!r}")

@@ -45,15 +45,15 @@ def report(
     """
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    inputs = example_inputs
+    # First: it checks example_inputs, and names them in the error of a model they do not
+    # fit, before this report runs the model on them.
+    base = {r.name: r for r in _base_report(model, example_inputs).rows}
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     special = {
         n: m for n, m in model.named_modules()
         if isinstance(m, (CompiledLayer, ActivationSparseLinear))
     }
     macs = {} if inputs is None else observe.macs(model, special, *inputs)
-    base = {r.name: r for r in _base_report(model, inputs).rows}
     choices = getattr(model, "sparsekit_choices", {})
     rows = []
     for name, module in model.named_modules():

@@ -47,7 +47,8 @@ class Attached:
             self._handle.remove()
             self._handle = None
             del _STEPPING[id(self.schedule)]
-        detach = getattr(self.masks, "detach", None)
+        # a DynamicSparsity's own detach also takes off its gradient-reading hook
+        detach = getattr(self.schedule, "detach", None) or getattr(self.masks, "detach", None)
         if detach is not None:  # a StructureSet holds no hooks to remove
             detach(self.optimizer)
 
@@ -125,7 +126,7 @@ def _attach(built: object, real: torch.optim.Optimizer, state: Mapping[str, Any]
             message = f"{state_name} is no state of this {type(built).__name__}: {err}"
             raise kind(message) from err
     masks = built.masks if schedule is not None else built
-    masks.attach(real)
+    (getattr(schedule, "attach", None) or masks.attach)(real)  # a DynamicSparsity's hook too
     attached = Attached(masks, schedule, real)
     if schedule is not None:
         attached._handle = real.register_step_post_hook(attached._step)

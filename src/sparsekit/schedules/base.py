@@ -34,8 +34,10 @@ class Schedule(Protocol):
 
 def check_state(schedule: Schedule, state: Any, keys: tuple[str, ...]) -> None:
     """Raise unless ``state`` can be what ``schedule.state_dict()`` returned: a mapping with
-    every one of ``keys``, a ``"step"`` that is an int ≥ 0 and a ``"masks"`` state for the
-    weights ``schedule.masks`` holds.
+    every one of ``keys`` and no other, a ``"step"`` that is an int ≥ 0 and a ``"masks"``
+    state for the weights ``schedule.masks`` holds. Other keys are those of another
+    schedule's state, whose step and masks mean something else (an IterativePruning's step
+    counts from its last round; a DynamicSparsity's masks may grow).
 
     The masks' own ``load_state_dict`` checks their shapes and dtypes before it changes
     anything; load them first of all that changes, after this and the schedule's own checks,
@@ -49,6 +51,11 @@ def check_state(schedule: Schedule, state: Any, keys: tuple[str, ...]) -> None:
     if missing:
         raise ValueError(f"state lacks {', '.join(map(repr, missing))}: pass the dict {owner} "
                          f"returns, with keys {', '.join(map(repr, ('step', 'masks', *keys)))}")
+    extra = [k for k in state if k not in ("step", "masks", *keys)]
+    if extra:
+        raise ValueError(f"state has {', '.join(map(repr, extra))}, which {owner} never holds "
+                         f"(the state of another schedule?): pass the dict {owner} returns, "
+                         f"with keys {', '.join(map(repr, ('step', 'masks', *keys)))}")
     check_int("state['step']", state["step"], minimum=0)
     masks = state["masks"]
     if not isinstance(masks, Mapping) or not isinstance(masks.get("masks"), Mapping):

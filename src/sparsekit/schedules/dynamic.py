@@ -39,11 +39,12 @@ every rank, and :class:`~sparsekit.MaskSet` applies them to each rank's shard.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from sparsekit._checks import (
     ArgumentTypeError,
@@ -65,6 +66,7 @@ from sparsekit.registry import Registry
 from sparsekit.schedules.base import check_state, check_tensors
 from sparsekit.schedules.gradual import check_initial_sparsity, cubic_sparsity
 from sparsekit.select import top_k
+from sparsekit.targets import resolve_targets
 
 METHODS: Registry = Registry("method")
 DROP_SCHEDULES = ("cosine", "linear", "constant")
@@ -99,6 +101,20 @@ def check_holds(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
         )
 
 
+def trainable_targets(model: nn.Module) -> list[str] | None:
+    """The names of the default targets of ``model`` that require gradients, or ``None``
+    (all of them) where none is frozen; raise where all are."""
+    chosen = resolve_targets(model)
+    trainable = [t.name for t in chosen if t.param.requires_grad]
+    if chosen and not trainable:
+        raise ValueError(
+            f"every weight DynamicSparsity would train is frozen (requires_grad=False: "
+            f"{', '.join(t.name for t in chosen[:3])}{', …' if len(chosen) > 3 else ''}); "
+            "unfreeze those it should train sparse"
+        )
+    return None if len(trainable) == len(chosen) else trainable
+
+
 class DynamicSparsity:
     """Train ``model`` sparse while moving its connections (SET, RigL, SNFS, GraNet, SRigL).
 
@@ -111,6 +127,11 @@ class DynamicSparsity:
     reset. SET and RigL keep each layer's number of active weights exactly; SNFS keeps the
     total while layers trade weights; GraNet follows its pruning schedule; SRigL keeps a
     constant fan-in per surviving neuron.
+
+    Frozen module weights (``requires_grad=False``) are no targets and stay as they are:
+    they have no gradient to grow by, and dropping their connections would change weights
+    training leaves alone. :meth:`detach` stops reading the optimizer's gradients and
+    keeping the masks through its steps, until :meth:`attach`.
 
     If ``model`` has :class:`~sparsekit.SparseLinear` layers, those are the targets (other
     layers stay dense) and their current structures are the starting masks; updates go
@@ -177,6 +198,7 @@ class DynamicSparsity:
         self.generator = torch.Generator().manual_seed(seed + 1_000_003)
         self.rule: DropGrow = rule(self)
         self.step_count = 0
+        self._targets = None if sparse else trainable_targets(model)
         if sparse:
             self.masks: Masks = StructureSet(model)
             trained = [layer.values for layer in self.masks.layers.values()]
@@ -188,18 +210,60 @@ class DynamicSparsity:
         check_holds(optimizer, trained, list(self.masks.masks))
         self._grads: MaskDict = {}
         self._momenta = {n: torch.zeros_like(p) for n, p in self.masks.params.items()}
-        # Registered before the MaskSet's hooks, so it sees the dense gradients.
-        self._hook = optimizer.register_step_pre_hook(after_gradients(self._capture))
-        self.masks.attach(optimizer)
-        self._arm_capture()
+        self._hook: RemovableHandle | None = None
+        self._removed = False  # set by remove(): its masks are gone, nothing to attach
+        self.attach(optimizer)
 
     update_every = renamed_attribute("update_every", "every")
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> DynamicSparsity:
+        """Read the gradients before every step of ``optimizer`` and keep the masks through
+        it again, after :meth:`detach` (the constructor attaches it); attaching twice does
+        nothing. Only the optimizer given to the constructor is accepted: the momenta and
+        the optimizer state the updates reset are that optimizer's."""
+        if self._removed:
+            raise RuntimeError("DynamicSparsity.attach(): it was removed by remove(); build a "
+                               "new DynamicSparsity to train sparse again")
+        if check_optimizer(optimizer) is not self.optimizer:
+            raise ValueError(
+                "optimizer must be the one this DynamicSparsity was built on; build a new "
+                "DynamicSparsity for another optimizer"
+            )
+        if self._hook is None:
+            # Registered before the masks' hooks, so it sees the dense gradients.
+            self._hook = self.optimizer.register_step_pre_hook(after_gradients(self._capture))
+        self.masks.attach(self.optimizer)
+        self._arm_capture()
+        return self
+
+    def detach(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Stop reading gradients before ``optimizer``'s steps (by default: the one it was
+        built on, the only one it reads) and keeping the masks through them; sparse layers
+        stop computing dense gradients. The masks, momenta and step count stay, for
+        :meth:`attach`. Detaching twice does nothing."""
+        if optimizer is not None and check_optimizer(optimizer) is not self.optimizer:
+            raise ValueError(
+                "optimizer must be the one this DynamicSparsity was built on (or None); "
+                "it reads no other"
+            )
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.masks.capture(False)
+        detach = getattr(self.masks, "detach", None)
+        if detach is not None:  # a StructureSet holds no hooks on the optimizer
+            detach(self.optimizer)
 
     def is_update_step(self, step: int) -> bool:
         return step % self.every == 0 and 0 < step < self.end_step
 
     def step(self) -> bool:
-        """Advance one step; at update steps drop and regrow. Returns whether it updated."""
+        """Advance one step; at update steps drop and regrow. Returns whether it updated.
+
+        An update that lacks the dense gradients it grows by (no optimizer step since the
+        last update) raises before the step count or any mask changes."""
+        if self.rule.needs_grads and self.is_update_step(self.step_count + 1):
+            self._check_grads(self.masks.masks)
         self.step_count += 1
         self._arm_capture()
         if not self.is_update_step(self.step_count):
@@ -214,7 +278,10 @@ class DynamicSparsity:
         """Ask the masks for dense gradients only for the steps whose rule reads them: the
         momenta (SNFS) until the updates end, the gradient (RigL) of each update step. Past
         ``end_step`` nothing reads them, and sparse layers asked for dense gradients would
-        compute them in every backward pass for nothing."""
+        compute them in every backward pass for nothing; nor does anything read them while
+        detached (:meth:`detach`)."""
+        if self._hook is None:
+            return
         upcoming = self.is_update_step(self.step_count + 1)
         self.masks.capture(bool((self.rule.needs_momenta and self._updates_ahead())
                                 or (self.rule.needs_grads and upcoming)))
@@ -230,12 +297,16 @@ class DynamicSparsity:
 
     def dense_grad(self, name: str) -> torch.Tensor:
         """The whole dense (unmasked) gradient of ``name`` captured before this update's step."""
-        if name not in self._grads:
+        self._check_grads((name,))
+        return full(self._grads[name])
+
+    def _check_grads(self, names: Iterable[str]) -> None:
+        """Raise unless the dense gradients of ``names`` were captured for this update."""
+        if any(name not in self._grads for name in names):
             raise RuntimeError(
                 f"{self.method} needs the dense gradient at update steps: call step() after "
                 "every optimizer.step() of the optimizer given to DynamicSparsity"
             )
-        return full(self._grads[name])
 
     def momentum(self, name: str) -> torch.Tensor:
         """The whole momentum of the dense gradient of ``name`` (what SNFS grows by)."""
@@ -276,9 +347,11 @@ class DynamicSparsity:
         self._arm_capture()
 
     def remove(self) -> None:
-        """Stop updating and stop enforcing the masks (the weights stay sparse)."""
-        self._hook.remove()
+        """Stop updating and stop enforcing the masks (the weights stay sparse); it cannot
+        be attached again."""
+        self.detach()
         self.masks.remove()
+        self._removed = True
 
 
 class DropGrow:
@@ -292,7 +365,8 @@ class DropGrow:
 
     def initial_masks(self) -> MaskDict:
         masks, _ = compute_masks(self.ds.model, self.ds.sparsity, method="random",
-                                 allocation=self.ds.allocation, seed=self.ds.seed)
+                                 allocation=self.ds.allocation, seed=self.ds.seed,
+                                 targets=self.ds._targets)
         return masks
 
     def grow_scores(self, name: str, w: torch.Tensor) -> torch.Tensor:
@@ -361,7 +435,8 @@ class GraNet(RigL):
 
     def initial_masks(self) -> MaskDict:
         masks, _ = compute_masks(self.ds.model, self.ds.initial_sparsity, method="random",
-                                 allocation=self.ds.allocation, seed=self.ds.seed)
+                                 allocation=self.ds.allocation, seed=self.ds.seed,
+                                 targets=self.ds._targets)
         return masks
 
     @torch.no_grad()

@@ -123,8 +123,10 @@ class IterativePruning:
         return self.round < self.rounds
 
     def state_dict(self) -> dict[str, Any]:
+        """The round, step, masks, rewind state and history as they are now: the history is
+        a list of its own, which later rounds do not lengthen."""
         return {"round": self.round, "step": self.step_count, "masks": self.masks.state_dict(),
-                "rewind_state": self._rewind_state, "history": self.history}
+                "rewind_state": self._rewind_state, "history": list(self.history)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`; a state it cannot come from changes nothing (a
