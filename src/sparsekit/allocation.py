@@ -118,8 +118,10 @@ OWL_LAMBDA = 0.08
 def outlier_ratio(scores: Sequence[torch.Tensor], m: float = OUTLIER_M) -> float:
     """Fraction of the finite ``scores`` (all tensors together) above ``m`` × their mean.
 
-    ``-inf`` (already pruned) entries are left out; no finite entry gives 0.
+    ``-inf`` (already pruned) entries are left out; no finite entry (or no tensor) gives 0.
     """
+    if not scores:
+        return 0.0
     flat = torch.cat([s.flatten().float() for s in scores]) if len(scores) > 1 else (
         scores[0].flatten().float())
     finite = torch.isfinite(flat)
@@ -140,8 +142,11 @@ def owl_sparsities(
     """Per-group sparsity from outlier ratios: ``sparsity − lam · (2·r̂ − 1)``.
 
     r̂ is the min-max normalised outlier ratio; the shifts are centred so that their mean
-    (weighted by ``weights``, e.g. layer sizes; plain otherwise) is zero, and the result is
-    clipped to [0, 0.99]. Equal ratios give ``sparsity`` everywhere.
+    (weighted by ``weights``, e.g. layer sizes; plain otherwise) is zero, so the mean
+    sparsity is ``sparsity``. Near the ends the band narrows until every sparsity lies in
+    [0, 0.99] (all are ``sparsity`` when it is above 0.99): clipping the shifts instead
+    moved the mean (0 gave 3 % sparsity, 0.99 gave 0.968). Equal ratios give ``sparsity``
+    everywhere.
     """
     r = torch.tensor(ratios, dtype=torch.float64)
     span = float(r.max() - r.min()) if len(ratios) else 0.0
@@ -153,7 +158,10 @@ def owl_sparsities(
     else:
         w = torch.tensor(weights, dtype=torch.float64)
         shift -= (shift * w).sum() / w.sum()
-    return [min(max(sparsity - float(s), 0.0), 0.99) for s in shift]
+    hi, lo = float(shift.max()), float(shift.min())
+    scale = min(1.0, sparsity / hi if hi > 0 else 1.0,
+                max(0.99 - sparsity, 0.0) / -lo if lo < 0 else 1.0)
+    return [float(sparsity - s * scale) for s in shift]
 
 
 def erdos_renyi_densities(
@@ -182,8 +190,11 @@ def erdos_renyi_densities(
 
 
 def _er_raw(shape: torch.Size, kernel: bool) -> float:
+    """A layer's unnormalised density; 0 for a layer of no weights (a zero-width side),
+    which has nothing to keep."""
     dims = list(shape) if kernel or len(shape) <= 2 else list(shape[:2])
-    return sum(dims) / math.prod(dims)
+    size = math.prod(dims)
+    return sum(dims) / size if size else 0.0
 
 
 def _erdos_renyi(scores: Scores, sparsity: float, *, kernel: bool) -> dict[str, int]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.registry import Registry
 from sparsekit.select import top_k
 from sparsekit.targets import Target
@@ -63,7 +64,8 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
     if isinstance(spec, Pattern):
         return spec
     if not isinstance(spec, str):
-        raise TypeError(f"pattern must be a string ({_ACCEPTED}), got {type(spec).__name__}")
+        raise ArgumentTypeError(
+            f"pattern must be a string ({_ACCEPTED}), got {type(spec).__name__}")
     family = spec.split(":")[0]
     if ":" in spec and family not in ("block", "channel", "head"):
         family = "nm"
@@ -78,6 +80,21 @@ class Unstructured(Pattern):
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         return top_k(scores, keep)
+
+
+def _check_rows(spec: str, shape: torch.Size, name: str) -> None:
+    """Raise ``ValueError`` when ``shape`` has no rows to group by (a 0-d parameter, which
+    failed with an IndexError from inside the pattern)."""
+    if len(shape) == 0:
+        raise ValueError(f"pattern {spec!r} keeps or prunes whole rows (or tiles of them), "
+                         f"but {name!r} is a scalar (shape ()); use 'unstructured' or exclude "
+                         "it")
+
+
+def _view2d(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``(out, in · kernel)``; unlike ``reshape(out, -1)`` also for a weight of no
+    elements (a zero-width layer), whose rows are then empty."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 @PATTERNS.register("unstructured")
@@ -142,6 +159,7 @@ class Block(Pattern):
         return f"block:{self.r}x{self.c}"
 
     def check(self, shape: torch.Size, name: str) -> None:
+        _check_rows(self.spec, shape, name)
         rows, cols = shape[0], math.prod(shape[1:])
         if rows % self.r or cols % self.c:
             raise ValueError(
@@ -150,14 +168,14 @@ class Block(Pattern):
             )
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        tiles = self._tiles(scores.reshape(scores.shape[0], -1))
+        tiles = self._tiles(_view2d(scores))
         kept = top_k(tiles.sum((1, 3)), round(keep / (self.r * self.c)))
         rows, cols = kept.shape
         full = kept[:, None, :, None].expand(rows, self.r, cols, self.c)
         return full.reshape(scores.shape)
 
     def is_valid(self, mask: torch.Tensor) -> bool:
-        tiles = self._tiles(mask.reshape(mask.shape[0], -1)).sum((1, 3))
+        tiles = self._tiles(_view2d(mask)).sum((1, 3))
         return bool(((tiles == 0) | (tiles == self.r * self.c)).all())
 
     def _tiles(self, w2d: torch.Tensor) -> torch.Tensor:
@@ -179,13 +197,16 @@ class Row(Pattern):
 
     spec: str = "row"
 
+    def check(self, shape: torch.Size, name: str) -> None:
+        _check_rows(self.spec, shape, name)
+
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        rows = scores.reshape(scores.shape[0], -1)
-        kept = top_k(rows.sum(1), round(keep / rows.shape[1]))
+        rows = _view2d(scores)
+        kept = top_k(rows.sum(1), round(keep / max(rows.shape[1], 1)))
         return kept[:, None].expand_as(rows).reshape(scores.shape)
 
     def is_valid(self, mask: torch.Tensor) -> bool:
-        rows = mask.reshape(mask.shape[0], -1)
+        rows = _view2d(mask)
         return bool((rows.all(1) | ~rows.any(1)).all())
 
 
@@ -212,15 +233,20 @@ class FanIn(Pattern):
 
     spec: str = "fanin"
 
+    def check(self, shape: torch.Size, name: str) -> None:
+        _check_rows(self.spec, shape, name)
+
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        rows = scores.reshape(scores.shape[0], -1)
+        rows = _view2d(scores)
+        if rows.shape[1] == 0:  # a zero-width layer: nothing to keep, no top score per row
+            return torch.zeros_like(scores, dtype=torch.bool)
         live = ~torch.isneginf(rows).all(1)
         kept_rows, per_row = fan_in_split(keep, int(live.sum()), rows.shape[1])
         chosen = top_k(rows.amax(1), kept_rows, allowed=live)  # all live rows unless fan-in 1
         return (top_k(rows, per_row, dim=1) & chosen[:, None]).reshape(scores.shape)
 
     def is_valid(self, mask: torch.Tensor) -> bool:
-        return fan_in(mask.reshape(mask.shape[0], -1)) is not None
+        return fan_in(_view2d(mask)) is not None
 
 
 def fan_in_split(keep: int, rows: int, width: int) -> tuple[int, int]:

@@ -14,7 +14,8 @@ from sparsekit.allocation import ALLOCATIONS, fit_to_capacity
 from sparsekit.masks import MaskSet
 from sparsekit.patterns import Pattern, parse_pattern
 from sparsekit.scores import CRITERIA, ScoreContext
-from sparsekit.targets import TargetSpec, batchnorm_scales, resolve_targets
+from sparsekit.scores.saliency import GRADIENT_CRITERIA, check_gradient_signal
+from sparsekit.targets import Target, TargetSpec, batchnorm_scales, resolve_targets
 
 __all__ = ["check_sparsity", "compute_masks", "prune"]
 
@@ -78,6 +79,7 @@ def compute_masks(
     chosen = resolve_targets(model, targets, exclude)
     for t in chosen:  # patterns see weights as (out, in), also GPT-2's (in, out) Conv1D
         pat.check(t.out_in(t.param).shape, t.name)
+    _check_values(chosen)
     check_seed("seed", seed)
     loss_fn = _check_loss_fn(loss_fn)
 
@@ -85,6 +87,8 @@ def compute_masks(
     ctx = ScoreContext(model, chosen, data, loss_fn, torch.Generator().manual_seed(seed), scales)
     scores = score_fn(ctx)
     check_scores(scores, method)
+    if method in GRADIENT_CRITERIA:
+        check_gradient_signal(method, chosen, scores)
     if pat.grouped:  # whole dependency groups across layers (pattern="channel")
         return pat.select(model, chosen, scores, allocate, float(sparsity),
                           readers_only=CRITERIA.meta(method)["readers_only"]), pat
@@ -103,6 +107,19 @@ def compute_masks(
         mask = t.out_in(pat.mask(t.out_in(scores.pop(t.name)), keep[t.name])).contiguous()
         masks[t.name] = mask & (t.param.detach() != 0)
     return masks, pat
+
+
+def _check_values(chosen: list[Target]) -> None:
+    """Raise unless every target holds values to rank: a model built on the meta device
+    (``torch.device("meta")``, ``init_empty_weights``) failed deep inside a criterion with
+    "Tensor.item() cannot be called on meta tensors"."""
+    for t in chosen:
+        if t.param.is_meta:
+            raise ValueError(
+                f"model: target {t.name!r} is on the meta device and holds no values to "
+                "rank; materialise the weights first (model.to_empty(device='cpu') and "
+                "load_state_dict)"
+            )
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

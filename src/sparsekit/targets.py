@@ -110,11 +110,7 @@ def resolve_targets(
     skipped: dict[str, list[str]] = {}
     if specs is None:
         types = default_types()
-        tied_elsewhere = _held_by_other_types(candidates, types)
-        for t in candidates.values():
-            if isinstance(t.module, types) and _is_weight(t) \
-                    and id(t.param) not in tied_elsewhere:
-                chosen[t.name] = t
+        chosen = {t.name: t for t in _default(candidates, types)}
         skipped = {n: paths for n, (m, paths) in split.items() if isinstance(m, types)}
     else:
         for spec in specs:
@@ -144,6 +140,9 @@ def resolve_targets(
             UserWarning, stacklevel=2,
         )
 
+    # every entry is matched against the same targets, so entries that overlap ("fc*" and
+    # "fc1", or one given twice) do not fail for what an earlier one removed
+    removed = set()
     for pattern in excludes:
         hits = [n for n, t in chosen.items()
                 if _name_match(pattern, t.module_name, n, *([t.alias] if t.alias else []))]
@@ -152,9 +151,15 @@ def resolve_targets(
                 f"exclude entry {pattern!r} matches none of the targeted parameters: "
                 f"{', '.join(chosen) or '(none)'}"
             )
-        for n in hits:
-            del chosen[n]
+        removed.update(hits)
+    chosen = {n: t for n, t in chosen.items() if n not in removed}
 
+    if not chosen and specs is None and not excludes:
+        raise ValueError(
+            "targets: the model has no default targets (weights of nn.Linear, nn.Conv1d/2d/3d "
+            "or GPT-2's Conv1D that no other kind of module shares); name the parameters to "
+            "sparsify with targets="
+        )
     if not chosen:
         raise ValueError("targets: no parameters left to sparsify (check targets and exclude)")
     for t in chosen.values():
@@ -165,6 +170,22 @@ def resolve_targets(
             )
     order = {n: i for i, n in enumerate(candidates)}
     return sorted(chosen.values(), key=lambda t: order[t.name])
+
+
+def default_targets(model: nn.Module) -> list[Target]:
+    """The parameters :func:`resolve_targets` picks without ``targets`` and ``exclude``, in
+    definition order, but none of its checks: a model without such layers (only
+    ``LayerNorm``, ``Embedding`` …) has none, where ``resolve_targets`` raises."""
+    return _default(_weights(model), default_types())
+
+
+def _default(candidates: dict[str, Target], types: tuple[type[nn.Module], ...]
+             ) -> list[Target]:
+    """The weights of modules of ``types`` among ``candidates`` that no other kind of module
+    shares (a tied embedding)."""
+    tied_elsewhere = _held_by_other_types(candidates, types)
+    return [t for t in candidates.values() if isinstance(t.module, types) and _is_weight(t)
+            and id(t.param) not in tied_elsewhere]
 
 
 def batchnorm_scales(model: nn.Module) -> list[Target]:

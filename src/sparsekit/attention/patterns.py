@@ -88,6 +88,7 @@ class AttentionPattern:
         _check_causal(causal)
         _check_qk(q, k, finite=self.scored)
         self.check(block_size)
+        block_size = _bounded(q, k, block_size)
         visible = _visible(q, k, block_size, causal)
         mask = self.tiles(q, k, block_size=block_size, causal=causal, visible=visible)
         return _completed(mask, visible, q, k, block_size)
@@ -97,7 +98,7 @@ class AttentionPattern:
     ) -> Coverage:
         """The density and the softmax mass recall of this pattern's mask on ``q``, ``k``."""
         mask = self.block_mask(q, k, block_size=block_size, causal=causal)
-        return Coverage.of(q, k, mask, block_size=block_size, causal=causal)
+        return Coverage.of(q, k, mask, block_size=_bounded(q, k, block_size), causal=causal)
 
     def check(self, block_size: int) -> None:
         """Raise ``ValueError`` when the pattern cannot tile with ``block_size``."""
@@ -157,12 +158,13 @@ class SinkWindow(AttentionPattern):
     def tiles(self, q, k, *, block_size, causal, visible):
         q_len, kv_len = q.shape[2], k.shape[2]
         first, last = _query_positions(q_len, kv_len, block_size, q.device)
-        lo = first - self.window + 1
-        hi = last if causal else last + self.window - 1
+        window = min(self.window, q_len + kv_len)  # as wide as any: no int64 overflow
+        lo = first - window + 1
+        hi = last if causal else last + window - 1
         start = torch.arange(blocks(kv_len, block_size), device=q.device) * block_size
         stop = start + block_size - 1
         near = (start[None, :] <= hi[:, None]) & (stop[None, :] >= lo[:, None])
-        return (near | (start < self.sinks)[None, :])[None, None]
+        return (near | (start < min(self.sinks, kv_len))[None, :])[None, None]
 
 
 @ATTENTION_PATTERNS.register("top_k")
@@ -290,6 +292,8 @@ class Antidiagonal(_MassThreshold):
         batch, heads, q_len, dim = q.shape
         kv_len, stride = k.shape[2], self.stride
         qb, kb = visible.shape
+        if qb == kb == 1:  # the one tile is each query block's local one, kept regardless (a
+            return visible.expand(batch, heads, 1, 1)  # stride past q, k: block_size bounded)
         per = block_size // stride
         long_q = _padded(q, qb * block_size).unflatten(2, (-1, stride)).flip(3).flatten(3)
         long_k = _padded(repeat_kv(k, heads), kb * block_size).unflatten(2, (-1, stride))
@@ -335,7 +339,10 @@ class Exact(_MassThreshold):
     ) -> Coverage:
         """As every pattern's, reading the scores once: the tile masses that choose the
         tiles also measure what they keep."""
-        mass = tile_mass(q, k, block_size=block_size, causal=causal)  # checks the arguments
+        check_int("block_size", block_size, minimum=1)
+        _check_qk(q, k, finite=True)
+        block_size = _bounded(q, k, block_size)
+        mass = tile_mass(q, k, block_size=block_size, causal=causal)  # checks the rest
         visible = _visible(q, k, block_size, causal)
         mask = _completed(_fewest(mass, self.threshold), visible, q, k, block_size)
         return Coverage.of(q, k, mask, block_size=block_size, causal=causal, mass=mass)
@@ -372,6 +379,14 @@ class UserMask(AttentionPattern):
         _check_mask(mask, tuple(visible.shape), block_size=block_size, batch=q.shape[0],
                     heads=q.shape[1])
         return mask.to(q.device)  # the block mask is on q's device, as every pattern's
+
+
+def _bounded(q: torch.Tensor, k: torch.Tensor, block_size: int) -> int:
+    """``block_size`` capped at the longer sequence of ``q``, ``k``: every larger size tiles
+    them alike (one tile each way), but the patterns pad q, k or the scores to whole tiles
+    (2**31 asked for 100 GB) and place tiles at ``block · block_size`` (2**63 overflowed
+    int64: an empty dense mask)."""
+    return min(block_size, max(q.shape[2], k.shape[2], 1))
 
 
 def _query_positions(q_len: int, kv_len: int, block_size: int,

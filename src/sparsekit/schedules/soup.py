@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import ArgumentTypeError
-from sparsekit.targets import resolve_targets
+from sparsekit.targets import default_targets
 
 
 @torch.no_grad()
@@ -19,8 +19,11 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
     The models must share their sparsity mask (the nonzero pattern of every target
     weight); the average of weights that are zero in every model is zero, so the soup
     keeps the mask. Raises ``ValueError`` when masks or architectures differ or
-    ``models`` is empty, an :class:`~sparsekit._checks.ArgumentTypeError` when it is not
-    a sequence of ``nn.Module`` (one model, a state dict).
+    ``models`` is empty, or a model holds NaN/inf parameters, tensors without values (meta)
+    or tensors on another device than models[0]'s; an
+    :class:`~sparsekit._checks.ArgumentTypeError` when it is not a sequence of
+    ``nn.Module`` (one model, a state dict). A model without default targets (no Linear or
+    Conv layer) has no mask to compare and is averaged as is.
     """
     models = _check_models(models)
     states = [m.state_dict() for m in models]
@@ -28,7 +31,9 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
     for i, sd in enumerate(states[1:], 1):
         if set(sd) != keys or any(sd[k].shape != states[0][k].shape for k in keys):
             raise ValueError(f"models[{i}] has a different architecture than models[0]")
-    for t in resolve_targets(models[0]):
+    for i, (m, sd) in enumerate(zip(models, states)):
+        _check_values(i, m, sd, states[0])
+    for t in default_targets(models[0]):
         ref = states[0][t.name] != 0
         for i, sd in enumerate(states[1:], 1):
             if not torch.equal(sd[t.name] != 0, ref):
@@ -43,6 +48,25 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
     }
     out.load_state_dict(averaged)
     return out
+
+
+def _check_values(i: int, model: nn.Module, state: Mapping[str, torch.Tensor],
+                  first: Mapping[str, torch.Tensor]) -> None:
+    """Raise unless every tensor of ``model`` (``models[i]``, its ``state``) holds values on
+    the device of models[0]'s, its parameters finite: a NaN made its entry of the soup NaN
+    without a word, and a meta tensor failed deep inside ``torch.equal``. (Buffers may hold
+    ±inf on purpose, an attention mask's.)"""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for k, v in state.items():
+        if v.is_meta:
+            raise ValueError(f"models[{i}] holds {k!r} on the meta device, without values to "
+                             "average; load the weights first")
+        if v.device != first[k].device:
+            raise ValueError(f"models[{i}] holds {k!r} on {v.device}, models[0] on "
+                             f"{first[k].device}; move the models to one device")
+        if k in params and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"models[{i}] holds NaN or inf in {k!r}; a soup of it would be "
+                             "NaN or inf there")
 
 
 _ACCEPTED = "a non-empty sequence (list, tuple) of nn.Module sharing one mask, e.g. [a, b]"

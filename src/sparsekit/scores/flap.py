@@ -17,6 +17,7 @@ metadata); for a transformer those are the output projections (``down_proj``,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,8 +53,10 @@ class Moments:
         """Add one input ``x`` of ``module``."""
         x = x.detach()
         if isinstance(module, nn.modules.conv._ConvNd):
-            x = x.transpose(0, 1).reshape(x.shape[1], -1).t()
-        x = x.reshape(-1, self.sum.shape[0]).double()
+            x = x.movedim(x.dim() - len(module.kernel_size) - 1, -1)  # batched or not
+        # rows counted from the leading axes: a layer of no input channels has inputs of
+        # no elements, whose row count ``reshape(-1, 0)`` cannot infer
+        x = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).double()
         self.sum += x.sum(0)
         self.sq += (x * x).sum(0)
         self.rows += x.shape[0]
@@ -82,7 +85,8 @@ class Moments:
                              "calibration samples or tokens")
         var = (self.sq - self.sum * self.sum / self.rows) / (self.rows - 1)
         var = var.clamp_min(0)
-        if bool(torch.isfinite(var).all()) and float(var.max()) > torch.finfo(torch.float32).max:
+        if var.numel() and bool(torch.isfinite(var).all()) \
+                and float(var.max()) > torch.finfo(torch.float32).max:
             raise ValueError(f"the calibration inputs are finite but their variance "
                              f"({float(var.max()):.3g}) overflows float32 (inputs of magnitude "
                              "above about 1.8e19); rescale the calibration data")

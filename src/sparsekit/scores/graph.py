@@ -96,8 +96,11 @@ def _power_law_weights(n: int, generator: Generator) -> torch.Tensor:
 
 
 def _target_scores(t: Target, fn: GraphScores, generator: Generator) -> torch.Tensor:
+    """The scores of one target: a Linear's weight, also one parametrized over one stored
+    tensor of its shape (``spectral_norm``: :attr:`Target.alias`, whose ``param`` is not the
+    computed ``module.weight``), or a recurrent ``weight_hh``."""
     shape = tuple(t.param.shape)
-    if isinstance(t.module, nn.Linear) and t.param is t.module.weight:
+    if isinstance(t.module, nn.Linear) and (t.alias is not None or t.param is t.module.weight):
         return fn(*shape, False, generator).float()
     if isinstance(t.module, nn.RNNBase) and t.name.rsplit(".", 1)[-1].startswith("weight_hh"):
         hidden = t.module.hidden_size

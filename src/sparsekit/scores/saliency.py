@@ -11,6 +11,8 @@ gradient (``requires_grad=True``), SynFlow differentiates copies and does not. U
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch.func import functional_call
 
@@ -19,6 +21,7 @@ from sparsekit.distributed import all_reduce_sum
 from sparsekit.observe import preserved
 from sparsekit.scores import CRITERIA
 from sparsekit.scores._context import ScoreContext
+from sparsekit.targets import Target
 
 
 def _grads(ctx: ScoreContext, batch, *, create_graph: bool = False) -> list[torch.Tensor]:
@@ -44,6 +47,29 @@ def _accumulated_taylor(ctx: ScoreContext, data: list) -> list[torch.Tensor]:
     """|w·Σg| of every target, the gradient summed over the batches ``data`` first."""
     summed = _summed_grads(ctx, data)
     return [(t.param.detach().float() * g).abs() for t, g in zip(ctx.targets, summed)]
+
+
+GRADIENT_CRITERIA = frozenset({"gradient", "snip", "taylor", "taylor:accumulated", "grasp"})
+"""The criteria here whose scores vanish with the loss's gradient (SynFlow's do not: it
+differentiates a data-free surrogate)."""
+
+
+def check_gradient_signal(criterion: str, targets: list[Target],
+                          scores: Mapping[str, torch.Tensor]) -> None:
+    """Raise where every score of a target with a nonzero weight is zero: the loss does not
+    depend on it on ``data`` (a ``loss_fn`` that ignores the outputs, dead activations, a
+    layer the loss never sees), and a ranking of the scores would keep its weights by
+    position alone (the first ones of every layer). The scores themselves are true: this
+    is checked where they are ranked."""
+    for t in targets:
+        if bool(t.param.detach().any()) and not bool(scores[t.name].any()):
+            raise ValueError(
+                f"data: criterion {criterion!r} scores every weight of {t.name!r} zero — the "
+                "loss has no gradient with respect to it on the calibration data (a loss_fn "
+                "that ignores the outputs, dead activations, a layer whose output never "
+                "reaches the loss) and its weights would be pruned by position; check data "
+                "and loss_fn, or exclude the layer (the model was not changed)"
+            )
 
 
 @CRITERIA.register("gradient", data_driven=True, needs_labels=True)
