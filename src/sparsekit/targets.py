@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsekit._checks import ArgumentTypeError
+from sparsekit._checks import ArgumentTypeError, check_module
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """The default target types that need no optional package (:func:`default_types` adds
@@ -96,8 +96,7 @@ def resolve_targets(
     ``targets`` string and every ``exclude`` entry must match something, so typos surface
     as errors instead of silently dense layers.
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     specs = _as_list(targets, "targets")
     excludes = _as_list(exclude, "exclude") or []
     for e in excludes:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError
+from sparsekit._checks import check_module
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_linear import CompiledLayer
@@ -35,8 +35,7 @@ def decompile(model: nn.Module) -> nn.Module:
     device and dtype. An :class:`ActivationSparseLinear` loses its input thresholds (its
     ``nn.Linear`` is the dense layer it was built from). ``model`` is not modified.
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     if isinstance(model, _COMPILED):
         return _to_module(model)
     out = replaced(model, _COMPILED, _to_module)

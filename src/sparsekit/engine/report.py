@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sparsekit import observe
-from sparsekit._checks import ArgumentTypeError
+from sparsekit._checks import check_module
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLayer
@@ -43,8 +43,7 @@ def report(
     weight, as in a ``TransformerEncoderLayer``) shows format ``"dense"`` and the reason
     under ``note``.
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     # First: it checks example_inputs, and names them in the error of a model they do not
     # fit, before this report runs the model on them.
     base = {r.name: r for r in _base_report(model, example_inputs).rows}

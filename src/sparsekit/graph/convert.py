@@ -17,7 +17,7 @@ import networkx as nx
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError
+from sparsekit._checks import ArgumentTypeError, check_module
 from sparsekit.masks import MaskSet
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -71,8 +71,7 @@ def masks_from_graph(graph: nx.DiGraph, model: nn.Module) -> dict[str, torch.Ten
     weight; for GRU/LSTM matrices every gate block gets the graph. The graph is checked
     first (nodes within the widths, edges within its layers, layers of ``model``'s shapes).
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     params = dict(model.named_parameters())
     masks = {}
     for spec, mask in layer_matrices(graph):

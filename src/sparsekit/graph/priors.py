@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_fraction, check_sparsity, renamed
+from sparsekit._checks import check_fraction, check_module, check_sparsity, renamed
 from sparsekit.masks import MaskSet
 from sparsekit.prune import prune
 from sparsekit.scores.graph import (
@@ -50,8 +50,7 @@ def prior_masks(
     ``DeprecationWarning``. The amount is taken by keyword only, so that a positional
     density can never be read as a sparsity.
     """
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     if kind is not None:  # positional; kind= by keyword is renamed to method= on the way in
         if method is not None:
             raise TypeError("prior_masks() got both kind and method=; pass only method=")

@@ -25,6 +25,7 @@ from sparsekit._checks import (
     ArgumentTypeError,
     check_fraction,
     check_int,
+    check_module,
     check_seed,
 )
 from sparsekit.activation.record import record_inputs
@@ -61,8 +62,7 @@ Planner = Callable[[ffns.FFN, torch.Tensor], Layout]
 def check_common(model: Any, calibration: Any, keep: Any, rank: Any, steps: Any,
                  max_rows: Any, seed: Any, router: Any) -> list[ffns.FFN]:
     """Validate the arguments both entry points share; the model's FFNs."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {', '.join(map(repr, ROUTERS))}, got "
                          f"{router!r}")

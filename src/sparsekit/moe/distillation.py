@@ -29,6 +29,7 @@ from torch import nn
 from sparsekit._checks import (
     ArgumentTypeError,
     check_int,
+    check_module,
     check_positive,
     check_seed,
     model_errors,
@@ -68,10 +69,8 @@ def distil(
     the copy trains under the true-mass choice. ``model`` is left untouched; the copy keeps
     its routers, layouts, ``k`` and oracle setting, and comes back in ``model``'s modes.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(teacher, nn.Module):
-        raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+    check_module("model", model)
+    check_module("teacher", teacher)
     check_int("steps", steps, minimum=1)
     inputs = training_inputs(data, lr, seed)
     routed_layers(model)  # raises without RoutedFFN modules

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_seed
+from sparsekit._checks import check_int, check_module, check_seed
 from sparsekit.activation.record import record_inputs
 from sparsekit.moe.routed import RoutedFFN, unit_mass
 
@@ -28,8 +28,7 @@ def evaluate(model: nn.Module, data: Any, *, max_rows: int = 2048, seed: int = 0
              ) -> dict[str, dict[str, float]]:
     """``{"recall", "precision", "error", "oracle_error", "kept"}`` of every RoutedFFN of
     ``model`` (by module name) on at most ``max_rows`` of its input rows on ``data``."""
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     check_int("max_rows", max_rows, minimum=1)
     check_seed("seed", seed)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, RoutedFFN)}

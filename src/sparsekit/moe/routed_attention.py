@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_int
+from sparsekit._checks import check_fraction, check_int, check_module
 from sparsekit.moe.router import Router
 
 __all__ = ["RoutedAttention", "route_heads"]
@@ -167,8 +167,7 @@ def route_heads(model: nn.Module, predictors: dict[str, tuple[Router, Any]], *,
     ``(router, quality)``); every block named must hold one LLaMA-style attention.
     ``model`` is left untouched.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     check_fraction("keep", keep, zero=False, one=True)
     if not isinstance(skip_kv, bool):
         raise TypeError(f"skip_kv must be a bool, got {type(skip_kv).__name__}")
