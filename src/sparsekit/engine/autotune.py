@@ -62,7 +62,7 @@ Samples = dict[int, dict[str, list[float]]]
 _BLOCK_S = 2e-3  # one timed block: enough calls to make timer resolution negligible
 _ROUND_BUDGET_S = 0.04  # per format and row count; big layers still get _MIN_ROUNDS
 _MIN_ROUNDS, _MAX_ROUNDS = 5, 15
-_COLD_REPS = 3  # calls per cold round, each after a cache flush: the fastest counts
+_COLD_REPS = 3  # calls per cold round (2 for calls over 1/3 of a block), the fastest counts
 _PARTS = 3  # a warm block is timed in this many parts: the fastest counts
 
 COLD_ROWS = 8
@@ -221,8 +221,8 @@ def measure(
              else inputs[torch.arange(r, device=inputs.device) % inputs.shape[0]].to(dtype))
         cold_rows = _cold and r <= COLD_ROWS
         reps = {n: _calls_per_block(modules[n], x) for n in names}
-        if cold_rows:  # each call pays a flush: no timer resolution to amortise
-            reps = dict.fromkeys(names, _COLD_REPS)
+        if cold_rows:  # each call pays a flush: two at least, for the fastest to count
+            reps = {n: max(2, min(k, _COLD_REPS)) for n, k in reps.items()}
         times: dict[str, list[float]] = {n: [] for n in names}
         spent = 0.0
         for i in range(_MAX_ROUNDS):
