@@ -15,6 +15,7 @@ from torch import nn
 import sparsekit
 import sparsekit.attention as A
 from sparsekit._checks import ArgumentTypeError
+from sparsekit.attention import coverage
 from sparsekit.attention.block_sparse import reference_attention
 from sparsekit.engine import kernels
 
@@ -302,3 +303,18 @@ def test_break_even_clock_must_be_callable(clock):
     """Before, BreakEven(clock=3) was accepted and the first call failed: 'int' not callable."""
     with pytest.raises(ArgumentTypeError, match=r"clock must be a callable .*got"):
         A.BreakEven(clock=clock)
+
+
+@pytest.mark.parametrize("huge", [2**40, 2**63 - 1])
+def test_coverage_of_a_huge_block_size_is_one_tile(huge: int) -> None:
+    """tile_mass padded the scores to whole tiles (2**40 rows) and visible_pairs overflowed
+    int64 at 2**63 - 1; every block size past the longer sequence is the one tile that
+    the sequence length gives (bounded_block_size)."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8)
+    assert coverage.bounded_block_size(5, 7, huge) == 7
+    for causal in (True, False):
+        assert torch.equal(coverage.visible_pairs(5, 7, block_size=huge, causal=causal),
+                           coverage.visible_pairs(5, 7, block_size=7, causal=causal))
+        assert torch.equal(coverage.tile_mass(q, k, block_size=huge, causal=causal),
+                           coverage.tile_mass(q, k, block_size=7, causal=causal))

@@ -17,7 +17,8 @@ import torch
 
 from sparsekit._checks import ArgumentTypeError, check_int, check_positive
 
-__all__ = ["Coverage", "density", "mass_recall", "tile_mass", "visible_pairs"]
+__all__ = ["Coverage", "bounded_block_size", "density", "mass_recall", "tile_mass",
+           "visible_pairs"]
 
 _CHUNK_ELEMENTS = 1 << 24  # scores held at once by tile_mass (64 MiB of float32)
 
@@ -56,6 +57,14 @@ def blocks(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
 
+def bounded_block_size(q_len: int, kv_len: int, block_size: int) -> int:
+    """``block_size`` capped at the longer of the two sequences: every larger size tiles
+    them alike (one tile each way), but the tiles are padded to whole ``block_size`` rows
+    (2**31 asked for ~100 GB) and placed at ``block · block_size`` (2**63 overflowed int64:
+    an empty dense mask)."""
+    return min(block_size, max(q_len, kv_len, 1))
+
+
 def visible_pairs(q_len: int, kv_len: int, *, block_size: int, causal: bool) -> torch.Tensor:
     """Attendable (query, key) pairs in each tile: int64 ``(q_blocks, kv_blocks)``.
 
@@ -66,6 +75,7 @@ def visible_pairs(q_len: int, kv_len: int, *, block_size: int, causal: bool) -> 
     check_int("kv_len", kv_len, minimum=1)
     check_int("block_size", block_size, minimum=1)
     _check_causal(causal)
+    block_size = bounded_block_size(q_len, kv_len, block_size)
     qb, kb = blocks(q_len, block_size), blocks(kv_len, block_size)
     offset = kv_len - q_len
     first = torch.arange(qb) * block_size  # query rows of each query tile: [first, last]
@@ -128,6 +138,7 @@ def tile_mass(
     _check_qk(q, k, finite=True)
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
+    block_size = bounded_block_size(q_len, kv_len, block_size)
     qb, kb = blocks(q_len, block_size), blocks(kv_len, block_size)
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     keys = repeat_kv(k, heads).float()

@@ -41,6 +41,7 @@ from sparsekit.attention.coverage import (
     _check_mask,
     _check_qk,
     blocks,
+    bounded_block_size,
     repeat_kv,
     tile_mass,
     visible_pairs,
@@ -382,11 +383,8 @@ class UserMask(AttentionPattern):
 
 
 def _bounded(q: torch.Tensor, k: torch.Tensor, block_size: int) -> int:
-    """``block_size`` capped at the longer sequence of ``q``, ``k``: every larger size tiles
-    them alike (one tile each way), but the patterns pad q, k or the scores to whole tiles
-    (2**31 asked for 100 GB) and place tiles at ``block · block_size`` (2**63 overflowed
-    int64: an empty dense mask)."""
-    return min(block_size, max(q.shape[2], k.shape[2], 1))
+    """:func:`~sparsekit.attention.coverage.bounded_block_size` of ``q`` and ``k``."""
+    return bounded_block_size(q.shape[2], k.shape[2], block_size)
 
 
 def _query_positions(q_len: int, kv_len: int, block_size: int,
