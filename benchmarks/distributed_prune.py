@@ -73,7 +73,12 @@ def worker(setup: str, method: str, threads: int, out: str) -> None:
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the run ends with its slowest rank
     if dist.get_rank() == 0:
         torch.save({"seconds": float(seconds), "masks": masks.masks}, out)
-    dist.destroy_process_group()
+    dist.barrier()  # rank 0's results are written
+    # Leave without gloo's teardown, as tests/ddp/mismatch_worker.py does: destroying the
+    # process group aborted a rank ("terminate called without an active exception") in all
+    # three launches of one CI run (session 33) after passing in the runs before it.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def launch(setup: str, method: str, ranks: int, threads: int, out: Path) -> dict:
