@@ -136,6 +136,13 @@ class GroupEnvelope(GroupLasso):
         return 0.5 * self.strength * total
 
 
+def _wrapped(name: str) -> property:
+    """The attribute ``name`` of the wrapped ``self.optimizer``, read and written through
+    (Optimizer's own methods and LR schedulers reach it on the wrapper)."""
+    return property(lambda self: getattr(self.optimizer, name),
+                    lambda self, value: setattr(self.optimizer, name, value))
+
+
 class SoftThreshold(torch.optim.Optimizer):
     """Wrap ``optimizer``: after each ``step`` apply the proximal operator of
     ``strength · ‖·‖₁`` (elementwise, on the optimizer's trainable parameters of two or
@@ -201,29 +208,9 @@ class SoftThreshold(torch.optim.Optimizer):
 
     # -- the wrapped optimizer's, as Optimizer's own methods would otherwise see this one
 
-    @property
-    def param_groups(self) -> list[dict]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):  # type: ignore[override]
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self):  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value) -> None:
-        self.optimizer.defaults = value
+    param_groups = _wrapped("param_groups")
+    state = _wrapped("state")
+    defaults = _wrapped("defaults")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
