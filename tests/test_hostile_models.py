@@ -155,6 +155,74 @@ def test_forced_formats_do_not_count_the_transformer_layers_as_refused() -> None
     assert compiled.sparsekit_choices["1"]["format"] == "csr16"
 
 
+# -- 2b. tied weights (an lm_head tied to the input embedding) ------------------------
+
+def _tied_lm() -> tuple[nn.Module, torch.Tensor]:
+    """A tiny Hugging Face LLaMA with ``tie_word_embeddings`` (as Llama 3.2 1B, Qwen2.5
+    0.5B, Gemma), 50 % pruned, and token ids."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    sparsekit.prune(model, 0.5)  # not the tied embedding (targets skip shared weights)
+    return model, torch.randint(0, 256, (1, 8))
+
+
+def _stored_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state, each shared tensor once."""
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in model.state_dict().values()}
+    return sum(seen.values())
+
+
+def test_compile_keeps_a_tied_lm_head_dense_and_tied() -> None:
+    model, ids = _tied_lm()
+    compiled = sparsekit.compile(model, (ids,), cache=False)
+    assert type(compiled.lm_head) is nn.Linear
+    assert compiled.lm_head.weight is compiled.model.embed_tokens.weight
+    assert "tied to model.embed_tokens.weight" in compiled.sparsekit_choices["lm_head"]["reason"]
+    assert _stored_bytes(compiled) <= _stored_bytes(model)  # not a second vocab matrix
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    rows = {r.name: r for r in sparsekit.engine.report(compiled, (ids,)).rows}
+    assert "tied to" in rows["lm_head"].extra["note"]
+
+
+def test_grow_or_forced_formats_compile_a_tied_layer_as_a_copy() -> None:
+    model, ids = _tied_lm()
+    grown = sparsekit.compile(model, (ids,), cache=False, grow=True)
+    assert "reason" not in grown.sparsekit_choices["lm_head"]
+    forced = sparsekit.compile(model, (ids,), cache=False, formats=["bitmap"])
+    assert forced.sparsekit_choices["lm_head"]["format"] == "bitmap"
+    with torch.no_grad():
+        torch.testing.assert_close(forced(ids).logits, model(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_two_linear_layers_sharing_a_weight_stay_tied_through_compile_save_and_load(
+        tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 8))
+    model[2].weight = model[0].weight
+    sparsekit.prune(model, 0.9, targets=["0.weight", "3.weight"])
+    x = torch.randn(4, 32)
+    compiled = sparsekit.compile(model, (x,), cache=False)
+    assert compiled[2].weight is compiled[0].weight
+    assert "tied to 2.weight" in compiled.sparsekit_choices["0"]["reason"]
+    assert "3" in compiled.sparsekit_choices and "reason" not in compiled.sparsekit_choices["3"]
+    path = sparsekit.save(compiled, tmp_path / "tied.safetensors")
+    again = sparsekit.compile(model, (x,), cache=False)
+    sparsekit.load(again, path)
+    assert again[2].weight is again[0].weight
+    with torch.no_grad():
+        assert torch.equal(again(x), compiled(x))
+    plain = sparsekit.engine.decompile(compiled)
+    assert plain[2].weight is plain[0].weight
+
+
 # -- 3. int8 compile of a bfloat16 layer feeding a float32 output -----------------------
 
 def _mixed(tail: bool) -> nn.Sequential:

@@ -129,8 +129,11 @@ def compile(
     :func:`sparsekit.engine.autotune.choose`; ``cached`` says whether one was read from
     the cache); :func:`sparsekit.engine.report` shows them per layer. The ``linear1`` and
     ``linear2`` of an ``nn.TransformerEncoderLayer`` stay ``nn.Linear`` (PyTorch's fused
-    inference path reads their weights directly); their choice is ``{"format": "dense",
-    "reason": ...}``. Linear layers
+    inference path reads their weights directly), and so does a layer whose weight another
+    module holds too (a language model's ``lm_head`` tied to its input embedding): a
+    compiled layer stores its own copy, which would add the whole matrix to the model,
+    and untie it. Their choice is ``{"format": "dense", "reason": ...}``. ``grow=True``,
+    or ``formats`` without ``"dense"``, compiles a tied layer anyway (a copy). Linear layers
     calibrated in ``activation_sparsity`` (:func:`sparsekit.activation.calibrate`) become
     :class:`ActivationSparseLinear` where that is faster than their best weight-only
     format: each such layer is compiled as any other, then given the faster single-row
@@ -213,6 +216,8 @@ def compile(
 
     compiled = copy.deepcopy(model)
     first_name = {id(m): n for n, m in compiled.named_modules()}
+    # a forced format or grow=True may store a tied weight a second time; auto may not
+    tied = {} if grow or (names and "dense" not in names) else _tied_weights(compiled)
     choices: dict[str, dict[str, object]] = {}
     done: dict[int, nn.Module] = {}  # a shared layer is compiled once
     memo: dict[str, tuple[dict[str, object], str]] = {}  # decisions taken in this compile
@@ -224,9 +229,11 @@ def compile(
                     continue
                 if id(child) not in done:
                     name = first_name[id(child)]
-                    if _reads_weights(parent, child_name):
-                        done[id(child)], choices[name] = child, {
-                            "format": "dense", "reason": _READS_WEIGHTS_REASON}
+                    reason = (_READS_WEIGHTS_REASON if _reads_weights(parent, child_name)
+                              else _tied_reason(tied[id(child)]) if id(child) in tied else None)
+                    if reason is not None:
+                        done[id(child)], choices[name] = child, {"format": "dense",
+                                                                 "reason": reason}
                         setattr(parent, child_name, child)
                         continue
                     layer_rows = served or _default_rows(seen.get(name), type(child))
@@ -725,6 +732,30 @@ def _reads_weights(parent: nn.Module, child_name: str) -> bool:
     so that a compiled layer, which has none, would break it. ``MultiheadAttention`` reads
     its ``out_proj``'s too, but that is a subclass of ``nn.Linear`` and never compiled."""
     return isinstance(parent, nn.TransformerEncoderLayer) and child_name in ("linear1", "linear2")
+
+
+def _tied_weights(model: nn.Module) -> dict[int, str]:
+    """``{id(layer): name of another holder}`` for every ``nn.Linear``/``nn.Conv2d`` of
+    ``model`` whose weight parameter another module holds as well (a language model's
+    ``lm_head`` tied to its input embedding, ``tie_word_embeddings``): a compiled layer
+    keeps its own copy of the weight, so compiling it would store the weight twice."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((f"{name}.{attr}".lstrip("."), module))
+    tied = {}
+    for module in model.modules():
+        if type(module) in (nn.Linear, nn.Conv2d):
+            others = [n for n, m in holders[id(module.weight)] if m is not module]
+            if others:
+                tied[id(module)] = others[0]
+    return tied
+
+
+def _tied_reason(other: str) -> str:
+    return (f"left dense: its weight is tied to {other}, and a compiled copy would store it "
+            "twice (grow=True, or formats without 'dense', compile it anyway)")
 
 
 def _candidates(
