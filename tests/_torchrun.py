@@ -42,6 +42,8 @@ def torchrun(worker: str, stem: Path, *args: str, ranks: int = 2,
 
 def worker_module(worker: str) -> ModuleType:
     """``tests/ddp/<worker>`` imported in this process (its single-process reference code)."""
+    if str(WORKERS) not in sys.path:  # the workers import their siblings (``_leave``)
+        sys.path.insert(0, str(WORKERS))
     spec = importlib.util.spec_from_file_location(Path(worker).stem, WORKERS / worker)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -10,6 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _leave import leave
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -51,7 +52,7 @@ def main(out: str, runs: list[str]) -> None:
         method, _, layers = name.partition(":")
         results[name] = run(method, layers == "sparse", rank)
     torch.save(results, f"{out}.rank{rank}.pt")
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

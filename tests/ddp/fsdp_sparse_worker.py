@@ -12,6 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _leave import leave
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
@@ -109,7 +110,7 @@ def main(out: str) -> None:
     except (ValueError, RuntimeError) as err:
         results["load_other"] = str(err)
     torch.save(results, f"{out}.rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _leave import leave
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
@@ -112,7 +113,7 @@ def main(out: str, methods: list[str]) -> None:
         results[method] = dst_run(method, None)
         results[method + "/resumed"] = dst_run(method, 17)
     torch.save(results, f"{out}.rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

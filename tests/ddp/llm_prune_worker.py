@@ -11,6 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 import transformers
+from _leave import leave
 
 import sparsekit.llm
 
@@ -51,7 +52,7 @@ def main(out: str, runs: list[str]) -> None:
         perturb = method == "perturbed"
         results[run] = pruned("wanda" if perturb else method, int(windows), perturb)
     torch.save(results, f"{out}.rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

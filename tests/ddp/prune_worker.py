@@ -10,6 +10,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _leave import leave
 from torch import nn
 
 import sparsekit
@@ -60,7 +61,7 @@ def main(out: str, runs: list[str]) -> None:
         except ValueError as err:
             results[run] = {"error": str(err)}
     torch.save(results, f"{out}.rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":
