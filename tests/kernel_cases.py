@@ -1,6 +1,6 @@
 """Direct calls of the value-typed linear ops (``csr_linear``, ``bitmap_linear``,
-``nm_linear``) on fp32, bf16 and int8 weights, and their float64 reference: shared by the
-kernel tests (``test_kernels_*.py``)."""
+``nm_linear``, ``bsr_linear``, ``fanin_linear``) on fp32, bf16 and int8 weights, and their
+float64 reference: shared by the kernel tests (``test_kernels_*.py``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from sparsekit.engine.formats import FORMATS
 from sparsekit.quantize import dequantize_int8, quantize_int8
 
-OPS = ("csr16", "bitmap", "nm")
+OPS = ("csr16", "bitmap", "nm", "bsr", "fanin")
 VALUE_DTYPES = ("fp32", "bf16", "int8")
 
 
@@ -31,7 +31,9 @@ def weight(
     name: str, rows: int, cols: int, sparsity: float = 0.7, seed: int = 0,
     nm: tuple[int, int] = (2, 4),
 ) -> torch.Tensor:
-    """A random fp32 weight that format ``name`` holds (N:M ``nm`` for ``nm``)."""
+    """A random fp32 weight that format ``name`` holds (N:M ``nm`` for ``nm``; 4 x 8 blocks,
+    ragged at the edges, for ``bsr``; the same fan-in in every row but an empty one for
+    ``fanin``)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
     if name == "nm":
@@ -39,12 +41,20 @@ def weight(
         keep = torch.rand(rows, -(-cols // m), m, generator=g).argsort(-1)[..., :n]
         mask = torch.zeros(rows, -(-cols // m), m).scatter_(-1, keep, 1.0)
         return w * mask.view(rows, -1)[:, :cols]
+    if name == "bsr":
+        keep = torch.rand(-(-rows // 4), -(-cols // 8), generator=g) >= sparsity
+        return w * keep.repeat_interleave(4, 0).repeat_interleave(8, 1)[:rows, :cols]
+    if name == "fanin":
+        k = max(1, round(cols * (1 - sparsity)))
+        w = w * (torch.rand(rows, cols, generator=g).argsort(1) < k)
+        w[rows // 2] = 0  # an ablated neuron: not stored, its output is the bias
+        return w
     return w * (torch.rand(rows, cols, generator=g) >= sparsity)
 
 
 def case(name: str, dtype: str, w: torch.Tensor) -> Case:
     """The op of format ``name`` on ``w`` stored with ``dtype`` values."""
-    scales = None
+    scales, keep = None, w != 0
     if dtype == "int8":
         codes, scales = quantize_int8(w)
         exact = dequantize_int8(codes, scales)
@@ -68,13 +78,21 @@ def case(name: str, dtype: str, w: torch.Tensor) -> Case:
 
         def call(x, bias, threads):  # type: ignore[no-untyped-def]
             return ops.bitmap_linear(values, bitmap, rowptr, x, bias, in_features, threads, scales)
-    else:
+    elif name == "nm":
         values, indices, pattern = FORMATS["nm"].compress(w)
         values = values.to(value_dtype)
         n, m = pattern.tolist()
 
         def call(x, bias, threads):  # type: ignore[no-untyped-def]
             return ops.nm_linear(values, indices, x, bias, n, m, in_features, threads, scales)
+    else:
+        parts = FORMATS[name].compress(w, **({"keep": keep} if name == "fanin" else {}))
+        values, col, rows = parts
+        values, out_features = values.to(value_dtype), w.shape[0]
+        op = ops.bsr_linear if name == "bsr" else ops.fanin_linear
+
+        def call(x, bias, threads):  # type: ignore[no-untyped-def]
+            return op(values, col, rows, x, bias, out_features, in_features, threads, scales)
     return Case(call, exact.to(torch.float64), values, scales)
 
 

@@ -39,7 +39,7 @@ def _dequantized(model: nn.Module, compiled: nn.Module) -> nn.Module:
     return reference
 
 
-@pytest.mark.parametrize("name", ["csr16", "bitmap", "nm", "dense_lowp"])
+@pytest.mark.parametrize("name", ["csr16", "bitmap", "nm", "fanin", "dense_lowp"])
 def test_weight_dtype_int8_stores_int8_codes_checked_against_the_dequantized_model(
     name, one_thread
 ):

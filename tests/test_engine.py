@@ -275,7 +275,9 @@ def test_formats_registry_carries_metadata() -> None:
     assert FORMATS.meta("csr16") == {
         "dtypes": (torch.float32, torch.bfloat16), "device": "cpu", "threaded": True
     }
-    assert FORMATS.meta("bsr") == {"dtypes": (torch.float32,), "device": "cpu", "threaded": True}
+    assert FORMATS.meta("bsr") == {
+        "dtypes": (torch.float32, torch.bfloat16), "device": "cpu", "threaded": True
+    }
     assert FORMATS.meta("dense") == {"dtypes": None, "device": None, "threaded": False}
     assert FORMATS["dense"] is DenseFormat and DenseFormat in FORMATS.values()
     with pytest.raises(ValueError, match="unknown format 'csr32'"):

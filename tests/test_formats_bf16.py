@@ -1,4 +1,4 @@
-"""bf16 values in the native formats (CSR16, bitmap, packed N:M): fp32 sums, inputs and
+"""bf16 values in the native formats (CSR16, bitmap, packed N:M, BSR, fan-in): fp32 sums, inputs and
 outputs in the layer's dtype, compile, save/load and the fallback without kernels."""
 
 from __future__ import annotations
@@ -12,18 +12,26 @@ import sparsekit
 from sparsekit.engine import CompiledLinear, compile, kernels
 from sparsekit.engine.formats import FORMATS, available_formats
 
-BF16_FORMATS = ("csr16", "bitmap", "nm")
+BF16_FORMATS = ("csr16", "bitmap", "nm", "bsr", "fanin")
 
 
 pytestmark = pytest.mark.skipif(not kernels_ok(), reason="compiled kernels unavailable")
 
 
 def _weight(shape: tuple[int, int], pattern: str, seed: int = 0) -> torch.Tensor:
-    """A bf16 weight pruned to ``pattern`` ("2:4" or an unstructured sparsity like "0.7")."""
+    """A bf16 weight pruned to ``pattern``: "2:4", "blocks" (4 x 8, 40 % kept, ragged
+    edges), "fanin" (40 % of the inputs in every row but an empty one) or an unstructured
+    sparsity like "0.7"."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g)
-    if pattern == "2:4":
-        rows, cols = shape
+    rows, cols = shape
+    if pattern == "blocks":
+        keep = torch.rand(-(-rows // 4), -(-cols // 8), generator=g) >= 0.6
+        mask = keep.repeat_interleave(4, 0).repeat_interleave(8, 1)[:rows, :cols]
+    elif pattern == "fanin":
+        mask = torch.rand(shape, generator=g).argsort(1) < int(0.4 * cols)
+        mask[rows // 2] = False
+    elif pattern == "2:4":
         padded = torch.zeros(rows, -(-cols // 4) * 4)
         padded[:, :cols] = torch.rand(shape, generator=g)
         keep = padded.view(rows, -1, 4).argsort(-1, descending=True)[..., :2]
@@ -35,7 +43,7 @@ def _weight(shape: tuple[int, int], pattern: str, seed: int = 0) -> torch.Tensor
 
 
 def _pattern(name: str) -> str:
-    return "2:4" if name == "nm" else "0.7"
+    return {"nm": "2:4", "bsr": "blocks", "fanin": "fanin"}.get(name, "0.7")
 
 
 def _reference(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -156,7 +156,7 @@ def test_bsr_from_state_rejects_invalid_tensors():
     state = BSR.from_dense(_block_weight((70, 45), (16, 16), 0.5)).state_dict()
     values, col, rowptr = (state[k] for k in BSR.buffer_names)
     cases = {
-        "bsr_values must be float32": _broken(state, "bsr_values", values.double()),
+        "bsr_values must be of a dtype in": _broken(state, "bsr_values", values.double()),
         "block must be": _broken(state, "bsr_values", values[:, :, :3].contiguous()),
         "bsr_col_indices must be int16": _broken(state, "bsr_col_indices", col.long()),
         "bsr_col_indices must lie": _broken(state, "bsr_col_indices", col.clone().fill_(3)),
@@ -172,7 +172,7 @@ def test_fanin_from_state_rejects_invalid_tensors():
     state = ConstantFanIn.from_dense(_fanin_weight((70, 45), 5)).state_dict()
     values, col, rows = (state[k] for k in ConstantFanIn.buffer_names)
     cases = {
-        "fanin_values must be float32": _broken(state, "fanin_values", values.flatten()),
+        r"fanin_values must be \(rows, k\)": _broken(state, "fanin_values", values.flatten()),
         "fanin_col_indices must be int16": _broken(state, "fanin_col_indices", col[:, :4]),
         "fanin_col_indices must lie": _broken(state, "fanin_col_indices", col + 45),
         "fanin_rows must be int32": _broken(state, "fanin_rows", rows.long()),

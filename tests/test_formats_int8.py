@@ -14,15 +14,24 @@ from sparsekit.engine import CompiledLinear, kernels
 from sparsekit.engine.formats import FORMATS, available_formats, format_from_state
 from sparsekit.quantize import fake_quantize, int8_scales, quantize_int8
 
-INT8_FORMATS = ("csr16", "bitmap", "nm", "dense_lowp")
+INT8_FORMATS = ("csr16", "bitmap", "nm", "bsr", "fanin", "dense_lowp")
 
 
 
 def _weight(shape: tuple[int, int], name: str, seed: int = 0) -> torch.Tensor:
-    """A float32 weight, 2:4 for "nm" (a last partial group), 60 % unstructured otherwise."""
+    """A float32 weight, 2:4 for "nm" (a last partial group), 4 x 8 blocks for "bsr" (ragged
+    edges), 40 % of the inputs in every row but an empty one for "fanin", 60 % unstructured
+    otherwise."""
     g = torch.Generator().manual_seed(seed)
     rows, cols = shape
     w = torch.randn(shape, generator=g)
+    if name == "bsr":
+        keep = torch.rand(-(-rows // 4), -(-cols // 8), generator=g) >= 0.6
+        return w * keep.repeat_interleave(4, 0).repeat_interleave(8, 1)[:rows, :cols]
+    if name == "fanin":
+        w = w * (torch.rand(shape, generator=g).argsort(1) < int(0.4 * cols))
+        w[rows // 2] = 0
+        return w
     if name == "nm":
         padded = torch.zeros(rows, -(-cols // 4) * 4)
         padded[:, :cols] = torch.rand(shape, generator=g)
@@ -123,7 +132,8 @@ def test_available_formats_follow_the_value_dtype():
     for value_dtype in (torch.int8, torch.bfloat16):
         names = available_formats(w, value_dtype)
         assert names[0] == "dense" and "torch_csr" not in names and "bsr" not in names
-        assert set(names[1:]) == ({"csr16", "bitmap", "nm", "dense_lowp"} if native else set())
+        expected = {"csr16", "bitmap", "nm", "fanin", "dense_lowp"}  # 2:4 is a constant fan-in
+        assert set(names[1:]) == (expected if native else set())
     assert FORMATS["csr16"].value_dtypes == (torch.float32, torch.bfloat16, torch.int8)
 
 
@@ -137,7 +147,7 @@ def test_bad_value_dtypes_and_scales_are_refused(name):
     with pytest.raises(ValueError, match="scales"):
         FORMATS[name].from_dense(w, scales=torch.ones(15))
     with pytest.raises(ValueError, match="value_dtype"):
-        FORMATS["bsr"].from_dense(w, value_dtype=torch.int8)
+        FORMATS["bsr"].from_dense(w, value_dtype=torch.float16)
 
 
 def _bad_states(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -178,7 +188,7 @@ def _compiled(names: tuple[str, str], value_dtype: torch.dtype) -> nn.Sequential
 
 
 @pytest.mark.parametrize("value_dtype", [torch.int8, torch.bfloat16])
-@pytest.mark.parametrize("names", [("csr16", "nm"), ("bitmap", "dense_lowp")])
+@pytest.mark.parametrize("names", [("csr16", "nm"), ("bitmap", "dense_lowp"), ("bsr", "fanin")])
 def test_compiled_low_precision_model_saves_and_loads_bit_identically(
     tmp_path, names, value_dtype
 ):

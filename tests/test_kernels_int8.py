@@ -1,6 +1,6 @@
-"""int8 values (with per-row float32 scales) in the csr, bitmap and N:M ops, next to fp32 and
-bf16: every op x value dtype x batch (GEMV and SpMM paths) x threads equals the dequantized
-float64 reference, and the ops reject scales that do not fit their values."""
+"""int8 values (with per-row float32 scales) in the csr, bitmap, N:M, BSR and fan-in ops,
+next to fp32 and bf16: every op x value dtype x batch (GEMV and SpMM paths) x threads equals
+the dequantized float64 reference, and the ops reject scales that do not fit their values."""
 
 from __future__ import annotations
 
@@ -58,21 +58,26 @@ def test_op_rejects_scales_that_do_not_fit(name, dtype, scales, message):
 
 
 def _op(name: str):  # type: ignore[no-untyped-def]
-    return {"csr16": torch.ops.sparsekit.csr_linear, "bitmap": torch.ops.sparsekit.bitmap_linear,
-            "nm": torch.ops.sparsekit.nm_linear}[name]
+    ops = torch.ops.sparsekit
+    return {"csr16": ops.csr_linear, "bitmap": ops.bitmap_linear, "nm": ops.nm_linear,
+            "bsr": ops.bsr_linear, "fanin": ops.fanin_linear}[name]
 
 
 def _op_args(name: str, dtype: str, x: torch.Tensor) -> tuple:
     """The arguments of ``name``'s op before ``scales`` (no bias, two threads)."""
     value_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}[dtype]
-    w = weight(name, ROWS, x.shape[1]).round().clamp(-100, 100)
-    parts = list(FORMATS[name].compress(w))
+    w = weight(name, ROWS, x.shape[1])
+    keep = {"keep": w != 0} if name == "fanin" else {}  # weights that round to 0 stay stored
+    parts = list(FORMATS[name].compress(w.round().clamp(-100, 100), **keep))
     if name == "csr16":
         rowptr, col, values = parts
         return values.to(value_dtype), col, rowptr, x, None, x.shape[1], 2
     if name == "bitmap":
         values, bitmap, rowptr = parts
         return values.to(value_dtype), bitmap, rowptr, x, None, x.shape[1], 2
+    if name in ("bsr", "fanin"):
+        values, col, rows = parts
+        return values.to(value_dtype), col, rows, x, None, ROWS, x.shape[1], 2
     values, indices, pattern = parts
     n, m = pattern.tolist()
     return values.to(value_dtype), indices, x, None, n, m, x.shape[1], 2

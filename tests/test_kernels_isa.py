@@ -197,23 +197,10 @@ def test_every_isa_computes_every_nm_pattern(isa, nm, dtype, batch):
         assert_matches(c.call(x, None, 2), c, x, None)
 
 
-@pytest.mark.parametrize("isa", _isas())
-@pytest.mark.parametrize("name", ["bsr", "fanin"])
-@pytest.mark.parametrize("batch", [1, 5, 40])
-def test_every_isa_computes_the_fp32_formats(isa, name, batch):
-    g = torch.Generator().manual_seed(3)
-    w = torch.randn(48, 200, generator=g)
-    if name == "bsr":
-        keep = torch.rand(12, 25, generator=g) < 0.3
-        w = w * keep.repeat_interleave(4, 0).repeat_interleave(8, 1)
-    else:
-        w = w * (torch.rand(48, 200, generator=g).argsort(1) < 24)
-    fmt = FORMATS[name].from_dense(w)
-    _assert_fp32_format_matches(isa, fmt, w, batch, g)
-
-
-def _assert_fp32_format_matches(isa, fmt, w, batch, g):  # type: ignore[no-untyped-def]
-    """``fmt`` (holding fp32 ``w``) on ``isa`` equals the float64 product at ``batch`` rows."""
+def _assert_format_matches(isa, fmt, batch, g):  # type: ignore[no-untyped-def]
+    """``fmt`` on ``isa`` equals the float64 product of its (dequantized) weight at ``batch``
+    rows."""
+    w = fmt.to_dense()
     x, bias = torch.randn(batch, w.shape[1], generator=g), torch.randn(w.shape[0], generator=g)
     with kernels.use_isa(isa):
         y = fmt.matmul(x, bias)
@@ -224,7 +211,8 @@ def _assert_fp32_format_matches(isa, fmt, w, batch, g):  # type: ignore[no-untyp
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("block", [(4, 4), (8, 8), (16, 16), (32, 32), (3, 12), (5, 24)])
 @pytest.mark.parametrize("batch", [1, 3, 8, 17, 33])
-def test_every_isa_computes_bsr_at_every_block_width(isa, block, batch):
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_every_isa_computes_bsr_at_every_block_width(isa, block, batch, value_dtype):
     # the GEMV's vectors follow C (4, 8 or 16 lanes, never wider than the ISA's registers);
     # the SpMM's chunk of inputs is 16 (AVX2) or 64 (AVX-512) lanes: batch 17 and 33 end in
     # a ragged chunk, and 61 x 203 ends in ragged block rows and block columns
@@ -233,22 +221,23 @@ def test_every_isa_computes_bsr_at_every_block_width(isa, block, batch):
     keep = torch.rand(-(-rows // r), -(-cols // c), generator=g) < 0.4
     mask = keep.repeat_interleave(r, 0).repeat_interleave(c, 1)[:rows, :cols]
     w = torch.randn(rows, cols, generator=g) * mask
-    fmt = FORMATS["bsr"].from_dense(w, block=block)
-    _assert_fp32_format_matches(isa, fmt, w, batch, g)
+    fmt = FORMATS["bsr"].from_dense(w, block=block, value_dtype=value_dtype)
+    _assert_format_matches(isa, fmt, batch, g)
 
 
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("k", [1, 7, 8, 16, 31, 40])
 @pytest.mark.parametrize("batch", [1, 3, 8, 17, 33])
-def test_every_isa_computes_fanin_at_every_fan_in(isa, k, batch):
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_every_isa_computes_fanin_at_every_fan_in(isa, k, batch, value_dtype):
     # the GEMV runs 16- or 8-lane steps and a scalar tail of each row's k inputs; the SpMM's
     # chunk is 4 register vectors of inputs (32 on AVX2, 64 on AVX-512), ragged at 17 and 33
     g = torch.Generator().manual_seed(6)
     rows, cols = 37, 150
     w = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g).argsort(1) < k)
     w[5] = 0  # an ablated neuron: not stored, its output is the bias
-    fmt = FORMATS["fanin"].from_dense(w)
-    _assert_fp32_format_matches(isa, fmt, w, batch, g)
+    fmt = FORMATS["fanin"].from_dense(w, value_dtype=value_dtype)
+    _assert_format_matches(isa, fmt, batch, g)
 
 
 @pytest.mark.parametrize("isa", _isas())

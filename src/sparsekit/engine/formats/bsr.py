@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from sparsekit._checks import check_int
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
-from sparsekit.engine.formats.native import NativeFormat, Operands
+from sparsekit.engine.formats.native import SCALES, NativeFormat, Operands
 
 __all__ = ["BSR", "BLOCK_SIZES", "MIN_FILL", "choose_block"]
 
@@ -19,17 +19,22 @@ MIN_FILL = 0.9  # a block size fits when >= 90% of the weights in its stored blo
 
 
 class BSR(NativeFormat):
-    """Dense ``R x C`` blocks of fp32 values, one 16-bit column index per block.
+    """Dense ``R x C`` blocks of values, one 16-bit column index per block.
 
-    Buffers: ``bsr_values`` ``(nblocks, R, C)``, ``bsr_col_indices`` (block column of each
-    block; int16 read as uint16, int32 beyond 65536 block columns) and ``bsr_rowptr`` (int32,
-    one entry per block row + 1). Edge blocks of weights whose sides are not multiples of
-    the block are zero-padded. Runs on the compiled kernels, else on torch (same numbers).
-    ``threads=None`` follows ``torch.get_num_threads()``.
+    Buffers: ``bsr_values`` ``(nblocks, R, C)`` (float32 or bfloat16 weights keep their
+    dtype; int8 values come with per-row ``scales``; sums are fp32), ``bsr_col_indices``
+    (block column of each block; int16 read as uint16, int32 beyond 65536 block columns) and
+    ``bsr_rowptr`` (int32, one entry per block row + 1). Edge blocks of weights whose sides
+    are not multiples of the block are zero-padded. Runs on the compiled kernels, else on
+    torch (same numbers). ``threads=None`` follows ``torch.get_num_threads()``.
     """
 
     name = "bsr"
     buffer_names = ("bsr_values", "bsr_col_indices", "bsr_rowptr")
+    optional_buffers = (SCALES,)
+    values_name = "bsr_values"
+    dtypes = (torch.float32, torch.bfloat16)
+    value_dtypes = (torch.float32, torch.bfloat16, torch.int8)
 
     @property
     def block(self) -> tuple[int, int]:
@@ -38,7 +43,8 @@ class BSR(NativeFormat):
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
-        """float32 CPU weights with a block structure (see :func:`choose_block`)."""
+        """float32 or bfloat16 CPU weights with a block structure (see
+        :func:`choose_block`)."""
         if weight.dim() != 2 or not super().supports(weight):
             return False
         return choose_block(weight != 0)[1] >= MIN_FILL
@@ -53,6 +59,7 @@ class BSR(NativeFormat):
 
     @classmethod
     def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        cls.check_values("bsr_values", tensors[0])
         _check_bsr(*tensors, shape)
 
     def _operands(self) -> Operands:
@@ -162,11 +169,8 @@ def _check_bsr(
     values: torch.Tensor, col: torch.Tensor, rowptr: torch.Tensor, shape: tuple[int, int]
 ) -> None:
     """Raise ``ValueError`` unless the three tensors form a valid BSR ``shape`` weight."""
-    if values.dtype != torch.float32 or values.dim() != 3:
-        raise ValueError(
-            f"bsr_values must be float32 (nblocks, R, C), got {values.dtype} "
-            f"{tuple(values.shape)}"
-        )
+    if values.dim() != 3:
+        raise ValueError(f"bsr_values must be (nblocks, R, C), got shape {tuple(values.shape)}")
     r, c = _check_block(tuple(values.shape[1:]))
     brows, bcols = -(-shape[0] // r), -(-shape[1] // c)
     if col.dtype not in (torch.int16, torch.int32) or tuple(col.shape) != (values.shape[0],):

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
+from sparsekit.engine.formats.base import masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
-from sparsekit.engine.formats.native import NativeFormat, Operands
+from sparsekit.engine.formats.native import SCALES, NativeFormat, Operands
 from sparsekit.patterns import fan_in
 
 __all__ = ["ConstantFanIn", "fan_in"]
@@ -18,27 +19,47 @@ _GATHER_ELEMENTS = 1 << 22  # largest gathered input block of the torch fallback
 class ConstantFanIn(NativeFormat):
     """Dense ``(rows, k)`` values and column indices for SRigL-style constant fan-in masks.
 
-    Buffers: ``fanin_values`` (fp32), ``fanin_col_indices`` (int16 read as uint16, int32 for
-    layers wider than 65536 inputs) and ``fanin_rows`` (int32 output row of each stored
-    row). Rows without nonzeros (ablated neurons) are not stored, so they cost nothing but
-    their bias. Runs on the compiled kernels, else on torch (same numbers).
+    Buffers: ``fanin_values`` (float32 or bfloat16 weights keep their dtype; int8 values
+    come with per-row ``scales``; sums are fp32), ``fanin_col_indices`` (int16 read as
+    uint16, int32 for layers wider than 65536 inputs) and ``fanin_rows`` (int32 output row
+    of each stored row). Rows without nonzeros (ablated neurons) are not stored, so they
+    cost nothing but their bias. Runs on the compiled kernels, else on torch (same numbers).
     ``threads=None`` follows ``torch.get_num_threads()``.
     """
 
     name = "fanin"
     buffer_names = ("fanin_values", "fanin_col_indices", "fanin_rows")
+    optional_buffers = (SCALES,)
+    values_name = "fanin_values"
+    dtypes = (torch.float32, torch.bfloat16)
+    value_dtypes = (torch.float32, torch.bfloat16, torch.int8)
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
-        """float32 CPU weights whose nonempty rows share one fan-in below ``in_features``."""
+        """float32 or bfloat16 CPU weights whose nonempty rows share one fan-in below
+        ``in_features``."""
         if weight.dim() != 2 or not super().supports(weight):
             return False
         k = fan_in(weight != 0)
         return k is not None and k < weight.shape[1]
 
     @classmethod
-    def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        keep = weight != 0
+    def from_dense(
+        cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
+        threads: int | None = None, **options: object,
+    ) -> ConstantFanIn:
+        """:meth:`NativeFormat.from_dense` that keeps the fan-in of ``weight * mask``: an
+        int8 code that rounds to 0 is stored as a 0, not dropped (which would leave its row
+        one input short of the others)."""
+        keep = masked(weight, mask) != 0
+        return super().from_dense(weight, mask, threads, keep=keep, **options)
+
+    @classmethod
+    def compress(
+        cls, weight: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Values, columns and rows of the positions ``keep`` (default: the nonzeros)."""
+        keep = weight != 0 if keep is None else keep
         k = fan_in(keep)
         if k is None:
             counts = sorted(set(keep.sum(dim=1).tolist()))
@@ -53,6 +74,7 @@ class ConstantFanIn(NativeFormat):
 
     @classmethod
     def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        cls.check_values("fanin_values", tensors[0])
         _check_fanin(*tensors, shape)
 
     def _operands(self) -> Operands:
@@ -62,14 +84,18 @@ class ConstantFanIn(NativeFormat):
                 (self.out_features, self.in_features))
 
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The same product with torch ops: gather the inputs of each stored row."""
+        """The same product with torch ops: gather the inputs of each stored row (int8
+        values dequantized first)."""
         x = x.to(torch.float32)
         y = x.new_zeros(x.shape[0], self.out_features)
         cols, rows = unsigned_index(self.fanin_col_indices), self.fanin_rows.long()
+        values = self.fanin_values.to(torch.float32)
+        if SCALES in self._buffers:
+            values = values * self._buffers[SCALES][rows].unsqueeze(1)
         step = max(1, _GATHER_ELEMENTS // max(1, x.shape[0] * cols.shape[1]))
         for start in range(0, rows.numel(), step):  # bounded (batch, rows, k) temporaries
             sl = slice(start, start + step)
-            y[:, rows[sl]] = (x[:, cols[sl]] * self.fanin_values[sl]).sum(dim=-1)
+            y[:, rows[sl]] = (x[:, cols[sl]] * values[sl]).sum(dim=-1)
         return y if bias is None else y + bias
 
     def stored_dense(self) -> torch.Tensor:
@@ -92,10 +118,8 @@ def _check_fanin(
 ) -> None:
     """Raise ``ValueError`` unless the three tensors form a valid fan-in ``shape`` weight."""
     out_features, in_features = shape
-    if values.dtype != torch.float32 or values.dim() != 2:
-        raise ValueError(
-            f"fanin_values must be float32 (rows, k), got {values.dtype} {tuple(values.shape)}"
-        )
+    if values.dim() != 2:
+        raise ValueError(f"fanin_values must be (rows, k), got shape {tuple(values.shape)}")
     if col.dtype not in (torch.int16, torch.int32) or col.shape != values.shape:
         raise ValueError(
             f"fanin_col_indices must be int16 or int32 of shape {tuple(values.shape)}, got "

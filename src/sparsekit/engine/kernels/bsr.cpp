@@ -1,10 +1,11 @@
 // Block sparse row (BSR) kernels for y = x @ W.T + bias on CPU.
 //
-// W is stored as dense R x C blocks: fp32 values (nblocks, R, C), one uint16 (int32 when
-// there are more than 65536 block columns) column index per block and int32 block-row
-// pointers, so the index cost is 2 bytes per R*C weights. Edge blocks are zero-padded; x
-// is padded to whole blocks in a per-thread workspace when in_features is not a multiple
-// of C, and rows past out_features are computed but never written.
+// W is stored as dense R x C blocks: fp32, bf16 or int8 values (nblocks, R, C) (int8: with
+// float32 scales per output row), one uint16 (int32 when there are more than 65536 block
+// columns) column index per block and int32 block-row pointers, so the index cost is 2
+// bytes per R*C weights. Edge blocks are zero-padded; x is padded to whole blocks in a
+// per-thread workspace when in_features is not a multiple of C, and rows past out_features
+// are computed but never written. Sums are fp32; x is fp32 or bf16, y in x's dtype.
 //   batch 1-3: one GEMV per input; each block row keeps R vector accumulators over C.
 //   batch > 3: x is transposed once into a workspace (cols, ld) and each block row is
 //              streamed once per chunk of up to 64 inputs (AVX-512; 16 on AVX2), 4 rows of
@@ -14,7 +15,6 @@
 // that each thread gets a similar number of blocks + block rows.
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -25,14 +25,16 @@
 
 namespace {
 
-// y = x @ W.T (+ bias) for x (..., in_features) and W (out_features, in_features) in BSR,
-// each block column index below ceil(in_features / C) (checked where the format is built).
+// y = x @ W.T (+ bias) for x (..., in_features) (fp32 or bf16; y in its dtype) and W
+// (out_features, in_features) in BSR (fp32, bf16, or int8 values times scales[row]), each
+// block column index below ceil(in_features / C) (checked where the format is built).
 at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
                       const at::Tensor& rowptr, const at::Tensor& x,
                       const std::optional<at::Tensor>& bias, int64_t out_features,
-                      int64_t in_features, int64_t threads) {
-  sparsekit::check_input(x, in_features);
-  sparsekit::check_tensor(values, "values", 3, at::kFloat);
+                      int64_t in_features, int64_t threads,
+                      const std::optional<at::Tensor>& scales) {
+  sparsekit::check_input_or_bf16(x, in_features);
+  sparsekit::check_values(values, 3);
   const int64_t R = values.size(1), C = values.size(2);
   TORCH_CHECK(R >= 1 && R <= sparsekit::kBsrMaxBlockRows && C >= 4 && C % 4 == 0,
               "block rows must lie in [1, 64] and block columns be a multiple of 4, got ", R,
@@ -41,15 +43,12 @@ at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
   sparsekit::check_index(col_indices, "col_indices", 1);
   sparsekit::check_size(col_indices, "col_indices", 0, values.size(0));
   sparsekit::check_rowptr(rowptr, "rowptr", (out_features + R - 1) / R, values.size(0));
-  const float* b = sparsekit::bias_data(bias, out_features);
-  const int T = sparsekit::num_threads(threads);
-  auto y = sparsekit::linear_output(x, out_features);
-  if (y.numel() == 0) return y;
-  sparsekit::cores().bsr_linear(sparsekit::BsrArgs{
-      sparsekit::linear_io(x, y, sparsekit::Output{nullptr, b}, T), values.data_ptr<float>(),
-      col_indices.data_ptr(), col_indices.scalar_type() == at::kShort,
-      rowptr.data_ptr<int32_t>(), R, C});
-  return y;
+  return sparsekit::scaled_linear(
+      x, values, scales, bias, out_features, threads, [&](const sparsekit::Linear& io) {
+        sparsekit::cores().bsr_linear(sparsekit::BsrArgs{
+            io, sparsekit::value_type(values), values.data_ptr(), col_indices.data_ptr(),
+            col_indices.scalar_type() == at::kShort, rowptr.data_ptr<int32_t>(), R, C});
+      });
 }
 
 }  // namespace

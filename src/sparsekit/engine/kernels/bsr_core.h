@@ -1,5 +1,6 @@
 // The BSR kernel core (see bsr.cpp for the op), compiled once per instruction set
-// (cores_impl.h): dense R x C blocks, each a small dense product.
+// (cores_impl.h): dense R x C blocks of float32, bf16 or int8 values (int8: each output row's
+// sum times its scale), each block a small dense product.
 
 namespace sparsekit::SPARSEKIT_ISA::bsr {
 
@@ -21,11 +22,51 @@ inline void thread_block_rows(const int32_t* rowptr, int64_t rows, int64_t* r0, 
   thread_rows(rowptr, rows, omp_get_thread_num(), omp_get_num_threads(), r0, r1);
 }
 
+// The sizeof(V) / 4 values at p as a vector of floats (bf16: shifted into the upper half of
+// each lane; int8 codes: converted).
 template <typename V>
 inline V loadv(const float* p) {
   V v;
   __builtin_memcpy(&v, p, sizeof(V));
   return v;
+}
+// The narrow vectors of L lanes that loadv widens (named per width: GCC takes no vector size
+// that depends on a template parameter).
+template <int L>
+struct Narrow;
+template <>
+struct Narrow<16> {
+  typedef uint16_t half __attribute__((vector_size(32)));
+  typedef uint32_t word __attribute__((vector_size(64)));
+  typedef int8_t code __attribute__((vector_size(16)));
+};
+template <>
+struct Narrow<8> {
+  typedef uint16_t half __attribute__((vector_size(16)));
+  typedef uint32_t word __attribute__((vector_size(32)));
+  typedef int8_t code __attribute__((vector_size(8)));
+};
+template <>
+struct Narrow<4> {
+  typedef uint16_t half __attribute__((vector_size(8)));
+  typedef uint32_t word __attribute__((vector_size(16)));
+  typedef int8_t code __attribute__((vector_size(4)));
+};
+template <typename V>
+inline V loadv(const bf16* p) {
+  using N = Narrow<sizeof(V) / sizeof(float)>;
+  typename N::half h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  const typename N::word w = __builtin_convertvector(h, typename N::word) << 16;
+  V v;
+  __builtin_memcpy(&v, &w, sizeof(V));
+  return v;
+}
+template <typename V>
+inline V loadv(const int8_t* p) {
+  typename Narrow<sizeof(V) / sizeof(float)>::code q;
+  __builtin_memcpy(&q, p, sizeof(q));
+  return __builtin_convertvector(q, V);
 }
 
 template <typename V>
@@ -35,15 +76,16 @@ inline float hsum(V v) {
   return s;
 }
 
+template <typename Value>
 struct Bsr {
-  const float* v;
+  const Value* v;
   const int32_t* rowptr;
   int64_t R, C, out_rows;
 };
 
 // y[r*R + i] for one block row: R accumulators of L lanes over the C columns of a block.
-template <typename V, typename I>
-void gemv(const Bsr& w, const I* c, const float* x, const float* bias, float* y, int T) {
+template <typename V, typename Value, typename I>
+void gemv(const Bsr<Value>& w, const I* c, const float* x, const Output& out, float* y, int T) {
   constexpr int64_t L = sizeof(V) / sizeof(float);
   const int64_t brows = (w.out_rows + w.R - 1) / w.R, RC = w.R * w.C;
 #pragma omp parallel num_threads(T)
@@ -54,7 +96,7 @@ void gemv(const Bsr& w, const I* c, const float* x, const float* bias, float* y,
     for (int64_t br = r0; br < r1; ++br) {
       for (int64_t i = 0; i < w.R; ++i) acc[i] = V{};
       for (int64_t k = w.rowptr[br]; k < w.rowptr[br + 1]; ++k) {
-        const float* vb = w.v + k * RC;
+        const Value* vb = w.v + k * RC;
         const float* xb = x + static_cast<int64_t>(c[k]) * w.C;
         for (int64_t j = 0; j < w.C; j += L) {
           const V xv = loadv<V>(xb + j);
@@ -64,7 +106,7 @@ void gemv(const Bsr& w, const I* c, const float* x, const float* bias, float* y,
       const int64_t n = std::min(w.R, w.out_rows - br * w.R);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t r = br * w.R + i;
-        y[r] = hsum(acc[i]) + (bias ? bias[r] : 0.f);
+        y[r] = finish(out, hsum(acc[i]), r);
       }
     }
   }
@@ -72,20 +114,21 @@ void gemv(const Bsr& w, const I* c, const float* x, const float* bias, float* y,
 
 // gemv with the widest vector of this instruction set that divides C (a multiple of 4): no
 // vector wider than a register (see kVectorBytes).
-template <typename I>
-void gemv_widest(const Bsr& w, const I* c, const float* x, const float* bias, float* y, int T) {
+template <typename Value, typename I>
+void gemv_widest(const Bsr<Value>& w, const I* c, const float* x, const Output& out, float* y,
+                 int T) {
   if constexpr (kVectorBytes >= 64) {
-    if (w.C % 16 == 0) return gemv<vec16>(w, c, x, bias, y, T);
+    if (w.C % 16 == 0) return gemv<vec16>(w, c, x, out, y, T);
   }
   if constexpr (kVectorBytes >= 32) {
-    if (w.C % 8 == 0) return gemv<vec8>(w, c, x, bias, y, T);
+    if (w.C % 8 == 0) return gemv<vec8>(w, c, x, out, y, T);
   }
-  gemv<vec4>(w, c, x, bias, y, T);
+  gemv<vec4>(w, c, x, out, y, T);
 }
 
 // RB rows (i0 .. i0+RB of block row br) times NV vectors of transposed inputs at xt.
-template <int RB, int NV, typename I>
-inline void rows_chunk(const Bsr& w, const I* c, int64_t br, int64_t i0, const float* xt,
+template <int RB, int NV, typename Value, typename I>
+inline void rows_chunk(const Bsr<Value>& w, const I* c, int64_t br, int64_t i0, const float* xt,
                        int64_t ld, float (*out)[kSpmmChunk]) {
   constexpr int64_t L = kSpmmLanes;
   const int64_t RC = w.R * w.C;
@@ -95,7 +138,7 @@ inline void rows_chunk(const Bsr& w, const I* c, int64_t br, int64_t i0, const f
 #pragma GCC unroll 4
     for (int n = 0; n < NV; ++n) acc[r][n] = vecr{};
   for (int64_t k = w.rowptr[br]; k < w.rowptr[br + 1]; ++k) {
-    const float* vb = w.v + k * RC + i0 * w.C;
+    const Value* vb = w.v + k * RC + i0 * w.C;
     const float* xb = xt + static_cast<int64_t>(c[k]) * w.C * ld;
     for (int64_t j = 0; j < w.C; ++j) {
       vecr xv[NV];
@@ -103,7 +146,7 @@ inline void rows_chunk(const Bsr& w, const I* c, int64_t br, int64_t i0, const f
       for (int n = 0; n < NV; ++n) xv[n] = loadv<vecr>(xb + j * ld + n * L);
 #pragma GCC unroll 4
       for (int r = 0; r < RB; ++r) {
-        const float s = vb[r * w.C + j];
+        const float s = to_float(vb[r * w.C + j]);
 #pragma GCC unroll 4
         for (int n = 0; n < NV; ++n) acc[r][n] += s * xv[n];
       }
@@ -112,8 +155,8 @@ inline void rows_chunk(const Bsr& w, const I* c, int64_t br, int64_t i0, const f
   for (int r = 0; r < RB; ++r) __builtin_memcpy(out[r], acc[r], sizeof(acc[r]));
 }
 
-template <int RB, typename I>
-inline void rows_chunk_n(int nv, const Bsr& w, const I* c, int64_t br, int64_t i0,
+template <int RB, typename Value, typename I>
+inline void rows_chunk_n(int nv, const Bsr<Value>& w, const I* c, int64_t br, int64_t i0,
                          const float* xt, int64_t ld, float (*out)[kSpmmChunk]) {
   switch (nv) {
 #if SPARSEKIT_AVX512
@@ -126,9 +169,9 @@ inline void rows_chunk_n(int nv, const Bsr& w, const I* c, int64_t br, int64_t i
 }
 
 // Y (batch, rows) = X (batch, cols) @ W.T with X transposed into xt (cols_pad, ld).
-template <typename I>
-void spmm(const Bsr& w, const I* c, int64_t cols, const float* x, int64_t batch,
-          const float* bias, float* y, int T) {
+template <typename Value, typename I>
+void spmm(const Bsr<Value>& w, const I* c, int64_t cols, const float* x, int64_t batch,
+          const Output& out, float* y, int T) {
   constexpr int64_t L = kSpmmLanes, kChunk = kSpmmChunk;
   const int64_t brows = (w.out_rows + w.R - 1) / w.R;
   const int64_t cols_pad = (cols + w.C - 1) / w.C * w.C, ld = (batch + L - 1) / L * L;
@@ -153,8 +196,9 @@ void spmm(const Bsr& w, const I* c, int64_t cols, const float* x, int64_t batch,
           }
           for (int64_t i = i0; i < std::min<int64_t>(n_rows, i0 + RB); ++i) {
             const int64_t r = br * w.R + i;
-            const float add = bias ? bias[r] : 0.f;
-            for (int64_t b = b0; b < b1; ++b) y[b * w.out_rows + r] = tile[i - i0][b - b0] + add;
+            for (int64_t b = b0; b < b1; ++b) {
+              y[b * w.out_rows + r] = finish(out, tile[i - i0][b - b0], r);
+            }
           }
         }
       }
@@ -162,13 +206,12 @@ void spmm(const Bsr& w, const I* c, int64_t cols, const float* x, int64_t batch,
   }
 }
 
-template <typename I>
-void run(const Bsr& w, const I* c, const Linear& io) {
+template <typename Value, typename I>
+void run(const Bsr<Value>& w, const I* c, const Linear& io) {
   const int64_t batch = io.batch, cols = io.cols;
-  const float* bias = io.out.bias;
   const int T = io.threads;
   if (batch > kGemvMaxBatch) {
-    spmm(w, c, cols, io.x, batch, bias, io.y, T);
+    spmm(w, c, cols, io.x, batch, io.out, io.y, T);
     return;
   }
   const int64_t cols_pad = (cols + w.C - 1) / w.C * w.C;
@@ -181,7 +224,7 @@ void run(const Bsr& w, const I* c, const Linear& io) {
       xb = padded.data();
     }
     float* yb = io.y + b * w.out_rows;
-    gemv_widest(w, c, xb, bias, yb, T);
+    gemv_widest(w, c, xb, io.out, yb, T);
   }
 }
 
@@ -190,12 +233,15 @@ void run(const Bsr& w, const I* c, const Linear& io) {
 namespace sparsekit::SPARSEKIT_ISA {
 
 void bsr_linear(const BsrArgs& a) {
-  const bsr::Bsr w{a.values, a.rowptr, a.R, a.C, a.io.rows};
-  if (a.narrow) {
-    bsr::run(w, static_cast<const uint16_t*>(a.col), a.io);
-  } else {
-    bsr::run(w, static_cast<const int32_t*>(a.col), a.io);
-  }
+  with_values(a.value, a.values, [&](auto v) {
+    const bsr::Bsr<std::remove_const_t<std::remove_pointer_t<decltype(v)>>> w{
+        v, a.rowptr, a.R, a.C, a.io.rows};
+    if (a.narrow) {
+      bsr::run(w, static_cast<const uint16_t*>(a.col), a.io);
+    } else {
+      bsr::run(w, static_cast<const int32_t*>(a.col), a.io);
+    }
+  });
 }
 
 }  // namespace sparsekit::SPARSEKIT_ISA

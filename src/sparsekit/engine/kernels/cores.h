@@ -77,22 +77,26 @@ struct NMArgs {
 // The largest block height of BSR weights (the GEMV keeps one accumulator per block row).
 constexpr int64_t kBsrMaxBlockRows = 64;
 
-// W in BSR: float32 blocks (nblocks, R, C), one uint16 (`narrow`) or int32 block column per
-// block, int32 block-row pointers.
+// W in BSR: blocks (nblocks, R, C) of `value` values (int8: times io.out.scale of each
+// output row), one uint16 (`narrow`) or int32 block column per block, int32 block-row
+// pointers.
 struct BsrArgs {
   Linear io;
-  const float* values;
+  Value value;
+  const void* values;
   const void* col;
   bool narrow;
   const int32_t* rowptr;
   int64_t R, C;
 };
 
-// W with k stored inputs in each of n stored rows: float32 values and uint16 (`narrow`) or
-// int32 columns (n, k), and each stored row's output row. y holds the bias and is added to.
+// W with k stored inputs in each of n stored rows: `value` values (int8: times io.out.scale
+// of the output row) and uint16 (`narrow`) or int32 columns (n, k), and each stored row's
+// output row. y holds the bias and is added to.
 struct FanInArgs {
   Linear io;
-  const float* values;
+  Value value;
+  const void* values;
   const void* col;
   bool narrow;
   const int32_t* rows;

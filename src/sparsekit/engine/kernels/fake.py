@@ -64,11 +64,11 @@ def register() -> None:
         return _linear(x, in_features, values.shape[0])
 
     @fake("sparsekit::bsr_linear")
-    def _(values, col_indices, rowptr, x, bias, out_features, in_features, threads):  # type: ignore[no-untyped-def]
+    def _(values, col_indices, rowptr, x, bias, out_features, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
         return _linear(x, in_features, out_features)
 
     @fake("sparsekit::fanin_linear")
-    def _(values, col_indices, rows, x, bias, out_features, in_features, threads):  # type: ignore[no-untyped-def]
+    def _(values, col_indices, rows, x, bias, out_features, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
         return _linear(x, in_features, out_features)
 
     @fake("sparsekit::dense_linear")

@@ -1,5 +1,6 @@
 // The constant fan-in kernel core (see fanin.cpp for the op), compiled once per instruction
-// set (cores_impl.h): k stored inputs in every stored row.
+// set (cores_impl.h): k stored inputs in every stored row, float32, bf16 or int8 values (int8:
+// each product times its output row's scale).
 
 namespace sparsekit::SPARSEKIT_ISA::fanin {
 
@@ -11,29 +12,35 @@ typedef float vecr __attribute__((vector_size(kVectorBytes)));
 constexpr int kSpmmVectors = 4;  // per row and chunk: 8 accumulators
 constexpr int64_t kSpmmLanes = kVectorBytes / sizeof(float);
 
+template <typename Value>
 struct FanIn {
-  const float* v;
+  const Value* v;
   const int32_t* rows;  // output row of each stored row
+  const float* scale;   // per output row (int8 values), or nullptr
   int64_t n, k, out_rows;
+
+  // What stored row r adds to its output: its sum times the output row's scale.
+  float scaled(int64_t r, float sum) const { return scale ? scale[rows[r]] * sum : sum; }
 };
 
-template <typename I>
-void gemv(const FanIn& w, const I* c, const float* x, float* y, int T) {
+template <typename Value, typename I>
+void gemv(const FanIn<Value>& w, const I* c, const float* x, float* y, int T) {
+  constexpr int64_t kLine = 64 / sizeof(Value);  // values per cache line
 #pragma omp parallel for num_threads(T) schedule(static)
   for (int64_t r = 0; r < w.n; ++r) {
-    const float* vr = w.v + r * w.k;
+    const Value* vr = w.v + r * w.k;
     const I* cr = c + r * w.k;
     if (r + 2 < w.n) {  // the row after next: the gathers fill the out-of-order window
-      for (int64_t j = 0; j < w.k; j += 16) __builtin_prefetch(vr + 2 * w.k + j, 0, 3);
+      for (int64_t j = 0; j < w.k; j += kLine) __builtin_prefetch(vr + 2 * w.k + j, 0, 3);
       for (int64_t j = 0; j < w.k; j += 32) __builtin_prefetch(cr + 2 * w.k + j, 0, 3);
     }
-    y[w.rows[r]] += csr::row_dot(vr, cr, w.k, x);  // a CSR row of k nonzeros
+    y[w.rows[r]] += w.scaled(r, csr::row_dot(vr, cr, w.k, x));  // a CSR row of k nonzeros
   }
 }
 
 // One row times NV vectors of transposed inputs at xt (leading dimension ld).
-template <int NV, typename I>
-inline void row_chunk(const float* v, const I* c, int64_t k, const float* xt, int64_t ld,
+template <int NV, typename Value, typename I>
+inline void row_chunk(const Value* v, const I* c, int64_t k, const float* xt, int64_t ld,
                       vecr* out) {
   vecr acc[2][NV];
   for (int u = 0; u < 2; ++u)
@@ -43,7 +50,7 @@ inline void row_chunk(const float* v, const I* c, int64_t k, const float* xt, in
   for (; j + 2 <= k; j += 2) {
 #pragma GCC unroll 2
     for (int u = 0; u < 2; ++u) {
-      const float s = v[j + u];
+      const float s = to_float(v[j + u]);
       const float* xr = xt + static_cast<int64_t>(c[j + u]) * ld;
 #pragma GCC unroll 4
       for (int n = 0; n < NV; ++n) {
@@ -59,15 +66,15 @@ inline void row_chunk(const float* v, const I* c, int64_t k, const float* xt, in
     for (int n = 0; n < NV; ++n) {
       vecr xv;
       __builtin_memcpy(&xv, xr + n * kSpmmLanes, sizeof(xv));
-      acc[0][n] += v[j] * xv;
+      acc[0][n] += to_float(v[j]) * xv;
     }
   }
   for (int n = 0; n < NV; ++n) out[n] = acc[0][n] + acc[1][n];
 }
 
-template <typename I>
-void spmm(const FanIn& w, const I* c, int64_t cols, const float* x, int64_t batch, float* y,
-          int T) {
+template <typename Value, typename I>
+void spmm(const FanIn<Value>& w, const I* c, int64_t cols, const float* x, int64_t batch,
+          float* y, int T) {
   constexpr int64_t L = kSpmmLanes, kChunk = kSpmmVectors * L;
   const int64_t ld = (batch + L - 1) / L * L;
   float* xt = workspace(cols * ld);
@@ -81,7 +88,7 @@ void spmm(const FanIn& w, const I* c, int64_t cols, const float* x, int64_t batc
       for (int64_t b0 = 0; b0 < ld; b0 += kChunk) {
         const int nv = static_cast<int>(std::min<int64_t>(kSpmmVectors, (ld - b0) / L));
         for (int64_t r = t0; r < t1; ++r) {
-          const float* vr = w.v + r * w.k;
+          const Value* vr = w.v + r * w.k;
           const I* cr = c + r * w.k;
           switch (nv) {
             case 4: row_chunk<4>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
@@ -93,7 +100,7 @@ void spmm(const FanIn& w, const I* c, int64_t cols, const float* x, int64_t batc
         for (int64_t b = b0; b < std::min<int64_t>(batch, b0 + nv * L); ++b) {
           float* yb = y + b * w.out_rows;
           for (int64_t r = t0; r < t1; ++r) {
-            yb[w.rows[r]] += reinterpret_cast<const float*>(tile[r - t0])[b - b0];
+            yb[w.rows[r]] += w.scaled(r, reinterpret_cast<const float*>(tile[r - t0])[b - b0]);
           }
         }
       }
@@ -102,8 +109,8 @@ void spmm(const FanIn& w, const I* c, int64_t cols, const float* x, int64_t batc
 }
 
 // y (holding the bias) += x @ W.T.
-template <typename I>
-void run(const FanIn& w, const I* c, const Linear& io) {
+template <typename Value, typename I>
+void run(const FanIn<Value>& w, const I* c, const Linear& io) {
   if (io.batch > kGemvMaxBatch) {
     spmm(w, c, io.cols, io.x, io.batch, io.y, io.threads);
     return;
@@ -118,12 +125,15 @@ void run(const FanIn& w, const I* c, const Linear& io) {
 namespace sparsekit::SPARSEKIT_ISA {
 
 void fanin_linear(const FanInArgs& a) {
-  const fanin::FanIn w{a.values, a.rows, a.n, a.k, a.io.rows};
-  if (a.narrow) {
-    fanin::run(w, static_cast<const uint16_t*>(a.col), a.io);
-  } else {
-    fanin::run(w, static_cast<const int32_t*>(a.col), a.io);
-  }
+  with_values(a.value, a.values, [&](auto v) {
+    const fanin::FanIn<std::remove_const_t<std::remove_pointer_t<decltype(v)>>> w{
+        v, a.rows, a.io.out.scale, a.n, a.k, a.io.rows};
+    if (a.narrow) {
+      fanin::run(w, static_cast<const uint16_t*>(a.col), a.io);
+    } else {
+      fanin::run(w, static_cast<const int32_t*>(a.col), a.io);
+    }
+  });
 }
 
 }  // namespace sparsekit::SPARSEKIT_ISA

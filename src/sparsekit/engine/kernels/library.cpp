@@ -14,9 +14,9 @@ TORCH_LIBRARY(sparsekit, m) {
   // structure is built from untrusted tensors.
   // Inference: y = x @ W.T (+ bias) for x (..., in_features) and W in one compressed format
   // (the rows of x: all its dimensions but the last; y (..., out_features)).
-  // csr/bitmap/nm take fp32, bf16 or int8 values and fp32 or bf16 x (sums in fp32, y in x's
-  // dtype); int8 values need float32 `scales` (rows,): y[r] = scales[r] * sum + bias[r],
-  // other values no scales. The others fp32 only.
+  // Each takes fp32, bf16 or int8 values and fp32 or bf16 x (sums in fp32, y in x's dtype);
+  // int8 values need float32 `scales` (rows,): y[r] = scales[r] * sum + bias[r], other
+  // values no scales.
   m.def("csr_linear(Tensor values, Tensor col_indices, Tensor rowptr, Tensor x, Tensor? bias, "
         "int in_features, int threads, Tensor? scales=None) -> Tensor");
   m.def("bitmap_linear(Tensor values, Tensor bitmap, Tensor rowptr, Tensor x, Tensor? bias, "
@@ -24,7 +24,7 @@ TORCH_LIBRARY(sparsekit, m) {
   m.def("nm_linear(Tensor values, Tensor indices, Tensor x, Tensor? bias, int n, int m, "
         "int in_features, int threads, Tensor? scales=None) -> Tensor");
   m.def("bsr_linear(Tensor values, Tensor col_indices, Tensor rowptr, Tensor x, Tensor? bias, "
-        "int out_features, int in_features, int threads) -> Tensor");
+        "int out_features, int in_features, int threads, Tensor? scales=None) -> Tensor");
   // Dense low precision: W (rows, in_features) bf16, or int8 with float32 scales (rows,).
   m.def("dense_linear(Tensor weight, Tensor x, Tensor? bias, int in_features, int threads, "
         "Tensor? scales=None) -> Tensor");
@@ -37,7 +37,7 @@ TORCH_LIBRARY(sparsekit, m) {
   m.def("nm_qlinear(Tensor values, Tensor indices, Tensor x, Tensor? bias, int n, int m, "
         "int in_features, int threads, Tensor? scales=None) -> Tensor");
   m.def("fanin_linear(Tensor values, Tensor col_indices, Tensor rows, Tensor x, Tensor? bias, "
-        "int out_features, int in_features, int threads) -> Tensor");
+        "int out_features, int in_features, int threads, Tensor? scales=None) -> Tensor");
   // Activation sparsity: one input row, skipping the weight rows of small inputs. Weights
   // fp32 or bf16 (x, threshold and bias of the same dtype) or int8 codes with float32 `scales`
   // (out,) (x fp32 or bf16; threshold and bias of x's dtype); sums fp32, y in x's dtype.
