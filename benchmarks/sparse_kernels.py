@@ -259,7 +259,7 @@ def run_shape(
     return rows
 
 
-VALUE_FORMATS = ("csr16", "bitmap", "nm")
+VALUE_FORMATS = ("csr16", "bitmap", "nm", "fanin")  # fanin holds 2:4 (a constant fan-in)
 VALUE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
@@ -267,11 +267,12 @@ def value_op(name: str, dtype: str, masked: torch.Tensor) -> tuple[Callable, int
     """``(call(x), bytes)``: the op of format ``name`` holding ``masked`` with ``dtype`` values
     (int8: codes on the per-row grid of :mod:`sparsekit.quantize` and their float32 scales),
     and the bytes of its own tensors (values, indices or bitmaps, row pointers, scales)."""
-    scales = None
+    scales, keep = None, masked != 0
     if dtype == "int8":
         codes, scales = quantize_int8(masked)
         masked = codes.to(torch.float32)
-    parts = [t.contiguous() for t in FORMATS[name].compress(masked)]
+    options = {"keep": keep} if name == "fanin" else {}  # codes rounded to 0 stay stored
+    parts = [t.contiguous() for t in FORMATS[name].compress(masked, **options)]
     ops, cols = torch.ops.sparsekit, masked.shape[1]
     if name == "csr16":
         rowptr, col, values = parts
@@ -283,6 +284,14 @@ def value_op(name: str, dtype: str, masked: torch.Tensor) -> tuple[Callable, int
         values = values.to(VALUE_DTYPES[dtype])
         call = partial(_csr_call, ops.bitmap_linear, values, bitmap, rowptr, cols, scales)
         tensors = [values, bitmap, rowptr]
+    elif name == "fanin":
+        values, col, out_rows = parts
+        values, out_f = values.to(VALUE_DTYPES[dtype]), masked.shape[0]
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            return ops.fanin_linear(values, col, out_rows, x, None, out_f, cols,
+                                    kernels.num_threads(), scales)
+        tensors = [values, col, out_rows]
     else:
         values, indices, pattern = parts
         values = values.to(VALUE_DTYPES[dtype])
