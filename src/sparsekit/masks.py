@@ -18,7 +18,7 @@ mask is applied to the part of its weight that this rank holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -130,10 +130,8 @@ class MaskSet:
         state in every attached optimizer is zero, so nothing from before the drop
         leaks back. Each new mask must follow :attr:`pattern`.
         """
-        self._check_not_removed("update")
+        self.check_update(masks)
         self._follow_replaced_params()
-        self._check(masks, self.params, subset=True)
-        _check_follow(parse_pattern(self.pattern), masks, self.model)
         with torch.no_grad():
             for n, new in masks.items():
                 new = new.to(device=self.masks[n].device, dtype=torch.bool, copy=True)
@@ -145,6 +143,15 @@ class MaskSet:
         self._refresh_shards()
         self._refresh_factors()
         self.apply()
+
+    def check_update(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Raise what :meth:`update` of ``masks`` would raise, changing nothing: for callers
+        that must refuse before changing other state (a schedule's round, the weights it
+        rewinds)."""
+        self._check_not_removed("update")
+        self._current_params()  # a replaced parameter of another shape is refused
+        self._check(masks, self.params, subset=True)
+        _check_follow(parse_pattern(self.pattern), masks, self.model)
 
     def sparsity(self) -> float:
         """Fraction of masked entries over all masked parameters."""
@@ -166,16 +173,12 @@ class MaskSet:
         Meant for resuming: the optimizer state of kept weights is left as loaded, only
         masked entries are zeroed. To change masks during training use :meth:`update`.
         """
-        self._check_not_removed("load_state_dict")
-        if not isinstance(state, Mapping) or "masks" not in state:
-            raise ValueError("state must be a dict from MaskSet.state_dict() with a 'masks' entry")
-        masks = state["masks"]
-        pattern = parse_pattern(state.get("pattern", self.pattern))
-        self._check(masks, dict(self.model.named_parameters()))
-        _check_follow(pattern, masks, self.model)
+        masks, pattern = self._check_state(state)
         self._owners = {n: _owner(self.model, n) for n in masks}
         self.params = {n: module._parameters[attr] for n, (module, attr) in self._owners.items()}
-        self.masks = {n: m.to(self.params[n].device, torch.bool) for n, m in masks.items()}
+        # copies: the state's tensors stay the caller's, changing them changes no mask
+        self.masks = {n: m.to(self.params[n].device, torch.bool, copy=True)
+                      for n, m in masks.items()}
         self.pattern = str(pattern)
         self._refresh_shards()
         for opt in self._optimizers.values():  # masked entries of the state start clean
@@ -183,6 +186,22 @@ class MaskSet:
                 _fill_state(opt, p, ~self._shards[n])
         self._refresh_factors()
         self.apply()
+
+    def _check_state(self, state: object) -> tuple[Mapping[str, torch.Tensor], Pattern]:
+        """The masks and the pattern of ``state``, checked as :meth:`load_state_dict` takes
+        them."""
+        self._check_not_removed("load_state_dict")
+        if not isinstance(state, Mapping) or "masks" not in state:
+            raise ValueError("state must be a dict from MaskSet.state_dict() with a 'masks' entry")
+        masks = state["masks"]
+        try:
+            pattern = parse_pattern(state.get("pattern", self.pattern))
+        except (TypeError, ValueError) as err:
+            kind = ArgumentTypeError if isinstance(err, TypeError) else ValueError
+            raise kind(f"state['pattern']: {err}") from err
+        self._check(masks, dict(self.model.named_parameters()))
+        _check_follow(pattern, masks, self.model)
+        return masks, pattern
 
     # -- training ---------------------------------------------------------------------
 
@@ -211,13 +230,11 @@ class MaskSet:
         masked coordinate. Parameters replaced since the masks were made (for example by
         ``load_state_dict(..., assign=True)``) are followed, not left unmasked.
         """
-        optimizer = check_optimizer(optimizer)
-        self._check_not_removed("attach")
+        optimizer = self.check_attach(optimizer)
         self._follow_replaced_params()
         key = id(optimizer)
         if key in self._hooks:
             return self
-        self._check_optimizes_params(optimizer)
         self._optimizers[key] = optimizer
         self._hooks[key] = [
             optimizer.register_step_pre_hook(after_gradients(self._mask_grads)),
@@ -232,6 +249,29 @@ class MaskSet:
                 _fill_state(optimizer, p, ~self._shards[n])
         self._refresh_factors()
         return self
+
+    def check_attach(self, optimizer: object, *,
+                     names: Iterable[str] | None = None) -> torch.optim.Optimizer:
+        """Raise what :meth:`attach` of ``optimizer`` would raise, changing nothing, and
+        return the optimizer it would hook (the one a wrapper exposes).
+
+        ``names`` are the parameters the masks will hold once a state is loaded (the names
+        of its masks; names that are no parameters are left to :meth:`load_state_dict` to
+        refuse): check it before loading the state, so that an optimizer the masks refuse
+        leaves them, the model and the optimizer as they were.
+        """
+        optimizer = check_optimizer(optimizer)
+        self._check_not_removed("attach")
+        if names is None:
+            params = self._current_params()
+            if id(optimizer) in self._hooks:
+                return optimizer
+        else:
+            model_params = dict(self.model.named_parameters())
+            params = {n: model_params[n] for n in names
+                      if isinstance(n, str) and n in model_params}
+        self._check_optimizes_params(optimizer, params)
+        return optimizer
 
     def detach(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Stop enforcing masks on ``optimizer`` (default: on every attached optimizer)."""
@@ -264,7 +304,10 @@ class MaskSet:
         self._removed = True
 
     def capture(self, on: bool) -> None:
-        """Nothing to switch: a masked weight's gradient is dense until the step masks it."""
+        """Nothing to switch: a masked weight's gradient is dense until the step masks it.
+        ``on`` is checked as a ``StructureSet`` checks it, so both take the same values."""
+        if not isinstance(on, bool):
+            raise ArgumentTypeError(f"on must be a bool (True or False), got {on!r}")
 
     def dense_grads(self) -> dict[str, torch.Tensor | None]:
         """Each weight's ``.grad``; dense when read before the step (an optimizer pre-hook)."""
@@ -286,19 +329,29 @@ class MaskSet:
     def _grad_mask(self, name: str):
         return lambda grad: grad * self._factors[name]  # the mask in the weight's dtype
 
-    def _follow_replaced_params(self) -> None:
-        """Re-point at parameters that replaced the tracked ones (same name, new object)."""
-        changed = False
+    def _current_params(self) -> dict[str, torch.Tensor]:
+        """The masked parameters as the model holds them now (a replaced one in place of
+        the tracked one); raise, changing nothing, where one was replaced by a parameter
+        its mask does not fit."""
+        params = {}
         for n, (module, attr) in self._owners.items():
             current = module._parameters.get(attr)
-            if current is self.params[n]:
-                continue
-            if current is None or current.shape != self.masks[n].shape:
+            if current is not self.params[n] and (current is None
+                                                  or current.shape != self.masks[n].shape):
                 got = None if current is None else tuple(current.shape)
                 raise ValueError(
                     f"parameter {n!r} was replaced by one of shape {got}; its mask has shape "
                     f"{tuple(self.masks[n].shape)} (build a new MaskSet for the new model)"
                 )
+            params[n] = current
+        return params
+
+    def _follow_replaced_params(self) -> None:
+        """Re-point at parameters that replaced the tracked ones (same name, new object)."""
+        changed = False
+        for n, current in self._current_params().items():
+            if current is self.params[n]:
+                continue
             self.params[n] = current
             self.masks[n] = self.masks[n].to(current.device)
             changed = True
@@ -306,15 +359,18 @@ class MaskSet:
             self._refresh_shards()
             self._refresh_factors()
 
-    def _check_optimizes_params(self, optimizer: torch.optim.Optimizer) -> None:
-        """Refuse an optimizer that holds none of the masked weights (e.g. built on the
-        parameters a ``load_state_dict(assign=True)`` replaced): it could not be masked."""
+    @staticmethod
+    def _check_optimizes_params(optimizer: torch.optim.Optimizer,
+                                params: Mapping[str, torch.Tensor]) -> None:
+        """Refuse an optimizer that holds none of the masked weights ``params`` (e.g. built
+        on the parameters a ``load_state_dict(assign=True)`` replaced): it could not be
+        masked."""
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if self.params and not any(id(p) in held for p in self.params.values()):
+        if params and not any(id(p) in held for p in params.values()):
             raise ValueError(
                 "optimizer holds none of the masked parameters "
-                f"({', '.join(list(self.params)[:3])}, …); build it from model.parameters() "
-                "of the model these masks belong to"
+                f"({', '.join(list(params)[:3])}{', …' if len(params) > 3 else ''}); build "
+                "it from model.parameters() of the model these masks belong to"
             )
 
     @torch.no_grad()
@@ -354,8 +410,11 @@ class MaskSet:
         for n, m in masks.items():
             if n not in params:
                 raise ValueError(
-                    f"masks has an entry {n!r} that is not a parameter of the model"
-                    + ("" if subset else f"; parameters: {', '.join(params)}")
+                    f"masks has an entry {n!r} that this MaskSet does not mask; it masks: "
+                    f"{', '.join(params) or 'nothing'} (build a new MaskSet to mask others)"
+                    if subset else
+                    f"masks has an entry {n!r} that is not a parameter of the model; "
+                    f"parameters: {', '.join(params)}"
                 )
             check_mask(f"mask for {n!r}", m, params[n].shape)
 
@@ -385,6 +444,14 @@ def check_mask(name: str, mask: object, shape: torch.Size | tuple[int, ...]) -> 
             f"{name} must be a bool tensor (True keeps), got dtype {mask.dtype}; "
             "convert with `mask != 0` if nonzero means kept"
         )
+    if mask.layout != torch.strided:
+        raise ArgumentTypeError(
+            f"{name} must be a dense (strided) bool tensor, got layout {mask.layout}; "
+            "convert with `.to_dense()`"
+        )
+    if mask.is_meta:
+        raise ValueError(f"{name} is on the meta device, without values; pass a mask that "
+                         "holds them (on the CPU or the weight's device)")
 
 
 def pattern_view(model: nn.Module, name: str, mask: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
+from sparsekit._checks import ArgumentTypeError
+
 F = TypeVar("F")
 
 
@@ -78,15 +80,24 @@ class Registry(Generic[F]):
         return [n for n in names if all(self._meta[n][k] == v for k, v in where.items())]
 
     def _check(self, name: object) -> None:
+        """Raise unless ``name`` names an entry: a name that is no string (``None``, an
+        int, a list) is an :class:`~sparsekit._checks.ArgumentTypeError` (a ``TypeError``
+        and a ``ValueError``), an unknown one a ``ValueError``; both name the parameter,
+        the value and every accepted name."""
         if not isinstance(name, str):
-            raise TypeError(f"{self.param} must be a string, got {type(name).__name__}")
+            raise ArgumentTypeError(
+                f"{self.param} must be a string, one of: {', '.join(self.names())}; got "
+                f"{_short_repr(name)} ({type(name).__name__})"
+            )
         if name not in self._table:
             raise ValueError(
                 f"unknown {self.param} {name!r}; accepted: {', '.join(self.names())}"
             )
 
     def __contains__(self, name: object) -> bool:
-        return name in self._table
+        """Whether ``name`` is a registered name; ``False`` for anything else, unhashable
+        values (a list, a dict) included, so that ``x not in TABLE`` guards any value."""
+        return isinstance(name, str) and name in self._table
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -96,3 +107,9 @@ class Registry(Generic[F]):
 
     def __repr__(self) -> str:
         return f"Registry({self.param!r}: {', '.join(self.names())})"
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a huge list names itself briefly)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

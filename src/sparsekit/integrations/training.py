@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from sparsekit._checks import ArgumentTypeError, check_optimizer
-from sparsekit.masks import Masks
+from sparsekit.distributed import local
+from sparsekit.masks import Masks, MaskSet
 from sparsekit.schedules.base import Schedule
 
 Sparsity = Masks | Schedule | Callable[[nn.Module, torch.optim.Optimizer], Masks | Schedule]
@@ -84,17 +85,32 @@ def attach(
     that a function builds hooks the optimizer as it is built (and prunes the model): when
     attaching it fails, the optimizer's step hooks are put back as they were before the
     call.
+
+    A schedule a function builds starts from masks of its own, which building it applies
+    to the weights and the optimizer state (a ``DynamicSparsity``'s starting masks). When
+    resuming, those are the checkpoint's weights: the ones the ``state``'s masks keep, and
+    their optimizer state, are put back as they were before the call, so that the run goes
+    on exactly as the one that saved the state.
     """
     check(sparsity)
     real = check_optimizer(optimizer)
     if isinstance(sparsity, (Schedule, Masks)):
         return _attach(sparsity, real, state, state_name)
     hooks = _step_hooks(real)
+    kept = None if state is None else _Kept(model, real, _kept_names(state))
     try:  # a DynamicSparsity hooks the optimizer as it is built
-        return _attach(sparsity(model, real), real, state, state_name)
+        attached = _attach(sparsity(model, real), real, state, state_name)
     except BaseException:
         _remove_hooks_since(real, hooks)
+        if kept is not None:
+            kept.restore()
         raise
+    if kept is not None:
+        kept.restore()
+        masks = attached.masks
+        if isinstance(masks, MaskSet):  # zero what the loaded masks mask, again
+            masks.load_state_dict(masks.state_dict())
+    return attached
 
 
 def _attach(built: object, real: torch.optim.Optimizer, state: Mapping[str, Any] | None,
@@ -118,6 +134,13 @@ def _attach(built: object, real: torch.optim.Optimizer, state: Mapping[str, Any]
             "twice per optimizer step; call remove() on the Attached that attach() returned "
             "before attaching it again"
         )
+    masks = built.masks if schedule is not None else built
+    # Whatever attaching would refuse (masks removed, an optimizer without the masked
+    # weights) is refused before the state is loaded: a refusal changes nothing.
+    check_attach = getattr(schedule, "check_attach", None) or getattr(masks, "check_attach",
+                                                                      None)
+    if check_attach is not None:
+        check_attach(real, names=_state_names(state, schedule is not None))
     if state is not None:
         try:
             built.load_state_dict(state)  # checks it all before it changes anything
@@ -125,13 +148,49 @@ def _attach(built: object, real: torch.optim.Optimizer, state: Mapping[str, Any]
             kind = ArgumentTypeError if isinstance(err, TypeError) else ValueError
             message = f"{state_name} is no state of this {type(built).__name__}: {err}"
             raise kind(message) from err
-    masks = built.masks if schedule is not None else built
     (getattr(schedule, "attach", None) or masks.attach)(real)  # a DynamicSparsity's hook too
     attached = Attached(masks, schedule, real)
     if schedule is not None:
         attached._handle = real.register_step_post_hook(attached._step)
         _STEPPING[id(schedule)] = attached
     return attached
+
+
+class _Kept:
+    """A copy (on the CPU) of the weights that ``names`` name in ``model`` and of their
+    per-element state in ``optimizer``, to put back with :meth:`restore`."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 names: list[str] | None) -> None:
+        params = dict(model.named_parameters()) if isinstance(model, nn.Module) else {}
+        chosen = [params[n] for n in names or () if isinstance(n, str) and n in params]
+        self.weights = [(p, local(p).detach().to("cpu", copy=True)) for p in chosen]
+        self.state = [
+            (value, local(value).detach().to("cpu", copy=True))
+            for p in chosen for value in optimizer.state.get(p, {}).values()
+            if isinstance(value, torch.Tensor) and value.shape == p.shape
+        ]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for tensor, saved in (*self.weights, *self.state):
+            local(tensor).copy_(saved)
+
+
+def _state_names(state: object, of_schedule: bool) -> list[str] | None:
+    """The names of the masks ``state`` (a schedule's state when ``of_schedule``, else a
+    masks' state) holds, or ``None`` (the masks' own names) where it holds none: a state
+    of the wrong form is left for ``load_state_dict`` to refuse."""
+    if of_schedule:
+        state = state.get("masks") if isinstance(state, Mapping) else None
+    masks = state.get("masks") if isinstance(state, Mapping) else None
+    return list(masks) if isinstance(masks, Mapping) else None
+
+
+def _kept_names(state: object) -> list[str] | None:
+    """The names of the masks in ``state``, a schedule's state or a masks' one (what a
+    function returns is not known before it is called)."""
+    return _state_names(state, True) or _state_names(state, False)
 
 
 def _step_hooks(optimizer: torch.optim.Optimizer) -> tuple[set[int], set[int]]:

@@ -44,6 +44,7 @@ def check_state(schedule: Schedule, state: Any, keys: tuple[str, ...]) -> None:
     so that a refused state leaves the model, the masks and the schedule as they were.
     """
     owner = f"{type(schedule).__name__}.state_dict()"
+    check_masks_usable(schedule, "load_state_dict")
     if not isinstance(state, Mapping):
         raise ArgumentTypeError(f"state must be the dict {owner} returns, got "
                                 f"{type(state).__name__}")
@@ -64,6 +65,17 @@ def check_state(schedule: Schedule, state: Any, keys: tuple[str, ...]) -> None:
     if set(masks["masks"]) != set(schedule.masks.masks):
         raise ValueError(f"state['masks'] holds masks for {sorted(masks['masks'])}; this "
                          f"schedule masks {sorted(schedule.masks.masks)}")
+
+
+def check_masks_usable(schedule: Any, action: str) -> None:
+    """Raise ``RuntimeError`` if the masks ``schedule`` drives were removed
+    (``schedule.masks.remove()``): there is nothing left to load into or to update, and
+    the error should say so rather than that the names differ or a key is missing."""
+    if getattr(schedule.masks, "_removed", False):
+        raise RuntimeError(
+            f"{type(schedule).__name__}.{action}(): its masks were removed by remove(); "
+            f"build a new {type(schedule).__name__} to go on"
+        )
 
 
 def check_tensors(key: str, value: Any, like: Mapping[str, torch.Tensor]) -> None:

@@ -221,20 +221,36 @@ class DynamicSparsity:
         it again, after :meth:`detach` (the constructor attaches it); attaching twice does
         nothing. Only the optimizer given to the constructor is accepted: the momenta and
         the optimizer state the updates reset are that optimizer's."""
-        if self._removed:
-            raise RuntimeError("DynamicSparsity.attach(): it was removed by remove(); build a "
-                               "new DynamicSparsity to train sparse again")
-        if check_optimizer(optimizer) is not self.optimizer:
-            raise ValueError(
-                "optimizer must be the one this DynamicSparsity was built on; build a new "
-                "DynamicSparsity for another optimizer"
-            )
+        self.check_attach(optimizer)
         if self._hook is None:
             # Registered before the masks' hooks, so it sees the dense gradients.
             self._hook = self.optimizer.register_step_pre_hook(after_gradients(self._capture))
         self.masks.attach(self.optimizer)
         self._arm_capture()
         return self
+
+    def check_attach(self, optimizer: object, *,
+                     names: Iterable[str] | None = None) -> torch.optim.Optimizer:
+        """Raise what :meth:`attach` of ``optimizer`` would raise, changing nothing (its
+        masks' refusals included: check it before loading a state, as
+        :func:`sparsekit.integrations.attach` does); ``names`` are the masks' names once
+        that state is loaded. Returns the optimizer it would hook."""
+        self._check_not_removed("attach")
+        real = check_optimizer(optimizer)
+        if real is not self.optimizer:
+            raise ValueError(
+                "optimizer must be the one this DynamicSparsity was built on; build a new "
+                "DynamicSparsity for another optimizer"
+            )
+        check = getattr(self.masks, "check_attach", None)  # a StructureSet holds no hooks
+        if check is not None:
+            check(real, names=names)
+        return real
+
+    def _check_not_removed(self, action: str) -> None:
+        if self._removed:
+            raise RuntimeError(f"DynamicSparsity.{action}(): it was removed by remove(); build "
+                               "a new DynamicSparsity to train sparse again")
 
     def detach(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Stop reading gradients before ``optimizer``'s steps (by default: the one it was
@@ -261,10 +277,17 @@ class DynamicSparsity:
         """Advance one step; at update steps drop and regrow. Returns whether it updated.
 
         An update that lacks the dense gradients it grows by (no optimizer step since the
-        last update) raises before the step count or any mask changes."""
-        if self.rule.needs_grads and self.is_update_step(self.step_count + 1):
-            self._check_grads(self.masks.masks)
-        self.step_count += 1
+        last update), or that its masks refuse, raises before the step count or any mask
+        changes; so does a step after :meth:`remove`."""
+        self._check_not_removed("step")
+        upcoming = self.step_count + 1
+        if self.is_update_step(upcoming):
+            if self.rule.needs_grads:
+                self._check_grads(self.masks.masks)
+            check = getattr(self.masks, "check_update", None)
+            if check is not None:  # masks removed, a weight replaced by one of another shape
+                check({})
+        self.step_count = upcoming
         self._arm_capture()
         if not self.is_update_step(self.step_count):
             return False
@@ -331,6 +354,7 @@ class DynamicSparsity:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`; a state it cannot come from changes nothing."""
+        self._check_not_removed("load_state_dict")
         check_state(self, state, ("generator", "momenta"))
         try:  # a scratch generator checks the state exactly as ours would take it
             torch.Generator().set_state(state["generator"])
@@ -342,7 +366,11 @@ class DynamicSparsity:
         self.masks.load_state_dict(state["masks"])
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])
-        self._momenta = {n: shard_like(m.clone(), self.masks.params[n])
+        # in the dtype and on the device of the momenta they replace (a state saved on
+        # another device, or cast): accumulating into them then rounds as before
+        self._momenta = {n: shard_like(m.to(device=self.masks.params[n].device,
+                                            dtype=self._momenta[n].dtype, copy=True),
+                                       self.masks.params[n])
                          for n, m in state["momenta"].items()}
         self._arm_capture()
 

@@ -18,7 +18,7 @@ from sparsekit._checks import (
 from sparsekit.masks import MaskSet
 from sparsekit.patterns import parse_pattern
 from sparsekit.prune import compute_masks
-from sparsekit.schedules.base import check_state
+from sparsekit.schedules.base import check_masks_usable, check_state
 from sparsekit.targets import resolve_targets
 
 
@@ -102,16 +102,21 @@ class GradualPruner:
                               start=self.start_step, end=self.end_step)
 
     def step(self) -> bool:
-        """Advance one training step; returns whether the masks changed."""
-        self.step_count += 1
-        t = self.step_count
+        """Advance one training step; returns whether the masks changed.
+
+        A prune that fails (masks removed, a parameter replaced by one of another shape)
+        raises before the step count or any mask changes."""
+        t = self.step_count + 1
         on_grid = (t - self.start_step) % self.every == 0 or t == self.end_step
-        if self.start_step <= t <= self.end_step and on_grid:
+        updated = self.start_step <= t <= self.end_step and on_grid
+        if updated:
             self._update(t)
-            return True
-        return False
+        self.step_count = t
+        return updated
 
     def _update(self, t: int) -> None:
+        check_masks_usable(self, "step")
+        self.masks.check_update({})  # a weight replaced by one of another shape
         new, _ = compute_masks(self.model, self.sparsity_at(t), **self._prune)
         self.masks.update({n: m & self.masks.masks[n] for n, m in new.items()})
         self.masks.pattern = self._pattern

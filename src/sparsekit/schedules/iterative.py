@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import (
+    ArgumentTypeError,
     check_fraction,
     check_int,
     check_optimizer,
@@ -23,7 +24,7 @@ from sparsekit._checks import (
 )
 from sparsekit.masks import MaskSet
 from sparsekit.prune import compute_masks
-from sparsekit.schedules.base import check_state, check_tensors
+from sparsekit.schedules.base import check_masks_usable, check_state, check_tensors
 from sparsekit.targets import resolve_targets
 
 
@@ -111,13 +112,18 @@ class IterativePruning:
                 f"rewind_step {self.rewind_step} was never reached: call step() after every "
                 "optimizer step and train at least that long in the first round"
             )
+        check_masks_usable(self, "next_round")
+        if metrics is not None and not isinstance(metrics, Mapping):
+            raise ArgumentTypeError(f"metrics must be a dict of name -> value or None, got "
+                                    f"{type(metrics).__name__}")
+        metrics = dict(metrics or {})
         sparsity = self.target_sparsity(self.round)
         new, _ = compute_masks(self.model, sparsity, **self._prune)
-        self.history.append({"round": self.round, "sparsity": sparsity,
-                             "metrics": dict(metrics or {}),
-                             "masks": {n: m.clone() for n, m in new.items()}})
+        self.masks.check_update(new)  # refused before the weights are rewound
         self.model.load_state_dict(self._rewind_state)
         self.masks.update(new)
+        self.history.append({"round": self.round, "sparsity": sparsity, "metrics": metrics,
+                             "masks": {n: m.clone() for n, m in new.items()}})
         self.round += 1
         self.step_count = 0
         return self.round < self.rounds
