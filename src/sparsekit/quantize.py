@@ -17,7 +17,11 @@ quantize="int8")``) carries that grid's scales as a float32 buffer named
 :data:`SCALE_NAME` (``weight_scale``, the name compressed-tensors also uses):
 :func:`attach_scales` sets it, :func:`attached_scales` reads it, :func:`detach_scales`
 drops it once the weight leaves the grid (pruning again without quantizing), and
-:func:`sparsekit.compile` then stores exactly those codes.
+:func:`sparsekit.compile` then stores exactly those codes. ``load_state_dict`` refuses a
+``weight_scale`` that is not positive and finite before loading it (:func:`guard_loading`).
+
+Every scale :func:`int8_scales` gives is a normal float32 number (at least
+:data:`MIN_SCALE`): rows of subnormal weights lie on the grid of that step.
 """
 
 from __future__ import annotations
@@ -30,13 +34,16 @@ from torch import nn
 from sparsekit._checks import ArgumentTypeError, check_int, check_module
 
 __all__ = [
-    "INT8_MAX", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8",
+    "INT8_MAX", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8",
     "detach_scales",
-    "fake_quantize", "int8_scales", "quantize_int8",
+    "fake_quantize", "guard_loading", "int8_scales", "quantize_int8",
 ]
 
 INT8_MAX = 127  # symmetric: -128 is never used, so negating a code never overflows
 SCALE_NAME = "weight_scale"
+MIN_SCALE = torch.finfo(torch.float32).tiny
+"""The smallest scale :func:`int8_scales` gives: float32's smallest normal number (a row's
+largest magnitude over 127 below it was a subnormal scale, or 0)."""
 
 
 def int8_scales(weight: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
@@ -44,12 +51,18 @@ def int8_scales(weight: torch.Tensor, group_size: int | None = None) -> torch.Te
     ``(out, ceil(in / group_size))`` per group of ``group_size`` inputs.
 
     Each scale is its row's (group's) largest magnitude over :data:`INT8_MAX`; an all-zero
-    row (group) gets scale 1 (its codes are all zero anyway). Integer magnitudes are taken
-    in float64, where int8's -128 is 128 (``abs`` gave -128). A float64 weight whose
+    row (group) gets scale 1 (its codes are all zero anyway). No scale is below float32's
+    smallest normal number (``torch.finfo(torch.float32).tiny``, :data:`MIN_SCALE`): a row
+    of float32 weights whose largest magnitude is below 127 times it (subnormal weights,
+    or normal ones under ~1.5e-36) had a subnormal scale, and one in the first ~63
+    subnormals a scale of exactly 0 that was then refused as a bad scale the caller never
+    gave; such a row now lies on the grid of step ``tiny`` (codes in [-127, 127], an
+    all-subnormal row's in {-1, 0, 1}), so each weight's rounding error is at most
+    ``tiny / 2`` and never more than the row's largest magnitude. Integer magnitudes are
+    taken in float64, where int8's -128 is 128 (``abs`` gave -128). A float64 weight whose
     nonzero magnitudes float32 cannot hold is refused: one beyond its largest number
     became an infinite scale, a row whose largest magnitude is below its smallest normal
-    one a scale of 1 with all-zero codes (a nonzero row quantized to zeros, changing the
-    mask).
+    one all-zero codes (a nonzero row quantized to zeros, changing the mask).
     """
     _check_weight("weight", weight, group_size)
     groups = _grouped(weight, group_size).detach()
@@ -66,11 +79,13 @@ def int8_scales(weight: torch.Tensor, group_size: int | None = None) -> torch.Te
                 f"weight: the largest magnitude of row {where[0]}"
                 f"{'' if group_size is None else f' group {where[1]}'} is "
                 f"{absmax[where].item():.3g}, below float32's smallest normal number "
-                f"{f32.tiny:.3g}: as a float32 scale it rounds to 0 and every code of the row "
-                "to 0; rescale the weight"
+                f"{f32.tiny:.3g}: in float32, where codes are computed, every code of the row "
+                "is 0; rescale the weight"
             )
     absmax = absmax.to(torch.float32)
-    return torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))
+    # clamped: below 127 * tiny the scale was subnormal, in the first subnormals exactly 0
+    return torch.where(absmax > 0, (absmax / INT8_MAX).clamp(min=MIN_SCALE),
+                       torch.ones_like(absmax))
 
 
 def quantize_int8(
@@ -84,7 +99,10 @@ def quantize_int8(
         _check_weight("weight", weight, group_size)
     _check_scales(weight, scales, group_size)
     groups = _grouped(weight.detach().to(torch.float32), group_size)
-    codes = torch.round(groups / scales.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
+    # on the float32 scales dequantize_int8 and the kernels multiply by: a float64 scale
+    # was divided by as float64 (1e-300 gave codes of ±127 that decoded to 0)
+    stored = scales.detach().to(torch.float32)
+    codes = torch.round(groups / stored.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
     return _ungrouped(codes, weight.shape).to(torch.int8), scales
 
 
@@ -95,6 +113,7 @@ def dequantize_int8(
     scales are rounded to the float32 the kernels hold, not promoting the weight)."""
     _check_weight("codes", codes, group_size)
     _check_scales(codes, scales, group_size)
+    _check_codes(codes)
     groups = _grouped(codes.to(torch.float32), group_size)
     return _ungrouped(groups * scales.to(torch.float32).unsqueeze(-1), codes.shape)
 
@@ -115,7 +134,9 @@ def attach_scales(module: nn.Module, scales: torch.Tensor) -> None:
 
     The scales are checked as the float32 values stored (a float64 scale float32 cannot
     hold became a zero or infinite one), and a ``weight_scale`` the module already has that
-    is not such a buffer (a compressed-tensors parameter) is refused, not replaced.
+    is not such a buffer (a compressed-tensors parameter) is refused, not replaced. A
+    ``weight_scale`` that is not positive and finite is refused when loaded with
+    ``load_state_dict`` too, before the module's tensors change (:func:`guard_loading`).
     """
     check_module("module", module)
     weight = getattr(module, "weight", None)
@@ -130,6 +151,7 @@ def attach_scales(module: nn.Module, scales: torch.Tensor) -> None:
             f"({type(getattr(module, SCALE_NAME)).__name__}); remove it before attaching scales"
         )
     module.register_buffer(SCALE_NAME, stored)
+    guard_loading(module)  # a zero, NaN or negative weight_scale loaded later is refused
 
 
 def attached_scales(module: nn.Module) -> torch.Tensor | None:
@@ -143,7 +165,50 @@ def detach_scales(module: nn.Module) -> None:
     """Forget the int8 grid recorded on ``module`` (nothing happens without one): its
     weight changed and no longer lies on that grid."""
     check_module("module", module)
-    module._buffers.pop(SCALE_NAME, None)
+    module._buffers.pop(SCALE_NAME, None)  # its load check (guard_loading) now skips it
+
+
+def guard_loading(module: nn.Module) -> None:
+    """Make ``module.load_state_dict`` refuse, before it copies anything, a ``weight_scale``
+    that is not positive and finite for any submodule carrying int8 scales.
+
+    :func:`attach_scales` guards the layer itself; a layer's check runs only once
+    ``load_state_dict`` reaches it, after the modules before it are loaded, so
+    :func:`sparsekit.llm.prune` guards the whole model it quantized too.
+    """
+    check_module("module", module)
+    if not any(getattr(h, "hook", None) is _check_loaded_scales
+               for h in module._load_state_dict_pre_hooks.values()):
+        module._register_load_state_dict_pre_hook(_check_loaded_scales, with_module=True)
+
+
+def _check_loaded_scales(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any, **__: Any
+) -> None:
+    """``load_state_dict`` pre-hook (:func:`attach_scales`, :func:`guard_loading`): refuse
+    a ``weight_scale`` of ``module`` or of a submodule carrying int8 scales that is not
+    positive and finite, before ``module``'s tensors are copied.
+
+    Loaded unchecked, a zero (or a float64 value that is 0 as float32) made every code
+    ±127, a NaN every code 0 and a negative one flipped its row's sign, refused only when
+    the scales were later used (``sparsekit.compile``).
+    """
+    for key, value in state_dict.items():
+        if not (isinstance(key, str) and key.startswith(prefix)
+                and (key == prefix + SCALE_NAME or key.endswith("." + SCALE_NAME))):
+            continue
+        owner = key[len(prefix):-len(SCALE_NAME)].rstrip(".")
+        try:
+            layer = module.get_submodule(owner)
+        except AttributeError:
+            continue  # not this model's: load_state_dict reports an unexpected key
+        if (SCALE_NAME not in layer._buffers or not isinstance(value, torch.Tensor)
+                or value.is_meta):
+            continue  # another type: load_state_dict's own checks report it
+        if value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"state_dict[{key!r}]: int8 scales must be a real floating "
+                             f"tensor, got {value.dtype}")
+        check_scale_values(value.detach().to(torch.float32), f"state_dict[{key!r}]")
 
 
 def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -190,6 +255,9 @@ def _check_weight(name: str, weight: Any, group_size: int | None) -> None:
                 f"group_size must be an int in [1, {most}] (at most the {weight.shape[1]} "
                 f"inputs of a row of {name}; {most} is one group per row), got {group_size}"
             )
+    if weight.is_meta:
+        raise ValueError(f"{name} is on the meta device and holds no values; accepted: a "
+                         "tensor on a real device (cpu, cuda): load the weights first")
     if not weight.is_floating_point():
         return
     if not bool(weight.detach().isfinite().all()):
@@ -202,6 +270,27 @@ def _check_weight(name: str, weight: Any, group_size: int | None) -> None:
                 f"{torch.finfo(torch.float32).max:.3g}, which int8 codes are computed in; "
                 "rescale the weight"
             )
+
+
+def _check_codes(codes: torch.Tensor) -> None:
+    """Raise unless every code is an integer int8 holds: float codes of 0.37 or integer ones
+    of 1000 were decoded silently to weights off any int8 grid (int8 tensors are not
+    scanned; -128, which :func:`quantize_int8` never gives, decodes as it reads)."""
+    if codes.dtype == torch.int8 or not codes.numel():
+        return
+    c = codes.detach()
+    if c.is_floating_point():
+        fractional = c != c.round()
+        if bool(fractional.any()):
+            where = tuple(int(i) for i in fractional.nonzero()[0])
+            raise ValueError(f"codes must be integers in [-128, 127] (int8 codes), got "
+                             f"codes[{where[0]}, {where[1]}] = {c[where].item():.6g}")
+    low, high = c.min(), c.max()
+    if bool(low < -128) or bool(high > 127):
+        bad = low if bool(low < -128) else high
+        where = tuple(int(i) for i in (c == bad).nonzero()[0])
+        raise ValueError(f"codes must be integers in [-128, 127] (int8 codes), got "
+                         f"codes[{where[0]}, {where[1]}] = {bad.item():.6g}")
 
 
 def _check_scales(weight: torch.Tensor, scales: Any, group_size: int | None) -> None:
@@ -218,12 +307,19 @@ def _check_scales(weight: torch.Tensor, scales: Any, group_size: int | None) -> 
             f"{tuple(weight.shape)} (group_size={group_size}), got {scales.dtype} "
             f"{tuple(scales.shape)}"
         )
-    check_scale_values(scales)
+    if scales.is_meta:
+        raise ValueError("scales are on the meta device and hold no values; accepted: "
+                         "scales on a real device (cpu, cuda)")
+    check_scale_values(scales.detach().to(torch.float32))
 
 
-def check_scale_values(scales: torch.Tensor) -> None:
+def check_scale_values(scales: torch.Tensor, name: str = "scales") -> None:
     """Raise unless every int8 scale is positive and finite: a zero made every code ±127, a
-    NaN every code zero, a negative one flipped its row's sign."""
-    if not bool((scales.isfinite() & (scales > 0)).all()):
-        raise ValueError("scales must be positive and finite (a weight's largest magnitude "
-                         "over 127), got a zero, negative, NaN or infinite one")
+    NaN every code zero, a negative one flipped its row's sign. The error names ``name``
+    and the first bad value and its index."""
+    bad = ~(scales.isfinite() & (scales > 0))
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        at = where[0] if len(where) == 1 else list(where)
+        raise ValueError(f"scales must be positive and finite (a weight's largest magnitude "
+                         f"over 127), got {name}[{at}] = {scales[where].item():.6g}")

@@ -72,6 +72,10 @@ def prune_layer(
     on the symmetric int8 grid of ``scales`` (float32, one per output row; ``None``
     unquantized), the grid of the unquantized pruned weight (see the module's notes).
     """
+    check_quantize(quantize)  # "int4" was quantized to int8 without a word
+    if method.stats and stats is None:  # an AttributeError ('NoneType' ... 'norms')
+        raise ValueError("stats: this method needs the input statistics of the layer "
+                         "(sparsekit.observe.InputStats), got None")
     w, keep = method.prune(W, stats, sparsity, pattern)
     if quantize is None:
         return w, keep, None

@@ -53,7 +53,7 @@ from sparsekit.masks import MaskSet
 from sparsekit.observe import InputStats, preserved, record
 from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from sparsekit.prune import check_sparsity
-from sparsekit.quantize import attach_scales, detach_scales
+from sparsekit.quantize import attach_scales, detach_scales, guard_loading
 from sparsekit.registry import Registry
 from sparsekit.scores.wanda import wanda_scores
 from sparsekit.targets import TargetSpec
@@ -104,7 +104,9 @@ def prune(
     ``quantize="int8"`` rounds the kept weights of every pruned layer to a symmetric int8
     grid with one scale per output channel and attaches the scales as the float32 buffer
     ``weight_scale`` (see the module's notes); it needs ``nn.Linear`` layers. The masks are
-    the pruning decisions: a kept weight that rounds to zero stays kept.
+    the pruning decisions: a kept weight that rounds to zero stays kept. ``model``'s
+    ``load_state_dict`` then refuses a ``weight_scale`` that is not positive and finite
+    before it loads anything (:func:`sparsekit.quantize.guard_loading`).
 
     Under ``torchrun`` call it on every rank with the same model and calibration: each rank
     calibrates on its share of the windows (their number must be a multiple of the number
@@ -181,6 +183,8 @@ def prune(
                     detach_scales(layer.module)
                 masks[layer.name] = layer.to_storage(keep)
             del new  # before the next block's statistics are gathered
+    if quantize is not None:  # a bad weight_scale is refused before any tensor is loaded
+        guard_loading(model)
     return MaskSet(model, masks, pattern=str(pat)).apply()
 
 

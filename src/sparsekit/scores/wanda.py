@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.observe import InputStats, input_stats
 from sparsekit.scores import CRITERIA
 from sparsekit.scores._context import ScoreContext
@@ -32,5 +33,25 @@ def wanda(ctx: ScoreContext) -> dict[str, torch.Tensor]:
 
 def wanda_scores(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
     """|W_ij| · ‖X_j‖₂ in float32, shaped like ``weight`` (``(out, in)`` or a convolution's
-    ``(out, in/groups, *kernel)``), from the layer's input statistics."""
-    return (weight.detach().abs().float().flatten(1) * stats.norms()).reshape(weight.shape)
+    ``(out, in/groups, *kernel)``), from the layer's input statistics.
+
+    Statistics of another layer (another number of inputs) are a ``ValueError`` naming
+    both shapes, ``None`` or anything but :class:`~sparsekit.observe.InputStats` an
+    :class:`~sparsekit._checks.ArgumentTypeError` (they were a bare broadcasting
+    ``RuntimeError`` and an ``AttributeError``)."""
+    if not callable(getattr(stats, "norms", None)):
+        raise ArgumentTypeError(f"stats must be the InputStats of the layer's inputs "
+                                f"(sparsekit.observe.input_stats), got {type(stats).__name__}")
+    flat = weight.detach().abs().float().flatten(1)
+    norms = stats.norms()
+    try:
+        fits = torch.broadcast_shapes(norms.shape, flat.shape) == flat.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"stats: input statistics of shape {tuple(norms.shape)} do not fit a weight of "
+            f"shape {tuple(weight.shape)} ({flat.shape[1]} inputs per output); accepted: the "
+            "statistics of this layer's own inputs"
+        )
+    return (flat * norms).reshape(weight.shape)
