@@ -421,6 +421,37 @@ def test_projections_whose_stack_loses_with_thresholds_fuse_weight_only(
 
 
 @needs_kernels
+def test_activation_sparse_members_give_way_to_a_faster_weight_only_stack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # gate_proj and up_proj each win as activation-sparse layers alone, their stack loses as
+    # one (its kernel is slow at that width); one weight-only call for both is faster still
+    # than the two activation-sparse calls, so the group fuses weight-only and the two
+    # layers lose their thresholds (they had stayed separate, untimed against the stack).
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    model = _llama(layers=1)
+    stacked = 2 * model.model.layers[0].mlp.gate_proj.out_features
+    _act_clock(monkeypatch, act_s=lambda layer: 2e-3 if layer.out_features >= stacked else 0.5e-3,
+               separate_s=1e-3)
+    teal = _teal(model)
+    compiled = compile(model, (IDS,), activation_sparsity=teal, cache=False)
+    mlp = compiled.model.layers[0].mlp
+    for n in ("gate_proj", "up_proj"):
+        member = getattr(mlp, n)
+        assert isinstance(member, FusedLinear) and isinstance(member.group.linear, CompiledLinear)
+        choice = compiled.sparsekit_choices[f"model.layers.0.mlp.{n}"]
+        assert choice["activation"]["chosen"]  # alone it won
+        assert choice["fused"]["format"] == "fused"
+        assert not choice["fused"]["stacked"]["activation"]["chosen"]
+    assert isinstance(mlp.down_proj, ActivationSparseLinear)
+    applied = {n: t for n, t in teal.thresholds.items()
+               if not n.endswith(("gate_proj", "up_proj"))}
+    with _thresholded(model, applied), torch.no_grad():
+        torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits)
+
+
+@needs_kernels
 def test_activation_sparse_projections_with_their_own_thresholds_stay_separate(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -358,6 +358,7 @@ def _compile_layer(
 
     choice = _decided(key, memo, name, timed)
     chosen = _assemble(layer, choice, lambda n: modules[n] if n in modules else built(n))
+    chosen.io_dtype = layer.weight.dtype  # decompile gives this dtype back
     if probe is None:
         generator = torch.Generator(layer.weight.device).manual_seed(0)
         count = min(max(rows), 64 if type(layer) is nn.Linear else 2)
@@ -415,8 +416,8 @@ def _fuse_groups(
     the size at which the kernel wins (5632 x 2048: 1.38x over the weight-only bitmap), and
     single-row gains that close split a group by noise (on a 2:4 bf16 LLaMA, AMD Zen 4, 2
     threads, compiles left 1-2 of a block's q/k/v weight-only). Where the stacked layer
-    loses, weight-only members are tried as a weight-only stack; a group with
-    activation-sparse members, or whose members have other thresholds, is left as it is."""
+    loses, the members as they were chosen are timed against a weight-only stack; a group
+    whose activation-sparse members have other thresholds is left as it is."""
     for group in fused.shared_inputs(model, inputs):
         if any("reason" in choices.get(n, {}) for n in group):
             continue  # a layer left dense on purpose (its parent reads its weight)
@@ -463,9 +464,11 @@ def _fuse(
     tried as an activation-sparse layer (:func:`_activation_layer`, on the group's inputs
     ``probe``) and the timings run on ``probe``, whose skipped columns are the real ones;
     such a decision depends on the inputs and is not cached. Where the stacked layer stays
-    weight-only (its ``activation`` record says why), the group stays separate if its
-    members are activation-sparse, else that weight-only stack is timed as without a
-    threshold."""
+    weight-only (its ``activation`` record says why), that weight-only stack is timed
+    against the separate members as they were chosen, activation-sparse ones included (on
+    ``probe``, not cached): one weight-only call for the gate and up projections can beat
+    an activation-sparse gate beside a weight-only up, and then the members lose their
+    thresholds. Without ``probe`` a group with activation-sparse members stays separate."""
     stacked = fused.stack(originals)
     in_shape, label = (stacked.in_features,), "+".join(group)
     if threshold is None:
@@ -477,15 +480,18 @@ def _fuse(
                                                    cache, value_dtype, probe, memo, label, grow,
                                                    activation)
     thresholded = isinstance(linear, ActivationSparseLinear)
-    if not thresholded and not all(isinstance(m, CompiledLinear) for m in separate):
+    mixed = not all(isinstance(m, CompiledLinear) for m in separate)  # activation-sparse ones
+    if not thresholded and mixed and (probe is None or threshold is None):
         return None, {"format": "separate", "group": group, "stacked": stacked_choice}
-    inputs = (None if probe is None or not thresholded
-              else _typical_first(probe.reshape(-1, stacked.in_features), linear.threshold))
+    on_inputs = thresholded or mixed  # the timings depend on which inputs are skipped
+    inputs = (None if probe is None or not on_inputs
+              else _typical_first(probe.reshape(-1, stacked.in_features),
+                                  linear.threshold if thresholded else threshold))
     dtype = linear.dtype if thresholded else stacked.weight.dtype
     projections = FusedProjections(linear, [layer.out_features for layer in originals])
     paths = [_formats(m) for m in (*separate, linear)]
     key = (decisions.key(stacked, in_shape, ["separate", "fused"], rows, threads, value_dtype,
-                         fused=paths) if cache and not thresholded else None)
+                         fused=paths) if cache and not on_inputs else None)
     if key is not None and activation is not None:
         key["activation_dtype"] = str(activation)
 
@@ -683,10 +689,15 @@ def _activation_sparse(
     choices: Mapping[str, dict[str, object]], thresholds: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """The thresholds of the layers that became activation-sparse, on their own or as
-    members of a fused activation-sparse layer."""
-    return {n: thresholds[n] for n, c in choices.items() if _chosen(c.get("activation"))
-            or (isinstance(c.get("fused"), dict) and c["fused"]["format"] == "fused"
-                and _chosen(c["fused"]["stacked"].get("activation")))}
+    members of a fused activation-sparse layer (a member of a fused weight-only layer is
+    not, whatever it won on its own)."""
+    def activation_sparse(c: Mapping[str, object]) -> bool:
+        fused = c.get("fused")
+        if isinstance(fused, dict) and fused["format"] == "fused":
+            return _chosen(fused["stacked"].get("activation"))
+        return _chosen(c.get("activation"))
+
+    return {n: thresholds[n] for n, c in choices.items() if activation_sparse(c)}
 
 
 def _chosen(record: object) -> bool:
