@@ -8,6 +8,7 @@ shapes) and ``report`` (multiply-accumulates). This module is the one place that
 - :func:`preserved` and :func:`inference` run code against a model and restore its
   train/eval modes (and buffers and ``.grad`` fields) afterwards, also on errors;
 - :func:`run` calls the model on every batch of ``data`` in eval mode without autograd;
+- :func:`layer_input` reads (and replaces) a layer's input in the arguments a hook sees;
 - :func:`watch` hands each input (and output) of chosen layers to an observer;
 - :class:`InputStats`, :func:`record` and :func:`input_stats` keep the sums Wanda and
   SparseGPT need, never the activations themselves;
@@ -33,10 +34,12 @@ from sparsekit.distributed import all_reduce_sum
 __all__ = [
     "Batch",
     "InputStats",
+    "LayerCall",
     "batches",
     "inference",
     "input_shapes",
     "input_stats",
+    "layer_input",
     "macs",
     "preserved",
     "record",
@@ -46,6 +49,9 @@ __all__ = [
 
 Batch = tuple[Any, torch.Tensor | None]
 Observer = Callable[[str, torch.Tensor, Any], None]
+LayerCall = tuple[tuple[Any, ...], dict[str, Any]]
+"""A layer call's ``(args, kwargs)``: what a forward pre-hook ``with_kwargs`` receives and
+may return in their place."""
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -167,13 +173,32 @@ def run(model: nn.Module, data: Any, param: str = "data") -> int:
 # -- observing layers ---------------------------------------------------------------------
 
 
+def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> tuple[Any, Callable[[Any], LayerCall]]:
+    """A layer call's input and a function that returns the call with a replacement in its
+    place: ``x, replace = layer_input(args, kwargs)``.
+
+    The input is the first positional argument or, for a layer called with keywords only
+    (``layer(input=x)``), the first keyword argument; a call without arguments has input
+    ``None`` and ``replace`` returns it unchanged. :func:`watch` and the thresholds of
+    :class:`~sparsekit.activation.ActivationSparsity` both find the input by this rule (a
+    hook reading ``args[0]`` failed on keyword calls with an ``IndexError``), so the input
+    calibration observes is the one the thresholds replace.
+    """
+    if args:
+        return args[0], lambda new: ((new, *args[1:]), kwargs)
+    if kwargs:
+        key = next(iter(kwargs))
+        return kwargs[key], lambda new: (args, {**kwargs, key: new})
+    return None, lambda _new: (args, kwargs)
+
+
 @contextlib.contextmanager
 def watch(layers: Mapping[str, nn.Module], observer: Observer) -> Iterator[None]:
     """Call ``observer(name, inputs, output)`` after every call of each layer while inside.
 
-    ``inputs`` is the layer's first positional argument as the layer received it (after
-    any forward pre-hooks), or its first keyword argument where it was called with keywords
-    only; nothing is detached or copied. ``layers`` is checked before any hook is
+    ``inputs`` is the layer's input (:func:`layer_input`) as the layer received it (after
+    any forward pre-hooks); nothing is detached or copied. ``layers`` is checked before any hook is
     registered, and every hook is removed on leaving, also on errors.
     """
     _check_layers(layers)
@@ -181,7 +206,7 @@ def watch(layers: Mapping[str, nn.Module], observer: Observer) -> Iterator[None]
     def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]:
         def fn(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                output: Any) -> None:
-            observer(name, args[0] if args else next(iter(kwargs.values()), None), output)
+            observer(name, layer_input(args, kwargs)[0], output)
 
         return fn
 

@@ -11,13 +11,14 @@ relative output error.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsekit.activation.sparsity import Call, on_input
+from sparsekit.activation.sparsity import input_hook
 from sparsekit.blocks import BlockReplay
 from sparsekit.engine.activation_linear import sparsify_input
 
@@ -65,17 +66,11 @@ class BlockError:
 def _thresholded(modules: dict[str, nn.Module], thresholds: dict[str, torch.Tensor]
                  ) -> Iterator[None]:
     """The inputs of the named layers thresholded while inside."""
-    handles = [modules[n].register_forward_pre_hook(_sparsify(t), with_kwargs=True)
-               for n, t in thresholds.items()]
+    handles = [modules[n].register_forward_pre_hook(
+        input_hook(functools.partial(sparsify_input, threshold=t)), with_kwargs=True)
+        for n, t in thresholds.items()]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-
-
-def _sparsify(threshold: torch.Tensor) -> Callable[..., Call]:
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-        return on_input(args, kwargs, lambda x: sparsify_input(x, threshold))
-
-    return hook

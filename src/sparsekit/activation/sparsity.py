@@ -12,11 +12,9 @@ from torch.utils.hooks import RemovableHandle
 
 from sparsekit._checks import ArgumentTypeError, check_fraction, check_int, check_module
 from sparsekit.engine.activation_linear import check_threshold, sparsify_input, thresholded_layers
+from sparsekit.observe import LayerCall, layer_input
 
 __all__ = ["ActivationSparsity"]
-
-Call = tuple[tuple[Any, ...], dict[str, Any]]
-"""A layer call's ``(args, kwargs)``, what a forward pre-hook ``with_kwargs`` returns."""
 
 _MARK = "_sparsekit_activation_threshold"
 """An attribute set on the hooks :meth:`ActivationSparsity.apply` installs, by which
@@ -107,7 +105,7 @@ class ActivationSparsity:
         total = sum(self.sizes[n] for n in per_layer)
         return sum(s * self.sizes[n] for n, s in per_layer.items()) / max(total, 1)
 
-    def _hook(self, name: str, threshold: torch.Tensor) -> Callable[..., Call]:
+    def _hook(self, name: str, threshold: torch.Tensor) -> Callable[..., LayerCall]:
         counts = self._counts[name]
 
         def sparsify(x: torch.Tensor) -> torch.Tensor:
@@ -116,9 +114,7 @@ class ActivationSparsity:
             counts[1] += x.numel()
             return x
 
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-            return on_input(args, kwargs, sparsify)
-
+        hook = input_hook(sparsify)
         setattr(hook, _MARK, True)
         return hook
 
@@ -130,19 +126,16 @@ def applied_layers(layers: Mapping[str, nn.Module]) -> list[str]:
             if any(getattr(h, _MARK, False) for h in m._forward_pre_hooks.values())]
 
 
-def on_input(args: tuple[Any, ...], kwargs: dict[str, Any],
-             fn: Callable[[torch.Tensor], torch.Tensor]) -> Call:
-    """The ``(args, kwargs)`` of a layer call with ``fn`` applied to the layer's input: its
-    first positional argument, or its first keyword argument where it was called with
-    keywords only (``layer(input=x)``), the input calibration records
-    (:func:`sparsekit.observe.watch`); a hook reading ``args[0]`` failed on such calls with
-    an ``IndexError``."""
-    if args:
-        return (fn(args[0]), *args[1:]), kwargs
-    if kwargs:
-        key = next(iter(kwargs))
-        return args, {**kwargs, key: fn(kwargs[key])}
-    return args, kwargs
+def input_hook(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., LayerCall]:
+    """A forward pre-hook (register it ``with_kwargs=True``) that passes the layer's input
+    ``x`` (:func:`sparsekit.observe.layer_input`, the input calibration records) on as
+    ``fn(x)``; a call without an input goes on unchanged, for the layer to refuse."""
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> LayerCall:
+        x, replace = layer_input(args, kwargs)
+        return (args, kwargs) if x is None else replace(fn(x))
+
+    return hook
 
 
 def _check_fractions(name: str, values: Mapping[str, Any]) -> None:

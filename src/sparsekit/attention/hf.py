@@ -34,7 +34,7 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_module
 from sparsekit.attention.block_sparse import block_sparse_attention
 from sparsekit.attention.break_even import BreakEven, call_class
 from sparsekit.attention.patterns import Antidiagonal, AttentionPattern, resolve_pattern
@@ -189,7 +189,10 @@ def attention_forward(
 
 def _check_model(model: Any) -> None:
     """Raise :class:`~sparsekit._checks.ArgumentTypeError` (a ``TypeError`` that ``except
-    ValueError`` also catches) unless ``model`` is a transformers model."""
+    ValueError`` also catches) unless ``model`` is a transformers model: an ``nn.Module``
+    (the check of every ``model=``) that is also a ``PreTrainedModel``, whose config and
+    ``set_attn_implementation`` the switch uses."""
+    check_module("model", model)
     if not isinstance(model, PreTrainedModel):
         raise ArgumentTypeError(f"model must be a transformers PreTrainedModel, got "
                                 f"{type(model).__name__}")

@@ -3,7 +3,9 @@
 Stier et al. (2021) predict how well a sparse RNN learns from such numbers alone. All
 features are computed on the unweighted graph of :func:`sparsekit.graph.to_graph`; those
 costing more than linear time (shortest paths, clustering, communities) are NaN on graphs
-with more than ``max_edges`` edges.
+with more than ``max_edges`` edges. A ratio or statistic over nothing is NaN too: the
+densities where no connection is possible and the degree statistics of a layer side with no
+neurons (a zero-width layer, such as pruning all of a layer's neurons leaves).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def structure_features(
     out = {
         "nodes": float(g.number_of_nodes()),
         "edges": float(g.number_of_edges()),
-        "density": g.number_of_edges() / possible,
+        "density": g.number_of_edges() / possible if possible else math.nan,
         "dead_neurons": float(dead),
         "dead_fraction": dead / len(hidden) if hidden else 0.0,
         "log10_paths": _log10_paths(layers, widths[0]),
@@ -83,7 +85,7 @@ def _log10_paths(layers: list[tuple[dict, torch.Tensor]], n_inputs: int) -> floa
 
 
 def _costly(g: nx.DiGraph, max_edges: int) -> dict[str, float]:
-    if g.number_of_edges() > max_edges:
+    if g.number_of_edges() > max_edges or not g:  # too costly, or no neuron to measure
         return dict.fromkeys(("avg_shortest_path", "clustering", "modularity"), math.nan)
     u = g.to_undirected(as_view=False)
     u.remove_edges_from(list(nx.selfloop_edges(u)))
@@ -103,10 +105,12 @@ def _spectral_radius(adjacency: torch.Tensor) -> float:
 
 
 def _layer_features(name: str, m: torch.Tensor) -> dict[str, float]:
-    out = {f"{name}.density": float(m.float().mean())}
+    """The ``<layer>.*`` features of the layer ``name``'s ``(targets, sources)`` connection
+    matrix ``m``; NaN for statistics over no connections or no neurons."""
+    out = {f"{name}.density": float(m.float().mean()) if m.numel() else math.nan}
     for kind, degree in (("in", m.sum(1)), ("out", m.sum(0))):
         d = degree.double()
-        out[f"{name}.{kind}_degree_mean"] = float(d.mean())
-        out[f"{name}.{kind}_degree_std"] = float(d.std(correction=0))
-        out[f"{name}.{kind}_degree_max"] = float(d.max())
+        stats = (d.mean(), d.std(correction=0), d.max()) if d.numel() else (math.nan,) * 3
+        for stat, value in zip(("mean", "std", "max"), stats, strict=True):
+            out[f"{name}.{kind}_degree_{stat}"] = float(value)
     return out

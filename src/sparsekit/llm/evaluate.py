@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, model_errors
+from sparsekit._checks import ArgumentTypeError, check_int, check_module, model_errors
 from sparsekit.blocks import home_device
 from sparsekit.llm.calibration import check_token_dtype, check_token_ids, tokenize
 from sparsekit.llm.prune import check_seqlen
@@ -37,7 +37,7 @@ def perplexity(
     other module is a ``ValueError`` naming it, not a bare error from inside the model.
     A perplexity beyond float's range (a mean NLL above ~709 nats) is ``math.inf``.
     """
-    _check_module("model", model)
+    check_module("model", model)
     check_seqlen(model, seqlen, minimum=2, default=False)
     stride = seqlen if stride is None else stride
     check_int("stride", stride, minimum=1)
@@ -82,14 +82,6 @@ def perplexity(
         return math.inf
 
 
-def _check_module(name: str, model: object) -> None:
-    """Raise :class:`~sparsekit._checks.ArgumentTypeError` unless ``model`` (the argument
-    ``name``) is an ``nn.Module``: ``None`` failed as a bare ``AttributeError``."""
-    if not isinstance(model, nn.Module):
-        raise ArgumentTypeError(f"{name} must be an nn.Module (a transformers model), got "
-                                f"{type(model).__name__}")
-
-
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model(x).logits``, or a ``ValueError`` naming ``model`` when it cannot run on token
     ids or returns no logits (an encoder such as ``BertModel``)."""
@@ -127,8 +119,8 @@ def embedding_similarity(
     ``sentences`` is a non-empty list (or tuple) of strings: a single string would be
     embedded character by character; ``tokenizer`` a callable Hugging Face tokenizer.
     """
-    _check_module("model", model)
-    _check_module("dense_model", dense_model)
+    check_module("model", model)
+    check_module("dense_model", dense_model)
     if not isinstance(sentences, (list, tuple)):
         raise ArgumentTypeError(f"sentences must be a non-empty list of strings, got "
                                 f"{type(sentences).__name__}")

@@ -113,6 +113,7 @@ def build(model: nn.Module, calibration: Any, layers: list[ffns.FFN], plan: Plan
         x = inputs[layer.name]
         with torch.no_grad():
             h = ffns.hidden(layer, x.to(w_in.dtype), w_in, b_in).float()
+        _check_finite(layer.name, x, h)
         layout = plan(layer, h)
         scorer = None
         units = (h.shape[1] - layout.hot) // layout.unit_size
@@ -140,3 +141,17 @@ def build(model: nn.Module, calibration: Any, layers: list[ffns.FFN], plan: Plan
         ffns.install(out, layer, module)
     return out
 
+
+def _check_finite(name: str, x: torch.Tensor, h: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless the inputs ``x`` of the FFN ``name`` on the calibration
+    data and its neuron values ``h`` are finite, naming the argument at fault: NaN values
+    cluster and rank at random (a router fitted to noise, silently) or fail later in a
+    factorisation, with an error naming neither."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"calibration: the inputs of FFN {name!r} on it are not finite "
+                         f"({int((~torch.isfinite(x)).sum())} NaN or inf values); check the "
+                         "calibration inputs and the layers before the FFN")
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError(f"model: FFN {name!r} computes values that are not finite "
+                         f"({int((~torch.isfinite(h)).sum())} NaN or inf) from finite "
+                         "calibration inputs; check its weights")

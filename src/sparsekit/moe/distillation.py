@@ -129,11 +129,14 @@ class _Trainable(nn.Module):
         return out.train(layer.training)
 
 
-def training_inputs(data: Any, lr: Any, seed: Any) -> list[Any]:
+def training_inputs(data: Any, lr: Any, seed: Any, *, required: bool = True) -> list[Any]:
     """The non-empty batches of ``data`` (a tensor of model inputs or a list of them), after
-    checking the learning rate ``lr`` (a positive finite float) and ``seed``."""
+    checking the learning rate ``lr`` (a positive finite float) and ``seed``; no batches
+    for ``data=None`` where no training runs (not ``required``)."""
     check_positive("lr", lr)
     check_seed("seed", seed)
+    if data is None and not required:
+        return []
     if data is None:
         raise ValueError("data must be a tensor of inputs or a list of them, got None")
     inputs = [x for x, _ in batches(data) if not (isinstance(x, torch.Tensor) and x.numel() == 0)]
@@ -199,8 +202,26 @@ def fit_outputs(student: nn.Module, teacher: nn.Module, inputs: list[Any], *, st
     order shuffled with ``seed`` on every pass, both models in eval mode; plus ``l1``
     (ramped, see :func:`~sparsekit.moe.relufy`) times the mean output of the modules
     ``acts``. Raises ``ValueError`` naming ``teacher`` when its outputs are not of the
-    student's kind and shape, and naming ``lr`` when training left a weight NaN or inf."""
+    student's kind and shape, naming ``data`` when the models cannot run on an input, and
+    naming ``lr`` and the step at the first step that leaves a weight NaN or inf (one NaN
+    loss spreads to every weight, so later steps could only hide where it began). On any
+    error ``student`` is left as it was before fitting: its trainable parameters are copied
+    first (one more copy of them in memory while fitting) and restored."""
     params = [p for p in student.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    try:
+        _fit(student, teacher, inputs, params, steps=steps, lr=lr, seed=seed, l1=l1, acts=acts)
+    except Exception:
+        with torch.no_grad():
+            for p, value in zip(params, before, strict=True):
+                p.copy_(value)
+        raise
+
+
+def _fit(student: nn.Module, teacher: nn.Module, inputs: list[Any],
+         params: list[nn.Parameter], *, steps: int, lr: float, seed: int, l1: float,
+         acts: Sequence[nn.Module]) -> None:
+    """:func:`fit_outputs`'s training loop over ``params``, ``student``'s trainable ones."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, round(_WARMUP * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(
@@ -233,8 +254,8 @@ def fit_outputs(student: nn.Module, teacher: nn.Module, inputs: list[Any], *, st
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
-    if not all(bool(p.isfinite().all()) for p in params):  # one NaN loss spreads to all
-        raise ValueError(f"lr={lr:g}: fine-tuning made the weights not finite (NaN or inf) "
-                         f"within {steps} steps; lower lr (or check that the teacher's outputs "
-                         "on data are finite)")
-
+            if not all(bool(p.isfinite().all()) for p in params):
+                raise ValueError(
+                    f"lr={lr:g}: fine-tuning made the weights not finite (NaN or inf) at step "
+                    f"{i + 1} of {steps} (loss {float(loss):.3g}); the model is left as it "
+                    "was; lower lr (or check that the teacher's outputs on data are finite)")

@@ -19,7 +19,7 @@ from torch import nn
 
 from sparsekit._checks import check_int, check_module, check_seed
 from sparsekit.activation.record import record_inputs
-from sparsekit.moe.routed import RoutedFFN, unit_mass
+from sparsekit.moe.routed import RoutedFFN, routed_layers, unit_mass
 
 __all__ = ["evaluate"]
 
@@ -31,9 +31,8 @@ def evaluate(model: nn.Module, data: Any, *, max_rows: int = 2048, seed: int = 0
     check_module("model", model)
     check_int("max_rows", max_rows, minimum=1)
     check_seed("seed", seed)
+    routed_layers(model)  # raises without RoutedFFN modules
     layers = {n: m for n, m in model.named_modules() if isinstance(m, RoutedFFN)}
-    if not layers:
-        raise ValueError("model has no RoutedFFN modules (build them with moefy or contextual)")
     generator = torch.Generator().manual_seed(seed)
     inputs = record_inputs(model, layers, data, max_rows=max_rows, generator=generator,
                            param="data")

@@ -59,21 +59,24 @@ def head_predictors(
         columns = o.indices(torch.arange(group.channels)).view(group.channels, -1)
         k = max(1, round(keep * group.channels))
         layers = {"x": model.get_submodule(q), "a": o_proj}
-        train = _rows(model, layers, calibration, max_rows, "calibration")
-        test = _rows(model, layers, data, max_rows, "data")
+        block = group.name.removesuffix(".heads")
+        train = _rows(model, layers, calibration, max_rows, "calibration", block)
+        test = _rows(model, layers, data, max_rows, "data", block)
         w = o_proj.weight.detach().float()
         importance = _importance(train["a"], w, columns)
         labels = torch.zeros_like(importance).scatter_(1, importance.topk(k, 1).indices, 1.0)
         router = fit(Router(train["x"].shape[1], group.channels, rank), train["x"], labels,
                      steps=steps, seed=seed)
-        out[group.name.removesuffix(".heads")] = (router, _quality(router, test, w, columns, k))
+        out[block] = (router, _quality(router, test, w, columns, k))
     return out
 
 
-def _rows(model: nn.Module, layers: dict[str, nn.Module], data: Any, limit: int, param: str
-          ) -> dict[str, torch.Tensor]:
-    """The first ``limit`` input rows of each layer on ``data`` (aligned: the same tokens);
-    errors on ``data`` name ``param``, the argument it came from."""
+def _rows(model: nn.Module, layers: dict[str, nn.Module], data: Any, limit: int, param: str,
+          block: str) -> dict[str, torch.Tensor]:
+    """The first ``limit`` input rows of each layer of ``block`` on ``data`` (aligned: the
+    same tokens); errors on ``data`` name ``param``, the argument it came from, also where
+    the rows are not finite (a predictor trained or measured on NaN rows is noise, without
+    an error)."""
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
 
     def keep(name: str, x: torch.Tensor, _out: Any) -> None:
@@ -82,7 +85,13 @@ def _rows(model: nn.Module, layers: dict[str, nn.Module], data: Any, limit: int,
 
     with watch(layers, keep):
         run(model, data, param)
-    return {n: torch.cat(r)[:limit] for n, r in rows.items()}
+    out = {n: torch.cat(r)[:limit] for n, r in rows.items()}
+    bad = sum(int((~torch.isfinite(x)).sum()) for x in out.values())
+    if bad:
+        raise ValueError(f"{param}: the attention of block {block!r} reads values on it that "
+                         f"are not finite ({bad} NaN or inf); check the inputs and the "
+                         "model's weights")
+    return out
 
 
 def _importance(a: torch.Tensor, w: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_int, check_seed
+from sparsekit._checks import ArgumentTypeError, check_int, check_positive, check_seed
 from sparsekit.moe.ffn import activate
 from sparsekit.moe.routed import unit_mass
+from sparsekit.moe.router import check_features
 
 __all__ = ["LowRankRouter"]
 
@@ -49,6 +50,10 @@ class LowRankRouter(nn.Module):
                  act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, rank: int,
                  unit_size: int) -> None:
         super().__init__()
+        tensors = {"w_in": w_in, "norms": norms, "x": x}
+        for name, t in (tensors | ({} if b_in is None else {"b_in": b_in})).items():
+            if not isinstance(t, torch.Tensor):
+                raise ArgumentTypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if w_in.dim() != 3:
             raise ValueError(f"w_in must be (neurons, writers, features), got "
                              f"{tuple(w_in.shape)}")
@@ -59,9 +64,16 @@ class LowRankRouter(nn.Module):
             raise ValueError(f"rank must be at most the {d} input features, got {rank}")
         if n % unit_size:
             raise ValueError(f"unit_size must divide the {n} routed neurons, got {unit_size}")
+        if b_in is not None and b_in.shape != (n, writers):
+            raise ValueError(f"b_in must be None or ({n}, {writers}) (w_in's neurons and "
+                             f"writers), got {tuple(b_in.shape)}")
+        if norms.shape != (n,):  # else every forward fails in unit_mass
+            raise ValueError(f"norms must be ({n},) (one per neuron of w_in), got "
+                             f"{tuple(norms.shape)}")
         if x.dim() != 2 or x.shape[1] != d or not x.shape[0]:
             raise ValueError(f"x must be (T, {d}) calibration inputs, got {tuple(x.shape)}")
-        _check_finite("x", x)  # else the factorisation fails inside eigh
+        for name in ("w_in", "x"):  # else the factorisation fails inside eigh or svd
+            _check_finite(name, tensors[name])
         self.act, self.writers, self.unit_size = act, writers, unit_size
         down, up = _factorise(w_in.reshape(n * writers, d).float(), x.float(), rank)
         self.register_buffer("down", down)  # (rank, d)
@@ -70,6 +82,7 @@ class LowRankRouter(nn.Module):
         self.register_buffer("norms", norms.float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_features(x, self.down.shape[1], "the router's features")
         z = F.linear(F.linear(x.to(self.down.dtype), self.down), self.up, self.bias)
         h = activate(self.act, z.unflatten(-1, (-1, self.writers)))
         return unit_mass(h, self.norms, 0, self.unit_size)
@@ -80,11 +93,15 @@ class LowRankRouter(nn.Module):
         (T, d): ``steps`` Adam steps on minibatches of ``batch`` rows drawn with ``seed``,
         minimising the squared error of the scores relative to the mass's. Returns self."""
         check_int("steps", steps, minimum=1)
+        check_positive("lr", lr)
         check_int("batch", batch, minimum=1)
         check_seed("seed", seed)
         d = self.down.shape[1]
-        if x.dim() != 2 or x.shape[1] != d:
-            raise ValueError(f"x must be (T, {d}) FFN inputs, got {tuple(x.shape)}")
+        for name, t in (("x", x), ("mass", mass)):
+            if not isinstance(t, torch.Tensor):
+                raise ArgumentTypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if x.dim() != 2 or x.shape[1] != d or not x.shape[0]:
+            raise ValueError(f"x must be (T, {d}) FFN inputs, T ≥ 1, got {tuple(x.shape)}")
         if mass.shape != (x.shape[0], self.up.shape[0] // self.writers // self.unit_size):
             raise ValueError(f"mass must be (T, units) for x of {x.shape[0]} rows, got "
                              f"{tuple(mass.shape)}")

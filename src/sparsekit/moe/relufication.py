@@ -51,8 +51,8 @@ def relufy(
     ``data`` per step, the batches in an order shuffled with ``seed`` on every pass.
     ``data`` is a tensor of model inputs (token ids for Hugging Face models) or a list of
     them; keep the text a model is evaluated on out of it. Both models run in eval mode (no
-    dropout) while training; ``steps=0`` only swaps the activation. ``model`` is left
-    untouched; the copy comes back in ``model``'s modes.
+    dropout) while training; ``steps=0`` only swaps the activation, and then needs no data
+    (``data=None``). ``model`` is left untouched; the copy comes back in ``model``'s modes.
 
     ``l1 > 0`` adds ProSparse's activation-sparsity penalty to the loss: ``l1`` times the
     mean over FFNs of the mean ReLU output (its L1 norm per value; on a gated FFN the
@@ -66,7 +66,7 @@ def relufy(
     check_nonnegative("l1", l1)
     if l1 and not steps:
         raise ValueError(f"l1={l1!r} needs steps > 0: the penalty acts while fine-tuning")
-    inputs = training_inputs(data, lr, seed)
+    inputs = training_inputs(data, lr, seed, required=steps > 0)
     layers = ffns.find_ffns(model)
     if steps and not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no parameters that require grad: nothing to fine-tune "

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_fraction, check_int
+from sparsekit._checks import ArgumentTypeError, check_fraction, check_int, check_module
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.moe.ffn import activate
+from sparsekit.moe.router import check_features
 
 __all__ = ["RoutedFFN", "set_keep", "set_oracle", "unit_mass"]
 
@@ -187,14 +188,10 @@ class RoutedFFN(nn.Module):
         """Raise unless ``x`` is a tensor ``(..., in_features)`` of the weights' dtype:
         torch's own errors for either (a matmul of other shapes or dtypes) name no
         argument."""
-        if not isinstance(x, torch.Tensor):
-            raise ArgumentTypeError(f"x must be a tensor, got {type(x).__name__}")
+        check_features(x, self.in_features, "the layer's in_features")
         if x.dtype != self.w_in.dtype:
             raise ArgumentTypeError(f"x must be a {self.w_in.dtype} tensor (the layer's "
                                     f"dtype), got {x.dtype}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have shape (..., {self.in_features}) (the layer's "
-                             f"in_features), got {tuple(x.shape)}")
 
     def chosen(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """The units chosen for rows ``x`` (T, d): a (T, k) index tensor; the router's
@@ -351,6 +348,10 @@ def _units_for(layer: RoutedFFN, keep: float) -> int:
 
 
 def routed_layers(model: nn.Module) -> list[RoutedFFN]:
+    """The :class:`RoutedFFN` modules of ``model``; ``ArgumentTypeError`` unless ``model``
+    is an ``nn.Module`` (a bare ``AttributeError`` before), ``ValueError`` when it holds
+    none."""
+    check_module("model", model)
     layers = [m for m in model.modules() if isinstance(m, RoutedFFN)]
     if not layers:
         raise ValueError("model has no RoutedFFN modules (build them with moefy or contextual)")

@@ -19,13 +19,15 @@ at the default 300 steps; trained far longer (32768 tokens, 2000 steps) both rea
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_int, check_seed
+from sparsekit._checks import ArgumentTypeError, check_int, check_seed
 
-__all__ = ["LOSSES", "Router", "fit"]
+__all__ = ["LOSSES", "Router", "check_features", "fit"]
 
 LOSSES = ("bce", "listwise")
 """The losses :func:`fit` trains with."""
@@ -42,7 +44,19 @@ class Router(nn.Module):
         self.score = nn.Linear(rank, units)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_features(x, self.project.in_features, "the router's features")
         return self.score(F.relu(self.project(x.to(self.project.weight.dtype))))
+
+
+def check_features(x: Any, features: int, what: str) -> None:
+    """Raise unless ``x`` is a tensor of FFN inputs ``(..., features)`` (``what`` says
+    where ``features`` comes from, for the message): the matmul's own error names neither
+    argument nor the accepted width. Every router and routed layer checks its input so."""
+    if not isinstance(x, torch.Tensor):
+        raise ArgumentTypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != features:
+        raise ValueError(f"x must have shape (..., {features}) ({what}), got "
+                         f"{tuple(x.shape)}")
 
 
 def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 300,

@@ -92,6 +92,8 @@ def largest(flat: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]
     is ranked, so the result is always exact.
     """
     n = flat.numel()
+    if count >= n:  # every entry (an empty batch too): nothing to estimate
+        return flat.topk(count, sorted=False)
     sample = flat[::_SAMPLE_STRIDE]
     wanted = int(count / n * sample.numel() * _SAMPLE_MARGIN) + 16
     if wanted >= sample.numel():

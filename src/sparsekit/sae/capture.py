@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterable, Iterator, Mapping
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_int, model_errors
 from sparsekit.observe import inference
 
 __all__ = ["SITES", "capture", "find_module"]
@@ -36,6 +37,28 @@ def find_module(model: nn.Module, name: str, param: str = "module_name") -> nn.M
 
 class _Captured(Exception):
     """Raised from a hook once every requested activation of the batch is held."""
+
+
+class _HookFailed(Exception):
+    """Carries the error of one of this package's hooks (its ``__cause__``) out of the
+    forward pass, past :func:`_call`'s blame of the inputs, to be raised as it was."""
+
+
+def hooked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as a forward hook whose errors leave the model as :class:`_HookFailed` (a
+    :class:`_Captured` passes as it is), so that :func:`_call` tells them from the
+    model's own."""
+
+    @functools.wraps(fn)
+    def hook(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except _Captured:
+            raise
+        except Exception as e:
+            raise _HookFailed from e
+
+    return hook
 
 
 def _tensor(value: Any) -> torch.Tensor:
@@ -73,8 +96,16 @@ def _input(args: tuple, kwargs: dict[str, Any]) -> Any:
 
 
 def _call(model: nn.Module, batch: Any) -> Any:
-    """``model(**batch)`` for a mapping (a tokenizer's output), else ``model(batch)``."""
-    return model(**batch) if isinstance(batch, Mapping) else model(batch)
+    """``model(**batch)`` for a mapping (a tokenizer's output), else ``model(batch)``; an
+    error the model raises on the batch (float token ids, sequences of no tokens) names
+    ``inputs`` (:func:`~sparsekit._checks.model_errors`), one of a :func:`hooked` hook is
+    raised as it was."""
+    try:
+        with model_errors("inputs", "the model cannot run on this batch"):
+            return model(**batch) if isinstance(batch, Mapping) else model(batch)
+    except _HookFailed as e:
+        error = e.__cause__
+        raise error from error.__cause__  # the hook's error, its own cause kept
 
 
 def capture(
@@ -95,9 +126,10 @@ def capture(
     ``model(batch)``) or a mapping such as a tokenizer's output (``model(**batch)``), whose
     ``attention_mask``, if any, drops padding tokens. The model runs in eval mode without
     autograd and is left as found, with no hook on it between chunks (a consumer may run
-    it meanwhile). Names are checked before the model runs.
+    it meanwhile). Names are checked before the model runs; a batch the model cannot run
+    on (float token ids, sequences of no tokens) is a ``ValueError`` naming ``inputs``.
     """
-    hooked = find_module(model, module_name)
+    module = find_module(model, module_name)
     targeted = find_module(model, target, "target") if target is not None else None
     if site not in SITES:
         raise ValueError(f"site must be one of {SITES}, got {site!r}")
@@ -107,10 +139,10 @@ def capture(
     elif not isinstance(inputs, Iterable):
         raise ArgumentTypeError(f"inputs must be a tensor, a mapping or an iterable of "
                                 f"batches, got {type(inputs).__name__}")
-    return _stream(model, hooked, targeted, inputs, site, chunk_size)
+    return _stream(model, module, targeted, inputs, site, chunk_size)
 
 
-def _stream(model: nn.Module, hooked: nn.Module, targeted: nn.Module | None,
+def _stream(model: nn.Module, module: nn.Module, targeted: nn.Module | None,
             inputs: Iterable[Any], site: str, chunk_size: int) -> Iterator[Any]:
     held: dict[str, torch.Tensor] = {}
     wanted = {"x"} if targeted is None else {"x", "y"}
@@ -127,11 +159,12 @@ def _stream(model: nn.Module, hooked: nn.Module, targeted: nn.Module | None,
         held.clear()
         # hooks and inference() per batch, not around the loop: the consumer of this
         # generator (a training loop) runs between the yields, and may run the model itself
-        handles = [hooked.register_forward_hook(
+        handles = [module.register_forward_hook(hooked(
             lambda _m, args, kwargs, out: keep("x", _input(args, kwargs) if site == "input"
-                                               else out), with_kwargs=True)]
+                                               else out)), with_kwargs=True)]
         if targeted is not None:
-            handles.append(targeted.register_forward_hook(lambda _m, _a, out: keep("y", out)))
+            handles.append(targeted.register_forward_hook(
+                hooked(lambda _m, _a, out: keep("y", out))))
         try:
             with inference(model), contextlib.suppress(_Captured):
                 _call(model, batch)

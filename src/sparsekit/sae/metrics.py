@@ -21,7 +21,7 @@ from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_fraction
 from sparsekit.observe import inference
-from sparsekit.sae.capture import _call, _input, _tensor, _with_tensor, find_module
+from sparsekit.sae.capture import _call, _input, _tensor, _with_tensor, find_module, hooked
 from sparsekit.sae.sae import SAE
 from sparsekit.sae.train import _rows
 
@@ -111,7 +111,9 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
     marks the target or the token predicting it as padding, the pair is skipped. Token ids
     of any integer dtype are accepted; a causal LM needs sequences of at least 2 tokens.
     Raises ``ValueError`` when the module does not run on a batch or the model's clean
-    outputs are not finite: either would be a score that compares nothing.
+    outputs are not finite: either would be a score that compares nothing; also, naming
+    ``inputs``, on a batch the model cannot run on, and naming ``sae`` when it cannot take
+    the module's activations (another width).
     """
     module = find_module(model, module_name)
     if not isinstance(sae, SAE):
@@ -130,12 +132,17 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
         spliced[0] += 1
         hidden = _tensor(out)
         source = _tensor(_input(args, kwargs)) if sae.transcoder else hidden
-        return _with_tensor(out, mode["replace"](source).to(hidden.dtype))
+        try:
+            replaced = mode["replace"](source)
+        except ValueError as e:  # an SAE of another width: x must have shape (..., d_in)
+            raise ValueError(f"sae: it cannot take the activations of {module_name!r}: "
+                             f"{e}") from e
+        return _with_tensor(out, replaced.to(hidden.dtype))
 
     replacements = {"clean": None, "sae": sae, "zero": torch.zeros_like}
     sums: dict[str, float] = {name: 0.0 for name in replacements}
     count, causal, short = 0.0, False, False
-    handle = module.register_forward_hook(splice, with_kwargs=True)
+    handle = module.register_forward_hook(hooked(splice), with_kwargs=True)
     try:
         with inference(model, sae):
             for batch in inputs:

@@ -26,6 +26,8 @@ Nothing else changes: the other latents' weights and optimizer state are left bi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from sparsekit._checks import ArgumentTypeError, check_positive
@@ -71,15 +73,14 @@ def resample(
     for name, values in (("x", x), ("target", target)):
         if values is not None:
             _check_values(name, values, sae.W_enc.dtype)
-    if not isinstance(dead, torch.Tensor) or dead.dtype != torch.bool \
-            or dead.shape != (sae.n_latents,):
-        raise ValueError(f"dead must be a bool tensor of shape ({sae.n_latents},), got "
-                         f"{getattr(dead, 'dtype', type(dead).__name__)} "
-                         f"{tuple(getattr(dead, 'shape', ()))}")
+    check_dead(sae, dead)
     check_positive("encoder_scale", encoder_scale)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(f"generator must be a torch.Generator or None, got "
+                                f"{type(generator).__name__}")
 
     latents = dead.nonzero().squeeze(1)
     x = x.to(sae.W_enc.dtype)
@@ -111,6 +112,17 @@ def resample(
         _reset_state(optimizer, {sae.W_dec: (latents,), sae.W_enc: (slice(None), latents),
                                  sae.b_enc: (latents,)})
     return latents
+
+
+def check_dead(sae: SAE, dead: Any) -> None:
+    """Raise ``ValueError`` unless ``dead`` is a bool tensor marking latents of ``sae``,
+    shape ``(n_latents,)`` (what :meth:`SAE.dead_latents` returns): another shape failed
+    inside the auxiliary-k loss with a bare ``RuntimeError``, a float mask at ``~dead``."""
+    if not isinstance(dead, torch.Tensor) or dead.dtype != torch.bool \
+            or dead.shape != (sae.n_latents,):
+        raise ValueError(f"dead must be a bool tensor of shape ({sae.n_latents},), got "
+                         f"{getattr(dead, 'dtype', type(dead).__name__)} "
+                         f"{tuple(getattr(dead, 'shape', ()))}")
 
 
 def _check_values(name: str, values: torch.Tensor, dtype: torch.dtype) -> None:

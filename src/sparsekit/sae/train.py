@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from sparsekit._checks import (
+    ArgumentTypeError,
     check_fraction,
     check_int,
     check_nonnegative,
@@ -30,7 +31,7 @@ from sparsekit._checks import (
     check_positive,
 )
 from sparsekit.sae.activations import ACTIVATIONS, select_topk, step
-from sparsekit.sae.resample import ENCODER_SCALE, resample
+from sparsekit.sae.resample import ENCODER_SCALE, check_dead, resample
 from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _nonzeros
 
 __all__ = ["objective", "train"]
@@ -51,11 +52,22 @@ def objective(
     default ``x``); ``"loss"`` is their sum, the one to differentiate.
 
     ``dead`` marks the latents the auxiliary-k loss recruits (see :meth:`SAE.dead_latents`).
-    Side effect in training mode: the SAE records which latents fired. ``x`` and ``target``
-    are checked (width, matching rows, finite values) before it.
+    Side effect in training mode: the SAE records which latents fired. Every argument is
+    checked before it: ``x`` and ``target`` (width, at least one row, matching rows,
+    finite values; no rows made every term NaN), the coefficients (finite, ≥ 0: a
+    negative one rewards what it should penalise) and ``dead``.
     """
+    if not isinstance(sae, SAE):
+        raise ArgumentTypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
     sae._check_width(x, sae.d_in)
+    if x.numel() == 0:
+        raise ValueError(f"x must hold at least one row of width {sae.d_in}, got shape "
+                         f"{tuple(x.shape)}")
     _check_finite(x.to(sae.W_enc.dtype), "x", sae.W_enc.dtype)
+    check_nonnegative("sparsity_coef", sparsity_coef)
+    check_nonnegative("aux_coef", aux_coef)
+    if dead is not None:
+        check_dead(sae, dead)
     if target is None and sae.d_out != sae.d_in:
         raise ValueError(f"target must be given for a transcoder (d_out={sae.d_out} != "
                          f"d_in={sae.d_in}), got None")
