@@ -88,6 +88,28 @@ def test_every_row_count_equals_the_reference(kernel, use_kernel, dtype, monkeyp
             torch.testing.assert_close(y.float(), _reference(linear, x, threshold), **tol)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("use_kernel", [pytest.param(True, marks=needs_kernels), False])
+def test_a_nan_input_reaches_the_outputs_as_in_the_dense_product(kernel, use_kernel,
+                                                                monkeypatch):
+    # The one-row kernels kept an input where |x| >= threshold, which NaN is not: they
+    # dropped it and gave finite outputs where the thresholded dense product (and the
+    # torch path) gives NaN, hiding a model that went NaN.
+    if not use_kernel:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    linear = _pruned(BLOCK + 9, 40)
+    threshold = torch.full((40,), 0.5)
+    layer = ActivationSparseLinear.from_linear(linear, threshold, kernel=kernel)
+    x = torch.randn(40, generator=torch.Generator().manual_seed(3))
+    x[-1] = float("nan")  # the fully kept column: every output reads it
+    y = layer(x)
+    assert bool(y.isnan().all())
+    x[-1] = float("inf")
+    assert torch.equal(layer(x).isinf() | layer(x).isnan(),
+                       _reference(linear, x[None], threshold)[0].isinf()
+                       | _reference(linear, x[None], threshold)[0].isnan())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_column_storage_round_trips_the_weight(dtype):
     linear = _pruned(2 * BLOCK + 3, 17, dtype)

@@ -129,7 +129,7 @@ at::Tensor act_bitmap_qgemv(const at::Tensor& values, const at::Tensor& bitmap,
   std::vector<float> val;
   sparsekit::kept_inputs(x, threshold, &idx, &val);
   auto y = with_kept(&a, idx, x);
-  if (!sparsekit::all_finite(x)) {  // a NaN is not kept (|NaN| >= t is false): check x
+  if (!sparsekit::all_finite(x)) {  // no int8 grid for a NaN or infinite input: all NaN
     y.fill_(std::numeric_limits<float>::quiet_NaN());
     return sparsekit::like_input(y, x);
   }
