@@ -103,6 +103,15 @@ def test_bad_files_and_unsaveable_saes_are_refused(tmp_path):
         load(tmp_path / "g")
 
 
+def test_a_topk_sae_whose_cfg_says_k_0_is_refused(tmp_path):
+    # `cfg.get("k") or ...` read k: 0 as missing and loaded the SAE with its own k instead
+    save(SAE(16, 32, k=4), tmp_path / "k")
+    cfg = json.loads((tmp_path / "k" / "cfg.json").read_text())
+    (tmp_path / "k" / "cfg.json").write_text(json.dumps({**cfg, "k": 0}))
+    with pytest.raises(ValueError, match="k"):
+        load(tmp_path / "k")
+
+
 def test_a_save_that_fails_before_its_renames_leaves_the_directory_as_it_was(tmp_path,
                                                                           monkeypatch):
     from sparsekit import _atomic

@@ -220,7 +220,8 @@ def load(path: str | Path) -> SAE:
             w_enc, b_enc, w_dec = w_enc * norms, b_enc * norms, w_dec / norms[:, None]
         unit = bool(torch.allclose(w_dec.float().norm(dim=-1), torch.ones(()), atol=1e-4))
     with _damaged(cfg_file, "not a loadable SAE config"):
-        sae = SAE(cfg["d_in"], cfg["d_sae"], activation, k=cfg.get("k") or ours.get("k") or 1,
+        k = next((v for v in (cfg.get("k"), ours.get("k")) if v is not None), 1)  # k: 0 is one
+        sae = SAE(cfg["d_in"], cfg["d_sae"], activation, k=k,
                   d_out=cfg.get("d_out", cfg["d_in"]), transcoder=transcoder,
                   matryoshka=ours.get("matryoshka"),
                   normalize_decoder=ours.get("normalize_decoder", unit),
