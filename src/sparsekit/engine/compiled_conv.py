@@ -99,11 +99,13 @@ class CompiledConv2d(CompiledLayer):
         if reason is not None:
             raise ValueError(f"cannot compile this Conv2d: {reason}")
         matrix = conv.weight.detach().reshape(conv.out_channels, -1)
-        return cls(
+        layer = cls(
             cls._compress(matrix, format, **kwargs), conv.bias,
             kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
             dilation=conv.dilation,
         )
+        layer.io_dtype = conv.weight.dtype
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -155,7 +157,7 @@ class CompiledConv2d(CompiledLayer):
 
     def to_conv2d(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with the same weight and bias (e.g. to fine-tune again)."""
-        weight = self.to_dense()
+        weight = self._module_weight()
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
             self.dilation, bias=self.bias is not None, device=weight.device, dtype=weight.dtype,

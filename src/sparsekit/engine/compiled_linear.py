@@ -53,6 +53,10 @@ class CompiledLayer(nn.Module):
             )
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.format = fmt
+        # the dtype of the layer this one replaces (inputs, outputs and the weight that
+        # decompile gives back); None: the stored values' dtype. Not part of the state:
+        # compile sets it, a loaded checkpoint keeps the skeleton's.
+        self.io_dtype: torch.dtype | None = None
 
     # The hot path reads the format's matmul and the bias from the instance __dict__ rather
     # than through nn.Module.__getattr__: at batch 1 a small layer takes a few µs, and the
@@ -91,6 +95,14 @@ class CompiledLayer(nn.Module):
     def to_dense(self) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` weight matrix, zeros where pruned."""
         return self.format.to_dense()
+
+    def _module_weight(self) -> torch.Tensor:
+        """:meth:`to_dense` in the dtype of the layer this one replaces (:attr:`io_dtype`):
+        a float32 layer compiled to bfloat16 values decompiles to a float32 layer again, so
+        that it still takes the model's float32 inputs."""
+        weight = self.to_dense()
+        dtype = self.__dict__.get("io_dtype")
+        return weight if dtype is None or not weight.is_floating_point() else weight.to(dtype)
 
     def format_from_state(self, state: dict[str, torch.Tensor], prefix: str = "") -> Format:
         """The format stored under ``prefix + "format."`` in ``state`` (not installed).
@@ -241,7 +253,9 @@ class CompiledLinear(CompiledLayer):
         cls, linear: nn.Linear, format: str = "dense", **kwargs: object
     ) -> CompiledLinear:
         """Compress ``linear`` (its zero weights are the pruned ones) into ``format``."""
-        return cls(cls._compress(linear.weight.detach(), format, **kwargs), linear.bias)
+        layer = cls(cls._compress(linear.weight.detach(), format, **kwargs), linear.bias)
+        layer.io_dtype = linear.weight.dtype
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         large = self._large
@@ -287,7 +301,7 @@ class CompiledLinear(CompiledLayer):
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the same weight and bias (e.g. to fine-tune again)."""
-        return dense_linear(self.to_dense(), self.bias)
+        return dense_linear(self._module_weight(), self.bias)
 
     to_module = to_linear
 

@@ -46,15 +46,28 @@ def decompile(model: nn.Module) -> nn.Module:
 def replaced(model: nn.Module, kinds: type | tuple[type, ...],
              convert: Callable[[nn.Module], nn.Module]) -> nn.Module:
     """A deep copy of ``model`` in which every submodule of ``kinds`` is ``convert``-ed;
-    a module shared by several parents is converted once and stays shared."""
+    a module shared by several parents is converted once and stays shared.
+
+    The walk does not enter a module of ``kinds``: its submodules are its own business
+    (a fused group's stacked layer, held by its first member, is also read by members in
+    other parents, as in Phi, whose q/k/v and fc1 read one input)."""
     out = copy.deepcopy(model)
     done: dict[int, nn.Module] = {}
-    for parent in list(out.modules()):
+    visited: set[int] = set()
+
+    def walk(parent: nn.Module) -> None:
+        if id(parent) in visited:
+            return
+        visited.add(id(parent))
         for name, child in list(parent._modules.items()):
             if isinstance(child, kinds):
                 if id(child) not in done:
                     done[id(child)] = convert(child)
                 setattr(parent, name, done[id(child)])
+            elif child is not None:
+                walk(child)
+
+    walk(out)
     return out
 
 

@@ -18,6 +18,7 @@ from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLayer
 from sparsekit.engine.formats.base import Format
+from sparsekit.engine.fused import FusedLinear
 from sparsekit.report import LayerRow, Report
 from sparsekit.report import report as _base_report
 
@@ -53,7 +54,8 @@ def report(
         if isinstance(m, (CompiledLayer, ActivationSparseLinear))
     }
     macs = {} if inputs is None else observe.macs(model, special, *inputs)
-    choices = getattr(model, "sparsekit_choices", {})
+    choices = dict(getattr(model, "sparsekit_choices", {}))
+    choices.update(_stacked_choices(model, choices))
     rows = []
     for name, module in model.named_modules():
         if name in base:
@@ -64,6 +66,24 @@ def report(
         elif name in special:
             rows.append(_special_row(name, module, macs, inputs is None, choices.get(name)))
     return Report(rows)
+
+
+def _stacked_choices(
+    model: nn.Module, choices: dict[str, dict[str, object]]
+) -> dict[str, dict[str, object]]:
+    """The choice of each fused group's stacked layer (``<first member>.group.linear``, the
+    row of the group), kept by compile under its members' ``fused`` record, with the
+    members named under ``note``."""
+    out = {}
+    for name, module in model.named_modules():
+        record = choices.get(name, {}).get("fused")
+        if not (isinstance(module, FusedLinear) and module.index == 0
+                and isinstance(record, dict) and isinstance(record.get("stacked"), dict)):
+            continue
+        members = record.get("group", [])
+        out[f"{name}.group.linear"] = {**record["stacked"],
+                                       "note": "fused: " + ", ".join(map(str, members))}
+    return out
 
 
 def _values(fmt: Format) -> str:
@@ -101,6 +121,8 @@ def _special_row(
         )
         if "quantization_error" in choice:
             extra["quant err"] = choice["quantization_error"]
+        if "note" in choice:
+            extra["note"] = choice["note"]
     shape = (module.out_features, module.in_features)
     if isinstance(module, CompiledConv2d):
         shape = (module.out_channels, module.in_channels, *module.kernel_size)

@@ -6,8 +6,10 @@ addition — channel ``c`` of every other branch added to it. :func:`dependency_
 traces the model with ``torch.fx`` and follows every tensor's channel axis through the
 graph:
 
-* a Conv / Linear / Embedding *opens* a channel space (its output channels);
-* elementwise ops, activations, pooling, dropout and BatchNorm *pass it through*;
+* a Conv / Linear / Embedding *opens* a channel space (its output channels); GPT-2's
+  ``Conv1D`` (a linear layer whose weight is stored ``(in, out)``) too;
+* elementwise ops, activations (``transformers``' activation modules, e.g. GPT-2's and
+  Phi's ``NewGELUActivation``, included), pooling, dropout and BatchNorm *pass it through*;
 * ``a + b`` and ``a * b`` *join* the spaces of both operands (they must shrink together);
 * ``torch.cat`` along the channel axis *concatenates* spaces (each keeps its offset);
 * a depthwise convolution passes its input space through (its filters go with it);
@@ -32,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["Group", "Slice", "check_groups", "dependency_groups", "trace"]
+from sparsekit.targets import conv1d_type
+
+__all__ = ["Group", "Slice", "check_groups", "dependency_groups", "is_conv1d", "trace"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,12 @@ class _Tracer(fx.Tracer):
         self.path: list[str] = []
         self.failed_in: str | None = None  # the innermost submodule a trace error came from
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # transformers' activations and GPT-2's Conv1D: followed as one op (traced
+        # through, their pow/addmm/view would freeze the channels they carry)
+        return (_hf_activation(m) or is_conv1d(m)
+                or super().is_leaf_module(m, module_qualified_name))
+
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         self.path.append(f"{self.path_of_module(m)} ({type(m).__name__})")
         try:
@@ -169,6 +179,22 @@ _POOL_FUNCTIONS = {
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
 }
+
+
+def _hf_activation(module: nn.Module) -> bool:
+    """Whether ``module`` is one of ``transformers``' parameter-free activation modules
+    (``NewGELUActivation``, ``GELUActivation``, ``SiLUActivation`` …): elementwise."""
+    return (type(module).__module__ == "transformers.activations"
+            and not any(True for _ in module.parameters()))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is GPT-2's ``Conv1D`` (:func:`~sparsekit.targets.conv1d_type`):
+    ``x @ weight + bias`` with the weight stored ``(in_features, out_features)``."""
+    conv1d = conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
 _JOIN_FUNCTIONS = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub,
                    torch.add, torch.mul, torch.sub}
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half",
@@ -272,6 +298,10 @@ class _Follower:
         if isinstance(module, nn.Linear):
             self.read(node, layout, module.in_features, prefix, dim=-1)
             return self.write(module.out_features, str(node.target), prefix, dim=-1)
+        if is_conv1d(module):  # the weight is (in, out): columns read, rows written
+            in_features, out_features = module.weight.shape
+            self.read(node, layout, in_features, prefix, dim=-1, weight_dim=0)
+            return self.write(out_features, str(node.target), prefix, dim=-1, weight_dim=1)
         if isinstance(module, nn.Embedding):
             self.freeze(node.args[1:], node.kwargs)
             sid = self.new_space(module.embedding_dim, str(node.target))
@@ -287,7 +317,9 @@ class _Follower:
                 if getattr(module, n, None) is not None:
                     self.attach(layout, prefix + n, 0, "out")
             return layout
-        if isinstance(module, _ELEMENTWISE_MODULES) and not list(module.parameters()):
+        if (isinstance(module, _ELEMENTWISE_MODULES) and not list(module.parameters())
+                or _hf_activation(module)):
+            self.freeze(node.args[1:], node.kwargs)
             return layout
         if isinstance(module, _POOL_MODULES) and layout is not None and layout.dim == 1:
             return layout
@@ -316,8 +348,9 @@ class _Follower:
         return _Layout(((self.new_space(module.out_channels, name, frozen=True), 1),), 1)
 
     def read(self, node: fx.Node, layout: _Layout | None, width: int, prefix: str,
-             dim: int) -> None:
-        """A layer reads ``layout`` through its input columns (weight dim 1)."""
+             dim: int, weight_dim: int = 1) -> None:
+        """A layer reads ``layout`` through its input columns (weight dim ``weight_dim``:
+        1, or 0 for a ``Conv1D``)."""
         self.freeze(node.args[1:], node.kwargs)
         if layout is None:
             return
@@ -329,13 +362,15 @@ class _Follower:
                 self.width(layout) * layout.spread != width):
             self.freeze(node.args)
             return
-        self.attach(layout, prefix + "weight", 1, "in")
+        self.attach(layout, prefix + "weight", weight_dim, "in")
 
-    def write(self, size: int, name: str, prefix: str, dim: int) -> _Layout:
-        """A layer writes a new space of ``size`` channels (weight rows and bias)."""
+    def write(self, size: int, name: str, prefix: str, dim: int,
+              weight_dim: int = 0) -> _Layout:
+        """A layer writes a new space of ``size`` channels (weight rows, or a ``Conv1D``'s
+        columns: ``weight_dim``, and bias)."""
         sid = self.new_space(size, name)
         layout = _Layout(((sid, 1),), dim)
-        self.attach(layout, prefix + "weight", 0, "out")
+        self.attach(layout, prefix + "weight", weight_dim, "out")
         module = self.modules[name]
         if getattr(module, "bias", None) is not None:
             self.attach(layout, prefix + "bias", 0, "out")

@@ -20,7 +20,7 @@ from torch import nn
 from sparsekit._checks import ArgumentTypeError
 from sparsekit.masks import one_mask
 from sparsekit.structured.compensate import fold_means, reader_means, with_biases
-from sparsekit.structured.dependency import Group, check_groups, dependency_groups
+from sparsekit.structured.dependency import Group, check_groups, dependency_groups, is_conv1d
 from sparsekit.structured.importance import check_round_to, rounding_step
 
 __all__ = ["cut", "remove_channels", "removable_channels", "shrink"]
@@ -245,3 +245,5 @@ def _resize(module: nn.Module) -> None:
         module.num_features = ref.shape[0]
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
+    elif is_conv1d(module):  # GPT-2's Conv1D: weight (in, out); forward reads nf
+        module.nx, module.nf = module.weight.shape
