@@ -10,8 +10,8 @@ from _kernels import kernels_ok
 from kernel_cases import reloaded
 from torch import nn
 
-from sparsekit.engine import compile, report
-from sparsekit.quantize import attach_scales, fake_quantize, int8_scales
+from sparsekit.engine import compile, decompile, report
+from sparsekit.quantize import attach_scales, attached_scales, fake_quantize, int8_scales
 
 pytestmark = pytest.mark.skipif(not kernels_ok(), reason="compiled kernels unavailable")
 
@@ -56,6 +56,20 @@ def test_weight_dtype_int8_stores_int8_codes_checked_against_the_dequantized_mod
     with torch.no_grad():  # exact w.r.t. the dequantized weights, up to fp32 sum order
         y, ref = compiled(x), _dequantized(model, compiled)(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_an_int8_model_decompiles_with_its_scales_and_compiles_back_to_its_codes(one_thread):
+    # decompile gave the dequantized weights without their grid, so compiling them again
+    # with weight_dtype=None stored float32 values, not the int8 codes
+    model, x = _model(), torch.randn(8, 128)
+    compiled = compile(model, x, formats="bitmap", weight_dtype="int8", rows=(1,))
+    plain = decompile(compiled)
+    again = compile(plain, x, formats="bitmap", rows=(1,))
+    for i in (0, 2):
+        assert torch.equal(attached_scales(plain[i]), compiled[i].format.scales)
+        assert again[i].format.value_dtype == torch.int8
+        assert torch.equal(again[i].format.stored_dense(), compiled[i].format.stored_dense())
+        assert torch.equal(again[i].format.scales, compiled[i].format.scales)
 
 
 def test_quantization_error_is_measured_on_the_observed_inputs(one_thread):

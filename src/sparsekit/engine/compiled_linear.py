@@ -16,6 +16,8 @@ from torch import nn
 
 from sparsekit._checks import check_int
 from sparsekit.engine.formats import FORMATS, Format, format_from_state
+from sparsekit.engine.formats.native import SCALES
+from sparsekit.quantize import attach_scales
 
 __all__ = ["CompiledLayer", "CompiledLinear", "dense_linear"]
 
@@ -300,8 +302,17 @@ class CompiledLinear(CompiledLayer):
         self._install_large(None if large is None else large.to(device), split)
 
     def to_linear(self) -> nn.Linear:
-        """An ``nn.Linear`` with the same weight and bias (e.g. to fine-tune again)."""
-        return dense_linear(self._module_weight(), self.bias)
+        """An ``nn.Linear`` with the same weight and bias (e.g. to fine-tune again); an int8
+        layer's dequantized weight with its scales attached
+        (:func:`sparsekit.quantize.attach_scales`), as
+        :meth:`ActivationSparseLinear.to_module` gives it, so that compiling it again with
+        ``weight_dtype=None`` stores the same int8 codes."""
+        linear = dense_linear(self._module_weight(), self.bias)
+        scales = [f._buffers.get(SCALES) for f in (self.format, self.format_large)
+                  if f is not None]
+        if all(s is not None and torch.equal(s, scales[0]) for s in scales):  # one int8 grid
+            attach_scales(linear, scales[0])
+        return linear
 
     to_module = to_linear
 
