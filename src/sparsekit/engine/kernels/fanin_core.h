@@ -23,9 +23,21 @@ struct FanIn {
   float scaled(int64_t r, float sum) const { return scale ? scale[rows[r]] * sum : sum; }
 };
 
+// y += W x for one input row x of `cols` inputs. Every row has k inputs, so the CSR GEMV's
+// rule (csr::row_dot) picks x from windows or from scalar loads for all rows at once: on
+// AMD Zen 4 (AVX-512, 11008 x 4096 at 2:4) the windows ran the rows 1.2-1.5x faster.
 template <typename Value, typename I>
-void gemv(const FanIn<Value>& w, const I* c, const float* x, float* y, int T) {
+void gemv(const FanIn<Value>& w, const I* c, int64_t cols, const float* x_in, float* y, int T) {
   constexpr int64_t kLine = 64 / sizeof(Value);  // values per cache line
+  const bool windowed = static_cast<double>((csr::kLanes - 1) * cols) <=
+                        csr::kMaxFill * static_cast<double>(csr::kWindow * w.k);
+  thread_local std::vector<float> xpad;  // x zero-padded: a window never reads past it
+  const float* x = x_in;
+  if (windowed) {
+    xpad.assign(cols + csr::kWindow, 0.f);
+    std::memcpy(xpad.data(), x_in, cols * sizeof(float));
+    x = xpad.data();
+  }
 #pragma omp parallel for num_threads(T) schedule(static)
   for (int64_t r = 0; r < w.n; ++r) {
     const Value* vr = w.v + r * w.k;
@@ -34,7 +46,9 @@ void gemv(const FanIn<Value>& w, const I* c, const float* x, float* y, int T) {
       for (int64_t j = 0; j < w.k; j += kLine) __builtin_prefetch(vr + 2 * w.k + j, 0, 3);
       for (int64_t j = 0; j < w.k; j += 32) __builtin_prefetch(cr + 2 * w.k + j, 0, 3);
     }
-    y[w.rows[r]] += w.scaled(r, csr::row_dot(vr, cr, w.k, x));  // a CSR row of k nonzeros
+    const float sum = windowed ? csr::row_dot<true>(vr, cr, w.k, x)  // a CSR row of k
+                               : csr::row_dot<false>(vr, cr, w.k, x);
+    y[w.rows[r]] += w.scaled(r, sum);
   }
 }
 
@@ -116,7 +130,7 @@ void run(const FanIn<Value>& w, const I* c, const Linear& io) {
     return;
   }
   for (int64_t b = 0; b < io.batch; ++b) {
-    gemv(w, c, io.x + b * io.cols, io.y + b * w.out_rows, io.threads);
+    gemv(w, c, io.cols, io.x + b * io.cols, io.y + b * w.out_rows, io.threads);
   }
 }
 
