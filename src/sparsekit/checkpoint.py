@@ -24,6 +24,7 @@ import re
 import stat
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ _ST_DTYPES = {  # safetensors' dtype codes
 }
 _DTYPES = {str(d): d for d in _ST_DTYPES}
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_MAX_BYTES = 2**63 - 1  # torch's limit on a tensor's size in bytes (int64)
 STALE_TEMP_AGE_S = 60.0  # a save's temp file unmodified this long, whose writer is gone
 
 
@@ -102,6 +104,16 @@ def save(
         and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     ):
         raise TypeError(f"metadata must be a dict of str to str, got {metadata!r:.100}")
+    for k, v in (metadata or {}).items():
+        # a lone surrogate ("\ud800") has no UTF-8 form: the file was written, replacing the
+        # old one, with a header that no safetensors reader accepts
+        for what, text in (("key", k), ("value", v)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"metadata: the {what} {text!r:.60} of entry {k!r:.60} is not "
+                                 f"valid Unicode text ({err.reason} at index {err.start}); "
+                                 "accepted: str that encode to UTF-8") from None
     mask_of = masks.masks if masks is not None else {}
     state = model.state_dict()
     reserved = sorted({"tied", "format", "format_version", "pattern", "tensors", "digest"}
@@ -117,6 +129,16 @@ def save(
             )
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     tied = _tied_keys(state)
+    # a compressed tensor is stored as KEY::values and KEY::bitmap/gaps: where the model has
+    # a tensor of that name too, one overwrote the other and the file, written over the old
+    # one, was unreadable. Such a tensor is stored dense; a masked one cannot be.
+    crowded = {k for k in state
+               if any(f"{k}{suffix}" in state for suffix in ("::values", "::bitmap", "::gaps"))}
+    if clash := sorted(crowded & set(mask_of)):
+        raise ValueError(
+            f"masks: {clash[0]!r} is stored by position as {clash[0] + '::values'!r} and "
+            f"{clash[0] + '::bitmap'!r} or {clash[0] + '::gaps'!r}, but the model has a "
+            "tensor of one of those names; rename it or save without masks on this tensor")
     parts: dict[str, torch.Tensor] = {}
     infos: dict[str, dict] = {}
     for key, value in state.items():
@@ -130,7 +152,8 @@ def save(
             keep = mask_of[key].cpu()
             _check_masked_zero(key, value[~keep])
             nnz = int(torch.count_nonzero(keep))
-        elif key in params and value.is_floating_point() and value.dim() >= 2:
+        elif (key in params and key not in crowded and value.is_floating_point()
+              and value.dim() >= 2):
             bitwise = value.view(_SAME_WIDTH_INT[value.element_size()])
             nnz = int(torch.count_nonzero(bitwise))  # bitwise nonzero, so -0.0 round-trips
             may_win = _sparse_may_win(value.numel(), nnz, value.element_size())
@@ -214,6 +237,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
             )
     _check_decodable(model.state_dict(), stored)
     ckpt = _decode_all(stored, model)
+    _check_ties(path, model.state_dict(), ckpt.state)
     model.load_state_dict(ckpt.state, strict=True)
     params = dict(model.named_parameters())
     # Saved with a MaskSet: exactly its masks. Saved without: every compressed parameter.
@@ -240,7 +264,34 @@ def read(path: str | os.PathLike) -> Checkpoint:
     The file is checked as by :func:`load` (structure, seal, indices, pattern), except
     against a model: a sparse tensor is decoded to the full shape its header declares.
     """
-    return _decode_all(_open(path))
+    stored = _open(path)
+    _check_decoded_size(stored)
+    return _decode_all(stored)
+
+
+def _check_decoded_size(stored: _Stored) -> None:
+    """Raise unless the compressed tensors of ``stored`` decode to fewer bytes than this
+    machine's memory. Their declared shapes are not bounded by the file's size (a tensor
+    with no kept entry takes no byte), and without a model to compare them with a small
+    crafted file asked for an exabyte: a raw ``RuntimeError`` of the allocator, or pages
+    filled until the process was killed."""
+    need = sum(math.prod(info.shape) * (_DTYPES[info.dtype].itemsize + 1)  # values + mask
+               for info in stored.infos.values() if info.encoding != "dense")
+    limit = _memory_bytes()
+    if limit is not None and need > limit:
+        raise ValueError(
+            f"{stored.path}: its compressed tensors decode to {need:,} bytes, more than this "
+            f"machine's memory ({limit:,} bytes); a file whose header declares such shapes is "
+            "damaged or crafted (load it into a model of those shapes with sparsekit.load)"
+        )
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory of this machine in bytes (``None`` where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -386,6 +437,11 @@ def _tensor_info(key: str, entry: dict) -> TensorInfo:
                          f"integers, got {shape!r:.80}")
     if dtype not in _DTYPES:
         raise ValueError(f"header entry {key!r}: dtype {dtype!r:.40} is not a storable dtype")
+    # torch counts elements and bytes in int64: a shape past that was a raw RuntimeError
+    # ("Storage size calculation overflowed") of the meta placeholder, before any check
+    if math.prod(shape) * _DTYPES[dtype].itemsize > _MAX_BYTES:
+        raise ValueError(f"header entry {key!r}: shape {shape!r:.80} of {dtype} holds more "
+                         f"bytes than a tensor can (at most {_MAX_BYTES:,})")
     if not _is_count(nnz) or nnz > math.prod(shape):
         raise ValueError(f"header entry {key!r}: nnz must be an integer in [0, "
                          f"{math.prod(shape)}], got {nnz!r:.40}")
@@ -421,7 +477,10 @@ def _is_count(x: object) -> bool:
 def _check_parts(infos: dict[str, TensorInfo], parts: dict[str, torch.Tensor]) -> None:
     """The stored tensors are exactly those the header describes, of consistent sizes."""
     expected = [f"{k}{suffix}" for k, info in infos.items() for suffix in _ENCODINGS[info.encoding]]
-    if len(set(expected)) != len(expected) or set(expected) != set(parts):
+    if twice := sorted(n for n, c in Counter(expected).items() if c > 1)[:5]:
+        raise ValueError(f"the header describes the stored tensors {twice} twice (a tensor "
+                         "named like another's compressed parts)")
+    if set(expected) != set(parts):
         extra, absent = sorted(set(parts) - set(expected)), sorted(set(expected) - set(parts))
         raise ValueError(f"the stored tensors do not match the header: not described "
                          f"{extra[:5]}, absent {absent[:5]}")
@@ -514,6 +573,22 @@ def _check_decodable(own: dict[str, torch.Tensor], stored: _Stored) -> None:
                 "another format); since format version 2 such tensors are stored as they are: "
                 "load the file into a model of the same formats and save it again"
             )
+
+
+def _check_ties(path: str | os.PathLike, own: dict[str, torch.Tensor],
+                state: dict[str, torch.Tensor]) -> None:
+    """Raise unless ``state`` gives the same bits to the keys ``model`` ties (one tensor
+    under two names): loading a file of an untied model kept only the later key's values,
+    silently dropping the other's."""
+    for key, first in _tied_keys(own).items():
+        a, b = state[first], state[key]
+        same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+            a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        if not same:
+            raise ValueError(
+                f"{path}: the model ties {key!r} to {first!r} (one tensor), but the file holds "
+                "different values for them (saved from an untied model?); loading would keep "
+                f"only one; untie them in the model or load into a model of the file's layout")
 
 
 def expected_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -166,7 +166,11 @@ def _state(source: Source, param: str) -> dict[str, torch.Tensor]:
     if path.is_file():
         return checkpoint.read(path).state
     if not path.is_dir():
-        raise ValueError(f"{param}: {str(path)!r} does not exist")
+        # a device, FIFO or socket (/dev/stdin) exists: "does not exist" misled
+        what = ("is not a regular file nor a directory (a device, FIFO or socket)"
+                if path.exists() else "does not exist")
+        raise ValueError(f"{param}: {str(path)!r} {what}; accepted: a checkpoint file or a "
+                         "save_pretrained directory")
     return _directory_state(path, param)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import reprlib
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,7 @@ import sparsekit
 from sparsekit import checkpoint as _checkpoint
 from sparsekit._checks import MAX_SEED, ArgumentTypeError, model_errors
 from sparsekit.allocation import ALLOCATIONS
+from sparsekit.data.images import check_image_root
 from sparsekit.engine.compile import check_rows
 from sparsekit.engine.formats import check_formats
 from sparsekit.models import MODELS, create_model
@@ -159,6 +161,13 @@ class Recipe(_Strict):
     def _model(cls, value: str) -> str:
         return _registered(MODELS, "model", value)
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():  # Path("") is ".": "'.' is a directory"
+            raise ValueError(f"must be the path of a checkpoint file, got {value!r}")
+        return value
+
     @field_validator("input_shape")
     @classmethod
     def _shape(cls, value: list[int]) -> list[int]:
@@ -190,6 +199,11 @@ class Recipe(_Strict):
                     pattern.check(t.out_in(t.param).shape, t.name)
         with torch.no_grad(), model_errors("input_shape"):
             model.eval()(torch.zeros(self.input_shape))
+        if self.finetune is not None and self.finetune.data_dir is not None:
+            # a directory without the dataset failed only at the fine-tune stage, after the
+            # prune stage had run (and `sparsekit run --check` called the recipe valid)
+            with _field("finetune.data_dir"):
+                check_image_root(self.finetune.data_dir)
         if self.out is not None:
             with _field("out"):
                 _check_out(self.out)
@@ -244,7 +258,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise ArgumentTypeError(f"path must be the path of a YAML recipe file (a str or "
                                 f"os.PathLike), got {type(path).__name__}")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = _read_recipe_bytes(Path(path)).decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not a UTF-8 text file ({err.reason} at byte "
                          f"{err.start})") from None
@@ -261,6 +275,33 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         if err.error_count() > _MAX_PROBLEMS:
             problems.append(f"… and {err.error_count() - _MAX_PROBLEMS} more")
         raise ValueError(f"{path}: {'; '.join(problems)}") from None
+
+
+MAX_RECIPE_BYTES = 1 << 20
+"""A recipe is a few lines of YAML; a larger file is refused before it is parsed."""
+
+
+def _read_recipe_bytes(path: Path) -> bytes:
+    """The bytes of the regular file ``path``, at most :data:`MAX_RECIPE_BYTES`: a FIFO
+    (``/dev/stdin``) blocked ``read_text`` and ``/dev/zero`` filled the memory, a file of
+    hundreds of megabytes took minutes to parse."""
+    # O_NONBLOCK: opening a FIFO waits for a writer otherwise (no effect on a file)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "is a directory" if stat.S_ISDIR(mode) else "is not a regular file"
+        raise ValueError(f"{path} {kind}; a recipe is a YAML file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_RECIPE_BYTES + 1)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_RECIPE_BYTES:,} bytes; a recipe is a few "
+                         "lines of YAML (see examples/recipe.yaml)")
+    return data
 
 
 def _problem(error: ErrorDetails) -> str:

@@ -29,7 +29,7 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 import sparsekit
-from sparsekit._checks import MAX_SEED, check_sparsity
+from sparsekit._checks import MAX_SEED, check_seed, check_sparsity
 from sparsekit.cli._output import check_output
 from sparsekit.data import load_image_dataset
 from sparsekit.engine import autotune
@@ -75,6 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sparsities = _parse_sparsities(args.sparsities)
+    # before any work: a bad seed failed only after the dense training, with dense.safetensors
+    # written into --out (one past 2**63: "Overflow when unpacking long long", unnamed)
+    check_seed("--seed", args.seed)
     if args.epochs < 1 or args.finetune_epochs < 0:
         raise ValueError("--epochs must be ≥ 1 and --finetune-epochs ≥ 0")
     if args.train_limit is not None and args.train_limit < 1:  # 0 meant all, -5 all but 5

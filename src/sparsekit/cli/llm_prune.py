@@ -23,6 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import sparsekit
+from sparsekit._checks import check_seed
 from sparsekit.blocks import home_device
 from sparsekit.cli._errors import UsageError
 from sparsekit.cli._output import check_output, write_directory
@@ -66,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
 
     llm.METHODS.get(args.method)  # fail fast, before loading anything
     check_options(args.sparsity, args.pattern, args.allocation)
+    # checked by llm.prune too, but only after the model was loaded and the dense model
+    # evaluated: minutes of work before a one-line mistake was named
+    check_seed("--seed", args.seed)
+    if args.nsamples < 1:
+        raise UsageError(f"--nsamples must be an int ≥ 1 (calibration windows), got "
+                         f"{args.nsamples}")
+    if args.seqlen is not None and args.seqlen < 1:
+        raise UsageError(f"--seqlen must be an int ≥ 1 (tokens per window), got {args.seqlen}")
     if args.eval_tokens < 2:
         raise UsageError(f"--eval-tokens must be an int ≥ 2 (perplexity scores each token "
                          f"after the first), got {args.eval_tokens}")

@@ -54,9 +54,7 @@ def load_image_dataset(
     if not missing:
         return _from_idx(files)
     if explicit:
-        raise FileNotFoundError(
-            f"root {str(root)!r} lacks the IDX files {', '.join(missing)} (each may end in .gz)"
-        )
+        check_image_root(root)
     if not quiet:
         print(
             f"sparsekit: no Fashion-MNIST IDX files in {root}, using scikit-learn's 8x8 digits "
@@ -65,6 +63,16 @@ def load_image_dataset(
             file=sys.stderr,
         )
     return _digits()
+
+
+def check_image_root(root: str | os.PathLike) -> None:
+    """Raise ``FileNotFoundError`` unless ``root`` holds the IDX files that
+    :func:`load_image_dataset` reads from an explicit ``root`` (without reading them)."""
+    _, missing = _find_idx_files(Path(root))
+    if missing:
+        raise FileNotFoundError(
+            f"root {str(root)!r} lacks the IDX files {', '.join(missing)} (each may end in .gz)"
+        )
 
 
 def _find_idx_files(root: Path) -> tuple[dict[str, Path], list[str]]:

@@ -143,6 +143,14 @@ class Delta:
             raise ValueError(f"{path} is not a sparse delta written by Delta.save "
                              f"(its header kind is {meta.get('kind')!r})")
         ckpt = checkpoint.read(path)
+        # every tensor of a saved delta is stored by its mask; one stored dense (a plain
+        # safetensors file, or a header edited and sealed again) was a raw KeyError
+        dense = sorted(n for n in ckpt.state if n not in ckpt.kept)
+        if dense:
+            raise ValueError(f"{path} is not a sparse delta written by Delta.save: the "
+                             f"tensors {dense[:3]}{'…' if len(dense) > 3 else ''} are stored "
+                             "without positions (a delta stores each update as values and "
+                             "a mask)")
         return cls(dict(ckpt.state), {n: ckpt.kept[n] for n in ckpt.state})
 
 

@@ -78,6 +78,7 @@ def sparse_lora(
                          "to it before; train that PeftModel, or merge() it first")
     by_param = _check_masks(model, masks)
     _check_config(config)
+    _check_ranks(model, config)
     modules = dict(model.named_modules())
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     try:
@@ -162,7 +163,10 @@ class MaskedLora(MaskedMerge):
 
 def _masked_delta(module: nn.Module, adapter: str) -> torch.Tensor:
     """``s·(B@A) ⊙ mask`` of ``adapter``, laid out like the base weight."""
-    return module.get_delta_weight(adapter) * getattr(module, MASK_NAME)
+    # where, not a product: an entry of B@A that overflowed to ±inf times a False of the
+    # mask was NaN, written into a pruned weight by the merge
+    delta = module.get_delta_weight(adapter)
+    return torch.where(getattr(module, MASK_NAME), delta, delta.new_zeros(()))
 
 
 def _install(model: nn.Module, by_param: Mapping[int, torch.Tensor], *,
@@ -222,6 +226,23 @@ def _check_config(config: peft.LoraConfig) -> None:
     if config.use_dora:
         raise ValueError("config.use_dora=True: a DoRA update rescales whole columns and "
                          "cannot keep a sparse base; use plain LoRA")
+
+
+def _check_ranks(model: nn.Module, config: peft.LoraConfig) -> None:
+    """Raise on a rank above every dimension of ``model``'s weights: the update ``B@A``
+    of an ``(out, in)`` layer has rank at most ``min(out, in)``, so such a rank adds
+    nothing, while ``peft`` allocates ``r·(in + out)`` entries per layer for it (``r=2**40``
+    was a raw ``RuntimeError`` of the allocator, a large one filled the memory)."""
+    top = max((max(p.shape) for p in model.parameters() if p.dim() >= 2), default=None)
+    if top is None:
+        return  # no weight matrix: peft finds nothing to target and says so
+    ranks = [("config.r", config.r)] + [
+        (f"config.rank_pattern[{key!r}]", rank) for key, rank in (config.rank_pattern or {}).items()
+    ]
+    for name, rank in ranks:
+        if rank > top:
+            raise ValueError(f"{name} must be an int in [1, {top}] (the largest dimension of "
+                             f"the model's weights: a higher rank adds nothing), got {rank}")
 
 
 def _check_saved_copies(model: nn.Module, by_param: Mapping[int, torch.Tensor]) -> None:
