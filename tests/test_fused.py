@@ -7,6 +7,7 @@ not depend on this machine's speed.
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -16,9 +17,11 @@ from _kernels import needs_kernels
 from torch import nn
 
 import sparsekit
-from sparsekit.engine import CompiledLinear, autotune, compile, decisions, decompile
+from sparsekit import checkpoint
+from sparsekit.engine import CompiledLinear, autotune, compile, decisions, decompile, fused
 from sparsekit.engine.formats import DenseFormat
 from sparsekit.engine.fused import FusedLinear, FusedProjections, shared_inputs, stack
+from sparsekit.engine.fused import groups as fused_groups
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,6 +136,59 @@ def test_a_fused_model_saves_loads_and_decompiles(
         if type(layer) is nn.Linear:
             restored = back.get_submodule(name)
             assert type(restored) is nn.Linear and torch.equal(restored.weight, layer.weight)
+
+
+@pytest.mark.parametrize("saved_fused", [True, False])
+def test_a_checkpoint_loads_into_a_copy_that_fused_otherwise(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, saved_fused: bool
+) -> None:
+    # Fusing is decided by timing, so a second compile of one model can fuse where the
+    # saved one did not, or not where it did: the load conforms the copy to the file
+    # (it had refused: "missing [...k_proj.format...], unexpected [...q_proj.group...]").
+    model = _llama()
+    _clock(monkeypatch, fused_ms=1.0 if saved_fused else 5.0)
+    saved = compile(model, (IDS,), cache=False)
+    path = sparsekit.save(saved, tmp_path / "saved.safetensors")
+    _clock(monkeypatch, fused_ms=5.0 if saved_fused else 1.0)
+    copy = compile(_llama(seed=1), (IDS,), cache=False)
+    assert bool(fused_groups(copy)) != saved_fused
+    sparsekit.load(copy, path)
+    assert fused_groups(copy) == fused_groups(saved)
+    assert list(copy.state_dict()) == list(saved.state_dict())
+    with torch.no_grad():
+        assert torch.equal(copy(IDS).logits, saved(IDS).logits)
+
+
+def test_a_refused_load_leaves_the_copy_fused_as_it_was(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    _clock(monkeypatch, fused_ms=1.0)
+    saved = compile(_llama(layers=1), (IDS,), cache=False)
+    path = sparsekit.save(saved, tmp_path / "one_layer.safetensors")
+    _clock(monkeypatch, fused_ms=5.0)
+    copy = compile(_llama(), (IDS,), cache=False)  # two layers: not the file's model
+    before = {n: type(m) for n, m in copy.named_modules()}
+    with pytest.raises(ValueError, match="does not match"):
+        sparsekit.load(copy, path)
+    assert {n: type(m) for n, m in copy.named_modules()} == before
+
+
+def test_a_bad_fused_record_is_refused_and_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    _clock(monkeypatch, fused_ms=1.0)
+    saved = compile(_llama(), (IDS,), cache=False)
+    path = sparsekit.save(saved, tmp_path / "fused.safetensors")
+    assert json.loads(checkpoint.read_metadata(path)["fused"]) == fused_groups(saved)
+    for text in ('["x"]', "{", "[[1, 2]]"):  # the header's record, malformed
+        with pytest.raises(ValueError, match="groups of two or more"):
+            checkpoint._fused_groups({"fused": text}, path)
+    _clock(monkeypatch, fused_ms=5.0)
+    copy = compile(_llama(), (IDS,), cache=False)
+    before = {n: type(m) for n, m in copy.named_modules()}
+    with pytest.raises(ValueError, match="names no layer"):
+        fused.conform(copy, {}, [["model.layers.0.mlp.up_proj", "nothing.here"]])
+    assert {n: type(m) for n, m in copy.named_modules()} == before
 
 
 def test_the_second_compile_times_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,6 +36,7 @@ from torch import nn
 
 from sparsekit._atomic import atomic_write
 from sparsekit._checks import check_module
+from sparsekit.engine import fused
 from sparsekit.masks import MaskSet, keeps_everything, pattern_view
 from sparsekit.patterns import Pattern, parse_pattern
 
@@ -116,8 +117,8 @@ def save(
                                  "accepted: str that encode to UTF-8") from None
     mask_of = masks.masks if masks is not None else {}
     state = model.state_dict()
-    reserved = sorted({"tied", "format", "format_version", "pattern", "tensors", "digest"}
-                      & set(metadata or {}))
+    reserved = sorted({"tied", "fused", "format", "format_version", "pattern", "tensors",
+                       "digest"} & set(metadata or {}))
     if reserved:
         raise ValueError(f"metadata: keys {reserved} are the checkpoint's own header entries; "
                          "choose other names")
@@ -172,6 +173,7 @@ def save(
            if hasattr(model, "sparsekit_config") else {}),
         **(metadata or {}),
         **({"tied": json.dumps(tied, sort_keys=True)} if tied else {}),
+        **({"fused": json.dumps(groups)} if (groups := fused.groups(model)) else {}),
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "pattern": masks.pattern if masks is not None else "none",
@@ -216,6 +218,35 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
     _check_materialized(model)
     stored = _open(path)
     state = _declared_state(stored)  # nothing decoded yet
+    # compiled layers fused (or not) as the saved model's were: fusing is decided by timing
+    try:
+        restore = fused.conform(model, state, _fused_groups(stored.meta, path))
+    except ValueError as err:
+        raise ValueError(f"{path} does not match this model: {err}") from None
+    try:
+        return _load(model, path, stored, state)
+    except BaseException:
+        restore()
+        raise
+
+
+def _fused_groups(meta: dict[str, str], path: str | os.PathLike) -> list[list[str]]:
+    """The fused groups a file records (:func:`sparsekit.engine.fused.groups`)."""
+    try:
+        groups = json.loads(meta["fused"]) if "fused" in meta else []
+    except json.JSONDecodeError:
+        groups = None
+    if not (isinstance(groups, list) and all(
+            isinstance(g, list) and len(g) >= 2 and all(isinstance(n, str) for n in g)
+            for g in groups)):
+        raise ValueError(f"{path}: header entry 'fused' must list groups of two or more layer "
+                         f"names, got {meta['fused']!r:.100}")
+    return groups
+
+
+def _load(model: nn.Module, path: str | os.PathLike, stored: _Stored,
+          state: dict[str, torch.Tensor]) -> MaskSet:
+    """:func:`load` once ``model``'s compiled layers are fused as the file's."""
     try:
         own = expected_state(model, state)
     # RuntimeError/NotImplementedError: a compiled layer's entry stored compressed reaches

@@ -39,6 +39,7 @@ from torch import nn
 from sparsekit import checkpoint
 from sparsekit._atomic import atomic_write, directory_lock, sync
 from sparsekit._checks import ArgumentTypeError
+from sparsekit.engine import fused
 from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import ActivationSparseLinear, check_column_index
 from sparsekit.engine.compiled_conv import CompiledConv2d
@@ -449,11 +450,9 @@ def _install_fused(model: nn.Module, spec: dict[str, Any], weights: Path) -> Non
         {(layer.in_features, layer.bias is None) for layer in layers}
     ) != 1:
         raise ValueError(f"{weights}: fused group {names} does not match this architecture")
-    bias = None if layers[0].bias is None else torch.cat([x.bias.detach() for x in layers])
-    stacked = nn.Linear(layers[0].in_features, sum(sizes), bias=bias is not None,
-                        dtype=layers[0].weight.dtype)
-    group = FusedProjections(CompiledLinear.from_linear(stacked), sizes)
-    for name, member in zip(names, group.members(), strict=True):
+    members = fused.placeholder(layers[0].in_features, sizes, layers[0].bias is not None,
+                                layers[0].weight.dtype)
+    for name, member in zip(names, members, strict=True):
         _replace(model, name, member)
 
 

@@ -22,11 +22,16 @@ those of the original layers (up to float rounding). Because the check is a Pyth
 identity test on the traced tensors, ``torch.export`` and ``torch.compile(fullgraph=True)``
 trace a fused model into one kernel call per group. A fused model is not meant to be run
 from several threads at once.
+
+Whether a group fuses is decided by timing, so two compiles of one model may fuse
+differently; :func:`groups` names a model's groups (:func:`sparsekit.save` records them)
+and :func:`conform` fuses or separates a compiled model's layers as a checkpoint's were,
+so that it loads into either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import nn
@@ -37,7 +42,8 @@ from sparsekit.engine.compiled_linear import CompiledLinear, dense_linear
 from sparsekit.observe import inference
 from sparsekit.quantize import attach_scales, attached_scales
 
-__all__ = ["FusedLinear", "FusedProjections", "shared_inputs", "stack"]
+__all__ = ["FusedLinear", "FusedProjections", "conform", "groups", "placeholder", "shared_inputs",
+           "stack"]
 
 
 def shared_inputs(model: nn.Module, inputs: tuple[object, ...]) -> list[list[str]]:
@@ -216,3 +222,78 @@ class FusedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rows {self.start}..{self.start + self.out_features} of a fused group")
+
+
+def groups(model: nn.Module) -> list[list[str]]:
+    """The member names of each fused group of ``model``, in member order (the first holds
+    the stacked weight)."""
+    found: dict[int, dict[int, str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, FusedLinear):
+            found.setdefault(id(module._group), {}).setdefault(module.index, name)
+    return [[members[i] for i in sorted(members)] for members in found.values()]
+
+
+def placeholder(in_features: int, sizes: Sequence[int], bias: bool,
+                dtype: torch.dtype) -> list[FusedLinear]:
+    """The members of a fused group of ``sizes`` rows over ``in_features`` inputs whose
+    stacked layer is a zero dense :class:`CompiledLinear`: a skeleton for a state to load
+    into (loading installs the state's format)."""
+    stacked = nn.Linear(in_features, sum(sizes), bias=bias, dtype=dtype)
+    with torch.no_grad():
+        stacked.weight.zero_()
+    return FusedProjections(CompiledLinear.from_linear(stacked), sizes).members()
+
+
+def conform(model: nn.Module, keys: Collection[str],
+            saved: Sequence[Sequence[str]]) -> Callable[[], None]:
+    """Fuse and separate the compiled layers of ``model`` as those of the model whose state
+    has ``keys`` were, whose fused groups were ``saved`` (:func:`groups`); return the
+    function that puts the replaced modules back.
+
+    A group of ``model`` whose stacked weight the state lacks, while it holds its members'
+    own entries, becomes separate compiled layers; a ``saved`` group whose members
+    ``model`` holds apart becomes one (:func:`placeholder`). Either way the state's
+    tensors then decide every format, as for any compiled layer."""
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def put(name: str, new: nn.Module) -> None:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        replaced.append((parent, leaf, parent._modules[leaf]))
+        setattr(parent, leaf, new)
+
+    def undo() -> None:
+        for parent, leaf, old in reversed(replaced):
+            setattr(parent, leaf, old)
+
+    stored = {key.rpartition(".")[0] for key in keys}
+    try:
+        for members in groups(model):
+            if any(s.startswith(f"{members[0]}.group.") for s in stored):
+                continue
+            if any(s == m or s.startswith(f"{m}.") for m in members for s in stored):
+                for name in members:
+                    put(name, CompiledLinear.from_linear(model.get_submodule(name).to_linear()))
+        for members in saved:
+            try:
+                layers = [model.get_submodule(name) for name in members]
+            except AttributeError as err:
+                raise ValueError(f"a fused group of the saved model, {members}, names no layer "
+                                 f"of this one: {err}") from None
+            if not all(hasattr(layer, "in_features") and hasattr(layer, "out_features")
+                       for layer in layers):
+                raise ValueError(f"a fused group of the saved model, {members}, names layers "
+                                 "that are no linear layers here")
+            if any(isinstance(layer, FusedLinear) for layer in layers):
+                continue
+            bias = getattr(layers[0], "bias", None)  # the stacked bias takes its dtype
+            sizes = [layer.out_features for layer in layers]
+            dtype = torch.float32 if bias is None else bias.dtype
+            for name, member in zip(members, placeholder(layers[0].in_features, sizes,
+                                                         bias is not None, dtype), strict=True):
+                put(name, member)
+    except BaseException:
+        undo()
+        raise
+    return undo
