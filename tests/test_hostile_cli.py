@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import user_error
 from safetensors.torch import load_file, save_file
 
 import sparsekit
@@ -42,16 +43,6 @@ def ckpt(dense_file, tmp_path) -> Path:
     path = tmp_path / "model.safetensors"
     shutil.copyfile(dense_file, path)
     return path
-
-
-def user_error(capsys, *argv: str) -> str:
-    """Run the CLI, assert a one-line user error with status 2, and return that line."""
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err and err.count("\n") == 0, err
-    assert err.startswith("sparsekit ") and ": error: " in err
-    return err
 
 
 def with_metadata(src: Path, dst: Path, *, seal: bool = True, **entries: str) -> Path:

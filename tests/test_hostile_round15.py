@@ -20,28 +20,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import user_error
 from _state import snapshot, unchanged
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import sparsekit
 from sparsekit import checkpoint
-from sparsekit.cli.main import main
 from sparsekit.finetune.delta import Delta
 from sparsekit.models import lenet_300_100
 
 peft = pytest.importorskip("peft")
 from sparsekit.finetune import merge_lora, sparse_lora  # noqa: E402
-
-
-def user_error(capsys, *argv: str) -> str:
-    """Run the CLI, assert a one-line user error with status 2, and return that line."""
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err and err.count("\n") == 0, err
-    assert err.startswith("sparsekit ") and ": error: " in err
-    return err
 
 
 def resealed(src: Path, dst: Path, **shapes: list[int]) -> Path:
