@@ -98,6 +98,16 @@ def test_nan_in_both_is_unchanged_and_in_one_is_changed():
     assert DiffRow("z", (2,), 2, 1, 1.0, 0.0).relative_norm == math.inf
 
 
+def test_json_of_an_update_to_an_all_zero_tensor_is_strict_json():
+    # its relative norm is infinite; json.dumps wrote `Infinity`, which jq refuses
+    a, b = {"w": torch.zeros(4), "v": torch.ones(2)}, {"w": torch.ones(4), "v": torch.ones(2)}
+    result = sparsekit.diff(a, b)
+    text = json.dumps(result.to_dict(), allow_nan=False)  # raises on inf / nan
+    rows = {r["name"]: r for r in json.loads(text)["rows"]}
+    assert rows["w"]["relative_norm"] is None and rows["v"]["relative_norm"] == 0.0
+    assert result.rows[0].relative_norm == math.inf  # the Python value stays a float
+
+
 def test_output_formats():
     result = sparsekit.diff(*_pair(4))
     text = result.to_markdown()

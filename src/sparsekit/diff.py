@@ -81,10 +81,16 @@ class Diff:
         return [r for r in self.rows if r.changed]
 
     def to_dict(self) -> dict[str, object]:
-        """Rows and totals as plain JSON types."""
+        """Rows and totals as plain JSON types: an infinite relative norm (an update of an
+        all-zero tensor, e.g. LoRA's ``lora_B`` at initialisation) is ``None`` (JSON
+        ``null``), since JSON has no ``Infinity`` (``json.dumps`` wrote one that strict
+        parsers such as ``jq`` refuse)."""
         rows = [{"name": r.name, "shape": list(r.shape), "numel": r.numel, "changed": r.changed,
-                 "density": r.density, "relative_norm": r.relative_norm} for r in self.rows]
-        return {"rows": rows, "totals": self.totals}
+                 "density": r.density, "relative_norm": _finite(r.relative_norm)}
+                for r in self.rows]
+        totals = self.totals
+        return {"rows": rows, "totals": {**totals,
+                                         "relative_norm": _finite(totals["relative_norm"])}}
 
     def to_markdown(self) -> str:
         """A GitHub-flavoured Markdown table with a bold total row."""
@@ -235,6 +241,10 @@ def _sharded_state(index: Path, param: str) -> dict[str, torch.Tensor]:
     if missing:
         raise ValueError(f"{where} maps {_few(missing)} to shards that do not hold them")
     return {k: shards[shard][k] for k, shard in weight_map.items()}
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _ratio(num: float, den: float) -> float:
