@@ -84,6 +84,14 @@ def check_module(name: str, value: Any) -> None:
         raise ArgumentTypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
 
 
+def check_materialized(name: str, tensor: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``tensor`` is on the meta device: it holds no
+    values, and the first read of one (``.item()``, a comparison) failed inside PyTorch."""
+    if tensor.is_meta:
+        raise ValueError(f"{name} is on the meta device and holds no values; accepted: a tensor "
+                         "on a real device (cpu, cuda): load or materialize it first")
+
+
 def check_seed(name: str, value: Any) -> None:
     """Raise unless ``value`` is an int (not a bool) in [0, :data:`MAX_SEED`]: the check of
     every public ``seed=``."""

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsekit._checks import ArgumentTypeError, check_module, check_optimizer
+from sparsekit._checks import ArgumentTypeError, check_materialized, check_module, check_optimizer
 from sparsekit.distributed import check_same_on_ranks, is_sharded, local, shard_like
 from sparsekit.patterns import Pattern, parse_pattern
 from sparsekit.targets import stores_transposed
@@ -449,9 +449,7 @@ def check_mask(name: str, mask: object, shape: torch.Size | tuple[int, ...]) -> 
             f"{name} must be a dense (strided) bool tensor, got layout {mask.layout}; "
             "convert with `.to_dense()`"
         )
-    if mask.is_meta:
-        raise ValueError(f"{name} is on the meta device, without values; pass a mask that "
-                         "holds them (on the CPU or the weight's device)")
+    check_materialized(name, mask)
 
 
 def pattern_view(model: nn.Module, name: str, mask: torch.Tensor) -> torch.Tensor:

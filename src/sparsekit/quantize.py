@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_module
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, check_module
 
 __all__ = [
     "INT8_MAX", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8",
@@ -255,9 +255,7 @@ def _check_weight(name: str, weight: Any, group_size: int | None) -> None:
                 f"group_size must be an int in [1, {most}] (at most the {weight.shape[1]} "
                 f"inputs of a row of {name}; {most} is one group per row), got {group_size}"
             )
-    if weight.is_meta:
-        raise ValueError(f"{name} is on the meta device and holds no values; accepted: a "
-                         "tensor on a real device (cpu, cuda): load the weights first")
+    check_materialized(name, weight)
     if not weight.is_floating_point():
         return
     if not bool(weight.detach().isfinite().all()):
@@ -307,9 +305,7 @@ def _check_scales(weight: torch.Tensor, scales: Any, group_size: int | None) -> 
             f"{tuple(weight.shape)} (group_size={group_size}), got {scales.dtype} "
             f"{tuple(scales.shape)}"
         )
-    if scales.is_meta:
-        raise ValueError("scales are on the meta device and hold no values; accepted: "
-                         "scales on a real device (cpu, cuda)")
+    check_materialized("scales", scales)
     check_scale_values(scales.detach().to(torch.float32))
 
 

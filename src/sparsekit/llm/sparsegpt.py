@@ -17,7 +17,13 @@ import math
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError, check_fraction, check_int, check_positive
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_fraction,
+    check_int,
+    check_materialized,
+    check_positive,
+)
 from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from sparsekit.quantize import check_scale_values, fake_quantize
 
@@ -139,9 +145,8 @@ def _check_arguments(
         if t is not None and not isinstance(t, torch.Tensor):
             raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("W", W), ("H", H), ("scales", scales)):
-        if t is not None and t.is_meta:  # "Tensor.item() cannot be called on meta tensors"
-            raise ValueError(f"{name} is on the meta device and holds no values; accepted: "
-                             "a tensor on a real device (cpu, cuda)")
+        if t is not None:
+            check_materialized(name, t)
     for name, t in (("W", W), ("H", H)):
         if not t.is_floating_point():  # complex, integer or bool
             raise ArgumentTypeError(f"{name} must be a real floating-point tensor, got "
