@@ -255,17 +255,15 @@ def conform(model: nn.Module, keys: Collection[str],
     own entries, becomes separate compiled layers; a ``saved`` group whose members
     ``model`` holds apart becomes one (:func:`placeholder`). Either way the state's
     tensors then decide every format, as for any compiled layer."""
-    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    replaced: list[tuple[str, nn.Module]] = []
 
     def put(name: str, new: nn.Module) -> None:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        replaced.append((parent, leaf, parent._modules[leaf]))
-        setattr(parent, leaf, new)
+        replaced.append((name, model.get_submodule(name)))
+        model.set_submodule(name, new)
 
     def undo() -> None:
-        for parent, leaf, old in reversed(replaced):
-            setattr(parent, leaf, old)
+        for name, old in reversed(replaced):
+            model.set_submodule(name, old)
 
     stored = {key.rpartition(".")[0] for key in keys}
     try:
