@@ -111,14 +111,26 @@ inline float row_dot(const Value* v, const I* c, int64_t n, const float* x) {
   return tail;
 }
 
+// Whether a row of `nonzeros` of `cols` inputs takes x from windows (row_dot<true>): the
+// expected column span of a vector of its nonzeros is at most kMaxFill of the window.
+inline bool windows_pay(int64_t cols, int64_t nonzeros) {
+  return static_cast<double>((kLanes - 1) * cols) <=
+         kMaxFill * static_cast<double>(kWindow) * static_cast<double>(nonzeros);
+}
+
+// x (cols inputs) zero-padded by kWindow in this thread's buffer: a window never reads past
+// it (reused across calls).
+inline const float* padded(const float* x, int64_t cols) {
+  thread_local std::vector<float> xpad;
+  xpad.assign(cols + kWindow, 0.f);
+  std::memcpy(xpad.data(), x, cols * sizeof(float));
+  return xpad.data();
+}
+
 template <typename Value, typename I>
 void gemv(const Value* v, const I* c, const int32_t* rowptr, int64_t rows, int64_t cols,
           const float* x_in, Output out, float* y, int T) {
-  thread_local std::vector<float> xpad;  // x zero-padded: a window never reads past it
-  xpad.assign(cols + kWindow, 0.f);
-  std::memcpy(xpad.data(), x_in, cols * sizeof(float));
-  const float* x = xpad.data();
-  const double max_span = kMaxFill * static_cast<double>(kWindow);
+  const float* x = padded(x_in, cols);
 #pragma omp parallel num_threads(T)
   {
     int64_t r0, r1;
@@ -134,7 +146,7 @@ void gemv(const Value* v, const I* c, const int32_t* rowptr, int64_t rows, int64
         if (sizeof(Value) == 4) __builtin_prefetch(v + ahead + 16, 0, 3);
         __builtin_prefetch(c + ahead, 0, 3);
       }
-      const bool windowed = static_cast<double>((kLanes - 1) * cols) <= max_span * (e - s);
+      const bool windowed = windows_pay(cols, e - s);
       const float sum = windowed ? row_dot<true>(v + s, c + s, e - s, x)
                                  : row_dot<false>(v + s, c + s, e - s, x);
       y[r] = finish(out, sum, r);

@@ -29,15 +29,8 @@ struct FanIn {
 template <typename Value, typename I>
 void gemv(const FanIn<Value>& w, const I* c, int64_t cols, const float* x_in, float* y, int T) {
   constexpr int64_t kLine = 64 / sizeof(Value);  // values per cache line
-  const bool windowed = static_cast<double>((csr::kLanes - 1) * cols) <=
-                        csr::kMaxFill * static_cast<double>(csr::kWindow * w.k);
-  thread_local std::vector<float> xpad;  // x zero-padded: a window never reads past it
-  const float* x = x_in;
-  if (windowed) {
-    xpad.assign(cols + csr::kWindow, 0.f);
-    std::memcpy(xpad.data(), x_in, cols * sizeof(float));
-    x = xpad.data();
-  }
+  const bool windowed = csr::windows_pay(cols, w.k);
+  const float* x = windowed ? csr::padded(x_in, cols) : x_in;
 #pragma omp parallel for num_threads(T) schedule(static)
   for (int64_t r = 0; r < w.n; ++r) {
     const Value* vr = w.v + r * w.k;
