@@ -79,3 +79,31 @@ def test_bad_modules_json_is_refused_before_pruning(tmp_path, capsys):
     assert main(argv) == 2
     assert "no folder inside" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_group_size_writes_a_grouped_grid(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir, out = _llama_dir(tmp_path), tmp_path / "out"
+    argv = ["llm-prune", str(model_dir), "--calib", str(tmp_path / "calib.txt"), "--out",
+            str(out), "--method", "wanda", "--quantize", "int8", "--group-size", "16",
+            "--nsamples", "4", "--seqlen", "32", "--markdown"]
+    assert main(argv) == 0
+    assert "int8 g16" in capsys.readouterr().out
+    proj = sparsekit.from_pretrained(out).model.layers[0].mlp.down_proj  # 64 inputs
+    scales = getattr(proj, SCALE_NAME)
+    assert scales.shape == (32, 4)
+    codes = proj.weight / scales.repeat_interleave(16, dim=1)
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 127.001
+
+
+@pytest.mark.parametrize(("extra", "error"), [
+    (["--group-size", "16"], "--group-size must be an int ≥ 1 given with --quantize int8 "
+                             "(one int8 scale per group of inputs), got 16 without --quantize"),
+    (["--quantize", "int8", "--group-size", "0"], "--group-size must be an int ≥ 1"),
+])
+def test_bad_group_size_is_refused_before_loading(tmp_path, capsys, extra, error):
+    argv = ["llm-prune", str(tmp_path / "missing"), "--calib", str(tmp_path / "calib.txt"),
+            "--out", str(tmp_path / "out"), *extra]
+    assert main(argv) == 2
+    assert error in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

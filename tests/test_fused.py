@@ -302,8 +302,13 @@ def test_stack_carries_the_int8_scales_of_its_layers() -> None:
                        torch.cat([attached_scales(layer) for layer in layers]))
     attach_scales(layers[1], int8_scales(layers[1].weight))
     del layers[1]._buffers["weight_scale"]
-    with pytest.raises(ValueError, match="int8 scales presence"):
+    with pytest.raises(ValueError, match=r"int8 scales \(none, per row or their number"):
         stack(layers)
+    attach_scales(layers[1], int8_scales(layers[1].weight, 4))  # per group of 4 inputs
+    with pytest.raises(ValueError, match=r"int8 scales \(none, per row or their number"):
+        stack(layers)
+    attach_scales(layers[0], int8_scales(layers[0].weight, 4))
+    assert attached_scales(stack(layers)).shape == (8, 2)
 
 
 def test_an_int8_quantized_llama_fuses_on_its_own_grid(monkeypatch: pytest.MonkeyPatch) -> None:

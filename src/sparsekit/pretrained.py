@@ -51,6 +51,7 @@ from sparsekit.quantize import (
     attach_scales,
     attached_scales,
     dequantize_int8,
+    group_size_of,
     int8_scales,
     quantize_int8,
 )
@@ -211,7 +212,8 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     with config_errors(str(config_file)):
         model = cls._from_config(config, dtype=checkpoint._DTYPES[record["dtype"]])
     _install_compiled(model, record["compiled"], weights, infos)
-    _install_scales(model, [k for k in infos if k.endswith(f".{SCALE_NAME}")], weights)
+    _install_scales(model, {k: v.shape for k, v in infos.items() if k.endswith(f".{SCALE_NAME}")},
+                    weights)
     cast = record["cast"] or {"keys": [], "dtype": None}
     stored_dtype = None if not cast["keys"] else checkpoint._DTYPES[cast["dtype"]]
     with _stored_as(model, cast["keys"], stored_dtype, restore=False) as originals:
@@ -426,10 +428,11 @@ def _check_activation_layers(model: nn.Module, weights: Path) -> None:
                                layer.out_features, layer.block, name=f"{weights}: {name}")
 
 
-def _install_scales(model: nn.Module, keys: list[str], weights: Path) -> None:
+def _install_scales(model: nn.Module, shapes: dict[str, tuple[int, ...]], weights: Path) -> None:
     """Give the layers whose int8 scales the file holds (``llm.prune(..., quantize="int8")``)
-    a placeholder of that buffer, which loading fills."""
-    for key in keys:
+    a placeholder of that buffer, which loading fills: one scale per row, or the file's
+    ``(rows, groups)`` where its groups divide the layer's inputs (a grid per group)."""
+    for key, shape in shapes.items():
         owner = key[: -len(SCALE_NAME) - 1]
         try:
             layer = model.get_submodule(owner)
@@ -437,7 +440,9 @@ def _install_scales(model: nn.Module, keys: list[str], weights: Path) -> None:
             continue  # not this model's: reported by sparsekit.load as unexpected
         weight = getattr(layer, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-            attach_scales(layer, torch.ones(weight.shape[0]))
+            grouped = (len(shape) == 2 and shape[0] == weight.shape[0] and shape[1] >= 1
+                       and weight.shape[1] % shape[1] == 0)
+            attach_scales(layer, torch.ones(tuple(shape) if grouped else weight.shape[:1]))
 
 
 def _install_fused(model: nn.Module, spec: dict[str, Any], weights: Path) -> None:
@@ -614,7 +619,7 @@ def _int8(model: nn.Module, key: str, tensor: torch.Tensor) -> tuple[torch.Tenso
     rows = tensor.reshape(tensor.shape[0], -1)
     grid = attached_scales(model.get_submodule(owner)) if leaf == "weight" else None
     scales = grid if grid is not None and tensor.dim() == 2 else int8_scales(rows)
-    codes, scales = quantize_int8(rows, scales)
+    codes, scales = quantize_int8(rows, scales, group_size_of(rows, scales))
     return codes.reshape(tensor.shape), scales
 
 
@@ -633,7 +638,8 @@ def _restored(model: nn.Module, key: str, stored: torch.dtype) -> torch.Tensor:
     if stored != torch.int8:
         return tensor
     scales = _row_scales(model, key, pop=True)
-    return dequantize_int8(tensor.reshape(tensor.shape[0], -1), scales).reshape(tensor.shape)
+    rows = tensor.reshape(tensor.shape[0], -1)
+    return dequantize_int8(rows, scales, group_size_of(rows, scales)).reshape(tensor.shape)
 
 
 def _write_config(model: nn.Module, file: Path) -> None:

@@ -14,7 +14,9 @@ are float32 in every kernel; only the stored values are 8-bit.
 
 A layer whose weight already lies on an int8 grid (``sparsekit.llm.prune(...,
 quantize="int8")``) carries that grid's scales as a float32 buffer named
-:data:`SCALE_NAME` (``weight_scale``, the name compressed-tensors also uses):
+:data:`SCALE_NAME` (``weight_scale``, the name compressed-tensors also uses), of shape
+``(out,)`` or, for groups, ``(out, in / group_size)`` (an attached grid's groups divide the
+row evenly, so the shape says the group size: :func:`group_size_of`):
 :func:`attach_scales` sets it, :func:`attached_scales` reads it, :func:`detach_scales`
 drops it once the weight leaves the grid (pruning again without quantizing), and
 :func:`sparsekit.compile` then stores exactly those codes. ``load_state_dict`` refuses a
@@ -35,8 +37,8 @@ from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, 
 
 __all__ = [
     "INT8_MAX", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8",
-    "detach_scales",
-    "fake_quantize", "guard_loading", "int8_scales", "quantize_int8",
+    "detach_scales", "fake_quantize", "group_size_of", "guard_loading", "int8_scales",
+    "quantize_int8",
 ]
 
 INT8_MAX = 127  # symmetric: -128 is never used, so negating a code never overflows
@@ -129,8 +131,9 @@ def fake_quantize(
 
 def attach_scales(module: nn.Module, scales: torch.Tensor) -> None:
     """Record that ``module.weight`` lies on the int8 grid of ``scales`` (one per output
-    channel) as a float32 buffer :data:`SCALE_NAME`, saved with the module's
-    ``state_dict``.
+    channel, ``(out,)``, or one per group of inputs, ``(out, groups)`` with ``groups``
+    dividing ``in``: groups of ``in / groups`` inputs) as a float32 buffer
+    :data:`SCALE_NAME`, saved with the module's ``state_dict``.
 
     The scales are checked as the float32 values stored (a float64 scale float32 cannot
     hold became a zero or infinite one), and a ``weight_scale`` the module already has that
@@ -142,7 +145,7 @@ def attach_scales(module: nn.Module, scales: torch.Tensor) -> None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"module must have a 2-D weight, got {type(module).__name__}")
-    _check_scales(weight, scales, None)
+    _check_scales(weight, scales, group_size_of(weight, scales))
     stored = scales.detach().to(torch.float32).clone()
     check_scale_values(stored)
     if hasattr(module, SCALE_NAME) and SCALE_NAME not in module._buffers:
@@ -159,6 +162,26 @@ def attached_scales(module: nn.Module) -> torch.Tensor | None:
     check_module("module", module)
     scales = module._buffers.get(SCALE_NAME)
     return scales if isinstance(scales, torch.Tensor) else None
+
+
+def group_size_of(weight: torch.Tensor, scales: torch.Tensor) -> int | None:
+    """The group size of an attached int8 grid: ``None`` for ``scales`` of one per row
+    (``(out,)``), ``in / groups`` for ``(out, groups)`` scales whose ``groups`` divide
+    ``weight``'s ``in`` inputs evenly (a ``ValueError`` otherwise: a grid with a last
+    partial group has no group size its shape says, so it cannot be attached)."""
+    if not isinstance(scales, torch.Tensor) or scales.dim() != 2:
+        return None  # one per row, or malformed: the scale checks name it
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got {type(weight).__name__} "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    cols, groups = weight.shape[1], scales.shape[1]
+    if groups < 1 or cols % groups:
+        raise ValueError(
+            f"scales of shape {tuple(scales.shape)} do not divide the {cols} inputs of a "
+            f"weight of shape {tuple(weight.shape)} into equal groups; accepted: one scale per "
+            f"row ({weight.shape[0]},) or (rows, groups) with groups dividing {cols}"
+        )
+    return cols // groups
 
 
 def detach_scales(module: nn.Module) -> None:

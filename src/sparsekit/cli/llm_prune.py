@@ -53,12 +53,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=["int8"],
                    help="also round the kept weights to int8 (per output channel; SparseGPT "
                    "compensates the rounding error)")
+    p.add_argument("--group-size", type=int,
+                   help="with --quantize: one int8 scale per row and group of this many "
+                   "inputs (e.g. 128; must divide every pruned layer's inputs)")
     p.add_argument("--dense-dtype", choices=["bf16"],
                    help="store the tensors that stay dense (embeddings, norms) in this dtype")
     p.add_argument("--device", help="device to prune each block on (e.g. cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", action="store_true", help="print Markdown instead of a table")
     p.set_defaults(run=run)
+
+
+def _grid(args: argparse.Namespace) -> str:
+    """The int8 grid for the summary line: ``", int8"`` or ``", int8 g128"``."""
+    if args.quantize is None:
+        return ""
+    return f", int8{'' if args.group_size is None else f' g{args.group_size}'}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.nsamples}")
     if args.seqlen is not None and args.seqlen < 1:
         raise UsageError(f"--seqlen must be an int ≥ 1 (tokens per window), got {args.seqlen}")
+    if args.group_size is not None and (args.quantize is None or args.group_size < 1):
+        raise UsageError(f"--group-size must be an int ≥ 1 given with --quantize int8 (one "
+                         f"int8 scale per group of inputs), got {args.group_size}"
+                         f"{'' if args.quantize else ' without --quantize'}")
     if args.eval_tokens < 2:
         raise UsageError(f"--eval-tokens must be an int ≥ 2 (perplexity scores each token "
                          f"after the first), got {args.eval_tokens}")
@@ -103,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
             model, args.calib, tokenizer=tokenizer, method=args.method, sparsity=args.sparsity,
             pattern=args.pattern, allocation=args.allocation, nsamples=args.nsamples,
             seqlen=args.seqlen, device=args.device, seed=args.seed, quantize=args.quantize,
+            group_size=args.group_size,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     after = quality(dense)
@@ -113,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     show(rep, markdown=args.markdown)
     metric = "perplexity" if causal else "embedding similarity to dense"
     print(f"{metric}: {before:.4f} dense -> {after:.4f} pruned "
-          f"({args.method}, {args.pattern}{', int8' if args.quantize else ''}, "
+          f"({args.method}, {args.pattern}{_grid(args)}, "
           f"sparsity {masks.sparsity():.2%})")
     before_size, after_size = directory_size(Path(args.model_dir)), directory_size(out)
     print(f"wrote {out}/ (sparsekit.save_pretrained; load with sparsekit.from_pretrained): "

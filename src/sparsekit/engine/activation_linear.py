@@ -338,12 +338,22 @@ class ActivationSparseLinear(BoundArguments):
         ``value_dtype`` is the dtype of the stored weights: ``None`` keeps ``linear``'s,
         except that a layer carrying int8 scales (:func:`sparsekit.quantize.attach_scales`)
         stores exactly those int8 codes; ``torch.int8`` rounds the weight to int8 codes on
-        its attached scales, else on one scale per row (largest magnitude / 127). Inputs
-        and outputs keep ``linear``'s dtype.
+        its attached scales, else on one scale per row (largest magnitude / 127). A grid
+        with one scale per group of inputs (``sparsekit.llm.prune(..., group_size=...)``)
+        stays the float weight it is: these kernels read one scale per row. Inputs and
+        outputs keep ``linear``'s dtype.
         """
         scales = attached_scales(linear)
         if value_dtype not in (None, torch.int8):
             raise ValueError(f"value_dtype must be None or torch.int8, got {value_dtype!r}")
+        if scales is not None and scales.dim() == 2:  # per-group scales: kept as floats
+            if value_dtype is not None:
+                raise ValueError(
+                    f"value_dtype=torch.int8: the activation-sparse kernels take one int8 "
+                    f"scale per row, and linear's grid has one per group of inputs (scales of "
+                    f"shape {tuple(scales.shape)}); accepted for it: value_dtype=None (its "
+                    "dequantized weight, as it is)")
+            scales = None
         if value_dtype is None and scales is None:
             return cls(linear.weight, linear.bias, threshold, threads=threads, kernel=kernel,
                        prefill=prefill)

@@ -322,6 +322,8 @@ def _compile_layer(
     value_dtype = torch.int8 if value_dtype is None and scales is not None else value_dtype
     stored = _with_value_dtype(layer, value_dtype)
     allowed, dense_allowed = _candidates(stored, names, value_dtype)
+    if _grouped(scales) and value_dtype == torch.int8:  # per-group scales: float inputs
+        allowed, activation = [n for n in allowed if n == "dense" or _takes_groups(n)], None
     if not allowed:  # forced formats that cannot hold this weight
         allowed, dense_allowed = ["dense"], True
     build = CompiledLinear.from_linear if type(layer) is nn.Linear else CompiledConv2d.from_conv2d
@@ -601,11 +603,11 @@ def _activation_layer(
     multi = [r for r in rows if r > 1]
     inputs = None if probe is None else _typical_first(probe.reshape(-1, layer.in_features),
                                                        threshold)
+    int8 = value_dtype == torch.int8 and not _grouped(attached_scales(layer))
     act, decode = ActivationSparseLinear.tuned(
         layer, threshold, threads=threads, prefill=_multi_row(weight_only) if multi else None,
-        rows=rows,
-        value_dtype=torch.int8 if value_dtype == torch.int8 else None, inputs=inputs,
-        activation_dtype=activation if value_dtype == torch.int8 else None,
+        rows=rows, value_dtype=torch.int8 if int8 else None, inputs=inputs,
+        activation_dtype=activation if int8 else None,
     )
     record = _activation_wins(act, weight_only, [1, *multi], inputs)
     return (act if record["chosen"] else weight_only), {**choice, "decode": decode,
@@ -780,6 +782,19 @@ def _candidates(
     if names is None:
         return holding, True
     return [n for n in holding if n in names], "dense" in names
+
+
+def _grouped(scales: torch.Tensor | None) -> bool:
+    """Whether a layer's attached int8 ``scales`` are per group of inputs ``(out, groups)``
+    (``sparsekit.llm.prune(..., group_size=...)``), which only the float-input kernels of
+    the formats with :attr:`~sparsekit.engine.formats.native.NativeFormat.group_scales`
+    read; the other int8 formats, the W8A8 kernels and the activation-sparse int8 kernels
+    take one scale per row."""
+    return scales is not None and scales.dim() == 2
+
+
+def _takes_groups(fmt: str) -> bool:
+    return getattr(FORMATS[fmt], "group_scales", False)
 
 
 def _int8_inputs(fmt: str, activation: torch.dtype | None) -> dict[str, object]:

@@ -88,8 +88,9 @@ def shared_inputs(model: nn.Module, inputs: tuple[object, ...]) -> list[list[str
 
 def _signature(layer: nn.Linear) -> tuple[object, ...]:
     weight = layer.weight
+    scales = attached_scales(layer)
     return (layer.in_features, weight.dtype, weight.device, layer.bias is not None,
-            attached_scales(layer) is not None)
+            None if scales is None else tuple(scales.shape[1:]))
 
 
 def stack(layers: Sequence[nn.Linear]) -> nn.Linear:
@@ -106,7 +107,8 @@ def stack(layers: Sequence[nn.Linear]) -> nn.Linear:
                                     f"{type(layer).__name__}")
     if len({_signature(layer) for layer in layers}) != 1:
         raise ValueError("layers must share in_features, dtype, device, bias presence and "
-                         f"int8 scales presence, got {[_signature(layer) for layer in layers]}")
+                         "int8 scales (none, per row or their number of groups), got "
+                         f"{[_signature(layer) for layer in layers]}")
     weight = torch.cat([layer.weight.detach() for layer in layers])
     bias = None if layers[0].bias is None else torch.cat([la.bias.detach() for la in layers])
     stacked = dense_linear(weight, bias)

@@ -4,15 +4,16 @@
 inputs over the calibration data (:class:`sparsekit.observe.InputStats`; ``None`` for
 data-free methods). The Wanda score is the one of :mod:`sparsekit.scores.wanda`.
 
-:func:`prune_layer` adds quantization. A layer's int8 grid (one scale per output row) is
-the one of its unquantized pruned weight: SparseGPT's OBS updates grow the kept weights (row
-maxima by up to 2x at 50 % on random layers), so the dense weight's grid, GPTQ's choice,
-would clip them. A method with a ``joint`` rule (SparseGPT) then prunes again onto that
-grid in one pass, compensating the rounding error (so SparseGPT sweeps each layer twice);
-any other is rounded to nearest. The mask is the method's: rounding never prunes a weight
-(a kept weight that rounds to zero stays kept), so magnitude and Wanda keep the masks they
-choose unquantized; SparseGPT's joint sweep chooses its masks adaptively from the weights it
-has updated, which now include the rounding compensation, so a few may differ.
+:func:`prune_layer` adds quantization. A layer's int8 grid (one scale per output row, or per
+row and group of inputs) is the one of its unquantized pruned weight: SparseGPT's OBS
+updates grow the kept weights (row maxima by up to 2x at 50 % on random layers), so the
+dense weight's grid, GPTQ's choice, would clip them. A method with a ``joint`` rule
+(SparseGPT) then prunes again onto that grid in one pass, compensating the rounding error
+(so SparseGPT sweeps each layer twice); any other is rounded to nearest. The mask is the
+method's: rounding never prunes a weight (a kept weight that rounds to zero stays kept), so
+magnitude and Wanda keep the masks they choose unquantized; SparseGPT's joint sweep chooses
+its masks adaptively from the weights it has updated, which now include the rounding
+compensation, so a few may differ.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ LayerPrune = Callable[[torch.Tensor, "InputStats | None", float, Pattern],
 JointPrune = Callable[[torch.Tensor, "InputStats | None", float, Pattern, torch.Tensor],
                       tuple[torch.Tensor, torch.Tensor]]
 """``fn(W, stats, sparsity, pattern, scales) -> (W_new, kept_mask)`` with ``W_new`` on the
-int8 grid of ``scales`` (one per output row)."""
+int8 grid of ``scales`` (one per output row, or ``(rows, groups)`` with ``groups`` dividing
+the inputs evenly)."""
 QUANTIZE = ("int8",)
 """The accepted ``quantize`` values besides ``None``."""
 
@@ -67,10 +69,12 @@ def prune_layer(
     sparsity: float,
     pattern: Pattern,
     quantize: str | None = None,
+    group_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(W_new, kept_mask, scales)``: ``W`` pruned by ``method`` and, with ``quantize="int8"``,
-    on the symmetric int8 grid of ``scales`` (float32, one per output row; ``None``
-    unquantized), the grid of the unquantized pruned weight (see the module's notes).
+    on the symmetric int8 grid of ``scales`` (float32, one per output row, or with
+    ``group_size`` one per row and group of ``group_size`` inputs; ``None`` unquantized), the
+    grid of the unquantized pruned weight (see the module's notes).
     """
     check_quantize(quantize)  # "int4" was quantized to int8 without a word
     if method.stats and stats is None:  # an AttributeError ('NoneType' ... 'norms')
@@ -79,9 +83,9 @@ def prune_layer(
     w, keep = method.prune(W, stats, sparsity, pattern)
     if quantize is None:
         return w, keep, None
-    scales = int8_scales(w)
+    scales = int8_scales(w, group_size)
     if method.joint is None:
-        return fake_quantize(w, scales), keep, scales
+        return fake_quantize(w, scales, group_size), keep, scales
     w, keep = method.joint(W, stats, sparsity, pattern, scales)
     return w, keep, scales
 

@@ -18,8 +18,10 @@ With ``quantize="int8"`` every pruned layer also ends on a symmetric per-output-
 grid (:func:`sparsekit.llm.methods.prune_layer`: SparseGPT compensates the rounding error
 inside its update, magnitude and Wanda round to nearest) and carries the grid's scales
 (:func:`sparsekit.quantize.attach_scales`), so :func:`sparsekit.compile` with
-``weight_dtype="int8"`` stores exactly those codes. The next block is calibrated on the
-outputs of the pruned *and* rounded block.
+``weight_dtype="int8"`` stores exactly those codes. With ``group_size`` the grid has one
+scale per row and group of ``group_size`` consecutive inputs instead (GPTQ's groups, e.g.
+128: a tighter grid where a row mixes large and small inputs). The next block is calibrated
+on the outputs of the pruned *and* rounded block.
 
 Under ``torchrun`` (a default process group with several ranks) every rank holds the whole
 model and the same calibration windows, and runs the blocks on its own share of the windows
@@ -84,6 +86,7 @@ def prune(
     batch_size: int = 8,
     progress: Progress | None = None,
     quantize: str | None = None,
+    group_size: int | None = None,
 ) -> MaskSet:
     """Prune the linear layers of ``model``'s transformer blocks; return the applied masks.
 
@@ -103,10 +106,12 @@ def prune(
 
     ``quantize="int8"`` rounds the kept weights of every pruned layer to a symmetric int8
     grid with one scale per output channel and attaches the scales as the float32 buffer
-    ``weight_scale`` (see the module's notes); it needs ``nn.Linear`` layers. The masks are
-    the pruning decisions: a kept weight that rounds to zero stays kept. ``model``'s
-    ``load_state_dict`` then refuses a ``weight_scale`` that is not positive and finite
-    before it loads anything (:func:`sparsekit.quantize.guard_loading`).
+    ``weight_scale`` (see the module's notes); it needs ``nn.Linear`` layers. With
+    ``group_size`` (an int dividing every pruned layer's ``in_features``) each row has one
+    scale per group of ``group_size`` inputs: ``weight_scale`` is ``(out, in /
+    group_size)``. The masks are the pruning decisions: a kept weight that rounds to zero
+    stays kept. ``model``'s ``load_state_dict`` then refuses a ``weight_scale`` that is not
+    positive and finite before it loads anything (:func:`sparsekit.quantize.guard_loading`).
 
     Under ``torchrun`` call it on every rank with the same model and calibration: each rank
     calibrates on its share of the windows (their number must be a multiple of the number
@@ -125,6 +130,11 @@ def prune(
                                 f"got {progress!r}")
     dev = _check_device(device)
     check_quantize(quantize)
+    if group_size is not None:
+        check_int("group_size", group_size, minimum=1)
+        if quantize is None:
+            raise ValueError(f"group_size={group_size!r} sets the int8 grid's groups: it needs "
+                             "quantize='int8' (accepted without it: group_size=None)")
     spec = METHODS.get(method)
     pat = check_options(sparsity, pattern, allocation)
     check_int("batch_size", batch_size, minimum=1)
@@ -140,6 +150,13 @@ def prune(
                 f"the layout the engine compiles); {layer.name!r} is a "
                 f"{type(layer.module).__name__}; accepted for this model: quantize=None "
                 f"(values: None, {', '.join(map(repr, QUANTIZE))})"
+            )
+        if group_size is not None and layer.shape[1] % group_size:
+            raise ValueError(
+                f"group_size must divide the inputs of every pruned layer (one scale per "
+                f"group, the groups of a row equal); {layer.name!r} has {layer.shape[1]} "
+                f"inputs, got group_size={group_size} (accepted: a divisor of every layer's "
+                "in_features, or None for one scale per row)"
             )
     tokens = calibration_tokens(calibration, tokenizer=tokenizer, nsamples=nsamples,
                                 seqlen=seqlen, seed=seed)
@@ -173,7 +190,7 @@ def prune(
             new = []
             for layer in layers[i]:
                 w, keep, scales = prune_layer(spec, layer.weight(), stats.get(layer.name),
-                                              sparsities[i], pat, quantize)
+                                              sparsities[i], pat, quantize, group_size)
                 new.append((layer, _check_weight(w, layer, method, pruned=i), keep, scales))
             for layer, w, keep, scales in new:  # the whole block, once all of it is checked
                 layer.set_weight(w)

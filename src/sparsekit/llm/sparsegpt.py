@@ -5,10 +5,11 @@ updating the not-yet-visited weights of its row through the Cholesky factor of H
 layer's output ‖WX − ŴX‖ stays small. The mask is chosen adaptively per block of columns
 (unstructured) or per group of M columns (N:M), as in the authors' reference code.
 
-Joint mode (the paper's "Joint Sparsification & Quantization"): given per-row int8 scales,
-fixed before the sweep, each kept weight of a column is rounded to that grid as the column
-is visited, and its rounding error joins the pruning error that the update compensates on
-the columns still to come; the result lies exactly on the grid.
+Joint mode (the paper's "Joint Sparsification & Quantization"): given int8 scales per row
+(or per row and group of consecutive inputs, GPTQ's groups), fixed before the sweep, each
+kept weight of a column is rounded to that grid as the column is visited, and its rounding
+error joins the pruning error that the update compensates on the columns still to come;
+the result lies exactly on the grid.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sparsekit._checks import (
     check_positive,
 )
 from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
-from sparsekit.quantize import check_scale_values, fake_quantize
+from sparsekit.quantize import check_scale_values, fake_quantize, group_size_of
 
 BLOCKSIZE = 128
 """Columns swept per block by default (the reference code's), rounded up to a multiple of M
@@ -48,10 +49,11 @@ def sparsegpt_prune(
     ``percdamp`` adds that fraction of the mean diagonal to H for numerical stability. H is
     first divided by the mean of its non-zero diagonal (which leaves the solution unchanged),
     so Hessians of very small or very large activations are pruned alike.
-    With ``scales`` (float32, one per output row; :func:`sparsekit.llm.methods.prune_layer`
-    passes the :func:`~sparsekit.quantize.int8_scales` of the unquantized result) the kept
-    weights are rounded to that int8 grid inside the sweep (joint mode): the returned
-    weights are ``dequantize_int8(codes, scales)`` exactly.
+    With ``scales`` (float32, one per output row, or ``(out, groups)`` for groups of
+    ``in / groups`` consecutive inputs; :func:`sparsekit.llm.methods.prune_layer` passes the
+    :func:`~sparsekit.quantize.int8_scales` of the unquantized result) the kept weights are
+    rounded to that int8 grid inside the sweep (joint mode): the returned weights are
+    ``dequantize_int8(codes, scales, group_size)`` exactly.
 
     The columns are swept ``blocksize`` at a time (default :data:`BLOCKSIZE`); for N:M
     patterns it must be a multiple of M, so that no group of M straddles two blocks, and
@@ -67,6 +69,7 @@ def sparsegpt_prune(
     ``percdamp`` too small for float32) is a ``ValueError`` naming ``percdamp``.
     """
     pat, blocksize = _check_arguments(W, H, sparsity, pattern, blocksize, percdamp, scales)
+    group = None if scales is None else group_size_of(W, scales)
     W = W.detach().float().clone(memory_format=torch.contiguous_format)
     H = H.detach().double()
     rows, cols = W.shape
@@ -112,7 +115,8 @@ def sparsegpt_prune(
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0)
             if scales is not None:  # the rounding error is compensated like the pruning error
-                q = fake_quantize(q.unsqueeze(1), scales).squeeze(1)
+                column = scales if group is None else scales[:, (i1 + i) // group]
+                q = fake_quantize(q.unsqueeze(1), column).squeeze(1)
             e = (w - q) / d[i]
             W1[:, i:] -= e.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             W1[:, i] = q
@@ -157,9 +161,13 @@ def _check_arguments(
     if tuple(H.shape) != (cols, cols):
         raise ValueError(f"H must be the ({cols}, {cols}) Hessian of W's {cols} inputs, got "
                          f"shape {tuple(H.shape)}")
-    if scales is not None and (tuple(scales.shape) != (rows,) or not scales.is_floating_point()):
-        raise ValueError(f"scales must be floating of shape ({rows},) (one per row of W), "
-                         f"got {scales.dtype} {tuple(scales.shape)}")
+    if scales is not None and (scales.shape[:1] != (rows,) or scales.dim() > 2
+                               or not scales.is_floating_point()):
+        raise ValueError(f"scales must be floating of shape ({rows},) (one per row of W) or "
+                         f"({rows}, groups) (one per row and group of inputs), got "
+                         f"{scales.dtype} {tuple(scales.shape)}")
+    if scales is not None:
+        group_size_of(W, scales)  # the groups divide the inputs evenly
     pat.check(W.shape, "W")
     for name, t in (("W", W), ("H", H), ("scales", scales)):
         if t is not None and not torch.isfinite(t).all():

@@ -59,8 +59,9 @@ class DenseFormat(Format):
 
 class DenseLowPrecision(NativeFormat):
     """A dense weight stored in bfloat16 (2 bytes per weight) or as int8 codes with one
-    float32 scale per row (1 byte), multiplied by sparsekit's ``dense_linear`` kernel with
-    float32 sums.
+    float32 scale per row (1 byte), or one per row and group of inputs (a layer pruned with
+    ``sparsekit.llm.prune(..., quantize="int8", group_size=128)``; float inputs only),
+    multiplied by sparsekit's ``dense_linear`` kernel with float32 sums.
 
     Where sparsity does not pay (a layer below the sparse break-even) the weight can still
     move 2× or 4× fewer bytes than float32: decoding is bandwidth-bound, so that is the
@@ -75,6 +76,7 @@ class DenseLowPrecision(NativeFormat):
     dtypes = (torch.float32, torch.bfloat16)
     value_dtypes = (torch.bfloat16, torch.int8)
     activation_dtypes = (torch.int8,)  # W8A8: the dense_qlinear op
+    group_scales = True
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:

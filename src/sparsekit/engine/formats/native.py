@@ -11,7 +11,7 @@ from sparsekit._checks import check_int
 from sparsekit.engine import kernels
 from sparsekit.engine.bound import BoundArguments, no_backward
 from sparsekit.engine.formats.base import Format, masked
-from sparsekit.quantize import dequantize_int8, quantize_int8
+from sparsekit.quantize import dequantize_int8, group_size_of, quantize_int8
 
 __all__ = ["INT8_INPUTS", "MAX_THREADS", "SCALES", "NativeFormat", "Operands"]
 
@@ -19,7 +19,9 @@ MAX_THREADS = 65536
 """The most threads the kernels take (``common.h``)."""
 
 SCALES = "scales"
-"""The optional buffer of int8 values: one float32 scale per output row."""
+"""The optional buffer of int8 values: one float32 scale per output row ``(out,)``, or, in
+formats with :attr:`NativeFormat.group_scales`, one per row and group of consecutive inputs
+``(out, groups)`` (``groups`` dividing ``in``)."""
 
 Operands = tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...], tuple[int, ...]]
 """A format's kernel op, its tensors before ``x`` and its ints between ``bias`` and
@@ -57,6 +59,7 @@ class NativeFormat(BoundArguments, Format):
     dtypes = (torch.float32,)
     value_dtypes = (torch.float32,)
     activation_dtypes: tuple[torch.dtype, ...] = ()  # int8: has W8A8 kernels
+    group_scales = False  # whose float-input kernels read int8 scales per group of inputs
     device = "cpu"
 
     def __init__(
@@ -94,10 +97,11 @@ class NativeFormat(BoundArguments, Format):
 
         ``value_dtype=None`` keeps ``weight``'s dtype, or is ``torch.int8`` when ``scales``
         are given. int8 values are the kept weights rounded to nearest on the grid of
-        ``scales`` (float32 ``(out_features,)``, used exactly: a layer's ``weight_scale``),
-        by default :func:`sparsekit.quantize.int8_scales` of the kept weights.
-        ``activation_dtype=torch.int8`` (one of :attr:`activation_dtypes`; int8 values only)
-        quantizes the inputs too (W8A8).
+        ``scales`` (float32 ``(out_features,)``, used exactly: a layer's ``weight_scale``;
+        ``(out_features, groups)`` per group of inputs where :attr:`group_scales`), by default
+        :func:`sparsekit.quantize.int8_scales` of the kept weights.
+        ``activation_dtype=torch.int8`` (one of :attr:`activation_dtypes`; int8 values only,
+        one scale per row) quantizes the inputs too (W8A8).
         """
         weight = masked(weight, mask)
         cls._check_dtype(weight)
@@ -108,9 +112,11 @@ class NativeFormat(BoundArguments, Format):
                 raise ValueError(f"scales are only for int8 values, got value_dtype={value_dtype}")
             tensors = cls.compress(weight.to(value_dtype), **options)
             return cls(tensors, tuple(weight.shape), threads)
-        codes, scales = quantize_int8(weight, scales)  # checks the scales' shape
+        if scales is not None:  # else int8_scales of the weight
+            cls.check_scales(cls.values_name or cls.buffer_names[0], torch.int8, scales,
+                             tuple(weight.shape), activation_dtype, stored=False)
+        codes, scales = quantize_int8(weight, scales, group_size_of(weight, scales))
         scales = scales.to(torch.float32).contiguous()
-        cls.check_scales(cls.values_name or cls.buffer_names[0], codes, scales, weight.shape[0])
         tensors = (*cls.compress(codes, **options), scales)
         if activation_dtype is not None:
             tensors = (*tensors, torch.tensor(True))
@@ -158,10 +164,11 @@ class NativeFormat(BoundArguments, Format):
         cls.check_layout(tensors[:count], shape)
         values_name = cls.values_name or names[0]
         values = tensors[names.index(values_name)]
-        cls.check_scales(values_name, values, tensors[count] if len(tensors) > count else None,
-                         shape[0])
-        if INT8_INPUTS in names:
-            mark = tensors[names.index(INT8_INPUTS)]
+        mark = tensors[names.index(INT8_INPUTS)] if INT8_INPUTS in names else None
+        cls.check_scales(values_name, values.dtype,
+                         tensors[count] if len(tensors) > count else None, tuple(shape),
+                         None if mark is None else torch.int8)
+        if mark is not None:
             if mark.dtype != torch.bool or mark.dim() != 0 or not bool(mark):
                 raise ValueError(f"buffer {INT8_INPUTS!r} must be a 0-d bool tensor holding True, "
                                  f"got {mark.dtype} of shape {tuple(mark.shape)}")
@@ -175,23 +182,44 @@ class NativeFormat(BoundArguments, Format):
         valid ``shape`` weight of this format (the values' dtype: :meth:`check_values`)."""
         raise NotImplementedError
 
-    @staticmethod
+    @classmethod
     def check_scales(
-        values_name: str, values: torch.Tensor, scales: torch.Tensor | None, rows: int
+        cls,
+        values_name: str,
+        value_dtype: torch.dtype,
+        scales: torch.Tensor | None,
+        shape: tuple[int, int],
+        activation_dtype: torch.dtype | None = None,
+        *,
+        stored: bool = True,
     ) -> None:
-        """Raise ``ValueError`` unless int8 ``values`` come with float32 finite ``scales``
-        of shape ``(rows,)``, and other values with none."""
-        if values.dtype != torch.int8:
+        """Raise ``ValueError`` unless int8 values (``value_dtype``) of a ``shape`` weight come
+        with finite float32 ``scales`` of shape ``(rows,)`` or, where :attr:`group_scales`
+        and the inputs are not quantized (``activation_dtype``), ``(rows, groups)`` with
+        ``groups`` dividing the inputs; and other values with none. Scales given to
+        ``from_dense`` (not ``stored``) may be of any floating dtype: they are made
+        float32."""
+        if value_dtype != torch.int8:
             if scales is not None:
                 raise ValueError(f"buffer {SCALES!r} is only for int8 values; {values_name} "
-                                 f"are {values.dtype}")
+                                 f"are {value_dtype}")
             return
+        rows, cols = shape
         if scales is None:
             raise ValueError(f"int8 {values_name} need the float32 buffer {SCALES!r} of shape "
                              f"({rows},), got none")
-        if scales.dtype != torch.float32 or tuple(scales.shape) != (rows,):
-            raise ValueError(f"buffer {SCALES!r} must be float32 of shape ({rows},), got "
-                             f"{scales.dtype} {tuple(scales.shape)}")
+        dtype_ok = scales.dtype == torch.float32 if stored else scales.is_floating_point()
+        grouped = (cls.group_scales and activation_dtype is None and scales.dim() == 2
+                   and scales.shape[0] == rows and scales.shape[1] >= 1
+                   and cols % scales.shape[1] == 0)
+        if not (grouped or tuple(scales.shape) == (rows,)) or not dtype_ok:
+            accepted = f"({rows},)"
+            if cls.group_scales and activation_dtype is None:
+                accepted += f" or ({rows}, groups) with groups dividing {cols}"
+            elif cls.group_scales:
+                accepted += " (W8A8 kernels take one scale per row)"
+            raise ValueError(f"buffer {SCALES!r} of the {cls.name} format must be float32 of "
+                             f"shape {accepted}, got {scales.dtype} {tuple(scales.shape)}")
         if not bool(torch.isfinite(scales).all()):
             raise ValueError(f"buffer {SCALES!r} must hold finite scales")
 
@@ -219,7 +247,9 @@ class NativeFormat(BoundArguments, Format):
         in their dtype."""
         dense = self.stored_dense()
         scales = self._buffers.get(SCALES)
-        return dense if scales is None else dense.to(torch.float32) * scales.unsqueeze(1)
+        if scales is None:
+            return dense
+        return dequantize_int8(dense, scales, group_size_of(dense, scales))
 
     def stored_dense(self) -> torch.Tensor:
         """The dense matrix of the stored values (int8 codes for int8 values)."""

@@ -134,6 +134,29 @@ inline const float* scales_data(const std::optional<at::Tensor>& scales,
   return scales->data_ptr<float>();
 }
 
+// Per-group scales of int8 `values` (rows, cols): float32 (rows, groups) with `groups`
+// dividing cols, the scale of each row and group of cols / groups consecutive inputs. Their
+// data and group size, or {nullptr, 0} where `scales` are not 2-D (per-row scales, checked
+// by scales_data, or none).
+struct GroupScales {
+  const float* data;
+  int64_t size;
+};
+inline GroupScales group_scales(const std::optional<at::Tensor>& scales,
+                                const at::Tensor& values, int64_t rows, int64_t cols) {
+  if (values.scalar_type() != at::kChar || !scales.has_value() || !scales->defined() ||
+      scales->dim() != 2) {
+    return {nullptr, 0};
+  }
+  check_tensor(*scales, "scales", 2, at::kFloat);
+  check_size(*scales, "scales", 0, rows);
+  const int64_t groups = scales->size(1);
+  TORCH_CHECK(groups >= 1 && cols % groups == 0, "scales of shape ", scales->sizes(),
+              " must hold one scale per row and group, their number of groups dividing "
+              "in_features=", cols);
+  return {scales->data_ptr<float>(), cols / groups};
+}
+
 // The bias of `rows` outputs (nullptr without one), checked to be contiguous float32.
 inline const float* bias_data(const std::optional<at::Tensor>& bias, int64_t rows) {
   if (!bias.has_value() || !bias->defined()) return nullptr;
@@ -194,7 +217,8 @@ inline void narrow_bf16(const float* src, bf16* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16(src[i]);
 }
 
-// The shared body of the linear ops whose stored `values` may be int8 with per-row `scales`:
+// The shared body of the linear ops whose stored `values` may be int8 with per-row `scales`
+// (`grouped`: per-group scales the op passes its core itself, checked by group_scales):
 // checks scales, bias and threads (after the op's own checks), widens x to float32, allocates
 // y (..., rows), calls run(io) with the core's input/output arguments unless there is
 // nothing to compute, and returns y in x's dtype (a bf16 x of few rows: see
@@ -203,8 +227,8 @@ template <typename Run>
 at::Tensor scaled_linear(const at::Tensor& x_in, const at::Tensor& values,
                          const std::optional<at::Tensor>& scales,
                          const std::optional<at::Tensor>& bias, int64_t rows, int64_t threads,
-                         Run&& run) {
-  const Output out{scales_data(scales, values, rows), bias_data(bias, rows)};
+                         Run&& run, bool grouped = false) {
+  const Output out{grouped ? nullptr : scales_data(scales, values, rows), bias_data(bias, rows)};
   const int T = num_threads(threads);
   const int64_t batch = input_rows(x_in), cols = x_in.size(-1);
   if (x_in.scalar_type() == at::kBFloat16 && batch <= kConvertInOpRows) {

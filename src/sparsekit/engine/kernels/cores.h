@@ -103,11 +103,15 @@ struct FanInArgs {
   int64_t n, k;
 };
 
-// A dense W (rows, cols) of bf16 or int8 (scaled) values.
+// A dense W (rows, cols) of bf16 or int8 (scaled) values. int8 codes are scaled per row
+// (io.out.scale) or, with group_scales, per row and group of group_size consecutive inputs
+// (group_scales[r * (cols / group_size) + g]; io.out.scale is then null).
 struct DenseArgs {
   Linear io;
   Value value;
   const void* weight;
+  const float* group_scales = nullptr;
+  int64_t group_size = 0;
 };
 
 // Training: y (rows, batch) = W (rows, in) @ xt (in, batch) + bias, W in CSR with values read

@@ -16,7 +16,9 @@ namespace {
 
 // y = x @ W.T (+ bias) for x (..., in_features) fp32 or bf16 (y in its dtype) and a dense
 // W (rows, in_features) of bf16 values, or of int8 codes with float32 scales (rows,):
-// y[b, r] = scales[r] * sum_k W[r, k] * x[b, k]. Sums are fp32.
+// y[b, r] = scales[r] * sum_k W[r, k] * x[b, k], or (rows, groups) for groups of
+// in_features / groups inputs: y[b, r] = sum_g scales[r, g] * sum_{k in g} W[r, k] * x[b, k].
+// Sums are fp32.
 at::Tensor dense_linear(const at::Tensor& weight, const at::Tensor& x_in,
                         const std::optional<at::Tensor>& bias, int64_t in_features,
                         int64_t threads, const std::optional<at::Tensor>& scales) {
@@ -27,11 +29,14 @@ at::Tensor dense_linear(const at::Tensor& weight, const at::Tensor& x_in,
               " or ", at::kBFloat16, ", got ", weight.scalar_type());
   sparsekit::check_size(weight, "weight", 1, in_features);
   const int64_t rows = weight.size(0);
+  const auto groups = sparsekit::group_scales(scales, weight, rows, in_features);
   return sparsekit::scaled_linear(
-      x_in, weight, scales, bias, rows, threads, [&](const sparsekit::Linear& io) {
-        sparsekit::cores().dense_linear(
-            sparsekit::DenseArgs{io, sparsekit::value_type(weight), weight.data_ptr()});
-      });
+      x_in, weight, scales, bias, rows, threads,
+      [&](const sparsekit::Linear& io) {
+        sparsekit::cores().dense_linear(sparsekit::DenseArgs{
+            io, sparsekit::value_type(weight), weight.data_ptr(), groups.data, groups.size});
+      },
+      groups.data != nullptr);
 }
 
 }  // namespace

@@ -1,0 +1,197 @@
+"""int8 weights with one scale per row and group of inputs (GPTQ's groups, e.g. 128):
+``sparsekit.llm.prune(..., quantize="int8", group_size=...)`` through the ``dense_lowp``
+kernel, ``compile``, ``sparsekit.save``/``load`` and ``save_pretrained``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _kernels import needs_kernels
+from torch import nn
+
+import sparsekit
+from sparsekit.engine import CompiledLinear, kernels
+from sparsekit.engine.activation_linear import ActivationSparseLinear
+from sparsekit.engine.formats import FORMATS
+from sparsekit.quantize import (
+    attach_scales,
+    attached_scales,
+    dequantize_int8,
+    group_size_of,
+    int8_scales,
+    quantize_int8,
+)
+
+transformers = pytest.importorskip("transformers")
+
+from test_fused import _act_clock, _teal, _thresholded  # noqa: E402
+from test_llm import build, layers_of, tokens  # noqa: E402
+
+DENSE_LOWP = FORMATS["dense_lowp"]
+IDS = tokens(1, 16)
+
+
+def _grouped_weight(rows: int, cols: int, group: int, seed: int = 0):
+    """A weight whose groups differ in scale by 100x, its grouped scales and the weight the
+    int8 codes on them stand for."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w *= torch.logspace(-2, 0, cols // group).repeat_interleave(group)
+    scales = int8_scales(w, group)
+    codes, _ = quantize_int8(w, scales, group)
+    return w, scales, dequantize_int8(codes, scales, group)
+
+
+def _isas() -> tuple[str, ...]:
+    return kernels.isas() if kernels.available() else ()
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize(("rows", "cols", "group"), [
+    (37, 256, 128), (8, 96, 32), (5, 48, 12), (9, 10, 5), (6, 64, 64), (130, 512, 16),
+])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 7, 17])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernel_equals_the_dequantized_reference(isa, rows, cols, group, batch, threads):
+    _, scales, ref = _grouped_weight(rows, cols, group)
+    fmt = DENSE_LOWP.from_dense(ref, scales=scales, threads=threads)
+    assert fmt.lowp_weight.dtype == torch.int8 and fmt.scales.shape == scales.shape
+    assert torch.equal(fmt.to_dense(), ref)
+    g = torch.Generator().manual_seed(batch)
+    x, bias = torch.randn(batch, cols, generator=g), torch.randn(rows, generator=g)
+    expected = x.double() @ ref.double().t() + bias.double()
+    with kernels.use_isa(isa):
+        y = fmt.matmul(x, bias)
+        y16 = fmt.matmul(x.to(torch.bfloat16), bias)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.double(), x.to(torch.bfloat16).double() @ ref.double().t()
+                               + bias.double(), rtol=2e-2, atol=2e-2)
+
+
+@needs_kernels
+def test_the_op_refuses_groups_that_do_not_divide_the_row_and_other_formats_refuse_groups():
+    _, scales, ref = _grouped_weight(4, 24, 8)
+    codes, _ = quantize_int8(ref, scales, 8)
+    x = torch.randn(1, 24)
+    with pytest.raises(RuntimeError, match=r"number of groups dividing in_features=24"):
+        torch.ops.sparsekit.dense_linear(codes, x, None, 24, 1, torch.ones(4, 5))
+    with pytest.raises(RuntimeError, match=r"scales.size\(0\) must be 4"):
+        torch.ops.sparsekit.dense_linear(codes, x, None, 24, 1, torch.ones(3, 3))
+    with pytest.raises(RuntimeError, match="scales must be a contiguous 1-D"):  # W8A8: per row
+        torch.ops.sparsekit.dense_qlinear(codes, x, None, 24, 1, scales)
+    with pytest.raises(ValueError, match=r"buffer 'scales' of the bitmap format must be "
+                                         r"float32 of shape \(4,\), got torch.float32 \(4, 3\)"):
+        FORMATS["bitmap"].from_dense(ref, scales=scales)
+    with pytest.raises(ValueError, match=r"\(4,\) \(W8A8 kernels take one scale per row\)"):
+        DENSE_LOWP.from_dense(ref, scales=scales, activation_dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"or \(4, groups\) with groups dividing 24, got "
+                                         r"torch.float32 \(4, 5\)"):
+        DENSE_LOWP.from_dense(ref, scales=torch.ones(4, 5))
+
+
+def test_a_stored_layout_with_groups_loads_and_a_malformed_one_is_refused():
+    _, scales, ref = _grouped_weight(4, 24, 8)
+    fmt = DENSE_LOWP.from_dense(ref, scales=scales)
+    state = dict(fmt.state_dict())
+    again = DENSE_LOWP.from_state(state, (4, 24))
+    assert torch.equal(again.to_dense(), ref)
+    for bad, error in ((torch.ones(4, 5), r"\(4, groups\) with groups dividing 24"),
+                       (scales.double(), r"must be float32 of shape"),
+                       (torch.ones(4, 0), r"\(4, groups\)")):
+        with pytest.raises(ValueError, match=error):
+            DENSE_LOWP.from_state({**state, "scales": bad}, (4, 24))
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """The names of the pruned (quantized) linear layers of ``model``."""
+    pruned = {id(layer.module) for layer in layers_of(model)}
+    return [n for n, m in model.named_modules() if id(m) in pruned]
+
+
+def _grouped_model() -> nn.Module:
+    model = build()
+    sparsekit.llm.prune(model, tokens(4, 16), method="sparsegpt", quantize="int8",
+                        group_size=16)
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize("options", [{}, {"weight_dtype": "int8"},
+                                     {"weight_dtype": "int8", "activation_dtype": "int8"}])
+def test_compile_stores_grouped_codes_only_in_formats_that_read_them(options):
+    """Forced to choose among the int8 formats, the grouped layers take ``dense_lowp`` (the
+    one whose kernel reads per-group scales) with exactly their codes; W8A8 leaves them on
+    float inputs, and the compiled model computes what the pruned one does."""
+    model = _grouped_model()
+    compiled = sparsekit.compile(model, IDS, cache=False, formats=["dense_lowp", "bitmap", "nm"],
+                                 **options)
+    for name in _linear_names(model):
+        got = compiled.get_submodule(name)
+        linear = got.group.linear if hasattr(got, "group") else got  # a fused member
+        assert isinstance(linear, CompiledLinear), name
+        fmt = linear.format
+        assert fmt.name == "dense_lowp" and fmt.activation_dtype is None
+        assert fmt.scales.dim() == 2 and group_size_of(fmt.lowp_weight, fmt.scales) == 16
+        assert torch.equal(fmt.to_dense()[got.start:got.start + got.out_features]
+                           if hasattr(got, "group") else fmt.to_dense(),
+                           model.get_submodule(name).weight)
+    if not options:  # weight_dtype="int8" rounds the unquantized lm_head too
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits,
+                                       rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_a_compiled_grouped_model_saves_reloads_and_decompiles_exactly(tmp_path):
+    model = _grouped_model()
+    compiled = sparsekit.compile(model, IDS, cache=False, formats=["dense_lowp"])
+    sparsekit.save(compiled, tmp_path / "c.safetensors")
+    # a skeleton compiled with one scale per row takes the file's groups
+    other = sparsekit.compile(build(), IDS, cache=False, formats=["dense_lowp"],
+                              weight_dtype="int8")
+    sparsekit.load(other, tmp_path / "c.safetensors")
+    with torch.no_grad():
+        assert torch.equal(other(IDS).logits, compiled(IDS).logits)
+    back = sparsekit.engine.decompile(compiled)
+    for name in _linear_names(model):
+        restored, layer = back.get_submodule(name), model.get_submodule(name)
+        assert torch.equal(restored.weight, layer.weight), name
+        assert torch.equal(attached_scales(restored), attached_scales(layer))
+
+
+@needs_kernels
+def test_teal_on_a_grouped_model_keeps_the_float_weight_in_activation_sparse_layers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _act_clock(monkeypatch)  # every activation-sparse layer wins
+    model = _grouped_model()
+    teal = _teal(model)
+    compiled = sparsekit.compile(model, IDS, activation_sparsity=teal, cache=False)
+    act = [m for m in compiled.modules() if isinstance(m, ActivationSparseLinear)]
+    assert act and all(m.scales is None for m in act)  # these kernels: one scale per row
+    with _thresholded(model, teal.thresholds), torch.no_grad():
+        torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_activation_sparse_int8_values_refuse_a_grouped_grid():
+    layer = nn.Linear(32, 4)
+    attach_scales(layer, int8_scales(layer.weight, 16))
+    with pytest.raises(ValueError, match=r"value_dtype=torch.int8: the activation-sparse "
+                                         r"kernels take one int8 scale per row"):
+        ActivationSparseLinear.from_linear(layer, 0.1, value_dtype=torch.int8)
+    act = ActivationSparseLinear.from_linear(layer, 0.0)
+    assert act.scales is None and act.to_dense().dtype == torch.float32
+
+
+@pytest.mark.parametrize("dense_dtype", [None, "int8"])
+def test_save_pretrained_keeps_the_grouped_grid_bit_identical(tmp_path, dense_dtype):
+    model = _grouped_model()
+    sparsekit.pretrained.save_pretrained(model, tmp_path, dense_dtype=dense_dtype)
+    again = sparsekit.pretrained.from_pretrained(tmp_path)
+    for name in _linear_names(model):
+        restored, layer = again.get_submodule(name), model.get_submodule(name)
+        assert torch.equal(restored.weight, layer.weight), name
+        assert torch.equal(attached_scales(restored), attached_scales(layer))
