@@ -166,8 +166,9 @@ def test_demo_seed_is_checked_before_any_work(tmp_path, capsys, monkeypatch, see
     ("--seed", str(2**63), "--seed must be an int in [0, 2**63 - 1]"),
     ("--nsamples", "0", "--nsamples must be an int ≥ 1"),
     ("--nsamples", "-3", "--nsamples must be an int ≥ 1"),
-    ("--seqlen", "0", "--seqlen must be an int ≥ 1"),  # 0 fell back to the context length
-    ("--seqlen", "-4", "--seqlen must be an int ≥ 1"),
+    ("--seqlen", "0", "--seqlen must be an int ≥ 2"),  # 0 fell back to the context length
+    ("--seqlen", "-4", "--seqlen must be an int ≥ 2"),
+    ("--seqlen", "1", "--seqlen must be an int ≥ 2"),  # refused only after the model loaded
 ])
 def test_llm_prune_numbers_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch,
                                                               flag, value, needle):

@@ -83,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
     if args.nsamples < 1:
         raise UsageError(f"--nsamples must be an int ≥ 1 (calibration windows), got "
                          f"{args.nsamples}")
-    if args.seqlen is not None and args.seqlen < 1:
-        raise UsageError(f"--seqlen must be an int ≥ 1 (tokens per window), got {args.seqlen}")
+    if args.seqlen is not None and args.seqlen < 2:  # 1 passed, then the evaluation refused it
+        raise UsageError(f"--seqlen must be an int ≥ 2 (tokens per window; perplexity scores "
+                         f"each token after the first), got {args.seqlen}")
     if args.group_size is not None and (args.quantize is None or args.group_size < 1):
         raise UsageError(f"--group-size must be an int ≥ 1 given with --quantize int8 (one "
                          f"int8 scale per group of inputs), got {args.group_size}"
