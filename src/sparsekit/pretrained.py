@@ -379,17 +379,17 @@ def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path,
     for name, spec in compiled.items():
         kind = spec.get("kind") if isinstance(spec, dict) else None
         if kind == "linear":
-            _replace(model, name, CompiledLinear.from_linear(_plain(model, name, weights)))
+            model.set_submodule(name, CompiledLinear.from_linear(_plain(model, name, weights)))
         elif kind == "conv2d":
             conv = _plain(model, name, weights)
             if not isinstance(conv, nn.Conv2d):
                 raise ValueError(f"{weights}: compiled conv2d {name!r} is a "
                                  f"{type(conv).__name__} in this architecture")
-            _replace(model, name, CompiledConv2d.from_conv2d(conv))
+            model.set_submodule(name, CompiledConv2d.from_conv2d(conv))
         elif kind == "fused":
             _install_fused(model, spec, weights)
         elif kind == "activation":
-            _replace(model, name, _empty_activation(model, name, spec, infos, weights))
+            model.set_submodule(name, _empty_activation(model, name, spec, infos, weights))
         else:
             raise ValueError(f"{weights}: compiled layer {name!r} has an unknown record "
                              f"{spec!r:.100}")
@@ -458,7 +458,7 @@ def _install_fused(model: nn.Module, spec: dict[str, Any], weights: Path) -> Non
     members = fused.placeholder(layers[0].in_features, sizes, layers[0].bias is not None,
                                 layers[0].weight.dtype)
     for name, member in zip(names, members, strict=True):
-        _replace(model, name, member)
+        model.set_submodule(name, member)
 
 
 def _plain(model: nn.Module, name: str, weights: Path) -> nn.Module:
@@ -480,11 +480,6 @@ def _plain(model: nn.Module, name: str, weights: Path) -> nn.Module:
     linear = nn.Linear(in_features, out_features, bias=getattr(layer, "bias", None) is not None,
                        dtype=weight.dtype)
     return linear
-
-
-def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
 # -- dense tensors in another dtype -----------------------------------------------------------
