@@ -17,7 +17,6 @@ from sparsekit.quantize import (
     attach_scales,
     attached_scales,
     dequantize_int8,
-    group_size_of,
     int8_scales,
     quantize_int8,
 )
@@ -46,17 +45,29 @@ def _isas() -> tuple[str, ...]:
     return kernels.isas() if kernels.available() else ()
 
 
+SHAPES = [(37, 256, 128), (8, 96, 32), (5, 48, 12), (9, 10, 5), (6, 64, 64), (130, 512, 16),
+          (3, 160, 160)]
+
+
 @needs_kernels
 @pytest.mark.parametrize("isa", _isas())
-@pytest.mark.parametrize(("rows", "cols", "group"), [
-    (37, 256, 128), (8, 96, 32), (5, 48, 12), (9, 10, 5), (6, 64, 64), (130, 512, 16),
+@pytest.mark.parametrize(("name", "rows", "cols", "group"), [
+    (name, *shape) for name in ("dense_lowp", "bitmap") for shape in SHAPES
+    if shape[2] % FORMATS[name].group_multiple == 0  # bitmap: whole words of 16 inputs
 ])
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 7, 17])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_kernel_equals_the_dequantized_reference(isa, rows, cols, group, batch, threads):
+def test_the_kernels_equal_the_dequantized_reference(isa, name, rows, cols, group, batch,
+                                                     threads):
+    """Every path (GEMV rows, decoded rows for more inputs; each ISA) of the formats whose
+    kernels read per-group scales."""
+    fmt_class = FORMATS[name]
     _, scales, ref = _grouped_weight(rows, cols, group)
-    fmt = DENSE_LOWP.from_dense(ref, scales=scales, threads=threads)
-    assert fmt.lowp_weight.dtype == torch.int8 and fmt.scales.shape == scales.shape
+    if name == "bitmap":  # half of the weights pruned, a row left empty
+        ref = ref * (torch.rand(rows, cols, generator=torch.Generator().manual_seed(1)) < 0.5)
+        ref[0] = 0
+    fmt = fmt_class.from_dense(ref, scales=scales, threads=threads)
+    assert fmt.value_dtype == torch.int8 and fmt.scales.shape == scales.shape
     assert torch.equal(fmt.to_dense(), ref)
     g = torch.Generator().manual_seed(batch)
     x, bias = torch.randn(batch, cols, generator=g), torch.randn(rows, generator=g)
@@ -71,7 +82,7 @@ def test_the_kernel_equals_the_dequantized_reference(isa, rows, cols, group, bat
 
 
 @needs_kernels
-def test_the_op_refuses_groups_that_do_not_divide_the_row_and_other_formats_refuse_groups():
+def test_the_ops_refuse_groups_they_cannot_take_and_other_formats_refuse_groups():
     _, scales, ref = _grouped_weight(4, 24, 8)
     codes, _ = quantize_int8(ref, scales, 8)
     x = torch.randn(1, 24)
@@ -81,14 +92,30 @@ def test_the_op_refuses_groups_that_do_not_divide_the_row_and_other_formats_refu
         torch.ops.sparsekit.dense_linear(codes, x, None, 24, 1, torch.ones(3, 3))
     with pytest.raises(RuntimeError, match="scales must be a contiguous 1-D"):  # W8A8: per row
         torch.ops.sparsekit.dense_qlinear(codes, x, None, 24, 1, scales)
-    with pytest.raises(ValueError, match=r"buffer 'scales' of the bitmap format must be "
-                                         r"float32 of shape \(4,\), got torch.float32 \(4, 3\)"):
+    bitmap = FORMATS["bitmap"].from_dense(ref, value_dtype=torch.int8)
+    stored = (bitmap.bitmap_values, bitmap.bitmap_mask, bitmap.bitmap_rowptr)
+    with pytest.raises(RuntimeError, match=r"groups of 8 inputs; the bitmap kernel takes groups "
+                                           r"of a multiple of 16"):
+        torch.ops.sparsekit.bitmap_linear(*stored, x, None, 24, 1, scales)
+    with pytest.raises(ValueError, match=r"buffer 'scales' of the bitmap format must be float32 "
+                                         r"of shape \(4,\) or \(4, groups\) with groups dividing "
+                                         r"24 into groups of a multiple of 16 inputs"):
         FORMATS["bitmap"].from_dense(ref, scales=scales)
+    with pytest.raises(ValueError, match=r"buffer 'scales' of the nm format must be float32 of "
+                                         r"shape \(4,\), got torch.float32 \(4, 3\)"):
+        FORMATS["nm"].from_dense(_two_four(ref), scales=scales)
     with pytest.raises(ValueError, match=r"\(4,\) \(W8A8 kernels take one scale per row\)"):
         DENSE_LOWP.from_dense(ref, scales=scales, activation_dtype=torch.int8)
     with pytest.raises(ValueError, match=r"or \(4, groups\) with groups dividing 24, got "
                                          r"torch.float32 \(4, 5\)"):
         DENSE_LOWP.from_dense(ref, scales=torch.ones(4, 5))
+
+
+def _two_four(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with the 2 smallest of every 4 inputs zeroed (2:4)."""
+    groups = weight.reshape(weight.shape[0], -1, 4)
+    drop = groups.abs().argsort(-1)[..., :2]
+    return groups.scatter(-1, drop, 0.0).reshape(weight.shape)
 
 
 def test_a_stored_layout_with_groups_loads_and_a_malformed_one_is_refused():
@@ -121,9 +148,10 @@ def _grouped_model() -> nn.Module:
 @pytest.mark.parametrize("options", [{}, {"weight_dtype": "int8"},
                                      {"weight_dtype": "int8", "activation_dtype": "int8"}])
 def test_compile_stores_grouped_codes_only_in_formats_that_read_them(options):
-    """Forced to choose among the int8 formats, the grouped layers take ``dense_lowp`` (the
-    one whose kernel reads per-group scales) with exactly their codes; W8A8 leaves them on
-    float inputs, and the compiled model computes what the pruned one does."""
+    """Forced to choose among the int8 formats, the grouped layers take ``dense_lowp`` or
+    ``bitmap`` (whose kernels read per-group scales; not ``nm``) with exactly their codes;
+    W8A8 leaves them on float inputs, and the compiled model computes what the pruned one
+    does."""
     model = _grouped_model()
     compiled = sparsekit.compile(model, IDS, cache=False, formats=["dense_lowp", "bitmap", "nm"],
                                  **options)
@@ -132,8 +160,8 @@ def test_compile_stores_grouped_codes_only_in_formats_that_read_them(options):
         linear = got.group.linear if hasattr(got, "group") else got  # a fused member
         assert isinstance(linear, CompiledLinear), name
         fmt = linear.format
-        assert fmt.name == "dense_lowp" and fmt.activation_dtype is None
-        assert fmt.scales.dim() == 2 and group_size_of(fmt.lowp_weight, fmt.scales) == 16
+        assert fmt.name in ("dense_lowp", "bitmap") and fmt.activation_dtype is None
+        assert fmt.scales.dim() == 2 and fmt.scales.shape[1] == fmt.in_features // 16
         assert torch.equal(fmt.to_dense()[got.start:got.start + got.out_features]
                            if hasattr(got, "group") else fmt.to_dense(),
                            model.get_submodule(name).weight)

@@ -17,8 +17,8 @@ _WORD = 16  # bits per bitmap word: one AVX-512 expand-load of 16 values
 
 class Bitmap(NativeFormat):
     """Per row a bitmap of ``in_features`` bits (int16 words, zero-padded per row), the kept
-    values packed row by row (fp32 or bf16, the weight's dtype, or int8 with per-row
-    ``scales``) and int32 row pointers into them.
+    values packed row by row (fp32 or bf16, the weight's dtype, or int8 with ``scales`` per
+    row or per row and group of a multiple of 16 inputs) and int32 row pointers into them.
 
     It moves 4 bytes per nonzero + 1 bit per weight (2.125 B/weight at 50% sparsity, vs 3 for
     CSR16 and 4 for dense; in bf16 1.125 vs 2 for dense), and the kernel streams it like a
@@ -32,6 +32,8 @@ class Bitmap(NativeFormat):
     dtypes = (torch.float32, torch.bfloat16)
     value_dtypes = (torch.float32, torch.bfloat16, torch.int8)
     activation_dtypes = (torch.int8,)  # W8A8: the bitmap_qlinear op
+    group_scales = True  # int8 codes times float inputs: a span of whole words per group
+    group_multiple = 16
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -60,6 +60,7 @@ class NativeFormat(BoundArguments, Format):
     value_dtypes = (torch.float32,)
     activation_dtypes: tuple[torch.dtype, ...] = ()  # int8: has W8A8 kernels
     group_scales = False  # whose float-input kernels read int8 scales per group of inputs
+    group_multiple = 1  # the group sizes they take: multiples of this
     device = "cpu"
 
     def __init__(
@@ -209,13 +210,16 @@ class NativeFormat(BoundArguments, Format):
             raise ValueError(f"int8 {values_name} need the float32 buffer {SCALES!r} of shape "
                              f"({rows},), got none")
         dtype_ok = scales.dtype == torch.float32 if stored else scales.is_floating_point()
+        groups = scales.shape[1] if scales.dim() == 2 else 0
         grouped = (cls.group_scales and activation_dtype is None and scales.dim() == 2
-                   and scales.shape[0] == rows and scales.shape[1] >= 1
-                   and cols % scales.shape[1] == 0)
+                   and scales.shape[0] == rows and groups >= 1 and cols % groups == 0
+                   and (cols // groups) % cls.group_multiple == 0)
         if not (grouped or tuple(scales.shape) == (rows,)) or not dtype_ok:
             accepted = f"({rows},)"
             if cls.group_scales and activation_dtype is None:
                 accepted += f" or ({rows}, groups) with groups dividing {cols}"
+                if cls.group_multiple > 1:
+                    accepted += f" into groups of a multiple of {cls.group_multiple} inputs"
             elif cls.group_scales:
                 accepted += " (W8A8 kernels take one scale per row)"
             raise ValueError(f"buffer {SCALES!r} of the {cls.name} format must be float32 of "

@@ -36,13 +36,23 @@ at::Tensor bitmap_linear(const at::Tensor& values, const at::Tensor& bitmap,
   sparsekit::check_size(bitmap, "bitmap", 1, (in_features + 15) / 16);
   sparsekit::check_rowptr(rowptr, "rowptr", bitmap.size(0), values.numel());
   const int64_t rows = bitmap.size(0);
+  const auto groups = sparsekit::group_scales(scales, values, rows, in_features);
+  TORCH_CHECK(groups.size % 16 == 0, "scales of shape ", scales->sizes(), " make groups of ",
+              groups.size, " inputs; the bitmap kernel takes groups of a multiple of 16 "
+              "(whole bitmap words)");
   return sparsekit::scaled_linear(
       x, values, scales, bias, rows, threads, [&](const sparsekit::Linear& io) {
         const sparsekit::Value value = sparsekit::value_type(values);
-        const sparsekit::BitmapArgs args{io, value, values.data_ptr(),
+        const sparsekit::BitmapArgs args{io,
+                                         value,
+                                         values.data_ptr(),
                                          reinterpret_cast<const uint16_t*>(bitmap.data_ptr()),
-                                         rowptr.data_ptr<int32_t>(), bitmap.size(1),
-                                         sparsekit::bitmap_vpexpand(value)};
+                                         rowptr.data_ptr<int32_t>(),
+                                         bitmap.size(1),
+                                         sparsekit::bitmap_vpexpand(value),
+                                         false,
+                                         groups.data,
+                                         groups.size};
         // int8 codes expand faster with the byte permutes of the W8A8 cores' instruction
         // set, where it is the active one
         const auto& q = sparsekit::qcores();
@@ -52,7 +62,8 @@ at::Tensor bitmap_linear(const at::Tensor& values, const at::Tensor& bitmap,
         } else {
           sparsekit::cores().bitmap_linear(args);
         }
-      });
+      },
+      groups.data != nullptr);
 }
 
 }  // namespace

@@ -202,11 +202,28 @@ struct Bitmap {
     return dot16(r, x, Permuted{});
 #else
     const T* p = v + rowptr[r];
-    const uint16_t* b = bits + r * words;
-    int64_t k = 0;
+    // An expansion reads at most 8 values from its p, which stays within the row: a row with
+    // 16 values after it in the array runs its whole words unchecked.
+    if (v + rowptr[rows] - (v + rowptr[r + 1]) >= 16) {
+      return span<true>(p, bits + r * words, 0, words, x);
+    }
+    return span<false>(p, bits + r * words, 0, words, x);
+#endif
+  }
+
+  // The products of words [k, k1) of a row (bits b) whose values start at p, which moves past
+  // them: dot() is the span of a whole row, a row of int8 codes scaled per group of inputs
+  // (Grouped) sums a span per group. Unchecked: the row has 16 values after it in the array.
+  template <bool Unchecked = false>
+  float span(const T*& p, const uint16_t* b, int64_t k, int64_t k1, const float* x) const {
+#if SPARSEKIT_AVX512
+    return span16(p, b, k, k1, x, Permuted{});
+#else
     float acc = 0.f;
 #if SPARSEKIT_AVX2
     const T* const end = v + rowptr[rows];
+    const T* const start = p;
+    const int64_t k0 = k;
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                    _mm256_setzero_ps()};
     const auto step = [&] {
@@ -219,22 +236,23 @@ struct Bitmap {
             _mm256_fmadd_ps(second, _mm256_loadu_ps(x + 16 * (k + u) + 8), a[2 * u + 1]);
       }
     };
-    // An expansion reads at most 8 values from its p, which stays within the row: a row with
-    // 16 values after it in the array runs its whole words unchecked.
-    if (end - (v + rowptr[r + 1]) >= 16) {
-      for (; k + 2 <= words; k += 2) step();
+    if constexpr (Unchecked) {
+      for (; k + 2 <= k1; k += 2) step();
     } else {
-      for (; k + 2 <= words && end - p >= 32; k += 2) step();
+      for (; k + 2 <= k1 && end - p >= 32; k += 2) step();
     }
     acc = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
     if constexpr (kExpandUnit<T> != 1.f) {
       acc /= kExpandUnit<T>;  // exact: a power of two
       // products of codes times 2^24 overflow where the inputs pass 2^97 / 127 or so; such a
-      // row (or one with an infinite or NaN input) is summed again one nonzero at a time
-      if (!std::isfinite(acc)) return tail(v + rowptr[r], b, 0, x, 0.f);
+      // span (or one with an infinite or NaN input) is summed again one nonzero at a time
+      if (!std::isfinite(acc)) {
+        p = start;
+        return tail(p, b, k0, k1, x, 0.f);
+      }
     }
 #endif
-    return tail(p, b, k, x, acc);
+    return tail(p, b, k, k1, x, acc);
 #endif
   }
 
@@ -245,22 +263,27 @@ struct Bitmap {
   template <typename Expand>
   __attribute__((always_inline)) float dot16(int64_t r, const float* x, Expand expand) const {
     const T* p = v + rowptr[r];
-    const uint16_t* b = bits + r * words;
+    return span16(p, bits + r * words, 0, words, x, expand);
+  }
+  template <typename Expand>
+  __attribute__((always_inline)) float span16(const T*& p, const uint16_t* b, int64_t k,
+                                              int64_t k1, const float* x, Expand expand) const {
     const T* const end = v + rowptr[rows];
-    int64_t k = 0;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    for (; k + 2 <= words && end - p >= 32; k += 2) {
+    for (; k + 2 <= k1 && end - p >= 32; k += 2) {
       prefetch_ahead(p);
       a0 = _mm512_fmadd_ps(expand(b[k], p), _mm512_loadu_ps(x + 16 * k), a0);
       a1 = _mm512_fmadd_ps(expand(b[k + 1], p), _mm512_loadu_ps(x + 16 * k + 16), a1);
     }
-    return tail(p, b, k, x, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+    return tail(p, b, k, k1, x, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
   }
 #endif
 
-  // acc plus the products of words [k, words) (their values at p), one nonzero at a time.
-  float tail(const T* p, const uint16_t* b, int64_t k, const float* x, float acc) const {
-    for (; k < words; ++k) {
+  // acc plus the products of words [k, k1) (their values at p, which moves past them), one
+  // nonzero at a time.
+  float tail(const T*& p, const uint16_t* b, int64_t k, int64_t k1, const float* x,
+             float acc) const {
+    for (; k < k1; ++k) {
       for (unsigned m = b[k]; m; m &= m - 1) {
         acc += to_float(*p++) * x[16 * k + __builtin_ctz(m)];
       }
@@ -294,6 +317,43 @@ struct Bitmap {
     }
     *count = n;
     return v + rowptr[r];
+  }
+};
+
+// Bitmap rows W (Bitmap<int8_t>, or the W8A8 cores' BitmapFloat) of int8 codes with one
+// scale per row and group of `size` inputs (a multiple of 16: whole bitmap words), scales
+// (rows, cols / size): a row's dot is the sum of its groups' spans (W::span) times their
+// scales, and decode() gives the codes times their group's scale as floats (in a buffer of
+// this thread, valid until its next call), so the drivers' output stage has no per-row scale
+// to apply (Output::scale is null).
+template <typename W>
+struct Grouped {
+  W w;
+  const float* scales;
+  int64_t size;
+  int64_t rows = w.rows, cols = w.cols;
+
+  int64_t work(int64_t r) const { return w.work(r); }
+
+  float dot(int64_t r, const float* x) const {
+    const int8_t* p = w.v + w.rowptr[r];
+    const uint16_t* b = w.bits + r * w.words;
+    const int64_t groups = cols / size, gw = size / 16;
+    const float* s = scales + r * groups;
+    float acc = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      acc += s[g] * w.span(p, b, g * gw, std::min(w.words, (g + 1) * gw), x);
+    }
+    return acc;
+  }
+
+  const float* decode(int64_t r, int32_t* c, int64_t* count) const {
+    thread_local std::vector<float> scaled;
+    const int8_t* codes = w.decode(r, c, count);
+    scaled.resize(*count);
+    const float* s = scales + r * (cols / size);
+    for (int64_t k = 0; k < *count; ++k) scaled[k] = codes[k] * s[c[k] / size];
+    return scaled.data();
   }
 };
 
@@ -334,6 +394,11 @@ void bitmap_linear(const BitmapArgs& a) {
   with_values(a.value, a.values, [&](auto v) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
     const rows::Bitmap<T> w{v, a.bits, a.rowptr, a.io.rows, a.io.cols, a.words};
+    if constexpr (std::is_same_v<T, int8_t>) {
+      if (a.group_scales) {
+        return rows::run(rows::Grouped<rows::Bitmap<T>>{w, a.group_scales, a.group_size}, a.io);
+      }
+    }
 #if SPARSEKIT_AVX512
     if constexpr (std::is_same_v<T, bf16>) {
       if (a.vpexpand) return rows::run(rows::BitmapVpexpand{w}, a.io);

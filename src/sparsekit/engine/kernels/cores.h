@@ -63,6 +63,9 @@ struct BitmapArgs {
   int64_t words;
   bool vpexpand;
   bool vpexpand_halves = false;
+  // int8 codes scaled per row and group of group_size inputs (a multiple of 16), as DenseArgs
+  const float* group_scales = nullptr;
+  int64_t group_size = 0;
 };
 
 // W as packed N:M: `width` values per row, `fbits`-bit input fields in `words` int32 per row.

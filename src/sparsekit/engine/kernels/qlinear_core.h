@@ -426,8 +426,13 @@ struct BitmapFloat : rows::Bitmap<int8_t> {
 
   float dot(int64_t r, const float* x) const {
     const int8_t* p = v + rowptr[r];
+    return span(p, bits + r * words, 0, words, x);
+  }
+
+  // The products of words [k, k1) of a row (bits b) whose codes start at p, which moves past
+  // them (rows::Grouped sums one span per group of inputs).
+  float span(const int8_t*& p, const uint16_t* b, int64_t k, int64_t k1, const float* x) const {
     const int8_t* const end = v + rowptr[rows];  // whole loads stay inside the array
-    const uint16_t* b = bits + r * words;
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                      _mm512_setzero_ps()};
     // x[0:64] times the 64 inputs' codes, expanded from `codes` by their bits m
@@ -441,17 +446,16 @@ struct BitmapFloat : rows::Bitmap<int8_t> {
         acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(top), _mm512_loadu_ps(xs + 16 * g), acc[g]);
       }
     };
-    int64_t k = 0;
-    for (; k + 4 <= words && end - p >= 64; k += 4) {
+    for (; k + 4 <= k1 && end - p >= 64; k += 4) {
       prefetch_ahead(p);
       uint64_t m;
       __builtin_memcpy(&m, b + k, sizeof m);  // 4 words: the bits of 64 inputs
       step(m, _mm512_loadu_si512(p), x + 16 * k);
       p += __builtin_popcountll(m);
     }
-    for (; k < words; k += 4) {  // the last words (or codes): masked loads
+    for (; k < k1; k += 4) {  // the last words (or codes): masked loads
       uint64_t m = 0;
-      __builtin_memcpy(&m, b + k, std::min<int64_t>(4, words - k) * sizeof(uint16_t));
+      __builtin_memcpy(&m, b + k, std::min<int64_t>(4, k1 - k) * sizeof(uint16_t));
       const int64_t n = __builtin_popcountll(m);
       step(m, _mm512_maskz_loadu_epi8(_bzhi_u64(~0ULL, n), p), x + 16 * k);
       p += n;
@@ -901,6 +905,9 @@ inline void bitmap_int8_linear(const BitmapArgs& a) {
     scaled.resize(io.batch * io.cols);
     for (int64_t i = 0; i < io.batch * io.cols; ++i) scaled[i] = io.x[i] * w.kInputScale;
     io.x = scaled.data();
+  }
+  if (a.group_scales) {
+    return rows::run(rows::Grouped<q::BitmapFloat>{w, a.group_scales, a.group_size}, io);
   }
   rows::run(w, io);
 }
