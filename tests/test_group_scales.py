@@ -165,6 +165,9 @@ def test_compile_stores_grouped_codes_only_in_formats_that_read_them(options):
         assert torch.equal(fmt.to_dense()[got.start:got.start + got.out_features]
                            if hasattr(got, "group") else fmt.to_dense(),
                            model.get_submodule(name).weight)
+    values = {row.name: row.extra["values"]
+              for row in sparsekit.engine.report(compiled, IDS).rows}
+    assert values["model.layers.0.mlp.down_proj"] == "int8 g16"
     if not options:  # weight_dtype="int8" rounds the unquantized lm_head too
         with torch.no_grad():
             torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits,

@@ -18,6 +18,7 @@ from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLayer
 from sparsekit.engine.formats.base import Format
+from sparsekit.engine.formats.native import SCALES
 from sparsekit.engine.fused import FusedLinear
 from sparsekit.report import LayerRow, Report
 from sparsekit.report import report as _base_report
@@ -30,13 +31,14 @@ def report(
 ) -> Report:
     """:func:`sparsekit.report` that also lists compiled and activation-sparse layers.
 
-    Compiled layers appear as ``Linear``/``Conv2d`` rows with the extra columns
-    ``format``, ``values`` (the stored dtype: float32, bfloat16, int8 with per-row scales;
-    ``"int8 (W8A8)"`` where the inputs are quantized to int8 as well, so that a reader
-    tells the integer kernels from the float ones) and ``bytes`` (all of the format's
-    buffers), and from ``model.sparsekit_choices`` ``ms dense``, ``ms sparse``, ``speedup``
-    and ``quant err`` (the relative output error of the stored values against the layer's
-    own weights, measured by :func:`~sparsekit.engine.compile`);
+    Compiled layers appear as ``Linear``/``Conv2d`` rows with the extra columns ``format``,
+    ``values`` (the stored dtype: float32, bfloat16, int8 with per-row scales,
+    ``"int8 g128"`` with one per row and group of 128 inputs; ``"int8 (W8A8)"`` where the inputs are
+    quantized to int8 as well, so that a reader tells the integer kernels from the float
+    ones) and ``bytes`` (all of the format's buffers), and from ``model.sparsekit_choices``
+    ``ms dense``, ``ms sparse``, ``speedup`` and ``quant err`` (the relative output error of
+    the stored values against the layer's own weights, measured by
+    :func:`~sparsekit.engine.compile`);
     :class:`ActivationSparseLinear` layers as ``Linear`` rows of format ``"activation"``;
     one holding a second format for several rows (its ``prefill``) also shows ``bytes`` (its
     single-row storage) and ``prefill bytes`` (what the second format costs on top).
@@ -87,8 +89,12 @@ def _stacked_choices(
 
 
 def _values(fmt: Format) -> str:
-    """The stored dtype, with the activation dtype where the inputs are quantized (W8A8)."""
+    """The stored dtype, with the group size of int8 scales per group of inputs
+    (``"int8 g128"``) and the activation dtype where the inputs are quantized (W8A8)."""
     values = str(fmt.value_dtype).removeprefix("torch.")
+    scales = fmt._buffers.get(SCALES)
+    if isinstance(scales, torch.Tensor) and scales.dim() == 2 and scales.shape[1]:
+        values += f" g{fmt.in_features // scales.shape[1]}"
     if getattr(fmt, "activation_dtype", None) == torch.int8:
         return f"{values} (W8A8)"
     return values
