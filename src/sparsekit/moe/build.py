@@ -25,13 +25,12 @@ from sparsekit._checks import (
     ArgumentTypeError,
     check_fraction,
     check_int,
-    check_module,
     check_seed,
 )
 from sparsekit.activation.record import record_inputs
 from sparsekit.moe import ffn as ffns
 from sparsekit.moe.lowrank import LowRankRouter
-from sparsekit.moe.routed import RoutedFFN, unit_mass
+from sparsekit.moe.routed import RoutedFFN, check_model, unit_mass
 from sparsekit.moe.router import Router, fit
 
 __all__ = ["ROUTERS", "Layout", "build", "check_common"]
@@ -62,7 +61,7 @@ Planner = Callable[[ffns.FFN, torch.Tensor], Layout]
 def check_common(model: Any, calibration: Any, keep: Any, rank: Any, steps: Any,
                  max_rows: Any, seed: Any, router: Any) -> list[ffns.FFN]:
     """Validate the arguments both entry points share; the model's FFNs."""
-    check_module("model", model)
+    check_model("model", model)
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {', '.join(map(repr, ROUTERS))}, got "
                          f"{router!r}")

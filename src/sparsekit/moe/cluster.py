@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsekit._checks import check_int, check_seed
+from sparsekit._checks import check_int, check_materialized, check_seed
 
 __all__ = ["balanced_kmeans"]
 
@@ -29,6 +29,7 @@ def balanced_kmeans(points: torch.Tensor, clusters: int, *, iterations: int = 25
             or not points.is_floating_point():
         raise ValueError(f"points must be a floating (n, features) tensor, got "
                          f"{getattr(points, 'shape', type(points).__name__)}")
+    check_materialized("points", points)  # its values are read (failed at .item())
     check_int("clusters", clusters, minimum=1)
     check_int("iterations", iterations, minimum=1)
     check_seed("seed", seed)

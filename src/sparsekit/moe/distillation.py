@@ -29,13 +29,12 @@ from torch import nn
 from sparsekit._checks import (
     ArgumentTypeError,
     check_int,
-    check_module,
     check_positive,
     check_seed,
     model_errors,
 )
 from sparsekit.moe.ffn import activate
-from sparsekit.moe.routed import RoutedFFN, routed_layers
+from sparsekit.moe.routed import RoutedFFN, check_model, routed_layers
 from sparsekit.observe import batches, preserved, watch
 
 __all__ = ["distil", "distillation_loss", "fit_outputs", "training_inputs"]
@@ -69,8 +68,8 @@ def distil(
     the copy trains under the true-mass choice. ``model`` is left untouched; the copy keeps
     its routers, layouts, ``k`` and oracle setting, and comes back in ``model``'s modes.
     """
-    check_module("model", model)
-    check_module("teacher", teacher)
+    check_model("model", model)
+    check_model("teacher", teacher)
     check_int("steps", steps, minimum=1)
     inputs = training_inputs(data, lr, seed)
     routed_layers(model)  # raises without RoutedFFN modules

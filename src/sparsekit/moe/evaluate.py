@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int, check_module, check_seed
+from sparsekit._checks import check_int, check_seed
 from sparsekit.activation.record import record_inputs
-from sparsekit.moe.routed import RoutedFFN, routed_layers, unit_mass
+from sparsekit.moe.routed import RoutedFFN, check_model, routed_layers, unit_mass
 
 __all__ = ["evaluate"]
 
@@ -28,7 +28,7 @@ def evaluate(model: nn.Module, data: Any, *, max_rows: int = 2048, seed: int = 0
              ) -> dict[str, dict[str, float]]:
     """``{"recall", "precision", "error", "oracle_error", "kept"}`` of every RoutedFFN of
     ``model`` (by module name) on at most ``max_rows`` of its input rows on ``data``."""
-    check_module("model", model)
+    check_model("model", model)
     check_int("max_rows", max_rows, minimum=1)
     check_seed("seed", seed)
     routed_layers(model)  # raises without RoutedFFN modules

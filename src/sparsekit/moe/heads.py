@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_int, check_module, check_seed
+from sparsekit._checks import check_fraction, check_int, check_seed
+from sparsekit.moe.routed import check_model
 from sparsekit.moe.router import Router, fit
 from sparsekit.observe import run, watch
 from sparsekit.structured.transformer import block_group, transformer_blocks
@@ -42,7 +43,7 @@ def head_predictors(
     ``round(keep * heads)`` key/value heads per token (at least one). At most ``max_rows``
     rows (the first) of each block's attention input are used. ``model`` is not changed.
     """
-    check_module("model", model)
+    check_model("model", model)
     check_fraction("keep", keep, zero=False, one=True)
     for name, value in (("rank", rank), ("steps", steps), ("max_rows", max_rows)):
         check_int(name, value, minimum=1)

@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_positive, check_seed
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_int,
+    check_materialized,
+    check_positive,
+    check_seed,
+)
 from sparsekit.moe.ffn import activate
 from sparsekit.moe.routed import unit_mass
 from sparsekit.moe.router import check_features
@@ -50,10 +56,10 @@ class LowRankRouter(nn.Module):
                  act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, rank: int,
                  unit_size: int) -> None:
         super().__init__()
-        tensors = {"w_in": w_in, "norms": norms, "x": x}
-        for name, t in (tensors | ({} if b_in is None else {"b_in": b_in})).items():
-            if not isinstance(t, torch.Tensor):
-                raise ArgumentTypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        tensors = {"w_in": w_in, "norms": norms, "x": x} | ({} if b_in is None
+                                                            else {"b_in": b_in})
+        for name, t in tensors.items():
+            _check_tensor(name, t)
         if w_in.dim() != 3:
             raise ValueError(f"w_in must be (neurons, writers, features), got "
                              f"{tuple(w_in.shape)}")
@@ -72,8 +78,8 @@ class LowRankRouter(nn.Module):
                              f"{tuple(norms.shape)}")
         if x.dim() != 2 or x.shape[1] != d or not x.shape[0]:
             raise ValueError(f"x must be (T, {d}) calibration inputs, got {tuple(x.shape)}")
-        for name in ("w_in", "x"):  # else the factorisation fails inside eigh or svd
-            _check_finite(name, tensors[name])
+        for name in tensors:  # else the factorisation fails inside eigh or svd, or (norms,
+            _check_finite(name, tensors[name])  # b_in) every score is NaN: a random choice
         self.act, self.writers, self.unit_size = act, writers, unit_size
         down, up = _factorise(w_in.reshape(n * writers, d).float(), x.float(), rank)
         self.register_buffer("down", down)  # (rank, d)
@@ -98,8 +104,7 @@ class LowRankRouter(nn.Module):
         check_seed("seed", seed)
         d = self.down.shape[1]
         for name, t in (("x", x), ("mass", mass)):
-            if not isinstance(t, torch.Tensor):
-                raise ArgumentTypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            _check_tensor(name, t)
         if x.dim() != 2 or x.shape[1] != d or not x.shape[0]:
             raise ValueError(f"x must be (T, {d}) FFN inputs, T ≥ 1, got {tuple(x.shape)}")
         if mass.shape != (x.shape[0], self.up.shape[0] // self.writers // self.unit_size):
@@ -133,6 +138,18 @@ class LowRankRouter(nn.Module):
     def macs(self) -> int:
         """Multiply-adds per token."""
         return self.down.numel() + self.up.numel()
+
+
+def _check_tensor(name: str, t: object) -> None:
+    """Raise unless ``t`` is a real tensor holding values: a complex one lost its imaginary
+    part in the cast to float32 (a warning, then factors of the real part), a bool one
+    holds no values, and a meta one failed inside the finiteness check."""
+    if not isinstance(t, torch.Tensor):
+        raise ArgumentTypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ArgumentTypeError(f"{name} must be a real (floating-point or integer) tensor, "
+                                f"got {t.dtype}")
+    check_materialized(name, t)
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:

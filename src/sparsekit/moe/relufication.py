@@ -25,9 +25,10 @@ from typing import Any
 
 from torch import nn
 
-from sparsekit._checks import check_int, check_module, check_nonnegative
+from sparsekit._checks import check_int, check_nonnegative
 from sparsekit.moe import ffn as ffns
 from sparsekit.moe.distillation import fit_outputs, training_inputs
+from sparsekit.moe.routed import check_model
 
 __all__ = ["relufy"]
 
@@ -61,7 +62,7 @@ def relufy(
     recovers the outputs at full strength. The larger ``l1``, the more neurons are exactly
     zero and the further the copy drifts from ``model``.
     """
-    check_module("model", model)
+    check_model("model", model)
     check_int("steps", steps, minimum=0)
     check_nonnegative("l1", l1)
     if l1 and not steps:

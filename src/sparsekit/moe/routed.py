@@ -24,12 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_fraction, check_int, check_module
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_fraction,
+    check_int,
+    check_materialized,
+    check_module,
+)
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.moe.ffn import activate
 from sparsekit.moe.router import check_features
 
-__all__ = ["RoutedFFN", "set_keep", "set_oracle", "unit_mass"]
+__all__ = ["RoutedFFN", "check_model", "set_keep", "set_oracle", "unit_mass"]
 
 
 class RoutedFFN(nn.Module):
@@ -52,6 +58,7 @@ class RoutedFFN(nn.Module):
                  order: torch.Tensor, hot: int, unit_size: int, router: nn.Module | None,
                  k: int) -> None:
         super().__init__()
+        _check_layout(w_in, b_in, w_out, b_out, order, hot, unit_size)
         n, self.writers, self.in_features = w_in.shape
         self.out_features = w_out.shape[0]
         self.hot, self.unit_size = hot, unit_size
@@ -120,6 +127,9 @@ class RoutedFFN(nn.Module):
         its current shape (the layer's sizes are fixed at construction), the saved k an
         integer in ``[1, units]``, the reader's index valid and, with ``strict``, none of
         the layer's weights missing."""
+        if not isinstance(state, Mapping):
+            return [f"the state must be a mapping of names to tensors, got "
+                    f"{type(state).__name__}"]
         errors = []
         for key, own in self.state_dict(prefix=prefix).items():
             if key == prefix + _EXTRA_STATE:
@@ -134,6 +144,8 @@ class RoutedFFN(nn.Module):
             elif value.shape != own.shape:
                 errors.append(f"{key} must have shape {tuple(own.shape)} (this layer's), got "
                               f"{tuple(value.shape)}")
+            elif value.is_meta:  # torch copied the other entries, then failed on this one
+                errors.append(f"{key} is on the meta device and holds no values")
         order = state.get(prefix + "order")
         if not errors and isinstance(order, torch.Tensor) and not _is_permutation(order):
             errors.append(f"{prefix}order must be a permutation of the "
@@ -218,7 +230,9 @@ class RoutedFFN(nn.Module):
         return unit_mass(self.hidden(x).float(), self.norms, self.hot, self.unit_size)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """Every neuron's value (the reader's input, stored order) for rows ``x`` (T, d)."""
+        """Every neuron's value (the reader's input, stored order) for rows ``x`` (T, d);
+        ``x`` is checked as :meth:`forward` checks it (the matmul's error named nothing)."""
+        self._check_input(x)
         return self._rows(x, 0, self.w_in.shape[0])
 
     def _rows(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -272,6 +286,41 @@ def _saved_k(state: object) -> int:
     return state
 
 
+def _check_layout(w_in: object, b_in: object, w_out: object, b_out: object, order: object,
+                  hot: object, unit_size: object) -> None:
+    """Raise unless :class:`RoutedFFN`'s weights and layout agree: ``w_in`` (n, writers, d),
+    ``b_in`` (n, writers) or None, ``w_out`` (d_out, n), ``b_out`` (d_out,) or None,
+    ``order`` a permutation of the n neurons, ``0 ≤ hot ≤ n`` and ``unit_size ≥ 1``. An
+    ``order`` of repeated or missing neurons built a layer that silently computed another
+    FFN (fewer neurons, some twice), ``unit_size=0`` was a ``ZeroDivisionError`` and a
+    reader of another width an ``IndexError``."""
+    for name, value in (("w_in", w_in), ("w_out", w_out), ("order", order),
+                        ("b_in", b_in), ("b_out", b_out)):
+        if value is None and name in ("b_in", "b_out"):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ArgumentTypeError(f"{name} must be a tensor, got {type(value).__name__}")
+        check_materialized(name, value)
+    if w_in.dim() != 3:
+        raise ValueError(f"w_in must be (neurons, writers, features), got {tuple(w_in.shape)}")
+    n, writers, _ = w_in.shape
+    if w_out.dim() != 2 or w_out.shape[1] != n:
+        raise ValueError(f"w_out must be (out_features, {n}) (a column per neuron of w_in), "
+                         f"got {tuple(w_out.shape)}")
+    if b_in is not None and b_in.shape != (n, writers):
+        raise ValueError(f"b_in must be None or ({n}, {writers}), got {tuple(b_in.shape)}")
+    if b_out is not None and b_out.shape != (w_out.shape[0],):
+        raise ValueError(f"b_out must be None or ({w_out.shape[0]},), got "
+                         f"{tuple(b_out.shape)}")
+    if order.shape != (n,) or not _is_permutation(order):
+        raise ValueError(f"order must be a permutation of the {n} neurons (an int tensor of "
+                         f"shape ({n},)), got {tuple(order.shape)} {order.tolist()[:8]}")
+    check_int("hot", hot, minimum=0)
+    if hot > n:
+        raise ValueError(f"hot must be an int in [0, {n}] (w_in's neurons), got {hot}")
+    check_int("unit_size", unit_size, minimum=1)
+
+
 def _is_permutation(order: torch.Tensor) -> bool:
     """Whether ``order`` holds every index in ``[0, order.numel())`` once."""
     if order.is_floating_point() or order.is_complex() or order.dtype == torch.bool:
@@ -304,6 +353,8 @@ def unit_mass(h: torch.Tensor, norms: torch.Tensor, hot: int, unit_size: int) ->
         got = tuple(norms.shape) if isinstance(norms, torch.Tensor) else type(norms).__name__
         raise ValueError(f"norms must be a tensor of shape ({n},) (one per neuron of h), got "
                          f"{got}")
+    check_materialized("h", h)  # a meta one failed in the product with a bare error
+    check_materialized("norms", norms)
     check_int("hot", hot, minimum=0)
     if hot > n:
         raise ValueError(f"hot must be an int in [0, {n}] (h's neurons), got {hot}")
@@ -345,6 +396,16 @@ def _units_for(layer: RoutedFFN, keep: float) -> int:
     if keep * n < layer.hot:
         raise ValueError(f"keep={keep} is below the hot neurons' share {layer.hot / n:.3f}")
     return min(layer.units, max(1, math.floor((keep * n - layer.hot) / layer.unit_size + 0.5)))
+
+
+def check_model(name: str, model: object) -> None:
+    """Raise unless ``model`` (the argument ``name``) is an ``nn.Module`` whose parameters
+    and buffers all hold values: a model on the meta device (built under
+    ``init_empty_weights``, not loaded yet) failed deep inside its first forward or
+    factorisation with an error naming no argument."""
+    check_module(name, model)
+    for key, tensor in (*model.named_parameters(), *model.named_buffers()):
+        check_materialized(f"{name}: {key}", tensor)
 
 
 def routed_layers(model: nn.Module) -> list[RoutedFFN]:

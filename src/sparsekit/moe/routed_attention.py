@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_int, check_module
+from sparsekit._checks import check_fraction, check_int
+from sparsekit.moe.routed import check_model
 from sparsekit.moe.router import Router
 
 __all__ = ["RoutedAttention", "route_heads"]
@@ -167,7 +168,7 @@ def route_heads(model: nn.Module, predictors: dict[str, tuple[Router, Any]], *,
     ``(router, quality)``); every block named must hold one LLaMA-style attention.
     ``model`` is left untouched.
     """
-    check_module("model", model)
+    check_model("model", model)
     check_fraction("keep", keep, zero=False, one=True)
     if not isinstance(skip_kv, bool):
         raise TypeError(f"skip_kv must be a bool, got {type(skip_kv).__name__}")

@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_seed
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_int,
+    check_materialized,
+    check_positive,
+    check_seed,
+)
 
 __all__ = ["LOSSES", "Router", "check_features", "fit"]
 
@@ -51,12 +57,19 @@ class Router(nn.Module):
 def check_features(x: Any, features: int, what: str) -> None:
     """Raise unless ``x`` is a tensor of FFN inputs ``(..., features)`` (``what`` says
     where ``features`` comes from, for the message): the matmul's own error names neither
-    argument nor the accepted width. Every router and routed layer checks its input so."""
+    argument nor the accepted width. Every router and routed layer checks its input so.
+    ``x`` must hold real values: a complex one lost its imaginary part in the cast to the
+    weights' dtype (a warning, then scores of the real part), a bool one is no input, and
+    a meta one failed inside the matmul."""
     if not isinstance(x, torch.Tensor):
         raise ArgumentTypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[-1] != features:
         raise ValueError(f"x must have shape (..., {features}) ({what}), got "
                          f"{tuple(x.shape)}")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise ArgumentTypeError(f"x must be a real (floating-point or integer) tensor, got "
+                                f"{x.dtype}")
+    check_materialized("x", x)
 
 
 def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 300,
@@ -67,12 +80,38 @@ def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 3
     drawn with ``seed``, minimising ``loss`` (one of :data:`LOSSES`). ``"bce"`` needs labels
     in [0, 1]; with ``balance`` it weighs the positives as much as the rest (for sparse 0/1
     labels). ``"listwise"`` takes any non-negative labels (each row is normalised to sum to
-    one) and ignores ``balance``."""
+    one) and ignores ``balance``.
+
+    Every argument is checked before ``router`` changes: ``x`` and ``labels`` tensors of
+    one number of rows (at least one), ``labels`` finite, in [0, 1] for ``"bce"`` and ≥ 0
+    for ``"listwise"``: NaN labels trained every weight NaN silently, a missing row was an
+    ``IndexError`` from the minibatch draw."""
+    if not isinstance(router, Router):
+        raise ArgumentTypeError(f"router must be a sparsekit.moe.Router, got "
+                                f"{type(router).__name__}")
     check_int("steps", steps, minimum=1)
+    check_positive("lr", lr)
     check_int("batch", batch, minimum=1)
+    if not isinstance(balance, bool):
+        raise ArgumentTypeError(f"balance must be a bool, got {balance!r}")
     check_seed("seed", seed)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
+    check_features(x, router.project.in_features, "the router's features")
+    units = router.score.out_features
+    if not isinstance(labels, torch.Tensor):
+        raise ArgumentTypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    if x.dim() != 2 or not x.shape[0] or labels.shape != (x.shape[0], units):
+        raise ValueError(f"x must be (T, {router.project.in_features}) with T ≥ 1 and labels "
+                         f"(T, {units}) (the router's units), got {tuple(x.shape)} and "
+                         f"{tuple(labels.shape)}")
+    check_materialized("labels", labels)
+    low, high = (0.0, 1.0) if loss == "bce" else (0.0, float("inf"))
+    bad = ~((labels >= low) & (labels <= high)) | ~torch.isfinite(labels)  # NaN too
+    if bool(bad.any()):
+        accepted = "in [0, 1]" if loss == "bce" else "≥ 0"
+        raise ValueError(f"labels must be finite and {accepted} for loss={loss!r}, got "
+                         f"{int(bad.sum())} values outside")
     x, labels = x.float(), labels.float()
     if loss == "listwise":
         labels = labels / labels.sum(1, keepdim=True).clamp_min(1e-12)

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from sparsekit._atomic import atomic_write, directory_lock, sync
 from sparsekit._checks import ArgumentTypeError
-from sparsekit.sae.sae import SAE
+from sparsekit.sae.sae import SAE, check_materialized_sae
 
 __all__ = ["CFG_NAME", "WEIGHTS_NAME", "load", "save"]
 
@@ -138,12 +138,14 @@ def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) 
     except (TypeError, ValueError) as e:
         raise ArgumentTypeError(f"metadata must hold only JSON values (str, finite numbers, "
                                 f"bools, None, lists and dicts of them): {e}") from e
+    check_materialized_sae(sae)  # .cpu() failed inside PyTorch
     weights = {name: getattr(sae, name).detach().contiguous().cpu() for name in _WEIGHTS}
     if "jumprelu" in architecture:
         threshold = sae.log_threshold.exp() if sae.activation == "jumprelu" \
             else sae.threshold.to(sae.W_enc.dtype).expand(sae.n_latents)
         weights["threshold"] = threshold.detach().contiguous().cpu()
     state = _state(sae)
+    _check_saveable(weights, state)
     path.mkdir(parents=True, exist_ok=True)
     # All files are written and flushed before the old config goes (no old config may
     # describe new weights) and any is renamed, the config (the outer block) last: a
@@ -160,6 +162,21 @@ def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) 
                 sync(weights_tmp)
                 (path / CFG_NAME).unlink(missing_ok=True)
     return path
+
+
+def _check_saveable(weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming ``sae`` unless :func:`load` would take these tensors (the
+    checks of :func:`_check_values` and :func:`_read_state`): a NaN weight (a diverged
+    training) was written over the directory's good files, as files load refuses."""
+    floats = {name: t for name, t in state.items() if name != "log_threshold"
+              and t.is_floating_point()}
+    try:
+        _check_values("sae", weights | {k: v for k, v in state.items() if k == "log_threshold"})
+        bad = [name for name, t in floats.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"sae: {bad[0]} must be finite, got {floats[bad[0]].tolist()}")
+    except ValueError as e:
+        raise ValueError(f"{e}; nothing was written: load refuses such files") from None
 
 
 def _directory(path: Any) -> Path:
@@ -213,11 +230,15 @@ def load(path: str | Path) -> SAE:
         raise ValueError(f"{weights_file}: no tensor {', '.join(missing)} (it holds "
                          f"{', '.join(sorted(weights)) or 'none'})")
     _check_values(weights_file, weights)
+    _check_widths(cfg, cfg_file, weights, weights_file)
     w_enc, w_dec, b_enc = weights["W_enc"], weights["W_dec"], weights["b_enc"]
     with _damaged(weights_file, "cannot read W_dec's row norms"):
         if cfg.get("rescale_acts_by_decoder_norm", False):  # fold the norms: same codes
             norms = w_dec.norm(dim=-1)
-            w_enc, b_enc, w_dec = w_enc * norms, b_enc * norms, w_dec / norms[:, None]
+            # a zero row stays zero (its latent contributes nothing either way): dividing
+            # it by its norm of 0 loaded a NaN row into W_dec
+            divisor = torch.where(norms > 0, norms, torch.ones_like(norms))
+            w_enc, b_enc, w_dec = w_enc * norms, b_enc * norms, w_dec / divisor[:, None]
         unit = bool(torch.allclose(w_dec.float().norm(dim=-1), torch.ones(()), atol=1e-4))
     with _damaged(cfg_file, "not a loadable SAE config"):
         k = next((v for v in (cfg.get("k"), ours.get("k")) if v is not None), 1)  # k: 0 is one
@@ -257,6 +278,26 @@ def load(path: str | Path) -> SAE:
                 sae.threshold.fill_(float(weights["threshold"].max()))
     sae.eval()
     return sae
+
+
+def _check_widths(cfg: dict[str, Any], cfg_file: Path, weights: dict[str, torch.Tensor],
+                  weights_file: Path) -> None:
+    """Raise naming the files unless the widths the config gives (``d_in``, ``d_sae``,
+    ``d_out``, where they are ints) are the encoder's and decoder's shapes: the SAE is
+    built at the config's widths before its weights are copied, so an edited config
+    (``d_sae`` of millions beside a small file) allocated gigabytes before the shapes
+    were compared. Widths that are no ints are left to the SAE's own checks."""
+    widths = {key: cfg.get(key, cfg["d_in"]) if key == "d_out" else cfg[key]
+              for key in ("d_in", "d_sae", "d_out")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in widths.values()):
+        return
+    for name, keys in (("W_enc", ("d_in", "d_sae")), ("W_dec", ("d_sae", "d_out"))):
+        shape = tuple(weights[name].shape)
+        expected = tuple(widths[key] for key in keys)
+        if shape != expected:
+            raise ValueError(f"{weights_file}: {name} has shape {shape}, but "
+                             f"{cfg_file.name} describes {expected} "
+                             f"({', '.join(keys)})")
 
 
 def _check_architecture(cfg_file: Path, architecture: str, activation: Any,
@@ -345,6 +386,10 @@ def _read_cfg(file: Path) -> dict[str, Any]:
     if architecture not in _LOADABLE:
         raise ValueError(f"{file}: architecture {architecture!r} is not supported; "
                          f"accepted: {', '.join(_LOADABLE)}")
+    for key in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
+        if key in cfg and not isinstance(cfg[key], bool):  # "false" is truthy
+            raise ValueError(f"{file}: {key} must be a JSON bool (true or false), got "
+                             f"{cfg[key]!r}")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise ValueError(f"{file}: normalize_activations="
                          f"{cfg['normalize_activations']!r} is not supported; fold it first")

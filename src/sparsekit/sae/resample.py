@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError, check_positive
-from sparsekit.sae.sae import SAE
+from sparsekit._checks import ArgumentTypeError, check_materialized, check_positive
+from sparsekit.sae.sae import SAE, check_materialized_sae
 
 __all__ = ["resample"]
 
@@ -60,6 +60,7 @@ def resample(
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
+    check_materialized_sae(sae)
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != sae.d_in:
         raise ValueError(f"x must be a tensor of shape (n, {sae.d_in}), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -117,19 +118,23 @@ def resample(
 def check_dead(sae: SAE, dead: Any) -> None:
     """Raise ``ValueError`` unless ``dead`` is a bool tensor marking latents of ``sae``,
     shape ``(n_latents,)`` (what :meth:`SAE.dead_latents` returns): another shape failed
-    inside the auxiliary-k loss with a bare ``RuntimeError``, a float mask at ``~dead``."""
+    inside the auxiliary-k loss with a bare ``RuntimeError``, a float mask at ``~dead``,
+    a meta one (no values to read) at ``.any()``."""
     if not isinstance(dead, torch.Tensor) or dead.dtype != torch.bool \
             or dead.shape != (sae.n_latents,):
         raise ValueError(f"dead must be a bool tensor of shape ({sae.n_latents},), got "
                          f"{getattr(dead, 'dtype', type(dead).__name__)} "
                          f"{tuple(getattr(dead, 'shape', ()))}")
+    check_materialized("dead", dead)
 
 
 def _check_values(name: str, values: torch.Tensor, dtype: torch.dtype) -> None:
-    """Raise unless ``values`` are real floats that stay finite in ``dtype``: a NaN loss
-    samples no row, so dead latents were silently left dead."""
+    """Raise unless ``values`` are real floats that stay finite in ``dtype`` (and exist: not
+    on the meta device): a NaN loss samples no row, so dead latents were silently left
+    dead."""
     if not values.is_floating_point():
         raise ArgumentTypeError(f"{name} must be a floating-point tensor, got {values.dtype}")
+    check_materialized(name, values)
     bad = int((~torch.isfinite(values.to(dtype))).sum())
     if bad:
         raise ValueError(f"{name} must hold finite values (in the SAE's {dtype}), got {bad} "

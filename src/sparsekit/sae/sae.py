@@ -30,6 +30,7 @@ threshold and JumpReLU's learned one.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from sparsekit._checks import (
     ArgumentTypeError,
     check_device,
     check_int,
+    check_materialized,
     check_positive,
 )
 from sparsekit.engine import kernels
@@ -126,9 +128,12 @@ class SAE(nn.Module):
                                     f"{dtype!r}")
         check_device(device)
 
+        # plain ints (a numpy int passes check_int, then failed json.dumps in save, which
+        # blamed the metadata, and manual_seed)
+        d_in, n_latents, d_out, seed = int(d_in), int(n_latents), int(d_out), int(seed)
         self.d_in, self.n_latents, self.d_out = d_in, n_latents, d_out
         self.activation = activation
-        self.k = k if uses_k else None
+        self.k = int(k) if uses_k else None
         self.transcoder = transcoder or d_out != d_in
         self.matryoshka = prefixes
         self.normalize_decoder = normalize_decoder
@@ -137,6 +142,12 @@ class SAE(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         w_dec = torch.randn(n_latents, d_out, generator=generator).to(**factory)
         w_dec *= init_norm / w_dec.norm(dim=-1, keepdim=True)
+        if not w_dec.is_meta and not bool((w_dec.norm(dim=-1) > 0).all()
+                                          & torch.isfinite(w_dec).all()):
+            # rows of inf (NaN codes) or of zeros (latents that never fire, and that
+            # normalize_decoder_ cannot rescale) trained nothing, silently
+            raise ValueError(f"init_norm must give finite, non-zero rows of W_dec in "
+                             f"{w_dec.dtype}, got {init_norm!r}")
         self.W_dec = nn.Parameter(w_dec)
         w_enc = w_dec.t().clone() if d_out == d_in else \
             torch.randn(d_in, n_latents, generator=generator).to(**factory) / math.sqrt(d_in)
@@ -171,7 +182,10 @@ class SAE(nn.Module):
                 f"matryoshka must be a sequence of increasing positive prefix sizes ending at "
                 f"n_latents={n_latents}, or None, got {matryoshka!r}")
         prefixes = tuple(matryoshka)
-        ok = prefixes and all(isinstance(m, int) and not isinstance(m, bool) for m in prefixes) \
+        integral = all(isinstance(m, numbers.Integral) and not isinstance(m, bool)
+                       for m in prefixes)
+        prefixes = tuple(int(m) for m in prefixes) if integral else prefixes  # numpy ints too
+        ok = prefixes and integral \
             and all(0 < a < b for a, b in zip(prefixes, prefixes[1:], strict=False)) \
             and prefixes[0] > 0 and prefixes[-1] == n_latents
         if not ok:
@@ -183,20 +197,29 @@ class SAE(nn.Module):
     # -- encode -----------------------------------------------------------------------
 
     def _check_width(self, x: torch.Tensor, width: int, param: str = "x") -> None:
+        """Raise unless ``x`` is a tensor ``(..., width)`` holding values (a meta tensor
+        failed inside the matmul, or at ``.item()``, with an error naming no argument)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{param} must be a tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != width:
             raise ValueError(
                 f"{param} must have shape (..., {width}), got shape {tuple(x.shape)}")
+        check_materialized(param, x)
+
+    @staticmethod
+    def _check_real(x: torch.Tensor, param: str = "x") -> None:
+        """Raise unless ``x`` is of a real dtype: the cast to the weights' dtype would drop
+        a complex tensor's imaginary part silently, and a bool one holds no values."""
+        if x.is_complex() or x.dtype == torch.bool:
+            raise ArgumentTypeError(f"{param} must be a real (floating-point or integer) "
+                                    f"tensor, got {x.dtype}")
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - b_dec) @ W_enc + b_enc`` (an autoencoder centres on ``b_dec``); ``x`` of
         a real dtype (the cast to the weights' dtype would drop a complex input's imaginary
         part, and a bool input means no activations)."""
         self._check_width(x, self.d_in)
-        if x.is_complex() or x.dtype == torch.bool:
-            raise ArgumentTypeError(f"x must be a real (floating-point or integer) tensor, "
-                                    f"got {x.dtype}")
+        self._check_real(x)
         x = x.to(self.W_enc.dtype)
         if not self.transcoder:
             x = x - self.b_dec
@@ -235,8 +258,10 @@ class SAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """``z @ W_dec + b_dec``, reading only the ``W_dec`` rows of non-zero codes when
-        they are sparse (a dense product otherwise)."""
+        they are sparse (a dense product otherwise); ``z`` of a real dtype, as
+        :meth:`pre_activations` takes ``x``."""
         self._check_width(z, self.n_latents, "z")
+        self._check_real(z, "z")
         rows = z.reshape(-1, self.n_latents)
         if rows.shape[0] == 1 and not torch.is_grad_enabled() and self._gemv_ready(rows):
             y = torch.ops.sparsekit.act_gemv(
@@ -261,6 +286,8 @@ class SAE(nn.Module):
             return self.b_dec.expand(rows, self.d_out).clone().view(
                 *values.shape[:-1], self.d_out)
         flat_i = indices.reshape(-1, indices.shape[-1])
+        if flat_i.dtype not in (torch.int32, torch.int64):  # embedding_bag takes no other
+            flat_i = flat_i.long()
         flat_v = values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype)
         if not torch.is_grad_enabled() and self._gemv_ready(flat_v):
             y = self._spmm_decode(flat_v, flat_i)
@@ -283,10 +310,13 @@ class SAE(nn.Module):
     def _check_codes(self, values: Any, indices: Any) -> None:
         """Raise unless ``values`` and ``indices`` are tensors of one shape ``(..., width)``,
         ``indices`` integers in ``[0, n_latents)``: the native kernel trusts its indices,
-        ``embedding_bag`` raises a bare error and a float index would be truncated."""
+        ``embedding_bag`` raises a bare error and a float index would be truncated;
+        ``values`` real (see :meth:`_check_real`), neither on the meta device."""
         for name, tensor in (("values", values), ("indices", indices)):
             if not isinstance(tensor, torch.Tensor):
                 raise ArgumentTypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+            check_materialized(name, tensor)
+        self._check_real(values, "values")
         if values.shape != indices.shape or values.dim() == 0:
             raise ValueError(
                 f"values and indices must have one shape (..., width), got "
@@ -321,13 +351,19 @@ class SAE(nn.Module):
         """Count the tokens since each latent last fired (for :meth:`dead_latents`) and,
         for BatchTopK, move the inference threshold towards the smallest kept value."""
         self._check_codes(values, indices)
-        fired = torch.zeros(self.n_latents, dtype=torch.bool, device=indices.device)
         kept = values != 0
+        smallest = values[kept].abs().min().to(self.threshold.dtype) \
+            if self.activation == "batchtopk" and kept.any() else None
+        if smallest is not None and not bool(torch.isfinite(smallest)):
+            # checked before anything is counted: the threshold would keep the NaN for good
+            raise ValueError(f"values must be finite where kept: BatchTopK's inference "
+                             f"threshold moves towards the smallest kept value, got "
+                             f"{float(smallest)}")
+        fired = torch.zeros(self.n_latents, dtype=torch.bool, device=indices.device)
         fired[indices[kept]] = True
         self.tokens_since_fired += values[..., 0].numel()
         self.tokens_since_fired[fired] = 0
-        if self.activation == "batchtopk" and kept.any():
-            smallest = values[kept].abs().min().to(self.threshold.dtype)
+        if smallest is not None:
             # a running mean over the first 1/THRESHOLD_EMA batches, an average over the
             # recent ones after: early batches (random weights) must not linger
             self._threshold_updates += 1
@@ -359,6 +395,14 @@ class SAE(nn.Module):
         nest = f", matryoshka={list(self.matryoshka)}" if self.matryoshka else ""
         return (f"{kind}, d_in={self.d_in}, n_latents={self.n_latents}, d_out={self.d_out}, "
                 f"activation={self.activation!r}{k}{nest}")
+
+
+def check_materialized_sae(sae: SAE) -> None:
+    """Raise ``ValueError`` naming the tensor unless every parameter and buffer of ``sae``
+    holds values: an SAE built with ``device="meta"`` failed deep inside the first product
+    with the data (or at ``.cpu()`` in :func:`~sparsekit.sae.save`), naming no argument."""
+    for name, tensor in sae.state_dict().items():
+        check_materialized(f"sae.{name}", tensor)
 
 
 def _nonzeros(z: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

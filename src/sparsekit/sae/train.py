@@ -26,13 +26,14 @@ from sparsekit._checks import (
     ArgumentTypeError,
     check_fraction,
     check_int,
+    check_materialized,
     check_nonnegative,
     check_optimizer,
     check_positive,
 )
 from sparsekit.sae.activations import ACTIVATIONS, select_topk, step
 from sparsekit.sae.resample import ENCODER_SCALE, check_dead, resample
-from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _nonzeros
+from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _nonzeros, check_materialized_sae
 
 __all__ = ["objective", "train"]
 
@@ -59,7 +60,9 @@ def objective(
     """
     if not isinstance(sae, SAE):
         raise ArgumentTypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
+    check_materialized_sae(sae)
     sae._check_width(x, sae.d_in)
+    sae._check_real(x)
     if x.numel() == 0:
         raise ValueError(f"x must hold at least one row of width {sae.d_in}, got shape "
                          f"{tuple(x.shape)}")
@@ -73,6 +76,7 @@ def objective(
                          f"d_in={sae.d_in}), got None")
     if target is not None:
         sae._check_width(target, sae.d_out, "target")
+        sae._check_real(target, "target")  # a complex target made the loss complex
         if target.shape[:-1] != x.shape[:-1]:
             raise ValueError(f"target must have shape {(*x.shape[:-1], sae.d_out)} (x's rows), "
                              f"got {tuple(target.shape)}")
@@ -199,6 +203,7 @@ def train(
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
+    check_materialized_sae(sae)
     if steps is not None:
         check_int("steps", steps, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
@@ -379,13 +384,15 @@ def _rows(item: Any, sae: SAE, index: int) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def _check_rows(x: Any, width: int, param: str) -> None:
-    """Raise unless ``x`` is a floating-point tensor of shape ``(..., width)`` (its values
-    are checked after the cast to the SAE's dtype, by :func:`_rows`)."""
+    """Raise unless ``x`` is a floating-point tensor of shape ``(..., width)`` holding
+    values (not on the meta device: its values are checked after the cast to the SAE's
+    dtype, by :func:`_rows`, which failed inside PyTorch on one)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{param} must hold floating-point tensors, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0 or x.shape[-1] != width:
         raise ValueError(f"{param} must have shape (..., {width}), got shape {tuple(x.shape)}")
+    check_materialized(param, x)
 
 
 def _check_finite(x: torch.Tensor, param: str, dtype: torch.dtype | None = None) -> None:
