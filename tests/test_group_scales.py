@@ -226,3 +226,31 @@ def test_save_pretrained_keeps_the_grouped_grid_bit_identical(tmp_path, dense_dt
         restored, layer = again.get_submodule(name), model.get_submodule(name)
         assert torch.equal(restored.weight, layer.weight), name
         assert torch.equal(attached_scales(restored), attached_scales(layer))
+
+
+@needs_kernels
+def test_a_grouped_layer_does_not_reuse_the_cached_decision_of_per_row_scales(
+    tmp_path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sparsekit.engine import decisions
+
+    monkeypatch.setattr(decisions, "directory", lambda: tmp_path / "decisions")
+
+    def model(group: int | None) -> nn.Module:
+        torch.manual_seed(0)
+        layer = nn.Linear(64, 32)
+        with torch.no_grad():  # no weight rounds to 0 on either grid: the same nonzeros
+            layer.weight.copy_(layer.weight.sign() * (0.5 + torch.rand(32, 64) / 2))
+        scales = int8_scales(layer.weight, group)
+        with torch.no_grad():
+            codes, _ = quantize_int8(layer.weight, scales, group)
+            layer.weight.copy_(dequantize_int8(codes, scales, group))
+        attach_scales(layer, scales)
+        return nn.Sequential(layer)
+
+    x = torch.randn(2, 64)
+    sparsekit.compile(model(None), x, formats=["dense_lowp"])
+    grouped = sparsekit.compile(model(16), x, formats=["dense_lowp"])
+    assert not grouped.sparsekit_choices["0"].get("cached")
+    assert len(list((tmp_path / "decisions").glob("*.json"))) == 2
+    assert grouped[0].format.scales.shape == (32, 4)

@@ -339,6 +339,8 @@ def _compile_layer(
            else None)
     if key is not None and activation is not None:
         key["activation_dtype"] = str(activation)
+    if key is not None and value_dtype == torch.int8 and _grouped(scales):
+        key["scale_groups"] = scales.shape[1]  # the kernels' time differs from per-row scales
     if key is not None and grow:
         key["grow"] = True
     modules: dict[str, CompiledLayer] = {}
