@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_positive
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, check_positive
 
 __all__ = ["Coverage", "bounded_block_size", "density", "mass_recall", "tile_mass",
            "visible_pairs"]
@@ -102,8 +102,17 @@ def density(
     ``block_mask`` is bool ``(batch or 1, heads or 1, q_blocks, kv_blocks)``; the fraction
     is averaged over its batch and head entries.
     """
+    check_int("q_len", q_len, minimum=1)
+    check_int("kv_len", kv_len, minimum=1)
+    check_int("block_size", block_size, minimum=1)
+    _check_causal(causal)
+    # the mask's shape first: the pairs of lengths it does not fit were allocated in full
+    # (2**20 tokens in tiles of 8: 137 GB) before it was compared with them
+    bounded = bounded_block_size(q_len, kv_len, block_size)
+    _check_mask(block_mask, (blocks(q_len, bounded), blocks(kv_len, bounded)),
+                block_size=block_size)
+    check_materialized("block_mask", block_mask)  # its density is a number read from it
     pairs = visible_pairs(q_len, kv_len, block_size=block_size, causal=causal)
-    _check_mask(block_mask, tuple(pairs.shape), block_size=block_size)
     pairs = pairs.to(block_mask.device, torch.float64)
     kept = (block_mask.to(torch.float64) * pairs).sum((-2, -1))
     return (kept / pairs.sum()).mean().item()
@@ -143,7 +152,8 @@ def tile_mass(
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     keys = repeat_kv(k, heads).float()
     offset = kv_len - q_len
-    rows = max(1, _CHUNK_ELEMENTS // (batch * heads * kv_len) // block_size) * block_size
+    # an empty batch holds no scores at all: any chunk does (it divided by zero)
+    rows = max(1, _CHUNK_ELEMENTS // max(batch * heads * kv_len, 1) // block_size) * block_size
     mass = torch.zeros(batch, heads, qb, kb, dtype=torch.float64, device=q.device)
     for begin in range(0, q_len, rows):
         end = min(begin + rows, q_len)
@@ -199,6 +209,7 @@ def mass_recall(
     kv_len = k.shape[2]
     tiles = (blocks(q_len, block_size), blocks(kv_len, block_size))
     _check_mask(block_mask, tiles, block_size=block_size, batch=batch, heads=heads)
+    _check_device(q, block_mask=block_mask)  # the recall is read from mass * block_mask
     if mass is None:
         mass = tile_mass(q, k, block_size=block_size, causal=causal, scale=scale)
     elif scale is not None:
@@ -211,6 +222,8 @@ def mass_recall(
         raise ValueError(f"mass must be the floating tile_mass of q and k, shape ({batch}, "
                          f"{heads}, {tiles[0]}, {tiles[1]}), got {got}")
     else:
+        _check_device(q, mass=mass)
+        check_materialized("mass", mass)
         _check_mass_values(mass)
     seen = batch * heads * (min(q_len, kv_len) if causal else q_len)
     return ((mass * block_mask).sum() / max(seen, 1)).item()
@@ -267,6 +280,7 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, *, finite: bool = False) -> None
     _check_heads(q, k)
     if finite:
         for name, t in (("q", q), ("k", k)):
+            check_materialized(name, t)  # its values choose the mask: it must have some
             bad = int(t.numel() - t.isfinite().sum())
             if bad:
                 raise ValueError(

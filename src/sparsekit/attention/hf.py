@@ -12,7 +12,8 @@ the pattern and switches a model onto it::
 After :func:`register`, ``model.config._attn_implementation = "sparsekit"`` switches a
 model too, with the default :class:`SparseAttention` settings.
 
-Each call falls back to SDPA where sparsity cannot pay or cannot apply: where the measured
+Each call falls back to SDPA (softcapped scores: the model's eager attention, which SDPA
+cannot compute) where sparsity cannot pay or cannot apply: where the measured
 break-even says dense is faster (:class:`~sparsekit.attention.break_even.BreakEven`: both
 paths timed on the first call of each shape and length octave) or, given ``min_length``,
 keys shorter than it; an explicit element mask (padding, chunked prefill, sliding-window
@@ -25,6 +26,7 @@ last key).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,12 +115,21 @@ def apply(
         block_size: tile edge in tokens.
         min_length: ``None`` times dense and sparse on the first call of each class and
             runs the faster; an int runs SDPA on calls with fewer keys, sparse on the rest.
+
+    A model whose attention transformers cannot switch (it does not use the
+    ``AttentionInterface``, e.g. XLNet) is a ``ValueError``, not a silent no-op.
     """
     _check_model(model)
     settings = SparseAttention(resolve_pattern(pattern, **options), block_size, min_length)
     register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
+    if model.config._attn_implementation != NAME:  # transformers only logged a warning
+        raise ValueError(
+            f"model: {type(model).__name__} does not run its attention through transformers' "
+            "AttentionInterface, so its attention cannot be switched to sparse attention; "
+            "accepted: models whose attention implementation can be set (LLaMA, Qwen2, "
+            "Mistral, GPT-2, BERT …); the model was not changed")
     if previous != NAME:  # applied again: keep what the first apply switched away from
         vars(model)[_PREVIOUS] = previous
     for module in _config_holders(model):
@@ -162,6 +173,11 @@ def attention_forward(
         key, value, kv_len = key[:, :, :q_len], value[:, :, :q_len], q_len
 
     def dense() -> tuple[torch.Tensor, None]:
+        eager = _softcap_eager(module, kwargs)
+        if eager is not None:
+            mask = _additive(attention_mask, query, kv_len, causal)
+            return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                         **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
 
@@ -185,6 +201,30 @@ def attention_forward(
         return dense()
     call = call_class(query, key, causal=causal, block_size=settings.block_size)
     return settings.break_even.run(call, dense, sparse)
+
+
+def _softcap_eager(module: nn.Module, kwargs: dict[str, Any]) -> Any:
+    """For softcapped scores (Gemma 2), the eager attention of the module's own modeling
+    file, the dense fallback there (``None`` elsewhere: SDPA is): transformers' SDPA refuses
+    a softcap, so a softcapped model failed on every call once switched."""
+    if kwargs.get("softcap") is None:
+        return None
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return eager if callable(eager) else None
+
+
+def _additive(mask: torch.Tensor | None, query: torch.Tensor, kv_len: int,
+              causal: bool) -> torch.Tensor | None:
+    """SDPA's mask (bool, True attends; ``None`` for plain causal attention) as the additive
+    float mask eager attention adds to its scores."""
+    if mask is None and causal:  # the last query aligned with the last key
+        q_len = query.shape[2]
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(
+            kv_len - q_len)
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+        ~mask, torch.finfo(query.dtype).min)
 
 
 def _check_model(model: Any) -> None:

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from sparsekit._checks import check_fraction, check_int
+from sparsekit._checks import check_fraction, check_int, check_materialized
 from sparsekit.attention.coverage import (
     Coverage,
     _check_causal,
@@ -234,8 +234,9 @@ class VerticalSlash(_MassThreshold):
             scores = scores.masked_fill(back < 0, -math.inf)
         probs = torch.softmax(scores, -1).nan_to_num(0.0)
         slash = torch.zeros(batch, heads, kv_len + n - 1, device=dev)  # bin back + n - 1
-        slash.scatter_add_(2, (back + n - 1).expand_as(probs).reshape(batch, heads, -1),
-                           probs.reshape(batch, heads, -1))
+        # sizes spelled out: -1 is ambiguous for an empty batch
+        slash.scatter_add_(2, (back + n - 1).expand_as(probs).reshape(batch, heads, n * kv_len),
+                           probs.reshape(batch, heads, n * kv_len))
         # columns and diagonals each carry all the mass once: rank them together and stop
         # at threshold of it (half the threshold of the sum of both)
         keep = _fewest(torch.cat([probs.sum(2), slash], -1), self.threshold / 2)
@@ -379,6 +380,8 @@ class UserMask(AttentionPattern):
             mask = mask(q.shape[2], k.shape[2], block_size)
         _check_mask(mask, tuple(visible.shape), block_size=block_size, batch=q.shape[0],
                     heads=q.shape[1])
+        if not q.is_meta:  # a meta mask has no tiles to copy to q's device
+            check_materialized("mask", mask)
         return mask.to(q.device)  # the block mask is on q's device, as every pattern's
 
 

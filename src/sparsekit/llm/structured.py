@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_module, check_seed
+from sparsekit._checks import check_fraction, check_materialized, check_module, check_seed
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.blocks import home_device, to_device
 from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
@@ -130,6 +130,8 @@ def prune_structured(
     check_fraction("amount", amount, zero=False)
     check_round_to(round_to)
     check_seed("seed", seed)
+    for name, param in model.named_parameters():  # every method reads the weights
+        check_materialized(f"model's parameter {name!r}", param)
     seqlen = check_seqlen(model, seqlen)
     _, blocks = transformer_blocks(model)
     if units == ("layers",):
@@ -193,8 +195,9 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """Load a model saved with ``save_pretrained`` after :func:`prune_structured`.
 
     Without recorded per-layer shapes this is ``from_pretrained`` of the class the config
-    names. With them, the model is built from the config, its tensors are cut to the
-    recorded shapes and the saved weights (``*.safetensors``) are loaded into it.
+    names. With them, the model is built from the config (in its ``dtype``, as
+    ``from_pretrained`` builds it: a bfloat16 model came back float32), its tensors are cut
+    to the recorded shapes and the saved weights (``*.safetensors``) are loaded into it.
     ``kwargs`` go to ``from_pretrained`` (the first case only: with recorded shapes they
     are a ``ValueError``, not silently ignored — a ``torch_dtype`` gave a float32 model).
 
@@ -204,6 +207,7 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     that differ from the saved tensors' (checked before any weight is loaded).
     """
     import transformers
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not isinstance(path, (str, os.PathLike)):
@@ -221,23 +225,27 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
         raise ValueError(f"{where} names no transformers model class "
                          f"(architectures={names!r})")
     check_config_class(cls, config, where)
-    shapes = getattr(config, SHAPES_KEY, None)
-    if shapes is None:
+    if not hasattr(config, SHAPES_KEY):  # present but null is a config edited: checked below
         return cls.from_pretrained(path, **kwargs)
+    shapes = getattr(config, SHAPES_KEY)
     if kwargs:
         raise ValueError(f"{sorted(kwargs)}: from_pretrained's options do not apply to "
                          f"{str(path)!r}, whose config records per-layer shapes "
                          f"({SHAPES_KEY}); load it without them and convert the model "
                          "(e.g. model.to(torch.bfloat16))")
-    with config_errors(where):
-        model = cls(config)
+    with config_errors(where):  # in the config's dtype, as from_pretrained builds it
+        model = cls._from_config(config)
     _resize(model, shapes)
     state: dict[str, torch.Tensor] = {}
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise ValueError(f"path: {str(path)!r} holds no *.safetensors weights")
     for f in files:
-        state.update(load_file(f))
+        try:
+            state.update(load_file(f))
+        except SafetensorError as e:  # a truncated or overwritten file
+            raise ValueError(f"path: {str(f)!r} is not a readable safetensors file "
+                             f"({e})") from e
     _check_saved_shapes(state, model.state_dict(), path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}

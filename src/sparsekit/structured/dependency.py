@@ -13,13 +13,15 @@ graph:
 * ``a + b`` and ``a * b`` *join* the spaces of both operands (they must shrink together);
 * ``torch.cat`` along the channel axis *concatenates* spaces (each keeps its offset);
 * a depthwise convolution passes its input space through (its filters go with it);
-* ``flatten`` (or ``x.view(x.size(0), -1)``) → Linear spreads each channel over its
-  ``H·W`` input columns;
+* ``flatten`` (or ``x.view(x.size(0), -1)``, ``x.shape[0]`` too) → Linear spreads each
+  channel over its ``H·W`` input columns;
 * a Conv / Linear *reads* the space: its input columns belong to the group.
 
 A space that reaches the model's output or input, or meets an op this tracer does not
 know (attention, LayerNorm, ``view``, a grouped convolution …), is frozen: its channels
-keep their width. So is a parameter used by two different spaces (a layer called twice).
+keep their width. So is one whose layer's weight is computed rather than held
+(``weight_norm``, ``spectral_norm``): there are no rows of its own to cut. So is a
+parameter used by two different spaces (a layer called twice).
 Tied parameters used consistently (an embedding tied to an output head) are one slice.
 """
 
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.targets import conv1d_type
 
 __all__ = ["Group", "Slice", "check_groups", "dependency_groups", "is_conv1d", "trace"]
@@ -88,6 +91,7 @@ def check_groups(groups: object, model: nn.Module, name: str = "groups") -> list
     for i, group in enumerate(groups):
         if not isinstance(group, Group):
             raise TypeError(f"{name}[{i}] must be a Group, got {type(group).__name__}")
+        _check_fields(f"{name}[{i}]", group)
         for s in group.slices:
             tensor = tensors.get(s.name)
             extent = s.offset + group.channels * s.repeat
@@ -99,6 +103,32 @@ def check_groups(groups: object, model: nn.Module, name: str = "groups") -> list
                                  f"it needs {extent} entries along dim {s.dim} of {s.name!r}, "
                                  f"{found} (groups of another model?)")
     return groups
+
+
+def _check_fields(where: str, group: Group) -> None:
+    """Raise unless ``group``'s own fields are ones a traced group has: ``channels`` an int
+    ≥ 1, and every slice a :class:`Slice` with an int ``dim``, ``role`` ``"in"`` or
+    ``"out"``, ``offset`` ≥ 0 and ``repeat`` ≥ 1. A hand-built group without them removed
+    the wrong channels without a sign of it (a negative offset wraps around, a role other
+    than ``"in"`` has no readers, so every channel looked removable) or failed inside
+    PyTorch (``channels=0``, ``-1``, ``2.5``)."""
+    check_int(f"{where}.channels", group.channels, minimum=1)
+    if not isinstance(group.slices, tuple):
+        raise ArgumentTypeError(f"{where}.slices must be a tuple of Slice, got "
+                                f"{type(group.slices).__name__}")
+    for j, s in enumerate(group.slices):
+        at = f"{where}.slices[{j}]"
+        if not isinstance(s, Slice):
+            raise ArgumentTypeError(f"{at} must be a Slice, got {type(s).__name__}")
+        if not isinstance(s.name, str):
+            raise ArgumentTypeError(f"{at}.name must be a parameter or buffer name (a str), "
+                                    f"got {s.name!r}")
+        check_int(f"{at}.dim", s.dim)
+        check_int(f"{at}.offset", s.offset, minimum=0)
+        check_int(f"{at}.repeat", s.repeat, minimum=1)
+        if s.role not in ("in", "out"):
+            raise ValueError(f"{at}.role must be 'in' (a reader's columns) or 'out' (a "
+                             f"writer's rows), got {s.role!r}")
 
 
 class _Tracer(fx.Tracer):
@@ -420,8 +450,8 @@ class _Follower:
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             return self.flatten(layout, start, end)
         if method in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1 \
-                and not node.kwargs:  # x.view(x.size(0), -1): a flatten from axis 1
-            return self.flatten(layout, 1, -1)
+                and not node.kwargs and _is_batch_size(node.args[1], node.args[0]):
+            return self.flatten(layout, 1, -1)  # x.view(x.size(0), -1): a flatten from axis 1
         self.freeze(node.args, node.kwargs)
         return None
 
@@ -458,7 +488,11 @@ class _Follower:
     # -- result -------------------------------------------------------------------------
     def groups(self) -> list[Group]:
         roots = {self.root(i) for i in range(len(self.spaces))}
-        self.freeze_overlaps(roots)
+        known = self.tensor_names()
+        for r in roots:  # a parametrized weight (weight_norm, spectral_norm) is computed
+            if any(s.name not in known for s in self.spaces[r].slices):
+                self.spaces[r].frozen = True  # from others: no rows of its own to cut
+        self.freeze_overlaps(roots, known)
         out = []
         for r in sorted(roots):
             space = self.spaces[r]
@@ -469,12 +503,21 @@ class _Follower:
             out.append(Group(space.name, space.size, unique))
         return out
 
-    def freeze_overlaps(self, roots: Iterable[int]) -> None:
+    def tensor_names(self) -> set[str]:
+        """The names of the model's parameters and buffers (every name of a tied one)."""
+        return {n for named in (self.graph.named_parameters(remove_duplicate=False),
+                                self.graph.named_buffers(remove_duplicate=False))
+                for n, _ in named}
+
+    def freeze_overlaps(self, roots: Iterable[int], known: set[str]) -> None:
         """Freeze spaces whose slices of one tensor overlap another space's (a layer
-        called twice writes two spaces through the same rows; a weight tied across spaces)."""
+        called twice writes two spaces through the same rows; a weight tied across spaces).
+        Only tensors in ``known`` count: a computed weight is a new tensor on every read."""
         seen: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
         for r in roots:
             for s in set(self.spaces[r].slices):
+                if s.name not in known:
+                    continue
                 span = (s.offset, s.offset + self.spaces[r].size * s.repeat, r)
                 owner, _, attr = s.name.rpartition(".")
                 tensor = getattr(self.graph.get_submodule(owner), attr)  # tied: one tensor
@@ -484,6 +527,25 @@ class _Follower:
                 for lo2, hi2, r2 in spans[i + 1:]:
                     if r != r2 and lo < hi2 and lo2 < hi:
                         self.spaces[r].frozen = self.spaces[r2].frozen = True
+
+
+def _is_batch_size(size: Any, x: Any) -> bool:
+    """Whether ``size`` is the node of ``x.size(0)``, ``x.size()[0]`` or ``x.shape[0]``: then
+    ``x.view(size, -1)`` is a flatten from axis 1. Any other first size — a constant such as
+    ``x.reshape(4, -1)`` of a batch of 2 — moves channels between rows, and was followed as
+    a flatten: shrink removed columns that belonged to other channels."""
+    if not isinstance(size, fx.Node):
+        return False
+    if size.op == "call_method" and size.target == "size":
+        return size.args[:1] == (x,) and (size.args[1:] == (0,) or size.kwargs == {"dim": 0})
+    if size.op == "call_function" and size.target is operator.getitem and size.args[1] == 0:
+        whole = size.args[0]
+        return isinstance(whole, fx.Node) and whole.args[:1] == (x,) and (
+            whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1
+            and not whole.kwargs
+            or whole.op == "call_function" and whole.target is getattr
+            and whole.args[1:] == ("shape",))
+    return False
 
 
 def _nodes(values: Any) -> Iterable[fx.Node]:

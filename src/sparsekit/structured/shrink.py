@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError
+from sparsekit._checks import ArgumentTypeError, check_materialized
 from sparsekit.masks import one_mask
 from sparsekit.structured.compensate import fold_means, reader_means, with_biases
 from sparsekit.structured.dependency import Group, check_groups, dependency_groups, is_conv1d
@@ -143,6 +143,8 @@ def removable_channels(model: nn.Module, group: Group, masks: MaskTable | None) 
         if s.role != "in":
             continue
         weight = model.get_parameter(s.name)
+        if masks is None:  # the weights' zeros are the mask: they must hold values
+            check_materialized(f"model's {s.name!r}", weight)
         keep = (weight != 0) if masks is None else masks.get(aliases.get(s.name, s.name))
         if keep is None:
             return torch.empty(0, dtype=torch.long)
@@ -172,6 +174,7 @@ def _mask_table(model: nn.Module, masks: object) -> MaskTable | None:
         if mask.dtype != torch.bool:  # a NaN or 0.3 would count as "keep"
             raise ValueError(f"masks[{name!r}] must be a bool tensor (True keeps), got dtype "
                              f"{mask.dtype}")
+        check_materialized(f"masks[{name!r}]", mask)
     return _by_tensor(table, aliases)
 
 

@@ -36,7 +36,26 @@ def transformer_groups(model: nn.Module, unit: str) -> list[Group]:
     if unit not in UNITS:
         raise ValueError(f"unknown unit {unit!r}; accepted: {', '.join(map(repr, UNITS))}")
     prefix, blocks = transformer_blocks(model)
-    return [block_group(f"{prefix}.{i}", b, unit) for i, b in enumerate(blocks)]
+    groups = [block_group(f"{prefix}.{i}", b, unit) for i, b in enumerate(blocks)]
+    _check_unshared(model, groups)
+    return groups
+
+
+def _check_unshared(model: nn.Module, groups: list[Group]) -> None:
+    """``ValueError`` when two blocks' groups hold one tensor (a layer, or a whole block,
+    shared between blocks): each block chooses its own units, and the shared tensor lost
+    the units of both — a ``gate_proj`` shared by two blocks was cut to fewer rows than
+    either block's ``up_proj``, a model that no longer ran."""
+    owner: dict[int, tuple[str, str]] = {}
+    for group in groups:
+        for s in group.slices:
+            tensor = model.get_parameter(s.name)
+            first = owner.setdefault(id(tensor), (group.name, s.name))
+            if first[0] != group.name:
+                raise ValueError(
+                    f"{s.name!r} is the tensor {first[1]!r} of another block: a layer shared "
+                    f"by several blocks cannot lose each block's own units; accepted: blocks "
+                    f"with layers of their own (untie them first, e.g. with copy.deepcopy)")
 
 
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -75,14 +94,33 @@ def block_group(name: str, block: nn.Module, unit: str) -> Group:
         for writers, reader in _FFNS:
             if all(has(p) for p in (*writers, reader)):
                 width = linear(reader).in_features
+                rows = {w: linear(w).out_features for w in writers}
+                if any(n != width for n in rows.values()):  # a neuron is a row of each
+                    raise ValueError(
+                        f"unit {unit!r}: the feed-forward network of block {name!r} has no "
+                        f"whole neurons to group: {reader} reads {width} inputs but "
+                        f"{', '.join(f'{w} writes {n}' for w, n in rows.items())}; accepted: "
+                        "as many rows in every writer as the reader has columns")
                 parts = [s for w in writers for s in slices(w, 0, "out", 1)]
                 return Group(f"{name}.ffn", width, (*parts, *slices(reader, 1, "in", 1)))
     else:
         for q, k, v, o, holder, attr in _ATTENTIONS:
             if all(has(p) for p in (q, k, v, o)):
-                size = getattr(block.get_submodule(holder), attr)
-                kv = linear(k).out_features // size
-                per_kv = linear(q).out_features // kv  # query rows per kv head
+                size = getattr(block.get_submodule(holder), attr, None)
+                rows = (linear(q).out_features, linear(k).out_features,
+                        linear(v).out_features, linear(o).in_features)
+                if isinstance(size, bool) or not isinstance(size, int) or size < 1 \
+                        or rows[1] % size or rows[1] != rows[2] or rows[0] != rows[3] \
+                        or rows[0] % rows[1] or not rows[1]:
+                    # a head count that does not divide would group rows that are not heads
+                    raise ValueError(
+                        f"unit {unit!r}: the attention of block {name!r} has no whole heads "
+                        f"to group: {holder}.{attr}={size!r}, q rows {rows[0]}, k rows "
+                        f"{rows[1]}, v rows {rows[2]}, o columns {rows[3]}; accepted: k and "
+                        f"v rows a multiple of the head size, as many o columns as q rows, "
+                        f"and query heads a multiple of the key/value heads")
+                kv = rows[1] // size
+                per_kv = rows[0] // kv  # query rows per kv head
                 parts = [*slices(q, 0, "out", per_kv), *slices(k, 0, "out", size),
                          *slices(v, 0, "out", size), *slices(o, 1, "in", per_kv)]
                 return Group(f"{name}.heads", kv, tuple(parts))
