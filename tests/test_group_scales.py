@@ -254,3 +254,9 @@ def test_a_grouped_layer_does_not_reuse_the_cached_decision_of_per_row_scales(
     assert not grouped.sparsekit_choices["0"].get("cached")
     assert len(list((tmp_path / "decisions").glob("*.json"))) == 2
     assert grouped[0].format.scales.shape == (32, 4)
+
+
+@pytest.mark.parametrize("scales", [[0.5] * 4, "0.5"])
+def test_scales_that_are_no_tensor_are_named(scales):
+    with pytest.raises(TypeError, match=r"scales must be a floating tensor of shape \(4,\)"):
+        DENSE_LOWP.from_dense(torch.randn(4, 8), scales=scales)

@@ -796,6 +796,7 @@ def _grouped(scales: torch.Tensor | None) -> bool:
 
 
 def _takes_groups(fmt: str) -> bool:
+    """Whether format ``fmt``'s kernels read int8 scales per group of inputs."""
     return getattr(FORMATS[fmt], "group_scales", False)
 
 

@@ -113,7 +113,7 @@ class NativeFormat(BoundArguments, Format):
                 raise ValueError(f"scales are only for int8 values, got value_dtype={value_dtype}")
             tensors = cls.compress(weight.to(value_dtype), **options)
             return cls(tensors, tuple(weight.shape), threads)
-        if scales is not None:  # else int8_scales of the weight
+        if isinstance(scales, torch.Tensor):  # None: int8_scales of the weight; others: refused
             cls.check_scales(cls.values_name or cls.buffer_names[0], torch.int8, scales,
                              tuple(weight.shape), activation_dtype, stored=False)
         codes, scales = quantize_int8(weight, scales, group_size_of(weight, scales))
