@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_module, model_errors
-from sparsekit.observe import batches, preserved
+from sparsekit._checks import ArgumentTypeError, check_device, check_module, model_errors
+from sparsekit.observe import batches, check_inputs_materialized, preserved
 from sparsekit.targets import linear_types as layer_types  # nn.Linear and GPT-2's Conv1D
 
 __all__ = ["BlockCall", "BlockReplay", "capture_inputs", "find_blocks", "home_device",
@@ -67,12 +67,25 @@ class BlockCall:
     hidden_key: str | None  # None: the hidden states were the first positional argument
 
     def __call__(self, block: nn.Module, hidden: Any) -> torch.Tensor:
-        """Run ``block`` on ``hidden`` and return its output hidden states (or logits)."""
+        """Run ``block`` on ``hidden`` and return its output hidden states (or logits): the
+        output itself, the first item of a tuple or list, or the ``logits`` (else the first
+        value) of a dict or Hugging Face ``ModelOutput`` (a whole ``BertModel`` replayed as
+        a block returns ``last_hidden_state`` and ``pooler_output``)."""
         if self.hidden_key is None:
             out = block(hidden, *self.args, **self.kwargs)
         else:
             out = block(*self.args, **{self.hidden_key: hidden}, **self.kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        elif isinstance(out, Mapping):  # was an AttributeError on .float() of the output
+            out = out["logits"] if "logits" in out else next(iter(out.values()), None)
+        else:
+            out = getattr(out, "logits", out)
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"{type(block).__name__} returned no hidden states (got "
+                             f"{type(out).__name__}); accepted: blocks whose output is a tensor, "
+                             "a tuple or a dict whose first item is one")
+        return out
 
 
 class _Captured(Exception):
@@ -84,6 +97,7 @@ def capture_inputs(
     blocks: Sequence[nn.Module],
     inputs: Iterable[Any],
     device: torch.device | None = None,
+    param: str = "inputs",
 ) -> list[tuple[list[Any], list[BlockCall]]]:
     """For each block, its hidden states and call arguments on each of ``inputs``.
 
@@ -91,9 +105,12 @@ def capture_inputs(
     parameter, with ``use_cache=False`` where ``model.forward`` takes it), in eval mode
     without autograd, and stops as soon as every block has been called; a block called
     several times keeps its first call. With ``device`` the captured tensors are moved
-    there. Raises ``ValueError`` if an input never reaches a block.
+    there. Raises ``ValueError`` if an input never reaches a block; errors about the
+    inputs (on the meta device, or ones the model cannot take) name ``param``, the
+    caller's argument they came from.
     """
     _check_model(model)
+    device = check_device(device)  # an unknown name was blamed on the inputs
     if not isinstance(blocks, (Sequence, nn.ModuleList)) or isinstance(blocks, str) \
             or not all(isinstance(b, nn.Module) for b in blocks):
         raise ArgumentTypeError(f"blocks must be a sequence of modules of the model (an "
@@ -133,12 +150,13 @@ def capture_inputs(
     try:
         with preserved(model, train=False), torch.no_grad():
             for x in inputs:
+                check_inputs_materialized(param, x)
                 pending.update(range(len(blocks)))
                 # an input the model cannot take was a raw RuntimeError from deep inside
-                with contextlib.suppress(_Captured), model_errors("inputs"):
+                with contextlib.suppress(_Captured), model_errors(param):
                     model(to_device(x, home), **extra)
                 if pending:
-                    raise ValueError(f"inputs: the forward pass never reached blocks "
+                    raise ValueError(f"{param}: the forward pass never reached blocks "
                                      f"{sorted(pending)}")
     finally:
         for h in handles:
@@ -167,13 +185,13 @@ class BlockReplay:
         unknown = [b for b in blocks if b not in modules]
         if unknown:
             raise ValueError(f"blocks: {unknown} are not modules of the model")
-        first = next((x for x, _ in batches(data)
+        first = next((x for x, _ in batches(data, param)
                       if not (isinstance(x, torch.Tensor) and x.numel() == 0)), None)
         if first is None:
             raise ValueError(f"{param} holds no (non-empty) batches; pass a tensor of inputs "
                              "or a list of them")
         self.modules = {b: modules[b] for b in blocks}
-        captured = capture_inputs(model, list(self.modules.values()), [first])
+        captured = capture_inputs(model, list(self.modules.values()), [first], param=param)
         self.calls = {b: (hidden[0], call[0]) for b, (hidden, call) in zip(blocks, captured)}
 
     def __call__(self, block: str) -> torch.Tensor:
@@ -202,6 +220,7 @@ def home_device(model: nn.Module) -> torch.device | None:
     """The device of ``model``'s first parameter (``None`` without parameters): where its
     inputs go, as calibration tokens made on the CPU (from texts, say) must for a model on
     a GPU."""
+    _check_model(model)
     first = next(model.parameters(), None)
     return first.device if first is not None else None
 

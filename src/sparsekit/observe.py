@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_mapping, model_errors
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_device,
+    check_int,
+    check_mapping,
+    check_materialized,
+    model_errors,
+)
 from sparsekit.distributed import all_reduce_sum
 
 __all__ = [
@@ -57,14 +64,15 @@ may return in their place."""
 # -- data ---------------------------------------------------------------------------------
 
 
-def batches(data: Any) -> Iterator[Batch]:
+def batches(data: Any, param: str = "data") -> Iterator[Batch]:
     """Normalise the accepted ``data`` forms into ``(inputs, labels_or_None)`` batches.
 
     ``data`` is a tensor of inputs, an ``(inputs, labels)`` tuple, or an iterable of
     batches (a list, a ``DataLoader``), each a tensor, an ``(inputs, labels)`` pair, a
     1-tuple ``(inputs,)`` or an ``(inputs, None)`` pair, so the output of ``batches`` is
     itself accepted. A list is always a list of batches, never a pair; a tuple of two
-    is a pair when its second item is a tensor or ``None``.
+    is a pair when its second item is a tensor or ``None``. Errors name ``param``, the
+    caller's argument that ``data`` came from (``calibration`` of ``calibrate``).
     """
     if isinstance(data, torch.Tensor):
         yield data, None
@@ -74,7 +82,7 @@ def batches(data: Any) -> Iterator[Batch]:
         return
     if isinstance(data, (Mapping, str, bytes)) or not isinstance(data, Iterable):
         raise ArgumentTypeError(
-            "data must be a tensor, an (inputs, labels) pair or an iterable of batches, "
+            f"{param} must be a tensor, an (inputs, labels) pair or an iterable of batches, "
             f"got {type(data).__name__}"
         )
     for item in data:
@@ -87,7 +95,7 @@ def batches(data: Any) -> Iterator[Batch]:
             yield item[0], item[1]
         else:
             raise ArgumentTypeError(
-                f"each batch in data must be a tensor or an (inputs, labels) pair, got "
+                f"each batch in {param} must be a tensor or an (inputs, labels) pair, got "
                 f"{type(item).__name__}"
             )
 
@@ -118,6 +126,8 @@ def preserved(
                                     f"{type(model).__name__}")
     if train is not None and not isinstance(train, bool):
         raise ArgumentTypeError(f"train must be True, False or None, got {train!r}")
+    if not isinstance(buffers, bool):  # buffers="no" kept (copied) them
+        raise ArgumentTypeError(f"buffers must be True or False, got {buffers!r}")
     modes = {m: m.training for model in models for m in model.modules()}
     grads = [{n: p.grad for n, p in model.named_parameters()} for model in models]
     saved = [{n: b.detach().clone() for n, b in model.named_buffers()} if buffers else {}
@@ -152,15 +162,17 @@ def run(model: nn.Module, data: Any, param: str = "data") -> int:
     """Call ``model(inputs)`` for every non-empty batch of ``data`` (see :func:`batches`), in
     eval mode without autograd, leaving the model as found; return the number of calls.
 
-    Raises ``ValueError`` naming ``param`` when ``data`` holds no non-empty batch, and
-    names it in the error the model raises on inputs it cannot take (see
-    :func:`~sparsekit._checks.model_errors`).
+    Raises ``ValueError`` naming ``param`` when ``data`` holds no non-empty batch or
+    inputs on the meta device (a model may run on them, as a Hugging Face embedding
+    does, and compute numbers from no values), and names it in the error the model raises
+    on inputs it cannot take (see :func:`~sparsekit._checks.model_errors`).
     """
     calls = 0
     with preserved(model, train=False), torch.no_grad():
-        for inputs, _ in batches(data):
+        for inputs, _ in batches(data, param):
             if isinstance(inputs, torch.Tensor) and inputs.numel() == 0:
                 continue
+            check_inputs_materialized(param, inputs)
             with model_errors(param, "the model cannot run on its inputs"):
                 model(inputs)
             calls += 1
@@ -168,6 +180,19 @@ def run(model: nn.Module, data: Any, param: str = "data") -> int:
         raise ValueError(f"{param} holds no (non-empty) batches; pass a tensor of inputs "
                          "or a list of them")
     return calls
+
+
+def check_inputs_materialized(param: str, inputs: Any) -> None:
+    """Raise ``ValueError`` naming ``param`` if a tensor of ``inputs`` (nested in tuples,
+    lists and dicts) is on the meta device: it holds no values to observe."""
+    if isinstance(inputs, torch.Tensor):
+        check_materialized(param, inputs)
+    elif isinstance(inputs, (tuple, list)):
+        for item in inputs:
+            check_inputs_materialized(param, item)
+    elif isinstance(inputs, Mapping):
+        for item in inputs.values():
+            check_inputs_materialized(param, item)
 
 
 # -- observing layers ---------------------------------------------------------------------
@@ -202,6 +227,9 @@ def watch(layers: Mapping[str, nn.Module], observer: Observer) -> Iterator[None]
     registered, and every hook is removed on leaving, also on errors.
     """
     _check_layers(layers)
+    if not callable(observer):  # was a TypeError from inside the model's forward pass
+        raise ArgumentTypeError(f"observer must be a callable (name, inputs, output), got "
+                                f"{type(observer).__name__}")
 
     def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]:
         def fn(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -245,6 +273,12 @@ def macs(model: nn.Module, layers: Mapping[str, nn.Module], *inputs: Any) -> dic
     GPT-2's ``Conv1D`` its ``weight.shape[0]``) summed over every call (layers that store
     no dense ``weight``, such as compiled ones, use their ``in_features``).
     Layers the forward pass never called are absent."""
+    _check_layers(layers)  # before _width reads them
+    for name, m in layers.items():
+        if not isinstance(getattr(m, "weight", None), torch.Tensor) \
+                and not hasattr(m, "in_features"):  # was an AttributeError
+            raise ArgumentTypeError(f"layers[{name!r}] must be a weighted layer (a Linear, "
+                                    f"Conv1D or Conv layer), got {type(m).__name__}")
     counts: dict[str, int] = {}
     per_output = {n: _width(m) for n, m in layers.items()}  # in_features or in/groups * kernel
 
@@ -267,6 +301,9 @@ class InputStats:
     def __init__(self, features: int, *, gram: bool = False,
                  device: torch.device | str | None = None) -> None:
         check_int("features", features, minimum=0)
+        if not isinstance(gram, bool):  # gram="no" allocated the features² matrix
+            raise ArgumentTypeError(f"gram must be True or False, got {gram!r}")
+        device = check_device(device)  # an unknown name was a raw RuntimeError
         features = int(features)
         # squares in float64: finite inputs beyond ~1.8e19 would overflow float32 squares
         self.sq = torch.zeros(features, dtype=torch.float64, device=device)
@@ -281,7 +318,9 @@ class InputStats:
         if x.dim() == 0 or x.shape[-1] != features:
             raise ValueError(f"x must be a tensor whose last dimension holds the {features} "
                              f"features, got shape {tuple(x.shape)}")
-        x = x.detach().reshape(-1, self.sq.shape[-1]).float()
+        check_materialized("x", x)  # its rows were counted, its squares added as nothing
+        # rows counted from the leading dimensions: reshape(-1, 0) is ambiguous
+        x = x.detach().reshape(x.shape[:-1].numel(), features).float()
         self.sq += x.double().square().sum(0)
         if self.gram is not None:
             self.gram.addmm_(x.t(), x)
@@ -314,6 +353,7 @@ class InputStats:
     def observe(self, module: nn.Module, x: torch.Tensor) -> None:
         """Add one raw input ``x`` of ``module`` (a linear layer, GPT-2's ``Conv1D`` or a
         convolution; see :func:`record`)."""
+        check_materialized("x", x)
         x = x.detach().float()
         if not isinstance(module, nn.modules.conv._ConvNd):
             self.add(x)
@@ -343,11 +383,15 @@ def record(layers: Mapping[str, nn.Module], *, gram: bool = False
     norm between its kernel positions and cannot give the Gram matrix.
     """
     _check_layers(layers)
+    if not isinstance(gram, bool):
+        raise ArgumentTypeError(f"gram must be True or False, got {gram!r}")
     for name, m in layers.items():
         weight = getattr(m, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
             raise ArgumentTypeError(f"layers[{name!r}] must be a Linear, Conv1D or Conv layer "
                                     f"with a weight, got {type(m).__name__}")
+        # the sums would be kept on the meta device: statistics without values
+        check_materialized(f"layers[{name!r}].weight", weight)
         if gram and isinstance(m, nn.modules.conv._ConvNd) and not _unfoldable(m):
             raise ValueError(f"layers[{name!r}]: the Gram matrix needs a Conv1d/Conv2d with "
                              f"groups=1 and zero padding, got {m!r}")

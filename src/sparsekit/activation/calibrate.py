@@ -118,7 +118,7 @@ def _tap(items: Iterator[Any], kept: list[Any]) -> Iterator[Any]:
         if not found:
             kept.append(item)
             found = any(not (isinstance(x, torch.Tensor) and x.numel() == 0)
-                        for x, _ in batches([item]))
+                        for x, _ in batches([item], "calibration"))
         yield item
 
 

@@ -83,8 +83,12 @@ def profile(
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     generator = torch.Generator().manual_seed(seed)
     infinite: set[str] = set()  # layers that saw a NaN or infinite input
+    meta: set[str] = set()  # layers whose inputs were on the meta device (no values)
 
     def see(name: str, x: torch.Tensor, _out: Any) -> None:
+        if x.is_meta:  # refused after the run; copying it out failed, blaming the data
+            meta.add(name)
+            return
         x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
         if not bool(x.isfinite().all()):
             infinite.add(name)
@@ -101,6 +105,10 @@ def profile(
 
     with watch(layers, see):
         run(model, data)
+    if meta:
+        raise ValueError(f"model: the inputs of layers {[n for n in layers if n in meta]} are "
+                         "on the meta device and hold no values; accepted: a model whose "
+                         "weights are loaded (model.to_empty(...) and load_state_dict)")
     if infinite:  # NaN counts as a live input: a dense-looking profile of garbage
         raise ValueError(f"data: the inputs of layers {[n for n in layers if n in infinite]} "
                          "hold NaN or infinite values; profile data the model computes finite "

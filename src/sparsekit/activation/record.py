@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.observe import run, watch
 
 __all__ = ["record_inputs"]
@@ -32,12 +33,24 @@ def record_inputs(
     Every row is equally likely to be kept, whatever the batch sizes, and the same rows come
     out whether ``data`` is one batch or the same rows split into several; memory stays
     bounded by ``max_rows`` rows plus one batch.
+
+    Inputs on the meta device are refused naming ``param`` (:func:`~sparsekit.observe.run`),
+    layer inputs on the meta device (a model whose weights were never loaded) naming
+    ``model``: both hold no values, and the rows recorded from them were numbers made up.
     """
+    check_int("max_rows", max_rows, minimum=1)  # 0 kept no row: "layers saw no rows"
+    if not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(f"generator must be a torch.Generator, got "
+                                f"{type(generator).__name__}")
     seed = [int(s) for s in torch.randint(0, 2**32, (3,), generator=generator)]
     pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     seen = {n: 0 for n in layers}
+    meta: list[str] = []  # layers whose inputs were on the meta device
 
     def keep(name: str, x: torch.Tensor, _out: Any) -> None:
+        if x.is_meta:  # refused after the run: an error here would blame the data
+            meta.append(name)
+            return
         x = x.detach().reshape(-1, x.shape[-1])
         start, n = seen[name], x.shape[0]
         seen[name] = start + n
@@ -53,6 +66,10 @@ def record_inputs(
 
     with watch(layers, keep):
         run(model, data, param)
+    if meta:
+        raise ValueError(f"model: the inputs of layers {sorted(set(meta))} are on the meta "
+                         "device and hold no values; accepted: a model whose weights are "
+                         "loaded (model.to_empty(...) and load_state_dict)")
     out = {}
     for name, (x, keys) in pools.items():
         out[name] = x[torch.argsort(keys)]  # a batching-independent (random) order

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsekit._checks import ArgumentTypeError, check_fraction, check_int, check_module
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_fraction,
+    check_int,
+    check_materialized,
+    check_module,
+)
 from sparsekit.engine.activation_linear import check_threshold, sparsify_input, thresholded_layers
 from sparsekit.observe import LayerCall, layer_input
 
@@ -49,6 +55,8 @@ class ActivationSparsity:
                 raise ArgumentTypeError(f"{name} must be a mapping of layer name to {what}, got "
                                         f"{type(value).__name__}")
         for name, threshold in self.thresholds.items():
+            if isinstance(threshold, torch.Tensor):  # comparing one was a raw RuntimeError
+                check_materialized(f"thresholds[{name!r}]", threshold)
             check_threshold(f"thresholds[{name!r}]", threshold)
         _check_fractions("sparsities", self.sparsities)
         for name, size in self.sizes.items():

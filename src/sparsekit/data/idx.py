@@ -17,6 +17,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from sparsekit._checks import ArgumentTypeError
+
 # IDX type code -> big-endian numpy dtype.
 _DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
@@ -39,12 +41,21 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     not after filling memory. A corrupt gzip stream, truncated or with a bad deflate
     block or CRC, is a ``ValueError`` like every other malformed file.
     """
+    check_path("path", path)
     path = Path(path)
     try:
         with gzip.open(path) if path.suffix == ".gz" else open(path, "rb") as f:
             return _read(path, f)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: corrupt gzip stream ({e})") from None
+
+
+def check_path(name: str, value: object) -> None:
+    """Raise :class:`ArgumentTypeError` naming ``name`` unless ``value`` is a path (a str or
+    an ``os.PathLike``): ``None`` or a number was a bare ``TypeError`` from ``Path``."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ArgumentTypeError(f"{name} must be a str or an os.PathLike, got "
+                                f"{value!r}")
 
 
 def _read(path: Path, f: BinaryIO) -> torch.Tensor:

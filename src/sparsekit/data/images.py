@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from sparsekit.data.idx import read_idx
+from sparsekit._checks import ArgumentTypeError
+from sparsekit.data.idx import check_path, read_idx
 
 DATA_DIR_ENV = "SPARSEKIT_DATA_DIR"
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
@@ -48,6 +49,10 @@ def load_image_dataset(
     An explicit ``root`` without the files raises ``FileNotFoundError``; a default one
     falls back to scikit-learn's digits and says so on stderr unless ``quiet``.
     """
+    if root is not None:
+        check_path("root", root)
+    if not isinstance(quiet, bool):  # quiet="no" silenced the fallback's notice
+        raise ArgumentTypeError(f"quiet must be True or False, got {quiet!r}")
     explicit = root is not None
     root = Path(root if explicit else os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
     files, missing = _find_idx_files(root)

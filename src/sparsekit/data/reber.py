@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_seed
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, check_seed
 
 SYMBOLS = "BTPSXVE"
 """The alphabet; symbol ``SYMBOLS[i]`` is one-hot index ``i``."""
@@ -103,6 +103,9 @@ def reber_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
         if not isinstance(given, torch.Tensor):
             raise ArgumentTypeError(f"{name} must be a tensor (..., symbols), got "
                                     f"{type(given).__name__}")
+        check_materialized(name, given)  # was a NotImplementedError from torch.nonzero
+        if given.is_complex():  # complex logits were a raw RuntimeError from argmax
+            raise ValueError(f"{name} must be a real tensor (..., symbols), got {given.dtype}")
     if logits.shape != targets.shape or logits.dim() == 0:
         raise ValueError(
             f"logits and targets must have the same shape (..., symbols), got "
