@@ -175,7 +175,7 @@ def group_size_of(weight: torch.Tensor, scales: torch.Tensor) -> int | None:
         raise ValueError(f"weight must be 2-D (out, in), got {type(weight).__name__} "
                          f"{tuple(getattr(weight, 'shape', ()))}")
     cols, groups = weight.shape[1], scales.shape[1]
-    if groups < 1 or cols % groups:
+    if not 1 <= groups <= cols or cols % groups:  # groups of 0 inputs have no size either
         raise ValueError(
             f"scales of shape {tuple(scales.shape)} do not divide the {cols} inputs of a "
             f"weight of shape {tuple(weight.shape)} into equal groups; accepted: one scale per "

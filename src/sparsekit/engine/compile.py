@@ -44,7 +44,7 @@ from sparsekit.engine.formats.native import MAX_THREADS
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.engine.persist import replaced
 from sparsekit.observe import inference, watch
-from sparsekit.quantize import attached_scales, dequantize_int8
+from sparsekit.quantize import attached_scales, dequantize_int8, group_size_of
 from sparsekit.targets import conv1d_type
 
 __all__ = ["InputThresholds", "compile"]
@@ -323,7 +323,9 @@ def _compile_layer(
     stored = _with_value_dtype(layer, value_dtype)
     allowed, dense_allowed = _candidates(stored, names, value_dtype)
     if _grouped(scales) and value_dtype == torch.int8:  # per-group scales: float inputs
-        allowed, activation = [n for n in allowed if n == "dense" or _takes_groups(n)], None
+        group = group_size_of(layer.weight, scales)
+        allowed = [n for n in allowed if n == "dense" or _takes_groups(n, group)]
+        activation = None
     if not allowed:  # forced formats that cannot hold this weight
         allowed, dense_allowed = ["dense"], True
     build = CompiledLinear.from_linear if type(layer) is nn.Linear else CompiledConv2d.from_conv2d
@@ -795,9 +797,12 @@ def _grouped(scales: torch.Tensor | None) -> bool:
     return scales is not None and scales.dim() == 2
 
 
-def _takes_groups(fmt: str) -> bool:
-    """Whether format ``fmt``'s kernels read int8 scales per group of inputs."""
-    return getattr(FORMATS[fmt], "group_scales", False)
+def _takes_groups(fmt: str, group: int | None) -> bool:
+    """Whether format ``fmt``'s kernels read int8 scales per group of ``group`` inputs
+    (bitmap: a multiple of 16; a layer pruned with ``group_size=8`` failed to compile when
+    bitmap was a candidate)."""
+    return (getattr(FORMATS[fmt], "group_scales", False) and group is not None
+            and group % getattr(FORMATS[fmt], "group_multiple", 1) == 0)
 
 
 def _int8_inputs(fmt: str, activation: torch.dtype | None) -> dict[str, object]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsekit._checks import check_int
 from sparsekit.llm.sparsegpt import sparsegpt_prune
 from sparsekit.observe import InputStats
 from sparsekit.patterns import NM, Pattern
@@ -77,6 +78,16 @@ def prune_layer(
     grid of the unquantized pruned weight (see the module's notes).
     """
     check_quantize(quantize)  # "int4" was quantized to int8 without a word
+    if group_size is not None:  # before the sweep: SparseGPT named the scales it derived
+        check_int("group_size", group_size, minimum=1)
+        cols = W.shape[-1] if isinstance(W, torch.Tensor) and W.dim() == 2 else None
+        if quantize is None or (cols is not None and cols % group_size):
+            raise ValueError(
+                f"group_size must divide W's {cols} inputs and needs quantize='int8' (one "
+                f"int8 scale per row and group of inputs, the groups of a row equal: a grid "
+                f"with a partial last group cannot be attached), got group_size={group_size}"
+                f"{'' if quantize else ' with quantize=None'}"
+            )
     if method.stats and stats is None:  # an AttributeError ('NoneType' ... 'norms')
         raise ValueError("stats: this method needs the input statistics of the layer "
                          "(sparsekit.observe.InputStats), got None")

@@ -176,30 +176,39 @@ def prune(
         return _sequential(model, blocks, layers, tokens, need, dev, batch_size, report)
 
     masks: dict[str, torch.Tensor] = {}
-    with preserved(model, train=False), torch.no_grad():
-        ratios = [0.0] * len(blocks)
-        if ALLOCATIONS.meta(allocation)["outliers"]:  # from a dense pass of the unpruned model
-            ratios = []
-            for i, stats in run(METHODS.get("wanda")):
-                _check_inputs(layers[i], stats, pruned=0)
-                ratios.append(outlier_ratio([wanda_scores(x.weight(), stats[x.name])
-                                             for x in layers[i]]))
-        sparsities = ALLOCATIONS.get(allocation)(ratios, sparsity)
-        for i, stats in run(spec, progress):
-            _check_inputs(layers[i], stats, pruned=i)
-            new = []
-            for layer in layers[i]:
-                w, keep, scales = prune_layer(spec, layer.weight(), stats.get(layer.name),
-                                              sparsities[i], pat, quantize, group_size)
-                new.append((layer, _check_weight(w, layer, method, pruned=i), keep, scales))
-            for layer, w, keep, scales in new:  # the whole block, once all of it is checked
-                layer.set_weight(w)
-                if scales is not None:
-                    attach_scales(layer.module, scales)
-                else:  # pruned again without quantizing: the weight left any earlier grid
-                    detach_scales(layer.module)
-                masks[layer.name] = layer.to_storage(keep)
-            del new  # before the next block's statistics are gathered
+    # The layers' new int8 grids (None: none), attached once preserved() has restored the
+    # model's buffers: attached inside, a grid of a layer pruned again was overwritten by its
+    # old scales (the weight left off its grid) or, of another shape, failed to restore. The
+    # blocks written before an error keep theirs too.
+    grids: list[tuple[nn.Module, torch.Tensor | None]] = []
+    try:
+        with preserved(model, train=False), torch.no_grad():
+            ratios = [0.0] * len(blocks)
+            if ALLOCATIONS.meta(allocation)["outliers"]:  # from a dense pass of the unpruned model
+                ratios = []
+                for i, stats in run(METHODS.get("wanda")):
+                    _check_inputs(layers[i], stats, pruned=0)
+                    ratios.append(outlier_ratio([wanda_scores(x.weight(), stats[x.name])
+                                                 for x in layers[i]]))
+            sparsities = ALLOCATIONS.get(allocation)(ratios, sparsity)
+            for i, stats in run(spec, progress):
+                _check_inputs(layers[i], stats, pruned=i)
+                new = []
+                for layer in layers[i]:
+                    w, keep, scales = prune_layer(spec, layer.weight(), stats.get(layer.name),
+                                                  sparsities[i], pat, quantize, group_size)
+                    new.append((layer, _check_weight(w, layer, method, pruned=i), keep, scales))
+                for layer, w, keep, scales in new:  # the whole block, once all of it is checked
+                    layer.set_weight(w)
+                    grids.append((layer.module, scales))
+                    masks[layer.name] = layer.to_storage(keep)
+                del new  # before the next block's statistics are gathered
+    finally:
+        for module, scales in grids:
+            if scales is not None:
+                attach_scales(module, scales)
+            else:  # pruned again without quantizing: the weight left any earlier grid
+                detach_scales(module)
     if quantize is not None:  # a bad weight_scale is refused before any tensor is loaded
         guard_loading(model)
     return MaskSet(model, masks, pattern=str(pat)).apply()

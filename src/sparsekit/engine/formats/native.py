@@ -7,11 +7,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from sparsekit._checks import check_int
+from sparsekit._checks import check_int, check_materialized
 from sparsekit.engine import kernels
 from sparsekit.engine.bound import BoundArguments, no_backward
 from sparsekit.engine.formats.base import Format, masked
-from sparsekit.quantize import dequantize_int8, group_size_of, quantize_int8
+from sparsekit.quantize import check_scale_values, dequantize_int8, group_size_of, quantize_int8
 
 __all__ = ["INT8_INPUTS", "MAX_THREADS", "SCALES", "NativeFormat", "Operands"]
 
@@ -195,11 +195,14 @@ class NativeFormat(BoundArguments, Format):
         stored: bool = True,
     ) -> None:
         """Raise ``ValueError`` unless int8 values (``value_dtype``) of a ``shape`` weight come
-        with finite float32 ``scales`` of shape ``(rows,)`` or, where :attr:`group_scales`
+        with float32 ``scales`` of shape ``(rows,)`` or, where :attr:`group_scales`
         and the inputs are not quantized (``activation_dtype``), ``(rows, groups)`` with
         ``groups`` dividing the inputs; and other values with none. Scales given to
         ``from_dense`` (not ``stored``) may be of any floating dtype: they are made
-        float32."""
+        float32. Every scale must be positive and finite; meta scales, which hold no values,
+        are named (their check was a raw ``RuntimeError``), and a group holds at least one
+        input (a weight without inputs has one scale per row: groups of 0 inputs crashed the
+        bitmap kernel)."""
         if value_dtype != torch.int8:
             if scales is not None:
                 raise ValueError(f"buffer {SCALES!r} is only for int8 values; {values_name} "
@@ -212,7 +215,7 @@ class NativeFormat(BoundArguments, Format):
         dtype_ok = scales.dtype == torch.float32 if stored else scales.is_floating_point()
         groups = scales.shape[1] if scales.dim() == 2 else 0
         grouped = (cls.group_scales and activation_dtype is None and scales.dim() == 2
-                   and scales.shape[0] == rows and groups >= 1 and cols % groups == 0
+                   and scales.shape[0] == rows and 1 <= groups <= cols and cols % groups == 0
                    and (cols // groups) % cls.group_multiple == 0)
         if not (grouped or tuple(scales.shape) == (rows,)) or not dtype_ok:
             accepted = f"({rows},)"
@@ -224,8 +227,10 @@ class NativeFormat(BoundArguments, Format):
                 accepted += " (W8A8 kernels take one scale per row)"
             raise ValueError(f"buffer {SCALES!r} of the {cls.name} format must be float32 of "
                              f"shape {accepted}, got {scales.dtype} {tuple(scales.shape)}")
-        if not bool(torch.isfinite(scales).all()):
-            raise ValueError(f"buffer {SCALES!r} must hold finite scales")
+        check_materialized(f"buffer {SCALES!r}", scales)
+        # positive too: a zero or negative scale of a (resealed) file zeroed or flipped its
+        # row or group without a word, where from_dense and weight_scale refuse them
+        check_scale_values(scales, f"buffer {SCALES!r}")
 
     @classmethod
     def check_values(cls, name: str, values: torch.Tensor) -> None:

@@ -137,7 +137,8 @@ inline const float* scales_data(const std::optional<at::Tensor>& scales,
 // Per-group scales of int8 `values` (rows, cols): float32 (rows, groups) with `groups`
 // dividing cols, the scale of each row and group of cols / groups consecutive inputs. Their
 // data and group size, or {nullptr, 0} where `scales` are not 2-D (per-row scales, checked
-// by scales_data, or none).
+// by scales_data, or none). A group holds at least one input: cols = 0 divided into groups
+// of 0 inputs crashed the bitmap kernel (integer division by the group size).
 struct GroupScales {
   const float* data;
   int64_t size;
@@ -151,9 +152,9 @@ inline GroupScales group_scales(const std::optional<at::Tensor>& scales,
   check_tensor(*scales, "scales", 2, at::kFloat);
   check_size(*scales, "scales", 0, rows);
   const int64_t groups = scales->size(1);
-  TORCH_CHECK(groups >= 1 && cols % groups == 0, "scales of shape ", scales->sizes(),
-              " must hold one scale per row and group, their number of groups dividing "
-              "in_features=", cols);
+  TORCH_CHECK(groups >= 1 && groups <= cols && cols % groups == 0, "scales of shape ",
+              scales->sizes(), " must hold one scale per row and group, their number of groups "
+              "dividing in_features=", cols, " (groups of at least one input)");
   return {scales->data_ptr<float>(), cols / groups};
 }
 
