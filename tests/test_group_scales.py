@@ -137,6 +137,14 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if id(m) in pruned]
 
 
+def _assert_same_grids(restored: nn.Module, model: nn.Module) -> None:
+    """``restored``'s quantized layers hold ``model``'s weights and grids, bit for bit."""
+    for name in _linear_names(model):
+        again, layer = restored.get_submodule(name), model.get_submodule(name)
+        assert torch.equal(again.weight, layer.weight), name
+        assert torch.equal(attached_scales(again), attached_scales(layer)), name
+
+
 def _grouped_model() -> nn.Module:
     model = build()
     sparsekit.llm.prune(model, tokens(4, 16), method="sparsegpt", quantize="int8",
@@ -185,11 +193,7 @@ def test_a_compiled_grouped_model_saves_reloads_and_decompiles_exactly(tmp_path)
     sparsekit.load(other, tmp_path / "c.safetensors")
     with torch.no_grad():
         assert torch.equal(other(IDS).logits, compiled(IDS).logits)
-    back = sparsekit.engine.decompile(compiled)
-    for name in _linear_names(model):
-        restored, layer = back.get_submodule(name), model.get_submodule(name)
-        assert torch.equal(restored.weight, layer.weight), name
-        assert torch.equal(attached_scales(restored), attached_scales(layer))
+    _assert_same_grids(sparsekit.engine.decompile(compiled), model)
 
 
 @needs_kernels
@@ -221,11 +225,7 @@ def test_activation_sparse_int8_values_refuse_a_grouped_grid():
 def test_save_pretrained_keeps_the_grouped_grid_bit_identical(tmp_path, dense_dtype):
     model = _grouped_model()
     sparsekit.pretrained.save_pretrained(model, tmp_path, dense_dtype=dense_dtype)
-    again = sparsekit.pretrained.from_pretrained(tmp_path)
-    for name in _linear_names(model):
-        restored, layer = again.get_submodule(name), model.get_submodule(name)
-        assert torch.equal(restored.weight, layer.weight), name
-        assert torch.equal(attached_scales(restored), attached_scales(layer))
+    _assert_same_grids(sparsekit.pretrained.from_pretrained(tmp_path), model)
 
 
 @needs_kernels
