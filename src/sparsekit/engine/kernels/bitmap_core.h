@@ -353,8 +353,8 @@ struct Bitmap {
 
 // Bitmap rows W (Bitmap<int8_t>, or the W8A8 cores' BitmapFloat) of int8 codes with one
 // scale per row and group of `size` inputs (a multiple of 16: whole bitmap words), scales
-// (rows, cols / size): a row's dot is the sum of its groups' spans (W::span) times their
-// scales, and decode() gives the codes times their group's scale as floats (in a buffer of
+// (rows, cols / size): a row's dot is W::dot_groups (its groups' spans times their scales),
+// and decode() gives the codes times their group's scale as floats (in a buffer of
 // this thread, valid until its next call), so the drivers' output stage has no per-row scale
 // to apply (Output::scale is null).
 template <typename W>
