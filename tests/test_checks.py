@@ -12,6 +12,7 @@ from sparsekit._checks import (
     check_fraction,
     check_int,
     check_mapping,
+    check_materialized_module,
     check_module,
     check_positive,
     check_sparsity,
@@ -127,3 +128,14 @@ def test_renamed_passes_the_old_keyword_on_with_a_warning():
 def test_renamed_attribute_warns_and_reads_the_new_one():
     with pytest.warns(DeprecationWarning, match=r"_C.old is deprecated, use .new"):
         assert _C().old == 5
+
+
+def test_check_materialized_module_names_the_first_tensor_without_values():
+    import torch
+    from torch import nn
+
+    layer = nn.BatchNorm1d(3)
+    check_materialized_module(layer, "model: ")  # every tensor holds values
+    layer.running_var = torch.empty(3, device="meta")
+    with pytest.raises(ValueError, match=r"^model: running_var is on the meta device"):
+        check_materialized_module(layer, "model: ")

@@ -92,6 +92,14 @@ def check_materialized(name: str, tensor: torch.Tensor) -> None:
                          "on a real device (cpu, cuda): load or materialize it first")
 
 
+def check_materialized_module(module: nn.Module, prefix: str) -> None:
+    """:func:`check_materialized` of every parameter and buffer of ``module``, each named
+    ``prefix`` + its name (``"sae."``, ``"model: "``): a module on the meta device (built under
+    ``init_empty_weights``, not loaded yet) failed deep inside its first product."""
+    for key, tensor in (*module.named_parameters(), *module.named_buffers()):
+        check_materialized(prefix + key, tensor)
+
+
 def check_seed(name: str, value: Any) -> None:
     """Raise unless ``value`` is an int (not a bool) in [0, :data:`MAX_SEED`]: the check of
     every public ``seed=``."""

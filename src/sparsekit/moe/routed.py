@@ -29,6 +29,7 @@ from sparsekit._checks import (
     check_fraction,
     check_int,
     check_materialized,
+    check_materialized_module,
     check_module,
 )
 from sparsekit.engine.activation_linear import ActivationSparseLinear
@@ -404,8 +405,7 @@ def check_model(name: str, model: object) -> None:
     ``init_empty_weights``, not loaded yet) failed deep inside its first forward or
     factorisation with an error naming no argument."""
     check_module(name, model)
-    for key, tensor in (*model.named_parameters(), *model.named_buffers()):
-        check_materialized(f"{name}: {key}", tensor)
+    check_materialized_module(model, f"{name}: ")
 
 
 def routed_layers(model: nn.Module) -> list[RoutedFFN]:

@@ -41,8 +41,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sparsekit._atomic import atomic_write, directory_lock, sync
-from sparsekit._checks import ArgumentTypeError
-from sparsekit.sae.sae import SAE, check_materialized_sae
+from sparsekit._checks import ArgumentTypeError, check_materialized_module
+from sparsekit.sae.sae import SAE
 
 __all__ = ["CFG_NAME", "WEIGHTS_NAME", "load", "save"]
 
@@ -138,7 +138,7 @@ def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) 
     except (TypeError, ValueError) as e:
         raise ArgumentTypeError(f"metadata must hold only JSON values (str, finite numbers, "
                                 f"bools, None, lists and dicts of them): {e}") from e
-    check_materialized_sae(sae)  # .cpu() failed inside PyTorch
+    check_materialized_module(sae, "sae.")  # .cpu() failed inside PyTorch
     weights = {name: getattr(sae, name).detach().contiguous().cpu() for name in _WEIGHTS}
     if "jumprelu" in architecture:
         threshold = sae.log_threshold.exp() if sae.activation == "jumprelu" \

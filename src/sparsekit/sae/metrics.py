@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_fraction
+from sparsekit._checks import ArgumentTypeError, check_fraction, check_materialized_module
 from sparsekit.observe import inference
 from sparsekit.sae.capture import _call, _input, _tensor, _with_tensor, find_module, hooked
-from sparsekit.sae.sae import SAE, check_materialized_sae
+from sparsekit.sae.sae import SAE
 from sparsekit.sae.train import _rows
 
 __all__ = ["loss_recovered", "metrics"]
@@ -46,7 +46,7 @@ def metrics(sae: SAE, activations: Iterable[Any] | torch.Tensor, *, dense: float
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
-    check_materialized_sae(sae)
+    check_materialized_module(sae, "sae.")
     check_fraction("dense", dense, zero=False, one=True)
     if isinstance(activations, torch.Tensor):
         activations = [activations]
@@ -119,7 +119,7 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
     module = find_module(model, module_name)
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
-    check_materialized_sae(sae)
+    check_materialized_module(sae, "sae.")
     if isinstance(inputs, (torch.Tensor, Mapping)):
         inputs = [inputs]
     elif not isinstance(inputs, Iterable):

@@ -30,8 +30,13 @@ from typing import Any
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError, check_materialized, check_positive
-from sparsekit.sae.sae import SAE, check_materialized_sae
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_materialized,
+    check_materialized_module,
+    check_positive,
+)
+from sparsekit.sae.sae import SAE
 
 __all__ = ["resample"]
 
@@ -60,7 +65,7 @@ def resample(
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
-    check_materialized_sae(sae)
+    check_materialized_module(sae, "sae.")
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != sae.d_in:
         raise ValueError(f"x must be a tensor of shape (n, {sae.d_in}), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")

@@ -397,14 +397,6 @@ class SAE(nn.Module):
                 f"activation={self.activation!r}{k}{nest}")
 
 
-def check_materialized_sae(sae: SAE) -> None:
-    """Raise ``ValueError`` naming the tensor unless every parameter and buffer of ``sae``
-    holds values: an SAE built with ``device="meta"`` failed deep inside the first product
-    with the data (or at ``.cpu()`` in :func:`~sparsekit.sae.save`), naming no argument."""
-    for name, tensor in sae.state_dict().items():
-        check_materialized(f"sae.{name}", tensor)
-
-
 def _nonzeros(z: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's ``width`` largest-magnitude codes and their latents (by default the
     largest non-zero count of any row: no non-zero code is dropped)."""

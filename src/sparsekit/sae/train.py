@@ -27,13 +27,14 @@ from sparsekit._checks import (
     check_fraction,
     check_int,
     check_materialized,
+    check_materialized_module,
     check_nonnegative,
     check_optimizer,
     check_positive,
 )
 from sparsekit.sae.activations import ACTIVATIONS, select_topk, step
 from sparsekit.sae.resample import ENCODER_SCALE, check_dead, resample
-from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _nonzeros, check_materialized_sae
+from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _nonzeros
 
 __all__ = ["objective", "train"]
 
@@ -60,7 +61,7 @@ def objective(
     """
     if not isinstance(sae, SAE):
         raise ArgumentTypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
-    check_materialized_sae(sae)
+    check_materialized_module(sae, "sae.")
     sae._check_width(x, sae.d_in)
     sae._check_real(x)
     if x.numel() == 0:
@@ -203,7 +204,7 @@ def train(
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
-    check_materialized_sae(sae)
+    check_materialized_module(sae, "sae.")
     if steps is not None:
         check_int("steps", steps, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
