@@ -21,7 +21,7 @@ names) and every result is keyed by them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -196,6 +196,18 @@ def check_inputs_materialized(param: str, inputs: Any) -> None:
 
 
 # -- observing layers ---------------------------------------------------------------------
+
+
+def check_layer_inputs_materialized(names: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``model`` if ``names`` (layers an observer of :func:`watch`
+    saw inputs on the meta device for, and skipped) is not empty: a model whose weights were
+    never loaded runs on the meta device, and what was recorded from it were numbers made
+    up. Observers call it after the run, where an error inside the forward pass would have
+    blamed the data."""
+    if names:
+        raise ValueError(f"model: the inputs of layers {list(names)} are on the meta device "
+                         "and hold no values; accepted: a model whose weights are loaded "
+                         "(model.to_empty(...) and load_state_dict)")
 
 
 def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]

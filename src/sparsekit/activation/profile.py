@@ -19,7 +19,7 @@ from sparsekit._checks import ArgumentTypeError, check_module, check_seed
 from sparsekit.activation.layers import find_layers
 from sparsekit.activation.sparsity import ActivationSparsity
 from sparsekit.engine.activation_linear import thresholded_layers
-from sparsekit.observe import run, watch
+from sparsekit.observe import check_layer_inputs_materialized, run, watch
 
 __all__ = ["LayerProfile", "profile"]
 
@@ -105,10 +105,7 @@ def profile(
 
     with watch(layers, see):
         run(model, data)
-    if meta:
-        raise ValueError(f"model: the inputs of layers {[n for n in layers if n in meta]} are "
-                         "on the meta device and hold no values; accepted: a model whose "
-                         "weights are loaded (model.to_empty(...) and load_state_dict)")
+    check_layer_inputs_materialized([n for n in layers if n in meta])
     if infinite:  # NaN counts as a live input: a dense-looking profile of garbage
         raise ValueError(f"data: the inputs of layers {[n for n in layers if n in infinite]} "
                          "hold NaN or infinite values; profile data the model computes finite "

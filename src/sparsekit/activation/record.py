@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_int
-from sparsekit.observe import run, watch
+from sparsekit.observe import check_layer_inputs_materialized, run, watch
 
 __all__ = ["record_inputs"]
 
@@ -66,10 +66,7 @@ def record_inputs(
 
     with watch(layers, keep):
         run(model, data, param)
-    if meta:
-        raise ValueError(f"model: the inputs of layers {sorted(set(meta))} are on the meta "
-                         "device and hold no values; accepted: a model whose weights are "
-                         "loaded (model.to_empty(...) and load_state_dict)")
+    check_layer_inputs_materialized(sorted(set(meta)))
     out = {}
     for name, (x, keys) in pools.items():
         out[name] = x[torch.argsort(keys)]  # a batching-independent (random) order
