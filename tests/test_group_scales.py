@@ -1,6 +1,7 @@
 """int8 weights with one scale per row and group of inputs (GPTQ's groups, e.g. 128):
-``sparsekit.llm.prune(..., quantize="int8", group_size=...)`` through the ``dense_lowp``
-kernel, ``compile``, ``sparsekit.save``/``load`` and ``save_pretrained``."""
+``sparsekit.llm.prune(..., quantize="int8", group_size=...)`` through the ``dense_lowp``,
+``bitmap`` and ``nm`` kernels, ``compile``, ``sparsekit.save``/``load`` and
+``save_pretrained``."""
 
 from __future__ import annotations
 
@@ -46,19 +47,22 @@ def _isas() -> tuple[str, ...]:
 
 
 SHAPES = [(37, 256, 128), (8, 96, 32), (5, 48, 12), (9, 10, 5), (6, 64, 64), (130, 512, 16),
-          (3, 160, 160)]
+          (3, 160, 160), (11, 384, 192)]
+# the formats whose kernels read per-group scales, N:M with each pattern it packs
+KINDS = [("dense_lowp", None), ("bitmap", None), ("nm", (1, 4)), ("nm", (2, 4)), ("nm", (4, 8))]
 
 
 @needs_kernels
 @pytest.mark.parametrize("isa", _isas())
-@pytest.mark.parametrize(("name", "rows", "cols", "group"), [
-    (name, *shape) for name in ("dense_lowp", "bitmap") for shape in SHAPES
-    if shape[2] % FORMATS[name].group_multiple == 0  # bitmap: whole words of 16 inputs
+@pytest.mark.parametrize(("name", "pattern", "rows", "cols", "group"), [
+    (name, pattern, *shape) for name, pattern in KINDS for shape in SHAPES
+    # bitmap: whole words of 16 inputs; N:M: whole words of fields (16 values)
+    if shape[2] % FORMATS[name].group_multiple == 0
 ])
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 7, 17])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_kernels_equal_the_dequantized_reference(isa, name, rows, cols, group, batch,
-                                                     threads):
+def test_the_kernels_equal_the_dequantized_reference(isa, name, pattern, rows, cols, group,
+                                                     batch, threads):
     """Every path (GEMV rows, decoded rows for more inputs; each ISA) of the formats whose
     kernels read per-group scales."""
     fmt_class = FORMATS[name]
@@ -66,7 +70,12 @@ def test_the_kernels_equal_the_dequantized_reference(isa, name, rows, cols, grou
     if name == "bitmap":  # half of the weights pruned, a row left empty
         ref = ref * (torch.rand(rows, cols, generator=torch.Generator().manual_seed(1)) < 0.5)
         ref[0] = 0
+    if pattern is not None:  # N of every M kept, a row left empty (all padding)
+        ref = _n_of_m(ref, *pattern)
+        ref[0] = 0
     fmt = fmt_class.from_dense(ref, scales=scales, threads=threads)
+    if pattern is not None:
+        assert (fmt.n, fmt.m) == pattern
     assert fmt.value_dtype == torch.int8 and fmt.scales.shape == scales.shape
     assert torch.equal(fmt.to_dense(), ref)
     g = torch.Generator().manual_seed(batch)
@@ -101,9 +110,18 @@ def test_the_ops_refuse_groups_they_cannot_take_and_other_formats_refuse_groups(
                                          r"of shape \(4,\) or \(4, groups\) with groups dividing "
                                          r"24 into groups of a multiple of 16 inputs"):
         FORMATS["bitmap"].from_dense(ref, scales=scales)
+    nm = FORMATS["nm"].from_dense(_n_of_m(ref, 2, 4), value_dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"groups of 8 inputs; the 2:4 kernel takes groups "
+                                           r"of a multiple of 32 inputs \(16 values\)"):
+        torch.ops.sparsekit.nm_linear(nm.nm_values, nm.nm_indices, x, None, 2, 4, 24, 1, scales)
     with pytest.raises(ValueError, match=r"buffer 'scales' of the nm format must be float32 of "
-                                         r"shape \(4,\), got torch.float32 \(4, 3\)"):
-        FORMATS["nm"].from_dense(_two_four(ref), scales=scales)
+                                         r"shape \(4,\) or \(4, groups\) with groups dividing "
+                                         r"24 into groups of a multiple of 64 inputs, got "
+                                         r"torch.float32 \(4, 3\)"):
+        FORMATS["nm"].from_dense(_n_of_m(ref, 2, 4), scales=scales)
+    with pytest.raises(ValueError, match=r"of the fanin format must be float32 of shape "
+                                         r"\(4,\), got torch.float32 \(4, 3\)"):
+        FORMATS["fanin"].from_dense(ref, scales=scales)
     with pytest.raises(ValueError, match=r"\(4,\) \(W8A8 kernels take one scale per row\)"):
         DENSE_LOWP.from_dense(ref, scales=scales, activation_dtype=torch.int8)
     with pytest.raises(ValueError, match=r"or \(4, groups\) with groups dividing 24, got "
@@ -111,10 +129,10 @@ def test_the_ops_refuse_groups_they_cannot_take_and_other_formats_refuse_groups(
         DENSE_LOWP.from_dense(ref, scales=torch.ones(4, 5))
 
 
-def _two_four(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` with the 2 smallest of every 4 inputs zeroed (2:4)."""
-    groups = weight.reshape(weight.shape[0], -1, 4)
-    drop = groups.abs().argsort(-1)[..., :2]
+def _n_of_m(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """``weight`` with the m - n smallest of every m inputs zeroed (N:M)."""
+    groups = weight.reshape(weight.shape[0], -1, m)
+    drop = groups.abs().argsort(-1)[..., : m - n]
     return groups.scatter(-1, drop, 0.0).reshape(weight.shape)
 
 
@@ -157,9 +175,9 @@ def _grouped_model() -> nn.Module:
                                      {"weight_dtype": "int8", "activation_dtype": "int8"}])
 def test_compile_stores_grouped_codes_only_in_formats_that_read_them(options):
     """Forced to choose among the int8 formats, the grouped layers take ``dense_lowp`` or
-    ``bitmap`` (whose kernels read per-group scales; not ``nm``) with exactly their codes;
-    W8A8 leaves them on float inputs, and the compiled model computes what the pruned one
-    does."""
+    ``bitmap`` (whose kernels read per-group scales; ``nm`` only groups of 64 inputs or
+    more, these are of 16) with exactly their codes; W8A8 leaves them on float inputs, and
+    the compiled model computes what the pruned one does."""
     model = _grouped_model()
     compiled = sparsekit.compile(model, IDS, cache=False, formats=["dense_lowp", "bitmap", "nm"],
                                  **options)
@@ -180,6 +198,52 @@ def test_compile_stores_grouped_codes_only_in_formats_that_read_them(options):
         with torch.no_grad():
             torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits,
                                        rtol=1e-4, atol=1e-4)
+
+
+def _grouped_two_four(group: int) -> nn.Module:
+    """Two 2:4 layers on int8 grids of ``group`` inputs (no code rounds to 0: the mask is
+    the 2:4 one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64))
+    for layer in (model[0], model[2]):
+        with torch.no_grad():
+            weight = _n_of_m(layer.weight.sign() * (0.5 + torch.rand_like(layer.weight)), 2, 4)
+            scales = int8_scales(weight, group)
+            codes, _ = quantize_int8(weight, scales, group)
+            layer.weight.copy_(dequantize_int8(codes, scales, group))
+        attach_scales(layer, scales)
+    return model
+
+
+@needs_kernels
+def test_compile_packs_grouped_two_four_layers_as_nm_and_they_save_and_decompile_exactly(
+    tmp_path,
+) -> None:
+    """Groups of 64 inputs or more fill whole words of N:M fields: a grouped 2:4 layer
+    compiles to ``nm`` (its bytes, not bitmap's), keeps its grid through ``sparsekit.save``
+    / ``load`` and ``decompile``, and a grid of 32-input groups stays off ``nm``."""
+    model = _grouped_two_four(64)
+    x = torch.randn(5, 256)
+    compiled = sparsekit.compile(model, x, cache=False, formats=["nm"])
+    for i in (0, 2):
+        fmt = compiled[i].format
+        assert fmt.name == "nm" and (fmt.n, fmt.m) == (2, 4)
+        assert torch.equal(fmt.scales, attached_scales(model[i]))
+        assert torch.equal(fmt.to_dense(), model[i].weight)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled(x[:1]), model(x[:1]), rtol=1e-4, atol=1e-4)
+    sparsekit.save(compiled, tmp_path / "c.safetensors")
+    again = sparsekit.compile(_grouped_two_four(64), x, cache=False, formats=["nm"])
+    sparsekit.load(again, tmp_path / "c.safetensors")
+    with torch.no_grad():
+        assert torch.equal(again(x), compiled(x))
+    restored = sparsekit.engine.decompile(compiled)
+    for i in (0, 2):
+        assert torch.equal(restored[i].weight, model[i].weight)
+        assert torch.equal(attached_scales(restored[i]), attached_scales(model[i]))
+    small = sparsekit.compile(_grouped_two_four(32), x, cache=False, formats=["nm", "dense"])
+    assert all(small[i].format.name == "dense" for i in (0, 2))
 
 
 @needs_kernels

@@ -1,5 +1,5 @@
-"""Packed N:M: N values (fp32, bf16 or int8 with per-row scales) per group of M inputs plus
-a few bits naming each one's input."""
+"""Packed N:M: N values (fp32, bf16 or int8 with scales per row or per group of inputs) per
+group of M inputs plus a few bits naming each one's input."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ class PackedNM(NativeFormat):
     dtypes = (torch.float32, torch.bfloat16)
     value_dtypes = (torch.float32, torch.bfloat16, torch.int8)
     activation_dtypes = (torch.int8,)  # W8A8: the nm_qlinear op
+    # int8 codes times float inputs: a span of whole words of fields (16 values) per group,
+    # which every pattern of NM_PATTERNS fills in 64 inputs
+    group_scales = True
+    group_multiple = 64
 
     def __init__(
         self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None = None

@@ -351,39 +351,6 @@ struct Bitmap {
   }
 };
 
-// Bitmap rows W (Bitmap<int8_t>, or the W8A8 cores' BitmapFloat) of int8 codes with one
-// scale per row and group of `size` inputs (a multiple of 16: whole bitmap words), scales
-// (rows, cols / size): a row's dot is W::dot_groups (its groups' spans times their scales),
-// and decode() gives the codes times their group's scale as floats (in a buffer of
-// this thread, valid until its next call), so the drivers' output stage has no per-row scale
-// to apply (Output::scale is null).
-template <typename W>
-struct Grouped {
-  W w;
-  const float* scales;
-  int64_t size;
-  int64_t rows = w.rows, cols = w.cols;
-
-  int64_t work(int64_t r) const { return w.work(r); }
-
-  float dot(int64_t r, const float* x) const {
-    return w.dot_groups(r, x, scales + r * (cols / size), size);
-  }
-
-  const float* decode(int64_t r, int32_t* c, int64_t* count) const {
-    thread_local std::vector<float> scaled;
-    const int8_t* codes = w.decode(r, c, count);
-    scaled.resize(*count);
-    const float* s = scales + r * (cols / size);
-    int64_t g = 0, next = size;  // the group of column c[k] (rising), and where it ends
-    for (int64_t k = 0; k < *count; ++k) {
-      while (c[k] >= next) ++g, next += size;
-      scaled[k] = codes[k] * s[g];
-    }
-    return scaled.data();
-  }
-};
-
 #if SPARSEKIT_AVX512
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,popcnt,bmi,bmi2,avx512vbmi2")

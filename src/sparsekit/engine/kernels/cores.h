@@ -75,6 +75,10 @@ struct NMArgs {
   const void* values;
   const uint32_t* idx;
   int64_t n, m, fbits, width, words;
+  // int8 codes scaled per row and group of group_size inputs (whose values fill whole words
+  // of fields: a multiple of 16 values), as DenseArgs
+  const float* group_scales = nullptr;
+  int64_t group_size = 0;
 };
 
 // The largest block height of BSR weights (the GEMV keeps one accumulator per block row).

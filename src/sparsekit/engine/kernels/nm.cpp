@@ -3,7 +3,8 @@
 // Per row ceil(cols / M) groups of N fp32, bf16 or int8 values (zero-padded; int8 with a
 // float32 scale per row) and one log2(M)-bit field per value (M=8 uses 4 bits) giving its
 // input within the group; the fields of every 16 values fill one (M=4) or two (M=8) 32-bit
-// words. The arithmetic is nm_core.h, compiled per instruction set; its GEMV/SpMM drivers
+// words. int8 values may instead be scaled per row and group of inputs (scales (rows,
+// groups)) whose values fill whole words of fields (16 values). The arithmetic is nm_core.h, compiled per instruction set; its GEMV/SpMM drivers
 // are shared with the bitmap rows (decoded_rows.h).
 
 #include <ATen/core/Tensor.h>
@@ -18,7 +19,8 @@ namespace {
 
 // y = x @ W.T (+ bias); W as packed N:M fp32/bf16/int8 values (rows, ceil(in_features / M)
 // * N) and int32 fields (rows, words), each naming an input below in_features (checked where
-// the format is built); int8 values times scales[r]; x fp32 or bf16, y in its dtype.
+// the format is built); int8 values times scales[r], or scales[r, g] per group g of
+// in_features / groups inputs; x fp32 or bf16, y in its dtype.
 at::Tensor nm_linear(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& x,
                      const std::optional<at::Tensor>& bias, int64_t n, int64_t m,
                      int64_t in_features, int64_t threads,
@@ -32,13 +34,18 @@ at::Tensor nm_linear(const at::Tensor& values, const at::Tensor& indices, const 
   sparsekit::check_size(indices, "indices", 0, values.size(0));
   sparsekit::check_size(indices, "indices", 1, (width + 15) / 16 * fbits / 2);
   const int64_t rows = values.size(0);
+  const auto groups = sparsekit::group_scales(scales, values, rows, in_features);
+  TORCH_CHECK(groups.size % m == 0 && groups.size / m * n % 16 == 0, "scales of shape ",
+              scales->sizes(), " make groups of ", groups.size, " inputs; the ", n, ":", m,
+              " kernel takes groups of a multiple of ", 16 / n * m, " inputs (16 values)");
   return sparsekit::scaled_linear(
       x, values, scales, bias, rows, threads, [&](const sparsekit::Linear& io) {
         sparsekit::cores().nm_linear(sparsekit::NMArgs{
             io, sparsekit::value_type(values), values.data_ptr(),
             reinterpret_cast<const uint32_t*>(indices.data_ptr()), n, m, fbits, width,
-            indices.size(1)});
-      });
+            indices.size(1), groups.data, groups.size});
+      },
+      groups.data != nullptr);
 }
 
 }  // namespace

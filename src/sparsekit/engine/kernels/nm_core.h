@@ -45,56 +45,51 @@ struct PackedNM {
   };
 #endif
 
-  // x is zero-padded by at least 64 inputs beyond the last group.
+  // Row r times x, zero-padded by at least 64 inputs beyond the last group.
   float dot(int64_t r, const float* x) const {
+    return span(v + r * width, idx + r * words, x, width);
+  }
+
+  // Row r times x where each group of `size` inputs has its scale s[g] (Grouped; the op
+  // checks that a group's values fill whole words of fields). AVX-512: each group's sums
+  // stay a vector, scaled into the row's, one horizontal sum per row, as Bitmap::dot_groups.
+  float dot_groups(int64_t r, const float* x, const float* s, int64_t size) const {
     const T* p = v + r * width;
     const uint32_t* q = idx + r * words;
+    const int64_t count = size / m * n, step = count / 16 * (fbits / 2);  // per group
+#if SPARSEKIT_AVX512
+    const Fields fields(*this);  // once per row, not per group
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g * count < width; ++g) {
+      acc = _mm512_fmadd_ps(span_vec(p + g * count, q + g * step, x + g * size, count, fields),
+                            _mm512_set1_ps(s[g]), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float acc = 0.f;
+    for (int64_t g = 0; g * count < width; ++g) {
+      acc += s[g] * span(p + g * count, q + g * step, x + g * size, count);
+    }
+    return acc;
+#endif
+  }
+
+  // The products of `count` values at p, whose fields start at q (a whole word: p is 16
+  // values into its row), with their inputs, x at the first input of p's group: dot() is the
+  // span of a whole row, a row of int8 codes scaled per group of inputs (Grouped) sums a
+  // span per group.
+  float span(const T* p, const uint32_t* q, const float* x, int64_t count) const {
+#if SPARSEKIT_AVX512
+    return _mm512_reduce_add_ps(span_vec(p, q, x, count, Fields(*this)));
+#else
     int64_t k = 0;
     float acc = 0.f;
-#if SPARSEKIT_AVX512
-    const Fields fields(*this);
-    const int64_t span = 16 / n * m, step = fbits / 2;  // inputs and field words per 16 values
-    const bool wide = span > 32;  // 16 values span 64 inputs: two permutes and a blend
-    // x at the inputs of 16 values whose fields start at qs, from the inputs at xs
-    const auto pick = [&fields, wide](const float* xs, const uint32_t* qs) {
-      const __m512i c = fields.at(qs);
-      __m512 xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xs), c, _mm512_loadu_ps(xs + 16));
-      if (wide) {
-        const __m512 hi =
-            _mm512_permutex2var_ps(_mm512_loadu_ps(xs + 32), c, _mm512_loadu_ps(xs + 48));
-        xv = _mm512_mask_mov_ps(xv, _mm512_test_epi32_mask(c, _mm512_set1_epi32(32)), hi);
-      }
-      return xv;
-    };
-    // four independent sums of 16 hide the FMA latency: 1.1-1.3x two sums on int8 2:4
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    const float* xs = x;
-    const uint32_t* qs = q;
-    for (; k + 64 <= width; k += 64, xs += 4 * span, qs += 4 * step) {
-      // the 64 values' lines (sizeof(T) of them) and their fields, kPrefetchBytes ahead
-      for (size_t line = 0; line < sizeof(T); ++line) {
-        prefetch_ahead(p + k + 64 / sizeof(T) * line);
-      }
-      prefetch_ahead(qs);
-      a0 = _mm512_fmadd_ps(load16(p + k), pick(xs, qs), a0);
-      a1 = _mm512_fmadd_ps(load16(p + k + 16), pick(xs + span, qs + step), a1);
-      a2 = _mm512_fmadd_ps(load16(p + k + 32), pick(xs + 2 * span, qs + 2 * step), a2);
-      a3 = _mm512_fmadd_ps(load16(p + k + 48), pick(xs + 3 * span, qs + 3 * step), a3);
-    }
-    for (; k < width; k += 16, xs += span, qs += step) {
-      const __mmask16 valid = width - k >= 16 ? 0xFFFF : (1u << (width - k)) - 1u;
-      a0 = _mm512_fmadd_ps(valid == 0xFFFF ? load16(p + k) : load16_masked(valid, p + k),
-                           pick(xs, qs), a0);
-      std::swap(a0, a1);
-    }
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#elif SPARSEKIT_AVX2
+#if SPARSEKIT_AVX2
     // 8 values at a time: their fields (all in one 32-bit word) give inputs c relative to
     // the first input of their groups; the inputs are picked from the 16 or 32 loaded ones
     // by permutes and blends on bits 3 and 4 of c (no gathers: slow on many AVX2 CPUs), or
     // gathered where 8 values span 64 inputs (1:8).
-    const int64_t span = 8 / n * m;
+    const int64_t inputs8 = 8 / n * m;
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i lane_shift =
         _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(fbits)));
@@ -127,12 +122,12 @@ struct PackedNM {
     // 3.3 against 2.0; 1:4 bf16 2.6 against 2.15, int8 2.6 against 1.95; AMD Zen 3, 2 threads).
     const uint32_t* qw = q;
     const auto run16 = [&](auto indices, auto pick_inputs, int64_t words) {
-      for (; k + 16 <= width; k += 16, xs += 2 * span, qw += words) {
+      for (; k + 16 <= count; k += 16, xs += 2 * inputs8, qw += words) {
         if ((k * sizeof(T)) % 64 == 0) prefetch_ahead(p + k);  // once per line
         __m256i c0, c1;
         indices(qw, &c0, &c1);
         a0 = _mm256_fmadd_ps(load8(p + k), pick_inputs(xs, c0), a0);
-        a1 = _mm256_fmadd_ps(load8(p + k + 8), pick_inputs(xs + span, c1), a1);
+        a1 = _mm256_fmadd_ps(load8(p + k + 8), pick_inputs(xs + inputs8, c1), a1);
       }
     };
     if (m == 4 && n <= 2) {
@@ -158,7 +153,7 @@ struct PackedNM {
       };
       run16(indices, pick, 2);
     }
-    for (; k + 8 <= width; k += 8, xs += span) {
+    for (; k + 8 <= count; k += 8, xs += inputs8) {
       // unsigned: the division and remainder by 32 are a shift and a mask, without the sign
       // fix-ups a signed one takes (6 more instructions per 8 values)
       const uint64_t bit = static_cast<uint64_t>(k * fbits);
@@ -169,10 +164,10 @@ struct PackedNM {
       const __m256i c = _mm256_add_epi32(base, _mm256_and_si256(f, field));
       const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(c, 28));  // c & 8 as the sign
       __m256 xv;
-      if (span == 16) {
+      if (inputs8 == 16) {
         xv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xs), c),
                               _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 8), c), bit3);
-      } else if (span == 32) {
+      } else if (inputs8 == 32) {
         const __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xs), c),
                                            _mm256_permutevar8x32_ps(_mm256_loadu_ps(xs + 8), c),
                                            bit3);
@@ -188,9 +183,55 @@ struct PackedNM {
     }
     acc = hsum8(_mm256_add_ps(a0, a1));
 #endif
-    for (; k < width; ++k) acc += to_float(p[k]) * x[col(q, k)];
+    for (; k < count; ++k) acc += to_float(p[k]) * x[col(q, k)];
     return acc;
+#endif
   }
+
+#if SPARSEKIT_AVX512
+  // span's sums before the horizontal one (Grouped scales them per group, summing once per
+  // row); the last 16 values are masked, so no value is left to a scalar loop.
+  __m512 span_vec(const T* p, const uint32_t* q, const float* x, int64_t count,
+                  const Fields& fields) const {
+    int64_t k = 0;
+    const int64_t inputs16 = 16 / n * m, step = fbits / 2;  // inputs and field words per 16
+    const bool wide = inputs16 > 32;  // 16 values span 64 inputs: two permutes and a blend
+    // x at the inputs of 16 values whose fields start at qs, from the inputs at xs
+    const auto pick = [&fields, wide](const float* xs, const uint32_t* qs) {
+      const __m512i c = fields.at(qs);
+      __m512 xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xs), c, _mm512_loadu_ps(xs + 16));
+      if (wide) {
+        const __m512 hi =
+            _mm512_permutex2var_ps(_mm512_loadu_ps(xs + 32), c, _mm512_loadu_ps(xs + 48));
+        xv = _mm512_mask_mov_ps(xv, _mm512_test_epi32_mask(c, _mm512_set1_epi32(32)), hi);
+      }
+      return xv;
+    };
+    // four independent sums of 16 hide the FMA latency: 1.1-1.3x two sums on int8 2:4
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    const float* xs = x;
+    const uint32_t* qs = q;
+    for (; k + 64 <= count; k += 64, xs += 4 * inputs16, qs += 4 * step) {
+      // the 64 values' lines (sizeof(T) of them) and their fields, kPrefetchBytes ahead
+      for (size_t line = 0; line < sizeof(T); ++line) {
+        prefetch_ahead(p + k + 64 / sizeof(T) * line);
+      }
+      prefetch_ahead(qs);
+      a0 = _mm512_fmadd_ps(load16(p + k), pick(xs, qs), a0);
+      a1 = _mm512_fmadd_ps(load16(p + k + 16), pick(xs + inputs16, qs + step), a1);
+      a2 = _mm512_fmadd_ps(load16(p + k + 32), pick(xs + 2 * inputs16, qs + 2 * step), a2);
+      a3 = _mm512_fmadd_ps(load16(p + k + 48), pick(xs + 3 * inputs16, qs + 3 * step), a3);
+    }
+    for (; k < count; k += 16, xs += inputs16, qs += step) {
+      const __mmask16 valid = count - k >= 16 ? 0xFFFF : (1u << (count - k)) - 1u;
+      a0 = _mm512_fmadd_ps(valid == 0xFFFF ? load16(p + k) : load16_masked(valid, p + k),
+                           pick(xs, qs), a0);
+      std::swap(a0, a1);
+    }
+    return _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+  }
+#endif
 
   // Columns of row r's values into c (room for cols + 32); returns its packed values.
   const T* decode(int64_t r, int32_t* c, int64_t* count) const {
@@ -198,8 +239,8 @@ struct PackedNM {
     int64_t k = 0;
 #if SPARSEKIT_AVX512
     const Fields fields(*this);
-    const int64_t span = 16 / n * m, step = fbits / 2;
-    for (int64_t first = 0; k < width; k += 16, first += span) {
+    const int64_t inputs16 = 16 / n * m, step = fbits / 2;
+    for (int64_t first = 0; k < width; k += 16, first += inputs16) {
       const __m512i c0 = _mm512_set1_epi32(static_cast<int>(first));
       _mm512_storeu_si512(c + k, _mm512_add_epi32(c0, fields.at(q + k / 16 * step)));
     }
@@ -217,9 +258,13 @@ namespace sparsekit::SPARSEKIT_ISA {
 void nm_linear(const NMArgs& a) {
   with_values(a.value, a.values, [&](auto v) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
-    rows::run(rows::PackedNM<T>{v, a.idx, a.io.rows, a.io.cols, a.n, a.m, a.fbits, a.width,
-                                a.words},
-              a.io);
+    const rows::PackedNM<T> w{v, a.idx, a.io.rows, a.io.cols, a.n, a.m, a.fbits, a.width, a.words};
+    if constexpr (std::is_same_v<T, int8_t>) {
+      if (a.group_scales) {
+        return rows::run(rows::Grouped<rows::PackedNM<T>>{w, a.group_scales, a.group_size}, a.io);
+      }
+    }
+    rows::run(w, a.io);
   });
 }
 
