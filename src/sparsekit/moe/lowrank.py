@@ -60,6 +60,9 @@ class LowRankRouter(nn.Module):
                                                             else {"b_in": b_in})
         for name, t in tensors.items():
             _check_tensor(name, t)
+        if not callable(act):  # else accepted, and every forward failed far from here
+            raise TypeError(f"act must be the FFN's activation, a callable such as torch.relu, "
+                            f"got {act!r}")
         if w_in.dim() != 3:
             raise ValueError(f"w_in must be (neurons, writers, features), got "
                              f"{tuple(w_in.shape)}")
