@@ -77,6 +77,17 @@ def _check_groups(groups: object, model: nn.Module, name: str = "groups") -> lis
     return groups
 
 
+def _check_still_fit(groups: list[Group], model: nn.Module) -> None:
+    """Raise, naming ``groups``, unless they still fit ``model``: a layer replaced since they
+    were traced (another width) gave norms of the wrong entries, silently where the sizes
+    divide, else a raw ``RuntimeError`` of ``reshape``."""
+    try:
+        check_groups(groups, model)
+    except ValueError as e:
+        raise ValueError(f"{e}; the model changed since the regulariser was built: build it "
+                         "again for the model as it is") from e
+
+
 def _resolve_groups(model: nn.Module, groups: object) -> list[Group]:
     """``groups`` checked, or the dependency groups of ``model``; never none (a penalty or
     a proximal step over no groups used to do nothing, silently). ``model`` is an
@@ -111,6 +122,7 @@ class GroupLasso:
         self.strength = float(strength)
 
     def __call__(self) -> torch.Tensor:
+        _check_still_fit(self.groups, self.model)
         return self.strength * sum((_channel_norms(self.model, g).sum() for g in self.groups),
                                    torch.zeros(()))
 
@@ -127,6 +139,7 @@ class GroupEnvelope(GroupLasso):
         self.sparsity = float(sparsity)
 
     def __call__(self) -> torch.Tensor:
+        _check_still_fit(self.groups, self.model)
         total = torch.zeros(())
         for g in self.groups:
             norms = _channel_norms(self.model, g)
@@ -176,7 +189,9 @@ class SoftThreshold(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         if self.groups is not None:
-            self._lr()  # before the optimizer steps: a failure leaves the weights as they were
+            # before the optimizer steps: a failure leaves the weights as they were
+            self._lr()
+            _check_still_fit(self.groups, self.model)
         loss = self.optimizer.step(closure)
         self.threshold()
         return loss
@@ -191,6 +206,7 @@ class SoftThreshold(torch.optim.Optimizer):
                     if p.dim() >= 2 and p.requires_grad:
                         p.copy_(p.sign() * (p.abs() - tau).clamp_min(0))
             return
+        _check_still_fit(self.groups, self.model)
         tau = self.strength * self._lr()
         for g in self.groups:
             scale = (1 - tau / _channel_norms(self.model, g)).clamp_min(0)

@@ -28,13 +28,18 @@ def minibatches(
 
     (Not to be confused with :func:`sparsekit.observe.batches`, which normalises the
     accepted ``data`` forms.) ``batch_size`` is an int ≥ 1 (a negative one gave no batches,
-    0 a bare ``range()`` error) and ``seed`` (an int in [0, 2**63 - 1]) draws the shuffled
-    order; both are checked when this is called, not at the first batch.
+    0 a bare ``range()`` error), ``shuffle`` a bool (``"False"`` shuffled, being truthy) and
+    ``seed`` (an int in [0, 2**63 - 1]) draws the shuffled order; all are checked when this
+    is called, not at the first batch.
     """
     check_int("batch_size", batch_size, minimum=1)
+    if not isinstance(shuffle, bool):
+        raise ArgumentTypeError(f"shuffle must be a bool (True or False), got {shuffle!r}")
     check_seed("seed", seed)
     _check_data(data)
-    return _minibatches(data, batch_size, shuffle, seed)
+    # a NumPy int passes check_seed, but torch's manual_seed takes Python ints only (a raw
+    # "an integer is required" at the first batch)
+    return _minibatches(data, batch_size, shuffle, int(seed))
 
 
 def _check_data(data: object) -> None:
@@ -142,7 +147,10 @@ def accuracy(model: nn.Module, data: TensorDataset, *, batch_size: int = 1000) -
     """Top-1 accuracy of ``model`` on ``data`` (eval mode, restored afterwards); ``data``
     holds at least one example, with finite inputs (a NaN one was predicted as the argmax
     of NaN logits) and a class index per example (one-hot labels were compared with the
-    predictions by broadcasting), and ``batch_size`` is an int ≥ 1."""
+    predictions by broadcasting), and ``batch_size`` is an int ≥ 1. A model that cannot run
+    on the inputs, or whose outputs are no ``(examples, classes)`` logits, is a
+    ``ValueError`` naming ``data`` (it was PyTorch's bare ``RuntimeError`` or
+    ``IndexError``)."""
     check_int("batch_size", batch_size, minimum=1)
     _check_data(data)
     _check_examples(data, "accuracy")
@@ -153,7 +161,13 @@ def accuracy(model: nn.Module, data: TensorDataset, *, batch_size: int = 1000) -
     correct = 0
     with inference(model):
         for x, y in minibatches(data, batch_size):
-            correct += int((model(x).argmax(1) == y).sum())
+            with model_errors("data", "the model cannot score its examples"):
+                logits = model(x)
+            if logits.dim() != 2 or logits.shape[0] != len(x):
+                raise ValueError(f"data: the model's outputs must be logits of shape "
+                                 f"(examples, classes) = ({len(x)}, classes), got "
+                                 f"{tuple(logits.shape)}")
+            correct += int((logits.argmax(1) == y).sum())
     return correct / len(data)
 
 

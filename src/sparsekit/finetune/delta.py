@@ -37,7 +37,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsekit import checkpoint
-from sparsekit._checks import ArgumentTypeError, check_fraction, check_module, check_parameter_names
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_fraction,
+    check_materialized,
+    check_module,
+    check_parameter_names,
+)
 from sparsekit.masks import MaskSet, check_mask
 from sparsekit.prune import compute_masks
 from sparsekit.targets import TargetSpec, resolve_targets
@@ -79,6 +85,7 @@ class Delta:
                     f"values[{n!r}] must be a floating-point tensor, got {got}"
                 )
             check_mask(f"masks[{n!r}]", self.masks[n], v.shape)
+            check_materialized(f"values[{n!r}]", v)  # its checks below read values
             if not bool(torch.isfinite(v).all()):
                 raise ValueError(f"values[{n!r}] holds NaN or infinite entries")
             outside = int(torch.count_nonzero(v[~self.masks[n]]))
@@ -104,7 +111,8 @@ class Delta:
         """Add ``alpha`` × the update onto ``model``'s weights in place; return ``model``.
 
         ``alpha`` is a finite real number (a NumPy scalar or a 0-d tensor too). Every name,
-        shape and dtype is checked before any weight changes, and so is every updated
+        shape and dtype is checked before any weight changes (a weight on the meta device,
+        without values, is refused by name), and so is every updated
         weight: one that ``alpha`` would make overflow its dtype (``alpha=1e39`` on a
         float32 weight) is refused with the model untouched.
         """
@@ -120,6 +128,7 @@ class Delta:
             if params[n].shape != v.shape or not params[n].is_floating_point():
                 raise ValueError(f"delta for {n!r} is {tuple(v.shape)}, the model's parameter is "
                                  f"{tuple(params[n].shape)} {params[n].dtype}")
+            check_materialized(f"model: parameter {n!r}", params[n])  # its overflow check reads it
         for n, v in self.values.items():
             _check_update(n, params[n], v, alpha)
         for n, v in self.values.items():

@@ -283,11 +283,18 @@ def _check_masks(model: nn.Module, masks: MaskSet | None) -> dict[int, torch.Ten
         return {}
     if not isinstance(masks, MaskSet):
         raise ArgumentTypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
+    if masks._removed:  # it holds no masks: the model was wrapped, then apply() failed
+        raise ValueError("masks were removed by remove() and hold no masks; pass the MaskSet "
+                         "before its remove(), or masks=None (a base weight's mask is then "
+                         "where it is nonzero)")
+    # the parameters the model holds now: a MaskSet follows one that load_state_dict(...,
+    # assign=True) replaced, which was refused here as a parameter of another model
+    params = masks._current_params()
     own = {id(p) for p in model.parameters()}
-    foreign = [n for n, p in masks.params.items() if id(p) not in own]
+    foreign = [n for n, p in params.items() if id(p) not in own]
     if foreign:
         raise ValueError(
             f"masks were made for another model: {foreign[:3]}{'…' if len(foreign) > 3 else ''} "
             "are not parameters of this model"
         )
-    return {id(masks.params[n]): m for n, m in masks.masks.items()}
+    return {id(params[n]): m for n, m in masks.masks.items()}

@@ -88,9 +88,14 @@ def _read_state(path: Path) -> Any:
     cannot read is a ``ValueError`` naming it (torch's own errors do not). A damaged file
     (flipped bytes, cut short) fails deep in torch's unpickler with almost any error —
     ``UnicodeDecodeError``, ``KeyError``, ``IndexError``, ``AssertionError`` — each of them
-    caught here; an ``OSError`` (a file that cannot be opened) names the file already."""
+    caught here; an ``OSError`` (a file that cannot be opened) names the file already.
+
+    Its tensors are read onto the CPU (the masks and the schedule move them to their
+    weights' devices): a state saved by a run on a GPU was refused on a machine without
+    one ("Attempting to deserialize object on a CUDA device"), where the ``Trainer``
+    resumes the rest of that checkpoint."""
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, LookupError,
             TypeError, AttributeError, AssertionError, OverflowError, RecursionError) as err:
         reason = str(err).strip().split("\n")[0] or type(err).__name__  # torch's run long

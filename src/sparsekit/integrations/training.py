@@ -90,23 +90,26 @@ def attach(
     to the weights and the optimizer state (a ``DynamicSparsity``'s starting masks). When
     resuming, those are the checkpoint's weights: the ones the ``state``'s masks keep, and
     their optimizer state, are put back as they were before the call, so that the run goes
-    on exactly as the one that saved the state.
+    on exactly as the one that saved the state. When the state is refused, every weight
+    and its optimizer state are put back (only those its masks named were: a state
+    refused for having no masks, or masks of other names, left the model as the
+    function's schedule had pruned it).
     """
     check(sparsity)
     real = check_optimizer(optimizer)
     if isinstance(sparsity, (Schedule, Masks)):
         return _attach(sparsity, real, state, state_name)
     hooks = _step_hooks(real)
-    kept = None if state is None else _Kept(model, real, _kept_names(state))
+    kept = None if state is None else _Kept(model, real)
     try:  # a DynamicSparsity hooks the optimizer as it is built
         attached = _attach(sparsity(model, real), real, state, state_name)
     except BaseException:
         _remove_hooks_since(real, hooks)
-        if kept is not None:
+        if kept is not None:  # every weight: a refused state may name none of them
             kept.restore()
         raise
     if kept is not None:
-        kept.restore()
+        kept.restore(_kept_names(state))
         masks = attached.masks
         if isinstance(masks, MaskSet):  # zero what the loaded masks mask, again
             masks.load_state_dict(masks.state_dict())
@@ -157,24 +160,28 @@ def _attach(built: object, real: torch.optim.Optimizer, state: Mapping[str, Any]
 
 
 class _Kept:
-    """A copy (on the CPU) of the weights that ``names`` name in ``model`` and of their
-    per-element state in ``optimizer``, to put back with :meth:`restore`."""
+    """A copy (on the CPU) of every weight of ``model`` and of its per-element state in
+    ``optimizer``, to put back with :meth:`restore`."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 names: list[str] | None) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         params = dict(model.named_parameters()) if isinstance(model, nn.Module) else {}
-        chosen = [params[n] for n in names or () if isinstance(n, str) and n in params]
-        self.weights = [(p, local(p).detach().to("cpu", copy=True)) for p in chosen]
-        self.state = [
-            (value, local(value).detach().to("cpu", copy=True))
-            for p in chosen for value in optimizer.state.get(p, {}).values()
-            if isinstance(value, torch.Tensor) and value.shape == p.shape
-        ]
+        self.weights = {n: (p, local(p).detach().to("cpu", copy=True))
+                        for n, p in params.items()}
+        self.state = {
+            n: [(value, local(value).detach().to("cpu", copy=True))
+                for value in optimizer.state.get(p, {}).values()
+                if isinstance(value, torch.Tensor) and value.shape == p.shape]
+            for n, p in params.items()
+        }
 
     @torch.no_grad()
-    def restore(self) -> None:
-        for tensor, saved in (*self.weights, *self.state):
-            local(tensor).copy_(saved)
+    def restore(self, names: list[str] | None = None) -> None:
+        """Put back the weights ``names`` names (and their optimizer state), or all of
+        them without ``names``."""
+        chosen = self.weights if names is None else [n for n in names if n in self.weights]
+        for n in chosen:
+            for tensor, saved in (self.weights[n], *self.state[n]):
+                local(tensor).copy_(saved)
 
 
 def _state_names(state: object, of_schedule: bool) -> list[str] | None:

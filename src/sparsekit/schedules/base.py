@@ -8,7 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized
 from sparsekit.masks import Masks
 
 
@@ -80,7 +80,9 @@ def check_masks_usable(schedule: Any, action: str) -> None:
 
 def check_tensors(key: str, value: Any, like: Mapping[str, torch.Tensor]) -> None:
     """Raise unless ``value`` maps exactly the names of ``like`` to tensors of their shapes,
-    floating where they are; ``key`` names ``value`` in the state dict."""
+    floating where they are, and holding values (not on the meta device: a state read with
+    ``map_location="meta"`` failed to copy after the masks had loaded, or at the next
+    round); ``key`` names ``value`` in the state dict."""
     if not isinstance(value, Mapping) or not all(isinstance(t, torch.Tensor)
                                                  for t in value.values()):
         raise ArgumentTypeError(f"state[{key!r}] must be a dict of name -> tensor, got "
@@ -92,3 +94,4 @@ def check_tensors(key: str, value: Any, like: Mapping[str, torch.Tensor]) -> Non
             raise ValueError(f"state[{key!r}][{n!r}] is a {t.dtype} tensor of shape "
                              f"{tuple(t.shape)}, expected {like[n].dtype} of shape "
                              f"{tuple(like[n].shape)}")
+        check_materialized(f"state[{key!r}][{n!r}]", t)

@@ -101,18 +101,28 @@ def check_holds(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
         )
 
 
-def trainable_targets(model: nn.Module) -> list[str] | None:
-    """The names of the default targets of ``model`` that require gradients, or ``None``
-    (all of them) where none is frozen; raise where all are."""
+def trainable_targets(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str] | None:
+    """The names of the default targets of ``model`` that require gradients and that
+    ``optimizer`` holds, or ``None`` (all of them) where each does; raise where all are
+    frozen, or where the optimizer holds none of the others.
+
+    A weight the optimizer does not hold never trains: the connections dropped from it
+    were real weights, those grown into it stayed zero, and its gradient, which the
+    optimizer's ``zero_grad`` leaves alone, summed over every step for RigL to grow by.
+    """
     chosen = resolve_targets(model)
-    trainable = [t.name for t in chosen if t.param.requires_grad]
+    trainable = [t for t in chosen if t.param.requires_grad]
     if chosen and not trainable:
         raise ValueError(
             f"every weight DynamicSparsity would train is frozen (requires_grad=False: "
             f"{', '.join(t.name for t in chosen[:3])}{', …' if len(chosen) > 3 else ''}); "
             "unfreeze those it should train sparse"
         )
-    return None if len(trainable) == len(chosen) else trainable
+    if trainable:
+        check_holds(optimizer, [t.param for t in trainable], [t.name for t in trainable])
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trained = [t.name for t in trainable if id(t.param) in held]
+    return None if len(trained) == len(chosen) else trained
 
 
 class DynamicSparsity:
@@ -130,7 +140,8 @@ class DynamicSparsity:
 
     Frozen module weights (``requires_grad=False``) are no targets and stay as they are:
     they have no gradient to grow by, and dropping their connections would change weights
-    training leaves alone. :meth:`detach` stops reading the optimizer's gradients and
+    training leaves alone; nor are weights that ``optimizer`` does not hold, which no step
+    trains. :meth:`detach` stops reading the optimizer's gradients and
     keeping the masks through its steps, until :meth:`attach`.
 
     If ``model`` has :class:`~sparsekit.SparseLinear` layers, those are the targets (other
@@ -192,13 +203,13 @@ class DynamicSparsity:
         self.allocation, self.every, self.end_step = allocation, every, end_step
         self.drop_fraction, self.drop_schedule, self.beta = drop_fraction, drop_schedule, momentum
         self.salient_fraction = salient_fraction
-        self.seed = seed
+        self.seed = int(seed)  # a NumPy int passes check_seed; manual_seed takes Python ints
         # A stream of its own: reusing the initial mask's stream would regrow the very
         # positions that scored highest at initialisation.
-        self.generator = torch.Generator().manual_seed(seed + 1_000_003)
+        self.generator = torch.Generator().manual_seed(self.seed + 1_000_003)
         self.rule: DropGrow = rule(self)
         self.step_count = 0
-        self._targets = None if sparse else trainable_targets(model)
+        self._targets = None if sparse else trainable_targets(model, optimizer)
         if sparse:
             self.masks: Masks = StructureSet(model)
             trained = [layer.values for layer in self.masks.layers.values()]

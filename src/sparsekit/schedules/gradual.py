@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from sparsekit._checks import (
+    ArgumentTypeError,
     check_int,
     check_optimizer,
     check_sparsity,
@@ -47,7 +48,8 @@ class GradualPruner:
     ``start_step`` and ``end_step`` the model is re-pruned by ``method`` to the cubic
     schedule's sparsity; masks only shrink, and with ``optimizer`` they are kept through
     its steps. The remaining keywords (``targets``, ``exclude``, ``data`` …) go to
-    :func:`~sparsekit.prune`. ``final_sparsity=`` and ``criterion=`` are deprecated
+    :func:`~sparsekit.prune` (``data``, which every update prunes with, must be
+    re-iterable: not a generator). ``final_sparsity=`` and ``criterion=`` are deprecated
     spellings of ``sparsity=`` and ``method=``.
     """
 
@@ -76,6 +78,14 @@ class GradualPruner:
         if start_step >= end_step:
             raise ValueError(f"need 0 ≤ start_step < end_step, got {start_step}, {end_step}")
         check_optimizer(optimizer, optional=True)
+        if isinstance(prune_kwargs.get("data"), Iterator):
+            # the dry run below used it up, and the first prune failed, after training began,
+            # saying that data "holds no batches"
+            raise ArgumentTypeError(
+                f"data must be re-iterable (a tensor, an (inputs, labels) pair, a list of "
+                f"batches or a DataLoader): GradualPruner prunes with it at every update, and "
+                f"an iterator is used up by the first; got {type(prune_kwargs['data']).__name__}"
+            )
         self.model = model
         self.sparsity, self.initial_sparsity = sparsity, initial_sparsity
         self.start_step, self.end_step, self.every = start_step, end_step, every

@@ -65,6 +65,12 @@ class IterativePruning:
             )
             check_fraction("rate_per_round", rate_per_round, zero=False)
             sparsity = 1.0 - (1.0 - rate_per_round) ** rounds
+            if sparsity >= 1.0:  # (1 - rate)^rounds below float precision: the last round
+                raise ValueError(  # could keep no weight and failed after all the others
+                    f"rate_per_round={rate_per_round} over rounds={rounds} reaches a final "
+                    "sparsity of 1.0 in floating point (no weight left); accepted: a rate and "
+                    "a number of rounds whose final sparsity is below 1 (pass sparsity=)"
+                )
         elif sparsity is None:
             raise TypeError("IterativePruning() missing required keyword argument: 'sparsity'")
         else:
@@ -136,12 +142,22 @@ class IterativePruning:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`; a state it cannot come from changes nothing (a
-        rewind state that does not fit the model is refused here, not at the next round)."""
+        rewind state that does not fit the model is refused here, not at the next round, and
+        so is a state that lacks one past ``rewind_step`` or holds one before it: the next
+        round failed or rewound to weights of another step)."""
         check_state(self, state, ("round", "rewind_state", "history"))
         check_int("state['round']", state["round"], minimum=0)
         if state["round"] > self.rounds:
             raise ValueError(f"state['round'] must be at most rounds={self.rounds}, "
                              f"got {state['round']}")
+        reached = state["round"] > 0 or state["step"] >= self.rewind_step
+        if (state["rewind_state"] is not None) != reached:
+            raise ValueError(
+                f"state['rewind_state'] is {'None' if reached else 'set'} at round "
+                f"{state['round']}, step {state['step']}, but this IterativePruning "
+                f"(rewind_step={self.rewind_step}) {'has' if reached else 'has not'} reached "
+                "its rewind step there: a state of a run with another rewind_step, or edited"
+            )
         if state["rewind_state"] is not None:
             check_tensors("rewind_state", state["rewind_state"], self.model.state_dict())
         history = state["history"]
