@@ -110,6 +110,13 @@ def check_seed(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 
+def seeded(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (checked by :func:`check_seed`): a NumPy int
+    passes that check, but ``manual_seed`` takes Python ints only (a raw "an integer is
+    required")."""
+    return torch.Generator().manual_seed(int(seed))
+
+
 def check_positive(name: str, value: Any, *, optional: bool = False) -> None:
     """Raise unless ``value`` is a positive finite real number (not a bool; NaN never is),
     or ``None`` when ``optional``."""

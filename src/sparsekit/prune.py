@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_seed, check_sparsity, renamed
+from sparsekit._checks import ArgumentTypeError, check_seed, check_sparsity, renamed, seeded
 from sparsekit.allocation import ALLOCATIONS, fit_to_capacity
 from sparsekit.masks import MaskSet
 from sparsekit.patterns import Pattern, parse_pattern
@@ -84,7 +84,7 @@ def compute_masks(
     loss_fn = _check_loss_fn(loss_fn)
 
     scales = batchnorm_scales(model) if pat.grouped else []  # a group's γ, for magnitude
-    ctx = ScoreContext(model, chosen, data, loss_fn, torch.Generator().manual_seed(seed), scales)
+    ctx = ScoreContext(model, chosen, data, loss_fn, seeded(seed), scales)
     scores = score_fn(ctx)
     check_scores(scores, method)
     if method in GRADIENT_CRITERIA:

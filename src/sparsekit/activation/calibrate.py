@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_module, check_seed
+from sparsekit._checks import ArgumentTypeError, check_int, check_module, check_seed, seeded
 from sparsekit.activation.allocation import ALLOCATIONS, GREEDY_STEP, greedy, uniform
 from sparsekit.activation.blocks import BlockError, block_groups
 from sparsekit.activation.layers import find_layers
@@ -69,7 +69,7 @@ def calibrate(
     if applied:  # their recorded inputs would be the thresholded ones: quantiles of zeros
         raise ValueError(f"model: layers {applied} have activation thresholds applied "
                          "(ActivationSparsity.apply); remove() them before calibrating again")
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     replay: list[Any] = []  # the greedy search replays the first non-empty batch
     recorded = calibration
     if allocation == "greedy" and isinstance(calibration, Iterator):

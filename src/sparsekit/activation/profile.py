@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_module, check_seed
+from sparsekit._checks import ArgumentTypeError, check_module, check_seed, seeded
 from sparsekit.activation.layers import find_layers
 from sparsekit.activation.sparsity import ActivationSparsity
 from sparsekit.engine.activation_linear import thresholded_layers
@@ -81,7 +81,7 @@ def profile(
     counts = {n: torch.zeros(3, dtype=torch.long) for n in layers}  # zeros, below, rows
     alive = {n: torch.zeros(w, dtype=torch.bool) for n, w in widths.items()}
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     infinite: set[str] = set()  # layers that saw a NaN or infinite input
     meta: set[str] = set()  # layers whose inputs were on the meta device (no values)
 

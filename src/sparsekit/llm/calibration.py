@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_seed
+from sparsekit._checks import ArgumentTypeError, check_int, check_seed, seeded
 from sparsekit.distributed import check_same_on_ranks, rank_slice, world_size
 
 Calibration = torch.Tensor | list[str] | str | os.PathLike
@@ -55,7 +55,7 @@ def calibration_tokens(
     if stream.numel() < 2:
         raise ValueError(f"calibration holds {stream.numel()} tokens; it needs at least 2")
     seqlen = min(seqlen or stream.numel(), stream.numel())
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded(seed)
     starts = torch.randint(0, stream.numel() - seqlen + 1, (nsamples,), generator=gen)
     return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
 

@@ -26,6 +26,7 @@ from sparsekit._checks import (
     check_fraction,
     check_int,
     check_seed,
+    seeded,
 )
 from sparsekit.activation.record import record_inputs
 from sparsekit.moe import ffn as ffns
@@ -101,7 +102,7 @@ def build(model: nn.Module, calibration: Any, layers: list[ffns.FFN], plan: Plan
     """A copy of ``model`` with each FFN in ``layers`` replaced by a RoutedFFN whose router
     (one of :data:`ROUTERS`) was fitted to the calibration inputs."""
     first = {f.name: model.get_submodule(f.writers[0]) for f in layers}
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     inputs = record_inputs(model, first, calibration, max_rows=max_rows, generator=generator)
     missing = [n for n in first if n not in inputs]
     if missing:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsekit._checks import check_int, check_materialized, check_seed
+from sparsekit._checks import check_int, check_materialized, check_seed, seeded
 
 __all__ = ["balanced_kmeans"]
 
@@ -43,7 +43,7 @@ def balanced_kmeans(points: torch.Tensor, clusters: int, *, iterations: int = 25
     if n % clusters:
         raise ValueError(f"clusters must divide the {n} points, got {clusters}")
     points = points.float()
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     centers = _seeds(points, clusters, generator)
     labels = None
     for _ in range(iterations):

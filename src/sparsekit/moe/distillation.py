@@ -32,6 +32,7 @@ from sparsekit._checks import (
     check_positive,
     check_seed,
     model_errors,
+    seeded,
 )
 from sparsekit.moe.ffn import activate
 from sparsekit.moe.routed import RoutedFFN, check_model, routed_layers
@@ -226,7 +227,7 @@ def _fit(student: nn.Module, teacher: nn.Module, inputs: list[Any],
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(
         (i + 1) / warmup, 0.5 * (1 + math.cos(math.pi * i / steps))))
     device = next(student.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     order: list[int] = []
     means: list[torch.Tensor] = []
     ramp = max(1, round(_L1_RAMP * steps))

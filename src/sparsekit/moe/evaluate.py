@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int, check_seed
+from sparsekit._checks import check_int, check_seed, seeded
 from sparsekit.activation.record import record_inputs
 from sparsekit.moe.routed import RoutedFFN, check_model, routed_layers, unit_mass
 
@@ -33,7 +33,7 @@ def evaluate(model: nn.Module, data: Any, *, max_rows: int = 2048, seed: int = 0
     check_seed("seed", seed)
     routed_layers(model)  # raises without RoutedFFN modules
     layers = {n: m for n, m in model.named_modules() if isinstance(m, RoutedFFN)}
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     inputs = record_inputs(model, layers, data, max_rows=max_rows, generator=generator,
                            param="data")
     return {n: _quality(layers[n], x) for n, x in inputs.items()}

@@ -34,6 +34,7 @@ from sparsekit._checks import (
     check_materialized,
     check_positive,
     check_seed,
+    seeded,
 )
 from sparsekit.moe.ffn import activate
 from sparsekit.moe.routed import unit_mass
@@ -119,7 +120,7 @@ class LowRankRouter(nn.Module):
         factors = [t for t in (self.down, self.up, self.bias) if t is not None]
         for t in factors:
             t.requires_grad_(True)
-        generator = torch.Generator().manual_seed(seed)
+        generator = seeded(seed)
         optimizer = torch.optim.Adam(factors, lr=lr)
         try:
             with torch.enable_grad():

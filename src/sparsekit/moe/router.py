@@ -31,6 +31,7 @@ from sparsekit._checks import (
     check_materialized,
     check_positive,
     check_seed,
+    seeded,
 )
 
 __all__ = ["LOSSES", "Router", "check_features", "fit"]
@@ -118,7 +119,7 @@ def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 3
     else:
         positive = float(labels.mean().clamp(1e-6, 1 - 1e-6))
         weight = torch.tensor((1 - positive) / positive if balance else 1.0)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     optimizer = torch.optim.Adam(router.parameters(), lr=lr)
     router.train()
     with torch.enable_grad():

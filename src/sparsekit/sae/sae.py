@@ -45,6 +45,7 @@ from sparsekit._checks import (
     check_int,
     check_materialized,
     check_positive,
+    seeded,
 )
 from sparsekit.engine import kernels
 from sparsekit.sae.activations import ACTIVATIONS, select_topk
@@ -139,7 +140,7 @@ class SAE(nn.Module):
         self.normalize_decoder = normalize_decoder
         self.bandwidth = float(bandwidth)
         factory = {"dtype": dtype, "device": device}
-        generator = torch.Generator().manual_seed(seed)
+        generator = seeded(seed)
         w_dec = torch.randn(n_latents, d_out, generator=generator).to(**factory)
         w_dec *= init_norm / w_dec.norm(dim=-1, keepdim=True)
         if not w_dec.is_meta and not bool((w_dec.norm(dim=-1) > 0).all()
