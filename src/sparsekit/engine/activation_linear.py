@@ -44,6 +44,7 @@ bfloat16. Where it is no slower, :meth:`ActivationSparseLinear.tuned` drops the 
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import statistics
 import threading
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.bound import BoundArguments, no_backward
 from sparsekit.engine.compiled_linear import CompiledLayer, dense_linear
@@ -137,14 +138,15 @@ def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 def check_threshold(name: str, threshold: object) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``threshold`` is a 1-D float tensor of
-    thresholds ≥ 0 (one per input feature; ``inf`` zeroes its feature): a NaN threshold
-    would zero every input without a word."""
+    thresholds ≥ 0 (one per input feature; ``inf`` zeroes its feature), not on the meta
+    device: a NaN threshold would zero every input without a word."""
     if not isinstance(threshold, torch.Tensor) or threshold.dim() != 1 \
             or not threshold.is_floating_point():
         got = (f"a tensor of shape {tuple(threshold.shape)} and dtype {threshold.dtype}"
                if isinstance(threshold, torch.Tensor) else type(threshold).__name__)
         raise ValueError(f"{name} must be a 1-D float tensor (one threshold per input "
                          f"feature), got {got}")
+    check_materialized(name, threshold)  # a meta one failed inside the comparison below
     if not bool((threshold >= 0).all()):  # also NaN
         raise ValueError(f"{name} must hold thresholds ≥ 0 (inf allowed; NaN would zero every "
                          "input), got a NaN or negative one")
@@ -276,6 +278,7 @@ class ActivationSparseLinear(BoundArguments):
                                     f"{type(weight).__name__}")
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        check_materialized("weight", weight)  # its storage is built from its values
         self.out_features, self.in_features = weight.shape
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise ArgumentTypeError(f"dtype must be a floating-point torch.dtype or None, got "
@@ -443,7 +446,8 @@ class ActivationSparseLinear(BoundArguments):
                 f"x must have shape (..., in_features={self.in_features}), got shape "
                 f"{tuple(x.shape)}"
             )
-        if x.numel() == self.in_features:  # decode step
+        rows = math.prod(x.shape[:-1])  # not x.numel() // in_features: a layer may have no inputs
+        if rows == 1:  # decode step
             return self._gemv(x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         self._check_torch_input(x)
         x = self._sparsify(x)
@@ -451,10 +455,10 @@ class ActivationSparseLinear(BoundArguments):
             return self.prefill(x)
         if self.kernel == "act_gemv":
             return F.linear(x, self._weight(self.weight_t.t(), x.dtype), self._bias(x))
-        rows = [self._gemv(row) for row in x.reshape(-1, self.in_features)]
-        if not rows:  # no rows at all
+        ys = [self._gemv(row) for row in x.reshape(rows, self.in_features)]
+        if not ys:  # no rows at all
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        return torch.stack(rows).view(*x.shape[:-1], self.out_features)
+        return torch.stack(ys).view(*x.shape[:-1], self.out_features)
 
     def _sparsify(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`sparsify_input` of several rows: one ``act_threshold`` kernel call where it
@@ -646,6 +650,8 @@ class ActivationSparseLinear(BoundArguments):
         after = {k: state.get(prefix + k, own) for k, own in self._buffers.items()
                  if own is not None}
         try:
+            for key, t in after.items():  # the checks below read them
+                check_materialized(f"{name}: {key}", t)
             if self.kernel == "act_sparse_gemv":
                 check_column_index(after["colptr"], after["row_indices"], after["values"],
                                    self.out_features, self.block, name=name)
@@ -804,10 +810,12 @@ def _threshold_tensor(threshold: object, in_features: int) -> torch.Tensor:
 
 
 def _check_bias(bias: object, out_features: int) -> None:
-    """Raise unless ``bias`` is a floating-point tensor of shape ``(out_features,)``."""
+    """Raise unless ``bias`` is a floating-point tensor of shape ``(out_features,)``, not on
+    the meta device (the layer kept it, and its first product failed in the op)."""
     accepted = f"None or a floating-point tensor of shape (out_features={out_features},)"
     if not isinstance(bias, torch.Tensor):
         raise ArgumentTypeError(f"bias must be {accepted}, got {type(bias).__name__}")
+    check_materialized("bias", bias)
     if bias.shape != (out_features,):
         raise ValueError(f"bias must be None or of shape (out_features={out_features},), got "
                          f"{tuple(bias.shape)}")
@@ -853,6 +861,7 @@ def _check_storage(weight: torch.Tensor, scales: torch.Tensor | None,
                 f"int8 weight needs float scales of shape ({weight.shape[0]},), got "
                 f"{None if scales is None else tuple(scales.shape)}"
             )
+        check_materialized("scales", scales)  # a meta one failed inside the check below
         check_scale_values(scales)
         dtype = torch.float32 if dtype is None else dtype
     elif scales is not None:

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sparsekit._checks import ArgumentTypeError, check_device, check_int, check_optimizer
@@ -189,6 +190,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         return yt.t()  # (batch, out) view of the (out, batch) result: no copy
 
     @staticmethod
+    @once_differentiable  # the kernels have no derivative: a second one came back as zeros
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
@@ -471,7 +473,7 @@ class SparseLinear(nn.Module):
         The structure is ``rowptr``/``col`` from ``state`` (either one missing is this
         layer's own), checked whole (:meth:`structure_from_state`); ``values`` must be one
         floating-point value per stored weight of it and ``bias`` (when the layer has one)
-        a floating-point tensor of shape ``(out_features,)``.
+        a floating-point tensor of shape ``(out_features,)``, neither on the meta device.
         """
         errors: list[str] = []
         where = f"SparseLinear {prefix.rstrip('.') or '(root)'}"
@@ -497,6 +499,9 @@ class SparseLinear(nn.Module):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
                 errors.append(f"{where}: {name} must be a floating-point tensor, got {got}")
+            elif t.is_meta:  # torch's copy fails only after the new structure is installed
+                errors.append(f"{where}: {name} is on the meta device and holds no values; "
+                              "accepted: a tensor on a real device (cpu, cuda)")
             elif tuple(t.shape) != shape:
                 errors.append(f"{where}: {name} must have shape {shape}"
                               f"{' (one per stored weight)' if name == 'values' else ''}, got "

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized
 from sparsekit.masks import check_mask
 
 __all__ = ["Format", "check_shape", "masked"]
@@ -123,7 +124,8 @@ class Format(nn.Module):
             self.check_bias(bias)
         if len(shape) == 2:  # no reshapes
             return self._mm(x, bias)
-        y = self._mm(x.reshape(-1, self.in_features), bias)
+        # rows, not -1: a (0,) x of a layer without inputs has one row of no elements
+        y = self._mm(x.reshape(math.prod(shape[:-1]), self.in_features), bias)
         return y.reshape(*shape[:-1], self.out_features)
 
     def trusted_matmul(self) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
@@ -261,16 +263,24 @@ def check_shape(shape: object) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def masked(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def masked(
+    weight: torch.Tensor, mask: torch.Tensor | None, *, materialized: bool = False
+) -> torch.Tensor:
     """``weight`` (detached) with zeros where ``mask`` is False; checks that ``weight`` is a
-    2-D tensor and ``mask`` a bool one of its shape (see :func:`~sparsekit.masks.check_mask`)."""
+    2-D tensor and ``mask`` a bool one of its shape (see :func:`~sparsekit.masks.check_mask`),
+    and with ``materialized`` that neither is on the meta device (a format that compresses
+    the weight reads which entries are nonzero: a meta one failed inside ``nonzero``)."""
     if not isinstance(weight, torch.Tensor):
         raise ArgumentTypeError(f"weight must be a 2-D tensor (out, in), got "
                                 f"{type(weight).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if materialized:
+        check_materialized("weight", weight)
     weight = weight.detach()
     if mask is None:
         return weight
     check_mask("mask", mask, weight.shape)
+    if materialized:
+        check_materialized("mask", mask)
     return weight.masked_fill(~mask.to(weight.device), 0)  # +0, not -0

@@ -168,7 +168,8 @@ def _check_block(block: object) -> tuple[int, int]:
 def _check_bsr(
     values: torch.Tensor, col: torch.Tensor, rowptr: torch.Tensor, shape: tuple[int, int]
 ) -> None:
-    """Raise ``ValueError`` unless the three tensors form a valid BSR ``shape`` weight."""
+    """Raise ``ValueError`` unless the three tensors form a valid BSR ``shape`` weight: block
+    columns increasing within each block row, zeros in the padding of edge blocks."""
     if values.dim() != 3:
         raise ValueError(f"bsr_values must be (nblocks, R, C), got shape {tuple(values.shape)}")
     r, c = _check_block(tuple(values.shape[1:]))
@@ -191,3 +192,17 @@ def _check_bsr(
     cols = unsigned_index(col)
     if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= bcols):
         raise ValueError(f"bsr_col_indices must lie in [0, {bcols})")
+    brow = torch.repeat_interleave(torch.arange(brows), steps)
+    key = brow * bcols + cols  # a block twice: the kernel adds both, to_dense kept one
+    if bool((key[1:] <= key[:-1]).any()):
+        raise ValueError("bsr_col_indices must increase within each block row (no block twice)")
+    if shape[0] % r or shape[1] % c:  # edge blocks: their padding must hold zeros
+        # the kernel multiplies the padding (by zero inputs, into rows it never writes): a
+        # NaN or inf there turned real outputs NaN, which to_dense (cropped) did not show
+        heights = (shape[0] - brow * r).clamp(max=r)[:, None, None]
+        widths = (shape[1] - cols * c).clamp(max=c)[:, None, None]
+        inside = (torch.arange(r)[None, :, None] < heights) & (torch.arange(c)[None, None, :]
+                                                               < widths)
+        if bool(values.masked_select(~inside).ne(0).any()):
+            raise ValueError(f"bsr_values must be zero in the padding of the edge blocks (past "
+                             f"the {shape[0]}x{shape[1]} weight)")

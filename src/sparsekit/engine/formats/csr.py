@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from sparsekit._checks import ArgumentTypeError, check_materialized
 from sparsekit.engine.formats.base import Format, masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 from sparsekit.engine.formats.native import SCALES, NativeFormat, Operands
@@ -33,13 +34,17 @@ class TorchCSR(Format):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> TorchCSR:
-        weight = masked(weight, mask)
+        weight = masked(weight, mask, materialized=True)
         if weight.is_cpu:  # see dtypes
             cls._check_dtype(weight)
         return cls(csr_parts(weight), tuple(weight.shape))
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        """Raise ``ValueError`` unless ``tensors`` form a valid CSR ``shape`` weight of
+        floating values, none on the meta device (their indices are read)."""
+        for name, tensor in zip(cls.buffer_names, tensors, strict=True):
+            check_materialized(f"buffer {name!r}", tensor)
         check_csr(*tensors, shape, (torch.int32,))
         if not tensors[2].is_floating_point():
             raise ValueError(f"values must be floating, got {tensors[2].dtype}")
@@ -51,6 +56,18 @@ class TorchCSR(Format):
         )
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The product, for an ``x`` of the values' dtype and device (and a ``bias`` on it):
+        torch's sparse product converts neither (a float16 or meta ``x`` failed inside it
+        with a raw error)."""
+        values = self.values
+        if x.dtype != values.dtype:
+            raise ArgumentTypeError(
+                f"x must have the values' dtype {values.dtype} for this {self.out_features}x"
+                f"{self.in_features} {self.name} weight, got {x.dtype}")
+        for name, t in (("x", x), ("bias", bias)):
+            if t is not None and t.device != values.device:
+                raise ValueError(f"{name} must be on the values' device {values.device} for "
+                                 f"this {self.name} weight, got {t.device}")
         return _csr_mm(self.csr(), x, bias)
 
     def to_dense(self) -> torch.Tensor:
@@ -155,8 +172,9 @@ def check_csr(
     shape: tuple[int, int],
     col_dtypes: tuple[torch.dtype, ...],
 ) -> None:
-    """Raise ``ValueError`` unless the three tensors form a valid CSR ``shape`` weight (the
-    values' dtype is the format's to check)."""
+    """Raise ``ValueError`` unless the three tensors form a valid CSR ``shape`` weight, its
+    column indices increasing within each row (the values' dtype is the format's to
+    check)."""
     out_features, in_features = shape
     if rowptr.dtype != torch.int32 or tuple(rowptr.shape) != (out_features + 1,):
         raise ValueError(
@@ -176,6 +194,10 @@ def check_csr(
     cols = unsigned_index(col)
     if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= in_features):
         raise ValueError(f"column indices must lie in [0, {in_features})")
+    # a column twice in a row: the kernels add both values, to_dense kept one of them
+    key = torch.repeat_interleave(torch.arange(out_features), steps) * in_features + cols
+    if bool((key[1:] <= key[:-1]).any()):
+        raise ValueError("column indices must increase within each row (no column twice)")
 
 
 def csr_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

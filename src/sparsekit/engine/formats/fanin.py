@@ -51,7 +51,7 @@ class ConstantFanIn(NativeFormat):
         """:meth:`NativeFormat.from_dense` that keeps the fan-in of ``weight * mask``: an
         int8 code that rounds to 0 is stored as a 0, not dropped (which would leave its row
         one input short of the others)."""
-        keep = masked(weight, mask) != 0
+        keep = masked(weight, mask, materialized=True) != 0
         return super().from_dense(weight, mask, threads, keep=keep, **options)
 
     @classmethod
@@ -116,7 +116,9 @@ class ConstantFanIn(NativeFormat):
 def _check_fanin(
     values: torch.Tensor, col: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int]
 ) -> None:
-    """Raise ``ValueError`` unless the three tensors form a valid fan-in ``shape`` weight."""
+    """Raise ``ValueError`` unless the three tensors form a valid fan-in ``shape`` weight, its
+    columns increasing within each row (a column twice: the kernel added both values,
+    to_dense kept one)."""
     out_features, in_features = shape
     if values.dim() != 2:
         raise ValueError(f"fanin_values must be (rows, k), got shape {tuple(values.shape)}")
@@ -139,3 +141,5 @@ def _check_fanin(
     cols = unsigned_index(col)
     if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= in_features):
         raise ValueError(f"fanin_col_indices must lie in [0, {in_features})")
+    if bool((cols[:, 1:] <= cols[:, :-1]).any()):
+        raise ValueError("fanin_col_indices must increase within each row (no column twice)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -104,7 +105,7 @@ class NativeFormat(BoundArguments, Format):
         ``activation_dtype=torch.int8`` (one of :attr:`activation_dtypes`; int8 values only,
         one scale per row) quantizes the inputs too (W8A8).
         """
-        weight = masked(weight, mask)
+        weight = masked(weight, mask, materialized=True)
         cls._check_dtype(weight)
         value_dtype = cls._value_dtype(weight, value_dtype, scales)
         cls._check_activation_dtype(activation_dtype, value_dtype)
@@ -159,8 +160,11 @@ class NativeFormat(BoundArguments, Format):
         """:meth:`check_layout` of the :attr:`buffer_names` tensors, then the int8
         :data:`SCALES`: required with int8 values (float32, finite, one per row), refused
         with any others; then the W8A8 mark :data:`INT8_INPUTS` (a 0-d bool ``True``, only
-        where :attr:`activation_dtypes` has int8)."""
+        where :attr:`activation_dtypes` has int8). No tensor may be on the meta device: the
+        checks read their values (a meta one failed inside ``Tensor.item()``)."""
         names = cls.stored_names(len(tensors))
+        for name, tensor in zip(names, tensors, strict=True):
+            check_materialized(f"buffer {name!r}", tensor)
         count = len(cls.buffer_names)
         cls.check_layout(tensors[:count], shape)
         values_name = cls.values_name or names[0]
@@ -280,8 +284,8 @@ class NativeFormat(BoundArguments, Format):
         :attr:`dtypes`, contiguous, a float32 tensor or no ``bias``) goes straight to the
         op's C++ entry with the arguments bound in :meth:`_bind`, and the op checks the rest
         itself. Anything else, and any input the op rejects, takes the checked path: it
-        records an ``x`` that requires grad so that a backward raises (the ops have none:
-        :func:`~sparsekit.engine.bound.no_backward`), converts what must be, or raises
+        records an ``x`` (or ``bias``) that requires grad so that a backward raises (the ops
+        have none: :func:`~sparsekit.engine.bound.no_backward`), converts what must be, or raises
         ``ValueError`` for any other shape (see
         :meth:`check_input` and :meth:`check_bias`; a ``bias`` that is no tensor is an
         :class:`~sparsekit._checks.ArgumentTypeError`).
@@ -290,7 +294,7 @@ class NativeFormat(BoundArguments, Format):
         if (bound is not None and x.dtype in self.dtypes and x.is_cpu and x.is_contiguous()
                 and not x.requires_grad
                 and (bias is None or isinstance(bias, torch.Tensor)
-                     and bias.dtype is torch.float32)
+                     and bias.dtype is torch.float32 and not bias.requires_grad)
                 and not torch.compiler.is_compiling()):
             op, tensors, ints, scales, work = bound
             threads = self.threads or max(  # as _threads
@@ -313,7 +317,9 @@ class NativeFormat(BoundArguments, Format):
                            self._stored + self.out_features))
 
     def _checked_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return no_backward(self._converted_matmul(x, bias), x, self.name)
+        y = no_backward(self._converted_matmul(x, bias), x, self.name)
+        # a bias that requires grad got none, torch only warning that it "may" be wrong
+        return y if bias is None else no_backward(y, bias, self.name)
 
     def _converted_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape  # read once: each read builds a torch.Size
@@ -328,12 +334,15 @@ class NativeFormat(BoundArguments, Format):
             x = x.contiguous()
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
             bias = bias.to(torch.float32).contiguous()
-        rows = x.numel() // self.in_features if self.in_features else 0
+        rows = math.prod(shape[:-1])  # not reshape(-1, 0): a layer may have no inputs
         if kernels.load() is None:  # e.g. a checkpoint loaded where the kernels cannot be built
-            y = self._fallback_mm(x.reshape(-1, self.in_features).to(torch.float32), bias)
+            y = self._fallback_mm(x.reshape(rows, self.in_features).to(torch.float32), bias)
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if not x.is_cpu:
             raise ValueError(f"x must be on the CPU for the {self.name} kernel, got {x.device}")
+        if bias is not None and not bias.is_cpu:  # the op named no argument
+            raise ValueError(f"bias must be on the CPU for the {self.name} kernel, got "
+                             f"{bias.device}")
         return self._kernel(x, bias, self._threads(rows))
 
     def _kernel(self, x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
