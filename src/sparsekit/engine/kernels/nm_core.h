@@ -65,6 +65,13 @@ struct PackedNM {
                             _mm512_set1_ps(s[g]), acc);
     }
     return _mm512_reduce_add_ps(acc);
+#elif SPARSEKIT_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g * count < width; ++g) {
+      acc = _mm256_fmadd_ps(span_vec(p + g * count, q + g * step, x + g * size, count),
+                            _mm256_set1_ps(s[g]), acc);
+    }
+    return hsum8(acc);
 #else
     float acc = 0.f;
     for (int64_t g = 0; g * count < width; ++g) {
@@ -81,10 +88,20 @@ struct PackedNM {
   float span(const T* p, const uint32_t* q, const float* x, int64_t count) const {
 #if SPARSEKIT_AVX512
     return _mm512_reduce_add_ps(span_vec(p, q, x, count, Fields(*this)));
+#elif SPARSEKIT_AVX2
+    return hsum8(span_vec(p, q, x, count));
 #else
-    int64_t k = 0;
     float acc = 0.f;
-#if SPARSEKIT_AVX2
+    for (int64_t k = 0; k < count; ++k) acc += to_float(p[k]) * x[col(q, k)];
+    return acc;
+#endif
+  }
+
+#if SPARSEKIT_AVX2 && !SPARSEKIT_AVX512
+  // span's sums before the horizontal one, the scalar tail's in lane 0 (Grouped scales them
+  // per group, summing once per row).
+  __m256 span_vec(const T* p, const uint32_t* q, const float* x, int64_t count) const {
+    int64_t k = 0;
     // 8 values at a time: their fields (all in one 32-bit word) give inputs c relative to
     // the first input of their groups; the inputs are picked from the 16 or 32 loaded ones
     // by permutes and blends on bits 3 and 4 of c (no gathers: slow on many AVX2 CPUs), or
@@ -181,12 +198,12 @@ struct PackedNM {
       a0 = _mm256_fmadd_ps(load8(p + k), xv, a0);
       std::swap(a0, a1);  // two independent sums hide the FMA latency
     }
-    acc = hsum8(_mm256_add_ps(a0, a1));
-#endif
-    for (; k < count; ++k) acc += to_float(p[k]) * x[col(q, k)];
-    return acc;
-#endif
+    float tail = 0.f;
+    for (; k < count; ++k) tail += to_float(p[k]) * x[col(q, k)];
+    return _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_setr_ps(tail, 0.f, 0.f, 0.f, 0.f, 0.f,
+                                                               0.f, 0.f));
   }
+#endif
 
 #if SPARSEKIT_AVX512
   // span's sums before the horizontal one (Grouped scales them per group, summing once per
