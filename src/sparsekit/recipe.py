@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import reprlib
 import stat
 from collections.abc import Iterator
@@ -214,6 +215,10 @@ def _check_out(out: str) -> None:
     """Raise ``ValueError`` unless ``out`` can be written as a checkpoint file
     (:func:`~sparsekit.checkpoint.checkpoint_file`). Checked when the recipe is loaded, as
     otherwise only the last stage found out, after every stage before it had run."""
+    # checkpoint_file takes "x/" and "x/." as the file x; a NUL failed only in the final write
+    if "\0" in out or (os.path.dirname(out) and os.path.basename(out) in (".", "")):
+        raise ValueError(f"cannot write {out!r}: must be the path of a checkpoint file (no "
+                         "NUL character; not ending in a path separator or '.')")
     try:
         _checkpoint.checkpoint_file(out)
     except ValueError as e:
@@ -251,6 +256,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 (PyYAML) reads ``1e-3``, ``1e5`` and ``1.0e5`` as strings: ``lr: 1e-3`` was refused
+# as "Input should be a valid number, got '1e-3'", and so was the JSON that
+# ``Recipe.model_dump_json`` writes for a small ``lr``. They are floats, as YAML 1.2 and JSON
+# read them.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate the YAML recipe at ``path``; ``ValueError`` lists every problem
     (the first 20), each as ``field.path: message``."""
@@ -266,6 +282,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({err})") from None
+    except RecursionError:  # ``[[[…]]]`` some hundreds deep: PyYAML recurses per level
+        raise ValueError(f"{path}: nested too deeply to be a recipe (a recipe is a mapping "
+                         "of fields, a few levels deep; see examples/recipe.yaml)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
     try:

@@ -40,6 +40,7 @@ from sparsekit.training import inference
 
 MAX_ARCH_ARG = 2**31 - 1  # an architecture argument (a width, a class count) above this is no model
 MAX_INPUT_ELEMENTS = 2**24  # the example input only measures FLOPs: 64 MiB of float32 is plenty
+DEFAULT_INPUT_SHAPE = "1,1,28,28"  # --input-shape when not given: the registered image models'
 
 MODEL_HELP = (
     f"registered model name ({', '.join(MODELS.names())}; default: the one recorded in "
@@ -52,8 +53,11 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, ckpt_help: str) ->
     """The arguments of a command that reads one checkpoint and reports on its model."""
     parser.add_argument("ckpt", help=ckpt_help)
     parser.add_argument("--model", help=MODEL_HELP)
-    parser.add_argument("--input-shape", default="1,1,28,28",
-                        help="example input shape for the FLOPs report (default: 1,1,28,28)")
+    # no default here: a command tells a shape the user gave from none (report refuses one
+    # it would ignore); example_inputs() falls back to DEFAULT_INPUT_SHAPE
+    parser.add_argument("--input-shape",
+                        help=f"example input shape for the FLOPs report (default: "
+                        f"{DEFAULT_INPUT_SHAPE})")
     parser.add_argument("--markdown", action="store_true",
                         help="print Markdown instead of a table")
 
@@ -86,6 +90,9 @@ class Header:
 
 def read_header(path: str | os.PathLike) -> Header:
     """Read and check the header of checkpoint ``path`` without reading its tensors."""
+    if not os.fspath(path).strip():  # Path("") is the current directory: "'.' is not a file"
+        raise UsageError(f"checkpoint must be the path of a checkpoint file, got "
+                         f"{os.fspath(path)!r}")
     path = Path(path)
     if not path.exists():
         raise UsageError(f"checkpoint {str(path)!r} does not exist")
@@ -136,7 +143,7 @@ def _parse_record(path: Path, recorded: str) -> tuple[str, dict[str, int]]:
     """``(name, kwargs)`` from a ``model`` header entry ``{"name": ..., "kwargs": {...}}``."""
     try:
         record = json.loads(recorded)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # a resealed `[[[…]]]`: was a traceback
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("name"), str) or set(
         record
@@ -262,16 +269,20 @@ def _dims(flag: str, shape: str, example: str) -> tuple[int, ...]:
 
 
 def _check_runs(model: nn.Module, x: torch.Tensor, flag: str, shape: str) -> None:
+    """Raise ``UsageError`` naming ``flag`` unless ``model`` runs on ``x`` (a ``TypeError``
+    too: a model whose forward takes other arguments was an error naming no flag)."""
     try:
         with inference(model):
             model(x)
-    except (RuntimeError, IndexError, ValueError) as err:
+    except (RuntimeError, IndexError, ValueError, TypeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"{flag} {shape!r} does not fit the model ({reason})") from None
 
 
-def example_inputs(shape: str, model: nn.Module) -> torch.Tensor:
-    """A zero tensor of ``--input-shape`` ``shape``, checked by running ``model`` on it."""
+def example_inputs(shape: str | None, model: nn.Module) -> torch.Tensor:
+    """A zero tensor of ``--input-shape`` ``shape`` (``None``: :data:`DEFAULT_INPUT_SHAPE`),
+    checked by running ``model`` on it."""
+    shape = DEFAULT_INPUT_SHAPE if shape is None else shape
     x = torch.zeros(_dims("--input-shape", shape, "1,1,28,28"))
     if x.dim() >= 2 and callable(getattr(model, "get_input_embeddings", None)):
         raise UsageError(f"--input-shape {shape!r} gives float inputs, but this model reads "

@@ -41,10 +41,29 @@ def check_output(
     command without one); an output directory is never an input. No output lies inside an
     input directory (at any depth, through symlinks too) and no output directory holds an
     input. The directory written into (or its nearest existing ancestor, created on write)
-    must be writable.
+    must be writable. An empty ``out`` (an unset shell variable: ``Path("")`` is the current
+    directory, which a directory output merged into), one holding a NUL, one the file
+    system cannot look up (a name too long) and, for a file, one ending in a
+    separator, ``.`` or ``..`` (``x/`` and ``x/.`` wrote the file ``x``) are refused; an
+    empty input is no file and is skipped here (the command's own check names it).
     """
+    text = os.fspath(out)
+    if not text.strip() or "\0" in text:
+        raise UsageError(f"{flag} must be the path of the {'directory' if directory else 'file'}"
+                         f" to write, got {text!r}")
+    if not directory and os.path.basename(text) in ("", ".", ".."):  # Path() drops "/", "/."
+        raise UsageError(f"{flag} {text!r} names a directory (it ends with a path separator, "
+                         "'.' or '..'); give the file to write, such as "
+                         f"{os.path.join(text, 'model.safetensors')!r}")
     path = Path(out)
-    existing = [Path(s) for s in inputs if s is not None and Path(s).exists()]
+    try:
+        path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # not there yet, or a file on the way (refused below)
+    except OSError as err:  # a name too long, a folder that cannot be searched: unnamed
+        raise UsageError(f"{flag} {text!r}: {err.strerror or err}") from None
+    existing = [Path(s) for s in inputs
+                if s is not None and os.fspath(s).strip() and Path(s).exists()]
     if path.exists():
         if directory and not path.is_dir():
             raise UsageError(f"{flag} {str(path)!r} exists and is not a directory")
@@ -76,12 +95,19 @@ def check_output(
 
 
 def write_output(path: Path, write: Callable[[Path], T], *, flag: str = "--out") -> T:
-    """Run ``write(path)``; a file-system failure (disk full, read-only) becomes one line."""
+    """Run ``write(path)``; a file-system failure (disk full, read-only) becomes one line.
+    A failure removes the folders created for ``path`` again (as :func:`write_directory`
+    does): a full disk left ``--out new/deeper/x.safetensors``'s ``new/deeper`` behind."""
+    target = path.absolute()
+    created = next((a for a in reversed(target.parents) if not a.exists()), None)
     try:
         return write(path)
     except OSError as err:
         reason = err.strerror or str(err)
         raise UsageError(f"{flag}: cannot write {str(path)!r}: {reason}") from None
+    finally:
+        if created is not None and not target.exists():
+            _remove_empty(target.parent, stop=created.parent)
 
 
 def _within(path: Path, directory: Path) -> bool:

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 import sparsekit
 from sparsekit._checks import MAX_SEED, check_seed, check_sparsity
-from sparsekit.cli._output import check_output
+from sparsekit.cli._output import check_output, write_directory
 from sparsekit.data import load_image_dataset
 from sparsekit.engine import autotune
 from sparsekit.models import lenet_300_100
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.train_limit is not None and args.train_limit < 1:  # 0 meant all, -5 all but 5
         raise ValueError(f"--train-limit must be ≥ 1 (images to train on), got "
                          f"{args.train_limit}")
-    out = check_output(args.out, inputs=[], directory=True)
+    out = check_output(args.out, inputs=[args.data_dir], directory=True)  # not into the data
     console = Console(width=None if sys.stdout.isatty() else 130)
     torch.manual_seed(args.seed)
     data = load_image_dataset(args.data_dir)
@@ -94,8 +94,22 @@ def run(args: argparse.Namespace) -> int:
                   f"{len(data.test):,} test images; {torch.get_num_threads()} threads")
     if data.name == "digits":
         console.print(f"[bold red]{FALLBACK}[/]")
-    out.mkdir(parents=True, exist_ok=True)
+    # built in a temporary directory and put in place whole: a run failing (or interrupted)
+    # midway left dense.safetensors and some checkpoints in --out, beside the results.json
+    # of an earlier run that no longer described them
+    dense_acc, rows = write_directory(
+        out, lambda tmp: _runs(tmp, data, train, sparsities, args, console),
+        last=("results.json",))
+    console.print(_table(dense_acc, rows, data.name))
+    console.print(_noise(rows))
+    console.print(f"wrote {out / 'results.json'}, results.md and accuracy_vs_sparsity.png")
+    return 0
 
+
+def _runs(out: Path, data, train, sparsities: list[float], args: argparse.Namespace,
+          console: Console) -> tuple[float, list[Row]]:
+    """Train the dense network, prune and fine-tune every run, and write everything into
+    the new directory ``out``; return the dense accuracy and the rows."""
     dense = lenet_300_100(in_features=data.image_shape[-1] * data.image_shape[-2],
                           num_classes=data.num_classes)
     runs = len(METHODS) * len(sparsities)
@@ -116,12 +130,8 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(_one_run(dense, data, train, label, criterion, allocation, s,
                                      args, out, dense_size))
                 progress.advance(task)
-
     _write(out, dense_acc, rows, data.name)
-    console.print(_table(dense_acc, rows, data.name))
-    console.print(_noise(rows))
-    console.print(f"wrote {out / 'results.json'}, results.md and accuracy_vs_sparsity.png")
-    return 0
+    return dense_acc, rows
 
 
 def _one_run(dense, data, train, label, criterion, allocation, s, args, out, dense_size) -> Row:

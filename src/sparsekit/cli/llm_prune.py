@@ -73,8 +73,11 @@ def _grid(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from sparsekit import llm
-    from sparsekit.llm.prune import check_options
+    from sparsekit.llm.prune import check_options, check_seqlen
 
+    if not args.model_dir.strip():  # Path("") is the current directory, loaded as the model
+        raise UsageError(f"MODEL_DIR must be a save_pretrained directory, got "
+                         f"{args.model_dir!r}")
     llm.METHODS.get(args.method)  # fail fast, before loading anything
     check_options(args.sparsity, args.pattern, args.allocation)
     # checked by llm.prune too, but only after the model was loaded and the dense model
@@ -106,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
                        directory=True)
     extra = sentence_transformers_files(Path(args.model_dir))
     model, tokenizer, causal = _load(args.model_dir)
+    # before the evaluation, which caps its windows at 512 tokens: past the model's context
+    # a --seqlen of 1000 was refused as "seqlen 512 exceeds the model's context"
+    check_seqlen(model, args.seqlen, minimum=2)
     text = Path(args.eval or args.calib)
     quality = _quality(model, tokenizer, causal, text, args)
     dense = None if causal else copy.deepcopy(model)
@@ -214,10 +220,19 @@ def _quality(model, tokenizer, causal: bool, text: Path, args: argparse.Namespac
     from sparsekit.llm.calibration import tokenize
     from sparsekit.llm.prune import context_length
 
+    # the flag that named the file: without --eval it is --calib's ("--eval: the text is
+    # empty" named a flag not given; a sentence model's empty or non-UTF-8 text named none)
+    flag = "--calib" if args.eval is None else "--eval"
     if causal:
-        ids = tokenize(text, tokenizer, "--eval")[: args.eval_tokens]
+        ids = tokenize(text, tokenizer, flag)[: args.eval_tokens]
         seqlen = min(args.seqlen or context_length(model), 512, ids.numel())
         return lambda _dense: llm.perplexity(model, ids, seqlen=seqlen)
-    lines = [s.strip() for s in text.read_text(encoding="utf-8").splitlines() if s.strip()]
+    try:
+        content = text.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{flag}: the text file {str(text)!r} is not UTF-8 text ({err})") from None
+    lines = [s.strip() for s in content.splitlines() if s.strip()]
+    if not lines:  # was "sentences must be a non-empty list of strings", naming no flag
+        raise UsageError(f"{flag}: the text is empty")
     sentences = lines[:EVAL_SENTENCES]
     return lambda dense: llm.embedding_similarity(model, tokenizer, sentences, dense)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -40,13 +41,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args) or 0
+        with _printable_stdout():
+            return args.run(args) or 0
     except USER_ERRORS as err:
         print(f"sparsekit {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+@contextmanager
+def _printable_stdout() -> Iterator[None]:
+    """Standard output that escapes what its encoding cannot write, while a command runs.
+
+    A file name that is not valid UTF-8 (``--out $'\\xff.safetensors'``) is a string with
+    surrogates; on a UTF-8 terminal outside Python's UTF-8 mode, printing ``wrote <name>``
+    raised ``UnicodeEncodeError`` after the file was written, and the command exited 2.
+    Standard error escapes such characters already.
+    """
+    stream = sys.stdout
+    errors = getattr(stream, "errors", None)
+    if errors != "strict" or not callable(getattr(stream, "reconfigure", None)):
+        yield
+        return
+    stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        stream.reconfigure(errors=errors)
 
 
 def _one_line(err: BaseException) -> str:

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--out is required (or pass --dry-run to write nothing)")
     if args.calib_batches < 1:
         raise UsageError(f"--calib-batches must be ≥ 1, got {args.calib_batches}")
-    out = None if args.out is None else check_output(args.out, inputs=[args.ckpt],
+    # the dataset is an input too: --out DATA/train-images-idx3-ubyte.gz replaced it
+    out = None if args.out is None else check_output(args.out, inputs=[args.ckpt, args.data_dir],
                                                      overwrite=args.overwrite)
     model, _ = load_checkpoint(args.ckpt, args.model)
     example = example_inputs(args.input_shape, model)

@@ -35,16 +35,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if Path(args.ckpt).is_dir():
+    # one output and one example input: the flag that would be ignored is refused (--json
+    # printed JSON under --markdown; --input-shape went unused beside --tokens or a directory)
+    if args.json and args.markdown:
+        raise UsageError("--json and --markdown each choose the output; pass one")
+    if args.tokens is not None and args.input_shape is not None:
+        raise UsageError("--tokens and --input-shape each give the example input; pass one "
+                         "(--tokens for a transformers model)")
+    # "" is no directory (Path("") is the current one): load_checkpoint refuses it
+    if args.ckpt.strip() and Path(args.ckpt).is_dir():
         if not (Path(args.ckpt) / "config.json").is_file():
             raise UsageError(f"checkpoint {args.ckpt!r} is not a regular file, nor a "
                              "save_pretrained directory (it has no config.json)")
         if args.model is not None:
             raise UsageError("--model does not apply to a save_pretrained directory (its "
                              "config.json names the architecture)")
+        if args.input_shape is not None:
+            raise UsageError("--input-shape does not apply to a save_pretrained directory "
+                             "(its model reads token ids): use --tokens BATCH,SEQ")
         model = sparsekit.from_pretrained(args.ckpt)
         masks = getattr(model, "sparsekit_masks", None)
-        x = token_inputs(args.tokens or "1,128", model)
+        # `or` took --tokens "" for the default: refused as for a file (comma-separated ints)
+        x = token_inputs("1,128" if args.tokens is None else args.tokens, model)
     else:
         model, masks = load_checkpoint(args.ckpt, args.model)
         x = (token_inputs(args.tokens, model) if args.tokens is not None

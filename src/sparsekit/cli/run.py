@@ -30,8 +30,10 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"recipe {args.recipe!r} does not exist or is not a file")
     recipe = load_recipe(args.recipe)
     if recipe.out is not None:
-        # the recipe file is an input too: out: naming it would replace the recipe
-        check_output(recipe.out, inputs=[args.recipe, recipe.checkpoint], flag="out:",
+        # the recipe file (and the fine-tuning data) are inputs too: out: naming the recipe
+        # would replace it
+        data_dir = None if recipe.finetune is None else recipe.finetune.data_dir
+        check_output(recipe.out, inputs=[args.recipe, recipe.checkpoint, data_dir], flag="out:",
                      overwrite_flag=None)
     if args.check:
         print(f"{args.recipe}: valid recipe")
