@@ -408,7 +408,7 @@ def test_recipe_out_that_is_no_file_is_refused_by_check(tmp_path, capsys, monkey
     monkeypatch.chdir(tmp_path)
     path = _recipe(tmp_path, "model: lenet_300_100\ninput_shape: [1, 784]\n"
                    f"prune: {{sparsity: 0.5}}\nreport: null\nout: {out}\n")
-    with pytest.raises(ValueError, match=r"out: cannot write .*must be the path of a checkpoint"):
+    with pytest.raises(ValueError, match=r"out: cannot write .*must be the path of the checkpoint"):
         load_recipe(path)
     for check in (["--check"], []):
         assert "out: cannot write" in user_error(capsys, "run", str(path), *check)

@@ -4,7 +4,10 @@
   built, and every forward failed with ``'str' object is not callable``;
 - a NumPy int ``seed`` passes ``check_seed``, but ``torch.Generator.manual_seed`` takes
   Python ints only: ``sparsekit.prune(method="random", seed=np.int64(5))`` and the other
-  seeded draws (calibration, SAE, MoEfication) failed with a raw ``TypeError``.
+  seeded draws (calibration, SAE, MoEfication) failed with a raw ``TypeError``;
+- ``sparsekit.save(model, "x/")`` (or ``"x/."``) wrote a file named ``x`` (pathlib reads
+  both as the file ``x``), and a path holding a NUL failed only in the final write;
+- ``python -m sparsekit`` failed: the package had no ``__main__``.
 """
 
 from __future__ import annotations
@@ -37,3 +40,24 @@ def test_numpy_int_seeds_draw_what_python_ints_draw():
         return model[0].weight.detach().clone()
 
     assert torch.equal(pruned(np.int64(5)), pruned(5))
+
+
+@pytest.mark.parametrize("name", ["x/", "x/.", "x\0y"])
+def test_save_refuses_a_path_that_names_no_file(tmp_path, name):
+    """``Path("x/")`` and ``Path("x/.")`` are the file ``x``: ``sparsekit.save("x/")`` wrote
+    a file named ``x``; a NUL failed only in the final write."""
+    import sparsekit
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"path must be the path of the checkpoint file"):
+        sparsekit.save(model, f"{tmp_path}/{name}")  # not tmp_path / name: "x/" would be x
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_python_m_sparsekit_runs_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sparsekit", "--help"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "usage: sparsekit" in done.stdout

@@ -188,9 +188,13 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     a file whose folders are directories or missing (``""``, ``"."``, ``".."`` and an
     existing directory name no file: the rename over it would fail only after the temporary
     file was written; an existing file on the way was a raw ``NotADirectoryError`` of the
-    folders' creation). A recipe checks its ``out`` with it before any stage runs."""
+    folders' creation; ``"x/"`` and ``"x/."``, which pathlib reads as the file ``x``, were
+    written there; a NUL character failed only in the write). A recipe checks its ``out``
+    with it before any stage runs."""
     target = Path(path)  # a TypeError for what is no path at all
-    what = ("no file name" if target.name in ("", "..")
+    raw = os.fspath(path)
+    what = ("no file name" if target.name in ("", "..") or os.path.basename(raw) in ("", ".")
+            else "a NUL character" if "\0" in raw
             else "an existing directory" if target.is_dir() else None)
     if what is None:
         on_the_way = [p for p in target.absolute().parents if p.exists() and not p.is_dir()]
