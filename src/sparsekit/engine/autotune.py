@@ -206,13 +206,23 @@ def measure(
         raise ValueError(f"reference must be one of the modules {sorted(modules)}, got "
                          f"{reference!r}")
     rows = _check_rows(rows)
+    # checked here: a bad one was a raw error of torch.randn or of the first timed call
+    if isinstance(in_shape, (str, bytes)) or not isinstance(in_shape, Sequence):
+        raise ArgumentTypeError(f"in_shape must be a tuple of ints ≥ 0 (one input's shape), "
+                                f"got {in_shape!r}")
+    for size in in_shape:
+        check_int("in_shape", size, minimum=0)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ArgumentTypeError(f"dtype must be a floating torch.dtype (the inputs'), got "
+                                f"{dtype!r}")
     if inputs is not None and (not isinstance(inputs, torch.Tensor) or inputs.dim() == 0
-                               or inputs.shape[0] == 0):
+                               or inputs.shape[0] == 0
+                               or tuple(inputs.shape[1:]) != tuple(in_shape)):
         got = (f"shape {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor)
                else type(inputs).__name__)
         error = ValueError if isinstance(inputs, torch.Tensor) else ArgumentTypeError
         raise error(f"inputs must be None or a tensor of at least one input, (n, *in_shape) "
-                    f"with n ≥ 1, got {got}")
+                    f"with n ≥ 1 and in_shape={tuple(in_shape)}, got {got}")
     _check_bool("every_round", every_round)
     samples: Samples = {}
     names = list(modules)

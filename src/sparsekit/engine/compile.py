@@ -28,8 +28,16 @@ from typing import Protocol
 import torch
 from torch import nn
 from torch.nn.utils import skip_init
+from torch.utils._pytree import tree_leaves
 
-from sparsekit._checks import check_int, check_module, model_errors, renamed
+from sparsekit._checks import (
+    check_int,
+    check_materialized,
+    check_materialized_module,
+    check_module,
+    model_errors,
+    renamed,
+)
 from sparsekit.engine import autotune, decisions, fused
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import (
@@ -65,6 +73,10 @@ class InputThresholds(Protocol):
 
 
 @renamed(batch_sizes="rows")
+# not under a caller's inference_mode: the formats' tensors made there were inference
+# tensors, which keep no version counter (Format.derived reads it: a raw RuntimeError), and
+# the copied model's other parameters could not be used with autograd after
+@torch.inference_mode(False)
 def compile(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple[object, ...] | None = None,
@@ -132,7 +144,9 @@ def compile(
     inference path reads their weights directly), and so does a layer whose weight another
     module holds too (a language model's ``lm_head`` tied to its input embedding): a
     compiled layer stores its own copy, which would add the whole matrix to the model,
-    and untie it. Their choice is ``{"format": "dense", "reason": ...}``. ``grow=True``,
+    and untie it, and a layer whose weight is no parameter but computed by a hook before
+    each call (``spectral_norm``, the old ``weight_norm``), which compiled would keep a stale
+    tensor. Their choice is ``{"format": "dense", "reason": ...}``. ``grow=True``,
     or ``formats`` without ``"dense"``, compiles a tied layer anyway (a copy). Linear layers
     calibrated in ``activation_sparsity`` (:func:`sparsekit.activation.calibrate`) become
     :class:`ActivationSparseLinear` where that is faster than their best weight-only
@@ -191,6 +205,7 @@ def compile(
         if threads > MAX_THREADS:
             raise ValueError(f"threads must be an int in [1, {MAX_THREADS}] (what the kernels "
                              f"take), got {threads}")
+        threads = int(threads)  # a NumPy int is no JSON for the decision cache keys
     value_dtype = _check_weight_dtype(weight_dtype)
     activation = _check_activation_dtype(activation_dtype, weight_dtype)
     if not isinstance(cache, bool):
@@ -201,6 +216,9 @@ def compile(
         raise TypeError(f"grow must be a bool, got {grow!r}")
     inputs = _as_tuple(example_inputs)
     model = _conv1d_as_linear(model)
+    for name, layer in model.named_modules():
+        if type(layer) in (nn.Linear, nn.Conv2d):  # their weights are read and timed
+            check_materialized_module(layer, f"model: {name}." if name else "model: ")
     if activation is not None and weight_dtype is None and not any(
             attached_scales(m) is not None for m in model.modules()):
         raise ValueError(f"activation_dtype={activation_dtype!r} quantizes the inputs of int8 "
@@ -213,6 +231,14 @@ def compile(
                             f"{type(activation_sparsity).__name__}")
         thresholded_layers(activation_sparsity.thresholds, model, "activation_sparsity.thresholds")
     seen, probes = ({}, {}) if inputs is None else _observed(model, inputs)
+    if served is None:  # rows taken from example_inputs: the limit of rows= holds for them
+        for name, shape in seen.items():
+            most = max(_default_rows(shape, type(model.get_submodule(name))))
+            if most > MAX_ROWS:
+                raise ValueError(
+                    f"example_inputs give layer {name!r} {most} rows, more than MAX_ROWS="
+                    f"{MAX_ROWS} (each layer is timed on random inputs of every row count it "
+                    "serves); pass rows= with the row counts to time, or smaller example_inputs")
 
     compiled = copy.deepcopy(model)
     first_name = {id(m): n for n, m in compiled.named_modules()}
@@ -230,6 +256,8 @@ def compile(
                 if id(child) not in done:
                     name = first_name[id(child)]
                     reason = (_READS_WEIGHTS_REASON if _reads_weights(parent, child_name)
+                              else _COMPUTED_WEIGHT_REASON
+                              if not isinstance(child.weight, nn.Parameter)
                               else _tied_reason(tied[id(child)]) if id(child) in tied else None)
                     if reason is not None:
                         done[id(child)], choices[name] = child, {"format": "dense",
@@ -264,6 +292,9 @@ def compile(
                and c["format"] == "dense" and n not in held]
     _check_forced(names, refused, len(choices) - len(held))
     compiled.sparsekit_choices = choices
+    for name in choices:  # a new layer is in training mode: take the replaced one's mode,
+        # which decompile gives back (an eval model's decompiled layers were in training)
+        compiled.get_submodule(name).train(model.get_submodule(name).training)
     rtol = _CHECK_RTOL if value_dtype is None else _rtol(value_dtype)
     # every compiled layer's own dtype rounds its outputs (a bfloat16 layer feeding a
     # float32 output), whatever the values it stores
@@ -736,6 +767,15 @@ def _input_hooks(
             handle.remove()
 
 
+_COMPUTED_WEIGHT_REASON = (
+    "left as it is: its weight is no parameter but computed by a hook before each call "
+    "(torch.nn.utils.spectral_norm or weight_norm), so the tensor it holds now may be stale "
+    "(spectral_norm's is the unnormalized weight until the first call); remove the hook "
+    "(remove_spectral_norm, remove_weight_norm) to compile it"
+)
+"""The choice's ``reason`` for a layer whose ``weight`` is no ``nn.Parameter``: compiled,
+it stored whatever that tensor held, silently not the weight the layer multiplies with."""
+
 _READS_WEIGHTS_REASON = (
     "left dense: its parent's forward reads its weight directly (PyTorch's "
     "TransformerEncoderLayer fast path)"
@@ -764,7 +804,8 @@ def _tied_weights(model: nn.Module) -> dict[int, str]:
     tied = {}
     for module in model.modules():
         if type(module) in (nn.Linear, nn.Conv2d):
-            others = [n for n, m in holders[id(module.weight)] if m is not module]
+            # no holder: a weight that is no parameter (recomputed by spectral_norm's hook)
+            others = [n for n, m in holders.get(id(module.weight), []) if m is not module]
             if others:
                 tied[id(module)] = others[0]
     return tied
@@ -782,7 +823,7 @@ def _candidates(
     whether dense is one of them. Forced ``names`` (no ``"dense"``) of which none can hold
     the weight leave the layer dense (``[]``)."""
     weight = layer.weight.detach()
-    holding = available_formats(weight.reshape(weight.shape[0], -1), value_dtype)
+    holding = available_formats(weight.flatten(1), value_dtype)
     if names is None:
         return holding, True
     return [n for n in holding if n in names], "dense" in names
@@ -926,7 +967,8 @@ def check_rows(rows: int | Sequence[int]) -> list[int]:
                 f"random inputs of every row count, so more rows would exhaust the memory), "
                 f"got {r}"
             )
-    return list(dict.fromkeys(values))
+    # plain ints: the decision cache keys are JSON (a NumPy int was a raw TypeError there)
+    return list(dict.fromkeys(int(r) for r in values))
 
 
 _WEIGHT_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8}
@@ -1009,7 +1051,11 @@ def _with_stored_weights(
             layer = originals[name]
             weight = layer.weight
             if weight.dtype == torch.float32 or not weight.is_floating_point():
-                weight.copy_(dense.reshape(weight.shape))
+                # a new parameter, not copied in place: a weight tied to an embedding (an LM
+                # head compiled with grow=True) quantized the embedding too, and the check
+                # failed where the compiled model was right
+                layer.weight = nn.Parameter(dense.reshape(weight.shape).to(weight.dtype),
+                                            requires_grad=False)
             else:  # keep the dequantized weights exact: no rounding to bfloat16
                 _float32_reference(layer, dense.reshape(weight.shape))
     return reference
@@ -1050,6 +1096,8 @@ def _as_tuple(example_inputs: object) -> tuple[object, ...] | None:
             f"got {type(example_inputs).__name__}"
         )
     for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            check_materialized("example_inputs", x)  # the finiteness check read it raw
         if isinstance(x, torch.Tensor) and x.numel() == 0:
             raise ValueError(f"example_inputs must not be empty, got a tensor of shape "
                              f"{tuple(x.shape)}")
@@ -1066,9 +1114,22 @@ def _check_outputs(
     than ``rtol`` of its largest magnitude (more for a low-precision output)."""
     with inference(model, compiled):
         ref, out = model(*inputs), compiled(*inputs)
-    if isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor):
-        rtol = max(rtol, _rtol(ref.dtype)) if ref.is_floating_point() else rtol
-        scale = ref.abs().max().float().clamp_min(1e-12)
-        err = float((out - ref).abs().max().float() / scale) if ref.numel() else 0.0
+    r, o = _output(ref), _output(out)
+    # (an empty output, of a last layer without outputs, has nothing to differ in)
+    if r is not None and isinstance(o, torch.Tensor) and o.shape == r.shape and r.numel():
+        rtol = max(rtol, _rtol(r.dtype)) if r.is_floating_point() else rtol
+        scale = r.abs().max().float().clamp_min(1e-12)
+        err = float((o - r).abs().max().float() / scale)
         if err > rtol:
             raise RuntimeError(f"compiled model output differs from the original by {err:.2e}")
+
+
+def _output(output: object) -> torch.Tensor | None:
+    """The tensor :func:`_check_outputs` compares: ``output`` itself, or the first floating
+    tensor of a tuple, list or dict of outputs (the logits of a Hugging Face
+    ``ModelOutput``, the first element of ``(logits, ...)``); only a bare tensor output was
+    checked, so a model returning a tuple or a dict was never checked at all."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return next((t for t in tree_leaves(output)
+                 if isinstance(t, torch.Tensor) and t.is_floating_point()), None)

@@ -14,10 +14,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.engine.formats import FORMATS, Format, format_from_state
 from sparsekit.engine.formats.native import SCALES
-from sparsekit.quantize import attach_scales
+from sparsekit.quantize import attach_scales, attached_scales
 
 __all__ = ["CompiledLayer", "CompiledLinear", "dense_linear"]
 
@@ -49,6 +49,9 @@ class CompiledLayer(nn.Module):
         super().__init__()
         if not isinstance(fmt, Format):
             raise TypeError(f"fmt must be a sparsekit Format, got {type(fmt).__name__}")
+        if bias is not None and not isinstance(bias, torch.Tensor):  # (a raw AttributeError)
+            raise ArgumentTypeError(f"bias must be None or a tensor of shape "
+                                    f"({fmt.out_features},), got {type(bias).__name__}")
         if bias is not None and tuple(bias.shape) != (fmt.out_features,):
             raise ValueError(
                 f"bias must have shape ({fmt.out_features},), got {tuple(bias.shape)}"
@@ -77,6 +80,11 @@ class CompiledLayer(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[no-untyped-def]
         out = super()._apply(fn, recurse)
+        dtype = self.__dict__.get("io_dtype")
+        if dtype is not None:  # .to(torch.bfloat16), .half(): the layer now takes that dtype,
+            # and decompile gives it back (it gave the compile-time dtype, which the cast
+            # model's other layers no longer take)
+            self.io_dtype = fn(torch.empty(0, dtype=dtype)).dtype
         self._cache()  # .to() may have replaced the bias tensor
         return out
 
@@ -254,7 +262,14 @@ class CompiledLinear(CompiledLayer):
     def from_linear(
         cls, linear: nn.Linear, format: str = "dense", **kwargs: object
     ) -> CompiledLinear:
-        """Compress ``linear`` (its zero weights are the pruned ones) into ``format``."""
+        """Compress ``linear`` (its zero weights are the pruned ones) into ``format``; the
+        dense format keeps the int8 grid ``linear`` carries (``weight_scale``,
+        :func:`sparsekit.quantize.attach_scales`), which :meth:`to_linear` gives back."""
+        if not isinstance(linear, nn.Linear):
+            raise ArgumentTypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        scales = attached_scales(linear)
+        if format == "dense" and scales is not None:
+            kwargs = {"scales": scales, **kwargs}
         layer = cls(cls._compress(linear.weight.detach(), format, **kwargs), linear.bias)
         layer.io_dtype = linear.weight.dtype
         return layer

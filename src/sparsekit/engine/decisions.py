@@ -59,6 +59,14 @@ _MAX_BYTES = 1 << 20
 no more than this is read of it (a symlink to ``/dev/zero`` filled the memory)."""
 
 
+_RECORD = frozenset({"format", "format_large", "split", "rows", "ms_dense", "ms_chosen",
+                     "speedup", "times_ms", "evidence", "margin", "forced", "reference"})
+"""The keys of a timing's record (:func:`~sparsekit.engine.autotune.choose`), the only ones
+a stored choice may hold: compile merges the choice into the layer's record, where another
+key (``activation``, ``fused``, ``reason``) says what became of the layer, so a file that
+added one crashed the compile or skipped its output check."""
+
+
 def directory() -> Path:
     """Where decisions are stored."""
     return kernels._cache_dir() / "decisions"
@@ -79,7 +87,7 @@ def key(
     decision to fuse a group of projections, ``layer`` is their stacked layer and ``fused``
     the formats of the separate layers and of the stacked one."""
     weight = layer.weight.detach()
-    matrix = weight.reshape(weight.shape[0], -1) != 0
+    matrix = weight.flatten(1) != 0
     per_row = matrix.sum(1)
     return {
         "version": _VERSION,
@@ -217,14 +225,18 @@ def _parse(data: object, key: dict[str, object]) -> dict[str, object]:
     """The choice in ``data``, checked against ``key``; JSON's string keys become row counts
     again. Raises ``ValueError``/``TypeError``/``KeyError`` for anything malformed.
 
-    Only what a timing can give passes: a second format (``format_large``) only for a
-    ``Linear`` layer (compile built a ``CompiledLinear`` in place of a conv from one), a
-    ``split`` that is a served row count (JSON's ``true`` equals the row count 1), and
-    times, spreads and speedups that are finite and not negative (``json.loads`` reads
-    ``NaN`` and ``Infinity``)."""
+    Only what a timing can give passes: the keys of its record (:data:`_RECORD`), a second
+    format (``format_large``) only for a ``Linear`` layer (compile built a
+    ``CompiledLinear`` in place of a conv from one), a ``split`` that is a served row count
+    (JSON's ``true`` equals the row count 1), and times, spreads and speedups that are
+    finite and not negative (``json.loads`` reads ``NaN`` and ``Infinity``)."""
     if not isinstance(data, dict) or data.get("key") != key:
         raise ValueError("the file holds another key")
     choice = dict(data["choice"])
+    unknown = set(choice) - _RECORD
+    if unknown:
+        raise ValueError(f"keys {sorted(map(str, unknown))} are no timing's record; accepted: "
+                         f"{sorted(_RECORD)}")
     rows = key["rows"]
     large, split = choice.get("format_large"), choice.get("split")
     if (

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from sparsekit._checks import check_module
+from sparsekit._checks import check_materialized_module, check_module
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_linear import CompiledLayer
@@ -33,9 +33,14 @@ def decompile(model: nn.Module) -> nn.Module:
 
     Weights are dense with zeros where pruned, as trainable parameters on the layer's
     device and dtype. An :class:`ActivationSparseLinear` loses its input thresholds (its
-    ``nn.Linear`` is the dense layer it was built from). ``model`` is not modified.
+    ``nn.Linear`` is the dense layer it was built from). ``model`` is not modified. A
+    compiled layer on the meta device holds no weight to give back: a ``ValueError`` names
+    it (decoding its format failed inside PyTorch).
     """
     check_module("model", model)
+    for name, layer in model.named_modules():
+        if isinstance(layer, _COMPILED):
+            check_materialized_module(layer, f"model: {name}." if name else "model: ")
     if isinstance(model, _COMPILED):
         return _to_module(model)
     out = replaced(model, _COMPILED, _to_module)

@@ -93,7 +93,9 @@ def _values(fmt: Format) -> str:
     (``"int8 g128"``) and the activation dtype where the inputs are quantized (W8A8)."""
     values = str(fmt.value_dtype).removeprefix("torch.")
     scales = fmt._buffers.get(SCALES)
-    if isinstance(scales, torch.Tensor) and scales.dim() == 2 and scales.shape[1]:
+    # int8 values only: a dense float weight keeps its grid's scales too, and holds no codes
+    if (fmt.value_dtype == torch.int8 and isinstance(scales, torch.Tensor)
+            and scales.dim() == 2 and scales.shape[1]):
         values += f" g{fmt.in_features // scales.shape[1]}"
     if getattr(fmt, "activation_dtype", None) == torch.int8:
         return f"{values} (W8A8)"

@@ -8,32 +8,77 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from sparsekit._checks import ArgumentTypeError, check_materialized
 from sparsekit.engine.formats.base import Format, masked
 from sparsekit.engine.formats.native import INT8_INPUTS, SCALES, NativeFormat, Operands
+from sparsekit.quantize import check_scale_values
 
 __all__ = ["DenseFormat", "DenseLowPrecision"]
 
 
 class DenseFormat(Format):
-    """The dense baseline (``F.linear``); always a candidate."""
+    """The dense baseline (``F.linear``); always a candidate.
+
+    A weight that lies on an int8 grid (a layer carrying ``weight_scale``,
+    :func:`sparsekit.quantize.attach_scales`) keeps that grid as the optional buffer
+    :data:`~sparsekit.engine.formats.native.SCALES` (float32 ``(out,)`` or ``(out, groups)``):
+    the product never reads it (the weight is float), but the layer given back
+    (:meth:`~sparsekit.engine.compiled_linear.CompiledLinear.to_linear`, ``decompile``)
+    carries it again, so that compiling that layer stores the same int8 codes. Without it a
+    layer compile left dense lost its grid.
+    """
 
     name = "dense"
     buffer_names = ("weight",)
+    optional_buffers = (SCALES,)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> DenseFormat:
+    def from_dense(
+        cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
+        scales: torch.Tensor | None = None,
+    ) -> DenseFormat:
+        """Hold ``weight * mask``; ``scales``: the int8 grid ``weight`` lies on (a layer's
+        ``weight_scale``), kept in float32 (see :meth:`check_state`)."""
         weight = masked(weight, mask)
         cls._check_dtype(weight)
-        return cls([weight.clone(memory_format=torch.contiguous_format)], tuple(weight.shape))
+        tensors = [weight.clone(memory_format=torch.contiguous_format)]
+        if scales is not None:
+            if not isinstance(scales, torch.Tensor) or not scales.is_floating_point():
+                got = scales.dtype if isinstance(scales, torch.Tensor) else type(scales).__name__
+                raise ArgumentTypeError(f"scales must be None or a floating tensor, got {got}")
+            # float32, as the int8 formats store them (a model cast to bfloat16 casts its
+            # weight_scale too)
+            tensors.append(scales.detach().to(torch.float32, memory_format=torch.contiguous_format,
+                                              copy=True))
+        cls.check_state(tensors, tuple(weight.shape))
+        return cls(tensors, tuple(weight.shape))
 
     @classmethod
     def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
-        (weight,) = tensors
+        """Raise ``ValueError`` unless ``tensors`` are a floating ``shape`` weight and
+        perhaps its int8 grid: float32 scales of shape ``(rows,)`` or ``(rows, groups)``
+        with ``groups`` dividing the inputs, positive and finite (what ``weight_scale``
+        holds)."""
+        weight, *grid = tensors
         if tuple(weight.shape) != tuple(shape) or not weight.is_floating_point():
             raise ValueError(
                 f"dense weight must be a floating {tuple(shape)} tensor, got "
                 f"{tuple(weight.shape)} {weight.dtype}"
             )
+        if not grid:
+            return
+        (scales,) = grid
+        rows, cols = shape
+        groups = scales.shape[1] if scales.dim() == 2 else 1
+        if (scales.dtype != torch.float32 or scales.dim() not in (1, 2)
+                or scales.shape[0] != rows or not 1 <= groups <= cols or cols % groups):
+            raise ValueError(
+                f"buffer {SCALES!r} of the dense format (its weight's int8 grid) must be "
+                f"float32 of shape ({rows},) or ({rows}, groups) with groups dividing {cols}, "
+                f"got {scales.dtype} {tuple(scales.shape)}"
+            )
+        check_materialized(f"buffer {SCALES!r}", scales)
+        check_scale_values(scales, f"buffer {SCALES!r}")
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if bias is not None:
