@@ -7,7 +7,9 @@
   seeded draws (calibration, SAE, MoEfication) failed with a raw ``TypeError``;
 - ``sparsekit.save(model, "x/")`` (or ``"x/."``) wrote a file named ``x`` (pathlib reads
   both as the file ``x``), and a path holding a NUL failed only in the final write;
-- ``python -m sparsekit`` failed: the package had no ``__main__``.
+- ``python -m sparsekit`` failed: the package had no ``__main__``;
+- the dense format's ``matmul`` of an ``x`` of another dtype than its weight was
+  ``F.linear``'s raw ``RuntimeError`` (the other formats name ``x``).
 """
 
 from __future__ import annotations
@@ -61,3 +63,14 @@ def test_python_m_sparsekit_runs_the_command():
     done = subprocess.run([sys.executable, "-m", "sparsekit", "--help"], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "usage: sparsekit" in done.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_the_dense_format_names_an_x_of_another_dtype(dtype):
+    from sparsekit._checks import ArgumentTypeError
+    from sparsekit.engine.formats import FORMATS
+
+    fmt = FORMATS["dense"].from_dense(torch.randn(3, 4))
+    with pytest.raises(ArgumentTypeError, match=r"x must have the weight's dtype torch.float32 "
+                                                 r"for this 3x4 dense weight, got " + str(dtype)):
+        fmt.matmul(torch.randn(2, 4, dtype=dtype))

@@ -83,6 +83,11 @@ class DenseFormat(Format):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if bias is not None:
             self.check_bias(bias)  # F.linear would broadcast a (1,) bias
+        weight = self._buffers["weight"]
+        if isinstance(x, torch.Tensor) and x.dtype != weight.dtype:  # F.linear: a raw error
+            raise ArgumentTypeError(
+                f"x must have the weight's dtype {weight.dtype} for this {self.out_features}x"
+                f"{self.in_features} {self.name} weight, got {x.dtype}")
         return self._linear(x, bias)
 
     def trusted_matmul(self) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
