@@ -9,7 +9,10 @@
   both as the file ``x``), and a path holding a NUL failed only in the final write;
 - ``python -m sparsekit`` failed: the package had no ``__main__``;
 - the dense format's ``matmul`` of an ``x`` of another dtype than its weight was
-  ``F.linear``'s raw ``RuntimeError`` (the other formats name ``x``).
+  ``F.linear``'s raw ``RuntimeError`` (the other formats name ``x``);
+- JSON nested some thousand levels deep — in a resealed checkpoint's ``tensors`` entry, a
+  ``save_pretrained`` directory's ``config.json`` — was a ``RecursionError`` traceback, not
+  the ``ValueError`` naming the file that other malformed JSON gives.
 """
 
 from __future__ import annotations
@@ -74,3 +77,35 @@ def test_the_dense_format_names_an_x_of_another_dtype(dtype):
     with pytest.raises(ArgumentTypeError, match=r"x must have the weight's dtype torch.float32 "
                                                  r"for this 3x4 dense weight, got " + str(dtype)):
         fmt.matmul(torch.randn(2, 4, dtype=dtype))
+
+
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_a_resealed_header_nested_too_deeply_is_refused_by_name(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from sparsekit import checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    path = checkpoint.save(model, tmp_path / "m.safetensors")
+    meta = checkpoint.read_metadata(path)
+    for key in ("tensors", "tied"):
+        bad = dict(meta, **{key: _DEEP})
+        bad["digest"] = checkpoint._header_digest(bad)
+        save_file(load_file(path), tmp_path / "bad.safetensors", metadata=bad)
+        before = model.state_dict()["0.weight"].clone()
+        with pytest.raises(ValueError, match=f"'{key}' in the header is not valid JSON"):
+            checkpoint.load(model, tmp_path / "bad.safetensors")
+        assert torch.equal(model.state_dict()["0.weight"], before)
+    assert json.loads(meta["tensors"])  # the intact file's entry parses
+
+
+def test_a_config_nested_too_deeply_is_refused_by_name(tmp_path):
+    from sparsekit.pretrained import from_pretrained
+
+    (tmp_path / "config.json").write_text(_DEEP)
+    with pytest.raises(ValueError, match=r"config.json: not a JSON object"):
+        from_pretrained(tmp_path)

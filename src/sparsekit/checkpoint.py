@@ -238,7 +238,7 @@ def _fused_groups(meta: dict[str, str], path: str | os.PathLike) -> list[list[st
     """The fused groups a file records (:func:`sparsekit.engine.fused.groups`)."""
     try:
         groups = json.loads(meta["fused"]) if "fused" in meta else []
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # resealed deep nesting: a traceback
         groups = None
     if not (isinstance(groups, list) and all(
             isinstance(g, list) and len(g) >= 2 and all(isinstance(n, str) for n in g)
@@ -370,7 +370,7 @@ def _open(path: str | os.PathLike) -> _Stored:
     try:
         parts = st_load(raw)
         meta = _metadata(raw)
-    except (SafetensorError, ValueError) as err:
+    except (SafetensorError, ValueError, RecursionError) as err:
         raise ValueError(f"{path} is not a readable safetensors checkpoint ({err})") from None
     if meta.get("format") != FORMAT:  # a plain safetensors file: every tensor dense, no seal
         if sealed := sorted(_SEAL_KEYS & meta.keys()):
@@ -443,7 +443,7 @@ def _header_entries(text: object, *, sealed: bool) -> dict[str, dict]:
         raise ValueError("the header has no 'tensors' entry")
     try:
         entries = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:  # a resealed `[[[…]]]` too
         raise ValueError(f"'tensors' in the header is not valid JSON ({err})") from None
     if not isinstance(entries, dict):
         raise ValueError(
@@ -492,7 +492,7 @@ def _tied_entry(text: str | None, infos: dict[str, TensorInfo]) -> dict[str, str
         return {}
     try:
         tied = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"'tied' in the header is not valid JSON ({err})") from None
     if not isinstance(tied, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and k not in infos and v in infos

@@ -218,7 +218,8 @@ def _sharded_state(index: Path, param: str) -> dict[str, torch.Tensor]:
     where = f"{param}: {str(index)!r}"
     try:
         content = json.loads(index.read_text())
-    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both are
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError;
+        # RecursionError: nesting some thousand levels deep
         raise ValueError(f"{where} is not valid JSON ({err})") from None
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict):

@@ -188,7 +188,7 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{str(path)!r} is not a save_pretrained directory (no config.json)")
     try:
         data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(f"{config_file}: not a JSON object ({err})") from None
     if not isinstance(data, dict):  # a list's pop(MARKER, None) was a bare TypeError
         raise ValueError(f"{config_file}: not a JSON object (a {type(data).__name__})")
@@ -289,7 +289,7 @@ def _read_record(weights: Path, meta: dict[str, str]) -> dict[str, Any]:
     """The checked ``pretrained`` record of the sealed weights header ``meta``."""
     try:
         record = json.loads(meta[_META_KEY])
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, json.JSONDecodeError, RecursionError):
         raise ValueError(f"{weights}: the header has no valid {_META_KEY!r} record") from None
     cast = record.get("cast") if isinstance(record, dict) else None
     if (

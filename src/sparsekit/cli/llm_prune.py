@@ -171,7 +171,8 @@ def sentence_transformers_files(model_dir: Path) -> list[Path]:
     try:
         entries = json.loads(modules.read_text(encoding="utf-8"))
         folders = {e["path"] for e in entries if isinstance(e, dict) and e.get("path")}
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError,
+            RecursionError) as err:
         raise UsageError(f"{modules}: not a sentence-transformers modules list ({err})") from None
     root = model_dir.resolve()
     for folder in sorted(folders):
