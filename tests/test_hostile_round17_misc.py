@@ -12,7 +12,9 @@
   ``F.linear``'s raw ``RuntimeError`` (the other formats name ``x``);
 - JSON nested some thousand levels deep — in a resealed checkpoint's ``tensors`` entry, a
   ``save_pretrained`` directory's ``config.json`` — was a ``RecursionError`` traceback, not
-  the ``ValueError`` naming the file that other malformed JSON gives.
+  the ``ValueError`` naming the file that other malformed JSON gives;
+- ``llm.calibration_tokens`` (``llm-prune --nsamples 1000000000000``) asked the allocator
+  for terabytes of windows: a raw ``RuntimeError`` after the model had loaded.
 """
 
 from __future__ import annotations
@@ -109,3 +111,14 @@ def test_a_config_nested_too_deeply_is_refused_by_name(tmp_path):
     (tmp_path / "config.json").write_text(_DEEP)
     with pytest.raises(ValueError, match=r"config.json: not a JSON object"):
         from_pretrained(tmp_path)
+
+
+def test_calibration_windows_beyond_memory_are_refused_by_name():
+    from sparsekit.llm.calibration import calibration_tokens
+
+    stream = torch.arange(1000)
+    with pytest.raises(ValueError, match=r"nsamples=1000000000000 windows of 128 tokens take "
+                                         r"1,024,000,000,000,000 bytes, more than this "
+                                         r"machine's memory"):
+        calibration_tokens(stream, nsamples=10**12, seqlen=128)
+    assert calibration_tokens(stream, nsamples=3, seqlen=128).shape == (3, 128)

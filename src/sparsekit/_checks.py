@@ -19,6 +19,7 @@ import functools
 import inspect
 import math
 import numbers
+import os
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -108,6 +109,15 @@ def check_seed(name: str, value: Any) -> None:
         raise ArgumentTypeError(f"{name} must be {accepted}, got {value!r}")
     if not 0 <= value <= MAX_SEED:
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
+
+
+def memory_bytes() -> int | None:
+    """Physical memory of this machine in bytes (``None`` where the OS does not say): the
+    bound of sizes a caller asks for that no file or tensor bounds."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def seeded(seed: int) -> torch.Generator:

@@ -35,7 +35,7 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from sparsekit._atomic import atomic_write
-from sparsekit._checks import check_module
+from sparsekit._checks import check_module, memory_bytes
 from sparsekit.engine import fused
 from sparsekit.masks import MaskSet, keeps_everything, pattern_view
 from sparsekit.patterns import Pattern, parse_pattern
@@ -312,21 +312,13 @@ def _check_decoded_size(stored: _Stored) -> None:
     filled until the process was killed."""
     need = sum(math.prod(info.shape) * (_DTYPES[info.dtype].itemsize + 1)  # values + mask
                for info in stored.infos.values() if info.encoding != "dense")
-    limit = _memory_bytes()
+    limit = memory_bytes()
     if limit is not None and need > limit:
         raise ValueError(
             f"{stored.path}: its compressed tensors decode to {need:,} bytes, more than this "
             f"machine's memory ({limit:,} bytes); a file whose header declares such shapes is "
             "damaged or crafted (load it into a model of those shapes with sparsekit.load)"
         )
-
-
-def _memory_bytes() -> int | None:
-    """Physical memory of this machine in bytes (``None`` where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
