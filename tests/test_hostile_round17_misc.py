@@ -14,7 +14,9 @@
   ``save_pretrained`` directory's ``config.json`` — was a ``RecursionError`` traceback, not
   the ``ValueError`` naming the file that other malformed JSON gives;
 - ``llm.calibration_tokens`` (``llm-prune --nsamples 1000000000000``) asked the allocator
-  for terabytes of windows: a raw ``RuntimeError`` after the model had loaded.
+  for terabytes of windows: a raw ``RuntimeError`` after the model had loaded;
+- ``DynamicSparsity(every=100, end_step=10)`` (the default ``every`` with a short run)
+  never changed its masks, silently: it warns.
 """
 
 from __future__ import annotations
@@ -122,3 +124,22 @@ def test_calibration_windows_beyond_memory_are_refused_by_name():
                                          r"machine's memory"):
         calibration_tokens(stream, nsamples=10**12, seqlen=128)
     assert calibration_tokens(stream, nsamples=3, seqlen=128).shape == (3, 128)
+
+
+def test_dynamic_sparsity_warns_when_it_would_never_update():
+    import warnings
+
+    from sparsekit.schedules import DynamicSparsity
+
+    def build(every):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return DynamicSparsity(model, opt, sparsity=0.5, every=every, end_step=10)
+
+    with pytest.warns(UserWarning, match=r"every=100 is not below end_step=10: DynamicSparsity "
+                                         r"will never change its masks"):
+        build(100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(5)

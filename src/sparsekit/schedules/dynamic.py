@@ -39,6 +39,7 @@ every rank, and :class:`~sparsekit.MaskSet` applies them to each rank's shard.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -186,6 +187,10 @@ class DynamicSparsity:
         check_fraction("drop_fraction", drop_fraction, zero=False)
         check_int("every", every, minimum=1)
         check_int("end_step", end_step, minimum=1)
+        if every >= end_step:  # updates at 0 < step < end_step that are multiples of every
+            warnings.warn(f"every={every} is not below end_step={end_step}: DynamicSparsity "
+                          "will never change its masks (static sparse training); pass a "
+                          "smaller every or a later end_step", UserWarning, stacklevel=2)
         check_seed("seed", seed)
         check_fraction("momentum", momentum)
         check_sparsity(initial_sparsity, "initial_sparsity")
