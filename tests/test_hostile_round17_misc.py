@@ -16,7 +16,10 @@
 - ``llm.calibration_tokens`` (``llm-prune --nsamples 1000000000000``) asked the allocator
   for terabytes of windows: a raw ``RuntimeError`` after the model had loaded;
 - ``DynamicSparsity(every=100, end_step=10)`` (the default ``every`` with a short run)
-  never changed its masks, silently: it warns.
+  never changed its masks, silently: it warns;
+- a format built under ``torch.inference_mode`` (``CompiledLinear.from_linear(layer,
+  "torch_csr")`` there) failed at its first product reading its buffers' version counter,
+  which inference tensors do not keep.
 """
 
 from __future__ import annotations
@@ -143,3 +146,17 @@ def test_dynamic_sparsity_warns_when_it_would_never_update():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build(5)
+
+
+def test_a_format_built_under_inference_mode_multiplies():
+    from sparsekit.engine import CompiledLinear
+
+    layer = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(8, 16) < 0.3)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        compiled = CompiledLinear.from_linear(layer, "torch_csr")
+        y = compiled(x)
+        torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x), y)  # built again, the same

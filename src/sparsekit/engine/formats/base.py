@@ -185,8 +185,14 @@ class Format(nn.Module):
     def derived(self, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A tensor built from the buffers (a torch sparse tensor, the dense weight), kept
         until the buffers move (``.to()``) or are written in place (``load_state_dict``
-        copies into them: their version counters change) and then rebuilt."""
-        key = tuple((t.data_ptr(), t._version) for t in self._buffers.values() if t is not None)
+        copies into them: their version counters change) and then rebuilt. Buffers made under
+        ``torch.inference_mode`` keep no version counter (reading it was a raw
+        ``RuntimeError``): their tensor is built on every call, never cached stale."""
+        try:
+            key = tuple((t.data_ptr(), t._version)
+                        for t in self._buffers.values() if t is not None)
+        except RuntimeError:  # an inference tensor (no check on the hot path)
+            return build()
         cached = self.__dict__.get("_derived")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_derived"] = (key, build())
