@@ -99,8 +99,10 @@ struct PackedNM {
 
 #if SPARSEKIT_AVX2 && !SPARSEKIT_AVX512
   // span's sums before the horizontal one, the scalar tail's in lane 0 (Grouped scales them
-  // per group, summing once per row).
-  __m256 span_vec(const T* p, const uint32_t* q, const float* x, int64_t count) const {
+  // per group, summing once per row). Always inlined: called once per group, its set-up (the
+  // pattern's constants and branches) is hoisted out of the group loop.
+  __attribute__((always_inline)) __m256 span_vec(const T* p, const uint32_t* q, const float* x,
+                                                 int64_t count) const {
     int64_t k = 0;
     // 8 values at a time: their fields (all in one 32-bit word) give inputs c relative to
     // the first input of their groups; the inputs are picked from the 16 or 32 loaded ones
