@@ -33,7 +33,7 @@ SEED_TAKERS = {  # a call of each function taking a seed; the seed is checked fi
     "head_predictors": lambda seed: head_predictors(nn.Linear(4, 4), None, None, seed=seed),
     "fit": lambda seed: fit(Router(4, 3, 2), torch.randn(8, 4), torch.rand(8, 3), seed=seed),
     "LowRankRouter.refine": lambda seed: LowRankRouter(
-        torch.randn(6, 1, 4), None, torch.ones(6), "relu", torch.randn(16, 4), rank=2,
+        torch.randn(6, 1, 4), None, torch.ones(6), torch.relu, torch.randn(16, 4), rank=2,
         unit_size=2).refine(torch.randn(16, 4), torch.rand(16, 3), steps=1, seed=seed),
 }
 
