@@ -141,8 +141,9 @@ def test_dynamic_sparsity_warns_when_it_would_never_update():
         return DynamicSparsity(model, opt, sparsity=0.5, every=every, end_step=10)
 
     with pytest.warns(UserWarning, match=r"every=100 is not below end_step=10: DynamicSparsity "
-                                         r"will never change its masks"):
+                                         r"will never change its masks") as caught:
         build(100)
+    assert caught[0].filename == __file__  # the caller's line, not the library's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build(5)

@@ -190,7 +190,8 @@ class DynamicSparsity:
         if every >= end_step:  # updates at 0 < step < end_step that are multiples of every
             warnings.warn(f"every={every} is not below end_step={end_step}: DynamicSparsity "
                           "will never change its masks (static sparse training); pass a "
-                          "smaller every or a later end_step", UserWarning, stacklevel=2)
+                          "smaller every or a later end_step", UserWarning,
+                          stacklevel=3)  # the caller, past the @renamed wrapper
         check_seed("seed", seed)
         check_fraction("momentum", momentum)
         check_sparsity(initial_sparsity, "initial_sparsity")
