@@ -19,6 +19,7 @@ from sparsekit.quantize import (
     attached_scales,
     dequantize_int8,
     int8_scales,
+    is_grouped,
     quantize_int8,
 )
 
@@ -324,3 +325,9 @@ def test_a_grouped_layer_does_not_reuse_the_cached_decision_of_per_row_scales(
 def test_scales_that_are_no_tensor_are_named(scales):
     with pytest.raises(TypeError, match=r"scales must be a floating tensor of shape \(4,\)"):
         DENSE_LOWP.from_dense(torch.randn(4, 8), scales=scales)
+
+
+def test_is_grouped_tells_scales_per_group_from_scales_per_row():
+    weight = torch.randn(4, 32)
+    assert is_grouped(int8_scales(weight, 16)) and not is_grouped(int8_scales(weight))
+    assert not is_grouped(None)

@@ -38,7 +38,7 @@ from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, 
 __all__ = [
     "INT8_MAX", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8",
     "detach_scales", "fake_quantize", "group_size_of", "guard_loading", "int8_scales",
-    "quantize_int8",
+    "is_grouped", "quantize_int8",
 ]
 
 INT8_MAX = 127  # symmetric: -128 is never used, so negating a code never overflows
@@ -164,12 +164,20 @@ def attached_scales(module: nn.Module) -> torch.Tensor | None:
     return scales if isinstance(scales, torch.Tensor) else None
 
 
+def is_grouped(scales: torch.Tensor | None) -> bool:
+    """Whether int8 ``scales`` are one per row and group of inputs, ``(out, groups)``
+    (``sparsekit.llm.prune(..., group_size=...)``), rather than one per row ``(out,)``: only
+    the float-input kernels of the formats with
+    :attr:`~sparsekit.engine.formats.native.NativeFormat.group_scales` read such a grid."""
+    return isinstance(scales, torch.Tensor) and scales.dim() == 2
+
+
 def group_size_of(weight: torch.Tensor, scales: torch.Tensor) -> int | None:
     """The group size of an attached int8 grid: ``None`` for ``scales`` of one per row
     (``(out,)``), ``in / groups`` for ``(out, groups)`` scales whose ``groups`` divide
     ``weight``'s ``in`` inputs evenly (a ``ValueError`` otherwise: a grid with a last
     partial group has no group size its shape says, so it cannot be attached)."""
-    if not isinstance(scales, torch.Tensor) or scales.dim() != 2:
+    if not is_grouped(scales):
         return None  # one per row, or malformed: the scale checks name it
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got {type(weight).__name__} "

@@ -65,6 +65,7 @@ from sparsekit.quantize import (
     attached_scales,
     check_scale_values,
     dequantize_int8,
+    is_grouped,
     quantize_int8,
 )
 
@@ -349,7 +350,7 @@ class ActivationSparseLinear(BoundArguments):
         scales = attached_scales(linear)
         if value_dtype not in (None, torch.int8):
             raise ValueError(f"value_dtype must be None or torch.int8, got {value_dtype!r}")
-        if scales is not None and scales.dim() == 2:  # per-group scales: kept as floats
+        if is_grouped(scales):  # per-group scales: kept as floats
             if value_dtype is not None:
                 raise ValueError(
                     f"value_dtype=torch.int8: the activation-sparse kernels take one int8 "

@@ -52,7 +52,7 @@ from sparsekit.engine.formats.native import MAX_THREADS
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.engine.persist import replaced
 from sparsekit.observe import inference, watch
-from sparsekit.quantize import attached_scales, dequantize_int8, group_size_of
+from sparsekit.quantize import attached_scales, dequantize_int8, group_size_of, is_grouped
 from sparsekit.targets import conv1d_type
 
 __all__ = ["InputThresholds", "compile"]
@@ -353,7 +353,7 @@ def _compile_layer(
     value_dtype = torch.int8 if value_dtype is None and scales is not None else value_dtype
     stored = _with_value_dtype(layer, value_dtype)
     allowed, dense_allowed = _candidates(stored, names, value_dtype)
-    if _grouped(scales) and value_dtype == torch.int8:  # per-group scales: float inputs
+    if is_grouped(scales) and value_dtype == torch.int8:  # per-group scales: float inputs
         group = group_size_of(layer.weight, scales)
         allowed = [n for n in allowed if n == "dense" or _takes_groups(n, group)]
         activation = None
@@ -372,7 +372,7 @@ def _compile_layer(
            else None)
     if key is not None and activation is not None:
         key["activation_dtype"] = str(activation)
-    if key is not None and value_dtype == torch.int8 and _grouped(scales):
+    if key is not None and value_dtype == torch.int8 and is_grouped(scales):
         key["scale_groups"] = scales.shape[1]  # the kernels' time differs from per-row scales
     if key is not None and grow:
         key["grow"] = True
@@ -638,7 +638,7 @@ def _activation_layer(
     multi = [r for r in rows if r > 1]
     inputs = None if probe is None else _typical_first(probe.reshape(-1, layer.in_features),
                                                        threshold)
-    int8 = value_dtype == torch.int8 and not _grouped(attached_scales(layer))
+    int8 = value_dtype == torch.int8 and not is_grouped(attached_scales(layer))
     act, decode = ActivationSparseLinear.tuned(
         layer, threshold, threads=threads, prefill=_multi_row(weight_only) if multi else None,
         rows=rows, value_dtype=torch.int8 if int8 else None, inputs=inputs,
@@ -827,15 +827,6 @@ def _candidates(
     if names is None:
         return holding, True
     return [n for n in holding if n in names], "dense" in names
-
-
-def _grouped(scales: torch.Tensor | None) -> bool:
-    """Whether a layer's attached int8 ``scales`` are per group of inputs ``(out, groups)``
-    (``sparsekit.llm.prune(..., group_size=...)``), which only the float-input kernels of
-    the formats with :attr:`~sparsekit.engine.formats.native.NativeFormat.group_scales`
-    read; the other int8 formats, the W8A8 kernels and the activation-sparse int8 kernels
-    take one scale per row."""
-    return scales is not None and scales.dim() == 2
 
 
 def _takes_groups(fmt: str, group: int | None) -> bool:

@@ -20,6 +20,7 @@ from sparsekit.engine.compiled_linear import CompiledLayer
 from sparsekit.engine.formats.base import Format
 from sparsekit.engine.formats.native import SCALES
 from sparsekit.engine.fused import FusedLinear
+from sparsekit.quantize import is_grouped
 from sparsekit.report import LayerRow, Report
 from sparsekit.report import report as _base_report
 
@@ -94,8 +95,7 @@ def _values(fmt: Format) -> str:
     values = str(fmt.value_dtype).removeprefix("torch.")
     scales = fmt._buffers.get(SCALES)
     # int8 values only: a dense float weight keeps its grid's scales too, and holds no codes
-    if (fmt.value_dtype == torch.int8 and isinstance(scales, torch.Tensor)
-            and scales.dim() == 2 and scales.shape[1]):
+    if fmt.value_dtype == torch.int8 and is_grouped(scales) and scales.shape[1]:
         values += f" g{fmt.in_features // scales.shape[1]}"
     if getattr(fmt, "activation_dtype", None) == torch.int8:
         return f"{values} (W8A8)"
