@@ -19,7 +19,11 @@
   never changed its masks, silently: it warns;
 - a format built under ``torch.inference_mode`` (``CompiledLinear.from_linear(layer,
   "torch_csr")`` there) failed at its first product reading its buffers' version counter,
-  which inference tensors do not keep.
+  which inference tensors do not keep;
+- ``compile`` replaced layers that had forward hooks by compiled layers that do not run
+  them, silently (a hook recording a layer's outputs recorded nothing); it warns, at the
+  caller's line (as does its warning about forced formats, whose ``stacklevel`` pointed
+  into the library once ``compile`` gained its ``inference_mode`` wrapper).
 """
 
 from __future__ import annotations
@@ -161,3 +165,26 @@ def test_a_format_built_under_inference_mode_multiplies():
         y = compiled(x)
         torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(compiled(x), y)  # built again, the same
+
+
+def test_compile_warns_of_the_forward_hooks_of_layers_it_replaces():
+    import warnings
+
+    import sparsekit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand(64, 64) < 0.1)
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(4, 64)
+    with pytest.warns(UserWarning, match=r"compile replaced layers \['0'\] whose forward hooks "
+                                         r"the compiled layers do not run") as caught:
+        compiled = sparsekit.compile(model, x, cache=False, formats=["bitmap", "dense"])
+    assert caught[0].filename == __file__
+    assert type(compiled[0]) is not torch.nn.Linear
+    with warnings.catch_warnings():  # no hook: no warning
+        warnings.simplefilter("error")
+        model[0]._forward_hooks.clear()
+        sparsekit.compile(model, x, cache=False, formats=["bitmap", "dense"])

@@ -292,6 +292,7 @@ def compile(
                and c["format"] == "dense" and n not in held]
     _check_forced(names, refused, len(choices) - len(held))
     compiled.sparsekit_choices = choices
+    _warn_of_dropped_hooks(model, compiled, choices)
     for name in choices:  # a new layer is in training mode: take the replaced one's mode,
         # which decompile gives back (an eval model's decompiled layers were in training)
         compiled.get_submodule(name).train(model.get_submodule(name).training)
@@ -869,8 +870,27 @@ def _check_forced(names: list[str] | None, refused: list[str], compiled: int) ->
         )
     warnings.warn(
         f"formats={names!r} cannot hold the weights of layers {refused}; they stay dense",
-        RuntimeWarning, stacklevel=4,  # past compile() and its @renamed wrapper
+        # past compile(), its inference_mode(False) and @renamed wrappers: the caller's line
+        RuntimeWarning, stacklevel=5,
     )
+
+
+def _warn_of_dropped_hooks(model: nn.Module, compiled: nn.Module, choices: dict) -> None:
+    """Warn where a replaced layer had forward (pre-)hooks: the compiled layer is a new
+    module, which does not run them (the output of a layer a hook recorded or changed was
+    silently no longer recorded or changed)."""
+    hooked = [n for n in choices  # a layer left as it is, a deep copy, keeps its hooks
+              if type(compiled.get_submodule(n)) is not type(model.get_submodule(n))
+              and (model.get_submodule(n)._forward_hooks
+                   or model.get_submodule(n)._forward_pre_hooks)]
+    if hooked:
+        warnings.warn(
+            f"compile replaced layers {hooked[:5]}{' …' if len(hooked) > 5 else ''} whose "
+            "forward hooks the compiled layers do not run; register them again on the "
+            "compiled model's layers",
+            # past this function, compile(), its inference_mode(False) and @renamed wrappers
+            UserWarning, stacklevel=5,
+        )
 
 
 def _observed(
