@@ -9,6 +9,7 @@ import pytest
 
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_bool,
     check_fraction,
     check_int,
     check_mapping,
@@ -139,3 +140,11 @@ def test_check_materialized_module_names_the_first_tensor_without_values():
     layer.running_var = torch.empty(3, device="meta")
     with pytest.raises(ValueError, match=r"^model: running_var is on the meta device"):
         check_materialized_module(layer, "model: ")
+
+
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None, np.bool_(True)])
+def test_check_bool_takes_only_true_and_false(value):
+    with pytest.raises(ArgumentTypeError, match=r"flag must be a bool \(True or False\), got "):
+        check_bool("flag", value)
+    check_bool("flag", True)
+    check_bool("flag", False)

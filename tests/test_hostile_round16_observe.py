@@ -210,11 +210,11 @@ def test_block_call_reads_dict_outputs_and_refuses_outputs_without_a_tensor():
 
 def test_input_stats_checks_gram_and_device():
     """gram='no' allocated the Gram matrix; an unknown device was a raw RuntimeError."""
-    with pytest.raises(ArgumentTypeError, match="gram must be True or False, got 'no'"):
+    with pytest.raises(ArgumentTypeError, match=r"gram must be a bool \(True or False\), got 'no'"):
         observe.InputStats(4, gram="no")
     with pytest.raises(ValueError, match="device 'nope' is not available"):
         observe.InputStats(4, device="nope")
-    with pytest.raises(ArgumentTypeError, match="gram must be True or False"), \
+    with pytest.raises(ArgumentTypeError, match=r"gram must be a bool \(True or False\)"), \
             observe.record({"l": nn.Linear(2, 2)}, gram="yes"):
         pass
 
@@ -228,7 +228,7 @@ def test_input_stats_of_zero_features_counts_rows():
 
 def test_preserved_and_watch_check_their_flags():
     lin = nn.Linear(2, 2)
-    with pytest.raises(ArgumentTypeError, match="buffers must be True or False"), \
+    with pytest.raises(ArgumentTypeError, match=r"buffers must be a bool \(True or False\)"), \
             observe.preserved(lin, buffers="no"):
         pass
     with pytest.raises(ArgumentTypeError, match="observer must be a callable"), \
@@ -281,7 +281,8 @@ def test_read_idx_and_load_image_dataset_check_the_path_type(path):
 
 
 def test_load_image_dataset_checks_quiet():
-    with pytest.raises(ArgumentTypeError, match="quiet must be True or False, got 'no'"):
+    with pytest.raises(ArgumentTypeError,
+                       match=r"quiet must be a bool \(True or False\), got 'no'"):
         load_image_dataset(quiet="no")
 
 

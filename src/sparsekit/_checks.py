@@ -111,6 +111,13 @@ def check_seed(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raise :class:`ArgumentTypeError` naming ``name`` unless ``value`` is ``True`` or
+    ``False``: a flag taken by its truth read the string ``"no"`` (or ``"False"``) as true."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be a bool (True or False), got {value!r}")
+
+
 def memory_bytes() -> int | None:
     """Physical memory of this machine in bytes (``None`` where the OS does not say): the
     bound of sizes a caller asks for that no file or tensor bounds."""

@@ -30,6 +30,7 @@ from torch import nn
 
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_bool,
     check_device,
     check_int,
     check_mapping,
@@ -126,8 +127,7 @@ def preserved(
                                     f"{type(model).__name__}")
     if train is not None and not isinstance(train, bool):
         raise ArgumentTypeError(f"train must be True, False or None, got {train!r}")
-    if not isinstance(buffers, bool):  # buffers="no" kept (copied) them
-        raise ArgumentTypeError(f"buffers must be True or False, got {buffers!r}")
+    check_bool("buffers", buffers)  # buffers="no" kept (copied) them
     modes = {m: m.training for model in models for m in model.modules()}
     grads = [{n: p.grad for n, p in model.named_parameters()} for model in models]
     saved = [{n: b.detach().clone() for n, b in model.named_buffers()} if buffers else {}
@@ -313,8 +313,7 @@ class InputStats:
     def __init__(self, features: int, *, gram: bool = False,
                  device: torch.device | str | None = None) -> None:
         check_int("features", features, minimum=0)
-        if not isinstance(gram, bool):  # gram="no" allocated the features² matrix
-            raise ArgumentTypeError(f"gram must be True or False, got {gram!r}")
+        check_bool("gram", gram)  # gram="no" allocated the features² matrix
         device = check_device(device)  # an unknown name was a raw RuntimeError
         features = int(features)
         # squares in float64: finite inputs beyond ~1.8e19 would overflow float32 squares
@@ -395,8 +394,7 @@ def record(layers: Mapping[str, nn.Module], *, gram: bool = False
     norm between its kernel positions and cannot give the Gram matrix.
     """
     _check_layers(layers)
-    if not isinstance(gram, bool):
-        raise ArgumentTypeError(f"gram must be True or False, got {gram!r}")
+    check_bool("gram", gram)  # before the loop below reads it
     for name, m in layers.items():
         weight = getattr(m, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() < 2:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_seed, model_errors
+from sparsekit._checks import ArgumentTypeError, check_bool, check_int, check_seed, model_errors
 from sparsekit.observe import inference
 
 __all__ = ["accuracy", "inference", "minibatches", "train_epoch"]
@@ -33,8 +33,7 @@ def minibatches(
     is called, not at the first batch.
     """
     check_int("batch_size", batch_size, minimum=1)
-    if not isinstance(shuffle, bool):
-        raise ArgumentTypeError(f"shuffle must be a bool (True or False), got {shuffle!r}")
+    check_bool("shuffle", shuffle)
     check_seed("seed", seed)
     _check_data(data)
     # a NumPy int passes check_seed, but torch's manual_seed takes Python ints only (a raw

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from sparsekit._checks import ArgumentTypeError
+from sparsekit._checks import check_bool
 from sparsekit.data.idx import check_path, read_idx
 
 DATA_DIR_ENV = "SPARSEKIT_DATA_DIR"
@@ -51,8 +51,7 @@ def load_image_dataset(
     """
     if root is not None:
         check_path("root", root)
-    if not isinstance(quiet, bool):  # quiet="no" silenced the fallback's notice
-        raise ArgumentTypeError(f"quiet must be True or False, got {quiet!r}")
+    check_bool("quiet", quiet)  # quiet="no" silenced the fallback's notice
     explicit = root is not None
     root = Path(root if explicit else os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
     files, missing = _find_idx_files(root)

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_bool, check_int
 
 __all__ = ["COLD_ROWS", "MARGIN", "Samples", "choose", "cold_cache", "effective_cache_bytes",
            "last_level_cache_bytes", "measure"]
@@ -80,7 +80,7 @@ def cold_cache(enabled: bool = True) -> Iterator[None]:
     """Time row counts up to :data:`COLD_ROWS` with the cache flushed before every call
     (``enabled``) inside the block; the previous setting is restored after it."""
     global _cold, _flush
-    _check_bool("enabled", enabled)
+    check_bool("enabled", enabled)
     before, _cold = _cold, enabled
     try:
         yield
@@ -223,7 +223,7 @@ def measure(
         error = ValueError if isinstance(inputs, torch.Tensor) else ArgumentTypeError
         raise error(f"inputs must be None or a tensor of at least one input, (n, *in_shape) "
                     f"with n ≥ 1 and in_shape={tuple(in_shape)}, got {got}")
-    _check_bool("every_round", every_round)
+    check_bool("every_round", every_round)
     samples: Samples = {}
     names = list(modules)
     for r in rows:
@@ -336,11 +336,6 @@ def choose(
     }
 
 
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ArgumentTypeError(f"{name} must be a bool (True or False), got {value!r}")
-
-
 def _check_rows(rows: object) -> list[int]:
     """``rows`` as a list, once checked to be a sequence of ints ≥ 1 (none: nothing timed)."""
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
@@ -403,8 +398,8 @@ def _check_choice(samples: object, allowed: object, dense_allowed: object, split
         if name not in first:
             raise ValueError(f"allowed names {name!r}, which samples did not time; accepted: "
                              f"formats timed in samples, {first}")
-    _check_bool("dense_allowed", dense_allowed)
-    _check_bool("split", split)
+    check_bool("dense_allowed", dense_allowed)
+    check_bool("split", split)
     if not dense_allowed and all(n == reference for n in allowed):
         raise ValueError(f"dense_allowed=False needs a format other than the reference "
                          f"{reference!r} in allowed, got {allowed}")

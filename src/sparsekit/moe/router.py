@@ -27,6 +27,7 @@ from torch import nn
 
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_bool,
     check_int,
     check_materialized,
     check_positive,
@@ -93,8 +94,7 @@ def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 3
     check_int("steps", steps, minimum=1)
     check_positive("lr", lr)
     check_int("batch", batch, minimum=1)
-    if not isinstance(balance, bool):
-        raise ArgumentTypeError(f"balance must be a bool, got {balance!r}")
+    check_bool("balance", balance)
     check_seed("seed", seed)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
