@@ -396,3 +396,21 @@ def test_sparse_linear_refuses_a_second_derivative(use_kernels, monkeypatch):
     dense(x2).square().sum().backward()
     torch.testing.assert_close(grad_x, x2.grad)
     torch.testing.assert_close(grad_values, dense.weight.grad[layer.mask])
+
+
+def test_entry_rows_gives_each_entrys_row_and_names_the_callers_tensors():
+    from sparsekit.engine.formats.csr import entry_rows
+
+    rowptr = torch.tensor([0, 2, 2, 3], dtype=torch.int32)
+    rows = entry_rows(rowptr, torch.tensor([1, 3, 0], dtype=torch.int32), 3, 4)
+    assert rows.tolist() == [0, 0, 2]
+    with pytest.raises(ValueError, match=r"^bsr_col_indices must increase within each block "
+                                         r"row \(no block twice\)$"):
+        entry_rows(rowptr, torch.tensor([3, 3, 0], dtype=torch.int32), 3, 4,
+                   pointers="bsr_rowptr", indices="bsr_col_indices", entries="blocks",
+                   row="block row", entry="block")
+    with pytest.raises(ValueError, match=r"^row pointers must rise from 0 to the number of "
+                                         r"values$"):
+        entry_rows(rowptr, torch.tensor([1, 3], dtype=torch.int32), 2, 4)
+    with pytest.raises(ValueError, match=r"^column indices must lie in \[0, 4\)$"):
+        entry_rows(rowptr, torch.tensor([1, 4, 0], dtype=torch.int32), 3, 4)

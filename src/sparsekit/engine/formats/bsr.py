@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekit._checks import check_int
+from sparsekit.engine.formats.csr import entry_rows
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 from sparsekit.engine.formats.native import SCALES, NativeFormat, Operands
 
@@ -186,16 +187,10 @@ def _check_bsr(
             f"bsr_rowptr must be int32 of shape ({brows + 1},), got {rowptr.dtype} "
             f"{tuple(rowptr.shape)}"
         )
-    steps = torch.diff(rowptr.to(torch.int64))
-    if int(rowptr[0]) != 0 or int(rowptr[-1]) != values.shape[0] or bool((steps < 0).any()):
-        raise ValueError("bsr_rowptr must rise from 0 to the number of blocks")
+    brow = entry_rows(rowptr, col, values.shape[0], bcols, pointers="bsr_rowptr",
+                      indices="bsr_col_indices", entries="blocks", row="block row",
+                      entry="block")
     cols = unsigned_index(col)
-    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= bcols):
-        raise ValueError(f"bsr_col_indices must lie in [0, {bcols})")
-    brow = torch.repeat_interleave(torch.arange(brows), steps)
-    key = brow * bcols + cols  # a block twice: the kernel adds both, to_dense kept one
-    if bool((key[1:] <= key[:-1]).any()):
-        raise ValueError("bsr_col_indices must increase within each block row (no block twice)")
     if shape[0] % r or shape[1] % c:  # edge blocks: their padding must hold zeros
         # the kernel multiplies the padding (by zero inputs, into rows it never writes): a
         # NaN or inf there turned real outputs NaN, which to_dense (cropped) did not show

@@ -12,7 +12,7 @@ from sparsekit.engine.formats.base import Format, masked
 from sparsekit.engine.formats.index16 import narrow_index, unsigned_index
 from sparsekit.engine.formats.native import SCALES, NativeFormat, Operands
 
-__all__ = ["CSR16", "TorchCSR", "check_csr", "csr_parts"]
+__all__ = ["CSR16", "TorchCSR", "check_csr", "csr_parts", "entry_rows"]
 
 
 class TorchCSR(Format):
@@ -188,16 +188,38 @@ def check_csr(
             f"values must be 1-D with one entry per column index ({col.numel()}), got "
             f"{values.dtype} {tuple(values.shape)}"
         )
+    entry_rows(rowptr, col, values.numel(), in_features)
+
+
+def entry_rows(
+    rowptr: torch.Tensor,
+    col: torch.Tensor,
+    count: int,
+    width: int,
+    *,
+    pointers: str = "row pointers",
+    indices: str = "column indices",
+    entries: str = "values",
+    row: str = "row",
+    entry: str = "column",
+) -> torch.Tensor:
+    """The row of each of the ``count`` entries of a CSR layout (of values, or of BSR's
+    blocks), raising ``ValueError`` unless the int32 ``rowptr`` (of the right shape: the
+    caller's check) rises from 0 to ``count`` and the ``col`` indices lie in ``[0, width)``
+    and increase within each row: an index twice in a row had the kernels add both values,
+    where ``to_dense`` kept one. The messages name the caller's ``pointers``, ``indices``,
+    ``entries``, a ``row`` and an ``entry``."""
     steps = torch.diff(rowptr.to(torch.int64))
-    if int(rowptr[0]) != 0 or int(rowptr[-1]) != values.numel() or bool((steps < 0).any()):
-        raise ValueError("row pointers must rise from 0 to the number of values")
+    if int(rowptr[0]) != 0 or int(rowptr[-1]) != count or bool((steps < 0).any()):
+        raise ValueError(f"{pointers} must rise from 0 to the number of {entries}")
     cols = unsigned_index(col)
-    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= in_features):
-        raise ValueError(f"column indices must lie in [0, {in_features})")
-    # a column twice in a row: the kernels add both values, to_dense kept one of them
-    key = torch.repeat_interleave(torch.arange(out_features), steps) * in_features + cols
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= width):
+        raise ValueError(f"{indices} must lie in [0, {width})")
+    rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1), steps)
+    key = rows * width + cols
     if bool((key[1:] <= key[:-1]).any()):
-        raise ValueError("column indices must increase within each row (no column twice)")
+        raise ValueError(f"{indices} must increase within each {row} (no {entry} twice)")
+    return rows
 
 
 def csr_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
