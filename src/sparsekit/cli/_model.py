@@ -283,7 +283,7 @@ def example_inputs(shape: str | None, model: nn.Module) -> torch.Tensor:
     """A zero tensor of ``--input-shape`` ``shape`` (``None``: :data:`DEFAULT_INPUT_SHAPE`),
     checked by running ``model`` on it."""
     shape = DEFAULT_INPUT_SHAPE if shape is None else shape
-    x = torch.zeros(_dims("--input-shape", shape, "1,1,28,28"))
+    x = torch.zeros(_dims("--input-shape", shape, DEFAULT_INPUT_SHAPE))
     if x.dim() >= 2 and callable(getattr(model, "get_input_embeddings", None)):
         raise UsageError(f"--input-shape {shape!r} gives float inputs, but this model reads "
                          "token ids: use --tokens BATCH,SEQ")
