@@ -86,7 +86,8 @@ def test_bad_scale_is_refused_on_every_path(scale, error, grad: bool) -> None:
 def test_causal_must_be_a_bool(causal: object) -> None:
     """"no" and 1 passed as true, None as false."""
     q, k, v, mask = _qkv_mask()
-    with pytest.raises(TypeError, match=f"causal must be a bool, got {causal!r}"):
+    match = rf"causal must be a bool \(True or False\), got {causal!r}"
+    with pytest.raises(TypeError, match=match):
         block_sparse_attention(q, k, v, mask, block_size=4, causal=causal)
-    with pytest.raises(ValueError, match=f"causal must be a bool, got {causal!r}"):
+    with pytest.raises(ValueError, match=match):
         dense_block_mask(mask, 8, 8, causal=causal, block_size=4)

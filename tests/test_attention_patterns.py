@@ -399,7 +399,7 @@ def test_causal_must_be_a_bool_in_patterns_and_coverage(causal):
     """"no" and 1 passed as true, None as false."""
     q = k = torch.randn(1, 2, 16, 8)
     mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
-    match = f"causal must be a bool, got {causal!r}"
+    match = rf"causal must be a bool \(True or False\), got {causal!r}"
     for call in (
         lambda: TopKBlocks().block_mask(q, k, block_size=4, causal=causal),
         lambda: SinkWindow().coverage(q, k, block_size=4, causal=causal),

@@ -128,7 +128,7 @@ def test_the_format_must_hold_at_every_row_count_it_serves(
                        grow=True)
     assert {(c["format"], c["format_large"]) for c in compiled.sparsekit_choices.values()} == {
         ("dense", None)}
-    with pytest.raises(TypeError, match="grow must be a bool, got 1"):
+    with pytest.raises(TypeError, match=r"grow must be a bool \(True or False\), got 1"):
         compile(_model(), grow=1)
 
 
@@ -326,7 +326,7 @@ def test_batch_sizes_is_the_deprecated_spelling_of_rows(monkeypatch: pytest.Monk
         ({"rows": ()}, ValueError, "rows must be an int ≥ 1 or a non-empty sequence"),
         ({"rows": 1.5}, TypeError, "rows must be an int ≥ 1, got 1.5"),
         ({"rows": (1, True)}, TypeError, "rows must be an int ≥ 1, got True"),
-        ({"cache": "yes"}, TypeError, "cache must be a bool, got 'yes'"),
+        ({"cache": "yes"}, TypeError, r"cache must be a bool \(True or False\), got 'yes'"),
     ],
 )
 def test_bad_rows_and_cache_are_refused(kwargs: dict, error: type, match: str) -> None:

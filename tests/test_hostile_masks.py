@@ -214,8 +214,8 @@ _MASK = torch.ones(4, 8, dtype=torch.bool)
     (("8", 4, _MASK), {}, "in_features must be an int ≥ 0, got '8'"),
     ((True, 4, _MASK), {}, "in_features must be an int ≥ 0, got True"),
     ((8, 4.0, _MASK), {}, "out_features must be an int ≥ 0, got 4.0"),
-    ((8, 4, _MASK), {"bias": "no"}, "bias must be a bool, got 'no'"),
-    ((8, 4, _MASK, 1), {}, "bias must be a bool, got 1"),
+    ((8, 4, _MASK), {"bias": "no"}, r"bias must be a bool \(True or False\), got 'no'"),
+    ((8, 4, _MASK, 1), {}, r"bias must be a bool \(True or False\), got 1"),
     ((8, 4, _MASK), {"dtype": torch.int64}, "dtype must be a floating-point torch.dtype"),
     ((8, 4, _MASK), {"dtype": "float32"}, "dtype must be a floating-point torch.dtype"),
 ])

@@ -356,7 +356,7 @@ def test_moefy_routers_learn_the_mass_and_the_oracle_chooses_by_it():
     # the router ranks experts as their mass does, far better than chance (0.25)
     overlap = (by_router[:, :, None] == mass.topk(2, dim=1).indices[:, None, :]).any(-1)
     assert overlap.float().mean() > 0.5
-    with pytest.raises(TypeError, match="oracle must be a bool, got int"):
+    with pytest.raises(TypeError, match=r"oracle must be a bool \(True or False\), got 1"):
         moe.set_oracle(routed, 1)
     with pytest.raises(ValueError, match="no RoutedFFN"):
         moe.set_oracle(tiny_llama())
@@ -414,7 +414,7 @@ def test_skip_kv_computes_the_chosen_groups_keys_and_caches_zeros_for_the_rest()
     full = moe.route_heads(model, predictors, keep=1.0, skip_kv=True)  # nothing skipped
     torch.testing.assert_close(decode_logits(full, TOKENS[:1], 4),
                                decode_logits(model, TOKENS[:1], 4), atol=1e-5, rtol=1e-4)
-    with pytest.raises(TypeError, match="skip_kv must be a bool, got str"):
+    with pytest.raises(TypeError, match=r"skip_kv must be a bool \(True or False\), got '"):
         moe.route_heads(model, predictors, skip_kv="yes")
     with pytest.raises(TypeError, match="skip_kv must be a bool"):
         moe.RoutedAttention(copy.deepcopy(model.model.layers[0].self_attn), Router(64, 4, 8), 2,

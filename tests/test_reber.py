@@ -77,7 +77,7 @@ def test_bad_n():
 
 
 def test_embedded_must_be_a_bool():
-    with pytest.raises(TypeError, match="embedded must be a bool, got 'no'"):
+    with pytest.raises(TypeError, match=r"embedded must be a bool \(True or False\), got 'no'"):
         reber(2, embedded="no")
 
 

@@ -160,10 +160,12 @@ def test_objective_of_a_transcoder_needs_its_target():
 # -- the constructor --------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"transcoder": "no"}, ArgumentTypeError, "transcoder must be a bool, got 'no'"),
-    ({"normalize_decoder": "no"}, ArgumentTypeError, "normalize_decoder must be a bool, got "
-                                                     "'no'"),
-    ({"normalize_decoder": 1}, ArgumentTypeError, "normalize_decoder must be a bool, got 1"),
+    ({"transcoder": "no"}, ArgumentTypeError,
+     r"transcoder must be a bool \(True or False\), got 'no'"),
+    ({"normalize_decoder": "no"}, ArgumentTypeError,
+     r"normalize_decoder must be a bool \(True or False\), got 'no'"),
+    ({"normalize_decoder": 1}, ArgumentTypeError,
+     r"normalize_decoder must be a bool \(True or False\), got 1"),
     ({"matryoshka": 5}, ArgumentTypeError, "matryoshka must be a sequence of increasing"),
     ({"matryoshka": "16"}, ArgumentTypeError, "matryoshka must be a sequence"),
     ({"dtype": torch.int64}, ArgumentTypeError, "dtype must be a floating-point torch.dtype "

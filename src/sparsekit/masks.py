@@ -25,7 +25,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsekit._checks import ArgumentTypeError, check_materialized, check_module, check_optimizer
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_materialized,
+    check_module,
+    check_optimizer,
+)
 from sparsekit.distributed import check_same_on_ranks, is_sharded, local, shard_like
 from sparsekit.patterns import Pattern, parse_pattern
 from sparsekit.targets import stores_transposed
@@ -306,8 +312,7 @@ class MaskSet:
     def capture(self, on: bool) -> None:
         """Nothing to switch: a masked weight's gradient is dense until the step masks it.
         ``on`` is checked as a ``StructureSet`` checks it, so both take the same values."""
-        if not isinstance(on, bool):
-            raise ArgumentTypeError(f"on must be a bool (True or False), got {on!r}")
+        check_bool("on", on)
 
     def dense_grads(self) -> dict[str, torch.Tensor | None]:
         """Each weight's ``.grad``; dense when read before the step (an optimizer pre-hook)."""

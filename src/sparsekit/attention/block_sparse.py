@@ -19,9 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sparsekit._checks import check_int, check_positive
+from sparsekit._checks import check_bool, check_int, check_positive
 from sparsekit.attention.coverage import (
-    _check_causal,
     _check_device,
     _check_heads,
     _check_mask,
@@ -38,7 +37,7 @@ def _check(
 ) -> None:
     """Raise unless the arguments of :func:`block_sparse_attention` are ones it takes (the
     values of ``q``, ``k``, ``v`` are not read: NaN in them is NaN in the output)."""
-    _check_causal(causal)
+    check_bool("causal", causal)
     check_int("block_size", block_size, minimum=1)
     check_positive("scale", scale, optional=True)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -84,7 +83,7 @@ def dense_block_mask(
     check_int("q_len", q_len, minimum=0)
     check_int("kv_len", kv_len, minimum=0)
     check_int("block_size", block_size, minimum=1)
-    _check_causal(causal)
+    check_bool("causal", causal)
     _check_mask(block_mask, (blocks(q_len, block_size), blocks(kv_len, block_size)),
                 block_size=block_size)
     device = block_mask.device

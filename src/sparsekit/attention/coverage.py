@@ -15,7 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, check_positive
+from sparsekit._checks import (
+    check_bool,
+    check_int,
+    check_materialized,
+    check_positive,
+)
 
 __all__ = ["Coverage", "bounded_block_size", "density", "mass_recall", "tile_mass",
            "visible_pairs"]
@@ -74,7 +79,7 @@ def visible_pairs(q_len: int, kv_len: int, *, block_size: int, causal: bool) -> 
     check_int("q_len", q_len, minimum=1)
     check_int("kv_len", kv_len, minimum=1)
     check_int("block_size", block_size, minimum=1)
-    _check_causal(causal)
+    check_bool("causal", causal)
     block_size = bounded_block_size(q_len, kv_len, block_size)
     qb, kb = blocks(q_len, block_size), blocks(kv_len, block_size)
     offset = kv_len - q_len
@@ -105,7 +110,7 @@ def density(
     check_int("q_len", q_len, minimum=1)
     check_int("kv_len", kv_len, minimum=1)
     check_int("block_size", block_size, minimum=1)
-    _check_causal(causal)
+    check_bool("causal", causal)
     # the mask's shape first: the pairs of lengths it does not fit were allocated in full
     # (2**20 tokens in tiles of 8: 137 GB) before it was compared with them
     bounded = bounded_block_size(q_len, kv_len, block_size)
@@ -142,7 +147,7 @@ def tile_mass(
     softmax would be NaN, and the mass of its row lost without a sign of it.
     """
     check_int("block_size", block_size, minimum=1)
-    _check_causal(causal)
+    check_bool("causal", causal)
     check_positive("scale", scale, optional=True)
     _check_qk(q, k, finite=True)
     batch, heads, q_len, dim = q.shape
@@ -203,7 +208,7 @@ def mass_recall(
     ``q_len > kv_len``) are left out of the average.
     """
     check_int("block_size", block_size, minimum=1)
-    _check_causal(causal)
+    check_bool("causal", causal)
     _check_qk(q, k)  # and finite, by tile_mass, where the masses are computed from them
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[2]
@@ -315,8 +320,7 @@ def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
 
 def _check_causal(causal: object) -> None:
     """Raise unless ``causal`` is a bool (``"no"`` or ``1`` would pass as true)."""
-    if not isinstance(causal, bool):
-        raise ArgumentTypeError(f"causal must be a bool, got {causal!r}")
+    check_bool("causal", causal)
 
 
 def _check_mask(

@@ -34,10 +34,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from sparsekit._checks import check_fraction, check_int, check_materialized
+from sparsekit._checks import check_bool, check_fraction, check_int, check_materialized
 from sparsekit.attention.coverage import (
     Coverage,
-    _check_causal,
     _check_mask,
     _check_qk,
     blocks,
@@ -86,7 +85,7 @@ class AttentionPattern:
         """The bool block mask ``(batch or 1, heads or 1, q_blocks, kv_blocks)`` for ``q``
         ``(batch, heads, q_len, head_dim)`` and ``k`` ``(batch, kv_heads, kv_len, head_dim)``."""
         check_int("block_size", block_size, minimum=1)
-        _check_causal(causal)
+        check_bool("causal", causal)
         _check_qk(q, k, finite=self.scored)
         self.check(block_size)
         block_size = _bounded(q, k, block_size)

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, check_seed
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_int,
+    check_materialized,
+    check_seed,
+)
 
 SYMBOLS = "BTPSXVE"
 """The alphabet; symbol ``SYMBOLS[i]`` is one-hot index ``i``."""
@@ -76,8 +82,7 @@ def reber(n: int, *, embedded: bool = False, seed: int = 0) -> ReberData:
     """
     check_int("n", n, minimum=1)
     check_seed("seed", seed)
-    if not isinstance(embedded, bool):  # bool("no") would build the embedded grammar
-        raise ArgumentTypeError(f"embedded must be a bool, got {embedded!r}")
+    check_bool("embedded", embedded)
     dfa, start = _GRAMMARS[embedded]
     rng = random.Random(seed)
     walks = [_walk(dfa, start, rng) for _ in range(n)]

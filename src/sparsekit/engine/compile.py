@@ -31,6 +31,7 @@ from torch.nn.utils import skip_init
 from torch.utils._pytree import tree_leaves
 
 from sparsekit._checks import (
+    check_bool,
     check_int,
     check_materialized,
     check_materialized_module,
@@ -208,12 +209,9 @@ def compile(
         threads = int(threads)  # a NumPy int is no JSON for the decision cache keys
     value_dtype = _check_weight_dtype(weight_dtype)
     activation = _check_activation_dtype(activation_dtype, weight_dtype)
-    if not isinstance(cache, bool):
-        raise TypeError(f"cache must be a bool, got {cache!r}")
-    if not isinstance(fuse, bool):
-        raise TypeError(f"fuse must be a bool, got {fuse!r}")
-    if not isinstance(grow, bool):
-        raise TypeError(f"grow must be a bool, got {grow!r}")
+    check_bool("cache", cache)
+    check_bool("fuse", fuse)
+    check_bool("grow", grow)
     inputs = _as_tuple(example_inputs)
     model = _conv1d_as_linear(model)
     for name, layer in model.named_modules():

@@ -28,7 +28,13 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from sparsekit._checks import ArgumentTypeError, check_device, check_int, check_optimizer
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_device,
+    check_int,
+    check_optimizer,
+)
 from sparsekit.distributed import full, is_dtensor
 from sparsekit.engine import kernels
 from sparsekit.engine._moved import moved
@@ -242,8 +248,7 @@ class SparseLinear(nn.Module):
     ) -> None:
         check_int("in_features", in_features, minimum=0)
         check_int("out_features", out_features, minimum=0)
-        if not isinstance(bias, bool):
-            raise ArgumentTypeError(f"bias must be a bool, got {bias!r}")
+        check_bool("bias", bias)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ArgumentTypeError(
                 f"dtype must be a floating-point torch.dtype or None, got {dtype!r}"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparsekit._checks import ArgumentTypeError, check_optimizer
+from sparsekit._checks import ArgumentTypeError, check_bool, check_optimizer
 from sparsekit.distributed import all_reduce_sum, check_same_on_ranks, rebuild_reducer, world_size
 from sparsekit.engine.sparse_linear import SparseLinear
 
@@ -93,8 +93,7 @@ class StructureSet:
 
     def capture(self, on: bool) -> None:
         """Start (or stop) capturing the dense gradients of the next backward passes."""
-        if not isinstance(on, bool):
-            raise ArgumentTypeError(f"on must be a bool (True or False), got {on!r}")
+        check_bool("on", on)
         for layer in self.layers.values():
             layer.capture_dense_grad = on
             layer.dense_grad = None

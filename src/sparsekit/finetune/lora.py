@@ -35,6 +35,7 @@ from torch import nn
 
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_bool,
     check_fraction,
     check_int,
     check_module,
@@ -68,8 +69,7 @@ def sparse_lora(
     check_module("model", model)
     if not isinstance(config, peft.LoraConfig):
         raise ArgumentTypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
-    if not isinstance(masked_forward, bool):
-        raise ArgumentTypeError(f"masked_forward must be a bool, got {masked_forward!r}")
+    check_bool("masked_forward", masked_forward)
     if isinstance(model, peft.PeftModel):
         raise ValueError("model is a PeftModel already; pass the pruned base model")
     if _lora_layers(model):

@@ -26,6 +26,7 @@ from torch import nn
 
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_bool,
     check_fraction,
     check_int,
     check_materialized,
@@ -372,8 +373,7 @@ def set_oracle(model: nn.Module, oracle: bool = True) -> nn.Module:
     :meth:`~RoutedFFN.mass` (MoEfication's ground-truth selection: computing every neuron
     first, an upper bound on what a router can reach) instead of by its router, or, with
     ``oracle=False``, by the router again. Returns ``model``."""
-    if not isinstance(oracle, bool):
-        raise TypeError(f"oracle must be a bool, got {type(oracle).__name__}")
+    check_bool("oracle", oracle)
     layers = routed_layers(model)
     for m in layers:
         m.oracle = oracle

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_int
+from sparsekit._checks import check_bool, check_fraction, check_int
 from sparsekit.moe.routed import check_model
 from sparsekit.moe.router import Router
 
@@ -74,8 +74,7 @@ class RoutedAttention(nn.Module):
             raise ValueError(f"router reads {router.project.in_features} features, the "
                              f"attention's input has {hidden}")
         check_int("k", k, minimum=1)
-        if not isinstance(skip_kv, bool):
-            raise TypeError(f"skip_kv must be a bool, got {type(skip_kv).__name__}")
+        check_bool("skip_kv", skip_kv)
         if k > groups:
             raise ValueError(f"k must be an int in [1, {groups}], got {k!r}")
         self.dense = attention
@@ -170,8 +169,7 @@ def route_heads(model: nn.Module, predictors: dict[str, tuple[Router, Any]], *,
     """
     check_model("model", model)
     check_fraction("keep", keep, zero=False, one=True)
-    if not isinstance(skip_kv, bool):
-        raise TypeError(f"skip_kv must be a bool, got {type(skip_kv).__name__}")
+    check_bool("skip_kv", skip_kv)
     if not isinstance(predictors, dict) or not predictors:
         raise ValueError("predictors must be the non-empty dict head_predictors returns, got "
                          f"{type(predictors).__name__}")

@@ -41,6 +41,7 @@ from torch import nn
 from sparsekit._checks import (
     MAX_SEED,
     ArgumentTypeError,
+    check_bool,
     check_device,
     check_int,
     check_materialized,
@@ -121,8 +122,7 @@ class SAE(nn.Module):
                             ("init_norm", init_norm)):
             check_positive(name, value)
         for name, flag in (("transcoder", transcoder), ("normalize_decoder", normalize_decoder)):
-            if not isinstance(flag, bool):
-                raise ArgumentTypeError(f"{name} must be a bool, got {flag!r}")
+            check_bool(name, flag)
         self._check_seed(seed)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ArgumentTypeError(f"dtype must be a floating-point torch.dtype or None, got "
