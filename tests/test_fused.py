@@ -391,6 +391,42 @@ def test_activation_sparse_projections_fuse_into_one_thresholded_call(
     torch.testing.assert_close(q.weight, model.model.layers[0].self_attn.q_proj.weight)
 
 
+@needs_kernels
+def test_the_output_check_compares_activation_sparse_layers_with_every_input_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A threshold turns float rounding into inputs kept on one side and dropped on the
+    other, compounding over layers: the compile of the benchmark LLaMA (2048/5632, 4 layers)
+    with TEAL 50 % failed its own output check by 7e-2. The check runs with the compiled
+    activation-sparse layers' thresholds at zero against the plain model, and gives the
+    thresholds back bit for bit."""
+    import importlib
+
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    compile_module = importlib.import_module("sparsekit.engine.compile")
+    check = compile_module._check_outputs
+    seen = {}
+
+    def spy(reference: nn.Module, compiled: nn.Module, *args: object) -> None:
+        layers = [m for m in compiled.modules() if isinstance(m, ActivationSparseLinear)]
+        seen["layers"] = len(layers)
+        seen["zero"] = all(not bool(m.threshold.any()) for m in layers)
+        seen["hooks"] = any(m._forward_pre_hooks for m in reference.modules())
+        check(reference, compiled, *args)
+
+    monkeypatch.setattr(compile_module, "_check_outputs", spy)
+    _act_clock(monkeypatch)
+    model = _llama()
+    teal = _teal(model)
+    compiled = compile(model, (IDS,), activation_sparsity=teal, cache=False)
+    # per block: q/k/v as one, o, gate/up as one, down
+    assert seen == {"layers": 8, "zero": True, "hooks": False}
+    thresholds = {n: m.threshold for n, m in compiled.named_modules()
+                  if isinstance(m, ActivationSparseLinear)}
+    assert all(torch.equal(t, torch.full_like(t, 0.3)) for t in thresholds.values())
+
+
 @contextlib.contextmanager
 def _thresholded(model: nn.Module, thresholds: dict[str, torch.Tensor]) -> Iterator[None]:
     """``model`` with its layers' inputs sparsified by ``thresholds``, as compiled."""
