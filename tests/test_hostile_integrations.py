@@ -127,12 +127,13 @@ def test_a_cache_record_with_a_split_that_is_no_row_count_is_ignored(cache_dir):
 
 @pytest.mark.parametrize("where, value", [
     ("ms_dense", math.nan), ("speedup", math.inf), ("times_ms", -1.0), ("times_ms", math.nan),
-    ("spread", math.nan), ("spread", -0.5),
+    ("spread", math.nan), ("spread", -0.5), ("ms_dense", "1.5"), ("times_ms", "0.2"),
+    ("spread", True),
 ])
 def test_a_cache_record_with_times_no_timing_gives_is_ignored(cache_dir, where, value):
     """json.loads reads NaN and Infinity: a record claiming NaN or negative times was read
     as a valid decision (the report showed speedup nan; a NaN spread made a close call
-    look clear, so it was never timed again)."""
+    look clear, so it was never timed again); strings and booleans were read as times."""
     directory, clock = cache_dir
     compile(_linear_model(), torch.randn(4, 32), formats=CANDIDATES)
 

@@ -259,11 +259,12 @@ def _parse(data: object, key: dict[str, object]) -> dict[str, object]:
 
 
 def _time(value: object) -> float:
-    """``value`` as a float, if it is one a timing can record: finite and not negative."""
-    number = float(value)
-    if not 0 <= number < math.inf:  # also NaN
+    """``value`` as a float, if it is one a timing can record: a JSON number (``"0.5"`` and
+    ``true`` were read as times), finite and not negative."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0 <= value < math.inf):  # also NaN
         raise ValueError(f"{value!r} is no finite time, spread or ratio ≥ 0")
-    return number
+    return float(value)
 
 
 def _by_rows(values: dict[str, object], rows: object, kind: Callable[[object], object]
