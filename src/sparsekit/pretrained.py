@@ -38,7 +38,7 @@ from torch import nn
 
 from sparsekit import checkpoint
 from sparsekit._atomic import atomic_write, directory_lock, sync
-from sparsekit._checks import ArgumentTypeError
+from sparsekit._checks import ArgumentTypeError, check_materialized_module
 from sparsekit.engine import fused
 from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import ActivationSparseLinear, check_column_index
@@ -66,6 +66,9 @@ DENSE_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8}
 ROW_SCALE_SUFFIX = "_row_scale"  # int8 dense tensor ``<owner>.<leaf>``: scales ``<leaf>_row_scale``
 _META_KEY = "pretrained"  # the checkpoint header entry describing the model to rebuild
 _CASTABLE = (torch.float32, torch.float64, torch.float16)
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")
+"""The weight files a concrete ``transformers`` class loads from a directory."""
 
 
 def save_pretrained(
@@ -104,7 +107,9 @@ def save_pretrained(
     renames leaves no loadable directory, as ``config.json`` is renamed last. Two saves to
     one directory at once run one after the other (:func:`sparsekit._atomic.directory_lock`;
     not on platforms without ``fcntl``, such as Windows, where concurrent saves to one
-    directory are not supported), so the directory holds one of them, whole.
+    directory are not supported), so the directory holds one of them, whole. A directory
+    holding ``transformers``' own weight files (:data:`HF_WEIGHTS`, e.g. a
+    ``model.save_pretrained`` there before) is refused: a concrete class would load those.
     """
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not callable(getattr(config, "to_json_string", None)):
@@ -118,10 +123,17 @@ def save_pretrained(
         raise TypeError(f"tokenizer must have a save_pretrained method, got "
                         f"{type(tokenizer).__name__}")
     stored_as = _check_dense_dtype(dense_dtype)
-    _check_directory(directory)
-    path = Path(directory)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"directory {str(path)!r} exists and is not a directory")
+    path = _check_save_directory(directory)
+    # beside this config, LlamaForCausalLM.from_pretrained loaded them (on a default-sized
+    # config: the old dense weights of a 7B model), the second guard gone
+    if stale := [n for n in HF_WEIGHTS if os.path.lexists(path / n)]:
+        raise ValueError(
+            f"directory {str(path)!r} holds transformers weights ({', '.join(stale)}), "
+            "which a transformers class would load instead of these; accepted: a new "
+            "directory, or one without them (remove them first)"
+        )
+    # its tensors are read only in the write, after the directory was created
+    check_materialized_module(model, "model: ")
     compiled = compiled_layers(model)
     dtype = _model_dtype(model, compiled)
     cast = [] if stored_as is None else _dense_tensors(model, masks, compiled, stored_as)
@@ -209,8 +221,10 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     with config_errors(str(config_file)):
         config = transformers.CONFIG_MAPPING[data["model_type"]].from_dict(data)
     cls = _model_class(transformers, config, config_file)
+    dtype = checkpoint._DTYPES[record["dtype"]]
+    _check_sizes(cls, config, dtype, infos, record["compiled"], config_file, weights)
     with config_errors(str(config_file)):
-        model = cls._from_config(config, dtype=checkpoint._DTYPES[record["dtype"]])
+        model = cls._from_config(config, dtype=dtype)
     _install_compiled(model, record["compiled"], weights, infos)
     _install_scales(model, {k: v.shape for k, v in infos.items() if k.endswith(f".{SCALE_NAME}")},
                     weights)
@@ -223,7 +237,9 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
             _set_tensor(model, key, _restored(model, key, stored_dtype).to(dtype))
             _get_tensor(model, key).requires_grad_(grad)
     if (path / "generation_config.json").is_file() and hasattr(model, "generation_config"):
-        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+        # a JSON list or a value it cannot take was a raw TypeError or ValueError
+        with config_errors(str(path / "generation_config.json"), "generation config"):
+            model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     if masks.masks:
         model.sparsekit_masks = masks
     return model.eval()
@@ -338,6 +354,32 @@ def _model_class(transformers: Any, config: Any, config_file: Path) -> Any:
     return transformers.MODEL_MAPPING[type(config)]
 
 
+def _check_sizes(cls: Any, config: Any, dtype: torch.dtype, infos: dict[str, checkpoint.TensorInfo],
+                 compiled: dict[str, Any], config_file: Path, weights: Path) -> None:
+    """Raise ``ValueError`` naming ``config_file`` unless every tensor of the model it
+    describes (a skeleton built on the meta device: no memory) that ``weights`` holds has
+    the shape the file declares (compiled layers aside: their formats store other tensors).
+
+    Built for real first, a tampered size (an ``intermediate_size`` of ``10**8``) allocated
+    and initialised a model of that size before ``sparsekit.load`` found the mismatch: tens
+    of gigabytes, or the out-of-memory killer ending the process.
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = cls._from_config(config, dtype=dtype)
+    except Exception:  # the real build below names it (config_errors), or succeeds
+        return
+    for key, tensor in skeleton.state_dict().items():
+        info = infos.get(key)
+        if info is not None and not _under(key, compiled) and tuple(info.shape) != tuple(
+                tensor.shape):
+            raise ValueError(
+                f"{config_file}: the model it describes has {key!r} of shape "
+                f"{tuple(tensor.shape)}, but {weights.name} holds {tuple(info.shape)}; "
+                "accepted: the config.json saved with these weights (were its sizes changed?)"
+            )
+
+
 def check_config_class(cls: type, config: Any, where: str) -> None:
     """Raise ``ValueError`` unless the ``transformers`` model class ``cls`` takes ``config``
     (its ``config_class``): ``where`` (the config file) names the mismatch."""
@@ -349,19 +391,42 @@ def check_config_class(cls: type, config: Any, where: str) -> None:
 
 
 @contextmanager
-def config_errors(where: str) -> Iterator[None]:
+def config_errors(where: str, what: str = "model") -> Iterator[None]:
     """Turn an error of ``transformers`` building a config or a model from a config file
     (``where``) into a ``ValueError`` naming the file: values no model can have (a negative
     width, zero heads, a float size) failed with a bare ``RuntimeError``,
-    ``ZeroDivisionError``, ``KeyError`` or huggingface_hub's validation error. A missing
-    file (``OSError``), a missing dependency and running out of memory pass through."""
+    ``ZeroDivisionError``, ``KeyError`` or huggingface_hub's validation error. ``what`` the
+    file describes goes in the message. A missing file (``OSError``), a missing dependency
+    and running out of memory pass through."""
     try:
         yield
     except (OSError, ImportError, torch.OutOfMemoryError):
         raise
     except Exception as e:
-        raise ValueError(f"{where} describes no model this transformers can build "
+        raise ValueError(f"{where} describes no {what} this transformers can build "
                          f"({type(e).__name__}: {e})") from e
+
+
+def _check_save_directory(directory: object) -> Path:
+    """``directory`` as the ``Path`` :func:`save_pretrained` writes, or a ``ValueError``
+    naming it: ``""`` (which pathlib reads as ``"."``) wrote into the working directory, a
+    NUL character was a ``ValueError`` naming nothing, and a name that is no directory
+    (a file, a dangling link) or lies under a file failed with a raw ``OSError`` of the
+    directory's creation."""
+    _check_directory(directory)
+    raw = os.fspath(directory)
+    path = Path(directory)
+    what = ("is empty (use '.' for the working directory)" if raw == ""
+            else "holds a NUL character" if "\0" in raw
+            else "exists and is not a directory" if os.path.lexists(path) and not path.is_dir()
+            else None)
+    if what is None:
+        on_the_way = [p for p in path.absolute().parents if p.exists() and not p.is_dir()]
+        what = f"lies under {str(on_the_way[0])!r}, a file" if on_the_way else None
+    if what is not None:
+        raise ValueError(f"directory {raw!r} {what}; accepted: the path of a directory to "
+                         "create or to write into")
+    return path
 
 
 def _check_directory(directory: object) -> None:

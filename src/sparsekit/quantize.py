@@ -124,9 +124,11 @@ def fake_quantize(
     weight: torch.Tensor, scales: torch.Tensor, group_size: int | None = None
 ) -> torch.Tensor:
     """``weight`` rounded to the int8 grid of ``scales``, in ``weight``'s dtype (what the
-    int8 kernels will multiply with; zeros stay zero)."""
+    int8 kernels will multiply with; zeros stay zero); float32 for an integer ``weight``,
+    whose grid values are fractions (cast back, 7.83 was truncated to 7, off the grid)."""
     codes, _ = quantize_int8(weight, scales, group_size)
-    return dequantize_int8(codes, scales, group_size).to(weight.dtype)
+    values = dequantize_int8(codes, scales, group_size)
+    return values.to(weight.dtype) if weight.is_floating_point() else values
 
 
 def attach_scales(module: nn.Module, scales: torch.Tensor) -> None:

@@ -38,10 +38,13 @@ class Layer:
         return w.t().shape if self.transposed else w.shape
 
     def weight(self) -> torch.Tensor:
-        """A float32 copy of the weight in ``(out, in)`` layout."""
+        """A float32 copy of the weight in ``(out, in)`` layout; a float64 weight's copy
+        stays float64, so that a method which only masks writes its kept weights back
+        exactly (they were rounded to float32)."""
         w = self.module.weight.detach()
         w = w.t() if self.transposed else w
-        return w.float().clone(memory_format=torch.contiguous_format)
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        return w.to(dtype).clone(memory_format=torch.contiguous_format)
 
     def to_storage(self, t: torch.Tensor) -> torch.Tensor:
         """An ``(out, in)`` tensor in the stored weight's layout."""

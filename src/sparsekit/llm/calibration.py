@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_seed, memory_bytes, seeded
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_int,
+    check_materialized,
+    check_seed,
+    memory_bytes,
+    seeded,
+)
 from sparsekit.distributed import check_same_on_ranks, rank_slice, world_size
 
 Calibration = torch.Tensor | list[str] | str | os.PathLike
@@ -66,12 +73,14 @@ def calibration_tokens(
 
 def check_token_dtype(ids: torch.Tensor, param: str = "calibration") -> None:
     """Raise unless the tensor ``ids`` holds integers: ``.long()`` would silently truncate
-    float ids (3.7 to 3) and turn bools into ids 0 and 1."""
+    float ids (3.7 to 3) and turn bools into ids 0 and 1; and unless it holds values (one
+    on the meta device failed in the vocabulary check with a raw ``RuntimeError``)."""
     dtype = ids.dtype
     if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
         raise ArgumentTypeError(
             f"{param} tensor must hold token ids, an integer dtype (torch.long), got {dtype}"
         )
+    check_materialized(param, ids)
 
 
 def rank_share(tokens: torch.Tensor) -> torch.Tensor:

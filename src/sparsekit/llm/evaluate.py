@@ -9,10 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_module, model_errors
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_int,
+    check_materialized_module,
+    check_module,
+    model_errors,
+)
 from sparsekit.blocks import home_device
 from sparsekit.llm.calibration import check_token_dtype, check_token_ids, tokenize
-from sparsekit.llm.prune import check_seqlen
+from sparsekit.llm.prune import check_seqlen, max_positions
 from sparsekit.observe import preserved
 
 
@@ -38,6 +44,7 @@ def perplexity(
     A perplexity beyond float's range (a mean NLL above ~709 nats) is ``math.inf``.
     """
     check_module("model", model)
+    check_materialized_module(model, "model: ")  # else a raw Tensor.item() error
     check_seqlen(model, seqlen, minimum=2, default=False)
     stride = seqlen if stride is None else stride
     check_int("stride", stride, minimum=1)
@@ -103,12 +110,44 @@ def embed(model: nn.Module, tokenizer: Any, sentences: list[str], *, batch_size:
     out = []
     with preserved(model, train=False):
         for i in range(0, len(sentences), batch_size):
-            enc = tokenizer(sentences[i:i + batch_size], padding=True, truncation=True,
-                            return_tensors="pt").to(device)
+            enc = _encode(tokenizer, sentences[i:i + batch_size], model, device)
             hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()
             mask = enc["attention_mask"].unsqueeze(-1).float()
             out.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
     return torch.cat(out)
+
+
+def _encode(tokenizer: Any, sentences: list[str], model: nn.Module, device: torch.device
+            ) -> dict[str, Any]:
+    """``tokenizer``'s padded batch of ``sentences``, its tensors on ``device``, once its
+    token ids are ones ``model`` embeds and fit its context: an id past the vocabulary
+    failed with a bare ``IndexError`` inside the embedding, a batch longer than the
+    position embeddings (a tokenizer that does not truncate to the model's length) or
+    without any token with a raw ``RuntimeError``, and a sentence of no tokens embedded as
+    zeros (a similarity of 0 between identical models)."""
+    returned = ("the tokenizer must return a batch with 'input_ids' and 'attention_mask' "
+                "tensors (a Hugging Face tokenizer)")
+    try:
+        enc = dict(tokenizer(sentences, padding=True, truncation=True, return_tensors="pt"))
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+    except (KeyError, TypeError, IndexError, ValueError, RuntimeError, AttributeError) as e:
+        raise ValueError(f"tokenizer: tokenizing sentences failed ({type(e).__name__}: "
+                         f"{e}); {returned}") from e
+    if not (isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor)
+            and ids.dim() == 2 and mask.shape == ids.shape):
+        raise ValueError(f"tokenizer: {returned}, got {type(ids).__name__} input_ids")
+    check_token_ids(ids, model, "sentences")
+    limit, lengths = max_positions(model), mask.sum(1)
+    if bool((lengths == 0).any()) or (limit is not None and ids.shape[1] > limit):
+        # a sentence of no tokens embedded as zeros: a cosine of 0 to its dense embedding
+        at = int(lengths.argmin()) if bool((lengths == 0).any()) else int(lengths.argmax())
+        raise ValueError(
+            f"sentences: {sentences[at][:50]!r} tokenizes to {int(lengths[at])} tokens; "
+            f"accepted: 1 to {limit or 'any number of'} tokens (the context of "
+            f"{type(model).__name__}, config.max_position_embeddings: a tokenizer whose "
+            "model_max_length truncates to it)"
+        )
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in enc.items()}
 
 
 def embedding_similarity(
@@ -121,6 +160,8 @@ def embedding_similarity(
     """
     check_module("model", model)
     check_module("dense_model", dense_model)
+    check_materialized_module(model, "model: ")
+    check_materialized_module(dense_model, "dense_model: ")
     if not isinstance(sentences, (list, tuple)):
         raise ArgumentTypeError(f"sentences must be a non-empty list of strings, got "
                                 f"{type(sentences).__name__}")
@@ -131,4 +172,8 @@ def embedding_similarity(
                                 f"{type(tokenizer).__name__}")
     a = embed(model, tokenizer, sentences)
     b = embed(dense_model, tokenizer, sentences)
+    if a.shape != b.shape:  # was a raw broadcasting RuntimeError
+        raise ValueError(f"dense_model embeds in {b.shape[-1]} dimensions, model in "
+                         f"{a.shape[-1]}; accepted: the dense model that model was pruned from "
+                         "(the same width)")
     return float(F.cosine_similarity(a, b, dim=-1).mean())

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsekit._checks import check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, check_sparsity
 from sparsekit.llm.sparsegpt import sparsegpt_prune
 from sparsekit.observe import InputStats
-from sparsekit.patterns import NM, Pattern
+from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from sparsekit.quantize import fake_quantize, int8_scales
 from sparsekit.registry import Registry
 from sparsekit.scores.wanda import wanda_scores
@@ -68,7 +68,7 @@ def prune_layer(
     W: torch.Tensor,
     stats: InputStats | None,
     sparsity: float,
-    pattern: Pattern,
+    pattern: str | Pattern,
     quantize: str | None = None,
     group_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -76,29 +76,66 @@ def prune_layer(
     on the symmetric int8 grid of ``scales`` (float32, one per output row, or with
     ``group_size`` one per row and group of ``group_size`` inputs; ``None`` unquantized), the
     grid of the unquantized pruned weight (see the module's notes).
+
+    ``method`` is a :class:`Method` (``METHODS.get(name)``), ``W`` a finite 2-D
+    floating-point tensor, ``pattern`` unstructured or N:M (a :class:`Pattern` or its
+    string), ``sparsity`` in [0, 1); each is checked first (a ``ValueError`` naming it, an
+    :class:`~sparsekit._checks.ArgumentTypeError` for a wrong type).
     """
+    pattern = _check_layer_arguments(method, W, sparsity, pattern)
     check_quantize(quantize)  # "int4" was quantized to int8 without a word
     if group_size is not None:  # before the sweep: SparseGPT named the scales it derived
         check_int("group_size", group_size, minimum=1)
-        cols = W.shape[-1] if isinstance(W, torch.Tensor) and W.dim() == 2 else None
-        if quantize is None or (cols is not None and cols % group_size):
+        cols = W.shape[1]
+        if quantize is None or cols % group_size:
             raise ValueError(
                 f"group_size must divide W's {cols} inputs and needs quantize='int8' (one "
                 f"int8 scale per row and group of inputs, the groups of a row equal: a grid "
                 f"with a partial last group cannot be attached), got group_size={group_size}"
                 f"{'' if quantize else ' with quantize=None'}"
             )
-    if method.stats and stats is None:  # an AttributeError ('NoneType' ... 'norms')
+    if method.stats and not isinstance(stats, InputStats):  # an AttributeError (... 'norms')
         raise ValueError("stats: this method needs the input statistics of the layer "
-                         "(sparsekit.observe.InputStats), got None")
+                         "(sparsekit.observe.InputStats), got "
+                         f"{'None' if stats is None else type(stats).__name__}")
+    if method.gram and stats.gram is None:  # a bare RuntimeError from InputStats.hessian
+        raise ValueError("stats: this method needs the inputs' Gram matrix; accepted: "
+                         "InputStats(features, gram=True), got one with gram=False")
     w, keep = method.prune(W, stats, sparsity, pattern)
     if quantize is None:
         return w, keep, None
+    w = w.float()  # a float64 layer's too: int8 scales and codes are float32
     scales = int8_scales(w, group_size)
     if method.joint is None:
         return fake_quantize(w, scales, group_size), keep, scales
     w, keep = method.joint(W, stats, sparsity, pattern, scales)
     return w, keep, scales
+
+
+def _check_layer_arguments(method: Method, W: torch.Tensor, sparsity: float,
+                           pattern: str | Pattern) -> Pattern:
+    """The parsed ``pattern``, once :func:`prune_layer`'s layer is checked: a method name
+    was an ``AttributeError``, a pattern string ("2:4") was pruned as unstructured, a
+    sparsity of 1.5 was a bare "k must be ≥ 0" and NaN a raw conversion error, a 1-D ``W``
+    was pruned as a row and NaN weights kept at random."""
+    if not isinstance(method, Method):
+        raise ArgumentTypeError(f"method must be a Method (sparsekit.llm.METHODS.get(name)), "
+                                f"got {type(method).__name__}")
+    pat = parse_pattern(pattern)
+    if not isinstance(pat, (Unstructured, NM)):
+        raise ValueError(f"pattern {pat.spec!r} is not supported here; accepted: "
+                         "'unstructured' or N:M such as '2:4'")
+    check_sparsity(sparsity)
+    if not isinstance(W, torch.Tensor) or not W.is_floating_point():
+        got = W.dtype if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ArgumentTypeError(f"W must be a real floating-point tensor, got {got}")
+    if W.dim() != 2:
+        raise ValueError(f"W must be a 2-D (out, in) weight, got shape {tuple(W.shape)}")
+    pat.check(W.shape, "W")
+    check_materialized("W", W)
+    if not bool(W.detach().isfinite().all()):
+        raise ValueError("W holds non-finite values (NaN or inf); accepted: finite weights")
+    return pat
 
 
 def keep_mask(

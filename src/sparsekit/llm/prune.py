@@ -33,13 +33,21 @@ of one process calibrated on all the windows, up to the order of floating-point 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, closing
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_device, check_int, check_seed
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_device,
+    check_int,
+    check_materialized_module,
+    check_seed,
+)
 from sparsekit.allocation import outlier_ratio, owl_sparsities
 from sparsekit.blocks import BlockCall, capture_inputs, find_blocks
 from sparsekit.distributed import all_reduce_sum, check_same_on_ranks
@@ -55,7 +63,7 @@ from sparsekit.masks import MaskSet
 from sparsekit.observe import InputStats, preserved, record
 from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
 from sparsekit.prune import check_sparsity
-from sparsekit.quantize import attach_scales, detach_scales, guard_loading
+from sparsekit.quantize import SCALE_NAME, attach_scales, detach_scales, guard_loading
 from sparsekit.registry import Registry
 from sparsekit.scores.wanda import wanda_scores
 from sparsekit.targets import TargetSpec
@@ -128,6 +136,8 @@ def prune(
     if progress is not None and not callable(progress):
         raise ArgumentTypeError(f"progress must be None or a callable progress(done, total), "
                                 f"got {progress!r}")
+    # a model on the meta device (not loaded yet) failed with a raw Tensor.item() error
+    check_materialized_module(model, "model: ")
     dev = _check_device(device)
     check_quantize(quantize)
     if group_size is not None:
@@ -138,6 +148,7 @@ def prune(
     spec = METHODS.get(method)
     pat = check_options(sparsity, pattern, allocation)
     check_int("batch_size", batch_size, minimum=1)
+    batch_size = int(batch_size)  # a NumPy int failed in Tensor.split with a raw TypeError
     check_seed("seed", seed)
     seqlen = check_seqlen(model, seqlen)
     blocks = find_blocks(model)
@@ -150,6 +161,16 @@ def prune(
                 f"the layout the engine compiles); {layer.name!r} is a "
                 f"{type(layer.module).__name__}; accepted for this model: quantize=None "
                 f"(values: None, {', '.join(map(repr, QUANTIZE))})"
+            )
+        if (quantize is not None and hasattr(layer.module, SCALE_NAME)
+                and SCALE_NAME not in layer.module._buffers):
+            # attach_scales refuses to replace it, once every block was pruned and rounded
+            raise ValueError(
+                f"quantize={quantize!r}: the layer of {layer.name!r} already has a "
+                f"{SCALE_NAME} that is not int8 scales (a "
+                f"{type(getattr(layer.module, SCALE_NAME)).__name__}), which the int8 grid's "
+                "scales would replace; accepted: layers without one (remove it first), or "
+                "quantize=None"
             )
         if group_size is not None and layer.shape[1] % group_size:
             raise ValueError(
@@ -181,17 +202,18 @@ def prune(
     # old scales (the weight left off its grid) or, of another shape, failed to restore. The
     # blocks written before an error keep theirs too.
     grids: list[tuple[nn.Module, torch.Tensor | None]] = []
+    written = 0  # blocks pruned so far
     try:
-        with preserved(model, train=False), torch.no_grad():
+        with preserved(model, train=False), torch.no_grad(), ExitStack() as steps:
             ratios = [0.0] * len(blocks)
             if ALLOCATIONS.meta(allocation)["outliers"]:  # from a dense pass of the unpruned model
                 ratios = []
-                for i, stats in run(METHODS.get("wanda")):
+                for i, stats in steps.enter_context(closing(run(METHODS.get("wanda")))):
                     _check_inputs(layers[i], stats, pruned=0)
                     ratios.append(outlier_ratio([wanda_scores(x.weight(), stats[x.name])
                                                  for x in layers[i]]))
             sparsities = ALLOCATIONS.get(allocation)(ratios, sparsity)
-            for i, stats in run(spec, progress):
+            for i, stats in steps.enter_context(closing(run(spec, progress))):
                 _check_inputs(layers[i], stats, pruned=i)
                 new = []
                 for layer in layers[i]:
@@ -202,7 +224,16 @@ def prune(
                     layer.set_weight(w)
                     grids.append((layer.module, scales))
                     masks[layer.name] = layer.to_storage(keep)
+                written = i + 1
                 del new  # before the next block's statistics are gathered
+    except BaseException as err:
+        # an error of a hook, of progress() or of the machine (KeyboardInterrupt, out of
+        # memory) in block k left blocks 0 to k - 1 pruned without a word
+        if written and f"blocks 0 to {written - 1} were already pruned" not in str(err):
+            warnings.warn(f"llm.prune stopped after {written} of {len(blocks)} blocks "
+                          f"({type(err).__name__}): {_already(written, hint=None)}",
+                          RuntimeWarning, stacklevel=2)
+        raise
     finally:
         for module, scales in grids:
             if scales is not None:
@@ -253,8 +284,13 @@ def _sequential(
     progress: Progress | None,
 ) -> Iterator[tuple[int, dict[str, InputStats]]]:
     """Yield ``(i, stats)`` for each block; the caller prunes block ``i`` before resuming,
-    and the block's outputs, recomputed after that, feed block ``i + 1``."""
-    ((hidden, calls),) = capture_inputs(model, [blocks[0]], tokens.split(batch_size), device)
+    and the block's outputs, recomputed after that, feed block ``i + 1``. Block ``i`` is
+    on ``device`` meanwhile, and back where it was once it is done, fails or the caller
+    closes this generator (:func:`contextlib.closing`: an error of the caller's while
+    block ``i`` was out left it on ``device``)."""
+    # errors of ids the model cannot take name llm.prune's argument, not "inputs"
+    ((hidden, calls),) = capture_inputs(model, [blocks[0]], tokens.split(batch_size), device,
+                                        param="calibration")
     bad = torch.tensor(sum(_non_finite(h) for h in hidden))
     all_reduce_sum(bad)  # every rank raises, or none does
     if bad:
@@ -266,16 +302,18 @@ def _sequential(
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
         block.to(device or home)
-        stats: dict[str, InputStats] = {}
-        if need.stats and layers[i]:
-            with record({x.name: x.module for x in layers[i]}, gram=need.gram) as stats:
-                _forward(block, hidden, calls)
-            for s in stats.values():  # over all ranks' windows
-                s.all_reduce()
-        yield i, stats
-        del stats
-        hidden = _forward(block, hidden, calls)
-        block.to(home)
+        try:  # back home however the block ends (an error, the caller closing this early)
+            stats: dict[str, InputStats] = {}
+            if need.stats and layers[i]:
+                with record({x.name: x.module for x in layers[i]}, gram=need.gram) as stats:
+                    _forward(block, hidden, calls)
+                for s in stats.values():  # over all ranks' windows
+                    s.all_reduce()
+            yield i, stats
+            del stats
+            hidden = _forward(block, hidden, calls)
+        finally:
+            block.to(home)
         if progress is not None:
             progress(i + 1, len(blocks))
 
@@ -341,10 +379,10 @@ def _check_finite_parameters(model: nn.Module, blocks: nn.ModuleList) -> None:
 def _check_float32_range(layers: list[list[Layer]], quantize: str | None) -> None:
     """Raise naming the first targeted weight with a magnitude float32 cannot hold.
 
-    Each layer is pruned (and quantized: int8 scales and codes are float32) on a float32
-    copy of its weight, where such a value of a float64 model became infinite: a kept one
-    failed as a non-finite weight, and ``quantize="int8"`` as one with no int8 code — after
-    the blocks before it were already pruned.
+    Pruning scores (Wanda's), SparseGPT's sweep and int8 scales and codes are float32,
+    where such a value of a float64 model became infinite: a kept one failed as a
+    non-finite weight, and ``quantize="int8"`` as one with no int8 code — after the blocks
+    before it were already pruned.
     """
     most = torch.finfo(torch.float32).max
     for layer in (x for block in layers for x in block):
@@ -361,22 +399,37 @@ def _check_float32_range(layers: list[list[Layer]], quantize: str | None) -> Non
             )
 
 
-def _already(pruned: int) -> str:
-    """What has changed when block ``pruned`` finds a fault (blocks before it are pruned)."""
+_OVERFLOWED = "their outputs overflowed: prune in float32 or at a lower sparsity"
+
+
+def _already(pruned: int, hint: str | None = _OVERFLOWED) -> str:
+    """What has changed when block ``pruned`` finds a fault (blocks before it are pruned),
+    with ``hint`` (the likely cause) in parentheses."""
     if pruned == 0:
         return "the model was not changed"
-    return (f"blocks 0 to {pruned - 1} were already pruned and stay pruned (their outputs "
-            "overflowed: prune in float32 or at a lower sparsity); reload the model to retry")
+    why = f" ({hint})" if hint else ""
+    return (f"blocks 0 to {pruned - 1} were already pruned and stay pruned{why}; reload the "
+            "model to retry")
 
 
 def _check_inputs(layers: list[Layer], stats: dict[str, InputStats], pruned: int) -> None:
-    """Raise naming the first layer whose calibration input statistics hold NaN or inf:
-    inputs that do (their float64 squared sums show it), or finite ones whose products
-    overflow the float32 Hessian."""
+    """Raise naming the first layer the calibration never ran (no input rows: SparseGPT
+    zeroed every weight of it, its Hessian all "dead" inputs, and Wanda kept arbitrary
+    ones, its scores all zero, while the masks said half were kept), or whose calibration
+    input statistics hold NaN or inf: inputs that do (their float64 squared sums show it),
+    or finite ones whose products overflow the float32 Hessian."""
     for layer in layers:
         s = stats.get(layer.name)
         if s is None:
             continue
+        if s.rows == 0:
+            raise ValueError(
+                f"calibration: {layer.name!r} received no inputs (the calibration windows "
+                "never ran it), so this method has nothing to prune it by; accepted: "
+                "calibration that runs every targeted layer, or leave it out with exclude="
+                f"{layer.name.removesuffix('.weight')!r} (or method='magnitude'); "
+                f"{_already(pruned, hint=None)}"
+            )
         bad = _non_finite(s.sq)
         if bad:
             raise ValueError(
