@@ -35,7 +35,8 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from sparsekit._atomic import atomic_write
-from sparsekit._checks import check_module, memory_bytes
+from sparsekit._checks import ArgumentTypeError, check_module, memory_bytes
+from sparsekit.distributed import is_sharded
 from sparsekit.engine import fused
 from sparsekit.masks import MaskSet, keeps_everything, pattern_view
 from sparsekit.patterns import Pattern, parse_pattern
@@ -97,6 +98,8 @@ def save(
     same path are removed (see :func:`_remove_stale_temps`).
     """
     check_module("model", model)
+    _check_whole(model)
+    _check_state(model, "there is nothing to save")
     path = checkpoint_file(path)
     if masks is not None and not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
@@ -117,8 +120,11 @@ def save(
                                  "accepted: str that encode to UTF-8") from None
     mask_of = masks.masks if masks is not None else {}
     state = model.state_dict()
-    reserved = sorted({"tied", "fused", "format", "format_version", "pattern", "tensors",
-                       "digest"} & set(metadata or {}))
+    # "model" too where it records how to rebuild a sparsekit.models model: the caller's
+    # entry replaced that record silently (the CLI then could not rebuild the model)
+    reserved = sorted(({"tied", "fused", "format", "format_version", "pattern", "tensors",
+                        "digest"} | ({"model"} if hasattr(model, "sparsekit_config") else set()))
+                      & set(metadata or {}))
     if reserved:
         raise ValueError(f"metadata: keys {reserved} are the checkpoint's own header entries; "
                          "choose other names")
@@ -160,7 +166,7 @@ def save(
             may_win = _sparse_may_win(value.numel(), nnz, value.element_size())
             keep = bitwise.ne(0) if may_win else None  # a dense tensor builds no index
         else:
-            keep, nnz = None, int(torch.count_nonzero(value))
+            keep, nnz = None, _count_nonzero(value)
         encoding, own = _encode(value, keep, nnz, force=key in mask_of)
         own = {f"{key}{suffix}": t for suffix, t in own.items()}
         parts.update(own)
@@ -188,17 +194,25 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     a file whose folders are directories or missing (``""``, ``"."``, ``".."`` and an
     existing directory name no file: the rename over it would fail only after the temporary
     file was written; an existing file on the way was a raw ``NotADirectoryError`` of the
-    folders' creation; ``"x/"`` and ``"x/."``, which pathlib reads as the file ``x``, were
-    written there; a NUL character failed only in the write). A recipe checks its ``out``
-    with it before any stage runs."""
-    target = Path(path)  # a TypeError for what is no path at all
+    folders' creation, and a broken symbolic link a raw ``FileExistsError``; ``"x/"`` and
+    ``"x/."``, which pathlib reads as the file ``x``, were written there; a NUL character
+    failed only in the write; an existing device, FIFO or socket, ``/dev/null`` too, was
+    replaced by the rename with a regular file). A recipe checks its ``out`` with it
+    before any stage runs."""
+    target = Path(_check_path_type(path))
     raw = os.fspath(path)
     what = ("no file name" if target.name in ("", "..") or os.path.basename(raw) in ("", ".")
             else "a NUL character" if "\0" in raw
-            else "an existing directory" if target.is_dir() else None)
+            else "an existing directory" if target.is_dir()
+            else f"an existing {kind}, not a regular file" if (kind := _special_kind(target))
+            else None)
     if what is None:
-        on_the_way = [p for p in target.absolute().parents if p.exists() and not p.is_dir()]
-        what = f"{str(on_the_way[0])!r} is a file, not a directory" if on_the_way else None
+        # a broken link too (to nothing, or a loop): its creation was a raw FileExistsError
+        on_the_way = [p for p in target.absolute().parents
+                      if os.path.lexists(p) and not p.is_dir()]
+        blocker = ("a broken symbolic link" if on_the_way and not on_the_way[0].exists()
+                   else "a file")
+        what = f"{str(on_the_way[0])!r} is {blocker}, not a directory" if on_the_way else None
     if what is not None:
         raise ValueError(f"path must be the path of the checkpoint file to write, got "
                          f"{os.fspath(path)!r} ({what})")
@@ -219,7 +233,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
     digest covers the header only) load with a warning.
     """
     check_module("model", model)
-    _check_materialized(model)
+    _check_whole(model)
+    _check_state(model, "nothing can be loaded into it")
+    _check_writable(model)
     stored = _open(path)
     state = _declared_state(stored)  # nothing decoded yet
     # compiled layers fused (or not) as the saved model's were: fusing is decided by timing
@@ -372,7 +388,7 @@ def _open(path: str | os.PathLike) -> _Stored:
                              f"metadata {sealed} but its format is {meta.get('format')!r}, "
                              f"not {FORMAT!r}")
         infos = {
-            k: TensorInfo("dense", tuple(v.shape), str(v.dtype), int(torch.count_nonzero(v)),
+            k: TensorInfo("dense", tuple(v.shape), str(v.dtype), _count_nonzero(v),
                           False)
             for k, v in parts.items()
         }
@@ -402,20 +418,41 @@ def _open(path: str | os.PathLike) -> _Stored:
     return _Stored(parts, infos, meta, path, tied)
 
 
+def _check_path_type(path: object) -> str | os.PathLike:
+    """Raise :class:`ArgumentTypeError` naming ``path`` unless it is a str or an
+    ``os.PathLike`` (pathlib's own error, "expected str, bytes or os.PathLike object, not
+    int", named no argument)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"path must be a str or os.PathLike path of a checkpoint "
+                                f"file, got {type(path).__name__}")
+    return path
+
+
 def _checked_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
+    path = Path(_check_path_type(path))
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist") from None
     if stat.S_ISDIR(mode):
         raise ValueError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
-    if not stat.S_ISREG(mode):
-        kinds = {stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
-                 stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket"}
-        kind = next((name for test, name in kinds.items() if test(mode)), "special file")
+    if kind := _special_kind(path):
         raise ValueError(f"checkpoint {str(path)!r} is a {kind}, not a regular file")
     return path
+
+
+def _special_kind(path: Path) -> str | None:
+    """What ``path`` (its links followed) is where it exists and is neither a regular file
+    nor a directory: ``"FIFO"``, ``"character device"`` …; else ``None``."""
+    try:
+        mode = path.stat().st_mode
+    except (OSError, ValueError):  # missing, a link loop, a name too long
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = {stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
+             stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
 def _metadata(raw: bytes) -> dict[str, str]:
@@ -456,13 +493,14 @@ def _tensor_info(key: str, entry: dict) -> TensorInfo:
     """``entry`` as a TensorInfo, every field checked for its type and range."""
     encoding, shape, dtype = entry["encoding"], entry["shape"], entry["dtype"]
     nnz, masked = entry["nnz"], entry["masked"]
-    if encoding not in _ENCODINGS:
-        raise ValueError(f"header entry {key!r}: encoding {encoding!r} is not one of "
+    # a list or an object there was a raw TypeError ("unhashable type") of the lookups
+    if not isinstance(encoding, str) or encoding not in _ENCODINGS:
+        raise ValueError(f"header entry {key!r}: encoding {encoding!r:.40} is not one of "
                          f"{sorted(_ENCODINGS)}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise ValueError(f"header entry {key!r}: shape must be a list of non-negative "
                          f"integers, got {shape!r:.80}")
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise ValueError(f"header entry {key!r}: dtype {dtype!r:.40} is not a storable dtype")
     # torch counts elements and bytes in int64: a shape past that was a raw RuntimeError
     # ("Storage size calculation overflowed") of the meta placeholder, before any check
@@ -566,12 +604,61 @@ def _check_v1_digest(meta: dict[str, str]) -> None:
 
 # -- the model: checks before decoding ------------------------------------------------------
 
-def _check_materialized(model: nn.Module) -> None:
-    meta = [k for k, v in model.state_dict().items() if v.is_meta]
+def _check_whole(model: nn.Module) -> None:
+    """Raise ``ValueError`` if ``model`` is sharded (FSDP2's ``fully_shard`` or tensor
+    parallelism: its parameters are ``DTensor`` shards): a checkpoint holds whole tensors,
+    and both ``save`` and ``load`` failed with a raw ``RuntimeError`` ("Attempted to access
+    the data pointer on an invalid python storage")."""
+    if is_sharded(model):
+        raise ValueError(
+            "model is sharded (its parameters are DTensor shards, from fully_shard or tensor "
+            "parallelism); accepted: a model whose tensors are whole. Save the model before "
+            "sharding it (or a copy given its full state dict: torch.distributed.checkpoint."
+            "state_dict.get_model_state_dict(model, options=StateDictOptions("
+            "full_state_dict=True))), and load into a model before sharding it")
+
+
+def _check_writable(model: nn.Module) -> None:
+    """Raise ``ValueError`` if ``model`` holds inference tensors (built under
+    ``torch.inference_mode``) and inference mode is off now: PyTorch writes them only inside
+    it, and ``load_state_dict`` raised a raw ``RuntimeError`` for each, after copying the
+    values in (the model loaded, no masks returned)."""
+    if torch.is_inference_mode_enabled():
+        return
+    frozen = [k for k, v in model.state_dict().items() if v.is_inference()]
+    if frozen:
+        raise ValueError(
+            f"model: its tensors {frozen[:3]} are inference tensors (made under "
+            "torch.inference_mode), which cannot be changed in place outside it; accepted: a "
+            "model built without it, or call load inside inference mode")
+
+
+def _check_state(model: nn.Module, why: str) -> None:
+    """Raise ``ValueError`` unless every entry of ``model.state_dict()`` is a tensor that
+    holds values: one that is no tensor (the dict a module's ``get_extra_state`` returns)
+    failed with a raw ``AttributeError``, a sparse one with a raw ``NotImplementedError``;
+    one on the meta device (``why`` says what that
+    rules out) failed a save with a raw ``NotImplementedError``, "Cannot copy out of meta
+    tensor"."""
+    state = model.state_dict()
+    other = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if other:
+        raise ValueError(
+            f"model: its state_dict entries {other[:3]} are no tensors (a "
+            f"{type(state[other[0]]).__name__}, from a module's get_extra_state()); accepted: "
+            "a model whose state_dict holds tensors only, which a checkpoint (safetensors) "
+            "stores")
+    sparse = [k for k, v in state.items() if v.layout != torch.strided]
+    if sparse:  # a raw NotImplementedError ("Cannot access storage of SparseTensorImpl")
+        raise ValueError(
+            f"model: its state_dict entries {sparse[:3]} are {state[sparse[0]].layout} "
+            "tensors; accepted: dense (strided) tensors, which a checkpoint (safetensors) "
+            "stores: register such a tensor dense, or as its parts (indices and values)")
+    meta = [k for k, v in state.items() if v.is_meta]
     if meta:
         raise ValueError(
-            f"model has tensors on the meta device ({meta[:3]}), so nothing can be loaded into "
-            "it; materialize it first, e.g. model.to_empty(device='cpu')"
+            f"model has tensors on the meta device ({meta[:3]}), so {why}; materialize it "
+            "first, e.g. model.to_empty(device='cpu'), and load its weights"
         )
 
 
@@ -655,6 +742,18 @@ def _tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
         else:
             first[view] = key
     return tied
+
+
+def _count_nonzero(t: torch.Tensor) -> int:
+    """``torch.count_nonzero`` of a tensor of any dtype a checkpoint stores: PyTorch has
+    no kernel for unsigned ints wider than 8 bits nor for float8 (a raw
+    ``NotImplementedError`` saving such a buffer, or reading a plain safetensors file of
+    one). Their same-width ints (unsigned) and float32 (float8, exactly) count alike."""
+    if t.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        t = t.view(_SAME_WIDTH_INT[t.element_size()])
+    elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        t = t.float()
+    return int(torch.count_nonzero(t))
 
 
 def _check_masked_zero(key: str, dropped: torch.Tensor) -> None:

@@ -44,6 +44,7 @@ from sparsekit._checks import (
     check_module,
     check_parameter_names,
 )
+from sparsekit.distributed import is_sharded
 from sparsekit.masks import MaskSet, check_mask
 from sparsekit.prune import compute_masks
 from sparsekit.targets import TargetSpec, resolve_targets
@@ -84,6 +85,9 @@ class Delta:
                 raise ArgumentTypeError(
                     f"values[{n!r}] must be a floating-point tensor, got {got}"
                 )
+            if v.layout != torch.strided:  # its checks below failed inside PyTorch
+                raise ArgumentTypeError(f"values[{n!r}] must be a dense (strided) tensor, got "
+                                        f"layout {v.layout}; convert with `.to_dense()`")
             check_mask(f"masks[{n!r}]", self.masks[n], v.shape)
             check_materialized(f"values[{n!r}]", v)  # its checks below read values
             if not bool(torch.isfinite(v).all()):
@@ -112,11 +116,16 @@ class Delta:
 
         ``alpha`` is a finite real number (a NumPy scalar or a 0-d tensor too). Every name,
         shape and dtype is checked before any weight changes (a weight on the meta device,
-        without values, is refused by name), and so is every updated
-        weight: one that ``alpha`` would make overflow its dtype (``alpha=1e39`` on a
-        float32 weight) is refused with the model untouched.
+        without values, is refused by name, and so is one made under
+        ``torch.inference_mode`` while it is off), and so is every updated weight: one
+        that ``alpha`` would make overflow its dtype (``alpha=1e39`` on a float32 weight)
+        is refused with the model untouched.
         """
         check_module("model", model)
+        if is_sharded(model):  # a raw "mixed torch.Tensor and DTensor" RuntimeError
+            raise ValueError("model is sharded (its parameters are DTensor shards, from "
+                             "fully_shard or tensor parallelism); accepted: a model whose "
+                             "parameters are whole: apply the delta before sharding it")
         alpha = _check_alpha(alpha)
         params = dict(model.named_parameters())
         missing = [n for n in self.values if n not in params]
@@ -129,6 +138,13 @@ class Delta:
                 raise ValueError(f"delta for {n!r} is {tuple(v.shape)}, the model's parameter is "
                                  f"{tuple(params[n].shape)} {params[n].dtype}")
             check_materialized(f"model: parameter {n!r}", params[n])  # its overflow check reads it
+            if params[n].is_inference() and not torch.is_inference_mode_enabled():
+                # add_ raised a raw RuntimeError after the earlier weights had changed
+                raise ValueError(f"model: parameter {n!r} is an inference tensor (made under "
+                                 "torch.inference_mode), which cannot be changed in place "
+                                 "outside it; accepted: parameters made outside inference mode "
+                                 "(build or load the model without it), or call this inside "
+                                 "inference mode")
         for n, v in self.values.items():
             _check_update(n, params[n], v, alpha)
         for n, v in self.values.items():
@@ -388,6 +404,13 @@ def _check_support(model: nn.Module, support: Mapping[str, torch.Tensor]
         if uses[id(t.param)] > 1:
             raise ValueError(f"{name!r} is shared with another module (tied weights); a delta "
                              "on one of its owners would not reach the others: exclude it")
+        if t.param.is_inference() and not torch.is_inference_mode_enabled():
+            # the parametrization's set_ raised a raw RuntimeError, with every parameter's
+            # requires_grad turned off
+            raise ValueError(f"model: parameter {name!r} is an inference tensor (made under "
+                             "torch.inference_mode), which cannot take a delta; accepted: "
+                             "parameters made outside inference mode (build or load the model "
+                             "without it)")
         sites[name] = (t.module_name, name.rpartition(".")[2])
     return sites
 

@@ -38,6 +38,7 @@ from sparsekit._checks import (
     check_bool,
     check_fraction,
     check_int,
+    check_materialized_module,
     check_module,
     check_positive,
 )
@@ -60,7 +61,8 @@ def sparse_lora(
 
     ``config`` is a ``peft.LoraConfig``. ``masks`` is the :class:`~sparsekit.MaskSet` the
     model was pruned with (applied once the adapters are in place); without it, a base
-    weight's mask is where it is nonzero. Only LoRA layers of ``nn.Linear`` and GPT-2
+    weight's mask is where it is nonzero (read before an initialization that rewrites the
+    base, such as PiSSA's, and applied after it). Only LoRA layers of ``nn.Linear`` and GPT-2
     ``Conv1D`` may have a sparse base. ``masked_forward`` picks how the adapter trains (see
     the module docstring). Returns the ``peft.PeftModel`` (``model`` itself is changed in
     place, as ``peft`` does); when anything is refused, by sparsekit or by ``peft``,
@@ -70,6 +72,7 @@ def sparse_lora(
     if not isinstance(config, peft.LoraConfig):
         raise ArgumentTypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
     check_bool("masked_forward", masked_forward)
+    check_materialized_module(model, "model: ")  # its masks are read from the weights
     if isinstance(model, peft.PeftModel):
         raise ValueError("model is a PeftModel already; pass the pruned base model")
     if _lora_layers(model):
@@ -79,17 +82,24 @@ def sparse_lora(
     by_param = _check_masks(model, masks)
     _check_config(config)
     _check_ranks(model, config)
-    modules = dict(model.named_modules())
+    if masks is None and _rewrites_base(config):
+        by_param = {id(p): p.detach() != 0 for p in model.parameters() if p.dim() >= 2}
+    modules, attributes = dict(model.named_modules()), set(vars(model))
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     try:
         wrapped = peft.get_peft_model(model, config)  # peft checks the targets here
-        _check_saved_copies(wrapped, by_param)
+        _check_saved_copies(wrapped, by_param, "config.modules_to_save")
         _install(wrapped, by_param, masked_forward=masked_forward)
     except Exception:
-        _restore(model, modules, grad_flags)
+        _restore(model, modules, grad_flags, attributes)
         raise
     if masks is not None:
         masks.apply()  # the base weights are the same parameters inside the LoRA layers
+    elif by_param:  # the zeros an init that rewrote the base filled in
+        with torch.no_grad():
+            for layer in _lora_layers(wrapped).values():
+                if hasattr(layer, MASK_NAME):
+                    layer.get_base_layer().weight.masked_fill_(~getattr(layer, MASK_NAME), 0)
     return wrapped
 
 
@@ -99,20 +109,26 @@ def merge(model: nn.Module, masks: MaskSet | None = None) -> nn.Module:
     ``model`` is a ``peft`` model (from :func:`sparse_lora`, ``get_peft_model`` or
     ``PeftModel.from_pretrained``). A layer's mask is the one :func:`sparse_lora` gave it,
     else the entry of ``masks`` for its base weight, else where that weight is nonzero.
-    Returns the base model with merged weights; every weight zero before is zero after.
+    Returns the base model with merged weights; every weight zero before is zero after (a
+    ``modules_to_save`` copy of a module with a sparse weight, which would replace it, and an
+    adapter holding NaN or infinite entries are refused before anything is merged).
     """
     if not isinstance(model, nn.Module) or not callable(getattr(model, "merge_and_unload", None)):
         raise ArgumentTypeError(f"model must be a peft model (with merge_and_unload()), got "
                                 f"{type(model).__name__}")
     if not _lora_layers(model):
         raise ValueError("model has no LoRA layers to merge (is it a peft LoRA model?)")
+    check_materialized_module(model, "model: ")  # merging reads and writes the weights
     by_param = _check_masks(model, masks)
+    _check_saved_copies(model, by_param, "model: its modules_to_save")
+    _check_finite_adapters(model)
     _install(model, by_param, masked_forward=None)
     return model.merge_and_unload()
 
 
 def layer_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """The mask each LoRA layer of ``model`` merges with, by the name of its base weight."""
+    check_module("model", model)
     return {f"{name}.base_layer.weight": getattr(layer, MASK_NAME)
             for name, layer in _lora_layers(model).items() if hasattr(layer, MASK_NAME)}
 
@@ -196,6 +212,11 @@ def _install(model: nn.Module, by_param: Mapping[int, torch.Tensor], *,
             if variant is not None and not isinstance(variant, MaskedMerge):
                 raise ValueError(f"LoRA layer {name!r}: adapter {adapter!r} uses "
                                  f"{type(variant).__name__}, which cannot keep a sparse base")
+            if variant is None and adapter in layer.merged_adapters:
+                # merge_and_unload keeps what is merged: the dense update, silently
+                raise ValueError(f"LoRA layer {name!r}: adapter {adapter!r} was merged already "
+                                 "by peft's plain merge (merge_adapter()), which filled the "
+                                 "pruned weights in; call model.unmerge_adapter() first")
         plan.append((layer, mask.to(weight.device, torch.bool)))
     for layer, mask in plan:
         if not hasattr(layer, MASK_NAME):
@@ -228,6 +249,20 @@ def _check_config(config: peft.LoraConfig) -> None:
                          "cannot keep a sparse base; use plain LoRA")
 
 
+_KEEPS_BASE = frozenset({"gaussian", "eva", "orthogonal", "mica"})
+"""The string ``init_lora_weights`` of ``peft`` that initialize the adapter alone; every
+other (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA …) subtracts the adapter's start from the base
+weight, which fills its zeros in."""
+
+
+def _rewrites_base(config: peft.LoraConfig) -> bool:
+    """Whether ``config``'s initialization changes the base weights: their zeros (the masks
+    without a ``MaskSet``) must then be read before ``peft`` wraps the model — read after,
+    a PiSSA base was dense and its pruned weights were lost silently."""
+    init = config.init_lora_weights
+    return not (isinstance(init, bool) or str(init).lower() in _KEEPS_BASE)
+
+
 def _check_ranks(model: nn.Module, config: peft.LoraConfig) -> None:
     """Raise on a rank above every dimension of ``model``'s weights: the update ``B@A``
     of an ``(out, in)`` layer has rank at most ``min(out, in)``, so such a rank adds
@@ -245,9 +280,11 @@ def _check_ranks(model: nn.Module, config: peft.LoraConfig) -> None:
                              f"the model's weights: a higher rank adds nothing), got {rank}")
 
 
-def _check_saved_copies(model: nn.Module, by_param: Mapping[int, torch.Tensor]) -> None:
+def _check_saved_copies(model: nn.Module, by_param: Mapping[int, torch.Tensor],
+                        what: str) -> None:
     """Raise if ``modules_to_save`` copies a module with a sparse weight: the copy trains
-    densely and replaces the module when merged, filling its pruned weights in."""
+    densely and replaces the module when merged, filling its pruned weights in (``what``
+    names where the copies were asked for: the config, or the model being merged)."""
     for name, module in model.named_modules():
         if not isinstance(module, peft.utils.ModulesToSaveWrapper):
             continue
@@ -257,24 +294,41 @@ def _check_saved_copies(model: nn.Module, by_param: Mapping[int, torch.Tensor]) 
                       else p.dim() >= 2 and not bool(p.detach().all()))
             if sparse:
                 raise ValueError(
-                    f"config.modules_to_save: {name!r} has a sparse weight ({pname!r}); its "
+                    f"{what}: {name!r} has a sparse weight ({pname!r}); its "
                     "trainable copy would train densely and fill the pruned weights in when "
                     "merged. Target it with LoRA (target_modules) instead")
 
 
+def _check_finite_adapters(model: nn.Module) -> None:
+    """Raise if an adapter that merging adds holds NaN or infinite entries (a diverged
+    training): the merge wrote them into every kept weight of its layer, silently."""
+    for name, layer in _lora_layers(model).items():
+        for pname, p in layer.named_parameters():
+            kind, _, rest = pname.partition(".")
+            if (kind.startswith("lora_") and rest.partition(".")[0] in layer.active_adapters
+                    and not bool(torch.isfinite(p).all())):
+                raise ValueError(
+                    f"model: LoRA layer {name!r} holds NaN or infinite entries in {pname!r} (a "
+                    "diverged training?); merging would write them into its weights")
+
+
 def _restore(model: nn.Module, modules: Mapping[str, nn.Module],
-             grad_flags: Mapping[nn.Parameter, bool]) -> None:
+             grad_flags: Mapping[nn.Parameter, bool], attributes: set[str]) -> None:
     """Put back the submodules ``peft`` replaced (``modules`` as ``named_modules()`` gave
-    them before, parents first) and the ``requires_grad`` flags it changed.
+    them before, parents first) and the ``requires_grad`` flags it changed, and remove the
+    attributes it added to ``model`` (those not in ``attributes``, ``vars(model)`` before).
 
     ``peft`` leaves the layers it wrapped before an error in place, and a failed
-    ``get_peft_model`` returns no model to ``unload()``.
+    ``get_peft_model`` returns no model to ``unload()``. The ``peft_config`` it leaves on
+    the model made the next ``get_peft_model`` of it warn of "multiple adapters".
     """
     for name, module in modules.items():
         if name and model.get_submodule(name) is not module:
             model.set_submodule(name, module)
     for p, flag in grad_flags.items():
         p.requires_grad_(flag)
+    for name in set(vars(model)) - attributes:
+        delattr(model, name)
 
 
 def _check_masks(model: nn.Module, masks: MaskSet | None) -> dict[int, torch.Tensor]:

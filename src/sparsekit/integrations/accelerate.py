@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError
+from sparsekit._checks import ArgumentTypeError, check_module
 from sparsekit.integrations import training
 from sparsekit.integrations.training import Attached, Sparsity
 
@@ -34,8 +34,9 @@ def attach(accelerator: Any, sparsity: Sparsity, model: nn.Module, optimizer: ob
     ``accelerator.prepare``: masks and functions see the unwrapped model (its parameter
     names), hooks go on the optimizer inside the ``AcceleratedOptimizer``."""
     unwrap = getattr(accelerator, "unwrap_model", None)
-    if unwrap is None:
-        raise ArgumentTypeError(
-            f"accelerator must be an accelerate.Accelerator, got {type(accelerator).__name__}"
-        )
+    if unwrap is None or isinstance(accelerator, type):  # the class: unwrap_model unbound
+        got = f"the class {accelerator.__name__}" if isinstance(accelerator, type) else (
+            type(accelerator).__name__)
+        raise ArgumentTypeError(f"accelerator must be an accelerate.Accelerator, got {got}")
+    check_module("model", model)  # unwrap_model failed on anything else with AttributeError
     return training.attach(sparsity, unwrap(model), optimizer)
