@@ -347,6 +347,8 @@ class ActivationSparseLinear(BoundArguments):
         stays the float weight it is: these kernels read one scale per row. Inputs and
         outputs keep ``linear``'s dtype.
         """
+        if not isinstance(linear, nn.Linear):  # an nn.Embedding's weight was taken as one
+            raise ArgumentTypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         scales = attached_scales(linear)
         if value_dtype not in (None, torch.int8):
             raise ValueError(f"value_dtype must be None or torch.int8, got {value_dtype!r}")
@@ -423,6 +425,19 @@ class ActivationSparseLinear(BoundArguments):
                      for t in samples.values())
         return (lean if single else dense), {**(choice or {"format": "act_gemv"}),
                                              "single_copy": single}
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """``.to(dtype)``, ``.half()``, ...: the layer takes (and returns) the dtype its
+        thresholds were cast to, and int8 scales stay float32, as the kernels read them.
+        ``dtype`` stayed the old one, so inputs of either dtype reached a kernel whose
+        buffers had the other, which failed with a raw ``RuntimeError``."""
+        scales = self._buffers.get("scales")
+        out = super()._apply(fn, recurse)
+        moved = self._buffers.get("scales")
+        if scales is not None and moved is not None and moved.dtype != scales.dtype:
+            self._buffers["scales"] = scales.to(moved.device)  # not rounded through the cast
+        self.dtype = self._buffers["threshold"].dtype
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bound = self.__dict__.get("_bound") or self._bind()
@@ -520,6 +535,9 @@ class ActivationSparseLinear(BoundArguments):
             return op(*before, x.contiguous(), *after, self.threads or kernels.num_threads(),
                       self.scales)
         self._check_torch_input(x)
+        # the kept columns are chosen by x's values (a raw NotImplementedError of nonzero()
+        # for a layer and input moved to the meta device)
+        check_materialized("x", x)
         if self.kernel == "act_bitmap_qgemv":
             return self._w8a8_gemv(x)
         kept = (sparsify_input(x, self.threshold) != 0).nonzero().squeeze(1)
@@ -683,6 +701,11 @@ class ActivationSparseLinear(BoundArguments):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # assign=True made the buffers the state's own tensors, which the kernels refuse
+        # unless contiguous (a raw RuntimeError on the next forward)
+        for key, t in list(self._buffers.items()):
+            if t is not None and not t.is_contiguous():
+                setattr(self, key, t.contiguous())
 
     def extra_repr(self) -> str:
         return (

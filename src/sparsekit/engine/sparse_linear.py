@@ -33,6 +33,7 @@ from sparsekit._checks import (
     check_bool,
     check_device,
     check_int,
+    check_materialized,
     check_optimizer,
 )
 from sparsekit.distributed import full, is_dtensor
@@ -96,7 +97,13 @@ def _mark_resized(values: torch.Tensor, old: int) -> None:
 
 
 class _Structure:
-    """Index tensors of one sparsity pattern, row-major and column-major."""
+    """Index tensors of one sparsity pattern, row-major and column-major.
+
+    ``retired`` is set once a layer replaces it (:meth:`SparseLinear._install`): a backward
+    through a forward that used it would put the gradients on the new structure's weights.
+    """
+
+    retired = False  # a class default: layers pickled before it existed still load
 
     def __init__(self, row: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]) -> None:
         out_features, in_features = self.shape = shape
@@ -200,8 +207,15 @@ class _SparseLinearFunction(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        xt, values = ctx.saved_tensors
         s: _Structure = ctx.structure
+        if s.retired:  # before saved_tensors, whose version check fails with a raw error
+            raise ValueError(
+                "SparseLinear: its structure was changed (set_structure, or loading a state "
+                "with another structure) between this forward and its backward, whose "
+                "gradients would land on the new structure's weights. Accepted: backward (and "
+                "the optimizer step) before changing the structure, or a new forward after it"
+            )
+        xt, values = ctx.saved_tensors
         gt = grad.t().contiguous()
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
@@ -213,6 +227,28 @@ class _SparseLinearFunction(torch.autograd.Function):
         if ctx.sink is not None:
             ctx.sink._accumulate_dense_grad(gt @ xt.t())
         return dx, dv, db, None, None
+
+
+def _check_linear_tensors(linear: nn.Linear) -> None:
+    """Raise ``ValueError`` (:class:`ArgumentTypeError` for a dtype) naming ``linear``'s
+    weight or bias unless the weight is a floating-point ``(out_features, in_features)``
+    tensor and the bias (if any) a floating-point ``(out_features,)`` one with values:
+    :meth:`SparseLinear.from_linear` copies them, and a replaced bias of another shape
+    failed in that copy (a raw ``RuntimeError``, or ``NotImplementedError`` on the meta
+    device), an integer one was cast, and the error of an integer weight named a ``dtype``
+    the caller never passed."""
+    shape = (linear.out_features, linear.in_features)
+    for name, t, want in (("weight", linear.weight, shape),
+                          ("bias", linear.bias, shape[:1])):
+        if t is None:
+            continue
+        accepted = (f"a floating-point tensor of shape {want} (in_features={shape[1]}, "
+                    f"out_features={shape[0]})")
+        if not t.is_floating_point():
+            raise ArgumentTypeError(f"linear's {name} must be {accepted}, got dtype {t.dtype}")
+        if tuple(t.shape) != want:
+            raise ValueError(f"linear's {name} must be {accepted}, got shape {tuple(t.shape)}")
+        check_materialized(f"linear's {name}", t)
 
 
 class SparseLinear(nn.Module):
@@ -296,6 +332,7 @@ class SparseLinear(nn.Module):
                 "to keep); accepted: an nn.Linear with data, e.g. after "
                 "linear.to_empty(device=...) and its initialization or a loaded state"
             )
+        _check_linear_tensors(linear)
         mask = weight != 0 if mask is None else mask
         layer = cls(
             linear.in_features,
@@ -343,6 +380,7 @@ class SparseLinear(nn.Module):
         return w
 
     @torch.no_grad()
+    @torch.inference_mode(False)  # as _load_from_state_dict: the layer must stay trainable
     def set_structure(
         self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
     ) -> None:
@@ -386,7 +424,11 @@ class SparseLinear(nn.Module):
             _mark_resized(p, nnz)
 
     def _install(self, s: _Structure) -> None:
-        """Make ``s`` the structure; ``rowptr`` and ``col`` are its persistent buffers."""
+        """Make ``s`` the structure; ``rowptr`` and ``col`` are its persistent buffers. The
+        structure it replaces is retired: a pending backward through it refuses."""
+        old = self.__dict__.get("_structure")
+        if old is not None and old is not s:
+            old.retired = True
         self._structure = s
         self.register_buffer("rowptr", s.rowptr)
         self.register_buffer("col", s.col)
@@ -513,6 +555,10 @@ class SparseLinear(nn.Module):
                               f"{tuple(t.shape)}")
         return errors, s
 
+    # Not under a caller's inference_mode: a structure and values made there were inference
+    # tensors, and the layer could not be trained after (a raw "Inference tensors cannot be
+    # saved for backward"), where an nn.Linear loaded the same way could.
+    @torch.inference_mode(False)
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
         error_msgs,
@@ -538,6 +584,10 @@ class SparseLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # assign=True made the buffers the state's own tensors, beside the structure built
+        # from copies of them: a non-contiguous col, or one its owner changes later, reached
+        # the products after the next .to(). The buffers are the structure's again.
+        self._install(self._structure)
 
     def _same_structure(self, s: _Structure) -> bool:
         own = self._structure
@@ -582,7 +632,8 @@ class SparseLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        """Raise unless ``x`` is ``(..., in_features)`` of the weight's dtype and device."""
+        """Raise unless ``x`` is ``(..., in_features)`` of the weight's dtype and device, and
+        the weights hold values (not moved to the meta device)."""
         if not isinstance(x, torch.Tensor):
             raise ArgumentTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -591,6 +642,8 @@ class SparseLinear(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         values = self.values
+        # moved there by .to("meta"): the products failed inside PyTorch
+        check_materialized("SparseLinear.values", values)
         if x.dtype != values.dtype:
             raise ArgumentTypeError(
                 f"x must have the weight's dtype {values.dtype}, got {x.dtype}"
@@ -602,9 +655,16 @@ class SparseLinear(nn.Module):
         self.dense_grad = grad if self.dense_grad is None else self.dense_grad + grad
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        """Move the index tensors along with the parameters (``.to``, ``.cuda``, ...)."""
+        """Move the index tensors along with the parameters (``.to``, ``.cuda``, ...).
+
+        The buffers ``fn`` made hold the structure's indices: ``to_empty()`` left them
+        uninitialized, and the products (which trust ``col``) read those garbage indices."""
         super()._apply(fn, recurse)
+        unmoved = self._structure.rowptr  # the buffer before fn: kept as it is by a no-op
         s = self._structure.to(self.values.device)
+        if not self.rowptr.is_meta and self.rowptr is not unmoved:  # new buffers: fill them
+            self.rowptr.copy_(s.rowptr)
+            self.col.copy_(s.col)
         s.rowptr, s.col = self.rowptr, self.col  # the buffers, moved by super()._apply
         return self
 

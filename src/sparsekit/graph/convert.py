@@ -17,7 +17,7 @@ import networkx as nx
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_module
+from sparsekit._checks import ArgumentTypeError, check_materialized, check_module
 from sparsekit.masks import MaskSet
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -185,6 +185,8 @@ def _chain(model_or_masks: nn.Module | MaskSet) -> tuple[list[Layer], list[int]]
     layers: list[Layer] = []
     widths: list[int] = []
     for name, module, param, recurrent in _weights(model):
+        # a meta weight failed in the copy below with a raw NotImplementedError
+        check_materialized(f"model_or_masks: weight {name!r}", param)
         w = param.detach().cpu().double()
         alive = kept.get(name, w != 0)
         edges, weights = _connections(module, w * alive, alive)

@@ -8,12 +8,14 @@ Both kinds are dropped, which can leave more neurons dead, so this runs to a fix
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsekit._checks import check_materialized_module
 from sparsekit.models import LeNet300100
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -37,10 +39,15 @@ def remove_dead_neurons(model: nn.Module) -> nn.Module:
     ``nn.Softmax`` or ``nn.LayerNorm``, is refused, since dropping a neuron would change
     the others' values; anything before the first and after the last linear layer
     is kept) and :class:`~sparsekit.models.LeNet300100`. Inputs and outputs are never
-    dropped. Masks of the original model do not carry over.
+    dropped. Masks of the original model do not carry over. The linear layers must be
+    plain ones with values, each the only holder of its weight and bias: a subclass that
+    overrides ``forward``, a layer on the meta device, and a layer used twice or whose
+    weight is tied to another parameter are refused (rebuilt on their own, they would lose
+    their forward, fail inside PyTorch, or come back untied and larger).
     """
-    model = copy.deepcopy(model)
     names, acts = _chain(model)
+    _check_linears(model, names)
+    model = copy.deepcopy(model)
     linears = [model.get_submodule(n) for n in names]
     with torch.no_grad():
         while True:
@@ -82,6 +89,36 @@ def _chain(model: nn.Module) -> tuple[list[str], list[Activation]]:
                 )
         acts.append(copy.deepcopy(between).eval())  # e.g. dropout acts as identity
     return [str(i) for i in where], acts
+
+
+def _check_linears(model: nn.Module, names: list[str]) -> None:
+    """Raise ``ValueError`` naming the first layer ``model.<name>`` of ``names`` that
+    :func:`remove_dead_neurons` cannot rebuild as a plain ``nn.Linear`` with the same outputs:
+    one whose class overrides ``forward`` (the output changed silently), one on the meta
+    device (a raw ``RuntimeError``), or one whose weight or bias another module of ``model``
+    also holds (a shared layer or tied weights, silently untied: the "smaller" model could
+    hold more weights than the original)."""
+    holders: defaultdict[int, list[str]] = defaultdict(list)
+    for key, param in model.named_parameters(remove_duplicate=False):
+        holders[id(param)].append(key)
+    for name in names:
+        linear = model.get_submodule(name)
+        if type(linear).forward is not nn.Linear.forward:
+            raise ValueError(
+                f"model.{name} ({type(linear).__name__}) overrides nn.Linear.forward; "
+                "remove_dead_neurons rebuilds the linear layers as plain nn.Linear, which "
+                "would drop that forward: accepted are nn.Linear layers computing x Wᵀ + b"
+            )
+        check_materialized_module(linear, f"model.{name}.")
+        for pname, param in linear.named_parameters():
+            others = [k for k in holders[id(param)] if k != f"{name}.{pname}"]
+            if others:
+                raise ValueError(
+                    f"model.{name}.{pname} is also model.{others[0]} (a layer used twice or "
+                    "tied weights); remove_dead_neurons rebuilds each linear layer on its "
+                    "own, which would untie them. Accepted: linear layers that share no "
+                    "parameter (untie them first, e.g. with a copy.deepcopy of the shared one)"
+                )
 
 
 def _drop_dead(
