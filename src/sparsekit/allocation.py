@@ -9,11 +9,14 @@ so each layer is within one element of its exact share.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
+from sparsekit._checks import check_fraction, check_mapping
 from sparsekit.registry import Registry
 from sparsekit.select import top_k_counts
 
@@ -21,21 +24,40 @@ ALLOCATIONS: Registry = Registry("allocation", meta={"uses_scores": False})
 """``uses_scores``: the split depends on the score values, not only on the layer shapes."""
 
 Scores = dict[str, torch.Tensor]
+Allocation = Callable[[Scores, float], dict[str, int]]
 
 
-@ALLOCATIONS.register("uniform")
+def _register(name: str, **meta: Any) -> Callable[[Allocation], Allocation]:
+    """Register an allocation as ``name`` in :data:`ALLOCATIONS`, its arguments checked
+    first (``sparsity`` in [0, 1]: 1 keeps nothing): called from the table directly,
+    ``sparsity=1.5`` gave negative counts (silently) and NaN a raw "cannot convert float
+    NaN to integer"."""
+
+    def add(fn: Allocation) -> Allocation:
+        @functools.wraps(fn)
+        def checked(scores: Scores, sparsity: float) -> dict[str, int]:
+            check_mapping("scores", scores, torch.Tensor, "a torch.Tensor")
+            check_fraction("sparsity", sparsity, one=True)
+            return fn(scores, sparsity)
+
+        return ALLOCATIONS.register(name, **meta)(checked)
+
+    return add
+
+
+@_register("uniform")
 def uniform(scores: Scores, sparsity: float) -> dict[str, int]:
     """Every layer gets the same sparsity ("class-uniform" in Han et al. / See et al.)."""
     return _round({n: s.numel() * (1.0 - sparsity) for n, s in scores.items()}, scores)
 
 
-@ALLOCATIONS.register("global", uses_scores=True)
+@_register("global", uses_scores=True)
 def global_(scores: Scores, sparsity: float) -> dict[str, int]:
     """One ranking across all layers ("class-blinded"): keep the top scores anywhere."""
     return _top_k_counts(scores, sparsity)
 
 
-@ALLOCATIONS.register("lamp", uses_scores=True)
+@_register("lamp", uses_scores=True)
 def lamp(scores: Scores, sparsity: float) -> dict[str, int]:
     """Layer-adaptive magnitude pruning (Lee et al. 2021), global over LAMP scores.
 
@@ -78,19 +100,19 @@ def _lamp_of_sorted(sorted_sq: torch.Tensor) -> torch.Tensor:
     return sorted_sq.div_(suffix)
 
 
-@ALLOCATIONS.register("erk")
+@_register("erk")
 def erk(scores: Scores, sparsity: float) -> dict[str, int]:
     """Erdős–Rényi-Kernel (Evci et al. 2020): density ∝ Σ dims / Π dims, kernel included."""
     return _erdos_renyi(scores, sparsity, kernel=True)
 
 
-@ALLOCATIONS.register("er")
+@_register("er")
 def er(scores: Scores, sparsity: float) -> dict[str, int]:
     """Erdős–Rényi (Mocanu et al. 2018): density ∝ (n_in + n_out) / (n_in · n_out)."""
     return _erdos_renyi(scores, sparsity, kernel=False)
 
 
-@ALLOCATIONS.register("owl", uses_scores=True)
+@_register("owl", uses_scores=True)
 def owl(scores: Scores, sparsity: float) -> dict[str, int]:
     """OWL, outlier-weighted layerwise sparsity (Yin et al. 2023): outlier-rich layers keep more.
 

@@ -181,14 +181,21 @@ def _state(source: Source, param: str) -> dict[str, torch.Tensor]:
 
 
 def _checked(state: dict[str, torch.Tensor], param: str) -> dict[str, torch.Tensor]:
-    """``state`` with sparse tensors made dense; a ``ValueError`` for tensors without data
-    (the meta device), which were a raw ``NotImplementedError`` (so were sparse ones)."""
+    """``state`` with sparse tensors made dense and quantized ones dequantized (compared by
+    the values they stand for); a ``ValueError`` for tensors without data (the meta
+    device) and for nested tensors, which have no one shape. Each was a raw error of
+    PyTorch."""
     empty = [k for k, v in state.items() if v.is_meta]
     if empty:
         raise ValueError(f"{param}: the tensors {_few(empty)} are on the meta device and hold "
                          "no values to compare; accepted: tensors with data (load the weights "
                          "first)")
-    return {k: v.to_dense() if v.layout != torch.strided else v for k, v in state.items()}
+    nested = [k for k, v in state.items() if v.is_nested]
+    if nested:
+        raise ValueError(f"{param}: the tensors {_few(nested)} are nested tensors, which have "
+                         "no one shape to compare; accepted: dense, sparse or quantized tensors")
+    return {k: v.dequantize() if v.is_quantized
+            else v.to_dense() if v.layout != torch.strided else v for k, v in state.items()}
 
 
 def _directory_state(path: Path, param: str) -> dict[str, torch.Tensor]:

@@ -337,10 +337,33 @@ class MaskSet:
     def _current_params(self) -> dict[str, torch.Tensor]:
         """The masked parameters as the model holds them now (a replaced one in place of
         the tracked one); raise, changing nothing, where one was replaced by a parameter
-        its mask does not fit."""
+        its mask does not fit or by one on the meta device (``model.to("meta")``: following
+        it moved the masks there, and their values were lost), where one is an inference
+        tensor, which cannot be zeroed outside inference mode (the layers before it were
+        zeroed, then a raw ``RuntimeError``), and where the module holding one is no longer
+        part of the model (replaced or deleted: its weight was masked, and the layer the
+        model now runs was left dense, silently)."""
         params = {}
+        modules = {id(m) for m in self.model.modules()}
         for n, (module, attr) in self._owners.items():
+            if id(module) not in modules:
+                raise ValueError(
+                    f"the module holding parameter {n!r} is no longer part of the model "
+                    "(replaced or deleted since the masks were made); build a new MaskSet "
+                    "for the model as it is now"
+                )
             current = module._parameters.get(attr)
+            if current is not None and current.is_inference() \
+                    and not torch.is_inference_mode_enabled():
+                raise ValueError(
+                    f"parameter {n!r} is an inference tensor (made under "
+                    "torch.inference_mode), which cannot be changed in place outside it; "
+                    "accepted: parameters made outside inference mode (build or load the model "
+                    "without it, or clone its parameters), or call this inside inference mode"
+                )
+            if current is not None and current is not self.params[n]:
+                check_materialized(f"parameter {n!r} (replaced since the masks were made)",
+                                   current)
             if current is not self.params[n] and (current is None
                                                   or current.shape != self.masks[n].shape):
                 got = None if current is None else tuple(current.shape)
@@ -422,6 +445,15 @@ class MaskSet:
                     f"parameters: {', '.join(params)}"
                 )
             check_mask(f"mask for {n!r}", m, params[n].shape)
+            dtype = params[n].dtype
+            # PyTorch masks no float8 tensor in place: apply() zeroed the layers before
+            # one, then failed with a raw NotImplementedError
+            if dtype.is_floating_point and dtype.itemsize == 1:
+                raise ArgumentTypeError(
+                    f"masks has an entry {n!r} for a parameter of dtype {dtype}, which cannot "
+                    "be masked in place; accepted: parameters of other dtypes (float16, "
+                    "bfloat16, float32, float64)"
+                )
 
     def __repr__(self) -> str:
         return (

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError
+from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.registry import Registry
 from sparsekit.select import top_k
 from sparsekit.targets import Target
@@ -71,7 +71,11 @@ def parse_pattern(spec: str | Pattern) -> Pattern:
         family = "nm"
     if family not in PATTERNS or spec == "nm":
         raise ValueError(f"unknown pattern {spec!r}; accepted: {_ACCEPTED}")
-    return PATTERNS.get(family)(spec)
+    parsed = PATTERNS.get(family)(spec)
+    if not isinstance(parsed, Pattern):  # a registered factory's bug failed at first use
+        raise TypeError(f"the pattern factory registered as {family!r} must return a Pattern "
+                        f"for {spec!r}, got {type(parsed).__name__}")
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,19 @@ class Unstructured(Pattern):
     spec: str = "unstructured"
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        _check_mask_args(scores, keep)
         return top_k(scores, keep)
+
+
+def _check_mask_args(scores: object, keep: object) -> None:
+    """Raise unless ``scores`` is a real tensor and ``keep`` an int ≥ 0, the arguments of
+    :meth:`Pattern.mask`: rows, blocks and fan-in took a ``keep`` of ``-1`` or ``True`` (rows
+    and blocks ``1.5`` too) and gave a mask, and a list of scores failed with an
+    ``AttributeError``."""
+    if not isinstance(scores, torch.Tensor) or scores.is_complex():
+        got = scores.dtype if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ArgumentTypeError(f"scores must be a real tensor, got {got}")
+    check_int("keep", keep, minimum=0)
 
 
 def _check_rows(spec: str, shape: torch.Size, name: str) -> None:
@@ -125,6 +141,7 @@ class NM(Pattern):
         return self.n / self.m
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        _check_mask_args(scores, keep)
         groups = scores.reshape(-1, self.m)
         top = torch.topk(groups, self.n, dim=1).indices
         nm = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top, True)
@@ -168,8 +185,14 @@ class Block(Pattern):
             )
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """Keep the ``keep / (r·c)`` tiles of the highest summed scores; ``-inf`` entries
+        (weights already pruned) add nothing to a tile's sum, and a tile of nothing else is
+        never kept (one such entry summed a whole tile to ``-inf``, ranked below every other)."""
+        _check_mask_args(scores, keep)
         tiles = self._tiles(_view2d(scores))
-        kept = top_k(tiles.sum((1, 3)), round(keep / (self.r * self.c)))
+        dead = torch.isneginf(tiles)
+        kept = top_k(tiles.masked_fill(dead, 0).sum((1, 3)), round(keep / (self.r * self.c)),
+                     allowed=~dead.all(3).all(1))
         rows, cols = kept.shape
         full = kept[:, None, :, None].expand(rows, self.r, cols, self.c)
         return full.reshape(scores.shape)
@@ -201,8 +224,14 @@ class Row(Pattern):
         _check_rows(self.spec, shape, name)
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """Keep the ``keep / width`` rows of the highest summed scores; ``-inf`` entries
+        (weights already pruned) add nothing to a row's sum, and a row of nothing else is
+        never kept (one such entry summed a whole row to ``-inf``, ranked below every other)."""
+        _check_mask_args(scores, keep)
         rows = _view2d(scores)
-        kept = top_k(rows.sum(1), round(keep / max(rows.shape[1], 1)))
+        dead = torch.isneginf(rows)
+        kept = top_k(rows.masked_fill(dead, 0).sum(1), round(keep / max(rows.shape[1], 1)),
+                     allowed=~dead.all(1))
         return kept[:, None].expand_as(rows).reshape(scores.shape)
 
     def is_valid(self, mask: torch.Tensor) -> bool:
@@ -237,6 +266,7 @@ class FanIn(Pattern):
         _check_rows(self.spec, shape, name)
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        _check_mask_args(scores, keep)
         rows = _view2d(scores)
         if rows.shape[1] == 0:  # a zero-width layer: nothing to keep, no top score per row
             return torch.zeros_like(scores, dtype=torch.bool)

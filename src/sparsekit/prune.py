@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,7 +40,9 @@ def prune(
     ``method`` names the score that ranks the weights, an entry of
     :data:`~sparsekit.CRITERIA` (``criterion=`` is its deprecated spelling). Every
     argument is validated before anything is changed. Weights that are already exactly
-    zero count as pruned, so pruning a pruned model never revives a weight.
+    zero count as pruned, so pruning a pruned model never revives a weight, but where a
+    pattern keeps units whole (``"row"``, ``"block:RxC"``, ``"fanin"``'s equal rows): a
+    unit is ranked by its other weights, and a kept one is kept whole, zeros included.
     For N:M patterns the pattern caps the density at N/M; a higher ``sparsity``
     thins the N:M mask further. ``pattern="channel"`` removes that fraction of the
     channels of every dependency group (see :mod:`sparsekit.structured`);
@@ -86,7 +89,7 @@ def compute_masks(
     scales = batchnorm_scales(model) if pat.grouped else []  # a group's γ, for magnitude
     ctx = ScoreContext(model, chosen, data, loss_fn, seeded(seed), scales)
     scores = score_fn(ctx)
-    check_scores(scores, method)
+    check_scores(scores, method, chosen)
     if method in GRADIENT_CRITERIA:
         check_gradient_signal(method, chosen, scores)
     if pat.grouped:  # whole dependency groups across layers (pattern="channel")
@@ -101,11 +104,16 @@ def compute_masks(
         if dead.any():
             scores[t.name] = scores[t.name].masked_fill(dead, float("-inf"))
     caps = {t.name: math.floor(pat.max_density() * t.param.numel()) for t in chosen}
-    keep = fit_to_capacity(allocate(scores, float(sparsity)), caps)
+    counts = allocate(scores, float(sparsity))
+    _check_counts(counts, chosen, allocation)
+    keep = fit_to_capacity({t.name: counts[t.name] for t in chosen}, caps)
     masks = {}
     for t in chosen:
         mask = t.out_in(pat.mask(t.out_in(scores.pop(t.name)), keep[t.name])).contiguous()
-        masks[t.name] = mask & (t.param.detach() != 0)
+        live = mask & (t.param.detach() != 0)
+        # a pattern of whole units (rows, tiles, a constant fan-in) keeps a unit whole, its
+        # zeros included: the zeros left out, a kept unit no longer followed the pattern
+        masks[t.name] = live if pat.is_valid(t.out_in(live)) else mask
     return masks, pat
 
 
@@ -135,9 +143,34 @@ def _check_loss_fn(loss_fn: LossFn | None) -> LossFn | None:
     return loss_fn
 
 
-def check_scores(scores: dict[str, torch.Tensor], criterion: str) -> None:
-    """Raise if a layer's scores hold NaN or +inf: ranked, they would prune arbitrarily
-    (one NaN in calibration data made SNIP prune every weight)."""
+def check_scores(scores: Any, criterion: str, targets: list[Target]) -> None:
+    """Raise unless ``scores`` maps every target's name to a dense floating-point tensor of
+    its weight's shape holding values, with no NaN or +inf anywhere (ranked, they would
+    prune arbitrarily: one NaN in calibration data made SNIP prune every weight) and no
+    -inf on a weight that is not zero (-inf marks a weight already pruned: such weights
+    were pruned past the sparsity asked, every one of them for a criterion scoring all
+    -inf). A registered criterion that returned anything else failed deep in the pipeline
+    (a ``KeyError``, an ``AttributeError``, a shape ``RuntimeError``)."""
+    where = f"criterion {criterion!r} must return a dict of target name -> float scores"
+    if not isinstance(scores, Mapping):
+        raise ArgumentTypeError(f"{where}, got {type(scores).__name__}")
+    missing = [t.name for t in targets if t.name not in scores]
+    if missing:
+        raise ValueError(f"{where}; it returned none for {_few(missing)}")
+    for name, s in scores.items():
+        if not isinstance(s, torch.Tensor):
+            raise ArgumentTypeError(f"{where}; for {name!r} it returned {type(s).__name__}")
+        if not s.is_floating_point() or s.layout != torch.strided or s.is_meta:
+            raise ArgumentTypeError(
+                f"{where}; for {name!r} it returned a {s.dtype} tensor of layout {s.layout} "
+                f"on {s.device}: accepted, a dense floating-point tensor with values"
+            )
+    for t in targets:
+        s = scores[t.name]
+        if s.shape != t.param.shape or s.device != t.param.device:
+            raise ValueError(f"{where}; for {t.name!r} it returned shape {tuple(s.shape)} on "
+                             f"{s.device}, not the weight's {tuple(t.param.shape)} on "
+                             f"{t.param.device}")
     for name, s in scores.items():
         bad = int((torch.isnan(s) | torch.isposinf(s)).sum())
         if bad:
@@ -146,4 +179,34 @@ def check_scores(scores: dict[str, torch.Tensor], criterion: str) -> None:
                 f"{s.numel()} for {name!r}: check data and the layer's weights for NaN/inf; "
                 "the model was not changed"
             )
+    for t in targets:
+        bad = int((torch.isneginf(scores[t.name]) & (t.param.detach() != 0)).sum())
+        if bad:
+            raise ValueError(
+                f"criterion {criterion!r} gave {bad} score(s) of -inf for nonzero weights of "
+                f"{t.name!r}; -inf marks a weight already pruned (exactly zero), and these "
+                "would be pruned past the sparsity asked; the model was not changed"
+            )
 
+
+def _check_counts(counts: Any, targets: list[Target], allocation: str) -> None:
+    """Raise unless the allocation returned a count ≥ 0 (an int) for every target: one
+    registered with other results failed later with a ``KeyError``, an ``AttributeError``
+    or a check of ``top_k``'s ``k``."""
+    where = f"allocation {allocation!r} must return a dict of target name -> int count ≥ 0"
+    if not isinstance(counts, Mapping):
+        raise ArgumentTypeError(f"{where}, got {type(counts).__name__}")
+    missing = [t.name for t in targets if t.name not in counts]
+    if missing:
+        raise ValueError(f"{where}; it returned none for {_few(missing)}")
+    for t in targets:
+        k = counts[t.name]
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise ArgumentTypeError(f"{where}; for {t.name!r} it returned {k!r}")
+        if k < 0:
+            raise ValueError(f"{where}; for {t.name!r} it returned {k}")
+
+
+def _few(names: list[str]) -> str:
+    """Up to three of ``names``, quoted, and "…" when there are more."""
+    return ", ".join(map(repr, names[:3])) + (", …" if len(names) > 3 else "")

@@ -43,7 +43,14 @@ class Registry(Generic[F]):
         self._meta: dict[str, Mapping[str, Any]] = {}
 
     def register(self, name: str, **meta: Any) -> Callable[[F], F]:
-        """Decorator that adds an entry under ``name`` with metadata ``meta``."""
+        """Decorator that adds an entry under ``name`` (a nonempty string, as every lookup
+        takes: an int or ``None`` was registered, and every later error message of the table
+        failed to list it) with metadata ``meta``."""
+        if not isinstance(name, str):
+            raise ArgumentTypeError(f"name of a {self.param} must be a nonempty string, got "
+                                    f"{_short_repr(name)} ({type(name).__name__})")
+        if not name:
+            raise ValueError(f"name of a {self.param} must be a nonempty string, got ''")
         unknown = sorted(set(meta) - set(self._defaults))
         if unknown:
             accepted = ", ".join(sorted(self._defaults)) or "none"

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized
 
 _CHUNK = 1 << 20
 """Entries per step of a chunked selection: its memory, however many scores there are."""
@@ -66,6 +66,8 @@ def top_k(
     else:
         if not torch.is_floating_point(values):
             values = values.double()  # bools and narrower ints: exact in a double
+        elif values.dtype.itemsize == 1:  # float8, exact in a float (nan_to_num takes none)
+            values = values.float()
         values = values.nan_to_num(nan=float("inf"), posinf=float("inf"),
                                    neginf=float("-inf"))
         lowest = float("-inf")
@@ -122,9 +124,7 @@ def _check_scores(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int |
     its shape and ``dim`` ``None`` or one of its dimensions: a list of scores failed with
     an ``AttributeError``, a float or integer ``allowed`` deep inside with a bare
     ``TypeError`` or ``RuntimeError``, ``dim=5`` with an ``IndexError``."""
-    if not isinstance(scores, torch.Tensor) or scores.is_complex():
-        got = scores.dtype if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ArgumentTypeError(f"scores must be a real tensor, got {got}")
+    _check_real(scores, "scores")
     if allowed is not None:
         if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
             got = allowed.dtype if isinstance(allowed, torch.Tensor) else type(allowed).__name__
@@ -147,6 +147,19 @@ def _check_scores(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int |
             raise ValueError(
                 f"dim must be None or a dimension of the {ndim}-D scores{within}, got {dim}"
             )
+
+
+def _check_real(scores: object, name: str) -> None:
+    """Raise unless ``scores`` (the argument ``name``) is a dense real tensor with values:
+    a list was a raw ``AttributeError``, a complex tensor lost its imaginary part, and a
+    sparse one or one on the meta device failed inside PyTorch."""
+    if not isinstance(scores, torch.Tensor) or scores.is_complex():
+        got = scores.dtype if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ArgumentTypeError(f"{name} must be a real tensor, got {got}")
+    if scores.layout != torch.strided:
+        raise ArgumentTypeError(f"{name} must be a dense (strided) real tensor, got layout "
+                                f"{scores.layout}; convert with `.to_dense()`")
+    check_materialized(name, scores)
 
 
 def _check_k(k: int) -> int:
@@ -210,10 +223,7 @@ def _kth_largest(
                 continue
             ok = None if allowed is None else allowed[i].reshape(-1)
             part = parts[i]
-            if not isinstance(part, torch.Tensor) or part.is_complex():
-                # a list was a raw AttributeError, a complex tensor lost its imaginary part
-                got = part.dtype if isinstance(part, torch.Tensor) else type(part).__name__
-                raise ArgumentTypeError(f"parts[{i}] must be a real tensor, got {got}")
+            _check_real(part, f"parts[{i}]")
             hist[i], n_finite = _histogram(part, ok, prefix, done, bits)
             finite += n_finite
         if not done:

@@ -141,10 +141,14 @@ def resolve_targets(
 
     # every entry is matched against the same targets, so entries that overlap ("fc*" and
     # "fc1", or one given twice) do not fail for what an earlier one removed
+    # a tied parameter is excluded by any path it has (the module it was chosen through
+    # may be another than the one named: excluding "a" of a tied a/b failed)
+    paths: dict[str, list[str]] = {}
+    for key, t in candidates.items():
+        paths.setdefault(t.name, []).extend([t.module_name, key, *([t.alias] if t.alias else [])])
     removed = set()
     for pattern in excludes:
-        hits = [n for n, t in chosen.items()
-                if _name_match(pattern, t.module_name, n, *([t.alias] if t.alias else []))]
+        hits = [n for n in chosen if _name_match(pattern, n, *paths.get(n, ()))]
         if not hits:
             raise ValueError(
                 f"exclude entry {pattern!r} matches none of the targeted parameters: "
@@ -162,10 +166,12 @@ def resolve_targets(
     if not chosen:
         raise ValueError("targets: no parameters left to sparsify (check targets and exclude)")
     for t in chosen.values():
-        if not torch.is_floating_point(t.param):
+        # float8 (one byte) is floating point, but PyTorch masks none in place: pruning one
+        # zeroed the layers before it, then failed ("masked_fill" not implemented)
+        if not torch.is_floating_point(t.param) or t.param.dtype.itemsize == 1:
             raise ArgumentTypeError(
                 f"target {t.name!r} has dtype {t.param.dtype}; only floating-point weights "
-                "can be sparsified"
+                "of 16 bits or more (float16, bfloat16, float32, float64) can be sparsified"
             )
     order = {n: i for i, n in enumerate(candidates)}
     return sorted(chosen.values(), key=lambda t: order[t.name])
@@ -307,10 +313,12 @@ def _match(spec: TargetSpec, candidates: dict[str, Target]) -> list[Target]:
         )
     # A glob selects modules (their weight); a parameter is selected by its own name, or
     # by a glob whose last component names the parameter literally ("blocks.*.bias").
+    # A tied parameter is also selected by the path through another owner ("b.weight" of
+    # a tied a/b, where named_parameters() names it "a.weight").
     by_param = not _is_glob(spec.rsplit(".", 1)[-1])
     return [
-        t for t in candidates.values()
-        if (by_param and _name_match(spec, t.name, *([t.alias] if t.alias else [])))
+        t for key, t in candidates.items()
+        if (by_param and _name_match(spec, t.name, key, *([t.alias] if t.alias else [])))
         or (_is_weight(t) and _name_match(spec, t.module_name))
     ]
 
