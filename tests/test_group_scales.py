@@ -1,9 +1,11 @@
 """int8 weights with one scale per row and group of inputs (GPTQ's groups, e.g. 128):
 ``sparsekit.llm.prune(..., quantize="int8", group_size=...)`` through the ``dense_lowp``,
-``bitmap`` and ``nm`` kernels, ``compile``, ``sparsekit.save``/``load`` and
+``bitmap``, ``nm`` and ``bsr`` kernels, ``compile``, ``sparsekit.save``/``load`` and
 ``save_pretrained``."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -49,15 +51,18 @@ def _isas() -> tuple[str, ...]:
 
 SHAPES = [(37, 256, 128), (8, 96, 32), (5, 48, 12), (9, 10, 5), (6, 64, 64), (130, 512, 16),
           (3, 160, 160), (11, 384, 192)]
-# the formats whose kernels read per-group scales, N:M with each pattern it packs
-KINDS = [("dense_lowp", None), ("bitmap", None), ("nm", (1, 4)), ("nm", (2, 4)), ("nm", (4, 8))]
+# the formats whose kernels read per-group scales, N:M with each pattern it packs, BSR with
+# blocks of one row (the batched path's single-row tile), square and wide ones
+KINDS = [("dense_lowp", None), ("bitmap", None), ("nm", (1, 4)), ("nm", (2, 4)), ("nm", (4, 8)),
+         ("bsr", (1, 8)), ("bsr", (4, 4)), ("bsr", (16, 16)), ("bsr", (8, 32))]
 
 
 @needs_kernels
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize(("name", "pattern", "rows", "cols", "group"), [
     (name, pattern, *shape) for name, pattern in KINDS for shape in SHAPES
-    # bitmap: whole words of 16 inputs; N:M: whole words of fields (16 values)
+    # bitmap: whole words of 16 inputs; N:M: whole words of fields (16 values); BSR: groups
+    # of a multiple of 32 inputs
     if shape[2] % FORMATS[name].group_multiple == 0
 ])
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 7, 17])
@@ -71,11 +76,16 @@ def test_the_kernels_equal_the_dequantized_reference(isa, name, pattern, rows, c
     if name == "bitmap":  # half of the weights pruned, a row left empty
         ref = ref * (torch.rand(rows, cols, generator=torch.Generator().manual_seed(1)) < 0.5)
         ref[0] = 0
-    if pattern is not None:  # N of every M kept, a row left empty (all padding)
+    options = {}
+    if name == "bsr":  # half of the blocks kept, the first block row left empty
+        options["block"] = block = pattern
+        ref = ref * _blocks_kept(rows, cols, block)
+        ref[:block[0]] = 0
+    elif pattern is not None:  # N of every M kept, a row left empty (all padding)
         ref = _n_of_m(ref, *pattern)
         ref[0] = 0
-    fmt = fmt_class.from_dense(ref, scales=scales, threads=threads)
-    if pattern is not None:
+    fmt = fmt_class.from_dense(ref, scales=scales, threads=threads, **options)
+    if name == "nm":
         assert (fmt.n, fmt.m) == pattern
     assert fmt.value_dtype == torch.int8 and fmt.scales.shape == scales.shape
     assert torch.equal(fmt.to_dense(), ref)
@@ -120,6 +130,23 @@ def test_the_ops_refuse_groups_they_cannot_take_and_other_formats_refuse_groups(
                                          r"24 into groups of a multiple of 64 inputs, got "
                                          r"torch.float32 \(4, 3\)"):
         FORMATS["nm"].from_dense(_n_of_m(ref, 2, 4), scales=scales)
+    _, scales32, ref32 = _grouped_weight(4, 32, 8)
+    bsr = FORMATS["bsr"].from_dense(ref32, value_dtype=torch.int8, block=(4, 16))
+    stored = (bsr.bsr_values, bsr.bsr_col_indices, bsr.bsr_rowptr)
+    with pytest.raises(RuntimeError, match=r"groups of 8 inputs; the BSR kernel takes groups of "
+                                           r"whole blocks \(a multiple of the block width 16\)"):
+        torch.ops.sparsekit.bsr_linear(*stored, torch.randn(1, 32), None, 4, 32, 1, scales32)
+    with pytest.raises(ValueError, match=r"buffer 'scales' of the bsr format must be float32 "
+                                         r"of shape \(4,\) or \(4, groups\) with groups dividing "
+                                         r"24 into groups of a multiple of 32 inputs"):
+        FORMATS["bsr"].from_dense(ref, scales=scales)
+    _, scales64, ref64 = _grouped_weight(4, 128, 64)
+    with pytest.raises(ValueError, match=r"buffer 'scales' of shape \(4, 2\) makes groups of 64 "
+                                         r"inputs, which blocks 48 wide do not fill whole"):
+        FORMATS["bsr"].from_dense(ref64, scales=scales64, block=(4, 48))
+    bsr = FORMATS["bsr"].from_dense(ref64, value_dtype=torch.int8, block=(4, 48))
+    with pytest.raises(ValueError, match=r"makes groups of 64 inputs, which blocks 48 wide"):
+        FORMATS["bsr"].from_state({**bsr.state_dict(), "scales": scales64}, (4, 128))
     with pytest.raises(ValueError, match=r"of the fanin format must be float32 of shape "
                                          r"\(4,\), got torch.float32 \(4, 3\)"):
         FORMATS["fanin"].from_dense(ref, scales=scales)
@@ -128,6 +155,13 @@ def test_the_ops_refuse_groups_they_cannot_take_and_other_formats_refuse_groups(
     with pytest.raises(ValueError, match=r"or \(4, groups\) with groups dividing 24, got "
                                          r"torch.float32 \(4, 5\)"):
         DENSE_LOWP.from_dense(ref, scales=torch.ones(4, 5))
+
+
+def _blocks_kept(rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
+    """A ``(rows, cols)`` mask keeping about half of its ``block`` blocks (edges cropped)."""
+    (r, c), g = block, torch.Generator().manual_seed(2)
+    grid = torch.rand(-(-rows // r), -(-cols // c), generator=g) < 0.5
+    return grid.repeat_interleave(r, 0).repeat_interleave(c, 1)[:rows, :cols]
 
 
 def _n_of_m(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -201,14 +235,14 @@ def test_compile_stores_grouped_codes_only_in_formats_that_read_them(options):
                                        rtol=1e-4, atol=1e-4)
 
 
-def _grouped_two_four(group: int) -> nn.Module:
-    """Two 2:4 layers on int8 grids of ``group`` inputs (no code rounds to 0: the mask is
-    the 2:4 one)."""
+def _grouped_pruned(group: int, prune: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    """Two layers pruned by ``prune`` on int8 grids of ``group`` inputs (no code rounds to 0:
+    the mask is ``prune``'s)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64))
     for layer in (model[0], model[2]):
         with torch.no_grad():
-            weight = _n_of_m(layer.weight.sign() * (0.5 + torch.rand_like(layer.weight)), 2, 4)
+            weight = prune(layer.weight.sign() * (0.5 + torch.rand_like(layer.weight)))
             scales = int8_scales(weight, group)
             codes, _ = quantize_int8(weight, scales, group)
             layer.weight.copy_(dequantize_int8(codes, scales, group))
@@ -216,26 +250,38 @@ def _grouped_two_four(group: int) -> nn.Module:
     return model
 
 
+def _two_four(weight: torch.Tensor) -> torch.Tensor:
+    return _n_of_m(weight, 2, 4)
+
+
+def _blocks16(weight: torch.Tensor) -> torch.Tensor:
+    return weight * _blocks_kept(*weight.shape, (16, 16))
+
+
 @needs_kernels
-def test_compile_packs_grouped_two_four_layers_as_nm_and_they_save_and_decompile_exactly(
-    tmp_path,
+@pytest.mark.parametrize(("name", "prune", "small"), [("nm", _two_four, 32),
+                                                      ("bsr", _blocks16, 16)])
+def test_compile_packs_grouped_pruned_layers_in_their_format_and_they_save_and_decompile_exactly(
+    tmp_path, name, prune, small,
 ) -> None:
-    """Groups of 64 inputs or more fill whole words of N:M fields: a grouped 2:4 layer
-    compiles to ``nm`` (its bytes, not bitmap's), keeps its grid through ``sparsekit.save``
-    / ``load`` and ``decompile``, and a grid of 32-input groups stays off ``nm``."""
-    model = _grouped_two_four(64)
+    """Groups of 64 inputs fill whole words of N:M fields and whole 16x16 blocks: a grouped
+    2:4 layer compiles to ``nm`` (its bytes, not bitmap's), a grouped block-pruned one to
+    ``bsr``; each keeps its grid through ``sparsekit.save`` / ``load`` and ``decompile``, and
+    a grid of smaller groups (32 inputs for ``nm``, 16 for ``bsr``) stays off the format."""
+    model = _grouped_pruned(64, prune)
     x = torch.randn(5, 256)
-    compiled = sparsekit.compile(model, x, cache=False, formats=["nm"])
+    compiled = sparsekit.compile(model, x, cache=False, formats=[name])
     for i in (0, 2):
         fmt = compiled[i].format
-        assert fmt.name == "nm" and (fmt.n, fmt.m) == (2, 4)
+        assert fmt.name == name
+        assert (fmt.n, fmt.m) == (2, 4) if name == "nm" else fmt.block == (16, 16)
         assert torch.equal(fmt.scales, attached_scales(model[i]))
         assert torch.equal(fmt.to_dense(), model[i].weight)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(compiled(x[:1]), model(x[:1]), rtol=1e-4, atol=1e-4)
     sparsekit.save(compiled, tmp_path / "c.safetensors")
-    again = sparsekit.compile(_grouped_two_four(64), x, cache=False, formats=["nm"])
+    again = sparsekit.compile(_grouped_pruned(64, prune), x, cache=False, formats=[name])
     sparsekit.load(again, tmp_path / "c.safetensors")
     with torch.no_grad():
         assert torch.equal(again(x), compiled(x))
@@ -243,8 +289,9 @@ def test_compile_packs_grouped_two_four_layers_as_nm_and_they_save_and_decompile
     for i in (0, 2):
         assert torch.equal(restored[i].weight, model[i].weight)
         assert torch.equal(attached_scales(restored[i]), attached_scales(model[i]))
-    small = sparsekit.compile(_grouped_two_four(32), x, cache=False, formats=["nm", "dense"])
-    assert all(small[i].format.name == "dense" for i in (0, 2))
+    smaller = sparsekit.compile(_grouped_pruned(small, prune), x, cache=False,
+                                formats=[name, "dense"])
+    assert all(smaller[i].format.name == "dense" for i in (0, 2))
 
 
 @needs_kernels

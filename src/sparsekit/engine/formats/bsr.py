@@ -23,7 +23,8 @@ class BSR(NativeFormat):
     """Dense ``R x C`` blocks of values, one 16-bit column index per block.
 
     Buffers: ``bsr_values`` ``(nblocks, R, C)`` (float32 or bfloat16 weights keep their
-    dtype; int8 values come with per-row ``scales``; sums are fp32), ``bsr_col_indices``
+    dtype; int8 values come with ``scales`` per row, or per row and group of a multiple of 32
+    inputs made of whole blocks; sums are fp32), ``bsr_col_indices``
     (block column of each block; int16 read as uint16, int32 beyond 65536 block columns) and
     ``bsr_rowptr`` (int32, one entry per block row + 1). Edge blocks of weights whose sides
     are not multiples of the block are zero-padded. Runs on the compiled kernels, else on
@@ -36,6 +37,10 @@ class BSR(NativeFormat):
     values_name = "bsr_values"
     dtypes = (torch.float32, torch.bfloat16)
     value_dtypes = (torch.float32, torch.bfloat16, torch.int8)
+    # int8 codes times float inputs: each group's blocks summed, then scaled; every block
+    # width of BLOCK_SIZES (what compile stores) divides 32
+    group_scales = True
+    group_multiple = 32
 
     @property
     def block(self) -> tuple[int, int]:
@@ -59,9 +64,24 @@ class BSR(NativeFormat):
         return _bsr_parts(weight, block)
 
     @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None,
+                   threads: int | None = None, **options: object) -> BSR:
+        """:meth:`NativeFormat.from_dense`, refusing a ``block`` that groups of int8
+        ``scales`` cut (see :func:`_check_group_blocks`)."""
+        fmt = super().from_dense(weight, mask, threads, **options)
+        _check_group_blocks(fmt.bsr_values, fmt._buffers.get(SCALES), fmt.in_features)
+        return fmt
+
+    @classmethod
     def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
         cls.check_values("bsr_values", tensors[0])
         _check_bsr(*tensors, shape)
+
+    @classmethod
+    def check_state(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
+        super().check_state(tensors, shape)
+        scales = tensors[len(cls.buffer_names)] if len(tensors) > len(cls.buffer_names) else None
+        _check_group_blocks(tensors[0], scales, shape[1])
 
     def _operands(self) -> Operands:
         b = self._buffers
@@ -164,6 +184,18 @@ def _check_block(block: object) -> tuple[int, int]:
     if not (block[0] <= 64 and block[1] >= 4 and block[1] % 4 == 0):
         raise ValueError(f"block must be {accepted}, got {block!r}")
     return block
+
+
+def _check_group_blocks(values: torch.Tensor, scales: torch.Tensor | None, cols: int) -> None:
+    """Raise ``ValueError`` unless each group of inputs of per-group int8 ``scales`` holds
+    whole blocks of ``values``: the kernel scales the sums of a block by one group's scale."""
+    if scales is None or scales.dim() != 2:
+        return
+    size, width = cols // scales.shape[1], values.shape[2]
+    if size % width:
+        raise ValueError(f"buffer {SCALES!r} of shape {tuple(scales.shape)} makes groups of "
+                         f"{size} inputs, which blocks {width} wide do not fill whole; "
+                         f"accepted: a block width dividing {size}")
 
 
 def _check_bsr(

@@ -1,7 +1,7 @@
 // Block sparse row (BSR) kernels for y = x @ W.T + bias on CPU.
 //
 // W is stored as dense R x C blocks: fp32, bf16 or int8 values (nblocks, R, C) (int8: with
-// float32 scales per output row), one uint16 (int32 when there are more than 65536 block
+// float32 scales per output row, or per row and group of whole blocks of inputs), one uint16 (int32 when there are more than 65536 block
 // columns) column index per block and int32 block-row pointers, so the index cost is 2
 // bytes per R*C weights. Edge blocks are zero-padded; x is padded to whole blocks in a
 // per-thread workspace when in_features is not a multiple of C, and rows past out_features
@@ -26,7 +26,8 @@
 namespace {
 
 // y = x @ W.T (+ bias) for x (..., in_features) (fp32 or bf16; y in its dtype) and W
-// (out_features, in_features) in BSR (fp32, bf16, or int8 values times scales[row]), each
+// (out_features, in_features) in BSR (fp32, bf16, or int8 values times scales[row], or
+// scales[row, g] per group g of in_features / groups inputs, a multiple of C), each
 // block column index below ceil(in_features / C) (checked where the format is built).
 at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
                       const at::Tensor& rowptr, const at::Tensor& x,
@@ -43,12 +44,18 @@ at::Tensor bsr_linear(const at::Tensor& values, const at::Tensor& col_indices,
   sparsekit::check_index(col_indices, "col_indices", 1);
   sparsekit::check_size(col_indices, "col_indices", 0, values.size(0));
   sparsekit::check_rowptr(rowptr, "rowptr", (out_features + R - 1) / R, values.size(0));
+  const auto groups = sparsekit::group_scales(scales, values, out_features, in_features);
+  TORCH_CHECK(groups.size % C == 0, "scales of shape ", scales->sizes(), " make groups of ",
+              groups.size, " inputs; the BSR kernel takes groups of whole blocks (a multiple "
+              "of the block width ", C, ")");
   return sparsekit::scaled_linear(
       x, values, scales, bias, out_features, threads, [&](const sparsekit::Linear& io) {
         sparsekit::cores().bsr_linear(sparsekit::BsrArgs{
             io, sparsekit::value_type(values), values.data_ptr(), col_indices.data_ptr(),
-            col_indices.scalar_type() == at::kShort, rowptr.data_ptr<int32_t>(), R, C});
-      });
+            col_indices.scalar_type() == at::kShort, rowptr.data_ptr<int32_t>(), R, C,
+            groups.data, groups.size});
+      },
+      groups.data != nullptr);
 }
 
 }  // namespace

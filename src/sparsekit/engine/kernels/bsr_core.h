@@ -1,6 +1,7 @@
 // The BSR kernel core (see bsr.cpp for the op), compiled once per instruction set
 // (cores_impl.h): dense R x C blocks of float32, bf16 or int8 values (int8: each output row's
-// sum times its scale), each block a small dense product.
+// sum times its scale, or each group's sum times the row's scale of that group), each block a
+// small dense product.
 
 namespace sparsekit::SPARSEKIT_ISA::bsr {
 
@@ -64,10 +65,40 @@ struct Bsr {
   const Value* v;
   const int32_t* rowptr;
   int64_t R, C, out_rows;
+  // int8 codes scaled per row and group of `group_blocks` block columns: gscale (out_rows,
+  // groups); none (nullptr) with per-row scales, which the output stage applies
+  const float* gscale = nullptr;
+  int64_t groups = 0, group_blocks = 0;
+
+  // Row r's scale of group g; the padding rows of an edge block row (never written) read
+  // the last row's.
+  float scale(int64_t r, int64_t g) const {
+    return gscale[std::min(r, out_rows - 1) * groups + g];
+  }
 };
 
-// y[r*R + i] for one block row: R accumulators of L lanes over the C columns of a block.
-template <typename V, typename Value, typename I>
+// With group scales, the blocks of a block row are summed group by group: the sums hold the
+// current group's (`group`, block columns [begin, end)), and where a block lies outside it
+// (block columns rise within a block row, so each group's blocks are one run) flush(group)
+// adds them times their scales into the row's totals and clears them. The division finding
+// a block's group runs once per group, not per block.
+struct GroupRun {
+  int64_t group = -1, begin = 0, end = 0;
+
+  template <typename Value, typename Flush>
+  inline void enter(const Bsr<Value>& w, int64_t col, Flush&& flush) {
+    if (!w.gscale || (col >= begin && col < end)) return;
+    if (group >= 0) flush(group);
+    group = col / w.group_blocks;
+    begin = group * w.group_blocks;
+    end = begin + w.group_blocks;
+  }
+};
+
+// y[r*R + i] for one block row: R accumulators of L lanes over the C columns of a block; with
+// `Grouped` scales, each group's sums scaled into the totals (a run-time switch slowed the
+// per-row int8 GEMV by 20 %, AMD Zen 4).
+template <typename V, bool Grouped, typename Value, typename I>
 void gemv(const Bsr<Value>& w, const I* c, const float* x, const Output& out, float* y, int T) {
   constexpr int64_t L = sizeof(V) / sizeof(float);
   const int64_t brows = (w.out_rows + w.R - 1) / w.R, RC = w.R * w.C;
@@ -75,10 +106,21 @@ void gemv(const Bsr<Value>& w, const I* c, const float* x, const Output& out, fl
   {
     int64_t r0, r1;
     thread_block_rows(w.rowptr, brows, &r0, &r1);
-    V acc[kMaxR];
+    V acc[kMaxR], total[kMaxR];  // total: the groups' scaled sums (Grouped only)
     for (int64_t br = r0; br < r1; ++br) {
       for (int64_t i = 0; i < w.R; ++i) acc[i] = V{};
+      if constexpr (Grouped) {
+        for (int64_t i = 0; i < w.R; ++i) total[i] = V{};
+      }
+      const auto flush = [&](int64_t g) {
+        for (int64_t i = 0; i < w.R; ++i) {
+          total[i] += acc[i] * w.scale(br * w.R + i, g);
+          acc[i] = V{};
+        }
+      };
+      GroupRun run;
       for (int64_t k = w.rowptr[br]; k < w.rowptr[br + 1]; ++k) {
+        if constexpr (Grouped) run.enter(w, c[k], flush);
         const Value* vb = w.v + k * RC;
         const float* xb = x + static_cast<int64_t>(c[k]) * w.C;
         for (int64_t j = 0; j < w.C; j += L) {
@@ -86,10 +128,12 @@ void gemv(const Bsr<Value>& w, const I* c, const float* x, const Output& out, fl
           for (int64_t i = 0; i < w.R; ++i) acc[i] += loadv<V>(vb + i * w.C + j) * xv;
         }
       }
+      if (Grouped && run.group >= 0) flush(run.group);
+      const V* sums = Grouped ? total : acc;
       const int64_t n = std::min(w.R, w.out_rows - br * w.R);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t r = br * w.R + i;
-        y[r] = finish(out, hsum(acc[i]), r);
+        y[r] = finish(out, hsum(sums[i]), r);
       }
     }
   }
@@ -100,13 +144,21 @@ void gemv(const Bsr<Value>& w, const I* c, const float* x, const Output& out, fl
 template <typename Value, typename I>
 void gemv_widest(const Bsr<Value>& w, const I* c, const float* x, const Output& out, float* y,
                  int T) {
-  if constexpr (kVectorBytes >= 64) {
-    if (w.C % 16 == 0) return gemv<vec16>(w, c, x, out, y, T);
+  const auto widest = [&](auto grouped) {
+    constexpr bool G = decltype(grouped)::value;
+    if constexpr (kVectorBytes >= 64) {
+      if (w.C % 16 == 0) return gemv<vec16, G>(w, c, x, out, y, T);
+    }
+    if constexpr (kVectorBytes >= 32) {
+      if (w.C % 8 == 0) return gemv<vec8, G>(w, c, x, out, y, T);
+    }
+    gemv<vec4, G>(w, c, x, out, y, T);
+  };
+  if (w.gscale) {
+    widest(std::true_type{});
+  } else {
+    widest(std::false_type{});
   }
-  if constexpr (kVectorBytes >= 32) {
-    if (w.C % 8 == 0) return gemv<vec8>(w, c, x, out, y, T);
-  }
-  gemv<vec4>(w, c, x, out, y, T);
 }
 
 // RB rows (i0 .. i0+RB of block row br) times NV vectors of transposed inputs at xt.
@@ -120,7 +172,25 @@ inline void rows_chunk(const Bsr<Value>& w, const I* c, int64_t br, int64_t i0, 
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 4
     for (int n = 0; n < NV; ++n) acc[r][n] = vecr{};
+  // group scales: each group's sums times their row's scale, added into out (zeroed here)
+  const auto flush = [&](int64_t g) {
+    for (int r = 0; r < RB; ++r) {
+      const float s = w.scale(br * w.R + i0 + r, g);
+      for (int n = 0; n < NV; ++n) {
+        vecr o;
+        __builtin_memcpy(&o, out[r] + n * kSpmmLanes, sizeof(o));
+        o += acc[r][n] * s;
+        __builtin_memcpy(out[r] + n * kSpmmLanes, &o, sizeof(o));
+        acc[r][n] = vecr{};
+      }
+    }
+  };
+  if (w.gscale) {
+    for (int r = 0; r < RB; ++r) std::fill(out[r], out[r] + NV * kSpmmLanes, 0.f);
+  }
+  GroupRun run;
   for (int64_t k = w.rowptr[br]; k < w.rowptr[br + 1]; ++k) {
+    run.enter(w, c[k], flush);
     const Value* vb = w.v + k * RC + i0 * w.C;
     const float* xb = xt + static_cast<int64_t>(c[k]) * w.C * ld;
     for (int64_t j = 0; j < w.C; ++j) {
@@ -134,6 +204,10 @@ inline void rows_chunk(const Bsr<Value>& w, const I* c, int64_t br, int64_t i0, 
         for (int n = 0; n < NV; ++n) acc[r][n] += s * xv[n];
       }
     }
+  }
+  if (w.gscale) {
+    if (run.group >= 0) flush(run.group);
+    return;
   }
   for (int r = 0; r < RB; ++r) __builtin_memcpy(out[r], acc[r], sizeof(acc[r]));
 }
@@ -217,8 +291,10 @@ namespace sparsekit::SPARSEKIT_ISA {
 
 void bsr_linear(const BsrArgs& a) {
   with_values(a.value, a.values, [&](auto v) {
+    const int64_t groups = a.group_scales ? a.io.cols / a.group_size : 0;
     const bsr::Bsr<std::remove_const_t<std::remove_pointer_t<decltype(v)>>> w{
-        v, a.rowptr, a.R, a.C, a.io.rows};
+        v, a.rowptr, a.R, a.C, a.io.rows, a.group_scales, groups,
+        a.group_scales ? a.group_size / a.C : 0};
     if (a.narrow) {
       bsr::run(w, static_cast<const uint16_t*>(a.col), a.io);
     } else {

@@ -95,6 +95,10 @@ struct BsrArgs {
   bool narrow;
   const int32_t* rowptr;
   int64_t R, C;
+  // int8 codes scaled per row and group of group_size inputs (a multiple of C: whole
+  // blocks), as DenseArgs
+  const float* group_scales = nullptr;
+  int64_t group_size = 0;
 };
 
 // W with k stored inputs in each of n stored rows: `value` values (int8: times io.out.scale

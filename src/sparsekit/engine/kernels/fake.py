@@ -246,7 +246,8 @@ def register() -> None:
         _tensor(col_indices, "col_indices", 1, _INDEX)
         _size(col_indices, "col_indices", 0, values.shape[0])
         _rowptr(rowptr, (out_features + r - 1) // r)
-        return _linear(x, in_features, out_features, values, bias, threads, scales)
+        return _linear(x, in_features, out_features, values, bias, threads, scales,
+                       group_multiple=c)
 
     @fake("sparsekit::fanin_linear")
     def _(values, col_indices, rows, x, bias, out_features, in_features, threads, scales=None):  # type: ignore[no-untyped-def]
