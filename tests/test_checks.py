@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from sparsekit._checks import (
     ArgumentTypeError,
@@ -17,6 +18,7 @@ from sparsekit._checks import (
     check_module,
     check_positive,
     check_sparsity,
+    check_writable,
     renamed,
     renamed_attribute,
 )
@@ -148,3 +150,13 @@ def test_check_bool_takes_only_true_and_false(value):
         check_bool("flag", value)
     check_bool("flag", True)
     check_bool("flag", False)
+
+
+def test_check_writable_names_an_inference_tensor_outside_inference_mode():
+    with torch.inference_mode():
+        frozen = torch.ones(2)
+        check_writable("w", frozen)  # inside inference mode PyTorch writes it
+    check_writable("w", torch.ones(2))
+    with pytest.raises(ValueError, match=r"^w is an inference tensor .*cannot be changed in "
+                                         r"place outside it"):
+        check_writable("w", frozen)

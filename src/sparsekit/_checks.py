@@ -93,6 +93,17 @@ def check_materialized(name: str, tensor: torch.Tensor) -> None:
                          "on a real device (cpu, cuda): load or materialize it first")
 
 
+def check_writable(name: str, tensor: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``tensor`` is an inference tensor (made under
+    ``torch.inference_mode``) while inference mode is off: PyTorch changes one in place only
+    inside it, and its raw ``RuntimeError`` came after the tensors before it had changed."""
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{name} is an inference tensor (made under torch.inference_mode), "
+                         "which cannot be changed in place outside it; accepted: tensors made "
+                         "outside inference mode (build or load the model without it), or "
+                         "this call inside inference mode")
+
+
 def check_materialized_module(module: nn.Module, prefix: str) -> None:
     """:func:`check_materialized` of every parameter and buffer of ``module``, each named
     ``prefix`` + its name (``"sae."``, ``"model: "``): a module on the meta device (built under

@@ -35,7 +35,7 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from sparsekit._atomic import atomic_write
-from sparsekit._checks import ArgumentTypeError, check_module, memory_bytes
+from sparsekit._checks import ArgumentTypeError, check_module, check_writable, memory_bytes
 from sparsekit.distributed import is_sharded
 from sparsekit.engine import fused
 from sparsekit.masks import MaskSet, keeps_everything, pattern_view
@@ -619,18 +619,11 @@ def _check_whole(model: nn.Module) -> None:
 
 
 def _check_writable(model: nn.Module) -> None:
-    """Raise ``ValueError`` if ``model`` holds inference tensors (built under
-    ``torch.inference_mode``) and inference mode is off now: PyTorch writes them only inside
-    it, and ``load_state_dict`` raised a raw ``RuntimeError`` for each, after copying the
-    values in (the model loaded, no masks returned)."""
-    if torch.is_inference_mode_enabled():
-        return
-    frozen = [k for k, v in model.state_dict().items() if v.is_inference()]
-    if frozen:
-        raise ValueError(
-            f"model: its tensors {frozen[:3]} are inference tensors (made under "
-            "torch.inference_mode), which cannot be changed in place outside it; accepted: a "
-            "model built without it, or call load inside inference mode")
+    """:func:`~sparsekit._checks.check_writable` of every tensor of ``model``:
+    ``load_state_dict`` raised a raw ``RuntimeError`` for each inference tensor, after
+    copying the values in (the model loaded, no masks returned)."""
+    for key, tensor in model.state_dict().items():
+        check_writable(f"model: tensor {key!r}", tensor)
 
 
 def _check_state(model: nn.Module, why: str) -> None:

@@ -31,6 +31,7 @@ from sparsekit._checks import (
     check_materialized,
     check_module,
     check_optimizer,
+    check_writable,
 )
 from sparsekit.distributed import check_same_on_ranks, is_sharded, local, shard_like
 from sparsekit.patterns import Pattern, parse_pattern
@@ -353,14 +354,8 @@ class MaskSet:
                     "for the model as it is now"
                 )
             current = module._parameters.get(attr)
-            if current is not None and current.is_inference() \
-                    and not torch.is_inference_mode_enabled():
-                raise ValueError(
-                    f"parameter {n!r} is an inference tensor (made under "
-                    "torch.inference_mode), which cannot be changed in place outside it; "
-                    "accepted: parameters made outside inference mode (build or load the model "
-                    "without it, or clone its parameters), or call this inside inference mode"
-                )
+            if current is not None:
+                check_writable(f"parameter {n!r}", current)
             if current is not None and current is not self.params[n]:
                 check_materialized(f"parameter {n!r} (replaced since the masks were made)",
                                    current)

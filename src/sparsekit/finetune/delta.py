@@ -43,6 +43,7 @@ from sparsekit._checks import (
     check_materialized,
     check_module,
     check_parameter_names,
+    check_writable,
 )
 from sparsekit.distributed import is_sharded
 from sparsekit.masks import MaskSet, check_mask
@@ -138,13 +139,7 @@ class Delta:
                 raise ValueError(f"delta for {n!r} is {tuple(v.shape)}, the model's parameter is "
                                  f"{tuple(params[n].shape)} {params[n].dtype}")
             check_materialized(f"model: parameter {n!r}", params[n])  # its overflow check reads it
-            if params[n].is_inference() and not torch.is_inference_mode_enabled():
-                # add_ raised a raw RuntimeError after the earlier weights had changed
-                raise ValueError(f"model: parameter {n!r} is an inference tensor (made under "
-                                 "torch.inference_mode), which cannot be changed in place "
-                                 "outside it; accepted: parameters made outside inference mode "
-                                 "(build or load the model without it), or call this inside "
-                                 "inference mode")
+            check_writable(f"model: parameter {n!r}", params[n])  # add_ is in place
         for n, v in self.values.items():
             _check_update(n, params[n], v, alpha)
         for n, v in self.values.items():
