@@ -153,6 +153,18 @@ def test_grouped_conv_squares_broadcast_per_output_and_refuse_a_gram():
         pass
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_an_unbatched_conv_input_is_one_sample(groups):
+    """A convolution runs on (C, H, W); its statistics read C as the batch ("Dimension out
+    of range" from unfold, so Wanda said the model could not run on its inputs)."""
+    conv = nn.Conv2d(4, 6, 3, groups=groups)
+    x = torch.randn(4, 5, 5)
+    alone = input_stats(conv, {"conv": conv}, x)["conv"]
+    batched = input_stats(conv, {"conv": conv}, x[None])["conv"]
+    torch.testing.assert_close(alone.sq, batched.sq)
+    assert alone.rows == batched.rows
+
+
 def test_input_stats_name_layers_never_reached():
     model = mlp()
     unused = nn.Linear(4, 4)

@@ -368,7 +368,10 @@ class InputStats:
         x = x.detach().float()
         if not isinstance(module, nn.modules.conv._ConvNd):
             self.add(x)
-        elif _unfoldable(module):
+            return
+        if x.dim() == module.weight.dim() - 1:  # an unbatched input, (C, H, W): one sample
+            x = x.unsqueeze(0)  # (unfold and the channel dimension read it as a batch)
+        if _unfoldable(module):
             self.add(_patches(module, x))
         else:  # only the squares: each channel's sum, shared by all its kernel positions
             w = module.weight
