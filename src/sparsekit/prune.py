@@ -152,11 +152,7 @@ def check_scores(scores: Any, criterion: str, targets: list[Target]) -> None:
     -inf). A registered criterion that returned anything else failed deep in the pipeline
     (a ``KeyError``, an ``AttributeError``, a shape ``RuntimeError``)."""
     where = f"criterion {criterion!r} must return a dict of target name -> float scores"
-    if not isinstance(scores, Mapping):
-        raise ArgumentTypeError(f"{where}, got {type(scores).__name__}")
-    missing = [t.name for t in targets if t.name not in scores]
-    if missing:
-        raise ValueError(f"{where}; it returned none for {_few(missing)}")
+    _check_per_target(scores, targets, where)
     for name, s in scores.items():
         if not isinstance(s, torch.Tensor):
             raise ArgumentTypeError(f"{where}; for {name!r} it returned {type(s).__name__}")
@@ -194,17 +190,23 @@ def _check_counts(counts: Any, targets: list[Target], allocation: str) -> None:
     registered with other results failed later with a ``KeyError``, an ``AttributeError``
     or a check of ``top_k``'s ``k``."""
     where = f"allocation {allocation!r} must return a dict of target name -> int count ≥ 0"
-    if not isinstance(counts, Mapping):
-        raise ArgumentTypeError(f"{where}, got {type(counts).__name__}")
-    missing = [t.name for t in targets if t.name not in counts]
-    if missing:
-        raise ValueError(f"{where}; it returned none for {_few(missing)}")
+    _check_per_target(counts, targets, where)
     for t in targets:
         k = counts[t.name]
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):
             raise ArgumentTypeError(f"{where}; for {t.name!r} it returned {k!r}")
         if k < 0:
             raise ValueError(f"{where}; for {t.name!r} it returned {k}")
+
+
+def _check_per_target(result: Any, targets: list[Target], where: str) -> None:
+    """Raise unless ``result`` (what a registered criterion or allocation returned; ``where``
+    says what it must be) is a mapping with an entry for every target."""
+    if not isinstance(result, Mapping):
+        raise ArgumentTypeError(f"{where}, got {type(result).__name__}")
+    missing = [t.name for t in targets if t.name not in result]
+    if missing:
+        raise ValueError(f"{where}; it returned none for {_few(missing)}")
 
 
 def _few(names: list[str]) -> str:
