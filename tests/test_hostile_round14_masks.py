@@ -154,6 +154,21 @@ def test_dynamic_sparsity_attach_refuses_before_hooking_the_optimizer():
     assert hooks(optimizer) == (0, 0) and ds._hook is None
 
 
+def test_masks_of_frozen_weights_are_told_they_need_no_optimizer():
+    """A MaskSet of a LoRA base (frozen weights) attached to the optimizer of its adapters
+    was told to rebuild the optimizer from model.parameters(), which would train the base."""
+    model = mlp()
+    masks = sparsekit.prune(model, 0.5)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"holds none of the masked parameters .*they are "
+                                         r"frozen \(requires_grad=False"):
+        masks.attach(optimizer)
+    assert hooks(optimizer) == (0, 0)
+
+
 @pytest.mark.parametrize("kind", BUILDERS)
 def test_a_state_for_removed_masks_is_refused_as_removed(kind):
     """Loading into a schedule whose masks were removed said the names differ ("this

@@ -387,13 +387,18 @@ class MaskSet:
                                 params: Mapping[str, torch.Tensor]) -> None:
         """Refuse an optimizer that holds none of the masked weights ``params`` (e.g. built
         on the parameters a ``load_state_dict(assign=True)`` replaced): it could not be
-        masked."""
+        masked. Where those weights are frozen (a LoRA base, whose zeros ``sparse_lora``
+        keeps itself) the advice is to leave the masks out, not to rebuild the optimizer."""
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if params and not any(id(p) in held for p in params.values()):
+            advice = ("they are frozen (requires_grad=False, as the base of sparse_lora, which "
+                      "keeps its zeros itself): nothing trains them, so no masks need to be "
+                      "attached" if not any(p.requires_grad for p in params.values())
+                      else "build it from model.parameters() of the model these masks "
+                      "belong to")
             raise ValueError(
                 "optimizer holds none of the masked parameters "
-                f"({', '.join(list(params)[:3])}{', …' if len(params) > 3 else ''}); build "
-                "it from model.parameters() of the model these masks belong to"
+                f"({', '.join(list(params)[:3])}{', …' if len(params) > 3 else ''}); {advice}"
             )
 
     @torch.no_grad()
