@@ -317,3 +317,13 @@ def test_numpy_int_seeds_draw_what_python_ints_draw():
     orders = [[x[:, 0].tolist() for x, _ in minibatches(data, 2, shuffle=True, seed=s)]
               for s in (3, np.int64(3))]
     assert orders[0] == orders[1]
+
+
+def test_attach_of_a_function_names_a_model_that_is_no_module():
+    """A function builds on ``model``: ``None`` (fine for a MaskSet or a schedule, which
+    ignore it) reached the function and failed inside it."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"model must be an nn.Module"):
+        attach(lambda m, o: DynamicSparsity(m, o, 0.5, end_step=10), None, optimizer)
+    assert not optimizer._optimizer_step_post_hooks

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsekit._checks import ArgumentTypeError, check_optimizer
+from sparsekit._checks import ArgumentTypeError, check_module, check_optimizer
 from sparsekit.distributed import local
 from sparsekit.masks import Masks, MaskSet
 from sparsekit.schedules.base import Schedule
@@ -99,6 +99,7 @@ def attach(
     real = check_optimizer(optimizer)
     if isinstance(sparsity, (Schedule, Masks)):
         return _attach(sparsity, real, state, state_name)
+    check_module("model", model)  # what the function builds on (masks and schedules: unused)
     hooks = _step_hooks(real)
     kept = None if state is None else _Kept(model, real)
     try:  # a DynamicSparsity hooks the optimizer as it is built
