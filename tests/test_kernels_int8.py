@@ -45,13 +45,13 @@ def test_int8_op_takes_bf16_inputs(name, batch):
         ("int8", None, "scales .*required with int8"),
         ("int8", torch.ones(ROWS, dtype=torch.float64), "scales must be Float"),
         ("int8", torch.ones(ROWS + 1), r"scales.size\(0\) must be 24"),
-        # (rows, groups): only bitmap (whole 16-input words), nm (whole words of fields) and
-        # dense_lowp take groups
+        # (rows, groups): only bitmap (whole 16-input words), nm (whole words of fields),
+        # bsr (whole blocks, 4 inputs wide here) and dense_lowp take groups
         ("int8", torch.ones(ROWS, 3), "scales must be a contiguous 1-D|groups dividing "
                                       "in_features=64"),
-        ("int8", torch.ones(ROWS, 8), "scales must be a contiguous 1-D|groups of 8 inputs; "
-                                      "the (bitmap|2:4) kernel takes groups of a multiple of "
-                                      "(16|32)"),
+        ("int8", torch.ones(ROWS, 32), "scales must be a contiguous 1-D|groups of 2 inputs; "
+                                       "the (bitmap|2:4|BSR) kernel takes groups of (a "
+                                       "multiple of (16|32)|whole blocks)"),
         ("int8", torch.ones(2 * ROWS)[::2], "scales must be a contiguous 1-D"),
         ("fp32", torch.ones(ROWS), "scales must be None for Float values"),
         ("bf16", torch.ones(ROWS), "scales must be None for BFloat16 values"),
