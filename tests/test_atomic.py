@@ -9,7 +9,7 @@ import stat
 import pytest
 from _state import record_durability
 
-from sparsekit._atomic import atomic_write
+from sparsekit._atomic import atomic_write, blocking_parent
 
 
 def _umask() -> int:
@@ -74,3 +74,12 @@ def test_the_file_is_fsynced_before_the_rename_and_the_directory_after(tmp_path,
         tmp.write_bytes(b"data")
     dir_synced = ["fsync dir"] if hasattr(os, "O_DIRECTORY") else []
     assert events == ["fsync file", "rename", *dir_synced]
+
+
+def test_blocking_parent_names_the_nearest_file_or_broken_link_on_the_way(tmp_path):
+    (tmp_path / "file").write_text("x")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    assert blocking_parent(tmp_path / "file" / "a" / "b") == (tmp_path / "file", "a file")
+    assert blocking_parent(tmp_path / "dangling" / "a") == (tmp_path / "dangling",
+                                                            "a broken symbolic link")
+    assert blocking_parent(tmp_path / "new" / "a") is None

@@ -443,7 +443,8 @@ def test_save_pretrained_refuses_odd_directories(saved, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cases = [("", "is empty"), (str(tmp_path / "a\0b"), "NUL"),
              (tmp_path / "dangling", "exists and is not a directory"),
-             (tmp_path / "file" / "sub", "lies under .*file', a file")]
+             (tmp_path / "file" / "sub", "lies under .*file', a file"),
+             (tmp_path / "dangling" / "sub", "lies under .*dangling', a broken symbolic link")]
     for directory, what in cases:
         with pytest.raises(ValueError, match=f"directory .*{what}"):
             sparsekit.save_pretrained(model, directory)

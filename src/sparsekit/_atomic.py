@@ -25,6 +25,17 @@ LOCK_NAME = ".sparsekit.lock"
 """The file :func:`directory_lock` locks in a directory (removed when it is released)."""
 
 
+def blocking_parent(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """The nearest parent of ``path`` that exists and is no directory, with what it is
+    (``"a file"``, or ``"a broken symbolic link"``: to nothing, or a loop), else ``None``:
+    creating ``path``'s folders fails there with a raw ``NotADirectoryError`` or
+    ``FileExistsError``."""
+    for parent in Path(path).absolute().parents:
+        if os.path.lexists(parent) and not parent.is_dir():
+            return parent, "a file" if parent.exists() else "a broken symbolic link"
+    return None
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Give a temporary file to write in place of ``path``; on leaving the block, it

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
-from sparsekit._atomic import atomic_write
+from sparsekit._atomic import atomic_write, blocking_parent
 from sparsekit._checks import ArgumentTypeError, check_module, check_writable, memory_bytes
 from sparsekit.distributed import is_sharded
 from sparsekit.engine import fused
@@ -206,13 +206,8 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
             else "an existing directory" if target.is_dir()
             else f"an existing {kind}, not a regular file" if (kind := _special_kind(target))
             else None)
-    if what is None:
-        # a broken link too (to nothing, or a loop): its creation was a raw FileExistsError
-        on_the_way = [p for p in target.absolute().parents
-                      if os.path.lexists(p) and not p.is_dir()]
-        blocker = ("a broken symbolic link" if on_the_way and not on_the_way[0].exists()
-                   else "a file")
-        what = f"{str(on_the_way[0])!r} is {blocker}, not a directory" if on_the_way else None
+    if what is None and (blocker := blocking_parent(target)):
+        what = f"{str(blocker[0])!r} is {blocker[1]}, not a directory"
     if what is not None:
         raise ValueError(f"path must be the path of the checkpoint file to write, got "
                          f"{os.fspath(path)!r} ({what})")

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from sparsekit import checkpoint
-from sparsekit._atomic import atomic_write, directory_lock, sync
+from sparsekit._atomic import atomic_write, blocking_parent, directory_lock, sync
 from sparsekit._checks import ArgumentTypeError, check_materialized_module
 from sparsekit.engine import fused
 from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
@@ -411,8 +411,8 @@ def _check_save_directory(directory: object) -> Path:
     """``directory`` as the ``Path`` :func:`save_pretrained` writes, or a ``ValueError``
     naming it: ``""`` (which pathlib reads as ``"."``) wrote into the working directory, a
     NUL character was a ``ValueError`` naming nothing, and a name that is no directory
-    (a file, a dangling link) or lies under a file failed with a raw ``OSError`` of the
-    directory's creation."""
+    (a file, a dangling link) or lies under a file or a broken link failed with a raw
+    ``OSError`` of the directory's creation."""
     _check_directory(directory)
     raw = os.fspath(directory)
     path = Path(directory)
@@ -420,9 +420,8 @@ def _check_save_directory(directory: object) -> Path:
             else "holds a NUL character" if "\0" in raw
             else "exists and is not a directory" if os.path.lexists(path) and not path.is_dir()
             else None)
-    if what is None:
-        on_the_way = [p for p in path.absolute().parents if p.exists() and not p.is_dir()]
-        what = f"lies under {str(on_the_way[0])!r}, a file" if on_the_way else None
+    if what is None and (blocker := blocking_parent(path)):
+        what = f"lies under {str(blocker[0])!r}, {blocker[1]}"
     if what is not None:
         raise ValueError(f"directory {raw!r} {what}; accepted: the path of a directory to "
                          "create or to write into")
