@@ -722,8 +722,13 @@ def _fresh_inputs(*modules: nn.Module) -> Iterator[None]:
     threads, Intel Xeon), which that path's comparison then charged to the thresholding
     (0.8-0.9x of the weight-only speed, where the thresholding costs 4 %). Both sides get
     the copy, so both pay what a layer inside a model pays; the hooks are gone after."""
-    with _input_hooks({m: torch.Tensor.clone for m in modules}):
+    handles = [m.register_forward_pre_hook(lambda _m, args: (args[0].clone(), *args[1:]))
+               for m in modules]
+    try:
         yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
@@ -739,21 +744,6 @@ def _unthresholded(model: nn.Module) -> Iterator[None]:
     finally:
         for layer, threshold in zip(layers, saved, strict=True):
             layer.threshold.copy_(threshold)
-
-
-@contextlib.contextmanager
-def _input_hooks(
-    hooks: Mapping[nn.Module, Callable[[torch.Tensor], torch.Tensor]]
-) -> Iterator[None]:
-    """Each module of ``hooks`` called with its first input replaced by what its function
-    makes of it, until the block ends."""
-    handles = [module.register_forward_pre_hook(
-        lambda _m, args, f=f: (f(args[0]), *args[1:])) for module, f in hooks.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 _COMPUTED_WEIGHT_REASON = (
