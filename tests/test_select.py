@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsekit import select
-from sparsekit.select import top_k, top_k_counts
+from sparsekit.select import check_real, top_k, top_k_counts
 
 
 def by_sort(score: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
@@ -137,3 +137,15 @@ def test_top_k_counts_finite_only_and_dtypes():
     assert top_k_counts([torch.empty(0), torch.tensor([3, 1])], 1) == [0, 1]  # integers
     with pytest.raises(ValueError, match="k must be ≥ 0"):
         top_k_counts(parts, -1)
+
+
+@pytest.mark.parametrize(("scores", "match"), [
+    ([1.0, 2.0], "s must be a real tensor, got list"),
+    (torch.ones(2, dtype=torch.complex64), "s must be a real tensor, got torch.complex64"),
+    (torch.ones(2, 2).to_sparse(), "s must be a dense"),
+    (torch.ones(2, device="meta"), "s is on the meta device"),
+])
+def test_check_real_names_scores_that_are_no_dense_real_tensor_with_values(scores, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        check_real(scores, "s")
+    check_real(torch.ones(2), "s")

@@ -21,7 +21,7 @@ from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.registry import Registry
-from sparsekit.select import top_k
+from sparsekit.select import check_real, top_k
 from sparsekit.targets import Target
 
 if TYPE_CHECKING:
@@ -88,13 +88,11 @@ class Unstructured(Pattern):
 
 
 def _check_mask_args(scores: object, keep: object) -> None:
-    """Raise unless ``scores`` is a real tensor and ``keep`` an int ≥ 0, the arguments of
-    :meth:`Pattern.mask`: rows, blocks and fan-in took a ``keep`` of ``-1`` or ``True`` (rows
-    and blocks ``1.5`` too) and gave a mask, and a list of scores failed with an
-    ``AttributeError``."""
-    if not isinstance(scores, torch.Tensor) or scores.is_complex():
-        got = scores.dtype if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ArgumentTypeError(f"scores must be a real tensor, got {got}")
+    """Raise unless ``scores`` is a real tensor (:func:`~sparsekit.select.check_real`) and
+    ``keep`` an int ≥ 0, the arguments of :meth:`Pattern.mask`: rows, blocks and fan-in took
+    a ``keep`` of ``-1`` or ``True`` (rows and blocks ``1.5`` too) and gave a mask, and a list
+    of scores failed with an ``AttributeError``."""
+    check_real(scores, "scores")
     check_int("keep", keep, minimum=0)
 
 

@@ -124,7 +124,7 @@ def _check_scores(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int |
     its shape and ``dim`` ``None`` or one of its dimensions: a list of scores failed with
     an ``AttributeError``, a float or integer ``allowed`` deep inside with a bare
     ``TypeError`` or ``RuntimeError``, ``dim=5`` with an ``IndexError``."""
-    _check_real(scores, "scores")
+    check_real(scores, "scores")
     if allowed is not None:
         if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
             got = allowed.dtype if isinstance(allowed, torch.Tensor) else type(allowed).__name__
@@ -149,7 +149,7 @@ def _check_scores(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int |
             )
 
 
-def _check_real(scores: object, name: str) -> None:
+def check_real(scores: object, name: str) -> None:
     """Raise unless ``scores`` (the argument ``name``) is a dense real tensor with values:
     a list was a raw ``AttributeError``, a complex tensor lost its imaginary part, and a
     sparse one or one on the meta device failed inside PyTorch."""
@@ -223,7 +223,7 @@ def _kth_largest(
                 continue
             ok = None if allowed is None else allowed[i].reshape(-1)
             part = parts[i]
-            _check_real(part, f"parts[{i}]")
+            check_real(part, f"parts[{i}]")
             hist[i], n_finite = _histogram(part, ok, prefix, done, bits)
             finite += n_finite
         if not done:
