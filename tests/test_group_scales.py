@@ -1,7 +1,7 @@
 """int8 weights with one scale per row and group of inputs (GPTQ's groups, e.g. 128):
 ``sparsekit.llm.prune(..., quantize="int8", group_size=...)`` through the ``dense_lowp``,
-``bitmap``, ``nm`` and ``bsr`` kernels, ``compile``, ``sparsekit.save``/``load`` and
-``save_pretrained``."""
+``bitmap``, ``nm``, ``bsr``, ``csr16`` and ``fanin`` kernels, ``compile``,
+``sparsekit.save``/``load`` and ``save_pretrained``."""
 
 from __future__ import annotations
 
@@ -54,27 +54,21 @@ SHAPES = [(37, 256, 128), (8, 96, 32), (5, 48, 12), (9, 10, 5), (6, 64, 64), (13
 # the formats whose kernels read per-group scales, N:M with each pattern it packs, BSR with
 # blocks of one row (the batched path's single-row tile), square and wide ones
 KINDS = [("dense_lowp", None), ("bitmap", None), ("nm", (1, 4)), ("nm", (2, 4)), ("nm", (4, 8)),
-         ("bsr", (1, 8)), ("bsr", (4, 4)), ("bsr", (16, 16)), ("bsr", (8, 32))]
+         ("bsr", (1, 8)), ("bsr", (4, 4)), ("bsr", (16, 16)), ("bsr", (8, 32)),
+         ("csr16", None), ("fanin", None)]
 
 
-@needs_kernels
-@pytest.mark.parametrize("isa", _isas())
-@pytest.mark.parametrize(("name", "pattern", "rows", "cols", "group"), [
-    (name, pattern, *shape) for name, pattern in KINDS for shape in SHAPES
-    # bitmap: whole words of 16 inputs; N:M: whole words of fields (16 values); BSR: groups
-    # of a multiple of 32 inputs
-    if shape[2] % FORMATS[name].group_multiple == 0
-])
-@pytest.mark.parametrize("batch", [1, 2, 3, 4, 7, 17])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_kernels_equal_the_dequantized_reference(isa, name, pattern, rows, cols, group,
-                                                     batch, threads):
-    """Every path (GEMV rows, decoded rows for more inputs; each ISA) of the formats whose
-    kernels read per-group scales."""
-    fmt_class = FORMATS[name]
+def _grouped_format(name: str, pattern: tuple[int, int] | None, rows: int, cols: int,
+                    group: int, threads: int = 1):
+    """Format ``name`` holding a pruned weight on int8 grids of ``group`` inputs (``pattern``:
+    N:M or BSR block), and that weight."""
     _, scales, ref = _grouped_weight(rows, cols, group)
-    if name == "bitmap":  # half of the weights pruned, a row left empty
+    if name in ("bitmap", "csr16"):  # half of the weights pruned, a row left empty
         ref = ref * (torch.rand(rows, cols, generator=torch.Generator().manual_seed(1)) < 0.5)
+        ref[0] = 0
+    elif name == "fanin":  # a third of each row's inputs kept (at least one), a row left empty
+        one = scales.repeat_interleave(group, dim=1)  # codes of 0 made 1: the fan-in stays
+        ref = ref.where(ref != 0, one) * _fan_in(rows, cols, max(1, cols // 3))
         ref[0] = 0
     options = {}
     if name == "bsr":  # half of the blocks kept, the first block row left empty
@@ -84,21 +78,52 @@ def test_the_kernels_equal_the_dequantized_reference(isa, name, pattern, rows, c
     elif pattern is not None:  # N of every M kept, a row left empty (all padding)
         ref = _n_of_m(ref, *pattern)
         ref[0] = 0
-    fmt = fmt_class.from_dense(ref, scales=scales, threads=threads, **options)
+    fmt = FORMATS[name].from_dense(ref, scales=scales, threads=threads, **options)
     if name == "nm":
         assert (fmt.n, fmt.m) == pattern
     assert fmt.value_dtype == torch.int8 and fmt.scales.shape == scales.shape
     assert torch.equal(fmt.to_dense(), ref)
+    return fmt, ref
+
+
+def _assert_product(fmt, ref: torch.Tensor, batch: int) -> None:
+    """``fmt``'s product of float32 and bf16 inputs equals that of the weight ``ref``."""
     g = torch.Generator().manual_seed(batch)
-    x, bias = torch.randn(batch, cols, generator=g), torch.randn(rows, generator=g)
+    x, bias = torch.randn(batch, ref.shape[1], generator=g), torch.randn(ref.shape[0], generator=g)
     expected = x.double() @ ref.double().t() + bias.double()
-    with kernels.use_isa(isa):
-        y = fmt.matmul(x, bias)
-        y16 = fmt.matmul(x.to(torch.bfloat16), bias)
-    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fmt.matmul(x, bias).double(), expected, rtol=1e-5, atol=1e-5)
+    y16 = fmt.matmul(x.to(torch.bfloat16), bias)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.double(), x.to(torch.bfloat16).double() @ ref.double().t()
                                + bias.double(), rtol=2e-2, atol=2e-2)
+
+
+# bitmap: whole words of 16 inputs; N:M: whole words of fields (16 values); BSR: groups of a
+# multiple of 32 inputs; CSR16 and fan-in: any
+CASES = [(name, pattern, *shape) for name, pattern in KINDS for shape in SHAPES
+         if shape[2] % FORMATS[name].group_multiple == 0]
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize(("name", "pattern", "rows", "cols", "group"), CASES)
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 7, 17])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernels_equal_the_dequantized_reference(isa, name, pattern, rows, cols, group,
+                                                     batch, threads):
+    """Every path (GEMV rows, decoded rows for more inputs; each ISA) of the formats whose
+    kernels read per-group scales."""
+    fmt, ref = _grouped_format(name, pattern, rows, cols, group, threads)
+    with kernels.use_isa(isa):
+        _assert_product(fmt, ref, batch)
+
+
+@pytest.mark.parametrize(("name", "pattern"), KINDS)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_without_kernels_the_fallback_reads_the_groups(name, pattern, batch, monkeypatch):
+    fmt, ref = _grouped_format(name, pattern, 11, 384, 64 if name == "nm" else 32)
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    _assert_product(fmt, ref, batch)
 
 
 @needs_kernels
@@ -147,9 +172,14 @@ def test_the_ops_refuse_groups_they_cannot_take_and_other_formats_refuse_groups(
     bsr = FORMATS["bsr"].from_dense(ref64, value_dtype=torch.int8, block=(4, 48))
     with pytest.raises(ValueError, match=r"makes groups of 64 inputs, which blocks 48 wide"):
         FORMATS["bsr"].from_state({**bsr.state_dict(), "scales": scales64}, (4, 128))
+    csr = FORMATS["csr16"].from_dense(ref, value_dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"number of groups dividing in_features=24"):
+        torch.ops.sparsekit.csr_linear(csr.values, csr.col_indices, csr.rowptr, x, None, 24, 1,
+                                       torch.ones(4, 5))
     with pytest.raises(ValueError, match=r"of the fanin format must be float32 of shape "
-                                         r"\(4,\), got torch.float32 \(4, 3\)"):
-        FORMATS["fanin"].from_dense(ref, scales=scales)
+                                         r"\(4,\) or \(4, groups\) with groups dividing 24, "
+                                         r"got torch.float32 \(4, 5\)"):
+        FORMATS["fanin"].from_dense(ref, scales=torch.ones(4, 5))
     with pytest.raises(ValueError, match=r"\(4,\) \(W8A8 kernels take one scale per row\)"):
         DENSE_LOWP.from_dense(ref, scales=scales, activation_dtype=torch.int8)
     with pytest.raises(ValueError, match=r"or \(4, groups\) with groups dividing 24, got "
@@ -162,6 +192,12 @@ def _blocks_kept(rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
     (r, c), g = block, torch.Generator().manual_seed(2)
     grid = torch.rand(-(-rows // r), -(-cols // c), generator=g) < 0.5
     return grid.repeat_interleave(r, 0).repeat_interleave(c, 1)[:rows, :cols]
+
+
+def _fan_in(rows: int, cols: int, k: int) -> torch.Tensor:
+    """A ``(rows, cols)`` mask keeping ``k`` random inputs of every row (constant fan-in)."""
+    order = torch.rand(rows, cols, generator=torch.Generator().manual_seed(3)).argsort(-1)
+    return torch.zeros(rows, cols, dtype=torch.bool).scatter(1, order[:, :k], True)
 
 
 def _n_of_m(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -258,23 +294,35 @@ def _blocks16(weight: torch.Tensor) -> torch.Tensor:
     return weight * _blocks_kept(*weight.shape, (16, 16))
 
 
+def _random80(weight: torch.Tensor) -> torch.Tensor:
+    return weight * (torch.rand(weight.shape, generator=torch.Generator().manual_seed(4)) < 0.2)
+
+
+def _fan_in_quarter(weight: torch.Tensor) -> torch.Tensor:
+    return weight * _fan_in(*weight.shape, weight.shape[1] // 4)
+
+
 @needs_kernels
-@pytest.mark.parametrize(("name", "prune", "small"), [("nm", _two_four, 32),
-                                                      ("bsr", _blocks16, 16)])
+@pytest.mark.parametrize(("name", "prune", "small"), [
+    ("nm", _two_four, 32), ("bsr", _blocks16, 16), ("csr16", _random80, None),
+    ("fanin", _fan_in_quarter, None)])
 def test_compile_packs_grouped_pruned_layers_in_their_format_and_they_save_and_decompile_exactly(
     tmp_path, name, prune, small,
 ) -> None:
     """Groups of 64 inputs fill whole words of N:M fields and whole 16x16 blocks: a grouped
     2:4 layer compiles to ``nm`` (its bytes, not bitmap's), a grouped block-pruned one to
-    ``bsr``; each keeps its grid through ``sparsekit.save`` / ``load`` and ``decompile``, and
-    a grid of smaller groups (32 inputs for ``nm``, 16 for ``bsr``) stays off the format."""
+    ``bsr``, an 80 % pruned one to ``csr16`` and a constant fan-in one to ``fanin`` when
+    forced; each keeps its grid through ``sparsekit.save`` / ``load`` and ``decompile``,
+    and a grid of smaller groups (32 inputs for ``nm``, 16 for ``bsr``; CSR16 and fan-in take
+    any) stays off the format."""
     model = _grouped_pruned(64, prune)
     x = torch.randn(5, 256)
     compiled = sparsekit.compile(model, x, cache=False, formats=[name])
     for i in (0, 2):
         fmt = compiled[i].format
         assert fmt.name == name
-        assert (fmt.n, fmt.m) == (2, 4) if name == "nm" else fmt.block == (16, 16)
+        if name in ("nm", "bsr"):
+            assert (fmt.n, fmt.m) == (2, 4) if name == "nm" else fmt.block == (16, 16)
         assert torch.equal(fmt.scales, attached_scales(model[i]))
         assert torch.equal(fmt.to_dense(), model[i].weight)
     with torch.no_grad():
@@ -289,9 +337,10 @@ def test_compile_packs_grouped_pruned_layers_in_their_format_and_they_save_and_d
     for i in (0, 2):
         assert torch.equal(restored[i].weight, model[i].weight)
         assert torch.equal(attached_scales(restored[i]), attached_scales(model[i]))
-    smaller = sparsekit.compile(_grouped_pruned(small, prune), x, cache=False,
-                                formats=[name, "dense"])
-    assert all(smaller[i].format.name == "dense" for i in (0, 2))
+    if small is not None:
+        smaller = sparsekit.compile(_grouped_pruned(small, prune), x, cache=False,
+                                    formats=[name, "dense"])
+        assert all(smaller[i].format.name == "dense" for i in (0, 2))
 
 
 @needs_kernels

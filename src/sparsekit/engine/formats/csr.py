@@ -86,8 +86,10 @@ class CSR16(NativeFormat):
     float32 or bfloat16 weights (values keep that dtype, sums are fp32) and the compiled
     kernels (see :mod:`sparsekit.engine.kernels`); where they are missing (a model loaded on
     another machine) it multiplies with torch CSR in float32 instead. int8 values (1 byte,
-    3 per nonzero with the index) come with per-row ``scales``. ``threads=None``
-    follows ``torch.get_num_threads()`` (one thread for layers too small to split).
+    3 per nonzero with the index) come with ``scales`` per row or per row and group of
+    inputs (any group size: a row's columns rise, so each group's nonzeros are one run,
+    summed and then scaled). ``threads=None`` follows ``torch.get_num_threads()`` (one
+    thread for layers too small to split).
     """
 
     name = "csr16"
@@ -96,6 +98,7 @@ class CSR16(NativeFormat):
     values_name = "values"
     dtypes = (torch.float32, torch.bfloat16)
     value_dtypes = (torch.float32, torch.bfloat16, torch.int8)
+    group_scales = True
 
     @classmethod
     def compress(cls, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -118,11 +121,12 @@ class CSR16(NativeFormat):
     def _fallback_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Torch CSR in float32 on the same indices (e.g. a checkpoint loaded where the
         kernels cannot be built)."""
-        csr = self.derived(lambda: _sparse_csr(
-            self.rowptr, unsigned_index(self.col_indices).to(torch.int32),
-            self._float_values(), self,
-        ))
-        return _csr_mm(csr, x, bias)
+        def build() -> torch.Tensor:
+            cols = unsigned_index(self.col_indices)
+            values = self._float_values(self.values, self._rows(), cols)
+            return _sparse_csr(self.rowptr, cols.to(torch.int32), values, self)
+
+        return _csr_mm(self.derived(build), x, bias)
 
     def stored_dense(self) -> torch.Tensor:
         dense = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype)
@@ -133,12 +137,6 @@ class CSR16(NativeFormat):
         """The row of every stored value."""
         counts = torch.diff(self.rowptr.to(torch.int64))
         return torch.repeat_interleave(torch.arange(self.out_features), counts)
-
-    def _float_values(self) -> torch.Tensor:
-        """The stored values in float32, int8 ones dequantized."""
-        scales = self._buffers.get(SCALES)
-        values = self.values.to(torch.float32)
-        return values if scales is None else values * scales[self._rows()]
 
     @property
     def nnz(self) -> int:

@@ -20,11 +20,12 @@ class ConstantFanIn(NativeFormat):
     """Dense ``(rows, k)`` values and column indices for SRigL-style constant fan-in masks.
 
     Buffers: ``fanin_values`` (float32 or bfloat16 weights keep their dtype; int8 values
-    come with per-row ``scales``; sums are fp32), ``fanin_col_indices`` (int16 read as
-    uint16, int32 for layers wider than 65536 inputs) and ``fanin_rows`` (int32 output row
-    of each stored row). Rows without nonzeros (ablated neurons) are not stored, so they
-    cost nothing but their bias. Runs on the compiled kernels, else on torch (same numbers).
-    ``threads=None`` follows ``torch.get_num_threads()``.
+    come with ``scales`` per row or per row and group of inputs; sums are fp32),
+    ``fanin_col_indices`` (int16 read as uint16, int32 for layers wider than 65536 inputs)
+    and ``fanin_rows`` (int32 output row of each stored row). Rows without nonzeros
+    (ablated neurons) are not stored, so they cost nothing but their bias. Runs on the
+    compiled kernels, else on torch (same numbers). ``threads=None`` follows
+    ``torch.get_num_threads()``.
     """
 
     name = "fanin"
@@ -33,6 +34,7 @@ class ConstantFanIn(NativeFormat):
     values_name = "fanin_values"
     dtypes = (torch.float32, torch.bfloat16)
     value_dtypes = (torch.float32, torch.bfloat16, torch.int8)
+    group_scales = True  # any group size: a row's columns rise (see CSR16)
 
     @classmethod
     def supports(cls, weight: torch.Tensor) -> bool:
@@ -89,9 +91,7 @@ class ConstantFanIn(NativeFormat):
         x = x.to(torch.float32)
         y = x.new_zeros(x.shape[0], self.out_features)
         cols, rows = unsigned_index(self.fanin_col_indices), self.fanin_rows.long()
-        values = self.fanin_values.to(torch.float32)
-        if SCALES in self._buffers:
-            values = values * self._buffers[SCALES][rows].unsqueeze(1)
+        values = self._float_values(self.fanin_values, rows.unsqueeze(1), cols)
         step = max(1, _GATHER_ELEMENTS // max(1, x.shape[0] * cols.shape[1]))
         for start in range(0, rows.numel(), step):  # bounded (batch, rows, k) temporaries
             sl = slice(start, start + step)

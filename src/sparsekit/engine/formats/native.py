@@ -268,6 +268,20 @@ class NativeFormat(BoundArguments, Format):
         """The dense matrix of the stored values (int8 codes for int8 values)."""
         raise NotImplementedError
 
+    def _float_values(
+        self, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """Stored ``values`` at ``rows`` and ``cols`` (int64 tensors broadcasting to their
+        shape) in float32: int8 codes times the scale of their row, or of their row and
+        group of inputs."""
+        scales = self._buffers.get(SCALES)
+        values = values.to(torch.float32)
+        if scales is None:
+            return values
+        if scales.dim() == 1:
+            return values * scales[rows]
+        return values * scales[rows, cols // (self.in_features // scales.shape[1])]
+
     def _threads(self, rows: int) -> int:
         if self.threads is not None:
             return self.threads

@@ -47,6 +47,10 @@ struct CsrArgs {
   const void* col;
   bool narrow;
   const int32_t* rowptr;
+  // int8 codes scaled per row and group of group_size inputs (any size: a row's columns
+  // rise, so each group's nonzeros are one run), as DenseArgs
+  const float* group_scales = nullptr;
+  int64_t group_size = 0;
 };
 
 // W as bitmap rows: `words` 16-bit words of bits per row, the values of the set bits packed
@@ -112,6 +116,9 @@ struct FanInArgs {
   bool narrow;
   const int32_t* rows;
   int64_t n, k;
+  // int8 codes scaled per output row and group of group_size inputs (any size), as CsrArgs
+  const float* group_scales = nullptr;
+  int64_t group_size = 0;
 };
 
 // A dense W (rows, cols) of bf16 or int8 (scaled) values. int8 codes are scaled per row

@@ -201,7 +201,7 @@ def register() -> None:
         torch._check(rowptr.dim() == 1 and rowptr.shape[0] >= 1, lambda: "rowptr must be 1-D "
                      f"with rows + 1 >= 1 entries, got shape {tuple(rowptr.shape)}")
         _rowptr(rowptr, rowptr.shape[0] - 1)
-        return _linear(x, in_features, rowptr.shape[0] - 1, values, bias, threads, scales)
+        return _linear(x, in_features, rowptr.shape[0] - 1, values, bias, threads, scales, 1)
 
     def bitmap_rows(bitmap, rowptr, in_features):  # type: ignore[no-untyped-def]
         _tensor(bitmap, "bitmap", 2, (torch.int16,))
@@ -260,7 +260,7 @@ def register() -> None:
         _size(rows, "rows", 0, values.shape[0])
         torch._check(out_features >= values.shape[0], lambda: "out_features must be at least "
                      f"the {values.shape[0]} stored rows, got {out_features}")
-        return _linear(x, in_features, out_features, values, bias, threads, scales)
+        return _linear(x, in_features, out_features, values, bias, threads, scales, 1)
 
     @fake("sparsekit::dense_linear")
     def _(weight, x, bias, in_features, threads, scales=None):  # type: ignore[no-untyped-def]

@@ -2,9 +2,9 @@
 //
 // Every stored row of W has the same number k of nonzeros (SRigL-style masks), so W is two
 // dense (active_rows, k) matrices: fp32, bf16 or int8 values (int8: with float32 scales per
-// output row) and uint16 column indices (int32 when a layer is wider than 65536), plus the
-// int32 output row of each stored row. Rows without nonzeros (ablated neurons) are not
-// stored: they cost one write of the bias, not k reads. No row pointers are needed and the
+// output row, or per output row and group of inputs) and uint16 column indices (int32 when a
+// layer is wider than 65536), plus the int32 output row of each stored row. Rows without
+// nonzeros (ablated neurons) are not stored: they cost one write of the bias, not k reads. No row pointers are needed and the
 // work per row is constant, so rows split evenly over threads. Sums are fp32; x is fp32 or
 // bf16, y in x's dtype.
 //   batch 1-3: one GEMV per input, the CSR kernel's dot product per row (x assembled from
@@ -26,9 +26,10 @@
 namespace {
 
 // y = x @ W.T (+ bias) for x (..., in_features) (fp32 or bf16; y in its dtype), W given by
-// its stored rows' values (fp32, bf16, or int8 times scales[output row]) and columns (each
-// below in_features) and their distinct output rows (each below out_features; both checked
-// where the format is built).
+// its stored rows' values (fp32, bf16, or int8 times scales[output row], or scales[output
+// row, g] per group g of in_features / groups inputs) and columns (each below in_features,
+// rising within a row) and their distinct output rows (each below out_features; both
+// checked where the format is built).
 at::Tensor fanin_linear(const at::Tensor& values, const at::Tensor& col_indices,
                         const at::Tensor& rows, const at::Tensor& x,
                         const std::optional<at::Tensor>& bias, int64_t out_features,
@@ -43,6 +44,7 @@ at::Tensor fanin_linear(const at::Tensor& values, const at::Tensor& col_indices,
   sparsekit::check_size(rows, "rows", 0, values.size(0));
   TORCH_CHECK(out_features >= values.size(0), "out_features must be at least the ",
               values.size(0), " stored rows, got ", out_features);
+  const auto groups = sparsekit::group_scales(scales, values, out_features, in_features);
   return sparsekit::scaled_linear(
       x, values, scales, bias, out_features, threads, [&](const sparsekit::Linear& io) {
         for (int64_t b = 0; b < io.batch; ++b) {  // rows not stored keep their bias
@@ -53,8 +55,9 @@ at::Tensor fanin_linear(const at::Tensor& values, const at::Tensor& col_indices,
         sparsekit::cores().fanin_linear(sparsekit::FanInArgs{
             io, sparsekit::value_type(values), values.data_ptr(), col_indices.data_ptr(),
             col_indices.scalar_type() == at::kShort, rows.data_ptr<int32_t>(), values.size(0),
-            values.size(1)});
-      });
+            values.size(1), groups.data, groups.size});
+      },
+      groups.data != nullptr);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // The constant fan-in kernel core (see fanin.cpp for the op), compiled once per instruction
 // set (cores_impl.h): k stored inputs in every stored row, float32, bf16 or int8 values (int8:
-// each product times its output row's scale).
+// each row's sum times its output row's scale, or each group's sum times the output row's
+// scale of that group).
 
 namespace sparsekit::SPARSEKIT_ISA::fanin {
 
@@ -18,8 +19,10 @@ struct FanIn {
   const int32_t* rows;  // output row of each stored row
   const float* scale;   // per output row (int8 values), or nullptr
   int64_t n, k, out_rows;
+  csr::Groups groups;  // int8 scales per output row and group of inputs (scale: nullptr)
 
-  // What stored row r adds to its output: its sum times the output row's scale.
+  // What stored row r adds to its output: its sum times the output row's scale (per-group
+  // scales are applied inside the sum).
   float scaled(int64_t r, float sum) const { return scale ? scale[rows[r]] * sum : sum; }
 };
 
@@ -39,16 +42,18 @@ void gemv(const FanIn<Value>& w, const I* c, int64_t cols, const float* x_in, fl
       for (int64_t j = 0; j < w.k; j += kLine) __builtin_prefetch(vr + 2 * w.k + j, 0, 3);
       for (int64_t j = 0; j < w.k; j += 32) __builtin_prefetch(cr + 2 * w.k + j, 0, 3);
     }
-    const float sum = windowed ? csr::row_dot<true>(vr, cr, w.k, x)  // a CSR row of k
-                               : csr::row_dot<false>(vr, cr, w.k, x);
+    const float sum = windowed  // a CSR row of k
+        ? csr::row_sum<true>(vr, cr, w.k, x, w.groups, w.rows[r])
+        : csr::row_sum<false>(vr, cr, w.k, x, w.groups, w.rows[r]);
     y[w.rows[r]] += w.scaled(r, sum);
   }
 }
 
-// One row times NV vectors of transposed inputs at xt (leading dimension ld).
-template <int NV, typename Value, typename I>
+// One row times NV vectors of transposed inputs at xt (leading dimension ld), each value times
+// its group's scale when Grouped (`gs`: the output row's scales).
+template <int NV, bool Grouped, typename Value, typename I>
 inline void row_chunk(const Value* v, const I* c, int64_t k, const float* xt, int64_t ld,
-                      vecr* out) {
+                      vecr* out, csr::GroupCursor gs) {
   vecr acc[2][NV];
   for (int u = 0; u < 2; ++u)
 #pragma GCC unroll 4
@@ -57,7 +62,7 @@ inline void row_chunk(const Value* v, const I* c, int64_t k, const float* xt, in
   for (; j + 2 <= k; j += 2) {
 #pragma GCC unroll 2
     for (int u = 0; u < 2; ++u) {
-      const float s = to_float(v[j + u]);
+      const float s = Grouped ? to_float(v[j + u]) * gs.at(c[j + u]) : to_float(v[j + u]);
       const float* xr = xt + static_cast<int64_t>(c[j + u]) * ld;
 #pragma GCC unroll 4
       for (int n = 0; n < NV; ++n) {
@@ -68,18 +73,19 @@ inline void row_chunk(const Value* v, const I* c, int64_t k, const float* xt, in
     }
   }
   for (; j < k; ++j) {
+    const float s = Grouped ? to_float(v[j]) * gs.at(c[j]) : to_float(v[j]);
     const float* xr = xt + static_cast<int64_t>(c[j]) * ld;
 #pragma GCC unroll 4
     for (int n = 0; n < NV; ++n) {
       vecr xv;
       __builtin_memcpy(&xv, xr + n * kSpmmLanes, sizeof(xv));
-      acc[0][n] += to_float(v[j]) * xv;
+      acc[0][n] += s * xv;
     }
   }
   for (int n = 0; n < NV; ++n) out[n] = acc[0][n] + acc[1][n];
 }
 
-template <typename Value, typename I>
+template <bool Grouped, typename Value, typename I>
 void spmm(const FanIn<Value>& w, const I* c, int64_t cols, const float* x, int64_t batch,
           float* y, int T) {
   constexpr int64_t L = kSpmmLanes, kChunk = kSpmmVectors * L;
@@ -97,11 +103,12 @@ void spmm(const FanIn<Value>& w, const I* c, int64_t cols, const float* x, int64
         for (int64_t r = t0; r < t1; ++r) {
           const Value* vr = w.v + r * w.k;
           const I* cr = c + r * w.k;
+          const csr::GroupCursor gs{Grouped ? w.groups.row(w.rows[r]) : nullptr, w.groups.size};
           switch (nv) {
-            case 4: row_chunk<4>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
-            case 3: row_chunk<3>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
-            case 2: row_chunk<2>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
-            default: row_chunk<1>(vr, cr, w.k, xt + b0, ld, tile[r - t0]); break;
+            case 4: row_chunk<4, Grouped>(vr, cr, w.k, xt + b0, ld, tile[r - t0], gs); break;
+            case 3: row_chunk<3, Grouped>(vr, cr, w.k, xt + b0, ld, tile[r - t0], gs); break;
+            case 2: row_chunk<2, Grouped>(vr, cr, w.k, xt + b0, ld, tile[r - t0], gs); break;
+            default: row_chunk<1, Grouped>(vr, cr, w.k, xt + b0, ld, tile[r - t0], gs); break;
           }
         }
         for (int64_t b = b0; b < std::min<int64_t>(batch, b0 + nv * L); ++b) {
@@ -119,7 +126,11 @@ void spmm(const FanIn<Value>& w, const I* c, int64_t cols, const float* x, int64
 template <typename Value, typename I>
 void run(const FanIn<Value>& w, const I* c, const Linear& io) {
   if (io.batch > kGemvMaxBatch) {
-    spmm(w, c, io.cols, io.x, io.batch, io.y, io.threads);
+    if (w.groups.scale) {
+      spmm<true>(w, c, io.cols, io.x, io.batch, io.y, io.threads);
+    } else {
+      spmm<false>(w, c, io.cols, io.x, io.batch, io.y, io.threads);
+    }
     return;
   }
   for (int64_t b = 0; b < io.batch; ++b) {
@@ -134,7 +145,9 @@ namespace sparsekit::SPARSEKIT_ISA {
 void fanin_linear(const FanInArgs& a) {
   with_values(a.value, a.values, [&](auto v) {
     const fanin::FanIn<std::remove_const_t<std::remove_pointer_t<decltype(v)>>> w{
-        v, a.rows, a.io.out.scale, a.n, a.k, a.io.rows};
+        v, a.rows, a.io.out.scale, a.n, a.k, a.io.rows,
+        csr::Groups{a.group_scales, a.group_size,
+                    a.group_scales ? a.io.cols / a.group_size : 0}};
     if (a.narrow) {
       fanin::run(w, static_cast<const uint16_t*>(a.col), a.io);
     } else {
