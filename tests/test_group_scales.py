@@ -13,7 +13,7 @@ from _kernels import needs_kernels
 from torch import nn
 
 import sparsekit
-from sparsekit.engine import CompiledLinear, kernels
+from sparsekit.engine import CompiledLinear, autotune, kernels
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.formats import FORMATS
 from sparsekit.quantize import (
@@ -29,6 +29,7 @@ transformers = pytest.importorskip("transformers")
 
 from test_fused import _act_clock, _teal, _thresholded  # noqa: E402
 from test_llm import build, layers_of, tokens  # noqa: E402
+from test_pretrained import _kernel_clock  # noqa: E402
 
 DENSE_LOWP = FORMATS["dense_lowp"]
 IDS = tokens(1, 16)
@@ -358,7 +359,7 @@ def test_a_compiled_grouped_model_saves_reloads_and_decompiles_exactly(tmp_path)
 
 
 @needs_kernels
-def test_teal_on_a_grouped_model_keeps_the_float_weight_in_activation_sparse_layers(
+def test_teal_on_a_grouped_model_keeps_its_codes_and_groups_in_activation_sparse_layers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _act_clock(monkeypatch)  # every activation-sparse layer wins
@@ -366,20 +367,117 @@ def test_teal_on_a_grouped_model_keeps_the_float_weight_in_activation_sparse_lay
     teal = _teal(model)
     compiled = sparsekit.compile(model, IDS, activation_sparsity=teal, cache=False)
     act = [m for m in compiled.modules() if isinstance(m, ActivationSparseLinear)]
-    assert act and all(m.scales is None for m in act)  # these kernels: one scale per row
+    assert act and all(m.kernel in ("act_gemv", "act_bitmap_gemv") for m in act)
+    for m in act:  # the pruned model's own codes (int8, a quarter of float32's bytes)
+        assert m.to_dense().dtype == torch.int8 and m.scales.shape == (m.out_features,
+                                                                       m.in_features // 16)
     with _thresholded(model, teal.thresholds), torch.no_grad():
         torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits,
                                    rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled(IDS[:, :1]).logits, model(IDS[:, :1]).logits,
+                                   rtol=1e-4, atol=1e-4)
 
 
-def test_activation_sparse_int8_values_refuse_a_grouped_grid():
+def test_activation_sparse_kernels_of_one_scale_per_row_refuse_a_grouped_grid():
     layer = nn.Linear(32, 4)
     attach_scales(layer, int8_scales(layer.weight, 16))
-    with pytest.raises(ValueError, match=r"value_dtype=torch.int8: the activation-sparse "
-                                         r"kernels take one int8 scale per row"):
-        ActivationSparseLinear.from_linear(layer, 0.1, value_dtype=torch.int8)
-    act = ActivationSparseLinear.from_linear(layer, 0.0)
+    for kernel in ("act_sparse_gemv", "act_bitmap_qgemv"):
+        with pytest.raises(ValueError, match=rf"value_dtype=torch.int8: kernel '{kernel}' takes "
+                                             r"one int8 scale per row"):
+            ActivationSparseLinear.from_linear(layer, 0.1, value_dtype=torch.int8,
+                                               kernel=kernel)
+    act = ActivationSparseLinear.from_linear(layer, 0.0, kernel="act_sparse_gemv")
     assert act.scales is None and act.to_dense().dtype == torch.float32
+    codes, scales = quantize_int8(layer.weight.detach(), attached_scales(layer), 16)
+    with pytest.raises(ValueError, match=r"kernel 'act_sparse_gemv' takes one int8 scale per "
+                                         r"row, got scales of shape \(4, 2\)"):
+        ActivationSparseLinear(codes, None, 0.0, scales=scales, kernel="act_sparse_gemv")
+    with pytest.raises(ValueError, match=r"int8 weight needs float scales of shape \(4,\) or "
+                                         r"\(4, groups\) with groups dividing 32, got \(4, 3\)"):
+        ActivationSparseLinear(codes, None, 0.0, scales=torch.ones(4, 3))
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("kernel", ["act_gemv", "act_bitmap_gemv"])
+@pytest.mark.parametrize(("rows", "cols", "group"), [(37, 256, 128), (300, 96, 32), (9, 10, 5),
+                                                     (6, 64, 64), (520, 48, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_activation_sparse_kernels_read_the_groups(isa, kernel, rows, cols, group, threads):
+    """Every kept input's group scales its column: one row through the kernel, several through
+    the layer's own storage, against the thresholded dequantized product (half of the weights
+    pruned; inputs under the threshold skipped, a whole group of them in the first row)."""
+    torch.manual_seed(0)
+    _, scales, ref = _grouped_weight(rows, cols, group)
+    ref = ref * (torch.rand(rows, cols) < 0.5)
+    layer = nn.Linear(cols, rows)
+    with torch.no_grad():
+        layer.weight.copy_(ref)
+    attach_scales(layer, scales)
+    act = ActivationSparseLinear.from_linear(layer, 0.5, kernel=kernel, threads=threads)
+    assert act.to_dense().dtype == torch.int8 and torch.equal(act.scales, scales)
+    x = torch.randn(3, cols)
+    x[0, :group] = 0.1
+    kept = x.where(x.abs() >= 0.5, 0.0)
+    expected = kept.double() @ ref.double().t() + layer.bias.double()
+    with kernels.use_isa(isa), torch.no_grad():
+        for row in range(3):
+            torch.testing.assert_close(act(x[row]).double(), expected[row], rtol=1e-5,
+                                       atol=1e-5)
+        torch.testing.assert_close(act(x).double(), expected, rtol=1e-5, atol=1e-5)
+        y16 = act.to(torch.bfloat16)(x[0].bfloat16())
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.double(), kept[0].bfloat16().double() @ ref.double().t()
+                               + layer.bias.bfloat16().double(), rtol=2e-2, atol=2e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fast", ["act_gemv", "act_bitmap_gemv"])
+def test_grouped_activation_sparse_layers_round_trip_through_save_pretrained(
+    tmp_path, monkeypatch, fast,
+) -> None:
+    monkeypatch.setattr(autotune, "_time_block", _kernel_clock(fast))
+    model = _grouped_model()
+    compiled = sparsekit.compile(model, IDS, activation_sparsity=_teal(model), cache=False)
+    layers = {n: m for n, m in compiled.named_modules() if isinstance(m, ActivationSparseLinear)}
+    assert layers and {m.kernel for m in layers.values()} == {fast}
+    assert all(m.scales.dim() == 2 for m in layers.values())
+    back = sparsekit.from_pretrained(sparsekit.save_pretrained(compiled, tmp_path))
+    sa, sb = compiled.state_dict(), back.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.no_grad():
+        for step in (IDS, IDS[:, :1]):  # prefill and one decode step (the kernel)
+            assert torch.equal(back(step).logits, compiled(step).logits)
+
+
+@needs_kernels
+def test_a_grouped_activation_sparse_layer_takes_loaded_scales():
+    """The kernels read the grid transposed, a copy bound to the layer: a load of other
+    scales (copied into the buffer) reaches the next decode step."""
+    _, scales, ref = _grouped_weight(8, 64, 16)
+    layer = nn.Linear(64, 8)
+    with torch.no_grad():
+        layer.weight.copy_(ref)
+    attach_scales(layer, scales)
+    act = ActivationSparseLinear.from_linear(layer, 0.0)
+    x = torch.randn(64)
+    first = act(x)
+    state = act.state_dict()
+    state["scales"] = scales * 2
+    act.load_state_dict(state)
+    torch.testing.assert_close(act(x), 2 * first - layer.bias.detach(), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_the_activation_sparse_ops_check_grouped_scales():
+    codes = torch.ones(8, 6, dtype=torch.int8)  # wt: (in, out)
+    x, t = torch.randn(8), torch.zeros(8)
+    with pytest.raises(RuntimeError, match=r"number of groups dividing in_features=8"):
+        torch.ops.sparsekit.act_gemv(codes, x, t, None, 1, torch.ones(3, 6))
+    with pytest.raises(RuntimeError, match=r"scales.size\(1\) must be 6"):
+        torch.ops.sparsekit.act_gemv(codes, x, t, None, 1, torch.ones(2, 5))
+    y = torch.ops.sparsekit.act_gemv(codes, x, t, None, 1, torch.tensor([[1.0] * 6, [2.0] * 6]))
+    torch.testing.assert_close(y, (x[:4].sum() + 2 * x[4:].sum()).expand(6))
 
 
 @pytest.mark.parametrize("dense_dtype", [None, "int8"])

@@ -40,6 +40,7 @@ from sparsekit import checkpoint
 from sparsekit._atomic import atomic_write, blocking_parent, directory_lock, sync
 from sparsekit._checks import ArgumentTypeError, check_materialized_module
 from sparsekit.engine import fused
+from sparsekit.engine.activation_linear import GROUPED_KERNELS as GROUPED_ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import ActivationSparseLinear, check_column_index
 from sparsekit.engine.compiled_conv import CompiledConv2d
@@ -463,8 +464,9 @@ def _empty_activation(model: nn.Module, name: str, spec: dict[str, Any],
                       infos: dict[str, checkpoint.TensorInfo],
                       weights: Path) -> ActivationSparseLinear:
     """An :class:`ActivationSparseLinear` as recorded in ``spec``, of the shape of the
-    model's layer ``name``, whose stored weights have the sizes the header declares
-    (loading fills them, and the thresholds)."""
+    model's layer ``name``, whose stored weights and int8 scales (per row, or per group of
+    inputs where the kernel reads them) have the sizes the header declares (loading fills
+    them, and the thresholds)."""
     kernel, dtype, threads = spec.get("kernel"), spec.get("dtype"), spec.get("threads")
     if (kernel not in ACTIVATION_KERNELS or dtype not in checkpoint._DTYPES
             or spec.get("int8") not in (True, False) or spec.get("prefill") not in (None, "linear")
@@ -480,6 +482,12 @@ def _empty_activation(model: nn.Module, name: str, spec: dict[str, Any],
         info = infos.get(f"{name}.{buffer}")
         if buffer in layer._buffers and info is not None and len(info.shape) == 1:
             layer._buffers[buffer] = layer._buffers[buffer].new_zeros(info.shape)
+    info = infos.get(f"{name}.scales")
+    if (layer.scales is not None and info is not None and len(info.shape) == 2
+            and kernel in GROUPED_ACTIVATION_KERNELS and info.shape[0] == layer.out_features
+            and 1 <= info.shape[1] <= layer.in_features
+            and layer.in_features % info.shape[1] == 0):  # a grid per group of inputs
+        layer._buffers["scales"] = layer.scales.new_ones(info.shape)
     return layer
 
 

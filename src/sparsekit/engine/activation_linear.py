@@ -27,9 +27,11 @@ inputs that are left, with one of these kernels:
   them, and compile keeps the weight-only W8A8 formats there (README, "TEAL on W8A8").
 
 The stored weights are float32 or bfloat16 (inputs of the same dtype), or int8 codes with one
-float32 scale per output row (``scales``; inputs float32 or bfloat16, the layer's ``dtype``):
-an int8 layer reads a quarter of the float32 bytes, and the sums stay float32 (exact int32
-with ``"act_bitmap_qgemv"``, whose layers store int8 values only).
+float32 scale per output row (``scales``; inputs float32 or bfloat16, the layer's ``dtype``)
+or, in ``"act_gemv"`` and ``"act_bitmap_gemv"``, one per output row and group of inputs
+(GPTQ's groups: each group's run of kept inputs is summed apart, then scaled): an int8 layer
+reads a quarter of the float32 bytes, and the sums stay float32 (exact int32 with
+``"act_bitmap_qgemv"``, whose layers store int8 values only).
 
 Several rows (a prompt) are multiplied by the ``prefill`` module, after the same input
 sparsification: :func:`sparsekit.compile` passes the layer's fastest measured multi-row format
@@ -65,16 +67,21 @@ from sparsekit.quantize import (
     attached_scales,
     check_scale_values,
     dequantize_int8,
+    group_size_of,
     is_grouped,
     quantize_int8,
 )
 
-__all__ = ["BITMAP_BLOCK", "BLOCK", "KERNELS", "ActivationSparseLinear", "check_bitmap_index",
-           "check_column_index", "sparsify_input"]
+__all__ = ["BITMAP_BLOCK", "BLOCK", "GROUPED_KERNELS", "KERNELS", "ActivationSparseLinear",
+           "check_bitmap_index", "check_column_index", "sparsify_input"]
 
 KERNELS = ("act_gemv", "act_sparse_gemv", "act_bitmap_gemv", "act_bitmap_qgemv")
 """The single-row kernels: on the transposed dense weight, or on its stored weights only (with
 a row index per weight, or as bitmap columns, with float or int8 inputs)."""
+
+GROUPED_KERNELS = ("act_gemv", "act_bitmap_gemv")
+"""The kernels that read int8 scales per row and group of inputs too (the others one per
+row)."""
 
 BLOCK = 2048
 """Outputs per block of the column-stored weight of ``"act_sparse_gemv"``: 8 KiB of float32
@@ -245,7 +252,9 @@ class ActivationSparseLinear(BoundArguments):
 
     ``threshold`` is a scalar or one value per input feature (``in_features``). ``weight``
     is float32 or bfloat16, or int8 codes with ``scales`` (float32, one per output row:
-    ``W = weight * scales[:, None]``); ``dtype`` is the dtype of the inputs, thresholds, bias
+    ``W = weight * scales[:, None]``, or with the kernels ``"act_gemv"`` and
+    ``"act_bitmap_gemv"`` one per output row and group of inputs, ``(out, groups)`` with
+    ``groups`` dividing ``in_features``); ``dtype`` is the dtype of the inputs, thresholds, bias
     and outputs (default: the weight's; float32 for int8 codes). ``bias`` is a
     floating-point tensor of shape ``(out_features,)``, stored as ``dtype`` (a float64 or
     float32 bias of a bfloat16 layer is rounded to it, as ``nn.Linear.to`` would; an
@@ -288,6 +297,10 @@ class ActivationSparseLinear(BoundArguments):
             raise ArgumentTypeError(f"scales must be None or a float tensor of shape "
                                     f"({self.out_features},), got {type(scales).__name__}")
         dtype = _check_storage(weight, scales, dtype)
+        if is_grouped(scales) and kernel not in GROUPED_KERNELS:
+            raise ValueError(f"kernel {kernel!r} takes one int8 scale per row, got scales of "
+                             f"shape {tuple(scales.shape)} (one per group of inputs); the "
+                             f"kernels that take them: {GROUPED_KERNELS}")
         threshold = _threshold_tensor(threshold, self.in_features)
         if bias is not None:
             _check_bias(bias, self.out_features)
@@ -344,7 +357,8 @@ class ActivationSparseLinear(BoundArguments):
         stores exactly those int8 codes; ``torch.int8`` rounds the weight to int8 codes on
         its attached scales, else on one scale per row (largest magnitude / 127). A grid
         with one scale per group of inputs (``sparsekit.llm.prune(..., group_size=...)``)
-        stays the float weight it is: these kernels read one scale per row. Inputs and
+        keeps its codes and groups with the kernels of :data:`GROUPED_KERNELS`; with the
+        others, which read one scale per row, it stays the float weight it is. Inputs and
         outputs keep ``linear``'s dtype.
         """
         if not isinstance(linear, nn.Linear):  # an nn.Embedding's weight was taken as one
@@ -352,18 +366,19 @@ class ActivationSparseLinear(BoundArguments):
         scales = attached_scales(linear)
         if value_dtype not in (None, torch.int8):
             raise ValueError(f"value_dtype must be None or torch.int8, got {value_dtype!r}")
-        if is_grouped(scales):  # per-group scales: kept as floats
+        if is_grouped(scales) and kernel not in GROUPED_KERNELS:  # kept as floats
             if value_dtype is not None:
                 raise ValueError(
-                    f"value_dtype=torch.int8: the activation-sparse kernels take one int8 "
-                    f"scale per row, and linear's grid has one per group of inputs (scales of "
-                    f"shape {tuple(scales.shape)}); accepted for it: value_dtype=None (its "
-                    "dequantized weight, as it is)")
+                    f"value_dtype=torch.int8: kernel {kernel!r} takes one int8 scale per "
+                    f"row, and linear's grid has one per group of inputs (scales of shape "
+                    f"{tuple(scales.shape)}); accepted for it: value_dtype=None (its "
+                    f"dequantized weight, as it is) or a kernel of {GROUPED_KERNELS}")
             scales = None
         if value_dtype is None and scales is None:
             return cls(linear.weight, linear.bias, threshold, threads=threads, kernel=kernel,
                        prefill=prefill)
-        codes, scales = quantize_int8(linear.weight.detach(), scales)
+        weight = linear.weight.detach()
+        codes, scales = quantize_int8(weight, scales, group_size_of(weight, scales))
         return cls(codes, linear.bias, threshold, threads=threads, kernel=kernel,
                    prefill=prefill, scales=scales, dtype=linear.weight.dtype)
 
@@ -410,6 +425,8 @@ class ActivationSparseLinear(BoundArguments):
         if (weight.dtype in _KERNEL_DTYPES and weight.is_cpu and kernels.available()
                 and weight.count_nonzero() <= _SPARSE_UP_TO * weight.numel()):
             sparse = [*_SPARSE_KERNELS, *(["act_bitmap_qgemv"] if activation_dtype else [])]
+            if is_grouped(attached_scales(linear)):  # codes of a grouped grid: no float copy
+                sparse = [k for k in sparse if k in GROUPED_KERNELS]
             modules = {"dense": dense, **{k: build(kernel=k, prefill=prefill) for k in sparse}}
             best, choice = autotune.choose(_measure(modules, weight, [1], inputs),
                                            ["dense", *sparse])
@@ -524,7 +541,14 @@ class ActivationSparseLinear(BoundArguments):
         if not kernels.available() or self.dtype not in _KERNEL_DTYPES or not self._bindable():
             return None
         op, before, after = self._operands()
-        return self._keep((op.default._op, before, after, self._buffers["scales"]))
+        return self._keep((op.default._op, before, after, self._kernel_scales()))
+
+    def _kernel_scales(self) -> torch.Tensor | None:
+        """The ``scales`` argument of the kernels: the buffer, or for scales per group of
+        inputs ``(out, groups)`` its transpose ``(groups, out)``, whose rows are the runs of
+        outputs each group's sums multiply."""
+        scales = self.scales
+        return scales.t().contiguous() if is_grouped(scales) else scales
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         """One row: only the weights of kept inputs are read (the checked way: a decode
@@ -533,7 +557,7 @@ class ActivationSparseLinear(BoundArguments):
                 and kernels.available():
             op, before, after = self._operands()
             return op(*before, x.contiguous(), *after, self.threads or kernels.num_threads(),
-                      self.scales)
+                      self._kernel_scales())
         self._check_torch_input(x)
         # the kept columns are chosen by x's values (a raw NotImplementedError of nonzero()
         # for a layer and input moved to the meta device)
@@ -541,7 +565,7 @@ class ActivationSparseLinear(BoundArguments):
         if self.kernel == "act_bitmap_qgemv":
             return self._w8a8_gemv(x)
         kept = (sparsify_input(x, self.threshold) != 0).nonzero().squeeze(1)
-        weight = self._weight(self._columns(kept), x.dtype)
+        weight = self._weight(self._columns(kept), x.dtype, kept)
         y = weight.mv(x.index_select(0, kept))
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -562,11 +586,20 @@ class ActivationSparseLinear(BoundArguments):
             return self.weight_t.index_select(0, kept).t()
         return self.to_dense().index_select(1, kept)
 
-    def _weight(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Stored weights (out, k) as ``dtype`` (int8 codes times their row's scale)."""
-        if self.scales is None:
+    def _weight(self, stored: torch.Tensor, dtype: torch.dtype,
+                columns: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored weights (out, k) of the input ``columns`` (default: all of them) as
+        ``dtype``: int8 codes times their row's scale, or their row's of their group."""
+        scales = self.scales
+        if scales is None:
             return stored.to(dtype)
-        return (stored.to(torch.float32) * self.scales[:, None]).to(dtype)
+        if is_grouped(scales):
+            if columns is None:
+                columns = torch.arange(self.in_features, device=scales.device)
+            scales = scales[:, columns // (self.in_features // scales.shape[1])]
+        else:
+            scales = scales[:, None]
+        return (stored.to(torch.float32) * scales).to(dtype)
 
     def _bias(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(x.dtype)
@@ -583,7 +616,8 @@ class ActivationSparseLinear(BoundArguments):
 
     def to_dense(self) -> torch.Tensor:
         """The stored weight (out, in) in its stored dtype (zeros where pruned): ``W``, or
-        for an int8 layer its codes (``W = codes * scales[:, None]``)."""
+        for an int8 layer its codes (``W = codes * scales[:, None]``, or times the scales of
+        their row and group of inputs)."""
         if self.kernel == "act_gemv":
             return self.weight_t.t().contiguous()
         if self.kernel in _BITMAP_KERNELS:
@@ -620,7 +654,9 @@ class ActivationSparseLinear(BoundArguments):
         (:func:`sparsekit.quantize.attach_scales`)."""
         if self.scales is None:
             return dense_linear(self.to_dense(), self.bias)
-        weight = dequantize_int8(self.to_dense(), self.scales).to(self.dtype)
+        codes = self.to_dense()
+        weight = dequantize_int8(codes, self.scales,
+                                 group_size_of(codes, self.scales)).to(self.dtype)
         linear = dense_linear(weight, self.bias)
         attach_scales(linear, self.scales)
         return linear
@@ -701,6 +737,7 @@ class ActivationSparseLinear(BoundArguments):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._unbind()  # the bound transposed copy of grouped scales is not the buffer
         # assign=True made the buffers the state's own tensors, which the kernels refuse
         # unless contiguous (a raw RuntimeError on the next forward)
         for key, t in list(self._buffers.items()):
@@ -877,13 +914,17 @@ def _check_rows(rows: object) -> None:
 
 def _check_storage(weight: torch.Tensor, scales: torch.Tensor | None,
                    dtype: torch.dtype | None) -> torch.dtype:
-    """The input dtype of a layer storing ``weight`` (with int8 ``scales``), validated."""
+    """The input dtype of a layer storing ``weight`` (with int8 ``scales`` per row, or per
+    row and group of inputs), validated."""
     if weight.dtype == torch.int8:
-        if scales is None or scales.shape != (weight.shape[0],) \
-                or not scales.is_floating_point():
+        rows, cols = weight.shape
+        groups = scales.shape[1] if scales is not None and scales.dim() == 2 else 0
+        if scales is None or not scales.is_floating_point() or not (
+                scales.shape == (rows,) or (scales.dim() == 2 and scales.shape[0] == rows
+                                            and 1 <= groups <= cols and cols % groups == 0)):
             raise ValueError(
-                f"int8 weight needs float scales of shape ({weight.shape[0]},), got "
-                f"{None if scales is None else tuple(scales.shape)}"
+                f"int8 weight needs float scales of shape ({rows},) or ({rows}, groups) with "
+                f"groups dividing {cols}, got {None if scales is None else tuple(scales.shape)}"
             )
         check_materialized("scales", scales)  # a meta one failed inside the check below
         check_scale_values(scales)

@@ -642,11 +642,12 @@ def _activation_layer(
     multi = [r for r in rows if r > 1]
     inputs = None if probe is None else _typical_first(probe.reshape(-1, layer.in_features),
                                                        threshold)
-    int8 = value_dtype == torch.int8 and not is_grouped(attached_scales(layer))
+    int8 = value_dtype == torch.int8
+    grouped = is_grouped(attached_scales(layer))  # float inputs (W8A8 reads one scale per row)
     act, decode = ActivationSparseLinear.tuned(
         layer, threshold, threads=threads, prefill=_multi_row(weight_only) if multi else None,
         rows=rows, value_dtype=torch.int8 if int8 else None, inputs=inputs,
-        activation_dtype=activation if int8 else None,
+        activation_dtype=activation if int8 and not grouped else None,
     )
     record = _activation_wins(act, weight_only, [1, *multi], inputs)
     return (act if record["chosen"] else weight_only), {**choice, "decode": decode,
@@ -1024,7 +1025,9 @@ def _with_stored_weights(
                     and math.prod(shape[:-1]) > 1):
                 layer = layer.prefill
             elif layer.scales is not None:
-                stored[name] = dequantize_int8(layer.to_dense(), layer.scales)[rows]
+                codes = layer.to_dense()
+                stored[name] = dequantize_int8(codes, layer.scales,
+                                               group_size_of(codes, layer.scales))[rows]
                 continue
         if not isinstance(layer, CompiledLayer):
             continue

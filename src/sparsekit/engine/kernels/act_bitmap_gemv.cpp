@@ -14,8 +14,9 @@
 // 2-byte row per value this reads 1 bit per weight and 4 bytes per (column, block), and
 // needs no scattered store: at 50 % weight x 50 % input sparsity about half of the
 // row-bitmap format's bytes. Values are float32,
-// bfloat16 or int8 codes with float32 per-output `scales` applied once per output
-// (act_inputs.h has the dtypes of the other arguments); the result has x's dtype.
+// bfloat16 or int8 codes with float32 `scales` applied once per output, or once per group of
+// inputs and output (act_inputs.h has the dtypes of the other arguments); the result has x's
+// dtype.
 // act_bitmap_qgemv is the same product as W8A8 (int8 values; the kept inputs quantized to
 // int8 codes; exact integer sums, act_bitmap_qgemv_core.h).
 // Registered as torch.ops.sparsekit.act_bitmap_gemv and act_bitmap_qgemv (schemas in
@@ -43,12 +44,13 @@ constexpr int64_t kWorkPerThread = 16384;  // stored weights read that pay for o
 constexpr int64_t kMaxQInFeatures = 65536;  // act_bitmap_qgemv: exact int32 sums (qlinear.cpp)
 
 // The checked arguments of either op for the kept inputs idx (values val) of x, y and the
-// thread count, before anything is written.
+// thread count, before anything is written (`groups`: int8 scales per group of inputs are
+// taken).
 sparsekit::ActBitmapGemvArgs checked_args(
     const at::Tensor& values, const at::Tensor& bitmap, const at::Tensor& offsets,
     const at::Tensor& x, const at::Tensor& threshold, const std::optional<at::Tensor>& bias,
     int64_t out_features, int64_t block, int64_t threads,
-    const std::optional<at::Tensor>& scales) {
+    const std::optional<at::Tensor>& scales, bool groups) {
   sparsekit::check_tensor(values, "values", 1);
   const int64_t stored = values.size(0);
   sparsekit::check_tensor(x, "x", 1);
@@ -68,13 +70,14 @@ sparsekit::ActBitmapGemvArgs checked_args(
   TORCH_CHECK(stored < (int64_t{1} << 31), "values must have fewer than 2^31 entries, got ",
               stored);
   sparsekit::check_offsets(offsets, "offsets", stored);
-  const auto a = sparsekit::check_act_outputs(values, x, bias, scales, out_features, threads);
+  const auto a = sparsekit::check_act_outputs(values, x, bias, scales, out_features, threads,
+                                              groups ? in : -1);
   return sparsekit::ActBitmapGemvArgs{
       sparsekit::value_type(values), values.data_ptr(),
       reinterpret_cast<const uint16_t*>(bitmap.data_ptr<int16_t>()),
       offsets.data_ptr<int32_t>(), in, out_features, block, nblocks, stored, a.scale, a.bias,
       a.bf16, nullptr, nullptr, 0, nullptr, a.threads,
-      sparsekit::bitmap_vpexpand(sparsekit::value_type(values))};
+      sparsekit::bitmap_vpexpand(sparsekit::value_type(values)), a.group_scales, a.group_size};
 }
 
 // args with the kept inputs idx (kept of them) and a fresh float32 y; the thread count from
@@ -100,7 +103,7 @@ at::Tensor act_bitmap_gemv(const at::Tensor& values, const at::Tensor& bitmap,
                            int64_t out_features, int64_t block, int64_t threads,
                            const std::optional<at::Tensor>& scales) {
   auto a = checked_args(values, bitmap, offsets, x, threshold, bias, out_features, block,
-                        threads, scales);
+                        threads, scales, true);
   std::vector<int32_t> idx;
   std::vector<float> val;
   sparsekit::kept_inputs(x, threshold, &idx, &val);
@@ -124,7 +127,7 @@ at::Tensor act_bitmap_qgemv(const at::Tensor& values, const at::Tensor& bitmap,
   TORCH_CHECK(x.dim() != 1 || x.size(0) <= kMaxQInFeatures, "in_features must be at most ",
               kMaxQInFeatures, " (int32 sums of int8 products), got ", x.size(0));
   auto a = checked_args(values, bitmap, offsets, x, threshold, bias, out_features, block,
-                        threads, scales);
+                        threads, scales, false);
   std::vector<int32_t> idx;
   std::vector<float> val;
   sparsekit::kept_inputs(x, threshold, &idx, &val);

@@ -239,15 +239,29 @@ __attribute__((always_inline)) inline void add_kept(const ActBitmapGemvArgs& a, 
 
 // y = Output(the sums of every kept column) on the threads of the enclosing parallel region,
 // which share the kept columns (share_kept), a tile of blocks at a time, the words expanded
-// by `expand`.
+// by `expand`; with group scales each group's run of kept columns is summed apart
+// (add_by_group).
 template <typename T, typename B, typename Expand>
 __attribute__((always_inline)) inline void bitmap_columns(const ActBitmapGemvArgs& a,
                                                           const T* values, const B* bias,
                                                           float** parts, Expand expand) {
+  const ActGroups groups{a.group_scales, a.group_size, a.out};
   share_kept(
       a.kept, a.nblocks, std::max<int64_t>(1, kTileOutputs / a.block), a.block, parts,
       [&](int64_t k0, int64_t k1, int64_t b0, int64_t b1, float* sums)
-          __attribute__((always_inline)) { add_kept(a, values, k0, k1, b0, b1, sums, expand); },
+          __attribute__((always_inline)) {
+        if (!groups.scale) {
+          add_kept(a, values, k0, k1, b0, b1, sums, expand);
+          return;
+        }
+        const int64_t o0 = b0 * a.block;
+        add_by_group(groups, a.idx, k0, k1, o0, std::min(b1 * a.block, a.out) - o0,
+                     (b1 - b0) * a.block, sums,
+                     [](int64_t o) { return sum_index<Expand::template kInterleaved<T>>(o); },
+                     [&](int64_t r0, int64_t r1, float* s) __attribute__((always_inline)) {
+                       add_kept(a, values, r0, r1, b0, b1, s, expand);
+                     });
+      },
       [&](int64_t b0, int64_t b1, const float* const* sums, int count, int64_t first) {
         const int64_t o0 = b0 * a.block, n = std::min(b1 * a.block, a.out) - o0;
         if (n <= 0) return;

@@ -6,8 +6,8 @@
 // weight bytes stay in memory, which is what a memory-bound batch-1 GEMV is limited by.
 // Each OpenMP thread adds a share of the kept inputs into its own sums, then writes a share of
 // y from every thread's sums, so no atomics are needed (act::share_kept).
-// Weights are float32, bfloat16 or int8 codes with float32 per-output `scales` (act_inputs.h
-// has the dtypes of the other arguments); they are widened to float32 as they stream and every
+// Weights are float32, bfloat16 or int8 codes with float32 `scales` per output, or per group
+// of inputs and output (act_inputs.h has the dtypes of the other arguments); they are widened to float32 as they stream and every
 // sum is accumulated in float32 (act_gemv_core.h, one copy per instruction set). The result
 // has x's dtype. Registered as torch.ops.sparsekit.act_gemv (schema in library.cpp), with
 // act_threshold, the thresholding of several rows that the multi-row path runs before its
@@ -39,7 +39,7 @@ at::Tensor act_gemv(const at::Tensor& wt, const at::Tensor& x, const at::Tensor&
   sparsekit::check_tensor(wt, "wt", 2);
   const int64_t in = wt.size(0), out = wt.size(1);
   sparsekit::check_act_inputs(wt, "wt", x, threshold, in);
-  const auto a = sparsekit::check_act_outputs(wt, x, bias, scales, out, threads);
+  const auto a = sparsekit::check_act_outputs(wt, x, bias, scales, out, threads, in);
   std::vector<int32_t> idx;
   std::vector<float> val;
   sparsekit::kept_inputs(x, threshold, &idx, &val);
@@ -51,7 +51,8 @@ at::Tensor act_gemv(const at::Tensor& wt, const at::Tensor& x, const at::Tensor&
       std::min<int64_t>(a.threads, work / kWorkPerThread), 1, std::max<int64_t>(1, out / 64)));
   sparsekit::cores().act_gemv(sparsekit::ActGemvArgs{
       sparsekit::value_type(wt), wt.data_ptr(), a.scale, a.bias, a.bf16, idx.data(),
-      val.data(), static_cast<int64_t>(idx.size()), out, y.data_ptr<float>(), T});
+      val.data(), static_cast<int64_t>(idx.size()), out, y.data_ptr<float>(), T,
+      a.group_scales, a.group_size});
   return sparsekit::like_input(y, x);
 }
 

@@ -173,6 +173,45 @@ inline void add_rows(const W* wt, int64_t out, const int32_t* idx, const float* 
   for (; k < k1; ++k) axpy1(sums, row(k), val[k], n);
 }
 
+// int8 codes scaled per group of `size` inputs and output: scale (groups, out), the
+// transposed grid (nullptr: one scale per output, applied by the output stage).
+struct ActGroups {
+  const float* scale;
+  int64_t size, out;
+};
+
+// add(k0, k1, sums) for int8 codes scaled per group of inputs: the kept inputs rise, so each
+// group's are one run of them, added by add(run start, run end, scratch) into this thread's
+// scratch (n sums laid out as `sums`, output o at index(o)), then added into the sums times
+// the group's scales of outputs [o0, o0 + outputs) and cleared. One pass over the tile's
+// sums per group of inputs against one per kept input for the products themselves. Inlined
+// with `add` where it is called: the bitmap columns' expansions are compiled for their own
+// target (act_bitmap_gemv_core.h), which a separate function would not have (1.35x slower).
+template <typename Index, typename Add>
+__attribute__((always_inline)) inline void add_by_group(const ActGroups& g, const int32_t* idx,
+                                                        int64_t k0, int64_t k1, int64_t o0,
+                                                        int64_t outputs, int64_t n,
+                                                        float* __restrict sums, Index index,
+                                                        Add add) {
+  thread_local std::vector<float> buffer;  // grows only: no allocation per call
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  float* __restrict scratch = buffer.data();
+  std::fill(scratch, scratch + n, 0.f);  // positions past the outputs are never cleared
+  for (int64_t k = k0; k < k1;) {
+    const int64_t group = idx[k] / g.size, end = (group + 1) * g.size;
+    int64_t e = k + 1;
+    while (e < k1 && idx[e] < end) ++e;
+    add(k, e, scratch);
+    const float* __restrict scale = g.scale + group * g.out + o0;
+    for (int64_t o = 0; o < outputs; ++o) {
+      const int64_t i = index(o);
+      sums[i] += scratch[i] * scale[o];
+      scratch[i] = 0.f;
+    }
+    k = e;
+  }
+}
+
 // Calls body(bias) with the bias as const float* or const bf16* (`is_bf16`).
 template <typename Body>
 inline void with_bias(bool is_bf16, const void* bias, Body&& body) {
@@ -183,8 +222,10 @@ inline void with_bias(bool is_bf16, const void* bias, Body&& body) {
 
 namespace sparsekit::SPARSEKIT_ISA {
 
-// The threads share the kept inputs (act::share_kept), a tile of kTile outputs at a time.
+// The threads share the kept inputs (act::share_kept), a tile of kTile outputs at a time;
+// with group scales each group's run of them is summed apart (act::add_by_group).
 void act_gemv(const ActGemvArgs& a) {
+  const act::ActGroups groups{a.group_scales, a.group_size, a.out};
   with_values(a.value, a.wt, [&](auto wt) {
     act::with_bias(a.bias_bf16, a.bias, [&](auto bias) {
       std::vector<float*> parts(std::max(1, a.threads));  // each thread's sums
@@ -192,7 +233,15 @@ void act_gemv(const ActGemvArgs& a) {
       act::share_kept(
           a.nnz, a.out, act::kTile, 1, parts.data(),
           [&](int64_t k0, int64_t k1, int64_t u0, int64_t u1, float* sums) {
-            act::add_rows(wt, a.out, a.idx, a.val, k0, k1, u0, u1, sums);
+            const auto add = [&](int64_t r0, int64_t r1, float* s) {
+              act::add_rows(wt, a.out, a.idx, a.val, r0, r1, u0, u1, s);
+            };
+            if (groups.scale) {
+              act::add_by_group(groups, a.idx, k0, k1, u0, u1 - u0, u1 - u0, sums,
+                                [](int64_t o) { return o; }, add);
+            } else {
+              add(k0, k1, sums);
+            }
           },
           [&](int64_t u0, int64_t u1, const float* const* sums, int count, int64_t first) {
             act::output_sums(a.y + u0, a.scale ? a.scale + u0 : nullptr,

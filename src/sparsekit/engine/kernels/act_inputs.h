@@ -4,7 +4,9 @@
 //
 // Stored weights are float32, bfloat16 or int8 codes. With float32 or bfloat16 weights, x,
 // threshold and bias have the weights' dtype; with int8 codes x is float32 or bfloat16,
-// threshold and bias have x's dtype, and float32 `scales` (out,) scale each output's sum.
+// threshold and bias have x's dtype, and float32 `scales` (out,) scale each output's sum or,
+// in the ops that take groups, `scales` (groups, out) each group of in / groups inputs' sum
+// (the transposed (out, groups) grid: a group's scales of consecutive outputs are one run).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -25,6 +27,8 @@ struct ActInputs {
   const void* bias;    // x's dtype, or nullptr
   bool bf16;           // x (and threshold, bias) bfloat16
   int threads;
+  const float* group_scales = nullptr;  // int8 weights: (groups, out) instead of `scale`
+  int64_t group_size = 0;
 };
 
 // Checks `values` (the stored weights of `name`: float32, bf16 or int8), x (in,) and
@@ -46,20 +50,34 @@ inline void check_act_inputs(const at::Tensor& values, const char* name, const a
   check_size(threshold, "threshold", 0, in);
 }
 
-// Checks bias (out,) of x's dtype and the scales (out,) of int8 `values`, and the thread
-// count, before anything is written; the checked arguments of the core.
+// Checks bias (out,) of x's dtype and the scales of int8 `values` — (out,), or where the op
+// takes groups (`in`: its inputs; -1: it does not) (groups, out) with groups dividing in —
+// and the thread count, before anything is written; the checked arguments of the core.
 inline ActInputs check_act_outputs(const at::Tensor& values, const at::Tensor& x,
                                    const std::optional<at::Tensor>& bias,
                                    const std::optional<at::Tensor>& scales, int64_t out,
-                                   int64_t threads) {
+                                   int64_t threads, int64_t in = -1) {
   const void* b = nullptr;
   if (bias.has_value() && bias->defined()) {
     check_tensor(*bias, "bias", 1, x.scalar_type());
     check_size(*bias, "bias", 0, out);
     b = bias->data_ptr();
   }
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (in >= 0 && values.scalar_type() == at::kChar && scales.has_value() && scales->defined() &&
+      scales->dim() == 2) {
+    check_tensor(*scales, "scales", 2, at::kFloat);
+    check_size(*scales, "scales", 1, out);
+    const int64_t groups = scales->size(0);
+    TORCH_CHECK(groups >= 1 && groups <= in && in % groups == 0, "scales of shape ",
+                scales->sizes(), " must hold one scale per group of inputs and output (groups, "
+                "out_features), their number of groups dividing in_features=", in,
+                " (groups of at least one input)");
+    return ActInputs{nullptr, b, bf16, num_threads(threads), scales->data_ptr<float>(),
+                     in / groups};
+  }
   const float* scale = scales_data(scales, values, out);
-  return ActInputs{scale, b, x.scalar_type() == at::kBFloat16, num_threads(threads)};
+  return ActInputs{scale, b, bf16, num_threads(threads)};
 }
 
 // Column offsets (2-D, row after row) into `stored` values, read as one sequence: they must start

@@ -173,6 +173,10 @@ struct ActGemvArgs {
   int64_t nnz, out;
   float* y;
   int threads;
+  // int8 codes scaled per group of group_size inputs and output: group_scales[g * out + o]
+  // (the transposed grid; `scale` is then null)
+  const float* group_scales = nullptr;
+  int64_t group_size = 0;
 };
 
 // The same on a pruned W stored by input column in `nblocks` blocks of `block` outputs:
@@ -216,6 +220,9 @@ struct ActBitmapGemvArgs {
   float* y;
   int threads;
   bool vpexpand;
+  // int8 codes scaled per group of inputs and output, as ActGemvArgs
+  const float* group_scales = nullptr;
+  int64_t group_size = 0;
 };
 
 // The entry points of one instruction set.

@@ -133,8 +133,10 @@ def _q(x: torch.Tensor, in_features: int, codes: torch.Tensor, name: str, dim: i
 
 
 def _act(values: torch.Tensor, name: str, x: torch.Tensor, threshold: torch.Tensor, in_: int,
-         bias: torch.Tensor | None, scales: torch.Tensor | None, out: int, threads: int) -> None:
-    """check_act_inputs and check_act_outputs of act_inputs.h."""
+         bias: torch.Tensor | None, scales: torch.Tensor | None, out: int, threads: int,
+         groups: bool = False) -> None:
+    """check_act_inputs and check_act_outputs of act_inputs.h (``groups``: the op takes int8
+    scales per group of inputs and output, ``(groups, out)``)."""
     torch._check(values.dtype in _VALUES,
                  lambda: f"{name} must be one of {_VALUES}, got {values.dtype}")
     _tensor(x, "x", 1, _FLOAT if values.dtype == torch.int8 else (values.dtype,))
@@ -142,14 +144,22 @@ def _act(values: torch.Tensor, name: str, x: torch.Tensor, threshold: torch.Tens
     _tensor(threshold, "threshold", 1, (x.dtype,))
     _size(threshold, "threshold", 0, in_)
     _bias(bias, out, x.dtype)
-    _scales(scales, values, out, in_, None)
+    if groups and values.dtype == torch.int8 and scales is not None and scales.dim() == 2:
+        _tensor(scales, "scales", 2, (torch.float32,))
+        _size(scales, "scales", 1, out)
+        torch._check(1 <= scales.shape[0] <= in_ and in_ % scales.shape[0] == 0,
+                     lambda: f"scales of shape {tuple(scales.shape)} must hold one scale per "
+                     "group of inputs and output (groups, out_features), their number of "
+                     f"groups dividing in_features={in_} (groups of at least one input)")
+    else:
+        _scales(scales, values, out, in_, None)
     _threads(threads)
 
 
 def _act_bitmap(values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tensor,
                 x: torch.Tensor, threshold: torch.Tensor, bias: torch.Tensor | None,
                 out_features: int, block: int, threads: int,
-                scales: torch.Tensor | None) -> torch.Tensor:
+                scales: torch.Tensor | None, groups: bool) -> torch.Tensor:
     """checked_args of act_bitmap_gemv.cpp, and the output."""
     _tensor(values, "values", 1)
     torch._check(x.dim() == 1, lambda: f"x must be 1-D, got shape {tuple(x.shape)}")
@@ -165,7 +175,7 @@ def _act_bitmap(values: torch.Tensor, bitmap: torch.Tensor, offsets: torch.Tenso
     _tensor(offsets, "offsets", 2, (torch.int32,))
     _size(offsets, "offsets", 0, in_)
     _size(offsets, "offsets", 1, blocks + 1)
-    _act(values, "values", x, threshold, in_, bias, scales, out_features, threads)
+    _act(values, "values", x, threshold, in_, bias, scales, out_features, threads, groups)
     return x.new_empty(out_features)
 
 
@@ -278,7 +288,7 @@ def register() -> None:
     @fake("sparsekit::act_gemv")
     def _(wt, x, threshold, bias, threads, scales=None):  # type: ignore[no-untyped-def]
         _tensor(wt, "wt", 2)
-        _act(wt, "wt", x, threshold, wt.shape[0], bias, scales, wt.shape[1], threads)
+        _act(wt, "wt", x, threshold, wt.shape[0], bias, scales, wt.shape[1], threads, True)
         return x.new_empty(wt.shape[1])
 
     def threshold_args(x, threshold):  # type: ignore[no-untyped-def]
@@ -319,7 +329,7 @@ def register() -> None:
     @fake("sparsekit::act_bitmap_gemv")
     def _(values, bitmap, offsets, x, threshold, bias, out_features, block, threads, scales=None):  # type: ignore[no-untyped-def]
         return _act_bitmap(values, bitmap, offsets, x, threshold, bias, out_features, block,
-                           threads, scales)
+                           threads, scales, True)
 
     @fake("sparsekit::act_bitmap_qgemv")
     def _(values, bitmap, offsets, x, threshold, bias, out_features, block, threads, scales):  # type: ignore[no-untyped-def]
@@ -329,7 +339,7 @@ def register() -> None:
                      f"must be at most {_MAX_Q_IN_FEATURES} (int32 sums of int8 products), got "
                      f"{x.shape[0]}")
         return _act_bitmap(values, bitmap, offsets, x, threshold, bias, out_features, block,
-                           threads, scales)
+                           threads, scales, False)
 
     def structure(rowptr, col, rows):  # type: ignore[no-untyped-def]
         _tensor(col, "col", 1, (torch.int32,))

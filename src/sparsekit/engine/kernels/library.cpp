@@ -15,7 +15,9 @@ TORCH_LIBRARY(sparsekit, m) {
   // Inference: y = x @ W.T (+ bias) for x (..., in_features) and W in one compressed format
   // (the rows of x: all its dimensions but the last; y (..., out_features)).
   // Each takes fp32, bf16 or int8 values and fp32 or bf16 x (sums in fp32, y in x's dtype);
-  // int8 values need float32 `scales` (rows,): y[r] = scales[r] * sum + bias[r], other
+  // int8 values need float32 `scales` (rows,): y[r] = scales[r] * sum + bias[r], or
+  // (rows, groups) per group of in_features / groups inputs (every op but the W8A8 ones; a
+  // multiple of 16 inputs for bitmap, of 16 values for nm, of the block width for bsr); other
   // values no scales.
   m.def("csr_linear(Tensor values, Tensor col_indices, Tensor rowptr, Tensor x, Tensor? bias, "
         "int in_features, int threads, Tensor? scales=None) -> Tensor");
@@ -41,6 +43,8 @@ TORCH_LIBRARY(sparsekit, m) {
   // Activation sparsity: one input row, skipping the weight rows of small inputs. Weights
   // fp32 or bf16 (x, threshold and bias of the same dtype) or int8 codes with float32 `scales`
   // (out,) (x fp32 or bf16; threshold and bias of x's dtype); sums fp32, y in x's dtype.
+  // act_gemv and act_bitmap_gemv also take `scales` (groups, out): per group of in / groups
+  // inputs and output (the transposed grid).
   m.def("act_gemv(Tensor wt, Tensor x, Tensor threshold, Tensor? bias, int threads, "
         "Tensor? scales=None) -> Tensor");
   // The same on a pruned weight stored by input column in blocks of `block` outputs (only the
