@@ -21,9 +21,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction
-from sparsekit.structured.dependency import Group
-from sparsekit.structured.importance import score_part
+from sparsekit._checks import check_fraction, check_materialized
+from sparsekit.structured.dependency import Group, check_groups
+from sparsekit.structured.importance import check_scoring, score_part
 
 __all__ = ["adaptive_counts", "channel_cost", "standardized_importance"]
 
@@ -39,7 +39,9 @@ def standardized_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
     reader columns alone (FLAP's fluctuation metric ranks those). FLAP squares the
     metric of its attention heads' columns before standardising (``power=2``): the
     heavier tail keeps the few columns that carry a head from being averaged away by
-    its quiet ones."""
+    its quiet ones. ``power`` must be a positive finite number (NaN made every z-score
+    NaN)."""
+    check_scoring(scores, readers_only, power)
     parts = []
     for s in group.slices:
         if s.name not in scores or (readers_only and s.role != "in"):
@@ -58,7 +60,10 @@ def standardized_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
 
 def channel_cost(model: nn.Module, group: Group) -> int:
     """Parameters (and buffer entries) one channel of ``group`` takes with it: for every
-    slice, ``repeat`` indices along its dimension of a tensor of that shape."""
+    slice, ``repeat`` indices along its dimension of a tensor of that shape. ``ValueError``
+    for a group that does not fit ``model`` (see
+    :func:`~sparsekit.structured.dependency.check_groups`), once a raw ``AttributeError``."""
+    check_groups([group], model, "group")
     cost = 0
     for s in group.slices:
         owner, _, attr = s.name.rpartition(".")
@@ -81,10 +86,13 @@ def adaptive_counts(importance: Mapping[str, torch.Tensor], costs: Mapping[str, 
     for n in names:
         imp = importance[n]
         if not isinstance(imp, torch.Tensor) or not imp.is_floating_point() \
-                or imp.dim() != 1:
+                or imp.dim() != 1 or not imp.numel():
+            got = (f"shape {tuple(imp.shape)}" if isinstance(imp, torch.Tensor)
+                   and imp.is_floating_point() else imp if imp is None else type(imp).__name__)
             raise ValueError(f"importance[{n!r}] must be a 1-D float tensor (one value per "
-                             f"channel; None: the group has no scored weight), got "
-                             f"{imp if imp is None else type(imp).__name__}")
+                             f"channel, at least one; None: the group has no scored weight), "
+                             f"got {got}")
+        check_materialized(f"importance[{n!r}]", imp)
         if not bool(torch.isfinite(imp).all()):
             raise ValueError(f"importance[{n!r}] holds NaN or inf; accepted: finite values "
                              "(a NaN ranks channels arbitrarily)")
@@ -97,6 +105,7 @@ def adaptive_counts(importance: Mapping[str, torch.Tensor], costs: Mapping[str, 
     owner = torch.cat([torch.full((importance[n].numel(),), i) for i, n in enumerate(names)])
     weight = torch.cat([torch.full((importance[n].numel(),), float(costs[n]), dtype=torch.float64)
                         for n in names])
+    weight /= weight.max()  # only ratios count: costs near float's max summed to inf
     order = torch.argsort(values, descending=True, stable=True)
     kept_cost = weight[order].cumsum(0)
     target = (1.0 - amount) * float(weight.sum())

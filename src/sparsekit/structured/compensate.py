@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit._checks import ArgumentTypeError, check_materialized
 from sparsekit.scores.flap import LAYERS, input_moments
-from sparsekit.structured.dependency import Group, Slice
+from sparsekit.structured.dependency import Group, Slice, check_channels
 
 __all__ = ["fold_means", "reader_means", "with_biases"]
 
@@ -34,7 +35,8 @@ def reader_means(model: nn.Module, removed: Removed, data: Any) -> dict[str, tor
     ``"in"``) of a group in ``removed`` that loses channels, over ``model`` run on
     ``data``; keyed by the reader's weight name. The model is left as found."""
     layers = {}
-    for group, gone in removed:
+    for i, (group, gone) in enumerate(removed):
+        gone = check_channels(f"the channels removed of group {i}", group, gone)
         for s in _readers(model, group) if gone.numel() else ():
             layers[s.name] = model.get_submodule(s.name.rpartition(".")[0])
     if not layers:
@@ -48,9 +50,14 @@ def fold_means(model: nn.Module, removed: Removed, means: Mapping[str, torch.Ten
     """In place: add the mean contribution of each group's removed channels ``gone`` to
     the biases of the readers in ``means`` (``{reader weight name: mean per input
     channel}``), before the channels are cut. Returns the names of the layers that had no
-    bias and got one (see :func:`with_biases`)."""
+    bias and got one (see :func:`with_biases`). ``means`` must be a mapping: a list of
+    tensors named no reader, and nothing was folded, silently."""
+    if not isinstance(means, Mapping):
+        raise ArgumentTypeError(f"means must be a mapping of reader weight name to its input "
+                                f"means, got {type(means).__name__}")
     shifts: dict[str, torch.Tensor] = {}  # every shift first: a bad one changes nothing
-    for group, gone in removed:
+    for i, (group, gone) in enumerate(removed):
+        gone = check_channels(f"the channels removed of group {i}", group, gone)
         for s in _readers(model, group) if gone.numel() else ():
             if s.name not in means:
                 continue
@@ -62,7 +69,8 @@ def fold_means(model: nn.Module, removed: Removed, means: Mapping[str, torch.Ten
                 got = tuple(mean.shape) if isinstance(mean, torch.Tensor) else repr(mean)
                 raise ValueError(f"means[{s.name!r}] must be a tensor of shape ({width},) "
                                  f"(one mean per input channel of {owner!r}), got {got}")
-            idx = s.indices(gone.to(torch.long)).to(layer.weight.device)
+            check_materialized(f"means[{s.name!r}]", mean)
+            idx = s.indices(gone).to(layer.weight.device)
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= layer.weight.shape[1]):
                 raise ValueError(f"removed channels of group {group.name!r} do not fit "
                                  f"{s.name!r}: indices must lie in [0, "
@@ -101,7 +109,11 @@ def fold_means(model: nn.Module, removed: Removed, means: Mapping[str, torch.Ten
 
 def with_biases(group: Group, layers: Iterable[str]) -> Group:
     """``group`` with a bias slice for every layer of ``layers`` whose weight rows it
-    holds (a bias :func:`fold_means` added shrinks with its layer's output channels)."""
+    holds (a bias :func:`fold_means` added shrinks with its layer's output channels).
+    ``layers`` is a collection of names: one name alone was read as its characters."""
+    if isinstance(layers, str) or not isinstance(layers, Iterable):
+        raise ArgumentTypeError(f"layers must be a collection of layer names (the set "
+                                f"fold_means returns), got {layers!r}")
     layers = set(layers)
     extra = tuple(dataclasses.replace(s, name=f"{s.name.rpartition('.')[0]}.bias")
                   for s in group.slices

@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized
 from sparsekit.targets import conv1d_type
 
-__all__ = ["Group", "Slice", "check_groups", "dependency_groups", "is_conv1d", "trace"]
+__all__ = ["Group", "Slice", "check_channels", "check_groups", "dependency_groups", "is_conv1d",
+           "trace"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,29 @@ def check_groups(groups: object, model: nn.Module, name: str = "groups") -> list
                                  f"it needs {extent} entries along dim {s.dim} of {s.name!r}, "
                                  f"{found} (groups of another model?)")
     return groups
+
+
+def check_channels(name: str, group: Group, channels: object) -> torch.Tensor:
+    """``channels`` (the argument ``name``: channels of ``group`` to remove) as a CPU long
+    tensor, once it is a 1-D integer tensor of distinct indices in ``[0, group.channels)``.
+    A bool mask in its place was read as the indices 0 and 1, an index outside the group
+    was skipped without a sign (or cut another group's entries of a concatenation), and a
+    repeated one was compensated twice."""
+    if not isinstance(channels, torch.Tensor) or channels.dtype == torch.bool \
+            or channels.is_floating_point() or channels.is_complex() or channels.dim() != 1:
+        got = (f"a {channels.dim()}-D {channels.dtype} tensor"
+               if isinstance(channels, torch.Tensor) else f"a {type(channels).__name__}")
+        raise ArgumentTypeError(f"{name} must be a 1-D integer tensor of channel indices of "
+                                f"group {group.name!r} (not a bool mask), got {got}")
+    check_materialized(name, channels)
+    index = channels.detach().cpu().long()
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= group.channels):
+        raise ValueError(f"{name} must hold channel indices of group {group.name!r}: indices "
+                         f"must lie in [0, {group.channels}), got {index.tolist()}")
+    if index.unique().numel() != index.numel():
+        raise ValueError(f"{name} must hold distinct channel indices of group {group.name!r}, "
+                         f"got {index.tolist()}")
+    return index
 
 
 def _check_fields(where: str, group: Group) -> None:

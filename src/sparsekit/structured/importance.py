@@ -21,14 +21,20 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_int,
+    check_materialized,
+    check_positive,
+)
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.select import top_k
 from sparsekit.structured.dependency import Group, Slice, dependency_groups
 from sparsekit.targets import DEFAULT_TYPES, Target
 
-__all__ = ["channel_masks", "check_round_to", "group_importance", "round_count", "rounding_step",
-           "score_part"]
+__all__ = ["channel_masks", "check_round_to", "check_scoring", "group_importance", "round_count",
+           "rounding_step", "score_part"]
 
 Allocate = Callable[[dict[str, torch.Tensor], float], dict[str, int]]
 
@@ -42,7 +48,9 @@ def group_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
     :func:`~sparsekit.structured.adaptive.standardized_importance`). Computed in float64
     (finite scores never overflow to a tie of infs) and returned in float32, or float64
     where ``power`` takes a mean beyond float32's range; NaN/inf scores are a
-    ``ValueError``."""
+    ``ValueError``, and so is a ``power`` that is not a positive finite number (NaN or a
+    negative power of a zero score ranked every channel as a tie)."""
+    check_scoring(scores, readers_only, power)
     total = torch.zeros(group.channels, dtype=torch.float64)
     count = 0
     for s in group.slices:
@@ -63,10 +71,21 @@ def group_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
     return small if bool(torch.isfinite(small).all()) else mean
 
 
+def check_scoring(scores: object, readers_only: object, power: object) -> None:
+    """Raise unless ``scores`` is a mapping (a list of tensors scored nothing, silently),
+    ``readers_only`` a bool and ``power`` a positive finite number."""
+    if not isinstance(scores, Mapping):
+        raise ArgumentTypeError(f"scores must be a mapping of parameter name to score tensor, "
+                                f"got {type(scores).__name__}")
+    check_bool("readers_only", readers_only)
+    check_positive("power", power)
+
+
 def score_part(group: Group, s: Slice, score: object) -> torch.Tensor:
     """The entries of ``score`` (the score of ``s.name``) that ``s`` gives ``group``'s
     channels, along dimension 0, in float64; ``ValueError`` when ``score`` is not a
-    tensor that holds them or holds NaN/inf (a ranking of NaN is arbitrary)."""
+    real tensor that holds them or holds NaN/inf (a ranking of NaN is arbitrary; a complex
+    one lost its imaginary part); a sparse one is read densely, a meta one is refused."""
     extent = s.offset + group.channels * s.repeat
     if not isinstance(score, torch.Tensor) or not -score.dim() <= s.dim < score.dim() \
             or score.shape[s.dim] < extent:
@@ -74,6 +93,11 @@ def score_part(group: Group, s: Slice, score: object) -> torch.Tensor:
                  else f"shape {tuple(score.shape)}")
         raise ValueError(f"scores[{s.name!r}] does not fit group {group.name!r}: it needs "
                          f"{extent} entries along dim {s.dim}, got {found}")
+    if score.is_complex():
+        raise ValueError(f"scores[{s.name!r}] must be a real tensor, got dtype {score.dtype}")
+    check_materialized(f"scores[{s.name!r}]", score)
+    if score.layout != torch.strided:
+        score = score.to_dense()
     part = score.detach().to(torch.float64).movedim(s.dim, 0)[s.offset: extent].cpu()
     if part.numel() and not bool(torch.isfinite(part).all()):
         bad = float(part[~torch.isfinite(part)][0])

@@ -11,16 +11,28 @@ them so.
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_materialized
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_int,
+    check_materialized,
+    check_materialized_module,
+)
 from sparsekit.masks import one_mask
 from sparsekit.structured.compensate import fold_means, reader_means, with_biases
-from sparsekit.structured.dependency import Group, check_groups, dependency_groups, is_conv1d
+from sparsekit.structured.dependency import (
+    Group,
+    check_channels,
+    check_groups,
+    dependency_groups,
+    is_conv1d,
+)
 from sparsekit.structured.importance import check_round_to, rounding_step
 
 __all__ = ["cut", "remove_channels", "removable_channels", "shrink"]
@@ -68,7 +80,11 @@ def shrink(model: nn.Module, masks: object = None, *, groups: Sequence[Group] | 
     if compensate is not None and table is None:
         raise ValueError("compensate needs masks: it folds the removed channels' mean "
                          "contribution into biases, so pass the masks that remove them")
-    groups = dependency_groups(model) if groups is None else check_groups(groups, model)
+    if groups is None:
+        groups = dependency_groups(model)
+    else:
+        groups = check_groups(groups, model)
+        _check_disjoint(model, groups)
     removed = [(g, removable_channels(model, g, table)) for g in groups]
     means = {} if compensate is None else _compensation_means(model, removed, compensate)
     small = copy.deepcopy(model)
@@ -79,6 +95,27 @@ def shrink(model: nn.Module, masks: object = None, *, groups: Sequence[Group] | 
         _apply(small, table)
     remove_channels(small, [(g, _restore(g, gone, round_to)) for g, gone in removed])
     return small
+
+
+def _check_disjoint(model: nn.Module, groups: Sequence[Group]) -> None:
+    """``ValueError`` when two of ``groups`` hold the same entries of one tensor (a group
+    passed twice, or groups of one space): each would keep its own channels and remove the
+    other's, and compensation folded a channel once per group that held it."""
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
+    spans: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for i, group in enumerate(groups):
+        for s in group.slices:
+            tensor = tensors[s.name]
+            key = (id(tensor), s.dim % tensor.dim())
+            lo, hi = s.offset, s.offset + group.channels * s.repeat
+            for lo2, hi2, j in spans.get(key, []):
+                if j != i and lo < hi2 and lo2 < hi:
+                    raise ValueError(
+                        f"groups[{j}] and groups[{i}] (opened by {groups[j].name!r} and "
+                        f"{group.name!r}) hold the same entries of {s.name!r}; accepted: "
+                        "groups that share no channel (each group once)")
+            spans.setdefault(key, []).append((lo, hi, i))
 
 
 def _restore(group: Group, gone: torch.Tensor, round_to: int) -> torch.Tensor:
@@ -93,7 +130,9 @@ def _restore(group: Group, gone: torch.Tensor, round_to: int) -> torch.Tensor:
 def _compensation_means(model: nn.Module, removed: list[tuple[Group, torch.Tensor]],
                         data: Any) -> dict[str, torch.Tensor]:
     """The readers' input means for FLAP's compensation, refusing a model whose removed
-    reader columns are all zero already (its masks were applied: nothing to fold)."""
+    reader columns are all zero already (its masks were applied: nothing to fold), or
+    one on the meta device (it cannot run on the data: a raw error from ``.item()``)."""
+    check_materialized_module(model, "compensate needs the model's weights: ")
     columns = [model.get_parameter(s.name).detach().movedim(s.dim, 0)[s.indices(gone).cpu()]
                for group, gone in removed if gone.numel()
                for s in group.slices if s.role == "in"]
@@ -124,6 +163,8 @@ def remove_channels(model: nn.Module, removed: Iterable[tuple[Group, torch.Tenso
     Each tensor is cut once, so tied weights stay tied; the layers touched get size
     attributes that match their new shapes.
     """
+    removed = [(group, check_channels(f"the channels removed of group {i}", group, gone))
+               for i, (group, gone) in enumerate(removed)]  # all before any cut
     cuts: dict[tuple[str, int], set[int]] = {}
     for group, gone in removed:
         for s in group.slices:
@@ -199,10 +240,27 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 def cut(model: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -> None:
     """In place: drop the indices ``cuts[(tensor name, dim)]`` of parameters and buffers
     (once per tensor: tied weights stay tied), then bring the touched layers' size
-    attributes in line with their new shapes."""
+    attributes in line with their new shapes. Every entry is checked first: ``ValueError``
+    for a name that is no parameter or buffer, a dimension the tensor lacks, or an index
+    outside it (one was skipped without a sign)."""
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
     by_tensor: dict[int, tuple[torch.Tensor, dict[int, set[int]]]] = {}
     for (name, dim), gone in cuts.items():
-        tensor = _get(model, name)
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise ValueError(f"cuts names {name!r}, which is not a parameter or buffer of the "
+                             "model")
+        check_int(f"the dim of cuts[{name!r}]", dim)
+        if not -tensor.dim() <= dim < tensor.dim():
+            raise ValueError(f"the dim of cuts[{name!r}] must be in [{-tensor.dim()}, "
+                             f"{tensor.dim()}) for its shape {tuple(tensor.shape)}, got {dim}")
+        dim %= tensor.dim()
+        bad = [i for i in gone if isinstance(i, bool) or not isinstance(i, numbers.Integral)
+               or not 0 <= i < tensor.shape[dim]]
+        if bad:
+            raise ValueError(f"cuts[({name!r}, {dim})] must hold indices in [0, "
+                             f"{tensor.shape[dim]}), got {bad[:5]}")
         by_tensor.setdefault(id(tensor), (tensor, {}))[1].setdefault(dim, set()).update(gone)
     replaced = {}
     for tensor, dims in by_tensor.values():
@@ -225,11 +283,6 @@ def cut(model: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -> None:
             touched.append(module)
     for module in touched:
         _resize(module)
-
-
-def _get(model: nn.Module, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(model.get_submodule(owner), attr)
 
 
 def _resize(module: nn.Module) -> None:

@@ -11,6 +11,8 @@ masks and :func:`~sparsekit.structured.shrink.remove_channels` apply.
 
 from __future__ import annotations
 
+import numbers
+
 from torch import nn
 
 from sparsekit.blocks import find_blocks
@@ -109,7 +111,7 @@ def block_group(name: str, block: nn.Module, unit: str) -> Group:
                 size = getattr(block.get_submodule(holder), attr, None)
                 rows = (linear(q).out_features, linear(k).out_features,
                         linear(v).out_features, linear(o).in_features)
-                if isinstance(size, bool) or not isinstance(size, int) or size < 1 \
+                if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1 \
                         or rows[1] % size or rows[1] != rows[2] or rows[0] != rows[3] \
                         or rows[0] % rows[1] or not rows[1]:
                     # a head count that does not divide would group rows that are not heads
@@ -119,6 +121,7 @@ def block_group(name: str, block: nn.Module, unit: str) -> Group:
                         f"{rows[1]}, v rows {rows[2]}, o columns {rows[3]}; accepted: k and "
                         f"v rows a multiple of the head size, as many o columns as q rows, "
                         f"and query heads a multiple of the key/value heads")
+                size = int(size)  # a NumPy int from a config: plain ints in the group
                 kv = rows[1] // size
                 per_kv = rows[0] // kv  # query rows per kv head
                 parts = [*slices(q, 0, "out", per_kv), *slices(k, 0, "out", size),
