@@ -71,6 +71,10 @@ def check_common(model: Any, calibration: Any, keep: Any, rank: Any, steps: Any,
     check_int("steps", steps, minimum=1)
     check_int("max_rows", max_rows, minimum=1)
     check_seed("seed", seed)
+    routed = next((name for name, m in model.named_modules() if isinstance(m, RoutedFFN)), None)
+    if routed is not None:  # its FFNs are gone: the error blamed "no feed-forward network"
+        raise ValueError(f"model: {routed!r} is routed already; pass the model moefy or "
+                         f"contextual was given, not the copy it returned")
     if calibration is None:
         raise ValueError("calibration must be a tensor of inputs or a list of them, got None")
     _check_calibration(calibration)

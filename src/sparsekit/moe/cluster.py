@@ -16,6 +16,10 @@ from sparsekit._checks import check_int, check_materialized, check_seed, seeded
 __all__ = ["balanced_kmeans"]
 
 
+_SCALE_RANGE = 1e15  # float32 squared distances of points this large or small stay finite,
+# and non-zero, over a million features
+
+
 def balanced_kmeans(points: torch.Tensor, clusters: int, *, iterations: int = 25,
                     seed: int = 0) -> torch.Tensor:
     """The cluster (``0 ≤ c < clusters``) of each row of ``points`` (n, features), every
@@ -43,6 +47,12 @@ def balanced_kmeans(points: torch.Tensor, clusters: int, *, iterations: int = 25
     if n % clusters:
         raise ValueError(f"clusters must divide the {n} points, got {clusters}")
     points = points.float()
+    scale = float(points.abs().amax())
+    if scale > 0 and not 1 / _SCALE_RANGE <= scale <= _SCALE_RANGE:
+        # squared distances of such values overflow float32 (inf weights failed k-means++
+        # with a raw RuntimeError) or underflow to 0 (every point equally close: clusters
+        # at random); a uniform scale changes no assignment
+        points = points / scale
     generator = seeded(seed)
     centers = _seeds(points, clusters, generator)
     labels = None

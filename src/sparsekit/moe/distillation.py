@@ -207,10 +207,15 @@ def fit_outputs(student: nn.Module, teacher: nn.Module, inputs: list[Any], *, st
     loss spreads to every weight, so later steps could only hide where it began). On any
     error ``student`` is left as it was before fitting: its trainable parameters are copied
     first (one more copy of them in memory while fitting) and restored."""
+    if torch.is_inference_mode_enabled():  # enable_grad cannot lift it
+        raise ValueError("fine-tuning cannot run inside torch.inference_mode() (it "
+                         "differentiates the loss); accepted: a call outside it")
     params = [p for p in student.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     try:
-        _fit(student, teacher, inputs, params, steps=steps, lr=lr, seed=seed, l1=l1, acts=acts)
+        with torch.enable_grad():  # under torch.no_grad() the backward failed raw
+            _fit(student, teacher, inputs, params, steps=steps, lr=lr, seed=seed, l1=l1,
+                 acts=acts)
     except Exception:
         with torch.no_grad():
             for p, value in zip(params, before, strict=True):

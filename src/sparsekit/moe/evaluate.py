@@ -36,6 +36,11 @@ def evaluate(model: nn.Module, data: Any, *, max_rows: int = 2048, seed: int = 0
     generator = seeded(seed)
     inputs = record_inputs(model, layers, data, max_rows=max_rows, generator=generator,
                            param="data")
+    for name, x in inputs.items():  # else every error was NaN, and recall a guess
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ValueError(f"data: the model's inputs to {name!r} on it hold {bad} NaN or "
+                             f"inf values of {x.numel()}, so no score would mean anything")
     return {n: _quality(layers[n], x) for n, x in inputs.items()}
 
 

@@ -118,9 +118,10 @@ def capture(
     chunk_size: int = 4096,
 ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield the activations at ``site`` (``"input"`` or ``"output"``) of ``model``'s module
-    ``module_name`` over ``inputs``, as float ``(chunk_size, width)`` chunks (the last one
-    shorter), or with ``target`` ``(input, target)`` pairs where the target is the output of
-    the module ``target`` (a transcoder's training data).
+    ``module_name`` over ``inputs``, as float32 (float64 for a float64 model)
+    ``(chunk_size, width)`` chunks (the last one shorter), or with ``target`` ``(input,
+    target)`` pairs where the target is the output of the module ``target`` (a transcoder's
+    training data).
 
     ``inputs`` is one batch or an iterable of batches; a batch is a tensor (called as
     ``model(batch)``) or a mapping such as a tokenizer's output (``model(**batch)``), whose
@@ -173,12 +174,18 @@ def _stream(model: nn.Module, module: nn.Module, targeted: nn.Module | None,
                 handle.remove()
         if not wanted <= held.keys():
             raise ValueError("module_name: the module did not run on this input")
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        mask = _mask(batch)
         for key, out in (("x", xs), ("y", ys)):
             if key in held:
-                flat = held[key].float()
-                if mask is not None and flat.shape[:-1] == mask.shape:
-                    flat = flat[mask.bool()]
+                flat = held[key]  # float32, or float64 as it was (a cast lost its precision)
+                flat = flat if flat.dtype == torch.float64 else flat.float()
+                if mask is not None and flat.dim() == mask.dim() + 1:
+                    if flat.shape[:-1] != mask.shape:  # the padding was kept, silently
+                        raise ValueError(
+                            f"inputs: attention_mask of shape {tuple(mask.shape)} does not "
+                            f"match the activations of shape {tuple(flat.shape)}; accepted: "
+                            f"one mask entry per token")
+                    flat = flat[mask.to(flat.device) != 0]
                 out.append(flat.reshape(-1, flat.shape[-1]))
         rows += xs[-1].shape[0]
         while rows >= chunk_size:
@@ -186,6 +193,13 @@ def _stream(model: nn.Module, module: nn.Module, targeted: nn.Module | None,
             rows -= chunk_size
     if rows:
         yield from _emit(xs, ys, rows)
+
+
+def _mask(batch: Any) -> torch.Tensor | None:
+    """A mapping batch's ``attention_mask`` as a tensor (a list or a NumPy array, which a
+    model may take too, failed at ``.shape`` with a raw ``AttributeError``), or None."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return None if mask is None else torch.as_tensor(mask)
 
 
 def _emit(xs: list[torch.Tensor], ys: list[torch.Tensor], n: int) -> Iterator[Any]:

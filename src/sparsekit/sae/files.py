@@ -40,7 +40,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sparsekit._atomic import atomic_write, directory_lock, sync
+from sparsekit._atomic import atomic_write, blocking_parent, directory_lock, sync
 from sparsekit._checks import ArgumentTypeError, check_materialized_module
 from sparsekit.sae.sae import SAE
 
@@ -95,14 +95,28 @@ def _check_metadata(metadata: Any) -> None:
         return
     if not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
-    bad = [key for key in metadata if not isinstance(key, str)]
+    bad = list(_non_str_keys(metadata))
     if bad:
-        raise ArgumentTypeError(f"metadata keys must be str (JSON object keys), got {bad[0]!r}")
+        raise ArgumentTypeError(f"metadata keys must be str (JSON object keys), got "
+                                f"{bad[0]!r}")
     reserved = [key for key in metadata if key in _RESERVED_METADATA]
     if reserved:
         raise ValueError(f"metadata must not hold {reserved[0]!r}: save writes it (the "
                          f"layout's version, {LAYOUT_VERSION!r}); reserved keys: "
                          f"{', '.join(_RESERVED_METADATA)}")
+
+
+def _non_str_keys(value: Any, seen: frozenset[int] = frozenset()) -> Iterator[Any]:
+    """The keys that are not ``str`` of every dict in ``value``, nested ones too: JSON
+    turned ``{1: ...}`` into ``{"1": ...}`` silently, so the metadata reloaded changed.
+    A container holding itself is left to ``json.dumps``, which names it."""
+    if id(value) in seen or not isinstance(value, (dict, list, tuple)):
+        return
+    seen = seen | {id(value)}
+    if isinstance(value, dict):
+        yield from (key for key in value if not isinstance(key, str))
+    for item in value.values() if isinstance(value, dict) else value:
+        yield from _non_str_keys(item, seen)
 
 
 def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
@@ -111,10 +125,7 @@ def save(sae: SAE, path: str | Path, *, metadata: dict[str, Any] | None = None) 
     ``metadata``. Returns the directory."""
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
-    path = _directory(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"path must be a directory (or not exist yet), got the file "
-                         f"{str(path)!r}")
+    path = _save_directory(path)
     _check_metadata(metadata)
     architecture = _architecture(sae)
     dtype = str(sae.W_enc.dtype).removeprefix("torch.")
@@ -185,6 +196,34 @@ def _directory(path: Any) -> Path:
         raise ArgumentTypeError(f"path must be a str or os.PathLike directory, got "
                                 f"{type(path).__name__}")
     return Path(path)
+
+
+def _save_directory(raw_path: Any) -> Path:
+    """``raw_path`` as the directory :func:`save` writes, or a ``ValueError`` naming it: ``""``
+    (which pathlib reads as ``"."``) wrote into the working directory; a file or a dangling
+    link at ``path``, a file above it, or a directory in place of one of the files to write
+    failed with a raw ``OSError`` (the last after the old config was deleted)."""
+    _directory(raw_path)
+    raw = os.fspath(raw_path)
+    path = Path(raw)
+    what = ("'', which is empty (use '.' for the working directory)" if raw == ""
+            else f"{raw!r}, which holds a NUL character" if "\0" in raw
+            else f"the file {raw!r}" if path.is_file()
+            else f"{raw!r}, which is not a directory"
+            + ("" if path.exists() else " (a broken symbolic link)")
+            if os.path.lexists(path) and not path.is_dir()
+            else None)
+    if what is None and (blocker := blocking_parent(path)):
+        what = f"{raw!r}, which lies under {str(blocker[0])!r}, {blocker[1]}"
+    in_the_way = [name for name in (CFG_NAME, STATE_NAME, WEIGHTS_NAME)
+                  if what is None and os.path.lexists(path / name)
+                  and not (path / name).is_file()]
+    if in_the_way:
+        what = f"{raw!r}, which holds {in_the_way[0]!r} that is not a file"
+    if what is not None:
+        raise ValueError(f"path must be a directory (or not exist yet) where save can write "
+                         f"its files, got {what}")
+    return path
 
 
 @contextlib.contextmanager

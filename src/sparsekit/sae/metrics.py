@@ -21,7 +21,15 @@ from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_fraction, check_materialized_module
 from sparsekit.observe import inference
-from sparsekit.sae.capture import _call, _input, _tensor, _with_tensor, find_module, hooked
+from sparsekit.sae.capture import (
+    _call,
+    _input,
+    _mask,
+    _tensor,
+    _with_tensor,
+    find_module,
+    hooked,
+)
 from sparsekit.sae.sae import SAE
 from sparsekit.sae.train import _rows
 
@@ -172,7 +180,7 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
                     count += real
                     short = short or ids.shape[-1] < 2
                 else:
-                    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                    mask = _mask(batch)
                     pooled = {n: _pool(o, mask) for n, o in outputs.items()}
                     _check_finite(pooled["clean"])
                     for name in ("sae", "zero"):
@@ -235,5 +243,5 @@ def _pool(output: Any, mask: torch.Tensor | None) -> torch.Tensor:
         return hidden
     if mask is None:
         return hidden.mean(1)
-    weights = mask.unsqueeze(-1).float()
+    weights = mask.unsqueeze(-1).to(hidden.device, torch.float32)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)

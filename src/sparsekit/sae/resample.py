@@ -35,6 +35,7 @@ from sparsekit._checks import (
     check_materialized,
     check_materialized_module,
     check_positive,
+    check_writable,
 )
 from sparsekit.sae.sae import SAE
 
@@ -66,6 +67,8 @@ def resample(
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
     check_materialized_module(sae, "sae.")
+    for name in ("W_dec", "W_enc", "b_enc", "tokens_since_fired"):  # written in place
+        check_writable(f"sae.{name}", getattr(sae, name))
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != sae.d_in:
         raise ValueError(f"x must be a tensor of shape (n, {sae.d_in}), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")

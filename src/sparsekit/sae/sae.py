@@ -128,6 +128,8 @@ class SAE(nn.Module):
             raise ArgumentTypeError(f"dtype must be a floating-point torch.dtype or None, got "
                                     f"{dtype!r}")
         check_device(device)
+        if activation == "jumprelu":
+            self._check_threshold(threshold, dtype or torch.get_default_dtype())
 
         # plain ints (a numpy int passes check_int, then failed json.dumps in save, which
         # blamed the metadata, and manual_seed)
@@ -173,6 +175,15 @@ class SAE(nn.Module):
         check_int("seed", seed)
         if not -MAX_SEED - 1 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in [-2**63, 2**63 - 1], got {seed!r}")
+
+    @staticmethod
+    def _check_threshold(threshold: float, dtype: torch.dtype) -> None:
+        """Raise unless JumpReLU's ``threshold`` (stored as its log) is positive and finite
+        in ``dtype``: one past the dtype's range was an inf threshold that zeroed every code
+        for good (no gradient reaches it), one below it a zero threshold, a plain ReLU."""
+        if not 0 < float(torch.tensor(math.log(threshold), dtype=dtype).exp()) < math.inf:
+            raise ValueError(f"threshold must be positive and finite in {dtype} (JumpReLU's "
+                             f"learned threshold), got {threshold!r}")
 
     @staticmethod
     def _check_matryoshka(matryoshka: Sequence[int] | None, n_latents: int) -> tuple[int, ...]:

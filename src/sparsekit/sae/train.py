@@ -31,6 +31,7 @@ from sparsekit._checks import (
     check_nonnegative,
     check_optimizer,
     check_positive,
+    check_writable,
 )
 from sparsekit.sae.activations import ACTIVATIONS, select_topk, step
 from sparsekit.sae.resample import ENCODER_SCALE, check_dead, resample
@@ -136,6 +137,7 @@ def _aux_k(sae: SAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tens
     return scale * (predicted - residual).pow(2).sum(-1).mean()
 
 
+@torch.enable_grad()  # a call under torch.no_grad() trains too, as the routers' fits do
 def train(
     sae: SAE,
     activations: Iterable[torch.Tensor] | Iterable[Pair] | torch.Tensor,
@@ -168,7 +170,7 @@ def train(
             inf in float32).
         steps: optimizer steps (default: one pass over ``activations``).
         lr: Adam's learning rate (default ``2e-4 / sqrt(n_latents / 2**14)``, the
-            scaling law of Gao et al.).
+            scaling law of Gao et al.); not with ``optimizer``, which has its own.
         batch_size: rows per step.
         sparsity_coef: weight of the L1 (``"l1"``) or L0 (``"jumprelu"``) penalty.
         aux_coef: weight of the auxiliary-k loss (TopK family).
@@ -205,6 +207,7 @@ def train(
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
     check_materialized_module(sae, "sae.")
+    _check_trainable(sae)
     if steps is not None:
         check_int("steps", steps, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
@@ -219,6 +222,9 @@ def train(
     check_nonnegative("aux_coef", aux_coef)
     check_fraction("decay", decay, one=True)
     inner = check_optimizer(optimizer, optional=True)
+    if optimizer is not None and lr is not None:  # it was ignored: the optimizer keeps its own
+        raise ValueError(f"lr must be None when an optimizer is given (lr sets the default "
+                         f"Adam's rate; the optimizer's own lr is used), got lr={lr!r}")
     if inner is not None and not _holds_parameters(inner, sae):
         raise ValueError("optimizer must be over sae's parameters, got one that holds none "
                          "of them")
@@ -286,6 +292,21 @@ def train(
             "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
             "loss": {name: float(t.detach()) for name, t in terms.items()},
             "resampled": resampled}
+
+
+def _check_trainable(sae: SAE) -> None:
+    """Raise ``ValueError`` unless a step can update ``sae``: under
+    ``torch.inference_mode()``, with every parameter frozen, or with inference tensors (an
+    SAE built in inference mode), the first backward or in-place update failed with a raw
+    ``RuntimeError``, after the decoder had been renormalised and the mode changed."""
+    if torch.is_inference_mode_enabled():  # enable_grad cannot lift it
+        raise ValueError("train cannot run inside torch.inference_mode() (it differentiates "
+                         "the loss); accepted: a call outside it (torch.no_grad() is fine)")
+    if not any(p.requires_grad for p in sae.parameters()):
+        raise ValueError("sae must have a parameter that requires grad, got every one frozen "
+                         "(requires_grad=False); accepted: sae.requires_grad_(True) first")
+    for name, tensor in (*sae.named_parameters(), *sae.named_buffers()):
+        check_writable(f"sae.{name}", tensor)
 
 
 def _check_step(sae: SAE, terms: dict[str, torch.Tensor], step: int) -> None:
