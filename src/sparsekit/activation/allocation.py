@@ -41,17 +41,20 @@ def greedy(
     ``error(sparsities)`` is the block's output error with those layer sparsities.
     """
     total = sum(sizes.values())
-    weight = [sum(sizes[n] for n in g) / total for g in groups]
-    level = [0.0] * len(groups)
+    weight = [sum(sizes[n] for n in g) / max(total, 1) for g in groups]
+    # a group without weights (an nn.Linear with no outputs) skips no reads and cannot move
+    # the block towards the target (its step divided by zero): it gets the target, as in
+    # uniform, and the search runs over the others
+    level = [0.0 if w else target for w in weight]
 
     def spread(levels: list[float]) -> dict[str, float]:
         return {n: s for g, s in zip(groups, levels) for n in g}
 
-    reached = 0.0
+    reached = 0.0 if total else target  # a block of no weights is at any sparsity already
     while target - reached > 1e-9:
         steps = {}
         for i, s in enumerate(level):
-            if s + GREEDY_STEP < 1:
+            if weight[i] and s + GREEDY_STEP < 1:
                 step = min(GREEDY_STEP, (target - reached) / weight[i])  # land on the target
                 trial = level.copy()
                 trial[i] = s + step

@@ -52,6 +52,11 @@ class BlockError:
         self.modules = dict(model.named_modules())
         self.replay = BlockReplay(model, blocks, calibration, "calibration")
         self.reference = {b: self.replay(b) for b in blocks}
+        infinite = [b for b, y in self.reference.items() if not bool(y.isfinite().all())]
+        if infinite:  # every error was NaN then, and the search chose its levels blindly
+            raise ValueError(f"calibration: the outputs of blocks {infinite} hold NaN or "
+                             "infinite values, so their errors cannot rank the layers; "
+                             "calibrate on data the model computes finite outputs for")
 
     def __call__(self, block: str, thresholds: dict[str, torch.Tensor]) -> float:
         """``||y_sparse - y||^2 / ||y||^2`` of ``block``'s output ``y``."""

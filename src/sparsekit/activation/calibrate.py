@@ -16,7 +16,7 @@ from sparsekit.activation.layers import find_layers
 from sparsekit.activation.record import record_inputs
 from sparsekit.activation.scores import METHODS, feature_threshold, score
 from sparsekit.activation.sparsity import ActivationSparsity, applied_layers
-from sparsekit.observe import batches
+from sparsekit.observe import batches, inference
 from sparsekit.targets import TargetSpec
 
 __all__ = ["calibrate"]
@@ -69,6 +69,13 @@ def calibrate(
     if applied:  # their recorded inputs would be the thresholded ones: quantiles of zeros
         raise ValueError(f"model: layers {applied} have activation thresholds applied "
                          "(ActivationSparsity.apply); remove() them before calibrating again")
+    if method == "wina":  # a NaN column norm made a NaN threshold, blamed on the thresholds
+        broken = [n for n, m in layers.items()  # meta ones are refused by the recording
+                  if not m.weight.is_meta and not bool(m.weight.isfinite().all())]
+        if broken:
+            raise ValueError(f"model: the weights of layers {broken} hold NaN or infinite "
+                             "values, and method='wina' weighs each input by the norm of its "
+                             "weight column; accepted: finite weights (or method='teal')")
     generator = seeded(seed)
     replay: list[Any] = []  # the greedy search replays the first non-empty batch
     recorded = calibration
@@ -124,7 +131,7 @@ def _tap(items: Iterator[Any], kept: list[Any]) -> Iterator[Any]:
 
 def _quantile(sorted_values: torch.Tensor, q: float) -> float:
     """The smallest value with at least a ``q`` fraction of ``sorted_values`` below it."""
-    if q <= 0:
+    if q <= 0 or not sorted_values.numel():  # no scores: a layer of no input features
         return 0.0
     return float(sorted_values[min(int(q * sorted_values.numel()), sorted_values.numel() - 1)])
 
@@ -136,14 +143,20 @@ def _teal_greedy(
     target: float,
     thresholds: Callable[[str, float], torch.Tensor],
 ) -> dict[str, float]:
-    """TEAL's greedy allocation, block by block, on the block outputs of ``calibration``."""
-    groups = block_groups(list(sizes))
-    block_error = BlockError(model, list(groups), calibration)
-    sparsities: dict[str, float] = {}
-    for block, block_layers in groups.items():
-        def error(levels: dict[str, float], block: str = block) -> float:
-            return block_error(block, {n: thresholds(n, s) for n, s in levels.items() if s > 0})
+    """TEAL's greedy allocation, block by block, on the block outputs of ``calibration``.
 
-        names = [n for g in block_layers for n in g]
-        sparsities |= greedy(block_layers, {n: sizes[n] for n in names}, target, error)
+    The blocks are replayed in eval mode, as the inputs were recorded (the model's modes
+    are restored after): in training mode dropout made every block error random, and the
+    same seed gave another allocation each time."""
+    groups = block_groups(list(sizes))
+    sparsities: dict[str, float] = {}
+    with inference(model):
+        block_error = BlockError(model, list(groups), calibration)
+        for block, block_layers in groups.items():
+            def error(levels: dict[str, float], block: str = block) -> float:
+                return block_error(block,
+                                   {n: thresholds(n, s) for n, s in levels.items() if s > 0})
+
+            names = [n for g in block_layers for n in g]
+            sparsities |= greedy(block_layers, {n: sizes[n] for n in names}, target, error)
     return sparsities

@@ -7,6 +7,8 @@ almost no exact zeros but many tiny values, which is what thresholding exploits.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit._atomic import atomic_write
 from sparsekit._checks import ArgumentTypeError, check_module, check_seed, seeded
 from sparsekit.activation.layers import find_layers
 from sparsekit.activation.sparsity import ActivationSparsity
@@ -59,10 +62,7 @@ def profile(
         if not isinstance(plot, (str, PathLike)):
             raise ArgumentTypeError(f"plot must be a path (a str or an os.PathLike) or None, "
                                     f"got {plot!r}")
-        folder = Path(plot).parent
-        if not folder.is_dir():
-            raise ValueError(f"plot: directory '{folder}' does not exist; accepted: a path in "
-                             "an existing directory")
+        plot_file = _plot_file(plot)
     if sparsity is None:
         layers = find_layers(model, "teal")
         widths = {n: m.in_features for n, m in layers.items()}
@@ -89,7 +89,8 @@ def profile(
         if x.is_meta:  # refused after the run; copying it out failed, blaming the data
             meta.add(name)
             return
-        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        # rows spelled out: -1 is ambiguous for the no-feature input of an nn.Linear(0, n)
+        x = x.detach().reshape(math.prod(x.shape[:-1]), x.shape[-1]).float().cpu()
         if not bool(x.isfinite().all()):
             infinite.add(name)
         counts[name][0] += int((x == 0).sum())
@@ -120,11 +121,45 @@ def profile(
             features=alive[n].numel(),
         )
     if plot is not None:
-        _plot(samples, plot)
+        _plot(samples, *plot_file)
     return result
 
 
-def _plot(samples: dict[str, list[torch.Tensor]], path: str | PathLike[str]) -> None:
+def _plot_file(plot: str | PathLike[str]) -> tuple[str, str]:
+    """The file ``plot`` names and its image format, as ``savefig`` reads them (a path
+    without a suffix gets matplotlib's default format's), once matplotlib can write it
+    there: an error after the whole run (no matplotlib, an unknown format, a directory in
+    the way) lost the profile."""
+    try:
+        import matplotlib
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as e:
+        raise ValueError(f"plot needs matplotlib, which is not installed ({e}); "
+                         "install it or pass plot=None") from e
+    name = os.fspath(plot)
+    if not name or name.endswith((os.sep, "/")):  # savefig wrote a hidden ".png" there
+        raise ValueError(f"plot must name a file, got {name!r}; accepted: a file path in an "
+                         "existing directory")
+    path = Path(plot)
+    if not path.parent.is_dir():
+        raise ValueError(f"plot: directory '{path.parent}' does not exist; accepted: a path in "
+                         "an existing directory")
+    fmt = path.suffix[1:].lower() or matplotlib.rcParams["savefig.format"]
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise ValueError(f"plot: matplotlib cannot write format {fmt!r} (the suffix of "
+                         f"'{plot}'); accepted suffixes: {sorted(formats)}")
+    file = name if path.suffix else f"{name}.{fmt}"
+    if Path(file).is_dir():
+        raise ValueError(f"plot: '{file}' is a directory; accepted: a file path in an "
+                         "existing directory")
+    return file, fmt
+
+
+def _plot(samples: dict[str, list[torch.Tensor]], path: str, fmt: str) -> None:
+    """Histograms of ``samples`` by layer type, written whole to ``path`` in ``fmt`` (or
+    not at all: an interrupted save left a truncated image, one over a symbolic link to
+    nothing failed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,5 +179,8 @@ def _plot(samples: dict[str, list[torch.Tensor]], path: str | PathLike[str]) -> 
     ax.set_title("Linear-layer input magnitudes by layer type")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=fmt)
+    finally:
+        plt.close(fig)

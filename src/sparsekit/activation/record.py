@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -51,7 +52,8 @@ def record_inputs(
         if x.is_meta:  # refused after the run: an error here would blame the data
             meta.append(name)
             return
-        x = x.detach().reshape(-1, x.shape[-1])
+        # rows spelled out: -1 is ambiguous for the no-feature input of an nn.Linear(0, n)
+        x = x.detach().reshape(math.prod(x.shape[:-1]), x.shape[-1])
         start, n = seen[name], x.shape[0]
         seen[name] = start + n
         keys = _row_keys(torch.arange(start, start + n, device=x.device), seed)

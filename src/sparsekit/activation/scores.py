@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError
+from sparsekit._checks import ArgumentTypeError, check_materialized
 from sparsekit.registry import Registry
 
 __all__ = ["METHODS", "feature_threshold", "score"]
@@ -41,7 +41,9 @@ def score(method: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Importance of each input activation in ``x`` ``(..., in)`` for ``weight`` ``(out, in)``.
 
     ``x`` must be floating-point (integer inputs had their column norms truncated to
-    integers) and as wide as ``weight``'s inputs.
+    integers) and as wide as ``weight``'s inputs. Scores are float32 for 16-bit ``x`` (a
+    float16 column norm over 65504 was ``inf``, and every score of its column with it), and
+    on ``x``'s device (``weight`` may sit elsewhere, e.g. offloaded to the CPU).
     """
     fn = METHODS.get(method)
     if not isinstance(x, torch.Tensor):
@@ -59,7 +61,13 @@ def score(method: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features in its last "
                          f"dimension, but weight {tuple(weight.shape)} takes {weight.shape[1]} "
                          "inputs")
-    return x.abs() * fn(x, weight)
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    scale = fn(wide, weight)
+    if scale.device != x.device:  # was a raw "not on the expected device" RuntimeError
+        check_materialized("weight", weight)
+        check_materialized("x", x)
+        scale = scale.to(x.device)
+    return wide.abs() * scale
 
 
 def feature_threshold(method: str, threshold: float, weight: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ from sparsekit._checks import (
     check_materialized,
     check_module,
 )
+from sparsekit.activation.allocation import ALLOCATIONS
+from sparsekit.activation.scores import METHODS
 from sparsekit.engine.activation_linear import check_threshold, sparsify_input, thresholded_layers
 from sparsekit.observe import LayerCall, layer_input
 
@@ -54,6 +56,13 @@ class ActivationSparsity:
             if not isinstance(value, Mapping):
                 raise ArgumentTypeError(f"{name} must be a mapping of layer name to {what}, got "
                                         f"{type(value).__name__}")
+        for name, value, known in (("method", self.method, METHODS),
+                                   ("allocation", self.allocation, ALLOCATIONS)):
+            if not isinstance(value, str):  # repr and saves showed any object as the method
+                raise ArgumentTypeError(f"{name} must be one of {list(known)}, got {value!r}")
+            if value not in known:
+                raise ValueError(f"{name} must be one of {list(known)}, got {value!r}")
+        check_fraction("target", self.target)  # NaN was kept as the model-wide target
         for name, threshold in self.thresholds.items():
             if isinstance(threshold, torch.Tensor):  # comparing one was a raw RuntimeError
                 check_materialized(f"thresholds[{name!r}]", threshold)
@@ -79,6 +88,10 @@ class ActivationSparsity:
         if self._handles:
             raise RuntimeError("ActivationSparsity is already applied; call remove() first")
         modules = thresholded_layers(self.thresholds, model)  # every check before a hook
+        stacked = applied_layers(modules)
+        if stacked:  # a second set of hooks thresholded the inputs twice, counted both
+            raise ValueError(f"model: layers {stacked} already have activation thresholds "
+                             "applied by another ActivationSparsity; remove() those first")
         self._counts = {n: [0, 0] for n in self.thresholds}
         for name, threshold in self.thresholds.items():
             module = modules[name]

@@ -25,10 +25,13 @@ from sparsekit.attention.coverage import (
     _check_heads,
     _check_mask,
     blocks,
+    bounded_block_size,
 )
 from sparsekit.engine import kernels
 
 __all__ = ["block_sparse_attention", "dense_block_mask", "reference_attention"]
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _check(
@@ -40,6 +43,9 @@ def _check(
     check_bool("causal", causal)
     check_int("block_size", block_size, minimum=1)
     check_positive("scale", scale, optional=True)
+    if scale is not None and scale > _FLOAT32_MAX:  # inf in float32: every output row NaN
+        raise ValueError(f"scale must be at most {_FLOAT32_MAX:.4g} (the largest float32: the "
+                         f"scores are float32), got {scale!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(
@@ -129,6 +135,9 @@ def block_sparse_attention(
     _check(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
     if _native(q, k, v):
+        # every block_size past the longer sequence tiles alike: the kernel's ceil division
+        # of 2**63 - 1 overflowed int64 into a raw shape error on a valid mask
+        block_size = bounded_block_size(q.shape[2], k.shape[2], block_size)
         return torch.ops.sparsekit.block_sparse_attention(
             q.contiguous(), k.contiguous(), v.contiguous(), block_mask.contiguous(), causal,
             block_size, float(scale), kernels.num_threads(),

@@ -10,6 +10,8 @@ call of its class arrives, keeps the winner's output and runs the winner from th
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Callable, Hashable
 from typing import TypeVar
@@ -80,6 +82,11 @@ class BreakEven:
         middle = self._clock()
         sparse_out = sparse()
         end = self._clock()
+        for reading in (start, middle, end):  # a str or NaN failed or decided silently
+            if isinstance(reading, bool) or not isinstance(reading, numbers.Real) \
+                    or not math.isfinite(reading):
+                raise ArgumentTypeError(f"clock must return seconds as a finite real number "
+                                        f"(like time.perf_counter), got {reading!r}")
         won = end - middle <= (1.0 - self.margin) * (middle - start)
         self._sparse_wins[call] = won
         return sparse_out if won else dense_out

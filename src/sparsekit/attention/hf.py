@@ -36,7 +36,7 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_module
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, check_module
 from sparsekit.attention.block_sparse import block_sparse_attention
 from sparsekit.attention.break_even import BreakEven, call_class
 from sparsekit.attention.patterns import Antidiagonal, AttentionPattern, resolve_pattern
@@ -121,6 +121,9 @@ def apply(
     """
     _check_model(model)
     settings = SparseAttention(resolve_pattern(pattern, **options), block_size, min_length)
+    mask = getattr(settings.pattern, "mask", None)
+    if isinstance(mask, torch.Tensor) and any(not p.is_meta for p in model.parameters()):
+        check_materialized("pattern", mask)  # else every forward failed, after the switch
     register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)

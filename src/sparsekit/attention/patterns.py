@@ -27,6 +27,7 @@ keeps (:mod:`sparsekit.attention.coverage`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from sparsekit._checks import check_bool, check_fraction, check_int, check_materialized
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_fraction,
+    check_int,
+    check_materialized,
+)
 from sparsekit.attention.coverage import (
     Coverage,
     _check_mask,
@@ -89,6 +96,10 @@ class AttentionPattern:
         _check_qk(q, k, finite=self.scored)
         self.check(block_size)
         block_size = _bounded(q, k, block_size)
+        if not q.shape[2] or not k.shape[2]:  # no (query, key) pair: no tile to keep, as
+            # block_sparse_attention takes it (was "q_len must be ≥ 1", a name never passed)
+            return torch.zeros(1, 1, blocks(q.shape[2], block_size),
+                               blocks(k.shape[2], block_size), dtype=torch.bool, device=q.device)
         visible = _visible(q, k, block_size, causal)
         mask = self.tiles(q, k, block_size=block_size, causal=causal, visible=visible)
         return _completed(mask, visible, q, k, block_size)
@@ -96,7 +107,9 @@ class AttentionPattern:
     def coverage(
         self, q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, causal: bool = True
     ) -> Coverage:
-        """The density and the softmax mass recall of this pattern's mask on ``q``, ``k``."""
+        """The density and the softmax mass recall of this pattern's mask on ``q``, ``k``
+        (both of at least one position: the fractions of no pairs are not defined)."""
+        _check_lengths(q, k)
         mask = self.block_mask(q, k, block_size=block_size, causal=causal)
         return Coverage.of(q, k, mask, block_size=_bounded(q, k, block_size), causal=causal)
 
@@ -121,9 +134,15 @@ def resolve_pattern(
         if options:
             raise TypeError(f"options {sorted(options)} apply to a pattern name, not to {pattern}")
         return pattern
-    if isinstance(pattern, torch.Tensor):
-        return UserMask(pattern, **options)
-    return ATTENTION_PATTERNS.get(pattern)(**options)
+    tensor = isinstance(pattern, torch.Tensor)
+    cls = UserMask if tensor else ATTENTION_PATTERNS.get(pattern)
+    accepted = [f.name for f in dataclasses.fields(cls)
+                if f.init and not (tensor and f.name == "mask")]  # a tensor is the mask
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:  # was "__init__() got an unexpected keyword argument", naming no pattern
+        raise ArgumentTypeError(f"options {unknown} are not options of pattern {cls.name!r}; "
+                                f"accepted: {accepted}")
+    return UserMask(pattern, **options) if tensor else cls(**options)
 
 
 @ATTENTION_PATTERNS.register("dense")
@@ -342,6 +361,7 @@ class Exact(_MassThreshold):
         tiles also measure what they keep."""
         check_int("block_size", block_size, minimum=1)
         _check_qk(q, k, finite=True)
+        _check_lengths(q, k)
         block_size = _bounded(q, k, block_size)
         mass = tile_mass(q, k, block_size=block_size, causal=causal)  # checks the rest
         visible = _visible(q, k, block_size, causal)
@@ -382,6 +402,15 @@ class UserMask(AttentionPattern):
         if not q.is_meta:  # a meta mask has no tiles to copy to q's device
             check_materialized("mask", mask)
         return mask.to(q.device)  # the block mask is on q's device, as every pattern's
+
+
+def _check_lengths(q: torch.Tensor, k: torch.Tensor) -> None:
+    """Raise unless ``q`` and ``k`` hold at least one position each: a coverage is a
+    fraction of their attendable pairs (the check of ``q_len`` named an argument no caller
+    of a pattern passes)."""
+    if not q.shape[2] or not k.shape[2]:
+        raise ValueError(f"q and k must have seq ≥ 1 for a coverage (a fraction of the "
+                         f"attendable pairs), got q {tuple(q.shape)} and k {tuple(k.shape)}")
 
 
 def _bounded(q: torch.Tensor, k: torch.Tensor, block_size: int) -> int:
