@@ -367,7 +367,7 @@ def test_teal_on_a_grouped_model_keeps_its_codes_and_groups_in_activation_sparse
     teal = _teal(model)
     compiled = sparsekit.compile(model, IDS, activation_sparsity=teal, cache=False)
     act = [m for m in compiled.modules() if isinstance(m, ActivationSparseLinear)]
-    assert act and all(m.kernel in ("act_gemv", "act_bitmap_gemv") for m in act)
+    assert act and all(m.kernel != "act_bitmap_qgemv" for m in act)
     for m in act:  # the pruned model's own codes (int8, a quarter of float32's bytes)
         assert m.to_dense().dtype == torch.int8 and m.scales.shape == (m.out_features,
                                                                        m.in_features // 16)
@@ -378,20 +378,18 @@ def test_teal_on_a_grouped_model_keeps_its_codes_and_groups_in_activation_sparse
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_activation_sparse_kernels_of_one_scale_per_row_refuse_a_grouped_grid():
+def test_the_w8a8_activation_sparse_kernel_refuses_a_grouped_grid():
     layer = nn.Linear(32, 4)
     attach_scales(layer, int8_scales(layer.weight, 16))
-    for kernel in ("act_sparse_gemv", "act_bitmap_qgemv"):
-        with pytest.raises(ValueError, match=rf"value_dtype=torch.int8: kernel '{kernel}' takes "
-                                             r"one int8 scale per row"):
-            ActivationSparseLinear.from_linear(layer, 0.1, value_dtype=torch.int8,
-                                               kernel=kernel)
-    act = ActivationSparseLinear.from_linear(layer, 0.0, kernel="act_sparse_gemv")
-    assert act.scales is None and act.to_dense().dtype == torch.float32
+    for value_dtype in (None, torch.int8):
+        with pytest.raises(ValueError, match=r"kernel 'act_bitmap_qgemv' takes one int8 scale "
+                                             r"per row, and linear's grid has one per group"):
+            ActivationSparseLinear.from_linear(layer, 0.1, value_dtype=value_dtype,
+                                               kernel="act_bitmap_qgemv")
     codes, scales = quantize_int8(layer.weight.detach(), attached_scales(layer), 16)
-    with pytest.raises(ValueError, match=r"kernel 'act_sparse_gemv' takes one int8 scale per "
+    with pytest.raises(ValueError, match=r"kernel 'act_bitmap_qgemv' takes one int8 scale per "
                                          r"row, got scales of shape \(4, 2\)"):
-        ActivationSparseLinear(codes, None, 0.0, scales=scales, kernel="act_sparse_gemv")
+        ActivationSparseLinear(codes, None, 0.0, scales=scales, kernel="act_bitmap_qgemv")
     with pytest.raises(ValueError, match=r"int8 weight needs float scales of shape \(4,\) or "
                                          r"\(4, groups\) with groups dividing 32, got \(4, 3\)"):
         ActivationSparseLinear(codes, None, 0.0, scales=torch.ones(4, 3))
@@ -399,9 +397,9 @@ def test_activation_sparse_kernels_of_one_scale_per_row_refuse_a_grouped_grid():
 
 @needs_kernels
 @pytest.mark.parametrize("isa", _isas())
-@pytest.mark.parametrize("kernel", ["act_gemv", "act_bitmap_gemv"])
+@pytest.mark.parametrize("kernel", ["act_gemv", "act_sparse_gemv", "act_bitmap_gemv"])
 @pytest.mark.parametrize(("rows", "cols", "group"), [(37, 256, 128), (300, 96, 32), (9, 10, 5),
-                                                     (6, 64, 64), (520, 48, 1)])
+                                                     (6, 64, 64), (520, 48, 1), (2100, 48, 16)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_activation_sparse_kernels_read_the_groups(isa, kernel, rows, cols, group, threads):
     """Every kept input's group scales its column: one row through the kernel, several through
@@ -432,7 +430,7 @@ def test_activation_sparse_kernels_read_the_groups(isa, kernel, rows, cols, grou
 
 
 @needs_kernels
-@pytest.mark.parametrize("fast", ["act_gemv", "act_bitmap_gemv"])
+@pytest.mark.parametrize("fast", ["act_gemv", "act_sparse_gemv", "act_bitmap_gemv"])
 def test_grouped_activation_sparse_layers_round_trip_through_save_pretrained(
     tmp_path, monkeypatch, fast,
 ) -> None:

@@ -28,7 +28,7 @@ inputs that are left, with one of these kernels:
 
 The stored weights are float32 or bfloat16 (inputs of the same dtype), or int8 codes with one
 float32 scale per output row (``scales``; inputs float32 or bfloat16, the layer's ``dtype``)
-or, in ``"act_gemv"`` and ``"act_bitmap_gemv"``, one per output row and group of inputs
+or, in every kernel but ``"act_bitmap_qgemv"``, one per output row and group of inputs
 (GPTQ's groups: each group's run of kept inputs is summed apart, then scaled): an int8 layer
 reads a quarter of the float32 bytes, and the sums stay float32 (exact int32 with
 ``"act_bitmap_qgemv"``, whose layers store int8 values only).
@@ -79,9 +79,9 @@ KERNELS = ("act_gemv", "act_sparse_gemv", "act_bitmap_gemv", "act_bitmap_qgemv")
 """The single-row kernels: on the transposed dense weight, or on its stored weights only (with
 a row index per weight, or as bitmap columns, with float or int8 inputs)."""
 
-GROUPED_KERNELS = ("act_gemv", "act_bitmap_gemv")
-"""The kernels that read int8 scales per row and group of inputs too (the others one per
-row)."""
+GROUPED_KERNELS = ("act_gemv", "act_sparse_gemv", "act_bitmap_gemv")
+"""The kernels that read int8 scales per row and group of inputs too (the W8A8
+``"act_bitmap_qgemv"`` one per row)."""
 
 BLOCK = 2048
 """Outputs per block of the column-stored weight of ``"act_sparse_gemv"``: 8 KiB of float32
@@ -252,9 +252,9 @@ class ActivationSparseLinear(BoundArguments):
 
     ``threshold`` is a scalar or one value per input feature (``in_features``). ``weight``
     is float32 or bfloat16, or int8 codes with ``scales`` (float32, one per output row:
-    ``W = weight * scales[:, None]``, or with the kernels ``"act_gemv"`` and
-    ``"act_bitmap_gemv"`` one per output row and group of inputs, ``(out, groups)`` with
-    ``groups`` dividing ``in_features``); ``dtype`` is the dtype of the inputs, thresholds, bias
+    ``W = weight * scales[:, None]``, or with the kernels of :data:`GROUPED_KERNELS` one per
+    output row and group of inputs, ``(out, groups)`` with ``groups`` dividing
+    ``in_features``); ``dtype`` is the dtype of the inputs, thresholds, bias
     and outputs (default: the weight's; float32 for int8 codes). ``bias`` is a
     floating-point tensor of shape ``(out_features,)``, stored as ``dtype`` (a float64 or
     float32 bias of a bfloat16 layer is rounded to it, as ``nn.Linear.to`` would; an
@@ -357,8 +357,8 @@ class ActivationSparseLinear(BoundArguments):
         stores exactly those int8 codes; ``torch.int8`` rounds the weight to int8 codes on
         its attached scales, else on one scale per row (largest magnitude / 127). A grid
         with one scale per group of inputs (``sparsekit.llm.prune(..., group_size=...)``)
-        keeps its codes and groups with the kernels of :data:`GROUPED_KERNELS`; with the
-        others, which read one scale per row, it stays the float weight it is. Inputs and
+        keeps its codes and groups (the kernels of :data:`GROUPED_KERNELS`; the W8A8
+        ``"act_bitmap_qgemv"``, which reads one scale per row, refuses it). Inputs and
         outputs keep ``linear``'s dtype.
         """
         if not isinstance(linear, nn.Linear):  # an nn.Embedding's weight was taken as one
@@ -366,14 +366,11 @@ class ActivationSparseLinear(BoundArguments):
         scales = attached_scales(linear)
         if value_dtype not in (None, torch.int8):
             raise ValueError(f"value_dtype must be None or torch.int8, got {value_dtype!r}")
-        if is_grouped(scales) and kernel not in GROUPED_KERNELS:  # kept as floats
-            if value_dtype is not None:
-                raise ValueError(
-                    f"value_dtype=torch.int8: kernel {kernel!r} takes one int8 scale per "
-                    f"row, and linear's grid has one per group of inputs (scales of shape "
-                    f"{tuple(scales.shape)}); accepted for it: value_dtype=None (its "
-                    f"dequantized weight, as it is) or a kernel of {GROUPED_KERNELS}")
-            scales = None
+        if is_grouped(scales) and kernel not in GROUPED_KERNELS:
+            raise ValueError(
+                f"kernel {kernel!r} takes one int8 scale per row, and linear's grid has one "
+                f"per group of inputs (scales of shape {tuple(scales.shape)}); accepted for "
+                f"it: a kernel of {GROUPED_KERNELS}")
         if value_dtype is None and scales is None:
             return cls(linear.weight, linear.bias, threshold, threads=threads, kernel=kernel,
                        prefill=prefill)
@@ -425,8 +422,6 @@ class ActivationSparseLinear(BoundArguments):
         if (weight.dtype in _KERNEL_DTYPES and weight.is_cpu and kernels.available()
                 and weight.count_nonzero() <= _SPARSE_UP_TO * weight.numel()):
             sparse = [*_SPARSE_KERNELS, *(["act_bitmap_qgemv"] if activation_dtype else [])]
-            if is_grouped(attached_scales(linear)):  # codes of a grouped grid: no float copy
-                sparse = [k for k in sparse if k in GROUPED_KERNELS]
             modules = {"dense": dense, **{k: build(kernel=k, prefill=prefill) for k in sparse}}
             best, choice = autotune.choose(_measure(modules, weight, [1], inputs),
                                            ["dense", *sparse])

@@ -7,8 +7,8 @@
 // stored as int16; a block has at most 65536 outputs). Inputs with |x_j| < threshold_j are
 // treated as zero and their columns are never read, and within a kept column only stored
 // weights are: at 50 % activation sparsity on a 50 %-pruned weight a quarter of the weights
-// are touched. Values are float32, bfloat16 or int8 codes with float32 per-output `scales`
-// (act_inputs.h has the dtypes of the other arguments); every sum is float32
+// are touched. Values are float32, bfloat16 or int8 codes with float32 `scales` per output,
+// or per group of inputs and output (act_inputs.h has the dtypes of the other arguments); every sum is float32
 // (act_sparse_gemv_core.h, one copy per instruction set) and the result has x's dtype.
 // Registered as torch.ops.sparsekit.act_sparse_gemv (schema in library.cpp).
 
@@ -50,7 +50,8 @@ at::Tensor act_sparse_gemv(const at::Tensor& values, const at::Tensor& rows,
   TORCH_CHECK(nnz < (int64_t{1} << 31), "values must have fewer than 2^31 entries, got ", nnz);
   const int32_t* ptr = colptr.data_ptr<int32_t>();
   sparsekit::check_offsets(colptr, "colptr", nnz);
-  const auto a = sparsekit::check_act_outputs(values, x, bias, scales, out_features, threads);
+  const auto a = sparsekit::check_act_outputs(values, x, bias, scales, out_features, threads,
+                                              in);
   std::vector<int32_t> idx;
   std::vector<float> val;
   sparsekit::kept_inputs(x, threshold, &idx, &val);
@@ -65,7 +66,8 @@ at::Tensor act_sparse_gemv(const at::Tensor& values, const at::Tensor& rows,
       sparsekit::value_type(values), values.data_ptr(),
       reinterpret_cast<const uint16_t*>(rows.data_ptr<int16_t>()), ptr, in, out_features, block,
       nblocks, nnz, a.scale, a.bias, a.bf16, idx.data(), val.data(),
-      static_cast<int64_t>(idx.size()), y.data_ptr<float>(), T});
+      static_cast<int64_t>(idx.size()), y.data_ptr<float>(), T, a.group_scales,
+      a.group_size});
   return sparsekit::like_input(y, x);
 }
 

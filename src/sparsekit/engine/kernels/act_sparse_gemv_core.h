@@ -24,10 +24,12 @@ inline void scatter_column(float* __restrict y, const uint16_t* __restrict rows,
   for (; p < n; ++p) y[rows[p]] += a * to_float(values[p]);
 }
 
-// y of blocks [b0, b1): Output(sum over every kept column's stored weights).
+// y of blocks [b0, b1): Output(sum over every kept column's stored weights); with group
+// scales each group's run of kept columns is summed apart (add_by_group).
 template <typename W, typename B>
 void blocks(const ActSparseGemvArgs& a, const W* values, const B* bias, int64_t b0,
             int64_t b1) {
+  const ActGroups groups{a.group_scales, a.group_size, a.out};
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t o0 = b * a.block, n = std::min(a.block, a.out - o0);
     float* yb = a.y + o0;
@@ -35,9 +37,16 @@ void blocks(const ActSparseGemvArgs& a, const W* values, const B* bias, int64_t 
     const B* bb = bias ? bias + o0 : nullptr;
     start(yb, scale, bb, n);
     const int32_t* ptr = a.colptr + b * (a.in + 1);
-    for (int64_t k = 0; k < a.kept; ++k) {
-      const int64_t p0 = ptr[a.idx[k]], p1 = ptr[a.idx[k] + 1];
-      scatter_column(yb, a.rows + p0, values + p0, a.val[k], p1 - p0);
+    const auto add = [&](int64_t k0, int64_t k1, float* sums) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t p0 = ptr[a.idx[k]], p1 = ptr[a.idx[k] + 1];
+        scatter_column(sums, a.rows + p0, values + p0, a.val[k], p1 - p0);
+      }
+    };
+    if (groups.scale) {
+      add_by_group(groups, a.idx, 0, a.kept, o0, n, n, yb, [](int64_t o) { return o; }, add);
+    } else {
+      add(0, a.kept, yb);
     }
     if (scale) scale_add(yb, scale, bb, n);
   }

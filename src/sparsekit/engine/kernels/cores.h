@@ -196,6 +196,9 @@ struct ActSparseGemvArgs {
   int64_t kept;
   float* y;
   int threads;
+  // int8 codes scaled per group of inputs and output, as ActGemvArgs
+  const float* group_scales = nullptr;
+  int64_t group_size = 0;
 };
 
 // The same on a pruned W stored as bitmap columns (act_bitmap_gemv.cpp): in `nblocks` blocks of

@@ -323,7 +323,8 @@ def register() -> None:
         _tensor(colptr, "colptr", 2, (torch.int32,))
         _size(colptr, "colptr", 0, (out_features + block - 1) // block)
         _size(colptr, "colptr", 1, x.shape[0] + 1)
-        _act(values, "values", x, threshold, x.shape[0], bias, scales, out_features, threads)
+        _act(values, "values", x, threshold, x.shape[0], bias, scales, out_features, threads,
+             True)
         return x.new_empty(out_features)
 
     @fake("sparsekit::act_bitmap_gemv")

@@ -43,7 +43,7 @@ TORCH_LIBRARY(sparsekit, m) {
   // Activation sparsity: one input row, skipping the weight rows of small inputs. Weights
   // fp32 or bf16 (x, threshold and bias of the same dtype) or int8 codes with float32 `scales`
   // (out,) (x fp32 or bf16; threshold and bias of x's dtype); sums fp32, y in x's dtype.
-  // act_gemv and act_bitmap_gemv also take `scales` (groups, out): per group of in / groups
+  // All but act_bitmap_qgemv also take `scales` (groups, out): per group of in / groups
   // inputs and output (the transposed grid).
   m.def("act_gemv(Tensor wt, Tensor x, Tensor threshold, Tensor? bias, int threads, "
         "Tensor? scales=None) -> Tensor");
