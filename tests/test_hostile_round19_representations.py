@@ -117,16 +117,23 @@ def test_loss_recovered_takes_an_attention_mask_that_is_a_list():
     assert as_list == as_tensor
 
 
-def test_moefy_of_a_routed_model_says_so():
+def _routed_llama() -> tuple[nn.Module, torch.Tensor]:
+    """A tiny LLaMA MoEfied by ``moefy``, and its calibration tokens."""
     transformers = pytest.importorskip("transformers")
-    from sparsekit.moe import contextual, moefy
+    from sparsekit.moe import moefy
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=64)
     calibration = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
-    routed = moefy(transformers.LlamaForCausalLM(config).eval(), calibration, steps=2)
+    return moefy(transformers.LlamaForCausalLM(config).eval(), calibration, steps=2), calibration
+
+
+def test_moefy_of_a_routed_model_says_so():
+    from sparsekit.moe import contextual, moefy
+
+    routed, calibration = _routed_llama()
     for call in (moefy, contextual):
         with pytest.raises(ValueError, match="model: 'model.layers.0.mlp' is routed already"):
             call(routed, calibration, steps=2)
@@ -208,15 +215,9 @@ def test_capture_keeps_a_float64_model_s_precision():
 
 
 def test_evaluate_names_data_the_model_turns_into_nan():
-    transformers = pytest.importorskip("transformers")
-    from sparsekit.moe import evaluate, moefy
+    from sparsekit.moe import evaluate
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64)
-    calibration = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
-    routed = moefy(transformers.LlamaForCausalLM(config).eval(), calibration, steps=2)
+    routed, calibration = _routed_llama()
     assert all(v["error"] == v["error"] for v in evaluate(routed, calibration).values())
     with torch.no_grad():
         routed.model.embed_tokens.weight[5] = float("nan")
