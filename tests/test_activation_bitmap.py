@@ -250,6 +250,10 @@ def test_report_shows_the_bytes_of_a_second_format():
     layer = ActivationSparseLinear.from_linear(linear, 0.1, kernel="act_bitmap_gemv",
                                                prefill=prefill)
     row = {r.name: r for r in report(nn.Sequential(layer), torch.randn(2, 64)).rows}["0"]
-    assert row.extra == {"format": "activation", "bytes": layer.nbytes,
+    assert row.extra == {"format": "activation", "values": "float32", "bytes": layer.nbytes,
                          "prefill bytes": layer.prefill_nbytes}
     assert layer.prefill_nbytes >= 4 * BITMAP_BLOCK * 64
+    w8a8 = ActivationSparseLinear.from_linear(linear, 0.1, kernel="act_bitmap_qgemv",
+                                              value_dtype=torch.int8)
+    row = {r.name: r for r in report(nn.Sequential(w8a8), torch.randn(2, 64)).rows}["0"]
+    assert row.extra == {"format": "activation", "values": "int8 (W8A8)"}

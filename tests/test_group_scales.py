@@ -371,6 +371,9 @@ def test_teal_on_a_grouped_model_keeps_its_codes_and_groups_in_activation_sparse
     for m in act:  # the pruned model's own codes (int8, a quarter of float32's bytes)
         assert m.to_dense().dtype == torch.int8 and m.scales.shape == (m.out_features,
                                                                        m.in_features // 16)
+    rows = [r for r in sparsekit.engine.report(compiled, IDS).rows
+            if r.extra.get("format") == "activation"]
+    assert rows and all(r.extra["values"] == "int8 g16" for r in rows)
     with _thresholded(model, teal.thresholds), torch.no_grad():
         torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits,
                                    rtol=1e-4, atol=1e-4)

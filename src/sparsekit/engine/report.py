@@ -17,7 +17,6 @@ from sparsekit._checks import check_module
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLayer
-from sparsekit.engine.formats.base import Format
 from sparsekit.engine.formats.native import SCALES
 from sparsekit.engine.fused import FusedLinear
 from sparsekit.quantize import is_grouped
@@ -40,7 +39,8 @@ def report(
     ``ms dense``, ``ms sparse``, ``speedup`` and ``quant err`` (the relative output error of
     the stored values against the layer's own weights, measured by
     :func:`~sparsekit.engine.compile`);
-    :class:`ActivationSparseLinear` layers as ``Linear`` rows of format ``"activation"``;
+    :class:`ActivationSparseLinear` layers as ``Linear`` rows of format ``"activation"``
+    with the ``values`` of their single-row kernel (``"int8 g128"``, ``"int8 (W8A8)"``, ...);
     one holding a second format for several rows (its ``prefill``) also shows ``bytes`` (its
     single-row storage) and ``prefill bytes`` (what the second format costs on top).
     A linear layer that compile left dense on purpose (its parent's forward reads its
@@ -89,17 +89,15 @@ def _stacked_choices(
     return out
 
 
-def _values(fmt: Format) -> str:
+def _values(value_dtype: torch.dtype, scales: torch.Tensor | None, in_features: int,
+            w8a8: bool) -> str:
     """The stored dtype, with the group size of int8 scales per group of inputs
     (``"int8 g128"``) and the activation dtype where the inputs are quantized (W8A8)."""
-    values = str(fmt.value_dtype).removeprefix("torch.")
-    scales = fmt._buffers.get(SCALES)
+    values = str(value_dtype).removeprefix("torch.")
     # int8 values only: a dense float weight keeps its grid's scales too, and holds no codes
-    if fmt.value_dtype == torch.int8 and is_grouped(scales) and scales.shape[1]:
-        values += f" g{fmt.in_features // scales.shape[1]}"
-    if getattr(fmt, "activation_dtype", None) == torch.int8:
-        return f"{values} (W8A8)"
-    return values
+    if value_dtype == torch.int8 and is_grouped(scales) and scales.shape[1]:
+        values += f" g{in_features // scales.shape[1]}"
+    return f"{values} (W8A8)" if w8a8 else values
 
 
 def _special_row(
@@ -113,10 +111,16 @@ def _special_row(
     if isinstance(module, CompiledLayer):
         fmt = module.format
         nonzeros = fmt.nnz
-        extra = {"format": fmt.name, "values": _values(fmt), "bytes": fmt.nbytes}
+        values = _values(fmt.value_dtype, fmt._buffers.get(SCALES), fmt.in_features,
+                         getattr(fmt, "activation_dtype", None) == torch.int8)
+        extra = {"format": fmt.name, "values": values, "bytes": fmt.nbytes}
         kind = "Conv2d" if isinstance(module, CompiledConv2d) else "Linear"
     else:
-        nonzeros, extra = int(torch.count_nonzero(module.to_dense())), {"format": "activation"}
+        stored = module.to_dense()  # the single-row kernel's values (int8: codes)
+        nonzeros = int(torch.count_nonzero(stored))
+        extra = {"format": "activation",
+                 "values": _values(stored.dtype, module.scales, module.in_features,
+                                   module.kernel == "act_bitmap_qgemv")}
         if module.prefill is not None:  # a second copy of the weight serves the prompt rows
             extra.update({"bytes": module.nbytes, "prefill bytes": module.prefill_nbytes})
         kind = "Linear"
