@@ -62,6 +62,40 @@ def test_remove_channels_checks_every_group_before_cutting_any():
     assert _same(model, before) and model[0].out_features == 6
 
 
+@pytest.mark.parametrize("call", ["remove_channels", "fold_means", "reader_means"])
+@pytest.mark.parametrize("removed, match", [
+    ("dict", r"removed must be a sequence of \(Group, channels\) pairs, got dict"),
+    ("group", r"removed must be a sequence of \(Group, channels\) pairs, got Group"),
+    ("pair of names", r"removed\[0\] must be a \(Group, channels\) pair, got tuple"),
+])
+def test_removed_that_is_no_sequence_of_group_channel_pairs_is_named(call, removed, match):
+    """Before: a raw unpacking TypeError (a dict's keys, a Group's fields)."""
+    model = _mlp()
+    group = dependency_groups(model)[0]
+    removed = {"dict": {group: torch.tensor([0])}, "group": group,
+               "pair of names": [("0", torch.tensor([0]))]}[removed]
+    before = _state(model)
+    with pytest.raises(TypeError, match=match):
+        if call == "remove_channels":
+            remove_channels(model, removed)
+        elif call == "fold_means":
+            fold_means(model, removed, {})
+        else:
+            reader_means(model, removed, torch.randn(2, 4))
+    assert _same(model, before)
+
+
+def test_remove_channels_refuses_to_remove_every_channel_of_a_group():
+    """Before: the layers were left 0 wide there (shrink keeps one channel itself)."""
+    model = _mlp()
+    group = dependency_groups(model)[0]
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"removed\[0\] removes every channel of group .* "
+                                         r"\(6\); accepted: at most 5"):
+        remove_channels(model, [(group, torch.arange(6))])
+    assert _same(model, before)
+
+
 @pytest.mark.parametrize("gone, error", [
     (torch.tensor([True, False, False, False, False, True]), TypeError),
     (torch.tensor([0, 0]), ValueError),

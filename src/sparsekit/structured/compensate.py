@@ -23,7 +23,7 @@ from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_materialized
 from sparsekit.scores.flap import LAYERS, input_moments
-from sparsekit.structured.dependency import Group, Slice, check_channels
+from sparsekit.structured.dependency import Group, Slice, check_removed
 
 __all__ = ["fold_means", "reader_means", "with_biases"]
 
@@ -35,8 +35,7 @@ def reader_means(model: nn.Module, removed: Removed, data: Any) -> dict[str, tor
     ``"in"``) of a group in ``removed`` that loses channels, over ``model`` run on
     ``data``; keyed by the reader's weight name. The model is left as found."""
     layers = {}
-    for i, (group, gone) in enumerate(removed):
-        gone = check_channels(f"the channels removed of group {i}", group, gone)
+    for group, gone in check_removed(removed):
         for s in _readers(model, group) if gone.numel() else ():
             layers[s.name] = model.get_submodule(s.name.rpartition(".")[0])
     if not layers:
@@ -56,8 +55,7 @@ def fold_means(model: nn.Module, removed: Removed, means: Mapping[str, torch.Ten
         raise ArgumentTypeError(f"means must be a mapping of reader weight name to its input "
                                 f"means, got {type(means).__name__}")
     shifts: dict[str, torch.Tensor] = {}  # every shift first: a bad one changes nothing
-    for i, (group, gone) in enumerate(removed):
-        gone = check_channels(f"the channels removed of group {i}", group, gone)
+    for group, gone in check_removed(removed):
         for s in _readers(model, group) if gone.numel() else ():
             if s.name not in means:
                 continue

@@ -28,7 +28,7 @@ Tied parameters used consistently (an embedding tied to an output head) are one 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +39,8 @@ from torch import fx, nn
 from sparsekit._checks import ArgumentTypeError, check_int, check_materialized
 from sparsekit.targets import conv1d_type
 
-__all__ = ["Group", "Slice", "check_channels", "check_groups", "dependency_groups", "is_conv1d",
-           "trace"]
+__all__ = ["Group", "Slice", "check_channels", "check_groups", "check_removed",
+           "dependency_groups", "is_conv1d", "trace"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,25 @@ def check_channels(name: str, group: Group, channels: object) -> torch.Tensor:
         raise ValueError(f"{name} must hold distinct channel indices of group {group.name!r}, "
                          f"got {index.tolist()}")
     return index
+
+
+def check_removed(removed: object) -> list[tuple[Group, torch.Tensor]]:
+    """``removed`` (the argument: ``(group, channels)`` pairs) as a list of pairs whose
+    channels passed :func:`check_channels`, all checked before any is used. A mapping, a
+    bare :class:`Group` or a pair of other things failed unpacking with a raw
+    ``TypeError``."""
+    if isinstance(removed, (Mapping, Group, str, torch.Tensor)) \
+            or not isinstance(removed, Iterable):
+        raise ArgumentTypeError(f"removed must be a sequence of (Group, channels) pairs, got "
+                                f"{type(removed).__name__}")
+    pairs = []
+    for i, pair in enumerate(removed):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 \
+                or not isinstance(pair[0], Group):
+            raise ArgumentTypeError(f"removed[{i}] must be a (Group, channels) pair, got "
+                                    f"{type(pair).__name__}")
+        pairs.append((pair[0], check_channels(f"the channels removed of group {i}", *pair)))
+    return pairs
 
 
 def _check_fields(where: str, group: Group) -> None:

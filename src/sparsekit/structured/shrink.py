@@ -28,8 +28,8 @@ from sparsekit.masks import one_mask
 from sparsekit.structured.compensate import fold_means, reader_means, with_biases
 from sparsekit.structured.dependency import (
     Group,
-    check_channels,
     check_groups,
+    check_removed,
     dependency_groups,
     is_conv1d,
 )
@@ -163,8 +163,12 @@ def remove_channels(model: nn.Module, removed: Iterable[tuple[Group, torch.Tenso
     Each tensor is cut once, so tied weights stay tied; the layers touched get size
     attributes that match their new shapes.
     """
-    removed = [(group, check_channels(f"the channels removed of group {i}", group, gone))
-               for i, (group, gone) in enumerate(removed)]  # all before any cut
+    removed = check_removed(removed)  # all before any cut
+    for i, (group, gone) in enumerate(removed):
+        if gone.numel() == group.channels:  # the layers left would have no channel there
+            raise ValueError(f"removed[{i}] removes every channel of group {group.name!r} "
+                             f"({group.channels}); accepted: at most {group.channels - 1}, a "
+                             "group keeps one (shrink does so itself)")
     cuts: dict[tuple[str, int], set[int]] = {}
     for group, gone in removed:
         for s in group.slices:
