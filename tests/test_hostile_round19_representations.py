@@ -226,3 +226,13 @@ def test_evaluate_names_data_the_model_turns_into_nan():
     with pytest.raises(ValueError, match=r"data: the model's inputs to 'model\.layers\.0\.mlp' "
                                          r"on it hold \d+ NaN or inf"):
         evaluate(routed, data)
+
+
+def test_capture_refuses_integer_activations():
+    """Before: an embedding's input (token ids) was yielded as float "activations"."""
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    ids = torch.randint(0, 10, (2, 3))
+    with pytest.raises(ValueError, match=r"module_name: the module's input is a torch.int64 "
+                                         r"tensor, not activations"):
+        next(capture(model, "0", ids, site="input"))
+    assert next(capture(model, "0", ids)).shape == (6, 4)  # its output is

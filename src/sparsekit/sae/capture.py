@@ -174,6 +174,12 @@ def _stream(model: nn.Module, module: nn.Module, targeted: nn.Module | None,
                 handle.remove()
         if not wanted <= held.keys():
             raise ValueError("module_name: the module did not run on this input")
+        for key, what in (("x", f"module_name: the module's {site}"),
+                          ("y", "target: the module's output")):
+            if key in held and not held[key].is_floating_point():  # token ids, say
+                raise ValueError(f"{what} is a {held[key].dtype} tensor, not activations (an "
+                                 "embedding's input is token ids); accepted: a module whose "
+                                 "activations there are floating point")
         mask = _mask(batch)
         for key, out in (("x", xs), ("y", ys)):
             if key in held:
