@@ -240,7 +240,8 @@ def test_report_lists_activation_sparse_layers() -> None:
     (row,) = report(model, torch.randn(4, 8)).rows
     got = (row.name, row.kind, row.shape, row.params, row.nonzeros)
     assert got == ("0", "Linear", (5, 8), 40, 25)
-    assert row.extra == {"format": "activation"} and row.dense_flops == 2 * 4 * 40
+    assert row.extra == {"format": "activation", "values": "float32"}
+    assert row.dense_flops == 2 * 4 * 40
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
