@@ -3,6 +3,7 @@ import torch
 
 from sparsekit.quantize import (
     INT8_MAX,
+    dequantize_grid,
     dequantize_int8,
     fake_quantize,
     int8_scales,
@@ -38,6 +39,16 @@ def test_groups_of_inputs_get_their_own_scales_with_a_partial_last_group():
     codes, _ = quantize_int8(w, scales, group_size=4)
     assert codes.shape == (2, 10)
     assert torch.allclose(dequantize_int8(codes, scales, group_size=4), w)
+
+
+def test_dequantize_grid_reads_the_group_size_from_the_scales():
+    w = torch.randn(6, 32)
+    for group in (None, 8, 32):
+        scales = int8_scales(w, group)
+        codes, _ = quantize_int8(w, scales, group)
+        assert torch.equal(dequantize_grid(codes, scales), dequantize_int8(codes, scales, group))
+    with pytest.raises(ValueError, match="groups"):  # no group size fits 5 groups of 32
+        dequantize_grid(codes, torch.ones(6, 5))
 
 
 def test_fake_quantize_keeps_dtype():

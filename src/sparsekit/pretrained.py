@@ -51,7 +51,7 @@ from sparsekit.quantize import (
     SCALE_NAME,
     attach_scales,
     attached_scales,
-    dequantize_int8,
+    dequantize_grid,
     group_size_of,
     int8_scales,
     quantize_int8,
@@ -706,7 +706,7 @@ def _restored(model: nn.Module, key: str, stored: torch.dtype) -> torch.Tensor:
         return tensor
     scales = _row_scales(model, key, pop=True)
     rows = tensor.reshape(tensor.shape[0], -1)
-    return dequantize_int8(rows, scales, group_size_of(rows, scales)).reshape(tensor.shape)
+    return dequantize_grid(rows, scales).reshape(tensor.shape)
 
 
 def _write_config(model: nn.Module, file: Path) -> None:

@@ -36,9 +36,9 @@ from torch import nn
 from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, check_module
 
 __all__ = [
-    "INT8_MAX", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_int8",
-    "detach_scales", "fake_quantize", "group_size_of", "guard_loading", "int8_scales",
-    "is_grouped", "quantize_int8",
+    "INT8_MAX", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_grid",
+    "dequantize_int8", "detach_scales", "fake_quantize", "group_size_of", "guard_loading",
+    "int8_scales", "is_grouped", "quantize_int8",
 ]
 
 INT8_MAX = 127  # symmetric: -128 is never used, so negating a code never overflows
@@ -118,6 +118,13 @@ def dequantize_int8(
     _check_codes(codes)
     groups = _grouped(codes.to(torch.float32), group_size)
     return _ungrouped(groups * scales.to(torch.float32).unsqueeze(-1), codes.shape)
+
+
+def dequantize_grid(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """:func:`dequantize_int8` of ``codes`` (out, in) on the grid of ``scales`` as stored
+    with them: one per row ``(out,)``, or one per row and group ``(out, groups)``, the group
+    size being ``in / groups`` (:func:`group_size_of`)."""
+    return dequantize_int8(codes, scales, group_size_of(codes, scales))
 
 
 def fake_quantize(

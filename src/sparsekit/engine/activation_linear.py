@@ -66,7 +66,7 @@ from sparsekit.quantize import (
     attach_scales,
     attached_scales,
     check_scale_values,
-    dequantize_int8,
+    dequantize_grid,
     group_size_of,
     is_grouped,
     quantize_int8,
@@ -649,9 +649,7 @@ class ActivationSparseLinear(BoundArguments):
         (:func:`sparsekit.quantize.attach_scales`)."""
         if self.scales is None:
             return dense_linear(self.to_dense(), self.bias)
-        codes = self.to_dense()
-        weight = dequantize_int8(codes, self.scales,
-                                 group_size_of(codes, self.scales)).to(self.dtype)
+        weight = dequantize_grid(self.to_dense(), self.scales).to(self.dtype)
         linear = dense_linear(weight, self.bias)
         attach_scales(linear, self.scales)
         return linear

@@ -53,7 +53,7 @@ from sparsekit.engine.formats.native import MAX_THREADS
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.engine.persist import replaced
 from sparsekit.observe import inference, watch
-from sparsekit.quantize import attached_scales, dequantize_int8, group_size_of, is_grouped
+from sparsekit.quantize import attached_scales, dequantize_grid, group_size_of, is_grouped
 from sparsekit.targets import conv1d_type
 
 __all__ = ["InputThresholds", "compile"]
@@ -1025,9 +1025,7 @@ def _with_stored_weights(
                     and math.prod(shape[:-1]) > 1):
                 layer = layer.prefill
             elif layer.scales is not None:
-                codes = layer.to_dense()
-                stored[name] = dequantize_int8(codes, layer.scales,
-                                               group_size_of(codes, layer.scales))[rows]
+                stored[name] = dequantize_grid(layer.to_dense(), layer.scales)[rows]
                 continue
         if not isinstance(layer, CompiledLayer):
             continue

@@ -36,7 +36,7 @@ from sparsekit._checks import (
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.moe.ffn import activate
 from sparsekit.moe.router import check_features
-from sparsekit.quantize import dequantize_int8, group_size_of
+from sparsekit.quantize import dequantize_grid
 
 __all__ = ["RoutedFFN", "check_model", "set_keep", "set_oracle", "unit_mass"]
 
@@ -87,11 +87,8 @@ class RoutedFFN(nn.Module):
         int8 reader's dequantized): what :attr:`norms` holds, weighting each neuron's value
         in :func:`unit_mass`."""
         reader = self.w_out
-        weight = reader.to_dense()
-        if reader.scales is None:
-            weight = weight.float()
-        else:
-            weight = dequantize_int8(weight, reader.scales, group_size_of(weight, reader.scales))
+        stored, scales = reader.to_dense(), reader.scales
+        weight = stored.float() if scales is None else dequantize_grid(stored, scales)
         return torch.linalg.vector_norm(weight, dim=0)
 
     def get_extra_state(self) -> torch.Tensor:

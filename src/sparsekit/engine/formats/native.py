@@ -12,7 +12,13 @@ from sparsekit._checks import check_int, check_materialized
 from sparsekit.engine import kernels
 from sparsekit.engine.bound import BoundArguments, no_backward
 from sparsekit.engine.formats.base import Format, masked
-from sparsekit.quantize import check_scale_values, dequantize_int8, group_size_of, quantize_int8
+from sparsekit.quantize import (
+    check_scale_values,
+    dequantize_grid,
+    dequantize_int8,
+    group_size_of,
+    quantize_int8,
+)
 
 __all__ = ["INT8_INPUTS", "MAX_THREADS", "SCALES", "NativeFormat", "Operands"]
 
@@ -262,7 +268,7 @@ class NativeFormat(BoundArguments, Format):
         scales = self._buffers.get(SCALES)
         if scales is None:
             return dense
-        return dequantize_int8(dense, scales, group_size_of(dense, scales))
+        return dequantize_grid(dense, scales)
 
     def stored_dense(self) -> torch.Tensor:
         """The dense matrix of the stored values (int8 codes for int8 values)."""
