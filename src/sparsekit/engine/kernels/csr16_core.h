@@ -203,6 +203,11 @@ struct Groups {
   int64_t size = 0, groups = 0;
 
   const float* row(int64_t r) const { return scale + r * groups; }
+
+  // The groups of a core's arguments (group_scales, group_size) for rows of `cols` inputs.
+  static Groups of(const float* scale, int64_t size, int64_t cols) {
+    return {scale, size, scale ? cols / size : 0};
+  }
 };
 
 // Row r's sum over its n nonzeros: the dot product, or with group scales each group's dot
@@ -386,8 +391,7 @@ void spmm_scaled(const Value* v, const I* c, const int32_t* rowptr, const Linear
 template <typename Value, typename I>
 void run(const Value* v, const I* c, const CsrArgs& a) {
   const Linear& io = a.io;
-  const Groups gs{a.group_scales, a.group_size,
-                  a.group_scales ? io.cols / a.group_size : 0};
+  const Groups gs = Groups::of(a.group_scales, a.group_size, io.cols);
   if (io.batch <= kGemvMaxBatch) {  // a few GEMVs beat a half-empty 16-lane SpMM
     for (int64_t b = 0; b < io.batch; ++b) {
       gemv(v, c, a.rowptr, io.rows, io.cols, io.x + b * io.cols, io.out, io.y + b * io.rows,

@@ -146,8 +146,7 @@ void fanin_linear(const FanInArgs& a) {
   with_values(a.value, a.values, [&](auto v) {
     const fanin::FanIn<std::remove_const_t<std::remove_pointer_t<decltype(v)>>> w{
         v, a.rows, a.io.out.scale, a.n, a.k, a.io.rows,
-        csr::Groups{a.group_scales, a.group_size,
-                    a.group_scales ? a.io.cols / a.group_size : 0}};
+        csr::Groups::of(a.group_scales, a.group_size, a.io.cols)};
     if (a.narrow) {
       fanin::run(w, static_cast<const uint16_t*>(a.col), a.io);
     } else {
