@@ -159,6 +159,26 @@ def test_the_reference_need_not_be_dense() -> None:
     assert record["evidence"][1]["ms_dense"] == 1.0
 
 
+def test_tolerant_only_a_reference_that_wins_by_the_margin_vetoes() -> None:
+    # fused wins one row by 20 %; at 128 rows it is 2 % slower (noise between equal work)
+    samples = {1: {"separate": [1.0] * 5, "fused": [0.8] * 5},
+               128: {"separate": [10.0] * 5, "fused": [10.2] * 5}}
+    assert autotune.choose(samples, ["separate", "fused"], reference="separate")[0] == "separate"
+    assert autotune.choose(samples, ["separate", "fused"], reference="separate",
+                           tolerant=True)[0] == "fused"
+    samples[128]["fused"] = [11.0] * 5  # 10 % slower: the separate layers win there
+    assert autotune.choose(samples, ["separate", "fused"], reference="separate",
+                           tolerant=True)[0] == "separate"
+    samples[128]["fused"] = [11.0, 11.0, 9.0, 9.0, 9.0]  # slower in the median, not in most rounds
+    assert autotune.choose(samples, ["separate", "fused"], reference="separate",
+                           tolerant=True)[0] == "fused"
+    samples[1]["fused"], samples[128]["fused"] = [0.97] * 5, [10.2] * 5  # no win anywhere
+    assert autotune.choose(samples, ["separate", "fused"], reference="separate",
+                           tolerant=True)[0] == "separate"
+    with pytest.raises(TypeError, match=r"tolerant must be a bool \(True or False\), got 1"):
+        autotune.choose(samples, ["separate", "fused"], reference="separate", tolerant=1)
+
+
 def test_rows_come_from_the_example_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _clock(monkeypatch, dense=1.0, torch_csr=1.0)
     compiled = compile(_model(), torch.randn(2, 64, 32), formats=CANDIDATES, cache=False)

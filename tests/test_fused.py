@@ -32,9 +32,11 @@ def cache_dir(tmp_path, monkeypatch: pytest.MonkeyPatch):
     return tmp_path / "decisions"
 
 
-def _clock(monkeypatch: pytest.MonkeyPatch, fused_ms: float) -> list[int]:
-    """Every layer format takes 1 ms (dense stays), a fused group ``fused_ms`` against the
-    3 ms of its separate layers. Returns the list that counts measure() calls."""
+def _clock(monkeypatch: pytest.MonkeyPatch,
+           fused_ms: float | Callable[[int], float]) -> list[int]:
+    """Every layer format takes 1 ms (dense stays), a fused group ``fused_ms`` (or
+    ``fused_ms(rows)``) against the 3 ms of its separate layers. Returns the list that
+    counts measure() calls."""
     calls: list[int] = []
     measure = autotune.measure
 
@@ -44,7 +46,8 @@ def _clock(monkeypatch: pytest.MonkeyPatch, fused_ms: float) -> list[int]:
 
     def clock(module: nn.Module, x: torch.Tensor, reps: int) -> float:
         if isinstance(module, FusedProjections):
-            return fused_ms * 1e-3
+            rows = x.reshape(-1, x.shape[-1]).shape[0]
+            return (fused_ms(rows) if callable(fused_ms) else fused_ms) * 1e-3
         return 1e-3 * (len(module) if isinstance(module, nn.ModuleList) else 1)
 
     monkeypatch.setattr(autotune, "_time_block", clock)
@@ -104,6 +107,30 @@ def test_a_faster_fused_call_replaces_the_projections(monkeypatch: pytest.Monkey
         torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits)
         expected = model.generate(IDS, max_new_tokens=10, do_sample=False)
         assert torch.equal(compiled.generate(IDS, max_new_tokens=10, do_sample=False), expected)
+
+
+def test_fusing_that_wins_decoding_and_ties_the_prompt_replaces_the_projections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # q/k/v (3 ms separate): 2x faster for one row, for the 12-row prompt 2 % slower: noise
+    # between equal work, which the separate layers do not win by the margin; gate/up (2 ms
+    # separate) lose the prompt by 53 %: they stay separate
+    _clock(monkeypatch, fused_ms=lambda rows: 1.5 if rows == 1 else 3.06)
+    model = _llama()
+    compiled = compile(model, (IDS,))
+    fused_names = {n for n, m in compiled.named_modules() if isinstance(m, FusedLinear)}
+    assert fused_names == {f"model.layers.{i}.{n}" for i in range(2) for n in GROUPS[0]}
+    record = compiled.sparsekit_choices["model.layers.1.self_attn.v_proj"]["fused"]
+    assert record["format"] == "fused" and record["rows"] == [1, 12]
+    assert record["evidence"][12]["ratio"] == pytest.approx(1.02)
+    assert compiled.sparsekit_choices["model.layers.1.mlp.up_proj"]["fused"]["format"] == (
+        "separate")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits)
+    # 10 % slower for the prompt: the separate q/k/v win there, so they stay
+    _clock(monkeypatch, fused_ms=lambda rows: 1.5 if rows == 1 else 3.3)
+    assert not any(isinstance(m, FusedLinear)
+               for m in compile(_llama(), (IDS,), cache=False).modules())
 
 
 def test_fusing_that_is_not_faster_keeps_the_layers(monkeypatch: pytest.MonkeyPatch) -> None:

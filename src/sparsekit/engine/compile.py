@@ -174,7 +174,8 @@ def compile(
     :func:`sparsekit.engine.fused.shared_inputs`) are also compiled as one stacked layer,
     and replaced by :class:`~sparsekit.engine.fused.FusedLinear` members of one kernel
     call if that call beats the separate compiled layers by the rule of
-    :mod:`~sparsekit.engine.autotune`; each member's choice then holds the record under
+    :mod:`~sparsekit.engine.autotune` in its tolerant form (they do not beat it at any row
+    count: both already beat dense); each member's choice then holds the record under
     ``"fused"``. Activation-sparse members with one threshold (TEAL calibrates one per
     input) fuse into one activation-sparse layer: one thresholding and one kernel call.
 
@@ -497,7 +498,8 @@ def _fuse(
     probe: torch.Tensor | None = None,
 ) -> tuple[list[FusedLinear] | None, dict[str, object]]:
     """The members of a fused group replacing the ``separate`` compiled layers (``None``
-    where fusing is not faster by the rule of :mod:`~sparsekit.engine.autotune`), and the
+    where fusing is not faster by the rule of :mod:`~sparsekit.engine.autotune`, in its
+    ``tolerant`` form: both paths passed it against dense already), and the
     record of the choice: the stacked layer's own choice (``stacked``) and the timing of
     the fused call against the separate ones (``format`` ``"fused"`` or ``"separate"``).
 
@@ -540,7 +542,8 @@ def _fuse(
         modules = {"separate": _Separate(separate), "fused": projections}
         samples = autotune.measure(modules, in_shape, rows, dtype, stacked.weight.device,
                                    inputs, reference="separate")
-        return autotune.choose(samples, ["separate", "fused"], reference="separate")[1]
+        return autotune.choose(samples, ["separate", "fused"], reference="separate",
+                               tolerant=True)[1]
 
     choice = _decided(key, memo, label, timed)
     record = {**choice, "group": group, "stacked": stacked_choice}

@@ -51,7 +51,8 @@ from sparsekit.engine.autotune import MARGIN
 
 __all__ = ["TIMINGS", "close_call", "directory", "key", "lookup", "similar", "store"]
 
-_VERSION = 3  # of the key and file layout; a change makes old files misses
+_VERSION = 4  # of the key, the file layout and the rule; a change makes old files misses
+# (4: fused groups are decided by autotune.choose(..., tolerant=True))
 TIMINGS = 2
 """How many timings a close call gets before its decision stands."""
 _MAX_BYTES = 1 << 20
