@@ -10,7 +10,7 @@ from _kernels import needs_kernels
 from torch import nn
 
 import sparsekit
-from sparsekit.engine import activation_linear, autotune, kernels
+from sparsekit.engine import activation_linear, autotune, decisions, kernels
 from sparsekit.engine.activation_linear import (
     BLOCK,
     ActivationSparseLinear,
@@ -208,6 +208,30 @@ def test_tuned_keeps_a_second_dense_copy_only_where_it_is_faster(lean_is_slower,
     x = torch.randn(8, 30)
     torch.testing.assert_close(layer(x), F.linear(sparsify_input(x, torch.tensor(0.1)),
                                                   linear.weight, linear.bias))
+
+
+@needs_kernels
+@pytest.mark.parametrize("fast", [*KERNELS, "act_gemv lean", None])
+def test_decided_builds_what_tuned_chose(fast, monkeypatch):
+    lean = fast == "act_gemv lean"  # the transposed copy alone serves the prompt rows too
+
+    def clock(module, x, reps):
+        if x.shape[0] > 1:  # prompt rows: the copy without the dense prefill is as fast or not
+            return 1e-4 if getattr(module, "prefill", 1) is None and lean else 2e-4
+        return 1e-4 if getattr(module, "kernel", None) == fast else 2e-4
+    monkeypatch.setattr(autotune, "_time_block", clock)
+    linear = _pruned(70, 30) if fast is not None else nn.Linear(30, 70)  # None: nothing timed
+    prefill = CompiledLinear.from_linear(linear, "dense")
+    layer, choice = ActivationSparseLinear.tuned(linear, 0.1, prefill=prefill,
+                                                 rows=[1] if fast is None else [1, 8])
+    again = ActivationSparseLinear.decided(linear, 0.1, choice, prefill=prefill)
+    assert again.kernel == layer.kernel and again.prefill is layer.prefill
+    assert (choice is None) == (fast is None)
+    x = torch.randn(8, 30)
+    torch.testing.assert_close(again(x), layer(x))
+    torch.testing.assert_close(again(x[:1]), layer(x[:1]))
+    with pytest.raises(TypeError, match="choice must be None or the record tuned"):
+        ActivationSparseLinear.decided(linear, 0.1, "act_gemv")
 
 
 def _mlp(dtype: torch.dtype) -> nn.Module:
@@ -423,6 +447,47 @@ def test_activation_sparsity_is_timed_on_inputs_written_just_before(monkeypatch)
     assert fresh["activation"][-1] and fresh["weight_only"][-1]
     # the format and kernel choices before it time their input as it is
     assert not all(fresh["weight_only"]) and not all(fresh["activation"])
+
+
+@needs_kernels
+@pytest.mark.parametrize("cache", [True, False])
+def test_layers_alike_take_over_the_first_ones_activation_decision(cache, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setattr(decisions, "directory", lambda: tmp_path / "decisions")
+    monkeypatch.setattr(autotune, "_time_block", _fake_clock("act_bitmap_gemv"))
+    tuned = []
+    original = ActivationSparseLinear.tuned.__func__
+
+    def counted(cls, linear, *args, **kwargs):  # type: ignore[no-untyped-def]
+        tuned.append(linear.in_features)
+        return original(cls, linear, *args, **kwargs)
+    monkeypatch.setattr(ActivationSparseLinear, "tuned", classmethod(counted))
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(24, 24) for _ in range(3)), nn.Linear(24, 8)).eval()
+    with torch.no_grad():
+        for layer in model:  # every row half pruned: one density
+            layer.weight[:, ::2] = 0
+    # threshold 0: every (nonzero) input kept, so the first three layers are alike
+    act = _Thresholds({str(i): torch.zeros(24) for i in range(4)})
+    prompt = torch.randn(6, 24)
+    compiled = sparsekit.compile(model, prompt, activation_sparsity=act, cache=cache)
+    reused = {n: compiled.sparsekit_choices[n]["activation"].get("reused") for n in "0123"}
+    if cache:
+        assert reused == {"0": None, "1": "0", "2": "0", "3": None}
+        assert tuned == [24, 24]  # layer 0 and the 8-output layer 3
+    else:
+        assert set(reused.values()) == {None} and len(tuned) == 4
+    for n in "0123":
+        layer = compiled.get_submodule(n)
+        assert isinstance(layer, ActivationSparseLinear) and layer.kernel == "act_bitmap_gemv"
+        assert compiled.sparsekit_choices[n]["decode"]["format"] == "act_bitmap_gemv"
+    act.apply(model)
+    try:
+        with torch.no_grad():
+            for x in (prompt, prompt[:1]):
+                torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    finally:
+        act.remove()
 
 
 @needs_kernels

@@ -438,6 +438,30 @@ class ActivationSparseLinear(BoundArguments):
         return (lean if single else dense), {**(choice or {"format": "act_gemv"}),
                                              "single_copy": single}
 
+    @classmethod
+    def decided(
+        cls,
+        linear: nn.Linear,
+        threshold: torch.Tensor | float,
+        choice: dict[str, object] | None,
+        *,
+        threads: int | None = None,
+        prefill: nn.Module | None = None,
+        value_dtype: torch.dtype | None = None,
+    ) -> ActivationSparseLinear:
+        """The layer :meth:`tuned` returns with the record ``choice`` (its kernel, and
+        whether the dense ``prefill`` was dropped: ``"single_copy"``), built without timing:
+        :func:`~sparsekit.engine.compile` takes a decision over for a layer like one it timed
+        in the same compile."""
+        if choice is not None and not isinstance(choice, dict):
+            raise ArgumentTypeError(f"choice must be None or the record tuned() returned (a "
+                                    f"dict), got {type(choice).__name__}")
+        choice = choice or {}
+        return cls.from_linear(linear, threshold, threads=threads,
+                               kernel=choice.get("format", "act_gemv"),
+                               prefill=None if choice.get("single_copy") else prefill,
+                               value_dtype=value_dtype)
+
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``.to(dtype)``, ``.half()``, ...: the layer takes (and returns) the dtype its
         thresholds were cast to, and int8 scales stay float32, as the kernels read them.
