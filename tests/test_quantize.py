@@ -8,6 +8,7 @@ from sparsekit.quantize import (
     fake_quantize,
     int8_scales,
     quantize_int8,
+    scales_at,
 )
 
 
@@ -49,6 +50,18 @@ def test_dequantize_grid_reads_the_group_size_from_the_scales():
         assert torch.equal(dequantize_grid(codes, scales), dequantize_int8(codes, scales, group))
     with pytest.raises(ValueError, match="groups"):  # no group size fits 5 groups of 32
         dequantize_grid(codes, torch.ones(6, 5))
+
+
+def test_scales_at_gives_each_weight_the_scale_dequantize_uses():
+    w = torch.randn(6, 32)
+    rows, cols = torch.arange(6)[:, None], torch.arange(32)[None]
+    for group in (None, 8, 32):
+        scales = int8_scales(w, group)
+        codes, _ = quantize_int8(w, scales, group)
+        at = scales_at(scales, rows, cols, 32)
+        assert torch.equal(codes.float() * at, dequantize_int8(codes, scales, group))
+        picked = scales_at(scales, torch.tensor([5, 0]), torch.tensor([31, 9]), 32)
+        assert torch.equal(picked, at.expand(6, 32)[[5, 0], [31, 9]])  # any pairs too
 
 
 def test_fake_quantize_keeps_dtype():

@@ -38,7 +38,7 @@ from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, 
 __all__ = [
     "INT8_MAX", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_grid",
     "dequantize_int8", "detach_scales", "fake_quantize", "group_size_of", "guard_loading",
-    "int8_scales", "is_grouped", "quantize_int8",
+    "int8_scales", "is_grouped", "quantize_int8", "scales_at",
 ]
 
 INT8_MAX = 127  # symmetric: -128 is never used, so negating a code never overflows
@@ -125,6 +125,17 @@ def dequantize_grid(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     with them: one per row ``(out,)``, or one per row and group ``(out, groups)``, the group
     size being ``in / groups`` (:func:`group_size_of`)."""
     return dequantize_int8(codes, scales, group_size_of(codes, scales))
+
+
+def scales_at(scales: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+              in_features: int) -> torch.Tensor:
+    """The scale of each stored weight at ``rows`` and ``cols`` (int64 tensors that
+    broadcast together) on the grid of ``scales``: its row's for ``(out,)`` scales, its
+    row's of its group of inputs for ``(out, groups)`` ones (groups of ``in_features /
+    groups`` inputs) — what a format's fallback multiplies its stored codes by."""
+    if not is_grouped(scales):
+        return scales[rows]
+    return scales[rows, cols // (in_features // scales.shape[1])]
 
 
 def fake_quantize(

@@ -70,6 +70,7 @@ from sparsekit.quantize import (
     group_size_of,
     is_grouped,
     quantize_int8,
+    scales_at,
 )
 
 __all__ = ["BITMAP_BLOCK", "BLOCK", "GROUPED_KERNELS", "KERNELS", "ActivationSparseLinear",
@@ -612,13 +613,11 @@ class ActivationSparseLinear(BoundArguments):
         scales = self.scales
         if scales is None:
             return stored.to(dtype)
-        if is_grouped(scales):
-            if columns is None:
-                columns = torch.arange(self.in_features, device=scales.device)
-            scales = scales[:, columns // (self.in_features // scales.shape[1])]
-        else:
-            scales = scales[:, None]
-        return (stored.to(torch.float32) * scales).to(dtype)
+        if columns is None:
+            columns = torch.arange(self.in_features, device=scales.device)
+        rows = torch.arange(self.out_features, device=scales.device)[:, None]
+        at = scales_at(scales, rows, columns[None], self.in_features)
+        return (stored.to(torch.float32) * at).to(dtype)
 
     def _bias(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(x.dtype)

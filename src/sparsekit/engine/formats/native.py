@@ -18,6 +18,7 @@ from sparsekit.quantize import (
     dequantize_int8,
     group_size_of,
     quantize_int8,
+    scales_at,
 )
 
 __all__ = ["INT8_INPUTS", "MAX_THREADS", "SCALES", "NativeFormat", "Operands"]
@@ -284,9 +285,7 @@ class NativeFormat(BoundArguments, Format):
         values = values.to(torch.float32)
         if scales is None:
             return values
-        if scales.dim() == 1:
-            return values * scales[rows]
-        return values * scales[rows, cols // (self.in_features // scales.shape[1])]
+        return values * scales_at(scales, rows, cols, self.in_features)
 
     def _threads(self, rows: int) -> int:
         if self.threads is not None:
