@@ -419,6 +419,41 @@ def test_activation_sparse_projections_fuse_into_one_thresholded_call(
 
 
 @needs_kernels
+def test_groups_alike_take_over_the_first_blocks_decisions_on_inputs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    _act_clock(monkeypatch)
+    calls = []
+    measure = autotune.measure
+
+    def counted(modules, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(sorted(modules))
+        return measure(modules, *args, **kwargs)
+    monkeypatch.setattr(autotune, "measure", counted)
+    model = _llama(layers=3)
+    teal = _Thresholds({n: torch.zeros(m.in_features) for n, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and ".layers." in n})  # every input kept
+    compiled = compile(model, (IDS,), activation_sparsity=teal)
+    for i in range(3):
+        block = compiled.model.layers[i]
+        assert isinstance(block.self_attn.q_proj.group.linear, ActivationSparseLinear)
+        assert isinstance(block.mlp.up_proj.group.linear, ActivationSparseLinear)
+        for first, name in (("self_attn.q_proj", "self_attn.v_proj"),
+                            ("mlp.gate_proj", "mlp.up_proj")):
+            record = compiled.sparsekit_choices[f"model.layers.{i}.{name}"]["fused"]
+            source = record.get("reused")
+            assert record["format"] == "fused"
+            assert source == (None if i == 0 else "+".join(
+                f"model.layers.0.{n}" for n in GROUPS[0 if first.startswith("self") else 1]))
+    # the fused-against-separate timing ran once per kind of group, not once per block
+    assert calls.count(["fused", "separate"]) == 2
+    with _thresholded(model, teal.thresholds), torch.no_grad():
+        torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits)
+
+
+@needs_kernels
 def test_the_output_check_compares_activation_sparse_layers_with_every_input_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -509,7 +509,9 @@ def _fuse(
     With a ``threshold`` (the one every member was calibrated with), the stacked layer is
     tried as an activation-sparse layer (:func:`_activation_layer`, on the group's inputs
     ``probe``) and the timings run on ``probe``, whose skipped columns are the real ones;
-    such a decision depends on the inputs and is not cached. Where the stacked layer stays
+    such a decision depends on the inputs and is not stored on disk, but with ``cache`` a
+    group alike one timed in this compile (:func:`_fused_like`) takes its decision over
+    (``reused``). Where the stacked layer stays
     weight-only (its ``activation`` record says why), that weight-only stack is timed
     against the separate members as they were chosen, activation-sparse ones included (on
     ``probe``, not cached): one weight-only call for the gate and up projections can beat
@@ -548,9 +550,37 @@ def _fuse(
         return autotune.choose(samples, ["separate", "fused"], reference="separate",
                                tolerant=True)[1]
 
-    choice = _decided(key, memo, label, timed)
+    like = (_fused_like(stacked, paths, inputs, linear.threshold if thresholded else threshold,
+                        rows, threads, value_dtype, activation)
+            if cache and memo is not None and on_inputs and inputs is not None else None)
+    if like is not None and like in memo:  # a group like this one was timed already
+        choice = {**memo[like][0], "reused": memo[like][1]}
+    else:
+        choice = _decided(key, memo, label, timed)
+        if like is not None:
+            memo[like] = (choice, label)
     record = {**choice, "group": group, "stacked": stacked_choice}
     return (projections.members() if choice["format"] == "fused" else None), record
+
+
+def _fused_like(
+    stacked: nn.Linear, paths: list[str], inputs: torch.Tensor, threshold: torch.Tensor,
+    rows: list[int], threads: int | None, value_dtype: torch.dtype | None,
+    activation: torch.dtype | None,
+) -> str:
+    """A fused group's decision on its inputs in coarse terms (see :func:`_activation_like`):
+    the stacked weight's shape, dtype and density in whole percent, the formats of the
+    separate and stacked layers, the row counts, threads and value and input dtypes, and the
+    share of the typical input row that ``threshold`` keeps, in steps of 5 %. The q/k/v (or
+    gate/up) groups of a transformer's blocks are alike under it."""
+    weight = stacked.weight.detach()
+    kept = sparsify_input(inputs[:1], threshold.to(inputs.dtype)).count_nonzero()
+    return repr((
+        "fused", tuple(weight.shape), str(weight.dtype),
+        round(100 * int(weight.count_nonzero()) / max(weight.numel(), 1)), tuple(paths),
+        tuple(rows), threads, str(value_dtype), str(activation),
+        round(20 * int(kept) / max(inputs.shape[1], 1)),
+    ))
 
 
 def _calibrated_threshold(
