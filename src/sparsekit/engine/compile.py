@@ -573,14 +573,18 @@ def _fused_like(
     separate and stacked layers, the row counts, threads and value and input dtypes, and the
     share of the typical input row that ``threshold`` keeps, in steps of 5 %. The q/k/v (or
     gate/up) groups of a transformer's blocks are alike under it."""
-    weight = stacked.weight.detach()
-    kept = sparsify_input(inputs[:1], threshold.to(inputs.dtype)).count_nonzero()
-    return repr((
-        "fused", tuple(weight.shape), str(weight.dtype),
-        round(100 * int(weight.count_nonzero()) / max(weight.numel(), 1)), tuple(paths),
-        tuple(rows), threads, str(value_dtype), str(activation),
-        round(20 * int(kept) / max(inputs.shape[1], 1)),
-    ))
+    return repr(("fused", *_alike(stacked.weight, inputs, threshold), tuple(paths),
+                 tuple(rows), threads, str(value_dtype), str(activation)))
+
+
+def _alike(weight: torch.Tensor, inputs: torch.Tensor, threshold: torch.Tensor) -> tuple:
+    """What layers alike share: ``weight``'s shape, dtype and density in whole percent, and
+    the share of the typical input row (``inputs[0]``) that ``threshold`` keeps, in steps of
+    5 % (:func:`_activation_like`, :func:`_fused_like`)."""
+    nonzero = int(weight.detach().count_nonzero())
+    kept = int(sparsify_input(inputs[:1], threshold.to(inputs.dtype)).count_nonzero())
+    return (tuple(weight.shape), str(weight.dtype), round(100 * nonzero / max(weight.numel(), 1)),
+            round(20 * kept / max(inputs.shape[1], 1)))
 
 
 def _calibrated_threshold(
@@ -719,16 +723,12 @@ def _activation_like(
     columns are unknown."""
     if inputs is None:
         return None
-    weight = layer.weight.detach()
-    kept = sparsify_input(inputs[:1], threshold.to(inputs.dtype)).count_nonzero()
     scales = attached_scales(layer)
     return repr((
-        tuple(weight.shape), str(weight.dtype), round(100 * int(weight.count_nonzero())
-                                                      / max(weight.numel(), 1)),
-        layer.bias is not None, None if scales is None else tuple(scales.shape),
-        str(options["value_dtype"]), str(int8_inputs), tuple(rows), threads,
+        *_alike(layer.weight, inputs, threshold), layer.bias is not None,
+        None if scales is None else tuple(scales.shape), str(options["value_dtype"]),
+        str(int8_inputs), tuple(rows), threads,
         choice["format"], choice.get("format_large"), choice.get("split"),
-        round(20 * int(kept) / max(inputs.shape[1], 1)),
     ))
 
 
