@@ -239,7 +239,7 @@ def test_a_batchtopk_training_forward_never_makes_the_threshold_nan():
     sae = SAE(8, 16, "batchtopk", k=2).train()
     sae(torch.randn(4, 8))
     before, updates = snapshot(sae), sae._threshold_updates
-    with pytest.raises(ValueError, match="values must be finite where kept"):
+    with pytest.raises(ValueError, match="x must hold finite values"):
         sae(torch.full((2, 8), NAN))
     assert unchanged(sae, before) and sae._threshold_updates == updates
     assert bool(torch.isfinite(sae.threshold))

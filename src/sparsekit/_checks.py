@@ -138,6 +138,17 @@ def memory_bytes() -> int | None:
         return None
 
 
+def check_fits_memory(need: int, what: str, accepted: str) -> None:
+    """Raise ``ValueError`` when ``need`` bytes (``what`` takes them, e.g. ``"rank=8 ...
+    makes router weights of"``) exceed this machine's memory (:func:`memory_bytes`): a
+    size that no file or tensor bounds failed inside the allocator with a raw
+    ``RuntimeError`` naming no argument, or filled pages until the process was killed."""
+    limit = memory_bytes()
+    if limit is not None and need > limit:
+        raise ValueError(f"{what} {need:,} bytes, more than this machine's memory "
+                         f"({limit:,} bytes); {accepted}")
+
+
 def seeded(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed`` (checked by :func:`check_seed`): a NumPy int
     passes that check, but ``manual_seed`` takes Python ints only (a raw "an integer is

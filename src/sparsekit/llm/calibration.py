@@ -15,10 +15,10 @@ from torch import nn
 
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_fits_memory,
     check_int,
     check_materialized,
     check_seed,
-    memory_bytes,
     seeded,
 )
 from sparsekit.distributed import check_same_on_ranks, rank_slice, world_size
@@ -62,10 +62,9 @@ def calibration_tokens(
     if stream.numel() < 2:
         raise ValueError(f"calibration holds {stream.numel()} tokens; it needs at least 2")
     seqlen = min(seqlen or stream.numel(), stream.numel())
-    need, limit = nsamples * seqlen * 8, memory_bytes()  # int64 token ids
-    if limit is not None and need > limit:  # else the allocator's raw error, after loading
-        raise ValueError(f"nsamples={nsamples} windows of {seqlen} tokens take {need:,} bytes, "
-                         f"more than this machine's memory ({limit:,} bytes); ask for fewer")
+    # int64 token ids; else the allocator's raw error, after loading
+    check_fits_memory(nsamples * seqlen * 8,
+                      f"nsamples={nsamples} windows of {seqlen} tokens take", "ask for fewer")
     gen = seeded(seed)
     starts = torch.randint(0, stream.numel() - seqlen + 1, (nsamples,), generator=gen)
     return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])

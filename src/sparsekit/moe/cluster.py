@@ -41,6 +41,9 @@ def balanced_kmeans(points: torch.Tensor, clusters: int, *, iterations: int = 25
     if n == 0:
         raise ValueError("points must hold at least one row, got shape "
                          f"{tuple(points.shape)}")
+    if points.shape[1] == 0:  # amax failed with a raw RuntimeError
+        raise ValueError("points must hold at least one feature, got shape "
+                         f"{tuple(points.shape)}")
     if not bool(torch.isfinite(points).all()):  # NaN clusters at random, inf breaks k-means++
         raise ValueError(f"points must be finite, got "
                          f"{int((~torch.isfinite(points)).sum())} NaN or inf values")

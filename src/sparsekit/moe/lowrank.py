@@ -38,7 +38,7 @@ from sparsekit._checks import (
 )
 from sparsekit.moe.ffn import activate
 from sparsekit.moe.routed import unit_mass
-from sparsekit.moe.router import check_features
+from sparsekit.moe.router import check_features, check_fittable, restored_on_failure
 
 __all__ = ["LowRankRouter"]
 
@@ -85,6 +85,9 @@ class LowRankRouter(nn.Module):
         for name in tensors:  # else the factorisation fails inside eigh or svd, or (norms,
             _check_finite(name, tensors[name])  # b_in) every score is NaN: a random choice
         self.act, self.writers, self.unit_size = act, writers, unit_size
+        # buffers hold values, no autograd history: factors of a model's parameters (which
+        # require grad) were non-leaf tensors that refine could not train, nor deepcopy copy
+        w_in, b_in, norms, x = (None if t is None else t.detach() for t in (w_in, b_in, norms, x))
         down, up = _factorise(w_in.reshape(n * writers, d).float(), x.float(), rank)
         self.register_buffer("down", down)  # (rank, d)
         self.register_buffer("up", up)  # (n * writers, rank)
@@ -101,7 +104,10 @@ class LowRankRouter(nn.Module):
                batch: int = 256, seed: int = 0) -> LowRankRouter:
         """Fit the factors and bias to the true unit ``mass`` (T, units) of inputs ``x``
         (T, d): ``steps`` Adam steps on minibatches of ``batch`` rows drawn with ``seed``,
-        minimising the squared error of the scores relative to the mass's. Returns self."""
+        minimising the squared error of the scores relative to the mass's. Returns self.
+        Checked as :func:`~sparsekit.moe.router.fit` checks its router: a refine that
+        cannot run changes nothing, one whose updates make a factor NaN or inf (a huge
+        ``lr``) raises naming ``lr``, with the factors restored."""
         check_int("steps", steps, minimum=1)
         check_positive("lr", lr)
         check_int("batch", batch, minimum=1)
@@ -114,16 +120,19 @@ class LowRankRouter(nn.Module):
         if mass.shape != (x.shape[0], self.up.shape[0] // self.writers // self.unit_size):
             raise ValueError(f"mass must be (T, units) for x of {x.shape[0]} rows, got "
                              f"{tuple(mass.shape)}")
+        x, mass = x.detach().float(), mass.detach().float()  # data: see Router's fit
         _check_finite("x", x)  # one NaN would make every factor NaN
         _check_finite("mass", mass)
-        x, mass = x.float(), mass.float()
-        factors = [t for t in (self.down, self.up, self.bias) if t is not None]
-        for t in factors:
-            t.requires_grad_(True)
+        named = {name: t for name, t in (("down", self.down), ("up", self.up),
+                                         ("bias", self.bias)) if t is not None}
+        check_fittable("router", named, lr)
+        factors = list(named.values())
         generator = seeded(seed)
         optimizer = torch.optim.Adam(factors, lr=lr)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), restored_on_failure(self, factors, lr):
+                for t in factors:
+                    t.requires_grad_(True)
                 for _ in range(steps):
                     rows = torch.randint(x.shape[0], (min(batch, x.shape[0]),),
                                          generator=generator)

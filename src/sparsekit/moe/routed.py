@@ -62,6 +62,17 @@ class RoutedFFN(nn.Module):
                  k: int) -> None:
         super().__init__()
         _check_layout(w_in, b_in, w_out, b_out, order, hot, unit_size)
+        # else accepted, and the first forward failed with a bare TypeError
+        if not callable(act):
+            raise ArgumentTypeError(f"act must be the FFN's activation, a callable such as "
+                                    f"torch.relu, got {act!r}")
+        if router is not None and not callable(router):
+            raise ArgumentTypeError(f"router must be None or a callable scoring the units (a "
+                                    f"Router or LowRankRouter), got {router!r}")
+        # buffers hold values: weights given as a model's parameters kept their autograd
+        # history (every forward reached back to them, and deepcopy failed)
+        w_in, b_in, w_out, b_out = (None if t is None else t.detach()
+                                    for t in (w_in, b_in, w_out, b_out))
         n, self.writers, self.in_features = w_in.shape
         self.out_features = w_out.shape[0]
         self.hot, self.unit_size = hot, unit_size
@@ -213,6 +224,9 @@ class RoutedFFN(nn.Module):
         the rows' neuron values ``h`` (T, n) where the caller has them already)."""
         if not self.oracle:
             scores = self.router(x)
+            if scores.shape[-1] != self.units:  # else an IndexError, or a silent choice
+                raise ValueError(f"router: it scores {scores.shape[-1]} units, but the layer "
+                                 f"has {self.units}; accepted: a router of this layout")
         elif h is None:
             scores = self.mass(x)
         else:
@@ -305,6 +319,14 @@ def _check_layout(w_in: object, b_in: object, w_out: object, b_out: object, orde
         check_materialized(name, value)
     if w_in.dim() != 3:
         raise ValueError(f"w_in must be (neurons, writers, features), got {tuple(w_in.shape)}")
+    # an integer weight failed at the first forward naming x, a b_in of another dtype
+    # than w_in inside the product
+    for name, value in (("w_in", w_in), ("w_out", w_out), ("b_in", b_in), ("b_out", b_out)):
+        if value is not None and not value.is_floating_point():
+            raise ArgumentTypeError(f"{name} must be floating-point, got {value.dtype}")
+    if b_in is not None and b_in.dtype != w_in.dtype:
+        raise ArgumentTypeError(f"b_in must be None or of w_in's dtype {w_in.dtype}, got "
+                                f"{b_in.dtype}")
     n, writers, _ = w_in.shape
     if w_out.dim() != 2 or w_out.shape[1] != n:
         raise ValueError(f"w_out must be (out_features, {n}) (a column per neuron of w_in), "

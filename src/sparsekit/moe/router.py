@@ -19,6 +19,8 @@ at the default 300 steps; trained far longer (32768 tokens, 2000 steps) both rea
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -28,10 +30,12 @@ from torch import nn
 from sparsekit._checks import (
     ArgumentTypeError,
     check_bool,
+    check_fits_memory,
     check_int,
     check_materialized,
     check_positive,
     check_seed,
+    check_writable,
     seeded,
 )
 
@@ -42,12 +46,22 @@ LOSSES = ("bce", "listwise")
 
 
 class Router(nn.Module):
-    """Scores ``(..., units)`` of the units of an FFN for its inputs ``(..., features)``."""
+    """Scores ``(..., units)`` of the units of an FFN for its inputs ``(..., features)``.
+
+    ``ValueError`` when its weights (``rank * (features + units)`` values and the biases)
+    would not fit in this machine's memory: a huge ``rank`` or ``units`` failed inside the
+    allocator with a raw ``RuntimeError`` naming no argument."""
 
     def __init__(self, features: int, units: int, rank: int) -> None:
         super().__init__()
         for name, value in (("features", features), ("units", units), ("rank", rank)):
             check_int(name, value, minimum=1)
+        dtype = torch.get_default_dtype()
+        features, units, rank = int(features), int(units), int(rank)  # NumPy ints overflow
+        check_fits_memory(((features + 1) * rank + (rank + 1) * units) * dtype.itemsize,
+                          f"rank={rank} with features={features} and units={units} makes "
+                          f"router weights in {dtype} of",
+                          "accepted: a rank and units whose weights fit in memory")
         self.project = nn.Linear(features, rank)
         self.score = nn.Linear(rank, units)
 
@@ -85,9 +99,12 @@ def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 3
     one) and ignores ``balance``.
 
     Every argument is checked before ``router`` changes: ``x`` and ``labels`` tensors of
-    one number of rows (at least one), ``labels`` finite, in [0, 1] for ``"bce"`` and ≥ 0
-    for ``"listwise"``: NaN labels trained every weight NaN silently, a missing row was an
-    ``IndexError`` from the minibatch draw."""
+    one number of rows (at least one), ``x`` finite, ``labels`` finite, in [0, 1] for
+    ``"bce"`` and ≥ 0 for ``"listwise"``: NaN inputs or labels trained every weight NaN
+    silently, a missing row was an ``IndexError`` from the minibatch draw; and that Adam
+    can train ``router`` at ``lr`` (:func:`check_fittable`). Every parameter is trained,
+    also one a previous fit froze; a fit whose updates make a weight NaN or inf (a huge
+    ``lr``) raises ``ValueError`` naming ``lr``, with the weights restored."""
     if not isinstance(router, Router):
         raise ArgumentTypeError(f"router must be a sparsekit.moe.Router, got "
                                 f"{type(router).__name__}")
@@ -99,6 +116,7 @@ def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 3
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
     check_features(x, router.project.in_features, "the router's features")
+    check_fittable("router", dict(router.named_parameters()), lr)
     units = router.score.out_features
     if not isinstance(labels, torch.Tensor):
         raise ArgumentTypeError(f"labels must be a tensor, got {type(labels).__name__}")
@@ -113,7 +131,12 @@ def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 3
         accepted = "in [0, 1]" if loss == "bce" else "≥ 0"
         raise ValueError(f"labels must be finite and {accepted} for loss={loss!r}, got "
                          f"{int(bad.sum())} values outside")
-    x, labels = x.float(), labels.float()
+    # data: a loss backpropagated into the model that made x (filling its .grad), and the
+    # second step failed raw ("backward through the graph a second time")
+    x, labels = x.detach().float(), labels.detach().float()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"x must hold finite values (in float32), got "
+                         f"{int((~torch.isfinite(x)).sum())} NaN or inf of {x.numel()}")
     if loss == "listwise":
         labels = labels / labels.sum(1, keepdim=True).clamp_min(1e-12)
     else:
@@ -121,8 +144,8 @@ def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 3
         weight = torch.tensor((1 - positive) / positive if balance else 1.0)
     generator = seeded(seed)
     optimizer = torch.optim.Adam(router.parameters(), lr=lr)
-    router.train()
-    with torch.enable_grad():
+    with torch.enable_grad(), restored_on_failure(router, list(router.parameters()), lr):
+        router.train().requires_grad_(True)  # a router fit before came back frozen
         for _ in range(steps):
             rows = torch.randint(x.shape[0], (min(batch, x.shape[0]),), generator=generator)
             scores = router(x[rows])
@@ -135,3 +158,45 @@ def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 3
             loss_value.backward()
             optimizer.step()
     return router.eval().requires_grad_(False)
+
+
+def check_fittable(name: str, tensors: Mapping[str, torch.Tensor], lr: float) -> None:
+    """Raise ``ValueError`` unless Adam can train ``tensors`` (those of ``name``, a router)
+    at ``lr``: not inside ``torch.inference_mode()`` (``enable_grad`` cannot lift it), none
+    of them an inference tensor (a router built in inference mode), and Adam's first step
+    size, ``lr / (1 - beta1) = 10 lr``, finite in their dtype (one past float32's range
+    failed inside Adam's step). Each was PyTorch's raw ``RuntimeError`` at the first
+    backward or step, after the router's mode changed."""
+    if torch.is_inference_mode_enabled():
+        raise ValueError(f"{name} cannot be fitted inside torch.inference_mode() (fitting "
+                         f"differentiates a loss); accepted: a call outside it "
+                         f"(torch.no_grad() is fine)")
+    for key, tensor in tensors.items():
+        check_writable(f"{name}.{key}", tensor)
+    dtype = next(iter(tensors.values())).dtype
+    if not bool(torch.isfinite(torch.tensor(10 * lr, dtype=torch.float64).to(dtype))):
+        raise ValueError(f"lr must be a positive float whose Adam step (10 lr at the first "
+                         f"step) is finite in {dtype} (the {name}'s dtype), got {lr!r}")
+
+
+@contextlib.contextmanager
+def restored_on_failure(router: nn.Module, params: list[torch.Tensor], lr: float
+                        ) -> Iterator[None]:
+    """Run a fit of ``router``'s tensors ``params``; on any error, or when the fit leaves
+    one of them NaN or inf (a ``ValueError`` naming ``lr``: a huge rate diverged silently),
+    put their values, their ``requires_grad`` and the router's train/eval mode back as
+    they were, so a failed fit changes nothing."""
+    before = [(p.detach().clone(), p.requires_grad) for p in params]
+    training = router.training
+    try:
+        yield
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise ValueError(f"lr={lr!r}: fitting made the router's weights not finite (NaN "
+                             f"or inf); they are restored; lower lr")
+    except Exception:
+        with torch.no_grad():
+            for p, (value, grad) in zip(params, before, strict=True):
+                p.copy_(value)
+                p.requires_grad_(grad)
+        router.train(training)
+        raise

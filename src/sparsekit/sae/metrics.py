@@ -142,6 +142,10 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
         spliced[0] += 1
         hidden = _tensor(out)
         source = _tensor(_input(args, kwargs)) if sae.transcoder else hidden
+        if not bool(source.isfinite().all()):  # the model's fault: the SAE refuses them
+            raise ValueError(f"inputs: the model's outputs on them are not finite (NaN or "
+                             f"inf in the activations of {module_name!r} the SAE reads), "
+                             f"so no score would mean anything")
         try:
             replaced = mode["replace"](source)
         except ValueError as e:  # an SAE of another width: x must have shape (..., d_in)

@@ -34,6 +34,7 @@ from sparsekit._checks import (
     ArgumentTypeError,
     check_materialized,
     check_materialized_module,
+    check_optimizer,
     check_positive,
     check_writable,
 )
@@ -59,7 +60,8 @@ def resample(
     in proportion to their squared reconstruction loss (``target`` ``(n, d_out)``: a
     transcoder's); return the indices of the latents resampled.
 
-    ``optimizer`` is the one training ``sae`` (any ``torch.optim`` optimizer): its state of
+    ``optimizer`` is the one training ``sae`` (any ``torch.optim`` optimizer, or a wrapper
+    exposing one as ``.optimizer``, as :func:`~sparsekit.sae.train` takes): its state of
     the resampled entries is zeroed. Every latent gets a different row while ``x`` has
     enough rows with a non-zero loss; rows whose loss is zero are never sampled, and when
     every loss is zero nothing is resampled. ``generator`` draws the rows.
@@ -84,9 +86,7 @@ def resample(
             _check_values(name, values, sae.W_enc.dtype)
     check_dead(sae, dead)
     check_positive("encoder_scale", encoder_scale)
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
-                        f"{type(optimizer).__name__}")
+    optimizer = check_optimizer(optimizer, optional=True)  # a wrapper (Lightning's) was refused
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ArgumentTypeError(f"generator must be a torch.Generator or None, got "
                                 f"{type(generator).__name__}")

@@ -43,9 +43,11 @@ from sparsekit._checks import (
     ArgumentTypeError,
     check_bool,
     check_device,
+    check_fits_memory,
     check_int,
     check_materialized,
     check_positive,
+    check_writable,
     seeded,
 )
 from sparsekit.engine import kernels
@@ -130,6 +132,8 @@ class SAE(nn.Module):
         check_device(device)
         if activation == "jumprelu":
             self._check_threshold(threshold, dtype or torch.get_default_dtype())
+        self._check_size(int(d_in), int(n_latents), int(d_out), activation,
+                         dtype or torch.get_default_dtype())
 
         # plain ints (a numpy int passes check_int, then failed json.dumps in save, which
         # blamed the metadata, and manual_seed)
@@ -175,6 +179,18 @@ class SAE(nn.Module):
         check_int("seed", seed)
         if not -MAX_SEED - 1 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in [-2**63, 2**63 - 1], got {seed!r}")
+
+    @staticmethod
+    def _check_size(d_in: int, n_latents: int, d_out: int, activation: str,
+                    dtype: torch.dtype) -> None:
+        """Raise ``ValueError`` naming the widths unless the parameters they make fit in
+        this machine's memory: a huge ``n_latents`` (or ``d_in``) failed inside the
+        allocator with a raw ``RuntimeError`` naming no argument."""
+        per_latent = d_in + d_out + 1 + (activation == "jumprelu")  # W_enc, W_dec, b_enc
+        check_fits_memory((n_latents * per_latent + d_out) * dtype.itemsize + n_latents * 8,
+                          f"n_latents={n_latents} with d_in={d_in} and d_out={d_out} makes "
+                          f"parameters in {dtype} of",  # + the firing counts (int64)
+                          "accepted: widths whose parameters fit in memory")
 
     @staticmethod
     def _check_threshold(threshold: float, dtype: torch.dtype) -> None:
@@ -226,13 +242,32 @@ class SAE(nn.Module):
             raise ArgumentTypeError(f"{param} must be a real (floating-point or integer) "
                                     f"tensor, got {x.dtype}")
 
+    def _check_autograd(self) -> None:
+        """Raise ``ValueError`` naming the first parameter that is an inference tensor (the
+        SAE was built or loaded under ``torch.inference_mode()``) when autograd would record
+        a product with it: PyTorch's raw "Inference tensors cannot be saved for backward"
+        named no parameter, and came from any call outside ``torch.no_grad()``."""
+        if not torch.is_grad_enabled():  # also inside inference mode
+            return
+        for name, param in self.named_parameters():
+            if param.requires_grad and param.is_inference():
+                raise ValueError(
+                    f"sae.{name} is an inference tensor (the SAE was built or loaded under "
+                    f"torch.inference_mode), which autograd cannot record; accepted: this "
+                    f"call under torch.no_grad() or torch.inference_mode(), or an SAE built "
+                    f"outside inference mode")
+
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - b_dec) @ W_enc + b_enc`` (an autoencoder centres on ``b_dec``); ``x`` of
         a real dtype (the cast to the weights' dtype would drop a complex input's imaginary
-        part, and a bool input means no activations)."""
+        part, and a bool input means no activations), finite after that cast: a NaN or inf
+        input made NaN codes that passed on silently (and, in training mode, counted as
+        firing). Every encode, and so :meth:`forward`, checks its input here."""
         self._check_width(x, self.d_in)
         self._check_real(x)
+        self._check_autograd()
         x = x.to(self.W_enc.dtype)
+        _check_finite(x, "x", self.W_enc.dtype)
         if not self.transcoder:
             x = x - self.b_dec
         return torch.addmm(self.b_enc, x.reshape(-1, self.d_in), self.W_enc) \
@@ -271,9 +306,16 @@ class SAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """``z @ W_dec + b_dec``, reading only the ``W_dec`` rows of non-zero codes when
         they are sparse (a dense product otherwise); ``z`` of a real dtype, as
-        :meth:`pre_activations` takes ``x``."""
+        :meth:`pre_activations` takes ``x``, and finite (a NaN code decoded to NaN)."""
         self._check_width(z, self.n_latents, "z")
         self._check_real(z, "z")
+        self._check_autograd()
+        _check_finite(z, "z")
+        return self._decode(z)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` of codes not checked for finite values: the training objective's,
+        whose loss :func:`~sparsekit.sae.train` checks at every step, naming the step."""
         rows = z.reshape(-1, self.n_latents)
         if rows.shape[0] == 1 and not torch.is_grad_enabled() and self._gemv_ready(rows):
             y = torch.ops.sparsekit.act_gemv(
@@ -284,15 +326,22 @@ class SAE(nn.Module):
         if width > SPARSE_DECODE_DENSITY * self.n_latents:
             return torch.addmm(self.b_dec, rows.to(self.W_dec.dtype), self.W_dec) \
                 .view(*z.shape[:-1], self.d_out)
-        return self.decode_sparse(*_nonzeros(z, width))
+        return self._decode_sparse(*_nonzeros(z, width))
 
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``Σ_j values[..., j] · W_dec[indices[..., j]] + b_dec``: reads ``values.shape[-1]``
         rows of ``W_dec`` per token — at inference (no gradient, float32 on CPU, kernels
         built) through the native ``spmm_rows`` kernel, the fastest measured from 1 to 512
         tokens (``benchmarks/sae.py``), otherwise an ``embedding_bag``, differentiable in
-        ``values`` and ``W_dec``."""
+        ``values`` and ``W_dec``. ``values`` must be finite, as :meth:`decode`'s codes."""
         self._check_codes(values, indices)
+        self._check_autograd()
+        _check_finite(values, "values")
+        return self._decode_sparse(values, indices)
+
+    def _decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode_sparse` of codes not checked (the training objective's: see
+        :meth:`_decode`)."""
         if values.shape[-1] == 0:  # no codes: every row decodes to the bias alone
             rows = math.prod(values.shape[:-1])
             return self.b_dec.expand(rows, self.d_out).clone().view(
@@ -361,8 +410,12 @@ class SAE(nn.Module):
     @torch.no_grad()
     def record_firing(self, values: torch.Tensor, indices: torch.Tensor) -> None:
         """Count the tokens since each latent last fired (for :meth:`dead_latents`) and,
-        for BatchTopK, move the inference threshold towards the smallest kept value."""
+        for BatchTopK, move the inference threshold towards the smallest kept value. Both
+        change in place: an SAE built in inference mode is refused here (a training-mode
+        :meth:`forward` of one failed with PyTorch's raw error)."""
         self._check_codes(values, indices)
+        for name, tensor in self.named_buffers():
+            check_writable(f"sae.{name}", tensor)
         kept = values != 0
         smallest = values[kept].abs().min().to(self.threshold.dtype) \
             if self.activation == "batchtopk" and kept.any() else None
@@ -390,7 +443,9 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        """Rescale every row of ``W_dec`` to unit norm."""
+        """Rescale every row of ``W_dec`` to unit norm (in place: ``W_dec`` must not be an
+        inference tensor)."""
+        check_writable("sae.W_dec", self.W_dec)
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
@@ -407,6 +462,17 @@ class SAE(nn.Module):
         nest = f", matryoshka={list(self.matryoshka)}" if self.matryoshka else ""
         return (f"{kind}, d_in={self.d_in}, n_latents={self.n_latents}, d_out={self.d_out}, "
                 f"activation={self.activation!r}{k}{nest}")
+
+
+def _check_finite(x: torch.Tensor, param: str, dtype: torch.dtype | None = None) -> None:
+    """Raise unless every value of ``x`` is finite: one NaN or inf in a batch makes every
+    weight NaN after the step that reads it, and every code and metric NaN. ``dtype``: the
+    dtype ``x`` was cast to (a value finite before the cast may overflow it)."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        cast = f" (after the cast to the SAE's {dtype})" if dtype is not None else ""
+        raise ValueError(f"{param} must hold finite values, got {bad} NaN or inf of "
+                         f"{x.numel()}{cast}")
 
 
 def _nonzeros(z: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ from sparsekit._checks import (
 )
 from sparsekit.sae.activations import ACTIVATIONS, select_topk, step
 from sparsekit.sae.resample import ENCODER_SCALE, check_dead, resample
-from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _nonzeros
+from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _check_finite, _nonzeros
 
 __all__ = ["objective", "train"]
 
@@ -103,12 +103,12 @@ def _objective(sae: SAE, x: torch.Tensor, target: torch.Tensor | None, *,
 
     dense = values.shape[-1] > SPARSE_DECODE_DENSITY * sae.n_latents and not sae.matryoshka
     if dense:  # an L1 or JumpReLU SAE early in training: most codes still non-zero
-        recon = sae.decode(sae.activate(pre))
+        recon = sae._decode(sae.activate(pre))
     errors = []
     for prefix in sae.matryoshka or (sae.n_latents,):
         if not dense:
             kept = values if prefix == sae.n_latents else values * (indices < prefix)
-            recon = sae.decode_sparse(kept, indices)
+            recon = sae._decode_sparse(kept, indices)
         errors.append((recon - target).pow(2).sum(-1).mean())
     terms = {"mse": torch.stack(errors).mean()}
 
@@ -133,7 +133,7 @@ def _aux_k(sae: SAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tens
     scale = min(n_dead / max(k_aux, 1), 1.0)
     values, indices = select_topk(pre.masked_fill(~dead, -math.inf), min(k_aux, n_dead))
     values = values.nan_to_num(0.0, posinf=0.0, neginf=0.0)
-    predicted = sae.decode_sparse(values, indices) - sae.b_dec
+    predicted = sae._decode_sparse(values, indices) - sae.b_dec
     return scale * (predicted - residual).pow(2).sum(-1).mean()
 
 
@@ -178,6 +178,9 @@ def train(
         decay: the learning rate decays linearly to 0 over this last fraction of
             ``steps`` (needs ``steps``).
         optimizer: any ``torch.optim`` optimizer over ``sae``'s parameters instead of Adam.
+            The ``decay`` schedule scales its param groups' learning rates while training;
+            they are restored as given when training ends (or fails), so the caller's
+            optimizer does not keep a rate decayed to 0.
         resample_every: after every this many steps (not after the last of ``steps``),
             latents dead for ``dead_window`` tokens are reinitialised from the current
             batch's rows with the largest reconstruction loss, and their optimizer state is
@@ -241,12 +244,8 @@ def train(
     if optimizer is None:
         lr = 2e-4 / math.sqrt(sae.n_latents / 2**14) if lr is None else lr
         optimizer = inner = _adam(sae, lr)
-    schedule = None
-    if steps is not None and decay > 0:
-        start = int(steps * (1 - decay))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda i: 1.0 if i < start else max(0.0, (steps - i) / max(steps - start, 1)))
+    rates = [group["lr"] for group in inner.param_groups]  # restored, whatever happens
+    start = int(steps * (1 - decay)) if steps is not None and decay > 0 else None
 
     sae.train()
     if sae.normalize_decoder:
@@ -266,11 +265,13 @@ def train(
                 sae.project_decoder_grad_()
             if clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), clip_grad_norm)
+            if start is not None and done >= start:  # linear decay to 0 at step `steps`
+                scale = max(0.0, (steps - done) / max(steps - start, 1))
+                for group, rate in zip(inner.param_groups, rates, strict=True):
+                    group["lr"] = rate * scale
             optimizer.step()
             if sae.normalize_decoder:
                 sae.normalize_decoder_()
-            if schedule is not None:
-                schedule.step()
             done += 1
             tokens += x.shape[0]
             if steps is not None and done >= steps:
@@ -286,6 +287,8 @@ def train(
         if done:  # the last update, which no later loss reads
             _check_weights(sae, f"step {done}: the update (lr and the gradients)")
     finally:
+        for group, rate in zip(inner.param_groups, rates, strict=True):
+            group["lr"] = rate
         sae.eval()
     seconds = time.perf_counter() - began
     return {"steps": done, "tokens": tokens, "seconds": seconds,
@@ -382,7 +385,10 @@ def _batches(activations: Iterable[Any], batch_size: int, sae: SAE, steps: int |
 def _rows(item: Any, sae: SAE, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Item ``index`` of ``activations`` (counted from 0 on every pass) as ``(n, d_in)``
     rows (and ``(n, d_out)`` targets); raise, naming the item as ``activations batch
-    {index}``, unless it holds finite floats of the SAE's widths."""
+    {index}``, unless it holds finite floats of the SAE's widths. Detached: activations
+    computed with autograd on (a model run outside ``torch.no_grad()``) are data here; the
+    loss backpropagated into the model that made them (filling its parameters' ``.grad``)
+    and failed raw at the next batch ("backward through the graph a second time")."""
     where = f"activations batch {index}"
     if sae.transcoder:
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
@@ -391,12 +397,12 @@ def _rows(item: Any, sae: SAE, index: int) -> tuple[torch.Tensor, torch.Tensor |
                 f"{type(item).__name__}")
         x, y = item
         _check_rows(y, sae.d_out, f"{where} (target)")
-        y = y.reshape(-1, sae.d_out).to(sae.W_enc.dtype)
+        y = y.detach().reshape(-1, sae.d_out).to(sae.W_enc.dtype)
         _check_finite(y, f"{where} (target)", sae.W_enc.dtype)
     else:
         x, y = item, None
     _check_rows(x, sae.d_in, where)
-    x = x.reshape(-1, sae.d_in)
+    x = x.detach().reshape(-1, sae.d_in)
     if y is not None and y.shape[0] != x.shape[0]:
         raise ValueError(
             f"{where}: an input of {x.shape[0]} rows came with a target of {y.shape[0]}")
@@ -416,13 +422,3 @@ def _check_rows(x: Any, width: int, param: str) -> None:
         raise ValueError(f"{param} must have shape (..., {width}), got shape {tuple(x.shape)}")
     check_materialized(param, x)
 
-
-def _check_finite(x: torch.Tensor, param: str, dtype: torch.dtype | None = None) -> None:
-    """Raise unless every value of ``x`` is finite: one NaN or inf in a batch makes every
-    weight NaN after the step that reads it, and every metric NaN. ``dtype``: the dtype
-    ``x`` was cast to (a value finite before the cast may overflow it)."""
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:
-        cast = f" (after the cast to the SAE's {dtype})" if dtype is not None else ""
-        raise ValueError(f"{param} must hold finite values, got {bad} NaN or inf of "
-                         f"{x.numel()}{cast}")
