@@ -3,9 +3,9 @@
 The weighted layers of a model are read in definition order as a chain: each layer's
 outputs are the next layer's inputs. Node ``(l, i)`` is neuron ``i`` of node layer ``l``
 (layer 0 holds the network inputs). ``nn.Linear`` and ``nn.Conv*`` weights connect layer
-``l`` to ``l + 1`` (convolutions at channel level; a linear layer after a flatten sees
-each channel as one input); a recurrent ``weight_ih`` does the same and ``weight_hh``
-connects a layer to itself. Skip connections are not represented.
+``l`` to ``l + 1`` (convolutions, transposed ones too, at channel level; a linear layer
+after a flatten sees each channel as one input); a recurrent ``weight_ih`` does the same
+and ``weight_hh`` connects a layer to itself. Skip connections are not represented.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_materialized, check_module
-from sparsekit.masks import MaskSet
+from sparsekit.masks import MaskSet, one_mask
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+         nn.ConvTranspose3d)
 
 
 @dataclass(frozen=True)
@@ -70,25 +71,41 @@ def masks_from_graph(graph: nx.DiGraph, model: nn.Module) -> dict[str, torch.Ten
     Exact for ``nn.Linear`` layers and plain ``nn.RNN`` matrices, where each edge is one
     weight; for GRU/LSTM matrices every gate block gets the graph. The graph is checked
     first (nodes within the widths, edges within its layers, layers of ``model``'s shapes).
+    A weight the graph holds several times (tied, or a layer used twice) gets one mask,
+    under its ``named_parameters()`` name; its layers must agree (``ValueError``).
     """
     check_module("model", model)
-    params = dict(model.named_parameters())
-    masks = {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    first = _first_names(model)
+    given: dict[str, torch.Tensor] = {}
     for spec, mask in layer_matrices(graph):
         name, (n_out, n_in) = spec["name"], spec["shape"]
         if name not in params:
             raise ValueError(f"graph layer {name!r} is not a parameter of the model")
         shape = params[name].shape
         if mask.shape == shape:
-            masks[name] = mask
+            given[name] = mask
         elif len(shape) == 2 and shape[1] == n_in and shape[0] % n_out == 0:  # gate blocks
-            masks[name] = mask.repeat(shape[0] // n_out, 1)
+            given[name] = mask.repeat(shape[0] // n_out, 1)
         else:
             raise ValueError(
                 f"{name}: a graph of {n_out}x{n_in} connections cannot rebuild a weight of "
                 f"shape {tuple(shape)} (conv kernels and flattened inputs are merged in the graph)"
             )
-    return masks
+    # one mask per tensor, by its first name: a layer used twice or a tied weight is several
+    # graph layers (its second name was "not a parameter of the model")
+    names: dict[str, list[str]] = {}
+    for name in given:
+        names.setdefault(first[name], []).append(name)
+    return {f: one_mask(given, ns, f"the tied weight {f!r}") for f, ns in names.items()}
+
+
+def _first_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter name of ``model`` → the first name of its tensor (a tied weight or a
+    layer registered twice has several; ``named_parameters()`` lists the first)."""
+    first: dict[int, str] = {}
+    return {n: first.setdefault(id(p), n)
+            for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def layer_matrices(graph: nx.DiGraph) -> list[tuple[dict, torch.Tensor]]:
@@ -175,11 +192,15 @@ def _chain(model_or_masks: nn.Module | MaskSet) -> tuple[list[Layer], list[int]]
     """The chain of connection matrices and the node-layer widths (see the module docstring)."""
     if isinstance(model_or_masks, MaskSet):
         model = model_or_masks.model
-        kept = {n: m.cpu() for n, m in model_or_masks.masks.items()}
+        # a tied weight's mask is that of all its names (a second name read the weight's zeros)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        by_tensor = {id(params[n]): m.cpu() for n, m in model_or_masks.masks.items()
+                     if n in params}
+        kept = {n: by_tensor[id(p)] for n, p in params.items() if id(p) in by_tensor}
     elif isinstance(model_or_masks, nn.Module):
         model, kept = model_or_masks, {}
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"model_or_masks must be an nn.Module or a MaskSet, got {type(model_or_masks).__name__}"
         )
     layers: list[Layer] = []
@@ -187,7 +208,9 @@ def _chain(model_or_masks: nn.Module | MaskSet) -> tuple[list[Layer], list[int]]
     for name, module, param, recurrent in _weights(model):
         # a meta weight failed in the copy below with a raw NotImplementedError
         check_materialized(f"model_or_masks: weight {name!r}", param)
-        w = param.detach().cpu().double()
+        # a complex weight counts by its magnitude (its real part alone made 1j no edge)
+        w = param.detach().cpu()
+        w = (w.abs() if w.is_complex() else w).double()
         alive = kept.get(name, w != 0)
         edges, weights = _connections(module, w * alive, alive)
         n_out, n_in = edges.shape
@@ -207,7 +230,7 @@ def _chain(model_or_masks: nn.Module | MaskSet) -> tuple[list[Layer], list[int]]
 def _weights(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor, bool]]:
     """``(name, module, weight, is hidden-to-hidden)`` of every weight in the chain."""
     out = []
-    for mname, module in model.named_modules():
+    for mname, module in _uses(model):
         prefix = f"{mname}." if mname else ""
         if isinstance(module, (nn.Linear, *_CONV)):
             out.append((f"{prefix}weight", module, module.weight, False))
@@ -218,6 +241,27 @@ def _weights(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor, bool]
                 for kind in ("ih", "hh"):
                     pname = f"weight_{kind}_l{k}"
                     out.append((f"{prefix}{pname}", module, getattr(module, pname), kind == "hh"))
+    return out
+
+
+def _uses(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model``'s modules in definition order, one entry per use: a module an
+    ``nn.Sequential`` holds twice (``nn.Sequential(a, lin, lin, b)``) runs twice, so it and
+    its submodules are listed under both names (they were listed once: a chain one layer
+    short of the model's). A second name anywhere else is taken for an alias
+    (``self.head = self.layers[-1]``) and skipped."""
+    first: dict[int, str] = {}
+    again: list[str] = []  # the second names of modules a Sequential runs twice
+    out = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        earlier = first.setdefault(id(module), name)
+        if earlier != name and not any(name.startswith(f"{a}.") for a in again):
+            parent = name.rpartition(".")[0]
+            if parent != earlier.rpartition(".")[0] or not isinstance(
+                    model.get_submodule(parent), nn.Sequential):
+                continue
+            again.append(name)
+        out.append((name, module))
     return out
 
 
@@ -232,9 +276,13 @@ def _connections(
         gates = w.shape[0] // hidden
         edges = alive.view(gates, hidden, -1).any(0)
         return edges, w.view(gates, hidden, -1).abs().sum(0) if gates > 1 else w
-    # Convolution: channel to channel, block-diagonal over groups.
-    out_ch, in_per = w.shape[:2]
+    # Convolution: channel to channel, block-diagonal over groups. A transposed one stores
+    # (in, out / groups, …): its groups are blocks of rows, turned to (out, in / groups, …)
+    # here (it was left out of the chain, and the layers around it joined directly)
     groups = module.groups
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        w, alive = (torch.cat([t.transpose(0, 1) for t in x.chunk(groups)]) for x in (w, alive))
+    out_ch, in_per = w.shape[:2]
     edges = torch.zeros(out_ch, in_per * groups, dtype=torch.bool)
     weights = torch.zeros(out_ch, in_per * groups, dtype=torch.float64)
     out_per = out_ch // groups

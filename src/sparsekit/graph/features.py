@@ -16,7 +16,7 @@ import networkx as nx
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int
+from sparsekit._checks import ArgumentTypeError, check_int
 from sparsekit.graph.convert import layer_matrices, to_graph
 from sparsekit.masks import MaskSet
 
@@ -44,6 +44,11 @@ def structure_features(
 ) -> dict[str, float]:
     """The :data:`FEATURES` of a model, a ``MaskSet`` or a graph from ``to_graph``."""
     check_int("max_edges", max_edges, minimum=0)
+    if not isinstance(model_or_graph, (nn.Module, MaskSet, nx.DiGraph)):
+        # was named "model_or_masks", to_graph's parameter
+        raise ArgumentTypeError(
+            f"model_or_graph must be an nn.Module, a MaskSet or a networkx.DiGraph from "
+            f"sparsekit.graph.to_graph, got {type(model_or_graph).__name__}")
     g = model_or_graph if isinstance(model_or_graph, nx.DiGraph) else to_graph(model_or_graph)
     layers = layer_matrices(g)
     widths = g.graph["widths"]

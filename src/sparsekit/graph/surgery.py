@@ -14,8 +14,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
-from sparsekit._checks import check_materialized_module
+from sparsekit._checks import ArgumentTypeError, check_materialized_module, check_module
 from sparsekit.models import LeNet300100
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -41,10 +44,16 @@ def remove_dead_neurons(model: nn.Module) -> nn.Module:
     is kept) and :class:`~sparsekit.models.LeNet300100`. Inputs and outputs are never
     dropped. Masks of the original model do not carry over. The linear layers must be
     plain ones with values, each the only holder of its weight and bias: a subclass that
-    overrides ``forward``, a layer on the meta device, and a layer used twice or whose
-    weight is tied to another parameter are refused (rebuilt on their own, they would lose
-    their forward, fail inside PyTorch, or come back untied and larger).
+    overrides ``forward``, a layer on the meta device, a layer whose weight is computed
+    (``torch.nn.utils.parametrize``, ``weight_norm``, ``spectral_norm``,
+    ``torch.nn.utils.prune``), and a layer used twice or whose weight is tied to another
+    parameter are refused (cut on their own, they would lose their forward, fail inside
+    PyTorch, lose how the weight is computed, or come back untied and larger). So is a
+    ``nn.Sequential`` or ``LeNet300100`` subclass with a ``forward`` of its own. The copy's
+    layers are the original ones made smaller in place, so what else they carry stays:
+    forward hooks and pre-hooks, train/eval mode, attributes.
     """
+    check_module("model", model)
     names, acts = _chain(model)
     _check_linears(model, names)
     model = copy.deepcopy(model)
@@ -53,26 +62,34 @@ def remove_dead_neurons(model: nn.Module) -> nn.Module:
         while True:
             changed = False
             for k in range(len(linears) - 1):
-                new = _drop_dead(linears[k], linears[k + 1], acts[k])
-                if new is not None:
-                    linears[k], linears[k + 1] = new
-                    changed = True
+                changed |= _drop_dead(linears[k], linears[k + 1], acts[k])
             if not changed:
                 break
-    for name, linear in zip(names, linears):
-        model.set_submodule(name, linear)
     return model
 
 
 def _chain(model: nn.Module) -> tuple[list[str], list[Activation]]:
-    """Names of the linear layers and the activation between each consecutive pair."""
+    """Names of the linear layers and the activation between each consecutive pair. A
+    subclass of either kind that overrides ``forward`` is refused: its layers may not run
+    as a chain with these activations (a LeNet300100 with sigmoids had the ReLU's
+    constants folded into its biases, and outputs changed silently)."""
     if isinstance(model, LeNet300100):
-        return ["fc1", "fc2", "fc3"], [F.relu, F.relu]
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(
-            f"remove_dead_neurons supports nn.Sequential MLPs and LeNet300100, "
-            f"got {type(model).__name__}"
+        base: type[nn.Module] = LeNet300100
+    elif isinstance(model, nn.Sequential):
+        base = nn.Sequential
+    else:
+        raise ArgumentTypeError(
+            f"model must be an nn.Sequential MLP or a LeNet300100 (what remove_dead_neurons "
+            f"supports), got {type(model).__name__}"
         )
+    if type(model).forward is not base.forward:
+        raise ValueError(
+            f"model ({type(model).__name__}) overrides {base.__name__}.forward; "
+            f"remove_dead_neurons reads the layers as {base.__name__} runs them, which that "
+            f"forward may not: accepted are {base.__name__} models with its own forward"
+        )
+    if base is LeNet300100:
+        return ["fc1", "fc2", "fc3"], [F.relu, F.relu]
     where = [i for i, m in enumerate(model) if isinstance(m, nn.Linear)]
     if len(where) < 2:
         raise ValueError("model has fewer than two nn.Linear layers: no hidden neurons to drop")
@@ -93,11 +110,13 @@ def _chain(model: nn.Module) -> tuple[list[str], list[Activation]]:
 
 def _check_linears(model: nn.Module, names: list[str]) -> None:
     """Raise ``ValueError`` naming the first layer ``model.<name>`` of ``names`` that
-    :func:`remove_dead_neurons` cannot rebuild as a plain ``nn.Linear`` with the same outputs:
+    :func:`remove_dead_neurons` cannot cut as a plain ``nn.Linear`` with the same outputs:
     one whose class overrides ``forward`` (the output changed silently), one on the meta
-    device (a raw ``RuntimeError``), or one whose weight or bias another module of ``model``
-    also holds (a shared layer or tied weights, silently untied: the "smaller" model could
-    hold more weights than the original)."""
+    device (a raw ``RuntimeError``), one whose weight is computed (a parametrization was
+    silently replaced by its current value; ``weight_norm``'s and ``torch.nn.utils.prune``'s
+    hooks failed the copy with a raw ``RuntimeError``), or one whose weight or bias another
+    module of ``model`` also holds (a shared layer or tied weights, silently untied: the
+    "smaller" model could hold more weights than the original)."""
     holders: defaultdict[int, list[str]] = defaultdict(list)
     for key, param in model.named_parameters(remove_duplicate=False):
         holders[id(param)].append(key)
@@ -106,8 +125,20 @@ def _check_linears(model: nn.Module, names: list[str]) -> None:
         if type(linear).forward is not nn.Linear.forward:
             raise ValueError(
                 f"model.{name} ({type(linear).__name__}) overrides nn.Linear.forward; "
-                "remove_dead_neurons rebuilds the linear layers as plain nn.Linear, which "
-                "would drop that forward: accepted are nn.Linear layers computing x Wᵀ + b"
+                "remove_dead_neurons finds and folds dead neurons as x Wᵀ + b computes "
+                "them, which that forward may not: accepted are nn.Linear layers computing "
+                "x Wᵀ + b"
+            )
+        if parametrize.is_parametrized(linear) or any(
+                isinstance(hook, (WeightNorm, SpectralNorm, prune.BasePruningMethod))
+                for hook in linear._forward_pre_hooks.values()):
+            raise ValueError(
+                f"model.{name} computes its weight (a parametrization, weight_norm, "
+                "spectral_norm or torch.nn.utils.prune); remove_dead_neurons cuts stored "
+                "weights, and would drop how it is computed: accepted are nn.Linear layers "
+                "holding their weight (bake it in first, e.g. torch.nn.utils.parametrize."
+                "remove_parametrizations(layer, 'weight'), torch.nn.utils.remove_weight_norm"
+                "(layer) or torch.nn.utils.prune.remove(layer, 'weight'))"
             )
         check_materialized_module(linear, f"model.{name}.")
         for pname, param in linear.named_parameters():
@@ -115,40 +146,40 @@ def _check_linears(model: nn.Module, names: list[str]) -> None:
             if others:
                 raise ValueError(
                     f"model.{name}.{pname} is also model.{others[0]} (a layer used twice or "
-                    "tied weights); remove_dead_neurons rebuilds each linear layer on its "
+                    "tied weights); remove_dead_neurons cuts each linear layer on its "
                     "own, which would untie them. Accepted: linear layers that share no "
                     "parameter (untie them first, e.g. with a copy.deepcopy of the shared one)"
                 )
 
 
-def _drop_dead(
-    first: nn.Linear, second: nn.Linear, act: Activation
-) -> tuple[nn.Linear, nn.Linear] | None:
-    """Drop the dead neurons between ``first`` and ``second``; ``None`` when there are none."""
+def _drop_dead(first: nn.Linear, second: nn.Linear, act: Activation) -> bool:
+    """In place: drop the dead neurons between ``first`` and ``second``; whether any were."""
     no_in = (first.weight == 0).all(1)
     no_out = (second.weight == 0).all(0)
     keep = ~(no_in | no_out)
     if bool(keep.all()):
-        return None
+        return False
     bias = first.bias if first.bias is not None else first.weight.new_zeros(len(no_in))
-    constant = act(bias.unsqueeze(0)).squeeze(0) * no_in  # what input-less neurons emit
+    # what input-less neurons emit; the others add nothing (an inf or NaN bias times 0 was NaN)
+    constant = torch.where(no_in, act(bias.unsqueeze(0)).squeeze(0), 0.0)
     folded = second.weight @ constant
-    new_first = _linear(first.weight[keep], None if first.bias is None else first.bias[keep],
-                        first)
     second_bias = second.bias
     if second_bias is not None or bool(folded.any()):
         second_bias = folded if second_bias is None else second_bias + folded
-    return new_first, _linear(second.weight[:, keep], second_bias, second)
+    _resize(first, first.weight[keep], None if first.bias is None else first.bias[keep])
+    _resize(second, second.weight[:, keep], second_bias)
+    return True
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, old: nn.Linear) -> nn.Linear:
-    """A linear layer with ``weight`` and ``bias``, trainable where ``old``'s were (a frozen
-    layer stays frozen; a bias the fold adds follows the weight)."""
-    layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
-                      device=weight.device, dtype=weight.dtype)
-    layer.weight.copy_(weight)
-    layer.weight.requires_grad_(old.weight.requires_grad)
-    if bias is not None:
-        layer.bias.copy_(bias)
-        layer.bias.requires_grad_((old.bias if old.bias is not None else old.weight).requires_grad)
-    return layer
+def _resize(layer: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """In place: give ``layer`` ``weight`` and ``bias`` (and the matching sizes), trainable
+    where its own were (a frozen layer stays frozen; a bias the fold adds follows the
+    weight). The layer itself stays, with its hooks, mode and attributes: a new
+    ``nn.Linear`` in its place lost the hooks registered on it and came back in train
+    mode in a model in eval mode."""
+    grad = layer.weight.requires_grad
+    bias_grad = grad if layer.bias is None else layer.bias.requires_grad
+    layer.weight = nn.Parameter(weight, requires_grad=grad)  # a fresh copy: indexed
+    if bias is not None:  # a copy: it may be the layer's own bias
+        layer.bias = nn.Parameter(bias.clone(), requires_grad=bias_grad)
+    layer.out_features, layer.in_features = weight.shape

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_materialized
-from sparsekit.structured.dependency import Group, check_groups
+from sparsekit._checks import check_fraction, check_materialized, check_module
+from sparsekit.structured.dependency import Group, check_group, check_groups
 from sparsekit.structured.importance import check_scoring, score_part
 
 __all__ = ["adaptive_counts", "channel_cost", "standardized_importance"]
@@ -40,7 +40,8 @@ def standardized_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
     metric of its attention heads' columns before standardising (``power=2``): the
     heavier tail keeps the few columns that carry a head from being averaged away by
     its quiet ones. ``power`` must be a positive finite number (NaN made every z-score
-    NaN)."""
+    NaN). ``group`` is checked as by :func:`~sparsekit.structured.importance.group_importance`."""
+    check_group("group", group)
     check_scoring(scores, readers_only, power)
     parts = []
     for s in group.slices:
@@ -62,7 +63,9 @@ def channel_cost(model: nn.Module, group: Group) -> int:
     """Parameters (and buffer entries) one channel of ``group`` takes with it: for every
     slice, ``repeat`` indices along its dimension of a tensor of that shape. ``ValueError``
     for a group that does not fit ``model`` (see
-    :func:`~sparsekit.structured.dependency.check_groups`), once a raw ``AttributeError``."""
+    :func:`~sparsekit.structured.dependency.check_groups`), once a raw ``AttributeError``;
+    :class:`~sparsekit._checks.ArgumentTypeError` for a ``model`` that is no module."""
+    check_module("model", model)
     check_groups([group], model, "group")
     cost = 0
     for s in group.slices:

@@ -21,7 +21,8 @@ A space that reaches the model's output or input, or meets an op this tracer doe
 know (attention, LayerNorm, ``view``, a grouped convolution …), is frozen: its channels
 keep their width. So is one whose layer's weight is computed rather than held
 (``weight_norm``, ``spectral_norm``): there are no rows of its own to cut. So is a
-parameter used by two different spaces (a layer called twice).
+parameter used by two different spaces (a layer called twice), and an Embedding with
+``max_norm`` (its rows are rescaled by their norm over all channels).
 Tied parameters used consistently (an embedding tied to an output head) are one slice.
 """
 
@@ -36,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_materialized
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, check_module
 from sparsekit.targets import conv1d_type
 
-__all__ = ["Group", "Slice", "check_channels", "check_groups", "check_removed",
+__all__ = ["Group", "Slice", "check_channels", "check_group", "check_groups", "check_removed",
            "dependency_groups", "is_conv1d", "trace"]
 
 
@@ -84,15 +85,13 @@ def check_groups(groups: object, model: nn.Module, name: str = "groups") -> list
     channel extent it claims. Groups traced from another model would otherwise remove the
     wrong channels, none, or fail half-way through a change."""
     if isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
-        raise TypeError(f"{name} must be a sequence of Group (dependency_groups, "
-                        f"transformer_groups), got {type(groups).__name__}")
+        raise ArgumentTypeError(f"{name} must be a sequence of Group (dependency_groups, "
+                                f"transformer_groups), got {type(groups).__name__}")
     groups = list(groups)
     tensors = {**dict(model.named_parameters(remove_duplicate=False)),
                **dict(model.named_buffers(remove_duplicate=False))}
     for i, group in enumerate(groups):
-        if not isinstance(group, Group):
-            raise TypeError(f"{name}[{i}] must be a Group, got {type(group).__name__}")
-        _check_fields(f"{name}[{i}]", group)
+        check_group(f"{name}[{i}]", group)
         for s in group.slices:
             tensor = tensors.get(s.name)
             extent = s.offset + group.channels * s.repeat
@@ -148,13 +147,17 @@ def check_removed(removed: object) -> list[tuple[Group, torch.Tensor]]:
     return pairs
 
 
-def _check_fields(where: str, group: Group) -> None:
-    """Raise unless ``group``'s own fields are ones a traced group has: ``channels`` an int
-    ≥ 1, and every slice a :class:`Slice` with an int ``dim``, ``role`` ``"in"`` or
-    ``"out"``, ``offset`` ≥ 0 and ``repeat`` ≥ 1. A hand-built group without them removed
+def check_group(where: str, group: object) -> None:
+    """Raise unless ``group`` (the argument ``where``) is a :class:`Group` whose own fields
+    are ones a traced group has: ``channels`` an int ≥ 1, and every slice a :class:`Slice`
+    with an int ``dim``, ``role`` ``"in"`` or ``"out"``, ``offset`` ≥ 0 and ``repeat`` ≥ 1.
+    A hand-built group without them removed
     the wrong channels without a sign of it (a negative offset wraps around, a role other
     than ``"in"`` has no readers, so every channel looked removable) or failed inside
-    PyTorch (``channels=0``, ``-1``, ``2.5``)."""
+    PyTorch (``channels=0``, ``-1``, ``2.5``); anything else in its place failed with a raw
+    ``AttributeError``."""
+    if not isinstance(group, Group):
+        raise ArgumentTypeError(f"{where} must be a Group, got {type(group).__name__}")
     check_int(f"{where}.channels", group.channels, minimum=1)
     if not isinstance(group.slices, tuple):
         raise ArgumentTypeError(f"{where}.slices must be a tuple of Slice, got "
@@ -201,9 +204,9 @@ class _Tracer(fx.Tracer):
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """``model`` traced with ``torch.fx``, or a ``ValueError`` saying what stopped it and
-    in which submodule."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    in which submodule (an :class:`ArgumentTypeError` for a ``model`` that is no
+    ``nn.Module``: a function or a tensor)."""
+    check_module("model", model)
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
@@ -377,13 +380,20 @@ class _Follower:
             return self.write(out_features, str(node.target), prefix, dim=-1, weight_dim=1)
         if isinstance(module, nn.Embedding):
             self.freeze(node.args[1:], node.kwargs)
-            sid = self.new_space(module.embedding_dim, str(node.target))
+            # max_norm rescales each looked-up row by its norm over every channel: one
+            # removed (even unread) changed the others' values
+            sid = self.new_space(module.embedding_dim, str(node.target),
+                                 frozen=module.max_norm is not None)
             self.spaces[sid].slices.append(Slice(f"{prefix}weight", 1, "out"))
             return _Layout(((sid, 1),), -1)
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            # channels lie on axis 1; a Linear output (axis -1) only for BatchNorm1d of (N, C)
+            # channels lie on axis 1; a Linear output (axis -1) only for BatchNorm1d of (N, C).
+            # A width other than the space's normalises another axis (BatchNorm1d(L) of a
+            # Linear's (N, L, C) output): attached to the space, shrink cut it to a model
+            # that no longer ran
             if layout is None or layout.spread != 1 or (
-                    layout.dim != 1 and not isinstance(module, nn.BatchNorm1d)):
+                    layout.dim != 1 and not isinstance(module, nn.BatchNorm1d)) \
+                    or module.num_features != self.width(layout):
                 self.freeze(node.args)
                 return None
             for n in ("weight", "bias", "running_mean", "running_var"):

@@ -30,7 +30,7 @@ from sparsekit._checks import (
 )
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.select import top_k
-from sparsekit.structured.dependency import Group, Slice, dependency_groups
+from sparsekit.structured.dependency import Group, Slice, check_group, dependency_groups
 from sparsekit.targets import DEFAULT_TYPES, Target
 
 __all__ = ["channel_masks", "check_round_to", "check_scoring", "group_importance", "round_count",
@@ -49,7 +49,10 @@ def group_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
     (finite scores never overflow to a tie of infs) and returned in float32, or float64
     where ``power`` takes a mean beyond float32's range; NaN/inf scores are a
     ``ValueError``, and so is a ``power`` that is not a positive finite number (NaN or a
-    negative power of a zero score ranked every channel as a tie)."""
+    negative power of a zero score ranked every channel as a tie). ``group`` is checked
+    (:func:`~sparsekit.structured.dependency.check_group`): anything else, or a negative
+    offset, failed with a raw ``AttributeError`` or ``RuntimeError``."""
+    check_group("group", group)
     check_scoring(scores, readers_only, power)
     total = torch.zeros(group.channels, dtype=torch.float64)
     count = 0
@@ -85,7 +88,8 @@ def score_part(group: Group, s: Slice, score: object) -> torch.Tensor:
     """The entries of ``score`` (the score of ``s.name``) that ``s`` gives ``group``'s
     channels, along dimension 0, in float64; ``ValueError`` when ``score`` is not a
     real tensor that holds them or holds NaN/inf (a ranking of NaN is arbitrary; a complex
-    one lost its imaginary part); a sparse one is read densely, a meta one is refused."""
+    one lost its imaginary part; a bool mask ranked channels by their kept counts); a
+    sparse one is read densely, a meta one is refused."""
     extent = s.offset + group.channels * s.repeat
     if not isinstance(score, torch.Tensor) or not -score.dim() <= s.dim < score.dim() \
             or score.shape[s.dim] < extent:
@@ -93,8 +97,9 @@ def score_part(group: Group, s: Slice, score: object) -> torch.Tensor:
                  else f"shape {tuple(score.shape)}")
         raise ValueError(f"scores[{s.name!r}] does not fit group {group.name!r}: it needs "
                          f"{extent} entries along dim {s.dim}, got {found}")
-    if score.is_complex():
-        raise ValueError(f"scores[{s.name!r}] must be a real tensor, got dtype {score.dtype}")
+    if score.is_complex() or score.dtype == torch.bool:  # a bool mask ranked as 0s and 1s
+        raise ValueError(f"scores[{s.name!r}] must be a real tensor, got dtype {score.dtype}; "
+                         "accepted: float or int scores (a keep-mask is no score)")
     check_materialized(f"scores[{s.name!r}]", score)
     if score.layout != torch.strided:
         score = score.to_dense()

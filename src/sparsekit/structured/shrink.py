@@ -23,6 +23,7 @@ from sparsekit._checks import (
     check_int,
     check_materialized,
     check_materialized_module,
+    check_module,
 )
 from sparsekit.masks import one_mask
 from sparsekit.structured.compensate import fold_means, reader_means, with_biases
@@ -84,8 +85,10 @@ def shrink(model: nn.Module, masks: object = None, *, groups: Sequence[Group] | 
         groups = dependency_groups(model)
     else:
         groups = check_groups(groups, model)
+        for i, group in enumerate(groups):
+            _check_roles(f"groups[{i}]", group)
         _check_disjoint(model, groups)
-    removed = [(g, removable_channels(model, g, table)) for g in groups]
+    removed = [(g, _removable(model, g, table)) for g in groups]
     means = {} if compensate is None else _compensation_means(model, removed, compensate)
     small = copy.deepcopy(model)
     if means:  # before the masks zero the columns it reads
@@ -116,6 +119,18 @@ def _check_disjoint(model: nn.Module, groups: Sequence[Group]) -> None:
                         f"{group.name!r}) hold the same entries of {s.name!r}; accepted: "
                         "groups that share no channel (each group once)")
             spans.setdefault(key, []).append((lo, hi, i))
+
+
+def _check_roles(where: str, group: Group) -> None:
+    """``ValueError`` unless ``group`` holds both writer rows (role ``"out"``) and reader
+    columns (``"in"``), as every traced group does. Without readers every channel looked
+    removable and the writer alone was cut; without writers the readers alone were: either
+    way a model that no longer ran."""
+    roles = {s.role for s in group.slices}
+    if roles != {"in", "out"}:
+        raise ValueError(f"{where} (opened by {group.name!r}) has slices of roles "
+                         f"{sorted(roles)}; accepted: groups with both writer rows ('out') "
+                         "and reader columns ('in'), which shrink together")
 
 
 def _restore(group: Group, gone: torch.Tensor, round_to: int) -> torch.Tensor:
@@ -163,8 +178,11 @@ def remove_channels(model: nn.Module, removed: Iterable[tuple[Group, torch.Tenso
     Each tensor is cut once, so tied weights stay tied; the layers touched get size
     attributes that match their new shapes.
     """
+    check_module("model", model)  # was a raw AttributeError after the checks of removed
     removed = check_removed(removed)  # all before any cut
     for i, (group, gone) in enumerate(removed):
+        if gone.numel():
+            _check_roles(f"removed[{i}]'s group", group)
         if gone.numel() == group.channels:  # the layers left would have no channel there
             raise ValueError(f"removed[{i}] removes every channel of group {group.name!r} "
                              f"({group.channels}); accepted: at most {group.channels - 1}, a "
@@ -176,12 +194,23 @@ def remove_channels(model: nn.Module, removed: Iterable[tuple[Group, torch.Tenso
     cut(model, cuts)
 
 
-def removable_channels(model: nn.Module, group: Group, masks: MaskTable | None) -> torch.Tensor:
+def removable_channels(model: nn.Module, group: Group, masks: object) -> torch.Tensor:
     """The channels of ``group`` (ascending, long) whose reader columns are all masked.
 
-    ``masks`` maps parameter names to keep-masks; a reader without one counts as kept, or,
-    with ``masks=None``, as its nonzero entries.
+    ``masks`` is a :class:`~sparsekit.MaskSet` or a ``{parameter name: bool tensor}``
+    dict, checked as :func:`shrink` checks it; a reader without one counts as kept, or,
+    with ``masks=None``, as its nonzero entries. ``group`` must fit ``model``
+    (:func:`~sparsekit.structured.dependency.check_groups`): a list of masks, a mask of
+    another shape or a group of another model failed with raw errors, and a float mask
+    read its NaN entries as kept.
     """
+    check_module("model", model)
+    check_groups([group], model, "group")
+    return _removable(model, group, _mask_table(model, masks))
+
+
+def _removable(model: nn.Module, group: Group, masks: MaskTable | None) -> torch.Tensor:
+    """:func:`removable_channels` of a checked ``group`` and mask table (:func:`_mask_table`)."""
     alive = torch.zeros(group.channels, dtype=torch.bool)
     aliases = _aliases(model)
     for s in group.slices:
@@ -203,7 +232,7 @@ def _mask_table(model: nn.Module, masks: object) -> MaskTable | None:
         return None
     table = getattr(masks, "masks", masks)
     if not isinstance(table, Mapping):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"masks must be a MaskSet, a dict of parameter name -> bool tensor, or None; got "
             f"{type(masks).__name__}"
         )
@@ -246,11 +275,23 @@ def cut(model: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -> None:
     (once per tensor: tied weights stay tied), then bring the touched layers' size
     attributes in line with their new shapes. Every entry is checked first: ``ValueError``
     for a name that is no parameter or buffer, a dimension the tensor lacks, or an index
-    outside it (one was skipped without a sign)."""
+    outside it (one was skipped without a sign); :class:`ArgumentTypeError` for a ``cuts``
+    that is no mapping of ``(name, dim)`` pairs to collections of indices (raw
+    ``AttributeError`` s and unpacking errors)."""
+    check_module("model", model)
+    if not isinstance(cuts, Mapping):
+        raise ArgumentTypeError(f"cuts must be a mapping of (tensor name, dim) to the indices "
+                                f"to drop, got {type(cuts).__name__}")
     tensors = {**dict(model.named_parameters(remove_duplicate=False)),
                **dict(model.named_buffers(remove_duplicate=False))}
     by_tensor: dict[int, tuple[torch.Tensor, dict[int, set[int]]]] = {}
-    for (name, dim), gone in cuts.items():
+    for key, gone in cuts.items():
+        if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str)):
+            raise ArgumentTypeError(f"cuts keys must be (tensor name, dim) pairs, got {key!r}")
+        if isinstance(gone, (str, bytes)) or not isinstance(gone, Iterable):
+            raise ArgumentTypeError(f"cuts[{key!r}] must be a collection of indices, got "
+                                    f"{type(gone).__name__}")
+        (name, dim), gone = key, list(gone)  # a generator is read once, here
         tensor = tensors.get(name)
         if tensor is None:
             raise ValueError(f"cuts names {name!r}, which is not a parameter or buffer of the "
