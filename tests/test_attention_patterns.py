@@ -282,7 +282,7 @@ def test_user_mask_tensor_and_function():
                                                            dtype=torch.bool))
     assert bool(follow.block_mask(q, k, block_size=4, causal=False).all())
     with pytest.raises(ValueError,
-                       match=r"block_mask must be a bool tensor .*2, 2\) for block_size=4, got"):
+                       match=r"mask must be a bool tensor .*2, 2\) for block_size=4, got"):
         UserMask(torch.ones(1, 1, 3, 3, dtype=torch.bool)).block_mask(q, k, block_size=4)
 
 
@@ -430,7 +430,7 @@ def test_a_mask_of_other_batch_or_heads_is_refused(shape):
     mass once per broadcast copy (a recall above 1)."""
     q = k = torch.randn(1, 2, 16, 8)
     mask = torch.ones(shape, dtype=torch.bool)
-    match = r"block_mask must be a bool tensor \(1 or 1, 1 or 2, 4, 4\) for block_size=4, got"
+    match = r"mask must be a bool tensor \(1 or 1, 1 or 2, 4, 4\) for block_size=4, got"
     with pytest.raises(ValueError, match=match):
         UserMask(mask).block_mask(q, k, block_size=4)
     with pytest.raises(ValueError, match=match):

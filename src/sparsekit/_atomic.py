@@ -8,7 +8,9 @@ is the one way they do it. Writers of several files into one directory also hold
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -19,7 +21,8 @@ try:
 except ImportError:  # Windows: no advisory locks (directory_lock does not serialise there)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "atomic_write", "directory_lock", "sync", "sync_directory", "umask"]
+__all__ = ["LOCK_NAME", "atomic_write", "directory_lock", "sync", "sync_directory", "umask",
+           "write_target"]
 
 LOCK_NAME = ".sparsekit.lock"
 """The file :func:`directory_lock` locks in a directory (removed when it is released)."""
@@ -36,42 +39,83 @@ def blocking_parent(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
     return None
 
 
+def write_target(path: str | os.PathLike[str]) -> Path:
+    """The file a write to ``path`` replaces, the one ``open(path, "w")`` would write:
+    ``path`` itself, or, where ``path`` is a symbolic link, the file the link leads to (a
+    chain followed to its end), so that the write keeps the link. A link to nothing leads
+    to the file it names, created by the write. A link to a directory raises
+    ``IsADirectoryError`` and a loop ``OSError`` (``ELOOP``), both naming ``path``. A link
+    to a device, FIFO or socket is itself the file replaced: none of those can be replaced
+    whole by a file (a rename over ``/dev/zero`` would remove the device node).
+
+    Replacing the link instead (what a rename over ``path`` does) turned a link to a file
+    kept elsewhere into a regular file, leaving the file it named as it was."""
+    path = Path(path)
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # realpath stops at the link that leads back into the loop
+        raise OSError(errno.ELOOP, f"cannot write {str(path)!r}: it is a symbolic link that "
+                                   "leads back to itself (a loop); accepted: a file path, or "
+                                   "a link to a file")
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {str(path)!r}: it is a symbolic "
+                                              f"link to the directory {str(target)!r}; "
+                                              "accepted: a file path, or a link to a file")
+    if target.exists() and not target.is_file():
+        return path
+    return target
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Give a temporary file to write in place of ``path``; on leaving the block, it
     becomes ``path``.
 
-    The temporary file, ``.NAME.PID-XXXXXXXX.tmp``, is created empty in ``path``'s
-    directory (so the rename never crosses file systems) with a new file's usual
-    permissions: the umask applies, not ``mkstemp``'s 0600, which would outlive the rename.
-    The block writes it by its path, so writers that take only a path (safetensors'
-    ``save_file``) fit. When the block ends, the file is fsynced, renamed over ``path``
-    (``os.replace``: readers see the old file or the new one, never half of one) and the
-    directory is fsynced, so the rename survives a power loss too. If the block, the fsync
-    or the rename raises (``KeyboardInterrupt`` included), the temporary file is removed and
-    ``path`` is as it was.
+    Where ``path`` is a symbolic link, the file it leads to is the one replaced, the link
+    kept (:func:`write_target`; the folders of a link to nothing are created). The
+    temporary file, ``.NAME.PID-XXXXXXXX.tmp``, is created empty in the directory of the
+    file replaced (so the rename never crosses file systems). Once written it gets the
+    permissions of the file it replaces, as ``open(path, "w")`` keeps them (a private file
+    stays private, a read-only one read-only), or a new file's usual ones: the umask
+    applies, not ``mkstemp``'s 0600, which would outlive the rename. The block writes it by
+    its path, so writers that take only a path (safetensors' ``save_file``) fit. When the
+    block ends, the file is fsynced, renamed over the file it replaces (``os.replace``:
+    readers see the old file or the new one, never half of one) and the directory is
+    fsynced, so the rename survives a power loss too. If the block, the fsync or the rename
+    raises (``KeyboardInterrupt`` included), the temporary file is removed and the file is
+    as it was.
 
-    The directory must exist. A writer killed outright leaves its temporary file behind;
-    the PID in its name lets a later writer tell whether that writer is gone
+    The directory of ``path`` must exist. A writer killed outright leaves its temporary
+    file behind; the PID in its name lets a later writer tell whether that writer is gone
     (:func:`sparsekit.checkpoint._remove_stale_temps`).
     """
-    path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
-                                dir=path.parent)
+    target = write_target(path)
+    if target != Path(path):  # a link to nothing may name a folder not made yet
+        if blocker := blocking_parent(target):
+            raise NotADirectoryError(
+                errno.ENOTDIR, f"cannot write {os.fspath(path)!r}: it is a symbolic link to "
+                               f"{str(target)!r}, under {str(blocker[0])!r}, which is "
+                               f"{blocker[1]}, not a directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode) & 0o777  # never set-id bits on new bytes
+    except FileNotFoundError:
+        mode = 0o666 & ~umask()
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp",
+                                dir=target.parent)
+    os.close(fd)
     tmp = Path(name)
     try:
-        try:
-            if hasattr(os, "fchmod"):  # Windows (before 3.13) has only a read-only flag
-                os.fchmod(fd, 0o666 & ~umask())
-        finally:
-            os.close(fd)
         yield tmp
         _fsync(tmp)
-        os.replace(tmp, path)
+        if hasattr(os, "fchmod"):  # Windows (before 3.13) has only a read-only flag
+            os.chmod(tmp, mode)  # once written: a read-only file's mode refused the writes
+        os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    sync_directory(path.parent)
+    sync_directory(target.parent)
 
 
 @contextmanager

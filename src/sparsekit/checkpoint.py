@@ -16,6 +16,7 @@ directory is fsynced, so a crash never leaves half a checkpoint.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -34,11 +35,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
-from sparsekit._atomic import atomic_write, blocking_parent
+from sparsekit._atomic import atomic_write, blocking_parent, write_target
 from sparsekit._checks import ArgumentTypeError, check_module, check_writable, memory_bytes
 from sparsekit.distributed import is_sharded
 from sparsekit.engine import fused
-from sparsekit.masks import MaskSet, keeps_everything, pattern_view
+from sparsekit.masks import MaskSet, keeps_everything, maskable, pattern_view
 from sparsekit.patterns import Pattern, parse_pattern
 
 FORMAT = "sparsekit"
@@ -103,6 +104,11 @@ def save(
     path = checkpoint_file(path)
     if masks is not None and not isinstance(masks, MaskSet):
         raise TypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
+    if masks is not None and masks.removed:  # it holds no mask: its pattern was recorded
+        # for none, and a load of such a file failed its check after loading the weights
+        raise ValueError("masks: this MaskSet was removed (remove() dropped its masks, the "
+                         "zeros stay in the weights); accepted: a MaskSet that holds its masks, "
+                         "or masks=None to store the weights by their zeros")
     if metadata is not None and not (
         isinstance(metadata, dict)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
@@ -197,8 +203,11 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     folders' creation, and a broken symbolic link a raw ``FileExistsError``; ``"x/"`` and
     ``"x/."``, which pathlib reads as the file ``x``, were written there; a NUL character
     failed only in the write; an existing device, FIFO or socket, ``/dev/null`` too, was
-    replaced by the rename with a regular file). A recipe checks its ``out`` with it
-    before any stage runs."""
+    replaced by the rename with a regular file, and so was a symbolic link, whatever it
+    led to). A symbolic link to a file, or to nothing, is written through: the file it
+    leads to is replaced, the link kept (:func:`~sparsekit._atomic.write_target`); a link
+    that loops, or that leads to nothing under a file, is refused. A recipe checks its
+    ``out`` with it before any stage runs."""
     target = Path(_check_path_type(path))
     raw = os.fspath(path)
     what = ("no file name" if target.name in ("", "..") or os.path.basename(raw) in ("", ".")
@@ -206,8 +215,16 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
             else "an existing directory" if target.is_dir()
             else f"an existing {kind}, not a regular file" if (kind := _special_kind(target))
             else None)
-    if what is None and (blocker := blocking_parent(target)):
-        what = f"{str(blocker[0])!r} is {blocker[1]}, not a directory"
+    if what is None:
+        try:
+            written = write_target(target)  # a link's target is written, the link kept
+        except OSError as err:  # a link to a directory is "an existing directory" above
+            if err.errno != errno.ELOOP:
+                raise
+            what = "a symbolic link that leads back to itself (a loop)"
+        else:
+            if blocker := blocking_parent(target) or blocking_parent(written):
+                what = f"{str(blocker[0])!r} is {blocker[1]}, not a directory"
     if what is not None:
         raise ValueError(f"path must be the path of the checkpoint file to write, got "
                          f"{os.fspath(path)!r} ({what})")
@@ -286,11 +303,15 @@ def _load(model: nn.Module, path: str | os.PathLike, stored: _Stored,
     _check_ties(path, model.state_dict(), ckpt.state)
     model.load_state_dict(ckpt.state, strict=True)
     params = dict(model.named_parameters())
-    # Saved with a MaskSet: exactly its masks. Saved without: every compressed parameter.
+    # Saved with a MaskSet: exactly its masks. Saved without: every compressed parameter a
+    # MaskSet can mask (a float8 one is stored compressed too, but refused by MaskSet: the
+    # model was loaded, then a raw error of its decoding, or that refusal, came after it)
     with_masks = any(info.masked for info in ckpt.infos.values())
     masks = {k: m for k, m in ckpt.kept.items()
-             if k in params and (ckpt.infos[k].masked or not with_masks)}
-    pattern = ckpt.meta.get("pattern", "unstructured")
+             if k in params and (ckpt.infos[k].masked or not with_masks)
+             and maskable(params[k].dtype)}
+    # the pattern is the saved masks' one; positions stored without masks follow none
+    pattern = ckpt.meta.get("pattern", "unstructured") if with_masks else "none"
     return MaskSet(model, masks, pattern="unstructured" if pattern == "none" else pattern)
 
 
@@ -424,7 +445,13 @@ def _check_path_type(path: object) -> str | os.PathLike:
 
 
 def _checked_path(path: str | os.PathLike) -> Path:
+    """``path`` as a checkpoint file to read: ``FileNotFoundError`` where nothing is there,
+    ``ValueError`` naming it where a directory, a special file or a NUL character is (that
+    was ``os.stat``'s "embedded null byte", naming nothing)."""
     path = Path(_check_path_type(path))
+    if "\0" in str(path):
+        raise ValueError(f"checkpoint {str(path)!r} holds a NUL character, which no file name "
+                         "can; accepted: the path of an existing checkpoint file")
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -745,9 +772,13 @@ def _count_nonzero(t: torch.Tensor) -> int:
 
 
 def _check_masked_zero(key: str, dropped: torch.Tensor) -> None:
-    """Masked weights are stored as +0.0 and not at all: anything else would be lost."""
-    nonzero = int(dropped.ne(0).sum())
-    negative = int((dropped.eq(0) & dropped.signbit()).sum())
+    """Masked weights are stored as +0.0 and not at all: anything else would be lost. A zero
+    that is not +0.0 is told by its bits (all clear only for +0.0), which every dtype has
+    (``signbit`` of a complex weight was a raw ``NotImplementedError``)."""
+    nonzero = dropped.ne(0)
+    bits = dropped.view(_SAME_WIDTH_INT[dropped.element_size()])
+    negative = int((bits.ne(0) & ~nonzero).sum())
+    nonzero = int(nonzero.sum())
     if nonzero or negative:
         raise ValueError(
             f"masks: weights of {key!r} are not +0.0 where masked: {nonzero} nonzero and "
@@ -844,9 +875,12 @@ def _decode(
             )
         kept = torch.zeros(n, dtype=torch.bool)
         kept[idx] = True
-    out = torch.zeros(n, dtype=values.dtype)
-    out[kept] = values
-    return out.reshape(info.shape), kept.reshape(info.shape)
+    # placed as same-width integers: bit for bit, and for every dtype (PyTorch cannot index
+    # a float8 tensor: a compressed float8 parameter was written, then never read back)
+    bits = _SAME_WIDTH_INT[values.element_size()]
+    out = torch.zeros(n, dtype=bits)
+    out[kept] = values.view(bits)
+    return out.view(values.dtype).reshape(info.shape), kept.reshape(info.shape)
 
 
 def _check_pattern(spec: str, infos: dict[str, TensorInfo],
@@ -891,11 +925,13 @@ def _atomic_write(path: Path, parts: dict[str, torch.Tensor], meta: dict[str, st
 
     The bytes depend only on the inputs (sorted metadata and tensors); the file goes to a
     temporary ``.NAME.PID-XXXXXXXX.tmp`` beside ``path`` that is fsynced and renamed over
-    ``path``, and the directory is fsynced (:func:`~sparsekit._atomic.atomic_write`).
+    ``path``, and the directory is fsynced (:func:`~sparsekit._atomic.atomic_write`). Where
+    ``path`` is a symbolic link, the file it leads to is replaced (and its stale temporary
+    files, which lie beside it, removed).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     header, ordered = _layout(parts, meta)
-    _remove_stale_temps(path)
+    _remove_stale_temps(write_target(path))
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(header)
         for t in ordered:

@@ -95,7 +95,7 @@ class MaskSet:
         check_module("model", model)
         params = dict(model.named_parameters())
         parsed = parse_pattern(pattern)
-        self._check(masks, params)
+        self._check(masks, params, model=model)
         _check_follow(parsed, masks, model)
         self.model = model
         self.pattern = str(parsed)
@@ -156,9 +156,11 @@ class MaskSet:
         that must refuse before changing other state (a schedule's round, the weights it
         rewinds)."""
         self._check_not_removed("update")
-        self._current_params()  # a replaced parameter of another shape is refused
-        self._check(masks, self.params, subset=True)
+        params = self._current_params()  # a replaced parameter of another shape is refused
+        self._check(masks, self.params, subset=True, model=self.model)
         _check_follow(parse_pattern(self.pattern), masks, self.model)
+        for opt in self._optimizers.values():  # the state update() zeroes at dropped weights
+            _check_state_writable(opt, {n: params[n] for n in masks})
 
     def sparsity(self) -> float:
         """Fraction of masked entries over all masked parameters."""
@@ -181,11 +183,12 @@ class MaskSet:
         masked entries are zeroed. To change masks during training use :meth:`update`.
         """
         masks, pattern = self._check_state(state)
-        self._owners = {n: _owner(self.model, n) for n in masks}
-        self.params = {n: module._parameters[attr] for n, (module, attr) in self._owners.items()}
+        owners = {n: _owner(self.model, n) for n in masks}
+        params = {n: module._parameters[attr] for n, (module, attr) in owners.items()}
+        self._check_loadable(params)
         # copies: the state's tensors stay the caller's, changing them changes no mask
-        self.masks = {n: m.to(self.params[n].device, torch.bool, copy=True)
-                      for n, m in masks.items()}
+        new = {n: m.to(params[n].device, torch.bool, copy=True) for n, m in masks.items()}
+        self._owners, self.params, self.masks = owners, params, new
         self.pattern = str(pattern)
         self._refresh_shards()
         for opt in self._optimizers.values():  # masked entries of the state start clean
@@ -193,6 +196,17 @@ class MaskSet:
                 _fill_state(opt, p, ~self._shards[n])
         self._refresh_factors()
         self.apply()
+
+    def _check_loadable(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Raise unless the weights ``params`` that loaded masks would hold, and their state
+        in every attached optimizer, can be zeroed in place (no inference tensor outside
+        inference mode, nothing on the meta device): the masks, the weights they follow and
+        the pattern were swapped first, so a failing zeroing left the MaskSet half loaded."""
+        for n, p in params.items():
+            check_materialized(f"parameter {n!r}", p)
+            check_writable(f"parameter {n!r}", p)
+        for opt in self._optimizers.values():
+            _check_state_writable(opt, params)
 
     def _check_state(self, state: object) -> tuple[Mapping[str, torch.Tensor], Pattern]:
         """The masks and the pattern of ``state``, checked as :meth:`load_state_dict` takes
@@ -206,7 +220,7 @@ class MaskSet:
         except (TypeError, ValueError) as err:
             kind = ArgumentTypeError if isinstance(err, TypeError) else ValueError
             raise kind(f"state['pattern']: {err}") from err
-        self._check(masks, dict(self.model.named_parameters()))
+        self._check(masks, dict(self.model.named_parameters()), model=self.model)
         _check_follow(pattern, masks, self.model)
         return masks, pattern
 
@@ -278,6 +292,7 @@ class MaskSet:
             params = {n: model_params[n] for n in names
                       if isinstance(n, str) and n in model_params}
         self._check_optimizes_params(optimizer, params)
+        _check_state_writable(optimizer, params)  # zeroed once hooked: refuse before hooking
         return optimizer
 
     def detach(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -309,6 +324,11 @@ class MaskSet:
         self._shards.clear()
         self._owners.clear()
         self._removed = True
+
+    @property
+    def removed(self) -> bool:
+        """Whether :meth:`remove` dropped the masks (the MaskSet then masks nothing)."""
+        return self._removed
 
     def capture(self, on: bool) -> None:
         """Nothing to switch: a masked weight's gradient is dense until the step masks it.
@@ -430,12 +450,20 @@ class MaskSet:
             )
 
     @staticmethod
-    def _check(masks: Mapping[str, torch.Tensor], params: Mapping, *, subset: bool = False) -> None:
+    def _check(masks: Mapping[str, torch.Tensor], params: Mapping, *, subset: bool = False,
+               model: nn.Module) -> None:
         if not isinstance(masks, Mapping):
             raise ArgumentTypeError(
                 f"masks must be a dict of name -> bool tensor, got {type(masks).__name__}"
             )
         for n, m in masks.items():
+            if n not in params and (first := _shared_name(model, n)) is not None:
+                # was "not a parameter of the model", of a parameter it holds
+                raise ValueError(
+                    f"masks has an entry {n!r} that names the parameter {first!r} by another "
+                    "path (a module or weight shared under two names); accepted: one mask per "
+                    f"weight, under {first!r}"
+                )
             if n not in params:
                 raise ValueError(
                     f"masks has an entry {n!r} that this MaskSet does not mask; it masks: "
@@ -448,7 +476,7 @@ class MaskSet:
             dtype = params[n].dtype
             # PyTorch masks no float8 tensor in place: apply() zeroed the layers before
             # one, then failed with a raw NotImplementedError
-            if dtype.is_floating_point and dtype.itemsize == 1:
+            if not maskable(dtype):
                 raise ArgumentTypeError(
                     f"masks has an entry {n!r} for a parameter of dtype {dtype}, which cannot "
                     "be masked in place; accepted: parameters of other dtypes (float16, "
@@ -487,6 +515,12 @@ def check_mask(name: str, mask: object, shape: torch.Size | tuple[int, ...]) -> 
             "convert with `.to_dense()`"
         )
     check_materialized(name, mask)
+
+
+def maskable(dtype: torch.dtype) -> bool:
+    """Whether a :class:`MaskSet` can mask a parameter of ``dtype`` in place: any but the
+    float8 ones, which PyTorch cannot ``masked_fill_``."""
+    return not (dtype.is_floating_point and dtype.itemsize == 1)
 
 
 def pattern_view(model: nn.Module, name: str, mask: torch.Tensor) -> torch.Tensor:
@@ -563,10 +597,32 @@ def after_gradients(fn: Callable[[], None]) -> Callable[..., object]:
     return hook
 
 
+def _shared_name(model: nn.Module, name: object) -> str | None:
+    """The name ``model.named_parameters()`` gives the parameter that ``name`` reaches by
+    another path (a module or a weight shared under two names), or ``None``."""
+    every = dict(model.named_parameters(remove_duplicate=False))
+    if not isinstance(name, str) or name not in every:
+        return None
+    return next((n for n, p in model.named_parameters() if p is every[name] and n != name),
+                None)
+
+
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The module that holds parameter ``name`` directly, and its attribute name."""
     module_name, _, attr = name.rpartition(".")
     return model.get_submodule(module_name), attr
+
+
+def _check_state_writable(optimizer: torch.optim.Optimizer,
+                          params: Mapping[str, torch.Tensor]) -> None:
+    """Raise unless the per-element state ``optimizer`` holds for ``params`` (by name), which
+    :func:`_fill_state` zeroes in place, can be changed in place: an optimizer state loaded
+    under ``torch.inference_mode`` failed ``attach`` with a raw ``RuntimeError`` once its
+    hooks were registered, and ``update`` or ``load_state_dict`` half way through."""
+    for n, p in params.items():
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                check_writable(f"optimizer state {key!r} of parameter {n!r}", value)
 
 
 def _fill_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: torch.Tensor) -> None:

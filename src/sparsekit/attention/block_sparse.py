@@ -54,6 +54,9 @@ def _check(
             )
         if t.dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"{name} must be float32 or bfloat16, got {t.dtype}")
+        if t.layout != torch.strided:  # a raw error of .contiguous() or SDPA
+            raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
+                             "convert with `.to_dense()`")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, heads, q_len, dim = q.shape
@@ -70,6 +73,39 @@ def _check(
     tiles = (blocks(q_len, block_size), blocks(k.shape[2], block_size))
     _check_mask(block_mask, tiles, block_size=block_size, batch=batch, heads=heads)
     _check_device(q, k=k, v=v, block_mask=block_mask)
+
+
+def _check_scores_fit(q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+    """Raise unless every score ``q · kᵀ · scale`` is sure to be finite in float32, where
+    both paths compute it: one that overflowed made its row NaN (to +inf) or, where every
+    kept score of a row went to -inf, silently zero — from finite inputs and a finite
+    ``scale`` (``1e30`` with ordinary ``q``, ``k``). The bound is Cauchy–Schwarz's,
+    ``|q_i · k_j| ≤ ‖q_i‖ ‖k_j‖``, read from the largest row norms (one pass over ``q`` and
+    ``k``, no score computed). Non-finite inputs are left alone (NaN in, NaN out), and
+    nothing is read where there are no values (meta tensors, an empty side) or nothing can
+    be (under ``torch.compile``)."""
+    if (torch.compiler.is_compiling() or q.is_meta or k.is_meta
+            or not q.numel() or not k.numel()):
+        return
+    q_norm, k_norm = _largest_norm(q), _largest_norm(k)
+    if not (math.isfinite(q_norm) and math.isfinite(k_norm)):
+        return  # a NaN or an infinity in q or k
+    if scale * q_norm * k_norm > _FLOAT32_MAX:
+        raise ValueError(
+            f"scale={scale!r} can overflow the float32 scores q · kᵀ · scale of these q and k "
+            f"(largest row norms {q_norm:.3g} and {k_norm:.3g}), which turns rows NaN or "
+            f"zero; accepted: scale ≤ {_FLOAT32_MAX / (q_norm * k_norm):.3g} for them (or "
+            "rescale q and k)")
+
+
+@torch.no_grad()
+def _largest_norm(t: torch.Tensor) -> float:
+    """The largest Euclidean norm of a row (last dim) of ``t``, in float64 where float32's
+    sum of squares overflows (``sqrt(head_dim)`` times its largest magnitude bounds it)."""
+    norm = torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32).amax().item()
+    if math.isinf(norm):
+        norm = t.abs().amax().item() * math.sqrt(t.shape[-1])
+    return norm
 
 
 def dense_block_mask(
@@ -124,6 +160,8 @@ def block_sparse_attention(
         causal: mask keys after each query (the last query aligned with the last key).
         block_size: tile edge in tokens; the last tiles may be ragged.
         scale: softmax scale, a positive finite float; ``1 / sqrt(head_dim)`` by default.
+            A ``ValueError`` where the scores ``q · kᵀ · scale`` could overflow float32
+            (bounded by the largest row norms of ``q`` and ``k``).
 
     ``k``, ``v`` and ``block_mask`` must be on ``q``'s device.
 
@@ -134,6 +172,7 @@ def block_sparse_attention(
     """
     _check(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    _check_scores_fit(q, k, scale)
     if _native(q, k, v):
         # every block_size past the longer sequence tiles alike: the kernel's ceil division
         # of 2**63 - 1 overflowed int64 into a raw shape error on a valid mask
@@ -160,6 +199,7 @@ def reference_attention(
     the oracle of the native kernel and what runs without it. Same arguments and result."""
     _check(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    _check_scores_fit(q, k, scale)
     return _reference(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
 
 

@@ -229,9 +229,10 @@ def mass_recall(
     else:
         _check_device(q, mass=mass)
         check_materialized("mass", mass)
-        _check_mass_values(mass)
+        _check_mass_values(mass, q_len, block_size)
     seen = batch * heads * (min(q_len, kv_len) if causal else q_len)
-    return ((mass * block_mask).sum() / max(seen, 1)).item()
+    # summed in float64: a float16 mass of ordinary values overflowed to a recall of inf
+    return ((mass.to(torch.float64) * block_mask).sum() / max(seen, 1)).item()
 
 
 def _check_scores(scores: torch.Tensor, scale: float) -> None:
@@ -246,15 +247,28 @@ def _check_scores(scores: torch.Tensor, scale: float) -> None:
         )
 
 
-def _check_mass_values(mass: torch.Tensor) -> None:
-    """Raise unless every entry of a caller's ``mass`` is finite and ≥ 0, as
-    :func:`tile_mass` computes it (a negative or NaN one gives a recall outside [0, 1])."""
+def _check_mass_values(mass: torch.Tensor, q_len: int, block_size: int) -> None:
+    """Raise unless every entry of a caller's ``mass`` is finite and ≥ 0, and the tiles of
+    each query block add up to at most its rows (each row's softmax sums to 1), as
+    :func:`tile_mass` computes it: a negative or NaN one, or masses of other scores (not
+    normalised, of other queries), gave a recall outside [0, 1] without a sign of it."""
     bad = ~mass.isfinite() | (mass < 0)
     if bool(bad.any()):
         first = mass[bad].flatten()[0].item()
         raise ValueError(
             f"mass must hold finite values ≥ 0 (softmax masses, as tile_mass computes), got "
             f"{int(bad.sum())} other ones (e.g. {first!r})"
+        )
+    starts = torch.arange(mass.shape[2], device=mass.device) * block_size
+    rows = torch.clamp(q_len - starts, max=block_size).to(torch.float64)
+    totals = mass.to(torch.float64).sum(-1)  # (batch, heads, q_blocks)
+    over = totals > rows * (1 + 1e-3)  # float32 softmax rows sum to 1 within far less
+    if bool(over.any()):
+        b, h, i = (int(x) for x in over.nonzero()[0])
+        raise ValueError(
+            f"mass must hold the softmax masses of q and k (tile_mass): a query block's tiles "
+            f"add up to at most its rows, got {totals[b, h, i].item():.6g} in query block {i} "
+            f"(batch {b}, head {h}) of {int(rows[i])} rows"
         )
 
 
@@ -276,6 +290,9 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, *, finite: bool = False) -> None
             raise ValueError(
                 f"{name} must be a floating 4-D tensor (batch, heads, seq, head_dim), got {got}"
             )
+        if t.layout != torch.strided:  # a raw NotImplementedError of the first product
+            raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
+                             "convert with `.to_dense()`")
     _check_device(q, k=k)
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(
@@ -318,30 +335,34 @@ def _check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
         )
 
 
-def _check_causal(causal: object) -> None:
-    """Raise unless ``causal`` is a bool (``"no"`` or ``1`` would pass as true)."""
-    check_bool("causal", causal)
-
-
 def _check_mask(
     block_mask: torch.Tensor, tiles: tuple[int, int], *, block_size: int,
-    batch: int | None = None, heads: int | None = None,
+    batch: int | None = None, heads: int | None = None, name: str = "block_mask",
 ) -> None:
-    """Raise unless ``block_mask`` is a bool ``(batch or 1, heads or 1, *tiles)`` tensor, its
-    first two sizes checked where ``batch`` and ``heads`` are known (any other would
-    broadcast against the queries into a mask, or a mass, of the wrong shape)."""
+    """Raise unless ``block_mask`` is a dense bool ``(batch or 1, heads or 1, *tiles)``
+    tensor, its first two sizes checked where ``batch`` and ``heads`` are known (any other
+    would broadcast against the queries into a mask, or a mass, of the wrong shape); the
+    error names it ``name``, the argument the caller gave it as. A sparse one failed in
+    PyTorch with a raw ``NotImplementedError`` (``RuntimeError`` on the kernel path)."""
     if (
         not isinstance(block_mask, torch.Tensor)
+        or block_mask.layout != torch.strided
         or block_mask.dtype != torch.bool
         or block_mask.dim() != 4
         or tuple(block_mask.shape[2:]) != tiles
         or any(n is not None and size not in (1, n)
                for size, n in zip(block_mask.shape[:2], (batch, heads)))
     ):
-        got = (f"{block_mask.dtype} {tuple(block_mask.shape)}"
+        got = (f"{block_mask.dtype} {tuple(block_mask.shape)}{_layout(block_mask)}"
                if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__)
         raise ValueError(
-            f"block_mask must be a bool tensor (1 or {'batch' if batch is None else batch}, "
+            f"{name} must be a bool tensor (1 or {'batch' if batch is None else batch}, "
             f"1 or {'heads' if heads is None else heads}, {tiles[0]}, {tiles[1]}) for "
             f"block_size={block_size}, got {got}"
         )
+
+
+def _layout(mask: torch.Tensor) -> str:
+    """What a refusal adds about ``mask``'s layout: nothing for a dense (strided) one."""
+    return ("" if mask.layout == torch.strided else
+            f" of layout {mask.layout}; accepted: a dense (strided) one, `.to_dense()`")

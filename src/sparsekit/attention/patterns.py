@@ -46,6 +46,7 @@ from sparsekit.attention.coverage import (
     Coverage,
     _check_mask,
     _check_qk,
+    _layout,
     blocks,
     bounded_block_size,
     repeat_kv,
@@ -135,6 +136,8 @@ def resolve_pattern(
             raise TypeError(f"options {sorted(options)} apply to a pattern name, not to {pattern}")
         return pattern
     tensor = isinstance(pattern, torch.Tensor)
+    if tensor:  # named as given: "mask" named a parameter the caller never passed
+        _check_user_mask("pattern", pattern)
     cls = UserMask if tensor else ATTENTION_PATTERNS.get(pattern)
     accepted = [f.name for f in dataclasses.fields(cls)
                 if f.init and not (tensor and f.name == "mask")]  # a tensor is the mask
@@ -201,6 +204,7 @@ class TopKBlocks(AttentionPattern):
 
     def tiles(self, q, k, *, block_size, causal, visible):
         scores = _pool(q, block_size) @ repeat_kv(_pool(k, block_size), q.shape[1]).mT
+        _check_estimate(self.name, scores)
         scores = scores.masked_fill(~visible, -math.inf)
         keep = (visible.sum(-1) * self.density).ceil().clamp(min=1).long()  # (q_blocks,)
         ranks = scores.argsort(-1, descending=True).argsort(-1)
@@ -245,6 +249,7 @@ class VerticalSlash(_MassThreshold):
         n = min(self.last_queries, q_len)
         keys = repeat_kv(k, heads).float()
         scores = q[:, :, q_len - n:].float() @ keys.mT / math.sqrt(dim)
+        _check_estimate(self.name, scores)
         dev = q.device
         rows = torch.arange(q_len - n, q_len, device=dev) + (kv_len - q_len)  # key positions
         back = rows[:, None] - torch.arange(kv_len, device=dev)[None, :]  # back to each key
@@ -332,7 +337,8 @@ class Antidiagonal(_MassThreshold):
             usable = keys[None, :] < kv_len
             if causal:
                 usable = usable & (keys[None, :] <= rows[:, None] + stride - 1 + offset)
-            scores = scores.div_(math.sqrt(dim) * stride).masked_fill_(~usable, -math.inf)
+            _check_estimate(self.name, scores.div_(math.sqrt(dim) * stride))
+            scores = scores.masked_fill_(~usable, -math.inf)
             probs = torch.softmax(scores, -1).nan_to_num_(0.0) * (rows < q_len)[:, None].float()
             mass[:, :, b0:b1, :end] = probs.view(batch, heads, b1 - b0, per, end, per).sum((3, 5))
         return _fewest(mass, self.threshold)
@@ -385,23 +391,43 @@ class UserMask(AttentionPattern):
                 "mask must be a bool tensor or a function (q_len, kv_len, block_size) -> "
                 f"tensor, got {type(self.mask).__name__}"
             )
-        if isinstance(self.mask, torch.Tensor) and (
-            self.mask.dtype != torch.bool or self.mask.dim() != 4
-        ):
-            raise ValueError(
-                "mask must be a bool tensor (batch or 1, heads or 1, q_blocks, kv_blocks), got "
-                f"{self.mask.dtype} {tuple(self.mask.shape)}"
-            )
+        if isinstance(self.mask, torch.Tensor):
+            _check_user_mask("mask", self.mask)
 
     def tiles(self, q, k, *, block_size, causal, visible):
-        mask = self.mask
-        if not isinstance(mask, torch.Tensor):
+        mask, name = self.mask, "mask"
+        if not isinstance(mask, torch.Tensor):  # its errors name the call that made it
+            name = f"mask({q.shape[2]}, {k.shape[2]}, {block_size})"
             mask = mask(q.shape[2], k.shape[2], block_size)
         _check_mask(mask, tuple(visible.shape), block_size=block_size, batch=q.shape[0],
-                    heads=q.shape[1])
+                    heads=q.shape[1], name=name)
         if not q.is_meta:  # a meta mask has no tiles to copy to q's device
-            check_materialized("mask", mask)
+            check_materialized(name, mask)
         return mask.to(q.device)  # the block mask is on q's device, as every pattern's
+
+
+def _check_user_mask(name: str, mask: torch.Tensor) -> None:
+    """Raise unless ``mask``, the tensor of a :class:`UserMask` given as ``name`` (``mask``,
+    or ``pattern`` to :func:`resolve_pattern`), is a dense 4-D bool tensor (its sizes are
+    checked against each call's queries and keys); a sparse one failed in every call with a
+    raw ``NotImplementedError``."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.layout != torch.strided:
+        raise ValueError(
+            f"{name} must be a bool tensor (batch or 1, heads or 1, q_blocks, kv_blocks), "
+            f"got {mask.dtype} {tuple(mask.shape)}{_layout(mask)}"
+        )
+
+
+def _check_estimate(pattern: str, scores: torch.Tensor) -> None:
+    """Raise unless every score a scored pattern estimated from ``q`` and ``k`` (finite, as
+    checked) is finite in float32: one that overflowed made its softmax NaN, counted as no
+    mass, or ranked tiles at random, and the mask was chosen wrong without a sign of it.
+    Meta scores hold no values to check."""
+    if not scores.is_meta and not bool(scores.isfinite().all()):
+        raise ValueError(
+            f"pattern {pattern!r}: the scores it estimates from q and k overflow float32 "
+            f"(largest finite is {torch.finfo(torch.float32).max:.3g}): the magnitudes of q "
+            "and k are too large; accepted: q and k whose products fit float32 (rescale them)")
 
 
 def _check_lengths(q: torch.Tensor, k: torch.Tensor) -> None:
