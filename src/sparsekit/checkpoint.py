@@ -36,7 +36,12 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from sparsekit._atomic import atomic_write, blocking_parent, write_target
-from sparsekit._checks import ArgumentTypeError, check_module, check_writable, memory_bytes
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_fits_memory,
+    check_module,
+    check_writable,
+)
 from sparsekit.distributed import is_sharded
 from sparsekit.engine import fused
 from sparsekit.masks import MaskSet, keeps_everything, maskable, pattern_view
@@ -344,13 +349,9 @@ def _check_decoded_size(stored: _Stored) -> None:
     filled until the process was killed."""
     need = sum(math.prod(info.shape) * (_DTYPES[info.dtype].itemsize + 1)  # values + mask
                for info in stored.infos.values() if info.encoding != "dense")
-    limit = memory_bytes()
-    if limit is not None and need > limit:
-        raise ValueError(
-            f"{stored.path}: its compressed tensors decode to {need:,} bytes, more than this "
-            f"machine's memory ({limit:,} bytes); a file whose header declares such shapes is "
-            "damaged or crafted (load it into a model of those shapes with sparsekit.load)"
-        )
+    check_fits_memory(need, f"{stored.path}: its compressed tensors decode to",
+                      "a file whose header declares such shapes is damaged or crafted (load "
+                      "it into a model of those shapes with sparsekit.load)")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
