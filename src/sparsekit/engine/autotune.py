@@ -21,10 +21,11 @@ need not be dense: a fused group of projections is timed against its separate la
 ``choose(..., tolerant=True)``: there "no slower" means the reference did not *win* by the
 rule above. Both paths have already passed the rule against dense at every row count (each
 separate layer on its own, the stacked layer as one), and at the prompt's row counts they do
-the same work, so a strict comparison of their medians there is a coin flip that vetoed
-measured decode wins: compiling a 4-layer LLaMA (hidden 2048, 50 % int8, two threads, Intel
-Xeon) left every q/k/v group separate although the fused call was 1.12x faster for one row,
-because at 128 rows it was 1.8 % slower in the median (a spread of 43 % between rounds).
+the same work, so a strict comparison of their medians there is a coin flip that a group
+had to win on top of its decode timing: in one compile of a 4-layer LLaMA (hidden 2048,
+50 % int8, two threads, Intel Xeon) a q/k/v group timed 1.12x faster for one row stayed
+separate on a 1.8 % difference at 128 rows (a spread of 43 % between rounds). (Timed again
+on a quiet machine, fusing those groups gained nothing at one row there either.)
 
 Inside :func:`cold_cache` (which :func:`~sparsekit.engine.compile` enters when the model's
 weights do not fit in the cache, :func:`effective_cache_bytes`), row counts up to
