@@ -19,12 +19,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from _moe import routed_ffn
 from _state import snapshot, unchanged
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -32,7 +34,6 @@ from torch import nn
 from sparsekit._checks import ArgumentTypeError
 from sparsekit.moe import (
     LowRankRouter,
-    RoutedFFN,
     Router,
     balanced_kmeans,
     contextual,
@@ -248,13 +249,7 @@ def test_a_batchtopk_training_forward_never_makes_the_threshold_nan():
 # -- MoE ------------------------------------------------------------------------------------
 
 
-def _layer(**overrides):
-    args = {"w_in": torch.randn(8, 1, 4), "b_in": None, "w_out": torch.randn(4, 8),
-            "b_out": None, "act": torch.relu, "order": torch.arange(8), "hot": 0,
-            "unit_size": 2, "router": Router(4, 4, 2), "k": 2} | overrides
-    w_in, b_in, w_out, b_out, act = (args.pop(n) for n in ("w_in", "b_in", "w_out", "b_out",
-                                                            "act"))
-    return RoutedFFN(w_in, b_in, w_out, b_out, act, **args)
+_layer = functools.partial(routed_ffn, 8, 4, 2, 2)  # 4 units of 2 neurons
 
 
 @pytest.mark.parametrize(("overrides", "error", "match"), [

@@ -3,12 +3,15 @@ failed raw, or silently, before its fix."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
+from _moe import routed_ffn
 from torch import nn
 
-from sparsekit.moe import LowRankRouter, RoutedFFN, Router, balanced_kmeans
+from sparsekit.moe import LowRankRouter, Router, balanced_kmeans
 from sparsekit.moe.router import fit
 from sparsekit.sae import SAE, load, loss_recovered, save, train
 
@@ -290,13 +293,7 @@ def test_refine_refuses_input_that_overflows_float32():
 # -- MoE: RoutedFFN layout ---------------------------------------------------------------------
 
 
-def _routed(**overrides):
-    args = {"w_in": torch.randn(16, 1, 8), "b_in": None, "w_out": torch.randn(8, 16),
-            "b_out": None, "act": torch.relu, "order": torch.arange(16), "hot": 0,
-            "unit_size": 4, "router": Router(8, 4, 3), "k": 2} | overrides
-    w_in, b_in, w_out, b_out, act = (args.pop(n) for n in ("w_in", "b_in", "w_out", "b_out",
-                                                           "act"))
-    return RoutedFFN(w_in, b_in, w_out, b_out, act, **args)
+_routed = functools.partial(routed_ffn, 16, 8, 4, 3)  # 4 units of 4 neurons
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
