@@ -534,6 +534,21 @@ def test_reading_a_path_with_a_nul_character_names_it(read):
         read("a\0b")
 
 
+@pytest.mark.parametrize("read", [checkpoint.read, checkpoint.read_metadata,
+                                  lambda path: checkpoint.load(mlp(), path)])
+def test_reading_a_link_loop_or_a_path_under_a_file_names_it(read, tmp_path):
+    # were raw OSErrors (ELOOP, ENOTDIR) of os.stat
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    with pytest.raises(ValueError, match=r"^checkpoint '.*loop.safetensors' cannot be looked "
+                                         r"up: Too many levels of symbolic links; accepted"):
+        read(loop)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"^checkpoint '.*file/c.safetensors' cannot be looked "
+                                         r"up: Not a directory; accepted"):
+        read(tmp_path / "file" / "c.safetensors")
+
+
 def test_a_mask_under_the_second_name_of_a_shared_layer_names_the_first():
     shared = nn.Linear(4, 4)
     model = nn.Sequential(shared, nn.ReLU(), shared)

@@ -457,6 +457,10 @@ def _checked_path(path: str | os.PathLike) -> Path:
         mode = path.stat().st_mode
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist") from None
+    except OSError as err:  # a link loop, a path under a file, a name too long: raw OSErrors
+        raise ValueError(f"checkpoint {str(path)!r} cannot be looked up: "
+                         f"{err.strerror or err}; accepted: the path of an existing checkpoint "
+                         "file") from None
     if stat.S_ISDIR(mode):
         raise ValueError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
     if kind := _special_kind(path):
