@@ -268,6 +268,11 @@ class SAE(nn.Module):
         self._check_autograd()
         x = x.to(self.W_enc.dtype)
         _check_finite(x, "x", self.W_enc.dtype)
+        return self._pre_activations(x)
+
+    def _pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`pre_activations` of inputs already checked and cast (the training
+        objective's: :func:`~sparsekit.sae.train` checks every batch as it reads it)."""
         if not self.transcoder:
             x = x - self.b_dec
         return torch.addmm(self.b_enc, x.reshape(-1, self.d_in), self.W_enc) \

@@ -68,7 +68,9 @@ def objective(
     if x.numel() == 0:
         raise ValueError(f"x must hold at least one row of width {sae.d_in}, got shape "
                          f"{tuple(x.shape)}")
-    _check_finite(x.to(sae.W_enc.dtype), "x", sae.W_enc.dtype)
+    sae._check_autograd()
+    x = x.to(sae.W_enc.dtype)
+    _check_finite(x, "x", sae.W_enc.dtype)
     check_nonnegative("sparsity_coef", sparsity_coef)
     check_nonnegative("aux_coef", aux_coef)
     if dead is not None:
@@ -93,7 +95,7 @@ def _objective(sae: SAE, x: torch.Tensor, target: torch.Tensor | None, *,
     """:func:`objective` of a batch already checked (:func:`train` checks every item as it
     reads it, and does not pay for the check twice)."""
     target = x if target is None else target
-    pre = sae.pre_activations(x)
+    pre = sae._pre_activations(x)
     if sae.activation in ("topk", "abstopk"):
         values, indices = select_topk(pre, sae.k, signed=sae.activation == "abstopk")
     else:
