@@ -464,3 +464,17 @@ def test_one_mask_gives_the_shared_mask_and_names_two_that_differ():
     with pytest.raises(ValueError, match=r"^masks\['a.weight'\] and masks\['c.weight'\] name "
                                          r"the same weight \(w\) but differ"):
         one_mask(table, ["a.weight", "b.weight", "c.weight"], "w")
+
+
+def test_elementwise_state_is_the_optimizer_state_in_the_parameters_shape():
+    from sparsekit.masks import elementwise_state
+
+    model = nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    assert elementwise_state(opt, model.weight) == {}
+    assert model.weight not in opt.state  # asked, not created
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    state = elementwise_state(opt, model.weight)
+    assert sorted(state) == ["exp_avg", "exp_avg_sq"]  # not the step count
+    assert all(v is opt.state[model.weight][k] for k, v in state.items())

@@ -620,14 +620,21 @@ def _check_state_writable(optimizer: torch.optim.Optimizer,
     under ``torch.inference_mode`` failed ``attach`` with a raw ``RuntimeError`` once its
     hooks were registered, and ``update`` or ``load_state_dict`` half way through."""
     for n, p in params.items():
-        for key, value in optimizer.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                check_writable(f"optimizer state {key!r} of parameter {n!r}", value)
+        for key, value in elementwise_state(optimizer, p).items():
+            check_writable(f"optimizer state {key!r} of parameter {n!r}", value)
+
+
+def elementwise_state(optimizer: torch.optim.Optimizer,
+                      param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The state tensors ``optimizer`` keeps per element of ``param``, by state key: those
+    of ``param``'s shape (momenta, moments; not a step count), which follow its weights
+    when they are masked, resampled, remapped or restored."""
+    return {key: value for key, value in optimizer.state.get(param, {}).items()
+            if isinstance(value, torch.Tensor) and value.shape == param.shape}
 
 
 def _fill_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: torch.Tensor) -> None:
     """Zero the per-element optimizer state of ``param`` (momenta, moments) at ``where``
     (this rank's part, when the state is sharded like ``param``)."""
-    for value in optimizer.state.get(param, {}).values():
-        if isinstance(value, torch.Tensor) and value.shape == param.shape:
-            local(value).masked_fill_(where, 0)
+    for value in elementwise_state(optimizer, param).values():
+        local(value).masked_fill_(where, 0)

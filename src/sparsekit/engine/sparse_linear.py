@@ -40,7 +40,7 @@ from sparsekit.distributed import full, is_dtensor
 from sparsekit.engine import kernels
 from sparsekit.engine._moved import moved
 from sparsekit.engine.compiled_linear import dense_linear
-from sparsekit.masks import check_mask
+from sparsekit.masks import check_mask, elementwise_state
 
 __all__ = ["SparseLinear"]
 
@@ -413,10 +413,8 @@ class SparseLinear(nn.Module):
 
         p, nnz = self.values, self.values.numel()
         if optimizer is not None:
-            state = optimizer.state.get(p, {})
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() == 1:
-                    state[k] = remap(v)
+            for k, v in elementwise_state(optimizer, p).items():  # values are 1-D
+                optimizer.state[p][k] = remap(v)
         p.data = remap(p.data)
         p.grad = None
         self._install(new)

@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from sparsekit._checks import ArgumentTypeError, check_module, check_optimizer
 from sparsekit.distributed import local
-from sparsekit.masks import Masks, MaskSet
+from sparsekit.masks import Masks, MaskSet, elementwise_state
 from sparsekit.schedules.base import Schedule
 
 Sparsity = Masks | Schedule | Callable[[nn.Module, torch.optim.Optimizer], Masks | Schedule]
@@ -170,8 +170,7 @@ class _Kept:
                         for n, p in params.items()}
         self.state = {
             n: [(value, local(value).detach().to("cpu", copy=True))
-                for value in optimizer.state.get(p, {}).values()
-                if isinstance(value, torch.Tensor) and value.shape == p.shape]
+                for value in elementwise_state(optimizer, p).values()]
             for n, p in params.items()
         }
 

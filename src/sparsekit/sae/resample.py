@@ -38,6 +38,7 @@ from sparsekit._checks import (
     check_positive,
     check_writable,
 )
+from sparsekit.masks import elementwise_state
 from sparsekit.sae.sae import SAE
 
 __all__ = ["resample"]
@@ -153,6 +154,5 @@ def _reset_state(optimizer: torch.optim.Optimizer,
                  entries: dict[torch.nn.Parameter, tuple]) -> None:
     """Zero ``entries[p]`` of every state tensor the optimizer keeps in ``p``'s shape."""
     for param, where in entries.items():
-        for value in optimizer.state.get(param, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                value[where] = 0
+        for value in elementwise_state(optimizer, param).values():
+            value[where] = 0
