@@ -478,3 +478,15 @@ def test_elementwise_state_is_the_optimizer_state_in_the_parameters_shape():
     state = elementwise_state(opt, model.weight)
     assert sorted(state) == ["exp_avg", "exp_avg_sq"]  # not the step count
     assert all(v is opt.state[model.weight][k] for k, v in state.items())
+
+
+def test_first_names_maps_every_name_of_a_shared_tensor_to_its_first():
+    from sparsekit.masks import first_names
+
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 2))
+    assert first_names(model) == {"0.weight": "0.weight", "0.bias": "0.bias",
+                                  "2.weight": "0.weight", "2.bias": "0.bias",
+                                  "3.weight": "3.weight", "3.bias": "3.bias"}
+    assert list(dict.fromkeys(first_names(model).values())) == [
+        n for n, _ in model.named_parameters()]

@@ -597,14 +597,20 @@ def after_gradients(fn: Callable[[], None]) -> Callable[..., object]:
     return hook
 
 
+def first_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter name of ``model`` → the first name of its tensor, the one
+    ``named_parameters()`` lists (a tied weight, or a module registered under two names,
+    has several)."""
+    first: dict[int, str] = {}
+    return {n: first.setdefault(id(p), n)
+            for n, p in model.named_parameters(remove_duplicate=False)}
+
+
 def _shared_name(model: nn.Module, name: object) -> str | None:
     """The name ``model.named_parameters()`` gives the parameter that ``name`` reaches by
     another path (a module or a weight shared under two names), or ``None``."""
-    every = dict(model.named_parameters(remove_duplicate=False))
-    if not isinstance(name, str) or name not in every:
-        return None
-    return next((n for n, p in model.named_parameters() if p is every[name] and n != name),
-                None)
+    first = first_names(model).get(name) if isinstance(name, str) else None
+    return first if first != name else None
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:

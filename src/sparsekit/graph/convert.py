@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_materialized, check_module
-from sparsekit.masks import MaskSet, one_mask
+from sparsekit.masks import MaskSet, first_names, one_mask
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
          nn.ConvTranspose3d)
@@ -76,7 +76,7 @@ def masks_from_graph(graph: nx.DiGraph, model: nn.Module) -> dict[str, torch.Ten
     """
     check_module("model", model)
     params = dict(model.named_parameters(remove_duplicate=False))
-    first = _first_names(model)
+    first = first_names(model)
     given: dict[str, torch.Tensor] = {}
     for spec, mask in layer_matrices(graph):
         name, (n_out, n_in) = spec["name"], spec["shape"]
@@ -98,14 +98,6 @@ def masks_from_graph(graph: nx.DiGraph, model: nn.Module) -> dict[str, torch.Ten
     for name in given:
         names.setdefault(first[name], []).append(name)
     return {f: one_mask(given, ns, f"the tied weight {f!r}") for f, ns in names.items()}
-
-
-def _first_names(model: nn.Module) -> dict[str, str]:
-    """Every parameter name of ``model`` → the first name of its tensor (a tied weight or a
-    layer registered twice has several; ``named_parameters()`` lists the first)."""
-    first: dict[int, str] = {}
-    return {n: first.setdefault(id(p), n)
-            for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def layer_matrices(graph: nx.DiGraph) -> list[tuple[dict, torch.Tensor]]:
