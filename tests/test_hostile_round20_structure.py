@@ -448,3 +448,15 @@ def test_an_embedding_with_max_norm_keeps_its_width():
         model.head.weight.mul_(keep["head.weight"])
     torch.testing.assert_close(small(tokens), model(tokens))
     assert [g.channels for g in dependency_groups(_Lookup(max_norm=None))] == [6]
+
+
+def test_named_tensors_lists_parameters_and_buffers_under_every_name():
+    from sparsekit.structured.dependency import named_tensors
+
+    shared = nn.BatchNorm1d(3)
+    model = nn.Sequential(nn.Linear(2, 3), shared, shared)
+    tensors = named_tensors(model)
+    assert tensors["1.weight"] is tensors["2.weight"] is shared.weight
+    assert tensors["2.running_mean"] is shared.running_mean
+    assert set(tensors) == {n for n, _ in model.named_parameters(remove_duplicate=False)} | {
+        n for n, _ in model.named_buffers(remove_duplicate=False)}

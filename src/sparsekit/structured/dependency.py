@@ -41,7 +41,7 @@ from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, 
 from sparsekit.targets import conv1d_type
 
 __all__ = ["Group", "Slice", "check_channels", "check_group", "check_groups", "check_removed",
-           "dependency_groups", "is_conv1d", "trace"]
+           "dependency_groups", "is_conv1d", "named_tensors", "trace"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,13 @@ class Group:
     slices: tuple[Slice, ...]
 
 
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s parameters and buffers by every name (a tied one under each of its names):
+    what the names of a group's slices refer to."""
+    return {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
+
+
 def check_groups(groups: object, model: nn.Module, name: str = "groups") -> list[Group]:
     """``groups`` (the argument ``name``) as a list, each :class:`Group` checked against
     ``model``: every slice names a parameter or buffer of it with the dimension and the
@@ -88,8 +95,7 @@ def check_groups(groups: object, model: nn.Module, name: str = "groups") -> list
         raise ArgumentTypeError(f"{name} must be a sequence of Group (dependency_groups, "
                                 f"transformer_groups), got {type(groups).__name__}")
     groups = list(groups)
-    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
-               **dict(model.named_buffers(remove_duplicate=False))}
+    tensors = named_tensors(model)
     for i, group in enumerate(groups):
         check_group(f"{name}[{i}]", group)
         for s in group.slices:

@@ -33,6 +33,7 @@ from sparsekit.structured.dependency import (
     check_removed,
     dependency_groups,
     is_conv1d,
+    named_tensors,
 )
 from sparsekit.structured.importance import check_round_to, rounding_step
 
@@ -104,8 +105,7 @@ def _check_disjoint(model: nn.Module, groups: Sequence[Group]) -> None:
     """``ValueError`` when two of ``groups`` hold the same entries of one tensor (a group
     passed twice, or groups of one space): each would keep its own channels and remove the
     other's, and compensation folded a channel once per group that held it."""
-    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
-               **dict(model.named_buffers(remove_duplicate=False))}
+    tensors = named_tensors(model)
     spans: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
     for i, group in enumerate(groups):
         for s in group.slices:
@@ -282,8 +282,7 @@ def cut(model: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -> None:
     if not isinstance(cuts, Mapping):
         raise ArgumentTypeError(f"cuts must be a mapping of (tensor name, dim) to the indices "
                                 f"to drop, got {type(cuts).__name__}")
-    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
-               **dict(model.named_buffers(remove_duplicate=False))}
+    tensors = named_tensors(model)
     by_tensor: dict[int, tuple[torch.Tensor, dict[int, set[int]]]] = {}
     for key, gone in cuts.items():
         if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str)):
