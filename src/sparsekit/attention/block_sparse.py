@@ -75,39 +75,6 @@ def _check(
     _check_device(q, k=k, v=v, block_mask=block_mask)
 
 
-def _check_scores_fit(q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
-    """Raise unless every score ``q · kᵀ · scale`` is sure to be finite in float32, where
-    both paths compute it: one that overflowed made its row NaN (to +inf) or, where every
-    kept score of a row went to -inf, silently zero — from finite inputs and a finite
-    ``scale`` (``1e30`` with ordinary ``q``, ``k``). The bound is Cauchy–Schwarz's,
-    ``|q_i · k_j| ≤ ‖q_i‖ ‖k_j‖``, read from the largest row norms (one pass over ``q`` and
-    ``k``, no score computed). Non-finite inputs are left alone (NaN in, NaN out), and
-    nothing is read where there are no values (meta tensors, an empty side) or nothing can
-    be (under ``torch.compile``)."""
-    if (torch.compiler.is_compiling() or q.is_meta or k.is_meta
-            or not q.numel() or not k.numel()):
-        return
-    q_norm, k_norm = _largest_norm(q), _largest_norm(k)
-    if not (math.isfinite(q_norm) and math.isfinite(k_norm)):
-        return  # a NaN or an infinity in q or k
-    if scale * q_norm * k_norm > _FLOAT32_MAX:
-        raise ValueError(
-            f"scale={scale!r} can overflow the float32 scores q · kᵀ · scale of these q and k "
-            f"(largest row norms {q_norm:.3g} and {k_norm:.3g}), which turns rows NaN or "
-            f"zero; accepted: scale ≤ {_FLOAT32_MAX / (q_norm * k_norm):.3g} for them (or "
-            "rescale q and k)")
-
-
-@torch.no_grad()
-def _largest_norm(t: torch.Tensor) -> float:
-    """The largest Euclidean norm of a row (last dim) of ``t``, in float64 where float32's
-    sum of squares overflows (``sqrt(head_dim)`` times its largest magnitude bounds it)."""
-    norm = torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32).amax().item()
-    if math.isinf(norm):
-        norm = t.abs().amax().item() * math.sqrt(t.shape[-1])
-    return norm
-
-
 def dense_block_mask(
     block_mask: torch.Tensor, q_len: int, kv_len: int, *, causal: bool, block_size: int
 ) -> torch.Tensor:
@@ -160,8 +127,9 @@ def block_sparse_attention(
         causal: mask keys after each query (the last query aligned with the last key).
         block_size: tile edge in tokens; the last tiles may be ragged.
         scale: softmax scale, a positive finite float; ``1 / sqrt(head_dim)`` by default.
-            A ``ValueError`` where the scores ``q · kᵀ · scale`` could overflow float32
-            (bounded by the largest row norms of ``q`` and ``k``).
+            A ``ValueError`` where a kept score ``q · kᵀ · scale`` of finite rows overflows
+            float32 (it would turn its row NaN or zero); the kernel notes such scores as it
+            computes them, so the check reads nothing extra.
 
     ``k``, ``v`` and ``block_mask`` must be on ``q``'s device.
 
@@ -172,7 +140,6 @@ def block_sparse_attention(
     """
     _check(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
-    _check_scores_fit(q, k, scale)
     if _native(q, k, v):
         # every block_size past the longer sequence tiles alike: the kernel's ceil division
         # of 2**63 - 1 overflowed int64 into a raw shape error on a valid mask
@@ -199,7 +166,6 @@ def reference_attention(
     the oracle of the native kernel and what runs without it. Same arguments and result."""
     _check(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
-    _check_scores_fit(q, k, scale)
     return _reference(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
 
 
@@ -232,5 +198,29 @@ def _reference(
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     mask = dense_block_mask(block_mask, q_len, kv_len, causal=causal, block_size=block_size)
+    _refuse_overflow(q, k, mask, scale)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+
+
+@torch.no_grad()
+def _refuse_overflow(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> None:
+    """Raise where a score ``q · kᵀ · scale`` that ``mask`` keeps is not finite in float32
+    although its query and key rows are: it overflowed, and SDPA would turn its row NaN or
+    (every kept score at -inf) silently zero. The kernel refuses the same scores as it
+    computes them; the reference materialises them anyway. A NaN or infinity read from ``q``
+    or ``k`` is left alone (NaN in, NaN out); nothing is read under ``torch.compile``."""
+    if torch.compiler.is_compiling() or q.is_meta or not mask.numel():
+        return
+    scores = (q.float() * scale) @ k.float().transpose(-1, -2)
+    finite_rows = q.isfinite().all(-1, keepdim=True) & k.isfinite().all(-1).unsqueeze(-2)
+    bad = (~scores.isfinite() & mask & finite_rows).nonzero()
+    if not len(bad):
+        return
+    b, h, i, j = (int(x) for x in bad[0])
+    pair = float(torch.linalg.vector_norm(q[b, h, i].double())
+                 * torch.linalg.vector_norm(k[b, h, j].double()))
+    raise ValueError(
+        f"scale={scale!r} overflows the float32 scores q · kᵀ · scale of query {i} of head {h} "
+        f"(batch {b}) against key {j}, which turns rows NaN or zero; accepted: scale ≤ "
+        f"{_FLOAT32_MAX / pair:.3g} for that pair (or rescale q and k)")

@@ -3,7 +3,8 @@
 // batch x heads x query blocks. q, k and v float32 or bf16 (read as float32, sums in float32,
 // the output in q's dtype); grouped-query attention; causal with the last query aligned to the
 // last key. The arithmetic is attention_core.h, compiled per instruction set; this file checks
-// the tensors and calls it. sparsekit.attention.block_sparse_attention is its Python entry
+// the tensors, calls it and refuses a call whose scores overflowed float32 (the kernel notes
+// them as it computes them, so a call reads nothing extra to find out). sparsekit.attention.block_sparse_attention is its Python entry
 // (and reference).
 
 #include <ATen/core/Tensor.h>
@@ -11,7 +12,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 
@@ -61,11 +64,23 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
   auto out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   if (out.numel() == 0) return like_input(out, q);
   if (kv_len == 0) return like_input(out.zero_(), q);
+  AttentionOverflow overflow{};
   attention_cores().block_sparse_attention(AttentionArgs{
       q.scalar_type() == at::kBFloat16, q.data_ptr(), k.data_ptr(), v.data_ptr(),
       block_mask.data_ptr<bool>(), out.data_ptr<float>(), batch, heads, kv_heads, q_len, kv_len,
       dim, mask_batch, mask_heads, q_blocks, k_blocks, block_size, causal,
-      static_cast<float>(scale), T});
+      static_cast<float>(scale), T, &overflow});
+  if (overflow.found) {
+    // the kernel's scores are scale * log2(e) * q k^T (its softmax is a power of two)
+    char bound[32];
+    std::snprintf(bound, sizeof bound, "%.3g",
+                  FLT_MAX / (1.4426950408889634 * overflow.q_norm * overflow.k_norm));
+    TORCH_CHECK_VALUE(false, "scale=", scale, " overflows the float32 scores q · kᵀ · scale of ",
+                      "query ", overflow.query, " of head ", overflow.head, " (batch ",
+                      overflow.batch, ") against key ", overflow.key,
+                      ", which turns rows NaN or zero; accepted: scale ≤ ", bound,
+                      " for that pair (or rescale q and k)");
+  }
   return like_input(out, q);
 }
 

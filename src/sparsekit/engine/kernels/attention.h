@@ -15,6 +15,17 @@ namespace sparsekit {
 // h / (heads / kv_heads); mask is bool (mask_batch, mask_heads, q_blocks, k_blocks), its
 // batch and head sizes 1 (shared) or batch and heads. Causal attention aligns the last query
 // with the last key; a row with no visible kept key is zero.
+//
+// A visible score that is not finite although its query and key rows are (scale * q k^T
+// overflowed float32) is reported in `overflow` (the first one found; which one is first
+// depends on the threads): the op refuses the call, as the score would have turned its row
+// NaN or, all of a row's scores at -inf, silently zero.
+struct AttentionOverflow {
+  bool found;
+  int64_t batch, head, query, key;
+  double q_norm, k_norm;  // the Euclidean norms of that query and key row
+};
+
 struct AttentionArgs {
   bool bf16;
   const void* q;
@@ -27,6 +38,7 @@ struct AttentionArgs {
   bool causal;
   float scale;
   int threads;
+  AttentionOverflow* overflow;
 };
 
 // The attention entry point of one instruction set.

@@ -254,14 +254,18 @@ inline int64_t workspace_floats(const AttentionArgs& a, int64_t dpad) {
 // The online-softmax step of one item over keys [c0, c0 + n) whose scores s (nr, kTileKeys)
 // are computed for ncols >= n columns: masks the columns past n (and, causal, past each row's
 // last key), updates m, l and o (nr, dpad), and leaves in s the weights 2^(s - m).
+// The keys of [c0, c0 + n) that query row i sees: all n, or causal, those up to its last.
+inline int64_t visible(const AttentionArgs& a, int64_t offset, int64_t i, int64_t c0, int64_t n) {
+  return a.causal ? std::max<int64_t>(0, std::min(n, i + offset - c0 + 1)) : n;
+}
+
 inline void softmax_step(const AttentionArgs& a, int64_t offset, int64_t i0, int64_t nr,
                          int64_t c0, int64_t n, int64_t ncols, float* s, float* m, float* l,
                          float* o, int64_t dpad) {
   const float minus_inf = -__builtin_inff();
   for (int64_t r = 0; r < nr; ++r) {
     float* sr = s + r * kTileKeys;
-    int64_t valid = n;
-    if (a.causal) valid = std::max<int64_t>(0, std::min(n, i0 + r + offset - c0 + 1));
+    const int64_t valid = visible(a, offset, i0 + r, c0, n);
     std::fill(sr + valid, sr + ncols, minus_inf);
     vf mv = splat(minus_inf);
     for (int64_t c = 0; c < ncols; c += L) {
@@ -292,6 +296,45 @@ inline void softmax_step(const AttentionArgs& a, int64_t offset, int64_t i0, int
     }
     l[r] += sum(total);
     m[r] = top;
+  }
+}
+
+// Whether the n scores s are all finite (x * 0 is NaN for an infinity or NaN, else ±0).
+inline bool all_finite(const float* s, int64_t n) {
+  vf acc{};
+  int64_t c = 0;
+  for (; c + L <= n; c += L) acc += load(s + c) * 0.f;
+  float t = sum(acc);
+  for (; c < n; ++c) t += s[c] * 0.f;
+  return t == 0.f;
+}
+
+// The Euclidean norm of the n values x, in double (finite float32 values cannot overflow it;
+// a non-finite one makes it non-finite).
+template <typename T>
+inline double norm(const T* x, int64_t n) {
+  double total = 0;
+  for (int64_t d = 0; d < n; ++d) total += double(to_float(x[d])) * to_float(x[d]);
+  return __builtin_sqrt(total);
+}
+
+// Row r of item `it` has a score among the n it sees of keys [c0, c0 + n), s, that is not
+// finite: records it in a.overflow where its query and key rows are finite (scale * q k^T
+// overflowed float32); a NaN or infinity read from q or k is the caller's (NaN in, NaN out).
+template <typename T>
+void note_overflow(const Problem<T>& pb, const Item& it, int64_t r, int64_t c0, int64_t n,
+                   const float* s) {
+  const AttentionArgs& a = pb.a;
+  const double qn = norm(pb.q + ((it.b * a.heads + it.h) * a.q_len + it.i0 + r) * a.dim, a.dim);
+  if (!__builtin_isfinite(qn)) return;
+  const T* keys = pb.k + ((it.b * a.kv_heads + it.h / pb.groups) * a.kv_len + c0) * a.dim;
+  for (int64_t j = 0; j < n; ++j) {
+    if (__builtin_isfinite(s[j])) continue;
+    const double kn = norm(keys + j * a.dim, a.dim);
+    if (!__builtin_isfinite(kn)) continue;
+#pragma omp critical(sparsekit_attention_overflow)
+    if (!a.overflow->found) *a.overflow = AttentionOverflow{true, it.b, it.h, it.i0 + r, c0 + j, qn, kn};
+    return;
   }
 }
 
@@ -356,6 +399,11 @@ void run_item(const Problem<T>& pb, const Item& it, float* ws) {
         const T* kj = pb.k + (bh * a.kv_len + c0) * dim;
         for (int64_t j = 0; j < n; ++j)
           for (int64_t r = 0; r < nr; ++r) s[r * kTileKeys + j] = dot(qs + r * dim, kj + j * dim, dim);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* sr = s + r * kTileKeys;
+        const int64_t seen = visible(a, pb.offset, it.i0 + r, c0, n);
+        if (!all_finite(sr, seen)) note_overflow(pb, it, r, c0, seen, sr);
       }
       softmax_step(a, pb.offset, it.i0, nr, c0, n, ncols, s, m, l, o, dpad);
       if (pb.packed) {
