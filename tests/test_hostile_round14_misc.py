@@ -362,15 +362,14 @@ def test_routed_builds_refuse_ffns_whose_neuron_values_are_not_finite(build):
     """A NaN FFN weight gave a router fitted to noise without an error (router="mlp") or
     'w_in must be finite', an argument the caller never passed (router="lowrank")."""
     model = _nan_ffn_llama()
-    with pytest.raises(ValueError, match=r"^model: FFN 'model.layers.0' computes values that "
-                                         r"are not finite \(64 NaN or inf\) from finite "
-                                         r"calibration inputs"):
+    with pytest.raises(ValueError, match=r"^model: the values FFN 'model.layers.0' computes from "
+                                         r"finite calibration inputs must be finite, got 64 "
+                                         r"NaN or inf"):
         build(model)
 
 
 def test_head_predictors_refuse_attention_rows_that_are_not_finite():
     """A predictor was trained and measured on NaN rows without an error."""
-    with pytest.raises(ValueError, match=r"^calibration: the attention of block "
-                                         r"'model.layers.1' reads values on it that are not "
-                                         r"finite"):
+    with pytest.raises(ValueError, match=r"^calibration: the values the attention of block "
+                                         r"'model.layers.1' reads on it .*must be finite"):
         moe.head_predictors(_nan_ffn_llama(), DATA, DATA, steps=1, rank=4)

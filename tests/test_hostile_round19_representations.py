@@ -224,7 +224,7 @@ def test_evaluate_names_data_the_model_turns_into_nan():
     data = calibration.clone()
     data[0, 0] = 5
     with pytest.raises(ValueError, match=r"data: the model's inputs to 'model\.layers\.0\.mlp' "
-                                         r"on it hold \d+ NaN or inf"):
+                                         r"on it must be finite, got \d+ NaN or inf"):
         evaluate(routed, data)
 
 

@@ -16,7 +16,7 @@ NAN, INF = float("nan"), float("inf")
 
 
 @pytest.mark.parametrize(("points", "match"), [
-    (torch.full((8, 3), NAN), "points must be finite, got 24 NaN or inf values"),
+    (torch.full((8, 3), NAN), "points must be finite, got 24 NaN or inf among 24 values"),
     (torch.cat([torch.full((4, 3), INF), torch.zeros(4, 3)]), "points must be finite, got 12"),
     (torch.ones(0, 3), r"points must hold at least one row, got shape \(0, 3\)"),
 ])

@@ -44,8 +44,8 @@ def test_train_refuses_non_finite_activations_before_any_step(bad):
     sae = _fresh()
     x = torch.randn(64, 8)
     x[3, 2] = bad
-    with unchanged(sae), pytest.raises(ValueError, match=r"activations batch 0 must hold "
-                                                          r"finite values, got 1 NaN or inf"):
+    with unchanged(sae), pytest.raises(ValueError, match=r"activations batch 0 must be "
+                                                          r"finite, got 1 NaN or inf"):
         train(sae, x, batch_size=16)
 
 
@@ -53,7 +53,7 @@ def test_train_names_the_bad_batch_of_a_stream_after_training_on_the_good_ones()
     sae = _fresh()
     bad = torch.randn(16, 8)
     bad[0, 0] = NAN
-    with pytest.raises(ValueError, match="activations batch 2 must hold finite values"):
+    with pytest.raises(ValueError, match="activations batch 2 must be finite"):
         train(sae, [torch.randn(16, 8), torch.randn(16, 8), bad], batch_size=16)
     assert torch.isfinite(sae.W_dec).all() and not sae.training  # streamed, left in eval mode
     with pytest.raises(ValueError, match=r"activations batch 1 must have shape \(\.\.\., 8\)"):
@@ -65,7 +65,7 @@ def test_train_refuses_a_non_finite_transcoder_target():
     y = torch.randn(32, 4)
     y[-1] = INF
     with unchanged(sae), pytest.raises(ValueError, match=r"activations batch 0 \(target\) "
-                                                          r"must hold finite values"):
+                                                          r"must be finite"):
         train(sae, [(torch.randn(32, 8), y)], batch_size=16)
 
 
@@ -122,7 +122,7 @@ def test_metrics_refuses_non_finite_activations_and_restores_the_mode():
     sae = SAE(8, 16, k=2).train()
     x = torch.randn(8, 8)
     x[1, 1] = NAN
-    with unchanged(sae), pytest.raises(ValueError, match="activations batch 1 must hold finite"):
+    with unchanged(sae), pytest.raises(ValueError, match="activations batch 1 must be finite"):
         metrics(sae, [torch.randn(8, 8), x])
 
 
@@ -139,8 +139,8 @@ def test_metrics_of_varying_data_is_finite():
 
 
 @pytest.mark.parametrize(("x", "target", "match"), [
-    (torch.full((4, 8), NAN), None, "x must hold finite values, got 32 NaN or inf of 32"),
-    (torch.randn(4, 8), torch.full((4, 8), INF), "target must hold finite values"),
+    (torch.full((4, 8), NAN), None, "x must be finite, got 32 NaN or inf among 32"),
+    (torch.randn(4, 8), torch.full((4, 8), INF), "target must be finite"),
     (torch.randn(4, 8), torch.ones(4, 3), r"target must have shape \(\.\.\., 8\), got shape "
                                           r"\(4, 3\)"),
     (torch.randn(4, 8), torch.ones(5, 8), r"target must have shape \(4, 8\) \(x's rows\)"),

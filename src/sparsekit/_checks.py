@@ -104,6 +104,41 @@ def check_writable(name: str, tensor: torch.Tensor) -> None:
                          "this call inside inference mode")
 
 
+def check_finite(name: str, tensor: torch.Tensor, *, dtype: torch.dtype | None = None,
+                 hint: str = "") -> torch.Tensor:
+    """Raise ``ValueError`` naming ``name`` unless every value of ``tensor`` is finite (in
+    ``dtype``, when given: a value finite before a cast may overflow it; the message names
+    ``dtype`` when it is not ``tensor``'s), saying how many are NaN or inf, then ``hint``
+    (what to check): one NaN spreads to every weight, code or score that reads it,
+    silently. The one non-finite check of every public tensor argument. Returns ``tensor``
+    in ``dtype`` (the cast is made once, for the check and the caller)."""
+    values = tensor if dtype is None else tensor.to(dtype)
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):  # counted only then: every encode and decode checks
+        bad = int((~finite).sum())
+        where = f" in {dtype}" if values.dtype != tensor.dtype else ""
+        raise ValueError(f"{name} must be finite{where}, got {bad} NaN or inf among "
+                         f"{tensor.numel()} values" + (f"; {hint}" if hint else ""))
+    return values
+
+
+def check_recordable(module: nn.Module, prefix: str, what: str) -> None:
+    """Raise ``ValueError`` naming the first parameter of ``module`` (``prefix`` + its name)
+    that is an inference tensor (``what``, e.g. "SAE", was built or loaded under
+    ``torch.inference_mode()``) when autograd would record a product with it: PyTorch's raw
+    "Inference tensors cannot be saved for backward" named no parameter, and came from any
+    call outside ``torch.no_grad()``."""
+    if not torch.is_grad_enabled():  # also inside inference mode
+        return
+    for name, param in module.named_parameters():
+        if param.requires_grad and param.is_inference():
+            raise ValueError(
+                f"{prefix}{name} is an inference tensor (the {what} was built or loaded under "
+                f"torch.inference_mode), which autograd cannot record; accepted: this call "
+                f"under torch.no_grad() or torch.inference_mode(), or a {what} built outside "
+                f"inference mode")
+
+
 def check_materialized_module(module: nn.Module, prefix: str) -> None:
     """:func:`check_materialized` of every parameter and buffer of ``module``, each named
     ``prefix`` + its name (``"sae."``, ``"model: "``): a module on the meta device (built under

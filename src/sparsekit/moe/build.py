@@ -23,6 +23,7 @@ from torch import nn
 from sparsekit._checks import (
     MAX_SEED,
     ArgumentTypeError,
+    check_finite,
     check_fraction,
     check_int,
     check_seed,
@@ -151,11 +152,7 @@ def _check_finite(name: str, x: torch.Tensor, h: torch.Tensor) -> None:
     data and its neuron values ``h`` are finite, naming the argument at fault: NaN values
     cluster and rank at random (a router fitted to noise, silently) or fail later in a
     factorisation, with an error naming neither."""
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"calibration: the inputs of FFN {name!r} on it are not finite "
-                         f"({int((~torch.isfinite(x)).sum())} NaN or inf values); check the "
-                         "calibration inputs and the layers before the FFN")
-    if not bool(torch.isfinite(h).all()):
-        raise ValueError(f"model: FFN {name!r} computes values that are not finite "
-                         f"({int((~torch.isfinite(h)).sum())} NaN or inf) from finite "
-                         "calibration inputs; check its weights")
+    check_finite(f"calibration: the inputs of FFN {name!r} on it", x,
+                 hint="check the calibration inputs and the layers before the FFN")
+    check_finite(f"model: the values FFN {name!r} computes from finite calibration inputs", h,
+                 hint="check its weights")

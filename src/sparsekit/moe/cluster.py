@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsekit._checks import check_int, check_materialized, check_seed, seeded
+from sparsekit._checks import check_finite, check_int, check_materialized, check_seed, seeded
 
 __all__ = ["balanced_kmeans"]
 
@@ -44,12 +44,12 @@ def balanced_kmeans(points: torch.Tensor, clusters: int, *, iterations: int = 25
     if points.shape[1] == 0:  # amax failed with a raw RuntimeError
         raise ValueError("points must hold at least one feature, got shape "
                          f"{tuple(points.shape)}")
-    if not bool(torch.isfinite(points).all()):  # NaN clusters at random, inf breaks k-means++
-        raise ValueError(f"points must be finite, got "
-                         f"{int((~torch.isfinite(points)).sum())} NaN or inf values")
+    check_finite("points", points)  # NaN clusters at random, inf breaks k-means++
     if n % clusters:
         raise ValueError(f"clusters must divide the {n} points, got {clusters}")
-    points = points.float()
+    # data: points that require grad (a model's activations) built an autograd graph
+    # through every round, and float() of their scale warned
+    points = points.detach().float()
     scale = float(points.abs().amax())
     if scale > 0 and not 1 / _SCALE_RANGE <= scale <= _SCALE_RANGE:
         # squared distances of such values overflow float32 (inf weights failed k-means++
@@ -82,18 +82,30 @@ def _seeds(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Te
 
 
 def _assign(distances: torch.Tensor, size: int) -> torch.Tensor:
-    """Closest pairs first, each center taking at most ``size`` points."""
+    """Closest pairs first, each center taking at most ``size`` points (ties in the order
+    of the flattened ``distances``): the greedy assignment, in tensor steps.
+
+    Every free point takes its closest center with room until a center overflows; the
+    points ranked before the first overflow are final, that center is full, and the rest
+    choose again. Each round fills a center, so there are at most ``clusters`` rounds of
+    ``(n, clusters)`` tensor work (a Python loop over the ``n × clusters`` pairs before)."""
     n, k = distances.shape
-    order = distances.flatten().argsort().tolist()
-    labels = [-1] * n
-    room = [size] * k
-    left = n
-    for flat in order:
-        point, center = divmod(flat, k)
-        if labels[point] < 0 and room[center]:
-            labels[point] = center
-            room[center] -= 1
-            left -= 1
-            if not left:
-                break
-    return torch.tensor(labels, dtype=torch.long)
+    total = n * k
+    like = {"dtype": torch.long, "device": distances.device}
+    rank = torch.empty(total, **like)
+    rank[distances.flatten().argsort(stable=True)] = torch.arange(total, **like)
+    rank = rank.view(n, k)
+    labels = torch.full((n,), -1, **like)
+    room = torch.full((k,), size, **like)
+    while True:
+        free = (labels < 0).nonzero().squeeze(1)
+        if not free.numel():
+            return labels
+        best_rank, best = rank[free].masked_fill(room == 0, total).min(1)
+        order = best_rank.argsort()
+        chosen = best[order]
+        place = torch.nn.functional.one_hot(chosen, k).cumsum(0).gather(1, chosen[:, None])
+        over = (place.squeeze(1) > room[chosen]).nonzero()
+        final = order[:int(over[0]) if over.numel() else order.numel()]
+        labels[free[final]] = best[final]
+        room -= torch.bincount(best[final], minlength=k)

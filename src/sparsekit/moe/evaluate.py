@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_int, check_seed, seeded
+from sparsekit._checks import check_finite, check_int, check_seed, seeded
 from sparsekit.activation.record import record_inputs
 from sparsekit.moe.routed import RoutedFFN, check_model, routed_layers, unit_mass
 
@@ -37,10 +37,8 @@ def evaluate(model: nn.Module, data: Any, *, max_rows: int = 2048, seed: int = 0
     inputs = record_inputs(model, layers, data, max_rows=max_rows, generator=generator,
                            param="data")
     for name, x in inputs.items():  # else every error was NaN, and recall a guess
-        bad = int((~torch.isfinite(x)).sum())
-        if bad:
-            raise ValueError(f"data: the model's inputs to {name!r} on it hold {bad} NaN or "
-                             f"inf values of {x.numel()}, so no score would mean anything")
+        check_finite(f"data: the model's inputs to {name!r} on it", x,
+                     hint="no score would mean anything")
     return {n: _quality(layers[n], x) for n, x in inputs.items()}
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_int, check_seed
+from sparsekit._checks import check_finite, check_fraction, check_int, check_seed
 from sparsekit.moe.routed import check_model
 from sparsekit.moe.router import Router, fit
 from sparsekit.observe import run, watch
@@ -87,11 +87,10 @@ def _rows(model: nn.Module, layers: dict[str, nn.Module], data: Any, limit: int,
     with watch(layers, keep):
         run(model, data, param)
     out = {n: torch.cat(r)[:limit] for n, r in rows.items()}
-    bad = sum(int((~torch.isfinite(x)).sum()) for x in out.values())
-    if bad:
-        raise ValueError(f"{param}: the attention of block {block!r} reads values on it that "
-                         f"are not finite ({bad} NaN or inf); check the inputs and the "
-                         "model's weights")
+    for name, x in out.items():
+        check_finite(f"{param}: the values the attention of block {block!r} reads on it "
+                     f"(the inputs of {name!r})", x,
+                     hint="check the inputs and the model's weights")
     return out
 
 

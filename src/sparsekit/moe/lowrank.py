@@ -30,6 +30,7 @@ from torch import nn
 
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_finite,
     check_int,
     check_materialized,
     check_positive,
@@ -83,7 +84,9 @@ class LowRankRouter(nn.Module):
         if x.dim() != 2 or x.shape[1] != d or not x.shape[0]:
             raise ValueError(f"x must be (T, {d}) calibration inputs, got {tuple(x.shape)}")
         for name in tensors:  # else the factorisation fails inside eigh or svd, or (norms,
-            _check_finite(name, tensors[name])  # b_in) every score is NaN: a random choice
+            # b_in) every score is NaN: a random choice; in float32, where it runs (a finite
+            # float64 value past its range failed inside svd)
+            check_finite(name, tensors[name], dtype=torch.float32)
         self.act, self.writers, self.unit_size = act, writers, unit_size
         # buffers hold values, no autograd history: factors of a model's parameters (which
         # require grad) were non-leaf tensors that refine could not train, nor deepcopy copy
@@ -120,9 +123,9 @@ class LowRankRouter(nn.Module):
         if mass.shape != (x.shape[0], self.up.shape[0] // self.writers // self.unit_size):
             raise ValueError(f"mass must be (T, units) for x of {x.shape[0]} rows, got "
                              f"{tuple(mass.shape)}")
-        x, mass = x.detach().float(), mass.detach().float()  # data: see Router's fit
-        _check_finite("x", x)  # one NaN would make every factor NaN
-        _check_finite("mass", mass)
+        # data: see Router's fit; one NaN would make every factor NaN
+        x = check_finite("x", x.detach(), dtype=torch.float32)
+        mass = check_finite("mass", mass.detach(), dtype=torch.float32)
         named = {name: t for name, t in (("down", self.down), ("up", self.up),
                                          ("bias", self.bias)) if t is not None}
         check_fittable("router", named, lr)
@@ -165,18 +168,14 @@ def _check_tensor(name: str, t: object) -> None:
     check_materialized(name, t)
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` unless every value of ``t`` is finite."""
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, got {int((~torch.isfinite(t)).sum())} NaN "
-                         f"or inf values")
-
-
 def _factorise(w: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``down`` (rank, d), ``up`` (m, rank) minimising ``||(w - up @ down) x^T||`` over the
     rows of ``x``: the truncated SVD of ``w C^{1/2}``, ``C`` the inputs' second moment (a
     ridge of 1e-6 of its mean eigenvalue keeps it invertible)."""
     c = x.t() @ x / x.shape[0]
+    # finite inputs past ~1e18 overflow it: eigh failed with a raw error naming no argument
+    check_finite("x's second moment x^T x / T", c,
+                 hint="the calibration inputs are too large for float32; scale them down")
     c = c + 1e-6 * c.diagonal().mean().clamp_min(1e-12) * torch.eye(c.shape[0])
     values, vectors = torch.linalg.eigh(c)
     root = values.clamp_min(0).sqrt()

@@ -187,6 +187,18 @@ class RoutedFFN(nn.Module):
         """Units run per token."""
         return self._k
 
+    @property
+    def oracle(self) -> bool:
+        """Whether the units are chosen by their true :meth:`mass` instead of the router
+        (:func:`set_oracle`)."""
+        return self._oracle
+
+    @oracle.setter
+    def oracle(self, value: bool) -> None:
+        # a flag read by its truth: "no" (or "False") set directly switched the oracle on
+        check_bool("oracle", value)
+        self._oracle = value
+
     @k.setter
     def k(self, value: int) -> None:
         self._check_k(value)
@@ -377,8 +389,11 @@ def unit_mass(h: torch.Tensor, norms: torch.Tensor, hot: int, unit_size: int) ->
         got = tuple(norms.shape) if isinstance(norms, torch.Tensor) else type(norms).__name__
         raise ValueError(f"norms must be a tensor of shape ({n},) (one per neuron of h), got "
                          f"{got}")
-    check_materialized("h", h)  # a meta one failed in the product with a bare error
-    check_materialized("norms", norms)
+    for name, t in (("h", h), ("norms", norms)):
+        if t.is_complex() or t.dtype == torch.bool:  # complex gave a complex "mass"
+            raise ArgumentTypeError(f"{name} must be a real (floating-point or integer) "
+                                    f"tensor, got {t.dtype}")
+        check_materialized(name, t)  # a meta one failed in the product with a bare error
     check_int("hot", hot, minimum=0)
     if hot > n:
         raise ValueError(f"hot must be an int in [0, {n}] (h's neurons), got {hot}")

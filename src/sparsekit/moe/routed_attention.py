@@ -73,10 +73,8 @@ class RoutedAttention(nn.Module):
         if router.project.in_features != hidden:  # else a shape error at the first decode
             raise ValueError(f"router reads {router.project.in_features} features, the "
                              f"attention's input has {hidden}")
-        check_int("k", k, minimum=1)
+        _check_k(k, groups)
         check_bool("skip_kv", skip_kv)
-        if k > groups:
-            raise ValueError(f"k must be an int in [1, {groups}], got {k!r}")
         self.dense = attention
         self.head_dim = attention.head_dim
         self.groups = groups
@@ -87,6 +85,29 @@ class RoutedAttention(nn.Module):
         o_proj = attention.o_proj
         o_proj.weight = nn.Parameter(o_proj.weight.detach().t().contiguous().t(),
                                      requires_grad=o_proj.weight.requires_grad)
+
+    @property
+    def k(self) -> int:
+        """Head groups a decode step runs."""
+        return self._k
+
+    @k.setter
+    def k(self, value: int) -> None:
+        # checked on every set, as RoutedFFN.k: a k of 0, past the groups or a float set
+        # after construction failed inside topk at the next decode step
+        _check_k(value, self.groups)
+        self._k = int(value)
+
+    @property
+    def skip_kv(self) -> bool:
+        """Whether a decode step computes the keys and values of the chosen groups only."""
+        return self._skip_kv
+
+    @skip_kv.setter
+    def skip_kv(self, value: bool) -> None:
+        # a flag read by its truth: "no" set directly switched the skipping on
+        check_bool("skip_kv", value)
+        self._skip_kv = value
 
     @property
     def kept(self) -> float:
@@ -147,6 +168,13 @@ class RoutedAttention(nn.Module):
             out[g] = F.linear(x[0], linear.weight[g * d:(g + 1) * d],
                               None if linear.bias is None else linear.bias[g * d:(g + 1) * d])
         return out.view(1, self.groups, 1, d)
+
+
+def _check_k(value: object, groups: int) -> None:
+    """Raise unless ``value`` is an int (not a bool) in ``[1, groups]``."""
+    check_int("k", value, minimum=1)
+    if value > groups:  # type: ignore[operator]
+        raise ValueError(f"k must be an int in [1, {groups}], got {value!r}")
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

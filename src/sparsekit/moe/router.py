@@ -30,10 +30,12 @@ from torch import nn
 from sparsekit._checks import (
     ArgumentTypeError,
     check_bool,
+    check_finite,
     check_fits_memory,
     check_int,
     check_materialized,
     check_positive,
+    check_recordable,
     check_seed,
     check_writable,
     seeded,
@@ -67,7 +69,13 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_features(x, self.project.in_features, "the router's features")
-        return self.score(F.relu(self.project(x.to(self.project.weight.dtype))))
+        check_recordable(self, "router.", "router")  # built under inference_mode
+        x = x.to(self.project.weight.dtype)
+        if x.is_inference() and torch.is_grad_enabled() and self.project.weight.requires_grad:
+            # inputs made under inference_mode (a model's activations): autograd cannot
+            # save them for the backward of the product (a raw error); a copy it can
+            x = x.clone()
+        return self.score(F.relu(self.project(x)))
 
 
 def check_features(x: Any, features: int, what: str) -> None:
@@ -124,6 +132,8 @@ def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 3
         raise ValueError(f"x must be (T, {router.project.in_features}) with T ≥ 1 and labels "
                          f"(T, {units}) (the router's units), got {tuple(x.shape)} and "
                          f"{tuple(labels.shape)}")
+    if labels.is_complex():  # the range check failed raw ("ge_cpu" not implemented)
+        raise ArgumentTypeError(f"labels must be a real tensor, got {labels.dtype}")
     check_materialized("labels", labels)
     low, high = (0.0, 1.0) if loss == "bce" else (0.0, float("inf"))
     bad = ~((labels >= low) & (labels <= high)) | ~torch.isfinite(labels)  # NaN too
@@ -133,10 +143,7 @@ def fit(router: Router, x: torch.Tensor, labels: torch.Tensor, *, steps: int = 3
                          f"{int(bad.sum())} values outside")
     # data: a loss backpropagated into the model that made x (filling its .grad), and the
     # second step failed raw ("backward through the graph a second time")
-    x, labels = x.detach().float(), labels.detach().float()
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"x must hold finite values (in float32), got "
-                         f"{int((~torch.isfinite(x)).sum())} NaN or inf of {x.numel()}")
+    x, labels = check_finite("x", x.detach(), dtype=torch.float32), labels.detach().float()
     if loss == "listwise":
         labels = labels / labels.sum(1, keepdim=True).clamp_min(1e-12)
     else:

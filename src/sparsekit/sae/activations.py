@@ -141,8 +141,10 @@ def jumprelu(pre: torch.Tensor, *, threshold: torch.Tensor, bandwidth: float = 1
     where kept, ``threshold`` the straight-through estimate of ``step`` scaled by it."""
     gate = step(pre, threshold, bandwidth)
     # the jump at the threshold has height `threshold`: the estimator's gradient to it is
-    # threshold × that of the step (Rajamanoharan et al., eq. 11)
-    return pre * gate.detach() + (gate - gate.detach()) * threshold
+    # threshold × that of the step (Rajamanoharan et al., eq. 11); an infinite threshold (a
+    # latent that never fires, as load takes it) gets none: 0 × inf made its codes NaN
+    height = threshold.masked_fill(threshold.isinf(), 0)
+    return pre * gate.detach() + (gate - gate.detach()) * height
 
 
 @ACTIVATIONS.register("l1", penalty="l1", sae_lens="standard")

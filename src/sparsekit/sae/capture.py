@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, model_errors
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_int,
+    check_materialized_module,
+    check_module,
+    model_errors,
+)
 from sparsekit.observe import inference
 
 __all__ = ["SITES", "capture", "find_module"]
@@ -26,7 +32,12 @@ SITES = ("input", "output")
 
 
 def find_module(model: nn.Module, name: str, param: str = "module_name") -> nn.Module:
-    """``model``'s submodule called ``name``, or a ``ValueError`` naming close matches."""
+    """``model``'s submodule called ``name``, or a ``ValueError`` naming close matches;
+    ``model`` must be an ``nn.Module`` holding values (not on the meta device): anything
+    else failed with a raw ``AttributeError``, or, on the meta device, in its first
+    forward with an error that blamed the inputs."""
+    check_module("model", model)
+    check_materialized_module(model, "model: ")
     modules = dict(model.named_modules())
     if not isinstance(name, str) or name not in modules:
         close = difflib.get_close_matches(str(name), list(modules), n=3)

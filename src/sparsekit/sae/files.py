@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sparsekit._atomic import atomic_write, blocking_parent, directory_lock, sync
-from sparsekit._checks import ArgumentTypeError, check_materialized_module
+from sparsekit._checks import ArgumentTypeError, check_finite, check_materialized_module
 from sparsekit.sae.sae import SAE
 
 __all__ = ["CFG_NAME", "WEIGHTS_NAME", "load", "save"]
@@ -364,12 +364,17 @@ def _check_values(file: Path, tensors: dict[str, torch.Tensor]) -> None:
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise ValueError(f"{file}: {name} must be floating-point, got {tensor.dtype}")
+        if name not in ("threshold", "log_threshold"):
+            check_finite(f"{file}: {name}", tensor)
+            continue
         ok = torch.isfinite(tensor) | (tensor == torch.inf) if name == "threshold" \
-            else ~tensor.isnan() if name == "log_threshold" else torch.isfinite(tensor)
+            else ~tensor.isnan()
         bad = int((~ok).sum())
         if bad:
-            raise ValueError(f"{file}: {name} must hold finite values, got {bad} NaN or inf "
-                             f"of {tensor.numel()}")
+            accepted, found = ("finite or +inf", "NaN or -inf") if name == "threshold" \
+                else ("finite or ±inf", "NaN")
+            raise ValueError(f"{file}: {name} must be {accepted}, got {bad} {found} among "
+                             f"{tensor.numel()} values")
 
 
 _STATE_DTYPES = {"tokens_since_fired": torch.int64, "threshold": torch.float64,

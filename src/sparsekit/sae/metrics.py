@@ -19,7 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_fraction, check_materialized_module
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_finite,
+    check_fraction,
+    check_materialized_module,
+)
 from sparsekit.observe import inference
 from sparsekit.sae.capture import (
     _call,
@@ -55,6 +60,7 @@ def metrics(sae: SAE, activations: Iterable[Any] | torch.Tensor, *, dense: float
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
     check_materialized_module(sae, "sae.")
+    sae._check_weights()  # a NaN weight made every score NaN, silently
     check_fraction("dense", dense, zero=False, one=True)
     if isinstance(activations, torch.Tensor):
         activations = [activations]
@@ -128,6 +134,7 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
     check_materialized_module(sae, "sae.")
+    sae._check_weights()  # a NaN weight made every score NaN, silently
     if isinstance(inputs, (torch.Tensor, Mapping)):
         inputs = [inputs]
     elif not isinstance(inputs, Iterable):
@@ -142,10 +149,10 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
         spliced[0] += 1
         hidden = _tensor(out)
         source = _tensor(_input(args, kwargs)) if sae.transcoder else hidden
-        if not bool(source.isfinite().all()):  # the model's fault: the SAE refuses them
-            raise ValueError(f"inputs: the model's outputs on them are not finite (NaN or "
-                             f"inf in the activations of {module_name!r} the SAE reads), "
-                             f"so no score would mean anything")
+        # the model's fault, named before the SAE refuses them
+        check_finite(f"inputs: the model's outputs on them (the activations of "
+                     f"{module_name!r} the SAE reads)", source,
+                     hint="no score would mean anything")
         try:
             replaced = mode["replace"](source)
         except ValueError as e:  # an SAE of another width: x must have shape (..., d_in)
@@ -213,9 +220,8 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
 def _check_finite(clean: torch.Tensor) -> None:
     """Raise ``ValueError`` naming ``inputs`` unless the clean run's ``clean`` outputs are
     finite: every score compares with them, and would be NaN without saying why."""
-    if not bool(clean.isfinite().all()):
-        raise ValueError("inputs: the model's outputs on them are not finite (NaN or inf), "
-                         "so no score would mean anything")
+    check_finite("inputs: the model's outputs on them", clean,
+                 hint="no score would mean anything")
 
 
 def _next_tokens(ids: torch.Tensor, batch: Any) -> tuple[torch.Tensor, int]:

@@ -32,6 +32,7 @@ import torch
 
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_finite,
     check_materialized,
     check_materialized_module,
     check_optimizer,
@@ -70,6 +71,7 @@ def resample(
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
     check_materialized_module(sae, "sae.")
+    sae._check_weights()  # a NaN weight made a NaN loss: rows drawn at random, or an error
     for name in ("W_dec", "W_enc", "b_enc", "tokens_since_fired"):  # written in place
         check_writable(f"sae.{name}", getattr(sae, name))
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != sae.d_in:
@@ -95,12 +97,15 @@ def resample(
     latents = dead.nonzero().squeeze(1)
     x = x.to(sae.W_enc.dtype)
     target = x if target is None else target.to(sae.W_dec.dtype)
-    loss = (sae.decode_sparse(*sae.encode_sparse(x)) - target).pow(2).sum(-1)
+    # in float64: the squared error of finite float32 rows overflowed past ~1e19, and its
+    # square (the weights) past ~1e9, failing the draw with a raw "probability tensor
+    # contains either inf, nan"
+    loss = (sae.decode_sparse(*sae.encode_sparse(x)).double() - target.double()).pow(2).sum(-1)
     if latents.numel() == 0 or not bool((loss > 0).any()):
         return latents[:0]
     # distinct rows while there are enough with a loss: two latents reborn on one row
     # would compete for it and one would die again
-    weights = loss.pow(2).double()
+    weights = (loss / loss.max()).pow(2)  # ∝ loss², scaled to stay finite
     distinct = int((weights > 0).sum()) >= latents.numel()
     rows = torch.multinomial(weights, latents.numel(), replacement=not distinct,
                              generator=generator)
@@ -144,10 +149,7 @@ def _check_values(name: str, values: torch.Tensor, dtype: torch.dtype) -> None:
     if not values.is_floating_point():
         raise ArgumentTypeError(f"{name} must be a floating-point tensor, got {values.dtype}")
     check_materialized(name, values)
-    bad = int((~torch.isfinite(values.to(dtype))).sum())
-    if bad:
-        raise ValueError(f"{name} must hold finite values (in the SAE's {dtype}), got {bad} "
-                         f"NaN or inf of {values.numel()}")
+    check_finite(name, values, dtype=dtype)
 
 
 def _reset_state(optimizer: torch.optim.Optimizer,

@@ -43,10 +43,12 @@ from sparsekit._checks import (
     ArgumentTypeError,
     check_bool,
     check_device,
+    check_finite,
     check_fits_memory,
     check_int,
     check_materialized,
     check_positive,
+    check_recordable,
     check_writable,
     seeded,
 )
@@ -140,7 +142,7 @@ class SAE(nn.Module):
         d_in, n_latents, d_out, seed = int(d_in), int(n_latents), int(d_out), int(seed)
         self.d_in, self.n_latents, self.d_out = d_in, n_latents, d_out
         self.activation = activation
-        self.k = int(k) if uses_k else None
+        self._k = int(k) if uses_k else None
         self.transcoder = transcoder or d_out != d_in
         self.matryoshka = prefixes
         self.normalize_decoder = normalize_decoder
@@ -243,32 +245,27 @@ class SAE(nn.Module):
                                     f"tensor, got {x.dtype}")
 
     def _check_autograd(self) -> None:
-        """Raise ``ValueError`` naming the first parameter that is an inference tensor (the
-        SAE was built or loaded under ``torch.inference_mode()``) when autograd would record
-        a product with it: PyTorch's raw "Inference tensors cannot be saved for backward"
-        named no parameter, and came from any call outside ``torch.no_grad()``."""
-        if not torch.is_grad_enabled():  # also inside inference mode
-            return
-        for name, param in self.named_parameters():
-            if param.requires_grad and param.is_inference():
-                raise ValueError(
-                    f"sae.{name} is an inference tensor (the SAE was built or loaded under "
-                    f"torch.inference_mode), which autograd cannot record; accepted: this "
-                    f"call under torch.no_grad() or torch.inference_mode(), or an SAE built "
-                    f"outside inference mode")
+        """:func:`~sparsekit._checks.check_recordable` of this SAE's parameters."""
+        check_recordable(self, "sae.", "SAE")
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - b_dec) @ W_enc + b_enc`` (an autoencoder centres on ``b_dec``); ``x`` of
         a real dtype (the cast to the weights' dtype would drop a complex input's imaginary
         part, and a bool input means no activations), finite after that cast: a NaN or inf
         input made NaN codes that passed on silently (and, in training mode, counted as
-        firing). Every encode, and so :meth:`forward`, checks its input here."""
+        firing); so did finite inputs whose pre-activations overflow the SAE's dtype (a
+        float16 SAE), refused too. Every encode, and so :meth:`forward`, checks its input here."""
         self._check_width(x, self.d_in)
         self._check_real(x)
         self._check_autograd()
-        x = x.to(self.W_enc.dtype)
-        _check_finite(x, "x", self.W_enc.dtype)
-        return self._pre_activations(x)
+        x = check_finite("x", x, dtype=self.W_enc.dtype)
+        pre = self._pre_activations(x)
+        # finite inputs may still overflow the product (float16 tops out at 65504): inf
+        # codes, and NaN ones after TopK, passed on silently
+        check_finite("x's pre-activations (x - b_dec) @ W_enc + b_enc", pre,
+                     hint=f"the inputs are too large for the SAE's {self.W_enc.dtype} (scale "
+                          f"them down), or its weights are not finite")
+        return pre
 
     def _pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`pre_activations` of inputs already checked and cast (the training
@@ -279,11 +276,35 @@ class SAE(nn.Module):
             .view(*x.shape[:-1], self.n_latents)
 
     @property
+    def k(self) -> int | None:
+        """Latents kept per token (per token on average for BatchTopK); None for an
+        activation without one."""
+        return self._k
+
+    @k.setter
+    def k(self, value: int | None) -> None:
+        # checked on every set: a k of 0 gave all-zero codes silently, one past n_latents
+        # or a float failed inside topk with a raw error naming no argument
+        if not ACTIVATIONS.meta(self.activation)["uses_k"]:
+            if value is not None:
+                raise ValueError(f"k must be None for activation={self.activation!r} (it "
+                                 f"keeps no fixed count), got {value!r}")
+            return
+        check_int("k", value, minimum=1)
+        if value > self.n_latents:  # type: ignore[operator]
+            raise ValueError(f"k must be an int in [1, n_latents={self.n_latents}], got "
+                             f"{value!r}")
+        self._k = int(value)  # type: ignore[arg-type]
+
+    @property
     def jump_threshold(self) -> torch.Tensor | None:
         """The threshold below which a latent is zero at inference (JumpReLU: learned;
         BatchTopK: the running minimum kept activation), or None (the TopK family, L1)."""
         if self.activation == "jumprelu":
-            return self.log_threshold.exp()
+            # a log threshold of +inf (a latent that never fires, as load takes it) has the
+            # gradient exp(inf) × 0 = NaN, which clipping spread to every weight: none
+            never = self.log_threshold == math.inf
+            return torch.where(never, math.inf, self.log_threshold.masked_fill(never, 0).exp())
         if self.activation == "batchtopk" and not self.training:
             return self.threshold.to(self.W_enc.dtype)
         return None
@@ -311,12 +332,14 @@ class SAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """``z @ W_dec + b_dec``, reading only the ``W_dec`` rows of non-zero codes when
         they are sparse (a dense product otherwise); ``z`` of a real dtype, as
-        :meth:`pre_activations` takes ``x``, and finite (a NaN code decoded to NaN)."""
+        :meth:`pre_activations` takes ``x``, and finite in the SAE's dtype (a NaN code, or a
+        float64 one past float32, decoded to NaN); a reconstruction that overflows that dtype
+        is refused too."""
         self._check_width(z, self.n_latents, "z")
         self._check_real(z, "z")
         self._check_autograd()
-        _check_finite(z, "z")
-        return self._decode(z)
+        check_finite("z", z, dtype=self.W_dec.dtype)
+        return self._check_reconstruction(self._decode(z), "z")
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         """:meth:`decode` of codes not checked for finite values: the training objective's,
@@ -341,8 +364,16 @@ class SAE(nn.Module):
         ``values`` and ``W_dec``. ``values`` must be finite, as :meth:`decode`'s codes."""
         self._check_codes(values, indices)
         self._check_autograd()
-        _check_finite(values, "values")
-        return self._decode_sparse(values, indices)
+        check_finite("values", values, dtype=self.W_dec.dtype)
+        return self._check_reconstruction(self._decode_sparse(values, indices), "values")
+
+    def _check_reconstruction(self, y: torch.Tensor, param: str) -> torch.Tensor:
+        """``y``, the reconstruction from the codes ``param``, once it is finite: finite
+        codes may still overflow the product (a float16 SAE), which passed on silently."""
+        check_finite(f"the reconstruction from {param}", y,
+                     hint=f"the codes are too large for the SAE's {self.W_dec.dtype} (scale "
+                          f"them down), or its weights are not finite")
+        return y
 
     def _decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """:meth:`decode_sparse` of codes not checked (the training objective's: see
@@ -440,6 +471,25 @@ class SAE(nn.Module):
             weight = max(THRESHOLD_EMA, 1 / self._threshold_updates)
             self.threshold.mul_(1 - weight).add_(weight * smallest)
 
+    def _non_finite_weights(self) -> list[str]:
+        """The names of the parameters holding a NaN or inf (a diverged training), except
+        the +inf or -inf of a JumpReLU ``log_threshold``: a latent that never or always
+        fires, which :func:`~sparsekit.sae.load` takes too."""
+        with torch.no_grad():
+            return [name for name, p in self.named_parameters()
+                    if not bool((~p.isnan() if name == "log_threshold" else p.isfinite()).all())]
+
+    def _check_weights(self) -> None:
+        """Raise ``ValueError`` naming ``sae`` and the first of :meth:`_non_finite_weights`:
+        every code, score and training step of such an SAE is NaN, silently."""
+        bad = self._non_finite_weights()
+        if bad:
+            tensor = getattr(self, bad[0]).detach()
+            if bad[0] == "log_threshold":  # its ±inf are taken: count the NaN only
+                tensor = tensor.masked_fill(tensor.isinf(), 0)
+            check_finite(f"sae.{bad[0]}", tensor, hint="the SAE's weights diverged or were "
+                                                      "set so; train or load it again")
+
     def dead_latents(self, window: int) -> torch.Tensor:
         """Boolean ``(n_latents,)``: latents that fired on none of the last ``window``
         training tokens."""
@@ -467,17 +517,6 @@ class SAE(nn.Module):
         nest = f", matryoshka={list(self.matryoshka)}" if self.matryoshka else ""
         return (f"{kind}, d_in={self.d_in}, n_latents={self.n_latents}, d_out={self.d_out}, "
                 f"activation={self.activation!r}{k}{nest}")
-
-
-def _check_finite(x: torch.Tensor, param: str, dtype: torch.dtype | None = None) -> None:
-    """Raise unless every value of ``x`` is finite: one NaN or inf in a batch makes every
-    weight NaN after the step that reads it, and every code and metric NaN. ``dtype``: the
-    dtype ``x`` was cast to (a value finite before the cast may overflow it)."""
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:
-        cast = f" (after the cast to the SAE's {dtype})" if dtype is not None else ""
-        raise ValueError(f"{param} must hold finite values, got {bad} NaN or inf of "
-                         f"{x.numel()}{cast}")
 
 
 def _nonzeros(z: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

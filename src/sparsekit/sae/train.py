@@ -24,6 +24,7 @@ import torch
 
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_finite,
     check_fraction,
     check_int,
     check_materialized,
@@ -35,7 +36,7 @@ from sparsekit._checks import (
 )
 from sparsekit.sae.activations import ACTIVATIONS, select_topk, step
 from sparsekit.sae.resample import ENCODER_SCALE, check_dead, resample
-from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _check_finite, _nonzeros
+from sparsekit.sae.sae import SAE, SPARSE_DECODE_DENSITY, _nonzeros
 
 __all__ = ["objective", "train"]
 
@@ -69,8 +70,7 @@ def objective(
         raise ValueError(f"x must hold at least one row of width {sae.d_in}, got shape "
                          f"{tuple(x.shape)}")
     sae._check_autograd()
-    x = x.to(sae.W_enc.dtype)
-    _check_finite(x, "x", sae.W_enc.dtype)
+    x = check_finite("x", x, dtype=sae.W_enc.dtype)
     check_nonnegative("sparsity_coef", sparsity_coef)
     check_nonnegative("aux_coef", aux_coef)
     if dead is not None:
@@ -84,7 +84,7 @@ def objective(
         if target.shape[:-1] != x.shape[:-1]:
             raise ValueError(f"target must have shape {(*x.shape[:-1], sae.d_out)} (x's rows), "
                              f"got {tuple(target.shape)}")
-        _check_finite(target.to(sae.W_enc.dtype), "target", sae.W_enc.dtype)
+        check_finite("target", target, dtype=sae.W_enc.dtype)
     return _objective(sae, x, target, sparsity_coef=sparsity_coef, aux_coef=aux_coef,
                       dead=dead)
 
@@ -212,6 +212,7 @@ def train(
     if not isinstance(sae, SAE):
         raise TypeError(f"sae must be a sparsekit.sae.SAE, got {type(sae).__name__}")
     check_materialized_module(sae, "sae.")
+    sae._check_weights()  # else "step 0: the update made W_enc non-finite", before any step
     _check_trainable(sae)
     if steps is not None:
         check_int("steps", steps, minimum=1)
@@ -330,8 +331,9 @@ def _check_step(sae: SAE, terms: dict[str, torch.Tensor], step: int) -> None:
 
 
 def _check_weights(sae: SAE, what: str) -> None:
-    """Raise naming ``what`` unless every parameter of ``sae`` is finite."""
-    bad = [name for name, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
+    """Raise naming ``what`` unless every parameter of ``sae`` is finite (a JumpReLU
+    ``log_threshold`` may be ±inf: :meth:`SAE._non_finite_weights`)."""
+    bad = sae._non_finite_weights()
     if bad:
         raise ValueError(f"{what} made {', '.join(bad)} non-finite (NaN or inf in "
                          f"{sae.W_enc.dtype}); the SAE holds those weights")
@@ -399,8 +401,8 @@ def _rows(item: Any, sae: SAE, index: int) -> tuple[torch.Tensor, torch.Tensor |
                 f"{type(item).__name__}")
         x, y = item
         _check_rows(y, sae.d_out, f"{where} (target)")
-        y = y.detach().reshape(-1, sae.d_out).to(sae.W_enc.dtype)
-        _check_finite(y, f"{where} (target)", sae.W_enc.dtype)
+        y = check_finite(f"{where} (target)", y.detach().reshape(-1, sae.d_out),
+                         dtype=sae.W_enc.dtype)
     else:
         x, y = item, None
     _check_rows(x, sae.d_in, where)
@@ -408,9 +410,7 @@ def _rows(item: Any, sae: SAE, index: int) -> tuple[torch.Tensor, torch.Tensor |
     if y is not None and y.shape[0] != x.shape[0]:
         raise ValueError(
             f"{where}: an input of {x.shape[0]} rows came with a target of {y.shape[0]}")
-    x = x.to(sae.W_enc.dtype)
-    _check_finite(x, where, sae.W_enc.dtype)
-    return x, y
+    return check_finite(where, x, dtype=sae.W_enc.dtype), y
 
 
 def _check_rows(x: Any, width: int, param: str) -> None:
