@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from sparsekit import checkpoint
-from sparsekit._atomic import atomic_write, blocking_parent, directory_lock, sync
+from sparsekit._atomic import atomic_write, blocking_parent, directory_lock, sync, write_target
 from sparsekit._checks import ArgumentTypeError, check_materialized_module
 from sparsekit.engine import fused
 from sparsekit.engine.activation_linear import GROUPED_KERNELS as GROUPED_ACTIVATION_KERNELS
@@ -133,6 +133,11 @@ def save_pretrained(
             "which a transformers class would load instead of these; accepted: a new "
             "directory, or one without them (remove them first)"
         )
+    generation = getattr(model, "generation_config", None)
+    writes = [WEIGHTS_NAME, "config.json"]
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        writes.append("generation_config.json")
+    _check_files(path, os.fspath(directory), writes)
     # its tensors are read only in the write, after the directory was created
     check_materialized_module(model, "model: ")
     compiled = compiled_layers(model)
@@ -175,7 +180,9 @@ def _write_directory(model: nn.Module, path: Path, masks: MaskSet | None,
         with atomic_write(path / "config.json") as config_tmp:
             _write_config(model, config_tmp)
             sync(config_tmp)
-            (path / "config.json").unlink(missing_ok=True)
+            # the file a link leads to: unlinking the link lost it, and the new config went
+            # to that file, leaving the directory without a config.json
+            write_target(path / "config.json").unlink(missing_ok=True)
             os.replace(pending, path / WEIGHTS_NAME)
     finally:
         pending.unlink(missing_ok=True)
@@ -427,6 +434,27 @@ def _check_save_directory(directory: object) -> Path:
         raise ValueError(f"directory {raw!r} {what}; accepted: the path of a directory to "
                          "create or to write into")
     return path
+
+
+def _check_files(path: Path, raw: str, names: list[str]) -> None:
+    """Raise ``ValueError`` naming ``directory`` (given as ``raw``) where one of the files
+    :func:`save_pretrained` writes into it (``names``) is a directory, a link to one, or a
+    link that loops: the write of that file failed with a raw ``OSError``, after the files
+    written before it (the generation config) had changed."""
+    for name in names:
+        file = path / name
+        if file.is_dir():
+            what = (f"a symbolic link to the directory {os.path.realpath(file)!r}"
+                    if os.path.islink(file) else "a directory")
+        else:
+            try:
+                write_target(file)
+                continue
+            except OSError:  # the link loops (a link to a directory is caught above)
+                what = "a symbolic link that leads back to itself (a loop)"
+        raise ValueError(f"directory {raw!r}: its {name!r} is {what}, where save_pretrained "
+                         "writes a file; accepted: a directory where that name is free, a "
+                         "file, or a link to a file (nothing was written)")
 
 
 def _check_directory(directory: object) -> None:

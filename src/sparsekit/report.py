@@ -275,7 +275,8 @@ def _layer_masks(table: Mapping[str, torch.Tensor], model: nn.Module,
     """The mask of each layer's weight (``{layer name: mask}``), looked up under every name
     of that weight: each name of the layer (a module reachable by several paths), and each
     name of the tensor it is stored in (tied weights). Raises naming a mask that is not a
-    tensor, has the wrong shape, or disagrees with another name of the same weight."""
+    tensor, has the wrong shape, is sparse, or disagrees with another name of the same
+    weight. A mask's nonzeros count as kept (a float mask multiplies its weight)."""
     for key, mask in table.items():
         if not isinstance(mask, torch.Tensor):
             raise ArgumentTypeError(f"masks[{key!r}] must be a torch.Tensor, got "
@@ -308,6 +309,9 @@ def _layer_masks(table: Mapping[str, torch.Tensor], model: nn.Module,
                     f"masks[{k!r}] has shape {tuple(table[k].shape)}, "
                     f"expected the weight's shape {tuple(shape)}"
                 )
+            if table[k].layout != torch.strided:  # a raw NotImplementedError of counting
+                raise ArgumentTypeError(f"masks[{k!r}] must be a dense (strided) tensor, got "
+                                        f"layout {table[k].layout}; convert with `.to_dense()`")
         first = one_mask(table, hits, f"of layer {name!r}")
         if first.is_meta:
             raise ValueError(f"masks[{hits[0]!r}] is on the meta device (it holds no values); "

@@ -64,6 +64,15 @@ class BreakEven:
         self._clock = clock
         self._sparse_wins: dict[Hashable, bool] = {}
 
+    def _read(self) -> float:
+        """The clock once the GPU's queued work is done: CUDA runs kernels asynchronously,
+        so a path timed without waiting for them counted their launch alone (and the next
+        reading after a synchronising op counted the other path's work too)."""
+        if torch.cuda.is_initialized():  # every device: the model's need not be the current
+            for device in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(device)
+        return self._clock()
+
     @property
     def decisions(self) -> dict[Hashable, bool]:
         """Per measured call class, whether the sparse path won (a copy)."""
@@ -77,11 +86,11 @@ class BreakEven:
         if won is not None or torch.compiler.is_compiling():
             # a trace (torch.compile, export) cannot time: it takes what eager calls measured
             return sparse() if won else dense()
-        start = self._clock()
+        start = self._read()
         dense_out = dense()
-        middle = self._clock()
+        middle = self._read()
         sparse_out = sparse()
-        end = self._clock()
+        end = self._read()
         for reading in (start, middle, end):  # a str or NaN failed or decided silently
             if isinstance(reading, bool) or not isinstance(reading, numbers.Real) \
                     or not math.isfinite(reading):

@@ -17,6 +17,7 @@ import torch
 
 from sparsekit._checks import (
     check_bool,
+    check_fits_memory,
     check_int,
     check_materialized,
     check_positive,
@@ -74,14 +75,23 @@ def visible_pairs(q_len: int, kv_len: int, *, block_size: int, causal: bool) -> 
     """Attendable (query, key) pairs in each tile: int64 ``(q_blocks, kv_blocks)``.
 
     Without ``causal`` that is the tile's area; with it, the pairs on or below the diagonal
-    aligned at the end, counted per tile by arithmetic series.
+    aligned at the end, counted per tile by arithmetic series. A table larger than this
+    machine's memory (very long sequences in tiny tiles) is a ``ValueError`` stating its
+    size, not the allocator's raw ``RuntimeError``; so are lengths whose pairs overflow
+    int64 (counted as 0 or negative: a density of NaN, without a sign of it).
     """
     check_int("q_len", q_len, minimum=1)
     check_int("kv_len", kv_len, minimum=1)
     check_int("block_size", block_size, minimum=1)
     check_bool("causal", causal)
+    if q_len * kv_len > torch.iinfo(torch.int64).max:  # 2**32 each way: one tile wrapped
+        raise ValueError(f"q_len * kv_len must fit int64 (the pairs are counted in it), "
+                         f"got q_len={q_len}, kv_len={kv_len}; accepted: shorter sequences")
     block_size = bounded_block_size(q_len, kv_len, block_size)
     qb, kb = blocks(q_len, block_size), blocks(kv_len, block_size)
+    check_fits_memory(qb * kb * 8, f"q_len={q_len}, kv_len={kv_len} in tiles of "
+                      f"block_size={block_size} make {qb:,} x {kb:,} tiles, an int64 table of",
+                      "accepted: a larger block_size or shorter sequences")
     offset = kv_len - q_len
     first = torch.arange(qb) * block_size  # query rows of each query tile: [first, last]
     last = torch.clamp(first + block_size, max=q_len) - 1
@@ -144,7 +154,9 @@ def tile_mass(
 
     Scores are computed in float32 for a chunk of query rows at a time; a score that
     overflows float32 (a huge ``scale``, or huge ``q``, ``k``) raises ``ValueError``: its
-    softmax would be NaN, and the mass of its row lost without a sign of it.
+    softmax would be NaN, and the mass of its row lost without a sign of it. So does a
+    tile mass larger than this machine's memory (long sequences in tiny tiles: the
+    allocator's raw ``RuntimeError``).
     """
     check_int("block_size", block_size, minimum=1)
     check_bool("causal", causal)
@@ -154,6 +166,10 @@ def tile_mass(
     kv_len = k.shape[2]
     block_size = bounded_block_size(q_len, kv_len, block_size)
     qb, kb = blocks(q_len, block_size), blocks(kv_len, block_size)
+    check_fits_memory(batch * heads * qb * kb * 8, f"q_len={q_len}, kv_len={kv_len} in tiles "
+                      f"of block_size={block_size} over {batch} x {heads} batch entries and "
+                      "heads make a float64 tile mass of",
+                      "accepted: a larger block_size or shorter sequences")
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     keys = repeat_kv(k, heads).float()
     offset = kv_len - q_len

@@ -145,7 +145,11 @@ def resolve_pattern(
     if unknown:  # was "__init__() got an unexpected keyword argument", naming no pattern
         raise ArgumentTypeError(f"options {unknown} are not options of pattern {cls.name!r}; "
                                 f"accepted: {accepted}")
-    return UserMask(pattern, **options) if tensor else cls(**options)
+    if not tensor:
+        return cls(**options)
+    made = UserMask(pattern, **options)
+    object.__setattr__(made, "argument", "pattern")  # a mask that fails a call is this one
+    return made
 
 
 @ATTENTION_PATTERNS.register("dense")
@@ -384,6 +388,10 @@ class UserMask(AttentionPattern):
 
     name: ClassVar[str] = "mask"
     mask: torch.Tensor | Callable[[int, int, int], torch.Tensor]
+    argument: str = dataclasses.field(default="mask", init=False, repr=False)
+    """The argument the caller gave the tensor as, which a call's refusal names: ``mask``,
+    or ``pattern`` where :func:`resolve_pattern` (``sparsekit.attention.apply``) wrapped it
+    (a mask that did not fit a call named ``mask``, a parameter never passed)."""
 
     def __post_init__(self) -> None:
         if not callable(self.mask) and not isinstance(self.mask, torch.Tensor):
@@ -395,7 +403,7 @@ class UserMask(AttentionPattern):
             _check_user_mask("mask", self.mask)
 
     def tiles(self, q, k, *, block_size, causal, visible):
-        mask, name = self.mask, "mask"
+        mask, name = self.mask, self.argument
         if not isinstance(mask, torch.Tensor):  # its errors name the call that made it
             name = f"mask({q.shape[2]}, {k.shape[2]}, {block_size})"
             mask = mask(q.shape[2], k.shape[2], block_size)

@@ -2,10 +2,11 @@
 
 Stier et al. (2021) predict how well a sparse RNN learns from such numbers alone. All
 features are computed on the unweighted graph of :func:`sparsekit.graph.to_graph`; those
-costing more than linear time (shortest paths, clustering, communities) are NaN on graphs
-with more than ``max_edges`` edges. A ratio or statistic over nothing is NaN too: the
-densities where no connection is possible and the degree statistics of a layer side with no
-neurons (a zero-width layer, such as pruning all of a layer's neurons leaves).
+costing more than linear time (shortest paths, clustering, communities, the eigenvalues of
+a recurrent layer) are NaN on graphs with more than ``max_edges`` edges. A ratio or
+statistic over nothing is NaN too: the densities where no connection is possible and the
+degree statistics of a layer side with no neurons (a zero-width layer, such as pruning all
+of a layer's neurons leaves).
 """
 
 from __future__ import annotations
@@ -64,10 +65,7 @@ def structure_features(
         "log10_paths": _log10_paths(layers, widths[0]),
         "components": float(nx.number_weakly_connected_components(g)),
         **_costly(g, max_edges),
-        "spectral_radius": max(
-            (_spectral_radius(m) for spec, m in layers if spec["source"] == spec["target"]),
-            default=0.0,
-        ),
+        "spectral_radius": _spectral_radius(layers, g.number_of_edges() > max_edges),
     }
     for spec, m in layers:
         out.update(_layer_features(spec["name"], m))
@@ -105,8 +103,15 @@ def _costly(g: nx.DiGraph, max_edges: int) -> dict[str, float]:
     }
 
 
-def _spectral_radius(adjacency: torch.Tensor) -> float:
-    return float(torch.linalg.eigvals(adjacency.double()).abs().max())
+def _spectral_radius(layers: list[tuple[dict, torch.Tensor]], too_costly: bool) -> float:
+    """The largest |eigenvalue| over the recurrent layers' adjacencies (0 without one); NaN
+    when ``too_costly`` (over ``max_edges``): ``eigvals`` of an n-neuron layer takes O(n³)
+    time, and it ran on every graph, whatever ``max_edges`` promised."""
+    recurrent = [m for spec, m in layers if spec["source"] == spec["target"]]
+    if recurrent and too_costly:
+        return math.nan
+    return max((float(torch.linalg.eigvals(m.double()).abs().max()) for m in recurrent),
+               default=0.0)
 
 
 def _layer_features(name: str, m: torch.Tensor) -> dict[str, float]:

@@ -61,7 +61,7 @@ from sparsekit.structured.adaptive import adaptive_counts, channel_cost, standar
 from sparsekit.structured.compensate import fold_means
 from sparsekit.structured.dependency import Group
 from sparsekit.structured.importance import check_round_to, group_importance, round_count
-from sparsekit.structured.shrink import cut, remove_channels
+from sparsekit.structured.shrink import check_removal, cut, remove_channels
 from sparsekit.structured.transformer import transformer_blocks, transformer_groups
 
 __all__ = ["FLAP_POWERS", "UNITS", "block_influence", "load_pretrained", "prune_structured"]
@@ -156,8 +156,10 @@ def prune_structured(
         removed = _select(model, groups, scores, amount, allocation, round_to,
                           readers_only=method == "flap",
                           powers=FLAP_POWERS if method == "flap" else {})
-        fold_means(model, [r for u in units for r in removed[u]], means)
-        remove_channels(model, [r for u in units for r in removed[u]])
+        # checked before fold_means changes the biases: a refused cut changes nothing
+        removal = check_removal(model, [r for u in units for r in removed[u]])
+        fold_means(model, removal, means)
+        remove_channels(model, removal)
         _sync_heads(model)
         for u in units:
             _update_config(model, u, removed[u])
@@ -241,6 +243,10 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     if not files:
         raise ValueError(f"path: {str(path)!r} holds no *.safetensors weights")
     for f in files:
+        if not f.is_file():  # load_file's raw OSError: "No such device", "No such file"
+            raise ValueError(f"path: {str(f)!r} is not a weights file (a directory, a link "
+                             "to one, or a link that leads nowhere or loops); accepted: a "
+                             "directory whose *.safetensors are safetensors files")
         try:
             state.update(load_file(f))
         except SafetensorError as e:  # a truncated or overwritten file

@@ -23,7 +23,7 @@ from torch import nn
 
 from sparsekit._checks import check_fraction, check_materialized, check_module
 from sparsekit.structured.dependency import Group, check_group, check_groups
-from sparsekit.structured.importance import check_scoring, score_part
+from sparsekit.structured.importance import check_scoring, powered, score_part
 
 __all__ = ["adaptive_counts", "channel_cost", "standardized_importance"]
 
@@ -49,7 +49,8 @@ def standardized_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
             continue
         part = score_part(group, s, scores[s.name])  # float64: powers and sums stay finite
         width = math.prod(part.shape[1:])
-        parts.append(part.reshape(group.channels, s.repeat, width).mean(2) ** power)
+        parts.append(powered(s.name, part.reshape(group.channels, s.repeat, width).mean(2),
+                             power))
     if not parts:
         return None
     flat = torch.cat([p.flatten() for p in parts])

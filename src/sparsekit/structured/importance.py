@@ -33,8 +33,8 @@ from sparsekit.select import top_k
 from sparsekit.structured.dependency import Group, Slice, check_group, dependency_groups
 from sparsekit.targets import DEFAULT_TYPES, Target
 
-__all__ = ["channel_masks", "check_round_to", "check_scoring", "group_importance", "round_count",
-           "rounding_step", "score_part"]
+__all__ = ["channel_masks", "check_round_to", "check_scoring", "group_importance", "powered",
+           "round_count", "rounding_step", "score_part"]
 
 Allocate = Callable[[dict[str, torch.Tensor], float], dict[str, int]]
 
@@ -63,7 +63,7 @@ def group_importance(group: Group, scores: Mapping[str, torch.Tensor], *,
         part = score_part(group, s, scores[s.name])
         if power != 1:
             entries = part.reshape(group.channels * s.repeat, math.prod(part.shape[1:]))
-            part = (entries.mean(1, keepdim=True) ** power).expand_as(entries)
+            part = powered(s.name, entries.mean(1, keepdim=True), power).expand_as(entries)
         part = part.reshape(group.channels, s.repeat * math.prod(part.shape[1:]))
         total += part.sum(1).cpu()
         count += part.shape[1]
@@ -82,6 +82,18 @@ def check_scoring(scores: object, readers_only: object, power: object) -> None:
                                 f"got {type(scores).__name__}")
     check_bool("readers_only", readers_only)
     check_positive("power", power)
+
+
+def powered(name: str, means: torch.Tensor, power: float) -> torch.Tensor:
+    """``means`` (the mean scores of the entries of ``scores[name]``) raised to ``power``;
+    ``ValueError`` where a negative mean meets a power that is no integer: its root is NaN,
+    and every importance of the group (all its z-scores) came back NaN without a sign."""
+    if power != int(power) and bool((means < 0).any()):
+        raise ValueError(f"scores[{name!r}] has negative mean scores (down to "
+                         f"{float(means.min()):.3g}), which power={power!r} turns into NaN; "
+                         "accepted: scores ≥ 0 (magnitudes) with a fractional power, or an "
+                         "integer power")
+    return means ** power
 
 
 def score_part(group: Group, s: Slice, score: object) -> torch.Tensor:

@@ -25,7 +25,7 @@ from sparsekit._checks import (
     check_materialized_module,
     check_module,
 )
-from sparsekit.masks import one_mask
+from sparsekit.masks import check_mask, one_mask
 from sparsekit.structured.compensate import fold_means, reader_means, with_biases
 from sparsekit.structured.dependency import (
     Group,
@@ -37,7 +37,7 @@ from sparsekit.structured.dependency import (
 )
 from sparsekit.structured.importance import check_round_to, rounding_step
 
-__all__ = ["cut", "remove_channels", "removable_channels", "shrink"]
+__all__ = ["check_removal", "cut", "remove_channels", "removable_channels", "shrink"]
 
 MaskTable = Mapping[str, torch.Tensor]
 
@@ -178,8 +178,23 @@ def remove_channels(model: nn.Module, removed: Iterable[tuple[Group, torch.Tenso
     Each tensor is cut once, so tied weights stay tied; the layers touched get size
     attributes that match their new shapes.
     """
+    removed = check_removal(model, removed)  # all before any cut
+    cuts: dict[tuple[str, int], set[int]] = {}
+    for group, gone in removed:
+        for s in group.slices:
+            cuts.setdefault((s.name, s.dim), set()).update(s.indices(gone).tolist())
+    cut(model, cuts)
+
+
+def check_removal(model: nn.Module, removed: Iterable[tuple[Group, torch.Tensor]]
+                  ) -> list[tuple[Group, torch.Tensor]]:
+    """``removed`` as a list, with every check of :func:`remove_channels` passed and nothing
+    changed: a caller that changes the model before the cut (FLAP's
+    :func:`~sparsekit.structured.compensate.fold_means`) runs it first, so a refused
+    removal leaves the model as it was (the compensation had changed the biases before
+    :func:`remove_channels` refused)."""
     check_module("model", model)  # was a raw AttributeError after the checks of removed
-    removed = check_removed(removed)  # all before any cut
+    removed = check_removed(removed)
     for i, (group, gone) in enumerate(removed):
         if gone.numel():
             _check_roles(f"removed[{i}]'s group", group)
@@ -187,11 +202,7 @@ def remove_channels(model: nn.Module, removed: Iterable[tuple[Group, torch.Tenso
             raise ValueError(f"removed[{i}] removes every channel of group {group.name!r} "
                              f"({group.channels}); accepted: at most {group.channels - 1}, a "
                              "group keeps one (shrink does so itself)")
-    cuts: dict[tuple[str, int], set[int]] = {}
-    for group, gone in removed:
-        for s in group.slices:
-            cuts.setdefault((s.name, s.dim), set()).update(s.indices(gone).tolist())
-    cut(model, cuts)
+    return removed
 
 
 def removable_channels(model: nn.Module, group: Group, masks: object) -> torch.Tensor:
@@ -241,14 +252,9 @@ def _mask_table(model: nn.Module, masks: object) -> MaskTable | None:
     for name, mask in table.items():
         if name not in params:
             raise ValueError(f"masks has an entry {name!r} that is not a parameter of the model")
-        if not isinstance(mask, torch.Tensor) or mask.shape != params[name].shape:
-            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"masks[{name!r}] has shape {got}, expected "
-                             f"{tuple(params[name].shape)}")
-        if mask.dtype != torch.bool:  # a NaN or 0.3 would count as "keep"
-            raise ValueError(f"masks[{name!r}] must be a bool tensor (True keeps), got dtype "
-                             f"{mask.dtype}")
-        check_materialized(f"masks[{name!r}]", mask)
+        # a NaN or 0.3 would count as "keep"; a wrong dtype (or no tensor) is a TypeError
+        # as in every mask check (was a plain ValueError)
+        check_mask(f"masks[{name!r}]", mask, params[name].shape)
     return _by_tensor(table, aliases)
 
 
