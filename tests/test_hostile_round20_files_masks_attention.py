@@ -511,6 +511,19 @@ def test_non_finite_inputs_still_give_nan_not_a_refusal():
         block_sparse_attention(*bf16, mask, block_size=16, scale=1e38)
 
 
+def test_dense_block_mask_past_memory_is_a_named_size_error():
+    """An element mask of 2**40 bools failed raw in the allocator (session 40); the size is
+    checked first. (The native kernel builds none; the reference and the coverage do.)"""
+    length = 2 ** 20
+    tiles = length // 2 ** 14
+    mask = torch.ones(1, 1, tiles, tiles, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"^q_len=1048576, kv_len=1048576 with a block mask "
+                                         r"of shape \(1, 1, 64, 64\) make a bool element mask "
+                                         r"of [\d,]+ bytes, more than this machine's memory .*"
+                                         r"accepted: shorter sequences"):
+        dense_block_mask(mask, length, length, causal=True, block_size=2 ** 14)
+
+
 # -- attention: scored patterns and masses --------------------------------------------------
 
 

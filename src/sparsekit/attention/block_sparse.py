@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sparsekit._checks import check_bool, check_int, check_positive
+from sparsekit._checks import check_bool, check_fits_memory, check_int, check_positive
 from sparsekit.attention.coverage import (
     _check_device,
     _check_heads,
@@ -95,6 +95,12 @@ def dense_block_mask(
     check_bool("causal", causal)
     _check_mask(block_mask, (blocks(q_len, block_size), blocks(kv_len, block_size)),
                 block_size=block_size)
+    # the result, and the causal mask beside it: long sequences failed raw in the allocator
+    elements = block_mask.shape[0] * block_mask.shape[1] * q_len * kv_len
+    check_fits_memory(elements + (q_len * kv_len if causal else 0),
+                      f"q_len={q_len}, kv_len={kv_len} with a block mask of shape "
+                      f"{tuple(block_mask.shape)} make a bool element mask of",
+                      "accepted: shorter sequences (the native kernel builds no element mask)")
     device = block_mask.device
     rows = torch.arange(q_len, device=device) // block_size
     cols = torch.arange(kv_len, device=device) // block_size
