@@ -93,12 +93,12 @@ class Moments:
         return var.float()
 
 
-def input_moments(model: nn.Module, layers: Mapping[str, nn.Module], data: Any
-                  ) -> dict[str, Moments]:
+def input_moments(model: nn.Module, layers: Mapping[str, nn.Module], data: Any,
+                  param: str = "data") -> dict[str, Moments]:
     """The :class:`Moments` of each layer's input channels over ``model`` run on ``data``
     (see :func:`~sparsekit.observe.run`; the model is left as found). Accepted layers:
-    ``nn.Linear`` and ``nn.Conv1d/2d/3d``. Raises ``ValueError`` naming the layers
-    ``data`` never reached."""
+    ``nn.Linear`` and ``nn.Conv1d/2d/3d``. Errors about ``data`` name it ``param`` (the
+    caller's argument), among them the ``ValueError`` naming the layers it never reached."""
     for name, m in layers.items():
         if not isinstance(m, LAYERS):
             raise TypeError(f"layers[{name!r}] must be a Linear or Conv layer, got "
@@ -106,10 +106,11 @@ def input_moments(model: nn.Module, layers: Mapping[str, nn.Module], data: Any
     stats = {n: Moments(m.in_features if isinstance(m, nn.Linear) else m.in_channels,
                         m.weight.device) for n, m in layers.items()}
     with watch(layers, lambda n, x, _out: stats[n].observe(layers[n], x)):
-        run(model, data)
+        run(model, data, param)
     missing = [n for n, s in stats.items() if s.rows == 0]
     if missing:
-        raise ValueError(f"data never reached these layers during the forward pass: {missing}")
+        raise ValueError(f"{param} never reached these layers during the forward pass: "
+                         f"{missing}")
     return stats
 
 

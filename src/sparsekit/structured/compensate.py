@@ -30,17 +30,19 @@ __all__ = ["fold_means", "reader_means", "with_biases"]
 Removed = Sequence[tuple[Group, torch.Tensor]]
 
 
-def reader_means(model: nn.Module, removed: Removed, data: Any) -> dict[str, torch.Tensor]:
+def reader_means(model: nn.Module, removed: Removed, data: Any, param: str = "data"
+                 ) -> dict[str, torch.Tensor]:
     """The mean of every input channel of each reader (a Linear/Conv weight slice of role
     ``"in"``) of a group in ``removed`` that loses channels, over ``model`` run on
-    ``data``; keyed by the reader's weight name. The model is left as found."""
+    ``data`` (named ``param`` in errors); keyed by the reader's weight name. The model is
+    left as found."""
     layers = {}
     for group, gone in check_removed(removed):
         for s in _readers(model, group) if gone.numel() else ():
             layers[s.name] = model.get_submodule(s.name.rpartition(".")[0])
     if not layers:
         return {}
-    return {n: m.mean() for n, m in input_moments(model, layers, data).items()}
+    return {n: m.mean() for n, m in input_moments(model, layers, data, param).items()}
 
 
 @torch.no_grad()

@@ -157,7 +157,7 @@ def _compensation_means(model: nn.Module, removed: list[tuple[Group, torch.Tenso
             "there is no contribution to fold (were the masks applied?). FLAP's "
             "compensation needs the weights before masking: compute the masks with "
             "sparsekit.prune.compute_masks and shrink the unmasked model")
-    means = reader_means(model, removed, data)
+    means = reader_means(model, removed, data, "compensate")
     infinite = [n for n, m in means.items() if not bool(m.isfinite().all())]
     if infinite:  # they would be added to the readers' biases
         raise ValueError(f"compensate: the calibration data gives NaN or infinite mean inputs "
