@@ -343,3 +343,17 @@ def test_tile_mass_of_long_sequences_in_tiny_tiles_is_a_named_size_error():
                                          r"make a float64 tile mass of 4,398,046,511,104 "
                                          r"bytes, more than this machine's memory"):
         sparsekit.attention.tile_mass(q, q, block_size=1)
+
+
+def test_a_block_mask_of_the_wrong_type_is_an_argument_type_error():
+    """A float, sparse or non-tensor block mask is a wrong type (an ArgumentTypeError, which
+    ``except ValueError`` still catches); a wrong shape stays a plain ValueError."""
+    from sparsekit.attention import block_sparse_attention
+    q = torch.randn(1, 1, 8, 4)
+    good = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    for bad in (good.float(), good.to_sparse(), [[True]]):
+        with pytest.raises(ArgumentTypeError, match=r"^block_mask must be a bool tensor"):
+            block_sparse_attention(q, q, q, bad, block_size=4)
+    with pytest.raises(ValueError, match=r"^block_mask must be a bool tensor") as info:
+        block_sparse_attention(q, q, q, good[:, :, :1], block_size=4)
+    assert not isinstance(info.value, TypeError)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsekit._checks import (
+    ArgumentTypeError,
     check_bool,
     check_fits_memory,
     check_int,
@@ -359,11 +360,13 @@ def _check_mask(
     tensor, its first two sizes checked where ``batch`` and ``heads`` are known (any other
     would broadcast against the queries into a mask, or a mass, of the wrong shape); the
     error names it ``name``, the argument the caller gave it as. A sparse one failed in
-    PyTorch with a raw ``NotImplementedError`` (``RuntimeError`` on the kernel path)."""
+    PyTorch with a raw ``NotImplementedError`` (``RuntimeError`` on the kernel path). A
+    wrong type (no tensor, not bool, not strided) is an :class:`ArgumentTypeError`, as in
+    every mask check; a wrong shape a ``ValueError``."""
+    wrong_type = (not isinstance(block_mask, torch.Tensor) or block_mask.layout != torch.strided
+                  or block_mask.dtype != torch.bool)
     if (
-        not isinstance(block_mask, torch.Tensor)
-        or block_mask.layout != torch.strided
-        or block_mask.dtype != torch.bool
+        wrong_type
         or block_mask.dim() != 4
         or tuple(block_mask.shape[2:]) != tiles
         or any(n is not None and size not in (1, n)
@@ -371,7 +374,7 @@ def _check_mask(
     ):
         got = (f"{block_mask.dtype} {tuple(block_mask.shape)}{_layout(block_mask)}"
                if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__)
-        raise ValueError(
+        raise (ArgumentTypeError if wrong_type else ValueError)(
             f"{name} must be a bool tensor (1 or {'batch' if batch is None else batch}, "
             f"1 or {'heads' if heads is None else heads}, {tiles[0]}, {tiles[1]}) for "
             f"block_size={block_size}, got {got}"
