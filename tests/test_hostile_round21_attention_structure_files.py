@@ -357,3 +357,13 @@ def test_a_block_mask_of_the_wrong_type_is_an_argument_type_error():
     with pytest.raises(ValueError, match=r"^block_mask must be a bool tensor") as info:
         block_sparse_attention(q, q, q, good[:, :, :1], block_size=4)
     assert not isinstance(info.value, TypeError)
+
+
+def test_structure_features_of_a_meta_model_names_its_own_parameter():
+    """Before: the error named ``model_or_masks``, ``to_graph``'s parameter."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"^model_or_graph: weight '0.weight' is on the meta "):
+        structure_features(model)
+    with pytest.raises(ValueError, match=r"^model_or_masks: weight '0.weight' is on the meta "):
+        to_graph(model)

@@ -45,7 +45,13 @@ def to_graph(model_or_masks: nn.Module | MaskSet) -> nx.DiGraph:
     ``graph.graph["layers"]`` lists the weight tensors with their node layers and shapes,
     and ``graph.graph["widths"]`` the number of neurons per node layer.
     """
-    layers, widths = _chain(model_or_masks)
+    return graph_of(model_or_masks, "model_or_masks")
+
+
+def graph_of(source: nn.Module | MaskSet, param: str) -> nx.DiGraph:
+    """:func:`to_graph` of ``source``, its errors naming it ``param`` (the caller's
+    argument: :func:`~sparsekit.graph.structure_features` takes ``model_or_graph``)."""
+    layers, widths = _chain(source, param)
     g = nx.DiGraph(
         layers=[
             {"name": ly.name, "source": ly.source, "target": ly.target,
@@ -180,8 +186,9 @@ def _joins(spec: Any, widths: list[int]) -> bool:
             and _natural(target, len(widths)) and shape == (widths[target], widths[source]))
 
 
-def _chain(model_or_masks: nn.Module | MaskSet) -> tuple[list[Layer], list[int]]:
-    """The chain of connection matrices and the node-layer widths (see the module docstring)."""
+def _chain(model_or_masks: nn.Module | MaskSet, param: str) -> tuple[list[Layer], list[int]]:
+    """The chain of connection matrices and the node-layer widths (see the module
+    docstring); errors name ``model_or_masks`` ``param``."""
     if isinstance(model_or_masks, MaskSet):
         model = model_or_masks.model
         # a tied weight's mask is that of all its names (a second name read the weight's zeros)
@@ -193,15 +200,15 @@ def _chain(model_or_masks: nn.Module | MaskSet) -> tuple[list[Layer], list[int]]
         model, kept = model_or_masks, {}
     else:
         raise ArgumentTypeError(
-            f"model_or_masks must be an nn.Module or a MaskSet, got {type(model_or_masks).__name__}"
+            f"{param} must be an nn.Module or a MaskSet, got {type(model_or_masks).__name__}"
         )
     layers: list[Layer] = []
     widths: list[int] = []
-    for name, module, param, recurrent in _weights(model):
+    for name, module, weight, recurrent in _weights(model):
         # a meta weight failed in the copy below with a raw NotImplementedError
-        check_materialized(f"model_or_masks: weight {name!r}", param)
+        check_materialized(f"{param}: weight {name!r}", weight)
         # a complex weight counts by its magnitude (its real part alone made 1j no edge)
-        w = param.detach().cpu()
+        w = weight.detach().cpu()
         w = (w.abs() if w.is_complex() else w).double()
         alive = kept.get(name, w != 0)
         edges, weights = _connections(module, w * alive, alive)

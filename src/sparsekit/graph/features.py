@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_int
-from sparsekit.graph.convert import layer_matrices, to_graph
+from sparsekit.graph.convert import graph_of, layer_matrices
 from sparsekit.masks import MaskSet
 
 FEATURES: dict[str, str] = {
@@ -50,7 +50,8 @@ def structure_features(
         raise ArgumentTypeError(
             f"model_or_graph must be an nn.Module, a MaskSet or a networkx.DiGraph from "
             f"sparsekit.graph.to_graph, got {type(model_or_graph).__name__}")
-    g = model_or_graph if isinstance(model_or_graph, nx.DiGraph) else to_graph(model_or_graph)
+    g = (model_or_graph if isinstance(model_or_graph, nx.DiGraph)
+         else graph_of(model_or_graph, "model_or_graph"))
     layers = layer_matrices(g)
     widths = g.graph["widths"]
     possible = sum(math.prod(spec["shape"]) for spec, _ in layers)
