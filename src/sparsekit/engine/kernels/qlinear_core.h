@@ -307,9 +307,25 @@ struct Bitmap {
   // 0.95-0.97 from memory); four sets ran 1.13-1.18x slower (one thread).
   static constexpr int kTwoChainsUpTo = 2;
 
+  // acc[j], corr += the 64 inputs of words [k, k + 4), their codes at p (whole 64-byte
+  // loads: the caller keeps them inside the array), which moves past them.
+  template <int NB>
+  __attribute__((always_inline)) void add64(const int8_t*& p, const uint16_t* b, int64_t k,
+                                            const uint8_t* x, int64_t ld, __m512i* acc,
+                                            __m512i& corr) const {
+    uint64_t m;
+    __builtin_memcpy(&m, b + k, sizeof m);  // 4 words: the bits of 64 inputs
+    const __m512i wv = expand64(m, _mm512_loadu_si512(p), vpexpandb);
+    p += __builtin_popcountll(m);
+    corr = _mm512_dpbusd_epi32(corr, bias128(), wv);
+    for (int j = 0; j < NB; ++j) {
+      acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(x + j * ld + 16 * k), wv);
+    }
+  }
+
   // acc[j], corr += the words from k on, 128 inputs a step while the step's codes lie
-  // inside the array, by two sets of sums that take turns per 64 inputs; moves p and k
-  // past them.
+  // inside the array, by two sets of sums that take turns per 64 inputs (add64); moves p
+  // and k past them.
   template <int NB>
   __attribute__((always_inline)) void add_two_chains(const int8_t*& at, const uint16_t* b,
                                                      int64_t& from, const int8_t* end,
@@ -324,17 +340,7 @@ struct Bitmap {
     }
     for (; k + 8 <= words && end - p >= 128; k += 8) {
       prefetch_ahead(p);
-      for (int u = 0; u < 2; ++u) {  // 64 inputs
-        uint64_t m;
-        __builtin_memcpy(&m, b + k + 4 * u, sizeof m);
-        const __m512i wv = expand64(m, _mm512_loadu_si512(p), vpexpandb);
-        p += __builtin_popcountll(m);
-        c[u] = _mm512_dpbusd_epi32(c[u], bias128(), wv);
-        for (int j = 0; j < NB; ++j) {
-          const __m512i xv = _mm512_loadu_si512(x + j * ld + 16 * (k + 4 * u));
-          sums[u][j] = _mm512_dpbusd_epi32(sums[u][j], xv, wv);
-        }
-      }
+      for (int u = 0; u < 2; ++u) add64<NB>(p, b, k + 4 * u, x, ld, sums[u], c[u]);
     }
     at = p;
     from = k;
@@ -361,14 +367,7 @@ struct Bitmap {
     if constexpr (NB <= kTwoChainsUpTo) add_two_chains<NB>(p, b, k, end, x, ld, acc, corr);
     for (; k + 4 <= words && end - p >= 64; k += 4) {
       prefetch_ahead(p);
-      uint64_t m;
-      __builtin_memcpy(&m, b + k, sizeof m);  // 4 words: the bits of 64 inputs
-      const __m512i wv = expand64(m, _mm512_loadu_si512(p), vpexpandb);
-      p += __builtin_popcountll(m);
-      corr = _mm512_dpbusd_epi32(corr, bias128(), wv);
-      for (int j = 0; j < NB; ++j) {
-        acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(x + j * ld + 16 * k), wv);
-      }
+      add64<NB>(p, b, k, x, ld, acc, corr);
     }
     const int32_t c = _mm512_reduce_add_epi32(corr);
     for (int j = 0; j < NB; ++j) sum[j] = _mm512_reduce_add_epi32(acc[j]) - c;
