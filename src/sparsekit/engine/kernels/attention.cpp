@@ -71,10 +71,10 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
       dim, mask_batch, mask_heads, q_blocks, k_blocks, block_size, causal,
       static_cast<float>(scale), T, &overflow});
   if (overflow.found) {
-    // the kernel's scores are scale * log2(e) * q k^T (its softmax is a power of two)
+    // the kernel's scores are scale * kLog2e * q k^T
     char bound[32];
     std::snprintf(bound, sizeof bound, "%.3g",
-                  FLT_MAX / (1.4426950408889634 * overflow.q_norm * overflow.k_norm));
+                  FLT_MAX / (kLog2e * overflow.q_norm * overflow.k_norm));
     TORCH_CHECK_VALUE(false, "scale=", scale, " overflows the float32 scores q · kᵀ · scale of ",
                       "query ", overflow.query, " of head ", overflow.head, " (batch ",
                       overflow.batch, ") against key ", overflow.key,

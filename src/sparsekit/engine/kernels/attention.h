@@ -20,6 +20,10 @@ namespace sparsekit {
 // overflowed float32) is reported in `overflow` (the first one found; which one is first
 // depends on the threads): the op refuses the call, as the score would have turned its row
 // NaN or, all of a row's scores at -inf, silently zero.
+// log2(e): the cores scale the queries by scale * kLog2e, so that the softmax is a power
+// of two; an overflow's scale bound (attention.cpp) divides by it too.
+constexpr double kLog2e = 1.4426950408889634;
+
 struct AttentionOverflow {
   bool found;
   int64_t batch, head, query, key;

@@ -35,7 +35,6 @@ constexpr int64_t kTileRows = 64;   // query rows of a work item
 constexpr int64_t kTileKeys = 128;  // keys of one softmax step (whole vectors)
 constexpr int64_t kPad = 64;        // packed keys: rows rounded up to it, plus one more
 constexpr int64_t kPackRows = 16;   // uses per key from which packing k and v pays
-constexpr float kLog2e = 1.4426950408889634f;
 
 // x - 0 is x for every x (-0 included), so x is broadcast straight from memory, a load;
 // 0 + x is not (-0 + 0 = +0): an add and a register shuffle per call, and the shuffle
@@ -368,7 +367,7 @@ void run_item(const Problem<T>& pb, const Item& it, float* ws) {
   float* o = s + kTileRows * kTileKeys;
   float* m = o + kTileRows * dpad;
   float* l = m + kTileRows;
-  const float qscale = a.scale * kLog2e;
+  const float qscale = a.scale * static_cast<float>(kLog2e);
   const T* qsrc = pb.q + ((it.b * a.heads + it.h) * a.q_len + it.i0) * dim;
   for (int64_t i = 0; i < nr * dim; ++i) qs[i] = to_float(qsrc[i]) * qscale;
   std::fill(o, o + nr * dpad, 0.f);
