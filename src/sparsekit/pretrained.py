@@ -133,9 +133,8 @@ def save_pretrained(
             "which a transformers class would load instead of these; accepted: a new "
             "directory, or one without them (remove them first)"
         )
-    generation = getattr(model, "generation_config", None)
     writes = [WEIGHTS_NAME, "config.json"]
-    if generation is not None and getattr(model, "can_generate", lambda: False)():
+    if _generation_config(model) is not None:
         writes.append("generation_config.json")
     _check_files(path, os.fspath(directory), writes)
     # its tensors are read only in the write, after the directory was created
@@ -173,9 +172,7 @@ def _write_directory(model: nn.Module, path: Path, masks: MaskSet | None,
         # the renames come after it (the directory is loadable again once they are done).
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
-        generation = getattr(model, "generation_config", None)
-        can_generate = getattr(model, "can_generate", lambda: False)
-        if generation is not None and can_generate():
+        if (generation := _generation_config(model)) is not None:
             generation.save_pretrained(path)
         with atomic_write(path / "config.json") as config_tmp:
             _write_config(model, config_tmp)
@@ -434,6 +431,14 @@ def _check_save_directory(directory: object) -> Path:
         raise ValueError(f"directory {raw!r} {what}; accepted: the path of a directory to "
                          "create or to write into")
     return path
+
+
+def _generation_config(model: nn.Module) -> Any:
+    """The generation config :func:`save_pretrained` writes beside ``model``'s config: a
+    generative transformers model's ``generation_config``, else ``None``."""
+    generation = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", lambda: False)
+    return generation if generation is not None and can_generate() else None
 
 
 def _check_files(path: Path, raw: str, names: list[str]) -> None:
