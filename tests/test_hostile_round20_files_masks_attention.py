@@ -41,6 +41,7 @@ from torch import nn
 import sparsekit
 from sparsekit import checkpoint
 from sparsekit._atomic import atomic_write, write_target
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.attention import (
     Dense,
     UserMask,
@@ -622,3 +623,17 @@ def test_a_mask_under_the_second_name_of_a_shared_layer_names_the_first():
     with pytest.raises(ValueError, match=r"^masks has an entry '2.weight' that names the "
                                          r"parameter '0.weight'"):
         masks.update({"2.weight": keep})
+
+
+@pytest.mark.parametrize("pattern", [torch.ones(1, 1, 2, 2),
+                                     torch.ones(1, 1, 2, 2, dtype=torch.bool).to_sparse()])
+def test_a_user_mask_of_the_wrong_dtype_or_layout_is_an_argument_type_error(pattern):
+    """Before: a plain ValueError, where every other block-mask check (``_check_mask``) raises
+    an ArgumentTypeError for a wrong type; a wrong number of dimensions stays a ValueError."""
+    with pytest.raises(ArgumentTypeError, match=r"^pattern must be a bool tensor"):
+        resolve_pattern(pattern)
+    with pytest.raises(ArgumentTypeError, match=r"^mask must be a bool tensor"):
+        UserMask(pattern)
+    with pytest.raises(ValueError, match=r"^mask must be a bool tensor") as info:
+        UserMask(torch.ones(2, 2, dtype=torch.bool))
+    assert not isinstance(info.value, ArgumentTypeError)

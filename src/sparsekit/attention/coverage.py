@@ -180,7 +180,9 @@ def tile_mass(
     for begin in range(0, q_len, rows):
         end = min(begin + rows, q_len)
         scores = q[:, :, begin:end].float() @ keys.transpose(-1, -2) * scale
-        _check_scores(scores, scale)
+        _check_scores(scores, "the scores q · kᵀ · scale",
+                      f"scale or the magnitudes of q and k are too large (scale={scale!r}); "
+                      "accepted: a smaller scale, or q and k rescaled")
         if causal:
             pos = torch.arange(begin, end, device=q.device)[:, None] + offset
             later = torch.arange(kv_len, device=q.device)[None, :] > pos
@@ -252,16 +254,15 @@ def mass_recall(
     return ((mass.to(torch.float64) * block_mask).sum() / max(seen, 1)).item()
 
 
-def _check_scores(scores: torch.Tensor, scale: float) -> None:
-    """Raise unless every score ``q · kᵀ · scale`` is finite in float32 (``q`` and ``k``
-    are): an overflowed one makes its row's softmax NaN, whose mass would silently count
-    as zero."""
-    if not bool(scores.isfinite().all()):
-        raise ValueError(
-            f"the scores q · kᵀ · scale overflow float32 (largest finite is "
-            f"{torch.finfo(torch.float32).max:.3g}) with scale={scale!r}: scale or the "
-            f"magnitudes of q and k are too large; pass a smaller scale or rescale q, k"
-        )
+def _check_scores(scores: torch.Tensor, what: str, remedy: str) -> None:
+    """Raise unless every entry of ``scores`` (``what``: which scores, for the message) is
+    finite in float32, ``q`` and ``k`` being finite: an overflowed score makes its row's
+    softmax NaN, whose mass would silently count as zero (or ranks tiles at random), so a
+    recall or a chosen mask would be wrong without a sign of it. ``remedy`` says what is
+    accepted. Meta scores hold no values to check."""
+    if not scores.is_meta and not bool(scores.isfinite().all()):
+        raise ValueError(f"{what} overflow float32 (largest finite is "
+                         f"{torch.finfo(torch.float32).max:.3g}): {remedy}")
 
 
 def _check_mass_values(mass: torch.Tensor, q_len: int, block_size: int) -> None:

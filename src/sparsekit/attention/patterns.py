@@ -46,6 +46,7 @@ from sparsekit.attention.coverage import (
     Coverage,
     _check_mask,
     _check_qk,
+    _check_scores,
     _layout,
     blocks,
     bounded_block_size,
@@ -418,9 +419,12 @@ def _check_user_mask(name: str, mask: torch.Tensor) -> None:
     """Raise unless ``mask``, the tensor of a :class:`UserMask` given as ``name`` (``mask``,
     or ``pattern`` to :func:`resolve_pattern`), is a dense 4-D bool tensor (its sizes are
     checked against each call's queries and keys); a sparse one failed in every call with a
-    raw ``NotImplementedError``."""
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.layout != torch.strided:
-        raise ValueError(
+    raw ``NotImplementedError``. A wrong dtype or layout is an
+    :class:`~sparsekit._checks.ArgumentTypeError`, a wrong number of dimensions a
+    ``ValueError``, as in every block-mask check."""
+    wrong_type = mask.dtype != torch.bool or mask.layout != torch.strided
+    if wrong_type or mask.dim() != 4:
+        raise (ArgumentTypeError if wrong_type else ValueError)(
             f"{name} must be a bool tensor (batch or 1, heads or 1, q_blocks, kv_blocks), "
             f"got {mask.dtype} {tuple(mask.shape)}{_layout(mask)}"
         )
@@ -428,14 +432,10 @@ def _check_user_mask(name: str, mask: torch.Tensor) -> None:
 
 def _check_estimate(pattern: str, scores: torch.Tensor) -> None:
     """Raise unless every score a scored pattern estimated from ``q`` and ``k`` (finite, as
-    checked) is finite in float32: one that overflowed made its softmax NaN, counted as no
-    mass, or ranked tiles at random, and the mask was chosen wrong without a sign of it.
-    Meta scores hold no values to check."""
-    if not scores.is_meta and not bool(scores.isfinite().all()):
-        raise ValueError(
-            f"pattern {pattern!r}: the scores it estimates from q and k overflow float32 "
-            f"(largest finite is {torch.finfo(torch.float32).max:.3g}): the magnitudes of q "
-            "and k are too large; accepted: q and k whose products fit float32 (rescale them)")
+    checked) is finite in float32 (:func:`~sparsekit.attention.coverage._check_scores`)."""
+    _check_scores(scores, f"pattern {pattern!r}: the scores it estimates from q and k",
+                  "the magnitudes of q and k are too large; accepted: q and k whose products "
+                  "fit float32 (rescale them)")
 
 
 def _check_lengths(q: torch.Tensor, k: torch.Tensor) -> None:
