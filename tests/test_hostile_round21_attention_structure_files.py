@@ -204,7 +204,8 @@ def test_save_pretrained_refuses_a_file_name_it_cannot_write_before_writing(
     else:
         os.symlink("sub", tmp_path / name)
     listing = _listing(tmp_path)
-    what = {"loop": "a symbolic link that leads back to itself", "directory": "a directory,",
+    what = {"loop": "a symbolic link that leads back to itself",
+            "directory": "an existing directory,",
             "link to a directory": "a symbolic link to the directory"}[kind]
     with pytest.raises(ValueError, match=rf"directory '.*': its '{name}' is {what}.*accepted: "
                                          r".*\(nothing was written\)"):
@@ -367,3 +368,17 @@ def test_structure_features_of_a_meta_model_names_its_own_parameter():
         structure_features(model)
     with pytest.raises(ValueError, match=r"^model_or_masks: weight '0.weight' is on the meta "):
         to_graph(model)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_save_pretrained_refuses_a_fifo_where_it_writes_a_file(tmp_path):
+    """Before: a FIFO named as a file save_pretrained writes passed its up-front check (only
+    directories and loops were refused there) and the rename replaced it with a regular file;
+    now every file name is checked as a checkpoint path is (``_atomic.unwritable``)."""
+    model = _llama()
+    os.mkfifo(tmp_path / "config.json")
+    listing = _listing(tmp_path)
+    with pytest.raises(ValueError, match=r"its 'config.json' is an existing FIFO, not a regular "
+                                         r"file.*\(nothing was written\)"):
+        sparsekit.save_pretrained(model, tmp_path)
+    assert _listing(tmp_path) == listing

@@ -21,8 +21,8 @@ try:
 except ImportError:  # Windows: no advisory locks (directory_lock does not serialise there)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "atomic_write", "directory_lock", "sync", "sync_directory", "umask",
-           "write_target"]
+__all__ = ["LOCK_NAME", "atomic_write", "directory_lock", "special_kind", "sync", "sync_directory",
+           "umask", "unwritable", "write_target"]
 
 LOCK_NAME = ".sparsekit.lock"
 """The file :func:`directory_lock` locks in a directory (removed when it is released)."""
@@ -36,6 +36,45 @@ def blocking_parent(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
     for parent in Path(path).absolute().parents:
         if os.path.lexists(parent) and not parent.is_dir():
             return parent, "a file" if parent.exists() else "a broken symbolic link"
+    return None
+
+
+def special_kind(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` (its links followed) is where it exists and is neither a regular file
+    nor a directory: ``"FIFO"``, ``"character device"`` …; else ``None``."""
+    try:
+        mode = Path(path).stat().st_mode
+    except (OSError, ValueError):  # missing, a link loop, a name too long
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = {stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
+             stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "special file")
+
+
+def unwritable(path: str | os.PathLike[str]) -> str | None:
+    """Why :func:`atomic_write` cannot write the file ``path``, said for a message (``"an
+    existing directory"``, ``"a symbolic link that leads back to itself (a loop)"`` …), or
+    ``None`` where it can: an existing directory or a symbolic link to one, a device, FIFO
+    or socket (which the rename would replace by a regular file), a link that loops, or a
+    folder on the way to the file (or to the file a link leads to) that is a file or a
+    broken link. Checked before anything is written, so that a save of several files fails
+    before its first one."""
+    path = Path(path)
+    if path.is_dir():
+        return (f"a symbolic link to the directory {os.path.realpath(path)!r}"
+                if path.is_symlink() else "an existing directory")
+    if kind := special_kind(path):
+        return f"an existing {kind}, not a regular file"
+    try:
+        written = write_target(path)  # a link's target is written, the link kept
+    except OSError as err:  # a link to a directory is caught above
+        if err.errno != errno.ELOOP:
+            raise
+        return "a symbolic link that leads back to itself (a loop)"
+    if blocker := blocking_parent(path) or blocking_parent(written):
+        return f"{str(blocker[0])!r} is {blocker[1]}, not a directory"
     return None
 
 

@@ -16,7 +16,6 @@ directory is fsynced, so a crash never leaves half a checkpoint.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -35,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
-from sparsekit._atomic import atomic_write, blocking_parent, write_target
+from sparsekit._atomic import atomic_write, special_kind, unwritable, write_target
 from sparsekit._checks import (
     ArgumentTypeError,
     check_fits_memory,
@@ -217,19 +216,7 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     raw = os.fspath(path)
     what = ("no file name" if target.name in ("", "..") or os.path.basename(raw) in ("", ".")
             else "a NUL character" if "\0" in raw
-            else "an existing directory" if target.is_dir()
-            else f"an existing {kind}, not a regular file" if (kind := _special_kind(target))
-            else None)
-    if what is None:
-        try:
-            written = write_target(target)  # a link's target is written, the link kept
-        except OSError as err:  # a link to a directory is "an existing directory" above
-            if err.errno != errno.ELOOP:
-                raise
-            what = "a symbolic link that leads back to itself (a loop)"
-        else:
-            if blocker := blocking_parent(target) or blocking_parent(written):
-                what = f"{str(blocker[0])!r} is {blocker[1]}, not a directory"
+            else unwritable(target))
     if what is not None:
         raise ValueError(f"path must be the path of the checkpoint file to write, got "
                          f"{os.fspath(path)!r} ({what})")
@@ -463,23 +450,9 @@ def _checked_path(path: str | os.PathLike) -> Path:
                          "file") from None
     if stat.S_ISDIR(mode):
         raise ValueError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
-    if kind := _special_kind(path):
+    if kind := special_kind(path):
         raise ValueError(f"checkpoint {str(path)!r} is a {kind}, not a regular file")
     return path
-
-
-def _special_kind(path: Path) -> str | None:
-    """What ``path`` (its links followed) is where it exists and is neither a regular file
-    nor a directory: ``"FIFO"``, ``"character device"`` …; else ``None``."""
-    try:
-        mode = path.stat().st_mode
-    except (OSError, ValueError):  # missing, a link loop, a name too long
-        return None
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return None
-    kinds = {stat.S_ISCHR: "character device", stat.S_ISBLK: "block device",
-             stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket"}
-    return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
 def _metadata(raw: bytes) -> dict[str, str]:

@@ -37,7 +37,14 @@ import torch
 from torch import nn
 
 from sparsekit import checkpoint
-from sparsekit._atomic import atomic_write, blocking_parent, directory_lock, sync, write_target
+from sparsekit._atomic import (
+    atomic_write,
+    blocking_parent,
+    directory_lock,
+    sync,
+    unwritable,
+    write_target,
+)
 from sparsekit._checks import ArgumentTypeError, check_materialized_module
 from sparsekit.engine import fused
 from sparsekit.engine.activation_linear import GROUPED_KERNELS as GROUPED_ACTIVATION_KERNELS
@@ -443,23 +450,15 @@ def _generation_config(model: nn.Module) -> Any:
 
 def _check_files(path: Path, raw: str, names: list[str]) -> None:
     """Raise ``ValueError`` naming ``directory`` (given as ``raw``) where one of the files
-    :func:`save_pretrained` writes into it (``names``) is a directory, a link to one, or a
-    link that loops: the write of that file failed with a raw ``OSError``, after the files
+    :func:`save_pretrained` writes into it (``names``) cannot be written
+    (:func:`~sparsekit._atomic.unwritable`: a directory, a link to one, a link that loops, a
+    device or FIFO): the write of that file failed with a raw ``OSError``, after the files
     written before it (the generation config) had changed."""
     for name in names:
-        file = path / name
-        if file.is_dir():
-            what = (f"a symbolic link to the directory {os.path.realpath(file)!r}"
-                    if os.path.islink(file) else "a directory")
-        else:
-            try:
-                write_target(file)
-                continue
-            except OSError:  # the link loops (a link to a directory is caught above)
-                what = "a symbolic link that leads back to itself (a loop)"
-        raise ValueError(f"directory {raw!r}: its {name!r} is {what}, where save_pretrained "
-                         "writes a file; accepted: a directory where that name is free, a "
-                         "file, or a link to a file (nothing was written)")
+        if what := unwritable(path / name):
+            raise ValueError(f"directory {raw!r}: its {name!r} is {what}, where save_pretrained "
+                             "writes a file; accepted: a directory where that name is free, a "
+                             "file, or a link to a file (nothing was written)")
 
 
 def _check_directory(directory: object) -> None:
