@@ -382,3 +382,16 @@ def test_save_pretrained_refuses_a_fifo_where_it_writes_a_file(tmp_path):
                                          r"file.*\(nothing was written\)"):
         sparsekit.save_pretrained(model, tmp_path)
     assert _listing(tmp_path) == listing
+
+
+@pytest.mark.parametrize("name", ["top_k", "vertical_slash", "antidiagonal"])
+def test_scored_patterns_refuse_per_head_score_tables_larger_than_memory(name):
+    """Before: the tile table was checked against memory, but not the float32 table of every
+    head's tiles that a scored pattern's estimate fills: 4096 heads of 4096 x 4096 tiles
+    asked the allocator for 275 GB (a raw RuntimeError, or pages filled until the kill)."""
+    q = torch.ones(1, 1, 1, 1).expand(1, 4096, 32768, 1)
+    with pytest.raises(ValueError, match=rf"^pattern {name!r}: 4096 x 4096 tiles of block_size=8 "
+                                         r"for 1 x 4096 batch entries and heads make float32 "
+                                         r"score tables of 274,877,906,944 bytes, more than this "
+                                         r"machine's memory .*accepted: a larger block_size"):
+        resolve_pattern(name).block_mask(q, q, block_size=8)

@@ -38,6 +38,7 @@ import torch
 from sparsekit._checks import (
     ArgumentTypeError,
     check_bool,
+    check_fits_memory,
     check_fraction,
     check_int,
     check_materialized,
@@ -103,6 +104,13 @@ class AttentionPattern:
             return torch.zeros(1, 1, blocks(q.shape[2], block_size),
                                blocks(k.shape[2], block_size), dtype=torch.bool, device=q.device)
         visible = _visible(q, k, block_size, causal)
+        if self.scored:  # its estimate holds a float32 table of every head's tiles
+            check_fits_memory(
+                4 * q.shape[0] * q.shape[1] * visible.numel(),
+                f"pattern {self.name!r}: {visible.shape[0]} x {visible.shape[1]} tiles of "
+                f"block_size={block_size} for {q.shape[0]} x {q.shape[1]} batch entries and "
+                "heads make float32 score tables of",
+                "accepted: a larger block_size, shorter sequences or fewer heads per call")
         mask = self.tiles(q, k, block_size=block_size, causal=causal, visible=visible)
         return _completed(mask, visible, q, k, block_size)
 
