@@ -14,6 +14,7 @@ import sparsekit
 from sparsekit._checks import ArgumentTypeError, memory_bytes
 from sparsekit.attention import resolve_pattern, visible_pairs
 from sparsekit.graph import structure_features, to_graph
+from sparsekit.pretrained import WEIGHTS_NAME
 from sparsekit.structured import dependency_groups
 from sparsekit.structured.shrink import check_removal, remove_channels, shrink
 
@@ -395,3 +396,24 @@ def test_scored_patterns_refuse_per_head_score_tables_larger_than_memory(name):
                                          r"score tables of 274,877,906,944 bytes, more than this "
                                          r"machine's memory .*accepted: a larger block_size"):
         resolve_pattern(name).block_mask(q, q, block_size=8)
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_save_pretrained_writes_through_a_link_named_as_the_weights(tmp_path, existing):
+    """Before: the final rename replaced a weights link with a regular file, leaving the
+    file it led to stale; now the file the link leads to is replaced (created with its
+    folders for a link to nothing), the link kept, as for every other file written."""
+    model = _llama()
+    store = tmp_path / "store" / "weights.safetensors"
+    if existing:
+        store.parent.mkdir()
+        store.write_bytes(b"old")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / WEIGHTS_NAME).symlink_to(store)
+    sparsekit.save_pretrained(model, tmp_path / "m")
+    assert (tmp_path / "m" / WEIGHTS_NAME).is_symlink() and store.read_bytes() != b"old"
+    assert sorted(os.listdir(store.parent)) == ["weights.safetensors"]  # no temporary left
+    back = sparsekit.from_pretrained(tmp_path / "m")
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)

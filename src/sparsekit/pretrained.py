@@ -162,12 +162,17 @@ def _write_directory(model: nn.Module, path: Path, masks: MaskSet | None,
                      record: dict[str, Any], cast: list[str], stored_as: torch.dtype | None,
                      tokenizer: Any) -> None:
     """:func:`save_pretrained`'s writes, under the lock of ``path``."""
-    checkpoint._remove_stale_temps(path / WEIGHTS_NAME)  # killed saves' pending weights
-    # the weights are checked and encoded (under a name of this call's own) before
-    # anything goes; named like atomic_write's temporary files, so a killed save's is
-    # removed by a later one
-    fd, name = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.{os.getpid()}-", suffix=".tmp",
-                                dir=path)
+    # a link named as the weights is written through, as atomic_write does: the file it
+    # leads to is replaced and the link kept (the rename over the link replaced it with a
+    # regular file, leaving the file it named stale)
+    weights = write_target(path / WEIGHTS_NAME)
+    weights.parent.mkdir(parents=True, exist_ok=True)  # a link to nothing: its folders
+    checkpoint._remove_stale_temps(weights)  # killed saves' pending weights
+    # the weights are checked and encoded (under a name of this call's own, beside the file
+    # they replace: a rename stays on one file system) before anything goes; named like
+    # atomic_write's temporary files, so a killed save's is removed by a later one
+    fd, name = tempfile.mkstemp(prefix=f".{weights.name}.{os.getpid()}-", suffix=".tmp",
+                                dir=weights.parent)
     os.close(fd)
     pending = Path(name)
     try:
@@ -187,7 +192,7 @@ def _write_directory(model: nn.Module, path: Path, masks: MaskSet | None,
             # the file a link leads to: unlinking the link lost it, and the new config went
             # to that file, leaving the directory without a config.json
             write_target(path / "config.json").unlink(missing_ok=True)
-            os.replace(pending, path / WEIGHTS_NAME)
+            os.replace(pending, weights)
     finally:
         pending.unlink(missing_ok=True)
 
