@@ -57,7 +57,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_materialized
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_int,
+    check_materialized,
+    check_writable,
+)
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.bound import BoundArguments, no_backward
 from sparsekit.engine.compiled_linear import CompiledLayer, dense_linear
@@ -136,8 +141,23 @@ def sparsify_input(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     bfloat16 GEMM (3.8 ms for those rows in bfloat16, 6 % of the 5632 x 2048 layer's
     product), so 16-bit inputs are compared as integers: the magnitude bits of a float
     order like the magnitudes (0.19 ms); NaN stays NaN either way.
+
+    ``x`` must be a floating-point tensor (an integer one compared against thresholds
+    truncated to integers) and ``threshold`` a float tensor of one value or one per
+    feature of ``x``, on any device (it is moved to ``x``'s); only their types and shapes
+    are checked, never their values, which would wait for an accelerator on every call.
     """
-    threshold = threshold.to(x.dtype)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ArgumentTypeError(f"x must be a floating-point tensor, got "
+                                f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    width = x.shape[-1] if x.dim() else 1
+    accepted = f"a float tensor of 1 or {width} values (one per feature of x)"
+    if not isinstance(threshold, torch.Tensor) or not threshold.is_floating_point():
+        got = threshold.dtype if isinstance(threshold, torch.Tensor) else type(threshold).__name__
+        raise ArgumentTypeError(f"threshold must be {accepted}, got {got}")
+    if threshold.dim() > 1 or threshold.numel() not in (1, width):
+        raise ValueError(f"threshold must be {accepted}, got shape {tuple(threshold.shape)}")
+    threshold = threshold.to(x.device, x.dtype)  # a CPU one failed with a CUDA x
     if x.is_floating_point() and x.element_size() == 2:
         bits = x.view(torch.int16)
         kept = (bits & 0x7FFF).ge(threshold.clamp_min(0).view(torch.int16))
@@ -167,8 +187,8 @@ def thresholded_layers(thresholds: Mapping[str, torch.Tensor], model: nn.Module,
     thresholds by module name) names, each threshold checked (:func:`check_threshold`) and
     as wide as its layer's input; ``ValueError`` naming the first that is not."""
     if not isinstance(thresholds, Mapping):
-        raise TypeError(f"{name} must be a mapping of module names to tensors, got "
-                        f"{type(thresholds).__name__}")
+        raise ArgumentTypeError(f"{name} must be a mapping of module names to tensors, got "
+                                f"{type(thresholds).__name__}")
     modules = dict(model.named_modules())
     missing = [n for n in thresholds if n not in modules]
     if missing:
@@ -305,11 +325,7 @@ class ActivationSparseLinear(BoundArguments):
         threshold = _threshold_tensor(threshold, self.in_features)
         if bias is not None:
             _check_bias(bias, self.out_features)
-        if threads is not None:
-            check_int("threads", threads, minimum=1)
-            if threads > MAX_THREADS:
-                raise ValueError(f"threads must be an int in [1, {MAX_THREADS}] (the kernels' "
-                                 f"limit) or None, got {threads}")
+        _check_threads(threads)
         if not isinstance(kernel, str):
             raise ArgumentTypeError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if kernel not in KERNELS:
@@ -476,7 +492,88 @@ class ActivationSparseLinear(BoundArguments):
         self.dtype = self._buffers["threshold"].dtype
         return out
 
+    def __setattr__(self, name: str, value: object) -> None:
+        """Attributes the kernels read are checked when assigned, not in the next product
+        (which failed with a raw ``RuntimeError`` or ``KeyError``, or ran a ``prefill`` of
+        another width): ``threshold``, ``bias`` and ``scales`` (:meth:`_assignable`),
+        ``threads``, ``prefill``, and ``kernel`` and ``dtype``, which the buffers fix
+        (``.to(dtype)`` changes the dtype; another kernel is another layer)."""
+        buffers = self.__dict__.get("_buffers", {})
+        if name in ("threshold", "bias", "scales") and name in buffers:
+            value = self._assignable(name, value)
+        elif name == "threads":
+            _check_threads(value)
+        elif name == "prefill" and value is not None:
+            _check_prefill(value, self.in_features, self.out_features)
+            if any(module is self for module in value.modules()):  # type: ignore[union-attr]
+                raise ValueError("prefill must be another module than this layer (and hold "
+                                 "no copy of it): its prompt rows ran into a RecursionError")
+        elif name == "kernel" and name in self.__dict__ and value != self.kernel:
+            raise ValueError(f"kernel is fixed when the layer is built (its buffers are "
+                             f"{self.kernel!r}'s), got {value!r}; accepted: a new layer, "
+                             f"ActivationSparseLinear.from_linear(layer.to_module(), "
+                             f"layer.threshold, kernel={value!r})")
+        elif name == "dtype" and "threshold" in buffers and value != buffers["threshold"].dtype:
+            raise ValueError(f"dtype is that of the layer's buffers, "
+                             f"{buffers['threshold'].dtype}, got {value!r}; accepted: "
+                             f"layer.to({value!r})")
+        super().__setattr__(name, value)
+
+    def _assignable(self, name: str, value: object) -> torch.Tensor | None:
+        """``value`` checked as the new ``threshold``, ``bias`` or ``scales`` buffer
+        (``layer.threshold = t``, or ``load_state_dict(..., assign=True)``), made contiguous
+        as the kernels read it: one of this layer's shape and :attr:`dtype`, thresholds ≥ 0
+        (a bias may be ``None``); int8 scales float32 of the buffer's shape, positive and
+        finite (``None`` only, and only, for float values). The kernels trust these
+        buffers: one of another shape or dtype failed in the next product with a raw
+        ``RuntimeError`` (a float64 bias only at one row), a NaN threshold zeroed every
+        input and a NaN scale every output without a word, and several rows ran on codes
+        whose scales were removed."""
+        if name == "bias" and value is None:
+            return None
+        if name == "scales":
+            return self._assignable_scales(value)
+        accepted = (f"a 1-D float tensor of in_features={self.in_features} thresholds ≥ 0"
+                    if name == "threshold" else
+                    f"None or a floating-point tensor of shape (out_features="
+                    f"{self.out_features},)")
+        if not isinstance(value, torch.Tensor):
+            raise ArgumentTypeError(f"{name} must be {accepted}, got {type(value).__name__}")
+        if name == "threshold":
+            check_threshold("threshold", value)
+            if value.numel() != self.in_features:
+                raise ValueError(f"threshold must have in_features={self.in_features} values, "
+                                 f"got {value.numel()}")
+        else:
+            _check_bias(value, self.out_features)
+        if value.dtype != self.dtype:
+            raise ValueError(f"{name} must be of the layer's dtype {self.dtype}, got "
+                             f"{value.dtype}; accepted: {name}.to({self.dtype})")
+        return value.contiguous()
+
+    def _assignable_scales(self, value: object) -> torch.Tensor | None:
+        """``value`` checked as the new int8 ``scales`` (see :meth:`_assignable`)."""
+        own = self._buffers["scales"]
+        if own is None or value is None:
+            if own is None and value is None:
+                return None
+            raise ValueError(f"scales must be {'None' if own is None else 'a tensor'} for a "
+                             f"layer of {'float' if own is None else 'int8'} values (only int8 "
+                             f"values are scaled), got {type(value).__name__}")
+        if not isinstance(value, torch.Tensor):
+            raise ArgumentTypeError(f"scales must be a float32 tensor of shape "
+                                    f"{tuple(own.shape)}, got {type(value).__name__}")
+        if value.dtype != own.dtype or value.shape != own.shape:
+            raise ValueError(f"scales must be {own.dtype} of shape {tuple(own.shape)} like the "
+                             f"buffer, got {value.dtype} {tuple(value.shape)}")
+        check_materialized("scales", value)
+        check_scale_values(value)
+        return value.contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):  # a list failed with a raw AttributeError
+            raise ArgumentTypeError(f"x must be a tensor of shape (..., in_features="
+                                    f"{self.in_features}), got {type(x).__name__}")
         bound = self.__dict__.get("_bound") or self._bind()
         if (bound is not None and x.dim() and x.shape[-1] == self.in_features == x.numel()
                 and x.dtype is self.dtype and x.is_cpu and x.is_contiguous()
@@ -635,9 +732,13 @@ class ActivationSparseLinear(BoundArguments):
     def to_dense(self) -> torch.Tensor:
         """The stored weight (out, in) in its stored dtype (zeros where pruned): ``W``, or
         for an int8 layer its codes (``W = codes * scales[:, None]``, or times the scales of
-        their row and group of inputs)."""
+        their row and group of inputs). On the meta device, a meta weight of that shape, as
+        ``"act_gemv"`` gives (the index kernels' decoding failed with a raw
+        ``RuntimeError``)."""
         if self.kernel == "act_gemv":
             return self.weight_t.t().contiguous()
+        if self.values.is_meta:  # no index to decode
+            return self.values.new_empty(self.out_features, self.in_features)
         if self.kernel in _BITMAP_KERNELS:
             return _bitmap_weight(self.values, self.bitmap, self.out_features)
         weight = self.values.new_zeros(self.out_features, self.in_features)
@@ -686,6 +787,7 @@ class ActivationSparseLinear(BoundArguments):
         path, so a forged index would read and write out of bounds. ``None`` when ``state``
         holds none of this layer's buffers. Used by :func:`sparsekit.load`.
         """
+        _check_state(state, prefix)
         if not any(f"{prefix}{k}" in state for k, t in self._buffers.items() if t is not None):
             return None
         errors = self.load_errors(state, prefix)
@@ -705,6 +807,7 @@ class ActivationSparseLinear(BoundArguments):
         (:func:`check_threshold`) and positive finite int8 scales: a load is refused whole
         or done whole.
         """
+        _check_state(state, prefix)
         name = prefix.rstrip(".") or "layer"
         errors = []
         for key, own in self._buffers.items():
@@ -744,6 +847,15 @@ class ActivationSparseLinear(BoundArguments):
         # torch copies the entries one by one and the kernels trust the index: the whole
         # incoming state is checked first, and nothing is copied unless all of it passes.
         errors = self.load_errors(state_dict, prefix)
+        if not errors and not local_metadata.get("assign_to_params_buffers", False):
+            # copy_ into an inference tensor outside inference mode writes it, then raises:
+            # torch went on to the next buffer, so every one changed under the error
+            try:
+                for key, own in self._buffers.items():
+                    if own is not None and prefix + key in state_dict:
+                        check_writable(f"{prefix.rstrip('.') or 'layer'}: {key}", own)
+            except ValueError as err:
+                errors = [str(err)]
         if errors:
             missing_keys.extend(prefix + k for k, t in self._buffers.items()
                                 if t is not None and k not in self._non_persistent_buffers_set
@@ -768,6 +880,18 @@ class ActivationSparseLinear(BoundArguments):
         )
 
 
+def _check_state(state: object, prefix: object) -> None:
+    """Raise :class:`ArgumentTypeError` unless ``state`` is a mapping (a state dict) and
+    ``prefix`` a str: a list held none of the layer's keys, so ``expected_state`` took it
+    for a state without them, and ``None`` failed with a raw ``AttributeError``."""
+    if not isinstance(state, Mapping):
+        raise ArgumentTypeError(f"state must be a mapping of key to tensor (a state dict), "
+                                f"got {type(state).__name__}")
+    if not isinstance(prefix, str):
+        raise ArgumentTypeError(f"prefix must be a str (the layer's name and a dot, or ''), "
+                                f"got {prefix!r}")
+
+
 def check_column_index(colptr: torch.Tensor, row_indices: torch.Tensor | None,
                        values: torch.Tensor | None, out_features: int, block: int, *,
                        name: str = "layer") -> None:
@@ -776,17 +900,20 @@ def check_column_index(colptr: torch.Tensor, row_indices: torch.Tensor | None,
     of ``block``: int32 column pointers of shape (blocks, in + 1) that start at 0, never
     fall, continue from block to block and end at the number of values, and int16 row
     indices (read as uint16), one per value, inside their block."""
-    blocks = -(-out_features // block)
     if row_indices is None or values is None:
         raise ValueError(f"{name}: colptr needs row_indices and values beside it")
+    _check_index_arguments(name, out_features, block, colptr=colptr, row_indices=row_indices,
+                           values=values)
+    blocks = -(-out_features // block)
     nnz = values.numel()
-    if (colptr.dtype != torch.int32 or colptr.dim() != 2 or colptr.shape[0] != blocks
+    if (values.dim() != 1 or colptr.dtype != torch.int32 or colptr.dim() != 2
+            or colptr.shape[0] != blocks
             or colptr.shape[1] < 1 or row_indices.dtype != torch.int16
             or row_indices.shape != (nnz,)):
         raise ValueError(
-            f"{name}: expected int32 colptr ({blocks}, in + 1) and int16 row_indices ({nnz},), "
-            f"got {colptr.dtype} {tuple(colptr.shape)} and {row_indices.dtype} "
-            f"{tuple(row_indices.shape)}"
+            f"{name}: expected int32 colptr ({blocks}, in + 1), int16 row_indices ({nnz},) and "
+            f"1-D values, got {colptr.dtype} {tuple(colptr.shape)}, {row_indices.dtype} "
+            f"{tuple(row_indices.shape)} and {tuple(values.shape)}"
         )
     if blocks == 0:
         if nnz:
@@ -804,6 +931,20 @@ def check_column_index(colptr: torch.Tensor, row_indices: torch.Tensor | None,
     ):
         raise ValueError(f"{name}: inconsistent column index (colptr must rise from 0 to "
                          f"{nnz} through every block, row_indices lie inside their block)")
+
+
+def _check_index_arguments(name: str, out_features: object, block: object,
+                           **tensors: object) -> None:
+    """Raise unless ``out_features`` is an int ≥ 0, ``block`` one ≥ 1 and every one of
+    ``tensors`` a tensor with values (not on the meta device): a float width, a block of 0
+    or a meta index failed inside the checks with a raw error."""
+    check_int("out_features", out_features, minimum=0)
+    check_int("block", block, minimum=1)
+    for key, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ArgumentTypeError(f"{name}: {key} must be a tensor, got "
+                                    f"{type(tensor).__name__}")
+        check_materialized(f"{name}: {key}", tensor)
 
 
 @functools.cache
@@ -824,9 +965,14 @@ def check_bitmap_index(bitmap: torch.Tensor | None, offsets: torch.Tensor | None
     number of values. The kernels check only that the offsets rise from 0 to the number
     of values; a bitmap with more bits than its offsets' step read past the column's values,
     a bit past the outputs wrote past them."""
-    blocks, words = -(-out_features // block), block // 16
     if bitmap is None or offsets is None or values is None:
         raise ValueError(f"{name}: bitmap needs offsets and values beside it")
+    _check_index_arguments(name, out_features, block, bitmap=bitmap, offsets=offsets,
+                           values=values)
+    if block % 16:
+        raise ValueError(f"block must be a multiple of 16 (the bits of a bitmap word), got "
+                         f"{block}")
+    blocks, words = -(-out_features // block), block // 16
     nnz = values.numel()
     if (bitmap.dtype != torch.int16 or bitmap.dim() != 3
             or tuple(bitmap.shape[1:]) != (blocks, words) or offsets.dtype != torch.int32
@@ -899,6 +1045,16 @@ def _check_bias(bias: object, out_features: int) -> None:
     if not bias.is_floating_point():
         raise ArgumentTypeError(f"bias must be {accepted}, got dtype {bias.dtype} (it would "
                                 "be cast to the layer's dtype)")
+
+
+def _check_threads(threads: object) -> None:
+    """Raise unless ``threads`` is ``None`` or an int in [1, ``MAX_THREADS``] (the kernels'
+    limit; a bool is no count)."""
+    if threads is not None:
+        check_int("threads", threads, minimum=1)
+        if threads > MAX_THREADS:
+            raise ValueError(f"threads must be an int in [1, {MAX_THREADS}] (the kernels' "
+                             f"limit) or None, got {threads}")
 
 
 def _check_prefill(prefill: object, in_features: int, out_features: int) -> None:

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from sparsekit._atomic import atomic_write
+from sparsekit._checks import check_materialized
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.autotune import MARGIN
 
@@ -88,6 +89,8 @@ def key(
     decision to fuse a group of projections, ``layer`` is their stacked layer and ``fused``
     the formats of the separate layers and of the stacked one."""
     weight = layer.weight.detach()
+    # the pattern signature counts its nonzeros: a raw RuntimeError (.item() on meta)
+    check_materialized("layer.weight", weight)
     matrix = weight.flatten(1) != 0
     per_row = matrix.sum(1)
     return {
@@ -148,7 +151,11 @@ def lookup(key: dict[str, object]) -> dict[str, object] | None:
 
 def store(key: dict[str, object], choice: dict[str, object]) -> None:
     """Write ``choice`` for ``key`` atomically, counting it as one more timing of the key
-    than the file it replaces held; warn (never raise) if that is impossible."""
+    than the file it replaces held; warn (never raise) if that is impossible.
+
+    A symbolic link at the file's name is replaced, not written through: the cache writes
+    only in its own folder (following one overwrote the file it led to, anywhere, and a
+    link to nothing made that file's folders)."""
     path = _path(key)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # lookup() warned about it already
@@ -158,6 +165,8 @@ def store(key: dict[str, object], choice: dict[str, object]) -> None:
                        "close_call": close_call(choice, key["candidates"])})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            path.unlink(missing_ok=True)  # a concurrent writer may have replaced it first
         with atomic_write(path) as tmp:
             tmp.write_text(text)
     except OSError as exc:  # one message per directory and reason, so it is shown once
@@ -211,10 +220,13 @@ def _read_bytes(path: Path) -> bytes | None:
     regular file. It is opened without blocking and checked before it is read, so a FIFO
     (which blocked the compile forever) or a device is never waited on or read."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    with open(fd, "rb") as file:
+    try:  # checked before a file object wraps it: a directory's raised "Is a directory: 3"
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        return file.read(_MAX_BYTES + 1)
+        with open(fd, "rb", closefd=False) as file:
+            return file.read(_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
 
 
 def _path(key: dict[str, object]) -> Path:

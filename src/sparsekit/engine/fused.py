@@ -36,7 +36,14 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, model_errors
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_fits_memory,
+    check_int,
+    check_module,
+    model_errors,
+)
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_linear import CompiledLinear, dense_linear
 from sparsekit.observe import inference
@@ -50,7 +57,8 @@ def shared_inputs(model: nn.Module, inputs: tuple[object, ...]) -> list[list[str
     """Groups of ``nn.Linear`` layers of ``model`` (names, in call order) that read the same
     input tensor in the forward pass ``model(*inputs)`` and can be stacked: two layers or
     more, each called once, of the same ``in_features``, dtype, device and bias presence.
-    A layer reachable under two names is never grouped."""
+    A layer reachable under two names is never grouped, nor one called with its input by
+    keyword (``layer(input=x)``: no positional input to compare)."""
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(inputs, (tuple, list)):
@@ -65,7 +73,8 @@ def shared_inputs(model: nn.Module, inputs: tuple[object, ...]) -> list[list[str
 
     def record(name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            calls.append((name, args[0]))
+            # by keyword, args is empty: args[0] raised an IndexError that blamed the inputs
+            calls.append((name, args[0] if args else None))
         return hook
 
     handles = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
@@ -80,7 +89,7 @@ def shared_inputs(model: nn.Module, inputs: tuple[object, ...]) -> list[list[str
         counts[name] = counts.get(name, 0) + 1
     by_input: dict[int, list[str]] = {}
     for name, x in calls:
-        if counts[name] == 1:
+        if counts[name] == 1 and x is not None:
             by_input.setdefault(id(x), []).append(name)
     return [group for group in by_input.values()
             if len(group) > 1 and len({_signature(layers[n]) for n in group}) == 1]
@@ -128,12 +137,8 @@ class FusedProjections(nn.Module):
         if not isinstance(linear, (CompiledLinear, ActivationSparseLinear)):
             raise ArgumentTypeError("linear must be a CompiledLinear or an "
                                     f"ActivationSparseLinear, got {type(linear).__name__}")
-        if isinstance(sizes, str) or not isinstance(sizes, Sequence):
-            raise ArgumentTypeError(f"sizes must be a sequence of ints, got {sizes!r}")
-        for i, size in enumerate(sizes):
-            check_int(f"sizes[{i}]", size, minimum=1)  # a bool is not a size
-        sizes = list(sizes)
-        if len(sizes) < 2 or sum(sizes) != linear.out_features:
+        sizes = _checked_sizes(sizes)
+        if sum(sizes) != linear.out_features:
             raise ValueError(
                 f"sizes must be two ints ≥ 1 or more summing to out_features="
                 f"{linear.out_features}, got {sizes!r}"
@@ -150,6 +155,17 @@ class FusedProjections(nn.Module):
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Member ``index``'s output for ``x``: its block of the stacked product, computed
         once for all members."""
+        # checked here, not in the members' forward, which pass their own index: a bad one
+        # raised an IndexError after marking a member that does not exist as served, so the
+        # kept outputs were never dropped
+        if type(index) is not int or not 0 <= index < len(self.sizes):
+            raise ValueError(f"index must be an int in [0, {len(self.sizes)}), got {index!r}")
+        return self._output(x, index)
+
+    def _output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):  # a list failed with a raw AttributeError
+            raise ArgumentTypeError(f"x must be a tensor of shape (..., in_features="
+                                    f"{self.linear.in_features}), got {type(x).__name__}")
         # Traced graphs have no in-place surprises; inference tensors (torch.inference_mode)
         # have no version counter, so for them the same object is taken as the same input.
         versioned = not torch.compiler.is_compiling() and not x.is_inference()
@@ -167,10 +183,21 @@ class FusedProjections(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every member's output for ``x``."""
-        return tuple(self.output(x, i) for i in range(len(self.sizes)))
+        return tuple(self._output(x, i) for i in range(len(self.sizes)))
 
     def __getstate__(self) -> dict[str, object]:
         return {**self.__dict__, "_kept": None}  # copies carry no kept outputs
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """``.to()``, ``.double()``, ...: the kept outputs of the old weights are dropped."""
+        self.__dict__["_kept"] = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # the kept outputs are the old weights': a member called after the load with the
+        # input of one called before it returned them
+        self.__dict__["_kept"] = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}"
@@ -198,13 +225,13 @@ class FusedLinear(nn.Module):
         else:
             self.__dict__["group"] = group
         self.__dict__["_group"] = group  # the hot path skips nn.Module.__getattr__
-        self.index = index
+        self.index = int(index)  # a NumPy int is checked by output() as a Python one
         self.in_features = group.linear.in_features
         self.out_features = group.sizes[index]
         self.start = sum(group.sizes[:index])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._group.output(x, self.index)
+        return self._group._output(x, self.index)
 
     def to_linear(self) -> nn.Linear:
         """The original layer: an ``nn.Linear`` with this member's rows of the weight and bias
@@ -229,6 +256,7 @@ class FusedLinear(nn.Module):
 def groups(model: nn.Module) -> list[list[str]]:
     """The member names of each fused group of ``model``, in member order (the first holds
     the stacked weight)."""
+    check_module("model", model)
     found: dict[int, dict[int, str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, FusedLinear):
@@ -240,11 +268,33 @@ def placeholder(in_features: int, sizes: Sequence[int], bias: bool,
                 dtype: torch.dtype) -> list[FusedLinear]:
     """The members of a fused group of ``sizes`` rows over ``in_features`` inputs whose
     stacked layer is a zero dense :class:`CompiledLinear`: a skeleton for a state to load
-    into (loading installs the state's format)."""
+    into (loading installs the state's format). Every argument is checked first: a negative
+    width, a float size or an integer dtype failed inside PyTorch, and ``bias="no"`` made a
+    bias."""
+    check_int("in_features", in_features, minimum=0)
+    sizes = _checked_sizes(sizes)
+    check_bool("bias", bias)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ArgumentTypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    check_fits_memory(in_features * sum(sizes) * dtype.itemsize,
+                      f"in_features={in_features} and sizes={sizes} make a stacked weight of",
+                      "accepted: the sizes of a fused group of this model")
     stacked = nn.Linear(in_features, sum(sizes), bias=bias, dtype=dtype)
     with torch.no_grad():
         stacked.weight.zero_()
     return FusedProjections(CompiledLinear.from_linear(stacked), sizes).members()
+
+
+def _checked_sizes(sizes: object) -> list[int]:
+    """``sizes`` as a list, once checked to be two ints ≥ 1 or more (a bool is no size)."""
+    if isinstance(sizes, str) or not isinstance(sizes, Sequence):
+        raise ArgumentTypeError(f"sizes must be a sequence of ints, got {sizes!r}")
+    for i, size in enumerate(sizes):
+        check_int(f"sizes[{i}]", size, minimum=1)
+    if len(sizes) < 2:
+        raise ValueError(f"sizes must be two ints ≥ 1 or more (one per member), got "
+                         f"{list(sizes)!r}")
+    return list(sizes)
 
 
 def conform(model: nn.Module, keys: Collection[str],
@@ -256,7 +306,15 @@ def conform(model: nn.Module, keys: Collection[str],
     A group of ``model`` whose stacked weight the state lacks, while it holds its members'
     own entries, becomes separate compiled layers; a ``saved`` group whose members
     ``model`` holds apart becomes one (:func:`placeholder`). Either way the state's
-    tensors then decide every format, as for any compiled layer."""
+    tensors then decide every format, as for any compiled layer.
+
+    A ``saved`` group must name two layers or more, each in no other group, each its own
+    layer (not one shared under several names, which fusing would untie) and all of one
+    ``in_features`` and bias presence, as :func:`shared_inputs` groups them; otherwise a
+    ``ValueError`` names it and ``model`` is left as it was. A layer named twice replaced
+    the member holding the stacked weight, and layers of another width got a group over
+    the first one's."""
+    check_module("model", model)
     replaced: list[tuple[str, nn.Module]] = []
 
     def put(name: str, new: nn.Module) -> None:
@@ -268,6 +326,7 @@ def conform(model: nn.Module, keys: Collection[str],
             model.set_submodule(name, old)
 
     stored = {key.rpartition(".")[0] for key in keys}
+    claimed: set[str] = set()  # the names of the saved groups seen so far
     try:
         for members in groups(model):
             if any(s.startswith(f"{members[0]}.group.") for s in stored):
@@ -275,7 +334,18 @@ def conform(model: nn.Module, keys: Collection[str],
             if any(s == m or s.startswith(f"{m}.") for m in members for s in stored):
                 for name in members:
                     put(name, CompiledLinear.from_linear(model.get_submodule(name).to_linear()))
+        paths: dict[int, int] = {}  # how many names reach each module
+        for _, module in model.named_modules(remove_duplicate=False):
+            paths[id(module)] = paths.get(id(module), 0) + 1
         for members in saved:
+            if isinstance(members, str) or not isinstance(members, Sequence) or len(
+                    members) < 2 or not all(isinstance(name, str) for name in members):
+                raise ValueError(f"a fused group of the saved model must name two layers or "
+                                 f"more, got {members!r:.100}")
+            if len(set(members)) != len(members) or claimed.intersection(members):
+                raise ValueError(f"a fused group of the saved model, {list(members)}, names a "
+                                 "layer twice, or one of another group")
+            claimed.update(members)
             try:
                 layers = [model.get_submodule(name) for name in members]
             except AttributeError as err:
@@ -287,6 +357,15 @@ def conform(model: nn.Module, keys: Collection[str],
                                  "that are no linear layers here")
             if any(isinstance(layer, FusedLinear) for layer in layers):
                 continue
+            if any(paths.get(id(layer), 0) > 1 for layer in layers):
+                raise ValueError(f"a fused group of the saved model, {list(members)}, names a "
+                                 "layer that this model shares under several names; a fused "
+                                 "group's layers are each its own")
+            if len({(layer.in_features, getattr(layer, "bias", None) is not None)
+                    for layer in layers}) != 1:
+                raise ValueError(f"a fused group of the saved model, {list(members)}, names "
+                                 "layers of different in_features or bias presence here, "
+                                 "which one stacked weight cannot hold")
             bias = getattr(layers[0], "bias", None)  # the stacked bias takes its dtype
             sizes = [layer.out_features for layer in layers]
             dtype = torch.float32 if bias is None else bias.dtype

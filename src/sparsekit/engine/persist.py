@@ -35,12 +35,18 @@ def decompile(model: nn.Module) -> nn.Module:
     device and dtype. An :class:`ActivationSparseLinear` loses its input thresholds (its
     ``nn.Linear`` is the dense layer it was built from). ``model`` is not modified. A
     compiled layer on the meta device holds no weight to give back: a ``ValueError`` names
-    it (decoding its format failed inside PyTorch).
+    it (decoding its format failed inside PyTorch), a fused member's by its group's name
+    under it (``q.group.linear.bias``).
     """
     check_module("model", model)
     for name, layer in model.named_modules():
         if isinstance(layer, _COMPILED):
-            check_materialized_module(layer, f"model: {name}." if name else "model: ")
+            held, prefix = layer, f"model: {name}." if name else "model: "
+            if isinstance(layer, FusedLinear):
+                # a member past the first holds its group without registering it: its
+                # stacked layer on the meta device came back as an nn.Linear of meta weights
+                held, prefix = layer._group, f"{prefix}group."
+            check_materialized_module(held, prefix)
     if isinstance(model, _COMPILED):
         return _to_module(model)
     out = replaced(model, _COMPILED, _to_module)

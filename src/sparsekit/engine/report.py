@@ -9,11 +9,13 @@ format ``"activation"``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from sparsekit import observe
-from sparsekit._checks import check_module
+from sparsekit._checks import check_materialized_module, check_module
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLayer
@@ -46,8 +48,15 @@ def report(
     A linear layer that compile left dense on purpose (its parent's forward reads its
     weight, as in a ``TransformerEncoderLayer``) shows format ``"dense"`` and the reason
     under ``note``.
+
+    A compiled layer on the meta device holds no values to count: a ``ValueError`` names it.
+    Records of ``model.sparsekit_choices`` that are no timing's (not a mapping, or without
+    its times) add no columns: the report reads them only to show them.
     """
     check_module("model", model)
+    for name, module in model.named_modules():
+        if isinstance(module, (CompiledLayer, ActivationSparseLinear)):  # a raw .item() error
+            check_materialized_module(module, f"model: {name}." if name else "model: ")
     # First: it checks example_inputs, and names them in the error of a model they do not
     # fit, before this report runs the model on them.
     base = {r.name: r for r in _base_report(model, example_inputs).rows}
@@ -57,7 +66,10 @@ def report(
         if isinstance(m, (CompiledLayer, ActivationSparseLinear))
     }
     macs = {} if inputs is None else observe.macs(model, special, *inputs)
-    choices = dict(getattr(model, "sparsekit_choices", {}))
+    recorded = getattr(model, "sparsekit_choices", None)
+    if not isinstance(recorded, Mapping):  # set to None or a list by hand
+        recorded = {}
+    choices = {n: c for n, c in recorded.items() if isinstance(c, Mapping)}
     choices.update(_stacked_choices(model, choices))
     rows = []
     for name, module in model.named_modules():
@@ -71,8 +83,12 @@ def report(
     return Report(rows)
 
 
+_TIMES = {"ms dense": "ms_dense", "ms sparse": "ms_chosen", "speedup": "speedup"}
+"""The report's columns of a layer's timing record, and the keys they show."""
+
+
 def _stacked_choices(
-    model: nn.Module, choices: dict[str, dict[str, object]]
+    model: nn.Module, choices: dict[str, Mapping[str, object]]
 ) -> dict[str, dict[str, object]]:
     """The choice of each fused group's stacked layer (``<first member>.group.linear``, the
     row of the group), kept by compile under its members' ``fused`` record, with the
@@ -83,7 +99,8 @@ def _stacked_choices(
         if not (isinstance(module, FusedLinear) and module.index == 0
                 and isinstance(record, dict) and isinstance(record.get("stacked"), dict)):
             continue
-        members = record.get("group", [])
+        members = record.get("group")  # a list of names, unless the record was edited
+        members = members if isinstance(members, (list, tuple)) else []
         out[f"{name}.group.linear"] = {**record["stacked"],
                                        "note": "fused: " + ", ".join(map(str, members))}
     return out
@@ -105,7 +122,7 @@ def _special_row(
     module: CompiledLayer | ActivationSparseLinear,
     macs: dict[str, int],
     one_row: bool,
-    choice: dict[str, object] | None,
+    choice: Mapping[str, object] | None,
 ) -> LayerRow:
     params = module.in_features * module.out_features
     if isinstance(module, CompiledLayer):
@@ -127,10 +144,7 @@ def _special_row(
     layer_macs = params if one_row and kind == "Linear" else macs.get(name)
     dense = None if layer_macs is None else 2 * layer_macs
     if choice is not None:
-        extra.update(
-            {"ms dense": choice["ms_dense"], "ms sparse": choice["ms_chosen"],
-             "speedup": choice["speedup"]}
-        )
+        extra.update({column: choice[key] for column, key in _TIMES.items() if key in choice})
         if "quantization_error" in choice:
             extra["quant err"] = choice["quantization_error"]
         if "note" in choice:
