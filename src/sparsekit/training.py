@@ -54,30 +54,79 @@ def _check_data(data: object) -> None:
 
 
 def _check_examples(data: TensorDataset, caller: str) -> None:
-    """Raise naming ``data`` unless it holds an example and its inputs are finite (NaN or
-    inf inputs make the loss, every trained weight and every prediction garbage)."""
+    """Raise naming ``data`` unless it holds an example and its inputs and labels are
+    finite (NaN or inf inputs make the loss, every trained weight and every prediction
+    garbage; so does a NaN among probability labels, and a NaN class index never matches)."""
     if len(data) == 0:
         raise ValueError(f"data holds no examples; {caller} needs at least one")
-    x = data.tensors[0]
-    if x.is_floating_point() or x.is_complex():
-        bad = int((~torch.isfinite(x)).sum())
-        if bad:
-            raise ValueError(f"data's inputs hold {bad} non-finite value"
-                             f"{'' if bad == 1 else 's'} (NaN or inf); accepted: finite "
-                             "inputs")
+    for what, t in zip(("inputs", "labels"), data.tensors):
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(f"data's {what} hold {bad} non-finite value"
+                                 f"{'' if bad == 1 else 's'} (NaN or inf); accepted: finite "
+                                 f"{what}")
 
 
-def _check_labels(model: nn.Module, data: TensorDataset) -> None:
+def _check_alone(model: nn.Module, data: TensorDataset, batch_size: int) -> None:
+    """Raise naming ``batch_size`` when a minibatch would hold one example and a BatchNorm
+    layer of ``model`` sees one value per channel in it (as it does on one example in eval
+    mode, run here with the model left as found): training mode refuses such a batch, and
+    the last one failed with a raw "Expected more than 1 value per channel" after the
+    batches before it had changed the weights."""
+    if len(data) % batch_size != 1 and batch_size != 1:
+        return
+    alone: list[str] = []
+
+    def record(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            if args and args[0].shape[2:].numel() == 1:  # (1, C) or (1, C, 1, …)
+                alone.append(name)
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name))
+             for name, module in model.named_modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    if not hooks:
+        return
+    try:
+        with inference(model), model_errors("data", "the model cannot train on its examples"):
+            model(data.tensors[0][:1])
+    except ValueError:
+        if not alone:  # not the BatchNorm (one without running statistics fails in eval too)
+            raise
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if alone:
+        raise ValueError(
+            f"batch_size={batch_size} leaves a minibatch of one example (of {len(data)}), on "
+            f"which BatchNorm layer {alone[0]!r} cannot train (it needs more than one value "
+            "per channel); accepted: a batch_size that leaves no example alone"
+        )
+
+
+def _check_labels(model: nn.Module, data: TensorDataset, batch_size: int) -> None:
     """Raise naming ``data`` unless the model runs on its inputs and its labels fit the
-    model's outputs, checked on one example in eval mode (the model left as found): a
-    label out of range in a late batch was an ``IndexError`` after the batches before it
-    had trained. Class indices must lie in [0, outputs) or be -100 (``cross_entropy``'s
-    ignored label)."""
+    model's outputs, checked in eval mode (the model left as found) on the first two
+    examples, or one where ``batch_size`` is 1: a batch as training sees it (a BatchNorm
+    without running statistics refuses a single example in eval mode too, and a model
+    that trains on larger batches was refused). A label out of range in a late batch was
+    an ``IndexError`` after the batches before it had trained. Class indices must lie in
+    [0, outputs) or be -100 (``cross_entropy``'s ignored label), class probabilities be
+    ≥ 0."""
     x, y = data.tensors
+    n = min(2, batch_size)
     with inference(model), model_errors("data", "the model cannot train on its examples"):
-        logits = model(x[:1])
-        F.cross_entropy(logits, y[:1])  # the dtype and the shape of the labels
-    if y.is_floating_point() or logits.dim() != 2:
+        logits = model(x[:n])
+        F.cross_entropy(logits, y[:n])  # the dtype and the shape of the labels
+    if y.is_floating_point():  # probabilities: a negative one makes the loss unbounded
+        negative = int((y < 0).sum())  # below, and training drove the logits to infinity
+        if negative:
+            raise ValueError(f"data: labels given as class probabilities must be ≥ 0, got "
+                             f"{negative} negative (the smallest {y.min().item()})")
+        return
+    if logits.dim() != 2:
         return
     classes = logits.shape[1]
     bad = y[((y < 0) | (y >= classes)) & (y != -100)]
@@ -111,12 +160,13 @@ def train_epoch(
 ) -> float:
     """One epoch of cross-entropy training; returns the mean loss. ``data`` is a
     ``TensorDataset`` of (inputs, labels) holding at least one example, with finite inputs
-    and labels the model's outputs can score (class indices, or a probability per class);
-    ``optimizer`` a ``torch.optim.Optimizer``, ``batch_size`` an int ≥ 1; ``seed`` (an int
-    in [0, 2**63 - 1]) draws the order of the batches; ``on_step``, if given, is called
-    after each step. All are checked before the model is put in training mode: each failed
-    only in the loop, after some steps had changed the weights (or gave NaN weights, or a
-    mean loss of 0.0 over no examples)."""
+    and finite labels the model's outputs can score (class indices, or a probability per
+    class); ``optimizer`` a ``torch.optim.Optimizer``, ``batch_size`` an int ≥ 1; ``seed``
+    (an int in [0, 2**63 - 1]) draws the order of the batches; ``on_step``, if given, is
+    called after each step. All are checked before the
+    model is put in training mode (so is a minibatch of one example that a BatchNorm layer
+    cannot train on): each failed only in the loop, after some steps had changed the
+    weights (or gave NaN weights, or a mean loss of 0.0 over no examples)."""
     check_int("batch_size", batch_size, minimum=1)
     check_seed("seed", seed)
     _check_data(data)
@@ -127,7 +177,8 @@ def train_epoch(
         raise ArgumentTypeError(f"on_step must be None or a function called after each "
                                 f"step, got {type(on_step).__name__}")
     _check_examples(data, "train_epoch")
-    _check_labels(model, data)
+    _check_alone(model, data, batch_size)
+    _check_labels(model, data, batch_size)
     model.train()
     total, count = 0.0, 0
     for x, y in minibatches(data, batch_size, shuffle=True, seed=seed):
@@ -146,7 +197,8 @@ def accuracy(model: nn.Module, data: TensorDataset, *, batch_size: int = 1000) -
     """Top-1 accuracy of ``model`` on ``data`` (eval mode, restored afterwards); ``data``
     holds at least one example, with finite inputs (a NaN one was predicted as the argmax
     of NaN logits) and a class index per example (one-hot labels were compared with the
-    predictions by broadcasting), and ``batch_size`` is an int ≥ 1. A model that cannot run
+    predictions by broadcasting) in [0, classes) (one outside was never predicted, and
+    counted wrong), and ``batch_size`` is an int ≥ 1. A model that cannot run
     on the inputs, or whose outputs are no ``(examples, classes)`` logits, is a
     ``ValueError`` naming ``data`` (it was PyTorch's bare ``RuntimeError`` or
     ``IndexError``)."""
@@ -166,6 +218,12 @@ def accuracy(model: nn.Module, data: TensorDataset, *, batch_size: int = 1000) -
                 raise ValueError(f"data: the model's outputs must be logits of shape "
                                  f"(examples, classes) = ({len(x)}, classes), got "
                                  f"{tuple(logits.shape)}")
+            bad = y[(y < 0) | (y >= logits.shape[1])]
+            if bad.numel():  # never predicted: counted wrong without a word
+                raise ValueError(f"data: labels must be class indices in [0, "
+                                 f"{logits.shape[1]}) for the model's {logits.shape[1]} "
+                                 f"outputs, got {bad[0].item()} ({bad.numel()} such in this "
+                                 "batch)")
             correct += int((logits.argmax(1) == y).sum())
     return correct / len(data)
 

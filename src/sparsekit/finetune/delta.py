@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 from sparsekit import checkpoint
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_finite,
     check_fraction,
     check_materialized,
     check_module,
@@ -131,6 +132,9 @@ class Delta:
         params = dict(model.named_parameters())
         missing = [n for n in self.values if n not in params]
         if missing:
+            # a weight that trains a delta is W₀ + Δ under other names: say so, not that
+            # the model has another architecture
+            _check_untrained(model, "applying a delta onto it")
             more = "…" if len(missing) > 3 else ""
             raise ValueError(f"model has no parameters {missing[:3]}{more} that this delta "
                              "updates (another architecture?)")
@@ -220,14 +224,25 @@ class DeltaTraining:
         return sum(int(m.sum()) for m in self.masks.masks.values())
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """The ``Δ`` tensors, for the optimizer."""
-        for module, attr in self._sites.values():
-            yield module.parametrizations[attr][0].delta
+        """The ``Δ`` tensors, for the optimizer (none are left after :meth:`merge`, which
+        is refused: an optimizer of nothing trained nothing)."""
+        self._check_not_merged("parameters")
+        return iter([module.parametrizations[attr][0].delta
+                     for module, attr in self._sites.values()])
 
     def attach(self, optimizer: torch.optim.Optimizer) -> DeltaTraining:
         """Keep every unchosen entry of ``Δ`` at zero through ``optimizer``'s steps."""
+        self._check_not_merged("attach")
         self.masks.attach(optimizer)
         return self
+
+    def _check_not_merged(self, action: str) -> None:
+        """Raise if :meth:`merge` removed the ``Δ``\\s: after it, the masks' error blamed
+        weights "replaced or deleted since the masks were made"."""
+        if not self._sites:
+            raise RuntimeError(f"DeltaTraining.{action}(): merge() wrote the update into the "
+                               "weights and removed the deltas already; call masked_delta() "
+                               "on the merged model to train another update")
 
     def delta(self) -> Delta:
         """A copy of the update trained so far, by the weights' names: zero outside the
@@ -241,7 +256,15 @@ class DeltaTraining:
     def merge(self) -> nn.Module:
         """Write ``W₀ + Δ`` into each weight (the same ``Parameter`` objects as before, so
         masks of the base still hold, in the same order), remove the parametrizations, give
-        every parameter back its ``requires_grad`` and return the model."""
+        every parameter back its ``requires_grad`` and return the model; a ``Δ`` holding NaN
+        or inf is refused before anything merges. Merging again returns the model as it is
+        (it used to set those flags back once more, undoing any change made to them since)."""
+        if not self._sites:
+            return self.model
+        for name, (module, attr) in self._sites.items():  # all checked before any merges
+            check_finite(f"the delta of {name!r}", module.parametrizations[attr][0].delta,
+                         hint="a diverged training? merging would write it into the weight; "
+                         "nothing was merged")
         self.masks.detach()
         for module, attr in self._sites.values():
             parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
@@ -343,17 +366,18 @@ def masked_delta(
     has at most its nonzeros trainable. All arguments are checked before the model changes.
     """
     check_fraction("density", density, zero=False, one=True)
-    _check_untrained(model)
+    _check_untrained(model, "choosing another")
     support, _ = compute_masks(model, 1.0 - float(density), method=method, pattern="unstructured",
                                allocation=allocation, targets=targets, exclude=exclude,
                                data=data, loss_fn=loss_fn, seed=seed)
     return DeltaTraining(model, support)
 
 
-def _check_untrained(model: nn.Module) -> None:
+def _check_untrained(model: nn.Module, before: str) -> None:
     """Raise unless ``model`` is a module that trains no delta yet: on one that does, the
     weights are parametrized and no target was left to choose (a ``ValueError`` that
-    blamed ``targets``)."""
+    blamed ``targets``), nor a weight to apply a delta onto by its name (one that blamed
+    "another architecture"); ``before`` names what must wait for ``merge()``."""
     check_module("model", model)
     trained = [f"{module_name}.{attr}" if module_name else attr
                for module_name, module in model.named_modules()
@@ -363,7 +387,7 @@ def _check_untrained(model: nn.Module) -> None:
     if trained:
         more = ", …" if len(trained) > 3 else ""
         raise ValueError(f"model trains a delta on {', '.join(trained[:3])}{more} already (a "
-                         "DeltaTraining not merged); merge() it before choosing another")
+                         f"DeltaTraining not merged); merge() it before {before}")
 
 
 def _check_support(model: nn.Module, support: Mapping[str, torch.Tensor]

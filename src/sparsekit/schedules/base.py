@@ -79,10 +79,10 @@ def check_masks_usable(schedule: Any, action: str) -> None:
 
 
 def check_tensors(key: str, value: Any, like: Mapping[str, torch.Tensor]) -> None:
-    """Raise unless ``value`` maps exactly the names of ``like`` to tensors of their shapes,
-    floating where they are, and holding values (not on the meta device: a state read with
-    ``map_location="meta"`` failed to copy after the masks had loaded, or at the next
-    round); ``key`` names ``value`` in the state dict."""
+    """Raise unless ``value`` maps exactly the names of ``like`` to dense tensors of their
+    shapes, floating where they are, and holding values (not on the meta device: a state
+    read with ``map_location="meta"`` failed to copy after the masks had loaded, or at the
+    next round); ``key`` names ``value`` in the state dict."""
     if not isinstance(value, Mapping) or not all(isinstance(t, torch.Tensor)
                                                  for t in value.values()):
         raise ArgumentTypeError(f"state[{key!r}] must be a dict of name -> tensor, got "
@@ -90,6 +90,9 @@ def check_tensors(key: str, value: Any, like: Mapping[str, torch.Tensor]) -> Non
     if set(value) != set(like):
         raise ValueError(f"state[{key!r}] has entries for {sorted(value)}, expected {sorted(like)}")
     for n, t in value.items():
+        if t.layout != torch.strided:  # a sparse one failed inside PyTorch at its first read
+            raise ArgumentTypeError(f"state[{key!r}][{n!r}] must be a dense (strided) tensor, "
+                                    f"got layout {t.layout}; convert it with .to_dense()")
         if t.shape != like[n].shape or t.is_floating_point() != like[n].is_floating_point():
             raise ValueError(f"state[{key!r}][{n!r}] is a {t.dtype} tensor of shape "
                              f"{tuple(t.shape)}, expected {like[n].dtype} of shape "

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -49,6 +50,7 @@ from torch.utils.hooks import RemovableHandle
 
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_finite,
     check_fraction,
     check_int,
     check_optimizer,
@@ -70,6 +72,9 @@ from sparsekit.select import top_k
 from sparsekit.targets import resolve_targets
 
 METHODS: Registry = Registry("method")
+_ATTACHED: weakref.WeakSet[DynamicSparsity] = weakref.WeakSet()
+"""The DynamicSparsity instances attached to their optimizer and not detached since (see
+``check_attach``)."""
 DROP_SCHEDULES = ("cosine", "linear", "constant")
 MaskDict = dict[str, torch.Tensor]
 
@@ -218,13 +223,11 @@ class DynamicSparsity:
         self._targets = None if sparse else trainable_targets(model, optimizer)
         if sparse:
             self.masks: Masks = StructureSet(model)
-            trained = [layer.values for layer in self.masks.layers.values()]
         else:
             with unsharded(model):  # FSDP2: the starting masks are drawn for whole weights
                 initial = self.rule.initial_masks()
             self.masks = MaskSet(model, initial)
-            trained = list(self.masks.params.values())
-        check_holds(optimizer, trained, list(self.masks.masks))
+        check_holds(optimizer, self._trained(), list(self.masks.masks))
         self._grads: MaskDict = {}
         self._momenta = {n: torch.zeros_like(p) for n, p in self.masks.params.items()}
         self._hook: RemovableHandle | None = None
@@ -233,16 +236,26 @@ class DynamicSparsity:
 
     update_every = renamed_attribute("update_every", "every")
 
+    def _trained(self) -> list[torch.Tensor]:
+        """The parameters the optimizer trains for the masks: the weights, or the stored
+        values of sparse layers (whose dense weights are built on every access)."""
+        if isinstance(self.masks, StructureSet):
+            return [layer.values for layer in self.masks.layers.values()]
+        return list(self.masks.params.values())
+
     def attach(self, optimizer: torch.optim.Optimizer) -> DynamicSparsity:
         """Read the gradients before every step of ``optimizer`` and keep the masks through
         it again, after :meth:`detach` (the constructor attaches it); attaching twice does
         nothing. Only the optimizer given to the constructor is accepted: the momenta and
-        the optimizer state the updates reset are that optimizer's."""
+        the optimizer state the updates reset are that optimizer's; and only while no other
+        DynamicSparsity of the same weights is attached to it (both masks held through every
+        step)."""
         self.check_attach(optimizer)
         if self._hook is None:
             # Registered before the masks' hooks, so it sees the dense gradients.
             self._hook = self.optimizer.register_step_pre_hook(after_gradients(self._capture))
         self.masks.attach(self.optimizer)
+        _ATTACHED.add(self)
         self._arm_capture()
         return self
 
@@ -259,10 +272,26 @@ class DynamicSparsity:
                 "optimizer must be the one this DynamicSparsity was built on; build a new "
                 "DynamicSparsity for another optimizer"
             )
+        own = {id(p) for p in self._trained()}
+        for other in list(_ATTACHED):
+            if other is not self and other.optimizer is real and other._hooked() and any(
+                    id(p) in own for p in other._trained()):
+                # both kept their masks through every step: the weights were pruned by the
+                # union of two masks (a cell run twice), and the other one never updated
+                raise ValueError(
+                    "optimizer is attached to another DynamicSparsity of these weights (built "
+                    "twice on one model?); accepted: an optimizer no other DynamicSparsity "
+                    "drives: remove() or detach() the other one first"
+                )
         check = getattr(self.masks, "check_attach", None)  # a StructureSet holds no hooks
         if check is not None:
             check(real, names=names)
         return real
+
+    def _hooked(self) -> bool:
+        """Whether its gradient-reading hook is on the optimizer now (one that failed to
+        attach, through :func:`sparsekit.integrations.attach`, had it taken off there)."""
+        return self._hook is not None and self._hook.id in self.optimizer._optimizer_step_pre_hooks
 
     def _check_not_removed(self, action: str) -> None:
         if self._removed:
@@ -282,6 +311,7 @@ class DynamicSparsity:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        _ATTACHED.discard(self)
         self.masks.capture(False)
         detach = getattr(self.masks, "detach", None)
         if detach is not None:  # a StructureSet holds no hooks on the optimizer
@@ -294,13 +324,15 @@ class DynamicSparsity:
         """Advance one step; at update steps drop and regrow. Returns whether it updated.
 
         An update that lacks the dense gradients it grows by (no optimizer step since the
-        last update), or that its masks refuse, raises before the step count or any mask
-        changes; so does a step after :meth:`remove`."""
+        last update, or detached), that would read NaN or inf (weights, dense gradients,
+        momenta: a diverged training), or that its masks refuse, raises before the step
+        count or any mask changes; so does a step after :meth:`remove`."""
         self._check_not_removed("step")
         upcoming = self.step_count + 1
         if self.is_update_step(upcoming):
             if self.rule.needs_grads:
                 self._check_grads(self.masks.masks)
+            self._check_finite()
             check = getattr(self.masks, "check_update", None)
             if check is not None:  # masks removed, a weight replaced by one of another shape
                 check({})
@@ -313,6 +345,21 @@ class DynamicSparsity:
         self.masks.update(self.rule.update(fraction))
         self._grads.clear()
         return True
+
+    def _check_finite(self) -> None:
+        """Raise before an update that would read NaN or inf: a weight the drop ranks by
+        magnitude, a dense gradient RigL, GraNet and SRigL grow by, a momentum SNFS grows
+        and shares the regrowth by. NaN ranks above every number, so such entries were kept
+        or regrown silently (SNFS failed with a raw "cannot convert float NaN to integer"
+        after its step count had moved)."""
+        hint = ("the training diverged (a NaN or inf loss or gradient: lower the learning "
+                "rate or clip the gradients); DynamicSparsity.step() changed nothing")
+        for n in self.masks.masks:  # whole tensors, in one order on every rank (FSDP2)
+            check_finite(f"weight {n!r}", self.weight(n), hint=hint)
+            if self.rule.needs_grads:
+                check_finite(f"the dense gradient of {n!r}", self.dense_grad(n), hint=hint)
+            if self.rule.needs_momenta:
+                check_finite(f"the gradient momentum of {n!r}", self.momentum(n), hint=hint)
 
     def _arm_capture(self) -> None:
         """Ask the masks for dense gradients only for the steps whose rule reads them: the
@@ -342,6 +389,12 @@ class DynamicSparsity:
 
     def _check_grads(self, names: Iterable[str]) -> None:
         """Raise unless the dense gradients of ``names`` were captured for this update."""
+        if self._hook is None and any(name not in self._grads for name in names):
+            raise RuntimeError(
+                f"{self.method} needs the dense gradient at update steps, which a detached "
+                "DynamicSparsity does not read: attach(optimizer) again before stepping it "
+                "(its step count did not change)"
+            )
         if any(name not in self._grads for name in names):
             raise RuntimeError(
                 f"{self.method} needs the dense gradient at update steps: call step() after "
@@ -370,7 +423,8 @@ class DynamicSparsity:
                 "momenta": {n: full(m).clone() for n, m in self._momenta.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; a state it cannot come from changes nothing."""
+        """Resume from :meth:`state_dict`; a state it cannot come from (NaN momenta among
+        them) changes nothing."""
         self._check_not_removed("load_state_dict")
         check_state(self, state, ("generator", "momenta"))
         try:  # a scratch generator checks the state exactly as ours would take it
@@ -380,6 +434,9 @@ class DynamicSparsity:
                                     f"get_state() returns, got {state['generator']!r:.80}: {e}"
                                     ) from e
         check_tensors("momenta", state["momenta"], self._momenta)
+        for n, m in state["momenta"].items():  # SNFS grows by them: NaN was regrown first
+            check_finite(f"state['momenta'][{n!r}]", m,
+                         hint="a state of a diverged run, or edited; nothing was loaded")
         self.masks.load_state_dict(state["masks"])
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])

@@ -24,7 +24,20 @@ from sparsekit.targets import resolve_targets
 
 
 def cubic_sparsity(step: int, *, initial: float, final: float, start: int, end: int) -> float:
-    """s(t) = s_f + (s_i − s_f)(1 − (t − t₀)/(t_end − t₀))³, clamped to [t₀, t_end]."""
+    """s(t) = s_f + (s_i − s_f)(1 − (t − t₀)/(t_end − t₀))³, clamped to [t₀, t_end].
+
+    ``step``, ``start`` and ``end`` are ints ≥ 0 with ``start < end``, ``initial`` and
+    ``final`` sparsities in [0, 1): a NaN sparsity came back as NaN, a step given as a str
+    was a raw ``TypeError``, and ``start ≥ end`` returned ``initial`` or ``final`` as if
+    it were a schedule.
+    """
+    check_int("step", step, minimum=0)
+    check_sparsity(initial, "initial")
+    check_sparsity(final, "final")
+    check_int("start", start, minimum=0)
+    check_int("end", end, minimum=1)
+    if start >= end:
+        raise ValueError(f"need 0 ≤ start < end, got start={start}, end={end}")
     if step <= start:
         return initial
     if step >= end:

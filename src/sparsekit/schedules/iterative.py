@@ -109,7 +109,8 @@ class IterativePruning:
         """Prune, record this round, rewind survivors to step k; return whether rounds remain.
 
         Once all ``rounds`` ran there is nothing left to prune: it changes nothing (neither
-        the masks nor the weights) and returns ``False``.
+        the masks nor the weights) and returns ``False``. A model whose state no longer fits
+        the remembered weights (a buffer registered since) is refused before any change.
         """
         if self.round >= self.rounds:
             return False
@@ -126,6 +127,7 @@ class IterativePruning:
         sparsity = self.target_sparsity(self.round)
         new, _ = compute_masks(self.model, sparsity, **self._prune)
         self.masks.check_update(new)  # refused before the weights are rewound
+        self._check_rewindable()
         self.model.load_state_dict(self._rewind_state)
         self.masks.update(new)
         self.history.append({"round": self.round, "sparsity": sparsity, "metrics": metrics,
@@ -134,11 +136,30 @@ class IterativePruning:
         self.step_count = 0
         return self.round < self.rounds
 
+    def _check_rewindable(self) -> None:
+        """Raise unless the weights remembered at ``rewind_step`` fit the model as it is now
+        (the same entries, of the same shapes): ``load_state_dict`` copies the entries that
+        fit before it refuses the rest, so a buffer registered since (or a layer resized)
+        left the model half rewound, with its masks and round as before, behind a raw
+        ``RuntimeError``."""
+        now = self.model.state_dict()
+        differ = sorted(set(now) ^ set(self._rewind_state)) or sorted(
+            k for k in now if now[k].shape != self._rewind_state[k].shape)
+        if differ:
+            raise ValueError(
+                f"next_round(): the model's state no longer fits the weights remembered at "
+                f"rewind_step={self.rewind_step} ({', '.join(map(repr, differ[:3]))}"
+                f"{', …' if len(differ) > 3 else ''} added, removed or resized since); "
+                "give the model back the entries it had then, or build a new IterativePruning; "
+                "nothing was changed"
+            )
+
     def state_dict(self) -> dict[str, Any]:
         """The round, step, masks, rewind state and history as they are now: the history is
-        a list of its own, which later rounds do not lengthen."""
+        a list of its own, which later rounds do not lengthen, and the rewind state a dict
+        of its own (of the same tensors)."""
         return {"round": self.round, "step": self.step_count, "masks": self.masks.state_dict(),
-                "rewind_state": self._rewind_state, "history": list(self.history)}
+                "rewind_state": _own(self._rewind_state), "history": list(self.history)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`; a state it cannot come from changes nothing (a
@@ -166,4 +187,12 @@ class IterativePruning:
                              f"({state['round']}), got {history!r:.80}")
         self.masks.load_state_dict(state["masks"])
         self.round, self.step_count = int(state["round"]), int(state["step"])
-        self._rewind_state, self.history = state["rewind_state"], list(history)
+        self._rewind_state, self.history = _own(state["rewind_state"]), list(history)
+
+
+def _own(rewind_state: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """A dict of its own holding the same tensors (never changed in place here): a state's
+    ``rewind_state`` was the schedule's own dict, so a key the caller replaced in the state
+    it saved (a tensor moved with ``.cpu()``, cast) changed the weights the next round
+    rewinds to, and a loaded state stayed the caller's dict."""
+    return None if rewind_state is None else dict(rewind_state)

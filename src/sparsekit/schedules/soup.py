@@ -19,8 +19,8 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
     The models must share their sparsity mask (the nonzero pattern of every target
     weight); the average of weights that are zero in every model is zero, so the soup
     keeps the mask. Raises ``ValueError`` when masks or architectures differ or
-    ``models`` is empty, or a model holds NaN/inf parameters, tensors without values (meta)
-    or tensors on another device than models[0]'s; an
+    ``models`` is empty, or a model holds NaN/inf parameters, NaN buffers, tensors without
+    values (meta) or tensors on another device than models[0]'s; an
     :class:`~sparsekit._checks.ArgumentTypeError` when it is not a sequence of
     ``nn.Module`` (one model, a state dict). A model without default targets (no Linear or
     Conv layer) has no mask to compare and is averaged as is.
@@ -53,9 +53,10 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
 def _check_values(i: int, model: nn.Module, state: Mapping[str, torch.Tensor],
                   first: Mapping[str, torch.Tensor]) -> None:
     """Raise unless every tensor of ``model`` (``models[i]``, its ``state``) holds values on
-    the device of models[0]'s, its parameters finite: a NaN made its entry of the soup NaN
-    without a word, and a meta tensor failed deep inside ``torch.equal``. (Buffers may hold
-    ±inf on purpose, an attention mask's.)"""
+    the device of models[0]'s, its parameters finite and its buffers free of NaN: a NaN
+    made its entry of the soup NaN without a word (a diverged BatchNorm's running mean),
+    and a meta tensor failed deep inside ``torch.equal``. (Buffers may hold ±inf on
+    purpose, an attention mask's.)"""
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for k, v in state.items():
         if v.is_meta:
@@ -67,6 +68,9 @@ def _check_values(i: int, model: nn.Module, state: Mapping[str, torch.Tensor],
         if k in params and v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise ValueError(f"models[{i}] holds NaN or inf in {k!r}; a soup of it would be "
                              "NaN or inf there")
+        if v.is_floating_point() and bool(torch.isnan(v).any()):
+            raise ValueError(f"models[{i}] holds NaN in its buffer {k!r}; a soup of it would "
+                             "be NaN there (recompute it, e.g. BatchNorm statistics, first)")
 
 
 _ACCEPTED = "a non-empty sequence (list, tuple) of nn.Module sharing one mask, e.g. [a, b]"
