@@ -22,9 +22,13 @@ inputs that are left, with one of these kernels:
   grid of the W8A8 formats, :func:`sparsekit.compile`'s ``activation_dtype="int8"``) and
   each output is an exact integer dot product. Four kept columns share one VNNI
   ``vpdpbusd`` per 16 outputs where the float-input kernel widens every code to a float
-  (compute-bound, so TEAL barely paid on int8 weights). From memory the bytes decide: on
-  the Intel Xeon of the benchmarks half of the columns read barely faster than all of
-  them, and compile keeps the weight-only W8A8 formats there (README, "TEAL on W8A8").
+  (compute-bound, so TEAL barely paid on int8 weights). It is still bound by its
+  shuffles, not its bytes, on the Intel Xeons of the benchmarks: the byte expansions and
+  the interleaving of four columns run on one port, about 2.6x as often per weight as in
+  the row bitmap (6144x2048 at 50 %, two threads, every column kept from cache: 0.48 ms
+  against 0.18), so TEAL's half of the columns takes what the row kernel takes for all of
+  them from memory, and compile keeps the weight-only W8A8 formats there (README, "TEAL
+  on W8A8" and session 41).
 
 The stored weights are float32 or bfloat16 (inputs of the same dtype), or int8 codes with one
 float32 scale per output row (``scales``; inputs float32 or bfloat16, the layer's ``dtype``)
