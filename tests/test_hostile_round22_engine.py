@@ -628,3 +628,27 @@ def test_decompile_of_a_fused_member_whose_group_is_on_meta(build):
         decompile(nn.Sequential(nn.ReLU(), second))
     with pytest.raises(ValueError, match=r"model: 0\.group\.linear\.\w+ is on the meta device"):
         decompile(nn.Sequential(first, second))
+
+
+@pytest.mark.parametrize("format", ["dense", "csr16", "bitmap"])
+def test_compiled_linear_built_in_inference_mode_refuses_a_load_outside_it_unchanged(format):
+    """Before: the saved format was installed (the weights changed), then copying the bias
+    (an inference tensor) raised; now the load is refused before anything is written, and it
+    works inside inference mode or with assign=True."""
+    torch.manual_seed(0)
+    source = nn.Linear(16, 8)
+    with torch.no_grad():
+        source.weight[:, ::2] = 0
+    state = CompiledLinear.from_linear(source, format=format).state_dict()
+    with torch.inference_mode():
+        layer = CompiledLinear.from_linear(nn.Linear(16, 8), format=format)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"layer: bias is an inference tensor .*accepted: "):
+        layer.load_state_dict(state)
+    after = layer.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        layer.load_state_dict(state)
+        assert torch.allclose(layer(x), source(x), atol=1e-5)

@@ -104,6 +104,21 @@ def check_writable(name: str, tensor: torch.Tensor) -> None:
                          "this call inside inference mode")
 
 
+def check_loadable(module: torch.nn.Module, state: Mapping[str, Any], prefix: str,
+                   metadata: Mapping[str, Any]) -> None:
+    """Raise (:func:`check_writable`) for the first parameter or buffer of ``module`` itself
+    (not of its children) that ``state`` has an entry for under ``prefix`` and that
+    ``load_state_dict`` cannot copy into: torch copied the entries before it, then raised,
+    so the load changed part of the layer under its error. For a module's own
+    ``_load_from_state_dict``, before it changes anything; ``metadata`` with
+    ``assign_to_params_buffers`` (``assign=True``) replaces the tensors, nothing to check."""
+    if metadata.get("assign_to_params_buffers", False):
+        return
+    for key, tensor in (*module._parameters.items(), *module._buffers.items()):
+        if tensor is not None and prefix + key in state:
+            check_writable(f"{prefix.rstrip('.') or 'layer'}: {key}", tensor)
+
+
 def check_finite(name: str, tensor: torch.Tensor, *, dtype: torch.dtype | None = None,
                  hint: str = "") -> torch.Tensor:
     """Raise ``ValueError`` naming ``name`` unless every value of ``tensor`` is finite (in

@@ -64,8 +64,8 @@ from torch.nn.modules import module as module_hooks
 from sparsekit._checks import (
     ArgumentTypeError,
     check_int,
+    check_loadable,
     check_materialized,
-    check_writable,
 )
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.bound import BoundArguments, no_backward
@@ -851,13 +851,9 @@ class ActivationSparseLinear(BoundArguments):
         # torch copies the entries one by one and the kernels trust the index: the whole
         # incoming state is checked first, and nothing is copied unless all of it passes.
         errors = self.load_errors(state_dict, prefix)
-        if not errors and not local_metadata.get("assign_to_params_buffers", False):
-            # copy_ into an inference tensor outside inference mode writes it, then raises:
-            # torch went on to the next buffer, so every one changed under the error
-            try:
-                for key, own in self._buffers.items():
-                    if own is not None and prefix + key in state_dict:
-                        check_writable(f"{prefix.rstrip('.') or 'layer'}: {key}", own)
+        if not errors:
+            try:  # an inference tensor outside inference mode: every buffer changed, then raised
+                check_loadable(self, state_dict, prefix, local_metadata)
             except ValueError as err:
                 errors = [str(err)]
         if errors:

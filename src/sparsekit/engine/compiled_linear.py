@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int
+from sparsekit._checks import ArgumentTypeError, check_int, check_loadable
 from sparsekit.engine.formats import FORMATS, Format, format_from_state
 from sparsekit.engine.formats.native import SCALES
 from sparsekit.quantize import attach_scales, attached_scales
@@ -178,6 +178,15 @@ class CompiledLayer(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        try:  # an inference tensor outside inference mode: the format went, then it raised
+            check_loadable(self, state_dict, prefix, local_metadata)
+        except ValueError as err:
+            error_msgs.append(str(err))
+            # torch loads the children next, from this dict (its own copy, which it lets a
+            # layer change): without the entries, the old format is left as it is
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                del state_dict[key]
+            return
         # Install the saved layer's format first; load_state_dict then fills it as usual.
         try:
             self._install_from_state(state_dict, prefix)
