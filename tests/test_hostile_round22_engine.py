@@ -652,3 +652,20 @@ def test_compiled_linear_built_in_inference_mode_refuses_a_load_outside_it_uncha
     with torch.inference_mode():
         layer.load_state_dict(state)
         assert torch.allclose(layer(x), source(x), atol=1e-5)
+
+
+def test_a_model_reading_a_missing_key_of_its_input_is_named():
+    """Before: ``model_errors`` passed a ``KeyError`` through (a model given a mapping
+    without the key it reads), naming no argument."""
+    class ByKey(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            x = batch["x"]
+            return self.q(x) + self.k(x)
+
+    with pytest.raises(ValueError, match=r"^example_inputs: the model cannot run on them: 'x'"):
+        shared_inputs(ByKey(), ({"y": torch.randn(1, 4)},))
+    assert shared_inputs(ByKey(), ({"x": torch.randn(1, 4)},)) == [["q", "k"]]

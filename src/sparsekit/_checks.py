@@ -301,8 +301,9 @@ def model_errors(param: str, failure: str = "the model cannot run on it") -> Ite
     values the caller passed, keeping the original message: ``"{param}: {failure}: …"``.
 
     A ``TypeError`` becomes an :class:`ArgumentTypeError`, anything else (wrong shapes or
-    dtypes raise ``RuntimeError``) a ``ValueError``; running out of memory is not the
-    argument's fault and passes through unchanged.
+    dtypes raise ``RuntimeError``, a mapping input without a key the model reads a
+    ``KeyError``) a ``ValueError``; running out of memory is not the argument's fault and
+    passes through unchanged.
     """
     try:
         yield
@@ -310,7 +311,7 @@ def model_errors(param: str, failure: str = "the model cannot run on it") -> Ite
         raise
     except TypeError as e:
         raise ArgumentTypeError(f"{param}: {failure}: {e}") from e
-    except (RuntimeError, ValueError, IndexError) as e:
+    except (RuntimeError, ValueError, IndexError, KeyError) as e:
         raise ValueError(f"{param}: {failure}: {e}") from e
 
 
