@@ -669,3 +669,14 @@ def test_a_model_reading_a_missing_key_of_its_input_is_named():
     with pytest.raises(ValueError, match=r"^example_inputs: the model cannot run on them: 'x'"):
         shared_inputs(ByKey(), ({"y": torch.randn(1, 4)},))
     assert shared_inputs(ByKey(), ({"x": torch.randn(1, 4)},)) == [["q", "k"]]
+
+
+@pytest.mark.parametrize("format", ["dense", "csr16", "bitmap"])
+def test_compiled_linear_names_an_integer_input_as_an_argument_type_error(format):
+    """Before: the dense format's hot path gave F.linear's raw "mat1 and mat2 must have the
+    same dtype" (a RuntimeError), the native ones a plain TypeError; now every format's is
+    an ArgumentTypeError naming x (a float input of the right dtype runs as before)."""
+    layer = CompiledLinear.from_linear(nn.Linear(8, 4), format=format)
+    with pytest.raises(ArgumentTypeError, match=r"^x must "):
+        layer(torch.ones(2, 8, dtype=torch.long))
+    assert layer(torch.ones(2, 8)).shape == (2, 4)

@@ -727,7 +727,7 @@ class ActivationSparseLinear(BoundArguments):
         """Before the PyTorch path (the weight converted to ``x.dtype``): ``TypeError``
         unless ``x`` is floating, ``ValueError`` unless it is on the weight's device."""
         if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+            raise ArgumentTypeError(f"x must be a floating-point tensor, got {x.dtype}")
         if x.device != self.threshold.device:
             raise ValueError(
                 f"x must be on the weight's device {self.threshold.device}, got {x.device}"

@@ -83,11 +83,8 @@ class DenseFormat(Format):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if bias is not None:
             self.check_bias(bias)  # F.linear would broadcast a (1,) bias
-        weight = self._buffers["weight"]
-        if isinstance(x, torch.Tensor) and x.dtype != weight.dtype:  # F.linear: a raw error
-            raise ArgumentTypeError(
-                f"x must have the weight's dtype {weight.dtype} for this {self.out_features}x"
-                f"{self.in_features} {self.name} weight, got {x.dtype}")
+        if isinstance(x, torch.Tensor):
+            self._check_input_dtype(x)
         return self._linear(x, bias)
 
     def trusted_matmul(self) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
@@ -97,7 +94,20 @@ class DenseFormat(Format):
         shape = x.shape  # F.linear takes any (..., in_features)
         if not shape or shape[-1] != self.in_features:
             self.check_input(x)
-        return F.linear(x, self._buffers["weight"], bias)
+        try:
+            return F.linear(x, self._buffers["weight"], bias)
+        except RuntimeError:  # named only when it failed: the hot path checks nothing first
+            self._check_input_dtype(x)
+            raise
+
+    def _check_input_dtype(self, x: torch.Tensor) -> None:
+        """Raise :class:`~sparsekit._checks.ArgumentTypeError` unless ``x`` has the weight's
+        dtype (``F.linear``'s raw "mat1 and mat2 must have the same dtype" otherwise)."""
+        weight = self._buffers["weight"]
+        if x.dtype != weight.dtype:
+            raise ArgumentTypeError(
+                f"x must have the weight's dtype {weight.dtype} for this {self.out_features}x"
+                f"{self.in_features} {self.name} weight, got {x.dtype}")
 
     def to_dense(self) -> torch.Tensor:
         return self.weight.clone()

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from sparsekit._checks import check_int, check_materialized
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized
 from sparsekit.engine import kernels
 from sparsekit.engine.bound import BoundArguments, no_backward
 from sparsekit.engine.formats.base import Format, masked
@@ -347,7 +347,7 @@ class NativeFormat(BoundArguments, Format):
         self.check_bias(bias)
         if x.dtype not in self.dtypes:  # convert only what must be
             if not x.is_floating_point():
-                raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+                raise ArgumentTypeError(f"x must be a floating-point tensor, got {x.dtype}")
             x = x.to(torch.float32)
         if not x.is_contiguous():
             x = x.contiguous()
