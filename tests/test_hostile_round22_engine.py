@@ -680,3 +680,15 @@ def test_compiled_linear_names_an_integer_input_as_an_argument_type_error(format
     with pytest.raises(ArgumentTypeError, match=r"^x must "):
         layer(torch.ones(2, 8, dtype=torch.long))
     assert layer(torch.ones(2, 8)).shape == (2, 4)
+
+
+def test_tuned_refuses_row_counts_beyond_max_rows_before_timing():
+    """Before: ``ActivationSparseLinear.tuned(rows=(10**9,))`` failed allocating its timing
+    inputs (a raw out-of-memory error); its row counts are now checked as compile's are
+    (one ``autotune.check_rows``; the three checks of compile, autotune and tuned differed)."""
+    from sparsekit.engine.autotune import MAX_ROWS
+    linear = nn.Linear(16, 8)
+    with pytest.raises(ValueError, match=rf"^rows must be ints in \[1, {MAX_ROWS}\]"):
+        ActivationSparseLinear.tuned(linear, 0.5, rows=(1, 10**9))
+    with pytest.raises(ArgumentTypeError, match=r"^rows must be an int ≥ 1, got True"):
+        ActivationSparseLinear.tuned(linear, 0.5, rows=(True,))

@@ -284,11 +284,11 @@ def _act(**kwargs):
     (lambda: _act(weight=torch.ones(300, 16, dtype=torch.int8), scales=[1.0] * 300),
      ArgumentTypeError, "scales must be None or a float tensor"),
     (lambda: ActivationSparseLinear.tuned(nn.Linear(4, 4), 0.0, rows="ab"), ArgumentTypeError,
-     "rows must be a sequence of ints"),
+     "rows must be a sequence of row counts"),
     (lambda: ActivationSparseLinear.tuned(nn.Linear(4, 4), 0.0, rows=[-3, 0]), ValueError,
-     r"rows must be .* rows\[0\]=-3"),
+     r"rows must be an int ≥ 1, got -3"),
     (lambda: ActivationSparseLinear.tuned(nn.Linear(4, 4), 0.0, rows=[1, 2.0]),
-     ArgumentTypeError, r"rows\[1\]=2.0"),
+     ArgumentTypeError, r"rows must be an int ≥ 1, got 2.0"),
 ])
 def test_activation_sparse_linear_names_bad_arguments(build, error, match):
     """A (16 -> 5) prefill gave multi-row outputs of the wrong width, an int64 bias was cast,

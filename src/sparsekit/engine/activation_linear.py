@@ -429,7 +429,7 @@ class ActivationSparseLinear(BoundArguments):
         ``activation_dtype=torch.int8`` (int8 values only; W8A8) adds ``"act_bitmap_qgemv"``
         to the weight-sparse kernels.
         """
-        _check_rows(rows)
+        rows = autotune.check_rows(rows)
         if activation_dtype not in (None, torch.int8):
             raise ValueError(f"activation_dtype must be None or torch.int8, got "
                              f"{activation_dtype!r}")
@@ -1070,18 +1070,6 @@ def _check_prefill(prefill: object, in_features: int, out_features: int) -> None
                 f"prefill must compute this layer's product ({in_features} -> {out_features} "
                 f"features), got a {type(prefill).__name__} with {attr}={got}"
             )
-
-
-def _check_rows(rows: object) -> None:
-    """Raise unless ``rows`` is a sequence of ints ≥ 1 (the row counts to time)."""
-    accepted = "a sequence of ints ≥ 1 (row counts)"
-    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
-        raise ArgumentTypeError(f"rows must be {accepted}, got {rows!r:.80}")
-    for i, r in enumerate(rows):
-        if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-            raise ArgumentTypeError(f"rows must be {accepted}, got rows[{i}]={r!r}")
-        if r < 1:
-            raise ValueError(f"rows must be {accepted}, got rows[{i}]={r!r}")
 
 
 def _check_storage(weight: torch.Tensor, scales: torch.Tensor | None,

@@ -58,11 +58,16 @@ from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_bool, check_int
 
-__all__ = ["COLD_ROWS", "MARGIN", "Samples", "choose", "cold_cache", "effective_cache_bytes",
-           "last_level_cache_bytes", "measure"]
+__all__ = ["COLD_ROWS", "MARGIN", "MAX_ROWS", "Samples", "check_rows", "choose", "cold_cache",
+           "effective_cache_bytes", "last_level_cache_bytes", "measure"]
 
 MARGIN = 0.05
 """How much faster than dense (5 %) a format must be, in the median and in most rounds."""
+
+MAX_ROWS = 2**20
+"""The most rows a layer is timed at (``rows``). Each layer is timed on random inputs of
+every row count, so a row count costs memory in proportion: 2**20 rows of a 4096-wide
+float32 layer are 16 GiB of input, and more than any batch × sequence one call serves."""
 
 Samples = dict[int, dict[str, list[float]]]
 """Milliseconds per call: row count → format → one time per round."""
@@ -213,7 +218,7 @@ def measure(
     if reference not in modules:
         raise ValueError(f"reference must be one of the modules {sorted(modules)}, got "
                          f"{reference!r}")
-    rows = _check_rows(rows)
+    rows = check_rows(rows)
     # checked here: a bad one was a raw error of torch.randn or of the first timed call
     if isinstance(in_shape, (str, bytes)) or not isinstance(in_shape, Sequence):
         raise ArgumentTypeError(f"in_shape must be a tuple of ints ≥ 0 (one input's shape), "
@@ -350,15 +355,26 @@ def choose(
     }
 
 
-def _check_rows(rows: object) -> list[int]:
-    """``rows`` as a list, once checked to be a sequence of ints ≥ 1 (none: nothing timed)."""
+def check_rows(rows: object, name: str = "rows") -> list[int]:
+    """The distinct row counts of ``rows`` (given as ``name``), a sequence of ints in
+    [1, :data:`MAX_ROWS`], as plain ints in their order: the row counts every timing of
+    :func:`measure`, :func:`sparsekit.compile` and
+    :meth:`~sparsekit.engine.activation_linear.ActivationSparseLinear.tuned` serves. A
+    larger one failed allocating its timing inputs (a raw out-of-memory ``RuntimeError``);
+    a NumPy int was a raw ``TypeError`` in the JSON keys of the decision cache."""
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
-        raise ArgumentTypeError(f"rows must be a sequence of row counts (ints ≥ 1), got "
-                                f"{rows!r}")
+        raise ArgumentTypeError(f"{name} must be a sequence of row counts (ints ≥ 1), got "
+                                f"{rows!r:.80}")
     values = list(rows)
     for r in values:
-        check_int("rows", r, minimum=1)
-    return values
+        check_int(name, r, minimum=1)
+        if r > MAX_ROWS:
+            raise ValueError(
+                f"{name} must be ints in [1, {MAX_ROWS}] (MAX_ROWS: each layer is timed on "
+                f"random inputs of every row count, so more rows would exhaust the memory), "
+                f"got {r}"
+            )
+    return list(dict.fromkeys(int(r) for r in values))
 
 
 def _check_choice(samples: object, allowed: object, dense_allowed: object, split: object,

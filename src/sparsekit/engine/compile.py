@@ -46,6 +46,7 @@ from sparsekit.engine.activation_linear import (
     sparsify_input,
     thresholded_layers,
 )
+from sparsekit.engine.autotune import MAX_ROWS
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, Format, available_formats, check_formats
@@ -1012,31 +1013,14 @@ def _linear_of(layer: nn.Module) -> nn.Linear:
 # -- validation --------------------------------------------------------------------------
 
 
-MAX_ROWS = 2**20
-"""The most rows :func:`compile` times a layer at (``rows``). Each layer is timed on random
-inputs of every served row count, so a row count costs memory in proportion: 2**20 rows of
-a 4096-wide float32 layer are 16 GiB of input, and more than any batch × sequence one
-call serves."""
-
-
 def check_rows(rows: int | Sequence[int]) -> list[int]:
     """The distinct row counts of ``rows`` (an int or a non-empty sequence of ints in
-    [1, :data:`MAX_ROWS`]), the ``rows=`` of :func:`compile` and of a recipe's ``compile``
-    stage: a larger one would fail allocating its timing inputs (a raw out-of-memory
-    ``RuntimeError``)."""
+    [1, :data:`~sparsekit.engine.autotune.MAX_ROWS`], :func:`autotune.check_rows`), the
+    ``rows=`` of :func:`compile` and of a recipe's ``compile`` stage."""
     values = list(rows) if isinstance(rows, Iterable) and not isinstance(rows, str) else [rows]
     if not values:
         raise ValueError(f"rows must be an int ≥ 1 or a non-empty sequence of them, got {rows!r}")
-    for r in values:
-        check_int("rows", r, minimum=1)
-        if r > MAX_ROWS:
-            raise ValueError(
-                f"rows must be ints in [1, {MAX_ROWS}] (MAX_ROWS: each layer is timed on "
-                f"random inputs of every row count, so more rows would exhaust the memory), "
-                f"got {r}"
-            )
-    # plain ints: the decision cache keys are JSON (a NumPy int was a raw TypeError there)
-    return list(dict.fromkeys(int(r) for r in values))
+    return autotune.check_rows(values)
 
 
 _WEIGHT_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8}
