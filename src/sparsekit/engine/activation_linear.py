@@ -70,7 +70,7 @@ from sparsekit._checks import (
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.bound import BoundArguments, no_backward
 from sparsekit.engine.compiled_linear import CompiledLayer, dense_linear
-from sparsekit.engine.formats.native import MAX_THREADS
+from sparsekit.engine.formats.native import check_threads
 from sparsekit.quantize import (
     attach_scales,
     attached_scales,
@@ -329,7 +329,7 @@ class ActivationSparseLinear(BoundArguments):
         threshold = _threshold_tensor(threshold, self.in_features)
         if bias is not None:
             _check_bias(bias, self.out_features)
-        _check_threads(threads)
+        check_threads(threads)
         if not isinstance(kernel, str):
             raise ArgumentTypeError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if kernel not in KERNELS:
@@ -506,7 +506,7 @@ class ActivationSparseLinear(BoundArguments):
         if name in ("threshold", "bias", "scales") and name in buffers:
             value = self._assignable(name, value)
         elif name == "threads":
-            _check_threads(value)
+            check_threads(value)
         elif name == "prefill" and value is not None:
             _check_prefill(value, self.in_features, self.out_features)
             if any(module is self for module in value.modules()):  # type: ignore[union-attr]
@@ -1045,16 +1045,6 @@ def _check_bias(bias: object, out_features: int) -> None:
     if not bias.is_floating_point():
         raise ArgumentTypeError(f"bias must be {accepted}, got dtype {bias.dtype} (it would "
                                 "be cast to the layer's dtype)")
-
-
-def _check_threads(threads: object) -> None:
-    """Raise unless ``threads`` is ``None`` or an int in [1, ``MAX_THREADS``] (the kernels'
-    limit; a bool is no count)."""
-    if threads is not None:
-        check_int("threads", threads, minimum=1)
-        if threads > MAX_THREADS:
-            raise ValueError(f"threads must be an int in [1, {MAX_THREADS}] (the kernels' "
-                             f"limit) or None, got {threads}")
 
 
 def _check_prefill(prefill: object, in_features: int, out_features: int) -> None:

@@ -355,22 +355,22 @@ def choose(
     }
 
 
-def check_rows(rows: object, name: str = "rows") -> list[int]:
-    """The distinct row counts of ``rows`` (given as ``name``), a sequence of ints in
+def check_rows(rows: object) -> list[int]:
+    """The distinct row counts of ``rows``, a sequence of ints in
     [1, :data:`MAX_ROWS`], as plain ints in their order: the row counts every timing of
     :func:`measure`, :func:`sparsekit.compile` and
     :meth:`~sparsekit.engine.activation_linear.ActivationSparseLinear.tuned` serves. A
     larger one failed allocating its timing inputs (a raw out-of-memory ``RuntimeError``);
     a NumPy int was a raw ``TypeError`` in the JSON keys of the decision cache."""
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
-        raise ArgumentTypeError(f"{name} must be a sequence of row counts (ints ≥ 1), got "
+        raise ArgumentTypeError(f"rows must be a sequence of row counts (ints ≥ 1), got "
                                 f"{rows!r:.80}")
     values = list(rows)
     for r in values:
-        check_int(name, r, minimum=1)
+        check_int("rows", r, minimum=1)
         if r > MAX_ROWS:
             raise ValueError(
-                f"{name} must be ints in [1, {MAX_ROWS}] (MAX_ROWS: each layer is timed on "
+                f"rows must be ints in [1, {MAX_ROWS}] (MAX_ROWS: each layer is timed on "
                 f"random inputs of every row count, so more rows would exhaust the memory), "
                 f"got {r}"
             )

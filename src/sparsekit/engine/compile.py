@@ -32,7 +32,6 @@ from torch.utils._pytree import tree_leaves
 
 from sparsekit._checks import (
     check_bool,
-    check_int,
     check_materialized,
     check_materialized_module,
     check_module,
@@ -50,7 +49,7 @@ from sparsekit.engine.autotune import MAX_ROWS
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, Format, available_formats, check_formats
-from sparsekit.engine.formats.native import MAX_THREADS
+from sparsekit.engine.formats.native import check_threads
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.engine.persist import replaced
 from sparsekit.observe import inference, watch
@@ -211,11 +210,8 @@ def compile(
     check_module("model", model)
     names = check_formats(formats)
     served = None if rows is None else check_rows(rows)
+    check_threads(threads)
     if threads is not None:
-        check_int("threads", threads, minimum=1)
-        if threads > MAX_THREADS:
-            raise ValueError(f"threads must be an int in [1, {MAX_THREADS}] (what the kernels "
-                             f"take), got {threads}")
         threads = int(threads)  # a NumPy int is no JSON for the decision cache keys
     value_dtype = _check_weight_dtype(weight_dtype)
     activation = _check_activation_dtype(activation_dtype, weight_dtype)

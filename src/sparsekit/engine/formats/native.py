@@ -21,10 +21,20 @@ from sparsekit.quantize import (
     scales_at,
 )
 
-__all__ = ["INT8_INPUTS", "MAX_THREADS", "SCALES", "NativeFormat", "Operands"]
+__all__ = ["INT8_INPUTS", "MAX_THREADS", "SCALES", "NativeFormat", "Operands", "check_threads"]
 
 MAX_THREADS = 65536
 """The most threads the kernels take (``common.h``)."""
+
+
+def check_threads(threads: object) -> None:
+    """Raise unless ``threads`` is ``None`` or an int in [1, :data:`MAX_THREADS`] (a bool
+    is no count): the ``threads=`` of every format, activation-sparse layer and compile."""
+    if threads is not None:
+        check_int("threads", threads, minimum=1)
+        if threads > MAX_THREADS:
+            raise ValueError(f"threads must be an int in [1, {MAX_THREADS}] (the kernels' "
+                             f"limit) or None, got {threads}")
 
 SCALES = "scales"
 """The optional buffer of int8 values: one float32 scale per output row ``(out,)``, or, in
@@ -74,11 +84,7 @@ class NativeFormat(BoundArguments, Format):
     def __init__(
         self, tensors: Sequence[torch.Tensor], shape: tuple[int, int], threads: int | None = None
     ) -> None:
-        if threads is not None:
-            check_int("threads", threads, minimum=1)
-            if threads > MAX_THREADS:
-                raise ValueError(f"threads must be an int in [1, {MAX_THREADS}] (the kernels' "
-                                 f"limit), got {threads}")
+        check_threads(threads)
         super().__init__(tensors, shape)
         self.threads = threads
         self._stored = max(t.numel() for t in tensors)  # work per input row, for _threads
