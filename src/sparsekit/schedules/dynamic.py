@@ -326,10 +326,17 @@ class DynamicSparsity:
         An update that lacks the dense gradients it grows by (no optimizer step since the
         last update, or detached), that would read NaN or inf (weights, dense gradients,
         momenta: a diverged training), or that its masks refuse, raises before the step
-        count or any mask changes; so does a step after :meth:`remove`."""
+        count or any mask changes; so does a step after :meth:`remove`. The exception is
+        an optimizer step that a ``torch.amp.GradScaler`` skipped because the gradients
+        overflowed (no step ran and some gradient it holds is infinite or NaN): the update
+        waits for the next step that runs, and this call changes nothing and returns
+        ``False`` — so the usual mixed-precision loop (``scaler.step(optimizer)``,
+        ``scaler.update()``, ``step()``) needs no test of its own."""
         self._check_not_removed("step")
         upcoming = self.step_count + 1
         if self.is_update_step(upcoming):
+            if self.rule.needs_grads and self._skipped_by_scaler():
+                return False
             if self.rule.needs_grads:
                 self._check_grads(self.masks.masks)
             self._check_finite()
@@ -345,6 +352,17 @@ class DynamicSparsity:
         self.masks.update(self.rule.update(fraction))
         self._grads.clear()
         return True
+
+    def _skipped_by_scaler(self) -> bool:
+        """Whether the optimizer step before this update did not run because its gradients
+        overflowed, as a ``GradScaler`` skips it: attached, no dense gradient captured, and
+        an infinite or NaN gradient among the optimizer's parameters. (Without an overflow
+        a missing gradient is a step() without optimizer.step(), which :meth:`_check_grads`
+        refuses.)"""
+        if self._hook is None or all(n in self._grads for n in self.masks.masks):
+            return False
+        return any(p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                   for group in self.optimizer.param_groups for p in group["params"])
 
     def _check_finite(self) -> None:
         """Raise before an update that would read NaN or inf: a weight the drop ranks by
