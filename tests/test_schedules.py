@@ -218,10 +218,19 @@ def test_granet_prunes_on_the_cubic_schedule_then_drops_and_grows():
     for t in range(120):
         train(model, opt, dst, 1, start=t)
         if dst.is_update_step(dst.step_count):
-            expected = cubic_sparsity(dst.step_count, initial=0.5, final=0.9, start=0, end=100)
+            expected = cubic_sparsity(dst.step_count, initial=0.5, final=0.9, start=0, end=90)
             assert dst.masks.sparsity() == pytest.approx(expected, abs=1e-3)
-    assert dst.masks.sparsity() == pytest.approx(
-        cubic_sparsity(90, initial=0.5, final=0.9, start=0, end=100), abs=1e-3)
+    assert dst.masks.sparsity() == pytest.approx(0.9, abs=1e-3)  # at the last update, step 90
+
+
+def test_granet_reaches_its_sparsity_at_its_last_update():
+    # with the schedule ending at end_step, the one update (step 100) stopped at 0.885
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    dst = DynamicSparsity(model, opt, 0.9, method="granet", initial_sparsity=0.5,
+                          every=100, end_step=150)
+    train(model, opt, dst, 160)
+    assert dst.masks.sparsity() == pytest.approx(0.9, abs=1e-3)
 
 
 def fan_ins(mask: torch.Tensor) -> set[int]:
@@ -491,3 +500,28 @@ def test_both_spellings_are_a_type_error():
         IterativePruning(model, rounds=2, rewind_step=0)
     with pytest.raises(TypeError, match=r"both update_every= and every="):
         DynamicSparsity(model, opt, 0.8, every=5, update_every=5, end_step=10)
+
+
+def test_dst_refuses_an_optimizer_another_mask_set_of_its_weights_keeps():
+    # the static MaskSet's after-step hook zeroed every connection RigL regrew, silently
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    static = sparsekit.prune(model, 0.5)
+    static.attach(opt)
+    assert sparsekit.masks.keeping(opt) == [static]
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hooks = len(opt._optimizer_step_pre_hooks)
+    with pytest.raises(ValueError, match=r"optimizer keeps another MaskSet of these weights "
+                                         r"through its steps \(0.weight, 2.weight\).*"
+                                         r"masks.detach\(optimizer\)"):
+        DynamicSparsity(model, opt, 0.5, method="rigl", every=2, end_step=10)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert len(opt._optimizer_step_pre_hooks) == hooks
+    static.detach(opt)
+    assert sparsekit.masks.keeping(opt) == []
+    ds = DynamicSparsity(model, opt, 0.5, method="rigl", every=2, end_step=10)
+    assert sparsekit.masks.keeping(opt) == [ds.masks]
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    static.attach(other)  # another optimizer's masks do not fight this one's
+    ds.detach()
+    ds.attach(opt)

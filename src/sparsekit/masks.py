@@ -18,6 +18,7 @@ mask is applied to the part of its weight that this rank holds.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -257,6 +258,7 @@ class MaskSet:
         if key in self._hooks:
             return self
         self._optimizers[key] = optimizer
+        _KEEPING.add(self)
         self._hooks[key] = [
             optimizer.register_step_pre_hook(after_gradients(self._mask_grads)),
             optimizer.register_step_post_hook(lambda *_: self._after_step()),
@@ -295,6 +297,13 @@ class MaskSet:
         _check_state_writable(optimizer, params)  # zeroed once hooked: refuse before hooking
         return optimizer
 
+    def _hooked(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether its step hooks are on ``optimizer`` now (an :func:`sparsekit.integrations
+        .attach` that failed takes them off the optimizer directly)."""
+        registered = (optimizer._optimizer_step_pre_hooks.keys()
+                      | optimizer._optimizer_step_post_hooks.keys())
+        return any(h.id in registered for h in self._hooks.get(id(optimizer), []))
+
     def detach(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Stop enforcing masks on ``optimizer`` (default: on every attached optimizer)."""
         optimizer = check_optimizer(optimizer, optional=True)
@@ -303,6 +312,8 @@ class MaskSet:
             for h in self._hooks.pop(key, []):
                 h.remove()
             self._optimizers.pop(key, None)
+        if not self._hooks:
+            _KEEPING.discard(self)
         if not any(isinstance(o, torch.optim.LBFGS) for o in self._optimizers.values()):
             for h in self._grad_hooks:
                 h.remove()
@@ -488,6 +499,17 @@ class MaskSet:
             f"MaskSet({len(self.masks)} tensors, sparsity={self.sparsity():.4f}, "
             f"pattern={self.pattern!r})"
         )
+
+
+_KEEPING: weakref.WeakSet[MaskSet] = weakref.WeakSet()
+"""The MaskSets attached to some optimizer now (see :func:`keeping`)."""
+
+
+def keeping(optimizer: torch.optim.Optimizer) -> list[MaskSet]:
+    """The MaskSets that keep their masks through ``optimizer``'s steps now (attached, not
+    detached since): another schedule of the same weights must not fight them."""
+    return [m for m in list(_KEEPING) if m._optimizers.get(id(optimizer)) is optimizer
+            and m._hooked(optimizer)]
 
 
 def check_mask(name: str, mask: object, shape: torch.Size | tuple[int, ...]) -> None:

@@ -62,7 +62,7 @@ from sparsekit._checks import (
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.distributed import full, shard_like, unsharded
 from sparsekit.engine.structure_set import StructureSet, sparse_layers
-from sparsekit.masks import Masks, MaskSet, after_gradients
+from sparsekit.masks import Masks, MaskSet, after_gradients, keeping
 from sparsekit.patterns import FanIn, fan_in_split
 from sparsekit.prune import compute_masks
 from sparsekit.registry import Registry
@@ -282,6 +282,16 @@ class DynamicSparsity:
                     "optimizer is attached to another DynamicSparsity of these weights (built "
                     "twice on one model?); accepted: an optimizer no other DynamicSparsity "
                     "drives: remove() or detach() the other one first"
+                )
+        for other in keeping(real):
+            if other is not self.masks and any(id(p) in own for p in other.params.values()):
+                # its after-step hook zeroed every connection this one regrew, silently
+                raise ValueError(
+                    "optimizer keeps another MaskSet of these weights through its steps "
+                    f"({', '.join(list(other.masks)[:3])}): it would zero every connection "
+                    "DynamicSparsity regrows; accepted: an optimizer no other MaskSet of these "
+                    "weights is attached to — detach it first (masks.detach(optimizer)); "
+                    "DynamicSparsity keeps masks of its own"
                 )
         check = getattr(self.masks, "check_attach", None)  # a StructureSet holds no hooks
         if check is not None:
@@ -551,7 +561,8 @@ class SNFS(DropGrow):
 
 @METHODS.register("granet")
 class GraNet(RigL):
-    """Prune gradually (global magnitude, cubic schedule), then RigL's drop and grow."""
+    """Prune gradually (global magnitude, cubic schedule from ``initial_sparsity`` at step 0
+    to ``sparsity`` at the last update), then RigL's drop and grow."""
 
     def initial_masks(self) -> MaskDict:
         masks, _ = compute_masks(self.ds.model, self.ds.initial_sparsity, method="random",
@@ -562,8 +573,12 @@ class GraNet(RigL):
     @torch.no_grad()
     def update(self, fraction: float) -> MaskDict:
         ds = self.ds
+        # the schedule ends at the last update, as the paper's t0 + nΔt: ending it at
+        # end_step left the last update short of `sparsity` (by 0.015 with every=100,
+        # end_step=150), and nothing pruned past it
+        last = (ds.end_step - 1) // ds.every * ds.every
         target = cubic_sparsity(ds.step_count, initial=ds.initial_sparsity, final=ds.sparsity,
-                                start=0, end=ds.end_step)
+                                start=0, end=last)
         with unsharded(ds.model):
             pruned, _ = compute_masks(ds.model, target, method="magnitude",
                                       allocation="global", targets=list(ds.masks.masks))
