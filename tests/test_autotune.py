@@ -663,3 +663,23 @@ def test_measure_needs_its_reference_among_the_modules() -> None:
     with pytest.raises(ValueError, match="reference must be one of the modules.*'dense'"):
         autotune.measure({"separate": nn.Linear(4, 4)}, (4,), [1], torch.float32,
                          torch.device("cpu"))
+
+
+def test_available_cpus_is_the_affinity_mask():
+    import os
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert autotune.available_cpus() == expected >= 1
+
+
+def test_compile_warns_when_its_threads_exceed_the_cpus(monkeypatch):
+    # oversubscribed OpenMP kernels timed 10-40x slower, in erratic order: choices from noise
+    monkeypatch.setattr(autotune, "available_cpus", lambda: 2)
+    model = nn.Sequential(nn.Linear(64, 64))
+    with pytest.warns(UserWarning, match=r"threads=3 exceed the 2 CPU\(s\).*pass threads=2") as w:
+        compile(model, torch.randn(1, 64), threads=3, cache=False)
+    assert w[0].filename == __file__  # attributed to the caller of compile
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compile(model, torch.randn(1, 64), threads=2, cache=False)
+        autotune.warn_oversubscribed(None) if torch.get_num_threads() <= 2 else None

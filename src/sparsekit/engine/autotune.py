@@ -48,8 +48,10 @@ import contextlib
 import functools
 import math
 import numbers
+import os
 import statistics
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -58,8 +60,9 @@ from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_bool, check_int
 
-__all__ = ["COLD_ROWS", "MARGIN", "MAX_ROWS", "Samples", "check_rows", "choose", "cold_cache",
-           "effective_cache_bytes", "last_level_cache_bytes", "measure"]
+__all__ = ["COLD_ROWS", "MARGIN", "MAX_ROWS", "Samples", "available_cpus", "check_rows", "choose",
+           "cold_cache", "effective_cache_bytes", "last_level_cache_bytes", "measure",
+           "warn_oversubscribed"]
 
 MARGIN = 0.05
 """How much faster than dense (5 %) a format must be, in the median and in most rounds."""
@@ -189,6 +192,29 @@ def _evict() -> None:
         _flush = torch.ones(FLUSH_FACTOR * effective_cache_bytes() // 4, dtype=torch.float32)
     _flush.sum()
     torch.zeros(_WAKE_GRAIN * torch.get_num_threads()).add_(1.0)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as ``taskset`` or a container's
+    cpuset limit it; ``os.cpu_count()`` where the platform has no affinity)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def warn_oversubscribed(threads: int | None, stacklevel: int = 2) -> None:
+    """Warn when kernels of ``threads`` threads (``None``: ``torch.get_num_threads()``)
+    would be timed on fewer CPUs than threads. OpenMP threads that wait at a barrier for one
+    without a CPU stall the whole call: on 2 CPUs, 2-thread kernels timed beside other busy
+    processes ran 10-40x slower and in erratic order, and the formats chosen from such
+    timings are noise. ``stacklevel`` is :func:`warnings.warn`'s, counted from the caller."""
+    wanted = torch.get_num_threads() if threads is None else threads
+    cpus = available_cpus()
+    if wanted > cpus:
+        warnings.warn(f"threads={wanted} exceed the {cpus} CPU(s) this process may run on: "
+                      "the kernels are timed (and would run) oversubscribed, and the formats "
+                      f"chosen from those timings are noise; pass threads={cpus} or fewer (or "
+                      "torch.set_num_threads)", UserWarning, stacklevel=stacklevel + 1)
 
 
 def measure(

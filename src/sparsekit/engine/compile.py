@@ -213,6 +213,7 @@ def compile(
     check_threads(threads)
     if threads is not None:
         threads = int(threads)  # a NumPy int is no JSON for the decision cache keys
+    autotune.warn_oversubscribed(threads, stacklevel=4)  # past @renamed, inference_mode
     value_dtype = _check_weight_dtype(weight_dtype)
     activation = _check_activation_dtype(activation_dtype, weight_dtype)
     check_bool("cache", cache)
