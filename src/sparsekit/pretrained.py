@@ -59,6 +59,7 @@ from sparsekit.quantize import (
     attach_scales,
     attached_scales,
     dequantize_grid,
+    dequantize_int8,
     group_size_of,
     int8_scales,
     quantize_int8,
@@ -104,7 +105,8 @@ def save_pretrained(
       by at most half a step, ``max|row| / 254``; zeros stay zero), a quarter of their
       float32 bytes; the small 1-D tensors (norms, biases) keep their dtype. A weight that
       already lies on an int8 grid (:func:`~sparsekit.quantize.attach_scales`) is stored
-      on that grid, exactly.
+      on that grid, exactly; one that has left the grid it records (changed since, e.g.
+      fine-tuned) gets scales of its own, as any other weight.
 
     :func:`from_pretrained` turns them back into the model's dtype, so they round-trip
     exactly only if they were bfloat16 (``"bf16"``) or on their int8 grid already; pruned
@@ -121,14 +123,14 @@ def save_pretrained(
     """
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not callable(getattr(config, "to_json_string", None)):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"model must be a transformers PreTrainedModel (an nn.Module with a .config), got "
             f"{type(model).__name__}"
         )
     if masks is not None and not isinstance(masks, MaskSet):
-        raise TypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
+        raise ArgumentTypeError(f"masks must be a MaskSet or None, got {type(masks).__name__}")
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
-        raise TypeError(f"tokenizer must have a save_pretrained method, got "
+        raise ArgumentTypeError(f"tokenizer must have a save_pretrained method, got "
                         f"{type(tokenizer).__name__}")
     stored_as = _check_dense_dtype(dense_dtype)
     path = _check_save_directory(directory)
@@ -242,12 +244,14 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     _check_sizes(cls, config, dtype, infos, record["compiled"], config_file, weights)
     with config_errors(str(config_file)):
         model = cls._from_config(config, dtype=dtype)
+    _resize_to_config(model, config)
     _install_compiled(model, record["compiled"], weights, infos)
     _install_scales(model, {k: v.shape for k, v in infos.items() if k.endswith(f".{SCALE_NAME}")},
                     weights)
     cast = record["cast"] or {"keys": [], "dtype": None}
     stored_dtype = None if not cast["keys"] else checkpoint._DTYPES[cast["dtype"]]
-    with _stored_as(model, cast["keys"], stored_dtype, restore=False) as originals:
+    with _stored_as(model, cast["keys"], stored_dtype, restore=False,
+                    saved={k: tuple(v.shape) for k, v in infos.items()}) as originals:
         masks = checkpoint.load(model, weights)
         _check_activation_layers(model, weights)
         for key, (dtype, grad) in originals.items():  # back to the model's own dtype
@@ -386,6 +390,7 @@ def _check_sizes(cls: Any, config: Any, dtype: torch.dtype, infos: dict[str, che
             skeleton = cls._from_config(config, dtype=dtype)
     except Exception:  # the real build below names it (config_errors), or succeeds
         return
+    _resize_to_config(skeleton, config)
     for key, tensor in skeleton.state_dict().items():
         info = infos.get(key)
         if info is not None and not _under(key, compiled) and tuple(info.shape) != tuple(
@@ -395,6 +400,18 @@ def _check_sizes(cls: Any, config: Any, dtype: torch.dtype, infos: dict[str, che
                 f"{tuple(tensor.shape)}, but {weights.name} holds {tuple(info.shape)}; "
                 "accepted: the config.json saved with these weights (were its sizes changed?)"
             )
+
+
+def _resize_to_config(model: nn.Module, config: Any) -> None:
+    """Cut ``model``, just built from ``config``, to the per-layer shapes the config records
+    (``sparsekit_shapes``: :func:`sparsekit.llm.prune_structured` left blocks of different
+    widths, or FLAP biases the architecture lacks), as
+    :func:`sparsekit.llm.load_pretrained` does: built from the plain config, such a model
+    was refused for tensors of the shapes it was saved with."""
+    from sparsekit.llm.structured import SHAPES_KEY, resize_to_recorded
+
+    if hasattr(config, SHAPES_KEY):
+        resize_to_recorded(model, getattr(config, SHAPES_KEY), "directory")
 
 
 def check_config_class(cls: type, config: Any, where: str) -> None:
@@ -663,13 +680,16 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 @contextmanager
 def _stored_as(model: nn.Module, keys: list[str], dtype: torch.dtype | None, *,
-               restore: bool = True) -> Iterator[dict[str, tuple[torch.dtype, bool]]]:
+               restore: bool = True, saved: dict[str, tuple[int, ...]] | None = None
+               ) -> Iterator[dict[str, tuple[torch.dtype, bool]]]:
     """``model`` with the tensors ``keys`` as :func:`save_pretrained` stores them: cast to
     ``dtype``, or for ``torch.int8`` as codes with their float32 row scales in a buffer
     beside them (``<leaf>`` + :data:`ROW_SCALE_SUFFIX`; a parameter holding codes takes
     no gradient meanwhile); yields their own dtypes and ``requires_grad``. With
     ``restore`` the original tensors (not a lossy cast back) are put back and the scale
-    buffers removed afterwards (else :func:`_restored` reads them)."""
+    buffers removed afterwards (else :func:`_restored` reads them). ``saved`` (loading:
+    the shapes of the file's stored tensors) says which int8 weights were stored on their
+    grid (:func:`_int8`)."""
     originals: dict[str, torch.Tensor] = {}
     grads: dict[str, bool] = {}
     seen: set[int] = set()
@@ -682,7 +702,7 @@ def _stored_as(model: nn.Module, keys: list[str], dtype: torch.dtype | None, *,
             seen.add(id(tensor))
             originals[key], grads[key] = tensor.data, tensor.requires_grad
             if dtype == torch.int8:
-                codes, scales = _int8(model, key, tensor.detach())
+                codes, scales = _int8(model, key, tensor.detach(), saved)
                 tensor.requires_grad_(False)
                 _set_tensor(model, key, codes)
                 owner, _, leaf = key.rpartition(".")
@@ -715,15 +735,26 @@ def _check_storable(key: str, tensor: object, dtype: torch.dtype | None) -> None
                          f"{type(tensor).__name__} {tuple(getattr(tensor, 'shape', ()))}")
 
 
-def _int8(model: nn.Module, key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _int8(model: nn.Module, key: str, tensor: torch.Tensor,
+          saved: dict[str, tuple[int, ...]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``tensor`` (rank ≥ 2) as int8 codes and one float32 scale per row: on the int8 grid
-    its layer records (a weight already quantized) where there is one, else on
-    :func:`~sparsekit.quantize.int8_scales`."""
+    its layer records where the weight still lies on it (quantized, and not changed since),
+    else on :func:`~sparsekit.quantize.int8_scales`. A weight moved off its recorded grid
+    (fine-tuned after ``llm.prune(..., quantize="int8")``) was rounded to that stale grid,
+    its values beyond the grid's range clamped: errors of many steps, without a word.
+    When loading (``saved``: the file's stored tensors) the grid is used where the file
+    stored the codes on it: their row scales are no tensor of their own, but tied to the
+    grid's scales."""
     owner, _, leaf = key.rpartition(".")
     rows = tensor.reshape(tensor.shape[0], -1)
     grid = attached_scales(model.get_submodule(owner)) if leaf == "weight" else None
-    scales = grid if grid is not None and tensor.dim() == 2 else int8_scales(rows)
-    codes, scales = quantize_int8(rows, scales, group_size_of(rows, scales))
+    if grid is not None and tensor.dim() == 2:
+        group = group_size_of(rows, grid)
+        codes, scales = quantize_int8(rows, grid, group)
+        if (torch.equal(dequantize_int8(codes, scales, group).to(rows.dtype), rows)
+                if saved is None else key + ROW_SCALE_SUFFIX not in saved):
+            return codes, scales  # the grid's own scales: saved once, the row scales tied
+    codes, scales = quantize_int8(rows, int8_scales(rows))
     return codes.reshape(tensor.shape), scales
 
 

@@ -36,9 +36,9 @@ from torch import nn
 from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, check_module
 
 __all__ = [
-    "INT8_MAX", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales", "dequantize_grid",
-    "dequantize_int8", "detach_scales", "fake_quantize", "group_size_of", "guard_loading",
-    "int8_scales", "is_grouped", "quantize_int8", "scales_at",
+    "INT8_MAX", "MAX_SCALE", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales",
+    "dequantize_grid", "dequantize_int8", "detach_scales", "fake_quantize", "group_size_of",
+    "guard_loading", "int8_scales", "is_grouped", "quantize_int8", "scales_at",
 ]
 
 INT8_MAX = 127  # symmetric: -128 is never used, so negating a code never overflows
@@ -46,6 +46,11 @@ SCALE_NAME = "weight_scale"
 MIN_SCALE = torch.finfo(torch.float32).tiny
 """The smallest scale :func:`int8_scales` gives: float32's smallest normal number (a row's
 largest magnitude over 127 below it was a subnormal scale, or 0)."""
+MAX_SCALE = float(torch.nextafter(torch.tensor(torch.finfo(torch.float32).max) / INT8_MAX,
+                                  torch.tensor(0.0)))
+"""The largest int8 scale: the largest float32 whose multiple by 127 float32 still holds.
+float32's largest number over 127 (the scale of a row holding it) rounds up, so code 127
+decoded to inf; a larger scale decoded every code beyond 1 to inf."""
 
 
 def int8_scales(weight: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
@@ -85,8 +90,9 @@ def int8_scales(weight: torch.Tensor, group_size: int | None = None) -> torch.Te
                 "is 0; rescale the weight"
             )
     absmax = absmax.to(torch.float32)
-    # clamped: below 127 * tiny the scale was subnormal, in the first subnormals exactly 0
-    return torch.where(absmax > 0, (absmax / INT8_MAX).clamp(min=MIN_SCALE),
+    # clamped: below 127 * tiny the scale was subnormal, in the first subnormals exactly 0;
+    # at float32's largest magnitudes code 127 decoded to inf
+    return torch.where(absmax > 0, (absmax / INT8_MAX).clamp(min=MIN_SCALE, max=MAX_SCALE),
                        torch.ones_like(absmax))
 
 
@@ -124,6 +130,7 @@ def dequantize_grid(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """:func:`dequantize_int8` of ``codes`` (out, in) on the grid of ``scales`` as stored
     with them: one per row ``(out,)``, or one per row and group ``(out, groups)``, the group
     size being ``in / groups`` (:func:`group_size_of`)."""
+    _check_weight("codes", codes, None)  # group_size_of named a list of codes "weight"
     return dequantize_int8(codes, scales, group_size_of(codes, scales))
 
 
@@ -143,10 +150,24 @@ def fake_quantize(
 ) -> torch.Tensor:
     """``weight`` rounded to the int8 grid of ``scales``, in ``weight``'s dtype (what the
     int8 kernels will multiply with; zeros stay zero); float32 for an integer ``weight``,
-    whose grid values are fractions (cast back, 7.83 was truncated to 7, off the grid)."""
+    whose grid values are fractions (cast back, 7.83 was truncated to 7, off the grid).
+    A grid value a half-precision ``weight``'s dtype cannot hold is a ``ValueError``."""
     codes, _ = quantize_int8(weight, scales, group_size)
     values = dequantize_int8(codes, scales, group_size)
-    return values.to(weight.dtype) if weight.is_floating_point() else values
+    if not weight.is_floating_point():
+        return values
+    cast = values.to(weight.dtype)
+    if cast.element_size() < 4 and not bool(cast.isfinite().all()):
+        # a grid value past half precision's range (the weight rounded up to the next code)
+        # became inf without a word; scales of int8_scales never do that
+        at = tuple(int(i) for i in (~cast.isfinite()).nonzero()[0])
+        raise ValueError(
+            f"scales: weight[{at[0]}, {at[1]}] = {weight[at].item():.6g} lies nearest "
+            f"{values[at].item():.6g} on the grid of scales, beyond {weight.dtype}'s range "
+            f"(largest {torch.finfo(weight.dtype).max:.6g}); accepted: scales whose grid "
+            "holds the weight (int8_scales(weight), its largest magnitude over 127)"
+        )
+    return cast
 
 
 def attach_scales(module: nn.Module, scales: torch.Tensor) -> None:
@@ -361,12 +382,14 @@ def _check_scales(weight: torch.Tensor, scales: Any, group_size: int | None) -> 
 
 
 def check_scale_values(scales: torch.Tensor, name: str = "scales") -> None:
-    """Raise unless every int8 scale is positive and finite: a zero made every code ±127, a
-    NaN every code zero, a negative one flipped its row's sign. The error names ``name``
-    and the first bad value and its index."""
-    bad = ~(scales.isfinite() & (scales > 0))
+    """Raise unless every int8 scale is positive and finite, at most :data:`MAX_SCALE`: a
+    zero made every code ±127, a NaN every code zero, a negative one flipped its row's
+    sign, and one above :data:`MAX_SCALE` decoded code 127 to inf (NaN in every product).
+    The error names ``name`` and the first bad value and its index."""
+    bad = ~(scales.isfinite() & (scales > 0) & (scales <= MAX_SCALE))
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])
         at = where[0] if len(where) == 1 else list(where)
         raise ValueError(f"scales must be positive and finite (a weight's largest magnitude "
-                         f"over 127), got {name}[{at}] = {scales[where].item():.6g}")
+                         f"over 127, at most {MAX_SCALE:.6g}: code 127 times a larger one is "
+                         f"beyond float32), got {name}[{at}] = {scales[where].item():.6g}")

@@ -82,7 +82,10 @@ def block_layers(
         if e not in DEFAULT_EXCLUDE or any(fnmatch.fnmatchcase(n, e) for n in targeted)
     ]
     chosen = resolve_targets(model, targets, exclude)
-    owner = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    owners: dict[int, list[int]] = {}
+    for i, block in enumerate(blocks):
+        for m in block.modules():
+            owners.setdefault(id(m), []).append(i)
     per_block: list[list[Layer]] = [[] for _ in blocks]
     outside = []
     for t in chosen:
@@ -90,8 +93,16 @@ def block_layers(
             t.module, layer_types()
         ):
             raise ValueError(f"targets: {t.name!r} is not the weight of a Linear layer")
-        if id(t.module) in owner:
-            per_block[owner[id(t.module)]].append(Layer(t.name, t.module))
+        where = owners.get(id(t.module), [])
+        if len(where) > 1:  # pruned as the last block's, on its inputs alone, without a word
+            raise ValueError(
+                f"targets: {t.name!r} is one layer shared by blocks {where}, which are pruned "
+                "one at a time, each calibrated on its own inputs; accepted: blocks with "
+                "layers of their own (untie them first, e.g. with copy.deepcopy), or leave it "
+                f"out with exclude={t.module_name!r}"
+            )
+        if where:
+            per_block[where[0]].append(Layer(t.name, t.module))
         else:
             outside.append(t.name)
     if outside and explicit:

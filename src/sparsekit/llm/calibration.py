@@ -122,7 +122,7 @@ def tokenize(
             raise ValueError(f"{param}: the text file {str(path)[:100]!r} is not UTF-8 text "
                              f"({e})") from None
     if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{param} must be a token tensor, a list of strings or a text file path, "
             f"got {type(text).__name__}"
         )
@@ -131,7 +131,7 @@ def tokenize(
     if tokenizer is None:
         raise ValueError(f"tokenizer is required when {param} is text (pass tokenizer=)")
     if not callable(tokenizer):
-        raise TypeError(f"tokenizer must be callable (a Hugging Face tokenizer), got "
+        raise ArgumentTypeError(f"tokenizer must be callable (a Hugging Face tokenizer), got "
                         f"{type(tokenizer).__name__}")
     returned = "the tokenizer must return token ids under 'input_ids' (lists of ints)"
     try:

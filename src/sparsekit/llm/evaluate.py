@@ -11,6 +11,7 @@ from torch import nn
 
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_finite,
     check_int,
     check_materialized_module,
     check_module,
@@ -38,10 +39,12 @@ def perplexity(
     Windows of ``seqlen`` tokens start every ``stride`` tokens (default ``seqlen``:
     disjoint windows); each token is scored once, in the first window that reaches it, with
     the context that window gives (the sliding-window evaluation of the HF docs).
-    ``seqlen`` may not exceed the model's context; a token tensor must hold integer ids.
+    ``seqlen`` may not exceed the model's context; a token tensor must hold integer ids, as
+    one stream of shape ``(L,)`` or ``(1, L)`` (a batch of several rows is a ``ValueError``).
     ``model`` must be a causal LM whose output has ``.logits`` (a ``…ForCausalLM``): any
     other module is a ``ValueError`` naming it, not a bare error from inside the model.
-    A perplexity beyond float's range (a mean NLL above ~709 nats) is ``math.inf``.
+    A perplexity beyond float's range (a mean NLL above ~709 nats) is ``math.inf``; logits
+    holding NaN (or +inf) are a ``ValueError`` naming ``model``, not a perplexity of NaN.
     """
     check_module("model", model)
     check_materialized_module(model, "model: ")  # else a raw Tensor.item() error
@@ -53,6 +56,15 @@ def perplexity(
     check_int("batch_size", batch_size, minimum=1)
     if isinstance(tokens_or_text, torch.Tensor):
         check_token_dtype(tokens_or_text, "tokens_or_text")
+        shape = tuple(tokens_or_text.shape)
+        if len(shape) > 2 or len(shape) == 2 and shape[0] > 1:
+            # flattened, each row's first tokens were scored as continuing the row before it
+            # (a padded batch: its pad tokens too)
+            raise ValueError(
+                f"tokens_or_text must be one token stream, of shape (L,) or (1, L), got a "
+                f"tensor of shape {shape}; accepted: one text's ids, or "
+                "tokens.reshape(-1) where the rows are pieces of one stream"
+            )
         ids = tokens_or_text.reshape(-1).long()
     else:
         ids = tokenize(tokens_or_text, tokenizer, "tokens_or_text")
@@ -70,7 +82,9 @@ def perplexity(
             break
     device = home_device(model)
     nll, count = 0.0, 0
-    with preserved(model, train=False):
+    # eval mode without autograd changes no buffer: restoring them (copy_) failed on a model
+    # built under torch.inference_mode, whose buffers cannot change outside it
+    with preserved(model, train=False, buffers=False):
         for i in range(0, len(windows), batch_size):
             group = windows[i:i + batch_size]
             for length in sorted({e - b for b, e, _ in group}):  # equal lengths batch together
@@ -80,13 +94,29 @@ def perplexity(
                 for row, (_, _, n) in enumerate(same):
                     labels[row, : length - n] = -100
                 logits = _logits(model, x)[:, :-1].float()
-                nll += float(F.cross_entropy(logits.transpose(1, 2), labels[:, 1:],
-                                             ignore_index=-100, reduction="sum"))
+                window = float(F.cross_entropy(logits.transpose(1, 2), labels[:, 1:],
+                                               ignore_index=-100, reduction="sum"))
+                if math.isnan(window):  # was returned as the perplexity, nan
+                    _refuse_nan_logits(logits, same[0][0])
+                nll += window
                 count += sum(n for _, _, n in same)
     try:
         return math.exp(nll / count)
     except OverflowError:  # a mean NLL above ~709 nats: past float's range, not an error
         return math.inf
+
+
+def _refuse_nan_logits(logits: torch.Tensor, begin: int) -> None:
+    """Raise ``ValueError`` naming ``model`` for ``logits`` (of the windows from token
+    ``begin``) whose negative log-likelihood is NaN: logits holding NaN, or +inf (which
+    softmax turns into NaN). A label's -inf logit is no error (an infinite perplexity)."""
+    bad = int((logits.isnan() | logits.isposinf()).sum())
+    raise ValueError(
+        f"model: its logits on the window of tokens_or_text from token {begin} hold {bad} NaN "
+        "or +inf value(s), which give no perplexity; accepted: a model whose logits are "
+        "finite (check its parameters for NaN or inf, or evaluate a half-precision model in "
+        "float32)"
+    )
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +138,7 @@ def embed(model: nn.Module, tokenizer: Any, sentences: list[str], *, batch_size:
     """Mean-pooled last hidden states of ``sentences`` (sentence-transformers style)."""
     device = home_device(model)
     out = []
-    with preserved(model, train=False):
+    with preserved(model, train=False, buffers=False):  # as in perplexity: none changes
         for i in range(0, len(sentences), batch_size):
             enc = _encode(tokenizer, sentences[i:i + batch_size], model, device)
             hidden = model(**enc, output_hidden_states=True).hidden_states[-1].float()
@@ -157,6 +187,7 @@ def embedding_similarity(
 
     ``sentences`` is a non-empty list (or tuple) of strings: a single string would be
     embedded character by character; ``tokenizer`` a callable Hugging Face tokenizer.
+    Embeddings holding NaN or inf (of either model) are a ``ValueError`` naming the model.
     """
     check_module("model", model)
     check_module("dense_model", dense_model)
@@ -176,4 +207,8 @@ def embedding_similarity(
         raise ValueError(f"dense_model embeds in {b.shape[-1]} dimensions, model in "
                          f"{a.shape[-1]}; accepted: the dense model that model was pruned from "
                          "(the same width)")
+    for name, embeddings in (("model", a), ("dense_model", b)):  # NaN was the similarity
+        check_finite(f"{name}'s sentence embeddings", embeddings,
+                     hint=f"check {name}'s parameters for NaN or inf, or embed a "
+                          "half-precision model in float32")
     return float(F.cosine_similarity(a, b, dim=-1).mean())

@@ -101,6 +101,20 @@ def prune_layer(
     if method.gram and stats.gram is None:  # a bare RuntimeError from InputStats.hessian
         raise ValueError("stats: this method needs the inputs' Gram matrix; accepted: "
                          "InputStats(features, gram=True), got one with gram=False")
+    if method.stats and stats.rows == 0:
+        # SparseGPT zeroed every weight (an all-"dead" Hessian), Wanda kept arbitrary ones
+        # (all scores 0), while the masks said a share was kept
+        raise ValueError("stats: holds no input rows (the calibration never ran the layer), "
+                         "so this method has nothing to prune it by; accepted: statistics "
+                         "that recorded the layer's inputs, or the 'magnitude' method")
+    if quantize is not None and W.dtype == torch.float64 and W.numel():
+        most = torch.finfo(torch.float32).max
+        largest = float(W.detach().abs().max())
+        if largest > most:  # its float32 copy was infinite: "weight holds NaN or infinite"
+            raise ValueError(f"W holds a magnitude of {largest:.3g}, beyond float32's largest "
+                             f"{most:.3g}, which int8 scales and codes are computed in; "
+                             "accepted: weights within float32's range (rescale the weight), "
+                             "or quantize=None")
     w, keep = method.prune(W, stats, sparsity, pattern)
     if quantize is None:
         return w, keep, None

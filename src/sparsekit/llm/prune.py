@@ -47,6 +47,7 @@ from sparsekit._checks import (
     check_int,
     check_materialized_module,
     check_seed,
+    check_writable,
 )
 from sparsekit.allocation import outlier_ratio, owl_sparsities
 from sparsekit.blocks import BlockCall, capture_inputs, find_blocks
@@ -138,6 +139,7 @@ def prune(
                                 f"got {progress!r}")
     # a model on the meta device (not loaded yet) failed with a raw Tensor.item() error
     check_materialized_module(model, "model: ")
+    check_writable_module(model)
     dev = _check_device(device)
     check_quantize(quantize)
     if group_size is not None:
@@ -243,6 +245,15 @@ def prune(
     if quantize is not None:  # a bad weight_scale is refused before any tensor is loaded
         guard_loading(model)
     return MaskSet(model, masks, pattern=str(pat)).apply()
+
+
+def check_writable_module(model: nn.Module) -> None:
+    """:func:`~sparsekit._checks.check_writable` of every parameter and buffer of ``model``,
+    each named ``"model: "`` + its name: a model built or loaded under
+    ``torch.inference_mode`` failed outside it with PyTorch's raw "Inplace update to
+    inference tensor" error, from the first weight written or buffer restored."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        check_writable(f"model: {name}", tensor)
 
 
 def check_options(sparsity: float, pattern: str | Pattern, allocation: str) -> Pattern:

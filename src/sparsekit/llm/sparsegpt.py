@@ -213,9 +213,9 @@ def _check_symmetric(H: torch.Tensor) -> None:
     worst, i, j = 0.0, 0, 0
     for start in range(0, h.shape[0], _SYMMETRY_ROWS):  # no (in, in) temporary: 0.5 GB at 11008
         gap = (h[start:start + _SYMMETRY_ROWS] - h[:, start:start + _SYMMETRY_ROWS].t()).abs_()
-        at = int(gap.argmax())
-        if float(gap.view(-1)[at]) > worst:
-            worst = float(gap.view(-1)[at])
+        at = int(gap.argmax())  # of its values in row-major order, whatever its strides
+        if float(gap.flatten()[at]) > worst:  # view(-1) failed for an H of other strides
+            worst = float(gap.flatten()[at])
             i, j = start + at // h.shape[1], at % h.shape[1]
     tolerance = max(SYMMETRY_RTOL, 16 * torch.finfo(H.dtype).eps) * largest
     if worst > tolerance:

@@ -38,6 +38,7 @@ them.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -47,13 +48,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import check_fraction, check_materialized, check_module, check_seed
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_fraction,
+    check_int,
+    check_materialized,
+    check_module,
+    check_seed,
+)
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.blocks import home_device, to_device
 from sparsekit.llm.calibration import Calibration, calibration_tokens, check_token_ids
-from sparsekit.llm.prune import check_seqlen
+from sparsekit.llm.prune import check_seqlen, check_writable_module
 from sparsekit.observe import input_stats, run
 from sparsekit.pretrained import check_config_class, config_errors
+from sparsekit.quantize import (
+    SCALE_NAME,
+    attach_scales,
+    attached_scales,
+    guard_loading,
+    is_grouped,
+)
 from sparsekit.scores.flap import fluctuation_scores, input_moments
 from sparsekit.scores.wanda import wanda_scores
 from sparsekit.select import top_k
@@ -129,9 +144,11 @@ def prune_structured(
                          f"{', '.join(map(repr, _ALLOCATIONS))}")
     check_fraction("amount", amount, zero=False)
     check_round_to(round_to)
+    check_int("nsamples", nsamples, minimum=1)  # read only with calibration: 0 went unseen
     check_seed("seed", seed)
     for name, param in model.named_parameters():  # every method reads the weights
         check_materialized(f"model's parameter {name!r}", param)
+    check_writable_module(model)
     seqlen = check_seqlen(model, seqlen)
     _, blocks = transformer_blocks(model)
     if units == ("layers",):
@@ -158,8 +175,10 @@ def prune_structured(
                           powers=FLAP_POWERS if method == "flap" else {})
         # checked before fold_means changes the biases: a refused cut changes nothing
         removal = check_removal(model, [r for u in units for r in removed[u]])
+        grids = _grid_cuts(model, removal)
         fold_means(model, removal, means)
         remove_channels(model, removal)
+        cut(model, grids)
         _sync_heads(model)
         for u in units:
             _update_config(model, u, removed[u])
@@ -202,6 +221,12 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     to the recorded shapes and the saved weights (``*.safetensors``) are loaded into it.
     ``kwargs`` go to ``from_pretrained`` (the first case only: with recorded shapes they
     are a ``ValueError``, not silently ignored — a ``torch_dtype`` gave a float32 model).
+    In both cases the int8 scales (``weight_scale``) of a model quantized by
+    :func:`~sparsekit.llm.prune` are attached to their layers again, as
+    :func:`sparsekit.from_pretrained` attaches them. The weights are the safetensors files
+    the directory's ``model.safetensors.index.json`` lists (a listed file that is missing
+    is a ``ValueError``), or without one every ``*.safetensors`` (a tensor held by two of
+    them is a ``ValueError``). A ``path`` that is empty or no directory is one too.
 
     A config.json changed after saving is a ``ValueError`` naming what does not fit:
     ``architectures`` that name no model class for the config, sizes no model can have,
@@ -213,8 +238,15 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     from safetensors.torch import load_file
 
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a directory written by save_pretrained (a str or "
+        raise ArgumentTypeError(f"path must be a directory written by save_pretrained (a str or "
                         f"os.PathLike), got {type(path).__name__}")
+    if os.fspath(path) == "":  # Path("") is ".", but from_pretrained read it as a hub id
+        raise ValueError("path is empty; accepted: a directory written by save_pretrained "
+                         "(use '.' for the working directory)")
+    if os.path.lexists(path) and not Path(path).is_dir():
+        # a config.json was read as the config, then "holds no weights" named the file
+        raise ValueError(f"path {str(path)!r} is not a directory (a file, or a link that "
+                         "leads to none); accepted: a directory written by save_pretrained")
     if os.sep in str(path) and not Path(path).is_dir():  # a path, not a hub id
         raise FileNotFoundError(f"path: no such directory {str(path)!r}")
     where = f"path: the config in {str(path)!r}"
@@ -228,7 +260,9 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
                          f"(architectures={names!r})")
     check_config_class(cls, config, where)
     if not hasattr(config, SHAPES_KEY):  # present but null is a config edited: checked below
-        return cls.from_pretrained(path, **kwargs)
+        model = cls.from_pretrained(path, **kwargs)  # drops weight_scale (an unexpected key)
+        _attach_saved_scales(model, _saved_scales(Path(path)), path)
+        return model
     shapes = getattr(config, SHAPES_KEY)
     if kwargs:
         raise ValueError(f"{sorted(kwargs)}: from_pretrained's options do not apply to "
@@ -237,21 +271,27 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
                          "(e.g. model.to(torch.bfloat16))")
     with config_errors(where):  # in the config's dtype, as from_pretrained builds it
         model = cls._from_config(config)
-    _resize(model, shapes)
+    resize_to_recorded(model, shapes)
     state: dict[str, torch.Tensor] = {}
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"path: {str(path)!r} holds no *.safetensors weights")
-    for f in files:
+    origin: dict[str, Path] = {}
+    for f in _weight_files(Path(path)):
         if not f.is_file():  # load_file's raw OSError: "No such device", "No such file"
             raise ValueError(f"path: {str(f)!r} is not a weights file (a directory, a link "
                              "to one, or a link that leads nowhere or loops); accepted: a "
                              "directory whose *.safetensors are safetensors files")
         try:
-            state.update(load_file(f))
+            tensors = load_file(f)
         except SafetensorError as e:  # a truncated or overwritten file
             raise ValueError(f"path: {str(f)!r} is not a readable safetensors file "
                              f"({e})") from e
+        if twice := sorted(set(tensors) & set(state)):  # the later file's won, silently
+            raise ValueError(f"path: {twice[0]!r} is saved both in {str(origin[twice[0]])!r} "
+                             f"and in {str(f)!r} ({len(twice)} tensor(s) twice); accepted: "
+                             "a directory whose weight files hold each tensor once (remove "
+                             "the stale files of an earlier save)")
+        state.update(tensors)
+        origin.update(dict.fromkeys(tensors, f))
+    grids = {k: state.pop(k) for k in list(state) if _scale_owner(model, k) is not None}
     _check_saved_shapes(state, model.state_dict(), path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
@@ -260,7 +300,58 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     if unexpected or untied:
         raise ValueError(f"path: the weights in {str(path)!r} do not fit the recorded shapes "
                          f"(unexpected: {unexpected}, missing: {untied})")
+    _attach_saved_scales(model, grids, path)
     return model.eval()
+
+
+def _scale_owner(model: nn.Module, key: str) -> nn.Module | None:
+    """The layer of ``model`` whose int8 scales the saved tensor ``key`` is (``<layer>.``
+    :data:`~sparsekit.quantize.SCALE_NAME`, a layer with a weight and no ``weight_scale``
+    of its architecture's own), else ``None``."""
+    owner, _, leaf = key.rpartition(".")
+    if leaf != SCALE_NAME:
+        return None
+    try:
+        layer = model.get_submodule(owner)
+    except AttributeError:
+        return None  # not this model's: an unexpected key
+    ours = not hasattr(layer, SCALE_NAME) or SCALE_NAME in layer._buffers  # not a native one
+    return layer if ours and isinstance(getattr(layer, "weight", None), torch.Tensor) else None
+
+
+def _saved_scales(path: Path) -> dict[str, torch.Tensor]:
+    """The int8 scales (``*.weight_scale``) the safetensors weights of the directory
+    ``path`` hold (none for a hub id or a directory of other weight files)."""
+    from safetensors import safe_open
+
+    if not (path.is_dir() and (any(path.glob("*.safetensors")) or (path / INDEX_NAME).is_file())):
+        return {}
+    found: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        with safe_open(f, framework="pt") as handle:
+            names = handle.keys()  # a safe_open handle is no mapping: it has no __iter__
+            found.update({k: handle.get_tensor(k) for k in names if k.endswith("." + SCALE_NAME)})
+    return found
+
+
+def _attach_saved_scales(model: nn.Module, grids: Mapping[str, torch.Tensor],
+                         path: str | os.PathLike) -> None:
+    """Attach the saved int8 scales ``grids`` (of ``llm.prune(..., quantize="int8")``) to
+    their layers, as :func:`sparsekit.from_pretrained` does: ``from_pretrained`` dropped
+    them as unexpected keys (the model no longer said its weights lie on an int8 grid), and
+    a model with recorded shapes was refused for them. Scales that do not fit their layer
+    are a ``ValueError`` naming them."""
+    for key, scales in grids.items():
+        layer = _scale_owner(model, key)
+        if layer is None:
+            continue  # another model's: from_pretrained reported it
+        try:
+            attach_scales(layer, scales.to(layer.weight.device))
+        except ValueError as e:
+            raise ValueError(f"path: {key!r} in {str(path)!r} is no int8 grid of its layer "
+                             f"({e})") from e
+    if grids:
+        guard_loading(model)  # a bad weight_scale loaded later is refused before any tensor
 
 
 # -- stages -------------------------------------------------------------------------------
@@ -332,13 +423,42 @@ def _select(model: nn.Module, groups: Mapping[str, list[Group]],
     return removed
 
 
+def _grid_cuts(model: nn.Module, removal: list[tuple[Group, torch.Tensor]]
+               ) -> dict[tuple[str, int], set[int]]:
+    """The rows of int8 scales (``weight_scale``: ``llm.prune(..., quantize="int8")``) that
+    go with the rows of their weights in ``removal``: left whole, a layer's scales no longer
+    matched its rows (the model did not reload). A layer with a scale per group of inputs
+    that loses inputs is a ``ValueError`` before anything changes: the cut splits its
+    groups, and its weight lies on no grid of equal groups any more."""
+    cuts: dict[tuple[str, int], set[int]] = {}
+    for group, gone in removal:
+        for s in group.slices:
+            owner, _, leaf = s.name.rpartition(".")
+            scales = attached_scales(model.get_submodule(owner)) if leaf == "weight" else None
+            if scales is None or not gone.numel():
+                continue
+            if s.dim == 0:
+                cuts.setdefault((f"{owner}.{SCALE_NAME}", 0), set()).update(
+                    s.indices(gone).tolist())
+            elif is_grouped(scales):
+                raise ValueError(
+                    f"{owner!r} carries int8 scales per group of inputs ({SCALE_NAME} of shape "
+                    f"{tuple(scales.shape)}: llm.prune(..., quantize='int8', group_size=...)); "
+                    f"removing units of {group.name!r} cuts its inputs and splits those groups; "
+                    "accepted: prune_structured before quantizing, per-row scales "
+                    "(group_size=None), or sparsekit.quantize.detach_scales(layer) first; the "
+                    "model was not changed"
+                )
+    return cuts
+
+
 def _check_units(unit: object) -> tuple[str, ...]:
     """``unit`` as a tuple of unit names: one name, or several of ``"ffn"``/``"heads"``."""
     units = (unit,) if isinstance(unit, str) else tuple(unit) \
         if isinstance(unit, (tuple, list)) else None
     joint = tuple(u for u in UNITS if u != "layers")
     if units is None or not units or any(not isinstance(u, str) for u in units):
-        raise TypeError(f"unit must be a unit name or a sequence of them, got {unit!r}")
+        raise ArgumentTypeError(f"unit must be a unit name or a sequence of them, got {unit!r}")
     for u in units:
         if u not in UNITS:
             raise ValueError(f"unknown unit {u!r}; accepted: {', '.join(map(repr, UNITS))}")
@@ -386,13 +506,13 @@ def _remove_layers(model: nn.Module, blocks: nn.ModuleList, influence: list[floa
             config.layer_types = [t for i, t in enumerate(types) if i not in drop]
 
 
-def _check_shapes(shapes: object, params: Mapping[str, nn.Parameter]) -> None:
-    """``ValueError`` unless the recorded ``shapes`` (config.json's :data:`SHAPES_KEY`) name
-    parameters of the architecture (or a bias of one of its layers) with shapes no larger
-    than the config builds, before any tensor is cut."""
+def _check_shapes(shapes: object, params: Mapping[str, nn.Parameter], param: str) -> None:
+    """``ValueError`` (naming the argument ``param``) unless the recorded ``shapes``
+    (config.json's :data:`SHAPES_KEY`) name parameters of the architecture (or a bias of one
+    of its layers) with shapes no larger than the config builds, before any tensor is cut."""
     where = f"config.json's {SHAPES_KEY}"
     if not isinstance(shapes, Mapping):
-        raise ValueError(f"path: {where} must map parameter names to shapes, got "
+        raise ValueError(f"{param}: {where} must map parameter names to shapes, got "
                          f"{type(shapes).__name__}")
     for name, shape in shapes.items():
         owner, _, attr = name.rpartition(".")
@@ -405,8 +525,39 @@ def _check_shapes(shapes: object, params: Mapping[str, nn.Parameter]) -> None:
         if full is None or not valid or len(shape) != full.dim() \
                 or any(n > m for n, m in zip(shape, full.shape)):
             known = "no such parameter" if full is None else f"at most {list(full.shape)}"
-            raise ValueError(f"path: {where} records {name!r} as {shape!r}; expected a "
+            raise ValueError(f"{param}: {where} records {name!r} as {shape!r}; expected a "
                              f"list of positive ints, {known}")
+
+
+INDEX_NAME = "model.safetensors.index.json"
+"""The index ``save_pretrained`` writes beside a model saved in shards."""
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of the directory ``path``: the shards its :data:`INDEX_NAME`
+    lists, or without one every ``*.safetensors``. A shard the index lists but the
+    directory lacks (a save cut short, a copy missing a file) is a ``ValueError`` naming
+    it: its tensors were reported as "missing", as if the shapes did not fit."""
+    index = path / INDEX_NAME
+    if not index.is_file():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"path: {str(path)!r} holds no *.safetensors weights")
+        return files
+    try:
+        shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        names = sorted(set(shards))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise ValueError(f"path: {str(index)!r} is no safetensors index (a JSON object "
+                         f"whose 'weight_map' maps tensor names to files): {e!r}") from e
+    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise ValueError(f"path: {str(index)!r} names no shard files of this directory "
+                         f"({names[:3]!r}); accepted: the index save_pretrained writes")
+    if absent := [n for n in names if not os.path.lexists(path / n)]:
+        raise ValueError(f"path: {str(index)!r} lists the shard {absent[0]!r} "
+                         f"({len(absent)} of {len(names)} missing), which {str(path)!r} "
+                         "lacks: a save cut short or an incomplete copy; save the model again")
+    return [path / n for n in names]
 
 
 def _check_saved_shapes(state: Mapping[str, torch.Tensor], built: Mapping[str, torch.Tensor],
@@ -414,6 +565,15 @@ def _check_saved_shapes(state: Mapping[str, torch.Tensor], built: Mapping[str, t
     """``ValueError`` naming the first saved tensor whose shape differs from the model built
     from config.json (and its :data:`SHAPES_KEY`): an entry missing, changed or inconsistent
     with the others was a bare ``RuntimeError`` of ``load_state_dict``."""
+    kinds = [(name, t.dtype, built[name].dtype) for name, t in state.items() if name in built
+             and (t.is_floating_point(), t.dtype == torch.bool)
+             != (built[name].is_floating_point(), built[name].dtype == torch.bool)]
+    if kinds:  # load_state_dict cast them silently: ids 0/1 into weights, weights into ints
+        name, saved, dtype = kinds[0]
+        raise ValueError(f"path: the weights in {str(path)!r} do not fit the model: {name!r} "
+                         f"is saved as {saved} but the model holds {dtype} ({len(kinds)} "
+                         "tensor(s) of another kind: floating, integer, bool); accepted: "
+                         "the weights save_pretrained wrote")
     wrong = [(name, list(t.shape), list(built[name].shape)) for name, t in state.items()
              if name in built and built[name].shape != t.shape]
     if wrong:
@@ -480,12 +640,17 @@ def _record_shapes(model: nn.Module) -> None:
         setattr(config, SHAPES_KEY, shapes)
 
 
-def _resize(model: nn.Module, shapes: Mapping[str, list[int]]) -> None:
-    """Cut each named parameter to its recorded shape (the trailing entries go); a bias
-    the architecture lacks (FLAP's compensation added it) is created."""
+def resize_to_recorded(model: nn.Module, shapes: Mapping[str, list[int]],
+                       param: str = "path") -> None:
+    """Cut each named parameter of ``model`` (built from a config recording ``shapes``,
+    its :data:`SHAPES_KEY`) to its recorded shape (the trailing entries go); a bias the
+    architecture lacks (FLAP's compensation added it) is created. Shapes that do not fit
+    are a ``ValueError`` naming ``param`` (the argument that led to the config), raised
+    before any tensor is cut. :func:`load_pretrained` and
+    :func:`sparsekit.from_pretrained` both rebuild pruned models with it."""
     cuts: dict[tuple[str, int], set[int]] = {}
     params = dict(model.named_parameters())
-    _check_shapes(shapes, params)
+    _check_shapes(shapes, params, param)
     for name, shape in shapes.items():
         owner, _, attr = name.rpartition(".")
         if name not in params and attr == "bias":
