@@ -197,3 +197,15 @@ def test_input_shapes_and_macs():
     assert input_shapes(model, layers, x) == {"conv": (2, 3, 8, 8), "fc": (2, 256)}
     assert macs(model, layers, x) == {"conv": 2 * 4 * 8 * 8 * 3 * 9, "fc": 2 * 256 * 5}
     assert model.training and torch.is_grad_enabled()
+
+
+def test_preserved_restores_buffers_of_a_model_built_under_inference_mode():
+    # the restore failed with a raw "Inplace update to inference tensor outside InferenceMode"
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    before = model[1].running_mean.clone()
+    with preserved(model, train=True):
+        with torch.inference_mode():
+            model(torch.randn(8, 4))  # updates the running statistics
+        assert not torch.equal(model[1].running_mean, before)
+    assert torch.equal(model[1].running_mean, before)

@@ -144,7 +144,11 @@ def preserved(
             for model, values in zip(models, saved, strict=True):
                 for n, b in model.named_buffers():
                     if n in values:
-                        b.copy_(values[n])
+                        # a buffer made under inference_mode is written only inside it (a
+                        # model built there failed here with a raw "Inplace update to
+                        # inference tensor outside InferenceMode")
+                        with torch.inference_mode(b.is_inference()):
+                            b.copy_(values[n])
         for model, before in zip(models, grads, strict=True):
             for n, p in model.named_parameters():
                 p.grad = before.get(n)
