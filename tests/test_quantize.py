@@ -1,8 +1,10 @@
 import pytest
 import torch
+from torch import nn
 
 from sparsekit.quantize import (
     INT8_MAX,
+    check_within_grid,
     dequantize_grid,
     dequantize_int8,
     fake_quantize,
@@ -97,3 +99,37 @@ def test_attached_scales_round_trip_through_the_state_dict():
         attach_scales(layer, torch.ones(4))
     with pytest.raises(ValueError, match="2-D weight"):
         attach_scales(nn.ReLU(), scales)
+
+
+def test_check_within_grid_names_the_entry_past_the_grid():
+    w = torch.tensor([[1.0, -2.0], [0.5, 0.25]])
+    scales = int8_scales(w)
+    check_within_grid("layer", w, scales)  # on its own grid
+    check_within_grid("layer", w * 1.003, scales)  # within half a step of the last code
+    with pytest.raises(ValueError, match=r"layer: the weight lies beyond its int8 grid "
+                                         r"\(weight_scale\): weight\[0, 1\] = -4 is 254.0 steps"):
+        check_within_grid("layer", w * 2, scales)
+    grouped = torch.tensor([[1.0, 1.0, 1.0, 8.0]])
+    g = int8_scales(grouped, group_size=2)
+    with pytest.raises(ValueError, match=r"weight\[0, 3\] = 16 is 254.0 steps"):
+        check_within_grid("layer", grouped * torch.tensor([1.0, 1.0, 1.0, 2.0]), g)
+
+
+def test_compile_refuses_a_weight_that_outgrew_its_attached_grid():
+    # clamped to the stale grid, the compiled layer was off by 46 % of its largest output
+    import sparsekit
+    from sparsekit.quantize import attach_scales
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False))
+    w = model[0].weight
+    with torch.no_grad():
+        scales = int8_scales(w)
+        w.copy_(fake_quantize(w, scales))
+        attach_scales(model[0], scales)
+        w.mul_(3.0)  # fine-tuned, merged or rescaled after quantizing
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=r"model: 0: the weight lies beyond its int8 grid"):
+        sparsekit.compile(model, torch.randn(2, 64), weight_dtype="int8", formats="bitmap")
+    assert torch.equal(w, before)
+    # bf16 values do not store the grid: nothing is clamped
+    sparsekit.compile(model, torch.randn(2, 64), weight_dtype="bf16", cache=False)

@@ -37,8 +37,9 @@ from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, 
 
 __all__ = [
     "INT8_MAX", "MAX_SCALE", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales",
-    "dequantize_grid", "dequantize_int8", "detach_scales", "fake_quantize", "group_size_of",
-    "guard_loading", "int8_scales", "is_grouped", "quantize_int8", "scales_at",
+    "check_within_grid", "dequantize_grid", "dequantize_int8", "detach_scales", "fake_quantize",
+    "group_size_of", "guard_loading", "int8_scales", "is_grouped", "quantize_int8",
+    "scales_at",
 ]
 
 INT8_MAX = 127  # symmetric: -128 is never used, so negating a code never overflows
@@ -112,6 +113,29 @@ def quantize_int8(
     stored = scales.detach().to(torch.float32)
     codes = torch.round(groups / stored.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
     return _ungrouped(codes, weight.shape).to(torch.int8), scales
+
+
+def check_within_grid(name: str, weight: torch.Tensor, scales: torch.Tensor) -> None:
+    """Raise unless every entry of ``weight`` lies within the range of the int8 grid of
+    ``scales`` (its attached ``weight_scale``): at most 127.5 steps from zero, where
+    rounding to the grid is an error of at most half a step. A weight that grew since it
+    was quantized (fine-tuned, merged, rescaled) was clamped to ±127 steps by
+    :func:`quantize_int8`: a compiled layer 3x the size of its grid was off by 46 % of its
+    largest output, without a word. ``name`` names the layer in the error."""
+    groups = _grouped(weight.detach().to(torch.float32), group_size_of(weight, scales))
+    steps = (groups / scales.detach().to(torch.float32).unsqueeze(-1)).abs()
+    if bool((steps > INT8_MAX + 0.5).any()):
+        flat = int(steps.flatten().argmax())
+        at = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), steps.shape))
+        row, col = at[0], (at[1] * steps.shape[-1] + at[2] if steps.dim() == 3 else at[1])
+        raise ValueError(
+            f"{name}: the weight lies beyond its int8 grid ({SCALE_NAME}): weight[{row}, {col}]"
+            f" = {float(weight.detach()[row, col]):.6g} is {float(steps[at]):.1f} steps of its "
+            f"scale from zero, the grid holds {INT8_MAX} (changed since it was quantized?); "
+            "accepted: weights within their grid — quantize again (llm.prune(..., "
+            "quantize='int8')), or sparsekit.quantize.detach_scales(layer) to take fresh "
+            "scales"
+        )
 
 
 def dequantize_int8(

@@ -53,7 +53,13 @@ from sparsekit.engine.formats.native import check_threads
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.engine.persist import replaced
 from sparsekit.observe import inference, watch
-from sparsekit.quantize import attached_scales, dequantize_grid, group_size_of, is_grouped
+from sparsekit.quantize import (
+    attached_scales,
+    check_within_grid,
+    dequantize_grid,
+    group_size_of,
+    is_grouped,
+)
 from sparsekit.targets import conv1d_type
 
 __all__ = ["InputThresholds", "compile"]
@@ -224,6 +230,9 @@ def compile(
     for name, layer in model.named_modules():
         if type(layer) in (nn.Linear, nn.Conv2d):  # their weights are read and timed
             check_materialized_module(layer, f"model: {name}." if name else "model: ")
+            scales = attached_scales(layer)
+            if scales is not None and value_dtype in (None, torch.int8):  # stored on it
+                check_within_grid(f"model: {name or 'the model'}", layer.weight, scales)
     if activation is not None and weight_dtype is None and not any(
             attached_scales(m) is not None for m in model.modules()):
         raise ValueError(f"activation_dtype={activation_dtype!r} quantizes the inputs of int8 "
