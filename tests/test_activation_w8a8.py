@@ -218,3 +218,12 @@ def test_compile_w8a8_offers_the_kernel_to_activation_sparse_layers(monkeypatch)
                                 cache=False)  # float inputs: not a candidate
     assert {without.get_submodule(n).kernel for n in act.thresholds} <= {
         "act_gemv", "act_sparse_gemv", "act_bitmap_gemv"}
+
+
+def test_from_linear_refuses_a_weight_that_outgrew_its_grid():
+    # quantize_int8 clamped it to ±127 steps of the stale weight_scale, without a word
+    from sparsekit.quantize import attach_scales, int8_scales
+    linear = nn.Linear(32, 16, bias=False)
+    attach_scales(linear, int8_scales(linear.weight.detach()) / 3)
+    with pytest.raises(ValueError, match=r"linear: the weight lies beyond its int8 grid"):
+        ActivationSparseLinear.from_linear(linear, 0.1)

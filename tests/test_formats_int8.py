@@ -64,11 +64,20 @@ def test_int8_values_are_the_kept_weights_on_the_shared_grid(name):
     assert torch.equal(fmt.to_dense(), fake_quantize(w, int8_scales(w)))  # zeros stay zero
     assert fmt.nbytes == sum(t.numel() * t.element_size() for t in fmt.buffers())
     assert "values=int8" in repr(fmt)
-    given = torch.rand(37) * 0.05 + 0.01  # a layer's weight_scale: used exactly
+    given = int8_scales(w) * (1 + torch.rand(37))  # a layer's weight_scale: used exactly
+    #                                              (coarser than w's own, so it holds w)
     fmt = FORMATS[name].from_dense(w, scales=given)  # value_dtype defaults to int8
     assert fmt.value_dtype == torch.int8 and torch.equal(fmt.scales, given)
     codes, _ = quantize_int8(w, given)
     assert torch.equal(fmt.stored_dense(), codes)
+
+
+@pytest.mark.parametrize("name", INT8_FORMATS)
+def test_int8_values_refuse_a_grid_the_weight_outgrew(name):
+    # clamped to ±127 steps, such weights were stored far from themselves, without a word
+    w = _weight((37, 301), name)
+    with pytest.raises(ValueError, match=r"weight: the weight lies beyond its int8 grid"):
+        FORMATS[name].from_dense(w, scales=int8_scales(w) / 2)
 
 
 @needs_kernels

@@ -75,6 +75,7 @@ from sparsekit.quantize import (
     attach_scales,
     attached_scales,
     check_scale_values,
+    check_within_grid,
     dequantize_grid,
     group_size_of,
     is_grouped,
@@ -396,6 +397,8 @@ class ActivationSparseLinear(BoundArguments):
             return cls(linear.weight, linear.bias, threshold, threads=threads, kernel=kernel,
                        prefill=prefill)
         weight = linear.weight.detach()
+        if scales is not None:  # else clamped to ±127 steps of a grid it outgrew
+            check_within_grid("linear", weight, scales)
         codes, scales = quantize_int8(weight, scales, group_size_of(weight, scales))
         return cls(codes, linear.bias, threshold, threads=threads, kernel=kernel,
                    prefill=prefill, scales=scales, dtype=linear.weight.dtype)

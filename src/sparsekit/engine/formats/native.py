@@ -14,6 +14,7 @@ from sparsekit.engine.bound import BoundArguments, no_backward
 from sparsekit.engine.formats.base import Format, masked
 from sparsekit.quantize import (
     check_scale_values,
+    check_within_grid,
     dequantize_grid,
     dequantize_int8,
     group_size_of,
@@ -130,6 +131,7 @@ class NativeFormat(BoundArguments, Format):
         if isinstance(scales, torch.Tensor):  # None: int8_scales of the weight; others: refused
             cls.check_scales(cls.values_name or cls.buffer_names[0], torch.int8, scales,
                              tuple(weight.shape), activation_dtype, stored=False)
+            check_within_grid("weight", weight, scales)  # else clamped to ±127 steps
         codes, scales = quantize_int8(weight, scales, group_size_of(weight, scales))
         scales = scales.to(torch.float32).contiguous()
         tensors = (*cls.compress(codes, **options), scales)
