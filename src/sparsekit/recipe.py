@@ -118,6 +118,13 @@ class FinetuneStage(_Strict):
     every: int = Field(default=10, ge=1)
     data_dir: str | None = None
 
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():  # Path("") is ".": "root '.' lacks …"
+            raise ValueError(f"must be the directory of the dataset's IDX files, got {value!r}")
+        return value
+
 
 class CompileStage(_Strict):
     """:func:`sparsekit.compile` on an example batch of the model's input shape."""
@@ -207,18 +214,23 @@ class Recipe(_Strict):
                 check_image_root(self.finetune.data_dir)
         if self.out is not None:
             with _field("out"):
-                _check_out(self.out)
+                _check_out(self.out, self.checkpoint)
         return self
 
 
-def _check_out(out: str) -> None:
+def _check_out(out: str, checkpoint: str | None) -> None:
     """Raise ``ValueError`` unless ``out`` can be written as a checkpoint file
-    (:func:`~sparsekit.checkpoint.checkpoint_file`). Checked when the recipe is loaded, as
-    otherwise only the last stage found out, after every stage before it had run."""
+    (:func:`~sparsekit.checkpoint.checkpoint_file`) and is not the ``checkpoint`` the
+    recipe starts from (also through a link or another spelling: the run replaced it, as
+    ``sparsekit run`` never does). Checked when the recipe is loaded, as otherwise only the
+    last stage found out, after every stage before it had run."""
     try:
         _checkpoint.checkpoint_file(out)
     except ValueError as e:
         raise ValueError(f"cannot write {out!r}: {e}") from None
+    if checkpoint is not None and os.path.exists(out) and os.path.samefile(out, checkpoint):
+        raise ValueError(f"cannot write {out!r}: it is the input checkpoint {checkpoint!r} "
+                         "the recipe starts from; write to another file")
 
 
 @contextlib.contextmanager
@@ -269,6 +281,10 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not isinstance(path, (str, os.PathLike)):
         raise ArgumentTypeError(f"path must be the path of a YAML recipe file (a str or "
                                 f"os.PathLike), got {type(path).__name__}")
+    name = os.fspath(path)
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        # "" was read as "." ("'.' is a directory"), a NUL a bare "embedded null byte"
+        raise ValueError(f"path must be the path of a YAML recipe file, got {name!r}")
     try:
         text = _read_recipe_bytes(Path(path)).decode("utf-8")
     except UnicodeDecodeError as err:

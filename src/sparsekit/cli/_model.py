@@ -191,6 +191,9 @@ def _trusted_factory(spec: str) -> nn.Module:
             f"--model {spec!r}: cannot import {module_name!r} ({err}); the current directory "
             "is not searched — put the module's directory on PYTHONPATH to trust it"
         ) from None
+    except SystemExit as stop:  # sys.exit() at import ended the command with no message
+        raise UsageError(f"--model {spec!r}: importing {module_name!r} exited (SystemExit "
+                         f"{stop.code!r}) instead of defining {attr!r}") from None
     except Exception as err:  # the user's module failed while importing
         raise UsageError(f"--model {spec!r}: importing {module_name!r} raised "
                          f"{type(err).__name__}: {err}") from None

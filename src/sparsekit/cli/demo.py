@@ -78,11 +78,16 @@ def run(args: argparse.Namespace) -> int:
     # before any work: a bad seed failed only after the dense training, with dense.safetensors
     # written into --out (one past 2**63: "Overflow when unpacking long long", unnamed)
     check_seed("--seed", args.seed)
-    if args.epochs < 1 or args.finetune_epochs < 0:
-        raise ValueError("--epochs must be ≥ 1 and --finetune-epochs ≥ 0")
+    if args.epochs < 1:  # each flag by itself, with its value
+        raise ValueError(f"--epochs must be ≥ 1 (dense training epochs), got {args.epochs}")
+    if args.finetune_epochs < 0:
+        raise ValueError(f"--finetune-epochs must be ≥ 0, got {args.finetune_epochs}")
     if args.train_limit is not None and args.train_limit < 1:  # 0 meant all, -5 all but 5
         raise ValueError(f"--train-limit must be ≥ 1 (images to train on), got "
                          f"{args.train_limit}")
+    if args.data_dir is not None and not args.data_dir.strip():  # "root '.' lacks the IDX files"
+        raise ValueError(f"--data-dir must be a directory of Fashion-MNIST IDX files, got "
+                         f"{args.data_dir!r}")
     out = check_output(args.out, inputs=[args.data_dir], directory=True)  # not into the data
     console = Console(width=None if sys.stdout.isatty() else 130)
     torch.manual_seed(args.seed)
@@ -189,6 +194,11 @@ def _parse_sparsities(text: str) -> list[float]:
         raise ValueError(f"--sparsities must be comma-separated numbers, got {text!r}") from None
     for i, v in enumerate(values):
         check_sparsity(v, f"--sparsities entry {i + 1}")
+        # each run writes METHOD-ALLOCATION-SPARSITY.safetensors: a repeated sparsity
+        # (0.5,0.50) trained it again, replaced its checkpoint and listed it twice
+        if f"{v:g}" in (f"{w:g}" for w in values[:i]):
+            raise ValueError(f"--sparsities entry {i + 1} repeats {v:g}; give each sparsity "
+                             f"once, got {text!r}")
     return values
 
 

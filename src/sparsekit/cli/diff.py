@@ -13,6 +13,8 @@ import sys
 from rich.console import Console
 
 import sparsekit
+from sparsekit._checks import check_nonnegative
+from sparsekit.cli._errors import UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_nonnegative("--atol", args.atol)  # sparsekit.diff's own check names "atol"
+    for name, path in (("A", args.a), ("B", args.b)):
+        if not path.strip():  # Path("") is ".": "directory '.' holds no weights"
+            raise UsageError(f"{name} must be the path of a checkpoint file or a "
+                             f"save_pretrained directory, got {path!r}")
     result = sparsekit.diff(args.a, args.b, atol=args.atol)
     shown = type(result)(result.changed()) if args.changed_only else result
     if args.json:

@@ -23,7 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import sparsekit
-from sparsekit._checks import check_seed
+from sparsekit._checks import check_seed, check_sparsity
 from sparsekit.blocks import home_device
 from sparsekit.cli._errors import UsageError
 from sparsekit.cli._output import check_output, write_directory
@@ -73,12 +73,13 @@ def _grid(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from sparsekit import llm
-    from sparsekit.llm.prune import check_options, check_seqlen
+    from sparsekit.llm.prune import _check_device, check_options, check_seqlen
 
     if not args.model_dir.strip():  # Path("") is the current directory, loaded as the model
         raise UsageError(f"MODEL_DIR must be a save_pretrained directory, got "
                          f"{args.model_dir!r}")
     llm.METHODS.get(args.method)  # fail fast, before loading anything
+    check_sparsity(args.sparsity, "--sparsity")  # check_options names no flag: "sparsity …"
     check_options(args.sparsity, args.pattern, args.allocation)
     # checked by llm.prune too, but only after the model was loaded and the dense model
     # evaluated: minutes of work before a one-line mistake was named
@@ -102,6 +103,12 @@ def run(args: argparse.Namespace) -> int:
         except RuntimeError:
             raise UsageError(f"--device must be a torch device such as cpu or cuda:0, got "
                              f"{args.device!r}") from None
+        # one this machine lacks (cuda:7, or meta, which holds no values) was refused only by
+        # llm.prune, after the model was loaded and the dense model evaluated
+        try:
+            _check_device(args.device)
+        except ValueError as err:
+            raise UsageError(f"--device: {err}") from None
     for flag, path in (("--calib", args.calib), ("--eval", args.eval)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: no such text file {path!r}")

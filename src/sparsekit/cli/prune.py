@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 
 import sparsekit
+from sparsekit._checks import check_seed, check_sparsity
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.cli._errors import UsageError
 from sparsekit.cli._model import add_checkpoint_arguments, example_inputs, load_checkpoint
 from sparsekit.cli._output import check_output, write_output
 from sparsekit.cli.report import show
+from sparsekit.patterns import parse_pattern
 from sparsekit.scores import CRITERIA
 from sparsekit.training import minibatches
 
@@ -42,14 +44,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse a bad pruning option by its flag before the checkpoint is loaded: the
+    library's own checks ran after it and named its parameter (``sparsity must be …``,
+    ``unknown criterion``), not the flag."""
+    check_sparsity(args.sparsity, "--sparsity")
+    check_seed("--seed", args.seed)
+    for flag, value, table in (("--method", args.method, CRITERIA),
+                               ("--allocation", args.allocation, ALLOCATIONS)):
+        if value not in table:
+            raise UsageError(f"{flag} {value!r} is unknown; accepted: "
+                             f"{', '.join(table.names())}")
+    try:
+        parse_pattern(args.pattern)
+    except ValueError as err:
+        raise UsageError(f"--pattern {args.pattern!r}: {err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.out is None and not args.dry_run:
         raise UsageError("--out is required (or pass --dry-run to write nothing)")
     if args.calib_batches < 1:
         raise UsageError(f"--calib-batches must be ≥ 1, got {args.calib_batches}")
+    _check_options(args)
     # the dataset is an input too: --out DATA/train-images-idx3-ubyte.gz replaced it
     out = None if args.out is None else check_output(args.out, inputs=[args.ckpt, args.data_dir],
                                                      overwrite=args.overwrite)
+    if args.data_dir is not None and not args.data_dir.strip():  # was read as "."
+        raise UsageError(f"--data-dir must be a directory of the dataset's IDX files, got "
+                         f"{args.data_dir!r}")
+    if args.data_dir is not None and not CRITERIA.meta(args.method)["data_driven"]:
+        # was read by no one: a data-free method pruned as if no --data-dir were given
+        raise UsageError(f"--data-dir applies to data-driven methods "
+                         f"({', '.join(CRITERIA.names(data_driven=True))}); --method "
+                         f"{args.method!r} reads no data")
     model, _ = load_checkpoint(args.ckpt, args.model)
     example = example_inputs(args.input_shape, model)
     data = None

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from torch import nn
 
 import sparsekit
 from sparsekit.cli._errors import UsageError
@@ -29,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_checkpoint_arguments(p, "a sparsekit (or plain safetensors) checkpoint, or a "
                              "sparsekit.save_pretrained directory")
     p.add_argument("--tokens", help="BATCH,SEQ random token ids in the model's vocabulary as "
-                   "the example input (transformers models; default for a directory: 1,128)")
+                   "the example input (transformers models; default for a directory: 1,128, or "
+                   "shorter to fit the model's context)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         model = sparsekit.from_pretrained(args.ckpt)
         masks = getattr(model, "sparsekit_masks", None)
         # `or` took --tokens "" for the default: refused as for a file (comma-separated ints)
-        x = token_inputs("1,128" if args.tokens is None else args.tokens, model)
+        x = token_inputs(_default_tokens(model) if args.tokens is None else args.tokens, model)
     else:
         model, masks = load_checkpoint(args.ckpt, args.model)
         x = (token_inputs(args.tokens, model) if args.tokens is not None
@@ -64,6 +66,15 @@ def run(args: argparse.Namespace) -> int:
     rep = sparsekit.report(model, x, masks=masks)
     show(rep, markdown=args.markdown, as_json=args.json)
     return 0
+
+
+def _default_tokens(model: nn.Module) -> str:
+    """``--tokens`` when not given: ``1,128``, or one sequence as long as the model's
+    context where that is shorter (a GPT-2 of 64 positions failed the default with
+    "--tokens '1,128' does not fit the model", a flag the user had not given)."""
+    from sparsekit.llm.prune import max_positions
+
+    return f"1,{min(128, max_positions(model) or 128)}"
 
 
 def show(rep: sparsekit.Report, *, markdown: bool = False, as_json: bool = False) -> None:

@@ -14,6 +14,7 @@ A :class:`~sparsekit.DynamicSparsity` needs the optimizer the ``Trainer`` builds
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -31,7 +32,7 @@ except ModuleNotFoundError as exc:  # a missing dependency of transformers is re
     raise ImportError("sparsekit.integrations.hf needs transformers, which is not installed: "
                       "pip install 'sparsekit[llm]'") from exc
 
-from sparsekit._atomic import atomic_write
+from sparsekit._atomic import atomic_write, special_kind
 from sparsekit.integrations.training import TrainingSparsity
 
 __all__ = ["SparsityCallback"]
@@ -64,7 +65,7 @@ class SparsityCallback(TrainingSparsity, TrainerCallback):
         the masks and the schedule then start as given, a schedule from its first step."""
         saved = _checkpoint(args, state) / STATE_FILE
         resumed = None
-        if state.global_step > 0 and saved.is_file():
+        if state.global_step > 0 and os.path.lexists(saved):
             resumed = _read_state(saved)
         elif state.global_step > 0:
             warnings.warn(
@@ -74,7 +75,13 @@ class SparsityCallback(TrainingSparsity, TrainerCallback):
         self.begin(model, optimizer, state=resumed, state_name=str(saved))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.attached is not None and state.is_world_process_zero:
+        """Write :data:`STATE_FILE` into the checkpoint, on each process that writes the
+        checkpoint (``args.should_save``): with ``save_on_each_node`` every node's local
+        process zero does, and only the first node's checkpoints held the state, so that
+        the other nodes resumed their schedules from the first step. Arguments without
+        ``should_save`` (not ``TrainingArguments``) save on the world's process zero."""
+        if self.attached is not None and getattr(args, "should_save",
+                                                 state.is_world_process_zero):
             sparsity = self.attached.schedule or self.attached.masks
             with atomic_write(_checkpoint(args, state) / STATE_FILE) as tmp:
                 torch.save(sparsity.state_dict(), tmp)
@@ -93,7 +100,17 @@ def _read_state(path: Path) -> Any:
     Its tensors are read onto the CPU (the masks and the schedule move them to their
     weights' devices): a state saved by a run on a GPU was refused on a machine without
     one ("Attempting to deserialize object on a CUDA device"), where the ``Trainer``
-    resumes the rest of that checkpoint."""
+    resumes the rest of that checkpoint.
+
+    What lies there in its place (a directory, a FIFO, a broken link) is refused too: it
+    was taken for no file at all, and the run went on with the schedule from its first step
+    after a mere warning."""
+    if not path.is_file():
+        special = special_kind(path)
+        kind = ("a directory" if path.is_dir() else f"a {special}" if special
+                else "a broken link")
+        raise ValueError(f"{path} is no state saved by SparsityCallback: it is {kind}, not "
+                         "a regular file")
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, LookupError,

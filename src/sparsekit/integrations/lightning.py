@@ -14,6 +14,7 @@ A :class:`~sparsekit.DynamicSparsity` needs the optimizer that
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +52,13 @@ class SparsityCallback(TrainingSparsity, Callback):
                 "SparsityCallback needs exactly one optimizer; configure_optimizers gave "
                 f"{len(optimizers)}"
             )
+        if self._restored is None and self.attached is None and trainer.global_step > 0:
+            # fit(ckpt_path=...) of a checkpoint saved without this callback's state (by
+            # another run, or before training started) restarted the schedule silently
+            warnings.warn(
+                f"SparsityCallback: resuming at step {trainer.global_step} from a checkpoint "
+                "without its state (state_dict()['sparsity']): the masks and the schedule "
+                "start as given, a schedule from its first step", RuntimeWarning, stacklevel=2)
         # fit(ckpt_path=...): continue where it was saved, the state loaded before attaching
         self.begin(pl_module, optimizers[0], state=self._restored,
                    state_name="the checkpoint's state_dict['sparsity']")

@@ -20,7 +20,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sparsekit._checks import ArgumentTypeError, check_module, check_optimizer
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_materialized,
+    check_module,
+    check_optimizer,
+)
 from sparsekit.distributed import local
 from sparsekit.masks import Masks, MaskSet, elementwise_state
 from sparsekit.schedules.base import Schedule
@@ -166,6 +171,8 @@ class _Kept:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         params = dict(model.named_parameters()) if isinstance(model, nn.Module) else {}
+        for n, p in params.items():  # a meta weight failed the copy with a raw
+            check_materialized(f"model: {n}", p)  # NotImplementedError ("Cannot copy out")
         self.weights = {n: (p, local(p).detach().to("cpu", copy=True))
                         for n, p in params.items()}
         self.state = {
