@@ -30,6 +30,11 @@ slower than dense of its activation dtype (within 5 % timing noise). Each miss i
 the script exits 1 (``--no-check`` only reports). Writes
 benchmarks/results/llm_decode{,_quick}.{json,md}, naming the CPU model and ISA.
 
+``--torch-compile`` adds rows of the sparsekit configurations in :data:`COMPILED` decoding
+under ``torch.compile`` with a static KV cache (:class:`StaticDecode`), held to the int8
+targets against the best peer eager or compiled; the dense peers so compiled are timed each
+in a rotation of their own (:func:`compiled_peer_ratios`).
+
 Accuracy of the int8 rows: the byte-level LLaMA of benchmarks/llm_pruning.py (4 x 256, trained
 400 steps on tinyshakespeare, cached under benchmarks/cache/) pruned by magnitude, Wanda and
 SparseGPT at 50 % and 2:4, once in fp32 and once with ``quantize="int8"``; target: int8 adds
@@ -78,7 +83,11 @@ DTYPES = ("fp32", "bf16", "int8")
 TEAL = 0.5
 PEERS = ("torch int8 dynamic", "int8pack")
 PROFILED = ("dense bf16", "torch int8 dynamic", "sparsekit 2:4 bf16", "sparsekit 50% bf16",
-            "sparsekit 50% int8", "sparsekit 50% int8 W8A8")  # --profile; --torch-compile
+            "sparsekit 50% int8", "sparsekit 50% int8 W8A8")  # --profile
+COMPILED = ("sparsekit 2:4 bf16", "sparsekit 50% bf16", "sparsekit 50% int8",
+            "sparsekit 50% int8 W8A8", "sparsekit 70% int8 W8A8")  # --torch-compile
+COMPILED_PEERS = ("dense fp32", "dense bf16", "torch int8 dynamic", "int8pack")
+STATIC_LEN = 64  # positions of a compiled decode's static KV cache: 16 prompt + the steps
 FLOOR = "no linear layers (floor)"  # --profile: the step with every nn.Linear free
 TORCH_COMPILED = " + torch.compile"
 # Ops whose self time is a weight matmul (the rest of a decode step is attention, norms, RoPE,
@@ -300,17 +309,79 @@ def prefill_tokens_per_s(models: dict[str, nn.Module], prompt: torch.Tensor,
     return {name: prompt.shape[1] / (t / 1e3) for name, t in ms.items()}
 
 
+class StaticDecode(nn.Module):
+    """``model`` decoding under ``torch.compile(dynamic=False)`` with a static KV cache
+    (Hugging Face's ``StaticCache`` of :data:`STATIC_LEN` positions): every decode step has
+    one shape, so one graph serves them all and its guards do not grow with the cache, as
+    ``dynamic=True`` over the growing ``DynamicCache`` did (session 16: 2.7 → 6.9 ms of
+    Python and framework time a step). The prompt runs eager into the (reset) cache; a call
+    without ``use_cache`` (the prefill timing) is the eager model's. ``fullgraph`` is off
+    for ``quantize_dynamic``'s modules, whose packed weights break the graph."""
+
+    def __init__(self, model: nn.Module, fullgraph: bool = True) -> None:
+        super().__init__()
+        from transformers import StaticCache
+
+        self.model = model
+        self.compiled = torch.compile(model, dynamic=False, fullgraph=fullgraph)
+        self.cache = StaticCache(config=model.config, max_cache_len=STATIC_LEN)
+        self.position = 0
+
+    def forward(self, input_ids: torch.Tensor, cache: object = None,
+                use_cache: bool = False) -> object:
+        if not use_cache:
+            return self.model(input_ids, use_cache=False)
+        if cache is None:  # a prompt: the cache starts over (one object: no recompile)
+            self.cache.reset()
+            self.position = input_ids.shape[1]
+            return self.model(input_ids, cache=self.cache, use_cache=True,
+                              cache_position=torch.arange(self.position))
+        if self.position >= STATIC_LEN:
+            raise RuntimeError(f"StaticDecode holds {STATIC_LEN} positions")
+        out = self.compiled(input_ids, cache=self.cache, use_cache=True,
+                            cache_position=torch.tensor([self.position]))
+        self.position += 1
+        return out
+
+
 def with_torch_compile(models: dict[str, nn.Module], names: tuple[str, ...]) -> None:
-    """Add ``<name> + torch.compile`` for each of ``names`` present: the same model under
-    ``torch.compile(dynamic=True)`` (the KV cache grows every step; a static shape would
-    recompile each token), warmed up by the caller's first calls. The models share
-    ``LlamaForCausalLM.forward``, whose compiled versions (a prompt and a decode graph per
-    model, each guarded on its model) would overflow Dynamo's default limit of 8."""
+    """Add ``<name> + torch.compile`` (:class:`StaticDecode`) for each of ``names`` present.
+    The models share ``LlamaForCausalLM.forward``, whose compiled versions (one per model,
+    guarded on it) would overflow Dynamo's default limit of 8."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                               8 * len(names))
+                                               8 * len(models))
     for name in names:
         if name in models:
-            models[name + TORCH_COMPILED] = torch.compile(models[name], dynamic=True)
+            models[name + TORCH_COMPILED] = StaticDecode(
+                models[name], fullgraph=name != "torch int8 dynamic")
+
+
+def compiled_peer_ratios(models: dict[str, nn.Module], prompt: torch.Tensor, steps: int,
+                         rounds: int) -> dict[str, float]:
+    """Compiled over eager decode speed of each dense peer in ``models`` (:data:`COMPILED_PEERS`),
+    each timed in a rotation of its own — the peer, its :class:`StaticDecode` and dense fp32
+    eager (which evicts the caches as the main rotation does) — and its compiled code
+    dropped afterwards (``torch._dynamo.reset()``). In one rotation with the compiled
+    sparsekit models, compiled peers made those slower than their eager selves (session 42:
+    50 % W8A8 7.81 against 7.58 ms a step; 7.13 against 8.27 without them); apart, each side
+    is measured against its own eager model, and the main rotation's eager speeds anchor the
+    comparison."""
+    ratios = {}
+    for name in COMPILED_PEERS:
+        if name not in models:
+            continue
+        rotation = {"dense fp32": models["dense fp32"], name: models[name],  # (fp32: once)
+                    name + TORCH_COMPILED: StaticDecode(
+                        models[name], fullgraph=name != "torch int8 dynamic")}
+        try:
+            tok = decode_tokens_per_s(rotation, prompt, steps, rounds)
+            ratios[name] = tok[name + TORCH_COMPILED] / tok[name]
+        except Exception as err:  # noqa: BLE001 - torch.compile's failures are many
+            print(f"  {name + TORCH_COMPILED}: not compiled ({type(err).__name__}: "
+                  f"{str(err).splitlines()[0][:160]}); its eager row stands", flush=True)
+        del rotation
+        torch._dynamo.reset()
+    return ratios
 
 
 def decode_profile(models: dict[str, nn.Module], prompt: torch.Tensor, steps: int,
@@ -403,6 +474,10 @@ def checks(rows: dict[str, dict], skipped: dict[str, str]) -> list[tuple[str, bo
         for label, dtype in (("int8", "int8"), ("W8A8", W8A8)):
             ratio(f"50% {label}{TORCH_COMPILED} vs best torch int8 peer (eager or compiled)",
                   config_name("50%", dtype, False) + TORCH_COMPILED, best_any, 1.5)
+        fp32_any = max((v for v in (fp32, tok("dense fp32" + TORCH_COMPILED)) if v is not None),
+                       default=None)
+        ratio(f"70% W8A8{TORCH_COMPILED} vs dense fp32 (eager or compiled)",
+              config_name("70%", W8A8, False) + TORCH_COMPILED, fp32_any, 5.0)
     for name, row in rows.items():
         if not name.startswith("sparsekit"):
             continue
@@ -446,11 +521,14 @@ def run_model(name: str, shape: tuple[int, int, int, int], quick: bool, *,
     skipped: dict[str, str] = {}
     models, prepare_s = configurations(model, prompt, calibration, skipped,
                                        functools.partial(selected, configs))
+    steps, rounds = (16, 2) if quick else (32, 4)
+    peer_ratios = {}
     if torch_compile:
-        with_torch_compile(models, PROFILED)
+        print("  timing the compiled peers, each in a rotation of its own", flush=True)
+        peer_ratios = compiled_peer_ratios(models, prompt[:, :16], steps, rounds)
+        with_torch_compile(models, COMPILED)
     print(f"  timing {len(models)} configurations", flush=True)
-    decode = decode_tokens_per_s(models, prompt[:, :16], steps=16 if quick else 32,
-                                 rounds=2 if quick else 4)
+    decode = decode_tokens_per_s(models, prompt[:, :16], steps=steps, rounds=rounds)
     # best of at least 3 interleaved passes: the prefill check's 5 % is no wider than that
     prefill_rate = prefill_tokens_per_s(models, prompt, budget_s=30 if quick else 90)
     rows = {}
@@ -466,13 +544,22 @@ def run_model(name: str, shape: tuple[int, int, int, int], quick: bool, *,
         print(f"  {config:34s} {decode[config]:8.2f} tok/s "
               f"({rows[config]['decode_vs_dense_fp32']:.2f}x fp32)  prefill "
               f"{prefill_rate[config]:8.1f} tok/s", flush=True)
+    for peer, ratio in peer_ratios.items():  # timed apart: its eager speed here times that
+        row = dict(rows[peer], formats={}, own_rotation_ratio=ratio)
+        row["decode_tok_s"] = decode[peer] * ratio
+        row["decode_vs_dense_fp32"] = row["decode_tok_s"] / decode["dense fp32"]
+        row["decode_vs_dense_bf16"] = (row["decode_tok_s"] / decode["dense bf16"]
+                                       if "dense bf16" in decode else None)
+        rows[peer + TORCH_COMPILED] = row
+        print(f"  {peer + TORCH_COMPILED:34s} {row['decode_tok_s']:8.2f} tok/s "
+              f"({ratio:.2f}x its eager self, in a rotation of its own)", flush=True)
     split = {}
     if profile:
         profiled = {n: m for n, m in models.items() if n.removesuffix(TORCH_COMPILED) in PROFILED}
         step_ms = {n: 1e3 / decode[n] for n in profiled}
         floors = {FLOOR: without_linears(model)}
         if torch_compile:
-            floors[FLOOR + TORCH_COMPILED] = torch.compile(floors[FLOOR], dynamic=True)
+            floors[FLOOR + TORCH_COMPILED] = StaticDecode(floors[FLOOR])
         step_ms |= {n: 1e3 / tok_s for n, tok_s in decode_tokens_per_s(
             floors, prompt[:, :16], steps=16 if quick else 32, rounds=2 if quick else 4).items()}
         split = decode_profile(profiled | floors, prompt[:, :16], steps=8 if quick else 16,
@@ -621,7 +708,10 @@ def main() -> int:
                         help="run one part (default: both)")
     profiled = ", ".join(PROFILED).replace("%", "%%")  # argparse formats help with %
     parser.add_argument("--torch-compile", action="store_true",
-                        help=f"also time {profiled} under torch.compile")
+                        help=f"also time {', '.join(COMPILED).replace('%', '%%')} decoding "
+                        "under torch.compile "
+                        "with a static KV cache, and the dense peers so compiled, each in a "
+                        "rotation of its own")
     parser.add_argument("--profile", action="store_true",
                         help=f"split a decode step of {profiled} into matmul, attention, other "
                         "ops and Python time (torch.profiler), beside the step of the model "
@@ -640,7 +730,13 @@ def main() -> int:
             "how busy the machine was; the ratios are measured side by side."
             + (" Only the sparsekit configurations containing "
                + " or ".join(repr(c) for c in args.configs) + " (--configs)."
-               if args.configs else ""))
+               if args.configs else "")
+            + (f" '{TORCH_COMPILED.strip(' +')}' rows decode under torch.compile with a static "
+               f"KV cache of {STATIC_LEN} positions (their prompt runs eager); the compiled "
+               "dense peers were each timed in a rotation of their own (beside their eager "
+               "selves and dense fp32) and are shown at their eager speed here times that "
+               "ratio: compiled peers in the main rotation slowed the compiled sparsekit "
+               "models." if args.torch_compile else ""))
     print(f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads",
           flush=True)
     shapes = QUICK_SHAPES if args.quick else SHAPES

@@ -188,6 +188,11 @@ def test_llm_decode_torch_compile_rows_are_held_to_the_int8_target(llm_decode):
     assert verdicts["50% int8 + torch.compile vs best torch int8 peer (eager or compiled)"] \
         is False  # 50 / 40 = 1.25x
     assert verdicts["50% W8A8 + torch.compile vs best torch int8 peer (eager or compiled)"]
+    assert "70% W8A8 + torch.compile vs dense fp32 (eager or compiled)" not in verdicts
+    rows["sparsekit 70% int8 W8A8" + tc] = {"decode_tok_s": 49.0, "prefill_tok_s": 1.0}
+    rows["dense fp32" + tc] = {"decode_tok_s": 9.0, "prefill_tok_s": 1.0}
+    verdicts = {c.split(":")[0]: ok for c, ok in llm_decode.checks(rows, {})}
+    assert verdicts["70% W8A8 + torch.compile vs dense fp32 (eager or compiled)"] is False  # 4.9x
     eager = {n: r for n, r in rows.items() if not n.endswith(tc)}
     assert not any("torch.compile" in c for c, _ in llm_decode.checks(eager, {}))
 
@@ -339,3 +344,22 @@ def test_distributed_prune_retries_a_failed_launch_and_reports_the_workers_outpu
     with pytest.raises(RuntimeError, match="(?s)failed 3 times.*rank 1: boom"):
         module.launch("quick", "wanda", 2, 1, out)
     assert len(calls) == module.ATTEMPTS
+
+
+def test_llm_decode_static_decode_matches_the_eager_model(llm_decode):
+    """StaticDecode (torch.compile over a static KV cache) decodes the tokens the eager
+    model with its growing cache does, round after round on one cache."""
+    model = llm_decode.build(32, 64, 1, 2)
+    static = llm_decode.StaticDecode(model)
+    prompt = torch.randint(0, llm_decode.VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _ in range(2):  # the second round resets the cache
+            eager, fast = model(prompt, use_cache=True), static(prompt, use_cache=True)
+            for _ in range(6):
+                token = eager.logits[:, -1:].argmax(-1)
+                assert torch.equal(fast.logits[:, -1:].argmax(-1), token)
+                torch.testing.assert_close(fast.logits[:, -1], eager.logits[:, -1], rtol=1e-4,
+                                           atol=1e-4)
+                eager = model(token, cache=eager.cache, use_cache=True)
+                fast = static(token, cache=fast.cache, use_cache=True)
+        assert torch.equal(static(prompt).logits, model(prompt).logits)  # prefill: eager
