@@ -579,6 +579,8 @@ def formats_of(model: nn.Module) -> dict[str, int]:
     few rows (decoding), ``prompt <format>`` where a second one serves many rows, ``fused``
     where the layer runs in a stacked group; layers with activation thresholds count as
     ``activation-sparse``."""
+    if isinstance(model, StaticDecode):
+        model = model.model
     counts: dict[str, int] = {}
     for choice in getattr(model, "sparsekit_choices", {}).values():
         large = choice.get("format_large")
