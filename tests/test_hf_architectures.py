@@ -173,6 +173,30 @@ def test_torch_compile_fullgraph_and_export(name: str) -> None:
                                    rtol=0, atol=0)
 
 
+@needs_kernels
+def test_generate_compiles_the_decode_step_over_a_static_cache() -> None:
+    """The README's fast decode: generate with a static KV cache and a CompileConfig that
+    lets transformers compile on the CPU gives the eager greedy tokens from one graph (the
+    custom ops traced by their fake implementations, no graph break)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    compiled = sparsekit.compile(_model("llama"), (IDS,), formats="bitmap", weight_dtype="int8",
+                                 activation_dtype="int8")
+    with torch.no_grad():
+        expected = compiled.generate(IDS, max_new_tokens=6, do_sample=False)
+    config = CompileConfig(fullgraph=True, dynamic=False)
+    config._compile_all_devices = True  # transformers compiles on accelerators only otherwise
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for _ in range(2):  # the second call reuses the graph
+            tokens = compiled.generate(IDS, max_new_tokens=6, do_sample=False,
+                                       cache_implementation="static", compile_config=config)
+            assert torch.equal(tokens, expected)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 # -- defect: the report of a fused group ------------------------------------------------------
 
 @needs_kernels
