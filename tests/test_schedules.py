@@ -525,3 +525,18 @@ def test_dst_refuses_an_optimizer_another_mask_set_of_its_weights_keeps():
     static.attach(other)  # another optimizer's masks do not fight this one's
     ds.detach()
     ds.attach(opt)
+
+
+def test_gradual_pruner_refuses_the_masks_of_a_run_with_another_pattern():
+    # accepted, they were AND-ed with 2:4 masks at the next update and labelled '2:4'
+    # without following it
+    other = GradualPruner(mlp(), 0.5, start_step=0, end_step=10, every=2)
+    model = mlp()
+    pruner = GradualPruner(model, 0.5, start_step=0, end_step=10, every=2, pattern="2:4")
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"state\['masks'\] follow pattern 'unstructured', this "
+                                         r"GradualPruner prunes to '2:4'"):
+        pruner.load_state_dict(other.state_dict())
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert pruner.masks.pattern == "2:4" and pruner.step_count == 0
+    pruner.load_state_dict(pruner.state_dict())  # its own state loads

@@ -148,7 +148,21 @@ class GradualPruner:
         return {"step": self.step_count, "masks": self.masks.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; a state it cannot come from changes nothing."""
+        """Resume from :meth:`state_dict`; a state it cannot come from changes nothing —
+        among them the masks of a run with another ``pattern`` once it has pruned (their
+        label checked against this pruner's: its next update kept them, AND-ed with masks of
+        its own pattern, under its own label, which they then did not follow)."""
         check_state(self, state, ())
-        self.masks.load_state_dict(state["masks"])
+        masks = state["masks"]
+        label = masks.get("pattern") if isinstance(masks, Mapping) else None
+        if int(state["step"]) >= self.start_step and isinstance(label, str):
+            try:
+                theirs = str(parse_pattern(label))
+            except ValueError:
+                theirs = None  # the masks' own load names a malformed label
+            if theirs is not None and theirs != self._pattern:
+                raise ValueError(f"state['masks'] follow pattern {theirs!r}, this GradualPruner "
+                                 f"prunes to {self._pattern!r}; accepted: the state of a "
+                                 f"GradualPruner of pattern={self._pattern!r}")
+        self.masks.load_state_dict(masks)
         self.step_count = int(state["step"])
