@@ -60,6 +60,14 @@ from sparsekit.targets import resolve_targets
 __all__ = ["Recipe", "load_recipe", "run_recipe"]
 
 
+def _not_blank(value: str | None, what: str) -> str | None:
+    """``value`` unless it is an empty or blank path, which ``Path`` reads as ``"."``: a
+    ``ValueError`` saying it must be ``what``."""
+    if value is not None and not value.strip():
+        raise ValueError(f"must be {what}, got {value!r}")
+    return value
+
+
 def _registered(table: Registry, what: str, value: str) -> str:
     """``value`` if ``table`` has it; else the error the API and the CLI give for the name."""
     if value not in table:
@@ -121,9 +129,7 @@ class FinetuneStage(_Strict):
     @field_validator("data_dir")
     @classmethod
     def _data_dir(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():  # Path("") is ".": "root '.' lacks …"
-            raise ValueError(f"must be the directory of the dataset's IDX files, got {value!r}")
-        return value
+        return _not_blank(value, "the directory of the dataset's IDX files")  # not "root '.'"
 
 
 class CompileStage(_Strict):
@@ -172,9 +178,7 @@ class Recipe(_Strict):
     @field_validator("checkpoint")
     @classmethod
     def _checkpoint(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():  # Path("") is ".": "'.' is a directory"
-            raise ValueError(f"must be the path of a checkpoint file, got {value!r}")
-        return value
+        return _not_blank(value, "the path of a checkpoint file")  # not "'.' is a directory"
 
     @field_validator("input_shape")
     @classmethod
