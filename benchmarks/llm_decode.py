@@ -315,8 +315,7 @@ class StaticDecode(nn.Module):
     one shape, so one graph serves them all and its guards do not grow with the cache, as
     ``dynamic=True`` over the growing ``DynamicCache`` did (session 16: 2.7 → 6.9 ms of
     Python and framework time a step). The prompt runs eager into the (reset) cache; a call
-    without ``use_cache`` (the prefill timing) is the eager model's. ``fullgraph`` is off
-    for ``quantize_dynamic``'s modules, whose packed weights break the graph."""
+    without ``use_cache`` (the prefill timing) is the eager model's."""
 
     def __init__(self, model: nn.Module, fullgraph: bool = True) -> None:
         super().__init__()
@@ -344,6 +343,12 @@ class StaticDecode(nn.Module):
         return out
 
 
+def compiled_decode(name: str, model: nn.Module) -> StaticDecode:
+    """The :class:`StaticDecode` of configuration ``name``: fullgraph but for torch's dynamic
+    int8, whose packed weights break the graph at every linear layer."""
+    return StaticDecode(model, fullgraph=name != "torch int8 dynamic")
+
+
 def with_torch_compile(models: dict[str, nn.Module], names: tuple[str, ...]) -> None:
     """Add ``<name> + torch.compile`` (:class:`StaticDecode`) for each of ``names`` present.
     The models share ``LlamaForCausalLM.forward``, whose compiled versions (one per model,
@@ -352,8 +357,7 @@ def with_torch_compile(models: dict[str, nn.Module], names: tuple[str, ...]) -> 
                                                8 * len(models))
     for name in names:
         if name in models:
-            models[name + TORCH_COMPILED] = StaticDecode(
-                models[name], fullgraph=name != "torch int8 dynamic")
+            models[name + TORCH_COMPILED] = compiled_decode(name, models[name])
 
 
 def compiled_peer_ratios(models: dict[str, nn.Module], prompt: torch.Tensor, steps: int,
@@ -371,8 +375,7 @@ def compiled_peer_ratios(models: dict[str, nn.Module], prompt: torch.Tensor, ste
         if name not in models:
             continue
         rotation = {"dense fp32": models["dense fp32"], name: models[name],  # (fp32: once)
-                    name + TORCH_COMPILED: StaticDecode(
-                        models[name], fullgraph=name != "torch int8 dynamic")}
+                    name + TORCH_COMPILED: compiled_decode(name, models[name])}
         try:
             tok = decode_tokens_per_s(rotation, prompt, steps, rounds)
             ratios[name] = tok[name + TORCH_COMPILED] / tok[name]
