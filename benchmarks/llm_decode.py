@@ -44,14 +44,26 @@ with one scale per group of 16 inputs (``group_size=16``, what divides the model
     python benchmarks/llm_decode.py           # full run (tens of minutes on 2 cores)
     python benchmarks/llm_decode.py --quick   # hidden 1024 / 2816, 2 layers, 128-token prefill
     python benchmarks/llm_decode.py --quick --shape 2048x5632x4 --only decode --configs "50% int8"
+    python benchmarks/llm_decode.py --quick --shape 2048x5632x4 --only decode --isa avx2
+
+``--isa avx2`` runs the table as on an AVX2-only CPU (AMD Zen 3, for one), on any CPU that
+has AVX2: sparsekit's kernels on their AVX2 path (``kernels.use_isa``) and the peers' libraries
+limited to AVX2 by their own switches (:data:`AVX2_ONLY`; set before torch loads, so the
+script runs itself again with them). Without AVX-512 BF16 PyTorch's bf16 ``F.linear`` leaves
+oneDNN, as it does on such CPUs. The memory system stays this machine's: the run shows the
+AVX2 code paths against the AVX2 peers, not a Zen 3's absolute speeds. Results get the suffix
+``_avx2``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
+import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -97,6 +109,10 @@ MATMUL_OPS = ("sparsekit::", "aten::mm", "aten::addmm", "aten::_weight_int8pack_
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PPL_SETTINGS = (("unstructured", 0.5), ("2:4", 0.5))
 GROUP = 16  # int8 scales per group of inputs (reported): 16 divides the model's 256 and 688
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+"""``--isa avx2``: the switches that hold ATen's vectorised kernels, oneDNN, MKL and FBGEMM
+(torch int8 dynamic quantization) to AVX2, read once when each library loads."""
 
 
 # -- the models ---------------------------------------------------------------------------
@@ -641,8 +657,9 @@ def perplexity_rows(quick: bool) -> dict:
 def markdown(machine: dict[str, str], results: list[dict], ppl: dict | None, note: str,
              quick: bool) -> str:
     lines = [f"# Batch-1 decode of a pruned LLaMA{' (quick run)' if quick else ''}", "",
-             f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads. "
-             + note, ""]
+             f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads"
+             + (f"; limited to {machine['limited to']}" if "limited to" in machine else "")
+             + ". " + note, ""]
     for res in results:
         lines += [f"## {res['model']}: hidden {res['hidden']}, intermediate "
                   f"{res['intermediate']}, {res['layers']} layer(s), "
@@ -725,8 +742,28 @@ def main() -> int:
                         help="build only the sparsekit configurations whose name contains one "
                         "of these (e.g. '50%% int8' 'TEAL'); the dense ones and the peers always "
                         "run, and targets of configurations left out are not checked")
+    parser.add_argument("--isa", metavar="ISA",
+                        help="'avx2': run as on an AVX2-only CPU, sparsekit's kernels and the "
+                        "peers' libraries alike (the script runs itself again with "
+                        + ", ".join(f"{k}={v}" for k, v in AVX2_ONLY.items()) + ")")
     args = parser.parse_args()
+    if args.isa is not None and (args.isa != "avx2" or "avx2" not in kernels.isas()):
+        parser.error(f"--isa must be avx2 on a CPU whose kernels run it (this one runs "
+                     f"{', '.join(kernels.isas()) or 'no kernels'}), got {args.isa}")
+    if args.isa and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
+    with kernels.use_isa(args.isa) if args.isa else contextlib.nullcontext():
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark as ``args`` (of :func:`main`) ask; returns the exit status."""
     machine = describe()
+    if args.isa:
+        machine["limited to"] = (f"{args.isa} (sparsekit kernels on {kernels.isa()}; PyTorch "
+                                 f"ATen {torch.backends.cpu.get_cpu_capability()}; "
+                                 + ", ".join(f"{k}={v}" for k, v in AVX2_ONLY.items()) + ")")
     note = (f"torch {torch.__version__}; sparsekit kernels "
             f"{'on' if kernels.available() else 'off (PyTorch fallback)'}; random weights "
             "(Hugging Face initialisation), magnitude pruning; decode tokens/s is one over the "
@@ -742,8 +779,8 @@ def main() -> int:
                "selves and dense fp32) and are shown at their eager speed here times that "
                "ratio: compiled peers in the main rotation slowed the compiled sparsekit "
                "models." if args.torch_compile else ""))
-    print(f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads",
-          flush=True)
+    print(f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads"
+          + (f"; limited to {machine['limited to']}" if args.isa else ""), flush=True)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shape:
         shapes = {"llama-{}x{}x{}".format(*args.shape[:3]): args.shape}
@@ -755,7 +792,8 @@ def main() -> int:
     if args.only != "decode":
         print("perplexity: int8 over sparse fp32", flush=True)
         ppl = perplexity_rows(args.quick)
-    stem = "llm_decode_quick" if args.quick else "llm_decode"
+    stem = ("llm_decode_quick" if args.quick else "llm_decode") + (f"_{args.isa}" if args.isa
+                                                                   else "")
     report = markdown(machine, results, ppl, note, args.quick)
     print(report)
     verdicts = [(f"{r['model']}: {claim}", ok) for r in results for claim, ok in r["checks"]]

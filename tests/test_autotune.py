@@ -583,6 +583,24 @@ def test_compile_times_cold_only_models_larger_than_the_cache(
     assert "cold_rows" not in warm and cold == warm | {"cold_rows": autotune.COLD_ROWS}
 
 
+def test_a_decision_is_keyed_by_the_code_path_timed() -> None:
+    """A choice timed on the AVX2 kernels (``kernels.use_isa``, as ``llm_decode.py --isa
+    avx2`` runs) is no evidence for the AVX-512 ones of the same CPU, nor the reverse."""
+    from sparsekit.engine import kernels
+
+    paths = kernels.isas()
+    if len(paths) < 2:
+        pytest.skip("the kernels run one instruction set here")
+    layer = _model()[0]
+    keys = {}
+    for isa in paths:
+        with kernels.use_isa(isa):
+            keys[isa] = decisions.key(layer, (32,), ["dense"], [1], 1)
+    assert len({json.dumps(k, sort_keys=True) for k in keys.values()}) == len(paths)
+    assert keys[paths[0]]["isa"][0] == paths[0]
+    assert keys[paths[0]]["isa"][1] == torch.backends.cpu.get_cpu_capability()
+
+
 def test_cold_cache_releases_its_flush_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
     """The flush buffer (FLUSH_FACTOR times the cache a working set keeps) lives only while
     timing cold."""

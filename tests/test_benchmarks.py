@@ -116,6 +116,22 @@ def test_llm_decode_small_shape(tmp_path):
     assert "ISA" in (tmp_path / "llm_decode_quick.md").read_text()
 
 
+def test_llm_decode_runs_as_on_an_avx2_only_cpu(tmp_path):
+    """``--isa avx2`` holds sparsekit's kernels and the peers' libraries (ATen, oneDNN, MKL,
+    FBGEMM) to AVX2, names that in its results and writes them with an ``_avx2`` suffix."""
+    from sparsekit.engine import kernels
+
+    if "avx2" not in kernels.isas():
+        pytest.skip("the kernels do not run AVX2 here")
+    _run("llm_decode.py", "--quick", "--shape", "128x256x1", "--only", "decode", "--isa",
+         "avx2", "--configs", "50% int8 W8A8", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "llm_decode_quick_avx2.json").read_text())
+    assert data["cpu"]["isa"] == "avx2" and "ATen AVX2" in data["cpu"]["limited to"]
+    (model,) = data["models"]
+    assert "sparsekit 50% int8 W8A8" in model["rows"] and "int8pack" in model["rows"]
+    assert "limited to avx2" in (tmp_path / "llm_decode_quick_avx2.md").read_text()
+
+
 def test_kernels_value_rows_on_a_chosen_isa(tmp_path):
     out = tmp_path / "kernels_values_scalar"
     _run("sparse_kernels.py", "--tables", "values", "--shapes", "64x128", "--dtypes", "int8",
@@ -131,7 +147,7 @@ def test_kernels_value_rows_on_a_chosen_isa(tmp_path):
 
 
 def test_benchmarks_reject_an_isa_this_cpu_cannot_run():
-    for script in ("sparse_kernels.py", "sparse_linear_training.py"):
+    for script in ("sparse_kernels.py", "sparse_linear_training.py", "llm_decode.py"):
         result = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / script), "--isa", "neon"],
             capture_output=True, text=True, timeout=900,

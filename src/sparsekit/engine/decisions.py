@@ -97,6 +97,9 @@ def key(
         "version": _VERSION,
         "machine": _machine(weight.device),
         "kernels": _kernel_key(),
+        # the code paths timed: kernels.use_isa and ATen's ATEN_CPU_CAPABILITY switch them on
+        # one CPU, and a choice timed on one path is no evidence for another
+        "isa": [kernels.isa(), torch.backends.cpu.get_cpu_capability()],
         "torch": torch.__version__,
         "layer": f"{type(layer).__name__}({layer.extra_repr()})",
         "shape": list(weight.shape),
