@@ -465,8 +465,9 @@ def test_layers_alike_take_over_the_first_ones_activation_decision(cache, tmp_pa
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(24, 24) for _ in range(3)), nn.Linear(24, 8)).eval()
     with torch.no_grad():
-        for layer in model:  # every row half pruned: one density
-            layer.weight[:, ::2] = 0
+        for i, layer in enumerate(model):  # every row half pruned: one density in whole %,
+            layer.weight[:, ::2] = 0  # and i more weights, so no two share a disk key
+            layer.weight.view(-1)[1:2 * i:2] = 0
     # threshold 0: every (nonzero) input kept, so the first three layers are alike
     act = _Thresholds({str(i): torch.zeros(24) for i in range(4)})
     prompt = torch.randn(6, 24)
@@ -475,6 +476,16 @@ def test_layers_alike_take_over_the_first_ones_activation_decision(cache, tmp_pa
     if cache:
         assert reused == {"0": None, "1": "0", "2": "0", "3": None}
         assert tuned == [24, 24]  # layer 0 and the 8-output layer 3
+        # the decisions on these inputs are on disk now: a second compile times none
+        again = sparsekit.compile(model, prompt, activation_sparsity=act)
+        assert tuned == [24, 24]
+        for n in "0123":
+            record = again.sparsekit_choices[n]["activation"]
+            assert record["cached"] and "reused" not in record
+            first = compiled.sparsekit_choices[n]["activation"]
+            assert {k: v for k, v in record.items() if k != "cached"} == {
+                k: v for k, v in first.items() if k not in ("cached", "reused")}
+            assert type(again.get_submodule(n)) is type(compiled.get_submodule(n))
     else:
         assert set(reused.values()) == {None} and len(tuned) == 4
     for n in "0123":
@@ -488,6 +499,78 @@ def test_layers_alike_take_over_the_first_ones_activation_decision(cache, tmp_pa
                 torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
     finally:
         act.remove()
+
+
+def _tamper_chosen(choice):
+    choice["activation"]["chosen"] = "yes"
+
+
+def _tamper_kernel(choice):
+    choice["decode"]["format"] = "act_nothing"
+
+
+def _tamper_speed(choice):
+    choice["activation"]["prefill_speed"] = {"4": float("nan")}
+
+
+def _tamper_decode_times(choice):
+    choice["decode"]["times_ms"]["act_sparse_gemv"] = {"1": -1.0}
+
+
+def _tamper_key(choice):
+    choice["activation"]["reused"] = "0"
+
+
+@needs_kernels
+@pytest.mark.parametrize("tamper", [_tamper_chosen, _tamper_kernel, _tamper_speed,
+                                    _tamper_decode_times, _tamper_key])
+def test_a_corrupt_stored_activation_decision_is_timed_again(tamper, tmp_path, monkeypatch):
+    """What a stored activation-sparse decision holds is checked as a timing's record is:
+    a file no timing could give is ignored with a warning, the layer timed again and the
+    file replaced."""
+    import json
+
+    monkeypatch.setattr(decisions, "directory", lambda: tmp_path / "decisions")
+    monkeypatch.setattr(autotune, "_time_block", _fake_clock("act_bitmap_gemv"))
+    model = _mlp(torch.float32)
+    act = _Thresholds({"2": torch.zeros(64)})
+    prompt = torch.randn(6, 24)
+    first = sparsekit.compile(model, prompt, activation_sparsity=act, rows=[1, 4])
+    assert isinstance(first.get_submodule("2"), ActivationSparseLinear)
+    (path,) = [p for p in (tmp_path / "decisions").glob("*.json")
+               if json.loads(p.read_text())["key"].get("kind") == "activation"]
+    data = json.loads(path.read_text())
+    tamper(data["choice"])
+    path.write_text(json.dumps(data))
+    tuned = []
+    original = ActivationSparseLinear.tuned.__func__
+
+    def counted(cls, linear, *args, **kwargs):  # type: ignore[no-untyped-def]
+        tuned.append(linear.in_features)
+        return original(cls, linear, *args, **kwargs)
+    monkeypatch.setattr(ActivationSparseLinear, "tuned", classmethod(counted))
+    with pytest.warns(RuntimeWarning, match="ignoring corrupt decision cache file"):
+        again = sparsekit.compile(model, prompt, activation_sparsity=act, rows=[1, 4])
+    assert tuned == [64] and not again.sparsekit_choices["2"]["activation"]["cached"]
+    assert again.get_submodule("2").kernel == first.get_submodule("2").kernel
+    assert "act_nothing" not in path.read_text() and '"yes"' not in path.read_text()
+
+
+def test_tuned_on_inputs_of_another_device_names_them():
+    with pytest.raises(ValueError, match="inputs must be on the modules' device cpu, got meta"):
+        ActivationSparseLinear.tuned(_pruned(70, 30), 0.1, inputs=torch.empty(4, 30,
+                                                                               device="meta"))
+
+
+def test_kernels_for_names_what_tuned_times():
+    pruned, dense = _pruned(70, 30), nn.Linear(30, 70)
+    expected = ["act_gemv", "act_sparse_gemv", "act_bitmap_gemv"] if kernels.available() \
+        else ["act_gemv"]
+    assert ActivationSparseLinear.kernels_for(pruned.weight) == expected
+    assert ActivationSparseLinear.kernels_for(pruned.weight, torch.int8) == expected + (
+        ["act_bitmap_qgemv"] if kernels.available() else [])
+    assert ActivationSparseLinear.kernels_for(dense.weight) == ["act_gemv"]  # too dense
+    assert ActivationSparseLinear.kernels_for(pruned.weight.double()) == ["act_gemv"]
 
 
 @needs_kernels

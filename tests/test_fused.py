@@ -451,6 +451,18 @@ def test_groups_alike_take_over_the_first_blocks_decisions_on_inputs(
     assert calls.count(["fused", "separate"]) == 2
     with _thresholded(model, teal.thresholds), torch.no_grad():
         torch.testing.assert_close(compiled(IDS).logits, model(IDS).logits)
+    # every decision on these inputs is on disk: a second compile times nothing
+    calls.clear()
+    again = compile(model, (IDS,), activation_sparsity=teal)
+    assert calls == []
+    for choice in again.sparsekit_choices.values():
+        assert choice["cached"] and choice.get("activation", {"cached": True})["cached"]
+        fused_record = choice.get("fused")
+        if fused_record is not None:
+            assert fused_record["cached"] and fused_record["stacked"]["activation"]["cached"]
+    assert [type(m) for m in again.modules()] == [type(m) for m in compiled.modules()]
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, compiled(IDS).logits)
 
 
 @needs_kernels

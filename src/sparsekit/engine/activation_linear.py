@@ -443,9 +443,8 @@ class ActivationSparseLinear(BoundArguments):
                                   value_dtype=value_dtype)
         dense = build(prefill=prefill)
         weight, choice = linear.weight, None
-        if (weight.dtype in _KERNEL_DTYPES and weight.is_cpu and kernels.available()
-                and weight.count_nonzero() <= _SPARSE_UP_TO * weight.numel()):
-            sparse = [*_SPARSE_KERNELS, *(["act_bitmap_qgemv"] if activation_dtype else [])]
+        sparse = cls.kernels_for(weight, activation_dtype)[1:]
+        if sparse:
             modules = {"dense": dense, **{k: build(kernel=k, prefill=prefill) for k in sparse}}
             best, choice = autotune.choose(_measure(modules, weight, [1], inputs),
                                            ["dense", *sparse])
@@ -461,6 +460,19 @@ class ActivationSparseLinear(BoundArguments):
                      for t in samples.values())
         return (lean if single else dense), {**(choice or {"format": "act_gemv"}),
                                              "single_copy": single}
+
+    @staticmethod
+    def kernels_for(weight: torch.Tensor,
+                    activation_dtype: torch.dtype | None = None) -> list[str]:
+        """The single-row kernels :meth:`tuned` times for a layer of ``weight``:
+        ``"act_gemv"`` first, then, for a float32 or bfloat16 CPU weight of density at most
+        75 % with the kernels built, the weight-sparse ones (``"act_bitmap_qgemv"`` too for
+        ``activation_dtype=torch.int8``)."""
+        if (weight.dtype not in _KERNEL_DTYPES or not weight.is_cpu or not kernels.available()
+                or weight.count_nonzero() > _SPARSE_UP_TO * weight.numel()):
+            return ["act_gemv"]
+        return ["act_gemv", *_SPARSE_KERNELS,
+                *(["act_bitmap_qgemv"] if activation_dtype is not None else [])]
 
     @classmethod
     def decided(

@@ -262,6 +262,10 @@ def measure(
         error = ValueError if isinstance(inputs, torch.Tensor) else ArgumentTypeError
         raise error(f"inputs must be None or a tensor of at least one input, (n, *in_shape) "
                     f"with n ≥ 1 and in_shape={tuple(in_shape)}, got {got}")
+    if inputs is not None and inputs.device.type != torch.device(device).type:
+        # a meta one failed inside the first timed call, as the layer's x
+        raise ValueError(f"inputs must be on the modules' device {torch.device(device)}, got "
+                         f"{inputs.device}")
     check_bool("every_round", every_round)
     samples: Samples = {}
     names = list(modules)

@@ -170,7 +170,9 @@ def compile(
     choice's ``activation`` record holds the evidence, ``chosen`` false). With ``cache``, a
     layer of the same shape, density, weight-only choice and share of kept inputs (in steps
     of 5 %) as one decided in the same compile takes that decision over untimed (its
-    ``activation`` record names the source under ``reused``). The output check
+    ``activation`` record names the source under ``reused``), and the decision is stored
+    on disk under the layer's key plus those coarse terms, read back by the next compile
+    (``cached``). The output check
     runs with the activation-sparse layers' thresholds at zero (every input kept) against
     ``model`` as it is: a threshold turns float rounding into inputs kept on one side and
     dropped on the other, and those flips compound from layer to layer (measured: noise of
@@ -426,14 +428,16 @@ def _decided(
     memo: dict[str, tuple[dict[str, object], str]] | None,
     name: str,
     timed: Callable[[], dict[str, object]],
+    like: str | None = None,
 ) -> dict[str, object]:
     """The choice for ``key``: read from the disk cache (``cached``), taken over from a
-    similar layer ``memo`` holds (``reused``: its name), or ``timed()`` now; stored under
-    ``key`` either way (no ``key``: no cache, always timed)."""
+    similar layer ``memo`` holds under ``like`` (default :func:`~sparsekit.engine.decisions.
+    similar`; ``reused``: its name), or ``timed()`` now; stored under ``key`` either way
+    (no ``key``: no cache, always timed)."""
     choice = decisions.lookup(key) if key is not None else None
     if choice is not None:
         return {**choice, "cached": True}
-    similar = None if key is None or memo is None else decisions.similar(key)
+    similar = None if key is None or memo is None else like or decisions.similar(key)
     if similar is not None and similar in memo:  # a layer like this one was timed already
         choice, source = memo[similar]
         decisions.store(key, choice)
@@ -516,9 +520,9 @@ def _fuse(
     With a ``threshold`` (the one every member was calibrated with), the stacked layer is
     tried as an activation-sparse layer (:func:`_activation_layer`, on the group's inputs
     ``probe``) and the timings run on ``probe``, whose skipped columns are the real ones;
-    such a decision depends on the inputs and is not stored on disk, but with ``cache`` a
-    group alike one timed in this compile (:func:`_fused_like`) takes its decision over
-    (``reused``). Where the stacked layer stays
+    such a decision depends on the inputs: with ``cache`` it is stored under a key holding
+    them in the coarse terms of :func:`_fused_like`, under which a group alike one timed in
+    this compile takes its decision over (``reused``). Where the stacked layer stays
     weight-only (its ``activation`` record says why), that weight-only stack is timed
     against the separate members as they were chosen, activation-sparse ones included (on
     ``probe``, not cached): one weight-only call for the gate and up projections can beat
@@ -545,8 +549,13 @@ def _fuse(
     dtype = linear.dtype if thresholded else stacked.weight.dtype
     projections = FusedProjections(linear, [layer.out_features for layer in originals])
     paths = [_formats(m) for m in (*separate, linear)]
+    like = (_fused_like(stacked, paths, inputs, linear.threshold if thresholded else threshold,
+                        rows, threads, value_dtype, activation)
+            if cache and on_inputs and inputs is not None else None)
     key = (decisions.key(stacked, in_shape, ["separate", "fused"], rows, threads, value_dtype,
-                         fused=paths) if cache and not on_inputs else None)
+                         fused=paths) if cache and (like is not None or not on_inputs) else None)
+    if key is not None and like is not None:
+        key["inputs"] = like
     if key is not None and activation is not None:
         key["activation_dtype"] = str(activation)
 
@@ -557,15 +566,7 @@ def _fuse(
         return autotune.choose(samples, ["separate", "fused"], reference="separate",
                                tolerant=True)[1]
 
-    like = (_fused_like(stacked, paths, inputs, linear.threshold if thresholded else threshold,
-                        rows, threads, value_dtype, activation)
-            if cache and memo is not None and on_inputs and inputs is not None else None)
-    if like is not None and like in memo:  # a group like this one was timed already
-        choice = {**memo[like][0], "reused": memo[like][1]}
-    else:
-        choice = _decided(key, memo, label, timed)
-        if like is not None:
-            memo[like] = (choice, label)
+    choice = _decided(key, memo, label, timed, like=like)
     record = {**choice, "group": group, "stacked": stacked_choice}
     return (projections.members() if choice["format"] == "fused" else None), record
 
@@ -682,9 +683,11 @@ def _activation_layer(
     ``activation``), takes the faster single-row kernel
     and serves the other row counts with the weight-only layer. See :func:`_activation_wins`
     for the rule; its evidence is the choice's ``activation`` record and the single-row
-    kernel's the ``decode`` record. With ``cache``, a layer like one decided in this compile
-    (:func:`_activation_like`, kept in ``memo``) takes that decision over untimed; its
-    ``activation`` record then names the source (``reused``)."""
+    kernel's the ``decode`` record. With ``cache`` and inputs ``probe``, the decision is
+    read from the disk cache (``cached`` in the ``activation`` record), or a layer like one
+    decided in this compile (:func:`_activation_like`, kept in ``memo``) takes that decision
+    over untimed (``reused`` names the source), and is stored under the layer's key with
+    those inputs in the coarse terms of :func:`_activation_like`."""
     weight_only, choice = _compile_layer(layer, (layer.in_features,), names, rows, threads,
                                          cache, value_dtype, probe, memo, name, grow,
                                          activation=activation)
@@ -698,19 +701,30 @@ def _activation_layer(
     int8_inputs = activation if int8 and not grouped else None
     like = (_activation_like(layer, threshold, inputs, choice, rows, threads, options,
                              int8_inputs) if cache else None)
-    if like is not None and like in memo:  # a layer like this one was decided already
-        earlier, source = memo[like]
-        decode, record = earlier["decode"], earlier["activation"]
-        chosen = (ActivationSparseLinear.decided(layer, threshold, decode, **options)
-                  if record["chosen"] else weight_only)
-        return chosen, {**choice, "decode": decode, "activation": {**record, "reused": source}}
-    act, decode = ActivationSparseLinear.tuned(layer, threshold, rows=rows, inputs=inputs,
-                                               activation_dtype=int8_inputs, **options)
-    record = _activation_wins(act, weight_only, [1, *multi], inputs)
+    key = None
     if like is not None:
-        memo[like] = ({"decode": decode, "activation": record}, name)
-    return (act if record["chosen"] else weight_only), {**choice, "decode": decode,
-                                                        "activation": record}
+        key = decisions.key(layer, (layer.in_features,),
+                            ActivationSparseLinear.kernels_for(layer.weight, int8_inputs), rows,
+                            threads, value_dtype) | {"kind": "activation", "inputs": like}
+    timed_layer: list[ActivationSparseLinear] = []
+
+    def timed() -> dict[str, object]:
+        act, decode = ActivationSparseLinear.tuned(layer, threshold, rows=rows, inputs=inputs,
+                                                   activation_dtype=int8_inputs, **options)
+        timed_layer.append(act)
+        return {"decode": decode,
+                "activation": _activation_wins(act, weight_only, [1, *multi], inputs)}
+
+    decision = _decided(key, memo, name, timed, like=like)
+    decode, record = decision["decode"], decision["activation"]
+    if not record["chosen"]:
+        chosen = weight_only
+    elif timed_layer:
+        chosen = timed_layer[0]
+    else:
+        chosen = ActivationSparseLinear.decided(layer, threshold, decode, **options)
+    source = {k: decision[k] for k in ("cached", "reused") if k in decision}
+    return chosen, {**choice, "decode": decode, "activation": {**record, **source}}
 
 
 def _activation_like(

@@ -19,6 +19,14 @@ larger than :data:`_MAX_BYTES`, or a record no timing could give), is ignored wi
 ``RuntimeWarning`` and replaced by the next timing; a cache that cannot be written only
 warns.
 
+Decisions timed on a layer's observed inputs (which columns an activation-sparse layer
+skips depends on them) are stored too, under a key that adds those inputs in the coarse
+terms compile already uses to take a decision over for a layer alike within one compile
+(``inputs``: the share of the typical input row the thresholds keep, in steps of 5 %):
+an activation-sparse layer's choice (``kind`` ``"activation"``: its single-row kernel and
+whether it replaces the weight-only layer, :func:`_parse_activation`) and the choice to fuse
+a group of projections timed on their inputs.
+
 A decision taken on a busy machine may be a coin toss: two formats whose medians lie
 closer together than the round-to-round noise of the timing could have come out the
 other way. Such a decision is a *close call* (:func:`close_call`, from the evidence every
@@ -132,6 +140,8 @@ def close_call(choice: dict[str, object], candidates: Sequence[str]) -> bool:
     count another of ``candidates`` has a median within the noise of the chosen format's
     (their ratio's distance from 1, in log terms, below the ``spread`` of the round times
     the evidence records there)."""
+    if set(choice) == _ACTIVATION:  # an activation-sparse layer's: its one-row rule decides
+        choice, candidates = choice["activation"]["decode"], _AGAINST_WEIGHT_ONLY
     times, evidence = choice["times_ms"], choice["evidence"]
     for r, record in evidence.items():
         chosen = times[record["format"]][r]
@@ -238,28 +248,78 @@ def _path(key: dict[str, object]) -> Path:
 
 
 def _parse(data: object, key: dict[str, object]) -> dict[str, object]:
-    """The choice in ``data``, checked against ``key``; JSON's string keys become row counts
-    again. Raises ``ValueError``/``TypeError``/``KeyError`` for anything malformed.
+    """The choice in ``data``, checked against ``key``: a timing's record
+    (:func:`_parse_record`), or for a key of ``kind`` ``"activation"`` an activation-sparse
+    layer's choice (:func:`_parse_activation`)."""
+    if not isinstance(data, dict) or data.get("key") != key:
+        raise ValueError("the file holds another key")
+    if key.get("kind") == "activation":
+        return _parse_activation(data["choice"], key["candidates"], key["rows"])
+    return _parse_record(data["choice"], key["candidates"], key["rows"],
+                        linear=str(key["layer"]).startswith("Linear("))
+
+
+_ACTIVATION = frozenset({"decode", "activation"})
+"""The keys of an activation-sparse layer's choice: the record of its single-row kernel
+(:meth:`~sparsekit.engine.activation_linear.ActivationSparseLinear.tuned`) and of the
+comparison with the weight-only layer (``compile``'s ``_activation_wins``)."""
+_AGAINST_WEIGHT_ONLY = ("activation", "weight_only")  # what that comparison times
+_COMPARISON = frozenset({"chosen", "decode", "prefill_speed", "prefill_floor"})
+
+
+def _parse_activation(choice: object, candidates: Sequence[str], rows: Sequence[int]
+                     ) -> dict[str, object]:
+    """An activation-sparse layer's stored choice, checked: the kernel record (``None`` where
+    no kernels were timed, else ``format``, one of ``candidates`` — ``"act_gemv"`` the
+    ``"dense"`` of its timing —, ``single_copy`` if the multi-row copy was tried, and a
+    timing's record of ``candidates`` at one row when they were timed), and the comparison
+    (``chosen``, a timing's record of ``"activation"`` against ``"weight_only"`` at one
+    row, ``prefill_speed`` a finite ratio per served row count above one, and
+    ``prefill_floor``). Raises as :func:`_parse_record` does."""
+    if not isinstance(choice, dict) or set(choice) != _ACTIVATION:
+        raise ValueError(f"an activation-sparse choice holds {sorted(_ACTIVATION)}")
+    decode, record = choice["decode"], dict(choice["activation"])
+    if set(record) != _COMPARISON or type(record["chosen"]) is not bool:
+        raise ValueError(f"an activation comparison holds {sorted(_COMPARISON)}, chosen a bool")
+    record["decode"] = _parse_record(record["decode"], _AGAINST_WEIGHT_ONLY, [1])
+    record["prefill_speed"] = _by_rows(record["prefill_speed"], [r for r in rows if r > 1],
+                                       _time)
+    record["prefill_floor"] = _time(record["prefill_floor"])
+    if decode is not None:
+        timing = dict(decode)
+        kernel, single = timing.pop("format"), timing.pop("single_copy", None)
+        if kernel not in candidates or (single is not None and type(single) is not bool):
+            raise ValueError(f"kernel {kernel!r} or single_copy {single!r} do not fit")
+        if timing:  # timed: the record of candidates, act_gemv as their dense
+            timed = ["dense" if c == "act_gemv" else c for c in candidates]
+            timing = _parse_record({**timing, "format": timed[candidates.index(kernel)]},
+                                  timed, [1])
+        decode = {**timing, "format": kernel,
+                  **({} if single is None else {"single_copy": single})}
+    return {"decode": decode, "activation": record}
+
+
+def _parse_record(choice: object, candidates: Sequence[str], rows: Sequence[int], *,
+                 linear: bool = True) -> dict[str, object]:
+    """A timing's record (:func:`~sparsekit.engine.autotune.choose`) of ``candidates`` at
+    ``rows``, checked; JSON's string keys become row counts again. Raises
+    ``ValueError``/``TypeError``/``KeyError`` for anything malformed.
 
     Only what a timing can give passes: the keys of its record (:data:`_RECORD`), a second
-    format (``format_large``) only for a ``Linear`` layer (compile built a
+    format (``format_large``) only for a ``linear`` layer (compile built a
     ``CompiledLinear`` in place of a conv from one), a ``split`` that is a served row count
     (JSON's ``true`` equals the row count 1), and times, spreads and speedups that are
     finite and not negative (``json.loads`` reads ``NaN`` and ``Infinity``)."""
-    if not isinstance(data, dict) or data.get("key") != key:
-        raise ValueError("the file holds another key")
-    choice = dict(data["choice"])
+    choice, rows = dict(choice), list(rows)
     unknown = set(choice) - _RECORD
     if unknown:
         raise ValueError(f"keys {sorted(map(str, unknown))} are no timing's record; accepted: "
                          f"{sorted(_RECORD)}")
-    rows = key["rows"]
     large, split = choice.get("format_large"), choice.get("split")
     if (
-        choice["format"] not in key["candidates"] or choice["rows"] != rows
-        or (large is not None and (large not in key["candidates"] or type(split) is not int
-                                   or split not in rows
-                                   or not str(key["layer"]).startswith("Linear(")))
+        choice["format"] not in candidates or choice["rows"] != rows
+        or (large is not None and (large not in candidates or type(split) is not int
+                                   or split not in rows or not linear))
     ):
         raise ValueError(f"format {choice['format']!r}, format_large {large!r}, split "
                          f"{split!r} or rows {choice['rows']!r} do not fit")
