@@ -449,12 +449,9 @@ def test_activation_sparsity_is_timed_on_inputs_written_just_before(monkeypatch)
     assert not all(fresh["weight_only"]) and not all(fresh["activation"])
 
 
-@needs_kernels
-@pytest.mark.parametrize("cache", [True, False])
-def test_layers_alike_take_over_the_first_ones_activation_decision(cache, tmp_path,
-                                                                    monkeypatch):
-    monkeypatch.setattr(decisions, "directory", lambda: tmp_path / "decisions")
-    monkeypatch.setattr(autotune, "_time_block", _fake_clock("act_bitmap_gemv"))
+def _count_tuned(monkeypatch) -> list[int]:
+    """The list into which each ``ActivationSparseLinear.tuned`` call (each timing of an
+    activation-sparse decision) appends its layer's ``in_features``."""
     tuned = []
     original = ActivationSparseLinear.tuned.__func__
 
@@ -462,6 +459,16 @@ def test_layers_alike_take_over_the_first_ones_activation_decision(cache, tmp_pa
         tuned.append(linear.in_features)
         return original(cls, linear, *args, **kwargs)
     monkeypatch.setattr(ActivationSparseLinear, "tuned", classmethod(counted))
+    return tuned
+
+
+@needs_kernels
+@pytest.mark.parametrize("cache", [True, False])
+def test_layers_alike_take_over_the_first_ones_activation_decision(cache, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setattr(decisions, "directory", lambda: tmp_path / "decisions")
+    monkeypatch.setattr(autotune, "_time_block", _fake_clock("act_bitmap_gemv"))
+    tuned = _count_tuned(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(24, 24) for _ in range(3)), nn.Linear(24, 8)).eval()
     with torch.no_grad():
@@ -542,13 +549,7 @@ def test_a_corrupt_stored_activation_decision_is_timed_again(tamper, tmp_path, m
     data = json.loads(path.read_text())
     tamper(data["choice"])
     path.write_text(json.dumps(data))
-    tuned = []
-    original = ActivationSparseLinear.tuned.__func__
-
-    def counted(cls, linear, *args, **kwargs):  # type: ignore[no-untyped-def]
-        tuned.append(linear.in_features)
-        return original(cls, linear, *args, **kwargs)
-    monkeypatch.setattr(ActivationSparseLinear, "tuned", classmethod(counted))
+    tuned = _count_tuned(monkeypatch)
     with pytest.warns(RuntimeWarning, match="ignoring corrupt decision cache file"):
         again = sparsekit.compile(model, prompt, activation_sparsity=act, rows=[1, 4])
     assert tuned == [64] and not again.sparsekit_choices["2"]["activation"]["cached"]
