@@ -342,6 +342,16 @@ def test_from_pretrained_refuses_a_config_that_is_not_an_object(pretrained_dir, 
         sparsekit.from_pretrained(path)
 
 
+def test_from_pretrained_names_a_config_json_that_is_a_directory(tmp_path):
+    # Before: "no config.json", though there was one in the way.
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ValueError, match="its config.json is no regular file"):
+        sparsekit.from_pretrained(tmp_path)
+    (tmp_path / "config.json").rmdir()
+    with pytest.raises(ValueError, match=r"\(no config.json\)"):
+        sparsekit.from_pretrained(tmp_path)
+
+
 def test_pretrained_directories_must_be_paths():
     # Before: Path(None)'s bare TypeError, which named no argument.
     with pytest.raises(ArgumentTypeError, match="directory must be a str or os.PathLike"):

@@ -216,7 +216,9 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
     if not path.is_dir():
         raise FileNotFoundError(f"directory {str(path)!r} does not exist or is not a directory")
     if not config_file.is_file():
-        raise ValueError(f"{str(path)!r} is not a save_pretrained directory (no config.json)")
+        what = ("its config.json is no regular file" if config_file.exists()
+                else "no config.json")  # a directory in its place was "no config.json"
+        raise ValueError(f"{str(path)!r} is not a save_pretrained directory ({what})")
     try:
         data = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
