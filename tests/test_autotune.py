@@ -295,6 +295,25 @@ def test_a_cache_file_with_a_wrong_choice_is_ignored(
     assert {c["format"] for c in compiled.sparsekit_choices.values()} == {"torch_csr"}
 
 
+@pytest.mark.parametrize("edit", [
+    lambda c: c["times_ms"].update(csr32=c["times_ms"]["dense"]),  # a format never timed
+    lambda c: c.update(reference="csr32"),
+])
+def test_a_cache_file_timing_formats_it_could_not_is_ignored(
+    monkeypatch: pytest.MonkeyPatch, cache_dir, edit
+) -> None:
+    _clock(monkeypatch, dense=1.0, torch_csr=0.7)
+    compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    for path in cache_dir.glob("*.json"):
+        data = json.loads(path.read_text())
+        edit(data["choice"])
+        path.write_text(json.dumps(data))
+    with pytest.warns(RuntimeWarning, match="ignoring corrupt.*no timing of"):
+        compiled = compile(_model(), torch.randn(4, 32), formats=CANDIDATES)
+    assert {c["format"] for c in compiled.sparsekit_choices.values()} == {"torch_csr"}
+    assert all("csr32" not in p.read_text() for p in cache_dir.glob("*.json"))
+
+
 @pytest.mark.parametrize("where", ["ms_dense", "times_ms"])
 def test_a_cache_file_with_a_time_too_large_for_a_float_is_ignored(
     monkeypatch: pytest.MonkeyPatch, cache_dir, where: str

@@ -323,6 +323,13 @@ def _parse_record(choice: object, candidates: Sequence[str], rows: Sequence[int]
     ):
         raise ValueError(f"format {choice['format']!r}, format_large {large!r}, split "
                          f"{split!r} or rows {choice['rows']!r} do not fit")
+    # the reference is dense (timed even where it may not be chosen) or a candidate; times
+    # of formats never timed were accepted
+    reference = choice.get("reference", "dense")
+    timed = {*candidates, "dense"} if reference == "dense" else set(candidates)
+    if reference not in timed or not set(choice["times_ms"]) <= timed:
+        raise ValueError(f"times of {sorted(map(str, choice['times_ms']))} against "
+                         f"{reference!r} are no timing of {sorted(candidates)}")
     choice["times_ms"] = {
         name: _by_rows(times, rows, _time) for name, times in choice["times_ms"].items()
     }
