@@ -692,3 +692,21 @@ def test_tuned_refuses_row_counts_beyond_max_rows_before_timing():
         ActivationSparseLinear.tuned(linear, 0.5, rows=(1, 10**9))
     with pytest.raises(ArgumentTypeError, match=r"^rows must be an int ≥ 1, got True"):
         ActivationSparseLinear.tuned(linear, 0.5, rows=(True,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_compile_refuses_float8_layers_up_front(dtype):
+    """Before: a float8 model compiled until the output check, which failed with torch's raw
+    ``"isfinite" not implemented for 'Float8_e4m3fn'`` (a NotImplementedError)."""
+    import sparsekit
+
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ArgumentTypeError, match=rf"^model: 0.weight has dtype {dtype}; compile "
+                       "takes layers of float16, bfloat16, float32 or float64"):
+        sparsekit.compile(model, torch.randn(2, 32))
+    with pytest.raises(ArgumentTypeError, match=rf"^example_inputs must be float16, .* got "
+                       rf"{dtype}"):
+        sparsekit.compile(model, torch.randn(2, 32).to(dtype))
+    assert all(torch.equal(v.view(torch.uint8), before[k].view(torch.uint8))
+               for k, v in model.state_dict().items())

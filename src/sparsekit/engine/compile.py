@@ -31,6 +31,7 @@ from torch.nn.utils import skip_init
 from torch.utils._pytree import tree_leaves
 
 from sparsekit._checks import (
+    ArgumentTypeError,
     check_bool,
     check_materialized,
     check_materialized_module,
@@ -232,6 +233,12 @@ def compile(
     for name, layer in model.named_modules():
         if type(layer) in (nn.Linear, nn.Conv2d):  # their weights are read and timed
             check_materialized_module(layer, f"model: {name}." if name else "model: ")
+            if layer.weight.dtype.itemsize == 1 or not layer.weight.is_floating_point():
+                # float8 failed in the output check ("isfinite" not implemented)
+                raise ArgumentTypeError(
+                    f"model: {name or 'the model'}.weight has dtype {layer.weight.dtype}; "
+                    "compile takes layers of float16, bfloat16, float32 or float64 (int8 "
+                    "values come from weight_dtype='int8' or attached int8 scales)")
             scales = attached_scales(layer)
             if scales is not None and value_dtype in (None, torch.int8):  # stored on it
                 check_within_grid(f"model: {name or 'the model'}", layer.weight, scales)
@@ -1173,6 +1180,10 @@ def _as_tuple(example_inputs: object) -> tuple[object, ...] | None:
         if isinstance(x, torch.Tensor) and x.numel() == 0:
             raise ValueError(f"example_inputs must not be empty, got a tensor of shape "
                              f"{tuple(x.shape)}")
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype.itemsize == 1:
+            # float8: torch's raw "isfinite" not implemented, just below
+            raise ArgumentTypeError(f"example_inputs must be float16, bfloat16, float32 or "
+                                    f"float64 where they are floats, got {x.dtype}")
         if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(x.isfinite().all()):
             raise ValueError("example_inputs must be finite: autotuning and the output check "
                              "run on them, got NaN or infinite values")
