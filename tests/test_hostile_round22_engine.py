@@ -710,3 +710,24 @@ def test_compile_refuses_float8_layers_up_front(dtype):
         sparsekit.compile(model, torch.randn(2, 32).to(dtype))
     assert all(torch.equal(v.view(torch.uint8), before[k].view(torch.uint8))
                for k, v in model.state_dict().items())
+
+
+def test_layers_refuse_float8_weights_and_report_counts_them():
+    """Before: ``SparseLinear.from_linear`` of a float8 layer raised torch's raw
+    ``"check_uniform_bounds" not implemented``, ``ActivationSparseLinear.from_linear`` built
+    a layer no kernel or fallback could run, and ``sparsekit.report`` of a float8 model
+    failed in ``count_nonzero``."""
+    import sparsekit
+    from sparsekit.engine.sparse_linear import SparseLinear
+
+    linear = nn.Linear(32, 16).to(torch.float8_e4m3fn)
+    with pytest.raises(ArgumentTypeError, match=r"^linear's weight must be a floating-point "
+                       r"tensor of 16 bits or more .* got dtype torch.float8_e4m3fn"):
+        SparseLinear.from_linear(linear)
+    with pytest.raises(TypeError, match=r"^weight must be float16, bfloat16, float32, float64 "
+                       r"or int8 codes, got torch.float8_e4m3fn"):
+        ActivationSparseLinear.from_linear(linear, 0.1)
+    with torch.no_grad():
+        linear.weight[:, ::2] = 0
+    (row,) = sparsekit.report(nn.Sequential(linear)).rows
+    assert row.nonzeros == int(linear.weight.float().count_nonzero()) <= 16 * 16

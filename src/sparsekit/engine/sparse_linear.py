@@ -242,9 +242,9 @@ def _check_linear_tensors(linear: nn.Linear) -> None:
                           ("bias", linear.bias, shape[:1])):
         if t is None:
             continue
-        accepted = (f"a floating-point tensor of shape {want} (in_features={shape[1]}, "
-                    f"out_features={shape[0]})")
-        if not t.is_floating_point():
+        accepted = (f"a floating-point tensor of 16 bits or more and shape {want} "
+                    f"(in_features={shape[1]}, out_features={shape[0]})")
+        if not t.is_floating_point() or t.dtype.itemsize == 1:  # float8: a raw error below
             raise ArgumentTypeError(f"linear's {name} must be {accepted}, got dtype {t.dtype}")
         if tuple(t.shape) != want:
             raise ValueError(f"linear's {name} must be {accepted}, got shape {tuple(t.shape)}")
