@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_mapping
+from sparsekit._checks import ArgumentTypeError, check_int, check_mapping, check_materialized
 
 MASKS_HINT = (
     "a wrapped model needs the same masks on every rank: compute them with the same seed and "
@@ -135,11 +135,18 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def shard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The whole tensor ``t`` laid out like ``like``: a ``DTensor`` with its mesh and
     placements when ``like`` is one (each rank keeps its own part; no communication, so
-    ``t`` must be the same on every rank), else ``t``."""
+    ``t`` must be the same on every rank), else ``t``. Both must be tensors (checked in one
+    process too), ``t`` one with values: anything else failed deep inside
+    ``distribute_tensor`` ("'int' object has no attribute 'shape'", "Cannot copy out of
+    meta tensor")."""
+    for name, value in (("t", t), ("like", like)):
+        if not isinstance(value, torch.Tensor):
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if not is_dtensor(like):
         return t
     from torch.distributed.tensor import distribute_tensor  # imported already: like is one
 
+    check_materialized("t", t)
     if t.shape != like.shape:
         raise ValueError(f"tensor of shape {tuple(t.shape)} cannot be laid out like a DTensor "
                          f"of shape {tuple(like.shape)}")
@@ -195,10 +202,22 @@ def check_same_on_ranks(tensors: Mapping[str, torch.Tensor], what: str = "masks"
                         hint: str = MASKS_HINT) -> None:
     """Raise ``ValueError`` naming the first of ``tensors`` (whole tensors, the same names
     on every rank) that is not the same on every rank; ``hint`` says what to do. Two small
-    all-reduces; nothing in one process (the arguments are checked there too)."""
+    all-reduces; nothing in one process (the arguments are checked there too).
+
+    Across ranks each tensor must hold values in the dense layout: a tensor on the meta
+    device, a sparse, nested or quantized one failed deep inside PyTorch ("Cannot copy out
+    of meta tensor", "reshape is not implemented for sparse tensors") instead of naming it.
+    """
     check_mapping("tensors", tensors, torch.Tensor, "a torch.Tensor")
     if world_size() == 1 or not tensors:
         return
+    for name, t in tensors.items():
+        check_materialized(f"{what} {name!r}", t)
+        kind = ("nested" if t.is_nested else "sparse" if t.layout != torch.strided
+                else "quantized" if t.is_quantized else None)
+        if kind is not None:
+            raise ArgumentTypeError(f"{what} {name!r} must be a dense tensor to compare "
+                                    f"between ranks, got a {kind} one ({t.layout}, {t.dtype})")
     prints = torch.stack([_fingerprint(t).cpu() for t in tensors.values()])
     low, high = prints.clone(), prints.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)

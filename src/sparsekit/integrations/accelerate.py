@@ -18,6 +18,7 @@ schedule.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch import nn
@@ -32,11 +33,19 @@ __all__ = ["attach"]
 def attach(accelerator: Any, sparsity: Sparsity, model: nn.Module, optimizer: object) -> Attached:
     """:func:`sparsekit.integrations.attach` for models and optimizers that went through
     ``accelerator.prepare``: masks and functions see the unwrapped model (its parameter
-    names), hooks go on the optimizer inside the ``AcceleratedOptimizer``."""
+    names), hooks go on the optimizer inside the ``AcceleratedOptimizer``.
+
+    A ``torch.compile``-d model is unwrapped too: ``unwrap_model`` keeps the compiled
+    wrapper by default, and a function's masks were named ``_orig_mod.…`` (names the model
+    saved without compiling, and every checkpoint of it, lack)."""
     unwrap = getattr(accelerator, "unwrap_model", None)
     if unwrap is None or isinstance(accelerator, type):  # the class: unwrap_model unbound
         got = f"the class {accelerator.__name__}" if isinstance(accelerator, type) else (
             type(accelerator).__name__)
         raise ArgumentTypeError(f"accelerator must be an accelerate.Accelerator, got {got}")
     check_module("model", model)  # unwrap_model failed on anything else with AttributeError
-    return training.attach(sparsity, unwrap(model), optimizer)
+    unwrapped = unwrap(model)
+    dynamo = sys.modules.get("torch._dynamo")  # imported where anything was compiled
+    if dynamo is not None and isinstance(unwrapped, dynamo.OptimizedModule):
+        unwrapped = unwrapped._orig_mod  # what unwrap_model(keep_torch_compile=False) gives
+    return training.attach(sparsity, unwrapped, optimizer)

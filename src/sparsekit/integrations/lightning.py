@@ -14,6 +14,7 @@ A :class:`~sparsekit.DynamicSparsity` needs the optimizer that
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +29,7 @@ except ModuleNotFoundError as exc:  # a missing dependency of lightning is repor
                       "it)") from exc
 
 from sparsekit._checks import ArgumentTypeError
-from sparsekit.integrations.training import TrainingSparsity
+from sparsekit.integrations.training import Sparsity, TrainingSparsity
 
 __all__ = ["SparsityCallback"]
 
@@ -41,9 +42,37 @@ class SparsityCallback(TrainingSparsity, Callback):
     of them`` (see :data:`sparsekit.integrations.Sparsity`). The module must train with
     one optimizer. After training, :attr:`masks` and :attr:`schedule` are what was trained.
     Checkpoints hold their state, so ``fit(ckpt_path=...)`` resumes the schedule exactly.
+
+    Several of them train one module when each is given masks or a schedule of other
+    weights: their :attr:`state_key` is made of the names of those weights, so that each
+    resumes its own state. Lightning refuses two of the same key (two functions, whose
+    weights are known only once they have run, or two sparsities of the same weights).
     """
 
     _restored: dict[str, Any] | None = None
+
+    def __init__(self, sparsity: Sparsity) -> None:
+        super().__init__(sparsity)
+        masks = getattr(sparsity, "masks", None)  # a MaskSet's dict, or a schedule's masks
+        names = getattr(masks, "masks", masks)
+        self._key = self.__class__.__qualname__ if not isinstance(names, Mapping) else (
+            self._generate_state_key(weights=len(names), names=hashlib.blake2b(
+                "\n".join(sorted(names)).encode(), digest_size=6).hexdigest()))
+
+    @property
+    def state_key(self) -> str:
+        """Where Lightning keeps this callback's state in a checkpoint: the class name and
+        the number and a digest of the names of the weights its masks or schedule hold
+        (the class name alone for a function). Lightning's own key, the class name, let
+        only one of them in a ``Trainer``: a second was refused ("Found more than one
+        stateful callback of type `SparsityCallback`") even on other weights."""
+        return self._key
+
+    @property
+    def _legacy_state_key(self) -> str:
+        """The key checkpoints saved before :attr:`state_key` named the weights hold this
+        callback's state under (Lightning reads it where :attr:`state_key` is missing)."""
+        return self.__class__.__qualname__
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         optimizers = trainer.optimizers
@@ -66,6 +95,19 @@ class SparsityCallback(TrainingSparsity, Callback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self.end()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Let go of the optimizer of a run that failed, as at its end: the schedule stayed
+        attached to it (``on_train_end`` never came), and a new callback of the same
+        schedule was refused as "attached already"."""
+        self._restored = None
+        self.end()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Drop a checkpoint's state that no training took: ``validate(ckpt_path=...)``
+        (or ``test``, ``predict``) loads it too, and the next ``fit`` without a checkpoint
+        resumed from it, a fresh run starting at that checkpoint's masks and step."""
+        self._restored = None
 
     def state_dict(self) -> dict[str, Any]:
         """The masks' (or the schedule's) state, saved in Lightning checkpoints."""

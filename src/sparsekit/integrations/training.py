@@ -11,6 +11,7 @@ hooks would step it twice per optimizer step.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,18 +45,23 @@ class Attached:
     schedule: Schedule | None
     optimizer: torch.optim.Optimizer  # the real optimizer, not a framework's wrapper
     _handle: RemovableHandle | None = field(default=None, repr=False)
+    _hooked: bool = field(default=True, repr=False)  # whether attach() hooked the masks
 
     def remove(self) -> None:
         """Stop stepping the schedule and stop masking the optimizer's steps. The weights
         keep their zeros (a saved model holds them); the masks stay usable, and the
-        schedule can be attached again."""
+        schedule can be attached again. Masks (without a schedule) that were attached to
+        the optimizer before :func:`attach` (by ``masks.attach`` or another :func:`attach`)
+        stay attached: a remove stopped the masking the user had set up, and the first
+        remove of two attaches of the same masks stopped it for both."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
             del _STEPPING[id(self.schedule)]
         # a DynamicSparsity's own detach also takes off its gradient-reading hook
         detach = getattr(self.schedule, "detach", None) or getattr(self.masks, "detach", None)
-        if detach is not None:  # a StructureSet holds no hooks to remove
+        if detach is not None and self._hooked:  # a StructureSet holds no hooks to remove
+            self._hooked = False
             detach(self.optimizer)
 
     def _step(self, *_: object) -> None:
@@ -103,12 +109,12 @@ def attach(
     check(sparsity)
     real = check_optimizer(optimizer)
     if isinstance(sparsity, (Schedule, Masks)):
-        return _attach(sparsity, real, state, state_name)
+        return _attach(sparsity, real, state, state_name, _step_hooks(real))
     check_module("model", model)  # what the function builds on (masks and schedules: unused)
     hooks = _step_hooks(real)
     kept = None if state is None else _Kept(model, real)
     try:  # a DynamicSparsity hooks the optimizer as it is built
-        attached = _attach(sparsity(model, real), real, state, state_name)
+        attached = _attach(sparsity(model, real), real, state, state_name, hooks)
     except BaseException:
         _remove_hooks_since(real, hooks)
         if kept is not None:  # every weight: a refused state may name none of them
@@ -123,8 +129,11 @@ def attach(
 
 
 def _attach(built: object, real: torch.optim.Optimizer, state: Mapping[str, Any] | None,
-            state_name: str) -> Attached:
-    """:func:`attach` of what ``sparsity`` is or built: check it, load ``state``, hook it."""
+            state_name: str, hooks: tuple[set[int], set[int]]) -> Attached:
+    """:func:`attach` of what ``sparsity`` is or built: check it, load ``state``, hook it.
+    ``hooks`` are the optimizer's step hooks before the call (:func:`_step_hooks`): the
+    ``Attached`` of bare masks detaches them on remove only where they were not hooked
+    then."""
     if not isinstance(built, (Schedule, Masks)):
         raise ArgumentTypeError(
             f"sparsity: the function must return a MaskSet or a schedule, got {built!r}"
@@ -158,7 +167,8 @@ def _attach(built: object, real: torch.optim.Optimizer, state: Mapping[str, Any]
             message = f"{state_name} is no state of this {type(built).__name__}: {err}"
             raise kind(message) from err
     (getattr(schedule, "attach", None) or masks.attach)(real)  # a DynamicSparsity's hook too
-    attached = Attached(masks, schedule, real)
+    attached = Attached(masks, schedule, real,  # a schedule is attached once (_STEPPING)
+                        _hooked=schedule is not None or _step_hooks(real) != hooks)
     if schedule is not None:
         attached._handle = real.register_step_post_hook(attached._step)
         _STEPPING[id(schedule)] = attached
@@ -226,13 +236,44 @@ def _remove_hooks_since(optimizer: torch.optim.Optimizer, before: tuple[set[int]
 
 def check(sparsity: object) -> None:
     """Raise :class:`ArgumentTypeError` unless ``sparsity`` is one of the accepted
-    :data:`Sparsity`."""
+    :data:`Sparsity`.
+
+    A class (``GradualPruner`` rather than ``GradualPruner(...)``) and a function that
+    cannot be called with ``(model, optimizer)`` are refused here, when the callback is
+    built: both were taken for functions and failed only once training began, with
+    Python's own ``TypeError`` (a missing argument) or a check of the class's own
+    arguments that named the optimizer ("masks must be a dict …, got SGD"). A schedule
+    class built from ``(model, optimizer)`` alone (a subclass fixing the rest) is a
+    function like any other."""
     if not (isinstance(sparsity, (Schedule, Masks)) or callable(sparsity)):
         raise ArgumentTypeError(
             "sparsity must be a MaskSet, a schedule (GradualPruner, IterativePruning, "
             "DynamicSparsity …) or a function (model, optimizer) -> one of them, got "
             f"{type(sparsity).__name__}"
         )
+    if isinstance(sparsity, (Schedule, Masks)):
+        return
+    try:
+        signature = inspect.signature(sparsity)
+    except (TypeError, ValueError):  # some builtins have none: left to the call
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as err:
+        failure: TypeError | None = err
+    else:
+        failure = None
+    # a Protocol with attributes (Schedule's masks) takes no issubclass: its step tells
+    if isinstance(sparsity, type) and (failure is not None
+                                       or not callable(getattr(sparsity, "step", None))):
+        raise ArgumentTypeError(
+            f"sparsity must be a MaskSet, a schedule or a function (model, optimizer) -> one "
+            f"of them, got the class {sparsity.__name__}: pass an instance of it, or a "
+            "function (model, optimizer) that builds one")
+    if failure is not None:
+        raise ArgumentTypeError(
+            f"sparsity: the function must take the two arguments (model, optimizer), its "
+            f"signature is {signature} ({failure})") from failure
 
 
 class TrainingSparsity:
@@ -243,6 +284,8 @@ class TrainingSparsity:
         check(sparsity)
         self.sparsity = sparsity
         self.attached: Attached | None = None
+        self._function = None if isinstance(sparsity, (Schedule, Masks)) else sparsity
+        self._trained: nn.Module | None = None  # the model of the last begin()
 
     @property
     def masks(self) -> Masks | None:
@@ -257,13 +300,31 @@ class TrainingSparsity:
     def begin(self, model: nn.Module, optimizer: object, *,
               state: Mapping[str, Any] | None = None, state_name: str = "state") -> None:
         """:func:`attach` (with the ``state`` to resume from, if any); :attr:`attached` is
-        set only once that succeeded."""
+        set only once that succeeded.
+
+        A later training of the same model goes on with the masks and the schedule of the
+        one before. A schedule the function built on that training's optimizer (a
+        ``DynamicSparsity``) is built again on this one, from the state it ended with
+        (unless ``state`` is given): it was refused as "built on another optimizer" —
+        Lightning builds a new optimizer for each ``fit``. A function builds afresh for
+        another model (an HF ``model_init`` builds one per ``train()``, a search trial each),
+        which the masks of the one before were refused for."""
         if self.attached is not None:
-            self.sparsity = self.attached.schedule or self.attached.masks
+            previous = self.attached.schedule or self.attached.masks
+            own = getattr(self.attached.schedule, "optimizer", None)
             self.attached.remove()
             self.attached = None
+            same = model is self._trained
+            if self._function is None or same and (
+                    own is None or check_optimizer(own) is check_optimizer(optimizer)):
+                self.sparsity = previous
+            else:
+                self.sparsity = self._function
+                if same and state is None:
+                    state, state_name = previous.state_dict(), "the previous training's state"
         self.attached = attach(self.sparsity, model, optimizer, state=state,
                                state_name=state_name)
+        self._trained = model
 
     def end(self) -> None:
         if self.attached is not None:
