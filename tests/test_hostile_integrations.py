@@ -386,8 +386,9 @@ def test_train_epoch_takes_ignored_labels_and_class_probabilities():
 
     labels = torch.randint(0, 4, (12,))
     labels[0] = -100
-    assert math.isfinite(train_epoch(_classifier(), _epoch_data(y=labels), torch.optim.SGD(
-        _classifier().parameters(), lr=0.1), batch_size=4))
+    model = _classifier()
+    assert math.isfinite(train_epoch(model, _epoch_data(y=labels), torch.optim.SGD(
+        model.parameters(), lr=0.1), batch_size=4))
     model = _classifier()
     soft = torch.softmax(torch.randn(12, 4), dim=1)
     assert math.isfinite(train_epoch(model, _epoch_data(y=soft),

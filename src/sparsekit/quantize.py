@@ -121,8 +121,14 @@ def check_within_grid(name: str, weight: torch.Tensor, scales: torch.Tensor) -> 
     rounding to the grid is an error of at most half a step. A weight that grew since it
     was quantized (fine-tuned, merged, rescaled) was clamped to ±127 steps by
     :func:`quantize_int8`: a compiled layer 3x the size of its grid was off by 46 % of its
-    largest output, without a word. ``name`` names the layer in the error."""
-    groups = _grouped(weight.detach().to(torch.float32), group_size_of(weight, scales))
+    largest output, without a word. ``name`` names the layer in the error. A weight or
+    scales that are no grid (a 1-D weight, scales of another shape, a zero scale) are
+    refused as such: they were raw broadcasting errors, a weight "beyond its grid" by
+    infinitely many steps, or a 1-D weight broadcast against the scales and passed."""
+    _check_weight(f"{name}: weight", weight, None)
+    group_size = group_size_of(weight, scales)
+    _check_scales(weight, scales, group_size)
+    groups = _grouped(weight.detach().to(torch.float32), group_size)
     steps = (groups / scales.detach().to(torch.float32).unsqueeze(-1)).abs()
     if bool((steps > INT8_MAX + 0.5).any()):
         flat = int(steps.flatten().argmax())
@@ -163,10 +169,37 @@ def scales_at(scales: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     """The scale of each stored weight at ``rows`` and ``cols`` (int64 tensors that
     broadcast together) on the grid of ``scales``: its row's for ``(out,)`` scales, its
     row's of its group of inputs for ``(out, groups)`` ones (groups of ``in_features /
-    groups`` inputs) — what a format's fallback multiplies its stored codes by."""
+    groups`` inputs) — what a format's fallback multiplies its stored codes by.
+
+    ``rows`` must lie in ``[0, out)`` and ``cols`` in ``[0, in_features)``, ``in_features``
+    be an int the groups divide: an index past the grid was a raw ``IndexError``, and a
+    negative one (or a column past ``in_features`` of a per-row grid) read another
+    weight's scale without a word. The indices' values are checked where reading them costs
+    no device sync and no graph break: on the CPU, outside ``torch.compile`` tracing (the
+    engine's paths call this on every product)."""
+    if not isinstance(scales, torch.Tensor) or scales.dim() not in (1, 2):
+        raise ArgumentTypeError(f"scales must be a tensor of int8 scales (out,) or (out, "
+                                f"groups), got {type(scales).__name__} "
+                                f"{tuple(getattr(scales, 'shape', ()))}")
+    check_int("in_features", in_features, minimum=1)
+    groups = scales.shape[1] if is_grouped(scales) else 1
+    if in_features % groups:
+        raise ValueError(f"in_features must be divided by the {groups} groups of scales of "
+                         f"shape {tuple(scales.shape)}, got {in_features}")
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    for name, index, size, what in (("rows", rows, scales.shape[0], "the rows of scales"),
+                                    ("cols", cols, in_features, "in_features inputs")):
+        if (not isinstance(index, torch.Tensor) or index.is_floating_point()
+                or index.is_complex() or index.dtype == torch.bool):
+            raise ArgumentTypeError(f"{name} must be an integer tensor of indices, got "
+                                    f"{getattr(index, 'dtype', type(index).__name__)}")
+        if (index.numel() and index.device.type == "cpu" and not tracing
+                and not 0 <= int(index.min()) <= int(index.max()) < size):
+            bad = index[(index < 0) | (index >= size)][0]
+            raise ValueError(f"{name} must lie in [0, {size}) ({what}), got {int(bad)}")
     if not is_grouped(scales):
         return scales[rows]
-    return scales[rows, cols // (in_features // scales.shape[1])]
+    return scales[rows, cols // (in_features // groups)]
 
 
 def fake_quantize(

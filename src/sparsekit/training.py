@@ -6,6 +6,8 @@ the only sparsity-specific line is ``masks.attach(optimizer)``.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,7 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sparsekit._checks import ArgumentTypeError, check_bool, check_int, check_seed, model_errors
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_int,
+    check_materialized,
+    check_module,
+    check_seed,
+    model_errors,
+)
 from sparsekit.observe import inference
 
 __all__ = ["accuracy", "inference", "minibatches", "train_epoch"]
@@ -60,6 +70,9 @@ def _check_examples(data: TensorDataset, caller: str) -> None:
     if len(data) == 0:
         raise ValueError(f"data holds no examples; {caller} needs at least one")
     for what, t in zip(("inputs", "labels"), data.tensors):
+        # counting its non-finite values was a raw "Tensor.item() cannot be called on meta
+        # tensors"
+        check_materialized(f"data's {what}", t)
         if t.is_floating_point() or t.is_complex():
             bad = int((~torch.isfinite(t)).sum())
             if bad:
@@ -104,6 +117,28 @@ def _check_alone(model: nn.Module, data: TensorDataset, batch_size: int) -> None
             f"which BatchNorm layer {alone[0]!r} cannot train (it needs more than one value "
             "per channel); accepted: a batch_size that leaves no example alone"
         )
+
+
+def _check_trains(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise naming ``optimizer`` unless its learning rates are finite and it holds a
+    parameter of ``model`` that requires gradients: one built on another model's
+    parameters (or on frozen ones only) stepped nothing of this model, and the epoch
+    returned its losses as if it had trained."""
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        scalar = isinstance(lr, numbers.Real) or (isinstance(lr, torch.Tensor)
+                                                  and lr.numel() == 1)
+        if scalar and not math.isfinite(float(lr)):
+            # torch takes lr=nan (nan < 0 is False): the first step made every weight NaN
+            raise ValueError(f"optimizer.param_groups[{i}]['lr'] must be a finite learning "
+                             f"rate, got {float(lr)}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in model.parameters() if p.requires_grad):
+        raise ValueError(
+            "optimizer holds none of the trainable parameters of model (built on another "
+            "model's parameters, or on frozen ones only), so train_epoch would train "
+            "nothing; accepted: an optimizer built from this model's parameters, e.g. "
+            "torch.optim.SGD(model.parameters(), lr=0.1)")
 
 
 def _check_labels(model: nn.Module, data: TensorDataset, batch_size: int) -> None:
@@ -163,10 +198,12 @@ def train_epoch(
     and finite labels the model's outputs can score (class indices, or a probability per
     class); ``optimizer`` a ``torch.optim.Optimizer``, ``batch_size`` an int ≥ 1; ``seed``
     (an int in [0, 2**63 - 1]) draws the order of the batches; ``on_step``, if given, is
-    called after each step. All are checked before the
-    model is put in training mode (so is a minibatch of one example that a BatchNorm layer
-    cannot train on): each failed only in the loop, after some steps had changed the
-    weights (or gave NaN weights, or a mean loss of 0.0 over no examples)."""
+    called after each step; ``optimizer`` must hold a trainable parameter of ``model``,
+    at finite learning rates. All are checked before the model is put in training mode
+    (so is a minibatch of one example that a BatchNorm layer cannot train on): each failed
+    only in the loop, after some steps had changed the weights (or gave NaN weights, or a
+    mean loss of 0.0 over no examples, or trained nothing)."""
+    check_module("model", model)
     check_int("batch_size", batch_size, minimum=1)
     check_seed("seed", seed)
     _check_data(data)
@@ -176,6 +213,7 @@ def train_epoch(
     if on_step is not None and not callable(on_step):
         raise ArgumentTypeError(f"on_step must be None or a function called after each "
                                 f"step, got {type(on_step).__name__}")
+    _check_trains(model, optimizer)
     _check_examples(data, "train_epoch")
     _check_alone(model, data, batch_size)
     _check_labels(model, data, batch_size)
@@ -202,6 +240,7 @@ def accuracy(model: nn.Module, data: TensorDataset, *, batch_size: int = 1000) -
     on the inputs, or whose outputs are no ``(examples, classes)`` logits, is a
     ``ValueError`` naming ``data`` (it was PyTorch's bare ``RuntimeError`` or
     ``IndexError``)."""
+    check_module("model", model)  # inference() named it "models[0]"
     check_int("batch_size", batch_size, minimum=1)
     _check_data(data)
     _check_examples(data, "accuracy")
@@ -209,6 +248,11 @@ def accuracy(model: nn.Module, data: TensorDataset, *, batch_size: int = 1000) -
     if labels.dim() != 1:  # one-hot labels broadcast against the predictions
         raise ValueError(f"data's labels must be class indices (one per example), got a "
                          f"tensor of shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        # compared with the predicted indices as numbers: 1.5 was never predicted and
+        # counted wrong, True counted as class 1
+        raise ValueError(f"data's labels must be integer class indices (torch.long), got "
+                         f"{labels.dtype}")
     correct = 0
     with inference(model):
         for x, y in minibatches(data, batch_size):

@@ -27,11 +27,18 @@ def find_layers(
     """The targeted ``nn.Linear`` modules of ``model`` by name, in definition order.
 
     ``targets`` (module types, names or globs, as in :func:`sparsekit.resolve_targets`)
-    replaces the default selection of ``method``.
+    replaces the default selection of ``method``; every module it names must be an
+    ``nn.Linear``.
     """
     if targets is not None:
         chosen = {t.module_name for t in resolve_targets(model, targets)}
         layers = {n: m for n, m in model.named_modules() if n in chosen}
+        other = {n: type(m).__name__ for n, m in layers.items() if not isinstance(m, nn.Linear)}
+        if other:  # left out without a word: calibrated and applied dense
+            raise ValueError(
+                f"targets: {other} are not nn.Linear layers, whose inputs activation "
+                "sparsity thresholds (one threshold per input feature of a weight's "
+                "columns); accepted: targets that name nn.Linear modules only")
     else:
         layers = {n: m for n, m in model.named_modules() if _default(n, method)}
     layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}

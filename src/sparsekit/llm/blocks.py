@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparsekit.blocks import layer_types
-from sparsekit.targets import TargetSpec, _as_list, resolve_targets, stores_transposed
+from sparsekit.targets import Target, TargetSpec, _as_list, resolve_targets, stores_transposed
 
 DEFAULT_EXCLUDE = ("lm_head",)
 
@@ -76,16 +76,39 @@ def block_layers(
     elif not _as_list(targets, "targets"):
         raise ValueError(f"targets={targets!r} matches no layer; accepted: None (every Linear "
                          "layer of the blocks), or module types, names or globs")
-    targeted = [t.module_name for t in resolve_targets(model, targets)]
+    owners: dict[int, list[int]] = {}
+    for i, block in enumerate(blocks):
+        for m in block.modules():
+            owners.setdefault(id(m), []).append(i)
+    found = resolve_targets(model, targets)
+
+    def linear_outside(chosen: list[Target]) -> list[str]:
+        """The Linear weights among ``chosen`` when none lies inside the blocks (other
+        parameters are named as no Linear weight below)."""
+        linear = [t for t in chosen if isinstance(t.module, layer_types())
+                  and t.param is getattr(t.module, "weight", None)]
+        return [] if any(id(t.module) in owners for t in chosen) else [t.name for t in linear]
+
+    # said before the exclusions: targets="lm_head" was "no parameters left to sparsify"
+    # (the default exclude dropped it), as if a typo, not a layer llm.prune never prunes;
+    # beside a layer of the blocks it was dropped without a word
+    named = [e for e in _as_list(targets, "targets") or [] if isinstance(e, str)]
+    outside = [n for e in named for n in linear_outside(resolve_targets(model, [e]))]
+    if explicit and not outside:
+        outside = linear_outside(found)
+    if outside:
+        raise ValueError(
+            f"targets: {outside[:3]} lie outside the transformer blocks, and "
+            "llm.prune prunes only the Linear layers inside them, block by block; accepted: "
+            "targets inside the blocks (None: all of their Linear layers), or "
+            "sparsekit.prune for layers outside them"
+        )
+    targeted = [t.module_name for t in found]
     exclude = [
         e for e in _as_list(exclude, "exclude") or []
         if e not in DEFAULT_EXCLUDE or any(fnmatch.fnmatchcase(n, e) for n in targeted)
     ]
     chosen = resolve_targets(model, targets, exclude)
-    owners: dict[int, list[int]] = {}
-    for i, block in enumerate(blocks):
-        for m in block.modules():
-            owners.setdefault(id(m), []).append(i)
     per_block: list[list[Layer]] = [[] for _ in blocks]
     outside = []
     for t in chosen:

@@ -58,8 +58,12 @@ METHODS: Registry = Registry("method")
 
 def check_quantize(quantize: str | None) -> str | None:
     """``quantize``, validated: ``None`` or one of :data:`QUANTIZE`."""
-    if quantize is not None and (not isinstance(quantize, str) or quantize not in QUANTIZE):
-        raise ValueError(f"quantize must be None or one of {list(QUANTIZE)}, got {quantize!r}")
+    if quantize is None:
+        return None
+    # a bool or a number is the wrong type (a TypeError that ``except ValueError`` catches)
+    kind = ValueError if isinstance(quantize, str) else ArgumentTypeError
+    if kind is ArgumentTypeError or quantize not in QUANTIZE:
+        raise kind(f"quantize must be None or one of {list(QUANTIZE)}, got {quantize!r}")
     return quantize
 
 

@@ -259,6 +259,10 @@ def check_writable_module(model: nn.Module) -> None:
 def check_options(sparsity: float, pattern: str | Pattern, allocation: str) -> Pattern:
     """Validate the options that do not depend on the model; return the parsed pattern."""
     check_sparsity(sparsity)
+    if not isinstance(allocation, str):  # a list was a plain ValueError, as if misspelt
+        raise ArgumentTypeError(f"unknown allocation {allocation!r} (a "
+                                f"{type(allocation).__name__}, not a name); accepted: "
+                                f"{', '.join(ALLOCATIONS)}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; accepted: {', '.join(ALLOCATIONS)}")
     pat = parse_pattern(pattern)

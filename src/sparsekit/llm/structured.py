@@ -136,6 +136,11 @@ def prune_structured(
     check_module("model", model)
     units = _check_units(unit)
     method = UNITS[units[0]][0] if method is None else method
+    for name, value, known in (("method", method, UNITS[units[0]]),
+                               ("allocation", allocation, _ALLOCATIONS)):
+        if not isinstance(value, str):  # a list was a plain ValueError, as if misspelt
+            raise ArgumentTypeError(f"unknown {name} {value!r} (a {type(value).__name__}, "
+                                    f"not a name); accepted: {', '.join(map(repr, known))}")
     if method not in UNITS[units[0]]:
         raise ValueError(f"unknown method {method!r} for unit {units[0]!r}; accepted: "
                          f"{', '.join(map(repr, UNITS[units[0]]))}")

@@ -53,6 +53,7 @@ from sparsekit._checks import (
     check_finite,
     check_fraction,
     check_int,
+    check_module,
     check_optimizer,
     check_seed,
     check_sparsity,
@@ -176,6 +177,7 @@ class DynamicSparsity:
         initial_sparsity: float = 0.5,
         salient_fraction: float = 0.3,
     ) -> None:
+        check_module("model", model)  # a state dict was a raw AttributeError
         if optimizer is None:
             raise ValueError(
                 "DynamicSparsity needs the training optimizer (optimizer=): it reads the "
@@ -185,6 +187,9 @@ class DynamicSparsity:
         check_sparsity(sparsity)
         rule = METHODS.get(method)
         ALLOCATIONS.get(allocation)
+        if not isinstance(drop_schedule, str):  # a list was "unknown", as if misspelt
+            raise ArgumentTypeError(f"drop_schedule must be a string, one of: "
+                                    f"{', '.join(DROP_SCHEDULES)}; got {drop_schedule!r}")
         if drop_schedule not in DROP_SCHEDULES:
             raise ValueError(
                 f"unknown drop_schedule {drop_schedule!r}; accepted: {', '.join(DROP_SCHEDULES)}"
@@ -228,6 +233,7 @@ class DynamicSparsity:
                 initial = self.rule.initial_masks()
             self.masks = MaskSet(model, initial)
         check_holds(optimizer, self._trained(), list(self.masks.masks))
+        self._most = None if sparse else self._kept_at_most()
         self._grads: MaskDict = {}
         self._momenta = {n: torch.zeros_like(p) for n, p in self.masks.params.items()}
         self._hook: RemovableHandle | None = None
@@ -452,7 +458,7 @@ class DynamicSparsity:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`; a state it cannot come from (NaN momenta among
-        them) changes nothing."""
+        them, masks of a run at a lower sparsity or another allocation) changes nothing."""
         self._check_not_removed("load_state_dict")
         check_state(self, state, ("generator", "momenta"))
         try:  # a scratch generator checks the state exactly as ours would take it
@@ -465,6 +471,7 @@ class DynamicSparsity:
         for n, m in state["momenta"].items():  # SNFS grows by them: NaN was regrown first
             check_finite(f"state['momenta'][{n!r}]", m,
                          hint="a state of a diverged run, or edited; nothing was loaded")
+        self._check_same_run(state["masks"])
         self.masks.load_state_dict(state["masks"])
         self.step_count = int(state["step"])
         self.generator.set_state(state["generator"])
@@ -475,6 +482,61 @@ class DynamicSparsity:
                                        self.masks.params[n])
                          for n, m in state["momenta"].items()}
         self._arm_capture()
+
+    def _kept_at_most(self) -> tuple[dict[str, int] | None, int]:
+        """The most weights the masks ever keep: of each layer (``None`` where the
+        allocation splits by scores) and in total — what the allocation keeps at the
+        starting sparsity (``initial_sparsity`` for GraNet) on a dense model, before which
+        no method grows (a model's own zeros only lower it). An allocation by scores may
+        round each layer's count up by one."""
+        start = self.initial_sparsity if self.method == "granet" else self.sparsity
+        # scores of the masks' shapes without their memory (these allocations read shapes)
+        shapes = {n: torch.zeros(()).expand(m.shape) for n, m in self.masks.masks.items()}
+        if ALLOCATIONS.meta(self.allocation)["uses_scores"]:
+            size = sum(t.numel() for t in shapes.values())
+            return None, round(size * (1.0 - start)) + len(shapes)
+        most = ALLOCATIONS.get(self.allocation)(shapes, float(start))
+        return most, sum(most.values())
+
+    def _check_same_run(self, saved: Mapping[str, Any]) -> None:
+        """Raise unless the masks state ``saved`` can come from a run of this
+        DynamicSparsity's sparsity and allocation: masks of the same pattern, keeping no
+        more weights (of a layer, for the methods that move weights within each layer only;
+        in total) than its allocation does (:meth:`_kept_at_most`). The state of a run at a
+        lower sparsity or another allocation was loaded without a word, and trained on at
+        the state's sparsity while ``sparsity`` said another (GraNet pruned towards this
+        one). Masks of the wrong shape or dtype are left for the masks' own
+        ``load_state_dict`` to name; sparse layers' structures are the model's own."""
+        pattern = saved.get("pattern", self.masks.pattern)
+        if pattern != self.masks.pattern:
+            raise ValueError(f"state['masks'] holds masks of pattern {pattern!r}, this "
+                             f"DynamicSparsity trains {self.masks.pattern!r} ones; nothing was "
+                             "loaded")
+        masks = saved["masks"]
+        if self._most is None or not all(
+                isinstance(m, torch.Tensor) and m.dtype == torch.bool and not m.is_meta
+                and m.shape == self.masks.masks[n].shape for n, m in masks.items()):
+            return
+        counts = {n: int(m.sum()) for n, m in masks.items()}
+        most, total = self._most
+        within_layers = most is not None and self.method not in ("snfs", "granet")
+        over = [n for n in counts if counts[n] > most[n]] if within_layers else []
+        if over:
+            names, ours = over[:1], most[over[0]]
+        elif sum(counts.values()) > total:
+            names, ours = list(counts), total
+        else:
+            return
+        size = sum(self.masks.masks[n].numel() for n in names)
+        theirs = sum(counts[n] for n in names)
+        where = f"of {names[0]!r}" if len(names) == 1 else "in total"
+        raise ValueError(
+            f"state['masks'] keeps {theirs} of {size} weights {where} (sparsity "
+            f"{1 - theirs / size:.4g}), more than this DynamicSparsity (method={self.method!r}, "
+            f"sparsity={self.sparsity!r}, allocation={self.allocation!r}) ever keeps there "
+            f"({ours}, sparsity {1 - ours / size:.4g}): the state of a run at a lower sparsity "
+            "or another allocation; accepted: the state of a DynamicSparsity built with the "
+            "same sparsity and allocation; nothing was loaded")
 
     def remove(self) -> None:
         """Stop updating and stop enforcing the masks (the weights stay sparse); it cannot

@@ -101,7 +101,8 @@ class GradualPruner:
             )
         self.model = model
         self.sparsity, self.initial_sparsity = sparsity, initial_sparsity
-        self.start_step, self.end_step, self.every = start_step, end_step, every
+        # Python ints: NumPy ones made step() return np.bool_, not the bool it documents
+        self.start_step, self.end_step, self.every = int(start_step), int(end_step), int(every)
         self._prune = dict(method=method, allocation=allocation, pattern=pattern, **prune_kwargs)
         # Validate the whole configuration now (a dry run), before anything is mutated.
         compute_masks(model, sparsity, **self._prune)

@@ -7,6 +7,8 @@ initialisation.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +18,7 @@ from torch import nn
 
 from sparsekit._checks import (
     ArgumentTypeError,
+    check_finite,
     check_fraction,
     check_int,
     check_optimizer,
@@ -165,7 +168,9 @@ class IterativePruning:
         """Resume from :meth:`state_dict`; a state it cannot come from changes nothing (a
         rewind state that does not fit the model is refused here, not at the next round, and
         so is a state that lacks one past ``rewind_step`` or holds one before it: the next
-        round failed or rewound to weights of another step)."""
+        round failed or rewound to weights of another step; one whose rounds pruned to
+        other sparsities, of a run with another ``sparsity`` or ``rounds``; and a rewind
+        state holding NaN or inf weights)."""
         check_state(self, state, ("round", "rewind_state", "history"))
         check_int("state['round']", state["round"], minimum=0)
         if state["round"] > self.rounds:
@@ -181,13 +186,43 @@ class IterativePruning:
             )
         if state["rewind_state"] is not None:
             check_tensors("rewind_state", state["rewind_state"], self.model.state_dict())
+            _check_rewind_values(self.model, state["rewind_state"])
         history = state["history"]
         if not isinstance(history, list) or len(history) != state["round"]:
             raise ValueError(f"state['history'] must be a list of one entry per round ran "
                              f"({state['round']}), got {history!r:.80}")
+        for i, entry in enumerate(history):
+            # a run of another sparsity or number of rounds pruned to other targets: its
+            # masks were taken, and the next round pruned to this schedule's, without a word
+            theirs = entry.get("sparsity") if isinstance(entry, Mapping) else None
+            if not isinstance(theirs, numbers.Real) or not math.isclose(
+                    theirs, self.target_sparsity(i), rel_tol=1e-12, abs_tol=1e-12):
+                raise ValueError(
+                    f"state['history'][{i}] pruned round {i} to sparsity {theirs!r}, this "
+                    f"IterativePruning (rounds={self.rounds}, sparsity={self.sparsity!r}) "
+                    f"prunes it to {self.target_sparsity(i)!r}: the state of a run with "
+                    "another sparsity or number of rounds; accepted: the state of an "
+                    "IterativePruning built with the same rounds and sparsity; nothing was "
+                    "loaded")
         self.masks.load_state_dict(state["masks"])
         self.round, self.step_count = int(state["round"]), int(state["step"])
         self._rewind_state, self.history = _own(state["rewind_state"]), list(history)
+
+
+def _check_rewind_values(model: nn.Module, rewind_state: Mapping[str, torch.Tensor]) -> None:
+    """Raise naming the first entry of ``rewind_state`` that the next round would rewind
+    ``model`` to a NaN or infinite weight with (or a NaN buffer, e.g. a running mean;
+    buffers may hold ±inf on purpose, an attention mask's): it was loaded without a word,
+    and every round after it trained from NaN."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    hint = "a state of a diverged run, or edited; nothing was loaded"
+    for n, t in rewind_state.items():
+        if not t.is_floating_point():
+            continue
+        if n in params:
+            check_finite(f"state['rewind_state'][{n!r}]", t, hint=hint)
+        elif bool(t.isnan().any()):
+            raise ValueError(f"state['rewind_state'][{n!r}] holds NaN; {hint}")
 
 
 def _own(rewind_state: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:

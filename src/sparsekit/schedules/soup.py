@@ -19,8 +19,9 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
     The models must share their sparsity mask (the nonzero pattern of every target
     weight); the average of weights that are zero in every model is zero, so the soup
     keeps the mask. Raises ``ValueError`` when masks or architectures differ or
-    ``models`` is empty, or a model holds NaN/inf parameters, NaN buffers, tensors without
-    values (meta) or tensors on another device than models[0]'s; an
+    ``models`` is empty, or a model holds NaN/inf parameters, NaN buffers, +inf where
+    another holds -inf, tensors without values (meta) or tensors on another device or of
+    another dtype than models[0]'s; an
     :class:`~sparsekit._checks.ArgumentTypeError` when it is not a sequence of
     ``nn.Module`` (one model, a state dict). A model without default targets (no Linear or
     Conv layer) has no mask to compare and is averaged as is.
@@ -33,6 +34,7 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
             raise ValueError(f"models[{i}] has a different architecture than models[0]")
     for i, (m, sd) in enumerate(zip(models, states)):
         _check_values(i, m, sd, states[0])
+    _check_opposite_infinities(models[0], states)
     for t in default_targets(models[0]):
         ref = states[0][t.name] != 0
         for i, sd in enumerate(states[1:], 1):
@@ -53,10 +55,11 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
 def _check_values(i: int, model: nn.Module, state: Mapping[str, torch.Tensor],
                   first: Mapping[str, torch.Tensor]) -> None:
     """Raise unless every tensor of ``model`` (``models[i]``, its ``state``) holds values on
-    the device of models[0]'s, its parameters finite and its buffers free of NaN: a NaN
-    made its entry of the soup NaN without a word (a diverged BatchNorm's running mean),
-    and a meta tensor failed deep inside ``torch.equal``. (Buffers may hold ±inf on
-    purpose, an attention mask's.)"""
+    the device and in the dtype of models[0]'s, its parameters finite and its buffers free
+    of NaN: a NaN made its entry of the soup NaN without a word (a diverged BatchNorm's
+    running mean), and a meta tensor failed deep inside ``torch.equal``. (Buffers may hold
+    ±inf on purpose, an attention mask's.) Another dtype was averaged promoted, then cast to
+    models[0]'s: the soup of a float32 and a bfloat16 model depended on their order."""
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for k, v in state.items():
         if v.is_meta:
@@ -65,12 +68,39 @@ def _check_values(i: int, model: nn.Module, state: Mapping[str, torch.Tensor],
         if v.device != first[k].device:
             raise ValueError(f"models[{i}] holds {k!r} on {v.device}, models[0] on "
                              f"{first[k].device}; move the models to one device")
+        if v.dtype != first[k].dtype:
+            raise ValueError(f"models[{i}] holds {k!r} in {v.dtype}, models[0] in "
+                             f"{first[k].dtype}; cast the models to one dtype")
         if k in params and v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise ValueError(f"models[{i}] holds NaN or inf in {k!r}; a soup of it would be "
                              "NaN or inf there")
         if v.is_floating_point() and bool(torch.isnan(v).any()):
             raise ValueError(f"models[{i}] holds NaN in its buffer {k!r}; a soup of it would "
                              "be NaN there (recompute it, e.g. BatchNorm statistics, first)")
+
+
+def _check_opposite_infinities(first: nn.Module,
+                               states: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """Raise naming the first floating buffer that one model holds +inf and another -inf
+    at the same entry: buffers may hold infinities on purpose (an attention mask's), but the
+    mean of +inf and -inf is NaN, which the soup held without a word. (Parameters are
+    finite: :func:`_check_values`; ``first`` is models[0], whose names say which are.)"""
+    params = {n for n, _ in first.named_parameters(remove_duplicate=False)}
+    for k, v in states[0].items():
+        if k in params or not v.is_floating_point() or not any(
+                bool(sd[k].isinf().any()) for sd in states):
+            continue
+        plus = torch.stack([torch.isposinf(sd[k]) for sd in states])
+        minus = torch.stack([torch.isneginf(sd[k]) for sd in states])
+        both = plus.any(0) & minus.any(0)
+        if bool(both.any()):
+            at = tuple(int(j) for j in both.nonzero()[0])
+            i, j = int(plus[(slice(None), *at)].int().argmax()), int(
+                minus[(slice(None), *at)].int().argmax())
+            raise ValueError(
+                f"models[{i}] holds +inf and models[{j}] -inf in {k!r} at {list(at)}; their "
+                "mean, the soup's entry, would be NaN; accepted: models whose infinite "
+                "entries agree in sign (an attention mask's -inf in every model)")
 
 
 _ACCEPTED = "a non-empty sequence (list, tuple) of nn.Module sharing one mask, e.g. [a, b]"
