@@ -212,7 +212,7 @@ BAD_NAMES = [None, 3, 1.5, ["uniform"], {"uniform": 1}, ("erk",)]
 @pytest.mark.parametrize("param, call", [
     ("allocation", lambda v: sparsekit.prune(mlp(), 0.5, allocation=v)),
     ("allocation", lambda v: compute_masks(mlp(), 0.5, allocation=v)),
-    ("criterion", lambda v: sparsekit.prune(mlp(), 0.5, method=v)),
+    ("method", lambda v: sparsekit.prune(mlp(), 0.5, method=v)),
     ("method", lambda v: DynamicSparsity(*(lambda m: (m, torch.optim.SGD(m.parameters(),
                                                                           lr=0.1)))(mlp()),
                                          0.5, method=v, end_step=10)),

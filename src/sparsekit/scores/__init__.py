@@ -22,8 +22,8 @@ from typing import Any
 from sparsekit.registry import Registry
 from sparsekit.scores._context import ScoreContext, batches, preserved
 
-CRITERIA: Registry = Registry("criterion", meta={"data_driven": False, "needs_labels": False,
-                                             "readers_only": False})
+CRITERIA: Registry = Registry("method", meta={"data_driven": False, "needs_labels": False,
+                                          "readers_only": False})
 
 # Registration happens on import of the modules below (kept after the registry).
 from sparsekit.scores import flap, graph, magnitude, saliency, wanda  # noqa: E402,F401
