@@ -16,9 +16,10 @@ names the field (``prune.sparsity: …``) and unknown fields and repeated keys a
 so a typo is not silently ignored. Types are strict, as in the Python API: ``true`` is not
 a number, ``1.0`` not an int, ``'yes'`` not a bool. What only the model can judge (the
 ``exclude`` names, whether the ``pattern`` divides its weights, the ``checkpoint``, the
-``input_shape``) is checked on a fresh copy of the model, so ``sparsekit run --check``
-catches it too. :func:`run_recipe` runs it (``sparsekit run recipe.yaml``) and writes
-``out`` last, after every stage that can fail.
+``input_shape``, whether forced ``compile.formats`` can hold a pruned layer) is checked on a
+fresh copy of the model, so ``sparsekit run --check`` catches it too, and so is whether
+``out`` can be written. :func:`run_recipe` runs it (``sparsekit run recipe.yaml``) and
+writes ``out`` last, after every stage that can fail.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ from pydantic_core import ErrorDetails
 
 import sparsekit
 from sparsekit import checkpoint as _checkpoint
+from sparsekit._atomic import write_target
 from sparsekit._checks import MAX_SEED, ArgumentTypeError, model_errors
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.data.images import check_image_root
-from sparsekit.engine.compile import check_rows
+from sparsekit.engine.compile import _candidates, _check_weight_dtype, check_rows
+from sparsekit.engine.compiled_conv import convertible
 from sparsekit.engine.formats import check_formats
 from sparsekit.models import MODELS, create_model
 from sparsekit.patterns import parse_pattern
@@ -198,7 +201,12 @@ class Recipe(_Strict):
         """Check the fields only the model can judge on a fresh copy of it, so that a
         recipe that validates does not fail halfway through its run; each error names
         its field."""
-        model = create_model(self.model)
+        # the run's own copy (seeded as run_recipe seeds it, on the CPU where it is built),
+        # and the caller's random state as it was: loading a recipe drew the model's initial
+        # weights from it
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(self.seed)
+            model = create_model(self.model)
         if self.checkpoint is not None:
             with _field("checkpoint"):
                 sparsekit.load(model, self.checkpoint)
@@ -211,6 +219,9 @@ class Recipe(_Strict):
                     pattern.check(t.out_in(t.param).shape, t.name)
         with torch.no_grad(), model_errors("input_shape"):
             model.eval()(torch.zeros(self.input_shape))
+        if self.compile is not None:
+            with _field("compile.formats"):
+                self._check_compilable(model)
         if self.finetune is not None and self.finetune.data_dir is not None:
             # a directory without the dataset failed only at the fine-tune stage, after the
             # prune stage had run (and `sparsekit run --check` called the recipe valid)
@@ -221,17 +232,53 @@ class Recipe(_Strict):
                 _check_out(self.out, self.checkpoint)
         return self
 
+    def _check_compilable(self, model: torch.nn.Module) -> None:
+        """Raise ``ValueError`` when ``compile.formats`` are forced (no ``"dense"``) and
+        none of them can hold the weight of any layer of ``model`` once pruned as the run
+        prunes it: :func:`sparsekit.compile` refused that only after the prune and
+        fine-tune stages had run, and ``sparsekit run --check`` called the recipe valid."""
+        c = self.compile
+        assert c is not None
+        names = check_formats(c.formats)
+        if names is None or "dense" in names:
+            return  # every layer may stay dense: nothing the compile stage can refuse
+        if self.prune is not None:
+            p = self.prune
+            with torch.random.fork_rng(devices=[]):
+                sparsekit.prune(model, p.sparsity, method=p.method, allocation=p.allocation,
+                                pattern=p.pattern, exclude=p.exclude, seed=self.seed)
+        value_dtype = _check_weight_dtype(c.weight_dtype)
+        # the layers compile() replaces: linear ones, and the convolutions it can convert
+        layers = [m for m in model.modules() if type(m) is torch.nn.Linear
+                  or type(m) is torch.nn.Conv2d and convertible(m) is None]
+        if not any(_candidates(m, names, value_dtype)[0] for m in layers):
+            raise ValueError(
+                f"{names!r} cannot hold the weight of any layer of {self.model!r} "
+                f"({f'pruned {self.prune.pattern}' if self.prune else 'not pruned by the recipe'}"
+                f"{'' if c.weight_dtype is None else f', values {c.weight_dtype}'}); "
+                "accepted: formats that fit them, 'auto', or a list including 'dense'")
+
 
 def _check_out(out: str, checkpoint: str | None) -> None:
     """Raise ``ValueError`` unless ``out`` can be written as a checkpoint file
     (:func:`~sparsekit.checkpoint.checkpoint_file`) and is not the ``checkpoint`` the
     recipe starts from (also through a link or another spelling: the run replaced it, as
     ``sparsekit run`` never does). Checked when the recipe is loaded, as otherwise only the
-    last stage found out, after every stage before it had run."""
+    last stage found out, after every stage before it had run. The directory the file goes
+    into (or its nearest existing folder, where the save creates the rest) must be
+    writable: a read-only one failed only in that save."""
     try:
-        _checkpoint.checkpoint_file(out)
+        target = _checkpoint.checkpoint_file(out)
     except ValueError as e:
         raise ValueError(f"cannot write {out!r}: {e}") from None
+    except OSError as e:  # a name too long: was "[Errno 36] …" with the path once more
+        raise ValueError(f"cannot write {out!r}: {e.strerror or e}") from None
+    folder = write_target(target).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {out!r}: the directory {str(folder)!r} is not "
+                         "writable; accepted: a path in a directory you can write")
     if checkpoint is not None and os.path.exists(out) and os.path.samefile(out, checkpoint):
         raise ValueError(f"cannot write {out!r}: it is the input checkpoint {checkpoint!r} "
                          "the recipe starts from; write to another file")
@@ -254,6 +301,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # ``<<: *defaults``, merged by SafeLoader (keys given beside it override):
+                # constructing the key here was "not valid YAML (could not determine a
+                # constructor for the tag …merge)"
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 hash(key)
@@ -266,6 +318,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def resolve(self, kind: type, value: str, implicit: tuple[bool, bool]) -> str:
+        """The tag of a plain scalar, except that YAML 1.1's base-60 and leading-zero octal
+        numbers are strings, as in YAML 1.2 and JSON: ``pattern: 2:4`` was the int 124
+        (refused as "Input should be a valid string, got 124") and ``seed: 010`` silently
+        the int 8; now the pattern is ``'2:4'`` and ``'010'`` is refused as no integer."""
+        tag = super().resolve(kind, value, implicit)
+        if tag in (_INT, _FLOAT) and (":" in value or _OCTAL.match(value)):
+            return _STR
+        return tag
+
+
+_INT, _FLOAT, _STR = (f"tag:yaml.org,2002:{t}" for t in ("int", "float", "str"))
+_OCTAL = re.compile(r"^[-+]?0[0-7_]+$")  # YAML 1.1's octal ints (``0o17`` is no int there)
 
 
 # YAML 1.1 (PyYAML) reads ``1e-3``, ``1e5`` and ``1.0e5`` as strings: ``lr: 1e-3`` was refused
@@ -304,12 +370,18 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         problems = [_problem(e) for e in err.errors()[:_MAX_PROBLEMS]]
         if err.error_count() > _MAX_PROBLEMS:
             problems.append(f"… and {err.error_count() - _MAX_PROBLEMS} more")
         raise ValueError(f"{path}: {'; '.join(problems)}") from None
+    if recipe.out is not None and os.path.exists(recipe.out) and os.path.samefile(recipe.out,
+                                                                                   path):
+        # run_recipe replaced the recipe file with the checkpoint (sparsekit run refuses it)
+        raise ValueError(f"{path}: out: {recipe.out!r} is the input {os.fspath(path)!r}; "
+                         "write to another file")
+    return recipe
 
 
 MAX_RECIPE_BYTES = 1 << 20

@@ -74,6 +74,10 @@ def model_for(path: str | os.PathLike, spec: str | None) -> nn.Module:
     if spec is None:
         return _recorded_model(Path(path), header)
     if ":" not in spec:
+        if spec not in MODELS:  # create_model's "unknown model 'x'" named no flag
+            raise UsageError(f"--model {spec!r} is neither a registered model nor "
+                             f"module:factory; accepted: {', '.join(MODELS.names())}, or "
+                             "module:factory")
         return create_model(spec)
     return _trusted_factory(spec)
 

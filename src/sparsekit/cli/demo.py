@@ -32,6 +32,7 @@ import sparsekit
 from sparsekit._checks import MAX_SEED, check_seed, check_sparsity
 from sparsekit.cli._output import check_output, write_directory
 from sparsekit.data import load_image_dataset
+from sparsekit.data.images import check_image_root
 from sparsekit.engine import autotune
 from sparsekit.models import lenet_300_100
 from sparsekit.training import accuracy, train_epoch
@@ -88,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
     if args.data_dir is not None and not args.data_dir.strip():  # "root '.' lacks the IDX files"
         raise ValueError(f"--data-dir must be a directory of Fashion-MNIST IDX files, got "
                          f"{args.data_dir!r}")
+    if args.data_dir is not None:  # "root 'x' lacks the IDX files …" named no flag
+        try:
+            check_image_root(args.data_dir)
+        except FileNotFoundError as err:
+            raise ValueError(f"--data-dir: {err}") from None
     out = check_output(args.out, inputs=[args.data_dir], directory=True)  # not into the data
     console = Console(width=None if sys.stdout.isatty() else 130)
     torch.manual_seed(args.seed)

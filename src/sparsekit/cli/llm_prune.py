@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -24,10 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import sparsekit
 from sparsekit._checks import check_seed, check_sparsity
-from sparsekit.blocks import home_device
+from sparsekit.blocks import find_blocks, home_device
 from sparsekit.cli._errors import UsageError
 from sparsekit.cli._output import check_output, write_directory
 from sparsekit.cli.report import show
+from sparsekit.patterns import Pattern
 
 EVAL_SENTENCES = 64
 # the files a sentence-transformers model adds to its transformers directory
@@ -78,9 +80,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.model_dir.strip():  # Path("") is the current directory, loaded as the model
         raise UsageError(f"MODEL_DIR must be a save_pretrained directory, got "
                          f"{args.model_dir!r}")
-    llm.METHODS.get(args.method)  # fail fast, before loading anything
+    if args.method not in llm.METHODS:  # fail fast, before loading anything
+        raise UsageError(f"--method: unknown method {args.method!r}; accepted: "
+                         f"{', '.join(llm.METHODS.names())}")
     check_sparsity(args.sparsity, "--sparsity")  # check_options names no flag: "sparsity …"
-    check_options(args.sparsity, args.pattern, args.allocation)
+    try:  # its messages name the parameters ("sparsity 0.5 exceeds …"), not the flags
+        pattern = check_options(args.sparsity, args.pattern, args.allocation)
+    except ValueError as err:
+        raise UsageError(f"--sparsity {args.sparsity:g} --pattern {args.pattern} --allocation "
+                         f"{args.allocation}: {err}") from None
     # checked by llm.prune too, but only after the model was loaded and the dense model
     # evaluated: minutes of work before a one-line mistake was named
     check_seed("--seed", args.seed)
@@ -110,15 +118,23 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise UsageError(f"--device: {err}") from None
     for flag, path in (("--calib", args.calib), ("--eval", args.eval)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{flag}: no such text file {path!r}")
+        if path is not None and not path.strip():  # Path("") is ".": "… is a directory"
+            raise UsageError(f"{flag} must be the path of a text file, got {path!r}")
+        if path is not None and not Path(path).is_file():  # a directory was "no such file"
+            what = "is a directory" if Path(path).is_dir() else "does not exist"
+            raise FileNotFoundError(f"{flag}: the text file {path!r} {what}")
     out = check_output(args.out, inputs=[args.model_dir, args.calib, args.eval],
                        directory=True)
     extra = sentence_transformers_files(Path(args.model_dir))
     model, tokenizer, causal = _load(args.model_dir)
     # before the evaluation, which caps its windows at 512 tokens: past the model's context
     # a --seqlen of 1000 was refused as "seqlen 512 exceeds the model's context"
-    check_seqlen(model, args.seqlen, minimum=2)
+    try:
+        seqlen = check_seqlen(model, args.seqlen, minimum=2)
+    except ValueError as err:  # named "seqlen", not the flag
+        raise UsageError(f"--seqlen: {err}") from None
+    _check_layers(model, pattern, args)
+    calibration = _calibration(args, tokenizer, seqlen)
     text = Path(args.eval or args.calib)
     quality = _quality(model, tokenizer, causal, text, args)
     dense = None if causal else copy.deepcopy(model)
@@ -128,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                   TimeElapsedColumn()) as bar:
         task = bar.add_task("blocks", total=None)
         masks = llm.prune(
-            model, args.calib, tokenizer=tokenizer, method=args.method, sparsity=args.sparsity,
+            model, calibration, tokenizer=tokenizer, method=args.method, sparsity=args.sparsity,
             pattern=args.pattern, allocation=args.allocation, nsamples=args.nsamples,
             seqlen=args.seqlen, device=args.device, seed=args.seed, quantize=args.quantize,
             group_size=args.group_size,
@@ -149,6 +165,51 @@ def run(args: argparse.Namespace) -> int:
           f"{after_size:,} bytes, {after_size / max(before_size, 1):.2f}x the input's "
           f"{before_size:,}")
     return 0
+
+
+def _check_layers(model: torch.nn.Module, pattern: Pattern, args: argparse.Namespace) -> None:
+    """Refuse a ``--pattern``, ``--quantize`` or ``--group-size`` that does not fit one of
+    the layers :func:`sparsekit.llm.prune` would prune (chosen as it chooses them), before
+    the dense evaluation: ``llm.prune`` checks them too, but only after that evaluation
+    (minutes on a real model) had run."""
+    from sparsekit.llm.blocks import DEFAULT_EXCLUDE, block_layers
+
+    layers = [x for block in block_layers(model, find_blocks(model), None, DEFAULT_EXCLUDE)
+              for x in block]
+    for layer in layers:
+        try:
+            pattern.check(layer.shape, layer.name)
+        except ValueError as err:
+            raise UsageError(f"--pattern {pattern.spec!r}: {err}") from None
+        if args.quantize is not None and layer.transposed:
+            raise UsageError(f"--quantize {args.quantize} needs nn.Linear layers (per-output-"
+                             f"channel scales); {layer.name!r} is a "
+                             f"{type(layer.module).__name__}: leave out --quantize")
+        group_size = args.group_size
+        if group_size is not None and layer.shape[1] % group_size:
+            raise UsageError(
+                f"--group-size must divide the inputs of every pruned layer (one int8 scale "
+                f"per group, the groups of a row equal); {layer.name!r} has {layer.shape[1]} "
+                f"inputs, got {group_size} (accepted: a divisor of "
+                f"{math.gcd(*(x.shape[1] for x in layers))}, or no --group-size for one "
+                "scale per row)"
+            )
+
+
+def _calibration(args: argparse.Namespace, tokenizer, seqlen: int) -> torch.Tensor:
+    """The calibration windows of ``--calib``, drawn as :func:`sparsekit.llm.prune` draws
+    them from the file, before the dense evaluation: with ``--eval``, an empty ``--calib``
+    was refused only after it, and so were more ``--nsamples`` than the memory holds (with
+    messages naming no flag)."""
+    from sparsekit.llm.calibration import calibration_tokens, tokenize
+
+    stream = tokenize(Path(args.calib), tokenizer, "--calib")
+    try:
+        return calibration_tokens(stream, nsamples=args.nsamples, seqlen=seqlen,
+                                  seed=args.seed)
+    except ValueError as err:
+        raise UsageError(f"--calib {args.calib!r} with --nsamples {args.nsamples}: "
+                         f"{err}") from None
 
 
 def _write(out: Path, model, tokenizer, masks: sparsekit.MaskSet, extra: list[Path],
@@ -233,6 +294,9 @@ def _quality(model, tokenizer, causal: bool, text: Path, args: argparse.Namespac
     flag = "--calib" if args.eval is None else "--eval"
     if causal:
         ids = tokenize(text, tokenizer, flag)[: args.eval_tokens]
+        if ids.numel() < 2:  # was "seqlen must be an int ≥ 2, got 1", for a --seqlen of 32
+            raise UsageError(f"{flag}: the text file {str(text)!r} holds {ids.numel()} token(s); "
+                             "perplexity needs at least 2 (it scores each token after the first)")
         seqlen = min(args.seqlen or context_length(model), 512, ids.numel())
         return lambda _dense: llm.perplexity(model, ids, seqlen=seqlen)
     try:

@@ -15,9 +15,12 @@ from sparsekit.cli._errors import UsageError
 from sparsekit.cli._model import add_checkpoint_arguments, example_inputs, load_checkpoint
 from sparsekit.cli._output import check_output, write_output
 from sparsekit.cli.report import show
+from sparsekit.data.images import check_image_root
 from sparsekit.patterns import parse_pattern
 from sparsekit.scores import CRITERIA
 from sparsekit.training import minibatches
+
+CALIB_BATCHES = 4  # --calib-batches when not given
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", action="append", default=[], help="name/glob to leave dense")
     p.add_argument("--data-dir", help="image dataset for data-driven criteria "
                    "(default: Fashion-MNIST, else digits)")
-    p.add_argument("--calib-batches", type=int, default=4,
-                   help="calibration batches of 128 for data-driven criteria")
+    p.add_argument("--calib-batches", type=int,
+                   help=f"calibration batches of 128 for data-driven criteria (default: "
+                   f"{CALIB_BATCHES})")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)
 
@@ -64,7 +68,7 @@ def _check_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.out is None and not args.dry_run:
         raise UsageError("--out is required (or pass --dry-run to write nothing)")
-    if args.calib_batches < 1:
+    if args.calib_batches is not None and args.calib_batches < 1:
         raise UsageError(f"--calib-batches must be ≥ 1, got {args.calib_batches}")
     _check_options(args)
     # the dataset is an input too: --out DATA/train-images-idx3-ubyte.gz replaced it
@@ -73,11 +77,17 @@ def run(args: argparse.Namespace) -> int:
     if args.data_dir is not None and not args.data_dir.strip():  # was read as "."
         raise UsageError(f"--data-dir must be a directory of the dataset's IDX files, got "
                          f"{args.data_dir!r}")
-    if args.data_dir is not None and not CRITERIA.meta(args.method)["data_driven"]:
-        # was read by no one: a data-free method pruned as if no --data-dir were given
-        raise UsageError(f"--data-dir applies to data-driven methods "
-                         f"({', '.join(CRITERIA.names(data_driven=True))}); --method "
-                         f"{args.method!r} reads no data")
+    for flag, given in (("--data-dir", args.data_dir), ("--calib-batches", args.calib_batches)):
+        if given is not None and not CRITERIA.meta(args.method)["data_driven"]:
+            # was read by no one: a data-free method pruned as if the flag were not given
+            raise UsageError(f"{flag} applies to data-driven methods "
+                             f"({', '.join(CRITERIA.names(data_driven=True))}); --method "
+                             f"{args.method!r} reads no data")
+    if args.data_dir is not None:  # "root 'x' lacks the IDX files …" named no flag
+        try:
+            check_image_root(args.data_dir)
+        except FileNotFoundError as err:
+            raise UsageError(f"--data-dir: {err}") from None
     model, _ = load_checkpoint(args.ckpt, args.model)
     example = example_inputs(args.input_shape, model)
     data = None
@@ -85,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         from sparsekit.data import load_image_dataset
 
         train = load_image_dataset(args.data_dir).train
-        data = [b for _, b in zip(range(args.calib_batches), minibatches(train, 128))]
+        batches = CALIB_BATCHES if args.calib_batches is None else args.calib_batches
+        data = [b for _, b in zip(range(batches), minibatches(train, 128))]
     masks = sparsekit.prune(
         model, args.sparsity, method=args.method, allocation=args.allocation,
         pattern=args.pattern, exclude=args.exclude, data=data, seed=args.seed,

@@ -10,7 +10,7 @@ written last, after every stage that can fail, and never replaces the recipe fil
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import os
 
 from sparsekit.cli._output import check_output
 
@@ -26,8 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparsekit.recipe import load_recipe, run_recipe
 
-    if not Path(args.recipe).is_file():
-        raise FileNotFoundError(f"recipe {args.recipe!r} does not exist or is not a file")
+    if not os.path.exists(args.recipe):  # a directory or a FIFO: load_recipe says which
+        raise FileNotFoundError(f"recipe {args.recipe!r} does not exist")
     recipe = load_recipe(args.recipe)
     if recipe.out is not None:
         # the recipe file (and the fine-tuning data) are inputs too: out: naming the recipe
