@@ -23,27 +23,17 @@ def _model() -> nn.Module:
 # -- HF Trainer ------------------------------------------------------------------------------
 
 
-def _bert():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=32, num_labels=2)
-    return transformers.BertForSequenceClassification(config)
+def _bert() -> nn.Module:
+    """test_integrations_hf's tiny BERT classifier (that module needs transformers)."""
+    pytest.importorskip("transformers")
+    from test_integrations_hf import _bert as bert
+    return bert()
 
 
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n: int = 16, length: int = 8) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(1, 64, (n, length), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]),
-                "labels": self.labels[i]}
+def _Data(*args: int) -> torch.utils.data.Dataset:
+    """test_integrations_hf's sequence-classification dataset."""
+    from test_integrations_hf import _Data as data
+    return data(*args)
 
 
 def _hf_run(out, target: float, *, resume=None, resume_arg=None, steps: int = 4, **args):
