@@ -612,10 +612,12 @@ struct NM {
     for (int j = 0; j < NB; ++j) acc[j] = _mm512_setzero_si512();
     for (int64_t first = 0; k < width; k += 64, first += window) {
       const int64_t left = width - k;
+      const int64_t at = k * fbits / 8;  // first byte of the fields (k: a multiple of 64)
+      prefetch_ahead(p + k);  // both streams: without, a cold 2:4 layer streamed at 0.7x
+      prefetch_ahead(reinterpret_cast<const uint8_t*>(q) + at);  // the row bitmap's rate
       const __m512i wv = left >= 64
           ? _mm512_loadu_si512(p + k)
           : _mm512_maskz_loadu_epi8((~0ULL) >> (64 - left), p + k);
-      const int64_t at = k * fbits / 8;  // first byte of the fields (k: a multiple of 64)
       const __m512i c = fields.at(reinterpret_cast<const uint8_t*>(q) + at, field_bytes - at,
                                  fbits);
       corr = _mm512_dpbusd_epi32(corr, bias128(), wv);
@@ -649,6 +651,8 @@ struct NM {
       const uint64_t spread = fbits == 2 ? 0x0303030303030303ULL : 0x0F0F0F0F0F0F0F0FULL;
       const uint32_t* f = q;  // the fields of these 32 values
       for (int64_t at = 0; k + 32 <= width; k += 32, at += window, f += fbits) {
+        prefetch_ahead(p + k);  // values and fields, as the AVX-512 loop
+        prefetch_ahead(f);
         int64_t d[4];  // the fields of 8 values each, one per byte
         for (int i = 0; i < 4; ++i) {
           const uint32_t bits = fbits == 2 ? (f[i / 2] >> (16 * (i % 2))) & 0xFFFFu : f[i];
