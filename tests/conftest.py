@@ -39,6 +39,18 @@ def ddp_dst_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return torchrun("dst_worker.py", stem, str(stem), *DDP_DST_RUNS)
 
 
+@pytest.fixture(scope="session")
+def lenet_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """A dense lenet_300_100 checkpoint (it records its architecture); tests only read it."""
+    import sparsekit
+    from sparsekit.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lenet") / "dense.safetensors"
+    sparsekit.save(create_model("lenet_300_100"), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""

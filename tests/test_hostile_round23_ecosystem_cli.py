@@ -17,17 +17,12 @@ from torch import nn
 
 import sparsekit
 from sparsekit.integrations import attach
-from sparsekit.models import create_model
 from sparsekit.recipe import load_recipe
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """A dense lenet_300_100 checkpoint (it records its architecture)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "dense.safetensors"
-    sparsekit.save(create_model("lenet_300_100"), path)
-    return path
+@pytest.fixture
+def ckpt(lenet_checkpoint) -> Path:
+    return lenet_checkpoint  # conftest's dense lenet_300_100 checkpoint
 
 
 @pytest.mark.parametrize(("flags", "expected"), [

@@ -19,37 +19,24 @@ from _cli import user_error
 import sparsekit
 from sparsekit.cli import llm_prune
 from sparsekit.cli.main import main
-from sparsekit.models import create_model
 from sparsekit.recipe import load_recipe
 
 CALIB = "First Citizen: Before we proceed any further, hear me speak.\n" * 20
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """A dense lenet_300_100 checkpoint (it records its architecture)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "dense.safetensors"
-    sparsekit.save(create_model("lenet_300_100"), path)
-    return path
+@pytest.fixture
+def ckpt(lenet_checkpoint) -> Path:
+    return lenet_checkpoint  # conftest's dense lenet_300_100 checkpoint
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
-    """A tiny LLaMA directory (32 and 64 inputs per layer, 64 positions) beside calib.txt."""
-    transformers = pytest.importorskip("transformers")
-    from sparsekit import llm
+    """test_cli_llm_prune's tiny LLaMA directory (32 and 64 inputs per layer, 64 positions)
+    beside calib.txt."""
+    pytest.importorskip("transformers")
+    from test_cli_llm_prune import _llama_dir
 
-    root = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
-    llm.byte_tokenizer().save_pretrained(root / "model")
-    (root / "calib.txt").write_text(CALIB)
-    return root / "model"
+    return _llama_dir(tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture
