@@ -248,7 +248,7 @@ def test_report_of_a_short_context_model_fits_its_default_tokens(capsys, tmp_pat
     (["prune", "CKPT", "--sparsity", "0.5", "--method", "snip", "--dry-run", "--data-dir", ""],
      "--data-dir must be a directory of the dataset's IDX files, got ''"),
     (["demo", "--out", "OUT", "--data-dir", " "],
-     "--data-dir must be a directory of Fashion-MNIST IDX files, got ' '"),
+     "--data-dir must be a directory of the dataset's IDX files, got ' '"),
     (["diff", "", "CKPT"], "A must be the path of a checkpoint file or a save_pretrained "
                            "directory, got ''"),
     (["diff", "CKPT", " "], "B must be the path of a checkpoint file"),

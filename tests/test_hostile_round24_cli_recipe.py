@@ -328,7 +328,7 @@ def test_a_data_dir_without_the_dataset_names_the_flag(capsys, tmp_path, ckpt, c
     argv = (["prune", str(ckpt), "--sparsity", "0.5", "--method", "snip", "--out",
              str(out / "p.safetensors")] if command == "prune" else ["demo", "--out", str(out)])
     err = user_error(capsys, *argv, "--data-dir", str(data))
-    assert f"--data-dir: root {str(data)!r} lacks the IDX files train-images-idx3-ubyte" in err
+    assert f"--data-dir {str(data)!r} lacks the IDX files train-images-idx3-ubyte" in err
     assert not out.exists()
 
 

@@ -86,14 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if args.train_limit is not None and args.train_limit < 1:  # 0 meant all, -5 all but 5
         raise ValueError(f"--train-limit must be ≥ 1 (images to train on), got "
                          f"{args.train_limit}")
-    if args.data_dir is not None and not args.data_dir.strip():  # "root '.' lacks the IDX files"
-        raise ValueError(f"--data-dir must be a directory of Fashion-MNIST IDX files, got "
-                         f"{args.data_dir!r}")
     if args.data_dir is not None:  # "root 'x' lacks the IDX files …" named no flag
-        try:
-            check_image_root(args.data_dir)
-        except FileNotFoundError as err:
-            raise ValueError(f"--data-dir: {err}") from None
+        check_image_root(args.data_dir, "--data-dir")
     out = check_output(args.out, inputs=[args.data_dir], directory=True)  # not into the data
     console = Console(width=None if sys.stdout.isatty() else 130)
     torch.manual_seed(args.seed)

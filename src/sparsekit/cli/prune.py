@@ -74,9 +74,6 @@ def run(args: argparse.Namespace) -> int:
     # the dataset is an input too: --out DATA/train-images-idx3-ubyte.gz replaced it
     out = None if args.out is None else check_output(args.out, inputs=[args.ckpt, args.data_dir],
                                                      overwrite=args.overwrite)
-    if args.data_dir is not None and not args.data_dir.strip():  # was read as "."
-        raise UsageError(f"--data-dir must be a directory of the dataset's IDX files, got "
-                         f"{args.data_dir!r}")
     for flag, given in (("--data-dir", args.data_dir), ("--calib-batches", args.calib_batches)):
         if given is not None and not CRITERIA.meta(args.method)["data_driven"]:
             # was read by no one: a data-free method pruned as if the flag were not given
@@ -84,10 +81,7 @@ def run(args: argparse.Namespace) -> int:
                              f"({', '.join(CRITERIA.names(data_driven=True))}); --method "
                              f"{args.method!r} reads no data")
     if args.data_dir is not None:  # "root 'x' lacks the IDX files …" named no flag
-        try:
-            check_image_root(args.data_dir)
-        except FileNotFoundError as err:
-            raise UsageError(f"--data-dir: {err}") from None
+        check_image_root(args.data_dir, "--data-dir")
     model, _ = load_checkpoint(args.ckpt, args.model)
     example = example_inputs(args.input_shape, model)
     data = None

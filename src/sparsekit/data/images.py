@@ -69,13 +69,19 @@ def load_image_dataset(
     return _digits()
 
 
-def check_image_root(root: str | os.PathLike) -> None:
-    """Raise ``FileNotFoundError`` unless ``root`` holds the IDX files that
-    :func:`load_image_dataset` reads from an explicit ``root`` (without reading them)."""
+def check_image_root(root: str | os.PathLike, name: str = "root") -> None:
+    """Raise unless ``root`` (the argument or flag ``name`` in the message) holds the IDX
+    files that :func:`load_image_dataset` reads from an explicit ``root`` (without reading
+    them): ``FileNotFoundError`` naming the missing ones, ``ValueError`` for a blank path
+    (``Path("")`` is the current directory: an unset shell variable read it)."""
+    if not os.fspath(root).strip():
+        raise ValueError(f"{name} must be a directory of the dataset's IDX files, got "
+                         f"{os.fspath(root)!r}")
     _, missing = _find_idx_files(Path(root))
     if missing:
         raise FileNotFoundError(
-            f"root {str(root)!r} lacks the IDX files {', '.join(missing)} (each may end in .gz)"
+            f"{name} {str(root)!r} lacks the IDX files {', '.join(missing)} (each may end in "
+            ".gz)"
         )
 
 
