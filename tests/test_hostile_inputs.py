@@ -922,8 +922,11 @@ def test_int8_refuses_float64_weights_float32_cannot_hold():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda q: q.int8_scales([[1.0]]), "^weight must be a 2-D floating-point or integer "
-                                      "tensor, got list$"),
+    (lambda q: q.int8_scales([[1.0]]), r"^weight must be a 2-D floating-point \(16 bits or "
+                                      "more\\) or integer tensor, got list$"),
+    # float8: torch's raw "isfinite" not implemented
+    (lambda q: q.quantize_int8(torch.ones(2, 3).to(torch.float8_e4m3fn)),
+     "got torch.float8_e4m3fn$"),
     (lambda q: q.int8_scales(torch.ones(2, 3, dtype=torch.bool)), "got torch.bool$"),
     (lambda q: q.quantize_int8(torch.ones(2, 3, dtype=torch.cfloat)), "got torch.complex64$"),
     (lambda q: q.quantize_int8(torch.ones(2, 3), [1.0, 1.0]), "^scales must be a floating "

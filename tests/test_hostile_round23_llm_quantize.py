@@ -127,8 +127,8 @@ def test_loading_a_scale_too_large_for_code_127_changes_nothing():
 
 def test_dequantize_grid_names_codes_not_weight():
     # Before: "weight must be 2-D (out, in), got list ()" for grouped scales.
-    with pytest.raises(ArgumentTypeError, match=r"^codes must be a 2-D floating-point or "
-                                                r"integer tensor, got list"):
+    with pytest.raises(ArgumentTypeError, match=r"^codes must be a 2-D floating-point \(16 "
+                                                r"bits or more\) or integer tensor, got list"):
         q.dequantize_grid([[1, 2]], torch.ones(1, 2))
     with pytest.raises(ValueError, match=r"^codes must be 2-D \(out, in\), got shape \(4,\)"):
         q.dequantize_grid(torch.ones(4, dtype=torch.int8), torch.ones(4, 2))

@@ -510,7 +510,8 @@ def test_dynamic_sparsity_names_a_model_that_is_no_module_and_a_drop_schedule_of
     (torch.randn(16), torch.ones(4), ValueError, r"^layer: weight must be 2-D \(out, in\), got "
                                                  r"shape \(16,\)$"),
     (torch.ones(4, 16, dtype=torch.bool), torch.ones(4), ArgumentTypeError,
-     r"^layer: weight must be a 2-D floating-point or integer tensor, got torch.bool$"),
+     r"^layer: weight must be a 2-D floating-point \(16 bits or more\) or integer tensor, "
+     r"got torch.bool$"),
 ])
 def test_check_within_grid_names_a_weight_or_scales_that_are_no_grid(weight, scales, error,
                                                                       match):

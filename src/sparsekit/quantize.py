@@ -369,10 +369,12 @@ def _check_weight(name: str, weight: Any, group_size: int | None) -> None:
     ``group_size`` of 10**12 allocated terabytes.
     """
     if (not isinstance(weight, torch.Tensor) or weight.dtype == torch.bool
-            or weight.is_complex()):
+            or weight.is_complex() or weight.is_floating_point() and weight.dtype.itemsize == 1):
+        # float8: torch's raw "isfinite" not implemented, in the finiteness check below
         got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ArgumentTypeError(
-            f"{name} must be a 2-D floating-point or integer tensor, got {got}"
+            f"{name} must be a 2-D floating-point (16 bits or more) or integer tensor, got "
+            f"{got}"
         )
     if weight.dim() != 2:
         raise ValueError(f"{name} must be 2-D (out, in), got shape {tuple(weight.shape)}")
