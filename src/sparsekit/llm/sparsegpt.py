@@ -44,7 +44,9 @@ def sparsegpt_prune(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``W`` (out, in) given the Hessian ``H = 2XXᵀ`` (in, in) of its inputs.
 
-    Returns the updated weights (zero where pruned) and the mask (``True`` = kept). With an
+    Returns the updated weights (zero where pruned; float32, the sweep's precision, whatever
+    ``W``'s dtype: the caller rounds them once, where it writes them) and the mask (``True``
+    = kept). With an
     N:M pattern exactly N of every M consecutive inputs are kept and ``sparsity`` is unused.
     ``percdamp`` adds that fraction of the mean diagonal to H for numerical stability. H is
     first divided by the mean of its non-zero diagonal (which leaves the solution unchanged),
