@@ -19,10 +19,17 @@ from sparsekit._checks import (
     check_positive,
     check_sparsity,
     check_writable,
+    is_float8,
     renamed,
     renamed_attribute,
 )
 from sparsekit.prune import check_sparsity as check_sparsity_from_prune
+
+
+def test_is_float8_names_the_dtypes_torch_stores_but_cannot_compute_in():
+    assert is_float8(torch.float8_e4m3fn) and is_float8(torch.float8_e5m2)
+    assert not any(is_float8(d) for d in (torch.float16, torch.bfloat16, torch.float32,
+                                          torch.int8, torch.uint8, torch.bool))
 
 
 def test_check_mapping():

@@ -85,6 +85,13 @@ def check_module(name: str, value: Any) -> None:
         raise ArgumentTypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
 
 
+def is_float8(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is one of PyTorch's float8 types: it stores them, but implements
+    almost no CPU arithmetic on them (``masked_fill_``, ``isfinite``, ``count_nonzero`` and
+    the rest are "not implemented"), so every computation takes 16 bits or more."""
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
 def check_materialized(name: str, tensor: torch.Tensor) -> None:
     """Raise ``ValueError`` naming ``name`` if ``tensor`` is on the meta device: it holds no
     values, and the first read of one (``.item()``, a comparison) failed inside PyTorch."""

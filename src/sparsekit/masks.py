@@ -33,6 +33,7 @@ from sparsekit._checks import (
     check_module,
     check_optimizer,
     check_writable,
+    is_float8,
 )
 from sparsekit.distributed import check_same_on_ranks, is_sharded, local, shard_like
 from sparsekit.patterns import Pattern, parse_pattern
@@ -542,7 +543,7 @@ def check_mask(name: str, mask: object, shape: torch.Size | tuple[int, ...]) -> 
 def maskable(dtype: torch.dtype) -> bool:
     """Whether a :class:`MaskSet` can mask a parameter of ``dtype`` in place: any but the
     float8 ones, which PyTorch cannot ``masked_fill_``."""
-    return not (dtype.is_floating_point and dtype.itemsize == 1)
+    return not is_float8(dtype)
 
 
 def pattern_view(model: nn.Module, name: str, mask: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, check_module
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_int,
+    check_materialized,
+    check_module,
+    is_float8,
+)
 
 __all__ = [
     "INT8_MAX", "MAX_SCALE", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales",
@@ -369,7 +375,7 @@ def _check_weight(name: str, weight: Any, group_size: int | None) -> None:
     ``group_size`` of 10**12 allocated terabytes.
     """
     if (not isinstance(weight, torch.Tensor) or weight.dtype == torch.bool
-            or weight.is_complex() or weight.is_floating_point() and weight.dtype.itemsize == 1):
+            or weight.is_complex() or is_float8(weight.dtype)):
         # float8: torch's raw "isfinite" not implemented, in the finiteness check below
         got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ArgumentTypeError(

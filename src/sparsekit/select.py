@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_materialized
+from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, is_float8
 
 _CHUNK = 1 << 20
 """Entries per step of a chunked selection: its memory, however many scores there are."""
@@ -66,7 +66,7 @@ def top_k(
     else:
         if not torch.is_floating_point(values):
             values = values.double()  # bools and narrower ints: exact in a double
-        elif values.dtype.itemsize == 1:  # float8, exact in a float (nan_to_num takes none)
+        elif is_float8(values.dtype):  # exact in a float (nan_to_num takes none)
             values = values.float()
         values = values.nan_to_num(nan=float("inf"), posinf=float("inf"),
                                    neginf=float("-inf"))

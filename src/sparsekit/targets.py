@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsekit._checks import ArgumentTypeError, check_module
+from sparsekit._checks import ArgumentTypeError, check_module, is_float8
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """The default target types that need no optional package (:func:`default_types` adds
@@ -168,7 +168,7 @@ def resolve_targets(
     for t in chosen.values():
         # float8 (one byte) is floating point, but PyTorch masks none in place: pruning one
         # zeroed the layers before it, then failed ("masked_fill" not implemented)
-        if not torch.is_floating_point(t.param) or t.param.dtype.itemsize == 1:
+        if not torch.is_floating_point(t.param) or is_float8(t.param.dtype):
             raise ArgumentTypeError(
                 f"target {t.name!r} has dtype {t.param.dtype}; only floating-point weights "
                 "of 16 bits or more (float16, bfloat16, float32, float64) can be sparsified"

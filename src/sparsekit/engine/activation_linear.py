@@ -66,6 +66,7 @@ from sparsekit._checks import (
     check_int,
     check_loadable,
     check_materialized,
+    is_float8,
 )
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.bound import BoundArguments, no_backward
@@ -1096,11 +1097,11 @@ def _check_storage(weight: torch.Tensor, scales: torch.Tensor | None,
         dtype = torch.float32 if dtype is None else dtype
     elif scales is not None:
         raise ValueError(f"scales are for int8 weights only, got a {weight.dtype} weight")
-    elif not weight.is_floating_point() or weight.dtype.itemsize == 1:  # float8: no kernel
+    elif not weight.is_floating_point() or is_float8(weight.dtype):  # no kernel
         raise TypeError(f"weight must be float16, bfloat16, float32, float64 or int8 codes, "
                         f"got {weight.dtype}")
     dtype = weight.dtype if dtype is None else dtype
-    if (not dtype.is_floating_point or dtype.itemsize == 1
+    if (not dtype.is_floating_point or is_float8(dtype)
             or (weight.dtype != torch.int8 and dtype != weight.dtype)):
         raise ValueError(f"dtype must be the weight's {weight.dtype} (or a floating dtype for "
                          f"int8 weights), got {dtype}")

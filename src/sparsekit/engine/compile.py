@@ -36,6 +36,7 @@ from sparsekit._checks import (
     check_materialized,
     check_materialized_module,
     check_module,
+    is_float8,
     model_errors,
     renamed,
 )
@@ -233,7 +234,7 @@ def compile(
     for name, layer in model.named_modules():
         if type(layer) in (nn.Linear, nn.Conv2d):  # their weights are read and timed
             check_materialized_module(layer, f"model: {name}." if name else "model: ")
-            if layer.weight.dtype.itemsize == 1 or not layer.weight.is_floating_point():
+            if not layer.weight.is_floating_point() or is_float8(layer.weight.dtype):
                 # float8 failed in the output check ("isfinite" not implemented)
                 raise ArgumentTypeError(
                     f"model: {name or 'the model'}.weight has dtype {layer.weight.dtype}; "
@@ -1180,7 +1181,7 @@ def _as_tuple(example_inputs: object) -> tuple[object, ...] | None:
         if isinstance(x, torch.Tensor) and x.numel() == 0:
             raise ValueError(f"example_inputs must not be empty, got a tensor of shape "
                              f"{tuple(x.shape)}")
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype.itemsize == 1:
+        if isinstance(x, torch.Tensor) and is_float8(x.dtype):
             # float8: torch's raw "isfinite" not implemented, just below
             raise ArgumentTypeError(f"example_inputs must be float16, bfloat16, float32 or "
                                     f"float64 where they are floats, got {x.dtype}")

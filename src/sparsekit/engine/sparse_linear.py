@@ -35,6 +35,7 @@ from sparsekit._checks import (
     check_int,
     check_materialized,
     check_optimizer,
+    is_float8,
 )
 from sparsekit.distributed import full, is_dtensor
 from sparsekit.engine import kernels
@@ -244,7 +245,7 @@ def _check_linear_tensors(linear: nn.Linear) -> None:
             continue
         accepted = (f"a floating-point tensor of 16 bits or more and shape {want} "
                     f"(in_features={shape[1]}, out_features={shape[0]})")
-        if not t.is_floating_point() or t.dtype.itemsize == 1:  # float8: a raw error below
+        if not t.is_floating_point() or is_float8(t.dtype):  # float8: a raw error below
             raise ArgumentTypeError(f"linear's {name} must be {accepted}, got dtype {t.dtype}")
         if tuple(t.shape) != want:
             raise ValueError(f"linear's {name} must be {accepted}, got shape {tuple(t.shape)}")
