@@ -113,6 +113,7 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
 """``--isa avx2``: the switches that hold ATen's vectorised kernels, oneDNN, MKL and FBGEMM
 (torch int8 dynamic quantization) to AVX2, read once when each library loads."""
+AVX2_SWITCHES = ", ".join(f"{k}={v}" for k, v in AVX2_ONLY.items())
 
 
 # -- the models ---------------------------------------------------------------------------
@@ -580,7 +581,7 @@ def run_model(name: str, shape: tuple[int, int, int, int], quick: bool, *,
         if torch_compile:
             floors[FLOOR + TORCH_COMPILED] = StaticDecode(floors[FLOOR])
         step_ms |= {n: 1e3 / tok_s for n, tok_s in decode_tokens_per_s(
-            floors, prompt[:, :16], steps=16 if quick else 32, rounds=2 if quick else 4).items()}
+            floors, prompt[:, :16], steps=steps, rounds=rounds).items()}
         split = decode_profile(profiled | floors, prompt[:, :16], steps=8 if quick else 16,
                                step_ms=step_ms)
     return {"model": name, "hidden": hidden, "intermediate": intermediate, "layers": layers,
@@ -654,12 +655,17 @@ def perplexity_rows(quick: bool) -> dict:
 # -- report -------------------------------------------------------------------------------
 
 
+def cpu_line(machine: dict[str, str]) -> str:
+    """The machine as the printout and the report name it: CPU model, the kernels' ISA,
+    threads, and what ``--isa`` limited."""
+    return (f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads"
+            + (f"; limited to {machine['limited to']}" if "limited to" in machine else ""))
+
+
 def markdown(machine: dict[str, str], results: list[dict], ppl: dict | None, note: str,
              quick: bool) -> str:
     lines = [f"# Batch-1 decode of a pruned LLaMA{' (quick run)' if quick else ''}", "",
-             f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads"
-             + (f"; limited to {machine['limited to']}" if "limited to" in machine else "")
-             + ". " + note, ""]
+             cpu_line(machine) + ". " + note, ""]
     for res in results:
         lines += [f"## {res['model']}: hidden {res['hidden']}, intermediate "
                   f"{res['intermediate']}, {res['layers']} layer(s), "
@@ -745,7 +751,7 @@ def main() -> int:
     parser.add_argument("--isa", metavar="ISA",
                         help="'avx2': run as on an AVX2-only CPU, sparsekit's kernels and the "
                         "peers' libraries alike (the script runs itself again with "
-                        + ", ".join(f"{k}={v}" for k, v in AVX2_ONLY.items()) + ")")
+                        + AVX2_SWITCHES + ")")
     args = parser.parse_args()
     if args.isa is not None and (args.isa != "avx2" or "avx2" not in kernels.isas()):
         parser.error(f"--isa must be avx2 on a CPU whose kernels run it (this one runs "
@@ -763,7 +769,7 @@ def run(args: argparse.Namespace) -> int:
     if args.isa:
         machine["limited to"] = (f"{args.isa} (sparsekit kernels on {kernels.isa()}; PyTorch "
                                  f"ATen {torch.backends.cpu.get_cpu_capability()}; "
-                                 + ", ".join(f"{k}={v}" for k, v in AVX2_ONLY.items()) + ")")
+                                 + AVX2_SWITCHES + ")")
     note = (f"torch {torch.__version__}; sparsekit kernels "
             f"{'on' if kernels.available() else 'off (PyTorch fallback)'}; random weights "
             "(Hugging Face initialisation), magnitude pruning; decode tokens/s is one over the "
@@ -779,8 +785,7 @@ def run(args: argparse.Namespace) -> int:
                "selves and dense fp32) and are shown at their eager speed here times that "
                "ratio: compiled peers in the main rotation slowed the compiled sparsekit "
                "models." if args.torch_compile else ""))
-    print(f"CPU: {machine['model']}; ISA: {machine['isa']}; {machine['threads']} threads"
-          + (f"; limited to {machine['limited to']}" if args.isa else ""), flush=True)
+    print(cpu_line(machine), flush=True)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shape:
         shapes = {"llama-{}x{}x{}".format(*args.shape[:3]): args.shape}
