@@ -569,8 +569,8 @@ def test_a_warm_block_keeps_its_fastest_part() -> None:
 
 def test_compile_times_cold_only_models_larger_than_the_cache(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """compile enters cold_cache when the weights outgrow the last-level cache, and the
-    decision key then says so, so warm and cold decisions never mix."""
+    """compile enters cold_cache when the weights outgrow the last-level cache or its caller
+    entered it, and the decision key then says so, so warm and cold decisions never mix."""
     seen: list[bool] = []
     real = autotune.measure
 
@@ -585,6 +585,13 @@ def test_compile_times_cold_only_models_larger_than_the_cache(
     model = _model()
     compile(model, torch.randn(1, 32))
     assert seen and not any(seen)
+    # inside cold_cache (a model that fits alone but decodes beside others): cold whatever
+    # its size, and the caller's setting holds after it
+    seen.clear()
+    with autotune.cold_cache():
+        compile(model, torch.randn(1, 32), cache=False)
+        assert autotune.cold()
+    assert seen and all(seen) and not autotune.cold()
     monkeypatch.setattr(autotune, "last_level_cache_bytes", lambda: 1024)
     seen.clear()
     compile(model, torch.randn(1, 32))

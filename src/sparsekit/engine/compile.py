@@ -124,8 +124,10 @@ def compile(
     takes the fastest of them that can hold its weight, and a layer none of them can hold
     is a ``ValueError``. When the model's weights outgrow the CPU's last-level cache (an
     LLM), row counts up to :data:`~sparsekit.engine.autotune.COLD_ROWS` are timed with the
-    cache flushed before each call, as decoding reads them
-    (:func:`~sparsekit.engine.autotune.cold_cache`).
+    cache flushed before each call, as decoding reads them; a compile inside
+    :func:`~sparsekit.engine.autotune.cold_cache` times them so whatever the model's size
+    (one that fits the cache alone but will decode beside other models, or that stands in
+    for a larger one).
 
     GPT-2's ``Conv1D`` layers are compiled as the ``nn.Linear`` each computes (its
     ``(in, out)`` weight transposed).
@@ -272,7 +274,8 @@ def compile(
     done: dict[int, nn.Module] = {}  # a shared layer is compiled once
     memo: dict[str, tuple[dict[str, object], str]] = {}  # decisions taken in this compile
     act = activation_sparsity.thresholds if activation_sparsity is not None else {}
-    with torch.no_grad(), autotune.cold_cache(_streams_weights(model, value_dtype)):
+    cold = autotune.cold() or _streams_weights(model, value_dtype)
+    with torch.no_grad(), autotune.cold_cache(cold):
         for parent in list(compiled.modules()):
             for child_name, child in list(parent._modules.items()):
                 if type(child) not in (nn.Linear, nn.Conv2d):  # subclasses are left alone
