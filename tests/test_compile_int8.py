@@ -11,6 +11,7 @@ from kernel_cases import reloaded
 from torch import nn
 
 from sparsekit.engine import compile, decompile, report
+from sparsekit.engine.compile import formats_fit
 from sparsekit.quantize import attach_scales, attached_scales, fake_quantize, int8_scales
 
 pytestmark = pytest.mark.skipif(not kernels_ok(), reason="compiled kernels unavailable")
@@ -120,6 +121,20 @@ def test_candidates_follow_the_value_dtype(one_thread):
     assert "dense_lowp" in bf16.sparsekit_choices["0"]["times_ms"]
     with pytest.raises(ValueError, match="weight_dtype.*int8"):
         compile(model, weight_dtype="int4")
+
+
+def test_formats_fit_says_whether_forced_formats_can_hold_a_layer():
+    """formats_fit: true where dense is allowed; for forced formats, whether one of them
+    holds some layer (with the values compile would store); bad arguments are refused."""
+    pruned, dense = _model(), nn.Sequential(nn.Linear(128, 96))
+    assert formats_fit(dense, "auto") and formats_fit(dense, ["dense", "nm"])
+    assert formats_fit(pruned, ["nm"]) and formats_fit(pruned, ["nm"], "int8")
+    assert not formats_fit(dense, ["nm"])  # no 2:4 weight to hold
+    assert not formats_fit(pruned, ["torch_csr"], "int8")  # it cannot hold int8 values
+    with pytest.raises(ValueError, match="weight_dtype.*int4"):
+        formats_fit(pruned, ["nm"], "int4")
+    with pytest.raises(ValueError, match="nope"):
+        formats_fit(pruned, ["nope"])
 
 
 def test_report_shows_value_dtype_bytes_and_quantization_error(one_thread):

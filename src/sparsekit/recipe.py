@@ -51,8 +51,7 @@ from sparsekit._atomic import write_target
 from sparsekit._checks import MAX_SEED, ArgumentTypeError, model_errors
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.data.images import check_image_root
-from sparsekit.engine.compile import _candidates, _check_weight_dtype, check_rows
-from sparsekit.engine.compiled_conv import convertible
+from sparsekit.engine.compile import check_rows, formats_fit
 from sparsekit.engine.formats import check_formats
 from sparsekit.models import MODELS, create_model
 from sparsekit.patterns import parse_pattern
@@ -247,11 +246,7 @@ class Recipe(_Strict):
             with torch.random.fork_rng(devices=[]):
                 sparsekit.prune(model, p.sparsity, method=p.method, allocation=p.allocation,
                                 pattern=p.pattern, exclude=p.exclude, seed=self.seed)
-        value_dtype = _check_weight_dtype(c.weight_dtype)
-        # the layers compile() replaces: linear ones, and the convolutions it can convert
-        layers = [m for m in model.modules() if type(m) is torch.nn.Linear
-                  or type(m) is torch.nn.Conv2d and convertible(m) is None]
-        if not any(_candidates(m, names, value_dtype)[0] for m in layers):
+        if not formats_fit(model, names, c.weight_dtype):
             raise ValueError(
                 f"{names!r} cannot hold the weight of any layer of {self.model!r} "
                 f"({f'pruned {self.prune.pattern}' if self.prune else 'not pruned by the recipe'}"

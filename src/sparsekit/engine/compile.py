@@ -906,6 +906,21 @@ def _tied_reason(other: str) -> str:
             "twice (grow=True, or formats without 'dense', compile it anyway)")
 
 
+def formats_fit(model: nn.Module, formats: str | Sequence[str],
+                weight_dtype: str | None = None) -> bool:
+    """Whether :func:`compile` with ``formats`` (and ``weight_dtype``) can hold the weight
+    of a layer of ``model`` as it is now: always where ``formats`` allow dense; for forced
+    formats, where one of them can hold some linear layer, or convolution compile converts.
+    A recipe asks this before its prune and fine-tune stages run, as compile refuses a
+    model none of them fits only after them."""
+    names = check_formats(formats)
+    if names is None or "dense" in names:
+        return True
+    value_dtype = _check_weight_dtype(weight_dtype)
+    return any(_candidates(m, names, value_dtype)[0] for m in model.modules()
+               if type(m) is nn.Linear or type(m) is nn.Conv2d and convertible(m) is None)
+
+
 def _candidates(
     layer: nn.Linear | nn.Conv2d, names: list[str] | None, value_dtype: torch.dtype | None = None
 ) -> tuple[list[str], bool]:
