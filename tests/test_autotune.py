@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from _kernels import needs_kernels
 from torch import nn
 
 from sparsekit.engine import autotune, compile, decisions
@@ -510,7 +511,7 @@ def test_cold_cache_flushes_before_every_timed_call_of_small_row_counts(
     each after a flush (as decode of a model larger than the cache reads its weights);
     larger row counts, and everything outside cold_cache, stay warm blocks."""
     events: list[str] = []
-    monkeypatch.setattr(autotune, "_evict", lambda: events.append("flush"))
+    monkeypatch.setattr(autotune, "_evict", lambda module: events.append("flush"))
     monkeypatch.setattr(autotune, "_time_block",
                         lambda m, x, reps: events.append(f"{x.shape[0]}x{reps}") or 1e-5)
     modules = {"dense": nn.Linear(4, 4), "other": nn.Linear(4, 4)}
@@ -533,7 +534,7 @@ def test_a_cold_round_keeps_the_fastest_of_its_calls(monkeypatch: pytest.MonkeyP
     """A stall (a descheduled thread on a busy machine) only adds time, and every cold call
     starts from the same flushed cache: each round keeps its fastest call, so one stalled
     call in a round does not make a fast format look slow."""
-    monkeypatch.setattr(autotune, "_evict", lambda: None)
+    monkeypatch.setattr(autotune, "_evict", lambda module: None)
     stalled = itertools.cycle([20e-3, 0.2e-3, 0.25e-3])  # one call in three stalls
     monkeypatch.setattr(autotune, "_time_block",
                         lambda m, x, reps: next(stalled) if m.tag == "sparse" else 1e-3)
@@ -581,7 +582,7 @@ def test_compile_times_cold_only_models_larger_than_the_cache(
     _clock(monkeypatch, dense=1.0, csr16=0.5, bitmap=0.6, torch_csr=2.0, nm=2.0, bsr=2.0,
            fanin=2.0, dense_lowp=2.0)
     monkeypatch.setattr(autotune, "measure", spy)
-    monkeypatch.setattr(autotune, "_evict", lambda: None)
+    monkeypatch.setattr(autotune, "_evict", lambda module: None)
     model = _model()
     compile(model, torch.randn(1, 32))
     assert seen and not any(seen)
@@ -632,13 +633,48 @@ def test_cold_cache_releases_its_flush_buffer(monkeypatch: pytest.MonkeyPatch) -
     timing cold."""
     monkeypatch.setattr(autotune, "effective_cache_bytes", lambda: 4096)
     with autotune.cold_cache():
-        autotune._evict()
+        autotune._evict(nn.Linear(4, 4))
         assert autotune._flush is not None
         assert autotune._flush.numel() == autotune.FLUSH_FACTOR * 4096 // 4
         with autotune.cold_cache():
-            autotune._evict()
+            autotune._evict(nn.Linear(4, 4))
         assert autotune._flush is not None  # an inner block leaves the outer one's buffer
     assert autotune._flush is None
+
+
+def test_a_cold_call_flushes_the_timed_module_s_own_tensors(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each eviction flushes the timed module's parameters and buffers (a large last-level
+    cache kept them past the read of other data), and only its CPU tensors."""
+    flushed: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(autotune.kernels, "flush_cache", lambda ts: flushed.append(list(ts)))
+    monkeypatch.setattr(autotune, "effective_cache_bytes", lambda: 4096)
+    layer = nn.BatchNorm1d(4)  # two parameters and three buffers
+    with autotune.cold_cache():
+        autotune._evict(layer)
+    assert len(flushed) == 1
+    assert {id(t) for t in flushed[0]} == {id(t) for t in (*layer.parameters(),
+                                                           *layer.buffers())}
+
+
+@needs_kernels
+def test_flush_cache_keeps_values_and_refuses_what_it_cannot_flush() -> None:
+    """kernels.flush_cache evicts tensors' memory and changes no value (views, empty and
+    int8 tensors too); anything but strided CPU tensors is refused before any is flushed."""
+    from sparsekit.engine import kernels
+
+    tensors = [torch.randn(300, 7), torch.randint(-127, 128, (1000,), dtype=torch.int8),
+               torch.empty(0), torch.randn(64, 64)[1::3, 5:]]
+    before = [t.clone() for t in tensors]
+    assert kernels.flush_cache(tensors) in (True, False)  # False: no such instruction here
+    assert kernels.flush_cache(tensors[0]) in (True, False)  # one tensor
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before, strict=True))
+    with pytest.raises(TypeError, match="torch.Tensors, got list at position 1"):
+        kernels.flush_cache([tensors[0], [1.0]])
+    with pytest.raises(RuntimeError, match=r"strided CPU tensors, got tensors\[1\]"):
+        kernels.flush_cache([tensors[0], torch.empty(3, device="meta")])
+    with pytest.raises(RuntimeError, match=r"tensors\[0\]"):
+        kernels.flush_cache([torch.eye(3).to_sparse()])
 
 
 def test_effective_cache_is_where_reading_slows_down(monkeypatch: pytest.MonkeyPatch) -> None:

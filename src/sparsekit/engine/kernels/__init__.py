@@ -29,15 +29,15 @@ import os
 import platform
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
 __all__ = [
-    "available", "bitmap_expansion", "bitmap_expansions", "isa", "isas", "load", "num_threads",
-    "unavailable_reason", "use_bitmap_expansion", "use_isa",
+    "available", "bitmap_expansion", "bitmap_expansions", "flush_cache", "isa", "isas", "load",
+    "num_threads", "unavailable_reason", "use_bitmap_expansion", "use_isa",
 ]
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))  # one file per kernel family
@@ -114,6 +114,28 @@ def isas() -> tuple[str, ...]:
     empty without kernels."""
     ops = load()
     return () if ops is None else tuple(ops.isas())
+
+
+def flush_cache(tensors: torch.Tensor | Iterable[torch.Tensor]) -> bool:
+    """Write the memory of ``tensors`` (one tensor or an iterable of them; their whole
+    storages) back and evict it from every CPU cache level (x86 ``clflush``, ARM
+    ``dc civac``), so that the next read of them comes from memory: autotune's cold timing
+    (:func:`sparsekit.engine.autotune.cold_cache`) flushes the layer it times. The values
+    are unchanged. Returns whether it flushed: ``False`` without kernels, or on a CPU
+    without such an instruction.
+
+    Raises ``TypeError`` for an element that is not a tensor and ``RuntimeError`` for one
+    that is not a strided CPU tensor, before anything is flushed."""
+    tensors = list(tensors) if not isinstance(tensors, torch.Tensor) else [tensors]
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors must be torch.Tensors, got {type(t).__name__} at "
+                            f"position {i}")
+    ops = load()
+    if ops is None:
+        return False
+    ops.flush_cache(tensors)
+    return platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64")
 
 
 def use_isa(name: str) -> contextlib.AbstractContextManager[None]:
