@@ -69,6 +69,9 @@ def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def block_group(name: str, block: nn.Module, unit: str) -> Group:
     """The FFN neurons or attention heads of one block as a dependency group."""
+    if unit not in UNITS:  # anything else was taken for "heads", silently
+        raise ValueError(f"unknown unit {unit!r}; accepted: {', '.join(map(repr, UNITS))}")
+
     def has(path: str) -> bool:
         try:
             block.get_submodule(path)
