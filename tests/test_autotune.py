@@ -671,6 +671,9 @@ def test_flush_cache_keeps_values_and_refuses_what_it_cannot_flush() -> None:
     assert all(torch.equal(a, b) for a, b in zip(tensors, before, strict=True))
     with pytest.raises(TypeError, match="torch.Tensors, got list at position 1"):
         kernels.flush_cache([tensors[0], [1.0]])
+    for bad in (3, "weights", None):
+        with pytest.raises(TypeError, match="a torch.Tensor or an iterable of them, got"):
+            kernels.flush_cache(bad)
     with pytest.raises(RuntimeError, match=r"strided CPU tensors, got tensors\[1\]"):
         kernels.flush_cache([tensors[0], torch.empty(3, device="meta")])
     with pytest.raises(RuntimeError, match=r"tensors\[0\]"):

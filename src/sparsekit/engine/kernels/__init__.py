@@ -124,9 +124,15 @@ def flush_cache(tensors: torch.Tensor | Iterable[torch.Tensor]) -> bool:
     are unchanged. Returns whether it flushed: ``False`` without kernels, or on a CPU
     without such an instruction.
 
-    Raises ``TypeError`` for an element that is not a tensor and ``RuntimeError`` for one
-    that is not a strided CPU tensor, before anything is flushed."""
-    tensors = list(tensors) if not isinstance(tensors, torch.Tensor) else [tensors]
+    Raises ``TypeError`` for anything but tensors and ``RuntimeError`` for a tensor that is
+    not a strided CPU one, before anything is flushed."""
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    elif isinstance(tensors, Iterable) and not isinstance(tensors, (str, bytes)):
+        tensors = list(tensors)
+    else:
+        raise TypeError(f"tensors must be a torch.Tensor or an iterable of them, got "
+                        f"{type(tensors).__name__}")
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensors must be torch.Tensors, got {type(t).__name__} at "
