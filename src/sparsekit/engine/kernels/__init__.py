@@ -118,7 +118,7 @@ def isas() -> tuple[str, ...]:
 
 def flush_cache(tensors: torch.Tensor | Iterable[torch.Tensor]) -> bool:
     """Write the memory of ``tensors`` (one tensor or an iterable of them; their whole
-    storages) back and evict it from every CPU cache level (x86 ``clflush``, ARM
+    storages) back and evict it from every CPU cache level (x86 ``clflushopt``, ARM
     ``dc civac``), so that the next read of them comes from memory: autotune's cold timing
     (:func:`sparsekit.engine.autotune.cold_cache`) flushes the layer it times. The values
     are unchanged. Returns whether it flushed: ``False`` without kernels, or on a CPU

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -19,10 +20,28 @@ namespace {
 
 constexpr int64_t kLine = 64;  // the smallest cache line of the CPUs served: a step never skips one
 
+#if defined(__x86_64__) || defined(_M_X64)
+// clflushopt where the CPU has it (CPUID leaf 7, EBX bit 23): its flushes overlap, where
+// clflush's are ordered one after another — a 46 MB layer took 1.7 ms against 90-150 ms
+// with clflush on the Intel Xeon above, and clflush made every cold timing pay that.
+bool has_clflushopt() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & (1u << 23)) != 0;
+}
+
+__attribute__((target("clflushopt"))) void flush_range_opt(const char* p, int64_t n) {
+  for (int64_t o = 0; o < n; o += kLine) _mm_clflushopt(const_cast<char*>(p + o));
+  _mm_clflushopt(const_cast<char*>(p + n - 1));  // the last line, where p is not aligned to one
+  _mm_sfence();
+}
+#endif
+
 void flush_range(const char* p, int64_t n) {
 #if defined(__x86_64__) || defined(_M_X64)
+  static const bool opt = has_clflushopt();
+  if (opt) return flush_range_opt(p, n);
   for (int64_t o = 0; o < n; o += kLine) _mm_clflush(p + o);
-  _mm_clflush(p + n - 1);  // the last line, where p is not aligned to one
+  _mm_clflush(p + n - 1);
   _mm_mfence();
 #elif defined(__aarch64__)
   for (int64_t o = 0; o < n; o += kLine) asm volatile("dc civac, %0" : : "r"(p + o) : "memory");
