@@ -212,21 +212,25 @@ def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: t
     refused ones go to ``skipped`` with the reason. Of the sparsekit configurations only
     those whose name is ``selected`` are built (the dense ones and the peers always are).
 
-    They compile inside :func:`~sparsekit.engine.autotune.cold_cache`: each decodes taking
-    turns token by token with the others (:func:`decode_tokens_per_s`), so its weights come
+    Where the dense fp32 model's weights alone outgrow the cache, they compile inside
+    :func:`~sparsekit.engine.autotune.cold_cache`: each model decodes taking turns token by
+    token with that one and the others (:func:`decode_tokens_per_s`), so its weights come
     from memory, as a 7B model's would, even where it fits the cache alone. Without it,
     compile timed the int8 models (207 MB at 2048/5632 x 4) warm in a 300 MiB L3 (Intel
     Xeon) and kept dense int8 in decode layers that, read from memory, the 2:4 W8A8 kernel
-    ran 1.4x faster on the AVX2 path (session 43)."""
+    ran 1.4x faster on the AVX2 path (session 43). A small shape whose models all stay in
+    the cache is compiled as compile decides (cold timing of it would only cost time)."""
     models: dict[str, nn.Module] = {"dense fp32": model}
     seconds: dict[str, float] = {}
+    weights = sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Linear))
+    streams = weights > autotune.effective_cache_bytes()
 
     def add(name: str, make: Callable[[], nn.Module]) -> None:
         if name.startswith("sparsekit") and not selected(name):
             return
         start = time.perf_counter()
         try:
-            with autotune.cold_cache():
+            with autotune.cold_cache() if streams else contextlib.nullcontext():
                 models[name] = make()
         except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
             skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
