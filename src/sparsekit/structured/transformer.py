@@ -35,8 +35,7 @@ _ATTENTIONS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 def transformer_groups(model: nn.Module, unit: str) -> list[Group]:
     """One group per transformer block: its FFN neurons (``unit="ffn"``) or attention
     heads (``unit="heads"``); ``ValueError`` for a block without that unit."""
-    if unit not in UNITS:
-        raise ValueError(f"unknown unit {unit!r}; accepted: {', '.join(map(repr, UNITS))}")
+    _check_unit(unit)
     prefix, blocks = transformer_blocks(model)
     groups = [block_group(f"{prefix}.{i}", b, unit) for i, b in enumerate(blocks)]
     _check_unshared(model, groups)
@@ -69,8 +68,7 @@ def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def block_group(name: str, block: nn.Module, unit: str) -> Group:
     """The FFN neurons or attention heads of one block as a dependency group."""
-    if unit not in UNITS:  # anything else was taken for "heads", silently
-        raise ValueError(f"unknown unit {unit!r}; accepted: {', '.join(map(repr, UNITS))}")
+    _check_unit(unit)  # anything else was taken for "heads", silently
 
     def has(path: str) -> bool:
         try:
@@ -136,3 +134,9 @@ def block_group(name: str, block: nn.Module, unit: str) -> Group:
         "LLaMA/Mistral/Qwen2-style (mlp.gate_proj/up_proj/down_proj, self_attn.q/k/v/o_proj) "
         "and BERT-style blocks (intermediate/output.dense, attention.self.query/key/value)"
     )
+
+
+def _check_unit(unit: str) -> None:
+    """``ValueError`` unless ``unit`` is one of :data:`UNITS`."""
+    if unit not in UNITS:
+        raise ValueError(f"unknown unit {unit!r}; accepted: {', '.join(map(repr, UNITS))}")
