@@ -81,6 +81,7 @@ import sparsekit
 from sparsekit import activation, llm
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.activation_linear import ActivationSparseLinear
+from sparsekit.engine.compile import streams_weights
 from sparsekit.quantize import quantize_int8
 
 RESULTS = Path(__file__).parent / "results"
@@ -222,8 +223,7 @@ def configurations(model: LlamaForCausalLM, prompt: torch.Tensor, calibration: t
     the cache is compiled as compile decides (cold timing of it would only cost time)."""
     models: dict[str, nn.Module] = {"dense fp32": model}
     seconds: dict[str, float] = {}
-    weights = sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Linear))
-    streams = weights > autotune.effective_cache_bytes()
+    streams = streams_weights(model)  # compile's own rule, for the dense fp32 model
 
     def add(name: str, make: Callable[[], nn.Module]) -> None:
         if name.startswith("sparsekit") and not selected(name):

@@ -16,6 +16,7 @@ from _kernels import needs_kernels
 from torch import nn
 
 from sparsekit.engine import autotune, compile, decisions
+from sparsekit.engine.compile import streams_weights
 
 # Per-round noise, the same cycle for every format (median 1.0); the candidate's has one
 # lucky block at 0.75, the kind of outlier that fooled a best-of-blocks timing.
@@ -584,6 +585,7 @@ def test_compile_times_cold_only_models_larger_than_the_cache(
     monkeypatch.setattr(autotune, "measure", spy)
     monkeypatch.setattr(autotune, "_evict", lambda module: None)
     model = _model()
+    assert not streams_weights(model)
     compile(model, torch.randn(1, 32))
     assert seen and not any(seen)
     # inside cold_cache (a model that fits alone but decodes beside others): cold whatever
@@ -593,6 +595,9 @@ def test_compile_times_cold_only_models_larger_than_the_cache(
         compile(model, torch.randn(1, 32), cache=False)
         assert autotune.cold()
     assert seen and all(seen) and not autotune.cold()
+    # weights of 7680 bytes in float32, 1920 as int8 codes
+    monkeypatch.setattr(autotune, "last_level_cache_bytes", lambda: 4096)
+    assert streams_weights(model) and not streams_weights(model, torch.int8)
     monkeypatch.setattr(autotune, "last_level_cache_bytes", lambda: 1024)
     seen.clear()
     compile(model, torch.randn(1, 32))

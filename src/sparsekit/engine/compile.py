@@ -274,7 +274,7 @@ def compile(
     done: dict[int, nn.Module] = {}  # a shared layer is compiled once
     memo: dict[str, tuple[dict[str, object], str]] = {}  # decisions taken in this compile
     act = activation_sparsity.thresholds if activation_sparsity is not None else {}
-    cold = autotune.cold() or _streams_weights(model, value_dtype)
+    cold = autotune.cold() or streams_weights(model, value_dtype)
     with torch.no_grad(), autotune.cold_cache(cold):
         for parent in list(compiled.modules()):
             for child_name, child in list(parent._modules.items()):
@@ -336,7 +336,7 @@ def compile(
     return compiled
 
 
-def _streams_weights(model: nn.Module, value_dtype: torch.dtype | None) -> bool:
+def streams_weights(model: nn.Module, value_dtype: torch.dtype | None = None) -> bool:
     """Whether ``model``'s linear and convolution weights (in ``value_dtype`` where given)
     outgrow the cache (:func:`~sparsekit.engine.autotune.effective_cache_bytes`), so that
     decoding reads every layer's weights from memory and small row counts are timed cold
