@@ -140,8 +140,7 @@ def flush_cache(tensors: torch.Tensor | Iterable[torch.Tensor]) -> bool:
     ops = load()
     if ops is None:
         return False
-    ops.flush_cache(tensors)
-    return platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64")
+    return bool(ops.flush_cache(tensors))
 
 
 def use_isa(name: str) -> contextlib.AbstractContextManager[None]:

@@ -36,6 +36,14 @@ __attribute__((target("clflushopt"))) void flush_range_opt(const char* p, int64_
 }
 #endif
 
+// Whether this build can flush (flush_range does nothing elsewhere).
+constexpr bool kFlushes =
+#if defined(__x86_64__) || defined(_M_X64) || defined(__aarch64__)
+    true;
+#else
+    false;
+#endif
+
 void flush_range(const char* p, int64_t n) {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool opt = has_clflushopt();
@@ -56,8 +64,8 @@ void flush_range(const char* p, int64_t n) {
 }  // namespace
 
 // Every tensor is checked (CPU, strided) before any is flushed; each one's whole storage is
-// flushed, not only its view's elements. Values are unchanged.
-void flush_cache(const std::vector<at::Tensor>& tensors) {
+// flushed, not only its view's elements. Values are unchanged. Returns whether it flushed.
+bool flush_cache(const std::vector<at::Tensor>& tensors) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.defined() && t.device().is_cpu() && t.layout() == at::kStrided,
@@ -69,11 +77,12 @@ void flush_cache(const std::vector<at::Tensor>& tensors) {
     const int64_t n = static_cast<int64_t>(t.storage().nbytes());
     if (n > 0) flush_range(static_cast<const char*>(t.storage().data()), n);
   }
+  return kFlushes;
 }
 
 }  // namespace sparsekit
 
-// Schema and implementation together, like isa.cpp's: no output, nothing to trace.
+// Schema and implementation together, like isa.cpp's: no tensor output, nothing to trace.
 TORCH_LIBRARY_FRAGMENT(sparsekit, m) {
-  m.def("flush_cache(Tensor[] tensors) -> ()", &sparsekit::flush_cache);
+  m.def("flush_cache(Tensor[] tensors) -> bool", &sparsekit::flush_cache);
 }
