@@ -634,17 +634,20 @@ def test_a_decision_is_keyed_by_the_code_path_timed() -> None:
 
 
 def test_cold_cache_releases_its_flush_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The flush buffer (FLUSH_FACTOR times the cache a working set keeps) lives only while
-    timing cold."""
+    """The buffer a cold call reads first lives only while timing cold: TOUCH_BYTES where
+    the timed layer can be flushed, FLUSH_FACTOR times the cache a working set keeps where
+    it cannot."""
     monkeypatch.setattr(autotune, "effective_cache_bytes", lambda: 4096)
-    with autotune.cold_cache():
-        autotune._evict(nn.Linear(4, 4))
-        assert autotune._flush is not None
-        assert autotune._flush.numel() == autotune.FLUSH_FACTOR * 4096 // 4
+    for flushes, size in ((False, autotune.FLUSH_FACTOR * 4096), (True, autotune.TOUCH_BYTES)):
+        monkeypatch.setattr(autotune.kernels, "flush_cache", lambda ts, f=flushes: f)
         with autotune.cold_cache():
             autotune._evict(nn.Linear(4, 4))
-        assert autotune._flush is not None  # an inner block leaves the outer one's buffer
-    assert autotune._flush is None
+            assert autotune._flush is not None
+            assert autotune._flush.numel() * 4 == size
+            with autotune.cold_cache():
+                autotune._evict(nn.Linear(4, 4))
+            assert autotune._flush is not None  # an inner block leaves the outer one's buffer
+        assert autotune._flush is None
 
 
 def test_a_cold_call_flushes_the_timed_module_s_own_tensors(
@@ -652,11 +655,13 @@ def test_a_cold_call_flushes_the_timed_module_s_own_tensors(
     """Each eviction flushes the timed module's parameters and buffers (a large last-level
     cache kept them past the read of other data), and only its CPU tensors."""
     flushed: list[list[torch.Tensor]] = []
-    monkeypatch.setattr(autotune.kernels, "flush_cache", lambda ts: flushed.append(list(ts)))
+    monkeypatch.setattr(autotune.kernels, "flush_cache",
+                        lambda ts: flushed.append(list(ts)) or True)
     monkeypatch.setattr(autotune, "effective_cache_bytes", lambda: 4096)
     layer = nn.BatchNorm1d(4)  # two parameters and three buffers
     with autotune.cold_cache():
         autotune._evict(layer)
+    flushed = [ts for ts in flushed if ts]  # (the first call asks with no tensors)
     assert len(flushed) == 1
     assert {id(t) for t in flushed[0]} == {id(t) for t in (*layer.parameters(),
                                                            *layer.buffers())}
@@ -673,6 +678,7 @@ def test_flush_cache_keeps_values_and_refuses_what_it_cannot_flush() -> None:
     before = [t.clone() for t in tensors]
     assert kernels.flush_cache(tensors) in (True, False)  # False: no such instruction here
     assert kernels.flush_cache(tensors[0]) in (True, False)  # one tensor
+    assert kernels.flush_cache([]) == kernels.flush_cache(tensors)  # none: whether it can
     assert all(torch.equal(a, b) for a, b in zip(tensors, before, strict=True))
     with pytest.raises(TypeError, match="torch.Tensors, got list at position 1"):
         kernels.flush_cache([tensors[0], [1.0]])
