@@ -29,10 +29,10 @@ on a quiet machine, fusing those groups gained nothing at one row there either.)
 
 Inside :func:`cold_cache` (which :func:`~sparsekit.engine.compile` enters when the model's
 weights do not fit in the cache, :func:`effective_cache_bytes`, and keeps when its caller
-entered it), row counts up to :data:`COLD_ROWS` are timed *cold*: the cache is flushed
-before every timed call (the timed layer's own tensors evicted by
-:func:`~sparsekit.engine.kernels.flush_cache`), as it is in batch-1 decode of such a model,
-where each layer's weights come from memory. Timed warm,
+entered it), row counts up to :data:`COLD_ROWS` are timed *cold*: before every timed call
+:data:`TOUCH_BYTES` of other data are read and the timed layer's own tensors evicted
+(:func:`~sparsekit.engine.kernels.flush_cache`), as in batch-1 decode of such a model,
+where each layer's weights come from memory after the other layers'. Timed warm,
 a layer that fits in the cache on its own would favour the format with the least decoding
 work over the one with the fewest bytes, which is the wrong choice for the model it
 belongs to.
