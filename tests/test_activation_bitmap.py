@@ -228,6 +228,21 @@ def test_a_forged_bitmap_reads_only_inside_the_values(isa, expansion):
 
 
 @needs_kernels
+def test_a_fall_anywhere_in_the_offsets_is_refused():
+    """The offsets are checked in one vectorized pass: a fall at any position (the first,
+    inside a vector, in the remainder after the last whole vector) is refused, the ends
+    kept right."""
+    args = _op_args()
+    offsets = args["offsets"]
+    n = offsets.numel()
+    for at in (1, 2, n // 2, n - 3, n - 2):
+        falling = offsets.clone().view(-1)
+        falling[at] = falling[at - 1] - 1 if falling[at - 1] > 0 else -1
+        with pytest.raises(RuntimeError, match="offsets must rise from 0 to .* with a fall"):
+            torch.ops.sparsekit.act_bitmap_gemv(**{**args, "offsets": falling.view_as(offsets)})
+
+
+@needs_kernels
 def test_act_sparse_gemv_rejects_a_falling_colptr():
     """The old kernel checked only the ends of colptr: a colptr rising to the end and falling
     back read (and scattered) values past the end of the array."""

@@ -27,8 +27,6 @@
 namespace sparsekit::SPARSEKIT_ISA::act {
 
 #if SPARSEKIT_AVX512
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,popcnt,bmi,bmi2,avx512vnni,avx512vbmi,avx512vbmi2,avx512bitalg")
 constexpr int kQLanes = 4;  // 128-bit lanes per vector: 64 outputs per step
 constexpr bool kQBiased = true;  // weights biased by 128 (vpdpbusd's unsigned operand)
 #elif SPARSEKIT_AVX2
@@ -61,6 +59,11 @@ constexpr int kQColumns = 8;
 constexpr int kAhead = 2;
 
 #if SPARSEKIT_AVX512
+// (The constants and sum_position above are compiled for every target: the output loop of
+// act_bitmap_qgemv, outside this region, inlines sum_position; called across targets it
+// was a call through the PLT per output, 10 % of a call that keeps no column.)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,popcnt,bmi,bmi2,avx512vnni,avx512vbmi,avx512vbmi2,avx512bitalg")
 // sums of one block (words 16-bit words of bits) += the N (a multiple of 4) columns with
 // bitmap words b[i], packed codes from p[i] and input codes c (N bytes, 4 per group):
 // per 64 outputs one load and store of four vectors of sums for all N columns.
