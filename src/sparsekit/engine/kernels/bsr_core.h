@@ -48,6 +48,11 @@ inline V loadv(const Value* p) {
     __builtin_memcpy(&v, &w, sizeof(V));
     return v;
   }
+  if constexpr (L == 4) {  // 4 x 4 blocks: the int8 GEMV ran 2.2x slower than fp32 without
+    const __m128 w = load4(p);
+    __builtin_memcpy(&v, &w, sizeof(V));
+    return v;
+  }
 #endif
   for (int i = 0; i < L; ++i) v[i] = to_float(p[i]);
   return v;
@@ -122,6 +127,13 @@ void gemv(const Bsr<Value>& w, const I* c, const float* x, const Output& out, fl
       for (int64_t k = w.rowptr[br]; k < w.rowptr[br + 1]; ++k) {
         if constexpr (Grouped) run.enter(w, c[k], flush);
         const Value* vb = w.v + k * RC;
+        // The block's lines kPrefetchBytes ahead (the blocks lie one after another): without,
+        // a cold 5632x2048 layer at 50 % in 4x16 blocks took 1.5 ms in fp32 and 1.4 in bf16
+        // instead of 0.9 and 0.8, in 16x16 int8 blocks 0.50 instead of 0.29 (Intel Xeon,
+        // two threads, interleaved in one process).
+        for (size_t b = 0; b < RC * sizeof(Value); b += 64) {
+          prefetch_ahead(reinterpret_cast<const char*>(vb) + b);
+        }
         const float* xb = x + static_cast<int64_t>(c[k]) * w.C;
         for (int64_t j = 0; j < w.C; j += L) {
           const V xv = loadv<V>(xb + j);

@@ -96,6 +96,18 @@ inline __m256 load8(const int8_t* p) {
   const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
 }
+// 4 values as 4 floats (the 4 x 4 BSR blocks' rows): the generic int8 -> float vector
+// conversion is scalar code (see bsr_core.h's loadv).
+inline __m128 load4(const float* p) { return _mm_loadu_ps(p); }
+inline __m128 load4(const bf16* p) {
+  const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+}
+inline __m128 load4(const int8_t* p) {
+  int32_t q;
+  __builtin_memcpy(&q, p, sizeof q);
+  return _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(q)));
+}
 // Sum of the 8 lanes.
 inline float hsum8(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
