@@ -13,9 +13,12 @@ struct PackedNM {
 
   int64_t work(int64_t r) const { return r * width; }
 
+  // The input of value k. n and m are powers of two (nm.cpp): shifts, not the divisions
+  // that made the AVX2 decode of a batch-8 N:M int8 layer (11008x4096) take 35 ms.
   int64_t col(const uint32_t* q, int64_t k) const {
     const int64_t bit = k * fbits;
-    return k / n * m + ((q[bit / 32] >> (bit % 32)) & (m - 1));
+    return ((k >> __builtin_ctzll(n)) << __builtin_ctzll(m)) +
+           ((q[bit >> 5] >> (bit & 31)) & (m - 1));
   }
 
 #if SPARSEKIT_AVX512
@@ -262,6 +265,22 @@ struct PackedNM {
     for (int64_t first = 0; k < width; k += 16, first += inputs16) {
       const __m512i c0 = _mm512_set1_epi32(static_cast<int>(first));
       _mm512_storeu_si512(c + k, _mm512_add_epi32(c0, fields.at(q + k / 16 * step)));
+    }
+#elif SPARSEKIT_AVX2
+    // 8 values' fields lie in one 32-bit word (2 or 4 bits each, 8 values a multiple of 16
+    // or 32 bits in): broadcast, shifted per lane, masked, plus each lane's group start.
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i shift = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(fbits)));
+    const __m256i field = _mm256_set1_epi32(static_cast<int>(m - 1));
+    const __m256i base = _mm256_slli_epi32(_mm256_srli_epi32(lane, __builtin_ctzll(n)),
+                                           __builtin_ctzll(m));
+    for (int64_t first = 0; k + 8 <= width; k += 8, first += 8 / n * m) {
+      const int64_t bit = k * fbits;
+      const __m256i f = _mm256_set1_epi32(static_cast<int>(q[bit >> 5] >> (bit & 31)));
+      const __m256i at = _mm256_and_si256(_mm256_srlv_epi32(f, shift), field);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + k),
+                          _mm256_add_epi32(_mm256_add_epi32(base, at),
+                                           _mm256_set1_epi32(static_cast<int>(first))));
     }
 #endif
     for (; k < width; ++k) c[k] = static_cast<int32_t>(col(q, k));
