@@ -415,6 +415,9 @@ struct Bitmap {
   // Row r's codes in the lanes of their inputs, zeros elsewhere, into dense (span() bytes):
   // a batch of more than kMaxNB input rows runs against this once-expanded row instead of
   // expanding the row again for every kMaxNB of them.
+  // Prefetched as the row dots are: a batch of 8 rows on 11008x4096 at 50 %, cold, ran
+  // 1.2x faster with it (AVX2 5.18 -> 4.36 ms, AVX-512 1.54 -> 1.22; Intel Xeon, two
+  // threads, interleaved in one process).
   void expand(int64_t r, int8_t* dense) const {
     const int8_t* p = v + rowptr[r];
     const uint16_t* b = bits + r * words;
@@ -426,11 +429,13 @@ struct Bitmap {
     for (; k + 4 <= words && end - p >= 64; k += 4) {
       uint64_t m;
       __builtin_memcpy(&m, b + k, sizeof m);
+      prefetch_ahead(p);
       _mm512_storeu_si512(dense + 16 * k, expand64(m, _mm512_loadu_si512(p), vpexpandb));
       p += __builtin_popcountll(m);
     }
 #elif SPARSEKIT_AVX2
     for (; k < words && end - p >= 16; ++k) {
+      prefetch_ahead(p);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dense + 16 * k), expand16(b[k], p));
       p += __builtin_popcount(b[k]);
     }
