@@ -58,6 +58,66 @@ constexpr int kQColumns = 8;
 // 1.07-1.15x on 2048x5632 and 1.03-1.05x on 2048x2048 than with whole runs at once.
 constexpr int kAhead = 2;
 
+// y[o0:o1) = (the sums of outputs [o0, o1) over `count` threads' parts - correction) * sx:
+// whole steps of 16 * kQLanes outputs as vectors (sum_position keeps a step's outputs as a
+// 4 x kQLanes grid of 4-output chunks, transposed here by 128-bit lane shuffles), the rest
+// one output at a time. o0 starts a step. A call on a 5632x2048 layer that keeps no column
+// took 17.8 us with it, 22.0 with the scalar loop (two threads, Intel Xeon).
+inline void finish_qsums(const int32_t* const* sums, int count, int64_t o0, int64_t o1,
+                         int32_t correction, float sx, float* y) {
+  int64_t o = o0;
+#if SPARSEKIT_AVX512
+  const __m512i corr = _mm512_set1_epi32(correction);
+  const __m512 scale = _mm512_set1_ps(sx);
+  for (; o + 64 <= o1; o += 64) {
+    __m512i z[4];
+    for (int k = 0; k < 4; ++k) {
+      z[k] = _mm512_sub_epi32(_mm512_loadu_si512(sums[0] + o + 16 * k), corr);
+      for (int u = 1; u < count; ++u) {
+        z[k] = _mm512_add_epi32(z[k], _mm512_loadu_si512(sums[u] + o + 16 * k));
+      }
+    }
+    // z[k] holds chunks (k, L = 0..3); output 16 L + 4 k + d is lane 4 k + d of vector L
+    const __m512i t0 = _mm512_shuffle_i32x4(z[0], z[1], 0x44);
+    const __m512i t1 = _mm512_shuffle_i32x4(z[0], z[1], 0xEE);
+    const __m512i t2 = _mm512_shuffle_i32x4(z[2], z[3], 0x44);
+    const __m512i t3 = _mm512_shuffle_i32x4(z[2], z[3], 0xEE);
+    const __m512i out[4] = {
+        _mm512_shuffle_i32x4(t0, t2, 0x88), _mm512_shuffle_i32x4(t0, t2, 0xDD),
+        _mm512_shuffle_i32x4(t1, t3, 0x88), _mm512_shuffle_i32x4(t1, t3, 0xDD)};
+    for (int L = 0; L < 4; ++L) {
+      _mm512_storeu_ps(y + o + 16 * L, _mm512_mul_ps(_mm512_cvtepi32_ps(out[L]), scale));
+    }
+  }
+#elif SPARSEKIT_AVX2
+  const __m256i corr = _mm256_set1_epi32(correction);
+  const __m256 scale = _mm256_set1_ps(sx);
+  for (; o + 32 <= o1; o += 32) {
+    const auto load = [o](const int32_t* part, int k) {
+      return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(part + o + 8 * k));
+    };
+    __m256i z[4];
+    for (int k = 0; k < 4; ++k) {
+      z[k] = _mm256_sub_epi32(load(sums[0], k), corr);
+      for (int u = 1; u < count; ++u) z[k] = _mm256_add_epi32(z[k], load(sums[u], k));
+    }
+    // z[k] holds chunks (k, L = 0..1); output 16 L + 4 k + d is lane 4 k + d of L's pair
+    const __m256i out[4] = {_mm256_permute2x128_si256(z[0], z[1], 0x20),
+                            _mm256_permute2x128_si256(z[2], z[3], 0x20),
+                            _mm256_permute2x128_si256(z[0], z[1], 0x31),
+                            _mm256_permute2x128_si256(z[2], z[3], 0x31)};
+    for (int v = 0; v < 4; ++v) {
+      _mm256_storeu_ps(y + o + 8 * v, _mm256_mul_ps(_mm256_cvtepi32_ps(out[v]), scale));
+    }
+  }
+#endif
+  for (; o < o1; ++o) {
+    int32_t s = -correction;
+    for (int u = 0; u < count; ++u) s += sums[u][sum_position(o)];
+    y[o] = static_cast<float>(s) * sx;
+  }
+}
+
 #if SPARSEKIT_AVX512
 // (The constants and sum_position above are compiled for every target: the output loop of
 // act_bitmap_qgemv, outside this region, inlines sum_position; called across targets it
@@ -254,11 +314,7 @@ inline void act_bitmap_qgemv(const ActBitmapQGemvArgs& q) {
         },
         [&](int64_t b0, int64_t b1, const int32_t* const* sums, int count, int64_t) {
           const int64_t o0 = std::min(a.out, b0 * a.block), o1 = std::min(a.out, b1 * a.block);
-          for (int64_t o = o0; o < o1; ++o) {
-            int32_t s = -correction;
-            for (int u = 0; u < count; ++u) s += sums[u][act::sum_position(o)];
-            a.y[o] = static_cast<float>(s) * q.sx;
-          }
+          act::finish_qsums(sums, count, o0, o1, correction, q.sx, a.y);
           act::scale_add(a.y + o0, a.scale + o0, bias ? bias + o0 : nullptr, o1 - o0);
         });
   });
