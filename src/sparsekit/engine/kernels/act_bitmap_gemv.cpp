@@ -38,6 +38,20 @@
 #include "common.h"
 #include "qlinear.h"
 
+namespace sparsekit {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+bool offsets_fall(const int32_t* p, int64_t n) {
+  int32_t falls = 0;  // an int, not a bool, for the vectorized reduction
+#pragma omp simd reduction(| : falls)
+  for (int64_t i = 1; i < n; ++i) falls |= static_cast<int32_t>(p[i] < p[i - 1]);
+  return falls != 0;
+}
+
+}  // namespace sparsekit
+
 namespace {
 
 constexpr int64_t kWorkPerThread = 16384;  // stored weights read that pay for one more thread
