@@ -80,16 +80,16 @@ inline ActInputs check_act_outputs(const at::Tensor& values, const at::Tensor& x
   return ActInputs{scale, b, bf16, num_threads(threads)};
 }
 
+// Whether some p[i] < p[i - 1] (i < n): a vectorized scan of every offset, compiled for the
+// widest instruction set the CPU runs (act_bitmap_gemv.cpp, target_clones).
+bool offsets_fall(const int32_t* p, int64_t n);
+
 // Column offsets (2-D, row after row) into `stored` values, read as one sequence: they must start
 // at 0, never fall and end at `stored`, so that every column a kernel reads lies inside the
 // values. One vectorized pass, on every call (a falling offset once let a kernel read past
-// the values' end): 5 us for the 47k offsets of a 5632 x 2048 bitmap-column layer, where
-// the scalar loop took 12, a third of a call that keeps no column (Intel Xeon, warm).
-// Whether some p[i] < p[i - 1] (i < n): a vectorized scan of every offset, compiled for the
-// widest instruction set the CPU runs (act_bitmap_gemv.cpp). At SSE width it was 5 of the 22
-// us a call of a 5632x2048 bitmap-column layer takes when it keeps no column.
-bool offsets_fall(const int32_t* p, int64_t n);
-
+// the values' end): for the 47k offsets of a 5632 x 2048 bitmap-column layer the scalar loop
+// took 12 us, a third of a call that keeps no column, the SSE one 5 and the AVX-512 one ~2
+// (Intel Xeon, warm).
 inline void check_offsets(const at::Tensor& offsets, const char* name, int64_t stored) {
   const int32_t* p = offsets.data_ptr<int32_t>();
   const int64_t n = offsets.numel();
