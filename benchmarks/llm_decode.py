@@ -421,8 +421,11 @@ def decode_profile(models: dict[str, nn.Module], prompt: torch.Tensor, steps: in
     """Where a decode step of each model goes, in ms per step: ``matmul`` (the self time of
     the weight-matmul ops, :data:`MATMUL_OPS`), ``attention`` (scaled dot-product attention),
     ``other ops`` (every other op: norms, RoPE, the KV cache's ``cat``, casts, allocation)
-    under ``torch.profiler``, and ``python`` = the unprofiled median step (``step_ms``) minus
-    all of those: the Python and framework time between ops."""
+    under ``torch.profiler``, and ``python`` = the median of as many unprofiled steps run
+    the same way just before (``warm_step_ms``) minus all of those: the Python and framework
+    time between ops. ``step_ms`` is the model's step in the main rotation, where the other
+    configurations' weights evicted its own: its excess over ``warm_step_ms`` is those cache
+    misses (session 46: subtracting the warm ops from it put 3.7 ms of them under Python)."""
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
@@ -432,6 +435,13 @@ def decode_profile(models: dict[str, nn.Module], prompt: torch.Tensor, steps: in
             for _ in range(2):  # warm: first-call allocations, torch.compile's recompiles
                 token = result.logits[:, -1:].argmax(-1)
                 result = model(token, cache=result.cache, use_cache=True)
+            warm = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                token = result.logits[:, -1:].argmax(-1)
+                result = model(token, cache=result.cache, use_cache=True)
+                warm.append(time.perf_counter() - start)
+            warm_ms = statistics.median(warm) * 1e3
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
                     token = result.logits[:, -1:].argmax(-1)
@@ -445,8 +455,8 @@ def decode_profile(models: dict[str, nn.Module], prompt: torch.Tensor, steps: in
                     split["attention"] += ms
                 elif "::" in event.key:  # ops, not the profiler's own or Python ranges
                     split["other ops"] += ms
-            split["python"] = max(0.0, step_ms[name] - sum(split.values()))
-            out[name] = {"step_ms": step_ms[name], **split}
+            split["python"] = max(0.0, warm_ms - sum(split.values()))
+            out[name] = {"step_ms": step_ms[name], "warm_step_ms": warm_ms, **split}
             del result
     return out
 
@@ -695,15 +705,19 @@ def markdown(machine: dict[str, str], results: list[dict], ppl: dict | None, not
         for config, why in res["skipped"].items():
             lines.append(f"| {config} | skipped: {why} | | | | |")
         if res.get("profile"):
-            lines += ["", "Where one decode step goes (ms per step; matmul, attention and other "
-                      "ops: self time under torch.profiler; Python & framework: the "
-                      f"unprofiled median step minus those; {FLOOR}: the dense fp32 model "
-                      "with every linear layer free, timed on its own):", "",
-                      "| configuration | step | matmul | attention | other ops | "
-                      "Python & framework |", "| :--- | ---: | ---: | ---: | ---: | ---: |"]
-            lines += [f"| {config} | {p['step_ms']:.2f} | {p['matmul']:.2f} | "
-                      f"{p['attention']:.2f} | {p['other ops']:.2f} | {p['python']:.2f} |"
-                      for config, p in res["profile"].items()]
+            lines += ["", "Where one decode step goes (ms per step; in turns: the median step "
+                      "in the rotation above, the other configurations' weights having evicted "
+                      "its own; alone: the median of the same model's steps run back to back; "
+                      "matmul, attention and other ops: self time under torch.profiler, run "
+                      "back to back; Python & framework: the step alone minus those; "
+                      f"{FLOOR}: the dense fp32 model with every linear layer free, timed on "
+                      "its own):", "",
+                      "| configuration | step in turns | step alone | matmul | attention | "
+                      "other ops | Python & framework |",
+                      "| :--- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {config} | {p['step_ms']:.2f} | {p['warm_step_ms']:.2f} | "
+                      f"{p['matmul']:.2f} | {p['attention']:.2f} | {p['other ops']:.2f} | "
+                      f"{p['python']:.2f} |" for config, p in res["profile"].items()]
         lines += ["", "Targets:", ""]
         lines += checklist(res["checks"])
         lines.append("")

@@ -112,8 +112,12 @@ def test_llm_decode_small_shape(tmp_path):
     assert {"torch int8 dynamic", "sparsekit 50% int8 W8A8", "no linear layers (floor)"} <= set(
         profile)
     assert profile["no linear layers (floor)"]["matmul"] == 0
-    assert all(p["step_ms"] > 0 for p in profile.values())
+    assert all(p["step_ms"] > 0 and p["warm_step_ms"] > 0 for p in profile.values())
+    for p in profile.values():  # the split is of the step run back to back, as profiled
+        parts = p["matmul"] + p["attention"] + p["other ops"] + p["python"]
+        assert parts == pytest.approx(p["warm_step_ms"]) or p["python"] == 0
     assert "ISA" in (tmp_path / "llm_decode_quick.md").read_text()
+    assert "| step in turns | step alone |" in (tmp_path / "llm_decode_quick.md").read_text()
 
 
 def test_llm_decode_runs_as_on_an_avx2_only_cpu(tmp_path):
