@@ -5,6 +5,16 @@ namespace sparsekit::SPARSEKIT_ISA::rows {
 
 // A packed N:M weight: `width` values of type T (float, bf16 or int8) per row, fields packed 16
 // values per 32 * fbits / 2 bits.
+// The input of packed N:M value k from its row's fields q (fbits bits each). n and m are
+// powers of two (nm.cpp, qlinear.cpp check): shifts, not the divisions that made the AVX2
+// decode of a batch-8 N:M int8 layer (11008x4096) take 35 ms. The float cores' PackedNM and
+// the W8A8 cores' NM both read their fields with it.
+inline int64_t nm_input(const uint32_t* q, int64_t k, int64_t n, int64_t m, int64_t fbits) {
+  const int64_t bit = k * fbits;
+  return ((k >> __builtin_ctzll(n)) << __builtin_ctzll(m)) +
+         ((q[bit >> 5] >> (bit & 31)) & (m - 1));
+}
+
 template <typename T>
 struct PackedNM {
   const T* v;
@@ -13,13 +23,7 @@ struct PackedNM {
 
   int64_t work(int64_t r) const { return r * width; }
 
-  // The input of value k. n and m are powers of two (nm.cpp): shifts, not the divisions
-  // that made the AVX2 decode of a batch-8 N:M int8 layer (11008x4096) take 35 ms.
-  int64_t col(const uint32_t* q, int64_t k) const {
-    const int64_t bit = k * fbits;
-    return ((k >> __builtin_ctzll(n)) << __builtin_ctzll(m)) +
-           ((q[bit >> 5] >> (bit & 31)) & (m - 1));
-  }
+  int64_t col(const uint32_t* q, int64_t k) const { return nm_input(q, k, n, m, fbits); }
 
 #if SPARSEKIT_AVX512
   // Inputs of values k..k+15 relative to input k / n * m (0 .. 16 / n * m - 1).

@@ -561,12 +561,8 @@ struct NM {
   // Inputs the rows read: whole windows of 64 values (the vector code reads whole windows).
   int64_t span() const { return (width + 63) / 64 * (64 / n * m); }
 
-  // The input of value k. n and m are powers of two (nm.cpp): shifts, not the divisions
-  // that made the AVX2 decode of a batch-8 N:M int8 layer (11008x4096) take 35 ms.
-  int64_t col(const uint32_t* q, int64_t k) const {
-    const int64_t bit = k * fbits;
-    return ((k >> __builtin_ctzll(n)) << __builtin_ctzll(m)) +
-           ((q[bit >> 5] >> (bit & 31)) & (m - 1));
+  int64_t col(const uint32_t* q, int64_t k) const {  // the float cores' (nm_core.h)
+    return rows::nm_input(q, k, n, m, fbits);
   }
 
 #if SPARSEKIT_AVX512
