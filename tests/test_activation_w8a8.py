@@ -86,7 +86,8 @@ def test_act_bitmap_qgemv_equals_the_integer_reference(isa, threads, shape, keep
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", [*_SHAPES, (4 * BITMAP_BLOCK, 512)], ids=str)
+@pytest.mark.parametrize("shape", [*_SHAPES, (4 * BITMAP_BLOCK, 512), (9 * BITMAP_BLOCK + 77, 90)],
+                         ids=str)
 def test_every_isa_expansion_and_thread_count_gives_the_same_bits(shape):
     """The integer sums are exact, so every path rounds the same numbers: the VNNI groups of
     four columns (and the padding columns of the last group), the bounded blocks, the
@@ -175,6 +176,31 @@ def test_a_forged_bitmap_reads_only_inside_the_values(isa, expansion):
     with kernels.use_isa(isa), kernels.use_bitmap_expansion(expansion):
         y = torch.ops.sparsekit.act_bitmap_qgemv(**args)
     assert y.shape == (300,) and y.isfinite().all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("expansion", _EXPANSIONS)
+@pytest.mark.parametrize("out", [300, 5 * BITMAP_BLOCK + 77])
+def test_a_forged_bitmap_never_reads_past_the_values(isa, expansion, out):
+    """The values end inside a larger buffer whose tail differs between two calls: with
+    every bit set (each block's bits promising a whole block of codes, whatever the offsets
+    count) the kernel reads the same bytes, so it gives the same bits, in the spans of
+    blocks the vector paths add at once as in the blocks the bounded loop adds."""
+    layer = _layer(_pruned(out, 40), 0.0)
+    stored = layer.values.numel()
+    buffer = torch.zeros(stored + 8 * out, dtype=torch.int8)
+    buffer[:stored] = layer.values
+    args = {"values": buffer[:stored], "bitmap": torch.full_like(layer.bitmap, -1),
+            "offsets": layer.offsets, "x": torch.randn(40), "threshold": layer.threshold,
+            "bias": None, "out_features": out, "block": BITMAP_BLOCK, "threads": 1,
+            "scales": layer.scales}
+    results = []
+    for tail in (0, 127):
+        buffer[stored:] = tail
+        with kernels.use_isa(isa), kernels.use_bitmap_expansion(expansion):
+            results.append(torch.ops.sparsekit.act_bitmap_qgemv(**args))
+    assert results[0].isfinite().all() and torch.equal(results[0], results[1])
 
 
 def test_the_kernel_needs_int8_codes():
