@@ -174,7 +174,6 @@ __attribute__((always_inline)) inline void add_qblock(int32_t* __restrict sums,
     for (int v = 0; v < 4; ++v) _mm512_storeu_si512(s + 16 * v, acc[v]);
   }
 }
-
 #elif SPARSEKIT_AVX2
 // The same with 256-bit vectors, 32 outputs per step: 16 codes per bitmap word by the pshufb
 // table of qlinear_core.h (reading 16 bytes, inside a safe block), and per 8 outputs
@@ -269,7 +268,7 @@ inline void add_qcolumns(const ActBitmapQGemvArgs& q, int64_t k0, int64_t k1, in
       const uint16_t* b[kQColumns];
       // a block's bits move p by at most `block` codes, whatever the offsets say (a forged
       // bitmap may hold more bits than they count): the span reads inside `values` if it
-      // starts `block` codes a block before the end
+      // starts at least `block` codes per block of it before their end
       bool safe = true;
       for (int i = 0; i < kQColumns; ++i) {
         p[i] = values + off[i][b0];
