@@ -395,12 +395,22 @@ def _recipe(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("depth", [600])
+@pytest.mark.parametrize("depth", [33, 600, 5000])
 def test_recipe_nested_too_deeply(tmp_path, capsys, depth):
+    """Refused by its depth, whether PyYAML built it (33; 600 under some PyYAML versions and
+    stacks) or ran out of recursion (5000)."""
     path = _recipe(tmp_path, "model: lenet_300_100\nx: " + "[" * depth + "]" * depth + "\n")
     with pytest.raises(ValueError, match="nested too deeply"):
         load_recipe(path)
     assert "nested too deeply" in user_error(capsys, "run", str(path), "--check")
+
+
+def test_a_recipe_as_deep_as_allowed_meets_its_schema(tmp_path):
+    """32 levels (the mapping and 31 lists) are not refused for their depth: the schema
+    then names the unknown field."""
+    path = _recipe(tmp_path, "model: lenet_300_100\nx: " + "[" * 31 + "]" * 31 + "\n")
+    with pytest.raises(ValueError, match="x: Extra inputs are not permitted"):
+        load_recipe(path)
 
 
 @pytest.mark.parametrize("out", ['"a\\0b.safetensors"', "sub/", "'sub//'", "sub/."])

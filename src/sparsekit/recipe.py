@@ -340,6 +340,27 @@ _UniqueKeyLoader.add_implicit_resolver(
 )
 
 
+_MAX_DEPTH = 32
+"""The deepest nesting of mappings and lists a recipe file may hold (examples/recipe.yaml
+needs 3)."""
+
+
+def _depth(data: object) -> int:
+    """How deeply ``data`` (what YAML loaded) nests its mappings and lists, counted without
+    recursion: a scalar is 0, ``[]`` and ``{}`` are 1."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = (item.values() if isinstance(item, dict)
+                    else item if isinstance(item, list) else None)
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level <= _MAX_DEPTH:  # deeper is refused anyway: stop counting
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate the YAML recipe at ``path``; ``ValueError`` lists every problem
     (the first 20), each as ``field.path: message``."""
@@ -355,13 +376,16 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not a UTF-8 text file ({err.reason} at byte "
                          f"{err.start})") from None
+    too_deep = (f"{path}: nested too deeply to be a recipe (more than {_MAX_DEPTH} levels; a "
+                "recipe is a mapping of fields, a few levels deep; see examples/recipe.yaml)")
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({err})") from None
     except RecursionError:  # ``[[[…]]]`` some hundreds deep: PyYAML recurses per level
-        raise ValueError(f"{path}: nested too deeply to be a recipe (a recipe is a mapping "
-                         "of fields, a few levels deep; see examples/recipe.yaml)") from None
+        raise ValueError(too_deep) from None
+    if _depth(data) > _MAX_DEPTH:  # where PyYAML built it (its recursion depends on the stack)
+        raise ValueError(too_deep)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
     try:
