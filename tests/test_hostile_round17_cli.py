@@ -405,6 +405,13 @@ def test_recipe_nested_too_deeply(tmp_path, capsys, depth):
     assert "nested too deeply" in user_error(capsys, "run", str(path), "--check")
 
 
+def test_a_recipe_that_holds_itself_is_nested_too_deeply(tmp_path):
+    """A YAML anchor inside its own value (``&a [*a]``) loads as a list holding itself."""
+    path = _recipe(tmp_path, "model: lenet_300_100\nx: &a [1, *a]\n")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_recipe(path)
+
+
 def test_a_recipe_as_deep_as_allowed_meets_its_schema(tmp_path):
     """32 levels (the mapping and 31 lists) are not refused for their depth: the schema
     then names the unknown field."""

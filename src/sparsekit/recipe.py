@@ -25,6 +25,7 @@ writes ``out`` last, after every stage that can fail.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import reprlib
@@ -345,20 +346,41 @@ _MAX_DEPTH = 32
 needs 3)."""
 
 
-def _depth(data: object) -> int:
-    """How deeply ``data`` (what YAML loaded) nests its mappings and lists, counted without
-    recursion: a scalar is 0, ``[]`` and ``{}`` are 1."""
-    deepest, stack = 0, [(data, 1)]
+def _children(item: object) -> list[object] | None:
+    """The values a mapping or list holds, ``None`` for anything else."""
+    if isinstance(item, dict):
+        return list(item.values())
+    return item if isinstance(item, list) else None
+
+
+def _depth(data: object) -> float:
+    """How deeply ``data`` (what YAML loaded) nests its mappings and lists: a scalar is 0,
+    ``[]`` and ``{}`` are 1, a structure that holds itself (``&a [*a]``) is infinite.
+    Counted without recursion, and once per object: YAML's aliases share objects, and
+    eight levels of nine aliases each are 43 million paths (one per leaf) but nine lists."""
+    heights: dict[int, int] = {}
+    open_ids: set[int] = set()  # the containers whose subtree is being counted
+    stack: list[tuple[object, bool]] = [(data, False)]
     while stack:
-        item, level = stack.pop()
-        children = (item.values() if isinstance(item, dict)
-                    else item if isinstance(item, list) else None)
+        item, finished = stack.pop()
+        children = _children(item)
         if children is None:
             continue
-        deepest = max(deepest, level)
-        if level <= _MAX_DEPTH:  # deeper is refused anyway: stop counting
-            stack.extend((child, level + 1) for child in children)
-    return deepest
+        key = id(item)
+        if finished:
+            open_ids.discard(key)
+            heights[key] = 1 + max((heights.get(id(c), 0) for c in children), default=0)
+            continue
+        if key in heights:
+            continue
+        open_ids.add(key)
+        stack.append((item, True))
+        for child in children:
+            if _children(child) is not None:
+                if id(child) in open_ids:
+                    return math.inf  # a cycle: the child is one of its own ancestors
+                stack.append((child, False))
+    return heights.get(id(data), 0)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
