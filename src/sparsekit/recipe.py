@@ -25,7 +25,6 @@ writes ``out`` last, after every stage that can fail.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import reprlib
@@ -346,41 +345,26 @@ _MAX_DEPTH = 32
 needs 3)."""
 
 
-def _children(item: object) -> list[object] | None:
-    """The values a mapping or list holds, ``None`` for anything else."""
+def _children(item: object) -> list[object]:
+    """The values a mapping or list holds, none for anything else."""
     if isinstance(item, dict):
         return list(item.values())
-    return item if isinstance(item, list) else None
+    return item if isinstance(item, list) else []
 
 
-def _depth(data: object) -> float:
-    """How deeply ``data`` (what YAML loaded) nests its mappings and lists: a scalar is 0,
-    ``[]`` and ``{}`` are 1, a structure that holds itself (``&a [*a]``) is infinite.
-    Counted without recursion, and once per object: YAML's aliases share objects, and
-    eight levels of nine aliases each are 43 million paths (one per leaf) but nine lists."""
-    heights: dict[int, int] = {}
-    open_ids: set[int] = set()  # the containers whose subtree is being counted
-    stack: list[tuple[object, bool]] = [(data, False)]
-    while stack:
-        item, finished = stack.pop()
-        children = _children(item)
-        if children is None:
-            continue
-        key = id(item)
-        if finished:
-            open_ids.discard(key)
-            heights[key] = 1 + max((heights.get(id(c), 0) for c in children), default=0)
-            continue
-        if key in heights:
-            continue
-        open_ids.add(key)
-        stack.append((item, True))
-        for child in children:
-            if _children(child) is not None:
-                if id(child) in open_ids:
-                    return math.inf  # a cycle: the child is one of its own ancestors
-                stack.append((child, False))
-    return heights.get(id(data), 0)
+def _too_deep(data: object) -> bool:
+    """Whether ``data`` (what YAML loaded) nests mappings and lists more than
+    :data:`_MAX_DEPTH` levels deep, counted level by level without recursion. Each level
+    holds each object once: YAML's aliases share objects (eight levels of nine aliases each
+    are 43 million paths but nine lists), and a structure that holds itself (``&a [1, *a]``)
+    never runs out of levels."""
+    level = [data] if isinstance(data, (dict, list)) else []
+    for _ in range(_MAX_DEPTH):
+        inner = {id(c): c for item in level for c in _children(item) if isinstance(c, (dict, list))}
+        if not inner:
+            return False
+        level = list(inner.values())
+    return True
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -406,7 +390,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise ValueError(f"{path}: not valid YAML ({err})") from None
     except RecursionError:  # ``[[[…]]]`` some hundreds deep: PyYAML recurses per level
         raise ValueError(too_deep) from None
-    if _depth(data) > _MAX_DEPTH:  # where PyYAML built it (its recursion depends on the stack)
+    if _too_deep(data):  # where PyYAML built it (its recursion depends on the stack)
         raise ValueError(too_deep)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
