@@ -258,3 +258,83 @@ def test_dense_linear_op_checks_its_arguments():
     with pytest.raises(RuntimeError, match="weight"):
         op(q.float(), x, None, 32, 1)
     torch.library.opcheck(op.default, (q, x, torch.randn(8), 32, 1, scales))
+
+
+# -- float inputs as int8 slices ---------------------------------------------------------------
+
+def _vnni_cpu() -> bool:
+    """Whether the W8A8 cores of this CPU are the AVX-512 ones (VNNI, VBMI, VBMI2, BITALG),
+    which take one float input row of bitmap int8 codes as three int8 slices."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return {"avx512_vnni", "avx512vbmi", "avx512_vbmi2", "avx512_bitalg"} <= set(flags)
+
+
+def _slices(x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The three int8 slices of one float32 row and their steps, as the kernel forms them:
+    s0 = max|x| / 127, each next step 254 times finer, codes rounded half to even from the
+    residual times the step's float32 inverse, and the residual then updated with one
+    rounding (x - t * s is exact in float64)."""
+    steps = [x.abs().max() / 127]
+    steps += [steps[0] / 254]
+    steps += [steps[1] / 254]
+    codes, r = [], x.clone()
+    for s in steps:
+        t = (r * (1 / s)).round().clamp(-127, 127)  # float32 product, then half to even
+        codes.append(t)
+        r = (r.double() - t.double() * s.double()).float()
+    return codes, steps
+
+
+@needs_kernels
+@pytest.mark.skipif(not _vnni_cpu(), reason="the int8 slices run on the AVX-512 VNNI cores")
+@pytest.mark.parametrize("outlier", [None, 300.0, 2.0 ** 20])
+def test_one_float_row_meets_bitmap_int8_codes_as_three_int8_slices(outlier):
+    """x = s0 q0 + s1 q1 + s2 q2 + r, |r| <= max|x| / (2 * 127 * 254^2): the products are
+    exact integer dot products of the slices, combined in float32. With an input 2^20 above
+    the rest the slices leave the small inputs a coarse grid (the float path's error there is
+    ~1e-7 of the output): that is the trade, documented in qlinear_core.h."""
+    g = torch.Generator().manual_seed(3)
+    w = _weight((300, 1000), "bitmap")
+    fmt = FORMATS["bitmap"].from_dense(w, value_dtype=torch.int8)
+    x = torch.randn(1, 1000, generator=g)
+    if outlier is not None:
+        x[0, 7] = outlier
+    with kernels.use_isa("avx512"):
+        y = fmt.matmul(x)
+    codes, steps = _slices(x[0])
+    stored = fmt.stored_dense().double()
+    parts = [(stored @ q.double()) * s.double() for q, s in zip(codes, steps, strict=True)]
+    emulated = sum(parts) * fmt.scales.double()
+    magnitude = sum(p.abs() for p in parts) * fmt.scales.double()
+    assert ((y[0].double() - emulated).abs() <= 4 * 2 ** -24 * magnitude + 1e-30).all()
+    exact = (x.double() @ stored.T)[0] * fmt.scales.double()
+    residual = x.abs().max().double() / (2 * 127 * 254 ** 2)
+    bound = fmt.scales.double() * stored.abs().sum(1) * residual * 1.001 + 4 * 2 ** -24 * magnitude
+    assert ((y[0].double() - exact).abs() <= bound).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("row", ["inf", "nan", "tiny", "zero"])
+def test_rows_the_int8_slices_cannot_hold_take_the_float_path(row):
+    """A row with an infinity or a NaN has no int8 grid, and one whose largest input is under
+    1e-30 would put the last slice's step among the subnormals: both keep the float FMAs,
+    so one row gives what it gives inside a batch of two (the float path there too)."""
+    w = _weight((40, 300), "bitmap")
+    fmt = FORMATS["bitmap"].from_dense(w, value_dtype=torch.int8)
+    x = torch.randn(1, 300, generator=torch.Generator().manual_seed(4))
+    if row == "inf":
+        x[0, 5] = float("inf")
+    elif row == "nan":
+        x[0, 5] = float("nan")
+    elif row == "tiny":
+        x *= 1e-32
+    else:
+        x.zero_()
+    one, two = fmt.matmul(x), fmt.matmul(torch.cat([x, x]))[:1]
+    torch.testing.assert_close(one, two, rtol=0, atol=0, equal_nan=True)
+    if row == "zero":
+        assert torch.equal(one, torch.zeros_like(one))

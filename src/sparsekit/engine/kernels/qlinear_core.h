@@ -947,6 +947,105 @@ void run(const W& w, const Linear& io) {
   }
 }
 
+// Float inputs against int8 codes with integer dot products: a row x is split into three
+// int8 slices, x = s0 q0 + s1 q1 + s2 q2 + r (the Ozaki scheme's splitting, which emulates
+// floating-point GEMMs on integer units): q0 quantizes x on the W8A8 grid (s0 = max |x| /
+// 127), q1 the residual on a grid 254 times finer (s1 = s0 / 254, whose codes then stay in
+// [-127, 127]), q2 the residual of that; each residual is computed with one rounding (an
+// FMA). What is left, |r| <= s2 / 2 = max |x| / (2 * 127 * 254^2), is about 2^-24 of the
+// largest input: the precision fp32 gives that input, shared by the row. The three slices
+// are three input rows of the W8A8 dot products (one expansion of each weight vector serves
+// all three), so a float-input GEMV runs at the speed of a W8A8 one of three rows. Against
+// that W8A8 call in the same process (AMD Zen 4, two threads, the layer flushed from the
+// caches before each call, 50 % and 70 % bitmap rows of 5632x2048, 2048x5632 and 2048x2048)
+// the float-input rows took 1.10-1.20x its time, the slices 0.94-1.03x. A fourth slice
+// (error ~2^-32 of max |x|) cost 8-19 % more, most of the gain. The error is that of the row
+// in block floating point: an input far below the row's largest keeps fewer bits (at 2^20
+// below it, about 4; tests/test_formats_int8.py), against int8 weights' 2^-8. Rows with a
+// NaN or an infinity, or so small that the last grid would be subnormal, keep the float path
+// (returns false).
+constexpr float kSplitMin = 1e-30f;  // smallest max |x| split: s2 = max |x| / 8.2e6 stays normal
+
+inline bool split_row(const float* x, int64_t n, uint8_t* q, int64_t ld, float* s) {
+  int64_t k = 0;
+  float amax = 0.f;
+  bool finite = true;
+#if SPARSEKIT_AVX512
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  const __m512 big = _mm512_set1_ps(__FLT_MAX__);
+  for (; k + 16 <= n; k += 16) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + k));
+    bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);  // NaN or infinite
+    m = _mm512_max_ps(m, a);
+  }
+  finite = bad == 0;
+  amax = _mm512_reduce_max_ps(m);
+#endif
+  for (; k < n; ++k) {
+    const float a = __builtin_fabsf(x[k]);
+    finite &= a <= __FLT_MAX__;
+    amax = a > amax ? a : amax;
+  }
+  if (!finite || amax < kSplitMin) return false;
+  thread_local std::vector<float> residual;
+  residual.assign(x, x + n);
+  float* __restrict r = residual.data();
+  s[0] = amax / 127.f;
+  s[1] = s[0] / 254.f;
+  s[2] = s[1] / 254.f;
+  for (int level = 0; level < 3; ++level) {
+    uint8_t* __restrict codes = q + level * ld;
+    const float step = s[level], inv = 1.f / step;
+    k = 0;
+#if SPARSEKIT_AVX512
+    const __m512 sv = _mm512_set1_ps(step), iv = _mm512_set1_ps(inv);
+    const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    for (; k + 16 <= n; k += 16) {
+      const __m512 v = _mm512_loadu_ps(r + k);
+      __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(v, iv),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+      _mm512_storeu_ps(r + k, _mm512_fnmadd_ps(t, sv, v));  // v - t * step, one rounding
+      const __m512i c = _mm512_add_epi32(_mm512_cvtps_epi32(t), _mm512_set1_epi32(kZero));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(c));
+    }
+#endif
+    for (; k < n; ++k) {
+      codes[k] = store_code(r[k] * inv);
+      r[k] = __builtin_fmaf(-static_cast<float>(code(codes[k])), step, r[k]);
+    }
+    std::memset(codes + n, kZero, ld - n);
+  }
+  return true;
+}
+
+// y = x @ W.T for one float input row by split_row's three slices (false, untouched y: the
+// row keeps the float path).
+template <typename W>
+bool run_split(const W& w, const Linear& io) {
+  const int64_t ld = (w.span() + 127) / 64 * 64;  // as run's
+  thread_local std::vector<uint8_t> codes;
+  codes.resize(3 * ld);
+  float s[3];
+  if (!split_row(io.x, io.cols, codes.data(), ld, s)) return false;
+  const uint8_t* xq = codes.data();
+#pragma omp parallel num_threads(io.threads)
+  {
+    int64_t r0, r1;
+    rows::thread_rows_of(w, omp_get_thread_num(), omp_get_num_threads(), &r0, &r1);
+    int32_t sums[3];
+    for (int64_t r = r0; r < r1; ++r) {
+      w.template dots<3>(r, xq, ld, sums);
+      io.y[r] = finish(io.out,
+                       static_cast<float>(sums[0]) * s[0] + static_cast<float>(sums[1]) * s[1] +
+                           static_cast<float>(sums[2]) * s[2],
+                       r);
+    }
+  }
+  return true;
+}
+
 }  // namespace sparsekit::SPARSEKIT_ISA::q
 
 namespace sparsekit::SPARSEKIT_ISA {
@@ -975,6 +1074,12 @@ inline void bitmap_int8_linear(const BitmapArgs& a) {
                           a.io.cols, a.words},
                          a.vpexpand};
   Linear io = a.io;
+  if (io.batch == 1 && !a.group_scales &&
+      q::run_split(q::Bitmap{static_cast<const int8_t*>(a.values), a.bits, a.rowptr, io.rows,
+                             io.cols, a.words, a.vpexpand, false},
+                   io)) {
+    return;
+  }
   if (io.batch <= rows::kGemvMaxBatch) {  // GEMV rows: x times BitmapFloat::kInputScale
     thread_local std::vector<float> scaled;
     scaled.resize(io.batch * io.cols);
