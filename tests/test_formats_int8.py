@@ -294,13 +294,14 @@ def _slices(x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 @pytest.mark.parametrize("outlier", [None, 300.0, 2.0 ** 20])
 def test_one_float_row_meets_bitmap_int8_codes_as_three_int8_slices(outlier):
     """x = s0 q0 + s1 q1 + s2 q2 + r, |r| <= max|x| / (2 * 127 * 254^2): the products are
-    exact integer dot products of the slices, combined in float32. With an input 2^20 above
-    the rest the slices leave the small inputs a coarse grid (the float path's error there is
-    ~1e-7 of the output): that is the trade, documented in qlinear_core.h."""
+    exact integer dot products of the slices, combined in float32 (a layer of at least 2^20
+    weight positions). With an input 2^20 above the rest the slices leave the small inputs a
+    coarse grid (the float path's error there is ~1e-7 of the output): that is the trade,
+    documented in qlinear_core.h."""
     g = torch.Generator().manual_seed(3)
-    w = _weight((300, 1000), "bitmap")
+    w = _weight((512, 2048), "bitmap")
     fmt = FORMATS["bitmap"].from_dense(w, value_dtype=torch.int8)
-    x = torch.randn(1, 1000, generator=g)
+    x = torch.randn(1, 2048, generator=g)
     if outlier is not None:
         x[0, 7] = outlier
     with kernels.use_isa("avx512"):
@@ -318,14 +319,18 @@ def test_one_float_row_meets_bitmap_int8_codes_as_three_int8_slices(outlier):
 
 
 @needs_kernels
-@pytest.mark.parametrize("row", ["inf", "nan", "tiny", "zero"])
+@pytest.mark.parametrize("row", ["inf", "nan", "tiny", "zero", "small layer"])
 def test_rows_the_int8_slices_cannot_hold_take_the_float_path(row):
     """A row with an infinity or a NaN has no int8 grid, and one whose largest input is under
     1e-30 would put the last slice's step among the subnormals: both keep the float FMAs,
-    so one row gives what it gives inside a batch of two (the float path there too)."""
-    w = _weight((40, 300), "bitmap")
+    so one row gives what it gives inside a batch of two (the float path there too). So does
+    every row of a layer under 2^20 weight positions, where slicing costs more than it saves."""
+    shape = (256, 2048) if row == "small layer" else (512, 2048)
+    w = _weight(shape, "bitmap")
     fmt = FORMATS["bitmap"].from_dense(w, value_dtype=torch.int8)
-    x = torch.randn(1, 300, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(4))
+    if row == "small layer":
+        x[0, 3] = 2.0 ** 20  # the slices would move the outputs (see the test above)
     if row == "inf":
         x[0, 5] = float("inf")
     elif row == "nan":

@@ -955,16 +955,22 @@ void run(const W& w, const Linear& io) {
 // FMA). What is left, |r| <= s2 / 2 = max |x| / (2 * 127 * 254^2), is about 2^-24 of the
 // largest input: the precision fp32 gives that input, shared by the row. The three slices
 // are three input rows of the W8A8 dot products (one expansion of each weight vector serves
-// all three), so a float-input GEMV runs at the speed of a W8A8 one of three rows. Against
-// that W8A8 call in the same process (AMD Zen 4, two threads, the layer flushed from the
-// caches before each call, 50 % and 70 % bitmap rows of 5632x2048, 2048x5632 and 2048x2048)
-// the float-input rows took 1.10-1.20x its time, the slices 0.94-1.03x. A fourth slice
+// all three), so a float-input GEMV of bitmap rows runs at the speed of a W8A8 one of three
+// rows: 1.07-1.22x faster than the float FMAs (AMD Zen 4, two threads, 50 % and 70 % of
+// 5632x2048, 2048x5632 and 2048x2048, cold and warm, the two taking turns in one process;
+// from 1.10-1.20x a three-row W8A8 call's time to 0.94-1.03x). A fourth slice
 // (error ~2^-32 of max |x|) cost 8-19 % more, most of the gain. The error is that of the row
 // in block floating point: an input far below the row's largest keeps fewer bits (at 2^20
 // below it, about 4; tests/test_formats_int8.py), against int8 weights' 2^-8. Rows with a
 // NaN or an infinity, or so small that the last grid would be subnormal, keep the float path
 // (returns false).
 constexpr float kSplitMin = 1e-30f;  // smallest max |x| split: s2 = max |x| / 8.2e6 stays normal
+// Weight positions (rows x inputs) from which a bitmap layer's row is split: the slicing
+// costs a few microseconds a call, which a 256x2048 layer at 50 % paid with 1.3x its float
+// time; at 512x2048 and 2048x512 the two broke even or the slices won (1.02-1.17x), from
+// 1024x2048 on they won by 1.1-1.3x (Zen 4, two threads, cold, one process taking turns).
+// N:M and dense int8 rows gained nothing cold (0.82-1.10x): they keep their float path.
+constexpr int64_t kSplitMinWork = int64_t{1} << 20;
 
 inline bool split_row(const float* x, int64_t n, uint8_t* q, int64_t ld, float* s) {
   int64_t k = 0;
@@ -1074,7 +1080,7 @@ inline void bitmap_int8_linear(const BitmapArgs& a) {
                           a.io.cols, a.words},
                          a.vpexpand};
   Linear io = a.io;
-  if (io.batch == 1 && !a.group_scales &&
+  if (io.batch == 1 && !a.group_scales && io.rows * io.cols >= q::kSplitMinWork &&
       q::run_split(q::Bitmap{static_cast<const int8_t*>(a.values), a.bits, a.rowptr, io.rows,
                              io.cols, a.words, a.vpexpand, false},
                    io)) {
