@@ -319,27 +319,32 @@ def test_one_float_row_meets_bitmap_int8_codes_as_three_int8_slices(outlier):
 
 
 @needs_kernels
-@pytest.mark.parametrize("row", ["inf", "nan", "tiny", "zero", "small layer"])
+@pytest.mark.parametrize("row", ["inf", "nan", "tiny", "zero", "small layer", "wide layer"])
 def test_rows_the_int8_slices_cannot_hold_take_the_float_path(row):
     """A row with an infinity or a NaN has no int8 grid, and one whose largest input is under
     1e-30 would put the last slice's step among the subnormals: both keep the float FMAs,
     so one row gives what it gives inside a batch of two (the float path there too). So does
-    every row of a layer under 2^20 weight positions, where slicing costs more than it saves."""
-    shape = (256, 2048) if row == "small layer" else (512, 2048)
-    w = _weight(shape, "bitmap")
+    every row of a layer under 2^20 weight positions, where slicing costs more than it saves,
+    and of a layer over 65536 inputs, whose slices' int32 sums could overflow: 140,000
+    inputs of code 127 against codes of 127 sum to 2.26e9."""
+    shape = {"small layer": (256, 2048), "wide layer": (16, 140_000)}.get(row, (512, 2048))
+    w = torch.full(shape, 0.5) if row == "wide layer" else _weight(shape, "bitmap")  # codes 127
     fmt = FORMATS["bitmap"].from_dense(w, value_dtype=torch.int8)
-    x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(4))
-    if row == "small layer":
-        x[0, 3] = 2.0 ** 20  # the slices would move the outputs (see the test above)
-    if row == "inf":
-        x[0, 5] = float("inf")
-    elif row == "nan":
-        x[0, 5] = float("nan")
+    x = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(4))
+    if row in ("inf", "nan"):
+        x[0, 5] = float(row)
     elif row == "tiny":
         x *= 1e-32
-    else:
+    elif row == "zero":
         x.zero_()
+    elif row == "small layer":
+        x[0, 3] = 2.0 ** 20  # the slices would move the outputs (see the test above)
+    else:
+        x = torch.ones(1, shape[1])
     one, two = fmt.matmul(x), fmt.matmul(torch.cat([x, x]))[:1]
     torch.testing.assert_close(one, two, rtol=0, atol=0, equal_nan=True)
     if row == "zero":
         assert torch.equal(one, torch.zeros_like(one))
+    if row == "wide layer":  # and it is right, not merely the same
+        exact = (x.double() @ fmt.to_dense().double().T).float()
+        torch.testing.assert_close(one, exact, rtol=1e-5, atol=0)

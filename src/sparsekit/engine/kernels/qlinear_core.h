@@ -971,6 +971,9 @@ constexpr float kSplitMin = 1e-30f;  // smallest max |x| split: s2 = max |x| / 8
 // 1024x2048 on they won by 1.1-1.3x (Zen 4, two threads, cold, one process taking turns).
 // N:M and dense int8 rows gained nothing cold (0.82-1.10x): they keep their float path.
 constexpr int64_t kSplitMinWork = int64_t{1} << 20;
+// Inputs up to which a row is split: the slices' int32 sums stay exact for at most 65536
+// inputs, as the W8A8 ops' do (which refuse more; float-input layers may be wider).
+constexpr int64_t kSplitMaxInputs = 65536;
 
 inline bool split_row(const float* x, int64_t n, uint8_t* q, int64_t ld, float* s) {
   int64_t k = 0;
@@ -1081,6 +1084,7 @@ inline void bitmap_int8_linear(const BitmapArgs& a) {
                          a.vpexpand};
   Linear io = a.io;
   if (io.batch == 1 && !a.group_scales && io.rows * io.cols >= q::kSplitMinWork &&
+      io.cols <= q::kSplitMaxInputs &&
       q::run_split(q::Bitmap{static_cast<const int8_t*>(a.values), a.bits, a.rowptr, io.rows,
                              io.cols, a.words, a.vpexpand, false},
                    io)) {
