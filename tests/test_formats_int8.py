@@ -265,12 +265,8 @@ def test_dense_linear_op_checks_its_arguments():
 def _vnni_cpu() -> bool:
     """Whether the W8A8 cores of this CPU are the AVX-512 ones (VNNI, VBMI, VBMI2, BITALG),
     which take one float input row of bitmap int8 codes as three int8 slices."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return {"avx512_vnni", "avx512vbmi", "avx512_vbmi2", "avx512_bitalg"} <= set(flags)
+    flags = set(kernels._cpu_flags().split())  # the flags line the build key reads
+    return {"avx512_vnni", "avx512vbmi", "avx512_vbmi2", "avx512_bitalg"} <= flags
 
 
 def _slices(x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -53,11 +53,8 @@ inline uint8_t store_code(float t) {
   return static_cast<uint8_t>(static_cast<int>(t) + kZero);
 }
 
-// Quantizes x (n inputs) into q (ld bytes, stored codes; zero codes beyond n); returns the
-// row's scale sx. A row with a NaN or infinite input has no int8 grid: its codes are zero
-// and its scale NaN, so that every output of the row is NaN on every instruction set, as
-// F.linear's would be NaN (or infinite) there.
-inline float quantize_row(const float* x, int64_t n, uint8_t* q, int64_t ld) {
+// max |x[k]| over n inputs: NaN if one is NaN (infinite if one is infinite).
+inline float abs_max(const float* x, int64_t n) {
   int64_t k = 0;
   float amax = 0.f;
 #if SPARSEKIT_AVX512
@@ -74,12 +71,21 @@ inline float quantize_row(const float* x, int64_t n, uint8_t* q, int64_t ld) {
     const float a = __builtin_fabsf(x[k]);
     amax = (a > amax || a != a) ? a : amax;  // NaN, once seen, stays
   }
+  return amax;
+}
+
+// Quantizes x (n inputs) into q (ld bytes, stored codes; zero codes beyond n); returns the
+// row's scale sx. A row with a NaN or infinite input has no int8 grid: its codes are zero
+// and its scale NaN, so that every output of the row is NaN on every instruction set, as
+// F.linear's would be NaN (or infinite) there.
+inline float quantize_row(const float* x, int64_t n, uint8_t* q, int64_t ld) {
+  const float amax = abs_max(x, n);
   if (!__builtin_isfinite(amax)) {
     std::memset(q, kZero, ld);
     return __builtin_nanf("");
   }
   const float s = amax > 0.f ? amax / 127.f : 1.f;
-  k = 0;
+  int64_t k = 0;
 #if SPARSEKIT_AVX512
   const __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   for (; k + 16 <= n; k += 16) {
@@ -976,42 +982,24 @@ constexpr int64_t kSplitMinWork = int64_t{1} << 20;
 constexpr int64_t kSplitMaxInputs = 65536;
 
 inline bool split_row(const float* x, int64_t n, uint8_t* q, int64_t ld, float* s) {
-  int64_t k = 0;
-  float amax = 0.f;
-  bool finite = true;
-#if SPARSEKIT_AVX512
-  __m512 m = _mm512_setzero_ps();
-  __mmask16 bad = 0;
-  const __m512 big = _mm512_set1_ps(__FLT_MAX__);
-  for (; k + 16 <= n; k += 16) {
-    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + k));
-    bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);  // NaN or infinite
-    m = _mm512_max_ps(m, a);
-  }
-  finite = bad == 0;
-  amax = _mm512_reduce_max_ps(m);
-#endif
-  for (; k < n; ++k) {
-    const float a = __builtin_fabsf(x[k]);
-    finite &= a <= __FLT_MAX__;
-    amax = a > amax ? a : amax;
-  }
-  if (!finite || amax < kSplitMin) return false;
+  const float amax = abs_max(x, n);
+  if (!__builtin_isfinite(amax) || amax < kSplitMin) return false;
   thread_local std::vector<float> residual;
-  residual.assign(x, x + n);
+  residual.resize(n);
   float* __restrict r = residual.data();
   s[0] = amax / 127.f;
   s[1] = s[0] / 254.f;
   s[2] = s[1] / 254.f;
   for (int level = 0; level < 3; ++level) {
+    const float* in = level == 0 ? x : r;  // the residual of the level before (x at first)
     uint8_t* __restrict codes = q + level * ld;
     const float step = s[level], inv = 1.f / step;
-    k = 0;
+    int64_t k = 0;
 #if SPARSEKIT_AVX512
     const __m512 sv = _mm512_set1_ps(step), iv = _mm512_set1_ps(inv);
     const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
     for (; k + 16 <= n; k += 16) {
-      const __m512 v = _mm512_loadu_ps(r + k);
+      const __m512 v = _mm512_loadu_ps(in + k);
       __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(v, iv),
                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
@@ -1021,8 +1009,8 @@ inline bool split_row(const float* x, int64_t n, uint8_t* q, int64_t ld, float* 
     }
 #endif
     for (; k < n; ++k) {
-      codes[k] = store_code(r[k] * inv);
-      r[k] = __builtin_fmaf(-static_cast<float>(code(codes[k])), step, r[k]);
+      codes[k] = store_code(in[k] * inv);
+      r[k] = __builtin_fmaf(-static_cast<float>(code(codes[k])), step, in[k]);
     }
     std::memset(codes + n, kZero, ld - n);
   }
