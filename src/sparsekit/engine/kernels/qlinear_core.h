@@ -883,12 +883,18 @@ void interleaved_rows(const W& w, const Linear& io, const Interleaved& x, const 
 }
 #endif
 
+// Bytes between the input rows' codes: the inputs W's rows read, plus a whole spare vector.
+template <typename W>
+int64_t codes_stride(const W& w) {
+  return (w.span() + 127) / 64 * 64;
+}
+
 // y = Output(sx * (qx @ W.T)): the input rows are quantized once into this thread's
 // workspace, then each OpenMP thread takes a share of W's rows (by work) and runs them, a
 // tile of kTileRows rows at a time, against kMaxNB input rows at a time.
 template <typename W>
 void run(const W& w, const Linear& io) {
-  const int64_t batch = io.batch, ld = (w.span() + 127) / 64 * 64;  // + a whole spare vector
+  const int64_t batch = io.batch, ld = codes_stride(w);
   thread_local std::vector<uint8_t> codes;
   thread_local std::vector<float> scales;
   codes.resize(batch * ld);
@@ -1021,7 +1027,7 @@ inline bool split_row(const float* x, int64_t n, uint8_t* q, int64_t ld, float* 
 // row keeps the float path).
 template <typename W>
 bool run_split(const W& w, const Linear& io) {
-  const int64_t ld = (w.span() + 127) / 64 * 64;  // as run's
+  const int64_t ld = codes_stride(w);
   thread_local std::vector<uint8_t> codes;
   codes.resize(3 * ld);
   float s[3];
