@@ -203,13 +203,15 @@ def test_llm_decode_torch_compile_rows_are_held_to_the_int8_target(llm_decode):
     speeds = {"dense fp32": 10.0, "torch int8 dynamic": 40.0, "int8pack": 30.0,
               "torch int8 dynamic" + tc: 35.0, "sparsekit 50% int8" + tc: 50.0,
               "sparsekit 50% int8 W8A8" + tc: 61.0}
-    rows = {n: {"decode_tok_s": v, "prefill_tok_s": 1.0} for n, v in speeds.items()}
+    rows = {n: {"decode_tok_s": v, "prefill_tok_s": 1.0, "prefill_vs_dense": 1.0}
+            for n, v in speeds.items()}
     verdicts = {c.split(":")[0]: ok for c, ok in llm_decode.checks(rows, {})}
     assert verdicts["50% int8 + torch.compile vs best torch int8 peer (eager or compiled)"] \
         is False  # 50 / 40 = 1.25x
     assert verdicts["50% W8A8 + torch.compile vs best torch int8 peer (eager or compiled)"]
     assert "70% W8A8 + torch.compile vs dense fp32 (eager or compiled)" not in verdicts
-    rows["sparsekit 70% int8 W8A8" + tc] = {"decode_tok_s": 49.0, "prefill_tok_s": 1.0}
+    rows["sparsekit 70% int8 W8A8" + tc] = {"decode_tok_s": 49.0, "prefill_tok_s": 1.0,
+                                             "prefill_vs_dense": 1.0}
     rows["dense fp32" + tc] = {"decode_tok_s": 9.0, "prefill_tok_s": 1.0}
     verdicts = {c.split(":")[0]: ok for c, ok in llm_decode.checks(rows, {})}
     assert verdicts["70% W8A8 + torch.compile vs dense fp32 (eager or compiled)"] is False  # 4.9x
@@ -224,10 +226,38 @@ def test_llm_decode_ratios_never_round_across_their_target(llm_decode):
     assert llm_decode.times(0.9496, 0.95) == "0.9496x"
     assert llm_decode.times(1.504, 1.5) == "1.50x" and llm_decode.times(1.2, 1.3) == "1.20x"
     rows = {"dense fp32": {"decode_tok_s": 10.0, "prefill_tok_s": 100.0},
-            "sparsekit 50% int8": {"decode_tok_s": 29.9996, "prefill_tok_s": 94.96}}
+            "sparsekit 50% int8": {"decode_tok_s": 29.9996, "prefill_tok_s": 94.96,
+                                   "prefill_vs_dense": 0.9496}}
     verdicts = dict(llm_decode.checks(rows, {}))
     assert verdicts["50% int8 vs dense fp32: 2.99996x (target 3.0x)"] is False
     assert verdicts["prefill 50% int8 vs dense fp32: 0.9496x (target >= 0.95x)"] is False
+
+
+def test_llm_decode_prefill_is_held_to_its_dense_model_by_paired_rounds(llm_decode):
+    """The prefill check reads the median over rounds of the dense model's time over the
+    configuration's in the same round (``median_ratios``), not the ratio of two bests: in
+    these rounds the best times say 0.90x, yet the configuration ran as fast as its dense
+    model in four of five rounds; bf16 rows face dense bf16, compiled rows compiled dense
+    where it ran (else eager dense)."""
+    tc = llm_decode.TORCH_COMPILED
+    names = ["dense fp32", "dense bf16", "dense fp32" + tc, "torch int8 dynamic",
+             "sparsekit 2:4 bf16", "sparsekit 50% int8", "sparsekit 50% int8" + tc]
+    assert [llm_decode.prefill_dense(n, names) for n in names] == [
+        None, None, None, None, "dense bf16", "dense fp32", "dense fp32" + tc]
+    assert llm_decode.prefill_dense("sparsekit 50% int8" + tc, names[:2]) == "dense fp32"
+    assert llm_decode.prefill_dense("sparsekit 2:4 bf16", names[:1]) is None
+    rounds = {"dense bf16": [90.0, 100.0, 100.0, 100.0, 100.0],
+              "sparsekit 2:4 bf16": [100.0, 100.0, 100.0, 100.0, 150.0]}
+    ratio = llm_decode.median_ratios(rounds, "dense bf16")["sparsekit 2:4 bf16"]
+    assert ratio == 1.0 and min(rounds["dense bf16"]) / min(rounds["sparsekit 2:4 bf16"]) == 0.9
+    rows = {"dense bf16": {"decode_tok_s": 10.0, "prefill_tok_s": 1 / 90},
+            "sparsekit 2:4 bf16": {"decode_tok_s": 20.0, "prefill_tok_s": 1 / 100,
+                                   "prefill_vs_dense": ratio}}
+    verdicts = dict(llm_decode.checks(rows, {}))
+    assert verdicts["prefill 2:4 bf16 vs dense bf16: 1.00x (target >= 0.95x)"] is True
+    rows["sparsekit 2:4 bf16"]["prefill_vs_dense"] = 0.94
+    assert dict(llm_decode.checks(rows, {}))[
+        "prefill 2:4 bf16 vs dense bf16: 0.94x (target >= 0.95x)"] is False
 
 
 def test_llm_decode_configs_filter_builds_and_checks_only_the_selected(llm_decode, monkeypatch):
@@ -258,7 +288,8 @@ def test_llm_decode_configs_filter_builds_and_checks_only_the_selected(llm_decod
     assert pruned == ["unstructured"] and len(built) == 4
     assert [kw.get("activation_dtype") for kw in built[2:]] == ["int8", "int8"]
     assert built[3]["activation_sparsity"] is not None
-    rows = {n: {"decode_tok_s": 10.0, "prefill_tok_s": 1.0} for n in models}
+    rows = {n: {"decode_tok_s": 10.0, "prefill_tok_s": 1.0, "prefill_vs_dense": 1.0}
+            for n in models}
     claims = [c for c, _ in llm_decode.checks(rows, {})]
     assert any(c.startswith("50% int8 vs dense fp32") for c in claims)
     assert any(c.startswith("TEAL 50% on top of 50% int8 W8A8") for c in claims)
