@@ -71,11 +71,14 @@ def test_train_refuses_a_non_finite_transcoder_target():
 
 @pytest.mark.parametrize("data", [[], torch.ones(0, 8), [torch.ones(0, 8)]],
                          ids=["empty-list", "empty-tensor", "list-of-empty"])
-def test_train_without_rows_fails_before_renormalising(data):
+@pytest.mark.parametrize("steps", [None, 2])
+def test_train_without_rows_fails_before_renormalising(data, steps):
+    """With ``steps`` a list of empty items is passed over again for more rows: it once
+    did so forever (each pass saw items, none of them a row)."""
     sae = _fresh()
     with unchanged(sae), pytest.raises(ValueError, match="activations must hold at least one "
                                                           "row, got none"):
-        train(sae, data, batch_size=16)
+        train(sae, data, batch_size=16, steps=steps)
 
 
 # -- train: the arguments ---------------------------------------------------------------

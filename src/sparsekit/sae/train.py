@@ -365,10 +365,10 @@ def _batches(activations: Iterable[Any], batch_size: int, sae: SAE, steps: int |
     ys: list[torch.Tensor] = []
     held = 0
     while True:
-        seen = False
+        seen = False  # a row in this pass (a pass of empty items would loop forever)
         for index, item in enumerate(activations):
-            seen = True
             x, y = _rows(item, sae, index)
+            seen = seen or x.shape[0] > 0
             xs.append(x)
             if y is not None:
                 ys.append(y)
