@@ -74,6 +74,26 @@ def test_metrics_and_loss_recovered_on_a_trained_sae(llama):
     assert out["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_loss_recovered_of_a_transcoder_zeroes_the_output_it_replaces(llama):
+    """A transcoder reads the module's input (32 wide) and replaces its output (64 wide):
+    the zero ablation zeroes that output (it once zeroed the input, of the wrong width, and
+    blamed ``inputs``)."""
+    sae = SAE(32, 48, "l1", d_out=64)
+    name = "model.layers.0.mlp.up_proj"
+    out = loss_recovered(llama, name, sae, batches(2))
+    handle = llama.get_submodule(name).register_forward_hook(
+        lambda _m, _a, y: torch.zeros_like(y))
+    try:
+        with torch.no_grad():
+            zeroed = [llama(b).logits[:, :-1].float() for b in batches(2)]
+    finally:
+        handle.remove()
+    loss = sum(torch.nn.functional.cross_entropy(z.transpose(1, 2), b[:, 1:], reduction="sum")
+               for z, b in zip(zeroed, batches(2))) / (2 * 3 * 15)
+    assert out["loss_zero"] == pytest.approx(float(loss), rel=1e-6)
+    assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
+
+
 def identity(width):
     """An AbsTopK SAE that keeps every latent of an identity dictionary: x̂ = x."""
     sae = SAE(width, width, "abstopk", k=width)

@@ -154,13 +154,16 @@ def loss_recovered(model: nn.Module, module_name: str, sae: SAE, inputs: Any) ->
                      f"{module_name!r} the SAE reads)", source,
                      hint="no score would mean anything")
         try:
-            replaced = mode["replace"](source)
+            replaced = mode["replace"](source, hidden)
         except ValueError as e:  # an SAE of another width: x must have shape (..., d_in)
             raise ValueError(f"sae: it cannot take the activations of {module_name!r}: "
                              f"{e}") from e
         return _with_tensor(out, replaced.to(hidden.dtype))
 
-    replacements = {"clean": None, "sae": sae, "zero": torch.zeros_like}
+    # each replacement of the module's output from (what the SAE reads, that output): the
+    # zero ablation zeroes the output, which a transcoder's input need not match in width
+    replacements = {"clean": None, "sae": lambda source, _: sae(source),
+                    "zero": lambda _, hidden: torch.zeros_like(hidden)}
     sums: dict[str, float] = {name: 0.0 for name in replacements}
     count, causal, short = 0.0, False, False
     handle = module.register_forward_hook(hooked(splice), with_kwargs=True)
