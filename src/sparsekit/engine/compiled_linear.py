@@ -68,7 +68,7 @@ class CompiledLayer(nn.Module):
     # two lookups cost a fifth of that. They are refreshed whenever either is replaced. The
     # bias is checked when it is set, so the product need not check it on every call
     # (Format.trusted_matmul).
-    _hot = ("format", "bias")  # the attributes _cache() reads
+    _hot = ("format", "bias", "io_dtype")  # the attributes _cache() reads
 
     def __setattr__(self, name: str, value: object) -> None:
         fmt = self._modules.get("format") if name == "bias" and value is not None else None
@@ -89,8 +89,26 @@ class CompiledLayer(nn.Module):
         return out
 
     def _cache(self) -> None:
-        self.__dict__["_matmul"] = self._modules["format"].trusted_matmul()
+        self.__dict__["_matmul"] = self._at_boundary(self._modules["format"])
         self.__dict__["_bias"] = self._buffers["bias"]
+
+    def _at_boundary(self, fmt: Format) -> Callable[[torch.Tensor, torch.Tensor | None],
+                                                    torch.Tensor]:
+        """``fmt``'s product for inputs of :attr:`io_dtype`, which a cast of the layer
+        (``model.half()``) may have made a dtype ``fmt`` does not multiply (its values keep
+        theirs, :meth:`Format._apply`): the input and bias are then converted to float32
+        where ``fmt`` takes it (the native formats, whatever their values), else to the
+        values' dtype, and the output back, so the layer still takes and returns
+        :attr:`io_dtype`. The product of every other layer is the format's own."""
+        matmul = fmt.trusted_matmul()
+        dtype = self.__dict__.get("io_dtype")
+        if dtype is None or not dtype.is_floating_point or fmt.takes(dtype):
+            return matmul
+        inner = torch.float32 if fmt.takes(torch.float32) else fmt.value_dtype
+
+        def converted(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return matmul(x.to(inner), None if bias is None else bias.to(inner)).to(x.dtype)
+        return converted
 
     @property
     def in_features(self) -> int:
@@ -265,7 +283,7 @@ class CompiledLinear(CompiledLayer):
     def _cache(self) -> None:
         super()._cache()
         large = self._modules.get("format_large")
-        self.__dict__["_large"] = None if large is None else large.trusted_matmul()
+        self.__dict__["_large"] = None if large is None else self._at_boundary(large)
 
     @classmethod
     def from_linear(

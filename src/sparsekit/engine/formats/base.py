@@ -171,6 +171,34 @@ class Format(nn.Module):
         """Number of stored weights."""
         raise NotImplementedError
 
+    def takes(self, dtype: torch.dtype) -> bool:
+        """Whether an input of ``dtype`` is multiplied as it is, the product coming back in
+        ``dtype``: the values' own dtype here (``F.linear`` and torch's sparse products take
+        no other); native formats take each of their :attr:`dtypes`."""
+        return dtype == self.value_dtype
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[no-untyped-def]
+        """``.to()``, ``.half()``, ``.double()``...: the stored values take a cast's dtype
+        only where this format stores that dtype (:attr:`value_dtypes`, else :attr:`dtypes`);
+        otherwise, like int8 codes, which no float cast changes, they keep theirs and only
+        move. The other floating buffers (the float32 scales of int8 values) keep their dtype
+        too, unrounded. ``model.half()`` on a compiled model had cast the values of every
+        native format and the scales of every int8 one, and each product after it failed
+        with a raw ``RuntimeError``; the layer holding a format converts at its boundary
+        instead (:class:`~sparsekit.engine.compiled_linear.CompiledLayer`)."""
+        values = self.values_name or self.buffer_names[0]
+        stored = self.value_dtypes or self.dtypes
+        kept = {name: t for name, t in self._buffers.items()
+                if t is not None and t.is_floating_point()
+                and (name != values or (stored is not None
+                                        and fn(t.new_empty(0)).dtype not in stored))}
+        out = super()._apply(fn, recurse)
+        for name, t in kept.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != t.dtype:
+                self._buffers[name] = t.to(moved.device)
+        return out
+
     @property
     def value_dtype(self) -> torch.dtype:
         """The dtype of the stored weights (``torch.int8``: codes on the grid of per-row

@@ -301,6 +301,9 @@ class NativeFormat(BoundArguments, Format):
         work = (self._stored + self.out_features) * rows  # nnz may cost a pass; matmul inlines this
         return max(1, min(kernels.num_threads(), work // 16384))  # a fork costs a few µs
 
+    def takes(self, dtype: torch.dtype) -> bool:
+        return dtype in self.dtypes
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)``, passed to the
         kernel as it is: the ops take all its dimensions but the last as rows, so a decoded

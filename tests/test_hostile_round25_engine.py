@@ -1,0 +1,83 @@
+"""Hostile inputs, round 25: compiled layers of every value dtype.
+
+- ``model.half()`` / ``.double()`` (and ``.bfloat16()`` on int8 layers) cast the values of
+  every native format and the float32 scales of every int8 one: the cast succeeded and
+  every product after it failed with a raw ``RuntimeError`` ("values must be Float,
+  BFloat16 or Char, got Half", "scales must be Float"). Values now take a cast only to a
+  dtype their format stores, scales never, and the layer converts at its boundary, so a
+  cast model takes and returns its new dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _kernels import needs_kernels
+from torch import nn
+
+import sparsekit
+from sparsekit.engine import CompiledLinear
+from sparsekit.engine.formats import FORMATS
+
+pytestmark = [needs_kernels, pytest.mark.usefixtures("one_thread")]
+
+
+def _pruned(out_features: int = 48, in_features: int = 64) -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        layer.weight[:, 1::2] = 0  # every row half pruned: bitmap, csr16, bsr, fan-in
+    return layer
+
+
+FORMATS_AND_VALUES = [(f, v) for f in ("bitmap", "csr16", "fanin", "dense_lowp")
+                      for v in (torch.float32, torch.bfloat16, torch.int8)
+                      if v in FORMATS[f].value_dtypes]
+
+
+@pytest.mark.parametrize("cast", [torch.float16, torch.float64, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("name", "values"), FORMATS_AND_VALUES,
+                         ids=[f"{f}-{str(v)[6:]}" for f, v in FORMATS_AND_VALUES])
+def test_a_compiled_layer_cast_to_any_float_dtype_takes_and_returns_it(name, values, cast):
+    """After ``layer.to(cast)`` the values keep their dtype where their format stores no
+    ``cast`` values (float16, float64: the product converts at the layer's boundary) and
+    take it where it does (bfloat16, float32 values); int8 codes and their float32 scales
+    never change."""
+    linear = _pruned()
+    layer = CompiledLinear.from_linear(linear, name, value_dtype=values)
+    before = {k: v.clone() for k, v in layer.format.state_dict().items()}
+    x = torch.randn(3, 64)
+    reference = layer(x)
+    layer.to(cast)
+    for key, tensor in layer.format.state_dict().items():
+        stored = key == (layer.format.values_name or layer.format.buffer_names[0])
+        if stored and values.is_floating_point and cast in FORMATS[name].value_dtypes:
+            assert tensor.dtype == cast
+            assert torch.equal(tensor, before[key].to(cast))
+        else:
+            assert torch.equal(tensor, before[key]), key  # unrounded, in its dtype
+    y = layer(x.to(cast))
+    assert y.dtype == cast and y.shape == (3, 48)
+    # within the rounding of the new dtype (of the values, where they took it, and of x)
+    tolerance = {torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(cast, 1e-5)
+    if cast == torch.bfloat16 and values == torch.float32:
+        tolerance = 5e-2
+    assert torch.allclose(y.float(), reference.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_a_compiled_model_cast_with_half_still_runs_and_decompiles():
+    """The whole model: ``model.half()`` after ``compile`` (the raw ``RuntimeError`` of the
+    first product), then ``decompile`` gives float16 layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_pruned(48, 64), nn.ReLU(), _pruned(16, 48)).eval()
+    x = torch.randn(4, 64)
+    compiled = sparsekit.compile(model, x, formats=["bitmap"], weight_dtype="int8",
+                                 cache=False)
+    expected = compiled(x)
+    compiled.half()
+    with torch.no_grad():
+        y = compiled(x.half())
+    assert y.dtype == torch.float16
+    assert torch.allclose(y.float(), expected, rtol=2e-2, atol=2e-2)
+    back = sparsekit.engine.decompile(compiled)
+    assert back[0].weight.dtype == torch.float16
