@@ -5,7 +5,10 @@
   every product after it failed with a raw ``RuntimeError`` ("values must be Float,
   BFloat16 or Char, got Half", "scales must be Float"). Values now take a cast only to a
   dtype their format stores, scales never, and the layer converts at its boundary, so a
-  cast model takes and returns its new dtype.
+  cast model takes and returns its new dtype;
+- W8A8 on a layer of more than 65536 inputs: ``compile`` died inside autotuning with the
+  kernel's raw ``RuntimeError`` and ``from_dense`` built a format whose every product
+  failed; the formats refuse it by name and ``compile`` keeps float inputs there.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from torch import nn
 
 import sparsekit
 from sparsekit.engine import CompiledLinear
-from sparsekit.engine.formats import FORMATS
+from sparsekit.engine.formats import FORMATS, format_from_state
+from sparsekit.engine.formats.native import INT8_INPUTS, MAX_INT8_INPUTS
 
 pytestmark = [needs_kernels, pytest.mark.usefixtures("one_thread")]
 
@@ -81,3 +85,41 @@ def test_a_compiled_model_cast_with_half_still_runs_and_decompiles():
     assert torch.allclose(y.float(), expected, rtol=2e-2, atol=2e-2)
     back = sparsekit.engine.decompile(compiled)
     assert back[0].weight.dtype == torch.float16
+
+
+# -- W8A8 on layers wider than its int32 sums allow -----------------------------------------
+
+
+def _wide() -> nn.Linear:
+    layer = _pruned(4, MAX_INT8_INPUTS + 4464)  # 70000 inputs
+    return layer.eval()
+
+
+def test_w8a8_formats_refuse_a_layer_wider_than_exact_int32_sums():
+    """``from_dense(..., activation_dtype=torch.int8)`` built a 70000-input layer whose every
+    product failed with the kernel's raw ``RuntimeError``; a saved state with the W8A8 mark
+    loaded as well."""
+    weight = _wide().weight.detach()
+    for name in ("bitmap", "dense_lowp", "nm"):
+        with pytest.raises(ValueError, match=r"at most 65536 inputs .* in_features=70000"):
+            FORMATS[name].from_dense(weight, value_dtype=torch.int8,
+                                     activation_dtype=torch.int8)
+    state = FORMATS["bitmap"].from_dense(weight, value_dtype=torch.int8).state_dict()
+    state[INT8_INPUTS] = torch.tensor(True)
+    with pytest.raises(ValueError, match=r"at most 65536 inputs .* in_features=70000"):
+        format_from_state(state, tuple(weight.shape))
+
+
+def test_w8a8_compile_keeps_float_inputs_on_a_layer_wider_than_exact_int32_sums():
+    """``compile(..., activation_dtype="int8")`` died inside autotuning with the kernel's
+    raw ``RuntimeError``; such a layer now keeps float inputs, like a layer of grouped
+    scales, and the narrow one beside it is W8A8."""
+    model = nn.Sequential(_wide(), nn.ReLU(), _pruned(8, 4)).eval()
+    x = torch.randn(2, MAX_INT8_INPUTS + 4464)
+    compiled = sparsekit.compile(model, x, formats=["bitmap"], weight_dtype="int8",
+                                 activation_dtype="int8", cache=False)
+    assert compiled[0].format.activation_dtype is None
+    assert compiled[2].format.activation_dtype == torch.int8
+    with torch.no_grad():
+        reference = sparsekit.engine.decompile(compiled)(x)
+        assert torch.allclose(compiled(x), reference, rtol=1e-2, atol=1e-2)

@@ -51,7 +51,7 @@ from sparsekit.engine.autotune import MAX_ROWS
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
 from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, Format, available_formats, check_formats
-from sparsekit.engine.formats.native import check_threads
+from sparsekit.engine.formats.native import MAX_INT8_INPUTS, check_threads
 from sparsekit.engine.fused import FusedLinear, FusedProjections
 from sparsekit.engine.persist import replaced
 from sparsekit.observe import inference, watch
@@ -218,6 +218,9 @@ def compile(
     float layer), and the output check allows for it (relative error up to
     :data:`W8A8_RTOL` of the largest output). The mode is part of each format's state
     (:data:`~sparsekit.engine.formats.native.INT8_INPUTS`), so it saves and loads.
+    Layers of int8 scales per group of inputs, and layers wider than
+    :data:`~sparsekit.engine.formats.native.MAX_INT8_INPUTS` inputs (where int32 sums of
+    int8 products could overflow), keep float inputs.
     """
     check_module("model", model)
     names = check_formats(formats)
@@ -384,6 +387,8 @@ def _compile_layer(
     if is_grouped(scales) and value_dtype == torch.int8:  # per-group scales: float inputs
         group = group_size_of(layer.weight, scales)
         allowed = [n for n in allowed if n == "dense" or _takes_groups(n, group)]
+        activation = None
+    if layer.weight[0].numel() > MAX_INT8_INPUTS:  # W8A8 sums are exact up to that width
         activation = None
     if not allowed:  # forced formats that cannot hold this weight
         allowed, dense_allowed = ["dense"], True
@@ -709,7 +714,8 @@ def _activation_layer(
     grouped = is_grouped(attached_scales(layer))  # float inputs (W8A8 reads one scale per row)
     options = {"threads": threads, "prefill": _multi_row(weight_only) if multi else None,
                "value_dtype": torch.int8 if int8 else None}
-    int8_inputs = activation if int8 and not grouped else None
+    int8_inputs = (activation if int8 and not grouped and layer.in_features <= MAX_INT8_INPUTS
+                   else None)
     like = (_activation_like(layer, threshold, inputs, choice, rows, threads, options,
                              int8_inputs) if cache else None)
     key = None

@@ -22,7 +22,8 @@ from sparsekit.quantize import (
     scales_at,
 )
 
-__all__ = ["INT8_INPUTS", "MAX_THREADS", "SCALES", "NativeFormat", "Operands", "check_threads"]
+__all__ = ["INT8_INPUTS", "MAX_INT8_INPUTS", "MAX_THREADS", "SCALES", "NativeFormat", "Operands",
+           "check_threads"]
 
 MAX_THREADS = 65536
 """The most threads the kernels take (``common.h``)."""
@@ -45,6 +46,21 @@ formats with :attr:`NativeFormat.group_scales`, one per row and group of consecu
 Operands = tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...], tuple[int, ...]]
 """A format's kernel op, its tensors before ``x`` and its ints between ``bias`` and
 ``threads``: every op runs as ``op(*tensors, x, bias, *ints, threads, *scale_args())``."""
+
+MAX_INT8_INPUTS = 65536
+"""The most inputs of a W8A8 layer (:data:`INT8_INPUTS`): its int32 sums of int8 products
+stay exact up to this width, and the kernels refuse wider rows."""
+
+def _check_int8_inputs(in_features: int) -> None:
+    """Raise ``ValueError`` unless a W8A8 layer of ``in_features`` inputs stays within
+    :data:`MAX_INT8_INPUTS` (a wider one was built, and each of its products failed with the
+    kernel's raw ``RuntimeError``)."""
+    if in_features > MAX_INT8_INPUTS:
+        raise ValueError(f"activation_dtype=torch.int8 (W8A8) takes layers of at most "
+                         f"{MAX_INT8_INPUTS} inputs (exact int32 sums of int8 products), got "
+                         f"in_features={in_features}; accepted: float inputs "
+                         f"(activation_dtype=None)")
+
 
 INT8_INPUTS = "int8_inputs"
 """The optional buffer (after :data:`SCALES`) of a format whose int8 values multiply inputs
@@ -122,7 +138,7 @@ class NativeFormat(BoundArguments, Format):
         weight = masked(weight, mask, materialized=True)
         cls._check_dtype(weight)
         value_dtype = cls._value_dtype(weight, value_dtype, scales)
-        cls._check_activation_dtype(activation_dtype, value_dtype)
+        cls._check_activation_dtype(activation_dtype, value_dtype, weight.shape[1])
         if value_dtype != torch.int8:
             if scales is not None:
                 raise ValueError(f"scales are only for int8 values, got value_dtype={value_dtype}")
@@ -141,7 +157,7 @@ class NativeFormat(BoundArguments, Format):
 
     @classmethod
     def _check_activation_dtype(
-        cls, activation_dtype: torch.dtype | None, value_dtype: torch.dtype
+        cls, activation_dtype: torch.dtype | None, value_dtype: torch.dtype, in_features: int
     ) -> None:
         if activation_dtype is None:
             return
@@ -151,6 +167,7 @@ class NativeFormat(BoundArguments, Format):
         if value_dtype != torch.int8:
             raise ValueError(f"activation_dtype={activation_dtype} needs int8 values (W8A8), got "
                              f"value_dtype={value_dtype}")
+        _check_int8_inputs(in_features)
 
     @classmethod
     def _value_dtype(
@@ -195,6 +212,7 @@ class NativeFormat(BoundArguments, Format):
             if torch.int8 not in cls.activation_dtypes:
                 raise ValueError(f"the {cls.name} format has no int8-input (W8A8) kernels; "
                                  f"buffer {INT8_INPUTS!r} is not accepted")
+            _check_int8_inputs(shape[1])
 
     @classmethod
     def check_layout(cls, tensors: Sequence[torch.Tensor], shape: tuple[int, int]) -> None:
