@@ -8,7 +8,10 @@
   cast model takes and returns its new dtype;
 - W8A8 on a layer of more than 65536 inputs: ``compile`` died inside autotuning with the
   kernel's raw ``RuntimeError`` and ``from_dense`` built a format whose every product
-  failed; the formats refuse it by name and ``compile`` keeps float inputs there.
+  failed; the formats refuse it by name and ``compile`` keeps float inputs there;
+- a NaN or infinite weight compiled silently where the values stay float (the sparse
+  kernels skip the pruned zeros, so the compiled model spread it to fewer outputs than
+  the model did, and the output check passed); ``compile`` refuses it, naming the layer.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _kernels import needs_kernels
+from _state import snapshot, unchanged
 from torch import nn
 
 import sparsekit
@@ -123,3 +127,22 @@ def test_w8a8_compile_keeps_float_inputs_on_a_layer_wider_than_exact_int32_sums(
     with torch.no_grad():
         reference = sparsekit.engine.decompile(compiled)(x)
         assert torch.allclose(compiled(x), reference, rtol=1e-2, atol=1e-2)
+
+
+# -- non-finite weights ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight_dtype", [None, "bf16", "int8"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_compile_refuses_a_non_finite_weight_by_name(weight_dtype, bad):
+    """A NaN weight compiled silently with float values: the sparse kernels skip the pruned
+    zeros, so the compiled model was NaN in 60 of 128 outputs where the model was NaN in
+    all (its output check passed); int8 refused without naming the layer."""
+    model = nn.Sequential(_pruned(48, 64), nn.ReLU(), _pruned(16, 48)).eval()
+    with torch.no_grad():
+        model[2].weight[3, 0] = bad
+    state = snapshot(model)
+    with pytest.raises(ValueError, match=r"model: 2\.weight must be finite, got 1 NaN or inf"):
+        sparsekit.compile(model, torch.randn(4, 64), formats=["csr16"],
+                          weight_dtype=weight_dtype, cache=False)
+    assert unchanged(model, state)

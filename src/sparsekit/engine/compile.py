@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 from sparsekit._checks import (
     ArgumentTypeError,
     check_bool,
+    check_finite,
     check_materialized,
     check_materialized_module,
     check_module,
@@ -245,6 +246,10 @@ def compile(
                     f"model: {name or 'the model'}.weight has dtype {layer.weight.dtype}; "
                     "compile takes layers of float16, bfloat16, float32 or float64 (int8 "
                     "values come from weight_dtype='int8' or attached int8 scales)")
+            # a sparse format skips the pruned weights, so the compiled layer would not
+            # spread a NaN weight's NaN where the model does (the output check passed)
+            check_finite(f"model: {name or 'the model'}.weight", layer.weight.detach(),
+                         hint="compile multiplies finite weights only")
             scales = attached_scales(layer)
             if scales is not None and value_dtype in (None, torch.int8):  # stored on it
                 check_within_grid(f"model: {name or 'the model'}", layer.weight, scales)
@@ -388,7 +393,7 @@ def _compile_layer(
         group = group_size_of(layer.weight, scales)
         allowed = [n for n in allowed if n == "dense" or _takes_groups(n, group)]
         activation = None
-    if layer.weight[0].numel() > MAX_INT8_INPUTS:  # W8A8 sums are exact up to that width
+    if math.prod(layer.weight.shape[1:]) > MAX_INT8_INPUTS:  # W8A8 sums exact up to that width
         activation = None
     if not allowed:  # forced formats that cannot hold this weight
         allowed, dense_allowed = ["dense"], True
