@@ -11,7 +11,9 @@
   failed; the formats refuse it by name and ``compile`` keeps float inputs there;
 - a NaN or infinite weight compiled silently where the values stay float (the sparse
   kernels skip the pruned zeros, so the compiled model spread it to fewer outputs than
-  the model did, and the output check passed); ``compile`` refuses it, naming the layer.
+  the model did, and the output check passed); ``compile`` refuses it, naming the layer;
+- ``compile`` of a compiled model kept its formats and ignored ``formats=`` and the dtypes
+  silently; it names the compiled layer and the way back (``decompile``).
 """
 
 from __future__ import annotations
@@ -146,3 +148,19 @@ def test_compile_refuses_a_non_finite_weight_by_name(weight_dtype, bad):
         sparsekit.compile(model, torch.randn(4, 64), formats=["csr16"],
                           weight_dtype=weight_dtype, cache=False)
     assert unchanged(model, state)
+
+
+def test_compile_refuses_a_compiled_model_and_takes_it_decompiled():
+    """Compiling a compiled model kept its formats and ignored ``formats=`` and the dtypes
+    without a word (and recorded no choice)."""
+    model = nn.Sequential(_pruned(48, 64), nn.ReLU(), _pruned(16, 48)).eval()
+    x = torch.randn(4, 64)
+    compiled = sparsekit.compile(model, x, formats=["csr16"], cache=False)
+    state = snapshot(compiled)
+    with pytest.raises(ValueError, match=r"model: 0 is already compiled \(CompiledLinear\).*"
+                                         r"decompile\(model\)"):
+        sparsekit.compile(compiled, x, formats=["bitmap"], weight_dtype="int8", cache=False)
+    assert unchanged(compiled, state)
+    again = sparsekit.compile(sparsekit.engine.decompile(compiled), x, formats=["bitmap"],
+                              weight_dtype="int8", cache=False)
+    assert again[0].format.name == "bitmap" and again[0].format.value_dtype == torch.int8

@@ -54,7 +54,7 @@ from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, Format, available_formats, check_formats
 from sparsekit.engine.formats.native import MAX_INT8_INPUTS, check_threads
 from sparsekit.engine.fused import FusedLinear, FusedProjections
-from sparsekit.engine.persist import replaced
+from sparsekit.engine.persist import COMPILED_LAYERS, replaced
 from sparsekit.observe import inference, watch
 from sparsekit.quantize import (
     attached_scales,
@@ -238,6 +238,12 @@ def compile(
     inputs = _as_tuple(example_inputs)
     model = _conv1d_as_linear(model)
     for name, layer in model.named_modules():
+        if isinstance(layer, COMPILED_LAYERS):
+            # its formats were kept as they are, formats= and the dtypes silently ignored
+            raise ValueError(
+                f"model: {name or 'the model'} is already compiled ({type(layer).__name__}); "
+                "compile takes a model of nn.Linear and nn.Conv2d layers: pass "
+                "sparsekit.engine.decompile(model) to compile it again")
         if type(layer) in (nn.Linear, nn.Conv2d):  # their weights are read and timed
             check_materialized_module(layer, f"model: {name}." if name else "model: ")
             if not layer.weight.is_floating_point() or is_float8(layer.weight.dtype):

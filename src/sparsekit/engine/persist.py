@@ -22,7 +22,8 @@ from sparsekit.engine.fused import FusedLinear
 
 __all__ = ["decompile"]
 
-_COMPILED = (CompiledLayer, ActivationSparseLinear, FusedLinear)  # what compile() installs
+COMPILED_LAYERS = (CompiledLayer, ActivationSparseLinear, FusedLinear)
+"""The layer types compile() installs (what decompile() replaces)."""
 
 # expected_state() is not engine-specific: it moved to the checkpoint module.
 __getattr__ = moved(__name__, {"expected_state": "sparsekit.checkpoint"})
@@ -40,16 +41,16 @@ def decompile(model: nn.Module) -> nn.Module:
     """
     check_module("model", model)
     for name, layer in model.named_modules():
-        if isinstance(layer, _COMPILED):
+        if isinstance(layer, COMPILED_LAYERS):
             held, prefix = layer, f"model: {name}." if name else "model: "
             if isinstance(layer, FusedLinear):
                 # a member past the first holds its group without registering it: its
                 # stacked layer on the meta device came back as an nn.Linear of meta weights
                 held, prefix = layer._group, f"{prefix}group."
             check_materialized_module(held, prefix)
-    if isinstance(model, _COMPILED):
+    if isinstance(model, COMPILED_LAYERS):
         return _to_module(model)
-    out = replaced(model, _COMPILED, _to_module)
+    out = replaced(model, COMPILED_LAYERS, _to_module)
     out.__dict__.pop("sparsekit_choices", None)
     return out
 
