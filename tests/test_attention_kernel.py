@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from _kernels import kernels_ok
 
-from sparsekit.attention import block_sparse_attention
+from sparsekit.attention import block_sparse_attention, dense_block_mask
 from sparsekit.attention.block_sparse import reference_attention
 from sparsekit.engine import kernels
 
@@ -115,6 +115,34 @@ def test_rows_without_a_kept_key_are_zero():
     out = block_sparse_attention(q, k, v, mask, block_size=32)
     assert out[:, :3].abs().max() == 0 and out[:, 3, 32:64].abs().min() > 0
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("size,block_size", [(8, 4), (130, 16)])  # read in place; packed
+def test_a_bad_key_or_value_reaches_only_the_rows_that_read_it(size, block_size, causal, where,
+                                                                value):
+    """A NaN value (or a NaN or infinite key) that a row does not read, in a tile the mask
+    drops, turned every row NaN on the reference, which runs wherever a gradient is wanted
+    (0 * NaN in the weights' product, -inf + NaN in SDPA's mask); the kernel's rows of a kept
+    tile read a causally later NaN value the same way. Both now leave those rows as they were."""
+    q, k, v = _inputs(heads=2, kv_heads=1, q_len=size, kv_len=size, dim=16)
+    mask = _mask((1, 2, _blocks(size, block_size), _blocks(size, block_size)), density=0.6)
+    clean = reference_attention(q, k, v, mask, causal=causal, block_size=block_size)
+    key = size // 2 - 1  # (causal: rows before it see its tile but not it)
+    {"k": k, "v": v}[where][0, 0, key, 3] = value
+    reads = dense_block_mask(mask, size, size, causal=causal, block_size=block_size)[0, :, :, key]
+    assert reads.any() and not reads.all()
+    outs = [block_sparse_attention(q, k, v, mask, causal=causal, block_size=block_size),
+            reference_attention(q, k, v, mask, causal=causal, block_size=block_size),
+            block_sparse_attention(q.clone().requires_grad_(), k, v, mask, causal=causal,
+                                   block_size=block_size).detach()]
+    for out in outs:
+        torch.testing.assert_close(out[0][~reads], clean[0][~reads])
+        if value != value:
+            assert out[0][reads].isnan().any(-1).all()
+        torch.testing.assert_close(out, outs[0], equal_nan=True)
 
 
 @pytest.mark.parametrize("q_len", [1, 200])

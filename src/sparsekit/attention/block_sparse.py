@@ -7,9 +7,9 @@ scores were ``-inf`` — and a row whose every tile is dropped outputs zeros.
 
 On CPU the native kernel ``torch.ops.sparsekit.block_sparse_attention`` computes only the
 kept tiles, flash-style (``engine/kernels/attention_core.h``). :func:`reference_attention`
-— SDPA over the expanded element mask — is its oracle, and runs where the kernel cannot:
-without compiled kernels (``SPARSEKIT_NO_KERNELS=1``), off the CPU, or when autograd needs
-a gradient (the kernel has no backward).
+— a masked softmax over the expanded element mask — is its oracle, and runs where the
+kernel cannot: without compiled kernels (``SPARSEKIT_NO_KERNELS=1``), off the CPU, or when
+autograd needs a gradient (the kernel has no backward).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from sparsekit._checks import check_bool, check_fits_memory, check_int, check_positive
 from sparsekit.attention.coverage import (
@@ -142,7 +141,8 @@ def block_sparse_attention(
     Returns:
         ``(batch, heads, q_len, head_dim)`` in ``q``'s dtype; rows with no kept key are zero,
         rows reading a NaN in ``q``, ``k`` or ``v`` are NaN (on the kernel as on the
-        reference: NaN is never turned into zeros).
+        reference: NaN is never turned into zeros), and only those: a key or value in a
+        dropped tile, or (causal) after a row's last key, does not reach that row.
     """
     _check(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
@@ -167,9 +167,10 @@ def reference_attention(
     block_size: int = 64,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """:func:`block_sparse_attention` in plain PyTorch: SDPA over the element mask the block
-    mask stands for (:func:`dense_block_mask`). It materialises the whole score matrix; it is
-    the oracle of the native kernel and what runs without it. Same arguments and result."""
+    """:func:`block_sparse_attention` in plain PyTorch: a float32 softmax over the element
+    mask the block mask stands for (:func:`dense_block_mask`). It materialises the whole score
+    matrix; it is the oracle of the native kernel and what runs without it. Same arguments
+    and result."""
     _check(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
     return _reference(q, k, v, block_mask, causal=causal, block_size=block_size, scale=scale)
@@ -204,21 +205,33 @@ def _reference(
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     mask = dense_block_mask(block_mask, q_len, kv_len, causal=causal, block_size=block_size)
-    _refuse_overflow(q, k, mask, scale)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    scores = (q.float() * scale) @ k.float().transpose(-1, -2)
+    _refuse_overflow(q, k, scores.detach(), mask, scale)
+    # Rows read no key the mask drops, as on the kernel: masked scores are replaced (SDPA's
+    # additive mask kept a dropped key's NaN score, -inf + NaN) and masked weights are exact
+    # zeros, but a zero weight times a NaN value is NaN still, so v's non-finite values are
+    # read only by the outputs whose rows attend to them (from the plain product there).
+    probs = scores.masked_fill(~mask, -math.inf).softmax(-1).masked_fill(~mask, 0.0)
+    v = v.float()
+    finite = v.isfinite()
+    out = probs @ v.where(finite, 0.0)
+    with torch.no_grad():
+        reads = (mask.to(probs.dtype) @ (~finite).to(probs.dtype)) > 0
+        plain = probs @ v
+    return out.where(~reads, plain).to(q.dtype)
 
 
 @torch.no_grad()
-def _refuse_overflow(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> None:
-    """Raise where a score ``q · kᵀ · scale`` that ``mask`` keeps is not finite in float32
-    although its query and key rows are: it overflowed, and SDPA would turn its row NaN or
-    (every kept score at -inf) silently zero. The kernel refuses the same scores as it
-    computes them; the reference materialises them anyway. A NaN or infinity read from ``q``
-    or ``k`` is left alone (NaN in, NaN out); nothing is read under ``torch.compile``."""
+def _refuse_overflow(
+    q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, scale: float
+) -> None:
+    """Raise where a float32 score ``q · kᵀ · scale`` (``scores``) that ``mask`` keeps is not
+    finite although its query and key rows are: it overflowed, and the softmax would turn its
+    row NaN or (every kept score at -inf) silently zero. The kernel refuses the same scores as
+    it computes them. A NaN or infinity read from ``q`` or ``k`` is left alone (NaN in, NaN
+    out); nothing is read under ``torch.compile``."""
     if torch.compiler.is_compiling() or q.is_meta or not mask.numel():
         return
-    scores = (q.float() * scale) @ k.float().transpose(-1, -2)
     finite_rows = q.isfinite().all(-1, keepdim=True) & k.isfinite().all(-1).unsqueeze(-2)
     bad = (~scores.isfinite() & mask & finite_rows).nonzero()
     if not len(bad):

@@ -298,13 +298,15 @@ inline void softmax_step(const AttentionArgs& a, int64_t offset, int64_t i0, int
   }
 }
 
-// Whether the n scores s are all finite (x * 0 is NaN for an infinity or NaN, else ±0).
-inline bool all_finite(const float* s, int64_t n) {
+// Whether the n values x (scores, or float32 or bf16 values) are all finite (x * 0 is NaN
+// for an infinity or NaN, else ±0).
+template <typename T>
+inline bool all_finite(const T* x, int64_t n) {
   vf acc{};
   int64_t c = 0;
-  for (; c + L <= n; c += L) acc += load(s + c) * 0.f;
+  for (; c + L <= n; c += L) acc += load(x + c) * 0.f;
   float t = sum(acc);
-  for (; c < n; ++c) t += s[c] * 0.f;
+  for (; c < n; ++c) t += to_float(x[c]) * 0.f;
   return t == 0.f;
 }
 
@@ -405,14 +407,29 @@ void run_item(const Problem<T>& pb, const Item& it, float* ws) {
         if (!all_finite(sr, seen)) note_overflow(pb, it, r, c0, seen, sr);
       }
       softmax_step(a, pb.offset, it.i0, nr, c0, n, ncols, s, m, l, o, dpad);
-      if (pb.packed) {
-        pv(s, kTileKeys, nr, n, pb.vp + (bh * a.kv_len + c0) * dpad, dpad, dpad / L, o, dpad);
-      } else {
-        const T* vj = pb.v + (bh * a.kv_len + c0) * dim;
-        pv(s, kTileKeys, nr, n, vj, dim, dim / L, o, dpad);
+      // o (rows [r0, r0 + rows)) += s v over the first `keys` keys of the tile
+      const float* vp = pb.packed ? pb.vp + (bh * a.kv_len + c0) * dpad : nullptr;
+      const T* vj = pb.v + (bh * a.kv_len + c0) * dim;
+      auto accumulate = [&](int64_t r0, int64_t rows, int64_t keys) {
+        const float* p = s + r0 * kTileKeys;
+        float* acc = o + r0 * dpad;
+        if (pb.packed) {
+          pv(p, kTileKeys, rows, keys, vp, dpad, dpad / L, acc, dpad);
+          return;
+        }
+        pv(p, kTileKeys, rows, keys, vj, dim, dim / L, acc, dpad);
         for (int64_t d = dim / L * L; d < dim; ++d)  // the dims past whole vectors
-          for (int64_t r = 0; r < nr; ++r)
-            for (int64_t j = 0; j < n; ++j) o[r * dpad + d] += s[r * kTileKeys + j] * to_float(vj[j * dim + d]);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < keys; ++j) acc[r * dpad + d] += p[r * kTileKeys + j] * to_float(vj[j * dim + d]);
+      };
+      // A row's weights of the keys after its last (causal) are zeros, and a zero times a
+      // NaN or infinite value is NaN: where the tile holds one, each row reads only the
+      // values it sees, so only the rows that see it are NaN (as on the reference).
+      const bool hidden = visible(a, pb.offset, it.i0, c0, n) < n;
+      if (hidden && !(pb.packed ? all_finite(vp, n * dpad) : all_finite(vj, n * dim))) {
+        for (int64_t r = 0; r < nr; ++r) accumulate(r, 1, visible(a, pb.offset, it.i0 + r, c0, n));
+      } else {
+        accumulate(0, nr, n);
       }
     }
   }
