@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.attention import apply, hf
 from sparsekit.attention.break_even import BreakEven, call_class
 
@@ -78,6 +79,17 @@ def test_bad_margin_names_the_parameter():
         BreakEven(margin=1.5)
     with pytest.raises(TypeError, match="margin must be a float"):
         BreakEven(margin="0.1")
+
+
+@pytest.mark.parametrize("call", [["decode", 1], ("decode", [1])])
+def test_an_unhashable_call_class_names_the_parameter(call):
+    """A list (or a tuple holding one) was a raw "unhashable type" TypeError of the dict the
+    decisions are kept in, raised after nothing said which argument it was."""
+    log: list[str] = []
+    with pytest.raises(ArgumentTypeError, match=r"call must be a hashable call class \(like "
+                                                r"the tuple call_class returns\), got "):
+        BreakEven().run(call, *paths(log))
+    assert log == []
 
 
 def test_the_hf_switch_measures_once_per_class_and_runs_the_winner(monkeypatch):

@@ -80,8 +80,16 @@ class BreakEven:
 
     def run(self, call: Hashable, dense: Callable[[], Output],
             sparse: Callable[[], Output]) -> Output:
-        """The output of the path that wins for call class ``call``: measured now (both run)
-        if the class is new, else the remembered winner alone."""
+        """The output of the path that wins for call class ``call`` (hashable: the key the
+        decision is remembered under, like :func:`call_class`'s tuple): measured now (both
+        run) if the class is new, else the remembered winner alone."""
+        try:
+            hash(call)
+        except TypeError:  # a list, or a tuple holding one: a raw error of the dict
+            raise ArgumentTypeError(
+                f"call must be a hashable call class (like the tuple call_class returns), got "
+                f"{call!r}"
+            ) from None
         won = self._sparse_wins.get(call)
         if won is not None or torch.compiler.is_compiling():
             # a trace (torch.compile, export) cannot time: it takes what eager calls measured
