@@ -327,11 +327,26 @@ def test_coverage_takes_the_tile_masses_once_for_several_masks():
             q, k, mask, block_size=8)
         assert Coverage.of(q, k, mask, block_size=8, mass=mass) == pattern.coverage(
             q, k, block_size=8)
-    with pytest.raises(ValueError, match=r"mass must be the floating tile_mass of q and k, "
-                                         r"shape \(2, 4, 5, 5\), got torch.float64 \(2, 4, 5, 4\)"):
+    with pytest.raises(ValueError, match=r"mass must be the float32 or float64 tile_mass of q "
+                                         r"and k, shape \(2, 4, 5, 5\), got torch.float64 "
+                                         r"\(2, 4, 5, 4\)"):
         mass_recall(q, k, mask, block_size=8, mass=mass[..., :4])
     with pytest.raises(ValueError, match="pass scale or mass, not both"):
         mass_recall(q, k, mask, block_size=8, mass=mass, scale=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_low_precision_mass_is_refused(dtype):
+    """A float16 tile_mass gave a recall of 1.00006 (its rounding passed the check that a
+    query block's tiles add up to at most its rows), summed in float16 a recall of inf."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 12, 8), torch.randn(1, 1, 8, 8)
+    mask = torch.ones(1, 1, 3, 2, dtype=torch.bool)
+    mass = tile_mass(q, k, block_size=4)
+    match = rf"mass must be the float32 or float64 tile_mass .* got {dtype} \(1, 2, 3, 2\)"
+    with pytest.raises(ValueError, match=match):
+        Coverage.of(q, k, mask, block_size=4, mass=mass.to(dtype))
+    assert Coverage.of(q, k, mask, block_size=4, mass=mass.float()).recall <= 1
 
 
 def test_exact_coverage_reads_the_scores_once(monkeypatch):

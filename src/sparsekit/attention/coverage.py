@@ -221,7 +221,10 @@ def mass_recall(
         mass: the :func:`tile_mass` of ``q``, ``k`` (with this ``block_size`` and
             ``causal``, and the scale it was computed with instead of ``scale``) when it is
             at hand: several masks of the same queries and keys then read every score once,
-            not once per mask (computing it reads more than dense attention does).
+            not once per mask (computing it reads more than dense attention does). Float32
+            or float64 (a float16 or bfloat16 mass is refused: rounded, a recall passed 1).
+            Nothing in it tells which ``causal`` it was computed with: a mass of the other
+            one gives a wrong recall without an error.
 
     The masses come from :func:`tile_mass`. Rows that see no key at all (causal with
     ``q_len > kv_len``) are left out of the average.
@@ -239,18 +242,18 @@ def mass_recall(
     elif scale is not None:
         raise ValueError(f"pass scale or mass, not both (mass was computed with its own "
                          f"scale), got scale={scale!r}")
-    elif (not isinstance(mass, torch.Tensor) or not mass.is_floating_point()
+    elif (not isinstance(mass, torch.Tensor) or mass.dtype not in (torch.float32, torch.float64)
           or tuple(mass.shape) != (batch, heads, *tiles)):
         got = (f"{mass.dtype} {tuple(mass.shape)}" if isinstance(mass, torch.Tensor)
                else type(mass).__name__)
-        raise ValueError(f"mass must be the floating tile_mass of q and k, shape ({batch}, "
-                         f"{heads}, {tiles[0]}, {tiles[1]}), got {got}")
+        raise ValueError(f"mass must be the float32 or float64 tile_mass of q and k, shape "
+                         f"({batch}, {heads}, {tiles[0]}, {tiles[1]}), got {got}")
     else:
         _check_device(q, mass=mass)
         check_materialized("mass", mass)
         _check_mass_values(mass, q_len, block_size)
     seen = batch * heads * (min(q_len, kv_len) if causal else q_len)
-    # summed in float64: a float16 mass of ordinary values overflowed to a recall of inf
+    # summed in float64: a float32 sum of many rows' masses would round
     return ((mass.to(torch.float64) * block_mask).sum() / max(seen, 1)).item()
 
 
