@@ -112,6 +112,50 @@ def test_a_topk_sae_whose_cfg_says_k_0_is_refused(tmp_path):
         load(tmp_path / "k")
 
 
+def _edited(tmp_path, edit):
+    """A saved TopK SAE (k=4) whose cfg.json ``edit`` changed in place."""
+    path = save(SAE(16, 32, k=4), tmp_path / "e")
+    cfg = json.loads((path / "cfg.json").read_text())
+    edit(cfg)
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: (c.pop("k"), c["sparsekit"].pop("k")),
+     r"cfg.json: no k \(or sparsekit.k\), which a topk SAE needs"),
+    (lambda c: c.update(k=8), r"cfg.json: k \(8\) and sparsekit.k \(4\) must agree"),
+    (lambda c: c["sparsekit"].update(activation=["topk"]),
+     r"cfg.json: sparsekit.activation must be a string \(topk, .*\), got \['topk'\]"),
+    (lambda c: c["sparsekit"].update(transcoder="no"),
+     r"cfg.json: sparsekit.transcoder must be a JSON bool \(true or false\), got 'no'"),
+    (lambda c: c["sparsekit"].update(transcoder=1),
+     r"cfg.json: sparsekit.transcoder must be a JSON bool \(true or false\), got 1"),
+    (lambda c: c.update(dtype="bfloat16"),
+     r"sae_weights.safetensors: W_enc is torch.float32, but cfg.json says dtype 'bfloat16', "
+     r"which would round it"),
+])
+def test_a_tampered_cfg_is_refused_naming_the_file_and_field(tmp_path, edit, match):
+    """Each loaded without a word or failed raw: no k loaded as k=1, a top-level k beside
+    another sparsekit.k won, a list activation was an unhashable TypeError, a "no"
+    transcoder was true (and the error blamed the activation), a bfloat16 dtype over float32
+    tensors rounded the weights."""
+    with pytest.raises(ValueError, match=match):
+        load(_edited(tmp_path, edit))
+
+
+def test_a_cfg_dtype_that_holds_the_tensors_exactly_loads(tmp_path):
+    """SAELens saves a half() SAE's float16 tensors under its float32 dtype and loads them
+    widened: so does sparsekit (only a dtype that would round them is refused)."""
+    sae = SAE(16, 32, k=4).half()
+    path = save(sae, tmp_path / "h")
+    cfg = json.loads((path / "cfg.json").read_text())
+    (path / "cfg.json").write_text(json.dumps({**cfg, "dtype": "float32"}))
+    loaded = load(path)
+    assert loaded.W_enc.dtype == torch.float32
+    assert torch.equal(loaded.W_enc, sae.W_enc.float())
+
+
 def test_a_save_that_fails_before_its_renames_leaves_the_directory_as_it_was(tmp_path,
                                                                           monkeypatch):
     from sparsekit import _atomic

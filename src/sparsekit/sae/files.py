@@ -242,7 +242,8 @@ def load(path: str | Path) -> SAE:
 
     Raises ``FileNotFoundError`` when a file is missing and a ``ValueError`` naming the file
     when one is damaged or describes what sparsekit cannot load (an unknown architecture or
-    dtype, missing fields or tensors, tensors of other shapes than the config's)."""
+    dtype, a dtype that would round the stored tensors, missing, mistyped or conflicting
+    fields, missing tensors, tensors of other shapes than the config's)."""
     path = _directory(path)
     for name in (CFG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
@@ -259,6 +260,10 @@ def load(path: str | Path) -> SAE:
         "jumprelu" if "jumprelu" in architecture or "batchtopk" in architecture
         else "l1" if architecture in ("standard", "transcoder") else architecture)
     _check_architecture(cfg_file, architecture, activation, ours, transcoder)
+    k = next((v for v in (cfg.get("k"), ours.get("k")) if v is not None), None)  # 0 is one
+    if k is None and activation in ("topk", "abstopk", "batchtopk"):  # SAELens writes k
+        raise ValueError(f"{cfg_file}: no k (or sparsekit.k), which a {activation} SAE needs "
+                         f"(the latents it keeps)")
     with _damaged(weights_file, "not a safetensors file"):
         weights = load_file(weights_file)
     state = _read_state(path, cfg_file, ours)
@@ -270,6 +275,12 @@ def load(path: str | Path) -> SAE:
                          f"{', '.join(sorted(weights)) or 'none'})")
     _check_values(weights_file, weights)
     _check_widths(cfg, cfg_file, weights, weights_file)
+    dtype = _DTYPES[str(cfg.get("dtype", "float32")).removeprefix("torch.")]
+    for name in needed:  # a wider dtype holds them exactly (SAELens loads half() saves so)
+        if torch.promote_types(weights[name].dtype, dtype) != dtype:
+            raise ValueError(f"{weights_file}: {name} is {weights[name].dtype}, but "
+                             f"{cfg_file.name} says dtype {cfg.get('dtype')!r}, which would "
+                             f"round it; accepted: a dtype that holds {weights[name].dtype}")
     w_enc, w_dec, b_enc = weights["W_enc"], weights["W_dec"], weights["b_enc"]
     with _damaged(weights_file, "cannot read W_dec's row norms"):
         if cfg.get("rescale_acts_by_decoder_norm", False):  # fold the norms: same codes
@@ -280,13 +291,12 @@ def load(path: str | Path) -> SAE:
             w_enc, b_enc, w_dec = w_enc * norms, b_enc * norms, w_dec / divisor[:, None]
         unit = bool(torch.allclose(w_dec.float().norm(dim=-1), torch.ones(()), atol=1e-4))
     with _damaged(cfg_file, "not a loadable SAE config"):
-        k = next((v for v in (cfg.get("k"), ours.get("k")) if v is not None), 1)  # k: 0 is one
-        sae = SAE(cfg["d_in"], cfg["d_sae"], activation, k=k,
+        sae = SAE(cfg["d_in"], cfg["d_sae"], activation, k=1 if k is None else k,
                   d_out=cfg.get("d_out", cfg["d_in"]), transcoder=transcoder,
                   matryoshka=ours.get("matryoshka"),
                   normalize_decoder=ours.get("normalize_decoder", unit),
                   bandwidth=ours.get("bandwidth", 1e-3),
-                  dtype=_DTYPES[str(cfg.get("dtype", "float32")).removeprefix("torch.")])
+                  dtype=dtype)
     loaded = {"W_enc": w_enc, "W_dec": w_dec, "b_enc": b_enc, "b_dec": weights["b_dec"]}
     if activation == "jumprelu":
         loaded["threshold"] = weights["threshold"].clamp_min(0).log()
@@ -430,10 +440,20 @@ def _read_cfg(file: Path) -> dict[str, Any]:
     if architecture not in _LOADABLE:
         raise ValueError(f"{file}: architecture {architecture!r} is not supported; "
                          f"accepted: {', '.join(_LOADABLE)}")
-    for key in ("apply_b_dec_to_input", "rescale_acts_by_decoder_norm"):
-        if key in cfg and not isinstance(cfg[key], bool):  # "false" is truthy
-            raise ValueError(f"{file}: {key} must be a JSON bool (true or false), got "
-                             f"{cfg[key]!r}")
+    ours = cfg.get("sparsekit") or {}
+    for fields, key, label in ((cfg, "apply_b_dec_to_input", ""),
+                               (cfg, "rescale_acts_by_decoder_norm", ""),
+                               (ours, "transcoder", "sparsekit.")):
+        if key in fields and not isinstance(fields[key], bool):  # "false" is truthy
+            raise ValueError(f"{file}: {label}{key} must be a JSON bool (true or false), got "
+                             f"{fields[key]!r}")
+    activation = ours.get("activation")
+    if activation is not None and not isinstance(activation, str):  # a list was unhashable
+        raise ValueError(f"{file}: sparsekit.activation must be a string (topk, batchtopk, "
+                         f"abstopk, jumprelu or l1), got {activation!r}")
+    if None not in (cfg.get("k"), ours.get("k")) and cfg["k"] != ours["k"]:  # one won silently
+        raise ValueError(f"{file}: k ({cfg['k']!r}) and sparsekit.k ({ours['k']!r}) must "
+                         f"agree")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise ValueError(f"{file}: normalize_activations="
                          f"{cfg['normalize_activations']!r} is not supported; fold it first")
