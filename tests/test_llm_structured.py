@@ -199,6 +199,58 @@ def test_a_model_without_the_unit_is_refused():
         prune_structured(model, tokens(), unit="ffn", method="magnitude")
 
 
+class Wrapper(torch.nn.Module):
+    """A module holding a transformers model: its ``__init__`` is not ``cls(config)``."""
+
+    def __init__(self, inner: torch.nn.Module, share_config: bool):
+        super().__init__()
+        self.inner = inner
+        if share_config:
+            self.config = inner.config
+
+    def forward(self, input_ids):
+        return self.inner(input_ids)
+
+
+@pytest.mark.parametrize("share_config", [True, False])
+@pytest.mark.parametrize("unit, allocation", [("ffn", "global"), ("heads", "uniform"),
+                                              ("layers", "uniform")])
+def test_a_wrapped_model_updates_the_inner_config_and_reloads(tmp_path, share_config, unit,
+                                                              allocation):
+    """The config updated (and the shapes recorded) is the inner transformers model's:
+    with the wrapper's ``.config``, rebuilding the wrapper's class raised a raw TypeError
+    after the weights were cut; without one, the inner config stayed stale and reloaded
+    the wrong sizes (or a removed layer, re-initialised)."""
+    ids = tokens()
+    model = Wrapper(llama(), share_config)
+    method = None if unit == "layers" else "magnitude"
+    prune_structured(model, ids, 0.34, unit=unit, method=method, allocation=allocation)
+    config = model.inner.config
+    assert config.num_hidden_layers == len(model.inner.model.layers)
+    if unit == "ffn":
+        assert config.sparsekit_shapes  # global: blocks of different widths
+    model.inner.save_pretrained(tmp_path)
+    torch.testing.assert_close(out(load_pretrained(tmp_path), ids), out(model.inner, ids))
+
+
+def test_a_model_its_config_cannot_rebuild_is_refused_and_untouched():
+    """Recording the pruned shapes rebuilds the model's class from its config: a class
+    that is not ``cls(config)`` is refused before anything changes."""
+
+    class Scaled(transformers.LlamaForCausalLM):
+        def __init__(self, config, scale):
+            super().__init__(config)
+            self.scale = scale
+
+    model = Scaled(llama().config, 2.0)
+    before = state(model)
+    with pytest.raises(ValueError, match=r"model: Scaled .* cannot be built from its "
+                                         r"config \(TypeError.*not changed"):
+        prune_structured(model, tokens(), 0.5, unit="heads", method="magnitude")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.config.num_attention_heads == 8 and model.config.num_key_value_heads == 4
+
+
 def qwen2() -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,

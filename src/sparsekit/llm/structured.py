@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,9 @@ def prune_structured(
     would remove all of a block's neurons or heads, or every layer, is a ``ValueError``, as
     is a block influence that is not finite (NaN or inf hidden states would rank the
     layers arbitrarily).
-    Returns ``model`` (smaller, its ``config`` updated; see the module notes on saving).
+    Returns ``model`` (smaller, its ``config`` updated; see the module notes on saving). In
+    a wrapper (a module holding a transformers model), the config updated is the inner
+    model's, whose ``save_pretrained`` writes the blocks.
     """
     check_module("model", model)
     units = _check_units(unit)
@@ -154,8 +157,10 @@ def prune_structured(
     for name, param in model.named_parameters():  # every method reads the weights
         check_materialized(f"model's parameter {name!r}", param)
     check_writable_module(model)
-    seqlen = check_seqlen(model, seqlen)
     _, blocks = transformer_blocks(model)
+    owner = _config_owner(model, blocks)
+    described = model if owner is None else owner  # a wrapper's context and vocabulary
+    seqlen = check_seqlen(described, seqlen)
     if units == ("layers",):
         _layers_to_remove(amount, len(blocks))  # before any calibration run
     tokens = None
@@ -167,10 +172,11 @@ def prune_structured(
                              + hint)
         tokens = calibration_tokens(calibration, tokenizer=tokenizer, nsamples=nsamples,
                                     seqlen=seqlen, seed=seed)
-        check_token_ids(tokens, model)
+        check_token_ids(tokens, described)
         tokens = to_device(tokens, home_device(model))  # a model on a GPU, tokens made here
     if units == ("layers",):
-        _remove_layers(model, blocks, block_influence(model, tokens), amount)
+        _remove_layers(blocks, block_influence(model, tokens), amount,
+                       None if owner is None else owner.config)
     else:
         groups = {u: transformer_groups(model, u) for u in units}
         everything = [g for u in units for g in groups[u]]
@@ -185,9 +191,11 @@ def prune_structured(
         remove_channels(model, removal)
         cut(model, grids)
         _sync_heads(model)
-        for u in units:
-            _update_config(model, u, removed[u])
-    _record_shapes(model)
+        if owner is not None:
+            for u in units:
+                _update_config(owner.config, u, removed[u])
+    if owner is not None:
+        _record_shapes(owner)
     return model
 
 
@@ -486,8 +494,10 @@ def _layers_to_remove(amount: float, layers: int) -> int:
     return n
 
 
-def _remove_layers(model: nn.Module, blocks: nn.ModuleList, influence: list[float],
-                   amount: float) -> None:
+def _remove_layers(blocks: nn.ModuleList, influence: list[float], amount: float,
+                   config: Any) -> None:
+    """Remove the ``amount`` of ``blocks`` with the lowest ``influence``; ``config`` (the
+    blocks' model's, or ``None``) follows the new layer count."""
     n = _layers_to_remove(amount, len(blocks))
     bad = [i for i, v in enumerate(influence) if not math.isfinite(v)]
     if bad:  # NaN sorts anywhere: the layers removed would be arbitrary
@@ -503,7 +513,6 @@ def _remove_layers(model: nn.Module, blocks: nn.ModuleList, influence: list[floa
         for m in block.modules():
             if isinstance(getattr(m, "layer_idx", None), int):
                 m.layer_idx = i
-    config = getattr(model, "config", None)
     if config is not None:
         config.num_hidden_layers = len(blocks)
         types = getattr(config, "layer_types", None)
@@ -600,14 +609,11 @@ def _sync_heads(model: nn.Module) -> None:
             m.all_head_size = query.out_features
 
 
-def _update_config(model: nn.Module, unit: str, removed: list[tuple[Group, torch.Tensor]]
+def _update_config(config: Any, unit: str, removed: list[tuple[Group, torch.Tensor]]
                    ) -> None:
-    """Set the config's widths to the widest block (exact when all blocks agree). A
+    """Set ``config``'s widths to the widest block (exact when all blocks agree). A
     width the config class refuses (LLaMA wants heads that divide the hidden size even
     with an explicit ``head_dim``) stays as it was; :func:`_record_shapes` covers it."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return
     widest = max(g.channels - len(gone) for g, gone in removed)
     if unit == "ffn" and hasattr(config, "intermediate_size"):
         change = {"intermediate_size": widest}
@@ -629,16 +635,43 @@ def _update_config(model: nn.Module, unit: str, removed: list[tuple[Group, torch
             setattr(config, k, v)
 
 
+def _config_owner(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
+    """The transformers model whose config describes ``blocks``: ``model`` itself or, in a
+    wrapper (any module holding one), the outermost ``PreTrainedModel`` that holds them —
+    the one whose ``save_pretrained`` writes them. ``None`` without one (no config describes
+    the blocks). A wrapper's own ``.config`` is not rebuilt from: its class need not be
+    ``cls(config)`` (rebuilding it failed after the weights were cut), and its
+    ``save_pretrained``, if any, is not the one that writes the inner model's config."""
+    transformers = sys.modules.get("transformers")  # not imported: no model of its exists
+    if transformers is None:
+        return None
+    owner = next((m for m in model.modules() if isinstance(m, transformers.PreTrainedModel)
+                  and any(b is blocks for b in m.modules())), None)
+    if owner is not None:
+        try:  # _record_shapes rebuilds it last, after the cut: a failure there left it cut
+            _skeleton(owner)
+        except Exception as e:
+            raise ValueError(
+                f"model: {type(owner).__name__} (holding the blocks) cannot be built from its "
+                f"config ({type(e).__name__}: {e}), which recording the pruned shapes "
+                "needs; accepted: transformers models built as cls(config); the model was "
+                "not changed") from e
+    return owner
+
+
+def _skeleton(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of ``model``'s class built from its config, on the meta device."""
+    with torch.device("meta"):
+        return dict(type(model)(model.config).named_parameters())
+
+
 def _record_shapes(model: nn.Module) -> None:
     """Record, under ``config.sparsekit_shapes``, every parameter whose shape the model
     built from its config would not have (nothing when the config describes it)."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return
+    config = model.config
     if hasattr(config, SHAPES_KEY):
         delattr(config, SHAPES_KEY)
-    with torch.device("meta"):
-        fresh = dict(type(model)(config).named_parameters())
+    fresh = _skeleton(model)
     shapes = {n: list(p.shape) for n, p in model.named_parameters()
               if n not in fresh or fresh[n].shape != p.shape}  # not in it: a FLAP bias
     if shapes:
