@@ -293,6 +293,43 @@ def test_head_pattern_through_prune_and_shrink():
         transformer_groups(model, "experts")
 
 
+@pytest.mark.parametrize("kv_heads, sparsity, match", [
+    (4, 0.03, "every group's kept count rounds to all of its channels; use a larger sparsity"),
+    (1, 0.5, "every group has a single channel .*multi-query attention.*no sparsity removes"),
+])
+def test_a_head_prune_that_removes_nothing_is_refused(kv_heads, sparsity, match):
+    """pattern="head" that removes no head (too small a sparsity; multi-query attention,
+    whose blocks keep their one key/value head) is a ValueError, the model untouched: a
+    dense MaskSet came back, silently."""
+    import sparsekit
+
+    model = llama()
+    if kv_heads == 1:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **{**model.config.to_dict(), "num_key_value_heads": 1})).eval()
+    before = state(model)
+    with pytest.raises(ValueError, match=rf"sparsity={sparsity} removes no channel of any "
+                                         rf"group: {match}"):
+        sparsekit.prune(model, sparsity, pattern="head")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("amount", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_multi_query_heads_say_no_amount_removes_one(amount, allocation):
+    """With one key/value head per block no amount removes a head: the error says so (it
+    said "use a larger amount" at 0.1 and "use a smaller amount" at 0.5)."""
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{**llama().config.to_dict(), "num_key_value_heads": 1})).eval()
+    before = state(model)
+    with pytest.raises(ValueError, match=rf"amount={amount} removes no heads unit: every block "
+                                         r"has a single one \(one key/value head: multi-query "
+                                         r"attention\).*no amount removes one"):
+        prune_structured(model, tokens(), amount, unit="heads", method="magnitude",
+                         allocation=allocation)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("unit", ["ffn", "heads"])
 def test_flap_compensates_into_new_biases_and_round_trips(tmp_path, unit):
     model, ids = llama(), tokens(8)

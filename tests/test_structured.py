@@ -312,6 +312,41 @@ def test_groups_with_an_excluded_layer_keep_their_width():
     assert [small[i].out_features for i in (0, 2)] == [15, 16]  # "4" reads the second group
 
 
+class GroupNormed(nn.Module):
+    """A conv whose channels a GroupNorm mixes: the model has no removable group."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.gn(self.a(x))))
+
+
+@pytest.mark.parametrize("make, kwargs, match", [
+    (GroupNormed, {}, "the model has no dependency group whose channels can be removed"),
+    (_mlp, {"exclude": ["2"]}, "none of the model's 2 dependency group"),
+    (_mlp, {"targets": ["0"]}, "targets and exclude must take each group's layers all or none"),
+    (_mlp, {"sparsity": 0.01}, "kept count rounds to all of its channels; use a larger sparsity"),
+    (_mlp, {"sparsity": 0.05, "pattern": "channel:8"}, "rounds to all of its channels with "
+                                                        "round_to=8; .* or a smaller round_to"),
+])
+def test_a_channel_prune_that_removes_nothing_is_refused(make, kwargs, match):
+    """A sparsity above 0 that removes no channel is a ValueError saying why, the model
+    untouched: a dense MaskSet came back, silently (sparsity 0)."""
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = {"sparsity": 0.5, "pattern": "channel", **kwargs}
+    with pytest.raises(ValueError, match=rf"sparsity={args['sparsity']} removes no channel of "
+                                         rf"any group: .*{match}.*the model was not changed"):
+        sparsekit.prune(model, **args)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    masks = sparsekit.prune(model, 0.0, pattern="channel")  # sparsity 0 asks for nothing
+    assert masks.sparsity() == 0
+
+
 def test_channel_pattern_runs_under_a_gradual_schedule():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

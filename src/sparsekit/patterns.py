@@ -331,13 +331,16 @@ class GroupPattern(Pattern):
 
     def select(self, model: nn.Module, targets: list[Target], scores: dict[str, torch.Tensor],
                allocate: Callable[[dict[str, torch.Tensor], float], dict[str, int]],
-               sparsity: float, *, readers_only: bool = False) -> dict[str, torch.Tensor]:
+               sparsity: float, *, readers_only: bool = False, strict: bool = False
+               ) -> dict[str, torch.Tensor]:
         """The target masks that remove each group's least important channels
-        (``readers_only``: rank them by their reader columns, for criteria such as FLAP)."""
+        (``readers_only``: rank them by their reader columns, for criteria such as FLAP;
+        ``strict``: a ``ValueError`` when none goes, see
+        :func:`~sparsekit.structured.importance.channel_masks`)."""
         from sparsekit.structured.importance import channel_masks
 
         return channel_masks(model, targets, scores, allocate, sparsity, self.groups(model),
-                             readers_only=readers_only, round_to=self.round_to)
+                             readers_only=readers_only, round_to=self.round_to, strict=strict)
 
     def __str__(self) -> str:
         return self.spec if self.round_to == 1 else f"{self.spec}:{self.round_to}"

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_seed, check_sparsity, renamed, seeded
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_seed,
+    check_sparsity,
+    renamed,
+    seeded,
+)
 from sparsekit.allocation import ALLOCATIONS, fit_to_capacity
 from sparsekit.masks import MaskSet
 from sparsekit.patterns import Pattern, parse_pattern
@@ -46,7 +53,9 @@ def prune(
     For N:M patterns the pattern caps the density at N/M; a higher ``sparsity``
     thins the N:M mask further. ``pattern="channel"`` removes that fraction of the
     channels of every dependency group (see :mod:`sparsekit.structured`);
-    :func:`~sparsekit.shrink` then hands back the smaller dense model.
+    :func:`~sparsekit.shrink` then hands back the smaller dense model; a ``sparsity`` above 0
+    that removes no channel (or head) of any group is a ``ValueError`` saying why, before
+    the model changes (a no-op returned a dense MaskSet, silently).
 
     Under ``torchrun`` (a default process group) every rank passes the same model and the
     same ``data``; a data-driven criterion observes or differentiates on this rank's share
@@ -55,7 +64,7 @@ def prune(
     """
     masks, pat = compute_masks(
         model, sparsity, method=method, pattern=pattern, allocation=allocation,
-        targets=targets, exclude=exclude, data=data, loss_fn=loss_fn, seed=seed,
+        targets=targets, exclude=exclude, data=data, loss_fn=loss_fn, seed=seed, strict=True,
     )
     return MaskSet(model, masks, pattern=str(pat)).apply()
 
@@ -73,9 +82,15 @@ def compute_masks(
     data: Any = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     seed: int = 0,
+    strict: bool = False,
 ) -> tuple[dict[str, torch.Tensor], Pattern]:
-    """The masks :func:`prune` would apply, without changing the model (schedules use this)."""
+    """The masks :func:`prune` would apply, without changing the model (schedules use this).
+
+    ``strict`` (:func:`prune` sets it): a grouped pattern (``"channel"``, ``"head"``) whose
+    ``sparsity`` above 0 removes no unit is a ``ValueError``; without it the masks remove
+    nothing (a schedule's early, small sparsities legitimately remove none)."""
     check_sparsity(sparsity)
+    check_bool("strict", strict)
     score_fn = CRITERIA.get(method)
     allocate = ALLOCATIONS.get(allocation)
     pat = parse_pattern(pattern)
@@ -94,7 +109,8 @@ def compute_masks(
         check_gradient_signal(method, chosen, scores)
     if pat.grouped:  # whole dependency groups across layers (pattern="channel")
         return pat.select(model, chosen, scores, allocate, float(sparsity),
-                          readers_only=CRITERIA.meta(method)["readers_only"]), pat
+                          readers_only=CRITERIA.meta(method)["readers_only"],
+                          strict=strict), pat
     # Layer by layer, so that at most one layer's scores is ever copied: weights that are
     # already zero rank below everything, and each layer's scores are let go once its
     # mask is built.

@@ -411,8 +411,22 @@ def _select(model: nn.Module, groups: Mapping[str, list[Group]],
                                              power=powers.get(u, 1.0)) for g in gs}
             importance.update(mine)
             keep.update(ALLOCATIONS.get(allocation)(mine, float(amount)))
+
+    def single(units: Sequence[str]) -> bool:
+        return all(g.channels == 1 for u in units for g in groups[u])
+
+    def no_amount(units: Sequence[str]) -> ValueError:
+        """Every block holds one unit (MQA's one key/value head), which it keeps: "use a
+        larger amount" then "use a smaller one" sent the caller round in circles."""
+        note = " (one key/value head: multi-query attention)" if "heads" in units else ""
+        return ValueError(f"amount={amount} removes no {' or '.join(units)} unit: every block "
+                          f"has a single one{note}, which it keeps, so no amount removes one; "
+                          "prune another unit; the model was not changed")
+
     for u, gs in groups.items():
         empty = [g.name for g in gs if keep[g.name] < 1]
+        if empty and single([u]):
+            raise no_amount([u])
         if empty:
             raise ValueError(f"amount={amount} would remove every {u} unit of {empty}; use a "
                              "smaller amount (each block keeps at least one); the model was "
@@ -428,6 +442,8 @@ def _select(model: nn.Module, groups: Mapping[str, list[Group]],
     removed = {u: [(g, torch.nonzero(~top_k(importance[g.name], count(g))).flatten())
                    for g in gs] for u, gs in groups.items()}
     if not any(len(gone) for rs in removed.values() for _, gone in rs):  # a silent no-op
+        if single(list(groups)):
+            raise no_amount(list(groups))
         rounding = f" with round_to={round_to}" if round_to > 1 else ""
         raise ValueError(f"amount={amount} removes no {' or '.join(groups)} unit in any block "
                          f"(every block's kept count rounds to all of its units{rounding}); "

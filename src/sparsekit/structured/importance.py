@@ -134,6 +134,7 @@ def channel_masks(
     *,
     readers_only: bool = False,
     round_to: int = 1,
+    strict: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Masks of ``targets`` that remove the least important ``sparsity`` of the channels
     of every group whose Linear/Conv weights — writers and readers — are all targets (how
@@ -141,6 +142,11 @@ def channel_masks(
     defaults to :func:`~sparsekit.structured.dependency_groups` of ``model``.
     ``readers_only`` ranks channels by their reader columns alone (see
     :func:`group_importance`); ``round_to`` rounds each kept count (:func:`round_count`).
+    With ``strict`` (a one-shot :func:`~sparsekit.prune`), a ``sparsity`` above 0 that
+    removes no channel of any group is a ``ValueError`` saying why (no group within the
+    targets, groups of one channel, counts that round to all channels): the masks removed
+    nothing, silently. Without it such masks are returned (a schedule's early, small
+    sparsities remove none).
 
     A removed channel loses its writer rows and, above all, its reader columns: nothing
     reads it any more, so the masked model computes exactly what
@@ -148,25 +154,56 @@ def channel_masks(
     left as they are; ``shrink`` removes them with it).
     """
     check_round_to(round_to)
+    check_bool("strict", strict)
     chosen = {t.name for t in targets}
+    groups = dependency_groups(model) if groups is None else groups
     ranked: dict[str, tuple[Group, torch.Tensor]] = {}
-    for group in dependency_groups(model) if groups is None else groups:
+    for group in groups:
         if not all(s.name in chosen for s in _layer_weights(model, group)):
             continue
         importance = group_importance(group, scores, readers_only=readers_only)
         if importance is not None:
             ranked[f"{group.name}#{len(ranked)}"] = (group, importance)
     keep = allocate({k: imp for k, (_, imp) in ranked.items()}, sparsity)
-    masks = {t.name: t.param.detach() != 0 for t in targets}
     uniform = allocate is ALLOCATIONS.get("uniform")  # its counts stand for width × (1 − s)
+    cuts = []
     for key, (group, importance) in ranked.items():
         kept = round_count(max(keep[key], 1), group, round_to,
                            near=group.channels * (1 - sparsity) if uniform else None)
         gone = torch.nonzero(~top_k(importance, kept)).flatten()
+        if gone.numel():
+            cuts.append((group, gone))
+    if strict and sparsity > 0 and not cuts:
+        raise ValueError(_removes_nothing(sparsity, [g for g, _ in ranked.values()],
+                                          len(groups), round_to))
+    masks = {t.name: t.param.detach() != 0 for t in targets}
+    for group, gone in cuts:
         for s in group.slices:
-            if s.name in masks and gone.numel():
+            if s.name in masks:
                 masks[s.name].index_fill_(s.dim, s.indices(gone).to(masks[s.name].device), False)
     return masks
+
+
+def _removes_nothing(sparsity: float, ranked: list[Group], found: int, round_to: int) -> str:
+    """Why ``sparsity`` removes no channel of the ``ranked`` groups (those within the
+    targets, of the ``found`` groups of the model)."""
+    if not found:
+        why = ("the model has no dependency group whose channels can be removed (each "
+               "needs layers that write and read the channels, joined only by operations the "
+               "tracing follows: see sparsekit.structured.dependency)")
+    elif not ranked:
+        why = (f"none of the model's {found} dependency group(s) has all of its layers among "
+               "the targets; a channel goes from every layer that writes or reads it, so "
+               "targets and exclude must take each group's layers all or none")
+    elif all(g.channels == 1 for g in ranked):
+        why = ("every group has a single channel (for pattern 'head': a single key/value "
+               "head, multi-query attention), which each group keeps, so no sparsity "
+               "removes one")
+    else:
+        rounding = f" with round_to={round_to}" if round_to > 1 else ""
+        why = (f"every group's kept count rounds to all of its channels{rounding}; use a "
+               f"larger sparsity{' or a smaller round_to' if rounding else ''}")
+    return f"sparsity={sparsity} removes no channel of any group: {why}; the model was not changed"
 
 
 def check_round_to(round_to: object) -> None:
