@@ -92,3 +92,40 @@ def test_bad_arguments():
         SoftThreshold(opt, 0.1, model=model, groups=dependency_groups(model))
     with pytest.raises(TypeError):
         SoftThreshold("sgd", 0.1)
+
+
+def _frozen_first_layer(model):
+    model[0].weight.requires_grad_(False)
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+
+
+@pytest.mark.parametrize("optimizer, why", [
+    (_frozen_first_layer, r"'0.weight' \(requires_grad=False\)"),
+    (lambda m: torch.optim.SGD(m[2].parameters(), lr=0.1),
+     r"'0.weight' \(not among the optimizer's parameters\)"),
+    (lambda m: torch.optim.SGD(_mlp().parameters(), lr=0.1),  # another model's optimizer
+     r"'0.weight' \(not among the optimizer's parameters\)"),
+])
+def test_group_prox_refuses_parameters_the_optimizer_does_not_step(optimizer, why):
+    """The group mode acts on the optimizer's parameters only, as the elementwise mode does:
+    it shrank frozen weights, weights left out of the optimizer and, given another model's
+    optimizer, a model that was never trained."""
+    model = _mlp()
+    with pytest.raises(ValueError, match=rf"groups\[0\] \('[^']*'\) holds {why}, which the "
+                                         "optimizer does not step"):
+        SoftThreshold(optimizer(model), 0.1, model=model, groups=dependency_groups(model))
+
+
+def test_group_prox_refuses_a_layer_frozen_after_it_was_built_before_stepping():
+    """A parameter frozen later is refused at the step, before the optimizer moves any
+    weight."""
+    model = _mlp()
+    opt = SoftThreshold(torch.optim.SGD(model.parameters(), lr=0.1), 0.1, model=model,
+                        groups=dependency_groups(model))
+    x, y = _data()
+    F.cross_entropy(model(x), y).backward()
+    model[2].bias.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"holds '2.bias' \(requires_grad=False\)"):
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

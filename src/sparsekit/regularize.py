@@ -161,7 +161,11 @@ class SoftThreshold(torch.optim.Optimizer):
     ``strength · ‖·‖₁`` (elementwise, on the optimizer's trainable parameters of two or
     more dimensions; one with ``requires_grad=False`` is left alone) or, with ``groups``,
     of the group lasso over their channels. The threshold is ``strength`` times each
-    parameter group's learning rate.
+    parameter group's learning rate. Every parameter of ``groups`` must be one the
+    optimizer steps (held by it, ``requires_grad``): a ``ValueError`` otherwise, at
+    construction and before each step — the proximal step shrank frozen weights, a
+    BatchNorm γ left out of the optimizer or another model's weights, and a channel with a
+    fixed part can never reach zero.
 
     Everything else (``zero_grad``, ``state_dict``, ``param_groups`` …) is the wrapped
     optimizer's, so schedulers and training loops use it unchanged: it is a
@@ -184,14 +188,16 @@ class SoftThreshold(torch.optim.Optimizer):
         self.strength = float(strength)
         self.model = model
         self.groups = groups
-        if self.groups is not None:
-            self._lr()  # one learning rate, checked before training starts
+        if self.groups is not None:  # checked before training starts
+            self._lr()
+            self._check_stepped()
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         if self.groups is not None:
             # before the optimizer steps: a failure leaves the weights as they were
             self._lr()
             _check_still_fit(self.groups, self.model)
+            self._check_stepped()
         loss = self.optimizer.step(closure)
         self.threshold()
         return loss
@@ -207,6 +213,7 @@ class SoftThreshold(torch.optim.Optimizer):
                         p.copy_(p.sign() * (p.abs() - tau).clamp_min(0))
             return
         _check_still_fit(self.groups, self.model)
+        self._check_stepped()
         tau = self.strength * self._lr()
         for g in self.groups:
             scale = (1 - tau / _channel_norms(self.model, g)).clamp_min(0)
@@ -214,6 +221,24 @@ class SoftThreshold(torch.optim.Optimizer):
                 view = _rows(param, s, g.channels)  # writes through to param
                 factor = scale.repeat_interleave(s.repeat).to(param.device, param.dtype)
                 view.mul_(factor.reshape(-1, *[1] * (view.dim() - 1)))
+
+    def _check_stepped(self) -> None:
+        """Raise, naming ``groups``, unless the optimizer steps every parameter of the
+        groups, as the elementwise mode thresholds only those (and the penalties move only
+        those): anything else is not the optimizer's to change."""
+        stepped = {id(p) for g in self.optimizer.param_groups for p in g["params"]
+                   if p.requires_grad}
+        for i, g in enumerate(self.groups):
+            for s, param in _parameter_slices(self.model, g):
+                if id(param) not in stepped:
+                    why = "requires_grad=False" if not param.requires_grad else \
+                        "not among the optimizer's parameters"
+                    raise ValueError(
+                        f"groups[{i}] ({g.name!r}) holds {s.name!r} ({why}), which the "
+                        "optimizer does not step: the proximal step would change a weight "
+                        "training leaves fixed, and its channels could not reach zero; "
+                        "accepted: groups whose parameters the optimizer steps (leave out "
+                        "the groups of frozen layers, or pass the optimizer of model)")
 
     def _lr(self) -> float:
         rates = {float(g["lr"]) for g in self.optimizer.param_groups}
