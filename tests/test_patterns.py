@@ -58,7 +58,9 @@ def test_registry_families():
     "spec",
     ["3:2", "2:2", "0:4", "4:4", "a:b", "2.5:4", "2:4:8", ":4", "2:", " 2:4", "2 : 4",
      "block:0x4", "block:4x0", "block:4", "block:4x", "block:axb", "block:2.5x4", "block",
-     "diagonal", "", "Row", "ROW", "Unstructured", "row:2"],
+     "diagonal", "", "Row", "ROW", "Unstructured", "row:2",
+     # digits of other scripts: '٢:٤' read as '2:4', 'channel:²' a bare int() error
+     "٢:٤", "2:４", "block:٤x٤", "channel:²", "head:¹", "channel:٣", "channel:"],
 )
 def test_parse_pattern_malformed(spec):
     with pytest.raises(ValueError, match="pattern") as err:

@@ -153,7 +153,7 @@ class NM(Pattern):
 
 @PATTERNS.register("nm")
 def _nm(spec: str) -> Pattern:
-    match = re.fullmatch(r"(\d+):(\d+)", spec)
+    match = re.fullmatch(r"([0-9]+):([0-9]+)", spec)  # \d: any script's digits
     if not match:
         raise ValueError(f"malformed N:M pattern {spec!r}; expected integers like '2:4'")
     n, m = int(match[1]), int(match[2])
@@ -206,7 +206,7 @@ class Block(Pattern):
 
 @PATTERNS.register("block")
 def _block(spec: str) -> Pattern:
-    match = re.fullmatch(r"block:(\d+)x(\d+)", spec)
+    match = re.fullmatch(r"block:([0-9]+)x([0-9]+)", spec)
     if not match or int(match[1]) < 1 or int(match[2]) < 1:
         raise ValueError(f"malformed block pattern {spec!r}; expected 'block:RxC' like 'block:4x4'")
     return Block(int(match[1]), int(match[2]))
@@ -348,12 +348,13 @@ class GroupPattern(Pattern):
 
 def _group_spec(spec: str) -> int:
     """The ``round_to`` of ``"channel"`` / ``"channel:8"`` (``"head:…"`` alike)."""
-    family, _, count = spec.partition(":")
-    if not count:
+    family, colon, count = spec.partition(":")
+    if not colon:
         return 1
-    if not count.isdigit() or int(count) < 1:
+    # not str.isdigit: it passes '²' (which int() refuses, unnamed) and '٣' (read as 3)
+    if not re.fullmatch(r"[0-9]+", count) or int(count) < 1:
         raise ValueError(f"pattern {spec!r}: the count after {family!r} rounds kept channels "
-                         f"and must be an int ≥ 1 (e.g. '{family}:8')")
+                         f"and must be an int ≥ 1 in ASCII digits (e.g. '{family}:8')")
     return int(count)
 
 
