@@ -261,6 +261,22 @@ def test_load_pretrained_names_a_bad_path(path, error, match):
         llm.load_pretrained(path)
 
 
+def test_load_pretrained_names_a_missing_relative_path(tmp_path, monkeypatch):
+    """A bare relative name that is no directory gets the error "./name" gets, naming
+    path: it was passed on as a hub id, a raw OSError about connecting to huggingface.co."""
+    import transformers
+
+    from sparsekit import llm
+
+    def hub_miss(name, *args, **kwargs):  # the hub's answer, offline or not: no network here
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {name}")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", hub_miss)
+    with pytest.raises(FileNotFoundError, match="path: no such directory 'my_pruned_model'"):
+        llm.load_pretrained("my_pruned_model")
+
+
 @pytest.mark.parametrize("shapes, match", [
     ("garbage", "sparsekit_shapes must map parameter names to shapes, got str"),
     ({"model.nope.weight": [5, 16]}, "'model.nope.weight' as \\[5, 16\\].*no such parameter"),

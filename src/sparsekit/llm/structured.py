@@ -263,8 +263,16 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     if os.sep in str(path) and not Path(path).is_dir():  # a path, not a hub id
         raise FileNotFoundError(f"path: no such directory {str(path)!r}")
     where = f"path: the config in {str(path)!r}"
-    with config_errors(where):
-        config = transformers.AutoConfig.from_pretrained(path)
+    try:
+        with config_errors(where):
+            config = transformers.AutoConfig.from_pretrained(path)
+    except OSError as e:
+        if Path(path).is_dir():
+            raise
+        # a bare name ("my_model") that is no directory was a hub id: a raw OSError about
+        # connecting to huggingface.co, where "./my_model" named path
+        raise FileNotFoundError(f"path: no such directory {str(path)!r}, nor a model id the "
+                                f"hub or its cache has ({str(e).splitlines()[0]})") from e
     names = getattr(config, "architectures", None)
     name = names[0] if isinstance(names, list) and names else None
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
