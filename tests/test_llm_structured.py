@@ -171,6 +171,11 @@ def test_bert_ffn_and_heads(tmp_path, unit):
     ({"amount": 0.0}, ValueError, "amount"),
     ({"amount": 0.99, "unit": "heads"}, ValueError, "would remove every heads unit"),
     ({"amount": 0.9, "unit": "layers"}, ValueError, "would remove all 3 layers"),
+    # ignored for layers, silently
+    ({"unit": "layers", "allocation": "global"}, ValueError,
+     "allocation='global' does not apply to unit='layers'.*accepted: 'uniform'"),
+    ({"unit": "layers", "allocation": "adaptive"}, ValueError, "allocation='adaptive' does not"),
+    ({"unit": "layers", "round_to": 8}, ValueError, "round_to=8 does not apply to unit='layers'"),
     ({"calibration": None}, ValueError, "method 'wanda' needs calibration data"),
     ({"calibration": None, "unit": "layers"}, ValueError,
      r"method 'block_influence' needs calibration data \(token ids or texts\)$"),

@@ -152,6 +152,11 @@ def prune_structured(
                          f"{', '.join(map(repr, _ALLOCATIONS))}")
     check_fraction("amount", amount, zero=False)
     check_round_to(round_to)
+    for name, value, default in (("allocation", allocation, "uniform"), ("round_to", round_to, 1)):
+        if units == ("layers",) and value != default:  # ignored, silently
+            raise ValueError(f"{name}={value!r} does not apply to unit='layers' (whole blocks "
+                             f"go by one ranking of their influence); accepted: {default!r}, "
+                             "the default")
     check_int("nsamples", nsamples, minimum=1)  # read only with calibration: 0 went unseen
     check_seed("seed", seed)
     for name, param in model.named_parameters():  # every method reads the weights
