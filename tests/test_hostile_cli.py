@@ -61,8 +61,12 @@ def with_metadata(src: Path, dst: Path, *, seal: bool = True, **entries: str) ->
 # -- the input is never lost ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("link", ["same path", "symlink", "hard link"])
+@pytest.mark.parametrize("link", ["same path", "symlink", "hard link", "missing folder, ..",
+                                  "dangling symlink"])
 def test_prune_refuses_to_write_over_its_input(ckpt, tmp_path, capsys, link):
+    """``nodir/../model.safetensors`` names no file until the save makes ``nodir``, then is
+    the input (replaced, exit 0, ``nodir`` left behind); a link to that spelling replaced the
+    input and then failed on the link still dangling."""
     before = ckpt.read_bytes()
     out = ckpt
     if link == "symlink":
@@ -71,11 +75,17 @@ def test_prune_refuses_to_write_over_its_input(ckpt, tmp_path, capsys, link):
     elif link == "hard link":
         out = tmp_path / "alias.safetensors"
         os.link(ckpt, out)
+    elif link == "missing folder, ..":
+        out = tmp_path / "nodir" / ".." / ckpt.name
+    elif link == "dangling symlink":
+        out = tmp_path / "alias.safetensors"
+        out.symlink_to(Path("nodir") / ".." / ckpt.name)
     # the original report: --out = input, then a failing report step replaced the input
     err = user_error(capsys, "prune", str(ckpt), "--out", str(out), "--sparsity", "0.5",
                      "--input-shape", "1,5")
     assert "--overwrite" in err
     assert ckpt.read_bytes() == before
+    assert not (tmp_path / "nodir").exists()
 
 
 def test_overwrite_replaces_the_input_only_at_the_end(ckpt, capsys):
@@ -430,13 +440,15 @@ def test_llm_prune_out_holding_an_input(tmp_path, capsys, held):
     assert _tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("spelling", ["same", "symlink"])
+@pytest.mark.parametrize("spelling", ["same", "symlink", "missing folder, .."])
 def test_run_out_naming_the_recipe_is_refused(tmp_path, capsys, monkeypatch, spelling):
-    """out: r.yaml replaced the recipe with a checkpoint (exit 0, no --overwrite asked)."""
+    """out: r.yaml replaced the recipe with a checkpoint (exit 0, no --overwrite asked), and
+    so did out: nodir/../r.yaml (no such file until the save made nodir)."""
     monkeypatch.chdir(tmp_path)
     if spelling == "symlink":
         Path("alias.yaml").symlink_to("r.yaml")
-    out = "r.yaml" if spelling == "same" else "alias.yaml"
+    out = {"same": "r.yaml", "symlink": "alias.yaml", "missing folder, ..": "nodir/../r.yaml"}[
+        spelling]
     recipe = Path("r.yaml")
     recipe.write_text("model: lenet_300_100\ninput_shape: [1, 784]\nprune: {sparsity: 0.5}\n"
                       f"report: null\nout: {out}\n")
@@ -447,10 +459,12 @@ def test_run_out_naming_the_recipe_is_refused(tmp_path, capsys, monkeypatch, spe
         assert recipe.read_bytes() == before
 
 
-def test_run_out_naming_the_checkpoint_is_refused(ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("spelling", ["same", "missing folder, .."])
+def test_run_out_naming_the_checkpoint_is_refused(ckpt, tmp_path, capsys, spelling):
+    out = ckpt if spelling == "same" else tmp_path / "nodir" / ".." / ckpt.name
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: lenet_300_100\ninput_shape: [1, 784]\ncheckpoint: {ckpt}\n"
-                      f"prune: {{sparsity: 0.5}}\nreport: null\nout: {ckpt}\n")
+                      f"prune: {{sparsity: 0.5}}\nreport: null\nout: {out}\n")
     before = ckpt.read_bytes()
     err = user_error(capsys, "run", str(recipe))
     assert "is the input" in err and "--overwrite" not in err  # run has no such flag

@@ -21,8 +21,8 @@ try:
 except ImportError:  # Windows: no advisory locks (directory_lock does not serialise there)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "atomic_write", "directory_lock", "special_kind", "sync", "sync_directory",
-           "umask", "unwritable", "write_target"]
+__all__ = ["LOCK_NAME", "atomic_write", "directory_lock", "lands_on", "special_kind", "sync",
+           "sync_directory", "umask", "unwritable", "write_target"]
 
 LOCK_NAME = ".sparsekit.lock"
 """The file :func:`directory_lock` locks in a directory (removed when it is released)."""
@@ -234,3 +234,13 @@ def sync_directory(directory: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def lands_on(out: str | os.PathLike, source: str | os.PathLike) -> bool:
+    """Whether a write to ``out`` lands on the existing file or directory ``source``: their
+    paths resolve to one (links followed, ``..`` after a folder that does not exist yet read
+    as the save reads it once it has made the folder: ``nodir/../in`` is ``in``), or
+    ``out`` exists and is the same file (a hard link)."""
+    if os.path.exists(out) and os.path.samefile(out, source):
+        return True
+    return os.path.realpath(out) == os.path.realpath(source)

@@ -47,7 +47,7 @@ from pydantic_core import ErrorDetails
 
 import sparsekit
 from sparsekit import checkpoint as _checkpoint
-from sparsekit._atomic import write_target
+from sparsekit._atomic import lands_on, write_target
 from sparsekit._checks import MAX_SEED, ArgumentTypeError, model_errors
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.data.images import check_image_root
@@ -274,7 +274,7 @@ def _check_out(out: str, checkpoint: str | None) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write {out!r}: the directory {str(folder)!r} is not "
                          "writable; accepted: a path in a directory you can write")
-    if checkpoint is not None and os.path.exists(out) and os.path.samefile(out, checkpoint):
+    if checkpoint is not None and os.path.exists(checkpoint) and lands_on(out, checkpoint):
         raise ValueError(f"cannot write {out!r}: it is the input checkpoint {checkpoint!r} "
                          "the recipe starts from; write to another file")
 

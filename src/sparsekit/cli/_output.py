@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from sparsekit._atomic import sync_directory, umask
+from sparsekit._atomic import lands_on, sync_directory, umask
 from sparsekit.cli._errors import UsageError
 
 T = TypeVar("T")
@@ -71,12 +71,14 @@ def check_output(
             raise UsageError(f"{flag} {str(path)!r} is a directory; give the file to write")
         if not directory and not path.is_file():
             raise UsageError(f"{flag} {str(path)!r} exists and is not a regular file")
-        same = [s for s in existing if os.path.samefile(path, s)]
-        if same and (directory or not overwrite):
-            hint = ("write to another directory" if directory
-                    else f"pass {overwrite_flag} to replace it" if overwrite_flag
-                    else "write to another file")
-            raise UsageError(f"{flag} {str(path)!r} is the input {str(same[0])!r}; {hint}")
+    # where the write lands: "nodir/../in" (and a dangling link to it) names no file yet,
+    # but is the input once the save has created nodir; os.path.realpath resolves it so
+    same = [s for s in existing if lands_on(path, s)]
+    if same and (directory or not overwrite):
+        hint = ("write to another directory" if directory
+                else f"pass {overwrite_flag} to replace it" if overwrite_flag
+                else "write to another file")
+        raise UsageError(f"{flag} {str(path)!r} is the input {str(same[0])!r}; {hint}")
     for source in existing:
         if source.is_dir() and _within(path, source):
             raise UsageError(f"{flag} {str(path)!r} is inside the input directory "
