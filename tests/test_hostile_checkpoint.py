@@ -203,6 +203,22 @@ def test_resealed_pattern_edit_is_rejected(tmp_path):
     assert_rejected(path, "unknown pattern 'zigzag'")
 
 
+def test_resealed_nnz_of_a_dense_tensor_is_rejected(tmp_path):
+    """A dense tensor's nnz is checked against its data as save counts it (bitwise for a
+    float parameter: -0.0 is a nonzero there, a plain zero in a bias): a resealed nnz of 5
+    for a bias of 32 nonzeros loaded, and the header reported a false sparsity."""
+    model = net()
+    with torch.no_grad():
+        model[0].weight[0, :3] = -0.0  # stored dense, its nnz counting them
+        model[0].bias[:2] = -0.0  # counted as zeros
+    path = sparsekit.save(model, tmp_path / "d.sk")
+    assert read(path).infos["0.bias"].encoding == "dense"
+    sparsekit.load(net(seed=7), path)  # as saved: both counts accepted
+    rewrite(path, entries=lambda t: {**t, "0.bias": {**t["0.bias"], "nnz": 5}})
+    assert_rejected(path, r"tensor '0\.bias' holds \d+ nonzeros, but its header entry says "
+                          r"nnz 5")
+
+
 def test_report_exits_2_on_a_flipped_file(tmp_path, capsys):
     model = lenet_300_100()
     ms = sparsekit.prune(model, 0.9)

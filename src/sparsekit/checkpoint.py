@@ -554,6 +554,15 @@ def _check_parts(infos: dict[str, TensorInfo], parts: dict[str, torch.Tensor]) -
             value = parts[key]
             if tuple(value.shape) != info.shape or str(value.dtype) != info.dtype:
                 raise ValueError(f"tensor {key!r} does not match its header entry")
+            # its nonzeros, as save counts them (bitwise for a float parameter: -0.0 counts);
+            # a resealed nnz loaded silently and reported a false sparsity
+            counts = {_count_nonzero(value)}
+            if value.is_floating_point():
+                counts.add(int(torch.count_nonzero(value.view(
+                    _SAME_WIDTH_INT[value.element_size()]))))
+            if info.nnz not in counts:
+                raise ValueError(f"tensor {key!r} holds {min(counts)} nonzeros, but its header "
+                                 f"entry says nnz {info.nnz}")
             continue
         values, index = parts[f"{key}::values"], parts[f"{key}::{info.encoding}"]
         if values.dim() != 1 or str(values.dtype) != info.dtype or values.numel() != info.nnz:
