@@ -580,3 +580,18 @@ def test_a_model_on_a_gpu_takes_calibration_tokens_made_on_the_cpu(unit):
     prune_structured(reference, ids, 0.5 if unit == "layers" else 0.25, unit=unit)
     assert widths(model) == widths(reference)
     assert model.config.num_hidden_layers == reference.config.num_hidden_layers
+
+
+def test_load_pretrained_names_weights_a_shrink_cut_under_the_full_config(tmp_path):
+    """``shrink`` with transformer groups cuts heads but leaves the config (prune_structured
+    updates it): reloading the saved model was transformers' raw ``RuntimeError`` about
+    ``ignore_mismatched_sizes``; it names the cause and the two ways out."""
+    import sparsekit
+
+    model = llama()
+    masks = sparsekit.prune(model, 0.25, pattern="head")
+    small = sparsekit.shrink(model, masks, groups=transformer_groups(model, "heads"))
+    small.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"do not have the shapes its config.json describes.*"
+                                         r"sparsekit.shrink keeps its config.*prune_structured"):
+        load_pretrained(tmp_path)

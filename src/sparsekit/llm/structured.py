@@ -286,7 +286,19 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
                          f"(architectures={names!r})")
     check_config_class(cls, config, where)
     if not hasattr(config, SHAPES_KEY):  # present but null is a config edited: checked below
-        model = cls.from_pretrained(path, **kwargs)  # drops weight_scale (an unexpected key)
+        try:
+            model = cls.from_pretrained(path, **kwargs)  # drops weight_scale (unexpected)
+        except RuntimeError as e:
+            if "ignore_mismatched_sizes" not in str(e):
+                raise
+            # a raw error after transformers' report: weights cut by sparsekit.shrink
+            # under a config that still describes the full model
+            raise ValueError(
+                f"path: the weights in {str(path)!r} do not have the shapes its config.json "
+                f"describes, and it records no per-layer shapes ({SHAPES_KEY}): a model cut "
+                "by sparsekit.shrink keeps its config; prune with "
+                "sparsekit.llm.prune_structured, which updates the config, or pass "
+                "ignore_mismatched_sizes=True to load only what fits") from e
         _attach_saved_scales(model, _saved_scales(Path(path)), path)
         return model
     shapes = getattr(config, SHAPES_KEY)
