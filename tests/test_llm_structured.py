@@ -595,3 +595,19 @@ def test_load_pretrained_names_weights_a_shrink_cut_under_the_full_config(tmp_pa
     with pytest.raises(ValueError, match=r"do not have the shapes its config.json describes.*"
                                          r"sparsekit.shrink keeps its config.*prune_structured"):
         load_pretrained(tmp_path)
+
+
+def test_load_pretrained_refuses_a_tie_the_saved_weights_do_not_hold(tmp_path):
+    """A config.json edited to tie the embeddings after saving loaded silently, one of
+    ``lm_head`` and ``embed_tokens`` overwriting the other (logits off by 1.6)."""
+    import json
+
+    model = llama()
+    prune_structured(model, tokens(), 0.25, unit="heads")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match=r"ties 'lm_head.weight' to 'model.embed_tokens.weight'"
+                                         r", but the weights saved for them differ"):
+        load_pretrained(tmp_path)

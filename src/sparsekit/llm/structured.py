@@ -331,6 +331,7 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
         origin.update(dict.fromkeys(tensors, f))
     grids = {k: state.pop(k) for k in list(state) if _scale_owner(model, k) is not None}
     _check_saved_shapes(state, model.state_dict(), path)
+    _check_saved_ties(state, model, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     loaded = {p.data_ptr() for n, p in model.named_parameters() if n in state}
     untied = [n for n in missing if model.get_parameter(n).data_ptr() not in loaded] \
@@ -637,6 +638,21 @@ def _check_saved_shapes(state: Mapping[str, torch.Tensor], built: Mapping[str, t
                          f"{name!r} is saved as {saved} but the config (with its {SHAPES_KEY}) "
                          f"builds {shape} ({len(wrong)} tensor(s) differ); was config.json "
                          "edited after saving?")
+
+
+def _check_saved_ties(state: Mapping[str, torch.Tensor], model: nn.Module,
+                      path: str | os.PathLike) -> None:
+    """``ValueError`` where the model built from config.json ties two parameters (one
+    tensor under two names, e.g. ``tie_word_embeddings``) that are saved with different
+    values: loading kept whichever came last, silently (a config edited after saving)."""
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        other = first.setdefault(id(param), name)
+        if other != name and other in state and name in state and not torch.equal(
+                state[other], state[name]):
+            raise ValueError(f"path: config.json in {str(path)!r} ties {name!r} to {other!r}, "
+                             "but the weights saved for them differ; was config.json edited "
+                             "after saving (e.g. tie_word_embeddings)?")
 
 
 def _sync_heads(model: nn.Module) -> None:
