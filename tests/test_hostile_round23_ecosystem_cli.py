@@ -65,8 +65,11 @@ def test_llm_prune_refuses_an_unusable_device_before_loading(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
-    (["--epochs", "0"], "--epochs must be ≥ 1 (dense training epochs), got 0"),
-    (["--finetune-epochs", "-2"], "--finetune-epochs must be ≥ 0, got -2"),
+    (["--epochs", "0"], "--epochs must be in [1, 1000] (dense training epochs), got 0"),
+    (["--epochs", "99999999999999"], "--epochs must be in [1, 1000] (dense training epochs), "
+                                     "got 99999999999999"),
+    (["--finetune-epochs", "-2"], "--finetune-epochs must be in [0, 1000], got -2"),
+    (["--finetune-epochs", "1001"], "--finetune-epochs must be in [0, 1000], got 1001"),
     (["--sparsities", "0.5,0.9,0.50"], "--sparsities entry 3 repeats 0.5"),
 ])
 def test_demo_names_the_bad_flag_and_its_value(capsys, tmp_path, flags, expected):

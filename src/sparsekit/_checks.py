@@ -43,6 +43,10 @@ def check_int(name: str, value: Any, *, minimum: int | None = None) -> None:
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 
+MAX_EPOCHS = 1000
+"""The most epochs a recipe or ``sparsekit demo`` trains (a typo of a huge count ran until
+killed)."""
+
 MAX_SEED = 2**63 - 1
 """The largest seed the public API takes: seeds are ints in [0, MAX_SEED], which every
 ``torch.Generator().manual_seed`` (and ``random.Random``) takes as given; a larger one

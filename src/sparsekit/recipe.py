@@ -48,7 +48,7 @@ from pydantic_core import ErrorDetails
 import sparsekit
 from sparsekit import checkpoint as _checkpoint
 from sparsekit._atomic import lands_on, write_target
-from sparsekit._checks import MAX_SEED, ArgumentTypeError, model_errors
+from sparsekit._checks import MAX_EPOCHS, MAX_SEED, ArgumentTypeError, model_errors
 from sparsekit.allocation import ALLOCATIONS
 from sparsekit.data.images import check_image_root
 from sparsekit.engine.compile import check_rows, formats_fit
@@ -120,7 +120,7 @@ class FinetuneStage(_Strict):
     Gupta), pruning ``every`` steps.
     """
 
-    epochs: int = Field(default=1, ge=1, le=1000)
+    epochs: int = Field(default=1, ge=1, le=MAX_EPOCHS)
     lr: float = Field(default=1e-3, gt=0.0, le=10.0)
     batch_size: int = Field(default=128, ge=1)
     schedule: Literal["oneshot", "gradual"] = "oneshot"

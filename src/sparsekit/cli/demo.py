@@ -29,7 +29,7 @@ from rich.table import Table
 from safetensors.torch import save_file
 
 import sparsekit
-from sparsekit._checks import MAX_SEED, check_seed, check_sparsity
+from sparsekit._checks import MAX_EPOCHS, MAX_SEED, check_seed, check_sparsity
 from sparsekit.cli._output import check_output, write_directory
 from sparsekit.data import load_image_dataset
 from sparsekit.data.images import check_image_root
@@ -79,10 +79,14 @@ def run(args: argparse.Namespace) -> int:
     # before any work: a bad seed failed only after the dense training, with dense.safetensors
     # written into --out (one past 2**63: "Overflow when unpacking long long", unnamed)
     check_seed("--seed", args.seed)
-    if args.epochs < 1:  # each flag by itself, with its value
-        raise ValueError(f"--epochs must be ≥ 1 (dense training epochs), got {args.epochs}")
-    if args.finetune_epochs < 0:
-        raise ValueError(f"--finetune-epochs must be ≥ 0, got {args.finetune_epochs}")
+    # each flag by itself, with its value; at most a recipe's epochs (99999999999999 ran
+    # until killed)
+    if not 1 <= args.epochs <= MAX_EPOCHS:
+        raise ValueError(f"--epochs must be in [1, {MAX_EPOCHS}] (dense training epochs), got "
+                         f"{args.epochs}")
+    if not 0 <= args.finetune_epochs <= MAX_EPOCHS:
+        raise ValueError(f"--finetune-epochs must be in [0, {MAX_EPOCHS}], got "
+                         f"{args.finetune_epochs}")
     if args.train_limit is not None and args.train_limit < 1:  # 0 meant all, -5 all but 5
         raise ValueError(f"--train-limit must be ≥ 1 (images to train on), got "
                          f"{args.train_limit}")
