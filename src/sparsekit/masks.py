@@ -115,8 +115,8 @@ class MaskSet:
         self._hooks: dict[int, list[RemovableHandle]] = {}
         self._grad_hooks: list[RemovableHandle] = []
         self._optimizers: dict[int, torch.optim.Optimizer] = {}
-        # Masks in each weight's dtype, built while attached: one fused multiply per step
-        # is ~10x faster than masked_fill_ on bool masks.
+        # Masks as bits of each weight's width, built while attached (_keep_bits): one AND
+        # per tensor and step, as fast as a multiply and ~30x faster than masked_fill_.
         self._factors: dict[str, torch.Tensor] = {}
         self._removed = False  # set by remove(): nothing is left to apply or update
 
@@ -179,7 +179,8 @@ class MaskSet:
         return {"pattern": self.pattern, "masks": {n: m.clone() for n, m in self.masks.items()}}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Load masks saved by :meth:`state_dict` (names and shapes must match) and apply them.
+        """Load masks saved by :meth:`state_dict` and apply them: a mask for each parameter
+        this MaskSet masks (an empty ``MaskSet(model, {})`` takes any), shapes matching.
 
         Meant for resuming: the optimizer state of kept weights is left as loaded, only
         masked entries are zeroed. To change masks during training use :meth:`update`.
@@ -223,6 +224,11 @@ class MaskSet:
             kind = ArgumentTypeError if isinstance(err, TypeError) else ValueError
             raise kind(f"state['pattern']: {err}") from err
         self._check(masks, dict(self.model.named_parameters()), model=self.model)
+        if missing := sorted(set(self.masks) - set(masks)):  # they went on training dense
+            raise ValueError(
+                f"state['masks'] must hold a mask for each parameter this MaskSet masks, "
+                f"got none for {missing[:5]}; accepted: the state_dict() of a MaskSet of "
+                "these parameters (or load into an empty MaskSet(model, {}))")
         _check_follow(pattern, masks, self.model)
         return masks, pattern
 
@@ -353,7 +359,7 @@ class MaskSet:
 
     def _refresh_factors(self) -> None:
         self._factors = (
-            {n: m.to(self.params[n].dtype) for n, m in self._shards.items()}
+            {n: _keep_bits(m, self.params[n].dtype) for n, m in self._shards.items()}
             if self._optimizers else {}
         )
 
@@ -365,7 +371,7 @@ class MaskSet:
         self._shards = {n: self._shard(n, m) for n, m in self.masks.items()}
 
     def _grad_mask(self, name: str):
-        return lambda grad: grad * self._factors[name]  # the mask in the weight's dtype
+        return lambda grad: _and_bits(grad.clone(), self._factors[name])
 
     def _current_params(self) -> dict[str, torch.Tensor]:
         """The masked parameters as the model holds them now (a replaced one in place of
@@ -435,21 +441,20 @@ class MaskSet:
 
     @torch.no_grad()
     def _mask_grads(self) -> None:
-        pairs = [(local(p.grad), self._factors[n]) for n, p in self.params.items()
-                 if p.grad is not None]
-        if pairs:
-            torch._foreach_mul_(*map(list, zip(*pairs)))
+        # an AND, not a multiply: a NaN or infinite gradient at a masked position times 0
+        # stayed NaN, went into the weight and the optimizer's moments, and spread from there
+        for n, p in self.params.items():
+            if p.grad is not None:
+                _and_bits(local(p.grad), self._factors[n])
 
     @torch.no_grad()
     def _after_step(self) -> None:
-        # Elementwise optimizers left masked weights at +0.0; the multiply pins them against
-        # the rest. Their state needs no pinning: it accumulates only the masked gradients.
-        # Optimizers that mix coordinates (Muon) moved masked weights, and w * 0 keeps the
-        # sign of w: adding +0.0 turns each -0.0 into +0.0 and leaves every other value as is.
-        if self._factors:
-            params = [local(self.params[n]) for n in self._factors]
-            torch._foreach_mul_(params, list(self._factors.values()))
-            torch._foreach_add_(params, 0.0)
+        # Elementwise optimizers left masked weights at +0.0; the AND pins them against the
+        # rest. Their state needs no pinning: it accumulates only the masked gradients.
+        # Optimizers that mix coordinates (Muon) moved masked weights; the AND makes each
+        # of them +0.0 (a multiply by 0 kept -0.0 and NaN) and leaves every kept one as is.
+        for n, bits in self._factors.items():
+            _and_bits(local(self.params[n]), bits)
 
     # -- validation -------------------------------------------------------------------
 
@@ -634,6 +639,25 @@ def _shared_name(model: nn.Module, name: object) -> str | None:
     another path (a module or a weight shared under two names), or ``None``."""
     first = first_names(model).get(name) if isinstance(name, str) else None
     return first if first != name else None
+
+
+
+_SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _keep_bits(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``mask`` as integers of ``dtype``'s width: every bit set where kept, none where
+    masked. ANDed into a tensor of ``dtype`` (:func:`_and_bits`) it leaves each kept value
+    as it is, bit for bit, and makes each masked one +0.0, whatever it held (NaN and the
+    infinities included, which a multiply by 0 keeps non-finite)."""
+    bits = _SAME_WIDTH[torch.empty((), dtype=dtype).element_size()]
+    return mask.to(bits).mul_(255 if bits is torch.uint8 else -1)
+
+
+def _and_bits(t: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``t`` with :func:`_keep_bits`'s ``bits`` ANDed into it, in place."""
+    t.view(bits.dtype).bitwise_and_(bits)
+    return t
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
