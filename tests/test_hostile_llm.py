@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from sparsekit import llm  # noqa: E402
 from sparsekit._checks import ArgumentTypeError  # noqa: E402
 from sparsekit.blocks import find_blocks  # noqa: E402
+from sparsekit.observe import InputStats  # noqa: E402
 from sparsekit.patterns import parse_pattern  # noqa: E402
 
 VOCAB, CONTEXT = 256, 64
@@ -332,6 +333,24 @@ def test_prune_drops_the_default_exclude_when_targets_name_other_layers():
     # Before: 'lm_head', excluded by default, matched none of these targets: an error.
     masks = llm.prune(llama(), tokens(), targets=["model.layers.0.mlp.up_proj"])
     assert list(masks.masks) == ["model.layers.0.mlp.up_proj.weight"]
+
+
+def test_tiny_activations_that_underflow_the_hessian_are_refused_not_pruned_away():
+    """Inputs around 1e-25 square to 0 in the float32 Gram matrix, so SparseGPT read every
+    one as always zero and zeroed the whole layer while the masks said half was kept."""
+    model = llama()
+    layer = model.model.layers[0].mlp.down_proj
+    layer.register_forward_pre_hook(lambda _m, args: (args[0] * 1e-25,))
+    before = state(model)
+    with pytest.raises(ValueError, match=r"inputs of 'model.layers.0.mlp.down_proj.weight' are "
+                                         r"nonzero but too small for their float32 Hessian"):
+        llm.prune(model, tokens(), method="sparsegpt")
+    assert unchanged(model, before)
+    stats = InputStats(4, gram=True)
+    stats.add(torch.full((3, 4), 1e-30))
+    with pytest.raises(ValueError, match=r"4 of 4 of them so small that their squares "
+                                         r"underflowed float32"):
+        stats.hessian()
 
 
 def test_finite_activations_that_overflow_the_hessian_are_not_called_nan():

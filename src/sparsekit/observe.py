@@ -363,6 +363,14 @@ class InputStats:
                 "the layer inputs are finite but their Gram matrix XᵀX overflowed float32 "
                 f"(largest sum of squares {float(self.sq.max()):.3g}; inputs of magnitude "
                 "above about 1.8e19); rescale the calibration data")
+        lost = (torch.diagonal(self.gram) == 0) & (self.sq > 0)
+        if bool(lost.any()):  # read as inputs that are always zero, their weights all pruned
+            raise ValueError(
+                f"the layer inputs are nonzero but {int(lost.sum())} of {lost.numel()} of "
+                "them so small that their squares underflowed float32 in the Gram matrix "
+                f"XᵀX (smallest sum of squares {float(self.sq[lost].min()):.3g}; inputs of "
+                "magnitude below about 1e-19), which would count them as always zero and "
+                "prune all their weights; rescale the calibration data")
         return self.gram * (2.0 / max(self.rows, 1))
 
     def observe(self, module: nn.Module, x: torch.Tensor) -> None:

@@ -432,7 +432,8 @@ def _check_inputs(layers: list[Layer], stats: dict[str, InputStats], pruned: int
     zeroed every weight of it, its Hessian all "dead" inputs, and Wanda kept arbitrary
     ones, its scores all zero, while the masks said half were kept), or whose calibration
     input statistics hold NaN or inf: inputs that do (their float64 squared sums show it),
-    or finite ones whose products overflow the float32 Hessian."""
+    or finite ones whose products overflow the float32 Hessian, or nonzero ones whose squares
+    underflow it."""
     for layer in layers:
         s = stats.get(layer.name)
         if s is None:
@@ -457,6 +458,14 @@ def _check_inputs(layers: list[Layer], stats: dict[str, InputStats], pruned: int
                 f"calibration: the inputs of {layer.name!r} are finite but too large for "
                 f"their float32 Hessian ({bad} entries overflow: |x| above ~1.8e19); rescale "
                 f"the model's activations; {_already(pruned)}"
+            )
+        lost = 0 if s.gram is None else int(((torch.diagonal(s.gram) == 0) & (s.sq > 0)).sum())
+        if lost:  # SparseGPT read them as always zero and zeroed the whole layer
+            raise ValueError(
+                f"calibration: {lost} inputs of {layer.name!r} are nonzero but too small for "
+                "their float32 Hessian (their squares underflow: |x| below ~1e-19), which "
+                "would count them as always zero and prune all their weights; rescale the "
+                f"model's activations; {_already(pruned, hint=None)}"
             )
 
 
