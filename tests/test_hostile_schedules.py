@@ -159,3 +159,37 @@ def test_gradual_nm_on_a_model_pruned_before_declares_its_pattern_at_the_first_p
     assert pruner.masks.pattern == "2:4"
     assert all(parse_pattern("2:4").is_valid(m) for m in pruner.masks.masks.values())
     sparsekit.load(model, sparsekit.save(model, tmp_path / "after.safetensors", pruner.masks))
+
+
+class _WithUnusedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.unused = nn.Linear(16, 32), nn.Linear(32, 4), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("method", ["rigl", "srigl", "granet"])
+def test_a_gradient_grower_names_a_masked_layer_without_a_gradient(method):
+    """A masked layer the loss never reaches has no gradient at an update: RigL told the user
+    to "call step() after every optimizer.step()", which they did, and training could not
+    pass the update. It names the layer, and the update changes nothing."""
+    model = _WithUnusedLayer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ds = DynamicSparsity(model, opt, 0.7, method=method, every=2, end_step=10)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if ds.step_count == 1:
+            masks = {k: v.clone() for k, v in ds.masks.masks.items()}
+            with pytest.raises(ValueError, match=r"'unused.weight' had none at this update "
+                                                 r"\(step 2\).*exclude="):
+                ds.step()
+            assert ds.step_count == 1
+            assert all(torch.equal(masks[k], v) for k, v in ds.masks.masks.items())
+        else:
+            ds.step()

@@ -429,7 +429,14 @@ class DynamicSparsity:
                 "DynamicSparsity does not read: attach(optimizer) again before stepping it "
                 "(its step count did not change)"
             )
-        if any(name not in self._grads for name in names):
+        missing = [name for name in names if name not in self._grads]
+        if missing and self._grads:  # captured, but these got none in the backward pass
+            raise ValueError(
+                f"{self.method} grows by the dense gradient, and {missing[0]!r} had none at "
+                f"this update (step {self.step_count + 1}): its layer did not take part in "
+                "the loss, or it is frozen (requires_grad=False); leave it out of the masks "
+                "(exclude=) or train it; nothing was changed")
+        if missing:
             raise RuntimeError(
                 f"{self.method} needs the dense gradient at update steps: call step() after "
                 "every optimizer.step() of the optimizer given to DynamicSparsity"
