@@ -527,6 +527,36 @@ def test_dst_refuses_an_optimizer_another_mask_set_of_its_weights_keeps():
     ds.attach(opt)
 
 
+@pytest.mark.parametrize(("kind", "options", "field"), [
+    ("dynamic", {"sparsity": 0.5}, "sparsity=0.7"),
+    ("dynamic", {"method": "srigl"}, "method='rigl'"),
+    ("gradual", {"sparsity": 0.5}, "sparsity=0.7"),
+    ("gradual", {"end_step": 12}, "end_step=10"),
+])
+def test_a_run_resumes_only_into_a_schedule_of_its_settings(kind, options, field):
+    """A 0.7 run's state loaded into a 0.5 schedule trained on at 0.7 while ``sparsity``
+    said 0.5; a RigL run's masks resumed into SRigL broke its constant fan-in. The state
+    records the settings, and a schedule of others refuses it, unchanged."""
+    def build(model, **kw):
+        if kind == "dynamic":
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            args = {"sparsity": 0.7, "method": "rigl", "every": 2, "end_step": 10} | kw
+            return DynamicSparsity(model, opt, args.pop("sparsity"), **args)
+        args = {"sparsity": 0.7, "start_step": 0, "end_step": 10, "every": 2} | kw
+        return GradualPruner(model, args.pop("sparsity"), **args)
+
+    state = build(mlp()).state_dict()
+    model = mlp()
+    schedule = build(model, **options)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=rf"state\['settings'\] is of a run with {field}"):
+        schedule.load_state_dict(state)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert schedule.step_count == 0
+    assert state["settings"] == build(mlp()).settings()
+    build(mlp()).load_state_dict(state)  # the same settings resume
+
+
 def test_gradual_pruner_refuses_the_masks_of_a_run_with_another_pattern():
     # accepted, they were AND-ed with 2:4 masks at the next update and labelled '2:4'
     # without following it
@@ -534,9 +564,15 @@ def test_gradual_pruner_refuses_the_masks_of_a_run_with_another_pattern():
     model = mlp()
     pruner = GradualPruner(model, 0.5, start_step=0, end_step=10, every=2, pattern="2:4")
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = other.state_dict()
+    with pytest.raises(ValueError, match=r"state\['settings'\] is of a run with "
+                                         r"pattern='unstructured', this GradualPruner has "
+                                         r"pattern='2:4'"):
+        pruner.load_state_dict(state)
+    del state["settings"]  # a state saved before the settings were: its masks are checked
     with pytest.raises(ValueError, match=r"state\['masks'\] follow pattern 'unstructured', this "
                                          r"GradualPruner prunes to '2:4'"):
-        pruner.load_state_dict(other.state_dict())
+        pruner.load_state_dict(state)
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert pruner.masks.pattern == "2:4" and pruner.step_count == 0
     pruner.load_state_dict(pruner.state_dict())  # its own state loads

@@ -32,12 +32,18 @@ class Schedule(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
-def check_state(schedule: Schedule, state: Any, keys: tuple[str, ...]) -> None:
+def check_state(schedule: Schedule, state: Any, keys: tuple[str, ...],
+                settings: Mapping[str, Any] | None = None) -> None:
     """Raise unless ``state`` can be what ``schedule.state_dict()`` returned: a mapping with
     every one of ``keys`` and no other, a ``"step"`` that is an int ≥ 0 and a ``"masks"``
     state for the weights ``schedule.masks`` holds. Other keys are those of another
     schedule's state, whose step and masks mean something else (an IterativePruning's step
-    counts from its last round; a DynamicSparsity's masks may grow).
+    counts from its last round; a DynamicSparsity's masks may grow). A schedule that records
+    its ``settings`` (what its trajectory depends on: sparsity, method, steps) takes only a
+    state of the same ones, under ``"settings"`` (a state saved without them, by an earlier
+    version, is taken as it is): a 0.7 run resumed into a 0.5 schedule trained on at 0.7
+    while ``sparsity`` said 0.5, a RigL run's masks resumed into SRigL broke its constant
+    fan-in.
 
     The masks' own ``load_state_dict`` checks their shapes and dtypes before it changes
     anything; load them first of all that changes, after this and the schedule's own checks,
@@ -48,11 +54,12 @@ def check_state(schedule: Schedule, state: Any, keys: tuple[str, ...]) -> None:
     if not isinstance(state, Mapping):
         raise ArgumentTypeError(f"state must be the dict {owner} returns, got "
                                 f"{type(state).__name__}")
+    optional = ("settings",) if settings is not None else ()
     missing = [k for k in ("step", "masks", *keys) if k not in state]
     if missing:
         raise ValueError(f"state lacks {', '.join(map(repr, missing))}: pass the dict {owner} "
                          f"returns, with keys {', '.join(map(repr, ('step', 'masks', *keys)))}")
-    extra = [k for k in state if k not in ("step", "masks", *keys)]
+    extra = [k for k in state if k not in ("step", "masks", *keys, *optional)]
     if extra:
         raise ValueError(f"state has {', '.join(map(repr, extra))}, which {owner} never holds "
                          f"(the state of another schedule?): pass the dict {owner} returns, "
@@ -65,6 +72,17 @@ def check_state(schedule: Schedule, state: Any, keys: tuple[str, ...]) -> None:
     if set(masks["masks"]) != set(schedule.masks.masks):
         raise ValueError(f"state['masks'] holds masks for {sorted(masks['masks'])}; this "
                          f"schedule masks {sorted(schedule.masks.masks)}")
+    saved = state.get("settings")
+    if settings is not None and saved is not None:
+        if not isinstance(saved, Mapping):
+            raise ArgumentTypeError(f"state['settings'] must be the dict {owner} holds, got "
+                                    f"{saved!r:.80}")
+        for key, value in settings.items():
+            if saved.get(key) != value:
+                raise ValueError(
+                    f"state['settings'] is of a run with {key}={saved.get(key)!r}, this "
+                    f"{type(schedule).__name__} has {key}={value!r}: build it with the run's "
+                    "settings to resume that run; nothing was changed")
 
 
 def check_masks_usable(schedule: Any, action: str) -> None:

@@ -458,16 +458,26 @@ class DynamicSparsity:
                 self._grads[n] = g.detach().clone()
 
     def state_dict(self) -> dict[str, Any]:
-        """The step, masks, random stream and momenta; whole tensors, the same on every rank."""
+        """The step, masks, random stream and momenta; whole tensors, the same on every rank;
+        and the settings they follow (:meth:`settings`)."""
         return {"step": self.step_count, "masks": self.masks.state_dict(),
                 "generator": self.generator.get_state(),
-                "momenta": {n: full(m).clone() for n, m in self._momenta.items()}}
+                "momenta": {n: full(m).clone() for n, m in self._momenta.items()},
+                "settings": self.settings()}
+
+    def settings(self) -> dict[str, Any]:
+        """What the run's masks depend on, which a resumed run must share."""
+        return {"method": self.method, "sparsity": float(self.sparsity),
+                "initial_sparsity": float(self.initial_sparsity),
+                "allocation": self.allocation, "every": int(self.every),
+                "end_step": int(self.end_step), "drop_fraction": float(self.drop_fraction),
+                "drop_schedule": self.drop_schedule}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`; a state it cannot come from (NaN momenta among
         them, masks of a run at a lower sparsity or another allocation) changes nothing."""
         self._check_not_removed("load_state_dict")
-        check_state(self, state, ("generator", "momenta"))
+        check_state(self, state, ("generator", "momenta"), self.settings())
         try:  # a scratch generator checks the state exactly as ours would take it
             torch.Generator().set_state(state["generator"])
         except (TypeError, RuntimeError) as e:

@@ -146,14 +146,23 @@ class GradualPruner:
         self.masks.pattern = self._pattern
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step_count, "masks": self.masks.state_dict()}
+        """The step and the masks, and the settings they follow (:meth:`settings`)."""
+        return {"step": self.step_count, "masks": self.masks.state_dict(),
+                "settings": self.settings()}
+
+    def settings(self) -> dict[str, Any]:
+        """What the run's masks depend on, which a resumed run must share."""
+        return {"sparsity": float(self.sparsity), "initial_sparsity": float(self.initial_sparsity),
+                "start_step": self.start_step, "end_step": self.end_step, "every": self.every,
+                "method": self._prune["method"], "allocation": self._prune["allocation"],
+                "pattern": self._pattern}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`; a state it cannot come from changes nothing —
         among them the masks of a run with another ``pattern`` once it has pruned (their
         label checked against this pruner's: its next update kept them, AND-ed with masks of
         its own pattern, under its own label, which they then did not follow)."""
-        check_state(self, state, ())
+        check_state(self, state, (), self.settings())
         masks = state["masks"]
         label = masks.get("pattern") if isinstance(masks, Mapping) else None
         if int(state["step"]) >= self.start_step and isinstance(label, str):
