@@ -411,3 +411,22 @@ def test_dequantize_int8_is_float32_whatever_the_scales_dtype() -> None:
     weight = quantize.dequantize_int8(codes, scales)
     assert weight.dtype == torch.float32
     assert torch.equal(weight, quantize.dequantize_int8(codes, scales.to(torch.float32)))
+
+
+def test_calibrate_names_a_token_id_outside_the_vocabulary():
+    """An out-of-vocabulary id was the embedding's raw "index out of range in self" (named
+    only as "the model cannot run on its inputs"); it is named with the accepted range, as
+    llm.prune names it, before anything runs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    before = snapshot(model)
+    ids = torch.randint(0, 64, (2, 16))
+    ids[1, 3] = 163
+    with pytest.raises(ValueError, match=r"calibration holds token id 163, outside the model's "
+                                         r"vocabulary; accepted: ids in \[0, 64\)"):
+        activation.calibrate(model, ids, sparsity=0.5)
+    assert unchanged(model, before)

@@ -177,6 +177,13 @@ def run(model: nn.Module, data: Any, param: str = "data") -> int:
             if isinstance(inputs, torch.Tensor) and inputs.numel() == 0:
                 continue
             check_inputs_materialized(param, inputs)
+            if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() \
+                    and not inputs.is_complex() and inputs.dtype != torch.bool:
+                # token ids: one outside the vocabulary was the embedding's raw "index out
+                # of range in self", naming no id and no range
+                from sparsekit.llm.calibration import check_token_ids
+
+                check_token_ids(inputs, model, param)
             with model_errors(param, "the model cannot run on its inputs"):
                 model(inputs)
             calls += 1
