@@ -298,3 +298,12 @@ def test_sorted_lamp_scores_are_the_lamp_scores_in_order():
     s = torch.randint(0, 6, (40, 30), generator=g).double()
     s[torch.rand(s.shape, generator=g) < 0.3] = float("-inf")
     assert torch.equal(_sorted_lamp_scores(s), lamp_scores(s).flatten().sort().values)
+
+
+@pytest.mark.parametrize(("ratios", "weights", "name"), [
+    ([float("nan"), 0.1], None, "ratios"), ([0.2, float("inf")], None, "ratios"),
+    ([0.2, 0.1], [1.0, float("nan")], "weights")])
+def test_owl_sparsities_refuse_non_finite_inputs(ratios, weights, name):
+    """A NaN ratio made every sparsity NaN, silently."""
+    with pytest.raises(ValueError, match=rf"{name} must be finite"):
+        owl_sparsities(ratios, 0.6, weights=weights)

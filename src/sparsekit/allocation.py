@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sparsekit._checks import check_fraction, check_mapping
+from sparsekit._checks import check_finite, check_fraction, check_mapping
 from sparsekit.registry import Registry
 from sparsekit.select import top_k_counts
 
@@ -168,9 +168,13 @@ def owl_sparsities(
     sparsity is ``sparsity``. Near the ends the band narrows until every sparsity lies in
     [0, 0.99] (all are ``sparsity`` when it is above 0.99): clipping the shifts instead
     moved the mean (0 gave 3 % sparsity, 0.99 gave 0.968). Equal ratios give ``sparsity``
-    everywhere.
+    everywhere. Non-finite ``ratios`` (a NaN made every sparsity NaN) or ``weights`` are a
+    ``ValueError``.
     """
     r = torch.tensor(ratios, dtype=torch.float64)
+    check_finite("ratios", r, hint="outlier ratios are fractions of a layer's weights")
+    if weights is not None:
+        check_finite("weights", torch.tensor(weights, dtype=torch.float64))
     span = float(r.max() - r.min()) if len(ratios) else 0.0
     if span == 0:
         return [float(sparsity)] * len(ratios)
