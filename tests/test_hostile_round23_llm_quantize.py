@@ -527,6 +527,19 @@ def test_prune_layer_refuses_statistics_of_no_inputs(method):
                     "unstructured")
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_prune_layer_refuses_statistics_of_non_finite_inputs(method):
+    """Wanda ranked NaN input norms as they came and returned a half-kept mask without a
+    word (SparseGPT refused its NaN Hessian); both name the statistics."""
+    from sparsekit.llm.methods import METHODS, prune_layer
+    from sparsekit.observe import InputStats
+
+    stats = InputStats(8, gram=True)
+    stats.add(torch.full((3, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"stats.sq must be finite, got 8 NaN or inf"):
+        prune_layer(METHODS.get(method), torch.randn(4, 8), stats, 0.5, "unstructured")
+
+
 def test_prune_layer_names_a_float64_weight_int8_cannot_hold():
     # Before: "weight holds NaN or infinite values" for a finite W (its float32 copy was not).
     from sparsekit.llm.methods import METHODS, prune_layer

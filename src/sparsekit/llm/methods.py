@@ -23,7 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_materialized, check_sparsity
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_finite,
+    check_int,
+    check_materialized,
+    check_sparsity,
+)
 from sparsekit.llm.sparsegpt import sparsegpt_prune
 from sparsekit.observe import InputStats
 from sparsekit.patterns import NM, Pattern, Unstructured, parse_pattern
@@ -111,6 +117,8 @@ def prune_layer(
         raise ValueError("stats: holds no input rows (the calibration never ran the layer), "
                          "so this method has nothing to prune it by; accepted: statistics "
                          "that recorded the layer's inputs, or the 'magnitude' method")
+    if method.stats:  # Wanda ranked NaN norms as it came, and returned a mask all the same
+        check_finite("stats.sq", stats.sq, hint="the layer's inputs held NaN or inf")
     if quantize is not None and W.dtype == torch.float64 and W.numel():
         most = torch.finfo(torch.float32).max
         largest = float(W.detach().abs().max())
