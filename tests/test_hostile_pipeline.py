@@ -202,6 +202,27 @@ def test_soup_of_models_without_targets_averages_them():
     assert torch.equal(soup([a, b]).weight, torch.full((4,), 2.0))
 
 
+def test_soup_refuses_sparse_linear_layers_of_other_masks():
+    """A SparseLinear's mask lives in integer index buffers, which soup takes from models[0]
+    rather than averaging: two layers of disjoint masks (same count) were averaged value by
+    unrelated value onto models[0]'s structure. Equal masks still average."""
+    from sparsekit import SparseLinear
+
+    torch.manual_seed(0)
+    dense = nn.Linear(4, 2)
+    a = nn.Sequential(SparseLinear.from_linear(dense, torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]],
+                                                                    dtype=torch.bool)))
+    b = nn.Sequential(SparseLinear.from_linear(dense, torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1]],
+                                                                    dtype=torch.bool)))
+    with pytest.raises(ValueError, match=r"models\[1\] has a different mask than models\[0\] "
+                                         r"for the SparseLinear '0'"):
+        soup([a, b])
+    c = copy.deepcopy(a)
+    with torch.no_grad():
+        c[0].values.mul_(3.0)
+    assert torch.equal(soup([a, c])[0].to_dense(), a[0].to_dense() * 2)
+
+
 def test_soup_refuses_nan_parameters():
     """Before, a NaN in one model became a NaN in the soup without a word."""
     a = _mlp()

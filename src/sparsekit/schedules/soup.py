@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import ArgumentTypeError
+from sparsekit.engine.sparse_linear import SparseLinear
 from sparsekit.targets import default_targets
 
 
@@ -43,6 +44,16 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
                     f"models[{i}] has a different mask than models[0] for {t.name!r}; "
                     "a sparse soup needs one shared mask"
                 )
+    # a SparseLinear's mask is its index buffers, which are not averaged but taken from
+    # models[0]: with other masks its values were averaged weight by unrelated weight
+    for name, layer in models[0].named_modules():
+        if isinstance(layer, SparseLinear):
+            for i, other in enumerate(models[1:], 1):
+                if not torch.equal(other.get_submodule(name).mask, layer.mask):
+                    raise ValueError(
+                        f"models[{i}] has a different mask than models[0] for the "
+                        f"SparseLinear {name!r}; a sparse soup needs one shared mask"
+                    )
     out = copy.deepcopy(models[0])
     averaged = {
         k: torch.stack([sd[k] for sd in states]).mean(0) if v.is_floating_point() else v
