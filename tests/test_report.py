@@ -240,3 +240,28 @@ def test_engine_report_tells_w8a8_layers_from_int8_weight_layers():
                             cache=False)
     assert [r.extra["values"] for r in engine_report(w8a8, x).rows] == ["int8 (W8A8)"] * 2
     assert [r.extra["values"] for r in engine_report(w8, x).rows] == ["int8"] * 2
+
+
+def test_layers_that_store_only_their_kept_weights_are_counted():
+    """A SparseLinear and the layers of sparsekit.compile hold no dense weight: they were
+    left out (a SparseLinear-only model reported 0 parameters, "complete"). They count by
+    their shape and nonzeros, in model order, their FLOPs measured like the others'."""
+    import sparsekit
+    from sparsekit import SparseLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(),
+                          SparseLinear.from_linear(nn.Linear(5, 5), torch.eye(5, dtype=torch.bool)),
+                          nn.Linear(5, 3))
+    x = torch.randn(4, 6)
+    rep = report(model, x)
+    assert [r.name for r in rep.rows] == ["0", "2", "3"]
+    assert rep.rows[1].kind == "SparseLinear" and rep.rows[1].shape == (5, 5)
+    assert rep.totals["params"] == 30 + 25 + 15 and rep.totals["nonzeros"] == 30 + 5 + 15
+    assert rep.rows[1].dense_flops == 2 * 4 * 25 and rep.rows[1].sparse_flops == 2 * 4 * 5
+    plain = nn.Sequential(nn.Linear(8, 8))
+    with torch.no_grad():
+        plain[0].weight[:, ::2] = 0
+    compiled = sparsekit.compile(plain, torch.randn(2, 8), formats=["dense"], cache=False)
+    assert report(compiled).totals["params"] == 64
+    assert report(compiled).totals["nonzeros"] == report(plain).totals["nonzeros"] == 32

@@ -196,7 +196,10 @@ def report(
     *,
     masks: HasMasks | None = None,
 ) -> Report:
-    """Count weights, nonzeros and FLOPs of every Linear/Conv1D/Conv layer of ``model``.
+    """Count weights, nonzeros and FLOPs of every Linear/Conv1D/Conv layer of ``model``,
+    and of every layer that stores only its kept weights (``SparseLinear``, the layers of
+    :func:`sparsekit.compile`, a fused group's stacked projections once), by their shape
+    and stored nonzeros.
 
     ``example_inputs`` (a tensor, or a tuple passed as ``model(*example_inputs)``) is run
     once in eval mode under ``torch.no_grad()`` to measure FLOPs; the model's hooks and
@@ -216,6 +219,7 @@ def report(
     mask_table = _mask_table(masks)
     types = default_types()
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+    kept_only = _sparse_layers(model)  # no dense weight: counted by their nonzeros
     _check_mask_names(mask_table, model, layers)
     layer_masks = _layer_masks(mask_table, model, layers)
     for name, module in layers:
@@ -229,7 +233,8 @@ def report(
         counted = None
     else:
         with model_errors("example_inputs", "the model cannot run on them"):
-            counted = macs(model, dict(layers), *example_inputs)
+            counted = macs(model, dict(layers) | {n: m for n, m, _ in kept_only},
+                           *example_inputs)
 
     rows = []
     owner: dict[int, str] = {}  # id of a stored weight -> the first row holding it
@@ -260,7 +265,38 @@ def report(
                 tied_to=None if tied_to == name else tied_to,
             )
         )
-    return Report(rows)
+    for name, module, nonzeros in kept_only:
+        shape = (module.out_features, module.in_features)
+        params = shape[0] * shape[1]
+        layer_macs = params if counted is None else counted.get(name)
+        dense = None if layer_macs is None else 2 * layer_macs
+        rows.append(LayerRow(name=name, kind=type(module).__name__, shape=shape, params=params,
+                             nonzeros=nonzeros, dense_flops=dense,
+                             sparse_flops=None if dense is None
+                             else dense * nonzeros // max(params, 1)))
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return Report(sorted(rows, key=lambda r: order[r.name]))
+
+
+def _sparse_layers(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    """``(name, layer, nonzeros)`` of every layer of ``model`` that stores only its kept
+    weights — a :class:`~sparsekit.SparseLinear`, a layer of :func:`sparsekit.compile` —
+    which were left out of the counts, the totals still saying they were complete."""
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+    from sparsekit.engine.compiled_linear import CompiledLayer
+    from sparsekit.engine.sparse_linear import SparseLinear
+
+    found: list[tuple[str, nn.Module, int]] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(f"{n}.") for n, _, _ in found):
+            continue  # a part of one counted (an activation-sparse layer's prompt format)
+        if isinstance(m, SparseLinear):
+            found.append((name, m, m.nnz))
+        elif isinstance(m, CompiledLayer):  # also a fused group's stacked projections, once
+            found.append((name, m, m.format.nnz))
+        elif isinstance(m, ActivationSparseLinear):
+            found.append((name, m, int((m.to_module().weight != 0).sum())))
+    return found
 
 
 def _stored_weight(module: nn.Module) -> torch.Tensor | None:

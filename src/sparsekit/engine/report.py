@@ -65,6 +65,7 @@ def report(
         n: m for n, m in model.named_modules()
         if isinstance(m, (CompiledLayer, ActivationSparseLinear))
     }
+    base = {n: r for n, r in base.items() if n not in special}  # their rows are made below
     macs = {} if inputs is None else observe.macs(model, special, *inputs)
     recorded = getattr(model, "sparsekit_choices", None)
     if not isinstance(recorded, Mapping):  # set to None or a list by hand
