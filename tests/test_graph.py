@@ -147,3 +147,22 @@ def test_remove_dead_neurons_rejects_other_models():
         remove_dead_neurons(nn.GRU(3, 4))
     with pytest.raises(ValueError, match="parameter-free"):
         remove_dead_neurons(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2)))
+
+
+def test_a_sparse_linear_layer_is_part_of_the_chain():
+    """A SparseLinear between two Linears was skipped, and the layers around it were joined
+    into another network (widths [6, 5, 3]): it counts by its kept weights, like the masked
+    nn.Linear it stands for."""
+    from sparsekit import SparseLinear
+
+    torch.manual_seed(0)
+    mask = torch.rand(5, 5) > 0.5
+    middle = nn.Linear(5, 5)
+    sparse = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), SparseLinear.from_linear(middle, mask),
+                           nn.ReLU(), nn.Linear(5, 3))
+    masked = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 3))
+    masked.load_state_dict({**sparse.state_dict(), "2.weight": middle.weight.detach() * mask,
+                            "2.bias": middle.bias.detach()}, strict=False)
+    assert structure_features(sparse) == structure_features(masked)
+    graph = to_graph(sparse)
+    assert graph.number_of_edges() == to_graph(masked).number_of_edges()

@@ -228,11 +228,18 @@ def _chain(model_or_masks: nn.Module | MaskSet, param: str) -> tuple[list[Layer]
 
 def _weights(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor, bool]]:
     """``(name, module, weight, is hidden-to-hidden)`` of every weight in the chain."""
+    from sparsekit.engine.compiled_linear import CompiledLinear
+    from sparsekit.engine.sparse_linear import SparseLinear
+
     out = []
     for mname, module in _uses(model):
         prefix = f"{mname}." if mname else ""
         if isinstance(module, (nn.Linear, *_CONV)):
             out.append((f"{prefix}weight", module, module.weight, False))
+        elif isinstance(module, (SparseLinear, CompiledLinear)):
+            # kept weights only (its dense weight, zeros where pruned): it was skipped, and
+            # the layers before and after it were joined into another network
+            out.append((f"{prefix}weight", module, module.to_dense(), False))
         elif isinstance(module, nn.RNNBase):
             if module.bidirectional or module.proj_size:
                 raise ValueError(f"{mname}: bidirectional or projected RNNs are not supported")
@@ -268,7 +275,7 @@ def _connections(
     module: nn.Module, w: torch.Tensor, alive: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(edges, weights)`` of one weight tensor as (n_out, n_in) matrices."""
-    if isinstance(module, nn.Linear):
+    if not isinstance(module, (nn.RNNBase, *_CONV)):  # nn.Linear, SparseLinear, compiled
         return alive, w
     if isinstance(module, nn.RNNBase):
         hidden = module.hidden_size
