@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekit
+from sparsekit._checks import ArgumentTypeError
 from sparsekit.engine import sparse_linear as st
 from sparsekit.engine.sparse_linear import SparseLinear
 
@@ -158,3 +159,14 @@ def test_errors_name_the_parameter() -> None:
 
 def test_exported() -> None:
     assert sparsekit.SparseLinear is SparseLinear
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_bias_of_another_dtype_is_named_before_the_product(dtype):
+    """A bias assigned in another dtype than the values failed inside the kernel ("bias must
+    be Float, got Double") or PyTorch's index_add_."""
+    layer = SparseLinear.from_linear(nn.Linear(6, 4), torch.rand(4, 6) < 0.5)
+    layer.bias = nn.Parameter(layer.bias.detach().to(dtype))
+    with pytest.raises(ArgumentTypeError, match=rf"bias must have the weight's dtype "
+                                                rf"torch.float32, got {dtype}"):
+        layer(torch.randn(2, 6))

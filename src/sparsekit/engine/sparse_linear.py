@@ -649,6 +649,12 @@ class SparseLinear(nn.Module):
             )
         if x.device != values.device:
             raise ValueError(f"x must be on the weight's device {values.device}, got {x.device}")
+        bias = self.bias
+        if isinstance(bias, torch.Tensor) and bias.dtype != values.dtype:  # assigned after
+            # the layer was built: a raw "bias must be Float, got Double" of the kernel
+            raise ArgumentTypeError(f"bias must have the weight's dtype {values.dtype}, got "
+                                    f"{bias.dtype}; cast it (layer.bias.data = "
+                                    f"layer.bias.data.to({values.dtype}))")
 
     def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:
         self.dense_grad = grad if self.dense_grad is None else self.dense_grad + grad
