@@ -223,6 +223,22 @@ def test_soup_refuses_sparse_linear_layers_of_other_masks():
     assert torch.equal(soup([a, c])[0].to_dense(), a[0].to_dense() * 2)
 
 
+def test_soup_names_torch_prune_reparametrizations():
+    """Models pruned with torch.nn.utils.prune passed the mask check (their weight is
+    computed) and failed in deepcopy with a raw RuntimeError; made permanent they soup."""
+    from torch.nn.utils import prune as torch_prune
+
+    a, b = _mlp(), _mlp()
+    for m in (a, b):
+        torch_prune.l1_unstructured(m[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"models\[0\] holds torch.nn.utils.prune "
+                                         r"reparametrizations"):
+        soup([a, b])
+    for m in (a, b):
+        torch_prune.remove(m[0], "weight")
+    assert torch.equal(soup([a, b])[0].weight, a[0].weight)
+
+
 def test_soup_refuses_nan_parameters():
     """Before, a NaN in one model became a NaN in the soup without a word."""
     a = _mlp()

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 from sparsekit._checks import ArgumentTypeError
 from sparsekit.engine.sparse_linear import SparseLinear
@@ -28,6 +29,13 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
     Conv layer) has no mask to compare and is averaged as is.
     """
     models = _check_models(models)
+    for i, m in enumerate(models):
+        if torch_prune.is_pruned(m):  # deepcopy failed raw on its computed weight; the float
+            # weight_mask buffers would have been averaged, the masks not compared
+            raise ValueError(
+                f"models[{i}] holds torch.nn.utils.prune reparametrizations (weight_orig, "
+                "weight_mask); make them permanent first (torch.nn.utils.prune.remove("
+                "module, 'weight') on each pruned module): the zeros are then the mask")
     states = [m.state_dict() for m in models]
     keys = set(states[0])
     for i, sd in enumerate(states[1:], 1):
