@@ -348,9 +348,13 @@ def test_tiny_activations_that_underflow_the_hessian_are_refused_not_pruned_away
     assert unchanged(model, before)
     stats = InputStats(4, gram=True)
     stats.add(torch.full((3, 4), 1e-30))
+    assert stats.underflowed().tolist() == [True] * 4
     with pytest.raises(ValueError, match=r"4 of 4 of them so small that their squares "
                                          r"underflowed float32"):
         stats.hessian()
+    plain = InputStats(4)
+    plain.add(torch.full((3, 4), 1e-30))
+    assert plain.underflowed().tolist() == [False] * 4  # no Gram matrix to lose them
 
 
 def test_finite_activations_that_overflow_the_hessian_are_not_called_nan():

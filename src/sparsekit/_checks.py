@@ -89,6 +89,11 @@ def check_module(name: str, value: Any) -> None:
         raise ArgumentTypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
 
 
+SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+"""The integer dtype of each element size in bytes: a float tensor viewed as it is read and
+written bit for bit (-0.0 and NaN included), by the checkpoint's counts and the masks."""
+
+
 def is_float8(dtype: torch.dtype) -> bool:
     """Whether ``dtype`` is one of PyTorch's float8 types: it stores them, but implements
     almost no CPU arithmetic on them (``masked_fill_``, ``isfinite``, ``count_nonzero`` and

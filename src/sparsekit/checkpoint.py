@@ -36,6 +36,7 @@ from torch import nn
 
 from sparsekit._atomic import atomic_write, special_kind, unwritable, write_target
 from sparsekit._checks import (
+    SAME_WIDTH_INT,
     ArgumentTypeError,
     check_fits_memory,
     check_module,
@@ -63,7 +64,6 @@ _ST_DTYPES = {  # safetensors' dtype codes
     torch.bool: "BOOL",
 }
 _DTYPES = {str(d): d for d in _ST_DTYPES}
-_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MAX_BYTES = 2**63 - 1  # torch's limit on a tensor's size in bytes (int64)
 STALE_TEMP_AGE_S = 60.0  # a save's temp file unmodified this long, whose writer is gone
 
@@ -171,7 +171,7 @@ def save(
             nnz = int(torch.count_nonzero(keep))
         elif (key in params and key not in crowded and value.is_floating_point()
               and value.dim() >= 2):
-            bitwise = value.view(_SAME_WIDTH_INT[value.element_size()])
+            bitwise = value.view(SAME_WIDTH_INT[value.element_size()])
             nnz = int(torch.count_nonzero(bitwise))  # bitwise nonzero, so -0.0 round-trips
             may_win = _sparse_may_win(value.numel(), nnz, value.element_size())
             keep = bitwise.ne(0) if may_win else None  # a dense tensor builds no index
@@ -559,7 +559,7 @@ def _check_parts(infos: dict[str, TensorInfo], parts: dict[str, torch.Tensor]) -
             counts = {_count_nonzero(value)}
             if value.is_floating_point():
                 counts.add(int(torch.count_nonzero(value.view(
-                    _SAME_WIDTH_INT[value.element_size()]))))
+                    SAME_WIDTH_INT[value.element_size()]))))
             if info.nnz not in counts:
                 raise ValueError(f"tensor {key!r} holds {min(counts)} nonzeros, but its header "
                                  f"entry says nnz {info.nnz}")
@@ -752,7 +752,7 @@ def _count_nonzero(t: torch.Tensor) -> int:
     ``NotImplementedError`` saving such a buffer, or reading a plain safetensors file of
     one). Their same-width ints (unsigned) and float32 (float8, exactly) count alike."""
     if t.dtype in (torch.uint16, torch.uint32, torch.uint64):
-        t = t.view(_SAME_WIDTH_INT[t.element_size()])
+        t = t.view(SAME_WIDTH_INT[t.element_size()])
     elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         t = t.float()
     return int(torch.count_nonzero(t))
@@ -763,7 +763,7 @@ def _check_masked_zero(key: str, dropped: torch.Tensor) -> None:
     that is not +0.0 is told by its bits (all clear only for +0.0), which every dtype has
     (``signbit`` of a complex weight was a raw ``NotImplementedError``)."""
     nonzero = dropped.ne(0)
-    bits = dropped.view(_SAME_WIDTH_INT[dropped.element_size()])
+    bits = dropped.view(SAME_WIDTH_INT[dropped.element_size()])
     negative = int((bits.ne(0) & ~nonzero).sum())
     nonzero = int(nonzero.sum())
     if nonzero or negative:
@@ -864,7 +864,7 @@ def _decode(
         kept[idx] = True
     # placed as same-width integers: bit for bit, and for every dtype (PyTorch cannot index
     # a float8 tensor: a compressed float8 parameter was written, then never read back)
-    bits = _SAME_WIDTH_INT[values.element_size()]
+    bits = SAME_WIDTH_INT[values.element_size()]
     out = torch.zeros(n, dtype=bits)
     out[kept] = values.view(bits)
     return out.view(values.dtype).reshape(info.shape), kept.reshape(info.shape)

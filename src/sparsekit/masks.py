@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from sparsekit._checks import (
+    SAME_WIDTH_INT,
     ArgumentTypeError,
     check_bool,
     check_materialized,
@@ -641,16 +642,12 @@ def _shared_name(model: nn.Module, name: object) -> str | None:
     return first if first != name else None
 
 
-
-_SAME_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def _keep_bits(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``mask`` as integers of ``dtype``'s width: every bit set where kept, none where
     masked. ANDed into a tensor of ``dtype`` (:func:`_and_bits`) it leaves each kept value
     as it is, bit for bit, and makes each masked one +0.0, whatever it held (NaN and the
     infinities included, which a multiply by 0 keeps non-finite)."""
-    bits = _SAME_WIDTH[torch.empty((), dtype=dtype).element_size()]
+    bits = SAME_WIDTH_INT[dtype.itemsize]
     return mask.to(bits).mul_(255 if bits is torch.uint8 else -1)
 
 

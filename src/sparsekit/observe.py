@@ -171,6 +171,8 @@ def run(model: nn.Module, data: Any, param: str = "data") -> int:
     does, and compute numbers from no values), and names it in the error the model raises
     on inputs it cannot take (see :func:`~sparsekit._checks.model_errors`).
     """
+    from sparsekit.llm.calibration import check_token_ids  # sparsekit.llm imports this module
+
     calls = 0
     with preserved(model, train=False), torch.no_grad():
         for inputs, _ in batches(data, param):
@@ -181,8 +183,6 @@ def run(model: nn.Module, data: Any, param: str = "data") -> int:
                     and not inputs.is_complex() and inputs.dtype != torch.bool:
                 # token ids: one outside the vocabulary was the embedding's raw "index out
                 # of range in self", naming no id and no range
-                from sparsekit.llm.calibration import check_token_ids
-
                 check_token_ids(inputs, model, param)
             with model_errors(param, "the model cannot run on its inputs"):
                 model(inputs)
@@ -370,7 +370,7 @@ class InputStats:
                 "the layer inputs are finite but their Gram matrix XᵀX overflowed float32 "
                 f"(largest sum of squares {float(self.sq.max()):.3g}; inputs of magnitude "
                 "above about 1.8e19); rescale the calibration data")
-        lost = (torch.diagonal(self.gram) == 0) & (self.sq > 0)
+        lost = self.underflowed()
         if bool(lost.any()):  # read as inputs that are always zero, their weights all pruned
             raise ValueError(
                 f"the layer inputs are nonzero but {int(lost.sum())} of {lost.numel()} of "
@@ -379,6 +379,14 @@ class InputStats:
                 "magnitude below about 1e-19), which would count them as always zero and "
                 "prune all their weights; rescale the calibration data")
         return self.gram * (2.0 / max(self.rows, 1))
+
+    def underflowed(self) -> torch.Tensor:
+        """The features whose inputs were nonzero (their float64 squares say so) but whose
+        squares underflowed to 0 on the diagonal of the float32 Gram matrix (inputs below
+        about 1e-19): the Hessian reads them as always zero. All ``False`` without it."""
+        if self.gram is None:
+            return torch.zeros_like(self.sq, dtype=torch.bool)
+        return (torch.diagonal(self.gram) == 0) & (self.sq > 0)
 
     def observe(self, module: nn.Module, x: torch.Tensor) -> None:
         """Add one raw input ``x`` of ``module`` (a linear layer, GPT-2's ``Conv1D`` or a

@@ -459,7 +459,7 @@ def _check_inputs(layers: list[Layer], stats: dict[str, InputStats], pruned: int
                 f"their float32 Hessian ({bad} entries overflow: |x| above ~1.8e19); rescale "
                 f"the model's activations; {_already(pruned)}"
             )
-        lost = 0 if s.gram is None else int(((torch.diagonal(s.gram) == 0) & (s.sq > 0)).sum())
+        lost = int(s.underflowed().sum())
         if lost:  # SparseGPT read them as always zero and zeroed the whole layer
             raise ValueError(
                 f"calibration: {lost} inputs of {layer.name!r} are nonzero but too small for "

@@ -51,6 +51,7 @@ MAX_INT8_INPUTS = 65536
 """The most inputs of a W8A8 layer (:data:`INT8_INPUTS`): its int32 sums of int8 products
 stay exact up to this width, and the kernels refuse wider rows."""
 
+
 def _check_int8_inputs(in_features: int) -> None:
     """Raise ``ValueError`` unless a W8A8 layer of ``in_features`` inputs stays within
     :data:`MAX_INT8_INPUTS` (a wider one was built, and each of its products failed with the
