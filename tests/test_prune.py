@@ -311,11 +311,26 @@ def test_masks_match_criterion_top_k():
     ctx = ScoreContext(model, resolve_targets(model), x)
     expected_scores = CRITERIA.get("wanda")(ctx)
     masks = prune(model, 0.75, method="wanda", data=x)
-    for n, s in expected_scores.items():
-        k = round(s.numel() * 0.25)
-        top = torch.zeros(s.numel(), dtype=torch.bool)
-        top[s.flatten().topk(k).indices] = True
-        assert torch.equal(masks.masks[n], top.reshape(s.shape)), n
+    for n, s in expected_scores.items():  # Wanda compares the weights of each output row
+        k = round(s.shape[1] * 0.25)
+        top = torch.zeros(s.shape, dtype=torch.bool).scatter_(1, s.topk(k, dim=1).indices, True)
+        assert torch.equal(masks.masks[n], top), n
+
+
+def test_wanda_keeps_an_equal_share_of_every_row_as_its_paper_does():
+    """Sun et al. 2023 compare the weights per output: rows of small weights keep their
+    share. Ranked across the layer (as magnitude is), row 1 kept one weight of eight."""
+    lin = nn.Linear(8, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.arange(32.0).reshape(4, 8) - 10.5)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)) * torch.arange(1.0, 9.0)
+    scores = lin.weight.detach().abs() * x.pow(2).sum(0).sqrt()
+    expected = torch.zeros(4, 8, dtype=torch.bool).scatter_(1, scores.topk(4, 1).indices, True)
+    mask = prune(nn.Sequential(copy.deepcopy(lin)), 0.5, method="wanda", data=x).masks["0.weight"]
+    assert torch.equal(mask, expected)
+    layerwide = torch.zeros(32, dtype=torch.bool)
+    layerwide[scores.flatten().topk(16).indices] = True
+    assert layerwide.reshape(4, 8).sum(1).tolist() == [3, 1, 5, 7]
 
 
 @pytest.mark.parametrize("method", ["snip", "taylor", "grasp", "synflow", "wanda"])

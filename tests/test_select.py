@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsekit import select
-from sparsekit.select import check_real, top_k, top_k_counts
+from sparsekit.select import check_real, top_k, top_k_counts, top_k_per_row
 
 
 def by_sort(score: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
@@ -149,3 +149,18 @@ def test_check_real_names_scores_that_are_no_dense_real_tensor_with_values(score
     with pytest.raises((TypeError, ValueError), match=match):
         check_real(scores, "s")
     check_real(torch.ones(2), "s")
+
+
+def test_top_k_per_row_spreads_k_evenly_and_the_remainder_by_the_next_best_score():
+    scores = torch.tensor([[9.0, 1.0, 0.0], [8.0, 7.0, 6.0], [5.0, 4.0, 3.0]])
+    assert top_k_per_row(scores, 3).tolist() == [[True, False, False], [True, False, False],
+                                                 [True, False, False]]
+    # two more: the rows whose next scores are highest (7 and 4), not row 0's 1
+    assert top_k_per_row(scores, 5).sum(1).tolist() == [1, 2, 2]
+    assert top_k_per_row(scores, 9).all() and not top_k_per_row(scores, 0).any()
+    tied = torch.zeros(3, 4)  # ties go to the lower index, as top_k's
+    assert top_k_per_row(tied, 4).tolist() == [[True, True, False, False], [True] + [False] * 3,
+                                                [True] + [False] * 3]
+    assert top_k_per_row(torch.empty(0, 4), 2).shape == (0, 4)
+    with pytest.raises(ValueError, match=r"scores must be 2-D \(rows, columns\), got shape \(4,\)"):
+        top_k_per_row(torch.ones(4), 1)

@@ -20,9 +20,10 @@ from sparsekit._checks import (
 )
 from sparsekit.allocation import ALLOCATIONS, fit_to_capacity
 from sparsekit.masks import MaskSet
-from sparsekit.patterns import Pattern, parse_pattern
+from sparsekit.patterns import Pattern, Unstructured, parse_pattern
 from sparsekit.scores import CRITERIA, ScoreContext
 from sparsekit.scores.saliency import GRADIENT_CRITERIA, check_gradient_signal
+from sparsekit.select import top_k_per_row
 from sparsekit.targets import Target, TargetSpec, batchnorm_scales, resolve_targets
 
 __all__ = ["check_sparsity", "compute_masks", "prune"]
@@ -45,7 +46,10 @@ def prune(
     """Prune ``model`` one-shot to ``sparsity`` and return the applied :class:`MaskSet`.
 
     ``method`` names the score that ranks the weights, an entry of
-    :data:`~sparsekit.CRITERIA` (``criterion=`` is its deprecated spelling). Every
+    :data:`~sparsekit.CRITERIA` (``criterion=`` is its deprecated spelling); an unstructured
+    layer keeps the best weights of the whole layer, or of each output row for criteria
+    that compare within rows (``CRITERIA.meta(name)["per_row"]``: ``"wanda"``, as its paper
+    does). Every
     argument is validated before anything is changed. Weights that are already exactly
     zero count as pruned, so pruning a pruned model never revives a weight, but where a
     pattern keeps units whole (``"row"``, ``"block:RxC"``, ``"fanin"``'s equal rows): a
@@ -123,9 +127,15 @@ def compute_masks(
     counts = allocate(scores, float(sparsity))
     _check_counts(counts, chosen, allocation)
     keep = fit_to_capacity({t.name: counts[t.name] for t in chosen}, caps)
+    # a criterion that compares the weights of each output (Wanda) keeps its unstructured
+    # share row by row; any other pattern decides its own units
+    per_row = CRITERIA.meta(method)["per_row"] and isinstance(pat, Unstructured)
     masks = {}
     for t in chosen:
-        mask = t.out_in(pat.mask(t.out_in(scores.pop(t.name)), keep[t.name])).contiguous()
+        ranked = t.out_in(scores.pop(t.name))
+        mask = (top_k_per_row(ranked.flatten(1), keep[t.name]).view(ranked.shape)
+                if per_row and ranked.dim() > 1 else pat.mask(ranked, keep[t.name]))
+        mask = t.out_in(mask).contiguous()
         live = mask & (t.param.detach() != 0)
         # a pattern of whole units (rows, tiles, a constant fan-in) keeps a unit whole, its
         # zeros included: the zeros left out, a kept unit no longer followed the pattern

@@ -90,6 +90,28 @@ def top_k(
     return kept.reshape(scores.shape) if dim is None else kept.movedim(-1, dim)
 
 
+def top_k_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of ``k`` of the 2-D ``scores`` spread evenly over their rows: each row
+    keeps its own ``k // rows`` highest, and the ``k % rows`` rows whose next score is
+    highest keep one more (ties towards the lower index, as :func:`top_k`). Wanda's
+    comparison group, "per output": ranked across the whole layer, rows that read larger
+    inputs took the slots of others, down to none."""
+    k = _check_k(k)
+    check_real(scores, "scores")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D (rows, columns), got shape {tuple(scores.shape)}")
+    rows = scores.shape[0]
+    if rows == 0 or scores.shape[1] == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    base, extra = divmod(min(k, scores.numel()), rows)
+    kept = top_k(scores, base, dim=1)
+    if extra:
+        rest = scores.float().nan_to_num(nan=float("inf")).masked_fill(kept, float("-inf"))
+        more = top_k(rest.amax(1), extra)  # the rows whose next score is highest
+        kept |= top_k(rest, 1, dim=1) & more[:, None]
+    return kept
+
+
 def top_k_counts(
     parts: Sequence[torch.Tensor], k: int, *, finite_only: bool = False
 ) -> list[int]:

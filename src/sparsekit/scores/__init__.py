@@ -10,7 +10,9 @@ buffers and train/eval mode exactly as they found them.
 Each criterion registers with its metadata: ``data_driven`` (it needs calibration data,
 ``data=``), ``needs_labels`` (that data must be ``(inputs, labels)`` batches) and
 ``readers_only`` (the scores rank the input columns that read a channel, so a structured
-pattern takes a channel's importance from its readers alone: FLAP), read with
+pattern takes a channel's importance from its readers alone: FLAP) and ``per_row`` (the
+scores compare the weights of one output row, so an unstructured mask keeps an equal share
+of each row: Wanda's "per output" comparison), read with
 ``CRITERIA.meta(name)`` or selected with ``CRITERIA.names(data_driven=True)``.
 """
 
@@ -23,7 +25,7 @@ from sparsekit.registry import Registry
 from sparsekit.scores._context import ScoreContext, batches, preserved
 
 CRITERIA: Registry = Registry("method", meta={"data_driven": False, "needs_labels": False,
-                                          "readers_only": False})
+                                          "readers_only": False, "per_row": False})
 
 # Registration happens on import of the modules below (kept after the registry).
 from sparsekit.scores import flap, graph, magnitude, saliency, wanda  # noqa: E402,F401

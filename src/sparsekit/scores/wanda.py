@@ -10,9 +10,12 @@ from sparsekit.scores import CRITERIA
 from sparsekit.scores._context import ScoreContext
 
 
-@CRITERIA.register("wanda", data_driven=True)
+@CRITERIA.register("wanda", data_driven=True, per_row=True)
 def wanda(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """|W_ij| · ‖X_j‖₂, where X_j is input feature j of the layer over all calibration data.
+
+    Registered ``per_row``: the paper compares the weights of each output, so an
+    unstructured mask keeps the same share of every row (:func:`sparsekit.prune`).
 
     For convolutions the input features are the unfolded patches (channel × kernel
     position), matching the flattened weight layout (see :func:`sparsekit.observe.record`);
