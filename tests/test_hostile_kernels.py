@@ -94,14 +94,16 @@ def test_memory_after_x_never_reaches_the_output(name: str) -> None:
 @pytest.mark.parametrize("name", NATIVE)
 def test_native_formats_check_dtype_and_device(name: str) -> None:
     layer = _layer(name)
-    with pytest.raises(TypeError, match="floating-point"):
-        layer(torch.ones(2, IN, dtype=torch.int64))
-    with pytest.raises(TypeError, match="floating-point"):
-        layer(torch.ones(2, IN, dtype=torch.bool))
+    fmt = layer.format
+    for dtype in (torch.int64, torch.bool):
+        with pytest.raises(TypeError, match="floating-point"):
+            fmt.matmul(torch.ones(2, IN, dtype=dtype))
+        with pytest.raises(TypeError, match=f"x must be torch.float32 .*got {dtype}"):
+            layer(torch.ones(2, IN, dtype=dtype))  # the compiled layer takes its own dtype
     with pytest.raises(ValueError, match="on the CPU"):
         layer(torch.ones(2, IN, device="meta"))
-    x = torch.randn(3, IN, dtype=torch.float64)  # other float dtypes are converted
-    torch.testing.assert_close(layer(x), layer(x.float()))
+    x = torch.randn(3, IN, dtype=torch.float64)  # the format converts other float dtypes
+    torch.testing.assert_close(fmt.matmul(x), fmt.matmul(x.float()))
 
 
 @pytest.mark.parametrize("name", ["csr16", "fanin", "bsr"])

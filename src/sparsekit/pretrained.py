@@ -68,6 +68,7 @@ from sparsekit.quantize import (
 __all__ = ["MARKER", "REFUSAL", "WEIGHTS_NAME", "from_pretrained", "save_pretrained"]
 
 WEIGHTS_NAME = "sparsekit.safetensors"
+GENERATION_NAME = "generation_config.json"
 MARKER = "sparsekit"  # the config.json entry that marks a sparsekit directory
 MARKER_VERSION = 1
 REFUSAL = "sparsekit: load with sparsekit.from_pretrained(path)"  # config.json's model_type
@@ -144,7 +145,7 @@ def save_pretrained(
         )
     writes = [WEIGHTS_NAME, "config.json"]
     if _generation_config(model) is not None:
-        writes.append("generation_config.json")
+        writes.append(GENERATION_NAME)
     _check_files(path, os.fspath(directory), writes)
     # its tensors are read only in the write, after the directory was created
     check_materialized_module(model, "model: ")
@@ -177,6 +178,7 @@ def _write_directory(model: nn.Module, path: Path, masks: MaskSet | None,
                                 dir=weights.parent)
     os.close(fd)
     pending = Path(name)
+    generation_pending: Path | None = None
     try:
         with _stored_as(model, cast, stored_as):
             checkpoint.save(model, pending, masks,
@@ -187,7 +189,14 @@ def _write_directory(model: nn.Module, path: Path, masks: MaskSet | None,
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         if (generation := _generation_config(model)) is not None:
-            generation.save_pretrained(path)
+            # under a name of its own, renamed with the weights: written in place, a save
+            # that failed later left the old model with the new generation settings
+            checkpoint._remove_stale_temps(path / GENERATION_NAME)
+            fd, name = tempfile.mkstemp(prefix=f".{GENERATION_NAME}.{os.getpid()}-",
+                                        suffix=".tmp", dir=path)
+            os.close(fd)
+            generation_pending = Path(name)
+            generation.save_pretrained(path, config_file_name=generation_pending.name)
         with atomic_write(path / "config.json") as config_tmp:
             _write_config(model, config_tmp)
             sync(config_tmp)
@@ -195,8 +204,12 @@ def _write_directory(model: nn.Module, path: Path, masks: MaskSet | None,
             # to that file, leaving the directory without a config.json
             write_target(path / "config.json").unlink(missing_ok=True)
             os.replace(pending, weights)
+            if generation_pending is not None:
+                os.replace(generation_pending, write_target(path / GENERATION_NAME))
     finally:
-        pending.unlink(missing_ok=True)
+        for temporary in (pending, generation_pending):
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
 
 
 def from_pretrained(directory: str | os.PathLike) -> nn.Module:
@@ -259,9 +272,9 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
         for key, (dtype, grad) in originals.items():  # back to the model's own dtype
             _set_tensor(model, key, _restored(model, key, stored_dtype).to(dtype))
             _get_tensor(model, key).requires_grad_(grad)
-    if (path / "generation_config.json").is_file() and hasattr(model, "generation_config"):
+    if (path / GENERATION_NAME).is_file() and hasattr(model, "generation_config"):
         # a JSON list or a value it cannot take was a raw TypeError or ValueError
-        with config_errors(str(path / "generation_config.json"), "generation config"):
+        with config_errors(str(path / GENERATION_NAME), "generation config"):
             model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     if masks.masks:
         model.sparsekit_masks = masks

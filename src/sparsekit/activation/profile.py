@@ -47,7 +47,8 @@ def profile(
     plot: str | PathLike[str] | None = None,
     seed: int = 0,
 ) -> dict[str, LayerProfile]:
-    """Profile the inputs of every ``nn.Linear`` (except ``lm_head``) of ``model`` on ``data``.
+    """Profile the inputs of every ``nn.Linear`` but the output heads of ``model`` on ``data``
+    (the default layers of :func:`~sparsekit.activation.layers.find_layers`).
 
     With ``sparsity`` the layers are those it was calibrated for and ``below_threshold`` is
     filled in. With ``plot`` a histogram of ``log10 |x|`` per layer type (the last part of

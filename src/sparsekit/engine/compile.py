@@ -409,8 +409,10 @@ def _compile_layer(
     def built(fmt: str) -> CompiledLayer:
         if fmt == "dense":  # the layer as it is: the reference
             return build(layer, fmt)
-        return build(stored, fmt, **int8, **(_int8_inputs(fmt, activation) if int8 else {}),
-                     **({"threads": threads} if FORMATS.meta(fmt)["threaded"] else {}))
+        module = build(stored, fmt, **int8, **(_int8_inputs(fmt, activation) if int8 else {}),
+                       **({"threads": threads} if FORMATS.meta(fmt)["threaded"] else {}))
+        module.io_dtype = layer.weight.dtype  # it takes the layer's inputs, not its values'
+        return module
 
     key = (decisions.key(layer, in_shape, allowed, rows, threads, value_dtype) if cache
            else None)
@@ -799,7 +801,9 @@ def _multi_row(layer: CompiledLayer) -> CompiledLayer:
     first format would hold one more copy of the weight for nothing)."""
     if getattr(layer, "format_large", None) is None or layer.split != 1:
         return layer
-    return CompiledLinear(layer.format_large, layer.bias)
+    multi = CompiledLinear(layer.format_large, layer.bias)
+    multi.io_dtype = layer.io_dtype
+    return multi
 
 
 def _activation_wins(

@@ -58,8 +58,8 @@ class CompiledConv2d(CompiledLayer):
     """``nn.Conv2d`` (groups 1, zero padding) with its weight matrix in one ``Format``.
 
     Accepts ``(N, C, H, W)`` and unbatched ``(C, H, W)`` inputs like ``nn.Conv2d``, of
-    the dtypes its format computes in as they are (float32 for a float32 weight in any
-    format; bfloat16 too in the kernel formats that read it). ``kernel_size``,
+    the dtype of the layer it replaces (:attr:`io_dtype`; one built from a format alone
+    takes the dtypes its format computes in as they are). ``kernel_size``,
     ``stride`` and ``dilation`` are pairs of ints ≥ 1, ``padding`` a pair of ints ≥ 0.
     :meth:`to_conv2d` gives back an equivalent ``nn.Conv2d``.
     """
@@ -128,15 +128,17 @@ class CompiledConv2d(CompiledLayer):
         return y if batched else y.squeeze(0)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        """Raise ``ValueError`` unless every format can compute ``x`` in its own dtype: one
-        of :func:`_input_dtypes`, of shape ``(N, in_channels, H, W)`` or unbatched, with
-        ``H, W`` at least the dilated kernel's extent once padded (and at least 1)."""
+        """Raise ``ValueError`` unless ``x`` has :attr:`io_dtype` (where set; else every
+        format can compute it in its own dtype: one of :func:`_input_dtypes`), of shape
+        ``(N, in_channels, H, W)`` or unbatched, with ``H, W`` at least the dilated
+        kernel's extent once padded (and at least 1)."""
         if not isinstance(x, torch.Tensor):
             raise ArgumentTypeError(
                 f"x must be a torch.Tensor of shape (N, in_channels={self.in_channels}, H, W) "
                 f"or (in_channels, H, W), got {type(x).__name__}"
             )
-        accepted = _input_dtypes(self.format)
+        io = self._io  # the replaced layer's dtype: the one it took, whatever the format
+        accepted = (io,) if io is not None else _input_dtypes(self.format)
         if x.dtype not in accepted:
             names = " or ".join(str(d).removeprefix("torch.") for d in accepted)
             raise ValueError(f"x must be {names} for this {self.format.name} weight, got "

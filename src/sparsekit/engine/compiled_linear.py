@@ -91,6 +91,20 @@ class CompiledLayer(nn.Module):
     def _cache(self) -> None:
         self.__dict__["_matmul"] = self._at_boundary(self._modules["format"])
         self.__dict__["_bias"] = self._buffers["bias"]
+        dtype = self.__dict__.get("io_dtype")
+        self.__dict__["_io"] = dtype if dtype is not None and dtype.is_floating_point else None
+
+    def refuse_dtype(self, x: torch.Tensor) -> None:
+        """Raise :class:`~sparsekit._checks.ArgumentTypeError` for an input ``x`` that is not
+        of :attr:`io_dtype`, as the layer this one replaces refused it. Which dtypes a layer
+        took had depended on the format autotuning chose: the native formats computed a
+        float16 or float64 input in float32 (and took bfloat16), ``dense`` and ``torch_csr``
+        refused all three, so one model took an input in decoding and refused it in its
+        prompt, or on another machine."""
+        raise ArgumentTypeError(
+            f"x must be {self.io_dtype} (the dtype of the layer this "
+            f"{self.out_features}x{self.in_features} compiled layer replaces; cast the model, "
+            f"e.g. model.to({self.io_dtype}), to feed it another), got {x.dtype}")
 
     def _at_boundary(self, fmt: Format) -> Callable[[torch.Tensor, torch.Tensor | None],
                                                     torch.Tensor]:
@@ -302,6 +316,9 @@ class CompiledLinear(CompiledLayer):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        io = self._io
+        if io is not None and x.dtype != io:
+            self.refuse_dtype(x)
         large = self._large
         if large is not None and x.numel() > self._split_numel:
             return large(x, self._bias)

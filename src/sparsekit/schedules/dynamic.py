@@ -507,13 +507,23 @@ class DynamicSparsity:
         no method grows (a model's own zeros only lower it). An allocation by scores may
         round each layer's count up by one."""
         start = self.initial_sparsity if self.method == "granet" else self.sparsity
-        # scores of the masks' shapes without their memory (these allocations read shapes)
-        shapes = {n: torch.zeros(()).expand(m.shape) for n, m in self.masks.masks.items()}
-        if ALLOCATIONS.meta(self.allocation)["uses_scores"]:
-            size = sum(t.numel() for t in shapes.values())
+        shapes = {n: m.shape for n, m in self.masks.masks.items()}
+        most = self._allocated(shapes, start)
+        if most is None:
+            size = sum(math.prod(shape) for shape in shapes.values())
             return None, round(size * (1.0 - start)) + len(shapes)
-        most = ALLOCATIONS.get(self.allocation)(shapes, float(start))
         return most, sum(most.values())
+
+    def _allocated(
+        self, shapes: Mapping[str, torch.Size], sparsity: float
+    ) -> dict[str, int] | None:
+        """The weights the allocation keeps of each layer of ``shapes`` at ``sparsity`` on a
+        dense model; ``None`` where it splits by scores."""
+        if ALLOCATIONS.meta(self.allocation)["uses_scores"]:
+            return None
+        # scores of the layers' shapes without their memory (these allocations read shapes)
+        return ALLOCATIONS.get(self.allocation)(
+            {n: torch.zeros(()).expand(shape) for n, shape in shapes.items()}, float(sparsity))
 
     def _check_same_run(self, saved: Mapping[str, Any]) -> None:
         """Raise unless the masks state ``saved`` can come from a run of this
@@ -678,9 +688,20 @@ class SRigL(RigL):
     """
 
     def initial_masks(self) -> MaskDict:
+        """A random constant fan-in mask of each layer's budget on a dense model, drawn
+        among the nonzero weights first, as every method's start: drawn among all of them,
+        it zeroed kept weights of a model already pruned or loaded from a checkpoint before
+        the schedule was built (a resume lost them), and a budget counted on the nonzero
+        weights shrank the fan-in of a resumed model whose grown weights were still 0."""
         base = super().initial_masks()
-        return {n: FanIn().mask(torch.rand(m.shape, generator=self.ds.generator), int(m.sum()))
-                for n, m in base.items()}
+        budgets = self.ds._allocated({n: m.shape for n, m in base.items()}, self.ds.sparsity)
+        masks = {}
+        for n, m in base.items():
+            scores = torch.rand(m.shape, generator=self.ds.generator)
+            dead = self.ds.model.get_parameter(n).detach() == 0
+            masks[n] = FanIn().mask(scores.masked_fill(dead.to(scores.device), -torch.inf),
+                                    int(m.sum()) if budgets is None else budgets[n])
+        return masks
 
     @torch.no_grad()
     def update(self, fraction: float) -> MaskDict:

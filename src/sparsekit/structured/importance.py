@@ -227,13 +227,17 @@ def round_count(keep: int, group: Group, round_to: int, *, near: float | None = 
     ``near`` is the unrounded count ``keep`` may stand for (``"uniform"``: the group's
     width × (1 − sparsity)). A ``keep`` less than one channel from it is that count
     rounded to whole channels — by largest remainder, so groups of one width get either
-    side — and ``near`` itself is rounded instead: rounding twice would put those groups
-    a whole step apart (40 and 39 of 64, for 39.55, go to 48 and 32 with ``round_to=16``;
-    39.55 goes to 32)."""
+    side — and ``near`` itself is rounded instead, so every group of one width keeps one
+    count (of whole channels: 90 and 89 of 128 for 89.6 gave a Hugging Face model blocks of
+    two widths, which plain ``from_pretrained`` cannot load): rounding twice would put
+    those groups a whole step apart (40 and 39 of 64, for 39.55, go to 48 and 32 with
+    ``round_to=16``; 39.55 goes to 32)."""
     step = rounding_step(group, round_to)
-    if step <= 1 or keep >= group.channels:
-        return min(keep, group.channels)
     target = near if near is not None and abs(keep - near) < 1 else keep
+    if target >= group.channels:
+        return group.channels
+    if step <= 1:  # whole channels: 89 and 90 of 128 for 89.6 had given two widths
+        return max(math.floor(target + 0.5), 1)
     allowed = [*range(step, group.channels + 1, step), group.channels]
     return min(allowed, key=lambda n: (abs(n - target), -n))
 

@@ -1,0 +1,189 @@
+"""Hostile inputs, round 26.
+
+- A compiled layer took the input dtypes of the format autotuning chose: the native
+  formats computed a float16 or float64 input in float32 (returning float32) and took
+  bfloat16, ``dense`` and ``torch_csr`` refused all three. One model took a bfloat16 token
+  and refused the bfloat16 prompt (two formats), or took it on one machine and refused it
+  on another. Every compiled layer now takes its replaced layer's dtype only, as that
+  layer did, and names it; candidates timed while compiling a float32 layer to bfloat16
+  values take float32, as the compiled layer does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _kernels import needs_kernels
+from torch import nn
+
+import sparsekit
+from sparsekit.engine import CompiledLinear
+from sparsekit.engine.compiled_conv import CompiledConv2d
+
+pytestmark = [needs_kernels, pytest.mark.usefixtures("one_thread")]
+
+OTHER_DTYPES = [torch.bfloat16, torch.float16, torch.float64]
+
+
+def _pruned() -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    with torch.no_grad():
+        layer.weight[:, 1::2] = 0
+    return layer
+
+
+@pytest.mark.parametrize("dtype", OTHER_DTYPES)
+@pytest.mark.parametrize("fmt", ["dense", "torch_csr", "bitmap", "csr16", "fanin"])
+def test_every_format_refuses_what_the_replaced_layer_refused(fmt, dtype):
+    layer = CompiledLinear.from_linear(_pruned(), fmt)
+    with pytest.raises(TypeError, match=rf"x must be torch.float32 \(the dtype of the layer "
+                                        rf"this 48x64 compiled layer replaces.*got {dtype}"):
+        layer(torch.randn(3, 64, dtype=dtype))
+    assert layer(torch.randn(3, 64)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", OTHER_DTYPES)
+def test_a_layer_of_two_formats_refuses_alike_at_one_row_and_at_many(dtype):
+    linear = _pruned()
+    small, large = (CompiledLinear.from_linear(linear, f).format for f in ("bitmap", "dense"))
+    layer = CompiledLinear(small, linear.bias, format_large=large, split=1)
+    layer.io_dtype = torch.float32
+    for rows in (1, 8):
+        with pytest.raises(TypeError, match=rf"x must be torch.float32 .*got {dtype}"):
+            layer(torch.randn(rows, 64, dtype=dtype))
+
+
+def test_a_cast_layer_takes_its_new_dtype_and_a_bare_one_its_formats():
+    layer = CompiledLinear.from_linear(_pruned(), "bitmap").to(torch.bfloat16)
+    assert layer(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"x must be torch.bfloat16 .*got torch.float32"):
+        layer(torch.randn(2, 64))
+    bare = CompiledLinear(layer.format)  # built from a format alone: the format's own rule
+    assert bare(torch.randn(2, 64)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("fmt", ["dense", "bitmap", "csr16"])
+def test_compiled_convolutions_refuse_bfloat16_in_every_format(fmt):
+    conv = nn.Conv2d(3, 4, 3)
+    layer = CompiledConv2d.from_conv2d(conv, fmt)
+    with pytest.raises(ValueError, match=rf"x must be float32 for this {fmt} weight, got "
+                                         r"bfloat16"):
+        layer(torch.randn(1, 3, 5, 5, dtype=torch.bfloat16))
+
+
+def test_compiling_float32_layers_to_bfloat16_values_times_float32_inputs():
+    model = nn.Sequential(_pruned(), nn.ReLU(), nn.Linear(48, 8))
+    x = torch.randn(4, 64)
+    compiled = sparsekit.compile(model, (x,), weight_dtype="bf16", formats=("bitmap",))
+    assert compiled(x).dtype == torch.float32
+    assert torch.allclose(compiled(x), model(x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("task", ["BertForSequenceClassification", "BertForMaskedLM"])
+def test_activation_sparsity_leaves_task_heads_not_named_lm_head_dense(task):
+    """The default layers left out only a module named ``lm_head``: BERT's classifier and
+    its masked-LM decoder (the model's output embeddings) were thresholded."""
+    transformers = pytest.importorskip("transformers")
+    from sparsekit import activation
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2, num_labels=3)
+    model = getattr(transformers, task)(config).eval()
+    layers = activation.layers.find_layers(model, "teal")
+    assert layers and all(name.startswith("bert.encoder.") or name == "bert.pooler.dense"
+                          for name in layers)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2))
+    assert "lm_head" not in activation.layers.find_layers(llama, "teal")
+    assert len(activation.layers.find_layers(llama, "teal")) == 7
+
+
+def _srigl_run(model, steps, state=None):
+    from sparsekit.schedules import DynamicSparsity
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = DynamicSparsity(model, optimizer, 0.8, method="srigl", every=3, end_step=11,
+                               allocation="uniform")
+    if state is not None:
+        schedule.load_state_dict(state[0])
+        optimizer.load_state_dict(state[1])
+    for i in steps:
+        g = torch.Generator().manual_seed(100 + i)
+        x, y = torch.randn(8, 10, generator=g), torch.randint(0, 4, (8,), generator=g)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        schedule.step()
+    return schedule, optimizer
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
+                         nn.Linear(24, 4))
+
+
+def test_srigl_resumes_exactly_when_the_checkpoint_is_loaded_before_the_schedule(tmp_path):
+    """SRigL's starting mask was drawn among all weights with a budget counted on the
+    nonzero ones: built on a model loaded from a checkpoint, it zeroed kept weights (some
+    grown weights were still 0), and the resumed run drifted from the uninterrupted one."""
+    whole = _mlp()
+    _srigl_run(whole, range(10))
+    first = _mlp()
+    schedule, optimizer = _srigl_run(first, range(6))
+    sparsekit.save(first, tmp_path / "ck.safetensors", schedule.masks)
+    state = (schedule.state_dict(), optimizer.state_dict())
+    resumed = _mlp()
+    sparsekit.load(resumed, tmp_path / "ck.safetensors")
+    _srigl_run(resumed, range(6, 10), state)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_failed_save_pretrained_leaves_the_earlier_generation_config(tmp_path, monkeypatch):
+    """The generation config was written in place before the config: a save that failed
+    after it left the earlier model with the new generation settings."""
+    transformers = pytest.importorskip("transformers")
+    from sparsekit import pretrained
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    sparsekit.save_pretrained(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model.generation_config.max_length = 7
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(pretrained, "_write_config", full)
+    with pytest.raises(OSError, match="No space left"):
+        sparsekit.save_pretrained(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporaries
+    monkeypatch.undo()
+    sparsekit.save_pretrained(model, tmp_path)
+    assert sparsekit.from_pretrained(tmp_path).generation_config.max_length == 7
+
+
+@pytest.mark.parametrize("unit", ["ffn", "heads"])
+def test_uniform_structured_pruning_keeps_one_width_whatever_the_amount(unit, tmp_path):
+    """amount=0.3 of 128 neurons (89.6) gave blocks 90 and 89, and of two key/value
+    heads (1.4) 2 and 1: the blocks differed, so plain from_pretrained failed on the model
+    the README says it loads. Each block now keeps the uniform count rounded."""
+    transformers = pytest.importorskip("transformers")
+    from sparsekit import llm
+
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    llm.prune_structured(model, None, 0.3, unit=unit, method="magnitude")
+    widths = {(b.mlp.up_proj.out_features, b.self_attn.k_proj.out_features)
+              for b in model.model.layers}
+    assert widths == ({(90, 16)} if unit == "ffn" else {(128, 8)})
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(again(ids).logits, model(ids).logits)
