@@ -187,3 +187,42 @@ def test_uniform_structured_pruning_keeps_one_width_whatever_the_amount(unit, tm
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_llm_prune_refuses_experts_it_cannot_prune_and_prunes_linear_targets_on_request():
+    """Mixtral's experts are 3-D tensors in transformers 5, no Linear layers: llm.prune
+    pruned the attention alone (5.5 % of the block weights) and the masks reported 0.5."""
+    transformers = pytest.importorskip("transformers")
+    from sparsekit import llm
+
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, num_local_experts=4)
+    model = transformers.MixtralForCausalLM(config).eval()
+    experts = [(n, p) for n, p in model.named_parameters() if ".experts." in n]
+    if not experts or experts[0][1].dim() != 3:
+        pytest.skip("this transformers stores Mixtral's experts as Linear layers")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"hold weights that are no Linear layer \(model\.layers"
+                                         r"\.0\.mlp\.gate\.weight \(4, 32\), .*experts\.gate_up_"
+                                         r"proj .*mixture-of-experts .*targets="):
+        llm.prune(model, ids, sparsity=0.5, method="magnitude")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    masks = llm.prune(model, ids, sparsity=0.5, method="magnitude", targets=[nn.Linear])
+    assert set(masks.masks) == {n for n in before if "self_attn" in n and "weight" in n}
+
+
+def test_encoder_decoder_models_are_refused_by_name():
+    """T5: the decoder's blocks were found and calibrated on token ids alone, and
+    llm.prune failed with transformers' "You must specify exactly one of input_ids or
+    inputs_embeds", blaming the calibration data."""
+    transformers = pytest.importorskip("transformers")
+    from sparsekit import llm
+
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                   num_heads=4)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    with pytest.raises(ValueError, match=r"T5ForConditionalGeneration is an encoder-decoder "
+                                         r"model.*not supported; accepted: decoder and encoder"):
+        llm.prune(model, torch.randint(0, 64, (2, 8)), method="magnitude")

@@ -35,8 +35,17 @@ _NO_CACHE = {"past_key_values": None, "past_key_value": None, "cache": None, "us
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's transformer blocks: its largest ``nn.ModuleList`` of same-type blocks
-    holding linear layers."""
+    holding linear layers. An encoder-decoder model (T5, BART: its config's
+    ``is_encoder_decoder``) is refused by name: its decoder's blocks were found, and
+    calibrating them on token ids alone failed with transformers' "You must specify
+    exactly one of input_ids or inputs_embeds", as if the data were wrong."""
     _check_model(model)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True:
+        raise ValueError(
+            f"model: {type(model).__name__} is an encoder-decoder model, whose two stacks of "
+            "blocks (the decoder's calibrated on the encoder's outputs) are not supported; "
+            "accepted: decoder and encoder models such as LLaMA, Mistral, Qwen2, GPT-2, OPT "
+            "and BERT")
     types = layer_types()
     best: tuple[int, nn.ModuleList] | None = None
     for module in model.modules():
