@@ -263,6 +263,27 @@ def test_srigl_keeps_constant_fan_in_and_ablates_weak_neurons():
         assert len(fan_ins(m)) == 1
 
 
+def test_srigl_ablates_a_neuron_of_few_salient_weights_at_the_default_fractions():
+    """Lasby et al. 2023 count salient weights over the layer (its largest kept |w| and
+    largest other |grad|): a neuron of tiny weights and gradients has none and is ablated,
+    its budget going to the others (fan-in 16 // 3 = 5). Counted row by row, every neuron
+    had fan_in - drop salient weights and none was ever ablated at 0.3 / 0.3."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    dst = DynamicSparsity(model, opt, 0.5, method="srigl", allocation="uniform", every=2,
+                          end_step=10, drop_fraction=0.3, drop_schedule="constant")
+    with torch.no_grad():
+        model[0].weight[0] *= 1e-4
+    x = torch.randn(32, 8)
+    for _ in range(2):
+        opt.zero_grad()
+        (model(x) * torch.tensor([1e-4, 1.0, 1.0, 1.0])).sum().backward()
+        opt.step()
+        dst.step()
+    assert dst.masks.masks["0.weight"].sum(1).tolist() == [0, 5, 5, 5]
+
+
 def test_srigl_with_a_budget_below_the_neurons_keeps_every_layer_alive():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -679,8 +679,9 @@ class GraNet(RigL):
 class SRigL(RigL):
     """Constant fan-in RigL: every surviving neuron keeps the same number of inputs.
 
-    A neuron whose salient weights (kept after the drop, or among the layer's top
-    gradients) number fewer than ``salient_fraction`` of its fan-in is ablated, and its
+    A neuron whose salient weights (among the layer's largest kept magnitudes and largest
+    other gradients, as many as the live neurons keep and grow: counted over the layer, as
+    the paper does) number fewer than ``salient_fraction`` of its fan-in is ablated, and its
     budget shared by the remaining neurons through the ``fanin`` pattern (fan-in = budget //
     neurons); the most salient neurons always survive in the number the budget needs. A
     budget smaller than the layer's neurons keeps that many neurons with fan-in 1, so no
@@ -715,8 +716,14 @@ class SRigL(RigL):
             drop = round(fraction * fan_in)
             kept = top_k(w, fan_in - drop, allowed=m2, dim=1)
             grad = self.ds.dense_grad(n).abs().float().flatten(1)
-            top_grad = top_k(grad, drop * int(alive.sum()), allowed=~kept)
-            salient = (kept | top_grad).sum(1).masked_fill(~alive, -1)
+            lives = int(alive.sum())
+            # salient as the paper counts them, over the whole layer: its largest kept |w|
+            # and largest other |grad|, as many as the live neurons keep and grow. Counted
+            # row by row, every live neuron had fan_in - drop of them and none was ever
+            # ablated at the default fractions.
+            heavy = top_k(w, (fan_in - drop) * lives, allowed=m2)
+            top_grad = top_k(grad, drop * lives, allowed=~heavy)
+            salient = (heavy | top_grad).sum(1).masked_fill(~alive, -1)
             passing = alive & (salient >= self.ds.salient_fraction * fan_in)
             # Never ablate so many neurons that the budget no longer fits in the rest.
             needed = min(-(-budget // m2.shape[1]), int(alive.sum()))
