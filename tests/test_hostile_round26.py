@@ -226,3 +226,17 @@ def test_encoder_decoder_models_are_refused_by_name():
     with pytest.raises(ValueError, match=r"T5ForConditionalGeneration is an encoder-decoder "
                                          r"model.*not supported; accepted: decoder and encoder"):
         llm.prune(model, torch.randint(0, 64, (2, 8)), method="magnitude")
+
+
+def test_nm_masks_refuse_widths_whose_groups_would_run_across_rows():
+    """``parse_pattern("2:4").mask`` on 2x6 scores grouped the flattened tensor: one group
+    spanned two rows, keeping 2 and 4 of their 6 inputs, and ``is_valid`` said True."""
+    from sparsekit import parse_pattern
+
+    nm = parse_pattern("2:4")
+    with pytest.raises(ValueError, match=r"pattern '2:4' needs the input dimension of 'scores' "
+                                         r"to be a multiple of 4; .*\(2, 6\)"):
+        nm.mask(torch.randn(2, 6), 6)
+    assert not nm.is_valid(torch.tensor([[0, 0, 1, 1, 0, 0], [1, 1, 0, 0, 1, 1]]).bool())
+    ties = nm.mask(torch.zeros(1, 8), 4)  # ties to the lower index, as top_k's
+    assert ties.tolist() == [[True, True, False, False, True, True, False, False]]

@@ -139,15 +139,21 @@ class NM(Pattern):
         return self.n / self.m
 
     def mask(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """The ``n`` highest ``scores`` of every group of ``m`` inputs (ties to the lower
+        index, as :func:`~sparsekit.select.top_k`), thinned to ``keep`` overall. A width
+        that is no multiple of ``m`` is a ``ValueError`` (:meth:`check`): its groups had
+        run across rows, keeping 2 and 4 of the 6 inputs of two rows under ``"2:4"``."""
         _check_mask_args(scores, keep)
+        self.check(scores.shape, "scores")
         groups = scores.reshape(-1, self.m)
-        top = torch.topk(groups, self.n, dim=1).indices
-        nm = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top, True)
+        nm = top_k(groups, self.n, dim=1)
         if keep < int(nm.sum()):  # sparser than N:M: thin out within the N:M mask
             nm = top_k(groups.masked_fill(~nm, float("-inf")), keep)
         return nm.reshape(scores.shape)
 
     def is_valid(self, mask: torch.Tensor) -> bool:
+        if mask.dim() < 2 or math.prod(mask.shape[1:]) % self.m:
+            return False  # groups would run across rows
         return bool((mask.reshape(-1, self.m).sum(1) <= self.n).all())
 
 
