@@ -240,3 +240,54 @@ def test_nm_masks_refuse_widths_whose_groups_would_run_across_rows():
     assert not nm.is_valid(torch.tensor([[0, 0, 1, 1, 0, 0], [1, 1, 0, 0, 1, 1]]).bool())
     ties = nm.mask(torch.zeros(1, 8), 4)  # ties to the lower index, as top_k's
     assert ties.tolist() == [[True, True, False, False, True, True, False, False]]
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      hidden_act="relu")
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _peft_model():
+    peft = pytest.importorskip("peft")
+    from sparsekit.finetune import sparse_lora
+
+    model = _tiny_llama()
+    sparsekit.prune(model, 0.5, targets=["*proj"])
+    return sparse_lora(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def _delta_model():
+    from sparsekit.finetune import masked_delta
+
+    model = _tiny_llama()
+    sparsekit.prune(model, 0.5, targets=["*proj"])
+    masked_delta(model, 0.1, method="magnitude")
+    return model
+
+
+def _moefied():
+    from sparsekit import moe
+
+    return moe.moefy(_tiny_llama(), torch.randint(0, 64, (4, 16)), experts=8, keep=0.5,
+                     rank=8, steps=2)
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (_peft_model, r"would rebuild a LlamaModel, whose tensors these are not \(the model's own: "
+                  r"\['base_model\.model\."),
+    (_delta_model, r"would rebuild a LlamaForCausalLM, .*parametrizations"),
+    (_moefied, r"its compiled layer 'model\.layers\.0\.mlp\.w_out' is no layer of a "
+               r"LlamaForCausalLM"),
+], ids=["peft", "masked-delta", "moefy"])
+def test_save_pretrained_refuses_models_from_pretrained_cannot_rebuild(make, match, tmp_path):
+    """Each was written over an earlier, loadable save as a directory no call could load."""
+    sparsekit.save_pretrained(_tiny_llama(), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=match + r".*merge_and_unload"):
+        sparsekit.save_pretrained(make(), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert isinstance(sparsekit.from_pretrained(tmp_path), type(_tiny_llama()))

@@ -121,6 +121,9 @@ def save_pretrained(
     directory are not supported), so the directory holds one of them, whole. A directory
     holding ``transformers``' own weight files (:data:`HF_WEIGHTS`, e.g. a
     ``model.save_pretrained`` there before) is refused: a concrete class would load those.
+    So is, before anything is written, a model :func:`from_pretrained` could not rebuild
+    (a ``PeftModel``, a weight under a parametrization, blocks replaced by
+    :mod:`sparsekit.moe`): :func:`sparsekit.save` stores those.
     """
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not callable(getattr(config, "to_json_string", None)):
@@ -150,6 +153,7 @@ def save_pretrained(
     # its tensors are read only in the write, after the directory was created
     check_materialized_module(model, "model: ")
     compiled = compiled_layers(model)
+    _check_rebuilds(model, compiled)
     dtype = _model_dtype(model, compiled)
     cast = [] if stored_as is None else _dense_tensors(model, masks, compiled, stored_as)
     record = {"version": MARKER_VERSION, "dtype": str(dtype), "compiled": compiled,
@@ -359,6 +363,50 @@ def _read_record(weights: Path, meta: dict[str, str]) -> dict[str, Any]:
 
 
 # -- rebuilding -----------------------------------------------------------------------------
+
+def _check_rebuilds(model: nn.Module, compiled: dict[str, dict[str, object]]) -> None:
+    """Raise ``ValueError`` before anything is written unless :func:`from_pretrained` can
+    rebuild ``model``: the class its config names, built on the meta device (and cut to
+    the recorded widths), must hold a linear layer (or convolution) where each compiled
+    layer is and exactly the model's other tensors. A ``PeftModel``, a weight still under a
+    parametrization (a masked delta fine-tune) or a block replaced by :mod:`sparsekit.moe`
+    was written, over an earlier save, as a directory that no call could load."""
+    config = copy.copy(model.config)
+    config.architectures = [type(model).__name__]  # as _write_config records it
+    try:
+        transformers = _transformers()
+        cls = _model_class(transformers, config, Path("config.json"))
+        with torch.device("meta"):
+            skeleton = cls._from_config(config)
+        _resize_to_config(skeleton, config)
+    except Exception:  # no transformers or no class for its config: the save names it
+        return
+    accepted = ("accepted: a transformers model of its config's architecture, pruned or "
+                "compiled (merge a PeftModel with merge_and_unload, or a masked delta with "
+                "merge, first), or sparsekit.save for any other model")
+    for name, spec in compiled.items():
+        for member in spec.get("members", [name]):
+            try:
+                layer = skeleton.get_submodule(member)
+            except AttributeError:
+                layer = None
+            weight = getattr(layer, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
+                raise ValueError(
+                    f"model: its compiled layer {member!r} is no layer of a "
+                    f"{cls.__name__} ({type(layer).__name__}), so from_pretrained could not "
+                    f"rebuild it; {accepted}")
+    # attached int8 grids are installed from the file (_install_scales)
+    held = {k for k in model.state_dict()
+            if not _under(k, compiled) and not k.endswith(f".{SCALE_NAME}")}
+    expected = {k for k in skeleton.state_dict() if not _under(k, compiled)}
+    if held != expected:
+        extra, missing = sorted(held - expected), sorted(expected - held)
+        raise ValueError(
+            f"model: from_pretrained would rebuild a {cls.__name__}, whose tensors these are "
+            f"not (the model's own: {extra[:3]}; the {cls.__name__}'s missing: {missing[:3]}); "
+            f"{accepted}")
+
 
 def _transformers() -> Any:
     try:
