@@ -291,3 +291,32 @@ def test_save_pretrained_refuses_models_from_pretrained_cannot_rebuild(make, mat
         sparsekit.save_pretrained(make(), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert isinstance(sparsekit.from_pretrained(tmp_path), type(_tiny_llama()))
+
+
+def test_activation_sparsity_saves_and_loads_without_pickle(tmp_path):
+    """Thresholds applied with hooks were lost by save_pretrained, and the only way to keep
+    an ActivationSparsity was pickling it (torch.load(weights_only=False))."""
+    from sparsekit import activation
+    from sparsekit.activation import ActivationSparsity
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    act = activation.calibrate(model, ids, sparsity=0.5)
+    path = act.save(tmp_path / "thresholds.safetensors")
+    back = ActivationSparsity.load(path)
+    assert (back.method, back.allocation, back.target) == (act.method, act.allocation, act.target)
+    assert back.sparsities == act.sparsities and back.sizes == act.sizes
+    for name, threshold in act.thresholds.items():
+        assert torch.equal(back.thresholds[name], threshold)
+        assert back.thresholds[name].dtype == threshold.dtype
+    with torch.no_grad():
+        act.apply(model)
+        expected = model(ids).logits
+        act.remove()
+        back.apply(model)
+        assert torch.equal(model(ids).logits, expected)
+        back.remove()
+    sparsekit.save(model, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"is not a file written by ActivationSparsity.save "
+                                         r"\(its header kind is None\)"):
+        ActivationSparsity.load(tmp_path / "model.safetensors")

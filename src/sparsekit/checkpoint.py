@@ -25,7 +25,7 @@ import stat
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,6 +315,22 @@ class Checkpoint:
     kept: dict[str, torch.Tensor]
     infos: dict[str, TensorInfo]
     meta: dict[str, str]
+
+
+def tensor_holder(tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A module whose parameters are ``tensors`` under their dotted names (what
+    :func:`save` stores): how a file of tensors that belong to no model (a sparse delta,
+    activation thresholds) is written."""
+    root = nn.Module()
+    for name, t in tensors.items():
+        *path, attr = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(attr, nn.Parameter(t.detach().cpu(), requires_grad=False))
+    return root
 
 
 def read(path: str | os.PathLike) -> Checkpoint:

@@ -123,7 +123,10 @@ def save_pretrained(
     ``model.save_pretrained`` there before) is refused: a concrete class would load those.
     So is, before anything is written, a model :func:`from_pretrained` could not rebuild
     (a ``PeftModel``, a weight under a parametrization, blocks replaced by
-    :mod:`sparsekit.moe`): :func:`sparsekit.save` stores those.
+    :mod:`sparsekit.moe`): :func:`sparsekit.save` stores those. Runtime state is not
+    stored, as ``transformers`` stores no ``attn_implementation``: thresholds applied with
+    hooks (:meth:`~sparsekit.activation.ActivationSparsity.save` keeps those) and
+    :func:`sparsekit.attention.apply`'s settings are applied again after loading.
     """
     config = getattr(model, "config", None)
     if not isinstance(model, nn.Module) or not callable(getattr(config, "to_json_string", None)):

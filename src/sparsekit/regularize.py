@@ -11,9 +11,11 @@ changing the outputs. Three ways to get there, all usable with any optimizer:
   outside the ``k`` strongest are pulled down, so the survivors are not shrunk (the
   k-level idea of group sparse envelope penalties such as WGSEF);
 * :class:`SoftThreshold` — an optimizer wrapper that applies the proximal operator after
-  every step (soft-thresholding, as in ST-3's recipe): elementwise ``sign(w)·max(|w| − λη,
-  0)`` or, given groups, ``w_c · max(0, 1 − λη/‖w_c‖₂)``. It sets weights and whole
-  channels to exactly zero.
+  every step (proximal gradient descent, ISTA): elementwise ``sign(w)·max(|w| − λη, 0)``
+  or, given groups, ``w_c · max(0, 1 − λη/‖w_c‖₂)``. It sets weights and whole channels to
+  exactly zero. The shrinkage accumulates in the stored weights; ST-3 instead keeps the
+  dense weights, soft-thresholds them in the forward pass only and trains them through a
+  straight-through estimator, which this wrapper does not do.
 """
 
 from __future__ import annotations

@@ -1,10 +1,15 @@
 """How important each input activation is: the score that is compared with a threshold.
 
-``teal`` (Liu et al. 2024) and ``cats`` (Lee et al. 2024) use ``|x_j|``; ``wina`` (2025)
+``teal`` (Liu et al. 2024) and ``cats`` use ``|x_j|``; ``wina`` (2025)
 weighs it by the norm of the weight column it multiplies, ``|x_j| * ||W[:, j]||_2``, i.e. by
 how much dropping it can change the output. A threshold ``t`` on the score is the same as the
 per-feature threshold ``t / ||W[:, j]||`` on ``|x_j|``, which is what is installed, so that
 applying any method is one comparison per input.
+
+``cats`` is a variant of CATS (Lee et al. 2024): the paper thresholds ``|SiLU(gate(x))|``
+and masks the gated product by it; here the threshold is on the down projection's input,
+``|act(gate(x)) * up(x)|``, the tensor whose zeros the activation-sparse kernels skip, so
+a small gate value beside a large ``up`` value survives and the two masks differ.
 """
 
 from __future__ import annotations

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from sparsekit import checkpoint
 from sparsekit._checks import (
     ArgumentTypeError,
     check_fraction,
@@ -23,6 +27,9 @@ from sparsekit.engine.activation_linear import check_threshold, sparsify_input, 
 from sparsekit.observe import LayerCall, layer_input
 
 __all__ = ["ActivationSparsity"]
+
+KIND = "activation_sparsity"
+"""The header ``kind`` of a file written by :meth:`ActivationSparsity.save`."""
 
 _MARK = "_sparsekit_activation_threshold"
 """An attribute set on the hooks :meth:`ActivationSparsity.apply` installs, by which
@@ -81,6 +88,40 @@ class ActivationSparsity:
         hooks belong to the model this object was applied to (and cannot be pickled), so a
         copy starts unapplied; the thresholds and :meth:`stats` so far are kept."""
         return {**vars(self), "_handles": []}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the thresholds and settings to ``path`` (a sealed safetensors checkpoint of
+        :func:`sparsekit.save`, written atomically; nothing pickled) and return the path;
+        :meth:`load` reads them back bit-identically. Neither the hooks (they belong to the
+        model this is applied to) nor :meth:`stats` are saved. Thresholds applied with
+        hooks are runtime state, which :func:`sparsekit.save_pretrained` does not store
+        (:func:`sparsekit.compile` keeps them in its activation-sparse layers)."""
+        settings = {"method": self.method, "allocation": self.allocation,
+                    "target": self.target, "sparsities": self.sparsities, "sizes": self.sizes}
+        holder = checkpoint.tensor_holder(
+            {n: torch.as_tensor(t, dtype=torch.float32) for n, t in self.thresholds.items()})
+        return checkpoint.save(holder, path, metadata={"kind": KIND,
+                                                       "settings": json.dumps(settings)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ActivationSparsity:
+        """The :class:`ActivationSparsity` :meth:`save` wrote to ``path`` (checked as
+        :func:`sparsekit.load` checks a file, and then as the constructor checks its
+        arguments), not applied."""
+        meta = checkpoint.read_metadata(path)
+        if meta.get("kind") != KIND:
+            raise ValueError(f"{path} is not a file written by ActivationSparsity.save (its "
+                             f"header kind is {meta.get('kind')!r})")
+        try:
+            settings = json.loads(meta.get("settings", ""))
+        except json.JSONDecodeError:
+            settings = None
+        keys = {"method", "allocation", "target", "sparsities", "sizes"}
+        if not isinstance(settings, dict) or set(settings) != keys:
+            raise ValueError(f"{path}: its header's settings are not those "
+                             f"ActivationSparsity.save writes (a JSON object of {sorted(keys)})")
+        state = checkpoint.read(path).state
+        return cls(thresholds=dict(state), **settings)
 
     def apply(self, model: nn.Module) -> ActivationSparsity:
         """Threshold the inputs of the calibrated layers of ``model`` (by module name)."""

@@ -155,7 +155,8 @@ class Delta:
         :func:`sparsekit.save`; return the path."""
         # +0.0 outside the mask: a -0.0 there (``values * mask``) passed the check above
         # but a checkpoint refused it, with advice (masks.apply()) a Delta cannot take
-        holder = _holder({n: v.masked_fill(~self.masks[n], 0) for n, v in self.values.items()})
+        holder = checkpoint.tensor_holder(
+            {n: v.masked_fill(~self.masks[n], 0) for n, v in self.values.items()})
         masks = MaskSet(holder, self.masks, pattern="unstructured")
         return checkpoint.save(holder, path, masks, metadata={"kind": KIND})
 
@@ -432,18 +433,3 @@ def _check_support(model: nn.Module, support: Mapping[str, torch.Tensor]
                              "without it)")
         sites[name] = (t.module_name, name.rpartition(".")[2])
     return sites
-
-
-def _holder(tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A module whose parameters are ``tensors`` under their dotted names (what
-    :func:`sparsekit.save` stores)."""
-    root = nn.Module()
-    for name, t in tensors.items():
-        *path, attr = name.split(".")
-        module = root
-        for part in path:
-            if not hasattr(module, part):
-                module.add_module(part, nn.Module())
-            module = getattr(module, part)
-        module.register_parameter(attr, nn.Parameter(t.detach().cpu(), requires_grad=False))
-    return root

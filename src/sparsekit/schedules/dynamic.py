@@ -140,10 +140,12 @@ class DynamicSparsity:
     ``optimizer=``) is required: the dense gradients are read just before its steps and the
     masks kept through them. Call :meth:`step` after every ``optimizer.step()``; every
     ``every`` steps until ``end_step`` (``update_every=`` is its deprecated spelling)
-    ``method`` drops and regrows. Regrown weights start at zero and their optimizer state is
-    reset. SET and RigL keep each layer's number of active weights exactly; SNFS keeps the
-    total while layers trade weights; GraNet follows its pruning schedule; SRigL keeps a
-    constant fan-in per surviving neuron.
+    ``method`` drops and regrows. Weights grown where the mask was pruned start at zero
+    and their optimizer state is reset; a weight dropped and grown back in the same update
+    keeps its value (as RigL's reference code does: only newly active positions are new).
+    SET and RigL keep each layer's number of active weights exactly; SNFS keeps the total
+    while layers trade weights; GraNet follows its pruning schedule; SRigL keeps a constant
+    fan-in per surviving neuron.
 
     Frozen module weights (``requires_grad=False``) are no targets and stay as they are:
     they have no gradient to grow by, and dropping their connections would change weights
