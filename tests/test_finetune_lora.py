@@ -239,7 +239,7 @@ def test_wrong_argument_types_are_refused():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         sparse_lora("model", _config(), masks)
     lora = sparse_lora(model, _config(), masks)
-    with pytest.raises(ValueError, match="PeftModel already"):
+    with pytest.raises(ValueError, match="config must be None for a PeftModel"):
         sparse_lora(lora, _config())
     with pytest.raises(TypeError, match="peft model"):
         merge_lora(nn.Linear(2, 2))

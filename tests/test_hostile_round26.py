@@ -320,3 +320,54 @@ def test_activation_sparsity_saves_and_loads_without_pickle(tmp_path):
     with pytest.raises(ValueError, match=r"is not a file written by ActivationSparsity.save "
                                          r"\(its header kind is None\)"):
         ActivationSparsity.load(tmp_path / "model.safetensors")
+
+
+def test_a_loaded_masked_lora_adapter_resumes_exactly_with_its_masks_installed(tmp_path):
+    """PeftModel.from_pretrained loads an adapter as plain LoRA, and sparse_lora refused a
+    PeftModel, so a resumed fine-tune trained the unmasked forward (merged weights 0.04
+    off an uninterrupted run). sparse_lora(peft_model, None, masks) installs the masks."""
+    peft = pytest.importorskip("peft")
+    from sparsekit.finetune import merge_lora, sparse_lora
+
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+
+    def pruned():
+        model = _tiny_llama()
+        return model, sparsekit.prune(model, 0.5, targets=["*proj"])
+
+    def config():
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                               init_lora_weights="gaussian")
+
+    def train(model, optimizer, steps):
+        for _ in range(steps):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    def adam(model):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    torch.manual_seed(1)
+    model, masks = pruned()
+    whole = sparse_lora(model, config(), masks)
+    optimizer = adam(whole)
+    train(whole, optimizer, 5)
+    expected = merge_lora(whole).state_dict()
+    torch.manual_seed(1)
+    model, masks = pruned()
+    first = sparse_lora(model, config(), masks)
+    optimizer = adam(first)
+    train(first, optimizer, 3)
+    first.save_pretrained(tmp_path)
+    state = optimizer.state_dict()
+    model, masks = pruned()
+    loaded = peft.PeftModel.from_pretrained(model, tmp_path, is_trainable=True)
+    with pytest.raises(ValueError, match=r"config must be None for a PeftModel"):
+        sparse_lora(loaded, config(), masks)
+    resumed = sparse_lora(loaded, None, masks)
+    optimizer = adam(resumed)
+    optimizer.load_state_dict(state)
+    train(resumed, optimizer, 2)
+    for name, value in merge_lora(resumed, masks).state_dict().items():
+        assert torch.equal(value, expected[name]), name

@@ -19,7 +19,8 @@ Two ways to train, chosen by ``masked_forward`` of :func:`sparse_lora`:
 
 Masks are ``peft`` LoRA *variants* of the adapters that exist when they are installed; an
 adapter added later (or one loaded by ``PeftModel.from_pretrained``) is plain LoRA until
-:func:`merge` (or :func:`sparse_lora` on it) installs them again.
+:func:`merge`, or ``sparse_lora(peft_model, None, masks)`` to train it on, installs them
+again.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def sparse_lora(
 ) -> nn.Module:
     """Wrap the pruned ``model`` in a ``peft`` LoRA model whose merges keep its zeros.
 
+    Given a ``PeftModel`` (an adapter loaded with ``PeftModel.from_pretrained`` to resume
+    its training) and ``config=None``, install the masks on its adapters instead: loaded,
+    they are plain LoRA, and training on resumed with the unmasked forward.
+
     ``config`` is a ``peft.LoraConfig``. ``masks`` is the :class:`~sparsekit.MaskSet` the
     model was pruned with (applied once the adapters are in place); without it, a base
     weight's mask is where it is nonzero (read before an initialization that rewrites the
@@ -69,12 +74,12 @@ def sparse_lora(
     ``model`` is left as it came.
     """
     check_module("model", model)
+    check_bool("masked_forward", masked_forward)
+    if isinstance(model, peft.PeftModel):
+        return _reinstall(model, config, masks, masked_forward)
     if not isinstance(config, peft.LoraConfig):
         raise ArgumentTypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
-    check_bool("masked_forward", masked_forward)
     check_materialized_module(model, "model: ")  # its masks are read from the weights
-    if isinstance(model, peft.PeftModel):
-        raise ValueError("model is a PeftModel already; pass the pruned base model")
     if _lora_layers(model):
         some = ", ".join(map(repr, list(_lora_layers(model))[:3]))
         raise ValueError(f"model has LoRA layers already ({some}…): sparse_lora was applied "
@@ -101,6 +106,20 @@ def sparse_lora(
                 if hasattr(layer, MASK_NAME):
                     layer.get_base_layer().weight.masked_fill_(~getattr(layer, MASK_NAME), 0)
     return wrapped
+
+
+def _reinstall(model: peft.PeftModel, config: Any, masks: MaskSet | None,
+               masked_forward: bool) -> peft.PeftModel:
+    """:func:`sparse_lora` on a ``PeftModel``: its adapters get their masks (from ``masks``,
+    else where the base weights are nonzero) and the forward ``masked_forward`` picks."""
+    if config is not None:
+        raise ValueError(f"config must be None for a PeftModel, whose adapters keep their own "
+                         f"configs (sparse_lora on it installs the masks again), got "
+                         f"{type(config).__name__}; pass the pruned base model to add an adapter")
+    check_materialized_module(model, "model: ")
+    by_param = _check_masks(model, masks)
+    _install(model, by_param, masked_forward=masked_forward)
+    return model
 
 
 def merge(model: nn.Module, masks: MaskSet | None = None) -> nn.Module:
