@@ -371,3 +371,95 @@ def test_a_loaded_masked_lora_adapter_resumes_exactly_with_its_masks_installed(t
     train(resumed, optimizer, 2)
     for name, value in merge_lora(resumed, masks).state_dict().items():
         assert torch.equal(value, expected[name]), name
+
+
+class _Mixer(nn.Module):  # h.mT: token mixing over the transposed hidden states
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.head, self.tok = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(5, 5)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.head(h), self.tok(h.mT)
+
+
+class _WidthScaled(nn.Module):  # a number read from the width: h.shape[-1] ** -0.5
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) * h.shape[-1] ** -0.5
+
+
+class _ConvWidth(nn.Module):  # h.size(1): the channel count of a convolution's output
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        return self.c2(h) / h.size(1)
+
+
+class _PoolAcross(nn.Module):  # a 2-d pool of a Conv1d's (N, C, L) output pools channels
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(3, 8, 1), nn.Conv1d(8, 3, 1)
+        self.pool = nn.MaxPool2d((3, 1), stride=1, padding=(1, 0))
+
+    def forward(self, x):
+        return self.c2(self.pool(self.c1(x)))
+
+
+class _KeywordAdd(nn.Module):  # torch.add(h, other=g): g by keyword
+    def __init__(self):
+        super().__init__()
+        self.f1, self.f2 = nn.Linear(6, 8), nn.Linear(6, 8)
+        self.f3, self.f4 = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, g = self.f1(x), self.f2(x)
+        return self.f3(torch.add(h, other=g)), self.f4(g)
+
+
+class _KeywordFlatten(nn.Module):  # torch.flatten(input=h, ...): the input by keyword
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 3, 1), nn.Linear(128, 3)
+
+    def forward(self, x):
+        h = self.c1(x)
+        return self.c2(h), self.fc(torch.flatten(input=h, start_dim=1))
+
+
+@pytest.mark.parametrize(("make", "shape"), [
+    (_Mixer, (2, 5, 6)), (_WidthScaled, (4, 6)), (_ConvWidth, (2, 3, 4, 4)),
+    (_PoolAcross, (2, 3, 5)),
+])
+def test_channels_read_past_the_tracing_are_left_whole(make, shape):
+    """Each was shrunk to a model whose outputs differed from the masked one (by up to
+    0.67, or in shape) without a word: the tracing followed neither h.mT nor numbers read
+    from the width, and took a pool across channels for one per channel."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="removes no channel of any group"):
+        sparsekit.prune(make(), 0.3, pattern="channel")
+
+
+@pytest.mark.parametrize(("make", "shape"), [(_KeywordAdd, (4, 6)),
+                                             (_KeywordFlatten, (2, 3, 4, 4))])
+def test_tensors_passed_by_keyword_are_followed(make, shape):
+    """torch.add(h, other=g) left h and g unjoined (outputs 0.19 off after shrink), and
+    torch.flatten(input=h) gave a shrunk model that failed in its forward."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(*shape)
+    masks = sparsekit.prune(model, 0.3, pattern="channel")
+    with torch.no_grad():
+        expected = model(x)
+        small = sparsekit.shrink(model, masks).eval()
+        got = small(x)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

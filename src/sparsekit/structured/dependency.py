@@ -247,20 +247,26 @@ _ELEMENTWISE_MODULES = (
     nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d,
     nn.Dropout2d, nn.Dropout3d, nn.PReLU,
 )
-_POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)
+# pools by the number of spatial axes they pool: per channel only on a batched input of
+# that many spatial axes (a 2-d pool of a Conv1d's (N, C, L) output reads it as unbatched
+# and pools across its channels)
+_POOL_MODULES = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+}
 _ELEMENTWISE_FUNCTIONS = {
     F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.hardswish,
     F.hardsigmoid, F.mish, F.dropout, torch.relu, torch.sigmoid, torch.tanh,
 }
 _POOL_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2,
+    F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2,
+    F.adaptive_max_pool3d: 3,
 }
+# tensor attributes that are no tensor (x.shape: see _Follower.shapes)
+_VALUE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
 
 
 def _hf_activation(module: nn.Module) -> bool:
@@ -282,7 +288,7 @@ _JOIN_FUNCTIONS = {operator.add, operator.iadd, operator.mul, operator.imul, ope
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half",
                         "to", "detach"}
 _JOIN_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
-_READ_ONLY_METHODS = {"size", "dim"}
+_READ_ONLY_METHODS = {"dim"}
 
 
 @dataclass
@@ -300,11 +306,13 @@ class _Space:
 class _Layout:
     """Where a value's channels come from: ``segments`` of ``(space, repeat)`` along axis
     ``dim`` (1 for convolution outputs, -1 for Linear outputs). ``spread`` multiplies each
-    repeat after a ``flatten``; ``None`` until a Linear reveals it (its ``in_features``)."""
+    repeat after a ``flatten``; ``None`` until a Linear reveals it (its ``in_features``).
+    ``rank`` is the value's number of axes where known (a convolution's output)."""
 
     segments: tuple[tuple[int, int], ...]
     dim: int
     spread: int | None = 1
+    rank: int | None = None
 
 
 class _Follower:
@@ -315,6 +323,9 @@ class _Follower:
         self.modules = dict(graph.named_modules())
         self.spaces: list[_Space] = []
         self.layouts: dict[fx.Node, _Layout] = {}
+        # the whole shape of a followed value (x.shape, x.size()) -> that value: reading its
+        # channel count made a number that a removal changed (h * h.shape[-1] ** -0.5)
+        self.shapes: dict[fx.Node, fx.Node] = {}
 
     # -- union–find ---------------------------------------------------------------------
     def new_space(self, size: int, name: str, *, frozen: bool = False) -> int:
@@ -335,9 +346,10 @@ class _Follower:
             self.spaces[a].slices += self.spaces[b].slices
 
     def freeze(self, *values: Any) -> None:
-        """Freeze every space reachable from ``values`` (nodes, or containers of them)."""
+        """Freeze every space reachable from ``values`` (nodes, or containers of them; a
+        whole shape freezes its value's)."""
         for v in _nodes(values):
-            layout = self.layouts.get(v)
+            layout = self.layouts.get(self.shapes.get(v, v))
             if layout is not None:
                 for sid, _ in layout.segments:
                     self.spaces[self.root(sid)].frozen = True
@@ -369,7 +381,8 @@ class _Follower:
             self.layouts[node] = out
 
     def input_layout(self, node: fx.Node) -> _Layout | None:
-        arg = node.args[0] if node.args else None
+        """The layout of the node's first argument, or of its keyword ``input``."""
+        arg = node.args[0] if node.args else node.kwargs.get("input")
         return self.layouts.get(arg) if isinstance(arg, fx.Node) else None
 
     def call_module(self, node: fx.Node, module: nn.Module) -> _Layout | None:
@@ -410,7 +423,8 @@ class _Follower:
                 or _hf_activation(module)):
             self.freeze(node.args[1:], node.kwargs)
             return layout
-        if isinstance(module, _POOL_MODULES) and layout is not None and layout.dim == 1:
+        pool = next((n for kind, n in _POOL_MODULES.items() if isinstance(module, kind)), None)
+        if pool is not None and self.pools_channels(layout, pool):
             return layout
         if isinstance(module, nn.Flatten):
             return self.flatten(layout, module.start_dim, module.end_dim)
@@ -420,21 +434,23 @@ class _Follower:
     def conv(self, node: fx.Node, module: nn.modules.conv._ConvNd, layout: _Layout | None,
              prefix: str) -> _Layout | None:
         name = str(node.target)
+        rank = 2 + len(module.kernel_size)  # batched: (N, C, *spatial)
         if module.groups == 1:
             self.read(node, layout, module.in_channels, prefix, dim=1)
-            return self.write(module.out_channels, name, prefix, dim=1)
+            return self.write(module.out_channels, name, prefix, dim=1, rank=rank)
         if module.groups == module.in_channels and layout is not None and layout.dim == 1 \
                 and layout.spread == 1 and self.width(layout) == module.in_channels:
             # depthwise: output channel c·k + j is computed from input channel c alone
             k = module.out_channels // module.groups
-            out = _Layout(tuple((s, r * k) for s, r in layout.segments), 1)
+            out = _Layout(tuple((s, r * k) for s, r in layout.segments), 1, rank=layout.rank)
             self.attach(out, prefix + "weight", 0, "out")
             if module.bias is not None:
                 self.attach(out, prefix + "bias", 0, "out")
             return out
         # a grouped convolution ties channels within groups: keep both sides whole
         self.freeze(node.args)
-        return _Layout(((self.new_space(module.out_channels, name, frozen=True), 1),), 1)
+        return _Layout(((self.new_space(module.out_channels, name, frozen=True), 1),), 1,
+                       rank=rank)
 
     def read(self, node: fx.Node, layout: _Layout | None, width: int, prefix: str,
              dim: int, weight_dim: int = 1) -> None:
@@ -454,11 +470,11 @@ class _Follower:
         self.attach(layout, prefix + "weight", weight_dim, "in")
 
     def write(self, size: int, name: str, prefix: str, dim: int,
-              weight_dim: int = 0) -> _Layout:
+              weight_dim: int = 0, rank: int | None = None) -> _Layout:
         """A layer writes a new space of ``size`` channels (weight rows, or a ``Conv1D``'s
         columns: ``weight_dim``, and bias)."""
         sid = self.new_space(size, name)
-        layout = _Layout(((sid, 1),), dim)
+        layout = _Layout(((sid, 1),), dim, rank=rank)
         self.attach(layout, prefix + "weight", weight_dim, "out")
         module = self.modules[name]
         if getattr(module, "bias", None) is not None:
@@ -479,10 +495,10 @@ class _Follower:
         if fn in _ELEMENTWISE_FUNCTIONS:
             self.freeze(node.args[1:], node.kwargs)
             return layout
-        if fn in _POOL_FUNCTIONS and layout is not None and layout.dim == 1:
+        if fn in _POOL_FUNCTIONS and self.pools_channels(layout, _POOL_FUNCTIONS[fn]):
             return layout
         if fn in _JOIN_FUNCTIONS:
-            return self.join_all(node, [a for a in node.args if isinstance(a, fx.Node)])
+            return self.join_all(node, _operands(node))
         if fn is torch.flatten:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -490,20 +506,51 @@ class _Follower:
         if fn is torch.cat:
             return self.cat(node)
         if fn is getattr and isinstance(node.args[0], fx.Node):
-            return None  # x.shape and friends read no channels
+            if node.args[1] == "shape":
+                self.shapes[node] = node.args[0]
+            if node.args[1] not in _VALUE_ATTRIBUTES:  # x.T, x.mT, x.data: the tensor itself
+                self.freeze(node.args[0])
+            return None
+        if fn is operator.getitem and node.args[0] in self.shapes:
+            self.read_shape(self.shapes[node.args[0]], node.args[1])
+            return None
         self.freeze(node.args, node.kwargs)
         return None
+
+    def pools_channels(self, layout: _Layout | None, spatial: int) -> bool:
+        """Whether a pool of ``spatial`` axes pools each channel of ``layout`` on its own:
+        channels on axis 1 of a batched value of ``2 + spatial`` axes."""
+        return layout is not None and layout.dim == 1 and layout.rank == 2 + spatial
+
+    def read_shape(self, value: fx.Node, index: Any) -> None:
+        """``value.shape[index]`` (or ``value.size(index)``): freeze ``value``'s channels
+        unless the index reads only the batch axis, or a convolution output's spatial axes
+        (``x.shape[2:]``, e.g. an interpolation's size)."""
+        layout = self.layouts.get(value)
+        if layout is None or index == 0:
+            return
+        if isinstance(index, slice) and layout.dim == 1 and isinstance(index.start, int) \
+                and index.start >= 2 and index.step in (None, 1):
+            return
+        self.freeze(value)
 
     def call_method(self, node: fx.Node) -> _Layout | None:
         method = node.target
         layout = self.input_layout(node)
+        if method == "size":
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if dim is None:
+                self.shapes[node] = node.args[0]
+            else:
+                self.read_shape(node.args[0], dim)
+            return None
         if method in _READ_ONLY_METHODS:
             return None
         if method in _ELEMENTWISE_METHODS:
             self.freeze(node.args[1:], node.kwargs)
             return layout
         if method in _JOIN_METHODS:
-            return self.join_all(node, [a for a in node.args if isinstance(a, fx.Node)])
+            return self.join_all(node, _operands(node))
         if method == "flatten":
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -542,7 +589,9 @@ class _Follower:
                 or dim != 1:
             self.freeze(node.args, node.kwargs)
             return None
-        return _Layout(tuple(seg for x in layouts for seg in x.segments), 1)
+        ranks = {x.rank for x in layouts}
+        return _Layout(tuple(seg for x in layouts for seg in x.segments), 1,
+                       rank=ranks.pop() if len(ranks) == 1 else None)
 
     # -- result -------------------------------------------------------------------------
     def groups(self) -> list[Group]:
@@ -605,6 +654,11 @@ def _is_batch_size(size: Any, x: Any) -> bool:
             or whole.op == "call_function" and whole.target is getattr
             and whole.args[1:] == ("shape",))
     return False
+
+
+def _operands(node: fx.Node) -> list[fx.Node]:
+    """The node's tensor operands, positional or keyword (``torch.add(h, other=g)``)."""
+    return [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
 
 
 def _nodes(values: Any) -> Iterable[fx.Node]:
