@@ -463,3 +463,56 @@ def test_tensors_passed_by_keyword_are_followed(make, shape):
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     for a, b in zip(expected, got, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_vertical_slash_covers_its_threshold_at_a_decode_step():
+    """One query: each key is a column and a diagonal of equal mass, and ranking both
+    against half the threshold of their doubled mass kept 0.63 of the mass at 0.9."""
+    import math
+
+    from sparsekit.attention import VerticalSlash
+
+    p = torch.full((32,), 0.1 / 26)
+    p[[0, 8, 16]] = 0.3
+    p[28:] = 1e-6
+    p = p / p.sum()
+    q = (p.log() * math.sqrt(32))[None, None, None]  # softmax(q k^T / sqrt(32)) == p
+    k = torch.eye(32)[None, None]
+    pattern = VerticalSlash(threshold=0.9)
+    assert pattern.block_mask(q, k, block_size=4)[0, 0, 0].int().tolist() == [1, 0, 1, 0, 1,
+                                                                                0, 0, 1]
+    assert pattern.coverage(q, k, block_size=4).recall >= 0.9
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 512, 16)
+    for threshold in (0.5, 0.9):
+        assert VerticalSlash(threshold=threshold).coverage(q, k, block_size=16).recall \
+            >= threshold
+
+
+def test_the_hf_switch_chooses_tiles_on_the_models_own_softmax_scale():
+    """The patterns scored q·k / sqrt(head_dim) while the kernel ran the model's scaling
+    (Granite, Gemma 3): Exact(0.95) kept 58 % of the mass the model computes."""
+    import math
+
+    from sparsekit.attention import Exact, hf, mass_recall
+
+    scores = torch.zeros(64, 64)
+    scores[:, 0] = 8.0
+    q, k, v = (scores * 8)[None, None], torch.eye(64)[None, None], torch.randn(1, 1, 64, 64)
+    scaling = 0.25 / math.sqrt(64)
+    module = nn.Module()
+    module.is_causal = True
+    setattr(module, hf.ATTRIBUTE, hf.SparseAttention(Exact(threshold=0.95), block_size=8,
+                                                     min_length=0))
+    seen = {}
+    kernel = hf.block_sparse_attention
+
+    def spy(*args, **kwargs):
+        seen["mask"] = args[3]
+        return kernel(*args, **kwargs)
+    try:
+        hf.block_sparse_attention = spy
+        hf.attention_forward(module, q, k, v, None, scaling=scaling)
+    finally:
+        hf.block_sparse_attention = kernel
+    assert mass_recall(q, k, seen["mask"], block_size=8, scale=scaling) >= 0.95
