@@ -82,23 +82,31 @@ def outlier_layer(seed: int) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("sparsity", [0.25, 0.5])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_joint_mode_reconstructs_better_than_pruning_then_rounding(seed, sparsity):
-    """The SparseGPT paper's claim: compensating the rounding error inside the sweep beats
-    rounding the pruned layer afterwards (same mask: one block of columns, chosen from W)."""
-    W, X = outlier_layer(seed), correlated_inputs(1024, 128)
+def test_joint_mode_reconstructs_better_than_pruning_then_rounding_on_most_layers():
+    """The SparseGPT paper's joint mode: compensating the rounding error inside the sweep
+    against rounding the pruned layer afterwards (same mask: one block of columns, chosen
+    from W). At 8 bits the rounding error is small next to the pruning error, so the gain
+    is small and not guaranteed: over 24 seeded layers joint mode was better in 22 (by up
+    to 1.8 %) and worse in 2, by at most 0.02 % (the README quotes these)."""
+    X = correlated_inputs(1024, 128)
     H = 2 * X.t() @ X / X.shape[0]
-    pruned, keep = sparsegpt_prune(W, H, sparsity)
-    scales = int8_scales(pruned)
-    joint, joint_keep = sparsegpt_prune(W, H, sparsity, scales=scales)
-    assert torch.equal(joint_keep, keep)
-    assert on_grid(joint, scales) and (joint[~keep] == 0).all()
+    changes = []
+    for seed in range(12):
+        for sparsity in (0.25, 0.5):
+            W = outlier_layer(seed)
+            pruned, keep = sparsegpt_prune(W, H, sparsity)
+            scales = int8_scales(pruned)
+            joint, joint_keep = sparsegpt_prune(W, H, sparsity, scales=scales)
+            assert torch.equal(joint_keep, keep)
+            assert on_grid(joint, scales) and (joint[~keep] == 0).all()
 
-    def error(w: torch.Tensor) -> float:
-        return float(torch.linalg.norm((W - w) @ X.t()))
+            def error(w: torch.Tensor, W: torch.Tensor = W) -> float:
+                return float(torch.linalg.norm((W - w) @ X.t()))
 
-    assert error(joint) < error(fake_quantize(pruned, scales))
+            rounded = error(fake_quantize(pruned, scales))
+            changes.append((error(joint) - rounded) / rounded)
+    assert sum(c < 0 for c in changes) >= 20
+    assert max(changes) < 5e-4 and min(changes) < -0.01
 
 
 def test_sparsegpt_checks_the_scales():
