@@ -60,7 +60,7 @@ def test_greedy_reaches_the_same_model_wide_sparsity(model):
     data = _tokens(8, 32, 0)
     uniform = activation.calibrate(model, data, sparsity=0.5)
     greedy = activation.calibrate(model, data, sparsity=0.5, allocation="greedy")
-    assert greedy.model_sparsity() == pytest.approx(uniform.model_sparsity(), abs=1e-6)
+    assert greedy.model_sparsity() == pytest.approx(uniform.model_sparsity(), abs=1e-3)
     assert len(set(greedy.sparsities.values())) > 1  # it did allocate
     greedy.apply(model)
     with torch.no_grad():

@@ -75,7 +75,7 @@ def test_greedy_refuses_a_sparsity_it_cannot_reach_before_recording(monkeypatch)
         activation.calibrate(mlp(), data(), sparsity=0.97, allocation="greedy")
     monkeypatch.undo()
     act = activation.calibrate(mlp(), data(), sparsity=0.95, allocation="greedy")
-    assert act.model_sparsity() == pytest.approx(0.95)
+    assert act.model_sparsity() == pytest.approx(0.95, abs=1e-3)  # as zeroed on the data
 
 
 def test_calibrate_refuses_a_model_whose_thresholds_are_applied():
@@ -143,7 +143,7 @@ def test_layers_called_with_keywords_are_thresholded():
         act.remove()
         same.remove()
     greedy = activation.calibrate(model, x, sparsity=0.5, allocation="greedy")
-    assert greedy.model_sparsity() == pytest.approx(0.5)
+    assert greedy.model_sparsity() == pytest.approx(0.5, abs=1e-3)  # as zeroed on the data
 
 
 @pytest.mark.parametrize("x, weight, error, match", [

@@ -516,3 +516,26 @@ def test_the_hf_switch_chooses_tiles_on_the_models_own_softmax_scale():
     finally:
         hf.block_sparse_attention = kernel
     assert mass_recall(q, k, seen["mask"], block_size=8, scale=scaling) >= 0.95
+
+
+def test_activation_sparsities_are_what_the_thresholds_zero_on_the_calibration_data():
+    """They were the levels asked for: 0.3 on a ReLU layer whose thresholds zeroed 0.48 of
+    its inputs (stats() said so after apply), and on inputs tied at the threshold 0.3
+    where none was zeroed."""
+    from sparsekit import activation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(64, 8)
+    act = activation.calibrate(model, x, sparsity=0.3, targets=["2"])
+    h = model[1](model[0](x)).detach()
+    zeroed = float(((h.abs() < act.thresholds["2"]) | (h == 0)).float().mean())
+    assert zeroed > 0.4 and act.sparsities["2"] == pytest.approx(zeroed)
+    with torch.no_grad():
+        act.apply(model)
+        model(x)
+    assert act.stats()["2"] == pytest.approx(act.sparsities["2"])
+    act.remove()
+    tied = nn.Sequential(nn.Linear(4, 2))
+    ones = torch.randint(1, 3, (32, 4)).float()  # only 1s and 2s: the threshold is 1
+    assert activation.calibrate(tied, ones, sparsity=0.3).sparsities["0"] == 0.0

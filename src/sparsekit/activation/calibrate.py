@@ -112,7 +112,10 @@ def calibrate(
         method=method,
         allocation=allocation,
         target=float(sparsity),
-        sparsities=sparsities,
+        # what each threshold zeroes on the calibration data: the level asked for, and
+        # the inputs that are zero already (a ReLU's) or tie at the threshold
+        sparsities={n: _zeroed(sorted_scores[n], _quantile(sorted_scores[n], s))
+                    for n, s in sparsities.items()},
         thresholds={n: thresholds(n, s) for n, s in sparsities.items()},
         sizes=sizes,
     )
@@ -134,6 +137,18 @@ def _quantile(sorted_values: torch.Tensor, q: float) -> float:
     if q <= 0 or not sorted_values.numel():  # no scores: a layer of no input features
         return 0.0
     return float(sorted_values[min(int(q * sorted_values.numel()), sorted_values.numel() - 1)])
+
+
+def _zeroed(sorted_values: torch.Tensor, threshold: float) -> float:
+    """The fraction of ``sorted_values`` a ``threshold`` zeroes: those below it, and exact
+    zeros, which stay zero whatever the threshold. The level asked for had been reported
+    instead: 0.3 on a ReLU layer whose thresholds zeroed 0.48 of its inputs, and on inputs
+    tied at the threshold one that zeroed none."""
+    if not sorted_values.numel():
+        return 0.0
+    below = torch.searchsorted(sorted_values, sorted_values.new_tensor(threshold))
+    zeros = torch.searchsorted(sorted_values, sorted_values.new_tensor(0.0), right=True)
+    return max(int(below), int(zeros)) / sorted_values.numel()
 
 
 def _teal_greedy(
