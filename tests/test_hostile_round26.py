@@ -539,3 +539,18 @@ def test_activation_sparsities_are_what_the_thresholds_zero_on_the_calibration_d
     tied = nn.Sequential(nn.Linear(4, 2))
     ones = torch.randint(1, 3, (32, 4)).float()  # only 1s and 2s: the threshold is 1
     assert activation.calibrate(tied, ones, sparsity=0.3).sparsities["0"] == 0.0
+
+
+def test_the_engine_report_counts_both_formats_of_a_two_format_layer():
+    """Only the few-rows format was counted (1364 of 2360 bytes) and named."""
+    from sparsekit.engine import report
+    from sparsekit.engine.formats import FORMATS
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 32)
+    w[w.abs() < 0.8] = 0
+    small, large = FORMATS["csr16"].from_dense(w), FORMATS["bitmap"].from_dense(w)
+    layer = CompiledLinear(small, torch.randn(16), format_large=large, split=4)
+    row = report(nn.Sequential(layer), torch.randn(8, 32)).rows[0]
+    assert row.extra["bytes"] == small.nbytes + large.nbytes
+    assert row.extra["format"] == "csr16|bitmap>4"

@@ -42,7 +42,8 @@ class ActivationSparsity:
 
     ``thresholds[name]`` holds one float32 threshold on ``|x_j|`` per input feature of layer
     ``name``; ``sparsities[name]`` is the fraction of inputs it zeroes on the calibration data
-    (inputs that are zero already included: a ReLU layer's may exceed ``target``) and ``sizes[name]`` the layer's weight count, which weighs it in :meth:`model_sparsity`.
+    (inputs that are zero already included: a ReLU layer's may exceed ``target``) and
+    ``sizes[name]`` the layer's weight count, which weighs it in :meth:`model_sparsity`.
     :meth:`apply` installs ``x -> x * (|x| >= threshold)`` in front of each layer; the model's
     parameters and buffers are never touched, so :meth:`remove` restores it exactly.
     """

@@ -132,6 +132,10 @@ def _special_row(
         values = _values(fmt.value_dtype, fmt._buffers.get(SCALES), fmt.in_features,
                          getattr(fmt, "activation_dtype", None) == torch.int8)
         extra = {"format": fmt.name, "values": values, "bytes": fmt.nbytes}
+        large = getattr(module, "format_large", None)
+        if large is not None:  # a second format serves many rows: both hold the weight
+            extra.update({"format": f"{fmt.name}|{large.name}>{module.split}",
+                          "bytes": fmt.nbytes + large.nbytes})
         kind = "Conv2d" if isinstance(module, CompiledConv2d) else "Linear"
     else:
         stored = module.to_dense()  # the single-row kernel's values (int8: codes)
