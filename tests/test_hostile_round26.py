@@ -554,3 +554,17 @@ def test_the_engine_report_counts_both_formats_of_a_two_format_layer():
     row = report(nn.Sequential(layer), torch.randn(8, 32)).rows[0]
     assert row.extra["bytes"] == small.nbytes + large.nbytes
     assert row.extra["format"] == "csr16|bitmap>4"
+
+
+def test_observe_refuses_transposed_convolutions():
+    """macs() counted a stride-2 ConvTranspose2d 12.9x too many, input_stats() failed with
+    a reshape error blaming the data (or, with equal channels, laid them out wrongly)."""
+    from sparsekit import observe
+
+    model = nn.Sequential(nn.ConvTranspose2d(3, 8, 3, stride=2))
+    layers = {"0": model[0]}
+    for call in (lambda: observe.macs(model, layers, torch.randn(2, 3, 5, 5)),
+                 lambda: observe.input_stats(model, layers, torch.randn(2, 3, 5, 5))):
+        with pytest.raises(TypeError, match=r"layers\['0'\] is a ConvTranspose2d, which is "
+                                            r"not supported; accepted: Linear"):
+            call()

@@ -272,8 +272,17 @@ def watch(layers: Mapping[str, nn.Module], observer: Observer) -> Iterator[None]
 
 
 def _check_layers(layers: Any) -> None:
-    """Raise unless ``layers`` is a ``{name: nn.Module}`` mapping."""
+    """Raise unless ``layers`` is a ``{name: nn.Module}`` mapping of no transposed
+    convolution: its weight is ``(in, out/groups, *kernel)`` and each input scatters into
+    many outputs, which the MACs (12.9x too many for a stride-2 ``ConvTranspose2d``) and
+    the per-feature statistics (a raw reshape error blaming the data) read as a
+    convolution's."""
     check_mapping("layers", layers, nn.Module, "an nn.Module")
+    for name, m in layers.items():
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            raise ArgumentTypeError(f"layers[{name!r}] is a {type(m).__name__}, which is not "
+                                    "supported; accepted: Linear, Conv1D and Conv1d/2d/3d "
+                                    "layers")
 
 
 def input_shapes(model: nn.Module, layers: Mapping[str, nn.Module], *inputs: Any
