@@ -94,7 +94,7 @@ class CompiledLayer(nn.Module):
         dtype = self.__dict__.get("io_dtype")
         self.__dict__["_io"] = dtype if dtype is not None and dtype.is_floating_point else None
 
-    def refuse_dtype(self, x: torch.Tensor) -> None:
+    def _refuse_dtype(self, x: torch.Tensor) -> None:
         """Raise :class:`~sparsekit._checks.ArgumentTypeError` for an input ``x`` that is not
         of :attr:`io_dtype`, as the layer this one replaces refused it. Which dtypes a layer
         took had depended on the format autotuning chose: the native formats computed a
@@ -103,8 +103,8 @@ class CompiledLayer(nn.Module):
         prompt, or on another machine."""
         raise ArgumentTypeError(
             f"x must be {self.io_dtype} (the dtype of the layer this "
-            f"{self.out_features}x{self.in_features} compiled layer replaces; cast the model, "
-            f"e.g. model.to({self.io_dtype}), to feed it another), got {x.dtype}")
+            f"{self.out_features}x{self.in_features} compiled layer replaces; cast the input, "
+            f"or the model with model.to(dtype) to take another), got {x.dtype}")
 
     def _at_boundary(self, fmt: Format) -> Callable[[torch.Tensor, torch.Tensor | None],
                                                     torch.Tensor]:
@@ -318,7 +318,7 @@ class CompiledLinear(CompiledLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         io = self._io
         if io is not None and x.dtype != io:
-            self.refuse_dtype(x)
+            self._refuse_dtype(x)
         large = self._large
         if large is not None and x.numel() > self._split_numel:
             return large(x, self._bias)
