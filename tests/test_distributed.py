@@ -54,6 +54,19 @@ def test_fsdp2_masks_hold_on_every_shard(fsdp_runs: list[dict], run: str) -> Non
         assert not r0[run]["weights"][n][~mask].any(), n
 
 
+def test_fsdp2_gradual_and_one_shot_pruning_hold_on_every_shard(fsdp_runs: list[dict]) -> None:
+    r0, r1 = fsdp_runs
+    runs = [(r0["gradual"], r1["gradual"], 0.8),  # GradualPruner's final sparsity
+            (r0["gradual"]["prune"], r1["gradual"]["prune"], 0.5)]  # sparsekit.prune's
+    for run, other, sparsity in runs:
+        kept = sum(int(m.sum()) for m in run["masks"].values())
+        total = sum(m.numel() for m in run["masks"].values())
+        assert 1 - kept / total == pytest.approx(sparsity, abs=0.01)
+        for n, mask in run["masks"].items():
+            assert torch.equal(mask, other["masks"][n])
+            assert not run["weights"][n][~mask].any(), n
+
+
 @pytest.mark.parametrize("method", DST_METHODS)
 def test_fsdp2_dst_decisions_identical_on_every_rank(fsdp_runs: list[dict], method: str) -> None:
     r0, r1 = fsdp_runs

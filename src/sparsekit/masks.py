@@ -36,7 +36,7 @@ from sparsekit._checks import (
     check_writable,
     is_float8,
 )
-from sparsekit.distributed import check_same_on_ranks, is_sharded, local, shard_like
+from sparsekit.distributed import check_same_on_ranks, full, is_sharded, local, shard_like
 from sparsekit.patterns import Pattern, parse_pattern
 from sparsekit.targets import stores_transposed
 
@@ -102,8 +102,11 @@ class MaskSet:
         _check_follow(parsed, masks, model)
         self.model = model
         self.pattern = str(parsed)
+        # whole masks, also of FSDP2's sharded weights: a mask built from one (p != 0) is a
+        # sharded DTensor, which the ranks' agreement check failed on with a raw error
         self.masks: dict[str, torch.Tensor] = {
-            n: m.to(device=params[n].device, dtype=torch.bool, copy=True) for n, m in masks.items()
+            n: full(m).to(device=params[n].device, dtype=torch.bool, copy=True)
+            for n, m in masks.items()
         }
         if isinstance(model, nn.parallel.DistributedDataParallel) or is_sharded(model):
             check_same_on_ranks(self.masks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,6 +20,7 @@ from sparsekit._checks import (
     seeded,
 )
 from sparsekit.allocation import ALLOCATIONS, fit_to_capacity
+from sparsekit.distributed import is_sharded, unsharded
 from sparsekit.masks import MaskSet
 from sparsekit.patterns import Pattern, Unstructured, parse_pattern
 from sparsekit.scores import CRITERIA, ScoreContext
@@ -98,6 +100,25 @@ def compute_masks(
     score_fn = CRITERIA.get(method)
     allocate = ALLOCATIONS.get(allocation)
     pat = parse_pattern(pattern)
+    # FSDP2: scored on whole weights (the masks whole too); sharded, the ranking's DTensor
+    # ops failed, or diverged between the ranks. A data-driven criterion runs the model,
+    # whose forward reshards the weights under it, so it keeps the sharded ones.
+    whole = (unsharded(model) if is_sharded(model) and not CRITERIA.meta(method)["data_driven"]
+             else contextlib.nullcontext())
+    with whole:
+        return _masks(model, float(sparsity), score_fn, allocate, pat, method=method,
+                      allocation=allocation, targets=targets, exclude=exclude, data=data,
+                      loss_fn=loss_fn, seed=seed, strict=strict)
+
+
+def _masks(
+    model: nn.Module, sparsity: float, score_fn: Callable[[ScoreContext], dict[str, torch.Tensor]],
+    allocate: Callable[..., dict[str, int]], pat: Pattern, *, method: str, allocation: str,
+    targets: TargetSpec | Sequence[TargetSpec] | None, exclude: Iterable[str], data: Any,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, seed: int,
+    strict: bool,
+) -> tuple[dict[str, torch.Tensor], Pattern]:
+    """:func:`compute_masks` once its score, allocation and pattern are resolved."""
     chosen = resolve_targets(model, targets, exclude)
     for t in chosen:  # patterns see weights as (out, in), also GPT-2's (in, out) Conv1D
         pat.check(t.out_in(t.param).shape, t.name)

@@ -16,7 +16,8 @@ from _leave import leave
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from sparsekit import DynamicSparsity, MaskSet
+import sparsekit
+from sparsekit import DynamicSparsity, GradualPruner, MaskSet
 from sparsekit.distributed import full, local, shard_like
 from sparsekit.prune import compute_masks
 
@@ -106,9 +107,21 @@ def mask_set_run() -> dict:
     return {"weights": whole(model), "masks": masks}
 
 
+def gradual_run() -> dict:
+    """GradualPruner and then sparsekit.prune on a sharded model: both failed inside the
+    ranks' agreement check (masks built from sharded weights are sharded DTensors)."""
+    model = sharded_net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = GradualPruner(model, 0.8, start_step=0, end_step=10, every=5, optimizer=opt)
+    train(model, opt, pruner, 0, 12, [])
+    once = sparsekit.prune(sharded_net(), 0.5)
+    return {"weights": whole(model), "masks": pruner.masks.masks,
+            "prune": {"weights": whole(once.model), "masks": once.masks}}
+
+
 def main(out: str, methods: list[str]) -> None:
     dist.init_process_group("gloo")
-    results = {"maskset": mask_set_run()}
+    results = {"maskset": mask_set_run(), "gradual": gradual_run()}
     for method in methods:
         results[method] = dst_run(method, None)
         results[method + "/resumed"] = dst_run(method, 17)
