@@ -568,3 +568,90 @@ def test_observe_refuses_transposed_convolutions():
         with pytest.raises(TypeError, match=r"layers\['0'\] is a ConvTranspose2d, which is "
                                             r"not supported; accepted: Linear"):
             call()
+
+
+def _tiny_bert(**overrides):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=4, **overrides)
+    return transformers.BertModel(config).eval()
+
+
+def test_moe_evaluate_counts_the_reader_bias_in_the_dense_output():
+    """The dense output left the reader's bias out: 0.80 reported where the routed FFN's
+    relative error was 0.015 (a BERT with a trained-like output bias)."""
+    from sparsekit import moe
+
+    model = _tiny_bert()
+    with torch.no_grad():
+        model.encoder.layer[0].output.dense.bias.normal_(0, 0.5)
+    calibration = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    routed = moe.moefy(model, calibration, experts=8, keep=0.25, steps=30)
+    layer = routed.encoder.layer[0].intermediate
+    reported = moe.evaluate(routed, ids)["encoder.layer.0.intermediate"]["error"]
+    inputs = []
+    handle = layer.register_forward_hook(lambda m, a, o: inputs.append(a[0].reshape(-1, 32)))
+    with torch.no_grad():
+        routed(ids)
+        handle.remove()
+        dense = model.encoder.layer[0]
+        y = layer(inputs[0])
+        expected = dense.output.dense(dense.intermediate.intermediate_act_fn(
+            dense.intermediate.dense(inputs[0])))
+    assert reported == pytest.approx(float((y - expected).norm() / expected.norm()), rel=1e-3)
+
+
+def test_moefy_patterns_leave_out_neurons_a_token_does_not_fire():
+    """On a ReLU FFN whose tokens fire fewer neurons than keep, the cut was 0 and every
+    neuron counted as active on every token: the clustering saw identical patterns."""
+    from sparsekit import moe
+    from sparsekit.moe import moefication
+
+    model = _tiny_bert(hidden_act="relu")
+    with torch.no_grad():
+        model.encoder.layer[0].intermediate.dense.bias.fill_(-0.15)
+    seen = []
+    clustering = moefication.balanced_kmeans
+
+    def spy(patterns, *args, **kwargs):
+        seen.append(patterns)
+        return clustering(patterns, *args, **kwargs)
+    try:
+        moefication.balanced_kmeans = spy
+        moe.moefy(model, torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1)),
+                  experts=8, keep=0.3, steps=1)
+    finally:
+        moefication.balanced_kmeans = clustering
+    active = (seen[0] > 0).float().mean(0)  # per token: the share of neurons marked active
+    assert float(active.max()) <= round(0.3 * 64) / 64 + 0.05
+
+
+def test_set_keep_rounds_as_moefy_does():
+    """0.625 of 4 experts: moefy ran 2 (Python's round), set_keep 3 (floor(x + 0.5))."""
+    from sparsekit import moe
+
+    routed = moe.moefy(_tiny_bert(), torch.randint(0, 64, (4, 16)), experts=4, keep=0.625,
+                       steps=1)
+    layers = [m for m in routed.modules() if isinstance(m, moe.RoutedFFN)]
+    assert {m.k for m in layers} == {2}
+    moe.set_keep(routed, 0.625)
+    assert {m.k for m in layers} == {2}
+
+
+def test_route_heads_refuses_attention_that_normalises_q_and_k():
+    """Qwen3's q_norm / k_norm (and OLMo's clip_qkv) were skipped by the decode path: at
+    keep=1 the routed model decoded logits 0.16 off the dense model's."""
+    transformers = pytest.importorskip("transformers")
+    from sparsekit import moe
+
+    config = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=8)
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    calibration = torch.randint(0, 64, (4, 16))
+    predictors = moe.head_predictors(model, calibration, calibration, keep=0.5, steps=2)
+    with pytest.raises(ValueError, match=r"Qwen3Attention\) applies \['q_norm', 'k_norm'\] "
+                                         r"to q/k/v, which route_heads' decode path does not"):
+        moe.route_heads(model, predictors, keep=1.0)

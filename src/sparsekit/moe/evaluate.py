@@ -46,8 +46,10 @@ def evaluate(model: nn.Module, data: Any, *, max_rows: int = 2048, seed: int = 0
 def _quality(layer: RoutedFFN, x: torch.Tensor) -> dict[str, float]:
     x = x.to(layer.w_in.dtype)
     h = layer.hidden(x).float()
-    w_out = layer.w_out.to_dense().float()
-    dense = h @ w_out.t()
+    w_out = layer.reader_weight()
+    dense = h @ w_out.t()  # the FFN's output is this plus the reader's bias
+    bias = layer.w_out.bias
+    size = torch.linalg.vector_norm(dense if bias is None else dense + bias.float())
     metrics = {"kept": layer.kept}
     if not layer.units:
         return metrics | {"recall": 1.0, "precision": 1.0, "error": 0.0, "oracle_error": 0.0}
@@ -60,7 +62,7 @@ def _quality(layer: RoutedFFN, x: torch.Tensor) -> dict[str, float]:
         kept = torch.cat([torch.ones(h.shape[0], layer.hot),
                           mask.repeat_interleave(layer.unit_size, dim=1)], dim=1)
         diff = (h * kept) @ w_out.t() - dense
-        return float(torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(dense))
+        return float(torch.linalg.vector_norm(diff) / size)
 
     return metrics | {"recall": float(hits), "precision": float(hits),
                       "error": error(chosen), "oracle_error": error(oracle)}

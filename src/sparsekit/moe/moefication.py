@@ -72,7 +72,10 @@ def moefy(
         w_out = model.get_submodule(ffn.reader).weight.detach().float()
         contribution = h.abs() * torch.linalg.vector_norm(w_out, dim=0)
         cut = contribution.topk(max(1, round(keep * h.shape[1])), dim=1).values[:, -1:]
-        patterns = (contribution >= cut).float().t()  # (neurons, tokens): 1 where active
+        # (neurons, tokens): 1 where active; a zero is not, even where a token has fewer
+        # nonzero neurons than keep (a ReLU FFN's): at a cut of 0 every neuron had been
+        # active on such a token, and the clustering saw identical patterns
+        patterns = ((contribution >= cut) & (contribution > 0)).float().t()
         patterns = patterns / torch.linalg.vector_norm(patterns, dim=1, keepdim=True).clamp_min(
             1e-12)
         labels = balanced_kmeans(patterns, experts, seed=seed)

@@ -17,7 +17,6 @@ at dense cost. With every unit chosen the module computes the dense FFN.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -93,14 +92,17 @@ class RoutedFFN(nn.Module):
         # norms describe the reader's weights: computed again whenever a load replaces them
         self.register_load_state_dict_post_hook(_after_load)
 
+    def reader_weight(self) -> torch.Tensor:
+        """The reader's weight ``(out_features, n)`` in float32, as it computes (an int8
+        reader's dequantized: its codes alone had been read as weights)."""
+        stored, scales = self.w_out.to_dense(), self.w_out.scales
+        return stored.float() if scales is None else dequantize_grid(stored, scales)
+
     def reader_norms(self) -> torch.Tensor:
         """The norms (n,) of the reader's columns, float32, from its current weights (an
         int8 reader's dequantized): what :attr:`norms` holds, weighting each neuron's value
         in :func:`unit_mass`."""
-        reader = self.w_out
-        stored, scales = reader.to_dense(), reader.scales
-        weight = stored.float() if scales is None else dequantize_grid(stored, scales)
-        return torch.linalg.vector_norm(weight, dim=0)
+        return torch.linalg.vector_norm(self.reader_weight(), dim=0)
 
     def get_extra_state(self) -> torch.Tensor:
         """:attr:`k` in the ``state_dict`` (``<prefix>_extra_state``, an int64 scalar), so
@@ -433,7 +435,9 @@ def _units_for(layer: RoutedFFN, keep: float) -> int:
     n = layer.hot + layer.units * layer.unit_size
     if keep * n < layer.hot:
         raise ValueError(f"keep={keep} is below the hot neurons' share {layer.hot / n:.3f}")
-    return min(layer.units, max(1, math.floor((keep * n - layer.hot) / layer.unit_size + 0.5)))
+    # Python's round, as moefy and contextual count k (halves to even): 0.625 of 4 experts
+    # was 2 there and 3 here
+    return min(layer.units, max(1, round((keep * n - layer.hot) / layer.unit_size)))
 
 
 def check_model(name: str, model: object) -> None:

@@ -216,6 +216,16 @@ def route_heads(model: nn.Module, predictors: dict[str, tuple[Router, Any]], *,
         if len(attention) != 1:
             raise ValueError(f"predictors: block {block!r} has no LLaMA-style attention "
                              f"(q_proj, k_proj, v_proj, o_proj)")
+        own = getattr(names[block], attention[0])
+        extra = [p for p in ("q_norm", "k_norm") if getattr(own, p, None) is not None]
+        if getattr(own.config if hasattr(own, "config") else None, "clip_qkv", None):
+            extra.append("clip_qkv")
+        if extra:  # the decode path computes q, k and v from the projections alone
+            raise ValueError(
+                f"model: the attention of block {block!r} ({type(own).__name__}) applies "
+                f"{extra} to q/k/v, which route_heads' decode path does not (Qwen3, OLMo, "
+                "OLMo2: the routed model decoded other logits at keep=1); accepted: "
+                "LLaMA-style attention (LLaMA, Mistral, Qwen2, Gemma, Granite)")
         plan[f"{block}.{attention[0]}"] = router
     routed = copy.deepcopy(model)
     for name, router in plan.items():
