@@ -56,7 +56,7 @@ def prefill(length: int, budget: float, g: torch.Generator) -> list[dict]:
     ms = time_ms(fns, budget, block_s=0.05, min_rounds=2, max_rounds=5)
     return [{"phase": "prefill", "tokens": length, "dtype": "float32", "mask": name,
              "density": round(masks[name].sum().item() / causal_tiles, 3) if name in masks else 1.0,
-             "ms": round(t, 3), "vs_sdpa": round(ms["sdpa"] / t, 2)} for name, t in ms.items()]
+             "ms": round(t, 3), "vs_sdpa": ms["sdpa"] / t} for name, t in ms.items()]
 
 
 def decode(length: int, dtype: torch.dtype, budget: float, g: torch.Generator) -> list[dict]:
@@ -71,7 +71,7 @@ def decode(length: int, dtype: torch.dtype, budget: float, g: torch.Generator) -
     density = round(mask.float().mean().item(), 3)
     return [{"phase": "decode", "tokens": length, "dtype": str(dtype).removeprefix("torch."),
              "mask": name, "density": 1.0 if name == "sdpa" else density, "ms": round(t, 4),
-             "vs_sdpa": round(ms["sdpa"] / t, 2)} for name, t in ms.items()]
+             "vs_sdpa": ms["sdpa"] / t} for name, t in ms.items()]
 
 
 def main() -> int:
@@ -101,12 +101,12 @@ def main() -> int:
     lines = [header, "", "| phase | tokens | dtype | mask | density | ms | × SDPA |",
              "|---|---:|---|---|---:|---:|---:|"]
     lines += [f"| {r['phase']} | {r['tokens']} | {r['dtype']} | {r['mask']} | {r['density']} | "
-              f"{r['ms']} | {r['vs_sdpa']}× |" for r in rows]
-    checks = [(f"{r['phase']} 16k {r['mask']}: {r['vs_sdpa']}× SDPA (target ≥ "
-               f"{TARGETS[r['phase']]}×)", r["vs_sdpa"] >= TARGETS[r["phase"]])
+              f"{r['ms']} | {r['vs_sdpa']:.2f}× |" for r in rows]
+    # every dtype timed is held to the target (bf16 was timed and never checked)
+    checks = [(f"{r['phase']} 16k {r['mask']} {r['dtype']}: {r['vs_sdpa']:.2f}× SDPA (target "
+               f"≥ {TARGETS[r['phase']]}×)", r["vs_sdpa"] >= TARGETS[r["phase"]])
               for r in rows
-              if r["tokens"] == 16384 and r["mask"] in ("10 %", "50 %")
-              and r["dtype"] == "float32"]
+              if r["tokens"] == 16384 and r["mask"] in ("10 %", "50 %")]
     lines += ["", *checklist(checks)] if checks else []
     stem = "attention_kernel_quick" if args.quick else "attention_kernel"
     print("\n".join(lines))

@@ -15,7 +15,6 @@ non-zero listing the misses: compiled slower than 0.95x dense, or not smaller at
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 import warnings
@@ -26,6 +25,7 @@ from pathlib import Path
 import _timing
 import torch
 import torch.nn.functional as F
+from _machine import machine
 from _report import conclude
 from torch import nn
 
@@ -154,7 +154,7 @@ def main() -> int:
     misses = check(rows)
     env = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "quick": args.quick,
+        "machine": machine(), "quick": args.quick,
         "budget_s": budget, "wall_s": round(time.perf_counter() - start, 1),
     }
     name = "end_to_end_quick" if args.quick else "end_to_end"

@@ -75,7 +75,8 @@ CASES = [
     ("2:4", 0.5), ("block16", 0.9), ("fanin", 0.9),
 ]
 NOISE = 0.95  # "never slower than dense" allows 5% timing noise
-# The issue's goals (speedup of CSR16 over dense F.linear); reported, asserted with --strict.
+# The issue's goals (speedup of CSR16 over dense F.linear), asserted: reported only, a missed
+# goal had exited 0 (a benchmark that cannot fail)
 GOALS = {(1, 0.9): 8.0, (1, 0.95): 14.0, (64, 0.9): 3.0}
 # value-dtype rows: memory-bound LLM decode (batch 1) at the sparsities pruned LLMs use
 VALUE_CASES = [("unstructured", 0.5), ("unstructured", 0.7), ("unstructured", 0.9), ("2:4", 0.5)]
@@ -549,7 +550,7 @@ def table_line(r: dict) -> str:
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
-def check(rows: list[dict], strict: bool) -> tuple[list[str], list[str]]:
+def check(rows: list[dict]) -> tuple[list[str], list[str]]:
     """Misses of the asserted targets, and a status line per issue goal."""
     misses, goals = [], []
     for r in rows:
@@ -576,7 +577,7 @@ def check(rows: list[dict], strict: bool) -> tuple[list[str], list[str]]:
             status = "met" if got >= goal else "MISSED"
             line = f"{where}: CSR16 {got:.2f}x dense (goal ≥ {goal}x) {status}"
             goals.append(line)
-            if strict and got < goal:
+            if got < goal:
                 misses.append(line)
     return misses, goals
 
@@ -584,7 +585,6 @@ def check(rows: list[dict], strict: bool) -> tuple[list[str], list[str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1024x1024 only")
-    parser.add_argument("--strict", action="store_true", help="also assert the issue's goals")
     parser.add_argument("--budget", type=float, default=0.4, help="seconds of timing per case")
     parser.add_argument(
         "--cold", action="store_true", help="evict caches (read 1 GiB) before every timed call"
@@ -645,7 +645,10 @@ def measure(
         junk = torch.ones(2**28)  # 1 GiB, twice the L3 of the largest current CPUs
         flush = junk.sum
     guard = QuietGuard(timeout_s=args.wait)
-    q_misses: list[str] = []
+    # a table asked for that cannot run is a miss: skipped, the run checked nothing and passed
+    unrun = [] if kernels.available() else [t for t in args.tables if t in ("q", "values")]
+    q_misses = [f"tables {unrun} not run: compiled kernels unavailable "
+                f"({kernels.unavailable_reason()})"] if unrun else []
     if "q" in args.tables and kernels.available():  # W8A8 rows, in their own results file
         print(Q_HEADER)
         print("|" + "---|" * (Q_HEADER.count(" | ") + 1))
@@ -667,7 +670,7 @@ def measure(
         for shape in shapes:
             value_rows += run_values(*shape, args.dtypes, bandwidth, args.budget, guard,
                                      value_isas, asserted)
-    misses, goals = check(rows, args.strict)
+    misses, goals = check(rows)
     value_misses, forced = value_checks(value_rows)
     misses += value_misses + q_misses
     goals += forced
