@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _kernels import needs_kernels
@@ -655,3 +657,40 @@ def test_route_heads_refuses_attention_that_normalises_q_and_k():
     with pytest.raises(ValueError, match=r"Qwen3Attention\) applies \['q_norm', 'k_norm'\] "
                                          r"to q/k/v, which route_heads' decode path does not"):
         moe.route_heads(model, predictors, keep=1.0)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.LeakyReLU(0.1, inplace=True),
+                                 nn.Hardtanh(inplace=True), nn.SiLU(inplace=True)])
+def test_remove_dead_neurons_keeps_the_bias_under_an_inplace_activation(act):
+    """Folding a dead neuron's constant ran the activation on a view of the layer's bias:
+    an in-place one overwrote every kept neuron's bias (outputs 0.42 off)."""
+    from sparsekit.graph import remove_dead_neurons
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].bias.copy_(torch.tensor([-1.0, -2.0, 0.5, -0.5]))
+        model[0].weight[3] = 0  # neuron 3 has no inputs: a constant folded into the next bias
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        expected = model(x.clone())
+        small = remove_dead_neurons(model)
+        torch.testing.assert_close(small(x.clone()), expected, rtol=1e-6, atol=1e-6)
+    assert small[0].bias.tolist() == [-1.0, -2.0, 0.5]
+
+
+def test_log10_paths_is_float64_precise():
+    from sparsekit.graph import structure_features
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))  # 24 paths
+    assert structure_features(model)["log10_paths"] == pytest.approx(math.log10(25), abs=1e-12)
+
+
+def test_soup_refuses_models_whose_parameter_free_modules_differ():
+    from sparsekit.schedules import soup
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    b = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"models\[1\] has a different architecture"):
+        soup([a, b])

@@ -163,7 +163,9 @@ def _drop_dead(first: nn.Linear, second: nn.Linear, act: Activation) -> bool:
         return False
     bias = first.bias if first.bias is not None else first.weight.new_zeros(len(no_in))
     # what input-less neurons emit; the others add nothing (an inf or NaN bias times 0 was NaN)
-    constant = torch.where(no_in, act(bias.unsqueeze(0)).squeeze(0), 0.0)
+    # on a copy: an in-place activation (ReLU(inplace=True)) overwrote the layer's own
+    # bias through the view, kept neurons' included (outputs 0.42 off)
+    constant = torch.where(no_in, act(bias.clone().unsqueeze(0)).squeeze(0), 0.0)
     folded = second.weight @ constant
     second_bias = second.bias
     if second_bias is not None or bool(folded.any()):

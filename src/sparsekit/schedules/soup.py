@@ -20,10 +20,12 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
 
     The models must share their sparsity mask (the nonzero pattern of every target
     weight); the average of weights that are zero in every model is zero, so the soup
-    keeps the mask. Raises ``ValueError`` when masks or architectures differ or
-    ``models`` is empty, or a model holds NaN/inf parameters, NaN buffers, +inf where
-    another holds -inf, tensors without values (meta) or tensors on another device or of
-    another dtype than models[0]'s; an
+    keeps the mask (a kept weight whose values cancel, w and -w, averages to exactly 0
+    and then reads as pruned). Models whose modules differ in kind (a ReLU where the
+    other has a Tanh) are different architectures. Raises ``ValueError`` when masks or
+    architectures differ or ``models`` is empty, or a model holds NaN/inf parameters, NaN
+    buffers, +inf where another holds -inf, tensors without values (meta) or tensors on
+    another device or of another dtype than models[0]'s; an
     :class:`~sparsekit._checks.ArgumentTypeError` when it is not a sequence of
     ``nn.Module`` (one model, a state dict). A model without default targets (no Linear or
     Conv layer) has no mask to compare and is averaged as is.
@@ -38,8 +40,10 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
                 "module, 'weight') on each pruned module): the zeros are then the mask")
     states = [m.state_dict() for m in models]
     keys = set(states[0])
+    kinds = [type(m) for m in models[0].modules()]  # parameter-free modules too (ReLU/Tanh)
     for i, sd in enumerate(states[1:], 1):
-        if set(sd) != keys or any(sd[k].shape != states[0][k].shape for k in keys):
+        if set(sd) != keys or any(sd[k].shape != states[0][k].shape for k in keys) or [
+                type(m) for m in models[i].modules()] != kinds:
             raise ValueError(f"models[{i}] has a different architecture than models[0]")
     for i, (m, sd) in enumerate(zip(models, states)):
         _check_values(i, m, sd, states[0])
