@@ -694,3 +694,24 @@ def test_soup_refuses_models_whose_parameter_free_modules_differ():
     b = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match=r"models\[1\] has a different architecture"):
         soup([a, b])
+
+
+def test_the_engine_report_counts_an_activation_layers_prompt_path_once():
+    """Its prefill had a row of its own: the totals counted the layer twice."""
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+    from sparsekit.engine.report import report
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 256, bias=False)
+    with torch.no_grad():
+        linear.weight[torch.rand_like(linear.weight) < 0.5] = 0
+    layer = ActivationSparseLinear.from_linear(linear, 0.1, kernel="act_bitmap_gemv",
+                                               prefill=CompiledLinear.from_linear(linear,
+                                                                                  "bitmap"))
+    x = torch.randn(8, 64)
+    result = report(nn.Sequential(layer), x)
+    assert [row.name for row in result.rows] == ["0"]
+    assert result.rows[0].extra["prefill bytes"] == layer.prefill_nbytes
+    expected = sparsekit.report(nn.Sequential(linear), x).totals
+    for key in ("params", "nonzeros", "dense_flops"):
+        assert result.totals[key] == expected[key], key

@@ -61,11 +61,17 @@ def report(
     # fit, before this report runs the model on them.
     base = {r.name: r for r in _base_report(model, example_inputs).rows}
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    # an activation-sparse layer's prompt path is its own row's "prefill bytes": a row of
+    # its own counted the layer's parameters and FLOPs twice in the totals
+    prefills = {id(m.prefill) for m in model.modules()
+                if isinstance(m, ActivationSparseLinear) and m.prefill is not None}
     special = {
         n: m for n, m in model.named_modules()
-        if isinstance(m, (CompiledLayer, ActivationSparseLinear))
+        if isinstance(m, (CompiledLayer, ActivationSparseLinear)) and id(m) not in prefills
     }
-    base = {n: r for n, r in base.items() if n not in special}  # their rows are made below
+    inner = {n for n, m in model.named_modules() if id(m) in prefills}
+    # their rows are made below
+    base = {n: r for n, r in base.items() if n not in special and n not in inner}
     macs = {} if inputs is None else observe.macs(model, special, *inputs)
     recorded = getattr(model, "sparsekit_choices", None)
     if not isinstance(recorded, Mapping):  # set to None or a list by hand
