@@ -133,7 +133,7 @@ def _masks(
     if method in GRADIENT_CRITERIA:
         check_gradient_signal(method, chosen, scores)
     if pat.grouped:  # whole dependency groups across layers (pattern="channel")
-        return pat.select(model, chosen, scores, allocate, float(sparsity),
+        return pat.select(model, chosen, scores, allocate, sparsity,
                           readers_only=CRITERIA.meta(method)["readers_only"],
                           strict=strict), pat
     # Layer by layer, so that at most one layer's scores is ever copied: weights that are
@@ -145,7 +145,7 @@ def _masks(
         if dead.any():
             scores[t.name] = scores[t.name].masked_fill(dead, float("-inf"))
     caps = {t.name: math.floor(pat.max_density() * t.param.numel()) for t in chosen}
-    counts = allocate(scores, float(sparsity))
+    counts = allocate(scores, sparsity)
     _check_counts(counts, chosen, allocation)
     keep = fit_to_capacity({t.name: counts[t.name] for t in chosen}, caps)
     # a criterion that compares the weights of each output (Wanda) keeps its unstructured

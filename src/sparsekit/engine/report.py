@@ -17,6 +17,7 @@ from torch import nn
 from sparsekit import observe
 from sparsekit._checks import check_materialized_module, check_module
 from sparsekit.engine.activation_linear import ActivationSparseLinear
+from sparsekit.engine.compile import _formats
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLayer
 from sparsekit.engine.formats.native import SCALES
@@ -69,9 +70,7 @@ def report(
         n: m for n, m in model.named_modules()
         if isinstance(m, (CompiledLayer, ActivationSparseLinear)) and id(m) not in prefills
     }
-    inner = {n for n, m in model.named_modules() if id(m) in prefills}
-    # their rows are made below
-    base = {n: r for n, r in base.items() if n not in special and n not in inner}
+    base = {n: r for n, r in base.items() if n not in special}  # their rows are made below
     macs = {} if inputs is None else observe.macs(model, special, *inputs)
     recorded = getattr(model, "sparsekit_choices", None)
     if not isinstance(recorded, Mapping):  # set to None or a list by hand
@@ -140,8 +139,7 @@ def _special_row(
         extra = {"format": fmt.name, "values": values, "bytes": fmt.nbytes}
         large = getattr(module, "format_large", None)
         if large is not None:  # a second format serves many rows: both hold the weight
-            extra.update({"format": f"{fmt.name}|{large.name}>{module.split}",
-                          "bytes": fmt.nbytes + large.nbytes})
+            extra.update({"format": _formats(module), "bytes": fmt.nbytes + large.nbytes})
         kind = "Conv2d" if isinstance(module, CompiledConv2d) else "Linear"
     else:
         stored = module.to_dense()  # the single-row kernel's values (int8: codes)

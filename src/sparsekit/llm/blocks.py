@@ -156,13 +156,12 @@ def _check_matrices(model: nn.Module, blocks: nn.ModuleList) -> None:
         return
     total = sum(p.numel() for p in blocks.parameters() if p.dim() >= 2)
     share = sum(p.numel() for _, p in other) / total
-    names = ", ".join(f"{n} {tuple(p.shape)}" for n, p in other[:4])
+    listed = ", ".join(f"{n} {tuple(p.shape)}" for n, p in other[:4])
     more = f" and {len(other) - 4} more" if len(other) > 4 else ""
     raise ValueError(
-        f"model: its transformer blocks hold weights that are no Linear layer ({names}{more}: "
+        f"model: its transformer blocks hold weights that are no Linear layer ({listed}{more}: "
         f"{share:.1%} of the blocks' weight matrices), which llm.prune cannot prune; "
         "mixture-of-experts blocks that store their experts as 3-D tensors are not "
         "supported. Accepted: blocks whose weight matrices are Linear (or GPT-2 Conv1D) "
         "layers, or targets= naming the layers to prune (the others stay dense)"
     )
-

@@ -218,7 +218,7 @@ def route_heads(model: nn.Module, predictors: dict[str, tuple[Router, Any]], *,
                              f"(q_proj, k_proj, v_proj, o_proj)")
         own = getattr(names[block], attention[0])
         extra = [p for p in ("q_norm", "k_norm") if getattr(own, p, None) is not None]
-        if getattr(own.config if hasattr(own, "config") else None, "clip_qkv", None):
+        if getattr(getattr(own, "config", None), "clip_qkv", None):
             extra.append("clip_qkv")
         if extra:  # the decode path computes q, k and v from the projections alone
             raise ValueError(

@@ -713,12 +713,12 @@ class SRigL(RigL):
             w = self.ds.weight(n).abs().float().flatten(1)
             m2 = mask.flatten(1)
             alive = m2.any(1)
+            lives = int(alive.sum())
             budget = int(mask.sum())
-            _, fan_in = fan_in_split(budget, int(alive.sum()), m2.shape[1])
+            _, fan_in = fan_in_split(budget, lives, m2.shape[1])
             drop = round(fraction * fan_in)
             kept = top_k(w, fan_in - drop, allowed=m2, dim=1)
             grad = self.ds.dense_grad(n).abs().float().flatten(1)
-            lives = int(alive.sum())
             # salient as the paper counts them, over the whole layer: its largest kept |w|
             # and largest other |grad|, as many as the live neurons keep and grow. Counted
             # row by row, every live neuron had fan_in - drop of them and none was ever
@@ -728,7 +728,7 @@ class SRigL(RigL):
             salient = (heavy | top_grad).sum(1).masked_fill(~alive, -1)
             passing = alive & (salient >= self.ds.salient_fraction * fan_in)
             # Never ablate so many neurons that the budget no longer fits in the rest.
-            needed = min(-(-budget // m2.shape[1]), int(alive.sum()))
+            needed = min(-(-budget // m2.shape[1]), lives)
             if int(passing.sum()) < needed:
                 passing = top_k(salient.float(), needed, allowed=alive)
             alive = passing
