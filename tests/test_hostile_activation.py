@@ -11,6 +11,7 @@ import io
 
 import pytest
 import torch
+from _llama import tiny_llama
 from _state import snapshot, unchanged
 from torch import nn
 
@@ -417,12 +418,7 @@ def test_calibrate_names_a_token_id_outside_the_vocabulary():
     """An out-of-vocabulary id was the embedding's raw "index out of range in self" (named
     only as "the model cannot run on its inputs"); it is named with the accepted range, as
     llm.prune names it, before anything runs."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama()
     before = snapshot(model)
     ids = torch.randint(0, 64, (2, 16))
     ids[1, 3] = 163

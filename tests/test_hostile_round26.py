@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 from _kernels import needs_kernels
+from _llama import tiny_llama
 from torch import nn
 
 import sparsekit
@@ -95,9 +96,7 @@ def test_activation_sparsity_leaves_task_heads_not_named_lm_head_dense(task):
     layers = activation.layers.find_layers(model, "teal")
     assert layers and all(name.startswith("bert.encoder.") or name == "bert.pooler.dense"
                           for name in layers)
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2))
+    llama = tiny_llama()
     assert "lm_head" not in activation.layers.find_layers(llama, "teal")
     assert len(activation.layers.find_layers(llama, "teal")) == 7
 
@@ -148,12 +147,9 @@ def test_srigl_resumes_exactly_when_the_checkpoint_is_loaded_before_the_schedule
 def test_a_failed_save_pretrained_leaves_the_earlier_generation_config(tmp_path, monkeypatch):
     """The generation config was written in place before the config: a save that failed
     after it left the earlier model with the new generation settings."""
-    transformers = pytest.importorskip("transformers")
     from sparsekit import pretrained
 
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                      num_hidden_layers=1, num_attention_heads=2)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(hidden_size=16, intermediate_size=32)
     sparsekit.save_pretrained(model, tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     model.generation_config.max_length = 7
@@ -245,12 +241,7 @@ def test_nm_masks_refuse_widths_whose_groups_would_run_across_rows():
 
 
 def _tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=4,
-                                      hidden_act="relu")
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(num_attention_heads=4, num_key_value_heads=4, hidden_act="relu")
 
 
 def _peft_model():
