@@ -43,7 +43,7 @@ from sparsekit._checks import (
     check_writable,
 )
 from sparsekit.distributed import is_sharded
-from sparsekit.engine import fused
+from sparsekit.engine import activation_linear, fused
 from sparsekit.masks import MaskSet, keeps_everything, maskable, pattern_view
 from sparsekit.patterns import Pattern, parse_pattern
 
@@ -132,8 +132,9 @@ def save(
     state = model.state_dict()
     # "model" too where it records how to rebuild a sparsekit.models model: the caller's
     # entry replaced that record silently (the CLI then could not rebuild the model)
-    reserved = sorted(({"tied", "fused", "format", "format_version", "pattern", "tensors",
-                        "digest"} | ({"model"} if hasattr(model, "sparsekit_config") else set()))
+    reserved = sorted(({"tied", "fused", "activation_kernels", "format", "format_version",
+                        "pattern", "tensors", "digest"}
+                       | ({"model"} if hasattr(model, "sparsekit_config") else set()))
                       & set(metadata or {}))
     if reserved:
         raise ValueError(f"metadata: keys {reserved} are the checkpoint's own header entries; "
@@ -190,6 +191,8 @@ def save(
         **(metadata or {}),
         **({"tied": json.dumps(tied, sort_keys=True)} if tied else {}),
         **({"fused": json.dumps(groups)} if (groups := fused.groups(model)) else {}),
+        **({"activation_kernels": json.dumps(chosen, sort_keys=True)}
+           if (chosen := activation_linear.kernels_of(model)) else {}),
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "pattern": masks.pattern if masks is not None else "none",
@@ -227,7 +230,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
     """Load a checkpoint into ``model`` and return its masks as an applied MaskSet.
 
     A file saved with ``masks`` gives back exactly those masks; a file saved without
-    gives masks for the parameters that were stored compressed.
+    gives masks for the parameters that were stored compressed. A compiled ``model`` takes
+    the saved model's formats, fused groups and activation-sparse kernels, which timing
+    decides and two compiles may choose differently.
 
     Before the model is touched, and before anything is decoded, the file's structure
     and seal are checked (any changed byte of a version-2 file is detected), and every
@@ -243,13 +248,23 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
     stored = _open(path)
     state = _declared_state(stored)  # nothing decoded yet
     # compiled layers fused (or not) as the saved model's were: fusing is decided by timing
+    # and with the thresholds and single-row kernels of its activation-sparse layers
+    kernels = _activation_kernels(stored.meta, path)
     try:
         restore = fused.conform(model, state, _fused_groups(stored.meta, path))
     except ValueError as err:
         raise ValueError(f"{path} does not match this model: {err}") from None
     try:
+        restore_kernels = activation_linear.conform(model, state, kernels)
+    except BaseException as err:
+        restore()
+        if isinstance(err, ValueError):
+            raise ValueError(f"{path} does not match this model: {err}") from None
+        raise
+    try:
         return _load(model, path, stored, state)
     except BaseException:
+        restore_kernels()
         restore()
         raise
 
@@ -266,6 +281,21 @@ def _fused_groups(meta: dict[str, str], path: str | os.PathLike) -> list[list[st
         raise ValueError(f"{path}: header entry 'fused' must list groups of two or more layer "
                          f"names, got {meta['fused']!r:.100}")
     return groups
+
+
+def _activation_kernels(meta: dict[str, str], path: str | os.PathLike) -> dict[str, str]:
+    """The single-row kernels a file records
+    (:func:`sparsekit.engine.activation_linear.kernels_of`; none before they were)."""
+    try:
+        kernels = json.loads(meta.get("activation_kernels", "{}"))
+    except (json.JSONDecodeError, RecursionError):
+        kernels = None
+    if not (isinstance(kernels, dict) and all(
+            isinstance(k, str) and v in activation_linear.KERNELS for k, v in kernels.items())):
+        raise ValueError(f"{path}: header entry 'activation_kernels' must map layer names to "
+                         f"kernels of {activation_linear.KERNELS}, got "
+                         f"{meta['activation_kernels']!r:.100}")
+    return kernels
 
 
 def _load(model: nn.Module, path: str | os.PathLike, stored: _Stored,

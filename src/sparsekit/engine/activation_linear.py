@@ -54,7 +54,7 @@ import math
 import numbers
 import statistics
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,11 +66,12 @@ from sparsekit._checks import (
     check_int,
     check_loadable,
     check_materialized,
+    check_module,
     is_float8,
 )
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.bound import BoundArguments, no_backward
-from sparsekit.engine.compiled_linear import CompiledLayer, dense_linear
+from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear, dense_linear
 from sparsekit.engine.formats.native import check_threads
 from sparsekit.quantize import (
     attach_scales,
@@ -85,7 +86,8 @@ from sparsekit.quantize import (
 )
 
 __all__ = ["BITMAP_BLOCK", "BLOCK", "GROUPED_KERNELS", "KERNELS", "ActivationSparseLinear",
-           "check_bitmap_index", "check_column_index", "sparsify_input"]
+           "check_bitmap_index", "check_column_index", "conform", "kernels_of",
+           "sparsify_input"]
 
 KERNELS = ("act_gemv", "act_sparse_gemv", "act_bitmap_gemv", "act_bitmap_qgemv")
 """The single-row kernels: on the transposed dense weight, or on its stored weights only (with
@@ -813,14 +815,23 @@ class ActivationSparseLinear(BoundArguments):
         errors = self.load_errors(state, prefix)
         if errors:
             raise ValueError("; ".join(errors))
-        return self.state_dict(prefix=prefix)
+        return self.state_dict(prefix=prefix) | {
+            prefix + k: state[prefix + k] for k in self._sized() if prefix + k in state}
+
+    def _sized(self) -> tuple[str, ...]:
+        """The buffers with one entry per stored weight: a state of another number of
+        them loads (its index is checked against them), as a compiled layer takes the
+        saved format whatever its own."""
+        return {"act_sparse_gemv": ("values", "row_indices"), "act_gemv": ()}.get(
+            self.kernel, ("values",))
 
     def load_errors(self, state: Mapping[str, object], prefix: str = "") -> list[str]:
         """Why the entries of ``state`` under ``prefix`` cannot be copied into this layer's
         buffers (empty: they can), missing entries aside; each message names the layer.
 
         Each entry present must be a tensor of its buffer's dtype and shape (``copy_`` would
-        cast float values into int8 codes, or an int32 index into int16), and the buffers as
+        cast float values into int8 codes, or an int32 index into int16), a buffer with one
+        entry per stored weight (``values``, ``row_indices``) of any length, and the buffers as
         they would be after the load (the entries present, this layer's own for the others)
         must hold a valid column index (:func:`check_column_index`) or bitmap columns
         (:func:`check_bitmap_index`) over the values, thresholds ≥ 0
@@ -830,12 +841,17 @@ class ActivationSparseLinear(BoundArguments):
         _check_state(state, prefix)
         name = prefix.rstrip(".") or "layer"
         errors = []
+        sized = self._sized()
         for key, own in self._buffers.items():
             if own is None or (t := state.get(prefix + key)) is None:
                 continue  # a buffer this layer lacks is an unexpected key: torch says so
             if not isinstance(t, torch.Tensor):
                 errors.append(f"{name}: {key} must be a tensor, got {type(t).__name__}")
-            elif t.dtype != own.dtype or t.shape != own.shape:
+            elif key in sized and (t.dtype != own.dtype or t.dim() != 1):
+                errors.append(f"{name}: {key} must be a 1-D {own.dtype} tensor (one entry per "
+                              f"stored weight) like the buffer it replaces, got {t.dtype} "
+                              f"{tuple(t.shape)}")
+            elif key not in sized and (t.dtype != own.dtype or t.shape != own.shape):
                 errors.append(f"{name}: {key} must be {own.dtype} of shape {tuple(own.shape)} "
                               f"like the buffer it is copied into, got {t.dtype} "
                               f"{tuple(t.shape)}")
@@ -878,6 +894,10 @@ class ActivationSparseLinear(BoundArguments):
                                 and prefix + k not in state_dict)
             error_msgs.extend(errors)
             return
+        for key in self._sized():  # another number of stored weights: a buffer of its size
+            own, t = self._buffers[key], state_dict.get(prefix + key)
+            if t is not None and t.shape != own.shape:
+                self._buffers[key] = own.new_empty(t.shape)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -894,6 +914,95 @@ class ActivationSparseLinear(BoundArguments):
             f"bias={self.bias is not None}, kernel={self.kernel!r}"
             + ("" if self.scales is None else ", values=int8")
         )
+
+
+def kernels_of(model: nn.Module) -> dict[str, str]:
+    """The single-row kernel of every activation-sparse layer of ``model``, by name (what
+    :func:`sparsekit.save` records: the kernel is decided by timing, so two compiles of one
+    model may differ, and W8A8's and the float-input bitmap kernel store alike)."""
+    check_module("model", model)
+    return {name: layer.kernel for name, layer in model.named_modules()
+            if isinstance(layer, ActivationSparseLinear)}
+
+
+def conform(model: nn.Module, keys: Collection[str],
+            saved: Mapping[str, str]) -> Callable[[], None]:
+    """Give the compiled layers of ``model`` the input thresholds and single-row kernels of
+    the model whose state has ``keys`` and whose kernels were ``saved`` (:func:`kernels_of`);
+    return the function that puts the replaced modules back.
+
+    Whether a layer is activation-sparse, its kernel and whether it keeps a ``prefill``
+    copy are all decided by timing, so two compiles of one model differ. A layer here that
+    differs from the saved one in any of them becomes a skeleton of the saved kind, built
+    from its own weight (the load then installs the saved buffers, of any number of stored
+    weights): a weight-only layer saved with thresholds an :class:`ActivationSparseLinear`
+    (itself its ``prefill``), an activation-sparse one saved weight-only its ``prefill`` (or
+    a dense compiled layer). A layer ``saved`` does not name (a file written before the
+    kernels were recorded) takes the kernel its keys store: ``weight_t``, a column index,
+    or bitmap columns (``"act_bitmap_gemv"``, or W8A8's where the layer here has it).
+    ``saved`` must map names to :data:`KERNELS`, else a ``ValueError`` names the entry and
+    ``model`` is left as it was."""
+    check_module("model", model)
+    for name, kernel in saved.items():
+        if not isinstance(name, str) or kernel not in KERNELS:
+            raise ValueError(f"the saved model's kernel of {name!r:.100} must be one of "
+                             f"{KERNELS}, got {kernel!r:.100}")
+    keys = set(keys)
+    replaced: list[tuple[str, nn.Module]] = []
+
+    def undo() -> None:
+        for name, old in reversed(replaced):
+            model.set_submodule(name, old)
+
+    try:
+        for name, layer in list(model.named_modules()):
+            if not name or not isinstance(layer, (CompiledLinear, ActivationSparseLinear)):
+                continue
+            head = f"{name}."
+            if f"{head}threshold" in keys:
+                kernel = saved.get(name) or _stored_kernel(keys, head, layer)
+                prefilled = any(k.startswith(f"{head}prefill.") for k in keys)
+                if (isinstance(layer, ActivationSparseLinear) and layer.kernel == kernel
+                        and (layer.prefill is not None) == prefilled):
+                    continue
+                new: nn.Module = _skeleton(layer, kernel, prefilled, f"{head}scales" in keys)
+            elif (isinstance(layer, ActivationSparseLinear)
+                  and any(k.startswith(f"{head}format.") for k in keys)):
+                new = (layer.prefill if layer.prefill is not None
+                       else CompiledLinear.from_linear(layer.to_module()))
+            else:
+                continue
+            replaced.append((name, layer))
+            model.set_submodule(name, new)
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def _stored_kernel(keys: Collection[str], head: str, layer: nn.Module) -> str:
+    """The kernel whose buffers ``keys`` hold under ``head``."""
+    if f"{head}weight_t" in keys:
+        return "act_gemv"
+    if f"{head}row_indices" in keys:
+        return "act_sparse_gemv"
+    return ("act_bitmap_qgemv" if getattr(layer, "kernel", None) == "act_bitmap_qgemv"
+            else "act_bitmap_gemv")
+
+
+def _skeleton(layer: CompiledLinear | ActivationSparseLinear, kernel: str, prefilled: bool,
+              int8: bool) -> ActivationSparseLinear:
+    """An activation-sparse layer of ``kernel`` over ``layer``'s weight, with a ``prefill``
+    copy if ``prefilled`` and int8 values if ``int8``, for a saved state to load into."""
+    if isinstance(layer, CompiledLinear):
+        linear, threads, prefill = layer.to_linear(), None, layer
+    else:
+        linear, threads, prefill = layer.to_module(), layer.threads, layer.prefill
+    if prefilled and prefill is None:
+        prefill = CompiledLinear.from_linear(linear)
+    return ActivationSparseLinear.from_linear(
+        linear, 0.0, threads=threads, kernel=kernel, prefill=prefill if prefilled else None,
+        value_dtype=torch.int8 if int8 else None)
 
 
 def _check_state(state: object, prefix: object) -> None:

@@ -1,0 +1,185 @@
+"""Hostile inputs, round 27.
+
+- ``sparsekit.load`` of a compiled model with input thresholds into another compiled copy
+  failed ("missing ['0.bitmap', …], unexpected ['0.weight_t', …]") where the copy's
+  layers took another single-row kernel, kept or dropped the ``prefill`` copy, or stayed
+  weight-only: all timing outcomes, which the saved model's weight formats already were
+  free of. A W8A8 bitmap layer loaded into a float-input bitmap one silently (same
+  buffers), and computed with the other kernel. The file now records each layer's kernel
+  and the copy takes the saved layer's kind, kernel and number of stored weights.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _kernels import needs_kernels
+from _llama import tiny_llama
+from safetensors import safe_open
+from torch import nn
+
+import sparsekit
+from sparsekit.engine import CompiledLinear, autotune
+from sparsekit.engine.activation_linear import ActivationSparseLinear, conform, kernels_of
+
+pytestmark = [needs_kernels, pytest.mark.usefixtures("one_thread")]
+
+
+def _model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight[torch.rand_like(layer.weight) < 0.5] = 0
+    return model
+
+
+def _clock(kernel: str | None, *, lean: bool = False, act: bool = True):
+    """Stands in for ``autotune._time_block``: one row is fastest on ``kernel`` (``None``:
+    thresholds lose), several rows on the bitmap weight format, or with ``lean`` on the
+    dense one, which the transposed copy alone matches (one copy serves all rows)."""
+    def clock(module, x, reps):
+        rows = x.reshape(-1, x.shape[-1]).shape[0]
+        if isinstance(module, ActivationSparseLinear):
+            if rows == 1:
+                return (0.3e-4 if module.kernel == kernel else 0.5e-4) if act else 9e-4
+            return 0.9e-4 if module.prefill is None and lean else 1e-4
+        fmt = getattr(module, "format", None)
+        return 1e-4 if fmt is not None and fmt.name == ("dense" if lean else "bitmap") else 2e-4
+    return clock
+
+
+def _compiled(model, x, monkeypatch, kernel, **clock):
+    monkeypatch.setattr(autotune, "_time_block", _clock(kernel, **clock))
+    act = sparsekit.activation.calibrate(model, x, sparsity=0.5)
+    return sparsekit.compile(model, x, activation_sparsity=act, cache=False)
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("saved,copy", [
+    ("act_gemv", "act_bitmap_gemv"), ("act_bitmap_gemv", "act_sparse_gemv"),
+    ("act_sparse_gemv", "act_gemv"), ("act_gemv", None), (None, "act_bitmap_gemv")])
+def test_load_takes_the_saved_kernel_whatever_the_copys(saved, copy, monkeypatch, tmp_path):
+    model, x = _model(), torch.randn(16, 64)
+    a = _compiled(model, x, monkeypatch, saved, act=saved is not None)
+    b = _compiled(model, x, monkeypatch, copy, act=copy is not None)
+    assert isinstance(a[0], ActivationSparseLinear) == (saved is not None)
+    assert isinstance(b[0], ActivationSparseLinear) == (copy is not None)
+    sparsekit.save(a, tmp_path / "a.sk")
+    sparsekit.load(b, tmp_path / "a.sk")
+    assert type(b[0]) is type(a[0]) and getattr(b[0], "kernel", None) == saved
+    assert _same_state(a, b)
+    for rows in (x[:1], x):
+        assert torch.equal(a(rows), b(rows))
+
+
+def test_load_takes_the_saved_prefill_copy_or_its_absence(monkeypatch, tmp_path):
+    model, x = _model(), torch.randn(16, 64)
+    a = _compiled(model, x, monkeypatch, "act_gemv", lean=True)  # one copy serves all
+    b = _compiled(model, x, monkeypatch, "act_gemv")
+    assert a[0].prefill is None and b[0].prefill is not None
+    sparsekit.save(a, tmp_path / "a.sk")
+    sparsekit.save(b, tmp_path / "b.sk")
+    sparsekit.load(b, tmp_path / "a.sk")
+    assert b[0].prefill is None and _same_state(a, b) and torch.equal(a(x), b(x))
+    sparsekit.load(b, tmp_path / "b.sk")
+    assert b[0].prefill is not None
+
+
+def test_load_takes_another_number_of_stored_weights(monkeypatch, tmp_path):
+    """Two models of one architecture pruned apart: the copy's layers hold other counts."""
+    x = torch.randn(16, 64)
+    a = _compiled(_model(0), x, monkeypatch, "act_sparse_gemv")
+    b = _compiled(_model(1), x, monkeypatch, "act_sparse_gemv")
+    assert a[0].values.shape != b[0].values.shape
+    sparsekit.save(a, tmp_path / "a.sk")
+    sparsekit.load(b, tmp_path / "a.sk")
+    assert _same_state(a, b) and torch.equal(a(x[:1]), b(x[:1]))
+
+
+def test_a_bad_file_leaves_the_copy_as_it_was(monkeypatch, tmp_path):
+    x = torch.randn(16, 64)
+    a = _compiled(_model(0), x, monkeypatch, "act_gemv")
+    b = _compiled(_model(1), x, monkeypatch, "act_bitmap_gemv")
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    layers = [b[0], b[2]]
+    a[2]._buffers["threshold"].fill_(-1.0)  # thresholds must be >= 0: the last layer fails
+    sparsekit.save(a, tmp_path / "bad.sk")
+    with pytest.raises(ValueError, match="threshold"):
+        sparsekit.load(b, tmp_path / "bad.sk")
+    assert [b[0], b[2]] == layers and b[0].kernel == "act_bitmap_gemv"
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())
+
+
+def test_the_file_records_each_kernel(monkeypatch, tmp_path):
+    a = _compiled(_model(), torch.randn(16, 64), monkeypatch, "act_bitmap_gemv")
+    sparsekit.save(a, tmp_path / "a.sk")
+    with safe_open(tmp_path / "a.sk", "pt") as f:
+        recorded = json.loads(f.metadata()["activation_kernels"])
+    assert recorded == kernels_of(a) == {"0": "act_bitmap_gemv", "2": "act_bitmap_gemv"}
+    with pytest.raises(ValueError, match="checkpoint's own header entries"):
+        sparsekit.save(a, tmp_path / "b.sk", metadata={"activation_kernels": "{}"})
+
+
+def test_w8a8_kernel_is_taken_from_the_file(tmp_path):
+    """W8A8's and the float-input bitmap kernel store the same buffers: only the record
+    tells them apart (the copy computed with its own kernel before)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    with torch.no_grad():
+        linear.weight[torch.rand_like(linear.weight) < 0.5] = 0
+    w8a8 = nn.Sequential(ActivationSparseLinear.from_linear(
+        linear, 0.1, kernel="act_bitmap_qgemv", value_dtype=torch.int8))
+    floats = nn.Sequential(ActivationSparseLinear.from_linear(
+        linear, 0.1, kernel="act_bitmap_gemv", value_dtype=torch.int8))
+    sparsekit.save(w8a8, tmp_path / "w8a8.sk")
+    sparsekit.load(floats, tmp_path / "w8a8.sk")
+    x = torch.randn(1, 64)
+    assert floats[0].kernel == "act_bitmap_qgemv" and torch.equal(floats(x), w8a8(x))
+
+
+def test_conform_refuses_an_unknown_kernel_and_puts_layers_back():
+    model = nn.Sequential(CompiledLinear.from_linear(nn.Linear(8, 4)))
+    with pytest.raises(ValueError, match="act_gemv"):
+        conform(model, {"0.threshold", "0.weight_t"}, {"0": "gemv"})
+    layer = ActivationSparseLinear.from_linear(nn.Linear(8, 4), 0.1)
+    model = nn.Sequential(layer)
+    undo = conform(model, {"0.threshold", "0.values", "0.bitmap", "0.offsets"}, {})
+    assert model[0].kernel == "act_bitmap_gemv"
+    undo()
+    assert model[0] is layer
+
+
+def test_fused_thresholded_groups_load_into_an_unfused_copy(monkeypatch, tmp_path):
+    model = tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    sparsekit.llm.prune(model, ids, sparsity=0.5)
+    act = sparsekit.activation.calibrate(model, ids, sparsity=0.5)
+
+    def clock(fuse_wins):
+        def time(module, x, reps):
+            if type(module).__name__ == "FusedProjections":
+                return 0.5e-4 if fuse_wins else 4e-4
+            if type(module).__name__ == "_Separate":
+                return 2e-4
+            return 0.3e-4 if isinstance(module, ActivationSparseLinear) else 1e-4
+        return time
+
+    monkeypatch.setattr(autotune, "_time_block", clock(True))
+    a = sparsekit.compile(model, (ids[:1],), activation_sparsity=act, cache=False)
+    monkeypatch.setattr(autotune, "_time_block", clock(False))
+    b = sparsekit.compile(model, (ids[:1],), activation_sparsity=act, cache=False)
+    fused = sparsekit.engine.fused.groups
+    assert fused(a) and not fused(b)
+    sparsekit.save(a, tmp_path / "a.sk")
+    sparsekit.load(b, tmp_path / "a.sk")
+    assert fused(b) == fused(a) and _same_state(a, b)
+    with torch.no_grad():
+        assert torch.equal(a(ids[:1, :1]).logits, b(ids[:1, :1]).logits)
