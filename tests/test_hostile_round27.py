@@ -183,3 +183,34 @@ def test_fused_thresholded_groups_load_into_an_unfused_copy(monkeypatch, tmp_pat
     assert fused(b) == fused(a) and _same_state(a, b)
     with torch.no_grad():
         assert torch.equal(a(ids[:1, :1]).logits, b(ids[:1, :1]).logits)
+
+
+def test_fused_thresholded_groups_round_trip_through_save_pretrained(monkeypatch, tmp_path):
+    """A stacked activation-sparse layer was recorded as a layer of its own, which
+    from_pretrained could not place (save_pretrained refused it up front)."""
+    model = tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    sparsekit.llm.prune(model, ids, sparsity=0.5)
+    act = sparsekit.activation.calibrate(model, ids, sparsity=0.5)
+
+    def clock(module, x, reps):
+        if type(module).__name__ == "FusedProjections":
+            return 0.5e-4
+        if isinstance(module, ActivationSparseLinear):
+            return 0.3e-4 if module.kernel == "act_bitmap_gemv" else 0.4e-4
+        return 1e-4 if type(module).__name__ != "_Separate" else 2e-4
+
+    monkeypatch.setattr(autotune, "_time_block", clock)
+    compiled = sparsekit.compile(model, (ids[:1],), activation_sparsity=act, cache=False,
+                                 threads=1)
+    stacked = compiled.model.layers[0].mlp.gate_proj.group.linear
+    assert isinstance(stacked, ActivationSparseLinear) and stacked.threads == 1
+    back = sparsekit.from_pretrained(sparsekit.save_pretrained(compiled, tmp_path / "m"))
+    again = back.model.layers[0].mlp.gate_proj.group.linear
+    assert (again.kernel, again.threads, type(again.prefill)) == (
+        stacked.kernel, 1, type(stacked.prefill))
+    assert sparsekit.engine.fused.groups(back) == sparsekit.engine.fused.groups(compiled)
+    assert _same_state(compiled, back)
+    with torch.no_grad():
+        for step in (ids[:1], ids[:1, :1]):
+            assert torch.equal(back(step).logits, compiled(step).logits)

@@ -52,7 +52,7 @@ from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import ActivationSparseLinear, check_column_index
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLinear
-from sparsekit.engine.fused import FusedLinear, FusedProjections
+from sparsekit.engine.fused import FusedLinear
 from sparsekit.masks import MaskSet
 from sparsekit.quantize import (
     SCALE_NAME,
@@ -296,10 +296,12 @@ def compiled_layers(model: nn.Module) -> dict[str, dict[str, object]]:
     for a fused group, ``{"kind": "fused", "members": [names], "sizes": [rows]}`` under the
     name of its first member; for an :class:`ActivationSparseLinear`, ``{"kind":
     "activation"}`` with its ``kernel``, input ``dtype``, ``int8`` values or not, ``threads``
-    and ``prefill`` (``"linear"`` for a compiled layer serving several rows, or ``None``)."""
+    and ``prefill`` (``"linear"`` for a compiled layer serving several rows, or ``None``),
+    which a fused group whose stacked layer is one holds as its ``"linear"``."""
     first: dict[int, str] = {}
     out: dict[str, dict[str, object]] = {}
     groups: dict[int, list[tuple[int, str]]] = {}
+    fused_members: list[str] = []  # what lies under them is their group's record
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) in first:
             if isinstance(module, (CompiledLinear, CompiledConv2d, FusedLinear,
@@ -308,20 +310,24 @@ def compiled_layers(model: nn.Module) -> dict[str, dict[str, object]]:
                                  f"{first[id(module)]!r}; save_pretrained cannot rebuild that")
             continue
         first[id(module)] = name
-        if _under(name, out):
-            continue  # an activation-sparse layer's prefill: part of that layer's record
+        if _under(name, out) or any(name.startswith(f"{m}.") for m in fused_members):
+            continue  # an activation-sparse layer's prefill, a fused group's stacked layer
         if isinstance(module, ActivationSparseLinear):
             out[name] = _activation_record(name, module)
         elif isinstance(module, FusedLinear):
             groups.setdefault(id(module._group), []).append((module.index, name))
+            fused_members.append(name)
         elif isinstance(module, CompiledConv2d):
             out[name] = {"kind": "conv2d"}
-        elif isinstance(module, CompiledLinear) and not _inside_fused(name, model):
+        elif isinstance(module, CompiledLinear):
             out[name] = {"kind": "linear"}
     for members in groups.values():
         names = [n for _, n in sorted(members)]
         group = model.get_submodule(names[0])._group
         out[names[0]] = {"kind": "fused", "members": names, "sizes": list(group.sizes)}
+        if isinstance(group.linear, ActivationSparseLinear):
+            out[names[0]]["linear"] = _activation_record(f"{names[0]}.group.linear",
+                                                         group.linear)
     return dict(sorted(out.items()))
 
 
@@ -336,12 +342,6 @@ def _activation_record(name: str, layer: ActivationSparseLinear) -> dict[str, ob
     return {"kind": "activation", "kernel": layer.kernel, "dtype": str(layer.dtype),
             "int8": layer.scales is not None, "threads": layer.threads,
             "prefill": None if prefill is None else "linear"}
-
-
-def _inside_fused(name: str, model: nn.Module) -> bool:
-    """Whether ``name`` is the stacked layer of a fused group (``<member>.group.linear``)."""
-    parent, _, leaf = name.rpartition(".")
-    return leaf == "linear" and isinstance(model.get_submodule(parent), FusedProjections)
 
 
 def _read_record(weights: Path, meta: dict[str, str]) -> dict[str, Any]:
@@ -572,36 +572,33 @@ def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path,
                                  f"{type(conv).__name__} in this architecture")
             model.set_submodule(name, CompiledConv2d.from_conv2d(conv))
         elif kind == "fused":
-            _install_fused(model, spec, weights)
+            _install_fused(model, spec, weights, infos)
         elif kind == "activation":
-            model.set_submodule(name, _empty_activation(model, name, spec, infos, weights))
+            linear = _plain(model, name, weights)
+            model.set_submodule(name, _empty_activation(linear, name, spec, infos, weights))
         else:
             raise ValueError(f"{weights}: compiled layer {name!r} has an unknown record "
                              f"{spec!r:.100}")
 
 
-def _empty_activation(model: nn.Module, name: str, spec: dict[str, Any],
+def _empty_activation(linear: nn.Linear, name: str, spec: dict[str, Any],
                       infos: dict[str, checkpoint.TensorInfo],
                       weights: Path) -> ActivationSparseLinear:
-    """An :class:`ActivationSparseLinear` as recorded in ``spec``, of the shape of the
-    model's layer ``name``, whose stored weights and int8 scales (per row, or per group of
-    inputs where the kernel reads them) have the sizes the header declares (loading fills
-    them, and the thresholds)."""
+    """An :class:`ActivationSparseLinear` as recorded in ``spec``, of the shape of
+    ``linear`` (the model's layer ``name``), whose int8 scales (per row, or per group of
+    inputs where the kernel reads them) have the size the header declares (loading fills
+    them, the stored weights, of any number, and the thresholds)."""
     kernel, dtype, threads = spec.get("kernel"), spec.get("dtype"), spec.get("threads")
     if (kernel not in ACTIVATION_KERNELS or dtype not in checkpoint._DTYPES
             or spec.get("int8") not in (True, False) or spec.get("prefill") not in (None, "linear")
             or not (threads is None or type(threads) is int and threads >= 1)):
         raise ValueError(f"{weights}: malformed activation-sparse layer record {spec!r:.200}")
-    linear = _plain(model, name, weights).to(checkpoint._DTYPES[dtype])
+    linear = linear.to(checkpoint._DTYPES[dtype])
     prefill = None if spec["prefill"] is None else CompiledLinear.from_linear(linear)
     layer = ActivationSparseLinear.from_linear(
         linear, 0.0, threads=threads, kernel=kernel, prefill=prefill,
         value_dtype=torch.int8 if spec["int8"] else None,
     )
-    for buffer in ("values", "row_indices"):  # act_sparse_gemv: as many as the file stores
-        info = infos.get(f"{name}.{buffer}")
-        if buffer in layer._buffers and info is not None and len(info.shape) == 1:
-            layer._buffers[buffer] = layer._buffers[buffer].new_zeros(info.shape)
     info = infos.get(f"{name}.scales")
     if (layer.scales is not None and info is not None and len(info.shape) == 2
             and kernel in GROUPED_ACTIVATION_KERNELS and info.shape[0] == layer.out_features
@@ -637,7 +634,8 @@ def _install_scales(model: nn.Module, shapes: dict[str, tuple[int, ...]], weight
             attach_scales(layer, torch.ones(tuple(shape) if grouped else weight.shape[:1]))
 
 
-def _install_fused(model: nn.Module, spec: dict[str, Any], weights: Path) -> None:
+def _install_fused(model: nn.Module, spec: dict[str, Any], weights: Path,
+                   infos: dict[str, checkpoint.TensorInfo]) -> None:
     names, sizes = spec.get("members"), spec.get("sizes")
     if not (isinstance(names, list) and isinstance(sizes, list) and len(names) == len(sizes) >= 2
             and all(isinstance(n, str) for n in names)):
@@ -649,6 +647,12 @@ def _install_fused(model: nn.Module, spec: dict[str, Any], weights: Path) -> Non
         raise ValueError(f"{weights}: fused group {names} does not match this architecture")
     members = fused.placeholder(layers[0].in_features, sizes, layers[0].bias is not None,
                                 layers[0].weight.dtype)
+    if (record := spec.get("linear")) is not None:  # its stacked layer activation-sparse
+        if not isinstance(record, dict) or record.get("kind") != "activation":
+            raise ValueError(f"{weights}: malformed fused group record {spec!r:.100}")
+        group = members[0]._group
+        group.linear = _empty_activation(group.linear.to_linear(), f"{names[0]}.group.linear",
+                                         record, infos, weights)
     for name, member in zip(names, members, strict=True):
         model.set_submodule(name, member)
 
