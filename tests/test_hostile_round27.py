@@ -214,3 +214,21 @@ def test_fused_thresholded_groups_round_trip_through_save_pretrained(monkeypatch
     with torch.no_grad():
         for step in (ids[:1], ids[:1, :1]):
             assert torch.equal(back(step).logits, compiled(step).logits)
+
+
+@pytest.mark.parametrize("kernel", ["act_gemv", "act_bitmap_gemv"])
+def test_bf16_weight_dtype_rounds_the_one_row_values_too(kernel, monkeypatch):
+    """With weight_dtype="bf16" on a float32 model the one-row kernel kept float32 values
+    while the prompt path held bf16 ones: one row differed from itself among many by the
+    rounding (2e-3 here)."""
+    model, x = _model(), torch.randn(16, 64)
+    monkeypatch.setattr(autotune, "_time_block", _clock(kernel))
+    act = sparsekit.activation.calibrate(model, x, sparsity=0.5)
+    b = sparsekit.compile(model, x, activation_sparsity=act, cache=False, weight_dtype="bf16")
+    assert isinstance(b[0], ActivationSparseLinear) and b[0].kernel == kernel
+    rounded = b[0].to_dense()
+    assert rounded.dtype == torch.float32
+    assert torch.equal(rounded, model[0].weight.detach().bfloat16().float())
+    with torch.no_grad():
+        for i in range(4):
+            torch.testing.assert_close(b(x[i:i + 1])[0], b(x[:4])[i], rtol=1e-5, atol=1e-6)

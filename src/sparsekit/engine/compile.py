@@ -50,7 +50,7 @@ from sparsekit.engine.activation_linear import (
 )
 from sparsekit.engine.autotune import MAX_ROWS
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
-from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
+from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear, dense_linear
 from sparsekit.engine.formats import FORMATS, Format, available_formats, check_formats
 from sparsekit.engine.formats.native import MAX_INT8_INPUTS, check_threads
 from sparsekit.engine.fused import FusedLinear, FusedProjections
@@ -708,8 +708,9 @@ def _activation_layer(
 
     The weight-only layer is :func:`_compile_layer`'s; the activation-sparse one stores
     int8 values where ``value_dtype`` is int8 (else the layer's own dtype, the only values
-    its kernels read next to inputs of that dtype; int8 inputs among its candidates with
-    ``activation``), takes the faster single-row kernel
+    its kernels read next to inputs of that dtype, rounded to bf16 where ``value_dtype`` is
+    bf16; int8 inputs among its candidates with ``activation``), takes the faster
+    single-row kernel
     and serves the other row counts with the weight-only layer. See :func:`_activation_wins`
     for the rule; its evidence is the choice's ``activation`` record and the single-row
     kernel's the ``decode`` record. With ``cache`` and inputs ``probe``, the decision is
@@ -720,6 +721,12 @@ def _activation_layer(
     weight_only, choice = _compile_layer(layer, (layer.in_features,), names, rows, threads,
                                          cache, value_dtype, probe, memo, name, grow,
                                          activation=activation)
+    if (value_dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
+            and attached_scales(layer) is None):
+        # the one-row kernels read values of their inputs' dtype: float32 values rounded to
+        # bf16, the numbers the prompt path's bf16 format holds (one row computed apart
+        # from many differed by the rounding, and greedy tokens with them)
+        layer = dense_linear(layer.weight.detach().bfloat16().float(), layer.bias)
     multi = [r for r in rows if r > 1]
     inputs = None if probe is None else _typical_first(probe.reshape(-1, layer.in_features),
                                                        threshold)
