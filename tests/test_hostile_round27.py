@@ -232,3 +232,27 @@ def test_bf16_weight_dtype_rounds_the_one_row_values_too(kernel, monkeypatch):
     with torch.no_grad():
         for i in range(4):
             torch.testing.assert_close(b(x[i:i + 1])[0], b(x[:4])[i], rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_convolutions_count_only_their_possible_connections():
+    """An unpruned depthwise layer read density 0.25 (its cross-group pairs counted as
+    possible connections)."""
+    from sparsekit.graph import structure_features, to_graph
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1),
+                          nn.Conv2d(8, 8, 3, groups=2))
+    features = structure_features(model)
+    assert features["density"] == 1.0 and features["0.weight.density"] == 1.0
+    assert features["2.weight.density"] == 1.0
+    with torch.no_grad():
+        model[0].weight[:2] = 0  # two of the four depthwise channels
+    features = structure_features(model)
+    assert features["0.weight.density"] == 0.5
+    assert features["density"] == (2 + 32 + 32) / (4 + 32 + 32)
+    graph = to_graph(model)
+    assert [spec["groups"] for spec in graph.graph["layers"]] == [4, 1, 2]
+    graph.graph["layers"][2]["groups"] = 3  # divides neither width
+    with pytest.raises(ValueError, match="'groups': an int ≥ 1 dividing both"):
+        structure_features(graph)
+    del graph.graph["layers"][2]["groups"]  # a graph that does not say: one group
+    assert structure_features(graph)["2.weight.density"] == 0.5

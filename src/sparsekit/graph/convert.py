@@ -10,6 +10,7 @@ and ``weight_hh`` connects a layer to itself. Skip connections are not represent
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ class Layer:
     target: int
     edges: torch.Tensor  # bool (n_target, n_source): the connection survives
     weights: torch.Tensor  # float64 (n_target, n_source): see ``to_graph``
+    groups: int = 1  # a grouped convolution's: connections only within its diagonal blocks
 
 
 def to_graph(model_or_masks: nn.Module | MaskSet) -> nx.DiGraph:
@@ -42,8 +44,10 @@ def to_graph(model_or_masks: nn.Module | MaskSet) -> nx.DiGraph:
     Nodes carry ``layer`` and ``index``; edges carry ``weight``: the weight for a single
     connection, the L1 norm of the weights it stands for when it merges several (a conv
     kernel, the gate blocks of a GRU/LSTM, the positions of a flattened channel).
-    ``graph.graph["layers"]`` lists the weight tensors with their node layers and shapes,
-    and ``graph.graph["widths"]`` the number of neurons per node layer.
+    ``graph.graph["layers"]`` lists the weight tensors with their node layers and shapes
+    (and ``groups``: a grouped or depthwise convolution connects each group of outputs to
+    its group of inputs only, ``shape`` / ``groups`` possible connections), and
+    ``graph.graph["widths"]`` the number of neurons per node layer.
     """
     return graph_of(model_or_masks, "model_or_masks")
 
@@ -55,7 +59,7 @@ def graph_of(source: nn.Module | MaskSet, param: str) -> nx.DiGraph:
     g = nx.DiGraph(
         layers=[
             {"name": ly.name, "source": ly.source, "target": ly.target,
-             "shape": tuple(ly.edges.shape)}
+             "shape": tuple(ly.edges.shape), "groups": ly.groups}
             for ly in layers
         ],
         widths=widths,
@@ -158,8 +162,9 @@ def _check_graph(graph: Any) -> None:
         if not _joins(spec, widths):
             raise ValueError(
                 f"graph.graph['layers'] entry {spec!r} is not a weight as to_graph lists it: "
-                "{'name': str, 'source': l, 'target': l', 'shape': (widths[l'], widths[l])} "
-                f"with node layers l, l' in 0..{len(widths) - 1} (widths {widths})"
+                "{'name': str, 'source': l, 'target': l', 'shape': (widths[l'], widths[l]), "
+                "optionally 'groups': an int ≥ 1 dividing both} with node layers l, l' in "
+                f"0..{len(widths) - 1} (widths {widths})"
             )
     for node in graph.nodes:
         if not (isinstance(node, tuple) and len(node) == 2 and _natural(node[0], len(widths))
@@ -179,11 +184,19 @@ def _joins(spec: Any, widths: list[int]) -> bool:
     """Whether ``spec`` names a weight whose shape matches the node layers it joins."""
     try:
         name, source, target, shape = spec["name"], spec["source"], spec["target"], spec["shape"]
-        shape = tuple(shape)
-    except (KeyError, TypeError):
+        shape, groups = tuple(shape), spec.get("groups", 1)
+    except (KeyError, TypeError, AttributeError):
         return False
     return (isinstance(name, str) and _natural(source, len(widths))
-            and _natural(target, len(widths)) and shape == (widths[target], widths[source]))
+            and _natural(target, len(widths)) and shape == (widths[target], widths[source])
+            and _natural(groups) and groups >= 1 and not shape[0] % groups
+            and not shape[1] % groups)
+
+
+def possible_connections(spec: dict) -> int:
+    """The connections a ``graph.graph["layers"]`` entry can have: its shape's, over its
+    ``groups`` (1 where a graph does not say)."""
+    return math.prod(spec["shape"]) // spec.get("groups", 1)
 
 
 def _chain(model_or_masks: nn.Module | MaskSet, param: str) -> tuple[list[Layer], list[int]]:
@@ -220,7 +233,8 @@ def _chain(model_or_masks: nn.Module | MaskSet, param: str) -> tuple[list[Layer]
         if not recurrent:
             widths.append(n_out)
         layer = len(widths) - 1
-        layers.append(Layer(name, layer if recurrent else layer - 1, layer, edges, weights))
+        layers.append(Layer(name, layer if recurrent else layer - 1, layer, edges, weights,
+                            getattr(module, "groups", 1)))
     if not layers:
         raise ValueError("no Linear, Conv or recurrent weights to build a graph from")
     return layers, widths

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_int
-from sparsekit.graph.convert import graph_of, layer_matrices
+from sparsekit.graph.convert import graph_of, layer_matrices, possible_connections
 from sparsekit.masks import MaskSet
 
 FEATURES: dict[str, str] = {
@@ -54,7 +54,7 @@ def structure_features(
          else graph_of(model_or_graph, "model_or_graph"))
     layers = layer_matrices(g)
     widths = g.graph["widths"]
-    possible = sum(math.prod(spec["shape"]) for spec, _ in layers)
+    possible = sum(possible_connections(spec) for spec, _ in layers)
     hidden = [n for n, layer in g.nodes(data="layer") if 0 < layer < len(widths) - 1]
     dead = sum(1 for n in hidden if not set(g.pred[n]) - {n} or not set(g.succ[n]) - {n})
     out = {
@@ -69,7 +69,7 @@ def structure_features(
         "spectral_radius": _spectral_radius(layers, g.number_of_edges() > max_edges),
     }
     for spec, m in layers:
-        out.update(_layer_features(spec["name"], m))
+        out.update(_layer_features(spec["name"], m, possible_connections(spec)))
     return out
 
 
@@ -116,10 +116,11 @@ def _spectral_radius(layers: list[tuple[dict, torch.Tensor]], too_costly: bool) 
                default=0.0)
 
 
-def _layer_features(name: str, m: torch.Tensor) -> dict[str, float]:
+def _layer_features(name: str, m: torch.Tensor, possible: int) -> dict[str, float]:
     """The ``<layer>.*`` features of the layer ``name``'s ``(targets, sources)`` connection
-    matrix ``m``; NaN for statistics over no connections or no neurons."""
-    out = {f"{name}.density": float(m.float().mean()) if m.numel() else math.nan}
+    matrix ``m`` of ``possible`` connections; NaN for statistics over no connections or no
+    neurons."""
+    out = {f"{name}.density": int(m.sum()) / possible if possible else math.nan}
     for kind, degree in (("in", m.sum(1)), ("out", m.sum(0))):
         d = degree.double()
         stats = (d.mean(), d.std(correction=0), d.max()) if d.numel() else (math.nan,) * 3
