@@ -256,3 +256,26 @@ def test_grouped_convolutions_count_only_their_possible_connections():
         structure_features(graph)
     del graph.graph["layers"][2]["groups"]  # a graph that does not say: one group
     assert structure_features(graph)["2.weight.density"] == 0.5
+
+
+def test_diff_counts_a_tied_tensor_once(tmp_path):
+    """An update of a tied embedding counted twice, and a tied model differed from its own
+    Hugging Face directory (which stores the tensor once) by the second name."""
+    a = tiny_llama(tie_word_embeddings=True)
+    b = tiny_llama(tie_word_embeddings=True)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        b.model.embed_tokens.weight[0, 0] += 1
+    for other in (b, b.state_dict()):
+        d = sparsekit.diff(a, other)
+        assert [r.name for r in d.changed()] == ["model.embed_tokens.weight"]
+        assert d.totals["changed"] == 1
+        assert d.totals["numel"] == sum(p.numel() for p in a.parameters())
+    b.save_pretrained(tmp_path / "hf")
+    assert sparsekit.diff(a, tmp_path / "hf").totals["changed"] == 1
+    untied = tiny_llama(tie_word_embeddings=False)  # fine-tuning untied the output layer
+    untied.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        untied.lm_head.weight[1, 1] += 1
+    d = sparsekit.diff(a, untied)
+    assert [r.name for r in d.changed()] == ["lm_head.weight"]

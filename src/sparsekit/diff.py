@@ -7,7 +7,7 @@ dict, a :func:`sparsekit.save` file (or any safetensors file), a
 :func:`sparsekit.save_pretrained` directory or a Hugging Face directory
 (``model.safetensors``, or the tensors a sharded one's index lists). Tensors are compared
 by name; the two sides must hold the same names and shapes (dtypes may differ: values are
-compared in float64).
+compared in float64). A tensor tied under several names is one row, under its first name.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def diff(a: Source, b: Source, *, atol: float = 0.0) -> Diff:
     """
     check_nonnegative("atol", atol)  # ArgumentTypeError for a str, ValueError for NaN
     atol = float(atol)
-    first, second = _state(a, "a"), _state(b, "b")
+    first, second = _untied(_state(a, "a"), _state(b, "b"))
     only_a, only_b = sorted(set(first) - set(second)), sorted(set(second) - set(first))
     if only_a or only_b:
         raise ValueError(f"a and b hold different tensors (another architecture?): only in a "
@@ -147,6 +147,21 @@ def _row(name: str, a: torch.Tensor, b: torch.Tensor, atol: float) -> DiffRow:
     return DiffRow(name, tuple(a.shape), a.numel(), int(moved.sum()),
                    float(torch.linalg.vector_norm(update)),
                    float(torch.linalg.vector_norm(x.nan_to_num(nan=0.0))))
+
+
+def _untied(a: dict[str, torch.Tensor],
+            b: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``a`` and ``b`` with each tied name (a tensor held under an earlier name too, as an
+    output layer tied to the embeddings) dropped where the other side ties it alike or
+    lacks it (a Hugging Face file stores a tied tensor once): it was counted once per name,
+    and a tied model differed from its own Hugging Face directory by the second name. A
+    name tied on one side only (fine-tuning untied it) stays, compared with the other's."""
+    ties = [checkpoint._tied_keys(a), checkpoint._tied_keys(b)]
+    out = []
+    for own, (mine, theirs), other in ((a, ties, b), (b, ties[::-1], a)):
+        out.append({k: t for k, t in own.items()
+                    if k not in mine or (k in other and theirs.get(k) != mine[k])})
+    return out[0], out[1]
 
 
 def _state(source: Source, param: str) -> dict[str, torch.Tensor]:
