@@ -8,16 +8,38 @@ console and the results file say the same thing in the same words.
 
 A check is a ``(claim, met)`` pair: the claim a sentence that names what was measured and
 against which target, ``met`` whether the measurement reached it.
+
+:func:`suffix_arg` and :func:`stem` name the results files of a run given ``--suffix``
+(``<name>_<suffix>.{json,md}``), so that a run on another CPU or of another subset does not
+overwrite a committed file.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 Check = tuple[str, bool]
+
+
+def suffix_arg(text: str) -> str:
+    """``argparse`` type of a ``--suffix``: letters, digits, ``-`` and ``_`` only (it becomes
+    part of a file name; no separators, no ``..``). The empty default means no suffix
+    (argparse passes a string default through the type too)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+        raise argparse.ArgumentTypeError(
+            f"must be letters, digits, '-' and '_', got {text!r}")
+    return text
+
+
+def stem(*parts: str) -> str:
+    """The non-empty ``parts`` joined by ``_``: ``stem("llm_decode", "", "zen4")`` is
+    ``"llm_decode_zen4"``."""
+    return "_".join(p for p in parts if p)
 
 
 def verdict(met: bool) -> str:

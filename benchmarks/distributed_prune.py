@@ -14,7 +14,17 @@ benchmarks/results/distributed_prune{_quick}.{json,md}.
 Calibration parallelises (each rank runs the blocks on half the windows), the pruning
 itself does not (every rank prunes every layer from the summed statistics), so the speed-up
 is bounded by the calibration's share of the time; on a machine shared with other work it
-also depends on the load, which the report prints.
+also depends on the load, which the report prints. Target (full setup): 2 processes at
+least 1.1x faster than the best single process (a MISS, exit 1, below it): distributing must
+pay for itself. Halving the calibration allows up to 2x; 1.1x needs only a sixth of a single
+process's time to be calibration, where the full setup's 64 windows x 256 tokens through
+every block are about two thirds of it for SparseGPT (whose per-layer solves every rank
+repeats: a bound near 1.5x) and more for Wanda (a per-row sort). The margin is for load: a
+2-process run waits for its slower rank, so another job on one core slows it and not the
+single process; on 2 shared cores at load 2-3 single repeats gave Wanda 1.34-1.77x and
+SparseGPT 1.14x, the best of two SparseGPT 1.51x (the default takes the best of three). The
+--quick model is too small for it: gloo's start-up and sums outweigh its calibration (0.5x),
+so its speed-up is reported, not checked.
 
     python benchmarks/distributed_prune.py --quick   # ~2 min
     python benchmarks/distributed_prune.py           # ~10 min on 2 cores
@@ -32,12 +42,13 @@ from pathlib import Path
 
 import torch
 from _machine import describe
-from _report import conclude
+from _report import checklist, conclude
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("wanda", "sparsegpt")
 ATTEMPTS = 3  # launches of one run before giving up
 MIN_AGREEMENT = 0.999  # summation order may flip near ties, never more than this
+SPEEDUP_TARGET = 1.1  # full setup: 2 processes over the best single one (see the docstring)
 SETUPS = {  # hidden, layers, windows, seqlen
     "quick": (128, 2, 16, 128),
     "full": (256, 4, 64, 256),
@@ -162,7 +173,8 @@ def main() -> int:
     machine = describe()
     meta = {"setup": setup, "machine": machine, "hidden": hidden, "layers": layers,
             "windows": windows, "seqlen": seqlen, "cores": args.cores, "repeats": repeats,
-            "load_average": [load, load_end], "torch": torch.__version__}
+            "load_average": [load, load_end], "torch": torch.__version__,
+            "speedup_target": None if args.quick else SPEEDUP_TARGET}
     head = " | ".join(f"{p} process{'es' if p > 1 else ''} x {t} thread{'s' if t > 1 else ''} (s)"
                       for p, t in configs)
     lines = [
@@ -191,8 +203,17 @@ def main() -> int:
     checks = [(f"the 2-process masks of {r['method']} agree with the 1-process masks on at "
                f"least {100 * MIN_AGREEMENT:g} % of the entries",
                r["mask_agreement"] >= MIN_AGREEMENT) for r in rows]
+    if args.quick:
+        lines += [f"Speed-up target ({SPEEDUP_TARGET}x) not checked: the quick model's "
+                  "calibration is too short to outweigh gloo's start-up and sums.", ""]
+    else:
+        checks += [(f"2 processes prune with {r['method']} at least {SPEEDUP_TARGET}x faster "
+                    f"than the best single process ({r['speedup']:.2f}x)",
+                    r["speedup"] >= SPEEDUP_TARGET) for r in rows]
+    lines += ["Targets:", "", *checklist(checks), ""]
     return conclude(checks, {
-        args.out / f"distributed_prune{suffix}.json": {"meta": meta, "rows": rows},
+        args.out / f"distributed_prune{suffix}.json": {"meta": meta, "rows": rows,
+                                                         "checks": dict(checks)},
         args.out / f"distributed_prune{suffix}.md": "\n".join(lines)}, no_check=args.no_check)
 
 

@@ -30,7 +30,10 @@ Targets, as ratios in one run (checked on every model): 50 % bf16 ≥ 1.5× dens
 ≥ 5× dense fp32; TEAL 50 % on top of each of these ≥ 1.3× more; every sparsekit prefill not
 slower than dense of its activation dtype (within 5 % timing noise). Each miss is printed and
 the script exits 1 (``--no-check`` only reports). Writes
-benchmarks/results/llm_decode{,_quick}.{json,md}, naming the CPU model and ISA.
+benchmarks/results/llm_decode{,_quick}{_SUFFIX}{_avx2}.{json,md}, naming the CPU model and ISA
+(``--suffix SUFFIX`` names a run after its model, CPU and session, as the README's files are:
+``--shape 2048x5632x4 --suffix 2048x4_zen4_s49_bf16`` writes
+``llm_decode_2048x4_zen4_s49_bf16.{json,md}``; ``--out`` picks the folder).
 
 ``--torch-compile`` adds rows of the sparsekit configurations in :data:`COMPILED` decoding
 under ``torch.compile`` with a static KV cache (:class:`StaticDecode`), held to the int8
@@ -54,7 +57,8 @@ limited to AVX2 by their own switches (:data:`AVX2_ONLY`; set before torch loads
 script runs itself again with them). Without AVX-512 BF16 PyTorch's bf16 ``F.linear`` leaves
 oneDNN, as it does on such CPUs. The memory system stays this machine's: the run shows the
 AVX2 code paths against the AVX2 peers, not a Zen 3's absolute speeds. Results get the suffix
-``_avx2``.
+``_avx2``, after ``--suffix``'s (``--suffix 2048x4_intel_emr_s43 --isa avx2``:
+``llm_decode_2048x4_intel_emr_s43_avx2``).
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ from pathlib import Path
 
 import torch
 from _machine import describe
-from _report import checklist, conclude
+from _report import checklist, conclude, stem, suffix_arg
 from _timing import median_ratios, time_rounds
 from llm_pruning import EVAL_TOKENS, SEQLEN, shakespeare, train_llama
 from torch import nn
@@ -772,6 +776,10 @@ def main() -> int:
                         help="one smaller model (hidden 1024, 2 layers), shorter timing")
     parser.add_argument("--no-check", action="store_true", help="do not fail on missed targets")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--suffix", type=suffix_arg, default="", metavar="TEXT",
+                        help="appended to the results' file names, before --isa's: e.g. "
+                        "2048x4_zen4_s49_bf16 writes llm_decode_2048x4_zen4_s49_bf16.{json,md}, "
+                        "so that a run on another CPU does not overwrite a committed one")
     parser.add_argument("--shape", type=shape_arg, metavar="HIDDENxINTERMEDIATExLAYERS",
                         help="one model of this shape instead (a smoke test: --quick "
                         "--shape 128x256x1)")
@@ -840,20 +848,19 @@ def run(args: argparse.Namespace) -> int:
     if args.only != "decode":
         print("perplexity: int8 over sparse fp32", flush=True)
         ppl = perplexity_rows(args.quick)
-    stem = ("llm_decode_quick" if args.quick else "llm_decode") + (f"_{args.isa}" if args.isa
-                                                                   else "")
+    out_stem = stem("llm_decode_quick" if args.quick else "llm_decode", args.suffix, args.isa or "")
     report = markdown(machine, results, ppl, note, args.quick)
     print(report)
     verdicts = [(f"{r['model']}: {claim}", ok) for r in results for claim, ok in r["checks"]]
     verdicts += (ppl or {"checks": []})["checks"]
     return conclude(verdicts, {
-        args.out / f"{stem}.json": {
+        args.out / f"{out_stem}.json": {
             "cpu": machine, "note": note, "quick": args.quick,
             "models": [{**r, "checks": [{"claim": c, "met": ok} for c, ok in r["checks"]]}
                        for r in results],
             "perplexity": ppl and {**ppl, "checks": [{"claim": c, "met": ok}
                                                      for c, ok in ppl["checks"]]}},
-        args.out / f"{stem}.md": report}, no_check=args.no_check)
+        args.out / f"{out_stem}.md": report}, no_check=args.no_check)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ dense, static random (ERK), one-shot magnitude + fine-tune, gradual magnitude
 (Zhu & Gupta), SET, RigL, SNFS, GraNet and SRigL; mean ± std over seeds, training time
 relative to dense measured in the same run. Checks the published trends
 (RigL ≥ SET ≥ static at ≥ 95 %, gradual ≥ one-shot) and exits 1 when one does not
-reproduce (``--no-check`` to only report). Writes benchmarks/results/sparse_training.*.
+reproduce (``--no-check`` to only report). Writes benchmarks/results/sparse_training.*
+(``--suffix TEXT``: sparse_training_TEXT.*, so that a run of a subset or on another machine
+does not overwrite the committed one; ``--out`` picks the folder).
 
     python benchmarks/sparse_training.py            # full run, ~20 min on 2 cores
     python benchmarks/sparse_training.py --quick    # CI smoke, < 1 min
+    python benchmarks/sparse_training.py --models lenet5 --suffix lenet5   # ..._lenet5.*
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _report import conclude, verdict
+from _report import conclude, stem, suffix_arg, verdict
 from torch.utils.data import TensorDataset
 
 import sparsekit
@@ -70,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run for CI")
     parser.add_argument("--no-check", action="store_true", help="report trends, never fail")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--suffix", type=suffix_arg, default="", metavar="TEXT",
+                        help="appended to the results' file names: sparse_training_TEXT.* "
+                        "(e.g. lenet5 with --models lenet5)")
     parser.add_argument("--models", default="lenet_300_100,lenet5",
                         help="comma-separated subset of lenet_300_100,lenet5")
     args = parser.parse_args(argv)
@@ -104,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"dataset": data.name, "sparsities": config["sparsities"], "seeds": config["seeds"],
             "epochs": {k: v[2] for k, v in config["models"].items()},
             "threads": torch.get_num_threads()}
-    _plot(args.out, rows)
+    name = stem("sparse_training", args.suffix)
+    _plot(args.out / f"{name}.png", rows)
     return conclude([(f"{c['claim']} ({c['detail']})", c["ok"]) for c in checks], {
-        args.out / "sparse_training.json": {"config": meta, "rows": rows, "checks": checks},
-        args.out / "sparse_training.md": _markdown(meta, rows, checks)}, no_check=args.no_check)
+        args.out / f"{name}.json": {"config": meta, "rows": rows, "checks": checks},
+        args.out / f"{name}.md": _markdown(meta, rows, checks)}, no_check=args.no_check)
 
 
 def _row(model: str, method: str, sparsity: float, results, dense_time: float) -> dict:
@@ -154,7 +161,7 @@ def _markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(out: Path, rows: list[dict]) -> None:
+def _plot(path: Path, rows: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,8 +179,8 @@ def _plot(out: Path, rows: list[dict]) -> None:
         ax.set_ylabel("test accuracy")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "sparse_training.png", dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
