@@ -87,7 +87,7 @@ def test_every_bitmap_expansion_gives_the_tables_rows_bit_for_bit(
     assert torch.equal(y, expected)
 
 
-def test_the_bitmap_expansion_is_auto_vpexpand_on_intel_and_for_zen_4_int8_codes():
+def test_the_bitmap_expansion_is_auto_vpexpand_on_intel_and_for_zen_4_codes_and_columns():
     expansions = kernels.bitmap_expansions()
     assert expansions[0] == "tables"
     assert set(expansions) <= {"tables", "vpexpand"}
@@ -99,9 +99,15 @@ def test_the_bitmap_expansion_is_auto_vpexpand_on_intel_and_for_zen_4_int8_codes
     expected = {"bf16": runs and intel, "fp32": runs and intel, "int8": runs and (intel or zen4)}
     for values, vpexpand in expected.items():
         assert kernels.bitmap_expansion(values) == ("vpexpand" if vpexpand else "tables")
+        in_columns = vpexpand or (runs and zen4)  # act_bitmap_gemv's columns, every dtype
+        assert kernels.bitmap_expansion(values, columns=True) == (
+            "vpexpand" if in_columns else "tables")
         for forced in expansions:
             with kernels.use_bitmap_expansion(forced):
                 assert kernels.bitmap_expansion(values) == forced
+                assert kernels.bitmap_expansion(values, columns=True) == forced
+    with pytest.raises(TypeError, match="columns must be a bool, got 'yes'"):
+        kernels.bitmap_expansion("bf16", columns="yes")
 
 
 def test_bitmap_expansion_names_the_values_it_accepts():

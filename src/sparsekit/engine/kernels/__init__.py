@@ -35,6 +35,8 @@ from types import ModuleType
 
 import torch
 
+from sparsekit._checks import ArgumentTypeError
+
 __all__ = [
     "available", "bitmap_expansion", "bitmap_expansions", "flush_cache", "isa", "isas", "load",
     "num_threads", "unavailable_reason", "use_bitmap_expansion", "use_isa",
@@ -170,7 +172,7 @@ def _using(what: str, kinds: str, name: str, accepted: tuple[str, ...],
         getattr(ops, setter)(before)
 
 
-def bitmap_expansion(values: str | None = None) -> str | None:
+def bitmap_expansion(values: str | None = None, *, columns: bool = False) -> str | None:
     """How the AVX-512 kernels move the packed values of bitmap words into the lanes of
     their inputs: ``"vpexpand"`` (one VBMI2 ``vpexpandw`` per word of bf16 values, one
     ``vpexpandb`` per 64 int8 codes, W8A8 or float inputs; in the bitmap columns of
@@ -180,17 +182,22 @@ def bitmap_expansion(values: str | None = None) -> str | None:
     Without ``values``, the setting: ``"auto"`` (the default) or the expansion
     :func:`use_bitmap_expansion` forces. Under ``"auto"`` each dtype takes the one measured
     faster on this kind of CPU: ``"vpexpand"`` for every dtype on Intel; on AMD Zen 4 for
-    int8 codes (1.06-1.45x faster across the int8 bitmap kernels) and ``"tables"`` for bf16
-    (whose rows ``vpexpandw`` ran 1.3x slower) and fp32; ``"tables"`` elsewhere (AMD Zen 5
-    ran the expands 1.3-3x slower). With ``values`` (``"bf16"``, ``"fp32"`` or ``"int8"``),
-    the expansion the kernels use for them now. ``None`` without kernels; the AVX2 and
-    scalar kernels always use their own tables."""
+    int8 codes (1.06-1.45x faster across the int8 bitmap kernels) and in the bitmap columns
+    of ``act_bitmap_gemv`` (fp32 1.16-1.24x, bf16 1.02-1.19x), ``"tables"`` for the bf16
+    rows (which ``vpexpandw`` ran 1.3x slower) and the fp32 ones; ``"tables"`` elsewhere
+    (AMD Zen 5 ran the expands 1.3-3x slower). With ``values`` (``"bf16"``, ``"fp32"`` or
+    ``"int8"``), the expansion the kernels use for them now: in the bitmap rows, or with
+    ``columns=True`` in the bitmap columns. ``None`` without kernels; the AVX2 and scalar
+    kernels always use their own tables."""
     if values is not None and values not in _EXPANSION_VALUES:
         raise ValueError(f"values must be one of {_EXPANSION_VALUES}, got {values!r}")
+    if not isinstance(columns, bool):
+        raise ArgumentTypeError(f"columns must be a bool, got {columns!r}")
     ops = load()
     if ops is None:
         return None
-    return str(ops.bitmap_expansion() if values is None else ops.bitmap_expansion_of(values))
+    return str(ops.bitmap_expansion() if values is None
+               else ops.bitmap_expansion_of(values, columns))
 
 
 _EXPANSION_VALUES = ("bf16", "fp32", "int8")

@@ -91,7 +91,8 @@ sparsekit::ActBitmapGemvArgs checked_args(
       reinterpret_cast<const uint16_t*>(bitmap.data_ptr<int16_t>()),
       offsets.data_ptr<int32_t>(), in, out_features, block, nblocks, stored, a.scale, a.bias,
       a.bf16, nullptr, nullptr, 0, nullptr, a.threads,
-      sparsekit::bitmap_vpexpand(sparsekit::value_type(values)), a.group_scales, a.group_size};
+      sparsekit::bitmap_vpexpand(sparsekit::value_type(values), /*columns=*/true),
+      a.group_scales, a.group_size};
 }
 
 // args with the kept inputs idx (kept of them) and a fresh float32 y; the thread count from

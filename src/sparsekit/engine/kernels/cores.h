@@ -261,8 +261,9 @@ const Cores& cores();
 // Whether the AVX-512 bitmap kernels expand `values` (int8 codes with vpexpandb, bf16 words
 // with vpexpandw, fp32 with vexpandps: the bitmap expansion "vpexpand") instead of by the
 // pshufb tables and vpermb by ranks ("tables"): the setting of set_bitmap_expansion, or
-// under "auto" (the default) what this CPU runs faster for that dtype (isa.cpp).
-bool bitmap_vpexpand(Value values);
+// under "auto" (the default) what this CPU runs faster for that dtype, in the bitmap rows or
+// in the bitmap columns of act_bitmap_gemv (`columns`; isa.cpp).
+bool bitmap_vpexpand(Value values, bool columns = false);
 
 // Whether the W8A8 bitmap rows that expand int8 codes with vpexpandb (bitmap_vpexpand) take
 // 32 codes per instruction instead of 64: on AMD Zen 4 (isa.cpp).

@@ -78,20 +78,25 @@ std::vector<std::string> bitmap_expansions() {
 }
 
 // Whether the bitmap expansion "auto" takes "vpexpand" for int8 codes (`codes`) or for bf16
-// words and fp32 values: on Intel CPUs that run it, for every dtype (1.2-1.4x faster bf16
-// GEMVs there, bitmap_core.h; 1.1-1.6x W8A8 bitmap rows at batch 1-8, 1.2-1.4x float-input
-// int8, qlinear_core.h); on AMD Zen 4 (family 19h: its AVX-512 CPUs) for int8 codes only —
-// vpexpandb ran every int8 bitmap kernel faster there (float-input rows 1.24-1.29x, W8A8
-// rows 1.06-1.1x, bitmap columns 1.2-1.45x; 5632x2048, 2048x5632, 2048x2048 and 11008x4096
-// at 50 %, one and two threads, weights from memory), while vpexpandw ran the bf16 rows
-// 1.3x slower and the bf16 columns the same; "tables" elsewhere (AMD Zen 5 ran vpexpandw and
-// expand-loads 2-3x slower than the tables, vpexpandb 1.3-2.7x slower).
-bool vpexpand_by_default(bool codes) {
+// words and fp32 values, in the bitmap rows or in the bitmap columns of act_bitmap_gemv
+// (`columns`): on Intel CPUs that run it, for every dtype (1.2-1.4x faster bf16 GEMVs there,
+// bitmap_core.h; 1.1-1.6x W8A8 bitmap rows at batch 1-8, 1.2-1.4x float-input int8,
+// qlinear_core.h); on AMD Zen 4 (family 19h: its AVX-512 CPUs) for int8 codes and for the
+// columns — vpexpandb ran every int8 bitmap kernel faster there (float-input rows
+// 1.24-1.29x, W8A8 rows 1.06-1.1x, bitmap columns 1.2-1.45x; 5632x2048, 2048x5632, 2048x2048
+// and 11008x4096 at 50 %, one and two threads, weights from memory), and the expand-loads
+// the fp32 and bf16 columns (median 1.16-1.24x fp32, 1.02-1.19x bf16 over the tables on the
+// LLaMA shapes 6144x2048, 11264x2048, 2048x5632 and 2048x2048 at 50 % x 50 %, two threads,
+// weights from memory, 25 interleaved rounds, session 51), while vpexpandw ran the bf16 rows
+// 1.3x slower; "tables" elsewhere (AMD Zen 5 ran vpexpandw and expand-loads 2-3x slower than
+// the tables, vpexpandb 1.3-2.7x slower).
+bool vpexpand_by_default(bool codes, bool columns) {
 #if defined(__x86_64__) || defined(__i386__)
   if (bitmap_expansions().size() < 2) return false;
-  return __builtin_cpu_is("intel") || (codes && __builtin_cpu_is("amdfam19h"));
+  return __builtin_cpu_is("intel") || ((codes || columns) && __builtin_cpu_is("amdfam19h"));
 #else
   (void)codes;
+  (void)columns;
   return false;
 #endif
 }
@@ -104,12 +109,13 @@ std::string bitmap_expansion() {
   return e == kAuto ? "auto" : e == kVpexpand ? "vpexpand" : "tables";
 }
 
-// The expansion the kernels use for `values` ("bf16", "fp32" or "int8") now.
-std::string bitmap_expansion_of(const std::string& values) {
+// The expansion the kernels use for `values` ("bf16", "fp32" or "int8") now, in the bitmap
+// rows or (`columns`) in the bitmap columns of act_bitmap_gemv.
+std::string bitmap_expansion_of(const std::string& values, bool columns) {
   TORCH_CHECK(values == "bf16" || values == "fp32" || values == "int8",
               "values must be 'bf16', 'fp32' or 'int8', got '", values, "'");
   const Value v = values == "int8" ? Value::i8 : values == "bf16" ? Value::bf16 : Value::f32;
-  return bitmap_vpexpand(v) ? "vpexpand" : "tables";
+  return bitmap_vpexpand(v, columns) ? "vpexpand" : "tables";
 }
 
 // Makes `name` ("auto" or one of bitmap_expansions) the bitmap expansion; returns the one it
@@ -130,11 +136,13 @@ std::string set_bitmap_expansion(const std::string& name) {
 
 }  // namespace
 
-bool bitmap_vpexpand(Value values) {
+bool bitmap_vpexpand(Value values, bool columns) {
   const int e = expansion.load(std::memory_order_relaxed);
   if (e != kAuto) return e == kVpexpand;
-  static const bool for_codes = vpexpand_by_default(true), for_words = vpexpand_by_default(false);
-  return values == Value::i8 ? for_codes : for_words;
+  static const bool for_codes = vpexpand_by_default(true, false),
+                    for_words = vpexpand_by_default(false, false),
+                    for_columns = vpexpand_by_default(false, true);
+  return values == Value::i8 ? for_codes : columns ? for_columns : for_words;
 }
 
 // AMD Zen 4 runs a 512-bit vpexpandb as two dependent 256-bit halves (5 cycles' latency
@@ -172,6 +180,7 @@ TORCH_LIBRARY_FRAGMENT(sparsekit, m) {
   m.def("set_isa(str name) -> str", &sparsekit::set_isa);
   m.def("bitmap_expansion() -> str", &sparsekit::bitmap_expansion);
   m.def("bitmap_expansions() -> str[]", &sparsekit::bitmap_expansions);
-  m.def("bitmap_expansion_of(str values) -> str", &sparsekit::bitmap_expansion_of);
+  m.def("bitmap_expansion_of(str values, bool columns=False) -> str",
+        &sparsekit::bitmap_expansion_of);
   m.def("set_bitmap_expansion(str name) -> str", &sparsekit::set_bitmap_expansion);
 }
