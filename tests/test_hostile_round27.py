@@ -279,3 +279,29 @@ def test_diff_counts_a_tied_tensor_once(tmp_path):
         untied.lm_head.weight[1, 1] += 1
     d = sparsekit.diff(a, untied)
     assert [r.name for r in d.changed()] == ["lm_head.weight"]
+
+
+def test_moe_evaluate_scores_the_choice_the_layer_runs():
+    """Under set_oracle the layer runs the oracle's choice, but evaluate scored its router's
+    (error 0.76 where the layer as it ran had 0.44, recall 0.575 instead of 1)."""
+    from sparsekit.moe import evaluate
+    from sparsekit.moe.routed import RoutedFFN, set_oracle
+
+    torch.manual_seed(0)
+    d, n, size = 8, 12, 3
+    w_in, w_out, b_out = torch.randn(n, 1, d), torch.randn(5, n), torch.randn(5)
+    layer = RoutedFFN(w_in, None, w_out, b_out, torch.relu, order=torch.arange(n), hot=0,
+                      unit_size=size, router=nn.Linear(d, n // size), k=2)
+    model = nn.Sequential(layer)
+    x = torch.randn(40, d)
+    with torch.no_grad():
+        dense = torch.relu(x @ w_in[:, 0].t()) @ w_out.t() + b_out
+    for oracle in (False, True):
+        set_oracle(model, oracle)
+        scores = evaluate(model, x)["0"]
+        with torch.no_grad():
+            ran = float(torch.linalg.vector_norm(model(x) - dense)
+                        / torch.linalg.vector_norm(dense))
+        assert scores["error"] == pytest.approx(ran, rel=1e-5)
+        if oracle:
+            assert scores["recall"] == 1.0 and scores["error"] == scores["oracle_error"]

@@ -3,11 +3,12 @@
 For each :class:`~sparsekit.moe.RoutedFFN` the rows it receives on ``data`` are recorded;
 on them, the *oracle* choice is the ``k`` units with the largest activation mass
 (:func:`~sparsekit.moe.routed.unit_mass`, what the router was trained to predict).
-``recall`` is the fraction of the oracle's units the router chose; as both choose ``k``
-units, it is also the precision. ``error`` is the
-relative output error ``||y - y_dense|| / ||y_dense||`` of the routed FFN over the rows,
-``oracle_error`` the same with the oracle's choice: the part of the error that is the
-router's and the part that is the sparsity's.
+``recall`` is the fraction of the oracle's units the layer chose (its router's choice, or
+the oracle's own under :func:`~sparsekit.moe.set_oracle`); as both choose ``k`` units, it
+is also the precision. ``error`` is the relative output error ``||y - y_dense|| /
+||y_dense||`` of the routed FFN over the rows as it runs, ``oracle_error`` the same with the
+oracle's choice: the part of the error that is the router's and the part that is the
+sparsity's.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _quality(layer: RoutedFFN, x: torch.Tensor) -> dict[str, float]:
     if not layer.units:
         return metrics | {"recall": 1.0, "precision": 1.0, "error": 0.0, "oracle_error": 0.0}
     oracle = unit_mass(h, layer.norms, layer.hot, layer.unit_size).topk(layer.k, dim=1).indices
-    chosen = layer.router(x).topk(layer.k, dim=-1).indices
+    chosen = layer.chosen(x, h)  # what the layer runs: its router's, or set_oracle's
     hits = (chosen[:, :, None] == oracle[:, None, :]).any(-1).float().mean()
 
     def error(units: torch.Tensor) -> float:
