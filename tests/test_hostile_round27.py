@@ -305,3 +305,24 @@ def test_moe_evaluate_scores_the_choice_the_layer_runs():
         assert scores["error"] == pytest.approx(ran, rel=1e-5)
         if oracle:
             assert scores["recall"] == 1.0 and scores["error"] == scores["oracle_error"]
+
+
+def test_iterative_pruning_state_with_numpy_numbers_loads_weights_only(tmp_path):
+    """A NumPy sparsity (np.linspace) or metric went into the history as a NumPy scalar,
+    which torch.load's weights_only default refused: SparsityCallback could not resume from
+    the checkpoint it wrote itself."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    imp = sparsekit.IterativePruning(model, rounds=3, sparsity=np.float64(0.8),
+                                     rewind_step=0)
+    imp.next_round({"acc": np.float64(0.9), "step": np.int64(3), "name": "a"})
+    torch.save(imp.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt")  # weights_only=True
+    assert state["history"][0]["metrics"] == {"acc": 0.9, "step": 3, "name": "a"}
+    assert type(state["history"][0]["sparsity"]) is float
+    assert type(state["history"][0]["metrics"]["step"]) is int
+    again = sparsekit.IterativePruning(model, rounds=3, sparsity=0.8, rewind_step=0)
+    again.load_state_dict(state)
+    assert again.round == 1

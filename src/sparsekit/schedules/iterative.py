@@ -83,8 +83,10 @@ class IterativePruning:
         check_optimizer(optimizer, optional=True)
         compute_masks(model, rate_per_round, method=method, allocation=allocation)
         self.model = model
-        self.rounds, self.sparsity, self.rewind_step = rounds, sparsity, rewind_step
-        self.rate_per_round = rate_per_round
+        # Python floats: a NumPy one (np.linspace) went into the history, whose checkpoint
+        # torch.load's weights_only default (and SparsityCallback's resume) then refused
+        self.rounds, self.sparsity, self.rewind_step = rounds, float(sparsity), rewind_step
+        self.rate_per_round = float(rate_per_round)
         self._prune = dict(method=method, allocation=allocation)
         self.masks = MaskSet(model, {t.name: torch.ones_like(t.param, dtype=torch.bool)
                                      for t in resolve_targets(model)})
@@ -111,6 +113,9 @@ class IterativePruning:
     def next_round(self, metrics: dict[str, float] | None = None) -> bool:
         """Prune, record this round, rewind survivors to step k; return whether rounds remain.
 
+        ``metrics`` (e.g. the round's accuracy) go into :attr:`history`, a NumPy number as
+        the Python number it holds (a checkpoint of it loads with ``weights_only=True``).
+
         Once all ``rounds`` ran there is nothing left to prune: it changes nothing (neither
         the masks nor the weights) and returns ``False``. A model whose state no longer fits
         the remembered weights (a buffer registered since) is refused before any change.
@@ -126,7 +131,7 @@ class IterativePruning:
         if metrics is not None and not isinstance(metrics, Mapping):
             raise ArgumentTypeError(f"metrics must be a dict of name -> value or None, got "
                                     f"{type(metrics).__name__}")
-        metrics = dict(metrics or {})
+        metrics = {k: _python_number(v) for k, v in (metrics or {}).items()}
         sparsity = self.target_sparsity(self.round)
         new, _ = compute_masks(self.model, sparsity, **self._prune)
         self.masks.check_update(new)  # refused before the weights are rewound
@@ -231,3 +236,11 @@ def _own(rewind_state: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Ten
     it saved (a tensor moved with ``.cpu()``, cast) changed the weights the next round
     rewinds to, and a loaded state stayed the caller's dict."""
     return None if rewind_state is None else dict(rewind_state)
+
+
+def _python_number(value: object) -> object:
+    """``value``, or the Python number a NumPy (or other) scalar holds."""
+    if type(value) in (bool, int, float, complex) or not isinstance(value, numbers.Number):
+        return value
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value
