@@ -326,3 +326,19 @@ def test_iterative_pruning_state_with_numpy_numbers_loads_weights_only(tmp_path)
     again = sparsekit.IterativePruning(model, rounds=3, sparsity=0.8, rewind_step=0)
     again.load_state_dict(state)
     assert again.round == 1
+
+
+@pytest.mark.parametrize("method", ["snip", "taylor", "grasp"])
+def test_scoring_draws_from_its_seed_not_the_callers_rng(method):
+    """A model in train mode with dropout: two prune() calls with one seed gave different
+    masks, and scoring advanced the caller's RNG (a resume that restored it diverged)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4))
+    data = [(torch.randn(16, 12), torch.randint(0, 4, (16,)))]
+    before = torch.get_rng_state()
+    a = sparsekit.prune(copy.deepcopy(model), 0.5, method=method, data=data, seed=0).masks
+    assert torch.equal(torch.get_rng_state(), before)
+    b = sparsekit.prune(copy.deepcopy(model), 0.5, method=method, data=data, seed=0).masks
+    assert all(torch.equal(a[n], b[n]) for n in a)

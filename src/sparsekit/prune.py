@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -67,6 +67,11 @@ def prune(
     same ``data``; a data-driven criterion observes or differentiates on this rank's share
     of the batches (``len(data)`` a multiple of the ranks) and sums over the ranks, so
     every rank gets the same masks, those of one process up to the order of the sums.
+
+    ``seed`` seeds every random draw of the scoring, the criterion's own (``"random"``) and
+    the model's (dropout of a model in train mode, which a gradient criterion runs as it
+    is), from a forked RNG: two calls with one seed give the same masks, and the caller's
+    RNG is where it was (scoring drew from it, so a resume that restored it diverged).
     """
     masks, pat = compute_masks(
         model, sparsity, method=method, pattern=pattern, allocation=allocation,
@@ -128,7 +133,8 @@ def _masks(
 
     scales = batchnorm_scales(model) if pat.grouped else []  # a group's γ, for magnitude
     ctx = ScoreContext(model, chosen, data, loss_fn, seeded(seed), scales)
-    scores = score_fn(ctx)
+    with _seeded_rng(seed):
+        scores = score_fn(ctx)
     check_scores(scores, method, chosen)
     if method in GRADIENT_CRITERIA:
         check_gradient_signal(method, chosen, scores)
@@ -259,3 +265,13 @@ def _check_per_target(result: Any, targets: list[Target], where: str) -> None:
 def _few(names: list[str]) -> str:
     """Up to three of ``names``, quoted, and "…" when there are more."""
     return ", ".join(map(repr, names[:3])) + (", …" if len(names) > 3 else "")
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int) -> Iterator[None]:
+    """The global RNGs (CPU, and every CUDA device in use) seeded with ``seed`` inside,
+    restored on exit."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
