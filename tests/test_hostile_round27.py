@@ -317,10 +317,12 @@ def test_iterative_pruning_state_with_numpy_numbers_loads_weights_only(tmp_path)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     imp = sparsekit.IterativePruning(model, rounds=3, sparsity=np.float64(0.8),
                                      rewind_step=0)
-    imp.next_round({"acc": np.float64(0.9), "step": np.int64(3), "name": "a"})
+    imp.next_round({"acc": np.float64(0.9), "step": np.int64(3), "name": "a",
+                    "best": np.bool_(True), "loss": np.array(0.5)})
     torch.save(imp.state_dict(), tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt")  # weights_only=True
-    assert state["history"][0]["metrics"] == {"acc": 0.9, "step": 3, "name": "a"}
+    assert state["history"][0]["metrics"] == {"acc": 0.9, "step": 3, "name": "a",
+                                              "best": True, "loss": 0.5}
     assert type(state["history"][0]["sparsity"]) is float
     assert type(state["history"][0]["metrics"]["step"]) is int
     again = sparsekit.IterativePruning(model, rounds=3, sparsity=0.8, rewind_step=0)

@@ -113,7 +113,7 @@ class IterativePruning:
     def next_round(self, metrics: dict[str, float] | None = None) -> bool:
         """Prune, record this round, rewind survivors to step k; return whether rounds remain.
 
-        ``metrics`` (e.g. the round's accuracy) go into :attr:`history`, a NumPy number as
+        ``metrics`` (e.g. the round's accuracy) go into :attr:`history`, a NumPy scalar as
         the Python number it holds (a checkpoint of it loads with ``weights_only=True``).
 
         Once all ``rounds`` ran there is nothing left to prune: it changes nothing (neither
@@ -239,8 +239,8 @@ def _own(rewind_state: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Ten
 
 
 def _python_number(value: object) -> object:
-    """``value``, or the Python number a NumPy (or other) scalar holds."""
-    if type(value) in (bool, int, float, complex) or not isinstance(value, numbers.Number):
-        return value
-    item = getattr(value, "item", None)
-    return item() if callable(item) else value
+    """``value``, or the Python number a NumPy scalar (``np.float64``, ``np.bool_``, a 0-d
+    array) holds."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()  # type: ignore[attr-defined]
+    return value
