@@ -56,13 +56,37 @@ def _two_formats() -> nn.Module:
 @pytest.mark.parametrize("rows", [1, 4])
 def test_a_layer_of_two_formats_traces_the_path_of_its_rows(rows):
     compiled, x = _two_formats(), torch.randn(rows, 64)
-    program = torch.export.export(compiled, (x,))
+    program = torch.export.export(compiled, (x,))  # static rows: the cond takes one side
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert targets.count("sparsekit.csr_linear.default") == (2 if rows <= 2 else 1), targets
     torch.testing.assert_close(program.module()(x), compiled(x))
     torch._dynamo.reset()
     traced = torch.compile(compiled, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(traced(x), compiled(x))
+
+
+@pytest.mark.parametrize("fmt", ["csr16", "bitmap", "dense", "two formats"])
+@pytest.mark.parametrize("weight_dtype", [None, "int8"])
+def test_a_program_exported_with_a_dynamic_batch_serves_every_row_count(fmt, weight_dtype):
+    """The thread count of a kernel call depends on the rows: it was specialised (a guard
+    on the traced batch, or threads=0 for a small one), and a layer of two formats traced
+    only the side of the example's rows."""
+    if fmt == "two formats":
+        compiled = _two_formats()
+    else:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16))
+        sparsekit.prune(model, 0.7)
+        compiled = sparsekit.compile(model, torch.randn(4, 64), formats=[fmt], cache=False,
+                                     weight_dtype=weight_dtype)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(compiled, (torch.randn(8, 64),),
+                                  dynamic_shapes={"input": {0: batch}})
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert ("cond" in targets) == (fmt == "two formats"), targets
+    for rows in (1, 2, 3, 300):
+        x = torch.randn(rows, 64)
+        assert torch.equal(program.module()(x), compiled(x))
 
 
 def test_num_threads_carries_what_assume_constant_result_marks():

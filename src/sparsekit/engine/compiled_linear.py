@@ -244,8 +244,9 @@ class CompiledLinear(CompiledLayer):
     like ``nn.Linear``. :meth:`to_dense` recovers the (masked) dense weight,
     :meth:`to_linear` an equivalent ``nn.Linear``. The row threshold is a plain ``int``
     (the buffer ``split_rows`` carries it through a ``state_dict``), so the dispatch is
-    a Python ``if`` on the input's static shape, which ``torch.export`` and
-    ``torch.compile`` trace.
+    a Python ``if`` on the input's shape; ``torch.export`` and ``torch.compile`` trace
+    both formats behind a ``torch.cond`` instead, so a program exported with a dynamic
+    batch serves every row count.
     """
 
     def __init__(
@@ -320,9 +321,20 @@ class CompiledLinear(CompiledLayer):
         if io is not None and x.dtype != io:
             self._refuse_dtype(x)
         large = self._large
-        if large is not None and x.numel() > self._split_numel:
-            return large(x, self._bias)
+        if large is not None:
+            if torch.compiler.is_compiling():
+                return self._traced_split(x)
+            if x.numel() > self._split_numel:
+                return large(x, self._bias)
         return self._matmul(x, self._bias)
+
+    def _traced_split(self, x: torch.Tensor) -> torch.Tensor:
+        """Both formats behind ``torch.cond`` on the rows: a program exported with a dynamic
+        batch (``torch.export.Dim``) keeps the split, where the Python ``if`` traced one
+        side and guarded the rows to it."""
+        bias = self._bias
+        return torch.cond(x.numel() > self._split_numel, lambda x: self._large(x, bias),
+                          lambda x: self._matmul(x, bias), (x,))
 
     def expected_state(
         self, state: dict[str, torch.Tensor], prefix: str = ""

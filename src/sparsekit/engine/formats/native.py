@@ -318,7 +318,10 @@ class NativeFormat(BoundArguments, Format):
         if self.threads is not None:
             return self.threads
         work = (self._stored + self.out_features) * rows  # nnz may cost a pass; matmul inlines this
-        return max(1, min(kernels.num_threads(), work // 16384))  # a fork costs a few µs
+        # a fork costs a few µs. torch.sym_max/min: rows traced with a dynamic batch
+        # (torch.export's Dim) stay an expression the exported program evaluates per call
+        # (the builtins lost the lower bound of 1: threads=0 for a small batch)
+        return torch.sym_max(1, torch.sym_min(kernels.num_threads(), work // 16384))
 
     def takes(self, dtype: torch.dtype) -> bool:
         return dtype in self.dtypes
