@@ -7,6 +7,13 @@
   free of. A W8A8 bitmap layer loaded into a float-input bitmap one silently (same
   buffers), and computed with the other kernel. The file now records each layer's kernel
   and the copy takes the saved layer's kind, kernel and number of stored weights.
+- save_pretrained refused a fused group whose stacked layer is activation-sparse; it
+  round-trips now.
+- Silent wrong numbers: the bf16 one-row values of ``weight_dtype="bf16"`` (float32 where the
+  prompt path held bf16), the density of grouped convolutions, ``diff`` of tied tensors,
+  ``moe.evaluate`` under ``set_oracle``.
+- A NumPy number in an IterativePruning history made a checkpoint ``weights_only`` refused;
+  scoring with dropout drew from the caller's RNG instead of ``seed``.
 """
 
 from __future__ import annotations
