@@ -256,10 +256,11 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
         raise ValueError(f"{path} does not match this model: {err}") from None
     try:
         restore_kernels = activation_linear.conform(model, state, kernels)
-    except BaseException as err:
+    except ValueError as err:
         restore()
-        if isinstance(err, ValueError):
-            raise ValueError(f"{path} does not match this model: {err}") from None
+        raise ValueError(f"{path} does not match this model: {err}") from None
+    except BaseException:
+        restore()
         raise
     try:
         return _load(model, path, stored, state)

@@ -156,12 +156,14 @@ def _untied(a: dict[str, torch.Tensor],
     lacks it (a Hugging Face file stores a tied tensor once): it was counted once per name,
     and a tied model differed from its own Hugging Face directory by the second name. A
     name tied on one side only (fine-tuning untied it) stays, compared with the other's."""
-    ties = [checkpoint._tied_keys(a), checkpoint._tied_keys(b)]
-    out = []
-    for own, (mine, theirs), other in ((a, ties, b), (b, ties[::-1], a)):
-        out.append({k: t for k, t in own.items()
-                    if k not in mine or (k in other and theirs.get(k) != mine[k])})
-    return out[0], out[1]
+    ties_a, ties_b = checkpoint._tied_keys(a), checkpoint._tied_keys(b)
+
+    def kept(own: dict[str, torch.Tensor], mine: dict[str, str],
+             other: dict[str, torch.Tensor], theirs: dict[str, str]) -> dict[str, torch.Tensor]:
+        return {k: t for k, t in own.items()
+                if k not in mine or (k in other and theirs.get(k) != mine[k])}
+
+    return kept(a, ties_a, b, ties_b), kept(b, ties_b, a, ties_a)
 
 
 def _state(source: Source, param: str) -> dict[str, torch.Tensor]:

@@ -50,7 +50,7 @@ from sparsekit.engine.activation_linear import (
 )
 from sparsekit.engine.autotune import MAX_ROWS
 from sparsekit.engine.compiled_conv import CompiledConv2d, convertible
-from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear, dense_linear
+from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.formats import FORMATS, Format, available_formats, check_formats
 from sparsekit.engine.formats.native import MAX_INT8_INPUTS, check_threads
 from sparsekit.engine.fused import FusedLinear, FusedProjections
@@ -726,7 +726,7 @@ def _activation_layer(
         # the one-row kernels read values of their inputs' dtype: float32 values rounded to
         # bf16, the numbers the prompt path's bf16 format holds (one row computed apart
         # from many differed by the rounding, and greedy tokens with them)
-        layer = dense_linear(layer.weight.detach().bfloat16().float(), layer.bias)
+        layer = _with_weight(layer, layer.weight.detach().bfloat16().float())
     multi = [r for r in rows if r > 1]
     inputs = None if probe is None else _typical_first(probe.reshape(-1, layer.in_features),
                                                        threshold)
@@ -984,9 +984,15 @@ def _with_value_dtype(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     (the bias and everything else shared); int8 codes are made by the formats."""
     if dtype is None or not dtype.is_floating_point or layer.weight.dtype != torch.float32:
         return layer
+    return _with_weight(layer, layer.weight.detach().to(dtype))
+
+
+def _with_weight(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A shallow copy of ``layer`` holding ``weight`` (frozen), the bias and everything
+    else shared."""
     stored = copy.copy(layer)
     stored._parameters = dict(layer._parameters)
-    stored._parameters["weight"] = nn.Parameter(layer.weight.detach().to(dtype), False)
+    stored._parameters["weight"] = nn.Parameter(weight, False)
     return stored
 
 
