@@ -137,6 +137,44 @@ def test_every_bitmap_expansion_adds_the_same_products(expansion, values, thread
 
 @needs_kernels
 @pytest.mark.parametrize("isa", _ISAS)
+@pytest.mark.parametrize("expansion", kernels.bitmap_expansions() if kernels_ok() else ())
+@pytest.mark.parametrize("values", list(_VALUES))
+def test_a_column_at_the_end_of_the_values_adds_what_it_adds_anywhere(isa, expansion, values):
+    """A kept column's pointer moves from block to block by its bits alone where every
+    block of its run may hold a full block of values before the end of ``values``; the
+    last columns of the values read each block from its offset instead, never past the
+    next one. Sixteen equal columns: the first and the last, each kept alone, give the
+    same bits (and so do the first and the last eight, kept together)."""
+    out, cols = 2 * BITMAP_BLOCK + 77, 16
+    dtype = _VALUES[values]
+    g = torch.Generator().manual_seed(4)
+    column = torch.randn(out, generator=g) * (torch.rand(out, generator=g) < 0.5)
+    linear = nn.Linear(cols, out, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(column[:, None].expand(out, cols))
+    layer = _layer(linear.to(dtype), torch.full((cols,), 0.5), values)
+    stored = layer.values.numel()
+    assert layer.offsets[-1, 0] > stored - 3 * BITMAP_BLOCK  # a block by block column
+    assert layer.offsets[0, 0] <= stored - 4 * BITMAP_BLOCK  # and one that runs on
+    x = torch.zeros(cols).to(dtype)
+
+    def kept(columns: slice) -> torch.Tensor:
+        row = x.clone()
+        row[columns] = 1.5
+        with kernels.use_isa(isa), kernels.use_bitmap_expansion(expansion):
+            return layer(row)
+
+    assert torch.equal(kept(slice(0, 1)), kept(slice(-1, None)))
+    assert torch.equal(kept(slice(0, 8)), kept(slice(-8, None)))
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-2,
+                                                                         "atol": 5e-2}
+    row = x.clone()
+    row[-8:] = 1.5
+    torch.testing.assert_close(kept(slice(-8, None)).double(), _reference(layer, row), **tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", _ISAS)
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 def test_all_zero_inputs_and_any_density(isa, density):
     linear = _pruned(3 * BITMAP_BLOCK, 40, torch.float32, density=density)

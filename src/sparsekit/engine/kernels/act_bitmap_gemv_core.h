@@ -117,14 +117,12 @@ inline void add_bounded(float* __restrict sums, const uint16_t* b, int64_t words
 #if SPARSEKIT_AVX512 || SPARSEKIT_AVX2
 // sums[0:16 words) += sum over i < N of a[i] * the (block, column) i at p[i] with bitmap
 // words b[i]: one load and store of the sums per expansion for N columns, each expanded by
-// `expand` (AVX-512; AVX2 takes the tables).
+// `expand` (AVX-512; AVX2 takes the tables). Each p[i] moves past the values it read.
 template <int N, typename T, typename Expand>
 __attribute__((always_inline)) inline void add_vector(float* __restrict sums,
                                                       const uint16_t* const* b, int64_t words,
-                                                      const T* const* start, const float* a,
+                                                      const T** p, const float* a,
                                                       Expand expand) {
-  const T* p[N];
-  for (int i = 0; i < N; ++i) p[i] = start[i];
 #if SPARSEKIT_AVX512
   constexpr int W = Expand::template kWords<T>;
   __m512 av[N];
@@ -158,54 +156,95 @@ __attribute__((always_inline)) inline void add_vector(float* __restrict sums,
 }
 #endif
 
-// Blocks [b0, b1) of the N columns next[i] (their values and bits) prefetched to L2.
+// The runs of the N kept columns `next` over blocks [b0, b1), prefetched to L2 a block at a
+// time (`block()`) while the current columns add theirs. A block's values are taken as the
+// run's average per block, read from the offsets once per column: reading two offsets of
+// every next column at every block (and a prefetch loop per block between them) ran the
+// whole kernel 1.08x slower (a standalone copy of this loop, 2048x5632 and 5632x2048, bf16,
+// 50 % x 50 %, one thread's CPU time, weights from memory, AMD Zen 4).
 template <int N, typename T>
-__attribute__((always_inline)) inline void prefetch_runs(const ActBitmapGemvArgs& a,
-                                                         const T* values, const int32_t* next,
-                                                         int64_t b0, int64_t b1) {
-  const int64_t words = a.block / 16;
-  for (int i = 0; i < N; ++i) {
-    const int32_t* o = a.offsets + next[i] * (a.nblocks + 1);
-    const char* c = reinterpret_cast<const char*>(values + o[b0]);
-    for (const char* const end = reinterpret_cast<const char*>(values + o[b1]); c < end; c += 64) {
-      __builtin_prefetch(c, 0, 2);
-    }
-    const char* w = reinterpret_cast<const char*>(a.bits + (next[i] * a.nblocks + b0) * words);
-    for (const char* const end = w + (b1 - b0) * words * 2; w < end; w += 64) {
-      __builtin_prefetch(w, 0, 2);
+struct Lookahead {
+  const char* values[N] = {};
+  const char* bits[N] = {};
+  int64_t step[N] = {};  // bytes of values per block, on average over the run
+  int64_t bit_bytes;  // bytes of bits per block
+
+  // next == nullptr: no runs (block() must not be called)
+  Lookahead(const ActBitmapGemvArgs& a, const T* v, const int32_t* next, int64_t b0,
+            int64_t b1)
+      : bit_bytes(a.block / 8) {
+    for (int i = 0; next && i < N; ++i) {
+      const int32_t* o = a.offsets + next[i] * (a.nblocks + 1);
+      values[i] = reinterpret_cast<const char*>(v + o[b0]);
+      step[i] = (o[b1] - o[b0]) * static_cast<int64_t>(sizeof(T)) / (b1 - b0);
+      bits[i] = reinterpret_cast<const char*>(a.bits + (next[i] * a.nblocks + b0) * (a.block / 16));
     }
   }
-}
+  // The next block of each run: its values (a line past the average too) and its bits.
+  __attribute__((always_inline)) void block() {
+    for (int i = 0; i < N; ++i) {
+      for (int64_t c = 0; c <= step[i]; c += 64) __builtin_prefetch(values[i] + c, 0, 2);
+      for (int64_t c = 0; c < bit_bytes; c += 64) __builtin_prefetch(bits[i] + c, 0, 2);
+      values[i] += step[i];
+      bits[i] += bit_bytes;
+    }
+  }
+};
 
 // sums of blocks [b0, b1) (block floats each) += the N kept columns j[i] (values a[i]); the
-// same block of the N columns `next` (nullptr: none) is prefetched to L2 meanwhile.
+// same blocks of the N columns `next` (nullptr: none) are prefetched to L2 meanwhile.
+// On AVX-512, where every block of the tile may hold a full block of values without
+// reading past `values` (all but the last columns of the values), each column's pointer
+// moves on from block to block by its bits alone; otherwise each block starts at its
+// offset and reads no further than its next offset. Reading 8 columns' offsets at every
+// block had cost the kernel 1.06x (the standalone copy above); in the kernel, with the
+// Lookahead, the AVX-512 build ran 1.08-1.35x faster in bf16 and 1.01-1.12x in fp32 than
+// before (the LLaMA shapes 6144x2048, 11264x2048, 2048x5632, 2048x2048 at 50 % x 50 %, two
+// threads, medians of 21 interleaved rounds, AMD Zen 4), and the AVX2 build, with 16
+// registers for the column pointers, sums and expansions, 0.92-1.0x: it keeps the offsets.
 template <int N, typename T, typename Expand>
 __attribute__((always_inline)) inline void add_columns(const ActBitmapGemvArgs& a,
                                                        const T* values, const int32_t* j,
                                                        const float* x, int64_t b0, int64_t b1,
                                                        float* sums, Expand expand,
                                                        const int32_t* next) {
-  const int64_t words = a.block / 16, safe_end = a.stored - a.block - kOverread;
+  const int64_t words = a.block / 16;
   const int32_t* off[N];
   const uint16_t* bits[N];
+  const T* p[N];
   for (int i = 0; i < N; ++i) {
     off[i] = a.offsets + j[i] * (a.nblocks + 1);
-    bits[i] = a.bits + j[i] * a.nblocks * words;
+    bits[i] = a.bits + (j[i] * a.nblocks + b0) * words;
   }
+  Lookahead<N, T> ahead(a, values, next, b0, b1);
+#if SPARSEKIT_AVX512
+  bool whole = true;
+  for (int i = 0; i < N; ++i) {
+    p[i] = values + off[i][b0];
+    whole &= off[i][b0] <= a.stored - (b1 - b0) * a.block - kOverread;
+  }
+  if (whole) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      if (next) ahead.block();
+      add_vector<N>(sums + (blk - b0) * a.block, bits, words, p, x, expand);
+      for (int i = 0; i < N; ++i) bits[i] += words;
+    }
+    return;
+  }
+#endif
+  const int64_t safe_end = a.stored - a.block - kOverread;
   for (int64_t blk = b0; blk < b1; ++blk) {
     float* s = sums + (blk - b0) * a.block;
-    const T* p[N];
-    const uint16_t* b[N];
     bool safe = true;
     for (int i = 0; i < N; ++i) {
       p[i] = values + off[i][blk];
-      b[i] = bits[i] + blk * words;
       safe &= off[i][blk] <= safe_end;
     }
-    if (next) prefetch_runs<N>(a, values, next, blk, blk + 1);
+    if (next) ahead.block();
 #if SPARSEKIT_AVX512 || SPARSEKIT_AVX2
     if (safe) {
-      add_vector<N>(s, b, words, p, x, expand);
+      add_vector<N>(s, bits, words, p, x, expand);
+      for (int i = 0; i < N; ++i) bits[i] += words;
       continue;
     }
 #else
@@ -213,8 +252,9 @@ __attribute__((always_inline)) inline void add_columns(const ActBitmapGemvArgs& 
     (void)expand;
 #endif
     for (int i = 0; i < N; ++i) {
-      add_bounded<Expand::template kInterleaved<T>>(s, b[i], words, p[i],
+      add_bounded<Expand::template kInterleaved<T>>(s, bits[i], words, p[i],
                                                     off[i][blk + 1] - off[i][blk], x[i]);
+      bits[i] += words;
     }
   }
 }

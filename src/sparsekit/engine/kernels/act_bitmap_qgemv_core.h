@@ -1,7 +1,6 @@
 // The W8A8 bitmap-column GEMV core (see act_bitmap_gemv.cpp for the op
 // act_bitmap_qgemv), compiled once per instruction set (cores_impl.h, after qlinear_core.h,
-// whose byte expansions it uses, and act_bitmap_gemv_core.h, whose storage it reads and
-// whose prefetch it shares): the
+// whose byte expansions it uses, and act_bitmap_gemv_core.h, whose storage it reads): the
 // kept inputs of the row come quantized to int8 codes (the op does that), and each output's
 // sum over the kept columns is an exact int32 integer dot product.
 //
@@ -235,6 +234,26 @@ inline void add_qbits(int32_t* __restrict sums, const uint16_t* b, int64_t words
   for (int64_t k = 0; k < words; ++k) {
     for (unsigned m = b[k]; m && p < end; m &= m - 1) {
       sums[sum_position(16 * k + __builtin_ctz(m))] += code * *p++;
+    }
+  }
+}
+
+// Blocks [b0, b1) of the N columns next[i] (their codes and bits) prefetched to L2.
+template <int N>
+__attribute__((always_inline)) inline void prefetch_runs(const ActBitmapGemvArgs& a,
+                                                         const int8_t* values,
+                                                         const int32_t* next, int64_t b0,
+                                                         int64_t b1) {
+  const int64_t words = a.block / 16;
+  for (int i = 0; i < N; ++i) {
+    const int32_t* o = a.offsets + next[i] * (a.nblocks + 1);
+    const char* c = reinterpret_cast<const char*>(values + o[b0]);
+    for (const char* const end = reinterpret_cast<const char*>(values + o[b1]); c < end; c += 64) {
+      __builtin_prefetch(c, 0, 2);
+    }
+    const char* w = reinterpret_cast<const char*>(a.bits + (next[i] * a.nblocks + b0) * words);
+    for (const char* const end = w + (b1 - b0) * words * 2; w < end; w += 64) {
+      __builtin_prefetch(w, 0, 2);
     }
   }
 }
