@@ -46,6 +46,7 @@ from sparsekit.distributed import is_sharded
 from sparsekit.engine import activation_linear, fused
 from sparsekit.masks import MaskSet, keeps_everything, maskable, pattern_view
 from sparsekit.patterns import Pattern, parse_pattern
+from sparsekit.quantize import SCALE_NAME, install_scales
 
 FORMAT = "sparsekit"
 FORMAT_VERSION = "3"
@@ -262,9 +263,14 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
     except BaseException:
         restore()
         raise
+    # the int8 grids of llm.prune(..., quantize="int8"): a fresh model has no buffer for
+    # them, and the file was refused as "another architecture?"
+    restore_scales = install_scales(model, {k: tuple(v.shape) for k, v in state.items()
+                                            if k.endswith(f".{SCALE_NAME}")})
     try:
         return _load(model, path, stored, state)
     except BaseException:
+        restore_scales()
         restore_kernels()
         restore()
         raise

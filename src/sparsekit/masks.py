@@ -117,7 +117,9 @@ class MaskSet:
         # (load_state_dict(assign=True), a conversion that builds new ones) is followed.
         self._owners: dict[str, tuple[nn.Module, str]] = {n: _owner(model, n) for n in masks}
         self._hooks: dict[int, list[RemovableHandle]] = {}
-        self._grad_hooks: list[RemovableHandle] = []
+        self._grad_hooks: list[RemovableHandle] = []  # LBFGS: every closure's gradient
+        self._accumulate_hooks: list[RemovableHandle] = []  # at backward (_mask_accumulated)
+        self._capturing = False  # a schedule reads the dense gradients before this step
         self._optimizers: dict[int, torch.optim.Optimizer] = {}
         # Masks as bits of each weight's width, built while attached (_keep_bits): one AND
         # per tensor and step, as fast as a multiply and ~30x faster than masked_fill_.
@@ -245,9 +247,15 @@ class MaskSet:
         (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, the
         optimizer an HF ``Trainer`` holds): the hooks go on the optimizer it wraps.
 
-        Before the step (after its closure, when it gets one: Lightning steps that way),
-        gradients of masked weights are zeroed, so momenta and adaptive moments, zeroed
-        here at the masked positions, only ever accumulate zeros there;
+        Gradients of masked weights are zeroed as soon as the backward pass accumulates
+        them, so gradient clipping (``clip_grad_norm_``, the HF ``Trainer``'s
+        ``max_grad_norm``) and logged gradient norms see the masked model's gradients, as
+        they would see a truly sparse one's; and again before the step (after its closure,
+        when it gets one: Lightning steps that way), so momenta and adaptive moments, zeroed
+        here at the masked positions, only ever accumulate zeros there. Under DDP or FSDP
+        (a process group of several ranks, which may be averaging a gradient as it is
+        accumulated) and while a schedule reads the dense gradients (:meth:`capture`:
+        RigL's update steps, SNFS's momenta), they are zeroed only before the step;
         after it, masked weights are zeroed again, so nothing that mixes coordinates
         (LBFGS, orthogonalised updates) can revive them. Steps skipped by
         ``torch.amp.GradScaler`` run no hooks and change nothing. Load an optimizer
@@ -277,6 +285,7 @@ class MaskSet:
         if isinstance(optimizer, torch.optim.LBFGS) and not self._grad_hooks:
             self._grad_hooks = [p.register_hook(self._grad_mask(n))
                                 for n, p in self.params.items()]
+        self._hook_accumulation()
         self.apply()  # weights and any existing state start clean (exact +0.0)
         with torch.no_grad():
             for n, p in self.params.items():
@@ -329,6 +338,7 @@ class MaskSet:
             for h in self._grad_hooks:
                 h.remove()
             self._grad_hooks = []
+        self._hook_accumulation()
         self._refresh_factors()
 
     def remove(self) -> None:
@@ -353,9 +363,11 @@ class MaskSet:
         return self._removed
 
     def capture(self, on: bool) -> None:
-        """Nothing to switch: a masked weight's gradient is dense until the step masks it.
-        ``on`` is checked as a ``StructureSet`` checks it, so both take the same values."""
+        """Leave the gradients of masked weights dense until the step (``on``), for a
+        schedule that reads them in its step pre-hook (:meth:`dense_grads`), or zero them
+        as the backward pass accumulates them (``off``, the default)."""
         check_bool("on", on)
+        self._capturing = on
 
     def dense_grads(self) -> dict[str, torch.Tensor | None]:
         """Each weight's ``.grad``; dense when read before the step (an optimizer pre-hook)."""
@@ -375,7 +387,46 @@ class MaskSet:
         self._shards = {n: self._shard(n, m) for n, m in self.masks.items()}
 
     def _grad_mask(self, name: str):
-        return lambda grad: _and_bits(grad.clone(), self._factors[name])
+        return lambda grad: _and_bits(grad.clone(), self._bits(name, grad))
+
+    def _hook_accumulation(self) -> None:
+        """Put :meth:`_mask_accumulated` on the masked weights the attached optimizers
+        step (only theirs: a detached optimizer's weights train unmasked)."""
+        for h in self._accumulate_hooks:
+            h.remove()
+        held = {id(p) for o in self._optimizers.values() for g in o.param_groups
+                for p in g["params"]}
+        self._accumulate_hooks = [
+            p.register_post_accumulate_grad_hook(self._mask_accumulated(n))
+            for n, p in self.params.items() if p.requires_grad and id(p) in held]
+
+    def _mask_accumulated(self, name: str) -> Callable[[torch.Tensor], None]:
+        """The hook that zeroes the gradient of ``name``'s masked weights once the backward
+        pass has accumulated it — not while a schedule reads dense gradients, nor with
+        several ranks, where DDP may be averaging that gradient in place meanwhile."""
+        def hook(param: torch.Tensor) -> None:
+            if self._capturing or param.grad is None or _several_ranks():
+                return
+            with torch.no_grad():
+                self._mask_grad(name, param)
+        return hook
+
+    def _mask_grad(self, name: str, param: torch.Tensor) -> None:
+        if param.grad.is_sparse:  # nn.Embedding(sparse=True)
+            param.grad = _masked_sparse(param.grad, self._shards[name])
+        else:
+            grad = local(param.grad)
+            _and_bits(grad, self._bits(name, grad))
+
+    def _bits(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The keep bits of parameter ``name`` at the width of ``t`` (its weight or
+        gradient): ``model.to(dtype)`` after :meth:`attach` keeps the parameter objects and
+        swaps their data, so bits made for the old width failed the next step with a raw
+        broadcast error."""
+        bits = self._factors[name]
+        if bits.element_size() != t.element_size():
+            bits = self._factors[name] = _keep_bits(self._shards[name], t.dtype)
+        return bits
 
     def _current_params(self) -> dict[str, torch.Tensor]:
         """The masked parameters as the model holds them now (a replaced one in place of
@@ -423,6 +474,8 @@ class MaskSet:
         if changed:
             self._refresh_shards()
             self._refresh_factors()
+            if self._accumulate_hooks:  # they were on the parameters replaced
+                self._hook_accumulation()
 
     @staticmethod
     def _check_optimizes_params(optimizer: torch.optim.Optimizer,
@@ -449,7 +502,7 @@ class MaskSet:
         # stayed NaN, went into the weight and the optimizer's moments, and spread from there
         for n, p in self.params.items():
             if p.grad is not None:
-                _and_bits(local(p.grad), self._factors[n])
+                self._mask_grad(n, p)
 
     @torch.no_grad()
     def _after_step(self) -> None:
@@ -457,8 +510,9 @@ class MaskSet:
         # rest. Their state needs no pinning: it accumulates only the masked gradients.
         # Optimizers that mix coordinates (Muon) moved masked weights; the AND makes each
         # of them +0.0 (a multiply by 0 kept -0.0 and NaN) and leaves every kept one as is.
-        for n, bits in self._factors.items():
-            _and_bits(local(self.params[n]), bits)
+        for n in self._factors:
+            weight = local(self.params[n])
+            _and_bits(weight, self._bits(n, weight))
 
     # -- validation -------------------------------------------------------------------
 
@@ -654,6 +708,23 @@ def _keep_bits(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(bits).mul_(255 if bits is torch.uint8 else -1)
 
 
+def _several_ranks() -> bool:
+    """Whether a process group of more than one rank is running."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def _masked_sparse(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sparse COO gradient (``nn.Embedding(sparse=True)``: the rows looked up) with its
+    masked entries +0.0, whatever they held: its values have no dense layout to AND bits
+    into (a raw "Cannot access storage of SparseTensorImpl" before)."""
+    grad = grad.coalesce()
+    keep = mask[tuple(grad.indices())]  # (entries, *dense dims) of the values
+    values = torch.where(keep, grad.values(), torch.zeros((), dtype=grad.dtype))
+    return torch.sparse_coo_tensor(grad.indices(), values, grad.shape, is_coalesced=True,
+                                   check_invariants=False)
+
+
 def _and_bits(t: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """``t`` with :func:`_keep_bits`'s ``bits`` ANDed into it, in place."""
     t.view(bits.dtype).bitwise_and_(bits)
@@ -682,8 +753,20 @@ def elementwise_state(optimizer: torch.optim.Optimizer,
     """The state tensors ``optimizer`` keeps per element of ``param``, by state key: those
     of ``param``'s shape (momenta, moments; not a step count), which follow its weights
     when they are masked, resampled, remapped or restored."""
-    return {key: value for key, value in optimizer.state.get(param, {}).items()
+    return {key: value for key, value in optimizer_state(optimizer).get(param, {}).items()
             if isinstance(value, torch.Tensor) and value.shape == param.shape}
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, dict]:
+    """The per-parameter state ``optimizer`` steps with: its ``state``, or for a
+    ``ZeroRedundancyOptimizer``, whose own ``state`` stays empty, that of the optimizer it
+    runs on this rank's shard of the parameters (``.optim``). Read through ``.state`` alone,
+    the moments of masked and regrown weights were never zeroed under ZeRO."""
+    if torch.distributed.is_available():
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            return optimizer.optim.state
+    return optimizer.state
 
 
 def _fill_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: torch.Tensor) -> None:

@@ -56,11 +56,11 @@ from sparsekit.engine.fused import FusedLinear
 from sparsekit.masks import MaskSet
 from sparsekit.quantize import (
     SCALE_NAME,
-    attach_scales,
     attached_scales,
     dequantize_grid,
     dequantize_int8,
     group_size_of,
+    install_scales,
     int8_scales,
     quantize_int8,
 )
@@ -268,8 +268,7 @@ def from_pretrained(directory: str | os.PathLike) -> nn.Module:
         model = cls._from_config(config, dtype=dtype)
     _resize_to_config(model, config)
     _install_compiled(model, record["compiled"], weights, infos)
-    _install_scales(model, {k: v.shape for k, v in infos.items() if k.endswith(f".{SCALE_NAME}")},
-                    weights)
+    install_scales(model, {k: v.shape for k, v in infos.items() if k.endswith(f".{SCALE_NAME}")})
     cast = record["cast"] or {"keys": [], "dtype": None}
     stored_dtype = None if not cast["keys"] else checkpoint._DTYPES[cast["dtype"]]
     with _stored_as(model, cast["keys"], stored_dtype, restore=False,
@@ -399,7 +398,7 @@ def _check_rebuilds(model: nn.Module, compiled: dict[str, dict[str, object]]) ->
                     f"model: its compiled layer {member!r} is no layer of a "
                     f"{cls.__name__} ({type(layer).__name__}), so from_pretrained could not "
                     f"rebuild it; {accepted}")
-    # attached int8 grids are installed from the file (_install_scales)
+    # attached int8 grids are installed from the file (install_scales)
     held = {k for k in model.state_dict()
             if not _under(k, compiled) and not k.endswith(f".{SCALE_NAME}")}
     expected = {k for k in skeleton.state_dict() if not _under(k, compiled)}
@@ -615,23 +614,6 @@ def _check_activation_layers(model: nn.Module, weights: Path) -> None:
         if isinstance(layer, ActivationSparseLinear) and layer.kernel == "act_sparse_gemv":
             check_column_index(layer.colptr, layer.row_indices, layer.values,
                                layer.out_features, layer.block, name=f"{weights}: {name}")
-
-
-def _install_scales(model: nn.Module, shapes: dict[str, tuple[int, ...]], weights: Path) -> None:
-    """Give the layers whose int8 scales the file holds (``llm.prune(..., quantize="int8")``)
-    a placeholder of that buffer, which loading fills: one scale per row, or the file's
-    ``(rows, groups)`` where its groups divide the layer's inputs (a grid per group)."""
-    for key, shape in shapes.items():
-        owner = key[: -len(SCALE_NAME) - 1]
-        try:
-            layer = model.get_submodule(owner)
-        except AttributeError:
-            continue  # not this model's: reported by sparsekit.load as unexpected
-        weight = getattr(layer, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-            grouped = (len(shape) == 2 and shape[0] == weight.shape[0] and shape[1] >= 1
-                       and weight.shape[1] % shape[1] == 0)
-            attach_scales(layer, torch.ones(tuple(shape) if grouped else weight.shape[:1]))
 
 
 def _install_fused(model: nn.Module, spec: dict[str, Any], weights: Path,

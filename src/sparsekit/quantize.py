@@ -28,6 +28,7 @@ Every scale :func:`int8_scales` gives is a normal float32 number (at least
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,8 +45,8 @@ from sparsekit._checks import (
 __all__ = [
     "INT8_MAX", "MAX_SCALE", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales",
     "check_within_grid", "dequantize_grid", "dequantize_int8", "detach_scales", "fake_quantize",
-    "group_size_of", "guard_loading", "int8_scales", "is_grouped", "quantize_int8",
-    "scales_at",
+    "group_size_of", "guard_loading", "install_scales", "int8_scales", "is_grouped",
+    "quantize_int8", "scales_at",
 ]
 
 INT8_MAX = 127  # symmetric: -128 is never used, so negating a code never overflows
@@ -301,6 +302,34 @@ def detach_scales(module: nn.Module) -> None:
     weight changed and no longer lies on that grid."""
     check_module("module", module)
     module._buffers.pop(SCALE_NAME, None)  # its load check (guard_loading) now skips it
+
+
+def install_scales(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> Callable[[], None]:
+    """Give each layer of ``model`` whose int8 scales a file holds (``shapes``: state keys
+    ending in :data:`SCALE_NAME`, from ``llm.prune(..., quantize="int8")``) and that has
+    none a placeholder of that buffer, which loading the file fills: one scale per row, or
+    the file's ``(rows, groups)`` where its groups divide the layer's inputs (a grid per
+    group). Keys of no such layer are left for the load to report. Returns a function that
+    takes the placeholders off again (a load that failed)."""
+    installed = []
+    for key, shape in shapes.items():
+        owner = key[: -len(SCALE_NAME) - 1]
+        try:
+            layer = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        weight = getattr(layer, "weight", None)
+        if (isinstance(weight, torch.Tensor) and weight.dim() == 2
+                and SCALE_NAME not in layer._buffers and not hasattr(layer, SCALE_NAME)):
+            grouped = (len(shape) == 2 and shape[0] == weight.shape[0] and shape[1] >= 1
+                       and weight.shape[1] % shape[1] == 0)
+            attach_scales(layer, torch.ones(tuple(shape) if grouped else weight.shape[:1]))
+            installed.append(layer)
+
+    def restore() -> None:
+        for layer in installed:
+            detach_scales(layer)
+    return restore
 
 
 def guard_loading(module: nn.Module) -> None:

@@ -130,6 +130,14 @@ def resolve_targets(
                 )
             for t in matched:
                 chosen.setdefault(t.name, t)
+    if specs is None and (pruned := _torch_pruned(model, default_types())):
+        warnings.warn(
+            f"targets: layers {pruned} were pruned with torch.nn.utils.prune (weight_orig "
+            "and weight_mask, the weight recomputed before each forward) and stay as they "
+            "are; call torch.nn.utils.prune.remove(layer, 'weight') on them first to prune "
+            "them here",
+            UserWarning, stacklevel=2,
+        )
     if skipped:
         warnings.warn(
             "targets: the weights of layers "
@@ -260,6 +268,15 @@ def _single_original(module: nn.Module) -> torch.Tensor | None:
     with torch.no_grad():
         shape = module.weight.shape
     return stored[0][1] if stored[0][1].shape == shape else None
+
+
+def _torch_pruned(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[str]:
+    """The layers of ``types`` whose weight ``torch.nn.utils.prune`` reparametrized: a
+    ``weight_orig`` parameter and a ``weight_mask`` buffer in place of ``weight``, which
+    a forward pre-hook recomputes (no default target stands for it)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, types) and "weight_orig" in module._parameters
+            and "weight_mask" in module._buffers]
 
 
 def _split_parametrized(model: nn.Module) -> dict[str, tuple[nn.Module, list[str]]]:

@@ -293,6 +293,10 @@ def compile(
         for parent in list(compiled.modules()):
             for child_name, child in list(parent._modules.items()):
                 if type(child) not in (nn.Linear, nn.Conv2d):  # subclasses are left alone
+                    if isinstance(child, (nn.Linear, nn.Conv2d)) and id(child) not in done:
+                        done[id(child)] = child
+                        choices[first_name[id(child)]] = {"format": "dense",
+                                                          "reason": _subclass_reason(child)}
                     continue
                 if id(child) not in done:
                     name = first_name[id(child)]
@@ -334,6 +338,7 @@ def compile(
     _check_forced(names, refused, len(choices) - len(held))
     compiled.sparsekit_choices = choices
     _warn_of_dropped_hooks(model, compiled, choices)
+    _warn_of_subclasses(choices)
     for name in choices:  # a new layer is in training mode: take the replaced one's mode,
         # which decompile gives back (an eval model's decompiled layers were in training)
         compiled.get_submodule(name).train(model.get_submodule(name).training)
@@ -1011,6 +1016,26 @@ def _check_forced(names: list[str] | None, refused: list[str], compiled: int) ->
         # past compile(), its inference_mode(False) and @renamed wrappers: the caller's line
         RuntimeWarning, stacklevel=5,
     )
+
+
+def _subclass_reason(layer: nn.Module) -> str:
+    base = "nn.Linear" if isinstance(layer, nn.Linear) else "nn.Conv2d"
+    return (f"left as it is: a {type(layer).__name__}, a subclass of {base} with a forward "
+            f"of its own, which may compute something else than {base}'s; replace it by an "
+            f"{base} computing the same to compile it")
+
+
+def _warn_of_subclasses(choices: dict) -> None:
+    """Warn about the layers left as they are for being subclasses of ``nn.Linear`` or
+    ``nn.Conv2d``: a pruned Falcon compiled to its dense self, its calibrated input
+    thresholds dropped, without a word (the choices of only ``lm_head`` recorded)."""
+    left = [n for n, c in choices.items() if c.get("reason", "").startswith("left as it is: a ")]
+    if left:
+        warnings.warn(
+            f"compile left layers {left[:5]}{' …' if len(left) > 5 else ''} as they are: "
+            f"{choices[left[0]]['reason'][len('left as it is: '):]}",
+            UserWarning, stacklevel=5,
+        )
 
 
 def _warn_of_dropped_hooks(model: nn.Module, compiled: nn.Module, choices: dict) -> None:

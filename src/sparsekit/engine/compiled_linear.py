@@ -101,6 +101,9 @@ class CompiledLayer(nn.Module):
         float16 or float64 input in float32 (and took bfloat16), ``dense`` and ``torch_csr``
         refused all three, so one model took an input in decoding and refused it in its
         prompt, or on another machine."""
+        if not isinstance(x, torch.Tensor):  # a list failed with a raw AttributeError
+            raise ArgumentTypeError(f"x must be a tensor of shape (..., in_features="
+                                    f"{self.in_features}), got {type(x).__name__}")
         raise ArgumentTypeError(
             f"x must be {self.io_dtype} (the dtype of the layer this "
             f"{self.out_features}x{self.in_features} compiled layer replaces; cast the input, "
@@ -318,7 +321,7 @@ class CompiledLinear(CompiledLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         io = self._io
-        if io is not None and x.dtype != io:
+        if io is not None and getattr(x, "dtype", None) != io:
             self._refuse_dtype(x)
         large = self._large
         if large is not None:

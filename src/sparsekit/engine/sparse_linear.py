@@ -41,7 +41,7 @@ from sparsekit.distributed import full, is_dtensor
 from sparsekit.engine import kernels
 from sparsekit.engine._moved import moved
 from sparsekit.engine.compiled_linear import dense_linear
-from sparsekit.masks import check_mask, elementwise_state
+from sparsekit.masks import check_mask, elementwise_state, optimizer_state
 
 __all__ = ["SparseLinear"]
 
@@ -415,7 +415,7 @@ class SparseLinear(nn.Module):
         p, nnz = self.values, self.values.numel()
         if optimizer is not None:
             for k, v in elementwise_state(optimizer, p).items():  # values are 1-D
-                optimizer.state[p][k] = remap(v)
+                optimizer_state(optimizer)[p][k] = remap(v)
         p.data = remap(p.data)
         p.grad = None
         self._install(new)

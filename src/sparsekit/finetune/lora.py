@@ -17,10 +17,10 @@ Two ways to train, chosen by ``masked_forward`` of :func:`sparse_lora`:
   from the trained adapter by the masked-out part of the update, ``-s·((B@A) ⊙ ¬M) x``
   per layer — a change the adapter never trained with.
 
-Masks are ``peft`` LoRA *variants* of the adapters that exist when they are installed; an
-adapter added later (or one loaded by ``PeftModel.from_pretrained``) is plain LoRA until
-:func:`merge`, or ``sparse_lora(peft_model, None, masks)`` to train it on, installs them
-again.
+Masks are ``peft`` LoRA *variants*: of the adapters that exist when they are installed, and
+of every adapter added to a masked ``Linear`` layer later (:class:`MaskedLoraLinear`). A
+model loaded by ``PeftModel.from_pretrained`` carries no masks until :func:`merge`, or
+``sparse_lora(peft_model, None, masks)`` to train it on, installs them.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from sparsekit._checks import (
 )
 from sparsekit.masks import MaskSet
 
-__all__ = ["MASK_NAME", "MaskedLora", "MaskedMerge", "layer_masks", "merge", "sparse_lora"]
+__all__ = ["MASK_NAME", "MaskedLora", "MaskedLoraLinear", "MaskedMerge", "layer_masks", "merge",
+           "sparse_lora"]
 
 MASK_NAME = "sparse_mask"
 """The non-persistent buffer of a LoRA layer holding its base weight's mask (``True``: kept)."""
@@ -196,6 +197,24 @@ class MaskedLora(MaskedMerge):
         return result + F.linear(x, delta.to(x.dtype))
 
 
+class MaskedLoraLinear(peft.tuners.lora.Linear):
+    """A ``peft`` LoRA ``Linear`` whose base weight is sparse: adapters added to it later
+    (``add_adapter``, ``add_weighted_adapter``, ``load_adapter``) take the masked variant
+    too (:class:`MaskedLora`, or :class:`MaskedMerge` where the layer was given
+    ``masked_forward=False``), so ``peft``'s own ``merge_and_unload`` of any of them keeps
+    the zeros. Merged through ``peft`` as plain LoRA, they had filled every pruned weight
+    of the layer in, silently."""
+
+    sparse_masked_forward = True
+
+    def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> LoraVariant:
+        variant = super().resolve_lora_variant(config=config, **kwargs)
+        if variant is not None and not isinstance(variant, MaskedMerge):
+            raise ValueError(f"LoRA layer with a sparse base weight: a new adapter's "
+                             f"{type(variant).__name__} cannot keep its zeros (plain LoRA can)")
+        return MaskedLora() if self.sparse_masked_forward else MaskedMerge()
+
+
 def _masked_delta(module: nn.Module, adapter: str) -> torch.Tensor:
     """``s·(B@A) ⊙ mask`` of ``adapter``, laid out like the base weight."""
     # where, not a product: an entry of B@A that overflowed to ±inf times a False of the
@@ -240,6 +259,10 @@ def _install(model: nn.Module, by_param: Mapping[int, torch.Tensor], *,
     for layer, mask in plan:
         if not hasattr(layer, MASK_NAME):
             layer.register_buffer(MASK_NAME, mask, persistent=False)
+        if type(layer) is peft.tuners.lora.Linear:
+            layer.__class__ = MaskedLoraLinear
+        if isinstance(layer, MaskedLoraLinear) and masked_forward is not None:
+            layer.sparse_masked_forward = masked_forward
         for adapter in layer.lora_A:
             current = layer.lora_variant.get(adapter)
             if masked_forward is None and current is not None:

@@ -303,9 +303,18 @@ def _sequential(
     on ``device`` meanwhile, and back where it was once it is done, fails or the caller
     closes this generator (:func:`contextlib.closing`: an error of the caller's while
     block ``i`` was out left it on ``device``)."""
-    # errors of ids the model cannot take name llm.prune's argument, not "inputs"
-    ((hidden, calls),) = capture_inputs(model, [blocks[0]], tokens.split(batch_size), device,
-                                        param="calibration")
+    # Each block is replayed with the arguments of the first block of its attention type:
+    # models that mix sliding-window and full attention (Gemma 2/3, Qwen2 with
+    # use_sliding_window) pass each type its own mask and position embeddings, and block
+    # 0's calibrated every block under its own mask. Errors of ids the model cannot take
+    # name llm.prune's argument, not "inputs".
+    kinds = _attention_types(model, blocks)
+    firsts = {kind: kinds.index(kind) for kind in dict.fromkeys(kinds)}  # block 0's first
+    captured = capture_inputs(model, [blocks[i] for i in firsts.values()],
+                              tokens.split(batch_size), device, param="calibration")
+    calls_of = {kind: calls for kind, (_, calls) in zip(firsts, captured, strict=True)}
+    hidden = captured[0][0]
+    del captured  # the other blocks' hidden states: recomputed block by block
     bad = torch.tensor(sum(_non_finite(h) for h in hidden))
     all_reduce_sum(bad)  # every rank raises, or none does
     if bad:
@@ -319,6 +328,7 @@ def _sequential(
         block.to(device or home)
         try:  # back home however the block ends (an error, the caller closing this early)
             stats: dict[str, InputStats] = {}
+            calls = calls_of[kinds[i]]
             if need.stats and layers[i]:
                 with record({x.name: x.module for x in layers[i]}, gram=need.gram) as stats:
                     _forward(block, hidden, calls)
@@ -331,6 +341,16 @@ def _sequential(
             block.to(home)
         if progress is not None:
             progress(i + 1, len(blocks))
+
+
+def _attention_types(model: nn.Module, blocks: nn.ModuleList) -> list[object]:
+    """Each block's attention type: the ``layer_types`` of a Hugging Face config that has
+    one entry per block (``"full_attention"``, ``"sliding_attention"``), else the blocks'
+    own ``attention_type``; ``None`` where neither says (one type for every block)."""
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) == len(blocks):
+        return list(types)
+    return [getattr(block, "attention_type", None) for block in blocks]
 
 
 def _forward(block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]

@@ -111,7 +111,7 @@ class GradualPruner:
         )
         # the weights' own zeros need not follow the pattern (a model pruned before): it is
         # declared at the first prune, whose masks follow it (update keeps new & old)
-        self.masks = MaskSet(model, {t.name: t.param.detach() != 0 for t in chosen})
+        self.masks = MaskSet(model, {t.name: _already_kept(t.param) for t in chosen})
         self._pattern = str(parse_pattern(pattern))
         if optimizer is not None:
             self.masks.attach(optimizer)
@@ -176,3 +176,12 @@ class GradualPruner:
                                  f"GradualPruner of pattern={self._pattern!r}")
         self.masks.load_state_dict(masks)
         self.step_count = int(state["step"])
+
+
+def _already_kept(weight: torch.Tensor) -> torch.Tensor:
+    """The entries of ``weight`` a gradual schedule starts from: its nonzeros (a model
+    pruned before keeps its zeros), or all of it where every entry is zero. An all-zero
+    weight is a zero-initialised one (an output projection, a residual branch), not a
+    pruned one: its mask of zeros froze it through the dense phase and pruned it 100 %."""
+    weight = weight.detach()
+    return weight != 0 if bool(weight.any()) else torch.ones_like(weight, dtype=torch.bool)
