@@ -370,7 +370,8 @@ class MaskSet:
         self._capturing = on
 
     def dense_grads(self) -> dict[str, torch.Tensor | None]:
-        """Each weight's ``.grad``; dense when read before the step (an optimizer pre-hook)."""
+        """Each weight's ``.grad``: dense when read before the step (an optimizer pre-hook)
+        while :meth:`capture` is on, or with several ranks."""
         return {n: p.grad for n, p in self.params.items()}
 
     def _refresh_factors(self) -> None:
