@@ -25,6 +25,7 @@
 - ``compile`` left ``nn.Linear`` subclasses (Falcon's ``FalconLinear``) dense without a word.
 - ``sparsekit.load`` of an ``llm.prune(..., quantize="int8")`` file into a fresh model was
   refused as "another architecture?" (its ``weight_scale`` buffers).
+- TEAL's greedy search moved BERT's query/key/value apart though they read one input.
 
 Report-only probes found these (repros in the session's scratch directory); each test here
 fails with the files before the fix.
