@@ -386,3 +386,32 @@ def test_teal_greedy_moves_bert_query_key_value_together():
     out = ["bert.encoder.layer.0.attention.output.dense"]
     assert block_groups([*bert, *out]) == {"bert.encoder.layer.0": [bert, out]}
     assert block_groups(distil) == {"distilbert.transformer.layer.1": [distil]}
+
+
+def test_one_row_alone_computes_what_it_computes_among_many_with_int8_values(monkeypatch):
+    """compile(weight_dtype="int8", activation_sparsity=...) gave a layer whose prompt path
+    kept float values (the int8 formats lost there) an int8 one-row kernel: a row computed
+    alone differed from the same row among many by the quantization error (4e-3)."""
+    import sys
+
+    from sparsekit import activation
+    from sparsekit.engine.activation_linear import ActivationSparseLinear
+
+    compile_module = sys.modules["sparsekit.engine.compile"]  # the function shadows it
+    monkeypatch.setattr(compile_module, "_activation_wins",  # the timing, decided
+                        lambda act, weight_only, rows, inputs: {"chosen": True})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    sparsekit.prune(model, 0.5).remove()
+    data = torch.randn(64, 64)
+    thresholds = activation.calibrate(model, data, sparsity=0.5)
+    compiled = sparsekit.compile(model, data[:16], weight_dtype="int8", formats=["dense"],
+                                 activation_sparsity=thresholds, cache=False)
+    layer = compiled[0]
+    assert isinstance(layer, ActivationSparseLinear)
+    assert layer.scales is None and layer.dtype == torch.float32  # the prompt path's values
+    rows = torch.randn(5, 64)
+    with torch.no_grad():
+        many = layer(rows)
+        alone = torch.cat([layer(rows[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(alone, many, rtol=1e-5, atol=1e-6)

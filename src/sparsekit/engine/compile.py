@@ -712,7 +712,8 @@ def _activation_layer(
     """``layer`` with input thresholds where that is faster, else its weight-only format.
 
     The weight-only layer is :func:`_compile_layer`'s; the activation-sparse one stores
-    int8 values where ``value_dtype`` is int8 (else the layer's own dtype, the only values
+    int8 values where ``value_dtype`` is int8 and its prompt path does too, or the weight
+    lies on an int8 grid (else the layer's own dtype, the only values
     its kernels read next to inputs of that dtype, rounded to bf16 where ``value_dtype`` is
     bf16; int8 inputs among its candidates with ``activation``), takes the faster
     single-row kernel
@@ -735,9 +736,14 @@ def _activation_layer(
     multi = [r for r in rows if r > 1]
     inputs = None if probe is None else _typical_first(probe.reshape(-1, layer.in_features),
                                                        threshold)
-    int8 = value_dtype == torch.int8
+    prefill = _multi_row(weight_only) if multi else None
+    # int8 one-row values only where the prompt path holds the same numbers: where it kept
+    # float values (int8 lost there), a row computed alone differed from the same row among
+    # many by the quantization error (4e-3), unless the weight lies on an int8 grid already
+    int8 = value_dtype == torch.int8 and (prefill is None or _int8_values(prefill)
+                                          or attached_scales(layer) is not None)
     grouped = is_grouped(attached_scales(layer))  # float inputs (W8A8 reads one scale per row)
-    options = {"threads": threads, "prefill": _multi_row(weight_only) if multi else None,
+    options = {"threads": threads, "prefill": prefill,
                "value_dtype": torch.int8 if int8 else None}
     int8_inputs = (activation if int8 and not grouped and layer.in_features <= MAX_INT8_INPUTS
                    else None)
@@ -805,6 +811,13 @@ def _typical_first(rows: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     typical = kept.argsort()[len(kept) // 2]
     index = torch.arange(len(rows), device=rows.device)
     return rows[torch.cat([typical[None], index[index != typical]])]
+
+
+def _int8_values(layer: nn.Module) -> bool:
+    """Whether every format of the compiled ``layer`` holds int8 values."""
+    formats = [getattr(layer, "format", None), getattr(layer, "format_large", None)]
+    return formats[0] is not None and all(
+        f is None or getattr(f, "value_dtype", None) == torch.int8 for f in formats)
 
 
 def _multi_row(layer: CompiledLayer) -> CompiledLayer:
