@@ -415,3 +415,18 @@ def test_one_row_alone_computes_what_it_computes_among_many_with_int8_values(mon
         many = layer(rows)
         alone = torch.cat([layer(rows[i:i + 1]) for i in range(5)])
     torch.testing.assert_close(alone, many, rtol=1e-5, atol=1e-6)
+
+
+def test_install_scales_places_the_missing_grids_and_takes_them_off():
+    from sparsekit.quantize import SCALE_NAME, attach_scales, attached_scales, install_scales
+
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 6), nn.Linear(6, 2))
+    attach_scales(model[2], torch.full((2,), 0.5))
+    restore = install_scales(model, {f"0.{SCALE_NAME}": (4, 2), f"1.{SCALE_NAME}": (6,),
+                                     f"2.{SCALE_NAME}": (2,), f"9.{SCALE_NAME}": (3,)})
+    assert attached_scales(model[0]).shape == (4, 2)  # a grid per group of 4 inputs
+    assert attached_scales(model[1]).shape == (6,)
+    assert torch.equal(attached_scales(model[2]), torch.full((2,), 0.5))  # its own, kept
+    restore()
+    assert attached_scales(model[0]) is None and attached_scales(model[1]) is None
+    assert torch.equal(attached_scales(model[2]), torch.full((2,), 0.5))
