@@ -64,13 +64,13 @@ class TorchCSR(Format):
             raise ArgumentTypeError(
                 f"x must have the values' dtype {values.dtype} for this {self.out_features}x"
                 f"{self.in_features} {self.name} weight, got {x.dtype}")
-        if x.is_meta:  # torch's sparse product has no meta kernel: a raw NotImplementedError
-            raise ValueError(f"x must hold data for this {self.name} weight (torch's sparse "
-                             "product runs on real tensors), got a tensor on the meta device")
         for name, t in (("x", x), ("bias", bias)):
             if t is not None and t.device != values.device:
                 raise ValueError(f"{name} must be on the values' device {values.device} for "
                                  f"this {self.name} weight, got {t.device}")
+        if x.is_meta:  # torch's sparse product has no meta kernel: a raw NotImplementedError
+            raise ValueError(f"x must hold data for this {self.name} weight (torch's sparse "
+                             "product runs on real tensors), got a tensor on the meta device")
         return _csr_mm(self.csr(), x, bias)
 
     def to_dense(self) -> torch.Tensor:
