@@ -101,6 +101,14 @@ def is_float8(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and dtype.itemsize == 1
 
 
+def layer_input_error(x: Any, in_features: int) -> ArgumentTypeError:
+    """The error to raise for an ``x`` that is no tensor, given to a layer of
+    ``in_features`` inputs (a list failed deep inside with a raw ``AttributeError``). The
+    layers test ``isinstance`` themselves, inline on their per-call path."""
+    return ArgumentTypeError(f"x must be a tensor of shape (..., in_features={in_features}), "
+                             f"got {type(x).__name__}")
+
+
 def check_materialized(name: str, tensor: torch.Tensor) -> None:
     """Raise ``ValueError`` naming ``name`` if ``tensor`` is on the meta device: it holds no
     values, and the first read of one (``.item()``, a comparison) failed inside PyTorch."""

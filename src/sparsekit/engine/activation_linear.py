@@ -68,6 +68,7 @@ from sparsekit._checks import (
     check_materialized,
     check_module,
     is_float8,
+    layer_input_error,
 )
 from sparsekit.engine import autotune, kernels
 from sparsekit.engine.bound import BoundArguments, no_backward
@@ -593,9 +594,8 @@ class ActivationSparseLinear(BoundArguments):
         return value.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):  # a list failed with a raw AttributeError
-            raise ArgumentTypeError(f"x must be a tensor of shape (..., in_features="
-                                    f"{self.in_features}), got {type(x).__name__}")
+        if not isinstance(x, torch.Tensor):
+            raise layer_input_error(x, self.in_features)
         bound = self.__dict__.get("_bound") or self._bind()
         if (bound is not None and x.dim() and x.shape[-1] == self.in_features == x.numel()
                 and x.dtype is self.dtype and x.is_cpu and x.is_contiguous()

@@ -286,6 +286,7 @@ def compile(
     tied = {} if grow or (names and "dense" not in names) else _tied_weights(compiled)
     choices: dict[str, dict[str, object]] = {}
     done: dict[int, nn.Module] = {}  # a shared layer is compiled once
+    subclassed: list[str] = []  # nn.Linear / nn.Conv2d subclasses, left as they are
     memo: dict[str, tuple[dict[str, object], str]] = {}  # decisions taken in this compile
     act = activation_sparsity.thresholds if activation_sparsity is not None else {}
     cold = autotune.cold() or streams_weights(model, value_dtype)
@@ -295,8 +296,9 @@ def compile(
                 if type(child) not in (nn.Linear, nn.Conv2d):  # subclasses are left alone
                     if isinstance(child, (nn.Linear, nn.Conv2d)) and id(child) not in done:
                         done[id(child)] = child
-                        choices[first_name[id(child)]] = {"format": "dense",
-                                                          "reason": _subclass_reason(child)}
+                        subclassed.append(first_name[id(child)])
+                        choices[subclassed[-1]] = {"format": "dense",
+                                                   "reason": _subclass_reason(child)}
                     continue
                 if id(child) not in done:
                     name = first_name[id(child)]
@@ -338,7 +340,7 @@ def compile(
     _check_forced(names, refused, len(choices) - len(held))
     compiled.sparsekit_choices = choices
     _warn_of_dropped_hooks(model, compiled, choices)
-    _warn_of_subclasses(choices)
+    _warn_of_subclasses(subclassed, choices)
     for name in choices:  # a new layer is in training mode: take the replaced one's mode,
         # which decompile gives back (an eval model's decompiled layers were in training)
         compiled.get_submodule(name).train(model.get_submodule(name).training)
@@ -1038,11 +1040,10 @@ def _subclass_reason(layer: nn.Module) -> str:
             f"{base} computing the same to compile it")
 
 
-def _warn_of_subclasses(choices: dict) -> None:
-    """Warn about the layers left as they are for being subclasses of ``nn.Linear`` or
+def _warn_of_subclasses(left: list[str], choices: dict) -> None:
+    """Warn about the layers ``left`` as they are for being subclasses of ``nn.Linear`` or
     ``nn.Conv2d``: a pruned Falcon compiled to its dense self, its calibrated input
     thresholds dropped, without a word (the choices of only ``lm_head`` recorded)."""
-    left = [n for n, c in choices.items() if c.get("reason", "").startswith("left as it is: a ")]
     if left:
         warnings.warn(
             f"compile left layers {left[:5]}{' …' if len(left) > 5 else ''} as they are: "

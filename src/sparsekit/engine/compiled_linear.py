@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_int, check_loadable
+from sparsekit._checks import ArgumentTypeError, check_int, check_loadable, layer_input_error
 from sparsekit.engine.formats import FORMATS, Format, format_from_state
 from sparsekit.engine.formats.native import SCALES
 from sparsekit.quantize import attach_scales, attached_scales
@@ -101,9 +101,8 @@ class CompiledLayer(nn.Module):
         float16 or float64 input in float32 (and took bfloat16), ``dense`` and ``torch_csr``
         refused all three, so one model took an input in decoding and refused it in its
         prompt, or on another machine."""
-        if not isinstance(x, torch.Tensor):  # a list failed with a raw AttributeError
-            raise ArgumentTypeError(f"x must be a tensor of shape (..., in_features="
-                                    f"{self.in_features}), got {type(x).__name__}")
+        if not isinstance(x, torch.Tensor):
+            raise layer_input_error(x, self.in_features)
         raise ArgumentTypeError(
             f"x must be {self.io_dtype} (the dtype of the layer this "
             f"{self.out_features}x{self.in_features} compiled layer replaces; cast the input, "

@@ -42,6 +42,7 @@ from sparsekit._checks import (
     check_fits_memory,
     check_int,
     check_module,
+    layer_input_error,
     model_errors,
 )
 from sparsekit.engine.activation_linear import ActivationSparseLinear
@@ -163,9 +164,8 @@ class FusedProjections(nn.Module):
         return self._output(x, index)
 
     def _output(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):  # a list failed with a raw AttributeError
-            raise ArgumentTypeError(f"x must be a tensor of shape (..., in_features="
-                                    f"{self.linear.in_features}), got {type(x).__name__}")
+        if not isinstance(x, torch.Tensor):
+            raise layer_input_error(x, self.linear.in_features)
         # Traced graphs have no in-place surprises; inference tensors (torch.inference_mode)
         # have no version counter, so for them the same object is taken as the same input.
         versioned = not torch.compiler.is_compiling() and not x.is_inference()
