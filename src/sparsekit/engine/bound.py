@@ -20,21 +20,35 @@ from torch import nn
 __all__ = ["BoundArguments", "no_backward"]
 
 
+@torch.library.custom_op("sparsekit::no_backward", mutates_args=())
+def _no_backward(grad: torch.Tensor, shape: list[int], layer: str) -> torch.Tensor:
+    """The gradient of a kernel's input that a compiled layer cannot give: raises. An op,
+    not a ``raise`` in :class:`_NoBackward`'s backward, so that ``torch.compile`` (even with
+    ``fullgraph=True``) traces the backward through its fake and the compiled backward raises
+    when it runs, as the eager one does."""
+    raise ValueError(
+        f"the {layer} kernel has no backward: a compiled layer's product carries no "
+        "gradient to its input. Compiled layers are for inference; take gradients from "
+        "the masked model or SparseLinear layers"
+    )
+
+
+@_no_backward.register_fake
+def _(grad: torch.Tensor, shape: list[int], layer: str) -> torch.Tensor:
+    return grad.new_empty(shape)
+
+
 class _NoBackward(torch.autograd.Function):
     """The identity on a kernel's product, whose backward raises (see :func:`no_backward`)."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, x: torch.Tensor, layer: str) -> torch.Tensor:  # type: ignore[override]
-        ctx.layer = layer
+        ctx.layer, ctx.shape, ctx.dtype = layer, x.shape, x.dtype
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> None:  # type: ignore[override]
-        raise ValueError(
-            f"the {ctx.layer} kernel has no backward: a compiled layer's product carries no "
-            "gradient to its input. Compiled layers are for inference; take gradients from "
-            "the masked model or SparseLinear layers"
-        )
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:  # type: ignore[override]
+        return None, _no_backward(grad, list(ctx.shape), ctx.layer).to(ctx.dtype), None
 
 
 def no_backward(y: torch.Tensor, x: torch.Tensor, layer: str) -> torch.Tensor:
@@ -42,9 +56,10 @@ def no_backward(y: torch.Tensor, x: torch.Tensor, layer: str) -> torch.Tensor:
     where autograd would record it (``x`` requires grad, grad mode on): the sparsekit ops
     have no backward, and torch would otherwise only warn and leave ``x`` without its
     gradient. The forward is unchanged (a model whose dense layers' parameters require grad
-    still runs); ``torch.compile`` traces the product as it is. The hot paths leave such
-    inputs to their checked paths, which call this."""
-    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    still runs). ``torch.compile`` traces the recording too, so a backward through a compiled
+    graph raises alike (it had left the input without its gradient, with only torch's
+    warning). The hot paths leave such inputs to their checked paths, which call this."""
+    if x.requires_grad and torch.is_grad_enabled():
         return _NoBackward.apply(y, x, layer)
     return y
 

@@ -17,8 +17,11 @@ in its place. The first
 member called with a new input runs the stacked product and keeps the split outputs; the
 others return their slice of it when called with that same tensor (same object, not
 modified since), and the kept outputs are dropped once every member has taken its own.
-Called with another input, a member runs the product again, so the outputs are always
-those of the original layers (up to float rounding). Because the check is a Python
+Called with another input, or a second time, a member runs the product again, so the
+outputs are those of the original layers (up to float rounding). One exception: under
+``torch.inference_mode`` tensors have no version counter, so an input changed in place
+between two members' calls of one round is not noticed (the second member returns its
+slice of the product of the old values). Because the check is a Python
 identity test on the traced tensors, ``torch.export`` and ``torch.compile(fullgraph=True)``
 trace a fused model into one kernel call per group. A fused model is not meant to be run
 from several threads at once.
@@ -167,11 +170,14 @@ class FusedProjections(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise layer_input_error(x, self.linear.in_features)
         # Traced graphs have no in-place surprises; inference tensors (torch.inference_mode)
-        # have no version counter, so for them the same object is taken as the same input.
+        # have no version counter, so for them the same object is taken as the same input
+        # within one round of the members' calls. A member called again starts a new round:
+        # a static input buffer refilled in place between two steps, one of which called
+        # only this member, had returned that step's kept output.
         versioned = not torch.compiler.is_compiling() and not x.is_inference()
         version = x._version if versioned else 0
         kept = self.__dict__["_kept"]
-        if kept is None or kept[0] is not x or kept[1] != version:
+        if kept is None or kept[0] is not x or kept[1] != version or kept[3] >> index & 1:
             # split_with_sizes, not Tensor.split: the Python wrapper of split costs more than
             # the three views it makes (4.5 against 2 µs at batch 1)
             kept = [x, version, self.linear(x).split_with_sizes(self.sizes, -1), 0]
