@@ -324,7 +324,14 @@ def test_a_foreign_weight_scale_is_refused_before_pruning(foreign):
 
 def test_an_error_from_outside_in_a_later_block_says_which_blocks_are_pruned():
     model = llama()
-    model.model.layers[1].register_forward_pre_hook(lambda module, args: 1 / 0)
+    calls = []  # the capture's whole first pass (it counts each block's calls) runs block 1
+
+    def fail_when_replayed(module, args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise ZeroDivisionError("division by zero")
+
+    model.model.layers[1].register_forward_pre_hook(fail_when_replayed)
     stated = r"stopped after 1 of 2 blocks \(ZeroDivisionError\): blocks 0 to 0 were already"
     with pytest.warns(RuntimeWarning, match=stated), pytest.raises(ZeroDivisionError):
         llm.prune(model, tokens())

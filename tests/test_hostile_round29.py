@@ -1,5 +1,6 @@
 """Hostile inputs, round 29: compiled layers under torch.compile's autograd, fused
-projections under ``torch.inference_mode``.
+projections under ``torch.inference_mode``, structured removal on more architectures, and
+int8 grids left behind by a fine-tune.
 
 - Under ``torch.compile`` a backward through a compiled layer's product completed and left
   the layers before it without a gradient (``None``), with only torch's warning that no
@@ -8,6 +9,34 @@ projections under ``torch.inference_mode``.
 - A fused group's member called twice with one inference tensor (a static input buffer
   refilled in place between two decode steps, the first of which called only that member)
   returned the first step's kept output.
+- ``llm.prune_structured(unit="heads")`` cut q/k/v/o but not OLMo-2's q/k norms over the
+  whole projection (nor Cohere's per-head norms, StableLM's norm per head), and left
+  StableLM's own ``num_heads``: the model it returned no longer ran. Those are refused now,
+  before anything changes; StableLM's head counts follow the cut (and its config, from
+  which it derives its head size, keeps its widths: the shapes are recorded).
+- ``unit="layers"`` left every per-layer config entry but ``layer_types`` as it was:
+  SmolLM3's ``no_rope_layers`` and Qwen2-MoE's ``mlp_only_layers`` reloaded other blocks
+  (silently different outputs); DeepSeek-V3's ``first_k_dense_replace`` and ESMC's residual
+  scaling (from the layer count) cannot follow and are refused before anything changes.
+- A ``num_key_value_heads`` left in a BERT config took BERT for grouped-query attention:
+  a raw transformers error after the weights were cut.
+- A one-block model was told "amounts from 0.5 remove one", then "would remove all 1
+  layers".
+- ``llm.prune`` calibrated ALBERT's one block, run at every depth, on its first depth's
+  inputs only; a block run more than once per forward pass is refused by name now.
+- ``compile`` of an ``llm.prune(..., quantize="int8")`` model after a LoRA merge (or any
+  fine-tune) rounded the weights back onto the stale grid: the fine-tune was gone.
+- ``sparsekit.shrink`` of an int8 model cut the weights' rows but not their
+  ``weight_scale``: the copy did not compile (an error naming neither layer nor cause).
+- ``sparsekit.diff`` of a ``save_pretrained(..., dense_dtype="int8")`` directory compared
+  the int8 codes (an embedding doubled: "0 changed") and took the row scales for tensors of
+  another architecture.
+- ``prune``, ``GradualPruner``, ``llm.prune``, ``prune_structured``, ``activation.calibrate``
+  and ``sparse_lora`` of a compiled model said "no default targets", "no list of
+  transformer blocks", or printed peft's repr of a fused group; they name the compiled
+  layer and ``decompile`` now. ``compile`` of a model with activation thresholds applied
+  failed its output check ("differs by 3.5e-01"); masks of a model made smaller since, or
+  of a compiled model, were "made for another model?".
 
 Report-only probes found these (repros in the session's scratch directory); each test here
 fails with the files before the fix.
@@ -20,8 +49,20 @@ import torch
 from _kernels import needs_kernels
 from torch import nn
 
+import sparsekit
+from sparsekit import llm
+from sparsekit.blocks import check_runs_once, find_blocks
 from sparsekit.engine import CompiledLinear
 from sparsekit.engine.fused import FusedProjections, stack
+from sparsekit.quantize import attach_scales, attached_scales, int8_scales, quantize_int8
+from sparsekit.structured import transformer_groups
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            pad_token_id=0)
 
 
 def _pruned(rows: int, cols: int, seed: int = 0) -> nn.Linear:
@@ -64,3 +105,231 @@ def test_fused_member_called_again_with_a_refilled_inference_buffer_recomputes()
         assert not torch.equal(first, second)
         assert torch.allclose(second, q(buffer), atol=1e-5)
         assert torch.allclose(other, k(buffer), atol=1e-5)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], v)
+                                                 for k, v in before.items())
+
+
+def test_heads_beside_whole_width_qk_norms_are_refused_before_anything_changes():
+    torch.manual_seed(0)
+    model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**BASE)).eval()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"self_attn.q_norm.weight of shape \(32,\) beside"):
+        llm.prune_structured(model, amount=0.5, unit="heads", method="magnitude")
+    assert _unchanged(model, before)
+
+
+def test_stablelm_heads_run_and_reload(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.StableLmForCausalLM(transformers.StableLmConfig(**BASE)).eval()
+    llm.prune_structured(model, amount=0.5, unit="heads", method="magnitude")
+    ids = _ids()
+    y = _logits(model, ids)  # its view by self.num_heads failed
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_logits(llm.load_pretrained(tmp_path).eval(), ids), y)
+
+
+def test_a_stray_kv_head_count_in_a_bert_config_is_no_raw_error(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                     num_hidden_layers=2, num_attention_heads=4)
+    config.num_key_value_heads = 2
+    model = transformers.BertModel(config).eval()
+    llm.prune_structured(model, amount=0.25, unit="heads", method="magnitude")
+    assert model.encoder.layer[0].attention.self.query.out_features == 24
+    with torch.no_grad():
+        y = model(_ids()).last_hidden_state
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(llm.load_pretrained(tmp_path).eval()(_ids()).last_hidden_state, y)
+
+
+def _first_block_idle(model: nn.Module) -> None:
+    """Block 0 an identity (its output projections zero): ShortGPT removes it."""
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        for name, p in layer.mlp.named_parameters():
+            if "down" in name:
+                p.zero_()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: transformers.SmolLM3ForCausalLM(
+        transformers.SmolLM3Config(**BASE, no_rope_layers=[1, 0, 1])),
+    lambda: transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        **BASE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, mlp_only_layers=[1])),
+], ids=["smollm3-no-rope-layers", "qwen2moe-mlp-only-layers"])
+def test_removed_layers_take_their_per_layer_config_entries_along(make, tmp_path):
+    torch.manual_seed(0)
+    model = make().eval()
+    _first_block_idle(model)
+    ids = _ids()
+    llm.prune_structured(model, ids, amount=0.34, unit="layers")
+    assert len(model.model.layers) == 2
+    y = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    for load in (llm.load_pretrained, transformers.AutoModelForCausalLM.from_pretrained):
+        assert torch.equal(_logits(load(tmp_path).eval(), ids), y)
+
+
+def test_layers_an_architecture_builds_from_a_per_layer_rule_are_refused():
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+        v_head_dim=8, max_position_embeddings=64, pad_token_id=0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    _first_block_idle(model)
+    before, ids = _state(model), _ids()
+    with pytest.raises(ValueError, match="block 1 of DeepseekV3ForCausalLM would reload as "
+                                         "another block once .0. are removed"):
+        llm.prune_structured(model, ids, amount=0.34, unit="layers")
+    assert _unchanged(model, before) and model.config.num_hidden_layers == 3
+
+
+def test_a_one_block_model_is_told_no_amount_removes_a_layer():
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{**BASE, "num_hidden_layers": 1})).eval()
+    for amount in (0.3, 0.5):
+        with pytest.raises(ValueError, match="the model has one block, which no amount can "
+                                             "remove"):
+            llm.prune_structured(model, _ids(), amount=amount, unit="layers")
+
+
+def test_a_block_shared_by_every_depth_is_refused_by_llm_prune():
+    torch.manual_seed(0)
+    model = transformers.AlbertForMaskedLM(transformers.AlbertConfig(
+        vocab_size=VOCAB, embedding_size=16, hidden_size=32, intermediate_size=48,
+        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64)).eval()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"block 0 \(AlbertLayerGroup\) runs 3 times in one "
+                                         "forward pass"):
+        llm.prune(model, _ids(), method="wanda", sparsity=0.5)
+    assert _unchanged(model, before)
+    check_runs_once(model, find_blocks(_llama()), _ids())  # another model's blocks: never run
+    llama = _llama()
+    check_runs_once(llama, find_blocks(llama), _ids())  # each once: no error
+
+
+def test_moe_ffns_are_named_in_the_refusal():
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **BASE, num_local_experts=4, num_experts_per_tok=2)).eval()
+    with pytest.raises(ValueError, match="mixture-of-experts FFNs"):
+        llm.prune_structured(model, amount=0.5, unit="ffn", method="magnitude")
+
+
+def _int8_layer() -> nn.Linear:
+    """A layer whose weight lies on the int8 grid it carries (as llm.prune(quantize=) does)."""
+    layer = _pruned(16, 32, seed=4)
+    scales = int8_scales(layer.weight.detach())
+    codes, scales = quantize_int8(layer.weight.detach(), scales)
+    with torch.no_grad():
+        layer.weight.copy_(codes.float() * scales[:, None])
+    attach_scales(layer, scales)
+    return layer
+
+
+@needs_kernels
+def test_compile_refuses_a_weight_moved_off_its_int8_grid():
+    layer = _int8_layer()
+    x = torch.randn(3, 32)
+    sparsekit.compile(nn.Sequential(layer), x, formats=["bitmap"], cache=False)  # on its grid
+    with torch.no_grad():  # a merged LoRA: a change far below half a step
+        layer.weight.add_(1e-5 * (layer.weight != 0))
+    with pytest.raises(ValueError, match=r"model: 0: the weight lies off its int8 grid "
+                                         r"\(weight_scale\)"):
+        sparsekit.compile(nn.Sequential(layer), x, formats=["bitmap"], cache=False)
+    sparsekit.compile(nn.Sequential(layer), x, formats=["dense"], cache=False)  # kept float
+
+
+def _llama() -> nn.Module:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**BASE)).eval()
+
+
+def test_shrink_cuts_the_int8_scales_with_their_rows():
+    model = _llama()
+    llm.prune(model, _ids(), method="magnitude", sparsity=0.5, quantize="int8")
+    masks = sparsekit.prune(model, 0.5, pattern="head")
+    small = sparsekit.shrink(model, masks, groups=transformer_groups(model, "heads"))
+    q = small.model.layers[0].self_attn.q_proj
+    assert q.out_features < 32 and attached_scales(q).shape == (q.out_features,)
+    ids = _ids()
+    y = _logits(small, ids)
+    assert torch.allclose(_logits(sparsekit.compile(small, ids, cache=False), ids), y,
+                          atol=1e-4)
+
+
+def test_diff_reads_an_int8_directory_as_its_values(tmp_path):
+    model = _llama()
+    sparsekit.prune(model, 0.5)
+    sparsekit.save_pretrained(model, tmp_path / "a", dense_dtype="int8")
+    reloaded = sparsekit.from_pretrained(tmp_path / "a")
+    assert sparsekit.diff(reloaded, tmp_path / "a").totals["changed"] == 0
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(2.0)
+    sparsekit.save_pretrained(model, tmp_path / "b", dense_dtype="int8")
+    rows = {r.name: r for r in sparsekit.diff(tmp_path / "a", tmp_path / "b").rows}
+    assert rows["model.embed_tokens.weight"].relative_norm == pytest.approx(1.0, rel=1e-3)
+    grid = _llama()  # weights on their own int8 grid: stored on it
+    llm.prune(grid, _ids(), method="magnitude", sparsity=0.5, quantize="int8")
+    sparsekit.save_pretrained(grid, tmp_path / "c", dense_dtype="int8")
+    assert sparsekit.diff(sparsekit.from_pretrained(tmp_path / "c"),
+                          tmp_path / "c").totals["changed"] == 0
+
+
+@needs_kernels
+def test_calls_on_a_compiled_model_name_the_compiled_layer():
+    model = _llama()
+    sparsekit.prune(model, 0.5)
+    compiled = sparsekit.compile(model, _ids(), formats=["csr16"], cache=False)
+    calls = [lambda: sparsekit.prune(compiled, 0.7),
+             lambda: sparsekit.GradualPruner(compiled, 0.8, start_step=0, end_step=10, every=1),
+             lambda: llm.prune(compiled, _ids()),
+             lambda: llm.prune_structured(compiled, amount=0.5, method="magnitude"),
+             lambda: sparsekit.activation.calibrate(compiled, _ids())]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"model: model\.layers\.0\..* is compiled "
+                                             r"\(\w+\); .* sparsekit\.engine\.decompile"):
+            call()
+
+
+def test_compile_of_a_model_with_thresholds_applied_says_so():
+    model = _llama()
+    act = sparsekit.activation.calibrate(model, _ids(), sparsity=0.5)
+    act.apply(model)
+    with pytest.raises(ValueError, match=r"have activation thresholds applied .* remove\(\) "
+                                         r"them and pass the thresholds to compile"):
+        sparsekit.compile(model, _ids(), cache=False)
+
+
+def test_masks_of_a_model_made_smaller_name_both_shapes(tmp_path):
+    model = _llama()
+    masks = sparsekit.prune(model, 0.5)
+    llm.prune_structured(model, amount=0.5, unit="heads", method="magnitude")
+    with pytest.raises(ValueError, match=r"\(32, 32\) does not fit the model's tensor of "
+                                         r"shape \(16, 32\) .* made smaller"):
+        sparsekit.save(model, tmp_path / "m.safetensors", masks)
+    assert not (tmp_path / "m.safetensors").exists()

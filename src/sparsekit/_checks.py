@@ -89,6 +89,22 @@ def check_module(name: str, value: Any) -> None:
         raise ArgumentTypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
 
 
+def check_not_compiled(name: str, model: nn.Module, what: str) -> None:
+    """Raise ``ValueError`` naming ``model``'s first compiled layer (what
+    :func:`sparsekit.compile` installs) if it has one: ``what`` (pruning, fine-tuning) takes
+    nn.Linear layers, and a compiled model had been told it had "no default targets", "no
+    list of transformer blocks", or given peft's repr of a whole fused group. Called where
+    such a model would fail anyway."""
+    from sparsekit.engine.persist import COMPILED_LAYERS  # the engine imports this module
+
+    for layer_name, layer in model.named_modules():
+        if isinstance(layer, COMPILED_LAYERS):
+            raise ValueError(
+                f"{name}: {layer_name or 'the model'} is compiled ({type(layer).__name__}); "
+                f"{what} takes a model of nn.Linear layers: pass "
+                "sparsekit.engine.decompile(model) (the model as it was compiled) instead")
+
+
 SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 """The integer dtype of each element size in bytes: a float tensor viewed as it is read and
 written bit for bit (-0.0 and NaN included), by the checkpoint's counts and the masks."""

@@ -14,19 +14,25 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsekit._checks import ArgumentTypeError, check_device, check_module, model_errors
+from sparsekit._checks import (
+    ArgumentTypeError,
+    check_device,
+    check_module,
+    check_not_compiled,
+    model_errors,
+)
 from sparsekit.observe import batches, check_inputs_materialized, preserved
 from sparsekit.targets import linear_types as layer_types  # nn.Linear and GPT-2's Conv1D
 
-__all__ = ["BlockCall", "BlockReplay", "capture_inputs", "find_blocks", "home_device",
-           "layer_types", "to_device"]
+__all__ = ["BlockCall", "BlockReplay", "capture_inputs", "check_runs_once", "find_blocks",
+           "home_device", "layer_types", "to_device"]
 
 _HIDDEN = "hidden_states"
 # A replayed call must not grow a key-value cache: every replay would attend to the last.
@@ -58,6 +64,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
             if best is None or size > best[0]:
                 best = (size, module)
     if best is None:
+        check_not_compiled("model", model, "pruning")
         raise ValueError(
             f"model: {type(model).__name__} has no list of transformer blocks (an nn.ModuleList "
             "of identical blocks with Linear layers); accepted: decoder and encoder models such "
@@ -171,6 +178,39 @@ def capture_inputs(
         for h in handles:
             h.remove()
     return captured
+
+
+def check_runs_once(model: nn.Module, blocks: Sequence[nn.Module], x: Any,
+                    param: str = "inputs") -> None:
+    """``ValueError`` naming a block of ``blocks`` that ``model(x)`` runs more than once
+    (ALBERT's one block, shared by every depth): a caller that replays each block once on
+    its captured inputs (:func:`capture_inputs`) would see one depth of it only. ``x`` is
+    one input, run as :func:`capture_inputs` runs them; errors about it name ``param``."""
+    check_inputs_materialized(param, x)
+    calls = [0] * len(blocks)
+
+    def count(i: int) -> Callable[..., None]:
+        def fn(*_: Any) -> None:
+            calls[i] += 1
+        return fn
+
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
+        else {}
+    handles = [b.register_forward_pre_hook(count(i)) for i, b in enumerate(blocks)]
+    try:
+        with preserved(model, train=False), torch.no_grad(), model_errors(param):
+            model(to_device(x, home_device(model)), **extra)
+    finally:
+        for h in handles:
+            h.remove()
+    again = {i: n for i, n in enumerate(calls) if n > 1}
+    if again:
+        i, n = next(iter(again.items()))
+        raise ValueError(
+            f"model: block {i} ({type(blocks[i]).__name__}) runs {n} times in one forward "
+            "pass (a block shared by several depths, as ALBERT's): calibrated once, it would "
+            "see the inputs of one depth only; accepted: models whose blocks each run once; "
+            "the model was not changed")
 
 
 class BlockReplay:

@@ -44,6 +44,7 @@ from sparsekit._checks import (
 )
 from sparsekit.distributed import is_sharded
 from sparsekit.engine import activation_linear, fused
+from sparsekit.engine.persist import COMPILED_LAYERS
 from sparsekit.masks import MaskSet, keeps_everything, maskable, pattern_view
 from sparsekit.patterns import Pattern, parse_pattern
 from sparsekit.quantize import SCALE_NAME, install_scales
@@ -141,11 +142,19 @@ def save(
         raise ValueError(f"metadata: keys {reserved} are the checkpoint's own header entries; "
                          "choose other names")
     for key, m in mask_of.items():
-        if key not in state or state[key].shape != m.shape:
+        if key in state and state[key].shape != m.shape:  # cut by shrink / prune_structured
+            raise ValueError(
+                f"masks: entry {key!r} {tuple(m.shape)} does not fit the model's tensor of "
+                f"shape {tuple(state[key].shape)} (masks of another model, or of this one "
+                "before it was made smaller by prune_structured or shrink?); accepted: masks "
+                "of the model as it is (sparsekit.prune.compute_masks again, or no masks)")
+        if key not in state:
+            compiled = any(isinstance(x, COMPILED_LAYERS) for x in model.modules())
             raise ValueError(
                 f"masks: entry {key!r} {tuple(m.shape)} matches no tensor of the model's "
-                "state_dict (were the masks made for another model?)"
-            )
+                "state_dict" + (" (the model is compiled: its layers store the kept weights "
+                                "only and need no masks; accepted: masks=None)" if compiled
+                                else " (were the masks made for another model?)"))
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     tied = _tied_keys(state)
     # a compressed tensor is stored as KEY::values and KEY::bitmap/gaps: where the model has

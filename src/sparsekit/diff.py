@@ -25,7 +25,7 @@ from torch import nn
 
 from sparsekit import _table, checkpoint
 from sparsekit._checks import ArgumentTypeError, check_nonnegative
-from sparsekit.pretrained import WEIGHTS_NAME
+from sparsekit.pretrained import WEIGHTS_NAME, stored_values
 
 __all__ = ["Diff", "DiffRow", "diff"]
 
@@ -218,7 +218,7 @@ def _checked(state: dict[str, torch.Tensor], param: str) -> dict[str, torch.Tens
 def _directory_state(path: Path, param: str) -> dict[str, torch.Tensor]:
     """The weights of a ``save_pretrained`` directory, sparsekit's or Hugging Face's."""
     if (path / WEIGHTS_NAME).is_file():
-        return checkpoint.read(path / WEIGHTS_NAME).state
+        return stored_values(path / WEIGHTS_NAME)
     if (path / "model.safetensors").is_file():
         return checkpoint.read(path / "model.safetensors").state
     index = path / "model.safetensors.index.json"

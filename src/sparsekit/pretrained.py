@@ -818,6 +818,27 @@ def _row_scales(model: nn.Module, key: str, *, pop: bool = False) -> torch.Tenso
     return buffers.pop(name, None) if pop else buffers.get(name)
 
 
+def stored_values(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a sparsekit weights file (``sparsekit.safetensors``) as the values
+    they stand for: tensors stored as int8 (``dense_dtype="int8"``) are their codes times
+    their row scales (or the layer's int8 grid they were stored on), the row scales
+    dropped. :func:`sparsekit.diff` reads a directory so; it had compared the codes."""
+    stored = checkpoint.read(weights)
+    record = _read_record(weights, stored.meta)
+    state = dict(stored.state)
+    cast = record["cast"] or {"keys": [], "dtype": None}
+    if cast["keys"] and checkpoint._DTYPES[cast["dtype"]] == torch.int8:
+        for key in cast["keys"]:
+            owner, _, leaf = key.rpartition(".")
+            scales = state.pop(f"{key}{ROW_SCALE_SUFFIX}", None)
+            if scales is None:  # stored on the layer's own grid, tied to it
+                scales = state[f"{owner}.{SCALE_NAME}"]
+            codes = state[key]
+            rows = codes.reshape(codes.shape[0], -1)
+            state[key] = dequantize_grid(rows, scales).reshape(codes.shape)
+    return state
+
+
 def _restored(model: nn.Module, key: str, stored: torch.dtype) -> torch.Tensor:
     """The loaded tensor ``key`` in float32 (or as it is when not stored as int8): int8
     codes times their row's scale, whose buffer is removed."""

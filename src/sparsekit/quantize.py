@@ -44,9 +44,9 @@ from sparsekit._checks import (
 
 __all__ = [
     "INT8_MAX", "MAX_SCALE", "MIN_SCALE", "SCALE_NAME", "attach_scales", "attached_scales",
-    "check_within_grid", "dequantize_grid", "dequantize_int8", "detach_scales", "fake_quantize",
-    "group_size_of", "guard_loading", "install_scales", "int8_scales", "is_grouped",
-    "quantize_int8", "scales_at",
+    "check_on_grid", "check_within_grid", "dequantize_grid", "dequantize_int8", "detach_scales",
+    "fake_quantize", "group_size_of", "guard_loading", "install_scales", "int8_scales",
+    "is_grouped", "quantize_int8", "scales_at",
 ]
 
 INT8_MAX = 127  # symmetric: -128 is never used, so negating a code never overflows
@@ -149,6 +149,34 @@ def check_within_grid(name: str, weight: torch.Tensor, scales: torch.Tensor) -> 
             "quantize='int8')), or sparsekit.quantize.detach_scales(layer) to take fresh "
             "scales"
         )
+
+
+def check_on_grid(name: str, weight: torch.Tensor, scales: torch.Tensor) -> None:
+    """Raise unless ``weight`` lies on the int8 grid of ``scales`` (its attached
+    ``weight_scale``): each entry a code times its scale, in the weight's dtype. A weight
+    moved off it since it was quantized (a LoRA merged into it, a fine-tune by a masked
+    optimizer) was rounded back onto the stale grid by ``compile``, which dropped a
+    fine-tune smaller than half a step without a word. One unit in the last place of the
+    weight's dtype is allowed: a model cast to bfloat16 rounds its weights and its scales
+    apart. Check :func:`check_within_grid` first (the range, and a well-formed grid);
+    ``name`` names the layer."""
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    group_size = group_size_of(rows, scales)
+    exact = rows.to(torch.float32)
+    codes, steps = quantize_int8(exact, scales, group_size)
+    grid = dequantize_int8(codes, steps, group_size)
+    ulp = torch.finfo(rows.dtype).eps * torch.maximum(exact.abs(), grid.abs())
+    off = (grid - exact).abs() > ulp
+    if bool(off.any()):
+        row, col = (int(i) for i in off.nonzero()[0])
+        raise ValueError(
+            f"{name}: the weight lies off its int8 grid ({SCALE_NAME}): weight[{row}, {col}] = "
+            f"{float(rows[row, col]):.6g} is no multiple of its scale ({int(off.sum())} of "
+            f"{off.numel()} entries; changed since it was quantized, e.g. fine-tuned or a "
+            "LoRA merged?), and storing it as int8 on that grid would round the change away; "
+            "accepted: weights on their grid — quantize again (llm.prune(..., "
+            "quantize='int8')), or sparsekit.quantize.detach_scales(layer) to take fresh "
+            "scales")
 
 
 def dequantize_int8(

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsekit._checks import ArgumentTypeError, check_module, is_float8
+from sparsekit._checks import ArgumentTypeError, check_module, check_not_compiled, is_float8
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """The default target types that need no optional package (:func:`default_types` adds
@@ -166,6 +166,7 @@ def resolve_targets(
     chosen = {n: t for n, t in chosen.items() if n not in removed}
 
     if not chosen and specs is None and not excludes:
+        check_not_compiled("model", model, "pruning")
         raise ValueError(
             "targets: the model has no default targets (weights of nn.Linear, nn.Conv1d/2d/3d "
             "or GPT-2's Conv1D that no other kind of module shares); name the parameters to "

@@ -15,7 +15,8 @@ from sparsekit.activation.blocks import BlockError, block_groups
 from sparsekit.activation.layers import find_layers
 from sparsekit.activation.record import record_inputs
 from sparsekit.activation.scores import METHODS, feature_threshold, score
-from sparsekit.activation.sparsity import ActivationSparsity, applied_layers
+from sparsekit.activation.sparsity import ActivationSparsity
+from sparsekit.engine.activation_linear import applied_layers
 from sparsekit.observe import batches, inference
 from sparsekit.targets import TargetSpec
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from sparsekit._checks import check_not_compiled
 from sparsekit.targets import TargetSpec, resolve_targets
 
 __all__ = ["find_layers"]
@@ -50,6 +51,7 @@ def find_layers(
                                                       for h in heads)}
     layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
     if not layers:
+        check_not_compiled("model", model, "calibrating activation sparsity")
         wanted = (
             f"nn.Linear modules named '*{_DOWN_PROJ}' (the input of a gated MLP's down "
             "projection)" if method == "cats" and targets is None

@@ -23,7 +23,13 @@ from sparsekit._checks import (
 )
 from sparsekit.activation.allocation import ALLOCATIONS
 from sparsekit.activation.scores import METHODS
-from sparsekit.engine.activation_linear import check_threshold, sparsify_input, thresholded_layers
+from sparsekit.engine.activation_linear import (
+    THRESHOLD_MARK,
+    applied_layers,
+    check_threshold,
+    sparsify_input,
+    thresholded_layers,
+)
 from sparsekit.observe import LayerCall, layer_input
 
 __all__ = ["ActivationSparsity"]
@@ -31,9 +37,6 @@ __all__ = ["ActivationSparsity"]
 KIND = "activation_sparsity"
 """The header ``kind`` of a file written by :meth:`ActivationSparsity.save`."""
 
-_MARK = "_sparsekit_activation_threshold"
-"""An attribute set on the hooks :meth:`ActivationSparsity.apply` installs, by which
-:func:`applied_layers` finds them."""
 
 
 @dataclass(eq=False)
@@ -178,15 +181,8 @@ class ActivationSparsity:
             return x
 
         hook = input_hook(sparsify)
-        setattr(hook, _MARK, True)
+        setattr(hook, THRESHOLD_MARK, True)
         return hook
-
-
-def applied_layers(layers: Mapping[str, nn.Module]) -> list[str]:
-    """The names of ``layers`` whose inputs an applied :class:`ActivationSparsity`
-    thresholds (whichever object applied it)."""
-    return [n for n, m in layers.items()
-            if any(getattr(h, _MARK, False) for h in m._forward_pre_hooks.values())]
 
 
 def input_hook(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., LayerCall]:

@@ -86,9 +86,9 @@ from sparsekit.quantize import (
     scales_at,
 )
 
-__all__ = ["BITMAP_BLOCK", "BLOCK", "GROUPED_KERNELS", "KERNELS", "ActivationSparseLinear",
-           "check_bitmap_index", "check_column_index", "conform", "kernels_of",
-           "sparsify_input"]
+__all__ = ["BITMAP_BLOCK", "BLOCK", "GROUPED_KERNELS", "KERNELS", "THRESHOLD_MARK",
+           "ActivationSparseLinear", "applied_layers", "check_bitmap_index", "check_column_index",
+           "conform", "kernels_of", "sparsify_input"]
 
 KERNELS = ("act_gemv", "act_sparse_gemv", "act_bitmap_gemv", "act_bitmap_qgemv")
 """The single-row kernels: on the transposed dense weight, or on its stored weights only (with
@@ -188,6 +188,18 @@ def check_threshold(name: str, threshold: object) -> None:
     if not bool((threshold >= 0).all()):  # also NaN
         raise ValueError(f"{name} must hold thresholds ≥ 0 (inf allowed; NaN would zero every "
                          "input), got a NaN or negative one")
+
+
+THRESHOLD_MARK = "_sparsekit_activation_threshold"
+"""An attribute set on the hooks :meth:`sparsekit.activation.ActivationSparsity.apply`
+installs, by which :func:`applied_layers` finds them."""
+
+
+def applied_layers(layers: Mapping[str, nn.Module]) -> list[str]:
+    """The names of ``layers`` whose inputs an applied :class:`ActivationSparsity`
+    thresholds (whichever object applied it)."""
+    return [n for n, m in layers.items()
+            if any(getattr(h, THRESHOLD_MARK, False) for h in m._forward_pre_hooks.values())]
 
 
 def thresholded_layers(thresholds: Mapping[str, torch.Tensor], model: nn.Module,

@@ -45,6 +45,7 @@ from sparsekit.engine import autotune, decisions, fused
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import (
     ActivationSparseLinear,
+    applied_layers,
     sparsify_input,
     thresholded_layers,
 )
@@ -58,6 +59,7 @@ from sparsekit.engine.persist import COMPILED_LAYERS, replaced
 from sparsekit.observe import inference, watch
 from sparsekit.quantize import (
     attached_scales,
+    check_on_grid,
     check_within_grid,
     dequantize_grid,
     group_size_of,
@@ -237,6 +239,13 @@ def compile(
     check_bool("grow", grow)
     inputs = _as_tuple(example_inputs)
     model = _conv1d_as_linear(model)
+    thresholded = applied_layers(dict(model.named_modules()))
+    if thresholded:  # the compiled layers would not run their hooks: "output differs"
+        raise ValueError(
+            f"model: layers {thresholded[:3]}{' …' if len(thresholded) > 3 else ''} have "
+            "activation thresholds applied (ActivationSparsity.apply), hooks the compiled "
+            "layers would not run; accepted: remove() them and pass the thresholds to compile "
+            "as activation_sparsity=")
     for name, layer in model.named_modules():
         if isinstance(layer, COMPILED_LAYERS):
             # its formats were kept as they are, formats= and the dtypes silently ignored
@@ -259,6 +268,8 @@ def compile(
             scales = attached_scales(layer)
             if scales is not None and value_dtype in (None, torch.int8):  # stored on it
                 check_within_grid(f"model: {name or 'the model'}", layer.weight, scales)
+                if names != ["dense"]:  # the dense format keeps the float weight
+                    check_on_grid(f"model: {name or 'the model'}", layer.weight, scales)
     if activation is not None and weight_dtype is None and not any(
             attached_scales(m) is not None for m in model.modules()):
         raise ValueError(f"activation_dtype={activation_dtype!r} quantizes the inputs of int8 "

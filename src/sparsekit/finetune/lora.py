@@ -41,6 +41,7 @@ from sparsekit._checks import (
     check_int,
     check_materialized_module,
     check_module,
+    check_not_compiled,
     check_positive,
 )
 from sparsekit.masks import MaskSet
@@ -81,6 +82,7 @@ def sparse_lora(
     if not isinstance(config, peft.LoraConfig):
         raise ArgumentTypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
     check_materialized_module(model, "model: ")  # its masks are read from the weights
+    check_not_compiled("model", model, "fine-tuning")  # peft printed a fused group's repr
     if _lora_layers(model):
         some = ", ".join(map(repr, list(_lora_layers(model))[:3]))
         raise ValueError(f"model has LoRA layers already ({some}…): sparse_lora was applied "

@@ -50,7 +50,7 @@ from sparsekit._checks import (
     check_writable,
 )
 from sparsekit.allocation import outlier_ratio, owl_sparsities
-from sparsekit.blocks import BlockCall, capture_inputs, find_blocks
+from sparsekit.blocks import BlockCall, capture_inputs, check_runs_once, find_blocks
 from sparsekit.distributed import all_reduce_sum, check_same_on_ranks
 from sparsekit.llm.blocks import DEFAULT_EXCLUDE, Layer, block_layers
 from sparsekit.llm.calibration import (
@@ -310,6 +310,7 @@ def _sequential(
     # name llm.prune's argument, not "inputs".
     kinds = _attention_types(model, blocks)
     firsts = {kind: kinds.index(kind) for kind in dict.fromkeys(kinds)}  # block 0's first
+    check_runs_once(model, blocks, tokens[:batch_size], param="calibration")
     captured = capture_inputs(model, [blocks[i] for i in firsts.values()],
                               tokens.split(batch_size), device, param="calibration")
     calls_of = {kind: calls for kind, (_, calls) in zip(firsts, captured, strict=True)}

@@ -38,6 +38,7 @@ them.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -66,9 +67,7 @@ from sparsekit.pretrained import check_config_class, config_errors
 from sparsekit.quantize import (
     SCALE_NAME,
     attach_scales,
-    attached_scales,
     guard_loading,
-    is_grouped,
 )
 from sparsekit.scores.flap import fluctuation_scores, input_moments
 from sparsekit.scores.wanda import wanda_scores
@@ -180,8 +179,7 @@ def prune_structured(
         check_token_ids(tokens, described)
         tokens = to_device(tokens, home_device(model))  # a model on a GPU, tokens made here
     if units == ("layers",):
-        _remove_layers(blocks, block_influence(model, tokens), amount,
-                       None if owner is None else owner.config)
+        _remove_layers(blocks, block_influence(model, tokens), amount, owner)
     else:
         groups = {u: transformer_groups(model, u) for u in units}
         everything = [g for u in units for g in groups[u]]
@@ -191,14 +189,12 @@ def prune_structured(
                           powers=FLAP_POWERS if method == "flap" else {})
         # checked before fold_means changes the biases: a refused cut changes nothing
         removal = check_removal(model, [r for u in units for r in removed[u]])
-        grids = _grid_cuts(model, removal)
         fold_means(model, removal, means)
         remove_channels(model, removal)
-        cut(model, grids)
         _sync_heads(model)
         if owner is not None:
             for u in units:
-                _update_config(owner.config, u, removed[u])
+                _update_config(owner, u, removed[u])
     if owner is not None:
         _record_shapes(owner)
     return model
@@ -478,35 +474,6 @@ def _select(model: nn.Module, groups: Mapping[str, list[Group]],
     return removed
 
 
-def _grid_cuts(model: nn.Module, removal: list[tuple[Group, torch.Tensor]]
-               ) -> dict[tuple[str, int], set[int]]:
-    """The rows of int8 scales (``weight_scale``: ``llm.prune(..., quantize="int8")``) that
-    go with the rows of their weights in ``removal``: left whole, a layer's scales no longer
-    matched its rows (the model did not reload). A layer with a scale per group of inputs
-    that loses inputs is a ``ValueError`` before anything changes: the cut splits its
-    groups, and its weight lies on no grid of equal groups any more."""
-    cuts: dict[tuple[str, int], set[int]] = {}
-    for group, gone in removal:
-        for s in group.slices:
-            owner, _, leaf = s.name.rpartition(".")
-            scales = attached_scales(model.get_submodule(owner)) if leaf == "weight" else None
-            if scales is None or not gone.numel():
-                continue
-            if s.dim == 0:
-                cuts.setdefault((f"{owner}.{SCALE_NAME}", 0), set()).update(
-                    s.indices(gone).tolist())
-            elif is_grouped(scales):
-                raise ValueError(
-                    f"{owner!r} carries int8 scales per group of inputs ({SCALE_NAME} of shape "
-                    f"{tuple(scales.shape)}: llm.prune(..., quantize='int8', group_size=...)); "
-                    f"removing units of {group.name!r} cuts its inputs and splits those groups; "
-                    "accepted: prune_structured before quantizing, per-row scales "
-                    "(group_size=None), or sparsekit.quantize.detach_scales(layer) first; the "
-                    "model was not changed"
-                )
-    return cuts
-
-
 def _check_units(unit: object) -> tuple[str, ...]:
     """``unit`` as a tuple of unit names: one name, or several of ``"ffn"``/``"heads"``."""
     units = (unit,) if isinstance(unit, str) else tuple(unit) \
@@ -526,6 +493,10 @@ def _check_units(unit: object) -> tuple[str, ...]:
 def _layers_to_remove(amount: float, layers: int) -> int:
     """How many of ``layers`` blocks ``amount`` removes (rounded); ``ValueError`` for none
     (a silent no-op) or all of them."""
+    if layers == 1:  # "amounts from 0.5 remove one", then "would remove all 1 layers"
+        raise ValueError(f"unit 'layers': the model has one block, which no amount can remove "
+                         f"(got amount={amount}); accepted: models of two blocks or more, or "
+                         "unit='ffn' / 'heads'; the model was not changed")
     n = math.floor(amount * layers + 0.5)
     if n == 0:
         raise ValueError(f"amount={amount} of {layers} layers rounds to no layer removed; "
@@ -537,9 +508,10 @@ def _layers_to_remove(amount: float, layers: int) -> int:
 
 
 def _remove_layers(blocks: nn.ModuleList, influence: list[float], amount: float,
-                   config: Any) -> None:
-    """Remove the ``amount`` of ``blocks`` with the lowest ``influence``; ``config`` (the
-    blocks' model's, or ``None``) follows the new layer count."""
+                   owner: nn.Module | None) -> None:
+    """Remove the ``amount`` of ``blocks`` with the lowest ``influence``; the config of
+    ``owner`` (the transformers model holding them, or ``None``) follows the new layer
+    count (see :func:`_fewer_layers`)."""
     n = _layers_to_remove(amount, len(blocks))
     bad = [i for i, v in enumerate(influence) if not math.isfinite(v)]
     if bad:  # NaN sorts anywhere: the layers removed would be arbitrary
@@ -549,6 +521,7 @@ def _remove_layers(blocks: nn.ModuleList, influence: list[float], amount: float,
             "NaN/inf; the model was not changed"
         )
     drop = set(sorted(range(len(blocks)), key=lambda i: influence[i])[:n])
+    config = None if owner is None else _fewer_layers(owner, blocks, drop)
     for i in sorted(drop, reverse=True):
         del blocks[i]
     for i, block in enumerate(blocks):  # key-value caches are indexed by layer
@@ -556,10 +529,63 @@ def _remove_layers(blocks: nn.ModuleList, influence: list[float], amount: float,
             if isinstance(getattr(m, "layer_idx", None), int):
                 m.layer_idx = i
     if config is not None:
-        config.num_hidden_layers = len(blocks)
-        types = getattr(config, "layer_types", None)
-        if isinstance(types, list) and len(types) == len(influence):
-            config.layer_types = [t for i, t in enumerate(types) if i not in drop]
+        for key, value in config.items():
+            setattr(owner.config, key, value)
+
+
+# config entries that list layer indices (Qwen2-MoE's and Qwen3-MoE's dense-MLP layers)
+_LAYER_INDEX_LISTS = ("mlp_only_layers",)
+
+
+def _fewer_layers(owner: nn.Module, blocks: nn.ModuleList, drop: set[int]) -> dict[str, Any]:
+    """The config entries of ``owner`` without the blocks ``drop``: the layer count, every
+    per-layer list (``layer_types``, SmolLM3's ``no_rope_layers``) without their entries
+    and the lists of layer indices renumbered. ``ValueError`` (nothing changed yet) unless
+    ``owner``'s class built from that config makes each kept block as it was built before:
+    a block that depends on the layer count (ESMC's residual scaling) or on a per-layer
+    rule the config states another way (DeepSeek-V3's ``first_k_dense_replace``) would
+    reload as another block."""
+    config = owner.config
+    count = len(blocks)
+    kept = [i for i in range(count) if i not in drop]
+    change: dict[str, Any] = {"num_hidden_layers": len(kept)}
+    for key, value in vars(config).items():
+        if isinstance(value, (list, tuple)) and len(value) == count:
+            change[key] = type(value)(value[i] for i in kept)
+    for key in _LAYER_INDEX_LISTS:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and all(isinstance(i, int) for i in value):
+            change[key] = type(value)(kept.index(i) for i in value if i in kept)
+    prefix = next(n for n, m in owner.named_modules() if m is blocks)
+    fresh = copy.deepcopy(config)
+    for key, value in change.items():
+        setattr(fresh, key, value)
+    with torch.device("meta"):
+        before = type(owner)(config).get_submodule(prefix)
+        after = type(owner)(fresh).get_submodule(prefix)
+    for j, i in enumerate(kept):
+        old, new = _built_as(before[i]), _built_as(after[j])
+        if old != new:
+            what = sorted(k for k in {*old, *new} if old.get(k, ...) != new.get(k, ...))[:3]
+            raise ValueError(
+                f"unit 'layers': block {i} of {type(owner).__name__} would reload as another "
+                f"block once {sorted(drop)} are removed ({', '.join(map(str, what))} differ in "
+                "the model built from the updated config: the architecture makes its blocks "
+                "from the layer count or a per-layer rule); the model was not changed")
+    return change
+
+
+def _built_as(block: nn.Module) -> dict[str, object]:
+    """What a freshly built block is made of: its parameters' shapes and its modules'
+    plain settings (``layer_idx`` aside, which follows the position)."""
+    made: dict[str, object] = {n: tuple(p.shape) for n, p in block.named_parameters()}
+    for name, m in block.named_modules():
+        made[f"{name}:type"] = type(m).__name__
+        for key, value in vars(m).items():
+            if (not key.startswith("_") and key not in ("training", "layer_idx")
+                    and isinstance(value, (bool, int, float, str, type(None)))):
+                made[f"{name}.{key}"] = value
+    return made
 
 
 def _check_shapes(shapes: object, params: Mapping[str, nn.Parameter], param: str) -> None:
@@ -656,7 +682,8 @@ def _check_saved_ties(state: Mapping[str, torch.Tensor], model: nn.Module,
 
 
 def _sync_heads(model: nn.Module) -> None:
-    """Attention modules that store their head count (BERT) take it from their shapes."""
+    """Attention modules that store their head counts (BERT's ``num_attention_heads``,
+    StableLM's ``num_heads`` and ``num_key_value_heads``) take them from their shapes."""
     for m in model.modules():
         size = getattr(m, "attention_head_size", None)
         query = getattr(m, "query", None)
@@ -664,17 +691,28 @@ def _sync_heads(model: nn.Module) -> None:
                 hasattr(m, "num_attention_heads"):
             m.num_attention_heads = query.out_features // size
             m.all_head_size = query.out_features
+        size = getattr(m, "head_dim", None)
+        if not isinstance(size, int) or size < 1:
+            continue
+        for attr, layer in (("num_heads", "q_proj"), ("num_key_value_heads", "k_proj")):
+            proj = getattr(m, layer, None)
+            if isinstance(getattr(m, attr, None), int) and isinstance(proj, nn.Linear):
+                setattr(m, attr, proj.out_features // size)
 
 
-def _update_config(config: Any, unit: str, removed: list[tuple[Group, torch.Tensor]]
+def _update_config(owner: nn.Module, unit: str, removed: list[tuple[Group, torch.Tensor]]
                    ) -> None:
-    """Set ``config``'s widths to the widest block (exact when all blocks agree). A
+    """Set ``owner.config``'s widths to the widest block (exact when all blocks agree). A
     width the config class refuses (LLaMA wants heads that divide the hidden size even
-    with an explicit ``head_dim``) stays as it was; :func:`_record_shapes` covers it."""
+    with an explicit ``head_dim``), or that the model built from it would take another
+    head size from (StableLM derives it from ``hidden_size / num_attention_heads``), stays
+    as it was; :func:`_record_shapes` covers it."""
+    config = owner.config
     widest = max(g.channels - len(gone) for g, gone in removed)
+    grouped = all(s.name.split(".")[-2] == "q_proj" for g, _ in removed for s in g.slices[:1])
     if unit == "ffn" and hasattr(config, "intermediate_size"):
         change = {"intermediate_size": widest}
-    elif unit == "heads" and getattr(config, "num_key_value_heads", None):
+    elif unit == "heads" and grouped and getattr(config, "num_key_value_heads", None):
         ratio = config.num_attention_heads // config.num_key_value_heads
         change = {"head_dim": getattr(config, "head_dim", None)
                   or config.hidden_size // config.num_attention_heads,
@@ -682,14 +720,26 @@ def _update_config(config: Any, unit: str, removed: list[tuple[Group, torch.Tens
     else:
         return
     before = {k: getattr(config, k, None) for k in change}
-    for k, v in change.items():
-        setattr(config, k, v)
-    try:
+    try:  # some config classes refuse a value as it is set (BERT's head count), not in validate
+        for k, v in change.items():
+            setattr(config, k, v)
         if hasattr(config, "validate"):
             config.validate()
+        if unit == "heads" and not _same_head_sizes(owner):
+            raise ValueError("the model built from this config has other head sizes")
     except Exception:  # the config class refuses these widths: record shapes instead
         for k, v in before.items():
             setattr(config, k, v)
+
+
+def _same_head_sizes(owner: nn.Module) -> bool:
+    """Whether ``owner``'s class built from its config has the head size of every
+    attention module of ``owner``."""
+    with torch.device("meta"):
+        built = dict(type(owner)(owner.config).named_modules())
+    return all(getattr(built.get(name), "head_dim", None) == m.head_dim
+               for name, m in owner.named_modules()
+               if isinstance(getattr(m, "head_dim", None), int))
 
 
 def _config_owner(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:

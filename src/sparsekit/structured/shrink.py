@@ -26,6 +26,7 @@ from sparsekit._checks import (
     check_module,
 )
 from sparsekit.masks import check_mask, one_mask
+from sparsekit.quantize import SCALE_NAME, attached_scales, is_grouped
 from sparsekit.structured.compensate import fold_means, reader_means, with_biases
 from sparsekit.structured.dependency import (
     Group,
@@ -176,10 +177,11 @@ def remove_channels(model: nn.Module, removed: Iterable[tuple[Group, torch.Tenso
     """In place: drop channels ``gone`` (1-D long) of each group from every slice of it.
 
     Each tensor is cut once, so tied weights stay tied; the layers touched get size
-    attributes that match their new shapes.
+    attributes that match their new shapes, and their int8 scales (``weight_scale``) the
+    rows of their weights.
     """
     removed = check_removal(model, removed)  # all before any cut
-    cuts: dict[tuple[str, int], set[int]] = {}
+    cuts = _grid_cuts(model, removed)
     for group, gone in removed:
         for s in group.slices:
             cuts.setdefault((s.name, s.dim), set()).update(s.indices(gone).tolist())
@@ -202,7 +204,38 @@ def check_removal(model: nn.Module, removed: Iterable[tuple[Group, torch.Tensor]
             raise ValueError(f"removed[{i}] removes every channel of group {group.name!r} "
                              f"({group.channels}); accepted: at most {group.channels - 1}, a "
                              "group keeps one (shrink does so itself)")
+    _grid_cuts(model, removed)  # refuses a cut that splits groups of int8 scales
     return removed
+
+
+def _grid_cuts(model: nn.Module, removal: list[tuple[Group, torch.Tensor]]
+               ) -> dict[tuple[str, int], set[int]]:
+    """The rows of int8 scales (``weight_scale``: ``llm.prune(..., quantize="int8")``) that
+    go with the rows of their weights in ``removal``: left whole, a layer's scales no longer
+    matched its rows (the model did not reload, :func:`shrink`'s did not compile). A layer
+    with a scale per group of inputs that loses inputs is a ``ValueError`` before anything
+    changes: the cut splits its groups, and its weight lies on no grid of equal groups any
+    more."""
+    cuts: dict[tuple[str, int], set[int]] = {}
+    for group, gone in removal:
+        for s in group.slices:
+            owner, _, leaf = s.name.rpartition(".")
+            scales = attached_scales(model.get_submodule(owner)) if leaf == "weight" else None
+            if scales is None or not gone.numel():
+                continue
+            if s.dim == 0:
+                cuts.setdefault((f"{owner}.{SCALE_NAME}", 0), set()).update(
+                    s.indices(gone).tolist())
+            elif is_grouped(scales):
+                raise ValueError(
+                    f"{owner!r} carries int8 scales per group of inputs ({SCALE_NAME} of shape "
+                    f"{tuple(scales.shape)}: llm.prune(..., quantize='int8', group_size=...)); "
+                    f"removing units of {group.name!r} cuts its inputs and splits those groups; "
+                    "accepted: prune_structured before quantizing, per-row scales "
+                    "(group_size=None), or sparsekit.quantize.detach_scales(layer) first; the "
+                    "model was not changed"
+                )
+    return cuts
 
 
 def removable_channels(model: nn.Module, group: Group, masks: object) -> torch.Tensor:

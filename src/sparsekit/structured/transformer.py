@@ -31,6 +31,12 @@ _ATTENTIONS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
                ("attention.self.query", "attention.self.key", "attention.self.value",
                 "attention.output.dense", "attention.self", "attention_head_size"))
 
+# layouts that block_group names when it refuses a block: (a submodule's path, what it is)
+_UNSUPPORTED = (("mlp.experts", "mixture-of-experts FFNs"),
+                ("block_sparse_moe", "mixture-of-experts FFNs"),
+                ("mlp.gate_up_proj", "fused gate/up projections"),
+                ("self_attn.qkv_proj", "fused q/k/v projections"))
+
 
 def transformer_groups(model: nn.Module, unit: str) -> list[Group]:
     """One group per transformer block: its FFN neurons (``unit="ffn"``) or attention
@@ -123,17 +129,40 @@ def block_group(name: str, block: nn.Module, unit: str) -> Group:
                         f"v rows a multiple of the head size, as many o columns as q rows, "
                         f"and query heads a multiple of the key/value heads")
                 size = int(size)  # a NumPy int from a config: plain ints in the group
+                _check_no_head_state(name, block.get_submodule(holder), holder,
+                                     {p.rpartition(".")[2] for p in (q, k, v, o)}, size)
                 kv = rows[1] // size
                 per_kv = rows[0] // kv  # query rows per kv head
                 parts = [*slices(q, 0, "out", per_kv), *slices(k, 0, "out", size),
                          *slices(v, 0, "out", size), *slices(o, 1, "in", per_kv)]
                 return Group(f"{name}.heads", kv, tuple(parts))
+    layout = next((f" (its {what} are not supported)" for path, what in _UNSUPPORTED
+                   if has(path)), "")
     raise ValueError(
         f"unit {unit!r}: block {name!r} ({type(block).__name__}) has no "
-        f"{'feed-forward network' if unit == 'ffn' else 'attention'} this knows; accepted: "
+        f"{'feed-forward network' if unit == 'ffn' else 'attention'} this knows{layout}; accepted: "
         "LLaMA/Mistral/Qwen2-style (mlp.gate_proj/up_proj/down_proj, self_attn.q/k/v/o_proj) "
         "and BERT-style blocks (intermediate/output.dense, attention.self.query/key/value)"
     )
+
+
+def _check_no_head_state(name: str, attention: nn.Module, holder: str, projections: set[str],
+                         head_dim: int) -> None:
+    """``ValueError`` when the attention module holds parameters beside q/k/v/o that
+    removing heads would have to cut too: OLMo-2's q/k norms over the whole projection,
+    Cohere's of shape (heads, head_dim), StableLM's one norm per head. Parameters of shape
+    ``(head_dim,)`` that every head shares (Qwen3's and Gemma 3's q/k norms) stay."""
+    for pname, param in attention.named_parameters():
+        path = pname.split(".")
+        if path[0] in projections:
+            continue
+        if tuple(param.shape) != (head_dim,) or any(part.isdigit() for part in path):
+            raise ValueError(
+                f"unit 'heads': the attention of block {name!r} holds {holder}.{pname} of "
+                f"shape {tuple(param.shape)} beside its q/k/v/o projections, which removing "
+                f"heads would have to cut too; accepted: attention whose other parameters "
+                f"are shared by every head (shape ({head_dim},), e.g. Qwen3's q_norm); the "
+                "model was not changed")
 
 
 def _check_unit(unit: str) -> None:
