@@ -549,8 +549,8 @@ def _fewer_layers(owner: nn.Module, blocks: nn.ModuleList, drop: set[int]) -> di
     count = len(blocks)
     kept = [i for i in range(count) if i not in drop]
     change: dict[str, Any] = {"num_hidden_layers": len(kept)}
-    for key, value in vars(config).items():
-        if isinstance(value, (list, tuple)) and len(value) == count:
+    for key, value in vars(config).items():  # named for layers: not a list of EOS ids
+        if "layer" in key and isinstance(value, (list, tuple)) and len(value) == count:
             change[key] = type(value)(value[i] for i in kept)
     for key in _LAYER_INDEX_LISTS:
         value = getattr(config, key, None)
