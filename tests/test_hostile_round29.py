@@ -190,6 +190,15 @@ def test_removed_layers_take_their_per_layer_config_entries_along(make, tmp_path
         assert torch.equal(_logits(load(tmp_path).eval(), ids), y)
 
 
+def test_a_list_as_long_as_the_layer_count_but_not_per_layer_stays():
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **BASE, eos_token_id=[1, 2, 3])).eval()
+    _first_block_idle(model)
+    llm.prune_structured(model, _ids(), amount=0.34, unit="layers")
+    assert model.config.num_hidden_layers == 2 and model.config.eos_token_id == [1, 2, 3]
+
+
 def test_layers_an_architecture_builds_from_a_per_layer_rule_are_refused():
     torch.manual_seed(0)
     config = transformers.DeepseekV3Config(
