@@ -229,7 +229,7 @@ def test_batchtopk_round_trip_resumes_training_the_same(tmp_path):
     save(sae, tmp_path)
     back = load(tmp_path)
     assert torch.equal(back.threshold, sae.threshold)
-    assert back._threshold_updates == sae._threshold_updates == 5
+    assert int(back.threshold_updates) == int(sae.threshold_updates) == 5
     assert torch.equal(back.tokens_since_fired, sae.tokens_since_fired)
     for s in (sae, back):
         train(s, x[:32], steps=1, batch_size=32, lr=0.0)

@@ -239,10 +239,10 @@ def test_a_batchtopk_training_forward_never_makes_the_threshold_nan():
     """A NaN row moved the inference threshold to NaN for good (every later eval code 0)."""
     sae = SAE(8, 16, "batchtopk", k=2).train()
     sae(torch.randn(4, 8))
-    before, updates = snapshot(sae), sae._threshold_updates
+    before, updates = snapshot(sae), int(sae.threshold_updates)
     with pytest.raises(ValueError, match="x must be finite"):
         sae(torch.full((2, 8), NAN))
-    assert unchanged(sae, before) and sae._threshold_updates == updates
+    assert unchanged(sae, before) and int(sae.threshold_updates) == updates
     assert bool(torch.isfinite(sae.threshold))
 
 

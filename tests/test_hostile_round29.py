@@ -37,6 +37,10 @@ int8 grids left behind by a fine-tune.
   layer and ``decompile`` now. ``compile`` of a model with activation thresholds applied
   failed its output check ("differs by 3.5e-01"); masks of a model made smaller since, or
   of a compiled model, were "made for another model?".
+- A BatchTopK SAE kept how far its inference threshold had run in a plain attribute: a
+  resume from ``state_dict`` restarted it at 0, and the next batch's smallest kept value
+  replaced the learned threshold. ``sae.metrics`` summed squares around 0: activations
+  sharing a large offset (3e6 + noise) were refused as not varying.
 
 Report-only probes found these (repros in the session's scratch directory); each test here
 fails with the files before the fix.
@@ -342,3 +346,33 @@ def test_masks_of_a_model_made_smaller_name_both_shapes(tmp_path):
                                          r"shape \(16, 32\) .* made smaller"):
         sparsekit.save(model, tmp_path / "m.safetensors", masks)
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_batchtopk_sae_resumes_from_its_state_dict():
+    from sparsekit.sae import SAE
+
+    torch.manual_seed(0)
+    sae = SAE(16, 32, activation="batchtopk", k=4).train()
+    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    with torch.no_grad():
+        for x in batches[:5]:
+            sae(x)
+        resumed = SAE(16, 32, activation="batchtopk", k=4).train()
+        resumed.load_state_dict(sae.state_dict())
+        sae(batches[5])
+        resumed(batches[5])
+    assert int(resumed.threshold_updates) == 6
+    assert torch.equal(resumed.threshold, sae.threshold)
+
+
+def test_sae_metrics_of_activations_with_a_large_offset():
+    from sparsekit.sae import SAE, metrics
+
+    torch.manual_seed(0)
+    sae = SAE(16, 32, activation="topk", k=4)
+    x = 3e6 + torch.randn(100, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        recon = sae(x).double()
+    y = x.double()
+    expected = float((recon - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert metrics(sae, [x[:50], x[50:]])["fvu"] == pytest.approx(expected, rel=1e-9)

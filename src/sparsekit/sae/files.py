@@ -84,7 +84,7 @@ def _state(sae: SAE) -> dict[str, torch.Tensor]:
         state["log_threshold"] = sae.log_threshold
     if sae.activation == "batchtopk":
         state["threshold"] = sae.threshold
-        state["threshold_updates"] = torch.tensor(sae._threshold_updates, dtype=torch.int64)
+        state["threshold_updates"] = sae.threshold_updates
     return {name: t.detach().contiguous().cpu() for name, t in state.items()}
 
 
@@ -322,7 +322,7 @@ def load(path: str | Path) -> SAE:
         if activation == "batchtopk":
             if "threshold" in state:  # the float64 running value, and how far it has run
                 sae.threshold.copy_(state["threshold"])
-                sae._threshold_updates = int(state["threshold_updates"])
+                sae.threshold_updates.fill_(int(state["threshold_updates"]))
             else:  # SAELens's file: its float threshold as learned
                 sae.threshold.fill_(float(weights["threshold"].max()))
     sae.eval()

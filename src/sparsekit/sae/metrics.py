@@ -71,6 +71,9 @@ def metrics(sae: SAE, activations: Iterable[Any] | torch.Tensor, *, dense: float
     sae.eval()
     fired = torch.zeros(sae.n_latents, dtype=torch.float64)
     tokens, active, error = 0, 0.0, 0.0
+    # sums around the first batch's mean: around 0, the sum of squares of data sharing a
+    # large offset (3e6 + noise) cancelled to rounding, and data that varied was refused
+    shift: torch.Tensor | None = None
     total = torch.zeros(sae.d_out, dtype=torch.float64)
     squares = torch.zeros(sae.d_out, dtype=torch.float64)
     try:
@@ -83,8 +86,12 @@ def metrics(sae: SAE, activations: Iterable[Any] | torch.Tensor, *, dense: float
             fired.index_add_(0, indices[on].cpu(), torch.ones(int(on.sum()), dtype=torch.float64))
             active += float(on.sum())
             error += float((recon - y).double().pow(2).sum())
-            total += y.double().sum(0).cpu()
-            squares += y.double().pow(2).sum(0).cpu()
+            centred = y.double().cpu()
+            if shift is None:
+                shift = centred.mean(0)
+            centred -= shift
+            total += centred.sum(0)
+            squares += centred.pow(2).sum(0)
             tokens += x.shape[0]
     finally:
         sae.train(was_training)

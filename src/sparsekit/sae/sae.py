@@ -169,7 +169,11 @@ class SAE(nn.Module):
         if activation == "batchtopk":
             self.register_buffer("threshold", torch.zeros((), dtype=torch.float64,
                                                           device=device))
-        self._threshold_updates = 0
+            # how far the running threshold has run: in the state dict, so that a resume
+            # from it weighs the next batch as the run would have (a plain attribute, it
+            # restarted at 0, and the next batch's smallest value replaced the threshold)
+            self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64,
+                                                                  device=device))
         self.register_buffer("tokens_since_fired",
                              torch.zeros(n_latents, dtype=torch.int64, device=device))
 
@@ -467,8 +471,8 @@ class SAE(nn.Module):
         if smallest is not None:
             # a running mean over the first 1/THRESHOLD_EMA batches, an average over the
             # recent ones after: early batches (random weights) must not linger
-            self._threshold_updates += 1
-            weight = max(THRESHOLD_EMA, 1 / self._threshold_updates)
+            self.threshold_updates += 1
+            weight = max(THRESHOLD_EMA, 1 / int(self.threshold_updates))
             self.threshold.mul_(1 - weight).add_(weight * smallest)
 
     def _non_finite_weights(self) -> list[str]:
