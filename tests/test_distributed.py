@@ -17,11 +17,13 @@ import _torchrun
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 import sparsekit
-from sparsekit import distributed
+from sparsekit import MaskSet, distributed
+from sparsekit.prune import compute_masks
 from sparsekit.schedules import dynamic
 
 DST_METHODS = sorted(dynamic.METHODS.names())  # every registered method, under FSDP2 too
@@ -145,11 +147,34 @@ def test_ddp_resizing_methods_on_sparse_layers_stay_identical(ddp_dst_runs: list
 
 
 def test_wrapped_models_with_masks_that_differ_between_ranks_are_refused(tmp_path) -> None:
-    for r in torchrun("mismatch_worker.py", tmp_path / "out", str(tmp_path / "out")):
+    runs = torchrun("mismatch_worker.py", tmp_path / "out", str(tmp_path / "out"))
+    for r in runs:
         assert r["ddp"].startswith("masks differ between the 2 ranks, first at 'module.0.weight'")
         assert r["fsdp"].startswith("masks differ between the 2 ranks, first at '0.weight'")
         assert r["fsdp_same"] == "no error"
         assert r["sparse_ddp"].startswith("SparseLinear structures differ between the 2 ranks")
+        # masks made from each rank's own weights before DDP gave them rank 0's: the replicas
+        # drifted apart without a word; a load of another state on each rank, too
+        assert r["prune_then_wrap"].startswith("masks differ between the 2 ranks, first at "
+                                               "'0.weight'")
+        assert r["load_differs"].startswith("masks differ between the 2 ranks")
+    # clipping measured the dense gradients under DDP and FSDP2 (0.79 against 0.55 in one
+    # process): each rank's gradient is masked before it is averaged now
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4))
+    masks, _ = compute_masks(model, 0.7, method="random", seed=0)
+    masked = MaskSet(model, masks)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    masked.attach(opt)
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(model(x), x[:, :4].argmax(1)).backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01))
+    opt.step()
+    for r in runs:
+        for wrapped in ("clip_ddp", "clip_fsdp"):
+            assert r[wrapped]["norm"] == pytest.approx(norm, rel=1e-6), wrapped
+            for n, p in model.named_parameters():
+                assert torch.allclose(r[wrapped]["weights"][n], p, atol=1e-7), (wrapped, n)
 
 
 # -- the helpers, in one process -----------------------------------------------------------

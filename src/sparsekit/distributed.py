@@ -34,7 +34,8 @@ from sparsekit._checks import ArgumentTypeError, check_int, check_mapping, check
 
 MASKS_HINT = (
     "a wrapped model needs the same masks on every rank: compute them with the same seed and "
-    "data on every rank, or on rank 0 and torch.distributed.broadcast them"
+    "data on every rank (after DDP has given every rank rank 0's weights, when they are "
+    "computed from the weights), or on rank 0 and torch.distributed.broadcast them"
 )
 
 __all__ = [

@@ -192,6 +192,8 @@ class MaskSet:
         masked entries are zeroed. To change masks during training use :meth:`update`.
         """
         masks, pattern = self._check_state(state)
+        if _several_ranks():  # each rank read its own (stale) file: as __init__ refuses it
+            check_same_on_ranks({n: full(m) for n, m in masks.items()})
         owners = {n: _owner(self.model, n) for n in masks}
         params = {n: module._parameters[attr] for n, (module, attr) in owners.items()}
         self._check_loadable(params)
@@ -252,11 +254,13 @@ class MaskSet:
         ``max_grad_norm``) and logged gradient norms see the masked model's gradients, as
         they would see a truly sparse one's; and again before the step (after its closure,
         when it gets one: Lightning steps that way), so momenta and adaptive moments, zeroed
-        here at the masked positions, only ever accumulate zeros there. Under DDP or FSDP
-        (a process group of several ranks, which may be averaging a gradient as it is
-        accumulated) and while a schedule reads the dense gradients (:meth:`capture`:
-        RigL's update steps, SNFS's momenta), they are zeroed only before the step;
-        after it, masked weights are zeroed again, so nothing that mixes coordinates
+        here at the masked positions, only ever accumulate zeros there. Under DDP or FSDP2
+        each rank's gradient is zeroed as it is accumulated, before DDP averages it and
+        before FSDP2 reduces it: the masks agree on every rank (checked here, every rank
+        attaching alike), so clipping measures the masked average as one process would.
+        While a schedule reads the dense gradients (:meth:`capture`: RigL's update steps,
+        SNFS's momenta), they are zeroed only before the step. After the step masked
+        weights are zeroed again, so nothing that mixes coordinates
         (LBFGS, orthogonalised updates) can revive them. Steps skipped by
         ``torch.amp.GradScaler`` run no hooks and change nothing. Load an optimizer
         ``state_dict`` before attaching, so that this zeroing covers it.
@@ -272,6 +276,8 @@ class MaskSet:
         ``load_state_dict(..., assign=True)``) are followed, not left unmasked.
         """
         optimizer = self.check_attach(optimizer)
+        if _several_ranks():  # masks made before DDP gave every rank rank 0's weights
+            check_same_on_ranks(self.masks)
         self._follow_replaced_params()
         key = id(optimizer)
         if key in self._hooks:
@@ -371,7 +377,7 @@ class MaskSet:
 
     def dense_grads(self) -> dict[str, torch.Tensor | None]:
         """Each weight's ``.grad``: dense when read before the step (an optimizer pre-hook)
-        while :meth:`capture` is on, or with several ranks."""
+        while :meth:`capture` is on."""
         return {n: p.grad for n, p in self.params.items()}
 
     def _refresh_factors(self) -> None:
@@ -403,10 +409,11 @@ class MaskSet:
 
     def _mask_accumulated(self, name: str) -> Callable[[torch.Tensor], None]:
         """The hook that zeroes the gradient of ``name``'s masked weights once the backward
-        pass has accumulated it — not while a schedule reads dense gradients, nor with
-        several ranks, where DDP may be averaging that gradient in place meanwhile."""
+        pass has accumulated it (on each rank before DDP averages it: a tensor's
+        post-accumulate hooks run inside its accumulation, before the reducer's hook on
+        the accumulator) — not while a schedule reads dense gradients."""
         def hook(param: torch.Tensor) -> None:
-            if self._capturing or param.grad is None or _several_ranks():
+            if self._capturing or param.grad is None:
                 return
             with torch.no_grad():
                 self._mask_grad(name, param)

@@ -1,13 +1,15 @@
-"""Run under torchrun --nproc_per_node=2: wrapped models given different masks on each rank.
+"""Run under torchrun --nproc_per_node=2: wrapped models given different masks on each rank,
+and one clipped step of a masked model under DDP and FSDP2.
 
-Each case must raise ``ValueError`` on every rank; rank r writes the messages (or "no
-error") to ``<stem>.rank<r>.pt``.
+Each mismatch case must raise ``ValueError`` on every rank; rank r writes the messages (or
+"no error"), and the clipped steps' gradient norms and weights, to ``<stem>.rank<r>.pt``.
 """
 
 import sys
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from _leave import leave
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -30,6 +32,26 @@ def outcome(build) -> str:
     return "no error"
 
 
+def clipped_step(wrap, masks: dict[str, torch.Tensor], rank: int) -> dict:
+    """One SGD step of ``net()`` masked by ``masks``, wrapped by ``wrap``, on this rank's
+    half of 16 rows, its gradients clipped to norm 0.01: the norm clipping measured and the
+    weights after the step (whole, gathered from FSDP2's shards)."""
+    model = net()
+    masked = MaskSet(model, masks)
+    wrapped = wrap(model)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
+    masked.attach(opt)
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+    y = x[:, :4].argmax(1)
+    F.cross_entropy(wrapped(x[8 * rank:8 * rank + 8]), y[8 * rank:8 * rank + 8]).backward()
+    norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 0.01)
+    opt.step()
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return {"norm": float(norm),
+            "weights": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                        for n, p in model.named_parameters()}}
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -50,7 +72,21 @@ def main(out: str) -> None:
         return DDP(nn.Sequential(SparseLinear(12, 10, mask.view(10, 12)), nn.ReLU(),
                                  nn.Linear(10, 4)))
 
+    def prune_then_wrap() -> None:  # masks from each rank's own weights, then DDP
+        masks = MaskSet(net(), mine)
+        model = DDP(masks.model)
+        masks.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+
+    def load_differs() -> None:  # each rank loads its own state
+        masks = MaskSet(DDP(net()), {f"module.{n}": m for n, m in same.items()})
+        masks.load_state_dict({"masks": {f"module.{n}": m for n, m in mine.items()}})
+
     results = {
+        "prune_then_wrap": outcome(prune_then_wrap),
+        "load_differs": outcome(load_differs),
+        "clip_ddp": clipped_step(DDP, same, rank),
+        "clip_fsdp": clipped_step(lambda m: (fully_shard(m[0]), fully_shard(m[2]),
+                                             fully_shard(m))[-1], same, rank),
         "ddp": outcome(lambda: MaskSet(DDP(net()), {f"module.{n}": m for n, m in mine.items()})),
         "fsdp": outcome(lambda: MaskSet(fsdp(), mine)),
         "fsdp_same": outcome(lambda: MaskSet(fsdp(), same)),
