@@ -41,6 +41,8 @@ int8 grids left behind by a fine-tune.
   resume from ``state_dict`` restarted it at 0, and the next batch's smallest kept value
   replaced the learned threshold. ``sae.metrics`` summed squares around 0: activations
   sharing a large offset (3e6 + noise) were refused as not varying.
+- ``sparsekit prune --pattern block:7x7`` / ``--exclude x`` that the model cannot take were
+  refused in the library's words, naming no flag.
 
 Report-only probes found these (repros in the session's scratch directory); each test here
 fails with the files before the fix.
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _cli import user_error
 from _kernels import needs_kernels
 from torch import nn
 
@@ -376,3 +379,16 @@ def test_sae_metrics_of_activations_with_a_large_offset():
     y = x.double()
     expected = float((recon - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
     assert metrics(sae, [x[:50], x[50:]])["fvu"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--pattern", "block:7x7"], "error: --pattern 'block:7x7': pattern 'block:7x7' does not "
+                                 "divide 'fc1.weight'"),
+    (["--exclude", "nonexist"], "error: --exclude: exclude entry 'nonexist' matches none"),
+])
+def test_cli_prune_names_the_flag_the_model_cannot_take(capsys, tmp_path, lenet_checkpoint,
+                                                        flags, expected):
+    out = tmp_path / "out.safetensors"
+    err = user_error(capsys, "prune", str(lenet_checkpoint), "--sparsity", "0.5", *flags,
+                     "--out", str(out))
+    assert expected in err and not out.exists()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from torch import nn
+
 import sparsekit
 from sparsekit._checks import check_seed, check_sparsity
 from sparsekit.allocation import ALLOCATIONS
@@ -18,6 +20,7 @@ from sparsekit.cli.report import show
 from sparsekit.data.images import check_image_root
 from sparsekit.patterns import parse_pattern
 from sparsekit.scores import CRITERIA
+from sparsekit.targets import resolve_targets
 from sparsekit.training import minibatches
 
 CALIB_BATCHES = 4  # --calib-batches when not given
@@ -65,6 +68,22 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--pattern {args.pattern!r}: {err}") from None
 
 
+def _check_fits(args: argparse.Namespace, model: nn.Module) -> None:
+    """Refuse ``--exclude`` and ``--pattern`` values the model cannot take by their flags
+    (``sparsekit.prune`` named its parameters: "exclude entry 'x' matches none …",
+    "pattern 'block:7x7' does not divide …"), before any data is read."""
+    try:
+        chosen = resolve_targets(model, exclude=args.exclude)
+    except ValueError as err:
+        raise UsageError(f"--exclude: {err}") from None
+    pattern = parse_pattern(args.pattern)
+    for t in chosen:  # as sparsekit.prune checks them: (out, in) views
+        try:
+            pattern.check(t.out_in(t.param).shape, t.name)
+        except ValueError as err:
+            raise UsageError(f"--pattern {args.pattern!r}: {err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.out is None and not args.dry_run:
         raise UsageError("--out is required (or pass --dry-run to write nothing)")
@@ -83,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_dir is not None:  # "root 'x' lacks the IDX files …" named no flag
         check_image_root(args.data_dir, "--data-dir")
     model, _ = load_checkpoint(args.ckpt, args.model)
+    _check_fits(args, model)
     example = example_inputs(args.input_shape, model)
     data = None
     if CRITERIA.meta(args.method)["data_driven"]:
