@@ -86,12 +86,12 @@ def metrics(sae: SAE, activations: Iterable[Any] | torch.Tensor, *, dense: float
             fired.index_add_(0, indices[on].cpu(), torch.ones(int(on.sum()), dtype=torch.float64))
             active += float(on.sum())
             error += float((recon - y).double().pow(2).sum())
-            centred = y.double().cpu()
+            centred = y.double()
             if shift is None:
                 shift = centred.mean(0)
-            centred -= shift
-            total += centred.sum(0)
-            squares += centred.pow(2).sum(0)
+            centred = centred - shift.to(centred.device)
+            total += centred.sum(0).cpu()
+            squares += centred.pow(2).sum(0).cpu()
             tokens += x.shape[0]
     finally:
         sae.train(was_training)
