@@ -309,6 +309,12 @@ def test_diff_reads_an_int8_directory_as_its_values(tmp_path):
     sparsekit.save_pretrained(model, tmp_path / "b", dense_dtype="int8")
     rows = {r.name: r for r in sparsekit.diff(tmp_path / "a", tmp_path / "b").rows}
     assert rows["model.embed_tokens.weight"].relative_norm == pytest.approx(1.0, rel=1e-3)
+    before = _llama()  # a model against itself quantized: its grids are no other tensors
+    quantized = _llama()
+    llm.prune(quantized, _ids(), method="magnitude", sparsity=0.5, quantize="int8")
+    rows = {r.name for r in sparsekit.diff(before, quantized).rows}
+    assert "model.layers.0.mlp.up_proj.weight" in rows and not any("weight_scale" in r
+                                                                     for r in rows)
     grid = _llama()  # weights on their own int8 grid: stored on it
     llm.prune(grid, _ids(), method="magnitude", sparsity=0.5, quantize="int8")
     sparsekit.save_pretrained(grid, tmp_path / "c", dense_dtype="int8")

@@ -26,6 +26,7 @@ from torch import nn
 from sparsekit import _table, checkpoint
 from sparsekit._checks import ArgumentTypeError, check_nonnegative
 from sparsekit.pretrained import WEIGHTS_NAME, stored_values
+from sparsekit.quantize import SCALE_NAME
 
 __all__ = ["Diff", "DiffRow", "diff"]
 
@@ -117,11 +118,17 @@ def diff(a: Source, b: Source, *, atol: float = 0.0) -> Diff:
     ``|b − a| > atol``), their density and the update's norm relative to ``a``'s.
 
     Both sides are read in full and checked (same names, same shapes) before anything is
-    compared; a mismatch names the tensors that differ.
+    compared; a mismatch names the tensors that differ. An int8 grid (``weight_scale``,
+    :func:`sparsekit.quantize.attach_scales`) that one side carries and the other does not
+    is left out: it describes the weight beside it, whose values are compared (a model
+    against itself after ``llm.prune(..., quantize="int8")`` was "another architecture").
     """
     check_nonnegative("atol", atol)  # ArgumentTypeError for a str, ValueError for NaN
     atol = float(atol)
     first, second = _untied(_state(a, "a"), _state(b, "b"))
+    for one, other in ((first, second), (second, first)):
+        for name in [n for n in one if n.endswith(f".{SCALE_NAME}") and n not in other]:
+            del one[name]
     only_a, only_b = sorted(set(first) - set(second)), sorted(set(second) - set(first))
     if only_a or only_b:
         raise ValueError(f"a and b hold different tensors (another architecture?): only in a "
