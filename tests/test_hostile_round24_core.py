@@ -85,11 +85,11 @@ def test_scales_at_checks_in_features_and_index_types():
         scales_at(grouped, torch.tensor([0]), torch.tensor([0]), 0)
     with pytest.raises(ArgumentTypeError, match=r"in_features must be an int ≥ 1, got True"):
         scales_at(grouped, torch.tensor([0]), torch.tensor([0]), True)
-    with pytest.raises(ArgumentTypeError, match=r"^rows must be an integer tensor of indices, "
-                                                r"got torch.float32$"):
+    with pytest.raises(ArgumentTypeError, match=r"^rows must be an int32 or int64 tensor of "
+                                                r"indices, got torch.float32$"):
         scales_at(grouped, torch.tensor([0.0]), torch.tensor([0]), 32)
-    with pytest.raises(ArgumentTypeError, match=r"^cols must be an integer tensor of indices, "
-                                                r"got list$"):
+    with pytest.raises(ArgumentTypeError, match=r"^cols must be an int32 or int64 tensor of "
+                                                r"indices, got list$"):
         scales_at(grouped, torch.tensor([0]), [0], 32)
     with pytest.raises(ArgumentTypeError, match=r"^scales must be a tensor of int8 scales"):
         scales_at([1.0], torch.tensor([0]), torch.tensor([0]), 32)

@@ -43,6 +43,14 @@ int8 grids left behind by a fine-tune.
   sharing a large offset (3e6 + noise) were refused as not varying.
 - ``sparsekit prune --pattern block:7x7`` / ``--exclude x`` that the model cannot take were
   refused in the library's words, naming no flag.
+- ``sparse_lora`` with ``lora_bias=True`` never trained the adapter's bias, then merged it
+  (4.0 off the trained model); ``quantize.scales_at`` read uint8 indices as a boolean mask;
+  ``soup`` averaged embeddings pruned to other masks into their union, and kept an int8
+  grid its averaged weights no longer lie on; ``masked_delta`` of a density that rounds to
+  no entry trained nothing; ``SoftThreshold`` under an LR scheduler could not be saved;
+  ``GroupEnvelope`` rounded its kept channels half to even (2 of 5 at 0.5) where the
+  channel pruning keeps 3; FLAP refused GPT-2's Conv1D with a raw ``TypeError`` (it
+  scores it now), GraSP a model returning a tuple.
 
 Report-only probes found these (repros in the session's scratch directory); each test here
 fails with the files before the fix.
@@ -50,8 +58,11 @@ fails with the files before the fix.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from _cli import user_error
 from _kernels import needs_kernels
 from torch import nn
@@ -398,3 +409,128 @@ def test_cli_prune_names_the_flag_the_model_cannot_take(capsys, tmp_path, lenet_
     err = user_error(capsys, "prune", str(lenet_checkpoint), "--sparsity", "0.5", *flags,
                      "--out", str(out))
     assert expected in err and not out.exists()
+
+
+def test_sparse_lora_refuses_an_adapter_bias():
+    peft = pytest.importorskip("peft")
+    from sparsekit.finetune import sparse_lora
+
+    model = _llama()
+    before = _state(model)
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True)
+    with pytest.raises(ValueError, match="config.lora_bias=True: the adapter's bias"):
+        sparse_lora(model, config)
+    assert _unchanged(model, before)
+
+
+def test_scales_at_takes_int32_and_int64_indices_only():
+    from sparsekit._checks import ArgumentTypeError
+    from sparsekit.quantize import scales_at
+
+    scales = torch.tensor([10.0, 20.0])
+    rows, cols = torch.tensor([1, 1]), torch.tensor([0, 1])
+    assert scales_at(scales, rows.to(torch.int32), cols, 4).tolist() == [20.0, 20.0]
+    for dtype in (torch.uint8, torch.int8, torch.int16):
+        with pytest.raises(ArgumentTypeError, match="rows must be an int32 or int64 tensor"):
+            scales_at(scales, rows.to(dtype), cols, 4)
+    with pytest.raises(ValueError, match="divided by the 0 groups"):
+        scales_at(torch.ones(2, 0), rows, cols, 4)
+
+
+def test_soup_compares_every_pruned_weight_and_drops_stale_grids():
+    from sparsekit.quantize import check_on_grid, fake_quantize
+    from sparsekit.schedules import soup
+
+    def embedding(seed: int) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 4))
+        sparsekit.prune(model, 0.5, method="random", targets=["0.weight"], seed=seed)
+        return model
+
+    with pytest.raises(ValueError, match="models.1. has a different mask than models.0. for "
+                                         "'0.weight'"):
+        soup([embedding(0), embedding(1)])
+    first = nn.Sequential(_int8_layer())
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        second[0].weight.mul_(1.5)
+    attach_scales(second[0], int8_scales(second[0].weight.detach()))
+    second[0].weight.data = fake_quantize(second[0].weight, second[0].weight_scale)
+    mixed = soup([first, second])
+    assert attached_scales(mixed[0]) is None  # the mean lies on neither grid
+    same = soup([first, copy.deepcopy(first)])
+    check_on_grid("soup", same[0].weight, attached_scales(same[0]))  # kept where equal
+
+
+def test_check_on_grid_refuses_what_is_no_weight():
+    from sparsekit._checks import ArgumentTypeError
+    from sparsekit.quantize import check_on_grid
+
+    scales = torch.ones(3)
+    for weight, kind in ([[1.0]], ArgumentTypeError), (torch.tensor(1.0), ValueError), \
+            (torch.ones(3, dtype=torch.int8), ValueError), \
+            (torch.ones(3, 2, dtype=torch.int8), ArgumentTypeError):
+        with pytest.raises(kind, match="l: weight must be"):
+            check_on_grid("l", weight, scales)
+
+
+def test_masked_delta_refuses_a_density_of_no_entry():
+    from sparsekit.finetune import masked_delta
+
+    model = nn.Sequential(nn.Linear(16, 8))
+    with pytest.raises(ValueError, match=r"density=0.001 of 128 targeted entries rounds to "
+                                         r"none that train; accepted: at least 0.00781"):
+        masked_delta(model, 1e-3, method="magnitude")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_soft_threshold_saves_under_an_lr_scheduler():
+    import io
+
+    from sparsekit.regularize import SoftThreshold
+
+    model = nn.Linear(4, 4)
+    opt = SoftThreshold(torch.optim.SGD(model.parameters(), lr=0.1), 0.01)
+    torch.optim.lr_scheduler.StepLR(opt, 1)
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    back = torch.load(buffer, weights_only=False)
+    assert back.strength == 0.01
+
+
+def test_group_envelope_keeps_as_many_channels_as_the_channel_pruning():
+    from sparsekit.regularize import GroupEnvelope
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    kept = int(sparsekit.prune(copy.deepcopy(model), 0.5, pattern="channel")
+               .masks["0.weight"].any(1).sum())
+    norms = (model[0].weight.pow(2).sum(1) + model[0].bias.pow(2)
+             + model[2].weight.pow(2).sum(0)).detach()
+    weakest = norms.sort().values[:5 - kept]
+    assert kept == 3
+    assert float(GroupEnvelope(model, 1.0, 0.5)()) == pytest.approx(0.5 * float(weakest.sum()))
+
+
+def test_flap_scores_gpt2_conv1d_and_grasp_names_a_tuple_output():
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).eval()
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    masks = sparsekit.prune(gpt2, 0.5, method="flap", data=ids)
+    assert masks.sparsity() == pytest.approx(0.5, abs=1e-3)
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    x = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="criterion 'grasp' divides the model's outputs by "
+                                         "its temperature, so the model must return a tensor"):
+        sparsekit.prune(Pair(), 0.5, method="grasp", data=[(x, x[:, :3].argmax(1))],
+                        loss_fn=lambda out, y: F.cross_entropy(out[0], y))

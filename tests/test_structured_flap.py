@@ -108,7 +108,8 @@ def test_flap_without_calibration_data_is_a_clear_error_and_leaves_the_model_unt
     with pytest.raises(ValueError, match="criterion 'flap' scores Linear/Conv1D/Conv weights only; "
                        "target '0.bias'"):
         sparsekit.prune(model, 0.5, method="flap", targets="0.bias", data=torch.randn(4, 16))
-    with pytest.raises(TypeError, match=r"layers\['act'\] must be a Linear or Conv layer"):
+    with pytest.raises(TypeError, match=r"layers\['act'\] must be a Linear, GPT-2 Conv1D or Conv "
+                                       r"layer"):
         input_moments(model, {"act": model[1]}, torch.randn(4, 16))
     with pytest.raises(ValueError, match="never reached"):
         input_moments(model, {"x": nn.Linear(16, 2)}, torch.randn(4, 16))

@@ -160,7 +160,11 @@ def check_on_grid(name: str, weight: torch.Tensor, scales: torch.Tensor) -> None
     weight's dtype is allowed: a model cast to bfloat16 rounds its weights and its scales
     apart. Check :func:`check_within_grid` first (the range, and a well-formed grid);
     ``name`` names the layer."""
-    rows = weight.detach().reshape(weight.shape[0], -1)
+    _check_weight(f"{name}: weight", weight, None)
+    if not weight.is_floating_point():
+        raise ArgumentTypeError(f"{name}: weight must be a floating tensor (int8 codes lie on "
+                                f"their grid by construction), got {weight.dtype}")
+    rows = weight.detach()
     group_size = group_size_of(rows, scales)
     exact = rows.to(torch.float32)
     codes, steps = quantize_int8(exact, scales, group_size)
@@ -218,15 +222,16 @@ def scales_at(scales: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                                 f"{tuple(getattr(scales, 'shape', ()))}")
     check_int("in_features", in_features, minimum=1)
     groups = scales.shape[1] if is_grouped(scales) else 1
-    if in_features % groups:
+    if groups < 1 or in_features % groups:  # (out, 0) scales: a raw ZeroDivisionError
         raise ValueError(f"in_features must be divided by the {groups} groups of scales of "
                          f"shape {tuple(scales.shape)}, got {in_features}")
     tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
     for name, index, size, what in (("rows", rows, scales.shape[0], "the rows of scales"),
                                     ("cols", cols, in_features, "in_features inputs")):
-        if (not isinstance(index, torch.Tensor) or index.is_floating_point()
-                or index.is_complex() or index.dtype == torch.bool):
-            raise ArgumentTypeError(f"{name} must be an integer tensor of indices, got "
+        # int32/int64 only: torch indexes with uint8 as a boolean mask (another answer,
+        # silently) and fails raw on int8/int16
+        if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int32, torch.int64):
+            raise ArgumentTypeError(f"{name} must be an int32 or int64 tensor of indices, got "
                                     f"{getattr(index, 'dtype', type(index).__name__)}")
         if (index.numel() and index.device.type == "cpu" and not tracing
                 and not 0 <= int(index.min()) <= int(index.max()) < size):

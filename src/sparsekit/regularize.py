@@ -34,6 +34,7 @@ from sparsekit._checks import (
     check_optimizer,
 )
 from sparsekit.structured.dependency import Group, Slice, check_groups, dependency_groups
+from sparsekit.structured.importance import round_count
 
 __all__ = ["GroupEnvelope", "GroupLasso", "SoftThreshold", "channel_norms"]
 
@@ -145,7 +146,10 @@ class GroupEnvelope(GroupLasso):
         total = torch.zeros(())
         for g in self.groups:
             norms = _channel_norms(self.model, g)
-            k = max(round(g.channels * (1.0 - self.sparsity)), 1)
+            # as prune(pattern="channel") and prune_structured count (ties keep more):
+            # round() kept 2 of 5 at 0.5, the pruning 3, so this drove a kept channel to 0
+            near = g.channels * (1.0 - self.sparsity)
+            k = round_count(int(near), g, 1, near=near)
             outside = torch.topk(norms.detach(), g.channels - k, largest=False).indices
             total = total + norms[outside].pow(2).sum()
         return 0.5 * self.strength * total
@@ -268,7 +272,9 @@ class SoftThreshold(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def __getstate__(self) -> dict:  # plain attributes (Optimizer's expects its own)
-        return dict(self.__dict__)
+        # without the ``step`` an LR scheduler wraps onto the instance (a local function
+        # that cannot be pickled), as Optimizer.__getstate__ leaves it out
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

@@ -371,6 +371,10 @@ def masked_delta(
     support, _ = compute_masks(model, 1.0 - float(density), method=method, pattern="unstructured",
                                allocation=allocation, targets=targets, exclude=exclude,
                                data=data, loss_fn=loss_fn, seed=seed)
+    if not any(bool(m.any()) for m in support.values()):  # a fine-tune that changes nothing
+        total = sum(m.numel() for m in support.values())
+        raise ValueError(f"density={density!r} of {total} targeted entries rounds to none "
+                         f"that train; accepted: at least {1 / total:.3g}")
     return DeltaTraining(model, support)
 
 

@@ -291,6 +291,13 @@ def _check_config(config: peft.LoraConfig) -> None:
     if config.use_dora:
         raise ValueError("config.use_dora=True: a DoRA update rescales whole columns and "
                          "cannot keep a sparse base; use plain LoRA")
+    if getattr(config, "lora_bias", False):  # peft ≥ 0.14
+        # the masked update is s·(B@A)⊙M: lora_B's bias never trained, then the merge added
+        # it (a loaded adapter's: 4.0 off the trained model)
+        raise ValueError("config.lora_bias=True: the adapter's bias is a dense update of the "
+                         "layer's bias that the masked forward does not apply; accepted: "
+                         "lora_bias=False (bias='lora_only' or 'all' trains the biases "
+                         "themselves)")
 
 
 _KEEPS_BASE = frozenset({"gaussian", "eva", "orthogonal", "mica"})

@@ -11,6 +11,7 @@ from torch.nn.utils import prune as torch_prune
 
 from sparsekit._checks import ArgumentTypeError
 from sparsekit.engine.sparse_linear import SparseLinear
+from sparsekit.quantize import attached_scales, detach_scales
 from sparsekit.targets import default_targets
 
 
@@ -19,16 +20,19 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
     """A new model whose floating tensors are the mean of ``models``' tensors.
 
     The models must share their sparsity mask (the nonzero pattern of every target
-    weight); the average of weights that are zero in every model is zero, so the soup
-    keeps the mask (a kept weight whose values cancel, w and -w, averages to exactly 0
-    and then reads as pruned). Models whose modules differ in kind (a ReLU where the
-    other has a Tanh) are different architectures. Raises ``ValueError`` when masks or
-    architectures differ or ``models`` is empty, or a model holds NaN/inf parameters, NaN
-    buffers, +inf where another holds -inf, tensors without values (meta) or tensors on
-    another device or of another dtype than models[0]'s; an
+    weight, and of every other weight of two dimensions or more holding a zero in one of
+    them: an embedding pruned by name); the average of weights that are zero in every
+    model is zero, so the soup keeps the mask (a kept weight whose values cancel, w and
+    -w, averages to exactly 0 and then reads as pruned). Models whose modules differ in
+    kind (a ReLU where the other has a Tanh) are different architectures. Raises
+    ``ValueError`` when masks or architectures differ or ``models`` is empty, or a model
+    holds NaN/inf parameters, NaN buffers, +inf where another holds -inf, tensors without
+    values (meta) or tensors on another device or of another dtype than models[0]'s; an
     :class:`~sparsekit._checks.ArgumentTypeError` when it is not a sequence of
     ``nn.Module`` (one model, a state dict). A model without default targets (no Linear or
-    Conv layer) has no mask to compare and is averaged as is.
+    Conv layer) has no mask to compare and is averaged as is. A layer carrying an int8
+    grid (``weight_scale``) whose weights differ between the models loses it in the soup:
+    the averaged weights lie on no model's grid (quantize the soup again).
     """
     models = _check_models(models)
     for i, m in enumerate(models):
@@ -48,12 +52,12 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
     for i, (m, sd) in enumerate(zip(models, states)):
         _check_values(i, m, sd, states[0])
     _check_opposite_infinities(models[0], states)
-    for t in default_targets(models[0]):
-        ref = states[0][t.name] != 0
+    for name in _masked(models[0], states):
+        ref = states[0][name] != 0
         for i, sd in enumerate(states[1:], 1):
-            if not torch.equal(sd[t.name] != 0, ref):
+            if not torch.equal(sd[name] != 0, ref):
                 raise ValueError(
-                    f"models[{i}] has a different mask than models[0] for {t.name!r}; "
+                    f"models[{i}] has a different mask than models[0] for {name!r}; "
                     "a sparse soup needs one shared mask"
                 )
     # a SparseLinear's mask is its index buffers, which are not averaged but taken from
@@ -72,7 +76,25 @@ def soup(models: Sequence[nn.Module]) -> nn.Module:
         for k, v in states[0].items()
     }
     out.load_state_dict(averaged)
+    for name, module in out.named_modules():  # averaged weights lie on no model's grid
+        if attached_scales(module) is not None and not all(
+                torch.equal(sd[f"{name}.weight"], states[0][f"{name}.weight"])
+                for sd in states[1:]):
+            detach_scales(module)
     return out
+
+
+def _masked(model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
+    """The names of ``model``'s default targets and of every other weight (a parameter of
+    two dimensions or more: an embedding, a bare ``nn.Parameter``) that holds a zero in one
+    of the ``states``: only the default targets were compared, and an embedding pruned to
+    other masks averaged to the union of its masks."""
+    names = {t.name for t in default_targets(model)}
+    for name, param in model.named_parameters():
+        if param.dim() >= 2 and param.is_floating_point() and any(
+                bool((sd[name] == 0).any()) for sd in states):
+            names.add(name)
+    return sorted(names)
 
 
 def _check_values(i: int, model: nn.Module, state: Mapping[str, torch.Tensor],

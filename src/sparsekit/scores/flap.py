@@ -28,12 +28,9 @@ from sparsekit.distributed import all_reduce_sum
 from sparsekit.observe import run, watch
 from sparsekit.scores import CRITERIA
 from sparsekit.scores._context import ScoreContext
+from sparsekit.targets import default_types, stores_transposed
 
-__all__ = ["LAYERS", "Moments", "check_rows", "fluctuation_scores", "input_moments"]
-
-LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-"""The layers whose input channels are observed (a channel: a Linear input's last axis,
-axis 1 of a convolution's input)."""
+__all__ = ["Moments", "check_rows", "fluctuation_scores", "input_moments"]
 
 
 class Moments:
@@ -97,14 +94,14 @@ def input_moments(model: nn.Module, layers: Mapping[str, nn.Module], data: Any,
                   param: str = "data") -> dict[str, Moments]:
     """The :class:`Moments` of each layer's input channels over ``model`` run on ``data``
     (see :func:`~sparsekit.observe.run`; the model is left as found). Accepted layers:
-    ``nn.Linear`` and ``nn.Conv1d/2d/3d``. Errors about ``data`` name it ``param`` (the
-    caller's argument), among them the ``ValueError`` naming the layers it never reached."""
+    ``nn.Linear``, GPT-2's ``Conv1D`` and ``nn.Conv1d/2d/3d``. Errors about ``data`` name
+    it ``param`` (the caller's argument), among them the ``ValueError`` naming the layers
+    it never reached."""
     for name, m in layers.items():
-        if not isinstance(m, LAYERS):
-            raise TypeError(f"layers[{name!r}] must be a Linear or Conv layer, got "
-                            f"{type(m).__name__}")
-    stats = {n: Moments(m.in_features if isinstance(m, nn.Linear) else m.in_channels,
-                        m.weight.device) for n, m in layers.items()}
+        if not isinstance(m, default_types()):  # GPT-2's Conv1D reads its last axis too
+            raise TypeError(f"layers[{name!r}] must be a Linear, GPT-2 Conv1D or Conv layer, "
+                            f"got {type(m).__name__}")
+    stats = {n: Moments(_input_channels(m), m.weight.device) for n, m in layers.items()}
     with watch(layers, lambda n, x, _out: stats[n].observe(layers[n], x)):
         run(model, data, param)
     missing = [n for n, s in stats.items() if s.rows == 0]
@@ -112,6 +109,13 @@ def input_moments(model: nn.Module, layers: Mapping[str, nn.Module], data: Any,
         raise ValueError(f"{param} never reached these layers during the forward pass: "
                          f"{missing}")
     return stats
+
+
+def _input_channels(layer: nn.Module) -> int:
+    """The input channels of a Linear, GPT-2 Conv1D (weight ``(in, out)``) or Conv layer."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return layer.in_channels
+    return layer.weight.shape[0] if stores_transposed(layer) else layer.in_features
 
 
 def check_rows(moments: Mapping[str, Moments]) -> None:

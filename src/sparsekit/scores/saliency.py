@@ -147,7 +147,13 @@ def grasp(ctx: ScoreContext, temperature: float = 200.0) -> dict[str, torch.Tens
 
     def loss(batch) -> torch.Tensor:
         x, y = batch
-        return ctx.loss(ctx.outputs(x) / temperature, y)
+        out = ctx.outputs(x)
+        if not isinstance(out, torch.Tensor):  # a tuple or ModelOutput: a raw TypeError
+            raise ValueError(
+                f"criterion 'grasp' divides the model's outputs by its temperature, so the "
+                f"model must return a tensor of logits, got {type(out).__name__}; accepted: "
+                "a model returning logits (wrap it), or the criteria 'snip' or 'taylor'")
+        return ctx.loss(out / temperature, y)
 
     share = ctx.rank_share(data)
     with preserved(ctx.model), torch.enable_grad():

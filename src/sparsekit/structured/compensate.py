@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sparsekit._checks import ArgumentTypeError, check_materialized
-from sparsekit.scores.flap import LAYERS, input_moments
+from sparsekit.scores.flap import input_moments
 from sparsekit.structured.dependency import Group, Slice, check_removed
 
 __all__ = ["fold_means", "reader_means", "with_biases"]
@@ -122,12 +122,17 @@ def with_biases(group: Group, layers: Iterable[str]) -> Group:
     return dataclasses.replace(group, slices=group.slices + extra) if extra else group
 
 
+_READERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""The layers whose biases take a removed channel's mean contribution (their weights
+``(out, in, …)``: a column per input channel)."""
+
+
 def _readers(model: nn.Module, group: Group) -> list[Slice]:
     """The slices of ``group`` that are input columns of a Linear or Conv weight."""
     out = []
     for s in group.slices:
         owner, _, attr = s.name.rpartition(".")
         if s.role == "in" and attr == "weight" and isinstance(model.get_submodule(owner),
-                                                               LAYERS):
+                                                               _READERS):
             out.append(s)
     return out
