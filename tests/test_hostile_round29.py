@@ -51,6 +51,11 @@ int8 grids left behind by a fine-tune.
   ``GroupEnvelope`` rounded its kept channels half to even (2 of 5 at 0.5) where the
   channel pruning keeps 3; FLAP refused GPT-2's Conv1D with a raw ``TypeError`` (it
   scores it now), GraSP a model returning a tuple.
+- ``compile`` fused two layers whose shared input the model changed in place between their
+  calls (under ``torch.inference_mode`` the second returned its slice of the old input);
+  a fused group whose first member was replaced (by its ``to_linear()``) saved without the
+  others' weights; ``compile`` of a bare ``nn.Linear`` returned it uncompiled, even with
+  ``formats=`` forced.
 
 Report-only probes found these (repros in the session's scratch directory); each test here
 fails with the files before the fix.
@@ -534,3 +539,44 @@ def test_flap_scores_gpt2_conv1d_and_grasp_names_a_tuple_output():
                                          "its temperature, so the model must return a tensor"):
         sparsekit.prune(Pair(), 0.5, method="grasp", data=[(x, x[:, :3].argmax(1))],
                         loss_fn=lambda out, y: F.cross_entropy(out[0], y))
+
+
+class _InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = _pruned(16, 32, seed=1), _pruned(8, 32, seed=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        a = self.q(x)
+        x.mul_(2)  # the input k reads is another one
+        return torch.cat([a, self.k(x)], -1)
+
+
+def test_an_input_changed_in_place_between_two_layers_is_not_shared():
+    from sparsekit.engine.fused import shared_inputs
+
+    model = _InPlace()
+    assert shared_inputs(model, (torch.randn(2, 32),)) == []
+    model.forward = lambda x: torch.cat([model.q(x), model.k(x)], -1)
+    assert shared_inputs(model, (torch.randn(2, 32),)) == [["q", "k"]]
+
+
+@needs_kernels
+def test_a_fused_group_without_its_first_member_is_refused_by_save(tmp_path):
+    from sparsekit.engine import fused
+
+    q, k = _pruned(16, 32, seed=1), _pruned(8, 32, seed=2)
+    model = nn.Module()
+    model.q, model.k = FusedProjections(CompiledLinear.from_linear(stack([q, k]), "bitmap"),
+                                        [16, 8]).members()
+    assert fused.groups(model) == [["q", "k"]]
+    model.q = model.q.to_linear()
+    with pytest.raises(ValueError, match=r"the fused group of \['k'\] lost its first member"):
+        sparsekit.save(model, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_of_a_bare_layer_is_refused():
+    with pytest.raises(ValueError, match=r"model is itself a layer \(Linear\)"):
+        sparsekit.compile(_pruned(8, 16), torch.randn(2, 16), formats=["csr16"], cache=False)

@@ -237,6 +237,12 @@ def compile(
     check_bool("cache", cache)
     check_bool("fuse", fuse)
     check_bool("grow", grow)
+    if isinstance(model, (nn.Linear, nn.Conv2d)):  # its parent's slot is what compile fills
+        raise ValueError(
+            f"model is itself a layer ({type(model).__name__}), which compile cannot put a "
+            "compiled layer in place of (it was returned as it came, even with formats= "
+            "forced); accepted: a module holding it, e.g. nn.Sequential(layer), or "
+            "CompiledLinear.from_linear(layer, format) for one layer")
     inputs = _as_tuple(example_inputs)
     model = _conv1d_as_linear(model)
     thresholded = applied_layers(dict(model.named_modules()))

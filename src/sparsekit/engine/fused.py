@@ -60,7 +60,8 @@ __all__ = ["FusedLinear", "FusedProjections", "conform", "groups", "placeholder"
 def shared_inputs(model: nn.Module, inputs: tuple[object, ...]) -> list[list[str]]:
     """Groups of ``nn.Linear`` layers of ``model`` (names, in call order) that read the same
     input tensor in the forward pass ``model(*inputs)`` and can be stacked: two layers or
-    more, each called once, of the same ``in_features``, dtype, device and bias presence.
+    more, each called once, of the same ``in_features``, dtype, device and bias presence,
+    the input not changed in place between their calls.
     A layer reachable under two names is never grouped, nor one called with its input by
     keyword (``layer(input=x)``: no positional input to compare)."""
     if not isinstance(model, nn.Module):
@@ -73,12 +74,18 @@ def shared_inputs(model: nn.Module, inputs: tuple[object, ...]) -> list[list[str
         names.setdefault(id(module), []).append(name)
     layers = {ns[0]: m for m in model.modules() if type(m) is nn.Linear
               for ns in [names[id(m)]] if len(ns) == 1}
-    calls: list[tuple[str, torch.Tensor]] = []  # the tensors are kept: their ids stay unique
+    # the tensors are kept (their ids stay unique), with their version: an input changed
+    # in place between two members' calls (q(x); x.mul_(2); k(x)) is no shared input, and
+    # under torch.inference_mode (no version counters) the fused group had returned k's
+    # slice of the old x
+    calls: list[tuple[str, torch.Tensor | None, int | None]] = []
 
     def record(name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             # by keyword, args is empty: args[0] raised an IndexError that blamed the inputs
-            calls.append((name, args[0] if args else None))
+            x = args[0] if args else None
+            versioned = isinstance(x, torch.Tensor) and not x.is_inference()
+            calls.append((name, x, x._version if versioned else None))
         return hook
 
     handles = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
@@ -89,12 +96,12 @@ def shared_inputs(model: nn.Module, inputs: tuple[object, ...]) -> list[list[str
         for handle in handles:
             handle.remove()
     counts: dict[str, int] = {}
-    for name, _ in calls:
+    for name, _, _ in calls:
         counts[name] = counts.get(name, 0) + 1
-    by_input: dict[int, list[str]] = {}
-    for name, x in calls:
+    by_input: dict[tuple[int, int | None], list[str]] = {}
+    for name, x, version in calls:
         if counts[name] == 1 and x is not None:
-            by_input.setdefault(id(x), []).append(name)
+            by_input.setdefault((id(x), version), []).append(name)
     return [group for group in by_input.values()
             if len(group) > 1 and len({_signature(layers[n]) for n in group}) == 1]
 
@@ -261,12 +268,21 @@ class FusedLinear(nn.Module):
 
 def groups(model: nn.Module) -> list[list[str]]:
     """The member names of each fused group of ``model``, in member order (the first holds
-    the stacked weight)."""
+    the stacked weight). ``ValueError`` for a group whose first member is no longer in the
+    model (replaced, e.g. by its ``to_linear()``): the others still compute from the stacked
+    weight, which is then in no state dict (a save had dropped their weights silently)."""
     check_module("model", model)
     found: dict[int, dict[int, str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, FusedLinear):
             found.setdefault(id(module._group), {}).setdefault(module.index, name)
+    for members in found.values():
+        if 0 not in members:
+            raise ValueError(
+                f"model: the fused group of {sorted(members.values())} lost its first member, "
+                "which holds the stacked weight they compute from (replaced since compile?); "
+                "accepted: a model whose fused groups are whole — replace every member (e.g. "
+                "sparsekit.engine.decompile(model)) or none")
     return [[members[i] for i in sorted(members)] for members in found.values()]
 
 
