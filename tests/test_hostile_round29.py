@@ -55,7 +55,9 @@ int8 grids left behind by a fine-tune.
   calls (under ``torch.inference_mode`` the second returned its slice of the old input);
   a fused group whose first member was replaced (by its ``to_linear()``) saved without the
   others' weights; ``compile`` of a bare ``nn.Linear`` returned it uncompiled, even with
-  ``formats=`` forced.
+  ``formats=`` forced. ``rows=`` of bytes or a mapping was read as its bytes or keys, a
+  0-d tensor failed raw; ``engine.report`` of a model that loaded another format showed
+  the compile's timings and rounding error beside the loaded format.
 
 Report-only probes found these (repros in the session's scratch directory); each test here
 fails with the files before the fix.
@@ -580,3 +582,29 @@ def test_a_fused_group_without_its_first_member_is_refused_by_save(tmp_path):
 def test_compile_of_a_bare_layer_is_refused():
     with pytest.raises(ValueError, match=r"model is itself a layer \(Linear\)"):
         sparsekit.compile(_pruned(8, 16), torch.randn(2, 16), formats=["csr16"], cache=False)
+
+
+def test_rows_of_one_odd_value_are_refused():
+    from sparsekit._checks import ArgumentTypeError
+    from sparsekit.engine.compile import check_rows
+
+    for rows in (torch.tensor(4), b"\x04", {1: 2, 4: 3}):
+        with pytest.raises(ArgumentTypeError, match="rows must be an int ≥ 1, got"):
+            check_rows(rows)
+    assert sorted(check_rows([4, 1, 4])) == [1, 4]
+
+
+@needs_kernels
+def test_report_drops_the_timings_of_a_format_loaded_over(tmp_path):
+    from sparsekit.engine import report
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_pruned(64, 128))
+    x = torch.randn(4, 128)
+    first = sparsekit.compile(model, x, formats=["csr16"], cache=False)
+    second = sparsekit.compile(model, x, formats=["bitmap"], weight_dtype="int8", cache=False)
+    sparsekit.load(second, sparsekit.save(first, tmp_path / "a.safetensors"))
+    row = report(second, x).rows[0]
+    assert row.extra["format"] == "csr16" and "quant err" not in row.extra
+    assert row.extra["note"] == "timed as bitmap at compile; loaded as csr16"
+    assert "quant err" in report(first, x).rows[0].extra

@@ -1153,7 +1153,11 @@ def check_rows(rows: int | Sequence[int]) -> list[int]:
     """The distinct row counts of ``rows`` (an int or a non-empty sequence of ints in
     [1, :data:`~sparsekit.engine.autotune.MAX_ROWS`], :func:`autotune.check_rows`), the
     ``rows=`` of :func:`compile` and of a recipe's ``compile`` stage."""
-    values = list(rows) if isinstance(rows, Iterable) and not isinstance(rows, str) else [rows]
+    # one value: a str, bytes (b"\x04" read as [4]), a mapping (read as its keys) or a 0-d
+    # tensor (a raw "iteration over a 0-d tensor"), which the value check then refuses
+    single = isinstance(rows, (str, bytes, bytearray, Mapping)) or (
+        isinstance(rows, torch.Tensor) and rows.dim() == 0)
+    values = list(rows) if isinstance(rows, Iterable) and not single else [rows]
     if not values:
         raise ValueError(f"rows must be an int ≥ 1 or a non-empty sequence of them, got {rows!r}")
     return autotune.check_rows(values)

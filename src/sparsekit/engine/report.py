@@ -152,6 +152,13 @@ def _special_row(
         kind = "Linear"
     layer_macs = params if one_row and kind == "Linear" else macs.get(name)
     dense = None if layer_macs is None else 2 * layer_macs
+    held = str(module.format.value_dtype).removeprefix("torch.") \
+        if isinstance(module, CompiledLayer) else None
+    if held is not None and choice is not None and "format" in choice and (
+            choice["format"] != module.format.name or choice.get("value_dtype", held) != held):
+        # a checkpoint loaded since put another format in: those timings are not this one's
+        extra["note"] = f"timed as {choice.get('format')} at compile; loaded as {fmt.name}"
+        choice = None
     if choice is not None:
         extra.update({column: choice[key] for column, key in _TIMES.items() if key in choice})
         if "quantization_error" in choice:
