@@ -58,6 +58,9 @@ int8 grids left behind by a fine-tune.
   ``formats=`` forced. ``rows=`` of bytes or a mapping was read as its bytes or keys, a
   0-d tensor failed raw; ``engine.report`` of a model that loaded another format showed
   the compile's timings and rounding error beside the loaded format.
+- ``sparsekit.diff`` compared integers as doubles (2**60 + 1 against 2**60: no change at
+  any ``atol > 0``, an update of norm 0) and reported an entry that became NaN as an update
+  of norm 0, an infinite one as float64's largest value.
 
 Report-only probes found these (repros in the session's scratch directory); each test here
 fails with the files before the fix.
@@ -66,6 +69,7 @@ fails with the files before the fix.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -608,3 +612,18 @@ def test_report_drops_the_timings_of_a_format_loaded_over(tmp_path):
     assert row.extra["format"] == "csr16" and "quant err" not in row.extra
     assert row.extra["note"] == "timed as bitmap at compile; loaded as csr16"
     assert "quant err" in report(first, x).rows[0].extra
+
+
+def test_diff_compares_integers_exactly_and_keeps_non_finite_norms():
+    big = {"w": torch.tensor([2**60])}
+    row = sparsekit.diff(big, {"w": torch.tensor([2**60 + 1])}, atol=0.5).rows[0]
+    assert (row.changed, row.norm) == (1, 1.0)
+    row = sparsekit.diff({"w": torch.tensor([1.0, 2.0])},
+                         {"w": torch.tensor([1.0, float("nan")])}).rows[0]
+    assert row.changed == 1 and math.isnan(row.norm)
+    row = sparsekit.diff({"w": torch.tensor([-1.7e308], dtype=torch.float64)},
+                         {"w": torch.tensor([1.7e308], dtype=torch.float64)}).rows[0]
+    assert row.norm == float("inf")
+    row = sparsekit.diff({"w": torch.tensor([float("nan"), 1.0])},
+                         {"w": torch.tensor([float("nan"), 1.0])}).rows[0]
+    assert (row.changed, row.norm) == (0, 0.0)

@@ -143,14 +143,21 @@ def diff(a: Source, b: Source, *, atol: float = 0.0) -> Diff:
 def _row(name: str, a: torch.Tensor, b: torch.Tensor, atol: float) -> DiffRow:
     # complex tensors in complex128: .double() dropped the imaginary part, so an update of
     # it counted as no change at all
+    if not (a.is_floating_point() or a.is_complex()):
+        # integers exactly: doubles round them past 2**53 (2**60 + 1 against 2**60 was no
+        # change at any atol > 0, and an update of norm 0)
+        step = b.detach().cpu().to(torch.int64) - a.detach().cpu().to(torch.int64)
+        return DiffRow(name, tuple(a.shape), a.numel(), int((step.abs() > atol).sum()),
+                       float(torch.linalg.vector_norm(step.double())),
+                       float(torch.linalg.vector_norm(a.detach().cpu().double())))
     wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
     x, y = a.detach().cpu().to(wide), b.detach().cpu().to(wide)
-    # NaN in both: unchanged; NaN in one: counted below; the same infinity: unchanged
-    update = torch.where(x == y, torch.zeros_like(x), y - x).nan_to_num(nan=0.0)
-    moved = (update.abs() > atol) | (torch.isnan(x) != torch.isnan(y))
-    if not (a.is_floating_point() or a.is_complex()):  # doubles round integers past 2**53
-        exact = a.detach().cpu() != b.detach().cpu()
-        moved = exact if atol == 0 else moved & exact
+    # NaN in both and the same infinity: unchanged; an entry that became NaN or infinite
+    # makes the update's norm NaN or infinite (it had counted as an update of norm 0, or
+    # of float64's largest value)
+    same = (x == y) | (torch.isnan(x) & torch.isnan(y))
+    update = torch.where(same, torch.zeros_like(x), y - x)
+    moved = ~same & ((update.abs() > atol) | update.isnan())
     return DiffRow(name, tuple(a.shape), a.numel(), int(moved.sum()),
                    float(torch.linalg.vector_norm(update)),
                    float(torch.linalg.vector_norm(x.nan_to_num(nan=0.0))))
