@@ -61,6 +61,8 @@ int8 grids left behind by a fine-tune.
 - ``sparsekit.diff`` compared integers as doubles (2**60 + 1 against 2**60: no change at
   any ``atol > 0``, an update of norm 0) and reported an entry that became NaN as an update
   of norm 0, an infinite one as float64's largest value.
+- ``allocation.erdos_renyi_densities`` took a sparsity of 1.5 (a density of -0.5),
+  ``owl_sparsities`` a sparsity of 1.5 and ``lam=-5``.
 
 Report-only probes found these (repros in the session's scratch directory); each test here
 fails with the files before the fix.
@@ -627,3 +629,18 @@ def test_diff_compares_integers_exactly_and_keeps_non_finite_norms():
     row = sparsekit.diff({"w": torch.tensor([float("nan"), 1.0])},
                          {"w": torch.tensor([float("nan"), 1.0])}).rows[0]
     assert (row.changed, row.norm) == (0, 0.0)
+
+
+def test_allocation_helpers_check_their_sparsity():
+    from sparsekit._checks import ArgumentTypeError
+    from sparsekit.allocation import erdos_renyi_densities, owl_sparsities
+
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.5"):
+        erdos_renyi_densities({"a": torch.Size([4, 4])}, 1.5)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.5"):
+        owl_sparsities([0.1, 0.2], 1.5)
+    with pytest.raises(ValueError, match="lam"):
+        owl_sparsities([0.1, 0.2], 0.5, lam=-5)
+    with pytest.raises(ArgumentTypeError, match="sparsity must be a float"):
+        owl_sparsities([0.1, 0.2], "0.5")
+    assert owl_sparsities([0.1, 0.1], 0.5) == [0.5, 0.5]

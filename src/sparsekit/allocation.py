@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sparsekit._checks import check_finite, check_fraction, check_mapping
+from sparsekit._checks import check_finite, check_fraction, check_mapping, check_nonnegative
 from sparsekit.registry import Registry
 from sparsekit.select import top_k_counts
 
@@ -169,8 +169,11 @@ def owl_sparsities(
     [0, 0.99] (all are ``sparsity`` when it is above 0.99): clipping the shifts instead
     moved the mean (0 gave 3 % sparsity, 0.99 gave 0.968). Equal ratios give ``sparsity``
     everywhere. Non-finite ``ratios`` (a NaN made every sparsity NaN) or ``weights`` are a
-    ``ValueError``.
+    ``ValueError``, as are a ``sparsity`` outside [0, 1) and a negative or non-finite
+    ``lam`` (1.5 and lam=-5 were taken).
     """
+    check_fraction("sparsity", sparsity)
+    check_nonnegative("lam", lam)
     r = torch.tensor(ratios, dtype=torch.float64)
     check_finite("ratios", r, hint="outlier ratios are fractions of a layer's weights")
     if weights is not None:
@@ -197,8 +200,10 @@ def erdos_renyi_densities(
 
     Solves ε in density_l = ε · raw_l so that the kept total equals (1 - sparsity) · N;
     a layer whose density would exceed 1 is made dense and the rest renormalised,
-    repeatedly, as in the RigL reference implementation.
+    repeatedly, as in the RigL reference implementation. ``sparsity`` must lie in [0, 1)
+    (1.5 gave a density of -0.5).
     """
+    check_fraction("sparsity", sparsity)
     numel = {n: math.prod(s) for n, s in shapes.items()}
     raw = {n: _er_raw(s, kernel) for n, s in shapes.items()}
     budget = (1.0 - sparsity) * sum(numel.values())
