@@ -63,6 +63,8 @@ int8 grids left behind by a fine-tune.
   of norm 0, an infinite one as float64's largest value.
 - ``allocation.erdos_renyi_densities`` took a sparsity of 1.5 (a density of -0.5),
   ``owl_sparsities`` a sparsity of 1.5 and ``lam=-5``.
+- ``kernels.use_isa("scalar")`` as a statement, without ``with``, changed nothing without a
+  word (and took any name).
 
 Report-only probes found these (repros in the session's scratch directory); each test here
 fails with the files before the fix.
@@ -644,3 +646,15 @@ def test_allocation_helpers_check_their_sparsity():
     with pytest.raises(ArgumentTypeError, match="sparsity must be a float"):
         owl_sparsities([0.1, 0.2], "0.5")
     assert owl_sparsities([0.1, 0.1], 0.5) == [0.5, 0.5]
+
+
+@needs_kernels
+def test_use_isa_checks_its_name_at_once_and_warns_when_never_entered():
+    from sparsekit.engine import kernels
+
+    with pytest.raises(ValueError, match="isa must be one of"):
+        kernels.use_isa("nope")
+    with pytest.warns(RuntimeWarning, match="the isa 'scalar' was never entered"):
+        kernels.use_isa("scalar")
+    with kernels.use_isa("scalar"):
+        pass

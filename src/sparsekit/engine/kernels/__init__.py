@@ -152,24 +152,42 @@ def use_isa(name: str) -> contextlib.AbstractContextManager[None]:
     >>> with kernels.use_isa("avx2"):  # doctest: +SKIP
     ...     y = layer(x)  # the AVX2 path, even on an AVX-512 CPU
     """
-    return _using("isa", "instruction sets", name, isas(), "set_isa")
+    return _Using("isa", "instruction sets", name, isas(), "set_isa")
 
 
-@contextlib.contextmanager
-def _using(what: str, kinds: str, name: str, accepted: tuple[str, ...],
-           setter: str) -> Iterator[None]:
+class _Using(contextlib.AbstractContextManager):
     """The kernels' choice ``what`` set to ``name`` (one of ``accepted``, the ``kinds`` this
-    CPU runs) by the op ``setter`` inside the block, the previous one restored on exit."""
-    if name not in accepted:
-        raise ValueError(f"{what} must be one of {accepted} (the {kinds} this CPU runs with "
-                         f"kernels available), got {name!r}")
-    ops = load()
-    assert ops is not None  # accepted is empty without kernels
-    before = str(getattr(ops, setter)(name))
-    try:
-        yield
-    finally:
-        getattr(ops, setter)(before)
+    CPU runs) by the op ``setter`` inside the block, the previous one restored on exit.
+    ``name`` is checked at once; one never entered (``kernels.use_isa("scalar")`` as a
+    statement, without ``with``, which changed nothing without a word) warns as it goes."""
+
+    _entered = True  # until __init__ has checked the name: a refused one warns of nothing
+
+    def __init__(self, what: str, kinds: str, name: str, accepted: tuple[str, ...],
+                 setter: str) -> None:
+        if name not in accepted:
+            raise ValueError(f"{what} must be one of {accepted} (the {kinds} this CPU runs "
+                             f"with kernels available), got {name!r}")
+        self._what, self._name, self._setter = what, name, setter
+        self._before: str | None = None
+        self._entered = False
+
+    def __enter__(self) -> None:
+        ops = load()
+        assert ops is not None  # accepted is empty without kernels
+        self._entered = True
+        self._before = str(getattr(ops, self._setter)(self._name))
+
+    def __exit__(self, *exc: object) -> None:
+        ops = load()
+        assert ops is not None and self._before is not None
+        getattr(ops, self._setter)(self._before)
+
+    def __del__(self) -> None:
+        if not self._entered:
+            warnings.warn(f"the {self._what} {self._name!r} was never entered, so nothing "
+                          "changed: use it as a with block (with kernels.use_isa(...):)",
+                          RuntimeWarning, stacklevel=2)
 
 
 def bitmap_expansion(values: str | None = None, *, columns: bool = False) -> str | None:
@@ -220,7 +238,7 @@ def use_bitmap_expansion(name: str) -> contextlib.AbstractContextManager[None]:
     ...     y = layer(x)  # bf16 bitmap rows by pshufb tables, even on Intel
     """
     expansions = bitmap_expansions()
-    return _using("bitmap expansion", "expansions", name,
+    return _Using("bitmap expansion", "expansions", name,
                   ("auto", *expansions) if expansions else (), "set_bitmap_expansion")
 
 
