@@ -63,6 +63,8 @@ int8 grids left behind by a fine-tune.
   of norm 0, an infinite one as float64's largest value.
 - ``allocation.erdos_renyi_densities`` took a sparsity of 1.5 (a density of -0.5),
   ``owl_sparsities`` a sparsity of 1.5 and ``lam=-5``.
+- ``decompile`` of a compiled GPT-2 gave ``nn.Linear`` where ``Conv1D`` stood: a weight of
+  the transposed shape, which no GPT-2 loaded.
 - ``kernels.use_isa("scalar")`` as a statement, without ``with``, changed nothing without a
   word (and took any name).
 
@@ -658,3 +660,23 @@ def test_use_isa_checks_its_name_at_once_and_warns_when_never_entered():
         kernels.use_isa("scalar")
     with kernels.use_isa("scalar"):
         pass
+
+
+@needs_kernels
+def test_decompile_gives_gpt2_its_conv1d_back(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    from sparsekit.engine import decompile
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).eval()
+    sparsekit.prune(gpt2, 0.5)
+    ids = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(0))
+    back = decompile(sparsekit.compile(gpt2, ids, formats=["csr16", "dense"], cache=False))
+    layer = back.transformer.h[0].attn.c_attn
+    assert type(layer) is Conv1D and layer.weight.shape == (32, 96)
+    assert torch.allclose(_logits(back, ids), _logits(gpt2, ids), atol=1e-5)
+    back.save_pretrained(tmp_path)
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert torch.allclose(_logits(reloaded, ids), _logits(gpt2, ids), atol=1e-5)

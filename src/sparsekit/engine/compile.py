@@ -244,6 +244,7 @@ def compile(
             "forced); accepted: a module holding it, e.g. nn.Sequential(layer), or "
             "CompiledLinear.from_linear(layer, format) for one layer")
     inputs = _as_tuple(example_inputs)
+    conv1d = _conv1d_names(model)
     model = _conv1d_as_linear(model)
     thresholded = applied_layers(dict(model.named_modules()))
     if thresholded:  # the compiled layers would not run their hooks: "output differs"
@@ -356,6 +357,8 @@ def compile(
                and c["format"] == "dense" and n not in held]
     _check_forced(names, refused, len(choices) - len(held))
     compiled.sparsekit_choices = choices
+    if conv1d:  # decompile gives these back as the Conv1D they were
+        compiled.sparsekit_conv1d = conv1d
     _warn_of_dropped_hooks(model, compiled, choices)
     _warn_of_subclasses(subclassed, choices)
     for name in choices:  # a new layer is in training mode: take the replaced one's mode,
@@ -1124,6 +1127,13 @@ def _default_rows(shape: torch.Size | None, kind: type[nn.Module]) -> list[int]:
 
 
 # -- GPT-2's Conv1D ----------------------------------------------------------------------
+
+
+def _conv1d_names(model: nn.Module) -> list[str]:
+    """Every name under which ``model`` holds a GPT-2 ``Conv1D``."""
+    conv1d = conv1d_type()
+    return [] if conv1d is None else [
+        n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, conv1d)]
 
 
 def _conv1d_as_linear(model: nn.Module) -> nn.Module:

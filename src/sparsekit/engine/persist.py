@@ -10,7 +10,7 @@ checkpoint).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -19,6 +19,7 @@ from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear
 from sparsekit.engine.compiled_linear import CompiledLayer
 from sparsekit.engine.fused import FusedLinear
+from sparsekit.targets import conv1d_type
 
 __all__ = ["decompile"]
 
@@ -52,7 +53,29 @@ def decompile(model: nn.Module) -> nn.Module:
         return _to_module(model)
     out = replaced(model, COMPILED_LAYERS, _to_module)
     out.__dict__.pop("sparsekit_choices", None)
+    _as_conv1d(out, out.__dict__.pop("sparsekit_conv1d", ()))
     return out
+
+
+def _as_conv1d(model: nn.Module, names: Sequence[str]) -> None:
+    """Put back, in place, the GPT-2 ``Conv1D`` layers that compile took as ``nn.Linear``
+    under ``names`` (``sparsekit_conv1d``): a decompiled GPT-2 held ``Linear`` weights of
+    the transposed shape, which no GPT-2 loaded (a layer shared by two names stays shared)."""
+    conv1d = conv1d_type()
+    done: dict[int, nn.Module] = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        if conv1d is None or type(layer) is not nn.Linear:
+            continue
+        if id(layer) not in done:
+            back = conv1d(layer.out_features, layer.in_features).to(
+                device=layer.weight.device, dtype=layer.weight.dtype)
+            back.weight = nn.Parameter(layer.weight.detach().t().contiguous(),
+                                       layer.weight.requires_grad)
+            back.bias = None if layer.bias is None else layer.bias
+            back.train(layer.training)
+            done[id(layer)] = back
+        model.set_submodule(name, done[id(layer)])
 
 
 def replaced(model: nn.Module, kinds: type | tuple[type, ...],
