@@ -680,3 +680,17 @@ def test_decompile_gives_gpt2_its_conv1d_back(tmp_path):
     back.save_pretrained(tmp_path)
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert torch.allclose(_logits(reloaded, ids), _logits(gpt2, ids), atol=1e-5)
+
+
+def test_check_pattern_sees_every_target_as_out_by_in():
+    from sparsekit.patterns import parse_pattern
+    from sparsekit.prune import check_pattern
+    from sparsekit.targets import resolve_targets
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).eval()
+    targets = resolve_targets(gpt2)
+    check_pattern(parse_pattern("2:4"), targets)  # Conv1D (in, out) weights as (out, in)
+    with pytest.raises(ValueError, match="does not divide 'transformer.h.0.attn.c_attn.weight'"):
+        check_pattern(parse_pattern("block:5x5"), targets)

@@ -108,6 +108,13 @@ class _Captured(Exception):
     """Raised by the last block's pre-hook to stop the forward pass once all are captured."""
 
 
+def _no_cache(model: nn.Module) -> dict[str, bool]:
+    """``use_cache=False`` where ``model.forward`` takes it: a whole forward pass for its
+    blocks' inputs keeps no key-value cache."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
+        else {}
+
+
 def capture_inputs(
     model: nn.Module,
     blocks: Sequence[nn.Module],
@@ -158,8 +165,7 @@ def capture_inputs(
 
         return fn
 
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
-        else {}
+    extra = _no_cache(model)
     home = home_device(model)
     handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True)
                for i, b in enumerate(blocks)]
@@ -194,8 +200,7 @@ def check_runs_once(model: nn.Module, blocks: Sequence[nn.Module], x: Any,
             calls[i] += 1
         return fn
 
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters \
-        else {}
+    extra = _no_cache(model)
     handles = [b.register_forward_pre_hook(count(i)) for i, b in enumerate(blocks)]
     try:
         with preserved(model, train=False), torch.no_grad(), model_errors(param):

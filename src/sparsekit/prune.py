@@ -28,7 +28,7 @@ from sparsekit.scores.saliency import GRADIENT_CRITERIA, check_gradient_signal
 from sparsekit.select import top_k_per_row
 from sparsekit.targets import Target, TargetSpec, batchnorm_scales, resolve_targets
 
-__all__ = ["check_sparsity", "compute_masks", "prune"]
+__all__ = ["check_pattern", "check_sparsity", "compute_masks", "prune"]
 
 
 @renamed(criterion="method")
@@ -81,6 +81,14 @@ def prune(
 
 
 @renamed(criterion="method")
+def check_pattern(pattern: Pattern, targets: Sequence[Target]) -> None:
+    """Raise ``ValueError`` unless ``pattern`` fits every target's weight, seen as
+    ``(out, in)`` (also GPT-2's ``(in, out)`` Conv1D): what :func:`compute_masks` checks
+    first, and what the CLI and recipes check before they read any data."""
+    for t in targets:
+        pattern.check(t.out_in(t.param).shape, t.name)
+
+
 def compute_masks(
     model: nn.Module,
     sparsity: float,
@@ -125,8 +133,7 @@ def _masks(
 ) -> tuple[dict[str, torch.Tensor], Pattern]:
     """:func:`compute_masks` once its score, allocation and pattern are resolved."""
     chosen = resolve_targets(model, targets, exclude)
-    for t in chosen:  # patterns see weights as (out, in), also GPT-2's (in, out) Conv1D
-        pat.check(t.out_in(t.param).shape, t.name)
+    check_pattern(pat, chosen)
     _check_values(chosen)
     check_seed("seed", seed)
     loss_fn = _check_loss_fn(loss_fn)

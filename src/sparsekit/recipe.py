@@ -55,6 +55,7 @@ from sparsekit.engine.compile import check_rows, formats_fit
 from sparsekit.engine.formats import check_formats
 from sparsekit.models import MODELS, create_model
 from sparsekit.patterns import parse_pattern
+from sparsekit.prune import check_pattern
 from sparsekit.registry import Registry
 from sparsekit.scores import CRITERIA
 from sparsekit.targets import resolve_targets
@@ -213,9 +214,7 @@ class Recipe(_Strict):
             with _field("prune.exclude"):
                 chosen = resolve_targets(model, exclude=self.prune.exclude)
             with _field("prune.pattern"):
-                pattern = parse_pattern(self.prune.pattern)
-                for t in chosen:  # as sparsekit.prune checks them: (out, in) views
-                    pattern.check(t.out_in(t.param).shape, t.name)
+                check_pattern(parse_pattern(self.prune.pattern), chosen)
         with torch.no_grad(), model_errors("input_shape"):
             model.eval()(torch.zeros(self.input_shape))
         if self.compile is not None:

@@ -19,6 +19,7 @@ from sparsekit.cli._output import check_output, write_output
 from sparsekit.cli.report import show
 from sparsekit.data.images import check_image_root
 from sparsekit.patterns import parse_pattern
+from sparsekit.prune import check_pattern
 from sparsekit.scores import CRITERIA
 from sparsekit.targets import resolve_targets
 from sparsekit.training import minibatches
@@ -76,12 +77,10 @@ def _check_fits(args: argparse.Namespace, model: nn.Module) -> None:
         chosen = resolve_targets(model, exclude=args.exclude)
     except ValueError as err:
         raise UsageError(f"--exclude: {err}") from None
-    pattern = parse_pattern(args.pattern)
-    for t in chosen:  # as sparsekit.prune checks them: (out, in) views
-        try:
-            pattern.check(t.out_in(t.param).shape, t.name)
-        except ValueError as err:
-            raise UsageError(f"--pattern {args.pattern!r}: {err}") from None
+    try:
+        check_pattern(parse_pattern(args.pattern), chosen)
+    except ValueError as err:
+        raise UsageError(f"--pattern {args.pattern!r}: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -560,9 +560,8 @@ def _fewer_layers(owner: nn.Module, blocks: nn.ModuleList, drop: set[int]) -> di
     fresh = copy.deepcopy(config)
     for key, value in change.items():
         setattr(fresh, key, value)
-    with torch.device("meta"):
-        before = type(owner)(config).get_submodule(prefix)
-        after = type(owner)(fresh).get_submodule(prefix)
+    before = _built(owner).get_submodule(prefix)
+    after = _built(owner, fresh).get_submodule(prefix)
     for j, i in enumerate(kept):
         old, new = _built_as(before[i]), _built_as(after[j])
         if old != new:
@@ -735,8 +734,7 @@ def _update_config(owner: nn.Module, unit: str, removed: list[tuple[Group, torch
 def _same_head_sizes(owner: nn.Module) -> bool:
     """Whether ``owner``'s class built from its config has the head size of every
     attention module of ``owner``."""
-    with torch.device("meta"):
-        built = dict(type(owner)(owner.config).named_modules())
+    built = dict(_built(owner).named_modules())
     return all(getattr(built.get(name), "head_dim", None) == m.head_dim
                for name, m in owner.named_modules()
                if isinstance(getattr(m, "head_dim", None), int))
@@ -766,10 +764,15 @@ def _config_owner(model: nn.Module, blocks: nn.ModuleList) -> nn.Module | None:
     return owner
 
 
+def _built(model: nn.Module, config: Any = None) -> nn.Module:
+    """``model``'s class built from ``config`` (default: its own), on the meta device."""
+    with torch.device("meta"):
+        return type(model)(model.config if config is None else config)
+
+
 def _skeleton(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters of ``model``'s class built from its config, on the meta device."""
-    with torch.device("meta"):
-        return dict(type(model)(model.config).named_parameters())
+    return dict(_built(model).named_parameters())
 
 
 def _record_shapes(model: nn.Module) -> None:
