@@ -301,7 +301,8 @@ def compile(
     compiled = copy.deepcopy(model)
     first_name = {id(m): n for n, m in compiled.named_modules()}
     # a forced format or grow=True may store a tied weight a second time; auto may not
-    tied = {} if grow or (names and "dense" not in names) else _tied_weights(compiled)
+    ties = tied_weights(compiled)
+    tied = {} if grow or (names and "dense" not in names) else ties
     choices: dict[str, dict[str, object]] = {}
     done: dict[int, nn.Module] = {}  # a shared layer is compiled once
     subclassed: list[str] = []  # nn.Linear / nn.Conv2d subclasses, left as they are
@@ -359,6 +360,9 @@ def compile(
     compiled.sparsekit_choices = choices
     if conv1d:  # decompile gives these back as the Conv1D they were
         compiled.sparsekit_conv1d = conv1d
+    if copies := {first_name[i]: other for i, other in ties.items()
+                  if first_name[i] in choices and "reason" not in choices[first_name[i]]}:
+        compiled.sparsekit_tied = copies  # decompile ties these again
     _warn_of_dropped_hooks(model, compiled, choices)
     _warn_of_subclasses(subclassed, choices)
     for name in choices:  # a new layer is in training mode: take the replaced one's mode,
@@ -949,7 +953,7 @@ def _reads_weights(parent: nn.Module, child_name: str) -> bool:
     return isinstance(parent, nn.TransformerEncoderLayer) and child_name in ("linear1", "linear2")
 
 
-def _tied_weights(model: nn.Module) -> dict[int, str]:
+def tied_weights(model: nn.Module) -> dict[int, str]:
     """``{id(layer): name of another holder}`` for every ``nn.Linear``/``nn.Conv2d`` of
     ``model`` whose weight parameter another module holds as well (a language model's
     ``lm_head`` tied to its input embedding, ``tie_word_embeddings``): a compiled layer

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 from sparsekit._checks import check_materialized_module, check_module
@@ -54,7 +55,19 @@ def decompile(model: nn.Module) -> nn.Module:
     out = replaced(model, COMPILED_LAYERS, _to_module)
     out.__dict__.pop("sparsekit_choices", None)
     _as_conv1d(out, out.__dict__.pop("sparsekit_conv1d", ()))
+    _tie(out, out.__dict__.pop("sparsekit_tied", {}))
     return out
+
+
+def _tie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Tie again, in place, each layer named in ``tied`` (``sparsekit_tied``) to the weight
+    its layer shared before a forced format compiled a copy of it (a language model's
+    ``lm_head`` and its input embedding), where the decompiled weight still equals it: an
+    int8 copy holds other values, and stays a layer of its own."""
+    for name, other in tied.items():
+        layer, weight = model.get_submodule(name), model.get_parameter(other)
+        if layer.weight.shape == weight.shape and torch.equal(layer.weight, weight):
+            layer.weight = weight
 
 
 def _as_conv1d(model: nn.Module, names: Sequence[str]) -> None:
