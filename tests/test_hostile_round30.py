@@ -8,6 +8,13 @@
   (a copy of the tied weight, as documented), came back from ``decompile`` untied: a
   fine-tune then trained two tensors where the model had one, and ``save_pretrained``
   kept one of them.
+- ``sparsekit.shrink`` took a BatchNorm1d without weights or statistics after a Linear
+  layer for one per feature; over an ``(N, L, C)`` output with ``L == C`` it normalises
+  each position over the features, and the shrunk model ran, silently wrong (0.4 off).
+  Such a BatchNorm freezes its space now (one with weights or statistics fails at the
+  shrunk model's first call; the README states the reading).
+- ``prune_structured(unit="layers")`` of a Qwen2 left ``max_window_layers`` as it was,
+  contradicting the ``layer_types`` it had cut.
 
 Each test here fails with the files before the fix.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _kernels import needs_kernels
+from torch import nn
 
 import sparsekit
 from sparsekit.engine import decompile
@@ -70,3 +78,40 @@ def test_decompile_leaves_an_int8_copy_of_a_tied_weight_untied():
     # its values are the int8 grid's, not the embedding's: tying would change one of them
     assert back.lm_head.weight is not back.transformer.wte.weight
     assert torch.equal(back.transformer.wte.weight, model.transformer.wte.weight)
+
+
+def test_shrink_keeps_a_stateless_batchnorm1d_of_a_linear_whole():
+    class SequenceNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(5, 8)
+            self.bn = nn.BatchNorm1d(8, affine=False, track_running_stats=False)
+            self.b = nn.Linear(8, 3)
+
+        def forward(self, x):  # x: (N, L=8, 5): bn normalises each position over (N, C)
+            return self.b(self.bn(self.a(x)))
+
+    from sparsekit.structured import dependency_groups
+
+    torch.manual_seed(0)
+    assert dependency_groups(SequenceNorm()) == []
+    with_stats = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    assert len(dependency_groups(with_stats)) == 1  # an (N, C) MLP keeps its group
+
+
+def test_removing_qwen2_layers_recounts_max_window_layers():
+    from sparsekit.llm import prune_structured
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    prune_structured(model, torch.randint(0, 64, (4, 16)), amount=0.25, unit="layers",
+                     seqlen=16)
+    kept = model.config.layer_types
+    assert len(kept) == 3 and model.config.max_window_layers == kept.count("full_attention")
+    derived = transformers.Qwen2Config(**{k: v for k, v in model.config.to_dict().items()
+                                          if k != "layer_types"})
+    assert derived.layer_types == kept

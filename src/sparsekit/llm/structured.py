@@ -535,12 +535,16 @@ def _remove_layers(blocks: nn.ModuleList, influence: list[float], amount: float,
 
 # config entries that list layer indices (Qwen2-MoE's and Qwen3-MoE's dense-MLP layers)
 _LAYER_INDEX_LISTS = ("mlp_only_layers",)
+# config entries that count leading layers (Qwen2's full-attention layers before its
+# sliding-window ones): the kept blocks among them
+_LEADING_LAYER_COUNTS = ("max_window_layers",)
 
 
 def _fewer_layers(owner: nn.Module, blocks: nn.ModuleList, drop: set[int]) -> dict[str, Any]:
     """The config entries of ``owner`` without the blocks ``drop``: the layer count, every
-    per-layer list (``layer_types``, SmolLM3's ``no_rope_layers``) without their entries
-    and the lists of layer indices renumbered. ``ValueError`` (nothing changed yet) unless
+    per-layer list (``layer_types``, SmolLM3's ``no_rope_layers``) without their entries,
+    the lists of layer indices renumbered and counts of leading layers (Qwen2's
+    ``max_window_layers``) recounted. ``ValueError`` (nothing changed yet) unless
     ``owner``'s class built from that config makes each kept block as it was built before:
     a block that depends on the layer count (ESMC's residual scaling) or on a per-layer
     rule the config states another way (DeepSeek-V3's ``first_k_dense_replace``) would
@@ -556,6 +560,10 @@ def _fewer_layers(owner: nn.Module, blocks: nn.ModuleList, drop: set[int]) -> di
         value = getattr(config, key, None)
         if isinstance(value, (list, tuple)) and all(isinstance(i, int) for i in value):
             change[key] = type(value)(kept.index(i) for i in value if i in kept)
+    for key in _LEADING_LAYER_COUNTS:
+        value = getattr(config, key, None)
+        if type(value) is int:
+            change[key] = sum(i < value for i in kept)
     prefix = next(n for n, m in owner.named_modules() if m is blocks)
     fresh = copy.deepcopy(config)
     for key, value in change.items():

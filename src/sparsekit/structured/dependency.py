@@ -410,8 +410,12 @@ class _Follower:
             # A width other than the space's normalises another axis (BatchNorm1d(L) of a
             # Linear's (N, L, C) output): attached to the space, shrink cut it to a model
             # that no longer ran
-            if layout is None or layout.spread != 1 or (
-                    layout.dim != 1 and not isinstance(module, nn.BatchNorm1d)) \
+            # (L == C passes that check. With weights or statistics the shrunk model then
+            # fails at its first call; without either, it would have run, silently wrong:
+            # such a BatchNorm1d of a Linear output freezes its space)
+            stateless = module.weight is None and module.running_mean is None
+            if layout is None or layout.spread != 1 or (layout.dim != 1 and (
+                    not isinstance(module, nn.BatchNorm1d) or stateless)) \
                     or module.num_features != self.width(layout):
                 self.freeze(node.args)
                 return None
