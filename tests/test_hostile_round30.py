@@ -8,6 +8,12 @@
   (a copy of the tied weight, as documented), came back from ``decompile`` untied: a
   fine-tune then trained two tensors where the model had one, and ``save_pretrained``
   kept one of them.
+- A compiled model's file was refused by another compiled copy of the same model ("another
+  architecture?") when one compile had replaced a layer the other left plain (a tied
+  ``lm_head`` under a forced format, convolutions with or without ``example_inputs``);
+  the README promises every compiled copy takes the saved formats. And a file of the model
+  before compile, loaded into its compiled copy (or the reverse), was "another
+  architecture?" too; the message says which side is compiled now.
 - ``sparsekit.shrink`` took a BatchNorm1d without weights or statistics after a Linear
   layer for one per feature; over an ``(N, L, C)`` output with ``L == C`` it normalises
   each position over the features, and the shrunk model ran, silently wrong (0.4 off).
@@ -115,3 +121,75 @@ def test_removing_qwen2_layers_recounts_max_window_layers():
     derived = transformers.Qwen2Config(**{k: v for k, v in model.config.to_dict().items()
                                           if k != "layer_types"})
     assert derived.layer_types == kept
+
+
+def _tied_llama():
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    sparsekit.prune(model, 0.5)
+    return model
+
+
+LLAMA_IDS = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+
+
+@needs_kernels
+def test_a_compiled_copy_takes_layers_the_saved_one_compiled_or_left_plain(tmp_path):
+    forced = sparsekit.compile(_tied_llama(), LLAMA_IDS, formats=["bitmap"], cache=False)
+    auto = sparsekit.compile(_tied_llama(), LLAMA_IDS, formats=["dense", "bitmap"],
+                             cache=False)
+    assert type(forced.lm_head).__name__ == "CompiledLinear"
+    assert auto.lm_head.weight is auto.model.embed_tokens.weight  # left plain: tied
+    expected = {"forced": forced(LLAMA_IDS).logits, "auto": auto(LLAMA_IDS).logits}
+    sparsekit.save(forced, tmp_path / "forced.safetensors")
+    sparsekit.save(auto, tmp_path / "auto.safetensors")
+    sparsekit.load(auto, tmp_path / "forced.safetensors")
+    assert type(auto.lm_head).__name__ == "CompiledLinear"
+    assert torch.equal(auto(LLAMA_IDS).logits, expected["forced"])
+    sparsekit.load(forced, tmp_path / "auto.safetensors")
+    assert forced.lm_head.weight is forced.model.embed_tokens.weight  # tied again
+    assert torch.equal(forced(LLAMA_IDS).logits, expected["auto"])
+
+
+@needs_kernels
+def test_a_conv_compiled_in_the_file_and_plain_here_loads_and_a_refusal_changes_nothing(
+        tmp_path):
+    def cnn():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4))
+        sparsekit.prune(model, 0.5)
+        return model
+
+    x = torch.randn(2, 3, 8, 8)
+    with_conv = sparsekit.compile(cnn(), (x,), formats=["bitmap"], cache=False)
+    without = sparsekit.compile(cnn(), formats=["bitmap"], cache=False)
+    assert type(with_conv[0]).__name__ == "CompiledConv2d" and type(without[0]) is nn.Conv2d
+    sparsekit.save(with_conv, tmp_path / "c.safetensors")
+    other = cnn()
+    other[3] = nn.Linear(288, 5)  # refused on the shape: the conv must stay as it was
+    broken = sparsekit.compile(other, formats=["bitmap"], cache=False)
+    with pytest.raises(ValueError, match="out_features=5"):
+        sparsekit.load(broken, tmp_path / "c.safetensors")
+    assert type(broken[0]) is nn.Conv2d
+    sparsekit.load(without, tmp_path / "c.safetensors")
+    assert type(without[0]).__name__ == "CompiledConv2d"
+    assert torch.equal(without(x), with_conv(x))
+
+
+@needs_kernels
+def test_loading_across_compile_says_which_side_is_compiled(tmp_path):
+    def mlp():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        sparsekit.prune(model, 0.5)
+        return model
+
+    compiled = sparsekit.compile(mlp(), formats=["bitmap"], cache=False)
+    sparsekit.save(compiled, tmp_path / "compiled.safetensors")
+    sparsekit.save(mlp(), tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="holds compiled layers and this model none"):
+        sparsekit.load(mlp(), tmp_path / "compiled.safetensors")
+    with pytest.raises(ValueError, match="holds no compiled layer and this model is compiled"):
+        sparsekit.load(compiled, tmp_path / "plain.safetensors")

@@ -43,7 +43,7 @@ from sparsekit._checks import (
     check_writable,
 )
 from sparsekit.distributed import is_sharded
-from sparsekit.engine import activation_linear, fused
+from sparsekit.engine import activation_linear, fused, persist
 from sparsekit.engine.persist import COMPILED_LAYERS
 from sparsekit.masks import MaskSet, keeps_everything, maskable, pattern_view
 from sparsekit.patterns import Pattern, parse_pattern
@@ -260,10 +260,22 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
     # compiled layers fused (or not) as the saved model's were: fusing is decided by timing
     # and with the thresholds and single-row kernels of its activation-sparse layers
     kernels = _activation_kernels(stored.meta, path)
+    # and its layers compiled or left plain as the saved model's (forced formats compile a
+    # tied lm_head; convolutions compile only with example inputs)
+    restore_plain = persist.conform(model, state, stored.tied)
     try:
-        restore = fused.conform(model, state, _fused_groups(stored.meta, path))
+        restore_fused = fused.conform(model, state, _fused_groups(stored.meta, path))
     except ValueError as err:
+        restore_plain()
         raise ValueError(f"{path} does not match this model: {err}") from None
+    except BaseException:
+        restore_plain()
+        raise
+
+    def restore() -> None:
+        restore_fused()
+        restore_plain()
+
     try:
         restore_kernels = activation_linear.conform(model, state, kernels)
     except ValueError as err:
@@ -283,6 +295,20 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
         restore_kernels()
         restore()
         raise
+
+
+def _compiled_hint(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """Why a file's keys may not be the model's: one of them compiled and the other not
+    (told as "another architecture?", the same model was reported as another)."""
+    saved = any(".format." in f".{key}" for key in state)
+    here = any(isinstance(m, COMPILED_LAYERS) for m in model.modules())
+    if saved and not here:
+        return ("the file holds compiled layers and this model none: load it into a compiled "
+                "copy (sparsekit.compile(model, ...)), whose layers take the saved formats")
+    if here and not saved:
+        return ("the file holds no compiled layer and this model is compiled: load it into "
+                "the model before compile, or sparsekit.engine.decompile(model)")
+    return "another architecture?"
 
 
 def _fused_groups(meta: dict[str, str], path: str | os.PathLike) -> list[list[str]]:
@@ -326,7 +352,7 @@ def _load(model: nn.Module, path: str | os.PathLike, stored: _Stored,
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(
-            f"{path} does not match this model (another architecture?): missing "
+            f"{path} does not match this model ({_compiled_hint(model, state)}): missing "
             f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
             f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
         )

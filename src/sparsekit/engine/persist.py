@@ -10,7 +10,7 @@ checkpoint).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,8 +18,10 @@ from torch import nn
 from sparsekit._checks import check_materialized_module, check_module
 from sparsekit.engine._moved import moved
 from sparsekit.engine.activation_linear import ActivationSparseLinear
-from sparsekit.engine.compiled_linear import CompiledLayer
+from sparsekit.engine.compiled_conv import CompiledConv2d
+from sparsekit.engine.compiled_linear import CompiledLayer, CompiledLinear
 from sparsekit.engine.fused import FusedLinear
+from sparsekit.quantize import SCALE_NAME
 from sparsekit.targets import conv1d_type
 
 __all__ = ["decompile"]
@@ -68,6 +70,58 @@ def _tie(model: nn.Module, tied: dict[str, str]) -> None:
         layer, weight = model.get_submodule(name), model.get_parameter(other)
         if layer.weight.shape == weight.shape and torch.equal(layer.weight, weight):
             layer.weight = weight
+
+
+def conform(model: nn.Module, keys: Collection[str],
+            tied: Mapping[str, str]) -> Callable[[], None]:
+    """Compile or decompile, in place, the layers of the compiled ``model`` that the
+    compiled model whose state has ``keys`` holds the other way; return the function that
+    puts the replaced layers back.
+
+    Which layers compile replaces depends on its arguments and timing (a tied ``lm_head``
+    is compiled only by a forced format, a convolution only with ``example_inputs``), so
+    one compiled copy of a model may hold a plain ``nn.Linear``/``nn.Conv2d`` where the
+    saved one held a compiled layer: it becomes an empty compiled layer (dense; the load
+    installs the saved format). A compiled layer saved plain becomes its plain layer, tied
+    again where ``tied`` (the file's ties, key to stored key) names its weight. Nothing
+    changes unless both ``model`` and the saved state hold compiled layers: a file of an
+    uncompiled model does not decompile a compiled one."""
+    keys = set(keys)
+    compiled = {k.split(".format.", 1)[0] for k in keys if ".format." in f".{k}"}
+    replaced: list[tuple[str, nn.Module]] = []
+    if not compiled or not any(isinstance(m, COMPILED_LAYERS) for m in model.modules()):
+        return lambda: None
+    for name, layer in list(model.named_modules()):
+        if not name:
+            continue
+        if type(layer) in (nn.Linear, nn.Conv2d) and name in compiled:
+            new: nn.Module = (CompiledLinear.from_linear(layer) if type(layer) is nn.Linear
+                              else CompiledConv2d.from_conv2d(layer))
+        elif (isinstance(layer, (CompiledLinear, CompiledConv2d)) and f"{name}.weight" in keys
+              and {k for k in keys if k.startswith(f"{name}.")} <= {
+                  f"{name}.weight", f"{name}.bias", f"{name}.{SCALE_NAME}"}):
+            new = _to_module(layer)
+            source = _parameter(model, tied.get(f"{name}.weight"))
+            if source is not None and source.shape == new.weight.shape:
+                new.weight = source
+        else:
+            continue
+        replaced.append((name, layer))
+        model.set_submodule(name, new.train(layer.training))
+
+    def undo() -> None:
+        for name, old in reversed(replaced):
+            model.set_submodule(name, old)
+
+    return undo
+
+
+def _parameter(model: nn.Module, name: str | None) -> nn.Parameter | None:
+    """``model``'s parameter ``name``, or ``None`` (no name, or none of that name)."""
+    try:
+        return None if name is None else model.get_parameter(name)
+    except AttributeError:
+        return None
 
 
 def _as_conv1d(model: nn.Module, names: Sequence[str]) -> None:
