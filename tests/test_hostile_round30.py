@@ -14,6 +14,12 @@
   the README promises every compiled copy takes the saved formats. And a file of the model
   before compile, loaded into its compiled copy (or the reverse), was "another
   architecture?" too; the message says which side is compiled now.
+- ``compile`` of a moefied model refused it as "already compiled" (the ``RoutedFFN``'s
+  reader is an activation-sparse layer) and advised ``decompile``, which replaced that
+  reader by an ``nn.Linear``: ``moe.evaluate`` then failed raw, and ``compile`` of the copy
+  replaced the router's projection, failing raw at its first call. ``decompile`` copies a
+  routed layer whole now, and ``compile`` refuses it by name. ``moefy`` of a GPT-2 named
+  ``unit 'ffn'``, an argument of ``prune_structured`` it does not have.
 - ``sparsekit.shrink`` took a BatchNorm1d without weights or statistics after a Linear
   layer for one per feature; over an ``(N, L, C)`` output with ``L == C`` it normalises
   each position over the features, and the shrunk model ran, silently wrong (0.4 off).
@@ -193,3 +199,30 @@ def test_loading_across_compile_says_which_side_is_compiled(tmp_path):
         sparsekit.load(mlp(), tmp_path / "compiled.safetensors")
     with pytest.raises(ValueError, match="holds no compiled layer and this model is compiled"):
         sparsekit.load(compiled, tmp_path / "plain.safetensors")
+
+
+def test_compile_refuses_a_routed_ffn_and_decompile_copies_it_whole():
+    from sparsekit import moe
+
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    routed = moe.moefy(llama, ids, experts=8, keep=0.5, steps=2, rank=8)
+    with pytest.raises(ValueError, match="model.layers.0.mlp is a RoutedFFN, which runs"):
+        sparsekit.compile(routed, ids[:1, :4])
+    copy = decompile(routed)
+    assert type(copy.model.layers[0].mlp.w_out) is type(routed.model.layers[0].mlp.w_out)
+    assert moe.evaluate(copy, ids) == moe.evaluate(routed, ids)
+    with pytest.raises(ValueError, match="is a RoutedFFN"):
+        sparsekit.compile(copy, ids[:1, :4])
+
+
+def test_moefy_names_the_model_not_a_unit_argument():
+    from sparsekit import moe
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).eval()
+    with pytest.raises(ValueError, match=r"^model: block 'transformer.h.0' \(GPT2Block\)"):
+        moe.moefy(gpt2, IDS, experts=4, keep=0.5, steps=1)

@@ -97,12 +97,27 @@ def check_not_compiled(name: str, model: nn.Module, what: str) -> None:
     such a model would fail anyway."""
     from sparsekit.engine.persist import COMPILED_LAYERS  # the engine imports this module
 
+    check_no_own_layers(name, model, what)
     for layer_name, layer in model.named_modules():
         if isinstance(layer, COMPILED_LAYERS):
             raise ValueError(
                 f"{name}: {layer_name or 'the model'} is compiled ({type(layer).__name__}); "
                 f"{what} takes a model of nn.Linear layers: pass "
                 "sparsekit.engine.decompile(model) (the model as it was compiled) instead")
+
+
+def check_no_own_layers(name: str, model: nn.Module, what: str) -> None:
+    """Raise ``ValueError`` naming ``model``'s first module that runs its own layers
+    (:func:`sparsekit.engine.persist.runs_own_layers`: sparsekit.moe's ``RoutedFFN``):
+    ``what`` would replace or rewrite the layers it reads (its decompiled copy is itself)."""
+    from sparsekit.engine.persist import runs_own_layers
+
+    for layer_name, layer in model.named_modules():
+        if runs_own_layers(layer):
+            raise ValueError(
+                f"{name}: {layer_name or 'the model'} is a {type(layer).__name__}, which runs "
+                f"the layers it holds itself; {what} does not take a model holding one "
+                "(decompile leaves it as it is)")
 
 
 SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

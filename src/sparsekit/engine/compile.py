@@ -37,6 +37,7 @@ from sparsekit._checks import (
     check_materialized,
     check_materialized_module,
     check_module,
+    check_no_own_layers,
     is_float8,
     model_errors,
     renamed,
@@ -253,6 +254,7 @@ def compile(
             "activation thresholds applied (ActivationSparsity.apply), hooks the compiled "
             "layers would not run; accepted: remove() them and pass the thresholds to compile "
             "as activation_sparsity=")
+    check_no_own_layers("model", model, "compile")
     for name, layer in model.named_modules():
         if isinstance(layer, COMPILED_LAYERS):
             # its formats were kept as they are, formats= and the dtypes silently ignored

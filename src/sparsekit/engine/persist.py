@@ -29,6 +29,15 @@ __all__ = ["decompile"]
 COMPILED_LAYERS = (CompiledLayer, ActivationSparseLinear, FusedLinear)
 """The layer types compile() installs (what decompile() replaces)."""
 
+
+def runs_own_layers(module: nn.Module) -> bool:
+    """Whether ``module`` is implemented by the layers it holds, reading their weights and
+    formats itself (a class with ``sparsekit_runs_own_layers = True``: sparsekit.moe's
+    ``RoutedFFN``, whose reader is an :class:`ActivationSparseLinear`, and
+    ``RoutedAttention``): decompile leaves it whole, compile and pruning refuse it by name
+    (replaced, its layers broke it)."""
+    return getattr(type(module), "sparsekit_runs_own_layers", False) is True
+
 # expected_state() is not engine-specific: it moved to the checkpoint module.
 __getattr__ = moved(__name__, {"expected_state": "sparsekit.checkpoint"})
 
@@ -38,14 +47,16 @@ def decompile(model: nn.Module) -> nn.Module:
 
     Weights are dense with zeros where pruned, as trainable parameters on the layer's
     device and dtype. An :class:`ActivationSparseLinear` loses its input thresholds (its
-    ``nn.Linear`` is the dense layer it was built from). ``model`` is not modified. A
+    ``nn.Linear`` is the dense layer it was built from). A module that runs its own layers
+    (:func:`runs_own_layers`: sparsekit.moe's routed layers) is copied whole. ``model`` is
+    not modified. A
     compiled layer on the meta device holds no weight to give back: a ``ValueError`` names
     it (decoding its format failed inside PyTorch), a fused member's by its group's name
     under it (``q.group.linear.bias``).
     """
     check_module("model", model)
     for name, layer in model.named_modules():
-        if isinstance(layer, COMPILED_LAYERS):
+        if isinstance(layer, COMPILED_LAYERS) and not _inside_own(model, name):
             held, prefix = layer, f"model: {name}." if name else "model: "
             if isinstance(layer, FusedLinear):
                 # a member past the first holds its group without registering it: its
@@ -116,6 +127,13 @@ def conform(model: nn.Module, keys: Collection[str],
     return undo
 
 
+def _inside_own(model: nn.Module, name: str) -> bool:
+    """Whether the submodule ``name`` of ``model`` lies inside one that runs its own layers."""
+    parts = name.split(".")
+    return any(runs_own_layers(model.get_submodule(".".join(parts[:i])))
+               for i in range(1, len(parts)))
+
+
 def _parameter(model: nn.Module, name: str | None) -> nn.Parameter | None:
     """``model``'s parameter ``name``, or ``None`` (no name, or none of that name)."""
     try:
@@ -166,7 +184,7 @@ def replaced(model: nn.Module, kinds: type | tuple[type, ...],
                 if id(child) not in done:
                     done[id(child)] = convert(child)
                 setattr(parent, name, done[id(child)])
-            elif child is not None:
+            elif child is not None and not runs_own_layers(child):
                 walk(child)
 
     walk(out)

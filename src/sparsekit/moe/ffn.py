@@ -41,6 +41,10 @@ class FFN:
         return len(self.writers) == 2
 
 
+# how block_group's errors start: they name prune_structured's argument, which moefy has not
+_UNIT_PREFIX = "unit 'ffn': "
+
+
 def find_ffns(model: nn.Module) -> list[FFN]:
     """The FFN of every transformer block of ``model``, in order.
 
@@ -51,7 +55,10 @@ def find_ffns(model: nn.Module) -> list[FFN]:
     ffns = []
     for i, block in enumerate(blocks):
         name = f"{prefix}.{i}"
-        group = block_group(name, block, "ffn")
+        try:
+            group = block_group(name, block, "ffn")
+        except ValueError as err:  # it named prune_structured's unit= argument
+            raise ValueError(f"model: {str(err).removeprefix(_UNIT_PREFIX)}") from None
         writers = tuple(s.name.removesuffix(".weight") for s in group.slices
                         if s.role == "out" and s.name.endswith(".weight"))
         reader = next(s.name.removesuffix(".weight") for s in group.slices if s.role == "in")

@@ -55,6 +55,10 @@ class RoutedFFN(nn.Module):
     a state of another layout or with a k out of range is refused whole (``ValueError``).
     """
 
+    # it reads its layers' weights itself: decompile copies it whole, compile and pruning
+    # refuse it (sparsekit.engine.persist.runs_own_layers)
+    sparsekit_runs_own_layers = True
+
     def __init__(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
                  b_out: torch.Tensor | None, act: Callable[[torch.Tensor], torch.Tensor], *,
                  order: torch.Tensor, hot: int, unit_size: int, router: nn.Module | None,

@@ -54,6 +54,10 @@ class RoutedAttention(nn.Module):
     its layout (:func:`route_heads` does).
     """
 
+    # it reads its layers' weights itself: decompile copies it whole, compile and pruning
+    # refuse it (sparsekit.engine.persist.runs_own_layers)
+    sparsekit_runs_own_layers = True
+
     def __init__(self, attention: nn.Module, router: Router, k: int, *,
                  skip_kv: bool = False) -> None:
         super().__init__()
