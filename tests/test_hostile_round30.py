@@ -20,6 +20,12 @@
   replaced the router's projection, failing raw at its first call. ``decompile`` copies a
   routed layer whole now, and ``compile`` refuses it by name. ``moefy`` of a GPT-2 named
   ``unit 'ffn'``, an argument of ``prune_structured`` it does not have.
+- Every attention pattern kept, per query block, the key block of its last row only: with
+  an offset ``kv_len - q_len`` that is no multiple of the block size (chunked prefill over
+  a cache) the block's earlier rows lost their own keys, and under ``TopKBlocks`` 14 of 64
+  causal rows were left with no key at all (an output of 0). ``torch.compile`` of a model
+  switched to the ``"sparsekit"`` attention failed inside inductor (the tile counts of
+  ``visible_pairs``, traced); ``output_attentions=True`` gave ``()`` without a word.
 - ``sparsekit.shrink`` took a BatchNorm1d without weights or statistics after a Linear
   layer for one per feature; over an ``(N, L, C)`` output with ``L == C`` it normalises
   each position over the features, and the shrunk model ran, silently wrong (0.4 off).
@@ -39,6 +45,13 @@ from _kernels import needs_kernels
 from torch import nn
 
 import sparsekit
+from sparsekit.attention import (
+    Antidiagonal,
+    Exact,
+    TopKBlocks,
+    VerticalSlash,
+    dense_block_mask,
+)
 from sparsekit.engine import decompile
 
 transformers = pytest.importorskip("transformers")
@@ -226,3 +239,42 @@ def test_moefy_names_the_model_not_a_unit_argument():
         n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).eval()
     with pytest.raises(ValueError, match=r"^model: block 'transformer.h.0' \(GPT2Block\)"):
         moe.moefy(gpt2, IDS, experts=4, keep=0.5, steps=1)
+
+
+@pytest.mark.parametrize("pattern", [
+    TopKBlocks(density=0.05), Exact(threshold=0.5), Antidiagonal(threshold=0.5, stride=4),
+    VerticalSlash(threshold=0.5, last_queries=8)], ids=repr)
+def test_every_pattern_keeps_each_rows_own_keys_at_any_offset(pattern):
+    torch.manual_seed(0)
+    q_len, kv_len, block = 32, 65, 8  # offset 33: a query block's rows lie in two key blocks
+    q, k = torch.randn(1, 2, q_len, 16), torch.randn(1, 2, kv_len, 16)
+    mask = pattern.block_mask(q, k, block_size=block, causal=True)
+    pairs = dense_block_mask(mask, q_len, kv_len, causal=True, block_size=block)
+    rows = torch.arange(q_len)
+    assert pairs.expand(1, 2, q_len, kv_len)[..., rows, rows + kv_len - q_len].all()
+
+
+def _switched_llama(min_length: int = 0):
+    from sparsekit import attention
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")).eval()
+    attention.apply(model, pattern="sink_window", sinks=16, window=32, block_size=16,
+                    min_length=min_length)
+    return model
+
+
+def test_torch_compile_runs_a_switched_model():
+    model = _switched_llama()
+    ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(model)(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_output_attentions_on_a_switched_model_warns():
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="computes no attention weights"), torch.no_grad():
+        assert _switched_llama()(ids, output_attentions=True).attentions == ()

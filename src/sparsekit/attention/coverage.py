@@ -72,6 +72,7 @@ def bounded_block_size(q_len: int, kv_len: int, block_size: int) -> int:
     return min(block_size, max(q_len, kv_len, 1))
 
 
+@torch.compiler.disable  # of the lengths alone; traced, inductor failed on its int64 series
 def visible_pairs(q_len: int, kv_len: int, *, block_size: int, causal: bool) -> torch.Tensor:
     """Attendable (query, key) pairs in each tile: int64 ``(q_blocks, kv_blocks)``.
 

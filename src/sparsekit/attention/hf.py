@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,6 +171,10 @@ def attention_forward(
     """transformers' attention-function signature: ``(batch, heads, seq, head_dim)`` in,
     ``(batch, seq, heads, head_dim)`` out, with no attention weights."""
     settings: SparseAttention = getattr(module, ATTRIBUTE, _DEFAULT)
+    if kwargs.get("output_attentions"):  # the model's attentions came back as () unsaid
+        warnings.warn("output_attentions=True: the 'sparsekit' attention computes no attention "
+                      "weights (neither does 'sdpa'); load the model with "
+                      "attn_implementation='eager' to get them", UserWarning, stacklevel=2)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_len, kv_len = query.shape[2], key.shape[2]
     if causal and attention_mask is None and 1 < q_len < kv_len:

@@ -19,8 +19,9 @@ the scores and keep the fewest tiles that hold a ``threshold`` of it:
 ``mask``           a block mask the caller built (:class:`UserMask`)
 =================  =====================================================================
 
-Every pattern keeps, in each query block, the key block holding that block's last query
-position, so no row loses its nearest keys, and never keeps a tile causal attention cannot
+Every pattern keeps, in each query block, the key blocks holding its rows' own positions
+(two where the offset ``kv_len - q_len`` is no multiple of the block size), so no row loses
+its nearest keys, and never keeps a tile causal attention cannot
 use. :meth:`AttentionPattern.coverage` reports the density and the softmax mass a pattern
 keeps (:mod:`sparsekit.attention.coverage`).
 """
@@ -484,12 +485,15 @@ def _completed(tiles: torch.Tensor, visible: torch.Tensor, q: torch.Tensor, k: t
 
 
 def _local(q_len: int, kv_len: int, block_size: int, device: torch.device) -> torch.Tensor:
-    """The key block holding each query block's last position: ``(q_blocks, kv_blocks)``
-    on ``device``."""
-    _, last = _query_positions(q_len, kv_len, block_size, device)
+    """The key blocks holding the positions of each query block's rows (its diagonal):
+    ``(q_blocks, kv_blocks)`` on ``device``. Where ``kv_len - q_len`` is no multiple of the
+    block size a query block's rows lie in two key blocks: with the last row's alone, the
+    earlier rows lost their nearest keys (a causal row all of them: an output of 0)."""
+    first, last = _query_positions(q_len, kv_len, block_size, device)
     kb = blocks(kv_len, block_size)
-    cols = torch.arange(kb, device=device)
-    return cols[None, :] == (last // block_size).clamp(0, kb - 1)[:, None]
+    cols = torch.arange(kb, device=device)[None, :]
+    lo = (first.clamp(min=0) // block_size).clamp(max=kb - 1)[:, None]
+    return (cols >= lo) & (cols <= (last // block_size).clamp(0, kb - 1)[:, None])
 
 
 def _fewest(mass: torch.Tensor, threshold: float) -> torch.Tensor:
