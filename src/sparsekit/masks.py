@@ -125,6 +125,10 @@ class MaskSet:
         # per tensor and step, as fast as a multiply and ~30x faster than masked_fill_.
         self._factors: dict[str, torch.Tensor] = {}
         self._removed = False  # set by remove(): nothing is left to apply or update
+        # the schedule that changes these masks as it trains (DynamicSparsity sets it):
+        # another MaskSet kept through the same steps would zero what it regrows
+        self.regrown_by: str | None = None
+        self._accumulating: set[int] = set()  # ids of the weights _accumulate_hooks are on
 
 
     # -- state ------------------------------------------------------------------------
@@ -320,6 +324,16 @@ class MaskSet:
             params = {n: model_params[n] for n in names
                       if isinstance(n, str) and n in model_params}
         self._check_optimizes_params(optimizer, params)
+        own = {id(p) for p in params.values()}
+        for other in keeping(optimizer):
+            if other is not self and other.regrown_by and any(
+                    id(p) in own for p in other.params.values()):
+                # its after-step hook zeroed every connection the other regrew, silently
+                raise ValueError(
+                    f"optimizer is driven by a {other.regrown_by} of these weights "
+                    f"({', '.join(list(other.masks)[:3])}): this MaskSet would zero every "
+                    f"connection it regrows; accepted: an optimizer no {other.regrown_by} of "
+                    "these weights drives — detach() or remove() it first")
         _check_state_writable(optimizer, params)  # zeroed once hooked: refuse before hooking
         return optimizer
 
@@ -401,11 +415,17 @@ class MaskSet:
         step (only theirs: a detached optimizer's weights train unmasked)."""
         for h in self._accumulate_hooks:
             h.remove()
-        held = {id(p) for o in self._optimizers.values() for g in o.param_groups
-                for p in g["params"]}
+        self._accumulating = self._to_accumulate()
         self._accumulate_hooks = [
             p.register_post_accumulate_grad_hook(self._mask_accumulated(n))
-            for n, p in self.params.items() if p.requires_grad and id(p) in held]
+            for n, p in self.params.items() if id(p) in self._accumulating]
+
+    def _to_accumulate(self) -> set[int]:
+        """The ids of the masked weights that the attached optimizers step and that are
+        trained now (``requires_grad``)."""
+        held = {id(p) for o in self._optimizers.values() for g in o.param_groups
+                for p in g["params"]}
+        return {id(p) for p in self.params.values() if p.requires_grad and id(p) in held}
 
     def _mask_accumulated(self, name: str) -> Callable[[torch.Tensor], None]:
         """The hook that zeroes the gradient of ``name``'s masked weights once the backward
@@ -511,6 +531,11 @@ class MaskSet:
         for n, p in self.params.items():
             if p.grad is not None:
                 self._mask_grad(n, p)
+        # a weight added to the optimizer (add_param_group: Lightning's BackboneFinetuning)
+        # or unfrozen since: masked as it accumulates from the next backward on (its first
+        # step's clipping saw it dense; it had gone unhooked for good)
+        if self._to_accumulate() != self._accumulating:
+            self._hook_accumulation()
 
     @torch.no_grad()
     def _after_step(self) -> None:

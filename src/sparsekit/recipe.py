@@ -290,7 +290,8 @@ def _field(name: str) -> Iterator[None]:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key repeated in one mapping (YAML keeps the last
-    one silently, so ``seed: 1`` then ``seed: 2`` would run with 2)."""
+    one silently, so ``seed: 1`` then ``seed: 2`` would run with 2) and reads every plain
+    key as the name it spells."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
@@ -300,6 +301,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 # constructing the key here was "not valid YAML (could not determine a
                 # constructor for the tag …merge)"
                 continue
+            if isinstance(key_node, yaml.ScalarNode) and key_node.style is None:
+                # a plain key is its text: YAML 1.1 read ``on:`` / ``yes:`` as True and
+                # ``1:`` as 1, refused as "Keys should be strings, got True" (no "on" in it)
+                key_node.tag = _STR
             key = self.construct_object(key_node, deep=deep)
             try:
                 hash(key)
@@ -472,7 +477,15 @@ def run_recipe(recipe: Recipe, *, log=print) -> dict[str, object]:  # type: igno
     if not callable(log):  # was a raw TypeError after the first stage had run
         raise ArgumentTypeError(f"log must be a callable taking a str (print), got "
                                 f"{type(log).__name__}")
-    torch.manual_seed(recipe.seed)
+    # seeded in a fork: it reseeded the caller's generator, whose next numbers were then
+    # the recipe's (load_recipe forks the same way)
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(recipe.seed)
+        return _run(recipe, log)
+
+
+def _run(recipe: Recipe, log):  # type: ignore[no-untyped-def]
+    """:func:`run_recipe` once its arguments are checked and the generator seeded."""
     model = create_model(recipe.model)
     masks = sparsekit.load(model, recipe.checkpoint) if recipe.checkpoint else None
     example = torch.zeros(recipe.input_shape)
