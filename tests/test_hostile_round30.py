@@ -33,7 +33,9 @@
 - A ``GradualPruner`` (or any MaskSet) attached to an optimizer a ``DynamicSparsity`` of the
   same weights already drove was accepted: its after-step hook zeroed every connection
   RigL regrew (614 of 1024 kept weights at 0). Built in the other order it was refused;
-  it is refused in both now.
+  it is refused in both now, and so is a second schedule of the same weights (two
+  ``GradualPruner``, a notebook cell run twice: the weights followed the union of both
+  masks, the first at 0.893 sparsity for its target of 0.5).
 - ``run_recipe`` reseeded the caller's global generator; YAML 1.1 keys such as ``on:`` or
   ``yes:`` were refused as "Keys should be strings, got True", naming no key.
 - ``sparsekit.shrink`` took a BatchNorm1d without weights or statistics after a Linear
@@ -329,6 +331,18 @@ def test_a_maskset_refuses_an_optimizer_a_dynamic_sparsity_drives():
     DynamicSparsity(model, opt, method="rigl", sparsity=0.5, every=2, end_step=10)
     with pytest.raises(ValueError, match="driven by a DynamicSparsity of these weights"):
         GradualPruner(model, 0.8, start_step=0, end_step=4, every=1, optimizer=opt)
+
+
+def test_a_second_schedule_of_the_same_weights_is_refused():
+    from sparsekit import GradualPruner
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    GradualPruner(model, 0.5, start_step=0, end_step=4, every=2, optimizer=opt)
+    with pytest.raises(ValueError, match="keeps the masks of a GradualPruner of these weights"):
+        GradualPruner(model, 0.9, start_step=0, end_step=4, every=2, optimizer=opt,
+                      method="random")
+    sparsekit.prune(model, 0.6).attach(opt)  # a plain MaskSet beside it is no schedule
 
 
 def test_run_recipe_leaves_the_callers_generator_alone(tmp_path):

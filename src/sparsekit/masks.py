@@ -125,9 +125,12 @@ class MaskSet:
         # per tensor and step, as fast as a multiply and ~30x faster than masked_fill_.
         self._factors: dict[str, torch.Tensor] = {}
         self._removed = False  # set by remove(): nothing is left to apply or update
-        # the schedule that changes these masks as it trains (DynamicSparsity sets it):
-        # another MaskSet kept through the same steps would zero what it regrows
-        self.regrown_by: str | None = None
+        # the schedule that changes these masks as it trains (its class name; set by the
+        # schedules), and whether it regrows connections (DynamicSparsity): another MaskSet
+        # kept through the same steps would zero what it regrows, another schedule's
+        # prune the weights to the union of both masks
+        self.schedule: str | None = None
+        self.regrows = False
         self._accumulating: set[int] = set()  # ids of the weights _accumulate_hooks are on
 
 
@@ -326,14 +329,21 @@ class MaskSet:
         self._check_optimizes_params(optimizer, params)
         own = {id(p) for p in params.values()}
         for other in keeping(optimizer):
-            if other is not self and other.regrown_by and any(
-                    id(p) in own for p in other.params.values()):
-                # its after-step hook zeroed every connection the other regrew, silently
+            if other is self or not any(id(p) in own for p in other.params.values()):
+                continue
+            names = ", ".join(list(other.masks)[:3])
+            if other.regrows:  # its after-step hook zeroed every connection the other regrew
                 raise ValueError(
-                    f"optimizer is driven by a {other.regrown_by} of these weights "
-                    f"({', '.join(list(other.masks)[:3])}): this MaskSet would zero every "
-                    f"connection it regrows; accepted: an optimizer no {other.regrown_by} of "
-                    "these weights drives — detach() or remove() it first")
+                    f"optimizer is driven by a {other.schedule} of these weights ({names}): "
+                    "this MaskSet would zero every connection it regrows; accepted: an "
+                    f"optimizer no {other.schedule} of these weights drives — detach() or "
+                    "remove() it first")
+            if self.schedule and other.schedule:  # built twice (a notebook cell run again)
+                raise ValueError(
+                    f"optimizer keeps the masks of a {other.schedule} of these weights "
+                    f"({names}): a second schedule would prune them to the union of both "
+                    "masks, neither at its target; accepted: an optimizer no other schedule "
+                    "of these weights drives — remove() or detach() the other first")
         _check_state_writable(optimizer, params)  # zeroed once hooked: refuse before hooking
         return optimizer
 

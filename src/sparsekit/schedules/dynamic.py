@@ -234,7 +234,7 @@ class DynamicSparsity:
             with unsharded(model):  # FSDP2: the starting masks are drawn for whole weights
                 initial = self.rule.initial_masks()
             self.masks = MaskSet(model, initial)
-            self.masks.regrown_by = type(self).__name__
+            self.masks.schedule, self.masks.regrows = type(self).__name__, True
         check_holds(optimizer, self._trained(), list(self.masks.masks))
         self._most = None if sparse else self._kept_at_most()
         self._grads: MaskDict = {}

@@ -113,6 +113,7 @@ class GradualPruner:
         # declared at the first prune, whose masks follow it (update keeps new & old)
         self.masks = MaskSet(model, {t.name: _already_kept(t.param) for t in chosen})
         self._pattern = str(parse_pattern(pattern))
+        self.masks.schedule = type(self).__name__
         if optimizer is not None:
             self.masks.attach(optimizer)
         self.step_count = 0

@@ -90,6 +90,7 @@ class IterativePruning:
         self._prune = dict(method=method, allocation=allocation)
         self.masks = MaskSet(model, {t.name: torch.ones_like(t.param, dtype=torch.bool)
                                      for t in resolve_targets(model)})
+        self.masks.schedule = type(self).__name__
         if optimizer is not None:
             self.masks.attach(optimizer)
         self.round = 0
