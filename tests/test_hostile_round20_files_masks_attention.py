@@ -425,8 +425,9 @@ def test_a_scale_that_overflows_the_scores_is_refused(fn):
     q, k, v = qkv()
     mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
     # finite inputs and a finite scale: every output row was NaN
-    with pytest.raises(ValueError, match=r"^scale=1e\+38 overflows the float32 scores q · kᵀ · "
-                                         r"scale of query \d+ of head \d+ \(batch 0\) against "
+    with pytest.raises(ValueError, match=r"^scale=1e\+38 overflows the (kernel's )?float32 "
+                                         r"scores q · kᵀ · scale( · log2\(e\) \(it "
+                                         r"exponentiates in base 2\))? of query \d+ of head \d+ \(batch 0\) against "
                                          r"key \d+, which turns rows NaN or zero; accepted: "
                                          r"scale ≤ \S+ for that pair \(or rescale q and k\)$"):
         fn(q, k, v, mask, block_size=16, scale=1e38)
@@ -490,7 +491,7 @@ def test_the_kernel_op_refuses_overflow_itself():
     kernel = torch.ops.sparsekit.block_sparse_attention
     for dtype, threads in ((torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 2)):
         args = [t.to(dtype) for t in (q, k, v)]
-        with pytest.raises(ValueError, match=r"^scale=1e\+38 overflows the float32 scores"):
+        with pytest.raises(ValueError, match=r"^scale=1e\+38 overflows the kernel's float32"):
             kernel(*args, mask, True, 16, 1e38, threads)
     out = block_sparse_attention(q, k, v, mask, block_size=16, scale=1e30)
     assert torch.allclose(out, reference_attention(q, k, v, mask, block_size=16, scale=1e30),

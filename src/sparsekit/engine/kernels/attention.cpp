@@ -75,7 +75,8 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
     char bound[32];
     std::snprintf(bound, sizeof bound, "%.3g",
                   FLT_MAX / (kLog2e * overflow.q_norm * overflow.k_norm));
-    TORCH_CHECK_VALUE(false, "scale=", scale, " overflows the float32 scores q · kᵀ · scale of ",
+    TORCH_CHECK_VALUE(false, "scale=", scale, " overflows the kernel's float32 scores ",
+                      "q · kᵀ · scale · log2(e) (it exponentiates in base 2) of ",
                       "query ", overflow.query, " of head ", overflow.head, " (batch ",
                       overflow.batch, ") against key ", overflow.key,
                       ", which turns rows NaN or zero; accepted: scale ≤ ", bound,
