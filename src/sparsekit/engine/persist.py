@@ -29,17 +29,17 @@ __all__ = ["decompile"]
 COMPILED_LAYERS = (CompiledLayer, ActivationSparseLinear, FusedLinear)
 """The layer types compile() installs (what decompile() replaces)."""
 
+# expected_state() is not engine-specific: it moved to the checkpoint module.
+__getattr__ = moved(__name__, {"expected_state": "sparsekit.checkpoint"})
+
 
 def runs_own_layers(module: nn.Module) -> bool:
     """Whether ``module`` is implemented by the layers it holds, reading their weights and
     formats itself (a class with ``sparsekit_runs_own_layers = True``: sparsekit.moe's
     ``RoutedFFN``, whose reader is an :class:`ActivationSparseLinear`, and
-    ``RoutedAttention``): decompile leaves it whole, compile and pruning refuse it by name
-    (replaced, its layers broke it)."""
+    ``RoutedAttention``): decompile leaves it whole, and compile and pruning refuse it by
+    name, since any of its layers replaced breaks it."""
     return getattr(type(module), "sparsekit_runs_own_layers", False) is True
-
-# expected_state() is not engine-specific: it moved to the checkpoint module.
-__getattr__ = moved(__name__, {"expected_state": "sparsekit.checkpoint"})
 
 
 def decompile(model: nn.Module) -> nn.Module:
@@ -49,10 +49,9 @@ def decompile(model: nn.Module) -> nn.Module:
     device and dtype. An :class:`ActivationSparseLinear` loses its input thresholds (its
     ``nn.Linear`` is the dense layer it was built from). A module that runs its own layers
     (:func:`runs_own_layers`: sparsekit.moe's routed layers) is copied whole. ``model`` is
-    not modified. A
-    compiled layer on the meta device holds no weight to give back: a ``ValueError`` names
-    it (decoding its format failed inside PyTorch), a fused member's by its group's name
-    under it (``q.group.linear.bias``).
+    not modified. A compiled layer on the meta device holds no weight to give back: a
+    ``ValueError`` names it (decoding its format failed inside PyTorch), a fused member's by
+    its group's name under it (``q.group.linear.bias``).
     """
     check_module("model", model)
     for name, layer in model.named_modules():
