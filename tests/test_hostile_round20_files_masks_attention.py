@@ -427,7 +427,8 @@ def test_a_scale_that_overflows_the_scores_is_refused(fn):
     # finite inputs and a finite scale: every output row was NaN
     with pytest.raises(ValueError, match=r"^scale=1e\+38 overflows the (kernel's )?float32 "
                                          r"scores q · kᵀ · scale( · log2\(e\) \(it "
-                                         r"exponentiates in base 2\))? of query \d+ of head \d+ \(batch 0\) against "
+                                         r"exponentiates in base 2\))? of query \d+ of head "
+                                         r"\d+ \(batch 0\) against "
                                          r"key \d+, which turns rows NaN or zero; accepted: "
                                          r"scale ≤ \S+ for that pair \(or rescale q and k\)$"):
         fn(q, k, v, mask, block_size=16, scale=1e38)

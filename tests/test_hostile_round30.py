@@ -38,6 +38,18 @@
   masks, the first at 0.893 sparsity for its target of 0.5).
 - ``run_recipe`` reseeded the caller's global generator; YAML 1.1 keys such as ``on:`` or
   ``yes:`` were refused as "Keys should be strings, got True", naming no key.
+- ``sparsekit.report`` with masks counted a weight its mask keeps as a nonzero even when
+  it was 0 (re-pruning an unstructured prune with a row pattern: "70.06 %" for a file of
+  89.56 % zeros), and ``prune``'s closing line gave the masks' sparsity beside a table of
+  another total (``--exclude``): it counts the pruned tensors' zeros and says so now.
+- ``llm-prune --out`` into a directory holding a ``model.safetensors`` left it there beside
+  the new config (a concrete class loaded it, on a default-sized config: killed for
+  memory); it is refused before pruning, as ``save_pretrained`` refuses it.
+- The table-printing commands with standard output closed (``>&-``) ended in a traceback
+  (``sys.stdout`` is None); a recipe's ``report: {markdown: false}`` printed Markdown
+  anyway; ``--device cuda`` on a machine without CUDA listed ``'cuda'`` as accepted;
+  ``prune`` of a model with nothing to prune blamed ``--exclude``, which was not given;
+  ``demo --sparsities 0.1234561,0.1234564`` said the second "repeats" the first.
 - ``sparsekit.shrink`` took a BatchNorm1d without weights or statistics after a Linear
   layer for one per feature; over an ``(N, L, C)`` output with ``L == C`` it normalises
   each position over the features, and the shrunk model ran, silently wrong (0.4 off).
@@ -363,3 +375,96 @@ def test_a_recipe_key_yaml_reads_as_a_boolean_is_named(tmp_path):
     (tmp_path / "r.yaml").write_text("model: lenet_300_100\nprune: {sparsity: 0.5, on: 2}\n")
     with pytest.raises(ValueError, match="prune.on: Extra inputs are not permitted"):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_report_counts_the_nonzeros_a_mask_keeps():
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 3.0, 4.0]]))
+    keep = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    model = nn.Sequential(layer)
+    row = sparsekit.report(model, masks=sparsekit.MaskSet(model, {"0.weight": keep})).rows[0]
+    assert row.nonzeros == 3  # 1.0, 3.0, 4.0: a kept 0 is no nonzero, a dropped 2.0 gone
+
+
+def _lenet_file(tmp_path):
+    from sparsekit.models import lenet_300_100
+
+    torch.manual_seed(0)
+    path = tmp_path / "dense.safetensors"
+    sparsekit.save(lenet_300_100(), path)
+    return path
+
+
+def test_prune_says_the_sparsity_of_the_tensors_it_pruned(tmp_path, capsys):
+    from sparsekit.cli.main import main
+    from sparsekit.models import lenet_300_100
+
+    out = tmp_path / "excl.safetensors"
+    assert main(["prune", str(_lenet_file(tmp_path)), "--sparsity", "0.9", "--exclude", "fc1",
+                 "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    model = lenet_300_100()
+    masks = sparsekit.load(model, out)
+    zeros = sum(int((p == 0).sum()) for p in masks.params.values())
+    total = sum(p.numel() for p in masks.params.values())
+    assert f"sparsity {zeros / total:.2%} of the {len(masks.masks)} pruned tensors" in line
+
+
+def test_cli_tables_with_standard_output_closed(tmp_path, capsys, monkeypatch):
+    from sparsekit.cli.main import main
+
+    path = _lenet_file(tmp_path)
+    monkeypatch.setattr("sys.stdout", None)
+    assert main(["report", str(path)]) == 0
+    assert main(["diff", str(path), str(path)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_llm_prune_refuses_an_output_holding_transformers_weights(tmp_path, capsys):
+    from _cli import user_error
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "out")
+    (tmp_path / "calib.txt").write_text("To be, or not to be, that is the question.\n" * 20)
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    capsys.readouterr()  # transformers' own progress bars
+    err = user_error(capsys, "llm-prune", str(tmp_path / "model"), "--calib",
+                     str(tmp_path / "calib.txt"), "--out", str(tmp_path / "out"))
+    assert "--out:" in err and "holds transformers weights (model.safetensors)" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+
+
+def test_a_recipe_report_without_markdown_is_a_plain_table(tmp_path):
+    from sparsekit.recipe import load_recipe, run_recipe
+
+    (tmp_path / "r.yaml").write_text("model: lenet_300_100\nprune: {sparsity: 0.5}\n"
+                                     "report: {markdown: false}\n")
+    lines: list[str] = []
+    run_recipe(load_recipe(tmp_path / "r.yaml"), log=lines.append)
+    table = lines[-1]
+    assert "fc1" in table and "| --- " not in table and "---:" not in table
+
+
+def test_cli_messages_name_what_was_wrong():
+    import argparse
+
+    from sparsekit.cli._errors import UsageError
+    from sparsekit.cli.demo import _parse_sparsities
+    from sparsekit.cli.prune import _check_fits
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"accepted: None or a device this machine has: "
+                                             r"'cpu'$"):
+            sparsekit.llm.prune(_tied_llama(), torch.randint(0, 64, (1, 8)), device="cuda")
+    with pytest.raises(ValueError, match="names the same checkpoint \\(0.123456\\) as entry 1"):
+        _parse_sparsities("0.1234561,0.1234564")
+    with pytest.raises(ValueError, match="repeats 0.5 \\(entry 1\\)"):
+        _parse_sparsities("0.5,0.50")
+    with pytest.raises(UsageError, match="^model: .*no default targets"):
+        _check_fits(argparse.Namespace(exclude=[], pattern="unstructured"),
+                    nn.Sequential(nn.ReLU()))

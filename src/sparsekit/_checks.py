@@ -309,9 +309,16 @@ def check_device(device: Any) -> torch.device | None:
         dev = torch.device(device)
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"device {device!r} is not available here ({e}); accepted: None, "
-                         "'cpu' or an accelerator this machine has ('cuda', 'cuda:1')") from e
+        raise ValueError(f"device {device!r} is not available here ({e}); accepted: None or "
+                         f"{devices_here()}") from e
     return dev
+
+
+def devices_here() -> str:
+    """The devices that hold tensors on this machine, for an error's "accepted": 'cpu' and
+    each CUDA device (listing ``'cuda'`` as an example read as the device just refused)."""
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return "a device this machine has: " + ", ".join(map(repr, names))
 
 
 _MAX_WRAPPERS = 8  # wrappers of wrappers of an optimizer; a cycle ends here too

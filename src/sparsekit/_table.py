@@ -1,10 +1,12 @@
 """The one table layout of ``report`` and ``diff``: rows of cells and a bold total row,
-rendered as GitHub-flavoured Markdown or as a ``rich`` table."""
+rendered as GitHub-flavoured Markdown, as a ``rich`` table or as that table's plain text."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -29,6 +31,13 @@ def rich_table(headers: Sequence[str], right: Sequence[bool], body: Sequence[Seq
     table.add_section()
     table.add_row(*map(Text, total), style="bold")
     return table
+
+
+def text(table: Table, width: int = 120) -> str:
+    """``table`` drawn as plain text, ``width`` columns wide (no colour, no terminal)."""
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None).print(table)
+    return out.getvalue().rstrip("\n")
 
 
 def _line(cells: Sequence[str]) -> str:

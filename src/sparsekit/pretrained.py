@@ -143,14 +143,7 @@ def save_pretrained(
                         f"{type(tokenizer).__name__}")
     stored_as = _check_dense_dtype(dense_dtype)
     path = _check_save_directory(directory)
-    # beside this config, LlamaForCausalLM.from_pretrained loaded them (on a default-sized
-    # config: the old dense weights of a 7B model), the second guard gone
-    if stale := [n for n in HF_WEIGHTS if os.path.lexists(path / n)]:
-        raise ValueError(
-            f"directory {str(path)!r} holds transformers weights ({', '.join(stale)}), "
-            "which a transformers class would load instead of these; accepted: a new "
-            "directory, or one without them (remove them first)"
-        )
+    check_no_transformers_weights(path, f"directory {str(path)!r}")
     writes = [WEIGHTS_NAME, "config.json"]
     if _generation_config(model) is not None:
         writes.append(GENERATION_NAME)
@@ -506,6 +499,19 @@ def config_errors(where: str, what: str = "model") -> Iterator[None]:
     except Exception as e:
         raise ValueError(f"{where} describes no {what} this transformers can build "
                          f"({type(e).__name__}: {e})") from e
+
+
+def check_no_transformers_weights(path: Path, what: str) -> None:
+    """Raise ``ValueError`` (its message starting with ``what``) where the directory
+    ``path`` holds ``transformers``' own weight files (:data:`HF_WEIGHTS`): beside the
+    config a save writes, ``LlamaForCausalLM.from_pretrained`` loaded them (on a
+    default-sized config: the old dense weights of a 7B model), the second guard gone."""
+    if stale := [n for n in HF_WEIGHTS if os.path.lexists(path / n)]:
+        raise ValueError(
+            f"{what} holds transformers weights ({', '.join(stale)}), which a transformers "
+            "class would load instead of these; accepted: a new directory, or one without "
+            "them (remove them first)"
+        )
 
 
 def _check_save_directory(directory: object) -> Path:

@@ -511,7 +511,7 @@ def _run(recipe: Recipe, log):  # type: ignore[no-untyped-def]
         rep = (engine_report(final, example) if recipe.compile is not None
                else sparsekit.report(final, example, masks=masks))
         result["report"] = rep
-        log(rep.to_markdown() if recipe.report.markdown else str(rep))
+        log(rep.to_markdown() if recipe.report.markdown else rep.to_text())
     if recipe.out is not None:  # last: a stage that fails leaves no output behind
         result["out"] = sparsekit.save(model, recipe.out, masks)
         log(f"wrote {recipe.out}")

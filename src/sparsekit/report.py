@@ -145,6 +145,11 @@ class Report:
         """The markdown table's content as a ``rich.table.Table``."""
         return _table.rich_table(*self._grid())
 
+    def to_text(self) -> str:
+        """The table as plain text (:meth:`to_rich` drawn 120 columns wide), as the CLI
+        prints it to a file."""
+        return _table.text(self.to_rich())
+
     def __str__(self) -> str:
         return self.to_markdown()
 
@@ -204,9 +209,10 @@ def report(
     ``example_inputs`` (a tensor, or a tuple passed as ``model(*example_inputs)``) is run
     once in eval mode under ``torch.no_grad()`` to measure FLOPs; the model's hooks and
     train/eval modes are left as they were, also when the forward pass raises. With
-    ``masks``, nonzeros of the masked weights are counted from their masks, so the report
-    is correct before the masks are applied to the weights; every name they hold must be
-    a parameter of ``model`` (masks of another model were silently ignored).
+    ``masks``, the nonzeros of a masked weight are those its mask keeps, so the report is
+    correct before the masks are applied to the weights (a weight on the meta device is
+    counted from its mask); every name they hold must be a parameter of ``model`` (masks
+    of another model were silently ignored).
     """
     check_module("model", model)
     if isinstance(example_inputs, torch.Tensor):
@@ -241,8 +247,12 @@ def report(
     for name, module in layers:
         weight = module.weight
         mask = layer_masks.get(name)
-        # != 0, not count_nonzero: torch counts no float8 nonzeros ("not implemented")
-        nonzeros = int(((weight if mask is None else mask) != 0).sum())
+        # != 0, not count_nonzero: torch counts no float8 nonzeros ("not implemented"). A
+        # mask keeps what it keeps of the weight's nonzeros: counted from the mask alone, a
+        # kept weight that is 0 (a row pattern over an unstructured prune) counted as one
+        kept = None if mask is None else mask != 0
+        nonzeros = int((weight != 0 if kept is None else kept if weight.is_meta
+                        else (weight != 0) & kept.to(weight.device)).sum())
         if counted is not None:
             layer_macs = counted.get(name)  # None: not called by the forward pass
         elif isinstance(module, linear_types()):

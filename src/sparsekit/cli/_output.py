@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from rich.console import Console
 
 from sparsekit._atomic import lands_on, sync_directory, umask
 from sparsekit.cli._errors import UsageError
@@ -222,3 +225,11 @@ def _remove_empty(directory: Path, *, stop: Path) -> None:
         except OSError:
             return
         directory = directory.parent
+
+
+def console(width: int) -> Console:
+    """A rich ``Console`` as wide as the terminal, or ``width`` columns when the output is
+    no terminal or closed (``>&-`` left ``sys.stdout`` None: its ``isatty`` was a raw
+    ``AttributeError``, after ``prune`` had written its output)."""
+    tty = sys.stdout is not None and sys.stdout.isatty()
+    return Console(width=None if tty else width)

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 import sparsekit
 from sparsekit._checks import MAX_EPOCHS, MAX_SEED, check_seed, check_sparsity
-from sparsekit.cli._output import check_output, write_directory
+from sparsekit.cli._output import check_output, console, write_directory
 from sparsekit.data import load_image_dataset
 from sparsekit.data.images import check_image_root
 from sparsekit.engine import autotune
@@ -93,25 +93,25 @@ def run(args: argparse.Namespace) -> int:
     if args.data_dir is not None:  # "root 'x' lacks the IDX files …" named no flag
         check_image_root(args.data_dir, "--data-dir")
     out = check_output(args.out, inputs=[args.data_dir], directory=True)  # not into the data
-    console = Console(width=None if sys.stdout.isatty() else 130)
+    terminal = console(130)
     torch.manual_seed(args.seed)
     data = load_image_dataset(args.data_dir)
     train = data.train
     if args.train_limit is not None:
         train = torch.utils.data.TensorDataset(*(t[: args.train_limit] for t in train.tensors))
-    console.print(f"[bold]dataset[/]: {data.name}, {len(train):,} train / "
+    terminal.print(f"[bold]dataset[/]: {data.name}, {len(train):,} train / "
                   f"{len(data.test):,} test images; {torch.get_num_threads()} threads")
     if data.name == "digits":
-        console.print(f"[bold red]{FALLBACK}[/]")
+        terminal.print(f"[bold red]{FALLBACK}[/]")
     # built in a temporary directory and put in place whole: a run failing (or interrupted)
     # midway left dense.safetensors and some checkpoints in --out, beside the results.json
     # of an earlier run that no longer described them
     dense_acc, rows = write_directory(
-        out, lambda tmp: _runs(tmp, data, train, sparsities, args, console),
+        out, lambda tmp: _runs(tmp, data, train, sparsities, args, terminal),
         last=("results.json",))
-    console.print(_table(dense_acc, rows, data.name))
-    console.print(_noise(rows))
-    console.print(f"wrote {out / 'results.json'}, results.md and accuracy_vs_sparsity.png")
+    terminal.print(_table(dense_acc, rows, data.name))
+    terminal.print(_noise(rows))
+    terminal.print(f"wrote {out / 'results.json'}, results.md and accuracy_vs_sparsity.png")
     return 0
 
 
@@ -200,9 +200,14 @@ def _parse_sparsities(text: str) -> list[float]:
         check_sparsity(v, f"--sparsities entry {i + 1}")
         # each run writes METHOD-ALLOCATION-SPARSITY.safetensors: a repeated sparsity
         # (0.5,0.50) trained it again, replaced its checkpoint and listed it twice
-        if f"{v:g}" in (f"{w:g}" for w in values[:i]):
-            raise ValueError(f"--sparsities entry {i + 1} repeats {v:g}; give each sparsity "
-                             f"once, got {text!r}")
+        # (named to 6 significant digits: 0.1234561 and 0.1234564 are one name, not equal)
+        if (j := next((j for j, w in enumerate(values[:i]) if f"{w:g}" == f"{v:g}"),
+                      None)) is not None:
+            same = (f"repeats {v:g} (entry {j + 1})" if values[j] == v
+                    else f"names the same checkpoint ({v:g}) as entry {j + 1}")
+            raise ValueError(f"--sparsities entry {i + 1} {same}; give "
+                             "sparsities that differ within 6 significant digits, got "
+                             f"{text!r}")
     return values
 
 

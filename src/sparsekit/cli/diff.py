@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-from rich.console import Console
 
 import sparsekit
 from sparsekit._checks import check_nonnegative
 from sparsekit.cli._errors import UsageError
+from sparsekit.cli._output import console
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
     elif args.markdown:
         print(shown.to_markdown())
     else:
-        Console(width=None if sys.stdout.isatty() else 120).print(shown.to_rich())
+        console(120).print(shown.to_rich())
     return 0

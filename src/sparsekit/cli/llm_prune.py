@@ -28,8 +28,9 @@ from sparsekit._checks import check_seed, check_sparsity
 from sparsekit.blocks import find_blocks, home_device
 from sparsekit.cli._errors import UsageError
 from sparsekit.cli._output import check_output, write_directory
-from sparsekit.cli.report import show
+from sparsekit.cli.report import pruned_sparsity, show
 from sparsekit.patterns import Pattern
+from sparsekit.pretrained import check_no_transformers_weights
 
 EVAL_SENTENCES = 64
 # the files a sentence-transformers model adds to its transformers directory
@@ -125,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{flag}: the text file {path!r} {what}")
     out = check_output(args.out, inputs=[args.model_dir, args.calib, args.eval],
                        directory=True)
+    # the output is merged into an existing directory: its old weights were kept beside
+    # the new config (and loaded by a concrete transformers class)
+    check_no_transformers_weights(out, f"--out: {str(out)!r}")
     extra = sentence_transformers_files(Path(args.model_dir))
     model, tokenizer, causal = _load(args.model_dir)
     # before the evaluation, which caps its windows at 512 tokens: past the model's context
@@ -159,7 +163,10 @@ def run(args: argparse.Namespace) -> int:
     metric = "perplexity" if causal else "embedding similarity to dense"
     print(f"{metric}: {before:.4f} dense -> {after:.4f} pruned "
           f"({args.method}, {args.pattern}{_grid(args)}, "
-          f"sparsity {masks.sparsity():.2%})")
+          f"{pruned_sparsity(masks)})"
+          # measured on the model in memory: the bf16 copy written differs by its rounding
+          + (f"; measured before --dense-dtype {args.dense_dtype} rounded the dense tensors"
+             if args.dense_dtype else ""))
     before_size, after_size = directory_size(Path(args.model_dir)), directory_size(out)
     print(f"wrote {out}/ (sparsekit.save_pretrained; load with sparsekit.from_pretrained): "
           f"{after_size:,} bytes, {after_size / max(before_size, 1):.2f}x the input's "

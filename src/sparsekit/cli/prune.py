@@ -16,7 +16,7 @@ from sparsekit.allocation import ALLOCATIONS
 from sparsekit.cli._errors import UsageError
 from sparsekit.cli._model import add_checkpoint_arguments, example_inputs, load_checkpoint
 from sparsekit.cli._output import check_output, write_output
-from sparsekit.cli.report import show
+from sparsekit.cli.report import pruned_sparsity, show
 from sparsekit.data.images import check_image_root
 from sparsekit.patterns import parse_pattern
 from sparsekit.prune import check_pattern
@@ -75,8 +75,8 @@ def _check_fits(args: argparse.Namespace, model: nn.Module) -> None:
     "pattern 'block:7x7' does not divide …"), before any data is read."""
     try:
         chosen = resolve_targets(model, exclude=args.exclude)
-    except ValueError as err:
-        raise UsageError(f"--exclude: {err}") from None
+    except ValueError as err:  # no default targets at all is the model's, not the flag's
+        raise UsageError(f"--exclude: {err}" if args.exclude else f"model: {err}") from None
     try:
         check_pattern(parse_pattern(args.pattern), chosen)
     except ValueError as err:
@@ -117,10 +117,10 @@ def run(args: argparse.Namespace) -> int:
     rep = sparsekit.report(model, example, masks=masks)
     if args.dry_run:
         show(rep, markdown=args.markdown)
-        print(f"dry run: would write {out or 'nothing'} (sparsity {masks.sparsity():.2%}, "
-              f"{len(masks.masks)} pruned tensors); nothing written")
+        print(f"dry run: would write {out or 'nothing'} ({pruned_sparsity(masks)}); "
+              "nothing written")
         return 0
     out = write_output(out, lambda path: sparsekit.save(model, path, masks))
     show(rep, markdown=args.markdown)
-    print(f"wrote {out} ({out.stat().st_size:,} bytes, sparsity {masks.sparsity():.2%})")
+    print(f"wrote {out} ({out.stat().st_size:,} bytes, {pruned_sparsity(masks)})")
     return 0

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from rich.console import Console
 from torch import nn
 
 import sparsekit
@@ -23,6 +21,7 @@ from sparsekit.cli._model import (
     load_checkpoint,
     token_inputs,
 )
+from sparsekit.cli._output import console
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -85,4 +84,16 @@ def show(rep: sparsekit.Report, *, markdown: bool = False, as_json: bool = False
     elif markdown:
         print(rep.to_markdown())
     else:
-        Console(width=None if sys.stdout.isatty() else 120).print(rep.to_rich())
+        console(120).print(rep.to_rich())
+
+
+def pruned_sparsity(masks: sparsekit.MaskSet) -> str:
+    """``"sparsity X% of the N pruned tensors"``: the zeros of the weights ``masks`` prune,
+    as the weights hold them. ``masks.sparsity()`` counted what the masks drop: a kept
+    weight that is 0 (a row pattern over an unstructured prune, int8 rounding) was not
+    counted, and beside ``--exclude`` the line read as the model's sparsity."""
+    weights = list(masks.params.values())
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    total = sum(w.numel() for w in weights)
+    return (f"sparsity {zeros / max(total, 1):.2%} of the {len(weights)} pruned "
+            f"tensor{'s' if len(weights) != 1 else ''}")

@@ -48,6 +48,7 @@ from sparsekit._checks import (
     check_materialized_module,
     check_seed,
     check_writable,
+    devices_here,
 )
 from sparsekit.allocation import outlier_ratio, owl_sparsities
 from sparsekit.blocks import BlockCall, capture_inputs, check_runs_once, find_blocks
@@ -283,8 +284,8 @@ def _check_device(device: str | torch.device | None) -> torch.device | None:
     block runs where it is); ``"meta"`` has no values to calibrate on."""
     dev = check_device(device)
     if dev is not None and dev.type == "meta":
-        raise ValueError(f"device {device!r} holds no values to calibrate on; accepted: None, "
-                         "'cpu' or an accelerator this machine has ('cuda', 'cuda:1')")
+        raise ValueError(f"device {device!r} holds no values to calibrate on; accepted: None "
+                         f"or {devices_here()}")
     return dev
 
 
