@@ -50,6 +50,12 @@
   anyway; ``--device cuda`` on a machine without CUDA listed ``'cuda'`` as accepted;
   ``prune`` of a model with nothing to prune blamed ``--exclude``, which was not given;
   ``demo --sparsities 0.1234561,0.1234564`` said the second "repeats" the first.
+- ``SparseLinear``'s output was a view made inside its autograd function: an in-place op
+  after it (``nn.ReLU(inplace=True)``) failed the backward. A gradient taken with
+  ``create_graph=True`` (an input-gradient penalty) came back without a graph, so the
+  penalty's share of the weights' gradient was silently dropped (2.4 off); it is refused
+  now. Under ``torch.autocast`` a bf16 input was refused naming a dtype the caller never
+  chose; it runs in the weight's dtype, as autocast's float32 ops do.
 - ``sparsekit.shrink`` took a BatchNorm1d without weights or statistics after a Linear
   layer for one per feature; over an ``(N, L, C)`` output with ``L == C`` it normalises
   each position over the features, and the shrunk model ran, silently wrong (0.4 off).
@@ -468,3 +474,50 @@ def test_cli_messages_name_what_was_wrong():
     with pytest.raises(UsageError, match="^model: .*no default targets"):
         _check_fits(argparse.Namespace(exclude=[], pattern="unstructured"),
                     nn.Sequential(nn.ReLU()))
+
+
+def _sparse_pair(seed: int = 0):
+    import copy
+
+    from sparsekit.engine.sparse_linear import SparseLinear
+
+    torch.manual_seed(seed)
+    dense = nn.Linear(8, 6)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) < 0.5)
+    return dense, SparseLinear.from_linear(copy.deepcopy(dense))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(4, 8), (2, 4, 8)])
+def test_an_in_place_op_after_a_sparse_linear_trains(shape):
+    dense, sparse = _sparse_pair()
+    x = torch.randn(*shape)
+    grads = []
+    for layer in (dense, sparse):
+        model = nn.Sequential(layer, nn.ReLU(inplace=True), nn.Linear(6, 2))
+        torch.manual_seed(1)
+        model[2].reset_parameters()
+        model(x).square().sum().backward()
+        grads.append(layer.bias.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+@needs_kernels
+def test_a_second_order_gradient_through_a_sparse_linear_is_refused():
+    _, sparse = _sparse_pair()
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="SparseLinear is differentiable once"):
+        torch.autograd.grad(sparse(x).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(sparse(x).sum(), x)  # once is fine
+    assert g.shape == x.shape
+
+
+@needs_kernels
+def test_a_sparse_linear_runs_under_autocast():
+    dense, sparse = _sparse_pair()
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse(x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, dense(x.float()), atol=1e-5)

@@ -25,7 +25,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sparsekit._checks import (
@@ -201,13 +200,23 @@ class _SparseLinearFunction(torch.autograd.Function):
         ctx.structure = s
         ctx.has_bias = bias is not None
         ctx.sink = sink
-        return yt.t()  # (batch, out) view of the (out, batch) result: no copy
+        # (out, batch): the caller takes the (batch, out) view outside this function, so
+        # that in-place ops on it (ReLU(inplace=True)) are allowed; made in here, autograd
+        # refused them ("a view … created inside a custom Function")
+        return yt
 
     @staticmethod
-    @once_differentiable  # the kernels have no derivative: a second one came back as zeros
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
+        # the kernels have no derivative: a second-order gradient (an input-gradient penalty)
+        # came back as zeros, or, with a constant incoming gradient, as a constant, silently
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            raise RuntimeError(
+                "SparseLinear is differentiable once: its kernels have no derivative of their "
+                "own, so a gradient computed with create_graph=True (to differentiate it "
+                "again) is not supported; accepted: create_graph=False, or nn.Linear with "
+                "its masks (sparsekit.engine.decompile or MaskSet) for higher-order terms")
         s: _Structure = ctx.structure
         if s.retired:  # before saved_tensors, whose version check fails with a raw error
             raise ValueError(
@@ -217,7 +226,7 @@ class _SparseLinearFunction(torch.autograd.Function):
                 "the optimizer step) before changing the structure, or a new forward after it"
             )
         xt, values = ctx.saved_tensors
-        gt = grad.t().contiguous()
+        gt = grad.contiguous()  # (out, batch), as the result
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
             dx = _spmm(s.t_rowptr, s.t_col, values, s.t_perm, gt, None, s.shape[0]).t()
@@ -621,14 +630,21 @@ class SparseLinear(nn.Module):
     # -- compute ------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (isinstance(x, torch.Tensor) and x.is_floating_point()
+                and x.dtype != self.values.dtype and torch.is_autocast_enabled(x.device.type)):
+            # under autocast the kernels run in the weight's dtype (they take one dtype), as
+            # autocast runs its float32 ops: a bf16 input was refused, naming a dtype the
+            # caller never chose
+            x = x.to(self.values.dtype)
         self._check_input(x)
         sink = self if self.capture_dense_grad else None
         if x.dim() == 2:
-            return _SparseLinearFunction.apply(x, self.values, self.bias, self._structure, sink)
-        y = _SparseLinearFunction.apply(
+            return _SparseLinearFunction.apply(x, self.values, self.bias, self._structure,
+                                               sink).t()
+        yt = _SparseLinearFunction.apply(
             x.reshape(-1, self.in_features), self.values, self.bias, self._structure, sink
         )
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return yt.t().reshape(*x.shape[:-1], self.out_features)
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Raise unless ``x`` is ``(..., in_features)`` of the weight's dtype and device, and
