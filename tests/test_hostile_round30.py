@@ -56,6 +56,12 @@
   penalty's share of the weights' gradient was silently dropped (2.4 off); it is refused
   now. Under ``torch.autocast`` a bf16 input was refused naming a dtype the caller never
   chose; it runs in the weight's dtype, as autocast's float32 ops do.
+- A bf16 model compiled with thresholds whose bias-free q/k (or gate/up) fused into one
+  activation-sparse group saved a file no other compile of the model could load (its
+  skeleton was float32: "weight_t must be torch.float32 … got torch.bfloat16"). With
+  ``weight_dtype="bf16"``, an activation-sparse layer whose prompt rows float32 dense
+  served rounded its one-row values to bf16 anyway: a row alone and among many differed
+  by 3.8e-3.
 - ``sparsekit.shrink`` took a BatchNorm1d without weights or statistics after a Linear
   layer for one per feature; over an ``(N, L, C)`` output with ``L == C`` it normalises
   each position over the features, and the shrunk model ran, silently wrong (0.4 off).
@@ -68,6 +74,8 @@ Each test here fails with the files before the fix.
 """
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -521,3 +529,61 @@ def test_a_sparse_linear_runs_under_autocast():
         out = sparse(x)
     assert out.dtype == torch.float32
     assert torch.allclose(out, dense(x.float()), atol=1e-5)
+
+
+def _activation_always_wins(monkeypatch):
+    """compile's timing rule, told that the activation-sparse layer won (tiny layers never
+    win it), so that the paths after the decision run as on a large model."""
+    compile_module = sys.modules["sparsekit.engine.compile"]
+    real = compile_module._activation_wins
+    monkeypatch.setattr(compile_module, "_activation_wins",
+                        lambda *args: {**real(*args), "chosen": True})
+    return real
+
+
+@needs_kernels
+def test_a_bf16_fused_activation_group_loads_into_another_compile(tmp_path, monkeypatch):
+    from sparsekit import activation
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)
+            self.o = nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.o(torch.relu(self.q(x)) * self.k(x))
+
+    torch.manual_seed(0)
+    model = Gated().eval().to(torch.bfloat16)
+    thresholds = activation.calibrate(model, torch.randn(32, 64).bfloat16(), sparsity=0.5)
+    x = torch.randn(4, 64).bfloat16()
+    real = _activation_always_wins(monkeypatch)
+    saved = sparsekit.compile(model, x, activation_sparsity=thresholds, cache=False)
+    monkeypatch.setattr(sys.modules["sparsekit.engine.compile"], "_activation_wins", real)
+    assert type(saved.q).__name__ == "FusedLinear"
+    sparsekit.save(saved, tmp_path / "c.safetensors")
+    other = sparsekit.compile(model, x, cache=False)
+    assert type(other.q).__name__ == "CompiledLinear"
+    sparsekit.load(other, tmp_path / "c.safetensors")
+    with torch.no_grad():
+        assert torch.equal(other(x), saved(x))
+
+
+@needs_kernels
+def test_a_bf16_activation_layer_computes_one_row_as_among_many(monkeypatch):
+    from sparsekit import activation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    thresholds = activation.calibrate(model, torch.randn(64, 128), sparsity=0.5)
+    _activation_always_wins(monkeypatch)
+    compiled = sparsekit.compile(model, torch.randn(8, 128), activation_sparsity=thresholds,
+                                 weight_dtype="bf16", formats=["dense"], cache=False)
+    layer = compiled[0]
+    assert type(layer).__name__ == "ActivationSparseLinear"
+    x = torch.randn(8, 128)
+    with torch.no_grad():
+        many = layer(x)
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(8)])
+    assert torch.allclose(alone, many, atol=1e-5)

@@ -937,29 +937,32 @@ def kernels_of(model: nn.Module) -> dict[str, str]:
             if isinstance(layer, ActivationSparseLinear)}
 
 
-def conform(model: nn.Module, keys: Collection[str],
+def conform(model: nn.Module, state: Mapping[str, torch.Tensor],
             saved: Mapping[str, str]) -> Callable[[], None]:
     """Give the compiled layers of ``model`` the input thresholds and single-row kernels of
-    the model whose state has ``keys`` and whose kernels were ``saved`` (:func:`kernels_of`);
-    return the function that puts the replaced modules back.
+    the model whose state is ``state`` (its tensors, or placeholders of their dtypes) and
+    whose kernels were ``saved`` (:func:`kernels_of`); return the function that puts the
+    replaced modules back.
 
     Whether a layer is activation-sparse, its kernel and whether it keeps a ``prefill``
     copy are all decided by timing, so two compiles of one model differ. A layer here that
-    differs from the saved one in any of them becomes a skeleton of the saved kind, built
-    from its own weight (the load then installs the saved buffers, of any number of stored
-    weights): a weight-only layer saved with thresholds an :class:`ActivationSparseLinear`
-    (itself its ``prefill``), an activation-sparse one saved weight-only its ``prefill`` (or
-    a dense compiled layer). A layer ``saved`` does not name (a file written before the
-    kernels were recorded) takes the kernel its keys store: ``weight_t``, a column index,
-    or bitmap columns (``"act_bitmap_gemv"``, or W8A8's where the layer here has it).
-    ``saved`` must map names to :data:`KERNELS`, else a ``ValueError`` names the entry and
+    differs from the saved one in any of them, or in its dtype (its thresholds'), becomes a
+    skeleton of the saved kind and dtype, built from its own weight (the load then installs
+    the saved buffers, of any number of stored weights; a bf16 layer fused here into a
+    group without bias was a float32 skeleton, refused): a weight-only layer saved with
+    thresholds an :class:`ActivationSparseLinear` (itself its ``prefill``), an
+    activation-sparse one saved weight-only its ``prefill`` (or a dense compiled layer). A
+    layer ``saved`` does not name (a file written before the kernels were recorded) takes
+    the kernel its keys store: ``weight_t``, a column index, or bitmap columns
+    (``"act_bitmap_gemv"``, or W8A8's where the layer here has it). ``saved`` must map names
+    to :data:`KERNELS`, else a ``ValueError`` names the entry and
     ``model`` is left as it was."""
     check_module("model", model)
     for name, kernel in saved.items():
         if not isinstance(name, str) or kernel not in KERNELS:
             raise ValueError(f"the saved model's kernel of {name!r:.100} must be one of "
                              f"{KERNELS}, got {kernel!r:.100}")
-    keys = set(keys)
+    keys = set(state)
     replaced: list[tuple[str, nn.Module]] = []
 
     def undo() -> None:
@@ -974,10 +977,12 @@ def conform(model: nn.Module, keys: Collection[str],
             if f"{head}threshold" in keys:
                 kernel = saved.get(name) or _stored_kernel(keys, head, layer)
                 prefilled = any(k.startswith(f"{head}prefill.") for k in keys)
+                dtype = state[f"{head}threshold"].dtype
                 if (isinstance(layer, ActivationSparseLinear) and layer.kernel == kernel
-                        and (layer.prefill is not None) == prefilled):
+                        and (layer.prefill is not None) == prefilled and layer.dtype == dtype):
                     continue
-                new: nn.Module = _skeleton(layer, kernel, prefilled, f"{head}scales" in keys)
+                new: nn.Module = _skeleton(layer, kernel, prefilled, f"{head}scales" in keys,
+                                           dtype)
             elif (isinstance(layer, ActivationSparseLinear)
                   and any(k.startswith(f"{head}format.") for k in keys)):
                 new = (layer.prefill if layer.prefill is not None
@@ -1003,13 +1008,15 @@ def _stored_kernel(keys: Collection[str], head: str, layer: nn.Module) -> str:
 
 
 def _skeleton(layer: CompiledLinear | ActivationSparseLinear, kernel: str, prefilled: bool,
-              int8: bool) -> ActivationSparseLinear:
-    """An activation-sparse layer of ``kernel`` over ``layer``'s weight, with a ``prefill``
-    copy if ``prefilled`` and int8 values if ``int8``, for a saved state to load into."""
+              int8: bool, dtype: torch.dtype) -> ActivationSparseLinear:
+    """An activation-sparse layer of ``kernel`` and ``dtype`` over ``layer``'s weight, with
+    a ``prefill`` copy if ``prefilled`` and int8 values if ``int8``, for a saved state to
+    load into."""
     if isinstance(layer, CompiledLinear):
         linear, threads, prefill = layer.to_linear(), None, layer
     else:
         linear, threads, prefill = layer.to_module(), layer.threads, layer.prefill
+    linear = linear.to(dtype)
     if prefilled and prefill is None:
         prefill = CompiledLinear.from_linear(linear)
     return ActivationSparseLinear.from_linear(

@@ -755,20 +755,22 @@ def _activation_layer(
     weight_only, choice = _compile_layer(layer, (layer.in_features,), names, rows, threads,
                                          cache, value_dtype, probe, memo, name, grow,
                                          activation=activation)
+    multi = [r for r in rows if r > 1]
+    prefill = _multi_row(weight_only) if multi else None
     if (value_dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
-            and attached_scales(layer) is None):
+            and attached_scales(layer) is None
+            and (prefill is None or _holds_values(prefill, torch.bfloat16))):
         # the one-row kernels read values of their inputs' dtype: float32 values rounded to
         # bf16, the numbers the prompt path's bf16 format holds (one row computed apart
-        # from many differed by the rounding, and greedy tokens with them)
+        # from many differed by the rounding, and greedy tokens with them); where float32
+        # dense won the prompt rows, its own float32 values (rounded, 2e-3 apart)
         layer = _with_weight(layer, layer.weight.detach().bfloat16().float())
-    multi = [r for r in rows if r > 1]
     inputs = None if probe is None else _typical_first(probe.reshape(-1, layer.in_features),
                                                        threshold)
-    prefill = _multi_row(weight_only) if multi else None
     # int8 one-row values only where the prompt path holds the same numbers: where it kept
     # float values (int8 lost there), a row computed alone differed from the same row among
     # many by the quantization error (4e-3), unless the weight lies on an int8 grid already
-    int8 = value_dtype == torch.int8 and (prefill is None or _int8_values(prefill)
+    int8 = value_dtype == torch.int8 and (prefill is None or _holds_values(prefill, torch.int8)
                                           or attached_scales(layer) is not None)
     grouped = is_grouped(attached_scales(layer))  # float inputs (W8A8 reads one scale per row)
     options = {"threads": threads, "prefill": prefill,
@@ -841,11 +843,11 @@ def _typical_first(rows: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return rows[torch.cat([typical[None], index[index != typical]])]
 
 
-def _int8_values(layer: nn.Module) -> bool:
-    """Whether every format of the compiled ``layer`` holds int8 values."""
+def _holds_values(layer: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether every format of the compiled ``layer`` holds values of ``dtype``."""
     formats = [getattr(layer, "format", None), getattr(layer, "format_large", None)]
     return formats[0] is not None and all(
-        f is None or getattr(f, "value_dtype", None) == torch.int8 for f in formats)
+        f is None or getattr(f, "value_dtype", None) == dtype for f in formats)
 
 
 def _multi_row(layer: CompiledLayer) -> CompiledLayer:
