@@ -62,6 +62,13 @@
   ``weight_dtype="bf16"``, an activation-sparse layer whose prompt rows float32 dense
   served rounded its one-row values to bf16 anyway: a row alone and among many differed
   by 3.8e-3.
+- ``llm.prune(allocation="owl")`` with a block whose layers were all excluded let that
+  block take OWL's sparsest share (its outlier ratio 0): the others missed the target
+  (0.572 for 0.6). SparseGPT zeroed the weights of inputs the calibration never activated
+  even at sparsity 0, its masks calling them kept: the model changed wherever they fired.
+- ``llm.prune`` of a list of tokenizer outputs said "got list" (the items were wrong, and
+  padding masks are not read), and ``targets="lm_head"`` of a tied model named the
+  embedding's weight.
 - ``sparsekit.shrink`` took a BatchNorm1d without weights or statistics after a Linear
   layer for one per feature; over an ``(N, L, C)`` output with ``L == C`` it normalises
   each position over the features, and the shrunk model ran, silently wrong (0.4 off).
@@ -587,3 +594,46 @@ def test_a_bf16_activation_layer_computes_one_row_as_among_many(monkeypatch):
         many = layer(x)
         alone = torch.cat([layer(x[i:i + 1]) for i in range(8)])
     assert torch.allclose(alone, many, atol=1e-5)
+
+
+def _llama4():
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)).eval()
+    with torch.no_grad():
+        for i, block in enumerate(model.model.layers):
+            block.input_layernorm.weight[: 4 * i] *= 20  # outliers that differ per block
+    return model
+
+
+def test_owl_keeps_the_target_over_the_blocks_it_prunes():
+    from sparsekit import llm
+
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    masks = llm.prune(_llama4(), ids, method="wanda", sparsity=0.6, allocation="owl",
+                      nsamples=4, exclude="model.layers.0.*")
+    assert not any("layers.0." in name for name in masks.masks)
+    assert masks.sparsity() == pytest.approx(0.6, abs=0.005)
+
+
+def test_sparsegpt_keeps_the_weights_of_inputs_calibration_never_saw():
+    from sparsekit.llm.sparsegpt import sparsegpt_prune
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    x[:, 3] = 0  # a ReLU neuron that never fired on the calibration data
+    weight = torch.randn(4, 8)
+    pruned, keep = sparsegpt_prune(weight, 2 * x.T @ x, sparsity=0.0)
+    assert bool(keep.all()) and torch.equal(pruned[:, 3], weight[:, 3])
+
+
+def test_llm_prune_messages_name_the_items_and_the_layer():
+    from sparsekit import llm
+
+    model = _tied_llama()
+    batch = {"input_ids": torch.randint(0, 64, (1, 8)), "attention_mask": torch.ones(1, 8)}
+    with pytest.raises(TypeError, match="got a list holding a dict .*attention_mask"):
+        llm.prune(model, [batch])
+    with pytest.raises(ValueError, match=r"targets: \['lm_head.weight'\] lie outside"):
+        llm.prune(model, torch.randint(0, 64, (2, 8)), targets="lm_head")

@@ -89,7 +89,9 @@ def block_layers(
         parameters are named as no Linear weight below)."""
         linear = [t for t in chosen if isinstance(t.module, layer_types())
                   and t.param is getattr(t.module, "weight", None)]
-        return [] if any(id(t.module) in owners for t in chosen) else [t.name for t in linear]
+        # by the layer's own name: a tied lm_head's weight is first named after the embedding
+        return [] if any(id(t.module) in owners for t in chosen) else [
+            f"{t.module_name}.weight" for t in linear]
 
     # said before the exclusions: targets="lm_head" was "no parameters left to sparsify"
     # (the default exclude dropped it), as if a typo, not a layer llm.prune never prunes;

@@ -122,9 +122,13 @@ def tokenize(
             raise ValueError(f"{param}: the text file {str(path)[:100]!r} is not UTF-8 text "
                              f"({e})") from None
     if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
+        # "got list" for a list of tokenizer outputs: it was the list's items that were wrong
+        got = (f"a list holding a {type(next(t for t in text if not isinstance(t, str))).__name__}"
+               if isinstance(text, list) else type(text).__name__)
         raise ArgumentTypeError(
-            f"{param} must be a token tensor, a list of strings or a text file path, "
-            f"got {type(text).__name__}"
+            f"{param} must be a token tensor, a list of strings or a text file path, got {got}"
+            " (batches with an attention_mask are not read: padded positions would enter the "
+            "statistics; pass the texts, or unpadded windows of token ids)"
         )
     if not any(t.strip() for t in text):
         raise ValueError(f"{param}: the text is empty")

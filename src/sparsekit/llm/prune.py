@@ -71,9 +71,12 @@ from sparsekit.scores.wanda import wanda_scores
 from sparsekit.targets import TargetSpec
 
 ALLOCATIONS: Registry = Registry("allocation", meta={"outliers": False}, ordered=True)
-"""Per-block sparsities ``fn(outlier_ratios, sparsity) -> [sparsity of each block]``;
-``outliers=True`` entries need the blocks' outlier ratios (a dense Wanda pass first)."""
-ALLOCATIONS.register("uniform")(lambda ratios, sparsity: [float(sparsity)] * len(ratios))
+"""Per-block sparsities ``fn(outlier_ratios, sparsity, weights=...) -> [sparsity of each
+block]`` over the blocks that hold pruned layers, ``weights`` their numbers of pruned
+weights (the mean weighted by them is ``sparsity``); ``outliers=True`` entries need the
+blocks' outlier ratios (a dense Wanda pass first)."""
+ALLOCATIONS.register("uniform")(
+    lambda ratios, sparsity, weights=None: [float(sparsity)] * len(ratios))
 ALLOCATIONS.register("owl", outliers=True)(owl_sparsities)
 Progress = Callable[[int, int], None]
 
@@ -215,7 +218,16 @@ def prune(
                     _check_inputs(layers[i], stats, pruned=0)
                     ratios.append(outlier_ratio([wanda_scores(x.weight(), stats[x.name])
                                                  for x in layers[i]]))
-            sparsities = ALLOCATIONS.get(allocation)(ratios, sparsity)
+            # over the blocks that prune something, by how much each prunes: a block with
+            # every layer excluded took OWL's sparsest share (its ratio 0), and the others'
+            # mean missed the target (0.572 for 0.6)
+            pruning = [i for i in range(len(blocks)) if layers[i]]
+            shares = ALLOCATIONS.get(allocation)(
+                [ratios[i] for i in pruning], sparsity,
+                weights=[sum(x.shape[0] * x.shape[1] for x in layers[i]) for i in pruning])
+            sparsities = [0.0] * len(blocks)
+            for i, share in zip(pruning, shares, strict=True):
+                sparsities[i] = share
             for i, stats in steps.enter_context(closing(run(spec, progress))):
                 _check_inputs(layers[i], stats, pruned=i)
                 new = []

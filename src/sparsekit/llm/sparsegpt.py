@@ -76,7 +76,10 @@ def sparsegpt_prune(
     H = H.detach().double()
     rows, cols = W.shape
 
-    dead = torch.diag(H) == 0  # inputs that are always zero: their weights are free to prune
+    # inputs never active in the calibration data: H holds nothing of them. Their weights
+    # are kept as they are unless pruned like any other (the reference zeroes them, which
+    # changed the model at sparsity 0 where those inputs fire, its masks calling them kept)
+    dead = torch.diag(H) == 0
     if not bool(dead.all()):
         # H / c has the same OBS solution (masks and updates) as H for any c > 0; scaled to
         # a unit mean diagonal (in float64), a Hessian of tiny (denormal) or huge activations
@@ -84,7 +87,6 @@ def sparsegpt_prune(
         H = H / torch.diag(H)[~dead].mean()
     H = H.float().clone(memory_format=torch.contiguous_format)
     H[dead, dead] = 1
-    W[:, dead] = 0
     H += percdamp * torch.diag(H).mean() * torch.eye(cols, device=H.device)
     try:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)),
