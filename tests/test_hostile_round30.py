@@ -69,6 +69,11 @@
 - ``llm.prune`` of a list of tokenizer outputs said "got list" (the items were wrong, and
   padding masks are not read), and ``targets="lm_head"`` of a tied model named the
   embedding's weight.
+- ``engine.report`` showed an activation-sparse layer's weight-only timings as its own.
+- The N:M ops took 1:8 (and 2:8), which no format builds, and the AVX-512 kernel summed 1:8
+  wrongly at 1-3 rows (5.98 off): they take 1:4, 2:4 and 4:8 now. A thread count the
+  system could not start (2000) made libgomp end the process; the kernels run at most as
+  many threads as the process has processors.
 - ``sparsekit.shrink`` took a BatchNorm1d without weights or statistics after a Linear
   layer for one per feature; over an ``(N, L, C)`` output with ``L == C`` it normalises
   each position over the features, and the shrunk model ran, silently wrong (0.4 off).
@@ -637,3 +642,52 @@ def test_llm_prune_messages_name_the_items_and_the_layer():
         llm.prune(model, [batch])
     with pytest.raises(ValueError, match=r"targets: \['lm_head.weight'\] lie outside"):
         llm.prune(model, torch.randint(0, 64, (2, 8)), targets="lm_head")
+
+
+@needs_kernels
+def test_engine_report_shows_an_activation_layers_own_one_row_time(monkeypatch):
+    from sparsekit import activation
+    from sparsekit.engine import report
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    thresholds = activation.calibrate(model, torch.randn(64, 128), sparsity=0.5)
+    _activation_always_wins(monkeypatch)
+    compiled = sparsekit.compile(model, torch.randn(8, 128), activation_sparsity=thresholds,
+                                 cache=False)
+    choice = compiled.sparsekit_choices["0"]
+    own = choice["activation"]["decode"]["times_ms"]["activation"][1]
+    row = report(compiled).rows[0]
+    assert row.extra["format"] == "activation" and row.extra["ms sparse"] == own
+    dense = choice["times_ms"]["dense"][1]
+    assert row.extra["ms dense"] == dense and row.extra["speedup"] == pytest.approx(dense / own)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n, m", [(1, 8), (2, 8), (3, 4)])
+def test_nm_ops_take_only_the_patterns_formats_build(n, m):
+    ops = torch.ops.sparsekit
+    values = torch.randn(4, 128 // m * n)
+    fields = torch.zeros(4, 128 // m * n // (32 // (2 if m == 4 else 4)) + 1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=f"unsupported N:M {n}:{m}"):
+        ops.nm_linear(values, fields, torch.randn(1, 128), None, n, m, 128, 1, None)
+
+
+@needs_kernels
+def test_a_thread_count_the_system_cannot_start_runs_on_its_processors(tmp_path):
+    import subprocess
+    import textwrap
+
+    script = tmp_path / "threads.py"
+    script.write_text(textwrap.dedent("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+        import torch
+        from sparsekit.engine.formats import FORMATS
+        w = torch.randn(64, 256) * (torch.rand(64, 256) < 0.3)
+        y = FORMATS["csr16"].from_dense(w, threads=2000).matmul(torch.randn(8, 256))
+        print("returned", tuple(y.shape))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "returned (8, 64)" in done.stdout, done.stderr[-500:]

@@ -123,6 +123,26 @@ def _values(value_dtype: torch.dtype, scales: torch.Tensor | None, in_features: 
     return f"{values} (W8A8)" if w8a8 else values
 
 
+def _one_row_times(choice: Mapping[str, object]) -> dict[str, float] | None:
+    """An activation-sparse layer's columns of :data:`_TIMES`: its own one-row time (the
+    ``activation`` record's), against the dense layer's at one row where the weight-only
+    record timed it (the record's top-level times are the weight-only format's, which the
+    layer serves its prompt rows with)."""
+    def at_one(times: object, key: str) -> float | None:
+        series = times.get(key) if isinstance(times, Mapping) else None
+        value = series.get(1, series.get("1")) if isinstance(series, Mapping) else None
+        return float(value) if isinstance(value, (int, float)) else None
+
+    record = choice.get("activation")
+    decode = record.get("decode") if isinstance(record, Mapping) else None
+    ms = at_one(decode.get("times_ms"), "activation") if isinstance(decode, Mapping) else None
+    if ms is None:
+        return None
+    dense = at_one(choice.get("times_ms"), "dense")
+    return {"ms sparse": ms} | ({} if dense is None else
+                                {"ms dense": dense, "speedup": dense / max(ms, 1e-12)})
+
+
 def _special_row(
     name: str,
     module: CompiledLayer | ActivationSparseLinear,
@@ -160,7 +180,9 @@ def _special_row(
         extra["note"] = f"timed as {choice.get('format')} at compile; loaded as {fmt.name}"
         choice = None
     if choice is not None:
-        extra.update({column: choice[key] for column, key in _TIMES.items() if key in choice})
+        own = None if isinstance(module, CompiledLayer) else _one_row_times(choice)
+        extra.update(own if own is not None else
+                     {column: choice[key] for column, key in _TIMES.items() if key in choice})
         if "quantization_error" in choice:
             extra["quant err"] = choice["quantization_error"]
         if "note" in choice:

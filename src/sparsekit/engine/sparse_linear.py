@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sparsekit._checks import (
@@ -209,34 +210,43 @@ class _SparseLinearFunction(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        # the kernels have no derivative: a second-order gradient (an input-gradient penalty)
-        # came back as zeros, or, with a constant incoming gradient, as a constant, silently
-        if torch.is_grad_enabled():  # backward(create_graph=True)
+        if torch.is_grad_enabled() and not grad.requires_grad:
+            # backward(create_graph=True) of a constant incoming gradient (out.sum()): the
+            # gradients came back as constants, without the error once_differentiable gives
+            # a second backward, so an input-gradient penalty's share was silently dropped
             raise RuntimeError(
                 "SparseLinear is differentiable once: its kernels have no derivative of their "
                 "own, so a gradient computed with create_graph=True (to differentiate it "
                 "again) is not supported; accepted: create_graph=False, or nn.Linear with "
                 "its masks (sparsekit.engine.decompile or MaskSet) for higher-order terms")
-        s: _Structure = ctx.structure
-        if s.retired:  # before saved_tensors, whose version check fails with a raw error
-            raise ValueError(
-                "SparseLinear: its structure was changed (set_structure, or loading a state "
-                "with another structure) between this forward and its backward, whose "
-                "gradients would land on the new structure's weights. Accepted: backward (and "
-                "the optimizer step) before changing the structure, or a new forward after it"
-            )
-        xt, values = ctx.saved_tensors
-        gt = grad.contiguous()  # (out, batch), as the result
-        dx = dv = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _spmm(s.t_rowptr, s.t_col, values, s.t_perm, gt, None, s.shape[0]).t()
-        if ctx.needs_input_grad[1]:
-            dv = _sddmm(s, gt, xt)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = gt.sum(1)
-        if ctx.sink is not None:
-            ctx.sink._accumulate_dense_grad(gt @ xt.t())
-        return dx, dv, db, None, None
+        return _backward(ctx, grad)
+
+
+@once_differentiable  # the kernels have no derivative: a second one came back as zeros
+def _backward(ctx: torch.autograd.function.FunctionCtx,
+              grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """:class:`_SparseLinearFunction`'s gradients (``grad``: of the ``(out, batch)``
+    result)."""
+    s: _Structure = ctx.structure
+    if s.retired:  # before saved_tensors, whose version check fails with a raw error
+        raise ValueError(
+            "SparseLinear: its structure was changed (set_structure, or loading a state "
+            "with another structure) between this forward and its backward, whose "
+            "gradients would land on the new structure's weights. Accepted: backward (and "
+            "the optimizer step) before changing the structure, or a new forward after it"
+        )
+    xt, values = ctx.saved_tensors
+    gt = grad.contiguous()  # (out, batch), as the result
+    dx = dv = db = None
+    if ctx.needs_input_grad[0]:
+        dx = _spmm(s.t_rowptr, s.t_col, values, s.t_perm, gt, None, s.shape[0]).t()
+    if ctx.needs_input_grad[1]:
+        dv = _sddmm(s, gt, xt)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = gt.sum(1)
+    if ctx.sink is not None:
+        ctx.sink._accumulate_dense_grad(gt @ xt.t())
+    return dx, dv, db, None, None
 
 
 def _check_linear_tensors(linear: nn.Linear) -> None:

@@ -10,6 +10,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -167,9 +170,12 @@ inline const float* bias_data(const std::optional<at::Tensor>& bias, int64_t row
 }
 
 // The OpenMP thread count of a `threads` argument (at least one).
+// At most the processors this process may run on: more never ran faster, and a count the
+// system cannot start (2000 threads under a memory limit) made libgomp end the process
+// ("Thread creation failed"), no exception raised. The outputs do not depend on the count.
 inline int num_threads(int64_t threads) {
   TORCH_CHECK(threads >= 1 && threads <= 65536, "threads must be in [1, 65536], got ", threads);
-  return static_cast<int>(threads);
+  return static_cast<int>(std::min<int64_t>(threads, std::max(1, omp_get_num_procs())));
 }
 
 

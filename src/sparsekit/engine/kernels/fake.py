@@ -114,7 +114,7 @@ def _rowptr(rowptr: torch.Tensor, rows: int) -> None:
 def _nm(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, in_features: int) -> int:
     """The N:M ops' checks of values (rows, width) and indices (nm.cpp); the group multiple
     of their scales."""
-    torch._check(m in (4, 8) and 0 < n < m and 16 % n == 0, lambda: f"unsupported N:M {n}:{m}")
+    torch._check((n, m) in ((1, 4), (2, 4), (4, 8)), lambda: f"unsupported N:M {n}:{m}")
     _tensor(values, "values", 2, _VALUES)
     _tensor(indices, "indices", 2, (torch.int32,))
     fbits, width = (2 if m == 4 else 4), (in_features + m - 1) // m * n

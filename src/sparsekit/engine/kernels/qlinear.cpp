@@ -86,8 +86,8 @@ at::Tensor nm_qlinear(const at::Tensor& values, const at::Tensor& indices, const
                       int64_t in_features, int64_t threads,
                       const std::optional<at::Tensor>& scales) {
   check_q(x, in_features, values, "values", 2);
-  TORCH_CHECK((m == 4 || m == 8) && n > 0 && n < m && 16 % n == 0, "unsupported N:M ", n, ":",
-              m, " (n, m): m in {4, 8}, n in {1, 2, 4} below m");
+  TORCH_CHECK((m == 4 && (n == 1 || n == 2)) || (m == 8 && n == 4), "unsupported N:M ", n, ":",
+              m, " (n, m): 1:4, 2:4 or 4:8");
   check_tensor(indices, "indices", 2, at::kInt);
   const int64_t fbits = m == 4 ? 2 : 4, width = (in_features + m - 1) / m * n;
   check_size(values, "values", 1, width);
