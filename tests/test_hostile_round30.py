@@ -53,8 +53,8 @@
 - ``SparseLinear``'s output was a view made inside its autograd function: an in-place op
   after it (``nn.ReLU(inplace=True)``) failed the backward. A gradient taken with
   ``create_graph=True`` (an input-gradient penalty) came back without a graph, so the
-  penalty's share of the weights' gradient was silently dropped (2.4 off); it is refused
-  now. Under ``torch.autocast`` a bf16 input was refused naming a dtype the caller never
+  penalty's share of the weights' gradient was silently dropped (2.4 off); a constant
+  incoming gradient, where no second backward could raise, is refused at once now. Under ``torch.autocast`` a bf16 input was refused naming a dtype the caller never
   chose; it runs in the weight's dtype, as autocast's float32 ops do.
 - A bf16 model compiled with thresholds whose bias-free q/k (or gate/up) fused into one
   activation-sparse group saved a file no other compile of the model could load (its
