@@ -54,8 +54,9 @@
   after it (``nn.ReLU(inplace=True)``) failed the backward. A gradient taken with
   ``create_graph=True`` (an input-gradient penalty) came back without a graph, so the
   penalty's share of the weights' gradient was silently dropped (2.4 off); a constant
-  incoming gradient, where no second backward could raise, is refused at once now. Under ``torch.autocast`` a bf16 input was refused naming a dtype the caller never
-  chose; it runs in the weight's dtype, as autocast's float32 ops do.
+  incoming gradient, where no second backward could raise, is refused at once now. Under
+  ``torch.autocast`` a bf16 input was refused naming a dtype the caller never chose; it
+  runs in the weight's dtype, as autocast's float32 ops do.
 - A bf16 model compiled with thresholds whose bias-free q/k (or gate/up) fused into one
   activation-sparse group saved a file no other compile of the model could load (its
   skeleton was float32: "weight_t must be torch.float32 … got torch.bfloat16"). With
@@ -70,6 +71,8 @@
   padding masks are not read), and ``targets="lm_head"`` of a tied model named the
   embedding's weight.
 - ``engine.report`` showed an activation-sparse layer's weight-only timings as its own.
+- A decision-cache record whose ``chosen`` was edited against its own timings (the
+  activation-sparse layer lost) was taken: compile installed the layer, marked cached.
 - The N:M ops took 1:8 (and 2:8), which no format builds, and the AVX-512 kernel summed 1:8
   wrongly at 1-3 rows (5.98 off): they take 1:4, 2:4 and 4:8 now. A thread count the
   system could not start (2000) made libgomp end the process; the kernels run at most as
@@ -691,3 +694,33 @@ def test_a_thread_count_the_system_cannot_start_runs_on_its_processors(tmp_path)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "returned (8, 64)" in done.stdout, done.stderr[-500:]
+
+
+@needs_kernels
+def test_a_cached_activation_choice_that_contradicts_its_timings_is_ignored(tmp_path,
+                                                                            monkeypatch):
+    import json
+
+    from sparsekit import activation
+    from sparsekit.engine import decisions
+
+    monkeypatch.setattr(decisions, "directory", lambda: tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    thresholds = activation.calibrate(model, torch.randn(32, 128), sparsity=0.5)
+    x = torch.randn(8, 128)
+    first = sparsekit.compile(model, x, activation_sparsity=thresholds)
+    lost = [n for n in ("0", "2") if not first.sparsekit_choices[n]["activation"]["chosen"]]
+    edited = 0
+    for file in tmp_path.glob("*.json"):
+        data = json.loads(file.read_text())
+        record = data["choice"].get("activation") if isinstance(data["choice"], dict) else None
+        if data["key"].get("kind") == "activation" and not record["chosen"]:
+            record["chosen"] = True
+            file.write_text(json.dumps(data))
+            edited += 1
+    assert lost and edited
+    with pytest.warns(RuntimeWarning, match="chosen True contradicts its timings"):
+        second = sparsekit.compile(model, x, activation_sparsity=thresholds)
+    for name in lost:
+        assert type(second.get_submodule(name)).__name__ != "ActivationSparseLinear"

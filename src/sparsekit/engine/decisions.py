@@ -285,6 +285,12 @@ def _parse_activation(choice: object, candidates: Sequence[str], rows: Sequence[
     record["prefill_speed"] = _by_rows(record["prefill_speed"], [r for r in rows if r > 1],
                                        _time)
     record["prefill_floor"] = _time(record["prefill_floor"])
+    # the rule of compile._activation_wins: an edited "chosen" installed the layer its own
+    # evidence refused, untimed and marked cached
+    won = record["decode"]["format"] == "activation" and all(
+        v >= record["prefill_floor"] for v in record["prefill_speed"].values())
+    if record["chosen"] != won:
+        raise ValueError(f"chosen {record['chosen']} contradicts its timings")
     if decode is not None:
         timing = dict(decode)
         kernel, single = timing.pop("format"), timing.pop("single_copy", None)
