@@ -73,6 +73,8 @@
 - ``engine.report`` showed an activation-sparse layer's weight-only timings as its own.
 - A decision-cache record whose ``chosen`` was edited against its own timings (the
   activation-sparse layer lost) was taken: compile installed the layer, marked cached.
+- ``activation.calibrate`` of a GPT-2 said it had "no nn.Linear modules", naming none of its
+  Conv1D layers.
 - The N:M ops took 1:8 (and 2:8), which no format builds, and the AVX-512 kernel summed 1:8
   wrongly at 1-3 rows (5.98 off): they take 1:4, 2:4 and 4:8 now. A thread count the
   system could not start (2000) made libgomp end the process; the kernels run at most as
@@ -724,3 +726,10 @@ def test_a_cached_activation_choice_that_contradicts_its_timings_is_ignored(tmp_
         second = sparsekit.compile(model, x, activation_sparsity=thresholds)
     for name in lost:
         assert type(second.get_submodule(name)).__name__ != "ActivationSparseLinear"
+
+
+def test_calibrating_a_gpt2_names_its_conv1d_layers():
+    from sparsekit import activation
+
+    with pytest.raises(ValueError, match="GPT-2 Conv1D layers are no nn.Linear"):
+        activation.calibrate(_gpt2(), IDS, sparsity=0.5)

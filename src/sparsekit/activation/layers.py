@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from sparsekit._checks import check_not_compiled
-from sparsekit.targets import TargetSpec, resolve_targets
+from sparsekit.targets import TargetSpec, conv1d_type, resolve_targets
 
 __all__ = ["find_layers"]
 
@@ -57,7 +57,10 @@ def find_layers(
             "projection)" if method == "cats" and targets is None
             else f"nn.Linear modules among targets={targets!r}"
         )
-        raise ValueError(f"targets: the model has no {wanted} for method={method!r}")
+        conv1d = conv1d_type()
+        held = "" if conv1d is None or not any(isinstance(m, conv1d) for m in model.modules()) \
+            else " (its GPT-2 Conv1D layers are no nn.Linear, the layers it takes)"
+        raise ValueError(f"targets: the model has no {wanted} for method={method!r}{held}")
     return layers
 
 
