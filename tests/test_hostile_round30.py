@@ -587,13 +587,17 @@ def test_a_bf16_fused_activation_group_loads_into_another_compile(tmp_path, monk
         assert torch.equal(other(x), saved(x))
 
 
-@needs_kernels
-def test_a_bf16_activation_layer_computes_one_row_as_among_many(monkeypatch):
+def _mlp_with_thresholds():
     from sparsekit import activation
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
-    thresholds = activation.calibrate(model, torch.randn(64, 128), sparsity=0.5)
+    return model, activation.calibrate(model, torch.randn(64, 128), sparsity=0.5)
+
+
+@needs_kernels
+def test_a_bf16_activation_layer_computes_one_row_as_among_many(monkeypatch):
+    model, thresholds = _mlp_with_thresholds()
     _activation_always_wins(monkeypatch)
     compiled = sparsekit.compile(model, torch.randn(8, 128), activation_sparsity=thresholds,
                                  weight_dtype="bf16", formats=["dense"], cache=False)
@@ -651,12 +655,9 @@ def test_llm_prune_messages_name_the_items_and_the_layer():
 
 @needs_kernels
 def test_engine_report_shows_an_activation_layers_own_one_row_time(monkeypatch):
-    from sparsekit import activation
     from sparsekit.engine import report
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
-    thresholds = activation.calibrate(model, torch.randn(64, 128), sparsity=0.5)
+    model, thresholds = _mlp_with_thresholds()
     _activation_always_wins(monkeypatch)
     compiled = sparsekit.compile(model, torch.randn(8, 128), activation_sparsity=thresholds,
                                  cache=False)
