@@ -49,7 +49,8 @@
   (``sys.stdout`` is None); a recipe's ``report: {markdown: false}`` printed Markdown
   anyway; ``--device cuda`` on a machine without CUDA listed ``'cuda'`` as accepted;
   ``prune`` of a model with nothing to prune blamed ``--exclude``, which was not given;
-  ``demo --sparsities 0.1234561,0.1234564`` said the second "repeats" the first.
+  ``demo --sparsities 0.1234561,0.1234564`` said the second "repeats" the first; an
+  ``--out`` link that loops to itself was refused only after the work, naming ``path``.
 - ``SparseLinear``'s output was a view made inside its autograd function: an in-place op
   after it (``nn.ReLU(inplace=True)``) failed the backward. A gradient taken with
   ``create_graph=True`` (an input-gradient penalty) came back without a graph, so the
@@ -734,3 +735,13 @@ def test_calibrating_a_gpt2_names_its_conv1d_layers():
 
     with pytest.raises(ValueError, match="GPT-2 Conv1D layers are no nn.Linear"):
         activation.calibrate(_gpt2(), IDS, sparsity=0.5)
+
+
+def test_an_output_link_that_loops_is_refused_first(tmp_path):
+    from sparsekit.cli._errors import UsageError
+    from sparsekit.cli._output import check_output
+
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop.name)
+    with pytest.raises(UsageError, match="^--out .* is a symbolic link that loops"):
+        check_output(loop, inputs=[])

@@ -10,6 +10,7 @@ or lies inside an input directory.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -65,6 +66,12 @@ def check_output(
         pass  # not there yet, or a file on the way (refused below)
     except OSError as err:  # a name too long, a folder that cannot be searched: unnamed
         raise UsageError(f"{flag} {text!r}: {err.strerror or err}") from None
+    try:
+        path.stat()
+    except OSError as err:  # a link that leads to itself was refused after the work, as 'path'
+        if err.errno == errno.ELOOP:
+            raise UsageError(f"{flag} {text!r} is a symbolic link that loops ("
+                             f"{err.strerror}); give a path that leads to a file") from None
     existing = [Path(s) for s in inputs
                 if s is not None and os.fspath(s).strip() and Path(s).exists()]
     if path.exists():
