@@ -937,12 +937,12 @@ def kernels_of(model: nn.Module) -> dict[str, str]:
             if isinstance(layer, ActivationSparseLinear)}
 
 
-def conform(model: nn.Module, state: Mapping[str, torch.Tensor],
+def conform(model: nn.Module, state: Mapping[str, torch.Tensor] | Collection[str],
             saved: Mapping[str, str]) -> Callable[[], None]:
     """Give the compiled layers of ``model`` the input thresholds and single-row kernels of
-    the model whose state is ``state`` (its tensors, or placeholders of their dtypes) and
-    whose kernels were ``saved`` (:func:`kernels_of`); return the function that puts the
-    replaced modules back.
+    the model whose state is ``state`` (its keys; where it maps them to tensors, or to
+    placeholders of their dtypes, those dtypes too) and whose kernels were ``saved``
+    (:func:`kernels_of`); return the function that puts the replaced modules back.
 
     Whether a layer is activation-sparse, its kernel and whether it keeps a ``prefill``
     copy are all decided by timing, so two compiles of one model differ. A layer here that
@@ -977,7 +977,8 @@ def conform(model: nn.Module, state: Mapping[str, torch.Tensor],
             if f"{head}threshold" in keys:
                 kernel = saved.get(name) or _stored_kernel(keys, head, layer)
                 prefilled = any(k.startswith(f"{head}prefill.") for k in keys)
-                dtype = state[f"{head}threshold"].dtype
+                dtype = (state[f"{head}threshold"].dtype if isinstance(state, Mapping)
+                         else input_dtype(layer))
                 if (isinstance(layer, ActivationSparseLinear) and layer.kernel == kernel
                         and (layer.prefill is not None) == prefilled and layer.dtype == dtype):
                     continue
@@ -995,6 +996,20 @@ def conform(model: nn.Module, state: Mapping[str, torch.Tensor],
         undo()
         raise
     return undo
+
+
+def input_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype of the inputs ``layer`` takes: an activation-sparse layer's own, a compiled
+    layer's ``io_dtype`` (else its stored values'), a plain layer's weight's."""
+    if isinstance(layer, ActivationSparseLinear):
+        return layer.dtype
+    dtype = getattr(layer, "io_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(layer, CompiledLinear):
+        return layer.to_linear().weight.dtype
+    weight = getattr(layer, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
 
 
 def _stored_kernel(keys: Collection[str], head: str, layer: nn.Module) -> str:

@@ -48,7 +48,7 @@ from sparsekit._checks import (
     layer_input_error,
     model_errors,
 )
-from sparsekit.engine.activation_linear import ActivationSparseLinear
+from sparsekit.engine.activation_linear import ActivationSparseLinear, input_dtype
 from sparsekit.engine.compiled_linear import CompiledLinear, dense_linear
 from sparsekit.observe import inference
 from sparsekit.quantize import attach_scales, attached_scales
@@ -319,15 +319,6 @@ def _checked_sizes(sizes: object) -> list[int]:
     return list(sizes)
 
 
-def _io_dtype(layer: nn.Module) -> torch.dtype:
-    """The dtype of the inputs ``layer`` (compiled, activation-sparse or plain) takes."""
-    dtype = getattr(layer, "io_dtype", None) or getattr(layer, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    weight = getattr(layer, "weight", None)
-    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
-
-
 def conform(model: nn.Module, keys: Collection[str],
             saved: Sequence[Sequence[str]]) -> Callable[[], None]:
     """Fuse and separate the compiled layers of ``model`` as those of the model whose state
@@ -401,7 +392,7 @@ def conform(model: nn.Module, keys: Collection[str],
             sizes = [layer.out_features for layer in layers]
             # without a bias, the dtype the member takes (a bf16 model's bias-free q/k/v
             # were a float32 group, which refused the model's bf16 inputs)
-            dtype = _io_dtype(layers[0]) if bias is None else bias.dtype
+            dtype = input_dtype(layers[0]) if bias is None else bias.dtype
             for name, member in zip(members, placeholder(layers[0].in_features, sizes,
                                                          bias is not None, dtype), strict=True):
                 put(name, member)
