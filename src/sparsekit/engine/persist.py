@@ -101,28 +101,33 @@ def conform(model: nn.Module, keys: Collection[str],
     replaced: list[tuple[str, nn.Module]] = []
     if not compiled or not any(isinstance(m, COMPILED_LAYERS) for m in model.modules()):
         return lambda: None
-    for name, layer in list(model.named_modules()):
-        if not name:
-            continue
-        if type(layer) in (nn.Linear, nn.Conv2d) and name in compiled:
-            new: nn.Module = (CompiledLinear.from_linear(layer) if type(layer) is nn.Linear
-                              else CompiledConv2d.from_conv2d(layer))
-        elif (isinstance(layer, (CompiledLinear, CompiledConv2d)) and f"{name}.weight" in keys
-              and {k for k in keys if k.startswith(f"{name}.")} <= {
-                  f"{name}.weight", f"{name}.bias", f"{name}.{SCALE_NAME}"}):
-            new = _to_module(layer)
-            source = _parameter(model, tied.get(f"{name}.weight"))
-            if source is not None and source.shape == new.weight.shape:
-                new.weight = source
-        else:
-            continue
-        replaced.append((name, layer))
-        model.set_submodule(name, new.train(layer.training))
 
     def undo() -> None:
         for name, old in reversed(replaced):
             model.set_submodule(name, old)
 
+    try:
+        for name, layer in list(model.named_modules()):
+            if not name:
+                continue
+            if type(layer) in (nn.Linear, nn.Conv2d) and name in compiled:
+                new: nn.Module = (CompiledLinear.from_linear(layer) if type(layer) is nn.Linear
+                                  else CompiledConv2d.from_conv2d(layer))
+            elif (isinstance(layer, (CompiledLinear, CompiledConv2d))
+                  and f"{name}.weight" in keys
+                  and {k for k in keys if k.startswith(f"{name}.")} <= {
+                      f"{name}.weight", f"{name}.bias", f"{name}.{SCALE_NAME}"}):
+                new = _to_module(layer)
+                source = _parameter(model, tied.get(f"{name}.weight"))
+                if source is not None and source.shape == new.weight.shape:
+                    new.weight = source
+            else:
+                continue
+            replaced.append((name, layer))
+            model.set_submodule(name, new.train(layer.training))
+    except BaseException:  # a layer that fails to convert: the model as it was
+        undo()
+        raise
     return undo
 
 
