@@ -743,7 +743,8 @@ def _activation_layer(
     int8 values where ``value_dtype`` is int8 and its prompt path does too, or the weight
     lies on an int8 grid (else the layer's own dtype, the only values
     its kernels read next to inputs of that dtype, rounded to bf16 where ``value_dtype`` is
-    bf16; int8 inputs among its candidates with ``activation``), takes the faster
+    bf16 and its prompt path holds bf16; int8 inputs among its candidates with
+    ``activation``), takes the faster
     single-row kernel
     and serves the other row counts with the weight-only layer. See :func:`_activation_wins`
     for the rule; its evidence is the choice's ``activation`` record and the single-row
@@ -762,8 +763,9 @@ def _activation_layer(
             and (prefill is None or _holds_values(prefill, torch.bfloat16))):
         # the one-row kernels read values of their inputs' dtype: float32 values rounded to
         # bf16, the numbers the prompt path's bf16 format holds (one row computed apart
-        # from many differed by the rounding, and greedy tokens with them); where float32
-        # dense won the prompt rows, its own float32 values (rounded, 2e-3 apart)
+        # from many differed by the rounding, and greedy tokens with them). Where float32
+        # dense won the prompt rows they keep its float32 values (rounded, they were 2e-3
+        # off the prompt path's)
         layer = _with_weight(layer, layer.weight.detach().bfloat16().float())
     inputs = None if probe is None else _typical_first(probe.reshape(-1, layer.in_features),
                                                        threshold)
