@@ -300,8 +300,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> MaskSet:
 def _compiled_hint(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     """Why a file's keys may not be the model's: one of them compiled and the other not
     (told as "another architecture?", the same model was reported as another)."""
-    saved = any(".format." in f".{key}" for key in state)
-    here = any(isinstance(m, COMPILED_LAYERS) for m in model.modules())
+    saved, here = bool(persist.saved_compiled(state)), persist.holds_compiled(model)
     if saved and not here:
         return ("the file holds compiled layers and this model none: load it into a compiled "
                 "copy (sparsekit.compile(model, ...)), whose layers take the saved formats")

@@ -894,8 +894,7 @@ def _activation_wins(
     speed = {r: statistics.median(w / max(a, 1e-12)
                                   for w, a in zip(t["weight_only"], t["activation"]))
              for r, t in samples.items() if r > 1}
-    chosen = decode["format"] == "activation" and all(v >= _PREFILL_FLOOR
-                                                       for v in speed.values())
+    chosen = decisions.activation_won(decode, speed, _PREFILL_FLOOR)
     return {"chosen": chosen, "decode": decode, "prefill_speed": speed,
             "prefill_floor": _PREFILL_FLOOR}
 

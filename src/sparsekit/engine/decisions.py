@@ -47,7 +47,7 @@ import os
 import platform
 import stat
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -267,6 +267,15 @@ _AGAINST_WEIGHT_ONLY = ("activation", "weight_only")  # what that comparison tim
 _COMPARISON = frozenset({"chosen", "decode", "prefill_speed", "prefill_floor"})
 
 
+def activation_won(decode: Mapping[str, object], prefill_speed: Mapping[int, float],
+                   floor: float) -> bool:
+    """Whether an activation-sparse layer replaces its weight-only one: it won the one-row
+    timing (``decode``'s ``format``) and ran every other row count at least ``floor`` of
+    the weight-only layer's speed (``prefill_speed``). Compile decides by it, and a stored
+    choice must agree with it."""
+    return decode["format"] == "activation" and all(v >= floor for v in prefill_speed.values())
+
+
 def _parse_activation(choice: object, candidates: Sequence[str], rows: Sequence[int]
                      ) -> dict[str, object]:
     """An activation-sparse layer's stored choice, checked: the kernel record (``None`` where
@@ -285,11 +294,9 @@ def _parse_activation(choice: object, candidates: Sequence[str], rows: Sequence[
     record["prefill_speed"] = _by_rows(record["prefill_speed"], [r for r in rows if r > 1],
                                        _time)
     record["prefill_floor"] = _time(record["prefill_floor"])
-    # the rule of compile._activation_wins: an edited "chosen" installed the layer its own
-    # evidence refused, untimed and marked cached
-    won = record["decode"]["format"] == "activation" and all(
-        v >= record["prefill_floor"] for v in record["prefill_speed"].values())
-    if record["chosen"] != won:
+    # an edited "chosen" installed the layer its own evidence refused, untimed, marked cached
+    if record["chosen"] != activation_won(record["decode"], record["prefill_speed"],
+                                          record["prefill_floor"]):
         raise ValueError(f"chosen {record['chosen']} contradicts its timings")
     if decode is not None:
         timing = dict(decode)

@@ -97,9 +97,9 @@ def conform(model: nn.Module, keys: Collection[str],
     changes unless both ``model`` and the saved state hold compiled layers: a file of an
     uncompiled model does not decompile a compiled one."""
     keys = set(keys)
-    compiled = {k.split(".format.", 1)[0] for k in keys if ".format." in f".{k}"}
+    compiled = saved_compiled(keys)
     replaced: list[tuple[str, nn.Module]] = []
-    if not compiled or not any(isinstance(m, COMPILED_LAYERS) for m in model.modules()):
+    if not compiled or not holds_compiled(model):
         return lambda: None
 
     def undo() -> None:
@@ -129,6 +129,17 @@ def conform(model: nn.Module, keys: Collection[str],
         undo()
         raise
     return undo
+
+
+def saved_compiled(keys: Collection[str]) -> set[str]:
+    """The names of the compiled layers (their ``format`` entries) a state with ``keys``
+    holds."""
+    return {k.split(".format.", 1)[0] for k in keys if ".format." in f".{k}"}
+
+
+def holds_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` holds a layer compile installs (:data:`COMPILED_LAYERS`)."""
+    return any(isinstance(m, COMPILED_LAYERS) for m in model.modules())
 
 
 def _inside_own(model: nn.Module, name: str) -> bool:
