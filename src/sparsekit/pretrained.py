@@ -50,7 +50,7 @@ from sparsekit.engine import fused
 from sparsekit.engine.activation_linear import GROUPED_KERNELS as GROUPED_ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import KERNELS as ACTIVATION_KERNELS
 from sparsekit.engine.activation_linear import ActivationSparseLinear, check_column_index
-from sparsekit.engine.compile import tied_weights
+from sparsekit.engine.compile import conv1d_names, tied_weights
 from sparsekit.engine.compiled_conv import CompiledConv2d
 from sparsekit.engine.compiled_linear import CompiledLinear
 from sparsekit.engine.fused import FusedLinear
@@ -65,7 +65,6 @@ from sparsekit.quantize import (
     int8_scales,
     quantize_int8,
 )
-from sparsekit.targets import conv1d_type
 
 __all__ = ["MARKER", "REFUSAL", "WEIGHTS_NAME", "from_pretrained", "save_pretrained"]
 
@@ -572,7 +571,7 @@ def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path,
     whose weight was tied (``model.sparsekit_tied``), which decompile gives back as they
     were."""
     built = dict(model.named_modules(remove_duplicate=False))
-    ties = tied_weights(model)
+    ties, conv1d = tied_weights(model), conv1d_names(model)
     for name, spec in compiled.items():
         kind = spec.get("kind") if isinstance(spec, dict) else None
         if kind == "linear":
@@ -591,11 +590,10 @@ def _install_compiled(model: nn.Module, compiled: dict[str, Any], weights: Path,
         else:
             raise ValueError(f"{weights}: compiled layer {name!r} has an unknown record "
                              f"{spec!r:.100}")
-    conv1d = conv1d_type()
+    if conv1d:  # those left Conv1D stay so; decompile skips them
+        model.sparsekit_conv1d = conv1d
     names = [n for name, spec in compiled.items()  # each record checked above
              for n in (spec["members"] if spec["kind"] == "fused" else [name])]
-    if conv1d is not None and (held := [n for n in names if isinstance(built[n], conv1d)]):
-        model.sparsekit_conv1d = held
     if copies := {n: ties[id(built[n])] for n in names if id(built[n]) in ties}:
         model.sparsekit_tied = copies
 

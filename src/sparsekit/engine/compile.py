@@ -245,7 +245,7 @@ def compile(
             "forced); accepted: a module holding it, e.g. nn.Sequential(layer), or "
             "CompiledLinear.from_linear(layer, format) for one layer")
     inputs = _as_tuple(example_inputs)
-    conv1d = _conv1d_names(model)
+    conv1d = conv1d_names(model)
     model = _conv1d_as_linear(model)
     thresholded = applied_layers(dict(model.named_modules()))
     if thresholded:  # the compiled layers would not run their hooks: "output differs"
@@ -1138,7 +1138,7 @@ def _default_rows(shape: torch.Size | None, kind: type[nn.Module]) -> list[int]:
 # -- GPT-2's Conv1D ----------------------------------------------------------------------
 
 
-def _conv1d_names(model: nn.Module) -> list[str]:
+def conv1d_names(model: nn.Module) -> list[str]:
     """Every name under which ``model`` holds a GPT-2 ``Conv1D``."""
     conv1d = conv1d_type()
     return [] if conv1d is None else [
